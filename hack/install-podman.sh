@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs Podman with the configuration verified on these machines (see
+# ../shared/ENVIRONMENT.md) and starts its REST service on the socket BeeMesh
+# agents use. Idempotent: a reused machine keeps its packages, config and service.
+set -euo pipefail
+
+SOCKET_PATH=${BEEMESH_PODMAN_SOCKET_PATH:-/run/podman/podman.sock}
+
+need_install=0
+for bin in podman runc conmon curl iptables; do
+  command -v "$bin" >/dev/null 2>&1 || need_install=1
+done
+if [ "$need_install" = 1 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # runc named explicitly: apt would otherwise pick crun, which fails here;
+  # iptables is what netavark sets up bridge networking (pods with ports) with.
+  apt-get install -y -qq podman runc catatonit netavark aardvark-dns buildah busybox-static \
+    fuse-overlayfs slirp4netns uidmap curl iproute2 iptables >/dev/null
+fi
+
+# crun fails here (hybrid cgroups) and the default ulimits exceed the sandbox's
+# hard limits; setting one ulimit on a container drops both defaults, so both are set.
+mkdir -p /etc/containers
+conf=/etc/containers/containers.conf
+want='[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"'
+if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
+  printf '%s\n' "$want" >"$conf"
+fi
+
+ping_service() {
+  curl -fsS --max-time 2 --unix-socket "$SOCKET_PATH" http://d/v4.0.0/libpod/_ping >/dev/null 2>&1
+}
+
+# A second service on the same socket silently takes it over: ping first.
+if ! ping_service; then
+  mkdir -p "$(dirname "$SOCKET_PATH")"
+  rm -f "$SOCKET_PATH"
+  nohup podman system service --time=0 "unix://$SOCKET_PATH" >/var/log/podman-service.log 2>&1 &
+  for _ in $(seq 1 50); do
+    ping_service && break
+    sleep 0.2
+  done
+  ping_service || { echo "podman service did not come up on $SOCKET_PATH; see /var/log/podman-service.log" >&2; exit 1; }
+fi
+echo "podman $(podman version --format '{{.Server.Version}}' 2>/dev/null || echo '?') serving on unix://$SOCKET_PATH"

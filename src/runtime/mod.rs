@@ -1,0 +1,221 @@
+//! The container runtime an agent drives, behind a small trait.
+//!
+//! [`Runtime`] is what the agent's pod supervisor needs and nothing more; [`podman`]
+//! implements it over Podman's REST API. Plans ([`PodPlan`], [`ContainerPlan`]) are
+//! produced from Kubernetes specs by the pure [`translate`] module, so no Kubernetes
+//! type reaches the runtime.
+
+pub mod podman;
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+/// Labels BeeMesh puts on every Podman pod and container it creates.
+pub mod labels {
+    pub const POD_UID: &str = "io.beemesh.pod.uid";
+    pub const POD_NAMESPACE: &str = "io.beemesh.pod.namespace";
+    pub const POD_NAME: &str = "io.beemesh.pod.name";
+    pub const EPOCH: &str = "io.beemesh.epoch";
+    pub const AGENT: &str = "io.beemesh.agent";
+    /// The peer ID of the owner that assigned the pod.
+    pub const OWNER: &str = "io.beemesh.owner";
+    /// On containers: the Kubernetes container name.
+    pub const CONTAINER: &str = "io.beemesh.container";
+    /// On containers: "init" or "app".
+    pub const CONTAINER_KIND: &str = "io.beemesh.container.kind";
+    /// On containers: 0 for the first instance, +1 for each restart.
+    pub const ATTEMPT: &str = "io.beemesh.attempt";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The image is absent and could not be pulled (or pulling is not allowed).
+    #[error("{0}")]
+    ImagePull(String),
+    /// The image is absent and the pull policy is Never.
+    #[error("{0}")]
+    ImageNeverPull(String),
+    /// The object (pod, container) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The runtime refused the request as invalid (bad spec, port in use, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The runtime could not be reached or failed; retrying may help.
+    #[error("runtime unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// When to pull an image, as Kubernetes' `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A host port published by the pod's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    pub container_port: u16,
+    pub host_port: u16,
+    pub host_ip: Option<String>,
+    pub protocol: Protocol,
+}
+
+/// One Podman pod: the shared network namespace of a Kubernetes pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan {
+    /// `<namespace>_<name>_<uid8>_<epoch>`
+    pub name: String,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<PortMapping>,
+}
+
+/// A bind mount from the agent's host into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// One container instance to create inside a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerPlan {
+    /// Unique Podman name, `<pod name>_<container>_<attempt>`.
+    pub name: String,
+    pub image: String,
+    pub pull_policy: PullPolicy,
+    /// Replaces the image's entrypoint (Kubernetes `command`).
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd (Kubernetes `args`).
+    pub args: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub memory_limit_bytes: Option<u64>,
+    pub cpu_limit_millis: Option<u64>,
+    pub mounts: Vec<Mount>,
+    pub labels: BTreeMap<String, String>,
+    pub tty: bool,
+    pub stdin: bool,
+    pub stdin_once: bool,
+    /// `runAsUser[:runAsGroup]`
+    pub user: Option<String>,
+    pub privileged: bool,
+    pub read_only_root_fs: bool,
+    /// Seconds Podman waits after SIGTERM before SIGKILL when stopping.
+    pub stop_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerStatus {
+    Created,
+    Running,
+    Exited,
+    /// Paused, stopping, removing, or a state Podman added later.
+    Other,
+}
+
+/// What the runtime knows of one container instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerState {
+    pub status: ContainerStatus,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Podman's message when the container failed to start.
+    pub error: Option<String>,
+}
+
+/// A container as found by [`Runtime::list_pods`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeContainer {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub state: ContainerState,
+}
+
+/// A pod as found by [`Runtime::list_pods`], with its containers (not the infra one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimePod {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub containers: Vec<RuntimeContainer>,
+}
+
+/// The result of a command run inside a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub output: Vec<u8>,
+}
+
+/// The container runtime, as the agent's pod supervisor sees it.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Checks that the runtime answers.
+    async fn ping(&self) -> Result<(), RuntimeError>;
+
+    /// Every pod carrying `label_key=label_value`, with its containers.
+    async fn list_pods(
+        &self,
+        label_key: &str,
+        label_value: &str,
+    ) -> Result<Vec<RuntimePod>, RuntimeError>;
+
+    /// Creates (but does not start) a pod; returns its ID.
+    async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError>;
+
+    /// Starts the pod's infra container, so that its network namespace exists.
+    async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+
+    /// The pod's IP address, once its network is up.
+    async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError>;
+
+    /// Makes sure `image` is present according to `policy` (pulling if needed).
+    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError>;
+
+    /// Creates a container in a pod; returns its ID.
+    async fn create_container(
+        &self,
+        pod_id: &str,
+        plan: &ContainerPlan,
+    ) -> Result<String, RuntimeError>;
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+
+    async fn container_state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
+
+    /// Sends SIGTERM, then SIGKILL after `grace`; returns once the container exited.
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// Removes a container (forcefully).
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Runs `cmd` in a running container and waits for it, at most `timeout`.
+    async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError>;
+
+    /// Removes a pod and everything in it, stopping what still runs.
+    async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,1 @@
+//! The Podman implementation of the runtime.

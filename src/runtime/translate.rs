@@ -1,0 +1,1 @@
+//! Kubernetes pod specs to runtime plans.

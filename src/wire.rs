@@ -1,0 +1,631 @@
+//! Every message BeeMesh peers exchange, with its codec and size limits (protocol v1).
+//!
+//! Gossip carries small messages (offers, heartbeats); request-response carries the
+//! rest. Every message travels in an [`Envelope`] with a version, is JSON on the wire
+//! (the Kubernetes types it embeds are designed for JSON), and is refused before
+//! parsing when it is larger than its limit. Decoding never panics: a bad message is a
+//! [`WireError`] that the mesh counts and drops.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use libp2p::PeerId;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Gossip messages stay well under rust-libp2p's 64 KiB default transmit size.
+pub const MAX_GOSSIP_BYTES: usize = 60 * 1024;
+/// A request carries at most one full pod spec plus the data meant for its runner.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// A response carries at most a mesh view.
+pub const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// The request-response protocol name, versioned with the wire format.
+pub const REQUEST_PROTOCOL: &str = "/beemesh/req/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("message of {size} bytes exceeds the {limit} byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("protocol version {0} is not supported (this peer speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message does not belong on topic {0}")]
+    WrongTopic(Topic),
+}
+
+impl WireError {
+    /// A short, fixed label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WireError::TooLarge { .. } => "too_large",
+            WireError::UnsupportedVersion(_) => "unsupported_version",
+            WireError::Malformed(_) => "malformed",
+            WireError::WrongTopic(_) => "wrong_topic",
+        }
+    }
+}
+
+/// The UID of a Kubernetes pod.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PodUid(pub String);
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Placement generation of a pod. Only the owner raises it; a runner holding a lower
+/// epoch than the owner's for a pod must stop its copy.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A mesh peer (agent or node), serialized as its base58 peer ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerRef(pub PeerId);
+
+impl fmt::Display for PeerRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for PeerRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        PeerId::from_str(&text)
+            .map(PeerRef)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The gossip topics. There is no "unknown" topic: a message on any other topic never
+/// reaches BeeMesh code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Offers,
+    Heartbeats,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 2] = [Topic::Offers, Topic::Heartbeats];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Topic::Offers => "beemesh/v1/offers",
+            Topic::Heartbeats => "beemesh/v1/heartbeats",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Topic> {
+        Topic::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Identifies a pod to people and to the runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodRef {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An amount of the resources placement counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pods: u64,
+}
+
+impl Resources {
+    pub fn saturating_sub(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+            pods: self.pods.saturating_sub(other.pods),
+        }
+    }
+
+    pub fn saturating_add(self, other: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            pods: self.pods.saturating_add(other.pods),
+        }
+    }
+}
+
+/// One requirement of a label selector over agent labels (`beemesh.io/agent-selector`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum LabelRequirement {
+    Equals { key: String, value: String },
+    NotEquals { key: String, value: String },
+    In { key: String, values: Vec<String> },
+    NotIn { key: String, values: Vec<String> },
+    Exists { key: String },
+    DoesNotExist { key: String },
+}
+
+/// A pod offered to the mesh by its owner (gossip, `beemesh/v1/offers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub pod: PodRef,
+    pub epoch: Epoch,
+    pub requests: Resources,
+    #[serde(default)]
+    pub agent_selector: Vec<LabelRequirement>,
+    /// Host ports the pod binds; an agent that already binds one cannot take it.
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
+    /// SHA-256 of the pod as the owner will send it in [`Assign`].
+    pub spec_digest: String,
+}
+
+/// A pod an agent runs, as its heartbeat tells it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostedPod {
+    pub pod: PodRef,
+    pub owner: PeerRef,
+    pub epoch: Epoch,
+    pub phase: String,
+    pub requests: Resources,
+    #[serde(default)]
+    pub host_ports: Vec<u16>,
+}
+
+/// Agent liveness and free capacity (gossip, `beemesh/v1/heartbeats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub free: Resources,
+    pub pods: Vec<HostedPod>,
+    /// Seconds since the agent started, so that owners can tell a restart.
+    pub uptime_secs: u64,
+}
+
+/// Everything sent on a gossip topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum GossipMessage {
+    Offer(Offer),
+    Heartbeat(Heartbeat),
+}
+
+impl GossipMessage {
+    pub fn topic(&self) -> Topic {
+        match self {
+            GossipMessage::Offer(_) => Topic::Offers,
+            GossipMessage::Heartbeat(_) => Topic::Heartbeats,
+        }
+    }
+}
+
+/// An agent's bid for an offer; higher scores win.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bid {
+    pub pod: PodUid,
+    pub epoch: Epoch,
+    pub score: i64,
+}
+
+/// The owner gives a pod to one agent for one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assign {
+    pub epoch: Epoch,
+    /// The whole pod (metadata and spec; status empty).
+    pub pod: Pod,
+}
+
+/// The owner takes a pod away: stop every copy with an epoch up to `epoch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub pod: PodUid,
+    pub epoch: Epoch,
+    /// Seconds between SIGTERM and SIGKILL.
+    pub grace_period_secs: u64,
+}
+
+/// A runner's view of a pod's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub pod: PodRef,
+    pub epoch: Epoch,
+    pub status: PodStatus,
+    /// True once the runner has removed the pod after a release.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// Direct requests between peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Request {
+    Bid(Bid),
+    Assign(Box<Assign>),
+    Release(Release),
+    Status(Box<StatusReport>),
+    /// Ask a peer what it knows of the mesh (`beemesh status`).
+    Query,
+}
+
+impl Request {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Bid(_) => "bid",
+            Request::Assign(_) => "assign",
+            Request::Release(_) => "release",
+            Request::Status(_) => "status",
+            Request::Query => "query",
+        }
+    }
+}
+
+/// An agent as a mesh view shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    pub peer: PeerRef,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub free: Resources,
+    pub pods: usize,
+    /// Seconds since its last heartbeat reached the answering peer.
+    pub last_seen_secs: u64,
+}
+
+/// A pod as a mesh view shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodSummary {
+    pub pod: PodRef,
+    pub agent: Option<PeerRef>,
+    pub epoch: Epoch,
+    pub phase: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What a peer knows of the mesh.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MeshView {
+    pub agents: Vec<AgentSummary>,
+    pub pods: Vec<PodSummary>,
+}
+
+/// Answers to [`Request`]s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Response {
+    Ack,
+    /// The agent will not run the pod (it no longer fits, or it does not trust the owner).
+    Declined { reason: String },
+    /// The sender's epoch is stale: the owner has placed the pod again (or deleted it).
+    Superseded { current: Epoch },
+    View(Box<MeshView>),
+    /// The request was understood but could not be served.
+    Error { message: String },
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, T> {
+    v: u16,
+    msg: &'a T,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<T> {
+    msg: T,
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: u16,
+}
+
+/// Encodes a message in its versioned envelope, refusing to emit one over `limit`.
+pub fn encode<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, WireError> {
+    let bytes = serde_json::to_vec(&EnvelopeOut {
+        v: PROTOCOL_VERSION,
+        msg,
+    })
+    .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if bytes.len() > limit {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a message from its versioned envelope.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, WireError> {
+    if bytes.len() > limit {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let probe: VersionProbe =
+        serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if probe.v != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion(probe.v));
+    }
+    let envelope: EnvelopeIn<T> =
+        serde_json::from_slice(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+    Ok(envelope.msg)
+}
+
+/// Decodes a gossip message and checks that it belongs on the topic it came on.
+pub fn decode_gossip(topic: Topic, bytes: &[u8]) -> Result<GossipMessage, WireError> {
+    let msg: GossipMessage = decode(bytes, MAX_GOSSIP_BYTES)?;
+    if msg.topic() != topic {
+        return Err(WireError::WrongTopic(topic));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn pod_ref() -> PodRef {
+        PodRef {
+            uid: PodUid("0b7a4c6e-1111-2222-3333-444455556666".into()),
+            namespace: "default".into(),
+            name: "web".into(),
+        }
+    }
+
+    fn round_trip<T>(msg: &T, limit: usize)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let bytes = encode(msg, limit).expect("encodes");
+        let back: T = decode(&bytes, limit).expect("decodes");
+        assert_eq!(&back, msg);
+    }
+
+    #[test]
+    fn gossip_messages_round_trip() {
+        let offer = GossipMessage::Offer(Offer {
+            pod: pod_ref(),
+            epoch: Epoch(3),
+            requests: Resources {
+                cpu_millis: 250,
+                memory_bytes: 64 << 20,
+                pods: 1,
+            },
+            agent_selector: vec![
+                LabelRequirement::Equals {
+                    key: "zone".into(),
+                    value: "a".into(),
+                },
+                LabelRequirement::NotIn {
+                    key: "arch".into(),
+                    values: vec!["arm64".into()],
+                },
+            ],
+            host_ports: vec![8080],
+            spec_digest: "ab".repeat(32),
+        });
+        round_trip(&offer, MAX_GOSSIP_BYTES);
+
+        let heartbeat = GossipMessage::Heartbeat(Heartbeat {
+            labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
+            capacity: Resources {
+                cpu_millis: 2000,
+                memory_bytes: 1 << 30,
+                pods: 110,
+            },
+            free: Resources::default(),
+            pods: vec![HostedPod {
+                pod: pod_ref(),
+                owner: PeerRef(PeerId::random()),
+                epoch: Epoch(1),
+                phase: "Running".into(),
+                requests: Resources::default(),
+                host_ports: vec![],
+            }],
+            uptime_secs: 5,
+        });
+        round_trip(&heartbeat, MAX_GOSSIP_BYTES);
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("default".into()),
+                uid: Some("u".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: Some("localhost/busybox:1.35".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: None,
+        };
+        for req in [
+            Request::Bid(Bid {
+                pod: pod_ref().uid,
+                epoch: Epoch(1),
+                score: 42,
+            }),
+            Request::Assign(Box::new(Assign {
+                epoch: Epoch(2),
+                pod,
+            })),
+            Request::Release(Release {
+                pod: pod_ref().uid,
+                epoch: Epoch(2),
+                grace_period_secs: 30,
+            }),
+            Request::Status(Box::new(StatusReport {
+                pod: pod_ref(),
+                epoch: Epoch(2),
+                status: PodStatus {
+                    phase: Some("Running".into()),
+                    ..Default::default()
+                },
+                removed: false,
+            })),
+            Request::Query,
+        ] {
+            round_trip(&req, MAX_REQUEST_BYTES);
+        }
+        for resp in [
+            Response::Ack,
+            Response::Declined {
+                reason: "insufficient memory".into(),
+            },
+            Response::Superseded { current: Epoch(4) },
+            Response::View(Box::new(MeshView {
+                agents: vec![AgentSummary {
+                    peer: PeerRef(PeerId::random()),
+                    labels: BTreeMap::new(),
+                    capacity: Resources::default(),
+                    free: Resources::default(),
+                    pods: 0,
+                    last_seen_secs: 1,
+                }],
+                pods: vec![PodSummary {
+                    pod: pod_ref(),
+                    agent: None,
+                    epoch: Epoch(0),
+                    phase: "Pending".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some("0/0 agents fit".into()),
+                }],
+            })),
+            Response::Error {
+                message: "x".into(),
+            },
+        ] {
+            round_trip(&resp, MAX_RESPONSE_BYTES);
+        }
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_both_ways() {
+        let big = Request::Release(Release {
+            pod: PodUid("x".repeat(100)),
+            epoch: Epoch(1),
+            grace_period_secs: 1,
+        });
+        assert!(matches!(
+            encode(&big, 50),
+            Err(WireError::TooLarge { limit: 50, .. })
+        ));
+        let bytes = vec![b' '; MAX_GOSSIP_BYTES + 1];
+        assert!(matches!(
+            decode_gossip(Topic::Offers, &bytes),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_and_other_versions_are_errors_not_panics() {
+        for bytes in [
+            &b""[..],
+            b"\xff\xfe",
+            b"{}",
+            b"[1,2,3]",
+            b"{\"v\":1}",
+            b"{\"v\":1,\"msg\":{\"type\":\"nope\"}}",
+            b"{\"v\":1,\"msg\":{\"type\":\"bid\",\"pod\":7}}",
+            b"{\"v\":-1}",
+        ] {
+            assert!(decode::<Request>(bytes, MAX_REQUEST_BYTES).is_err());
+        }
+        assert!(matches!(
+            decode::<Request>(b"{\"v\":2,\"msg\":{\"type\":\"query\"}}", MAX_REQUEST_BYTES),
+            Err(WireError::UnsupportedVersion(2))
+        ));
+    }
+
+    #[test]
+    fn gossip_on_the_wrong_topic_is_refused() {
+        let hb = GossipMessage::Heartbeat(Heartbeat {
+            labels: BTreeMap::new(),
+            capacity: Resources::default(),
+            free: Resources::default(),
+            pods: vec![],
+            uptime_secs: 0,
+        });
+        let bytes = encode(&hb, MAX_GOSSIP_BYTES).expect("encodes");
+        assert!(matches!(
+            decode_gossip(Topic::Offers, &bytes),
+            Err(WireError::WrongTopic(Topic::Offers))
+        ));
+        assert!(decode_gossip(Topic::Heartbeats, &bytes).is_ok());
+    }
+
+    #[test]
+    fn peer_refs_must_be_peer_ids() {
+        assert!(serde_json::from_str::<PeerRef>("\"not-a-peer\"").is_err());
+        let id = PeerId::random();
+        let json = serde_json::to_string(&PeerRef(id)).expect("serializes");
+        assert_eq!(
+            serde_json::from_str::<PeerRef>(&json).expect("parses").0,
+            id
+        );
+    }
+
+    #[test]
+    fn topics_have_names_and_nothing_else_parses() {
+        for t in Topic::ALL {
+            assert_eq!(Topic::from_name(t.name()), Some(t));
+        }
+        assert_eq!(Topic::from_name("beemesh/v1/other"), None);
+    }
+}
