@@ -1,0 +1,375 @@
+//! The one task that owns the Swarm.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, identify, kad, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::handle::Command;
+use super::{Behaviour, BehaviourEvent, MeshConfig, MeshError, MeshEvent};
+use crate::metrics::Metrics;
+use crate::wire::{self, GossipMessage, Response, Topic};
+
+type PendingReply = BoxFuture<'static, (ResponseChannel<Response>, Option<Response>)>;
+
+/// Owns the Swarm; everything else reaches it through [`super::MeshHandle`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<MeshEvent>,
+    config: MeshConfig,
+    metrics: Metrics,
+    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, MeshError>>>,
+    /// Inbound requests waiting for the program's answer.
+    pending_replies: FuturesUnordered<PendingReply>,
+    listen_addrs: Vec<Multiaddr>,
+    connected: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    pub(super) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        events: mpsc::Sender<MeshEvent>,
+        config: MeshConfig,
+        metrics: Metrics,
+    ) -> Self {
+        EventLoop {
+            swarm,
+            commands,
+            events,
+            config,
+            metrics,
+            pending_requests: HashMap::new(),
+            pending_replies: FuturesUnordered::new(),
+            listen_addrs: Vec::new(),
+            connected: HashSet::new(),
+        }
+    }
+
+    /// Runs until `cancel` fires or every handle is dropped.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        self.dial_bootstrap();
+        let mut redial = tokio::time::interval(self.config.redial_interval);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut kad_bootstrap = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                Some((channel, reply)) = self.pending_replies.next(), if !self.pending_replies.is_empty() => {
+                    // No answer (the program dropped the request) closes the stream,
+                    // which the requester sees as a failure.
+                    if let Some(reply) = reply {
+                        if self.swarm.behaviour_mut().requests.send_response(channel, reply).is_err() {
+                            tracing::debug!("requester went away before the response was sent");
+                        }
+                    }
+                }
+                _ = redial.tick() => self.redial_lost_bootstrap_peers(),
+                _ = kad_bootstrap.tick() => {
+                    // Fails only while the routing table is empty; the redial covers that.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+        }
+        tracing::debug!("mesh event loop stopped");
+    }
+
+    fn dial_bootstrap(&mut self) {
+        for addr in self.config.bootstrap.clone() {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
+            }
+        }
+    }
+
+    /// Bootstrap peers that are not connected are dialled again, so that a peer comes
+    /// back into the mesh after the other side restarts or a partition heals.
+    fn redial_lost_bootstrap_peers(&mut self) {
+        for addr in self.config.bootstrap.clone() {
+            let connected = match peer_of(&addr) {
+                Some(peer) => self.connected.contains(&peer),
+                None => !self.connected.is_empty(),
+            };
+            if !connected {
+                let _ = self.swarm.dial(addr);
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { topic, bytes, done } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(gossipsub::IdentTopic::new(topic.name()), bytes)
+                    .map(|_| ())
+                    .map_err(|e| MeshError::Publish {
+                        topic,
+                        reason: e.to_string(),
+                    });
+                let _ = done.send(result);
+            }
+            Command::Request {
+                peer,
+                request,
+                done,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .requests
+                    .send_request(&peer, request);
+                self.pending_requests.insert(id, done);
+            }
+            Command::Dial { addr, done } => {
+                let result = self.swarm.dial(addr.clone()).map_err(|e| MeshError::Dial {
+                    addr,
+                    reason: e.to_string(),
+                });
+                let _ = done.send(result);
+            }
+            Command::ListenAddrs { done } => {
+                let _ = done.send(self.listen_addrs.clone());
+            }
+            Command::ConnectedPeers { done } => {
+                let _ = done.send(self.connected.iter().copied().collect());
+            }
+        }
+    }
+
+    /// Hands an event to the program without ever blocking the Swarm: when the
+    /// program lags so far that the channel is full, the event is dropped and counted.
+    fn emit(&mut self, event: MeshEvent, kind: &str) {
+        if let Err(e) = self.events.try_send(event) {
+            self.metrics.dropped(kind, "overloaded");
+            tracing::warn!(kind, "program is not keeping up with the mesh; event dropped");
+            drop(e);
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Requests(event)) => self.on_request(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                // Identify tells which addresses a peer listens on: Kademlia and
+                // request-response dial them later.
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
+                tracing::trace!(%peer, "kademlia routing table updated");
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address
+                    .clone()
+                    .with(Protocol::P2p(*self.swarm.local_peer_id()));
+                tracing::info!(address = %full, "listening");
+                self.listen_addrs.push(full);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs
+                    .retain(|a| !a.to_string().starts_with(&address.to_string()));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                if num_established.get() == 1 {
+                    if endpoint.is_dialer() {
+                        let addr = endpoint.get_remote_address().clone();
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                    self.connected.insert(peer_id);
+                    self.metrics.mesh_peers.set(self.connected.len() as i64);
+                    tracing::debug!(peer = %peer_id, "peer connected");
+                    self.emit(MeshEvent::PeerConnected(peer_id), "peer");
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    self.metrics.mesh_peers.set(self.connected.len() as i64);
+                    tracing::debug!(peer = %peer_id, "peer disconnected");
+                    self.emit(MeshEvent::PeerDisconnected(peer_id), "peer");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        let Some(topic) = Topic::from_name(message.topic.as_str()) else {
+            self.report(&message_id, &propagation_source, false);
+            self.metrics.dropped("gossip", "unknown_topic");
+            return;
+        };
+        // Strict validation guarantees a verified source on every delivered message.
+        let Some(source) = message.source else {
+            self.report(&message_id, &propagation_source, false);
+            self.metrics.dropped(topic_kind(topic), "unsigned");
+            return;
+        };
+        match wire::decode_gossip(topic, &message.data) {
+            Ok(decoded) => {
+                self.report(&message_id, &propagation_source, true);
+                let kind = gossip_kind(&decoded);
+                self.metrics.received(kind);
+                self.emit(
+                    MeshEvent::Gossip {
+                        source,
+                        message: decoded,
+                    },
+                    kind,
+                );
+            }
+            Err(e) => {
+                self.report(&message_id, &propagation_source, false);
+                self.metrics.dropped(topic_kind(topic), e.kind());
+                tracing::debug!(%source, %topic, error = %e, "dropped gossip message");
+            }
+        }
+    }
+
+    fn report(&mut self, id: &gossipsub::MessageId, from: &PeerId, accept: bool) {
+        let acceptance = if accept {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Reject
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, from, acceptance);
+    }
+
+    fn on_request(&mut self, event: request_response::Event<wire::Request, Response>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let kind = request.kind();
+                self.metrics.received(kind);
+                let (reply, answer) = oneshot::channel();
+                self.emit(
+                    MeshEvent::Request {
+                        peer,
+                        request,
+                        reply,
+                    },
+                    kind,
+                );
+                self.pending_replies
+                    .push(async move { (channel, answer.await.ok()) }.boxed());
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(done) = self.pending_requests.remove(&request_id) {
+                    let _ = done.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                self.metrics.request_failed("outbound");
+                if let Some(done) = self.pending_requests.remove(&request_id) {
+                    let _ = done.send(Err(MeshError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // Undecodable or oversized requests end up here: counted, never fatal.
+                self.metrics.dropped("request", inbound_failure_reason(&error));
+                tracing::debug!(%peer, error = %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+fn topic_kind(topic: Topic) -> &'static str {
+    match topic {
+        Topic::Offers => "offer",
+        Topic::Heartbeats => "heartbeat",
+    }
+}
+
+fn gossip_kind(message: &GossipMessage) -> &'static str {
+    topic_kind(message.topic())
+}
+
+fn inbound_failure_reason(error: &request_response::InboundFailure) -> &'static str {
+    match error {
+        request_response::InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            "malformed"
+        }
+        request_response::InboundFailure::Io(_) => "io",
+        request_response::InboundFailure::Timeout => "timeout",
+        request_response::InboundFailure::ConnectionClosed => "connection_closed",
+        request_response::InboundFailure::UnsupportedProtocols => "unsupported_protocol",
+        request_response::InboundFailure::ResponseOmission => "no_response",
+    }
+}

@@ -1,0 +1,198 @@
+//! The libp2p mesh: one behaviour, one event loop that owns the Swarm, and a cheap
+//! cloneable [`MeshHandle`] through which the rest of the program talks to it.
+//!
+//! Transports are TCP and QUIC with Noise and Yamux; peers find each other through
+//! Kademlia (seeded with bootstrap addresses) and identify; gossipsub carries offers
+//! and heartbeats (signed, strictly validated); request-response carries the direct
+//! messages of [`crate::wire`].
+
+mod codec;
+mod event_loop;
+mod handle;
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, kad, noise, ping, request_response, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, StreamProtocol};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::wire::{self, GossipMessage, Request, Response, Topic};
+
+pub use codec::WireCodec;
+pub use event_loop::EventLoop;
+pub use handle::MeshHandle;
+
+/// Capacity of the channels between the event loop and the rest of the program.
+const CHANNEL_CAPACITY: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the mesh event loop has stopped")]
+    Stopped,
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("cannot publish on {topic}: {reason}")]
+    Publish { topic: Topic, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: Multiaddr, reason: String },
+    #[error("cannot set up the transport: {0}")]
+    Transport(String),
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+}
+
+/// How a peer joins the mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    /// The gossip topics whose messages this peer wants.
+    pub subscribe: Vec<Topic>,
+    pub request_timeout: Duration,
+    /// How often unreachable bootstrap peers are dialled again.
+    pub redial_interval: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            subscribe: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            redial_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the mesh tells the program.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A valid gossip message, `source` being the peer that signed it.
+    Gossip {
+        source: PeerId,
+        message: GossipMessage,
+    },
+    /// A direct request; answer on `reply` (dropping it tells the peer nothing came).
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+}
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    requests: request_response::Behaviour<WireCodec>,
+}
+
+const KAD_PROTOCOL: &str = "/beemesh/kad/1.0.0";
+const IDENTIFY_PROTOCOL: &str = "/beemesh/1.0.0";
+
+impl Behaviour {
+    fn new(keypair: &Keypair, config: &MeshConfig) -> Result<Self, MeshError> {
+        let peer_id = keypair.public().to_peer_id();
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            // Messages are decoded and checked before they are forwarded.
+            .validate_messages()
+            .max_transmit_size(wire::MAX_GOSSIP_BYTES + 4096)
+            .heartbeat_interval(Duration::from_secs(1))
+            .build()
+            .map_err(|e| MeshError::Transport(e.to_string()))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+            gossip_config,
+        )
+        .map_err(|e| MeshError::Transport(e.to_string()))?;
+
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::new(peer_id),
+            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+        );
+        // Peers on private networks never get a confirmed external address, which is
+        // what automatic mode waits for; every BeeMesh peer answers DHT queries.
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL.to_string(), keypair.public())
+                .with_agent_version(format!("beemesh/{}", env!("CARGO_PKG_VERSION"))),
+        );
+        let requests = request_response::Behaviour::with_codec(
+            WireCodec,
+            [(
+                StreamProtocol::new(wire::REQUEST_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default().with_request_timeout(config.request_timeout),
+        );
+        Ok(Behaviour {
+            gossipsub,
+            kad,
+            identify,
+            ping: ping::Behaviour::default(),
+            requests,
+        })
+    }
+}
+
+/// Builds the swarm, starts listening and dials the bootstrap peers. Run the returned
+/// [`EventLoop`]; talk to it through the [`MeshHandle`]; read its events from the
+/// receiver.
+pub fn start(
+    keypair: Keypair,
+    config: MeshConfig,
+    metrics: Metrics,
+) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, EventLoop), MeshError> {
+    let local_peer_id = keypair.public().to_peer_id();
+    let behaviour = Behaviour::new(&keypair, &config)?;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| MeshError::Transport(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| MeshError::Transport(e.to_string()))?
+        .with_behaviour(|_| behaviour)
+        .map_err(|e| MeshError::Transport(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+
+    for topic in &config.subscribe {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(topic.name()))
+            .map_err(|e| MeshError::Transport(e.to_string()))?;
+    }
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+
+    let (command_tx, command_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (event_tx, event_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let handle = MeshHandle::new(command_tx, local_peer_id);
+    let event_loop = EventLoop::new(swarm, command_rx, event_tx, config, metrics);
+    Ok((handle, event_rx, event_loop))
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics shared by every role, and the `/metrics` endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub kind: String,
+    pub reason: String,
+}
+
+/// Every metric BeeMesh exports. Cheap to clone; all clones count into one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Mesh messages received and accepted, by kind (offer, heartbeat, bid, ...).
+    pub mesh_received: Family<KindLabel, Counter>,
+    /// Mesh messages dropped, by kind and reason (malformed, too_large, untrusted, ...).
+    pub mesh_dropped: Family<DropLabels, Counter>,
+    /// Outbound requests that failed, by kind.
+    pub mesh_request_failures: Family<KindLabel, Counter>,
+    pub mesh_peers: Gauge,
+    /// Pods this process owns (node) or runs (agent).
+    pub pods: Gauge,
+    /// Assignments made (node) or accepted (agent).
+    pub assignments: Counter,
+    /// Container restarts performed by this agent.
+    pub container_restarts: Counter,
+    /// Agents declared lost by this node.
+    pub agents_lost: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("beemesh");
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            mesh_received: Family::default(),
+            mesh_dropped: Family::default(),
+            mesh_request_failures: Family::default(),
+            mesh_peers: Gauge::default(),
+            pods: Gauge::default(),
+            assignments: Counter::default(),
+            container_restarts: Counter::default(),
+            agents_lost: Counter::default(),
+        };
+        registry.register(
+            "mesh_messages_received",
+            "Mesh messages received and accepted",
+            m.mesh_received.clone(),
+        );
+        registry.register(
+            "mesh_messages_dropped",
+            "Mesh messages dropped (malformed, oversized, wrong version, untrusted)",
+            m.mesh_dropped.clone(),
+        );
+        registry.register(
+            "mesh_request_failures",
+            "Outbound mesh requests that failed",
+            m.mesh_request_failures.clone(),
+        );
+        registry.register("mesh_peers", "Connected mesh peers", m.mesh_peers.clone());
+        registry.register("pods", "Pods owned (node) or run (agent)", m.pods.clone());
+        registry.register(
+            "assignments",
+            "Assignments made (node) or accepted (agent)",
+            m.assignments.clone(),
+        );
+        registry.register(
+            "container_restarts",
+            "Container restarts performed",
+            m.container_restarts.clone(),
+        );
+        registry.register(
+            "agents_lost",
+            "Agents declared lost after missing heartbeats",
+            m.agents_lost.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            ..m
+        }
+    }
+
+    pub fn dropped(&self, kind: &str, reason: &str) {
+        self.mesh_dropped
+            .get_or_create(&DropLabels {
+                kind: kind.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn received(&self, kind: &str) {
+        self.mesh_received
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn request_failed(&self, kind: &str) {
+        self.mesh_request_failures
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serves `GET /metrics` on `addr` until `cancel` fires; every other path is 404.
+    pub async fn serve(self, addr: SocketAddr, cancel: CancellationToken) -> std::io::Result<()> {
+        let route = warp::path("metrics")
+            .and(warp::path::end())
+            .and(warp::get())
+            .map(move || {
+                warp::http::Response::builder()
+                    .header(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                    .body(self.render())
+            });
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "serving metrics on /metrics");
+        warp::serve(route)
+            .incoming(listener)
+            .graceful(async move { cancel.cancelled().await })
+            .run()
+            .await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = Metrics::new();
+        m.dropped("offer", "malformed");
+        m.received("heartbeat");
+        let text = m.render();
+        assert!(text.contains(
+            "beemesh_mesh_messages_dropped_total{kind=\"offer\",reason=\"malformed\"} 1"
+        ));
+        assert!(text.contains("beemesh_mesh_messages_received_total{kind=\"heartbeat\"} 1"));
+    }
+}

@@ -1,0 +1,7 @@
+//! Peer identities and the policy of whom to take work from.
+
+mod identity;
+mod policy;
+
+pub use identity::{load_or_create_identity, IdentityError, IDENTITY_FILE};
+pub use policy::OwnerPolicy;
