@@ -1,7 +1,13 @@
 //! BeeMesh: a Kubernetes virtual kubelet whose pods run on a libp2p mesh of Podman agents.
 
+pub mod agent;
+pub mod cli;
+pub mod commands;
 pub mod mesh;
+pub mod node;
 pub mod metrics;
+pub mod placement;
 pub mod runtime;
 pub mod trust;
+pub mod view;
 pub mod wire;

@@ -5,12 +5,41 @@ use std::io;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 
+use crate::metrics::Metrics;
 use crate::wire::{self, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 
 /// Reads and writes [`Request`]/[`Response`] frames: a 4-byte big-endian length, then
 /// the versioned JSON envelope. A frame over its limit is refused before it is read.
-#[derive(Debug, Clone, Default)]
-pub struct WireCodec;
+///
+/// Frames that cannot be decoded are counted here: request-response drops a stream
+/// whose request fails to read without telling the behaviour's user.
+#[derive(Clone, Default)]
+pub struct WireCodec {
+    metrics: Metrics,
+}
+
+impl WireCodec {
+    pub fn new(metrics: Metrics) -> Self {
+        WireCodec { metrics }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        frame: io::Result<Vec<u8>>,
+        limit: usize,
+    ) -> io::Result<T> {
+        let result = frame.and_then(|bytes| wire::decode(&bytes, limit).map_err(invalid));
+        if let Err(e) = &result {
+            let reason = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<wire::WireError>())
+                .map_or("io", wire::WireError::kind);
+            self.metrics.dropped(kind, reason);
+        }
+        result
+    }
+}
 
 async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -48,16 +77,16 @@ impl libp2p::request_response::Codec for WireCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let bytes = read_frame(io, MAX_REQUEST_BYTES).await?;
-        wire::decode(&bytes, MAX_REQUEST_BYTES).map_err(invalid)
+        let frame = read_frame(io, MAX_REQUEST_BYTES).await;
+        self.decode("request", frame, MAX_REQUEST_BYTES)
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let bytes = read_frame(io, MAX_RESPONSE_BYTES).await?;
-        wire::decode(&bytes, MAX_RESPONSE_BYTES).map_err(invalid)
+        let frame = read_frame(io, MAX_RESPONSE_BYTES).await;
+        self.decode("response", frame, MAX_RESPONSE_BYTES)
     }
 
     async fn write_request<T>(
@@ -99,7 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip() {
-        let mut codec = WireCodec;
+        let mut codec = WireCodec::default();
         let mut buf = Cursor::new(Vec::new());
         codec
             .write_request(&protocol(), &mut buf, Request::Query)
@@ -115,7 +144,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_length_prefix_is_refused_before_reading() {
-        let mut codec = WireCodec;
+        let mut codec = WireCodec::default();
         let mut frame = ((MAX_REQUEST_BYTES + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(b"{}");
         let err = codec
@@ -127,7 +156,7 @@ mod tests {
 
     #[tokio::test]
     async fn truncated_and_garbage_frames_are_errors() {
-        let mut codec = WireCodec;
+        let mut codec = WireCodec::default();
         for frame in [vec![0, 0], vec![0, 0, 0, 9, b'{'], {
             let mut f = 5u32.to_be_bytes().to_vec();
             f.extend_from_slice(b"hello");

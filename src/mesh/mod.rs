@@ -101,7 +101,7 @@ const KAD_PROTOCOL: &str = "/beemesh/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/beemesh/1.0.0";
 
 impl Behaviour {
-    fn new(keypair: &Keypair, config: &MeshConfig) -> Result<Self, MeshError> {
+    fn new(keypair: &Keypair, config: &MeshConfig, metrics: &Metrics) -> Result<Self, MeshError> {
         let peer_id = keypair.public().to_peer_id();
         let gossip_config = gossipsub::ConfigBuilder::default()
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -131,7 +131,7 @@ impl Behaviour {
                 .with_agent_version(format!("beemesh/{}", env!("CARGO_PKG_VERSION"))),
         );
         let requests = request_response::Behaviour::with_codec(
-            WireCodec,
+            WireCodec::new(metrics.clone()),
             [(
                 StreamProtocol::new(wire::REQUEST_PROTOCOL),
                 request_response::ProtocolSupport::Full,
@@ -157,7 +157,7 @@ pub fn start(
     metrics: Metrics,
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, EventLoop), MeshError> {
     let local_peer_id = keypair.public().to_peer_id();
-    let behaviour = Behaviour::new(&keypair, &config)?;
+    let behaviour = Behaviour::new(&keypair, &config, &metrics)?;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(

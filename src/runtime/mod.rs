@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use k8s_openapi::jiff::Timestamp;
 
 /// Labels BeeMesh puts on every Podman pod and container it creates.
 pub mod labels {
@@ -135,8 +135,8 @@ pub enum ContainerStatus {
 pub struct ContainerState {
     pub status: ContainerStatus,
     pub exit_code: Option<i32>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
     /// Podman's message when the container failed to start.
     pub error: Option<String>,
 }

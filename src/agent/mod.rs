@@ -1,0 +1,527 @@
+//! The agent: bids for offers it fits, runs the pods it is assigned under Podman,
+//! reports their status to their owners, and heartbeats its free capacity.
+
+pub mod probe;
+pub mod status;
+mod store;
+mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::PodStatus;
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::{MeshEvent, MeshHandle};
+use crate::metrics::Metrics;
+use crate::placement::{self, AgentCapacity, ScoreMode};
+use crate::runtime::translate;
+use crate::runtime::{labels, Runtime, RuntimeError};
+use crate::trust::OwnerPolicy;
+use crate::view::HeartbeatBook;
+use crate::wire::{
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid,
+    Release, Request, Resources, Response, StatusReport,
+};
+use store::AssignmentStore;
+use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach Podman: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub score_mode: ScoreMode,
+    pub heartbeat_interval: Duration,
+    /// Statuses are re-sent this often even when nothing changed.
+    pub resync_interval: Duration,
+    /// The address pods see as `status.hostIP`.
+    pub host_ip: Option<IpAddr>,
+}
+
+/// A pod this agent runs.
+struct Hosted {
+    pod: PodRef,
+    owner: PeerId,
+    epoch: Epoch,
+    requests: Resources,
+    host_ports: Vec<u16>,
+    worker: WorkerHandle,
+    status: Option<PodStatus>,
+    stopping: bool,
+}
+
+impl Hosted {
+    fn phase(&self) -> String {
+        if self.stopping {
+            return "Terminating".into();
+        }
+        self.status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_else(|| "Pending".into())
+    }
+}
+
+/// Results of spawned tasks, fed back into the agent loop.
+enum Internal {
+    Superseded { uid: PodUid, epoch: Epoch },
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    mesh: MeshHandle,
+    runtime: Arc<dyn Runtime>,
+    policy: Arc<OwnerPolicy>,
+    metrics: Metrics,
+    store: AssignmentStore,
+    pods: HashMap<PodUid, Hosted>,
+    peers: HeartbeatBook,
+    worker_ctx: WorkerContext,
+    updates: mpsc::Receiver<WorkerUpdate>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    started: Instant,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        mesh: MeshHandle,
+        runtime: Arc<dyn Runtime>,
+        policy: OwnerPolicy,
+        metrics: Metrics,
+    ) -> Result<Agent, AgentError> {
+        let store = AssignmentStore::open(&config.state_dir)?;
+        let (updates_tx, updates) = mpsc::channel(256);
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        let worker_ctx = WorkerContext {
+            runtime: runtime.clone(),
+            agent: mesh.local_peer_id(),
+            volumes_root: config.state_dir.join("volumes"),
+            host_ip: config.host_ip,
+            node_name: mesh.local_peer_id().to_string(),
+            updates: updates_tx,
+            metrics: metrics.clone(),
+        };
+        Ok(Agent {
+            config,
+            mesh,
+            runtime,
+            policy: Arc::new(policy),
+            metrics,
+            store,
+            pods: HashMap::new(),
+            peers: HeartbeatBook::default(),
+            worker_ctx,
+            updates,
+            internal_tx,
+            internal_rx,
+            started: Instant::now(),
+        })
+    }
+
+    /// Adopts this agent's pods from Podman, then serves the mesh until cancelled.
+    /// Pods keep running when the agent stops; the next start adopts them.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<MeshEvent>,
+        cancel: CancellationToken,
+    ) -> Result<(), AgentError> {
+        self.runtime.ping().await?;
+        self.adopt().await?;
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        let mut resync = tokio::time::interval(self.config.resync_interval);
+        resync.reset();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(event) = events.recv() => self.on_mesh_event(event).await,
+                Some(update) = self.updates.recv() => self.on_update(update).await,
+                Some(internal) = self.internal_rx.recv() => match internal {
+                    Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
+                },
+                _ = heartbeat.tick() => self.publish_heartbeat().await,
+                _ = resync.tick() => self.resync(),
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks up the Podman pods this agent created before it restarted. A pod with no
+    /// assignment record, or whose record is for another epoch, is an orphan: removed.
+    async fn adopt(&mut self) -> Result<(), AgentError> {
+        let me = self.mesh.local_peer_id().to_string();
+        let found = self.runtime.list_pods(labels::AGENT, &me).await?;
+        for existing in found {
+            let uid = existing.labels.get(labels::POD_UID).cloned().map(PodUid);
+            let epoch = existing
+                .labels
+                .get(labels::EPOCH)
+                .and_then(|e| e.parse().ok())
+                .map(Epoch);
+            let record = match &uid {
+                Some(uid) => self.store.load(uid).await,
+                None => None,
+            };
+            let (Some(uid), Some(epoch), Some(record)) = (uid, epoch, record) else {
+                tracing::warn!(podman_pod = %existing.name, "removing orphaned pod with no assignment record");
+                let _ = self.runtime.remove_pod(&existing.id).await;
+                continue;
+            };
+            if record.epoch != epoch || self.pods.contains_key(&uid) {
+                tracing::warn!(podman_pod = %existing.name, "removing pod of a superseded epoch");
+                let _ = self.runtime.remove_pod(&existing.id).await;
+                continue;
+            }
+            let Ok(pod_ref) = translate::pod_ref(&record.pod) else {
+                let _ = self.runtime.remove_pod(&existing.id).await;
+                continue;
+            };
+            let requests = translate::pod_requests(&record.pod).unwrap_or_default();
+            let host_ports = translate::host_ports(&record.pod);
+            let worker = supervisor::spawn(
+                self.worker_ctx.clone(),
+                pod_ref.clone(),
+                record.pod,
+                epoch,
+                record.owner.0,
+                Some(existing),
+            );
+            tracing::info!(pod = %pod_ref, %epoch, "adopting pod after restart");
+            self.pods.insert(
+                uid,
+                Hosted {
+                    pod: pod_ref,
+                    owner: record.owner.0,
+                    epoch,
+                    requests,
+                    host_ports,
+                    worker,
+                    status: None,
+                    stopping: false,
+                },
+            );
+        }
+        self.metrics.pods.set(self.pods.len() as i64);
+        Ok(())
+    }
+
+    fn capacity(&self, except: Option<&PodUid>) -> AgentCapacity {
+        let mut used = Resources::default();
+        let mut ports = std::collections::BTreeSet::new();
+        for (uid, hosted) in &self.pods {
+            if Some(uid) == except {
+                continue;
+            }
+            used = used.saturating_add(Resources {
+                pods: 1,
+                ..hosted.requests
+            });
+            ports.extend(hosted.host_ports.iter().copied());
+        }
+        AgentCapacity {
+            labels: self.config.labels.clone(),
+            capacity: self.config.capacity,
+            free: self.config.capacity.saturating_sub(used),
+            used_host_ports: ports,
+        }
+    }
+
+    async fn on_mesh_event(&mut self, event: MeshEvent) {
+        match event {
+            MeshEvent::Gossip {
+                source,
+                message: GossipMessage::Offer(offer),
+            } => self.on_offer(source, offer),
+            MeshEvent::Gossip {
+                source,
+                message: GossipMessage::Heartbeat(hb),
+            } => {
+                self.peers.record(source, hb);
+            }
+            MeshEvent::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let response = self.on_request(peer, request).await;
+                let _ = reply.send(response);
+            }
+            MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
+        }
+    }
+
+    fn on_offer(&mut self, owner: PeerId, offer: Offer) {
+        if !self.policy.trusts(&owner) {
+            self.metrics.dropped("offer", "untrusted");
+            return;
+        }
+        if let Some(hosted) = self.pods.get(&offer.pod.uid) {
+            if hosted.epoch >= offer.epoch || hosted.owner != owner {
+                return;
+            }
+        }
+        let capacity = self.capacity(Some(&offer.pod.uid));
+        let misfits = placement::misfits(&offer, &capacity);
+        if !misfits.is_empty() {
+            tracing::debug!(pod = %offer.pod, ?misfits, "not bidding");
+            return;
+        }
+        let bid = Bid {
+            pod: offer.pod.uid.clone(),
+            epoch: offer.epoch,
+            score: placement::score(&offer, &capacity, self.config.score_mode),
+        };
+        let mesh = self.mesh.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh.request(owner, Request::Bid(bid)).await {
+                metrics.request_failed("bid");
+                tracing::debug!(pod = %offer.pod, error = %e, "bid not delivered");
+            }
+        });
+    }
+
+    async fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
+        match request {
+            Request::Assign(assign) => self.on_assign(peer, *assign).await,
+            Request::Release(release) => self.on_release(peer, release),
+            Request::Query => Response::View(Box::new(self.view())),
+            Request::Bid(_) | Request::Status(_) => Response::Error {
+                message: "this peer is an agent; bids and status reports go to owners".into(),
+            },
+        }
+    }
+
+    async fn on_assign(&mut self, owner: PeerId, assign: Assign) -> Response {
+        if !self.policy.trusts(&owner) {
+            self.metrics.dropped("assign", "untrusted");
+            return Response::Declined {
+                reason: format!("owner {owner} is not trusted by this agent"),
+            };
+        }
+        let pod_ref = match translate::pod_ref(&assign.pod) {
+            Ok(r) => r,
+            Err(e) => return Response::Declined { reason: e.to_string() },
+        };
+        if let Err(e) = translate::validate(&assign.pod) {
+            return Response::Declined { reason: e.to_string() };
+        }
+        let requests = match translate::pod_requests(&assign.pod) {
+            Ok(r) => r,
+            Err(e) => return Response::Declined { reason: e.to_string() },
+        };
+        if let Some(existing) = self.pods.get(&pod_ref.uid) {
+            if existing.owner != owner {
+                return Response::Declined {
+                    reason: "the pod is owned by another peer".into(),
+                };
+            }
+            if existing.epoch == assign.epoch {
+                return Response::Ack;
+            }
+            if existing.epoch > assign.epoch {
+                return Response::Superseded {
+                    current: existing.epoch,
+                };
+            }
+        }
+        let host_ports = translate::host_ports(&assign.pod);
+        let offer = Offer {
+            pod: pod_ref.clone(),
+            epoch: assign.epoch,
+            requests,
+            agent_selector: Vec::new(),
+            host_ports: host_ports.clone(),
+            spec_digest: String::new(),
+        };
+        let misfits = placement::misfits(&offer, &self.capacity(Some(&pod_ref.uid)));
+        if !misfits.is_empty() {
+            let reasons: Vec<String> = misfits.iter().map(ToString::to_string).collect();
+            return Response::Declined {
+                reason: reasons.join(", "),
+            };
+        }
+        if let Err(e) = self
+            .store
+            .save(&pod_ref.uid, owner, assign.epoch, &assign.pod)
+            .await
+        {
+            return Response::Declined {
+                reason: e.to_string(),
+            };
+        }
+        if let Some(old) = self.pods.remove(&pod_ref.uid) {
+            // A newer epoch of a pod we run: the old copy goes first.
+            old.worker.stop(Duration::from_secs(translate::grace_period_secs(&assign.pod)));
+        }
+        let worker = supervisor::spawn(
+            self.worker_ctx.clone(),
+            pod_ref.clone(),
+            assign.pod,
+            assign.epoch,
+            owner,
+            None,
+        );
+        tracing::info!(pod = %pod_ref, epoch = %assign.epoch, %owner, "assigned");
+        self.metrics.assignments.inc();
+        self.pods.insert(
+            pod_ref.uid.clone(),
+            Hosted {
+                pod: pod_ref,
+                owner,
+                epoch: assign.epoch,
+                requests,
+                host_ports,
+                worker,
+                status: None,
+                stopping: false,
+            },
+        );
+        self.metrics.pods.set(self.pods.len() as i64);
+        Response::Ack
+    }
+
+    fn on_release(&mut self, peer: PeerId, release: Release) -> Response {
+        match self.pods.get_mut(&release.pod) {
+            Some(hosted) if hosted.owner != peer => Response::Declined {
+                reason: "only the pod's owner can release it".into(),
+            },
+            Some(hosted) if hosted.epoch <= release.epoch => {
+                if !hosted.stopping {
+                    tracing::info!(pod = %hosted.pod, epoch = %hosted.epoch, "released by owner");
+                    hosted.stopping = true;
+                    hosted
+                        .worker
+                        .stop(Duration::from_secs(release.grace_period_secs));
+                }
+                Response::Ack
+            }
+            Some(hosted) => Response::Superseded {
+                current: hosted.epoch,
+            },
+            None => Response::Ack,
+        }
+    }
+
+    fn stop_superseded(&mut self, uid: &PodUid, epoch: Epoch) {
+        if let Some(hosted) = self.pods.get_mut(uid) {
+            if hosted.epoch == epoch && !hosted.stopping {
+                tracing::info!(pod = %hosted.pod, %epoch, "owner superseded this copy; stopping it");
+                hosted.stopping = true;
+                hosted.worker.stop(Duration::from_secs(0));
+            }
+        }
+    }
+
+    async fn on_update(&mut self, update: WorkerUpdate) {
+        let Some(hosted) = self.pods.get_mut(&update.pod.uid) else {
+            return;
+        };
+        if hosted.epoch != update.epoch {
+            // A report from an older copy that is being replaced.
+            return;
+        }
+        hosted.status = Some(update.status.clone());
+        let owner = hosted.owner;
+        if update.removed {
+            self.pods.remove(&update.pod.uid);
+            self.store.remove(&update.pod.uid).await;
+            self.metrics.pods.set(self.pods.len() as i64);
+        }
+        self.send_status(owner, update.pod, update.epoch, update.status, update.removed);
+    }
+
+    fn send_status(&self, owner: PeerId, pod: PodRef, epoch: Epoch, status: PodStatus, removed: bool) {
+        let mesh = self.mesh.clone();
+        let internal = self.internal_tx.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let uid = pod.uid.clone();
+            let report = StatusReport {
+                pod,
+                epoch,
+                status,
+                removed,
+            };
+            match mesh.request(owner, Request::Status(Box::new(report))).await {
+                Ok(Response::Superseded { .. }) if !removed => {
+                    let _ = internal.send(Internal::Superseded { uid, epoch }).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    metrics.request_failed("status");
+                    tracing::debug!(%uid, error = %e, "status report not delivered; resync will retry");
+                }
+            }
+        });
+    }
+
+    /// Re-sends every status, so that an owner that restarted or missed a report
+    /// catches up.
+    fn resync(&self) {
+        for hosted in self.pods.values() {
+            if let Some(status) = &hosted.status {
+                self.send_status(
+                    hosted.owner,
+                    hosted.pod.clone(),
+                    hosted.epoch,
+                    status.clone(),
+                    false,
+                );
+            }
+        }
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let capacity = self.capacity(None);
+        Heartbeat {
+            labels: self.config.labels.clone(),
+            capacity: self.config.capacity,
+            free: capacity.free,
+            pods: self
+                .pods
+                .values()
+                .map(|h| HostedPod {
+                    pod: h.pod.clone(),
+                    owner: PeerRef(h.owner),
+                    epoch: h.epoch,
+                    phase: h.phase(),
+                    requests: h.requests,
+                    host_ports: h.host_ports.clone(),
+                })
+                .collect(),
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    async fn publish_heartbeat(&mut self) {
+        let heartbeat = self.heartbeat();
+        // Our own heartbeat belongs in our view too (gossip does not echo it back).
+        self.peers.record(self.mesh.local_peer_id(), heartbeat.clone());
+        if let Err(e) = self.mesh.publish(&GossipMessage::Heartbeat(heartbeat)).await {
+            // Expected while no peer is connected yet.
+            tracing::debug!(error = %e, "heartbeat not published");
+        }
+    }
+
+    fn view(&self) -> crate::wire::MeshView {
+        self.peers.view(self.config.heartbeat_interval * 3)
+    }
+}

@@ -1,0 +1,123 @@
+//! Assignments an agent accepted, kept in its state directory so that a restarted
+//! agent knows the spec, owner and epoch of the Podman pods it finds.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Pod;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{Epoch, PeerRef, PodUid};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredAssignment {
+    pub owner: PeerRef,
+    pub epoch: Epoch,
+    pub pod: Pod,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("assignment store {path}: {source}")]
+pub struct StoreError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// One JSON file per pod UID under `<state dir>/assignments`.
+#[derive(Debug, Clone)]
+pub struct AssignmentStore {
+    dir: PathBuf,
+}
+
+impl AssignmentStore {
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let dir = state_dir.join("assignments");
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(AssignmentStore { dir })
+    }
+
+    fn path(&self, uid: &PodUid) -> PathBuf {
+        // UIDs come from owners: anything but a plain name is hashed so that it can
+        // never escape the directory.
+        let safe = uid
+            .0
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !uid.0.is_empty()
+            && uid.0.len() <= 128;
+        let name = if safe {
+            uid.0.clone()
+        } else {
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(uid.0.as_bytes()))
+        };
+        self.dir.join(format!("{name}.json"))
+    }
+
+    pub async fn save(
+        &self,
+        uid: &PodUid,
+        owner: PeerId,
+        epoch: Epoch,
+        pod: &Pod,
+    ) -> Result<(), StoreError> {
+        let path = self.path(uid);
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let record = StoredAssignment {
+            owner: PeerRef(owner),
+            epoch,
+            pod: pod.clone(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
+        let tmp = path.with_extension("json.tmp");
+        tokio::fs::write(&tmp, bytes).await.map_err(err)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(err)
+    }
+
+    /// The stored assignment, or None if there is none or it cannot be read.
+    pub async fn load(&self, uid: &PodUid) -> Option<StoredAssignment> {
+        let path = self.path(uid);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(record) => Some(record),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable assignment record");
+                None
+            }
+        }
+    }
+
+    pub async fn remove(&self, uid: &PodUid) {
+        let _ = tokio::fs::remove_file(self.path(uid)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn saves_loads_and_never_escapes_its_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = AssignmentStore::open(dir.path()).expect("opens");
+        let owner = PeerId::random();
+        for uid in ["a1b2-c3", "../../etc/passwd", ""] {
+            let uid = PodUid(uid.into());
+            store
+                .save(&uid, owner, Epoch(4), &Pod::default())
+                .await
+                .expect("saves");
+            assert!(store.path(&uid).starts_with(dir.path().join("assignments")));
+            let back = store.load(&uid).await.expect("loads");
+            assert_eq!(back.epoch, Epoch(4));
+            assert_eq!(back.owner.0, owner);
+            store.remove(&uid).await;
+            assert!(store.load(&uid).await.is_none());
+        }
+    }
+}

@@ -1,0 +1,665 @@
+//! One task per pod: creates its Podman pod, runs init containers in order and then the
+//! app containers, restarts them with the kubelet's back-off, runs probes, and reports
+//! every change of status. A stop command tears the pod down within its grace period.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::probe::{self, ProbeSpec, ProbeState};
+use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
+use crate::metrics::Metrics;
+use crate::runtime::translate::{self, ContainerKind, PlanContext};
+use crate::runtime::{labels, ContainerStatus, Runtime, RuntimeError, RuntimePod};
+use crate::wire::{Epoch, PodRef};
+
+/// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
+/// container ran for 10 min.
+const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+/// How often running containers are inspected.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What a supervisor tells the agent.
+#[derive(Debug, Clone)]
+pub struct WorkerUpdate {
+    pub pod: PodRef,
+    pub epoch: Epoch,
+    pub status: PodStatus,
+    /// The pod has been torn down and its worker has ended.
+    pub removed: bool,
+}
+
+/// Everything a supervisor needs from its agent.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub runtime: Arc<dyn Runtime>,
+    pub agent: PeerId,
+    pub volumes_root: PathBuf,
+    pub host_ip: Option<IpAddr>,
+    pub node_name: String,
+    pub updates: mpsc::Sender<WorkerUpdate>,
+    pub metrics: Metrics,
+}
+
+/// The agent's handle on one supervisor task.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: mpsc::Sender<Duration>,
+}
+
+impl WorkerHandle {
+    /// Asks the worker to tear the pod down, SIGKILLing after `grace`.
+    pub fn stop(&self, grace: Duration) {
+        // A full or closed channel means a stop is already under way.
+        let _ = self.stop.try_send(grace);
+    }
+}
+
+/// Starts supervising `pod` at `epoch`. With `adopted`, the Podman pod already exists
+/// (the agent restarted) and supervision continues from what it finds.
+pub fn spawn(
+    ctx: WorkerContext,
+    pod_ref: PodRef,
+    pod: Pod,
+    epoch: Epoch,
+    owner: PeerId,
+    adopted: Option<RuntimePod>,
+) -> WorkerHandle {
+    let (stop_tx, stop_rx) = mpsc::channel(1);
+    let worker = Worker::new(ctx, pod_ref, pod, epoch, owner);
+    tokio::spawn(worker.run(stop_rx, adopted));
+    WorkerHandle { stop: stop_tx }
+}
+
+/// One container of the pod, across its restarts.
+struct Slot {
+    spec: Container,
+    kind: ContainerKind,
+    view: ContainerView,
+    /// Podman instance number; +1 for each restart.
+    attempt: u32,
+    id: Option<String>,
+    previous_id: Option<String>,
+    backoff: Option<Duration>,
+    /// While set, the container waits (crash-loop or image back-off).
+    retry_at: Option<Instant>,
+    running_since: Option<Instant>,
+    startup: Option<ProbeState>,
+    liveness: Option<ProbeState>,
+    readiness: Option<ProbeState>,
+    /// Set once an init container (or a non-restarting app container) is done for good.
+    finished: bool,
+}
+
+impl Slot {
+    fn new(spec: Container, kind: ContainerKind) -> Slot {
+        let reason = match kind {
+            ContainerKind::Init => "PodInitializing",
+            ContainerKind::App => "ContainerCreating",
+        };
+        Slot {
+            view: ContainerView {
+                name: spec.name.clone(),
+                image: spec.image.clone().unwrap_or_default(),
+                container_id: None,
+                state: Observed::waiting(reason, None),
+                last_state: None,
+                restart_count: 0,
+                ready: false,
+                started: false,
+            },
+            spec,
+            kind,
+            attempt: 0,
+            id: None,
+            previous_id: None,
+            backoff: None,
+            retry_at: None,
+            running_since: None,
+            startup: None,
+            liveness: None,
+            readiness: None,
+            finished: false,
+        }
+    }
+
+    fn probes_reset(&mut self, now: Instant) {
+        let make = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+            p.as_ref().map(|p| ProbeState::new(ProbeSpec::new(p), now))
+        };
+        self.startup = make(&self.spec.startup_probe);
+        self.liveness = make(&self.spec.liveness_probe);
+        self.readiness = make(&self.spec.readiness_probe);
+        self.view.started = self.startup.is_none();
+        self.view.ready = false;
+    }
+
+    /// Schedules the next attempt after a failure, following the crash-loop back-off:
+    /// the first retry is immediate, then 10 s, 20 s, ... up to 5 min.
+    fn schedule_retry(&mut self, now: Instant) {
+        if self
+            .running_since
+            .is_some_and(|since| now.duration_since(since) >= BACKOFF_RESET_AFTER)
+        {
+            self.backoff = None;
+        }
+        match self.backoff {
+            None => {
+                self.retry_at = None;
+                self.backoff = Some(BACKOFF_INITIAL);
+            }
+            Some(delay) => {
+                self.retry_at = Some(now + delay);
+                self.backoff = Some((delay * 2).min(BACKOFF_MAX));
+            }
+        }
+    }
+}
+
+struct Worker {
+    ctx: WorkerContext,
+    pod_ref: PodRef,
+    pod: Pod,
+    epoch: Epoch,
+    /// Peer IDs rendered once, for labels.
+    agent_id: String,
+    owner_id: String,
+    /// `<volumes root>/<pod uid>`: where the pod's emptyDir volumes live.
+    volumes_dir: PathBuf,
+    policy: RestartPolicy,
+    pod_id: Option<String>,
+    pod_ip: Option<IpAddr>,
+    start_time: Timestamp,
+    slots: Vec<Slot>,
+    failure: Option<(String, String)>,
+    last_sent: Option<PodStatus>,
+}
+
+impl Worker {
+    fn new(ctx: WorkerContext, pod_ref: PodRef, pod: Pod, epoch: Epoch, owner: PeerId) -> Worker {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let slots = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| Slot::new(c.clone(), ContainerKind::Init))
+            .chain(
+                spec.containers
+                    .iter()
+                    .map(|c| Slot::new(c.clone(), ContainerKind::App)),
+            )
+            .collect();
+        Worker {
+            policy: RestartPolicy::from_spec(spec.restart_policy.as_deref()),
+            agent_id: ctx.agent.to_string(),
+            owner_id: owner.to_string(),
+            volumes_dir: ctx.volumes_root.join(&pod_ref.uid.0),
+            ctx,
+            pod_ref,
+            pod,
+            epoch,
+            pod_id: None,
+            pod_ip: None,
+            start_time: Timestamp::now(),
+            slots,
+            failure: None,
+            last_sent: None,
+        }
+    }
+
+    async fn run(mut self, mut stop: mpsc::Receiver<Duration>, adopted: Option<RuntimePod>) {
+        match adopted {
+            Some(existing) => self.adopt(existing).await,
+            None => self.create().await,
+        }
+        self.report(false).await;
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                grace = stop.recv() => {
+                    // None: the agent is shutting down; the pod keeps running and the
+                    // next agent process adopts it.
+                    if let Some(grace) = grace {
+                        self.teardown(grace).await;
+                        self.report(true).await;
+                    }
+                    return;
+                }
+                _ = poll.tick() => {
+                    if self.failure.is_none() && self.pod_id.is_some() {
+                        self.step().await;
+                    } else if self.pod_id.is_none() && self.failure.is_none() {
+                        self.create().await;
+                    }
+                    self.report(false).await;
+                }
+            }
+        }
+    }
+
+    fn plan_context(&self) -> PlanContext<'_> {
+        PlanContext {
+            agent: &self.agent_id,
+            owner: &self.owner_id,
+            epoch: self.epoch,
+            volumes_dir: &self.volumes_dir,
+            pod_ip: self.pod_ip,
+            host_ip: self.ctx.host_ip,
+            node_name: &self.ctx.node_name,
+        }
+    }
+
+    /// Creates the Podman pod (network namespace and volumes).
+    async fn create(&mut self) {
+        if let Err(e) = translate::validate(&self.pod) {
+            self.fail("UnsupportedPodSpec", e.to_string());
+            return;
+        }
+        for name in translate::empty_dirs(&self.pod) {
+            if let Err(e) = tokio::fs::create_dir_all(self.volumes_dir.join(&name)).await {
+                self.fail("VolumeError", format!("cannot create emptyDir {name}: {e}"));
+                return;
+            }
+        }
+        let plan = match translate::pod_plan(&self.pod, &self.plan_context()) {
+            Ok(plan) => plan,
+            Err(e) => return self.fail("UnsupportedPodSpec", e.to_string()),
+        };
+        let pod_id = match self.ctx.runtime.create_pod(&plan).await {
+            Ok(id) => id,
+            Err(RuntimeError::Unavailable(e)) => {
+                tracing::warn!(pod = %self.pod_ref, error = %e, "Podman unavailable; will retry");
+                return;
+            }
+            Err(e) => return self.fail("CreatePodSandboxError", e.to_string()),
+        };
+        self.pod_id = Some(pod_id.clone());
+        if let Err(e) = self.ctx.runtime.start_pod(&pod_id).await {
+            return self.fail("CreatePodSandboxError", e.to_string());
+        }
+        self.refresh_pod_ip().await;
+        tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, podman_pod = %plan.name, "pod sandbox started");
+    }
+
+    async fn refresh_pod_ip(&mut self) {
+        if let Some(id) = &self.pod_id {
+            if let Ok(Some(ip)) = self.ctx.runtime.pod_ip(id).await {
+                self.pod_ip = Some(ip);
+            }
+        }
+    }
+
+    /// Picks up a pod this agent created before it restarted: the newest instance of
+    /// each container carries on, its attempt number being the restart count.
+    async fn adopt(&mut self, existing: RuntimePod) {
+        self.pod_id = Some(existing.id.clone());
+        self.refresh_pod_ip().await;
+        let now = Instant::now();
+        for slot in &mut self.slots {
+            let mut instances: Vec<_> = existing
+                .containers
+                .iter()
+                .filter(|c| c.labels.get(labels::CONTAINER) == Some(&slot.spec.name))
+                .filter_map(|c| {
+                    let attempt: u32 = c.labels.get(labels::ATTEMPT)?.parse().ok()?;
+                    Some((attempt, c))
+                })
+                .collect();
+            instances.sort_by_key(|(attempt, _)| *attempt);
+            let Some((attempt, newest)) = instances.pop() else {
+                continue;
+            };
+            slot.attempt = attempt;
+            slot.view.restart_count = attempt;
+            slot.id = Some(newest.id.clone());
+            slot.view.container_id = Some(newest.id.clone());
+            slot.previous_id = instances.pop().map(|(_, c)| c.id.clone());
+            if newest.state.status == ContainerStatus::Running {
+                slot.running_since = Some(now);
+                slot.probes_reset(now);
+            }
+        }
+        tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, "adopted running pod");
+    }
+
+    fn fail(&mut self, reason: &str, message: String) {
+        tracing::warn!(pod = %self.pod_ref, reason, %message, "pod failed");
+        self.failure = Some((reason.to_string(), message));
+    }
+
+    /// One pass over the containers: init containers strictly in order, then all app
+    /// containers.
+    async fn step(&mut self) {
+        let now = Instant::now();
+        let init_count = self
+            .slots
+            .iter()
+            .filter(|s| s.kind == ContainerKind::Init)
+            .count();
+        for i in 0..init_count {
+            if self.slots[i].finished {
+                continue;
+            }
+            self.drive(i, now).await;
+            if !self.slots[i].finished {
+                return;
+            }
+        }
+        if self.pod_ip.is_none() {
+            self.refresh_pod_ip().await;
+        }
+        for i in init_count..self.slots.len() {
+            self.drive(i, now).await;
+        }
+    }
+
+    /// Moves one container along: create and start it when due, watch it while it
+    /// runs, decide about restarts when it exits.
+    async fn drive(&mut self, i: usize, now: Instant) {
+        if self.slots[i].finished {
+            return;
+        }
+        match self.slots[i].id.clone() {
+            None => self.start(i, now).await,
+            Some(id) => match self.ctx.runtime.container_state(&id).await {
+                Ok(state) => match state.status {
+                    ContainerStatus::Running => {
+                        let slot = &mut self.slots[i];
+                        if slot.running_since.is_none() {
+                            slot.running_since = Some(now);
+                            slot.probes_reset(now);
+                        }
+                        slot.view.state = Observed::Running {
+                            started_at: state.started_at.unwrap_or_else(Timestamp::now),
+                        };
+                        self.probe(i, &id, now).await;
+                    }
+                    ContainerStatus::Exited => {
+                        let code = state.exit_code.unwrap_or(-1);
+                        let terminated = Observed::Terminated {
+                            exit_code: code,
+                            reason: Observed::exit_reason(code).to_string(),
+                            message: state.error.clone(),
+                            started_at: state.started_at,
+                            finished_at: state.finished_at,
+                        };
+                        self.exited(i, terminated, code, now);
+                    }
+                    ContainerStatus::Created => {
+                        if let Err(e) = self.ctx.runtime.start_container(&id).await {
+                            self.start_failed(i, e, now);
+                        }
+                    }
+                    ContainerStatus::Other => {}
+                },
+                Err(RuntimeError::NotFound(_)) => {
+                    // Removed behind our back: count it as a crash and start anew.
+                    let terminated = Observed::Terminated {
+                        exit_code: 137,
+                        reason: "ContainerRemoved".into(),
+                        message: Some("the container disappeared from Podman".into()),
+                        started_at: None,
+                        finished_at: Some(Timestamp::now()),
+                    };
+                    self.exited(i, terminated, 137, now);
+                }
+                Err(e) => tracing::debug!(pod = %self.pod_ref, error = %e, "cannot inspect container"),
+            },
+        }
+    }
+
+    /// Handles the exit of a container instance according to the restart policy.
+    fn exited(&mut self, i: usize, terminated: Observed, code: i32, now: Instant) {
+        let init = self.slots[i].kind == ContainerKind::Init;
+        let restarts = if init {
+            code != 0 && self.policy != RestartPolicy::Never
+        } else {
+            self.policy.restarts(code)
+        };
+        let slot = &mut self.slots[i];
+        slot.view.ready = false;
+        if !restarts {
+            slot.view.state = terminated;
+            slot.finished = true;
+            return;
+        }
+        slot.schedule_retry(now);
+        slot.running_since = None;
+        slot.previous_id = slot.id.take();
+        slot.attempt += 1;
+        slot.view.restart_count += 1;
+        slot.view.last_state = Some(terminated);
+        self.ctx.metrics.container_restarts.inc();
+        slot.view.state = Observed::waiting(
+            "CrashLoopBackOff",
+            Some(format!(
+                "back-off {}s restarting failed container={} pod={}_{}({})",
+                slot.backoff.map(|d| d.as_secs() / 2).unwrap_or(0).max(10),
+                slot.spec.name,
+                self.pod_ref.name,
+                self.pod_ref.namespace,
+                self.pod_ref.uid
+            )),
+        );
+    }
+
+    fn start_failed(&mut self, i: usize, e: RuntimeError, now: Instant) {
+        let terminated = Observed::Terminated {
+            exit_code: 128,
+            reason: "StartError".into(),
+            message: Some(e.to_string()),
+            started_at: None,
+            finished_at: Some(Timestamp::now()),
+        };
+        self.exited(i, terminated, 128, now);
+    }
+
+    async fn start(&mut self, i: usize, now: Instant) {
+        if self.slots[i].retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let Some(pod_id) = self.pod_id.clone() else {
+            return;
+        };
+        let spec = self.slots[i].spec.clone();
+        let image = spec.image.clone().unwrap_or_default();
+        if let Err(e) = self
+            .ctx
+            .runtime
+            .ensure_image(&image, translate::pull_policy(&spec))
+            .await
+        {
+            let slot = &mut self.slots[i];
+            let (reason, backoff_reason) = match &e {
+                RuntimeError::ImageNeverPull(_) => ("ErrImageNeverPull", "ErrImageNeverPull"),
+                RuntimeError::Unavailable(_) => ("ContainerCreating", "ContainerCreating"),
+                _ => ("ErrImagePull", "ImagePullBackOff"),
+            };
+            // The first failure shows ErrImagePull, the waits after it ImagePullBackOff.
+            let shown = if slot.backoff.is_some() { backoff_reason } else { reason };
+            slot.view.state = Observed::waiting(shown, Some(e.to_string()));
+            slot.schedule_retry(now);
+            return;
+        }
+        let plan = match translate::container_plan(
+            &self.pod,
+            &spec,
+            self.slots[i].kind,
+            self.slots[i].attempt,
+            &self.plan_context(),
+        ) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let slot = &mut self.slots[i];
+                slot.view.state = Observed::waiting("CreateContainerConfigError", Some(e.to_string()));
+                slot.schedule_retry(now);
+                return;
+            }
+        };
+        // Keep exactly one previous instance (for `logs --previous`); older ones go.
+        if let Some(old) = self.slots[i].previous_id.clone() {
+            if self.slots[i].attempt >= 2 {
+                let _ = self.ctx.runtime.remove_container(&old).await;
+                self.slots[i].previous_id = None;
+            }
+        }
+        let id = match self.ctx.runtime.create_container(&pod_id, &plan).await {
+            Ok(id) => id,
+            Err(e) => {
+                let slot = &mut self.slots[i];
+                slot.view.state = Observed::waiting("CreateContainerError", Some(e.to_string()));
+                slot.schedule_retry(now);
+                return;
+            }
+        };
+        let slot = &mut self.slots[i];
+        slot.id = Some(id.clone());
+        slot.view.container_id = Some(id.clone());
+        if let Err(e) = self.ctx.runtime.start_container(&id).await {
+            self.start_failed(i, e, now);
+            return;
+        }
+        let slot = &mut self.slots[i];
+        slot.retry_at = None;
+        slot.running_since = Some(now);
+        slot.probes_reset(now);
+        slot.view.state = Observed::Running {
+            started_at: Timestamp::now(),
+        };
+        tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, attempt = slot.attempt, "container started");
+    }
+
+    /// Runs the container's due probes. A failed startup or liveness probe kills the
+    /// container (the restart policy then decides); readiness sets `ready`.
+    async fn probe(&mut self, i: usize, id: &str, now: Instant) {
+        let runtime = self.ctx.runtime.clone();
+        let pod_ip = self.pod_ip;
+        let slot = &mut self.slots[i];
+        let mut kill = None;
+        if let Some(state) = slot.startup.as_mut() {
+            if state.result != Some(true) && state.due(now) {
+                let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                let ok = outcome.is_ok();
+                match state.record(ok, outcome.err().unwrap_or_default(), now) {
+                    Some(true) => slot.view.started = true,
+                    Some(false) => kill = Some(format!("Startup probe failed: {}", state.last_message)),
+                    None => {}
+                }
+            }
+        }
+        if slot.view.started && kill.is_none() {
+            if let Some(state) = slot.liveness.as_mut() {
+                if state.due(now) {
+                    let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                    let ok = outcome.is_ok();
+                    if state.record(ok, outcome.err().unwrap_or_default(), now) == Some(false) {
+                        kill = Some(format!("Liveness probe failed: {}", state.last_message));
+                    }
+                }
+            }
+            match slot.readiness.as_mut() {
+                Some(state) => {
+                    if state.due(now) {
+                        let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                        let ok = outcome.is_ok();
+                        state.record(ok, outcome.err().unwrap_or_default(), now);
+                    }
+                    slot.view.ready = state.result == Some(true);
+                }
+                None => slot.view.ready = true,
+            }
+        }
+        if let Some(message) = kill {
+            tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, %message, "killing container");
+            slot.view.ready = false;
+            let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
+            if let Err(e) = runtime.stop_container(id, grace).await {
+                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop unhealthy container");
+            }
+        }
+    }
+
+    async fn teardown(&mut self, grace: Duration) {
+        let runtime = self.ctx.runtime.clone();
+        let stops = self
+            .slots
+            .iter()
+            .filter_map(|s| s.id.clone())
+            .map(|id| {
+                let runtime = runtime.clone();
+                async move { runtime.stop_container(&id, grace).await }
+            });
+        for result in futures::future::join_all(stops).await {
+            if let Err(e) = result {
+                tracing::debug!(pod = %self.pod_ref, error = %e, "stop failed; removing anyway");
+            }
+        }
+        if let Some(pod_id) = self.pod_id.take() {
+            match runtime.remove_pod(&pod_id).await {
+                Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(pod = %self.pod_ref, error = %e, "cannot remove pod"),
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(&self.volumes_dir).await;
+        for slot in &mut self.slots {
+            if !matches!(slot.view.state, Observed::Terminated { .. }) {
+                slot.view.state = Observed::Terminated {
+                    exit_code: 0,
+                    reason: "Completed".into(),
+                    message: Some("stopped by the owner".into()),
+                    started_at: None,
+                    finished_at: Some(Timestamp::now()),
+                };
+            }
+            slot.view.ready = false;
+        }
+        tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, "pod removed");
+    }
+
+    fn view(&self) -> PodView {
+        let (init, app): (Vec<_>, Vec<_>) = self
+            .slots
+            .iter()
+            .partition(|s| s.kind == ContainerKind::Init);
+        PodView {
+            init: init.into_iter().map(|s| s.view.clone()).collect(),
+            app: app.into_iter().map(|s| s.view.clone()).collect(),
+            restart_policy: self.policy,
+            pod_ip: self.pod_ip.map(|ip| ip.to_string()),
+            host_ip: self.ctx.host_ip.map(|ip| ip.to_string()),
+            start_time: Some(self.start_time),
+            failure: self.failure.clone(),
+        }
+    }
+
+    /// Sends the status if it changed (or when the pod is gone).
+    async fn report(&mut self, removed: bool) {
+        let mut status = status::pod_status(&self.view(), Timestamp::now());
+        if let Some(old) = &self.last_sent {
+            status::carry_transition_times(&mut status, old);
+            if !removed && *old == status {
+                return;
+            }
+        }
+        self.last_sent = Some(status.clone());
+        let update = WorkerUpdate {
+            pod: self.pod_ref.clone(),
+            epoch: self.epoch,
+            status,
+            removed,
+        };
+        if self.ctx.updates.send(update).await.is_err() {
+            tracing::debug!(pod = %self.pod_ref, "agent is gone; status not delivered");
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Command-line definitions. Every flag can also be set through a `BEEMESH_*`
+//! environment variable; values are checked here, before any port is bound.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::placement::ScoreMode;
+use crate::runtime::translate;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "beemesh",
+    version,
+    about = "Run Kubernetes pods on machines that are not part of a cluster",
+    long_about = "BeeMesh is a Kubernetes virtual kubelet whose pods run on a libp2p mesh of \
+                  Podman agents. `beemesh node` owns pods and offers them to the mesh; \
+                  `beemesh agent` runs them under Podman."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub logging: LoggingArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LoggingArgs {
+    /// Log format on stderr. Levels come from RUST_LOG (default: info).
+    #[arg(long, global = true, env = "BEEMESH_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print this peer's ID (creating its identity key if there is none).
+    Id(IdArgs),
+    /// Run an agent: join the mesh and run assigned pods under Podman.
+    Agent(AgentArgs),
+    /// Run the virtual node: own pods and offer them to the mesh.
+    Node(NodeArgs),
+    /// Show the mesh's agents and pods, as a peer on it sees them.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Directory holding the identity key (identity.key, mode 0600).
+    #[arg(long, env = "BEEMESH_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct MeshArgs {
+    /// Directory for the identity key and local state.
+    #[arg(long, env = "BEEMESH_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Multiaddr to listen on, e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long, env = "BEEMESH_LISTEN", value_delimiter = ',', required = true)]
+    pub listen: Vec<Multiaddr>,
+    /// Multiaddr of a mesh peer to join through (repeatable).
+    #[arg(long, env = "BEEMESH_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Serve Prometheus metrics on this address at /metrics.
+    #[arg(long, env = "BEEMESH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    /// Podman REST API socket.
+    #[arg(long, env = "BEEMESH_PODMAN_SOCKET", default_value = "unix:///run/podman/podman.sock")]
+    pub podman_socket: String,
+    /// Agent label k=v, matched by pods' beemesh.io/agent-selector (repeatable).
+    #[arg(long = "label", env = "BEEMESH_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// CPU offered to pods, in cores or millicores ("2", "1.5", "500m"). Default: all cores.
+    #[arg(long, env = "BEEMESH_CPU", value_parser = parse_cpu)]
+    pub cpu: Option<u64>,
+    /// Memory offered to pods, in bytes or with a suffix ("4Gi"). Default: all memory.
+    #[arg(long, env = "BEEMESH_MEMORY", value_parser = parse_memory)]
+    pub memory: Option<u64>,
+    /// Most pods run at once.
+    #[arg(long, env = "BEEMESH_MAX_PODS", default_value_t = 110, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pods: u64,
+    /// Peer ID of an owner whose work is accepted (repeatable). None: any owner.
+    #[arg(long, env = "BEEMESH_TRUST", value_delimiter = ',')]
+    pub trust: Vec<PeerId>,
+    /// How bids are scored.
+    #[arg(long, env = "BEEMESH_SCORE_MODE", value_enum, default_value = "spread")]
+    pub score_mode: ScoreMode,
+    /// Seconds between heartbeats.
+    #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub heartbeat_seconds: u64,
+    /// Address reported as the pods' hostIP. Default: the IPv4 listen address, if specific.
+    #[arg(long, env = "BEEMESH_HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+    /// Directory of Pod manifests (YAML or JSON, several documents per file), like
+    /// the kubelet's static pods.
+    #[arg(long, env = "BEEMESH_POD_MANIFEST_PATH")]
+    pub pod_manifest_path: PathBuf,
+    /// Milliseconds an offer collects bids.
+    #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub offer_window_ms: u64,
+    /// Seconds without a heartbeat after which an agent is lost and its pods move
+    /// (default: 3 heartbeats of 3 s).
+    #[arg(long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 9, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub agent_loss_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Multiaddr of a mesh peer to ask (a node shows its pods' reasons too).
+    #[arg(long, env = "BEEMESH_BOOTSTRAP", value_delimiter = ',', required = true)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout_seconds: u64,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not a k=v label"))?;
+    // One grammar for labels and selectors: a label is valid when `k=v` parses as
+    // a selector requirement.
+    crate::placement::parse_selector(text).map_err(|e| e.to_string())?;
+    Ok((key.trim().to_string(), value.trim().to_string()))
+}
+
+fn parse_cpu(text: &str) -> Result<u64, String> {
+    translate::parse_cpu_millis(&Quantity(text.to_string()))
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    translate::parse_memory_bytes(&Quantity(text.to_string()))
+}
+
+/// Labels as a map; a repeated key keeps the last value.
+pub fn labels_map(labels: &[(String, String)]) -> BTreeMap<String, String> {
+    labels.iter().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn labels_must_be_key_value() {
+        assert_eq!(parse_label("zone=a"), Ok(("zone".into(), "a".into())));
+        assert!(parse_label("zone").is_err());
+        assert!(parse_label("zo ne=a").is_err());
+        assert!(parse_label("zone=a b").is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_message() {
+        for args in [
+            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "not-a-multiaddr"],
+            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--trust", "nope"],
+            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--cpu", "lots"],
+            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--max-pods", "0"],
+            vec!["beemesh", "node", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1"],
+            vec!["beemesh", "status"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
+        }
+        let ok = Cli::try_parse_from([
+            "beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1",
+            "--cpu", "1500m", "--memory", "2Gi", "--label", "zone=a",
+        ])
+        .expect("parses");
+        let Command::Agent(agent) = ok.command else {
+            panic!("agent expected");
+        };
+        assert_eq!(agent.cpu, Some(1500));
+        assert_eq!(agent.memory, Some(2 << 30));
+    }
+}

@@ -1,0 +1,131 @@
+//! The virtual node: owns pods, offers them to the mesh and follows their status.
+//!
+//! Standalone, its pods come from a manifest directory and their status is printed.
+
+pub mod manifests;
+pub mod owner;
+mod printer;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::{MeshEvent, MeshHandle};
+use crate::metrics::Metrics;
+use crate::wire::GossipMessage;
+use manifests::ManifestDir;
+use owner::{Owner, OwnerConfig};
+pub use printer::PhasePrinter;
+
+/// How often the manifest directory is scanned (the issue asks for changes to be
+/// noticed within 5 s).
+const MANIFEST_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Granularity of the owner's timers (offer windows, retries).
+const OWNER_TICK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot read manifest directory {path}: {source}")]
+    ManifestDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub pod_manifest_path: PathBuf,
+    pub owner: OwnerConfig,
+}
+
+pub struct Node {
+    config: NodeConfig,
+    mesh: MeshHandle,
+    metrics: Metrics,
+}
+
+impl Node {
+    pub fn new(config: NodeConfig, mesh: MeshHandle, metrics: Metrics) -> Node {
+        Node {
+            config,
+            mesh,
+            metrics,
+        }
+    }
+
+    pub async fn run(
+        self,
+        mut events: mpsc::Receiver<MeshEvent>,
+        cancel: CancellationToken,
+    ) -> Result<(), NodeError> {
+        let me = self.mesh.local_peer_id();
+        let mut source = ManifestDir::new(self.config.pod_manifest_path.clone(), me.to_string());
+        // Read once before anything else, so that a bad path fails at start.
+        let first = source
+            .scan()
+            .await
+            .map_err(|e| NodeError::ManifestDir {
+                path: self.config.pod_manifest_path.clone(),
+                source: e,
+            })?;
+        let mut owner = Owner::new(
+            self.config.owner.clone(),
+            self.mesh.clone(),
+            self.metrics.clone(),
+            Box::new(PhasePrinter::default()),
+        );
+        let mut reported_errors = Vec::new();
+        apply_scan(&mut owner, first, &mut reported_errors);
+
+        let mut scan = tokio::time::interval(MANIFEST_SCAN_INTERVAL);
+        scan.reset();
+        let mut tick = tokio::time::interval(OWNER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(event) = events.recv() => match event {
+                    MeshEvent::Gossip { source, message: GossipMessage::Heartbeat(hb) } => {
+                        owner.on_heartbeat(source, hb);
+                    }
+                    MeshEvent::Gossip { message: GossipMessage::Offer(_), .. } => {}
+                    MeshEvent::Request { peer, request, reply } => {
+                        let _ = reply.send(owner.on_request(peer, request));
+                    }
+                    MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
+                },
+                Some(()) = owner.next_internal() => {}
+                _ = tick.tick() => owner.tick(),
+                _ = scan.tick() => match source.scan().await {
+                    Ok(result) => apply_scan(&mut owner, result, &mut reported_errors),
+                    Err(e) => tracing::warn!(dir = %source.dir().display(), error = %e, "cannot scan manifest directory"),
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Hands the scan's pods to the owner and reports each new manifest error once.
+fn apply_scan(
+    owner: &mut Owner,
+    scan: manifests::Scan,
+    reported: &mut Vec<manifests::ManifestError>,
+) {
+    for error in &scan.errors {
+        if !reported.contains(error) {
+            tracing::error!("manifest {error}");
+            println!("{} manifest error: {error}", printer::timestamp());
+        }
+    }
+    *reported = scan.errors;
+    let desired: BTreeMap<String, _> = scan
+        .pods
+        .into_iter()
+        .map(|(uid, mp)| (uid, mp.pod))
+        .collect();
+    owner.set_desired(desired);
+}

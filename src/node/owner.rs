@@ -1,0 +1,836 @@
+//! The owner side of placement: offers pods to the mesh, assigns each to the best
+//! bidder with an epoch only it raises, follows the runners' status reports, moves
+//! pods off lost agents, and stops copies it no longer wants.
+//!
+//! Pods come from a source (the manifest directory; later the Kubernetes API) as a
+//! desired set; status goes out through a [`StatusSink`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
+    PodCondition, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use libp2p::PeerId;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::agent::status::RestartPolicy;
+use crate::mesh::MeshHandle;
+use crate::metrics::Metrics;
+use crate::placement::{self, AGENT_SELECTOR_ANNOTATION};
+use crate::runtime::translate;
+use crate::view::HeartbeatBook;
+use crate::wire::{
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
+    PodUid, Release, Request, Response, StatusReport,
+};
+
+/// Where the owner's view of its pods goes (stdout in standalone mode; the
+/// Kubernetes API server later).
+pub trait StatusSink: Send {
+    /// The pod's status changed; `agent` runs it, if any.
+    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>);
+    /// The pod is gone from the mesh.
+    fn removed(&mut self, pod: &PodRef);
+}
+
+/// Timings of the owner.
+#[derive(Debug, Clone)]
+pub struct OwnerConfig {
+    /// How long an offer collects bids before the best one is taken.
+    pub offer_window: Duration,
+    /// An agent missing heartbeats this long is lost and its pods move.
+    pub agent_loss_timeout: Duration,
+    /// After a start, how long agents' heartbeats are awaited before anything is
+    /// offered, so that a restarted owner adopts running pods instead of starting
+    /// them twice.
+    pub adopt_window: Duration,
+    /// How often an unschedulable pod is offered again while nothing changes.
+    pub retry_interval: Duration,
+}
+
+impl Default for OwnerConfig {
+    fn default() -> Self {
+        OwnerConfig {
+            offer_window: Duration::from_millis(100),
+            agent_loss_timeout: Duration::from_secs(9),
+            adopt_window: Duration::from_secs(4),
+            retry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Placement {
+    /// Not placed; offered when `at` has passed.
+    Waiting { at: Instant },
+    /// An offer is collecting bids.
+    Offering {
+        deadline: Instant,
+        bids: Vec<(PeerId, i64)>,
+    },
+    /// An assignment is in flight.
+    Assigning,
+    Placed { agent: PeerId },
+    /// Will not run again (invalid spec, or lost with restartPolicy Never).
+    Done,
+}
+
+struct OwnedPod {
+    pod: Pod,
+    pod_ref: PodRef,
+    offer: Offer,
+    grace_secs: u64,
+    policy: RestartPolicy,
+    epoch: Epoch,
+    placement: Placement,
+    status: PodStatus,
+    /// Restarts of earlier placements (lost agents), added to each container's count.
+    carried_restarts: BTreeMap<String, i32>,
+    /// Set after an agent loss: the lastState shown until the new run has its own.
+    lost_state: Option<ContainerStateTerminated>,
+    deleting: bool,
+}
+
+/// Results of spawned assignment tasks.
+enum Internal {
+    Assigned {
+        uid: PodUid,
+        epoch: Epoch,
+        agent: PeerId,
+    },
+    AssignFailed {
+        uid: PodUid,
+        epoch: Epoch,
+        reasons: Vec<String>,
+    },
+}
+
+pub struct Owner {
+    config: OwnerConfig,
+    mesh: MeshHandle,
+    metrics: Metrics,
+    sink: Box<dyn StatusSink>,
+    pods: HashMap<PodUid, OwnedPod>,
+    agents: HeartbeatBook,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+    adopt_until: Instant,
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::now())
+}
+
+fn digest(pod: &Pod) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(pod).unwrap_or_default()))
+}
+
+fn pending_status(reason: &str, message: String) -> PodStatus {
+    PodStatus {
+        phase: Some("Pending".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some(reason.into()),
+            message: Some(message),
+            last_transition_time: Some(now_time()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn failed_status(reason: &str, message: String, base: &PodStatus) -> PodStatus {
+    PodStatus {
+        phase: Some("Failed".into()),
+        reason: Some(reason.into()),
+        message: Some(message),
+        ..base.clone()
+    }
+}
+
+impl Owner {
+    pub fn new(
+        config: OwnerConfig,
+        mesh: MeshHandle,
+        metrics: Metrics,
+        sink: Box<dyn StatusSink>,
+    ) -> Owner {
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        Owner {
+            adopt_until: Instant::now() + config.adopt_window,
+            config,
+            mesh,
+            metrics,
+            sink,
+            pods: HashMap::new(),
+            agents: HeartbeatBook::default(),
+            internal_tx,
+            internal_rx,
+        }
+    }
+
+    fn me(&self) -> PeerId {
+        self.mesh.local_peer_id()
+    }
+
+    /// Replaces the desired set of pods: new ones are offered, missing ones stopped.
+    pub fn set_desired(&mut self, desired: BTreeMap<String, Pod>) {
+        let gone: Vec<PodUid> = self
+            .pods
+            .keys()
+            .filter(|uid| !desired.contains_key(&uid.0))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.delete(&uid);
+        }
+        for (uid, pod) in desired {
+            if !self.pods.contains_key(&PodUid(uid)) {
+                self.add(pod);
+            }
+        }
+        self.metrics.pods.set(self.pods.len() as i64);
+    }
+
+    fn add(&mut self, pod: Pod) {
+        let pod_ref = match translate::pod_ref(&pod) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "pod without identity ignored");
+                return;
+            }
+        };
+        let spec = pod.spec.clone().unwrap_or_default();
+        let policy = RestartPolicy::from_spec(spec.restart_policy.as_deref());
+        let mut owned = OwnedPod {
+            offer: Offer {
+                pod: pod_ref.clone(),
+                epoch: Epoch(0),
+                requests: Default::default(),
+                agent_selector: Vec::new(),
+                host_ports: translate::host_ports(&pod),
+                spec_digest: digest(&pod),
+            },
+            grace_secs: translate::grace_period_secs(&pod),
+            policy,
+            epoch: Epoch(0),
+            placement: Placement::Waiting {
+                at: self.adopt_until,
+            },
+            status: pending_status("Offering", "waiting for agents' bids".into()),
+            carried_restarts: BTreeMap::new(),
+            lost_state: None,
+            deleting: false,
+            pod_ref: pod_ref.clone(),
+            pod,
+        };
+        let checked = translate::validate(&owned.pod)
+            .and_then(|()| translate::pod_requests(&owned.pod))
+            .map_err(|e| e.to_string())
+            .and_then(|requests| {
+                let selector = owned
+                    .pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(AGENT_SELECTOR_ANNOTATION))
+                    .map(|s| placement::parse_selector(s))
+                    .transpose()
+                    .map_err(|e| format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}"))?;
+                Ok((requests, selector.unwrap_or_default()))
+            });
+        match checked {
+            Ok((requests, selector)) => {
+                owned.offer.requests = requests;
+                owned.offer.agent_selector = selector;
+            }
+            Err(message) => {
+                owned.status = failed_status("UnsupportedPodSpec", message, &PodStatus::default());
+                owned.placement = Placement::Done;
+            }
+        }
+        tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
+        self.sink.status_changed(&pod_ref, &owned.status, None);
+        self.pods.insert(pod_ref.uid.clone(), owned);
+    }
+
+    fn delete(&mut self, uid: &PodUid) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        owned.deleting = true;
+        match owned.placement.clone() {
+            Placement::Placed { agent } => {
+                tracing::info!(pod = %owned.pod_ref, "pod deleted; stopping it on its agent");
+                let release = Release {
+                    pod: uid.clone(),
+                    epoch: owned.epoch,
+                    grace_period_secs: owned.grace_secs,
+                };
+                self.send_release(agent, release);
+            }
+            // The assignment's answer settles it (see on_internal).
+            Placement::Assigning => {}
+            Placement::Waiting { .. } | Placement::Offering { .. } | Placement::Done => {
+                self.forget(uid);
+            }
+        }
+    }
+
+    fn forget(&mut self, uid: &PodUid) {
+        if let Some(owned) = self.pods.remove(uid) {
+            tracing::info!(pod = %owned.pod_ref, "pod removed");
+            self.sink.removed(&owned.pod_ref);
+        }
+        self.metrics.pods.set(self.pods.len() as i64);
+    }
+
+    fn send_release(&self, agent: PeerId, release: Release) {
+        let mesh = self.mesh.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh.request(agent, Request::Release(release)).await {
+                metrics.request_failed("release");
+                tracing::debug!(%agent, error = %e, "release not delivered; the agent's next heartbeat retries it");
+            }
+        });
+    }
+
+    fn set_status(&mut self, uid: &PodUid, status: PodStatus) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if owned.status == status {
+            return;
+        }
+        owned.status = status;
+        let agent = match owned.placement {
+            Placement::Placed { agent } => Some(agent),
+            _ => None,
+        };
+        self.sink.status_changed(&owned.pod_ref, &owned.status, agent);
+    }
+
+    /// Timers: offers whose window closed, pods due for an offer, lost agents.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        self.check_lost_agents();
+        let uids: Vec<PodUid> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            let Some(owned) = self.pods.get(&uid) else {
+                continue;
+            };
+            match &owned.placement {
+                Placement::Waiting { at } if *at <= now && !owned.deleting => self.open_offer(&uid),
+                Placement::Offering { deadline, .. } if *deadline <= now => self.close_offer(&uid),
+                _ => {}
+            }
+        }
+    }
+
+    fn open_offer(&mut self, uid: &PodUid) {
+        let now = Instant::now();
+        let retry = self.config.retry_interval;
+        if self.agents.is_empty() {
+            let message = placement::explain(&self.pods[uid].offer, std::iter::empty());
+            if let Some(owned) = self.pods.get_mut(uid) {
+                owned.placement = Placement::Waiting { at: now + retry };
+            }
+            self.set_status(uid, pending_status("Unschedulable", message));
+            return;
+        }
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        owned.epoch = owned.epoch.next();
+        owned.offer.epoch = owned.epoch;
+        owned.placement = Placement::Offering {
+            deadline: now + self.config.offer_window,
+            bids: Vec::new(),
+        };
+        let message = GossipMessage::Offer(owned.offer.clone());
+        let mesh = self.mesh.clone();
+        let pod = owned.pod_ref.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh.publish(&message).await {
+                tracing::debug!(%pod, error = %e, "offer not published");
+            }
+        });
+    }
+
+    fn on_bid(&mut self, agent: PeerId, bid: Bid) -> Response {
+        let fitting = self.fitting_agents(&bid.pod);
+        let Some(owned) = self.pods.get_mut(&bid.pod) else {
+            return Response::Declined {
+                reason: "no such pod".into(),
+            };
+        };
+        let Placement::Offering { bids, .. } = &mut owned.placement else {
+            return Response::Declined {
+                reason: "offer closed".into(),
+            };
+        };
+        if bid.epoch != owned.epoch {
+            return Response::Declined {
+                reason: "offer closed".into(),
+            };
+        }
+        if !bids.iter().any(|(a, _)| *a == agent) {
+            bids.push((agent, bid.score));
+        }
+        // Every agent that can fit has bid: no need to wait out the window.
+        if bids.len() >= fitting {
+            self.close_offer(&bid.pod);
+        }
+        Response::Ack
+    }
+
+    fn fitting_agents(&self, uid: &PodUid) -> usize {
+        let Some(owned) = self.pods.get(uid) else {
+            return 0;
+        };
+        self.agents
+            .live()
+            .filter(|(_, seen)| placement::misfits(&owned.offer, &seen.capacity()).is_empty())
+            .count()
+    }
+
+    fn close_offer(&mut self, uid: &PodUid) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        let Placement::Offering { bids, .. } = &mut owned.placement else {
+            return;
+        };
+        let mut bids = std::mem::take(bids);
+        if bids.is_empty() {
+            let message = placement::explain(
+                &owned.offer,
+                self.agents
+                    .live()
+                    .map(|(_, seen)| seen.capacity())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            );
+            owned.placement = Placement::Waiting {
+                at: Instant::now() + self.config.retry_interval,
+            };
+            tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
+            self.set_status(uid, pending_status("Unschedulable", message));
+            return;
+        }
+        // Highest score first; ties broken by peer ID so every owner orders alike.
+        bids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        owned.placement = Placement::Assigning;
+        let assign = Assign {
+            epoch: owned.epoch,
+            pod: owned.pod.clone(),
+        };
+        let mesh = self.mesh.clone();
+        let internal = self.internal_tx.clone();
+        let uid = uid.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let epoch = assign.epoch;
+            let mut reasons = Vec::new();
+            for (agent, _) in bids {
+                match mesh
+                    .request(agent, Request::Assign(Box::new(assign.clone())))
+                    .await
+                {
+                    Ok(Response::Ack) => {
+                        metrics.assignments.inc();
+                        let _ = internal.send(Internal::Assigned { uid, epoch, agent }).await;
+                        return;
+                    }
+                    // A definite no: the agent does not run it, so the next bidder
+                    // may get the same epoch.
+                    Ok(Response::Declined { reason }) => reasons.push(format!("{agent}: {reason}")),
+                    Ok(other) => reasons.push(format!("{agent}: unexpected answer {other:?}")),
+                    // No answer: the agent may have taken it. Stop here; the next offer
+                    // raises the epoch, which supersedes whatever it started.
+                    Err(e) => {
+                        reasons.push(format!("{agent}: {e}"));
+                        break;
+                    }
+                }
+            }
+            let _ = internal
+                .send(Internal::AssignFailed {
+                    uid,
+                    epoch,
+                    reasons,
+                })
+                .await;
+        });
+    }
+
+    fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Assigned { uid, epoch, agent } => {
+                let Some(owned) = self.pods.get_mut(&uid) else {
+                    return;
+                };
+                if owned.epoch != epoch {
+                    return;
+                }
+                owned.placement = Placement::Placed { agent };
+                tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "assigned");
+                if owned.deleting {
+                    let release = Release {
+                        pod: uid.clone(),
+                        epoch,
+                        grace_period_secs: owned.grace_secs,
+                    };
+                    self.send_release(agent, release);
+                    return;
+                }
+                let mut status = owned.status.clone();
+                status.conditions = Some(vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "True".into(),
+                    last_transition_time: Some(now_time()),
+                    ..Default::default()
+                }]);
+                self.set_status(&uid, status);
+            }
+            Internal::AssignFailed {
+                uid,
+                epoch,
+                reasons,
+            } => {
+                let Some(owned) = self.pods.get_mut(&uid) else {
+                    return;
+                };
+                if owned.epoch != epoch {
+                    return;
+                }
+                if owned.deleting {
+                    self.forget(&uid);
+                    return;
+                }
+                owned.placement = Placement::Waiting {
+                    at: Instant::now() + Duration::from_secs(1),
+                };
+                let message = format!("assignment declined: {}", reasons.join("; "));
+                tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
+                self.set_status(&uid, pending_status("Unschedulable", message));
+            }
+        }
+    }
+
+    /// An agent's heartbeat: remember its capacity, and reconcile the pods it says it
+    /// runs for us against what we want.
+    pub fn on_heartbeat(&mut self, agent: PeerId, heartbeat: Heartbeat) {
+        let me = self.me();
+        let hosted: Vec<_> = heartbeat
+            .pods
+            .iter()
+            .filter(|p| p.owner.0 == me)
+            .cloned()
+            .collect();
+        if self.agents.record(agent, heartbeat) {
+            // Capacity changed: pods nobody could take may fit now.
+            let now = Instant::now();
+            for owned in self.pods.values_mut() {
+                if let Placement::Waiting { at } = &mut owned.placement {
+                    *at = (*at).min(now.max(self.adopt_until));
+                }
+            }
+        }
+        for hp in hosted {
+            let uid = hp.pod.uid.clone();
+            let Some(owned) = self.pods.get_mut(&uid) else {
+                tracing::info!(pod = %hp.pod, %agent, "agent runs a pod this owner no longer has; releasing it");
+                self.send_release(
+                    agent,
+                    Release {
+                        pod: uid,
+                        epoch: hp.epoch,
+                        grace_period_secs: 30,
+                    },
+                );
+                continue;
+            };
+            let current = matches!(owned.placement, Placement::Placed { agent: a } if a == agent)
+                && hp.epoch == owned.epoch;
+            if hp.epoch < owned.epoch || owned.deleting || owned.placement == Placement::Done && !current {
+                let release = Release {
+                    pod: uid,
+                    epoch: hp.epoch,
+                    grace_period_secs: owned.grace_secs,
+                };
+                self.send_release(agent, release);
+            } else if !current && !matches!(owned.placement, Placement::Assigning) {
+                self.adopt(&uid, agent, hp.epoch);
+            }
+        }
+    }
+
+    /// Takes over a placement found on the mesh (after this owner restarted).
+    fn adopt(&mut self, uid: &PodUid, agent: PeerId, epoch: Epoch) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if epoch < owned.epoch {
+            return;
+        }
+        if let Placement::Placed { agent: other } = owned.placement {
+            if other != agent && epoch == owned.epoch {
+                return;
+            }
+        }
+        tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "adopting running placement");
+        owned.epoch = epoch;
+        owned.offer.epoch = epoch;
+        owned.placement = Placement::Placed { agent };
+    }
+
+    pub fn on_status(&mut self, agent: PeerId, report: StatusReport) -> Response {
+        let uid = report.pod.uid.clone();
+        let Some(owned) = self.pods.get(&uid) else {
+            return Response::Superseded {
+                current: report.epoch.next(),
+            };
+        };
+        if report.epoch < owned.epoch {
+            return Response::Superseded {
+                current: owned.epoch,
+            };
+        }
+        let placed_here = matches!(owned.placement, Placement::Placed { agent: a } if a == agent);
+        if report.epoch > owned.epoch || !placed_here {
+            self.adopt(&uid, agent, report.epoch);
+        }
+        let Some(owned) = self.pods.get(&uid) else {
+            return Response::Ack;
+        };
+        if !matches!(owned.placement, Placement::Placed { agent: a } if a == agent) {
+            return Response::Superseded {
+                current: owned.epoch,
+            };
+        }
+        if report.removed {
+            if owned.deleting {
+                self.forget(&uid);
+            } else {
+                // The runner dropped it without being asked: place it again.
+                if let Some(owned) = self.pods.get_mut(&uid) {
+                    owned.placement = Placement::Waiting { at: Instant::now() };
+                }
+            }
+            return Response::Ack;
+        }
+        let merged = merge_status(report.status, &owned.carried_restarts, owned.lost_state.as_ref());
+        self.set_status(&uid, merged);
+        Response::Ack
+    }
+
+    fn check_lost_agents(&mut self) {
+        for agent in self.agents.take_lost(self.config.agent_loss_timeout) {
+            self.metrics.agents_lost.inc();
+            tracing::warn!(%agent, "agent stopped sending heartbeats; moving its pods");
+            let uids: Vec<PodUid> = self
+                .pods
+                .iter()
+                .filter(|(_, o)| o.placement == Placement::Placed { agent })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in uids {
+                self.agent_lost(&uid, agent);
+            }
+        }
+    }
+
+    fn agent_lost(&mut self, uid: &PodUid, agent: PeerId) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if owned.deleting {
+            // If it comes back, its heartbeat lists the pod and it is released then.
+            self.forget(uid);
+            return;
+        }
+        let message = format!("agent {agent} stopped sending heartbeats");
+        let lost = ContainerStateTerminated {
+            exit_code: 137,
+            reason: Some("AgentLost".into()),
+            message: Some(message.clone()),
+            finished_at: Some(now_time()),
+            ..Default::default()
+        };
+        if owned.policy == RestartPolicy::Never {
+            let mut status = failed_status("AgentLost", message, &owned.status);
+            for cs in status.container_statuses.iter_mut().flatten() {
+                if cs.state.as_ref().is_some_and(|s| s.terminated.is_none()) {
+                    cs.state = Some(ContainerState {
+                        terminated: Some(lost.clone()),
+                        ..Default::default()
+                    });
+                    cs.ready = false;
+                }
+            }
+            owned.placement = Placement::Done;
+            self.set_status(uid, status);
+            return;
+        }
+        // Restart elsewhere: each container's restart count goes on from where it was.
+        for cs in owned.status.container_statuses.iter().flatten() {
+            owned
+                .carried_restarts
+                .insert(cs.name.clone(), cs.restart_count + 1);
+        }
+        owned.lost_state = Some(lost.clone());
+        owned.placement = Placement::Waiting {
+            at: Instant::now(),
+        };
+        let mut status = pending_status("AgentLost", format!("{message}; offering the pod again"));
+        status.container_statuses = owned.status.container_statuses.clone().map(|list| {
+            list.into_iter()
+                .map(|cs| ContainerStatus {
+                    ready: false,
+                    started: Some(false),
+                    state: Some(ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some("ContainerCreating".into()),
+                            message: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    last_state: Some(ContainerState {
+                        terminated: Some(lost.clone()),
+                        ..Default::default()
+                    }),
+                    restart_count: cs.restart_count + 1,
+                    ..cs
+                })
+                .collect()
+        });
+        self.set_status(uid, status);
+    }
+
+    /// Everything this owner knows, for `beemesh status`.
+    pub fn view(&self) -> MeshView {
+        let mut view = self.agents.view(self.config.agent_loss_timeout);
+        // Our own pods, with reasons; the agents' lists add nothing for those.
+        view.pods.retain(|p| !self.pods.contains_key(&p.pod.uid));
+        for owned in self.pods.values() {
+            let scheduled = owned
+                .status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            view.pods.push(PodSummary {
+                pod: owned.pod_ref.clone(),
+                agent: match owned.placement {
+                    Placement::Placed { agent } => Some(PeerRef(agent)),
+                    _ => None,
+                },
+                epoch: owned.epoch,
+                phase: if owned.deleting {
+                    "Terminating".into()
+                } else {
+                    owned.status.phase.clone().unwrap_or_else(|| "Pending".into())
+                },
+                reason: owned
+                    .status
+                    .reason
+                    .clone()
+                    .or_else(|| scheduled.and_then(|c| c.reason.clone())),
+                message: owned
+                    .status
+                    .message
+                    .clone()
+                    .or_else(|| scheduled.and_then(|c| c.message.clone())),
+            });
+        }
+        view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        view
+    }
+
+    pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
+        match request {
+            Request::Bid(bid) => self.on_bid(peer, bid),
+            Request::Status(report) => self.on_status(peer, *report),
+            Request::Query => Response::View(Box::new(self.view())),
+            Request::Assign(_) | Request::Release(_) => Response::Error {
+                message: "this peer is an owner; it does not run pods".into(),
+            },
+        }
+    }
+
+    /// Waits for the next result of an assignment task.
+    pub async fn next_internal(&mut self) -> Option<()> {
+        let internal = self.internal_rx.recv().await?;
+        self.on_internal(internal);
+        Some(())
+    }
+}
+
+/// A runner's status with the restarts and last state of earlier placements.
+fn merge_status(
+    mut status: PodStatus,
+    carried: &BTreeMap<String, i32>,
+    lost: Option<&ContainerStateTerminated>,
+) -> PodStatus {
+    for cs in status.container_statuses.iter_mut().flatten() {
+        if let Some(extra) = carried.get(&cs.name) {
+            cs.restart_count += extra;
+            let no_last_state = cs
+                .last_state
+                .as_ref()
+                .is_none_or(|s| s.terminated.is_none() && s.running.is_none() && s.waiting.is_none());
+            if no_last_state {
+                if let Some(lost) = lost {
+                    cs.last_state = Some(ContainerState {
+                        terminated: Some(lost.clone()),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_status_carries_restarts_and_the_agent_lost_state() {
+        let status = PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "c".into(),
+                restart_count: 1,
+                last_state: Some(ContainerState::default()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let carried = BTreeMap::from([("c".to_string(), 2)]);
+        let lost = ContainerStateTerminated {
+            exit_code: 137,
+            reason: Some("AgentLost".into()),
+            ..Default::default()
+        };
+        let merged = merge_status(status, &carried, Some(&lost));
+        let cs = &merged.container_statuses.expect("statuses")[0];
+        assert_eq!(cs.restart_count, 3);
+        assert_eq!(
+            cs.last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .and_then(|t| t.reason.as_deref()),
+            Some("AgentLost")
+        );
+    }
+}

@@ -1,0 +1,393 @@
+//! Placement: which agents fit an offer, how they score, and why none fit.
+//!
+//! Pure logic shared by agents (to decide whether to bid) and owners (to order bids
+//! and to explain a pending pod), so both sides judge a fit the same way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::wire::{LabelRequirement, Offer, Resources};
+
+/// The pod annotation holding a label selector over agents' labels.
+pub const AGENT_SELECTOR_ANNOTATION: &str = "beemesh.io/agent-selector";
+
+/// How agents score offers they fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ScoreMode {
+    /// Prefer the emptiest agent (the default).
+    #[default]
+    Spread,
+    /// Prefer the fullest agent that still fits.
+    Binpack,
+}
+
+/// What an agent offers for placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentCapacity {
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub free: Resources,
+    pub used_host_ports: BTreeSet<u16>,
+}
+
+/// Why an agent does not fit an offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Misfit {
+    Cpu,
+    Memory,
+    Pods,
+    Selector,
+    HostPort,
+}
+
+impl fmt::Display for Misfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Misfit::Cpu => "insufficient cpu",
+            Misfit::Memory => "insufficient memory",
+            Misfit::Pods => "too many pods",
+            Misfit::Selector => "didn't match the pod's agent selector",
+            Misfit::HostPort => "host port in use",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid agent selector {selector:?}: {reason}")]
+pub struct SelectorError {
+    pub selector: String,
+    pub reason: String,
+}
+
+/// Parses a label selector in Kubernetes' string form:
+/// `zone=a,arch!=arm64,gpu,!spot,tier in (web,api),env notin (dev)`.
+pub fn parse_selector(text: &str) -> Result<Vec<LabelRequirement>, SelectorError> {
+    let err = |reason: &str| SelectorError {
+        selector: text.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut out = Vec::new();
+    for term in split_terms(text) {
+        let term = term.trim();
+        if term.is_empty() {
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Err(err("empty requirement"));
+        }
+        out.push(parse_term(term).map_err(|r| err(&r))?);
+    }
+    Ok(out)
+}
+
+/// Splits on commas that are not inside parentheses.
+fn split_terms(text: &str) -> Vec<&str> {
+    let mut terms = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    terms.push(&text[start..]);
+    terms
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+fn valid_value(value: &str) -> bool {
+    value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn checked_key(key: &str) -> Result<String, String> {
+    let key = key.trim();
+    if valid_key(key) {
+        Ok(key.to_string())
+    } else {
+        Err(format!("{key:?} is not a valid label key"))
+    }
+}
+
+fn checked_value(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if valid_value(value) {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{value:?} is not a valid label value"))
+    }
+}
+
+fn parse_set(rest: &str) -> Result<Vec<String>, String> {
+    let rest = rest.trim();
+    let inner = rest
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| format!("expected (values) but found {rest:?}"))?;
+    let values = inner
+        .split(',')
+        .map(checked_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    if values.iter().any(String::is_empty) {
+        return Err("empty value in set".into());
+    }
+    Ok(values)
+}
+
+fn parse_term(term: &str) -> Result<LabelRequirement, String> {
+    if let Some(key) = term.strip_prefix('!') {
+        return Ok(LabelRequirement::DoesNotExist {
+            key: checked_key(key)?,
+        });
+    }
+    if let Some((key, value)) = term.split_once("!=") {
+        return Ok(LabelRequirement::NotEquals {
+            key: checked_key(key)?,
+            value: checked_value(value)?,
+        });
+    }
+    if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+        return Ok(LabelRequirement::Equals {
+            key: checked_key(key)?,
+            value: checked_value(value)?,
+        });
+    }
+    let mut words = term.splitn(2, char::is_whitespace);
+    let key = words.next().unwrap_or_default();
+    match words.next().map(str::trim_start) {
+        None => Ok(LabelRequirement::Exists {
+            key: checked_key(key)?,
+        }),
+        Some(rest) => {
+            if let Some(set) = rest.strip_prefix("notin") {
+                Ok(LabelRequirement::NotIn {
+                    key: checked_key(key)?,
+                    values: parse_set(set)?,
+                })
+            } else if let Some(set) = rest.strip_prefix("in") {
+                Ok(LabelRequirement::In {
+                    key: checked_key(key)?,
+                    values: parse_set(set)?,
+                })
+            } else {
+                Err(format!("cannot parse requirement {term:?}"))
+            }
+        }
+    }
+}
+
+/// Whether `labels` satisfy every requirement.
+pub fn selector_matches(selector: &[LabelRequirement], labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|req| match req {
+        LabelRequirement::Equals { key, value } => labels.get(key) == Some(value),
+        LabelRequirement::NotEquals { key, value } => labels.get(key) != Some(value),
+        LabelRequirement::In { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
+        LabelRequirement::NotIn { key, values } => {
+            labels.get(key).is_none_or(|v| !values.contains(v))
+        }
+        LabelRequirement::Exists { key } => labels.contains_key(key),
+        LabelRequirement::DoesNotExist { key } => !labels.contains_key(key),
+    })
+}
+
+/// Every reason `agent` cannot take `offer`; empty when it fits.
+pub fn misfits(offer: &Offer, agent: &AgentCapacity) -> Vec<Misfit> {
+    let mut out = Vec::new();
+    let need = offer.requests;
+    if need.cpu_millis > agent.free.cpu_millis {
+        out.push(Misfit::Cpu);
+    }
+    if need.memory_bytes > agent.free.memory_bytes {
+        out.push(Misfit::Memory);
+    }
+    if need.pods.max(1) > agent.free.pods {
+        out.push(Misfit::Pods);
+    }
+    if !selector_matches(&offer.agent_selector, &agent.labels) {
+        out.push(Misfit::Selector);
+    }
+    if offer
+        .host_ports
+        .iter()
+        .any(|p| agent.used_host_ports.contains(p))
+    {
+        out.push(Misfit::HostPort);
+    }
+    out
+}
+
+/// The agent's bid score for an offer it fits, 0..=1000; higher wins.
+pub fn score(offer: &Offer, agent: &AgentCapacity, mode: ScoreMode) -> i64 {
+    // Fraction of each resource left free after placing the pod, averaged over cpu and
+    // memory, in thousandths.
+    let left = |free: u64, need: u64, cap: u64| -> i64 {
+        if cap == 0 {
+            return 0;
+        }
+        (free.saturating_sub(need) as u128 * 1000 / cap as u128) as i64
+    };
+    let cpu = left(
+        agent.free.cpu_millis,
+        offer.requests.cpu_millis,
+        agent.capacity.cpu_millis,
+    );
+    let mem = left(
+        agent.free.memory_bytes,
+        offer.requests.memory_bytes,
+        agent.capacity.memory_bytes,
+    );
+    let pods = left(agent.free.pods, 1, agent.capacity.pods);
+    // Pods count too, so that equal machines spread pods that request nothing.
+    let free_share = (cpu + mem + pods) / 3;
+    match mode {
+        ScoreMode::Spread => free_share,
+        ScoreMode::Binpack => 1000 - free_share,
+    }
+}
+
+/// The message of a pod no agent can take, in the scheduler's words:
+/// `0/3 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector`.
+pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapacity>) -> String {
+    let mut total = 0;
+    let mut fitting = 0;
+    let mut counts: BTreeMap<Misfit, usize> = BTreeMap::new();
+    for agent in agents {
+        total += 1;
+        let reasons = misfits(offer, agent);
+        if reasons.is_empty() {
+            fitting += 1;
+        }
+        for r in reasons {
+            *counts.entry(r).or_default() += 1;
+        }
+    }
+    if total == 0 {
+        return "0/0 agents fit: no agent has joined the mesh".to_string();
+    }
+    let mut text = format!("{fitting}/{total} agents fit");
+    if !counts.is_empty() {
+        let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        text.push_str(": ");
+        text.push_str(&parts.join(", "));
+    } else if fitting > 0 {
+        text.push_str(": no bid arrived in time");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Epoch, PodRef, PodUid};
+
+    fn offer(cpu: u64, mem: u64, selector: &str) -> Offer {
+        Offer {
+            pod: PodRef {
+                uid: PodUid("u".into()),
+                namespace: "default".into(),
+                name: "p".into(),
+            },
+            epoch: Epoch(1),
+            requests: Resources {
+                cpu_millis: cpu,
+                memory_bytes: mem,
+                pods: 1,
+            },
+            agent_selector: parse_selector(selector).expect("valid selector"),
+            host_ports: vec![],
+            spec_digest: String::new(),
+        }
+    }
+
+    fn agent(free_cpu: u64, free_mem: u64, labels: &[(&str, &str)]) -> AgentCapacity {
+        AgentCapacity {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            capacity: Resources {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30,
+                pods: 110,
+            },
+            free: Resources {
+                cpu_millis: free_cpu,
+                memory_bytes: free_mem,
+                pods: 10,
+            },
+            used_host_ports: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn selector_syntax() {
+        let sel = parse_selector("zone=a, arch!=arm64,gpu,!spot,tier in (web, api),env notin (dev)")
+            .expect("parses");
+        assert_eq!(sel.len(), 6);
+        let labels: BTreeMap<String, String> = [("zone", "a"), ("gpu", "1"), ("tier", "api")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert!(selector_matches(&sel, &labels));
+        let mut other = labels.clone();
+        other.insert("spot".into(), "true".into());
+        assert!(!selector_matches(&sel, &other));
+        assert!(parse_selector("").expect("empty ok").is_empty());
+        for bad in ["zone in web", "a=b=c d", "=x", "zone in ()", "k=v,,", "x y z", "tier in (a b)"] {
+            assert!(parse_selector(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn fit_checks_every_resource_and_the_selector() {
+        let o = offer(500, 1 << 30, "zone=a");
+        assert!(misfits(&o, &agent(1000, 2 << 30, &[("zone", "a")])).is_empty());
+        assert_eq!(
+            misfits(&o, &agent(100, 100, &[("zone", "b")])),
+            vec![Misfit::Cpu, Misfit::Memory, Misfit::Selector]
+        );
+        let mut full = agent(1000, 2 << 30, &[("zone", "a")]);
+        full.free.pods = 0;
+        assert_eq!(misfits(&o, &full), vec![Misfit::Pods]);
+        let mut ported = agent(1000, 2 << 30, &[("zone", "a")]);
+        ported.used_host_ports.insert(8080);
+        let mut o2 = o.clone();
+        o2.host_ports = vec![8080];
+        assert_eq!(misfits(&o2, &ported), vec![Misfit::HostPort]);
+    }
+
+    #[test]
+    fn spread_prefers_the_emptier_agent_and_binpack_the_fuller() {
+        let o = offer(100, 1 << 20, "");
+        let empty = agent(4000, 8 << 30, &[]);
+        let busy = agent(1000, 1 << 30, &[]);
+        assert!(score(&o, &empty, ScoreMode::Spread) > score(&o, &busy, ScoreMode::Spread));
+        assert!(score(&o, &empty, ScoreMode::Binpack) < score(&o, &busy, ScoreMode::Binpack));
+    }
+
+    #[test]
+    fn explanation_counts_reasons_like_the_scheduler() {
+        let o = offer(0, 4 << 30, "");
+        let agents = [agent(1000, 1 << 30, &[]), agent(1000, 1 << 30, &[]), agent(1000, 1 << 30, &[])];
+        assert_eq!(explain(&o, &agents), "0/3 agents fit: 3 insufficient memory");
+        assert_eq!(
+            explain(&o, &[]),
+            "0/0 agents fit: no agent has joined the mesh"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! What a peer knows of the agents on the mesh, from their heartbeats.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use tokio::time::Instant;
+
+use crate::placement::AgentCapacity;
+use crate::wire::{AgentSummary, Heartbeat, MeshView, PeerRef, PodSummary};
+
+#[derive(Debug, Clone)]
+pub struct SeenAgent {
+    pub heartbeat: Heartbeat,
+    pub last_seen: Instant,
+}
+
+impl SeenAgent {
+    pub fn capacity(&self) -> AgentCapacity {
+        AgentCapacity {
+            labels: self.heartbeat.labels.clone(),
+            capacity: self.heartbeat.capacity,
+            free: self.heartbeat.free,
+            used_host_ports: self
+                .heartbeat
+                .pods
+                .iter()
+                .flat_map(|p| p.host_ports.iter().copied())
+                .collect::<BTreeSet<u16>>(),
+        }
+    }
+}
+
+/// The latest heartbeat of every agent, with when it arrived.
+#[derive(Debug, Default)]
+pub struct HeartbeatBook {
+    agents: HashMap<PeerId, SeenAgent>,
+}
+
+impl HeartbeatBook {
+    /// Records a heartbeat; true when the agent is new or its free capacity changed
+    /// (which is when pending pods deserve another offer).
+    pub fn record(&mut self, agent: PeerId, heartbeat: Heartbeat) -> bool {
+        let now = Instant::now();
+        let changed = self
+            .agents
+            .get(&agent)
+            .is_none_or(|seen| seen.heartbeat.free != heartbeat.free);
+        self.agents.insert(
+            agent,
+            SeenAgent {
+                heartbeat,
+                last_seen: now,
+            },
+        );
+        changed
+    }
+
+    pub fn get(&self, agent: &PeerId) -> Option<&SeenAgent> {
+        self.agents.get(agent)
+    }
+
+    /// Removes and returns the agents not heard from within `timeout`.
+    pub fn take_lost(&mut self, timeout: Duration) -> Vec<PeerId> {
+        let now = Instant::now();
+        let lost: Vec<PeerId> = self
+            .agents
+            .iter()
+            .filter(|(_, seen)| now.duration_since(seen.last_seen) > timeout)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in &lost {
+            self.agents.remove(peer);
+        }
+        lost
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = (&PeerId, &SeenAgent)> {
+        self.agents.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// Agents heard from within `timeout`, and the pods their heartbeats list.
+    pub fn view(&self, timeout: Duration) -> MeshView {
+        let now = Instant::now();
+        let mut view = MeshView::default();
+        for (peer, seen) in &self.agents {
+            let age = now.duration_since(seen.last_seen);
+            if age > timeout {
+                continue;
+            }
+            view.agents.push(AgentSummary {
+                peer: PeerRef(*peer),
+                labels: seen.heartbeat.labels.clone(),
+                capacity: seen.heartbeat.capacity,
+                free: seen.heartbeat.free,
+                pods: seen.heartbeat.pods.len(),
+                last_seen_secs: age.as_secs(),
+            });
+            view.pods
+                .extend(seen.heartbeat.pods.iter().map(|hosted| PodSummary {
+                    pod: hosted.pod.clone(),
+                    agent: Some(PeerRef(*peer)),
+                    epoch: hosted.epoch,
+                    phase: hosted.phase.clone(),
+                    reason: None,
+                    message: None,
+                }));
+        }
+        view.agents.sort_by_key(|a| a.peer);
+        view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        view
+    }
+}

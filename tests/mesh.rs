@@ -1,0 +1,317 @@
+//! Several real swarms over loopback TCP: gossip reaches peers that are not directly
+//! connected, requests get answers, and malformed or oversized messages from a raw
+//! libp2p peer are dropped and counted without harming anyone.
+
+use std::time::Duration;
+
+use beemesh::mesh::{self, MeshConfig, MeshEvent, MeshHandle};
+use beemesh::metrics::Metrics;
+use beemesh::wire::{
+    Epoch, GossipMessage, MeshView, Offer, PodRef, PodUid, Request, Resources, Response, Topic,
+};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{gossipsub, noise, request_response, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Peer {
+    handle: MeshHandle,
+    events: mpsc::Receiver<MeshEvent>,
+    metrics: Metrics,
+    addr: Multiaddr,
+}
+
+async fn peer(bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
+    let metrics = Metrics::new();
+    let config = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap,
+        subscribe: Topic::ALL.to_vec(),
+        ..MeshConfig::default()
+    };
+    let (handle, events, event_loop) =
+        mesh::start(Keypair::generate_ed25519(), config, metrics.clone()).expect("mesh starts");
+    tokio::spawn(event_loop.run(cancel.clone()));
+    let addr = loop {
+        if let Some(addr) = handle.listen_addrs().await.expect("loop runs").into_iter().next() {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    Peer {
+        handle,
+        events,
+        metrics,
+        addr,
+    }
+}
+
+fn offer(name: &str) -> GossipMessage {
+    GossipMessage::Offer(Offer {
+        pod: PodRef {
+            uid: PodUid(format!("uid-{name}")),
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        epoch: Epoch(1),
+        requests: Resources::default(),
+        agent_selector: vec![],
+        host_ports: vec![],
+        spec_digest: String::new(),
+    })
+}
+
+/// Waits for the first event that `pick` accepts.
+async fn next_matching<T>(
+    events: &mut mpsc::Receiver<MeshEvent>,
+    mut pick: impl FnMut(MeshEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let event = events.recv().await.expect("mesh running");
+            if let Some(found) = pick(event) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("event within 15 s")
+}
+
+/// Publishes until the message gets through: gossipsub needs a heartbeat or two to
+/// learn who subscribes to what.
+async fn publish_until_received(from: &Peer, to: &mut Peer, message: GossipMessage) -> PeerId {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = from.handle.publish(&message).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), async {
+            loop {
+                match to.events.recv().await {
+                    Some(MeshEvent::Gossip { source, message: m }) if m == message => return source,
+                    Some(_) => continue,
+                    None => panic!("mesh stopped"),
+                }
+            }
+        })
+        .await;
+        if let Ok(source) = got {
+            return source;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gossip never arrived");
+    }
+}
+
+#[tokio::test]
+async fn gossip_travels_two_hops_and_requests_get_answers() {
+    let cancel = CancellationToken::new();
+    let mut hub = peer(vec![], &cancel).await;
+    let left = peer(vec![hub.addr.clone()], &cancel).await;
+    let mut right = peer(vec![hub.addr.clone()], &cancel).await;
+
+    // left and right only know the hub; the offer reaches right through it, signed by left.
+    let source = publish_until_received(&left, &mut right, offer("two-hops")).await;
+    assert_eq!(source, left.handle.local_peer_id());
+
+    // A request from right to the hub, answered by the hub's program.
+    let hub_id = hub.handle.local_peer_id();
+    let asker = right.handle.clone();
+    let ask = tokio::spawn(async move { asker.request(hub_id, Request::Query).await });
+    let (peer, reply) = next_matching(&mut hub.events, |e| match e {
+        MeshEvent::Request {
+            peer,
+            request: Request::Query,
+            reply,
+        } => Some((peer, reply)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(peer, right.handle.local_peer_id());
+    let view = MeshView::default();
+    reply.send(Response::View(Box::new(view.clone()))).expect("loop waits");
+    let answer = ask.await.expect("task").expect("request answered");
+    assert_eq!(answer, Response::View(Box::new(view)));
+
+    // A request the program drops is a failure for the asker, not a hang.
+    let asker = right.handle.clone();
+    let ask = tokio::spawn(async move { asker.request(hub_id, Request::Query).await });
+    next_matching(&mut hub.events, |e| match e {
+        MeshEvent::Request { reply, .. } => {
+            drop(reply);
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    assert!(ask.await.expect("task").is_err());
+    cancel.cancel();
+}
+
+/// A raw libp2p peer that speaks the same protocols but sends whatever bytes it likes.
+#[derive(NetworkBehaviour)]
+struct Raw {
+    gossipsub: gossipsub::Behaviour,
+    requests: request_response::Behaviour<RawCodec>,
+}
+
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        futures::AsyncReadExt::read_to_end(io, &mut buf).await?;
+        Ok(buf)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+        _: Vec<u8>,
+    ) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+fn dropped(metrics: &Metrics, kind: &str, reason: &str) -> bool {
+    metrics.render().lines().any(|l| {
+        l.starts_with("beemesh_mesh_messages_dropped_total")
+            && l.contains(&format!("kind=\"{kind}\""))
+            && l.contains(&format!("reason=\"{reason}\""))
+            && !l.ends_with(" 0")
+    })
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_are_dropped_and_counted() {
+    let cancel = CancellationToken::new();
+    let mut target = peer(vec![], &cancel).await;
+    let target_id = target.handle.local_peer_id();
+
+    let keypair = Keypair::generate_ed25519();
+    let gossip = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(200))
+            .max_transmit_size(1 << 20)
+            .build()
+            .expect("config"),
+    )
+    .expect("gossipsub");
+    let requests = request_response::Behaviour::with_codec(
+        RawCodec,
+        [(
+            StreamProtocol::new(beemesh::wire::REQUEST_PROTOCOL),
+            request_response::ProtocolSupport::Outbound,
+        )],
+        request_response::Config::default(),
+    );
+    let mut raw = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .expect("tcp")
+        .with_behaviour(|_| Raw {
+            gossipsub: gossip,
+            requests,
+        })
+        .expect("behaviour")
+        .build();
+    let offers = gossipsub::IdentTopic::new(Topic::Offers.name());
+    raw.behaviour_mut().gossipsub.subscribe(&offers).expect("subscribe");
+    raw.dial(target.addr.clone()).expect("dial");
+
+    // Frames: garbage, a wrong version, and a length prefix far over the limit.
+    let mut bad_requests = vec![
+        {
+            let mut f = 7u32.to_be_bytes().to_vec();
+            f.extend_from_slice(b"garbage");
+            f
+        },
+        {
+            let body = br#"{"v":9,"msg":{"type":"query"}}"#;
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            f
+        },
+        {
+            let mut f = (64u32 << 20).to_be_bytes().to_vec();
+            f.extend_from_slice(&[b'x'; 1024]);
+            f
+        },
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut publish = tokio::time::interval(Duration::from_millis(300));
+    loop {
+        tokio::select! {
+            event = raw.select_next_some() => {
+                if let SwarmEvent::ConnectionEstablished { .. } = event {
+                    for frame in bad_requests.drain(..) {
+                        raw.behaviour_mut().requests.send_request(&target_id, frame);
+                    }
+                }
+            }
+            _ = publish.tick() => {
+                let _ = raw.behaviour_mut().gossipsub.publish(offers.clone(), b"{not json".to_vec());
+                let _ = raw.behaviour_mut().gossipsub.publish(offers.clone(), vec![b' '; 70 * 1024]);
+            }
+        }
+        if dropped(&target.metrics, "offer", "malformed")
+            && dropped(&target.metrics, "request", "malformed")
+            && dropped(&target.metrics, "request", "unsupported_version")
+            && dropped(&target.metrics, "request", "too_large")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drops not counted:\n{}",
+            target.metrics.render()
+        );
+    }
+    // Nothing bad reached the program, and the peer still serves good requests.
+    while let Ok(event) = target.events.try_recv() {
+        assert!(
+            !matches!(event, MeshEvent::Gossip { .. } | MeshEvent::Request { .. }),
+            "a bad message got through: {event:?}"
+        );
+    }
+    let helper = peer(vec![target.addr.clone()], &cancel).await;
+    let asker = helper.handle.clone();
+    let ask = tokio::spawn(async move { asker.request(target_id, Request::Query).await });
+    let reply = next_matching(&mut target.events, |e| match e {
+        MeshEvent::Request { reply, .. } => Some(reply),
+        _ => None,
+    })
+    .await;
+    reply.send(Response::Ack).expect("loop waits");
+    assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
+    cancel.cancel();
+}
