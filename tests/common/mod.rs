@@ -1,0 +1,350 @@
+//! End-to-end harness: a node and agents as separate `beemesh` processes on loopback,
+//! running pods in the machine's real Podman (set up by hack/install-podman.sh and
+//! hack/build-test-image.sh). Everything a test starts is killed, and every Podman pod
+//! its agents created is removed, when the harness is dropped.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const IMAGE: &str = "localhost/busybox:1.35";
+pub const SOCKET: &str = "/run/podman/podman.sock";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_beemesh")
+}
+
+/// Fails the test with instructions when Podman or the test image is missing.
+pub fn require_podman() {
+    let ping = Command::new("curl")
+        .args(["-fsS", "--max-time", "3", "--unix-socket", SOCKET, "http://d/v4.0.0/libpod/_ping"])
+        .output();
+    assert!(
+        ping.is_ok_and(|o| o.status.success()),
+        "the Podman REST service is not answering on {SOCKET}: run `bash hack/install-podman.sh`"
+    );
+    let image = Command::new("podman").args(["image", "exists", IMAGE]).status();
+    assert!(
+        image.is_ok_and(|s| s.success()),
+        "the test image {IMAGE} is missing: run `bash hack/build-test-image.sh`"
+    );
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+pub fn peer_id(state_dir: &Path) -> String {
+    let out = Command::new(bin())
+        .args(["id", "--state-dir"])
+        .arg(state_dir)
+        .output()
+        .expect("beemesh id runs");
+    assert!(out.status.success(), "beemesh id failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A running `beemesh` process whose stdout lines are collected.
+pub struct Process {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub state_dir: PathBuf,
+    pub peer: String,
+    pub addr: String,
+}
+
+impl Process {
+    fn spawn(args: &[String], state_dir: PathBuf, peer: String, addr: String, log: PathBuf) -> Process {
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "info,beemesh=debug")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("beemesh starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout piped");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        Process {
+            child,
+            lines,
+            state_dir,
+            peer,
+            addr,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// A node (standalone, with a manifest directory) and its agents.
+pub struct Mesh {
+    pub dir: tempfile::TempDir,
+    pub manifests: PathBuf,
+    pub node: Option<Process>,
+    pub agents: Vec<Process>,
+    node_state: PathBuf,
+    node_addr: String,
+    agent_count: usize,
+}
+
+impl Mesh {
+    pub fn new() -> Mesh {
+        require_podman();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifest dir");
+        let node_state = dir.path().join("node");
+        let peer = peer_id(&node_state);
+        let node_addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
+        let mut mesh = Mesh {
+            dir,
+            manifests,
+            node: None,
+            agents: Vec::new(),
+            node_state,
+            node_addr,
+            agent_count: 0,
+        };
+        mesh.start_node();
+        mesh
+    }
+
+    pub fn node_addr(&self) -> &str {
+        &self.node_addr
+    }
+
+    pub fn start_node(&mut self) {
+        let listen = self.node_addr.rsplit_once("/p2p/").map(|(l, _)| l.to_string()).expect("addr");
+        let args: Vec<String> = [
+            "node",
+            "--state-dir",
+            &self.node_state.display().to_string(),
+            "--listen",
+            &listen,
+            "--pod-manifest-path",
+            &self.manifests.display().to_string(),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let log = self.dir.path().join(format!("node-{}.log", now_millis()));
+        let peer = peer_id(&self.node_state);
+        self.node = Some(Process::spawn(&args, self.node_state.clone(), peer, self.node_addr.clone(), log));
+    }
+
+    /// Starts an agent with extra flags; returns its index.
+    pub fn start_agent(&mut self, extra: &[&str]) -> usize {
+        let n = self.agent_count;
+        self.agent_count += 1;
+        let state = self.dir.path().join(format!("agent{n}"));
+        self.start_agent_in(state, extra)
+    }
+
+    /// Starts an agent on an existing state directory (a restart keeps its identity).
+    pub fn start_agent_in(&mut self, state: PathBuf, extra: &[&str]) -> usize {
+        let peer = peer_id(&state);
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let mut args: Vec<String> = [
+            "agent",
+            "--state-dir",
+            &state.display().to_string(),
+            "--listen",
+            &listen,
+            "--bootstrap",
+            &self.node_addr,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        args.extend(extra.iter().map(ToString::to_string));
+        let log = self.dir.path().join(format!("agent-{peer}-{}.log", now_millis()));
+        let process = Process::spawn(&args, state, peer, listen, log);
+        self.agents.push(process);
+        self.agents.len() - 1
+    }
+
+    pub fn node(&mut self) -> &mut Process {
+        self.node.as_mut().expect("node running")
+    }
+
+    pub fn write_manifest(&self, file: &str, text: &str) {
+        // Written aside and renamed, so that a scan never sees half a file.
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.manifests.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests.join(file)).expect("remove manifest");
+    }
+
+    /// `beemesh status -o json` against the node.
+    pub fn status(&self) -> Option<Value> {
+        let out = Command::new(bin())
+            .args(["status", "-o", "json", "--timeout-seconds", "5", "--bootstrap", &self.node_addr])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The node's view of one pod (namespace/name).
+    pub fn pod_status(&self, namespace: &str, name: &str) -> Option<Value> {
+        let status = self.status()?;
+        status["pods"].as_array()?.iter().find(|p| {
+            p["pod"]["namespace"] == namespace && p["pod"]["name"] == name
+        }).cloned()
+    }
+
+    pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check() {
+                return found;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        if let Some(node) = &self.node {
+            out.push_str(&format!("--- node stdout\n{}\n", node.output()));
+        }
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    out.push_str(&format!(
+                        "--- {}\n{}\n",
+                        path.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn agent_peers(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.peer.clone()).collect()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.as_mut() {
+            node.kill();
+        }
+        for agent in &mut self.agents {
+            agent.kill();
+        }
+        let mut peers: Vec<String> = self.agents.iter().map(|a| a.peer.clone()).collect();
+        peers.sort();
+        peers.dedup();
+        for peer in peers {
+            for pod in podman_pods(&format!("io.beemesh.agent={peer}")) {
+                let _ = Command::new("podman")
+                    .args(["pod", "rm", "-f", "-t", "0", &pod.id])
+                    .output();
+            }
+        }
+    }
+}
+
+fn now_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default()
+}
+
+/// A Podman pod as `podman pod ps` shows it.
+#[derive(Debug, Clone)]
+pub struct PodmanPod {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Podman pods matching a label filter, read with the podman CLI (the tests' own
+/// view of the truth, independent of BeeMesh).
+pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
+    let out = Command::new("podman")
+        .args(["pod", "ps", "--filter", &format!("label={label}"), "--format", "json"])
+        .output()
+        .expect("podman runs");
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.into_iter()
+        .map(|p| PodmanPod {
+            id: p["Id"].as_str().unwrap_or_default().to_string(),
+            name: p["Name"].as_str().unwrap_or_default().to_string(),
+            status: p["Status"].as_str().unwrap_or_default().to_string(),
+            labels: p["Labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Containers (not infra) of the pods matching a label, with their state.
+pub fn podman_containers(label: &str) -> Vec<Value> {
+    let out = Command::new("podman")
+        .args(["ps", "-a", "--filter", &format!("label={label}"), "--format", "json"])
+        .output()
+        .expect("podman runs");
+    serde_json::from_slice::<Vec<Value>>(&out.stdout)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c["IsInfra"] != true)
+        .collect()
+}
+
+pub fn podman_logs(container: &str) -> String {
+    let out = Command::new("podman").args(["logs", container]).output().expect("podman logs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -1,0 +1,329 @@
+//! End to end: `beemesh node` (standalone) and agents as separate processes, pods in
+//! real Podman. Requires hack/install-podman.sh and hack/build-test-image.sh.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::{podman_containers, podman_logs, podman_pods, Mesh};
+
+fn running_copies(name: &str) -> Vec<common::PodmanPod> {
+    podman_pods(&format!("io.beemesh.pod.name={name}"))
+        .into_iter()
+        .filter(|p| p.status == "Running" || p.status == "Degraded")
+        .collect()
+}
+
+fn phase_of(mesh: &Mesh, name: &str) -> Option<String> {
+    mesh.pod_status("default", name)
+        .and_then(|p| p["phase"].as_str().map(str::to_string))
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: e2e-web
+spec:
+  terminationGracePeriodSeconds: 2
+  volumes:
+  - name: shared
+    emptyDir: {}
+  initContainers:
+  - name: prepare
+    image: localhost/busybox:1.35
+    command: ["sh", "-c", "echo prepared-by-init > /shared/msg"]
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  containers:
+  - name: web
+    image: localhost/busybox:1.35
+    command: ["httpd", "-f", "-p", "8080", "-h", "/shared"]
+    volumeMounts: [{name: shared, mountPath: /shared}]
+    readinessProbe:
+      httpGet: {path: /msg, port: 8080}
+      periodSeconds: 1
+  - name: logger
+    image: localhost/busybox:1.35
+    command: ["sh", "-c", "cat /shared/msg; echo pod=$(POD_NAME); while true; do sleep 1; done"]
+    env:
+    - name: POD_NAME
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    volumeMounts: [{name: shared, mountPath: /shared}]
+"#;
+
+#[test]
+fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its_file() {
+    let mut mesh = Mesh::new();
+    for _ in 0..3 {
+        mesh.start_agent(&[]);
+    }
+    let agents: BTreeSet<String> = mesh.agent_peers().into_iter().collect();
+    mesh.write_manifest("web.yaml", WEB);
+
+    mesh.wait_for("e2e-web Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-web").as_deref() == Some("Running")).then_some(())
+    });
+    let copies = podman_pods("io.beemesh.pod.name=e2e-web");
+    assert_eq!(copies.len(), 1, "exactly one Podman pod: {copies:?}");
+    let runner = copies[0].labels["io.beemesh.agent"].clone();
+    assert!(agents.contains(&runner), "run by one of our agents");
+    assert!(copies[0].name.starts_with("default_e2e-web_"), "{}", copies[0].name);
+
+    let containers = podman_containers("io.beemesh.pod.name=e2e-web");
+    let state = |name: &str| {
+        containers
+            .iter()
+            .find(|c| c["Labels"]["io.beemesh.container"] == name)
+            .map(|c| (c["State"].as_str().unwrap_or_default().to_string(), c["ExitCode"].as_i64()))
+    };
+    assert_eq!(state("prepare"), Some(("exited".into(), Some(0))));
+    assert_eq!(state("web").map(|s| s.0), Some("running".into()));
+    assert_eq!(state("logger").map(|s| s.0), Some("running".into()));
+
+    // Logs through Podman: the init container's file and the expanded $(POD_NAME).
+    let logger = containers
+        .iter()
+        .find(|c| c["Labels"]["io.beemesh.container"] == "logger")
+        .and_then(|c| c["Id"].as_str())
+        .expect("logger container")
+        .to_string();
+    let logs = mesh.wait_for("logger output", Duration::from_secs(10), || {
+        let logs = podman_logs(&logger);
+        logs.contains("pod=e2e-web").then_some(logs)
+    });
+    assert!(logs.contains("prepared-by-init"), "{logs}");
+
+    // The readiness probe (HTTP GET of the init container's file) makes it Ready.
+    let node_out = mesh.wait_for("Running printed", Duration::from_secs(10), || {
+        let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
+        out.contains("default/e2e-web Pending -> Running").then_some(out)
+    });
+    assert!(node_out.contains(&runner), "{node_out}");
+
+    mesh.remove_manifest("web.yaml");
+    mesh.wait_for("e2e-web gone from Podman", Duration::from_secs(30), || {
+        podman_pods("io.beemesh.pod.name=e2e-web").is_empty().then_some(())
+    });
+    mesh.wait_for("deletion printed", Duration::from_secs(10), || {
+        mesh.node
+            .as_ref()
+            .is_some_and(|n| n.output().contains("default/e2e-web deleted"))
+            .then_some(())
+    });
+}
+
+const SLEEPER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: e2e-mover
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sleep", "100000"]
+"#;
+
+#[test]
+fn a_killed_agents_pod_moves_to_another_within_15s_and_never_runs_twice() {
+    let mut mesh = Mesh::new();
+    for _ in 0..3 {
+        mesh.start_agent(&[]);
+    }
+    mesh.write_manifest("mover.yaml", SLEEPER);
+    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
+    });
+    let first = running_copies("e2e-mover");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let old_agent = first[0].labels["io.beemesh.agent"].clone();
+    let old_epoch: u64 = first[0].labels["io.beemesh.epoch"].parse().expect("epoch");
+
+    let victim = mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == old_agent)
+        .expect("runner is ours");
+    let victim_state = mesh.agents[victim].state_dir.clone();
+    mesh.agents[victim].kill();
+    let killed_at = Instant::now();
+
+    // Sample Podman until a newer epoch runs elsewhere: copies of the newest epoch
+    // never number more than one.
+    let moved = loop {
+        let copies = running_copies("e2e-mover");
+        let newest = copies
+            .iter()
+            .filter_map(|p| p.labels["io.beemesh.epoch"].parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        let at_newest: Vec<_> = copies
+            .iter()
+            .filter(|p| p.labels["io.beemesh.epoch"] == newest.to_string())
+            .collect();
+        assert!(at_newest.len() <= 1, "two copies of epoch {newest}: {copies:?}");
+        if newest > old_epoch {
+            break at_newest[0].clone();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "pod did not move within 15 s\n{}",
+            mesh.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let moved_after = killed_at.elapsed();
+    assert_ne!(moved.labels["io.beemesh.agent"], old_agent);
+    eprintln!("pod moved to another agent {moved_after:?} after the kill");
+
+    mesh.wait_for("status Running on the new agent", Duration::from_secs(20), || {
+        let pod = mesh.pod_status("default", "e2e-mover")?;
+        (pod["phase"] == "Running" && pod["agent"] == moved.labels["io.beemesh.agent"].as_str())
+            .then_some(())
+    });
+    let node_out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
+    assert!(node_out.contains("AgentLost"), "{node_out}");
+
+    // The old agent comes back, adopts its stale copy, learns it is superseded and
+    // stops it: one copy remains.
+    mesh.start_agent_in(victim_state, &[]);
+    mesh.wait_for("the stale copy stopped", Duration::from_secs(30), || {
+        let all = podman_pods("io.beemesh.pod.name=e2e-mover");
+        (all.len() == 1 && all[0].labels["io.beemesh.agent"] == moved.labels["io.beemesh.agent"])
+            .then_some(())
+    });
+}
+
+#[test]
+fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.start_agent(&[]);
+    mesh.write_manifest("stay.yaml", &SLEEPER.replace("e2e-mover", "e2e-stay"));
+    mesh.wait_for("e2e-stay Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(())
+    });
+    let before = running_copies("e2e-stay");
+    assert_eq!(before.len(), 1);
+
+    // Node: SIGKILL and start again; it adopts the running placement.
+    mesh.node().kill();
+    mesh.start_node();
+    mesh.wait_for("e2e-stay Running after node restart", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let after_node = running_copies("e2e-stay");
+    assert_eq!(after_node.len(), 1, "{after_node:?}");
+    assert_eq!(after_node[0].id, before[0].id, "the same Podman pod carries on");
+
+    // Agent: SIGKILL and start again within the loss timeout; it adopts its pod.
+    let runner = before[0].labels["io.beemesh.agent"].clone();
+    let i = mesh.agents.iter().position(|a| a.peer == runner).expect("ours");
+    let state = mesh.agents[i].state_dir.clone();
+    let containers_before = podman_containers("io.beemesh.pod.name=e2e-stay");
+    mesh.agents[i].kill();
+    mesh.start_agent_in(state, &[]);
+    std::thread::sleep(Duration::from_secs(12));
+    let after_agent = running_copies("e2e-stay");
+    assert_eq!(after_agent.len(), 1, "{after_agent:?}");
+    assert_eq!(after_agent[0].id, before[0].id);
+    let containers_after = podman_containers("io.beemesh.pod.name=e2e-stay");
+    assert_eq!(
+        containers_before.iter().map(|c| c["Id"].clone()).collect::<Vec<_>>(),
+        containers_after.iter().map(|c| c["Id"].clone()).collect::<Vec<_>>(),
+        "no container was recreated"
+    );
+    assert_eq!(phase_of(&mesh, "e2e-stay").as_deref(), Some("Running"));
+}
+
+#[test]
+fn a_pod_no_agent_fits_waits_with_the_reason_and_runs_when_capacity_appears() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&["--memory", "64Mi"]);
+    mesh.start_agent(&["--memory", "64Mi", "--label", "zone=b"]);
+    mesh.write_manifest(
+        "big.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: e2e-big
+  annotations: {beemesh.io/agent-selector: "zone=b"}
+spec:
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sleep", "100000"]
+    resources: {requests: {memory: 1Gi}}
+"#,
+    );
+    let pod = mesh.wait_for("Unschedulable reason", Duration::from_secs(30), || {
+        let pod = mesh.pod_status("default", "e2e-big")?;
+        (pod["reason"] == "Unschedulable").then_some(pod)
+    });
+    assert_eq!(pod["phase"], "Pending");
+    assert_eq!(
+        pod["message"],
+        "0/2 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector"
+    );
+    assert!(podman_pods("io.beemesh.pod.name=e2e-big").is_empty());
+
+    mesh.start_agent(&["--memory", "4Gi", "--label", "zone=b"]);
+    mesh.wait_for("e2e-big Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-big").as_deref() == Some("Running")).then_some(())
+    });
+}
+
+#[test]
+fn bad_manifests_get_clear_messages_and_do_not_disturb_good_pods() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest("garbage.yaml", "key: [unclosed\n");
+    mesh.write_manifest("deploy.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+    mesh.write_manifest(
+        "bad-pods.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-empty}
+spec: {containers: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-hostpath}
+spec:
+  volumes: [{name: root, hostPath: {path: /}}]
+  containers: [{name: c, image: localhost/busybox:1.35, volumeMounts: [{name: root, mountPath: /host}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-noimage}
+spec:
+  containers: [{name: c, image: localhost/does-not-exist:1, imagePullPolicy: IfNotPresent}]
+"#,
+    );
+    mesh.write_manifest("good.yaml", &SLEEPER.replace("e2e-mover", "e2e-good"));
+
+    mesh.wait_for("good pod Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-good").as_deref() == Some("Running")).then_some(())
+    });
+    let empty = mesh.pod_status("default", "e2e-empty").expect("listed");
+    assert_eq!(empty["phase"], "Failed");
+    assert_eq!(empty["reason"], "UnsupportedPodSpec");
+    assert!(empty["message"].as_str().unwrap_or_default().contains("spec.containers"), "{empty}");
+    let hostpath = mesh.pod_status("default", "e2e-hostpath").expect("listed");
+    assert_eq!(hostpath["phase"], "Failed");
+    assert!(hostpath["message"].as_str().unwrap_or_default().contains("hostPath"), "{hostpath}");
+    mesh.wait_for("ErrImagePull shown", Duration::from_secs(30), || {
+        let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
+        (out.contains("default/e2e-noimage") && out.contains("ErrImagePull")).then_some(())
+    });
+    let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
+    assert!(out.contains("garbage.yaml (document 1): not valid YAML"), "{out}");
+    assert!(out.contains("apps/v1/Deployment is not supported"), "{out}");
+    assert!(mesh.node().is_running());
+    assert_eq!(phase_of(&mesh, "e2e-good").as_deref(), Some("Running"));
+}
