@@ -20,8 +20,9 @@ use manifests::ManifestDir;
 use owner::{Owner, OwnerConfig};
 pub use printer::PhasePrinter;
 
-/// How often the manifest directory is scanned (the issue asks for changes to be
-/// noticed within 5 s).
+/// How often the manifest directory is scanned when inotify says nothing (changes
+/// must be noticed within 5 s even where inotify does not work, e.g. some network
+/// filesystems).
 const MANIFEST_SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Granularity of the owner's timers (offer windows, retries).
 const OWNER_TICK: Duration = Duration::from_millis(20);
@@ -80,6 +81,9 @@ impl Node {
         let mut reported_errors = Vec::new();
         apply_scan(&mut owner, first, &mut reported_errors);
 
+        let (changed_tx, mut changed) = mpsc::channel(1);
+        // Kept alive for the loop's lifetime; None when inotify is unavailable.
+        let _watcher = watch(&self.config.pod_manifest_path, changed_tx);
         let mut scan = tokio::time::interval(MANIFEST_SCAN_INTERVAL);
         scan.reset();
         let mut tick = tokio::time::interval(OWNER_TICK);
@@ -99,13 +103,42 @@ impl Node {
                 },
                 Some(()) = owner.next_internal() => {}
                 _ = tick.tick() => owner.tick(),
-                _ = scan.tick() => match source.scan().await {
-                    Ok(result) => apply_scan(&mut owner, result, &mut reported_errors),
-                    Err(e) => tracing::warn!(dir = %source.dir().display(), error = %e, "cannot scan manifest directory"),
-                },
+                _ = scan.tick() => rescan(&mut source, &mut owner, &mut reported_errors).await,
+                Some(()) = changed.recv() => rescan(&mut source, &mut owner, &mut reported_errors).await,
             }
         }
         Ok(())
+    }
+}
+
+/// Watches the manifest directory with inotify; every event wakes the node loop for a
+/// scan (a full channel already holds a wake-up, so events coalesce).
+fn watch(dir: &std::path::Path, changed: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = changed.try_send(());
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "inotify unavailable; polling the manifest directory"))
+    .ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the manifest directory; polling it"))
+        .ok()?;
+    Some(watcher)
+}
+
+async fn rescan(
+    source: &mut ManifestDir,
+    owner: &mut Owner,
+    reported: &mut Vec<manifests::ManifestError>,
+) {
+    match source.scan().await {
+        Ok(result) => apply_scan(owner, result, reported),
+        Err(e) => {
+            tracing::warn!(dir = %source.dir().display(), error = %e, "cannot scan manifest directory")
+        }
     }
 }
 
