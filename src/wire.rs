@@ -55,6 +55,21 @@ impl WireError {
 #[serde(transparent)]
 pub struct PodUid(pub String);
 
+impl PodUid {
+    /// A name safe to use as one path component: the UID itself when it is plain
+    /// (Kubernetes UIDs are), else its SHA-256, so that no UID can escape a directory.
+    pub fn file_name(&self) -> String {
+        let plain = !self.0.is_empty()
+            && self.0.len() <= 128
+            && self.0.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if plain {
+            self.0.clone()
+        } else {
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(self.0.as_bytes()))
+        }
+    }
+}
+
 impl fmt::Display for PodUid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -619,6 +634,16 @@ mod tests {
             serde_json::from_str::<PeerRef>(&json).expect("parses").0,
             id
         );
+    }
+
+    #[test]
+    fn uid_file_names_never_escape() {
+        assert_eq!(PodUid("0b7a-11".into()).file_name(), "0b7a-11");
+        for bad in ["../x", "", "a/b", ".."] {
+            let name = PodUid(bad.into()).file_name();
+            assert_eq!(name.len(), 64, "{bad}");
+            assert!(name.chars().all(|c| c.is_ascii_hexdigit()));
+        }
     }
 
     #[test]

@@ -40,20 +40,7 @@ impl AssignmentStore {
     }
 
     fn path(&self, uid: &PodUid) -> PathBuf {
-        // UIDs come from owners: anything but a plain name is hashed so that it can
-        // never escape the directory.
-        let safe = uid
-            .0
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !uid.0.is_empty()
-            && uid.0.len() <= 128;
-        let name = if safe {
-            uid.0.clone()
-        } else {
-            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(uid.0.as_bytes()))
-        };
-        self.dir.join(format!("{name}.json"))
+        self.dir.join(format!("{}.json", uid.file_name()))
     }
 
     pub async fn save(

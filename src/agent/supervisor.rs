@@ -173,7 +173,7 @@ struct Worker {
     /// Peer IDs rendered once, for labels.
     agent_id: String,
     owner_id: String,
-    /// `<volumes root>/<pod uid>`: where the pod's emptyDir volumes live.
+    /// `<volumes root>/<pod uid>_<epoch>`: where the pod's emptyDir volumes live.
     volumes_dir: PathBuf,
     policy: RestartPolicy,
     pod_id: Option<String>,
@@ -202,7 +202,11 @@ impl Worker {
             policy: RestartPolicy::from_spec(spec.restart_policy.as_deref()),
             agent_id: ctx.agent.to_string(),
             owner_id: owner.to_string(),
-            volumes_dir: ctx.volumes_root.join(&pod_ref.uid.0),
+            // Per epoch: a newer copy on the same agent must not share (or lose) the
+            // older copy's volumes while that one is torn down.
+            volumes_dir: ctx
+                .volumes_root
+                .join(format!("{}_{}", pod_ref.uid.file_name(), epoch)),
             ctx,
             pod_ref,
             pod,
@@ -218,7 +222,12 @@ impl Worker {
 
     async fn run(mut self, mut stop: mpsc::Receiver<Duration>, adopted: Option<RuntimePod>) {
         match adopted {
-            Some(existing) => self.adopt(existing).await,
+            Some(existing) => {
+                self.adopt(existing).await;
+                // Inspect before the first report, so that an adopted pod is reported
+                // as it is rather than as freshly created.
+                self.step().await;
+            }
             None => self.create().await,
         }
         self.report(false).await;

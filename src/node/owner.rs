@@ -121,6 +121,10 @@ pub struct Owner {
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     adopt_until: Instant,
+    /// The lowest epoch of a new placement: the owner's start time in seconds, so
+    /// that a restarted owner's placements supersede every earlier one (epochs grow by
+    /// at most about one a second), even of a copy it never heard of.
+    epoch_floor: Epoch,
 }
 
 fn now_time() -> Time {
@@ -163,8 +167,12 @@ impl Owner {
         sink: Box<dyn StatusSink>,
     ) -> Owner {
         let (internal_tx, internal_rx) = mpsc::channel(256);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         Owner {
             adopt_until: Instant::now() + config.adopt_window,
+            epoch_floor: Epoch(started),
             config,
             mesh,
             metrics,
@@ -349,7 +357,7 @@ impl Owner {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        owned.epoch = owned.epoch.next();
+        owned.epoch = owned.epoch.next().max(self.epoch_floor);
         owned.offer.epoch = owned.epoch;
         owned.placement = Placement::Offering {
             deadline: now + self.config.offer_window,
