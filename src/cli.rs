@@ -37,7 +37,13 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct LoggingArgs {
     /// Log format on stderr. Levels come from RUST_LOG (default: info).
-    #[arg(long, global = true, env = "BEEMESH_LOG_FORMAT", value_enum, default_value = "human")]
+    #[arg(
+        long,
+        global = true,
+        env = "BEEMESH_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -81,7 +87,11 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub mesh: MeshArgs,
     /// Podman REST API socket.
-    #[arg(long, env = "BEEMESH_PODMAN_SOCKET", default_value = "unix:///run/podman/podman.sock")]
+    #[arg(
+        long,
+        env = "BEEMESH_PODMAN_SOCKET",
+        default_value = "unix:///run/podman/podman.sock"
+    )]
     pub podman_socket: String,
     /// Agent label k=v, matched by pods' beemesh.io/agent-selector (repeatable).
     #[arg(long = "label", env = "BEEMESH_LABELS", value_delimiter = ',', value_parser = parse_label)]
@@ -135,7 +145,12 @@ pub enum OutputFormat {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Multiaddr of a mesh peer to ask (a node shows its pods' reasons too).
-    #[arg(long, env = "BEEMESH_BOOTSTRAP", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "BEEMESH_BOOTSTRAP",
+        value_delimiter = ',',
+        required = true
+    )]
     pub bootstrap: Vec<Multiaddr>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
@@ -189,18 +204,72 @@ mod tests {
     #[test]
     fn bad_flags_are_refused_with_a_message() {
         for args in [
-            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "not-a-multiaddr"],
-            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--trust", "nope"],
-            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--cpu", "lots"],
-            vec!["beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1", "--max-pods", "0"],
-            vec!["beemesh", "node", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1"],
+            vec![
+                "beemesh",
+                "agent",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "not-a-multiaddr",
+            ],
+            vec![
+                "beemesh",
+                "agent",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/1",
+                "--trust",
+                "nope",
+            ],
+            vec![
+                "beemesh",
+                "agent",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/1",
+                "--cpu",
+                "lots",
+            ],
+            vec![
+                "beemesh",
+                "agent",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/1",
+                "--max-pods",
+                "0",
+            ],
+            vec![
+                "beemesh",
+                "node",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/1",
+            ],
             vec!["beemesh", "status"],
         ] {
-            assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
+            assert!(
+                Cli::try_parse_from(&args).is_err(),
+                "{args:?} should be refused"
+            );
         }
         let ok = Cli::try_parse_from([
-            "beemesh", "agent", "--state-dir", "/tmp/x", "--listen", "/ip4/127.0.0.1/tcp/1",
-            "--cpu", "1500m", "--memory", "2Gi", "--label", "zone=a",
+            "beemesh",
+            "agent",
+            "--state-dir",
+            "/tmp/x",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/1",
+            "--cpu",
+            "1500m",
+            "--memory",
+            "2Gi",
+            "--label",
+            "zone=a",
         ])
         .expect("parses");
         let Command::Agent(agent) = ok.command else {

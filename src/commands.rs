@@ -60,7 +60,11 @@ fn join_mesh(
     subscribe: Vec<Topic>,
     metrics: &Metrics,
     cancel: &CancellationToken,
-) -> Result<(mesh::MeshHandle, tokio::sync::mpsc::Receiver<MeshEvent>, JoinHandle<()>)> {
+) -> Result<(
+    mesh::MeshHandle,
+    tokio::sync::mpsc::Receiver<MeshEvent>,
+    JoinHandle<()>,
+)> {
     let keypair = load_or_create_identity(&args.state_dir)?;
     let config = MeshConfig {
         listen: args.listen.clone(),
@@ -146,7 +150,10 @@ async fn node(args: NodeArgs) -> Result<()> {
     let (mesh, events, mesh_task) =
         join_mesh(&args.mesh, vec![Topic::Heartbeats], &metrics, &cancel)?;
     let peer = mesh.local_peer_id();
-    println!("node {peer} owns the pods in {}", args.pod_manifest_path.display());
+    println!(
+        "node {peer} owns the pods in {}",
+        args.pod_manifest_path.display()
+    );
     let config = NodeConfig {
         pod_manifest_path: args.pod_manifest_path,
         owner: OwnerConfig {
@@ -265,7 +272,9 @@ pub fn render_table(view: &MeshView) -> String {
         rows.push(vec![
             p.pod.to_string(),
             p.phase.clone(),
-            p.agent.map(|a| a.to_string()).unwrap_or_else(|| "<none>".into()),
+            p.agent
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "<none>".into()),
             p.epoch.to_string(),
             match (&p.reason, &p.message) {
                 (Some(r), Some(m)) => format!("{r}: {m}"),

@@ -136,18 +136,16 @@ impl Metrics {
 
     /// Serves `GET /metrics` on `addr` until `cancel` fires; every other path is 404.
     pub async fn serve(self, addr: SocketAddr, cancel: CancellationToken) -> std::io::Result<()> {
-        let route = warp::path!("metrics")
-            .and(warp::get())
-            .map(move || {
-                let mut reply = warp::reply::Response::new(self.render().into());
-                reply.headers_mut().insert(
-                    warp::http::header::CONTENT_TYPE,
-                    warp::http::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                reply
-            });
+        let route = warp::path!("metrics").and(warp::get()).map(move || {
+            let mut reply = warp::reply::Response::new(self.render().into());
+            reply.headers_mut().insert(
+                warp::http::header::CONTENT_TYPE,
+                warp::http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            reply
+        });
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, "serving metrics on /metrics");
         warp::serve(route)

@@ -336,8 +336,9 @@ mod tests {
 
     #[test]
     fn selector_syntax() {
-        let sel = parse_selector("zone=a, arch!=arm64,gpu,!spot,tier in (web, api),env notin (dev)")
-            .expect("parses");
+        let sel =
+            parse_selector("zone=a, arch!=arm64,gpu,!spot,tier in (web, api),env notin (dev)")
+                .expect("parses");
         assert_eq!(sel.len(), 6);
         let labels: BTreeMap<String, String> = [("zone", "a"), ("gpu", "1"), ("tier", "api")]
             .iter()
@@ -348,7 +349,15 @@ mod tests {
         other.insert("spot".into(), "true".into());
         assert!(!selector_matches(&sel, &other));
         assert!(parse_selector("").expect("empty ok").is_empty());
-        for bad in ["zone in web", "a=b=c d", "=x", "zone in ()", "k=v,,", "x y z", "tier in (a b)"] {
+        for bad in [
+            "zone in web",
+            "a=b=c d",
+            "=x",
+            "zone in ()",
+            "k=v,,",
+            "x y z",
+            "tier in (a b)",
+        ] {
             assert!(parse_selector(bad).is_err(), "{bad} should be refused");
         }
     }
@@ -383,8 +392,15 @@ mod tests {
     #[test]
     fn explanation_counts_reasons_like_the_scheduler() {
         let o = offer(0, 4 << 30, "");
-        let agents = [agent(1000, 1 << 30, &[]), agent(1000, 1 << 30, &[]), agent(1000, 1 << 30, &[])];
-        assert_eq!(explain(&o, &agents), "0/3 agents fit: 3 insufficient memory");
+        let agents = [
+            agent(1000, 1 << 30, &[]),
+            agent(1000, 1 << 30, &[]),
+            agent(1000, 1 << 30, &[]),
+        ];
+        assert_eq!(
+            explain(&o, &agents),
+            "0/3 agents fit: 3 insufficient memory"
+        );
         assert_eq!(
             explain(&o, &[]),
             "0/0 agents fit: no agent has joined the mesh"

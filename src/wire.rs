@@ -61,7 +61,10 @@ impl PodUid {
     pub fn file_name(&self) -> String {
         let plain = !self.0.is_empty()
             && self.0.len() <= 128
-            && self.0.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            && self
+                .0
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
         if plain {
             self.0.clone()
         } else {
@@ -355,12 +358,18 @@ pub struct MeshView {
 pub enum Response {
     Ack,
     /// The agent will not run the pod (it no longer fits, or it does not trust the owner).
-    Declined { reason: String },
+    Declined {
+        reason: String,
+    },
     /// The sender's epoch is stale: the owner has placed the pod again (or deleted it).
-    Superseded { current: Epoch },
+    Superseded {
+        current: Epoch,
+    },
     View(Box<MeshView>),
     /// The request was understood but could not be served.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Serialize)]

@@ -68,14 +68,23 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
     assert_eq!(copies.len(), 1, "exactly one Podman pod: {copies:?}");
     let runner = copies[0].labels["io.beemesh.agent"].clone();
     assert!(agents.contains(&runner), "run by one of our agents");
-    assert!(copies[0].name.starts_with("default_e2e-web_"), "{}", copies[0].name);
+    assert!(
+        copies[0].name.starts_with("default_e2e-web_"),
+        "{}",
+        copies[0].name
+    );
 
     let containers = podman_containers("io.beemesh.pod.name=e2e-web");
     let state = |name: &str| {
         containers
             .iter()
             .find(|c| c["Labels"]["io.beemesh.container"] == name)
-            .map(|c| (c["State"].as_str().unwrap_or_default().to_string(), c["ExitCode"].as_i64()))
+            .map(|c| {
+                (
+                    c["State"].as_str().unwrap_or_default().to_string(),
+                    c["ExitCode"].as_i64(),
+                )
+            })
     };
     assert_eq!(state("prepare"), Some(("exited".into(), Some(0))));
     assert_eq!(state("web").map(|s| s.0), Some("running".into()));
@@ -97,13 +106,16 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
     // The readiness probe (HTTP GET of the init container's file) makes it Ready.
     let node_out = mesh.wait_for("Running printed", Duration::from_secs(10), || {
         let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
-        out.contains("default/e2e-web Pending -> Running").then_some(out)
+        out.contains("default/e2e-web Pending -> Running")
+            .then_some(out)
     });
     assert!(node_out.contains(&runner), "{node_out}");
 
     mesh.remove_manifest("web.yaml");
     mesh.wait_for("e2e-web gone from Podman", Duration::from_secs(30), || {
-        podman_pods("io.beemesh.pod.name=e2e-web").is_empty().then_some(())
+        podman_pods("io.beemesh.pod.name=e2e-web")
+            .is_empty()
+            .then_some(())
     });
     mesh.wait_for("deletion printed", Duration::from_secs(10), || {
         mesh.node
@@ -163,7 +175,10 @@ fn a_killed_agents_pod_moves_to_another_within_15s_and_never_runs_twice() {
             .iter()
             .filter(|p| p.labels["io.beemesh.epoch"] == newest.to_string())
             .collect();
-        assert!(at_newest.len() <= 1, "two copies of epoch {newest}: {copies:?}");
+        assert!(
+            at_newest.len() <= 1,
+            "two copies of epoch {newest}: {copies:?}"
+        );
         if newest > old_epoch {
             break at_newest[0].clone();
         }
@@ -178,11 +193,15 @@ fn a_killed_agents_pod_moves_to_another_within_15s_and_never_runs_twice() {
     assert_ne!(moved.labels["io.beemesh.agent"], old_agent);
     eprintln!("pod moved to another agent {moved_after:?} after the kill");
 
-    mesh.wait_for("status Running on the new agent", Duration::from_secs(20), || {
-        let pod = mesh.pod_status("default", "e2e-mover")?;
-        (pod["phase"] == "Running" && pod["agent"] == moved.labels["io.beemesh.agent"].as_str())
-            .then_some(())
-    });
+    mesh.wait_for(
+        "status Running on the new agent",
+        Duration::from_secs(20),
+        || {
+            let pod = mesh.pod_status("default", "e2e-mover")?;
+            (pod["phase"] == "Running" && pod["agent"] == moved.labels["io.beemesh.agent"].as_str())
+                .then_some(())
+        },
+    );
     let node_out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
     assert!(node_out.contains("AgentLost"), "{node_out}");
 
@@ -211,17 +230,26 @@ fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
     // Node: SIGKILL and start again; it adopts the running placement.
     mesh.node().kill();
     mesh.start_node();
-    mesh.wait_for("e2e-stay Running after node restart", Duration::from_secs(30), || {
-        (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(())
-    });
+    mesh.wait_for(
+        "e2e-stay Running after node restart",
+        Duration::from_secs(30),
+        || (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(()),
+    );
     std::thread::sleep(Duration::from_secs(5));
     let after_node = running_copies("e2e-stay");
     assert_eq!(after_node.len(), 1, "{after_node:?}");
-    assert_eq!(after_node[0].id, before[0].id, "the same Podman pod carries on");
+    assert_eq!(
+        after_node[0].id, before[0].id,
+        "the same Podman pod carries on"
+    );
 
     // Agent: SIGKILL and start again within the loss timeout; it adopts its pod.
     let runner = before[0].labels["io.beemesh.agent"].clone();
-    let i = mesh.agents.iter().position(|a| a.peer == runner).expect("ours");
+    let i = mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == runner)
+        .expect("ours");
     let state = mesh.agents[i].state_dir.clone();
     let containers_before = podman_containers("io.beemesh.pod.name=e2e-stay");
     mesh.agents[i].kill();
@@ -232,8 +260,14 @@ fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
     assert_eq!(after_agent[0].id, before[0].id);
     let containers_after = podman_containers("io.beemesh.pod.name=e2e-stay");
     assert_eq!(
-        containers_before.iter().map(|c| c["Id"].clone()).collect::<Vec<_>>(),
-        containers_after.iter().map(|c| c["Id"].clone()).collect::<Vec<_>>(),
+        containers_before
+            .iter()
+            .map(|c| c["Id"].clone())
+            .collect::<Vec<_>>(),
+        containers_after
+            .iter()
+            .map(|c| c["Id"].clone())
+            .collect::<Vec<_>>(),
         "no container was recreated"
     );
     assert_eq!(phase_of(&mesh, "e2e-stay").as_deref(), Some("Running"));
@@ -282,7 +316,10 @@ fn bad_manifests_get_clear_messages_and_do_not_disturb_good_pods() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&[]);
     mesh.write_manifest("garbage.yaml", "key: [unclosed\n");
-    mesh.write_manifest("deploy.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n");
+    mesh.write_manifest(
+        "deploy.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+    );
     mesh.write_manifest(
         "bad-pods.yaml",
         r#"
@@ -313,16 +350,31 @@ spec:
     let empty = mesh.pod_status("default", "e2e-empty").expect("listed");
     assert_eq!(empty["phase"], "Failed");
     assert_eq!(empty["reason"], "UnsupportedPodSpec");
-    assert!(empty["message"].as_str().unwrap_or_default().contains("spec.containers"), "{empty}");
+    assert!(
+        empty["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.containers"),
+        "{empty}"
+    );
     let hostpath = mesh.pod_status("default", "e2e-hostpath").expect("listed");
     assert_eq!(hostpath["phase"], "Failed");
-    assert!(hostpath["message"].as_str().unwrap_or_default().contains("hostPath"), "{hostpath}");
+    assert!(
+        hostpath["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hostPath"),
+        "{hostpath}"
+    );
     mesh.wait_for("ErrImagePull shown", Duration::from_secs(30), || {
         let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
         (out.contains("default/e2e-noimage") && out.contains("ErrImagePull")).then_some(())
     });
     let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
-    assert!(out.contains("garbage.yaml (document 1): not valid YAML"), "{out}");
+    assert!(
+        out.contains("garbage.yaml (document 1): not valid YAML"),
+        "{out}"
+    );
     assert!(out.contains("apps/v1/Deployment is not supported"), "{out}");
     assert!(mesh.node().is_running());
     assert_eq!(phase_of(&mesh, "e2e-good").as_deref(), Some("Running"));

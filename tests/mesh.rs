@@ -35,7 +35,13 @@ async fn peer(bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
         mesh::start(Keypair::generate_ed25519(), config, metrics.clone()).expect("mesh starts");
     tokio::spawn(event_loop.run(cancel.clone()));
     let addr = loop {
-        if let Some(addr) = handle.listen_addrs().await.expect("loop runs").into_iter().next() {
+        if let Some(addr) = handle
+            .listen_addrs()
+            .await
+            .expect("loop runs")
+            .into_iter()
+            .next()
+        {
             break addr;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -89,7 +95,9 @@ async fn publish_until_received(from: &Peer, to: &mut Peer, message: GossipMessa
         let got = tokio::time::timeout(Duration::from_millis(500), async {
             loop {
                 match to.events.recv().await {
-                    Some(MeshEvent::Gossip { source, message: m }) if m == message => return source,
+                    Some(MeshEvent::Gossip { source, message: m }) if m == message => {
+                        return source
+                    }
                     Some(_) => continue,
                     None => panic!("mesh stopped"),
                 }
@@ -99,7 +107,10 @@ async fn publish_until_received(from: &Peer, to: &mut Peer, message: GossipMessa
         if let Ok(source) = got {
             return source;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gossip never arrived");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gossip never arrived"
+        );
     }
 }
 
@@ -129,7 +140,9 @@ async fn gossip_travels_two_hops_and_requests_get_answers() {
     .await;
     assert_eq!(peer, right.handle.local_peer_id());
     let view = MeshView::default();
-    reply.send(Response::View(Box::new(view.clone()))).expect("loop waits");
+    reply
+        .send(Response::View(Box::new(view.clone())))
+        .expect("loop waits");
     let answer = ask.await.expect("task").expect("request answered");
     assert_eq!(answer, Response::View(Box::new(view)));
 
@@ -236,7 +249,11 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
     );
     let mut raw = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .expect("tcp")
         .with_behaviour(|_| Raw {
             gossipsub: gossip,
@@ -245,7 +262,10 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
         .expect("behaviour")
         .build();
     let offers = gossipsub::IdentTopic::new(Topic::Offers.name());
-    raw.behaviour_mut().gossipsub.subscribe(&offers).expect("subscribe");
+    raw.behaviour_mut()
+        .gossipsub
+        .subscribe(&offers)
+        .expect("subscribe");
     raw.dial(target.addr.clone()).expect("dial");
 
     // Frames: garbage, a wrong version, and a length prefix far over the limit.

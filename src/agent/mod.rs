@@ -318,14 +318,24 @@ impl Agent {
         }
         let pod_ref = match translate::pod_ref(&assign.pod) {
             Ok(r) => r,
-            Err(e) => return Response::Declined { reason: e.to_string() },
+            Err(e) => {
+                return Response::Declined {
+                    reason: e.to_string(),
+                }
+            }
         };
         if let Err(e) = translate::validate(&assign.pod) {
-            return Response::Declined { reason: e.to_string() };
+            return Response::Declined {
+                reason: e.to_string(),
+            };
         }
         let requests = match translate::pod_requests(&assign.pod) {
             Ok(r) => r,
-            Err(e) => return Response::Declined { reason: e.to_string() },
+            Err(e) => {
+                return Response::Declined {
+                    reason: e.to_string(),
+                }
+            }
         };
         if let Some(existing) = self.pods.get(&pod_ref.uid) {
             if existing.owner != owner {
@@ -369,7 +379,10 @@ impl Agent {
         }
         if let Some(old) = self.pods.remove(&pod_ref.uid) {
             // A newer epoch of a pod we run: the old copy goes first.
-            old.worker.stop(Duration::from_secs(translate::grace_period_secs(&assign.pod)));
+            old.worker
+                .stop(Duration::from_secs(translate::grace_period_secs(
+                    &assign.pod,
+                )));
         }
         let worker = supervisor::spawn(
             self.worker_ctx.clone(),
@@ -445,10 +458,23 @@ impl Agent {
             self.store.remove(&update.pod.uid).await;
             self.metrics.pods.set(self.pods.len() as i64);
         }
-        self.send_status(owner, update.pod, update.epoch, update.status, update.removed);
+        self.send_status(
+            owner,
+            update.pod,
+            update.epoch,
+            update.status,
+            update.removed,
+        );
     }
 
-    fn send_status(&self, owner: PeerId, pod: PodRef, epoch: Epoch, status: PodStatus, removed: bool) {
+    fn send_status(
+        &self,
+        owner: PeerId,
+        pod: PodRef,
+        epoch: Epoch,
+        status: PodStatus,
+        removed: bool,
+    ) {
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
         let metrics = self.metrics.clone();
@@ -514,8 +540,13 @@ impl Agent {
     async fn publish_heartbeat(&mut self) {
         let heartbeat = self.heartbeat();
         // Our own heartbeat belongs in our view too (gossip does not echo it back).
-        self.peers.record(self.mesh.local_peer_id(), heartbeat.clone());
-        if let Err(e) = self.mesh.publish(&GossipMessage::Heartbeat(heartbeat)).await {
+        self.peers
+            .record(self.mesh.local_peer_id(), heartbeat.clone());
+        if let Err(e) = self
+            .mesh
+            .publish(&GossipMessage::Heartbeat(heartbeat))
+            .await
+        {
             // Expected while no peer is connected yet.
             tracing::debug!(error = %e, "heartbeat not published");
         }

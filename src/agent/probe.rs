@@ -116,7 +116,11 @@ pub async fn run(
             Some(h) if !h.is_empty() => h.clone(),
             _ => pod_ip.ok_or("pod has no IP yet")?.to_string(),
         };
-        if http.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+        if http
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+        {
             return Err("HTTPS probes are not supported".into());
         }
         let path = http.path.clone().unwrap_or_else(|| "/".into());
@@ -128,7 +132,12 @@ pub async fn run(
             .collect();
         return tokio::time::timeout(spec.timeout, http_get(&host, port, &path, &headers))
             .await
-            .map_err(|_| format!("Get \"http://{host}:{port}{path}\": timeout after {:?}", spec.timeout))?;
+            .map_err(|_| {
+                format!(
+                    "Get \"http://{host}:{port}{path}\": timeout after {:?}",
+                    spec.timeout
+                )
+            })?;
     }
     if let Some(tcp) = &probe.tcp_socket {
         let port = resolve_port(&tcp.port, container)?;
@@ -136,7 +145,9 @@ pub async fn run(
             Some(h) if !h.is_empty() => h.clone(),
             _ => pod_ip.ok_or("pod has no IP yet")?.to_string(),
         };
-        return match tokio::time::timeout(spec.timeout, TcpStream::connect((host.as_str(), port))).await {
+        return match tokio::time::timeout(spec.timeout, TcpStream::connect((host.as_str(), port)))
+            .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("dial tcp {host}:{port}: {e}")),
             Err(_) => Err(format!("dial tcp {host}:{port}: i/o timeout")),
@@ -159,7 +170,12 @@ fn resolve_port(port: &IntOrString, container: &Container) -> Result<u16, String
 }
 
 /// A minimal HTTP/1.1 GET; success is a status from 200 to 399, as the kubelet's.
-async fn http_get(host: &str, port: u16, path: &str, headers: &[(String, String)]) -> Result<(), String> {
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(), String> {
     let url = format!("http://{host}:{port}{path}");
     let mut stream = TcpStream::connect((host, port))
         .await
@@ -229,14 +245,19 @@ mod tests {
             }]),
             ..Default::default()
         };
-        assert_eq!(resolve_port(&IntOrString::String("http".into()), &c), Ok(8080));
+        assert_eq!(
+            resolve_port(&IntOrString::String("http".into()), &c),
+            Ok(8080)
+        );
         assert!(resolve_port(&IntOrString::String("nope".into()), &c).is_err());
         assert!(resolve_port(&IntOrString::Int(70000), &c).is_err());
     }
 
     #[tokio::test]
     async fn http_and_tcp_probes_against_a_local_server() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             for code in [200, 500] {
@@ -244,7 +265,9 @@ mod tests {
                     let mut buf = [0u8; 512];
                     let _ = s.read(&mut buf).await;
                     let _ = s
-                        .write_all(format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                        .write_all(
+                            format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                        )
                         .await;
                 }
             }

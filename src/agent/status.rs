@@ -190,9 +190,8 @@ pub fn phase(view: &PodView) -> &'static str {
     }
     if waiting > 0 || view.app.is_empty() {
         "Pending"
-    } else if running > 0 {
-        "Running"
-    } else if view.restart_policy == RestartPolicy::Always {
+    } else if running > 0 || view.restart_policy == RestartPolicy::Always {
+        // Nothing runs under Always: everything is restarting.
         "Running"
     } else if stopped == ok {
         "Succeeded"
@@ -203,7 +202,13 @@ pub fn phase(view: &PodView) -> &'static str {
     }
 }
 
-fn condition(kind: &str, ok: bool, reason: Option<&str>, message: Option<String>, now: Timestamp) -> PodCondition {
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: Option<&str>,
+    message: Option<String>,
+    now: Timestamp,
+) -> PodCondition {
     PodCondition {
         type_: kind.to_string(),
         status: if ok { "True" } else { "False" }.to_string(),
@@ -236,20 +241,53 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
     let (ready_reason, ready_message) = if terminal {
         ("PodCompleted", None)
     } else if !initialized {
-        ("ContainersNotInitialized", Some(format!("containers with incomplete status: [{}]", incomplete.join(" "))))
+        (
+            "ContainersNotInitialized",
+            Some(format!(
+                "containers with incomplete status: [{}]",
+                incomplete.join(" ")
+            )),
+        )
     } else {
-        ("ContainersNotReady", Some(format!("containers with unready status: [{}]", unready.join(" "))))
+        (
+            "ContainersNotReady",
+            Some(format!(
+                "containers with unready status: [{}]",
+                unready.join(" ")
+            )),
+        )
     };
     let conditions = vec![
         condition(
             "Initialized",
             initialized,
-            Some(if terminal { "PodCompleted" } else { "ContainersNotInitialized" }),
-            (!initialized).then(|| format!("containers with incomplete status: [{}]", incomplete.join(" "))),
+            Some(if terminal {
+                "PodCompleted"
+            } else {
+                "ContainersNotInitialized"
+            }),
+            (!initialized).then(|| {
+                format!(
+                    "containers with incomplete status: [{}]",
+                    incomplete.join(" ")
+                )
+            }),
             now,
         ),
-        condition("Ready", ready, Some(ready_reason), ready_message.clone(), now),
-        condition("ContainersReady", ready, Some(ready_reason), ready_message, now),
+        condition(
+            "Ready",
+            ready,
+            Some(ready_reason),
+            ready_message.clone(),
+            now,
+        ),
+        condition(
+            "ContainersReady",
+            ready,
+            Some(ready_reason),
+            ready_message,
+            now,
+        ),
         condition("PodScheduled", true, None, None, now),
     ];
     let (reason, message) = match &view.failure {
@@ -340,17 +378,68 @@ mod tests {
     fn phases_follow_the_kubelet() {
         use RestartPolicy::*;
         let waiting = || Observed::waiting("ContainerCreating", None);
-        assert_eq!(phase(&view(vec![c("i", running())], vec![c("a", waiting())], Always)), "Pending");
-        assert_eq!(phase(&view(vec![c("i", exited(1))], vec![c("a", waiting())], Never)), "Failed");
-        assert_eq!(phase(&view(vec![c("i", exited(1))], vec![c("a", waiting())], Always)), "Pending");
-        assert_eq!(phase(&view(vec![c("i", exited(0))], vec![c("a", running())], Always)), "Running");
-        assert_eq!(phase(&view(vec![], vec![c("a", exited(0)), c("b", exited(0))], Never)), "Succeeded");
-        assert_eq!(phase(&view(vec![], vec![c("a", exited(0)), c("b", exited(2))], Never)), "Failed");
-        assert_eq!(phase(&view(vec![], vec![c("a", exited(2))], OnFailure)), "Running");
-        assert_eq!(phase(&view(vec![], vec![c("a", exited(0))], Always)), "Running");
+        assert_eq!(
+            phase(&view(
+                vec![c("i", running())],
+                vec![c("a", waiting())],
+                Always
+            )),
+            "Pending"
+        );
+        assert_eq!(
+            phase(&view(
+                vec![c("i", exited(1))],
+                vec![c("a", waiting())],
+                Never
+            )),
+            "Failed"
+        );
+        assert_eq!(
+            phase(&view(
+                vec![c("i", exited(1))],
+                vec![c("a", waiting())],
+                Always
+            )),
+            "Pending"
+        );
+        assert_eq!(
+            phase(&view(
+                vec![c("i", exited(0))],
+                vec![c("a", running())],
+                Always
+            )),
+            "Running"
+        );
+        assert_eq!(
+            phase(&view(
+                vec![],
+                vec![c("a", exited(0)), c("b", exited(0))],
+                Never
+            )),
+            "Succeeded"
+        );
+        assert_eq!(
+            phase(&view(
+                vec![],
+                vec![c("a", exited(0)), c("b", exited(2))],
+                Never
+            )),
+            "Failed"
+        );
+        assert_eq!(
+            phase(&view(vec![], vec![c("a", exited(2))], OnFailure)),
+            "Running"
+        );
+        assert_eq!(
+            phase(&view(vec![], vec![c("a", exited(0))], Always)),
+            "Running"
+        );
         let mut backing_off = c("a", Observed::waiting("CrashLoopBackOff", None));
         backing_off.last_state = Some(exited(1));
-        assert_eq!(phase(&view(vec![], vec![backing_off, c("b", running())], Always)), "Running");
+        assert_eq!(
+            phase(&view(vec![], vec![backing_off, c("b", running())], Always)),
+            "Running"
+        );
         let mut failed = view(vec![], vec![c("a", running())], Always);
         failed.failure = Some(("AgentLost".into(), "gone".into()));
         assert_eq!(phase(&failed), "Failed");
@@ -360,14 +449,21 @@ mod tests {
     fn conditions_name_the_containers_holding_the_pod_back() {
         let mut ready = c("web", running());
         ready.ready = true;
-        let v = view(vec![], vec![ready, c("side", running())], RestartPolicy::Always);
+        let v = view(
+            vec![],
+            vec![ready, c("side", running())],
+            RestartPolicy::Always,
+        );
         let status = pod_status(&v, Timestamp::now());
         let conds = status.conditions.expect("conditions");
         let get = |t: &str| conds.iter().find(|c| c.type_ == t).expect(t).clone();
         assert_eq!(get("Initialized").status, "True");
         assert_eq!(get("PodScheduled").status, "True");
         assert_eq!(get("Ready").status, "False");
-        assert_eq!(get("ContainersReady").reason.as_deref(), Some("ContainersNotReady"));
+        assert_eq!(
+            get("ContainersReady").reason.as_deref(),
+            Some("ContainersNotReady")
+        );
         assert_eq!(
             get("Ready").message.as_deref(),
             Some("containers with unready status: [side]")
@@ -379,17 +475,31 @@ mod tests {
 
     #[test]
     fn container_statuses_carry_state_restarts_and_last_state() {
-        let mut a = c("a", Observed::waiting("CrashLoopBackOff", Some("back-off 10s".into())));
+        let mut a = c(
+            "a",
+            Observed::waiting("CrashLoopBackOff", Some("back-off 10s".into())),
+        );
         a.restart_count = 2;
         a.last_state = Some(exited(3));
         a.container_id = Some("abc".into());
-        let status = pod_status(&view(vec![], vec![a], RestartPolicy::Always), Timestamp::now());
+        let status = pod_status(
+            &view(vec![], vec![a], RestartPolicy::Always),
+            Timestamp::now(),
+        );
         let cs = &status.container_statuses.expect("statuses")[0];
         assert_eq!(cs.restart_count, 2);
         assert_eq!(cs.container_id.as_deref(), Some("podman://abc"));
-        let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref()).expect("waiting");
+        let waiting = cs
+            .state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .expect("waiting");
         assert_eq!(waiting.reason.as_deref(), Some("CrashLoopBackOff"));
-        let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).expect("terminated");
+        let last = cs
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .expect("terminated");
         assert_eq!(last.exit_code, 3);
         assert_eq!(last.reason.as_deref(), Some("Error"));
     }

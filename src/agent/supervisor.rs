@@ -422,7 +422,9 @@ impl Worker {
                     };
                     self.exited(i, terminated, 137, now);
                 }
-                Err(e) => tracing::debug!(pod = %self.pod_ref, error = %e, "cannot inspect container"),
+                Err(e) => {
+                    tracing::debug!(pod = %self.pod_ref, error = %e, "cannot inspect container")
+                }
             },
         }
     }
@@ -495,7 +497,11 @@ impl Worker {
                 _ => ("ErrImagePull", "ImagePullBackOff"),
             };
             // The first failure shows ErrImagePull, the waits after it ImagePullBackOff.
-            let shown = if slot.backoff.is_some() { backoff_reason } else { reason };
+            let shown = if slot.backoff.is_some() {
+                backoff_reason
+            } else {
+                reason
+            };
             slot.view.state = Observed::waiting(shown, Some(e.to_string()));
             slot.schedule_retry(now);
             return;
@@ -510,7 +516,8 @@ impl Worker {
             Ok(plan) => plan,
             Err(e) => {
                 let slot = &mut self.slots[i];
-                slot.view.state = Observed::waiting("CreateContainerConfigError", Some(e.to_string()));
+                slot.view.state =
+                    Observed::waiting("CreateContainerConfigError", Some(e.to_string()));
                 slot.schedule_retry(now);
                 return;
             }
@@ -557,11 +564,14 @@ impl Worker {
         let mut kill = None;
         if let Some(state) = slot.startup.as_mut() {
             if state.result != Some(true) && state.due(now) {
-                let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                let outcome =
+                    probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
                 let ok = outcome.is_ok();
                 match state.record(ok, outcome.err().unwrap_or_default(), now) {
                     Some(true) => slot.view.started = true,
-                    Some(false) => kill = Some(format!("Startup probe failed: {}", state.last_message)),
+                    Some(false) => {
+                        kill = Some(format!("Startup probe failed: {}", state.last_message))
+                    }
                     None => {}
                 }
             }
@@ -569,7 +579,8 @@ impl Worker {
         if slot.view.started && kill.is_none() {
             if let Some(state) = slot.liveness.as_mut() {
                 if state.due(now) {
-                    let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                    let outcome =
+                        probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
                     let ok = outcome.is_ok();
                     if state.record(ok, outcome.err().unwrap_or_default(), now) == Some(false) {
                         kill = Some(format!("Liveness probe failed: {}", state.last_message));
@@ -579,7 +590,8 @@ impl Worker {
             match slot.readiness.as_mut() {
                 Some(state) => {
                     if state.due(now) {
-                        let outcome = probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
+                        let outcome =
+                            probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
                         let ok = outcome.is_ok();
                         state.record(ok, outcome.err().unwrap_or_default(), now);
                     }
@@ -600,14 +612,10 @@ impl Worker {
 
     async fn teardown(&mut self, grace: Duration) {
         let runtime = self.ctx.runtime.clone();
-        let stops = self
-            .slots
-            .iter()
-            .filter_map(|s| s.id.clone())
-            .map(|id| {
-                let runtime = runtime.clone();
-                async move { runtime.stop_container(&id, grace).await }
-            });
+        let stops = self.slots.iter().filter_map(|s| s.id.clone()).map(|id| {
+            let runtime = runtime.clone();
+            async move { runtime.stop_container(&id, grace).await }
+        });
         for result in futures::future::join_all(stops).await {
             if let Err(e) = result {
                 tracing::debug!(pod = %self.pod_ref, error = %e, "stop failed; removing anyway");

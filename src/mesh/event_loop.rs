@@ -157,7 +157,10 @@ impl EventLoop {
     fn emit(&mut self, event: MeshEvent, kind: &str) {
         if let Err(e) = self.events.try_send(event) {
             self.metrics.dropped(kind, "overloaded");
-            tracing::warn!(kind, "program is not keeping up with the mesh; event dropped");
+            tracing::warn!(
+                kind,
+                "program is not keeping up with the mesh; event dropped"
+            );
             drop(e);
         }
     }
@@ -199,29 +202,25 @@ impl EventLoop {
                 num_established,
                 endpoint,
                 ..
-            } => {
-                if num_established.get() == 1 {
-                    if endpoint.is_dialer() {
-                        let addr = endpoint.get_remote_address().clone();
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
-                    self.connected.insert(peer_id);
-                    self.metrics.mesh_peers.set(self.connected.len() as i64);
-                    tracing::debug!(peer = %peer_id, "peer connected");
-                    self.emit(MeshEvent::PeerConnected(peer_id), "peer");
+            } if num_established.get() == 1 => {
+                if endpoint.is_dialer() {
+                    let addr = endpoint.get_remote_address().clone();
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
+                self.connected.insert(peer_id);
+                self.metrics.mesh_peers.set(self.connected.len() as i64);
+                tracing::debug!(peer = %peer_id, "peer connected");
+                self.emit(MeshEvent::PeerConnected(peer_id), "peer");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.connected.remove(&peer_id);
-                    self.metrics.mesh_peers.set(self.connected.len() as i64);
-                    tracing::debug!(peer = %peer_id, "peer disconnected");
-                    self.emit(MeshEvent::PeerDisconnected(peer_id), "peer");
-                }
+                self.connected.remove(&peer_id);
+                self.metrics.mesh_peers.set(self.connected.len() as i64);
+                tracing::debug!(peer = %peer_id, "peer disconnected");
+                self.emit(MeshEvent::PeerDisconnected(peer_id), "peer");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
@@ -335,7 +334,8 @@ impl EventLoop {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // Undecodable or oversized requests end up here: counted, never fatal.
-                self.metrics.dropped("request", inbound_failure_reason(&error));
+                self.metrics
+                    .dropped("request", inbound_failure_reason(&error));
                 tracing::debug!(%peer, error = %error, "inbound request failed");
             }
             request_response::Event::ResponseSent { .. } => {}

@@ -101,7 +101,8 @@ pub fn parse(file: &Path, text: &str, owner: &str) -> ParsedFile {
 }
 
 fn pod_from_value(value: serde_yaml::Value, owner: &str) -> Result<Pod, String> {
-    let json = serde_json::to_value(&value).map_err(|e| format!("not a JSON-compatible document: {e}"))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| format!("not a JSON-compatible document: {e}"))?;
     let api_version = json.get("apiVersion").and_then(|v| v.as_str());
     let kind = json.get("kind").and_then(|v| v.as_str());
     match (api_version, kind) {
@@ -124,7 +125,13 @@ fn pod_from_value(value: serde_yaml::Value, owner: &str) -> Result<Pod, String> 
     if pod.spec.is_none() {
         return Err(format!("pod {name}: spec is required"));
     }
-    if pod.metadata.namespace.as_deref().unwrap_or_default().is_empty() {
+    if pod
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
         pod.metadata.namespace = Some("default".into());
     }
     if pod.metadata.uid.as_deref().unwrap_or_default().is_empty() {
@@ -284,11 +291,24 @@ spec:
         let uid = a.metadata.uid.clone().expect("uid");
         assert_eq!(uid.len(), 36);
         let again = parse(Path::new("y.yaml"), TWO_PODS, "owner1");
-        assert_eq!(again.pods[0].pod.metadata.uid.as_deref(), Some(uid.as_str()));
+        assert_eq!(
+            again.pods[0].pod.metadata.uid.as_deref(),
+            Some(uid.as_str())
+        );
         let other_owner = parse(Path::new("x.yaml"), TWO_PODS, "owner2");
-        assert_ne!(other_owner.pods[0].pod.metadata.uid.as_deref(), Some(uid.as_str()));
-        let changed = parse(Path::new("x.yaml"), &TWO_PODS.replace("1.35", "1.36"), "owner1");
-        assert_ne!(changed.pods[0].pod.metadata.uid.as_deref(), Some(uid.as_str()));
+        assert_ne!(
+            other_owner.pods[0].pod.metadata.uid.as_deref(),
+            Some(uid.as_str())
+        );
+        let changed = parse(
+            Path::new("x.yaml"),
+            &TWO_PODS.replace("1.35", "1.36"),
+            "owner1",
+        );
+        assert_ne!(
+            changed.pods[0].pod.metadata.uid.as_deref(),
+            Some(uid.as_str())
+        );
     }
 
     #[test]
@@ -296,10 +316,22 @@ spec:
         let cases = [
             ("key: [unclosed", "not valid YAML"),
             ("just a string", "apiVersion and kind are required"),
-            ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}", "apps/v1/Deployment is not supported"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: []}", "metadata.name is required"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}", "spec is required"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: 7}", "invalid Pod"),
+            (
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}",
+                "apps/v1/Deployment is not supported",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: []}",
+                "metadata.name is required",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: x}",
+                "spec is required",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: 7}",
+                "invalid Pod",
+            ),
         ];
         for (text, expected) in cases {
             let parsed = parse(Path::new("bad.yaml"), text, "o");

@@ -65,13 +65,10 @@ impl Node {
         let me = self.mesh.local_peer_id();
         let mut source = ManifestDir::new(self.config.pod_manifest_path.clone(), me.to_string());
         // Read once before anything else, so that a bad path fails at start.
-        let first = source
-            .scan()
-            .await
-            .map_err(|e| NodeError::ManifestDir {
-                path: self.config.pod_manifest_path.clone(),
-                source: e,
-            })?;
+        let first = source.scan().await.map_err(|e| NodeError::ManifestDir {
+            path: self.config.pod_manifest_path.clone(),
+            source: e,
+        })?;
         let mut owner = Owner::new(
             self.config.owner.clone(),
             self.mesh.clone(),

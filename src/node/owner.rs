@@ -68,7 +68,9 @@ impl Default for OwnerConfig {
 #[derive(Debug, Clone, PartialEq)]
 enum Placement {
     /// Not placed; offered when `at` has passed.
-    Waiting { at: Instant },
+    Waiting {
+        at: Instant,
+    },
     /// An offer is collecting bids.
     Offering {
         deadline: Instant,
@@ -76,7 +78,9 @@ enum Placement {
     },
     /// An assignment is in flight.
     Assigning,
-    Placed { agent: PeerId },
+    Placed {
+        agent: PeerId,
+    },
     /// Will not run again (invalid spec, or lost with restartPolicy Never).
     Done,
 }
@@ -251,7 +255,9 @@ impl Owner {
                     .and_then(|a| a.get(AGENT_SELECTOR_ANNOTATION))
                     .map(|s| placement::parse_selector(s))
                     .transpose()
-                    .map_err(|e| format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}"))?;
+                    .map_err(|e| {
+                        format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}")
+                    })?;
                 Ok((requests, selector.unwrap_or_default()))
             });
         match checked {
@@ -323,7 +329,8 @@ impl Owner {
             Placement::Placed { agent } => Some(agent),
             _ => None,
         };
-        self.sink.status_changed(&owned.pod_ref, &owned.status, agent);
+        self.sink
+            .status_changed(&owned.pod_ref, &owned.status, agent);
     }
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
@@ -455,7 +462,9 @@ impl Owner {
                 {
                     Ok(Response::Ack) => {
                         metrics.assignments.inc();
-                        let _ = internal.send(Internal::Assigned { uid, epoch, agent }).await;
+                        let _ = internal
+                            .send(Internal::Assigned { uid, epoch, agent })
+                            .await;
                         return;
                     }
                     // A definite no: the agent does not run it, so the next bidder
@@ -569,7 +578,10 @@ impl Owner {
             };
             let current = matches!(owned.placement, Placement::Placed { agent: a } if a == agent)
                 && hp.epoch == owned.epoch;
-            if hp.epoch < owned.epoch || owned.deleting || owned.placement == Placement::Done && !current {
+            if hp.epoch < owned.epoch
+                || owned.deleting
+                || owned.placement == Placement::Done && !current
+            {
                 let release = Release {
                     pod: uid,
                     epoch: hp.epoch,
@@ -636,7 +648,11 @@ impl Owner {
             }
             return Response::Ack;
         }
-        let merged = merge_status(report.status, &owned.carried_restarts, owned.lost_state.as_ref());
+        let merged = merge_status(
+            report.status,
+            &owned.carried_restarts,
+            owned.lost_state.as_ref(),
+        );
         self.set_status(&uid, merged);
         Response::Ack
     }
@@ -696,9 +712,7 @@ impl Owner {
                 .insert(cs.name.clone(), cs.restart_count + 1);
         }
         owned.lost_state = Some(lost.clone());
-        owned.placement = Placement::Waiting {
-            at: Instant::now(),
-        };
+        owned.placement = Placement::Waiting { at: Instant::now() };
         let mut status = pending_status("AgentLost", format!("{message}; offering the pod again"));
         status.container_statuses = owned.status.container_statuses.clone().map(|list| {
             list.into_iter()
@@ -746,7 +760,11 @@ impl Owner {
                 phase: if owned.deleting {
                     "Terminating".into()
                 } else {
-                    owned.status.phase.clone().unwrap_or_else(|| "Pending".into())
+                    owned
+                        .status
+                        .phase
+                        .clone()
+                        .unwrap_or_else(|| "Pending".into())
                 },
                 reason: owned
                     .status
@@ -792,10 +810,9 @@ fn merge_status(
     for cs in status.container_statuses.iter_mut().flatten() {
         if let Some(extra) = carried.get(&cs.name) {
             cs.restart_count += extra;
-            let no_last_state = cs
-                .last_state
-                .as_ref()
-                .is_none_or(|s| s.terminated.is_none() && s.running.is_none() && s.waiting.is_none());
+            let no_last_state = cs.last_state.as_ref().is_none_or(|s| {
+                s.terminated.is_none() && s.running.is_none() && s.waiting.is_none()
+            });
             if no_last_state {
                 if let Some(lost) = lost {
                     cs.last_state = Some(ContainerState {

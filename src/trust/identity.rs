@@ -54,12 +54,11 @@ pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, IdentityErro
             if mode & 0o077 != 0 {
                 return Err(IdentityError::Permissions { path, mode });
             }
-            let keypair = Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
-                IdentityError::Invalid {
+            let keypair =
+                Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
                     path: path.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             if keypair.key_type() != libp2p::identity::KeyType::Ed25519 {
                 return Err(IdentityError::Invalid {
                     path,

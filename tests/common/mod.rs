@@ -23,13 +23,22 @@ pub fn bin() -> &'static str {
 /// Fails the test with instructions when Podman or the test image is missing.
 pub fn require_podman() {
     let ping = Command::new("curl")
-        .args(["-fsS", "--max-time", "3", "--unix-socket", SOCKET, "http://d/v4.0.0/libpod/_ping"])
+        .args([
+            "-fsS",
+            "--max-time",
+            "3",
+            "--unix-socket",
+            SOCKET,
+            "http://d/v4.0.0/libpod/_ping",
+        ])
         .output();
     assert!(
         ping.is_ok_and(|o| o.status.success()),
         "the Podman REST service is not answering on {SOCKET}: run `bash hack/install-podman.sh`"
     );
-    let image = Command::new("podman").args(["image", "exists", IMAGE]).status();
+    let image = Command::new("podman")
+        .args(["image", "exists", IMAGE])
+        .status();
     assert!(
         image.is_ok_and(|s| s.success()),
         "the test image {IMAGE} is missing: run `bash hack/build-test-image.sh`"
@@ -63,7 +72,13 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(args: &[String], state_dir: PathBuf, peer: String, addr: String, log: PathBuf) -> Process {
+    fn spawn(
+        args: &[String],
+        state_dir: PathBuf,
+        peer: String,
+        addr: String,
+        log: PathBuf,
+    ) -> Process {
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut child = Command::new(bin())
             .args(args)
@@ -141,7 +156,11 @@ impl Mesh {
     }
 
     pub fn start_node(&mut self) {
-        let listen = self.node_addr.rsplit_once("/p2p/").map(|(l, _)| l.to_string()).expect("addr");
+        let listen = self
+            .node_addr
+            .rsplit_once("/p2p/")
+            .map(|(l, _)| l.to_string())
+            .expect("addr");
         let args: Vec<String> = [
             "node",
             "--state-dir",
@@ -156,7 +175,13 @@ impl Mesh {
         .collect();
         let log = self.dir.path().join(format!("node-{}.log", now_millis()));
         let peer = peer_id(&self.node_state);
-        self.node = Some(Process::spawn(&args, self.node_state.clone(), peer, self.node_addr.clone(), log));
+        self.node = Some(Process::spawn(
+            &args,
+            self.node_state.clone(),
+            peer,
+            self.node_addr.clone(),
+            log,
+        ));
     }
 
     /// Starts an agent with extra flags; returns its index.
@@ -184,7 +209,10 @@ impl Mesh {
         .map(ToString::to_string)
         .collect();
         args.extend(extra.iter().map(ToString::to_string));
-        let log = self.dir.path().join(format!("agent-{peer}-{}.log", now_millis()));
+        let log = self
+            .dir
+            .path()
+            .join(format!("agent-{peer}-{}.log", now_millis()));
         let process = Process::spawn(&args, state, peer, listen, log);
         self.agents.push(process);
         self.agents.len() - 1
@@ -208,7 +236,15 @@ impl Mesh {
     /// `beemesh status -o json` against the node.
     pub fn status(&self) -> Option<Value> {
         let out = Command::new(bin())
-            .args(["status", "-o", "json", "--timeout-seconds", "5", "--bootstrap", &self.node_addr])
+            .args([
+                "status",
+                "-o",
+                "json",
+                "--timeout-seconds",
+                "5",
+                "--bootstrap",
+                &self.node_addr,
+            ])
             .output()
             .ok()?;
         if !out.status.success() {
@@ -220,19 +256,29 @@ impl Mesh {
     /// The node's view of one pod (namespace/name).
     pub fn pod_status(&self, namespace: &str, name: &str) -> Option<Value> {
         let status = self.status()?;
-        status["pods"].as_array()?.iter().find(|p| {
-            p["pod"]["namespace"] == namespace && p["pod"]["name"] == name
-        }).cloned()
+        status["pods"]
+            .as_array()?
+            .iter()
+            .find(|p| p["pod"]["namespace"] == namespace && p["pod"]["name"] == name)
+            .cloned()
     }
 
-    pub fn wait_for<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(found) = check() {
                 return found;
             }
             if Instant::now() > deadline {
-                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.diagnostics());
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.diagnostics()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -306,7 +352,14 @@ pub struct PodmanPod {
 /// view of the truth, independent of BeeMesh).
 pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
     let out = Command::new("podman")
-        .args(["pod", "ps", "--filter", &format!("label={label}"), "--format", "json"])
+        .args([
+            "pod",
+            "ps",
+            "--filter",
+            &format!("label={label}"),
+            "--format",
+            "json",
+        ])
         .output()
         .expect("podman runs");
     let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -330,7 +383,14 @@ pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
 /// Containers (not infra) of the pods matching a label, with their state.
 pub fn podman_containers(label: &str) -> Vec<Value> {
     let out = Command::new("podman")
-        .args(["ps", "-a", "--filter", &format!("label={label}"), "--format", "json"])
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label={label}"),
+            "--format",
+            "json",
+        ])
         .output()
         .expect("podman runs");
     serde_json::from_slice::<Vec<Value>>(&out.stdout)
@@ -341,7 +401,10 @@ pub fn podman_containers(label: &str) -> Vec<Value> {
 }
 
 pub fn podman_logs(container: &str) -> String {
-    let out = Command::new("podman").args(["logs", container]).output().expect("podman logs");
+    let out = Command::new("podman")
+        .args(["logs", container])
+        .output()
+        .expect("podman logs");
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
