@@ -24,9 +24,13 @@ struct Peer {
 }
 
 async fn peer(bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
+    peer_on("/ip4/127.0.0.1/tcp/0", bootstrap, cancel).await
+}
+
+async fn peer_on(listen: &str, bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
     let metrics = Metrics::new();
     let config = MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        listen: vec![listen.parse().expect("multiaddr")],
         bootstrap,
         subscribe: Topic::ALL.to_vec(),
         ..MeshConfig::default()
@@ -158,6 +162,17 @@ async fn gossip_travels_two_hops_and_requests_get_answers() {
     })
     .await;
     assert!(ask.await.expect("task").is_err());
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn peers_join_over_quic_too() {
+    let cancel = CancellationToken::new();
+    let mut hub = peer_on("/ip4/127.0.0.1/udp/0/quic-v1", vec![], &cancel).await;
+    assert!(hub.addr.to_string().contains("/quic-v1/"), "{}", hub.addr);
+    let spoke = peer_on("/ip4/127.0.0.1/udp/0/quic-v1", vec![hub.addr.clone()], &cancel).await;
+    let source = publish_until_received(&spoke, &mut hub, offer("over-quic")).await;
+    assert_eq!(source, spoke.handle.local_peer_id());
     cancel.cancel();
 }
 
