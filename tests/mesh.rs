@@ -170,7 +170,12 @@ async fn peers_join_over_quic_too() {
     let cancel = CancellationToken::new();
     let mut hub = peer_on("/ip4/127.0.0.1/udp/0/quic-v1", vec![], &cancel).await;
     assert!(hub.addr.to_string().contains("/quic-v1/"), "{}", hub.addr);
-    let spoke = peer_on("/ip4/127.0.0.1/udp/0/quic-v1", vec![hub.addr.clone()], &cancel).await;
+    let spoke = peer_on(
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        vec![hub.addr.clone()],
+        &cancel,
+    )
+    .await;
     let source = publish_until_received(&spoke, &mut hub, offer("over-quic")).await;
     assert_eq!(source, spoke.handle.local_peer_id());
     cancel.cancel();

@@ -1,1 +1,512 @@
-//! The Podman implementation of the runtime.
+//! [`Runtime`] over Podman's REST API, through the `podman-api` crate.
+//!
+//! Traps of Podman 4.3 worked around here: a stop's timeout is ignored (so stopping
+//! is SIGTERM, a wait of our own, then SIGKILL); stopping a pod with an exited
+//! container does nothing (so pods are removed with force); containers run with an
+//! init process so that SIGTERM reaches programs that do not handle it as PID 1.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
+use podman_api::opts::{
+    ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
+    ExecCreateOpts, ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
+};
+use podman_api::Podman as Client;
+
+use super::{
+    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, PodPlan, Protocol, PullPolicy,
+    Runtime, RuntimeContainer, RuntimeError, RuntimePod,
+};
+
+/// CFS period for cpu limits, as the kubelet uses.
+const CPU_PERIOD_MICROS: u64 = 100_000;
+/// How often a stopping container is checked.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// The Podman REST API client.
+pub struct Podman {
+    client: Client,
+}
+
+impl Podman {
+    /// `unix:///run/podman/podman.sock`, or `tcp://host:port`.
+    pub fn new(uri: &str) -> Result<Podman, RuntimeError> {
+        if !(uri.starts_with("unix://") || uri.starts_with("tcp://") || uri.starts_with("http://"))
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "unsupported Podman socket {uri:?}: expected unix:///path or tcp://host:port"
+            )));
+        }
+        let client = Client::new(uri)
+            .map_err(|e| RuntimeError::Invalid(format!("invalid Podman socket {uri:?}: {e}")))?;
+        Ok(Podman { client })
+    }
+}
+
+/// Podman's answer, classified: 404 is NotFound, other 4xx are Invalid (with Podman's
+/// message, which users see as a status message), everything else Unavailable.
+fn classify(e: podman_api::Error) -> RuntimeError {
+    let fault = match &e {
+        podman_api::Error::Fault { code, message } => Some((code.as_u16(), message.clone())),
+        podman_api::Error::Error(podman_api::conn::Error::Fault { code, message }) => {
+            Some((code.as_u16(), message.clone()))
+        }
+        _ => None,
+    };
+    match fault {
+        Some((404, message)) => RuntimeError::NotFound(podman_message(&message)),
+        Some((code, message)) if (400..500).contains(&code) => {
+            RuntimeError::Invalid(podman_message(&message))
+        }
+        Some((code, message)) => {
+            RuntimeError::Unavailable(format!("{code}: {}", podman_message(&message)))
+        }
+        None => RuntimeError::Unavailable(e.to_string()),
+    }
+}
+
+/// Podman's error bodies are JSON with a `message`; show just that.
+fn podman_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| body.trim().to_string())
+}
+
+/// Podman reports never-set times as year 1; those are no times at all.
+fn timestamp(t: Option<chrono::DateTime<chrono::Utc>>) -> Option<Timestamp> {
+    let t = t?;
+    let secs = t.timestamp();
+    if secs <= 0 {
+        return None;
+    }
+    Timestamp::new(secs, i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0)).ok()
+}
+
+fn to_map(labels: Option<HashMap<String, String>>) -> BTreeMap<String, String> {
+    labels.unwrap_or_default().into_iter().collect()
+}
+
+fn status_of(state: Option<&str>) -> ContainerStatus {
+    match state {
+        Some("created") | Some("configured") | Some("initialized") => ContainerStatus::Created,
+        Some("running") => ContainerStatus::Running,
+        Some("exited") | Some("stopped") => ContainerStatus::Exited,
+        _ => ContainerStatus::Other,
+    }
+}
+
+/// Memory and cpu limits. The models have no `Default`, so they are built from the
+/// JSON the API takes.
+fn resource_limits(plan: &ContainerPlan) -> Result<LinuxResources, RuntimeError> {
+    let mut limits = serde_json::Map::new();
+    if let Some(bytes) = plan.memory_limit_bytes {
+        limits.insert("memory".into(), serde_json::json!({ "limit": bytes }));
+    }
+    if let Some(millis) = plan.cpu_limit_millis {
+        // The kernel refuses quotas under 1 ms.
+        let quota = (millis.saturating_mul(CPU_PERIOD_MICROS) / 1000).max(1000);
+        limits.insert(
+            "cpu".into(),
+            serde_json::json!({ "period": CPU_PERIOD_MICROS, "quota": quota }),
+        );
+    }
+    serde_json::from_value(serde_json::Value::Object(limits))
+        .map_err(|e| RuntimeError::Invalid(format!("invalid resource limits: {e}")))
+}
+
+fn port_mapping(p: &super::PortMapping) -> PodmanPort {
+    PodmanPort {
+        container_port: Some(p.container_port),
+        host_port: Some(p.host_port),
+        host_ip: p.host_ip.clone(),
+        protocol: Some(
+            match p.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            }
+            .to_string(),
+        ),
+        range: None,
+    }
+}
+
+impl Podman {
+    async fn inspect_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        let info = self
+            .client
+            .containers()
+            .get(id)
+            .inspect()
+            .await
+            .map_err(classify)?;
+        let Some(state) = info.state else {
+            return Err(RuntimeError::Unavailable(format!(
+                "Podman reported no state for container {id}"
+            )));
+        };
+        Ok(ContainerState {
+            status: status_of(state.status.as_deref()),
+            exit_code: state.exit_code,
+            started_at: timestamp(state.started_at),
+            finished_at: timestamp(state.finished_at),
+            error: state.error.filter(|e| !e.is_empty()),
+        })
+    }
+}
+
+#[async_trait]
+impl Runtime for Podman {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.client.ping().await.map(|_| ()).map_err(classify)
+    }
+
+    async fn list_pods(
+        &self,
+        label_key: &str,
+        label_value: &str,
+    ) -> Result<Vec<RuntimePod>, RuntimeError> {
+        let pods = self
+            .client
+            .pods()
+            .list(
+                &PodListOpts::builder()
+                    .filter([PodListFilter::LabelKeyVal(
+                        label_key.to_string(),
+                        label_value.to_string(),
+                    )])
+                    .build(),
+            )
+            .await
+            .map_err(classify)?;
+        // One more call for all their containers: same label, any state.
+        let containers = self
+            .client
+            .containers()
+            .list(
+                &ContainerListOpts::builder()
+                    .all(true)
+                    .filter([ContainerListFilter::LabelKeyVal(
+                        label_key.to_string(),
+                        label_value.to_string(),
+                    )])
+                    .build(),
+            )
+            .await
+            .map_err(classify)?;
+        let mut out: Vec<RuntimePod> = pods
+            .into_iter()
+            .filter_map(|p| {
+                Some(RuntimePod {
+                    id: p.id?,
+                    name: p.name.unwrap_or_default(),
+                    labels: to_map(p.labels),
+                    containers: Vec::new(),
+                })
+            })
+            .collect();
+        for c in containers {
+            if c.is_infra == Some(true) {
+                continue;
+            }
+            let (Some(id), Some(pod_id)) = (c.id, c.pod) else {
+                continue;
+            };
+            let Some(pod) = out.iter_mut().find(|p| p.id == pod_id) else {
+                continue;
+            };
+            let exited_at = c.exited_at.filter(|t| *t > 0);
+            pod.containers.push(RuntimeContainer {
+                id,
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default(),
+                labels: to_map(c.labels),
+                state: ContainerState {
+                    status: status_of(c.state.as_deref()),
+                    exit_code: c.exit_code,
+                    started_at: c
+                        .started_at
+                        .filter(|t| *t > 0)
+                        .and_then(|t| Timestamp::from_second(t).ok()),
+                    finished_at: exited_at.and_then(|t| Timestamp::from_second(t).ok()),
+                    error: None,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError> {
+        let opts = PodCreateOpts::builder()
+            .name(&plan.name)
+            .hostname(&plan.hostname)
+            .labels(plan.labels.clone())
+            .portmappings(plan.ports.iter().map(port_mapping))
+            .build();
+        let pod = self.client.pods().create(&opts).await.map_err(classify)?;
+        Ok(pod.id().to_string())
+    }
+
+    async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
+        self.client
+            .pods()
+            .get(pod_id)
+            .start()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError> {
+        let pod = self
+            .client
+            .pods()
+            .get(pod_id)
+            .inspect()
+            .await
+            .map_err(classify)?;
+        let Some(infra) = pod.infra_container_id else {
+            return Ok(None);
+        };
+        let info = self
+            .client
+            .containers()
+            .get(infra)
+            .inspect()
+            .await
+            .map_err(classify)?;
+        let Some(settings) = info.network_settings else {
+            return Ok(None);
+        };
+        let addresses = std::iter::once(settings.ip_address).chain(
+            settings
+                .networks
+                .unwrap_or_default()
+                .into_values()
+                .map(|n| n.ip_address),
+        );
+        Ok(addresses.flatten().find_map(|ip| ip.parse::<IpAddr>().ok()))
+    }
+
+    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
+        let present = || async {
+            self.client
+                .images()
+                .get(image)
+                .exists()
+                .await
+                .map_err(classify)
+        };
+        match policy {
+            PullPolicy::IfNotPresent if present().await? => return Ok(()),
+            PullPolicy::Never if present().await? => return Ok(()),
+            PullPolicy::Never => {
+                return Err(RuntimeError::ImageNeverPull(format!(
+                    "Container image \"{image}\" is not present with pull policy of Never"
+                )))
+            }
+            PullPolicy::IfNotPresent | PullPolicy::Always => {}
+        }
+        let images = self.client.images();
+        let opts = PullOpts::builder().reference(image).quiet(true).build();
+        let mut reports = images.pull(&opts);
+        let mut failure = None;
+        while let Some(report) = reports.next().await {
+            match report {
+                Ok(r) => {
+                    if let Some(e) = r.error.filter(|e| !e.is_empty()) {
+                        failure = Some(e);
+                    }
+                }
+                Err(e) => failure = Some(classify(e).to_string()),
+            }
+        }
+        match failure {
+            Some(e) => Err(RuntimeError::ImagePull(format!(
+                "Failed to pull image \"{image}\": {e}"
+            ))),
+            None if present().await? => Ok(()),
+            None => Err(RuntimeError::ImagePull(format!(
+                "Failed to pull image \"{image}\": the image is not present after the pull"
+            ))),
+        }
+    }
+
+    async fn create_container(
+        &self,
+        pod_id: &str,
+        plan: &ContainerPlan,
+    ) -> Result<String, RuntimeError> {
+        let mut opts = ContainerCreateOpts::builder()
+            .name(&plan.name)
+            .pod(pod_id)
+            .image(&plan.image)
+            .labels(plan.labels.clone())
+            .env(plan.env.iter().cloned())
+            .terminal(plan.tty)
+            .stdin(plan.stdin)
+            .privileged(plan.privileged)
+            .read_only_fs(plan.read_only_root_fs)
+            .stop_timeout(plan.stop_timeout_secs)
+            // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
+            .init(true)
+            .mounts(plan.mounts.iter().map(|m| ContainerMount {
+                destination: Some(m.container_path.clone()),
+                source: Some(m.host_path.display().to_string()),
+                _type: Some("bind".into()),
+                options: Some(vec![
+                    "rbind".into(),
+                    if m.read_only { "ro" } else { "rw" }.into(),
+                ]),
+                uid_mappings: None,
+                gid_mappings: None,
+            }));
+        if let Some(command) = &plan.command {
+            opts = opts.entrypoint(command.clone());
+        }
+        if let Some(args) = &plan.args {
+            opts = opts.command(args.clone());
+        } else if plan.command.is_some() {
+            // Kubernetes: a command without args drops the image's CMD.
+            opts = opts.command(Vec::<String>::new());
+        }
+        if let Some(dir) = &plan.working_dir {
+            opts = opts.work_dir(dir);
+        }
+        if let Some(user) = &plan.user {
+            opts = opts.user(user);
+        }
+        if plan.memory_limit_bytes.is_some() || plan.cpu_limit_millis.is_some() {
+            opts = opts.resource_limits(resource_limits(plan)?);
+        }
+        let created = self
+            .client
+            .containers()
+            .create(&opts.build())
+            .await
+            .map_err(classify)?;
+        Ok(created.id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client
+            .containers()
+            .get(id)
+            .start(None)
+            .await
+            .map_err(classify)
+    }
+
+    async fn container_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        self.inspect_state(id).await
+    }
+
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let container = self.client.containers().get(id);
+        if self.inspect_state(id).await?.status != ContainerStatus::Running {
+            return Ok(());
+        }
+        // Podman 4.3 ignores the stop timeout given with the request: signal and wait
+        // ourselves, so that the pod's own grace period holds.
+        if !grace.is_zero() {
+            match container.send_signal("SIGTERM").await.map_err(classify) {
+                Ok(()) => {}
+                Err(RuntimeError::Invalid(_)) => return Ok(()), // exited meanwhile
+                Err(e) => return Err(e),
+            }
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline {
+                if self.inspect_state(id).await?.status != ContainerStatus::Running {
+                    return Ok(());
+                }
+                tokio::time::sleep(STOP_POLL).await;
+            }
+        }
+        match container.kill().await.map_err(classify) {
+            Ok(()) | Err(RuntimeError::Invalid(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if self.inspect_state(id).await?.status != ContainerStatus::Running {
+                return Ok(());
+            }
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        Err(RuntimeError::Unavailable(format!(
+            "container {id} still runs 10 s after SIGKILL"
+        )))
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client
+            .containers()
+            .get(id)
+            .delete(&ContainerDeleteOpts::builder().force(true).build())
+            .await
+            .map_err(classify)
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let container = self.client.containers().get(id);
+        let exec = container
+            .create_exec(
+                &ExecCreateOpts::builder()
+                    .command(cmd.to_vec())
+                    .attach_stdout(true)
+                    .attach_stderr(true)
+                    .build(),
+            )
+            .await
+            .map_err(classify)?;
+        let run = async {
+            let opts = ExecStartOpts::builder().build();
+            let mut output = Vec::new();
+            if let Some(mut stream) = exec.start(&opts).await.map_err(classify)? {
+                while let Some(chunk) = stream.next().await {
+                    match chunk {
+                        Ok(chunk) => output.extend_from_slice(&chunk.to_vec()),
+                        Err(e) => return Err(RuntimeError::Unavailable(e.to_string())),
+                    }
+                }
+            }
+            let info = exec.inspect().await.map_err(classify)?;
+            let exit_code = info
+                .get("ExitCode")
+                .and_then(|c| c.as_i64())
+                .and_then(|c| i32::try_from(c).ok())
+                .unwrap_or(-1);
+            Ok(ExecOutput { exit_code, output })
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| {
+            RuntimeError::Unavailable(format!("command {cmd:?} timed out after {timeout:?}"))
+        })?
+    }
+
+    async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
+        self.client
+            .pods()
+            .get(pod_id)
+            .remove()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+}
