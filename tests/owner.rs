@@ -103,7 +103,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
             pod_manifest_path: dir.path().to_path_buf(),
             owner: OwnerConfig {
                 adopt_window: Duration::from_millis(500),
-                offer_window: Duration::from_millis(300),
+                offer_window: Duration::from_secs(2),
                 ..OwnerConfig::default()
             },
         },
@@ -118,17 +118,24 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
             start_peer(None, vec![node_addr.clone()], Topic::ALL.to_vec(), &cancel).await;
         agents.push(ScriptedAgent { handle, events });
     }
-    // Heartbeats until the offer comes: the owner offers only to a mesh with agents.
-    let mut offers = Vec::new();
-    for agent in agents.iter_mut() {
-        let handle = agent.handle.clone();
-        let beat = tokio::spawn(async move {
-            loop {
-                let _ = handle.publish(&heartbeat(vec![])).await;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        });
-        let offer = next_event(&mut agent.events, "offer", |e| match e {
+    // Both agents heartbeat throughout: the owner offers only to a mesh with agents.
+    let beats: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let handle = agent.handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = handle.publish(&heartbeat(vec![])).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        })
+        .collect();
+    // Both bid on an offer as soon as it is seen; agent 0 bids higher. An offer may
+    // close before the bids arrive (it was made before both agents were known): the
+    // next one is taken then.
+    let offer = loop {
+        let offer = next_event(&mut agents[0].events, "offer", |e| match e {
             MeshEvent::Gossip {
                 source,
                 message: GossipMessage::Offer(offer),
@@ -136,21 +143,23 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
             _ => None,
         })
         .await;
+        let mut acks = 0;
+        for (agent, score) in agents.iter().zip([900, 100]) {
+            let bid = Request::Bid(Bid {
+                pod: offer.pod.uid.clone(),
+                epoch: offer.epoch,
+                score,
+            });
+            if agent.handle.request(node_id, bid).await.expect("bid") == Response::Ack {
+                acks += 1;
+            }
+        }
+        if acks == 2 {
+            break offer;
+        }
+    };
+    for beat in beats {
         beat.abort();
-        offers.push(offer);
-    }
-    // Both bid on the same offer; agent 0 bids higher.
-    let offer = offers[0].clone();
-    for (agent, score) in agents.iter().zip([900, 100]) {
-        let bid = Request::Bid(Bid {
-            pod: offer.pod.uid.clone(),
-            epoch: offer.epoch,
-            score,
-        });
-        assert_eq!(
-            agent.handle.request(node_id, bid).await.expect("bid"),
-            Response::Ack
-        );
     }
     // The best bidder is asked first and declines.
     let reply = next_event(
