@@ -112,8 +112,19 @@ impl Node {
 /// scan (a full channel already holds a wake-up, so events coalesce).
 fn watch(dir: &std::path::Path, changed: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
+    use notify::event::{AccessKind, AccessMode, EventKind};
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes: reads (including our own scans) must not wake us.
+        let is_change = event.is_ok_and(|e| {
+            matches!(
+                e.kind,
+                EventKind::Create(_)
+                    | EventKind::Modify(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            )
+        });
+        if is_change {
             let _ = changed.try_send(());
         }
     })

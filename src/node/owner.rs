@@ -279,6 +279,9 @@ impl Owner {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
+        if owned.deleting {
+            return;
+        }
         owned.deleting = true;
         match owned.placement.clone() {
             Placement::Placed { agent } => {
