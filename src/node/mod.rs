@@ -111,8 +111,8 @@ impl Node {
 /// Watches the manifest directory with inotify; every event wakes the node loop for a
 /// scan (a full channel already holds a wake-up, so events coalesce).
 fn watch(dir: &std::path::Path, changed: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
     use notify::event::{AccessKind, AccessMode, EventKind};
+    use notify::Watcher;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Only changes: reads (including our own scans) must not wake us.
         let is_change = event.is_ok_and(|e| {
