@@ -11,4 +11,13 @@ bash hack/build-test-image.sh
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 # End-to-end tests start several processes each; two at a time suit 2 cores.
-cargo test --locked -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
