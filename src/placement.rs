@@ -279,15 +279,14 @@ pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapa
     if total == 0 {
         return "0/0 agents fit: no agent has joined the mesh".to_string();
     }
-    let mut text = format!("{fitting}/{total} agents fit");
-    if !counts.is_empty() {
-        let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        text.push_str(": ");
-        text.push_str(&parts.join(", "));
-    } else if fitting > 0 {
-        text.push_str(": no bid arrived in time");
+    let mut parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    if fitting > 0 {
+        // Their heartbeats say they fit, yet no bid came.
+        parts.push(format!(
+            "{fitting} did not bid (agents bid only for owners they trust)"
+        ));
     }
-    text
+    format!("{fitting}/{total} agents fit: {}", parts.join(", "))
 }
 
 #[cfg(test)]
@@ -404,6 +403,11 @@ mod tests {
         assert_eq!(
             explain(&o, &[]),
             "0/0 agents fit: no agent has joined the mesh"
+        );
+        let roomy = agent(1000, 8 << 30, &[]);
+        assert_eq!(
+            explain(&o, &[roomy, agent(1000, 1 << 30, &[])]),
+            "1/2 agents fit: 1 insufficient memory, 1 did not bid (agents bid only for owners they trust)"
         );
     }
 }

@@ -379,3 +379,77 @@ spec:
     assert!(mesh.node().is_running());
     assert_eq!(phase_of(&mesh, "e2e-good").as_deref(), Some("Running"));
 }
+
+#[test]
+fn probes_restarts_and_terminal_phases_follow_the_kubelet() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "lifecycle.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-unhealthy}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sh", "-c", "touch /tmp/alive; sleep 2; rm /tmp/alive; sleep 100000"]
+    livenessProbe:
+      exec: {command: ["test", "-f", "/tmp/alive"]}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-crasher}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sh", "-c", "echo failing; exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-once}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sh", "-c", "echo done"]
+"#,
+    );
+    // The liveness probe fails after 2 s: the container is killed and started again.
+    mesh.wait_for("a liveness restart", Duration::from_secs(40), || {
+        podman_containers("io.beemesh.pod.name=e2e-unhealthy")
+            .iter()
+            .any(|c| c["Labels"]["io.beemesh.attempt"] == "1")
+            .then_some(())
+    });
+    assert_eq!(phase_of(&mesh, "e2e-unhealthy").as_deref(), Some("Running"));
+    // OnFailure with exit 3: restarted at once, then held back: CrashLoopBackOff.
+    mesh.wait_for("CrashLoopBackOff", Duration::from_secs(30), || {
+        let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
+        out.lines()
+            .any(|l| l.contains("default/e2e-crasher") && l.contains("CrashLoopBackOff"))
+            .then_some(())
+    });
+    let attempts: BTreeSet<String> = podman_containers("io.beemesh.pod.name=e2e-crasher")
+        .iter()
+        .filter_map(|c| {
+            c["Labels"]["io.beemesh.attempt"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        attempts.contains("1"),
+        "restarted once at least: {attempts:?}"
+    );
+    mesh.wait_for("e2e-once Succeeded", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-once").as_deref() == Some("Succeeded")).then_some(())
+    });
+}

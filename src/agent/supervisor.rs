@@ -275,7 +275,7 @@ impl Worker {
             return;
         }
         for name in translate::empty_dirs(&self.pod) {
-            if let Err(e) = tokio::fs::create_dir_all(self.volumes_dir.join(&name)).await {
+            if let Err(e) = create_world_writable(&self.volumes_dir.join(&name)).await {
                 self.fail("VolumeError", format!("cannot create emptyDir {name}: {e}"));
                 return;
             }
@@ -522,6 +522,18 @@ impl Worker {
                 return;
             }
         };
+        // A subPath that does not exist yet is created, as the kubelet does.
+        for mount in &plan.mounts {
+            if let Err(e) = create_world_writable(&mount.host_path).await {
+                let slot = &mut self.slots[i];
+                slot.view.state = Observed::waiting(
+                    "CreateContainerConfigError",
+                    Some(format!("cannot create {}: {e}", mount.container_path)),
+                );
+                slot.schedule_retry(now);
+                return;
+            }
+        }
         // Keep exactly one previous instance (for `logs --previous`); older ones go.
         if let Some(old) = self.slots[i].previous_id.clone() {
             if self.slots[i].attempt >= 2 {
@@ -679,4 +691,12 @@ impl Worker {
             tracing::debug!(pod = %self.pod_ref, "agent is gone; status not delivered");
         }
     }
+}
+
+/// Creates a volume directory with mode 0777, as the kubelet creates emptyDir volumes,
+/// so that containers running as any user can write to it.
+async fn create_world_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::create_dir_all(dir).await?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).await
 }

@@ -117,6 +117,11 @@ pub struct ContainerPlan {
     pub user: Option<String>,
     pub privileged: bool,
     pub read_only_root_fs: bool,
+    /// `allowPrivilegeEscalation: false`.
+    pub no_new_privileges: bool,
+    /// Capability names as Kubernetes writes them (`NET_ADMIN`, `ALL`).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
     /// Seconds Podman waits after SIGTERM before SIGKILL when stopping.
     pub stop_timeout_secs: u64,
 }

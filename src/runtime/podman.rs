@@ -359,6 +359,9 @@ impl Runtime for Podman {
             .stdin(plan.stdin)
             .privileged(plan.privileged)
             .read_only_fs(plan.read_only_root_fs)
+            .no_new_privilages(plan.no_new_privileges)
+            .add_capabilities(plan.cap_add.iter().cloned())
+            .drop_capabilities(plan.cap_drop.iter().cloned())
             .stop_timeout(plan.stop_timeout_secs)
             // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
             .init(true)

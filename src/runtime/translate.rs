@@ -1,21 +1,53 @@
-//! Kubernetes pod specs to runtime plans, the way the kubelet reads them.
+//! Kubernetes pod specs to runtime plans.
 //!
-//! Pure: no I/O. [`validate`] refuses, with the field's path, anything that would
-//! change what runs and that a plan cannot express; fields that only Kubernetes'
-//! control plane uses (scheduling, service accounts, ...) are accepted and ignored,
-//! since pods from a real API server always carry them.
+//! Everything here is pure: a [`Pod`] goes in; [`PodPlan`]s and [`ContainerPlan`]s, or a
+//! [`SpecError`] saying why the pod cannot run here, come out. The rules follow what the
+//! kubelet and the API server's defaulting do, so that a pod behaves as it would on a
+//! cluster node. What the plans cannot express is refused by [`validate`] with a message
+//! the user sees in the pod status, rather than run differently without a word. Fields
+//! that only the control plane acts on are accepted and ignored, because pods coming from
+//! an API server always carry them.
+//!
+//! Choices made where Kubernetes leaves room or BeeMesh cannot follow it:
+//! - Grace period: the kubelet never gives a container less than 2 seconds between
+//!   SIGTERM and SIGKILL, so [`grace_period_secs`] is `max(value, 2)`, with the value
+//!   taken from `metadata.deletionGracePeriodSeconds`, else
+//!   `spec.terminationGracePeriodSeconds`, else 30 (the API server's default).
+//! - `runAsNonRoot: true` without a `runAsUser` is refused: the kubelet checks the image's
+//!   user when it starts the container, which pure code cannot do.
+//! - `allowPrivilegeEscalation: false` sets `no_new_privs`; capabilities are added and
+//!   dropped by name, as the kubelet's runtime does.
+//! - emptyDir with `medium: Memory` is a plain directory on the agent's disk, not a
+//!   tmpfs; `sizeLimit` is not enforced.
+//! - Ports of (non-sidecar) init containers get no host mapping, as with the kubelet.
+//! - `ephemeral-storage` requests and limits are accepted and not enforced; extended
+//!   resources (GPUs, hugepages, ...) are refused, since no agent can provide them.
+//! - `resourceFieldRef` env vars are supported, except `limits.*` of a container without
+//!   that limit: the kubelet then uses the node's allocatable amount, which plans lack.
+//! - Security settings equal to what Podman does anyway (seccomp and AppArmor
+//!   `RuntimeDefault`, `procMount: Default`, empty `seLinuxOptions`) are accepted.
+//!
+//! Every [`Mount::host_path`] lies under [`PlanContext::volumes_dir`]; the agent creates
+//! `<volumes_dir>/<name>` for each of [`empty_dirs`] (mode 0777, as the kubelet does), and
+//! must also create the directory of a mount with a `subPath` when it does not exist yet.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Component, Path};
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec, Probe, SecurityContext};
+use k8s_openapi::api::core::v1::{
+    AppArmorProfile, Container, ContainerPort, EnvVar, EnvVarSource, Lifecycle,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
+    ResourceRequirements, SELinuxOptions, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    WindowsSecurityContextOptions,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::{labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy};
 use crate::wire::{Epoch, PodRef, PodUid, Resources};
 
-/// A reason a pod cannot run here; shown to users as the pod's status message.
+/// A reason a pod cannot run here; Display is "<field path>: <message>", shown to users as
+/// the pod status message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct SpecError {
@@ -23,13 +55,17 @@ pub struct SpecError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError {
-        field: field.into(),
-        message: message.into(),
+impl SpecError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
+/// Whether a container runs before the pod's app containers (and must finish), or is one
+/// of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerKind {
     Init,
@@ -37,810 +73,1369 @@ pub enum ContainerKind {
 }
 
 impl ContainerKind {
+    /// The value of the `io.beemesh.container.kind` label.
     fn label(self) -> &'static str {
         match self {
             ContainerKind::Init => "init",
             ContainerKind::App => "app",
         }
     }
+
+    /// The PodSpec field that lists containers of this kind, for field paths.
+    fn spec_field(self) -> &'static str {
+        match self {
+            ContainerKind::Init => "initContainers",
+            ContainerKind::App => "containers",
+        }
+    }
 }
 
 /// What the agent knows when it creates a container.
+#[derive(Debug, Clone, Copy)]
 pub struct PlanContext<'a> {
-    /// The agent's peer ID.
+    /// The agent's peer ID (label `io.beemesh.agent`).
     pub agent: &'a str,
-    /// The owner's peer ID.
+    /// The owner's peer ID (label `io.beemesh.owner`).
     pub owner: &'a str,
     pub epoch: Epoch,
-    /// Where this pod's emptyDir volumes live: `<volumes_dir>/<volume name>`.
+    /// Per-pod directory on the agent where emptyDir volumes live: `<volumes_dir>/<name>`.
     pub volumes_dir: &'a Path,
+    /// For env fieldRef `status.podIP` / `status.podIPs`.
     pub pod_ip: Option<IpAddr>,
+    /// For `status.hostIP` / `status.hostIPs`.
     pub host_ip: Option<IpAddr>,
+    /// For `spec.nodeName`.
     pub node_name: &'a str,
 }
 
-const DEFAULT_GRACE_SECS: u64 = 30;
+const DEFAULT_NAMESPACE: &str = "default";
+/// The API server's default for `terminationGracePeriodSeconds`.
+const DEFAULT_GRACE_PERIOD_SECS: i64 = 30;
+/// The kubelet's `minimumGracePeriodInSeconds`: every container gets this long to exit.
+const MIN_GRACE_PERIOD_SECS: i64 = 2;
+/// Linux hostnames hold at most 64 bytes including the terminating NUL.
+const HOSTNAME_MAX_LEN: usize = 63;
+/// How much of the pod UID goes into Podman names: enough to tell apart two pods that
+/// reuse a namespace and name.
+const UID_PREFIX_LEN: usize = 8;
+/// The API server's ServiceAccount admission adds a projected volume named like this to
+/// every pod unless `automountServiceAccountToken` is false.
+const SERVICE_ACCOUNT_VOLUME_PREFIX: &str = "kube-api-access-";
+/// User and group IDs are int32 in the Kubernetes API.
+const MAX_ID: i64 = i32::MAX as i64;
 
-fn spec(pod: &Pod) -> Result<&PodSpec, SpecError> {
-    pod.spec.as_ref().ok_or_else(|| err("spec", "required"))
-}
+// ---------------------------------------------------------------------------------------
+// Identity
+// ---------------------------------------------------------------------------------------
 
-fn all_containers(spec: &PodSpec) -> impl Iterator<Item = (String, &Container)> {
-    spec.init_containers
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, c)| (format!("spec.initContainers[{i}]"), c))
-        .chain(
-            spec.containers
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (format!("spec.containers[{i}]"), c)),
-        )
-}
-
-fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-/// The pod's identity; namespace defaults to `default`.
+/// The pod's identity: `metadata.uid` and `metadata.name` are required, the namespace
+/// defaults to "default".
 pub fn pod_ref(pod: &Pod) -> Result<PodRef, SpecError> {
-    let name = pod
-        .metadata
-        .name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| err("metadata.name", "required"))?;
-    let uid = pod
-        .metadata
-        .uid
-        .clone()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| err("metadata.uid", "required"))?;
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "default".into());
+    let meta = &pod.metadata;
+    let uid =
+        non_empty(meta.uid.as_deref()).ok_or_else(|| SpecError::new("metadata.uid", "required"))?;
+    let name = non_empty(meta.name.as_deref())
+        .ok_or_else(|| SpecError::new("metadata.name", "required"))?;
+    let namespace = non_empty(meta.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE);
     Ok(PodRef {
-        uid: PodUid(uid),
-        namespace,
-        name,
+        uid: PodUid(uid.to_owned()),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
     })
 }
 
-/// `<namespace>_<name>_<uid8>_<epoch>`: unique per placement.
+/// The Podman pod name, `<namespace>_<name>_<first 8 chars of uid>_<epoch>`: unique per
+/// placement, and readable in `podman pod ps`.
 pub fn podman_pod_name(pod: &PodRef, epoch: Epoch) -> String {
-    let uid8: String = pod.uid.0.chars().take(8).collect();
-    format!("{}_{}_{}_{}", pod.namespace, pod.name, uid8, epoch)
+    let uid_prefix: String = pod.uid.0.chars().take(UID_PREFIX_LEN).collect();
+    format!("{}_{}_{}_{}", pod.namespace, pod.name, uid_prefix, epoch)
 }
 
-/// The projected service-account token volume API servers add to pods by default.
-/// A later issue serves it; until then it is refused with a message that says so.
-fn check_service_account_volume(field: &str, name: &str) -> Result<(), SpecError> {
-    Err(err(
-        field,
-        format!(
-            "volume {name:?} (the service-account token an API server adds) is not supported yet; \
-             set automountServiceAccountToken: false"
-        ),
-    ))
+/// The labels of the Podman pod, which every container of it carries too.
+fn pod_labels(pod: &PodRef, ctx: &PlanContext) -> BTreeMap<String, String> {
+    [
+        (labels::POD_UID, pod.uid.0.clone()),
+        (labels::POD_NAMESPACE, pod.namespace.clone()),
+        (labels::POD_NAME, pod.name.clone()),
+        (labels::EPOCH, ctx.epoch.to_string()),
+        (labels::AGENT, ctx.agent.to_owned()),
+        (labels::OWNER, ctx.owner.to_owned()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value))
+    .collect()
 }
 
-/// Refuses what BeeMesh cannot run as asked.
+// ---------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------
+
+/// Checks that the pod can run on an agent exactly as written; the first problem found
+/// is the error.
 pub fn validate(pod: &Pod) -> Result<(), SpecError> {
-    pod_ref(pod)?;
-    let spec = spec(pod)?;
-    if spec.containers.is_empty() {
-        return Err(err("spec.containers", "a pod needs at least one container"));
+    validate_identity(&pod_ref(pod)?)?;
+    let spec = spec_of(pod)?;
+    validate_pod_fields(spec)?;
+    if let Some(security) = &spec.security_context {
+        validate_pod_security(security)?;
     }
-    match spec.restart_policy.as_deref() {
-        None | Some("Always" | "OnFailure" | "Never") => {}
-        Some(other) => {
-            return Err(err(
-                "spec.restartPolicy",
-                format!("{other:?} is not one of Always, OnFailure, Never"),
-            ))
-        }
-    }
-    let refuse_if = |set: bool, field: &str, message: &str| {
-        if set {
-            Err(err(field, message))
-        } else {
-            Ok(())
-        }
-    };
-    refuse_if(
-        spec.host_network == Some(true),
-        "spec.hostNetwork",
-        "host networking is not supported",
-    )?;
-    refuse_if(
-        spec.host_pid == Some(true),
-        "spec.hostPID",
-        "the host PID namespace is not supported",
-    )?;
-    refuse_if(
-        spec.host_ipc == Some(true),
-        "spec.hostIPC",
-        "the host IPC namespace is not supported",
-    )?;
-    refuse_if(
-        spec.share_process_namespace == Some(true),
-        "spec.shareProcessNamespace",
-        "a shared process namespace is not supported",
-    )?;
-    refuse_if(
-        spec.active_deadline_seconds.is_some(),
-        "spec.activeDeadlineSeconds",
-        "active deadlines are not supported",
-    )?;
-    refuse_if(
-        spec.ephemeral_containers
-            .as_ref()
-            .is_some_and(|e| !e.is_empty()),
-        "spec.ephemeralContainers",
-        "ephemeral containers are not supported",
-    )?;
-    refuse_if(
-        spec.image_pull_secrets
-            .as_ref()
-            .is_some_and(|s| !s.is_empty()),
-        "spec.imagePullSecrets",
-        "pull secrets are not supported yet (agents use their local images)",
-    )?;
-    refuse_if(
-        spec.runtime_class_name.is_some(),
-        "spec.runtimeClassName",
-        "runtime classes are not supported",
-    )?;
-    refuse_if(
-        spec.host_aliases.as_ref().is_some_and(|a| !a.is_empty()),
-        "spec.hostAliases",
-        "host aliases are not supported yet",
-    )?;
-    refuse_if(
-        spec.dns_config.is_some(),
-        "spec.dnsConfig",
-        "custom DNS configuration is not supported",
-    )?;
-    refuse_if(
-        spec.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()),
-        "spec.readinessGates",
-        "readiness gates are not supported",
-    )?;
-    refuse_if(
-        spec.os.as_ref().is_some_and(|os| os.name != "linux"),
-        "spec.os.name",
-        "agents run Linux containers only",
-    )?;
-    if let Some(ctx) = &spec.security_context {
-        refuse_if(
-            ctx.sysctls.as_ref().is_some_and(|s| !s.is_empty()),
-            "spec.securityContext.sysctls",
-            "sysctls are not supported",
-        )?;
-        refuse_if(
-            ctx.se_linux_options.is_some(),
-            "spec.securityContext.seLinuxOptions",
-            "SELinux options are not supported",
-        )?;
-        refuse_if(
-            ctx.windows_options.is_some(),
-            "spec.securityContext.windowsOptions",
-            "Windows options are not supported",
-        )?;
-    }
+    // Volumes before containers: a refused volume is the root cause of errors in the
+    // mounts that use it.
+    validate_volumes(volumes_of(spec))?;
+    validate_containers(spec)
+}
 
-    let mut empty_dirs = HashSet::new();
-    for (i, volume) in spec.volumes.iter().flatten().enumerate() {
-        let field = format!("spec.volumes[{i}]");
-        if volume.empty_dir.is_some() {
-            empty_dirs.insert(volume.name.as_str());
-            continue;
+fn spec_of(pod: &Pod) -> Result<&PodSpec, SpecError> {
+    pod.spec
+        .as_ref()
+        .ok_or_else(|| SpecError::new("spec", "required"))
+}
+
+fn volumes_of(spec: &PodSpec) -> &[Volume] {
+    spec.volumes.as_deref().unwrap_or_default()
+}
+
+/// Namespace, name and UID end up in Podman names, which allow only `[a-zA-Z0-9_.-]`.
+fn validate_identity(pod: &PodRef) -> Result<(), SpecError> {
+    refuse_if(
+        !is_dns_subdomain(&pod.name),
+        "metadata.name",
+        "must be a lowercase RFC 1123 subdomain",
+    )?;
+    refuse_if(
+        !is_dns_label(&pod.namespace),
+        "metadata.namespace",
+        "must be a lowercase RFC 1123 label",
+    )?;
+    refuse_if(
+        !pod.uid
+            .0
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+        "metadata.uid",
+        "must contain only letters, digits and '-'",
+    )
+}
+
+/// The pod-level fields, each accepted, ignored or refused.
+fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
+    // Destructured without `..` so that a field added by a newer Kubernetes version does
+    // not compile until someone decides whether BeeMesh accepts it.
+    let PodSpec {
+        // Validated by their own functions.
+        containers: _,
+        init_containers: _,
+        volumes: _,
+        security_context: _,
+        // Read by the plans, the placement or the agent.
+        hostname,
+        hostname_override,
+        overhead,
+        restart_policy,
+        termination_grace_period_seconds: _,
+        // Only the control plane acts on these (scheduling, admission, service account
+        // and DNS defaults); pods from an API server carry several of them.
+        affinity: _,
+        automount_service_account_token: _,
+        enable_service_links: _,
+        eviction_responders: _,
+        node_name: _,
+        node_selector: _,
+        preemption_policy: _,
+        priority: _,
+        priority_class_name: _,
+        resource_claims: _,
+        scheduler_name: _,
+        scheduling_gates: _,
+        scheduling_group: _,
+        service_account: _,
+        service_account_name: _,
+        subdomain: _,
+        tolerations: _,
+        topology_spread_constraints: _,
+        // Would change what runs: refused unless unset or at their default.
+        active_deadline_seconds,
+        dns_config,
+        dns_policy,
+        ephemeral_containers,
+        host_aliases,
+        host_ipc,
+        host_network,
+        host_pid,
+        host_users,
+        image_pull_secrets,
+        os,
+        readiness_gates,
+        resources,
+        runtime_class_name,
+        set_hostname_as_fqdn,
+        share_process_namespace,
+    } = spec;
+
+    // Each rule: whether the field asks for something agents cannot do, the field, why.
+    let rules = [
+        (
+            *host_network == Some(true),
+            "spec.hostNetwork",
+            "host networking is not supported",
+        ),
+        (
+            *host_pid == Some(true),
+            "spec.hostPID",
+            "the host's PID namespace is not supported",
+        ),
+        (
+            *host_ipc == Some(true),
+            "spec.hostIPC",
+            "the host's IPC namespace is not supported",
+        ),
+        (
+            *host_users == Some(false),
+            "spec.hostUsers",
+            "user namespaces are not supported yet",
+        ),
+        (
+            *share_process_namespace == Some(true),
+            "spec.shareProcessNamespace",
+            "a shared process namespace is not supported yet",
+        ),
+        (
+            active_deadline_seconds.is_some(),
+            "spec.activeDeadlineSeconds",
+            "activeDeadlineSeconds is not supported yet",
+        ),
+        (
+            has_items(ephemeral_containers.as_deref()),
+            "spec.ephemeralContainers",
+            "ephemeral containers are not supported",
+        ),
+        (
+            has_items(image_pull_secrets.as_deref()),
+            "spec.imagePullSecrets",
+            "image pull secrets need the Kubernetes API; not supported yet (only public images)",
+        ),
+        (
+            non_empty(runtime_class_name.as_deref()).is_some(),
+            "spec.runtimeClassName",
+            "runtime classes are not supported",
+        ),
+        (
+            has_items(host_aliases.as_deref()),
+            "spec.hostAliases",
+            "hostAliases are not supported yet",
+        ),
+        (
+            dns_config.is_some(),
+            "spec.dnsConfig",
+            "dnsConfig is not supported yet",
+        ),
+        (
+            has_items(readiness_gates.as_deref()),
+            "spec.readinessGates",
+            "readiness gates are not supported",
+        ),
+        (
+            resources.is_some(),
+            "spec.resources",
+            "pod-level resources are not supported yet",
+        ),
+        (
+            *set_hostname_as_fqdn == Some(true),
+            "spec.setHostnameAsFQDN",
+            "setHostnameAsFQDN is not supported (there is no cluster domain)",
+        ),
+    ];
+    for (refused, field, message) in rules {
+        refuse_if(refused, field, message)?;
+    }
+    validate_dns_policy(dns_policy.as_deref())?;
+    validate_restart_policy(restart_policy.as_deref())?;
+    if let Some(os) = os {
+        validate_os(&os.name)?;
+    }
+    validate_hostnames(hostname.as_deref(), hostname_override.as_deref())?;
+    validate_overhead(overhead.as_ref())
+}
+
+fn validate_dns_policy(policy: Option<&str>) -> Result<(), SpecError> {
+    const FIELD: &str = "spec.dnsPolicy";
+    match policy {
+        // Pods get the agent's DNS whatever they ask for; ClusterFirst is the API
+        // server's default, so refusing it would refuse every pod.
+        None | Some("ClusterFirst" | "ClusterFirstWithHostNet" | "Default") => Ok(()),
+        Some("None") => Err(SpecError::new(
+            FIELD,
+            "dnsPolicy None needs dnsConfig, which is not supported yet",
+        )),
+        Some(other) => Err(SpecError::new(
+            FIELD,
+            format!("unknown dnsPolicy \"{other}\""),
+        )),
+    }
+}
+
+fn validate_restart_policy(policy: Option<&str>) -> Result<(), SpecError> {
+    match policy {
+        None | Some("Always" | "OnFailure" | "Never") => Ok(()),
+        Some(_) => Err(SpecError::new(
+            "spec.restartPolicy",
+            "must be Always, OnFailure or Never",
+        )),
+    }
+}
+
+fn validate_os(name: &str) -> Result<(), SpecError> {
+    match name {
+        "linux" => Ok(()),
+        "windows" => Err(SpecError::new(
+            "spec.os.name",
+            "Windows pods cannot run on BeeMesh agents",
+        )),
+        other => Err(SpecError::new(
+            "spec.os.name",
+            format!("unknown operating system \"{other}\""),
+        )),
+    }
+}
+
+/// The kubelet refuses to start a pod whose hostname is not a valid DNS name.
+fn validate_hostnames(
+    hostname: Option<&str>,
+    hostname_override: Option<&str>,
+) -> Result<(), SpecError> {
+    if let Some(hostname) = non_empty(hostname) {
+        refuse_if(
+            !is_dns_label(hostname),
+            "spec.hostname",
+            "must be a lowercase RFC 1123 label",
+        )?;
+    }
+    if let Some(hostname) = non_empty(hostname_override) {
+        refuse_if(
+            hostname.len() > HOSTNAME_MAX_LEN + 1 || !is_dns_subdomain(hostname),
+            "spec.hostnameOverride",
+            "must be a lowercase RFC 1123 subdomain of at most 64 characters",
+        )?;
+    }
+    Ok(())
+}
+
+/// Overhead counts in the pod's requests, so it must parse.
+fn validate_overhead(overhead: Option<&BTreeMap<String, Quantity>>) -> Result<(), SpecError> {
+    for (name, quantity) in overhead.into_iter().flatten() {
+        if matches!(name.as_str(), "cpu" | "memory") {
+            parse_resource(name, quantity)
+                .map_err(|message| SpecError::new(format!("spec.overhead[{name}]"), message))?;
         }
-        if volume.projected.is_some() && volume.name.starts_with("kube-api-access-") {
-            return check_service_account_volume(&format!("{field}.projected"), &volume.name);
-        }
-        let kind = if volume.host_path.is_some() {
-            return Err(err(
-                format!("{field}.hostPath"),
-                "hostPath volumes are not allowed",
-            ));
-        } else if volume.config_map.is_some() {
-            "configMap"
-        } else if volume.secret.is_some() {
-            "secret"
-        } else if volume.downward_api.is_some() {
-            "downwardAPI"
-        } else if volume.projected.is_some() {
-            "projected"
-        } else if volume.persistent_volume_claim.is_some() {
-            "persistentVolumeClaim"
-        } else {
-            "this volume type"
-        };
-        return Err(err(
-            field,
+    }
+    Ok(())
+}
+
+/// The pod-level security context; runAsUser, runAsGroup and runAsNonRoot are checked per
+/// container, combined with the container's own.
+fn validate_pod_security(security: &PodSecurityContext) -> Result<(), SpecError> {
+    const PATH: &str = "spec.securityContext";
+    let PodSecurityContext {
+        run_as_user,
+        run_as_group,
+        run_as_non_root: _,
+        app_armor_profile,
+        seccomp_profile,
+        se_linux_options,
+        windows_options,
+        sysctls,
+        fs_group,
+        supplemental_groups,
+        supplemental_groups_policy,
+        // Only matter with fsGroup and SELinux, both refused.
+        fs_group_change_policy: _,
+        se_linux_change_policy: _,
+    } = security;
+    validate_id(PATH, "runAsUser", *run_as_user)?;
+    validate_id(PATH, "runAsGroup", *run_as_group)?;
+    validate_confinement(
+        PATH,
+        app_armor_profile.as_ref(),
+        seccomp_profile.as_ref(),
+        se_linux_options.as_ref(),
+        windows_options.as_ref(),
+    )?;
+    refuse_if(
+        has_items(sysctls.as_deref()),
+        &format!("{PATH}.sysctls"),
+        "sysctls are not supported yet",
+    )?;
+    refuse_if(
+        fs_group.is_some(),
+        &format!("{PATH}.fsGroup"),
+        "fsGroup is not supported yet",
+    )?;
+    refuse_if(
+        has_items(supplemental_groups.as_deref()),
+        &format!("{PATH}.supplementalGroups"),
+        "supplementalGroups are not supported yet",
+    )?;
+    match supplemental_groups_policy.as_deref() {
+        None | Some("Merge") => Ok(()),
+        Some(_) => Err(SpecError::new(
+            format!("{PATH}.supplementalGroupsPolicy"),
+            "only Merge is supported",
+        )),
+    }
+}
+
+/// Kubernetes user and group IDs are non-negative int32 values.
+fn validate_id(path: &str, field: &str, id: Option<i64>) -> Result<(), SpecError> {
+    refuse_if(
+        id.is_some_and(|id| !(0..=MAX_ID).contains(&id)),
+        &format!("{path}.{field}"),
+        "must be between 0 and 2147483647",
+    )
+}
+
+/// Mandatory access control settings, shared by pod and container security contexts.
+/// Values that ask for what Podman does anyway are accepted.
+fn validate_confinement(
+    path: &str,
+    app_armor: Option<&AppArmorProfile>,
+    seccomp: Option<&SeccompProfile>,
+    se_linux: Option<&SELinuxOptions>,
+    windows: Option<&WindowsSecurityContextOptions>,
+) -> Result<(), SpecError> {
+    if let Some(profile) = app_armor {
+        refuse_if(
+            profile.type_ != "RuntimeDefault",
+            &format!("{path}.appArmorProfile"),
+            "only the RuntimeDefault AppArmor profile is supported",
+        )?;
+    }
+    if let Some(profile) = seccomp {
+        refuse_if(
+            !matches!(profile.type_.as_str(), "RuntimeDefault" | "Unconfined"),
+            &format!("{path}.seccompProfile"),
+            "only RuntimeDefault and Unconfined seccomp profiles are supported",
+        )?;
+    }
+    refuse_if(
+        se_linux.is_some_and(|options| *options != SELinuxOptions::default()),
+        &format!("{path}.seLinuxOptions"),
+        "SELinux options are not supported",
+    )?;
+    refuse_if(
+        windows.is_some_and(|options| *options != WindowsSecurityContextOptions::default()),
+        &format!("{path}.windowsOptions"),
+        "Windows options cannot apply on BeeMesh agents",
+    )
+}
+
+fn validate_volumes(volumes: &[Volume]) -> Result<(), SpecError> {
+    let mut names = HashSet::new();
+    for (index, volume) in volumes.iter().enumerate() {
+        let path = format!("spec.volumes[{index}]");
+        refuse_if(
+            !is_dns_label(&volume.name),
+            &format!("{path}.name"),
+            "must be a lowercase RFC 1123 label",
+        )?;
+        refuse_if(
+            !names.insert(volume.name.as_str()),
+            &format!("{path}.name"),
+            &format!("duplicate volume name \"{}\"", volume.name),
+        )?;
+        validate_volume_source(&path, volume)?;
+    }
+    Ok(())
+}
+
+fn validate_volume_source(path: &str, volume: &Volume) -> Result<(), SpecError> {
+    if is_service_account_token_volume(volume) {
+        return Err(SpecError::new(
+            format!("{path}.projected"),
             format!(
-                "volume {:?}: {kind} volumes are not supported yet (only emptyDir)",
+                "the service account token volume {} is not supported yet (a later BeeMesh \
+                 version adds it); set automountServiceAccountToken: false",
                 volume.name
             ),
         ));
     }
-
-    let mut names = HashSet::new();
-    for (field, c) in all_containers(spec) {
-        validate_container(&field, c, &empty_dirs)?;
-        if !names.insert(c.name.as_str()) {
-            return Err(err(
-                format!("{field}.name"),
-                format!("duplicate container name {:?}", c.name),
-            ));
-        }
+    let refused = volume_sources(volume)
+        .into_iter()
+        .find(|&(kind, set)| set && kind != "emptyDir");
+    if let Some((kind, _)) = refused {
+        return Err(SpecError::new(
+            format!("{path}.{kind}"),
+            unsupported_volume_message(kind),
+        ));
     }
-    for (i, c) in spec.init_containers.iter().flatten().enumerate() {
-        let field = format!("spec.initContainers[{i}]");
+    // With no source at all, the API server defaults the volume to an emptyDir.
+    if let Some(empty_dir) = &volume.empty_dir {
         refuse_if(
-            c.restart_policy.is_some(),
-            &format!("{field}.restartPolicy"),
-            "sidecar containers are not supported yet",
+            !matches!(empty_dir.medium.as_deref(), None | Some("" | "Memory")),
+            &format!("{path}.emptyDir.medium"),
+            "must be \"\" or Memory",
         )?;
         refuse_if(
-            c.lifecycle.is_some(),
-            &format!("{field}.lifecycle"),
-            "lifecycle hooks are not supported",
+            empty_dir.mode.is_some(),
+            &format!("{path}.emptyDir.mode"),
+            "emptyDir mode is not supported yet",
         )?;
-        for (probe, name) in [
-            (&c.liveness_probe, "livenessProbe"),
-            (&c.readiness_probe, "readinessProbe"),
-            (&c.startup_probe, "startupProbe"),
-        ] {
-            refuse_if(
-                probe.is_some(),
-                &format!("{field}.{name}"),
-                "init containers cannot have probes",
-            )?;
-        }
     }
-    pod_requests(pod)?;
     Ok(())
+}
+
+/// The projected volume through which Kubernetes gives pods their service account token.
+/// Kept apart so that it can be let through once agents can provide the token.
+fn is_service_account_token_volume(volume: &Volume) -> bool {
+    volume.name.starts_with(SERVICE_ACCOUNT_VOLUME_PREFIX)
+        && volume.projected.as_ref().is_some_and(|projected| {
+            projected
+                .sources
+                .iter()
+                .flatten()
+                .any(|source| source.service_account_token.is_some())
+        })
+}
+
+fn unsupported_volume_message(kind: &str) -> String {
+    match kind {
+        "hostPath" => "hostPath volumes are not allowed".to_owned(),
+        "configMap" | "secret" | "projected" => {
+            format!("{kind} volumes need the Kubernetes API; not supported yet")
+        }
+        "downwardAPI" | "image" => format!("{kind} volumes are not supported yet"),
+        _ => format!("{kind} volumes are not supported"),
+    }
+}
+
+/// Every volume source with its JSON name and whether it is set.
+fn volume_sources(volume: &Volume) -> [(&'static str, bool); 30] {
+    // Destructured without `..`: a new volume type must not slip through unrefused.
+    let Volume {
+        name: _,
+        aws_elastic_block_store,
+        azure_disk,
+        azure_file,
+        cephfs,
+        cinder,
+        config_map,
+        csi,
+        downward_api,
+        empty_dir,
+        ephemeral,
+        fc,
+        flex_volume,
+        flocker,
+        gce_persistent_disk,
+        git_repo,
+        glusterfs,
+        host_path,
+        image,
+        iscsi,
+        nfs,
+        persistent_volume_claim,
+        photon_persistent_disk,
+        portworx_volume,
+        projected,
+        quobyte,
+        rbd,
+        scale_io,
+        secret,
+        storageos,
+        vsphere_volume,
+    } = volume;
+    [
+        ("awsElasticBlockStore", aws_elastic_block_store.is_some()),
+        ("azureDisk", azure_disk.is_some()),
+        ("azureFile", azure_file.is_some()),
+        ("cephfs", cephfs.is_some()),
+        ("cinder", cinder.is_some()),
+        ("configMap", config_map.is_some()),
+        ("csi", csi.is_some()),
+        ("downwardAPI", downward_api.is_some()),
+        ("emptyDir", empty_dir.is_some()),
+        ("ephemeral", ephemeral.is_some()),
+        ("fc", fc.is_some()),
+        ("flexVolume", flex_volume.is_some()),
+        ("flocker", flocker.is_some()),
+        ("gcePersistentDisk", gce_persistent_disk.is_some()),
+        ("gitRepo", git_repo.is_some()),
+        ("glusterfs", glusterfs.is_some()),
+        ("hostPath", host_path.is_some()),
+        ("image", image.is_some()),
+        ("iscsi", iscsi.is_some()),
+        ("nfs", nfs.is_some()),
+        ("persistentVolumeClaim", persistent_volume_claim.is_some()),
+        ("photonPersistentDisk", photon_persistent_disk.is_some()),
+        ("portworxVolume", portworx_volume.is_some()),
+        ("projected", projected.is_some()),
+        ("quobyte", quobyte.is_some()),
+        ("rbd", rbd.is_some()),
+        ("scaleIO", scale_io.is_some()),
+        ("secret", secret.is_some()),
+        ("storageos", storageos.is_some()),
+        ("vsphereVolume", vsphere_volume.is_some()),
+    ]
+}
+
+fn validate_containers(spec: &PodSpec) -> Result<(), SpecError> {
+    refuse_if(
+        spec.containers.is_empty(),
+        "spec.containers",
+        "a pod needs at least one container",
+    )?;
+    let mut names = HashSet::new();
+    for (kind, index, container) in all_containers(spec) {
+        let path = container_path(kind, index);
+        validate_container(&path, kind, container, spec)?;
+        refuse_if(
+            !names.insert(container.name.as_str()),
+            &format!("{path}.name"),
+            &format!("duplicate container name \"{}\"", container.name),
+        )?;
+    }
+    validate_host_port_conflicts(spec)
+}
+
+/// Init containers first, in the order they run, then app containers.
+fn all_containers(spec: &PodSpec) -> impl Iterator<Item = (ContainerKind, usize, &Container)> {
+    let init = spec.init_containers.iter().flatten().enumerate();
+    let app = spec.containers.iter().enumerate();
+    init.map(|(index, container)| (ContainerKind::Init, index, container))
+        .chain(app.map(|(index, container)| (ContainerKind::App, index, container)))
+}
+
+fn container_path(kind: ContainerKind, index: usize) -> String {
+    format!("spec.{}[{index}]", kind.spec_field())
 }
 
 fn validate_container(
-    field: &str,
-    c: &Container,
-    empty_dirs: &HashSet<&str>,
+    path: &str,
+    kind: ContainerKind,
+    container: &Container,
+    spec: &PodSpec,
 ) -> Result<(), SpecError> {
-    if !is_dns_label(&c.name) {
-        return Err(err(
-            format!("{field}.name"),
-            format!("{:?} is not a valid container name (a DNS label)", c.name),
-        ));
+    // Destructured without `..` for the same reason as in validate_pod_fields.
+    let Container {
+        name,
+        image,
+        image_pull_policy,
+        ports,
+        env,
+        env_from,
+        resources,
+        volume_mounts,
+        volume_devices,
+        lifecycle,
+        liveness_probe,
+        readiness_probe,
+        startup_probe,
+        restart_policy,
+        restart_policy_rules,
+        security_context,
+        // Used by the plans as they are.
+        args: _,
+        command: _,
+        working_dir: _,
+        stdin: _,
+        stdin_once: _,
+        tty: _,
+        // Only status reporting and in-place resizing read these.
+        termination_message_path: _,
+        termination_message_policy: _,
+        resize_policy: _,
+    } = container;
+    validate_container_name(path, name)?;
+    validate_image(path, image.as_deref(), image_pull_policy.as_deref())?;
+    validate_container_restart(path, kind, restart_policy.as_deref())?;
+    refuse_if(
+        has_items(restart_policy_rules.as_deref()),
+        &format!("{path}.restartPolicyRules"),
+        "restartPolicyRules are not supported yet",
+    )?;
+    if let Some(lifecycle) = lifecycle {
+        validate_lifecycle(path, lifecycle)?;
     }
-    if c.image.as_deref().is_none_or(|i| i.trim().is_empty()) {
-        return Err(err(format!("{field}.image"), "required"));
+    for (field, probe) in [
+        ("livenessProbe", liveness_probe),
+        ("readinessProbe", readiness_probe),
+        ("startupProbe", startup_probe),
+    ] {
+        if let Some(probe) = probe {
+            validate_probe(&format!("{path}.{field}"), kind, probe)?;
+        }
     }
-    match c.image_pull_policy.as_deref() {
-        None | Some("Always" | "IfNotPresent" | "Never") => {}
-        Some(other) => {
-            return Err(err(
-                format!("{field}.imagePullPolicy"),
-                format!("{other:?} is not one of Always, IfNotPresent, Never"),
+    validate_ports(path, ports.as_deref().unwrap_or_default())?;
+    refuse_if(
+        has_items(env_from.as_deref()),
+        &format!("{path}.envFrom"),
+        "envFrom needs the Kubernetes API (configMaps, secrets); not supported yet",
+    )?;
+    validate_env(path, env.as_deref().unwrap_or_default(), container, spec)?;
+    if let Some(resources) = resources {
+        validate_resources(&format!("{path}.resources"), resources)?;
+    }
+    validate_mounts(
+        path,
+        volume_mounts.as_deref().unwrap_or_default(),
+        volumes_of(spec),
+    )?;
+    refuse_if(
+        has_items(volume_devices.as_deref()),
+        &format!("{path}.volumeDevices"),
+        "raw block volumes are not supported",
+    )?;
+    validate_container_security(
+        path,
+        spec.security_context.as_ref(),
+        security_context.as_ref(),
+    )
+}
+
+fn validate_container_name(path: &str, name: &str) -> Result<(), SpecError> {
+    let field = format!("{path}.name");
+    refuse_if(name.is_empty(), &field, "required")?;
+    refuse_if(
+        !is_dns_label(name),
+        &field,
+        "must be a lowercase RFC 1123 label",
+    )
+}
+
+fn validate_image(path: &str, image: Option<&str>, policy: Option<&str>) -> Result<(), SpecError> {
+    let field = format!("{path}.image");
+    let image = non_empty(image).ok_or_else(|| SpecError::new(&field, "required"))?;
+    refuse_if(
+        image.trim() != image,
+        &field,
+        "must not have leading or trailing whitespace",
+    )?;
+    refuse_if(
+        !matches!(policy, None | Some("Always" | "IfNotPresent" | "Never")),
+        &format!("{path}.imagePullPolicy"),
+        "must be Always, IfNotPresent or Never",
+    )
+}
+
+fn validate_container_restart(
+    path: &str,
+    kind: ContainerKind,
+    policy: Option<&str>,
+) -> Result<(), SpecError> {
+    let field = format!("{path}.restartPolicy");
+    match (kind, policy) {
+        (_, None) => Ok(()),
+        (ContainerKind::Init, Some("Always")) => Err(SpecError::new(
+            field,
+            "sidecar containers are not supported yet",
+        )),
+        (ContainerKind::Init, Some(_)) => Err(SpecError::new(
+            field,
+            "an init container's restartPolicy may only be Always (a sidecar)",
+        )),
+        (ContainerKind::App, Some(_)) => Err(SpecError::new(
+            field,
+            "per-container restartPolicy is not supported yet",
+        )),
+    }
+}
+
+fn validate_lifecycle(path: &str, lifecycle: &Lifecycle) -> Result<(), SpecError> {
+    let Lifecycle {
+        post_start,
+        pre_stop,
+        stop_signal,
+    } = lifecycle;
+    refuse_if(
+        post_start.is_some(),
+        &format!("{path}.lifecycle.postStart"),
+        "lifecycle hooks are not supported yet",
+    )?;
+    refuse_if(
+        pre_stop.is_some(),
+        &format!("{path}.lifecycle.preStop"),
+        "lifecycle hooks are not supported yet",
+    )?;
+    refuse_if(
+        stop_signal.is_some(),
+        &format!("{path}.lifecycle.stopSignal"),
+        "stopSignal is not supported yet",
+    )
+}
+
+/// The agent runs exec, httpGet and tcpSocket probes. Init containers cannot have probes
+/// (the API server refuses them).
+fn validate_probe(path: &str, kind: ContainerKind, probe: &Probe) -> Result<(), SpecError> {
+    refuse_if(
+        kind == ContainerKind::Init,
+        path,
+        "init containers may not have probes",
+    )?;
+    refuse_if(
+        probe.grpc.is_some(),
+        &format!("{path}.grpc"),
+        "gRPC probes are not supported yet",
+    )
+}
+
+fn validate_ports(path: &str, ports: &[ContainerPort]) -> Result<(), SpecError> {
+    for (index, port) in ports.iter().enumerate() {
+        let path = format!("{path}.ports[{index}]");
+        refuse_if(
+            !(1..=65535).contains(&port.container_port),
+            &format!("{path}.containerPort"),
+            "must be between 1 and 65535",
+        )?;
+        refuse_if(
+            port.host_port
+                .is_some_and(|host| !(0..=65535).contains(&host)),
+            &format!("{path}.hostPort"),
+            "must be between 1 and 65535 (or 0 for none)",
+        )?;
+        port_protocol(port)
+            .map_err(|message| SpecError::new(format!("{path}.protocol"), message))?;
+        if let Some(ip) = non_empty(port.host_ip.as_deref()) {
+            refuse_if(
+                ip.parse::<IpAddr>().is_err(),
+                &format!("{path}.hostIP"),
+                "must be an IP address",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn port_protocol(port: &ContainerPort) -> Result<Protocol, String> {
+    match port.protocol.as_deref() {
+        None | Some("" | "TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Err("SCTP is not supported".to_owned()),
+        Some(other) => Err(format!("unknown protocol \"{other}\"")),
+    }
+}
+
+/// The API server refuses two app containers publishing the same host port, protocol and
+/// address.
+fn validate_host_port_conflicts(spec: &PodSpec) -> Result<(), SpecError> {
+    let mut seen = HashSet::new();
+    for (index, container) in spec.containers.iter().enumerate() {
+        for (port_index, port) in container.ports.iter().flatten().enumerate() {
+            let Some(mapping) = host_port_mapping(port) else {
+                continue;
+            };
+            let key = (
+                mapping.host_port,
+                mapping.protocol == Protocol::Udp,
+                mapping.host_ip.unwrap_or_default(),
+            );
+            refuse_if(
+                !seen.insert(key),
+                &format!("spec.containers[{index}].ports[{port_index}].hostPort"),
+                &format!(
+                    "host port {} is already used in this pod",
+                    mapping.host_port
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_env(
+    path: &str,
+    env: &[EnvVar],
+    container: &Container,
+    spec: &PodSpec,
+) -> Result<(), SpecError> {
+    for (index, var) in env.iter().enumerate() {
+        let path = format!("{path}.env[{index}]");
+        refuse_if(
+            !is_env_name(&var.name),
+            &format!("{path}.name"),
+            "must be printable ASCII characters other than '='",
+        )?;
+        let Some(from) = &var.value_from else {
+            continue;
+        };
+        let path = format!("{path}.valueFrom");
+        refuse_if(
+            non_empty(var.value.as_deref()).is_some(),
+            &path,
+            "may not be set when value is not empty",
+        )?;
+        // Resolving the source catches every error it could have at plan time.
+        if let EnvSource::Resource(selector) = env_source(&path, from)? {
+            resource_field_value(selector, spec, container)
+                .map_err(|message| SpecError::new(format!("{path}.resourceFieldRef"), message))?;
+        }
+    }
+    Ok(())
+}
+
+/// Env var names: since Kubernetes 1.34 any printable ASCII but '='.
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'=')
+}
+
+/// Only cpu, memory and ephemeral-storage exist on an agent; requests may not exceed
+/// limits, as the API server checks.
+fn validate_resources(path: &str, resources: &ResourceRequirements) -> Result<(), SpecError> {
+    refuse_if(
+        has_items(resources.claims.as_deref()),
+        &format!("{path}.claims"),
+        "resource claims (dynamic resource allocation) are not supported",
+    )?;
+    for (section, amounts) in [
+        ("limits", &resources.limits),
+        ("requests", &resources.requests),
+    ] {
+        for (name, quantity) in amounts.iter().flatten() {
+            parse_resource(name, quantity)
+                .map_err(|message| SpecError::new(format!("{path}.{section}[{name}]"), message))?;
+        }
+    }
+    for name in ["cpu", "memory", "ephemeral-storage"] {
+        let amount = |amounts: &Option<BTreeMap<String, Quantity>>| {
+            amounts
+                .as_ref()
+                .and_then(|amounts| amounts.get(name))
+                .and_then(|quantity| parse_resource(name, quantity).ok())
+        };
+        if let (Some(request), Some(limit)) =
+            (amount(&resources.requests), amount(&resources.limits))
+        {
+            refuse_if(
+                request > limit,
+                &format!("{path}.requests[{name}]"),
+                &format!("must be less than or equal to the {name} limit"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// An amount of a resource in the unit plans use: millicores for cpu, bytes otherwise.
+fn parse_resource(name: &str, quantity: &Quantity) -> Result<u64, String> {
+    match name {
+        "cpu" => parse_cpu_millis(quantity),
+        "memory" | "ephemeral-storage" => parse_memory_bytes(quantity),
+        _ => Err(format!(
+            "resource {name} is not supported (only cpu, memory and ephemeral-storage)"
+        )),
+    }
+}
+
+fn validate_mounts(
+    path: &str,
+    mounts: &[VolumeMount],
+    volumes: &[Volume],
+) -> Result<(), SpecError> {
+    let mut mount_paths = HashSet::new();
+    for (index, mount) in mounts.iter().enumerate() {
+        let path = format!("{path}.volumeMounts[{index}]");
+        let VolumeMount {
+            name,
+            mount_path,
+            read_only: _,
+            sub_path,
+            sub_path_expr,
+            mount_propagation,
+            recursive_read_only,
+            bind_mount_options,
+        } = mount;
+        refuse_if(
+            !volumes.iter().any(|volume| volume.name == *name),
+            &format!("{path}.name"),
+            &format!("no volume named \"{name}\""),
+        )?;
+        let field = format!("{path}.mountPath");
+        refuse_if(
+            !mount_path.starts_with('/'),
+            &field,
+            "must be an absolute path",
+        )?;
+        refuse_if(mount_path.contains(':'), &field, "must not contain ':'")?;
+        refuse_if(
+            !mount_paths.insert(mount_path.as_str()),
+            &field,
+            "must be unique",
+        )?;
+        if let Some(sub_path) = non_empty(sub_path.as_deref()) {
+            validate_sub_path(sub_path)
+                .map_err(|message| SpecError::new(format!("{path}.subPath"), message))?;
+        }
+        refuse_if(
+            non_empty(sub_path_expr.as_deref()).is_some(),
+            &format!("{path}.subPathExpr"),
+            "subPathExpr is not supported yet",
+        )?;
+        refuse_if(
+            !matches!(mount_propagation.as_deref(), None | Some("None")),
+            &format!("{path}.mountPropagation"),
+            "mount propagation is not supported",
+        )?;
+        // IfPossible allows a plain read-only mount, which is what the plans give.
+        refuse_if(
+            !matches!(
+                recursive_read_only.as_deref(),
+                None | Some("Disabled" | "IfPossible")
+            ),
+            &format!("{path}.recursiveReadOnly"),
+            "recursively read-only mounts are not supported yet",
+        )?;
+        refuse_if(
+            has_items(bind_mount_options.as_deref()),
+            &format!("{path}.bindMountOptions"),
+            "bindMountOptions are not supported yet",
+        )?;
+    }
+    Ok(())
+}
+
+/// A subPath must stay inside its volume.
+fn validate_sub_path(sub_path: &str) -> Result<(), String> {
+    let path = Path::new(sub_path);
+    if path.is_absolute() {
+        return Err("must be a relative path".to_owned());
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err("must not contain '..'".to_owned());
+    }
+    Ok(())
+}
+
+fn validate_container_security(
+    path: &str,
+    pod_security: Option<&PodSecurityContext>,
+    security: Option<&SecurityContext>,
+) -> Result<(), SpecError> {
+    let path = format!("{path}.securityContext");
+    if let Some(security) = security {
+        let SecurityContext {
+            app_armor_profile,
+            proc_mount,
+            run_as_group,
+            run_as_user,
+            se_linux_options,
+            seccomp_profile,
+            windows_options,
+            // Combined with the pod's in effective_identity() below.
+            run_as_non_root: _,
+            // Carried by the plans.
+            allow_privilege_escalation: _,
+            capabilities: _,
+            privileged: _,
+            read_only_root_filesystem: _,
+        } = security;
+        validate_id(&path, "runAsUser", *run_as_user)?;
+        validate_id(&path, "runAsGroup", *run_as_group)?;
+        refuse_if(
+            !matches!(proc_mount.as_deref(), None | Some("Default")),
+            &format!("{path}.procMount"),
+            "only the Default procMount is supported",
+        )?;
+        validate_confinement(
+            &path,
+            app_armor_profile.as_ref(),
+            seccomp_profile.as_ref(),
+            se_linux_options.as_ref(),
+            windows_options.as_ref(),
+        )?;
+    }
+    let identity = effective_identity(pod_security, security);
+    // The runtime cannot combine a group with the image's user (the CRI refuses it too).
+    refuse_if(
+        identity.uid.is_none() && identity.gid.is_some(),
+        &format!("{path}.runAsGroup"),
+        "runAsGroup needs runAsUser",
+    )?;
+    if identity.non_root {
+        let field = format!("{path}.runAsNonRoot");
+        refuse_if(
+            identity.uid == Some(0),
+            &field,
+            "runAsNonRoot is true but runAsUser is 0",
+        )?;
+        refuse_if(
+            identity.uid.is_none(),
+            &field,
+            "runAsNonRoot without runAsUser is not supported yet (the image's user cannot be \
+             checked); set runAsUser",
+        )?;
+    }
+    Ok(())
+}
+
+/// The user a container runs as, as the kubelet resolves it: each container field
+/// overrides the pod-level one on its own.
+struct Identity {
+    uid: Option<i64>,
+    gid: Option<i64>,
+    non_root: bool,
+}
+
+fn effective_identity(
+    pod: Option<&PodSecurityContext>,
+    container: Option<&SecurityContext>,
+) -> Identity {
+    let uid = container.and_then(|c| c.run_as_user);
+    let gid = container.and_then(|c| c.run_as_group);
+    let non_root = container.and_then(|c| c.run_as_non_root);
+    Identity {
+        uid: uid.or(pod.and_then(|p| p.run_as_user)),
+        gid: gid.or(pod.and_then(|p| p.run_as_group)),
+        non_root: non_root.or(pod.and_then(|p| p.run_as_non_root)) == Some(true),
+    }
+}
+
+/// Podman's `--user`: `uid` or `uid:gid`.
+fn user_spec(identity: &Identity) -> Option<String> {
+    match (identity.uid, identity.gid) {
+        (Some(uid), Some(gid)) => Some(format!("{uid}:{gid}")),
+        (Some(uid), None) => Some(uid.to_string()),
+        // A group alone is refused by validate.
+        (None, _) => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Env vars
+// ---------------------------------------------------------------------------------------
+
+/// Where a `valueFrom` env var takes its value.
+enum EnvSource<'a> {
+    Field(FieldRef<'a>),
+    Resource(&'a ResourceFieldSelector),
+}
+
+/// The pod fields an env var may refer to (Kubernetes' downward API for env).
+#[derive(Debug, PartialEq, Eq)]
+enum FieldRef<'a> {
+    Name,
+    Namespace,
+    Uid,
+    Label(&'a str),
+    Annotation(&'a str),
+    NodeName,
+    ServiceAccountName,
+    PodIp,
+    HostIp,
+}
+
+fn env_source<'a>(path: &str, from: &'a EnvVarSource) -> Result<EnvSource<'a>, SpecError> {
+    let EnvVarSource {
+        config_map_key_ref,
+        field_ref,
+        file_key_ref,
+        resource_field_ref,
+        secret_key_ref,
+    } = from;
+    let set = [
+        config_map_key_ref.is_some(),
+        field_ref.is_some(),
+        file_key_ref.is_some(),
+        resource_field_ref.is_some(),
+        secret_key_ref.is_some(),
+    ];
+    refuse_if(
+        set.into_iter().filter(|&set| set).count() != 1,
+        path,
+        "must have exactly one source",
+    )?;
+    refuse_if(
+        config_map_key_ref.is_some(),
+        &format!("{path}.configMapKeyRef"),
+        "configMapKeyRef needs the Kubernetes API; not supported yet",
+    )?;
+    refuse_if(
+        secret_key_ref.is_some(),
+        &format!("{path}.secretKeyRef"),
+        "secretKeyRef needs the Kubernetes API; not supported yet",
+    )?;
+    refuse_if(
+        file_key_ref.is_some(),
+        &format!("{path}.fileKeyRef"),
+        "fileKeyRef is not supported yet",
+    )?;
+    match (field_ref, resource_field_ref) {
+        (Some(selector), _) => parse_field_ref(selector)
+            .map(EnvSource::Field)
+            .map_err(|message| SpecError::new(format!("{path}.fieldRef"), message)),
+        (None, Some(selector)) => Ok(EnvSource::Resource(selector)),
+        // Exactly one source is set and the others were refused above.
+        (None, None) => Err(SpecError::new(path, "must have exactly one source")),
+    }
+}
+
+fn parse_field_ref(selector: &ObjectFieldSelector) -> Result<FieldRef<'_>, String> {
+    if !matches!(
+        non_empty(selector.api_version.as_deref()),
+        None | Some("v1")
+    ) {
+        return Err("apiVersion must be v1".to_owned());
+    }
+    let path = selector.field_path.as_str();
+    // `metadata.labels['key']`, split as the kubelet's SplitMaybeSubscriptedPath does.
+    if let Some((base, key)) = path
+        .strip_suffix("']")
+        .and_then(|path| path.split_once("['"))
+    {
+        return match base {
+            "metadata.labels" if !key.is_empty() => Ok(FieldRef::Label(key)),
+            "metadata.annotations" if !key.is_empty() => Ok(FieldRef::Annotation(key)),
+            _ => Err(format!("unsupported fieldPath \"{path}\"")),
+        };
+    }
+    match path {
+        "metadata.name" => Ok(FieldRef::Name),
+        "metadata.namespace" => Ok(FieldRef::Namespace),
+        "metadata.uid" => Ok(FieldRef::Uid),
+        "spec.nodeName" => Ok(FieldRef::NodeName),
+        "spec.serviceAccountName" => Ok(FieldRef::ServiceAccountName),
+        // A pod and an agent have one address each, so the lists hold one entry.
+        "status.podIP" | "status.podIPs" => Ok(FieldRef::PodIp),
+        "status.hostIP" | "status.hostIPs" => Ok(FieldRef::HostIp),
+        _ => Err(format!("unsupported fieldPath \"{path}\"")),
+    }
+}
+
+fn field_value(field: &FieldRef, pod: &Pod, pod_ref: &PodRef, ctx: &PlanContext) -> String {
+    let ip = |ip: Option<IpAddr>| ip.map(|ip| ip.to_string()).unwrap_or_default();
+    let meta_entry = |map: &Option<BTreeMap<String, String>>, key: &str| {
+        map.as_ref()
+            .and_then(|map| map.get(key))
+            .cloned()
+            .unwrap_or_default()
+    };
+    match field {
+        FieldRef::Name => pod_ref.name.clone(),
+        FieldRef::Namespace => pod_ref.namespace.clone(),
+        FieldRef::Uid => pod_ref.uid.0.clone(),
+        FieldRef::Label(key) => meta_entry(&pod.metadata.labels, key),
+        FieldRef::Annotation(key) => meta_entry(&pod.metadata.annotations, key),
+        FieldRef::NodeName => ctx.node_name.to_owned(),
+        FieldRef::ServiceAccountName => pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.service_account_name.clone())
+            .unwrap_or_default(),
+        FieldRef::PodIp => ip(ctx.pod_ip),
+        FieldRef::HostIp => ip(ctx.host_ip),
+    }
+}
+
+/// A container's request or limit as an env value, as the kubelet computes it: the amount
+/// divided by the divisor (default 1), rounded up.
+fn resource_field_value(
+    selector: &ResourceFieldSelector,
+    spec: &PodSpec,
+    container: &Container,
+) -> Result<String, String> {
+    let target = match non_empty(selector.container_name.as_deref()) {
+        None => container,
+        Some(name) => {
+            find_container(spec, name).ok_or_else(|| format!("no container named \"{name}\""))?
+        }
+    };
+    let (section, name) = match selector.resource.split_once('.') {
+        Some((section @ ("limits" | "requests"), name @ ("cpu" | "memory"))) => (section, name),
+        _ => {
+            return Err(format!(
+                "resource \"{}\" is not supported (only limits.cpu, limits.memory, \
+                 requests.cpu and requests.memory)",
+                selector.resource
             ))
         }
-    }
-    if c.lifecycle.is_some() {
-        return Err(err(
-            format!("{field}.lifecycle"),
-            "lifecycle hooks are not supported",
-        ));
-    }
-    if c.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
-        return Err(err(
-            format!("{field}.envFrom"),
-            "envFrom needs the Kubernetes API; not supported yet",
-        ));
-    }
-    for (i, env) in c.env.iter().flatten().enumerate() {
-        validate_env(&format!("{field}.env[{i}]"), env)?;
-    }
-    for (i, port) in c.ports.iter().flatten().enumerate() {
-        let pf = format!("{field}.ports[{i}]");
-        if !(1..=65535).contains(&port.container_port) {
-            return Err(err(
-                format!("{pf}.containerPort"),
-                format!("{} is not a valid port", port.container_port),
-            ));
-        }
-        if let Some(hp) = port.host_port {
-            if !(1..=65535).contains(&hp) {
-                return Err(err(
-                    format!("{pf}.hostPort"),
-                    format!("{hp} is not a valid port"),
-                ));
-            }
-        }
-        match port.protocol.as_deref() {
-            None | Some("TCP" | "UDP") => {}
-            Some(other) => {
-                return Err(err(
-                    format!("{pf}.protocol"),
-                    format!("{other} is not supported (TCP, UDP)"),
-                ))
-            }
-        }
-    }
-    for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
-        let mf = format!("{field}.volumeMounts[{i}]");
-        if !empty_dirs.contains(m.name.as_str()) {
-            return Err(err(
-                format!("{mf}.name"),
-                format!("no volume named {:?} in spec.volumes", m.name),
-            ));
-        }
-        if !m.mount_path.starts_with('/') {
-            return Err(err(format!("{mf}.mountPath"), "must be an absolute path"));
-        }
-        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            if !is_relative_inside(sub) {
-                return Err(err(
-                    format!("{mf}.subPath"),
-                    "must be a relative path without '..'",
-                ));
-            }
-        }
-        if m.sub_path_expr.is_some() {
-            return Err(err(format!("{mf}.subPathExpr"), "not supported"));
-        }
-        if m.mount_propagation.as_deref().is_some_and(|p| p != "None") {
-            return Err(err(
-                format!("{mf}.mountPropagation"),
-                "only None is supported",
-            ));
-        }
-    }
-    if c.volume_devices.as_ref().is_some_and(|d| !d.is_empty()) {
-        return Err(err(
-            format!("{field}.volumeDevices"),
-            "block devices are not supported",
-        ));
-    }
-    for (probe, name) in [
-        (&c.liveness_probe, "livenessProbe"),
-        (&c.readiness_probe, "readinessProbe"),
-        (&c.startup_probe, "startupProbe"),
-    ] {
-        if let Some(p) = probe {
-            validate_probe(&format!("{field}.{name}"), p)?;
-        }
-    }
-    if let Some(sc) = &c.security_context {
-        validate_security(&format!("{field}.securityContext"), sc)?;
-    }
-    for (kind, list) in [
-        (
-            "limits",
-            &c.resources.as_ref().and_then(|r| r.limits.clone()),
-        ),
-        (
-            "requests",
-            &c.resources.as_ref().and_then(|r| r.requests.clone()),
-        ),
-    ] {
-        for (resource, q) in list.iter().flatten() {
-            let rf = format!("{field}.resources.{kind}.{resource}");
-            match resource.as_str() {
-                "cpu" => {
-                    parse_cpu_millis(q).map_err(|m| err(&rf, m))?;
-                }
-                "memory" | "ephemeral-storage" => {
-                    parse_memory_bytes(q).map_err(|m| err(&rf, m))?;
-                }
-                other => return Err(err(rf, format!("resource {other:?} is not supported"))),
-            }
-        }
-    }
-    Ok(())
-}
-
-fn validate_env(field: &str, env: &EnvVar) -> Result<(), SpecError> {
-    if env.name.is_empty() {
-        return Err(err(format!("{field}.name"), "required"));
-    }
-    let Some(from) = &env.value_from else {
-        return Ok(());
     };
-    if from.config_map_key_ref.is_some() {
-        return Err(err(
-            format!("{field}.valueFrom.configMapKeyRef"),
-            "configMapKeyRef needs the Kubernetes API; not supported yet",
-        ));
-    }
-    if from.secret_key_ref.is_some() {
-        return Err(err(
-            format!("{field}.valueFrom.secretKeyRef"),
-            "secretKeyRef needs the Kubernetes API; not supported yet",
-        ));
-    }
-    if from.resource_field_ref.is_some() {
-        return Err(err(
-            format!("{field}.valueFrom.resourceFieldRef"),
-            "not supported yet",
-        ));
-    }
-    if from.file_key_ref.is_some() {
-        return Err(err(
-            format!("{field}.valueFrom.fileKeyRef"),
-            "not supported",
-        ));
-    }
-    if let Some(f) = &from.field_ref {
-        if field_value(
-            &f.field_path,
-            &Pod::default(),
-            &PlanContextValues::default(),
-        )
-        .is_none()
-        {
-            return Err(err(
-                format!("{field}.valueFrom.fieldRef.fieldPath"),
-                format!("{:?} is not supported", f.field_path),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn validate_probe(field: &str, p: &Probe) -> Result<(), SpecError> {
-    if p.grpc.is_some() {
-        return Err(err(
-            format!("{field}.grpc"),
-            "gRPC probes are not supported (use exec, httpGet or tcpSocket)",
-        ));
-    }
-    if p.exec.is_none() && p.http_get.is_none() && p.tcp_socket.is_none() {
-        return Err(err(field, "a probe needs exec, httpGet or tcpSocket"));
-    }
-    Ok(())
-}
-
-fn validate_security(field: &str, sc: &SecurityContext) -> Result<(), SpecError> {
-    if sc
-        .capabilities
-        .as_ref()
-        .is_some_and(|c| c.add.as_ref().is_some_and(|a| !a.is_empty()))
-    {
-        return Err(err(
-            format!("{field}.capabilities.add"),
-            "adding capabilities is not supported",
-        ));
-    }
-    if sc.se_linux_options.is_some() {
-        return Err(err(
-            format!("{field}.seLinuxOptions"),
-            "SELinux options are not supported",
-        ));
-    }
-    if sc.windows_options.is_some() {
-        return Err(err(
-            format!("{field}.windowsOptions"),
-            "Windows options are not supported",
-        ));
-    }
-    if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
-        return Err(err(
-            format!("{field}.procMount"),
-            "only Default is supported",
-        ));
-    }
-    if sc
-        .seccomp_profile
-        .as_ref()
-        .is_some_and(|s| s.type_ == "Localhost")
-    {
-        return Err(err(
-            format!("{field}.seccompProfile"),
-            "Localhost profiles are not supported",
-        ));
-    }
-    Ok(())
-}
-
-fn is_relative_inside(path: &str) -> bool {
-    let p = Path::new(path);
-    !p.is_absolute()
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-}
-
-/// Kubernetes' default pull policy: Always for `:latest` or an untagged image (without
-/// digest), IfNotPresent otherwise.
-pub fn pull_policy(container: &Container) -> PullPolicy {
-    match container.image_pull_policy.as_deref() {
-        Some("Always") => return PullPolicy::Always,
-        Some("Never") => return PullPolicy::Never,
-        Some("IfNotPresent") => return PullPolicy::IfNotPresent,
-        _ => {}
-    }
-    let image = container.image.as_deref().unwrap_or_default();
-    if image.contains('@') {
-        return PullPolicy::IfNotPresent;
-    }
-    // A colon after the last slash is a tag; before it, a registry port.
-    let last = image.rsplit('/').next().unwrap_or(image);
-    match last.rsplit_once(':') {
-        Some((_, "latest")) | None => PullPolicy::Always,
-        Some(_) => PullPolicy::IfNotPresent,
-    }
-}
-
-/// Parses a quantity into thousandths of its unit, rounding up as Kubernetes'
-/// `MilliValue` does.
-fn parse_milli(q: &Quantity) -> Result<u128, String> {
-    let text = q.0.trim();
-    let bad = || format!("{text:?} is not a valid quantity");
-    if text.is_empty() || text.starts_with('-') {
-        return Err(bad());
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+'))
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let number = number.strip_prefix('+').unwrap_or(number);
-    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-    if (int_part.is_empty() && frac_part.is_empty())
-        || !int_part.chars().all(|c| c.is_ascii_digit())
-        || !frac_part.chars().all(|c| c.is_ascii_digit())
-    {
-        return Err(bad());
-    }
-    // value = digits / 10^frac_len * multiplier; everything in u128 thousandths.
-    let digits: u128 = format!("{int_part}{frac_part}")
-        .parse()
-        .map_err(|_| bad())?;
-    let (num, den): (u128, u128) = match suffix {
-        "" => (1000, 1),
-        "m" => (1, 1),
-        "k" => (1000 * 1000, 1),
-        "M" => (1000 * 1_000_000, 1),
-        "G" => (1000 * 1_000_000_000, 1),
-        "T" => (1000 * 1_000_000_000_000, 1),
-        "P" => (1000 * 1_000_000_000_000_000, 1),
-        "E" => (1000 * 1_000_000_000_000_000_000, 1),
-        "Ki" => (1000 << 10, 1),
-        "Mi" => (1000 << 20, 1),
-        "Gi" => (1000 << 30, 1),
-        "Ti" => (1000 << 40, 1),
-        "Pi" => (1000 << 50, 1),
-        "Ei" => (1000 << 60, 1),
-        s if s.starts_with(['e', 'E']) => {
-            let exp: i32 = s[1..].parse().map_err(|_| bad())?;
-            if !(-3..=18).contains(&exp) {
-                return Err(bad());
-            }
-            if exp >= 0 {
-                (1000 * 10u128.pow(exp as u32), 1)
-            } else {
-                (1000, 10u128.pow((-exp) as u32))
-            }
-        }
-        _ => return Err(bad()),
+    let resources = target.resources.as_ref();
+    let quantity = if section == "limits" {
+        let limit = resources.and_then(|r| r.limits.as_ref()?.get(name));
+        // The kubelet would use the node's allocatable amount, which plans lack.
+        Some(limit.ok_or_else(|| {
+            format!(
+                "container \"{}\" has no {name} limit; defaulting it to the agent's capacity \
+                 is not supported yet",
+                target.name
+            )
+        })?)
+    } else {
+        effective_request(resources, name)
     };
-    let scale = 10u128.checked_pow(frac_part.len() as u32).ok_or_else(bad)?;
-    let numerator = digits
-        .checked_mul(num)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
-    let denominator = scale * den;
-    Ok(numerator.div_ceil(denominator))
+    let parse = |quantity| parse_resource(name, quantity);
+    let value = quantity.map(parse).transpose()?.unwrap_or(0);
+    // A zero or absent divisor means 1: 1000 millicores for cpu, 1 byte for memory.
+    let one = if name == "cpu" { 1000 } else { 1 };
+    let divisor = selector.divisor.as_ref().map(parse).transpose()?;
+    let divisor = divisor.filter(|&divisor| divisor != 0).unwrap_or(one);
+    Ok(value.div_ceil(divisor).to_string())
 }
 
-/// CPU in millicores ("100m" → 100, "0.5" → 500, "2" → 2000).
-pub fn parse_cpu_millis(q: &Quantity) -> Result<u64, String> {
-    u64::try_from(parse_milli(q)?).map_err(|_| format!("{:?} is too large", q.0))
-}
-
-/// Bytes ("64Mi", "1G", "1e3", "128974848").
-pub fn parse_memory_bytes(q: &Quantity) -> Result<u64, String> {
-    let milli = parse_milli(q)?;
-    u64::try_from(milli.div_ceil(1000)).map_err(|_| format!("{:?} is too large", q.0))
-}
-
-fn container_requests(c: &Container) -> Result<Resources, SpecError> {
-    let resources = c.resources.as_ref();
-    // The API server defaults requests to limits when only limits are given.
-    let get = |name: &str| {
-        resources
-            .and_then(|r| r.requests.as_ref().and_then(|m| m.get(name)))
-            .or_else(|| resources.and_then(|r| r.limits.as_ref().and_then(|m| m.get(name))))
-    };
-    let cpu = get("cpu")
-        .map(parse_cpu_millis)
-        .transpose()
-        .map_err(|m| err(format!("containers[{}].resources.cpu", c.name), m))?;
-    let memory = get("memory")
-        .map(parse_memory_bytes)
-        .transpose()
-        .map_err(|m| err(format!("containers[{}].resources.memory", c.name), m))?;
-    Ok(Resources {
-        cpu_millis: cpu.unwrap_or(0),
-        memory_bytes: memory.unwrap_or(0),
-        pods: 0,
-    })
-}
-
-/// What the scheduler counts: max(sum over app containers, each init container),
-/// plus the pod overhead, and one pod.
-pub fn pod_requests(pod: &Pod) -> Result<Resources, SpecError> {
-    let spec = spec(pod)?;
-    let mut app = Resources::default();
-    for c in &spec.containers {
-        app = app.saturating_add(container_requests(c)?);
-    }
-    let mut total = app;
-    for c in spec.init_containers.iter().flatten() {
-        let init = container_requests(c)?;
-        total.cpu_millis = total.cpu_millis.max(init.cpu_millis);
-        total.memory_bytes = total.memory_bytes.max(init.memory_bytes);
-    }
-    for (name, q) in spec.overhead.iter().flatten() {
-        let field = format!("spec.overhead.{name}");
-        match name.as_str() {
-            "cpu" => {
-                total.cpu_millis = total
-                    .cpu_millis
-                    .saturating_add(parse_cpu_millis(q).map_err(|m| err(&field, m))?)
-            }
-            "memory" => {
-                total.memory_bytes = total
-                    .memory_bytes
-                    .saturating_add(parse_memory_bytes(q).map_err(|m| err(&field, m))?)
-            }
-            _ => {}
-        }
-    }
-    total.pods = 1;
-    Ok(total)
-}
-
-/// Host ports the pod binds (TCP and UDP alike).
-pub fn host_ports(pod: &Pod) -> Vec<u16> {
-    let Some(spec) = &pod.spec else {
-        return Vec::new();
-    };
-    let mut ports: Vec<u16> = all_containers(spec)
-        .flat_map(|(_, c)| c.ports.iter().flatten())
-        .filter_map(|p| p.host_port.and_then(|hp| u16::try_from(hp).ok()))
-        .filter(|p| *p != 0)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
-/// Names of the pod's emptyDir volumes.
-pub fn empty_dirs(pod: &Pod) -> Vec<String> {
-    pod.spec
+/// Looks a container up by name, app containers first as the kubelet does.
+fn find_container<'a>(spec: &'a PodSpec, name: &str) -> Option<&'a Container> {
+    spec.containers
         .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .filter(|v| v.empty_dir.is_some())
-        .map(|v| v.name.clone())
-        .collect()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|container| container.name == name)
 }
 
-/// terminationGracePeriodSeconds; 30 s by default.
-pub fn grace_period_secs(pod: &Pod) -> u64 {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.termination_grace_period_seconds)
-        .map_or(DEFAULT_GRACE_SECS, |g| u64::try_from(g).unwrap_or(0))
-}
-
-fn base_labels(pod: &PodRef, ctx: &PlanContext) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (labels::POD_UID.to_string(), pod.uid.0.clone()),
-        (labels::POD_NAMESPACE.to_string(), pod.namespace.clone()),
-        (labels::POD_NAME.to_string(), pod.name.clone()),
-        (labels::EPOCH.to_string(), ctx.epoch.to_string()),
-        (labels::AGENT.to_string(), ctx.agent.to_string()),
-        (labels::OWNER.to_string(), ctx.owner.to_string()),
-    ])
-}
-
-/// The Podman pod: name, hostname, labels, host ports.
-pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
-    let pod_ref = pod_ref(pod)?;
-    let spec = spec(pod)?;
-    let hostname = spec
-        .hostname
-        .clone()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| pod_ref.name.chars().take(63).collect());
-    let ports = all_containers(spec)
-        .flat_map(|(_, c)| c.ports.iter().flatten())
-        .filter_map(|p| {
-            let host_port = u16::try_from(p.host_port?).ok().filter(|p| *p != 0)?;
-            Some(PortMapping {
-                container_port: u16::try_from(p.container_port).ok()?,
-                host_port,
-                host_ip: p.host_ip.clone().filter(|ip| !ip.is_empty()),
-                protocol: if p.protocol.as_deref() == Some("UDP") {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                },
-            })
-        })
-        .collect();
-    Ok(PodPlan {
-        name: podman_pod_name(&pod_ref, ctx.epoch),
-        hostname,
-        labels: base_labels(&pod_ref, ctx),
-        ports,
-    })
-}
-
-/// The values fieldRef can read, gathered once.
-#[derive(Default)]
-struct PlanContextValues {
-    pod_ip: Option<IpAddr>,
-    host_ip: Option<IpAddr>,
-    node_name: String,
-}
-
-fn field_value(path: &str, pod: &Pod, ctx: &PlanContextValues) -> Option<String> {
-    let meta = &pod.metadata;
-    let ip = |ip: Option<IpAddr>| ip.map(|ip| ip.to_string()).unwrap_or_default();
-    let keyed = |prefix: &str, map: &Option<BTreeMap<String, String>>| -> Option<String> {
-        let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
-        Some(
-            map.as_ref()
-                .and_then(|m| m.get(key))
-                .cloned()
-                .unwrap_or_default(),
-        )
-    };
-    match path {
-        "metadata.name" => Some(meta.name.clone().unwrap_or_default()),
-        "metadata.namespace" => Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
-        "metadata.uid" => Some(meta.uid.clone().unwrap_or_default()),
-        "spec.nodeName" => Some(ctx.node_name.clone()),
-        "spec.serviceAccountName" => Some(
-            pod.spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .unwrap_or_default(),
-        ),
-        "status.podIP" | "status.podIPs" => Some(ip(ctx.pod_ip)),
-        "status.hostIP" | "status.hostIPs" => Some(ip(ctx.host_ip)),
-        _ => keyed("metadata.labels['", &meta.labels)
-            .or_else(|| keyed("metadata.annotations['", &meta.annotations)),
+/// The container's env as the kubelet builds it: in order, each value expanded against
+/// the vars defined before it; a later definition of a name replaces the earlier value.
+fn container_env(
+    path: &str,
+    pod: &Pod,
+    pod_ref: &PodRef,
+    spec: &PodSpec,
+    container: &Container,
+    ctx: &PlanContext,
+) -> Result<Vec<(String, String)>, SpecError> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for (index, var) in container.env.iter().flatten().enumerate() {
+        let value = match &var.value_from {
+            None => expand(var.value.as_deref().unwrap_or_default(), |name| {
+                env_lookup(&env, name)
+            }),
+            Some(from) => {
+                let path = format!("{path}.env[{index}].valueFrom");
+                match env_source(&path, from)? {
+                    EnvSource::Field(field) => field_value(&field, pod, pod_ref, ctx),
+                    EnvSource::Resource(selector) => {
+                        resource_field_value(selector, spec, container).map_err(|message| {
+                            SpecError::new(format!("{path}.resourceFieldRef"), message)
+                        })?
+                    }
+                }
+            }
+        };
+        match env.iter_mut().find(|(name, _)| *name == var.name) {
+            Some(entry) => entry.1 = value,
+            None => env.push((var.name.clone(), value)),
+        }
     }
+    Ok(env)
 }
 
-/// Expands `$(VAR)` references to variables defined so far; `$$` escapes a `$`;
-/// unknown references stay as written, as the kubelet does.
-fn expand(text: &str, vars: &HashMap<String, String>) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
+fn env_lookup<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// Kubernetes' `$(VAR)` expansion: `$(NAME)` becomes the value of NAME, or stays as it is
+/// when NAME is unknown; `$$` is a literal `$`; any other `$` is kept.
+fn expand<'a>(input: &str, lookup: impl Fn(&str) -> Option<&'a str>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some((before, after)) = rest.split_once('$') {
+        out.push_str(before);
         if let Some(tail) = after.strip_prefix('$') {
             out.push('$');
             rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(') {
-            match inner.find(')') {
-                Some(end) => {
-                    let name = &inner[..end];
-                    match vars.get(name) {
+        } else if let Some(body) = after.strip_prefix('(') {
+            match body.split_once(')') {
+                Some((name, tail)) => {
+                    match lookup(name) {
                         Some(value) => out.push_str(value),
                         None => {
                             out.push_str("$(");
@@ -848,11 +1443,12 @@ fn expand(text: &str, vars: &HashMap<String, String>) -> String {
                             out.push(')');
                         }
                     }
-                    rest = &inner[end + 1..];
+                    rest = tail;
                 }
+                // An unclosed reference is kept, and the text after it still expanded.
                 None => {
                     out.push_str("$(");
-                    rest = inner;
+                    rest = body;
                 }
             }
         } else {
@@ -864,7 +1460,64 @@ fn expand(text: &str, vars: &HashMap<String, String>) -> String {
     out
 }
 
-/// One container instance to create.
+/// `command` or `args` expanded against the container's whole env; an empty list means
+/// "not set", as for the kubelet.
+fn expand_list(list: Option<&[String]>, env: &[(String, String)]) -> Option<Vec<String>> {
+    let list = list.filter(|list| !list.is_empty())?;
+    Some(
+        list.iter()
+            .map(|item| expand(item, |name| env_lookup(env, name)))
+            .collect(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Plans
+// ---------------------------------------------------------------------------------------
+
+/// The Podman pod for a Kubernetes pod: its name, hostname, labels and host ports.
+pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
+    validate(pod)?;
+    let pod_ref = pod_ref(pod)?;
+    let spec = spec_of(pod)?;
+    Ok(PodPlan {
+        name: podman_pod_name(&pod_ref, ctx.epoch),
+        hostname: pod_hostname(&pod_ref, spec),
+        labels: pod_labels(&pod_ref, ctx),
+        ports: spec
+            .containers
+            .iter()
+            .flat_map(|container| container.ports.iter().flatten())
+            .filter_map(host_port_mapping)
+            .collect(),
+    })
+}
+
+/// The kubelet's hostname: hostnameOverride, else hostname, else the pod name, cut to 63
+/// characters without a trailing '-' or '.'.
+fn pod_hostname(pod: &PodRef, spec: &PodSpec) -> String {
+    let wanted = non_empty(spec.hostname_override.as_deref())
+        .or(non_empty(spec.hostname.as_deref()))
+        .unwrap_or(&pod.name);
+    if wanted.len() <= HOSTNAME_MAX_LEN {
+        return wanted.to_owned();
+    }
+    let truncated: String = wanted.chars().take(HOSTNAME_MAX_LEN).collect();
+    truncated.trim_end_matches(['-', '.']).to_owned()
+}
+
+/// The host port a container port publishes, if any (hostPort 0 or unset means none).
+fn host_port_mapping(port: &ContainerPort) -> Option<PortMapping> {
+    Some(PortMapping {
+        container_port: u16::try_from(port.container_port).ok()?,
+        host_port: u16::try_from(port.host_port?).ok().filter(|&p| p != 0)?,
+        host_ip: non_empty(port.host_ip.as_deref()).map(str::to_owned),
+        protocol: port_protocol(port).ok()?,
+    })
+}
+
+/// One instance of a container of the pod. `attempt` is 0 for the first instance and
+/// grows by one for each restart.
 pub fn container_plan(
     pod: &Pod,
     container: &Container,
@@ -872,363 +1525,2356 @@ pub fn container_plan(
     attempt: u32,
     ctx: &PlanContext,
 ) -> Result<ContainerPlan, SpecError> {
+    validate(pod)?;
     let pod_ref = pod_ref(pod)?;
-    let spec = spec(pod)?;
-    let values = PlanContextValues {
-        pod_ip: ctx.pod_ip,
-        host_ip: ctx.host_ip,
-        node_name: ctx.node_name.to_string(),
+    let spec = spec_of(pod)?;
+    // The container must be the pod's, so that validate has checked it.
+    let path = locate_container(spec, container, kind)?;
+    let env = container_env(&path, pod, &pod_ref, spec, container, ctx)?;
+    let limit = |name: &str| {
+        let quantity = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref()?.get(name));
+        quantity
+            .map(|q| parse_resource(name, q))
+            .transpose()
+            .map_err(|message| SpecError::new(format!("{path}.resources.limits[{name}]"), message))
     };
-    let mut vars: HashMap<String, String> = HashMap::new();
-    let mut env = Vec::new();
-    for (i, e) in container.env.iter().flatten().enumerate() {
-        let value = match (&e.value, &e.value_from) {
-            (_, Some(from)) => {
-                let path = from
-                    .field_ref
-                    .as_ref()
-                    .map(|f| f.field_path.as_str())
-                    .ok_or_else(|| {
-                        err(format!("env[{i}].valueFrom"), "only fieldRef is supported")
-                    })?;
-                field_value(path, pod, &values).ok_or_else(|| {
-                    err(
-                        format!("env[{i}].valueFrom.fieldRef"),
-                        format!("{path:?} is not supported"),
-                    )
-                })?
-            }
-            (Some(v), None) => expand(v, &vars),
-            (None, None) => String::new(),
-        };
-        vars.insert(e.name.clone(), value.clone());
-        env.push((e.name.clone(), value));
-    }
-    let expand_all = |list: &Option<Vec<String>>| {
-        list.as_ref()
-            .map(|l| l.iter().map(|a| expand(a, &vars)).collect())
-    };
+    let security = container.security_context.as_ref();
+    let pod_name = podman_pod_name(&pod_ref, ctx.epoch);
 
-    let mut mounts = Vec::new();
-    for m in container.volume_mounts.iter().flatten() {
-        let mut host_path = ctx.volumes_dir.join(&m.name);
-        if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
-            if !is_relative_inside(sub) {
-                return Err(err(
-                    "volumeMounts.subPath",
-                    "must be a relative path without '..'",
-                ));
-            }
-            host_path = host_path.join(sub);
-        }
-        mounts.push(Mount {
-            host_path,
-            container_path: m.mount_path.clone(),
-            read_only: m.read_only == Some(true),
-        });
-    }
-
-    let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref());
-    let memory_limit_bytes = limits
-        .and_then(|l| l.get("memory"))
-        .map(parse_memory_bytes)
-        .transpose()
-        .map_err(|m| err("resources.limits.memory", m))?;
-    let cpu_limit_millis = limits
-        .and_then(|l| l.get("cpu"))
-        .map(parse_cpu_millis)
-        .transpose()
-        .map_err(|m| err("resources.limits.cpu", m))?;
-
-    let pod_sc = spec.security_context.as_ref();
-    let sc = container.security_context.as_ref();
-    let run_as_user = sc
-        .and_then(|s| s.run_as_user)
-        .or(pod_sc.and_then(|s| s.run_as_user));
-    let run_as_group = sc
-        .and_then(|s| s.run_as_group)
-        .or(pod_sc.and_then(|s| s.run_as_group));
-    let user = match (run_as_user, run_as_group) {
-        (Some(u), Some(g)) => Some(format!("{u}:{g}")),
-        (Some(u), None) => Some(u.to_string()),
-        (None, Some(g)) => Some(format!("0:{g}")),
-        (None, None) => None,
-    };
-
-    let mut plan_labels = base_labels(&pod_ref, ctx);
-    plan_labels.insert(labels::CONTAINER.into(), container.name.clone());
-    plan_labels.insert(labels::CONTAINER_KIND.into(), kind.label().into());
-    plan_labels.insert(labels::ATTEMPT.into(), attempt.to_string());
+    let mut labels = pod_labels(&pod_ref, ctx);
+    labels.insert(labels::CONTAINER.to_owned(), container.name.clone());
+    labels.insert(labels::CONTAINER_KIND.to_owned(), kind.label().to_owned());
+    labels.insert(labels::ATTEMPT.to_owned(), attempt.to_string());
 
     Ok(ContainerPlan {
-        name: format!(
-            "{}_{}_{}",
-            podman_pod_name(&pod_ref, ctx.epoch),
-            container.name,
-            attempt
-        ),
+        name: format!("{pod_name}_{}_{attempt}", container.name),
         image: container.image.clone().unwrap_or_default(),
         pull_policy: pull_policy(container),
-        command: expand_all(&container.command),
-        args: expand_all(&container.args),
-        env,
-        working_dir: container.working_dir.clone().filter(|d| !d.is_empty()),
-        memory_limit_bytes,
-        cpu_limit_millis,
-        mounts,
-        labels: plan_labels,
+        command: expand_list(container.command.as_deref(), &env),
+        args: expand_list(container.args.as_deref(), &env),
+        working_dir: non_empty(container.working_dir.as_deref()).map(str::to_owned),
+        memory_limit_bytes: limit("memory")?,
+        cpu_limit_millis: limit("cpu")?,
+        mounts: container_mounts(container, ctx.volumes_dir),
+        labels,
         tty: container.tty == Some(true),
         stdin: container.stdin == Some(true),
         stdin_once: container.stdin_once == Some(true),
-        user,
-        privileged: sc.and_then(|s| s.privileged) == Some(true),
-        read_only_root_fs: sc.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        user: user_spec(&effective_identity(
+            spec.security_context.as_ref(),
+            security,
+        )),
+        privileged: security.and_then(|s| s.privileged) == Some(true),
+        read_only_root_fs: security.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        no_new_privileges: security.and_then(|s| s.allow_privilege_escalation) == Some(false),
+        cap_add: capability_names(security, |c| c.add.as_deref()),
+        cap_drop: capability_names(security, |c| c.drop.as_deref()),
         stop_timeout_secs: grace_period_secs(pod),
+        env,
     })
+}
+
+fn capability_names(
+    security: Option<&SecurityContext>,
+    list: impl Fn(&k8s_openapi::api::core::v1::Capabilities) -> Option<&[String]>,
+) -> Vec<String> {
+    security
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(list)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default()
+}
+
+/// The field path of `container` in the pod, or an error if the pod has no such
+/// container of that kind.
+fn locate_container(
+    spec: &PodSpec,
+    container: &Container,
+    kind: ContainerKind,
+) -> Result<String, SpecError> {
+    let list = match kind {
+        ContainerKind::Init => spec.init_containers.as_deref().unwrap_or_default(),
+        ContainerKind::App => spec.containers.as_slice(),
+    };
+    list.iter()
+        .position(|c| c == container)
+        .map(|index| container_path(kind, index))
+        .ok_or_else(|| {
+            SpecError::new(
+                format!("spec.{}", kind.spec_field()),
+                format!("the pod has no such container \"{}\"", container.name),
+            )
+        })
+}
+
+/// Bind mounts of the container's emptyDir volumes (the only kind validate lets through).
+fn container_mounts(container: &Container, volumes_dir: &Path) -> Vec<Mount> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|mount| {
+            let volume_dir = volumes_dir.join(&mount.name);
+            let host_path = match non_empty(mount.sub_path.as_deref()) {
+                Some(sub_path) => volume_dir.join(sub_path),
+                None => volume_dir,
+            };
+            Mount {
+                host_path,
+                container_path: mount.mount_path.clone(),
+                read_only: mount.read_only == Some(true),
+            }
+        })
+        .collect()
+}
+
+/// The image pull policy, defaulted as the API server does: Always for an image without a
+/// tag and digest, or tagged `latest`; IfNotPresent otherwise.
+pub fn pull_policy(container: &Container) -> PullPolicy {
+    match container.image_pull_policy.as_deref() {
+        Some("Always") => PullPolicy::Always,
+        Some("IfNotPresent") => PullPolicy::IfNotPresent,
+        Some("Never") => PullPolicy::Never,
+        _ => {
+            let image = container.image.as_deref().unwrap_or_default();
+            let (name, digest) = match image.split_once('@') {
+                Some((name, _)) => (name, true),
+                None => (image, false),
+            };
+            match image_tag(name) {
+                Some("latest") => PullPolicy::Always,
+                None if !digest => PullPolicy::Always,
+                _ => PullPolicy::IfNotPresent,
+            }
+        }
+    }
+}
+
+/// The tag of an image reference without digest: after the last ':' of the last path
+/// component, so that a registry port (`localhost:5000/busybox`) is not taken for a tag.
+fn image_tag(name: &str) -> Option<&str> {
+    let last_component = name.rsplit_once('/').map_or(name, |(_, last)| last);
+    last_component.rsplit_once(':').map(|(_, tag)| tag)
+}
+
+// ---------------------------------------------------------------------------------------
+// Placement facts
+// ---------------------------------------------------------------------------------------
+
+/// What the pod needs from an agent, as the scheduler counts it: the larger of the sum of
+/// the app containers' requests and the largest init container request, per resource,
+/// plus the pod overhead; a container with a limit but no request requests its limit.
+pub fn pod_requests(pod: &Pod) -> Result<Resources, SpecError> {
+    let spec = spec_of(pod)?;
+    let mut apps = Resources::default();
+    let mut init = Resources::default();
+    for (kind, index, container) in all_containers(spec) {
+        let requests = container_requests(&container_path(kind, index), container)?;
+        match kind {
+            ContainerKind::App => apps = apps.saturating_add(requests),
+            ContainerKind::Init => init = max_each(init, requests),
+        }
+    }
+    let overhead = |name: &str| {
+        let quantity = spec.overhead.as_ref().and_then(|amounts| amounts.get(name));
+        amount_or_zero("spec.overhead", name, quantity)
+    };
+    let overhead = Resources {
+        cpu_millis: overhead("cpu")?,
+        memory_bytes: overhead("memory")?,
+        pods: 0,
+    };
+    let pod = Resources {
+        pods: 1,
+        ..max_each(apps, init)
+    };
+    Ok(pod.saturating_add(overhead))
+}
+
+fn container_requests(path: &str, container: &Container) -> Result<Resources, SpecError> {
+    let field = format!("{path}.resources.requests");
+    let amount = |name: &str| {
+        let quantity = effective_request(container.resources.as_ref(), name);
+        amount_or_zero(&field, name, quantity)
+    };
+    Ok(Resources {
+        cpu_millis: amount("cpu")?,
+        memory_bytes: amount("memory")?,
+        pods: 0,
+    })
+}
+
+/// A resource amount in plan units, 0 when absent; errors name `<field>[<name>]`.
+fn amount_or_zero(field: &str, name: &str, quantity: Option<&Quantity>) -> Result<u64, SpecError> {
+    quantity.map_or(Ok(0), |quantity| {
+        parse_resource(name, quantity)
+            .map_err(|message| SpecError::new(format!("{field}[{name}]"), message))
+    })
+}
+
+/// A container's request for a resource, defaulted to its limit as the API server does.
+fn effective_request<'a>(
+    resources: Option<&'a ResourceRequirements>,
+    name: &str,
+) -> Option<&'a Quantity> {
+    let resources = resources?;
+    let get = |amounts: &'a Option<BTreeMap<String, Quantity>>| amounts.as_ref()?.get(name);
+    get(&resources.requests).or_else(|| get(&resources.limits))
+}
+
+fn max_each(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu_millis: a.cpu_millis.max(b.cpu_millis),
+        memory_bytes: a.memory_bytes.max(b.memory_bytes),
+        pods: a.pods.max(b.pods),
+    }
+}
+
+/// The host ports the pod binds (any protocol), sorted, each once.
+pub fn host_ports(pod: &Pod) -> Vec<u16> {
+    let mut ports: Vec<u16> = pod
+        .spec
+        .iter()
+        .flat_map(|spec| spec.containers.iter())
+        .flat_map(|container| container.ports.iter().flatten())
+        .filter_map(host_port_mapping)
+        .map(|mapping| mapping.host_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Names of the pod's emptyDir volumes, including volumes without any source, which the
+/// API server defaults to emptyDir. The agent creates `<volumes_dir>/<name>` for each.
+pub fn empty_dirs(pod: &Pod) -> Vec<String> {
+    let volumes = pod.spec.as_ref().map(volumes_of).unwrap_or_default();
+    volumes
+        .iter()
+        .filter(|volume| {
+            volume.empty_dir.is_some() || volume_sources(volume).iter().all(|&(_, set)| !set)
+        })
+        .map(|volume| volume.name.clone())
+        .collect()
+}
+
+/// Seconds between SIGTERM and SIGKILL when stopping the pod's containers, as the
+/// kubelet's killContainer computes it: deletionGracePeriodSeconds if the deletion set
+/// one, else terminationGracePeriodSeconds, else 30; never less than 2 seconds (so 0 or a
+/// negative value give 2).
+pub fn grace_period_secs(pod: &Pod) -> u64 {
+    let requested = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .or_else(|| pod.spec.as_ref()?.termination_grace_period_seconds)
+        .unwrap_or(DEFAULT_GRACE_PERIOD_SECS);
+    requested.max(MIN_GRACE_PERIOD_SECS).unsigned_abs()
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantities
+// ---------------------------------------------------------------------------------------
+
+/// A CPU quantity in millicores, rounded up as Kubernetes' MilliValue does (0.0001 → 1m).
+pub fn parse_cpu_millis(q: &Quantity) -> Result<u64, String> {
+    parse_scaled(q, 3)
+}
+
+/// A memory (or storage) quantity in bytes, rounded up to a whole byte.
+pub fn parse_memory_bytes(q: &Quantity) -> Result<u64, String> {
+    parse_scaled(q, 0)
+}
+
+fn parse_scaled(q: &Quantity, exp10: i64) -> Result<u64, String> {
+    parse_quantity(&q.0)?
+        .ceil_scaled(exp10)
+        .ok_or_else(|| format!("\"{}\" is too large", q.0))
+}
+
+/// More significant digits than a u128 holds; no real quantity has that many.
+const MAX_SIGNIFICANT_DIGITS: usize = 38;
+
+/// An exact, non-negative quantity: `mantissa × 10^exp10 × 2^exp2`.
+#[derive(Debug)]
+struct Amount {
+    mantissa: u128,
+    exp10: i64,
+    exp2: u32,
+}
+
+/// Parses Kubernetes' quantity syntax: an optionally signed decimal number ("1", "0.5",
+/// ".5", "2.") followed by a binary suffix (Ki … Ei), a decimal suffix (n u m "" k M G
+/// T P E) or an exponent ("1e3", "12E6"; "E" alone is exa). Negative amounts are refused.
+fn parse_quantity(text: &str) -> Result<Amount, String> {
+    let invalid = || format!("\"{text}\" is not a valid quantity");
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let number_len = unsigned
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(unsigned.len());
+    let (number, suffix) = unsigned.split_at(number_len);
+    let (int_digits, frac_digits) = number.split_once('.').unwrap_or((number, ""));
+    if frac_digits.contains('.') || (int_digits.is_empty() && frac_digits.is_empty()) {
+        return Err(invalid());
+    }
+    let suffix_exp10 = suffix_exponents(suffix).ok_or_else(invalid)?;
+
+    let digits = format!("{int_digits}{frac_digits}");
+    let significant = digits.trim_start_matches('0');
+    let trimmed = significant.trim_end_matches('0');
+    if trimmed.len() > MAX_SIGNIFICANT_DIGITS {
+        return Err(format!("\"{text}\" has too many significant digits"));
+    }
+    let mantissa: u128 = if trimmed.is_empty() {
+        0
+    } else {
+        trimmed.parse().map_err(|_| invalid())?
+    };
+    if negative && mantissa != 0 {
+        return Err(format!("\"{text}\" is negative"));
+    }
+    let out_of_range = || format!("\"{text}\" has an exponent out of range");
+    let trailing_zeros = i64::try_from(significant.len() - trimmed.len()).map_err(|_| invalid())?;
+    let frac_len = i64::try_from(frac_digits.len()).map_err(|_| invalid())?;
+    let exp10 = suffix_exp10
+        .0
+        .checked_add(trailing_zeros)
+        .and_then(|exp| exp.checked_sub(frac_len))
+        .ok_or_else(out_of_range)?;
+    Ok(Amount {
+        mantissa,
+        exp10,
+        exp2: suffix_exp10.1,
+    })
+}
+
+/// The powers of ten and of two a suffix stands for.
+fn suffix_exponents(suffix: &str) -> Option<(i64, u32)> {
+    let exponents = match suffix {
+        "" => (0, 0),
+        "n" => (-9, 0),
+        "u" => (-6, 0),
+        "m" => (-3, 0),
+        "k" => (3, 0),
+        "M" => (6, 0),
+        "G" => (9, 0),
+        "T" => (12, 0),
+        "P" => (15, 0),
+        "E" => (18, 0),
+        "Ki" => (0, 10),
+        "Mi" => (0, 20),
+        "Gi" => (0, 30),
+        "Ti" => (0, 40),
+        "Pi" => (0, 50),
+        "Ei" => (0, 60),
+        _ => {
+            let exponent = suffix.strip_prefix(['e', 'E'])?;
+            (exponent.parse().ok()?, 0)
+        }
+    };
+    Some(exponents)
+}
+
+impl Amount {
+    /// The amount times 10^scale, rounded up to an integer; None if it exceeds u64.
+    fn ceil_scaled(&self, scale: i64) -> Option<u64> {
+        if self.mantissa == 0 {
+            return Some(0);
+        }
+        let base = self.mantissa.checked_mul(1u128 << self.exp2)?;
+        let exp10 = self.exp10.saturating_add(scale);
+        let power = |exp: u64| {
+            u32::try_from(exp)
+                .ok()
+                .and_then(|exp| 10u128.checked_pow(exp))
+        };
+        let value = if exp10 >= 0 {
+            base.checked_mul(power(exp10.unsigned_abs())?)?
+        } else {
+            match power(exp10.unsigned_abs()) {
+                Some(divisor) => base.div_ceil(divisor),
+                // 10^k beyond u128 exceeds any base: a positive amount under 1 rounds to 1.
+                None => 1,
+            }
+        };
+        u64::try_from(value).ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+fn refuse_if(condition: bool, field: &str, message: &str) -> Result<(), SpecError> {
+    if condition {
+        Err(SpecError::new(field, message))
+    } else {
+        Ok(())
+    }
+}
+
+/// Kubernetes treats an empty string like an unset field.
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.filter(|value| !value.is_empty())
+}
+
+/// Kubernetes treats an empty list like an unset field.
+fn has_items<T>(list: Option<&[T]>) -> bool {
+    list.is_some_and(|list| !list.is_empty())
+}
+
+/// An RFC 1123 label: at most 63 lowercase letters, digits and '-', starting and ending
+/// with a letter or digit.
+fn is_dns_label(text: &str) -> bool {
+    text.len() <= 63 && is_label_chars(text)
+}
+
+/// An RFC 1123 subdomain: at most 253 characters of dot-separated labels.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(is_label_chars)
+}
+
+fn is_label_chars(text: &str) -> bool {
+    let alphanumeric = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = text.as_bytes();
+    bytes.first().is_some_and(alphanumeric)
+        && bytes.last().is_some_and(alphanumeric)
+        && bytes.iter().all(|b| alphanumeric(b) || *b == b'-')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
     use std::path::PathBuf;
 
-    fn q(s: &str) -> Quantity {
-        Quantity(s.to_string())
+    const UID: &str = "5f3a9c1e-7b2d-4c1a-9e8f-0123456789ab";
+
+    /// A small valid pod; tests change it with [`pod_with`].
+    fn base() -> Value {
+        json!({
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "uid": UID,
+                "labels": {"app": "web"},
+                "annotations": {"team": "blue"}
+            },
+            "spec": {
+                "containers": [{"name": "main", "image": "nginx:1.25"}]
+            }
+        })
     }
 
-    fn pod_from(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).expect("valid test pod")
+    /// Sets the value at a JSON pointer, creating missing objects on the way.
+    fn set(target: &mut Value, pointer: &str, value: Value) {
+        let segments: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+        let (last, parents) = segments.split_last().expect("non-empty pointer");
+        let mut current = target;
+        for segment in parents {
+            current = match current {
+                Value::Array(items) => &mut items[segment.parse::<usize>().expect("index")],
+                Value::Object(map) => map.entry(segment.to_string()).or_insert_with(|| json!({})),
+                other => panic!("cannot descend into {other}"),
+            };
+        }
+        match current {
+            Value::Array(items) => items[last.parse::<usize>().expect("index")] = value,
+            Value::Object(map) => {
+                map.insert(last.to_string(), value);
+            }
+            other => panic!("cannot set a field of {other}"),
+        }
     }
 
-    fn ctx(dir: &Path) -> PlanContext<'_> {
+    fn pod_with(changes: &[(&str, Value)]) -> Pod {
+        let mut pod = base();
+        for (pointer, value) in changes {
+            set(&mut pod, pointer, value.clone());
+        }
+        serde_json::from_value(pod).expect("pod JSON")
+    }
+
+    fn context(volumes_dir: &Path) -> PlanContext<'_> {
         PlanContext {
-            agent: "agent1",
-            owner: "owner1",
-            epoch: Epoch(7),
-            volumes_dir: dir,
-            pod_ip: Some("10.88.0.9".parse().expect("ip")),
+            agent: "agent-peer",
+            owner: "owner-peer",
+            epoch: Epoch(3),
+            volumes_dir,
+            pod_ip: None,
             host_ip: None,
-            node_name: "beemesh",
+            node_name: "beemesh-node",
         }
     }
 
-    const BASE: &str = r#"
-metadata: {name: web, namespace: team, uid: 0123456789abcdef, labels: {app: web}}
-spec:
-  containers:
-  - name: main
-    image: localhost/busybox:1.35
-"#;
+    fn app(pod: &Pod, index: usize) -> &Container {
+        &pod.spec.as_ref().expect("spec").containers[index]
+    }
+
+    fn app_plan(pod: &Pod, ctx: &PlanContext) -> ContainerPlan {
+        container_plan(pod, app(pod, 0), ContainerKind::App, 0, ctx).expect("container plan")
+    }
+
+    fn quantity(text: &str) -> Quantity {
+        Quantity(text.to_owned())
+    }
 
     #[test]
-    fn quantities() {
-        for (text, cpu) in [
-            ("100m", 100),
+    fn cpu_quantities_round_up_to_millicores() {
+        let cases = [
+            ("1", 1000),
             ("0.5", 500),
-            ("2", 2000),
-            ("1.25", 1250),
+            ("2.25", 2250),
+            ("100m", 100),
             ("0.0001", 1),
+            ("1.0001", 1001),
+            ("0.1m", 1),
+            ("250000u", 250),
+            ("500000000n", 500),
             ("1e3", 1_000_000),
-            ("+1", 1000),
-        ] {
-            assert_eq!(parse_cpu_millis(&q(text)), Ok(cpu), "{text}");
+            ("1e-3", 1),
+            ("1k", 1_000_000),
+            ("+2", 2000),
+            (".5", 500),
+            ("5.", 5000),
+            ("0", 0),
+            ("-0", 0),
+            ("0.000", 0),
+            ("00012", 12_000),
+            ("0.00000000000000000000000000000000000000001", 1),
+        ];
+        for (text, millis) in cases {
+            assert_eq!(parse_cpu_millis(&quantity(text)), Ok(millis), "{text}");
         }
-        for (text, bytes) in [
-            ("64Mi", 64 << 20),
-            ("1G", 1_000_000_000),
-            ("1Gi", 1 << 30),
+    }
+
+    #[test]
+    fn memory_quantities_in_bytes() {
+        let cases: [(&str, u64); 20] = [
             ("128974848", 128_974_848),
-            ("1.5Ki", 1536),
-            ("1e3", 1000),
-            ("12E", 12_000_000_000_000_000_000),
-        ] {
-            assert_eq!(parse_memory_bytes(&q(text)), Ok(bytes), "{text}");
+            ("129e6", 129_000_000),
+            ("129E6", 129_000_000),
+            ("12E6", 12_000_000),
+            ("129M", 129_000_000),
+            ("123Mi", 128_974_848),
+            ("1Ki", 1024),
+            ("1.5Gi", 1_610_612_736),
+            ("1k", 1000),
+            ("1E", 1_000_000_000_000_000_000),
+            ("1Ei", 1 << 60),
+            ("15Ei", 15 << 60),
+            ("2Ti", 2 << 40),
+            ("3Pi", 3 << 50),
+            ("0.5", 1),
+            ("100m", 1),
+            ("1e-30", 1),
+            ("1e-400", 1),
+            ("0e999999", 0),
+            ("18446744073709551615", u64::MAX),
+        ];
+        for (text, bytes) in cases {
+            assert_eq!(parse_memory_bytes(&quantity(text)), Ok(bytes), "{text}");
         }
-        for bad in [
+    }
+
+    #[test]
+    fn bad_quantities_are_errors() {
+        let invalid = [
             "",
-            "-1",
             "abc",
-            "1.2.3",
-            "1Zi",
-            "1e99",
-            "m",
+            "1Kb",
+            "1 Ki",
+            " 1",
+            "1 ",
+            "1K",
+            "1ki",
+            "e3",
             ".",
-            "99999999999999999999999999999999999Ei",
-        ] {
-            assert!(parse_memory_bytes(&q(bad)).is_err(), "{bad} should fail");
+            "+",
+            "-",
+            "1e",
+            "1e+",
+            "1ee3",
+            "Mi",
+            "1.2.3",
+            "1..",
+            "0x10",
+            "1_000",
+            "１",
+            "1Mi5",
+            "1e3.5",
+            "--1",
+            "+-1",
+            "1e99999999999999999999",
+            "0.5e-9223372036854775808",
+        ];
+        for text in invalid {
+            let cpu = parse_cpu_millis(&quantity(text)).expect_err(text);
+            assert!(
+                cpu.contains("not a valid quantity") || cpu.contains("range"),
+                "{text}: {cpu}"
+            );
+            assert!(parse_memory_bytes(&quantity(text)).is_err(), "{text}");
+        }
+        for text in ["-1", "-100m", "-0.5Gi"] {
+            let error = parse_memory_bytes(&quantity(text)).expect_err(text);
+            assert!(error.contains("negative"), "{text}: {error}");
+        }
+        for text in ["16Ei", "18446744073709551616", "20E", "1e400", "1e17"] {
+            let error = parse_cpu_millis(&quantity(text)).expect_err(text);
+            assert!(error.contains("too large"), "{text}: {error}");
+        }
+        let digits = "1".repeat(39);
+        let error = parse_memory_bytes(&quantity(&digits)).expect_err("39 digits");
+        assert!(error.contains("too many significant digits"), "{error}");
+    }
+
+    #[test]
+    fn pull_policy_defaults_like_the_api_server() {
+        use PullPolicy::*;
+        let cases = [
+            ("busybox", None, Always),
+            ("busybox:latest", None, Always),
+            ("busybox:1.36", None, IfNotPresent),
+            ("docker.io/library/busybox:1.36", None, IfNotPresent),
+            ("localhost:5000/busybox", None, Always),
+            ("localhost:5000/busybox:1.36", None, IfNotPresent),
+            ("localhost:5000/busybox:latest", None, Always),
+            ("busybox@sha256:0123abcd", None, IfNotPresent),
+            ("localhost:5000/busybox@sha256:0123abcd", None, IfNotPresent),
+            ("busybox:latest@sha256:0123abcd", None, Always),
+            ("busybox:1.36@sha256:0123abcd", None, IfNotPresent),
+            ("busybox", Some("IfNotPresent"), IfNotPresent),
+            ("busybox:1.36", Some("Always"), Always),
+            ("busybox", Some("Never"), Never),
+        ];
+        for (image, policy, expected) in cases {
+            let container = Container {
+                name: "c".to_owned(),
+                image: Some(image.to_owned()),
+                image_pull_policy: policy.map(str::to_owned),
+                ..Container::default()
+            };
+            assert_eq!(pull_policy(&container), expected, "{image} {policy:?}");
         }
     }
 
     #[test]
-    fn pull_policy_defaults_like_kubernetes() {
-        let c = |image: &str, policy: Option<&str>| Container {
-            image: Some(image.into()),
-            image_pull_policy: policy.map(str::to_string),
-            ..Default::default()
-        };
-        assert_eq!(pull_policy(&c("busybox", None)), PullPolicy::Always);
-        assert_eq!(pull_policy(&c("busybox:latest", None)), PullPolicy::Always);
-        assert_eq!(
-            pull_policy(&c("localhost:5000/busybox", None)),
-            PullPolicy::Always
-        );
-        assert_eq!(
-            pull_policy(&c("localhost:5000/busybox:1.35", None)),
-            PullPolicy::IfNotPresent
-        );
-        assert_eq!(
-            pull_policy(&c("busybox@sha256:abcd", None)),
-            PullPolicy::IfNotPresent
-        );
-        assert_eq!(
-            pull_policy(&c("busybox:latest", Some("Never"))),
-            PullPolicy::Never
-        );
-    }
-
-    #[test]
-    fn requests_follow_the_scheduler() {
-        let pod = pod_from(
-            r#"
-metadata: {name: p, uid: u}
-spec:
-  initContainers:
-  - {name: init, image: i, resources: {requests: {cpu: "2", memory: 16Mi}}}
-  containers:
-  - {name: a, image: i, resources: {requests: {cpu: 100m, memory: 64Mi}}}
-  - {name: b, image: i, resources: {limits: {cpu: 200m, memory: 32Mi}}}
-"#,
-        );
+    fn requests_follow_scheduler_semantics() {
+        let pod = pod_with(&[
+            (
+                "/spec/initContainers",
+                json!([
+                    {"name": "migrate", "image": "busybox",
+                     "resources": {"requests": {"cpu": "500m", "memory": "64Mi"}}},
+                    {"name": "warm", "image": "busybox",
+                     "resources": {"limits": {"cpu": "2"}}}
+                ]),
+            ),
+            (
+                "/spec/containers",
+                json!([
+                    {"name": "main", "image": "nginx",
+                     "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                                   "limits": {"cpu": "1"}}},
+                    {"name": "limited", "image": "nginx",
+                     "resources": {"limits": {"cpu": "250m", "memory": "256Mi"}}},
+                    {"name": "besteffort", "image": "nginx"}
+                ]),
+            ),
+            ("/spec/overhead", json!({"cpu": "10m", "memory": "1Mi"})),
+        ]);
+        validate(&pod).expect("valid");
+        let mib = 1024 * 1024;
         assert_eq!(
             pod_requests(&pod),
             Ok(Resources {
-                cpu_millis: 2000,
-                memory_bytes: 96 << 20,
+                // max(100m + 250m, max(500m, 2)) + 10m overhead
+                cpu_millis: 2010,
+                // max(128Mi + 256Mi, 64Mi) + 1Mi overhead
+                memory_bytes: 385 * mib,
+                pods: 1,
+            })
+        );
+        assert_eq!(
+            pod_requests(&pod_with(&[])),
+            Ok(Resources {
+                cpu_millis: 0,
+                memory_bytes: 0,
                 pods: 1
             })
         );
-    }
-
-    #[test]
-    fn variables_expand_like_the_kubelet() {
-        let vars = HashMap::from([("A".to_string(), "x".to_string())]);
-        assert_eq!(expand("$(A)-$(B)-$$(A)-$-$(", &vars), "x-$(B)-$(A)-$-$(");
-    }
-
-    #[test]
-    fn plans_carry_names_labels_env_mounts_and_ports() {
-        let pod = pod_from(
-            r#"
-metadata: {name: web, namespace: team, uid: 0123456789abcdef, labels: {app: web}}
-spec:
-  terminationGracePeriodSeconds: 3
-  volumes: [{name: data, emptyDir: {}}]
-  containers:
-  - name: main
-    image: localhost/busybox:1.35
-    command: ["sh", "-c"]
-    args: ["echo $(GREETING) $(POD_IP)"]
-    env:
-    - {name: WHO, value: world}
-    - {name: GREETING, value: "hello $(WHO)"}
-    - name: POD_IP
-      valueFrom: {fieldRef: {fieldPath: status.podIP}}
-    - name: APP
-      valueFrom: {fieldRef: {fieldPath: "metadata.labels['app']"}}
-    - name: HOST
-      valueFrom: {fieldRef: {fieldPath: status.hostIP}}
-    ports: [{containerPort: 80, hostPort: 8080}, {containerPort: 53, hostPort: 5353, protocol: UDP}]
-    volumeMounts:
-    - {name: data, mountPath: /data}
-    - {name: data, mountPath: /sub, subPath: nested/dir, readOnly: true}
-    resources: {limits: {cpu: 250m, memory: 64Mi}}
-    securityContext: {runAsUser: 1000, runAsGroup: 2000}
-"#,
-        );
-        validate(&pod).expect("valid");
-        let dir = PathBuf::from("/var/lib/beemesh/volumes/u_7");
-        let c = ctx(&dir);
-        let plan = pod_plan(&pod, &c).expect("pod plan");
-        assert_eq!(plan.name, "team_web_01234567_7");
-        assert_eq!(plan.hostname, "web");
-        assert_eq!(plan.labels[labels::EPOCH], "7");
-        assert_eq!(plan.ports.len(), 2);
-        assert_eq!(plan.ports[1].protocol, Protocol::Udp);
-        let spec = pod.spec.as_ref().expect("spec");
-        let cp =
-            container_plan(&pod, &spec.containers[0], ContainerKind::App, 2, &c).expect("plan");
-        assert_eq!(cp.name, "team_web_01234567_7_main_2");
+        let bad = pod_with(&[(
+            "/spec/containers/0/resources",
+            json!({"requests": {"cpu": "lots"}}),
+        )]);
         assert_eq!(
-            cp.args,
-            Some(vec!["echo hello world 10.88.0.9".to_string()])
+            pod_requests(&bad).expect_err("bad cpu").field,
+            "spec.containers[0].resources.requests[cpu]"
         );
-        let env: BTreeMap<_, _> = cp.env.iter().cloned().collect();
-        assert_eq!(env["APP"], "web");
-        assert_eq!(env["HOST"], "");
-        assert_eq!(cp.mounts[1].host_path, dir.join("data/nested/dir"));
-        assert!(cp.mounts[1].read_only);
-        assert_eq!(cp.memory_limit_bytes, Some(64 << 20));
-        assert_eq!(cp.cpu_limit_millis, Some(250));
-        assert_eq!(cp.user.as_deref(), Some("1000:2000"));
-        assert_eq!(cp.labels[labels::ATTEMPT], "2");
-        assert_eq!(cp.labels[labels::CONTAINER_KIND], "app");
-        assert_eq!(cp.stop_timeout_secs, 3);
-        assert_eq!(host_ports(&pod), vec![5353, 8080]);
-        assert_eq!(empty_dirs(&pod), vec!["data".to_string()]);
+    }
+
+    #[test]
+    fn expansion_follows_the_kubelet() {
+        let env = [("A", "1"), ("B", "two")];
+        let lookup = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let cases = [
+            ("$(A)", "1"),
+            ("x$(A)y", "x1y"),
+            ("$(A)$(B)", "1two"),
+            ("$$(A)", "$(A)"),
+            ("$$$(A)", "$1"),
+            ("$$", "$"),
+            ("$", "$"),
+            ("a$b", "a$b"),
+            ("$(MISSING)", "$(MISSING)"),
+            ("$(A", "$(A"),
+            ("$($(A)", "$($(A)"),
+            ("$( $$", "$( $"),
+            ("$($(A))", "$($(A))"),
+            ("$()", "$()"),
+            ("€$(A)€", "€1€"),
+            ("no refs", "no refs"),
+            ("", ""),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(expand(input, lookup), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn env_and_command_are_expanded() {
+        let pod = pod_with(&[
+            (
+                "/spec/containers/0/env",
+                json!([
+                    {"name": "A", "value": "1"},
+                    {"name": "B", "value": "$(A)-$(LATER)"},
+                    {"name": "LATER", "value": "late"},
+                    {"name": "D", "value": "$$(A)"},
+                    {"name": "E"}
+                ]),
+            ),
+            (
+                "/spec/containers/0/command",
+                json!(["sh", "-c", "echo $(A) $(B) $$(A) $(LATER) $(MISSING)"]),
+            ),
+            ("/spec/containers/0/args", json!(["$(D)"])),
+        ]);
+        let dir = PathBuf::from("/var/lib/beemesh/pods/x/volumes");
+        let plan = app_plan(&pod, &context(&dir));
+        let env: Vec<(&str, &str)> = plan
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("A", "1"),
+                ("B", "1-$(LATER)"),
+                ("LATER", "late"),
+                ("D", "$(A)"),
+                ("E", "")
+            ]
+        );
+        assert_eq!(
+            plan.command,
+            Some(vec![
+                "sh".to_owned(),
+                "-c".to_owned(),
+                "echo 1 1-$(LATER) $(A) late $(MISSING)".to_owned()
+            ])
+        );
+        // D's value is not expanded a second time.
+        assert_eq!(plan.args, Some(vec!["$(A)".to_owned()]));
+    }
+
+    #[test]
+    fn later_env_definitions_replace_earlier_ones() {
+        let pod = pod_with(&[(
+            "/spec/containers/0/env",
+            json!([
+                {"name": "X", "value": "1"},
+                {"name": "Y", "value": "$(X)"},
+                {"name": "X", "value": "2"}
+            ]),
+        )]);
+        let dir = PathBuf::from("/v");
+        let plan = app_plan(&pod, &context(&dir));
+        assert_eq!(
+            plan.env,
+            [
+                ("X".to_owned(), "2".to_owned()),
+                ("Y".to_owned(), "1".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_command_and_args_are_unset() {
+        let pod = pod_with(&[
+            ("/spec/containers/0/command", json!([])),
+            ("/spec/containers/0/workingDir", json!("")),
+        ]);
+        let dir = PathBuf::from("/v");
+        let plan = app_plan(&pod, &context(&dir));
+        assert_eq!(plan.command, None);
+        assert_eq!(plan.args, None);
+        assert_eq!(plan.working_dir, None);
+    }
+
+    #[test]
+    fn field_refs_give_pod_facts() {
+        let field = |path: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": path}}});
+        let mut env = Vec::new();
+        for (name, path) in [
+            ("NAME", "metadata.name"),
+            ("NAMESPACE", "metadata.namespace"),
+            ("UID", "metadata.uid"),
+            ("APP", "metadata.labels['app']"),
+            ("NOLABEL", "metadata.labels['missing']"),
+            ("TEAM", "metadata.annotations['team']"),
+            ("NODE", "spec.nodeName"),
+            ("SA", "spec.serviceAccountName"),
+            ("POD_IP", "status.podIP"),
+            ("POD_IPS", "status.podIPs"),
+            ("HOST_IP", "status.hostIP"),
+            ("HOST_IPS", "status.hostIPs"),
+        ] {
+            let mut var = field(path);
+            set(&mut var, "/name", json!(name));
+            env.push(var);
+        }
+        // An explicit apiVersion v1 is what the API server fills in.
+        env.push(json!({"name": "V1", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}));
+        let pod = pod_with(&[
+            ("/spec/containers/0/env", Value::Array(env)),
+            ("/spec/serviceAccountName", json!("builder")),
+        ]);
+        let dir = PathBuf::from("/v");
+        let unknown_ips = app_plan(&pod, &context(&dir));
+        let value =
+            |plan: &ContainerPlan, name: &str| env_lookup(&plan.env, name).expect(name).to_owned();
+        assert_eq!(value(&unknown_ips, "NAME"), "web");
+        assert_eq!(value(&unknown_ips, "NAMESPACE"), "shop");
+        assert_eq!(value(&unknown_ips, "UID"), UID);
+        assert_eq!(value(&unknown_ips, "APP"), "web");
+        assert_eq!(value(&unknown_ips, "NOLABEL"), "");
+        assert_eq!(value(&unknown_ips, "TEAM"), "blue");
+        assert_eq!(value(&unknown_ips, "NODE"), "beemesh-node");
+        assert_eq!(value(&unknown_ips, "SA"), "builder");
+        assert_eq!(value(&unknown_ips, "V1"), "web");
+        for name in ["POD_IP", "POD_IPS", "HOST_IP", "HOST_IPS"] {
+            assert_eq!(value(&unknown_ips, name), "", "{name}");
+        }
+
+        let ctx = PlanContext {
+            pod_ip: Some("10.88.0.7".parse().expect("ip")),
+            host_ip: Some("fd00::1".parse().expect("ip")),
+            ..context(&dir)
+        };
+        let known_ips = app_plan(&pod, &ctx);
+        assert_eq!(value(&known_ips, "POD_IP"), "10.88.0.7");
+        assert_eq!(value(&known_ips, "POD_IPS"), "10.88.0.7");
+        assert_eq!(value(&known_ips, "HOST_IP"), "fd00::1");
+        assert_eq!(value(&known_ips, "HOST_IPS"), "fd00::1");
+    }
+
+    #[test]
+    fn resource_field_refs_divide_and_round_up() {
+        let resource =
+            |name: &str, resource: &str, divisor: Option<&str>, container: Option<&str>| {
+                let mut selector = json!({"resource": resource});
+                if let Some(divisor) = divisor {
+                    set(&mut selector, "/divisor", json!(divisor));
+                }
+                if let Some(container) = container {
+                    set(&mut selector, "/containerName", json!(container));
+                }
+                json!({"name": name, "valueFrom": {"resourceFieldRef": selector}})
+            };
+        let pod = pod_with(&[(
+            "/spec/containers",
+            json!([
+                {"name": "main", "image": "nginx",
+                 "resources": {"limits": {"cpu": "1500m", "memory": "256Mi"},
+                               "requests": {"cpu": "250m"}},
+                 "env": [
+                     resource("CPU_LIMIT", "limits.cpu", None, None),
+                     resource("CPU_LIMIT_M", "limits.cpu", Some("1m"), None),
+                     resource("CPU_REQUEST_M", "requests.cpu", Some("1m"), None),
+                     resource("MEM_REQUEST", "requests.memory", None, None),
+                     resource("MEM_LIMIT_MI", "limits.memory", Some("1Mi"), None),
+                     resource("ZERO_DIVISOR", "limits.memory", Some("0"), None),
+                     resource("OTHER_CPU", "requests.cpu", None, Some("side"))
+                 ]},
+                {"name": "side", "image": "busybox"}
+            ]),
+        )]);
+        let dir = PathBuf::from("/v");
+        let plan = app_plan(&pod, &context(&dir));
+        let value = |name: &str| env_lookup(&plan.env, name).expect(name).to_owned();
+        assert_eq!(value("CPU_LIMIT"), "2");
+        assert_eq!(value("CPU_LIMIT_M"), "1500");
+        assert_eq!(value("CPU_REQUEST_M"), "250");
+        // No memory request: the API server defaults it to the limit.
+        assert_eq!(value("MEM_REQUEST"), "268435456");
+        assert_eq!(value("MEM_LIMIT_MI"), "256");
+        assert_eq!(value("ZERO_DIVISOR"), "268435456");
+        assert_eq!(value("OTHER_CPU"), "0");
+    }
+
+    /// Pod changes that validate must refuse, with the field path of the refusal.
+    fn refusals() -> Vec<(Vec<(&'static str, Value)>, &'static str)> {
+        let init = |container: Value| ("/spec/initContainers", json!([container]));
+        vec![
+            // Metadata.
+            (vec![("/metadata/uid", json!(""))], "metadata.uid"),
+            (vec![("/metadata/name", Value::Null)], "metadata.name"),
+            (vec![("/metadata/name", json!("Web_1"))], "metadata.name"),
+            (
+                vec![("/metadata/namespace", json!("a.b"))],
+                "metadata.namespace",
+            ),
+            (vec![("/metadata/uid", json!("a/b"))], "metadata.uid"),
+            (vec![("/spec", Value::Null)], "spec"),
+            // Pod fields.
+            (vec![("/spec/containers", json!([]))], "spec.containers"),
+            (vec![("/spec/hostNetwork", json!(true))], "spec.hostNetwork"),
+            (vec![("/spec/hostPID", json!(true))], "spec.hostPID"),
+            (vec![("/spec/hostIPC", json!(true))], "spec.hostIPC"),
+            (vec![("/spec/hostUsers", json!(false))], "spec.hostUsers"),
+            (
+                vec![("/spec/shareProcessNamespace", json!(true))],
+                "spec.shareProcessNamespace",
+            ),
+            (
+                vec![("/spec/activeDeadlineSeconds", json!(60))],
+                "spec.activeDeadlineSeconds",
+            ),
+            (
+                vec![(
+                    "/spec/ephemeralContainers",
+                    json!([{"name": "debug", "image": "busybox"}]),
+                )],
+                "spec.ephemeralContainers",
+            ),
+            (
+                vec![("/spec/imagePullSecrets", json!([{"name": "regcred"}]))],
+                "spec.imagePullSecrets",
+            ),
+            (
+                vec![("/spec/runtimeClassName", json!("gvisor"))],
+                "spec.runtimeClassName",
+            ),
+            (
+                vec![(
+                    "/spec/hostAliases",
+                    json!([{"ip": "10.0.0.1", "hostnames": ["db"]}]),
+                )],
+                "spec.hostAliases",
+            ),
+            (
+                vec![("/spec/dnsConfig", json!({"nameservers": ["1.1.1.1"]}))],
+                "spec.dnsConfig",
+            ),
+            (vec![("/spec/dnsPolicy", json!("None"))], "spec.dnsPolicy"),
+            (
+                vec![("/spec/dnsPolicy", json!("Cluster"))],
+                "spec.dnsPolicy",
+            ),
+            (
+                vec![("/spec/readinessGates", json!([{"conditionType": "x"}]))],
+                "spec.readinessGates",
+            ),
+            (
+                vec![("/spec/resources", json!({"limits": {"cpu": "1"}}))],
+                "spec.resources",
+            ),
+            (
+                vec![("/spec/restartPolicy", json!("Sometimes"))],
+                "spec.restartPolicy",
+            ),
+            (
+                vec![("/spec/setHostnameAsFQDN", json!(true))],
+                "spec.setHostnameAsFQDN",
+            ),
+            (
+                vec![("/spec/os", json!({"name": "windows"}))],
+                "spec.os.name",
+            ),
+            (
+                vec![("/spec/hostname", json!("Not_A_Label"))],
+                "spec.hostname",
+            ),
+            (
+                vec![("/spec/hostnameOverride", json!("-bad"))],
+                "spec.hostnameOverride",
+            ),
+            (
+                vec![("/spec/overhead", json!({"cpu": "x"}))],
+                "spec.overhead[cpu]",
+            ),
+            // Pod security context.
+            (
+                vec![(
+                    "/spec/securityContext/sysctls",
+                    json!([{"name": "net.core.somaxconn", "value": "1024"}]),
+                )],
+                "spec.securityContext.sysctls",
+            ),
+            (
+                vec![("/spec/securityContext/fsGroup", json!(1000))],
+                "spec.securityContext.fsGroup",
+            ),
+            (
+                vec![("/spec/securityContext/supplementalGroups", json!([1000]))],
+                "spec.securityContext.supplementalGroups",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/supplementalGroupsPolicy",
+                    json!("Strict"),
+                )],
+                "spec.securityContext.supplementalGroupsPolicy",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/seLinuxOptions",
+                    json!({"level": "s0:c1"}),
+                )],
+                "spec.securityContext.seLinuxOptions",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/seccompProfile",
+                    json!({"type": "Localhost", "localhostProfile": "p.json"}),
+                )],
+                "spec.securityContext.seccompProfile",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/appArmorProfile",
+                    json!({"type": "Unconfined"}),
+                )],
+                "spec.securityContext.appArmorProfile",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/windowsOptions",
+                    json!({"runAsUserName": "x"}),
+                )],
+                "spec.securityContext.windowsOptions",
+            ),
+            (
+                vec![("/spec/securityContext/runAsUser", json!(-1))],
+                "spec.securityContext.runAsUser",
+            ),
+            (
+                vec![("/spec/securityContext/runAsNonRoot", json!(true))],
+                "spec.containers[0].securityContext.runAsNonRoot",
+            ),
+            // Container security context.
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/runAsNonRoot",
+                    json!(true),
+                )],
+                "spec.containers[0].securityContext.runAsNonRoot",
+            ),
+            (
+                vec![
+                    ("/spec/securityContext/runAsNonRoot", json!(true)),
+                    ("/spec/containers/0/securityContext/runAsUser", json!(0)),
+                ],
+                "spec.containers[0].securityContext.runAsNonRoot",
+            ),
+            (
+                vec![("/spec/containers/0/securityContext/runAsGroup", json!(1000))],
+                "spec.containers[0].securityContext.runAsGroup",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/runAsUser",
+                    json!(4_294_967_296_i64),
+                )],
+                "spec.containers[0].securityContext.runAsUser",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/procMount",
+                    json!("Unmasked"),
+                )],
+                "spec.containers[0].securityContext.procMount",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/seccompProfile",
+                    json!({"type": "Localhost"}),
+                )],
+                "spec.containers[0].securityContext.seccompProfile",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/seLinuxOptions",
+                    json!({"type": "spc_t"}),
+                )],
+                "spec.containers[0].securityContext.seLinuxOptions",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/windowsOptions",
+                    json!({"hostProcess": true}),
+                )],
+                "spec.containers[0].securityContext.windowsOptions",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/securityContext/appArmorProfile",
+                    json!({"type": "Localhost", "localhostProfile": "p"}),
+                )],
+                "spec.containers[0].securityContext.appArmorProfile",
+            ),
+            // Container basics.
+            (
+                vec![("/spec/containers/0/name", json!(""))],
+                "spec.containers[0].name",
+            ),
+            (
+                vec![("/spec/containers/0/name", json!("Main"))],
+                "spec.containers[0].name",
+            ),
+            (
+                vec![("/spec/containers/0/image", Value::Null)],
+                "spec.containers[0].image",
+            ),
+            (
+                vec![("/spec/containers/0/image", json!(" nginx"))],
+                "spec.containers[0].image",
+            ),
+            (
+                vec![("/spec/containers/0/imagePullPolicy", json!("Sometimes"))],
+                "spec.containers[0].imagePullPolicy",
+            ),
+            (
+                vec![init(json!({"name": "main", "image": "busybox"}))],
+                "spec.containers[0].name",
+            ),
+            (
+                vec![(
+                    "/spec/containers",
+                    json!([
+                        {"name": "a", "image": "busybox"}, {"name": "a", "image": "busybox"}
+                    ]),
+                )],
+                "spec.containers[1].name",
+            ),
+            (
+                vec![init(
+                    json!({"name": "side", "image": "busybox", "restartPolicy": "Always"}),
+                )],
+                "spec.initContainers[0].restartPolicy",
+            ),
+            (
+                vec![init(
+                    json!({"name": "side", "image": "busybox", "restartPolicy": "Never"}),
+                )],
+                "spec.initContainers[0].restartPolicy",
+            ),
+            (
+                vec![("/spec/containers/0/restartPolicy", json!("Never"))],
+                "spec.containers[0].restartPolicy",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/restartPolicyRules",
+                    json!([{"action": "Restart", "exitCodes": {"operator": "In", "values": [42]}}]),
+                )],
+                "spec.containers[0].restartPolicyRules",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/lifecycle",
+                    json!({"postStart": {"exec": {"command": ["true"]}}}),
+                )],
+                "spec.containers[0].lifecycle.postStart",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/lifecycle",
+                    json!({"preStop": {"sleep": {"seconds": 5}}}),
+                )],
+                "spec.containers[0].lifecycle.preStop",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/lifecycle",
+                    json!({"stopSignal": "SIGUSR1"}),
+                )],
+                "spec.containers[0].lifecycle.stopSignal",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/livenessProbe",
+                    json!({"grpc": {"port": 9000}}),
+                )],
+                "spec.containers[0].livenessProbe.grpc",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/readinessProbe",
+                    json!({"grpc": {"port": 9000}}),
+                )],
+                "spec.containers[0].readinessProbe.grpc",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/startupProbe",
+                    json!({"grpc": {"port": 9000}}),
+                )],
+                "spec.containers[0].startupProbe.grpc",
+            ),
+            (
+                vec![init(
+                    json!({"name": "setup", "image": "busybox", "readinessProbe": {"exec": {"command": ["true"]}}}),
+                )],
+                "spec.initContainers[0].readinessProbe",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/volumeDevices",
+                    json!([{"name": "disk", "devicePath": "/dev/xvda"}]),
+                )],
+                "spec.containers[0].volumeDevices",
+            ),
+            // Ports.
+            (
+                vec![(
+                    "/spec/containers/0/ports",
+                    json!([{"containerPort": 80, "hostPort": 80, "protocol": "SCTP"}]),
+                )],
+                "spec.containers[0].ports[0].protocol",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/ports",
+                    json!([{"containerPort": 80, "protocol": "QUIC"}]),
+                )],
+                "spec.containers[0].ports[0].protocol",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/ports",
+                    json!([{"containerPort": 80, "hostPort": 70000}]),
+                )],
+                "spec.containers[0].ports[0].hostPort",
+            ),
+            (
+                vec![("/spec/containers/0/ports", json!([{"containerPort": 0}]))],
+                "spec.containers[0].ports[0].containerPort",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/ports",
+                    json!([{"containerPort": 80, "hostPort": 80, "hostIP": "localhost"}]),
+                )],
+                "spec.containers[0].ports[0].hostIP",
+            ),
+            (
+                vec![(
+                    "/spec/containers",
+                    json!([
+                        {"name": "a", "image": "nginx", "ports": [{"containerPort": 80, "hostPort": 8080}]},
+                        {"name": "b", "image": "nginx", "ports": [{"containerPort": 81, "hostPort": 8080, "protocol": "TCP"}]}
+                    ]),
+                )],
+                "spec.containers[1].ports[0].hostPort",
+            ),
+            // Env.
+            (
+                vec![(
+                    "/spec/containers/0/envFrom",
+                    json!([{"configMapRef": {"name": "cfg"}}]),
+                )],
+                "spec.containers[0].envFrom",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.configMapKeyRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "a"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.secretKeyRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"fileKeyRef": {"volumeName": "v", "path": "p", "key": "a"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.fileKeyRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.hostname"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.fieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.fieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"fieldRef": {"apiVersion": "v2", "fieldPath": "metadata.name"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.fieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.resourceFieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.ephemeral-storage"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.resourceFieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "containerName": "nope"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom.resourceFieldRef",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A", "valueFrom": {}}]),
+                )],
+                "spec.containers[0].env[0].valueFrom",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/env",
+                    json!([{"name": "A=B", "value": "x"}]),
+                )],
+                "spec.containers[0].env[0].name",
+            ),
+            // Resources.
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"limits": {"nvidia.com/gpu": "1"}}),
+                )],
+                "spec.containers[0].resources.limits[nvidia.com/gpu]",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"requests": {"hugepages-2Mi": "2Mi"}}),
+                )],
+                "spec.containers[0].resources.requests[hugepages-2Mi]",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"limits": {"cpu": "abc"}}),
+                )],
+                "spec.containers[0].resources.limits[cpu]",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"requests": {"memory": "-1Gi"}}),
+                )],
+                "spec.containers[0].resources.requests[memory]",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}),
+                )],
+                "spec.containers[0].resources.requests[cpu]",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/resources",
+                    json!({"claims": [{"name": "gpu"}]}),
+                )],
+                "spec.containers[0].resources.claims",
+            ),
+            // Volumes.
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "data", "hostPath": {"path": "/data"}}]),
+                )],
+                "spec.volumes[0].hostPath",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "a", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}]),
+                )],
+                "spec.volumes[1].configMap",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "s", "secret": {"secretName": "s"}}]),
+                )],
+                "spec.volumes[0].secret",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "d", "downwardAPI": {"items": []}}]),
+                )],
+                "spec.volumes[0].downwardAPI",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "p", "projected": {"sources": [{"configMap": {"name": "c"}}]}}]),
+                )],
+                "spec.volumes[0].projected",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "kube-api-access-abcde", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}]),
+                )],
+                "spec.volumes[0].projected",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "pvc", "persistentVolumeClaim": {"claimName": "data"}}]),
+                )],
+                "spec.volumes[0].persistentVolumeClaim",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "n", "nfs": {"server": "s", "path": "/"}}]),
+                )],
+                "spec.volumes[0].nfs",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "both", "emptyDir": {}, "hostPath": {"path": "/"}}]),
+                )],
+                "spec.volumes[0].hostPath",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "h", "emptyDir": {"medium": "HugePages"}}]),
+                )],
+                "spec.volumes[0].emptyDir.medium",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "m", "emptyDir": {"mode": 448}}]),
+                )],
+                "spec.volumes[0].emptyDir.mode",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "Bad_Name", "emptyDir": {}}]),
+                )],
+                "spec.volumes[0].name",
+            ),
+            (
+                vec![(
+                    "/spec/volumes",
+                    json!([{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]),
+                )],
+                "spec.volumes[1].name",
+            ),
+            // Volume mounts.
+            (
+                vec![(
+                    "/spec/containers/0/volumeMounts",
+                    json!([{"name": "nope", "mountPath": "/data"}]),
+                )],
+                "spec.containers[0].volumeMounts[0].name",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "data"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].mountPath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([
+                            {"name": "data", "mountPath": "/data"},
+                            {"name": "data", "mountPath": "/data"}
+                        ]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[1].mountPath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "subPath": "../etc"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].subPath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "subPath": "a/../../b"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].subPath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "subPath": "/etc"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].subPath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "subPathExpr": "$(POD)"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].subPathExpr",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "mountPropagation": "Bidirectional"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].mountPropagation",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "data", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "data", "mountPath": "/data", "readOnly": true, "recursiveReadOnly": "Enabled"}]),
+                    ),
+                ],
+                "spec.containers[0].volumeMounts[0].recursiveReadOnly",
+            ),
+        ]
     }
 
     #[test]
     fn refusals_name_the_field() {
-        let cases = [
-            ("spec: {containers: []}", "spec.containers"),
-            ("spec: {containers: [{name: c}]}", "spec.containers[0].image"),
-            ("spec: {containers: [{name: C, image: i}]}", "spec.containers[0].name"),
-            ("spec: {containers: [{name: c, image: i}, {name: c, image: i}]}", "spec.containers[1].name"),
-            ("spec: {hostNetwork: true, containers: [{name: c, image: i}]}", "spec.hostNetwork"),
-            ("spec: {restartPolicy: Sometimes, containers: [{name: c, image: i}]}", "spec.restartPolicy"),
-            ("spec: {volumes: [{name: h, hostPath: {path: /}}], containers: [{name: c, image: i}]}", "spec.volumes[0].hostPath"),
-            ("spec: {volumes: [{name: s, secret: {secretName: x}}], containers: [{name: c, image: i}]}", "spec.volumes[0]"),
-            ("spec: {containers: [{name: c, image: i, volumeMounts: [{name: nope, mountPath: /x}]}]}", "spec.containers[0].volumeMounts[0].name"),
-            ("spec: {volumes: [{name: d, emptyDir: {}}], containers: [{name: c, image: i, volumeMounts: [{name: d, mountPath: /x, subPath: ../up}]}]}", "spec.containers[0].volumeMounts[0].subPath"),
-            ("spec: {containers: [{name: c, image: i, lifecycle: {preStop: {exec: {command: [x]}}}}]}", "spec.containers[0].lifecycle"),
-            ("spec: {containers: [{name: c, image: i, livenessProbe: {grpc: {port: 1}}}]}", "spec.containers[0].livenessProbe.grpc"),
-            ("spec: {containers: [{name: c, image: i, envFrom: [{configMapRef: {name: x}}]}]}", "spec.containers[0].envFrom"),
-            ("spec: {containers: [{name: c, image: i, env: [{name: X, valueFrom: {secretKeyRef: {name: s, key: k}}}]}]}", "spec.containers[0].env[0].valueFrom.secretKeyRef"),
-            ("spec: {containers: [{name: c, image: i, env: [{name: X, valueFrom: {fieldRef: {fieldPath: spec.weird}}}]}]}", "spec.containers[0].env[0].valueFrom.fieldRef.fieldPath"),
-            ("spec: {containers: [{name: c, image: i, resources: {limits: {cpu: lots}}}]}", "spec.containers[0].resources.limits.cpu"),
-            ("spec: {containers: [{name: c, image: i, ports: [{containerPort: 1, protocol: SCTP}]}]}", "spec.containers[0].ports[0].protocol"),
-            ("spec: {initContainers: [{name: s, image: i, restartPolicy: Always}], containers: [{name: c, image: i}]}", "spec.initContainers[0].restartPolicy"),
-            ("spec: {imagePullSecrets: [{name: r}], containers: [{name: c, image: i}]}", "spec.imagePullSecrets"),
-        ];
-        for (spec, field) in cases {
-            let pod = pod_from(&format!("metadata: {{name: p, uid: u}}\n{spec}"));
-            let e = validate(&pod).expect_err(spec);
-            assert_eq!(e.field, field, "{spec}: {e}");
+        for (changes, field) in refusals() {
+            let pod = pod_with(&changes);
+            let error = validate(&pod).expect_err(field);
+            assert_eq!(error.field, field, "{changes:?} gave \"{error}\"");
+            assert!(!error.message.is_empty());
+            // Plans never come from a refused pod.
+            let dir = PathBuf::from("/v");
+            assert_eq!(pod_plan(&pod, &context(&dir)), Err(error));
         }
-        assert_eq!(validate(&pod_from(BASE)), Ok(()));
-        let mut no_uid = pod_from(BASE);
-        no_uid.metadata.uid = None;
-        assert_eq!(validate(&no_uid).expect_err("uid").field, "metadata.uid");
     }
 
     #[test]
-    fn an_api_server_pod_validates_once_its_token_volume_is_gone() {
-        let text = include_str!("../../tests/fixtures/k3s-1.21-api/pods-list-fieldselector.json");
-        let list: serde_json::Value = serde_json::from_str(text).expect("fixture json");
-        let item = list["items"][0].clone();
-        let mut pod: Pod = serde_json::from_value(item).expect("fixture pod");
-        let e = validate(&pod).expect_err("token volume refused for now");
-        assert!(e.message.contains("service-account token"), "{e}");
-        let spec = pod.spec.as_mut().expect("spec");
-        spec.volumes
-            .as_mut()
-            .expect("volumes")
-            .retain(|v| !v.name.starts_with("kube-api-access-"));
-        for c in &mut spec.containers {
-            if let Some(mounts) = c.volume_mounts.as_mut() {
-                mounts.retain(|m| !m.name.starts_with("kube-api-access-"));
-            }
+    fn refusal_messages_say_why() {
+        let message = |changes: &[(&str, Value)]| {
+            validate(&pod_with(changes))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert_eq!(
+            message(&[("/spec/containers/0/image", Value::Null)]),
+            "spec.containers[0].image: required"
+        );
+        assert_eq!(
+            message(&[("/spec/containers", json!([]))]),
+            "spec.containers: a pod needs at least one container"
+        );
+        assert_eq!(
+            message(&[(
+                "/spec/volumes",
+                json!([{"name": "a", "emptyDir": {}}, {"name": "data", "hostPath": {"path": "/"}}])
+            )]),
+            "spec.volumes[1].hostPath: hostPath volumes are not allowed"
+        );
+        assert_eq!(
+            message(&[("/spec/containers/0/env", json!([{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]))]),
+            "spec.containers[0].env[0].valueFrom.configMapKeyRef: configMapKeyRef needs the Kubernetes API; not supported yet"
+        );
+        assert_eq!(
+            message(&[(
+                "/spec/initContainers",
+                json!([{"name": "side", "image": "busybox", "restartPolicy": "Always"}])
+            )]),
+            "spec.initContainers[0].restartPolicy: sidecar containers are not supported yet"
+        );
+    }
+
+    /// Changes that validate must accept: API server defaults and settings that change
+    /// nothing on an agent.
+    #[test]
+    fn control_plane_fields_and_defaults_are_accepted() {
+        let accepted: Vec<Vec<(&str, Value)>> = vec![
+            vec![("/spec/dnsPolicy", json!("ClusterFirst"))],
+            vec![("/spec/dnsPolicy", json!("Default"))],
+            vec![("/spec/restartPolicy", json!("OnFailure"))],
+            vec![("/spec/restartPolicy", json!("Never"))],
+            vec![
+                ("/spec/nodeName", json!("vk")),
+                ("/spec/nodeSelector", json!({"disk": "ssd"})),
+            ],
+            vec![(
+                "/spec/tolerations",
+                json!([{"key": "k", "operator": "Exists"}]),
+            )],
+            vec![("/spec/affinity", json!({"nodeAffinity": {}}))],
+            vec![
+                ("/spec/schedulerName", json!("default-scheduler")),
+                ("/spec/priority", json!(0)),
+            ],
+            vec![
+                ("/spec/priorityClassName", json!("high")),
+                ("/spec/preemptionPolicy", json!("Never")),
+            ],
+            vec![
+                ("/spec/serviceAccountName", json!("default")),
+                ("/spec/serviceAccount", json!("default")),
+            ],
+            vec![
+                ("/spec/automountServiceAccountToken", json!(false)),
+                ("/spec/enableServiceLinks", json!(true)),
+            ],
+            vec![(
+                "/spec/topologySpreadConstraints",
+                json!([{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]),
+            )],
+            vec![("/spec/schedulingGates", json!([{"name": "wait"}]))],
+            vec![(
+                "/spec/resourceClaims",
+                json!([{"name": "gpu", "resourceClaimName": "gpu"}]),
+            )],
+            vec![
+                ("/spec/setHostnameAsFQDN", json!(false)),
+                ("/spec/subdomain", json!("svc")),
+            ],
+            vec![
+                ("/spec/hostname", json!("db-0")),
+                ("/spec/terminationGracePeriodSeconds", json!(5)),
+            ],
+            vec![
+                ("/spec/hostNetwork", json!(false)),
+                ("/spec/hostPID", json!(false)),
+                ("/spec/hostIPC", json!(false)),
+            ],
+            vec![
+                ("/spec/hostUsers", json!(true)),
+                ("/spec/shareProcessNamespace", json!(false)),
+            ],
+            vec![("/spec/os", json!({"name": "linux"}))],
+            vec![("/spec/securityContext", json!({}))],
+            vec![(
+                "/spec/securityContext/seccompProfile",
+                json!({"type": "RuntimeDefault"}),
+            )],
+            vec![(
+                "/spec/securityContext/seccompProfile",
+                json!({"type": "Unconfined"}),
+            )],
+            vec![(
+                "/spec/securityContext/appArmorProfile",
+                json!({"type": "RuntimeDefault"}),
+            )],
+            vec![("/spec/securityContext/seLinuxOptions", json!({}))],
+            vec![(
+                "/spec/securityContext/supplementalGroupsPolicy",
+                json!("Merge"),
+            )],
+            vec![
+                ("/spec/securityContext/runAsNonRoot", json!(true)),
+                ("/spec/securityContext/runAsUser", json!(1000)),
+            ],
+            vec![
+                ("/spec/imagePullSecrets", json!([])),
+                ("/spec/hostAliases", json!([])),
+            ],
+            vec![("/spec/overhead", json!({"cpu": "10m", "memory": "1Mi"}))],
+            vec![
+                (
+                    "/spec/containers/0/terminationMessagePath",
+                    json!("/dev/termination-log"),
+                ),
+                (
+                    "/spec/containers/0/terminationMessagePolicy",
+                    json!("FallbackToLogsOnError"),
+                ),
+            ],
+            vec![(
+                "/spec/containers/0/resizePolicy",
+                json!([{"resourceName": "cpu", "restartPolicy": "NotRequired"}]),
+            )],
+            vec![(
+                "/spec/containers/0/resources",
+                json!({"limits": {"ephemeral-storage": "1Gi"}, "requests": {"cpu": "1", "memory": "1Gi"}}),
+            )],
+            vec![(
+                "/spec/containers/0/securityContext",
+                json!({"capabilities": {}, "allowPrivilegeEscalation": true, "procMount": "Default", "privileged": false}),
+            )],
+            vec![(
+                "/spec/containers/0/securityContext/capabilities",
+                json!({"add": [], "drop": []}),
+            )],
+            vec![(
+                "/spec/containers/0/securityContext",
+                json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}}),
+            )],
+            vec![(
+                "/spec/containers/0/livenessProbe",
+                json!({"httpGet": {"path": "/", "port": 80}}),
+            )],
+            vec![(
+                "/spec/containers/0/readinessProbe",
+                json!({"tcpSocket": {"port": 80}}),
+            )],
+            vec![(
+                "/spec/containers/0/startupProbe",
+                json!({"exec": {"command": ["true"]}}),
+            )],
+            vec![(
+                "/spec/containers/0/ports",
+                json!([{"name": "http", "containerPort": 80, "protocol": "TCP"}, {"containerPort": 53, "protocol": "UDP", "hostPort": 53, "hostIP": "::1"}]),
+            )],
+            vec![(
+                "/spec/containers/0/env",
+                json!([{"name": "EMPTY", "value": ""}, {"name": "weird.name-1", "value": "x"}]),
+            )],
+            vec![("/spec/containers/0/lifecycle", json!({}))],
+            vec![
+                (
+                    "/spec/volumes",
+                    json!([{"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}, {"name": "plain"}]),
+                ),
+                (
+                    "/spec/containers/0/volumeMounts",
+                    json!([
+                        {"name": "mem", "mountPath": "/dev/shm", "mountPropagation": "None"},
+                        {"name": "plain", "mountPath": "/plain", "readOnly": true, "recursiveReadOnly": "IfPossible"}
+                    ]),
+                ),
+            ],
+            vec![(
+                "/spec/initContainers",
+                json!([{"name": "setup", "image": "busybox", "ports": [{"containerPort": 80, "hostPort": 8080}]}]),
+            )],
+        ];
+        for changes in accepted {
+            assert_eq!(validate(&pod_with(&changes)), Ok(()), "{changes:?}");
         }
+    }
+
+    #[test]
+    fn names_and_labels() {
+        let pod = pod_with(&[(
+            "/spec/initContainers",
+            json!([{"name": "setup", "image": "busybox"}]),
+        )]);
+        let dir = PathBuf::from("/v");
+        let ctx = context(&dir);
+        let plan = pod_plan(&pod, &ctx).expect("pod plan");
+        assert_eq!(plan.name, "shop_web_5f3a9c1e_3");
+        assert_eq!(plan.hostname, "web");
+        let expected: BTreeMap<String, String> = [
+            ("io.beemesh.pod.uid", UID),
+            ("io.beemesh.pod.namespace", "shop"),
+            ("io.beemesh.pod.name", "web"),
+            ("io.beemesh.epoch", "3"),
+            ("io.beemesh.agent", "agent-peer"),
+            ("io.beemesh.owner", "owner-peer"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(plan.labels, expected);
+
+        let spec = pod.spec.as_ref().expect("spec");
+        let init = &spec.init_containers.as_ref().expect("init")[0];
+        let init_plan =
+            container_plan(&pod, init, ContainerKind::Init, 2, &ctx).expect("init plan");
+        assert_eq!(init_plan.name, "shop_web_5f3a9c1e_3_setup_2");
+        let mut expected_init = expected.clone();
+        for (k, v) in [
+            ("io.beemesh.container", "setup"),
+            ("io.beemesh.container.kind", "init"),
+            ("io.beemesh.attempt", "2"),
+        ] {
+            expected_init.insert(k.to_owned(), v.to_owned());
+        }
+        assert_eq!(init_plan.labels, expected_init);
+
+        let app_plan =
+            container_plan(&pod, app(&pod, 0), ContainerKind::App, 0, &ctx).expect("app");
+        assert_eq!(app_plan.name, "shop_web_5f3a9c1e_3_main_0");
+        assert_eq!(app_plan.labels["io.beemesh.container.kind"], "app");
+        assert_eq!(app_plan.image, "nginx:1.25");
+        assert_eq!(app_plan.pull_policy, PullPolicy::IfNotPresent);
+
+        // The container must be the pod's, of the kind given.
+        let error =
+            container_plan(&pod, init, ContainerKind::App, 0, &ctx).expect_err("wrong kind");
+        assert_eq!(error.field, "spec.containers");
+
+        let short = PodRef {
+            uid: PodUid("abc".to_owned()),
+            namespace: "default".to_owned(),
+            name: "x".to_owned(),
+        };
+        assert_eq!(podman_pod_name(&short, Epoch(0)), "default_x_abc_0");
+    }
+
+    #[test]
+    fn pod_ref_defaults_the_namespace() {
+        let pod = pod_with(&[("/metadata/namespace", Value::Null)]);
+        let pod_ref = pod_ref(&pod).expect("pod ref");
+        assert_eq!(pod_ref.namespace, "default");
+        assert_eq!(pod_ref.name, "web");
+        assert_eq!(pod_ref.uid, PodUid(UID.to_owned()));
+        let no_uid = pod_with(&[("/metadata/uid", Value::Null)]);
+        assert_eq!(pod_ref_field(&no_uid), "metadata.uid");
+    }
+
+    fn pod_ref_field(pod: &Pod) -> String {
+        pod_ref(pod).expect_err("no pod ref").field
+    }
+
+    #[test]
+    fn hostnames_follow_the_kubelet() {
+        let hostname = |changes: &[(&str, Value)]| {
+            let dir = PathBuf::from("/v");
+            pod_plan(&pod_with(changes), &context(&dir))
+                .expect("pod plan")
+                .hostname
+        };
+        assert_eq!(hostname(&[("/spec/hostname", json!("db-0"))]), "db-0");
+        assert_eq!(
+            hostname(&[
+                ("/spec/hostname", json!("db-0")),
+                ("/spec/hostnameOverride", json!("db.example"))
+            ]),
+            "db.example"
+        );
+        // 62 characters, then '-' and more: cut at 63 and the trailing '-' dropped.
+        let long = format!("{}-{}", "a".repeat(62), "b".repeat(20));
+        assert_eq!(hostname(&[("/metadata/name", json!(long))]), "a".repeat(62));
+    }
+
+    #[test]
+    fn security_context_and_flags_reach_the_plan() {
+        let pod = pod_with(&[
+            (
+                "/spec/securityContext",
+                json!({"runAsUser": 1000, "runAsGroup": 3000, "runAsNonRoot": true}),
+            ),
+            (
+                "/spec/containers/0/securityContext",
+                json!({"runAsUser": 1001, "privileged": true, "readOnlyRootFilesystem": true}),
+            ),
+            ("/spec/containers/0/tty", json!(true)),
+            ("/spec/containers/0/stdin", json!(true)),
+            ("/spec/containers/0/stdinOnce", json!(true)),
+            ("/spec/containers/0/workingDir", json!("/srv")),
+            (
+                "/spec/containers/0/resources",
+                json!({"limits": {"cpu": "250m", "memory": "64Mi"}}),
+            ),
+        ]);
+        let dir = PathBuf::from("/v");
+        let plan = app_plan(&pod, &context(&dir));
+        assert_eq!(plan.user.as_deref(), Some("1001:3000"));
+        assert!(plan.privileged && plan.read_only_root_fs);
+        assert!(plan.tty && plan.stdin && plan.stdin_once);
+        assert_eq!(plan.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(plan.cpu_limit_millis, Some(250));
+        assert_eq!(plan.memory_limit_bytes, Some(64 * 1024 * 1024));
+
+        let plain = app_plan(&pod_with(&[]), &context(&dir));
+        assert_eq!(plain.user, None);
+        assert!(!plain.privileged && !plain.read_only_root_fs && !plain.tty);
+        assert_eq!(
+            (plain.cpu_limit_millis, plain.memory_limit_bytes),
+            (None, None)
+        );
+
+        let user_only = pod_with(&[(
+            "/spec/containers/0/securityContext",
+            json!({"runAsUser": 0}),
+        )]);
+        assert_eq!(
+            app_plan(&user_only, &context(&dir)).user.as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn empty_dirs_become_mounts() {
+        let pod = pod_with(&[
+            (
+                "/spec/volumes",
+                json!([
+                    {"name": "cache", "emptyDir": {}},
+                    {"name": "scratch", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+                    {"name": "plain"}
+                ]),
+            ),
+            (
+                "/spec/containers/0/volumeMounts",
+                json!([
+                    {"name": "cache", "mountPath": "/cache"},
+                    {"name": "scratch", "mountPath": "/scratch", "readOnly": true},
+                    {"name": "cache", "mountPath": "/var/log/app", "subPath": "logs/app"},
+                    {"name": "plain", "mountPath": "/plain", "subPath": ""}
+                ]),
+            ),
+        ]);
+        assert_eq!(empty_dirs(&pod), ["cache", "scratch", "plain"]);
+        let dir = PathBuf::from("/var/lib/beemesh/pods/p/volumes");
+        let plan = app_plan(&pod, &context(&dir));
+        let mount = |host: &str, container: &str, read_only: bool| Mount {
+            host_path: PathBuf::from(host),
+            container_path: container.to_owned(),
+            read_only,
+        };
+        assert_eq!(
+            plan.mounts,
+            [
+                mount("/var/lib/beemesh/pods/p/volumes/cache", "/cache", false),
+                mount("/var/lib/beemesh/pods/p/volumes/scratch", "/scratch", true),
+                mount(
+                    "/var/lib/beemesh/pods/p/volumes/cache/logs/app",
+                    "/var/log/app",
+                    false
+                ),
+                mount("/var/lib/beemesh/pods/p/volumes/plain", "/plain", false),
+            ]
+        );
+    }
+
+    #[test]
+    fn host_ports_become_mappings() {
+        let pod = pod_with(&[
+            (
+                "/spec/containers",
+                json!([
+                    {"name": "web", "image": "nginx", "ports": [
+                        {"containerPort": 80, "hostPort": 8080},
+                        {"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "127.0.0.1"},
+                        {"containerPort": 9090},
+                        {"containerPort": 9091, "hostPort": 0}
+                    ]},
+                    {"name": "tls", "image": "nginx", "ports": [
+                        {"containerPort": 443, "hostPort": 8443, "protocol": "TCP"},
+                        {"containerPort": 53, "hostPort": 5353, "protocol": "TCP"}
+                    ]}
+                ]),
+            ),
+            // The kubelet maps no ports of regular init containers.
+            (
+                "/spec/initContainers",
+                json!([{"name": "setup", "image": "busybox", "ports": [{"containerPort": 1, "hostPort": 9999}]}]),
+            ),
+        ]);
+        let dir = PathBuf::from("/v");
+        let plan = pod_plan(&pod, &context(&dir)).expect("pod plan");
+        let mapping = |container_port, host_port, host_ip: Option<&str>, protocol| PortMapping {
+            container_port,
+            host_port,
+            host_ip: host_ip.map(str::to_owned),
+            protocol,
+        };
+        assert_eq!(
+            plan.ports,
+            [
+                mapping(80, 8080, None, Protocol::Tcp),
+                mapping(53, 5353, Some("127.0.0.1"), Protocol::Udp),
+                mapping(443, 8443, None, Protocol::Tcp),
+                mapping(53, 5353, None, Protocol::Tcp),
+            ]
+        );
+        assert_eq!(host_ports(&pod), [5353, 8080, 8443]);
+        assert!(host_ports(&pod_with(&[])).is_empty());
+    }
+
+    #[test]
+    fn grace_period_has_the_kubelet_minimum() {
+        let grace = |changes: &[(&str, Value)]| grace_period_secs(&pod_with(changes));
+        assert_eq!(grace(&[]), 30);
+        assert_eq!(
+            grace(&[("/spec/terminationGracePeriodSeconds", json!(10))]),
+            10
+        );
+        assert_eq!(
+            grace(&[("/spec/terminationGracePeriodSeconds", json!(0))]),
+            2
+        );
+        assert_eq!(
+            grace(&[("/spec/terminationGracePeriodSeconds", json!(-5))]),
+            2
+        );
+        assert_eq!(
+            grace(&[
+                ("/spec/terminationGracePeriodSeconds", json!(60)),
+                ("/metadata/deletionGracePeriodSeconds", json!(5))
+            ]),
+            5
+        );
+        let pod = pod_with(&[("/spec/terminationGracePeriodSeconds", json!(45))]);
+        let dir = PathBuf::from("/v");
+        assert_eq!(app_plan(&pod, &context(&dir)).stop_timeout_secs, 45);
+    }
+
+    #[test]
+    fn odd_pods_give_errors_not_panics() {
+        let empty = Pod::default();
+        assert!(validate(&empty).is_err());
+        assert!(pod_requests(&empty).is_err());
+        assert!(host_ports(&empty).is_empty());
+        assert!(empty_dirs(&empty).is_empty());
+        assert_eq!(grace_period_secs(&empty), 30);
+        let dir = PathBuf::from("/v");
+        assert!(pod_plan(&empty, &context(&dir)).is_err());
+        assert!(container_plan(
+            &empty,
+            &Container::default(),
+            ContainerKind::App,
+            0,
+            &context(&dir)
+        )
+        .is_err());
+
+        let odd = pod_with(&[
+            ("/metadata/uid", json!("ü")),
+            (
+                "/spec/containers/0/ports",
+                json!([{"containerPort": -1, "hostPort": -1}]),
+            ),
+            (
+                "/spec/containers/0/env",
+                json!([{"name": "", "value": "$("}]),
+            ),
+            ("/spec/volumes", json!([{"name": ""}])),
+        ]);
+        assert!(validate(&odd).is_err());
+        assert!(host_ports(&odd).is_empty());
+        assert_eq!(empty_dirs(&odd), [""]);
+        assert!(pod_requests(&odd).is_ok());
+    }
+
+    /// The pod a k3s 1.21 API server returned for `kubectl apply` of a bare busybox pod
+    /// (from the captured fixture pods-list-fieldselector.json): what an API server adds.
+    const FIXTURE_POD: &str = r#"
+{
+  "metadata": {
+    "name": "cap",
+    "namespace": "default",
+    "uid": "a2df8023-27ed-4e57-8a05-4bd1cdcdd21f",
+    "resourceVersion": "386",
+    "creationTimestamp": "2026-11-22T16:52:14Z",
+    "annotations": {
+      "kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\":\"v1\",\"kind\":\"Pod\",\"metadata\":{\"annotations\":{},\"name\":\"cap\",\"namespace\":\"default\"},\"spec\":{\"containers\":[{\"image\":\"busybox\",\"name\":\"main\"}],\"nodeName\":\"capture-node\"}}\n"
+    },
+    "managedFields": [
+      {
+        "manager": "kubectl-client-side-apply",
+        "operation": "Update",
+        "apiVersion": "v1",
+        "time": "2026-11-22T16:52:14Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+          "f:metadata": {
+            "f:annotations": {
+              ".": {},
+              "f:kubectl.kubernetes.io/last-applied-configuration": {}
+            }
+          },
+          "f:spec": {
+            "f:containers": {
+              "k:{\"name\":\"main\"}": {
+                ".": {},
+                "f:image": {},
+                "f:imagePullPolicy": {},
+                "f:name": {},
+                "f:resources": {},
+                "f:terminationMessagePath": {},
+                "f:terminationMessagePolicy": {}
+              }
+            },
+            "f:dnsPolicy": {},
+            "f:enableServiceLinks": {},
+            "f:nodeName": {},
+            "f:restartPolicy": {},
+            "f:schedulerName": {},
+            "f:securityContext": {},
+            "f:terminationGracePeriodSeconds": {}
+          }
+        }
+      },
+      {
+        "manager": "curl",
+        "operation": "Update",
+        "apiVersion": "v1",
+        "time": "2026-11-22T16:52:15Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+          "f:status": {
+            "f:conditions": {
+              ".": {},
+              "k:{\"type\":\"Ready\"}": {
+                ".": {},
+                "f:lastProbeTime": {},
+                "f:type": {}
+              }
+            },
+            "f:containerStatuses": {},
+            "f:phase": {},
+            "f:podIP": {},
+            "f:podIPs": {
+              ".": {},
+              "k:{\"ip\":\"127.0.0.1\"}": {
+                ".": {},
+                "f:ip": {}
+              }
+            }
+          }
+        }
+      },
+      {
+        "manager": "k3s",
+        "operation": "Update",
+        "apiVersion": "v1",
+        "time": "2026-11-22T16:52:55Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+          "f:status": {
+            "f:conditions": {
+              "k:{\"type\":\"Ready\"}": {
+                "f:lastTransitionTime": {},
+                "f:status": {}
+              }
+            }
+          }
+        }
+      }
+    ]
+  },
+  "spec": {
+    "volumes": [
+      {
+        "name": "kube-api-access-kk4hb",
+        "projected": {
+          "sources": [
+            {
+              "serviceAccountToken": {
+                "expirationSeconds": 3607,
+                "path": "token"
+              }
+            },
+            {
+              "configMap": {
+                "name": "kube-root-ca.crt",
+                "items": [
+                  {
+                    "key": "ca.crt",
+                    "path": "ca.crt"
+                  }
+                ]
+              }
+            },
+            {
+              "downwardAPI": {
+                "items": [
+                  {
+                    "path": "namespace",
+                    "fieldRef": {
+                      "apiVersion": "v1",
+                      "fieldPath": "metadata.namespace"
+                    }
+                  }
+                ]
+              }
+            }
+          ],
+          "defaultMode": 420
+        }
+      }
+    ],
+    "containers": [
+      {
+        "name": "main",
+        "image": "busybox",
+        "resources": {},
+        "volumeMounts": [
+          {
+            "name": "kube-api-access-kk4hb",
+            "readOnly": true,
+            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"
+          }
+        ],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "Always"
+      }
+    ],
+    "restartPolicy": "Always",
+    "terminationGracePeriodSeconds": 30,
+    "dnsPolicy": "ClusterFirst",
+    "serviceAccountName": "default",
+    "serviceAccount": "default",
+    "nodeName": "capture-node",
+    "securityContext": {},
+    "schedulerName": "default-scheduler",
+    "tolerations": [
+      {
+        "key": "node.kubernetes.io/not-ready",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300
+      },
+      {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300
+      }
+    ],
+    "priority": 0,
+    "enableServiceLinks": true,
+    "preemptionPolicy": "PreemptLowerPriority"
+  },
+  "status": {
+    "phase": "Running",
+    "conditions": [
+      {
+        "type": "Ready",
+        "status": "False",
+        "lastProbeTime": null,
+        "lastTransitionTime": "2026-11-22T16:52:55Z"
+      }
+    ],
+    "podIP": "127.0.0.1",
+    "podIPs": [
+      {
+        "ip": "127.0.0.1"
+      }
+    ],
+    "containerStatuses": [
+      {
+        "name": "main",
+        "state": {
+          "running": {
+            "startedAt": "2026-11-22T16:52:13Z"
+          }
+        },
+        "lastState": {},
+        "ready": true,
+        "restartCount": 0,
+        "image": "busybox",
+        "imageID": ""
+      }
+    ],
+    "qosClass": "BestEffort"
+  }
+}"#;
+
+    #[test]
+    fn api_server_pod_needs_only_the_token_volume_removed() {
+        let mut pod: Pod = serde_json::from_str(FIXTURE_POD).expect("fixture pod");
+        let error = validate(&pod).expect_err("token volume refused");
+        assert_eq!(error.field, "spec.volumes[0].projected");
+        assert!(error.message.contains("not supported yet"), "{error}");
+        assert!(error.message.contains("later"), "{error}");
+
+        // Without the volume, its mount is refused in turn.
+        let spec = pod.spec.as_mut().expect("spec");
+        spec.volumes = None;
+        let error = validate(&pod).expect_err("mount of a missing volume");
+        assert_eq!(error.field, "spec.containers[0].volumeMounts[0].name");
+
+        let spec = pod.spec.as_mut().expect("spec");
+        spec.containers[0].volume_mounts = None;
         assert_eq!(validate(&pod), Ok(()));
+
+        let dir = PathBuf::from("/v");
+        let ctx = context(&dir);
+        let pod_plan = pod_plan(&pod, &ctx).expect("pod plan");
+        assert_eq!(pod_plan.name, "default_cap_a2df8023_3");
+        assert_eq!(pod_plan.hostname, "cap");
+        assert!(pod_plan.ports.is_empty());
+        let plan = app_plan(&pod, &ctx);
+        assert_eq!(plan.image, "busybox");
+        assert_eq!(plan.pull_policy, PullPolicy::Always);
+        assert_eq!(plan.stop_timeout_secs, 30);
+        assert!(plan.env.is_empty() && plan.mounts.is_empty());
+        assert_eq!(
+            pod_requests(&pod),
+            Ok(Resources {
+                cpu_millis: 0,
+                memory_bytes: 0,
+                pods: 1
+            })
+        );
     }
 }

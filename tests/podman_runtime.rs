@@ -1,0 +1,390 @@
+//! The Podman runtime against the machine's real Podman (hack/install-podman.sh) and
+//! the local test image (hack/build-test-image.sh).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use beemesh::runtime::podman::Podman;
+use beemesh::runtime::{
+    ContainerPlan, ContainerStatus, Mount, PodPlan, PortMapping, Protocol, PullPolicy, Runtime,
+    RuntimeError,
+};
+use common::{free_port, require_podman, IMAGE};
+
+const LABEL: &str = "io.beemesh.test";
+
+/// A Podman pod for one test, removed (with its containers) when dropped.
+struct TestPod {
+    runtime: Podman,
+    id: String,
+    name: String,
+}
+
+impl Drop for TestPod {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("podman")
+            .args(["pod", "rm", "-f", "-t", "0", &self.id])
+            .output();
+    }
+}
+
+fn unique(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("rt-{test}-{}-{nanos}", std::process::id())
+}
+
+async fn pod(test: &str, ports: Vec<PortMapping>) -> TestPod {
+    require_podman();
+    let runtime = Podman::new(&format!("unix://{}", common::SOCKET)).expect("client");
+    let name = unique(test);
+    let plan = PodPlan {
+        name: name.clone(),
+        hostname: "testhost".into(),
+        labels: BTreeMap::from([(LABEL.to_string(), name.clone())]),
+        ports,
+    };
+    let id = runtime.create_pod(&plan).await.expect("pod created");
+    runtime.start_pod(&id).await.expect("pod started");
+    TestPod { runtime, id, name }
+}
+
+fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
+    ContainerPlan {
+        name: format!("{}_{name}", pod.name),
+        image: IMAGE.into(),
+        pull_policy: PullPolicy::IfNotPresent,
+        command: Some(command.iter().map(|s| s.to_string()).collect()),
+        args: None,
+        env: vec![],
+        working_dir: None,
+        memory_limit_bytes: None,
+        cpu_limit_millis: None,
+        mounts: vec![],
+        labels: BTreeMap::from([(LABEL.to_string(), pod.name.clone())]),
+        tty: false,
+        stdin: false,
+        stdin_once: false,
+        user: None,
+        privileged: false,
+        read_only_root_fs: false,
+        no_new_privileges: false,
+        cap_add: vec![],
+        cap_drop: vec![],
+        stop_timeout_secs: 1,
+    }
+}
+
+async fn start(pod: &TestPod, plan: &ContainerPlan) -> String {
+    let id = pod
+        .runtime
+        .create_container(&pod.id, plan)
+        .await
+        .expect("container created");
+    pod.runtime.start_container(&id).await.expect("started");
+    id
+}
+
+async fn wait_exit(pod: &TestPod, id: &str) -> beemesh::runtime::ContainerState {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = pod.runtime.container_state(id).await.expect("state");
+        if state.status == ContainerStatus::Exited {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container did not exit: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn logs(id: &str) -> String {
+    let out = std::process::Command::new("podman")
+        .args(["logs", id])
+        .output()
+        .expect("podman logs");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn command_args_env_and_working_dir_and_the_exit_code() {
+    let pod = pod("run", vec![]).await;
+    let mut p = plan(&pod, "main", &["sh", "-c"]);
+    p.args = Some(vec!["echo \"$GREETING from $(pwd)\"; exit 7".into()]);
+    p.env = vec![("GREETING".into(), "hello".into())];
+    p.working_dir = Some("/tmp".into());
+    let id = start(&pod, &p).await;
+    let state = wait_exit(&pod, &id).await;
+    assert_eq!(state.exit_code, Some(7));
+    let (started, finished) = (
+        state.started_at.expect("started"),
+        state.finished_at.expect("finished"),
+    );
+    // Podman writes the two times from different processes; an instant exit can be
+    // stamped a hair before its start.
+    assert!(
+        finished.as_second() + 1 >= started.as_second(),
+        "{started} .. {finished}"
+    );
+    assert_eq!(logs(&id).trim(), "hello from /tmp");
+}
+
+#[tokio::test]
+async fn args_alone_keep_the_image_entrypoint_and_a_command_alone_drops_its_cmd() {
+    let pod = pod("entry", vec![]).await;
+    // The image's CMD is /bin/sh; args replace it.
+    let mut p = plan(&pod, "args", &[]);
+    p.command = None;
+    p.args = Some(vec!["echo".into(), "args-only".into()]);
+    let id = start(&pod, &p).await;
+    wait_exit(&pod, &id).await;
+    assert_eq!(logs(&id).trim(), "args-only");
+}
+
+#[tokio::test]
+async fn stopping_honours_the_grace_period_and_sigterm_reaches_pid_1() {
+    let pod = pod("stop", vec![]).await;
+    let id = start(&pod, &plan(&pod, "sleeper", &["sleep", "1000"])).await;
+    let began = Instant::now();
+    pod.runtime
+        .stop_container(&id, Duration::from_secs(5))
+        .await
+        .expect("stopped");
+    // sleep ignores SIGTERM as PID 1; the init process makes it stop at once.
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        began.elapsed()
+    );
+    let state = pod.runtime.container_state(&id).await.expect("state");
+    assert_eq!(state.status, ContainerStatus::Exited);
+    // A trap that ignores SIGTERM is SIGKILLed after the grace period.
+    let stubborn = start(
+        &pod,
+        &plan(
+            &pod,
+            "stubborn",
+            &["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = Instant::now();
+    pod.runtime
+        .stop_container(&stubborn, Duration::from_secs(1))
+        .await
+        .expect("killed");
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+    // Stopping what already stopped is fine.
+    pod.runtime
+        .stop_container(&id, Duration::from_secs(1))
+        .await
+        .expect("idempotent");
+}
+
+#[tokio::test]
+async fn exec_returns_output_and_exit_code() {
+    let pod = pod("exec", vec![]).await;
+    let id = start(&pod, &plan(&pod, "main", &["sleep", "1000"])).await;
+    let cmd = ["sh", "-c", "echo hi; echo err >&2; exit 3"].map(String::from);
+    let out = pod
+        .runtime
+        .exec(&id, &cmd, Duration::from_secs(10))
+        .await
+        .expect("exec");
+    assert_eq!(out.exit_code, 3);
+    let text = String::from_utf8_lossy(&out.output);
+    assert!(text.contains("hi") && text.contains("err"), "{text}");
+    let slow = ["sleep", "5"].map(String::from);
+    assert!(pod
+        .runtime
+        .exec(&id, &slow, Duration::from_millis(300))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn images_follow_the_pull_policy() {
+    require_podman();
+    let runtime = Podman::new("unix:///run/podman/podman.sock").expect("client");
+    for policy in [PullPolicy::IfNotPresent, PullPolicy::Never] {
+        runtime
+            .ensure_image(IMAGE, policy)
+            .await
+            .expect("present image");
+    }
+    let absent = "localhost/does-not-exist:1";
+    for policy in [PullPolicy::IfNotPresent, PullPolicy::Always] {
+        match runtime.ensure_image(absent, policy).await {
+            Err(RuntimeError::ImagePull(m)) => assert!(m.contains(absent), "{m}"),
+            other => panic!("expected ImagePull, got {other:?}"),
+        }
+    }
+    match runtime.ensure_image(absent, PullPolicy::Never).await {
+        Err(RuntimeError::ImageNeverPull(m)) => assert!(m.contains("pull policy of Never"), "{m}"),
+        other => panic!("expected ImageNeverPull, got {other:?}"),
+    }
+    // Always pulls even a present image, and no registry answers here.
+    assert!(matches!(
+        runtime.ensure_image(IMAGE, PullPolicy::Always).await,
+        Err(RuntimeError::ImagePull(_))
+    ));
+}
+
+#[tokio::test]
+async fn host_ports_pod_ip_mounts_limits_listing_and_removal() {
+    let port = free_port();
+    let pod = pod(
+        "net",
+        vec![PortMapping {
+            container_port: 8080,
+            host_port: port,
+            host_ip: None,
+            protocol: Protocol::Tcp,
+        }],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("index.html"), "served by httpd").expect("write");
+    let mut web = plan(&pod, "web", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+    web.mounts = vec![Mount {
+        host_path: PathBuf::from(dir.path()),
+        container_path: "/www".into(),
+        read_only: true,
+    }];
+    web.memory_limit_bytes = Some(64 << 20);
+    web.cpu_limit_millis = Some(250);
+    let web_id = start(&pod, &web).await;
+    let done_id = start(&pod, &plan(&pod, "done", &["true"])).await;
+    wait_exit(&pod, &done_id).await;
+
+    let ip = pod.runtime.pod_ip(&pod.id).await.expect("inspect");
+    assert!(ip.is_some_and(|ip| !ip.is_loopback()), "{ip:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "1",
+                &format!("http://127.0.0.1:{port}/"),
+            ])
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        if body.contains("served") || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body, "served by httpd");
+
+    let limit = pod
+        .runtime
+        .exec(
+            &web_id,
+            &["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"].map(String::from),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        String::from_utf8_lossy(&limit.output).trim(),
+        (64u64 << 20).to_string()
+    );
+    let readonly = pod
+        .runtime
+        .exec(
+            &web_id,
+            &["sh", "-c", "echo x > /www/new"].map(String::from),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exec");
+    assert_ne!(readonly.exit_code, 0, "read-only mount was writable");
+
+    let found = pod.runtime.list_pods(LABEL, &pod.name).await.expect("list");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, pod.id);
+    let mut states: Vec<_> = found[0]
+        .containers
+        .iter()
+        .map(|c| (c.name.clone(), c.state.status, c.labels.get(LABEL).cloned()))
+        .collect();
+    states.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        states,
+        vec![
+            (
+                format!("{}_done", pod.name),
+                ContainerStatus::Exited,
+                Some(pod.name.clone())
+            ),
+            (
+                format!("{}_web", pod.name),
+                ContainerStatus::Running,
+                Some(pod.name.clone())
+            ),
+        ]
+    );
+
+    // One running and one exited container: removal takes both and the pod.
+    pod.runtime.remove_pod(&pod.id).await.expect("removed");
+    assert!(pod
+        .runtime
+        .list_pods(LABEL, &pod.name)
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(matches!(
+        pod.runtime.remove_pod(&pod.id).await,
+        Err(RuntimeError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn bad_input_is_an_error_not_a_panic() {
+    let pod = pod("bad", vec![]).await;
+    let mut p = plan(&pod, "bad", &["true"]);
+    p.image = "Not A Valid Reference!!".into();
+    assert!(pod.runtime.create_container(&pod.id, &p).await.is_err());
+    assert!(matches!(
+        pod.runtime.container_state("no-such-container").await,
+        Err(RuntimeError::NotFound(_))
+    ));
+    let missing = plan(&pod, "missing-binary", &["/no/such/binary"]);
+    let id = pod
+        .runtime
+        .create_container(&pod.id, &missing)
+        .await
+        .expect("created");
+    // Either the start fails or, with the init process as PID 1, the container exits
+    // at once with an error: it never counts as running.
+    if pod.runtime.start_container(&id).await.is_ok() {
+        let state = wait_exit(&pod, &id).await;
+        assert_ne!(state.exit_code, Some(0), "{state:?}");
+    }
+    for uri in ["", "ftp://x", "unix:"] {
+        assert!(
+            matches!(Podman::new(uri), Err(RuntimeError::Invalid(_))),
+            "{uri}"
+        );
+    }
+    let unreachable = Podman::new("unix:///nonexistent/podman.sock").expect("client");
+    assert!(matches!(
+        unreachable.ping().await,
+        Err(RuntimeError::Unavailable(_))
+    ));
+}
