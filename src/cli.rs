@@ -203,45 +203,25 @@ mod tests {
 
     #[test]
     fn bad_flags_are_refused_with_a_message() {
+        let agent = |extra: &[&'static str]| {
+            let mut args = vec![
+                "beemesh",
+                "agent",
+                "--state-dir",
+                "/tmp/x",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/1",
+            ];
+            args.extend_from_slice(extra);
+            args
+        };
         for args in [
-            vec![
-                "beemesh",
-                "agent",
-                "--state-dir",
-                "/tmp/x",
-                "--listen",
-                "not-a-multiaddr",
-            ],
-            vec![
-                "beemesh",
-                "agent",
-                "--state-dir",
-                "/tmp/x",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/1",
-                "--trust",
-                "nope",
-            ],
-            vec![
-                "beemesh",
-                "agent",
-                "--state-dir",
-                "/tmp/x",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/1",
-                "--cpu",
-                "lots",
-            ],
-            vec![
-                "beemesh",
-                "agent",
-                "--state-dir",
-                "/tmp/x",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/1",
-                "--max-pods",
-                "0",
-            ],
+            agent(&["--listen", "not-a-multiaddr"]),
+            agent(&["--trust", "nope"]),
+            agent(&["--cpu", "lots"]),
+            agent(&["--memory", "-1"]),
+            agent(&["--max-pods", "0"]),
+            agent(&["--label", "no-equals"]),
             vec![
                 "beemesh",
                 "node",

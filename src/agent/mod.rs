@@ -193,33 +193,47 @@ impl Agent {
                 let _ = self.runtime.remove_pod(&existing.id).await;
                 continue;
             };
-            let requests = translate::pod_requests(&record.pod).unwrap_or_default();
-            let host_ports = translate::host_ports(&record.pod);
-            let worker = supervisor::spawn(
-                self.worker_ctx.clone(),
-                pod_ref.clone(),
-                record.pod,
-                epoch,
-                record.owner.0,
-                Some(existing),
-            );
             tracing::info!(pod = %pod_ref, %epoch, "adopting pod after restart");
-            self.pods.insert(
-                uid,
-                Hosted {
-                    pod: pod_ref,
-                    owner: record.owner.0,
-                    epoch,
-                    requests,
-                    host_ports,
-                    worker,
-                    status: None,
-                    stopping: false,
-                },
-            );
+            self.host(pod_ref, record.pod, epoch, record.owner.0, Some(existing));
         }
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
+    }
+
+    /// Starts supervising a pod (new, or adopted from Podman) and accounts for it.
+    fn host(
+        &mut self,
+        pod_ref: PodRef,
+        pod: k8s_openapi::api::core::v1::Pod,
+        epoch: Epoch,
+        owner: PeerId,
+        adopted: Option<crate::runtime::RuntimePod>,
+    ) {
+        // Validated before (assign) or when first assigned (adopt).
+        let requests = translate::pod_requests(&pod).unwrap_or_default();
+        let host_ports = translate::host_ports(&pod);
+        let worker = supervisor::spawn(
+            self.worker_ctx.clone(),
+            pod_ref.clone(),
+            pod,
+            epoch,
+            owner,
+            adopted,
+        );
+        self.pods.insert(
+            pod_ref.uid.clone(),
+            Hosted {
+                pod: pod_ref,
+                owner,
+                epoch,
+                requests,
+                host_ports,
+                worker,
+                status: None,
+                stopping: false,
+            },
+        );
+        self.metrics.pods.set(self.pods.len() as i64);
     }
 
     fn capacity(&self, except: Option<&PodUid>) -> AgentCapacity {
@@ -352,13 +366,13 @@ impl Agent {
                 };
             }
         }
-        let host_ports = translate::host_ports(&assign.pod);
+
         let offer = Offer {
             pod: pod_ref.clone(),
             epoch: assign.epoch,
             requests,
             agent_selector: Vec::new(),
-            host_ports: host_ports.clone(),
+            host_ports: translate::host_ports(&assign.pod),
             spec_digest: String::new(),
         };
         let misfits = placement::misfits(&offer, &self.capacity(Some(&pod_ref.uid)));
@@ -384,30 +398,9 @@ impl Agent {
                     &assign.pod,
                 )));
         }
-        let worker = supervisor::spawn(
-            self.worker_ctx.clone(),
-            pod_ref.clone(),
-            assign.pod,
-            assign.epoch,
-            owner,
-            None,
-        );
         tracing::info!(pod = %pod_ref, epoch = %assign.epoch, %owner, "assigned");
         self.metrics.assignments.inc();
-        self.pods.insert(
-            pod_ref.uid.clone(),
-            Hosted {
-                pod: pod_ref,
-                owner,
-                epoch: assign.epoch,
-                requests,
-                host_ports,
-                worker,
-                status: None,
-                stopping: false,
-            },
-        );
-        self.metrics.pods.set(self.pods.len() as i64);
+        self.host(pod_ref, assign.pod, assign.epoch, owner, None);
         Response::Ack
     }
 
