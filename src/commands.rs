@@ -115,9 +115,6 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let metrics = Metrics::new();
     let (mesh, events, mesh_task) = join_mesh(&args.mesh, Topic::ALL.to_vec(), &metrics, &cancel)?;
     let policy = OwnerPolicy::new(args.trust.iter().copied());
-    if policy.trusts_any() {
-        tracing::warn!("no --trust given: this agent accepts work from any owner on the mesh");
-    }
     let config = AgentConfig {
         state_dir: args.mesh.state_dir.clone(),
         labels: cli::labels_map(&args.labels),

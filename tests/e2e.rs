@@ -453,3 +453,34 @@ spec:
         (phase_of(&mesh, "e2e-once").as_deref() == Some("Succeeded")).then_some(())
     });
 }
+
+#[test]
+fn agents_take_work_only_from_owners_they_trust() {
+    let mut mesh = Mesh::new();
+    let stranger = common::peer_id(&mesh.dir.path().join("someone-else"));
+    mesh.start_agent(&["--trust", &stranger]);
+    mesh.write_manifest("trusted.yaml", &SLEEPER.replace("e2e-mover", "e2e-trusted"));
+    let pod = mesh.wait_for(
+        "no bid from the distrustful agent",
+        Duration::from_secs(30),
+        || {
+            let pod = mesh.pod_status("default", "e2e-trusted")?;
+            (pod["reason"] == "Unschedulable").then_some(pod)
+        },
+    );
+    assert!(
+        pod["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 did not bid"),
+        "{pod}"
+    );
+    let node = mesh.node.as_ref().map(|n| n.peer.clone()).expect("node");
+    mesh.start_agent(&["--trust", &node]);
+    mesh.wait_for("e2e-trusted Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-trusted").as_deref() == Some("Running")).then_some(())
+    });
+    let copies = running_copies("e2e-trusted");
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].labels["io.beemesh.agent"], mesh.agents[1].peer);
+}

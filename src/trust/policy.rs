@@ -1,41 +1,30 @@
 //! Which owners an agent takes work from.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use libp2p::PeerId;
 
-/// The owners an agent trusts. With none configured every owner is trusted, and a
-/// warning says so once.
+/// The owners an agent trusts. With none configured every owner is trusted, which is
+/// said once, in a warning, when the policy is made.
 #[derive(Debug)]
 pub struct OwnerPolicy {
     trusted: BTreeSet<PeerId>,
-    warned: AtomicBool,
 }
 
 impl OwnerPolicy {
     pub fn new(trusted: impl IntoIterator<Item = PeerId>) -> Self {
-        OwnerPolicy {
-            trusted: trusted.into_iter().collect(),
-            warned: AtomicBool::new(false),
+        let trusted: BTreeSet<PeerId> = trusted.into_iter().collect();
+        if trusted.is_empty() {
+            tracing::warn!(
+                "no --trust given: accepting work from any owner on the mesh; \
+                 pass --trust <owner peer ID> to restrict it"
+            );
         }
-    }
-
-    pub fn trusts_any(&self) -> bool {
-        self.trusted.is_empty()
+        OwnerPolicy { trusted }
     }
 
     pub fn trusts(&self, owner: &PeerId) -> bool {
-        if self.trusted.is_empty() {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "no --trust given: accepting work from any owner on the mesh; \
-                     pass --trust <owner peer ID> to restrict it"
-                );
-            }
-            return true;
-        }
-        self.trusted.contains(owner)
+        self.trusted.is_empty() || self.trusted.contains(owner)
     }
 }
 
