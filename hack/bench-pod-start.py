@@ -76,6 +76,9 @@ def bench_beemesh(binary, pods, agents, work):
     manifests = os.path.join(work, "manifests")
     os.makedirs(manifests)
     logs = open(os.path.join(work, "bench.log"), "w")
+    agent_ids = [subprocess.check_output(
+        [binary, "id", "--state-dir", os.path.join(work, f"agent{i}")], text=True).strip()
+        for i in range(agents)]
     procs = [subprocess.Popen(
         [binary, "node", "--state-dir", node_state, "--listen", f"/ip4/127.0.0.1/tcp/{port}",
          "--pod-manifest-path", manifests],
@@ -86,9 +89,6 @@ def bench_beemesh(binary, pods, agents, work):
              "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}", "--bootstrap", addr,
              "--trust", node_id],
             stdout=subprocess.DEVNULL, stderr=logs))
-    agent_ids = [subprocess.check_output(
-        [binary, "id", "--state-dir", os.path.join(work, f"agent{i}")], text=True).strip()
-        for i in range(agents)]
     samples = []
     try:
         # Agents heartbeat every 3 s and the node waits one round before its first

@@ -84,9 +84,10 @@ fn create(path: &Path) -> Result<Keypair, IdentityError> {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-    // Written under a temporary name and renamed, so that a crash never leaves a
-    // truncated key behind; created 0600 so the key is never readable by others.
-    let tmp = path.with_extension("key.tmp");
+    // Written whole under a name of our own, created 0600, then linked into place:
+    // a crash never leaves half a key, and of two processes creating it at once
+    // (`beemesh id` beside a starting agent) exactly one wins and both use its key.
+    let tmp = path.with_extension(format!("key.{}.tmp", std::process::id()));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -94,10 +95,18 @@ fn create(path: &Path) -> Result<Keypair, IdentityError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(write_err)?;
-    file.write_all(&bytes).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    fs::rename(&tmp, path).map_err(write_err)?;
-    Ok(keypair)
+    let written = file
+        .write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(keypair),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            load_or_create_identity(path.parent().unwrap_or(Path::new(".")))
+        }
+        Err(e) => Err(write_err(e)),
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +124,24 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let again = load_or_create_identity(dir.path()).expect("loads");
         assert_eq!(first.public().to_peer_id(), again.public().to_peer_id());
+    }
+
+    #[test]
+    fn concurrent_creators_agree_on_one_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    load_or_create_identity(&path)
+                        .expect("created or loaded")
+                        .public()
+                        .to_peer_id()
+                })
+            })
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        assert!(peers.windows(2).all(|w| w[0] == w[1]), "{peers:?}");
     }
 
     #[test]
