@@ -1,10 +1,11 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use beemesh::cli::{Cli, LogFormat};
+use beemesh::cli::{Cli, Command, LogFormat};
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -17,6 +18,11 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.logging.log_format);
+    // Clients print results; only the long-running roles log progress by default.
+    let default_level = match cli.command {
+        Command::Agent(_) | Command::Node(_) => "info",
+        Command::Id(_) | Command::Status(_) => "warn",
+    };
+    init_tracing(cli.logging.log_format, default_level);
     beemesh::commands::run(cli.command).await
 }

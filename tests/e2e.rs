@@ -484,3 +484,29 @@ fn agents_take_work_only_from_owners_they_trust() {
     assert_eq!(copies.len(), 1);
     assert_eq!(copies[0].labels["io.beemesh.agent"], mesh.agents[1].peer);
 }
+
+#[test]
+fn pods_offered_together_spread_over_equal_agents() {
+    // A window long enough for every bid on a loaded 2-core machine; the offer still
+    // closes as soon as all agents that fit have bid.
+    let mut mesh = Mesh::with_node_args(&["--offer-window-ms", "3000"]);
+    for _ in 0..3 {
+        mesh.start_agent(&[]);
+    }
+    let pods: String = (0..3)
+        .map(|i| SLEEPER.replace("e2e-mover", &format!("e2e-spread-{i}")))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    // Agents must be known before the pods arrive, or the first offer waits for them.
+    std::thread::sleep(Duration::from_secs(5));
+    mesh.write_manifest("spread.yaml", &pods);
+    let runners = mesh.wait_for("three pods running", Duration::from_secs(60), || {
+        let runners: Vec<String> = (0..3)
+            .flat_map(|i| running_copies(&format!("e2e-spread-{i}")))
+            .map(|p| p.labels["io.beemesh.agent"].clone())
+            .collect();
+        (runners.len() == 3).then_some(runners)
+    });
+    let distinct: BTreeSet<&String> = runners.iter().collect();
+    assert_eq!(distinct.len(), 3, "one pod per agent: {runners:?}");
+}

@@ -291,6 +291,7 @@ impl Agent {
                 return;
             }
         }
+        tracing::debug!(pod = %offer.pod, epoch = %offer.epoch, "offer received");
         let capacity = self.capacity(Some(&offer.pod.uid));
         let misfits = placement::misfits(&offer, &capacity);
         if !misfits.is_empty() {

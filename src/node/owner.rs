@@ -125,11 +125,18 @@ pub struct Owner {
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     adopt_until: Instant,
+    /// When this owner last assigned pods to each agent: equal bids go to the agent
+    /// with the fewest recent assignments, so that pods offered together spread.
+    recent_assignments: HashMap<PeerId, Vec<Instant>>,
     /// The lowest epoch of a new placement: the owner's start time in seconds, so
     /// that a restarted owner's placements supersede every earlier one (epochs grow by
     /// at most about one a second), even of a copy it never heard of.
     epoch_floor: Epoch,
 }
+
+/// How long an assignment counts as recent for spreading ties: about until the
+/// agent's heartbeats show it.
+const RECENT_ASSIGNMENT: Duration = Duration::from_secs(5);
 
 fn now_time() -> Time {
     Time(Timestamp::now())
@@ -177,6 +184,7 @@ impl Owner {
         Owner {
             adopt_until: Instant::now() + config.adopt_window,
             epoch_floor: Epoch(started),
+            recent_assignments: HashMap::new(),
             config,
             mesh,
             metrics,
@@ -384,6 +392,7 @@ impl Owner {
     }
 
     fn on_bid(&mut self, agent: PeerId, bid: Bid) -> Response {
+        tracing::debug!(pod = %bid.pod, epoch = %bid.epoch, %agent, score = bid.score, "bid received");
         let fitting = self.fitting_agents(&bid.pod);
         let Some(owned) = self.pods.get_mut(&bid.pod) else {
             return Response::Declined {
@@ -421,13 +430,13 @@ impl Owner {
     }
 
     fn close_offer(&mut self, uid: &PodUid) {
-        let Some(owned) = self.pods.get_mut(uid) else {
+        let Some(owned) = self.pods.get(uid) else {
             return;
         };
-        let Placement::Offering { bids, .. } = &mut owned.placement else {
+        let Placement::Offering { bids, .. } = &owned.placement else {
             return;
         };
-        let mut bids = std::mem::take(bids);
+        let mut bids = bids.clone();
         if bids.is_empty() {
             let message = placement::explain(
                 &owned.offer,
@@ -437,20 +446,40 @@ impl Owner {
                     .collect::<Vec<_>>()
                     .iter(),
             );
-            owned.placement = Placement::Waiting {
-                at: Instant::now() + self.config.retry_interval,
-            };
-            tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
+            let pod = owned.pod_ref.clone();
+            if let Some(owned) = self.pods.get_mut(uid) {
+                owned.placement = Placement::Waiting {
+                    at: Instant::now() + self.config.retry_interval,
+                };
+            }
+            tracing::info!(%pod, %message, "no agent can take the pod");
             self.set_status(uid, pending_status("Unschedulable", message));
             return;
         }
-        // Highest score first; ties broken by peer ID so every owner orders alike.
-        bids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        owned.placement = Placement::Assigning;
+        // Highest score first; among equals, the agent this owner gave the fewest pods
+        // lately (its heartbeats do not show them yet), then by peer ID.
+        let now = Instant::now();
+        for times in self.recent_assignments.values_mut() {
+            times.retain(|at| now.duration_since(*at) < RECENT_ASSIGNMENT);
+        }
+        let recent = |agent: &PeerId| self.recent_assignments.get(agent).map_or(0, Vec::len);
+        bids.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then(recent(&a.0).cmp(&recent(&b.0)))
+                .then(a.0.cmp(&b.0))
+        });
+        tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?bids, "offer closed");
+        // Counted when chosen: offers closing right after this one must see it.
+        if let Some((first, _)) = bids.first() {
+            self.recent_assignments.entry(*first).or_default().push(now);
+        }
         let assign = Assign {
             epoch: owned.epoch,
             pod: owned.pod.clone(),
         };
+        if let Some(owned) = self.pods.get_mut(uid) {
+            owned.placement = Placement::Assigning;
+        }
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
         let uid = uid.clone();

@@ -126,11 +126,17 @@ pub struct Mesh {
     pub agents: Vec<Process>,
     node_state: PathBuf,
     node_addr: String,
+    node_args: Vec<String>,
     agent_count: usize,
 }
 
 impl Mesh {
     pub fn new() -> Mesh {
+        Mesh::with_node_args(&[])
+    }
+
+    /// A mesh whose node gets extra flags.
+    pub fn with_node_args(node_args: &[&str]) -> Mesh {
         require_podman();
         let dir = tempfile::tempdir().expect("tempdir");
         let manifests = dir.path().join("manifests");
@@ -145,6 +151,7 @@ impl Mesh {
             agents: Vec::new(),
             node_state,
             node_addr,
+            node_args: node_args.iter().map(ToString::to_string).collect(),
             agent_count: 0,
         };
         mesh.start_node();
@@ -172,6 +179,7 @@ impl Mesh {
         ]
         .iter()
         .map(ToString::to_string)
+        .chain(self.node_args.iter().cloned())
         .collect();
         let log = self.dir.path().join(format!("node-{}.log", now_millis()));
         let peer = peer_id(&self.node_state);
