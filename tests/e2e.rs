@@ -510,3 +510,42 @@ fn pods_offered_together_spread_over_equal_agents() {
     let distinct: BTreeSet<&String> = runners.iter().collect();
     assert_eq!(distinct.len(), 3, "one pod per agent: {runners:?}");
 }
+
+#[test]
+fn a_never_restarting_pod_fails_with_agent_lost_and_metrics_count_it() {
+    let metrics_port = common::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut mesh = Mesh::with_node_args(&["--metrics-addr", &metrics_addr]);
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "never.yaml",
+        &SLEEPER
+            .replace("e2e-mover", "e2e-never")
+            .replace("spec:\n", "spec:\n  restartPolicy: Never\n"),
+    );
+    mesh.wait_for("e2e-never Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-never").as_deref() == Some("Running")).then_some(())
+    });
+    mesh.agents[0].kill();
+    let pod = mesh.wait_for("Failed with AgentLost", Duration::from_secs(30), || {
+        let pod = mesh.pod_status("default", "e2e-never")?;
+        (pod["phase"] == "Failed").then_some(pod)
+    });
+    assert_eq!(pod["reason"], "AgentLost", "{pod}");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{metrics_addr}/metrics"),
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("beemesh_agents_lost_total 1"), "{text}");
+    assert!(text.contains("beemesh_assignments_total 1"), "{text}");
+    assert!(
+        text.contains("beemesh_mesh_messages_received_total{kind=\"heartbeat\"}"),
+        "{text}"
+    );
+}
