@@ -301,3 +301,62 @@ fn table(rows: &[Vec<String>]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AgentSummary, Epoch, PeerRef, PodRef, PodSummary, PodUid};
+    use libp2p::PeerId;
+
+    #[test]
+    fn status_tables_align_and_show_reasons() {
+        let agent = PeerId::random();
+        let view = MeshView {
+            agents: vec![AgentSummary {
+                peer: PeerRef(agent),
+                labels: [("zone".to_string(), "a".to_string())].into(),
+                capacity: Resources {
+                    cpu_millis: 2000,
+                    memory_bytes: 4 << 30,
+                    pods: 110,
+                },
+                free: Resources {
+                    cpu_millis: 1500,
+                    memory_bytes: 3 << 30,
+                    pods: 109,
+                },
+                pods: 1,
+                last_seen_secs: 1,
+            }],
+            pods: vec![PodSummary {
+                pod: PodRef {
+                    uid: PodUid("u".into()),
+                    namespace: "default".into(),
+                    name: "big".into(),
+                },
+                agent: None,
+                epoch: Epoch(0),
+                phase: "Pending".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/1 agents fit: 1 insufficient memory".into()),
+            }],
+        };
+        let text = render_table(&view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("AGENT"));
+        assert!(lines[1].contains("1500m/2000m") && lines[1].contains("3.0Gi/4.0Gi"));
+        assert!(lines[1].contains("1/110") && lines[1].ends_with("zone=a"));
+        let pod_line = lines
+            .iter()
+            .find(|l| l.starts_with("default/big"))
+            .expect("pod row");
+        assert!(pod_line.contains("<none>"));
+        assert!(pod_line.ends_with("Unschedulable: 0/1 agents fit: 1 insufficient memory"));
+        // Columns line up: the PHASE header sits where the phase does.
+        let header = lines
+            .iter()
+            .find(|l| l.starts_with("POD"))
+            .expect("pod header");
+        assert_eq!(header.find("PHASE"), pod_line.find("Pending"));
+    }
+}

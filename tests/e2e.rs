@@ -549,3 +549,43 @@ fn a_never_restarting_pod_fails_with_agent_lost_and_metrics_count_it() {
         "{text}"
     );
 }
+
+#[test]
+fn a_changed_manifest_replaces_its_pod() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let v1 = SLEEPER.replace("e2e-mover", "e2e-changed");
+    mesh.write_manifest("changed.yaml", &v1);
+    mesh.wait_for("v1 Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-changed").as_deref() == Some("Running")).then_some(())
+    });
+    let before = running_copies("e2e-changed");
+    assert_eq!(before.len(), 1);
+    let old_uid = before[0].labels["io.beemesh.pod.uid"].clone();
+
+    let changed_at = Instant::now();
+    mesh.write_manifest("changed.yaml", &v1.replace("100000", "200000"));
+    let after = mesh.wait_for("the new version alone", Duration::from_secs(30), || {
+        let all = podman_pods("io.beemesh.pod.name=e2e-changed");
+        (all.len() == 1
+            && all[0].labels["io.beemesh.pod.uid"] != old_uid
+            && (all[0].status == "Running" || all[0].status == "Degraded"))
+            .then_some(all)
+    });
+    let new_uid = after[0].labels["io.beemesh.pod.uid"].clone();
+    mesh.wait_for(
+        "the new version's container running",
+        Duration::from_secs(20),
+        || {
+            podman_containers(&format!("io.beemesh.pod.uid={new_uid}"))
+                .iter()
+                .any(|c| c["State"] == "running")
+                .then_some(())
+        },
+    );
+    assert!(
+        changed_at.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        changed_at.elapsed()
+    );
+}
