@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::node::owner::OwnerConfig;
 use crate::node::{Node, NodeConfig};
 use crate::runtime::podman::Podman;
+use crate::runtime::Runtime;
 use crate::trust::{load_or_create_identity, OwnerPolicy};
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
@@ -105,6 +106,14 @@ fn machine_capacity() -> (u64, u64) {
 async fn agent(args: AgentArgs) -> Result<()> {
     let runtime = Podman::new(&args.podman_socket)
         .with_context(|| format!("invalid --podman-socket {}", args.podman_socket))?;
+    // Checked before joining the mesh: an agent without a runtime must not bid.
+    runtime.ping().await.with_context(|| {
+        format!(
+            "cannot reach Podman at {}: start its REST service (bash hack/install-podman.sh, \
+             or podman system service --time=0 <socket>) or pass --podman-socket",
+            args.podman_socket
+        )
+    })?;
     let (machine_cpu, machine_memory) = machine_capacity();
     let capacity = Resources {
         cpu_millis: args.cpu.unwrap_or(machine_cpu),

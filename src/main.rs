@@ -16,7 +16,7 @@ fn init_tracing(format: LogFormat, default_level: &str) {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Clients print results; only the long-running roles log progress by default.
     let default_level = match cli.command {
@@ -24,5 +24,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Id(_) | Command::Status(_) => "warn",
     };
     init_tracing(cli.logging.log_format, default_level);
-    beemesh::commands::run(cli.command).await
+    match beemesh::commands::run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line, without a backtrace: a message for people.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -34,7 +34,7 @@ use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot reach Podman: {0}")]
+    #[error("Podman request failed")]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -143,7 +143,6 @@ impl Agent {
         mut events: mpsc::Receiver<MeshEvent>,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
-        self.runtime.ping().await?;
         self.adopt().await?;
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         let mut resync = tokio::time::interval(self.config.resync_interval);

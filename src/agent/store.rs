@@ -17,7 +17,7 @@ pub struct StoredAssignment {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("assignment store {path}: {source}")]
+#[error("assignment store {path}")]
 pub struct StoreError {
     path: PathBuf,
     source: std::io::Error,

@@ -29,7 +29,7 @@ const OWNER_TICK: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot read manifest directory {path}: {source}")]
+    #[error("cannot read manifest directory {path}")]
     ManifestDir {
         path: PathBuf,
         source: std::io::Error,

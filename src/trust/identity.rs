@@ -12,17 +12,17 @@ pub const IDENTITY_FILE: &str = "identity.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}")]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read identity key {path}: {source}")]
+    #[error("cannot read identity key {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write identity key {path}: {source}")]
+    #[error("cannot write identity key {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
