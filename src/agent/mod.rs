@@ -78,6 +78,9 @@ impl Hosted {
     }
 }
 
+/// How soon after a new connection the next heartbeat goes out.
+const HEARTBEAT_AFTER_CONNECT: Duration = Duration::from_millis(500);
+
 /// Results of spawned tasks, fed back into the agent loop.
 enum Internal {
     Superseded { uid: PodUid, epoch: Epoch },
@@ -150,7 +153,14 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                Some(event) = events.recv() => self.on_mesh_event(event).await,
+                Some(event) = events.recv() => {
+                    if matches!(event, MeshEvent::PeerConnected(_)) {
+                        // Let a new peer learn of us without waiting a whole period; the
+                        // delay leaves time for gossipsub to exchange subscriptions.
+                        heartbeat.reset_after(HEARTBEAT_AFTER_CONNECT);
+                    }
+                    self.on_mesh_event(event).await
+                }
                 Some(update) = self.updates.recv() => self.on_update(update).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
