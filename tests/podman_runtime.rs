@@ -206,6 +206,15 @@ async fn exec_returns_output_and_exit_code() {
     assert_eq!(out.exit_code, 3);
     let text = String::from_utf8_lossy(&out.output);
     assert!(text.contains("hi") && text.contains("err"), "{text}");
+    // Output is capped: a chatty command cannot grow the agent's memory.
+    let chatty = ["sh", "-c", "yes | head -c 1000000"].map(String::from);
+    let out = pod
+        .runtime
+        .exec(&id, &chatty, Duration::from_secs(20))
+        .await
+        .expect("exec");
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.output.len(), 64 * 1024);
     let slow = ["sleep", "5"].map(String::from);
     assert!(pod
         .runtime
@@ -359,7 +368,11 @@ async fn bad_input_is_an_error_not_a_panic() {
     let pod = pod("bad", vec![]).await;
     let mut p = plan(&pod, "bad", &["true"]);
     p.image = "Not A Valid Reference!!".into();
-    assert!(pod.runtime.create_container(&pod.id, &p).await.is_err());
+    // Podman answers 500 here; its cause marks it as the request's fault.
+    assert!(matches!(
+        pod.runtime.create_container(&pod.id, &p).await,
+        Err(RuntimeError::Invalid(_))
+    ));
     assert!(matches!(
         pod.runtime.container_state("no-such-container").await,
         Err(RuntimeError::NotFound(_))

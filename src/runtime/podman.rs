@@ -24,6 +24,25 @@ use super::{
     Runtime, RuntimeContainer, RuntimeError, RuntimePod,
 };
 
+/// Causes Podman 4.3 reports with status 500 although the request is at fault.
+const REQUEST_ERROR_CAUSES: &[&str] = &[
+    "invalid argument",
+    "invalid reference format",
+    "image not known",
+    "that name is already in use",
+    "address already in use",
+    "container state improper",
+    "no such file or directory",
+    "no matching entries in passwd file",
+    "OCI runtime attempted to invoke a command that was not found",
+    "OCI permission denied",
+];
+/// Causes meaning "does not exist", which Podman 4.3 sometimes reports with status 500.
+const NOT_FOUND_CAUSES: &[&str] = &["no such pod", "no such container", "no such exec session"];
+/// At most this much of an exec's output is kept: probes need little, and a chatty
+/// command must not grow the agent's memory. The rest is read and dropped.
+const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+
 /// CFS period for cpu limits, as the kubelet uses.
 const CPU_PERIOD_MICROS: u64 = 100_000;
 /// How often a stopping container is checked.
@@ -59,15 +78,18 @@ fn classify(e: podman_api::Error) -> RuntimeError {
         }
         _ => None,
     };
-    match fault {
-        Some((404, message)) => RuntimeError::NotFound(podman_message(&message)),
-        Some((code, message)) if (400..500).contains(&code) => {
-            RuntimeError::Invalid(podman_message(&message))
-        }
-        Some((code, message)) => {
-            RuntimeError::Unavailable(format!("{code}: {}", podman_message(&message)))
-        }
-        None => RuntimeError::Unavailable(e.to_string()),
+    let Some((code, body)) = fault else {
+        return RuntimeError::Unavailable(e.to_string());
+    };
+    let message = podman_message(&body);
+    let caused_by = |causes: &[&str]| causes.iter().any(|c| message.contains(c));
+    match code {
+        404 => RuntimeError::NotFound(message),
+        400..=499 => RuntimeError::Invalid(message),
+        // Podman 4.3 answers 500 for many faults of the request; its cause tells.
+        _ if caused_by(NOT_FOUND_CAUSES) => RuntimeError::NotFound(message),
+        _ if caused_by(REQUEST_ERROR_CAUSES) => RuntimeError::Invalid(message),
+        _ => RuntimeError::Unavailable(format!("{code}: {message}")),
     }
 }
 
@@ -485,7 +507,11 @@ impl Runtime for Podman {
             if let Some(mut stream) = exec.start(&opts).await.map_err(classify)? {
                 while let Some(chunk) = stream.next().await {
                     match chunk {
-                        Ok(chunk) => output.extend_from_slice(&chunk.to_vec()),
+                        Ok(chunk) => {
+                            let bytes = chunk.to_vec();
+                            let room = MAX_EXEC_OUTPUT.saturating_sub(output.len());
+                            output.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                        }
                         Err(e) => return Err(RuntimeError::Unavailable(e.to_string())),
                     }
                 }
