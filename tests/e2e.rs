@@ -337,6 +337,12 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: e2e-badref}
+spec:
+  containers: [{name: c, image: "busybox latest"}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: e2e-noimage}
 spec:
   containers: [{name: c, image: localhost/does-not-exist:1, imagePullPolicy: IfNotPresent}]
@@ -365,6 +371,15 @@ spec:
             .unwrap_or_default()
             .contains("hostPath"),
         "{hostpath}"
+    );
+    let badref = mesh.pod_status("default", "e2e-badref").expect("listed");
+    assert_eq!(badref["phase"], "Failed");
+    assert!(
+        badref["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a valid image reference"),
+        "{badref}"
     );
     mesh.wait_for("ErrImagePull shown", Duration::from_secs(30), || {
         let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();

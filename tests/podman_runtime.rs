@@ -119,10 +119,12 @@ async fn command_args_env_and_working_dir_and_the_exit_code() {
     let mut p = plan(&pod, "main", &["sh", "-c"]);
     p.args = Some(vec!["echo \"$GREETING from $(pwd)\"; exit 7".into()]);
     p.env = vec![("GREETING".into(), "hello".into())];
-    p.working_dir = Some("/tmp".into());
+    // Missing, as a working directory may be: created, as by the kubelet's runtimes.
+    p.working_dir = Some("/tmp/made/for/us".into());
     let id = start(&pod, &p).await;
     let state = wait_exit(&pod, &id).await;
     assert_eq!(state.exit_code, Some(7));
+    assert!(state.status == ContainerStatus::Exited);
     let (started, finished) = (
         state.started_at.expect("started"),
         state.finished_at.expect("finished"),
@@ -133,7 +135,7 @@ async fn command_args_env_and_working_dir_and_the_exit_code() {
         finished.as_second() + 1 >= started.as_second(),
         "{started} .. {finished}"
     );
-    assert_eq!(logs(&id).trim(), "hello from /tmp");
+    assert_eq!(logs(&id).trim(), "hello from /tmp/made/for/us");
 }
 
 #[tokio::test]
@@ -239,6 +241,16 @@ async fn images_follow_the_pull_policy() {
             Err(RuntimeError::ImagePull(m)) => assert!(m.contains(absent), "{m}"),
             other => panic!("expected ImagePull, got {other:?}"),
         }
+    }
+    // A reference podman-api would put unescaped into a URL path: refused, no panic.
+    for bad in ["foo bar", "x\ny", "a%20b", ""] {
+        assert!(
+            matches!(
+                runtime.ensure_image(bad, PullPolicy::IfNotPresent).await,
+                Err(RuntimeError::Invalid(_))
+            ),
+            "{bad:?}"
+        );
     }
     match runtime.ensure_image(absent, PullPolicy::Never).await {
         Err(RuntimeError::ImageNeverPull(m)) => assert!(m.contains("pull policy of Never"), "{m}"),

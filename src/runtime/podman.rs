@@ -43,6 +43,24 @@ const NOT_FOUND_CAUSES: &[&str] = &["no such pod", "no such container", "no such
 /// command must not grow the agent's memory. The rest is read and dropped.
 const MAX_EXEC_OUTPUT: usize = 64 * 1024;
 
+/// podman-api puts names, IDs and image references into URL paths unescaped, and its
+/// unix-socket client panics on a path it cannot parse (a space, say): anything else
+/// than the characters of image references and IDs is refused before any request.
+fn path_safe(what: &str, name: &str) -> Result<(), RuntimeError> {
+    let ok = !name.is_empty()
+        && name.len() <= 4096
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::Invalid(format!(
+            "invalid {what} {name:?}: only letters, digits and . _ - / : @ are allowed"
+        )))
+    }
+}
+
 /// CFS period for cpu limits, as the kubelet uses.
 const CPU_PERIOD_MICROS: u64 = 100_000;
 /// How often a stopping container is checked.
@@ -133,7 +151,11 @@ fn status_of(state: Option<&str>) -> ContainerStatus {
 fn resource_limits(plan: &ContainerPlan) -> Result<LinuxResources, RuntimeError> {
     let mut limits = serde_json::Map::new();
     if let Some(bytes) = plan.memory_limit_bytes {
-        limits.insert("memory".into(), serde_json::json!({ "limit": bytes }));
+        // Swap equal to the limit: no swap on top of it, as with the kubelet.
+        limits.insert(
+            "memory".into(),
+            serde_json::json!({ "limit": bytes, "swap": bytes }),
+        );
     }
     if let Some(millis) = plan.cpu_limit_millis {
         // The kernel refuses quotas under 1 ms.
@@ -165,6 +187,7 @@ fn port_mapping(p: &super::PortMapping) -> PodmanPort {
 
 impl Podman {
     async fn inspect_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        path_safe("container", id)?;
         let info = self
             .client
             .containers()
@@ -282,6 +305,7 @@ impl Runtime for Podman {
     }
 
     async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
+        path_safe("pod", pod_id)?;
         self.client
             .pods()
             .get(pod_id)
@@ -292,6 +316,7 @@ impl Runtime for Podman {
     }
 
     async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError> {
+        path_safe("pod", pod_id)?;
         let pod = self
             .client
             .pods()
@@ -323,6 +348,7 @@ impl Runtime for Podman {
     }
 
     async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
+        path_safe("image reference", image)?;
         let present = || async {
             self.client
                 .images()
@@ -371,6 +397,7 @@ impl Runtime for Podman {
         pod_id: &str,
         plan: &ContainerPlan,
     ) -> Result<String, RuntimeError> {
+        path_safe("image reference", &plan.image)?;
         let mut opts = ContainerCreateOpts::builder()
             .name(&plan.name)
             .pod(pod_id)
@@ -408,7 +435,8 @@ impl Runtime for Podman {
             opts = opts.command(Vec::<String>::new());
         }
         if let Some(dir) = &plan.working_dir {
-            opts = opts.work_dir(dir);
+            // As the kubelet's runtimes, a missing working directory is created.
+            opts = opts.work_dir(dir).create_working_dir(true);
         }
         if let Some(user) = &plan.user {
             opts = opts.user(user);
@@ -426,6 +454,7 @@ impl Runtime for Podman {
     }
 
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        path_safe("container", id)?;
         self.client
             .containers()
             .get(id)
@@ -476,6 +505,7 @@ impl Runtime for Podman {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        path_safe("container", id)?;
         self.client
             .containers()
             .get(id)
@@ -490,6 +520,7 @@ impl Runtime for Podman {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<ExecOutput, RuntimeError> {
+        path_safe("container", id)?;
         let container = self.client.containers().get(id);
         let exec = container
             .create_exec(
@@ -530,6 +561,7 @@ impl Runtime for Podman {
     }
 
     async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
+        path_safe("pod", pod_id)?;
         self.client
             .pods()
             .get(pod_id)

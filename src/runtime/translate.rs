@@ -810,6 +810,13 @@ fn validate_image(path: &str, image: Option<&str>, policy: Option<&str>) -> Resu
         "must not have leading or trailing whitespace",
     )?;
     refuse_if(
+        !image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@')),
+        &field,
+        "is not a valid image reference",
+    )?;
+    refuse_if(
         !matches!(policy, None | Some("Always" | "IfNotPresent" | "Never")),
         &format!("{path}.imagePullPolicy"),
         "must be Always, IfNotPresent or Never",
