@@ -51,53 +51,55 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        let mesh_received = Family::<KindLabel, Counter>::default();
+        let mesh_dropped = Family::<DropLabels, Counter>::default();
+        let mesh_request_failures = Family::<KindLabel, Counter>::default();
+        let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
+        let (assignments, container_restarts, agents_lost) =
+            (Counter::default(), Counter::default(), Counter::default());
         let mut registry = Registry::with_prefix("beemesh");
-        let m = Metrics {
-            registry: Arc::new(Registry::default()),
-            mesh_received: Family::default(),
-            mesh_dropped: Family::default(),
-            mesh_request_failures: Family::default(),
-            mesh_peers: Gauge::default(),
-            pods: Gauge::default(),
-            assignments: Counter::default(),
-            container_restarts: Counter::default(),
-            agents_lost: Counter::default(),
-        };
         registry.register(
             "mesh_messages_received",
             "Mesh messages received and accepted",
-            m.mesh_received.clone(),
+            mesh_received.clone(),
         );
         registry.register(
             "mesh_messages_dropped",
             "Mesh messages dropped (malformed, oversized, wrong version, untrusted)",
-            m.mesh_dropped.clone(),
+            mesh_dropped.clone(),
         );
         registry.register(
             "mesh_request_failures",
             "Outbound mesh requests that failed",
-            m.mesh_request_failures.clone(),
+            mesh_request_failures.clone(),
         );
-        registry.register("mesh_peers", "Connected mesh peers", m.mesh_peers.clone());
-        registry.register("pods", "Pods owned (node) or run (agent)", m.pods.clone());
+        registry.register("mesh_peers", "Connected mesh peers", mesh_peers.clone());
+        registry.register("pods", "Pods owned (node) or run (agent)", pods.clone());
         registry.register(
             "assignments",
             "Assignments made (node) or accepted (agent)",
-            m.assignments.clone(),
+            assignments.clone(),
         );
         registry.register(
             "container_restarts",
             "Container restarts performed",
-            m.container_restarts.clone(),
+            container_restarts.clone(),
         );
         registry.register(
             "agents_lost",
             "Agents declared lost after missing heartbeats",
-            m.agents_lost.clone(),
+            agents_lost.clone(),
         );
         Metrics {
             registry: Arc::new(registry),
-            ..m
+            mesh_received,
+            mesh_dropped,
+            mesh_request_failures,
+            mesh_peers,
+            pods,
+            assignments,
+            container_restarts,
+            agents_lost,
         }
     }
 

@@ -56,10 +56,6 @@ impl HeartbeatBook {
         changed
     }
 
-    pub fn get(&self, agent: &PeerId) -> Option<&SeenAgent> {
-        self.agents.get(agent)
-    }
-
     /// Removes and returns the agents not heard from within `timeout`.
     pub fn take_lost(&mut self, timeout: Duration) -> Vec<PeerId> {
         let now = Instant::now();
@@ -77,10 +73,6 @@ impl HeartbeatBook {
 
     pub fn live(&self) -> impl Iterator<Item = (&PeerId, &SeenAgent)> {
         self.agents.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.agents.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -136,18 +136,8 @@ impl EventLoop {
                     .send_request(&peer, request);
                 self.pending_requests.insert(id, done);
             }
-            Command::Dial { addr, done } => {
-                let result = self.swarm.dial(addr.clone()).map_err(|e| MeshError::Dial {
-                    addr,
-                    reason: e.to_string(),
-                });
-                let _ = done.send(result);
-            }
             Command::ListenAddrs { done } => {
                 let _ = done.send(self.listen_addrs.clone());
-            }
-            Command::ConnectedPeers { done } => {
-                let _ = done.send(self.connected.iter().copied().collect());
             }
         }
     }

@@ -19,15 +19,8 @@ pub(crate) enum Command {
         request: Request,
         done: oneshot::Sender<Result<Response, MeshError>>,
     },
-    Dial {
-        addr: Multiaddr,
-        done: oneshot::Sender<Result<(), MeshError>>,
-    },
     ListenAddrs {
         done: oneshot::Sender<Vec<Multiaddr>>,
-    },
-    ConnectedPeers {
-        done: oneshot::Sender<Vec<PeerId>>,
     },
 }
 
@@ -81,16 +74,8 @@ impl MeshHandle {
         .await?
     }
 
-    pub async fn dial(&self, addr: Multiaddr) -> Result<(), MeshError> {
-        self.call(|done| Command::Dial { addr, done }).await?
-    }
-
     /// The addresses the swarm listens on (with `/p2p/<peer id>`), once bound.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, MeshError> {
         self.call(|done| Command::ListenAddrs { done }).await
-    }
-
-    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, MeshError> {
-        self.call(|done| Command::ConnectedPeers { done }).await
     }
 }

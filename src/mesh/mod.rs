@@ -38,8 +38,6 @@ pub enum MeshError {
     Publish { topic: Topic, reason: String },
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
-    #[error("cannot dial {addr}: {reason}")]
-    Dial { addr: Multiaddr, reason: String },
     #[error("cannot set up the transport: {0}")]
     Transport(String),
     #[error(transparent)]

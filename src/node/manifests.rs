@@ -35,17 +35,10 @@ impl fmt::Display for ManifestError {
     }
 }
 
-/// A pod read from a manifest, with where it came from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ManifestPod {
-    pub file: PathBuf,
-    pub pod: Pod,
-}
-
 /// The result of parsing one file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParsedFile {
-    pub pods: Vec<ManifestPod>,
+    pub pods: Vec<Pod>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -90,10 +83,7 @@ pub fn parse(file: &Path, text: &str, owner: &str) -> ParsedFile {
             }
         };
         match pod_from_value(value, owner) {
-            Ok(pod) => out.pods.push(ManifestPod {
-                file: file.to_path_buf(),
-                pod,
-            }),
+            Ok(pod) => out.pods.push(pod),
             Err(message) => out.errors.push(error(message)),
         }
     }
@@ -164,7 +154,7 @@ pub struct ManifestDir {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scan {
     /// By UID.
-    pub pods: BTreeMap<String, ManifestPod>,
+    pub pods: BTreeMap<String, Pod>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -238,8 +228,8 @@ impl ManifestDir {
             scan.errors.extend(cached.parsed.errors.iter().cloned());
             for (i, mp) in cached.parsed.pods.iter().enumerate() {
                 let key = (
-                    mp.pod.metadata.namespace.clone().unwrap_or_default(),
-                    mp.pod.metadata.name.clone().unwrap_or_default(),
+                    mp.metadata.namespace.clone().unwrap_or_default(),
+                    mp.metadata.name.clone().unwrap_or_default(),
                 );
                 if let Some(first) = by_name.get(&key) {
                     scan.errors.push(ManifestError {
@@ -255,7 +245,7 @@ impl ManifestDir {
                     continue;
                 }
                 by_name.insert(key, path.clone());
-                let uid = mp.pod.metadata.uid.clone().unwrap_or_default();
+                let uid = mp.metadata.uid.clone().unwrap_or_default();
                 scan.pods.insert(uid, mp.clone());
             }
         }
@@ -286,18 +276,15 @@ spec:
         let parsed = parse(Path::new("x.yaml"), TWO_PODS, "owner1");
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
         assert_eq!(parsed.pods.len(), 2);
-        let a = &parsed.pods[0].pod;
+        let a = &parsed.pods[0];
         assert_eq!(a.metadata.namespace.as_deref(), Some("default"));
         let uid = a.metadata.uid.clone().expect("uid");
         assert_eq!(uid.len(), 36);
         let again = parse(Path::new("y.yaml"), TWO_PODS, "owner1");
-        assert_eq!(
-            again.pods[0].pod.metadata.uid.as_deref(),
-            Some(uid.as_str())
-        );
+        assert_eq!(again.pods[0].metadata.uid.as_deref(), Some(uid.as_str()));
         let other_owner = parse(Path::new("x.yaml"), TWO_PODS, "owner2");
         assert_ne!(
-            other_owner.pods[0].pod.metadata.uid.as_deref(),
+            other_owner.pods[0].metadata.uid.as_deref(),
             Some(uid.as_str())
         );
         let changed = parse(
@@ -305,10 +292,7 @@ spec:
             &TWO_PODS.replace("1.35", "1.36"),
             "owner1",
         );
-        assert_ne!(
-            changed.pods[0].pod.metadata.uid.as_deref(),
-            Some(uid.as_str())
-        );
+        assert_ne!(changed.pods[0].metadata.uid.as_deref(), Some(uid.as_str()));
     }
 
     #[test]

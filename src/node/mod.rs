@@ -6,7 +6,6 @@ pub mod manifests;
 pub mod owner;
 mod printer;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -163,10 +162,5 @@ fn apply_scan(
         }
     }
     *reported = scan.errors;
-    let desired: BTreeMap<String, _> = scan
-        .pods
-        .into_iter()
-        .map(|(uid, mp)| (uid, mp.pod))
-        .collect();
-    owner.set_desired(desired);
+    owner.set_desired(scan.pods);
 }

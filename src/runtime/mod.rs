@@ -52,6 +52,17 @@ pub enum RuntimeError {
     Unavailable(String),
 }
 
+/// Whether `text` uses only the characters of image references and Podman IDs. The
+/// Podman client puts such names into URL paths unescaped (and panics on what it
+/// cannot parse), so the same rule guards validation and every runtime request.
+pub fn is_reference_text(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 4096
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))
+}
+
 /// When to pull an image, as Kubernetes' `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PullPolicy {

@@ -43,16 +43,9 @@ const NOT_FOUND_CAUSES: &[&str] = &["no such pod", "no such container", "no such
 /// command must not grow the agent's memory. The rest is read and dropped.
 const MAX_EXEC_OUTPUT: usize = 64 * 1024;
 
-/// podman-api puts names, IDs and image references into URL paths unescaped, and its
-/// unix-socket client panics on a path it cannot parse (a space, say): anything else
-/// than the characters of image references and IDs is refused before any request.
+/// Refuses, before any request, a name podman-api would choke on in a URL path.
 fn path_safe(what: &str, name: &str) -> Result<(), RuntimeError> {
-    let ok = !name.is_empty()
-        && name.len() <= 4096
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'));
-    if ok {
+    if super::is_reference_text(name) {
         Ok(())
     } else {
         Err(RuntimeError::Invalid(format!(

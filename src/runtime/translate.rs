@@ -810,9 +810,7 @@ fn validate_image(path: &str, image: Option<&str>, policy: Option<&str>) -> Resu
         "must not have leading or trailing whitespace",
     )?;
     refuse_if(
-        !image
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@')),
+        !super::is_reference_text(image),
         &field,
         "is not a valid image reference",
     )?;

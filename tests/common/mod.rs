@@ -359,19 +359,8 @@ pub struct PodmanPod {
 /// Podman pods matching a label filter, read with the podman CLI (the tests' own
 /// view of the truth, independent of BeeMesh).
 pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
-    let out = Command::new("podman")
-        .args([
-            "pod",
-            "ps",
-            "--filter",
-            &format!("label={label}"),
-            "--format",
-            "json",
-        ])
-        .output()
-        .expect("podman runs");
-    let list: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    list.into_iter()
+    podman_list(&["pod", "ps"], label)
+        .into_iter()
         .map(|p| PodmanPod {
             id: p["Id"].as_str().unwrap_or_default().to_string(),
             name: p["Name"].as_str().unwrap_or_default().to_string(),
@@ -390,22 +379,21 @@ pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
 
 /// Containers (not infra) of the pods matching a label, with their state.
 pub fn podman_containers(label: &str) -> Vec<Value> {
-    let out = Command::new("podman")
-        .args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label={label}"),
-            "--format",
-            "json",
-        ])
-        .output()
-        .expect("podman runs");
-    serde_json::from_slice::<Vec<Value>>(&out.stdout)
-        .unwrap_or_default()
+    podman_list(&["ps", "-a"], label)
         .into_iter()
         .filter(|c| c["IsInfra"] != true)
         .collect()
+}
+
+/// `podman <command> --filter label=<label> --format json`, parsed.
+fn podman_list(command: &[&str], label: &str) -> Vec<Value> {
+    let filter = format!("label={label}");
+    let out = Command::new("podman")
+        .args(command)
+        .args(["--filter", &filter, "--format", "json"])
+        .output()
+        .expect("podman runs");
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 pub fn podman_logs(container: &str) -> String {

@@ -731,7 +731,7 @@ impl FakeApiServer {
                       body: warp::hyper::body::Bytes| {
                     let store = handler_store.clone();
                     async move {
-                        handle(
+                        route(
                             store,
                             method,
                             path.as_str().to_string(),
@@ -739,7 +739,7 @@ impl FakeApiServer {
                             content_type,
                             body.to_vec(),
                         )
-                        .await
+                        .unwrap_or_else(ApiError::reply)
                     }
                 },
             );
@@ -788,17 +788,6 @@ impl FakeApiServer {
             .find(|(k, _)| k.plural == plural && k.namespace == namespace && k.name == name)
             .map(|(_, v)| v.clone())
     }
-}
-
-async fn handle(
-    store: Arc<Mutex<Store>>,
-    method: warp::http::Method,
-    path: String,
-    query: String,
-    content_type: Option<String>,
-    body: Vec<u8>,
-) -> Reply {
-    route(store, method, path, query, content_type, body).unwrap_or_else(ApiError::reply)
 }
 
 fn route(
