@@ -124,9 +124,31 @@ pub struct NodeArgs {
     #[command(flatten)]
     pub mesh: MeshArgs,
     /// Directory of Pod manifests (YAML or JSON, several documents per file), like
-    /// the kubelet's static pods.
+    /// the kubelet's static pods. With it, a Kubernetes API server is used only when
+    /// named (--kubeconfig, KUBECONFIG, or running in a pod).
     #[arg(long, env = "BEEMESH_POD_MANIFEST_PATH")]
-    pub pod_manifest_path: PathBuf,
+    pub pod_manifest_path: Option<PathBuf>,
+    /// Kubeconfig of the API server to register with (default: in-cluster config in a
+    /// pod, else KUBECONFIG, else ~/.kube/config).
+    #[arg(long, env = "BEEMESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Name of the Node object.
+    #[arg(long, env = "BEEMESH_NODE_NAME", default_value = "beemesh")]
+    pub node_name: String,
+    /// The node's InternalIP address, where the API server reaches the kubelet API
+    /// (default: the POD_IP environment variable).
+    #[arg(long, env = "BEEMESH_NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// A Hostname address for the node; reported only if it resolves (API servers try
+    /// Hostname first, and an unresolvable one breaks kubectl logs and exec).
+    #[arg(long, env = "BEEMESH_NODE_HOSTNAME")]
+    pub node_hostname: Option<String>,
+    /// Port of the kubelet API, published in the Node's daemonEndpoints.
+    #[arg(long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
+    pub kubelet_port: u16,
+    /// Delete the Node object on exit instead of leaving it NotReady.
+    #[arg(long, env = "BEEMESH_DELETE_NODE_ON_EXIT")]
+    pub delete_node_on_exit: bool,
     /// Milliseconds an offer collects bids.
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,

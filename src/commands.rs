@@ -13,12 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::cli::{self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs};
+use crate::cluster::{self, node_object::NodeIdentity};
 use crate::mesh::{self, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
 use crate::node::owner::OwnerConfig;
 use crate::node::{Node, NodeConfig};
 use crate::runtime::podman::Podman;
-use crate::runtime::Runtime;
+use crate::runtime::{translate, Runtime};
 use crate::trust::{load_or_create_identity, OwnerPolicy};
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
@@ -103,6 +104,19 @@ fn machine_capacity() -> (u64, u64) {
     (cpus * 1000, system.total_memory())
 }
 
+/// Size of the filesystem holding `dir`: the disk whose mount point is the longest
+/// prefix of it.
+fn storage_bytes(dir: &std::path::Path) -> u64 {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let disks = sysinfo::Disks::new_with_refreshed_list();
+    disks
+        .list()
+        .iter()
+        .filter(|disk| dir.starts_with(disk.mount_point()))
+        .max_by_key(|disk| disk.mount_point().as_os_str().len())
+        .map_or(0, |disk| disk.total_space())
+}
+
 async fn agent(args: AgentArgs) -> Result<()> {
     let runtime = Podman::new(&args.podman_socket)
         .with_context(|| format!("invalid --podman-socket {}", args.podman_socket))?;
@@ -132,6 +146,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
         heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
         resync_interval: Duration::from_secs(10),
         host_ip: args.host_ip.or_else(|| default_host_ip(&args.mesh.listen)),
+        storage_bytes: storage_bytes(&args.mesh.state_dir),
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
     let agent = Agent::new(config, mesh, Arc::new(runtime), policy, metrics)?;
@@ -145,21 +160,89 @@ async fn agent(args: AgentArgs) -> Result<()> {
 }
 
 async fn node(args: NodeArgs) -> Result<()> {
-    if !args.pod_manifest_path.is_dir() {
+    if let Some(path) = &args.pod_manifest_path {
+        if !path.is_dir() {
+            bail!("--pod-manifest-path {} is not a directory", path.display());
+        }
+    }
+    if !translate::is_dns_subdomain(&args.node_name) {
         bail!(
-            "--pod-manifest-path {} is not a directory",
-            args.pod_manifest_path.display()
+            "--node-name {:?} is not a valid node name (a lowercase RFC 1123 subdomain)",
+            args.node_name
         );
     }
+    let env = |name: &str| std::env::var(name).ok();
+    let source = cluster::config_source(
+        args.kubeconfig.as_deref(),
+        args.pod_manifest_path.is_some(),
+        &env,
+    );
+    if source.is_none() && args.pod_manifest_path.is_none() {
+        bail!(
+            "no pods to run: pass --pod-manifest-path <dir> for standalone pods, or a \
+             Kubernetes API server with --kubeconfig (or KUBECONFIG, ~/.kube/config, or by \
+             running in a pod)"
+        );
+    }
+    let client = match &source {
+        Some(source) => Some(
+            cluster::connect(source)
+                .await
+                .with_context(|| format!("cannot use the Kubernetes API server ({source:?})"))?,
+        ),
+        None => None,
+    };
+    let internal_ip = match args.node_ip {
+        Some(ip) => Some(ip),
+        None => match env("POD_IP").filter(|ip| !ip.is_empty()) {
+            Some(ip) => Some(
+                ip.parse()
+                    .with_context(|| format!("POD_IP {ip:?} is not an IP address"))?,
+            ),
+            None => None,
+        },
+    };
+    let hostname = match args.node_hostname {
+        Some(name) if resolves(&name).await => Some(name),
+        Some(name) => {
+            tracing::warn!(%name, "--node-hostname does not resolve; reporting only the InternalIP address");
+            None
+        }
+        None => None,
+    };
     let cancel = shutdown_token()?;
     let metrics = Metrics::new();
     let (mesh, events, mesh_task) =
         join_mesh(&args.mesh, vec![Topic::Heartbeats], &metrics, &cancel)?;
     let peer = mesh.local_peer_id();
-    println!(
-        "node {peer} owns the pods in {}",
-        args.pod_manifest_path.display()
-    );
+    if let Some(dir) = &args.pod_manifest_path {
+        println!("node {peer} owns the pods in {}", dir.display());
+    }
+    let api_cancel = CancellationToken::new();
+    let (api, api_tasks) = match client {
+        Some(client) => {
+            if internal_ip.is_none() {
+                tracing::warn!(
+                    "no --node-ip or POD_IP: the API server cannot reach this node's kubelet API"
+                );
+            }
+            let identity = NodeIdentity {
+                name: args.node_name.clone(),
+                internal_ip,
+                hostname,
+                kubelet_port: args.kubelet_port,
+            };
+            println!("node {peer} is Kubernetes node {}", args.node_name);
+            let (link, tasks) = cluster::start(
+                client,
+                identity,
+                args.delete_node_on_exit,
+                api_cancel.clone(),
+            );
+            (Some(link), tasks)
+        }
+        None => (None, Vec::new()),
+    };
     let config = NodeConfig {
         pod_manifest_path: args.pod_manifest_path,
         owner: OwnerConfig {
@@ -169,12 +252,27 @@ async fn node(args: NodeArgs) -> Result<()> {
         },
     };
     let result = Node::new(config, mesh, metrics)
-        .run(events, cancel.clone())
+        .run(events, api, cancel.clone())
         .await
         .context("node stopped");
+    // The API tasks finish first: the Node is marked NotReady (or deleted) on exit.
+    api_cancel.cancel();
+    let finishing = futures::future::join_all(api_tasks);
+    if tokio::time::timeout(Duration::from_secs(10), finishing)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the Kubernetes API did not answer in time on exit");
+    }
     cancel.cancel();
     let _ = mesh_task.await;
     result
+}
+
+async fn resolves(name: &str) -> bool {
+    tokio::net::lookup_host((name, 0))
+        .await
+        .is_ok_and(|mut addrs| addrs.next().is_some())
 }
 
 async fn status(args: StatusArgs) -> Result<()> {

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod mesh;
 pub mod metrics;

@@ -241,6 +241,9 @@ pub struct Heartbeat {
     pub pods: Vec<HostedPod>,
     /// Seconds since the agent started, so that owners can tell a restart.
     pub uptime_secs: u64,
+    /// Size of the filesystem that holds the agent's pods' data (ephemeral storage).
+    #[serde(default)]
+    pub storage_bytes: u64,
 }
 
 /// Everything sent on a gossip topic.
@@ -268,12 +271,39 @@ pub struct Bid {
     pub score: i64,
 }
 
-/// The owner gives a pod to one agent for one epoch.
+/// The owner gives a pod to one agent for one epoch. Sent again with the same epoch
+/// when the data of the pod's volumes changes (a refreshed service account token).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assign {
     pub epoch: Epoch,
-    /// The whole pod (metadata and spec; status empty).
+    /// The whole pod (metadata and spec; status empty), with env values taken from
+    /// configMaps and secrets already filled in by the owner.
     pub pod: Pod,
+    /// The files of the pod's configMap, secret, downwardAPI and projected volumes, by
+    /// volume name. Only the assigned agent receives them: offers never carry them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+}
+
+/// One file of a volume whose content the owner provides.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeFile {
+    /// Relative to the volume's root, without `..` (checked where it is written).
+    pub path: String,
+    pub data: k8s_openapi::ByteString,
+    /// Permission bits, as the volume's defaultMode or the item's mode.
+    pub mode: u32,
+}
+
+/// Never prints the data: it may be a secret.
+impl fmt::Debug for VolumeFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VolumeFile")
+            .field("path", &self.path)
+            .field("bytes", &self.data.0.len())
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
 }
 
 /// The owner takes a pod away: stop every copy with an epoch up to `epoch`.

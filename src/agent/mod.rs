@@ -5,6 +5,7 @@ pub mod probe;
 pub mod status;
 mod store;
 mod supervisor;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -29,7 +30,7 @@ use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid,
     Release, Request, Resources, Response, StatusReport,
 };
-use store::AssignmentStore;
+use store::{create_private_dir, AssignmentStore};
 use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,11 @@ pub enum AgentError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("cannot create the volumes directory {path}")]
+    VolumesDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How an agent runs.
@@ -52,6 +58,8 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     /// The address pods see as `status.hostIP`.
     pub host_ip: Option<IpAddr>,
+    /// Size of the filesystem holding the state directory (the node's ephemeral-storage).
+    pub storage_bytes: u64,
 }
 
 /// A pod this agent runs.
@@ -111,12 +119,19 @@ impl Agent {
         metrics: Metrics,
     ) -> Result<Agent, AgentError> {
         let store = AssignmentStore::open(&config.state_dir)?;
+        // Volumes hold secrets: nobody else on the host may look in. Containers reach
+        // their own volume through its bind mount.
+        let volumes_root = config.state_dir.join("volumes");
+        create_private_dir(&volumes_root).map_err(|source| AgentError::VolumesDir {
+            path: volumes_root.clone(),
+            source,
+        })?;
         let (updates_tx, updates) = mpsc::channel(256);
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let worker_ctx = WorkerContext {
             runtime: runtime.clone(),
             agent: mesh.local_peer_id(),
-            volumes_root: config.state_dir.join("volumes"),
+            volumes_root,
             host_ip: config.host_ip,
             node_name: mesh.local_peer_id().to_string(),
             updates: updates_tx,
@@ -203,7 +218,14 @@ impl Agent {
                 continue;
             };
             tracing::info!(pod = %pod_ref, %epoch, "adopting pod after restart");
-            self.host(pod_ref, record.pod, epoch, record.owner.0, Some(existing));
+            self.host(
+                pod_ref,
+                record.pod,
+                BTreeMap::new(),
+                epoch,
+                record.owner.0,
+                Some(existing),
+            );
         }
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
@@ -214,6 +236,7 @@ impl Agent {
         &mut self,
         pod_ref: PodRef,
         pod: k8s_openapi::api::core::v1::Pod,
+        volumes: BTreeMap<String, Vec<crate::wire::VolumeFile>>,
         epoch: Epoch,
         owner: PeerId,
         adopted: Option<crate::runtime::RuntimePod>,
@@ -225,6 +248,7 @@ impl Agent {
             self.worker_ctx.clone(),
             pod_ref.clone(),
             pod,
+            volumes,
             epoch,
             owner,
             adopted,
@@ -368,7 +392,14 @@ impl Agent {
                 };
             }
             if existing.epoch == assign.epoch {
-                return Response::Ack;
+                // The owner sends an assignment again when the volumes' data changed.
+                let dir = self.worker_ctx.volumes_dir(&pod_ref.uid, assign.epoch);
+                return match volumes::write(&dir, &assign.volumes).await {
+                    Ok(()) => Response::Ack,
+                    Err(e) => Response::Error {
+                        message: format!("cannot update the pod's volumes: {e}"),
+                    },
+                };
             }
             if existing.epoch > assign.epoch {
                 return Response::Superseded {
@@ -410,7 +441,14 @@ impl Agent {
         }
         tracing::info!(pod = %pod_ref, epoch = %assign.epoch, %owner, "assigned");
         self.metrics.assignments.inc();
-        self.host(pod_ref, assign.pod, assign.epoch, owner, None);
+        self.host(
+            pod_ref,
+            assign.pod,
+            assign.volumes,
+            assign.epoch,
+            owner,
+            None,
+        );
         Response::Ack
     }
 
@@ -537,6 +575,7 @@ impl Agent {
                 })
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
+            storage_bytes: self.config.storage_bytes,
         }
     }
 

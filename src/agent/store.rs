@@ -32,7 +32,8 @@ pub struct AssignmentStore {
 impl AssignmentStore {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let dir = state_dir.join("assignments");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError {
+        // Assignments hold env values taken from secrets.
+        create_private_dir(&dir).map_err(|source| StoreError {
             path: dir.clone(),
             source,
         })?;
@@ -82,6 +83,13 @@ impl AssignmentStore {
     pub async fn remove(&self, uid: &PodUid) {
         let _ = tokio::fs::remove_file(self.path(uid)).await;
     }
+}
+
+/// Creates `dir` (and its parents) and makes it accessible to its owner only.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! app containers, restarts them with the kubelet's back-off, runs probes, and reports
 //! every change of status. A stop command tears the pod down within its grace period.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
 use crate::metrics::Metrics;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{labels, ContainerStatus, Runtime, RuntimeError, RuntimePod};
-use crate::wire::{Epoch, PodRef};
+use crate::wire::{Epoch, PodRef, VolumeFile};
 
 /// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
 /// container ran for 10 min.
@@ -50,6 +51,16 @@ pub struct WorkerContext {
     pub metrics: Metrics,
 }
 
+impl WorkerContext {
+    /// Where one copy of a pod keeps its volumes. Per epoch: a newer copy on the same
+    /// agent must not share (or lose) the older copy's volumes while that one is torn
+    /// down.
+    pub fn volumes_dir(&self, uid: &crate::wire::PodUid, epoch: Epoch) -> PathBuf {
+        self.volumes_root
+            .join(format!("{}_{}", uid.file_name(), epoch))
+    }
+}
+
 /// The agent's handle on one supervisor task.
 #[derive(Debug)]
 pub struct WorkerHandle {
@@ -70,12 +81,14 @@ pub fn spawn(
     ctx: WorkerContext,
     pod_ref: PodRef,
     pod: Pod,
+    volumes: BTreeMap<String, Vec<VolumeFile>>,
     epoch: Epoch,
     owner: PeerId,
     adopted: Option<RuntimePod>,
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
-    let worker = Worker::new(ctx, pod_ref, pod, epoch, owner);
+    let mut worker = Worker::new(ctx, pod_ref, pod, epoch, owner);
+    worker.volumes = volumes;
     tokio::spawn(worker.run(stop_rx, adopted));
     WorkerHandle { stop: stop_tx }
 }
@@ -173,8 +186,11 @@ struct Worker {
     /// Peer IDs rendered once, for labels.
     agent_id: String,
     owner_id: String,
-    /// `<volumes root>/<pod uid>_<epoch>`: where the pod's emptyDir volumes live.
+    /// `<volumes root>/<pod uid>_<epoch>`: where the pod's volumes live.
     volumes_dir: PathBuf,
+    /// Files of the volumes the owner resolved (empty for an adopted pod, whose files
+    /// are already written).
+    volumes: BTreeMap<String, Vec<VolumeFile>>,
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
@@ -202,11 +218,8 @@ impl Worker {
             policy: RestartPolicy::from_spec(spec.restart_policy.as_deref()),
             agent_id: ctx.agent.to_string(),
             owner_id: owner.to_string(),
-            // Per epoch: a newer copy on the same agent must not share (or lose) the
-            // older copy's volumes while that one is torn down.
-            volumes_dir: ctx
-                .volumes_root
-                .join(format!("{}_{}", pod_ref.uid.file_name(), epoch)),
+            volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
+            volumes: BTreeMap::new(),
             ctx,
             pod_ref,
             pod,
@@ -279,6 +292,21 @@ impl Worker {
                 self.fail("VolumeError", format!("cannot create emptyDir {name}: {e}"));
                 return;
             }
+        }
+        if let Err(e) = super::volumes::write(&self.volumes_dir, &self.volumes).await {
+            return self.fail(
+                "VolumeError",
+                format!("cannot write the pod's volumes: {e}"),
+            );
+        }
+        let unsent = translate::file_volumes(&self.pod)
+            .into_iter()
+            .find(|name| !self.volumes_dir.join(name).is_dir());
+        if let Some(name) = unsent {
+            return self.fail(
+                "VolumeError",
+                format!("volume {name}: its files did not come with the assignment"),
+            );
         }
         let plan = match translate::pod_plan(&self.pod, &self.plan_context()) {
             Ok(plan) => plan,

@@ -1,23 +1,29 @@
 //! The virtual node: owns pods, offers them to the mesh and follows their status.
 //!
-//! Standalone, its pods come from a manifest directory and their status is printed.
+//! Pods come from a manifest directory (standalone), from the Kubernetes API through an
+//! [`ApiLink`], or both; their status is printed, and sent to the API for its pods.
 
 pub mod manifests;
 pub mod owner;
 mod printer;
+pub mod resolve;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use libp2p::PeerId;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
-use crate::wire::GossipMessage;
+use crate::wire::{GossipMessage, PodRef};
 use manifests::ManifestDir;
-use owner::{Owner, OwnerConfig};
+use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, StatusSink};
 pub use printer::PhasePrinter;
+use resolve::{Fetched, ResolveError};
 
 /// How often the manifest directory is scanned when inotify says nothing (changes
 /// must be noticed within 5 s even where inotify does not work, e.g. some network
@@ -37,8 +43,52 @@ pub enum NodeError {
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    pub pod_manifest_path: PathBuf,
+    /// Standalone pods; None when all pods come from the Kubernetes API.
+    pub pod_manifest_path: Option<PathBuf>,
     pub owner: OwnerConfig,
+}
+
+/// How the node loop and the Kubernetes side talk.
+pub struct ApiLink {
+    /// The API's pods bound to this node, resolved; None until first listed.
+    pub pods: watch::Receiver<Option<BTreeMap<String, DesiredPod>>>,
+    /// Where the status of the API's pods goes.
+    pub sink: Box<dyn StatusSink>,
+    /// The live agents, for the Node object's capacity and conditions.
+    pub agents: watch::Sender<AgentsSummary>,
+}
+
+/// Status goes to every sink.
+struct Sinks(Vec<Box<dyn StatusSink>>);
+
+impl StatusSink for Sinks {
+    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
+        for sink in &mut self.0 {
+            sink.status_changed(pod, status, agent);
+        }
+    }
+
+    fn removed(&mut self, pod: &PodRef) {
+        for sink in &mut self.0 {
+            sink.removed(pod);
+        }
+    }
+}
+
+/// A pod from a manifest file: there is no API to take configMaps, secrets or tokens
+/// from, but downward API volumes work.
+pub fn standalone_pod(pod: Pod) -> DesiredPod {
+    let resolved = if resolve::references(&pod).is_empty() {
+        resolve::resolve(&pod, &Fetched::default())
+    } else {
+        Err(ResolveError::Invalid {
+            field: "spec".into(),
+            message: "configMaps, secrets and service account tokens need a Kubernetes API \
+                      server (pods from manifest files cannot use them)"
+                .into(),
+        })
+    };
+    DesiredPod { pod, resolved }
 }
 
 pub struct Node {
@@ -59,27 +109,47 @@ impl Node {
     pub async fn run(
         self,
         mut events: mpsc::Receiver<MeshEvent>,
+        api: Option<ApiLink>,
         cancel: CancellationToken,
     ) -> Result<(), NodeError> {
-        let me = self.mesh.local_peer_id();
-        let mut source = ManifestDir::new(self.config.pod_manifest_path.clone(), me.to_string());
-        // Read once before anything else, so that a bad path fails at start.
-        let first = source.scan().await.map_err(|e| NodeError::ManifestDir {
-            path: self.config.pod_manifest_path.clone(),
-            source: e,
-        })?;
+        let mut sinks: Vec<Box<dyn StatusSink>> = vec![Box::new(PhasePrinter::default())];
+        let (mut api_pods, agents) = match api {
+            Some(link) => {
+                sinks.push(link.sink);
+                (Some(link.pods), Some(link.agents))
+            }
+            None => (None, None),
+        };
         let mut owner = Owner::new(
             self.config.owner.clone(),
             self.mesh.clone(),
             self.metrics.clone(),
-            Box::new(PhasePrinter::default()),
+            Box::new(Sinks(sinks)),
         );
-        let mut reported_errors = Vec::new();
-        apply_scan(&mut owner, first, &mut reported_errors);
+        let mut desired = Desired::default();
+        if api_pods.is_some() {
+            owner.set_synced(false);
+        }
+        let mut source = None;
+        if let Some(path) = &self.config.pod_manifest_path {
+            let mut dir = ManifestDir::new(path.clone(), self.mesh.local_peer_id().to_string());
+            // Read once before anything else, so that a bad path fails at start.
+            let first = dir.scan().await.map_err(|e| NodeError::ManifestDir {
+                path: path.clone(),
+                source: e,
+            })?;
+            desired.manifests = desired.reported.take_scan(first);
+            owner.set_desired(desired.union());
+            source = Some(dir);
+        }
 
         let (changed_tx, mut changed) = mpsc::channel(1);
         // Kept alive for the loop's lifetime; None when inotify is unavailable.
-        let _watcher = watch(&self.config.pod_manifest_path, changed_tx);
+        let _watcher = self
+            .config
+            .pod_manifest_path
+            .as_deref()
+            .and_then(|path| watch_dir(path, changed_tx));
         let mut scan = tokio::time::interval(MANIFEST_SCAN_INTERVAL);
         scan.reset();
         let mut tick = tokio::time::interval(OWNER_TICK);
@@ -98,18 +168,85 @@ impl Node {
                     MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
                 },
                 Some(()) = owner.next_internal() => {}
-                _ = tick.tick() => owner.tick(),
-                _ = scan.tick() => rescan(&mut source, &mut owner, &mut reported_errors).await,
-                Some(()) = changed.recv() => rescan(&mut source, &mut owner, &mut reported_errors).await,
+                _ = tick.tick() => {
+                    owner.tick();
+                    if let Some(agents) = &agents {
+                        let summary = owner.agents_summary();
+                        agents.send_if_modified(|old| std::mem::replace(old, summary) != summary);
+                    }
+                }
+                Ok(()) = changed_or_pending(api_pods.as_mut()) => {
+                    let listed = api_pods.as_mut().and_then(|pods| pods.borrow_and_update().clone());
+                    if let Some(listed) = listed {
+                        desired.api = listed;
+                        owner.set_desired(desired.union());
+                        owner.set_synced(true);
+                    }
+                }
+                _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut owner).await,
+                Some(()) = changed.recv() => rescan(&mut source, &mut desired, &mut owner).await,
             }
         }
         Ok(())
     }
 }
 
+/// Waits for the API's next pod set; never returns without an API.
+async fn changed_or_pending(
+    pods: Option<&mut watch::Receiver<Option<BTreeMap<String, DesiredPod>>>>,
+) -> Result<(), watch::error::RecvError> {
+    match pods {
+        Some(pods) => pods.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The pods of both sources.
+#[derive(Default)]
+struct Desired {
+    manifests: BTreeMap<String, DesiredPod>,
+    api: BTreeMap<String, DesiredPod>,
+    reported: ReportedErrors,
+}
+
+impl Desired {
+    fn union(&self) -> BTreeMap<String, DesiredPod> {
+        let mut all = self.api.clone();
+        // Manifest pods have UIDs of their own; on a clash the API's pod wins.
+        for (uid, pod) in &self.manifests {
+            all.entry(uid.clone()).or_insert_with(|| pod.clone());
+        }
+        all
+    }
+}
+
+/// Manifest errors already reported, so that each is reported once.
+#[derive(Default)]
+struct ReportedErrors(Vec<manifests::ManifestError>);
+
+impl ReportedErrors {
+    /// Reports the scan's new errors and gives its pods.
+    fn take_scan(&mut self, scan: manifests::Scan) -> BTreeMap<String, DesiredPod> {
+        for error in &scan.errors {
+            if !self.0.contains(error) {
+                tracing::error!("manifest {error}");
+                println!("{} manifest error: {error}", printer::timestamp());
+            }
+        }
+        self.0 = scan.errors;
+        scan.pods
+            .into_iter()
+            .map(|(uid, pod)| (uid, standalone_pod(pod)))
+            .collect()
+    }
+}
+
 /// Watches the manifest directory with inotify; every event wakes the node loop for a
 /// scan (a full channel already holds a wake-up, so events coalesce).
-fn watch(dir: &std::path::Path, changed: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_dir(
+    dir: &std::path::Path,
+    changed: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::event::{AccessKind, AccessMode, EventKind};
     use notify::Watcher;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -136,31 +273,17 @@ fn watch(dir: &std::path::Path, changed: mpsc::Sender<()>) -> Option<notify::Rec
     Some(watcher)
 }
 
-async fn rescan(
-    source: &mut ManifestDir,
-    owner: &mut Owner,
-    reported: &mut Vec<manifests::ManifestError>,
-) {
-    match source.scan().await {
-        Ok(result) => apply_scan(owner, result, reported),
+async fn rescan(source: &mut Option<ManifestDir>, desired: &mut Desired, owner: &mut Owner) {
+    let Some(dir) = source.as_mut() else {
+        return;
+    };
+    match dir.scan().await {
+        Ok(result) => {
+            desired.manifests = desired.reported.take_scan(result);
+            owner.set_desired(desired.union());
+        }
         Err(e) => {
-            tracing::warn!(dir = %source.dir().display(), error = %e, "cannot scan manifest directory")
+            tracing::warn!(dir = %dir.dir().display(), error = %e, "cannot scan manifest directory")
         }
     }
-}
-
-/// Hands the scan's pods to the owner and reports each new manifest error once.
-fn apply_scan(
-    owner: &mut Owner,
-    scan: manifests::Scan,
-    reported: &mut Vec<manifests::ManifestError>,
-) {
-    for error in &scan.errors {
-        if !reported.contains(error) {
-            tracing::error!("manifest {error}");
-            println!("{} manifest error: {error}", printer::timestamp());
-        }
-    }
-    *reported = scan.errors;
-    owner.set_desired(scan.pods);
 }

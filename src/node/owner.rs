@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::resolve::{ResolveError, Resolved};
 use crate::agent::status::RestartPolicy;
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
@@ -27,8 +28,24 @@ use crate::runtime::translate;
 use crate::view::HeartbeatBook;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, Release, Request, Response, StatusReport,
+    PodUid, Release, Request, Resources, Response, StatusReport, VolumeFile,
 };
+
+/// A pod a source wants run: the pod as the source has it, and what resolving its
+/// configMaps, secrets and volumes gave.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredPod {
+    pub pod: Pod,
+    pub resolved: Result<Resolved, ResolveError>,
+}
+
+/// The live agents together, as the virtual node shows them to Kubernetes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AgentsSummary {
+    pub live: usize,
+    pub capacity: Resources,
+    pub storage_bytes: u64,
+}
 
 /// Where the owner's view of its pods goes (stdout in standalone mode; the
 /// Kubernetes API server later).
@@ -71,6 +88,8 @@ enum Placement {
     Waiting {
         at: Instant,
     },
+    /// Not placed until what it refers to exists (a new [`DesiredPod`] releases it).
+    Held,
     /// An offer is collecting bids.
     Offering {
         deadline: Instant,
@@ -86,7 +105,11 @@ enum Placement {
 }
 
 struct OwnedPod {
+    /// As the source last gave it.
+    desired: DesiredPod,
+    /// The pod as assigned: resolved, or as the source has it while held.
     pod: Pod,
+    volumes: BTreeMap<String, Vec<VolumeFile>>,
     pod_ref: PodRef,
     offer: Offer,
     grace_secs: u64,
@@ -128,6 +151,9 @@ pub struct Owner {
     /// When this owner last assigned pods to each agent: equal bids go to the agent
     /// with the fewest recent assignments, so that pods offered together spread.
     recent_assignments: HashMap<PeerId, Vec<Instant>>,
+    /// False until every pod source has delivered its first full set: until then a pod
+    /// an agent reports is not known to be unwanted.
+    synced: bool,
     /// The lowest epoch of a new placement: the owner's start time in seconds, so
     /// that a restarted owner's placements supersede every earlier one (epochs grow by
     /// at most about one a second), even of a copy it never heard of.
@@ -161,6 +187,53 @@ fn pending_status(reason: &str, message: String) -> PodStatus {
     }
 }
 
+/// A pod whose configMaps or secrets are missing, as the kubelet shows it: Pending, each
+/// container waiting with CreateContainerConfigError.
+fn config_error_status(pod: &Pod, message: String) -> PodStatus {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let waiting = |container: &k8s_openapi::api::core::v1::Container| ContainerStatus {
+        name: container.name.clone(),
+        image: container.image.clone().unwrap_or_default(),
+        image_id: String::new(),
+        ready: false,
+        restart_count: 0,
+        started: Some(false),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some("CreateContainerConfigError".into()),
+                message: Some(message.clone()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let condition = |type_: &str, status: &str, reason: Option<&str>| PodCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.map(Into::into),
+        last_transition_time: Some(now_time()),
+        ..Default::default()
+    };
+    let has_init = spec.init_containers.as_ref().is_some_and(|c| !c.is_empty());
+    PodStatus {
+        phase: Some("Pending".into()),
+        conditions: Some(vec![
+            condition(
+                "Initialized",
+                if has_init { "False" } else { "True" },
+                has_init.then_some("ContainersNotInitialized"),
+            ),
+            condition("Ready", "False", Some("ContainersNotReady")),
+            condition("ContainersReady", "False", Some("ContainersNotReady")),
+            condition("PodScheduled", "True", None),
+        ]),
+        init_container_statuses: has_init
+            .then(|| spec.init_containers.iter().flatten().map(waiting).collect()),
+        container_statuses: Some(spec.containers.iter().map(waiting).collect()),
+        ..Default::default()
+    }
+}
+
 fn failed_status(reason: &str, message: String, base: &PodStatus) -> PodStatus {
     PodStatus {
         phase: Some("Failed".into()),
@@ -183,6 +256,7 @@ impl Owner {
             .map_or(0, |d| d.as_secs());
         Owner {
             adopt_until: Instant::now() + config.adopt_window,
+            synced: true,
             epoch_floor: Epoch(started),
             recent_assignments: HashMap::new(),
             config,
@@ -200,8 +274,39 @@ impl Owner {
         self.mesh.local_peer_id()
     }
 
-    /// Replaces the desired set of pods: new ones are offered, missing ones stopped.
-    pub fn set_desired(&mut self, desired: BTreeMap<String, Pod>) {
+    /// Until `set_synced(true)`, pods agents report that this owner does not know are
+    /// left alone (a source that has not listed its pods yet may still want them).
+    pub fn set_synced(&mut self, synced: bool) {
+        if synced && !self.synced {
+            // Give agents' heartbeats a window to show what runs before offering.
+            self.adopt_until = self
+                .adopt_until
+                .max(Instant::now() + self.config.adopt_window);
+            for owned in self.pods.values_mut() {
+                if let Placement::Waiting { at } = &mut owned.placement {
+                    *at = (*at).max(self.adopt_until);
+                }
+            }
+        }
+        self.synced = synced;
+    }
+
+    /// The live agents' count and summed capacity.
+    pub fn agents_summary(&self) -> AgentsSummary {
+        self.agents
+            .live()
+            .fold(AgentsSummary::default(), |sum, (_, seen)| AgentsSummary {
+                live: sum.live + 1,
+                capacity: sum.capacity.saturating_add(seen.heartbeat.capacity),
+                storage_bytes: sum
+                    .storage_bytes
+                    .saturating_add(seen.heartbeat.storage_bytes),
+            })
+    }
+
+    /// Replaces the desired set of pods: new ones are offered, missing ones and those
+    /// being deleted stopped, changed ones updated.
+    pub fn set_desired(&mut self, desired: BTreeMap<String, DesiredPod>) {
         let gone: Vec<PodUid> = self
             .pods
             .keys()
@@ -211,22 +316,26 @@ impl Owner {
         for uid in gone {
             self.delete(&uid);
         }
-        for (uid, pod) in desired {
-            if !self.pods.contains_key(&PodUid(uid)) {
-                self.add(pod);
+        for (uid, wanted) in desired {
+            let uid = PodUid(uid);
+            match self.pods.get(&uid) {
+                None => self.add(wanted),
+                Some(owned) if owned.desired != wanted => self.update(&uid, wanted),
+                Some(_) => {}
             }
         }
         self.metrics.pods.set(self.pods.len() as i64);
     }
 
-    fn add(&mut self, pod: Pod) {
-        let pod_ref = match translate::pod_ref(&pod) {
+    fn add(&mut self, desired: DesiredPod) {
+        let pod_ref = match translate::pod_ref(&desired.pod) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "pod without identity ignored");
                 return;
             }
         };
+        let pod = desired.pod.clone();
         let spec = pod.spec.clone().unwrap_or_default();
         let policy = RestartPolicy::from_spec(spec.restart_policy.as_deref());
         let mut owned = OwnedPod {
@@ -236,26 +345,52 @@ impl Owner {
                 requests: Default::default(),
                 agent_selector: Vec::new(),
                 host_ports: translate::host_ports(&pod),
-                spec_digest: digest(&pod),
+                spec_digest: String::new(),
             },
             grace_secs: translate::grace_period_secs(&pod),
             policy,
             epoch: Epoch(0),
-            placement: Placement::Waiting {
-                at: self.adopt_until,
-            },
-            status: pending_status("Offering", "waiting for agents' bids".into()),
+            placement: Placement::Held,
+            status: PodStatus::default(),
             carried_restarts: BTreeMap::new(),
             lost_state: None,
             deleting: false,
             pod_ref: pod_ref.clone(),
             pod,
+            volumes: BTreeMap::new(),
+            desired: desired.clone(),
         };
-        let checked = translate::validate(&owned.pod)
-            .and_then(|()| translate::pod_requests(&owned.pod))
+        self.prepare(&mut owned, desired.resolved);
+        tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
+        self.sink.status_changed(&pod_ref, &owned.status, None);
+        let deleted = desired.pod.metadata.deletion_timestamp.is_some();
+        self.pods.insert(pod_ref.uid.clone(), owned);
+        if deleted {
+            self.delete(&pod_ref.uid);
+        }
+    }
+
+    /// Takes what resolving the pod gave: ready to offer, held, or failed for good.
+    fn prepare(&self, owned: &mut OwnedPod, resolved: Result<Resolved, ResolveError>) {
+        let resolved = match resolved {
+            Ok(resolved) => resolved,
+            Err(ResolveError::Missing(message)) => {
+                owned.placement = Placement::Held;
+                owned.status = config_error_status(&owned.pod, message);
+                return;
+            }
+            Err(e @ ResolveError::Invalid { .. }) => {
+                owned.placement = Placement::Done;
+                owned.status =
+                    failed_status("UnsupportedPodSpec", e.to_string(), &PodStatus::default());
+                return;
+            }
+        };
+        let checked = translate::validate(&resolved.pod)
+            .and_then(|()| translate::pod_requests(&resolved.pod))
             .map_err(|e| e.to_string())
             .and_then(|requests| {
-                let selector = owned
+                let selector = resolved
                     .pod
                     .metadata
                     .annotations
@@ -272,15 +407,70 @@ impl Owner {
             Ok((requests, selector)) => {
                 owned.offer.requests = requests;
                 owned.offer.agent_selector = selector;
+                owned.offer.spec_digest = digest(&resolved.pod);
+                owned.placement = Placement::Waiting {
+                    at: self.adopt_until.max(Instant::now()),
+                };
+                owned.status = pending_status("Offering", "waiting for agents' bids".into());
             }
             Err(message) => {
                 owned.status = failed_status("UnsupportedPodSpec", message, &PodStatus::default());
                 owned.placement = Placement::Done;
             }
         }
-        tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
-        self.sink.status_changed(&pod_ref, &owned.status, None);
-        self.pods.insert(pod_ref.uid.clone(), owned);
+        owned.pod = resolved.pod;
+        owned.volumes = resolved.volumes;
+    }
+
+    /// A pod the source changed: being deleted, no longer held, or with new volume data.
+    fn update(&mut self, uid: &PodUid, desired: DesiredPod) {
+        let Some(mut owned) = self.pods.remove(uid) else {
+            return;
+        };
+        let deleted = desired.pod.metadata.deletion_timestamp.is_some();
+        owned.grace_secs = translate::grace_period_secs(&desired.pod);
+        owned.desired = desired.clone();
+        match (&owned.placement, desired.resolved) {
+            (Placement::Held, resolved) => {
+                self.prepare(&mut owned, resolved);
+                let status = owned.status.clone();
+                self.pods.insert(uid.clone(), owned);
+                self.set_status_forced(uid, status);
+            }
+            (placement, Ok(resolved)) if resolved.volumes != owned.volumes => {
+                // New data for the volumes (a refreshed token, a changed configMap):
+                // the assigned agent rewrites the files.
+                owned.volumes = resolved.volumes;
+                if let Placement::Placed { agent } = placement {
+                    let assign = Assign {
+                        epoch: owned.epoch,
+                        pod: owned.pod.clone(),
+                        volumes: owned.volumes.clone(),
+                    };
+                    self.send_assign_refresh(*agent, assign);
+                }
+                self.pods.insert(uid.clone(), owned);
+            }
+            // A pod's spec hardly changes once created; a configMap that disappears
+            // leaves the running pod as it is, as with the kubelet.
+            _ => {
+                self.pods.insert(uid.clone(), owned);
+            }
+        }
+        if deleted {
+            self.delete(uid);
+        }
+    }
+
+    fn send_assign_refresh(&self, agent: PeerId, assign: Assign) {
+        let mesh = self.mesh.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = mesh.request(agent, Request::Assign(Box::new(assign))).await {
+                metrics.request_failed("assign");
+                tracing::warn!(%agent, error = %e, "new volume data not delivered to the agent");
+            }
+        });
     }
 
     fn delete(&mut self, uid: &PodUid) {
@@ -303,7 +493,10 @@ impl Owner {
             }
             // The assignment's answer settles it (see on_internal).
             Placement::Assigning => {}
-            Placement::Waiting { .. } | Placement::Offering { .. } | Placement::Done => {
+            Placement::Waiting { .. }
+            | Placement::Held
+            | Placement::Offering { .. }
+            | Placement::Done => {
                 self.forget(uid);
             }
         }
@@ -329,12 +522,19 @@ impl Owner {
     }
 
     fn set_status(&mut self, uid: &PodUid, status: PodStatus) {
+        if self
+            .pods
+            .get(uid)
+            .is_some_and(|owned| owned.status != status)
+        {
+            self.set_status_forced(uid, status);
+        }
+    }
+
+    fn set_status_forced(&mut self, uid: &PodUid, status: PodStatus) {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        if owned.status == status {
-            return;
-        }
         owned.status = status;
         let agent = match owned.placement {
             Placement::Placed { agent } => Some(agent),
@@ -476,6 +676,7 @@ impl Owner {
         let assign = Assign {
             epoch: owned.epoch,
             pod: owned.pod.clone(),
+            volumes: owned.volumes.clone(),
         };
         if let Some(owned) = self.pods.get_mut(uid) {
             owned.placement = Placement::Assigning;
@@ -597,6 +798,9 @@ impl Owner {
         for hp in hosted {
             let uid = hp.pod.uid.clone();
             let Some(owned) = self.pods.get_mut(&uid) else {
+                if !self.synced {
+                    continue;
+                }
                 tracing::info!(pod = %hp.pod, %agent, "agent runs a pod this owner no longer has; releasing it");
                 self.send_release(
                     agent,
@@ -648,6 +852,10 @@ impl Owner {
     pub fn on_status(&mut self, agent: PeerId, report: StatusReport) -> Response {
         let uid = report.pod.uid.clone();
         let Some(owned) = self.pods.get(&uid) else {
+            if !self.synced {
+                // Not known yet; the agent reports again.
+                return Response::Ack;
+            }
             return Response::Superseded {
                 current: report.epoch.next(),
             };

@@ -118,9 +118,10 @@ const HOSTNAME_MAX_LEN: usize = 63;
 /// How much of the pod UID goes into Podman names: enough to tell apart two pods that
 /// reuse a namespace and name.
 const UID_PREFIX_LEN: usize = 8;
-/// The API server's ServiceAccount admission adds a projected volume named like this to
-/// every pod unless `automountServiceAccountToken` is false.
-const SERVICE_ACCOUNT_VOLUME_PREFIX: &str = "kube-api-access-";
+/// Why configMap and secret references are refused where they are still unresolved: a
+/// node connected to a Kubernetes API server fills them in before placement.
+const NEEDS_API: &str = "configMaps and secrets need a Kubernetes API server (pods from \
+                         manifest files cannot use them)";
 /// User and group IDs are int32 in the Kubernetes API.
 const MAX_ID: i64 = i32::MAX as i64;
 
@@ -548,19 +549,9 @@ fn validate_volumes(volumes: &[Volume]) -> Result<(), SpecError> {
 }
 
 fn validate_volume_source(path: &str, volume: &Volume) -> Result<(), SpecError> {
-    if is_service_account_token_volume(volume) {
-        return Err(SpecError::new(
-            format!("{path}.projected"),
-            format!(
-                "the service account token volume {} is not supported yet (a later BeeMesh \
-                 version adds it); set automountServiceAccountToken: false",
-                volume.name
-            ),
-        ));
-    }
     let refused = volume_sources(volume)
         .into_iter()
-        .find(|&(kind, set)| set && kind != "emptyDir");
+        .find(|&(kind, set)| set && kind != "emptyDir" && !FILE_VOLUME_KINDS.contains(&kind));
     if let Some((kind, _)) = refused {
         return Err(SpecError::new(
             format!("{path}.{kind}"),
@@ -583,26 +574,30 @@ fn validate_volume_source(path: &str, volume: &Volume) -> Result<(), SpecError> 
     Ok(())
 }
 
-/// The projected volume through which Kubernetes gives pods their service account token.
-/// Kept apart so that it can be let through once agents can provide the token.
-fn is_service_account_token_volume(volume: &Volume) -> bool {
-    volume.name.starts_with(SERVICE_ACCOUNT_VOLUME_PREFIX)
-        && volume.projected.as_ref().is_some_and(|projected| {
-            projected
-                .sources
-                .iter()
-                .flatten()
-                .any(|source| source.service_account_token.is_some())
-        })
+/// Volume kinds whose files the owner computes and ships with the assignment.
+const FILE_VOLUME_KINDS: [&str; 4] = ["configMap", "secret", "downwardAPI", "projected"];
+
+/// Names of the pod's volumes whose files come with the assignment (configMap, secret,
+/// downwardAPI, projected); the agent writes them to `<volumes_dir>/<name>`.
+pub fn file_volumes(pod: &Pod) -> Vec<String> {
+    let volumes = pod.spec.as_ref().map(volumes_of).unwrap_or_default();
+    volumes
+        .iter()
+        .filter(|volume| is_file_volume(volume))
+        .map(|volume| volume.name.clone())
+        .collect()
+}
+
+fn is_file_volume(volume: &Volume) -> bool {
+    volume_sources(volume)
+        .iter()
+        .any(|&(kind, set)| set && FILE_VOLUME_KINDS.contains(&kind))
 }
 
 fn unsupported_volume_message(kind: &str) -> String {
     match kind {
         "hostPath" => "hostPath volumes are not allowed".to_owned(),
-        "configMap" | "secret" | "projected" => {
-            format!("{kind} volumes need the Kubernetes API; not supported yet")
-        }
-        "downwardAPI" | "image" => format!("{kind} volumes are not supported yet"),
+        "image" => format!("{kind} volumes are not supported yet"),
         _ => format!("{kind} volumes are not supported"),
     }
 }
@@ -768,7 +763,7 @@ fn validate_container(
     refuse_if(
         has_items(env_from.as_deref()),
         &format!("{path}.envFrom"),
-        "envFrom needs the Kubernetes API (configMaps, secrets); not supported yet",
+        NEEDS_API,
     )?;
     validate_env(path, env.as_deref().unwrap_or_default(), container, spec)?;
     if let Some(resources) = resources {
@@ -1252,12 +1247,12 @@ fn env_source<'a>(path: &str, from: &'a EnvVarSource) -> Result<EnvSource<'a>, S
     refuse_if(
         config_map_key_ref.is_some(),
         &format!("{path}.configMapKeyRef"),
-        "configMapKeyRef needs the Kubernetes API; not supported yet",
+        NEEDS_API,
     )?;
     refuse_if(
         secret_key_ref.is_some(),
         &format!("{path}.secretKeyRef"),
-        "secretKeyRef needs the Kubernetes API; not supported yet",
+        NEEDS_API,
     )?;
     refuse_if(
         file_key_ref.is_some(),
@@ -1320,7 +1315,13 @@ fn field_value(field: &FieldRef, pod: &Pod, pod_ref: &PodRef, ctx: &PlanContext)
         FieldRef::Uid => pod_ref.uid.0.clone(),
         FieldRef::Label(key) => meta_entry(&pod.metadata.labels, key),
         FieldRef::Annotation(key) => meta_entry(&pod.metadata.annotations, key),
-        FieldRef::NodeName => ctx.node_name.to_owned(),
+        // The Kubernetes node the pod is bound to, else the agent's own name.
+        FieldRef::NodeName => pod
+            .spec
+            .as_ref()
+            .and_then(|spec| non_empty(spec.node_name.as_deref()))
+            .unwrap_or(ctx.node_name)
+            .to_owned(),
         FieldRef::ServiceAccountName => pod
             .spec
             .as_ref()
@@ -1333,6 +1334,18 @@ fn field_value(field: &FieldRef, pod: &Pod, pod_ref: &PodRef, ctx: &PlanContext)
 
 /// A container's request or limit as an env value, as the kubelet computes it: the amount
 /// divided by the divisor (default 1), rounded up.
+/// A downwardAPI volume item's `resourceFieldRef`, which must name its container.
+pub fn volume_resource_field(
+    selector: &ResourceFieldSelector,
+    spec: &PodSpec,
+) -> Result<String, String> {
+    let name = non_empty(selector.container_name.as_deref())
+        .ok_or_else(|| "containerName is required in volumes".to_owned())?;
+    let container =
+        find_container(spec, name).ok_or_else(|| format!("no container named \"{name}\""))?;
+    resource_field_value(selector, spec, container)
+}
+
 fn resource_field_value(
     selector: &ResourceFieldSelector,
     spec: &PodSpec,
@@ -1563,7 +1576,7 @@ pub fn container_plan(
         working_dir: non_empty(container.working_dir.as_deref()).map(str::to_owned),
         memory_limit_bytes: limit("memory")?,
         cpu_limit_millis: limit("cpu")?,
-        mounts: container_mounts(container, ctx.volumes_dir),
+        mounts: container_mounts(container, spec, ctx.volumes_dir),
         labels,
         tty: container.tty == Some(true),
         stdin: container.stdin == Some(true),
@@ -1615,8 +1628,14 @@ fn locate_container(
         })
 }
 
-/// Bind mounts of the container's emptyDir volumes (the only kind validate lets through).
-fn container_mounts(container: &Container, volumes_dir: &Path) -> Vec<Mount> {
+/// Bind mounts of the container's volumes, all of which live under `volumes_dir`. Volumes
+/// of files from the API are always read-only, as the kubelet mounts them.
+fn container_mounts(container: &Container, spec: &PodSpec, volumes_dir: &Path) -> Vec<Mount> {
+    let file_volumes: HashSet<&str> = volumes_of(spec)
+        .iter()
+        .filter(|volume| is_file_volume(volume))
+        .map(|volume| volume.name.as_str())
+        .collect();
     container
         .volume_mounts
         .iter()
@@ -1630,7 +1649,8 @@ fn container_mounts(container: &Container, volumes_dir: &Path) -> Vec<Mount> {
             Mount {
                 host_path,
                 container_path: mount.mount_path.clone(),
-                read_only: mount.read_only == Some(true),
+                read_only: mount.read_only == Some(true)
+                    || file_volumes.contains(mount.name.as_str()),
             }
         })
         .collect()
@@ -1940,7 +1960,7 @@ fn is_dns_label(text: &str) -> bool {
 }
 
 /// An RFC 1123 subdomain: at most 253 characters of dot-separated labels.
-fn is_dns_subdomain(text: &str) -> bool {
+pub fn is_dns_subdomain(text: &str) -> bool {
     text.len() <= 253 && text.split('.').all(is_label_chars)
 }
 
@@ -2947,41 +2967,6 @@ mod tests {
             (
                 vec![(
                     "/spec/volumes",
-                    json!([{"name": "a", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}]),
-                )],
-                "spec.volumes[1].configMap",
-            ),
-            (
-                vec![(
-                    "/spec/volumes",
-                    json!([{"name": "s", "secret": {"secretName": "s"}}]),
-                )],
-                "spec.volumes[0].secret",
-            ),
-            (
-                vec![(
-                    "/spec/volumes",
-                    json!([{"name": "d", "downwardAPI": {"items": []}}]),
-                )],
-                "spec.volumes[0].downwardAPI",
-            ),
-            (
-                vec![(
-                    "/spec/volumes",
-                    json!([{"name": "p", "projected": {"sources": [{"configMap": {"name": "c"}}]}}]),
-                )],
-                "spec.volumes[0].projected",
-            ),
-            (
-                vec![(
-                    "/spec/volumes",
-                    json!([{"name": "kube-api-access-abcde", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}]),
-                )],
-                "spec.volumes[0].projected",
-            ),
-            (
-                vec![(
-                    "/spec/volumes",
                     json!([{"name": "pvc", "persistentVolumeClaim": {"claimName": "data"}}]),
                 )],
                 "spec.volumes[0].persistentVolumeClaim",
@@ -3845,22 +3830,10 @@ mod tests {
 }"#;
 
     #[test]
-    fn api_server_pod_needs_only_the_token_volume_removed() {
-        let mut pod: Pod = serde_json::from_str(FIXTURE_POD).expect("fixture pod");
-        let error = validate(&pod).expect_err("token volume refused");
-        assert_eq!(error.field, "spec.volumes[0].projected");
-        assert!(error.message.contains("not supported yet"), "{error}");
-        assert!(error.message.contains("later"), "{error}");
-
-        // Without the volume, its mount is refused in turn.
-        let spec = pod.spec.as_mut().expect("spec");
-        spec.volumes = None;
-        let error = validate(&pod).expect_err("mount of a missing volume");
-        assert_eq!(error.field, "spec.containers[0].volumeMounts[0].name");
-
-        let spec = pod.spec.as_mut().expect("spec");
-        spec.containers[0].volume_mounts = None;
+    fn api_server_pod_is_accepted_with_its_token_volume_mounted_read_only() {
+        let pod: Pod = serde_json::from_str(FIXTURE_POD).expect("fixture pod");
         assert_eq!(validate(&pod), Ok(()));
+        assert_eq!(file_volumes(&pod), ["kube-api-access-kk4hb"]);
 
         let dir = PathBuf::from("/v");
         let ctx = context(&dir);
@@ -3872,7 +3845,15 @@ mod tests {
         assert_eq!(plan.image, "busybox");
         assert_eq!(plan.pull_policy, PullPolicy::Always);
         assert_eq!(plan.stop_timeout_secs, 30);
-        assert!(plan.env.is_empty() && plan.mounts.is_empty());
+        assert!(plan.env.is_empty());
+        assert_eq!(
+            plan.mounts,
+            [Mount {
+                host_path: PathBuf::from("/v/kube-api-access-kk4hb"),
+                container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+                read_only: true,
+            }]
+        );
         assert_eq!(
             pod_requests(&pod),
             Ok(Resources {

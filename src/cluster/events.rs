@@ -1,0 +1,315 @@
+//! Kubernetes Events for a pod's main transitions, as the kubelet records them
+//! (Scheduled on the mesh, Pulled/Created/Started, Killing, failures).
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, EventSource, ObjectReference, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::Client;
+use libp2p::PeerId;
+
+use crate::wire::PodRef;
+
+pub const COMPONENT: &str = "beemesh";
+
+/// One event about a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl PodEvent {
+    fn normal(reason: &'static str, message: String) -> PodEvent {
+        PodEvent {
+            warning: false,
+            reason,
+            message,
+        }
+    }
+
+    fn warning(reason: &'static str, message: String) -> PodEvent {
+        PodEvent {
+            warning: true,
+            reason,
+            message,
+        }
+    }
+}
+
+/// What happened between two statuses of a pod (`old` None: first seen).
+pub fn transition_events(
+    pod: &PodRef,
+    old: Option<(&PodStatus, Option<PeerId>)>,
+    new: &PodStatus,
+    agent: Option<PeerId>,
+) -> Vec<PodEvent> {
+    let mut events = Vec::new();
+    let old_agent = old.and_then(|(_, agent)| agent);
+    if let Some(agent) = agent.filter(|a| Some(*a) != old_agent) {
+        events.push(PodEvent::normal(
+            "Scheduled",
+            format!("Successfully assigned {pod} to agent {agent} on the mesh"),
+        ));
+    }
+    let old_status = old.map(|(status, _)| status);
+    if new.reason != old_status.and_then(|s| s.reason.clone()) {
+        if let Some(reason) = &new.reason {
+            let message = new.message.clone().unwrap_or_default();
+            events.push(match reason.as_str() {
+                "AgentLost" => PodEvent::warning("AgentLost", message),
+                "UnsupportedPodSpec" => PodEvent::warning("Failed", format!("Error: {message}")),
+                _ => PodEvent::warning("Failed", message),
+            });
+        }
+    }
+    let unschedulable = |status: &PodStatus| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+            .and_then(|c| c.message.clone())
+    };
+    if let Some(message) = unschedulable(new) {
+        if old_status.and_then(unschedulable).as_ref() != Some(&message) {
+            events.push(PodEvent::warning("FailedScheduling", message));
+        }
+    }
+    let containers = |status: Option<&PodStatus>| -> Vec<ContainerStatus> {
+        status
+            .map(|s| {
+                s.init_container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.container_statuses.iter().flatten())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = containers(old_status);
+    for container in containers(Some(new)) {
+        let previous = before.iter().find(|c| c.name == container.name);
+        container_events(pod, previous, &container, &mut events);
+    }
+    events
+}
+
+fn container_events(
+    pod: &PodRef,
+    old: Option<&ContainerStatus>,
+    new: &ContainerStatus,
+    events: &mut Vec<PodEvent>,
+) {
+    let name = &new.name;
+    let new_instance = new
+        .container_id
+        .as_ref()
+        .is_some_and(|id| Some(id) != old.and_then(|o| o.container_id.as_ref()));
+    if new_instance {
+        events.push(PodEvent::normal(
+            "Pulled",
+            format!("Container image \"{}\" present on the agent", new.image),
+        ));
+        events.push(PodEvent::normal(
+            "Created",
+            format!("Created container {name}"),
+        ));
+        events.push(PodEvent::normal(
+            "Started",
+            format!("Started container {name}"),
+        ));
+    }
+    let waiting = |status: &ContainerStatus| {
+        status
+            .state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| Some((w.reason.clone()?, w.message.clone().unwrap_or_default())))
+    };
+    let Some((reason, message)) = waiting(new) else {
+        return;
+    };
+    if old.and_then(waiting).map(|(r, _)| r) == Some(reason.clone()) {
+        return;
+    }
+    let image = &new.image;
+    let event = match reason.as_str() {
+        "ErrImagePull" | "ErrImageNeverPull" => PodEvent::warning(
+            "Failed",
+            format!("Failed to pull image \"{image}\": {message}"),
+        ),
+        "ImagePullBackOff" => {
+            PodEvent::normal("BackOff", format!("Back-off pulling image \"{image}\""))
+        }
+        "CrashLoopBackOff" => PodEvent::warning(
+            "BackOff",
+            format!("Back-off restarting failed container {name} in pod {pod}"),
+        ),
+        "CreateContainerConfigError"
+        | "CreateContainerError"
+        | "RunContainerError"
+        | "StartError" => PodEvent::warning("Failed", format!("Error: {message}")),
+        _ => return,
+    };
+    events.push(event);
+}
+
+/// Writes events to the API (core/v1, as the kubelet does, so that `kubectl describe`
+/// shows them).
+#[derive(Clone)]
+pub struct EventRecorder {
+    client: Client,
+    node_name: String,
+}
+
+impl EventRecorder {
+    pub fn new(client: Client, node_name: String) -> EventRecorder {
+        EventRecorder { client, node_name }
+    }
+
+    /// Records the events in the background; a failure is logged, never retried.
+    pub fn record(&self, pod: &PodRef, events: Vec<PodEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let involved = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.0.clone()),
+            ..Default::default()
+        };
+        let node = self.node_name.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move {
+            for event in events {
+                let now = Timestamp::now();
+                let record = Event {
+                    metadata: ObjectMeta {
+                        name: Some(format!("{}.{:x}", pod.name, now.as_nanosecond())),
+                        namespace: Some(pod.namespace.clone()),
+                        ..Default::default()
+                    },
+                    involved_object: involved.clone(),
+                    reason: Some(event.reason.into()),
+                    message: Some(event.message.clone()),
+                    type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+                    source: Some(EventSource {
+                        component: Some(COMPONENT.into()),
+                        host: Some(node.clone()),
+                    }),
+                    first_timestamp: Some(Time(now)),
+                    last_timestamp: Some(Time(now)),
+                    event_time: Some(MicroTime(now)),
+                    count: Some(1),
+                    reporting_component: Some(COMPONENT.into()),
+                    reporting_instance: Some(node.clone()),
+                    action: Some(event.reason.into()),
+                    ..Default::default()
+                };
+                if let Err(e) = api.create(&PostParams::default(), &record).await {
+                    tracing::debug!(%pod, reason = event.reason, error = %e, "event not recorded");
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PodUid;
+    use serde_json::json;
+
+    fn pod() -> PodRef {
+        PodRef {
+            uid: PodUid("u".into()),
+            namespace: "default".into(),
+            name: "web".into(),
+        }
+    }
+
+    fn status(value: serde_json::Value) -> PodStatus {
+        serde_json::from_value(value).expect("status")
+    }
+
+    fn reasons(events: &[PodEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.reason).collect()
+    }
+
+    #[test]
+    fn placement_and_a_started_container_give_the_kubelets_events() {
+        let agent = PeerId::random();
+        let pending = status(json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 agents fit: 1 insufficient memory"}]}));
+        let first = transition_events(&pod(), None, &pending, None);
+        assert_eq!(reasons(&first), ["FailedScheduling"]);
+        assert!(first[0].warning && first[0].message.contains("insufficient memory"));
+        // The same reason again records nothing.
+        assert!(transition_events(&pod(), Some((&pending, None)), &pending, None).is_empty());
+
+        let running = status(json!({"phase": "Running", "containerStatuses": [{
+            "name": "c", "image": "busybox", "imageID": "", "ready": true, "restartCount": 0,
+            "containerID": "podman://abc", "state": {"running": {}}}]}));
+        let events = transition_events(&pod(), Some((&pending, None)), &running, Some(agent));
+        assert_eq!(
+            reasons(&events),
+            ["Scheduled", "Pulled", "Created", "Started"]
+        );
+        assert!(events[0].message.contains(&agent.to_string()));
+        assert!(
+            transition_events(&pod(), Some((&running, Some(agent))), &running, Some(agent))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn failures_are_warnings_once_per_reason() {
+        let crash = status(json!({"phase": "Running", "containerStatuses": [{
+            "name": "c", "image": "busybox", "imageID": "", "ready": false, "restartCount": 2,
+            "containerID": "podman://abc",
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}}}]}));
+        let events = transition_events(&pod(), None, &crash, None);
+        let backoff = events
+            .iter()
+            .find(|e| e.reason == "BackOff")
+            .expect("backoff");
+        assert!(backoff.warning);
+        assert_eq!(
+            backoff.message,
+            "Back-off restarting failed container c in pod default/web"
+        );
+        let config = status(json!({"phase": "Pending", "containerStatuses": [{
+            "name": "c", "image": "busybox", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "configmap \"cfg\" not found"}}}]}));
+        let events = transition_events(&pod(), None, &config, None);
+        assert_eq!(
+            events,
+            [PodEvent::warning(
+                "Failed",
+                "Error: configmap \"cfg\" not found".into()
+            )]
+        );
+        let lost = status(
+            json!({"phase": "Failed", "reason": "AgentLost", "message": "agent x stopped sending heartbeats"}),
+        );
+        assert_eq!(
+            reasons(&transition_events(
+                &pod(),
+                Some((&config, None)),
+                &lost,
+                None
+            )),
+            ["AgentLost"]
+        );
+    }
+}

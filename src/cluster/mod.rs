@@ -1,0 +1,175 @@
+//! The virtual node in Kubernetes: the connection to the API server, the Node object
+//! and its Lease, the pods bound to the node, and their status and events.
+//!
+//! Each piece is its own task; the node loop sees them only through an [`ApiLink`].
+
+pub mod events;
+pub mod node_lease;
+pub mod node_object;
+pub mod pod_source;
+pub mod pod_status;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::ApiLink;
+use node_object::NodeIdentity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("invalid Kubernetes client configuration")]
+    Config(#[from] kube::config::KubeconfigError),
+    #[error("invalid in-cluster configuration")]
+    InCluster(#[from] kube::config::InClusterError),
+    #[error("cannot create the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// Where the API server's address and credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    InCluster,
+    Kubeconfig(PathBuf),
+}
+
+/// The kubeconfig to use: `--kubeconfig`, else in-cluster when running in a pod, else
+/// KUBECONFIG, else ~/.kube/config when it exists (unless `explicit_only`: standalone
+/// pods are then the node's only source unless a cluster is named).
+pub fn config_source(
+    flag: Option<&Path>,
+    explicit_only: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<ConfigSource> {
+    if let Some(path) = flag {
+        return Some(ConfigSource::Kubeconfig(path.to_path_buf()));
+    }
+    if env("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty()) {
+        return Some(ConfigSource::InCluster);
+    }
+    if let Some(path) = env("KUBECONFIG").filter(|p| !p.is_empty()) {
+        // The first file of a list, as kubectl merges them with the first winning.
+        let first = path.split(':').find(|p| !p.is_empty()).unwrap_or_default();
+        return Some(ConfigSource::Kubeconfig(first.into()));
+    }
+    if explicit_only {
+        return None;
+    }
+    let home = env("HOME")?;
+    let default = Path::new(&home).join(".kube/config");
+    default
+        .is_file()
+        .then_some(ConfigSource::Kubeconfig(default))
+}
+
+pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
+    let config = match source {
+        ConfigSource::InCluster => kube::Config::incluster()?,
+        ConfigSource::Kubeconfig(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
+        }
+    };
+    Client::try_from(config).map_err(ClusterError::Client)
+}
+
+/// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then
+/// marks itself NotReady or deletes itself).
+pub fn start(
+    client: Client,
+    identity: NodeIdentity,
+    delete_node_on_exit: bool,
+    cancel: CancellationToken,
+) -> (ApiLink, Vec<JoinHandle<()>>) {
+    let board = Arc::new(pod_status::StatusBoard::default());
+    let recorder = events::EventRecorder::new(client.clone(), identity.name.clone());
+    let (pods_tx, pods_rx) = watch::channel(None);
+    let (agents_tx, agents_rx) = watch::channel(Default::default());
+    let tasks = vec![
+        tokio::spawn(node_lease::run(
+            client.clone(),
+            identity.clone(),
+            agents_rx,
+            delete_node_on_exit,
+            cancel.clone(),
+        )),
+        tokio::spawn(pod_source::run(
+            client.clone(),
+            identity.name.clone(),
+            board.clone(),
+            recorder.clone(),
+            pods_tx,
+            cancel.clone(),
+        )),
+        tokio::spawn(pod_status::run(client, board.clone(), recorder, cancel)),
+    ];
+    let link = ApiLink {
+        pods: pods_rx,
+        sink: Box::new(pod_status::ApiStatusSink(board)),
+        agents: agents_tx,
+    };
+    (link, tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kubeconfig_comes_from_the_flag_the_pod_or_the_environment() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let flag = Path::new("/etc/k.yaml");
+        assert_eq!(
+            config_source(
+                Some(flag),
+                true,
+                &env(&[("KUBERNETES_SERVICE_HOST", "10.43.0.1")])
+            ),
+            Some(ConfigSource::Kubeconfig(flag.into()))
+        );
+        assert_eq!(
+            config_source(
+                None,
+                true,
+                &env(&[("KUBERNETES_SERVICE_HOST", "10.43.0.1")])
+            ),
+            Some(ConfigSource::InCluster)
+        );
+        assert_eq!(
+            config_source(None, true, &env(&[("KUBECONFIG", "/a:/b")])),
+            Some(ConfigSource::Kubeconfig("/a".into()))
+        );
+        let home = tempfile::tempdir().expect("home");
+        std::fs::create_dir(home.path().join(".kube")).expect("dir");
+        std::fs::write(home.path().join(".kube/config"), "").expect("file");
+        let home_path = home.path().to_string_lossy().into_owned();
+        let with_home = move |name: &str| (name == "HOME").then(|| home_path.clone());
+        // Standalone pods and only a default kubeconfig: no cluster unless named.
+        assert_eq!(config_source(None, true, &with_home), None);
+        assert_eq!(
+            config_source(None, false, &with_home),
+            Some(ConfigSource::Kubeconfig(home.path().join(".kube/config")))
+        );
+        assert_eq!(config_source(None, false, &env(&[])), None);
+    }
+}

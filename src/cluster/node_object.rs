@@ -1,0 +1,308 @@
+//! The virtual node's Node object, built from its configuration and the live agents.
+//! Pure: the API calls are in [`super::node_lease`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo, Taint,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+use crate::node::owner::AgentsSummary;
+
+pub const TAINT_KEY: &str = "virtual-kubelet.io/provider";
+pub const TAINT_VALUE: &str = "beemesh";
+pub const MESH_LABEL: &str = "beemesh.io/mesh";
+
+/// What the node says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    /// The InternalIP address, through which the API server reaches the kubelet API.
+    pub internal_ip: Option<IpAddr>,
+    /// A Hostname address, only when it resolves (checked by the caller).
+    pub hostname: Option<String>,
+    pub kubelet_port: u16,
+}
+
+/// Labels and taint: what makes pods choose the virtual node, and others avoid it.
+pub fn node_metadata(identity: &NodeIdentity) -> (BTreeMap<String, String>, Vec<Taint>) {
+    let labels = BTreeMap::from([
+        ("type".to_string(), "virtual-kubelet".to_string()),
+        ("kubernetes.io/role".to_string(), "agent".to_string()),
+        ("kubernetes.io/os".to_string(), "linux".to_string()),
+        ("kubernetes.io/hostname".to_string(), identity.name.clone()),
+        (MESH_LABEL.to_string(), "true".to_string()),
+    ]);
+    let taint = Taint {
+        key: TAINT_KEY.into(),
+        value: Some(TAINT_VALUE.into()),
+        effect: "NoSchedule".into(),
+        time_added: None,
+    };
+    (labels, vec![taint])
+}
+
+/// A new Node object (status is written separately, through nodes/status).
+pub fn new_node(identity: &NodeIdentity) -> Node {
+    let (labels, taints) = node_metadata(identity);
+    Node {
+        metadata: ObjectMeta {
+            name: Some(identity.name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            taints: Some(taints),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The node's status for the live agents. `previous` keeps each condition's
+/// lastTransitionTime while its status stays the same, as the kubelet does.
+pub fn node_status(
+    identity: &NodeIdentity,
+    agents: &AgentsSummary,
+    previous: Option<&NodeStatus>,
+    now: Time,
+) -> NodeStatus {
+    let resources = BTreeMap::from([
+        (
+            "cpu".to_string(),
+            Quantity(format!("{}m", agents.capacity.cpu_millis)),
+        ),
+        (
+            "memory".to_string(),
+            Quantity(agents.capacity.memory_bytes.to_string()),
+        ),
+        (
+            "pods".to_string(),
+            Quantity(agents.capacity.pods.to_string()),
+        ),
+        (
+            "ephemeral-storage".to_string(),
+            Quantity(agents.storage_bytes.to_string()),
+        ),
+    ]);
+    let ready = if agents.live > 0 {
+        (
+            "True",
+            "KubeletReady",
+            format!(
+                "BeeMesh node is ready: {} agent(s) on the mesh",
+                agents.live
+            ),
+        )
+    } else {
+        (
+            "False",
+            "NoAgents",
+            "no BeeMesh agent is alive on the mesh: start one with `beemesh agent --bootstrap <this node's mesh address>`".to_string(),
+        )
+    };
+    let conditions = [
+        ("Ready", ready.0, ready.1, ready.2),
+        (
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "agents place pods only where memory fits".into(),
+        ),
+        (
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "agents report no disk pressure".into(),
+        ),
+        (
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "agents report no PID pressure".into(),
+        ),
+        (
+            "NetworkUnavailable",
+            "False",
+            "MeshConnected",
+            "pods are reached through the BeeMesh mesh".into(),
+        ),
+    ]
+    .into_iter()
+    .map(|(type_, status, reason, message)| {
+        let unchanged = previous
+            .and_then(|p| p.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == type_))
+            .filter(|c| c.status == status)
+            .and_then(|c| c.last_transition_time.clone());
+        NodeCondition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: Some(reason.into()),
+            message: Some(message),
+            last_heartbeat_time: Some(now.clone()),
+            last_transition_time: Some(unchanged.unwrap_or_else(|| now.clone())),
+        }
+    })
+    .collect();
+    let mut addresses = Vec::new();
+    if let Some(ip) = identity.internal_ip {
+        addresses.push(NodeAddress {
+            type_: "InternalIP".into(),
+            address: ip.to_string(),
+        });
+    }
+    if let Some(hostname) = &identity.hostname {
+        addresses.push(NodeAddress {
+            type_: "Hostname".into(),
+            address: hostname.clone(),
+        });
+    }
+    NodeStatus {
+        capacity: Some(resources.clone()),
+        allocatable: Some(resources),
+        conditions: Some(conditions),
+        addresses: Some(addresses),
+        daemon_endpoints: Some(NodeDaemonEndpoints {
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(identity.kubelet_port),
+            }),
+        }),
+        node_info: Some(NodeSystemInfo {
+            architecture: std::env::consts::ARCH
+                .replace("x86_64", "amd64")
+                .replace("aarch64", "arm64"),
+            operating_system: "linux".into(),
+            os_image: "BeeMesh mesh of Podman agents".into(),
+            kernel_version: String::new(),
+            kubelet_version: format!("v{}-beemesh", env!("CARGO_PKG_VERSION")),
+            kube_proxy_version: String::new(),
+            container_runtime_version: "podman://".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether two statuses differ in more than their heartbeat times.
+pub fn status_changed(old: &NodeStatus, new: &NodeStatus) -> bool {
+    let strip = |status: &NodeStatus| {
+        let mut status = status.clone();
+        for condition in status.conditions.iter_mut().flatten() {
+            condition.last_heartbeat_time = None;
+        }
+        status
+    };
+    strip(old) != strip(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Resources;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn identity() -> NodeIdentity {
+        NodeIdentity {
+            name: "beemesh".into(),
+            internal_ip: Some("10.42.0.7".parse().expect("ip")),
+            hostname: None,
+            kubelet_port: 10250,
+        }
+    }
+
+    fn condition<'a>(status: &'a NodeStatus, type_: &str) -> &'a NodeCondition {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_)
+            .expect("condition")
+    }
+
+    #[test]
+    fn capacity_is_the_sum_over_live_agents_and_readiness_follows_them() {
+        let two = AgentsSummary {
+            live: 2,
+            capacity: Resources {
+                cpu_millis: 6000,
+                memory_bytes: 12 << 30,
+                pods: 220,
+            },
+            storage_bytes: 200 << 30,
+        };
+        let t0 = Time(Timestamp::from_second(1_000).expect("time"));
+        let status = node_status(&identity(), &two, None, t0.clone());
+        let capacity = status.capacity.clone().expect("capacity");
+        assert_eq!(capacity["cpu"], Quantity("6000m".into()));
+        assert_eq!(capacity["memory"], Quantity((12u64 << 30).to_string()));
+        assert_eq!(capacity["pods"], Quantity("220".into()));
+        assert_eq!(
+            capacity["ephemeral-storage"],
+            Quantity((200u64 << 30).to_string())
+        );
+        assert_eq!(status.allocatable, status.capacity);
+        assert_eq!(condition(&status, "Ready").status, "True");
+        assert_eq!(condition(&status, "MemoryPressure").status, "False");
+        assert_eq!(
+            status
+                .daemon_endpoints
+                .and_then(|d| d.kubelet_endpoint)
+                .map(|e| e.port),
+            Some(10250)
+        );
+        let addresses = status.addresses.clone().expect("addresses");
+        assert_eq!(
+            addresses.len(),
+            1,
+            "no Hostname address unless one resolves"
+        );
+        assert_eq!(addresses[0].type_, "InternalIP");
+
+        // Same state later: transition times stay, heartbeat times move.
+        let t1 = Time(Timestamp::from_second(2_000).expect("time"));
+        let again = node_status(&identity(), &two, Some(&status), t1.clone());
+        assert!(!status_changed(&status, &again));
+        assert_eq!(condition(&again, "Ready").last_transition_time, Some(t0));
+        assert_eq!(
+            condition(&again, "Ready").last_heartbeat_time,
+            Some(t1.clone())
+        );
+
+        // No agent alive: NotReady with a reason, and nothing to offer.
+        let none = node_status(
+            &identity(),
+            &AgentsSummary::default(),
+            Some(&again),
+            t1.clone(),
+        );
+        assert!(status_changed(&again, &none));
+        let ready = condition(&none, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("NoAgents"))
+        );
+        assert_eq!(ready.last_transition_time, Some(t1));
+        assert_eq!(
+            none.capacity.expect("capacity")["pods"],
+            Quantity("0".into())
+        );
+    }
+
+    #[test]
+    fn the_node_is_labelled_and_tainted_for_virtual_kubelet_pods() {
+        let node = new_node(&identity());
+        let labels = node.metadata.labels.expect("labels");
+        assert_eq!(labels["type"], "virtual-kubelet");
+        assert_eq!(labels["kubernetes.io/hostname"], "beemesh");
+        assert_eq!(labels[MESH_LABEL], "true");
+        let taints = node.spec.and_then(|s| s.taints).expect("taints");
+        assert_eq!(taints[0].key, TAINT_KEY);
+        assert_eq!(taints[0].value.as_deref(), Some("beemesh"));
+        assert_eq!(taints[0].effect, "NoSchedule");
+    }
+}

@@ -1,0 +1,385 @@
+//! The API's pods bound to this node: watched with a field selector on spec.nodeName
+//! (the watcher re-lists after a 410 or a restarted API server), resolved against
+//! their configMaps, secrets and service account tokens, and handed to the node loop
+//! as a whole desired set.
+//!
+//! Pods waiting for a missing object are resolved again every few seconds; every pod
+//! is resolved again each minute (so that changed configMaps reach its volumes) and
+//! whenever one of its tokens nears expiry.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventRecorder, PodEvent};
+use super::pod_status::StatusBoard;
+use crate::node::owner::DesiredPod;
+use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
+use crate::runtime::translate;
+use crate::wire::PodUid;
+
+/// A pod waiting for a missing configMap or secret is resolved again this often.
+const MISSING_RETRY: Duration = Duration::from_secs(2);
+/// Every pod is resolved again this often, picking up changed configMaps and secrets.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// A token is replaced once this share of its lifetime has passed (the kubelet's 80%).
+const TOKEN_REFRESH_SHARE: f64 = 0.8;
+
+pub type DesiredSet = Option<BTreeMap<String, DesiredPod>>;
+
+struct Token {
+    value: String,
+    refresh_at: Timestamp,
+}
+
+struct Tracked {
+    /// The pod without status and bookkeeping fields: what resolution depends on.
+    pod: Pod,
+    desired: DesiredPod,
+    next_resolve: Instant,
+}
+
+struct PodSource {
+    client: Client,
+    board: Arc<StatusBoard>,
+    events: EventRecorder,
+    pods: BTreeMap<String, Tracked>,
+    /// By pod UID: tokens are bound to their pod.
+    tokens: HashMap<(String, TokenSpec), Token>,
+}
+
+/// Watches and resolves until cancelled, sending each new desired set to `out`.
+pub async fn run(
+    client: Client,
+    node_name: String,
+    board: Arc<StatusBoard>,
+    events: EventRecorder,
+    out: watch::Sender<DesiredSet>,
+    cancel: CancellationToken,
+) {
+    let api: Api<Pod> = Api::all(client.clone());
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut source = PodSource {
+        client,
+        board,
+        events,
+        pods: BTreeMap::new(),
+        tokens: HashMap::new(),
+    };
+    let mut listing: Option<Vec<Pod>> = None;
+    let mut listed = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let changed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            event = stream.next() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pod watch failed; retrying");
+                    false
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    listing = Some(Vec::new());
+                    false
+                }
+                Some(Ok(watcher::Event::InitApply(pod))) => {
+                    listing.get_or_insert_with(Vec::new).push(pod);
+                    false
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    let pods = listing.take().unwrap_or_default();
+                    source.replace_all(pods).await;
+                    listed = true;
+                    true
+                }
+                Some(Ok(watcher::Event::Apply(pod))) => source.apply(pod).await,
+                Some(Ok(watcher::Event::Delete(pod))) => source.remove(&pod),
+            },
+            _ = tick.tick() => source.resolve_due().await,
+        };
+        if changed && listed {
+            source
+                .board
+                .set_known(source.pods.keys().map(|uid| PodUid(uid.clone())));
+            let set = source
+                .pods
+                .iter()
+                .map(|(uid, tracked)| (uid.clone(), tracked.desired.clone()))
+                .collect();
+            out.send_replace(Some(set));
+        }
+    }
+}
+
+/// The pod as resolution sees it: without status and the fields every write changes.
+fn essentials(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    pod.status = None;
+    pod.metadata.resource_version = None;
+    pod.metadata.managed_fields = None;
+    pod
+}
+
+impl PodSource {
+    async fn replace_all(&mut self, pods: Vec<Pod>) {
+        let mut old = std::mem::take(&mut self.pods);
+        for pod in pods {
+            let Some(uid) = pod.metadata.uid.clone() else {
+                continue;
+            };
+            match old.remove(&uid) {
+                Some(tracked) if tracked.pod == essentials(&pod) => {
+                    self.pods.insert(uid, tracked);
+                }
+                _ => {
+                    self.apply(pod).await;
+                }
+            }
+        }
+        self.forget_tokens();
+    }
+
+    /// A new or changed pod; true if the desired set changed.
+    async fn apply(&mut self, pod: Pod) -> bool {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return false;
+        };
+        let essentials = essentials(&pod);
+        if self.pods.get(&uid).is_some_and(|t| t.pod == essentials) {
+            return false;
+        }
+        let newly_deleted = pod.metadata.deletion_timestamp.is_some()
+            && self
+                .pods
+                .get(&uid)
+                .is_none_or(|t| t.pod.metadata.deletion_timestamp.is_none());
+        if newly_deleted {
+            self.record_killing(&pod);
+        }
+        let resolved = match self.pods.get(&uid) {
+            // Being deleted: nothing more to resolve.
+            Some(tracked) if pod.metadata.deletion_timestamp.is_some() => {
+                tracked.desired.resolved.clone()
+            }
+            _ => self.resolve(&essentials).await,
+        };
+        let next_resolve = self.next_resolve(&uid, &resolved);
+        self.pods.insert(
+            uid,
+            Tracked {
+                desired: DesiredPod {
+                    pod: essentials.clone(),
+                    resolved,
+                },
+                pod: essentials,
+                next_resolve,
+            },
+        );
+        true
+    }
+
+    fn remove(&mut self, pod: &Pod) -> bool {
+        let removed = pod
+            .metadata
+            .uid
+            .as_ref()
+            .is_some_and(|uid| self.pods.remove(uid).is_some());
+        self.forget_tokens();
+        removed
+    }
+
+    /// Resolves the pods that are due; true if a desired pod changed.
+    async fn resolve_due(&mut self) -> bool {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, t)| t.next_resolve <= now && t.pod.metadata.deletion_timestamp.is_none())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        let mut changed = false;
+        for uid in due {
+            let Some(pod) = self.pods.get(&uid).map(|t| t.pod.clone()) else {
+                continue;
+            };
+            let resolved = self.resolve(&pod).await;
+            let next_resolve = self.next_resolve(&uid, &resolved);
+            if let Some(tracked) = self.pods.get_mut(&uid) {
+                tracked.next_resolve = next_resolve;
+                if tracked.desired.resolved != resolved {
+                    tracked.desired.resolved = resolved;
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Soon while something is missing; else at the regular refresh or when a token
+    /// must be replaced, whichever comes first.
+    fn next_resolve(
+        &self,
+        uid: &str,
+        resolved: &Result<resolve::Resolved, ResolveError>,
+    ) -> Instant {
+        let now = Instant::now();
+        if matches!(resolved, Err(ResolveError::Missing(_))) {
+            return now + MISSING_RETRY;
+        }
+        let wall = Timestamp::now();
+        self.tokens
+            .iter()
+            .filter(|((owner, _), _)| owner == uid)
+            .map(|(_, token)| {
+                let secs = token.refresh_at.duration_since(wall).as_secs_f64().max(0.0);
+                now + Duration::from_secs_f64(secs)
+            })
+            .fold(now + REFRESH_INTERVAL, Instant::min)
+    }
+
+    async fn resolve(&mut self, pod: &Pod) -> Result<resolve::Resolved, ResolveError> {
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let refs = resolve::references(pod);
+        let mut fetched = Fetched::default();
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
+        for name in &refs.config_maps {
+            match config_maps.get_opt(name).await {
+                Ok(Some(found)) => {
+                    fetched.config_maps.insert(name.clone(), found);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(unavailable("configmap", name, &e)),
+            }
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+        for name in &refs.secrets {
+            match secrets.get_opt(name).await {
+                Ok(Some(found)) => {
+                    fetched.secrets.insert(name.clone(), found);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(unavailable("secret", name, &e)),
+            }
+        }
+        for spec in refs.tokens {
+            let key = (uid.clone(), spec.clone());
+            let fresh = self
+                .tokens
+                .get(&key)
+                .filter(|token| token.refresh_at > Timestamp::now());
+            let value = match fresh {
+                Some(token) => token.value.clone(),
+                None => {
+                    let token = self.request_token(pod, &namespace, &spec).await?;
+                    let value = token.value.clone();
+                    self.tokens.insert(key, token);
+                    value
+                }
+            };
+            fetched.tokens.insert(spec, value);
+        }
+        resolve::resolve(pod, &fetched)
+    }
+
+    /// A TokenRequest for the pod's service account, bound to the pod (so the token
+    /// dies with it), as the kubelet makes for the projected token volume.
+    async fn request_token(
+        &self,
+        pod: &Pod,
+        namespace: &str,
+        spec: &TokenSpec,
+    ) -> Result<Token, ResolveError> {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: spec.audience.clone().map(|audience| vec![audience]),
+                expiration_seconds: Some(spec.expiration_secs),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let answer = accounts
+            .create_token_request(&spec.service_account, &PostParams::default(), &request)
+            .await
+            .map_err(|e| match &e {
+                kube::Error::Api(status) if status.code == 404 => ResolveError::Missing(format!(
+                    "serviceaccount \"{}\" not found",
+                    spec.service_account
+                )),
+                _ => unavailable("token for serviceaccount", &spec.service_account, &e),
+            })?;
+        let no_token = || {
+            ResolveError::Missing(format!(
+                "the token request for serviceaccount \"{}\" gave no token",
+                spec.service_account
+            ))
+        };
+        let status = answer.status.ok_or_else(no_token)?;
+        let (Some(token), Some(expires)) = (status.token, status.expiration_timestamp) else {
+            return Err(no_token());
+        };
+        let now = Timestamp::now();
+        let lifetime = expires.0.duration_since(now).as_secs_f64().max(0.0);
+        let refresh_in =
+            k8s_openapi::jiff::SignedDuration::from_secs_f64(lifetime * TOKEN_REFRESH_SHARE);
+        tracing::debug!(pod = ?pod.metadata.name, account = %spec.service_account, "service account token issued");
+        Ok(Token {
+            value: token,
+            refresh_at: now.checked_add(refresh_in).unwrap_or(now),
+        })
+    }
+
+    /// Drops tokens of pods no longer here.
+    fn forget_tokens(&mut self) {
+        let pods = &self.pods;
+        self.tokens.retain(|(uid, _), _| pods.contains_key(uid));
+    }
+
+    /// The kubelet's Killing event for each running container of a pod being deleted.
+    fn record_killing(&self, pod: &Pod) {
+        let Ok(pod_ref) = translate::pod_ref(pod) else {
+            return;
+        };
+        let running = pod
+            .status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .map(|c| PodEvent {
+                warning: false,
+                reason: "Killing",
+                message: format!("Stopping container {}", c.name),
+            })
+            .collect();
+        self.events.record(&pod_ref, running);
+    }
+}
+
+/// The API could not be asked: the pod waits, and the next attempt may succeed.
+fn unavailable(kind: &str, name: &str, error: &kube::Error) -> ResolveError {
+    ResolveError::Missing(format!("cannot read {kind} \"{name}\": {error}"))
+}

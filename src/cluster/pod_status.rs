@@ -1,0 +1,310 @@
+//! Pod status to the API: the owner's status changes are coalesced on a board and
+//! written by one task as patches of the pods/status subresource; unchanged status is
+//! not sent again. A pod the owner has removed from the mesh is deleted from the API
+//! with grace 0, as the kubelet finishes a graceful deletion.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::Client;
+use libp2p::PeerId;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{transition_events, EventRecorder};
+use crate::node::owner::StatusSink;
+use crate::wire::{PodRef, PodUid};
+
+/// How long the writer waits after a change for more, so that a burst of reports
+/// becomes one patch per pod.
+const COALESCE: Duration = Duration::from_millis(100);
+/// Before a failed write is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Status fields the node owns: each is sent, as null when unset, so that a merge patch
+/// also clears what no longer holds (a reason after recovery, an old pod IP).
+const OWNED_FIELDS: [&str; 11] = [
+    "phase",
+    "conditions",
+    "containerStatuses",
+    "initContainerStatuses",
+    "podIP",
+    "podIPs",
+    "hostIP",
+    "hostIPs",
+    "startTime",
+    "reason",
+    "message",
+];
+
+#[derive(Debug, Clone)]
+enum Update {
+    Status {
+        pod: PodRef,
+        status: PodStatus,
+        agent: Option<PeerId>,
+    },
+    Removed {
+        pod: PodRef,
+    },
+}
+
+/// The latest update per pod, waiting to be written.
+#[derive(Default)]
+pub struct StatusBoard {
+    pending: Mutex<BTreeMap<PodUid, Update>>,
+    notify: Notify,
+    /// UIDs of the API's pods bound to this node: only those are written.
+    known: Mutex<HashSet<PodUid>>,
+}
+
+impl StatusBoard {
+    fn post(&self, uid: PodUid, update: Update) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(uid, update);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> BTreeMap<PodUid, Update> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+
+    /// Puts back an update that could not be written, unless a newer one came.
+    fn retry(&self, uid: PodUid, update: Update) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.entry(uid).or_insert(update);
+        }
+    }
+
+    /// Sets which pods belong to the API (the pod source calls this).
+    pub fn set_known(&self, uids: impl IntoIterator<Item = PodUid>) {
+        if let Ok(mut known) = self.known.lock() {
+            *known = uids.into_iter().collect();
+        }
+    }
+
+    fn is_known(&self, uid: &PodUid) -> bool {
+        self.known.lock().is_ok_and(|known| known.contains(uid))
+    }
+}
+
+/// The owner's side of the board.
+pub struct ApiStatusSink(pub Arc<StatusBoard>);
+
+impl StatusSink for ApiStatusSink {
+    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
+        let update = Update::Status {
+            pod: pod.clone(),
+            status: status.clone(),
+            agent,
+        };
+        self.0.post(pod.uid.clone(), update);
+    }
+
+    fn removed(&mut self, pod: &PodRef) {
+        self.0
+            .post(pod.uid.clone(), Update::Removed { pod: pod.clone() });
+    }
+}
+
+/// The status as the API shows it. The pod is bound to this node already, so a pod the
+/// mesh cannot place yet shows PodScheduled True and the mesh's reason and message at
+/// the top, where `kubectl get` shows them.
+pub fn api_status(status: &PodStatus) -> Value {
+    let mut status = status.clone();
+    let mesh_pending = status
+        .conditions
+        .iter_mut()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(condition) = mesh_pending {
+        if status.reason.is_none() {
+            status.reason = condition.reason.take();
+            status.message = condition.message.take();
+        }
+        condition.status = "True".into();
+        condition.reason = None;
+        condition.message = None;
+    }
+    if status.pod_ips.is_none() {
+        status.pod_ips = status
+            .pod_ip
+            .clone()
+            .map(|ip| vec![k8s_openapi::api::core::v1::PodIP { ip }]);
+    }
+    if status.host_ips.is_none() {
+        status.host_ips = status
+            .host_ip
+            .clone()
+            .map(|ip| vec![k8s_openapi::api::core::v1::HostIP { ip }]);
+    }
+    let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+    if let Value::Object(fields) = &mut value {
+        for field in OWNED_FIELDS {
+            fields.entry(field).or_insert(Value::Null);
+        }
+    }
+    value
+}
+
+/// Writes the board to the API until cancelled.
+pub async fn run(
+    client: Client,
+    board: Arc<StatusBoard>,
+    events: EventRecorder,
+    cancel: CancellationToken,
+) {
+    let mut sent: HashMap<PodUid, Value> = HashMap::new();
+    let mut seen: HashMap<PodUid, (PodStatus, Option<PeerId>)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = board.notify.notified() => {}
+        }
+        tokio::time::sleep(COALESCE).await;
+        let mut failed = false;
+        for (uid, update) in board.take() {
+            if !board.is_known(&uid) {
+                sent.remove(&uid);
+                seen.remove(&uid);
+                continue;
+            }
+            let ok = match &update {
+                Update::Status { pod, status, agent } => {
+                    let previous = seen.get(&uid).map(|(s, a)| (s, *a));
+                    events.record(pod, transition_events(pod, previous, status, *agent));
+                    seen.insert(uid.clone(), (status.clone(), *agent));
+                    let value = api_status(status);
+                    if sent.get(&uid) == Some(&value) {
+                        continue;
+                    }
+                    match write_status(&client, pod, &value).await {
+                        Ok(()) => {
+                            sent.insert(uid.clone(), value);
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(%pod, error = %e, "cannot write pod status");
+                            !is_retryable(&e)
+                        }
+                    }
+                }
+                Update::Removed { pod } => match delete_now(&client, pod).await {
+                    Ok(()) => {
+                        tracing::info!(%pod, "pod deleted from the API");
+                        sent.remove(&uid);
+                        seen.remove(&uid);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(%pod, error = %e, "cannot delete the pod");
+                        !is_retryable(&e)
+                    }
+                },
+            };
+            if !ok {
+                board.retry(uid, update);
+                failed = true;
+            }
+        }
+        if failed {
+            tokio::time::sleep(RETRY).await;
+            board.notify.notify_one();
+        }
+    }
+}
+
+/// Gone (404) or refused as invalid (422): writing again would not help.
+fn is_retryable(error: &kube::Error) -> bool {
+    !matches!(error, kube::Error::Api(status) if status.code == 404 || status.code == 422)
+}
+
+async fn write_status(client: &Client, pod: &PodRef, status: &Value) -> Result<(), kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    // The uid makes the patch apply to this pod only, not to a new one of the same name.
+    let patch = json!({ "metadata": { "uid": pod.uid.0 }, "status": status });
+    api.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+}
+
+async fn delete_now(client: &Client, pod: &PodRef) -> Result<(), kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(pod.uid.0.clone()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&pod.name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_the_mesh_cannot_place_shows_the_mesh_reason_and_stays_scheduled() {
+        let status: PodStatus = serde_json::from_value(json!({"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/2 agents fit: 2 insufficient memory"}]}))
+        .expect("status");
+        let value = api_status(&status);
+        assert_eq!(value["reason"], "Unschedulable");
+        assert_eq!(value["message"], "0/2 agents fit: 2 insufficient memory");
+        assert_eq!(value["conditions"][0]["status"], "True");
+        assert!(value["conditions"][0].get("reason").is_none());
+        // Owned fields that are unset are cleared.
+        assert_eq!(value["podIP"], Value::Null);
+        assert_eq!(value["containerStatuses"], Value::Null);
+    }
+
+    #[test]
+    fn pod_and_host_ip_lists_follow_the_single_addresses() {
+        let status: PodStatus = serde_json::from_value(json!({"phase": "Running",
+            "podIP": "10.88.0.5", "hostIP": "192.168.1.20"}))
+        .expect("status");
+        let value = api_status(&status);
+        assert_eq!(value["podIPs"], json!([{"ip": "10.88.0.5"}]));
+        assert_eq!(value["hostIPs"], json!([{"ip": "192.168.1.20"}]));
+        assert_eq!(value["reason"], Value::Null);
+    }
+
+    #[test]
+    fn the_board_keeps_only_the_latest_update_per_pod() {
+        let board = StatusBoard::default();
+        let pod = PodRef {
+            uid: PodUid("u".into()),
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        let mut sink = ApiStatusSink(Arc::new(board));
+        for phase in ["Pending", "Running", "Succeeded"] {
+            let status = PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            };
+            sink.status_changed(&pod, &status, None);
+        }
+        let taken = sink.0.take();
+        assert_eq!(taken.len(), 1);
+        assert!(
+            matches!(&taken[&pod.uid], Update::Status { status, .. } if status.phase.as_deref() == Some("Succeeded"))
+        );
+        assert!(sink.0.take().is_empty());
+    }
+}

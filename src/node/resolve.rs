@@ -1,0 +1,879 @@
+//! What a pod takes from the Kubernetes API, resolved by its owner before placement.
+//!
+//! Env values from configMaps and secrets (`valueFrom`, `envFrom`) are written into the
+//! pod as literal values, and the files of configMap, secret, downwardAPI and projected
+//! volumes (including the service account token) are computed, so that the agent needs
+//! no API access and only the assigned agent ever sees the data. Pure: the objects come
+//! in as [`Fetched`], fetched by the caller from [`references`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, DownwardAPIVolumeFile, EnvVar, KeyToPath, Pod, PodSpec, Secret,
+};
+use k8s_openapi::ByteString;
+
+use crate::runtime::translate;
+use crate::wire::VolumeFile;
+
+/// The kubelet's default for `defaultMode` of configMap, secret, downwardAPI and
+/// projected volumes (0644).
+const DEFAULT_FILE_MODE: i32 = 0o644;
+/// The API server's default for a projected token's `expirationSeconds`.
+const DEFAULT_TOKEN_EXPIRATION_SECS: i64 = 3600;
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// A service account token a pod's projected volume asks for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenSpec {
+    pub service_account: String,
+    /// None: the API server's own audience.
+    pub audience: Option<String>,
+    pub expiration_secs: i64,
+}
+
+/// The API objects a pod refers to, by name in the pod's namespace.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct References {
+    pub config_maps: BTreeSet<String>,
+    pub secrets: BTreeSet<String>,
+    pub tokens: BTreeSet<TokenSpec>,
+}
+
+impl References {
+    pub fn is_empty(&self) -> bool {
+        self.config_maps.is_empty() && self.secrets.is_empty() && self.tokens.is_empty()
+    }
+}
+
+/// The referred objects as fetched; a name that is absent was not found.
+#[derive(Debug, Default, Clone)]
+pub struct Fetched {
+    pub config_maps: BTreeMap<String, ConfigMap>,
+    pub secrets: BTreeMap<String, Secret>,
+    pub tokens: BTreeMap<TokenSpec, String>,
+}
+
+/// A pod ready for placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The pod with every env var from a configMap or secret turned into a literal.
+    pub pod: Pod,
+    /// Files of the pod's API-backed volumes, by volume name.
+    pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// Something the pod needs does not exist (yet): the pod waits, as the kubelet's
+    /// CreateContainerConfigError, and is resolved again when it appears.
+    #[error("{0}")]
+    Missing(String),
+    /// The pod can never be resolved.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: String, message: impl Into<String>) -> ResolveError {
+    ResolveError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+fn service_account(spec: &PodSpec) -> String {
+    [&spec.service_account_name, &spec.service_account]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.is_empty())
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.to_owned())
+}
+
+fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+}
+
+/// Every configMap, secret and token the pod refers to.
+pub fn references(pod: &Pod) -> References {
+    let mut refs = References::default();
+    let Some(spec) = &pod.spec else {
+        return refs;
+    };
+    for container in all_containers(spec) {
+        for from in container.env_from.iter().flatten() {
+            if let Some(cm) = &from.config_map_ref {
+                refs.config_maps.insert(cm.name.clone());
+            }
+            if let Some(secret) = &from.secret_ref {
+                refs.secrets.insert(secret.name.clone());
+            }
+        }
+        for var in container.env.iter().flatten() {
+            let Some(from) = &var.value_from else {
+                continue;
+            };
+            if let Some(key) = &from.config_map_key_ref {
+                refs.config_maps.insert(key.name.clone());
+            }
+            if let Some(key) = &from.secret_key_ref {
+                refs.secrets.insert(key.name.clone());
+            }
+        }
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if let Some(cm) = &volume.config_map {
+            refs.config_maps.insert(cm.name.clone());
+        }
+        if let Some(secret) = &volume.secret {
+            refs.secrets
+                .insert(secret.secret_name.clone().unwrap_or_default());
+        }
+        for source in volume
+            .projected
+            .iter()
+            .flat_map(|p| p.sources.iter().flatten())
+        {
+            if let Some(cm) = &source.config_map {
+                refs.config_maps.insert(cm.name.clone());
+            }
+            if let Some(secret) = &source.secret {
+                refs.secrets.insert(secret.name.clone());
+            }
+            if let Some(token) = &source.service_account_token {
+                refs.tokens.insert(token_spec(spec, token));
+            }
+        }
+    }
+    refs
+}
+
+fn token_spec(
+    spec: &PodSpec,
+    token: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
+) -> TokenSpec {
+    TokenSpec {
+        service_account: service_account(spec),
+        audience: token.audience.clone().filter(|a| !a.is_empty()),
+        expiration_secs: token
+            .expiration_seconds
+            .unwrap_or(DEFAULT_TOKEN_EXPIRATION_SECS),
+    }
+}
+
+/// The pod with its env and volumes resolved against `fetched`.
+pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let lookup = Lookup { namespace, fetched };
+    let mut resolved = pod.clone();
+    let Some(spec) = resolved.spec.as_mut() else {
+        return Ok(Resolved {
+            pod: resolved,
+            volumes: BTreeMap::new(),
+        });
+    };
+    let containers = spec
+        .init_containers
+        .iter_mut()
+        .flatten()
+        .map(|c| ("initContainers", c))
+        .enumerate()
+        .chain(
+            spec.containers
+                .iter_mut()
+                .map(|c| ("containers", c))
+                .enumerate(),
+        );
+    for (index, (kind, container)) in containers {
+        resolve_env(&format!("spec.{kind}[{index}]"), container, &lookup)?;
+    }
+    let spec_view = pod.spec.as_ref().cloned().unwrap_or_default();
+    let mut volumes = BTreeMap::new();
+    for (index, volume) in spec_view.volumes.iter().flatten().enumerate() {
+        let path = format!("spec.volumes[{index}]");
+        let files = if let Some(cm) = &volume.config_map {
+            let source = lookup.config_map(&cm.name, cm.optional)?;
+            let mode = cm.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+            Some(key_files(
+                &format!("{path}.configMap"),
+                source.map(KeyedData::from),
+                cm.items.as_deref(),
+                mode,
+                cm.optional,
+                &|key| format!("configmap references non-existent config key: {key}"),
+            )?)
+        } else if let Some(secret) = &volume.secret {
+            let name = secret.secret_name.clone().unwrap_or_default();
+            let source = lookup.secret(&name, secret.optional)?;
+            let mode = secret.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+            Some(key_files(
+                &format!("{path}.secret"),
+                source.map(KeyedData::from),
+                secret.items.as_deref(),
+                mode,
+                secret.optional,
+                &|key| format!("references non-existent secret key: {key}"),
+            )?)
+        } else if let Some(downward) = &volume.downward_api {
+            let mode = downward.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+            Some(downward_files(
+                &format!("{path}.downwardAPI"),
+                pod,
+                &spec_view,
+                downward.items.as_deref().unwrap_or_default(),
+                mode,
+            )?)
+        } else if let Some(projected) = &volume.projected {
+            let mode = projected.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+            let mut files = Vec::new();
+            for (i, source) in projected.sources.iter().flatten().enumerate() {
+                let path = format!("{path}.projected.sources[{i}]");
+                if let Some(cm) = &source.config_map {
+                    let found = lookup.config_map(&cm.name, cm.optional)?;
+                    files.extend(key_files(
+                        &format!("{path}.configMap"),
+                        found.map(KeyedData::from),
+                        cm.items.as_deref(),
+                        mode,
+                        cm.optional,
+                        &|key| format!("configmap references non-existent config key: {key}"),
+                    )?);
+                } else if let Some(secret) = &source.secret {
+                    let found = lookup.secret(&secret.name, secret.optional)?;
+                    files.extend(key_files(
+                        &format!("{path}.secret"),
+                        found.map(KeyedData::from),
+                        secret.items.as_deref(),
+                        mode,
+                        secret.optional,
+                        &|key| format!("references non-existent secret key: {key}"),
+                    )?);
+                } else if let Some(downward) = &source.downward_api {
+                    files.extend(downward_files(
+                        &format!("{path}.downwardAPI"),
+                        pod,
+                        &spec_view,
+                        downward.items.as_deref().unwrap_or_default(),
+                        mode,
+                    )?);
+                } else if let Some(token) = &source.service_account_token {
+                    let spec = token_spec(&spec_view, token);
+                    let value = fetched.tokens.get(&spec).ok_or_else(|| {
+                        ResolveError::Missing(format!(
+                            "no token yet for service account \"{}\"",
+                            spec.service_account
+                        ))
+                    })?;
+                    files.push(file(
+                        &format!("{path}.serviceAccountToken.path"),
+                        &token.path,
+                        value.as_bytes().to_vec(),
+                        mode,
+                    )?);
+                } else {
+                    return Err(invalid(
+                        path,
+                        "only configMap, secret, downwardAPI and serviceAccountToken \
+                         projections are supported",
+                    ));
+                }
+            }
+            Some(files)
+        } else {
+            None
+        };
+        if let Some(files) = files {
+            volumes.insert(volume.name.clone(), files);
+        }
+    }
+    Ok(Resolved {
+        pod: resolved,
+        volumes,
+    })
+}
+
+struct Lookup<'a> {
+    namespace: &'a str,
+    fetched: &'a Fetched,
+}
+
+impl Lookup<'_> {
+    /// The configMap; None if it is missing and optional.
+    fn config_map(
+        &self,
+        name: &str,
+        optional: Option<bool>,
+    ) -> Result<Option<&ConfigMap>, ResolveError> {
+        match self.fetched.config_maps.get(name) {
+            Some(found) => Ok(Some(found)),
+            None if optional == Some(true) => Ok(None),
+            None => Err(ResolveError::Missing(format!(
+                "configmap \"{name}\" not found"
+            ))),
+        }
+    }
+
+    fn secret(&self, name: &str, optional: Option<bool>) -> Result<Option<&Secret>, ResolveError> {
+        match self.fetched.secrets.get(name) {
+            Some(found) => Ok(Some(found)),
+            None if optional == Some(true) => Ok(None),
+            None => Err(ResolveError::Missing(format!(
+                "secret \"{name}\" not found"
+            ))),
+        }
+    }
+}
+
+/// The keys and values of a configMap (data and binaryData) or a secret.
+struct KeyedData(BTreeMap<String, Vec<u8>>);
+
+impl From<&ConfigMap> for KeyedData {
+    fn from(cm: &ConfigMap) -> Self {
+        let text = cm
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()));
+        let binary = cm
+            .binary_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()));
+        KeyedData(text.chain(binary).collect())
+    }
+}
+
+impl From<&Secret> for KeyedData {
+    fn from(secret: &Secret) -> Self {
+        KeyedData(
+            secret
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.0.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// Escapes a literal for the env list, whose values the agent `$(VAR)`-expands (values
+/// from configMaps and secrets are not expanded by the kubelet).
+fn literal(value: &[u8]) -> String {
+    String::from_utf8_lossy(value).replace('$', "$$")
+}
+
+/// The container's env as the kubelet builds it from envFrom then env, with every
+/// configMap and secret reference replaced by its value.
+fn resolve_env(path: &str, container: &mut Container, lookup: &Lookup) -> Result<(), ResolveError> {
+    let mut env: Vec<EnvVar> = Vec::new();
+    let set = |env: &mut Vec<EnvVar>, var: EnvVar| match env.iter_mut().find(|v| v.name == var.name)
+    {
+        Some(existing) => *existing = var,
+        None => env.push(var),
+    };
+    for from in container.env_from.take().into_iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        let data = if let Some(cm) = &from.config_map_ref {
+            lookup
+                .config_map(&cm.name, cm.optional)?
+                .map(KeyedData::from)
+        } else if let Some(secret) = &from.secret_ref {
+            lookup
+                .secret(&secret.name, secret.optional)?
+                .map(KeyedData::from)
+        } else {
+            None
+        };
+        for (key, value) in data.map(|d| d.0).unwrap_or_default() {
+            let name = format!("{prefix}{key}");
+            // The kubelet skips (and reports) keys that are not valid variable names.
+            if is_env_var_name(&name) {
+                set(
+                    &mut env,
+                    EnvVar {
+                        name,
+                        value: Some(literal(&value)),
+                        value_from: None,
+                    },
+                );
+            }
+        }
+    }
+    for (index, mut var) in container.env.take().into_iter().flatten().enumerate() {
+        let from = var.value_from.take();
+        let value = match &from {
+            Some(source)
+                if source.config_map_key_ref.is_some() || source.secret_key_ref.is_some() =>
+            {
+                let (name, key, optional, kind) =
+                    match (&source.config_map_key_ref, &source.secret_key_ref) {
+                        (Some(r), _) => (&r.name, &r.key, r.optional, "ConfigMap"),
+                        (None, Some(r)) => (&r.name, &r.key, r.optional, "Secret"),
+                        (None, None) => unreachable_refs(path, index)?,
+                    };
+                let data = if kind == "ConfigMap" {
+                    lookup.config_map(name, optional)?.map(KeyedData::from)
+                } else {
+                    lookup.secret(name, optional)?.map(KeyedData::from)
+                };
+                match data.as_ref().and_then(|d| d.0.get(key)) {
+                    Some(value) => Some(literal(value)),
+                    None if optional == Some(true) => continue,
+                    None => {
+                        return Err(ResolveError::Missing(format!(
+                            "couldn't find key {key} in {kind} {}/{name}",
+                            lookup.namespace
+                        )))
+                    }
+                }
+            }
+            _ => {
+                var.value_from = from;
+                set(&mut env, var);
+                continue;
+            }
+        };
+        var.value = value;
+        set(&mut env, var);
+    }
+    container.env = (!env.is_empty()).then_some(env);
+    Ok(())
+}
+
+/// Never happens (the caller checked one of the two is set); an error rather than a panic.
+fn unreachable_refs<T>(path: &str, index: usize) -> Result<T, ResolveError> {
+    Err(invalid(
+        format!("{path}.env[{index}].valueFrom"),
+        "no source",
+    ))
+}
+
+/// Environment variable names as the API server accepts them since Kubernetes 1.30:
+/// printable ASCII without '='.
+fn is_env_var_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'=')
+}
+
+/// A file at a relative path without `..`, as the API server validates item paths.
+fn file(field: &str, path: &str, data: Vec<u8>, mode: i32) -> Result<VolumeFile, ResolveError> {
+    if !is_relative_path(path) {
+        return Err(invalid(
+            field.to_owned(),
+            format!("\"{path}\" must be a relative path without '..'"),
+        ));
+    }
+    let mode = u32::try_from(mode)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            invalid(
+                field.to_owned(),
+                format!("mode {mode} must be between 0 and 0777"),
+            )
+        })?;
+    Ok(VolumeFile {
+        path: path.to_owned(),
+        data: ByteString(data),
+        mode,
+    })
+}
+
+pub fn is_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && path.split('/').all(|part| part != ".." && !part.is_empty())
+}
+
+/// Files from keyed data: the listed items, or every key when no items are listed.
+fn key_files(
+    field: &str,
+    data: Option<KeyedData>,
+    items: Option<&[KeyToPath]>,
+    default_mode: i32,
+    optional: Option<bool>,
+    missing_key: &dyn Fn(&str) -> String,
+) -> Result<Vec<VolumeFile>, ResolveError> {
+    let Some(KeyedData(data)) = data else {
+        return Ok(Vec::new());
+    };
+    match items.filter(|items| !items.is_empty()) {
+        None => data
+            .into_iter()
+            .map(|(key, value)| file(field, &key, value, default_mode))
+            .collect(),
+        Some(items) => {
+            let mut files = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match data.get(&item.key) {
+                    Some(value) => files.push(file(
+                        &format!("{field}.items[{i}].path"),
+                        &item.path,
+                        value.clone(),
+                        item.mode.unwrap_or(default_mode),
+                    )?),
+                    None if optional == Some(true) => {}
+                    None => return Err(ResolveError::Missing(missing_key(&item.key))),
+                }
+            }
+            Ok(files)
+        }
+    }
+}
+
+/// Files of a downwardAPI volume (or projection).
+fn downward_files(
+    field: &str,
+    pod: &Pod,
+    spec: &PodSpec,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: i32,
+) -> Result<Vec<VolumeFile>, ResolveError> {
+    let mut files = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("{field}.items[{i}]");
+        let value = match (&item.field_ref, &item.resource_field_ref) {
+            (Some(selector), None) => downward_field(&pod.metadata, &selector.field_path)
+                .ok_or_else(|| {
+                    invalid(
+                        format!("{field}.fieldRef.fieldPath"),
+                        format!(
+                            "\"{}\" is not supported in volumes (metadata.name, namespace, \
+                             uid, labels, annotations)",
+                            selector.field_path
+                        ),
+                    )
+                })?,
+            (None, Some(selector)) => translate::volume_resource_field(selector, spec)
+                .map_err(|message| invalid(format!("{field}.resourceFieldRef"), message))?,
+            _ => {
+                return Err(invalid(
+                    field,
+                    "must have exactly one of fieldRef and resourceFieldRef",
+                ))
+            }
+        };
+        files.push(file(
+            &format!("{field}.path"),
+            &item.path,
+            value.into_bytes(),
+            item.mode.unwrap_or(default_mode),
+        )?);
+    }
+    Ok(files)
+}
+
+/// A downward API field as the kubelet writes it into a volume file.
+fn downward_field(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    path: &str,
+) -> Option<String> {
+    let empty = BTreeMap::new();
+    let labels = meta.labels.as_ref().unwrap_or(&empty);
+    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    if let Some((base, key)) = path.strip_suffix("']").and_then(|p| p.split_once("['")) {
+        let map = match base {
+            "metadata.labels" => labels,
+            "metadata.annotations" => annotations,
+            _ => return None,
+        };
+        return Some(map.get(key).cloned().unwrap_or_default());
+    }
+    match path {
+        "metadata.name" => meta.name.clone(),
+        "metadata.namespace" => Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
+        "metadata.uid" => meta.uid.clone(),
+        "metadata.labels" => Some(format_map(labels)),
+        "metadata.annotations" => Some(format_map(annotations)),
+        _ => None,
+    }
+}
+
+/// The kubelet's `fieldpath.FormatMap`: sorted `key="value"` lines, values quoted as Go's
+/// `%q` does.
+fn format_map(map: &BTreeMap<String, String>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}={}", go_quote(v)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn go_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "web", "namespace": "shop", "uid": "u-1",
+                "labels": {"app": "web", "tier": "front"},
+                "annotations": {"note": "say \"hi\"\n"}
+            },
+            "spec": spec,
+        }))
+        .expect("pod")
+    }
+
+    fn config_map(data: serde_json::Value) -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": data})).expect("cm")
+    }
+
+    fn secret(data: serde_json::Value) -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": "creds"}, "data": data}))
+            .expect("secret")
+    }
+
+    fn fetched() -> Fetched {
+        Fetched {
+            config_maps: BTreeMap::from([(
+                "cfg".to_string(),
+                config_map(json!({"mode": "fast", "price": "$(HOME)", "bad=key": "x"})),
+            )]),
+            // "s3cr3t" and "admin" in base64.
+            secrets: BTreeMap::from([(
+                "creds".to_string(),
+                secret(json!({"password": "czNjcjN0", "user": "YWRtaW4="})),
+            )]),
+            tokens: BTreeMap::new(),
+        }
+    }
+
+    fn env_of(resolved: &Resolved) -> Vec<(String, Option<String>)> {
+        resolved.pod.spec.as_ref().expect("spec").containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|v| (v.name.clone(), v.value.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn env_from_config_maps_and_secrets_becomes_literal_values() {
+        let pod = pod(json!({"containers": [{
+            "name": "c", "image": "busybox",
+            "envFrom": [{"configMapRef": {"name": "cfg"}}, {"secretRef": {"name": "creds"}, "prefix": "DB_"}],
+            "env": [
+                {"name": "MODE", "value": "override"},
+                {"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                {"name": "OPT", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k", "optional": true}}},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+            ]
+        }]}));
+        let resolved = resolve(&pod, &fetched()).expect("resolves");
+        let container = &resolved.pod.spec.as_ref().expect("spec").containers[0];
+        assert!(container.env_from.is_none());
+        assert_eq!(
+            env_of(&resolved),
+            vec![
+                // A later env entry replaces the envFrom value in place.
+                ("mode".to_string(), Some("fast".to_string())),
+                // Not expanded: the '$' is escaped for the agent's $(VAR) expansion.
+                ("price".to_string(), Some("$$(HOME)".to_string())),
+                ("DB_password".to_string(), Some("s3cr3t".to_string())),
+                ("DB_user".to_string(), Some("admin".to_string())),
+                ("MODE".to_string(), Some("override".to_string())),
+                ("PASS".to_string(), Some("s3cr3t".to_string())),
+                ("NODE".to_string(), None),
+            ]
+        );
+        // fieldRefs stay for the agent, which knows the pod and host IPs.
+        let node = container
+            .env
+            .as_ref()
+            .expect("env")
+            .iter()
+            .find(|v| v.name == "NODE");
+        assert!(node.and_then(|v| v.value_from.as_ref()).is_some());
+    }
+
+    #[test]
+    fn missing_objects_and_keys_say_what_the_kubelet_says() {
+        let cases = [
+            (
+                json!({"envFrom": [{"configMapRef": {"name": "other"}}]}),
+                "configmap \"other\" not found",
+            ),
+            (
+                json!({"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}}]}),
+                "secret \"gone\" not found",
+            ),
+            (
+                json!({"env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "nokey"}}}]}),
+                "couldn't find key nokey in ConfigMap shop/cfg",
+            ),
+        ];
+        for (extra, message) in cases {
+            let mut container = json!({"name": "c", "image": "busybox"});
+            for (k, v) in extra.as_object().expect("object") {
+                container[k] = v.clone();
+            }
+            let pod = pod(json!({"containers": [container]}));
+            assert_eq!(
+                resolve(&pod, &fetched()),
+                Err(ResolveError::Missing(message.to_string()))
+            );
+        }
+        let pod = pod(json!({"containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "v", "configMap": {"name": "cfg", "items": [{"key": "nokey", "path": "p"}]}}]}));
+        assert_eq!(
+            resolve(&pod, &fetched()),
+            Err(ResolveError::Missing(
+                "configmap references non-existent config key: nokey".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn volumes_become_files_with_modes() {
+        let pod = pod(json!({
+            "containers": [{"name": "c", "image": "busybox",
+                "resources": {"limits": {"memory": "64Mi"}}}],
+            "volumes": [
+                {"name": "all", "configMap": {"name": "cfg"}},
+                {"name": "some", "secret": {"secretName": "creds", "defaultMode": 0o400,
+                    "items": [{"key": "password", "path": "db/pass"}, {"key": "user", "path": "user", "mode": 0o440}]}},
+                {"name": "maybe", "configMap": {"name": "absent", "optional": true}},
+                {"name": "info", "downwardAPI": {"items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    {"path": "note", "fieldRef": {"fieldPath": "metadata.annotations['note']"}},
+                    {"path": "mem", "resourceFieldRef": {"containerName": "c", "resource": "limits.memory", "divisor": "1Mi"}}
+                ]}},
+                {"name": "scratch", "emptyDir": {}}
+            ]
+        }));
+        let resolved = resolve(&pod, &fetched()).expect("resolves");
+        let files = |name: &str| -> Vec<(String, String, u32)> {
+            resolved.volumes[name]
+                .iter()
+                .map(|f| {
+                    (
+                        f.path.clone(),
+                        String::from_utf8_lossy(&f.data.0).into_owned(),
+                        f.mode,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            files("all"),
+            vec![
+                ("bad=key".into(), "x".into(), 0o644),
+                ("mode".into(), "fast".into(), 0o644),
+                ("price".into(), "$(HOME)".into(), 0o644),
+            ]
+        );
+        assert_eq!(
+            files("some"),
+            vec![
+                ("db/pass".into(), "s3cr3t".into(), 0o400),
+                ("user".into(), "admin".into(), 0o440)
+            ]
+        );
+        assert!(files("maybe").is_empty());
+        assert_eq!(
+            files("info"),
+            vec![
+                ("labels".into(), "app=\"web\"\ntier=\"front\"".into(), 0o644),
+                ("note".into(), "say \"hi\"\n".into(), 0o644),
+                ("mem".into(), "64".into(), 0o644),
+            ]
+        );
+        assert!(!resolved.volumes.contains_key("scratch"));
+    }
+
+    #[test]
+    fn the_service_account_volume_takes_the_fetched_token() {
+        // As the API server's ServiceAccount admission adds it (see the k3s fixture).
+        let pod = pod(json!({
+            "serviceAccountName": "builder",
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "kube-api-access-x1y2z", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+            ]}}]
+        }));
+        let refs = references(&pod);
+        let spec = TokenSpec {
+            service_account: "builder".into(),
+            audience: None,
+            expiration_secs: 3607,
+        };
+        assert_eq!(refs.tokens, BTreeSet::from([spec.clone()]));
+        assert_eq!(
+            refs.config_maps,
+            BTreeSet::from(["kube-root-ca.crt".to_string()])
+        );
+        let mut objects = Fetched::default();
+        assert_eq!(
+            resolve(&pod, &objects),
+            Err(ResolveError::Missing(
+                "configmap \"kube-root-ca.crt\" not found".into()
+            ))
+        );
+        objects.config_maps.insert(
+            "kube-root-ca.crt".into(),
+            serde_json::from_value(json!({"data": {"ca.crt": "PEM"}})).expect("cm"),
+        );
+        assert!(
+            matches!(resolve(&pod, &objects), Err(ResolveError::Missing(m)) if m.contains("token"))
+        );
+        objects.tokens.insert(spec, "eyJ.token".into());
+        let resolved = resolve(&pod, &objects).expect("resolves");
+        let paths: Vec<(&str, &[u8])> = resolved.volumes["kube-api-access-x1y2z"]
+            .iter()
+            .map(|f| (f.path.as_str(), f.data.0.as_slice()))
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("token", &b"eyJ.token"[..]),
+                ("ca.crt", b"PEM"),
+                ("namespace", b"shop")
+            ]
+        );
+    }
+
+    #[test]
+    fn escaping_paths_and_bad_modes_are_refused() {
+        for (path, mode) in [
+            ("../etc/passwd", 0o644),
+            ("/abs", 0o644),
+            ("a//b", 0o644),
+            ("ok", 0o7777),
+        ] {
+            let pod = pod(json!({"containers": [{"name": "c", "image": "busybox"}],
+                "volumes": [{"name": "v", "configMap": {"name": "cfg", "items": [{"key": "mode", "path": path, "mode": mode}]}}]}));
+            assert!(
+                matches!(resolve(&pod, &fetched()), Err(ResolveError::Invalid { field, .. }) if field == "spec.volumes[0].configMap.items[0].path"),
+                "{path} {mode:o}"
+            );
+        }
+    }
+}
