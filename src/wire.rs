@@ -526,6 +526,7 @@ mod tests {
                 host_ports: vec![],
             }],
             uptime_secs: 5,
+            storage_bytes: 100 << 30,
         });
         round_trip(&heartbeat, MAX_GOSSIP_BYTES);
     }
@@ -558,6 +559,14 @@ mod tests {
             Request::Assign(Box::new(Assign {
                 epoch: Epoch(2),
                 pod,
+                volumes: BTreeMap::from([(
+                    "config".to_string(),
+                    vec![VolumeFile {
+                        path: "app/settings.yaml".into(),
+                        data: k8s_openapi::ByteString(b"\x00binary\xff".to_vec()),
+                        mode: 0o640,
+                    }],
+                )]),
             })),
             Request::Release(Release {
                 pod: pod_ref().uid,
@@ -655,6 +664,7 @@ mod tests {
             free: Resources::default(),
             pods: vec![],
             uptime_secs: 0,
+            storage_bytes: 0,
         });
         let bytes = encode(&hb, MAX_GOSSIP_BYTES).expect("encodes");
         assert!(matches!(

@@ -62,6 +62,7 @@ fn heartbeat(pods: Vec<HostedPod>) -> GossipMessage {
         free: capacity,
         pods,
         uptime_secs: 1,
+        storage_bytes: 0,
     })
 }
 
@@ -100,7 +101,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     let node_id = node_mesh.local_peer_id();
     let node = Node::new(
         NodeConfig {
-            pod_manifest_path: dir.path().to_path_buf(),
+            pod_manifest_path: Some(dir.path().to_path_buf()),
             owner: OwnerConfig {
                 adopt_window: Duration::from_millis(500),
                 offer_window: Duration::from_secs(2),
@@ -110,7 +111,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         node_mesh.clone(),
         Metrics::new(),
     );
-    tokio::spawn(node.run(node_events, cancel.clone()));
+    tokio::spawn(node.run(node_events, None, cancel.clone()));
 
     let mut agents = Vec::new();
     for _ in 0..2 {

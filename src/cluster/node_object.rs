@@ -251,6 +251,7 @@ mod tests {
         assert_eq!(
             status
                 .daemon_endpoints
+                .clone()
                 .and_then(|d| d.kubelet_endpoint)
                 .map(|e| e.port),
             Some(10250)

@@ -45,7 +45,7 @@ const OWNED_FIELDS: [&str; 11] = [
 enum Update {
     Status {
         pod: PodRef,
-        status: PodStatus,
+        status: Box<PodStatus>,
         agent: Option<PeerId>,
     },
     Removed {
@@ -103,7 +103,7 @@ impl StatusSink for ApiStatusSink {
     fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
         let update = Update::Status {
             pod: pod.clone(),
-            status: status.clone(),
+            status: Box::new(status.clone()),
             agent,
         };
         self.0.post(pod.uid.clone(), update);
@@ -181,7 +181,7 @@ pub async fn run(
                 Update::Status { pod, status, agent } => {
                     let previous = seen.get(&uid).map(|(s, a)| (s, *a));
                     events.record(pod, transition_events(pod, previous, status, *agent));
-                    seen.insert(uid.clone(), (status.clone(), *agent));
+                    seen.insert(uid.clone(), ((**status).clone(), *agent));
                     let value = api_status(status);
                     if sent.get(&uid) == Some(&value) {
                         continue;
