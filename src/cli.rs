@@ -251,6 +251,8 @@ mod tests {
                 "/tmp/x",
                 "--listen",
                 "/ip4/127.0.0.1/tcp/1",
+                "--kubelet-port",
+                "0",
             ],
             vec!["beemesh", "status"],
         ] {

@@ -831,6 +831,10 @@ mod tests {
             BTreeSet::from(["kube-root-ca.crt".to_string()])
         );
         let mut objects = Fetched::default();
+        assert!(
+            matches!(resolve(&pod, &objects), Err(ResolveError::Missing(m)) if m.contains("token"))
+        );
+        objects.tokens.insert(spec, "eyJ.token".into());
         assert_eq!(
             resolve(&pod, &objects),
             Err(ResolveError::Missing(
@@ -841,10 +845,6 @@ mod tests {
             "kube-root-ca.crt".into(),
             serde_json::from_value(json!({"data": {"ca.crt": "PEM"}})).expect("cm"),
         );
-        assert!(
-            matches!(resolve(&pod, &objects), Err(ResolveError::Missing(m)) if m.contains("token"))
-        );
-        objects.tokens.insert(spec, "eyJ.token".into());
         let resolved = resolve(&pod, &objects).expect("resolves");
         let paths: Vec<(&str, &[u8])> = resolved.volumes["kube-api-access-x1y2z"]
             .iter()

@@ -3144,7 +3144,7 @@ mod tests {
         );
         assert_eq!(
             message(&[("/spec/containers/0/env", json!([{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]))]),
-            "spec.containers[0].env[0].valueFrom.configMapKeyRef: configMapKeyRef needs the Kubernetes API; not supported yet"
+            "spec.containers[0].env[0].valueFrom.configMapKeyRef: configMaps and secrets need a Kubernetes API server (pods from manifest files cannot use them)"
         );
         assert_eq!(
             message(&[(
