@@ -1,0 +1,297 @@
+//! The virtual node against the test fake API server, with the real kubectl, real
+//! agents and real Podman: registration, pods applied with kubectl running on the mesh
+//! with their configMaps and secrets, status and events in the API, deletion.
+
+mod common;
+mod fake_apiserver;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{podman_containers, podman_logs, podman_pods, Mesh};
+use fake_apiserver::FakeApiServer;
+use serde_json::Value;
+
+/// Runs kubectl against `kubeconfig`; its success and combined output.
+fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("kubectl ends");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn kubectl_json(kubeconfig: &Path, args: &[&str]) -> Option<Value> {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let (ok, out) = kubectl(kubeconfig, &all, None);
+    ok.then(|| serde_json::from_str(&out).ok()).flatten()
+}
+
+/// The fake API server runs on its own runtime thread, so that the blocking test body
+/// (processes, kubectl) does not starve it.
+fn start_fake() -> (FakeApiServer, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = runtime.block_on(FakeApiServer::start());
+    (server, runtime)
+}
+
+const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Equal, value: beemesh, effect: NoSchedule}]
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'echo "env=$GREETING secret=$PASSWORD file=$(cat /etc/cfg/greeting) node=$NODE"; sleep 3600']
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    volumeMounts: [{name: cfg, mountPath: /etc/cfg}]
+  volumes:
+  - {name: cfg, configMap: {name: cfg}}
+"#;
+
+const CONFIG: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg, namespace: default}
+data: {greeting: hello}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: default}
+data: {password: czNjcjN0}
+"#;
+
+/// Reasons of the events in the default namespace, oldest first.
+fn event_reasons(kubeconfig: &Path) -> Vec<String> {
+    let events = kubectl_json(kubeconfig, &["get", "events", "-n", "default"]).expect("events");
+    events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn condition(object: &Value, type_: &str) -> Option<String> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() {
+    let (server, _runtime) = start_fake();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let kc = kubeconfig.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-ip", "127.0.0.1"]);
+
+    // Registered with the node's labels and taint, NotReady until an agent joins.
+    let node = mesh.wait_for("the Node object", Duration::from_secs(20), || {
+        server.object("nodes", "", "beemesh")
+    });
+    assert_eq!(node["metadata"]["labels"]["type"], "virtual-kubelet");
+    assert_eq!(
+        node["spec"]["taints"][0]["key"],
+        "virtual-kubelet.io/provider"
+    );
+    mesh.wait_for(
+        "Ready False without agents",
+        Duration::from_secs(10),
+        || {
+            let node = server.object("nodes", "", "beemesh")?;
+            (condition(&node, "Ready")? == "False").then_some(())
+        },
+    );
+    mesh.start_agent(&[]);
+    let node = mesh.wait_for("Ready with an agent", Duration::from_secs(20), || {
+        let node = server.object("nodes", "", "beemesh")?;
+        (condition(&node, "Ready")? == "True").then_some(node)
+    });
+    assert_ne!(node["status"]["capacity"]["cpu"], "0m");
+    assert_eq!(
+        node["status"]["addresses"],
+        serde_json::json!([{"type": "InternalIP", "address": "127.0.0.1"}])
+    );
+    assert_eq!(
+        node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"],
+        10250
+    );
+    let lease = server
+        .object("leases", "kube-node-lease", "beemesh")
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "beemesh");
+
+    // The pod waits for its configMap and secret as the kubelet's does.
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(POD),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    mesh.wait_for(
+        "CreateContainerConfigError",
+        Duration::from_secs(20),
+        || {
+            let pod = kubectl_json(&kubeconfig, &["get", "pod", "web"])?;
+            let waiting = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
+            (waiting["reason"] == "CreateContainerConfigError").then(|| {
+                assert!(
+                    waiting["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("cfg"),
+                    "{waiting}"
+                );
+            })
+        },
+    );
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(CONFIG),
+    );
+    assert!(ok, "kubectl apply config: {out}");
+
+    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
+        let pod = kubectl_json(&kubeconfig, &["get", "pod", "web"])?;
+        (pod["status"]["phase"] == "Running"
+            && pod["status"]["containerStatuses"][0]["ready"] == true)
+            .then_some(pod)
+    });
+    let status = &pod["status"];
+    assert!(
+        status["podIP"].as_str().is_some_and(|ip| !ip.is_empty()),
+        "{status}"
+    );
+    assert_eq!(status["podIPs"][0]["ip"], status["podIP"]);
+    assert_eq!(status["hostIP"], "127.0.0.1");
+    assert!(status["startTime"].is_string(), "{status}");
+    assert_eq!(condition(&pod, "Ready").as_deref(), Some("True"));
+    assert_eq!(condition(&pod, "PodScheduled").as_deref(), Some("True"));
+    assert!(status["containerStatuses"][0]["containerID"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+
+    // What the container saw: values from the configMap, the secret and the API.
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let label = format!("io.beemesh.pod.uid={uid}");
+    let containers = podman_containers(&label);
+    let name = containers
+        .iter()
+        .find(|c| c["Labels"]["io.beemesh.container"] == "c")
+        .and_then(|c| c["Names"][0].as_str())
+        .expect("container")
+        .to_owned();
+    let line = mesh.wait_for("the container's output", Duration::from_secs(10), || {
+        let logs = podman_logs(&name);
+        logs.contains("env=").then_some(logs)
+    });
+    assert!(
+        line.contains("env=hello secret=s3cr3t file=hello node=beemesh"),
+        "{line}"
+    );
+
+    // Events as the kubelet records them.
+    let reasons = event_reasons(&kubeconfig);
+    for reason in ["Scheduled", "Pulled", "Created", "Started", "Failed"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} event in {reasons:?}"
+        );
+    }
+
+    // The pod is never re-patched with the same status: a quiet pod costs no writes.
+    let before = kubectl_json(&kubeconfig, &["get", "pod", "web"]).expect("pod");
+    std::thread::sleep(Duration::from_secs(12));
+    let after = kubectl_json(&kubeconfig, &["get", "pod", "web"]).expect("pod");
+    assert_eq!(
+        before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"],
+        "an unchanged status was written again"
+    );
+
+    // kubectl delete waits until the node has stopped the pod and removed it.
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["delete", "pod", "web", "--timeout=60s"],
+        None,
+    );
+    assert!(ok, "kubectl delete: {out}");
+    assert!(server.object("pods", "default", "web").is_none());
+    assert!(
+        podman_pods(&label).is_empty(),
+        "the Podman pod is still there"
+    );
+    let reasons = event_reasons(&kubeconfig);
+    assert!(reasons.iter().any(|r| r == "Killing"), "{reasons:?}");
+}
+
+#[test]
+fn the_node_needs_a_source_of_pods_and_leaves_the_node_not_ready_on_exit() {
+    let out = Command::new(common::bin())
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--state-dir"])
+        .arg(tempfile::tempdir().expect("tempdir").path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no pods to run"), "{stderr}");
+
+    let (server, _runtime) = start_fake();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let kc = kubeconfig.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-name", "edge-1"]);
+    mesh.start_agent(&[]);
+    mesh.wait_for("Ready", Duration::from_secs(20), || {
+        let node = server.object("nodes", "", "edge-1")?;
+        (condition(&node, "Ready")? == "True").then_some(())
+    });
+    let pid = mesh.node().child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    mesh.wait_for("NotReady after exit", Duration::from_secs(15), || {
+        let node = server.object("nodes", "", "edge-1")?;
+        (condition(&node, "Ready")? == "False").then_some(())
+    });
+}
