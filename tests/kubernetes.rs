@@ -295,3 +295,68 @@ fn the_node_needs_a_source_of_pods_and_leaves_the_node_not_ready_on_exit() {
         (condition(&node, "Ready")? == "False").then_some(())
     });
 }
+
+const SLEEPER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: sleeper, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 3
+  automountServiceAccountToken: false
+  containers: [{name: c, image: localhost/busybox:1.35, command: [sleep, "3600"]}]
+"#;
+
+#[test]
+fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
+    let (server, _runtime) = start_fake();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let kc = kubeconfig.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-ip", "127.0.0.1"]);
+    mesh.start_agent(&[]);
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(SLEEPER),
+    );
+    assert!(ok, "kubectl apply: {out}");
+    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
+        let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"])?;
+        (pod["status"]["phase"] == "Running").then_some(pod)
+    });
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let label = format!("io.beemesh.pod.uid={uid}");
+    let container_ids = || -> Vec<String> {
+        podman_containers(&label)
+            .iter()
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let before = container_ids();
+    assert_eq!(before.len(), 1);
+
+    // SIGKILL and restart: the node rebuilds its view from the API and the agents.
+    mesh.node().kill();
+    mesh.start_node();
+    let restarted_at = std::time::Instant::now();
+    while restarted_at.elapsed() < Duration::from_secs(12) {
+        assert_eq!(container_ids(), before, "the pod was restarted or copied");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
+    assert_eq!(pod["metadata"]["uid"], uid.as_str());
+
+    // Force-deleted: gone from the API at once, so the mesh stops it.
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["delete", "pod", "sleeper", "--grace-period=0", "--force"],
+        None,
+    );
+    assert!(ok, "kubectl delete: {out}");
+    mesh.wait_for("the Podman pod removed", Duration::from_secs(20), || {
+        podman_pods(&label).is_empty().then_some(())
+    });
+}
