@@ -342,14 +342,10 @@ impl PodSource {
         let (Some(token), Some(expires)) = (status.token, status.expiration_timestamp) else {
             return Err(no_token());
         };
-        let now = Timestamp::now();
-        let lifetime = expires.0.duration_since(now).as_secs_f64().max(0.0);
-        let refresh_in =
-            k8s_openapi::jiff::SignedDuration::from_secs_f64(lifetime * TOKEN_REFRESH_SHARE);
         tracing::debug!(pod = ?pod.metadata.name, account = %spec.service_account, "service account token issued");
         Ok(Token {
             value: token,
-            refresh_at: now.checked_add(refresh_in).unwrap_or(now),
+            refresh_at: refresh_time(Timestamp::now(), expires.0),
         })
     }
 
@@ -379,7 +375,48 @@ impl PodSource {
     }
 }
 
+/// When a token issued at `now` and expiring at `expires` is replaced.
+fn refresh_time(now: Timestamp, expires: Timestamp) -> Timestamp {
+    let lifetime = expires.duration_since(now).as_secs_f64().max(0.0);
+    let refresh_in =
+        k8s_openapi::jiff::SignedDuration::from_secs_f64(lifetime * TOKEN_REFRESH_SHARE);
+    now.checked_add(refresh_in).unwrap_or(now)
+}
+
 /// The API could not be asked: the pod waits, and the next attempt may succeed.
 fn unavailable(kind: &str, name: &str, error: &kube::Error) -> ResolveError {
     ResolveError::Missing(format!("cannot read {kind} \"{name}\": {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_replaced_at_four_fifths_of_their_lifetime() {
+        let issued = Timestamp::from_second(1_000_000).expect("time");
+        let expires = Timestamp::from_second(1_000_000 + 3607).expect("time");
+        let at = refresh_time(issued, expires);
+        assert_eq!(at.duration_since(issued).as_secs(), 2885);
+        // An already expired token is replaced at once.
+        assert_eq!(refresh_time(expires, issued), expires);
+    }
+
+    #[test]
+    fn resolution_ignores_status_and_bookkeeping_changes() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u", "resourceVersion": "1"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Pending"}
+        }))
+        .expect("pod");
+        let before = essentials(&pod);
+        pod.metadata.resource_version = Some("2".into());
+        pod.status.as_mut().expect("status").phase = Some("Running".into());
+        assert_eq!(essentials(&pod), before);
+        pod.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        assert_ne!(essentials(&pod), before);
+    }
 }
