@@ -58,11 +58,10 @@ async fn kubectl_applies_gets_and_deletes_pods() {
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = server.write_kubeconfig(dir.path());
     let cfg = kubeconfig.clone();
-    let (ok, out) = tokio::task::spawn_blocking(move || {
-        kubectl(&cfg, &["apply", "-f", "-"], Some(POD))
-    })
-    .await
-    .expect("task");
+    let (ok, out) =
+        tokio::task::spawn_blocking(move || kubectl(&cfg, &["apply", "-f", "-"], Some(POD)))
+            .await
+            .expect("task");
     assert!(ok, "{out}");
     assert!(out.contains("pod/web created"), "{out}");
     let cfg = kubeconfig.clone();
@@ -257,8 +256,11 @@ async fn scheduling_status_patches_conflicts_watches_and_graceful_deletion() {
     }
 }
 
-
-async fn run_kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+async fn run_kubectl(
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String) {
     let kubeconfig = kubeconfig.to_path_buf();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.map(str::to_string);
@@ -357,7 +359,10 @@ async fn service_account_admission_defaults_checks_and_mounts_the_token() {
     let name = token_volume["name"].as_str().expect("name");
     let suffix = name.strip_prefix("kube-api-access-").expect("prefix");
     assert!(
-        suffix.len() == 5 && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        suffix.len() == 5
+            && suffix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
         "{name}"
     );
     // Exactly what the real API server added to the recorded pod, but for the name.
@@ -403,8 +408,10 @@ async fn service_account_admission_defaults_checks_and_mounts_the_token() {
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
     sas.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "robot"}, "automountServiceAccountToken": false}))
-            .expect("sa"),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "robot"}, "automountServiceAccountToken": false}),
+        )
+        .expect("sa"),
     )
     .await
     .expect("sa");
@@ -488,8 +495,10 @@ async fn token_requests_for_bound_pods() {
         if let Some(seconds) = seconds {
             spec["expirationSeconds"] = json!(seconds);
         }
-        serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}))
-            .expect("token request")
+        serde_json::from_value(
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}),
+        )
+        .expect("token request")
     };
 
     // Discoverable as the real /api/v1 lists it.
@@ -526,15 +535,24 @@ async fn token_requests_for_bound_pods() {
     let status = answer.status.expect("status");
     let expires = status.expiration_timestamp.expect("expiry").0.as_second();
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
-    assert!((now + 3590..=now + 3610).contains(&expires), "{expires} vs {now}");
+    assert!(
+        (now + 3590..=now + 3610).contains(&expires),
+        "{expires} vs {now}"
+    );
     let token = status.token.expect("token");
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3, "{token}");
     let claims: Value = serde_json::from_slice(&base64url_decode(parts[1])).expect("claims");
     assert_eq!(claims["sub"], "system:serviceaccount:default:default");
-    assert_eq!(claims["aud"], json!(["https://kubernetes.default.svc.cluster.local"]));
+    assert_eq!(
+        claims["aud"],
+        json!(["https://kubernetes.default.svc.cluster.local"])
+    );
     assert!(claims["iss"].is_string());
-    assert_eq!(claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat"), 3600);
+    assert_eq!(
+        claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat"),
+        3600
+    );
     let sa = sas.get("default").await.expect("sa");
     assert_eq!(
         claims["kubernetes.io"],
@@ -546,13 +564,22 @@ async fn token_requests_for_bound_pods() {
     );
 
     // The admission plugin's 3607 s, asked again: a refresh, seen by the test.
-    sas.create_token_request("default", &PostParams::default(), &request(Some(3607), &uid))
-        .await
-        .expect("refresh");
+    sas.create_token_request(
+        "default",
+        &PostParams::default(),
+        &request(Some(3607), &uid),
+    )
+    .await
+    .expect("refresh");
     let issued = server.tokens_issued();
     assert_eq!(issued.len(), 2);
     assert_eq!(
-        (issued[1].namespace.as_str(), issued[1].service_account.as_str(), issued[1].pod.as_deref(), issued[1].expiration_seconds),
+        (
+            issued[1].namespace.as_str(),
+            issued[1].service_account.as_str(),
+            issued[1].pod.as_deref(),
+            issued[1].expiration_seconds
+        ),
         ("default", "default", Some("web"), 3607)
     );
 
@@ -573,15 +600,28 @@ async fn token_requests_for_bound_pods() {
             .await
             .expect_err("no sa"),
     );
-    assert_eq!((status.code, status.message.as_str()), (404, "serviceaccounts \"nobody\" not found"));
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (404, "serviceaccounts \"nobody\" not found")
+    );
     // A pod that was deleted and made again has another uid: 409 Conflict.
     let status = api_error(
-        sas.create_token_request("default", &PostParams::default(), &request(None, "0000-stale"))
-            .await
-            .expect_err("stale uid"),
+        sas.create_token_request(
+            "default",
+            &PostParams::default(),
+            &request(None, "0000-stale"),
+        )
+        .await
+        .expect_err("stale uid"),
     );
     assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
-    assert!(status.message.contains("the UID in the bound object reference (0000-stale) does not match"), "{}", status.message);
+    assert!(
+        status
+            .message
+            .contains("the UID in the bound object reference (0000-stale) does not match"),
+        "{}",
+        status.message
+    );
     // A pod that does not exist: 404.
     pods.delete("web", &kube::api::DeleteParams::default().grace_period(0))
         .await
@@ -591,8 +631,15 @@ async fn token_requests_for_bound_pods() {
             .await
             .expect_err("no pod"),
     );
-    assert_eq!((status.code, status.message.as_str()), (404, "pods \"web\" not found"));
-    assert_eq!(server.tokens_issued().len(), 2, "failed requests issue nothing");
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (404, "pods \"web\" not found")
+    );
+    assert_eq!(
+        server.tokens_issued().len(),
+        2,
+        "failed requests issue nothing"
+    );
 }
 
 const TYPO_POD: &str = r#"
@@ -618,17 +665,33 @@ async fn kubectl_validates_against_the_servers_schema() {
     );
     assert!(server.object("pods", "default", "typo").is_none());
     // --validate=warn: created without the unknown field, and a warning.
-    let (ok, out) = run_kubectl(&kubeconfig, &["apply", "--validate=warn", "-f", "-"], Some(TYPO_POD)).await;
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &["apply", "--validate=warn", "-f", "-"],
+        Some(TYPO_POD),
+    )
+    .await;
     assert!(ok, "{out}");
-    assert!(out.contains("Warning: unknown field \"spec.restartPolicyy\""), "{out}");
+    assert!(
+        out.contains("Warning: unknown field \"spec.restartPolicyy\""),
+        "{out}"
+    );
     let stored = server.object("pods", "default", "typo").expect("created");
     assert!(stored["spec"]["restartPolicyy"].is_null());
     assert_eq!(stored["spec"]["restartPolicy"], "Always");
     // A patch (apply to an existing pod) is checked too.
     let (ok, out) = run_kubectl(&kubeconfig, &["apply", "-f", "-"], Some(TYPO_POD)).await;
-    assert!(!ok && out.contains("strict decoding error: unknown field \"spec.restartPolicyy\""), "{out}");
+    assert!(
+        !ok && out.contains("strict decoding error: unknown field \"spec.restartPolicyy\""),
+        "{out}"
+    );
     // Server-side apply types the configuration whatever fieldValidation says.
-    let (ok, out) = run_kubectl(&kubeconfig, &["apply", "--server-side", "-f", "-"], Some(TYPO_POD)).await;
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &["apply", "--server-side", "-f", "-"],
+        Some(TYPO_POD),
+    )
+    .await;
     assert!(!ok, "{out}");
     assert!(
         out.contains("failed to create typed patch object (default/typo; /v1, Kind=Pod): .spec.restartPolicyy: field not declared in schema"),
@@ -659,4 +722,144 @@ async fn kubectl_validates_against_the_servers_schema() {
     assert_eq!(patched.spec.expect("spec").containers.len(), 1);
     let stored = server.object("pods", "default", "typo").expect("stored");
     assert!(stored["spec"]["containers"][0]["imagee"].is_null());
+}
+
+#[tokio::test]
+async fn events_show_in_kubectl_describe_and_get() {
+    let server = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let client = client(&server).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_yaml::from_str(POD).expect("pod");
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let uid = pod.metadata.uid.clone().expect("uid");
+    let event = |name: &str, reason: &str, message: &str, object_uid: &str| -> Event {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "involvedObject": {"kind": "Pod", "namespace": "default", "name": "web", "uid": object_uid, "apiVersion": "v1", "fieldPath": "spec.containers{c}"},
+            "reason": reason,
+            "message": message,
+            "type": "Normal",
+            "source": {"component": "beemesh", "host": "node-1"},
+            "firstTimestamp": "2026-01-01T00:00:00Z",
+            "lastTimestamp": "2026-01-01T00:00:00Z",
+            "count": 2
+        }))
+        .expect("event")
+    };
+    events
+        .create(
+            &PostParams::default(),
+            &event(
+                "web.1",
+                "Pulled",
+                "Container image already present on machine",
+                &uid,
+            ),
+        )
+        .await
+        .expect("event");
+    // An event of an older pod of the same name is not this pod's.
+    events
+        .create(
+            &PostParams::default(),
+            &event("web.2", "Killing", "Stopping container c", "old-uid"),
+        )
+        .await
+        .expect("event");
+
+    // The selector kubectl describe uses.
+    let selected = events
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.name=web,involvedObject.namespace=default,involvedObject.uid={uid}"
+        )))
+        .await
+        .expect("list");
+    let names: Vec<String> = selected
+        .items
+        .iter()
+        .filter_map(|e| e.metadata.name.clone())
+        .collect();
+    assert_eq!(names, vec!["web.1".to_string()]);
+    // Field labels the API does not support are a 400, as on a real server.
+    let status = api_error(
+        events
+            .list(&ListParams::default().fields("message=x"))
+            .await
+            .expect_err("unsupported label"),
+    );
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "field label not supported: message")
+    );
+
+    let (ok, out) = run_kubectl(&kubeconfig, &["describe", "pod", "web"], None).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("Service Account:  default"), "{out}");
+    assert!(
+        out.contains("/var/run/secrets/kubernetes.io/serviceaccount from kube-api-access-"),
+        "{out}"
+    );
+    let events_section = out.split("Events:").nth(1).expect("Events section");
+    assert!(
+        events_section.contains("Pulled")
+            && events_section.contains("Container image already present on machine"),
+        "{out}"
+    );
+    assert!(events_section.contains("beemesh"), "{out}");
+    assert!(!events_section.contains("Killing"), "{out}");
+
+    // kubectl get events: the server prints the table, as a real one does.
+    let (ok, out) = run_kubectl(&kubeconfig, &["get", "events"], None).await;
+    assert!(ok, "{out}");
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header
+            .split_whitespace()
+            .eq(["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.contains("Pulled")
+            && l.contains("pod/web")
+            && l.contains("Container image already present on machine")),
+        "{out}"
+    );
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=Killing",
+            "-o",
+            "wide",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("beemesh, node-1") && out.contains("Killing") && !out.contains("Pulled"),
+        "{out}"
+    );
+    let (ok, out) = run_kubectl(&kubeconfig, &["get", "pods"], None).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .eq(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]),
+        "{out}"
+    );
+    assert!(
+        out.contains("web") && out.contains("0/1") && out.contains("Pending"),
+        "{out}"
+    );
 }

@@ -291,15 +291,92 @@ fn field(object: &Value, path: &str) -> String {
 
 /// `a=b,c!=d` over fields; the API server supports `=`, `==` and `!=`.
 fn field_selector_matches(selector: &str, object: &Value) -> bool {
+    // The few labels that are not the field's path, as the API's field label
+    // conversion functions map them.
+    let value = |label: &str| match label {
+        "source" => field(object, "source.component"),
+        "spec.hostNetwork" if field(object, label).is_empty() => "false".to_string(),
+        _ => field(object, label),
+    };
     selector.split(',').filter(|t| !t.is_empty()).all(|term| {
         if let Some((k, v)) = term.split_once("!=") {
-            field(object, k) != v
+            value(k) != v
         } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            field(object, k) == v
+            value(k) == v
         } else {
             false
         }
     })
+}
+
+/// The field labels each resource supports in a fieldSelector (the API's
+/// AddFieldLabelConversionFunc registrations); others are a 400.
+fn field_labels(resource: &Resource) -> &'static [&'static str] {
+    match (resource.group, resource.plural) {
+        ("", "pods") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        ],
+        ("", "nodes") => &["spec.unschedulable"],
+        ("", "namespaces") => &["status.phase"],
+        ("", "secrets") => &["type"],
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        _ => &[],
+    }
+}
+
+fn check_field_selector(
+    resource: &Resource,
+    params: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(selector) = params.get("fieldSelector") else {
+        return Ok(());
+    };
+    for term in selector.split(',').filter(|t| !t.is_empty()) {
+        let label = term
+            .split_once("!=")
+            .or_else(|| term.split_once("=="))
+            .or_else(|| term.split_once('='))
+            .map(|(k, _)| k);
+        let Some(label) = label else {
+            return Err(status(
+                400,
+                "BadRequest",
+                format!("invalid selector: '{selector}'; can't understand '{term}'"),
+                None,
+            ));
+        };
+        if !matches!(label, "metadata.name" | "metadata.namespace")
+            && !field_labels(resource).contains(&label)
+        {
+            return Err(status(
+                400,
+                "BadRequest",
+                format!("field label not supported: {label}"),
+                None,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Equality-based label selectors (`a=b,c!=d,e`, `!f`).
@@ -822,7 +899,8 @@ fn default_pod(pod: &mut Value) {
         let tolerated = spec["tolerations"].as_array().is_some_and(|list| {
             list.iter().any(|t| {
                 (t["key"] == taint || t["key"].as_str().is_none_or(str::is_empty))
-                    && (t["effect"] == "NoExecute" || t["effect"].as_str().is_none_or(str::is_empty))
+                    && (t["effect"] == "NoExecute"
+                        || t["effect"].as_str().is_none_or(str::is_empty))
             })
         });
         if !tolerated {
@@ -959,8 +1037,8 @@ impl FakeApiServer {
                             body: body.to_vec(),
                         };
                         let mut warnings = vec![];
-                        let mut reply = route(store, request, &mut warnings)
-                            .unwrap_or_else(ApiError::reply);
+                        let mut reply =
+                            route(store, request, &mut warnings).unwrap_or_else(ApiError::reply);
                         for warning in warnings {
                             // RFC 7234 warn-code 299, the text quoted.
                             let text = format!(
@@ -1070,8 +1148,9 @@ fn route(
     let resource = target.resource;
     let kind = resource.kind;
     let version = resource.version;
-    let decode_error =
-        move |e: String| format!("{kind} in version \"{version}\" cannot be handled as a {kind}: {e}");
+    let decode_error = move |e: String| {
+        format!("{kind} in version \"{version}\" cannot be handled as a {kind}: {e}")
+    };
     let parse_body = || -> Result<Value, ApiError> {
         let text = String::from_utf8_lossy(&body);
         // Apply patches may be YAML; JSON is YAML.
@@ -1080,15 +1159,27 @@ fn route(
     };
     match (method.as_str(), &target.name) {
         ("GET", None) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            check_field_selector(&resource, &params)?;
             Ok(watch(store, target, params))
         }
-        ("GET", None) => Ok(list(&store, &target, &params)),
+        ("GET", None) => {
+            check_field_selector(&resource, &params)?;
+            let list = list(&store, &target, &params);
+            Ok(match table_wanted(&resource, accept.as_deref()) {
+                true => reply_json(200, &table(&resource, &list, &params)),
+                false => reply_json(200, &list),
+            })
+        }
         ("GET", Some(name)) => {
             let store = store.lock().expect("store");
             match store
                 .objects
                 .get(&Store::key(&target.resource, &target.namespace, name))
             {
+                Some(object) if table_wanted(&resource, accept.as_deref()) => {
+                    let list = json!({"metadata": {"resourceVersion": object["metadata"]["resourceVersion"]}, "items": [object]});
+                    Ok(reply_json(200, &table(&resource, &list, &params)))
+                }
                 Some(object) => Ok(reply_json(200, object)),
                 None => Err(not_found(&target.resource, name)),
             }
@@ -1189,7 +1280,7 @@ fn route(
     }
 }
 
-fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, String>) -> Reply {
+fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, String>) -> Value {
     let store = store.lock().expect("store");
     let items: Vec<Value> = store
         .objects
@@ -1208,15 +1299,12 @@ fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, St
         })
         .map(|(_, v)| v.clone())
         .collect();
-    reply_json(
-        200,
-        &json!({
-            "kind": format!("{}List", target.resource.kind),
-            "apiVersion": target.resource.api_version(),
-            "metadata": {"resourceVersion": store.rv.to_string()},
-            "items": items,
-        }),
-    )
+    json!({
+        "kind": format!("{}List", target.resource.kind),
+        "apiVersion": target.resource.api_version(),
+        "metadata": {"resourceVersion": store.rv.to_string()},
+        "items": items,
+    })
 }
 
 fn update(
@@ -1474,7 +1562,9 @@ fn token_request(
                 GROUP,
                 name,
                 &format!("metadata.{field}"),
-                format!("Invalid value: \"{sent}\": must match the service account {what} if specified"),
+                format!(
+                    "Invalid value: \"{sent}\": must match the service account {what} if specified"
+                ),
             ));
         }
     }
@@ -1509,7 +1599,9 @@ fn token_request(
             GROUP,
             "",
             "spec.expirationSeconds",
-            format!("Invalid value: {expiration}: may not specify a duration larger than 2^32 seconds"),
+            format!(
+                "Invalid value: {expiration}: may not specify a duration larger than 2^32 seconds"
+            ),
         ));
     }
     let audiences: Vec<String> = spec["audiences"]
@@ -1597,7 +1689,8 @@ fn token_request(
         "namespace": namespace,
         "serviceaccount": {"name": name, "uid": field(&sa, "metadata.uid")},
     });
-    let reference = |o: &Value| json!({"name": field(o, "metadata.name"), "uid": field(o, "metadata.uid")});
+    let reference =
+        |o: &Value| json!({"name": field(o, "metadata.name"), "uid": field(o, "metadata.uid")});
     if let Some(pod) = &bound_pod {
         private["pod"] = reference(pod);
     }
@@ -1623,7 +1716,11 @@ fn token_request(
     });
     let signed = format!(
         "{}.{}",
-        base64url(json!({"alg": "RS256", "kid": "fake-apiserver"}).to_string().as_bytes()),
+        base64url(
+            json!({"alg": "RS256", "kid": "fake-apiserver"})
+                .to_string()
+                .as_bytes()
+        ),
         base64url(claims.to_string().as_bytes())
     );
     // Not a signature: nothing here verifies it.
@@ -1932,4 +2029,223 @@ fn check_apply(
         format!("failed to create typed patch object ({object}; {group}/{version}, Kind={kind}): {errors}"),
         None,
     ))
+}
+
+/// Whether a GET asks for server-side printing (`kubectl get` does); answered for the
+/// kinds whose printers the fake has, pods and core events, as the real printers
+/// (pkg/printers/internalversion) print them.
+fn table_wanted(resource: &Resource, accept: Option<&str>) -> bool {
+    resource.group.is_empty()
+        && matches!(resource.plural, "pods" | "events")
+        && accept.is_some_and(|a| {
+            a.split(',').any(|t| {
+                t.contains("as=Table") && t.contains("g=meta.k8s.io") && t.contains("v=v1")
+            })
+        })
+}
+
+/// How long ago, as the API server's printers say it (duration.HumanDuration).
+fn age(time: &str) -> String {
+    let Ok(then) = time.parse::<k8s_openapi::jiff::Timestamp>() else {
+        return "<unknown>".to_string();
+    };
+    let seconds = k8s_openapi::jiff::Timestamp::now().as_second() - then.as_second();
+    let (minutes, hours) = (seconds / 60, seconds / 3600);
+    match seconds {
+        s if s < -1 => "<invalid>".to_string(),
+        s if s < 0 => "0s".to_string(),
+        s if s < 120 => format!("{s}s"),
+        _ if minutes < 10 && seconds % 60 == 0 => format!("{minutes}m"),
+        _ if minutes < 10 => format!("{minutes}m{}s", seconds % 60),
+        _ if minutes < 180 => format!("{minutes}m"),
+        _ if hours < 8 && minutes % 60 == 0 => format!("{hours}h"),
+        _ if hours < 8 => format!("{hours}h{}m", minutes % 60),
+        _ if hours < 48 => format!("{hours}h"),
+        _ if hours < 192 && hours % 24 == 0 => format!("{}d", hours / 24),
+        _ if hours < 192 => format!("{}d{}h", hours / 24, hours % 24),
+        _ if hours < 24 * 365 * 2 => format!("{}d", hours / 24),
+        _ if hours < 24 * 365 * 8 && (hours / 24) % 365 == 0 => format!("{}y", hours / 24 / 365),
+        _ if hours < 24 * 365 * 8 => format!("{}y{}d", hours / 24 / 365, (hours / 24) % 365),
+        _ => format!("{}y", hours / 24 / 365),
+    }
+}
+
+fn pod_row(pod: &Value) -> Vec<Value> {
+    let containers = pod["spec"]["containers"].as_array().map_or(0, Vec::len);
+    let statuses = pod["status"]["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let ready = statuses.iter().filter(|s| s["ready"] == true).count();
+    let restarts: i64 = statuses
+        .iter()
+        .filter_map(|s| s["restartCount"].as_i64())
+        .sum();
+    let mut reason = pod["status"]["reason"]
+        .as_str()
+        .or(pod["status"]["phase"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    for s in statuses.iter().rev() {
+        let state = &s["state"];
+        if let Some(why) = state["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            reason = why.to_string();
+        } else if let Some(why) = state["terminated"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            reason = why.to_string();
+        } else if state["terminated"].is_object() {
+            reason = match state["terminated"]["signal"].as_i64().filter(|s| *s != 0) {
+                Some(signal) => format!("Signal:{signal}"),
+                None => format!(
+                    "ExitCode:{}",
+                    state["terminated"]["exitCode"].as_i64().unwrap_or(0)
+                ),
+            };
+        }
+    }
+    if !pod["metadata"]["deletionTimestamp"].is_null() && reason != "NodeLost" {
+        reason = "Terminating".to_string();
+    }
+    let or_none = |v: String| {
+        if v.is_empty() {
+            "<none>".to_string()
+        } else {
+            v
+        }
+    };
+    vec![
+        json!(field(pod, "metadata.name")),
+        json!(format!("{ready}/{containers}")),
+        json!(reason),
+        json!(restarts.to_string()),
+        json!(age(&field(pod, "metadata.creationTimestamp"))),
+        json!(or_none(field(pod, "status.podIP"))),
+        json!(or_none(field(pod, "spec.nodeName"))),
+        json!(or_none(field(pod, "status.nominatedNodeName"))),
+        json!("<none>"),
+    ]
+}
+
+fn event_row(event: &Value) -> Vec<Value> {
+    let first = match field(event, "firstTimestamp") {
+        t if t.is_empty() => age(&field(event, "eventTime")),
+        t => age(&t),
+    };
+    let mut last = match field(event, "lastTimestamp") {
+        t if t.is_empty() => first.clone(),
+        t => age(&t),
+    };
+    let mut count = event["count"].as_i64().unwrap_or(0);
+    if event["series"].is_object() {
+        last = age(&field(event, "series.lastObservedTime"));
+        count = event["series"]["count"].as_i64().unwrap_or(0);
+    } else if count == 0 {
+        count = 1;
+    }
+    let kind = field(event, "involvedObject.kind").to_lowercase();
+    let name = field(event, "involvedObject.name");
+    let target = if name.is_empty() {
+        kind
+    } else {
+        format!("{kind}/{name}")
+    };
+    let first_non_empty = |a: String, b: String| if a.is_empty() { b } else { a };
+    let component = first_non_empty(
+        field(event, "source.component"),
+        field(event, "reportingComponent"),
+    );
+    let instance = first_non_empty(
+        field(event, "source.host"),
+        field(event, "reportingInstance"),
+    );
+    let source = match (component.is_empty(), instance.is_empty()) {
+        (true, _) => "<unknown>".to_string(),
+        (false, true) => component,
+        (false, false) => format!("{component}, {instance}"),
+    };
+    vec![
+        json!(last),
+        json!(field(event, "type")),
+        json!(field(event, "reason")),
+        json!(target),
+        json!(field(event, "involvedObject.fieldPath")),
+        json!(source),
+        json!(field(event, "message").trim()),
+        json!(first),
+        json!(count),
+        json!(field(event, "metadata.name")),
+    ]
+}
+
+/// Prints one object as a Table row's cells.
+type Printer = fn(&Value) -> Vec<Value>;
+
+/// A meta.k8s.io/v1 Table of a list (or of one object, as a list of one).
+fn table(resource: &Resource, list: &Value, params: &BTreeMap<String, String>) -> Value {
+    let column = |name: &str, kind: &str, format: &str, priority: u8| json!({"name": name, "type": kind, "format": format, "description": "", "priority": priority});
+    let (columns, row): (Vec<Value>, Printer) = match resource.plural {
+        "pods" => (
+            vec![
+                column("Name", "string", "name", 0),
+                column("Ready", "string", "", 0),
+                column("Status", "string", "", 0),
+                column("Restarts", "string", "", 0),
+                column("Age", "string", "", 0),
+                column("IP", "string", "", 1),
+                column("Node", "string", "", 1),
+                column("Nominated Node", "string", "", 1),
+                column("Readiness Gates", "string", "", 1),
+            ],
+            pod_row,
+        ),
+        _ => (
+            vec![
+                column("Last Seen", "string", "", 0),
+                column("Type", "string", "", 0),
+                column("Reason", "string", "", 0),
+                column("Object", "string", "", 0),
+                column("Subobject", "string", "", 1),
+                column("Source", "string", "", 1),
+                column("Message", "string", "", 0),
+                column("First Seen", "string", "", 1),
+                column("Count", "integer", "", 1),
+                column("Name", "string", "", 1),
+            ],
+            event_row,
+        ),
+    };
+    let include = params
+        .get("includeObject")
+        .map_or("Metadata", String::as_str);
+    let rows: Vec<Value> = list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| {
+                    let mut out = json!({"cells": row(item)});
+                    match include {
+                        "None" => {}
+                        "Object" => out["object"] = item.clone(),
+                        _ => {
+                            out["object"] = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": item["metadata"]})
+                        }
+                    }
+                    out
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": list["metadata"]["resourceVersion"]},
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
 }
