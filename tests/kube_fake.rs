@@ -84,6 +84,11 @@ async fn kubectl_applies_gets_and_deletes_pods() {
         pod["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"]
             .is_string()
     );
+    let (ok, out) = run_kubectl(&kubeconfig, &["get", "pod", "web", "-o", "yaml"], None).await;
+    assert!(ok, "{out}");
+    let yaml: Value = serde_yaml::from_str(&out).expect("yaml");
+    assert_eq!(yaml["spec"]["serviceAccountName"], "default");
+    assert_eq!(yaml["metadata"]["name"], "web");
     let cfg = kubeconfig.clone();
     let (ok, out) =
         tokio::task::spawn_blocking(move || kubectl(&cfg, &["get", "pod", "nosuch"], None))

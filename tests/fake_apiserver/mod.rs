@@ -6,8 +6,20 @@
 //! bound pods, and a scheduler that binds a pod to a node only if the pod tolerates
 //! the node's taints and matches its labels.
 //!
-//! Not a real API server: no authentication, admission, field validation, OpenAPI,
-//! or server-side apply field ownership (apply is a merge). Clients talk plain HTTP.
+//! What a cluster's controllers and admission add: every namespace has ServiceAccount
+//! `default` and ConfigMap `kube-root-ca.crt`; pod create runs ServiceAccount admission
+//! (default account, 403 for a missing one, the `kube-api-access-*` projected token
+//! volume) and DefaultTolerationSeconds. `serviceaccounts/NAME/token` answers
+//! TokenRequests with JWT-shaped (unsigned) tokens, recorded for
+//! [`FakeApiServer::tokens_issued`]. `/openapi/v3` serves documents generated from
+//! the real v1.32 definitions (tests/fixtures/openapi-v3), and writes honour
+//! `fieldValidation` (Strict/Warn/Ignore) against them. `kubectl get` of pods and
+//! events gets server-side Tables.
+//!
+//! Not a real API server: no authentication or authorization, no validation beyond
+//! unknown fields (no required fields, types or immutability), no server-side apply
+//! field ownership (apply is a merge), no aggregated discovery, no /openapi/v2, no
+//! Tables for kinds other than pods and events. Clients talk plain HTTP.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
