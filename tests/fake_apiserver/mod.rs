@@ -6,8 +6,20 @@
 //! bound pods, and a scheduler that binds a pod to a node only if the pod tolerates
 //! the node's taints and matches its labels.
 //!
-//! Not a real API server: no authentication, admission, field validation, OpenAPI,
-//! or server-side apply field ownership (apply is a merge). Clients talk plain HTTP.
+//! What a cluster's controllers and admission add: every namespace has ServiceAccount
+//! `default` and ConfigMap `kube-root-ca.crt`; pod create runs ServiceAccount admission
+//! (default account, 403 for a missing one, the `kube-api-access-*` projected token
+//! volume) and DefaultTolerationSeconds. `serviceaccounts/NAME/token` answers
+//! TokenRequests with JWT-shaped (unsigned) tokens, recorded for
+//! [`FakeApiServer::tokens_issued`]. `/openapi/v3` serves documents generated from
+//! the real v1.32 definitions (tests/fixtures/openapi-v3), and writes honour
+//! `fieldValidation` (Strict/Warn/Ignore) against them. `kubectl get` of pods and
+//! events gets server-side Tables.
+//!
+//! Not a real API server: no authentication or authorization, no validation beyond
+//! unknown fields (no required fields, types or immutability), no server-side apply
+//! field ownership (apply is a merge), no aggregated discovery, no /openapi/v2, no
+//! Tables for kinds other than pods and events. Clients talk plain HTTP.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -24,6 +36,14 @@ use warp::{Filter, Reply as _};
 
 /// How many events a watch can resume from; older resourceVersions get 410.
 const HISTORY: usize = 1000;
+
+/// The cluster CA every namespace's `kube-root-ca.crt` ConfigMap publishes (a fixed
+/// self-signed test certificate).
+pub const ROOT_CA_PEM: &str = include_str!("../fixtures/fake-root-ca.crt");
+const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
+const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The API server's own audience and issuer (kubeadm's defaults).
+const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
 
 #[derive(Debug, Clone, Copy)]
 struct Resource {
@@ -139,6 +159,20 @@ struct Store {
     history: VecDeque<WatchEvent>,
     events: broadcast::Sender<WatchEvent>,
     uid_counter: u64,
+    tokens: Vec<IssuedToken>,
+}
+
+/// A token the TokenRequest API handed out, as tests of the node check it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod the token is bound to, if any.
+    pub pod: Option<String>,
+    pub expiration_seconds: i64,
+    pub audiences: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub issued_at: i64,
 }
 
 /// The fake server; stops when dropped.
@@ -178,6 +212,12 @@ fn status(code: u16, reason: &str, message: String, details: Option<(&str, &str)
         "reason": reason,
         "code": code,
     });
+    if reason.is_empty() {
+        // StatusReasonUnknown is the empty string, left out of the JSON.
+        if let Some(map) = body.as_object_mut() {
+            map.remove("reason");
+        }
+    }
     if let Some((name, kind)) = details {
         body["details"] = json!({ "name": name, "kind": kind });
     }
@@ -263,15 +303,92 @@ fn field(object: &Value, path: &str) -> String {
 
 /// `a=b,c!=d` over fields; the API server supports `=`, `==` and `!=`.
 fn field_selector_matches(selector: &str, object: &Value) -> bool {
+    // The few labels that are not the field's path, as the API's field label
+    // conversion functions map them.
+    let value = |label: &str| match label {
+        "source" => field(object, "source.component"),
+        "spec.hostNetwork" if field(object, label).is_empty() => "false".to_string(),
+        _ => field(object, label),
+    };
     selector.split(',').filter(|t| !t.is_empty()).all(|term| {
         if let Some((k, v)) = term.split_once("!=") {
-            field(object, k) != v
+            value(k) != v
         } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            field(object, k) == v
+            value(k) == v
         } else {
             false
         }
     })
+}
+
+/// The field labels each resource supports in a fieldSelector (the API's
+/// AddFieldLabelConversionFunc registrations); others are a 400.
+fn field_labels(resource: &Resource) -> &'static [&'static str] {
+    match (resource.group, resource.plural) {
+        ("", "pods") => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        ],
+        ("", "nodes") => &["spec.unschedulable"],
+        ("", "namespaces") => &["status.phase"],
+        ("", "secrets") => &["type"],
+        ("", "events") => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        _ => &[],
+    }
+}
+
+fn check_field_selector(
+    resource: &Resource,
+    params: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(selector) = params.get("fieldSelector") else {
+        return Ok(());
+    };
+    for term in selector.split(',').filter(|t| !t.is_empty()) {
+        let label = term
+            .split_once("!=")
+            .or_else(|| term.split_once("=="))
+            .or_else(|| term.split_once('='))
+            .map(|(k, _)| k);
+        let Some(label) = label else {
+            return Err(status(
+                400,
+                "BadRequest",
+                format!("invalid selector: '{selector}'; can't understand '{term}'"),
+                None,
+            ));
+        };
+        if !matches!(label, "metadata.name" | "metadata.namespace")
+            && !field_labels(resource).contains(&label)
+        {
+            return Err(status(
+                400,
+                "BadRequest",
+                format!("field label not supported: {label}"),
+                None,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Equality-based label selectors (`a=b,c!=d,e`, `!f`).
@@ -405,6 +522,7 @@ impl Store {
             history: VecDeque::new(),
             events,
             uid_counter: 0,
+            tokens: Vec::new(),
         };
         for ns in ["default", "kube-system", "kube-node-lease", "kube-public"] {
             let resource = Resource::find("", "v1", "namespaces").expect("namespaces");
@@ -478,6 +596,10 @@ impl Store {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        if resource.plural == "pods" && resource.group.is_empty() {
+            // Admission sees the name as sent (empty for generateName).
+            self.admit_pod(namespace, &name, &mut object)?;
+        }
         let name = if name.is_empty() {
             match object["metadata"]["generateName"].as_str() {
                 Some(prefix) => format!("{prefix}{}", &self.new_uid()[..5]),
@@ -527,7 +649,150 @@ impl Store {
         if resource.plural == "pods" || resource.plural == "nodes" {
             self.schedule();
         }
+        if resource.plural == "namespaces" {
+            self.namespace_controllers(&name);
+        }
         Ok(stored)
+    }
+
+    /// What a real cluster's controllers put in every namespace soon after it is made:
+    /// the ServiceAccount "default" (serviceaccount controller) and the ConfigMap
+    /// "kube-root-ca.crt" (root-ca-cert-publisher). Here they come at once.
+    fn namespace_controllers(&mut self, namespace: &str) {
+        let sa = Resource::find("", "v1", "serviceaccounts").expect("serviceaccounts");
+        let cm = Resource::find("", "v1", "configmaps").expect("configmaps");
+        let _ = self.create(&sa, namespace, json!({"metadata": {"name": "default"}}));
+        let _ = self.create(
+            &cm,
+            namespace,
+            json!({
+                "metadata": {
+                    "name": ROOT_CA_CONFIGMAP,
+                    "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}
+                },
+                "data": {"ca.crt": ROOT_CA_PEM},
+            }),
+        );
+    }
+
+    /// Five characters as the API server's name generator picks them.
+    fn random_suffix(&mut self) -> String {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let seed = self.new_uid();
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes());
+        digest[..5]
+            .iter()
+            .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+            .collect()
+    }
+
+    /// The ServiceAccount admission plugin on pod create (plugin/pkg/admission/serviceaccount):
+    /// default the service account, refuse one that does not exist, copy its
+    /// imagePullSecrets, and mount a projected API token volume into every container.
+    fn admit_pod(&mut self, namespace: &str, name: &str, pod: &mut Value) -> Result<(), ApiError> {
+        // Mirror pods (static pods a kubelet reports) are left alone.
+        if !pod["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_null() {
+            return Ok(());
+        }
+        let spec = &mut pod["spec"];
+        // v1 conversion: the deprecated serviceAccount fills serviceAccountName.
+        let mut sa_name = spec["serviceAccountName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if sa_name.is_empty() {
+            sa_name = spec["serviceAccount"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+        }
+        if sa_name.is_empty() {
+            sa_name = "default".to_string();
+        }
+        spec["serviceAccountName"] = json!(sa_name);
+        spec["serviceAccount"] = json!(sa_name);
+        let sa_resource = Resource::find("", "v1", "serviceaccounts").expect("serviceaccounts");
+        let Some(sa) = self
+            .objects
+            .get(&Store::key(&sa_resource, namespace, &sa_name))
+            .cloned()
+        else {
+            return Err(status(
+                403,
+                "Forbidden",
+                format!("pods \"{name}\" is forbidden: error looking up service account {namespace}/{sa_name}: serviceaccount \"{sa_name}\" not found"),
+                Some((name, "pods")),
+            ));
+        };
+        let spec = &mut pod["spec"];
+        if spec["imagePullSecrets"]
+            .as_array()
+            .is_none_or(|list| list.is_empty())
+        {
+            if let Some(secrets) = sa["imagePullSecrets"].as_array().filter(|l| !l.is_empty()) {
+                spec["imagePullSecrets"] = json!(secrets);
+            }
+        }
+        let automount = spec["automountServiceAccountToken"]
+            .as_bool()
+            .or_else(|| sa["automountServiceAccountToken"].as_bool())
+            .unwrap_or(true);
+        if !automount {
+            return Ok(());
+        }
+        let existing = spec["volumes"].as_array().and_then(|volumes| {
+            volumes
+                .iter()
+                .filter_map(|v| v["name"].as_str())
+                .find(|n| n.starts_with("kube-api-access-"))
+                .map(str::to_string)
+        });
+        let volume_name = match &existing {
+            Some(name) => name.clone(),
+            None => format!("kube-api-access-{}", self.random_suffix()),
+        };
+        let spec = &mut pod["spec"];
+        let mount = json!({"name": volume_name, "readOnly": true, "mountPath": TOKEN_MOUNT_PATH});
+        let mut needs_volume = false;
+        for list in ["initContainers", "containers"] {
+            let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+                continue;
+            };
+            for container in containers {
+                let mounted = container["volumeMounts"].as_array().is_some_and(|mounts| {
+                    mounts.iter().any(|m| m["mountPath"] == TOKEN_MOUNT_PATH)
+                });
+                if mounted {
+                    continue;
+                }
+                if !container["volumeMounts"].is_array() {
+                    container["volumeMounts"] = json!([]);
+                }
+                if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                    mounts.push(mount.clone());
+                }
+                needs_volume = true;
+            }
+        }
+        if existing.is_none() && needs_volume {
+            if !spec["volumes"].is_array() {
+                spec["volumes"] = json!([]);
+            }
+            if let Some(volumes) = spec["volumes"].as_array_mut() {
+                volumes.push(json!({
+                    "name": volume_name,
+                    "projected": {
+                        "sources": [
+                            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                            {"configMap": {"name": ROOT_CA_CONFIGMAP, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+                        ],
+                        "defaultMode": 420
+                    }
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Binds pending pods to the first node they fit, as kube-scheduler would for a
@@ -605,17 +870,17 @@ fn default_pod(pod: &mut Value) {
         ("terminationGracePeriodSeconds", json!(30)),
         ("dnsPolicy", json!("ClusterFirst")),
         ("schedulerName", json!("default-scheduler")),
-        ("serviceAccountName", json!("default")),
         ("enableServiceLinks", json!(true)),
         ("securityContext", json!({})),
         ("priority", json!(0)),
+        ("preemptionPolicy", json!("PreemptLowerPriority")),
     ] {
         if spec[k].is_null() {
             spec[k] = v;
         }
     }
     for list in ["initContainers", "containers"] {
-        if let Some(containers) = spec[list].as_array_mut() {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
             for c in containers {
                 let image = c["image"].as_str().unwrap_or_default().to_string();
                 let last = image.rsplit('/').next().unwrap_or_default();
@@ -634,6 +899,28 @@ fn default_pod(pod: &mut Value) {
                         c[k] = v;
                     }
                 }
+            }
+        }
+    }
+    // The DefaultTolerationSeconds admission plugin: tolerate not-ready and
+    // unreachable nodes for 300 s unless the pod says otherwise.
+    for taint in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let tolerated = spec["tolerations"].as_array().is_some_and(|list| {
+            list.iter().any(|t| {
+                (t["key"] == taint || t["key"].as_str().is_none_or(str::is_empty))
+                    && (t["effect"] == "NoExecute"
+                        || t["effect"].as_str().is_none_or(str::is_empty))
+            })
+        });
+        if !tolerated {
+            if !spec["tolerations"].is_array() {
+                spec["tolerations"] = json!([]);
+            }
+            if let Some(list) = spec["tolerations"].as_array_mut() {
+                list.push(json!({"key": taint, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
             }
         }
     }
@@ -683,9 +970,29 @@ fn discovery(path: &str) -> Option<Value> {
             .filter(|r| r.group == group && r.version == version)
             .flat_map(|r| {
                 let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
-                let mut out = vec![json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs})];
-                if matches!(r.plural, "pods" | "nodes") {
+                let mut entry = json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs});
+                let short = match (r.group, r.plural) {
+                    ("", "pods") => Some("po"),
+                    ("", "nodes") => Some("no"),
+                    ("", "namespaces") => Some("ns"),
+                    ("", "configmaps") => Some("cm"),
+                    ("", "serviceaccounts") => Some("sa"),
+                    ("", "events") | ("events.k8s.io", "events") => Some("ev"),
+                    _ => None,
+                };
+                if let Some(short) = short {
+                    entry["shortNames"] = json!([short]);
+                }
+                if r.plural == "pods" {
+                    entry["categories"] = json!(["all"]);
+                }
+                let mut out = vec![entry];
+                if matches!(r.plural, "pods" | "nodes") && r.group.is_empty() {
                     out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+                }
+                if r.plural == "serviceaccounts" {
+                    // The TokenRequest subresource, as the real /api/v1 lists it.
+                    out.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true, "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
                 }
                 out
             })
@@ -722,24 +1029,39 @@ impl FakeApiServer {
             .and(warp::path::full())
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::header::optional::<String>("content-type"))
+            .and(warp::header::optional::<String>("accept"))
             .and(warp::body::bytes())
             .then(
                 move |method: warp::http::Method,
                       path: warp::path::FullPath,
                       query: String,
                       content_type: Option<String>,
+                      accept: Option<String>,
                       body: warp::hyper::body::Bytes| {
                     let store = handler_store.clone();
                     async move {
-                        route(
-                            store,
+                        let request = Request {
                             method,
-                            path.as_str().to_string(),
+                            path: path.as_str().to_string(),
                             query,
                             content_type,
-                            body.to_vec(),
-                        )
-                        .unwrap_or_else(ApiError::reply)
+                            accept,
+                            body: body.to_vec(),
+                        };
+                        let mut warnings = vec![];
+                        let mut reply =
+                            route(store, request, &mut warnings).unwrap_or_else(ApiError::reply);
+                        for warning in warnings {
+                            // RFC 7234 warn-code 299, the text quoted.
+                            let text = format!(
+                                "299 - \"{}\"",
+                                warning.replace('\\', "\\\\").replace('"', "\\\"")
+                            );
+                            if let Ok(value) = warp::http::HeaderValue::from_str(&text) {
+                                reply.headers_mut().append("warning", value);
+                            }
+                        }
+                        reply
                     }
                 },
             );
@@ -779,6 +1101,11 @@ impl FakeApiServer {
         store.history.clear();
     }
 
+    /// The tokens the TokenRequest API issued, oldest first.
+    pub fn tokens_issued(&self) -> Vec<IssuedToken> {
+        self.store.lock().expect("store").tokens.clone()
+    }
+
     /// The stored object, as a test checks it.
     pub fn object(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
         let store = self.store.lock().expect("store");
@@ -790,17 +1117,34 @@ impl FakeApiServer {
     }
 }
 
-fn route(
-    store: Arc<Mutex<Store>>,
+struct Request {
     method: warp::http::Method,
     path: String,
     query: String,
     content_type: Option<String>,
+    accept: Option<String>,
     body: Vec<u8>,
+}
+
+fn route(
+    store: Arc<Mutex<Store>>,
+    request: Request,
+    warnings: &mut Vec<String>,
 ) -> Result<Reply, ApiError> {
+    let Request {
+        method,
+        path,
+        query,
+        content_type,
+        accept,
+        body,
+    } = request;
     if method == warp::http::Method::GET {
         if let Some(doc) = discovery(&path) {
             return Ok(reply_json(200, &doc));
+        }
+        if let Some(reply) = openapi(&path) {
+            return Ok(reply);
         }
     }
     let Some(target) = parse_path(&path) else {
@@ -812,6 +1156,13 @@ fn route(
         ));
     };
     let params = query_map(&query);
+    let validation = FieldValidation::from_params(&params)?;
+    let resource = target.resource;
+    let kind = resource.kind;
+    let version = resource.version;
+    let decode_error = move |e: String| {
+        format!("{kind} in version \"{version}\" cannot be handled as a {kind}: {e}")
+    };
     let parse_body = || -> Result<Value, ApiError> {
         let text = String::from_utf8_lossy(&body);
         // Apply patches may be YAML; JSON is YAML.
@@ -820,27 +1171,47 @@ fn route(
     };
     match (method.as_str(), &target.name) {
         ("GET", None) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            check_field_selector(&resource, &params)?;
             Ok(watch(store, target, params))
         }
-        ("GET", None) => Ok(list(&store, &target, &params)),
+        ("GET", None) => {
+            check_field_selector(&resource, &params)?;
+            let list = list(&store, &target, &params);
+            Ok(match table_wanted(&resource, accept.as_deref()) {
+                true => reply_json(200, &table(&resource, &list, &params)),
+                false => reply_json(200, &list),
+            })
+        }
         ("GET", Some(name)) => {
             let store = store.lock().expect("store");
             match store
                 .objects
                 .get(&Store::key(&target.resource, &target.namespace, name))
             {
+                Some(object) if table_wanted(&resource, accept.as_deref()) => {
+                    let list = json!({"metadata": {"resourceVersion": object["metadata"]["resourceVersion"]}, "items": [object]});
+                    Ok(reply_json(200, &table(&resource, &list, &params)))
+                }
                 Some(object) => Ok(reply_json(200, object)),
                 None => Err(not_found(&target.resource, name)),
             }
         }
+        ("POST", Some(name))
+            if target.subresource.as_deref() == Some("token")
+                && target.resource.plural == "serviceaccounts" =>
+        {
+            token_request(&store, &target.namespace, name, parse_body()?)
+        }
         ("POST", _) if target.subresource.is_none() => {
-            let object = parse_body()?;
+            let mut object = parse_body()?;
+            validation.check(&resource, &mut object, warnings, decode_error)?;
             let mut store = store.lock().expect("store");
             let created = store.create(&target.resource, &target.namespace, object)?;
             Ok(reply_json(201, &created))
         }
         ("PUT", Some(name)) => {
-            let object = parse_body()?;
+            let mut object = parse_body()?;
+            validation.check(&resource, &mut object, warnings, decode_error)?;
             update(&store, &target, name, |stored| {
                 let sent_rv = object["metadata"]["resourceVersion"]
                     .as_str()
@@ -871,6 +1242,9 @@ fn route(
         ("PATCH", Some(name)) => {
             let patch = parse_body()?;
             let kind = content_type.unwrap_or_default();
+            if kind.starts_with("application/apply-patch+yaml") {
+                check_apply(&resource, &target.namespace, name, &patch)?;
+            }
             update(&store, &target, name, |stored| {
                 let mut next = stored.clone();
                 let apply = |target: &mut Value, patch: &Value| {
@@ -895,6 +1269,8 @@ fn route(
                     apply(&mut next, &patch)?;
                     next["status"] = stored["status"].clone();
                 }
+                // The patched object is decoded as a create's body is, without the wrapper.
+                validation.check(&resource, &mut next, warnings, |e| e)?;
                 Ok(next)
             })
         }
@@ -916,7 +1292,7 @@ fn route(
     }
 }
 
-fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, String>) -> Reply {
+fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, String>) -> Value {
     let store = store.lock().expect("store");
     let items: Vec<Value> = store
         .objects
@@ -935,15 +1311,12 @@ fn list(store: &Arc<Mutex<Store>>, target: &Target, params: &BTreeMap<String, St
         })
         .map(|(_, v)| v.clone())
         .collect();
-    reply_json(
-        200,
-        &json!({
-            "kind": format!("{}List", target.resource.kind),
-            "apiVersion": target.resource.api_version(),
-            "metadata": {"resourceVersion": store.rv.to_string()},
-            "items": items,
-        }),
-    )
+    json!({
+        "kind": format!("{}List", target.resource.kind),
+        "apiVersion": target.resource.api_version(),
+        "metadata": {"resourceVersion": store.rv.to_string()},
+        "items": items,
+    })
 }
 
 fn update(
@@ -1134,4 +1507,757 @@ fn watch(store: Arc<Mutex<Store>>, target: Target, params: BTreeMap<String, Stri
         warp::http::HeaderValue::from_static("application/json"),
     );
     reply
+}
+
+fn timestamp(seconds: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(seconds)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 3);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A 422 Invalid with one field cause, as `errors.NewInvalid` builds it.
+fn invalid(kind: &str, group: &str, name: &str, field: &str, detail: String) -> ApiError {
+    let qualified = if group.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}.{group}")
+    };
+    let mut error = status(
+        422,
+        "Invalid",
+        format!("{qualified} \"{name}\" is invalid: {field}: {detail}"),
+        None,
+    );
+    error.body["details"] = json!({
+        "name": name,
+        "group": group,
+        "kind": kind,
+        "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": field}],
+    });
+    error
+}
+
+/// POST .../serviceaccounts/NAME/token, as the TokenRequest REST storage
+/// (pkg/registry/core/serviceaccount/storage/token.go) answers it.
+fn token_request(
+    store: &Arc<Mutex<Store>>,
+    namespace: &str,
+    name: &str,
+    mut request: Value,
+) -> Result<Reply, ApiError> {
+    const KIND: &str = "TokenRequest";
+    const GROUP: &str = "authentication.k8s.io";
+    let mut store = store.lock().expect("store");
+    for (field, want, what) in [
+        ("name", name, "name"),
+        ("namespace", namespace, "namespace"),
+    ] {
+        let sent = request["metadata"][field].as_str().unwrap_or_default();
+        if !sent.is_empty() && sent != want {
+            return Err(invalid(
+                KIND,
+                GROUP,
+                name,
+                &format!("metadata.{field}"),
+                format!(
+                    "Invalid value: \"{sent}\": must match the service account {what} if specified"
+                ),
+            ));
+        }
+    }
+    let sa_resource = Resource::find("", "v1", "serviceaccounts").expect("serviceaccounts");
+    let Some(sa) = store
+        .objects
+        .get(&Store::key(&sa_resource, namespace, name))
+        .cloned()
+    else {
+        return Err(not_found(&sa_resource, name));
+    };
+    let spec = &mut request["spec"];
+    if spec["audiences"].as_array().is_none_or(|a| a.is_empty()) {
+        spec["audiences"] = json!([API_AUDIENCE]);
+    }
+    if spec["expirationSeconds"].is_null() {
+        spec["expirationSeconds"] = json!(3600);
+    }
+    let expiration = spec["expirationSeconds"].as_i64().unwrap_or(0);
+    if expiration < 600 {
+        return Err(invalid(
+            KIND,
+            GROUP,
+            "",
+            "spec.expirationSeconds",
+            format!("Invalid value: {expiration}: may not specify a duration less than 10 minutes"),
+        ));
+    }
+    if expiration > 1 << 32 {
+        return Err(invalid(
+            KIND,
+            GROUP,
+            "",
+            "spec.expirationSeconds",
+            format!(
+                "Invalid value: {expiration}: may not specify a duration larger than 2^32 seconds"
+            ),
+        ));
+    }
+    let audiences: Vec<String> = spec["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut bound_pod: Option<Value> = None;
+    let mut bound_node: Option<Value> = None;
+    let mut bound_secret: Option<Value> = None;
+    if spec["boundObjectRef"].is_object() {
+        let reference = spec["boundObjectRef"].clone();
+        let api_version = reference["apiVersion"].as_str().unwrap_or_default();
+        let kind = reference["kind"].as_str().unwrap_or_default();
+        let ref_name = reference["name"].as_str().unwrap_or_default();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let plural = match (group, kind) {
+            ("", "Pod") => "pods",
+            ("", "Node") => "nodes",
+            ("", "Secret") => "secrets",
+            _ => {
+                return Err(status(
+                    400,
+                    "BadRequest",
+                    format!("cannot bind token to object of type {group}/{version}, Kind={kind}"),
+                    None,
+                ))
+            }
+        };
+        let resource = Resource::find("", "v1", plural).expect("core resource");
+        let Some(object) = store
+            .objects
+            .get(&Store::key(&resource, namespace, ref_name))
+            .cloned()
+        else {
+            return Err(not_found(&resource, ref_name));
+        };
+        if plural == "pods" && field(&object, "spec.serviceAccountName") != name {
+            return Err(status(
+                400,
+                "BadRequest",
+                format!("cannot bind token for serviceaccount \"{name}\" to pod running with different serviceaccount name."),
+                None,
+            ));
+        }
+        let uid = field(&object, "metadata.uid");
+        let sent_uid = reference["uid"].as_str().unwrap_or_default();
+        if !sent_uid.is_empty() && sent_uid != uid {
+            return Err(status(
+                409,
+                "Conflict",
+                format!("Operation cannot be fulfilled on {kind} \"{ref_name}\": the UID in the bound object reference ({sent_uid}) does not match the UID in record. The object might have been deleted and then recreated"),
+                Some((ref_name, kind)),
+            ));
+        }
+        match plural {
+            "pods" => {
+                // Since 1.30 the claims name the node a bound pod runs on.
+                let node_name = field(&object, "spec.nodeName");
+                let nodes = Resource::find("", "v1", "nodes").expect("nodes");
+                bound_node = store
+                    .objects
+                    .get(&Store::key(&nodes, "", &node_name))
+                    .cloned();
+                bound_pod = Some(object);
+            }
+            "nodes" => bound_node = Some(object),
+            _ => bound_secret = Some(object),
+        }
+    }
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    // --service-account-extend-token-expiration (on by default): a pod-bound token
+    // asked for with the admission plugin's 3607 s lives a year, warning after 3607 s.
+    let extended =
+        bound_pod.is_some() && expiration == 3607 && audiences.iter().any(|a| a == API_AUDIENCE);
+    let exp = if extended {
+        now + 365 * 24 * 3600
+    } else {
+        now + expiration
+    };
+    let mut private = json!({
+        "namespace": namespace,
+        "serviceaccount": {"name": name, "uid": field(&sa, "metadata.uid")},
+    });
+    let reference =
+        |o: &Value| json!({"name": field(o, "metadata.name"), "uid": field(o, "metadata.uid")});
+    if let Some(pod) = &bound_pod {
+        private["pod"] = reference(pod);
+    }
+    if let Some(node) = &bound_node {
+        private["node"] = reference(node);
+    }
+    if let Some(secret) = &bound_secret {
+        private["secret"] = reference(secret);
+    }
+    if extended {
+        private["warnafter"] = json!(now + expiration);
+    }
+    let jti = store.new_uid();
+    let claims = json!({
+        "aud": audiences,
+        "exp": exp,
+        "iat": now,
+        "nbf": now,
+        "iss": API_AUDIENCE,
+        "jti": jti,
+        "sub": format!("system:serviceaccount:{namespace}:{name}"),
+        "kubernetes.io": private,
+    });
+    let signed = format!(
+        "{}.{}",
+        base64url(
+            json!({"alg": "RS256", "kid": "fake-apiserver"})
+                .to_string()
+                .as_bytes()
+        ),
+        base64url(claims.to_string().as_bytes())
+    );
+    // Not a signature: nothing here verifies it.
+    let signature = <sha2::Sha256 as sha2::Digest>::digest(signed.as_bytes());
+    let token = format!("{signed}.{}", base64url(&signature));
+    store.tokens.push(IssuedToken {
+        namespace: namespace.to_string(),
+        service_account: name.to_string(),
+        pod: bound_pod.as_ref().map(|p| field(p, "metadata.name")),
+        expiration_seconds: expiration,
+        audiences,
+        issued_at: now,
+    });
+    request["apiVersion"] = json!("authentication.k8s.io/v1");
+    request["kind"] = json!(KIND);
+    request["metadata"]["name"] = json!(name);
+    request["metadata"]["namespace"] = json!(namespace);
+    request["metadata"]["creationTimestamp"] = json!(timestamp(now));
+    request["status"] = json!({"token": token, "expirationTimestamp": timestamp(now + expiration)});
+    Ok(reply_json(201, &request))
+}
+
+/// The OpenAPI v3 documents the fake serves, generated from the real v1.32 API
+/// definitions by tests/fixtures/openapi-v3/generate.py.
+const OPENAPI_V3: &[(&str, &str)] = &[
+    (
+        "api/v1",
+        include_str!("../fixtures/openapi-v3/api__v1_openapi.json"),
+    ),
+    (
+        "apis/coordination.k8s.io/v1",
+        include_str!("../fixtures/openapi-v3/apis__coordination.k8s.io__v1_openapi.json"),
+    ),
+    (
+        "apis/events.k8s.io/v1",
+        include_str!("../fixtures/openapi-v3/apis__events.k8s.io__v1_openapi.json"),
+    ),
+];
+
+fn openapi_hash(doc: &str) -> String {
+    hex::encode_upper(<sha2::Sha256 as sha2::Digest>::digest(doc.as_bytes()))
+}
+
+/// GET /openapi/v3 (the index of group-versions) and /openapi/v3/<gv>.
+fn openapi(path: &str) -> Option<Reply> {
+    let path = path.trim_end_matches('/');
+    if path == "/openapi/v3" {
+        let paths: Map<String, Value> = OPENAPI_V3
+            .iter()
+            .map(|(gv, doc)| {
+                let url = format!("/openapi/v3/{gv}?hash={}", openapi_hash(doc));
+                (gv.to_string(), json!({ "serverRelativeURL": url }))
+            })
+            .collect();
+        return Some(reply_json(200, &json!({ "paths": paths })));
+    }
+    let gv = path.strip_prefix("/openapi/v3/")?;
+    let (_, doc) = OPENAPI_V3.iter().find(|(name, _)| *name == gv)?;
+    let mut reply = warp::reply::Response::new(doc.to_string().into());
+    reply.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    Some(reply)
+}
+
+/// Every schema of the served documents, by definition name.
+fn schemas() -> &'static Map<String, Value> {
+    static SCHEMAS: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        let mut all = Map::new();
+        for (_, doc) in OPENAPI_V3 {
+            let doc: Value = serde_json::from_str(doc).expect("OpenAPI fixture");
+            if let Some(schemas) = doc["components"]["schemas"].as_object() {
+                all.extend(schemas.clone());
+            }
+        }
+        all
+    })
+}
+
+/// The schema of a kind, found by its x-kubernetes-group-version-kind.
+fn kind_schema(resource: &Resource) -> Option<&'static Value> {
+    schemas().values().find(|schema| {
+        schema["x-kubernetes-group-version-kind"]
+            .as_array()
+            .is_some_and(|gvks| {
+                gvks.iter().any(|gvk| {
+                    gvk["group"] == resource.group
+                        && gvk["version"] == resource.version
+                        && gvk["kind"] == resource.kind
+                })
+            })
+    })
+}
+
+fn resolve(mut schema: &'static Value) -> &'static Value {
+    loop {
+        if let Some(name) = schema["$ref"].as_str() {
+            match schemas().get(name.rsplit('/').next().unwrap_or_default()) {
+                Some(next) => schema = next,
+                None => return schema,
+            }
+        } else if let Some(first) = schema["allOf"].as_array().and_then(|a| a.first()) {
+            schema = first;
+        } else {
+            return schema;
+        }
+    }
+}
+
+/// A field the schema does not declare, named as strict decoding names it
+/// (`spec.containers[0].foo`) and as server-side apply does (`.spec.containers[name="c"].foo`).
+struct UnknownField {
+    strict: String,
+    apply: String,
+}
+
+/// Finds (and, with `prune`, drops) the fields of `value` that `schema` does not declare,
+/// as decoding into the API's Go types does.
+fn unknown_fields(
+    schema: &'static Value,
+    value: &mut Value,
+    path: (&str, &str),
+    prune: bool,
+    out: &mut Vec<UnknownField>,
+) {
+    let outer = schema;
+    let schema = resolve(schema);
+    if schema["x-kubernetes-preserve-unknown-fields"] == true {
+        return;
+    }
+    let join = |name: &str| {
+        (
+            if path.0.is_empty() {
+                name.to_string()
+            } else {
+                format!("{}.{name}", path.0)
+            },
+            format!("{}.{name}", path.1),
+        )
+    };
+    match value {
+        Value::Object(map) => {
+            if let Some(properties) = schema["properties"].as_object() {
+                let mut unknown = vec![];
+                for (name, child) in map.iter_mut() {
+                    let (strict, apply) = join(name);
+                    match properties.get(name) {
+                        Some(child_schema) => {
+                            unknown_fields(child_schema, child, (&strict, &apply), prune, out)
+                        }
+                        None => {
+                            out.push(UnknownField { strict, apply });
+                            unknown.push(name.clone());
+                        }
+                    }
+                }
+                if prune {
+                    for name in unknown {
+                        map.remove(&name);
+                    }
+                }
+            } else if schema["additionalProperties"].is_object() {
+                for (name, child) in map.iter_mut() {
+                    let (strict, apply) = join(name);
+                    unknown_fields(
+                        &schema["additionalProperties"],
+                        child,
+                        (&strict, &apply),
+                        prune,
+                        out,
+                    );
+                }
+            }
+        }
+        Value::Array(items) if schema["items"].is_object() => {
+            let keys: Vec<&str> = outer["x-kubernetes-list-map-keys"]
+                .as_array()
+                .or(schema["x-kubernetes-list-map-keys"].as_array())
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            for (i, item) in items.iter_mut().enumerate() {
+                let strict = format!("{}[{i}]", path.0);
+                let apply = if keys.is_empty() {
+                    format!("{}[{i}]", path.1)
+                } else {
+                    let pairs: Vec<String> = keys
+                        .iter()
+                        .filter(|k| !item[**k].is_null())
+                        .map(|k| format!("{k}={}", item[*k]))
+                        .collect();
+                    format!("{}[{}]", path.1, pairs.join(","))
+                };
+                unknown_fields(&schema["items"], item, (&strict, &apply), prune, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// How a write treats fields the schema does not declare (the `fieldValidation`
+/// query parameter; Warn is the API server's default since 1.27).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FieldValidation {
+    Ignore,
+    Warn,
+    Strict,
+}
+
+impl FieldValidation {
+    fn from_params(params: &BTreeMap<String, String>) -> Result<FieldValidation, ApiError> {
+        match params.get("fieldValidation").map(String::as_str) {
+            None | Some("") | Some("Warn") => Ok(FieldValidation::Warn),
+            Some("Ignore") => Ok(FieldValidation::Ignore),
+            Some("Strict") => Ok(FieldValidation::Strict),
+            Some(other) => Err(status(
+                400,
+                "BadRequest",
+                format!("fieldValidation must be one of \"Ignore\", \"Warn\", or \"Strict\", got {other:?}"),
+                None,
+            )),
+        }
+    }
+
+    /// Checks a decoded object: Strict refuses unknown fields with the strict decoding
+    /// error (its message wrapped by `wrap`), Warn drops them with a warning each,
+    /// Ignore drops them.
+    fn check(
+        self,
+        resource: &Resource,
+        object: &mut Value,
+        warnings: &mut Vec<String>,
+        wrap: impl FnOnce(String) -> String,
+    ) -> Result<(), ApiError> {
+        let Some(schema) = kind_schema(resource) else {
+            return Ok(());
+        };
+        let mut unknown = vec![];
+        unknown_fields(
+            schema,
+            object,
+            ("", ""),
+            self != FieldValidation::Strict,
+            &mut unknown,
+        );
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let messages: Vec<String> = unknown
+            .iter()
+            .map(|u| format!("unknown field \"{}\"", u.strict))
+            .collect();
+        match self {
+            FieldValidation::Strict => Err(status(
+                400,
+                "BadRequest",
+                wrap(format!("strict decoding error: {}", messages.join(", "))),
+                None,
+            )),
+            FieldValidation::Warn => {
+                warnings.extend(messages);
+                Ok(())
+            }
+            FieldValidation::Ignore => Ok(()),
+        }
+    }
+}
+
+/// Server-side apply types the applied configuration against the schema whatever
+/// fieldValidation says; an undeclared field fails it (a 500 on a real server).
+fn check_apply(
+    resource: &Resource,
+    namespace: &str,
+    name: &str,
+    patch: &Value,
+) -> Result<(), ApiError> {
+    let Some(schema) = kind_schema(resource) else {
+        return Ok(());
+    };
+    let mut unknown = vec![];
+    unknown_fields(schema, &mut patch.clone(), ("", ""), false, &mut unknown);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let errors: Vec<String> = unknown
+        .iter()
+        .map(|u| format!("{}: field not declared in schema", u.apply))
+        .collect();
+    let errors = if errors.len() == 1 {
+        errors[0].clone()
+    } else {
+        format!("errors:\n  {}", errors.join("\n  "))
+    };
+    let object = if namespace.is_empty() {
+        format!("/{name}")
+    } else {
+        format!("{namespace}/{name}")
+    };
+    let group = resource.group;
+    let version = resource.version;
+    let kind = resource.kind;
+    Err(status(
+        500,
+        "",
+        format!("failed to create typed patch object ({object}; {group}/{version}, Kind={kind}): {errors}"),
+        None,
+    ))
+}
+
+/// Whether a GET asks for server-side printing (`kubectl get` does); answered for the
+/// kinds whose printers the fake has, pods and core events, as the real printers
+/// (pkg/printers/internalversion) print them.
+fn table_wanted(resource: &Resource, accept: Option<&str>) -> bool {
+    resource.group.is_empty()
+        && matches!(resource.plural, "pods" | "events")
+        && accept.is_some_and(|a| {
+            a.split(',').any(|t| {
+                t.contains("as=Table") && t.contains("g=meta.k8s.io") && t.contains("v=v1")
+            })
+        })
+}
+
+/// How long ago, as the API server's printers say it (duration.HumanDuration).
+fn age(time: &str) -> String {
+    let Ok(then) = time.parse::<k8s_openapi::jiff::Timestamp>() else {
+        return "<unknown>".to_string();
+    };
+    let seconds = k8s_openapi::jiff::Timestamp::now().as_second() - then.as_second();
+    let (minutes, hours) = (seconds / 60, seconds / 3600);
+    match seconds {
+        s if s < -1 => "<invalid>".to_string(),
+        s if s < 0 => "0s".to_string(),
+        s if s < 120 => format!("{s}s"),
+        _ if minutes < 10 && seconds % 60 == 0 => format!("{minutes}m"),
+        _ if minutes < 10 => format!("{minutes}m{}s", seconds % 60),
+        _ if minutes < 180 => format!("{minutes}m"),
+        _ if hours < 8 && minutes % 60 == 0 => format!("{hours}h"),
+        _ if hours < 8 => format!("{hours}h{}m", minutes % 60),
+        _ if hours < 48 => format!("{hours}h"),
+        _ if hours < 192 && hours % 24 == 0 => format!("{}d", hours / 24),
+        _ if hours < 192 => format!("{}d{}h", hours / 24, hours % 24),
+        _ if hours < 24 * 365 * 2 => format!("{}d", hours / 24),
+        _ if hours < 24 * 365 * 8 && (hours / 24) % 365 == 0 => format!("{}y", hours / 24 / 365),
+        _ if hours < 24 * 365 * 8 => format!("{}y{}d", hours / 24 / 365, (hours / 24) % 365),
+        _ => format!("{}y", hours / 24 / 365),
+    }
+}
+
+fn pod_row(pod: &Value) -> Vec<Value> {
+    let containers = pod["spec"]["containers"].as_array().map_or(0, Vec::len);
+    let statuses = pod["status"]["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let ready = statuses.iter().filter(|s| s["ready"] == true).count();
+    let restarts: i64 = statuses
+        .iter()
+        .filter_map(|s| s["restartCount"].as_i64())
+        .sum();
+    let mut reason = pod["status"]["reason"]
+        .as_str()
+        .or(pod["status"]["phase"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    for s in statuses.iter().rev() {
+        let state = &s["state"];
+        if let Some(why) = state["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            reason = why.to_string();
+        } else if let Some(why) = state["terminated"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty())
+        {
+            reason = why.to_string();
+        } else if state["terminated"].is_object() {
+            reason = match state["terminated"]["signal"].as_i64().filter(|s| *s != 0) {
+                Some(signal) => format!("Signal:{signal}"),
+                None => format!(
+                    "ExitCode:{}",
+                    state["terminated"]["exitCode"].as_i64().unwrap_or(0)
+                ),
+            };
+        }
+    }
+    if !pod["metadata"]["deletionTimestamp"].is_null() && reason != "NodeLost" {
+        reason = "Terminating".to_string();
+    }
+    let or_none = |v: String| {
+        if v.is_empty() {
+            "<none>".to_string()
+        } else {
+            v
+        }
+    };
+    vec![
+        json!(field(pod, "metadata.name")),
+        json!(format!("{ready}/{containers}")),
+        json!(reason),
+        json!(restarts.to_string()),
+        json!(age(&field(pod, "metadata.creationTimestamp"))),
+        json!(or_none(field(pod, "status.podIP"))),
+        json!(or_none(field(pod, "spec.nodeName"))),
+        json!(or_none(field(pod, "status.nominatedNodeName"))),
+        json!("<none>"),
+    ]
+}
+
+fn event_row(event: &Value) -> Vec<Value> {
+    let first = match field(event, "firstTimestamp") {
+        t if t.is_empty() => age(&field(event, "eventTime")),
+        t => age(&t),
+    };
+    let mut last = match field(event, "lastTimestamp") {
+        t if t.is_empty() => first.clone(),
+        t => age(&t),
+    };
+    let mut count = event["count"].as_i64().unwrap_or(0);
+    if event["series"].is_object() {
+        last = age(&field(event, "series.lastObservedTime"));
+        count = event["series"]["count"].as_i64().unwrap_or(0);
+    } else if count == 0 {
+        count = 1;
+    }
+    let kind = field(event, "involvedObject.kind").to_lowercase();
+    let name = field(event, "involvedObject.name");
+    let target = if name.is_empty() {
+        kind
+    } else {
+        format!("{kind}/{name}")
+    };
+    let first_non_empty = |a: String, b: String| if a.is_empty() { b } else { a };
+    let component = first_non_empty(
+        field(event, "source.component"),
+        field(event, "reportingComponent"),
+    );
+    let instance = first_non_empty(
+        field(event, "source.host"),
+        field(event, "reportingInstance"),
+    );
+    let source = match (component.is_empty(), instance.is_empty()) {
+        (true, _) => "<unknown>".to_string(),
+        (false, true) => component,
+        (false, false) => format!("{component}, {instance}"),
+    };
+    vec![
+        json!(last),
+        json!(field(event, "type")),
+        json!(field(event, "reason")),
+        json!(target),
+        json!(field(event, "involvedObject.fieldPath")),
+        json!(source),
+        json!(field(event, "message").trim()),
+        json!(first),
+        json!(count),
+        json!(field(event, "metadata.name")),
+    ]
+}
+
+/// Prints one object as a Table row's cells.
+type Printer = fn(&Value) -> Vec<Value>;
+
+/// A meta.k8s.io/v1 Table of a list (or of one object, as a list of one).
+fn table(resource: &Resource, list: &Value, params: &BTreeMap<String, String>) -> Value {
+    let column = |name: &str, kind: &str, format: &str, priority: u8| json!({"name": name, "type": kind, "format": format, "description": "", "priority": priority});
+    let (columns, row): (Vec<Value>, Printer) = match resource.plural {
+        "pods" => (
+            vec![
+                column("Name", "string", "name", 0),
+                column("Ready", "string", "", 0),
+                column("Status", "string", "", 0),
+                column("Restarts", "string", "", 0),
+                column("Age", "string", "", 0),
+                column("IP", "string", "", 1),
+                column("Node", "string", "", 1),
+                column("Nominated Node", "string", "", 1),
+                column("Readiness Gates", "string", "", 1),
+            ],
+            pod_row,
+        ),
+        _ => (
+            vec![
+                column("Last Seen", "string", "", 0),
+                column("Type", "string", "", 0),
+                column("Reason", "string", "", 0),
+                column("Object", "string", "", 0),
+                column("Subobject", "string", "", 1),
+                column("Source", "string", "", 1),
+                column("Message", "string", "", 0),
+                column("First Seen", "string", "", 1),
+                column("Count", "integer", "", 1),
+                column("Name", "string", "", 1),
+            ],
+            event_row,
+        ),
+    };
+    let include = params
+        .get("includeObject")
+        .map_or("Metadata", String::as_str);
+    let rows: Vec<Value> = list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| {
+                    let mut out = json!({"cells": row(item)});
+                    match include {
+                        "None" => {}
+                        "Object" => out["object"] = item.clone(),
+                        _ => {
+                            out["object"] = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": item["metadata"]})
+                        }
+                    }
+                    out
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": list["metadata"]["resourceVersion"]},
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
 }
