@@ -73,11 +73,12 @@ spec:
   containers:
   - name: c
     image: localhost/busybox:1.35
-    command: [sh, -c, 'echo "env=$GREETING secret=$PASSWORD file=$(cat /etc/cfg/greeting) node=$NODE"; sleep 3600']
+    command: [sh, -c, 'echo "env=$GREETING secret=$PASSWORD file=$(cat /etc/cfg/greeting) node=$NODE sa=$(cat $SA/namespace):$(head -c 3 $SA/token)"; sleep 3600']
     env:
     - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
     - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
     - {name: NODE, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    - {name: SA, value: /var/run/secrets/kubernetes.io/serviceaccount}
     volumeMounts: [{name: cfg, mountPath: /etc/cfg}]
   volumes:
   - {name: cfg, configMap: {name: cfg}}
@@ -92,7 +93,7 @@ data: {greeting: hello}
 apiVersion: v1
 kind: Secret
 metadata: {name: creds, namespace: default}
-data: {password: czNjcjN0}
+stringData: {password: s3cr3t}
 "#;
 
 /// Reasons of the events in the default namespace, oldest first.
@@ -162,7 +163,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     // The pod waits for its configMap and secret as the kubelet's does.
     let (ok, out) = kubectl(
         &kubeconfig,
-        &["apply", "--validate=false", "-f", "-"],
+        &["apply", "-f", "-"],
         Some(POD),
     );
     assert!(ok, "kubectl apply: {out}");
@@ -185,7 +186,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     );
     let (ok, out) = kubectl(
         &kubeconfig,
-        &["apply", "--validate=false", "-f", "-"],
+        &["apply", "-f", "-"],
         Some(CONFIG),
     );
     assert!(ok, "kubectl apply config: {out}");
@@ -225,8 +226,17 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         logs.contains("env=").then_some(logs)
     });
     assert!(
-        line.contains("env=hello secret=s3cr3t file=hello node=beemesh"),
+        line.contains("env=hello secret=s3cr3t file=hello node=beemesh sa=default:eyJ"),
         "{line}"
+    );
+
+    // The token came from a TokenRequest bound to the pod, for its service account.
+    let issued = server.tokens_issued();
+    assert!(
+        issued.iter().any(|t| t.pod.as_deref() == Some("web")
+            && t.service_account == "default"
+            && t.expiration_seconds == 3607),
+        "{issued:?}"
     );
 
     // Events as the kubelet records them.
@@ -318,7 +328,7 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     mesh.start_agent(&[]);
     let (ok, out) = kubectl(
         &kubeconfig,
-        &["apply", "--validate=false", "-f", "-"],
+        &["apply", "-f", "-"],
         Some(SLEEPER),
     );
     assert!(ok, "kubectl apply: {out}");

@@ -645,6 +645,9 @@ impl Store {
         if resource.plural == "pods" {
             default_pod(&mut object);
         }
+        if resource.plural == "secrets" {
+            fold_string_data(&mut object);
+        }
         let stored = self.record("ADDED", key, object);
         if resource.plural == "pods" || resource.plural == "nodes" {
             self.schedule();
@@ -1331,6 +1334,9 @@ fn update(
         return Err(not_found(&target.resource, name));
     };
     let mut next = change(&stored)?;
+    if target.resource.plural == "secrets" {
+        fold_string_data(&mut next);
+    }
     // Identity is the server's, whatever the client sent.
     for field in [
         "name",
@@ -1513,6 +1519,23 @@ fn timestamp(seconds: i64) -> String {
     k8s_openapi::jiff::Timestamp::from_second(seconds)
         .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_default()
+}
+
+/// A Secret's write-only `stringData` is merged into `data` (base64), replacing keys of
+/// the same name, and never stored, as the API server does.
+fn fold_string_data(secret: &mut Value) {
+    let Some(Value::Object(strings)) = secret.as_object_mut().and_then(|s| s.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    for (key, value) in strings {
+        let bytes = value.as_str().unwrap_or_default().as_bytes().to_vec();
+        secret["data"][key] =
+            serde_json::to_value(k8s_openapi::ByteString(bytes)).unwrap_or(Value::Null);
+    }
 }
 
 fn base64url(bytes: &[u8]) -> String {
