@@ -359,6 +359,21 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
     assert_eq!(pod["metadata"]["uid"], uid.as_str());
 
+    // The API server "restarts" with its history compacted: the node's watch gets 410
+    // Expired, lists again, and sees a pod created meanwhile.
+    server.compact();
+    server.drop_watches();
+    let second = SLEEPER.replace("name: sleeper", "name: second");
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&second));
+    assert!(ok, "kubectl apply: {out}");
+    mesh.wait_for("the second pod Running", Duration::from_secs(40), || {
+        let pod = kubectl_json(&kubeconfig, &["get", "pod", "second"])?;
+        (pod["status"]["phase"] == "Running").then_some(())
+    });
+    let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
+    assert_eq!(container_ids(), before, "the first pod was disturbed");
+
     // Force-deleted: gone from the API at once, so the mesh stops it.
     let (ok, out) = kubectl(
         &kubeconfig,

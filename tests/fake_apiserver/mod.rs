@@ -1099,6 +1099,13 @@ impl FakeApiServer {
     }
 
     /// Drops the history a watch could resume from (what etcd compaction does).
+    /// Ends every open watch, as an API server restart does. After `compact()`, the
+    /// clients' next watch from their old resourceVersion gets 410 Expired.
+    pub fn drop_watches(&self) {
+        let mut store = self.store.lock().expect("store");
+        store.events = broadcast::channel(4096).0;
+    }
+
     pub fn compact(&self) {
         let mut store = self.store.lock().expect("store");
         store.history.clear();
