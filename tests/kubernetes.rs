@@ -161,11 +161,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     assert_eq!(lease["spec"]["holderIdentity"], "beemesh");
 
     // The pod waits for its configMap and secret as the kubelet's does.
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &["apply", "-f", "-"],
-        Some(POD),
-    );
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(POD));
     assert!(ok, "kubectl apply: {out}");
     mesh.wait_for(
         "CreateContainerConfigError",
@@ -184,11 +180,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
             })
         },
     );
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &["apply", "-f", "-"],
-        Some(CONFIG),
-    );
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(CONFIG));
     assert!(ok, "kubectl apply config: {out}");
 
     let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
@@ -271,6 +263,53 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     );
     let reasons = event_reasons(&kubeconfig);
     assert!(reasons.iter().any(|r| r == "Killing"), "{reasons:?}");
+
+    // Everything the node asked of the API is allowed by the ClusterRole it ships.
+    let node_requests: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| !r.user_agent.starts_with("kubectl"))
+        .collect();
+    assert!(node_requests.len() > 10, "{node_requests:?}");
+    let rules = cluster_role_rules();
+    for request in &node_requests {
+        assert!(
+            rules.iter().any(|rule| rule.allows(request)),
+            "the ClusterRole does not allow {request:?}"
+        );
+    }
+}
+
+/// One rule of manifests/install/rbac.yaml's ClusterRole.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyRule {
+    api_groups: Vec<String>,
+    resources: Vec<String>,
+    verbs: Vec<String>,
+    #[serde(default)]
+    resource_names: Vec<String>,
+}
+
+impl PolicyRule {
+    fn allows(&self, request: &fake_apiserver::RequestRecord) -> bool {
+        self.resource_names.is_empty()
+            && self.api_groups.iter().any(|g| g == request.group)
+            && self.resources.iter().any(|r| *r == request.resource)
+            && self.verbs.iter().any(|v| v == request.verb)
+    }
+}
+
+fn cluster_role_rules() -> Vec<PolicyRule> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/rbac.yaml");
+    let text = std::fs::read_to_string(path).expect("rbac.yaml");
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = <Value as serde::Deserialize>::deserialize(document).expect("yaml");
+        if value["kind"] == "ClusterRole" {
+            return serde_json::from_value(value["rules"].clone()).expect("rules");
+        }
+    }
+    panic!("no ClusterRole in rbac.yaml");
 }
 
 #[test]
@@ -326,11 +365,7 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     let kc = kubeconfig.display().to_string();
     let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-ip", "127.0.0.1"]);
     mesh.start_agent(&[]);
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &["apply", "-f", "-"],
-        Some(SLEEPER),
-    );
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(SLEEPER));
     assert!(ok, "kubectl apply: {out}");
     let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
         let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"])?;

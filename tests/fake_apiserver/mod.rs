@@ -158,6 +158,8 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     history: VecDeque<WatchEvent>,
     events: broadcast::Sender<WatchEvent>,
+    /// Every resource request, oldest first.
+    requests: Vec<RequestRecord>,
     uid_counter: u64,
     tokens: Vec<IssuedToken>,
 }
@@ -521,6 +523,7 @@ impl Store {
             objects: BTreeMap::new(),
             history: VecDeque::new(),
             events,
+            requests: Vec::new(),
             uid_counter: 0,
             tokens: Vec::new(),
         };
@@ -933,6 +936,50 @@ fn default_pod(pod: &mut Value) {
 }
 
 /// A parsed request path.
+/// One resource request, as RBAC sees it: who asked (the User-Agent), the verb, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    pub user_agent: String,
+    pub verb: &'static str,
+    pub group: &'static str,
+    /// `pods`, or `pods/status` for a subresource.
+    pub resource: String,
+    pub namespace: String,
+}
+
+impl RequestRecord {
+    fn new(
+        method: &warp::http::Method,
+        target: &Target,
+        params: &BTreeMap<String, String>,
+        user_agent: String,
+    ) -> RequestRecord {
+        let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let verb = match (method.as_str(), target.name.is_some()) {
+            ("GET", true) => "get",
+            ("GET", false) if watch => "watch",
+            ("GET", false) => "list",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", true) => "delete",
+            ("DELETE", false) => "deletecollection",
+            _ => "unknown",
+        };
+        let resource = match &target.subresource {
+            Some(sub) => format!("{}/{sub}", target.resource.plural),
+            None => target.resource.plural.to_string(),
+        };
+        RequestRecord {
+            user_agent,
+            verb,
+            group: target.resource.group,
+            resource,
+            namespace: target.namespace.clone(),
+        }
+    }
+}
+
 struct Target {
     resource: Resource,
     namespace: String,
@@ -1033,6 +1080,7 @@ impl FakeApiServer {
             .and(warp::query::raw().or(warp::any().map(String::new)).unify())
             .and(warp::header::optional::<String>("content-type"))
             .and(warp::header::optional::<String>("accept"))
+            .and(warp::header::optional::<String>("user-agent"))
             .and(warp::body::bytes())
             .then(
                 move |method: warp::http::Method,
@@ -1040,6 +1088,7 @@ impl FakeApiServer {
                       query: String,
                       content_type: Option<String>,
                       accept: Option<String>,
+                      user_agent: Option<String>,
                       body: warp::hyper::body::Bytes| {
                     let store = handler_store.clone();
                     async move {
@@ -1049,6 +1098,7 @@ impl FakeApiServer {
                             query,
                             content_type,
                             accept,
+                            user_agent: user_agent.unwrap_or_default(),
                             body: body.to_vec(),
                         };
                         let mut warnings = vec![];
@@ -1106,6 +1156,11 @@ impl FakeApiServer {
         store.events = broadcast::channel(4096).0;
     }
 
+    /// The resource requests served so far.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.store.lock().expect("store").requests.clone()
+    }
+
     pub fn compact(&self) {
         let mut store = self.store.lock().expect("store");
         store.history.clear();
@@ -1133,6 +1188,7 @@ struct Request {
     query: String,
     content_type: Option<String>,
     accept: Option<String>,
+    user_agent: String,
     body: Vec<u8>,
 }
 
@@ -1147,6 +1203,7 @@ fn route(
         query,
         content_type,
         accept,
+        user_agent,
         body,
     } = request;
     if method == warp::http::Method::GET {
@@ -1166,6 +1223,11 @@ fn route(
         ));
     };
     let params = query_map(&query);
+    if let Ok(mut store) = store.lock() {
+        store
+            .requests
+            .push(RequestRecord::new(&method, &target, &params, user_agent));
+    }
     let validation = FieldValidation::from_params(&params)?;
     let resource = target.resource;
     let kind = resource.kind;
