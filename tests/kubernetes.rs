@@ -295,7 +295,7 @@ impl PolicyRule {
     fn allows(&self, request: &fake_apiserver::RequestRecord) -> bool {
         self.resource_names.is_empty()
             && self.api_groups.iter().any(|g| g == request.group)
-            && self.resources.iter().any(|r| *r == request.resource)
+            && self.resources.contains(&request.resource)
             && self.verbs.iter().any(|v| v == request.verb)
     }
 }
