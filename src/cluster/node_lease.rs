@@ -163,12 +163,13 @@ async fn renew_lease(leases: &Api<Lease>, node: &Node) -> Result<(), kube::Error
         renew_time: Some(MicroTime(Timestamp::now())),
         ..Default::default()
     };
-    if leases.get_opt(&name).await?.is_some() {
-        let patch = json!({ "spec": spec });
-        return leases
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(drop);
+    let patch = json!({ "spec": spec });
+    match leases
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        other => return other.map(drop),
     }
     let lease = Lease {
         metadata: ObjectMeta {

@@ -175,22 +175,15 @@ pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
             volumes: BTreeMap::new(),
         });
     };
-    let containers = spec
+    for container in spec
         .init_containers
         .iter_mut()
         .flatten()
-        .map(|c| ("initContainers", c))
-        .enumerate()
-        .chain(
-            spec.containers
-                .iter_mut()
-                .map(|c| ("containers", c))
-                .enumerate(),
-        );
-    for (index, (kind, container)) in containers {
-        resolve_env(&format!("spec.{kind}[{index}]"), container, &lookup)?;
+        .chain(&mut spec.containers)
+    {
+        resolve_env(container, &lookup)?;
     }
-    let spec_view = pod.spec.as_ref().cloned().unwrap_or_default();
+    let spec_view = pod.spec.clone().unwrap_or_default();
     let mut volumes = BTreeMap::new();
     for (index, volume) in spec_view.volumes.iter().flatten().enumerate() {
         let path = format!("spec.volumes[{index}]");
@@ -367,7 +360,7 @@ fn literal(value: &[u8]) -> String {
 
 /// The container's env as the kubelet builds it from envFrom then env, with every
 /// configMap and secret reference replaced by its value.
-fn resolve_env(path: &str, container: &mut Container, lookup: &Lookup) -> Result<(), ResolveError> {
+fn resolve_env(container: &mut Container, lookup: &Lookup) -> Result<(), ResolveError> {
     let mut env: Vec<EnvVar> = Vec::new();
     let set = |env: &mut Vec<EnvVar>, var: EnvVar| match env.iter_mut().find(|v| v.name == var.name)
     {
@@ -402,53 +395,39 @@ fn resolve_env(path: &str, container: &mut Container, lookup: &Lookup) -> Result
             }
         }
     }
-    for (index, mut var) in container.env.take().into_iter().flatten().enumerate() {
-        let from = var.value_from.take();
-        let value = match &from {
-            Some(source)
-                if source.config_map_key_ref.is_some() || source.secret_key_ref.is_some() =>
-            {
-                let (name, key, optional, kind) =
-                    match (&source.config_map_key_ref, &source.secret_key_ref) {
-                        (Some(r), _) => (&r.name, &r.key, r.optional, "ConfigMap"),
-                        (None, Some(r)) => (&r.name, &r.key, r.optional, "Secret"),
-                        (None, None) => unreachable_refs(path, index)?,
-                    };
-                let data = if kind == "ConfigMap" {
-                    lookup.config_map(name, optional)?.map(KeyedData::from)
-                } else {
-                    lookup.secret(name, optional)?.map(KeyedData::from)
-                };
-                match data.as_ref().and_then(|d| d.0.get(key)) {
-                    Some(value) => Some(literal(value)),
-                    None if optional == Some(true) => continue,
-                    None => {
-                        return Err(ResolveError::Missing(format!(
-                            "couldn't find key {key} in {kind} {}/{name}",
-                            lookup.namespace
-                        )))
-                    }
+    for mut var in container.env.take().into_iter().flatten() {
+        let source = var.value_from.as_ref();
+        let reference = match (
+            source.and_then(|s| s.config_map_key_ref.as_ref()),
+            source.and_then(|s| s.secret_key_ref.as_ref()),
+        ) {
+            (Some(r), _) => Some((&r.name, &r.key, r.optional, "ConfigMap")),
+            (None, Some(r)) => Some((&r.name, &r.key, r.optional, "Secret")),
+            // A literal, or a fieldRef/resourceFieldRef for the agent to fill in.
+            (None, None) => None,
+        };
+        if let Some((name, key, optional, kind)) = reference {
+            let data = if kind == "ConfigMap" {
+                lookup.config_map(name, optional)?.map(KeyedData::from)
+            } else {
+                lookup.secret(name, optional)?.map(KeyedData::from)
+            };
+            match data.as_ref().and_then(|d| d.0.get(key)) {
+                Some(value) => var.value = Some(literal(value)),
+                None if optional == Some(true) => continue,
+                None => {
+                    return Err(ResolveError::Missing(format!(
+                        "couldn't find key {key} in {kind} {}/{name}",
+                        lookup.namespace
+                    )))
                 }
             }
-            _ => {
-                var.value_from = from;
-                set(&mut env, var);
-                continue;
-            }
-        };
-        var.value = value;
+            var.value_from = None;
+        }
         set(&mut env, var);
     }
     container.env = (!env.is_empty()).then_some(env);
     Ok(())
-}
-
-/// Never happens (the caller checked one of the two is set); an error rather than a panic.
-fn unreachable_refs<T>(path: &str, index: usize) -> Result<T, ResolveError> {
-    Err(invalid(
-        format!("{path}.env[{index}].valueFrom"),
-        "no source",
-    ))
 }
 
 /// Environment variable names as the API server accepts them since Kubernetes 1.30:
