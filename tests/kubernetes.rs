@@ -222,6 +222,19 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         "{line}"
     );
 
+    // A changed configMap reaches the mounted volume of the running container (the node
+    // resolves every pod again each minute and sends the agent the new files).
+    let changed = CONFIG.replace("greeting: hello", "greeting: bonjour");
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&changed));
+    assert!(ok, "kubectl apply config: {out}");
+    mesh.wait_for("the new configMap file", Duration::from_secs(90), || {
+        let out = Command::new("podman")
+            .args(["exec", &name, "cat", "/etc/cfg/greeting"])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout) == "bonjour").then_some(())
+    });
+
     // The token came from a TokenRequest bound to the pod, for its service account.
     let issued = server.tokens_issued();
     assert!(
@@ -417,6 +430,51 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     );
     assert!(ok, "kubectl delete: {out}");
     mesh.wait_for("the Podman pod removed", Duration::from_secs(20), || {
+        podman_pods(&label).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_pod_deleted_while_its_agent_is_away_is_removed_when_the_agent_returns() {
+    let (server, _runtime) = start_fake();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let kc = kubeconfig.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--agent-loss-seconds", "3"]);
+    mesh.start_agent(&[]);
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(SLEEPER));
+    assert!(ok, "kubectl apply: {out}");
+    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
+        let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"])?;
+        (pod["status"]["phase"] == "Running").then_some(pod)
+    });
+    let label = format!(
+        "io.beemesh.pod.uid={}",
+        pod["metadata"]["uid"].as_str().expect("uid")
+    );
+
+    mesh.agents[0].kill();
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["delete", "pod", "sleeper", "--wait=false"],
+        None,
+    );
+    assert!(ok, "kubectl delete: {out}");
+    // Once the agent counts as lost, the node finishes the deletion in the API.
+    mesh.wait_for("the pod gone from the API", Duration::from_secs(30), || {
+        server
+            .object("pods", "default", "sleeper")
+            .is_none()
+            .then_some(())
+    });
+    assert!(
+        !podman_pods(&label).is_empty(),
+        "nothing stopped the pod yet"
+    );
+
+    let state = mesh.agents[0].state_dir.clone();
+    mesh.start_agent_in(state, &[]);
+    mesh.wait_for("the Podman pod removed", Duration::from_secs(40), || {
         podman_pods(&label).is_empty().then_some(())
     });
 }

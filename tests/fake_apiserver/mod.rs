@@ -1302,11 +1302,9 @@ fn route(
                     next
                 } else {
                     let mut next = object.clone();
-                    next["status"] = if object["status"].is_null() {
-                        stored["status"].clone()
-                    } else {
-                        object["status"].clone()
-                    };
+                    if object["status"].is_null() {
+                        keep_stored_status(&mut next, &stored);
+                    }
                     next
                 })
             })
@@ -1339,7 +1337,7 @@ fn route(
                     apply(&mut next, &status_patch)?;
                 } else {
                     apply(&mut next, &patch)?;
-                    next["status"] = stored["status"].clone();
+                    keep_stored_status(&mut next, stored);
                 }
                 // The patched object is decoded as a create's body is, without the wrapper.
                 validation.check(&resource, &mut next, warnings, |e| e)?;
@@ -1361,6 +1359,19 @@ fn route(
             format!("{method} is not supported on {path}"),
             None,
         )),
+    }
+}
+
+/// The stored status, unchanged by a write to the main resource; an object without
+/// status (a ConfigMap) gets no status key.
+fn keep_stored_status(next: &mut Value, stored: &Value) {
+    match stored.get("status") {
+        Some(status) if !status.is_null() => next["status"] = status.clone(),
+        _ => {
+            if let Some(fields) = next.as_object_mut() {
+                fields.remove("status");
+            }
+        }
     }
 }
 
