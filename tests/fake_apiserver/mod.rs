@@ -1303,7 +1303,7 @@ fn route(
                 } else {
                     let mut next = object.clone();
                     if object["status"].is_null() {
-                        keep_stored_status(&mut next, &stored);
+                        keep_stored_status(&mut next, stored);
                     }
                     next
                 })
