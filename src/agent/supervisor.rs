@@ -87,8 +87,7 @@ pub fn spawn(
     adopted: Option<RuntimePod>,
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
-    let mut worker = Worker::new(ctx, pod_ref, pod, epoch, owner);
-    worker.volumes = volumes;
+    let worker = Worker::new(ctx, pod_ref, pod, volumes, epoch, owner);
     tokio::spawn(worker.run(stop_rx, adopted));
     WorkerHandle { stop: stop_tx }
 }
@@ -201,7 +200,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: WorkerContext, pod_ref: PodRef, pod: Pod, epoch: Epoch, owner: PeerId) -> Worker {
+    fn new(
+        ctx: WorkerContext,
+        pod_ref: PodRef,
+        pod: Pod,
+        volumes: BTreeMap<String, Vec<VolumeFile>>,
+        epoch: Epoch,
+        owner: PeerId,
+    ) -> Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let slots = spec
             .init_containers
@@ -219,7 +225,7 @@ impl Worker {
             agent_id: ctx.agent.to_string(),
             owner_id: owner.to_string(),
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
-            volumes: BTreeMap::new(),
+            volumes,
             ctx,
             pod_ref,
             pod,

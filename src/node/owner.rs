@@ -2,8 +2,8 @@
 //! bidder with an epoch only it raises, follows the runners' status reports, moves
 //! pods off lost agents, and stops copies it no longer wants.
 //!
-//! Pods come from a source (the manifest directory; later the Kubernetes API) as a
-//! desired set; status goes out through a [`StatusSink`].
+//! Pods come from their sources (the manifest directory, the Kubernetes API) as one
+//! desired set of resolved pods; status goes out through a [`StatusSink`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -47,8 +47,8 @@ pub struct AgentsSummary {
     pub storage_bytes: u64,
 }
 
-/// Where the owner's view of its pods goes (stdout in standalone mode; the
-/// Kubernetes API server later).
+/// Where the owner's view of its pods goes (stdout, and the Kubernetes API server for
+/// the API's pods).
 pub trait StatusSink: Send {
     /// The pod's status changed; `agent` runs it, if any.
     fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>);
