@@ -5,61 +5,86 @@
 mod common;
 mod fake_apiserver;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::{podman_containers, podman_logs, podman_pods, Mesh};
-use fake_apiserver::FakeApiServer;
+use fake_apiserver::{kubectl, FakeApiServer};
 use serde_json::Value;
 
-/// Runs kubectl against `kubeconfig`; its success and combined output.
-fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .env("KUBECONFIG", kubeconfig)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write");
+/// A fake API server, a node registered with it, and agents.
+struct Cluster {
+    mesh: Mesh,
+    server: FakeApiServer,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+    /// The fake runs on its own runtime, so that the blocking test body (processes,
+    /// kubectl) does not starve it.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    fn start(node_args: &[&str]) -> Cluster {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = runtime.block_on(FakeApiServer::start());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = server.write_kubeconfig(dir.path());
+        let kc = kubeconfig.display().to_string();
+        let mut args = vec!["--kubeconfig", kc.as_str()];
+        args.extend_from_slice(node_args);
+        Cluster {
+            mesh: Mesh::with_node_args(&args),
+            server,
+            kubeconfig,
+            _dir: dir,
+            _runtime: runtime,
+        }
     }
-    let out = child.wait_with_output().expect("kubectl ends");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
-fn kubectl_json(kubeconfig: &Path, args: &[&str]) -> Option<Value> {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    let (ok, out) = kubectl(kubeconfig, &all, None);
-    ok.then(|| serde_json::from_str(&out).ok()).flatten()
-}
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        kubectl(&self.kubeconfig, args, stdin)
+    }
 
-/// The fake API server runs on its own runtime thread, so that the blocking test body
-/// (processes, kubectl) does not starve it.
-fn start_fake() -> (FakeApiServer, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let server = runtime.block_on(FakeApiServer::start());
-    (server, runtime)
+    /// `kubectl <args> -o json`, parsed; None if kubectl failed.
+    fn get(&self, args: &[&str]) -> Option<Value> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend(["-o", "json"]);
+        let (ok, out) = self.kubectl(&all, None);
+        ok.then(|| serde_json::from_str(&out).ok()).flatten()
+    }
+
+    fn apply(&self, manifest: &str) {
+        let (ok, out) = self.kubectl(&["apply", "-f", "-"], Some(manifest));
+        assert!(ok, "kubectl apply: {out}");
+    }
+
+    fn wait_running(&self, pod: &str) -> Value {
+        self.mesh.wait_for(
+            &format!("pod {pod} Running"),
+            Duration::from_secs(40),
+            || {
+                let found = self.get(&["pod", pod])?;
+                (found["status"]["phase"] == "Running").then_some(found)
+            },
+        )
+    }
+
+    /// Reasons of the events in the default namespace, oldest first.
+    fn event_reasons(&self) -> Vec<String> {
+        let events = self.get(&["events", "-n", "default"]).expect("events");
+        events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
 }
 
 const POD: &str = r#"
@@ -96,17 +121,6 @@ metadata: {name: creds, namespace: default}
 stringData: {password: s3cr3t}
 "#;
 
-/// Reasons of the events in the default namespace, oldest first.
-fn event_reasons(kubeconfig: &Path) -> Vec<String> {
-    let events = kubectl_json(kubeconfig, &["get", "events", "-n", "default"]).expect("events");
-    events["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-        .collect()
-}
-
 fn condition(object: &Value, type_: &str) -> Option<String> {
     object["status"]["conditions"]
         .as_array()?
@@ -118,34 +132,34 @@ fn condition(object: &Value, type_: &str) -> Option<String> {
 
 #[test]
 fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() {
-    let (server, _runtime) = start_fake();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = server.write_kubeconfig(dir.path());
-    let kc = kubeconfig.display().to_string();
-    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-ip", "127.0.0.1"]);
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
 
     // Registered with the node's labels and taint, NotReady until an agent joins.
-    let node = mesh.wait_for("the Node object", Duration::from_secs(20), || {
-        server.object("nodes", "", "beemesh")
-    });
+    let node = cluster
+        .mesh
+        .wait_for("the Node object", Duration::from_secs(20), || {
+            cluster.server.object("nodes", "", "beemesh")
+        });
     assert_eq!(node["metadata"]["labels"]["type"], "virtual-kubelet");
     assert_eq!(
         node["spec"]["taints"][0]["key"],
         "virtual-kubelet.io/provider"
     );
-    mesh.wait_for(
+    cluster.mesh.wait_for(
         "Ready False without agents",
         Duration::from_secs(10),
         || {
-            let node = server.object("nodes", "", "beemesh")?;
+            let node = cluster.server.object("nodes", "", "beemesh")?;
             (condition(&node, "Ready")? == "False").then_some(())
         },
     );
-    mesh.start_agent(&[]);
-    let node = mesh.wait_for("Ready with an agent", Duration::from_secs(20), || {
-        let node = server.object("nodes", "", "beemesh")?;
-        (condition(&node, "Ready")? == "True").then_some(node)
-    });
+    cluster.mesh.start_agent(&[]);
+    let node = cluster
+        .mesh
+        .wait_for("Ready with an agent", Duration::from_secs(20), || {
+            let node = cluster.server.object("nodes", "", "beemesh")?;
+            (condition(&node, "Ready")? == "True").then_some(node)
+        });
     assert_ne!(node["status"]["capacity"]["cpu"], "0m");
     assert_eq!(
         node["status"]["addresses"],
@@ -155,19 +169,19 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"],
         10250
     );
-    let lease = server
+    let lease = cluster
+        .server
         .object("leases", "kube-node-lease", "beemesh")
         .expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "beemesh");
 
     // The pod waits for its configMap and secret as the kubelet's does.
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(POD));
-    assert!(ok, "kubectl apply: {out}");
-    mesh.wait_for(
+    cluster.apply(POD);
+    cluster.mesh.wait_for(
         "CreateContainerConfigError",
         Duration::from_secs(20),
         || {
-            let pod = kubectl_json(&kubeconfig, &["get", "pod", "web"])?;
+            let pod = cluster.get(&["pod", "web"])?;
             let waiting = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
             (waiting["reason"] == "CreateContainerConfigError").then(|| {
                 assert!(
@@ -180,15 +194,16 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
             })
         },
     );
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(CONFIG));
-    assert!(ok, "kubectl apply config: {out}");
+    cluster.apply(CONFIG);
 
-    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
-        let pod = kubectl_json(&kubeconfig, &["get", "pod", "web"])?;
-        (pod["status"]["phase"] == "Running"
-            && pod["status"]["containerStatuses"][0]["ready"] == true)
-            .then_some(pod)
-    });
+    let pod = cluster
+        .mesh
+        .wait_for("the pod Running", Duration::from_secs(40), || {
+            let pod = cluster.get(&["pod", "web"])?;
+            (pod["status"]["phase"] == "Running"
+                && pod["status"]["containerStatuses"][0]["ready"] == true)
+                .then_some(pod)
+        });
     let status = &pod["status"];
     assert!(
         status["podIP"].as_str().is_some_and(|ip| !ip.is_empty()),
@@ -213,10 +228,12 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         .and_then(|c| c["Names"][0].as_str())
         .expect("container")
         .to_owned();
-    let line = mesh.wait_for("the container's output", Duration::from_secs(10), || {
-        let logs = podman_logs(&name);
-        logs.contains("env=").then_some(logs)
-    });
+    let line = cluster
+        .mesh
+        .wait_for("the container's output", Duration::from_secs(10), || {
+            let logs = podman_logs(&name);
+            logs.contains("env=").then_some(logs)
+        });
     assert!(
         line.contains("env=hello secret=s3cr3t file=hello node=beemesh sa=default:eyJ"),
         "{line}"
@@ -225,18 +242,19 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     // A changed configMap reaches the mounted volume of the running container (the node
     // resolves every pod again each minute and sends the agent the new files).
     let changed = CONFIG.replace("greeting: hello", "greeting: bonjour");
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&changed));
-    assert!(ok, "kubectl apply config: {out}");
-    mesh.wait_for("the new configMap file", Duration::from_secs(90), || {
-        let out = Command::new("podman")
-            .args(["exec", &name, "cat", "/etc/cfg/greeting"])
-            .output()
-            .ok()?;
-        (String::from_utf8_lossy(&out.stdout) == "bonjour").then_some(())
-    });
+    cluster.apply(&changed);
+    cluster
+        .mesh
+        .wait_for("the new configMap file", Duration::from_secs(90), || {
+            let out = Command::new("podman")
+                .args(["exec", &name, "cat", "/etc/cfg/greeting"])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout) == "bonjour").then_some(())
+        });
 
     // The token came from a TokenRequest bound to the pod, for its service account.
-    let issued = server.tokens_issued();
+    let issued = cluster.server.tokens_issued();
     assert!(
         issued.iter().any(|t| t.pod.as_deref() == Some("web")
             && t.service_account == "default"
@@ -245,7 +263,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     );
 
     // Events as the kubelet records them.
-    let reasons = event_reasons(&kubeconfig);
+    let reasons = cluster.event_reasons();
     for reason in ["Scheduled", "Pulled", "Created", "Started", "Failed"] {
         assert!(
             reasons.iter().any(|r| r == reason),
@@ -254,31 +272,28 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     }
 
     // The pod is never re-patched with the same status: a quiet pod costs no writes.
-    let before = kubectl_json(&kubeconfig, &["get", "pod", "web"]).expect("pod");
+    let before = cluster.get(&["pod", "web"]).expect("pod");
     std::thread::sleep(Duration::from_secs(12));
-    let after = kubectl_json(&kubeconfig, &["get", "pod", "web"]).expect("pod");
+    let after = cluster.get(&["pod", "web"]).expect("pod");
     assert_eq!(
         before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"],
         "an unchanged status was written again"
     );
 
     // kubectl delete waits until the node has stopped the pod and removed it.
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &["delete", "pod", "web", "--timeout=60s"],
-        None,
-    );
+    let (ok, out) = cluster.kubectl(&["delete", "pod", "web", "--timeout=60s"], None);
     assert!(ok, "kubectl delete: {out}");
-    assert!(server.object("pods", "default", "web").is_none());
+    assert!(cluster.server.object("pods", "default", "web").is_none());
     assert!(
         podman_pods(&label).is_empty(),
         "the Podman pod is still there"
     );
-    let reasons = event_reasons(&kubeconfig);
+    let reasons = cluster.event_reasons();
     assert!(reasons.iter().any(|r| r == "Killing"), "{reasons:?}");
 
     // Everything the node asked of the API is allowed by the ClusterRole it ships.
-    let node_requests: Vec<_> = server
+    let node_requests: Vec<_> = cluster
+        .server
         .requests()
         .into_iter()
         .filter(|r| !r.user_agent.starts_with("kubectl"))
@@ -339,23 +354,21 @@ fn the_node_needs_a_source_of_pods_and_leaves_the_node_not_ready_on_exit() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no pods to run"), "{stderr}");
 
-    let (server, _runtime) = start_fake();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = server.write_kubeconfig(dir.path());
-    let kc = kubeconfig.display().to_string();
-    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-name", "edge-1"]);
-    mesh.start_agent(&[]);
-    mesh.wait_for("Ready", Duration::from_secs(20), || {
-        let node = server.object("nodes", "", "edge-1")?;
+    let mut cluster = Cluster::start(&["--node-name", "edge-1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.mesh.wait_for("Ready", Duration::from_secs(20), || {
+        let node = cluster.server.object("nodes", "", "edge-1")?;
         (condition(&node, "Ready")? == "True").then_some(())
     });
-    let pid = mesh.node().child.id().to_string();
+    let pid = cluster.mesh.node().child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()));
-    mesh.wait_for("NotReady after exit", Duration::from_secs(15), || {
-        let node = server.object("nodes", "", "edge-1")?;
-        (condition(&node, "Ready")? == "False").then_some(())
-    });
+    cluster
+        .mesh
+        .wait_for("NotReady after exit", Duration::from_secs(15), || {
+            let node = cluster.server.object("nodes", "", "edge-1")?;
+            (condition(&node, "Ready")? == "False").then_some(())
+        });
 }
 
 const SLEEPER: &str = r#"
@@ -372,18 +385,10 @@ spec:
 
 #[test]
 fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
-    let (server, _runtime) = start_fake();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = server.write_kubeconfig(dir.path());
-    let kc = kubeconfig.display().to_string();
-    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--node-ip", "127.0.0.1"]);
-    mesh.start_agent(&[]);
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(SLEEPER));
-    assert!(ok, "kubectl apply: {out}");
-    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
-        let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"])?;
-        (pod["status"]["phase"] == "Running").then_some(pod)
-    });
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.apply(SLEEPER);
+    let pod = cluster.wait_running("sleeper");
     let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
     let label = format!("io.beemesh.pod.uid={uid}");
     let container_ids = || -> Vec<String> {
@@ -396,85 +401,75 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     assert_eq!(before.len(), 1);
 
     // SIGKILL and restart: the node rebuilds its view from the API and the agents.
-    mesh.node().kill();
-    mesh.start_node();
+    cluster.mesh.node().kill();
+    cluster.mesh.start_node();
     let restarted_at = std::time::Instant::now();
     while restarted_at.elapsed() < Duration::from_secs(12) {
         assert_eq!(container_ids(), before, "the pod was restarted or copied");
         std::thread::sleep(Duration::from_millis(500));
     }
-    let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"]).expect("pod");
+    let pod = cluster.get(&["pod", "sleeper"]).expect("pod");
     assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
     assert_eq!(pod["metadata"]["uid"], uid.as_str());
 
     // The API server "restarts" with its history compacted: the node's watch gets 410
     // Expired, lists again, and sees a pod created meanwhile.
-    server.compact();
-    server.drop_watches();
+    cluster.server.compact();
+    cluster.server.drop_watches();
     let second = SLEEPER.replace("name: sleeper", "name: second");
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&second));
-    assert!(ok, "kubectl apply: {out}");
-    mesh.wait_for("the second pod Running", Duration::from_secs(40), || {
-        let pod = kubectl_json(&kubeconfig, &["get", "pod", "second"])?;
-        (pod["status"]["phase"] == "Running").then_some(())
-    });
-    let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"]).expect("pod");
+    cluster.apply(&second);
+    cluster.wait_running("second");
+    let pod = cluster.get(&["pod", "sleeper"]).expect("pod");
     assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
     assert_eq!(container_ids(), before, "the first pod was disturbed");
 
     // Force-deleted: gone from the API at once, so the mesh stops it.
-    let (ok, out) = kubectl(
-        &kubeconfig,
+    let (ok, out) = cluster.kubectl(
         &["delete", "pod", "sleeper", "--grace-period=0", "--force"],
         None,
     );
     assert!(ok, "kubectl delete: {out}");
-    mesh.wait_for("the Podman pod removed", Duration::from_secs(20), || {
-        podman_pods(&label).is_empty().then_some(())
-    });
+    cluster
+        .mesh
+        .wait_for("the Podman pod removed", Duration::from_secs(20), || {
+            podman_pods(&label).is_empty().then_some(())
+        });
 }
 
 #[test]
 fn a_pod_deleted_while_its_agent_is_away_is_removed_when_the_agent_returns() {
-    let (server, _runtime) = start_fake();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = server.write_kubeconfig(dir.path());
-    let kc = kubeconfig.display().to_string();
-    let mut mesh = Mesh::with_node_args(&["--kubeconfig", &kc, "--agent-loss-seconds", "3"]);
-    mesh.start_agent(&[]);
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(SLEEPER));
-    assert!(ok, "kubectl apply: {out}");
-    let pod = mesh.wait_for("the pod Running", Duration::from_secs(40), || {
-        let pod = kubectl_json(&kubeconfig, &["get", "pod", "sleeper"])?;
-        (pod["status"]["phase"] == "Running").then_some(pod)
-    });
+    let mut cluster = Cluster::start(&["--agent-loss-seconds", "3"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.apply(SLEEPER);
+    let pod = cluster.wait_running("sleeper");
     let label = format!(
         "io.beemesh.pod.uid={}",
         pod["metadata"]["uid"].as_str().expect("uid")
     );
 
-    mesh.agents[0].kill();
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &["delete", "pod", "sleeper", "--wait=false"],
-        None,
-    );
+    cluster.mesh.agents[0].kill();
+    let (ok, out) = cluster.kubectl(&["delete", "pod", "sleeper", "--wait=false"], None);
     assert!(ok, "kubectl delete: {out}");
     // Once the agent counts as lost, the node finishes the deletion in the API.
-    mesh.wait_for("the pod gone from the API", Duration::from_secs(30), || {
-        server
-            .object("pods", "default", "sleeper")
-            .is_none()
-            .then_some(())
-    });
+    cluster
+        .mesh
+        .wait_for("the pod gone from the API", Duration::from_secs(30), || {
+            cluster
+                .server
+                .object("pods", "default", "sleeper")
+                .is_none()
+                .then_some(())
+        });
     assert!(
         !podman_pods(&label).is_empty(),
         "nothing stopped the pod yet"
     );
 
-    let state = mesh.agents[0].state_dir.clone();
-    mesh.start_agent_in(state, &[]);
-    mesh.wait_for("the Podman pod removed", Duration::from_secs(40), || {
-        podman_pods(&label).is_empty().then_some(())
-    });
+    let state = cluster.mesh.agents[0].state_dir.clone();
+    cluster.mesh.start_agent_in(state, &[]);
+    cluster
+        .mesh
+        .wait_for("the Podman pod removed", Duration::from_secs(40), || {
+            podman_pods(&label).is_empty().then_some(())
+        });
 }
