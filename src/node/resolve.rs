@@ -187,29 +187,10 @@ pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
     let mut volumes = BTreeMap::new();
     for (index, volume) in spec_view.volumes.iter().flatten().enumerate() {
         let path = format!("spec.volumes[{index}]");
-        let files = if let Some(cm) = &volume.config_map {
-            let source = lookup.config_map(&cm.name, cm.optional)?;
-            let mode = cm.default_mode.unwrap_or(DEFAULT_FILE_MODE);
-            Some(key_files(
-                &format!("{path}.configMap"),
-                source.map(KeyedData::from),
-                cm.items.as_deref(),
-                mode,
-                cm.optional,
-                &|key| format!("configmap references non-existent config key: {key}"),
-            )?)
-        } else if let Some(secret) = &volume.secret {
-            let name = secret.secret_name.clone().unwrap_or_default();
-            let source = lookup.secret(&name, secret.optional)?;
-            let mode = secret.default_mode.unwrap_or(DEFAULT_FILE_MODE);
-            Some(key_files(
-                &format!("{path}.secret"),
-                source.map(KeyedData::from),
-                secret.items.as_deref(),
-                mode,
-                secret.optional,
-                &|key| format!("references non-existent secret key: {key}"),
-            )?)
+        let keyed = Keyed::of_volume(volume);
+        let files = if let Some(keyed) = keyed {
+            let mode = keyed.default_mode.unwrap_or(DEFAULT_FILE_MODE);
+            Some(lookup.files(&path, &keyed, mode)?)
         } else if let Some(downward) = &volume.downward_api {
             let mode = downward.default_mode.unwrap_or(DEFAULT_FILE_MODE);
             Some(downward_files(
@@ -224,26 +205,8 @@ pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
             let mut files = Vec::new();
             for (i, source) in projected.sources.iter().flatten().enumerate() {
                 let path = format!("{path}.projected.sources[{i}]");
-                if let Some(cm) = &source.config_map {
-                    let found = lookup.config_map(&cm.name, cm.optional)?;
-                    files.extend(key_files(
-                        &format!("{path}.configMap"),
-                        found.map(KeyedData::from),
-                        cm.items.as_deref(),
-                        mode,
-                        cm.optional,
-                        &|key| format!("configmap references non-existent config key: {key}"),
-                    )?);
-                } else if let Some(secret) = &source.secret {
-                    let found = lookup.secret(&secret.name, secret.optional)?;
-                    files.extend(key_files(
-                        &format!("{path}.secret"),
-                        found.map(KeyedData::from),
-                        secret.items.as_deref(),
-                        mode,
-                        secret.optional,
-                        &|key| format!("references non-existent secret key: {key}"),
-                    )?);
+                if let Some(keyed) = Keyed::of_projection(source) {
+                    files.extend(lookup.files(&path, &keyed, mode)?);
                 } else if let Some(downward) = &source.downward_api {
                     files.extend(downward_files(
                         &format!("{path}.downwardAPI"),
@@ -294,29 +257,149 @@ struct Lookup<'a> {
 }
 
 impl Lookup<'_> {
-    /// The configMap; None if it is missing and optional.
-    fn config_map(
+    /// The keys and values of a configMap or secret; None if it is missing and optional.
+    fn data(
         &self,
+        kind: Kind,
         name: &str,
         optional: Option<bool>,
-    ) -> Result<Option<&ConfigMap>, ResolveError> {
-        match self.fetched.config_maps.get(name) {
-            Some(found) => Ok(Some(found)),
+    ) -> Result<Option<KeyedData>, ResolveError> {
+        let found = match kind {
+            Kind::ConfigMap => self.fetched.config_maps.get(name).map(KeyedData::from),
+            Kind::Secret => self.fetched.secrets.get(name).map(KeyedData::from),
+        };
+        match found {
+            Some(data) => Ok(Some(data)),
             None if optional == Some(true) => Ok(None),
             None => Err(ResolveError::Missing(format!(
-                "configmap \"{name}\" not found"
+                "{} \"{name}\" not found",
+                kind.lowercase()
             ))),
         }
     }
 
-    fn secret(&self, name: &str, optional: Option<bool>) -> Result<Option<&Secret>, ResolveError> {
-        match self.fetched.secrets.get(name) {
-            Some(found) => Ok(Some(found)),
-            None if optional == Some(true) => Ok(None),
-            None => Err(ResolveError::Missing(format!(
-                "secret \"{name}\" not found"
-            ))),
+    /// The files a configMap or secret volume (or projection) shows: the listed items,
+    /// or every key when none are listed.
+    fn files(
+        &self,
+        path: &str,
+        keyed: &Keyed,
+        default_mode: i32,
+    ) -> Result<Vec<VolumeFile>, ResolveError> {
+        let field = format!("{path}.{}", keyed.kind.field());
+        let Some(KeyedData(data)) = self.data(keyed.kind, keyed.name, keyed.optional)? else {
+            return Ok(Vec::new());
+        };
+        let Some(items) = keyed.items.filter(|items| !items.is_empty()) else {
+            return data
+                .into_iter()
+                .map(|(key, value)| file(&field, &key, value, default_mode))
+                .collect();
+        };
+        let mut files = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match data.get(&item.key) {
+                Some(value) => files.push(file(
+                    &format!("{field}.items[{i}].path"),
+                    &item.path,
+                    value.clone(),
+                    item.mode.unwrap_or(default_mode),
+                )?),
+                None if keyed.optional == Some(true) => {}
+                None => return Err(ResolveError::Missing(keyed.kind.missing_key(&item.key))),
+            }
         }
+        Ok(files)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ConfigMap,
+    Secret,
+}
+
+impl Kind {
+    /// As the kubelet names it in "not found" messages.
+    fn lowercase(self) -> &'static str {
+        match self {
+            Kind::ConfigMap => "configmap",
+            Kind::Secret => "secret",
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Kind::ConfigMap => "configMap",
+            Kind::Secret => "secret",
+        }
+    }
+
+    fn api_kind(self) -> &'static str {
+        match self {
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
+        }
+    }
+
+    /// The kubelet's message for an item whose key the object lacks.
+    fn missing_key(self, key: &str) -> String {
+        match self {
+            Kind::ConfigMap => format!("configmap references non-existent config key: {key}"),
+            Kind::Secret => format!("references non-existent secret key: {key}"),
+        }
+    }
+}
+
+/// A configMap or secret shown as files by a volume or a projection.
+struct Keyed<'a> {
+    kind: Kind,
+    name: &'a str,
+    items: Option<&'a [KeyToPath]>,
+    optional: Option<bool>,
+    /// Volumes have their own; projections use the projected volume's.
+    default_mode: Option<i32>,
+}
+
+impl<'a> Keyed<'a> {
+    fn of_volume(volume: &'a k8s_openapi::api::core::v1::Volume) -> Option<Keyed<'a>> {
+        let config_map = volume.config_map.as_ref().map(|cm| Keyed {
+            kind: Kind::ConfigMap,
+            name: &cm.name,
+            items: cm.items.as_deref(),
+            optional: cm.optional,
+            default_mode: cm.default_mode,
+        });
+        config_map.or_else(|| {
+            volume.secret.as_ref().map(|secret| Keyed {
+                kind: Kind::Secret,
+                name: secret.secret_name.as_deref().unwrap_or_default(),
+                items: secret.items.as_deref(),
+                optional: secret.optional,
+                default_mode: secret.default_mode,
+            })
+        })
+    }
+
+    fn of_projection(
+        source: &'a k8s_openapi::api::core::v1::VolumeProjection,
+    ) -> Option<Keyed<'a>> {
+        let config_map = source.config_map.as_ref().map(|cm| Keyed {
+            kind: Kind::ConfigMap,
+            name: &cm.name,
+            items: cm.items.as_deref(),
+            optional: cm.optional,
+            default_mode: None,
+        });
+        config_map.or_else(|| {
+            source.secret.as_ref().map(|secret| Keyed {
+                kind: Kind::Secret,
+                name: &secret.name,
+                items: secret.items.as_deref(),
+                optional: secret.optional,
+                default_mode: None,
+            })
+        })
     }
 }
 
@@ -370,13 +453,9 @@ fn resolve_env(container: &mut Container, lookup: &Lookup) -> Result<(), Resolve
     for from in container.env_from.take().into_iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let data = if let Some(cm) = &from.config_map_ref {
-            lookup
-                .config_map(&cm.name, cm.optional)?
-                .map(KeyedData::from)
+            lookup.data(Kind::ConfigMap, &cm.name, cm.optional)?
         } else if let Some(secret) = &from.secret_ref {
-            lookup
-                .secret(&secret.name, secret.optional)?
-                .map(KeyedData::from)
+            lookup.data(Kind::Secret, &secret.name, secret.optional)?
         } else {
             None
         };
@@ -401,23 +480,20 @@ fn resolve_env(container: &mut Container, lookup: &Lookup) -> Result<(), Resolve
             source.and_then(|s| s.config_map_key_ref.as_ref()),
             source.and_then(|s| s.secret_key_ref.as_ref()),
         ) {
-            (Some(r), _) => Some((&r.name, &r.key, r.optional, "ConfigMap")),
-            (None, Some(r)) => Some((&r.name, &r.key, r.optional, "Secret")),
+            (Some(r), _) => Some((&r.name, &r.key, r.optional, Kind::ConfigMap)),
+            (None, Some(r)) => Some((&r.name, &r.key, r.optional, Kind::Secret)),
             // A literal, or a fieldRef/resourceFieldRef for the agent to fill in.
             (None, None) => None,
         };
         if let Some((name, key, optional, kind)) = reference {
-            let data = if kind == "ConfigMap" {
-                lookup.config_map(name, optional)?.map(KeyedData::from)
-            } else {
-                lookup.secret(name, optional)?.map(KeyedData::from)
-            };
+            let data = lookup.data(kind, name, optional)?;
             match data.as_ref().and_then(|d| d.0.get(key)) {
                 Some(value) => var.value = Some(literal(value)),
                 None if optional == Some(true) => continue,
                 None => {
                     return Err(ResolveError::Missing(format!(
-                        "couldn't find key {key} in {kind} {}/{name}",
+                        "couldn't find key {key} in {} {}/{name}",
+                        kind.api_kind(),
                         lookup.namespace
                     )))
                 }
@@ -467,42 +543,6 @@ pub fn is_relative_path(path: &str) -> bool {
     !path.is_empty()
         && !path.starts_with('/')
         && path.split('/').all(|part| part != ".." && !part.is_empty())
-}
-
-/// Files from keyed data: the listed items, or every key when no items are listed.
-fn key_files(
-    field: &str,
-    data: Option<KeyedData>,
-    items: Option<&[KeyToPath]>,
-    default_mode: i32,
-    optional: Option<bool>,
-    missing_key: &dyn Fn(&str) -> String,
-) -> Result<Vec<VolumeFile>, ResolveError> {
-    let Some(KeyedData(data)) = data else {
-        return Ok(Vec::new());
-    };
-    match items.filter(|items| !items.is_empty()) {
-        None => data
-            .into_iter()
-            .map(|(key, value)| file(field, &key, value, default_mode))
-            .collect(),
-        Some(items) => {
-            let mut files = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                match data.get(&item.key) {
-                    Some(value) => files.push(file(
-                        &format!("{field}.items[{i}].path"),
-                        &item.path,
-                        value.clone(),
-                        item.mode.unwrap_or(default_mode),
-                    )?),
-                    None if optional == Some(true) => {}
-                    None => return Err(ResolveError::Missing(missing_key(&item.key))),
-                }
-            }
-            Ok(files)
-        }
-    }
 }
 
 /// Files of a downwardAPI volume (or projection).
