@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher::{self, watcher};
@@ -258,27 +258,11 @@ impl PodSource {
             .unwrap_or_else(|| "default".into());
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let refs = resolve::references(pod);
-        let mut fetched = Fetched::default();
-        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
-        for name in &refs.config_maps {
-            match config_maps.get_opt(name).await {
-                Ok(Some(found)) => {
-                    fetched.config_maps.insert(name.clone(), found);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(unavailable("configmap", name, &e)),
-            }
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
-        for name in &refs.secrets {
-            match secrets.get_opt(name).await {
-                Ok(Some(found)) => {
-                    fetched.secrets.insert(name.clone(), found);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(unavailable("secret", name, &e)),
-            }
-        }
+        let mut fetched = Fetched {
+            config_maps: fetch(&self.client, &namespace, &refs.config_maps, "configmap").await?,
+            secrets: fetch(&self.client, &namespace, &refs.secrets, "secret").await?,
+            tokens: BTreeMap::new(),
+        };
         for spec in refs.tokens {
             let key = (uid.clone(), spec.clone());
             let fresh = self
@@ -373,6 +357,34 @@ impl PodSource {
             .collect();
         self.events.record(&pod_ref, running);
     }
+}
+
+/// The named objects of one kind in a namespace; those that do not exist are absent.
+async fn fetch<K>(
+    client: &Client,
+    namespace: &str,
+    names: &std::collections::BTreeSet<String>,
+    kind: &str,
+) -> Result<BTreeMap<String, K>, ResolveError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let mut found = BTreeMap::new();
+    for name in names {
+        match api.get_opt(name).await {
+            Ok(Some(object)) => {
+                found.insert(name.clone(), object);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(unavailable(kind, name, &e)),
+        }
+    }
+    Ok(found)
 }
 
 /// When a token issued at `now` and expiring at `expires` is replaced.
