@@ -415,6 +415,13 @@ mod tests {
     use crate::wire::{AgentSummary, Epoch, PeerRef, PodRef, PodSummary, PodUid};
     use libp2p::PeerId;
 
+    /// A node reports a Hostname address only if it resolves: API servers try it first.
+    #[tokio::test]
+    async fn only_resolvable_hostnames_count() {
+        assert!(resolves("localhost").await);
+        assert!(!resolves("beemesh.invalid").await);
+    }
+
     #[test]
     fn status_tables_align_and_show_reasons() {
         let agent = PeerId::random();
