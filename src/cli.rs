@@ -146,6 +146,18 @@ pub struct NodeArgs {
     /// Port of the kubelet API, published in the Node's daemonEndpoints.
     #[arg(long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
     pub kubelet_port: u16,
+    /// The kubelet API's serving certificate (PEM); with --tls-private-key-file.
+    /// Default: a certificate generated for the node's name and addresses, kept in the
+    /// state directory.
+    #[arg(long, env = "BEEMESH_TLS_CERT_FILE", requires = "tls_private_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM).
+    #[arg(long, env = "BEEMESH_TLS_PRIVATE_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) whose client certificates may use the kubelet API. Without it
+    /// (and without a cluster to check tokens), every request is refused.
+    #[arg(long, env = "BEEMESH_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
     /// Delete the Node object on exit instead of leaving it NotReady.
     #[arg(long, env = "BEEMESH_DELETE_NODE_ON_EXIT")]
     pub delete_node_on_exit: bool,

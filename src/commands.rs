@@ -1,7 +1,7 @@
 //! Runs each role from its parsed command line. The program's edge: errors are
 //! `anyhow`, with context a person can act on.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{Agent, AgentConfig};
 use crate::cli::{self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs};
 use crate::cluster::{self, node_object::NodeIdentity};
+use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
 use crate::node::owner::OwnerConfig;
-use crate::node::{Node, NodeConfig};
+use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
 use crate::trust::{load_or_create_identity, OwnerPolicy};
@@ -251,8 +252,42 @@ async fn node(args: NodeArgs) -> Result<()> {
             ..OwnerConfig::default()
         },
     };
+    let serving = match (&args.tls_cert_file, &args.tls_private_key_file) {
+        (Some(cert), Some(key)) => ServingCert::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => ServingCert::SelfSigned {
+            dir: args.mesh.state_dir.join("kubelet"),
+            names: [
+                args.node_name.clone(),
+                "localhost".into(),
+                "127.0.0.1".into(),
+            ]
+            .into_iter()
+            .chain(internal_ip.map(|ip| ip.to_string()))
+            .collect(),
+        },
+    };
+    if args.client_ca_file.is_none() {
+        tracing::warn!("no --client-ca-file: the kubelet API refuses every request");
+    }
+    let tls = kubelet::tls::server_config(&serving, args.client_ca_file.as_deref())
+        .context("cannot set up the kubelet API's TLS")?;
+    let kubelet_addr = SocketAddr::from(([0, 0, 0, 0], args.kubelet_port));
+    let listener = kubelet::server::bind(kubelet_addr).await?;
+    let (directory, queries) = NodeDirectory::new();
+    tokio::spawn(kubelet::server::serve(
+        listener,
+        tls,
+        kubelet::server::Context {
+            directory,
+            mesh: mesh.clone(),
+        },
+        cancel.clone(),
+    ));
     let result = Node::new(config, mesh, metrics)
-        .run(events, api, cancel.clone())
+        .run(events, api, Some(queries), cancel.clone())
         .await
         .context("node stopped");
     // The API tasks finish first: the Node is marked NotReady (or deleted) on exit.

@@ -326,6 +326,43 @@ pub struct StatusReport {
     pub removed: bool,
 }
 
+/// The stream protocol over which a node relays kubelet API requests to the agent that
+/// runs the pod: a [`KubeletRequest`] header, a [`KubeletAnswer`] header, then the bytes.
+pub const KUBELET_PROTOCOL: &str = "/beemesh/kubelet/1";
+/// Upper bound of a kubelet stream header.
+pub const MAX_KUBELET_HEADER_BYTES: usize = 64 * 1024;
+
+/// What a node asks of an agent on a kubelet stream, after it authorized the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum KubeletRequest {
+    /// A container's log; the agent then streams it until it ends (or, following,
+    /// until the container stops or either side closes).
+    Logs {
+        pod: PodUid,
+        container: String,
+        follow: bool,
+        tail_lines: Option<u64>,
+        timestamps: bool,
+        /// Unix seconds.
+        since: Option<i64>,
+        /// The instance before the last restart.
+        previous: bool,
+    },
+}
+
+/// The agent's answer; after `Ok` the requested bytes follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum KubeletAnswer {
+    Ok,
+    /// An HTTP status and the kubelet's text for it.
+    Failed {
+        code: u16,
+        message: String,
+    },
+}
+
 /// Direct requests between peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]

@@ -167,7 +167,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     );
     assert_eq!(
         node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"],
-        10250
+        cluster.mesh.kubelet_port
     );
     let lease = cluster
         .server

@@ -111,7 +111,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         node_mesh.clone(),
         Metrics::new(),
     );
-    tokio::spawn(node.run(node_events, None, cancel.clone()));
+    tokio::spawn(node.run(node_events, None, None, cancel.clone()));
 
     let mut agents = Vec::new();
     for _ in 0..2 {

@@ -1,6 +1,7 @@
 //! The agent: bids for offers it fits, runs the pods it is assigned under Podman,
 //! reports their status to their owners, and heartbeats its free capacity.
 
+mod kubelet;
 pub mod probe;
 pub mod status;
 mod store;
@@ -162,6 +163,12 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
         self.adopt().await?;
+        let kubelet = kubelet::serve(self.mesh.clone(), self.runtime.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = kubelet.await {
+                tracing::error!(error = %e, "cannot serve kubelet streams");
+            }
+        });
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         let mut resync = tokio::time::interval(self.config.resync_interval);
         resync.reset();

@@ -1,6 +1,6 @@
 //! The cheap, cloneable way into the mesh event loop.
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
 use super::MeshError;
@@ -25,18 +25,61 @@ pub(crate) enum Command {
 }
 
 /// Talks to the mesh event loop over a bounded channel. Cloning is cheap.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MeshHandle {
     commands: mpsc::Sender<Command>,
     local_peer_id: PeerId,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for MeshHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshHandle")
+            .field("local_peer_id", &self.local_peer_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MeshHandle {
-    pub(crate) fn new(commands: mpsc::Sender<Command>, local_peer_id: PeerId) -> Self {
+    pub(crate) fn new(
+        commands: mpsc::Sender<Command>,
+        local_peer_id: PeerId,
+        streams: libp2p_stream::Control,
+    ) -> Self {
         MeshHandle {
             commands,
             local_peer_id,
+            streams,
         }
+    }
+
+    /// Opens a stream of `protocol` to `peer` (dialling it if needed). Yamux's flow
+    /// control gives back-pressure: a slow reader slows the writer.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<Stream, MeshError> {
+        // Each clone of a control has its own slot, so concurrent opens do not queue.
+        let mut control = self.streams.clone();
+        control
+            .open_stream(peer, protocol)
+            .await
+            .map_err(|e| MeshError::Stream {
+                peer,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Streams of `protocol` that peers open to us, with the peer that opened each.
+    pub fn accept_streams(
+        &self,
+        protocol: StreamProtocol,
+    ) -> Result<libp2p_stream::IncomingStreams, MeshError> {
+        self.streams
+            .clone()
+            .accept(protocol.clone())
+            .map_err(|_| MeshError::AlreadyAccepting(protocol))
     }
 
     pub fn local_peer_id(&self) -> PeerId {

@@ -4,7 +4,8 @@
 //! Transports are TCP and QUIC with Noise and Yamux; peers find each other through
 //! Kademlia (seeded with bootstrap addresses) and identify; gossipsub carries offers
 //! and heartbeats (signed, strictly validated); request-response carries the direct
-//! messages of [`crate::wire`].
+//! messages of [`crate::wire`]; raw streams (libp2p-stream, with Yamux's flow control)
+//! carry the kubelet API's logs, exec and port-forward between node and agent.
 
 mod codec;
 mod event_loop;
@@ -40,6 +41,10 @@ pub enum MeshError {
     Listen { addr: Multiaddr, reason: String },
     #[error("cannot set up the transport: {0}")]
     Transport(String),
+    #[error("cannot open a stream to {peer}: {reason}")]
+    Stream { peer: PeerId, reason: String },
+    #[error("{0} streams are already being accepted")]
+    AlreadyAccepting(StreamProtocol),
     #[error(transparent)]
     Wire(#[from] wire::WireError),
 }
@@ -93,6 +98,7 @@ pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     requests: request_response::Behaviour<WireCodec>,
+    streams: libp2p_stream::Behaviour,
 }
 
 const KAD_PROTOCOL: &str = "/beemesh/kad/1.0.0";
@@ -142,6 +148,7 @@ impl Behaviour {
             identify,
             ping: ping::Behaviour::default(),
             requests,
+            streams: libp2p_stream::Behaviour::new(),
         })
     }
 }
@@ -156,6 +163,7 @@ pub fn start(
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, EventLoop), MeshError> {
     let local_peer_id = keypair.public().to_peer_id();
     let behaviour = Behaviour::new(&keypair, &config, &metrics)?;
+    let streams = behaviour.streams.new_control();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -190,7 +198,7 @@ pub fn start(
 
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (event_tx, event_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let handle = MeshHandle::new(command_tx, local_peer_id);
+    let handle = MeshHandle::new(command_tx, local_peer_id, streams);
     let event_loop = EventLoop::new(swarm, command_rx, event_tx, config, metrics);
     Ok((handle, event_rx, event_loop))
 }

@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::PeerId;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
 use crate::wire::{GossipMessage, PodRef};
 use manifests::ManifestDir;
-use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, StatusSink};
+use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::PhasePrinter;
 use resolve::{Fetched, ResolveError};
 
@@ -57,6 +57,57 @@ pub struct ApiLink {
     /// The live agents, for the Node object's capacity and conditions.
     pub agents: watch::Sender<AgentsSummary>,
 }
+
+/// Questions about the node's pods, answered by the node loop.
+#[derive(Debug)]
+enum NodeQuery {
+    Locate {
+        namespace: String,
+        name: String,
+        reply: oneshot::Sender<Option<PodLocation>>,
+    },
+    Pods {
+        reply: oneshot::Sender<Vec<Pod>>,
+    },
+}
+
+/// A cheap, cloneable way to ask the node loop about its pods (for the kubelet API).
+#[derive(Debug, Clone)]
+pub struct NodeDirectory {
+    queries: mpsc::Sender<NodeQuery>,
+}
+
+impl NodeDirectory {
+    /// A directory and the receiver to hand to [`Node::run`].
+    pub fn new() -> (NodeDirectory, NodeQueries) {
+        let (queries, receiver) = mpsc::channel(64);
+        (NodeDirectory { queries }, NodeQueries(receiver))
+    }
+
+    /// Where the pod runs; None if the node has no such pod (or has stopped).
+    pub async fn locate(&self, namespace: &str, name: &str) -> Option<PodLocation> {
+        let (reply, answer) = oneshot::channel();
+        let query = NodeQuery::Locate {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reply,
+        };
+        self.queries.send(query).await.ok()?;
+        answer.await.ok().flatten()
+    }
+
+    /// The node's pods with their status.
+    pub async fn pods(&self) -> Vec<Pod> {
+        let (reply, answer) = oneshot::channel();
+        if self.queries.send(NodeQuery::Pods { reply }).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+}
+
+/// The node loop's end of a [`NodeDirectory`].
+pub struct NodeQueries(mpsc::Receiver<NodeQuery>);
 
 /// Status goes to every sink.
 struct Sinks(Vec<Box<dyn StatusSink>>);
@@ -110,8 +161,10 @@ impl Node {
         self,
         mut events: mpsc::Receiver<MeshEvent>,
         api: Option<ApiLink>,
+        queries: Option<NodeQueries>,
         cancel: CancellationToken,
     ) -> Result<(), NodeError> {
+        let mut queries = queries.map(|q| q.0);
         let mut sinks: Vec<Box<dyn StatusSink>> = vec![Box::new(PhasePrinter::default())];
         let (mut api_pods, agents) = match api {
             Some(link) => {
@@ -168,6 +221,14 @@ impl Node {
                     MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
                 },
                 Some(()) = owner.next_internal() => {}
+                Some(query) = next_query(queries.as_mut()) => match query {
+                    NodeQuery::Locate { namespace, name, reply } => {
+                        let _ = reply.send(owner.locate(&namespace, &name));
+                    }
+                    NodeQuery::Pods { reply } => {
+                        let _ = reply.send(owner.pods());
+                    }
+                },
                 _ = tick.tick() => {
                     owner.tick();
                     if let Some(agents) = &agents {
@@ -188,6 +249,14 @@ impl Node {
             }
         }
         Ok(())
+    }
+}
+
+/// The next directory query; never returns without a directory.
+async fn next_query(queries: Option<&mut mpsc::Receiver<NodeQuery>>) -> Option<NodeQuery> {
+    match queries {
+        Some(queries) => queries.recv().await,
+        None => std::future::pending().await,
     }
 }
 

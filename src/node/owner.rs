@@ -39,6 +39,16 @@ pub struct DesiredPod {
     pub resolved: Result<Resolved, ResolveError>,
 }
 
+/// Where a pod runs, as the kubelet API needs to know it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodLocation {
+    pub pod: PodRef,
+    /// None while the pod is not placed.
+    pub agent: Option<PeerId>,
+    /// Init and app container names.
+    pub containers: Vec<String>,
+}
+
 /// The live agents together, as the virtual node shows them to Kubernetes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AgentsSummary {
@@ -976,6 +986,44 @@ impl Owner {
                 .collect()
         });
         self.set_status(uid, status);
+    }
+
+    /// Where a pod runs, for the kubelet API.
+    pub fn locate(&self, namespace: &str, name: &str) -> Option<PodLocation> {
+        let owned = self
+            .pods
+            .values()
+            .find(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)?;
+        let spec = owned.desired.pod.spec.as_ref();
+        Some(PodLocation {
+            pod: owned.pod_ref.clone(),
+            agent: match owned.placement {
+                Placement::Placed { agent } => Some(agent),
+                _ => None,
+            },
+            containers: spec
+                .map(|s| {
+                    s.init_containers
+                        .iter()
+                        .flatten()
+                        .chain(&s.containers)
+                        .map(|c| c.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The pods as the source has them (no resolved secrets), with their status, for
+    /// the kubelet API's /pods.
+    pub fn pods(&self) -> Vec<Pod> {
+        self.pods
+            .values()
+            .map(|owned| Pod {
+                status: Some(owned.status.clone()),
+                ..owned.desired.pod.clone()
+            })
+            .collect()
     }
 
     /// Everything this owner knows, for `beemesh status`.

@@ -175,6 +175,24 @@ pub struct RuntimePod {
     pub containers: Vec<RuntimeContainer>,
 }
 
+/// What part of a container's output to read, as the kubelet's log endpoint asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Keep streaming as the container writes.
+    pub follow: bool,
+    /// Only the last lines.
+    pub tail_lines: Option<u64>,
+    /// Prefix each line with its RFC 3339 time.
+    pub timestamps: bool,
+    /// Only what was written at or after this time.
+    pub since: Option<Timestamp>,
+}
+
+/// A container's output, as it comes; ends when the container's log does (or, when
+/// following, when the container exits).
+pub type LogStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
+
 /// The result of a command run inside a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -234,4 +252,7 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes a pod and everything in it, stopping what still runs.
     async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+
+    /// The container's stdout and stderr, interleaved as written.
+    async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;
 }

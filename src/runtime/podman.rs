@@ -15,13 +15,14 @@ use k8s_openapi::jiff::Timestamp;
 use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
 use podman_api::opts::{
     ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
-    ExecCreateOpts, ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
+    ContainerLogsOpts, ExecCreateOpts, ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts,
+    PullOpts,
 };
 use podman_api::Podman as Client;
 
 use super::{
-    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, PodPlan, Protocol, PullPolicy,
-    Runtime, RuntimeContainer, RuntimeError, RuntimePod,
+    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, LogOptions, LogStream, PodPlan,
+    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
 };
 
 /// Causes Podman 4.3 reports with status 500 although the request is at fault.
@@ -42,6 +43,8 @@ const NOT_FOUND_CAUSES: &[&str] = &["no such pod", "no such container", "no such
 /// At most this much of an exec's output is kept: probes need little, and a chatty
 /// command must not grow the agent's memory. The rest is read and dropped.
 const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+/// Log chunks read ahead of a slow reader.
+const LOG_CHUNKS_IN_FLIGHT: usize = 16;
 
 /// Refuses, before any request, a name podman-api would choke on in a URL path.
 fn path_safe(what: &str, name: &str) -> Result<(), RuntimeError> {
@@ -551,6 +554,43 @@ impl Runtime for Podman {
         tokio::time::timeout(timeout, run).await.map_err(|_| {
             RuntimeError::Unavailable(format!("command {cmd:?} timed out after {timeout:?}"))
         })?
+    }
+
+    async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError> {
+        path_safe("container", id)?;
+        // Fails early (not found) before the stream is handed out.
+        self.inspect_state(id).await?;
+        let mut opts = ContainerLogsOpts::builder()
+            .stdout(true)
+            .stderr(true)
+            .follow(options.follow)
+            .timestamps(options.timestamps);
+        if let Some(lines) = options.tail_lines {
+            opts = opts.tail(lines.to_string());
+        }
+        if let Some(since) = options.since {
+            opts = opts.since(since.as_second().to_string());
+        }
+        let opts = opts.build();
+        let container = self.client.containers().get(id);
+        // The client's stream borrows the container handle, so a task owns both and
+        // hands chunks over a small channel: a slow reader stops the task reading.
+        let (tx, rx) = tokio::sync::mpsc::channel(LOG_CHUNKS_IN_FLIGHT);
+        tokio::spawn(async move {
+            let mut stream = container.logs(&opts);
+            while let Some(chunk) = stream.next().await {
+                let item = chunk
+                    .map(|c| c.to_vec())
+                    .map_err(|e| RuntimeError::Unavailable(e.to_string()));
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
     }
 
     async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {

@@ -128,6 +128,8 @@ pub struct Mesh {
     node_addr: String,
     node_args: Vec<String>,
     agent_count: usize,
+    /// The node's kubelet API port (each test node has its own).
+    pub kubelet_port: u16,
 }
 
 impl Mesh {
@@ -153,6 +155,7 @@ impl Mesh {
             node_addr,
             node_args: node_args.iter().map(ToString::to_string).collect(),
             agent_count: 0,
+            kubelet_port: free_port(),
         };
         mesh.start_node();
         mesh
@@ -176,6 +179,8 @@ impl Mesh {
             &listen,
             "--pod-manifest-path",
             &self.manifests.display().to_string(),
+            "--kubelet-port",
+            &self.kubelet_port.to_string(),
         ]
         .iter()
         .map(ToString::to_string)

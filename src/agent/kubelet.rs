@@ -1,0 +1,144 @@
+//! The agent's side of the kubelet API: requests its pods' owners relay over
+//! [`KUBELET_PROTOCOL`] streams, served from Podman. Only a pod's owner may ask about
+//! it; Podman's labels say which pod, container, instance and owner each container is.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::io::AsyncWriteExt;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::kubelet::relay::{read_header, write_header, RelayError};
+use crate::mesh::{MeshError, MeshHandle};
+use crate::runtime::{labels, LogOptions, Runtime, RuntimeContainer, RuntimeError};
+use crate::wire::{KubeletAnswer, KubeletRequest, PodUid, KUBELET_PROTOCOL};
+
+/// Accepts kubelet streams until cancelled.
+pub async fn serve(
+    mesh: MeshHandle,
+    runtime: Arc<dyn Runtime>,
+    cancel: CancellationToken,
+) -> Result<(), MeshError> {
+    let mut incoming = mesh.accept_streams(StreamProtocol::new(KUBELET_PROTOCOL))?;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { return Ok(()) };
+                let runtime = runtime.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(peer, stream, runtime.as_ref()).await {
+                        tracing::debug!(%peer, error = %e, "kubelet stream ended with an error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn handle(
+    peer: PeerId,
+    stream: libp2p::Stream,
+    runtime: &dyn Runtime,
+) -> Result<(), RelayError> {
+    let mut io = stream.compat();
+    let request: KubeletRequest = read_header(&mut io).await?;
+    tracing::debug!(%peer, ?request, "kubelet request");
+    match request {
+        KubeletRequest::Logs {
+            pod,
+            container,
+            follow,
+            tail_lines,
+            timestamps,
+            since,
+            previous,
+        } => {
+            let found = find_container(runtime, peer, &pod, &container, previous).await;
+            let id = match found {
+                Ok(id) => id,
+                Err(failed) => return write_header(&mut io, &failed).await,
+            };
+            let options = LogOptions {
+                follow,
+                tail_lines,
+                timestamps,
+                since: since.and_then(|s| Timestamp::from_second(s).ok()),
+            };
+            let mut logs = match runtime.logs(&id, &options).await {
+                Ok(logs) => logs,
+                Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
+            };
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            while let Some(chunk) = logs.next().await {
+                match chunk {
+                    Ok(bytes) => io.write_all(&bytes).await?,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "log stream broke off");
+                        break;
+                    }
+                }
+            }
+            io.shutdown().await?;
+            Ok(())
+        }
+    }
+}
+
+fn failed(code: u16, message: String) -> KubeletAnswer {
+    KubeletAnswer::Failed { code, message }
+}
+
+/// The Podman container for a pod's container: the newest instance of the newest copy,
+/// or the one before it for `previous`. Refused unless `owner` owns the pod.
+async fn find_container(
+    runtime: &dyn Runtime,
+    owner: PeerId,
+    pod: &PodUid,
+    container: &str,
+    previous: bool,
+) -> Result<String, KubeletAnswer> {
+    let pods = runtime
+        .list_pods(labels::POD_UID, &pod.0)
+        .await
+        .map_err(|e: RuntimeError| failed(500, e.to_string()))?;
+    let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
+        labels.get(key).cloned().unwrap_or_default()
+    };
+    let number = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
+        labels
+            .get(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let Some(newest) = pods.iter().max_by_key(|p| number(&p.labels, labels::EPOCH)) else {
+        return Err(failed(404, format!("pod {pod} is not on this agent")));
+    };
+    if label(&newest.labels, labels::OWNER) != owner.to_string() {
+        return Err(failed(403, format!("peer {owner} does not own pod {pod}")));
+    }
+    let pod_name = label(&newest.labels, labels::POD_NAME);
+    let mut instances: Vec<&RuntimeContainer> = newest
+        .containers
+        .iter()
+        .filter(|c| label(&c.labels, labels::CONTAINER) == container)
+        .collect();
+    instances.sort_by_key(|c| std::cmp::Reverse(number(&c.labels, labels::ATTEMPT)));
+    let wanted = if previous {
+        instances.get(1)
+    } else {
+        instances.first()
+    };
+    wanted.map(|c| c.id.clone()).ok_or_else(|| {
+        // The kubelet's texts for these cases.
+        let message = if previous {
+            format!("previous terminated container \"{container}\" in pod \"{pod_name}\" not found")
+        } else {
+            format!("container \"{container}\" in pod \"{pod_name}\" is waiting to start: ContainerCreating")
+        };
+        failed(400, message)
+    })
+}

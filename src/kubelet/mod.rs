@@ -1,0 +1,5 @@
+//! The kubelet API of the virtual node, relayed to the agents that run the pods.
+
+pub mod relay;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,348 @@
+//! The kubelet HTTPS API: TLS, the caller's identity, and the routes. Every request is
+//! authenticated and authorized before anything reaches an agent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use k8s_openapi::jiff::Timestamp;
+use libp2p::StreamProtocol;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use super::relay::{read_header, write_header};
+use super::tls::client_identity;
+use crate::mesh::MeshHandle;
+use crate::node::NodeDirectory;
+use crate::wire::{KubeletAnswer, KubeletRequest, KUBELET_PROTOCOL};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} for the kubelet API")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Who is calling: the user a verified client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+}
+
+/// What the routes need.
+#[derive(Clone)]
+pub struct Context {
+    pub directory: NodeDirectory,
+    pub mesh: MeshHandle,
+}
+
+/// Binds the port (failing at once if it cannot), then serves until cancelled.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    context: Context,
+    cancel: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kubelet API accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let context = context.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(client_identity);
+            let caller = Caller {
+                user: identity.as_ref().map(|(user, _)| user.clone()),
+                groups: identity.map(|(_, groups)| groups).unwrap_or_default(),
+            };
+            let service = TowerToHyperService::new(warp::service(routes(context, caller)));
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "kubelet API connection ended");
+            }
+        });
+    }
+}
+
+fn text(code: StatusCode, message: impl Into<String>) -> warp::reply::Response {
+    warp::reply::with_status(message.into(), code).into_response()
+}
+
+/// The routes for one connection's caller.
+fn routes(
+    context: Context,
+    caller: Caller,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let authorized =
+        warp::any()
+            .map(move || caller.clone())
+            .and_then(|caller: Caller| async move {
+                // Standalone, a verified client certificate is the only way in.
+                match caller.user {
+                    Some(_) => Ok(caller),
+                    None => Err(warp::reject::custom(Unauthorized)),
+                }
+            });
+    let with_context = warp::any().map(move || context.clone());
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| text(StatusCode::OK, "ok"));
+    let pods = warp::path!("pods")
+        .and(warp::get())
+        .and(with_context.clone())
+        .then(|context: Context| async move {
+            let items = context.directory.pods().await;
+            let list = serde_json::json!({
+                "kind": "PodList",
+                "apiVersion": "v1",
+                "metadata": {},
+                "items": items,
+            });
+            warp::reply::json(&list).into_response()
+        });
+    let logs = warp::path!("containerLogs" / String / String / String)
+        .and(warp::get())
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with_context)
+        .then(
+            |namespace: String,
+             pod: String,
+             container: String,
+             query: HashMap<String, String>,
+             context: Context| async move {
+                container_logs(context, &namespace, &pod, &container, &query).await
+            },
+        );
+    authorized
+        .and(healthz.or(pods).unify().or(logs).unify())
+        .map(|_caller: Caller, reply: warp::reply::Response| reply)
+        .recover(|rejection: Rejection| async move {
+            if rejection.find::<Unauthorized>().is_some() {
+                return Ok::<_, Rejection>(text(StatusCode::UNAUTHORIZED, "Unauthorized"));
+            }
+            if rejection.is_not_found() {
+                return Ok(text(StatusCode::NOT_FOUND, "404 page not found"));
+            }
+            Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"))
+        })
+        .unify()
+}
+
+#[derive(Debug)]
+struct Unauthorized;
+impl warp::reject::Reject for Unauthorized {}
+
+/// The kubelet's log query, as parsed and checked by its own handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogQuery {
+    pub follow: bool,
+    pub tail_lines: Option<u64>,
+    pub timestamps: bool,
+    /// Unix seconds.
+    pub since: Option<i64>,
+    pub limit_bytes: Option<u64>,
+    pub previous: bool,
+}
+
+impl LogQuery {
+    pub fn parse(query: &HashMap<String, String>, now: Timestamp) -> Result<LogQuery, String> {
+        let flag = |name: &str| -> Result<bool, String> {
+            match query.get(name).map(String::as_str) {
+                None | Some("" | "false" | "0") => Ok(false),
+                Some("true" | "1") => Ok(true),
+                Some(other) => Err(format!("{name}: invalid boolean {other:?}")),
+            }
+        };
+        let number = |name: &str, min: i64| -> Result<Option<i64>, String> {
+            query
+                .get(name)
+                .map(|v| match v.parse::<i64>() {
+                    Ok(n) if n >= min => Ok(n),
+                    _ => Err(format!(
+                        "{name}: must be an integer of at least {min}, not {v:?}"
+                    )),
+                })
+                .transpose()
+        };
+        let since_seconds = number("sinceSeconds", 1)?;
+        let since_time = query
+            .get("sinceTime")
+            .map(|t| {
+                t.parse::<Timestamp>()
+                    .map(|t| t.as_second())
+                    .map_err(|_| format!("sinceTime: not an RFC 3339 time: {t:?}"))
+            })
+            .transpose()?;
+        if since_seconds.is_some() && since_time.is_some() {
+            return Err("at most one of sinceTime or sinceSeconds may be specified".into());
+        }
+        Ok(LogQuery {
+            follow: flag("follow")?,
+            tail_lines: number("tailLines", 0)?.map(|n| n.unsigned_abs()),
+            timestamps: flag("timestamps")?,
+            since: since_time.or(since_seconds.map(|s| now.as_second() - s)),
+            limit_bytes: number("limitBytes", 1)?.map(|n| n.unsigned_abs()),
+            previous: flag("previous")?,
+        })
+    }
+}
+
+async fn container_logs(
+    context: Context,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    query: &HashMap<String, String>,
+) -> warp::reply::Response {
+    let query = match LogQuery::parse(query, Timestamp::now()) {
+        Ok(query) => query,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    // The kubelet's texts for an unknown pod or container.
+    let Some(location) = context.directory.locate(namespace, pod).await else {
+        return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
+    };
+    if !location.containers.iter().any(|c| c == container) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("container {container:?} not found in pod {pod:?}"),
+        );
+    }
+    let Some(agent) = location.agent else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container {container:?} in pod {pod:?} is waiting to start: ContainerCreating"
+            ),
+        );
+    };
+    let request = KubeletRequest::Logs {
+        pod: location.pod.uid.clone(),
+        container: container.to_owned(),
+        follow: query.follow,
+        tail_lines: query.tail_lines,
+        timestamps: query.timestamps,
+        since: query.since,
+        previous: query.previous,
+    };
+    let relayed = async {
+        let stream = context
+            .mesh
+            .open_stream(agent, StreamProtocol::new(KUBELET_PROTOCOL))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut io = stream.compat();
+        write_header(&mut io, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer: KubeletAnswer = read_header(&mut io).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((answer, io))
+    };
+    let (answer, io) = match relayed.await {
+        Ok(relayed) => relayed,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot reach agent {agent} for the logs: {e}"),
+            )
+        }
+    };
+    if let KubeletAnswer::Failed { code, message } = answer {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return text(code, message);
+    }
+    let body = limited(pump(io), query.limit_bytes);
+    let mut reply = warp::reply::stream(body).into_response();
+    reply.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/plain"),
+    );
+    reply
+}
+
+/// The relayed bytes as a body stream. A task reads the stream (which is not `Sync`, as
+/// response bodies must be) into a small channel, so a slow client slows the agent.
+fn pump(
+    io: impl tokio::io::AsyncRead + Send + Unpin + 'static,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(RELAY_CHUNKS_IN_FLIGHT);
+    tokio::spawn(async move {
+        let mut chunks = tokio_util::io::ReaderStream::new(io);
+        while let Some(chunk) = chunks.next().await {
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// Chunks read ahead of a slow client.
+const RELAY_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Ends the stream after `limit` bytes, as the kubelet's limitBytes does.
+fn limited<S>(
+    stream: S,
+    limit: Option<u64>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    let mut left = limit.unwrap_or(u64::MAX);
+    stream
+        .take_while(move |_| {
+            let more = left > 0;
+            async move { more }
+        })
+        .map(move |chunk| {
+            chunk.map(|mut bytes| {
+                let keep = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+                bytes.truncate(keep);
+                left -= keep as u64;
+                bytes
+            })
+        })
+}

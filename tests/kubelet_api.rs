@@ -1,0 +1,196 @@
+//! The node's kubelet HTTPS API with the real curl, standalone: TLS, client
+//! certificates, /healthz, /pods and /containerLogs relayed over the mesh to the agent
+//! that runs the pod, served from Podman.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Mesh;
+
+const COUNTER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: counter, namespace: default, uid: 6f1c2a9e-0000-4000-8000-000000000001}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.3; done']
+"#;
+
+/// A client CA and one certificate it signed, as PEM files in `dir`.
+struct ClientCerts {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn client_certs(dir: &Path, user: &str) -> ClientCerts {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test client CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, user);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("cert");
+    let certs = ClientCerts {
+        ca: dir.join("client-ca.crt"),
+        cert: dir.join("client.crt"),
+        key: dir.join("client.key"),
+    };
+    std::fs::write(&certs.ca, ca.pem()).expect("write");
+    std::fs::write(&certs.cert, cert.pem()).expect("write");
+    std::fs::write(&certs.key, key.serialize_pem()).expect("write");
+    certs
+}
+
+/// `curl` against the node's kubelet port: the HTTP code and the body.
+fn curl(
+    mesh: &Mesh,
+    server_ca: &Path,
+    client: Option<&ClientCerts>,
+    path: &str,
+    max_secs: u32,
+) -> (u16, String) {
+    let url = format!("https://127.0.0.1:{}{path}", mesh.kubelet_port);
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--max-time", &max_secs.to_string(), "--cacert"])
+        .arg(server_ca)
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(client) = client {
+        command
+            .arg("--cert")
+            .arg(&client.cert)
+            .arg("--key")
+            .arg(&client.key);
+    }
+    let out = command.arg(url).output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client_certs(dir.path(), "alice");
+    let ca = client.ca.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--client-ca-file", &ca]);
+    mesh.start_agent(&[]);
+    mesh.write_manifest("counter.yaml", COUNTER);
+    mesh.wait_for("counter Running", Duration::from_secs(40), || {
+        let pod = mesh.pod_status("default", "counter")?;
+        (pod["phase"] == "Running").then_some(())
+    });
+    let server_ca = mesh.node().state_dir.join("kubelet/kubelet.crt");
+
+    // Deny by default: no client certificate, no access.
+    let (code, body) = curl(&mesh, &server_ca, None, "/healthz", 5);
+    assert_eq!((code, body.as_str()), (401, "Unauthorized"));
+    let (code, body) = curl(&mesh, &server_ca, Some(&client), "/healthz", 5);
+    assert_eq!((code, body.as_str()), (200, "ok"));
+
+    let (code, body) = curl(&mesh, &server_ca, Some(&client), "/pods", 5);
+    assert_eq!(code, 200, "{body}");
+    let pods: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(pods["kind"], "PodList");
+    assert_eq!(pods["items"][0]["metadata"]["name"], "counter");
+
+    // Logs: tail, limit, timestamps, follow; the kubelet's 404 texts.
+    let logs = mesh.wait_for("a few lines", Duration::from_secs(10), || {
+        let (code, body) = curl(
+            &mesh,
+            &server_ca,
+            Some(&client),
+            "/containerLogs/default/counter/c",
+            5,
+        );
+        (code == 200 && body.contains("line 4")).then_some(body)
+    });
+    assert!(logs.starts_with("line 1\nline 2\n"), "{logs}");
+    let (code, tail) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?tailLines=2",
+        5,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    let (_, limited) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?limitBytes=5",
+        5,
+    );
+    assert_eq!(limited, "line ");
+    let (_, stamped) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?timestamps=true&tailLines=1",
+        5,
+    );
+    let (stamp, line) = stamped.trim_end().split_once(' ').expect("a stamped line");
+    assert!(
+        stamp.parse::<k8s_openapi::jiff::Timestamp>().is_ok() && line.starts_with("line "),
+        "{stamped}"
+    );
+    // Following streams lines as they are written, until the client goes.
+    let (_, followed) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?follow=true&tailLines=1",
+        3,
+    );
+    let numbers: Vec<u32> = followed
+        .lines()
+        .filter_map(|l| l.strip_prefix("line ")?.parse().ok())
+        .collect();
+    assert!(numbers.len() >= 5, "only {numbers:?} in 3 s of following");
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+
+    let (code, body) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/nope/c",
+        5,
+    );
+    assert_eq!((code, body.as_str()), (404, "pod \"nope\" does not exist"));
+    let (code, body) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/x",
+        5,
+    );
+    assert_eq!(
+        (code, body.as_str()),
+        (404, "container \"x\" not found in pod \"counter\"")
+    );
+    let (code, body) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?tailLines=-1",
+        5,
+    );
+    assert_eq!(code, 400, "{body}");
+}
