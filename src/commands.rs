@@ -18,7 +18,7 @@ use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
 use crate::node::owner::OwnerConfig;
-use crate::node::{Node, NodeConfig, NodeDirectory};
+use crate::node::{self, Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
 use crate::trust::{load_or_create_identity, OwnerPolicy};
@@ -203,7 +203,7 @@ async fn node(args: NodeArgs) -> Result<()> {
             None => None,
         },
     };
-    let hostname = match args.node_hostname {
+    let hostname = match args.node_hostname.clone() {
         Some(name) if resolves(&name).await => Some(name),
         Some(name) => {
             tracing::warn!(%name, "--node-hostname does not resolve; reporting only the InternalIP address");
@@ -220,7 +220,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         println!("node {peer} owns the pods in {}", dir.display());
     }
     let api_cancel = CancellationToken::new();
-    let (api, api_tasks) = match client {
+    let (api, api_tasks) = match client.clone() {
         Some(client) => {
             if internal_ip.is_none() {
                 tracing::warn!(
@@ -245,47 +245,14 @@ async fn node(args: NodeArgs) -> Result<()> {
         None => (None, Vec::new()),
     };
     let config = NodeConfig {
-        pod_manifest_path: args.pod_manifest_path,
+        pod_manifest_path: args.pod_manifest_path.clone(),
         owner: OwnerConfig {
             offer_window: Duration::from_millis(args.offer_window_ms),
             agent_loss_timeout: Duration::from_secs(args.agent_loss_seconds),
             ..OwnerConfig::default()
         },
     };
-    let serving = match (&args.tls_cert_file, &args.tls_private_key_file) {
-        (Some(cert), Some(key)) => ServingCert::Files {
-            cert: cert.clone(),
-            key: key.clone(),
-        },
-        _ => ServingCert::SelfSigned {
-            dir: args.mesh.state_dir.join("kubelet"),
-            names: [
-                args.node_name.clone(),
-                "localhost".into(),
-                "127.0.0.1".into(),
-            ]
-            .into_iter()
-            .chain(internal_ip.map(|ip| ip.to_string()))
-            .collect(),
-        },
-    };
-    if args.client_ca_file.is_none() {
-        tracing::warn!("no --client-ca-file: the kubelet API refuses every request");
-    }
-    let tls = kubelet::tls::server_config(&serving, args.client_ca_file.as_deref())
-        .context("cannot set up the kubelet API's TLS")?;
-    let kubelet_addr = SocketAddr::from(([0, 0, 0, 0], args.kubelet_port));
-    let listener = kubelet::server::bind(kubelet_addr).await?;
-    let (directory, queries) = NodeDirectory::new();
-    tokio::spawn(kubelet::server::serve(
-        listener,
-        tls,
-        kubelet::server::Context {
-            directory,
-            mesh: mesh.clone(),
-        },
-        cancel.clone(),
-    ));
+    let queries = start_kubelet_api(&args, internal_ip, client.as_ref(), &mesh, &cancel).await?;
     let result = Node::new(config, mesh, metrics)
         .run(events, api, Some(queries), cancel.clone())
         .await
@@ -302,6 +269,82 @@ async fn node(args: NodeArgs) -> Result<()> {
     cancel.cancel();
     let _ = mesh_task.await;
     result
+}
+
+/// Serves the kubelet API on `--kubelet-port`: binding fails the start at once. In a
+/// cluster, tokens and permissions are checked with the API server, and client
+/// certificates are verified against the cluster's client CA unless `--client-ca-file`
+/// names one.
+async fn start_kubelet_api(
+    args: &NodeArgs,
+    internal_ip: Option<IpAddr>,
+    client: Option<&kube::Client>,
+    mesh: &mesh::MeshHandle,
+    cancel: &CancellationToken,
+) -> Result<node::NodeQueries> {
+    let kubelet_dir = args.mesh.state_dir.join("kubelet");
+    let serving = match (&args.tls_cert_file, &args.tls_private_key_file) {
+        (Some(cert), Some(key)) => ServingCert::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => ServingCert::SelfSigned {
+            dir: kubelet_dir.clone(),
+            names: [
+                args.node_name.clone(),
+                "localhost".into(),
+                "127.0.0.1".into(),
+            ]
+            .into_iter()
+            .chain(internal_ip.map(|ip| ip.to_string()))
+            .collect(),
+        },
+    };
+    let client_ca = match (&args.client_ca_file, client) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(client)) => match cluster::client_ca(client).await {
+            Ok(pem) => {
+                let path = kubelet_dir.join("client-ca.crt");
+                std::fs::create_dir_all(&kubelet_dir)
+                    .and_then(|()| std::fs::write(&path, pem))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                Some(path)
+            }
+            // Bearer tokens still work; the API server's own client certificate not.
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the cluster's client CA; pass --client-ca-file");
+                None
+            }
+        },
+        (None, None) => {
+            tracing::warn!("no --client-ca-file: the kubelet API refuses every request");
+            None
+        }
+    };
+    let tls = kubelet::tls::server_config(&serving, client_ca.as_deref())
+        .context("cannot set up the kubelet API's TLS")?;
+    let listener =
+        kubelet::server::bind(SocketAddr::from(([0, 0, 0, 0], args.kubelet_port))).await?;
+    let authorizer: Arc<dyn kubelet::auth::Authorizer> = match client {
+        Some(client) => Arc::new(kubelet::auth::ApiServerAuth::new(
+            client.clone(),
+            args.node_name.clone(),
+        )),
+        None => Arc::new(kubelet::auth::ClientCertsOnly),
+    };
+    let (directory, queries) = NodeDirectory::new();
+    let context = kubelet::server::Context {
+        directory,
+        mesh: mesh.clone(),
+        authorizer,
+    };
+    tokio::spawn(kubelet::server::serve(
+        listener,
+        tls,
+        context,
+        cancel.clone(),
+    ));
+    Ok(queries)
 }
 
 async fn resolves(name: &str) -> bool {

@@ -32,8 +32,10 @@ pub enum ClusterError {
     Config(#[from] kube::config::KubeconfigError),
     #[error("invalid in-cluster configuration")]
     InCluster(#[from] kube::config::InClusterError),
-    #[error("cannot create the Kubernetes client")]
+    #[error("Kubernetes API request failed")]
     Client(#[source] kube::Error),
+    #[error("kube-system/extension-apiserver-authentication has no client-ca-file")]
+    NoClientCa,
 }
 
 /// Where the API server's address and credentials come from.
@@ -85,6 +87,21 @@ pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
         }
     };
     Client::try_from(config).map_err(ClusterError::Client)
+}
+
+/// The CA that signs the API server's client certificates (what it presents to
+/// kubelets), as published in kube-system/extension-apiserver-authentication.
+pub async fn client_ca(client: &Client) -> Result<String, ClusterError> {
+    let config_maps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client.clone(), "kube-system");
+    let published = config_maps
+        .get("extension-apiserver-authentication")
+        .await
+        .map_err(ClusterError::Client)?;
+    published
+        .data
+        .and_then(|mut data| data.remove("client-ca-file"))
+        .ok_or(ClusterError::NoClientCa)
 }
 
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use super::auth::{self, Authorizer, UserInfo};
 use super::relay::{read_header, write_header};
 use super::tls::client_identity;
 use crate::mesh::MeshHandle;
@@ -44,6 +45,7 @@ pub struct Caller {
 pub struct Context {
     pub directory: NodeDirectory,
     pub mesh: MeshHandle,
+    pub authorizer: Arc<dyn Authorizer>,
 }
 
 /// Binds the port (failing at once if it cannot), then serves until cancelled.
@@ -112,17 +114,30 @@ fn routes(
     context: Context,
     caller: Caller,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    let authorized =
-        warp::any()
-            .map(move || caller.clone())
-            .and_then(|caller: Caller| async move {
-                // Standalone, a verified client certificate is the only way in.
-                match caller.user {
-                    Some(_) => Ok(caller),
-                    None => Err(warp::reject::custom(Unauthorized)),
-                }
-            });
     let with_context = warp::any().map(move || context.clone());
+    let authorized = warp::method()
+        .and(warp::path::full())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(with_context.clone())
+        .and_then(
+            move |method: warp::http::Method,
+                  path: warp::path::FullPath,
+                  authorization: Option<String>,
+                  context: Context| {
+                let caller = caller.clone();
+                async move {
+                    authorize(
+                        &context,
+                        &caller,
+                        method.as_str(),
+                        path.as_str(),
+                        authorization,
+                    )
+                    .await
+                    .map_err(warp::reject::custom)
+                }
+            },
+        );
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| text(StatusCode::OK, "ok"));
@@ -154,10 +169,10 @@ fn routes(
         );
     authorized
         .and(healthz.or(pods).unify().or(logs).unify())
-        .map(|_caller: Caller, reply: warp::reply::Response| reply)
+        .map(|_user: UserInfo, reply: warp::reply::Response| reply)
         .recover(|rejection: Rejection| async move {
-            if rejection.find::<Unauthorized>().is_some() {
-                return Ok::<_, Rejection>(text(StatusCode::UNAUTHORIZED, "Unauthorized"));
+            if let Some(Denied(code, message)) = rejection.find::<Denied>() {
+                return Ok::<_, Rejection>(text(*code, message.clone()));
             }
             if rejection.is_not_found() {
                 return Ok(text(StatusCode::NOT_FOUND, "404 page not found"));
@@ -167,9 +182,60 @@ fn routes(
         .unify()
 }
 
+/// A refused request: 401, 403, or 500 when the API server could not be asked.
 #[derive(Debug)]
-struct Unauthorized;
-impl warp::reject::Reject for Unauthorized {}
+struct Denied(StatusCode, String);
+impl warp::reject::Reject for Denied {}
+
+/// Authenticates the caller (client certificate, else bearer token) and authorizes the
+/// request, with the kubelet's answers.
+async fn authorize(
+    context: &Context,
+    caller: &Caller,
+    method: &str,
+    path: &str,
+    authorization: Option<String>,
+) -> Result<UserInfo, Denied> {
+    let unauthorized = || Denied(StatusCode::UNAUTHORIZED, "Unauthorized".into());
+    let user = match (&caller.user, authorization) {
+        (Some(name), _) => UserInfo {
+            name: name.clone(),
+            groups: caller.groups.clone(),
+            uid: None,
+        },
+        (None, Some(header)) => {
+            let token = header.strip_prefix("Bearer ").ok_or_else(unauthorized)?;
+            match context.authorizer.authenticate(token.trim()).await {
+                Ok(Some(user)) => user,
+                Ok(None) => return Err(unauthorized()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "token review failed");
+                    return Err(unauthorized());
+                }
+            }
+        }
+        (None, None) => return Err(unauthorized()),
+    };
+    let attributes = auth::attributes(method, path);
+    let described = format!(
+        "(user={}, verb={}, resource=nodes, subresource={})",
+        user.name, attributes.verb, attributes.subresource
+    );
+    match context.authorizer.allowed(&user, attributes).await {
+        Ok(true) => Ok(user),
+        Ok(false) => Err(Denied(
+            StatusCode::FORBIDDEN,
+            format!("Forbidden {described}"),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "subject access review failed");
+            Err(Denied(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("Authorization error {described}"),
+            ))
+        }
+    }
+}
 
 /// The kubelet's log query, as parsed and checked by its own handler.
 #[derive(Debug, Clone, PartialEq, Eq)]
