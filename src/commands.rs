@@ -337,6 +337,9 @@ async fn start_kubelet_api(
         directory,
         mesh: mesh.clone(),
         authorizer,
+        node_name: args.node_name.clone(),
+        started: k8s_openapi::jiff::Timestamp::now(),
+        rates: Default::default(),
     };
     tokio::spawn(kubelet::server::serve(
         listener,

@@ -349,6 +349,27 @@ pub enum KubeletRequest {
         /// The instance before the last restart.
         previous: bool,
     },
+    /// Resource usage of the asking owner's pods on the agent: the agent answers with
+    /// a JSON list of [`PodUsage`] and closes.
+    Stats,
+}
+
+/// Resource usage of one container, as an agent reads it from its runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerUsage {
+    pub name: String,
+    /// CPU time used since the container started, in nanoseconds.
+    pub cpu_nanos: u64,
+    pub memory_bytes: u64,
+    /// Unix seconds.
+    pub started_at: Option<i64>,
+}
+
+/// Resource usage of one pod's running containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodUsage {
+    pub pod: PodRef,
+    pub containers: Vec<ContainerUsage>,
 }
 
 /// The agent's answer; after `Ok` the requested bytes follow.

@@ -166,6 +166,32 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
     assert!(numbers.len() >= 5, "only {numbers:?} in 3 s of following");
     assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
 
+    // Resource usage from Podman's stats, as metrics-server reads it.
+    let (code, body) = curl(&mesh, &server_ca, Some(&client), "/stats/summary", 15);
+    assert_eq!(code, 200, "{body}");
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, body) = curl(&mesh, &server_ca, Some(&client), "/stats/summary", 15);
+    let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let pod = &summary["pods"][0];
+    assert_eq!(pod["podRef"]["name"], "counter", "{summary}");
+    let container = &pod["containers"][0];
+    assert_eq!(container["name"], "c");
+    assert!(
+        container["cpu"]["usageCoreNanoSeconds"].as_u64() > Some(0),
+        "{container}"
+    );
+    assert!(container["cpu"]["usageNanoCores"].is_u64(), "{container}");
+    assert!(
+        container["memory"]["workingSetBytes"].as_u64() > Some(0),
+        "{container}"
+    );
+    let (code, metrics) = curl(&mesh, &server_ca, Some(&client), "/metrics/resource", 15);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("container_cpu_usage_seconds_total{container=\"c\",namespace=\"default\",pod=\"counter\"}"),
+        "{metrics}"
+    );
+
     let (code, body) = curl(
         &mesh,
         &server_ca,

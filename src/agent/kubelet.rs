@@ -13,8 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kubelet::relay::{read_header, write_header, RelayError};
 use crate::mesh::{MeshError, MeshHandle};
-use crate::runtime::{labels, LogOptions, Runtime, RuntimeContainer, RuntimeError};
-use crate::wire::{KubeletAnswer, KubeletRequest, PodUid, KUBELET_PROTOCOL};
+use crate::runtime::{
+    labels, ContainerStatus, LogOptions, Runtime, RuntimeContainer, RuntimeError,
+};
+use crate::wire::{
+    ContainerUsage, KubeletAnswer, KubeletRequest, PodRef, PodUid, PodUsage, KUBELET_PROTOCOL,
+};
 
 /// Accepts kubelet streams until cancelled.
 pub async fn serve(
@@ -85,7 +89,58 @@ async fn handle(
             io.shutdown().await?;
             Ok(())
         }
+        KubeletRequest::Stats => {
+            let usage = match owner_usage(runtime, peer).await {
+                Ok(usage) => usage,
+                Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
+            };
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            let body = serde_json::to_vec(&usage).map_err(std::io::Error::other)?;
+            io.write_all(&body).await?;
+            io.shutdown().await?;
+            Ok(())
+        }
     }
+}
+
+/// Usage of the running containers of `owner`'s pods on this agent (newest copy of
+/// each pod).
+async fn owner_usage(runtime: &dyn Runtime, owner: PeerId) -> Result<Vec<PodUsage>, RuntimeError> {
+    let pods = runtime.list_pods(labels::OWNER, &owner.to_string()).await?;
+    let running: Vec<String> = pods
+        .iter()
+        .flat_map(|p| &p.containers)
+        .filter(|c| c.state.status == ContainerStatus::Running)
+        .map(|c| c.id.clone())
+        .collect();
+    let usage = runtime.usage(&running).await?;
+    let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
+        labels.get(key).cloned().unwrap_or_default()
+    };
+    Ok(pods
+        .iter()
+        .map(|pod| PodUsage {
+            pod: PodRef {
+                uid: PodUid(label(&pod.labels, labels::POD_UID)),
+                namespace: label(&pod.labels, labels::POD_NAMESPACE),
+                name: label(&pod.labels, labels::POD_NAME),
+            },
+            containers: pod
+                .containers
+                .iter()
+                .filter_map(|c| {
+                    let used = usage.get(&c.id)?;
+                    Some(ContainerUsage {
+                        name: label(&c.labels, labels::CONTAINER),
+                        cpu_nanos: used.cpu_nanos,
+                        memory_bytes: used.memory_bytes,
+                        started_at: c.state.started_at.map(|t| t.as_second()),
+                    })
+                })
+                .collect(),
+        })
+        .filter(|pod| !pod.containers.is_empty())
+        .collect())
 }
 
 fn failed(code: u16, message: String) -> KubeletAnswer {

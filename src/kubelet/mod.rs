@@ -3,4 +3,5 @@
 pub mod auth;
 pub mod relay;
 pub mod server;
+pub mod stats;
 pub mod tls;

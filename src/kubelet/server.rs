@@ -19,10 +19,11 @@ use warp::{Filter, Rejection, Reply};
 
 use super::auth::{self, Authorizer, UserInfo};
 use super::relay::{read_header, write_header};
+use super::stats::{self, Rates, Sample};
 use super::tls::client_identity;
 use crate::mesh::MeshHandle;
 use crate::node::NodeDirectory;
-use crate::wire::{KubeletAnswer, KubeletRequest, KUBELET_PROTOCOL};
+use crate::wire::{KubeletAnswer, KubeletRequest, PodUsage, KUBELET_PROTOCOL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,6 +47,10 @@ pub struct Context {
     pub directory: NodeDirectory,
     pub mesh: MeshHandle,
     pub authorizer: Arc<dyn Authorizer>,
+    pub node_name: String,
+    pub started: Timestamp,
+    /// CPU rates between Summary API calls.
+    pub rates: Arc<std::sync::Mutex<Rates>>,
 }
 
 /// Binds the port (failing at once if it cannot), then serves until cancelled.
@@ -157,7 +162,7 @@ fn routes(
     let logs = warp::path!("containerLogs" / String / String / String)
         .and(warp::get())
         .and(warp::query::<HashMap<String, String>>())
-        .and(with_context)
+        .and(with_context.clone())
         .then(
             |namespace: String,
              pod: String,
@@ -167,8 +172,41 @@ fn routes(
                 container_logs(context, &namespace, &pod, &container, &query).await
             },
         );
+    let summary = warp::path!("stats" / "summary")
+        .and(warp::get())
+        .and(with_context.clone())
+        .then(|context: Context| async move {
+            let sample = sample(&context).await;
+            let rates = match context.rates.lock() {
+                Ok(mut rates) => rates.update(&sample),
+                Err(_) => Default::default(),
+            };
+            let body = stats::summary(&context.node_name, context.started, &sample, &rates);
+            warp::reply::json(&body).into_response()
+        });
+    let resource_metrics = warp::path!("metrics" / "resource")
+        .and(warp::get())
+        .and(with_context.clone())
+        .then(|context: Context| async move {
+            let body = stats::resource_metrics(&sample(&context).await);
+            let mut reply = text(StatusCode::OK, body);
+            reply.headers_mut().insert(
+                warp::http::header::CONTENT_TYPE,
+                warp::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            reply
+        });
+    let routes = healthz
+        .or(pods)
+        .unify()
+        .or(logs)
+        .unify()
+        .or(summary)
+        .unify()
+        .or(resource_metrics)
+        .unify();
     authorized
-        .and(healthz.or(pods).unify().or(logs).unify())
+        .and(routes)
         .map(|_user: UserInfo, reply: warp::reply::Response| reply)
         .recover(|rejection: Rejection| async move {
             if let Some(Denied(code, message)) = rejection.find::<Denied>() {
@@ -387,6 +425,62 @@ fn pump(
 
 /// Chunks read ahead of a slow client.
 const RELAY_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// How long the agents get to report their usage.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Upper bound of one agent's usage report.
+const MAX_STATS_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Usage of the node's pods, asked of every agent that runs some; an agent that does
+/// not answer in time is left out (and logged).
+async fn sample(context: &Context) -> Sample {
+    let agents = context.directory.agents().await;
+    let asks = agents.into_iter().map(|agent| async move {
+        let asked = tokio::time::timeout(STATS_TIMEOUT, agent_usage(&context.mesh, agent)).await;
+        match asked {
+            Ok(Ok(pods)) => pods,
+            Ok(Err(e)) => {
+                tracing::warn!(%agent, error = %e, "no usage from agent");
+                Vec::new()
+            }
+            Err(_) => {
+                tracing::warn!(%agent, "agent did not report its usage in time");
+                Vec::new()
+            }
+        }
+    });
+    let pods = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    Sample {
+        at: Timestamp::now(),
+        pods,
+    }
+}
+
+async fn agent_usage(mesh: &MeshHandle, agent: libp2p::PeerId) -> Result<Vec<PodUsage>, String> {
+    use tokio::io::AsyncReadExt;
+    let stream = mesh
+        .open_stream(agent, StreamProtocol::new(KUBELET_PROTOCOL))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut io = stream.compat();
+    write_header(&mut io, &KubeletRequest::Stats)
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_header(&mut io).await.map_err(|e| e.to_string())? {
+        KubeletAnswer::Ok => {}
+        KubeletAnswer::Failed { message, .. } => return Err(message),
+    }
+    let mut body = Vec::new();
+    io.take(MAX_STATS_BYTES)
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
 
 /// Ends the stream after `limit` bytes, as the kubelet's limitBytes does.
 fn limited<S>(

@@ -69,6 +69,9 @@ enum NodeQuery {
     Pods {
         reply: oneshot::Sender<Vec<Pod>>,
     },
+    Agents {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
 }
 
 /// A cheap, cloneable way to ask the node loop about its pods (for the kubelet API).
@@ -94,6 +97,20 @@ impl NodeDirectory {
         };
         self.queries.send(query).await.ok()?;
         answer.await.ok().flatten()
+    }
+
+    /// The agents that run the node's pods.
+    pub async fn agents(&self) -> Vec<PeerId> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .queries
+            .send(NodeQuery::Agents { reply })
+            .await
+            .is_err()
+        {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
     }
 
     /// The node's pods with their status.
@@ -227,6 +244,9 @@ impl Node {
                     }
                     NodeQuery::Pods { reply } => {
                         let _ = reply.send(owner.pods());
+                    }
+                    NodeQuery::Agents { reply } => {
+                        let _ = reply.send(owner.placed_agents());
                     }
                 },
                 _ = tick.tick() => {

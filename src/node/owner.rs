@@ -1014,6 +1014,21 @@ impl Owner {
         })
     }
 
+    /// The agents that run this owner's pods.
+    pub fn placed_agents(&self) -> Vec<PeerId> {
+        let mut agents: Vec<PeerId> = self
+            .pods
+            .values()
+            .filter_map(|o| match o.placement {
+                Placement::Placed { agent } => Some(agent),
+                _ => None,
+            })
+            .collect();
+        agents.sort();
+        agents.dedup();
+        agents
+    }
+
     /// The pods as the source has them (no resolved secrets), with their status, for
     /// the kubelet API's /pods.
     pub fn pods(&self) -> Vec<Pod> {

@@ -8,7 +8,7 @@
 pub mod podman;
 pub mod translate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -193,6 +193,14 @@ pub struct LogOptions {
 pub type LogStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
 
+/// A container's resource usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time used since the container started, in nanoseconds.
+    pub cpu_nanos: u64,
+    pub memory_bytes: u64,
+}
+
 /// The result of a command run inside a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -252,6 +260,10 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Removes a pod and everything in it, stopping what still runs.
     async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+
+    /// Current resource usage of running containers, by container ID (containers that
+    /// are not running are left out).
+    async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError>;
 
     /// The container's stdout and stderr, interleaved as written.
     async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;

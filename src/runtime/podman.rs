@@ -15,15 +15,29 @@ use k8s_openapi::jiff::Timestamp;
 use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
 use podman_api::opts::{
     ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
-    ContainerLogsOpts, ExecCreateOpts, ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts,
-    PullOpts,
+    ContainerLogsOpts, ContainerStatsOpts, ExecCreateOpts, ExecStartOpts, PodCreateOpts,
+    PodListFilter, PodListOpts, PullOpts,
 };
 use podman_api::Podman as Client;
 
 use super::{
     ContainerPlan, ContainerState, ContainerStatus, ExecOutput, LogOptions, LogStream, PodPlan,
-    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
+    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, Usage,
 };
+
+/// Drops the first `*skip` lines from a run of chunks (counting down across calls).
+fn skip_lines_of(mut chunk: Vec<u8>, skip: &mut u64) -> Vec<u8> {
+    while *skip > 0 {
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                chunk.drain(..=end);
+                *skip -= 1;
+            }
+            None => return Vec::new(),
+        }
+    }
+    chunk
+}
 
 /// Causes Podman 4.3 reports with status 500 although the request is at fault.
 const REQUEST_ERROR_CAUSES: &[&str] = &[
@@ -556,23 +570,71 @@ impl Runtime for Podman {
         })?
     }
 
+    async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        for id in ids {
+            path_safe("container", id)?;
+        }
+        let opts = ContainerStatsOpts::builder()
+            .containers(ids.to_vec())
+            .build();
+        let answer = self
+            .client
+            .containers()
+            .stats(&opts)
+            .await
+            .map_err(classify)?;
+        let number = |stat: &serde_json::Value, key: &str| stat[key].as_u64().unwrap_or(0);
+        Ok(answer["Stats"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|stat| {
+                let id = stat["ContainerID"].as_str()?.to_owned();
+                let usage = Usage {
+                    cpu_nanos: number(stat, "CPUNano"),
+                    memory_bytes: number(stat, "MemUsage"),
+                };
+                Some((id, usage))
+            })
+            .collect())
+    }
+
     async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError> {
         path_safe("container", id)?;
         // Fails early (not found) before the stream is handed out.
         self.inspect_state(id).await?;
-        let mut opts = ContainerLogsOpts::builder()
-            .stdout(true)
-            .stderr(true)
-            .follow(options.follow)
-            .timestamps(options.timestamps);
-        if let Some(lines) = options.tail_lines {
-            opts = opts.tail(lines.to_string());
-        }
-        if let Some(since) = options.since {
-            opts = opts.since(since.as_second().to_string());
-        }
-        let opts = opts.build();
         let container = self.client.containers().get(id);
+        let build = |follow: bool, tail: Option<u64>| {
+            let mut opts = ContainerLogsOpts::builder()
+                .stdout(true)
+                .stderr(true)
+                .follow(follow)
+                .timestamps(options.timestamps);
+            if let Some(lines) = tail {
+                opts = opts.tail(lines.to_string());
+            }
+            if let Some(since) = options.since {
+                opts = opts.since(since.as_second().to_string());
+            }
+            opts.build()
+        };
+        // Podman loses the lines written between reading the tail and following, so a
+        // followed tail reads the whole log and skips all but the last lines.
+        let (opts, mut skip_lines) = match (options.follow, options.tail_lines) {
+            (true, Some(tail)) => {
+                let mut lines = 0u64;
+                let mut backlog = container.logs(&build(false, None));
+                while let Some(chunk) = backlog.next().await {
+                    let chunk = chunk.map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+                    lines += chunk.to_vec().iter().filter(|&&b| b == b'\n').count() as u64;
+                }
+                (build(true, None), lines.saturating_sub(tail))
+            }
+            (follow, tail) => (build(follow, tail), 0),
+        };
         // The client's stream borrows the container handle, so a task owns both and
         // hands chunks over a small channel: a slow reader stops the task reading.
         let (tx, rx) = tokio::sync::mpsc::channel(LOG_CHUNKS_IN_FLIGHT);
@@ -580,8 +642,11 @@ impl Runtime for Podman {
             let mut stream = container.logs(&opts);
             while let Some(chunk) = stream.next().await {
                 let item = chunk
-                    .map(|c| c.to_vec())
+                    .map(|c| skip_lines_of(c.to_vec(), &mut skip_lines))
                     .map_err(|e| RuntimeError::Unavailable(e.to_string()));
+                if matches!(&item, Ok(bytes) if bytes.is_empty()) {
+                    continue;
+                }
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     return;
@@ -602,5 +667,19 @@ impl Runtime for Podman {
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipping_lines_spans_chunks() {
+        let mut skip = 2;
+        assert_eq!(skip_lines_of(b"one\ntw".to_vec(), &mut skip), b"");
+        assert_eq!(skip_lines_of(b"o\nthree\n".to_vec(), &mut skip), b"three\n");
+        assert_eq!(skip, 0);
+        assert_eq!(skip_lines_of(b"four\n".to_vec(), &mut skip), b"four\n");
     }
 }
