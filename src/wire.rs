@@ -352,6 +352,17 @@ pub enum KubeletRequest {
     /// Resource usage of the asking owner's pods on the agent: the agent answers with
     /// a JSON list of [`PodUsage`] and closes.
     Stats,
+    /// A command in a running container with the chosen streams; session frames
+    /// follow both ways (see `kubelet::relay`).
+    Exec {
+        pod: PodUid,
+        container: String,
+        command: Vec<String>,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+        tty: bool,
+    },
 }
 
 /// Resource usage of one container, as an agent reads it from its runtime.

@@ -11,10 +11,13 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::kubelet::relay::{read_header, write_header, RelayError};
+use crate::kubelet::relay::{
+    read_frame, read_header, write_frame, write_header, Exit, Frame, RelayError,
+};
 use crate::mesh::{MeshError, MeshHandle};
 use crate::runtime::{
-    labels, ContainerStatus, LogOptions, Runtime, RuntimeContainer, RuntimeError,
+    labels, ContainerStatus, Interactive, LogOptions, Output, Runtime, RuntimeContainer,
+    RuntimeError, SessionControl, Streams,
 };
 use crate::wire::{
     ContainerUsage, KubeletAnswer, KubeletRequest, PodRef, PodUid, PodUsage, KUBELET_PROTOCOL,
@@ -89,6 +92,32 @@ async fn handle(
             io.shutdown().await?;
             Ok(())
         }
+        KubeletRequest::Exec {
+            pod,
+            container,
+            command,
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        } => {
+            let id = match find_container(runtime, peer, &pod, &container, false).await {
+                Ok(id) => id,
+                Err(failed) => return write_header(&mut io, &failed).await,
+            };
+            let streams = Streams {
+                stdin,
+                stdout,
+                stderr,
+                tty,
+            };
+            let session = match runtime.exec_interactive(&id, &command, streams).await {
+                Ok(session) => session,
+                Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
+            };
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            run_session(io, session).await
+        }
         KubeletRequest::Stats => {
             let usage = match owner_usage(runtime, peer).await {
                 Ok(usage) => usage,
@@ -142,6 +171,74 @@ async fn owner_usage(runtime: &dyn Runtime, owner: PeerId) -> Result<Vec<PodUsag
         .filter(|pod| !pod.containers.is_empty())
         .collect())
 }
+
+/// Carries an exec session's frames until its output ends, then sends how it ended.
+/// The node closing the stream ends the input side (and so the command's stdin).
+async fn run_session(
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    session: Interactive,
+) -> Result<(), RelayError> {
+    use futures::AsyncWriteExt as _;
+    let (mut from_node, mut to_node) = tokio::io::split(io);
+    let Interactive {
+        mut output,
+        mut stdin,
+        control,
+    } = session;
+    let control: Arc<dyn SessionControl> = Arc::from(control);
+    let input_control = control.clone();
+    let input = tokio::spawn(async move {
+        while let Ok(Some(frame)) = read_frame(&mut from_node).await {
+            match frame {
+                Frame::Stdin(bytes) => {
+                    if stdin.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Frame::StdinClosed => break,
+                Frame::Resize { width, height } => {
+                    if let Err(e) = input_control.resize(width, height).await {
+                        tracing::debug!(error = %e, "terminal resize failed");
+                    }
+                }
+                Frame::Stdout(_) | Frame::Stderr(_) | Frame::Exit(_) => {}
+            }
+        }
+        let _ = stdin.close().await;
+    });
+    while let Some(chunk) = output.next().await {
+        let frame = match chunk {
+            Ok(Output::Stdout(bytes)) => Frame::Stdout(bytes),
+            Ok(Output::Stderr(bytes)) => Frame::Stderr(bytes),
+            Err(e) => {
+                tracing::debug!(error = %e, "exec output broke off");
+                break;
+            }
+        };
+        write_frame(&mut to_node, &frame).await?;
+    }
+    input.abort();
+    let exit = exit_of(control.as_ref()).await;
+    write_frame(&mut to_node, &Frame::Exit(exit)).await?;
+    to_node.shutdown().await?;
+    Ok(())
+}
+
+/// The session's exit code, waiting briefly for Podman to record it after the
+/// output closed.
+async fn exit_of(control: &dyn SessionControl) -> Exit {
+    for _ in 0..EXIT_CODE_ATTEMPTS {
+        match control.exit_code().await {
+            Ok(Some(code)) => return Exit::Code(code),
+            Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            Err(e) => return Exit::Error(e.to_string()),
+        }
+    }
+    Exit::Error("the command's exit code is unknown".into())
+}
+
+/// 50 ms apart: up to 5 s.
+const EXIT_CODE_ATTEMPTS: usize = 100;
 
 fn failed(code: u16, message: String) -> KubeletAnswer {
     KubeletAnswer::Failed { code, message }

@@ -16,6 +16,8 @@ pub enum RelayError {
     TooLarge(usize),
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    #[error("bad frame: {0}")]
+    BadFrame(String),
 }
 
 /// Writes one header: a big-endian u32 length, then the message.
@@ -47,6 +49,105 @@ pub async fn read_header<T: DeserializeOwned>(
     Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
 }
 
+/// Largest payload of one session frame.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// How an interactive session ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Exit {
+    Code(i32),
+    Error(String),
+}
+
+/// The frames of an interactive session (exec) after the headers: a tag byte, a
+/// big-endian u32 length, the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Node to agent.
+    Stdin(Vec<u8>),
+    StdinClosed,
+    Resize {
+        width: u16,
+        height: u16,
+    },
+    /// Agent to node.
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(Exit),
+}
+
+const STDIN: u8 = 0;
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const EXIT: u8 = 3;
+const RESIZE: u8 = 4;
+const STDIN_CLOSED: u8 = 5;
+
+pub async fn write_frame(
+    io: &mut (impl AsyncWrite + Unpin),
+    frame: &Frame,
+) -> Result<(), RelayError> {
+    let (tag, payload): (u8, std::borrow::Cow<[u8]>) = match frame {
+        Frame::Stdin(bytes) => (STDIN, bytes.into()),
+        Frame::StdinClosed => (STDIN_CLOSED, (&[][..]).into()),
+        Frame::Resize { width, height } => {
+            let mut bytes = width.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&height.to_be_bytes());
+            (RESIZE, bytes.into())
+        }
+        Frame::Stdout(bytes) => (STDOUT, bytes.into()),
+        Frame::Stderr(bytes) => (STDERR, bytes.into()),
+        Frame::Exit(exit) => (
+            EXIT,
+            serde_json::to_vec(exit)
+                .map_err(std::io::Error::other)?
+                .into(),
+        ),
+    };
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(RelayError::TooLarge(payload.len()));
+    }
+    let len = payload.len() as u32;
+    io.write_all(&[tag]).await?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(&payload).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// The next frame; None when the peer closed the stream between frames.
+pub async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Result<Option<Frame>, RelayError> {
+    let mut tag = [0u8; 1];
+    if io.read(&mut tag).await? == 0 {
+        return Ok(None);
+    }
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(RelayError::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len];
+    io.read_exact(&mut payload).await?;
+    let bad = |what: &str| RelayError::BadFrame(what.to_owned());
+    Ok(Some(match tag[0] {
+        STDIN => Frame::Stdin(payload),
+        STDIN_CLOSED => Frame::StdinClosed,
+        STDOUT => Frame::Stdout(payload),
+        STDERR => Frame::Stderr(payload),
+        RESIZE => match payload.as_slice() {
+            [w1, w2, h1, h2] => Frame::Resize {
+                width: u16::from_be_bytes([*w1, *w2]),
+                height: u16::from_be_bytes([*h1, *h2]),
+            },
+            _ => return Err(bad("resize frame of the wrong size")),
+        },
+        EXIT => Frame::Exit(serde_json::from_slice(&payload).map_err(|_| bad("exit frame"))?),
+        other => return Err(bad(&format!("unknown frame tag {other}"))),
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +172,38 @@ mod tests {
         a.write_all(&u32::MAX.to_be_bytes()).await.expect("writes");
         let refused = read_header::<KubeletAnswer>(&mut b).await;
         assert!(matches!(refused, Err(RelayError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bad_ones_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let frames = [
+            Frame::Stdin(b"ls\n".to_vec()),
+            Frame::StdinClosed,
+            Frame::Resize {
+                width: 120,
+                height: 40,
+            },
+            Frame::Stdout(b"out".to_vec()),
+            Frame::Stderr(vec![]),
+            Frame::Exit(Exit::Code(3)),
+            Frame::Exit(Exit::Error("container not running".into())),
+        ];
+        for frame in &frames {
+            write_frame(&mut a, frame).await.expect("writes");
+        }
+        for frame in &frames {
+            assert_eq!(
+                read_frame(&mut b).await.expect("reads").as_ref(),
+                Some(frame)
+            );
+        }
+        a.write_all(&[9, 0, 0, 0, 0]).await.expect("writes");
+        assert!(matches!(
+            read_frame(&mut b).await,
+            Err(RelayError::BadFrame(_))
+        ));
+        drop(a);
+        assert!(matches!(read_frame(&mut b).await, Ok(None)));
     }
 }

@@ -193,6 +193,39 @@ pub struct LogOptions {
 pub type LogStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
 
+/// Which standard streams an interactive session connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Streams {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+/// Output of an interactive session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// A command running in a container with its streams connected (`kubectl exec`).
+pub struct Interactive {
+    /// Output as it comes; ends when the command's streams close.
+    pub output: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Output, RuntimeError>> + Send>>,
+    /// The command's stdin; closing it sends EOF.
+    pub stdin: std::pin::Pin<Box<dyn futures::AsyncWrite + Send>>,
+    pub control: Box<dyn SessionControl>,
+}
+
+/// What else a session can do: resize its terminal, and tell its exit code.
+#[async_trait]
+pub trait SessionControl: Send + Sync {
+    async fn resize(&self, width: u16, height: u16) -> Result<(), RuntimeError>;
+    /// The exit code once the command has ended (None while it runs).
+    async fn exit_code(&self) -> Result<Option<i32>, RuntimeError>;
+}
+
 /// A container's resource usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -264,6 +297,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// Current resource usage of running containers, by container ID (containers that
     /// are not running are left out).
     async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError>;
+
+    /// Starts `cmd` in a running container with the chosen streams connected.
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        cmd: &[String],
+        streams: Streams,
+    ) -> Result<Interactive, RuntimeError>;
 
     /// The container's stdout and stderr, interleaved as written.
     async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;

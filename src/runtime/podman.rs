@@ -21,9 +21,34 @@ use podman_api::opts::{
 use podman_api::Podman as Client;
 
 use super::{
-    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, LogOptions, LogStream, PodPlan,
-    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, Usage,
+    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, Interactive, LogOptions, LogStream,
+    Output, PodPlan, Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
+    SessionControl, Streams, Usage,
 };
+
+/// Resize and exit code of a Podman exec session.
+struct PodmanExec(podman_api::api::Exec);
+
+#[async_trait]
+impl SessionControl for PodmanExec {
+    async fn resize(&self, width: u16, height: u16) -> Result<(), RuntimeError> {
+        self.0
+            .resize(usize::from(width), usize::from(height))
+            .await
+            .map_err(classify)
+    }
+
+    async fn exit_code(&self) -> Result<Option<i32>, RuntimeError> {
+        let info = self.0.inspect().await.map_err(classify)?;
+        if info.get("Running").and_then(|r| r.as_bool()) == Some(true) {
+            return Ok(None);
+        }
+        Ok(info
+            .get("ExitCode")
+            .and_then(|c| c.as_i64())
+            .and_then(|c| i32::try_from(c).ok()))
+    }
+}
 
 /// Drops the first `*skip` lines from a run of chunks (counting down across calls).
 fn skip_lines_of(mut chunk: Vec<u8>, skip: &mut u64) -> Vec<u8> {
@@ -568,6 +593,51 @@ impl Runtime for Podman {
         tokio::time::timeout(timeout, run).await.map_err(|_| {
             RuntimeError::Unavailable(format!("command {cmd:?} timed out after {timeout:?}"))
         })?
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        cmd: &[String],
+        streams: Streams,
+    ) -> Result<Interactive, RuntimeError> {
+        path_safe("container", id)?;
+        let exec = self
+            .client
+            .containers()
+            .get(id)
+            .create_exec(
+                &ExecCreateOpts::builder()
+                    .command(cmd.to_vec())
+                    .attach_stdin(streams.stdin)
+                    .attach_stdout(streams.stdout)
+                    .attach_stderr(streams.stderr)
+                    .tty(streams.tty)
+                    .build(),
+            )
+            .await
+            .map_err(classify)?;
+        let started = exec
+            .start(&ExecStartOpts::builder().tty(streams.tty).build())
+            .await
+            .map_err(classify)?;
+        let Some(multiplexer) = started else {
+            return Err(RuntimeError::Unavailable("exec started detached".into()));
+        };
+        let (output, stdin) = multiplexer.split();
+        let output = output.filter_map(|chunk| async move {
+            match chunk {
+                Ok(podman_api::conn::TtyChunk::StdOut(bytes)) => Some(Ok(Output::Stdout(bytes))),
+                Ok(podman_api::conn::TtyChunk::StdErr(bytes)) => Some(Ok(Output::Stderr(bytes))),
+                Ok(podman_api::conn::TtyChunk::StdIn(_)) => None,
+                Err(e) => Some(Err(RuntimeError::Unavailable(e.to_string()))),
+            }
+        });
+        Ok(Interactive {
+            output: Box::pin(output),
+            stdin: Box::pin(stdin),
+            control: Box::new(PodmanExec(exec)),
+        })
     }
 
     async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError> {
