@@ -13,5 +13,10 @@ pub mod frame;
 pub mod session;
 pub mod zlib;
 
-pub use frame::{Frame, FrameDecoder, FrameEncoder, FrameError, GoAwayStatus, Headers, Limits, RstStatus};
-
+pub use frame::{
+    Frame, FrameDecoder, FrameEncoder, FrameError, GoAwayStatus, Headers, Limits, RstStatus,
+};
+pub use session::{
+    accept, accept_with, Session, SessionConfig, SessionEnd, SessionError, SpdyStream,
+    StreamReader, StreamWriter,
+};

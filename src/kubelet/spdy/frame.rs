@@ -39,7 +39,7 @@ pub const FLAG_UNIDIRECTIONAL: u8 = 0x02;
 pub const FLAG_CLEAR_SETTINGS: u8 = 0x01;
 
 /// A malformed frame or header block; the session treats any of these as fatal.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     /// The length field exceeds what this side accepts.
     #[error("frame payload of {len} bytes exceeds the limit of {limit}")]
@@ -181,7 +181,8 @@ impl Headers {
 
     /// Appends a header; the name is lowercased.
     pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.0.push((name.into().to_ascii_lowercase(), value.into()));
+        self.0
+            .push((name.into().to_ascii_lowercase(), value.into()));
     }
 
     /// The first value of the first header named `name` (case-insensitive).
@@ -266,7 +267,11 @@ pub enum Frame {
         delta: u32,
     },
     /// A control frame type this codec does not know; the spec says to ignore it.
-    Unknown { kind: u16, flags: u8, payload: Bytes },
+    Unknown {
+        kind: u16,
+        flags: u8,
+        payload: Bytes,
+    },
 }
 
 /// Sizes the decoder accepts; everything beyond is an error rather than an allocation.
@@ -341,7 +346,8 @@ impl FrameDecoder {
         if version != VERSION {
             return Err(FrameError::UnsupportedVersion(version));
         }
-        self.control((first & 0xffff) as u16, flags, payload).map(Some)
+        self.control((first & 0xffff) as u16, flags, payload)
+            .map(Some)
     }
 
     fn control(&mut self, kind: u16, flags: u8, mut p: Bytes) -> Result<Frame, FrameError> {
@@ -581,7 +587,11 @@ impl FrameEncoder {
 pub fn encode_header_block(headers: &Headers) -> Result<Vec<u8>, FrameError> {
     let too_long = |_| FrameError::BadHeaderBlock("field longer than 4 GiB");
     let mut out = Vec::new();
-    out.extend_from_slice(&u32::try_from(headers.len()).map_err(too_long)?.to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(headers.len())
+            .map_err(too_long)?
+            .to_be_bytes(),
+    );
     for (name, value) in headers.iter() {
         for field in [name, value] {
             out.extend_from_slice(&u32::try_from(field.len()).map_err(too_long)?.to_be_bytes());
@@ -734,7 +744,10 @@ mod tests {
         else {
             panic!("{frames:?}")
         };
-        assert_eq!(headers.iter().collect::<Vec<_>>(), [("streamtype", "error")]);
+        assert_eq!(
+            headers.iter().collect::<Vec<_>>(),
+            [("streamtype", "error")]
+        );
     }
 
     #[test]
@@ -851,7 +864,13 @@ mod tests {
         let mut encoder = FrameEncoder::new().unwrap();
         let mut wire = Vec::new();
         encoder
-            .encode(&Frame::WindowUpdate { stream_id: 1, delta: 0x8000 }, &mut wire)
+            .encode(
+                &Frame::WindowUpdate {
+                    stream_id: 1,
+                    delta: 0x8000,
+                },
+                &mut wire,
+            )
             .unwrap();
         encoder
             .encode(
@@ -877,13 +896,28 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (&[0x80, 2, 0, 6, 0, 0, 0, 4, 0, 0, 0, 1], "version 2"),
             (&[0x80, 3, 0, 6, 0, 0, 0, 3, 0, 0, 1], "short PING"),
-            (&[0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0], "RST status 0"),
-            (&[0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1], "RST stream 0"),
-            (&[0x80, 3, 0, 4, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff], "SETTINGS count"),
+            (
+                &[0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0],
+                "RST status 0",
+            ),
+            (
+                &[0x80, 3, 0, 3, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],
+                "RST stream 0",
+            ),
+            (
+                &[0x80, 3, 0, 4, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff],
+                "SETTINGS count",
+            ),
             (&[0x80, 3, 0, 1, 0, 0, 0, 2, 0, 1], "short SYN_STREAM"),
-            (&[0x80, 3, 0, 2, 0, 0, 0, 6, 0, 0, 0, 1, 0x78, 0x00], "bad zlib"),
+            (
+                &[0x80, 3, 0, 2, 0, 0, 0, 6, 0, 0, 0, 1, 0x78, 0x00],
+                "bad zlib",
+            ),
             (&[0, 0, 0, 0, 0, 0, 0, 1, 0], "DATA on stream 0"),
-            (&[0x80, 3, 0, 9, 0, 0, 0, 4, 0, 0, 0, 1], "short WINDOW_UPDATE"),
+            (
+                &[0x80, 3, 0, 9, 0, 0, 0, 4, 0, 0, 0, 1],
+                "short WINDOW_UPDATE",
+            ),
         ];
         for (bytes, what) in cases {
             let mut decoder = FrameDecoder::new(Limits::default());
@@ -923,7 +957,11 @@ mod tests {
         }
         let ok = decode_header_block(&[0, 0, 0, 1, 0, 0, 0, 1, b'A', 0, 0, 0, 3, b'x', 0, b'y']);
         let headers = ok.unwrap();
-        assert_eq!(headers.get("a"), Some("x"), "lowercased, first of NUL-separated");
+        assert_eq!(
+            headers.get("a"),
+            Some("x"),
+            "lowercased, first of NUL-separated"
+        );
     }
 
     #[test]

@@ -225,7 +225,9 @@ impl HeaderInflater {
             }
             if !progressed {
                 // Input left but zlib takes none of it and has space: truncated or corrupt.
-                return Err(FrameError::Compression("header block does not decode".into()));
+                return Err(FrameError::Compression(
+                    "header block does not decode".into(),
+                ));
             }
         }
     }
@@ -251,7 +253,11 @@ mod tests {
     fn blocks_round_trip_in_order_through_one_stream() {
         let mut deflater = HeaderDeflater::new().unwrap();
         let mut inflater = HeaderInflater::new();
-        for block in [&b"first block"[..], &[0, 0, 0, 0], b"third block: streamtype error"] {
+        for block in [
+            &b"first block"[..],
+            &[0, 0, 0, 0],
+            b"third block: streamtype error",
+        ] {
             let packed = deflater.compress(block).unwrap();
             assert!(packed.ends_with(&[0, 0, 0xff, 0xff]), "sync flush marker");
             assert_eq!(inflater.decompress(&packed, 1024).unwrap(), block);
@@ -263,13 +269,20 @@ mod tests {
         let mut deflater = HeaderDeflater::new().unwrap();
         let packed = deflater.compress(&vec![b'a'; 100_000]).unwrap();
         assert!(packed.len() < 1000);
-        let err = HeaderInflater::new().decompress(&packed, 10_000).unwrap_err();
-        assert!(matches!(err, FrameError::HeaderBlockTooLarge { .. }), "{err}");
+        let err = HeaderInflater::new()
+            .decompress(&packed, 10_000)
+            .unwrap_err();
+        assert!(
+            matches!(err, FrameError::HeaderBlockTooLarge { .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn garbage_and_foreign_dictionaries_are_errors() {
-        assert!(HeaderInflater::new().decompress(b"not zlib at all", 1024).is_err());
+        assert!(HeaderInflater::new()
+            .decompress(b"not zlib at all", 1024)
+            .is_err());
         // A zlib header that names another dictionary.
         let err = HeaderInflater::new()
             .decompress(&[0x78, 0xf9, 0, 0, 0, 1, 0, 0, 0xff, 0xff], 1024)
