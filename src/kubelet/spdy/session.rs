@@ -1017,3 +1017,446 @@ impl Router {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::timeout;
+
+    use super::*;
+
+    /// A SPDY client written with the same codec, driven by hand.
+    struct Client {
+        io: DuplexStream,
+        encoder: FrameEncoder,
+        decoder: FrameDecoder,
+        buf: BytesMut,
+    }
+
+    impl Client {
+        fn new(io: DuplexStream) -> Self {
+            Self {
+                io,
+                encoder: FrameEncoder::new().unwrap(),
+                decoder: FrameDecoder::new(Limits::default()),
+                buf: BytesMut::new(),
+            }
+        }
+
+        async fn send(&mut self, frame: Frame) {
+            let mut wire = Vec::new();
+            self.encoder.encode(&frame, &mut wire).unwrap();
+            self.io.write_all(&wire).await.unwrap();
+        }
+
+        async fn open(&mut self, id: u32, headers: &[(&str, &str)]) {
+            self.send(Frame::SynStream {
+                stream_id: id,
+                associated_to: 0,
+                priority: 0,
+                fin: false,
+                unidirectional: false,
+                headers: headers.iter().copied().collect(),
+            })
+            .await;
+        }
+
+        /// The next frame, or None at EOF; fails the test after 5 s of silence.
+        async fn recv(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(frame) = self.decoder.decode(&mut self.buf).unwrap() {
+                    return Some(frame);
+                }
+                let read = timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf))
+                    .await
+                    .expect("server went quiet")
+                    .unwrap();
+                if read == 0 {
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    fn data(stream_id: u32, fin: bool, bytes: &[u8]) -> Frame {
+        Frame::Data {
+            stream_id,
+            fin,
+            data: Bytes::copy_from_slice(bytes),
+        }
+    }
+
+    async fn next_stream(rx: &mut mpsc::Receiver<SpdyStream>) -> SpdyStream {
+        timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no stream")
+            .expect("channel closed")
+    }
+
+    /// Exec-shaped: error, stdin and stdout streams; the server echoes stdin to stdout.
+    /// Both sides honour 64 KiB windows and move 200 KB each way, so both directions need
+    /// WINDOW_UPDATEs to finish.
+    #[tokio::test]
+    async fn streams_carry_data_both_ways_under_flow_control() {
+        let (server_io, client_io) = tokio::io::duplex(64 << 10);
+        let config = SessionConfig {
+            honor_peer_window: true,
+            ..SessionConfig::default()
+        };
+        let (session, mut rx) = accept_with(server_io, config);
+        let server = tokio::spawn(async move {
+            let mut by_type = HashMap::new();
+            for _ in 0..3 {
+                let stream = next_stream(&mut rx).await;
+                let kind = stream.headers().get("streamtype").unwrap().to_string();
+                by_type.insert(kind, stream);
+            }
+            let mut stdin = by_type.remove("stdin").unwrap();
+            let mut stdout = by_type.remove("stdout").unwrap();
+            let mut error = by_type.remove("error").unwrap();
+            let copied = tokio::io::copy(&mut stdin, &mut stdout).await.unwrap();
+            stdout.shutdown().await.unwrap();
+            error.write_all(b"{\"status\":\"Success\"}").await.unwrap();
+            error.shutdown().await.unwrap();
+            // The client's GOAWAY ends the stream channel.
+            assert!(rx.recv().await.is_none());
+            copied
+        });
+
+        let mut client = Client::new(client_io);
+        client.send(Frame::Ping { id: 1 }).await;
+        client.open(1, &[("streamtype", "error")]).await;
+        client.open(3, &[("streamtype", "stdin")]).await;
+        client.open(5, &[("streamtype", "stdout")]).await;
+
+        let input = pattern(200_000, 0);
+        let (mut sent, mut fin_sent) = (0usize, false);
+        let (mut stdin_window, mut session_window) = (65_536i64, 65_536i64);
+        let mut recv_window: HashMap<u32, i64> = HashMap::new();
+        let mut unacked = 0u32;
+        let (mut stdout, mut error) = (Vec::new(), Vec::new());
+        let mut fins = HashMap::new();
+        let mut replied = Vec::new();
+        let mut pong = false;
+        while fins.len() < 2 {
+            while sent < input.len() && stdin_window.min(session_window) > 0 {
+                let n = (input.len() - sent)
+                    .min(16 << 10)
+                    .min(stdin_window.min(session_window) as usize);
+                client.send(data(3, false, &input[sent..sent + n])).await;
+                sent += n;
+                stdin_window -= n as i64;
+                session_window -= n as i64;
+            }
+            if sent == input.len() && !fin_sent {
+                client.send(data(3, true, b"")).await;
+                fin_sent = true;
+            }
+            match client.recv().await.expect("server closed early") {
+                Frame::SynReply { stream_id, fin, .. } => {
+                    assert!(!fin);
+                    replied.push(stream_id);
+                }
+                Frame::Ping { id } => pong = id == 1,
+                Frame::WindowUpdate { stream_id, delta } => match stream_id {
+                    0 => session_window += i64::from(delta),
+                    3 => stdin_window += i64::from(delta),
+                    other => panic!("window update for {other}"),
+                },
+                Frame::Data {
+                    stream_id,
+                    fin,
+                    data,
+                } => {
+                    assert!(replied.contains(&stream_id), "data before SYN_REPLY");
+                    let window = recv_window.entry(stream_id).or_insert(65_536);
+                    *window -= data.len() as i64;
+                    assert!(*window >= 0, "server overran the window of {stream_id}");
+                    match stream_id {
+                        5 => stdout.extend_from_slice(&data),
+                        1 => error.extend_from_slice(&data),
+                        other => panic!("data on {other}"),
+                    }
+                    unacked += data.len() as u32;
+                    if unacked >= 16 << 10 {
+                        for id in [0, stream_id] {
+                            client
+                                .send(Frame::WindowUpdate {
+                                    stream_id: id,
+                                    delta: unacked,
+                                })
+                                .await;
+                        }
+                        *recv_window.get_mut(&stream_id).unwrap() += i64::from(unacked);
+                        unacked = 0;
+                    }
+                    if fin {
+                        fins.insert(stream_id, true);
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(pong, "PING answered");
+        assert_eq!(replied, [1, 3, 5], "one SYN_REPLY per stream, in order");
+        assert_eq!(stdout, input, "stdout echoes stdin in order");
+        assert_eq!(error, b"{\"status\":\"Success\"}");
+
+        client
+            .send(Frame::GoAway {
+                last_good_stream_id: 0,
+                status: GoAwayStatus::Ok,
+            })
+            .await;
+        assert_eq!(server.await.unwrap(), input.len() as u64);
+        drop(client);
+        assert_eq!(session.closed().await, Ok(()));
+    }
+
+    /// spdystream never sends WINDOW_UPDATE and ignores ours: with the default config
+    /// more than a window still flows both ways.
+    #[tokio::test]
+    async fn a_peer_without_flow_control_is_not_stalled() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let (_session, mut rx) = accept(server_io);
+        let server = tokio::spawn(async move {
+            let stream = next_stream(&mut rx).await;
+            assert_eq!(stream.headers().get("port"), Some("8080"));
+            let (mut reader, mut writer) = stream.into_split();
+            let write = tokio::spawn(async move {
+                writer.write_all(&pattern(300_000, 7)).await.unwrap();
+                writer.shutdown().await.unwrap();
+            });
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.unwrap();
+            write.await.unwrap();
+            got
+        });
+
+        let mut client = Client::new(client_io);
+        client
+            .open(
+                1,
+                &[("streamtype", "data"), ("port", "8080"), ("requestid", "0")],
+            )
+            .await;
+        // Write and read concurrently, as the peer's sender ignores windows.
+        let (rd, mut wr) = tokio::io::split(client.io);
+        let writer = tokio::spawn(async move {
+            let mut encoder = FrameEncoder::new().unwrap();
+            let input = pattern(300_000, 3);
+            for (i, chunk) in input.chunks(32 << 10).enumerate() {
+                let last = (i + 1) * (32 << 10) >= input.len();
+                let mut wire = Vec::new();
+                encoder.encode(&data(1, last, chunk), &mut wire).unwrap();
+                wr.write_all(&wire).await.unwrap();
+            }
+            wr
+        });
+        let mut decoder = client.decoder;
+        let mut buf = client.buf;
+        let mut rd = rd;
+        let mut got = Vec::new();
+        'outer: loop {
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                if let Frame::Data { data, fin, .. } = frame {
+                    got.extend_from_slice(&data);
+                    if fin {
+                        break 'outer;
+                    }
+                }
+            }
+            let read = timeout(Duration::from_secs(5), rd.read_buf(&mut buf))
+                .await
+                .expect("stalled")
+                .unwrap();
+            assert!(read > 0, "server closed early");
+        }
+        assert_eq!(got, pattern(300_000, 7));
+        assert_eq!(server.await.unwrap(), pattern(300_000, 3));
+        drop(writer.await.unwrap());
+    }
+
+    /// A stream nobody reads: the session buffers a bounded amount and then stops reading
+    /// the connection, so the flooding client blocks instead of memory growing.
+    #[tokio::test]
+    async fn a_slow_reader_pushes_back_instead_of_buffering() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let (session, mut rx) = accept(server_io);
+        let mut client = Client::new(client_io);
+        client.open(1, &[("streamtype", "stdin")]).await;
+        let stream = next_stream(&mut rx).await;
+        let input = pattern(1 << 20, 9);
+        let flood = {
+            let input = input.clone();
+            tokio::spawn(async move {
+                for chunk in input.chunks(32 << 10) {
+                    client.send(data(1, false, chunk)).await;
+                }
+                client.send(data(1, true, b"")).await;
+                client
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !flood.is_finished(),
+            "the client could send 1 MiB into a stalled stream"
+        );
+        let buffered = session.buffered();
+        assert!(buffered <= (64 << 10) + (32 << 10), "buffered {buffered}");
+
+        let (mut reader, _writer) = stream.into_split();
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, input);
+        // The server credited what was read, up to the client's FIN (a finished stream gets
+        // no more credit); the client, never reading, finds the updates queued.
+        let mut client = flood.await.unwrap();
+        let mut credited = 0u64;
+        while credited < (1 << 20) - (128 << 10) {
+            if let Some(Frame::WindowUpdate {
+                stream_id: 1,
+                delta,
+            }) = client.recv().await
+            {
+                credited += u64::from(delta);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_ends_the_session_with_goaway() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let (session, mut rx) = accept(server_io);
+        let mut client = Client::new(client_io);
+        client.open(1, &[("streamtype", "stdout")]).await;
+        let mut stream = next_stream(&mut rx).await;
+        // A PING of SPDY version 2.
+        client
+            .io
+            .write_all(&[0x80, 2, 0, 6, 0, 0, 0, 4, 0, 0, 0, 1])
+            .await
+            .unwrap();
+        assert!(matches!(
+            client.recv().await,
+            Some(Frame::SynReply { stream_id: 1, .. })
+        ));
+        assert_eq!(
+            client.recv().await,
+            Some(Frame::GoAway {
+                last_good_stream_id: 1,
+                status: GoAwayStatus::ProtocolError
+            })
+        );
+        assert_eq!(client.recv().await, None, "connection closed");
+        assert_eq!(
+            session.closed().await,
+            Err(SessionError::Protocol(FrameError::UnsupportedVersion(2)))
+        );
+        let mut buf = Vec::new();
+        assert_eq!(stream.read_to_end(&mut buf).await.unwrap(), 0);
+        assert!(stream.write_all(b"late").await.is_err());
+        assert!(rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn reset_and_disconnect_end_streams() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let (session, mut rx) = accept(server_io);
+        let mut client = Client::new(client_io);
+        client.open(1, &[("streamtype", "stdin")]).await;
+        client.open(3, &[("streamtype", "stdout")]).await;
+        client.send(data(1, false, b"partial")).await;
+        client
+            .send(Frame::RstStream {
+                stream_id: 1,
+                status: RstStatus::Cancel,
+            })
+            .await;
+        let mut first = next_stream(&mut rx).await;
+        let mut second = next_stream(&mut rx).await;
+        let mut got = Vec::new();
+        first.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"partial", "data before the RST, then EOF");
+        assert_eq!(
+            first.write_all(b"x").await.unwrap_err().kind(),
+            io::ErrorKind::BrokenPipe
+        );
+
+        drop(client);
+        got.clear();
+        second.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
+        assert!(second.write_all(b"x").await.is_err());
+        assert_eq!(session.closed().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn close_sends_goaway_and_ends_streams() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let (session, mut rx) = accept(server_io);
+        let mut client = Client::new(client_io);
+        client.open(1, &[("streamtype", "error")]).await;
+        let mut stream = next_stream(&mut rx).await;
+        stream.write_all(b"bye").await.unwrap();
+        session.close();
+        assert!(matches!(
+            client.recv().await,
+            Some(Frame::SynReply { stream_id: 1, .. })
+        ));
+        assert_eq!(client.recv().await, Some(data(1, false, b"bye")));
+        assert_eq!(
+            client.recv().await,
+            Some(Frame::GoAway {
+                last_good_stream_id: 1,
+                status: GoAwayStatus::Ok
+            })
+        );
+        assert_eq!(client.recv().await, None);
+        assert_eq!(session.closed().await, Ok(()));
+        assert!(stream.write_all(b"more").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_and_excess_streams_are_refused() {
+        let (server_io, client_io) = tokio::io::duplex(16 << 10);
+        let config = SessionConfig {
+            max_streams: 1,
+            ..SessionConfig::default()
+        };
+        let (_session, mut rx) = accept_with(server_io, config);
+        let mut client = Client::new(client_io);
+        client.open(2, &[]).await; // even: a server-side id
+        client.open(3, &[]).await;
+        client.open(1, &[]).await; // not increasing
+        client.open(5, &[]).await; // over max_streams
+        client.send(data(9, false, b"?")).await; // never opened
+        let _kept = next_stream(&mut rx).await;
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            match client.recv().await.unwrap() {
+                Frame::RstStream { stream_id, status } => seen.push((stream_id, status)),
+                Frame::SynReply { stream_id, .. } => seen.push((stream_id, RstStatus::Other(0))),
+                Frame::WindowUpdate { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                (2, RstStatus::ProtocolError),
+                (3, RstStatus::Other(0)),
+                (1, RstStatus::ProtocolError),
+                (5, RstStatus::RefusedStream),
+                (9, RstStatus::InvalidStream),
+            ]
+        );
+    }
+}
