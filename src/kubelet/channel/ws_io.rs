@@ -159,11 +159,14 @@ mod tests {
         }
     }
 
-    fn pair() -> (
+    /// The adapter, the sender of incoming messages, the receiver of outgoing ones.
+    type Pair = (
         MessageIo<Duplex>,
         mpsc::Sender<Result<Vec<u8>, Infallible>>,
         mpsc::Receiver<Vec<u8>>,
-    ) {
+    );
+
+    fn pair() -> Pair {
         let (in_tx, in_rx) = mpsc::channel(4);
         let (out_tx, out_rx) = mpsc::channel(4);
         let io = MessageIo::with_max_message(

@@ -147,7 +147,8 @@ where
     )
 }
 
-/// The handle of a running session.
+/// The handle of a running session. Dropping it does not end the session: the connection
+/// runs until the peer closes it or [`Session::close`] is called.
 #[derive(Debug)]
 pub struct Session {
     shared: Arc<Shared>,
