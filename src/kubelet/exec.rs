@@ -7,16 +7,12 @@
 
 use std::time::Duration;
 
-use libp2p::{PeerId, StreamProtocol as MeshProtocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::channel::status::{error_stream_payload, ExecOutcome, ResizeDecoder};
 use super::channel::StreamProtocol;
-use super::relay::{read_frame, read_header, write_frame, write_header, Exit, Frame};
+use super::relay::{read_frame, write_frame, Exit, Frame};
 use super::spdy;
-use crate::mesh::MeshHandle;
-use crate::wire::{KubeletAnswer, KubeletRequest, KUBELET_PROTOCOL};
 
 /// The protocols the kubelet speaks over SPDY (v5 is WebSocket only), newest first.
 pub const SPDY_PROTOCOLS: [&str; 4] = [
@@ -104,36 +100,10 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8"))
 }
 
-/// Opens the exec on the agent; its refusal (status and text) otherwise.
-pub async fn open_on_agent(
-    mesh: &MeshHandle,
-    agent: PeerId,
-    request: &KubeletRequest,
-) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static, (u16, String)>
-{
-    let bad_gateway = |e: String| (502, format!("cannot reach agent {agent}: {e}"));
-    let stream = mesh
-        .open_stream(agent, MeshProtocol::new(KUBELET_PROTOCOL))
-        .await
-        .map_err(|e| bad_gateway(e.to_string()))?;
-    let mut io = stream.compat();
-    write_header(&mut io, request)
-        .await
-        .map_err(|e| bad_gateway(e.to_string()))?;
-    match read_header(&mut io).await.map_err(|e| bad_gateway(e.to_string()))? {
-        KubeletAnswer::Ok => Ok(io),
-        KubeletAnswer::Failed { code, message } => Err((code, message)),
-    }
-}
-
 /// Runs an exec over an upgraded SPDY connection until the command ends or a side
 /// closes.
-pub async fn serve_spdy<T, A>(
-    upgraded: T,
-    protocol: StreamProtocol,
-    options: ExecOptions,
-    agent: A,
-) where
+pub async fn serve_spdy<T, A>(upgraded: T, protocol: StreamProtocol, options: ExecOptions, agent: A)
+where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -151,7 +121,11 @@ pub async fn serve_spdy<T, A>(
             let Some(stream) = incoming.recv().await else {
                 return false;
             };
-            let kind = stream.headers().get("streamtype").unwrap_or_default().to_owned();
+            let kind = stream
+                .headers()
+                .get("streamtype")
+                .unwrap_or_default()
+                .to_owned();
             let slot = match kind.as_str() {
                 "error" => &mut streams.error,
                 "stdin" => &mut streams.stdin,
@@ -296,13 +270,15 @@ mod tests {
 
     #[test]
     fn exec_options_parse_as_the_kubelet_does() {
-        let options =
-            ExecOptions::parse("command=sh&command=-c&command=echo%20hi%3B%20exit%203&stdout=1&stderr=true")
-                .expect("parses");
+        let options = ExecOptions::parse(
+            "command=sh&command=-c&command=echo%20hi%3B%20exit%203&stdout=1&stderr=true",
+        )
+        .expect("parses");
         assert_eq!(options.command, ["sh", "-c", "echo hi; exit 3"]);
         assert!(options.stdout && options.stderr && !options.stdin && !options.tty);
         // The recorded k3s request: output/error are the old names.
-        let recorded = ExecOptions::parse("command=echo&command=hi&error=1&output=1").expect("parses");
+        let recorded =
+            ExecOptions::parse("command=echo&command=hi&error=1&output=1").expect("parses");
         assert!(recorded.stdout && recorded.stderr);
         let tty = ExecOptions::parse("command=sh&stdin=1&stdout=1&stderr=1&tty=1").expect("parses");
         assert!(tty.tty && !tty.stderr);

@@ -6,7 +6,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::wire::{self, MAX_KUBELET_HEADER_BYTES};
+use libp2p::PeerId;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::mesh::MeshHandle;
+use crate::wire::{
+    self, KubeletAnswer, KubeletRequest, KUBELET_PROTOCOL, MAX_KUBELET_HEADER_BYTES,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -47,6 +53,31 @@ pub async fn read_header<T: DeserializeOwned>(
     let mut bytes = vec![0u8; len];
     io.read_exact(&mut bytes).await?;
     Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
+}
+
+/// Opens a kubelet stream to `agent` and sends `request`: the stream, ready for the
+/// requested bytes, or the refusal as an HTTP status and the kubelet's text.
+pub async fn request_agent(
+    mesh: &MeshHandle,
+    agent: PeerId,
+    request: &KubeletRequest,
+) -> Result<Compat<libp2p::Stream>, (u16, String)> {
+    let bad_gateway = |e: String| (502, format!("cannot reach agent {agent}: {e}"));
+    let stream = mesh
+        .open_stream(agent, libp2p::StreamProtocol::new(KUBELET_PROTOCOL))
+        .await
+        .map_err(|e| bad_gateway(e.to_string()))?;
+    let mut io = stream.compat();
+    write_header(&mut io, request)
+        .await
+        .map_err(|e| bad_gateway(e.to_string()))?;
+    match read_header(&mut io)
+        .await
+        .map_err(|e| bad_gateway(e.to_string()))?
+    {
+        KubeletAnswer::Ok => Ok(io),
+        KubeletAnswer::Failed { code, message } => Err((code, message)),
+    }
 }
 
 /// Largest payload of one session frame.

@@ -5,25 +5,26 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use k8s_openapi::jiff::Timestamp;
-use libp2p::StreamProtocol;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::auth::{self, Authorizer, UserInfo};
-use super::relay::{read_header, write_header};
+use super::channel::{self, StreamProtocol};
+use super::exec::{self, ExecOptions};
+use super::relay;
 use super::stats::{self, Rates, Sample};
 use super::tls::client_identity;
 use crate::mesh::MeshHandle;
 use crate::node::NodeDirectory;
-use crate::wire::{KubeletAnswer, KubeletRequest, PodUsage, KUBELET_PROTOCOL};
+use crate::wire::{KubeletRequest, PodUsage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -98,7 +99,20 @@ pub async fn serve(
                 user: identity.as_ref().map(|(user, _)| user.clone()),
                 groups: identity.map(|(_, groups)| groups).unwrap_or_default(),
             };
-            let service = TowerToHyperService::new(warp::service(routes(context, caller)));
+            let plain = warp::service(routes(context.clone(), caller.clone()));
+            // Streaming requests need the raw upgrade, which warp's filters do not give.
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let mut plain = plain.clone();
+                let context = context.clone();
+                let caller = caller.clone();
+                async move {
+                    if request.uri().path().starts_with("/exec/") {
+                        Ok(exec_request(request, &context, &caller).await)
+                    } else {
+                        tower_service::Service::call(&mut plain, request).await
+                    }
+                }
+            });
             let served = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()
@@ -368,32 +382,10 @@ async fn container_logs(
         since: query.since,
         previous: query.previous,
     };
-    let relayed = async {
-        let stream = context
-            .mesh
-            .open_stream(agent, StreamProtocol::new(KUBELET_PROTOCOL))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut io = stream.compat();
-        write_header(&mut io, &request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let answer: KubeletAnswer = read_header(&mut io).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((answer, io))
+    let io = match relay::request_agent(&context.mesh, agent, &request).await {
+        Ok(io) => io,
+        Err((code, message)) => return text(status_code(code), message),
     };
-    let (answer, io) = match relayed.await {
-        Ok(relayed) => relayed,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_GATEWAY,
-                format!("cannot reach agent {agent} for the logs: {e}"),
-            )
-        }
-    };
-    if let KubeletAnswer::Failed { code, message } = answer {
-        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return text(code, message);
-    }
     let body = limited(pump(io), query.limit_bytes);
     let mut reply = warp::reply::stream(body).into_response();
     reply.headers_mut().insert(
@@ -425,6 +417,108 @@ fn pump(
 
 /// Chunks read ahead of a slow client.
 const RELAY_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// `/exec/{namespace}/{pod}/{container}` upgraded to SPDY/3.1, as the API server sends
+/// it: checked (caller, pod, container, options, protocol) before the upgrade, then
+/// bridged to an exec session on the pod's agent.
+async fn exec_request(
+    mut request: Request<Incoming>,
+    context: &Context,
+    caller: &Caller,
+) -> warp::reply::Response {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<&str>>()
+    };
+    let authorization = header("authorization").first().map(|s| s.to_string());
+    let path = request.uri().path().to_owned();
+    let method = request.method().as_str().to_owned();
+    if let Err(Denied(code, message)) =
+        authorize(context, caller, &method, &path, authorization).await
+    {
+        return text(code, message);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["exec", namespace, pod, container] = segments.as_slice() else {
+        return text(StatusCode::NOT_FOUND, "404 page not found");
+    };
+    let options = match ExecOptions::parse(request.uri().query().unwrap_or_default()) {
+        Ok(options) => options,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let upgrade = header("upgrade");
+    if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+        // WebSocket is not served yet: kubectl falls back to SPDY on this answer.
+        return text(
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: only SPDY/3.1 is supported for exec",
+        );
+    }
+    let offered = channel::offered_protocols(header("x-stream-protocol-version"));
+    let protocol = match channel::negotiate_stream_protocol(&offered, &exec::SPDY_PROTOCOLS) {
+        Ok(name) => StreamProtocol::from_name(name).unwrap_or(StreamProtocol::V4),
+        Err(e @ channel::NegotiationError::Missing) => {
+            return text(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => return text(StatusCode::FORBIDDEN, e.to_string()),
+    };
+    let Some(location) = context.directory.locate(namespace, pod).await else {
+        return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
+    };
+    if !location.containers.iter().any(|c| c == container) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("container {container:?} not found in pod {pod:?}"),
+        );
+    }
+    let Some(agent) = location.agent else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("container {container:?} in pod {pod:?} is not running"),
+        );
+    };
+    let relayed = KubeletRequest::Exec {
+        pod: location.pod.uid.clone(),
+        container: (*container).to_owned(),
+        command: options.command.clone(),
+        stdin: options.stdin,
+        stdout: options.stdout,
+        stderr: options.stderr,
+        tty: options.tty,
+    };
+    let agent_io = match relay::request_agent(&context.mesh, agent, &relayed).await {
+        Ok(io) => io,
+        Err((code, message)) => return text(status_code(code), message),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                exec::serve_spdy(TokioIo::new(upgraded), protocol, options, agent_io).await
+            }
+            Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
+        }
+    });
+    let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = reply.headers_mut();
+    headers.insert(
+        warp::http::header::CONNECTION,
+        warp::http::HeaderValue::from_static("Upgrade"),
+    );
+    headers.insert(
+        warp::http::header::UPGRADE,
+        warp::http::HeaderValue::from_static("SPDY/3.1"),
+    );
+    headers.insert(
+        "X-Stream-Protocol-Version",
+        warp::http::HeaderValue::from_static(protocol.name()),
+    );
+    reply
+}
 
 /// How long the agents get to report their usage.
 const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -462,24 +556,20 @@ async fn sample(context: &Context) -> Sample {
 
 async fn agent_usage(mesh: &MeshHandle, agent: libp2p::PeerId) -> Result<Vec<PodUsage>, String> {
     use tokio::io::AsyncReadExt;
-    let stream = mesh
-        .open_stream(agent, StreamProtocol::new(KUBELET_PROTOCOL))
+    let io = relay::request_agent(mesh, agent, &KubeletRequest::Stats)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut io = stream.compat();
-    write_header(&mut io, &KubeletRequest::Stats)
-        .await
-        .map_err(|e| e.to_string())?;
-    match read_header(&mut io).await.map_err(|e| e.to_string())? {
-        KubeletAnswer::Ok => {}
-        KubeletAnswer::Failed { message, .. } => return Err(message),
-    }
+        .map_err(|(_, message)| message)?;
     let mut body = Vec::new();
     io.take(MAX_STATS_BYTES)
         .read_to_end(&mut body)
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
+/// An HTTP status from a relayed code (500 if it is not one).
+fn status_code(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// Ends the stream after `limit` bytes, as the kubelet's limitBytes does.
