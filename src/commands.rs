@@ -272,9 +272,9 @@ async fn node(args: NodeArgs) -> Result<()> {
 }
 
 /// Serves the kubelet API on `--kubelet-port`: binding fails the start at once. In a
-/// cluster, tokens and permissions are checked with the API server, and client
-/// certificates are verified against the cluster's client CA unless `--client-ca-file`
-/// names one.
+/// cluster, tokens and permissions are checked with the API server, client certificates
+/// are verified against the cluster's client CA unless `--client-ca-file` names one, and
+/// the serving certificate comes from a CSR unless `--tls-cert-file` names one.
 async fn start_kubelet_api(
     args: &NodeArgs,
     internal_ip: Option<IpAddr>,
@@ -283,12 +283,15 @@ async fn start_kubelet_api(
     cancel: &CancellationToken,
 ) -> Result<node::NodeQueries> {
     let kubelet_dir = args.mesh.state_dir.join("kubelet");
-    let serving = match (&args.tls_cert_file, &args.tls_private_key_file) {
-        (Some(cert), Some(key)) => ServingCert::Files {
+    let addresses: Vec<IpAddr> = internal_ip.into_iter().collect();
+    let serving = match (&args.tls_cert_file, &args.tls_private_key_file, client) {
+        (Some(cert), Some(key), _) => Some(ServingCert::Files {
             cert: cert.clone(),
             key: key.clone(),
-        },
-        _ => ServingCert::SelfSigned {
+        }),
+        // Obtained below, once the port is bound: a CSR may take a while.
+        (_, _, Some(_)) => None,
+        _ => Some(ServingCert::SelfSigned {
             dir: kubelet_dir.clone(),
             names: [
                 args.node_name.clone(),
@@ -296,9 +299,9 @@ async fn start_kubelet_api(
                 "127.0.0.1".into(),
             ]
             .into_iter()
-            .chain(internal_ip.map(|ip| ip.to_string()))
+            .chain(addresses.iter().map(ToString::to_string))
             .collect(),
-        },
+        }),
     };
     let client_ca = match (&args.client_ca_file, client) {
         (Some(path), _) => Some(path.clone()),
@@ -321,8 +324,11 @@ async fn start_kubelet_api(
             None
         }
     };
-    let tls = kubelet::tls::server_config(&serving, client_ca.as_deref())
-        .context("cannot set up the kubelet API's TLS")?;
+    if let Some(serving) = &serving {
+        // Checked now, so that bad files fail the start.
+        kubelet::tls::server_config(serving, client_ca.as_deref())
+            .context("cannot set up the kubelet API's TLS")?;
+    }
     let listener =
         kubelet::server::bind(SocketAddr::from(([0, 0, 0, 0], args.kubelet_port))).await?;
     let authorizer: Arc<dyn kubelet::auth::Authorizer> = match client {
@@ -341,13 +347,67 @@ async fn start_kubelet_api(
         started: k8s_openapi::jiff::Timestamp::now(),
         rates: Default::default(),
     };
-    tokio::spawn(kubelet::server::serve(
-        listener,
-        tls,
-        context,
-        cancel.clone(),
-    ));
+    let cluster_cert = client
+        .cloned()
+        .map(|client| (client, args.node_name.clone(), addresses, kubelet_dir));
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        let serving = match (serving, cluster_cert) {
+            (Some(serving), _) => serving,
+            (None, Some((client, node_name, addresses, dir))) => {
+                match cluster_serving_cert(client, node_name, addresses, dir, &cancel).await {
+                    Some(serving) => serving,
+                    None => return,
+                }
+            }
+            (None, None) => return,
+        };
+        match kubelet::tls::server_config(&serving, client_ca.as_deref()) {
+            Ok(tls) => kubelet::server::serve(listener, tls, context, cancel).await,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot set up the kubelet API's TLS")
+            }
+        }
+    });
     Ok(queries)
+}
+
+/// The cluster-signed serving certificate, kept renewed; asks again every 30 s until
+/// it comes (None if the node stops first).
+async fn cluster_serving_cert(
+    client: kube::Client,
+    node_name: String,
+    addresses: Vec<IpAddr>,
+    dir: std::path::PathBuf,
+    cancel: &CancellationToken,
+) -> Option<ServingCert> {
+    loop {
+        let obtained = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            obtained = kubelet::csr::obtain(&client, &node_name, &addresses, &dir) => obtained,
+        };
+        match obtained {
+            Ok(issued) => {
+                let resolver = kubelet::csr::ServingCertResolver::new(issued.key);
+                tokio::spawn(kubelet::csr::keep_renewed(
+                    client,
+                    node_name,
+                    addresses,
+                    dir,
+                    resolver.clone(),
+                    issued.renew_at,
+                ));
+                return Some(ServingCert::Renewed(resolver));
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no kubelet serving certificate from the cluster yet; asking again in 30 s");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    }
 }
 
 async fn resolves(name: &str) -> bool {

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod channel;
+pub mod csr;
 pub mod exec;
 pub mod relay;
 pub mod server;

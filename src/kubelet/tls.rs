@@ -32,12 +32,14 @@ pub enum TlsError {
 }
 
 /// Where the serving certificate comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ServingCert {
     /// `--tls-cert-file` and `--tls-private-key-file`.
     Files { cert: PathBuf, key: PathBuf },
     /// Generated on first start for these names and addresses, kept in `dir`.
     SelfSigned { dir: PathBuf, names: Vec<String> },
+    /// Signed by the cluster and renewed while serving (see `csr`).
+    Renewed(Arc<super::csr::ServingCertResolver>),
 }
 
 /// The server configuration: the serving certificate, and client certificates checked
@@ -47,10 +49,6 @@ pub fn server_config(
     serving: &ServingCert,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (chain, key) = match serving {
-        ServingCert::Files { cert, key } => (read_certs(cert)?, read_key(key)?),
-        ServingCert::SelfSigned { dir, names } => self_signed(dir, names)?,
-    };
     let builder = ServerConfig::builder();
     let builder = match client_ca {
         Some(path) => {
@@ -65,7 +63,16 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key)?;
+    let mut config = match serving {
+        ServingCert::Files { cert, key } => {
+            builder.with_single_cert(read_certs(cert)?, read_key(key)?)?
+        }
+        ServingCert::SelfSigned { dir, names } => {
+            let (chain, key) = self_signed(dir, names)?;
+            builder.with_single_cert(chain, key)?
+        }
+        ServingCert::Renewed(resolver) => builder.with_cert_resolver(resolver.clone()),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
