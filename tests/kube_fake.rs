@@ -838,3 +838,625 @@ async fn events_show_in_kubectl_describe_and_get() {
         "{out}"
     );
 }
+
+// ---- PKI, CSRs, TokenReview, SubjectAccessReview, and the kubelet proxy ----
+
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+
+fn fixture(path: &str) -> Value {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture");
+    serde_json::from_str(&text).expect("fixture json")
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let mut out = vec![];
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in body.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => break,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn subject_parts(name: &x509_parser::x509::X509Name) -> (String, Vec<String>) {
+    let cn = name
+        .iter_common_name()
+        .filter_map(|a| a.as_str().ok())
+        .collect::<Vec<_>>()
+        .concat();
+    let o = name
+        .iter_organization()
+        .filter_map(|a| a.as_str().ok().map(str::to_string))
+        .collect();
+    (cn, o)
+}
+
+#[tokio::test]
+async fn cluster_and_client_cas_are_published_and_sign_client_certificates() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .get("extension-apiserver-authentication")
+        .await
+        .expect("configmap");
+    let recorded = fixture("k3s-1.21-api/extension-apiserver-authentication-configmap.json");
+    let data = cm.data.expect("data");
+    let keys: Vec<&String> = data.keys().collect();
+    let recorded_keys: Vec<&String> = recorded["data"].as_object().expect("data").keys().collect();
+    assert_eq!(keys, recorded_keys);
+    assert_eq!(data["client-ca-file"], server.client_ca_pem());
+    for key in [
+        "requestheader-allowed-names",
+        "requestheader-group-headers",
+        "requestheader-username-headers",
+        "requestheader-extra-headers-prefix",
+    ] {
+        assert_eq!(
+            data[key],
+            recorded["data"][key].as_str().expect("value"),
+            "{key}"
+        );
+    }
+    let root = Api::<ConfigMap>::namespaced(client.clone(), "default")
+        .get("kube-root-ca.crt")
+        .await
+        .expect("root ca");
+    assert_eq!(root.data.expect("data")["ca.crt"], server.cluster_ca_pem());
+    assert_ne!(server.cluster_ca_pem(), server.client_ca_pem());
+
+    let (cert_pem, key_pem) = server.client_cert("alice", &["dev", "ops"]);
+    let (_, one_group) = server.client_cert("bob", &["system:masters"]);
+    assert!(one_group.contains("PRIVATE KEY"));
+    assert!(key_pem.contains("PRIVATE KEY"));
+    let der = pem_der(&cert_pem);
+    let (_, cert) = X509Certificate::from_der(&der).expect("cert");
+    assert_eq!(
+        subject_parts(cert.subject()),
+        (
+            "alice".to_string(),
+            vec!["dev".to_string(), "ops".to_string()]
+        )
+    );
+    let ca_der = pem_der(&server.client_ca_pem());
+    let (_, ca) = X509Certificate::from_der(&ca_der).expect("ca");
+    assert_eq!(cert.issuer(), ca.subject());
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the client CA");
+    let cluster_der = pem_der(&server.cluster_ca_pem());
+    let (_, cluster) = X509Certificate::from_der(&cluster_der).expect("cluster ca");
+    assert!(cert.verify_signature(Some(cluster.public_key())).is_err());
+    assert!(ca.is_ca() && cluster.is_ca());
+}
+
+/// A PEM CSR made with rcgen, and its key.
+fn make_csr(cn: &str, orgs: &[&str], ips: &[&str], dns: &[&str]) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    for o in orgs {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, *o);
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(ip.parse().expect("ip")));
+    }
+    for d in dns {
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            (*d).to_string().try_into().expect("dns"),
+        ));
+    }
+    let csr = params.serialize_request(&key).expect("csr");
+    (csr.pem().expect("pem"), key)
+}
+
+fn csr_object(
+    name: &str,
+    pem: &str,
+    usages: &[&str],
+    expiration: Option<i32>,
+) -> CertificateSigningRequest {
+    let mut spec = json!({
+        "request": k8s_openapi::ByteString(pem.as_bytes().to_vec()),
+        "signerName": "kubernetes.io/kubelet-serving",
+        "usages": usages,
+    });
+    if let Some(seconds) = expiration {
+        spec["expirationSeconds"] = json!(seconds);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("csr")
+}
+
+async fn approve(api: &Api<CertificateSigningRequest>, name: &str) -> CertificateSigningRequest {
+    let mut csr = api.get(name).await.expect("csr");
+    csr.status.get_or_insert_with(Default::default).conditions = Some(vec![serde_json::from_value(
+        json!({"type": "Approved", "status": "True", "reason": "Test", "message": "approved by the test"}),
+    )
+    .expect("condition")]);
+    api.replace_subresource("approval", name, &PostParams::default(), &csr)
+        .await
+        .expect("approval")
+}
+
+/// A kubelet serving certificate for `node`, through the CSR API as a kubelet gets one.
+async fn kubelet_serving_cert(client: &kube::Client, node: &str) -> (String, String) {
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let (pem, key) = make_csr(
+        &format!("system:node:{node}"),
+        &["system:nodes"],
+        &["127.0.0.1"],
+        &[node],
+    );
+    let name = format!("serving-{node}");
+    api.create(
+        &PostParams::default(),
+        &csr_object(&name, &pem, &["digital signature", "server auth"], None),
+    )
+    .await
+    .expect("create csr");
+    approve(&api, &name).await;
+    let signed = api.get(&name).await.expect("csr");
+    let cert = signed.status.and_then(|s| s.certificate).expect("signed");
+    (String::from_utf8(cert.0).expect("pem"), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn kubelet_serving_csrs_are_validated_approved_and_signed() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+
+    // Create: the requester's identity is filled in, status cleared.
+    let (pem, _key) = make_csr("system:node:n1", &["system:nodes"], &["127.0.0.1"], &["n1"]);
+    let created = api
+        .create(
+            &PostParams::default(),
+            &csr_object(
+                "n1",
+                &pem,
+                &["digital signature", "key encipherment", "server auth"],
+                Some(3600),
+            ),
+        )
+        .await
+        .expect("create");
+    assert_eq!(created.spec.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        created.spec.groups,
+        Some(vec![
+            "system:masters".to_string(),
+            "system:authenticated".to_string()
+        ])
+    );
+    assert!(created
+        .status
+        .as_ref()
+        .is_none_or(|s| s.certificate.is_none() && s.conditions.is_none()));
+    let listed = api.list(&ListParams::default()).await.expect("list");
+    assert_eq!(listed.items.len(), 1);
+    let rv = listed.metadata.resource_version.clone().expect("rv");
+    let mut watch = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+
+    // Approval (a PUT to /approval; `kubectl certificate approve` would send protobuf,
+    // which the fake does not decode), then the signer.
+    let approved = approve(&api, "n1").await;
+    assert!(
+        approved.status.and_then(|s| s.certificate).is_none(),
+        "signed after the approval"
+    );
+    let mut seen_certificate = false;
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.try_next())
+            .await
+            .expect("event")
+            .expect("ok")
+            .expect("some");
+        if let WatchEvent::Modified(csr) = event {
+            seen_certificate |= csr.status.and_then(|s| s.certificate).is_some();
+        }
+    }
+    assert!(seen_certificate, "the signer's MODIFIED event");
+    let signed = api.get("n1").await.expect("get");
+    let status = signed.status.expect("status");
+    let approved = &status.conditions.expect("conditions")[0];
+    assert_eq!(
+        (approved.type_.as_str(), approved.status.as_str()),
+        ("Approved", "True")
+    );
+    assert!(approved.last_update_time.is_some());
+    let pem = String::from_utf8(status.certificate.expect("certificate").0).expect("pem");
+    let der = pem_der(&pem);
+    let (_, cert) = X509Certificate::from_der(&der).expect("cert");
+    let ca_der = pem_der(&server.cluster_ca_pem());
+    let (_, ca) = X509Certificate::from_der(&ca_der).expect("ca");
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the cluster CA");
+    assert_eq!(
+        subject_parts(cert.subject()),
+        (
+            "system:node:n1".to_string(),
+            vec!["system:nodes".to_string()]
+        )
+    );
+    let san = cert
+        .subject_alternative_name()
+        .expect("san")
+        .expect("san present");
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.contains("n1")) && names.len() == 2,
+        "{names:?}"
+    );
+    let eku = cert
+        .extended_key_usage()
+        .expect("eku")
+        .expect("eku present");
+    assert!(eku.value.server_auth && !eku.value.client_auth);
+    let ku = cert.key_usage().expect("ku").expect("ku present");
+    assert!(
+        ku.value.digital_signature() && ku.value.key_encipherment() && !ku.value.key_cert_sign()
+    );
+    assert!(!cert.is_ca());
+    // expirationSeconds 3600 (under 8 h): not backdated at the end, 5 minutes at the start.
+    let validity = cert.validity();
+    let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
+    assert!(
+        (3600 + 300 - 5..=3600 + 300 + 5).contains(&lifetime),
+        "{lifetime}"
+    );
+
+    // Not a kubelet-serving request: approved, then Failed by the signer, unsigned.
+    let (pem, _key) = make_csr("system:node:n2", &["wrong"], &["127.0.0.1"], &[]);
+    api.create(
+        &PostParams::default(),
+        &csr_object("n2", &pem, &["digital signature", "server auth"], None),
+    )
+    .await
+    .expect("create");
+    approve(&api, "n2").await;
+    let failed = api.get("n2").await.expect("get").status.expect("status");
+    assert!(failed.certificate.is_none());
+    let conditions = failed.conditions.expect("conditions");
+    let last = conditions.last().expect("failed");
+    assert_eq!(last.type_, "Failed");
+    assert_eq!(last.reason.as_deref(), Some("SignerValidationFailure"));
+    assert_eq!(
+        last.message.as_deref(),
+        Some("subject organization is not system:nodes")
+    );
+    // Client auth is not a kubelet-serving usage.
+    let (pem, _key) = make_csr("system:node:n3", &["system:nodes"], &["127.0.0.1"], &[]);
+    api.create(
+        &PostParams::default(),
+        &csr_object("n3", &pem, &["digital signature", "client auth"], None),
+    )
+    .await
+    .expect("create");
+    approve(&api, "n3").await;
+    let failed = api.get("n3").await.expect("get").status.expect("status");
+    assert_eq!(
+        failed
+            .conditions
+            .expect("conditions")
+            .last()
+            .and_then(|c| c.message.clone())
+            .as_deref(),
+        Some("usages did not match [digital signature key encipherment server auth]")
+    );
+    // Approved and Denied exclude each other; Approved, once set, stays.
+    let mut both = api.get("n1").await.expect("get");
+    both.status
+        .as_mut()
+        .expect("status")
+        .conditions
+        .as_mut()
+        .expect("conditions")
+        .push(
+            serde_json::from_value(json!({"type": "Denied", "status": "True"})).expect("condition"),
+        );
+    let err = api
+        .replace_subresource("approval", "n1", &PostParams::default(), &both)
+        .await
+        .expect_err("both");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status
+            .message
+            .contains("Approved and Denied conditions are mutually exclusive"),
+        "{}",
+        status.message
+    );
+
+    // API validation: 422 with the real messages.
+    let err = api
+        .create(
+            &PostParams::default(),
+            &csr_object("bad", "not a csr", &[], Some(60)),
+        )
+        .await
+        .expect_err("invalid");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status
+            .message
+            .starts_with("CertificateSigningRequest.certificates.k8s.io \"bad\" is invalid: ["),
+        "{}",
+        status.message
+    );
+    for part in [
+        "spec.request: Invalid value: []byte{0x6e, 0x6f, 0x74",
+        "PEM block type must be CERTIFICATE REQUEST",
+        "spec.usages: Required value: usages must be provided",
+        "spec.expirationSeconds: Invalid value: 60: may not specify a duration less than 600 seconds (10 minutes)",
+    ] {
+        assert!(status.message.contains(part), "{part}: {}", status.message);
+    }
+}
+
+#[tokio::test]
+async fn token_reviews_and_subject_access_reviews() {
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = |token: &str| -> TokenReview {
+        serde_json::from_value(json!({"spec": {"token": token}})).expect("review")
+    };
+    // The kubeconfig's own credential.
+    let admin = reviews
+        .create(&PostParams::default(), &review("fake-token"))
+        .await
+        .expect("review");
+    let status = admin.status.expect("status");
+    assert_eq!(status.authenticated, Some(true));
+    let user = status.user.expect("user");
+    assert_eq!(user.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        user.groups,
+        Some(vec![
+            "system:masters".to_string(),
+            "system:authenticated".to_string()
+        ])
+    );
+    // A token the TokenRequest API issued: the recorded shape.
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .get("default")
+        .await
+        .expect("sa");
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": []}})).expect("tr");
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            "default",
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .expect("token");
+    let token = issued.status.expect("status").token.expect("token");
+    let answer = reviews
+        .create(&PostParams::default(), &review(&token))
+        .await
+        .expect("review");
+    let answer = serde_json::to_value(&answer).expect("json");
+    let recorded = fixture("k3s-1.21-api/tokenreview-response.json");
+    assert_eq!(answer["kind"], recorded["kind"]);
+    assert_eq!(answer["apiVersion"], recorded["apiVersion"]);
+    assert_eq!(answer["status"]["authenticated"], true);
+    assert_eq!(
+        answer["status"]["user"]["username"],
+        "system:serviceaccount:default:default"
+    );
+    assert_eq!(answer["status"]["user"]["uid"], json!(sa.metadata.uid));
+    assert_eq!(
+        answer["status"]["user"]["groups"],
+        json!([
+            "system:serviceaccounts",
+            "system:serviceaccounts:default",
+            "system:authenticated"
+        ])
+    );
+    assert_eq!(
+        recorded["status"]["user"]["groups"]
+            .as_array()
+            .map(Vec::len),
+        answer["status"]["user"]["groups"].as_array().map(Vec::len)
+    );
+    assert_eq!(
+        answer["status"]["audiences"],
+        json!(["https://kubernetes.default.svc.cluster.local"])
+    );
+    // Unknown: not authenticated, no user, no error.
+    let unknown = reviews
+        .create(&PostParams::default(), &review("nobody"))
+        .await
+        .expect("review");
+    let unknown = serde_json::to_value(unknown.status.expect("status")).expect("json");
+    assert_eq!(unknown, json!({"user": {}}));
+    // An audience the token was not issued for.
+    let other: TokenReview =
+        serde_json::from_value(json!({"spec": {"token": token, "audiences": ["elsewhere"]}}))
+            .expect("review");
+    let other = reviews
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("review")
+        .status
+        .expect("status");
+    assert_ne!(other.authenticated, Some(true));
+    // Reviews are create-only.
+    let err = reviews.list(&ListParams::default()).await.expect_err("405");
+    assert_eq!(api_error(err).code, 405);
+
+    let sars: Api<SubjectAccessReview> = Api::all(client.clone());
+    let sar = |user: &str, groups: &[&str], attrs: Value| -> SubjectAccessReview {
+        serde_json::from_value(
+            json!({"spec": {"user": user, "groups": groups, "resourceAttributes": attrs}}),
+        )
+        .expect("sar")
+    };
+    // The recorded request and answer: the fake's own kubelet client identity.
+    let recorded = fixture("k3s-1.21-api/subjectaccessreview-response.json");
+    let answer = sars
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": recorded["spec"]})).expect("sar"),
+        )
+        .await
+        .expect("sar");
+    let answer = serde_json::to_value(answer).expect("json");
+    assert_eq!(answer["status"], recorded["status"]);
+    assert_eq!(answer["spec"], recorded["spec"]);
+    // Nothing granted: not allowed, no reason, not denied (RBAC has no opinion).
+    let logs = json!({"verb": "get", "resource": "nodes", "subresource": "log", "name": "n1"});
+    let denied = sars
+        .create(
+            &PostParams::default(),
+            &sar("alice", &["system:authenticated"], logs.clone()),
+        )
+        .await
+        .expect("sar");
+    assert_eq!(
+        serde_json::to_value(denied.status).expect("json"),
+        json!({"allowed": false})
+    );
+    server.grant("alice", "get", "nodes", "log");
+    let allowed = sars
+        .create(
+            &PostParams::default(),
+            &sar("alice", &["system:authenticated"], logs.clone()),
+        )
+        .await
+        .expect("sar");
+    let status = allowed.status.expect("status");
+    assert!(status.allowed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RBAC: allowed by ClusterRoleBinding \"fake-grant-1\" of ClusterRole \"fake-grant-1\" to User \"alice\"")
+    );
+    let other_verb = json!({"verb": "create", "resource": "nodes", "subresource": "log"});
+    let status = sars
+        .create(&PostParams::default(), &sar("alice", &[], other_verb))
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(!status.allowed);
+    // system:masters: always allowed, with no reason.
+    let masters = sars
+        .create(
+            &PostParams::default(),
+            &sar("root", &["system:masters"], logs),
+        )
+        .await
+        .expect("sar");
+    assert_eq!(
+        serde_json::to_value(masters.status).expect("json"),
+        json!({"allowed": true})
+    );
+    // Real RBAC objects through the API: a Role and a RoleBinding to a service account.
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "exec", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "exec", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "exec"},
+        "subjects": [{"kind": "ServiceAccount", "name": "robot"}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(role).expect("role"),
+        )
+        .await
+        .expect("role");
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("binding");
+    let exec = json!({"namespace": "default", "verb": "create", "resource": "pods", "subresource": "exec", "name": "web"});
+    let status = sars
+        .create(
+            &PostParams::default(),
+            &sar("system:serviceaccount:default:robot", &[], exec.clone()),
+        )
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(status.allowed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RBAC: allowed by RoleBinding \"exec/default\" of Role \"exec\" to ServiceAccount \"robot/default\"")
+    );
+    let mut elsewhere = exec;
+    elsewhere["namespace"] = json!("kube-system");
+    let status = sars
+        .create(
+            &PostParams::default(),
+            &sar("system:serviceaccount:default:robot", &[], elsewhere),
+        )
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(!status.allowed);
+    // Validation: user or groups, and attributes, are required.
+    let err = sars
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {}})).expect("sar"),
+        )
+        .await
+        .expect_err("invalid");
+    let status = api_error(err);
+    assert_eq!(status.code, 422);
+    assert!(
+        status
+            .message
+            .contains("at least one of user or group must be specified"),
+        "{}",
+        status.message
+    );
+}

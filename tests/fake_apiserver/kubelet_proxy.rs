@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use warp::Reply as _;
 
-use super::{not_found, status, url_pairs, ApiError, Reply, RequestRecord, Resource, Store, Target};
+use super::{
+    not_found, status, url_pairs, ApiError, Reply, RequestRecord, Resource, Store, Target,
+};
 
 /// `/api/v1/namespaces/{ns}/pods/{name}/{log|exec|attach|portforward}`.
 pub(super) fn connect_target(path: &str) -> Option<(String, String, String)> {
@@ -373,7 +375,10 @@ async fn send(
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    sender.send_request(request).await.map_err(|e| e.to_string())
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Go's `http.CanonicalHeaderKey`.
@@ -413,7 +418,11 @@ fn stream_reply(code: StatusCode, headers: HeaderMap, body: Incoming, gunzip: bo
             };
             let out = match decoder.as_mut() {
                 Some(decoder) => {
-                    if decoder.write_all(&data).and_then(|_| decoder.flush()).is_err() {
+                    if decoder
+                        .write_all(&data)
+                        .and_then(|_| decoder.flush())
+                        .is_err()
+                    {
                         return;
                     }
                     std::mem::take(decoder.get_mut())
@@ -491,12 +500,7 @@ async fn kubelet_error(code: u16, body: Incoming, name: &str) -> ApiError {
                     ),
                 ),
             };
-            let mut error = status(
-                code,
-                reason,
-                format!("{message} ( pods/log {name})"),
-                None,
-            );
+            let mut error = status(code, reason, format!("{message} ( pods/log {name})"), None);
             error.body["details"] = json!({"name": name, "kind": "pods/log"});
             error
         }
@@ -600,7 +604,10 @@ async fn proxy(
         .unwrap_or_else(|| HeaderValue::from_static("Go-http-client/1.1"));
     headers.insert(hyper::header::USER_AGENT, user_agent);
     if !body.is_empty() || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-        headers.insert(hyper::header::CONTENT_LENGTH, header(&body.len().to_string()));
+        headers.insert(
+            hyper::header::CONTENT_LENGTH,
+            header(&body.len().to_string()),
+        );
     }
     let mut forwarded: Vec<String> = parts
         .headers
@@ -692,7 +699,11 @@ async fn logs(
         hyper::header::ACCEPT_ENCODING,
         HeaderValue::from_static("gzip"),
     );
-    let url = format!("https://{}{}", location.authority(), location.path_and_query);
+    let url = format!(
+        "https://{}{}",
+        location.authority(),
+        location.path_and_query
+    );
     let response = send(tls, location, request)
         .await
         .map_err(|e| internal(format!("Get \"{url}\": {e}")))?;

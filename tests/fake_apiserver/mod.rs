@@ -652,7 +652,8 @@ impl Store {
                 },
             }),
         );
-        let rbac = |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
+        let rbac =
+            |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
         let bootstrap = json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
         let _ = self.create(
             &rbac("clusterroles"),
@@ -1410,7 +1411,8 @@ impl FakeApiServer {
         } else {
             format!("{resource}/{subresource}")
         };
-        let rbac = |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
+        let rbac =
+            |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
         let _ = store.create(
             &rbac("clusterroles"),
             "",
@@ -2190,14 +2192,29 @@ fn token_request(
     let token = format!("{signed}.{}", base64url(&signature));
     let mut extra = Map::new();
     if let Some(pod) = &bound_pod {
-        extra.insert("authentication.kubernetes.io/pod-name".into(), json!([field(pod, "metadata.name")]));
-        extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([field(pod, "metadata.uid")]));
+        extra.insert(
+            "authentication.kubernetes.io/pod-name".into(),
+            json!([field(pod, "metadata.name")]),
+        );
+        extra.insert(
+            "authentication.kubernetes.io/pod-uid".into(),
+            json!([field(pod, "metadata.uid")]),
+        );
     }
     if let Some(node) = &bound_node {
-        extra.insert("authentication.kubernetes.io/node-name".into(), json!([field(node, "metadata.name")]));
-        extra.insert("authentication.kubernetes.io/node-uid".into(), json!([field(node, "metadata.uid")]));
+        extra.insert(
+            "authentication.kubernetes.io/node-name".into(),
+            json!([field(node, "metadata.name")]),
+        );
+        extra.insert(
+            "authentication.kubernetes.io/node-uid".into(),
+            json!([field(node, "metadata.uid")]),
+        );
     }
-    extra.insert("authentication.kubernetes.io/credential-id".into(), json!([format!("JTI={jti}")]));
+    extra.insert(
+        "authentication.kubernetes.io/credential-id".into(),
+        json!([format!("JTI={jti}")]),
+    );
     store.token_users.insert(
         token.clone(),
         TokenUser {
@@ -2832,7 +2849,9 @@ impl Store {
         };
         if !has(&csr, "Approved")
             || has(&csr, "Failed")
-            || csr["status"]["certificate"].as_str().is_some_and(|c| !c.is_empty())
+            || csr["status"]["certificate"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
             || csr["spec"]["signerName"] != KUBELET_SERVING
         {
             return;
@@ -2845,7 +2864,11 @@ impl Store {
         };
         let usages: Vec<String> = csr["spec"]["usages"]
             .as_array()
-            .map(|u| u.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|u| {
+                u.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         match validate_kubelet_serving(&parsed, &usages) {
             Err(message) => {
@@ -2894,7 +2917,8 @@ fn validate_kubelet_serving(csr: &pki::Csr, usages: &[String]) -> Result<(), Str
         return Err("URI subjectAltNames are not allowed".into());
     }
     let set: std::collections::BTreeSet<&str> = usages.iter().map(String::as_str).collect();
-    let with_rsa = std::collections::BTreeSet::from(["digital signature", "key encipherment", "server auth"]);
+    let with_rsa =
+        std::collections::BTreeSet::from(["digital signature", "key encipherment", "server auth"]);
     let without_rsa = std::collections::BTreeSet::from(["digital signature", "server auth"]);
     if set != with_rsa && set != without_rsa {
         return Err("usages did not match [digital signature key encipherment server auth]".into());
@@ -2953,7 +2977,8 @@ fn csr_prepare_create(csr: &mut Value, requester: &TokenUser) -> Result<(), ApiE
         spec["extra"] = Value::Object(requester.extra.clone());
     }
     let mut errors: Vec<(&str, String, String)> = vec![];
-    let request = pki::base64_decode(spec["request"].as_str().unwrap_or_default()).unwrap_or_default();
+    let request =
+        pki::base64_decode(spec["request"].as_str().unwrap_or_default()).unwrap_or_default();
     if let Err(e) = pki::parse_csr(&request) {
         errors.push((
             "FieldValueInvalid",
@@ -2963,7 +2988,11 @@ fn csr_prepare_create(csr: &mut Value, requester: &TokenUser) -> Result<(), ApiE
     }
     let usages: Vec<String> = spec["usages"]
         .as_array()
-        .map(|u| u.iter().map(|v| v.as_str().unwrap_or_default().to_string()).collect())
+        .map(|u| {
+            u.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     if usages.is_empty() {
         errors.push((
@@ -2979,7 +3008,10 @@ fn csr_prepare_create(csr: &mut Value, requester: &TokenUser) -> Result<(), ApiE
             errors.push((
                 "FieldValueNotSupported",
                 format!("spec.usages[{i}]"),
-                format!("Unsupported value: \"{usage}\": supported values: {}", supported.join(", ")),
+                format!(
+                    "Unsupported value: \"{usage}\": supported values: {}",
+                    supported.join(", ")
+                ),
             ));
         }
         if !seen.insert(usage.clone()) {
@@ -3010,7 +3042,12 @@ fn csr_prepare_create(csr: &mut Value, requester: &TokenUser) -> Result<(), ApiE
         return Ok(());
     }
     let name = field(csr, "metadata.name");
-    Err(invalid_all("CertificateSigningRequest", "certificates.k8s.io", &name, &errors))
+    Err(invalid_all(
+        "CertificateSigningRequest",
+        "certificates.k8s.io",
+        &name,
+        &errors,
+    ))
 }
 
 /// CSR updates: spec is immutable; the main resource changes metadata only, /approval
@@ -3034,7 +3071,10 @@ fn csr_prepare_update(
             s.remove("certificate");
         }
     }
-    let old: Vec<Value> = stored["status"]["conditions"].as_array().cloned().unwrap_or_default();
+    let old: Vec<Value> = stored["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let now = now();
     let mut errors: Vec<(&str, String, String)> = vec![];
     if let Some(conditions) = next["status"]["conditions"].as_array_mut() {
@@ -3054,18 +3094,28 @@ fn csr_prepare_update(
                     .map_or(json!(now), |o| o["lastTransitionTime"].clone());
             }
         }
-        let types: Vec<&str> = conditions.iter().filter_map(|c| c["type"].as_str()).collect();
+        let types: Vec<&str> = conditions
+            .iter()
+            .filter_map(|c| c["type"].as_str())
+            .collect();
         if types.contains(&"Approved") && types.contains(&"Denied") {
             errors.push((
                 "FieldValueInvalid",
                 "status.conditions".into(),
-                format!("Invalid value: {}: Approved and Denied conditions are mutually exclusive", Value::Array(conditions.clone())),
+                format!(
+                    "Invalid value: {}: Approved and Denied conditions are mutually exclusive",
+                    Value::Array(conditions.clone())
+                ),
             ));
         }
     }
     let types: Vec<String> = next["status"]["conditions"]
         .as_array()
-        .map(|c| c.iter().filter_map(|c| c["type"].as_str().map(str::to_string)).collect())
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| c["type"].as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     for kept in ["Approved", "Denied"] {
         if old.iter().any(|o| o["type"] == kept) && !types.iter().any(|t| t == kept) {
@@ -3079,7 +3129,12 @@ fn csr_prepare_update(
     if errors.is_empty() {
         return Ok(());
     }
-    Err(invalid_all("CertificateSigningRequest", "certificates.k8s.io", name, &errors))
+    Err(invalid_all(
+        "CertificateSigningRequest",
+        "certificates.k8s.io",
+        name,
+        &errors,
+    ))
 }
 
 /// The review objects' answer shape: what was sent, no stored metadata.
@@ -3110,14 +3165,23 @@ fn token_review(store: &Store, review: Value) -> Result<Reply, ApiError> {
     let wanted: Vec<String> = review["spec"]["audiences"]
         .as_array()
         .filter(|a| !a.is_empty())
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_else(|| vec![API_AUDIENCE.to_string()]);
     let unauthenticated = |error: Option<String>| {
         let mut status = json!({"user": {}});
         if let Some(error) = error {
             status["error"] = json!(error);
         }
-        Ok(review_reply(review.clone(), "authentication.k8s.io/v1", "TokenReview", status))
+        Ok(review_reply(
+            review.clone(),
+            "authentication.k8s.io/v1",
+            "TokenReview",
+            status,
+        ))
     };
     let Some(user) = store.token_users.get(token) else {
         return unauthenticated(None);
@@ -3174,7 +3238,11 @@ struct Attributes {
 fn strings(value: &Value) -> Vec<String> {
     value
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -3238,14 +3306,22 @@ impl Store {
             self.objects
                 .iter()
                 .filter(|(k, _)| {
-                    k.group == "rbac.authorization.k8s.io" && k.plural == plural && k.namespace == namespace
+                    k.group == "rbac.authorization.k8s.io"
+                        && k.plural == plural
+                        && k.namespace == namespace
                 })
                 .map(|(_, v)| v)
                 .collect()
         };
         let role = |kind: &str, name: &str, namespace: &str| -> Option<&Value> {
-            let (plural, ns) = if kind == "ClusterRole" { ("clusterroles", "") } else { ("roles", namespace) };
-            of(plural, ns).into_iter().find(|r| r["metadata"]["name"] == name)
+            let (plural, ns) = if kind == "ClusterRole" {
+                ("clusterroles", "")
+            } else {
+                ("roles", namespace)
+            };
+            of(plural, ns)
+                .into_iter()
+                .find(|r| r["metadata"]["name"] == name)
         };
         for binding in of("clusterrolebindings", "") {
             let role_ref = &binding["roleRef"];
@@ -3253,10 +3329,17 @@ impl Store {
                 continue;
             }
             let role_name = role_ref["name"].as_str().unwrap_or_default();
-            let Some(role) = role("ClusterRole", role_name, "") else { continue };
+            let Some(role) = role("ClusterRole", role_name, "") else {
+                continue;
+            };
             for subject in binding["subjects"].as_array().cloned().unwrap_or_default() {
-                let Some(who) = subject_matches(&subject, attrs, "") else { continue };
-                if role["rules"].as_array().is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs))) {
+                let Some(who) = subject_matches(&subject, attrs, "") else {
+                    continue;
+                };
+                if role["rules"]
+                    .as_array()
+                    .is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs)))
+                {
                     return (
                         true,
                         format!(
@@ -3272,10 +3355,17 @@ impl Store {
                 let role_ref = &binding["roleRef"];
                 let kind = role_ref["kind"].as_str().unwrap_or_default();
                 let role_name = role_ref["name"].as_str().unwrap_or_default();
-                let Some(role) = role(kind, role_name, &attrs.namespace) else { continue };
+                let Some(role) = role(kind, role_name, &attrs.namespace) else {
+                    continue;
+                };
                 for subject in binding["subjects"].as_array().cloned().unwrap_or_default() {
-                    let Some(who) = subject_matches(&subject, attrs, &attrs.namespace) else { continue };
-                    if role["rules"].as_array().is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs))) {
+                    let Some(who) = subject_matches(&subject, attrs, &attrs.namespace) else {
+                        continue;
+                    };
+                    if role["rules"]
+                        .as_array()
+                        .is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs)))
+                    {
                         return (
                             true,
                             format!(
@@ -3324,7 +3414,12 @@ fn subject_access_review(store: &Store, review: Value) -> Result<Reply, ApiError
         ));
     }
     if !errors.is_empty() {
-        return Err(invalid_all("SubjectAccessReview", "authorization.k8s.io", "", &errors));
+        return Err(invalid_all(
+            "SubjectAccessReview",
+            "authorization.k8s.io",
+            "",
+            &errors,
+        ));
     }
     let text = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
     let attrs = if resource.is_object() {
@@ -3357,5 +3452,10 @@ fn subject_access_review(store: &Store, review: Value) -> Result<Reply, ApiError
     if !reason.is_empty() {
         result["reason"] = json!(reason);
     }
-    Ok(review_reply(review.clone(), "authorization.k8s.io/v1", "SubjectAccessReview", result))
+    Ok(review_reply(
+        review.clone(),
+        "authorization.k8s.io/v1",
+        "SubjectAccessReview",
+        result,
+    ))
 }

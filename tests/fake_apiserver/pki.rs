@@ -211,10 +211,18 @@ impl Pki {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        for group in groups {
+        // rcgen keeps one value per attribute type: a second O goes in as the same OID
+        // spelled as a custom type. More than two groups cannot be made here.
+        assert!(groups.len() <= 2, "client_cert: at most two groups (O)");
+        if let Some(group) = groups.first() {
             params
                 .distinguished_name
                 .push(DnType::OrganizationName, *group);
+        }
+        if let Some(group) = groups.get(1) {
+            params
+                .distinguished_name
+                .push(DnType::CustomDnType(vec![2, 5, 4, 10]), *group);
         }
         params.distinguished_name.push(DnType::CommonName, cn);
         params.is_ca = IsCa::ExplicitNoCa;
@@ -265,9 +273,7 @@ impl Pki {
         for usage in usages {
             match usage.as_str() {
                 "digital signature" => params.key_usages.push(KeyUsagePurpose::DigitalSignature),
-                "content commitment" => {
-                    params.key_usages.push(KeyUsagePurpose::ContentCommitment)
-                }
+                "content commitment" => params.key_usages.push(KeyUsagePurpose::ContentCommitment),
                 "key encipherment" => params.key_usages.push(KeyUsagePurpose::KeyEncipherment),
                 "data encipherment" => params.key_usages.push(KeyUsagePurpose::DataEncipherment),
                 "key agreement" => params.key_usages.push(KeyUsagePurpose::KeyAgreement),
@@ -325,7 +331,10 @@ pub(super) fn parse_csr(pem: &[u8]) -> Result<Csr, String> {
     let der = pem_blocks(&text, "CERTIFICATE REQUEST")
         .into_iter()
         .next()
-        .filter(|_| text.trim_start().starts_with("-----BEGIN CERTIFICATE REQUEST-----"))
+        .filter(|_| {
+            text.trim_start()
+                .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+        })
         .ok_or("PEM block type must be CERTIFICATE REQUEST")?;
     let (_, csr) = X509CertificationRequest::from_der(&der)
         .map_err(|e| format!("x509: malformed certificate request: {e}"))?;
@@ -364,9 +373,8 @@ pub(super) fn parse_csr(pem: &[u8]) -> Result<Csr, String> {
                     GeneralName::RFC822Name(e) => emails.push(e.to_string()),
                     GeneralName::URI(u) => uris.push(u.to_string()),
                     GeneralName::IPAddress(bytes) => match bytes.len() {
-                        4 => ip_addresses.push(IpAddr::from(
-                            <[u8; 4]>::try_from(*bytes).expect("4 bytes"),
-                        )),
+                        4 => ip_addresses
+                            .push(IpAddr::from(<[u8; 4]>::try_from(*bytes).expect("4 bytes"))),
                         16 => ip_addresses.push(IpAddr::from(
                             <[u8; 16]>::try_from(*bytes).expect("16 bytes"),
                         )),
@@ -391,7 +399,11 @@ pub(super) fn parse_csr(pem: &[u8]) -> Result<Csr, String> {
         ("1.2.840.10045.2.1", "1.3.132.0.34") => &rcgen::PKCS_ECDSA_P384_SHA384,
         ("1.2.840.113549.1.1.1", _) => &rcgen::PKCS_RSA_SHA256,
         ("1.3.101.112", _) => &rcgen::PKCS_ED25519,
-        _ => return Err(format!("x509: unsupported public key algorithm {algorithm_oid}")),
+        _ => {
+            return Err(format!(
+                "x509: unsupported public key algorithm {algorithm_oid}"
+            ))
+        }
     };
     Ok(Csr {
         common_name,
