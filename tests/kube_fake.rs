@@ -1460,3 +1460,460 @@ async fn token_reviews_and_subject_access_reviews() {
         status.message
     );
 }
+
+/// What the test kubelet saw on one connection.
+#[derive(Debug, Clone, Default)]
+struct KubeletRequest {
+    request_line: String,
+    headers: Vec<String>,
+    client_cn: String,
+    /// The first bytes after an upgrade.
+    upgraded_bytes: Vec<u8>,
+}
+
+/// A test-only kubelet: TLS with the given serving certificate, client certificates
+/// required and verified against `client_ca`. Logs get two lines; a WebSocket upgrade
+/// gets 400 (as the recorder answered, to see kubectl fall back); a SPDY upgrade gets
+/// 101 as recorded, then `command=cat` is echoed and anything else is recorded and closed.
+async fn kubelet_stub(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca: &str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<KubeletRequest>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pem_der(client_ca)))
+        .expect("client ca");
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .expect("verifier");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(pem_der(key_pem)).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(pem_der(cert_pem))],
+            key,
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<KubeletRequest>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client_cn = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first().cloned())
+                    .map(|der| {
+                        use x509_parser::prelude::{FromDer, X509Certificate};
+                        let (_, cert) = X509Certificate::from_der(&der).expect("client cert");
+                        subject_parts(cert.subject()).0
+                    })
+                    .unwrap_or_default();
+                let mut head = vec![];
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = text.trim_end().split("\r\n").map(str::to_string);
+                let request_line = lines.next().unwrap_or_default();
+                let headers: Vec<String> = lines.collect();
+                let mut seen = KubeletRequest {
+                    request_line: request_line.clone(),
+                    headers: headers.clone(),
+                    client_cn,
+                    upgraded_bytes: vec![],
+                };
+                let has = |h: &str| headers.iter().any(|l| l.eq_ignore_ascii_case(h));
+                if request_line.starts_with("GET /containerLogs/") {
+                    let body =
+                        "2026-11-22T16:53:31.000000000Z one\n2026-11-22T16:53:32.000000000Z two\n";
+                    let _ = tls
+                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                        .await;
+                    log.lock().expect("log").push(seen);
+                } else if has("Upgrade: websocket") {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\nConnection: close\r\n\r\nno websocket")
+                        .await;
+                    log.lock().expect("log").push(seen);
+                } else if has("Upgrade: SPDY/3.1") {
+                    let protocol = if request_line.contains("/portForward/") {
+                        "portforward.k8s.io"
+                    } else {
+                        "channel.k8s.io"
+                    };
+                    let _ = tls
+                        .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n").as_bytes())
+                        .await;
+                    if request_line.contains("command=cat") {
+                        log.lock().expect("log").push(seen);
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = tls.read(&mut buf).await {
+                            if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    } else {
+                        let mut buf = vec![0u8; 4096];
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while let Ok(Ok(n)) =
+                            tokio::time::timeout_at(deadline, tls.read(&mut buf)).await
+                        {
+                            if n == 0 {
+                                break;
+                            }
+                            seen.upgraded_bytes.extend_from_slice(&buf[..n]);
+                            if seen.upgraded_bytes.len() >= 49 {
+                                break;
+                            }
+                        }
+                        log.lock().expect("log").push(seen);
+                    }
+                } else {
+                    let _ = tls.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                    log.lock().expect("log").push(seen);
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A recorded request with its per-run values (port, session, key, client version) blanked.
+fn normalized(request_line: &str, headers: &[String]) -> (String, Vec<String>) {
+    let headers = headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h.split_once(": ").unwrap_or((h, ""));
+            let value = match name {
+                "Host" => value
+                    .rsplit_once(':')
+                    .map_or(value.to_string(), |(host, _)| format!("{host}:PORT")),
+                "Kubectl-Session" | "Sec-Websocket-Key" => "X".to_string(),
+                "User-Agent" if value.starts_with("kubectl/") => "kubectl".to_string(),
+                _ => value.to_string(),
+            };
+            format!("{name}: {value}")
+        })
+        .collect();
+    (request_line.to_string(), headers)
+}
+
+fn recorded_request(n: &str) -> (String, Vec<String>) {
+    let recorded = fixture(&format!("k3s-1.21-kubelet-requests/{n}-request.json"));
+    let headers: Vec<String> = recorded["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .map(|h| h.as_str().expect("header").to_string())
+        .collect();
+    normalized(recorded["request_line"].as_str().expect("line"), &headers)
+}
+
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![];
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    (tcp, String::from_utf8_lossy(&head).into_owned())
+}
+
+async fn get_status(client: &kube::Client, uri: &str) -> kube::core::Status {
+    let request = warp::http::Request::get(uri).body(vec![]).expect("request");
+    api_error(
+        client
+            .request_text(request)
+            .await
+            .expect_err("an error status"),
+    )
+}
+
+#[tokio::test]
+async fn pod_logs_exec_and_port_forward_are_proxied_to_the_kubelet() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // Unbound (nothing to schedule it on yet, and a selector no node matches).
+    let loose: Pod = serde_json::from_value(json!({"metadata": {"name": "loose"}, "spec": {"nodeSelector": {"none": "x"}, "containers": [{"name": "main", "image": "busybox"}]}})).expect("pod");
+    pods.create(&PostParams::default(), &loose)
+        .await
+        .expect("pod");
+
+    // The kubelet's serving certificate comes through the CSR API, signed by the cluster CA.
+    let (cert, key) = kubelet_serving_cert(&client, "capture-node").await;
+    let (port, seen) = kubelet_stub(&cert, &key, &server.client_ca_pem()).await;
+    let node = |name: &str, port: u16| -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}], "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
+        }))
+        .expect("node")
+    };
+    nodes
+        .create(&PostParams::default(), &node("capture-node", port))
+        .await
+        .expect("node");
+    let pod = |name: &str, node: &str| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}})).expect("pod")
+    };
+    pods.create(&PostParams::default(), &pod("cap", "capture-node"))
+        .await
+        .expect("pod");
+
+    // kubectl logs: the recorded GET, from the API server's client certificate.
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &["logs", "cap", "--tail=5", "--timestamps"],
+        None,
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        out,
+        "2026-11-22T16:53:31.000000000Z one\n2026-11-22T16:53:32.000000000Z two\n"
+    );
+    let logs = seen.lock().expect("seen").pop().expect("a logs request");
+    assert_eq!(
+        normalized(&logs.request_line, &logs.headers),
+        recorded_request("01")
+    );
+    assert_eq!(logs.client_cn, "kube-apiserver");
+
+    // kubectl exec: WebSocket first (refused by the kubelet with 400), then SPDY, both
+    // passed through unchanged; the SPDY client's first frames reach the kubelet.
+    let (ok, out) = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_kubectl(&kubeconfig, &["exec", "cap", "--", "echo", "hi"], None),
+    )
+    .await
+    .expect("kubectl exec ends");
+    assert!(!ok, "the stub closes the stream: {out}");
+    let requests = std::mem::take(&mut *seen.lock().expect("seen"));
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(
+        normalized(&requests[0].request_line, &requests[0].headers),
+        recorded_request("02")
+    );
+    assert_eq!(
+        normalized(&requests[1].request_line, &requests[1].headers),
+        recorded_request("03")
+    );
+    assert!(requests.iter().all(|r| r.client_cn == "kube-apiserver"));
+    let frames = std::fs::read(format!(
+        "{}/tests/fixtures/k3s-1.21-kubelet-requests/03-spdy-client-frames.bin",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("frames");
+    assert_eq!(
+        &requests[1].upgraded_bytes[..frames.len().min(requests[1].upgraded_bytes.len())],
+        &frames[..],
+        "SYN_STREAM as recorded"
+    );
+    assert_eq!(requests[1].upgraded_bytes.len(), frames.len());
+
+    // An upgraded connection through the fake: the kubelet's 101 comes back unchanged and
+    // bytes go both ways.
+    let (mut tcp, head) = raw_http(
+        server.addr,
+        "POST /api/v1/namespaces/default/pods/cap/exec?command=cat&container=main&stdin=true&stdout=true HTTP/1.1\r\nHost: fake\r\nUser-Agent: test\r\nAuthorization: Bearer fake-token\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nX-Stream-Protocol-Version: channel.k8s.io\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("upgrade: spdy/3.1")
+            && lower.contains("x-stream-protocol-version: channel.k8s.io"),
+        "{head}"
+    );
+    tcp.write_all(b"\x80\x03\x00\x01 some frames")
+        .await
+        .expect("write");
+    let mut echoed = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&echoed, b"\x80\x03\x00\x01 some frames");
+    drop(tcp);
+    let cat = seen.lock().expect("seen").pop().expect("the cat request");
+    assert_eq!(
+        cat.request_line,
+        "POST /exec/default/cap/main?command=cat&input=1&output=1 HTTP/1.1"
+    );
+    assert!(
+        !cat.headers.iter().any(|h| h.starts_with("Authorization")),
+        "credentials stay at the API server"
+    );
+    assert!(
+        cat.headers
+            .contains(&"X-Forwarded-For: 127.0.0.1".to_string()),
+        "{:?}",
+        cat.headers
+    );
+    assert!(
+        cat.headers.contains(&"Content-Length: 0".to_string()),
+        "{:?}",
+        cat.headers
+    );
+
+    // Port-forward's SPDY request, as recorded (08).
+    let (tcp, head) = raw_http(
+        server.addr,
+        "POST /api/v1/namespaces/default/pods/cap/portforward HTTP/1.1\r\nHost: fake\r\nUser-Agent: kubectl/v1.32.4 (linux/amd64) kubernetes/4cb5f07\r\nKubectl-Command: kubectl port-forward\r\nKubectl-Session: abc\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let forward = seen
+        .lock()
+        .expect("seen")
+        .pop()
+        .expect("the port-forward request");
+    assert_eq!(
+        normalized(&forward.request_line, &forward.headers),
+        recorded_request("08")
+    );
+
+    // Errors as the API server gives them.
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/nosuch/log").await;
+    let recorded = fixture("k3s-1.21-api/pod-get-404.json");
+    assert_eq!(
+        serde_json::to_value(&status).expect("json")["message"],
+        recorded["message"]
+    );
+    assert_eq!((status.code, status.reason.as_str()), (404, "NotFound"));
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/cap/exec?command=ls",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "Upgrade request required")
+    );
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/cap/log?container=nope",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "container nope is not valid for pod cap")
+    );
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/loose/exec?command=ls",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "pod loose does not have a host assigned")
+    );
+    let (ok, out) = run_kubectl(&kubeconfig, &["logs", "loose"], None).await;
+    assert!(
+        ok && out.is_empty(),
+        "an unbound pod's logs are empty: {out}"
+    );
+    let (ok, out) = run_kubectl(&kubeconfig, &["exec", "loose", "--", "ls"], None).await;
+    assert!(
+        !ok && out.contains("pod loose does not have a host assigned"),
+        "{out}"
+    );
+
+    // A kubelet nobody listens on: 500 with Go's dial error.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    nodes
+        .create(&PostParams::default(), &node("gone-node", closed_port))
+        .await
+        .expect("node");
+    pods.create(&PostParams::default(), &pod("far", "gone-node"))
+        .await
+        .expect("pod");
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/far/log").await;
+    assert_eq!(status.code, 500);
+    assert_eq!(
+        status.message,
+        format!("Get \"https://127.0.0.1:{closed_port}/containerLogs/default/far/main\": dial tcp 127.0.0.1:{closed_port}: connect: connection refused")
+    );
+    let (_, head) = raw_http(
+        server.addr,
+        "GET /api/v1/namespaces/default/pods/far/exec?command=ls&stdout=true HTTP/1.1\r\nHost: fake\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 500"), "{head}");
+
+    // A kubelet whose certificate the cluster CA did not sign is refused.
+    let rogue =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("self-signed");
+    let (rogue_port, rogue_seen) = kubelet_stub(
+        &rogue.cert.pem(),
+        &rogue.key_pair.serialize_pem(),
+        &server.client_ca_pem(),
+    )
+    .await;
+    nodes
+        .create(&PostParams::default(), &node("rogue-node", rogue_port))
+        .await
+        .expect("node");
+    pods.create(&PostParams::default(), &pod("rogue", "rogue-node"))
+        .await
+        .expect("pod");
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/rogue/log").await;
+    assert_eq!(status.code, 500);
+    assert!(
+        status
+            .message
+            .contains("x509: certificate signed by unknown authority"),
+        "{}",
+        status.message
+    );
+    assert!(rogue_seen.lock().expect("seen").is_empty());
+
+    // Every proxied request is in the fake's request log, as RBAC would see it.
+    let verbs: Vec<(String, String)> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource.starts_with("pods/"))
+        .map(|r| (r.verb.to_string(), r.resource))
+        .collect();
+    assert!(verbs.contains(&("get".into(), "pods/log".into())));
+    assert!(verbs.contains(&("create".into(), "pods/exec".into())));
+    assert!(verbs.contains(&("create".into(), "pods/portforward".into())));
+}
