@@ -838,3 +838,1082 @@ async fn events_show_in_kubectl_describe_and_get() {
         "{out}"
     );
 }
+
+// ---- PKI, CSRs, TokenReview, SubjectAccessReview, and the kubelet proxy ----
+
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+
+fn fixture(path: &str) -> Value {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture");
+    serde_json::from_str(&text).expect("fixture json")
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    let mut out = vec![];
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in body.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => break,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn subject_parts(name: &x509_parser::x509::X509Name) -> (String, Vec<String>) {
+    let cn = name
+        .iter_common_name()
+        .filter_map(|a| a.as_str().ok())
+        .collect::<Vec<_>>()
+        .concat();
+    let o = name
+        .iter_organization()
+        .filter_map(|a| a.as_str().ok().map(str::to_string))
+        .collect();
+    (cn, o)
+}
+
+#[tokio::test]
+async fn cluster_and_client_cas_are_published_and_sign_client_certificates() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .get("extension-apiserver-authentication")
+        .await
+        .expect("configmap");
+    let recorded = fixture("k3s-1.21-api/extension-apiserver-authentication-configmap.json");
+    let data = cm.data.expect("data");
+    let keys: Vec<&String> = data.keys().collect();
+    let recorded_keys: Vec<&String> = recorded["data"].as_object().expect("data").keys().collect();
+    assert_eq!(keys, recorded_keys);
+    assert_eq!(data["client-ca-file"], server.client_ca_pem());
+    for key in [
+        "requestheader-allowed-names",
+        "requestheader-group-headers",
+        "requestheader-username-headers",
+        "requestheader-extra-headers-prefix",
+    ] {
+        assert_eq!(
+            data[key],
+            recorded["data"][key].as_str().expect("value"),
+            "{key}"
+        );
+    }
+    let root = Api::<ConfigMap>::namespaced(client.clone(), "default")
+        .get("kube-root-ca.crt")
+        .await
+        .expect("root ca");
+    assert_eq!(root.data.expect("data")["ca.crt"], server.cluster_ca_pem());
+    assert_ne!(server.cluster_ca_pem(), server.client_ca_pem());
+
+    let (cert_pem, key_pem) = server.client_cert("alice", &["dev", "ops"]);
+    let (_, one_group) = server.client_cert("bob", &["system:masters"]);
+    assert!(one_group.contains("PRIVATE KEY"));
+    assert!(key_pem.contains("PRIVATE KEY"));
+    let der = pem_der(&cert_pem);
+    let (_, cert) = X509Certificate::from_der(&der).expect("cert");
+    assert_eq!(
+        subject_parts(cert.subject()),
+        (
+            "alice".to_string(),
+            vec!["dev".to_string(), "ops".to_string()]
+        )
+    );
+    let ca_der = pem_der(&server.client_ca_pem());
+    let (_, ca) = X509Certificate::from_der(&ca_der).expect("ca");
+    assert_eq!(cert.issuer(), ca.subject());
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the client CA");
+    let cluster_der = pem_der(&server.cluster_ca_pem());
+    let (_, cluster) = X509Certificate::from_der(&cluster_der).expect("cluster ca");
+    assert!(cert.verify_signature(Some(cluster.public_key())).is_err());
+    assert!(ca.is_ca() && cluster.is_ca());
+}
+
+/// A PEM CSR made with rcgen, and its key.
+fn make_csr(cn: &str, orgs: &[&str], ips: &[&str], dns: &[&str]) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    for o in orgs {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, *o);
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(ip.parse().expect("ip")));
+    }
+    for d in dns {
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            (*d).to_string().try_into().expect("dns"),
+        ));
+    }
+    let csr = params.serialize_request(&key).expect("csr");
+    (csr.pem().expect("pem"), key)
+}
+
+fn csr_object(
+    name: &str,
+    pem: &str,
+    usages: &[&str],
+    expiration: Option<i32>,
+) -> CertificateSigningRequest {
+    let mut spec = json!({
+        "request": k8s_openapi::ByteString(pem.as_bytes().to_vec()),
+        "signerName": "kubernetes.io/kubelet-serving",
+        "usages": usages,
+    });
+    if let Some(seconds) = expiration {
+        spec["expirationSeconds"] = json!(seconds);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("csr")
+}
+
+async fn approve(api: &Api<CertificateSigningRequest>, name: &str) -> CertificateSigningRequest {
+    let mut csr = api.get(name).await.expect("csr");
+    csr.status.get_or_insert_with(Default::default).conditions = Some(vec![serde_json::from_value(
+        json!({"type": "Approved", "status": "True", "reason": "Test", "message": "approved by the test"}),
+    )
+    .expect("condition")]);
+    api.replace_subresource("approval", name, &PostParams::default(), &csr)
+        .await
+        .expect("approval")
+}
+
+/// A kubelet serving certificate for `node`, through the CSR API as a kubelet gets one.
+async fn kubelet_serving_cert(client: &kube::Client, node: &str) -> (String, String) {
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let (pem, key) = make_csr(
+        &format!("system:node:{node}"),
+        &["system:nodes"],
+        &["127.0.0.1"],
+        &[node],
+    );
+    let name = format!("serving-{node}");
+    api.create(
+        &PostParams::default(),
+        &csr_object(&name, &pem, &["digital signature", "server auth"], None),
+    )
+    .await
+    .expect("create csr");
+    approve(&api, &name).await;
+    let signed = api.get(&name).await.expect("csr");
+    let cert = signed.status.and_then(|s| s.certificate).expect("signed");
+    (String::from_utf8(cert.0).expect("pem"), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn kubelet_serving_csrs_are_validated_approved_and_signed() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+
+    // Create: the requester's identity is filled in, status cleared.
+    let (pem, _key) = make_csr("system:node:n1", &["system:nodes"], &["127.0.0.1"], &["n1"]);
+    let created = api
+        .create(
+            &PostParams::default(),
+            &csr_object(
+                "n1",
+                &pem,
+                &["digital signature", "key encipherment", "server auth"],
+                Some(3600),
+            ),
+        )
+        .await
+        .expect("create");
+    assert_eq!(created.spec.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        created.spec.groups,
+        Some(vec![
+            "system:masters".to_string(),
+            "system:authenticated".to_string()
+        ])
+    );
+    assert!(created
+        .status
+        .as_ref()
+        .is_none_or(|s| s.certificate.is_none() && s.conditions.is_none()));
+    let listed = api.list(&ListParams::default()).await.expect("list");
+    assert_eq!(listed.items.len(), 1);
+    let rv = listed.metadata.resource_version.clone().expect("rv");
+    let mut watch = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+
+    // Approval (a PUT to /approval; `kubectl certificate approve` would send protobuf,
+    // which the fake does not decode), then the signer.
+    let approved = approve(&api, "n1").await;
+    assert!(
+        approved.status.and_then(|s| s.certificate).is_none(),
+        "signed after the approval"
+    );
+    let mut seen_certificate = false;
+    for _ in 0..2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.try_next())
+            .await
+            .expect("event")
+            .expect("ok")
+            .expect("some");
+        if let WatchEvent::Modified(csr) = event {
+            seen_certificate |= csr.status.and_then(|s| s.certificate).is_some();
+        }
+    }
+    assert!(seen_certificate, "the signer's MODIFIED event");
+    let signed = api.get("n1").await.expect("get");
+    let status = signed.status.expect("status");
+    let approved = &status.conditions.expect("conditions")[0];
+    assert_eq!(
+        (approved.type_.as_str(), approved.status.as_str()),
+        ("Approved", "True")
+    );
+    assert!(approved.last_update_time.is_some());
+    let pem = String::from_utf8(status.certificate.expect("certificate").0).expect("pem");
+    let der = pem_der(&pem);
+    let (_, cert) = X509Certificate::from_der(&der).expect("cert");
+    let ca_der = pem_der(&server.cluster_ca_pem());
+    let (_, ca) = X509Certificate::from_der(&ca_der).expect("ca");
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the cluster CA");
+    assert_eq!(
+        subject_parts(cert.subject()),
+        (
+            "system:node:n1".to_string(),
+            vec!["system:nodes".to_string()]
+        )
+    );
+    let san = cert
+        .subject_alternative_name()
+        .expect("san")
+        .expect("san present");
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.contains("n1")) && names.len() == 2,
+        "{names:?}"
+    );
+    let eku = cert
+        .extended_key_usage()
+        .expect("eku")
+        .expect("eku present");
+    assert!(eku.value.server_auth && !eku.value.client_auth);
+    let ku = cert.key_usage().expect("ku").expect("ku present");
+    assert!(
+        ku.value.digital_signature() && ku.value.key_encipherment() && !ku.value.key_cert_sign()
+    );
+    assert!(!cert.is_ca());
+    // expirationSeconds 3600 (under 8 h): not backdated at the end, 5 minutes at the start.
+    let validity = cert.validity();
+    let lifetime = validity.not_after.timestamp() - validity.not_before.timestamp();
+    assert!(
+        (3600 + 300 - 5..=3600 + 300 + 5).contains(&lifetime),
+        "{lifetime}"
+    );
+
+    // Not a kubelet-serving request: approved, then Failed by the signer, unsigned.
+    let (pem, _key) = make_csr("system:node:n2", &["wrong"], &["127.0.0.1"], &[]);
+    api.create(
+        &PostParams::default(),
+        &csr_object("n2", &pem, &["digital signature", "server auth"], None),
+    )
+    .await
+    .expect("create");
+    approve(&api, "n2").await;
+    let failed = api.get("n2").await.expect("get").status.expect("status");
+    assert!(failed.certificate.is_none());
+    let conditions = failed.conditions.expect("conditions");
+    let last = conditions.last().expect("failed");
+    assert_eq!(last.type_, "Failed");
+    assert_eq!(last.reason.as_deref(), Some("SignerValidationFailure"));
+    assert_eq!(
+        last.message.as_deref(),
+        Some("subject organization is not system:nodes")
+    );
+    // Client auth is not a kubelet-serving usage.
+    let (pem, _key) = make_csr("system:node:n3", &["system:nodes"], &["127.0.0.1"], &[]);
+    api.create(
+        &PostParams::default(),
+        &csr_object("n3", &pem, &["digital signature", "client auth"], None),
+    )
+    .await
+    .expect("create");
+    approve(&api, "n3").await;
+    let failed = api.get("n3").await.expect("get").status.expect("status");
+    assert_eq!(
+        failed
+            .conditions
+            .expect("conditions")
+            .last()
+            .and_then(|c| c.message.clone())
+            .as_deref(),
+        Some("usages did not match [digital signature key encipherment server auth]")
+    );
+    // Approved and Denied exclude each other; Approved, once set, stays.
+    let mut both = api.get("n1").await.expect("get");
+    both.status
+        .as_mut()
+        .expect("status")
+        .conditions
+        .as_mut()
+        .expect("conditions")
+        .push(
+            serde_json::from_value(json!({"type": "Denied", "status": "True"})).expect("condition"),
+        );
+    let err = api
+        .replace_subresource("approval", "n1", &PostParams::default(), &both)
+        .await
+        .expect_err("both");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status
+            .message
+            .contains("Approved and Denied conditions are mutually exclusive"),
+        "{}",
+        status.message
+    );
+
+    // API validation: 422 with the real messages.
+    let err = api
+        .create(
+            &PostParams::default(),
+            &csr_object("bad", "not a csr", &[], Some(60)),
+        )
+        .await
+        .expect_err("invalid");
+    let status = api_error(err);
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status
+            .message
+            .starts_with("CertificateSigningRequest.certificates.k8s.io \"bad\" is invalid: ["),
+        "{}",
+        status.message
+    );
+    for part in [
+        "spec.request: Invalid value: []byte{0x6e, 0x6f, 0x74",
+        "PEM block type must be CERTIFICATE REQUEST",
+        "spec.usages: Required value: usages must be provided",
+        "spec.expirationSeconds: Invalid value: 60: may not specify a duration less than 600 seconds (10 minutes)",
+    ] {
+        assert!(status.message.contains(part), "{part}: {}", status.message);
+    }
+}
+
+#[tokio::test]
+async fn token_reviews_and_subject_access_reviews() {
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = |token: &str| -> TokenReview {
+        serde_json::from_value(json!({"spec": {"token": token}})).expect("review")
+    };
+    // The kubeconfig's own credential.
+    let admin = reviews
+        .create(&PostParams::default(), &review("fake-token"))
+        .await
+        .expect("review");
+    let status = admin.status.expect("status");
+    assert_eq!(status.authenticated, Some(true));
+    let user = status.user.expect("user");
+    assert_eq!(user.username.as_deref(), Some("kubernetes-admin"));
+    assert_eq!(
+        user.groups,
+        Some(vec![
+            "system:masters".to_string(),
+            "system:authenticated".to_string()
+        ])
+    );
+    // A token the TokenRequest API issued: the recorded shape.
+    let sa = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .get("default")
+        .await
+        .expect("sa");
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": []}})).expect("tr");
+    let issued = Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            "default",
+            &PostParams::default(),
+            &request,
+        )
+        .await
+        .expect("token");
+    let token = issued.status.expect("status").token.expect("token");
+    let answer = reviews
+        .create(&PostParams::default(), &review(&token))
+        .await
+        .expect("review");
+    let answer = serde_json::to_value(&answer).expect("json");
+    let recorded = fixture("k3s-1.21-api/tokenreview-response.json");
+    assert_eq!(answer["kind"], recorded["kind"]);
+    assert_eq!(answer["apiVersion"], recorded["apiVersion"]);
+    assert_eq!(answer["status"]["authenticated"], true);
+    assert_eq!(
+        answer["status"]["user"]["username"],
+        "system:serviceaccount:default:default"
+    );
+    assert_eq!(answer["status"]["user"]["uid"], json!(sa.metadata.uid));
+    assert_eq!(
+        answer["status"]["user"]["groups"],
+        json!([
+            "system:serviceaccounts",
+            "system:serviceaccounts:default",
+            "system:authenticated"
+        ])
+    );
+    assert_eq!(
+        recorded["status"]["user"]["groups"]
+            .as_array()
+            .map(Vec::len),
+        answer["status"]["user"]["groups"].as_array().map(Vec::len)
+    );
+    assert_eq!(
+        answer["status"]["audiences"],
+        json!(["https://kubernetes.default.svc.cluster.local"])
+    );
+    // Unknown: not authenticated, no user, no error.
+    let unknown = reviews
+        .create(&PostParams::default(), &review("nobody"))
+        .await
+        .expect("review");
+    let unknown = serde_json::to_value(unknown.status.expect("status")).expect("json");
+    assert_eq!(unknown, json!({"user": {}}));
+    // An audience the token was not issued for.
+    let other: TokenReview =
+        serde_json::from_value(json!({"spec": {"token": token, "audiences": ["elsewhere"]}}))
+            .expect("review");
+    let other = reviews
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("review")
+        .status
+        .expect("status");
+    assert_ne!(other.authenticated, Some(true));
+    // Reviews are create-only.
+    let err = reviews.list(&ListParams::default()).await.expect_err("405");
+    assert_eq!(api_error(err).code, 405);
+
+    let sars: Api<SubjectAccessReview> = Api::all(client.clone());
+    let sar = |user: &str, groups: &[&str], attrs: Value| -> SubjectAccessReview {
+        serde_json::from_value(
+            json!({"spec": {"user": user, "groups": groups, "resourceAttributes": attrs}}),
+        )
+        .expect("sar")
+    };
+    // The recorded request and answer: the fake's own kubelet client identity.
+    let recorded = fixture("k3s-1.21-api/subjectaccessreview-response.json");
+    let answer = sars
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": recorded["spec"]})).expect("sar"),
+        )
+        .await
+        .expect("sar");
+    let answer = serde_json::to_value(answer).expect("json");
+    assert_eq!(answer["status"], recorded["status"]);
+    assert_eq!(answer["spec"], recorded["spec"]);
+    // Nothing granted: not allowed, no reason, not denied (RBAC has no opinion).
+    let logs = json!({"verb": "get", "resource": "nodes", "subresource": "log", "name": "n1"});
+    let denied = sars
+        .create(
+            &PostParams::default(),
+            &sar("alice", &["system:authenticated"], logs.clone()),
+        )
+        .await
+        .expect("sar");
+    assert_eq!(
+        serde_json::to_value(denied.status).expect("json"),
+        json!({"allowed": false})
+    );
+    server.grant("alice", "get", "nodes", "log");
+    let allowed = sars
+        .create(
+            &PostParams::default(),
+            &sar("alice", &["system:authenticated"], logs.clone()),
+        )
+        .await
+        .expect("sar");
+    let status = allowed.status.expect("status");
+    assert!(status.allowed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RBAC: allowed by ClusterRoleBinding \"fake-grant-1\" of ClusterRole \"fake-grant-1\" to User \"alice\"")
+    );
+    let other_verb = json!({"verb": "create", "resource": "nodes", "subresource": "log"});
+    let status = sars
+        .create(&PostParams::default(), &sar("alice", &[], other_verb))
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(!status.allowed);
+    // system:masters: always allowed, with no reason.
+    let masters = sars
+        .create(
+            &PostParams::default(),
+            &sar("root", &["system:masters"], logs),
+        )
+        .await
+        .expect("sar");
+    assert_eq!(
+        serde_json::to_value(masters.status).expect("json"),
+        json!({"allowed": true})
+    );
+    // Real RBAC objects through the API: a Role and a RoleBinding to a service account.
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "exec", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "exec", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "exec"},
+        "subjects": [{"kind": "ServiceAccount", "name": "robot"}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(role).expect("role"),
+        )
+        .await
+        .expect("role");
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(binding).expect("binding"),
+        )
+        .await
+        .expect("binding");
+    let exec = json!({"namespace": "default", "verb": "create", "resource": "pods", "subresource": "exec", "name": "web"});
+    let status = sars
+        .create(
+            &PostParams::default(),
+            &sar("system:serviceaccount:default:robot", &[], exec.clone()),
+        )
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(status.allowed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("RBAC: allowed by RoleBinding \"exec/default\" of Role \"exec\" to ServiceAccount \"robot/default\"")
+    );
+    let mut elsewhere = exec;
+    elsewhere["namespace"] = json!("kube-system");
+    let status = sars
+        .create(
+            &PostParams::default(),
+            &sar("system:serviceaccount:default:robot", &[], elsewhere),
+        )
+        .await
+        .expect("sar")
+        .status
+        .expect("status");
+    assert!(!status.allowed);
+    // Validation: user or groups, and attributes, are required.
+    let err = sars
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {}})).expect("sar"),
+        )
+        .await
+        .expect_err("invalid");
+    let status = api_error(err);
+    assert_eq!(status.code, 422);
+    assert!(
+        status
+            .message
+            .contains("at least one of user or group must be specified"),
+        "{}",
+        status.message
+    );
+}
+
+/// What the test kubelet saw on one connection.
+#[derive(Debug, Clone, Default)]
+struct KubeletRequest {
+    request_line: String,
+    headers: Vec<String>,
+    client_cn: String,
+    /// The first bytes after an upgrade.
+    upgraded_bytes: Vec<u8>,
+}
+
+/// A test-only kubelet: TLS with the given serving certificate, client certificates
+/// required and verified against `client_ca`. Logs get two lines; a WebSocket upgrade
+/// gets 400 (as the recorder answered, to see kubectl fall back); a SPDY upgrade gets
+/// 101 as recorded, then `command=cat` is echoed and anything else is recorded and closed.
+async fn kubelet_stub(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca: &str,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<KubeletRequest>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pem_der(client_ca)))
+        .expect("client ca");
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .expect("verifier");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(pem_der(key_pem)).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(pem_der(cert_pem))],
+            key,
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<KubeletRequest>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let client_cn = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first().cloned())
+                    .map(|der| {
+                        use x509_parser::prelude::{FromDer, X509Certificate};
+                        let (_, cert) = X509Certificate::from_der(&der).expect("client cert");
+                        subject_parts(cert.subject()).0
+                    })
+                    .unwrap_or_default();
+                let mut head = vec![];
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if tls.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = text.trim_end().split("\r\n").map(str::to_string);
+                let request_line = lines.next().unwrap_or_default();
+                let headers: Vec<String> = lines.collect();
+                let mut seen = KubeletRequest {
+                    request_line: request_line.clone(),
+                    headers: headers.clone(),
+                    client_cn,
+                    upgraded_bytes: vec![],
+                };
+                let has = |h: &str| headers.iter().any(|l| l.eq_ignore_ascii_case(h));
+                if request_line.starts_with("GET /containerLogs/") {
+                    let body =
+                        "2026-11-22T16:53:31.000000000Z one\n2026-11-22T16:53:32.000000000Z two\n";
+                    let _ = tls
+                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
+                        .await;
+                    log.lock().expect("log").push(seen);
+                } else if has("Upgrade: websocket") {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 11\r\nConnection: close\r\n\r\nno websocket")
+                        .await;
+                    log.lock().expect("log").push(seen);
+                } else if has("Upgrade: SPDY/3.1") {
+                    let protocol = if request_line.contains("/portForward/") {
+                        "portforward.k8s.io"
+                    } else {
+                        "channel.k8s.io"
+                    };
+                    let _ = tls
+                        .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\n\r\n").as_bytes())
+                        .await;
+                    if request_line.contains("command=cat") {
+                        log.lock().expect("log").push(seen);
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = tls.read(&mut buf).await {
+                            if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    } else {
+                        let mut buf = vec![0u8; 4096];
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                        while let Ok(Ok(n)) =
+                            tokio::time::timeout_at(deadline, tls.read(&mut buf)).await
+                        {
+                            if n == 0 {
+                                break;
+                            }
+                            seen.upgraded_bytes.extend_from_slice(&buf[..n]);
+                            if seen.upgraded_bytes.len() >= 49 {
+                                break;
+                            }
+                        }
+                        log.lock().expect("log").push(seen);
+                    }
+                } else {
+                    let _ = tls.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                    log.lock().expect("log").push(seen);
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A recorded request with its per-run values (port, session, key, client version) blanked.
+fn normalized(request_line: &str, headers: &[String]) -> (String, Vec<String>) {
+    let headers = headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h.split_once(": ").unwrap_or((h, ""));
+            let value = match name {
+                "Host" => value
+                    .rsplit_once(':')
+                    .map_or(value.to_string(), |(host, _)| format!("{host}:PORT")),
+                "Kubectl-Session" | "Sec-Websocket-Key" => "X".to_string(),
+                "User-Agent" if value.starts_with("kubectl/") => "kubectl".to_string(),
+                _ => value.to_string(),
+            };
+            format!("{name}: {value}")
+        })
+        .collect();
+    (request_line.to_string(), headers)
+}
+
+fn recorded_request(n: &str) -> (String, Vec<String>) {
+    let recorded = fixture(&format!("k3s-1.21-kubelet-requests/{n}-request.json"));
+    let headers: Vec<String> = recorded["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .map(|h| h.as_str().expect("header").to_string())
+        .collect();
+    normalized(recorded["request_line"].as_str().expect("line"), &headers)
+}
+
+async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut head = vec![];
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    (tcp, String::from_utf8_lossy(&head).into_owned())
+}
+
+async fn get_status(client: &kube::Client, uri: &str) -> kube::core::Status {
+    let request = warp::http::Request::get(uri).body(vec![]).expect("request");
+    api_error(
+        client
+            .request_text(request)
+            .await
+            .expect_err("an error status"),
+    )
+}
+
+#[tokio::test]
+async fn pod_logs_exec_and_port_forward_are_proxied_to_the_kubelet() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = server.write_kubeconfig(dir.path());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let nodes: Api<Node> = Api::all(client.clone());
+
+    // Unbound (nothing to schedule it on yet, and a selector no node matches).
+    let loose: Pod = serde_json::from_value(json!({"metadata": {"name": "loose"}, "spec": {"nodeSelector": {"none": "x"}, "containers": [{"name": "main", "image": "busybox"}]}})).expect("pod");
+    pods.create(&PostParams::default(), &loose)
+        .await
+        .expect("pod");
+
+    // The kubelet's serving certificate comes through the CSR API, signed by the cluster CA.
+    let (cert, key) = kubelet_serving_cert(&client, "capture-node").await;
+    let (port, seen) = kubelet_stub(&cert, &key, &server.client_ca_pem()).await;
+    let node = |name: &str, port: u16| -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}], "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}
+        }))
+        .expect("node")
+    };
+    nodes
+        .create(&PostParams::default(), &node("capture-node", port))
+        .await
+        .expect("node");
+    let pod = |name: &str, node: &str| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]}})).expect("pod")
+    };
+    pods.create(&PostParams::default(), &pod("cap", "capture-node"))
+        .await
+        .expect("pod");
+
+    // kubectl logs: the recorded GET, from the API server's client certificate.
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &["logs", "cap", "--tail=5", "--timestamps"],
+        None,
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        out,
+        "2026-11-22T16:53:31.000000000Z one\n2026-11-22T16:53:32.000000000Z two\n"
+    );
+    let logs = seen.lock().expect("seen").pop().expect("a logs request");
+    assert_eq!(
+        normalized(&logs.request_line, &logs.headers),
+        recorded_request("01")
+    );
+    assert_eq!(logs.client_cn, "kube-apiserver");
+
+    // kubectl exec: WebSocket first (refused by the kubelet with 400), then SPDY, both
+    // passed through unchanged; the SPDY client's first frames reach the kubelet.
+    let (ok, out) = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_kubectl(&kubeconfig, &["exec", "cap", "--", "echo", "hi"], None),
+    )
+    .await
+    .expect("kubectl exec ends");
+    assert!(!ok, "the stub closes the stream: {out}");
+    let requests = std::mem::take(&mut *seen.lock().expect("seen"));
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(
+        normalized(&requests[0].request_line, &requests[0].headers),
+        recorded_request("02")
+    );
+    assert_eq!(
+        normalized(&requests[1].request_line, &requests[1].headers),
+        recorded_request("03")
+    );
+    assert!(requests.iter().all(|r| r.client_cn == "kube-apiserver"));
+    let frames = std::fs::read(format!(
+        "{}/tests/fixtures/k3s-1.21-kubelet-requests/03-spdy-client-frames.bin",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("frames");
+    assert_eq!(
+        &requests[1].upgraded_bytes[..frames.len().min(requests[1].upgraded_bytes.len())],
+        &frames[..],
+        "SYN_STREAM as recorded"
+    );
+    assert_eq!(requests[1].upgraded_bytes.len(), frames.len());
+
+    // An upgraded connection through the fake: the kubelet's 101 comes back unchanged and
+    // bytes go both ways.
+    let (mut tcp, head) = raw_http(
+        server.addr,
+        "POST /api/v1/namespaces/default/pods/cap/exec?command=cat&container=main&stdin=true&stdout=true HTTP/1.1\r\nHost: fake\r\nUser-Agent: test\r\nAuthorization: Bearer fake-token\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nX-Stream-Protocol-Version: channel.k8s.io\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.contains("upgrade: spdy/3.1")
+            && lower.contains("x-stream-protocol-version: channel.k8s.io"),
+        "{head}"
+    );
+    tcp.write_all(b"\x80\x03\x00\x01 some frames")
+        .await
+        .expect("write");
+    let mut echoed = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&echoed, b"\x80\x03\x00\x01 some frames");
+    drop(tcp);
+    let cat = seen.lock().expect("seen").pop().expect("the cat request");
+    assert_eq!(
+        cat.request_line,
+        "POST /exec/default/cap/main?command=cat&input=1&output=1 HTTP/1.1"
+    );
+    assert!(
+        !cat.headers.iter().any(|h| h.starts_with("Authorization")),
+        "credentials stay at the API server"
+    );
+    assert!(
+        cat.headers
+            .contains(&"X-Forwarded-For: 127.0.0.1".to_string()),
+        "{:?}",
+        cat.headers
+    );
+    assert!(
+        cat.headers.contains(&"Content-Length: 0".to_string()),
+        "{:?}",
+        cat.headers
+    );
+
+    // Port-forward's SPDY request, as recorded (08).
+    let (tcp, head) = raw_http(
+        server.addr,
+        "POST /api/v1/namespaces/default/pods/cap/portforward HTTP/1.1\r\nHost: fake\r\nUser-Agent: kubectl/v1.32.4 (linux/amd64) kubernetes/4cb5f07\r\nKubectl-Command: kubectl port-forward\r\nKubectl-Session: abc\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let forward = seen
+        .lock()
+        .expect("seen")
+        .pop()
+        .expect("the port-forward request");
+    assert_eq!(
+        normalized(&forward.request_line, &forward.headers),
+        recorded_request("08")
+    );
+
+    // Errors as the API server gives them.
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/nosuch/log").await;
+    let recorded = fixture("k3s-1.21-api/pod-get-404.json");
+    assert_eq!(
+        serde_json::to_value(&status).expect("json")["message"],
+        recorded["message"]
+    );
+    assert_eq!((status.code, status.reason.as_str()), (404, "NotFound"));
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/cap/exec?command=ls",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "Upgrade request required")
+    );
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/cap/log?container=nope",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "container nope is not valid for pod cap")
+    );
+    let status = get_status(
+        &client,
+        "/api/v1/namespaces/default/pods/loose/exec?command=ls",
+    )
+    .await;
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (400, "pod loose does not have a host assigned")
+    );
+    let (ok, out) = run_kubectl(&kubeconfig, &["logs", "loose"], None).await;
+    assert!(
+        ok && out.is_empty(),
+        "an unbound pod's logs are empty: {out}"
+    );
+    let (ok, out) = run_kubectl(&kubeconfig, &["exec", "loose", "--", "ls"], None).await;
+    assert!(
+        !ok && out.contains("pod loose does not have a host assigned"),
+        "{out}"
+    );
+
+    // A kubelet nobody listens on: 500 with Go's dial error.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let closed_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    nodes
+        .create(&PostParams::default(), &node("gone-node", closed_port))
+        .await
+        .expect("node");
+    pods.create(&PostParams::default(), &pod("far", "gone-node"))
+        .await
+        .expect("pod");
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/far/log").await;
+    assert_eq!(status.code, 500);
+    assert_eq!(
+        status.message,
+        format!("Get \"https://127.0.0.1:{closed_port}/containerLogs/default/far/main\": dial tcp 127.0.0.1:{closed_port}: connect: connection refused")
+    );
+    let (_, head) = raw_http(
+        server.addr,
+        "GET /api/v1/namespaces/default/pods/far/exec?command=ls&stdout=true HTTP/1.1\r\nHost: fake\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 500"), "{head}");
+
+    // A kubelet whose certificate the cluster CA did not sign is refused.
+    let rogue =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("self-signed");
+    let (rogue_port, rogue_seen) = kubelet_stub(
+        &rogue.cert.pem(),
+        &rogue.key_pair.serialize_pem(),
+        &server.client_ca_pem(),
+    )
+    .await;
+    nodes
+        .create(&PostParams::default(), &node("rogue-node", rogue_port))
+        .await
+        .expect("node");
+    pods.create(&PostParams::default(), &pod("rogue", "rogue-node"))
+        .await
+        .expect("pod");
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/rogue/log").await;
+    assert_eq!(status.code, 500);
+    assert!(
+        status
+            .message
+            .contains("x509: certificate signed by unknown authority"),
+        "{}",
+        status.message
+    );
+    assert!(rogue_seen.lock().expect("seen").is_empty());
+
+    // Every proxied request is in the fake's request log, as RBAC would see it.
+    let verbs: Vec<(String, String)> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource.starts_with("pods/"))
+        .map(|r| (r.verb.to_string(), r.resource))
+        .collect();
+    assert!(verbs.contains(&("get".into(), "pods/log".into())));
+    assert!(verbs.contains(&("create".into(), "pods/exec".into())));
+    assert!(verbs.contains(&("create".into(), "pods/portforward".into())));
+}

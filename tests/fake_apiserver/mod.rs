@@ -34,11 +34,15 @@ use tokio_util::sync::CancellationToken;
 use warp::http::StatusCode;
 use warp::{Filter, Reply as _};
 
+mod kubelet_proxy;
+mod pki;
+
 /// How many events a watch can resume from; older resourceVersions get 410.
 const HISTORY: usize = 1000;
 
-/// The cluster CA every namespace's `kube-root-ca.crt` ConfigMap publishes (a fixed
-/// self-signed test certificate).
+/// A fixed self-signed test certificate (no key). No longer published: each fake now
+/// has its own cluster CA ([`FakeApiServer::cluster_ca_pem`]), which every namespace's
+/// `kube-root-ca.crt` ConfigMap publishes.
 pub const ROOT_CA_PEM: &str = include_str!("../fixtures/fake-root-ca.crt");
 const ROOT_CA_CONFIGMAP: &str = "kube-root-ca.crt";
 const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -118,7 +122,61 @@ const RESOURCES: &[Resource] = &[
         kind: "Event",
         namespaced: true,
     },
+    Resource {
+        group: "certificates.k8s.io",
+        version: "v1",
+        plural: "certificatesigningrequests",
+        kind: "CertificateSigningRequest",
+        namespaced: false,
+    },
+    Resource {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "tokenreviews",
+        kind: "TokenReview",
+        namespaced: false,
+    },
+    Resource {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "subjectaccessreviews",
+        kind: "SubjectAccessReview",
+        namespaced: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterroles",
+        kind: "ClusterRole",
+        namespaced: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterrolebindings",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "roles",
+        kind: "Role",
+        namespaced: true,
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "rolebindings",
+        kind: "RoleBinding",
+        namespaced: true,
+    },
 ];
+
+/// Create-only resources: nothing is stored, the answer is computed.
+fn is_review(resource: &Resource) -> bool {
+    matches!(resource.plural, "tokenreviews" | "subjectaccessreviews")
+}
 
 impl Resource {
     fn api_version(&self) -> String {
@@ -162,7 +220,28 @@ struct Store {
     requests: Vec<RequestRecord>,
     uid_counter: u64,
     tokens: Vec<IssuedToken>,
+    /// Who each bearer token the fake knows authenticates as.
+    token_users: BTreeMap<String, TokenUser>,
+    pki: Arc<pki::Pki>,
+    grants: u64,
 }
+
+/// What TokenReview says of a token.
+#[derive(Debug, Clone)]
+struct TokenUser {
+    username: String,
+    uid: String,
+    groups: Vec<String>,
+    /// Empty: any audience (the static admin token).
+    audiences: Vec<String>,
+    /// Seconds since the epoch; 0 for never.
+    expires: i64,
+    extra: Map<String, Value>,
+}
+
+/// The kubeconfig's credential, a static token as in a `--token-auth-file`.
+const ADMIN_TOKEN: &str = "fake-token";
+const ADMIN_USER: &str = "kubernetes-admin";
 
 /// A token the TokenRequest API handed out, as tests of the node check it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +261,7 @@ pub struct FakeApiServer {
     pub addr: SocketAddr,
     store: Arc<Mutex<Store>>,
     stop: CancellationToken,
+    pki: Arc<pki::Pki>,
 }
 
 impl Drop for FakeApiServer {
@@ -516,7 +596,7 @@ fn strategic_merge_patch(target: &mut Value, patch: &Value) {
 }
 
 impl Store {
-    fn new() -> Store {
+    fn new(pki: Arc<pki::Pki>) -> Store {
         let (events, _) = broadcast::channel(4096);
         let mut store = Store {
             rv: 1,
@@ -526,12 +606,96 @@ impl Store {
             requests: Vec::new(),
             uid_counter: 0,
             tokens: Vec::new(),
+            token_users: BTreeMap::new(),
+            pki,
+            grants: 0,
         };
+        store.token_users.insert(
+            ADMIN_TOKEN.to_string(),
+            TokenUser {
+                username: ADMIN_USER.to_string(),
+                uid: ADMIN_USER.to_string(),
+                groups: vec!["system:masters".into(), "system:authenticated".into()],
+                audiences: vec![],
+                expires: 0,
+                extra: Map::new(),
+            },
+        );
         for ns in ["default", "kube-system", "kube-node-lease", "kube-public"] {
             let resource = Resource::find("", "v1", "namespaces").expect("namespaces");
             let _ = store.create(&resource, "", json!({"metadata": {"name": ns}}));
         }
+        store.bootstrap();
         store
+    }
+
+    /// What a started control plane has: the authentication ConfigMap (as recorded from
+    /// k3s, the client CA kubelets verify API clients with) and the RBAC objects the
+    /// fake's own kubelet client identity relies on (bootstrap policy's
+    /// `system:kubelet-api-admin`, bound to User kube-apiserver as k3s does) plus
+    /// `cluster-admin` for `system:masters`.
+    fn bootstrap(&mut self) {
+        let cm = Resource::find("", "v1", "configmaps").expect("configmaps");
+        let client_ca = self.pki.client_ca_pem();
+        let _ = self.create(
+            &cm,
+            "kube-system",
+            json!({
+                "metadata": {"name": "extension-apiserver-authentication"},
+                "data": {
+                    "client-ca-file": client_ca,
+                    "requestheader-allowed-names": "[\"system:auth-proxy\"]",
+                    "requestheader-client-ca-file": client_ca,
+                    "requestheader-extra-headers-prefix": "[\"X-Remote-Extra-\"]",
+                    "requestheader-group-headers": "[\"X-Remote-Group\"]",
+                    "requestheader-username-headers": "[\"X-Remote-User\"]",
+                },
+            }),
+        );
+        let rbac =
+            |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
+        let bootstrap = json!({"kubernetes.io/bootstrapping": "rbac-defaults"});
+        let _ = self.create(
+            &rbac("clusterroles"),
+            "",
+            json!({
+                "metadata": {"name": "cluster-admin", "labels": bootstrap},
+                "rules": [
+                    {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                    {"nonResourceURLs": ["*"], "verbs": ["*"]},
+                ],
+            }),
+        );
+        let _ = self.create(
+            &rbac("clusterrolebindings"),
+            "",
+            json!({
+                "metadata": {"name": "cluster-admin", "labels": bootstrap},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:masters"}],
+            }),
+        );
+        let _ = self.create(
+            &rbac("clusterroles"),
+            "",
+            json!({
+                "metadata": {"name": "system:kubelet-api-admin", "labels": bootstrap},
+                "rules": [
+                    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+                    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["proxy"]},
+                    {"apiGroups": [""], "resources": ["nodes/log", "nodes/metrics", "nodes/proxy", "nodes/stats"], "verbs": ["*"]},
+                ],
+            }),
+        );
+        let _ = self.create(
+            &rbac("clusterrolebindings"),
+            "",
+            json!({
+                "metadata": {"name": "kube-apiserver-kubelet-admin"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "kube-apiserver"}],
+            }),
+        );
     }
 
     fn new_uid(&mut self) -> String {
@@ -676,7 +840,7 @@ impl Store {
                     "name": ROOT_CA_CONFIGMAP,
                     "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}
                 },
-                "data": {"ca.crt": ROOT_CA_PEM},
+                "data": {"ca.crt": self.pki.cluster_ca_pem()},
             }),
         );
     }
@@ -1019,7 +1183,11 @@ fn discovery(path: &str) -> Option<Value> {
             .iter()
             .filter(|r| r.group == group && r.version == version)
             .flat_map(|r| {
-                let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
+                let verbs = if is_review(r) {
+                    json!(["create"])
+                } else {
+                    json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
+                };
                 let mut entry = json!({"name": r.plural, "singularName": r.kind.to_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs});
                 let short = match (r.group, r.plural) {
                     ("", "pods") => Some("po"),
@@ -1028,6 +1196,7 @@ fn discovery(path: &str) -> Option<Value> {
                     ("", "configmaps") => Some("cm"),
                     ("", "serviceaccounts") => Some("sa"),
                     ("", "events") | ("events.k8s.io", "events") => Some("ev"),
+                    ("certificates.k8s.io", _) => Some("csr"),
                     _ => None,
                 };
                 if let Some(short) = short {
@@ -1039,6 +1208,22 @@ fn discovery(path: &str) -> Option<Value> {
                 let mut out = vec![entry];
                 if matches!(r.plural, "pods" | "nodes") && r.group.is_empty() {
                     out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+                }
+                if r.plural == "certificatesigningrequests" {
+                    for sub in ["approval", "status"] {
+                        out.push(json!({"name": format!("{}/{sub}", r.plural), "singularName": "", "namespaced": false, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+                    }
+                }
+                if r.group.is_empty() && r.plural == "pods" {
+                    // The connect subresources the API server proxies to kubelets.
+                    for (sub, kind, verbs) in [
+                        ("attach", "PodAttachOptions", json!(["create", "get"])),
+                        ("exec", "PodExecOptions", json!(["create", "get"])),
+                        ("log", "Pod", json!(["get"])),
+                        ("portforward", "PodPortForwardOptions", json!(["create", "get"])),
+                    ] {
+                        out.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
+                    }
                 }
                 if r.plural == "serviceaccounts" {
                     // The TokenRequest subresource, as the real /api/v1 lists it.
@@ -1058,21 +1243,32 @@ fn discovery(path: &str) -> Option<Value> {
         }
         "/api/v1" => resources("", "v1"),
         "/apis" => {
-            let groups: Vec<Value> = ["coordination.k8s.io", "events.k8s.io"]
+            let mut names: Vec<&str> = vec![];
+            for r in RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+                if !names.contains(&r.group) {
+                    names.push(r.group);
+                }
+            }
+            let groups: Vec<Value> = names
                 .iter()
                 .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}], "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}}))
                 .collect();
             json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
         }
-        "/apis/coordination.k8s.io/v1" => resources("coordination.k8s.io", "v1"),
-        "/apis/events.k8s.io/v1" => resources("events.k8s.io", "v1"),
-        _ => return None,
+        _ => {
+            let group = path
+                .strip_prefix("/apis/")
+                .and_then(|rest| rest.strip_suffix("/v1"))?;
+            let group = RESOURCES.iter().find(|r| r.group == group)?.group;
+            resources(group, "v1")
+        }
     })
 }
 
 impl FakeApiServer {
     pub async fn start() -> FakeApiServer {
-        let store = Arc::new(Mutex::new(Store::new()));
+        let pki = Arc::new(pki::Pki::new());
+        let store = Arc::new(Mutex::new(Store::new(pki.clone())));
         let stop = CancellationToken::new();
         let handler_store = store.clone();
         let route = warp::method()
@@ -1081,6 +1277,7 @@ impl FakeApiServer {
             .and(warp::header::optional::<String>("content-type"))
             .and(warp::header::optional::<String>("accept"))
             .and(warp::header::optional::<String>("user-agent"))
+            .and(warp::header::optional::<String>("authorization"))
             .and(warp::body::bytes())
             .then(
                 move |method: warp::http::Method,
@@ -1089,6 +1286,7 @@ impl FakeApiServer {
                       content_type: Option<String>,
                       accept: Option<String>,
                       user_agent: Option<String>,
+                      authorization: Option<String>,
                       body: warp::hyper::body::Bytes| {
                     let store = handler_store.clone();
                     async move {
@@ -1099,6 +1297,10 @@ impl FakeApiServer {
                             content_type,
                             accept,
                             user_agent: user_agent.unwrap_or_default(),
+                            bearer: authorization
+                                .as_deref()
+                                .and_then(|a| a.strip_prefix("Bearer "))
+                                .map(|t| t.trim().to_string()),
                             body: body.to_vec(),
                         };
                         let mut warnings = vec![];
@@ -1123,14 +1325,108 @@ impl FakeApiServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let until = stop.clone();
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(route));
+        let proxy_store = store.clone();
+        let kubelet_tls = pki.kubelet_tls.clone();
+        // hyper serves warp's filters, and the pod subresources that are proxied to
+        // kubelets (which need the raw request to pass an upgrade through).
         tokio::spawn(async move {
-            warp::serve(route)
-                .incoming(listener)
-                .graceful(async move { until.cancelled().await })
-                .run()
-                .await;
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = until.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let service = service.clone();
+                let store = proxy_store.clone();
+                let tls = kubelet_tls.clone();
+                let until = until.clone();
+                tokio::spawn(async move {
+                    let handler = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let service = service.clone();
+                            let store = store.clone();
+                            let tls = tls.clone();
+                            async move {
+                                match kubelet_proxy::connect_target(request.uri().path()) {
+                                    Some(target) => Ok::<_, std::convert::Infallible>(
+                                        kubelet_proxy::handle(store, tls, request, peer, target)
+                                            .await,
+                                    ),
+                                    None => hyper::service::Service::call(&service, request).await,
+                                }
+                            }
+                        },
+                    );
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), handler)
+                        .with_upgrades();
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = until.cancelled() => {}
+                    }
+                });
+            }
         });
-        FakeApiServer { addr, store, stop }
+        FakeApiServer {
+            addr,
+            store,
+            stop,
+            pki,
+        }
+    }
+
+    /// The cluster CA (PEM): what signs kubelet serving certificates (the
+    /// `kubernetes.io/kubelet-serving` signer), what the fake verifies kubelets with, and
+    /// what every namespace's `kube-root-ca.crt` publishes.
+    pub fn cluster_ca_pem(&self) -> String {
+        self.pki.cluster_ca_pem()
+    }
+
+    /// The client CA (PEM) published as `client-ca-file` in
+    /// kube-system/extension-apiserver-authentication: what a kubelet verifies client
+    /// certificates with.
+    pub fn client_ca_pem(&self) -> String {
+        self.pki.client_ca_pem()
+    }
+
+    /// A client certificate signed by the client CA, with CN `cn` and one O per group:
+    /// (certificate PEM, PKCS#8 key PEM). The fake's own kubelet client is CN=kube-apiserver.
+    pub fn client_cert(&self, cn: &str, groups: &[&str]) -> (String, String) {
+        self.pki.client_cert(cn, groups)
+    }
+
+    /// Grants `user` one verb on one resource (`subresource` empty for none) in every API
+    /// group and namespace, as a ClusterRole and ClusterRoleBinding named `fake-grant-N`,
+    /// which SubjectAccessReview then names as the reason. Tests can as well create their
+    /// own (Cluster)Roles and (Cluster)RoleBindings through the API.
+    pub fn grant(&self, user: &str, verb: &str, resource: &str, subresource: &str) {
+        let mut store = self.store.lock().expect("store");
+        store.grants += 1;
+        let name = format!("fake-grant-{}", store.grants);
+        let resource = if subresource.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{resource}/{subresource}")
+        };
+        let rbac =
+            |plural| Resource::find("rbac.authorization.k8s.io", "v1", plural).expect("rbac");
+        let _ = store.create(
+            &rbac("clusterroles"),
+            "",
+            json!({"metadata": {"name": name}, "rules": [{"apiGroups": ["*"], "resources": [resource], "verbs": [verb]}]}),
+        );
+        let _ = store.create(
+            &rbac("clusterrolebindings"),
+            "",
+            json!({
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+            }),
+        );
     }
 
     pub fn url(&self) -> String {
@@ -1189,6 +1485,8 @@ struct Request {
     content_type: Option<String>,
     accept: Option<String>,
     user_agent: String,
+    /// The bearer token sent, if any.
+    bearer: Option<String>,
     body: Vec<u8>,
 }
 
@@ -1204,6 +1502,7 @@ fn route(
         content_type,
         accept,
         user_agent,
+        bearer,
         body,
     } = request;
     if method == warp::http::Method::GET {
@@ -1229,6 +1528,40 @@ fn route(
             .push(RequestRecord::new(&method, &target, &params, user_agent));
     }
     let validation = FieldValidation::from_params(&params)?;
+    if is_review(&target.resource) {
+        if method != warp::http::Method::POST || target.name.is_some() {
+            return Err(status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource".into(),
+                None,
+            ));
+        }
+        let review = serde_json::from_slice::<Value>(&body)
+            .map_err(|e| status(400, "BadRequest", format!("invalid body: {e}"), None))?;
+        let store = store.lock().expect("store");
+        return if target.resource.plural == "tokenreviews" {
+            token_review(&store, review)
+        } else {
+            subject_access_review(&store, review)
+        };
+    }
+    if target.resource.plural == "certificatesigningrequests"
+        && method == warp::http::Method::POST
+        && target.name.is_none()
+    {
+        let mut object = serde_json::from_slice::<Value>(&body)
+            .map_err(|e| status(400, "BadRequest", format!("invalid body: {e}"), None))?;
+        let kind = target.resource.kind;
+        validation.check(&target.resource, &mut object, warnings, |e| {
+            format!("{kind} in version \"v1\" cannot be handled as a {kind}: {e}")
+        })?;
+        let mut store = store.lock().expect("store");
+        let requester = store.requester(bearer.as_deref());
+        csr_prepare_create(&mut object, &requester)?;
+        let created = store.create(&target.resource, "", object)?;
+        return Ok(reply_json(201, &created));
+    }
     let resource = target.resource;
     let kind = resource.kind;
     let version = resource.version;
@@ -1300,6 +1633,10 @@ fn route(
                     let mut next = stored.clone();
                     next["status"] = object["status"].clone();
                     next
+                } else if target.subresource.as_deref() == Some("approval") {
+                    let mut next = stored.clone();
+                    next["status"]["conditions"] = object["status"]["conditions"].clone();
+                    next
                 } else {
                     let mut next = object.clone();
                     if object["status"].is_null() {
@@ -1334,6 +1671,11 @@ fn route(
                     // Only status changes through the subresource.
                     let mut status_patch = json!({});
                     status_patch["status"] = patch["status"].clone();
+                    apply(&mut next, &status_patch)?;
+                } else if target.subresource.as_deref() == Some("approval") {
+                    // Only the conditions change through the approval subresource.
+                    let mut status_patch = json!({"status": {}});
+                    status_patch["status"]["conditions"] = patch["status"]["conditions"].clone();
                     apply(&mut next, &status_patch)?;
                 } else {
                     apply(&mut next, &patch)?;
@@ -1417,6 +1759,9 @@ fn update(
     if target.resource.plural == "secrets" {
         fold_string_data(&mut next);
     }
+    if target.resource.plural == "certificatesigningrequests" {
+        csr_prepare_update(&stored, &mut next, target.subresource.as_deref(), name)?;
+    }
     // Identity is the server's, whatever the client sent.
     for field in [
         "name",
@@ -1438,9 +1783,13 @@ fn update(
     if next == stored {
         return Ok(reply_json(200, &stored));
     }
-    let updated = store.record("MODIFIED", key, next);
+    let updated = store.record("MODIFIED", key.clone(), next);
     if target.resource.plural == "nodes" {
         store.schedule();
+    }
+    if target.resource.plural == "certificatesigningrequests" {
+        // The csrsigning controller, at once.
+        store.sign_csr(&key);
     }
     Ok(reply_json(200, &updated))
 }
@@ -1841,6 +2190,46 @@ fn token_request(
     // Not a signature: nothing here verifies it.
     let signature = <sha2::Sha256 as sha2::Digest>::digest(signed.as_bytes());
     let token = format!("{signed}.{}", base64url(&signature));
+    let mut extra = Map::new();
+    if let Some(pod) = &bound_pod {
+        extra.insert(
+            "authentication.kubernetes.io/pod-name".into(),
+            json!([field(pod, "metadata.name")]),
+        );
+        extra.insert(
+            "authentication.kubernetes.io/pod-uid".into(),
+            json!([field(pod, "metadata.uid")]),
+        );
+    }
+    if let Some(node) = &bound_node {
+        extra.insert(
+            "authentication.kubernetes.io/node-name".into(),
+            json!([field(node, "metadata.name")]),
+        );
+        extra.insert(
+            "authentication.kubernetes.io/node-uid".into(),
+            json!([field(node, "metadata.uid")]),
+        );
+    }
+    extra.insert(
+        "authentication.kubernetes.io/credential-id".into(),
+        json!([format!("JTI={jti}")]),
+    );
+    store.token_users.insert(
+        token.clone(),
+        TokenUser {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            uid: field(&sa, "metadata.uid"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            audiences: audiences.clone(),
+            expires: exp,
+            extra,
+        },
+    );
     store.tokens.push(IssuedToken {
         namespace: namespace.to_string(),
         service_account: name.to_string(),
@@ -2393,4 +2782,680 @@ pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>)
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// A 422 Invalid with several field errors, as `errors.NewInvalid` builds it: each
+/// error is (cause reason, field, "Required value: ..." / "Invalid value: ...").
+fn invalid_all(kind: &str, group: &str, name: &str, errors: &[(&str, String, String)]) -> ApiError {
+    let texts: Vec<String> = errors
+        .iter()
+        .map(|(_, field, body)| format!("{field}: {body}"))
+        .collect();
+    let joined = if texts.len() == 1 {
+        texts[0].clone()
+    } else {
+        format!("[{}]", texts.join(", "))
+    };
+    let mut error = status(
+        422,
+        "Invalid",
+        format!("{kind}.{group} \"{name}\" is invalid: {joined}"),
+        None,
+    );
+    let causes: Vec<Value> = errors
+        .iter()
+        .map(|(reason, field, body)| json!({"reason": reason, "message": body, "field": field}))
+        .collect();
+    error.body["details"] = json!({"name": name, "group": group, "kind": kind, "causes": causes});
+    error
+}
+
+/// Go's `%#v` of a byte slice, as `field.Invalid` prints `spec.request`.
+fn go_bytes(bytes: &[u8]) -> String {
+    let items: Vec<String> = bytes.iter().map(|b| format!("0x{b:x}")).collect();
+    format!("[]byte{{{}}}", items.join(", "))
+}
+
+impl Store {
+    /// Who a request's bearer token authenticates as (the fake does not refuse anyone:
+    /// without a known token a request is anonymous but still served).
+    fn requester(&self, bearer: Option<&str>) -> TokenUser {
+        bearer
+            .and_then(|t| self.token_users.get(t))
+            .cloned()
+            .unwrap_or_else(|| TokenUser {
+                username: "system:anonymous".into(),
+                uid: String::new(),
+                groups: vec!["system:unauthenticated".into()],
+                audiences: vec![],
+                expires: 0,
+                extra: Map::new(),
+            })
+    }
+
+    /// The csrsigning controller for `kubernetes.io/kubelet-serving`
+    /// (pkg/controller/certificates/signer): an Approved, not Failed, unsigned request is
+    /// checked with `ValidateKubeletServingCSR` (a Failed condition, reason
+    /// SignerValidationFailure, when it fails) and signed with the cluster CA.
+    fn sign_csr(&mut self, key: &Key) {
+        const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
+        let Some(mut csr) = self.objects.get(key).cloned() else {
+            return;
+        };
+        let has = |csr: &Value, ty: &str| {
+            csr["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == ty && c["status"] == "True"))
+        };
+        if !has(&csr, "Approved")
+            || has(&csr, "Failed")
+            || csr["status"]["certificate"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty())
+            || csr["spec"]["signerName"] != KUBELET_SERVING
+        {
+            return;
+        }
+        let request = pki::base64_decode(csr["spec"]["request"].as_str().unwrap_or_default())
+            .unwrap_or_default();
+        let Ok(parsed) = pki::parse_csr(&request) else {
+            // The controller logs "unable to parse csr" and retries; nothing changes.
+            return;
+        };
+        let usages: Vec<String> = csr["spec"]["usages"]
+            .as_array()
+            .map(|u| {
+                u.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match validate_kubelet_serving(&parsed, &usages) {
+            Err(message) => {
+                let now = now();
+                if !csr["status"]["conditions"].is_array() {
+                    csr["status"]["conditions"] = json!([]);
+                }
+                if let Some(conditions) = csr["status"]["conditions"].as_array_mut() {
+                    conditions.push(json!({
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "SignerValidationFailure",
+                        "message": message,
+                        "lastUpdateTime": now,
+                        "lastTransitionTime": now,
+                    }));
+                }
+            }
+            Ok(()) => {
+                // --cluster-signing-duration defaults to a year; expirationSeconds may
+                // only shorten it, to no less than 10 minutes.
+                const YEAR: i64 = 8760 * 3600;
+                let ttl = csr["spec"]["expirationSeconds"]
+                    .as_i64()
+                    .map_or(YEAR, |s| s.clamp(600, YEAR));
+                let pem = self.pki.sign(&parsed, &usages, ttl);
+                csr["status"]["certificate"] = json!(pki::base64_encode(pem.as_bytes()));
+            }
+        }
+        self.record("MODIFIED", key.clone(), csr);
+    }
+}
+
+/// `ValidateKubeletServingCSR` (pkg/apis/certificates/v1/helpers.go), in its order.
+fn validate_kubelet_serving(csr: &pki::Csr, usages: &[String]) -> Result<(), String> {
+    if csr.organizations != ["system:nodes"] {
+        return Err("subject organization is not system:nodes".into());
+    }
+    if csr.dns_names.is_empty() && csr.ip_addresses.is_empty() {
+        return Err("DNS or IP subjectAltName is required".into());
+    }
+    if !csr.emails.is_empty() {
+        return Err("email subjectAltNames are not allowed".into());
+    }
+    if !csr.uris.is_empty() {
+        return Err("URI subjectAltNames are not allowed".into());
+    }
+    let set: std::collections::BTreeSet<&str> = usages.iter().map(String::as_str).collect();
+    let with_rsa =
+        std::collections::BTreeSet::from(["digital signature", "key encipherment", "server auth"]);
+    let without_rsa = std::collections::BTreeSet::from(["digital signature", "server auth"]);
+    if set != with_rsa && set != without_rsa {
+        return Err("usages did not match [digital signature key encipherment server auth]".into());
+    }
+    if !csr.common_name.starts_with("system:node:") {
+        return Err("subject common name does not begin with 'system:node:'".into());
+    }
+    Ok(())
+}
+
+const CSR_USAGES: &[&str] = &[
+    "any",
+    "cert sign",
+    "client auth",
+    "code signing",
+    "content commitment",
+    "crl sign",
+    "data encipherment",
+    "decipher only",
+    "digital signature",
+    "email protection",
+    "encipher only",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "key agreement",
+    "key encipherment",
+    "microsoft sgc",
+    "netscape sgc",
+    "ocsp signing",
+    "s/mime",
+    "server auth",
+    "signing",
+    "timestamping",
+];
+
+/// CSR create: the strategy's PrepareForCreate (requester identity into spec, status
+/// cleared) and ValidateCertificateSigningRequestCreate.
+fn csr_prepare_create(csr: &mut Value, requester: &TokenUser) -> Result<(), ApiError> {
+    csr["status"] = json!({});
+    let spec = &mut csr["spec"];
+    spec["username"] = json!(requester.username);
+    if requester.uid.is_empty() {
+        if let Some(s) = spec.as_object_mut() {
+            s.remove("uid");
+        }
+    } else {
+        spec["uid"] = json!(requester.uid);
+    }
+    spec["groups"] = json!(requester.groups);
+    if requester.extra.is_empty() {
+        if let Some(s) = spec.as_object_mut() {
+            s.remove("extra");
+        }
+    } else {
+        spec["extra"] = Value::Object(requester.extra.clone());
+    }
+    let mut errors: Vec<(&str, String, String)> = vec![];
+    let request =
+        pki::base64_decode(spec["request"].as_str().unwrap_or_default()).unwrap_or_default();
+    if let Err(e) = pki::parse_csr(&request) {
+        errors.push((
+            "FieldValueInvalid",
+            "spec.request".into(),
+            format!("Invalid value: {}: {e}", go_bytes(&request)),
+        ));
+    }
+    let usages: Vec<String> = spec["usages"]
+        .as_array()
+        .map(|u| {
+            u.iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if usages.is_empty() {
+        errors.push((
+            "FieldValueRequired",
+            "spec.usages".into(),
+            "Required value: usages must be provided".into(),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, usage) in usages.iter().enumerate() {
+        if !CSR_USAGES.contains(&usage.as_str()) {
+            let supported: Vec<String> = CSR_USAGES.iter().map(|u| format!("\"{u}\"")).collect();
+            errors.push((
+                "FieldValueNotSupported",
+                format!("spec.usages[{i}]"),
+                format!(
+                    "Unsupported value: \"{usage}\": supported values: {}",
+                    supported.join(", ")
+                ),
+            ));
+        }
+        if !seen.insert(usage.clone()) {
+            errors.push((
+                "FieldValueDuplicate",
+                format!("spec.usages[{i}]"),
+                format!("Duplicate value: \"{usage}\""),
+            ));
+        }
+    }
+    if spec["signerName"].as_str().is_none_or(str::is_empty) {
+        errors.push((
+            "FieldValueRequired",
+            "spec.signerName".into(),
+            "Required value".into(),
+        ));
+    }
+    if let Some(seconds) = spec["expirationSeconds"].as_i64() {
+        if seconds < 600 {
+            errors.push((
+                "FieldValueInvalid",
+                "spec.expirationSeconds".into(),
+                format!("Invalid value: {seconds}: may not specify a duration less than 600 seconds (10 minutes)"),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let name = field(csr, "metadata.name");
+    Err(invalid_all(
+        "CertificateSigningRequest",
+        "certificates.k8s.io",
+        &name,
+        &errors,
+    ))
+}
+
+/// CSR updates: spec is immutable; the main resource changes metadata only, /approval
+/// the conditions only, /status the conditions and the certificate. Conditions get
+/// status True and timestamps by default; Approved and Denied exclude each other and,
+/// once set, stay.
+fn csr_prepare_update(
+    stored: &Value,
+    next: &mut Value,
+    subresource: Option<&str>,
+    name: &str,
+) -> Result<(), ApiError> {
+    next["spec"] = stored["spec"].clone();
+    match subresource {
+        None => next["status"] = stored["status"].clone(),
+        Some("approval") => next["status"]["certificate"] = stored["status"]["certificate"].clone(),
+        _ => {}
+    }
+    if next["status"]["certificate"].is_null() {
+        if let Some(s) = next["status"].as_object_mut() {
+            s.remove("certificate");
+        }
+    }
+    let old: Vec<Value> = stored["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let now = now();
+    let mut errors: Vec<(&str, String, String)> = vec![];
+    if let Some(conditions) = next["status"]["conditions"].as_array_mut() {
+        for condition in conditions.iter_mut() {
+            if condition["status"].as_str().is_none_or(str::is_empty) {
+                condition["status"] = json!("True");
+            }
+            let before = old.iter().find(|o| o["type"] == condition["type"]);
+            if condition["lastUpdateTime"].is_null() {
+                condition["lastUpdateTime"] = before
+                    .filter(|o| o["status"] == condition["status"])
+                    .map_or(json!(now), |o| o["lastUpdateTime"].clone());
+            }
+            if condition["lastTransitionTime"].is_null() {
+                condition["lastTransitionTime"] = before
+                    .filter(|o| o["status"] == condition["status"])
+                    .map_or(json!(now), |o| o["lastTransitionTime"].clone());
+            }
+        }
+        let types: Vec<&str> = conditions
+            .iter()
+            .filter_map(|c| c["type"].as_str())
+            .collect();
+        if types.contains(&"Approved") && types.contains(&"Denied") {
+            errors.push((
+                "FieldValueInvalid",
+                "status.conditions".into(),
+                format!(
+                    "Invalid value: {}: Approved and Denied conditions are mutually exclusive",
+                    Value::Array(conditions.clone())
+                ),
+            ));
+        }
+    }
+    let types: Vec<String> = next["status"]["conditions"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter_map(|c| c["type"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for kept in ["Approved", "Denied"] {
+        if old.iter().any(|o| o["type"] == kept) && !types.iter().any(|t| t == kept) {
+            errors.push((
+                "FieldValueForbidden",
+                "status.conditions".into(),
+                format!("Forbidden: updates may not remove a condition of type \"{kept}\""),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(invalid_all(
+        "CertificateSigningRequest",
+        "certificates.k8s.io",
+        name,
+        &errors,
+    ))
+}
+
+/// The review objects' answer shape: what was sent, no stored metadata.
+fn review_reply(mut review: Value, api_version: &str, kind: &str, result: Value) -> Reply {
+    review["apiVersion"] = json!(api_version);
+    review["kind"] = json!(kind);
+    if !review["metadata"].is_object() {
+        review["metadata"] = json!({});
+    }
+    review["metadata"]["creationTimestamp"] = Value::Null;
+    review["status"] = result;
+    reply_json(201, &review)
+}
+
+/// POST /apis/authentication.k8s.io/v1/tokenreviews (pkg/registry/authentication/tokenreview):
+/// the fake's tokens (the kubeconfig's static token, TokenRequest's service account
+/// tokens) authenticate; anything else is `authenticated` false, with no user.
+fn token_review(store: &Store, review: Value) -> Result<Reply, ApiError> {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    if token.is_empty() {
+        return Err(status(
+            400,
+            "BadRequest",
+            "token is required for TokenReview in authentication".into(),
+            None,
+        ));
+    }
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_else(|| vec![API_AUDIENCE.to_string()]);
+    let unauthenticated = |error: Option<String>| {
+        let mut status = json!({"user": {}});
+        if let Some(error) = error {
+            status["error"] = json!(error);
+        }
+        Ok(review_reply(
+            review.clone(),
+            "authentication.k8s.io/v1",
+            "TokenReview",
+            status,
+        ))
+    };
+    let Some(user) = store.token_users.get(token) else {
+        return unauthenticated(None);
+    };
+    // A token that is not audience-aware (the static one) counts for the API server's
+    // own audiences.
+    let token_audiences = if user.audiences.is_empty() {
+        vec![API_AUDIENCE.to_string()]
+    } else {
+        user.audiences.clone()
+    };
+    let audiences: Vec<String> = wanted
+        .iter()
+        .filter(|a| token_audiences.contains(a))
+        .cloned()
+        .collect();
+    if audiences.is_empty() {
+        return unauthenticated(Some(format!(
+            "token audiences {token_audiences:?} is invalid for the target audiences {wanted:?}"
+        )));
+    }
+    if user.expires != 0 && user.expires < k8s_openapi::jiff::Timestamp::now().as_second() {
+        return unauthenticated(Some("service account token has expired".into()));
+    }
+    let mut info = json!({"username": user.username, "groups": user.groups});
+    if !user.uid.is_empty() {
+        info["uid"] = json!(user.uid);
+    }
+    if !user.extra.is_empty() {
+        info["extra"] = Value::Object(user.extra.clone());
+    }
+    Ok(review_reply(
+        review.clone(),
+        "authentication.k8s.io/v1",
+        "TokenReview",
+        json!({"authenticated": true, "user": info, "audiences": audiences}),
+    ))
+}
+
+/// What a SubjectAccessReview asks about.
+struct Attributes {
+    user: String,
+    groups: Vec<String>,
+    verb: String,
+    namespace: String,
+    group: String,
+    resource: String,
+    subresource: String,
+    name: String,
+    /// Some for a non-resource request.
+    path: Option<String>,
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `RuleAllows` (plugin/pkg/auth/authorizer/rbac).
+fn rule_allows(rule: &Value, attrs: &Attributes) -> bool {
+    let verbs = strings(&rule["verbs"]);
+    if !verbs.iter().any(|v| v == "*" || *v == attrs.verb) {
+        return false;
+    }
+    if let Some(path) = &attrs.path {
+        return strings(&rule["nonResourceURLs"]).iter().any(|u| {
+            u == "*" || u == path || (u.ends_with('*') && path.starts_with(u.trim_end_matches('*')))
+        });
+    }
+    let groups = strings(&rule["apiGroups"]);
+    if !groups.iter().any(|g| g == "*" || *g == attrs.group) {
+        return false;
+    }
+    let combined = if attrs.subresource.is_empty() {
+        attrs.resource.clone()
+    } else {
+        format!("{}/{}", attrs.resource, attrs.subresource)
+    };
+    let resource_ok = strings(&rule["resources"]).iter().any(|r| {
+        r == "*"
+            || *r == combined
+            || (!attrs.subresource.is_empty() && *r == format!("*/{}", attrs.subresource))
+    });
+    let names = strings(&rule["resourceNames"]);
+    resource_ok && (names.is_empty() || names.contains(&attrs.name))
+}
+
+/// Whether a binding's subject is the user (`appliesToUser`), and how RBAC names it.
+fn subject_matches(subject: &Value, attrs: &Attributes, binding_namespace: &str) -> Option<String> {
+    let name = subject["name"].as_str().unwrap_or_default();
+    match subject["kind"].as_str().unwrap_or_default() {
+        "User" if name == attrs.user => Some(format!("User \"{name}\"")),
+        "Group" if attrs.groups.iter().any(|g| g == name) => Some(format!("Group \"{name}\"")),
+        "ServiceAccount" => {
+            let ns = subject["namespace"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .unwrap_or(binding_namespace);
+            (!ns.is_empty() && attrs.user == format!("system:serviceaccount:{ns}:{name}"))
+                .then(|| format!("ServiceAccount \"{name}/{ns}\""))
+        }
+        _ => None,
+    }
+}
+
+impl Store {
+    /// The authorizer chain of a kube-apiserver with `--authorization-mode=Node,RBAC`
+    /// as far as the fake goes: `system:masters` is always allowed (no reason), then
+    /// RBAC over the stored (Cluster)Roles and (Cluster)RoleBindings, which never
+    /// denies, only allows or has no opinion.
+    fn authorize(&self, attrs: &Attributes) -> (bool, String) {
+        if attrs.groups.iter().any(|g| g == "system:masters") {
+            return (true, String::new());
+        }
+        let of = |plural: &str, namespace: &str| -> Vec<&Value> {
+            self.objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.group == "rbac.authorization.k8s.io"
+                        && k.plural == plural
+                        && k.namespace == namespace
+                })
+                .map(|(_, v)| v)
+                .collect()
+        };
+        let role = |kind: &str, name: &str, namespace: &str| -> Option<&Value> {
+            let (plural, ns) = if kind == "ClusterRole" {
+                ("clusterroles", "")
+            } else {
+                ("roles", namespace)
+            };
+            of(plural, ns)
+                .into_iter()
+                .find(|r| r["metadata"]["name"] == name)
+        };
+        for binding in of("clusterrolebindings", "") {
+            let role_ref = &binding["roleRef"];
+            if role_ref["kind"] != "ClusterRole" {
+                continue;
+            }
+            let role_name = role_ref["name"].as_str().unwrap_or_default();
+            let Some(role) = role("ClusterRole", role_name, "") else {
+                continue;
+            };
+            for subject in binding["subjects"].as_array().cloned().unwrap_or_default() {
+                let Some(who) = subject_matches(&subject, attrs, "") else {
+                    continue;
+                };
+                if role["rules"]
+                    .as_array()
+                    .is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs)))
+                {
+                    return (
+                        true,
+                        format!(
+                            "RBAC: allowed by ClusterRoleBinding \"{}\" of ClusterRole \"{role_name}\" to {who}",
+                            field(binding, "metadata.name")
+                        ),
+                    );
+                }
+            }
+        }
+        if !attrs.namespace.is_empty() && attrs.path.is_none() {
+            for binding in of("rolebindings", &attrs.namespace) {
+                let role_ref = &binding["roleRef"];
+                let kind = role_ref["kind"].as_str().unwrap_or_default();
+                let role_name = role_ref["name"].as_str().unwrap_or_default();
+                let Some(role) = role(kind, role_name, &attrs.namespace) else {
+                    continue;
+                };
+                for subject in binding["subjects"].as_array().cloned().unwrap_or_default() {
+                    let Some(who) = subject_matches(&subject, attrs, &attrs.namespace) else {
+                        continue;
+                    };
+                    if role["rules"]
+                        .as_array()
+                        .is_some_and(|rules| rules.iter().any(|r| rule_allows(r, attrs)))
+                    {
+                        return (
+                            true,
+                            format!(
+                                "RBAC: allowed by RoleBinding \"{}/{}\" of {kind} \"{role_name}\" to {who}",
+                                field(binding, "metadata.name"),
+                                attrs.namespace
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        (false, String::new())
+    }
+}
+
+/// POST /apis/authorization.k8s.io/v1/subjectaccessreviews
+/// (pkg/registry/authorization/subjectaccessreview), validated as
+/// ValidateSubjectAccessReviewSpec does.
+fn subject_access_review(store: &Store, review: Value) -> Result<Reply, ApiError> {
+    let spec = &review["spec"];
+    let mut errors: Vec<(&str, String, String)> = vec![];
+    let resource = &spec["resourceAttributes"];
+    let non_resource = &spec["nonResourceAttributes"];
+    if resource.is_object() && non_resource.is_object() {
+        errors.push((
+            "FieldValueInvalid",
+            "spec.nonResourceAttributes".into(),
+            format!("Invalid value: {non_resource}: cannot be specified in combination with resourceAttributes"),
+        ));
+    }
+    if !resource.is_object() && !non_resource.is_object() {
+        errors.push((
+            "FieldValueInvalid",
+            "spec.resourceAttributes".into(),
+            "Invalid value: \"null\": exactly one of nonResourceAttributes or resourceAttributes must be specified".into(),
+        ));
+    }
+    let user = spec["user"].as_str().unwrap_or_default().to_string();
+    let groups = strings(&spec["groups"]);
+    if user.is_empty() && groups.is_empty() {
+        errors.push((
+            "FieldValueInvalid",
+            "spec.user".into(),
+            "Invalid value: \"\": at least one of user or group must be specified".into(),
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(invalid_all(
+            "SubjectAccessReview",
+            "authorization.k8s.io",
+            "",
+            &errors,
+        ));
+    }
+    let text = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let attrs = if resource.is_object() {
+        Attributes {
+            user,
+            groups,
+            verb: text(resource, "verb"),
+            namespace: text(resource, "namespace"),
+            group: text(resource, "group"),
+            resource: text(resource, "resource"),
+            subresource: text(resource, "subresource"),
+            name: text(resource, "name"),
+            path: None,
+        }
+    } else {
+        Attributes {
+            user,
+            groups,
+            verb: text(non_resource, "verb"),
+            namespace: String::new(),
+            group: String::new(),
+            resource: String::new(),
+            subresource: String::new(),
+            name: String::new(),
+            path: Some(text(non_resource, "path")),
+        }
+    };
+    let (allowed, reason) = store.authorize(&attrs);
+    let mut result = json!({"allowed": allowed});
+    if !reason.is_empty() {
+        result["reason"] = json!(reason);
+    }
+    Ok(review_reply(
+        review.clone(),
+        "authorization.k8s.io/v1",
+        "SubjectAccessReview",
+        result,
+    ))
 }
