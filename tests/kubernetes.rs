@@ -473,3 +473,113 @@ fn a_pod_deleted_while_its_agent_is_away_is_removed_when_the_agent_returns() {
             podman_pods(&label).is_empty().then_some(())
         });
 }
+
+const COUNTER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: counter, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 2
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.5; done']
+"#;
+
+/// kubectl's exit code and output for `exec`, with extra environment.
+fn kubectl_exec(
+    cluster: &Cluster,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: &str,
+) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let _ = child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes());
+    let out = child.wait_with_output().expect("kubectl ends");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.apply(COUNTER);
+    cluster.wait_running("counter");
+
+    // The kubelet API's certificate was signed by the cluster through a CSR the node
+    // approved itself (the fake proxy verifies it against the cluster CA).
+    let csrs = cluster.get(&["csr"]).expect("csrs");
+    let csr = &csrs["items"][0];
+    assert_eq!(csr["spec"]["signerName"], "kubernetes.io/kubelet-serving");
+    assert!(csr["status"]["certificate"].is_string(), "{csr}");
+
+    let logs = cluster
+        .mesh
+        .wait_for("kubectl logs", Duration::from_secs(20), || {
+            let (ok, out) = cluster.kubectl(&["logs", "counter", "--tail=2"], None);
+            (ok && out.lines().count() == 2).then_some(out)
+        });
+    assert!(logs.lines().all(|l| l.starts_with("line ")), "{logs}");
+
+    // WebSocket first (the node refuses it, so kubectl falls back), and SPDY only.
+    for env in [
+        &[][..],
+        &[("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")][..],
+    ] {
+        let (code, out) = kubectl_exec(
+            &cluster,
+            env,
+            &[
+                "exec",
+                "counter",
+                "--",
+                "sh",
+                "-c",
+                "echo from-exec; echo to-stderr >&2",
+            ],
+            "",
+        );
+        assert_eq!(code, 0, "{env:?}: {out}");
+        assert!(
+            out.contains("from-exec") && out.contains("to-stderr"),
+            "{out}"
+        );
+        let (code, out) = kubectl_exec(
+            &cluster,
+            env,
+            &["exec", "counter", "--", "sh", "-c", "exit 3"],
+            "",
+        );
+        assert_eq!(code, 3, "{env:?}: {out}");
+        let (code, out) = kubectl_exec(
+            &cluster,
+            env,
+            &["exec", "-i", "counter", "--", "cat"],
+            "hello stdin\n",
+        );
+        assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
+    }
+}
