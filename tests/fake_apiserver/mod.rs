@@ -16,10 +16,24 @@
 //! `fieldValidation` (Strict/Warn/Ignore) against them. `kubectl get` of pods and
 //! events gets server-side Tables.
 //!
-//! Not a real API server: no authentication or authorization, no validation beyond
-//! unknown fields (no required fields, types or immutability), no server-side apply
-//! field ownership (apply is a merge), no aggregated discovery, no /openapi/v2, no
-//! Tables for kinds other than pods and events. Clients talk plain HTTP.
+//! PKI and the kubelet side (pki.rs, kubelet_proxy.rs): a cluster CA (published in
+//! `kube-root-ca.crt`) and a client CA (published as `client-ca-file` in
+//! kube-system/extension-apiserver-authentication, as recorded); certificates.k8s.io/v1
+//! CertificateSigningRequests with `/approval` and `/status`, and the csrsigning
+//! controller for `kubernetes.io/kubelet-serving` (cluster CA); TokenReview for the
+//! fake's tokens; SubjectAccessReview over stored RBAC objects (`system:masters`
+//! always allowed); and pods' `log`, `exec`, `attach` and `portforward` proxied to the
+//! node's kubelet over TLS (kubelet certificate verified against the cluster CA, client
+//! certificate CN=kube-apiserver from the client CA), upgrades passed through.
+//!
+//! Not a real API server: requests are not authenticated or authorized (a bearer token
+//! only names the requester of a CSR), no validation beyond unknown fields and the CSR
+//! and review checks (no required fields, types or immutability elsewhere), no
+//! server-side apply field ownership (apply is a merge), no protobuf bodies (so
+//! `kubectl certificate approve` fails), no aggregated discovery, no /openapi/v2, no
+//! OpenAPI v3 for the RBAC, certificates and review groups (kubectl's client-side
+//! validation of those kinds fails: use `--validate=false` or kube-rs), no Tables for
+//! kinds other than pods and events, no `pods/proxy`. Clients talk plain HTTP/1.1.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
