@@ -75,6 +75,28 @@ impl Cluster {
         )
     }
 
+    /// Everything the node asked of the API is allowed by the ClusterRole it ships
+    /// (requests are told apart by user agent; the fake's own kubelet proxy and kubectl
+    /// are not the node).
+    fn assert_node_requests_allowed(&self) {
+        let node_requests: Vec<_> = self
+            .server
+            .requests()
+            .into_iter()
+            .filter(|r| {
+                !r.user_agent.starts_with("kubectl") && !r.user_agent.starts_with("Go-http-client")
+            })
+            .collect();
+        assert!(node_requests.len() > 10, "{node_requests:?}");
+        let rules = cluster_role_rules();
+        for request in &node_requests {
+            assert!(
+                rules.iter().any(|rule| rule.allows(request)),
+                "the ClusterRole does not allow {request:?}"
+            );
+        }
+    }
+
     /// Reasons of the events in the default namespace, oldest first.
     fn event_reasons(&self) -> Vec<String> {
         let events = self.get(&["events", "-n", "default"]).expect("events");
@@ -291,21 +313,7 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     let reasons = cluster.event_reasons();
     assert!(reasons.iter().any(|r| r == "Killing"), "{reasons:?}");
 
-    // Everything the node asked of the API is allowed by the ClusterRole it ships.
-    let node_requests: Vec<_> = cluster
-        .server
-        .requests()
-        .into_iter()
-        .filter(|r| !r.user_agent.starts_with("kubectl"))
-        .collect();
-    assert!(node_requests.len() > 10, "{node_requests:?}");
-    let rules = cluster_role_rules();
-    for request in &node_requests {
-        assert!(
-            rules.iter().any(|rule| rule.allows(request)),
-            "the ClusterRole does not allow {request:?}"
-        );
-    }
+    cluster.assert_node_requests_allowed();
 }
 
 /// One rule of manifests/install/rbac.yaml's ClusterRole.
@@ -582,4 +590,5 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         );
         assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
     }
+    cluster.assert_node_requests_allowed();
 }
