@@ -10,9 +10,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::channel::status::{error_stream_payload, ExecOutcome, ResizeDecoder};
-use super::channel::StreamProtocol;
+use super::channel::{self, StreamProtocol};
 use super::relay::{read_frame, write_frame, Exit, Frame};
 use super::spdy;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The protocols the kubelet speaks over SPDY (v5 is WebSocket only), newest first.
 pub const SPDY_PROTOCOLS: [&str; 4] = [
@@ -100,6 +101,74 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8"))
 }
 
+/// Where an exec's output goes: the client's SPDY streams or WebSocket channels.
+#[async_trait::async_trait]
+trait ClientOutput: Send {
+    /// False once the client is gone.
+    async fn stdout(&mut self, bytes: &[u8]) -> bool;
+    async fn stderr(&mut self, bytes: &[u8]) -> bool;
+    /// Sends how the command ended and closes.
+    async fn finish(self: Box<Self>, outcome: ExecOutcome);
+}
+
+/// Carries an exec between the client and the agent: `input` (stdin, its end, resizes)
+/// to the agent, its output and exit status to the client. Ends when the command ends
+/// or either side goes.
+async fn bridge<A>(
+    mut input: tokio::sync::mpsc::Receiver<Frame>,
+    mut output: Box<dyn ClientOutput>,
+    agent: A,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut from_agent, mut to_agent) = tokio::io::split(agent);
+    let forward = tokio::spawn(async move {
+        while let Some(frame) = input.recv().await {
+            if write_frame(&mut to_agent, &frame).await.is_err() {
+                break;
+            }
+        }
+        // The client is gone: closing our half ends the command's stdin on the agent.
+        let _ = to_agent.shutdown().await;
+    });
+    let mut outcome = ExecOutcome::Error("the agent closed the session".into());
+    loop {
+        let delivered = match read_frame(&mut from_agent).await {
+            Ok(Some(Frame::Stdout(bytes))) => output.stdout(&bytes).await,
+            Ok(Some(Frame::Stderr(bytes))) => output.stderr(&bytes).await,
+            Ok(Some(Frame::Exit(exit))) => {
+                outcome = match exit {
+                    Exit::Code(0) => ExecOutcome::Success,
+                    Exit::Code(code) => ExecOutcome::ExitCode(code),
+                    Exit::Error(message) => ExecOutcome::Error(message),
+                };
+                break;
+            }
+            Ok(Some(_)) => true,
+            Ok(None) | Err(_) => break,
+        };
+        if !delivered {
+            break;
+        }
+    }
+    forward.abort();
+    output.finish(outcome).await;
+}
+
+/// Feeds a client's resize bytes to the agent as sizes.
+fn resize_frames(decoder: &mut ResizeDecoder, bytes: &[u8]) -> Option<Vec<Frame>> {
+    let sizes = decoder.push(bytes).ok()?;
+    Some(
+        sizes
+            .into_iter()
+            .map(|size| Frame::Resize {
+                width: size.width,
+                height: size.height,
+            })
+            .collect(),
+    )
+}
+
 /// Runs an exec over an upgraded SPDY connection until the command ends or a side
 /// closes.
 pub async fn serve_spdy<T, A>(upgraded: T, protocol: StreamProtocol, options: ExecOptions, agent: A)
@@ -144,18 +213,9 @@ where
         session.close();
         return;
     }
-    let Streams {
-        error,
-        stdin,
-        stdout,
-        stderr,
-        resize,
-    } = streams;
-    let (mut from_agent, mut to_agent) = tokio::io::split(agent);
-    let (to_agent_tx, mut to_agent_rx) = tokio::sync::mpsc::channel::<Frame>(16);
-    // Client input to the agent: stdin (EOF closes the command's stdin) and resizes.
-    if let Some(stdin) = stdin {
-        let tx = to_agent_tx.clone();
+    let (input_tx, input) = tokio::sync::mpsc::channel::<Frame>(16);
+    if let Some(stdin) = streams.stdin.take() {
+        let tx = input_tx.clone();
         tokio::spawn(async move {
             let (mut reader, _writer) = stdin.into_split();
             let mut buf = vec![0u8; 32 * 1024];
@@ -172,24 +232,17 @@ where
             let _ = tx.send(Frame::StdinClosed).await;
         });
     }
-    if let Some(resize) = resize {
-        let tx = to_agent_tx.clone();
+    if let Some(resize) = streams.resize.take() {
+        let tx = input_tx.clone();
         tokio::spawn(async move {
             let (mut reader, _writer) = resize.into_split();
             let mut decoder = ResizeDecoder::new();
             let mut buf = vec![0u8; 1024];
-            while let Ok(n) = reader.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                let Ok(sizes) = decoder.push(&buf[..n]) else {
+            while let Ok(n @ 1..) = reader.read(&mut buf).await {
+                let Some(frames) = resize_frames(&mut decoder, &buf[..n]) else {
                     break;
                 };
-                for size in sizes {
-                    let frame = Frame::Resize {
-                        width: size.width,
-                        height: size.height,
-                    };
+                for frame in frames {
                     if tx.send(frame).await.is_err() {
                         return;
                     }
@@ -197,62 +250,155 @@ where
             }
         });
     }
-    drop(to_agent_tx);
-    let forward = tokio::spawn(async move {
-        while let Some(frame) = to_agent_rx.recv().await {
-            if write_frame(&mut to_agent, &frame).await.is_err() {
-                break;
-            }
-        }
-    });
-    let mut stdout = stdout.map(|s| s.into_split().1);
-    let mut stderr = stderr.map(|s| s.into_split().1);
-    let mut outcome = ExecOutcome::Error("the agent closed the session".into());
-    loop {
-        match read_frame(&mut from_agent).await {
-            Ok(Some(Frame::Stdout(bytes))) => {
-                if let Some(out) = stdout.as_mut() {
-                    if out.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            Ok(Some(Frame::Stderr(bytes))) => {
-                // With a terminal the agent sends everything as stdout anyway.
-                if let Some(out) = stderr.as_mut().or(stdout.as_mut()) {
-                    if out.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            Ok(Some(Frame::Exit(exit))) => {
-                outcome = match exit {
-                    Exit::Code(0) => ExecOutcome::Success,
-                    Exit::Code(code) => ExecOutcome::ExitCode(code),
-                    Exit::Error(message) => ExecOutcome::Error(message),
-                };
-                break;
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break,
-        }
-    }
-    forward.abort();
-    for writer in [stdout.as_mut(), stderr.as_mut()].into_iter().flatten() {
-        let _ = writer.shutdown().await;
-    }
-    if let Some(error) = error {
-        let (_reader, mut writer) = error.into_split();
-        let payload = error_stream_payload(protocol, &outcome);
-        if !payload.is_empty() {
-            let _ = writer.write_all(&payload).await;
-        }
-        let _ = writer.shutdown().await;
-    }
+    drop(input_tx);
+    let output = SpdyOutput {
+        protocol,
+        stdout: streams.stdout.take().map(|s| s.into_split().1),
+        stderr: streams.stderr.take().map(|s| s.into_split().1),
+        error: streams.error.take().map(|s| s.into_split().1),
+    };
+    bridge(input, Box::new(output), agent).await;
     // Let the client read what was sent before the session closes.
     tokio::time::sleep(Duration::from_millis(100)).await;
     session.close();
     let _ = incoming.recv().await;
+}
+
+struct SpdyOutput {
+    protocol: StreamProtocol,
+    stdout: Option<spdy::StreamWriter>,
+    stderr: Option<spdy::StreamWriter>,
+    error: Option<spdy::StreamWriter>,
+}
+
+#[async_trait::async_trait]
+impl ClientOutput for SpdyOutput {
+    async fn stdout(&mut self, bytes: &[u8]) -> bool {
+        match self.stdout.as_mut() {
+            Some(out) => out.write_all(bytes).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> bool {
+        // With a terminal there is no stderr stream; the agent sends it all as stdout.
+        match self.stderr.as_mut().or(self.stdout.as_mut()) {
+            Some(out) => out.write_all(bytes).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn finish(self: Box<Self>, outcome: ExecOutcome) {
+        let SpdyOutput {
+            protocol,
+            stdout,
+            stderr,
+            error,
+        } = *self;
+        for mut writer in [stdout, stderr].into_iter().flatten() {
+            let _ = writer.shutdown().await;
+        }
+        if let Some(mut error) = error {
+            let payload = error_stream_payload(protocol, &outcome);
+            if !payload.is_empty() {
+                let _ = error.write_all(&payload).await;
+            }
+            let _ = error.shutdown().await;
+        }
+    }
+}
+
+/// Runs an exec over an accepted WebSocket (`v4`/`v5.channel.k8s.io`): binary messages
+/// whose first byte is the channel.
+pub async fn serve_websocket<W, A>(socket: W, protocol: StreamProtocol, agent: A)
+where
+    W: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures::Sink<Message>
+        + Unpin
+        + Send
+        + 'static,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::StreamExt;
+    let (sink, mut messages) = socket.split();
+    let (input_tx, input) = tokio::sync::mpsc::channel::<Frame>(16);
+    let reader = tokio::spawn(async move {
+        let mut decoder = ResizeDecoder::new();
+        while let Some(Ok(message)) = messages.next().await {
+            let bytes = match message {
+                Message::Binary(bytes) => bytes.to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let frames = match channel::parse_message(&bytes, protocol) {
+                Ok(channel::Message::Data {
+                    channel: channel::STDIN,
+                    payload,
+                }) => {
+                    vec![Frame::Stdin(payload.to_vec())]
+                }
+                Ok(channel::Message::Data {
+                    channel: channel::RESIZE,
+                    payload,
+                }) => resize_frames(&mut decoder, payload).unwrap_or_default(),
+                Ok(channel::Message::Close {
+                    channel: channel::STDIN,
+                }) => vec![Frame::StdinClosed],
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad exec message");
+                    break;
+                }
+            };
+            for frame in frames {
+                if input_tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let output = WebSocketOutput { protocol, sink };
+    bridge(input, Box::new(output), agent).await;
+    reader.abort();
+}
+
+struct WebSocketOutput<S> {
+    protocol: StreamProtocol,
+    sink: S,
+}
+
+impl<S: futures::Sink<Message> + Unpin + Send> WebSocketOutput<S> {
+    async fn send(&mut self, channel: u8, bytes: &[u8]) -> bool {
+        use futures::SinkExt;
+        let message = Message::Binary(channel::data_message(channel, bytes).into());
+        self.sink.send(message).await.is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: futures::Sink<Message> + Unpin + Send> ClientOutput for WebSocketOutput<S> {
+    async fn stdout(&mut self, bytes: &[u8]) -> bool {
+        self.send(channel::STDOUT, bytes).await
+    }
+
+    async fn stderr(&mut self, bytes: &[u8]) -> bool {
+        self.send(channel::STDERR, bytes).await
+    }
+
+    async fn finish(mut self: Box<Self>, outcome: ExecOutcome) {
+        use futures::SinkExt;
+        let payload = error_stream_payload(self.protocol, &outcome);
+        if !payload.is_empty() {
+            self.send(channel::ERROR, &payload).await;
+        }
+        // A close without a status code is an error to client-go's reader.
+        let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        };
+        let _ = self.sink.send(Message::Close(Some(normal))).await;
+        let _ = self.sink.close().await;
+    }
 }
 
 #[derive(Default)]

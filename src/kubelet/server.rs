@@ -451,20 +451,30 @@ async fn exec_request(
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
     let upgrade = header("upgrade");
-    if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
-        // WebSocket is not served yet: kubectl falls back to SPDY on this answer.
-        return text(
-            StatusCode::BAD_REQUEST,
-            "unable to upgrade: only SPDY/3.1 is supported for exec",
-        );
-    }
-    let offered = channel::offered_protocols(header("x-stream-protocol-version"));
-    let protocol = match channel::negotiate_stream_protocol(&offered, &exec::SPDY_PROTOCOLS) {
-        Ok(name) => StreamProtocol::from_name(name).unwrap_or(StreamProtocol::V4),
-        Err(e @ channel::NegotiationError::Missing) => {
-            return text(StatusCode::BAD_REQUEST, e.to_string())
+    let transport = if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
+        let Some(key) = header("sec-websocket-key").first().map(|k| k.to_string()) else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+        };
+        let offered = channel::offered_protocols(header("sec-websocket-protocol"));
+        let supported: Vec<&str> = StreamProtocol::ALL.iter().map(|p| p.name()).collect();
+        match channel::negotiate_websocket(&offered, &supported) {
+            Ok(name) => Transport::WebSocket {
+                key,
+                protocol: name,
+            },
+            Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         }
-        Err(e) => return text(StatusCode::FORBIDDEN, e.to_string()),
+    } else if upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+        let offered = channel::offered_protocols(header("x-stream-protocol-version"));
+        match channel::negotiate_stream_protocol(&offered, &exec::SPDY_PROTOCOLS) {
+            Ok(name) => Transport::Spdy { protocol: name },
+            Err(e @ channel::NegotiationError::Missing) => {
+                return text(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(e) => return text(StatusCode::FORBIDDEN, e.to_string()),
+        }
+    } else {
+        return text(StatusCode::BAD_REQUEST, "Upgrade request required");
     };
     let Some(location) = context.directory.locate(namespace, pod).await else {
         return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
@@ -495,29 +505,55 @@ async fn exec_request(
         Err((code, message)) => return text(status_code(code), message),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                exec::serve_spdy(TokioIo::new(upgraded), protocol, options, agent_io).await
-            }
-            Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
-        }
-    });
     let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
     let headers = reply.headers_mut();
-    headers.insert(
-        warp::http::header::CONNECTION,
-        warp::http::HeaderValue::from_static("Upgrade"),
-    );
-    headers.insert(
-        warp::http::header::UPGRADE,
-        warp::http::HeaderValue::from_static("SPDY/3.1"),
-    );
-    headers.insert(
-        "X-Stream-Protocol-Version",
-        warp::http::HeaderValue::from_static(protocol.name()),
-    );
+    let value = warp::http::HeaderValue::from_static;
+    headers.insert(warp::http::header::CONNECTION, value("Upgrade"));
+    let protocol_name = match &transport {
+        Transport::Spdy { protocol } => {
+            headers.insert(warp::http::header::UPGRADE, value("SPDY/3.1"));
+            headers.insert("X-Stream-Protocol-Version", value(protocol));
+            *protocol
+        }
+        Transport::WebSocket { key, protocol } => {
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            headers.insert(warp::http::header::UPGRADE, value("websocket"));
+            if let Ok(accept) = warp::http::HeaderValue::from_str(&accept) {
+                headers.insert(warp::http::header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+            if !protocol.is_empty() {
+                headers.insert(warp::http::header::SEC_WEBSOCKET_PROTOCOL, value(protocol));
+            }
+            *protocol
+        }
+    };
+    let protocol = StreamProtocol::from_name(protocol_name).unwrap_or(StreamProtocol::V4);
+    let websocket = matches!(transport, Transport::WebSocket { .. });
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => return tracing::debug!(error = %e, "exec upgrade failed"),
+        };
+        if websocket {
+            let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                upgraded,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            exec::serve_websocket(socket, protocol, agent_io).await;
+        } else {
+            exec::serve_spdy(upgraded, protocol, options, agent_io).await;
+        }
+    });
     reply
+}
+
+/// How an exec client asked to upgrade, with the protocol agreed on.
+enum Transport {
+    Spdy { protocol: &'static str },
+    WebSocket { key: String, protocol: &'static str },
 }
 
 /// How long the agents get to report their usage.
