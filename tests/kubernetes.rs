@@ -590,5 +590,32 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         );
         assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
     }
+
+    // kubectl cp is tar over exec, both ways.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("payload.txt");
+    let content: String = (0..2000).map(|i| format!("row {i}\n")).collect();
+    std::fs::write(&local, &content).expect("write");
+    let local_arg = local.display().to_string();
+    let (code, out) = kubectl_exec(
+        &cluster,
+        &[],
+        &["cp", &local_arg, "counter:/tmp/payload.txt"],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    let back = dir.path().join("back.txt");
+    let back_arg = back.display().to_string();
+    let (code, out) = kubectl_exec(
+        &cluster,
+        &[],
+        &["cp", "counter:/tmp/payload.txt", &back_arg],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&back).expect("copied back"),
+        content
+    );
     cluster.assert_node_requests_allowed();
 }
