@@ -363,6 +363,16 @@ pub enum KubeletRequest {
         stderr: bool,
         tty: bool,
     },
+    /// The streams of a container's own process (`kubectl attach`); session frames
+    /// follow as for `Exec`.
+    Attach {
+        pod: PodUid,
+        container: String,
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+        tty: bool,
+    },
 }
 
 /// Resource usage of one container, as an agent reads it from its runtime.

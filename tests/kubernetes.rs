@@ -497,6 +497,23 @@ spec:
     command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.5; done']
 "#;
 
+const READER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: reader, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    stdin: true
+    stdinOnce: true
+    command: [sh, -c, 'read line; echo "got $line"']
+"#;
+
 /// kubectl's exit code and output for `exec`, with extra environment.
 fn kubectl_exec(
     cluster: &Cluster,
@@ -617,5 +634,12 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         std::fs::read_to_string(&back).expect("copied back"),
         content
     );
+
+    // kubectl attach: the container's own process gets stdin and its output comes back.
+    cluster.apply(READER);
+    cluster.wait_running("reader");
+    let (code, out) = kubectl_exec(&cluster, &[], &["attach", "-i", "reader"], "hello attach\n");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("got hello attach"), "{out}");
     cluster.assert_node_requests_allowed();
 }

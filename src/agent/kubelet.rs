@@ -101,22 +101,39 @@ async fn handle(
             stderr,
             tty,
         } => {
-            let id = match find_container(runtime, peer, &pod, &container, false).await {
-                Ok(id) => id,
-                Err(failed) => return write_header(&mut io, &failed).await,
-            };
             let streams = Streams {
                 stdin,
                 stdout,
                 stderr,
                 tty,
             };
-            let session = match runtime.exec_interactive(&id, &command, streams).await {
-                Ok(session) => session,
-                Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
+            let target = Session::Exec(&command);
+            interactive(io, runtime, peer, &pod, &container, target, streams).await
+        }
+        KubeletRequest::Attach {
+            pod,
+            container,
+            stdin,
+            stdout,
+            stderr,
+            tty,
+        } => {
+            let streams = Streams {
+                stdin,
+                stdout,
+                stderr,
+                tty,
             };
-            write_header(&mut io, &KubeletAnswer::Ok).await?;
-            run_session(io, session).await
+            interactive(
+                io,
+                runtime,
+                peer,
+                &pod,
+                &container,
+                Session::Attach,
+                streams,
+            )
+            .await
         }
         KubeletRequest::Stats => {
             let usage = match owner_usage(runtime, peer).await {
@@ -170,6 +187,41 @@ async fn owner_usage(runtime: &dyn Runtime, owner: PeerId) -> Result<Vec<PodUsag
         })
         .filter(|pod| !pod.containers.is_empty())
         .collect())
+}
+
+/// What an interactive session connects to.
+enum Session<'a> {
+    Exec(&'a [String]),
+    Attach,
+}
+
+/// Starts an exec or attach on the pod's current container and carries it.
+async fn interactive<T>(
+    mut io: T,
+    runtime: &dyn Runtime,
+    owner: PeerId,
+    pod: &PodUid,
+    container: &str,
+    session: Session<'_>,
+    streams: Streams,
+) -> Result<(), RelayError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let id = match find_container(runtime, owner, pod, container, false).await {
+        Ok(id) => id,
+        Err(failed) => return write_header(&mut io, &failed).await,
+    };
+    let started = match session {
+        Session::Exec(command) => runtime.exec_interactive(&id, command, streams).await,
+        Session::Attach => runtime.attach(&id, streams).await,
+    };
+    let session = match started {
+        Ok(session) => session,
+        Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
+    };
+    write_header(&mut io, &KubeletAnswer::Ok).await?;
+    run_session(io, session).await
 }
 
 /// Carries an exec session's frames until its output ends, then sends how it ended.

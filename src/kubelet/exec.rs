@@ -38,8 +38,8 @@ pub struct ExecOptions {
 
 impl ExecOptions {
     /// Parses `command=..&command=..&stdin=1&stdout=1&stderr=1&tty=1`, refusing what the
-    /// kubelet refuses.
-    pub fn parse(query: &str) -> Result<ExecOptions, String> {
+    /// kubelet refuses; an attach has no command.
+    pub fn parse(query: &str, attach: bool) -> Result<ExecOptions, String> {
         let mut options = ExecOptions {
             command: Vec::new(),
             stdin: false,
@@ -60,7 +60,7 @@ impl ExecOptions {
                 _ => {}
             }
         }
-        if options.command.is_empty() {
+        if options.command.is_empty() && !attach {
             return Err("you must specify at least 1 command".into());
         }
         if !(options.stdin || options.stdout || options.stderr) {
@@ -418,17 +418,20 @@ mod tests {
     fn exec_options_parse_as_the_kubelet_does() {
         let options = ExecOptions::parse(
             "command=sh&command=-c&command=echo%20hi%3B%20exit%203&stdout=1&stderr=true",
+            false,
         )
         .expect("parses");
         assert_eq!(options.command, ["sh", "-c", "echo hi; exit 3"]);
         assert!(options.stdout && options.stderr && !options.stdin && !options.tty);
         // The recorded k3s request: output/error are the old names.
         let recorded =
-            ExecOptions::parse("command=echo&command=hi&error=1&output=1").expect("parses");
+            ExecOptions::parse("command=echo&command=hi&error=1&output=1", false).expect("parses");
         assert!(recorded.stdout && recorded.stderr);
-        let tty = ExecOptions::parse("command=sh&stdin=1&stdout=1&stderr=1&tty=1").expect("parses");
+        let tty = ExecOptions::parse("command=sh&stdin=1&stdout=1&stderr=1&tty=1", false)
+            .expect("parses");
         assert!(tty.tty && !tty.stderr);
-        assert!(ExecOptions::parse("stdout=1").is_err());
-        assert!(ExecOptions::parse("command=ls").is_err());
+        assert!(ExecOptions::parse("stdout=1", false).is_err());
+        assert!(ExecOptions::parse("stdout=1", true).is_ok());
+        assert!(ExecOptions::parse("command=ls", false).is_err());
     }
 }

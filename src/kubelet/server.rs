@@ -106,7 +106,8 @@ pub async fn serve(
                 let context = context.clone();
                 let caller = caller.clone();
                 async move {
-                    if request.uri().path().starts_with("/exec/") {
+                    let path = request.uri().path();
+                    if path.starts_with("/exec/") || path.starts_with("/attach/") {
                         Ok(exec_request(request, &context, &caller).await)
                     } else {
                         tower_service::Service::call(&mut plain, request).await
@@ -418,8 +419,8 @@ fn pump(
 /// Chunks read ahead of a slow client.
 const RELAY_CHUNKS_IN_FLIGHT: usize = 8;
 
-/// `/exec/{namespace}/{pod}/{container}` upgraded to SPDY/3.1, as the API server sends
-/// it: checked (caller, pod, container, options, protocol) before the upgrade, then
+/// `/exec/{namespace}/{pod}/{container}` and `/attach/...` upgraded to SPDY/3.1 or
+/// WebSocket, as the API server sends them: checked (caller, pod, container, options, protocol) before the upgrade, then
 /// bridged to an exec session on the pod's agent.
 async fn exec_request(
     mut request: Request<Incoming>,
@@ -443,10 +444,11 @@ async fn exec_request(
         return text(code, message);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let ["exec", namespace, pod, container] = segments.as_slice() else {
+    let [kind @ ("exec" | "attach"), namespace, pod, container] = segments.as_slice() else {
         return text(StatusCode::NOT_FOUND, "404 page not found");
     };
-    let options = match ExecOptions::parse(request.uri().query().unwrap_or_default()) {
+    let attach = *kind == "attach";
+    let options = match ExecOptions::parse(request.uri().query().unwrap_or_default(), attach) {
         Ok(options) => options,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
@@ -491,14 +493,27 @@ async fn exec_request(
             format!("container {container:?} in pod {pod:?} is not running"),
         );
     };
-    let relayed = KubeletRequest::Exec {
-        pod: location.pod.uid.clone(),
-        container: (*container).to_owned(),
-        command: options.command.clone(),
-        stdin: options.stdin,
-        stdout: options.stdout,
-        stderr: options.stderr,
-        tty: options.tty,
+    let pod_uid = location.pod.uid.clone();
+    let container = (*container).to_owned();
+    let relayed = if attach {
+        KubeletRequest::Attach {
+            pod: pod_uid,
+            container,
+            stdin: options.stdin,
+            stdout: options.stdout,
+            stderr: options.stderr,
+            tty: options.tty,
+        }
+    } else {
+        KubeletRequest::Exec {
+            pod: pod_uid,
+            container,
+            command: options.command.clone(),
+            stdin: options.stdin,
+            stdout: options.stdout,
+            stderr: options.stderr,
+            tty: options.tty,
+        }
     };
     let agent_io = match relay::request_agent(&context.mesh, agent, &relayed).await {
         Ok(io) => io,

@@ -306,6 +306,9 @@ pub trait Runtime: Send + Sync + 'static {
         streams: Streams,
     ) -> Result<Interactive, RuntimeError>;
 
+    /// Connects to the streams of the container's own process.
+    async fn attach(&self, id: &str, streams: Streams) -> Result<Interactive, RuntimeError>;
+
     /// The container's stdout and stderr, interleaved as written.
     async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;
 }

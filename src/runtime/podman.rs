@@ -14,9 +14,9 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
 use podman_api::opts::{
-    ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter, ContainerListOpts,
-    ContainerLogsOpts, ContainerStatsOpts, ExecCreateOpts, ExecStartOpts, PodCreateOpts,
-    PodListFilter, PodListOpts, PullOpts,
+    ContainerAttachOpts, ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter,
+    ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, ExecCreateOpts, ExecStartOpts,
+    PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
 };
 use podman_api::Podman as Client;
 
@@ -25,6 +25,51 @@ use super::{
     Output, PodPlan, Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
     SessionControl, Streams, Usage,
 };
+
+/// A Podman stream pair as a session: output by stream, stdin, and its control.
+fn interactive(
+    multiplexer: podman_api::conn::Multiplexer,
+    control: Box<dyn SessionControl>,
+) -> Interactive {
+    let (output, stdin) = multiplexer.split();
+    let output = output.filter_map(|chunk| async move {
+        match chunk {
+            Ok(podman_api::conn::TtyChunk::StdOut(bytes)) => Some(Ok(Output::Stdout(bytes))),
+            Ok(podman_api::conn::TtyChunk::StdErr(bytes)) => Some(Ok(Output::Stderr(bytes))),
+            Ok(podman_api::conn::TtyChunk::StdIn(_)) => None,
+            Err(e) => Some(Err(RuntimeError::Unavailable(e.to_string()))),
+        }
+    });
+    Interactive {
+        output: Box::pin(output),
+        stdin: Box::pin(stdin),
+        control,
+    }
+}
+
+/// Resize and exit code of an attached container: its own process's.
+struct PodmanAttach(podman_api::api::Container);
+
+#[async_trait]
+impl SessionControl for PodmanAttach {
+    async fn resize(&self, width: u16, height: u16) -> Result<(), RuntimeError> {
+        self.0
+            .resize(usize::from(width), usize::from(height))
+            .await
+            .map_err(classify)
+    }
+
+    async fn exit_code(&self) -> Result<Option<i32>, RuntimeError> {
+        let info = self.0.inspect().await.map_err(classify)?;
+        let Some(state) = info.state else {
+            return Ok(None);
+        };
+        if state.running == Some(true) {
+            return Ok(None);
+        }
+        Ok(state.exit_code)
+    }
+}
 
 /// Resize and exit code of a Podman exec session.
 struct PodmanExec(podman_api::api::Exec);
@@ -624,20 +669,23 @@ impl Runtime for Podman {
         let Some(multiplexer) = started else {
             return Err(RuntimeError::Unavailable("exec started detached".into()));
         };
-        let (output, stdin) = multiplexer.split();
-        let output = output.filter_map(|chunk| async move {
-            match chunk {
-                Ok(podman_api::conn::TtyChunk::StdOut(bytes)) => Some(Ok(Output::Stdout(bytes))),
-                Ok(podman_api::conn::TtyChunk::StdErr(bytes)) => Some(Ok(Output::Stderr(bytes))),
-                Ok(podman_api::conn::TtyChunk::StdIn(_)) => None,
-                Err(e) => Some(Err(RuntimeError::Unavailable(e.to_string()))),
-            }
-        });
-        Ok(Interactive {
-            output: Box::pin(output),
-            stdin: Box::pin(stdin),
-            control: Box::new(PodmanExec(exec)),
-        })
+        Ok(interactive(multiplexer, Box::new(PodmanExec(exec))))
+    }
+
+    async fn attach(&self, id: &str, streams: Streams) -> Result<Interactive, RuntimeError> {
+        path_safe("container", id)?;
+        let container = self.client.containers().get(id);
+        let multiplexer = container
+            .attach(
+                &ContainerAttachOpts::builder()
+                    .stdin(streams.stdin)
+                    .stdout(streams.stdout)
+                    .stderr(streams.stderr)
+                    .build(),
+            )
+            .await
+            .map_err(classify)?;
+        Ok(interactive(multiplexer, Box::new(PodmanAttach(container))))
     }
 
     async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError> {
