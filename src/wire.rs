@@ -363,6 +363,9 @@ pub enum KubeletRequest {
         stderr: bool,
         tty: bool,
     },
+    /// A TCP connection to a port of the pod (`kubectl port-forward`); raw bytes follow
+    /// both ways.
+    PortForward { pod: PodUid, port: u16 },
     /// The streams of a container's own process (`kubectl attach`); session frames
     /// follow as for `Exec`.
     Attach {

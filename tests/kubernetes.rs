@@ -514,6 +514,21 @@ spec:
     command: [sh, -c, 'read line; echo "got $line"']
 "#;
 
+const SERVER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 2
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /www && echo hello-forward > /www/index.html && exec httpd -f -p 8080 -h /www']
+"#;
+
 /// kubectl's exit code and output for `exec`, with extra environment.
 fn kubectl_exec(
     cluster: &Cluster,
@@ -641,5 +656,37 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
     let (code, out) = kubectl_exec(&cluster, &[], &["attach", "-i", "reader"], "hello attach\n");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("got hello attach"), "{out}");
+
+    // kubectl port-forward: WebSocket-tunnelled SPDY (the default), and plain SPDY.
+    cluster.apply(SERVER);
+    cluster.wait_running("server");
+    for env in [&[][..], &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")][..]] {
+        let local = common::free_port();
+        let mut forward = Command::new("kubectl")
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .envs(env.iter().copied())
+            .args(["port-forward", "pod/server", &format!("{local}:8080")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl port-forward runs");
+        let url = format!("http://127.0.0.1:{local}/");
+        for attempt in 0..2 {
+            let body = cluster
+                .mesh
+                .wait_for("a forwarded answer", Duration::from_secs(20), || {
+                    let out = Command::new("curl")
+                        .args(["-sS", "--max-time", "5", &url])
+                        .output()
+                        .ok()?;
+                    out.status
+                        .success()
+                        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+                });
+            assert_eq!(body, "hello-forward\n", "{env:?} connection {attempt}");
+        }
+        let _ = forward.kill();
+        let _ = forward.wait();
+    }
     cluster.assert_node_requests_allowed();
 }

@@ -135,6 +135,26 @@ async fn handle(
             )
             .await
         }
+        KubeletRequest::PortForward { pod, port } => {
+            let connected = match pod_ip(runtime, peer, &pod).await {
+                Ok(ip) => tokio::net::TcpStream::connect((ip, port))
+                    .await
+                    .map_err(|e| {
+                        failed(
+                            500,
+                            format!("failed to connect to port {port} of pod {pod}: {e}"),
+                        )
+                    }),
+                Err(refused) => Err(refused),
+            };
+            let mut tcp = match connected {
+                Ok(tcp) => tcp,
+                Err(refused) => return write_header(&mut io, &refused).await,
+            };
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            tokio::io::copy_bidirectional(&mut io, &mut tcp).await?;
+            Ok(())
+        }
         KubeletRequest::Stats => {
             let usage = match owner_usage(runtime, peer).await {
                 Ok(usage) => usage,
@@ -291,6 +311,34 @@ async fn exit_of(control: &dyn SessionControl) -> Exit {
 
 /// 50 ms apart: up to 5 s.
 const EXIT_CODE_ATTEMPTS: usize = 100;
+
+/// The pod's IP (its network namespace), for its owner only.
+async fn pod_ip(
+    runtime: &dyn Runtime,
+    owner: PeerId,
+    pod: &PodUid,
+) -> Result<std::net::IpAddr, KubeletAnswer> {
+    let pods = runtime
+        .list_pods(labels::POD_UID, &pod.0)
+        .await
+        .map_err(|e| failed(500, e.to_string()))?;
+    let newest = pods
+        .iter()
+        .max_by_key(|p| {
+            p.labels
+                .get(labels::EPOCH)
+                .and_then(|e| e.parse::<u64>().ok())
+        })
+        .ok_or_else(|| failed(404, format!("pod {pod} is not on this agent")))?;
+    if newest.labels.get(labels::OWNER) != Some(&owner.to_string()) {
+        return Err(failed(403, format!("peer {owner} does not own pod {pod}")));
+    }
+    runtime
+        .pod_ip(&newest.id)
+        .await
+        .map_err(|e| failed(500, e.to_string()))?
+        .ok_or_else(|| failed(500, format!("pod {pod} has no IP address yet")))
+}
 
 fn failed(code: u16, message: String) -> KubeletAnswer {
     KubeletAnswer::Failed { code, message }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod channel;
 pub mod csr;
 pub mod exec;
+pub mod port_forward;
 pub mod relay;
 pub mod server;
 pub mod spdy;

@@ -19,6 +19,7 @@ use warp::{Filter, Rejection, Reply};
 use super::auth::{self, Authorizer, UserInfo};
 use super::channel::{self, StreamProtocol};
 use super::exec::{self, ExecOptions};
+use super::port_forward;
 use super::relay;
 use super::stats::{self, Rates, Sample};
 use super::tls::client_identity;
@@ -109,6 +110,8 @@ pub async fn serve(
                     let path = request.uri().path();
                     if path.starts_with("/exec/") || path.starts_with("/attach/") {
                         Ok(exec_request(request, &context, &caller).await)
+                    } else if path.starts_with("/portForward/") {
+                        Ok(port_forward_request(request, &context, &caller).await)
                     } else {
                         tower_service::Service::call(&mut plain, request).await
                     }
@@ -560,6 +563,135 @@ async fn exec_request(
             exec::serve_websocket(socket, protocol, agent_io).await;
         } else {
             exec::serve_spdy(upgraded, protocol, options, agent_io).await;
+        }
+    });
+    reply
+}
+
+/// `/portForward/{namespace}/{pod}` upgraded to SPDY/3.1 (`portforward.k8s.io`) or to
+/// WebSocket carrying SPDY (`SPDY/3.1+portforward.k8s.io`).
+async fn port_forward_request(
+    mut request: Request<Incoming>,
+    context: &Context,
+    caller: &Caller,
+) -> warp::reply::Response {
+    let header = |name: &str| -> Vec<String> {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    };
+    let authorization = header("authorization").into_iter().next();
+    let path = request.uri().path().to_owned();
+    let method = request.method().as_str().to_owned();
+    if let Err(Denied(code, message)) =
+        authorize(context, caller, &method, &path, authorization).await
+    {
+        return text(code, message);
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["portForward", namespace, pod] = segments.as_slice() else {
+        return text(StatusCode::NOT_FOUND, "404 page not found");
+    };
+    let upgrade = header("upgrade");
+    let websocket = upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket"));
+    let key = header("sec-websocket-key").into_iter().next();
+    if websocket {
+        let offered = header("sec-websocket-protocol");
+        let offered = channel::offered_protocols(offered.iter().map(String::as_str));
+        if !offered.contains(&channel::PORT_FORWARD_TUNNEL_PROTOCOL) || key.is_none() {
+            // Channel-framed port-forward is not served; kubectl then falls back to SPDY.
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "unable to upgrade: only {} is supported",
+                    channel::PORT_FORWARD_TUNNEL_PROTOCOL
+                ),
+            );
+        }
+    } else if upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+        let offered = header("x-stream-protocol-version");
+        let offered = channel::offered_protocols(offered.iter().map(String::as_str));
+        match channel::negotiate_stream_protocol(&offered, &[channel::PORT_FORWARD_PROTOCOL]) {
+            Ok(_) => {}
+            Err(e @ channel::NegotiationError::Missing) => {
+                return text(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(e) => return text(StatusCode::FORBIDDEN, e.to_string()),
+        }
+    } else {
+        return text(StatusCode::BAD_REQUEST, "Upgrade request required");
+    }
+    let Some(location) = context.directory.locate(namespace, pod).await else {
+        return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
+    };
+    let Some(agent) = location.agent else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("pod {pod:?} is not running"),
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = reply.headers_mut();
+    let value = warp::http::HeaderValue::from_static;
+    headers.insert(warp::http::header::CONNECTION, value("Upgrade"));
+    match &key {
+        Some(key) if websocket => {
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            headers.insert(warp::http::header::UPGRADE, value("websocket"));
+            if let Ok(accept) = warp::http::HeaderValue::from_str(&accept) {
+                headers.insert(warp::http::header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+            headers.insert(
+                warp::http::header::SEC_WEBSOCKET_PROTOCOL,
+                value(channel::PORT_FORWARD_TUNNEL_PROTOCOL),
+            );
+        }
+        _ => {
+            headers.insert(warp::http::header::UPGRADE, value("SPDY/3.1"));
+            headers.insert(
+                "X-Stream-Protocol-Version",
+                value(channel::PORT_FORWARD_PROTOCOL),
+            );
+        }
+    }
+    let mesh = context.mesh.clone();
+    let pod_uid = location.pod.uid;
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => return tracing::debug!(error = %e, "port-forward upgrade failed"),
+        };
+        if websocket {
+            use futures::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+            let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                upgraded,
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            // SPDY frames ride in binary messages; a close message ends the stream.
+            let messages = socket
+                .with(
+                    |bytes: Vec<u8>| async move { Ok::<_, WsError>(Message::Binary(bytes.into())) },
+                )
+                .take_while(|m| std::future::ready(!matches!(m, Ok(Message::Close(_)))))
+                .filter_map(|m| async move {
+                    match m {
+                        Ok(Message::Binary(bytes)) => Some(Ok(bytes.to_vec())),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    }
+                });
+            let io = channel::MessageIo::new(Box::pin(messages));
+            port_forward::serve(io, mesh, agent, pod_uid).await;
+        } else {
+            port_forward::serve(upgraded, mesh, agent, pod_uid).await;
         }
     });
     reply
