@@ -17,7 +17,7 @@ use crate::kubelet::relay::{
 use crate::mesh::{MeshError, MeshHandle};
 use crate::runtime::{
     labels, ContainerStatus, Interactive, LogOptions, Output, Runtime, RuntimeContainer,
-    RuntimeError, SessionControl, Streams,
+    RuntimeError, RuntimePod, SessionControl, Streams,
 };
 use crate::wire::{
     ContainerUsage, KubeletAnswer, KubeletRequest, PodRef, PodUid, PodUsage, KUBELET_PROTOCOL,
@@ -180,9 +180,6 @@ async fn owner_usage(runtime: &dyn Runtime, owner: PeerId) -> Result<Vec<PodUsag
         .map(|c| c.id.clone())
         .collect();
     let usage = runtime.usage(&running).await?;
-    let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
-        labels.get(key).cloned().unwrap_or_default()
-    };
     Ok(pods
         .iter()
         .map(|pod| PodUsage {
@@ -312,29 +309,46 @@ async fn exit_of(control: &dyn SessionControl) -> Exit {
 /// 50 ms apart: up to 5 s.
 const EXIT_CODE_ATTEMPTS: usize = 100;
 
+fn label(labels: &std::collections::BTreeMap<String, String>, key: &str) -> String {
+    labels.get(key).cloned().unwrap_or_default()
+}
+
+fn number(labels: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    labels
+        .get(key)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// The newest copy of the pod on this agent, if `owner` owns it.
+async fn owned_copy(
+    runtime: &dyn Runtime,
+    owner: PeerId,
+    pod: &PodUid,
+) -> Result<RuntimePod, KubeletAnswer> {
+    let pods = runtime
+        .list_pods(labels::POD_UID, &pod.0)
+        .await
+        .map_err(|e: RuntimeError| failed(500, e.to_string()))?;
+    let newest = pods
+        .into_iter()
+        .max_by_key(|p| number(&p.labels, labels::EPOCH))
+        .ok_or_else(|| failed(404, format!("pod {pod} is not on this agent")))?;
+    if label(&newest.labels, labels::OWNER) != owner.to_string() {
+        return Err(failed(403, format!("peer {owner} does not own pod {pod}")));
+    }
+    Ok(newest)
+}
+
 /// The pod's IP (its network namespace), for its owner only.
 async fn pod_ip(
     runtime: &dyn Runtime,
     owner: PeerId,
     pod: &PodUid,
 ) -> Result<std::net::IpAddr, KubeletAnswer> {
-    let pods = runtime
-        .list_pods(labels::POD_UID, &pod.0)
-        .await
-        .map_err(|e| failed(500, e.to_string()))?;
-    let newest = pods
-        .iter()
-        .max_by_key(|p| {
-            p.labels
-                .get(labels::EPOCH)
-                .and_then(|e| e.parse::<u64>().ok())
-        })
-        .ok_or_else(|| failed(404, format!("pod {pod} is not on this agent")))?;
-    if newest.labels.get(labels::OWNER) != Some(&owner.to_string()) {
-        return Err(failed(403, format!("peer {owner} does not own pod {pod}")));
-    }
+    let copy = owned_copy(runtime, owner, pod).await?;
     runtime
-        .pod_ip(&newest.id)
+        .pod_ip(&copy.id)
         .await
         .map_err(|e| failed(500, e.to_string()))?
         .ok_or_else(|| failed(500, format!("pod {pod} has no IP address yet")))
@@ -353,25 +367,7 @@ async fn find_container(
     container: &str,
     previous: bool,
 ) -> Result<String, KubeletAnswer> {
-    let pods = runtime
-        .list_pods(labels::POD_UID, &pod.0)
-        .await
-        .map_err(|e: RuntimeError| failed(500, e.to_string()))?;
-    let label = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
-        labels.get(key).cloned().unwrap_or_default()
-    };
-    let number = |labels: &std::collections::BTreeMap<String, String>, key: &str| {
-        labels
-            .get(key)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let Some(newest) = pods.iter().max_by_key(|p| number(&p.labels, labels::EPOCH)) else {
-        return Err(failed(404, format!("pod {pod} is not on this agent")));
-    };
-    if label(&newest.labels, labels::OWNER) != owner.to_string() {
-        return Err(failed(403, format!("peer {owner} does not own pod {pod}")));
-    }
+    let newest = owned_copy(runtime, owner, pod).await?;
     let pod_name = label(&newest.labels, labels::POD_NAME);
     let mut instances: Vec<&RuntimeContainer> = newest
         .containers
