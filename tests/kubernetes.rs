@@ -661,30 +661,60 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
     cluster.apply(SERVER);
     cluster.wait_running("server");
     for env in [&[][..], &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")][..]] {
-        let local = common::free_port();
+        // Two ports in one session: the server's, and one nothing listens on.
+        let (local, closed) = (common::free_port(), common::free_port());
+        let errors = tempfile::NamedTempFile::new().expect("temp file");
         let mut forward = Command::new("kubectl")
             .env("KUBECONFIG", &cluster.kubeconfig)
             .envs(env.iter().copied())
-            .args(["port-forward", "pod/server", &format!("{local}:8080")])
+            .args([
+                "port-forward",
+                "pod/server",
+                &format!("{local}:8080"),
+                &format!("{closed}:9999"),
+            ])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(errors.reopen().expect("reopen"))
             .spawn()
             .expect("kubectl port-forward runs");
         let url = format!("http://127.0.0.1:{local}/");
-        for attempt in 0..2 {
-            let body = cluster
-                .mesh
-                .wait_for("a forwarded answer", Duration::from_secs(20), || {
-                    let out = Command::new("curl")
-                        .args(["-sS", "--max-time", "5", &url])
-                        .output()
-                        .ok()?;
-                    out.status
-                        .success()
-                        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-                });
-            assert_eq!(body, "hello-forward\n", "{env:?} connection {attempt}");
+        let fetch = |url: &str| {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "5", url])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        cluster
+            .mesh
+            .wait_for("a forwarded answer", Duration::from_secs(20), || {
+                fetch(&url)
+            });
+        // Several connections at once.
+        let answers: Vec<Option<String>> = std::thread::scope(|scope| {
+            let fetches: Vec<_> = (0..4).map(|_| scope.spawn(|| fetch(&url))).collect();
+            fetches
+                .into_iter()
+                .map(|f| f.join().ok().flatten())
+                .collect()
+        });
+        for answer in &answers {
+            assert_eq!(
+                answer.as_deref(),
+                Some("hello-forward\n"),
+                "{env:?}: {answers:?}"
+            );
         }
+        // The refused connection is reported through the error stream.
+        assert!(fetch(&format!("http://127.0.0.1:{closed}/")).is_none());
+        cluster
+            .mesh
+            .wait_for("the forwarding error", Duration::from_secs(10), || {
+                let text = std::fs::read_to_string(errors.path()).ok()?;
+                text.contains("9999").then_some(())
+            });
         let _ = forward.kill();
         let _ = forward.wait();
     }
