@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
-    ContainerPlan, ContainerStatus, Mount, PodPlan, PortMapping, Protocol, PullPolicy, Runtime,
-    RuntimeError,
+    ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan, PortMapping, Protocol,
+    PullPolicy, Runtime, RuntimeError, Streams,
 };
 use common::{free_port, require_podman, IMAGE};
 
@@ -223,6 +223,70 @@ async fn exec_returns_output_and_exit_code() {
         .exec(&id, &slow, Duration::from_millis(300))
         .await
         .is_err());
+}
+
+#[tokio::test]
+async fn an_interactive_exec_takes_stdin_and_terminal_resizes_and_tells_its_exit_code() {
+    use futures::{AsyncWriteExt, StreamExt};
+    let pod = pod("interactive", vec![]).await;
+    let id = start(&pod, &plan(&pod, "main", &["sleep", "1000"])).await;
+    let read_all = |mut session: Interactive| async move {
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = session.output.next().await {
+            match chunk {
+                Output::Stdout(bytes) | Output::Stderr(bytes) => text.extend(bytes),
+            }
+        }
+        (String::from_utf8_lossy(&text).into_owned(), session.control)
+    };
+
+    // A terminal resized before the command looks at it.
+    let streams = Streams {
+        stdin: true,
+        stdout: true,
+        stderr: false,
+        tty: true,
+    };
+    let cmd = ["sh", "-c", "sleep 1; stty size"].map(String::from);
+    let session = pod
+        .runtime
+        .exec_interactive(&id, &cmd, streams)
+        .await
+        .expect("exec");
+    session.control.resize(123, 45).await.expect("resize");
+    let (text, _) = read_all(session).await;
+    assert!(text.contains("45 123"), "{text:?}");
+
+    // stdin to the command, its end as EOF, and the exit code.
+    let streams = Streams {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        tty: false,
+    };
+    let cmd = ["sh", "-c", "cat; exit 7"].map(String::from);
+    let mut session = pod
+        .runtime
+        .exec_interactive(&id, &cmd, streams)
+        .await
+        .expect("exec");
+    session
+        .stdin
+        .write_all(b"echoed back\n")
+        .await
+        .expect("stdin");
+    session.stdin.close().await.expect("close stdin");
+    let (text, control) = read_all(session).await;
+    assert_eq!(text, "echoed back\n");
+    let mut code = None;
+    for _ in 0..50 {
+        code = control.exit_code().await.expect("inspect");
+        if code.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, Some(7));
 }
 
 #[tokio::test]
