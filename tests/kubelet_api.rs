@@ -22,6 +22,22 @@ spec:
     command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.3; done']
 "#;
 
+/// Prints which instance it is (counted in an emptyDir that outlives restarts), then
+/// fails: the kubelet's back-off restarts it after 10 s.
+const CRASHER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher, namespace: default, uid: 6f1c2a9e-0000-4000-8000-000000000002}
+spec:
+  terminationGracePeriodSeconds: 2
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    volumeMounts: [{name: data, mountPath: /data}]
+    command: [sh, -c, 'n=$(cat /data/n 2>/dev/null || echo 0); echo "instance $n"; echo $((n+1)) > /data/n; sleep 1; exit 1']
+"#;
+
 /// A client CA and one certificate it signed, as PEM files in `dir`.
 struct ClientCerts {
     ca: PathBuf,
@@ -92,6 +108,7 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
     let mut mesh = Mesh::with_node_args(&["--client-ca-file", &ca]);
     mesh.start_agent(&[]);
     mesh.write_manifest("counter.yaml", COUNTER);
+    mesh.write_manifest("crasher.yaml", CRASHER);
     mesh.wait_for("counter Running", Duration::from_secs(40), || {
         let pod = mesh.pod_status("default", "counter")?;
         (pod["phase"] == "Running").then_some(())
@@ -108,7 +125,16 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
     assert_eq!(code, 200, "{body}");
     let pods: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(pods["kind"], "PodList");
-    assert_eq!(pods["items"][0]["metadata"]["name"], "counter");
+    let names: Vec<&str> = pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"counter") && names.contains(&"crasher"),
+        "{names:?}"
+    );
 
     // Logs: tail, limit, timestamps, follow; the kubelet's 404 texts.
     let logs = mesh.wait_for("a few lines", Duration::from_secs(10), || {
@@ -172,8 +198,12 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
     std::thread::sleep(Duration::from_secs(1));
     let (_, body) = curl(&mesh, &server_ca, Some(&client), "/stats/summary", 15);
     let summary: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let pod = &summary["pods"][0];
-    assert_eq!(pod["podRef"]["name"], "counter", "{summary}");
+    let pod = summary["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["podRef"]["name"] == "counter")
+        .unwrap_or_else(|| panic!("no counter in {summary}"));
     let container = &pod["containers"][0];
     assert_eq!(container["name"], "c");
     assert!(
@@ -219,4 +249,35 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
         5,
     );
     assert_eq!(code, 400, "{body}");
+
+    // sinceSeconds: only the last moments; previous: the instance before the restart.
+    let (code, recent) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/counter/c?sinceSeconds=1",
+        5,
+    );
+    assert_eq!(code, 200);
+    let recent_lines = recent.lines().count();
+    assert!((1..=6).contains(&recent_lines), "{recent}");
+    let previous = mesh.wait_for("a restarted crasher", Duration::from_secs(40), || {
+        let (code, body) = curl(
+            &mesh,
+            &server_ca,
+            Some(&client),
+            "/containerLogs/default/crasher/c?previous=true",
+            5,
+        );
+        (code == 200).then_some(body)
+    });
+    let (_, current) = curl(
+        &mesh,
+        &server_ca,
+        Some(&client),
+        "/containerLogs/default/crasher/c",
+        5,
+    );
+    assert!(previous.starts_with("instance "), "{previous}");
+    assert_ne!(previous, current, "previous gave the current instance");
 }
