@@ -430,22 +430,11 @@ async fn exec_request(
     context: &Context,
     caller: &Caller,
 ) -> warp::reply::Response {
-    let header = |name: &str| {
-        request
-            .headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<&str>>()
-    };
-    let authorization = header("authorization").first().map(|s| s.to_string());
-    let path = request.uri().path().to_owned();
-    let method = request.method().as_str().to_owned();
-    if let Err(Denied(code, message)) =
-        authorize(context, caller, &method, &path, authorization).await
-    {
-        return text(code, message);
+    if let Err(refused) = authorize_upgrade(&request, context, caller).await {
+        return refused;
     }
+    let header = |name: &str| header_values(&request, name);
+    let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let [kind @ ("exec" | "attach"), namespace, pod, container] = segments.as_slice() else {
         return text(StatusCode::NOT_FOUND, "404 page not found");
@@ -523,28 +512,9 @@ async fn exec_request(
         Err((code, message)) => return text(status_code(code), message),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
-    let headers = reply.headers_mut();
-    let value = warp::http::HeaderValue::from_static;
-    headers.insert(warp::http::header::CONNECTION, value("Upgrade"));
+    let reply = switching_protocols(&transport);
     let protocol_name = match &transport {
-        Transport::Spdy { protocol } => {
-            headers.insert(warp::http::header::UPGRADE, value("SPDY/3.1"));
-            headers.insert("X-Stream-Protocol-Version", value(protocol));
-            *protocol
-        }
-        Transport::WebSocket { key, protocol } => {
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            headers.insert(warp::http::header::UPGRADE, value("websocket"));
-            if let Ok(accept) = warp::http::HeaderValue::from_str(&accept) {
-                headers.insert(warp::http::header::SEC_WEBSOCKET_ACCEPT, accept);
-            }
-            if !protocol.is_empty() {
-                headers.insert(warp::http::header::SEC_WEBSOCKET_PROTOCOL, value(protocol));
-            }
-            *protocol
-        }
+        Transport::Spdy { protocol } | Transport::WebSocket { protocol, .. } => *protocol,
     };
     let protocol = StreamProtocol::from_name(protocol_name).unwrap_or(StreamProtocol::V4);
     let websocket = matches!(transport, Transport::WebSocket { .. });
@@ -575,47 +545,41 @@ async fn port_forward_request(
     context: &Context,
     caller: &Caller,
 ) -> warp::reply::Response {
-    let header = |name: &str| -> Vec<String> {
-        request
-            .headers()
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect()
-    };
-    let authorization = header("authorization").into_iter().next();
-    let path = request.uri().path().to_owned();
-    let method = request.method().as_str().to_owned();
-    if let Err(Denied(code, message)) =
-        authorize(context, caller, &method, &path, authorization).await
-    {
-        return text(code, message);
+    if let Err(refused) = authorize_upgrade(&request, context, caller).await {
+        return refused;
     }
+    let header = |name: &str| header_values(&request, name);
+    let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let ["portForward", namespace, pod] = segments.as_slice() else {
         return text(StatusCode::NOT_FOUND, "404 page not found");
     };
     let upgrade = header("upgrade");
-    let websocket = upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket"));
-    let key = header("sec-websocket-key").into_iter().next();
-    if websocket {
-        let offered = header("sec-websocket-protocol");
-        let offered = channel::offered_protocols(offered.iter().map(String::as_str));
-        if !offered.contains(&channel::PORT_FORWARD_TUNNEL_PROTOCOL) || key.is_none() {
+    let transport = if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
+        let offered = channel::offered_protocols(header("sec-websocket-protocol"));
+        let key = header("sec-websocket-key").first().map(|k| k.to_string());
+        match key {
+            Some(key) if offered.contains(&channel::PORT_FORWARD_TUNNEL_PROTOCOL) => {
+                Transport::WebSocket {
+                    key,
+                    protocol: channel::PORT_FORWARD_TUNNEL_PROTOCOL,
+                }
+            }
             // Channel-framed port-forward is not served; kubectl then falls back to SPDY.
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unable to upgrade: only {} is supported",
-                    channel::PORT_FORWARD_TUNNEL_PROTOCOL
-                ),
-            );
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unable to upgrade: only {} is supported",
+                        channel::PORT_FORWARD_TUNNEL_PROTOCOL
+                    ),
+                )
+            }
         }
     } else if upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
-        let offered = header("x-stream-protocol-version");
-        let offered = channel::offered_protocols(offered.iter().map(String::as_str));
+        let offered = channel::offered_protocols(header("x-stream-protocol-version"));
         match channel::negotiate_stream_protocol(&offered, &[channel::PORT_FORWARD_PROTOCOL]) {
-            Ok(_) => {}
+            Ok(protocol) => Transport::Spdy { protocol },
             Err(e @ channel::NegotiationError::Missing) => {
                 return text(StatusCode::BAD_REQUEST, e.to_string())
             }
@@ -623,7 +587,7 @@ async fn port_forward_request(
         }
     } else {
         return text(StatusCode::BAD_REQUEST, "Upgrade request required");
-    }
+    };
     let Some(location) = context.directory.locate(namespace, pod).await else {
         return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
     };
@@ -634,31 +598,8 @@ async fn port_forward_request(
         );
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
-    let headers = reply.headers_mut();
-    let value = warp::http::HeaderValue::from_static;
-    headers.insert(warp::http::header::CONNECTION, value("Upgrade"));
-    match &key {
-        Some(key) if websocket => {
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            headers.insert(warp::http::header::UPGRADE, value("websocket"));
-            if let Ok(accept) = warp::http::HeaderValue::from_str(&accept) {
-                headers.insert(warp::http::header::SEC_WEBSOCKET_ACCEPT, accept);
-            }
-            headers.insert(
-                warp::http::header::SEC_WEBSOCKET_PROTOCOL,
-                value(channel::PORT_FORWARD_TUNNEL_PROTOCOL),
-            );
-        }
-        _ => {
-            headers.insert(warp::http::header::UPGRADE, value("SPDY/3.1"));
-            headers.insert(
-                "X-Stream-Protocol-Version",
-                value(channel::PORT_FORWARD_PROTOCOL),
-            );
-        }
-    }
+    let reply = switching_protocols(&transport);
+    let websocket = matches!(transport, Transport::WebSocket { .. });
     let mesh = context.mesh.clone();
     let pod_uid = location.pod.uid;
     tokio::spawn(async move {
@@ -697,7 +638,59 @@ async fn port_forward_request(
     reply
 }
 
-/// How an exec client asked to upgrade, with the protocol agreed on.
+/// Every value of a request header, as text.
+fn header_values<'r>(request: &'r Request<Incoming>, name: &str) -> Vec<&'r str> {
+    request
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect()
+}
+
+/// The caller check of the streaming endpoints (which warp's filters do not reach).
+async fn authorize_upgrade(
+    request: &Request<Incoming>,
+    context: &Context,
+    caller: &Caller,
+) -> Result<(), warp::reply::Response> {
+    let authorization = header_values(request, "authorization")
+        .first()
+        .map(|s| s.to_string());
+    let method = request.method().as_str();
+    authorize(context, caller, method, request.uri().path(), authorization)
+        .await
+        .map(drop)
+        .map_err(|Denied(code, message)| text(code, message))
+}
+
+/// The 101 answer for an agreed upgrade.
+fn switching_protocols(transport: &Transport) -> warp::reply::Response {
+    let mut reply = text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = reply.headers_mut();
+    let value = warp::http::HeaderValue::from_static;
+    headers.insert(warp::http::header::CONNECTION, value("Upgrade"));
+    match transport {
+        Transport::Spdy { protocol } => {
+            headers.insert(warp::http::header::UPGRADE, value("SPDY/3.1"));
+            headers.insert("X-Stream-Protocol-Version", value(protocol));
+        }
+        Transport::WebSocket { key, protocol } => {
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            headers.insert(warp::http::header::UPGRADE, value("websocket"));
+            if let Ok(accept) = warp::http::HeaderValue::from_str(&accept) {
+                headers.insert(warp::http::header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+            if !protocol.is_empty() {
+                headers.insert(warp::http::header::SEC_WEBSOCKET_PROTOCOL, value(protocol));
+            }
+        }
+    }
+    reply
+}
+
+/// How a streaming client asked to upgrade, with the protocol agreed on.
 enum Transport {
     Spdy { protocol: &'static str },
     WebSocket { key: String, protocol: &'static str },
