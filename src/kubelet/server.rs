@@ -359,26 +359,12 @@ async fn container_logs(
         Ok(query) => query,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
     };
-    // The kubelet's texts for an unknown pod or container.
-    let Some(location) = context.directory.locate(namespace, pod).await else {
-        return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
-    };
-    if !location.containers.iter().any(|c| c == container) {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("container {container:?} not found in pod {pod:?}"),
-        );
-    }
-    let Some(agent) = location.agent else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "container {container:?} in pod {pod:?} is waiting to start: ContainerCreating"
-            ),
-        );
+    let (pod_uid, agent) = match locate_container(&context, namespace, pod, container).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
     let request = KubeletRequest::Logs {
-        pod: location.pod.uid.clone(),
+        pod: pod_uid,
         container: container.to_owned(),
         follow: query.follow,
         tail_lines: query.tail_lines,
@@ -470,22 +456,10 @@ async fn exec_request(
     } else {
         return text(StatusCode::BAD_REQUEST, "Upgrade request required");
     };
-    let Some(location) = context.directory.locate(namespace, pod).await else {
-        return text(StatusCode::NOT_FOUND, format!("pod {pod:?} does not exist"));
+    let (pod_uid, agent) = match locate_container(context, namespace, pod, container).await {
+        Ok(found) => found,
+        Err(refused) => return refused,
     };
-    if !location.containers.iter().any(|c| c == container) {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!("container {container:?} not found in pod {pod:?}"),
-        );
-    }
-    let Some(agent) = location.agent else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("container {container:?} in pod {pod:?} is not running"),
-        );
-    };
-    let pod_uid = location.pod.uid.clone();
     let container = (*container).to_owned();
     let relayed = if attach {
         KubeletRequest::Attach {
@@ -636,6 +610,37 @@ async fn port_forward_request(
         }
     });
     reply
+}
+
+/// The pod's UID and agent for a request about one of its containers, or the kubelet's
+/// answer for an unknown pod or container, or one not started yet.
+async fn locate_container(
+    context: &Context,
+    namespace: &str,
+    pod: &str,
+    container: &str,
+) -> Result<(crate::wire::PodUid, libp2p::PeerId), warp::reply::Response> {
+    let Some(location) = context.directory.locate(namespace, pod).await else {
+        return Err(text(
+            StatusCode::NOT_FOUND,
+            format!("pod {pod:?} does not exist"),
+        ));
+    };
+    if !location.containers.iter().any(|c| c == container) {
+        return Err(text(
+            StatusCode::NOT_FOUND,
+            format!("container {container:?} not found in pod {pod:?}"),
+        ));
+    }
+    match location.agent {
+        Some(agent) => Ok((location.pod.uid, agent)),
+        None => Err(text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "container {container:?} in pod {pod:?} is waiting to start: ContainerCreating"
+            ),
+        )),
+    }
 }
 
 /// Every value of a request header, as text.
