@@ -55,28 +55,64 @@ pub async fn read_header<T: DeserializeOwned>(
     Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
 }
 
+/// Attempts at opening a kubelet stream, 100 ms, 200 ms, 400 ms apart.
+const OPEN_ATTEMPTS: u32 = 4;
+
 /// Opens a kubelet stream to `agent` and sends `request`: the stream, ready for the
 /// requested bytes, or the refusal as an HTTP status and the kubelet's text.
+///
+/// libp2p-stream drops an inbound stream when the agent's accept loop has not yet taken
+/// the previous one, so under load a stream may close before any answer: then the agent
+/// never saw the request, and it is sent again on a new stream.
 pub async fn request_agent(
     mesh: &MeshHandle,
     agent: PeerId,
     request: &KubeletRequest,
 ) -> Result<Compat<libp2p::Stream>, (u16, String)> {
-    let bad_gateway = |e: String| (502, format!("cannot reach agent {agent}: {e}"));
+    let mut attempt = 0;
+    loop {
+        match try_request_agent(mesh, agent, request).await {
+            Err(Attempt::Dropped(e)) if attempt + 1 < OPEN_ATTEMPTS => {
+                tracing::debug!(%agent, error = %e, attempt, "kubelet stream dropped; opening another");
+                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                attempt += 1;
+            }
+            Err(Attempt::Dropped(e) | Attempt::Failed(e)) => {
+                return Err((502, format!("cannot reach agent {agent}: {e}")))
+            }
+            Err(Attempt::Refused(code, message)) => return Err((code, message)),
+            Ok(io) => return Ok(io),
+        }
+    }
+}
+
+enum Attempt {
+    /// Closed before any answer: the agent did not take the stream.
+    Dropped(String),
+    Failed(String),
+    Refused(u16, String),
+}
+
+async fn try_request_agent(
+    mesh: &MeshHandle,
+    agent: PeerId,
+    request: &KubeletRequest,
+) -> Result<Compat<libp2p::Stream>, Attempt> {
     let stream = mesh
         .open_stream(agent, libp2p::StreamProtocol::new(KUBELET_PROTOCOL))
         .await
-        .map_err(|e| bad_gateway(e.to_string()))?;
+        .map_err(|e| Attempt::Dropped(e.to_string()))?;
     let mut io = stream.compat();
     write_header(&mut io, request)
         .await
-        .map_err(|e| bad_gateway(e.to_string()))?;
-    match read_header(&mut io)
-        .await
-        .map_err(|e| bad_gateway(e.to_string()))?
-    {
-        KubeletAnswer::Ok => Ok(io),
-        KubeletAnswer::Failed { code, message } => Err((code, message)),
+        .map_err(|e| Attempt::Dropped(e.to_string()))?;
+    match read_header(&mut io).await {
+        Ok(KubeletAnswer::Ok) => Ok(io),
+        Ok(KubeletAnswer::Failed { code, message }) => Err(Attempt::Refused(code, message)),
+        Err(RelayError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(Attempt::Dropped(e.to_string()))
+        }
+        Err(e) => Err(Attempt::Failed(e.to_string())),
     }
 }
 
