@@ -332,6 +332,15 @@ pub const KUBELET_PROTOCOL: &str = "/beemesh/kubelet/1";
 /// Upper bound of a kubelet stream header.
 pub const MAX_KUBELET_HEADER_BYTES: usize = 64 * 1024;
 
+/// Which standard streams an interactive session (exec, attach) connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Streams {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
 /// What a node asks of an agent on a kubelet stream, after it authorized the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -358,10 +367,7 @@ pub enum KubeletRequest {
         pod: PodUid,
         container: String,
         command: Vec<String>,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
-        tty: bool,
+        streams: Streams,
     },
     /// A TCP connection to a port of the pod (`kubectl port-forward`); raw bytes follow
     /// both ways.
@@ -371,10 +377,7 @@ pub enum KubeletRequest {
     Attach {
         pod: PodUid,
         container: String,
-        stdin: bool,
-        stdout: bool,
-        stderr: bool,
-        tty: bool,
+        streams: Streams,
     },
 }
 

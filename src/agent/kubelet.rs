@@ -96,34 +96,16 @@ async fn handle(
             pod,
             container,
             command,
-            stdin,
-            stdout,
-            stderr,
-            tty,
+            streams,
         } => {
-            let streams = Streams {
-                stdin,
-                stdout,
-                stderr,
-                tty,
-            };
-            let target = Session::Exec(&command);
-            interactive(io, runtime, peer, &pod, &container, target, streams).await
+            let session = Session::Exec(&command);
+            interactive(io, runtime, peer, &pod, &container, session, streams).await
         }
         KubeletRequest::Attach {
             pod,
             container,
-            stdin,
-            stdout,
-            stderr,
-            tty,
+            streams,
         } => {
-            let streams = Streams {
-                stdin,
-                stdout,
-                stderr,
-                tty,
-            };
             interactive(
                 io,
                 runtime,

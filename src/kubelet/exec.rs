@@ -13,6 +13,7 @@ use super::channel::status::{error_stream_payload, ExecOutcome, ResizeDecoder};
 use super::channel::{self, StreamProtocol};
 use super::relay::{read_frame, write_frame, Exit, Frame};
 use super::spdy;
+use crate::wire::Streams;
 use tokio_tungstenite::tungstenite::Message;
 
 /// The protocols the kubelet speaks over SPDY (v5 is WebSocket only), newest first.
@@ -30,10 +31,7 @@ const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOptions {
     pub command: Vec<String>,
-    pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
-    pub tty: bool,
+    pub streams: Streams,
 }
 
 impl ExecOptions {
@@ -42,10 +40,7 @@ impl ExecOptions {
     pub fn parse(query: &str, attach: bool) -> Result<ExecOptions, String> {
         let mut options = ExecOptions {
             command: Vec::new(),
-            stdin: false,
-            stdout: false,
-            stderr: false,
-            tty: false,
+            streams: Streams::default(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -53,22 +48,22 @@ impl ExecOptions {
             let flag = matches!(value.as_str(), "1" | "true");
             match key {
                 "command" => options.command.push(value),
-                "input" | "stdin" => options.stdin = flag,
-                "output" | "stdout" => options.stdout = flag,
-                "error" | "stderr" => options.stderr = flag,
-                "tty" => options.tty = flag,
+                "input" | "stdin" => options.streams.stdin = flag,
+                "output" | "stdout" => options.streams.stdout = flag,
+                "error" | "stderr" => options.streams.stderr = flag,
+                "tty" => options.streams.tty = flag,
                 _ => {}
             }
         }
         if options.command.is_empty() && !attach {
             return Err("you must specify at least 1 command".into());
         }
-        if !(options.stdin || options.stdout || options.stderr) {
+        if !(options.streams.stdin || options.streams.stdout || options.streams.stderr) {
             return Err("you must specify at least 1 of stdin, stdout, stderr".into());
         }
-        if options.tty {
+        if options.streams.tty {
             // With a terminal, stderr goes to stdout.
-            options.stderr = false;
+            options.streams.stderr = false;
         }
         Ok(options)
     }
@@ -177,13 +172,13 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (session, mut incoming) = spdy::accept(upgraded);
-    let mut streams = Streams::default();
-    let wanted = |s: &Streams| {
+    let mut streams = ClientStreams::default();
+    let wanted = |s: &ClientStreams| {
         s.error.is_some()
-            && (!options.stdin || s.stdin.is_some())
-            && (!options.stdout || s.stdout.is_some())
-            && (!options.stderr || s.stderr.is_some())
-            && (!(options.tty && protocol.has_resize()) || s.resize.is_some())
+            && (!options.streams.stdin || s.stdin.is_some())
+            && (!options.streams.stdout || s.stdout.is_some())
+            && (!options.streams.stderr || s.stderr.is_some())
+            && (!(options.streams.tty && protocol.has_resize()) || s.resize.is_some())
     };
     let collected = tokio::time::timeout(STREAM_CREATION_TIMEOUT, async {
         while !wanted(&streams) {
@@ -401,8 +396,9 @@ impl<S: futures::Sink<Message> + Unpin + Send> ClientOutput for WebSocketOutput<
     }
 }
 
+/// The SPDY streams an exec client opened, by type.
 #[derive(Default)]
-struct Streams {
+struct ClientStreams {
     error: Option<spdy::SpdyStream>,
     stdin: Option<spdy::SpdyStream>,
     stdout: Option<spdy::SpdyStream>,
@@ -422,14 +418,19 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(options.command, ["sh", "-c", "echo hi; exit 3"]);
-        assert!(options.stdout && options.stderr && !options.stdin && !options.tty);
+        assert!(
+            options.streams.stdout
+                && options.streams.stderr
+                && !options.streams.stdin
+                && !options.streams.tty
+        );
         // The recorded k3s request: output/error are the old names.
         let recorded =
             ExecOptions::parse("command=echo&command=hi&error=1&output=1", false).expect("parses");
-        assert!(recorded.stdout && recorded.stderr);
+        assert!(recorded.streams.stdout && recorded.streams.stderr);
         let tty = ExecOptions::parse("command=sh&stdin=1&stdout=1&stderr=1&tty=1", false)
             .expect("parses");
-        assert!(tty.tty && !tty.stderr);
+        assert!(tty.streams.tty && !tty.streams.stderr);
         assert!(ExecOptions::parse("stdout=1", false).is_err());
         assert!(ExecOptions::parse("stdout=1", true).is_ok());
         assert!(ExecOptions::parse("command=ls", false).is_err());

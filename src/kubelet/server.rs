@@ -465,20 +465,14 @@ async fn exec_request(
         KubeletRequest::Attach {
             pod: pod_uid,
             container,
-            stdin: options.stdin,
-            stdout: options.stdout,
-            stderr: options.stderr,
-            tty: options.tty,
+            streams: options.streams,
         }
     } else {
         KubeletRequest::Exec {
             pod: pod_uid,
             container,
             command: options.command.clone(),
-            stdin: options.stdin,
-            stdout: options.stdout,
-            stderr: options.stderr,
-            tty: options.tty,
+            streams: options.streams,
         }
     };
     let agent_io = match relay::request_agent(&context.mesh, agent, &relayed).await {
@@ -493,18 +487,11 @@ async fn exec_request(
     let protocol = StreamProtocol::from_name(protocol_name).unwrap_or(StreamProtocol::V4);
     let websocket = matches!(transport, Transport::WebSocket { .. });
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(e) => return tracing::debug!(error = %e, "exec upgrade failed"),
+        let Some(upgraded) = upgraded(on_upgrade).await else {
+            return;
         };
         if websocket {
-            let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                upgraded,
-                tokio_tungstenite::tungstenite::protocol::Role::Server,
-                None,
-            )
-            .await;
-            exec::serve_websocket(socket, protocol, agent_io).await;
+            exec::serve_websocket(server_websocket(upgraded).await, protocol, agent_io).await;
         } else {
             exec::serve_spdy(upgraded, protocol, options, agent_io).await;
         }
@@ -577,21 +564,15 @@ async fn port_forward_request(
     let mesh = context.mesh.clone();
     let pod_uid = location.pod.uid;
     tokio::spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(e) => return tracing::debug!(error = %e, "port-forward upgrade failed"),
+        let Some(upgraded) = upgraded(on_upgrade).await else {
+            return;
         };
         if websocket {
             use futures::{SinkExt, StreamExt};
             use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-            let socket = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                upgraded,
-                tokio_tungstenite::tungstenite::protocol::Role::Server,
-                None,
-            )
-            .await;
             // SPDY frames ride in binary messages; a close message ends the stream.
-            let messages = socket
+            let messages = server_websocket(upgraded)
+                .await
                 .with(
                     |bytes: Vec<u8>| async move { Ok::<_, WsError>(Message::Binary(bytes.into())) },
                 )
@@ -667,6 +648,29 @@ async fn authorize_upgrade(
         .await
         .map(drop)
         .map_err(|Denied(code, message)| text(code, message))
+}
+
+type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+
+/// The connection once the 101 has gone out; None (logged) if the upgrade failed.
+async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade) -> Option<Upgraded> {
+    match on_upgrade.await {
+        Ok(upgraded) => Some(TokioIo::new(upgraded)),
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            None
+        }
+    }
+}
+
+/// The server side of a WebSocket whose handshake the 101 completed.
+async fn server_websocket(io: Upgraded) -> tokio_tungstenite::WebSocketStream<Upgraded> {
+    tokio_tungstenite::WebSocketStream::from_raw_socket(
+        io,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        None,
+    )
+    .await
 }
 
 /// The 101 answer for an agreed upgrade.

@@ -193,14 +193,7 @@ pub struct LogOptions {
 pub type LogStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
 
-/// Which standard streams an interactive session connects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Streams {
-    pub stdin: bool,
-    pub stdout: bool,
-    pub stderr: bool,
-    pub tty: bool,
-}
+pub use crate::wire::Streams;
 
 /// Output of an interactive session.
 #[derive(Debug, Clone, PartialEq, Eq)]
