@@ -62,8 +62,16 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct IdArgs {
     /// Directory holding the identity key (identity.key, mode 0600).
-    #[arg(long, env = "BEEMESH_STATE_DIR")]
-    pub state_dir: PathBuf,
+    #[arg(
+        long,
+        env = "BEEMESH_STATE_DIR",
+        required_unless_present = "identity_key_file"
+    )]
+    pub state_dir: Option<PathBuf>,
+    /// An identity key kept elsewhere (see `beemesh node --help`); it is only read, and
+    /// wins over --state-dir.
+    #[arg(long, env = "BEEMESH_IDENTITY_KEY_FILE")]
+    pub identity_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +79,11 @@ pub struct MeshArgs {
     /// Directory for the identity key and local state.
     #[arg(long, env = "BEEMESH_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// Identity key kept elsewhere, e.g. a mounted Secret: libp2p's encoding (as `beemesh
+    /// id` writes it) or PEM PKCS#8 Ed25519. Default: <state-dir>/identity.key, created
+    /// if missing.
+    #[arg(long, env = "BEEMESH_IDENTITY_KEY_FILE")]
+    pub identity_key_file: Option<PathBuf>,
     /// Multiaddr to listen on, e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1.
     #[arg(long, env = "BEEMESH_LISTEN", value_delimiter = ',', required = true)]
     pub listen: Vec<Multiaddr>,
@@ -158,9 +171,22 @@ pub struct NodeArgs {
     /// (and without a cluster to check tokens), every request is refused.
     #[arg(long, env = "BEEMESH_CLIENT_CA_FILE")]
     pub client_ca_file: Option<PathBuf>,
+    /// Serve plain-HTTP /healthz (liveness) and /readyz (readiness) on this address for
+    /// probes, like the kubelet's healthz port (e.g. 0.0.0.0:10248). They tell only
+    /// whether the node works, so they need no credentials.
+    #[arg(long, env = "BEEMESH_HEALTHZ_ADDR")]
+    pub healthz_addr: Option<SocketAddr>,
     /// Delete the Node object on exit instead of leaving it NotReady.
     #[arg(long, env = "BEEMESH_DELETE_NODE_ON_EXIT")]
     pub delete_node_on_exit: bool,
+    /// Peer ID of an agent this node's pods may go to (repeatable). None: any agent.
+    /// Pods carry their configMaps and secrets to their agent.
+    #[arg(
+        long = "trust-agent",
+        env = "BEEMESH_TRUST_AGENTS",
+        value_delimiter = ','
+    )]
+    pub trust_agents: Vec<PeerId>,
     /// Milliseconds an offer collects bids.
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,

@@ -14,14 +14,15 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{Agent, AgentConfig};
 use crate::cli::{self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs};
 use crate::cluster::{self, node_object::NodeIdentity};
+use crate::health::{self, Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
 use crate::node::owner::OwnerConfig;
-use crate::node::{self, Node, NodeConfig, NodeDirectory};
+use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
-use crate::trust::{load_or_create_identity, OwnerPolicy};
+use crate::trust::{load_identity_file, load_or_create_identity, PeerPolicy};
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
 pub async fn run(command: Command) -> Result<()> {
@@ -34,7 +35,11 @@ pub async fn run(command: Command) -> Result<()> {
 }
 
 fn id(args: IdArgs) -> Result<()> {
-    let keypair = load_or_create_identity(&args.state_dir)?;
+    let keypair = match (&args.identity_key_file, &args.state_dir) {
+        (Some(path), _) => load_identity_file(path)?,
+        (None, Some(dir)) => load_or_create_identity(dir)?,
+        (None, None) => bail!("pass --state-dir or --identity-key-file"),
+    };
     println!("{}", keypair.public().to_peer_id());
     Ok(())
 }
@@ -68,7 +73,10 @@ fn join_mesh(
     tokio::sync::mpsc::Receiver<MeshEvent>,
     JoinHandle<()>,
 )> {
-    let keypair = load_or_create_identity(&args.state_dir)?;
+    let keypair = match &args.identity_key_file {
+        Some(path) => load_identity_file(path)?,
+        None => load_or_create_identity(&args.state_dir)?,
+    };
     let config = MeshConfig {
         listen: args.listen.clone(),
         bootstrap: args.bootstrap.clone(),
@@ -138,7 +146,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let cancel = shutdown_token()?;
     let metrics = Metrics::new();
     let (mesh, events, mesh_task) = join_mesh(&args.mesh, Topic::ALL.to_vec(), &metrics, &cancel)?;
-    let policy = OwnerPolicy::new(args.trust.iter().copied());
+    let policy = PeerPolicy::owners(args.trust.iter().copied());
     let config = AgentConfig {
         state_dir: args.mesh.state_dir.clone(),
         labels: cli::labels_map(&args.labels),
@@ -211,7 +219,20 @@ async fn node(args: NodeArgs) -> Result<()> {
         }
         None => None,
     };
+    let healthz = match args.healthz_addr {
+        Some(addr) => Some(
+            health::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --healthz-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let cancel = shutdown_token()?;
+    let (directory, queries) = NodeDirectory::new();
+    let health = Health::new(directory.clone());
+    if let Some(listener) = healthz {
+        tokio::spawn(health.clone().serve(listener, cancel.clone()));
+    }
     let metrics = Metrics::new();
     let (mesh, events, mesh_task) =
         join_mesh(&args.mesh, vec![Topic::Heartbeats], &metrics, &cancel)?;
@@ -238,6 +259,7 @@ async fn node(args: NodeArgs) -> Result<()> {
                 client,
                 identity,
                 args.delete_node_on_exit,
+                health.check("node-lease"),
                 api_cancel.clone(),
             );
             (Some(link), tasks)
@@ -249,10 +271,21 @@ async fn node(args: NodeArgs) -> Result<()> {
         owner: OwnerConfig {
             offer_window: Duration::from_millis(args.offer_window_ms),
             agent_loss_timeout: Duration::from_secs(args.agent_loss_seconds),
+            agents: PeerPolicy::agents(args.trust_agents.iter().copied()),
             ..OwnerConfig::default()
         },
     };
-    let queries = start_kubelet_api(&args, internal_ip, client.as_ref(), &mesh, &cancel).await?;
+    let serving = health.check("kubelet-api");
+    start_kubelet_api(
+        &args,
+        internal_ip,
+        client.as_ref(),
+        &mesh,
+        directory,
+        serving,
+        &cancel,
+    )
+    .await?;
     let result = Node::new(config, mesh, metrics)
         .run(events, api, Some(queries), cancel.clone())
         .await
@@ -280,8 +313,10 @@ async fn start_kubelet_api(
     internal_ip: Option<IpAddr>,
     client: Option<&kube::Client>,
     mesh: &mesh::MeshHandle,
+    directory: NodeDirectory,
+    serving_check: Check,
     cancel: &CancellationToken,
-) -> Result<node::NodeQueries> {
+) -> Result<()> {
     let kubelet_dir = args.mesh.state_dir.join("kubelet");
     let addresses: Vec<IpAddr> = internal_ip.into_iter().collect();
     let serving = match (&args.tls_cert_file, &args.tls_private_key_file, client) {
@@ -338,7 +373,6 @@ async fn start_kubelet_api(
         )),
         None => Arc::new(kubelet::auth::ClientCertsOnly),
     };
-    let (directory, queries) = NodeDirectory::new();
     let context = kubelet::server::Context {
         directory,
         mesh: mesh.clone(),
@@ -355,6 +389,7 @@ async fn start_kubelet_api(
         let serving = match (serving, cluster_cert) {
             (Some(serving), _) => serving,
             (None, Some((client, node_name, addresses, dir))) => {
+                serving_check.fail("waiting for the cluster to sign the serving certificate");
                 match cluster_serving_cert(client, node_name, addresses, dir, &cancel).await {
                     Some(serving) => serving,
                     None => return,
@@ -363,13 +398,17 @@ async fn start_kubelet_api(
             (None, None) => return,
         };
         match kubelet::tls::server_config(&serving, client_ca.as_deref()) {
-            Ok(tls) => kubelet::server::serve(listener, tls, context, cancel).await,
+            Ok(tls) => {
+                serving_check.pass();
+                kubelet::server::serve(listener, tls, context, cancel).await
+            }
             Err(e) => {
+                serving_check.fail(format!("cannot set up TLS: {e:#}"));
                 tracing::error!(error = %format!("{e:#}"), "cannot set up the kubelet API's TLS")
             }
         }
     });
-    Ok(queries)
+    Ok(())
 }
 
 /// The cluster-signed serving certificate, kept renewed; asks again every 30 s until

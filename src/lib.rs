@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod health;
 pub mod kubelet;
 pub mod mesh;
 pub mod metrics;

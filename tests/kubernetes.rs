@@ -316,7 +316,8 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     cluster.assert_node_requests_allowed();
 }
 
-/// One rule of manifests/install/rbac.yaml's ClusterRole.
+/// One rule of the ClusterRole the project ships (manifests/install/beemesh.yaml, rendered
+/// from the chart).
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PolicyRule {
@@ -337,15 +338,15 @@ impl PolicyRule {
 }
 
 fn cluster_role_rules() -> Vec<PolicyRule> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/rbac.yaml");
-    let text = std::fs::read_to_string(path).expect("rbac.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/beemesh.yaml");
+    let text = std::fs::read_to_string(path).expect("beemesh.yaml");
     for document in serde_yaml::Deserializer::from_str(&text) {
         let value = <Value as serde::Deserialize>::deserialize(document).expect("yaml");
         if value["kind"] == "ClusterRole" {
             return serde_json::from_value(value["rules"].clone()).expect("rules");
         }
     }
-    panic!("no ClusterRole in rbac.yaml");
+    panic!("no ClusterRole in beemesh.yaml");
 }
 
 #[test]
@@ -849,4 +850,134 @@ fn the_kubelet_api_authenticates_and_authorizes_like_the_kubelet() {
     );
     let (code, body) = kubelet_curl(&cluster, dir.path(), None, Some("not-a-token"), "/pods");
     assert_eq!((code, body.as_str()), (401, "Unauthorized"));
+}
+
+/// GET on the node's plain health endpoint: status code and body.
+fn health_get(port: u16, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "8", "-w", "\n%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The node as the chart runs it: its identity from the chart's generated Secret, its
+/// probes on the health endpoint, only the listed agents trusted; and the chart's `helm
+/// test` pod succeeds on it.
+#[test]
+fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_helm_test() {
+    // The identity Secret the chart generates, mounted as the Deployment mounts it.
+    let keys = tempfile::tempdir().expect("tempdir");
+    let rendered = common::helm_template(&["--show-only", "templates/identity-secret.yaml"]);
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_yaml::from_str(&rendered).expect("the identity Secret");
+    let key_file = keys.path().join("identity.key");
+    let key = secret.data.expect("data")["identity.key"].0.clone();
+    std::fs::write(&key_file, key).expect("write key");
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o440),
+    )
+    .expect("chmod");
+    let trusted_state = keys.path().join("trusted-agent");
+    let trusted = common::peer_id(&trusted_state);
+    let healthz = common::free_port();
+    let healthz_addr = format!("127.0.0.1:{healthz}");
+    let key_path = key_file.display().to_string();
+    let mut cluster = Cluster::start(&[
+        "--node-ip",
+        "127.0.0.1",
+        "--identity-key-file",
+        &key_path,
+        "--healthz-addr",
+        &healthz_addr,
+        "--trust-agent",
+        &trusted,
+    ]);
+
+    // Alive at once; ready once registered and serving the kubelet API with the
+    // certificate the cluster signed.
+    cluster
+        .mesh
+        .wait_for("/healthz ok", Duration::from_secs(10), || {
+            (health_get(healthz, "/healthz") == (200, "ok".into())).then_some(())
+        });
+    cluster
+        .mesh
+        .wait_for("/readyz ok", Duration::from_secs(20), || {
+            (health_get(healthz, "/readyz") == (200, "ok".into())).then_some(())
+        });
+    let (code, _) = health_get(healthz, "/pods");
+    assert_eq!(code, 404, "the health port serves nothing else");
+
+    // An agent the node does not trust joins: its heartbeats count for nothing.
+    cluster.mesh.start_agent(&[]);
+    std::thread::sleep(Duration::from_secs(8));
+    let node = cluster.server.object("nodes", "", "beemesh").expect("node");
+    assert_eq!(
+        condition(&node, "Ready").as_deref(),
+        Some("False"),
+        "an untrusted agent made the node Ready: {}",
+        node["status"]
+    );
+
+    // The trusted one does; the helm test pod runs on it and succeeds.
+    cluster.mesh.start_agent_in(trusted_state, &[]);
+    cluster.mesh.wait_for(
+        "Ready with the trusted agent",
+        Duration::from_secs(20),
+        || {
+            let node = cluster.server.object("nodes", "", "beemesh")?;
+            (condition(&node, "Ready")? == "True").then_some(())
+        },
+    );
+    let test_pod = common::helm_template(&[
+        "--show-only",
+        "templates/tests/test-pod-runs.yaml",
+        "--namespace",
+        "default",
+        "--set",
+        &format!("test.image={}", common::IMAGE),
+    ]);
+    cluster.apply(&test_pod);
+    let pod = cluster.mesh.wait_for(
+        "the helm test pod Succeeded",
+        Duration::from_secs(40),
+        || {
+            let pod = cluster.get(&["pod", "beemesh-test"])?;
+            (pod["status"]["phase"] == "Succeeded").then_some(pod)
+        },
+    );
+    assert_eq!(pod["spec"]["nodeName"], "beemesh");
+    let scheduled = cluster.get(&["events", "-n", "default"]).expect("events")["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == "beemesh-test")
+        .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+        .expect("a Scheduled event");
+    assert!(scheduled.contains(&trusted), "{scheduled}");
+    let (ok, logs) = cluster.kubectl(&["logs", "beemesh-test"], None);
+    assert!(ok, "kubectl logs: {logs}");
+    assert!(logs.contains("BeeMesh test pod ran"), "{logs}");
+
+    // The node's peer ID is the Secret's key.
+    let node_output = cluster.mesh.node().output();
+    let expected = String::from_utf8_lossy(
+        &Command::new(common::bin())
+            .args(["id", "--identity-key-file", &key_path])
+            .output()
+            .expect("beemesh id")
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    assert!(
+        node_output.contains(&format!("node {expected} is Kubernetes node beemesh")),
+        "{node_output}"
+    );
+    cluster.assert_node_requests_allowed();
 }

@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity, ScoreMode};
 use crate::runtime::translate;
 use crate::runtime::{labels, Runtime, RuntimeError};
-use crate::trust::OwnerPolicy;
+use crate::trust::PeerPolicy;
 use crate::view::HeartbeatBook;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid,
@@ -99,7 +99,7 @@ pub struct Agent {
     config: AgentConfig,
     mesh: MeshHandle,
     runtime: Arc<dyn Runtime>,
-    policy: Arc<OwnerPolicy>,
+    policy: Arc<PeerPolicy>,
     metrics: Metrics,
     store: AssignmentStore,
     pods: HashMap<PodUid, Hosted>,
@@ -116,7 +116,7 @@ impl Agent {
         config: AgentConfig,
         mesh: MeshHandle,
         runtime: Arc<dyn Runtime>,
-        policy: OwnerPolicy,
+        policy: PeerPolicy,
         metrics: Metrics,
     ) -> Result<Agent, AgentError> {
         let store = AssignmentStore::open(&config.state_dir)?;

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::Check;
 use crate::node::ApiLink;
 use node_object::NodeIdentity;
 
@@ -105,11 +106,13 @@ pub async fn client_ca(client: &Client) -> Result<String, ClusterError> {
 }
 
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then
-/// marks itself NotReady or deletes itself).
+/// marks itself NotReady or deletes itself). `lease_check` passes while the Node is
+/// registered and its Lease renewed.
 pub fn start(
     client: Client,
     identity: NodeIdentity,
     delete_node_on_exit: bool,
+    lease_check: Check,
     cancel: CancellationToken,
 ) -> (ApiLink, Vec<JoinHandle<()>>) {
     let board = Arc::new(pod_status::StatusBoard::default());
@@ -122,6 +125,7 @@ pub fn start(
             identity.clone(),
             agents_rx,
             delete_node_on_exit,
+            lease_check,
             cancel.clone(),
         )),
         tokio::spawn(pod_source::run(

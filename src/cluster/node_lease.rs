@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::node_object::{self, NodeIdentity};
+use crate::health::Check;
 use crate::node::owner::AgentsSummary;
 
 const LEASE_NAMESPACE: &str = "kube-node-lease";
@@ -33,6 +34,7 @@ pub async fn run(
     identity: NodeIdentity,
     mut agents: watch::Receiver<AgentsSummary>,
     delete_on_exit: bool,
+    lease_check: Check,
     cancel: CancellationToken,
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -41,6 +43,7 @@ pub async fn run(
         match register(&nodes, &identity).await {
             Ok(node) => break node,
             Err(e) => {
+                lease_check.fail(format!("cannot register the node: {e}"));
                 tracing::warn!(node = %identity.name, error = %e, "cannot register the node; retrying")
             }
         }
@@ -59,8 +62,12 @@ pub async fn run(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = lease_tick.tick() => {
-                if let Err(e) = renew_lease(&leases, &node).await {
-                    tracing::warn!(node = %identity.name, error = %e, "cannot renew the node lease");
+                match renew_lease(&leases, &node).await {
+                    Ok(()) => lease_check.pass(),
+                    Err(e) => {
+                        lease_check.fail(format!("cannot renew the node lease: {e}"));
+                        tracing::warn!(node = %identity.name, error = %e, "cannot renew the node lease");
+                    }
                 }
             }
             // Agents changing or the periodic report; changes are batched per second.

@@ -89,37 +89,41 @@ impl NodeDirectory {
 
     /// Where the pod runs; None if the node has no such pod (or has stopped).
     pub async fn locate(&self, namespace: &str, name: &str) -> Option<PodLocation> {
-        let (reply, answer) = oneshot::channel();
-        let query = NodeQuery::Locate {
+        self.ask(|reply| NodeQuery::Locate {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             reply,
-        };
-        self.queries.send(query).await.ok()?;
-        answer.await.ok().flatten()
+        })
+        .await
+        .flatten()
     }
 
     /// The agents that run the node's pods.
     pub async fn agents(&self) -> Vec<PeerId> {
-        let (reply, answer) = oneshot::channel();
-        if self
-            .queries
-            .send(NodeQuery::Agents { reply })
+        self.ask(|reply| NodeQuery::Agents { reply })
             .await
-            .is_err()
-        {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
+            .unwrap_or_default()
     }
 
     /// The node's pods with their status.
     pub async fn pods(&self) -> Vec<Pod> {
+        self.ask(|reply| NodeQuery::Pods { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Whether the node loop answers queries (it has not stopped).
+    pub async fn alive(&self) -> bool {
+        self.ask(|reply| NodeQuery::Agents { reply })
+            .await
+            .is_some()
+    }
+
+    /// The node loop's answer; None once it has stopped.
+    async fn ask<T>(&self, query: impl FnOnce(oneshot::Sender<T>) -> NodeQuery) -> Option<T> {
         let (reply, answer) = oneshot::channel();
-        if self.queries.send(NodeQuery::Pods { reply }).await.is_err() {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
+        self.queries.send(query(reply)).await.ok()?;
+        answer.await.ok()
     }
 }
 

@@ -25,6 +25,7 @@ use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::placement::{self, AGENT_SELECTOR_ANNOTATION};
 use crate::runtime::translate;
+use crate::trust::PeerPolicy;
 use crate::view::HeartbeatBook;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
@@ -66,7 +67,7 @@ pub trait StatusSink: Send {
     fn removed(&mut self, pod: &PodRef);
 }
 
-/// Timings of the owner.
+/// Timings and trust of the owner.
 #[derive(Debug, Clone)]
 pub struct OwnerConfig {
     /// How long an offer collects bids before the best one is taken.
@@ -79,6 +80,8 @@ pub struct OwnerConfig {
     pub adopt_window: Duration,
     /// How often an unschedulable pod is offered again while nothing changes.
     pub retry_interval: Duration,
+    /// The agents pods may go to; heartbeats, bids and reports of others are dropped.
+    pub agents: PeerPolicy,
 }
 
 impl Default for OwnerConfig {
@@ -88,6 +91,7 @@ impl Default for OwnerConfig {
             agent_loss_timeout: Duration::from_secs(9),
             adopt_window: Duration::from_secs(4),
             retry_interval: Duration::from_secs(5),
+            agents: PeerPolicy::default(),
         }
     }
 }
@@ -789,6 +793,10 @@ impl Owner {
     /// An agent's heartbeat: remember its capacity, and reconcile the pods it says it
     /// runs for us against what we want.
     pub fn on_heartbeat(&mut self, agent: PeerId, heartbeat: Heartbeat) {
+        if !self.config.agents.trusts(&agent) {
+            self.metrics.dropped("heartbeat", "untrusted");
+            return;
+        }
         let me = self.me();
         let hosted: Vec<_> = heartbeat
             .pods
@@ -1086,6 +1094,14 @@ impl Owner {
     }
 
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
+        if matches!(request, Request::Bid(_) | Request::Status(_))
+            && !self.config.agents.trusts(&peer)
+        {
+            self.metrics.dropped(request.kind(), "untrusted");
+            return Response::Declined {
+                reason: format!("agent {peer} is not trusted by this node"),
+            };
+        }
         match request {
             Request::Bid(bid) => self.on_bid(peer, bid),
             Request::Status(report) => self.on_status(peer, *report),

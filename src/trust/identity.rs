@@ -33,6 +33,11 @@ pub enum IdentityError {
     Permissions { path: PathBuf, mode: u32 },
 }
 
+/// The DER prefix of every PKCS#8 v1 Ed25519 private key; the 32-byte seed follows.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
 /// Loads the identity from `<state_dir>/identity.key`, creating a new Ed25519 key
 /// (mode 0600) if there is none. A key that others can read is refused, as ssh does.
 pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, IdentityError> {
@@ -43,33 +48,73 @@ pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, IdentityErro
     let path = state_dir.join(IDENTITY_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
-            let mode = fs::metadata(&path)
-                .map_err(|source| IdentityError::Read {
-                    path: path.clone(),
-                    source,
-                })?
-                .permissions()
-                .mode()
-                & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(IdentityError::Permissions { path, mode });
-            }
-            let keypair =
-                Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Invalid {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            if keypair.key_type() != libp2p::identity::KeyType::Ed25519 {
-                return Err(IdentityError::Invalid {
-                    path,
-                    reason: format!("key type is {:?}", keypair.key_type()),
-                });
-            }
-            Ok(keypair)
+            check_mode(&path, 0o077)?;
+            decode(&path, &bytes)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path),
         Err(source) => Err(IdentityError::Read { path, source }),
     }
+}
+
+/// Loads the identity from a key file managed elsewhere, typically a mounted
+/// Kubernetes Secret. Its group may read it (a Secret volume is 0440 to the pod's
+/// fsGroup); others may not.
+pub fn load_identity_file(path: &Path) -> Result<Keypair, IdentityError> {
+    let bytes = fs::read(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_mode(path, 0o007)?;
+    decode(path, &bytes)
+}
+
+fn check_mode(path: &Path, forbidden: u32) -> Result<(), IdentityError> {
+    let mode = fs::metadata(path)
+        .map_err(|source| IdentityError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & forbidden != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// An Ed25519 key in libp2p's protobuf encoding (what `beemesh id` writes), or in PEM
+/// PKCS#8 (what `openssl genpkey -algorithm ed25519` and Helm's `genPrivateKey
+/// "ed25519"` write).
+fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {
+    let invalid = |reason: String| IdentityError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.starts_with(b"-----BEGIN") {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(bytes)
+            .map_err(|e| invalid(format!("unreadable PEM: {e}")))?;
+        if pem.label != "PRIVATE KEY" {
+            return Err(invalid(format!(
+                "PEM holds a {:?}, not a PKCS#8 PRIVATE KEY",
+                pem.label
+            )));
+        }
+        let seed = pem
+            .contents
+            .strip_prefix(&PKCS8_ED25519_PREFIX[..])
+            .filter(|seed| seed.len() == 32)
+            .ok_or_else(|| invalid("the PKCS#8 key is not an Ed25519 key".into()))?;
+        return Keypair::ed25519_from_bytes(seed.to_vec()).map_err(|e| invalid(e.to_string()));
+    }
+    let keypair = Keypair::from_protobuf_encoding(bytes).map_err(|e| invalid(e.to_string()))?;
+    if keypair.key_type() != libp2p::identity::KeyType::Ed25519 {
+        return Err(invalid(format!("key type is {:?}", keypair.key_type())));
+    }
+    Ok(keypair)
 }
 
 fn create(path: &Path) -> Result<Keypair, IdentityError> {
@@ -142,6 +187,50 @@ mod tests {
             .map(|t| t.join().expect("thread"))
             .collect();
         assert!(peers.windows(2).all(|w| w[0] == w[1]), "{peers:?}");
+    }
+
+    #[test]
+    fn a_mounted_key_may_be_pem_pkcs8_and_group_readable_but_not_world_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.pem");
+        // As Helm's genPrivateKey "ed25519" renders it (RFC 8410 test vector seed).
+        let pem = "-----BEGIN PRIVATE KEY-----\n\
+                   MC4CAQAwBQYDK2VwBCIEINTuctv5E1hK1bbY8fdp+K06/nwoy/HU++CXqI9EdVhC\n\
+                   -----END PRIVATE KEY-----\n";
+        fs::write(&path, pem).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).expect("chmod");
+        let keypair = load_identity_file(&path).expect("loads");
+        let seed = keypair
+            .try_into_ed25519()
+            .expect("ed25519")
+            .secret()
+            .as_ref()
+            .to_vec();
+        assert_eq!(
+            hex::encode(seed),
+            "d4ee72dbf913584ad5b6d8f1f769f8ad3afe7c28cbf1d4fbe097a88f44755842"
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).expect("chmod");
+        assert!(matches!(
+            load_identity_file(&path),
+            Err(IdentityError::Permissions { .. })
+        ));
+    }
+
+    #[test]
+    fn a_mounted_key_of_another_kind_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["x".into()]).expect("cert");
+        for (text, reason) in [
+            (cert.cert.pem(), "not a PKCS#8 PRIVATE KEY"),
+            (cert.key_pair.serialize_pem(), "not an Ed25519 key"),
+        ] {
+            fs::write(&path, text).expect("write");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod");
+            let error = load_identity_file(&path).expect_err("refused").to_string();
+            assert!(error.contains(reason), "{error}");
+        }
     }
 
     #[test]

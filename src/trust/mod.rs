@@ -3,5 +3,5 @@
 mod identity;
 mod policy;
 
-pub use identity::{load_or_create_identity, IdentityError, IDENTITY_FILE};
-pub use policy::OwnerPolicy;
+pub use identity::{load_identity_file, load_or_create_identity, IdentityError, IDENTITY_FILE};
+pub use policy::PeerPolicy;

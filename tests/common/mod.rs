@@ -53,13 +53,34 @@ pub fn free_port() -> u16 {
 }
 
 pub fn peer_id(state_dir: &Path) -> String {
+    beemesh_id("--state-dir", state_dir)
+}
+
+/// `beemesh id --state-dir DIR` or `beemesh id --identity-key-file FILE`.
+fn beemesh_id(flag: &str, path: &Path) -> String {
     let out = Command::new(bin())
-        .args(["id", "--state-dir"])
-        .arg(state_dir)
+        .args(["id", flag])
+        .arg(path)
         .output()
         .expect("beemesh id runs");
     assert!(out.status.success(), "beemesh id failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `helm template beemesh charts/beemesh --namespace beemesh <args>`: the rendered YAML.
+pub fn helm_template(args: &[&str]) -> String {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/beemesh");
+    let out = Command::new("helm")
+        .args(["template", "beemesh", chart, "--namespace", "beemesh"])
+        .args(args)
+        .output()
+        .expect("helm is missing: run `bash hack/install-helm.sh`");
+    assert!(
+        out.status.success(),
+        "helm template {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// A running `beemesh` process whose stdout lines are collected.
@@ -126,6 +147,7 @@ pub struct Mesh {
     pub agents: Vec<Process>,
     node_state: PathBuf,
     node_addr: String,
+    node_peer: String,
     node_args: Vec<String>,
     agent_count: usize,
     /// The node's kubelet API port (each test node has its own).
@@ -144,7 +166,12 @@ impl Mesh {
         let manifests = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).expect("manifest dir");
         let node_state = dir.path().join("node");
-        let peer = peer_id(&node_state);
+        let node_args: Vec<String> = node_args.iter().map(ToString::to_string).collect();
+        // A key file among the node's flags wins over its state directory.
+        let peer = match node_args.iter().position(|a| a == "--identity-key-file") {
+            Some(i) => beemesh_id("--identity-key-file", Path::new(&node_args[i + 1])),
+            None => peer_id(&node_state),
+        };
         let node_addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
         let mut mesh = Mesh {
             dir,
@@ -153,7 +180,8 @@ impl Mesh {
             agents: Vec::new(),
             node_state,
             node_addr,
-            node_args: node_args.iter().map(ToString::to_string).collect(),
+            node_peer: peer,
+            node_args,
             agent_count: 0,
             kubelet_port: free_port(),
         };
@@ -187,11 +215,10 @@ impl Mesh {
         .chain(self.node_args.iter().cloned())
         .collect();
         let log = self.dir.path().join(format!("node-{}.log", now_millis()));
-        let peer = peer_id(&self.node_state);
         self.node = Some(Process::spawn(
             &args,
             self.node_state.clone(),
-            peer,
+            self.node_peer.clone(),
             self.node_addr.clone(),
             log,
         ));

