@@ -3,20 +3,22 @@
 # rendering (the defaults, and charts/beemesh/ci/*.yaml, which take every optional branch)
 # validated against the Kubernetes schemas with `kubernetes-validate --strict`, as are
 # manifests/; manifests/install/beemesh.yaml must be the chart's current rendering.
-# Installs its tools first (hack/install-helm.sh).
+# Installs its tools first (hack/install-helm.sh, hack/install-python-tools.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash hack/install-helm.sh >/dev/null
+bash hack/install-python-tools.sh >/dev/null
+validate() { "${BEEMESH_PYTHON_TOOLS:-/opt/beemesh-python-tools}/bin/kubernetes-validate" --strict --quiet "$@"; }
 
 for values in charts/beemesh/ci/*.yaml; do
   echo "chart with $values"
   helm lint --strict charts/beemesh --values "$values" | grep -v '^$'
   helm template beemesh charts/beemesh --namespace beemesh --values "$values" |
-    kubernetes-validate --strict --quiet -
+    validate -
 done
 bash hack/render-manifests.sh --check
 for manifest in manifests/install/*.yaml manifests/examples/*.yaml manifests/standalone/*.yaml; do
-  kubernetes-validate --strict --quiet "$manifest"
+  validate "$manifest"
 done
 echo "chart and manifests valid"

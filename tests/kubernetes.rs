@@ -76,16 +76,13 @@ impl Cluster {
     }
 
     /// Everything the node asked of the API is allowed by the ClusterRole it ships
-    /// (requests are told apart by user agent; the fake's own kubelet proxy and kubectl
-    /// are not the node).
+    /// (the node's requests carry its user agent, `beemesh/<version> (<os>/<arch>)`).
     fn assert_node_requests_allowed(&self) {
         let node_requests: Vec<_> = self
             .server
             .requests()
             .into_iter()
-            .filter(|r| {
-                !r.user_agent.starts_with("kubectl") && !r.user_agent.starts_with("Go-http-client")
-            })
+            .filter(|r| r.user_agent.starts_with("beemesh/"))
             .collect();
         assert!(node_requests.len() > 10, "{node_requests:?}");
         let rules = cluster_role_rules();
@@ -719,8 +716,54 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         let _ = forward.kill();
         let _ = forward.wait();
     }
+
+    // Port-forward over plain WebSocket channels (v4.channel.k8s.io, ?ports=), as the
+    // official Python client speaks it: two ports, one of which refuses.
+    let python = std::env::var("BEEMESH_PYTHON_TOOLS")
+        .unwrap_or_else(|_| "/opt/beemesh-python-tools".into())
+        + "/bin/python";
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(PYTHON_PORT_FORWARD)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}: run `bash hack/install-python-tools.sh`"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("answer: HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("hello-forward"), "{text}");
+    assert!(
+        text.contains("error on 9999: error forwarding port 9999"),
+        "{text}"
+    );
     cluster.assert_node_requests_allowed();
 }
+
+/// The kubernetes Python client (hack/install-python-tools.sh) forwarding pod/server's
+/// port 8080 and a closed port 9999 in one WebSocket session.
+const PYTHON_PORT_FORWARD: &str = r#"
+from kubernetes import client, config
+from kubernetes.stream import portforward
+config.load_kube_config()
+api = client.CoreV1Api()
+pf = portforward(api.connect_get_namespaced_pod_portforward, "server", "default", ports="8080,9999")
+sock = pf.socket(8080)
+sock.setblocking(True)
+sock.sendall(b"GET / HTTP/1.0\r\nHost: server\r\n\r\n")
+answer = b""
+while True:
+    chunk = sock.recv(4096)
+    if not chunk:
+        break
+    answer += chunk
+print("answer:", answer.decode())
+# The session ends once every port's connection has: 9999's error came before that.
+print("error on 9999:", pf.error(9999))
+"#;
 
 /// `curl` against the node's kubelet port, trusting the cluster CA: HTTP code and body
 /// (code 0 when TLS refused the connection).

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use warp::http::header::{HeaderValue, USER_AGENT};
+
 use crate::health::Check;
 use crate::node::ApiLink;
 use node_object::NodeIdentity;
@@ -76,7 +78,7 @@ pub fn config_source(
 }
 
 pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
-    let config = match source {
+    let mut config = match source {
         ConfigSource::InCluster => kube::Config::incluster()?,
         ConfigSource::Kubeconfig(path) => {
             let kubeconfig =
@@ -87,6 +89,16 @@ pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
         }
     };
+    // Named as the kubelet names itself, so that audit logs tell the node's requests apart.
+    let agent = format!(
+        "beemesh/{} ({}/{})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    if let Ok(value) = HeaderValue::try_from(agent) {
+        config.headers.push((USER_AGENT, value));
+    }
     Client::try_from(config).map_err(ClusterError::Client)
 }
 

@@ -34,9 +34,9 @@ pub const CLOSE: u8 = 255;
 pub const PORT_FORWARD_TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 /// `X-Stream-Protocol-Version` of port-forward over SPDY.
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
-/// The channel protocol names port-forward over plain WebSocket accepts ("" is a client
-/// that names none).
-pub const PORT_FORWARD_WEBSOCKET_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "channel.k8s.io", ""];
+/// The channel protocol names port-forward over plain WebSocket accepts, as the kubelet
+/// ("" is a client that names none; the base64 variant is not spoken here).
+pub const PORT_FORWARD_WEBSOCKET_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", ""];
 
 /// Versions of the remotecommand (exec/attach) protocol, oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,7 +112,7 @@ pub enum ChannelError {
     TooLong,
     #[error("invalid port {0:?}")]
     BadPort(String),
-    #[error("no ports requested")]
+    #[error("query parameter \"port\" is required")]
     NoPorts,
     #[error("too many ports: {0} (at most 127 fit the channel numbers)")]
     TooManyPorts(usize),
@@ -158,7 +158,7 @@ pub fn close_message(channel: u8) -> Vec<u8> {
     vec![CLOSE, channel]
 }
 
-/// Parses the `ports` query parameter of a WebSocket port-forward request (the kubelet
+/// Parses the `port` query parameters of a WebSocket port-forward request (the kubelet
 /// takes comma-separated values, possibly in several parameters).
 pub fn parse_ports<'a>(
     values: impl IntoIterator<Item = &'a str>,

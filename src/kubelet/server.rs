@@ -499,8 +499,9 @@ async fn exec_request(
     reply
 }
 
-/// `/portForward/{namespace}/{pod}` upgraded to SPDY/3.1 (`portforward.k8s.io`) or to
-/// WebSocket carrying SPDY (`SPDY/3.1+portforward.k8s.io`).
+/// `/portForward/{namespace}/{pod}` upgraded to SPDY/3.1 (`portforward.k8s.io`), to
+/// WebSocket carrying SPDY (`SPDY/3.1+portforward.k8s.io`), or to WebSocket channels
+/// (`v4.channel.k8s.io`, with the ports in `?port=`).
 async fn port_forward_request(
     mut request: Request<Incoming>,
     context: &Context,
@@ -516,27 +517,35 @@ async fn port_forward_request(
         return text(StatusCode::NOT_FOUND, "404 page not found");
     };
     let upgrade = header("upgrade");
+    // Set for WebSocket channels: the requested ports.
+    let mut port_channels = None;
     let transport = if upgrade.iter().any(|u| u.eq_ignore_ascii_case("websocket")) {
         let offered = channel::offered_protocols(header("sec-websocket-protocol"));
-        let key = header("sec-websocket-key").first().map(|k| k.to_string());
-        match key {
-            Some(key) if offered.contains(&channel::PORT_FORWARD_TUNNEL_PROTOCOL) => {
-                Transport::WebSocket {
-                    key,
-                    protocol: channel::PORT_FORWARD_TUNNEL_PROTOCOL,
-                }
+        let Some(key) = header("sec-websocket-key").first().map(|k| k.to_string()) else {
+            return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+        };
+        let protocol = if offered.contains(&channel::PORT_FORWARD_TUNNEL_PROTOCOL) {
+            channel::PORT_FORWARD_TUNNEL_PROTOCOL
+        } else {
+            let protocol = match channel::negotiate_websocket(
+                &offered,
+                channel::PORT_FORWARD_WEBSOCKET_PROTOCOLS,
+            ) {
+                Ok(protocol) => protocol,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            let ports = port_query(request.uri().query().unwrap_or_default()).and_then(|values| {
+                channel::parse_ports(values.iter().map(String::as_str))
+                    .and_then(channel::PortForwardChannels::new)
+                    .map_err(|e| e.to_string())
+            });
+            match ports {
+                Ok(channels) => port_channels = Some(channels),
+                Err(e) => return text(StatusCode::BAD_REQUEST, e),
             }
-            // Channel-framed port-forward is not served; kubectl then falls back to SPDY.
-            _ => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unable to upgrade: only {} is supported",
-                        channel::PORT_FORWARD_TUNNEL_PROTOCOL
-                    ),
-                )
-            }
-        }
+            protocol
+        };
+        Transport::WebSocket { key, protocol }
     } else if upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
         let offered = channel::offered_protocols(header("x-stream-protocol-version"));
         match channel::negotiate_stream_protocol(&offered, &[channel::PORT_FORWARD_PROTOCOL]) {
@@ -567,7 +576,10 @@ async fn port_forward_request(
         let Some(upgraded) = upgraded(on_upgrade).await else {
             return;
         };
-        if websocket {
+        if let Some(channels) = port_channels {
+            let websocket = server_websocket(upgraded).await;
+            port_forward::serve_channels(websocket, channels, mesh, agent, pod_uid).await;
+        } else if websocket {
             use futures::{SinkExt, StreamExt};
             use tokio_tungstenite::tungstenite::{Error as WsError, Message};
             // SPDY frames ride in binary messages; a close message ends the stream.
@@ -591,6 +603,16 @@ async fn port_forward_request(
         }
     });
     reply
+}
+
+/// The values of the `port` query parameters, percent-decoded.
+fn port_query(query: &str) -> Result<Vec<String>, String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .filter(|(key, _)| *key == "port")
+        .map(|(_, value)| exec::percent_decode(value))
+        .collect()
 }
 
 /// The pod's UID and agent for a request about one of its containers, or the kubelet's

@@ -31,6 +31,9 @@ pub struct EventLoop {
     pending_replies: FuturesUnordered<PendingReply>,
     listen_addrs: Vec<Multiaddr>,
     connected: HashSet<PeerId>,
+    /// Said once while no peer can be reached, so that an agent that cannot reach its
+    /// bootstrap address says why at the default log level without repeating it.
+    isolation_reported: bool,
 }
 
 impl EventLoop {
@@ -51,6 +54,7 @@ impl EventLoop {
             pending_replies: FuturesUnordered::new(),
             listen_addrs: Vec::new(),
             connected: HashSet::new(),
+            isolation_reported: false,
         }
     }
 
@@ -197,6 +201,9 @@ impl EventLoop {
                     let addr = endpoint.get_remote_address().clone();
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
+                if std::mem::take(&mut self.isolation_reported) {
+                    tracing::info!(peer = %peer_id, "reached the mesh");
+                }
                 self.connected.insert(peer_id);
                 self.metrics.mesh_peers.set(self.connected.len() as i64);
                 tracing::debug!(peer = %peer_id, "peer connected");
@@ -213,7 +220,12 @@ impl EventLoop {
                 self.emit(MeshEvent::PeerDisconnected(peer_id), "peer");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                if self.connected.is_empty() && !self.isolation_reported {
+                    self.isolation_reported = true;
+                    tracing::warn!(error = %error, "cannot reach any mesh peer; dialling the bootstrap peers again every few seconds");
+                } else {
+                    tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+                }
             }
             _ => {}
         }
