@@ -619,6 +619,56 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
             "hello stdin\n",
         );
         assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
+
+        // A terminal: kubectl (given one by script(1)) sends its size on the resize
+        // stream, and the process sees it. The size is applied to the running process
+        // (as CRI runtimes do), so the command looks a moment later. script's stdin stays
+        // open, as a user's terminal does, until kubectl is done.
+        let mut terminal = Command::new("script")
+            .args([
+                "-qec",
+                "stty rows 33 cols 77; kubectl exec -it counter -- sh -c 'sleep 2; stty size'",
+            ])
+            .arg("/dev/null")
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("script runs");
+        let _open_stdin = terminal.stdin.take();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut terminal.stdout.take().expect("stdout"), &mut text)
+            .expect("script's output");
+        let _ = terminal.wait();
+        assert!(text.contains("33 77"), "{env:?}: {text:?}");
+
+        // kubectl killed mid-session: the whole path closes, down to the process's stdin.
+        let marker = format!("/tmp/stdin-closed-{}", env.len());
+        let mut session = Command::new("kubectl")
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .envs(env.iter().copied())
+            .args(["exec", "-i", "counter", "--", "sh", "-c"])
+            .arg(format!("cat >/dev/null; echo closed > {marker}"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kubectl runs");
+        std::thread::sleep(Duration::from_secs(3));
+        session.kill().expect("kill kubectl");
+        let _ = session.wait();
+        cluster
+            .mesh
+            .wait_for("the exec's stdin closed", Duration::from_secs(15), || {
+                let (code, out) = kubectl_exec(
+                    &cluster,
+                    &[],
+                    &["exec", "counter", "--", "cat", &marker],
+                    "",
+                );
+                (code == 0 && out.contains("closed")).then_some(())
+            });
     }
 
     // kubectl cp is tar over exec, both ways.
