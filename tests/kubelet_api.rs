@@ -84,9 +84,8 @@ fn curl(
     let url = format!("https://127.0.0.1:{}{path}", mesh.kubelet_port);
     let mut command = Command::new("curl");
     command
-        .args(["-sS", "--max-time", &max_secs.to_string(), "--cacert"])
-        .arg(server_ca)
-        .args(["-w", "\n%{http_code}"]);
+        .args(["--max-time", &max_secs.to_string(), "--cacert"])
+        .arg(server_ca);
     if let Some(client) = client {
         command
             .arg("--cert")
@@ -94,10 +93,8 @@ fn curl(
             .arg("--key")
             .arg(&client.key);
     }
-    let out = command.arg(url).output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    command.arg(url);
+    common::curl(command)
 }
 
 #[test]

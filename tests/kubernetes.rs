@@ -827,16 +827,7 @@ fn kubelet_curl(
     let ca = dir.join("cluster-ca.crt");
     std::fs::write(&ca, cluster.server.cluster_ca_pem()).expect("write");
     let mut command = Command::new("curl");
-    command
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code}",
-            "--cacert",
-        ])
-        .arg(&ca);
+    command.args(["--max-time", "10", "--cacert"]).arg(&ca);
     if let Some((cert, key)) = cert {
         let (cert_path, key_path) = (dir.join("client.crt"), dir.join("client.key"));
         std::fs::write(&cert_path, cert).expect("write");
@@ -850,11 +841,11 @@ fn kubelet_curl(
     if let Some(token) = token {
         command.args(["-H", &format!("Authorization: Bearer {token}")]);
     }
-    let url = format!("https://127.0.0.1:{}{path}", cluster.mesh.kubelet_port);
-    let out = command.arg(url).output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    command.arg(format!(
+        "https://127.0.0.1:{}{path}",
+        cluster.mesh.kubelet_port
+    ));
+    common::curl(command)
 }
 
 #[test]
@@ -947,14 +938,11 @@ fn the_kubelet_api_authenticates_and_authorizes_like_the_kubelet() {
 
 /// GET on the node's plain health endpoint: status code and body.
 fn health_get(port: u16, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "8", "-w", "\n%{http_code}"])
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let mut command = Command::new("curl");
+    command
+        .args(["--max-time", "8"])
+        .arg(format!("http://127.0.0.1:{port}{path}"));
+    common::curl(command)
 }
 
 /// The node as the chart runs it: its identity from the chart's generated Secret, its

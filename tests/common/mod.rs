@@ -77,6 +77,18 @@ fn beemesh_id(flag: &str, path: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Runs a `curl` command (given its options and URL) and returns the HTTP status and
+/// the body; status 0 when no answer came (refused, TLS failure, timeout).
+pub fn curl(mut command: Command) -> (u16, String) {
+    let out = command
+        .args(["-sS", "-w", "\n%{http_code}"])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
 /// `helm template beemesh charts/beemesh --namespace beemesh <args>`: the rendered YAML.
 pub fn helm_template(args: &[&str]) -> String {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/beemesh");
