@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{Agent, AgentConfig};
 use crate::cli::{self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs};
 use crate::cluster::{self, node_object::NodeIdentity};
-use crate::health::{self, Check, Health};
+use crate::health::{Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
@@ -219,9 +219,10 @@ async fn node(args: NodeArgs) -> Result<()> {
         }
         None => None,
     };
+    // Bound before anything starts, so that a taken port fails the start.
     let healthz = match args.healthz_addr {
         Some(addr) => Some(
-            health::bind(addr)
+            tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on --healthz-addr {addr}"))?,
         ),

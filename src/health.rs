@@ -9,7 +9,6 @@
 //! Both answer like the API server's own health endpoints: `ok` with 200, or one
 //! `[+]name ok` / `[-]name failed: reason` line per check and 500.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -119,11 +118,6 @@ impl Health {
             .run()
             .await;
     }
-}
-
-/// Binds the health address now, so that a taken port fails the start.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 fn reply(results: &Results) -> warp::reply::WithStatus<String> {

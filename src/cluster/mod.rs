@@ -17,7 +17,6 @@ use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
 use warp::http::header::{HeaderValue, USER_AGENT};
 
 use crate::health::Check;
