@@ -621,13 +621,12 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
 
         // A terminal: kubectl (given one by script(1)) sends its size on the resize
-        // stream, and the process sees it. The size is applied to the running process
-        // (as CRI runtimes do), so the command looks a moment later. script's stdin stays
-        // open, as a user's terminal does, until kubectl is done.
+        // stream, and the command has it from the start. script's stdin stays open, as
+        // a user's terminal does, until kubectl is done.
         let mut terminal = Command::new("script")
             .args([
                 "-qec",
-                "stty rows 33 cols 77; kubectl exec -it counter -- sh -c 'sleep 2; stty size'",
+                "stty rows 33 cols 77; kubectl exec -it counter -- stty size",
             ])
             .arg("/dev/null")
             .env("KUBECONFIG", &cluster.kubeconfig)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
     ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan, PortMapping, Protocol,
-    PullPolicy, Runtime, RuntimeError, Streams,
+    PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
 };
 use common::{free_port, require_podman, IMAGE};
 
@@ -250,12 +250,26 @@ async fn an_interactive_exec_takes_stdin_and_terminal_resizes_and_tells_its_exit
     let cmd = ["sh", "-c", "sleep 1; stty size"].map(String::from);
     let session = pod
         .runtime
-        .exec_interactive(&id, &cmd, streams)
+        .exec_interactive(&id, &cmd, streams, None)
         .await
         .expect("exec");
     session.control.resize(123, 45).await.expect("resize");
     let (text, _) = read_all(session).await;
     assert!(text.contains("45 123"), "{text:?}");
+
+    // A terminal of a given size from the start: the command reads it at once.
+    let cmd = ["stty", "size"].map(String::from);
+    let size = TerminalSize {
+        width: 80,
+        height: 24,
+    };
+    let session = pod
+        .runtime
+        .exec_interactive(&id, &cmd, streams, Some(size))
+        .await
+        .expect("exec");
+    let (text, _) = read_all(session).await;
+    assert!(text.contains("24 80"), "{text:?}");
 
     // stdin to the command, its end as EOF, and the exit code.
     let streams = Streams {
@@ -267,7 +281,7 @@ async fn an_interactive_exec_takes_stdin_and_terminal_resizes_and_tells_its_exit
     let cmd = ["sh", "-c", "cat; exit 7"].map(String::from);
     let mut session = pod
         .runtime
-        .exec_interactive(&id, &cmd, streams)
+        .exec_interactive(&id, &cmd, streams, None)
         .await
         .expect("exec");
     session

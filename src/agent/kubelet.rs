@@ -12,12 +12,12 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::kubelet::relay::{
-    read_frame, read_header, write_frame, write_header, Exit, Frame, RelayError,
+    read_frame, read_frame_within, read_header, write_frame, write_header, Exit, Frame, RelayError,
 };
 use crate::mesh::{MeshError, MeshHandle};
 use crate::runtime::{
     labels, ContainerStatus, Interactive, LogOptions, Output, Runtime, RuntimeContainer,
-    RuntimeError, RuntimePod, SessionControl, Streams,
+    RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize,
 };
 use crate::wire::{
     ContainerUsage, KubeletAnswer, KubeletRequest, PodRef, PodUid, PodUsage, KUBELET_PROTOCOL,
@@ -212,7 +212,26 @@ where
         Err(failed) => return write_header(&mut io, &failed).await,
     };
     let started = match session {
-        Session::Exec(command) => runtime.exec_interactive(&id, command, streams).await,
+        // A terminal's size comes as the session's first frame, once the node has our
+        // answer and the client its upgrade: so answer first, and give the command the
+        // size it reads at start. A start that fails then ends the session with its error.
+        Session::Exec(command) if streams.tty => {
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            let (size, first) = match read_frame_within(&mut io, Some(FIRST_SIZE_WAIT)).await? {
+                Some(Frame::Resize { width, height }) => {
+                    (Some(TerminalSize { width, height }), None)
+                }
+                other => (None, other),
+            };
+            match runtime.exec_interactive(&id, command, streams, size).await {
+                Ok(session) => return run_session(io, session, first).await,
+                Err(e) => {
+                    write_frame(&mut io, &Frame::Exit(Exit::Error(e.to_string()))).await?;
+                    return Ok(io.shutdown().await?);
+                }
+            }
+        }
+        Session::Exec(command) => runtime.exec_interactive(&id, command, streams, None).await,
         Session::Attach => runtime.attach(&id, streams).await,
     };
     let session = match started {
@@ -220,14 +239,20 @@ where
         Err(e) => return write_header(&mut io, &failed(500, e.to_string())).await,
     };
     write_header(&mut io, &KubeletAnswer::Ok).await?;
-    run_session(io, session).await
+    run_session(io, session, None).await
 }
 
-/// Carries an exec session's frames until its output ends, then sends how it ended.
-/// The node closing the stream ends the input side (and so the command's stdin).
+/// How long a terminal exec waits for the client's size before it starts without one
+/// (kubectl sends it at once).
+const FIRST_SIZE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Carries an exec session's frames (`first` already read) until its output ends, then
+/// sends how it ended. The node closing the stream ends the input side (and so the
+/// command's stdin).
 async fn run_session(
     io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     session: Interactive,
+    first: Option<Frame>,
 ) -> Result<(), RelayError> {
     use futures::AsyncWriteExt as _;
     let (mut from_node, mut to_node) = tokio::io::split(io);
@@ -239,7 +264,15 @@ async fn run_session(
     let control: Arc<dyn SessionControl> = Arc::from(control);
     let input_control = control.clone();
     let input = tokio::spawn(async move {
-        while let Ok(Some(frame)) = read_frame(&mut from_node).await {
+        let mut first = first;
+        loop {
+            let frame = match first.take() {
+                Some(frame) => frame,
+                None => match read_frame(&mut from_node).await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) | Err(_) => break,
+                },
+            };
             match frame {
                 Frame::Stdin(bytes) => {
                     if stdin.write_all(&bytes).await.is_err() {

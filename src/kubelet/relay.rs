@@ -185,8 +185,26 @@ pub async fn write_frame(
 
 /// The next frame; None when the peer closed the stream between frames.
 pub async fn read_frame(io: &mut (impl AsyncRead + Unpin)) -> Result<Option<Frame>, RelayError> {
+    read_frame_within(io, None).await
+}
+
+/// The next frame, if its first byte comes within `wait` (`Ok(None)` otherwise, with
+/// nothing consumed, so the stream can still be read); no limit without one. A frame
+/// once begun is read whole.
+pub async fn read_frame_within(
+    io: &mut (impl AsyncRead + Unpin),
+    wait: Option<std::time::Duration>,
+) -> Result<Option<Frame>, RelayError> {
     let mut tag = [0u8; 1];
-    if io.read(&mut tag).await? == 0 {
+    let first = io.read(&mut tag);
+    let read = match wait {
+        Some(wait) => match tokio::time::timeout(wait, first).await {
+            Ok(read) => read?,
+            Err(_) => return Ok(None),
+        },
+        None => first.await?,
+    };
+    if read == 0 {
         return Ok(None);
     }
     let mut len = [0u8; 4];

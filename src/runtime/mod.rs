@@ -211,6 +211,13 @@ pub struct Interactive {
     pub control: Box<dyn SessionControl>,
 }
 
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub width: u16,
+    pub height: u16,
+}
+
 /// What else a session can do: resize its terminal, and tell its exit code.
 #[async_trait]
 pub trait SessionControl: Send + Sync {
@@ -291,12 +298,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// are not running are left out).
     async fn usage(&self, ids: &[String]) -> Result<HashMap<String, Usage>, RuntimeError>;
 
-    /// Starts `cmd` in a running container with the chosen streams connected.
+    /// Starts `cmd` in a running container with the chosen streams connected; with a
+    /// terminal, of `size` from the start when given (programs read it once, at start).
     async fn exec_interactive(
         &self,
         id: &str,
         cmd: &[String],
         streams: Streams,
+        size: Option<TerminalSize>,
     ) -> Result<Interactive, RuntimeError>;
 
     /// Connects to the streams of the container's own process.

@@ -23,7 +23,7 @@ use podman_api::Podman as Client;
 use super::{
     ContainerPlan, ContainerState, ContainerStatus, ExecOutput, Interactive, LogOptions, LogStream,
     Output, PodPlan, Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
-    SessionControl, Streams, Usage,
+    SessionControl, Streams, TerminalSize, Usage,
 };
 
 /// A Podman stream pair as a session: output by stream, stdin, and its control.
@@ -645,6 +645,7 @@ impl Runtime for Podman {
         id: &str,
         cmd: &[String],
         streams: Streams,
+        size: Option<TerminalSize>,
     ) -> Result<Interactive, RuntimeError> {
         path_safe("container", id)?;
         let exec = self
@@ -662,10 +663,13 @@ impl Runtime for Podman {
             )
             .await
             .map_err(classify)?;
-        let started = exec
-            .start(&ExecStartOpts::builder().tty(streams.tty).build())
-            .await
-            .map_err(classify)?;
+        let mut start = ExecStartOpts::builder().tty(streams.tty);
+        if let Some(size) = size.filter(|_| streams.tty) {
+            start = start
+                .width(usize::from(size.width))
+                .height(usize::from(size.height));
+        }
+        let started = exec.start(&start.build()).await.map_err(classify)?;
         let Some(multiplexer) = started else {
             return Err(RuntimeError::Unavailable("exec started detached".into()));
         };
