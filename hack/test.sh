@@ -5,6 +5,8 @@
 # run as root on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A build needs a few GB (a CI run once ran out of disk): said first, for the log.
+df -h . | awk 'NR == 2 { print "disk: " $4 " free on " $6 }'
 
 bash hack/install-podman.sh
 bash hack/build-test-image.sh
@@ -13,7 +15,6 @@ bash hack/check-chart.sh
 
 # Incremental state would roughly double target/'s size and buys nothing in one-shot runs.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-df -h . | awk 'NR == 2 { print "disk: " $4 " free on " $6 }'
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 # End-to-end tests start several processes each; two at a time suit 2 cores.
