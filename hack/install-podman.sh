@@ -2,9 +2,17 @@
 # Installs Podman with the configuration verified on these machines (see
 # ../shared/ENVIRONMENT.md) and starts its REST service on the socket BeeMesh
 # agents use. Idempotent: a reused machine keeps its packages, config and service.
+# --no-service: packages and config only, for machines where systemd's podman.socket
+# serves the API instead (hack/install-agent.sh).
 set -euo pipefail
 
 SOCKET_PATH=${BEEMESH_PODMAN_SOCKET_PATH:-/run/podman/podman.sock}
+start_service=1
+case "${1:-}" in
+  "") ;;
+  --no-service) start_service=0 ;;
+  *) echo "install-podman.sh: unknown argument $1 (only --no-service)" >&2; exit 1 ;;
+esac
 
 need_install=0
 for bin in podman runc conmon curl iptables; do
@@ -31,6 +39,11 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"'
 if [ "$(cat "$conf" 2>/dev/null)" != "$want" ]; then
   printf '%s\n' "$want" >"$conf"
+fi
+
+if [ "$start_service" = 0 ]; then
+  echo "podman $(podman --version | awk '{print $3}') installed and configured (REST service not started)"
+  exit 0
 fi
 
 ping_service() {
