@@ -728,9 +728,38 @@ impl Worker {
 }
 
 /// Creates a volume directory with mode 0777, as the kubelet creates emptyDir volumes,
-/// so that containers running as any user can write to it.
+/// so that containers running as any user can write to it. One that exists keeps its
+/// owner and mode: a container may have set them, and a restart must not undo that.
 async fn create_world_writable(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     tokio::fs::create_dir_all(dir).await?;
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn volume_directories_are_made_world_writable_once_and_then_left_as_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volume = dir.path().join("data/sub");
+        let mode = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        create_world_writable(&volume).await.expect("created");
+        assert_eq!(mode(&volume), 0o777);
+        // What a container did to it (here: chmod) survives its restart.
+        std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        create_world_writable(&volume).await.expect("kept");
+        assert_eq!(mode(&volume), 0o700);
+    }
 }
