@@ -45,7 +45,7 @@ done
 echo "node $node_id on $node_addr; agents in zones a, b, c (logs in $demo)"
 sleep 5
 cp manifests/standalone/*.yaml "$demo/manifests/"
-echo "manifests handed to the node: $(ls "$demo/manifests" | tr '\n' ' ')"
+echo "manifests handed to the node: $(find "$demo/manifests" -maxdepth 1 -type f -printf '%f\n' | sort | tr '\n' ' ')"
 sleep 8
 "$bin" status --bootstrap "$node_addr"
 echo

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need (Podman with its config and REST service, the
-# local busybox test image, Helm) and runs every check and test: the chart and
-# manifests, formatting, clippy, unit, mesh, Podman and end-to-end tests. Idempotent;
-# run as root on a fresh machine.
+# local busybox test image, Helm, shellcheck) and runs every check and test: the chart
+# and manifests, the scripts, formatting, clippy, unit, mesh, Podman and end-to-end
+# tests. Idempotent; run as root on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A build needs a few GB (a CI run once ran out of disk): said first, for the log.
@@ -12,6 +12,10 @@ bash hack/install-podman.sh
 bash hack/build-test-image.sh
 # Helm and kubernetes-validate; the chart's lint and schema checks.
 bash hack/check-chart.sh
+if ! command -v shellcheck >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null
+fi
+shellcheck hack/*.sh .ci/run
 
 # Incremental state would roughly double target/'s size and buys nothing in one-shot runs.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
