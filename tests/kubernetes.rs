@@ -1059,5 +1059,27 @@ fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_
         node_output.contains(&format!("node {expected} is Kubernetes node beemesh")),
         "{node_output}"
     );
+    // The example workloads as shipped (with the local test image): the pod runs, the
+    // one for other agents waits with the mesh's reason.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/examples");
+    for file in ["pod.yaml", "agent-selector.yaml"] {
+        let text = std::fs::read_to_string(examples.join(file)).expect("example");
+        cluster.apply(&text.replace("docker.io/library/busybox:1.36", common::IMAGE));
+    }
+    cluster.wait_running("hello");
+    let waiting = cluster.mesh.wait_for(
+        "lab-only Pending with the mesh's reason",
+        Duration::from_secs(20),
+        || {
+            let pod = cluster.get(&["pod", "lab-only"])?;
+            (pod["status"]["reason"] == "Unschedulable").then(|| pod["status"].clone())
+        },
+    );
+    assert!(
+        waiting["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("didn't match the pod's agent selector")),
+        "{waiting}"
+    );
     cluster.assert_node_requests_allowed();
 }
