@@ -75,6 +75,16 @@ impl Cluster {
         )
     }
 
+    /// Waits until the Node `name` has its Ready condition at `ready` ("True" or
+    /// "False"); returns the Node.
+    fn wait_node_ready(&self, name: &str, ready: &str, timeout: Duration) -> Value {
+        self.mesh
+            .wait_for(&format!("node {name} Ready {ready}"), timeout, || {
+                let node = self.server.object("nodes", "", name)?;
+                (condition(&node, "Ready")? == ready).then_some(node)
+            })
+    }
+
     /// Everything the node asked of the API is allowed by the ClusterRole it ships
     /// (the node's requests carry its user agent, `beemesh/<version> (<os>/<arch>)`).
     fn assert_node_requests_allowed(&self) {
@@ -164,21 +174,9 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         node["spec"]["taints"][0]["key"],
         "virtual-kubelet.io/provider"
     );
-    cluster.mesh.wait_for(
-        "Ready False without agents",
-        Duration::from_secs(10),
-        || {
-            let node = cluster.server.object("nodes", "", "beemesh")?;
-            (condition(&node, "Ready")? == "False").then_some(())
-        },
-    );
+    cluster.wait_node_ready("beemesh", "False", Duration::from_secs(10));
     cluster.mesh.start_agent(&[]);
-    let node = cluster
-        .mesh
-        .wait_for("Ready with an agent", Duration::from_secs(20), || {
-            let node = cluster.server.object("nodes", "", "beemesh")?;
-            (condition(&node, "Ready")? == "True").then_some(node)
-        });
+    let node = cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
     assert_ne!(node["status"]["capacity"]["cpu"], "0m");
     assert_eq!(
         node["status"]["addresses"],
@@ -362,19 +360,11 @@ fn the_node_needs_a_source_of_pods_and_leaves_the_node_not_ready_on_exit() {
 
     let mut cluster = Cluster::start(&["--node-name", "edge-1"]);
     cluster.mesh.start_agent(&[]);
-    cluster.mesh.wait_for("Ready", Duration::from_secs(20), || {
-        let node = cluster.server.object("nodes", "", "edge-1")?;
-        (condition(&node, "Ready")? == "True").then_some(())
-    });
+    cluster.wait_node_ready("edge-1", "True", Duration::from_secs(20));
     let pid = cluster.mesh.node().child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()));
-    cluster
-        .mesh
-        .wait_for("NotReady after exit", Duration::from_secs(15), || {
-            let node = cluster.server.object("nodes", "", "edge-1")?;
-            (condition(&node, "Ready")? == "False").then_some(())
-        });
+    cluster.wait_node_ready("edge-1", "False", Duration::from_secs(15));
 }
 
 const SLEEPER: &str = r#"
@@ -1006,14 +996,7 @@ fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_
 
     // The trusted one does; the helm test pod runs on it and succeeds.
     cluster.mesh.start_agent_in(trusted_state, &[]);
-    cluster.mesh.wait_for(
-        "Ready with the trusted agent",
-        Duration::from_secs(20),
-        || {
-            let node = cluster.server.object("nodes", "", "beemesh")?;
-            (condition(&node, "Ready")? == "True").then_some(())
-        },
-    );
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
     let test_pod = common::helm_template(&[
         "--show-only",
         "templates/tests/test-pod-runs.yaml",
