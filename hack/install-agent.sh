@@ -2,10 +2,14 @@
 # Installs a BeeMesh agent on a worker machine, as root, from a checkout of this
 # repository. Idempotent: a second run changes nothing and says so.
 #
-#   hack/install-agent.sh [--bootstrap MULTIADDR]... [--binary PATH] [--root DIR]
+#   hack/install-agent.sh [--bootstrap MULTIADDR]... [--join TOKEN] [--binary PATH]
+#                         [--root DIR]
 #
 #   --bootstrap MULTIADDR  mesh peer to join through, written into the env file when
 #                          it is first created (repeatable)
+#   --join TOKEN           the node's join token (`beemesh token create`, or the chart's
+#                          NOTES): written into the env file (made 0600), and removed
+#                          from it once the agent has joined and pinned the node
 #   --binary PATH          the beemesh binary to install (default:
 #                          ${CARGO_TARGET_DIR:-target}/release/beemesh, built with
 #                          cargo if absent)
@@ -34,6 +38,7 @@ usage() {
 root=/
 binary=
 bootstrap=
+join=
 while [ $# -gt 0 ]; do
   case "$1" in
     --bootstrap)
@@ -43,6 +48,13 @@ while [ $# -gt 0 ]; do
         *) die "--bootstrap $2 is not a multiaddr (e.g. /ip4/10.0.0.5/tcp/4001/p2p/12D3KooW...)" ;;
       esac
       bootstrap=${bootstrap:+$bootstrap,}$2
+      shift 2
+      ;;
+    --join)
+      [ $# -ge 2 ] || die "--join needs a token"
+      printf '%s' "$2" | grep -qE '^[a-z0-9]{6}\.[a-z0-9]{16}$' ||
+        die "--join $2 is not a join token (like abcdef.0123456789abcdef)"
+      join=$2
       shift 2
       ;;
     --binary)
@@ -142,6 +154,20 @@ else
   changed=1
 fi
 
+# The join token is a credential: the env file that holds it is private, and it stays
+# there only until the agent has joined (see below).
+if [ -n "$join" ] && grep -qxF "BEEMESH_JOIN=$join" "$env_file" && [ "$(stat -c %a "$env_file")" = 600 ]; then
+  echo "unchanged: BEEMESH_JOIN in /etc/beemesh/agent.env"
+elif [ -n "$join" ]; then
+  grep -v '^BEEMESH_JOIN=' "$env_file" >"$env_file.tmp" || true
+  echo "BEEMESH_JOIN=$join" >>"$env_file.tmp"
+  chmod 600 "$env_file.tmp"
+  mv "$env_file.tmp" "$env_file"
+  echo "installed: BEEMESH_JOIN in /etc/beemesh/agent.env (mode 0600)"
+  changed=1
+  restart_needed=1
+fi
+
 # The unit's StateDirectory= also makes it, but the agent can be started by hand too.
 state_dir=$dest/var/lib/beemesh
 if [ -d "$state_dir" ] && [ "$(stat -c %a "$state_dir")" = 700 ]; then
@@ -171,8 +197,25 @@ elif [ "$systemd" = 1 ]; then
     systemctl enable --now beemesh-agent.service
   fi
   echo "beemesh-agent.service: $(systemctl is-active beemesh-agent.service); logs: journalctl -u beemesh-agent"
+  if [ -n "$join" ]; then
+    for _ in $(seq 60); do
+      [ -s "$state_dir/trust/owners.json" ] && break
+      sleep 1
+    done
+    if [ -s "$state_dir/trust/owners.json" ]; then
+      sed -i '/^BEEMESH_JOIN=/d' "$env_file"
+      echo "joined the node; the token is removed from /etc/beemesh/agent.env"
+    else
+      echo "the agent has not joined within 60 s (journalctl -u beemesh-agent says why);" \
+        "BEEMESH_JOIN stays in /etc/beemesh/agent.env until it has" >&2
+    fi
+  fi
 else
   echo "systemd is not running (PID 1 is $(cat /proc/1/comm)): units installed but not enabled."
   echo "Start the agent by hand with:"
   echo "  (set -a; . /etc/beemesh/agent.env; set +a; exec /usr/local/bin/beemesh agent)"
+  if [ -n "$join" ]; then
+    echo "Once it has joined (it logs \"node enrolled this agent\"), remove BEEMESH_JOIN"
+    echo "from /etc/beemesh/agent.env: the token is no longer needed."
+  fi
 fi

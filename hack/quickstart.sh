@@ -19,6 +19,9 @@ rm -f "$demo"/manifests/*.yaml
 node_port=${BEEMESH_DEMO_PORT:-4001}
 node_id=$("$bin" id --state-dir "$demo/node")
 node_addr="/ip4/127.0.0.1/tcp/$node_port/p2p/$node_id"
+# Nothing is trusted by default: the agents enroll with a join token of the node's.
+token=$("$bin" token create --state-dir "$demo/node" --ttl 1h 2>/dev/null)
+status=("$bin" status --bootstrap "$node_addr" --client-key "$demo/node/client.key")
 
 pids=()
 cleanup() {
@@ -37,7 +40,7 @@ pids+=($!)
 zones=(a b c)
 for i in 0 1 2; do
   "$bin" agent --state-dir "$demo/agent$i" --listen "/ip4/127.0.0.1/tcp/$((node_port + 1 + i))" \
-    --bootstrap "$node_addr" --trust "$node_id" --label "zone=${zones[$i]}" \
+    --bootstrap "$node_addr" --join "$token" --label "zone=${zones[$i]}" \
     >"$demo/agent$i.log" 2>&1 &
   pids+=($!)
 done
@@ -47,11 +50,11 @@ sleep 5
 cp manifests/standalone/*.yaml "$demo/manifests/"
 echo "manifests handed to the node: $(find "$demo/manifests" -maxdepth 1 -type f -printf '%f\n' | sort | tr '\n' ' ')"
 sleep 8
-"$bin" status --bootstrap "$node_addr"
+"${status[@]}"
 echo
 echo "the hello pod serves on its hostPort: $(curl -s --max-time 3 http://127.0.0.1:18080/ || echo '(not yet)')"
 echo "its Podman pods:  podman pod ps --filter label=io.beemesh.pod.name=hello"
-echo "mesh status:      $bin status --bootstrap $node_addr"
+echo "mesh status:      ${status[*]}"
 echo "phase changes follow (Ctrl-C to stop):"
 if [ -n "${BEEMESH_DEMO_SECONDS:-}" ]; then
   sleep "$BEEMESH_DEMO_SECONDS"

@@ -11,6 +11,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use crate::placement::ScoreMode;
 use crate::runtime::translate;
+use crate::trust::join::JoinToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -55,8 +56,10 @@ pub enum Command {
     Agent(AgentArgs),
     /// Run the virtual node: own pods and offer them to the mesh.
     Node(NodeArgs),
-    /// Show the mesh's agents and pods, as a peer on it sees them.
+    /// Show the mesh's agents and pods, as a node sees them.
     Status(StatusArgs),
+    /// Manage the join tokens agents enroll with, and the agents enrolled.
+    Token(TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +96,11 @@ pub struct MeshArgs {
     /// Serve Prometheus metrics on this address at /metrics.
     #[arg(long, env = "BEEMESH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Trust every peer on the mesh: any agent gets pods and their secrets, any owner
+    /// runs anything. For throwaway demos only; warned about every minute, and refused
+    /// when the node runs in Kubernetes.
+    #[arg(long, env = "BEEMESH_INSECURE_TRUST_ANY")]
+    pub insecure_trust_any: bool,
 }
 
 #[derive(Debug, Args)]
@@ -118,12 +126,15 @@ pub struct AgentArgs {
     /// Most pods run at once.
     #[arg(long, env = "BEEMESH_MAX_PODS", default_value_t = 110, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pods: u64,
-    /// Peer ID of an owner whose work is accepted (repeatable). None: any owner.
+    /// Peer ID of a node whose work is accepted (repeatable). Not needed with --join,
+    /// which pins the node it joins.
     #[arg(long, env = "BEEMESH_TRUST", value_delimiter = ',')]
     pub trust: Vec<PeerId>,
-    /// How bids are scored.
-    #[arg(long, env = "BEEMESH_SCORE_MODE", value_enum, default_value = "spread")]
-    pub score_mode: ScoreMode,
+    /// Join token from the node (`beemesh token create`): the agent enrolls with the
+    /// node it reaches through --bootstrap and pins its peer ID in the state directory,
+    /// so the token is needed only once.
+    #[arg(long, env = "BEEMESH_JOIN", value_parser = parse_join_token)]
+    pub join: Option<JoinToken>,
     /// Seconds between heartbeats.
     #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub heartbeat_seconds: u64,
@@ -179,14 +190,25 @@ pub struct NodeArgs {
     /// Delete the Node object on exit instead of leaving it NotReady.
     #[arg(long, env = "BEEMESH_DELETE_NODE_ON_EXIT")]
     pub delete_node_on_exit: bool,
-    /// Peer ID of an agent this node's pods may go to (repeatable). None: any agent.
-    /// Pods carry their configMaps and secrets to their agent.
+    /// Peer ID of an agent this node's pods may go to (repeatable), besides the agents
+    /// enrolled with join tokens. Pods carry their configMaps and secrets to their agent.
     #[arg(
         long = "trust-agent",
         env = "BEEMESH_TRUST_AGENTS",
         value_delimiter = ','
     )]
     pub trust_agents: Vec<PeerId>,
+    /// Peer ID of a client that may ask `beemesh status` (repeatable), besides the
+    /// key the node keeps in <state-dir>/client.key.
+    #[arg(
+        long = "trust-client",
+        env = "BEEMESH_TRUST_CLIENT",
+        value_delimiter = ','
+    )]
+    pub trust_clients: Vec<PeerId>,
+    /// How the node ranks the agents that can take a pod.
+    #[arg(long, env = "BEEMESH_SCORE_MODE", value_enum, default_value = "spread")]
+    pub score_mode: ScoreMode,
     /// Milliseconds an offer collects bids.
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,
@@ -218,6 +240,43 @@ pub struct StatusArgs {
     /// Seconds to wait for an answer.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout_seconds: u64,
+    /// The key to ask with: the node answers only its own client key
+    /// (<node state dir>/client.key) and the peers it lists with --trust-client.
+    #[arg(long, env = "BEEMESH_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The node's state directory, which holds its tokens and enrolled agents
+    /// (trust/node.json).
+    #[arg(long, env = "BEEMESH_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token and print it (the only time its secret is shown).
+    Create {
+        /// How long it may be used: seconds, or with a unit (30m, 24h, 7d); 0 never
+        /// expires.
+        #[arg(long, default_value = "24h", value_parser = parse_duration_secs)]
+        ttl: u64,
+        /// How many agents may join with it. Default: any number.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: Option<u32>,
+    },
+    /// List the tokens (without secrets) and the agents that joined with each.
+    List,
+    /// Revoke a token (by its id, the part before the dot) and every agent that joined
+    /// with it, or one agent (by peer ID). The running node drops them within seconds
+    /// and moves their pods.
+    Revoke {
+        /// A token id or an agent's peer ID.
+        what: String,
+    },
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -228,6 +287,32 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     // a selector requirement.
     crate::placement::parse_selector(text).map_err(|e| e.to_string())?;
     Ok((key.trim().to_string(), value.trim().to_string()))
+}
+
+fn parse_join_token(text: &str) -> Result<JoinToken, String> {
+    text.parse()
+        .map_err(|e: crate::trust::join::JoinError| e.to_string())
+}
+
+/// Seconds, or a number with one of the units s, m, h, d.
+fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: use seconds or a unit of s, m, h or d")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a duration like 3600, 30m, 24h or 7d"))
 }
 
 fn parse_cpu(text: &str) -> Result<u64, String> {
@@ -282,6 +367,10 @@ mod tests {
             agent(&["--memory", "-1"]),
             agent(&["--max-pods", "0"]),
             agent(&["--label", "no-equals"]),
+            agent(&["--join", "not-a-token"]),
+            agent(&["--score-mode", "binpack"]),
+            vec!["beemesh", "token", "create", "--ttl", "forever"],
+            vec!["beemesh", "token", "create", "--uses", "0"],
             vec![
                 "beemesh",
                 "node",
@@ -319,5 +408,17 @@ mod tests {
         };
         assert_eq!(agent.cpu, Some(1500));
         assert_eq!(agent.memory, Some(2 << 30));
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("24h"), Ok(86400));
+        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
+        assert_eq!(parse_duration_secs("0"), Ok(0));
+        for bad in ["", "h", "1w", "-1h", "99999999999999999999d"] {
+            assert!(parse_duration_secs(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -11,18 +11,28 @@ use libp2p::Multiaddr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::enroll::{self, Enrollment};
 use crate::agent::{Agent, AgentConfig};
-use crate::cli::{self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs};
+use crate::cli::{
+    self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs, TokenArgs,
+    TokenCommand,
+};
 use crate::cluster::{self, node_object::NodeIdentity};
 use crate::health::{Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
-use crate::mesh::{self, MeshConfig, MeshEvent};
+use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
+use crate::node::enroll::NodeEnrollment;
 use crate::node::owner::OwnerConfig;
 use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
-use crate::trust::{load_identity_file, load_or_create_identity, PeerPolicy};
+use crate::trust::join::{JoinToken, TrustDoc};
+use crate::trust::replay::unix_millis;
+use crate::trust::store::{JsonStore, TrustStore, NODE_TRUST_FILE};
+use crate::trust::{
+    load_identity_file, load_or_create_identity, load_or_create_key, TrustedPeers, CLIENT_KEY_FILE,
+};
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
 pub async fn run(command: Command) -> Result<()> {
@@ -31,6 +41,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Agent(args) => agent(args).await,
         Command::Node(args) => node(args).await,
         Command::Status(args) => status(args).await,
+        Command::Token(args) => token(args),
     }
 }
 
@@ -61,11 +72,48 @@ fn shutdown_token() -> Result<CancellationToken> {
     Ok(token)
 }
 
+/// The peer's identity key, as the flags name it.
+fn identity(args: &MeshArgs) -> Result<libp2p::identity::Keypair> {
+    Ok(match &args.identity_key_file {
+        Some(path) => load_identity_file(path)?,
+        None => load_or_create_identity(&args.state_dir)?,
+    })
+}
+
+/// The mesh peers trust: `listed` or, with --insecure-trust-any, everyone (warned about
+/// every minute while the process runs).
+fn trusted_peers(
+    args: &MeshArgs,
+    listed: impl IntoIterator<Item = libp2p::PeerId>,
+    cancel: &CancellationToken,
+) -> TrustedPeers {
+    if !args.insecure_trust_any {
+        return TrustedPeers::new(listed);
+    }
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = every_minute.tick() => tracing::warn!(
+                    "--insecure-trust-any: every peer that reaches the mesh port is trusted \
+                     (it may take pods with their secrets, or run anything here); use join \
+                     tokens for anything but a throwaway demo"
+                ),
+            }
+        }
+    });
+    TrustedPeers::insecure_any()
+}
+
 /// Joins the mesh as described by the flags; returns the handle, the event stream
 /// and the running event loop.
 fn join_mesh(
     args: &MeshArgs,
+    keypair: libp2p::identity::Keypair,
     subscribe: Vec<Topic>,
+    accept_gossip: GossipFilter,
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> Result<(
@@ -73,14 +121,11 @@ fn join_mesh(
     tokio::sync::mpsc::Receiver<MeshEvent>,
     JoinHandle<()>,
 )> {
-    let keypair = match &args.identity_key_file {
-        Some(path) => load_identity_file(path)?,
-        None => load_or_create_identity(&args.state_dir)?,
-    };
     let config = MeshConfig {
         listen: args.listen.clone(),
         bootstrap: args.bootstrap.clone(),
         subscribe,
+        accept_gossip,
         ..MeshConfig::default()
     };
     let (handle, events, event_loop) = mesh::start(keypair, config, metrics.clone())?;
@@ -144,21 +189,62 @@ async fn agent(args: AgentArgs) -> Result<()> {
         pods: args.max_pods,
     };
     let cancel = shutdown_token()?;
+    let (pins, pinned) = enroll::pinned_owners(&args.mesh.state_dir)?;
+    let owners = trusted_peers(&args.mesh, args.trust.iter().copied(), &cancel);
+    owners.set_enrolled(pinned.iter().copied());
+    let enrollment = match args.join.clone() {
+        Some(_) if !pinned.is_empty() => {
+            tracing::info!(nodes = ?pinned, "already joined; --join is not needed any more");
+            None
+        }
+        Some(token) => {
+            let candidates = args
+                .mesh
+                .bootstrap
+                .iter()
+                .filter_map(|addr| {
+                    addr.iter().find_map(|p| match p {
+                        Protocol::P2p(peer) => Some(peer),
+                        _ => None,
+                    })
+                })
+                .collect();
+            Some(Enrollment::new(token, candidates, pins))
+        }
+        None if owners.is_empty() => bail!(
+            "this agent trusts no node: pass --join <token> (on the node: beemesh token \
+             create) or --trust <node peer ID>"
+        ),
+        None => None,
+    };
+    if enrollment.is_some() && args.mesh.bootstrap.is_empty() {
+        bail!("--join needs --bootstrap: the address of the node to join");
+    }
     let metrics = Metrics::new();
-    let (mesh, events, mesh_task) = join_mesh(&args.mesh, Topic::ALL.to_vec(), &metrics, &cancel)?;
-    let policy = PeerPolicy::owners(args.trust.iter().copied());
+    let gossip = {
+        let owners = owners.clone();
+        GossipFilter::new(move |topic, source| topic == Topic::Offers && owners.trusts(source))
+    };
+    let keypair = identity(&args.mesh)?;
+    let (mesh, events, mesh_task) = join_mesh(
+        &args.mesh,
+        keypair,
+        vec![Topic::Offers],
+        gossip,
+        &metrics,
+        &cancel,
+    )?;
     let config = AgentConfig {
         state_dir: args.mesh.state_dir.clone(),
         labels: cli::labels_map(&args.labels),
         capacity,
-        score_mode: args.score_mode,
         heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
         resync_interval: Duration::from_secs(10),
         host_ip: args.host_ip.or_else(|| default_host_ip(&args.mesh.listen)),
         storage_bytes: storage_bytes(&args.mesh.state_dir),
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
-    let agent = Agent::new(config, mesh, Arc::new(runtime), policy, metrics)?;
+    let agent = Agent::new(config, mesh, Arc::new(runtime), owners, enrollment, metrics)?;
     let result = agent
         .run(events, cancel.clone())
         .await
@@ -228,15 +314,42 @@ async fn node(args: NodeArgs) -> Result<()> {
         ),
         None => None,
     };
+    if args.mesh.insecure_trust_any && client.is_some() {
+        bail!(
+            "--insecure-trust-any is refused for a node of a Kubernetes cluster: any peer \
+             could take its pods with their secrets; enroll agents with join tokens instead"
+        );
+    }
+    let keypair = identity(&args.mesh)?;
     let cancel = shutdown_token()?;
+    let metrics = Metrics::new();
+    let (agents, enrollment) =
+        node_trust(&args, keypair.public().to_peer_id(), &metrics, &cancel).await?;
+    let client_key_path = args.mesh.state_dir.join(CLIENT_KEY_FILE);
+    let client_key = load_or_create_key(&client_key_path)?;
+    let clients = TrustedPeers::new(
+        args.trust_clients
+            .iter()
+            .copied()
+            .chain([client_key.public().to_peer_id()]),
+    );
     let (directory, queries) = NodeDirectory::new();
     let health = Health::new(directory.clone());
     if let Some(listener) = healthz {
         tokio::spawn(health.clone().serve(listener, cancel.clone()));
     }
-    let metrics = Metrics::new();
-    let (mesh, events, mesh_task) =
-        join_mesh(&args.mesh, vec![Topic::Heartbeats], &metrics, &cancel)?;
+    let gossip = {
+        let agents = agents.clone();
+        GossipFilter::new(move |topic, source| topic == Topic::Heartbeats && agents.trusts(source))
+    };
+    let (mesh, events, mesh_task) = join_mesh(
+        &args.mesh,
+        keypair.clone(),
+        vec![Topic::Heartbeats],
+        gossip,
+        &metrics,
+        &cancel,
+    )?;
     let peer = mesh.local_peer_id();
     if let Some(dir) = &args.pod_manifest_path {
         println!("node {peer} owns the pods in {}", dir.display());
@@ -272,9 +385,12 @@ async fn node(args: NodeArgs) -> Result<()> {
         owner: OwnerConfig {
             offer_window: Duration::from_millis(args.offer_window_ms),
             agent_loss_timeout: Duration::from_secs(args.agent_loss_seconds),
-            agents: PeerPolicy::agents(args.trust_agents.iter().copied()),
+            agents,
+            clients,
+            score_mode: args.score_mode,
             ..OwnerConfig::default()
         },
+        enrollment,
     };
     let serving = health.check("kubelet-api");
     start_kubelet_api(
@@ -287,7 +403,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         &cancel,
     )
     .await?;
-    let result = Node::new(config, mesh, metrics)
+    let result = Node::new(config, keypair, mesh, metrics)
         .run(events, api, Some(queries), cancel.clone())
         .await
         .context("node stopped");
@@ -303,6 +419,37 @@ async fn node(args: NodeArgs) -> Result<()> {
     cancel.cancel();
     let _ = mesh_task.await;
     result
+}
+
+/// The agents a node trusts (listed, enrolled, or with --insecure-trust-any all) and
+/// its enrollment, if it takes join tokens. A node that nobody could ever join refuses
+/// to start.
+async fn node_trust(
+    args: &NodeArgs,
+    me: libp2p::PeerId,
+    metrics: &Metrics,
+    cancel: &CancellationToken,
+) -> Result<(TrustedPeers, Option<NodeEnrollment>)> {
+    let agents = trusted_peers(&args.mesh, args.trust_agents.iter().copied(), cancel);
+    if agents.is_insecure() {
+        return Ok((agents, None));
+    }
+    let store: Arc<dyn TrustStore> = Arc::new(JsonStore::<TrustDoc>::open(
+        &args.mesh.state_dir,
+        NODE_TRUST_FILE,
+    )?);
+    let doc = store.load().await?;
+    let now = unix_millis() / 1000;
+    let usable_token = doc.tokens.iter().any(|t| !t.expired(now));
+    let enrollment = NodeEnrollment::start(store, agents.clone(), metrics.clone(), me).await?;
+    if agents.is_empty() && !usable_token {
+        bail!(
+            "no agent can join this node: create a join token with `beemesh token create \
+             --state-dir {}` (agents pass it with --join), or list agents with --trust-agent",
+            args.mesh.state_dir.display()
+        );
+    }
+    Ok((agents, Some(enrollment)))
 }
 
 /// Serves the kubelet API on `--kubelet-port`: binding fails the start at once. In a
@@ -458,8 +605,11 @@ async fn resolves(name: &str) -> bool {
 
 async fn status(args: StatusArgs) -> Result<()> {
     let cancel = CancellationToken::new();
-    // A throwaway identity: `status` only asks.
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    // Without a key, a throwaway identity: the node then says it does not know it.
+    let keypair = match &args.client_key {
+        Some(path) => load_identity_file(path)?,
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    };
     let config = MeshConfig {
         bootstrap: args.bootstrap.clone(),
         ..MeshConfig::default()
@@ -473,6 +623,11 @@ async fn status(args: StatusArgs) -> Result<()> {
                 Some(MeshEvent::PeerConnected(peer)) => {
                     match mesh.request(peer, Request::Query).await {
                         Ok(Response::View(view)) => return Ok(*view),
+                        Ok(Response::Declined { reason }) => bail!(
+                            "{peer} refused: {reason}; ask with the node's client key \
+                             (--client-key <node state dir>/client.key) or a key it lists \
+                             with --trust-client"
+                        ),
                         Ok(other) => bail!("{peer} answered {other:?}"),
                         Err(e) => tracing::debug!(%peer, error = %e, "query failed"),
                     }
@@ -501,6 +656,82 @@ async fn status(args: StatusArgs) -> Result<()> {
         OutputFormat::Table => print!("{}", render_table(&view)),
     }
     Ok(())
+}
+
+/// `beemesh token create|list|revoke`, on the node's trust file.
+fn token(args: TokenArgs) -> Result<()> {
+    let Some(state_dir) = &args.state_dir else {
+        bail!("pass --state-dir: the node's state directory");
+    };
+    let store = JsonStore::<TrustDoc>::open(state_dir, NODE_TRUST_FILE)?;
+    let now = unix_millis() / 1000;
+    match args.command {
+        TokenCommand::Create { ttl, uses } => {
+            let token = JoinToken::generate().context("no randomness for a token")?;
+            store.update(|doc| doc.create_token(&token, now, ttl, uses))?;
+            println!("{}", token.reveal());
+            eprintln!(
+                "agents join with: beemesh agent --join <token> --bootstrap <the node's multiaddr>"
+            );
+        }
+        TokenCommand::List => {
+            let doc = store.load()?;
+            let mut rows = vec![vec![
+                "TOKEN".to_string(),
+                "EXPIRES".into(),
+                "USES LEFT".into(),
+                "AGENTS".into(),
+            ]];
+            for t in &doc.tokens {
+                let agents: Vec<String> = doc
+                    .agents
+                    .iter()
+                    .filter(|a| a.token_id == t.id)
+                    .map(|a| a.peer.to_string())
+                    .collect();
+                rows.push(vec![
+                    t.id.clone(),
+                    match t.expires_at {
+                        None => "never".into(),
+                        Some(_) if t.expired(now) => "expired".into(),
+                        Some(at) => format!("in {}", human_duration(at - now)),
+                    },
+                    t.uses_left
+                        .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+                    agents.join(","),
+                ]);
+            }
+            print!("{}", table(&rows));
+            let orphans: Vec<String> = doc
+                .agents
+                .iter()
+                .filter(|a| !doc.tokens.iter().any(|t| t.id == a.token_id))
+                .map(|a| format!("{} (token {} gone)", a.peer, a.token_id))
+                .collect();
+            if !orphans.is_empty() {
+                println!("\nagents whose token was deleted: {}", orphans.join(", "));
+            }
+        }
+        TokenCommand::Revoke { what } => match store.update(|doc| doc.revoke(&what))? {
+            Some(crate::trust::join::Revoked::Token { id, agents }) => {
+                println!(
+                    "revoked token {id} and {} agent(s) that joined with it",
+                    agents.len()
+                );
+            }
+            Some(crate::trust::join::Revoked::Agent(peer)) => println!("revoked agent {peer}"),
+            None => bail!("no token or enrolled agent {what:?} (see beemesh token list)"),
+        },
+    }
+    Ok(())
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 86400 => format!("{}d{}h", s / 86400, s % 86400 / 3600),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}m", s.div_ceil(60)),
+    }
 }
 
 fn human_bytes(bytes: u64) -> String {

@@ -1,6 +1,7 @@
 //! BeeMesh: a Kubernetes virtual kubelet whose pods run on a libp2p mesh of Podman agents.
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod cluster;
 pub mod commands;

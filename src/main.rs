@@ -21,7 +21,7 @@ async fn main() -> std::process::ExitCode {
     // Clients print results; only the long-running roles log progress by default.
     let default_level = match cli.command {
         Command::Agent(_) | Command::Node(_) => "info",
-        Command::Id(_) | Command::Status(_) => "warn",
+        Command::Id(_) | Command::Status(_) | Command::Token(_) => "warn",
     };
     init_tracing(cli.logging.log_format, default_level);
     match beemesh::commands::run(cli.command).await {

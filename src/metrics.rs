@@ -17,6 +17,12 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub action: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
     pub kind: String,
     pub reason: String,
@@ -41,6 +47,8 @@ pub struct Metrics {
     pub container_restarts: Counter,
     /// Agents declared lost by this node.
     pub agents_lost: Counter,
+    /// Security decisions, by action and outcome (see `audit`).
+    pub audit_events: Family<AuditLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,7 +65,13 @@ impl Metrics {
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
+        let audit_events = Family::<AuditLabels, Counter>::default();
         let mut registry = Registry::with_prefix("beemesh");
+        registry.register(
+            "audit_events",
+            "Security decisions (enrollments, revocations, assignments, refused messages, kubelet streams)",
+            audit_events.clone(),
+        );
         registry.register(
             "mesh_messages_received",
             "Mesh messages received and accepted",
@@ -100,7 +114,17 @@ impl Metrics {
             assignments,
             container_restarts,
             agents_lost,
+            audit_events,
         }
+    }
+
+    pub fn audited(&self, action: &str, outcome: &str) {
+        self.audit_events
+            .get_or_create(&AuditLabels {
+                action: action.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     pub fn dropped(&self, kind: &str, reason: &str) {

@@ -71,6 +71,15 @@ impl HeartbeatBook {
         lost
     }
 
+    pub fn get(&self, agent: &PeerId) -> Option<&SeenAgent> {
+        self.agents.get(agent)
+    }
+
+    /// Forgets an agent (its trust was revoked).
+    pub fn remove(&mut self, agent: &PeerId) -> bool {
+        self.agents.remove(agent).is_some()
+    }
+
     pub fn live(&self) -> impl Iterator<Item = (&PeerId, &SeenAgent)> {
         self.agents.iter()
     }

@@ -15,8 +15,9 @@ use libp2p::PeerId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (2: signed assignments, sequenced reports,
+/// enrollment).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Gossip messages stay well under rust-libp2p's 64 KiB default transmit size.
 pub const MAX_GOSSIP_BYTES: usize = 60 * 1024;
 /// A request carries at most one full pod spec plus the data meant for its runner.
@@ -244,6 +245,11 @@ pub struct Heartbeat {
     /// Size of the filesystem that holds the agent's pods' data (ephemeral storage).
     #[serde(default)]
     pub storage_bytes: u64,
+    /// The agent's sequence number: it only grows, across restarts too, so that an
+    /// old heartbeat replayed later is recognised.
+    pub seq: u64,
+    /// The agent's clock when it sent this, in Unix milliseconds.
+    pub sent_at_ms: u64,
 }
 
 /// Everything sent on a gossip topic.
@@ -263,12 +269,28 @@ impl GossipMessage {
     }
 }
 
-/// An agent's bid for an offer; higher scores win.
+/// An agent's bid for an offer: it fits and is willing. The owner ranks bidders itself,
+/// from their heartbeats, never from what a bidder claims.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bid {
     pub pod: PodUid,
     pub epoch: Epoch,
-    pub score: i64,
+}
+
+/// The owner's signed word that `agent` runs `pod` at `epoch` with the spec whose
+/// SHA-256 is `spec_digest` (see `trust::statement`). Holds no secret: agents keep it
+/// with their assignment records and show it with their status reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAssignment {
+    pub owner: PeerRef,
+    pub agent: PeerRef,
+    pub pod: PodUid,
+    pub epoch: Epoch,
+    pub spec_digest: String,
+    /// Unix seconds after which an agent refuses the assignment when it arrives.
+    pub expires_at: u64,
+    /// The owner's Ed25519 signature, hex.
+    pub signature: String,
 }
 
 /// The owner gives a pod to one agent for one epoch. Sent again with the same epoch
@@ -283,6 +305,8 @@ pub struct Assign {
     /// volume name. Only the assigned agent receives them: offers never carry them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+    /// The owner's signature over this assignment, for this agent.
+    pub statement: SignedAssignment,
 }
 
 /// One file of a volume whose content the owner provides.
@@ -324,6 +348,27 @@ pub struct StatusReport {
     /// True once the runner has removed the pod after a release.
     #[serde(default)]
     pub removed: bool,
+    /// The owner's assignment of this pod to the reporter at this epoch: an owner
+    /// believes a report only with its own signature.
+    pub assignment: SignedAssignment,
+    /// The agent's sequence number (see [`Heartbeat::seq`]).
+    pub seq: u64,
+    /// The agent's clock when it sent this, in Unix milliseconds.
+    pub sent_at_ms: u64,
+}
+
+/// An agent proves it holds a join token (see `trust::join`); the token itself never
+/// travels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The public half of the token.
+    pub token_id: String,
+    /// 128 random bits, hex: makes each proof single-use.
+    pub nonce: String,
+    /// The agent's clock, Unix milliseconds.
+    pub sent_at_ms: u64,
+    /// HMAC-SHA256 with the token's secret over both peer IDs, the nonce and the time.
+    pub proof: String,
 }
 
 /// The stream protocol over which a node relays kubelet API requests to the agent that
@@ -381,6 +426,29 @@ pub enum KubeletRequest {
     },
 }
 
+impl KubeletRequest {
+    /// The kubelet API verb, for audit lines.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            KubeletRequest::Logs { .. } => "logs",
+            KubeletRequest::Stats => "stats",
+            KubeletRequest::Exec { .. } => "exec",
+            KubeletRequest::PortForward { .. } => "portforward",
+            KubeletRequest::Attach { .. } => "attach",
+        }
+    }
+
+    pub fn pod(&self) -> Option<&PodUid> {
+        match self {
+            KubeletRequest::Logs { pod, .. }
+            | KubeletRequest::Exec { pod, .. }
+            | KubeletRequest::PortForward { pod, .. }
+            | KubeletRequest::Attach { pod, .. } => Some(pod),
+            KubeletRequest::Stats => None,
+        }
+    }
+}
+
 /// Resource usage of one container, as an agent reads it from its runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerUsage {
@@ -421,6 +489,8 @@ pub enum Request {
     Status(Box<StatusReport>),
     /// Ask a peer what it knows of the mesh (`beemesh status`).
     Query,
+    /// An agent asks to be enrolled by a node.
+    Join(JoinRequest),
 }
 
 impl Request {
@@ -431,6 +501,7 @@ impl Request {
             Request::Release(_) => "release",
             Request::Status(_) => "status",
             Request::Query => "query",
+            Request::Join(_) => "join",
         }
     }
 }
@@ -484,6 +555,10 @@ pub enum Response {
     /// The request was understood but could not be served.
     Error {
         message: String,
+    },
+    /// The node enrolled the agent; its proof that it knows the token too.
+    Joined {
+        proof: String,
     },
 }
 
@@ -560,6 +635,18 @@ mod tests {
         }
     }
 
+    fn statement() -> SignedAssignment {
+        SignedAssignment {
+            owner: PeerRef(PeerId::random()),
+            agent: PeerRef(PeerId::random()),
+            pod: pod_ref().uid,
+            epoch: Epoch(2),
+            spec_digest: "ab".repeat(32),
+            expires_at: 1_700_000_000,
+            signature: "ef".repeat(64),
+        }
+    }
+
     fn round_trip<T>(msg: &T, limit: usize)
     where
         T: Serialize + DeserializeOwned + PartialEq + fmt::Debug,
@@ -612,6 +699,8 @@ mod tests {
             }],
             uptime_secs: 5,
             storage_bytes: 100 << 30,
+            seq: 1_700_000_000_000_001,
+            sent_at_ms: 1_700_000_000_000,
         });
         round_trip(&heartbeat, MAX_GOSSIP_BYTES);
     }
@@ -639,7 +728,6 @@ mod tests {
             Request::Bid(Bid {
                 pod: pod_ref().uid,
                 epoch: Epoch(1),
-                score: 42,
             }),
             Request::Assign(Box::new(Assign {
                 epoch: Epoch(2),
@@ -652,6 +740,7 @@ mod tests {
                         mode: 0o640,
                     }],
                 )]),
+                statement: statement(),
             })),
             Request::Release(Release {
                 pod: pod_ref().uid,
@@ -666,8 +755,17 @@ mod tests {
                     ..Default::default()
                 },
                 removed: false,
+                assignment: statement(),
+                seq: 9,
+                sent_at_ms: 1_700_000_000_000,
             })),
             Request::Query,
+            Request::Join(JoinRequest {
+                token_id: "abcdef".into(),
+                nonce: "00".repeat(16),
+                sent_at_ms: 1_700_000_000_000,
+                proof: "ab".repeat(32),
+            }),
         ] {
             round_trip(&req, MAX_REQUEST_BYTES);
         }
@@ -697,6 +795,9 @@ mod tests {
             })),
             Response::Error {
                 message: "x".into(),
+            },
+            Response::Joined {
+                proof: "cd".repeat(32),
             },
         ] {
             round_trip(&resp, MAX_RESPONSE_BYTES);
@@ -728,16 +829,16 @@ mod tests {
             b"\xff\xfe",
             b"{}",
             b"[1,2,3]",
-            b"{\"v\":1}",
-            b"{\"v\":1,\"msg\":{\"type\":\"nope\"}}",
-            b"{\"v\":1,\"msg\":{\"type\":\"bid\",\"pod\":7}}",
+            b"{\"v\":2}",
+            b"{\"v\":2,\"msg\":{\"type\":\"nope\"}}",
+            b"{\"v\":2,\"msg\":{\"type\":\"bid\",\"pod\":7}}",
             b"{\"v\":-1}",
         ] {
             assert!(decode::<Request>(bytes, MAX_REQUEST_BYTES).is_err());
         }
         assert!(matches!(
-            decode::<Request>(b"{\"v\":2,\"msg\":{\"type\":\"query\"}}", MAX_REQUEST_BYTES),
-            Err(WireError::UnsupportedVersion(2))
+            decode::<Request>(b"{\"v\":1,\"msg\":{\"type\":\"query\"}}", MAX_REQUEST_BYTES),
+            Err(WireError::UnsupportedVersion(1))
         ));
     }
 
@@ -750,6 +851,8 @@ mod tests {
             pods: vec![],
             uptime_secs: 0,
             storage_bytes: 0,
+            seq: 0,
+            sent_at_ms: 0,
         });
         let bytes = encode(&hb, MAX_GOSSIP_BYTES).expect("encodes");
         assert!(matches!(

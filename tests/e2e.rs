@@ -470,34 +470,45 @@ spec:
 }
 
 #[test]
-fn agents_take_work_only_from_owners_they_trust() {
+fn agents_work_only_for_the_node_they_joined_and_bad_tokens_get_nothing() {
     let mut mesh = Mesh::new();
+    // An agent that trusts another node, and one whose token the node never issued:
+    // neither ever runs the pod.
     let stranger = common::peer_id(&mesh.dir.path().join("someone-else"));
     mesh.start_agent(&["--trust", &stranger]);
+    let forged = mesh.start_agent(&["--join", "abcdef.0123456789abcdef"]);
     mesh.write_manifest("trusted.yaml", &SLEEPER.replace("e2e-mover", "e2e-trusted"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while mesh.agents[forged].is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forged join was not refused\n{}",
+            mesh.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = mesh.diagnostics();
+    assert!(log.contains("refused the join token"), "{log}");
     let pod = mesh.wait_for(
-        "no bid from the distrustful agent",
-        Duration::from_secs(30),
+        "the pod to wait for an agent",
+        Duration::from_secs(20),
         || {
             let pod = mesh.pod_status("default", "e2e-trusted")?;
             (pod["reason"] == "Unschedulable").then_some(pod)
         },
     );
-    assert!(
-        pod["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("1 did not bid"),
-        "{pod}"
-    );
-    let node = mesh.node.as_ref().map(|n| n.peer.clone()).expect("node");
-    mesh.start_agent(&["--trust", &node]);
+    assert!(pod["agent"].is_null(), "{pod}");
+    // An agent that joins with the node's token runs it.
+    let joined = mesh.start_agent(&[]);
     mesh.wait_for("e2e-trusted Running", Duration::from_secs(30), || {
         (phase_of(&mesh, "e2e-trusted").as_deref() == Some("Running")).then_some(())
     });
     let copies = running_copies("e2e-trusted");
     assert_eq!(copies.len(), 1);
-    assert_eq!(copies[0].labels["io.beemesh.agent"], mesh.agents[1].peer);
+    assert_eq!(
+        copies[0].labels["io.beemesh.agent"],
+        mesh.agents[joined].peer
+    );
 }
 
 #[test]

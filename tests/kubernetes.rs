@@ -983,8 +983,10 @@ fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_
     let (code, _) = health_get(healthz, "/pods");
     assert_eq!(code, 404, "the health port serves nothing else");
 
-    // An agent the node does not trust joins: its heartbeats count for nothing.
-    cluster.mesh.start_agent(&[]);
+    // An agent the node does not trust (it trusts the node, but never enrolled): its
+    // heartbeats count for nothing.
+    let node_peer = cluster.mesh.node().peer.clone();
+    cluster.mesh.start_agent(&["--trust", &node_peer]);
     std::thread::sleep(Duration::from_secs(8));
     let node = cluster.server.object("nodes", "", "beemesh").expect("node");
     assert_eq!(
@@ -995,7 +997,9 @@ fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_
     );
 
     // The trusted one does; the helm test pod runs on it and succeeds.
-    cluster.mesh.start_agent_in(trusted_state, &[]);
+    cluster
+        .mesh
+        .start_agent_in(trusted_state, &["--trust", &node_peer]);
     cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
     let test_pod = common::helm_template(&[
         "--show-only",

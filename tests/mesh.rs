@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use beemesh::mesh::{self, MeshConfig, MeshEvent, MeshHandle};
+use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshHandle};
 use beemesh::metrics::Metrics;
 use beemesh::wire::{
     Epoch, GossipMessage, MeshView, Offer, PodRef, PodUid, Request, Resources, Response, Topic,
@@ -28,16 +28,48 @@ async fn peer(bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
 }
 
 async fn peer_on(listen: &str, bootstrap: Vec<Multiaddr>, cancel: &CancellationToken) -> Peer {
+    peer_with(
+        Keypair::generate_ed25519(),
+        listen,
+        bootstrap,
+        GossipFilter::accept_all(),
+        cancel,
+    )
+    .await
+}
+
+/// A peer listening on `listen` ("" for none: it can only dial out).
+async fn peer_with(
+    keypair: Keypair,
+    listen: &str,
+    bootstrap: Vec<Multiaddr>,
+    accept_gossip: GossipFilter,
+    cancel: &CancellationToken,
+) -> Peer {
     let metrics = Metrics::new();
     let config = MeshConfig {
-        listen: vec![listen.parse().expect("multiaddr")],
+        listen: Some(listen)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().expect("multiaddr"))
+            .into_iter()
+            .collect(),
         bootstrap,
         subscribe: Topic::ALL.to_vec(),
+        accept_gossip,
         ..MeshConfig::default()
     };
     let (handle, events, event_loop) =
-        mesh::start(Keypair::generate_ed25519(), config, metrics.clone()).expect("mesh starts");
+        mesh::start(keypair, config, metrics.clone()).expect("mesh starts");
     tokio::spawn(event_loop.run(cancel.clone()));
+    if listen.is_empty() {
+        let addr = Multiaddr::empty();
+        return Peer {
+            handle,
+            events,
+            metrics,
+            addr,
+        };
+    }
     let addr = loop {
         if let Some(addr) = handle
             .listen_addrs()
@@ -162,6 +194,58 @@ async fn gossip_travels_two_hops_and_requests_get_answers() {
     })
     .await;
     assert!(ask.await.expect("task").is_err());
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn gossip_from_untrusted_signers_is_neither_delivered_nor_relayed() {
+    let cancel = CancellationToken::new();
+    let trusted_key = Keypair::generate_ed25519();
+    let trusted = trusted_key.public().to_peer_id();
+    // The hub accepts offers only from `trusted`; everyone else accepts everything.
+    let mut hub = peer_with(
+        Keypair::generate_ed25519(),
+        "/ip4/127.0.0.1/tcp/0",
+        vec![],
+        GossipFilter::new(move |_, source| *source == trusted),
+        &cancel,
+    )
+    .await;
+    // None listens: they reach each other only through the hub.
+    let dialler = |key: Keypair| {
+        peer_with(
+            key,
+            "",
+            vec![hub.addr.clone()],
+            GossipFilter::accept_all(),
+            &cancel,
+        )
+    };
+    let rogue = dialler(Keypair::generate_ed25519()).await;
+    let mut right = dialler(Keypair::generate_ed25519()).await;
+    let friend = dialler(trusted_key).await;
+    // What the hub trusts goes through it.
+    assert_eq!(
+        publish_until_received(&friend, &mut right, offer("friend")).await,
+        trusted
+    );
+    // The rogue's offers, published for seconds, reach neither the hub's program nor,
+    // through the hub, right; the hub counts them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < deadline {
+        let _ = rogue.handle.publish(&offer("rogue")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rogue_id = rogue.handle.local_peer_id();
+    let from_rogue =
+        |e: &MeshEvent| matches!(e, MeshEvent::Gossip { source, .. } if *source == rogue_id);
+    while let Ok(event) = hub.events.try_recv() {
+        assert!(!from_rogue(&event), "{event:?}");
+    }
+    while let Ok(event) = right.events.try_recv() {
+        assert!(!from_rogue(&event), "relayed: {event:?}");
+    }
+    assert!(dropped(&hub.metrics, "offer", "untrusted"));
     cancel.cancel();
 }
 

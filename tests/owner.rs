@@ -1,17 +1,21 @@
 //! The owner's protocol, against scripted agents on a real loopback mesh: the best
-//! bidder declines and the next one gets the pod; stale epochs are superseded; pods the
-//! owner does not have are released.
+//! bidder (by the owner's own ranking) declines and the next one gets the pod; stale
+//! epochs are superseded; pods the owner does not have are released; and what a
+//! trusted-but-rogue or untrusted peer tries is refused and counted.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use beemesh::mesh::{self, MeshConfig, MeshEvent, MeshHandle};
+use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshHandle};
 use beemesh::metrics::Metrics;
 use beemesh::node::owner::OwnerConfig;
 use beemesh::node::{Node, NodeConfig};
+use beemesh::trust::replay::Sequencer;
+use beemesh::trust::statement;
+use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
     Bid, Epoch, GossipMessage, Heartbeat, HostedPod, PeerRef, PodRef, PodUid, Request, Resources,
-    Response, StatusReport, Topic,
+    Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
@@ -33,6 +37,7 @@ struct ScriptedAgent {
 }
 
 async fn start_peer(
+    keypair: Keypair,
     listen: Option<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
     subscribe: Vec<Topic>,
@@ -42,28 +47,47 @@ async fn start_peer(
         listen: listen.into_iter().collect(),
         bootstrap,
         subscribe,
+        accept_gossip: GossipFilter::accept_all(),
         ..MeshConfig::default()
     };
-    let (handle, events, event_loop) =
-        mesh::start(Keypair::generate_ed25519(), config, Metrics::new()).expect("mesh");
+    let (handle, events, event_loop) = mesh::start(keypair, config, Metrics::new()).expect("mesh");
     tokio::spawn(event_loop.run(cancel.clone()));
     (handle, events)
 }
 
-fn heartbeat(pods: Vec<HostedPod>) -> GossipMessage {
+/// A heartbeat with `free` of 8 CPUs free, stamped by `seq`.
+fn heartbeat(seq: &Sequencer, free_cpu_millis: u64, pods: Vec<HostedPod>) -> GossipMessage {
     let capacity = Resources {
-        cpu_millis: 4000,
+        cpu_millis: 8000,
         memory_bytes: 8 << 30,
         pods: 10,
     };
+    let (seq, sent_at_ms) = seq.next();
     GossipMessage::Heartbeat(Heartbeat {
         labels: BTreeMap::new(),
         capacity,
-        free: capacity,
+        free: Resources {
+            cpu_millis: free_cpu_millis,
+            ..capacity
+        },
         pods,
         uptime_secs: 1,
         storage_bytes: 0,
+        seq,
+        sent_at_ms,
     })
+}
+
+/// How many messages of `kind` the node dropped for `reason`.
+fn dropped(metrics: &Metrics, kind: &str, reason: &str) -> u64 {
+    let needle =
+        format!("beemesh_mesh_messages_dropped_total{{kind=\"{kind}\",reason=\"{reason}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn next_event<T>(
@@ -91,7 +115,11 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     let node_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", free_port())
         .parse()
         .expect("addr");
+    let agent_keys = [Keypair::generate_ed25519(), Keypair::generate_ed25519()];
+    let agent_ids: Vec<_> = agent_keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let node_key = Keypair::generate_ed25519();
     let (node_mesh, node_events) = start_peer(
+        node_key.clone(),
         Some(node_addr.clone()),
         vec![],
         vec![Topic::Heartbeats],
@@ -99,42 +127,71 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     )
     .await;
     let node_id = node_mesh.local_peer_id();
+    let node_metrics = Metrics::new();
     let node = Node::new(
         NodeConfig {
             pod_manifest_path: Some(dir.path().to_path_buf()),
             owner: OwnerConfig {
                 adopt_window: Duration::from_millis(500),
                 offer_window: Duration::from_secs(2),
+                agents: TrustedPeers::new(agent_ids.clone()),
+                // Agent 1 doubles as the operator asking `beemesh status`.
+                clients: TrustedPeers::new([agent_ids[1]]),
                 ..OwnerConfig::default()
             },
+            enrollment: None,
         },
+        node_key,
         node_mesh.clone(),
-        Metrics::new(),
+        node_metrics.clone(),
     );
     tokio::spawn(node.run(node_events, None, None, cancel.clone()));
 
     let mut agents = Vec::new();
-    for _ in 0..2 {
-        let (handle, events) =
-            start_peer(None, vec![node_addr.clone()], Topic::ALL.to_vec(), &cancel).await;
+    for key in &agent_keys {
+        let (handle, events) = start_peer(
+            key.clone(),
+            None,
+            vec![node_addr.clone()],
+            vec![Topic::Offers],
+            &cancel,
+        )
+        .await;
         agents.push(ScriptedAgent { handle, events });
     }
+    let stranger_key = Keypair::generate_ed25519();
+    let (stranger, _stranger_events) = start_peer(
+        stranger_key.clone(),
+        None,
+        vec![node_addr.clone()],
+        vec![],
+        &cancel,
+    )
+    .await;
     // Both agents heartbeat throughout: the owner offers only to a mesh with agents.
+    // Agent 0 is emptier, so the owner (spreading) ranks it first, whatever anyone bids.
+    let seqs = [
+        std::sync::Arc::new(Sequencer::default()),
+        std::sync::Arc::new(Sequencer::default()),
+    ];
+    // Recorded now, played again at the end.
+    let captured = heartbeat(&seqs[0], 8000, vec![]);
     let beats: Vec<_> = agents
         .iter()
-        .map(|agent| {
+        .zip([8000, 2000])
+        .zip(seqs.clone())
+        .map(|((agent, free), seq)| {
             let handle = agent.handle.clone();
             tokio::spawn(async move {
                 loop {
-                    let _ = handle.publish(&heartbeat(vec![])).await;
+                    let _ = handle.publish(&heartbeat(&seq, free, vec![])).await;
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             })
         })
         .collect();
-    // Both bid on an offer as soon as it is seen; agent 0 bids higher. An offer may
-    // close before the bids arrive (it was made before both agents were known): the
-    // next one is taken then.
+    // Both bid on an offer as soon as it is seen. An offer may close before the bids
+    // arrive (it was made before both agents were known): the next one is taken then.
     let offer = loop {
         let offer = next_event(&mut agents[0].events, "offer", |e| match e {
             MeshEvent::Gossip {
@@ -144,14 +201,24 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
             _ => None,
         })
         .await;
+        let bid = Request::Bid(Bid {
+            pod: offer.pod.uid.clone(),
+            epoch: offer.epoch,
+        });
+        // A stranger's bid, and a bid from a peer that never heartbeat, are refused.
+        assert!(matches!(
+            stranger.request(node_id, bid.clone()).await.expect("bid"),
+            Response::Declined { .. }
+        ));
         let mut acks = 0;
-        for (agent, score) in agents.iter().zip([900, 100]) {
-            let bid = Request::Bid(Bid {
-                pod: offer.pod.uid.clone(),
-                epoch: offer.epoch,
-                score,
-            });
-            if agent.handle.request(node_id, bid).await.expect("bid") == Response::Ack {
+        for agent in agents.iter().rev() {
+            if agent
+                .handle
+                .request(node_id, bid.clone())
+                .await
+                .expect("bid")
+                == Response::Ack
+            {
                 acks += 1;
             }
         }
@@ -162,23 +229,35 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     for beat in beats {
         beat.abort();
     }
-    // The best bidder is asked first and declines.
-    let reply = next_event(
-        &mut agents[0].events,
-        "assign to the best bidder",
-        |e| match e {
-            MeshEvent::Request {
-                request: Request::Assign(assign),
-                reply,
-                ..
-            } => Some((assign, reply)),
-            _ => None,
-        },
+    // The best-ranked agent is asked first and declines. Its assignment is signed for
+    // it alone.
+    let (declined, reply) =
+        next_event(
+            &mut agents[0].events,
+            "assign to the best bidder",
+            |e| match e {
+                MeshEvent::Request {
+                    request: Request::Assign(assign),
+                    reply,
+                    ..
+                } => Some((assign, reply)),
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(declined.epoch, offer.epoch);
+    assert_eq!(declined.statement.agent, PeerRef(agent_ids[0]));
+    statement::verify_assign(
+        &declined.statement,
+        &node_id,
+        &agent_ids[0],
+        &declined.pod,
+        declined.epoch,
+        declined.statement.expires_at - 1,
     )
-    .await;
-    assert_eq!(reply.0.epoch, offer.epoch);
+    .expect("a genuine assignment");
+    assert_eq!(declined.statement.spec_digest, offer.spec_digest);
     reply
-        .1
         .send(Response::Declined {
             reason: "no longer fits".into(),
         })
@@ -198,6 +277,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     )
     .await;
     assert_eq!(assign.epoch, offer.epoch);
+    assert_eq!(assign.statement.agent, PeerRef(agent_ids[1]));
     reply.send(Response::Ack).expect("reply");
 
     let pod_ref = PodRef {
@@ -205,57 +285,154 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         namespace: "default".into(),
         name: "scripted".into(),
     };
-    let report = |epoch: Epoch| {
+    let report = |seq: &Sequencer, epoch: Epoch, phase: &str, assignment: &SignedAssignment| {
+        let (seq, sent_at_ms) = seq.next();
         Request::Status(Box::new(StatusReport {
             pod: pod_ref.clone(),
             epoch,
             status: PodStatus {
-                phase: Some("Running".into()),
+                phase: Some(phase.into()),
                 ..Default::default()
             },
             removed: false,
+            assignment: assignment.clone(),
+            seq,
+            sent_at_ms,
         }))
     };
     // The runner's report is taken; the view shows the pod Running on it.
     let runner = agents[1].handle.local_peer_id();
+    let running = report(&seqs[1], assign.epoch, "Running", &assign.statement);
     assert_eq!(
         agents[1]
             .handle
-            .request(node_id, report(assign.epoch))
+            .request(node_id, running.clone())
             .await
             .expect("status"),
         Response::Ack
     );
-    let Response::View(view) = agents[1]
-        .handle
-        .request(node_id, Request::Query)
-        .await
-        .expect("query")
-    else {
-        panic!("view expected");
+    let view = |handle: MeshHandle| async move {
+        match handle
+            .request(node_id, Request::Query)
+            .await
+            .expect("query")
+        {
+            Response::View(view) => view
+                .pods
+                .iter()
+                .find(|p| p.pod.uid.0 == "11111111-2222-3333-4444-555555555555")
+                .map(|p| (p.phase.clone(), p.agent, p.epoch))
+                .expect("pod listed"),
+            other => panic!("view expected, got {other:?}"),
+        }
     };
-    let pod = view
-        .pods
-        .iter()
-        .find(|p| p.pod == pod_ref)
-        .expect("pod listed");
-    assert_eq!(pod.phase, "Running");
-    assert_eq!(pod.agent, Some(PeerRef(runner)));
+    assert_eq!(
+        view(agents[1].handle.clone()).await,
+        ("Running".into(), Some(PeerRef(runner)), assign.epoch)
+    );
+    // Nobody else may ask.
+    assert!(matches!(
+        stranger
+            .request(node_id, Request::Query)
+            .await
+            .expect("query"),
+        Response::Declined { .. }
+    ));
 
-    // A report of an older epoch is superseded.
-    let stale = Epoch(assign.epoch.0 - 1);
+    // The same report played again is dropped (the phase it would set stays as is).
+    let replays = dropped(&node_metrics, "status", "replayed");
+    let failed = report(&seqs[1], assign.epoch, "Failed", &assign.statement);
+    agents[1]
+        .handle
+        .request(node_id, failed.clone())
+        .await
+        .expect("status");
+    agents[1]
+        .handle
+        .request(node_id, running)
+        .await
+        .expect("status");
+    assert_eq!(dropped(&node_metrics, "status", "replayed"), replays + 1);
+    assert_eq!(view(agents[1].handle.clone()).await.0, "Failed");
+    agents[1]
+        .handle
+        .request(
+            node_id,
+            report(&seqs[1], assign.epoch, "Running", &assign.statement),
+        )
+        .await
+        .expect("status");
+
+    // The decliner claims the pod with the assignment it was offered: the runner keeps it.
     assert_eq!(
         agents[0]
             .handle
-            .request(node_id, report(stale))
+            .request(
+                node_id,
+                report(&seqs[0], declined.epoch, "Running", &declined.statement)
+            )
             .await
             .expect("status"),
         Response::Superseded {
             current: assign.epoch
         }
     );
+    // A higher epoch, with an assignment it signed itself or altered: refused.
+    let mut forged = statement::sign(
+        &agent_keys[0],
+        statement::Assignment {
+            agent: agent_ids[0],
+            pod: pod_ref.uid.clone(),
+            epoch: assign.epoch.next(),
+            spec_digest: offer.spec_digest.clone(),
+            expires_at: u64::MAX,
+        },
+    );
+    forged.owner = PeerRef(node_id);
+    let mut altered = declined.statement.clone();
+    altered.epoch = assign.epoch.next();
+    for statement in [forged, altered] {
+        let answer = agents[0]
+            .handle
+            .request(
+                node_id,
+                report(&seqs[0], statement.epoch, "Running", &statement),
+            )
+            .await
+            .expect("status");
+        assert!(matches!(answer, Response::Declined { .. }), "{answer:?}");
+    }
+    assert_eq!(
+        view(agents[1].handle.clone()).await,
+        ("Running".into(), Some(PeerRef(runner)), assign.epoch),
+        "the pod never moved"
+    );
 
-    // A heartbeat listing a pod the owner does not have brings a Release.
+    // A report of an older epoch is superseded.
+    let stale_statement = statement::sign(
+        &Keypair::generate_ed25519(),
+        statement::Assignment {
+            agent: agent_ids[0],
+            pod: pod_ref.uid.clone(),
+            epoch: Epoch(assign.epoch.0 - 1),
+            spec_digest: String::new(),
+            expires_at: 0,
+        },
+    );
+    assert!(matches!(
+        agents[0]
+            .handle
+            .request(
+                node_id,
+                report(&seqs[0], stale_statement.epoch, "Running", &stale_statement)
+            )
+            .await
+            .expect("status"),
+        Response::Declined { .. }
+    ));
+
+    // A heartbeat listing a pod the owner does not have brings a Release; the same
+    // heartbeat played again is dropped.
     let orphan = HostedPod {
         pod: PodRef {
             uid: PodUid("99999999-0000-0000-0000-000000000000".into()),
@@ -269,9 +446,12 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         host_ports: vec![],
     };
     let handle = agents[0].handle.clone();
+    let seq = seqs[0].clone();
     let beat = tokio::spawn(async move {
         loop {
-            let _ = handle.publish(&heartbeat(vec![orphan.clone()])).await;
+            let _ = handle
+                .publish(&heartbeat(&seq, 8000, vec![orphan.clone()]))
+                .await;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
@@ -292,6 +472,20 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     assert_eq!(release.pod.0, "99999999-0000-0000-0000-000000000000");
     assert_eq!(release.epoch, Epoch(3));
     reply.send(Response::Ack).expect("reply");
+
+    // The recorded heartbeat, published again: a new gossip message (gossipsub numbers
+    // it anew) carrying the agent's old sequence number.
+    let stale_beat = captured;
+    let replayed_before = dropped(&node_metrics, "heartbeat", "replayed");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while dropped(&node_metrics, "heartbeat", "replayed") == replayed_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the old heartbeat was not dropped"
+        );
+        let _ = agents[0].handle.publish(&stale_beat).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cancel.cancel();
 }
 

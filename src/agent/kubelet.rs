@@ -1,6 +1,7 @@
 //! The agent's side of the kubelet API: requests its pods' owners relay over
-//! [`KUBELET_PROTOCOL`] streams, served from Podman. Only a pod's owner may ask about
-//! it; Podman's labels say which pod, container, instance and owner each container is.
+//! [`KUBELET_PROTOCOL`] streams, served from Podman. Streams of peers that are not
+//! trusted owners are closed unread; only a pod's owner may ask about it; Podman's
+//! labels say which pod, container, instance and owner each container is.
 
 use std::sync::Arc;
 
@@ -11,14 +12,17 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{self, Outcome};
 use crate::kubelet::relay::{
     read_frame, read_frame_within, read_header, write_frame, write_header, Exit, Frame, RelayError,
 };
 use crate::mesh::{MeshError, MeshHandle};
+use crate::metrics::Metrics;
 use crate::runtime::{
     labels, ContainerStatus, Interactive, LogOptions, Output, Runtime, RuntimeContainer,
     RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize,
 };
+use crate::trust::TrustedPeers;
 use crate::wire::{
     ContainerUsage, KubeletAnswer, KubeletRequest, PodRef, PodUid, PodUsage, KUBELET_PROTOCOL,
 };
@@ -27,6 +31,8 @@ use crate::wire::{
 pub async fn serve(
     mesh: MeshHandle,
     runtime: Arc<dyn Runtime>,
+    owners: TrustedPeers,
+    metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<(), MeshError> {
     let mut incoming = mesh.accept_streams(StreamProtocol::new(KUBELET_PROTOCOL))?;
@@ -35,9 +41,16 @@ pub async fn serve(
             _ = cancel.cancelled() => return Ok(()),
             next = incoming.next() => {
                 let Some((peer, stream)) = next else { return Ok(()) };
+                if !owners.trusts(&peer) {
+                    metrics.dropped("kubelet_stream", "untrusted");
+                    audit::record(&metrics, "kubelet_stream", Outcome::Refused, &peer, None, &"owner not trusted");
+                    drop(stream);
+                    continue;
+                }
                 let runtime = runtime.clone();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(peer, stream, runtime.as_ref()).await {
+                    if let Err(e) = handle(peer, stream, runtime.as_ref(), &metrics).await {
                         tracing::debug!(%peer, error = %e, "kubelet stream ended with an error");
                     }
                 });
@@ -50,10 +63,19 @@ async fn handle(
     peer: PeerId,
     stream: libp2p::Stream,
     runtime: &dyn Runtime,
+    metrics: &Metrics,
 ) -> Result<(), RelayError> {
     let mut io = stream.compat();
     let request: KubeletRequest = read_header(&mut io).await?;
     tracing::debug!(%peer, ?request, "kubelet request");
+    audit::record(
+        metrics,
+        request.verb(),
+        Outcome::Allowed,
+        &peer,
+        request.pod().map(|p| p as &dyn std::fmt::Display),
+        &"relayed by the pod's owner",
+    );
     match request {
         KubeletRequest::Logs {
             pod,

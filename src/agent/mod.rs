@@ -1,6 +1,7 @@
 //! The agent: bids for offers it fits, runs the pods it is assigned under Podman,
 //! reports their status to their owners, and heartbeats its free capacity.
 
+pub mod enroll;
 mod kubelet;
 pub mod probe;
 pub mod status;
@@ -20,17 +21,20 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{self, Outcome};
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
-use crate::placement::{self, AgentCapacity, ScoreMode};
+use crate::placement::{self, AgentCapacity};
 use crate::runtime::translate;
 use crate::runtime::{labels, Runtime, RuntimeError};
-use crate::trust::PeerPolicy;
-use crate::view::HeartbeatBook;
+use crate::trust::replay::{unix_millis, Sequencer};
+use crate::trust::statement;
+use crate::trust::TrustedPeers;
 use crate::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid,
-    Release, Request, Resources, Response, StatusReport,
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
+    PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport,
 };
+use enroll::{Enrollment, JoinOutcome};
 use store::{create_private_dir, AssignmentStore};
 use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
 
@@ -45,6 +49,10 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("node {node} refused the join token: {reason}")]
+    JoinRefused { node: PeerId, reason: String },
+    #[error("cannot keep the node joined: {0}")]
+    Pin(#[from] crate::trust::store::StoreError),
 }
 
 /// How an agent runs.
@@ -53,7 +61,6 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
-    pub score_mode: ScoreMode,
     pub heartbeat_interval: Duration,
     /// Statuses are re-sent this often even when nothing changed.
     pub resync_interval: Duration,
@@ -70,6 +77,8 @@ struct Hosted {
     epoch: Epoch,
     requests: Resources,
     host_ports: Vec<u16>,
+    /// The owner's signed assignment, shown with every status report.
+    statement: SignedAssignment,
     worker: WorkerHandle,
     status: Option<PodStatus>,
     stopping: bool,
@@ -90,20 +99,32 @@ impl Hosted {
 /// How soon after a new connection the next heartbeat goes out.
 const HEARTBEAT_AFTER_CONNECT: Duration = Duration::from_millis(500);
 
+/// How long a bid stays good for an assignment.
+const BID_LIFETIME: Duration = Duration::from_secs(60);
+/// Open bids remembered at most (offers come from trusted owners only; this bounds
+/// what even they can make an agent keep).
+const MAX_OPEN_BIDS: usize = 4096;
+
 /// Results of spawned tasks, fed back into the agent loop.
 enum Internal {
     Superseded { uid: PodUid, epoch: Epoch },
+    Join(JoinOutcome),
 }
 
 pub struct Agent {
     config: AgentConfig,
     mesh: MeshHandle,
     runtime: Arc<dyn Runtime>,
-    policy: Arc<PeerPolicy>,
+    /// The owners whose work this agent runs.
+    owners: TrustedPeers,
     metrics: Metrics,
     store: AssignmentStore,
     pods: HashMap<PodUid, Hosted>,
-    peers: HeartbeatBook,
+    /// The offers this agent bid for: an assignment without a bid is refused.
+    bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
+    enrollment: Option<Enrollment>,
+    connected: std::collections::BTreeSet<PeerId>,
+    sequencer: Arc<Sequencer>,
     worker_ctx: WorkerContext,
     updates: mpsc::Receiver<WorkerUpdate>,
     internal_tx: mpsc::Sender<Internal>,
@@ -112,11 +133,14 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// `owners` are the owners whose work this agent runs; `enrollment`, a join to
+    /// make, whose node becomes one of them.
     pub fn new(
         config: AgentConfig,
         mesh: MeshHandle,
         runtime: Arc<dyn Runtime>,
-        policy: PeerPolicy,
+        owners: TrustedPeers,
+        enrollment: Option<Enrollment>,
         metrics: Metrics,
     ) -> Result<Agent, AgentError> {
         let store = AssignmentStore::open(&config.state_dir)?;
@@ -142,11 +166,14 @@ impl Agent {
             config,
             mesh,
             runtime,
-            policy: Arc::new(policy),
+            owners,
             metrics,
             store,
             pods: HashMap::new(),
-            peers: HeartbeatBook::default(),
+            bids: HashMap::new(),
+            enrollment,
+            connected: Default::default(),
+            sequencer: Arc::new(Sequencer::default()),
             worker_ctx,
             updates,
             internal_tx,
@@ -163,7 +190,13 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
         self.adopt().await?;
-        let kubelet = kubelet::serve(self.mesh.clone(), self.runtime.clone(), cancel.clone());
+        let kubelet = kubelet::serve(
+            self.mesh.clone(),
+            self.runtime.clone(),
+            self.owners.clone(),
+            self.metrics.clone(),
+            cancel.clone(),
+        );
         tokio::spawn(async move {
             if let Err(e) = kubelet.await {
                 tracing::error!(error = %e, "cannot serve kubelet streams");
@@ -186,9 +219,16 @@ impl Agent {
                 Some(update) = self.updates.recv() => self.on_update(update).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
+                    Internal::Join(outcome) => self.on_join(outcome)?,
                 },
-                _ = heartbeat.tick() => self.publish_heartbeat().await,
-                _ = resync.tick() => self.resync(),
+                _ = heartbeat.tick() => {
+                    self.publish_heartbeat().await;
+                    // A join that got no answer is tried again.
+                    for peer in self.connected.clone() {
+                        self.try_join(peer);
+                    }
+                }
+                _ = resync.tick() => self.resync(None),
             }
         }
         Ok(())
@@ -215,7 +255,7 @@ impl Agent {
                 let _ = self.runtime.remove_pod(&existing.id).await;
                 continue;
             };
-            if record.epoch != epoch || self.pods.contains_key(&uid) {
+            if record.epoch() != epoch || self.pods.contains_key(&uid) {
                 tracing::warn!(podman_pod = %existing.name, "removing pod of a superseded epoch");
                 let _ = self.runtime.remove_pod(&existing.id).await;
                 continue;
@@ -229,8 +269,7 @@ impl Agent {
                 pod_ref,
                 record.pod,
                 BTreeMap::new(),
-                epoch,
-                record.owner.0,
+                record.statement,
                 Some(existing),
             );
         }
@@ -244,10 +283,10 @@ impl Agent {
         pod_ref: PodRef,
         pod: k8s_openapi::api::core::v1::Pod,
         volumes: BTreeMap<String, Vec<crate::wire::VolumeFile>>,
-        epoch: Epoch,
-        owner: PeerId,
+        statement: SignedAssignment,
         adopted: Option<crate::runtime::RuntimePod>,
     ) {
+        let (owner, epoch) = (statement.owner.0, statement.epoch);
         // Validated before (assign) or when first assigned (adopt).
         let requests = translate::pod_requests(&pod).unwrap_or_default();
         let host_ports = translate::host_ports(&pod);
@@ -268,6 +307,7 @@ impl Agent {
                 epoch,
                 requests,
                 host_ports,
+                statement,
                 worker,
                 status: None,
                 stopping: false,
@@ -303,12 +343,11 @@ impl Agent {
                 source,
                 message: GossipMessage::Offer(offer),
             } => self.on_offer(source, offer),
+            // Agents do not subscribe to heartbeats; the mesh delivers none.
             MeshEvent::Gossip {
-                source,
-                message: GossipMessage::Heartbeat(hb),
-            } => {
-                self.peers.record(source, hb);
-            }
+                message: GossipMessage::Heartbeat(_),
+                ..
+            } => {}
             MeshEvent::Request {
                 peer,
                 request,
@@ -317,12 +356,80 @@ impl Agent {
                 let response = self.on_request(peer, request).await;
                 let _ = reply.send(response);
             }
-            MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
+            MeshEvent::PeerConnected(peer) => {
+                self.connected.insert(peer);
+                self.try_join(peer);
+                // An owner that (re)connects hears at once what runs for it: after its
+                // restart, that is how it finds its placements again.
+                self.resync(Some(peer));
+            }
+            MeshEvent::PeerDisconnected(peer) => {
+                self.connected.remove(&peer);
+            }
+        }
+    }
+
+    /// Starts a join with `peer` if one is pending and the peer may be the node.
+    fn try_join(&mut self, peer: PeerId) {
+        let Some(enrollment) = self.enrollment.as_mut() else {
+            return;
+        };
+        if !enrollment.should_try(&peer) {
+            return;
+        }
+        enrollment.set_in_flight(true);
+        let attempt = enrollment.attempt(self.mesh.clone(), peer);
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let _ = internal.send(Internal::Join(attempt.await)).await;
+        });
+    }
+
+    fn on_join(&mut self, outcome: JoinOutcome) -> Result<(), AgentError> {
+        let Some(enrollment) = self.enrollment.as_mut() else {
+            return Ok(());
+        };
+        enrollment.set_in_flight(false);
+        match outcome {
+            JoinOutcome::Joined(node) => {
+                enrollment.pin(node)?;
+                self.owners.enroll(node);
+                self.enrollment = None;
+                audit::record(
+                    &self.metrics,
+                    "join",
+                    Outcome::Allowed,
+                    &node,
+                    None,
+                    &"node enrolled this agent; its peer ID is pinned",
+                );
+                // Offers it made before count from now on; its pods heartbeat next.
+                Ok(())
+            }
+            JoinOutcome::Refused { node, reason } => {
+                audit::record(
+                    &self.metrics,
+                    "join",
+                    Outcome::Refused,
+                    &node,
+                    None,
+                    &reason,
+                );
+                if self.owners.is_empty() {
+                    return Err(AgentError::JoinRefused { node, reason });
+                }
+                self.enrollment = None;
+                Ok(())
+            }
+            JoinOutcome::Failed { node, reason } => {
+                tracing::warn!(%node, %reason, "join not answered; trying again");
+                Ok(())
+            }
         }
     }
 
     fn on_offer(&mut self, owner: PeerId, offer: Offer) {
-        if !self.policy.trusts(&owner) {
+        if !self.owners.trusts(&owner) {
             self.metrics.dropped("offer", "untrusted");
             return;
         }
@@ -341,8 +448,16 @@ impl Agent {
         let bid = Bid {
             pod: offer.pod.uid.clone(),
             epoch: offer.epoch,
-            score: placement::score(&offer, &capacity, self.config.score_mode),
         };
+        let now = Instant::now();
+        self.bids
+            .retain(|_, (_, _, at)| now.duration_since(*at) < BID_LIFETIME);
+        if self.bids.len() >= MAX_OPEN_BIDS {
+            self.metrics.dropped("offer", "too_many_open_bids");
+            return;
+        }
+        self.bids
+            .insert(offer.pod.uid.clone(), (owner, offer.epoch, now));
         let mesh = self.mesh.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -354,22 +469,84 @@ impl Agent {
     }
 
     async fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
+        let kind = request.kind();
+        let for_owners = matches!(
+            request,
+            Request::Assign(_) | Request::Release(_) | Request::Query
+        );
+        if for_owners && !self.owners.trusts(&peer) {
+            self.metrics.dropped(kind, "untrusted");
+            audit::record(
+                &self.metrics,
+                kind,
+                Outcome::Refused,
+                &peer,
+                None,
+                &"owner not trusted",
+            );
+            return Response::Declined {
+                reason: format!("owner {peer} is not trusted by this agent"),
+            };
+        }
         match request {
             Request::Assign(assign) => self.on_assign(peer, *assign).await,
             Request::Release(release) => self.on_release(peer, release),
-            Request::Query => Response::View(Box::new(self.view())),
-            Request::Bid(_) | Request::Status(_) => Response::Error {
-                message: "this peer is an agent; bids and status reports go to owners".into(),
+            Request::Query => Response::View(Box::new(self.view(peer))),
+            Request::Bid(_) | Request::Status(_) | Request::Join(_) => Response::Error {
+                message: "this peer is an agent; bids, status reports and joins go to nodes".into(),
             },
         }
     }
 
+    /// Refuses an assignment: counted, audited, answered with the reason.
+    fn refuse_assign(
+        &self,
+        owner: PeerId,
+        pod: &dyn std::fmt::Display,
+        kind: &str,
+        reason: String,
+    ) -> Response {
+        self.metrics.dropped("assign", kind);
+        audit::record(
+            &self.metrics,
+            "assign",
+            Outcome::Refused,
+            &owner,
+            Some(pod),
+            &reason,
+        );
+        Response::Declined { reason }
+    }
+
     async fn on_assign(&mut self, owner: PeerId, assign: Assign) -> Response {
-        if !self.policy.trusts(&owner) {
-            self.metrics.dropped("assign", "untrusted");
-            return Response::Declined {
-                reason: format!("owner {owner} is not trusted by this agent"),
-            };
+        let me = self.mesh.local_peer_id();
+        let uid = PodUid(assign.pod.metadata.uid.clone().unwrap_or_default());
+        if let Err(e) = statement::verify_assign(
+            &assign.statement,
+            &owner,
+            &me,
+            &assign.pod,
+            assign.epoch,
+            unix_millis() / 1000,
+        ) {
+            return self.refuse_assign(owner, &uid, e.kind(), e.to_string());
+        }
+        // Work comes only as the answer to a bid, or as new data for a pod this agent
+        // runs for that owner at that epoch.
+        let refresh = self
+            .pods
+            .get(&uid)
+            .is_some_and(|h| h.owner == owner && h.epoch == assign.epoch);
+        let bid = self.bids.get(&uid).is_some_and(|(o, e, at)| {
+            *o == owner && *e == assign.epoch && at.elapsed() < BID_LIFETIME
+        });
+        if !refresh && !bid {
+            return self.refuse_assign(
+                owner,
+                &uid,
+                "unsolicited",
+                "this agent did not bid for that offer".into(),
+            );
         }
         let pod_ref = match translate::pod_ref(&assign.pod) {
             Ok(r) => r,
@@ -432,7 +609,7 @@ impl Agent {
         }
         if let Err(e) = self
             .store
-            .save(&pod_ref.uid, owner, assign.epoch, &assign.pod)
+            .save(&pod_ref.uid, &assign.statement, &assign.pod)
             .await
         {
             return Response::Declined {
@@ -446,16 +623,17 @@ impl Agent {
                     &assign.pod,
                 )));
         }
-        tracing::info!(pod = %pod_ref, epoch = %assign.epoch, %owner, "assigned");
-        self.metrics.assignments.inc();
-        self.host(
-            pod_ref,
-            assign.pod,
-            assign.volumes,
-            assign.epoch,
-            owner,
-            None,
+        self.bids.remove(&pod_ref.uid);
+        audit::record(
+            &self.metrics,
+            "assign",
+            Outcome::Allowed,
+            &owner,
+            Some(&pod_ref),
+            &format_args!("epoch {}", assign.epoch),
         );
+        self.metrics.assignments.inc();
+        self.host(pod_ref, assign.pod, assign.volumes, assign.statement, None);
         Response::Ack
     }
 
@@ -500,32 +678,27 @@ impl Agent {
             return;
         }
         hosted.status = Some(update.status.clone());
-        let owner = hosted.owner;
+        let statement = hosted.statement.clone();
         if update.removed {
             self.pods.remove(&update.pod.uid);
             self.store.remove(&update.pod.uid).await;
             self.metrics.pods.set(self.pods.len() as i64);
         }
-        self.send_status(
-            owner,
-            update.pod,
-            update.epoch,
-            update.status,
-            update.removed,
-        );
+        self.send_status(update.pod, statement, update.status, update.removed);
     }
 
     fn send_status(
         &self,
-        owner: PeerId,
         pod: PodRef,
-        epoch: Epoch,
+        assignment: SignedAssignment,
         status: PodStatus,
         removed: bool,
     ) {
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
         let metrics = self.metrics.clone();
+        let (seq, sent_at_ms) = self.sequencer.next();
+        let (owner, epoch) = (assignment.owner.0, assignment.epoch);
         tokio::spawn(async move {
             let uid = pod.uid.clone();
             let report = StatusReport {
@@ -533,6 +706,9 @@ impl Agent {
                 epoch,
                 status,
                 removed,
+                assignment,
+                seq,
+                sent_at_ms,
             };
             match mesh.request(owner, Request::Status(Box::new(report))).await {
                 Ok(Response::Superseded { .. }) if !removed => {
@@ -547,15 +723,17 @@ impl Agent {
         });
     }
 
-    /// Re-sends every status, so that an owner that restarted or missed a report
-    /// catches up.
-    fn resync(&self) {
+    /// Re-sends every status (of one owner's pods, or of all), so that an owner that
+    /// restarted or missed a report catches up.
+    fn resync(&self, owner: Option<PeerId>) {
         for hosted in self.pods.values() {
+            if owner.is_some_and(|o| o != hosted.owner) {
+                continue;
+            }
             if let Some(status) = &hosted.status {
                 self.send_status(
-                    hosted.owner,
                     hosted.pod.clone(),
-                    hosted.epoch,
+                    hosted.statement.clone(),
                     status.clone(),
                     false,
                 );
@@ -565,6 +743,7 @@ impl Agent {
 
     fn heartbeat(&self) -> Heartbeat {
         let capacity = self.capacity(None);
+        let (seq, sent_at_ms) = self.sequencer.next();
         Heartbeat {
             labels: self.config.labels.clone(),
             capacity: self.config.capacity,
@@ -583,14 +762,13 @@ impl Agent {
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
             storage_bytes: self.config.storage_bytes,
+            seq,
+            sent_at_ms,
         }
     }
 
     async fn publish_heartbeat(&mut self) {
         let heartbeat = self.heartbeat();
-        // Our own heartbeat belongs in our view too (gossip does not echo it back).
-        self.peers
-            .record(self.mesh.local_peer_id(), heartbeat.clone());
         if let Err(e) = self
             .mesh
             .publish(&GossipMessage::Heartbeat(heartbeat))
@@ -601,7 +779,13 @@ impl Agent {
         }
     }
 
-    fn view(&self) -> crate::wire::MeshView {
-        self.peers.view(self.config.heartbeat_interval * 3)
+    /// This agent and the pods it runs for `owner`: an owner learns nothing of
+    /// other owners' work.
+    fn view(&self, owner: PeerId) -> MeshView {
+        let mut heartbeat = self.heartbeat();
+        heartbeat.pods.retain(|p| p.owner.0 == owner);
+        let mut book = crate::view::HeartbeatBook::default();
+        book.record(self.mesh.local_peer_id(), heartbeat);
+        book.view(self.config.heartbeat_interval)
     }
 }

@@ -4,16 +4,21 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Pod;
-use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Epoch, PeerRef, PodUid};
+use crate::wire::{Epoch, PodUid, SignedAssignment};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredAssignment {
-    pub owner: PeerRef,
-    pub epoch: Epoch,
+    /// The owner's signed assignment: who owns the pod, at which epoch.
+    pub statement: SignedAssignment,
     pub pod: Pod,
+}
+
+impl StoredAssignment {
+    pub fn epoch(&self) -> Epoch {
+        self.statement.epoch
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +52,7 @@ impl AssignmentStore {
     pub async fn save(
         &self,
         uid: &PodUid,
-        owner: PeerId,
-        epoch: Epoch,
+        statement: &SignedAssignment,
         pod: &Pod,
     ) -> Result<(), StoreError> {
         let path = self.path(uid);
@@ -57,8 +61,7 @@ impl AssignmentStore {
             source,
         };
         let record = StoredAssignment {
-            owner: PeerRef(owner),
-            epoch,
+            statement: statement.clone(),
             pod: pod.clone(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
@@ -100,17 +103,26 @@ mod tests {
     async fn saves_loads_and_never_escapes_its_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = AssignmentStore::open(dir.path()).expect("opens");
-        let owner = PeerId::random();
+        let owner = libp2p::PeerId::random();
         for uid in ["a1b2-c3", "../../etc/passwd", ""] {
             let uid = PodUid(uid.into());
+            let statement = SignedAssignment {
+                owner: crate::wire::PeerRef(owner),
+                agent: crate::wire::PeerRef(libp2p::PeerId::random()),
+                pod: uid.clone(),
+                epoch: Epoch(4),
+                spec_digest: String::new(),
+                expires_at: 0,
+                signature: String::new(),
+            };
             store
-                .save(&uid, owner, Epoch(4), &Pod::default())
+                .save(&uid, &statement, &Pod::default())
                 .await
                 .expect("saves");
             assert!(store.path(&uid).starts_with(dir.path().join("assignments")));
             let back = store.load(&uid).await.expect("loads");
-            assert_eq!(back.epoch, Epoch(4));
-            assert_eq!(back.owner.0, owner);
+            assert_eq!(back.epoch(), Epoch(4));
+            assert_eq!(back.statement.owner.0, owner);
             store.remove(&uid).await;
             assert!(store.load(&uid).await.is_none());
         }

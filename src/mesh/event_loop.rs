@@ -232,6 +232,7 @@ impl EventLoop {
     }
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
         let gossipsub::Event::Message {
             propagation_source,
             message_id,
@@ -241,19 +242,25 @@ impl EventLoop {
             return;
         };
         let Some(topic) = Topic::from_name(message.topic.as_str()) else {
-            self.report(&message_id, &propagation_source, false);
+            self.report(&message_id, &propagation_source, Reject);
             self.metrics.dropped("gossip", "unknown_topic");
             return;
         };
         // Strict validation guarantees a verified source on every delivered message.
         let Some(source) = message.source else {
-            self.report(&message_id, &propagation_source, false);
+            self.report(&message_id, &propagation_source, Reject);
             self.metrics.dropped(topic_kind(topic), "unsigned");
             return;
         };
         match wire::decode_gossip(topic, &message.data) {
+            Ok(_) if !self.config.accept_gossip.accepts(topic, &source) => {
+                // Not relayed; the relayer is not penalised (it may trust the signer).
+                self.report(&message_id, &propagation_source, Ignore);
+                self.metrics.dropped(topic_kind(topic), "untrusted");
+                tracing::debug!(%source, %topic, "gossip from an untrusted peer dropped");
+            }
             Ok(decoded) => {
-                self.report(&message_id, &propagation_source, true);
+                self.report(&message_id, &propagation_source, Accept);
                 let kind = gossip_kind(&decoded);
                 self.metrics.received(kind);
                 self.emit(
@@ -265,19 +272,19 @@ impl EventLoop {
                 );
             }
             Err(e) => {
-                self.report(&message_id, &propagation_source, false);
+                self.report(&message_id, &propagation_source, Reject);
                 self.metrics.dropped(topic_kind(topic), e.kind());
                 tracing::debug!(%source, %topic, error = %e, "dropped gossip message");
             }
         }
     }
 
-    fn report(&mut self, id: &gossipsub::MessageId, from: &PeerId, accept: bool) {
-        let acceptance = if accept {
-            gossipsub::MessageAcceptance::Accept
-        } else {
-            gossipsub::MessageAcceptance::Reject
-        };
+    fn report(
+        &mut self,
+        id: &gossipsub::MessageId,
+        from: &PeerId,
+        acceptance: gossipsub::MessageAcceptance,
+    ) {
         self.swarm
             .behaviour_mut()
             .gossipsub

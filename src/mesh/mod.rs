@@ -11,6 +11,7 @@ mod codec;
 mod event_loop;
 mod handle;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -49,6 +50,43 @@ pub enum MeshError {
     Wire(#[from] wire::WireError),
 }
 
+/// Which gossip a peer accepts and relays: a message whose signer the filter refuses
+/// is neither delivered nor forwarded (and its relayer is not penalised: it may trust
+/// peers this one does not).
+#[derive(Clone)]
+pub struct GossipFilter(Arc<AcceptsGossip>);
+
+/// Whether a message on a topic, signed by a peer, is accepted.
+type AcceptsGossip = dyn Fn(Topic, &PeerId) -> bool + Send + Sync;
+
+impl GossipFilter {
+    pub fn new(accepts: impl Fn(Topic, &PeerId) -> bool + Send + Sync + 'static) -> Self {
+        GossipFilter(Arc::new(accepts))
+    }
+
+    /// Every signer (for tests of the mesh itself).
+    pub fn accept_all() -> Self {
+        GossipFilter::new(|_, _| true)
+    }
+
+    pub fn accepts(&self, topic: Topic, source: &PeerId) -> bool {
+        (self.0)(topic, source)
+    }
+}
+
+/// Accepts nothing: a peer that wants gossip says from whom.
+impl Default for GossipFilter {
+    fn default() -> Self {
+        GossipFilter::new(|_, _| false)
+    }
+}
+
+impl std::fmt::Debug for GossipFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GossipFilter")
+    }
+}
+
 /// How a peer joins the mesh.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -56,6 +94,8 @@ pub struct MeshConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// The gossip topics whose messages this peer wants.
     pub subscribe: Vec<Topic>,
+    /// Whose gossip on those topics is accepted and relayed.
+    pub accept_gossip: GossipFilter,
     pub request_timeout: Duration,
     /// How often unreachable bootstrap peers are dialled again.
     pub redial_interval: Duration,
@@ -67,6 +107,7 @@ impl Default for MeshConfig {
             listen: Vec::new(),
             bootstrap: Vec::new(),
             subscribe: Vec::new(),
+            accept_gossip: GossipFilter::default(),
             request_timeout: Duration::from_secs(10),
             redial_interval: Duration::from_secs(3),
         }
@@ -115,11 +156,15 @@ impl Behaviour {
             .heartbeat_interval(Duration::from_secs(1))
             .build()
             .map_err(|e| MeshError::Transport(e.to_string()))?;
-        let gossipsub = gossipsub::Behaviour::new(
+        let mut gossipsub = gossipsub::Behaviour::new(
             gossipsub::MessageAuthenticity::Signed(keypair.clone()),
             gossip_config,
         )
         .map_err(|e| MeshError::Transport(e.to_string()))?;
+        let (params, thresholds) = peer_scoring();
+        gossipsub
+            .with_peer_score(params, thresholds)
+            .map_err(|e| MeshError::Transport(e.to_string()))?;
 
         let mut kad = kad::Behaviour::with_config(
             peer_id,
@@ -151,6 +196,34 @@ impl Behaviour {
             streams: libp2p_stream::Behaviour::new(),
         })
     }
+}
+
+/// Gossipsub peer scoring: a peer that delivers invalid messages (undecodable, wrong
+/// topic, unsigned) is soon below the graylist threshold and ignored. The other
+/// components are tuned down for a mesh of few, quiet topics: rewards stay small,
+/// sparse traffic is not a fault, and many agents may share one address (NAT).
+fn peer_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 10.0,
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        // Two invalid messages take a peer past the graylist threshold (-80); the
+        // penalty decays over about a minute.
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.95,
+        ..gossipsub::TopicScoreParams::default()
+    };
+    let params = gossipsub::PeerScoreParams {
+        topics: Topic::ALL
+            .into_iter()
+            .map(|t| (gossipsub::IdentTopic::new(t.name()).hash(), topic.clone()))
+            .collect(),
+        ip_colocation_factor_weight: 0.0,
+        ..gossipsub::PeerScoreParams::default()
+    };
+    (params, gossipsub::PeerScoreThresholds::default())
 }
 
 /// Builds the swarm, starts listening and dials the bootstrap peers. Run the returned

@@ -3,6 +3,7 @@
 //! Pods come from a manifest directory (standalone), from the Kubernetes API through an
 //! [`ApiLink`], or both; their status is printed, and sent to the API for its pods.
 
+pub mod enroll;
 pub mod manifests;
 pub mod owner;
 mod printer;
@@ -13,13 +14,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
-use crate::wire::{GossipMessage, PodRef};
+use crate::wire::{GossipMessage, PodRef, Request, Response};
+use enroll::NodeEnrollment;
 use manifests::ManifestDir;
 use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::PhasePrinter;
@@ -46,6 +49,8 @@ pub struct NodeConfig {
     /// Standalone pods; None when all pods come from the Kubernetes API.
     pub pod_manifest_path: Option<PathBuf>,
     pub owner: OwnerConfig,
+    /// Joins with tokens; None when agents are only listed (or, insecurely, any).
+    pub enrollment: Option<NodeEnrollment>,
 }
 
 /// How the node loop and the Kubernetes side talk.
@@ -165,14 +170,17 @@ pub fn standalone_pod(pod: Pod) -> DesiredPod {
 
 pub struct Node {
     config: NodeConfig,
+    /// The mesh identity, which signs assignments.
+    signer: Keypair,
     mesh: MeshHandle,
     metrics: Metrics,
 }
 
 impl Node {
-    pub fn new(config: NodeConfig, mesh: MeshHandle, metrics: Metrics) -> Node {
+    pub fn new(config: NodeConfig, signer: Keypair, mesh: MeshHandle, metrics: Metrics) -> Node {
         Node {
             config,
+            signer,
             mesh,
             metrics,
         }
@@ -196,6 +204,7 @@ impl Node {
         };
         let mut owner = Owner::new(
             self.config.owner.clone(),
+            self.signer.clone(),
             self.mesh.clone(),
             self.metrics.clone(),
             Box::new(Sinks(sinks)),
@@ -224,6 +233,10 @@ impl Node {
             .pod_manifest_path
             .as_deref()
             .and_then(|path| watch_dir(path, changed_tx));
+        let (revoked_tx, mut revoked) = mpsc::channel(16);
+        if let Some(enrollment) = &self.config.enrollment {
+            tokio::spawn(enrollment.clone().follow(revoked_tx, cancel.clone()));
+        }
         let mut scan = tokio::time::interval(MANIFEST_SCAN_INTERVAL);
         scan.reset();
         let mut tick = tokio::time::interval(OWNER_TICK);
@@ -236,12 +249,28 @@ impl Node {
                         owner.on_heartbeat(source, hb);
                     }
                     MeshEvent::Gossip { message: GossipMessage::Offer(_), .. } => {}
+                    MeshEvent::Request { peer, request: Request::Join(join), reply } => {
+                        match self.config.enrollment.clone() {
+                            // Answered aside: recording an enrollment is I/O.
+                            Some(enrollment) => {
+                                tokio::spawn(async move {
+                                    let _ = reply.send(enrollment.join(peer, join).await);
+                                });
+                            }
+                            None => {
+                                let _ = reply.send(Response::Declined {
+                                    reason: "this node takes no join tokens (its agents are listed with --trust-agent)".into(),
+                                });
+                            }
+                        }
+                    }
                     MeshEvent::Request { peer, request, reply } => {
                         let _ = reply.send(owner.on_request(peer, request));
                     }
                     MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
                 },
                 Some(()) = owner.next_internal() => {}
+                Some(gone) = revoked.recv() => owner.agents_revoked(&gone),
                 Some(query) = next_query(queries.as_mut()) => match query {
                     NodeQuery::Locate { namespace, name, reply } => {
                         let _ = reply.send(owner.locate(&namespace, &name));

@@ -14,22 +14,25 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use libp2p::identity::Keypair;
 use libp2p::PeerId;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::resolve::{ResolveError, Resolved};
 use crate::agent::status::RestartPolicy;
+use crate::audit::{self, Outcome};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::placement::{self, AGENT_SELECTOR_ANNOTATION};
+use crate::placement::{self, ScoreMode, AGENT_SELECTOR_ANNOTATION};
 use crate::runtime::translate;
-use crate::trust::PeerPolicy;
+use crate::trust::replay::{unix_millis, ReplayGuard};
+use crate::trust::statement::{self, spec_digest};
+use crate::trust::TrustedPeers;
 use crate::view::HeartbeatBook;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, Release, Request, Resources, Response, StatusReport, VolumeFile,
+    PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport, VolumeFile,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -81,7 +84,14 @@ pub struct OwnerConfig {
     /// How often an unschedulable pod is offered again while nothing changes.
     pub retry_interval: Duration,
     /// The agents pods may go to; heartbeats, bids and reports of others are dropped.
-    pub agents: PeerPolicy,
+    pub agents: TrustedPeers,
+    /// The peers `beemesh status` may ask with (Query); others get nothing.
+    pub clients: TrustedPeers,
+    /// How the owner ranks the agents that bid.
+    pub score_mode: ScoreMode,
+    /// How long a signed assignment may take to reach its agent (covers clock skew
+    /// between owner and agent too).
+    pub assignment_ttl: Duration,
 }
 
 impl Default for OwnerConfig {
@@ -91,7 +101,10 @@ impl Default for OwnerConfig {
             agent_loss_timeout: Duration::from_secs(9),
             adopt_window: Duration::from_secs(4),
             retry_interval: Duration::from_secs(5),
-            agents: PeerPolicy::default(),
+            agents: TrustedPeers::default(),
+            clients: TrustedPeers::default(),
+            score_mode: ScoreMode::default(),
+            assignment_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -104,10 +117,10 @@ enum Placement {
     },
     /// Not placed until what it refers to exists (a new [`DesiredPod`] releases it).
     Held,
-    /// An offer is collecting bids.
+    /// An offer is collecting bids (the agents willing to take it).
     Offering {
         deadline: Instant,
-        bids: Vec<(PeerId, i64)>,
+        bids: Vec<PeerId>,
     },
     /// An assignment is in flight.
     Assigning,
@@ -154,6 +167,8 @@ enum Internal {
 
 pub struct Owner {
     config: OwnerConfig,
+    /// Signs assignments.
+    signer: Keypair,
     mesh: MeshHandle,
     metrics: Metrics,
     sink: Box<dyn StatusSink>,
@@ -172,6 +187,10 @@ pub struct Owner {
     /// that a restarted owner's placements supersede every earlier one (epochs grow by
     /// at most about one a second), even of a copy it never heard of.
     epoch_floor: Epoch,
+    /// The last heartbeat sequence number of each agent.
+    heartbeat_seqs: ReplayGuard<PeerId>,
+    /// The last status report sequence number of each placement.
+    status_seqs: ReplayGuard<(PeerId, PodUid)>,
 }
 
 /// How long an assignment counts as recent for spreading ties: about until the
@@ -180,10 +199,6 @@ const RECENT_ASSIGNMENT: Duration = Duration::from_secs(5);
 
 fn now_time() -> Time {
     Time(Timestamp::now())
-}
-
-fn digest(pod: &Pod) -> String {
-    hex::encode(Sha256::digest(serde_json::to_vec(pod).unwrap_or_default()))
 }
 
 fn pending_status(reason: &str, message: String) -> PodStatus {
@@ -258,8 +273,11 @@ fn failed_status(reason: &str, message: String, base: &PodStatus) -> PodStatus {
 }
 
 impl Owner {
+    /// `signer` is the identity the mesh handle speaks for: agents check that the
+    /// assignments they receive are signed by the peer that sent them.
     pub fn new(
         config: OwnerConfig,
+        signer: Keypair,
         mesh: MeshHandle,
         metrics: Metrics,
         sink: Box<dyn StatusSink>,
@@ -273,7 +291,10 @@ impl Owner {
             synced: true,
             epoch_floor: Epoch(started),
             recent_assignments: HashMap::new(),
+            heartbeat_seqs: ReplayGuard::default(),
+            status_seqs: ReplayGuard::default(),
             config,
+            signer,
             mesh,
             metrics,
             sink,
@@ -421,7 +442,7 @@ impl Owner {
             Ok((requests, selector)) => {
                 owned.offer.requests = requests;
                 owned.offer.agent_selector = selector;
-                owned.offer.spec_digest = digest(&resolved.pod);
+                owned.offer.spec_digest = spec_digest(&resolved.pod);
                 owned.placement = Placement::Waiting {
                     at: self.adopt_until.max(Instant::now()),
                 };
@@ -456,11 +477,7 @@ impl Owner {
                 // the assigned agent rewrites the files.
                 owned.volumes = resolved.volumes;
                 if let Placement::Placed { agent } = placement {
-                    let assign = Assign {
-                        epoch: owned.epoch,
-                        pod: owned.pod.clone(),
-                        volumes: owned.volumes.clone(),
-                    };
+                    let assign = self.assign(&owned, *agent);
                     self.send_assign_refresh(*agent, assign);
                 }
                 self.pods.insert(uid.clone(), owned);
@@ -474,6 +491,19 @@ impl Owner {
         if deleted {
             self.delete(uid);
         }
+    }
+
+    /// The assignment of `owned` at its epoch to `agent`, signed for that agent.
+    fn assign(&self, owned: &OwnedPod, agent: PeerId) -> Assign {
+        signed_assign(
+            &self.signer,
+            agent,
+            owned.epoch,
+            owned.pod.clone(),
+            owned.volumes.clone(),
+            &owned.offer.spec_digest,
+            self.config.assignment_ttl,
+        )
     }
 
     fn send_assign_refresh(&self, agent: PeerId, assign: Assign) {
@@ -521,6 +551,7 @@ impl Owner {
             tracing::info!(pod = %owned.pod_ref, "pod removed");
             self.sink.removed(&owned.pod_ref);
         }
+        self.status_seqs.retain(|(_, pod)| pod != uid);
         self.metrics.pods.set(self.pods.len() as i64);
     }
 
@@ -606,7 +637,28 @@ impl Owner {
     }
 
     fn on_bid(&mut self, agent: PeerId, bid: Bid) -> Response {
-        tracing::debug!(pod = %bid.pod, epoch = %bid.epoch, %agent, score = bid.score, "bid received");
+        tracing::debug!(pod = %bid.pod, epoch = %bid.epoch, %agent, "bid received");
+        // Only agents heard from lately, which the owner's own view says fit, take part:
+        // a bid is a willingness, not a claim to capacity.
+        let fits = self.pods.get(&bid.pod).and_then(|owned| {
+            let seen = self.agents.get(&agent)?;
+            Some(placement::misfits(&owned.offer, &seen.capacity()).is_empty())
+        });
+        match fits {
+            None if self.pods.contains_key(&bid.pod) => {
+                self.metrics.dropped("bid", "no_heartbeat");
+                return Response::Declined {
+                    reason: "no recent heartbeat from this agent".into(),
+                };
+            }
+            Some(false) => {
+                self.metrics.dropped("bid", "does_not_fit");
+                return Response::Declined {
+                    reason: "this agent's last heartbeat does not fit the pod".into(),
+                };
+            }
+            _ => {}
+        }
         let fitting = self.fitting_agents(&bid.pod);
         let Some(owned) = self.pods.get_mut(&bid.pod) else {
             return Response::Declined {
@@ -623,8 +675,8 @@ impl Owner {
                 reason: "offer closed".into(),
             };
         }
-        if !bids.iter().any(|(a, _)| *a == agent) {
-            bids.push((agent, bid.score));
+        if !bids.contains(&agent) {
+            bids.push(agent);
         }
         // Every agent that can fit has bid: no need to wait out the window.
         if bids.len() >= fitting {
@@ -650,7 +702,12 @@ impl Owner {
         let Placement::Offering { bids, .. } = &owned.placement else {
             return;
         };
-        let mut bids = bids.clone();
+        // Bidders whose heartbeats stopped since they bid drop out.
+        let bids: Vec<PeerId> = bids
+            .iter()
+            .filter(|agent| self.agents.get(agent).is_some())
+            .copied()
+            .collect();
         if bids.is_empty() {
             let message = placement::explain(
                 &owned.offer,
@@ -670,28 +727,41 @@ impl Owner {
             self.set_status(uid, pending_status("Unschedulable", message));
             return;
         }
-        // Highest score first; among equals, the agent this owner gave the fewest pods
-        // lately (its heartbeats do not show them yet), then by peer ID.
+        // Highest score by the owner's own reckoning from the bidders' heartbeats (a
+        // bidder whose heartbeats stopped meanwhile drops out); among equals, the
+        // agent this owner gave the fewest pods lately (its heartbeats do not show
+        // them yet), then by peer ID.
         let now = Instant::now();
         for times in self.recent_assignments.values_mut() {
             times.retain(|at| now.duration_since(*at) < RECENT_ASSIGNMENT);
         }
         let recent = |agent: &PeerId| self.recent_assignments.get(agent).map_or(0, Vec::len);
-        bids.sort_by(|a, b| {
+        let mut ranked: Vec<(PeerId, i64)> = bids
+            .iter()
+            .filter_map(|agent| {
+                let seen = self.agents.get(agent)?;
+                Some((
+                    *agent,
+                    placement::score(&owned.offer, &seen.capacity(), self.config.score_mode),
+                ))
+            })
+            .collect();
+        ranked.sort_by(|a, b| {
             b.1.cmp(&a.1)
                 .then(recent(&a.0).cmp(&recent(&b.0)))
                 .then(a.0.cmp(&b.0))
         });
-        tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?bids, "offer closed");
+        tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?ranked, "offer closed");
         // Counted when chosen: offers closing right after this one must see it.
-        if let Some((first, _)) = bids.first() {
+        if let Some((first, _)) = ranked.first() {
             self.recent_assignments.entry(*first).or_default().push(now);
         }
-        let assign = Assign {
-            epoch: owned.epoch,
-            pod: owned.pod.clone(),
-            volumes: owned.volumes.clone(),
-        };
+        // Signed for each candidate in turn: an assignment names its agent.
+        let assigns: Vec<(PeerId, Assign)> = ranked
+            .iter()
+            .map(|(agent, _)| (*agent, self.assign(owned, *agent)))
+            .collect();
+        let (pod_ref, epoch) = (owned.pod_ref.clone(), owned.epoch);
         if let Some(owned) = self.pods.get_mut(uid) {
             owned.placement = Placement::Assigning;
         }
@@ -700,15 +770,19 @@ impl Owner {
         let uid = uid.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let epoch = assign.epoch;
             let mut reasons = Vec::new();
-            for (agent, _) in bids {
-                match mesh
-                    .request(agent, Request::Assign(Box::new(assign.clone())))
-                    .await
-                {
+            for (agent, assign) in assigns {
+                match mesh.request(agent, Request::Assign(Box::new(assign))).await {
                     Ok(Response::Ack) => {
                         metrics.assignments.inc();
+                        audit::record(
+                            &metrics,
+                            "assign",
+                            Outcome::Allowed,
+                            &agent,
+                            Some(&pod_ref),
+                            &format_args!("epoch {epoch}"),
+                        );
                         let _ = internal
                             .send(Internal::Assigned { uid, epoch, agent })
                             .await;
@@ -790,11 +864,20 @@ impl Owner {
         }
     }
 
-    /// An agent's heartbeat: remember its capacity, and reconcile the pods it says it
-    /// runs for us against what we want.
+    /// An agent's heartbeat: remember its capacity, and release the pods it says it
+    /// runs for us that we no longer want there. A heartbeat never places a pod: only
+    /// a status report with the owner's signed assignment does (see `on_status`).
     pub fn on_heartbeat(&mut self, agent: PeerId, heartbeat: Heartbeat) {
         if !self.config.agents.trusts(&agent) {
             self.metrics.dropped("heartbeat", "untrusted");
+            return;
+        }
+        if let Err(replay) =
+            self.heartbeat_seqs
+                .check(agent, heartbeat.seq, heartbeat.sent_at_ms, unix_millis())
+        {
+            self.metrics.dropped("heartbeat", replay.kind());
+            tracing::debug!(%agent, %replay, "heartbeat dropped");
             return;
         }
         let me = self.me();
@@ -842,8 +925,6 @@ impl Owner {
                     grace_period_secs: owned.grace_secs,
                 };
                 self.send_release(agent, release);
-            } else if !current && !matches!(owned.placement, Placement::Assigning) {
-                self.adopt(&uid, agent, hp.epoch);
             }
         }
     }
@@ -867,8 +948,39 @@ impl Owner {
         owned.placement = Placement::Placed { agent };
     }
 
+    /// Whether `statement` is this owner's signed assignment of the reported pod and
+    /// epoch to `agent`: the only proof a report counts for.
+    fn assigned_by_me(&self, agent: PeerId, report: &StatusReport) -> Result<(), String> {
+        let statement: &SignedAssignment = &report.assignment;
+        statement::verify_signature(statement, &self.me()).map_err(|e| e.to_string())?;
+        if statement.agent.0 != agent
+            || statement.pod != report.pod.uid
+            || statement.epoch != report.epoch
+        {
+            return Err(format!(
+                "the assignment is for {} at epoch {} on {}",
+                statement.pod, statement.epoch, statement.agent
+            ));
+        }
+        Ok(())
+    }
+
     pub fn on_status(&mut self, agent: PeerId, report: StatusReport) -> Response {
         let uid = report.pod.uid.clone();
+        if let Err(reason) = self.assigned_by_me(agent, &report) {
+            self.metrics.dropped("status", "not_assigned");
+            audit::record(
+                &self.metrics,
+                "status",
+                Outcome::Refused,
+                &agent,
+                Some(&report.pod),
+                &reason,
+            );
+            return Response::Declined {
+                reason: format!("not assigned to you by this owner: {reason}"),
+            };
+        }
         let Some(owned) = self.pods.get(&uid) else {
             if !self.synced {
                 // Not known yet; the agent reports again.
@@ -882,6 +994,16 @@ impl Owner {
             return Response::Superseded {
                 current: owned.epoch,
             };
+        }
+        if let Err(replay) = self.status_seqs.check(
+            (agent, uid.clone()),
+            report.seq,
+            report.sent_at_ms,
+            unix_millis(),
+        ) {
+            self.metrics.dropped("status", replay.kind());
+            tracing::debug!(pod = %report.pod, %agent, %replay, "status report dropped");
+            return Response::Ack;
         }
         let placed_here = matches!(owned.placement, Placement::Placed { agent: a } if a == agent);
         if report.epoch > owned.epoch || !placed_here {
@@ -925,13 +1047,14 @@ impl Owner {
                 .filter(|(_, o)| o.placement == Placement::Placed { agent })
                 .map(|(uid, _)| uid.clone())
                 .collect();
+            self.heartbeat_seqs.retain(|a| *a != agent);
             for uid in uids {
-                self.agent_lost(&uid, agent);
+                self.agent_lost(&uid, agent, "stopped sending heartbeats");
             }
         }
     }
 
-    fn agent_lost(&mut self, uid: &PodUid, agent: PeerId) {
+    fn agent_lost(&mut self, uid: &PodUid, agent: PeerId, why: &str) {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
@@ -940,7 +1063,7 @@ impl Owner {
             self.forget(uid);
             return;
         }
-        let message = format!("agent {agent} stopped sending heartbeats");
+        let message = format!("agent {agent} {why}");
         let lost = ContainerStateTerminated {
             exit_code: 137,
             reason: Some("AgentLost".into()),
@@ -1093,22 +1216,62 @@ impl Owner {
         view
     }
 
+    /// Answers an agent's or client's request. Joins are the node's business (they
+    /// need its token store) and never reach the owner.
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
-        if matches!(request, Request::Bid(_) | Request::Status(_))
-            && !self.config.agents.trusts(&peer)
-        {
+        let trusted = match request {
+            Request::Bid(_) | Request::Status(_) => self.config.agents.trusts(&peer),
+            Request::Query => self.config.clients.trusts(&peer),
+            Request::Assign(_) | Request::Release(_) | Request::Join(_) => true,
+        };
+        if !trusted {
             self.metrics.dropped(request.kind(), "untrusted");
+            audit::record(
+                &self.metrics,
+                request.kind(),
+                Outcome::Refused,
+                &peer,
+                None,
+                &"peer not trusted",
+            );
             return Response::Declined {
-                reason: format!("agent {peer} is not trusted by this node"),
+                reason: format!("peer {peer} is not trusted by this node"),
             };
         }
         match request {
             Request::Bid(bid) => self.on_bid(peer, bid),
             Request::Status(report) => self.on_status(peer, *report),
             Request::Query => Response::View(Box::new(self.view())),
-            Request::Assign(_) | Request::Release(_) => Response::Error {
+            Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
                 message: "this peer is an owner; it does not run pods".into(),
             },
+        }
+    }
+
+    /// Agents whose trust was revoked: they are forgotten at once, and their pods are
+    /// released there and placed elsewhere, as for a lost agent.
+    pub fn agents_revoked(&mut self, revoked: &[PeerId]) {
+        for agent in revoked {
+            self.agents.remove(agent);
+            self.heartbeat_seqs.retain(|a| a != agent);
+            let uids: Vec<PodUid> = self
+                .pods
+                .iter()
+                .filter(|(_, o)| o.placement == Placement::Placed { agent: *agent })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            tracing::warn!(%agent, pods = uids.len(), "agent's trust revoked; moving its pods");
+            for uid in uids {
+                if let Some(owned) = self.pods.get(&uid) {
+                    let release = Release {
+                        pod: uid.clone(),
+                        epoch: owned.epoch,
+                        grace_period_secs: owned.grace_secs,
+                    };
+                    self.send_release(*agent, release);
+                }
+                self.agent_lost(&uid, *agent, "trust revoked");
+            }
         }
     }
 
@@ -1117,6 +1280,34 @@ impl Owner {
         let internal = self.internal_rx.recv().await?;
         self.on_internal(internal);
         Some(())
+    }
+}
+
+/// An assignment of `pod` at `epoch` to `agent`, with the owner's signature.
+fn signed_assign(
+    signer: &Keypair,
+    agent: PeerId,
+    epoch: Epoch,
+    pod: Pod,
+    volumes: BTreeMap<String, Vec<VolumeFile>>,
+    spec_digest: &str,
+    ttl: Duration,
+) -> Assign {
+    let statement = statement::sign(
+        signer,
+        statement::Assignment {
+            agent,
+            pod: PodUid(pod.metadata.uid.clone().unwrap_or_default()),
+            epoch,
+            spec_digest: spec_digest.to_string(),
+            expires_at: (unix_millis() / 1000).saturating_add(ttl.as_secs()),
+        },
+    );
+    Assign {
+        epoch,
+        pod,
+        volumes,
+        statement,
     }
 }
 

@@ -9,6 +9,8 @@ use libp2p::identity::Keypair;
 
 /// File name of the identity key inside the state directory.
 pub const IDENTITY_FILE: &str = "identity.key";
+/// File name, inside a node's state directory, of the key `beemesh status` asks with.
+pub const CLIENT_KEY_FILE: &str = "client.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -41,11 +43,18 @@ const PKCS8_ED25519_PREFIX: [u8; 16] = [
 /// Loads the identity from `<state_dir>/identity.key`, creating a new Ed25519 key
 /// (mode 0600) if there is none. A key that others can read is refused, as ssh does.
 pub fn load_or_create_identity(state_dir: &Path) -> Result<Keypair, IdentityError> {
-    fs::create_dir_all(state_dir).map_err(|source| IdentityError::StateDir {
-        path: state_dir.to_path_buf(),
+    load_or_create_key(&state_dir.join(IDENTITY_FILE))
+}
+
+/// Loads the Ed25519 key at `path`, creating it (mode 0600, and its directory) if
+/// there is none.
+pub fn load_or_create_key(path: &Path) -> Result<Keypair, IdentityError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|source| IdentityError::StateDir {
+        path: dir.to_path_buf(),
         source,
     })?;
-    let path = state_dir.join(IDENTITY_FILE);
+    let path = path.to_path_buf();
     match fs::read(&path) {
         Ok(bytes) => {
             check_mode(&path, 0o077)?;
@@ -147,9 +156,7 @@ fn create(path: &Path) -> Result<Keypair, IdentityError> {
     let _ = fs::remove_file(&tmp);
     match written {
         Ok(()) => Ok(keypair),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            load_or_create_identity(path.parent().unwrap_or(Path::new(".")))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_key(path),
         Err(e) => Err(write_err(e)),
     }
 }

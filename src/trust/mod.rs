@@ -1,7 +1,15 @@
-//! Peer identities and the policy of whom to take work from.
+//! Peer identities, whom to trust, and the proofs trust rests on: join tokens,
+//! owner-signed assignments and replay protection.
 
 mod identity;
+pub mod join;
 mod policy;
+pub mod replay;
+pub mod statement;
+pub mod store;
 
-pub use identity::{load_identity_file, load_or_create_identity, IdentityError, IDENTITY_FILE};
-pub use policy::PeerPolicy;
+pub use identity::{
+    load_identity_file, load_or_create_identity, load_or_create_key, IdentityError,
+    CLIENT_KEY_FILE, IDENTITY_FILE,
+};
+pub use policy::TrustedPeers;

@@ -62,6 +62,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// `beemesh token create --state-dir DIR <extra>`: the new token.
+pub fn create_token(state_dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(["token", "create", "--state-dir"])
+        .arg(state_dir)
+        .args(extra)
+        .output()
+        .expect("beemesh token create runs");
+    assert!(out.status.success(), "beemesh token create failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn peer_id(state_dir: &Path) -> String {
     beemesh_id("--state-dir", state_dir)
 }
@@ -174,6 +186,8 @@ pub struct Mesh {
     agent_count: usize,
     /// The node's kubelet API port (each test node has its own).
     pub kubelet_port: u16,
+    /// A join token of the node, which agents are started with.
+    pub join_token: String,
 }
 
 impl Mesh {
@@ -195,6 +209,7 @@ impl Mesh {
             None => peer_id(&node_state),
         };
         let node_addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
+        let join_token = create_token(&node_state, &[]);
         let mut mesh = Mesh {
             dir,
             manifests,
@@ -206,6 +221,7 @@ impl Mesh {
             node_args,
             agent_count: 0,
             kubelet_port: free_port(),
+            join_token,
         };
         mesh.start_node();
         mesh
@@ -255,6 +271,7 @@ impl Mesh {
     }
 
     /// Starts an agent on an existing state directory (a restart keeps its identity).
+    /// It joins with the mesh's token unless `extra` says whom to trust.
     pub fn start_agent_in(&mut self, state: PathBuf, extra: &[&str]) -> usize {
         let peer = peer_id(&state);
         let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
@@ -270,6 +287,12 @@ impl Mesh {
         .iter()
         .map(ToString::to_string)
         .collect();
+        if !extra
+            .iter()
+            .any(|a| matches!(*a, "--trust" | "--join" | "--insecure-trust-any"))
+        {
+            args.extend(["--join".to_string(), self.join_token.clone()]);
+        }
         args.extend(extra.iter().map(ToString::to_string));
         let log = self
             .dir
@@ -295,7 +318,7 @@ impl Mesh {
         std::fs::remove_file(self.manifests.join(file)).expect("remove manifest");
     }
 
-    /// `beemesh status -o json` against the node.
+    /// `beemesh status -o json` against the node, with its client key.
     pub fn status(&self) -> Option<Value> {
         let out = Command::new(bin())
             .args([
@@ -307,6 +330,8 @@ impl Mesh {
                 "--bootstrap",
                 &self.node_addr,
             ])
+            .arg("--client-key")
+            .arg(self.node_state.join("client.key"))
             .output()
             .ok()?;
         if !out.status.success() {

@@ -862,7 +862,7 @@ impl Router {
         let config = self.shared.config;
         let refusal = self.shared.update(|st| {
             // Client streams are odd and increasing (SPDY/3 section 2.3.2).
-            if id % 2 == 0 || id <= st.last_peer_stream {
+            if id.is_multiple_of(2) || id <= st.last_peer_stream {
                 return Some(RstStatus::ProtocolError);
             }
             st.last_peer_stream = id;
