@@ -209,6 +209,11 @@ pub struct NodeArgs {
     /// How the node ranks the agents that can take a pod.
     #[arg(long, env = "BEEMESH_SCORE_MODE", value_enum, default_value = "spread")]
     pub score_mode: ScoreMode,
+    /// Keep join tokens and enrolled agents in this Secret ([NAMESPACE/]NAME; the
+    /// namespace defaults to the client's) instead of <state-dir>/trust/node.json, so
+    /// that they outlive the node's pod. Its key join-token, if set, is the first token.
+    #[arg(long, env = "BEEMESH_TRUST_SECRET", value_parser = parse_secret_ref)]
+    pub trust_secret: Option<SecretRef>,
     /// Milliseconds an offer collects bids.
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,
@@ -252,6 +257,14 @@ pub struct TokenArgs {
     /// (trust/node.json).
     #[arg(long, env = "BEEMESH_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
+    /// The Secret of a node in a cluster ([NAMESPACE/]NAME, as `beemesh node
+    /// --trust-secret`); wins over --state-dir.
+    #[arg(long, env = "BEEMESH_TRUST_SECRET", global = true, value_parser = parse_secret_ref)]
+    pub trust_secret: Option<SecretRef>,
+    /// Kubeconfig for --trust-secret (default: in-cluster config in a pod, else
+    /// KUBECONFIG, else ~/.kube/config).
+    #[arg(long, env = "BEEMESH_KUBECONFIG", global = true)]
+    pub kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
     pub command: TokenCommand,
 }
@@ -287,6 +300,33 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     // a selector requirement.
     crate::placement::parse_selector(text).map_err(|e| e.to_string())?;
     Ok((key.trim().to_string(), value.trim().to_string()))
+}
+
+/// A Secret named `[NAMESPACE/]NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+fn parse_secret_ref(text: &str) -> Result<SecretRef, String> {
+    let (namespace, name) = match text.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, text),
+    };
+    let valid = |s: &str, what: &str| {
+        if translate::is_dns_subdomain(s) {
+            Ok(s.to_string())
+        } else {
+            Err(format!(
+                "{s:?} is not a valid {what} (a lowercase RFC 1123 subdomain)"
+            ))
+        }
+    };
+    Ok(SecretRef {
+        namespace: namespace.map(|ns| valid(ns, "namespace")).transpose()?,
+        name: valid(name, "Secret name")?,
+    })
 }
 
 fn parse_join_token(text: &str) -> Result<JoinToken, String> {
@@ -371,6 +411,8 @@ mod tests {
             agent(&["--score-mode", "binpack"]),
             vec!["beemesh", "token", "create", "--ttl", "forever"],
             vec!["beemesh", "token", "create", "--uses", "0"],
+            vec!["beemesh", "token", "--trust-secret", "a/b/c", "list"],
+            vec!["beemesh", "token", "--trust-secret", "Bad_Name", "list"],
             vec![
                 "beemesh",
                 "node",

@@ -41,7 +41,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Agent(args) => agent(args).await,
         Command::Node(args) => node(args).await,
         Command::Status(args) => status(args).await,
-        Command::Token(args) => token(args),
+        Command::Token(args) => token(args).await,
     }
 }
 
@@ -223,7 +223,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let metrics = Metrics::new();
     let gossip = {
         let owners = owners.clone();
-        GossipFilter::new(move |topic, source| topic == Topic::Offers && owners.trusts(source))
+        GossipFilter::new([Topic::Offers], move |peer| owners.trusts(peer))
     };
     let keypair = identity(&args.mesh)?;
     let (mesh, events, mesh_task) = join_mesh(
@@ -323,8 +323,8 @@ async fn node(args: NodeArgs) -> Result<()> {
     let keypair = identity(&args.mesh)?;
     let cancel = shutdown_token()?;
     let metrics = Metrics::new();
-    let (agents, enrollment) =
-        node_trust(&args, keypair.public().to_peer_id(), &metrics, &cancel).await?;
+    let agents = trusted_peers(&args.mesh, args.trust_agents.iter().copied(), &cancel);
+    let trust_store = node_trust_store(&args, client.as_ref(), &agents).await?;
     let client_key_path = args.mesh.state_dir.join(CLIENT_KEY_FILE);
     let client_key = load_or_create_key(&client_key_path)?;
     let clients = TrustedPeers::new(
@@ -340,7 +340,7 @@ async fn node(args: NodeArgs) -> Result<()> {
     }
     let gossip = {
         let agents = agents.clone();
-        GossipFilter::new(move |topic, source| topic == Topic::Heartbeats && agents.trusts(source))
+        GossipFilter::new([Topic::Heartbeats], move |peer| agents.trusts(peer))
     };
     let (mesh, events, mesh_task) = join_mesh(
         &args.mesh,
@@ -351,6 +351,12 @@ async fn node(args: NodeArgs) -> Result<()> {
         &cancel,
     )?;
     let peer = mesh.local_peer_id();
+    let enrollment = match trust_store {
+        Some(store) => {
+            Some(NodeEnrollment::start(store, agents.clone(), metrics.clone(), mesh.clone()).await?)
+        }
+        None => None,
+    };
     if let Some(dir) = &args.pod_manifest_path {
         println!("node {peer} owns the pods in {}", dir.display());
     }
@@ -421,35 +427,59 @@ async fn node(args: NodeArgs) -> Result<()> {
     result
 }
 
-/// The agents a node trusts (listed, enrolled, or with --insecure-trust-any all) and
-/// its enrollment, if it takes join tokens. A node that nobody could ever join refuses
-/// to start.
-async fn node_trust(
+/// Where a node keeps its join tokens and enrolled agents: a Secret with
+/// --trust-secret, else its state directory; None when it trusts every agent anyway
+/// (--insecure-trust-any). A node that nobody could ever join refuses to start.
+async fn node_trust_store(
     args: &NodeArgs,
-    me: libp2p::PeerId,
-    metrics: &Metrics,
-    cancel: &CancellationToken,
-) -> Result<(TrustedPeers, Option<NodeEnrollment>)> {
-    let agents = trusted_peers(&args.mesh, args.trust_agents.iter().copied(), cancel);
+    client: Option<&kube::Client>,
+    agents: &TrustedPeers,
+) -> Result<Option<Arc<dyn TrustStore>>> {
     if agents.is_insecure() {
-        return Ok((agents, None));
+        return Ok(None);
     }
-    let store: Arc<dyn TrustStore> = Arc::new(JsonStore::<TrustDoc>::open(
-        &args.mesh.state_dir,
-        NODE_TRUST_FILE,
-    )?);
+    let store = trust_store(
+        args.trust_secret.as_ref(),
+        client,
+        Some(&args.mesh.state_dir),
+    )?;
     let doc = store.load().await?;
     let now = unix_millis() / 1000;
     let usable_token = doc.tokens.iter().any(|t| !t.expired(now));
-    let enrollment = NodeEnrollment::start(store, agents.clone(), metrics.clone(), me).await?;
-    if agents.is_empty() && !usable_token {
+    if agents.is_empty() && doc.agents.is_empty() && !usable_token {
         bail!(
-            "no agent can join this node: create a join token with `beemesh token create \
-             --state-dir {}` (agents pass it with --join), or list agents with --trust-agent",
-            args.mesh.state_dir.display()
+            "no agent can join this node: create a join token with `beemesh token create` \
+             (in {}; agents pass it with --join), or list agents with --trust-agent",
+            store.place()
         );
     }
-    Ok((agents, Some(enrollment)))
+    Ok(Some(store))
+}
+
+/// The trust store named by --trust-secret (with a client) or --state-dir.
+fn trust_store(
+    secret: Option<&cli::SecretRef>,
+    client: Option<&kube::Client>,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Arc<dyn TrustStore>> {
+    match (secret, client, state_dir) {
+        (Some(secret), Some(client), _) => {
+            let namespace = secret
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            Ok(Arc::new(cluster::trust_secret::SecretTrustStore::new(
+                client.clone(),
+                &namespace,
+                &secret.name,
+            )))
+        }
+        (Some(_), None, _) => bail!("--trust-secret needs a Kubernetes API server"),
+        (None, _, Some(dir)) => Ok(Arc::new(JsonStore::<TrustDoc>::open(dir, NODE_TRUST_FILE)?)),
+        (None, _, None) => {
+            bail!("pass --state-dir (the node's state directory) or --trust-secret (its Secret)")
+        }
+    }
 }
 
 /// Serves the kubelet API on `--kubelet-port`: binding fails the start at once. In a
@@ -658,24 +688,39 @@ async fn status(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-/// `beemesh token create|list|revoke`, on the node's trust file.
-fn token(args: TokenArgs) -> Result<()> {
-    let Some(state_dir) = &args.state_dir else {
-        bail!("pass --state-dir: the node's state directory");
-    };
-    let store = JsonStore::<TrustDoc>::open(state_dir, NODE_TRUST_FILE)?;
+/// `beemesh token create|list|revoke`, on the node's trust file or Secret.
+async fn token(args: TokenArgs) -> Result<()> {
+    let client =
+        match &args.trust_secret {
+            Some(_) => {
+                let env = |name: &str| std::env::var(name).ok();
+                let source = cluster::config_source(args.kubeconfig.as_deref(), false, &env)
+                    .context("--trust-secret needs a Kubernetes API server: pass --kubeconfig")?;
+                Some(cluster::connect(&source).await.with_context(|| {
+                    format!("cannot use the Kubernetes API server ({source:?})")
+                })?)
+            }
+            None => None,
+        };
+    let store = trust_store(
+        args.trust_secret.as_ref(),
+        client.as_ref(),
+        args.state_dir.as_deref(),
+    )?;
     let now = unix_millis() / 1000;
     match args.command {
         TokenCommand::Create { ttl, uses } => {
             let token = JoinToken::generate().context("no randomness for a token")?;
-            store.update(|doc| doc.create_token(&token, now, ttl, uses))?;
+            store
+                .update(&mut |doc| doc.create_token(&token, now, ttl, uses))
+                .await?;
             println!("{}", token.reveal());
             eprintln!(
                 "agents join with: beemesh agent --join <token> --bootstrap <the node's multiaddr>"
             );
         }
         TokenCommand::List => {
-            let doc = store.load()?;
+            let doc = store.load().await?;
             let mut rows = vec![vec![
                 "TOKEN".to_string(),
                 "EXPIRES".into(),
@@ -712,16 +757,20 @@ fn token(args: TokenArgs) -> Result<()> {
                 println!("\nagents whose token was deleted: {}", orphans.join(", "));
             }
         }
-        TokenCommand::Revoke { what } => match store.update(|doc| doc.revoke(&what))? {
-            Some(crate::trust::join::Revoked::Token { id, agents }) => {
-                println!(
-                    "revoked token {id} and {} agent(s) that joined with it",
-                    agents.len()
-                );
+        TokenCommand::Revoke { what } => {
+            let mut revoked = None;
+            store.update(&mut |doc| revoked = doc.revoke(&what)).await?;
+            match revoked {
+                Some(crate::trust::join::Revoked::Token { id, agents }) => {
+                    println!(
+                        "revoked token {id} and {} agent(s) that joined with it",
+                        agents.len()
+                    );
+                }
+                Some(crate::trust::join::Revoked::Agent(peer)) => println!("revoked agent {peer}"),
+                None => bail!("no token or enrolled agent {what:?} (see beemesh token list)"),
             }
-            Some(crate::trust::join::Revoked::Agent(peer)) => println!("revoked agent {peer}"),
-            None => bail!("no token or enrolled agent {what:?} (see beemesh token list)"),
-        },
+        }
     }
     Ok(())
 }

@@ -294,15 +294,15 @@ spec:
     resources: {requests: {memory: 1Gi}}
 "#,
     );
+    // Until both agents have joined, the message counts fewer.
     let pod = mesh.wait_for("Unschedulable reason", Duration::from_secs(30), || {
         let pod = mesh.pod_status("default", "e2e-big")?;
-        (pod["reason"] == "Unschedulable").then_some(pod)
+        (pod["reason"] == "Unschedulable"
+            && pod["message"]
+                == "0/2 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector")
+            .then_some(pod)
     });
     assert_eq!(pod["phase"], "Pending");
-    assert_eq!(
-        pod["message"],
-        "0/2 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector"
-    );
     assert!(podman_pods("io.beemesh.pod.name=e2e-big").is_empty());
 
     mesh.start_agent(&["--memory", "4Gi", "--label", "zone=b"]);

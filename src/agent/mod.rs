@@ -219,7 +219,12 @@ impl Agent {
                 Some(update) = self.updates.recv() => self.on_update(update).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
-                    Internal::Join(outcome) => self.on_join(outcome)?,
+                    Internal::Join(outcome) => {
+                        if self.on_join(outcome).await? {
+                            // The node learns of us now, not a period later.
+                            heartbeat.reset_after(HEARTBEAT_AFTER_CONNECT);
+                        }
+                    }
                 },
                 _ = heartbeat.tick() => {
                     self.publish_heartbeat().await;
@@ -385,9 +390,10 @@ impl Agent {
         });
     }
 
-    fn on_join(&mut self, outcome: JoinOutcome) -> Result<(), AgentError> {
+    /// Takes a join's outcome; true when this agent has joined now.
+    async fn on_join(&mut self, outcome: JoinOutcome) -> Result<bool, AgentError> {
         let Some(enrollment) = self.enrollment.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         enrollment.set_in_flight(false);
         match outcome {
@@ -395,6 +401,7 @@ impl Agent {
                 enrollment.pin(node)?;
                 self.owners.enroll(node);
                 self.enrollment = None;
+                self.mesh.trust_changed().await;
                 audit::record(
                     &self.metrics,
                     "join",
@@ -403,8 +410,7 @@ impl Agent {
                     None,
                     &"node enrolled this agent; its peer ID is pinned",
                 );
-                // Offers it made before count from now on; its pods heartbeat next.
-                Ok(())
+                Ok(true)
             }
             JoinOutcome::Refused { node, reason } => {
                 audit::record(
@@ -419,11 +425,11 @@ impl Agent {
                     return Err(AgentError::JoinRefused { node, reason });
                 }
                 self.enrollment = None;
-                Ok(())
+                Ok(false)
             }
             JoinOutcome::Failed { node, reason } => {
                 tracing::warn!(%node, %reason, "join not answered; trying again");
-                Ok(())
+                Ok(false)
             }
         }
     }

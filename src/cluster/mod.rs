@@ -8,6 +8,7 @@ pub mod node_lease;
 pub mod node_object;
 pub mod pod_source;
 pub mod pod_status;
+pub mod trust_secret;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

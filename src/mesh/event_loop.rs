@@ -17,6 +17,11 @@ use super::{Behaviour, BehaviourEvent, MeshConfig, MeshError, MeshEvent};
 use crate::metrics::Metrics;
 use crate::wire::{self, GossipMessage, Response, Topic};
 
+/// How often connected peers' gossip scores follow trust changes.
+const RESCORE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Times the application weight (10): far below the graylist threshold (-80).
+const UNTRUSTED_SCORE: f64 = -1000.0;
+
 type PendingReply = BoxFuture<'static, (ResponseChannel<Response>, Option<Response>)>;
 
 /// Owns the Swarm; everything else reaches it through [`super::MeshHandle`].
@@ -64,6 +69,7 @@ impl EventLoop {
         let mut redial = tokio::time::interval(self.config.redial_interval);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kad_bootstrap = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut rescore = tokio::time::interval(RESCORE_INTERVAL);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -82,6 +88,8 @@ impl EventLoop {
                     }
                 }
                 _ = redial.tick() => self.redial_lost_bootstrap_peers(),
+                // Trust changes (an agent enrolls, one is revoked): gossip follows.
+                _ = rescore.tick() => self.score_peers(),
                 _ = kad_bootstrap.tick() => {
                     // Fails only while the routing table is empty; the redial covers that.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -89,6 +97,26 @@ impl EventLoop {
             }
         }
         tracing::debug!("mesh event loop stopped");
+    }
+
+    fn score_peers(&mut self) {
+        for peer in self.connected.clone() {
+            self.score_peer(peer);
+        }
+    }
+
+    /// Untrusted peers get an application score far below gossipsub's graylist
+    /// threshold: nothing is published to them and nothing they send is processed.
+    fn score_peer(&mut self, peer: PeerId) {
+        let score = if self.config.accept_gossip.talks_to(&peer) {
+            0.0
+        } else {
+            UNTRUSTED_SCORE
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, score);
     }
 
     fn dial_bootstrap(&mut self) {
@@ -143,6 +171,7 @@ impl EventLoop {
             Command::ListenAddrs { done } => {
                 let _ = done.send(self.listen_addrs.clone());
             }
+            Command::TrustChanged => self.score_peers(),
         }
     }
 
@@ -205,6 +234,7 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "reached the mesh");
                 }
                 self.connected.insert(peer_id);
+                self.score_peer(peer_id);
                 self.metrics.mesh_peers.set(self.connected.len() as i64);
                 tracing::debug!(peer = %peer_id, "peer connected");
                 self.emit(MeshEvent::PeerConnected(peer_id), "peer");

@@ -22,6 +22,8 @@ pub(crate) enum Command {
     ListenAddrs {
         done: oneshot::Sender<Vec<Multiaddr>>,
     },
+    /// Whom to trust changed: connected peers' gossip standing follows at once.
+    TrustChanged,
 }
 
 /// Talks to the mesh event loop over a bounded channel. Cloning is cheap.
@@ -115,6 +117,13 @@ impl MeshHandle {
             done,
         })
         .await?
+    }
+
+    /// Tells the mesh that the set of trusted peers changed (an enrollment), so that
+    /// gossip with a newly trusted peer starts now rather than at the next periodic
+    /// check.
+    pub async fn trust_changed(&self) {
+        let _ = self.commands.send(Command::TrustChanged).await;
     }
 
     /// The addresses the swarm listens on (with `/p2p/<peer id>`), once bound.

@@ -50,40 +50,57 @@ pub enum MeshError {
     Wire(#[from] wire::WireError),
 }
 
-/// Which gossip a peer accepts and relays: a message whose signer the filter refuses
-/// is neither delivered nor forwarded (and its relayer is not penalised: it may trust
-/// peers this one does not).
+/// Whom a peer exchanges gossip with: it accepts and relays messages only on its
+/// topics and only when signed by a peer it trusts (its relayer is not penalised for
+/// the others: it may trust peers this one does not), and it neither sends gossip to nor
+/// takes gossip from connected peers it does not trust (they are scored below
+/// gossipsub's graylist threshold), so strangers learn nothing from it either.
 #[derive(Clone)]
-pub struct GossipFilter(Arc<AcceptsGossip>);
+pub struct GossipFilter {
+    topics: Vec<Topic>,
+    trusts: Arc<TrustsPeer>,
+}
 
-/// Whether a message on a topic, signed by a peer, is accepted.
-type AcceptsGossip = dyn Fn(Topic, &PeerId) -> bool + Send + Sync;
+/// Whether a peer is trusted.
+type TrustsPeer = dyn Fn(&PeerId) -> bool + Send + Sync;
 
 impl GossipFilter {
-    pub fn new(accepts: impl Fn(Topic, &PeerId) -> bool + Send + Sync + 'static) -> Self {
-        GossipFilter(Arc::new(accepts))
+    pub fn new(
+        topics: impl IntoIterator<Item = Topic>,
+        trusts: impl Fn(&PeerId) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        GossipFilter {
+            topics: topics.into_iter().collect(),
+            trusts: Arc::new(trusts),
+        }
     }
 
-    /// Every signer (for tests of the mesh itself).
+    /// Every topic from every peer (for tests of the mesh itself).
     pub fn accept_all() -> Self {
-        GossipFilter::new(|_, _| true)
+        GossipFilter::new(Topic::ALL, |_| true)
     }
 
     pub fn accepts(&self, topic: Topic, source: &PeerId) -> bool {
-        (self.0)(topic, source)
+        self.topics.contains(&topic) && (self.trusts)(source)
+    }
+
+    pub fn talks_to(&self, peer: &PeerId) -> bool {
+        (self.trusts)(peer)
     }
 }
 
 /// Accepts nothing: a peer that wants gossip says from whom.
 impl Default for GossipFilter {
     fn default() -> Self {
-        GossipFilter::new(|_, _| false)
+        GossipFilter::new([], |_| false)
     }
 }
 
 impl std::fmt::Debug for GossipFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GossipFilter")
+        f.debug_struct("GossipFilter")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
+use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::trust::join::{JoinError, NonceBook};
 use crate::trust::replay::unix_millis;
@@ -26,7 +27,7 @@ pub struct NodeEnrollment {
     agents: TrustedPeers,
     nonces: Arc<Mutex<NonceBook>>,
     metrics: Metrics,
-    me: PeerId,
+    mesh: MeshHandle,
 }
 
 impl std::fmt::Debug for NodeEnrollment {
@@ -43,14 +44,14 @@ impl NodeEnrollment {
         store: Arc<dyn TrustStore>,
         agents: TrustedPeers,
         metrics: Metrics,
-        me: PeerId,
+        mesh: MeshHandle,
     ) -> Result<Self, StoreError> {
         let enrollment = NodeEnrollment {
             store,
             agents,
             nonces: Arc::default(),
             metrics,
-            me,
+            mesh,
         };
         enrollment.reload().await?;
         Ok(enrollment)
@@ -70,6 +71,7 @@ impl NodeEnrollment {
         match result {
             Ok((proof, new)) => {
                 self.agents.enroll(agent);
+                self.mesh.trust_changed().await;
                 let what = if new {
                     "agent enrolled"
                 } else {
@@ -102,9 +104,10 @@ impl NodeEnrollment {
 
     async fn accept(&self, agent: PeerId, request: &JoinRequest) -> Result<(String, bool), String> {
         let now = unix_millis() / 1000;
+        let me = self.mesh.local_peer_id();
         let mut outcome: Result<_, JoinError> = Err(JoinError::UnknownToken);
         self.store
-            .update(&mut |doc| outcome = doc.accept(request, &agent, &self.me, now))
+            .update(&mut |doc| outcome = doc.accept(request, &agent, &me, now))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot record an enrollment");
