@@ -13,12 +13,15 @@ render() {
 # BeeMesh virtual node: the plain-manifest install, generated from charts/beemesh by
 # hack/render-manifests.sh (do not edit; change the chart and run the script).
 #
-# The node's mesh identity key is not in this file (it would be the same private key for
-# everyone): create it once before applying, then apply:
+# The node's mesh identity key and its first join token are not in this file (they would
+# be the same secrets for everyone): create them once before applying, then apply:
 #   kubectl create namespace $namespace
 #   openssl genpkey -algorithm ed25519 -out identity.key
 #   kubectl -n $namespace create secret generic beemesh-identity --from-file=identity.key
+#   token=\$(tr -dc a-z0-9 </dev/urandom | head -c 22 | sed 's/^....../&./')
+#   kubectl -n $namespace create secret generic beemesh-trust --from-literal=join-token=\$token
 #   kubectl apply -f manifests/install/beemesh.yaml
+# Agents join with that token (hack/install-agent.sh --join \$token).
 apiVersion: v1
 kind: Namespace
 metadata:
@@ -26,7 +29,7 @@ metadata:
 HEADER
   # Labels naming the chart release are dropped: nothing manages these objects but kubectl.
   helm template beemesh charts/beemesh --namespace "$namespace" --skip-tests \
-    --set identity.existingSecret=beemesh-identity |
+    --set identity.existingSecret=beemesh-identity --set trust.existingSecret=beemesh-trust |
     grep -v -e '^    helm.sh/chart:' -e '^    app.kubernetes.io/managed-by:'
 }
 

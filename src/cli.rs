@@ -96,6 +96,10 @@ pub struct MeshArgs {
     /// Serve Prometheus metrics on this address at /metrics.
     #[arg(long, env = "BEEMESH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// A private mesh: the pre-shared key file (libp2p's swarm.key format) that every
+    /// peer must hold to connect at all. TCP only.
+    #[arg(long, env = "BEEMESH_MESH_PSK_FILE")]
+    pub mesh_psk_file: Option<PathBuf>,
     /// Trust every peer on the mesh: any agent gets pods and their secrets, any owner
     /// runs anything. For throwaway demos only; warned about every minute, and refused
     /// when the node runs in Kubernetes.
@@ -249,6 +253,9 @@ pub struct StatusArgs {
     /// (<node state dir>/client.key) and the peers it lists with --trust-client.
     #[arg(long, env = "BEEMESH_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
+    /// The private mesh's pre-shared key file, if it has one.
+    #[arg(long, env = "BEEMESH_MESH_PSK_FILE")]
+    pub mesh_psk_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

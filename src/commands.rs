@@ -31,7 +31,8 @@ use crate::trust::join::{JoinToken, TrustDoc};
 use crate::trust::replay::unix_millis;
 use crate::trust::store::{JsonStore, TrustStore, NODE_TRUST_FILE};
 use crate::trust::{
-    load_identity_file, load_or_create_identity, load_or_create_key, TrustedPeers, CLIENT_KEY_FILE,
+    load_identity_file, load_or_create_identity, load_or_create_key, load_psk_file, TrustedPeers,
+    CLIENT_KEY_FILE,
 };
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
@@ -126,6 +127,11 @@ fn join_mesh(
         bootstrap: args.bootstrap.clone(),
         subscribe,
         accept_gossip,
+        psk: args
+            .mesh_psk_file
+            .as_deref()
+            .map(load_psk_file)
+            .transpose()?,
         ..MeshConfig::default()
     };
     let (handle, events, event_loop) = mesh::start(keypair, config, metrics.clone())?;
@@ -642,6 +648,11 @@ async fn status(args: StatusArgs) -> Result<()> {
     };
     let config = MeshConfig {
         bootstrap: args.bootstrap.clone(),
+        psk: args
+            .mesh_psk_file
+            .as_deref()
+            .map(load_psk_file)
+            .transpose()?,
         ..MeshConfig::default()
     };
     let (mesh, mut events, event_loop) = mesh::start(keypair, config, Metrics::new())?;

@@ -35,6 +35,13 @@ fn object<T: serde::de::DeserializeOwned>(objects: &[Value], kind: &str) -> Opti
     Some(serde_json::from_value(found.clone()).expect(kind))
 }
 
+fn named<T: serde::de::DeserializeOwned>(objects: &[Value], kind: &str, name: &str) -> Option<T> {
+    let found = objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)?;
+    Some(serde_json::from_value(found.clone()).expect(kind))
+}
+
 /// charts/beemesh/ci/*.yaml: the defaults and values that take every optional branch.
 fn values_files() -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(chart_dir().join("ci"))
@@ -120,7 +127,8 @@ fn args_value(args: Option<&[String]>, flag: &str) -> Option<String> {
 fn the_identity_key_the_chart_generates_is_one_the_node_loads() {
     let values = chart_dir().join("ci/default-values.yaml");
     let objects = render(&values);
-    let secret: Secret = object(&objects, "Secret").expect("the identity Secret");
+    let secret: Secret =
+        named(&objects, "Secret", "beemesh-identity").expect("the identity Secret");
     let key = secret
         .data
         .and_then(|mut data| data.remove("identity.key"))
@@ -141,5 +149,38 @@ fn the_identity_key_the_chart_generates_is_one_the_node_loads() {
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         keypair.public().to_peer_id().to_string()
+    );
+}
+
+#[test]
+fn the_join_token_the_chart_generates_is_one_agents_take_and_the_node_may_use_its_secret() {
+    let values = chart_dir().join("ci/default-values.yaml");
+    let objects = render(&values);
+    let secret: Secret = named(&objects, "Secret", "beemesh-trust").expect("the trust Secret");
+    let token = secret
+        .data
+        .and_then(|mut data| data.remove("join-token"))
+        .expect("join-token");
+    let token = String::from_utf8(token.0).expect("utf-8");
+    token
+        .parse::<beemesh::trust::join::JoinToken>()
+        .expect("a join token agents accept");
+    // Tokens differ from one install to the next.
+    let again: Secret = named(&render(&values), "Secret", "beemesh-trust").expect("again");
+    assert_ne!(again.data.expect("data")["join-token"].0, token.as_bytes());
+    // The node is pointed at that Secret, and its Role lets it read and update that one.
+    let text = serde_json::to_string(&objects).expect("json");
+    assert!(
+        text.contains("\"BEEMESH_TRUST_SECRET\",\"value\":\"beemesh/beemesh-trust\""),
+        "{text}"
+    );
+    let role = objects
+        .iter()
+        .find(|o| o["kind"] == "Role")
+        .expect("the trust Role");
+    assert_eq!(role["rules"][0]["resourceNames"][0], "beemesh-trust");
+    assert_eq!(
+        role["rules"][0]["verbs"],
+        serde_json::json!(["get", "update"])
     );
 }

@@ -26,6 +26,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(node_args: &[&str]) -> Cluster {
+        Cluster::start_after("", node_args)
+    }
+
+    /// A cluster where `manifest` (if any) is applied before the node starts.
+    fn start_after(manifest: &str, node_args: &[&str]) -> Cluster {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -34,6 +39,10 @@ impl Cluster {
         let server = runtime.block_on(FakeApiServer::start());
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = server.write_kubeconfig(dir.path());
+        if !manifest.is_empty() {
+            let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(manifest));
+            assert!(ok, "kubectl apply: {out}");
+        }
         let kc = kubeconfig.display().to_string();
         let mut args = vec!["--kubeconfig", kc.as_str()];
         args.extend_from_slice(node_args);
@@ -311,8 +320,118 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     cluster.assert_node_requests_allowed();
 }
 
-/// One rule of the ClusterRole the project ships (manifests/install/beemesh.yaml, rendered
-/// from the chart).
+/// `beemesh token <args> --trust-secret default/beemesh-trust` against the cluster.
+fn token(cluster: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(common::bin())
+        .arg("token")
+        .args(args)
+        .args(["--trust-secret", "default/beemesh-trust", "--kubeconfig"])
+        .arg(&cluster.kubeconfig)
+        .output()
+        .expect("beemesh token runs");
+    assert!(out.status.success(), "beemesh token {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn enrollments_live_in_the_trust_secret_and_a_revoked_agent_loses_its_pods() {
+    // The Secret as the chart creates it, with its generated token.
+    let secret = common::helm_template(&[
+        "--show-only",
+        "templates/trust-secret.yaml",
+        "--namespace",
+        "default",
+    ]);
+    let parsed: k8s_openapi::api::core::v1::Secret =
+        serde_yaml::from_str(&secret).expect("the trust Secret");
+    let join_token =
+        String::from_utf8(parsed.data.expect("data")["join-token"].0.clone()).expect("utf-8");
+    let mut cluster = Cluster::start_after(
+        &secret,
+        &[
+            "--trust-secret",
+            "default/beemesh-trust",
+            "--agent-loss-seconds",
+            "4",
+        ],
+    );
+    // The token of the node's state directory means nothing to this node.
+    let stray = cluster.mesh.start_agent(&[]);
+    let a = cluster.mesh.start_agent(&["--join", &join_token]);
+    let b = cluster.mesh.start_agent(&["--join", &join_token]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.mesh.agents[stray].is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stray token was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Both enrollments are in the Secret, with the chart's token.
+    let listed = token(&cluster, &["list"]);
+    let token_id = join_token.split('.').next().expect("id");
+    let agents = [
+        cluster.mesh.agents[a].peer.clone(),
+        cluster.mesh.agents[b].peer.clone(),
+    ];
+    assert!(listed.contains(token_id), "{listed}");
+    for agent in &agents {
+        assert!(
+            listed.contains(agent.as_str()),
+            "{agent} not enrolled: {listed}"
+        );
+    }
+    assert!(!listed.contains(&join_token), "a secret printed: {listed}");
+
+    // A restarted node still trusts them: they never join again.
+    cluster.mesh.node().kill();
+    cluster.mesh.start_node();
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
+    cluster.apply(SLEEPER);
+    let pod = cluster.wait_running("sleeper");
+    let label = format!(
+        "io.beemesh.pod.uid={}",
+        pod["metadata"]["uid"].as_str().expect("uid")
+    );
+    let first = podman_pods(&label);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let runner = first[0].labels["io.beemesh.agent"].clone();
+    let other = agents
+        .iter()
+        .find(|p| **p != runner)
+        .expect("the other agent")
+        .clone();
+
+    // Revoking the runner: the node stops trusting it and the pod moves to the other.
+    let revoked = token(&cluster, &["revoke", &runner]);
+    assert!(revoked.contains("revoked agent"), "{revoked}");
+    cluster.mesh.wait_for(
+        "the pod on the other agent",
+        Duration::from_secs(40),
+        || {
+            let pods = podman_pods(&label);
+            (pods.len() == 1 && pods[0].labels["io.beemesh.agent"] == other).then_some(())
+        },
+    );
+    let listed = token(&cluster, &["list"]);
+    assert!(!listed.contains(runner.as_str()), "{listed}");
+    let moved = cluster.wait_running("sleeper");
+    let last = &moved["status"]["containerStatuses"][0];
+    assert_eq!(last["restartCount"], 1, "{last}");
+    assert!(
+        last["lastState"]["terminated"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("trust revoked")),
+        "{last}"
+    );
+
+    cluster.assert_node_requests_allowed();
+}
+
+/// One rule of the ClusterRole or Role the project ships (manifests/install/beemesh.yaml,
+/// rendered from the chart).
 #[derive(Debug, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PolicyRule {
@@ -321,27 +440,45 @@ struct PolicyRule {
     verbs: Vec<String>,
     #[serde(default)]
     resource_names: Vec<String>,
+    /// A Role's namespace; None for the ClusterRole.
+    #[serde(skip)]
+    namespace: Option<String>,
 }
 
 impl PolicyRule {
+    /// As RBAC decides (namespaces are not checked: the tests run the node in
+    /// `default`, where the Role's Secret is; the rule's names are).
     fn allows(&self, request: &fake_apiserver::RequestRecord) -> bool {
-        self.resource_names.is_empty()
+        (self.resource_names.is_empty() || self.resource_names.contains(&request.name))
             && self.api_groups.iter().any(|g| g == request.group)
             && self.resources.contains(&request.resource)
             && self.verbs.iter().any(|v| v == request.verb)
     }
 }
 
+/// The rules of the shipped ClusterRole and of its Role on the trust Secret.
 fn cluster_role_rules() -> Vec<PolicyRule> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/beemesh.yaml");
     let text = std::fs::read_to_string(path).expect("beemesh.yaml");
+    let mut rules = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let value = <Value as serde::Deserialize>::deserialize(document).expect("yaml");
-        if value["kind"] == "ClusterRole" {
-            return serde_json::from_value(value["rules"].clone()).expect("rules");
-        }
+        let namespace = match value["kind"].as_str() {
+            Some("ClusterRole") => None,
+            Some("Role") => value["metadata"]["namespace"].as_str().map(str::to_owned),
+            _ => continue,
+        };
+        let found: Vec<PolicyRule> = serde_json::from_value(value["rules"].clone()).expect("rules");
+        rules.extend(found.into_iter().map(|r| PolicyRule {
+            namespace: namespace.clone(),
+            ..r
+        }));
     }
-    panic!("no ClusterRole in beemesh.yaml");
+    assert!(
+        rules.iter().any(|r| r.namespace.is_none()),
+        "no ClusterRole in beemesh.yaml"
+    );
+    rules
 }
 
 #[test]

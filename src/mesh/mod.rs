@@ -116,6 +116,8 @@ pub struct MeshConfig {
     pub request_timeout: Duration,
     /// How often unreachable bootstrap peers are dialled again.
     pub redial_interval: Duration,
+    /// A private mesh: only peers holding this key can connect at all.
+    pub psk: Option<libp2p::pnet::PreSharedKey>,
 }
 
 impl Default for MeshConfig {
@@ -127,6 +129,7 @@ impl Default for MeshConfig {
             accept_gossip: GossipFilter::default(),
             request_timeout: Duration::from_secs(10),
             redial_interval: Duration::from_secs(3),
+            psk: None,
         }
     }
 }
@@ -243,6 +246,11 @@ fn peer_scoring() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds
     (params, gossipsub::PeerScoreThresholds::default())
 }
 
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
 /// Builds the swarm, starts listening and dials the bootstrap peers. Run the returned
 /// [`EventLoop`]; talk to it through the [`MeshHandle`]; read its events from the
 /// receiver.
@@ -254,21 +262,59 @@ pub fn start(
     let local_peer_id = keypair.public().to_peer_id();
     let behaviour = Behaviour::new(&keypair, &config, &metrics)?;
     let streams = behaviour.streams.new_control();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| MeshError::Transport(e.to_string()))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| MeshError::Transport(e.to_string()))?
-        .with_behaviour(|_| behaviour)
-        .map_err(|e| MeshError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
+    let transport = |e: &dyn std::fmt::Display| MeshError::Transport(e.to_string());
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(300));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
+    let mut swarm = match config.psk {
+        None => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| transport(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| transport(&e))?
+            .with_behaviour(|_| behaviour)
+            .map_err(|e| transport(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        // A private mesh: TCP only (QUIC has no place for the pre-shared key), every
+        // connection encrypted with the key before Noise even starts.
+        Some(psk) => {
+            if let Some(addr) = config.listen.iter().find(|a| is_quic(a)) {
+                return Err(MeshError::Listen {
+                    addr: addr.clone(),
+                    reason: "a private mesh (pre-shared key) runs over TCP only".into(),
+                });
+            }
+            builder
+                .with_other_transport(|key| {
+                    use libp2p::core::upgrade::Version;
+                    use libp2p::Transport;
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| {
+                                libp2p::pnet::PnetConfig::new(psk).handshake(socket)
+                            })
+                            .upgrade(Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .timeout(Duration::from_secs(20))
+                            .boxed(),
+                    )
+                })
+                .map_err(|e| transport(&e))?
+                .with_dns()
+                .map_err(|e| transport(&e))?
+                .with_behaviour(|_| behaviour)
+                .map_err(|e| transport(&e))?
+                .with_swarm_config(idle)
+                .build()
+        }
+    };
 
     for topic in &config.subscribe {
         swarm

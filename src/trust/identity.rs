@@ -77,6 +77,23 @@ pub fn load_identity_file(path: &Path) -> Result<Keypair, IdentityError> {
     decode(path, &bytes)
 }
 
+/// Loads a private mesh's pre-shared key: the libp2p/IPFS `swarm.key` format
+/// (`/key/swarm/psk/1.0.0/`, `/base16/`, then 64 hex digits). As with a mounted key, its
+/// group may read it, others may not.
+pub fn load_psk_file(path: &Path) -> Result<libp2p::pnet::PreSharedKey, IdentityError> {
+    let text = fs::read_to_string(path).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_mode(path, 0o007)?;
+    text.trim().parse().map_err(|e| IdentityError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{e} (expected /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits on three lines)"
+        ),
+    })
+}
+
 fn check_mode(path: &Path, forbidden: u32) -> Result<(), IdentityError> {
     let mode = fs::metadata(path)
         .map_err(|source| IdentityError::Read {
@@ -238,6 +255,34 @@ mod tests {
             let error = load_identity_file(&path).expect_err("refused").to_string();
             assert!(error.contains(reason), "{error}");
         }
+    }
+
+    #[test]
+    fn pre_shared_keys_are_read_in_swarm_key_format_and_kept_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("swarm.key");
+        fs::write(
+            &path,
+            format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32)),
+        )
+        .expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).expect("chmod");
+        let key = load_psk_file(&path).expect("loads");
+        assert_eq!(
+            key.to_string(),
+            format!("/key/swarm/psk/1.0.0/\n/base16/\n{}", "ab".repeat(32))
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).expect("chmod");
+        assert!(matches!(
+            load_psk_file(&path),
+            Err(IdentityError::Permissions { .. })
+        ));
+        fs::write(&path, "/key/swarm/psk/1.0.0/\n/base16/\nnothex").expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).expect("chmod");
+        assert!(matches!(
+            load_psk_file(&path),
+            Err(IdentityError::Invalid { .. })
+        ));
     }
 
     #[test]

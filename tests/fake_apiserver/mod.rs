@@ -1123,6 +1123,8 @@ pub struct RequestRecord {
     /// `pods`, or `pods/status` for a subresource.
     pub resource: String,
     pub namespace: String,
+    /// The object's name; empty for lists and creates.
+    pub name: String,
 }
 
 impl RequestRecord {
@@ -1154,6 +1156,7 @@ impl RequestRecord {
             group: target.resource.group,
             resource,
             namespace: target.namespace.clone(),
+            name: target.name.clone().unwrap_or_default(),
         }
     }
 }

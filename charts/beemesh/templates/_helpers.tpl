@@ -49,3 +49,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "beemesh.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The Secret holding the node's join tokens and enrolled agents. */}}
+{{- define "beemesh.trustSecret" -}}
+{{- default (printf "%s-trust" (include "beemesh.fullname" .)) .Values.trust.existingSecret }}
+{{- end }}
