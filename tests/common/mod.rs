@@ -231,6 +231,11 @@ impl Mesh {
         &self.node_addr
     }
 
+    /// The node's state directory: its identity, join tokens and client key.
+    pub fn node_state(&self) -> &Path {
+        &self.node_state
+    }
+
     pub fn start_node(&mut self) {
         let listen = self
             .node_addr
