@@ -184,3 +184,19 @@ fn the_join_token_the_chart_generates_is_one_agents_take_and_the_node_may_use_it
         serde_json::json!(["get", "update"])
     );
 }
+
+#[test]
+fn the_private_mesh_key_the_chart_generates_is_one_peers_load() {
+    let objects = render(&chart_dir().join("ci/private-mesh-values.yaml"));
+    let secret: Secret = named(&objects, "Secret", "beemesh-trust").expect("the trust Secret");
+    let key = secret
+        .data
+        .and_then(|mut data| data.remove("swarm.key"))
+        .expect("swarm.key");
+    // Mounted as the Deployment mounts it: mode 0440.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("swarm.key");
+    std::fs::write(&path, &key.0).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    beemesh::trust::load_psk_file(&path).expect("a pre-shared key the mesh loads");
+}

@@ -268,6 +268,73 @@ async fn peers_join_over_quic_too() {
     cancel.cancel();
 }
 
+#[tokio::test]
+async fn a_private_mesh_takes_only_peers_that_hold_its_key() {
+    let cancel = CancellationToken::new();
+    let key = |byte: &str| -> libp2p::pnet::PreSharedKey {
+        format!("/key/swarm/psk/1.0.0/\n/base16/\n{}", byte.repeat(32))
+            .parse()
+            .expect("key")
+    };
+    let start = |listen: &str, bootstrap: Vec<Multiaddr>, psk| {
+        mesh::start(
+            Keypair::generate_ed25519(),
+            MeshConfig {
+                listen: Some(listen)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.parse().expect("multiaddr"))
+                    .into_iter()
+                    .collect(),
+                bootstrap,
+                psk,
+                ..MeshConfig::default()
+            },
+            Metrics::new(),
+        )
+    };
+    // QUIC has no place for the key: refused at start, not silently open.
+    assert!(matches!(
+        start("/ip4/127.0.0.1/udp/0/quic-v1", vec![], Some(key("11"))),
+        Err(mesh::MeshError::Listen { .. })
+    ));
+    let (hub, mut hub_events, event_loop) =
+        start("/ip4/127.0.0.1/tcp/0", vec![], Some(key("11"))).expect("hub");
+    tokio::spawn(event_loop.run(cancel.clone()));
+    // The hub answers every request it gets.
+    tokio::spawn(async move {
+        while let Some(event) = hub_events.recv().await {
+            if let MeshEvent::Request { reply, .. } = event {
+                let _ = reply.send(Response::Ack);
+            }
+        }
+    });
+    let hub_addr = loop {
+        if let Some(addr) = hub.listen_addrs().await.expect("loop").into_iter().next() {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for (psk, reaches) in [
+        (Some(key("11")), true),
+        (Some(key("22")), false),
+        (None, false),
+    ] {
+        let (peer, _events, event_loop) = start("", vec![hub_addr.clone()], psk).expect("peer");
+        tokio::spawn(event_loop.run(cancel.clone()));
+        let answer = tokio::time::timeout(
+            Duration::from_secs(12),
+            peer.request(hub.local_peer_id(), Request::Query),
+        )
+        .await;
+        assert_eq!(
+            matches!(answer, Ok(Ok(Response::Ack))),
+            reaches,
+            "{answer:?}"
+        );
+    }
+    cancel.cancel();
+}
+
 /// A raw libp2p peer that speaks the same protocols but sends whatever bytes it likes.
 #[derive(NetworkBehaviour)]
 struct Raw {

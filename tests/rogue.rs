@@ -5,14 +5,12 @@
 //! offers. Each attempt is refused (and counted), and the legitimate pod never notices:
 //! same Podman pod and containers, no restart, same agent and epoch.
 //!
-//! One thing the rogue does get (the ignored test below): gossip. Reaching the node's
-//! mesh port is enough: Kademlia connects it to the agents too, and once it subscribes
-//! to the topics, the node's offers and the agents' heartbeats reach it (flood
-//! publishing sends to every subscribed peer; the gossip filter only governs what a
-//! peer accepts and relays, not whom it sends to). That is most of the view a Query is
-//! refused: pod namespaces, names and UIDs, their owner, epoch and phase, requests and
-//! host ports, each agent's labels and capacity. No spec, environment or volume data:
-//! those travel only in the Assign to the chosen agent.
+//! Nor does it hear the gossip: reaching the node's mesh port is enough for Kademlia to
+//! connect it to the agents too, and it may subscribe to every topic, but node and
+//! agents score untrusted peers below gossipsub's graylist threshold, so flood
+//! publishing skips them: the offers and heartbeats that would tell it most of what a
+//! Query is refused (pod names and UIDs, epochs, phases, agents' labels and capacity)
+//! never reach it.
 //!
 //! Requires hack/install-podman.sh and hack/build-test-image.sh.
 
@@ -515,20 +513,13 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
     for e in [epoch, epoch + 1] {
         assert_declined(&rogue.request(node, bid(e)), &declined_by_node, "Bid");
     }
+    // The node takes no gossip from a peer it does not trust (graylisted below
+    // gossipsub; a heartbeat relayed by someone else would be dropped as untrusted):
+    // three seconds of heartbeats leave it unknown.
     let seq = Sequencer::default();
-    let untrusted_beats = dropped(&node_start, "heartbeat", "untrusted");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    for _ in 0..10 {
         let (n, at) = seq.next();
         rogue.publish(&heartbeat(n, at, vec![]));
-        if dropped(&scrape(&node_metrics), "heartbeat", "untrusted") > untrusted_beats {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rogue's heartbeats never reached the node\n{}",
-            mesh.diagnostics()
-        );
         std::thread::sleep(Duration::from_millis(300));
     }
     for e in [epoch, epoch + 1] {
@@ -576,7 +567,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
 
     // 5. Heartbeats that list the legitimate pod as run by the rogue at a higher epoch:
     //    a fresh one, and one replayed from long ago with a sequence number far ahead.
-    //    Their signer is untrusted: the node drops them before reading them.
+    //    Their signer is untrusted: the node does not even read them (graylisted).
     let hosted = HostedPod {
         pod: target.clone(),
         owner: PeerRef(node),
@@ -585,21 +576,12 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         requests: Resources::default(),
         host_ports: vec![],
     };
-    let beats_so_far = dropped(&scrape(&node_metrics), "heartbeat", "untrusted");
     let (n, at) = seq.next();
     let fresh = heartbeat(n, at, vec![hosted.clone()]);
     let replayed = heartbeat(u64::MAX - 1, at - 3_600_000, vec![hosted]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    for _ in 0..10 {
         rogue.publish(&fresh);
         rogue.publish(&replayed);
-        if dropped(&scrape(&node_metrics), "heartbeat", "untrusted") >= beats_so_far + 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rogue's heartbeats never reached the node"
-        );
         std::thread::sleep(Duration::from_millis(300));
     }
 
@@ -790,8 +772,6 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
 }
 
 #[test]
-#[ignore = "known gap: offers and heartbeats reach every subscribed peer, trusted or not \
-            (see the module doc); this asserts the secure behaviour and fails today"]
 fn an_untrusted_peer_that_subscribes_hears_no_gossip() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&[]);
