@@ -38,9 +38,11 @@ trap cleanup EXIT INT TERM
   --pod-manifest-path "$demo/manifests" 2>"$demo/node.log" &
 pids+=($!)
 zones=(a b c)
+# Secrets stay in memory: /dev/shm is a tmpfs everywhere, /run not on every machine.
 for i in 0 1 2; do
   "$bin" agent --state-dir "$demo/agent$i" --listen "/ip4/127.0.0.1/tcp/$((node_port + 1 + i))" \
     --bootstrap "$node_addr" --join "$token" --label "zone=${zones[$i]}" \
+    --secrets-dir "/dev/shm/beemesh-demo/agent$i" \
     >"$demo/agent$i.log" 2>&1 &
   pids+=($!)
 done

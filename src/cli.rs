@@ -111,6 +111,12 @@ pub struct MeshArgs {
 pub struct AgentArgs {
     #[command(flatten)]
     pub mesh: MeshArgs,
+    /// Memory-backed directory (tmpfs) for what may hold the pods' secrets: their
+    /// configMap, secret, downwardAPI and projected volumes, and the assignment records.
+    /// Refused if it is on a disk. The systemd unit provides /run/beemesh
+    /// (RuntimeDirectory).
+    #[arg(long, env = "BEEMESH_SECRETS_DIR", default_value = "/run/beemesh")]
+    pub secrets_dir: PathBuf,
     /// Podman REST API socket.
     #[arg(
         long,

@@ -242,6 +242,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     )?;
     let config = AgentConfig {
         state_dir: args.mesh.state_dir.clone(),
+        secrets_dir: args.secrets_dir.clone(),
         labels: cli::labels_map(&args.labels),
         capacity,
         heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
@@ -405,12 +406,16 @@ async fn node(args: NodeArgs) -> Result<()> {
         enrollment,
     };
     let serving = health.check("kubelet-api");
+    let backend = KubeletBackend {
+        mesh: mesh.clone(),
+        directory,
+        metrics: metrics.clone(),
+    };
     start_kubelet_api(
         &args,
         internal_ip,
         client.as_ref(),
-        &mesh,
-        directory,
+        backend,
         serving,
         &cancel,
     )
@@ -488,6 +493,14 @@ fn trust_store(
     }
 }
 
+/// What the kubelet API serves from: the node's pods, the mesh to their agents, and
+/// the metrics its audit lines count into.
+struct KubeletBackend {
+    mesh: mesh::MeshHandle,
+    directory: NodeDirectory,
+    metrics: Metrics,
+}
+
 /// Serves the kubelet API on `--kubelet-port`: binding fails the start at once. In a
 /// cluster, tokens and permissions are checked with the API server, client certificates
 /// are verified against the cluster's client CA unless `--client-ca-file` names one, and
@@ -496,8 +509,7 @@ async fn start_kubelet_api(
     args: &NodeArgs,
     internal_ip: Option<IpAddr>,
     client: Option<&kube::Client>,
-    mesh: &mesh::MeshHandle,
-    directory: NodeDirectory,
+    backend: KubeletBackend,
     serving_check: Check,
     cancel: &CancellationToken,
 ) -> Result<()> {
@@ -558,12 +570,13 @@ async fn start_kubelet_api(
         None => Arc::new(kubelet::auth::ClientCertsOnly),
     };
     let context = kubelet::server::Context {
-        directory,
-        mesh: mesh.clone(),
+        directory: backend.directory,
+        mesh: backend.mesh,
         authorizer,
         node_name: args.node_name.clone(),
         started: k8s_openapi::jiff::Timestamp::now(),
         rates: Default::default(),
+        metrics: backend.metrics,
     };
     let cluster_cert = client
         .cloned()

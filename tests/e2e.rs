@@ -615,3 +615,56 @@ fn a_changed_manifest_replaces_its_pod() {
         changed_at.elapsed()
     );
 }
+
+#[test]
+fn secrets_stay_off_disk_and_pods_a_reboot_took_run_again() {
+    let mut mesh = Mesh::new();
+    // An agent whose secrets directory is on a disk refuses to start.
+    let on_disk = mesh
+        .dir
+        .path()
+        .join("on-disk-secrets")
+        .display()
+        .to_string();
+    let refused = mesh.start_agent(&["--secrets-dir", &on_disk]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mesh.agents[refused].is_running() {
+        assert!(Instant::now() < deadline, "the agent started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        mesh.diagnostics()
+            .contains("is not in memory-backed storage"),
+        "{}",
+        mesh.diagnostics()
+    );
+
+    let agent = mesh.start_agent(&[]);
+    mesh.write_manifest("boot.yaml", &SLEEPER.replace("e2e-mover", "e2e-boot"));
+    mesh.wait_for("e2e-boot Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-boot").as_deref() == Some("Running")).then_some(())
+    });
+    let before = running_copies("e2e-boot");
+    assert_eq!(before.len(), 1);
+    let epoch = mesh.pod_status("default", "e2e-boot").expect("pod")["epoch"].clone();
+
+    // A reboot, as the agent sees it: its process gone, its tmpfs emptied (records and
+    // secrets with it), its Podman pod stopped.
+    let state = mesh.agents[agent].state_dir.clone();
+    mesh.agents[agent].kill();
+    let secrets = mesh.shm.path().join(state.file_name().expect("name"));
+    std::fs::remove_dir_all(&secrets).expect("empty the tmpfs");
+    let stopped = std::process::Command::new("podman")
+        .args(["pod", "stop", "-t", "0", &before[0].id])
+        .output()
+        .expect("podman pod stop");
+    assert!(stopped.status.success(), "{stopped:?}");
+    mesh.start_agent_in(state, &[]);
+    // The agent cannot adopt a pod without its record (it removes it); the node sees
+    // its heartbeats no longer list the pod and places it again.
+    let pod = mesh.wait_for("e2e-boot placed again", Duration::from_secs(40), || {
+        let pod = mesh.pod_status("default", "e2e-boot")?;
+        (pod["phase"] == "Running" && pod["epoch"] != epoch).then_some(pod)
+    });
+    assert_eq!(running_copies("e2e-boot").len(), 1, "{pod}");
+}

@@ -159,6 +159,25 @@ metadata: {name: creds, namespace: default}
 stringData: {password: s3cr3t}
 "#;
 
+/// Files under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if std::fs::read(&path)
+                .is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 fn condition(object: &Value, type_: &str) -> Option<String> {
     object["status"]["conditions"]
         .as_array()?
@@ -264,6 +283,25 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         line.contains("env=hello secret=s3cr3t file=hello node=beemesh sa=default:eyJ"),
         "{line}"
     );
+    // Neither the secret nor the service account token is on the agent's disk: only in
+    // its memory-backed secrets directory (records, volume files).
+    let agent = cluster.mesh.agents.last().expect("agent");
+    let state = agent.state_dir.clone();
+    let secrets = cluster
+        .mesh
+        .shm
+        .path()
+        .join(state.file_name().expect("name"));
+    assert!(
+        files_containing(&state, b"s3cr3t").is_empty(),
+        "a secret on disk"
+    );
+    assert!(
+        files_containing(&state, b"eyJ").is_empty(),
+        "a token on disk"
+    );
+    assert!(!files_containing(&secrets, b"s3cr3t").is_empty());
+    assert!(!files_containing(&secrets, b"eyJ").is_empty());
 
     // A changed configMap reaches the mounted volume of the running container (the node
     // resolves every pod again each minute and sends the agent the new files).

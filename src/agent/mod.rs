@@ -49,6 +49,17 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "--secrets-dir {0} is not in memory-backed storage: the pods' secrets must never \
+         reach a disk; mount a tmpfs there (mount -t tmpfs -o mode=0700 tmpfs {0}) or name a \
+         directory on one (systemd: RuntimeDirectory=; /dev/shm)"
+    )]
+    SecretsOnDisk(String),
+    #[error("cannot use --secrets-dir {path}")]
+    SecretsDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("node {node} refused the join token: {reason}")]
     JoinRefused { node: PeerId, reason: String },
     #[error("cannot keep the node joined: {0}")]
@@ -59,6 +70,9 @@ pub enum AgentError {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub state_dir: PathBuf,
+    /// Memory-backed directory for what may hold secrets: the volumes of files from
+    /// the API and the assignment records (with env values from secrets).
+    pub secrets_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub capacity: Resources,
     pub heartbeat_interval: Duration,
@@ -143,20 +157,42 @@ impl Agent {
         enrollment: Option<Enrollment>,
         metrics: Metrics,
     ) -> Result<Agent, AgentError> {
-        let store = AssignmentStore::open(&config.state_dir)?;
-        // Volumes hold secrets: nobody else on the host may look in. Containers reach
-        // their own volume through its bind mount.
-        let volumes_root = config.state_dir.join("volumes");
-        create_private_dir(&volumes_root).map_err(|source| AgentError::VolumesDir {
-            path: volumes_root.clone(),
+        create_private_dir(&config.secrets_dir).map_err(|source| AgentError::SecretsDir {
+            path: config.secrets_dir.clone(),
             source,
         })?;
+        match store::is_memory_backed(&config.secrets_dir) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(AgentError::SecretsOnDisk(
+                    config.secrets_dir.display().to_string(),
+                ))
+            }
+            Err(source) => {
+                return Err(AgentError::SecretsDir {
+                    path: config.secrets_dir.clone(),
+                    source,
+                })
+            }
+        }
+        let store = AssignmentStore::open(&config.secrets_dir)?;
+        // Nobody else on the host may look in: containers reach their own volume
+        // through its bind mount.
+        let volumes_root = config.state_dir.join("volumes");
+        let files_root = config.secrets_dir.join("volumes");
+        for dir in [&volumes_root, &files_root] {
+            create_private_dir(dir).map_err(|source| AgentError::VolumesDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let (updates_tx, updates) = mpsc::channel(256);
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let worker_ctx = WorkerContext {
             runtime: runtime.clone(),
             agent: mesh.local_peer_id(),
             volumes_root,
+            files_root,
             host_ip: config.host_ip,
             node_name: mesh.local_peer_id().to_string(),
             updates: updates_tx,
@@ -583,7 +619,7 @@ impl Agent {
             }
             if existing.epoch == assign.epoch {
                 // The owner sends an assignment again when the volumes' data changed.
-                let dir = self.worker_ctx.volumes_dir(&pod_ref.uid, assign.epoch);
+                let dir = self.worker_ctx.files_dir(&pod_ref.uid, assign.epoch);
                 return match volumes::write(&dir, &assign.volumes).await {
                     Ok(()) => Response::Ack,
                     Err(e) => Response::Error {

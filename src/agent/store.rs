@@ -1,5 +1,7 @@
-//! Assignments an agent accepted, kept in its state directory so that a restarted
-//! agent knows the spec, owner and epoch of the Podman pods it finds.
+//! Assignments an agent accepted, kept in its memory-backed secrets directory (they
+//! hold env values taken from secrets) so that a restarted agent knows the spec, owner
+//! and epoch of the Podman pods it finds. After a reboot they are gone with the pods'
+//! secrets: the owner places those pods again.
 
 use std::path::{Path, PathBuf};
 
@@ -88,6 +90,23 @@ impl AssignmentStore {
     }
 }
 
+/// Whether `dir` is in memory-backed storage (tmpfs or ramfs), where secrets may go.
+pub fn is_memory_backed(dir: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a writable statfs.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between platforms
+    let kind = stat.f_type as i64;
+    Ok(kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
 /// Creates `dir` (and its parents) and makes it accessible to its owner only.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -98,6 +117,16 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_memory_backed_storage_from_disk() {
+        // /dev/shm is a tmpfs on Linux; a fresh directory of the test's is not (the
+        // project's machines build on a disk).
+        assert!(is_memory_backed(Path::new("/dev/shm")).expect("statfs"));
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        assert!(!is_memory_backed(disk.path()).expect("statfs"));
+        assert!(is_memory_backed(Path::new("/nonexistent/x")).is_err());
+    }
 
     #[tokio::test]
     async fn saves_loads_and_never_escapes_its_directory() {

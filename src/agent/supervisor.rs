@@ -44,7 +44,10 @@ pub struct WorkerUpdate {
 pub struct WorkerContext {
     pub runtime: Arc<dyn Runtime>,
     pub agent: PeerId,
+    /// On disk: emptyDir volumes.
     pub volumes_root: PathBuf,
+    /// In memory-backed storage: volumes of files from the API, which may hold secrets.
+    pub files_root: PathBuf,
     pub host_ip: Option<IpAddr>,
     pub node_name: String,
     pub updates: mpsc::Sender<WorkerUpdate>,
@@ -57,6 +60,13 @@ impl WorkerContext {
     /// down.
     pub fn volumes_dir(&self, uid: &crate::wire::PodUid, epoch: Epoch) -> PathBuf {
         self.volumes_root
+            .join(format!("{}_{}", uid.file_name(), epoch))
+    }
+
+    /// Where one copy of a pod keeps the volumes of files from the API (per epoch, as
+    /// [`WorkerContext::volumes_dir`]).
+    pub fn files_dir(&self, uid: &crate::wire::PodUid, epoch: Epoch) -> PathBuf {
+        self.files_root
             .join(format!("{}_{}", uid.file_name(), epoch))
     }
 }
@@ -185,8 +195,10 @@ struct Worker {
     /// Peer IDs rendered once, for labels.
     agent_id: String,
     owner_id: String,
-    /// `<volumes root>/<pod uid>_<epoch>`: where the pod's volumes live.
+    /// `<volumes root>/<pod uid>_<epoch>`: where the pod's emptyDirs live.
     volumes_dir: PathBuf,
+    /// `<files root>/<pod uid>_<epoch>`: where its volumes of files from the API live.
+    files_dir: PathBuf,
     /// Files of the volumes the owner resolved (empty for an adopted pod, whose files
     /// are already written).
     volumes: BTreeMap<String, Vec<VolumeFile>>,
@@ -225,6 +237,7 @@ impl Worker {
             agent_id: ctx.agent.to_string(),
             owner_id: owner.to_string(),
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
+            files_dir: ctx.files_dir(&pod_ref.uid, epoch),
             volumes,
             ctx,
             pod_ref,
@@ -281,6 +294,7 @@ impl Worker {
             owner: &self.owner_id,
             epoch: self.epoch,
             volumes_dir: &self.volumes_dir,
+            files_dir: &self.files_dir,
             pod_ip: self.pod_ip,
             host_ip: self.ctx.host_ip,
             node_name: &self.ctx.node_name,
@@ -299,7 +313,7 @@ impl Worker {
                 return;
             }
         }
-        if let Err(e) = super::volumes::write(&self.volumes_dir, &self.volumes).await {
+        if let Err(e) = super::volumes::write(&self.files_dir, &self.volumes).await {
             return self.fail(
                 "VolumeError",
                 format!("cannot write the pod's volumes: {e}"),
@@ -307,7 +321,7 @@ impl Worker {
         }
         let unsent = translate::file_volumes(&self.pod)
             .into_iter()
-            .find(|name| !self.volumes_dir.join(name).is_dir());
+            .find(|name| !self.files_dir.join(name).is_dir());
         if let Some(name) = unsent {
             return self.fail(
                 "VolumeError",
@@ -674,6 +688,7 @@ impl Worker {
             }
         }
         let _ = tokio::fs::remove_dir_all(&self.volumes_dir).await;
+        let _ = tokio::fs::remove_dir_all(&self.files_dir).await;
         for slot in &mut self.slots {
             if !matches!(slot.view.state, Observed::Terminated { .. }) {
                 slot.view.state = Observed::Terminated {

@@ -23,6 +23,7 @@ use super::port_forward;
 use super::relay;
 use super::stats::{self, Rates, Sample};
 use super::tls::client_identity;
+use crate::audit::{self, Outcome};
 use crate::mesh::MeshHandle;
 use crate::node::NodeDirectory;
 use crate::wire::{KubeletRequest, PodUsage};
@@ -53,6 +54,8 @@ pub struct Context {
     pub started: Timestamp,
     /// CPU rates between Summary API calls.
     pub rates: Arc<std::sync::Mutex<Rates>>,
+    /// For the audit trail of kubelet API requests.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Binds the port (failing at once if it cannot), then serves until cancelled.
@@ -277,12 +280,28 @@ async fn authorize(
         "(user={}, verb={}, resource=nodes, subresource={})",
         user.name, attributes.verb, attributes.subresource
     );
+    let audit = |outcome| {
+        audit::record(
+            &context.metrics,
+            "kubelet_api",
+            outcome,
+            &user.name,
+            None,
+            &format_args!("{method} {path}"),
+        )
+    };
     match context.authorizer.allowed(&user, attributes).await {
-        Ok(true) => Ok(user),
-        Ok(false) => Err(Denied(
-            StatusCode::FORBIDDEN,
-            format!("Forbidden {described}"),
-        )),
+        Ok(true) => {
+            audit(Outcome::Allowed);
+            Ok(user)
+        }
+        Ok(false) => {
+            audit(Outcome::Refused);
+            Err(Denied(
+                StatusCode::FORBIDDEN,
+                format!("Forbidden {described}"),
+            ))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "subject access review failed");
             Err(Denied(

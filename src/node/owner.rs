@@ -149,6 +149,8 @@ struct OwnedPod {
     /// Set after an agent loss: the lastState shown until the new run has its own.
     lost_state: Option<ContainerStateTerminated>,
     deleting: bool,
+    /// When the placement last became `Placed`.
+    placed_at: Instant,
 }
 
 /// Results of spawned assignment tasks.
@@ -196,6 +198,9 @@ pub struct Owner {
 /// How long an assignment counts as recent for spreading ties: about until the
 /// agent's heartbeats show it.
 const RECENT_ASSIGNMENT: Duration = Duration::from_secs(5);
+/// A pod placed on an agent longer ago than this and missing from its heartbeat is no
+/// longer run there (gossip and replies may cross, but not for this long).
+const MISSING_GRACE: Duration = Duration::from_secs(10);
 
 fn now_time() -> Time {
     Time(Timestamp::now())
@@ -390,6 +395,7 @@ impl Owner {
             carried_restarts: BTreeMap::new(),
             lost_state: None,
             deleting: false,
+            placed_at: Instant::now(),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -820,6 +826,7 @@ impl Owner {
                     return;
                 }
                 owned.placement = Placement::Placed { agent };
+                owned.placed_at = Instant::now();
                 tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "assigned");
                 if owned.deleting {
                     let release = Release {
@@ -887,6 +894,23 @@ impl Owner {
             .filter(|p| p.owner.0 == me)
             .cloned()
             .collect();
+        // Pods placed there that the agent no longer lists: it lost them (a reboot took
+        // its memory-backed records with the pods' secrets, say). They go elsewhere.
+        let missing: Vec<PodUid> = self
+            .pods
+            .iter()
+            .filter(|(uid, owned)| {
+                owned.placement == Placement::Placed { agent }
+                    && !owned.deleting
+                    && owned.placed_at.elapsed() > MISSING_GRACE
+                    && !hosted.iter().any(|h| &h.pod.uid == *uid)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in missing {
+            tracing::warn!(%agent, %uid, "agent no longer runs the pod; placing it again");
+            self.agent_lost(&uid, agent, "no longer runs the pod");
+        }
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
             let now = Instant::now();
@@ -946,6 +970,7 @@ impl Owner {
         owned.epoch = epoch;
         owned.offer.epoch = epoch;
         owned.placement = Placement::Placed { agent };
+        owned.placed_at = Instant::now();
     }
 
     /// Whether `statement` is this owner's signed assignment of the reported pod and

@@ -27,9 +27,11 @@
 //! - Security settings equal to what Podman does anyway (seccomp and AppArmor
 //!   `RuntimeDefault`, `procMount: Default`, empty `seLinuxOptions`) are accepted.
 //!
-//! Every [`Mount::host_path`] lies under [`PlanContext::volumes_dir`]; the agent creates
-//! `<volumes_dir>/<name>` for each of [`empty_dirs`] (mode 0777, as the kubelet does), and
-//! must also create the directory of a mount with a `subPath` when it does not exist yet.
+//! Every [`Mount::host_path`] lies under [`PlanContext::volumes_dir`] (emptyDirs) or
+//! [`PlanContext::files_dir`] (volumes of files from the API, which may hold secrets: kept
+//! in memory-backed storage); the agent creates `<volumes_dir>/<name>` for each of
+//! [`empty_dirs`] (mode 0777, as the kubelet does), and must also create the directory of
+//! a mount with a `subPath` when it does not exist yet.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -100,6 +102,9 @@ pub struct PlanContext<'a> {
     pub epoch: Epoch,
     /// Per-pod directory on the agent where emptyDir volumes live: `<volumes_dir>/<name>`.
     pub volumes_dir: &'a Path,
+    /// Per-pod directory, in memory-backed storage, where the volumes of files from the
+    /// API (configMap, secret, downwardAPI, projected) live: `<files_dir>/<name>`.
+    pub files_dir: &'a Path,
     /// For env fieldRef `status.podIP` / `status.podIPs`.
     pub pod_ip: Option<IpAddr>,
     /// For `status.hostIP` / `status.hostIPs`.
@@ -578,7 +583,7 @@ fn validate_volume_source(path: &str, volume: &Volume) -> Result<(), SpecError> 
 const FILE_VOLUME_KINDS: [&str; 4] = ["configMap", "secret", "downwardAPI", "projected"];
 
 /// Names of the pod's volumes whose files come with the assignment (configMap, secret,
-/// downwardAPI, projected); the agent writes them to `<volumes_dir>/<name>`.
+/// downwardAPI, projected); the agent writes them to `<files_dir>/<name>`.
 pub fn file_volumes(pod: &Pod) -> Vec<String> {
     let volumes = pod.spec.as_ref().map(volumes_of).unwrap_or_default();
     volumes
@@ -1576,7 +1581,7 @@ pub fn container_plan(
         working_dir: non_empty(container.working_dir.as_deref()).map(str::to_owned),
         memory_limit_bytes: limit("memory")?,
         cpu_limit_millis: limit("cpu")?,
-        mounts: container_mounts(container, spec, ctx.volumes_dir),
+        mounts: container_mounts(container, spec, ctx),
         labels,
         tty: container.tty == Some(true),
         stdin: container.stdin == Some(true),
@@ -1628,9 +1633,9 @@ fn locate_container(
         })
 }
 
-/// Bind mounts of the container's volumes, all of which live under `volumes_dir`. Volumes
-/// of files from the API are always read-only, as the kubelet mounts them.
-fn container_mounts(container: &Container, spec: &PodSpec, volumes_dir: &Path) -> Vec<Mount> {
+/// Bind mounts of the container's volumes: emptyDirs under `volumes_dir`, volumes of
+/// files from the API under `files_dir`, always read-only, as the kubelet mounts them.
+fn container_mounts(container: &Container, spec: &PodSpec, ctx: &PlanContext) -> Vec<Mount> {
     let file_volumes: HashSet<&str> = volumes_of(spec)
         .iter()
         .filter(|volume| is_file_volume(volume))
@@ -1641,7 +1646,13 @@ fn container_mounts(container: &Container, spec: &PodSpec, volumes_dir: &Path) -
         .iter()
         .flatten()
         .map(|mount| {
-            let volume_dir = volumes_dir.join(&mount.name);
+            let is_file_volume = file_volumes.contains(mount.name.as_str());
+            let root = if is_file_volume {
+                ctx.files_dir
+            } else {
+                ctx.volumes_dir
+            };
+            let volume_dir = root.join(&mount.name);
             let host_path = match non_empty(mount.sub_path.as_deref()) {
                 Some(sub_path) => volume_dir.join(sub_path),
                 None => volume_dir,
@@ -1649,8 +1660,7 @@ fn container_mounts(container: &Container, spec: &PodSpec, volumes_dir: &Path) -
             Mount {
                 host_path,
                 container_path: mount.mount_path.clone(),
-                read_only: mount.read_only == Some(true)
-                    || file_volumes.contains(mount.name.as_str()),
+                read_only: mount.read_only == Some(true) || is_file_volume,
             }
         })
         .collect()
@@ -2025,12 +2035,16 @@ mod tests {
         serde_json::from_value(pod).expect("pod JSON")
     }
 
+    /// Where the tests' volumes of files live.
+    const FILES_DIR: &str = "/run/beemesh/files/p";
+
     fn context(volumes_dir: &Path) -> PlanContext<'_> {
         PlanContext {
             agent: "agent-peer",
             owner: "owner-peer",
             epoch: Epoch(3),
             volumes_dir,
+            files_dir: Path::new(FILES_DIR),
             pod_ip: None,
             host_ip: None,
             node_name: "beemesh-node",
@@ -3849,7 +3863,7 @@ mod tests {
         assert_eq!(
             plan.mounts,
             [Mount {
-                host_path: PathBuf::from("/v/kube-api-access-kk4hb"),
+                host_path: Path::new(FILES_DIR).join("kube-api-access-kk4hb"),
                 container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
                 read_only: true,
             }]

@@ -176,6 +176,8 @@ impl Process {
 /// A node (standalone, with a manifest directory) and its agents.
 pub struct Mesh {
     pub dir: tempfile::TempDir,
+    /// Memory-backed: the agents' --secrets-dir, one subdirectory each.
+    pub shm: tempfile::TempDir,
     pub manifests: PathBuf,
     pub node: Option<Process>,
     pub agents: Vec<Process>,
@@ -210,8 +212,10 @@ impl Mesh {
         };
         let node_addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
         let join_token = create_token(&node_state, &[]);
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs directory in /dev/shm");
         let mut mesh = Mesh {
             dir,
+            shm,
             manifests,
             node: None,
             agents: Vec::new(),
@@ -297,6 +301,14 @@ impl Mesh {
             .any(|a| matches!(*a, "--trust" | "--join" | "--insecure-trust-any"))
         {
             args.extend(["--join".to_string(), self.join_token.clone()]);
+        }
+        // Kept per state directory: a restarted agent finds its records again.
+        if !extra.contains(&"--secrets-dir") {
+            let secrets = self
+                .shm
+                .path()
+                .join(state.file_name().expect("state dir name"));
+            args.extend(["--secrets-dir".to_string(), secrets.display().to_string()]);
         }
         args.extend(extra.iter().map(ToString::to_string));
         let log = self
