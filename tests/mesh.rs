@@ -38,6 +38,15 @@ async fn peer_on(listen: &str, bootstrap: Vec<Multiaddr>, cancel: &CancellationT
     .await
 }
 
+/// `listen` as a listen list: "" for none.
+fn listen_addrs(listen: &str) -> Vec<Multiaddr> {
+    Some(listen)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.parse().expect("multiaddr"))
+        .into_iter()
+        .collect()
+}
+
 /// A peer listening on `listen` ("" for none: it can only dial out).
 async fn peer_with(
     keypair: Keypair,
@@ -48,11 +57,7 @@ async fn peer_with(
 ) -> Peer {
     let metrics = Metrics::new();
     let config = MeshConfig {
-        listen: Some(listen)
-            .filter(|l| !l.is_empty())
-            .map(|l| l.parse().expect("multiaddr"))
-            .into_iter()
-            .collect(),
+        listen: listen_addrs(listen),
         bootstrap,
         subscribe: Topic::ALL.to_vec(),
         accept_gossip,
@@ -280,11 +285,7 @@ async fn a_private_mesh_takes_only_peers_that_hold_its_key() {
         mesh::start(
             Keypair::generate_ed25519(),
             MeshConfig {
-                listen: Some(listen)
-                    .filter(|l| !l.is_empty())
-                    .map(|l| l.parse().expect("multiaddr"))
-                    .into_iter()
-                    .collect(),
+                listen: listen_addrs(listen),
                 bootstrap,
                 psk,
                 ..MeshConfig::default()

@@ -14,8 +14,8 @@ use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
-    Bid, Epoch, GossipMessage, Heartbeat, HostedPod, PeerRef, PodRef, PodUid, Request, Resources,
-    Response, SignedAssignment, StatusReport, Topic,
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, PeerRef, PodRef, PodUid, Request,
+    Resources, Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
@@ -104,6 +104,22 @@ async fn next_event<T>(
     })
     .await
     .unwrap_or_else(|_| panic!("no {what} within 20 s"))
+}
+
+/// The next Assign a scripted agent receives, with the channel to answer it.
+async fn next_assign(
+    events: &mut mpsc::Receiver<MeshEvent>,
+    what: &str,
+) -> (Box<Assign>, tokio::sync::oneshot::Sender<Response>) {
+    next_event(events, what, |e| match e {
+        MeshEvent::Request {
+            request: Request::Assign(assign),
+            reply,
+            ..
+        } => Some((assign, reply)),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test]
@@ -231,20 +247,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     }
     // The best-ranked agent is asked first and declines. Its assignment is signed for
     // it alone.
-    let (declined, reply) =
-        next_event(
-            &mut agents[0].events,
-            "assign to the best bidder",
-            |e| match e {
-                MeshEvent::Request {
-                    request: Request::Assign(assign),
-                    reply,
-                    ..
-                } => Some((assign, reply)),
-                _ => None,
-            },
-        )
-        .await;
+    let (declined, reply) = next_assign(&mut agents[0].events, "assign to the best bidder").await;
     assert_eq!(declined.epoch, offer.epoch);
     assert_eq!(declined.statement.agent, PeerRef(agent_ids[0]));
     statement::verify_assign(
@@ -263,19 +266,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         })
         .expect("reply");
     // The next bidder gets the same epoch: the decliner runs nothing.
-    let (assign, reply) = next_event(
-        &mut agents[1].events,
-        "assign to the next bidder",
-        |e| match e {
-            MeshEvent::Request {
-                request: Request::Assign(assign),
-                reply,
-                ..
-            } => Some((assign, reply)),
-            _ => None,
-        },
-    )
-    .await;
+    let (assign, reply) = next_assign(&mut agents[1].events, "assign to the next bidder").await;
     assert_eq!(assign.epoch, offer.epoch);
     assert_eq!(assign.statement.agent, PeerRef(agent_ids[1]));
     reply.send(Response::Ack).expect("reply");

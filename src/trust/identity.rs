@@ -270,7 +270,7 @@ mod tests {
         let key = load_psk_file(&path).expect("loads");
         assert_eq!(
             key.to_string(),
-            format!("/key/swarm/psk/1.0.0/\n/base16/\n{}", "ab".repeat(32))
+            format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32))
         );
         fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).expect("chmod");
         assert!(matches!(

@@ -88,11 +88,6 @@ impl TrustedPeers {
     pub fn enroll(&self, peer: PeerId) {
         self.write(|i| i.enrolled.insert(peer));
     }
-
-    /// The peers trusted by name (listed or enrolled), without `--insecure-trust-any`.
-    pub fn named(&self) -> BTreeSet<PeerId> {
-        self.read(|i| i.listed.union(&i.enrolled).copied().collect())
-    }
 }
 
 #[cfg(test)]
@@ -125,6 +120,5 @@ mod tests {
         let any = TrustedPeers::insecure_any();
         assert!(any.trusts(&PeerId::random()));
         assert!(any.is_insecure() && !any.is_empty());
-        assert!(any.named().is_empty());
     }
 }
