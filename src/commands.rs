@@ -208,12 +208,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
                 .mesh
                 .bootstrap
                 .iter()
-                .filter_map(|addr| {
-                    addr.iter().find_map(|p| match p {
-                        Protocol::P2p(peer) => Some(peer),
-                        _ => None,
-                    })
-                })
+                .filter_map(mesh::peer_of)
                 .collect();
             Some(Enrollment::new(token, candidates, pins))
         }
@@ -358,12 +353,8 @@ async fn node(args: NodeArgs) -> Result<()> {
         &cancel,
     )?;
     let peer = mesh.local_peer_id();
-    let enrollment = match trust_store {
-        Some(store) => {
-            Some(NodeEnrollment::start(store, agents.clone(), metrics.clone(), mesh.clone()).await?)
-        }
-        None => None,
-    };
+    let enrollment = trust_store
+        .map(|store| NodeEnrollment::new(store, agents.clone(), metrics.clone(), mesh.clone()));
     if let Some(dir) = &args.pod_manifest_path {
         println!("node {peer} owns the pods in {}", dir.display());
     }
@@ -440,7 +431,8 @@ async fn node(args: NodeArgs) -> Result<()> {
 
 /// Where a node keeps its join tokens and enrolled agents: a Secret with
 /// --trust-secret, else its state directory; None when it trusts every agent anyway
-/// (--insecure-trust-any). A node that nobody could ever join refuses to start.
+/// (--insecure-trust-any). The agents it enrolled are added to `agents`. A node that
+/// nobody could ever join refuses to start.
 async fn node_trust_store(
     args: &NodeArgs,
     client: Option<&kube::Client>,
@@ -457,7 +449,8 @@ async fn node_trust_store(
     let doc = store.load().await?;
     let now = unix_millis() / 1000;
     let usable_token = doc.tokens.iter().any(|t| !t.expired(now));
-    if agents.is_empty() && doc.agents.is_empty() && !usable_token {
+    agents.set_enrolled(doc.enrolled().collect::<Vec<_>>());
+    if agents.is_empty() && !usable_token {
         bail!(
             "no agent can join this node: create a join token with `beemesh token create` \
              (in {}; agents pass it with --join), or list agents with --trust-agent",

@@ -87,8 +87,6 @@ pub struct AgentConfig {
 /// A pod this agent runs.
 struct Hosted {
     pod: PodRef,
-    owner: PeerId,
-    epoch: Epoch,
     requests: Resources,
     host_ports: Vec<u16>,
     /// The owner's signed assignment, shown with every status report.
@@ -99,6 +97,14 @@ struct Hosted {
 }
 
 impl Hosted {
+    fn owner(&self) -> PeerId {
+        self.statement.owner.0
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.statement.epoch
+    }
+
     fn phase(&self) -> String {
         if self.stopping {
             return "Terminating".into();
@@ -327,7 +333,6 @@ impl Agent {
         statement: SignedAssignment,
         adopted: Option<crate::runtime::RuntimePod>,
     ) {
-        let (owner, epoch) = (statement.owner.0, statement.epoch);
         // Validated before (assign) or when first assigned (adopt).
         let requests = translate::pod_requests(&pod).unwrap_or_default();
         let host_ports = translate::host_ports(&pod);
@@ -336,16 +341,14 @@ impl Agent {
             pod_ref.clone(),
             pod,
             volumes,
-            epoch,
-            owner,
+            statement.epoch,
+            statement.owner.0,
             adopted,
         );
         self.pods.insert(
             pod_ref.uid.clone(),
             Hosted {
                 pod: pod_ref,
-                owner,
-                epoch,
                 requests,
                 host_ports,
                 statement,
@@ -476,7 +479,7 @@ impl Agent {
             return;
         }
         if let Some(hosted) = self.pods.get(&offer.pod.uid) {
-            if hosted.epoch >= offer.epoch || hosted.owner != owner {
+            if hosted.epoch() >= offer.epoch || hosted.owner() != owner {
                 return;
             }
         }
@@ -578,7 +581,7 @@ impl Agent {
         let refresh = self
             .pods
             .get(&uid)
-            .is_some_and(|h| h.owner == owner && h.epoch == assign.epoch);
+            .is_some_and(|h| h.owner() == owner && h.epoch() == assign.epoch);
         let bid = self.bids.get(&uid).is_some_and(|(o, e, at)| {
             *o == owner && *e == assign.epoch && at.elapsed() < BID_LIFETIME
         });
@@ -612,12 +615,12 @@ impl Agent {
             }
         };
         if let Some(existing) = self.pods.get(&pod_ref.uid) {
-            if existing.owner != owner {
+            if existing.owner() != owner {
                 return Response::Declined {
                     reason: "the pod is owned by another peer".into(),
                 };
             }
-            if existing.epoch == assign.epoch {
+            if existing.epoch() == assign.epoch {
                 // The owner sends an assignment again when the volumes' data changed.
                 let dir = self.worker_ctx.files_dir(&pod_ref.uid, assign.epoch);
                 return match volumes::write(&dir, &assign.volumes).await {
@@ -627,9 +630,9 @@ impl Agent {
                     },
                 };
             }
-            if existing.epoch > assign.epoch {
+            if existing.epoch() > assign.epoch {
                 return Response::Superseded {
-                    current: existing.epoch,
+                    current: existing.epoch(),
                 };
             }
         }
@@ -681,12 +684,12 @@ impl Agent {
 
     fn on_release(&mut self, peer: PeerId, release: Release) -> Response {
         match self.pods.get_mut(&release.pod) {
-            Some(hosted) if hosted.owner != peer => Response::Declined {
+            Some(hosted) if hosted.owner() != peer => Response::Declined {
                 reason: "only the pod's owner can release it".into(),
             },
-            Some(hosted) if hosted.epoch <= release.epoch => {
+            Some(hosted) if hosted.epoch() <= release.epoch => {
                 if !hosted.stopping {
-                    tracing::info!(pod = %hosted.pod, epoch = %hosted.epoch, "released by owner");
+                    tracing::info!(pod = %hosted.pod, epoch = %hosted.epoch(), "released by owner");
                     hosted.stopping = true;
                     hosted
                         .worker
@@ -695,7 +698,7 @@ impl Agent {
                 Response::Ack
             }
             Some(hosted) => Response::Superseded {
-                current: hosted.epoch,
+                current: hosted.epoch(),
             },
             None => Response::Ack,
         }
@@ -703,7 +706,7 @@ impl Agent {
 
     fn stop_superseded(&mut self, uid: &PodUid, epoch: Epoch) {
         if let Some(hosted) = self.pods.get_mut(uid) {
-            if hosted.epoch == epoch && !hosted.stopping {
+            if hosted.epoch() == epoch && !hosted.stopping {
                 tracing::info!(pod = %hosted.pod, %epoch, "owner superseded this copy; stopping it");
                 hosted.stopping = true;
                 hosted.worker.stop(Duration::from_secs(0));
@@ -715,7 +718,7 @@ impl Agent {
         let Some(hosted) = self.pods.get_mut(&update.pod.uid) else {
             return;
         };
-        if hosted.epoch != update.epoch {
+        if hosted.epoch() != update.epoch {
             // A report from an older copy that is being replaced.
             return;
         }
@@ -769,7 +772,7 @@ impl Agent {
     /// restarted or missed a report catches up.
     fn resync(&self, owner: Option<PeerId>) {
         for hosted in self.pods.values() {
-            if owner.is_some_and(|o| o != hosted.owner) {
+            if owner.is_some_and(|o| o != hosted.owner()) {
                 continue;
             }
             if let Some(status) = &hosted.status {
@@ -795,8 +798,8 @@ impl Agent {
                 .values()
                 .map(|h| HostedPod {
                     pod: h.pod.clone(),
-                    owner: PeerRef(h.owner),
-                    epoch: h.epoch,
+                    owner: PeerRef(h.owner()),
+                    epoch: h.epoch(),
                     phase: h.phase(),
                     requests: h.requests,
                     host_ports: h.host_ports.clone(),

@@ -382,7 +382,8 @@ impl EventLoop {
     }
 }
 
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+/// The peer ID a multiaddr names (`/p2p/<peer>`), if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
         Protocol::P2p(peer) => Some(peer),
         _ => None,

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::wire::{self, GossipMessage, Request, Response, Topic};
 
 pub use codec::WireCodec;
-pub use event_loop::EventLoop;
+pub use event_loop::{peer_of, EventLoop};
 pub use handle::MeshHandle;
 
 /// Capacity of the channels between the event loop and the rest of the program.

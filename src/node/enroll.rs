@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{self, Outcome};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::trust::join::{JoinError, NonceBook};
+use crate::trust::join::{JoinError, NonceBook, TrustDoc};
 use crate::trust::replay::unix_millis;
 use crate::trust::store::{StoreError, TrustStore};
 use crate::trust::TrustedPeers;
@@ -19,6 +19,13 @@ use crate::wire::{JoinRequest, Response};
 
 /// How often the store is read again for revocations.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+/// Joins are checked against the store as read at most this long ago, so that a flood
+/// of bad requests costs no more than one read of the store a second (an API request,
+/// in a cluster); only a request that proves a token leads to a write.
+const MAX_DOC_AGE: Duration = Duration::from_secs(1);
+
+/// The store as last read, and when.
+type LastRead = Option<(TrustDoc, tokio::time::Instant)>;
 
 /// Cheap to clone: one store, one nonce book and one set of trusted agents for all.
 #[derive(Clone)]
@@ -26,6 +33,7 @@ pub struct NodeEnrollment {
     store: Arc<dyn TrustStore>,
     agents: TrustedPeers,
     nonces: Arc<Mutex<NonceBook>>,
+    last_read: Arc<tokio::sync::Mutex<LastRead>>,
     metrics: Metrics,
     mesh: MeshHandle,
 }
@@ -39,22 +47,22 @@ impl std::fmt::Debug for NodeEnrollment {
 }
 
 impl NodeEnrollment {
-    /// Loads the enrolled agents into `agents`.
-    pub async fn start(
+    /// Enrollment from `store` into `agents`, which already holds the agents the store
+    /// had enrolled at start.
+    pub fn new(
         store: Arc<dyn TrustStore>,
         agents: TrustedPeers,
         metrics: Metrics,
         mesh: MeshHandle,
-    ) -> Result<Self, StoreError> {
-        let enrollment = NodeEnrollment {
+    ) -> Self {
+        NodeEnrollment {
             store,
             agents,
             nonces: Arc::default(),
+            last_read: Arc::default(),
             metrics,
             mesh,
-        };
-        enrollment.reload().await?;
-        Ok(enrollment)
+        }
     }
 
     /// Answers a join: enrolls the agent (persisted first) and proves the token back.
@@ -105,22 +113,42 @@ impl NodeEnrollment {
     async fn accept(&self, agent: PeerId, request: &JoinRequest) -> Result<(String, bool), String> {
         let now = unix_millis() / 1000;
         let me = self.mesh.local_peer_id();
-        let mut outcome: Result<_, JoinError> = Err(JoinError::UnknownToken);
-        self.store
-            .update(&mut |doc| outcome = doc.accept(request, &agent, &me, now))
+        let unavailable = |e: StoreError| {
+            tracing::error!(error = %e, "cannot read or record enrollments");
+            "the node cannot record enrollments now; try again".to_string()
+        };
+        self.read(MAX_DOC_AGE)
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot record an enrollment");
-                "the node cannot record enrollments now; try again".to_string()
-            })?;
+            .map_err(unavailable)?
+            .verify(request, &agent, &me, now)
+            .map_err(|e| e.to_string())?;
+        let mut outcome: Result<_, JoinError> = Err(JoinError::UnknownToken);
+        let written = self
+            .store
+            .update(&mut |doc| outcome = doc.accept(request, &agent, &me, now))
+            .await;
+        // Read afresh next time, whatever the write did.
+        *self.last_read.lock().await = None;
+        written.map_err(unavailable)?;
         outcome
             .map(|accepted| (accepted.proof, accepted.new))
             .map_err(|e| e.to_string())
     }
 
+    /// The store's document as read at most `max_age` ago.
+    async fn read(&self, max_age: Duration) -> Result<TrustDoc, StoreError> {
+        let mut last = self.last_read.lock().await;
+        if let Some((doc, _)) = last.as_ref().filter(|(_, at)| at.elapsed() < max_age) {
+            return Ok(doc.clone());
+        }
+        let doc = self.store.load().await?;
+        *last = Some((doc.clone(), tokio::time::Instant::now()));
+        Ok(doc)
+    }
+
     /// Reads the store; returns the agents whose trust was revoked since.
     async fn reload(&self) -> Result<Vec<PeerId>, StoreError> {
-        let doc = self.store.load().await?;
+        let doc = self.read(Duration::ZERO).await?;
         Ok(self.agents.set_enrolled(doc.enrolled().collect::<Vec<_>>()))
     }
 

@@ -501,15 +501,23 @@ impl Owner {
 
     /// The assignment of `owned` at its epoch to `agent`, signed for that agent.
     fn assign(&self, owned: &OwnedPod, agent: PeerId) -> Assign {
-        signed_assign(
+        let statement = statement::sign(
             &self.signer,
-            agent,
-            owned.epoch,
-            owned.pod.clone(),
-            owned.volumes.clone(),
-            &owned.offer.spec_digest,
-            self.config.assignment_ttl,
-        )
+            statement::Assignment {
+                agent,
+                pod: owned.pod_ref.uid.clone(),
+                epoch: owned.epoch,
+                spec_digest: owned.offer.spec_digest.clone(),
+                expires_at: (unix_millis() / 1000)
+                    .saturating_add(self.config.assignment_ttl.as_secs()),
+            },
+        );
+        Assign {
+            epoch: owned.epoch,
+            pod: owned.pod.clone(),
+            volumes: owned.volumes.clone(),
+            statement,
+        }
     }
 
     fn send_assign_refresh(&self, agent: PeerId, assign: Assign) {
@@ -1305,34 +1313,6 @@ impl Owner {
         let internal = self.internal_rx.recv().await?;
         self.on_internal(internal);
         Some(())
-    }
-}
-
-/// An assignment of `pod` at `epoch` to `agent`, with the owner's signature.
-fn signed_assign(
-    signer: &Keypair,
-    agent: PeerId,
-    epoch: Epoch,
-    pod: Pod,
-    volumes: BTreeMap<String, Vec<VolumeFile>>,
-    spec_digest: &str,
-    ttl: Duration,
-) -> Assign {
-    let statement = statement::sign(
-        signer,
-        statement::Assignment {
-            agent,
-            pod: PodUid(pod.metadata.uid.clone().unwrap_or_default()),
-            epoch,
-            spec_digest: spec_digest.to_string(),
-            expires_at: (unix_millis() / 1000).saturating_add(ttl.as_secs()),
-        },
-    );
-    Assign {
-        epoch,
-        pod,
-        volumes,
-        statement,
     }
 }
 

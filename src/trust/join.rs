@@ -335,6 +335,42 @@ impl TrustDoc {
         self.agents.iter().map(|a| a.peer.0)
     }
 
+    /// Whether the request proves a token of this document that has not expired; the
+    /// token's index then. Changes nothing, so that a node can turn away bad requests
+    /// without writing its store.
+    pub fn verify(
+        &self,
+        req: &JoinRequest,
+        agent: &PeerId,
+        node: &PeerId,
+        now_unix: u64,
+    ) -> Result<usize, JoinError> {
+        let index = self
+            .tokens
+            .iter()
+            .position(|t| t.id == req.token_id)
+            .ok_or(JoinError::UnknownToken)?;
+        let record = &self.tokens[index];
+        // The proof first: who does not know the secret learns nothing about the token.
+        if !verify(
+            mac(
+                &record.token(),
+                Role::Agent,
+                agent,
+                node,
+                &req.nonce,
+                req.sent_at_ms,
+            ),
+            &req.proof,
+        ) {
+            return Err(JoinError::BadProof);
+        }
+        if record.expired(now_unix) {
+            return Err(JoinError::Expired);
+        }
+        Ok(index)
+    }
+
     /// Checks an agent's join request and, if it holds, enrolls the agent and counts a
     /// use of the token. Freshness and replay are checked by the caller's [`NonceBook`].
     pub fn accept(
@@ -344,22 +380,9 @@ impl TrustDoc {
         node: &PeerId,
         now_unix: u64,
     ) -> Result<Accepted, JoinError> {
-        let record = self
-            .tokens
-            .iter_mut()
-            .find(|t| t.id == req.token_id)
-            .ok_or(JoinError::UnknownToken)?;
+        let index = self.verify(req, agent, node, now_unix)?;
+        let record = &mut self.tokens[index];
         let token = record.token();
-        // The proof first: who does not know the secret learns nothing about the token.
-        if !verify(
-            mac(&token, Role::Agent, agent, node, &req.nonce, req.sent_at_ms),
-            &req.proof,
-        ) {
-            return Err(JoinError::BadProof);
-        }
-        if record.expired(now_unix) {
-            return Err(JoinError::Expired);
-        }
         let proof = node_proof(&token, agent, node, req);
         if self.agents.iter().any(|a| a.peer.0 == *agent) {
             return Ok(Accepted { proof, new: false });
