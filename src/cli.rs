@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use libp2p::{Multiaddr, PeerId};
 
+use crate::kubelet::tunnel::TunnelMode;
 use crate::placement::ScoreMode;
 use crate::runtime::translate;
 use crate::trust::join::JoinToken;
@@ -177,6 +178,11 @@ pub struct NodeArgs {
     /// Hostname first, and an unresolvable one breaks kubectl logs and exec).
     #[arg(long, env = "BEEMESH_NODE_HOSTNAME")]
     pub node_hostname: Option<String>,
+    /// Open k3s's agent tunnel, through which a k3s server sends its kubectl
+    /// logs/exec/port-forward connections to kubelets: auto (when the API server is
+    /// k3s), on (fail the start if it has no tunnel endpoint) or off.
+    #[arg(long, env = "BEEMESH_K3S_TUNNEL", value_enum, default_value = "auto")]
+    pub k3s_tunnel: TunnelMode,
     /// Port of the kubelet API, published in the Node's daemonEndpoints.
     #[arg(long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
     pub kubelet_port: u16,

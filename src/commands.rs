@@ -281,11 +281,18 @@ async fn node(args: NodeArgs) -> Result<()> {
              running in a pod)"
         );
     }
-    let client = match &source {
+    let kube_config = match &source {
         Some(source) => Some(
-            cluster::connect(source)
+            cluster::config(source)
                 .await
                 .with_context(|| format!("cannot use the Kubernetes API server ({source:?})"))?,
+        ),
+        None => None,
+    };
+    let client = match &kube_config {
+        Some(config) => Some(
+            kube::Client::try_from(config.clone())
+                .context("cannot use the Kubernetes API server")?,
         ),
         None => None,
     };
@@ -359,8 +366,8 @@ async fn node(args: NodeArgs) -> Result<()> {
         println!("node {peer} owns the pods in {}", dir.display());
     }
     let api_cancel = CancellationToken::new();
-    let (api, api_tasks) = match client.clone() {
-        Some(client) => {
+    let (api, api_tasks) = match (client.clone(), &kube_config) {
+        (Some(client), Some(kube_config)) => {
             if internal_ip.is_none() {
                 tracing::warn!(
                     "no --node-ip or POD_IP: the API server cannot reach this node's kubelet API"
@@ -373,16 +380,32 @@ async fn node(args: NodeArgs) -> Result<()> {
                 kubelet_port: args.kubelet_port,
             };
             println!("node {peer} is Kubernetes node {}", args.node_name);
+            let tunnel = kubelet::tunnel::TunnelConfig {
+                mode: args.k3s_tunnel,
+                node_name: args.node_name.clone(),
+                kubelet_port: args.kubelet_port,
+                dir: args.mesh.state_dir.join("kubelet"),
+            };
+            let tunnel_sessions = kubelet::tunnel::start(
+                tunnel,
+                client.clone(),
+                kube_config,
+                metrics.clone(),
+                cancel.clone(),
+            )
+            .await
+            .context("cannot open the k3s agent tunnel (--k3s-tunnel)")?;
             let (link, tasks) = cluster::start(
                 client,
                 identity,
+                tunnel_sessions,
                 args.delete_node_on_exit,
                 health.check("node-lease"),
                 api_cancel.clone(),
             );
             (Some(link), tasks)
         }
-        None => (None, Vec::new()),
+        _ => (None, Vec::new()),
     };
     let config = NodeConfig {
         pod_manifest_path: args.pod_manifest_path.clone(),
@@ -610,23 +633,26 @@ async fn cluster_serving_cert(
     dir: std::path::PathBuf,
     cancel: &CancellationToken,
 ) -> Option<ServingCert> {
+    let spec = kubelet::csr::CertSpec {
+        node_name,
+        kind: kubelet::csr::CertKind::Serving { addresses },
+    };
     loop {
         let obtained = tokio::select! {
             _ = cancel.cancelled() => return None,
-            obtained = kubelet::csr::obtain(&client, &node_name, &addresses, &dir) => obtained,
+            obtained = kubelet::csr::obtain(&client, &spec, &dir) => obtained,
         };
         match obtained {
             Ok(issued) => {
-                let resolver = kubelet::csr::ServingCertResolver::new(issued.key);
+                let slot = kubelet::csr::CertSlot::new(issued.key);
                 tokio::spawn(kubelet::csr::keep_renewed(
                     client,
-                    node_name,
-                    addresses,
+                    spec,
                     dir,
-                    resolver.clone(),
+                    slot.clone(),
                     issued.renew_at,
                 ));
-                return Some(ServingCert::Renewed(resolver));
+                return Some(ServingCert::Renewed(slot));
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "no kubelet serving certificate from the cluster yet; asking again in 30 s");

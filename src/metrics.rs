@@ -28,6 +28,21 @@ pub struct DropLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabel {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Every metric BeeMesh exports. Cheap to clone; all clones count into one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +64,16 @@ pub struct Metrics {
     pub agents_lost: Counter,
     /// Security decisions, by action and outcome (see `audit`).
     pub audit_events: Family<AuditLabels, Counter>,
+    /// k3s agent tunnel sessions up, by API server (1 or 0).
+    pub tunnel_sessions_up: Family<ServerLabel, Gauge>,
+    /// Connections open through the tunnel.
+    pub tunnel_connections: Gauge,
+    /// Bytes through the tunnel, by direction (to_server, from_server).
+    pub tunnel_bytes_total: Family<DirectionLabel, Counter>,
+    /// Connects refused (an address other than the kubelet's, too many, malformed).
+    pub tunnel_refused: Counter,
+    /// Tunnel messages dropped, by reason (malformed, text_message, unknown_type, ...).
+    pub tunnel_dropped_total: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,7 +91,37 @@ impl Metrics {
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
         let audit_events = Family::<AuditLabels, Counter>::default();
+        let tunnel_sessions_up = Family::<ServerLabel, Gauge>::default();
+        let tunnel_connections = Gauge::default();
+        let tunnel_bytes_total = Family::<DirectionLabel, Counter>::default();
+        let tunnel_refused = Counter::default();
+        let tunnel_dropped_total = Family::<ReasonLabel, Counter>::default();
         let mut registry = Registry::with_prefix("beemesh");
+        registry.register(
+            "k3s_tunnel_up",
+            "k3s agent tunnel sessions up, by API server",
+            tunnel_sessions_up.clone(),
+        );
+        registry.register(
+            "k3s_tunnel_connections",
+            "Connections open through the k3s agent tunnel",
+            tunnel_connections.clone(),
+        );
+        registry.register(
+            "k3s_tunnel_bytes",
+            "Bytes through the k3s agent tunnel, by direction",
+            tunnel_bytes_total.clone(),
+        );
+        registry.register(
+            "k3s_tunnel_connects_refused",
+            "Tunnel connects refused (not the kubelet's address, too many, malformed)",
+            tunnel_refused.clone(),
+        );
+        registry.register(
+            "k3s_tunnel_messages_dropped",
+            "Tunnel messages dropped (malformed, text, unknown type, unknown connection)",
+            tunnel_dropped_total.clone(),
+        );
         registry.register(
             "audit_events",
             "Security decisions (enrollments, revocations, assignments, refused messages, kubelet streams)",
@@ -115,7 +170,36 @@ impl Metrics {
             container_restarts,
             agents_lost,
             audit_events,
+            tunnel_sessions_up,
+            tunnel_connections,
+            tunnel_bytes_total,
+            tunnel_refused,
+            tunnel_dropped_total,
         }
+    }
+
+    pub fn tunnel_up(&self, server: &str) -> Gauge {
+        self.tunnel_sessions_up
+            .get_or_create(&ServerLabel {
+                server: server.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn tunnel_bytes(&self, direction: &str) -> Counter {
+        self.tunnel_bytes_total
+            .get_or_create(&DirectionLabel {
+                direction: direction.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn tunnel_dropped(&self, reason: &str) -> Counter {
+        self.tunnel_dropped_total
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .clone()
     }
 
     pub fn audited(&self, action: &str, outcome: &str) {

@@ -78,6 +78,11 @@ pub fn config_source(
 }
 
 pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
+    Client::try_from(config(source).await?).map_err(ClusterError::Client)
+}
+
+/// The client configuration `source` names, with BeeMesh's User-Agent.
+pub async fn config(source: &ConfigSource) -> Result<kube::Config, ClusterError> {
     let mut config = match source {
         ConfigSource::InCluster => kube::Config::incluster()?,
         ConfigSource::Kubeconfig(path) => {
@@ -99,7 +104,7 @@ pub async fn connect(source: &ConfigSource) -> Result<Client, ClusterError> {
     if let Ok(value) = HeaderValue::try_from(agent) {
         config.headers.push((USER_AGENT, value));
     }
-    Client::try_from(config).map_err(ClusterError::Client)
+    Ok(config)
 }
 
 /// The CA that signs the API server's client certificates (what it presents to
@@ -119,10 +124,12 @@ pub async fn client_ca(client: &Client) -> Result<String, ClusterError> {
 
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then
 /// marks itself NotReady or deletes itself). `lease_check` passes while the Node is
-/// registered and its Lease renewed.
+/// registered and its Lease renewed. `tunnel_sessions` counts the k3s agent tunnel
+/// sessions up (see `kubelet::tunnel`).
 pub fn start(
     client: Client,
     identity: NodeIdentity,
+    tunnel_sessions: watch::Receiver<usize>,
     delete_node_on_exit: bool,
     lease_check: Check,
     cancel: CancellationToken,
@@ -136,6 +143,7 @@ pub fn start(
             client.clone(),
             identity.clone(),
             agents_rx,
+            tunnel_sessions,
             delete_node_on_exit,
             lease_check,
             cancel.clone(),

@@ -33,6 +33,7 @@ pub async fn run(
     client: Client,
     identity: NodeIdentity,
     mut agents: watch::Receiver<AgentsSummary>,
+    tunnel_sessions: watch::Receiver<usize>,
     delete_on_exit: bool,
     lease_check: Check,
     cancel: CancellationToken,
@@ -73,7 +74,8 @@ pub async fn run(
             // Agents changing or the periodic report; changes are batched per second.
             _ = status_tick.tick() => {
                 let summary = *agents.borrow_and_update();
-                let status = node_object::node_status(&identity, &summary, reported.as_ref(), Time(Timestamp::now()));
+                let tunnelled = *tunnel_sessions.borrow() > 0;
+                let status = node_object::node_status(&identity, tunnelled, &summary, reported.as_ref(), Time(Timestamp::now()));
                 let due = last_report.elapsed() >= STATUS_REPORT_INTERVAL;
                 let changed = reported.as_ref().is_none_or(|old| node_object::status_changed(old, &status));
                 if !(written && !changed && !due) {

@@ -63,10 +63,19 @@ pub fn new_node(identity: &NodeIdentity) -> Node {
     }
 }
 
+/// What the kubelet API serves beyond the kubelet's defaults, in `status.declaredFeatures`
+/// (KEP-5328): exec/attach as WebSocket `v5.channel.k8s.io` (v4 fallback) and
+/// port-forward as `SPDY/3.1+portforward.k8s.io` in WebSocket, so that API servers with
+/// KEP-4006's gate forward kubectl's WebSocket instead of translating it to SPDY.
+pub const DECLARED_FEATURES: &[&str] = &["ExtendWebSocketsToKubelet"];
+
 /// The node's status for the live agents. `previous` keeps each condition's
-/// lastTransitionTime while its status stays the same, as the kubelet does.
+/// lastTransitionTime while its status stays the same, as the kubelet does. While a k3s
+/// agent tunnel session is up (`tunnelled`), the Node has a Hostname address equal to
+/// its name: k3s 1.21 and older send connections for that name through the session.
 pub fn node_status(
     identity: &NodeIdentity,
+    tunnelled: bool,
     agents: &AgentsSummary,
     previous: Option<&NodeStatus>,
     now: Time,
@@ -156,7 +165,11 @@ pub fn node_status(
             address: ip.to_string(),
         });
     }
-    if let Some(hostname) = &identity.hostname {
+    let hostname = match tunnelled {
+        true => Some(&identity.name),
+        false => identity.hostname.as_ref(),
+    };
+    if let Some(hostname) = hostname {
         addresses.push(NodeAddress {
             type_: "Hostname".into(),
             address: hostname.clone(),
@@ -167,6 +180,7 @@ pub fn node_status(
         allocatable: Some(resources),
         conditions: Some(conditions),
         addresses: Some(addresses),
+        declared_features: Some(DECLARED_FEATURES.iter().map(|f| f.to_string()).collect()),
         daemon_endpoints: Some(NodeDaemonEndpoints {
             kubelet_endpoint: Some(DaemonEndpoint {
                 port: i32::from(identity.kubelet_port),
@@ -236,7 +250,7 @@ mod tests {
             storage_bytes: 200 << 30,
         };
         let t0 = Time(Timestamp::from_second(1_000).expect("time"));
-        let status = node_status(&identity(), &two, None, t0.clone());
+        let status = node_status(&identity(), false, &two, None, t0.clone());
         let capacity = status.capacity.clone().expect("capacity");
         assert_eq!(capacity["cpu"], Quantity("6000m".into()));
         assert_eq!(capacity["memory"], Quantity((12u64 << 30).to_string()));
@@ -263,10 +277,26 @@ mod tests {
             "no Hostname address unless one resolves"
         );
         assert_eq!(addresses[0].type_, "InternalIP");
+        assert_eq!(
+            status.declared_features.as_deref(),
+            Some(&["ExtendWebSocketsToKubelet".to_string()][..])
+        );
+
+        // While the k3s tunnel is up, the node's name is its Hostname address.
+        let tunnelled = node_status(&identity(), true, &two, Some(&status), t0.clone());
+        let addresses = tunnelled.addresses.clone().expect("addresses");
+        assert_eq!(
+            addresses
+                .iter()
+                .map(|a| (a.type_.as_str(), a.address.as_str()))
+                .collect::<Vec<_>>(),
+            [("InternalIP", "10.42.0.7"), ("Hostname", "beemesh")]
+        );
+        assert!(status_changed(&status, &tunnelled));
 
         // Same state later: transition times stay, heartbeat times move.
         let t1 = Time(Timestamp::from_second(2_000).expect("time"));
-        let again = node_status(&identity(), &two, Some(&status), t1.clone());
+        let again = node_status(&identity(), false, &two, Some(&status), t1.clone());
         assert!(!status_changed(&status, &again));
         assert_eq!(condition(&again, "Ready").last_transition_time, Some(t0));
         assert_eq!(
@@ -277,6 +307,7 @@ mod tests {
         // No agent alive: NotReady with a reason, and nothing to offer.
         let none = node_status(
             &identity(),
+            false,
             &AgentsSummary::default(),
             Some(&again),
             t1.clone(),

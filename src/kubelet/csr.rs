@@ -1,9 +1,15 @@
-//! The kubelet API's serving certificate, signed by the cluster: a
-//! CertificateSigningRequest for the kubernetes.io/kubelet-serving signer (CN
-//! system:node:<name>, O system:nodes, the node's addresses and name), approved by the
-//! node itself (its ClusterRole may approve only that signer), and renewed before it
-//! expires. API servers verify kubelets against the cluster CA, so a self-signed
-//! certificate would make every `kubectl logs` fail.
+//! The node's certificates, signed by the cluster through CertificateSigningRequests
+//! (CN system:node:<name>, O system:nodes; the private key made here and never sent),
+//! kept in the state directory and renewed before they expire:
+//! - the kubelet API's serving certificate (signer kubernetes.io/kubelet-serving, the
+//!   node's addresses and name), approved by the node itself (its ClusterRole may approve
+//!   only that signer). API servers verify kubelets against the cluster CA, so a
+//!   self-signed certificate would make every `kubectl logs` fail;
+//! - the k3s tunnel's client certificate (signer
+//!   kubernetes.io/kube-apiserver-client-kubelet), approved by the controller-manager's
+//!   CSR approver when the requester may create `certificatesigningrequests/nodeclient`,
+//!   as for a kubelet; the node approves it itself only if that has not happened within
+//!   [`APPROVER_WAIT`] and it holds the permission to.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -18,12 +24,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use kube::Client;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub const SIGNER: &str = "kubernetes.io/kubelet-serving";
+pub const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+/// How long the cluster's approver gets before the node tries to approve its client
+/// certificate itself.
+pub const APPROVER_WAIT: Duration = Duration::from_secs(10);
 /// How often the CSR is checked for its certificate.
 const POLL: Duration = Duration::from_secs(1);
 /// Renewal starts when this share of the validity is left, as the kubelet's
@@ -47,15 +58,93 @@ pub enum CsrError {
     },
 }
 
-/// A serving certificate that can be replaced while the server runs.
+/// Which certificate, for which node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSpec {
+    pub node_name: String,
+    pub kind: CertKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertKind {
+    /// The kubelet API's serving certificate, for these addresses and the node's name.
+    Serving { addresses: Vec<IpAddr> },
+    /// A client certificate for the API server (the k3s tunnel's identity).
+    Client,
+}
+
+impl CertSpec {
+    fn signer(&self) -> &'static str {
+        match self.kind {
+            CertKind::Serving { .. } => SERVING_SIGNER,
+            CertKind::Client => CLIENT_SIGNER,
+        }
+    }
+
+    /// What the kubelet asks for: exactly one of the sets the approver accepts.
+    fn usages(&self) -> Vec<String> {
+        let last = match self.kind {
+            CertKind::Serving { .. } => "server auth",
+            CertKind::Client => "client auth",
+        };
+        ["digital signature", "key encipherment", last]
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    fn what(&self) -> &'static str {
+        match self.kind {
+            CertKind::Serving { .. } => "kubelet serving certificate",
+            CertKind::Client => "tunnel client certificate",
+        }
+    }
+
+    fn paths(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let stem = match self.kind {
+            CertKind::Serving { .. } => "serving",
+            CertKind::Client => "client",
+        };
+        (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        )
+    }
+
+    fn params(&self) -> Result<rcgen::CertificateParams, rcgen::Error> {
+        let mut params = match &self.kind {
+            CertKind::Serving { addresses } => {
+                let mut params = rcgen::CertificateParams::new(vec![self.node_name.clone()])?;
+                params
+                    .subject_alt_names
+                    .extend(addresses.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
+                params
+            }
+            // A node client certificate has no subject alternative names at all.
+            CertKind::Client => rcgen::CertificateParams::new(Vec::<String>::new())?,
+        };
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("system:node:{}", self.node_name),
+        );
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "system:nodes");
+        Ok(params)
+    }
+}
+
+/// A certificate that can be replaced while it is in use: the serving certificate of
+/// the kubelet API, or the client certificate of new tunnel sessions.
 #[derive(Debug)]
-pub struct ServingCertResolver {
+pub struct CertSlot {
     current: Mutex<Arc<CertifiedKey>>,
 }
 
-impl ServingCertResolver {
+impl CertSlot {
     pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
-        Arc::new(ServingCertResolver {
+        Arc::new(CertSlot {
             current: Mutex::new(key),
         })
     }
@@ -65,11 +154,29 @@ impl ServingCertResolver {
             *current = key;
         }
     }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.lock().ok().map(|c| c.clone())
+    }
 }
 
-impl ResolvesServerCert for ServingCertResolver {
+impl ResolvesServerCert for CertSlot {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.lock().ok().map(|c| c.clone())
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CertSlot {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -81,26 +188,17 @@ pub struct Issued {
 
 /// The certificate kept in `dir` if it is still good for a while, else a new one from
 /// the cluster.
-pub async fn obtain(
-    client: &Client,
-    node_name: &str,
-    addresses: &[IpAddr],
-    dir: &Path,
-) -> Result<Issued, CsrError> {
-    if let Some(kept) = load(dir) {
+pub async fn obtain(client: &Client, spec: &CertSpec, dir: &Path) -> Result<Issued, CsrError> {
+    if let Some(kept) = load(spec, dir) {
         if kept.renew_at > std::time::SystemTime::now() {
             return Ok(kept);
         }
     }
-    request(client, node_name, addresses, dir).await
+    request(client, spec, dir).await
 }
 
-fn paths(dir: &Path) -> (PathBuf, PathBuf) {
-    (dir.join("serving.crt"), dir.join("serving.key"))
-}
-
-fn load(dir: &Path) -> Option<Issued> {
-    let (cert_path, key_path) = paths(dir);
+fn load(spec: &CertSpec, dir: &Path) -> Option<Issued> {
+    let (cert_path, key_path) = spec.paths(dir);
     let cert_pem = std::fs::read(cert_path).ok()?;
     let key_pem = std::fs::read(key_path).ok()?;
     issued(&cert_pem, &key_pem).ok()
@@ -130,63 +228,67 @@ fn issued(cert_pem: &[u8], key_pem: &[u8]) -> Result<Issued, CsrError> {
     })
 }
 
-/// Creates the CSR, approves it, waits for the signature and keeps the result.
-pub async fn request(
-    client: &Client,
-    node_name: &str,
-    addresses: &[IpAddr],
-    dir: &Path,
-) -> Result<Issued, CsrError> {
+fn is_true(status: &CertificateSigningRequestStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Adds the Approved condition. For the client certificate this takes `approve` on
+/// its signer, which the chart grants only when asked to (`kubelet.tunnelSelfApprove`).
+async fn approve(
+    api: &Api<CertificateSigningRequest>,
+    mut csr: CertificateSigningRequest,
+    message: &str,
+) -> Result<(), kube::Error> {
+    let name = csr.metadata.name.clone().unwrap_or_default();
+    let status = csr.status.get_or_insert_with(Default::default);
+    status
+        .conditions
+        .get_or_insert_with(Vec::new)
+        .push(CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some("AutoApproved".into()),
+            message: Some(message.into()),
+            ..Default::default()
+        });
+    api.replace_subresource("approval", &name, &PostParams::default(), &csr)
+        .await
+        .map(|_| ())
+}
+
+/// Creates the CSR, has it approved, waits for the signature and keeps the result.
+pub async fn request(client: &Client, spec: &CertSpec, dir: &Path) -> Result<Issued, CsrError> {
     let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec![node_name.to_owned()])?;
-    params
-        .subject_alt_names
-        .extend(addresses.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!("system:node:{node_name}"),
-    );
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    let csr_pem = params.serialize_request(&key)?.pem()?;
+    let csr_pem = spec.params()?.serialize_request(&key)?.pem()?;
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let csr = CertificateSigningRequest {
         metadata: ObjectMeta {
-            generate_name: Some(format!("csr-{node_name}-")),
+            generate_name: Some(format!("csr-{}-", spec.node_name)),
             ..Default::default()
         },
         spec: CertificateSigningRequestSpec {
             request: ByteString(csr_pem.into_bytes()),
-            signer_name: SIGNER.into(),
-            usages: Some(vec![
-                "digital signature".into(),
-                "key encipherment".into(),
-                "server auth".into(),
-            ]),
+            signer_name: spec.signer().into(),
+            usages: Some(spec.usages()),
             ..Default::default()
         },
         status: None,
     };
-    let mut created = api.create(&PostParams::default(), &csr).await?;
+    let created = api.create(&PostParams::default(), &csr).await?;
     let name = created.metadata.name.clone().unwrap_or_default();
-    tracing::info!(csr = %name, "requested a kubelet serving certificate");
-    created.status = Some(CertificateSigningRequestStatus {
-        conditions: Some(vec![CertificateSigningRequestCondition {
-            type_: "Approved".into(),
-            status: "True".into(),
-            reason: Some("AutoApproved".into()),
-            message: Some("approved by the BeeMesh node for its own kubelet API".into()),
-            ..Default::default()
-        }]),
-        certificate: None,
-    });
-    api.replace_subresource("approval", &name, &PostParams::default(), &created)
-        .await?;
+    tracing::info!(csr = %name, signer = spec.signer(), "requested a {}", spec.what());
+    // The approver may take this long before the node approves the request itself.
+    let mut approve_after = match spec.kind {
+        CertKind::Serving { .. } => Some(tokio::time::Instant::now()),
+        CertKind::Client => Some(tokio::time::Instant::now() + APPROVER_WAIT),
+    };
     let certificate = loop {
         let current = api.get(&name).await?;
-        let status = current.status.unwrap_or_default();
+        let status = current.status.clone().unwrap_or_default();
         let refused = status
             .conditions
             .iter()
@@ -199,22 +301,36 @@ pub async fn request(
                 .unwrap_or_else(|| condition.type_.clone());
             return Err(CsrError::Refused(name, why));
         }
-        if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
+        if let Some(certificate) = status.certificate.clone().filter(|c| !c.0.is_empty()) {
             break certificate.0;
+        }
+        let due = approve_after.is_some_and(|at| tokio::time::Instant::now() >= at);
+        if due && !is_true(&status, "Approved") {
+            approve_after = None;
+            let message = format!("approved by the BeeMesh node for its own {}", spec.what());
+            match approve(&api, current, &message).await {
+                Ok(()) => tracing::info!(csr = %name, "approved the {} itself", spec.what()),
+                Err(e) => tracing::warn!(
+                    csr = %name,
+                    error = %e,
+                    "the {} is not approved yet and the node may not approve it itself: bind its ServiceAccount to ClusterRole system:certificates.k8s.io:certificatesigningrequests:nodeclient (the chart does), or approve it with `kubectl certificate approve {name}`",
+                    spec.what()
+                ),
+            }
         }
         tokio::time::sleep(POLL).await;
     };
     let key_pem = key.serialize_pem();
     let issued = issued(&certificate, key_pem.as_bytes())?;
-    store(dir, &certificate, key_pem.as_bytes())?;
-    tracing::info!(csr = %name, "kubelet serving certificate issued");
+    store(spec, dir, &certificate, key_pem.as_bytes())?;
+    tracing::info!(csr = %name, "{} issued", spec.what());
     Ok(issued)
 }
 
-fn store(dir: &Path, cert: &[u8], key: &[u8]) -> Result<(), CsrError> {
+fn store(spec: &CertSpec, dir: &Path, cert: &[u8], key: &[u8]) -> Result<(), CsrError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let (cert_path, key_path) = paths(dir);
+    let (cert_path, key_path) = spec.paths(dir);
     let write = |path: &Path, bytes: &[u8], mode: u32| {
         std::fs::create_dir_all(dir)
             .and_then(|()| {
@@ -239,10 +355,9 @@ fn store(dir: &Path, cert: &[u8], key: &[u8]) -> Result<(), CsrError> {
 /// every minute.
 pub async fn keep_renewed(
     client: Client,
-    node_name: String,
-    addresses: Vec<IpAddr>,
+    spec: CertSpec,
     dir: PathBuf,
-    resolver: Arc<ServingCertResolver>,
+    slot: Arc<CertSlot>,
     mut renew_at: std::time::SystemTime,
 ) {
     loop {
@@ -250,13 +365,13 @@ pub async fn keep_renewed(
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         tokio::time::sleep(wait).await;
-        match request(&client, &node_name, &addresses, &dir).await {
+        match request(&client, &spec, &dir).await {
             Ok(issued) => {
-                resolver.replace(issued.key);
+                slot.replace(issued.key);
                 renew_at = issued.renew_at;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the kubelet serving certificate; retrying in a minute");
+                tracing::warn!(error = %e, "cannot renew the {}; retrying in a minute", spec.what());
                 renew_at = std::time::SystemTime::now() + Duration::from_secs(60);
             }
         }

@@ -2,7 +2,9 @@
 //! authorization ([`server`], [`tls`], [`auth`]), requests relayed to the agents that
 //! run the pods ([`relay`]), usage endpoints ([`stats`]), and the streaming protocols
 //! `kubectl exec/attach/port-forward` use, as framing with no HTTP in it: [`spdy`]
-//! (SPDY/3.1) and [`channel`] (the WebSocket channel protocols).
+//! (SPDY/3.1) and [`channel`] (the WebSocket channel protocols). The node's certificates
+//! come from the cluster ([`csr`]); on k3s the API server reaches this API through the
+//! agent tunnel the node opens ([`tunnel`]).
 
 pub mod auth;
 pub mod channel;
@@ -14,3 +16,4 @@ pub mod server;
 pub mod spdy;
 pub mod stats;
 pub mod tls;
+pub mod tunnel;

@@ -39,7 +39,7 @@ pub enum ServingCert {
     /// Generated on first start for these names and addresses, kept in `dir`.
     SelfSigned { dir: PathBuf, names: Vec<String> },
     /// Signed by the cluster and renewed while serving (see `csr`).
-    Renewed(Arc<super::csr::ServingCertResolver>),
+    Renewed(Arc<super::csr::CertSlot>),
 }
 
 /// The server configuration: the serving certificate, and client certificates checked
