@@ -176,7 +176,7 @@ fn the_join_token_the_chart_generates_is_one_agents_take_and_the_node_may_use_it
     );
     let role = objects
         .iter()
-        .find(|o| o["kind"] == "Role")
+        .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "beemesh-trust")
         .expect("the trust Role");
     assert_eq!(role["rules"][0]["resourceNames"][0], "beemesh-trust");
     assert_eq!(
@@ -199,4 +199,62 @@ fn the_private_mesh_key_the_chart_generates_is_one_peers_load() {
     std::fs::write(&path, &key.0).expect("write");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).expect("chmod");
     beemesh::trust::load_psk_file(&path).expect("a pre-shared key the mesh loads");
+}
+
+/// The k3s tunnel's client certificate is approved by the cluster's approver (the
+/// nodeclient ClusterRole); `approve` on its signer only when self-approval is asked for.
+#[test]
+fn the_tunnel_is_approved_by_the_cluster_unless_self_approval_is_asked_for() {
+    let signers = |objects: &[Value]| -> Vec<String> {
+        let role = objects
+            .iter()
+            .find(|o| o["kind"] == "ClusterRole")
+            .expect("the node's ClusterRole");
+        role["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .filter(|rule| rule["resources"][0] == "signers")
+            .flat_map(|rule| {
+                rule["resourceNames"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|name| name.as_str().map(str::to_string))
+            .collect()
+    };
+    let defaults = render(&chart_dir().join("ci/default-values.yaml"));
+    assert_eq!(signers(&defaults), ["kubernetes.io/kubelet-serving"]);
+    let binding = defaults
+        .iter()
+        .find(|o| {
+            o["kind"] == "ClusterRoleBinding" && o["metadata"]["name"] == "beemesh-nodeclient"
+        })
+        .expect("the nodeclient binding");
+    assert_eq!(
+        binding["roleRef"]["name"],
+        "system:certificates.k8s.io:certificatesigningrequests:nodeclient"
+    );
+    assert_eq!(binding["subjects"][0]["name"], "beemesh");
+    let text = serde_json::to_string(&defaults).expect("json");
+    assert!(text.contains("\"--k3s-tunnel=auto\""), "{text}");
+    // The API servers' addresses: the one Endpoints object, read-only.
+    let apiservers = defaults
+        .iter()
+        .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "beemesh-apiservers")
+        .expect("the apiservers Role");
+    assert_eq!(apiservers["metadata"]["namespace"], "default");
+    assert_eq!(
+        apiservers["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["endpoints"], "resourceNames": ["kubernetes"], "verbs": ["get"]}])
+    );
+    let asked = render(&chart_dir().join("ci/tunnel-self-approve-values.yaml"));
+    assert_eq!(
+        signers(&asked),
+        [
+            "kubernetes.io/kubelet-serving",
+            "kubernetes.io/kube-apiserver-client-kubelet"
+        ]
+    );
 }
