@@ -50,6 +50,9 @@ use warp::{Filter, Reply as _};
 
 mod kubelet_proxy;
 mod pki;
+mod tunnel;
+
+pub use tunnel::{TunnelConn, TunnelMessage};
 
 /// How many events a watch can resume from; older resourceVersions get 410.
 const HISTORY: usize = 1000;
@@ -106,6 +109,13 @@ const RESOURCES: &[Resource] = &[
         version: "v1",
         plural: "secrets",
         kind: "Secret",
+        namespaced: true,
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "endpoints",
+        kind: "Endpoints",
         namespaced: true,
     },
     Resource {
@@ -238,6 +248,10 @@ struct Store {
     token_users: BTreeMap<String, TokenUser>,
     pki: Arc<pki::Pki>,
     grants: u64,
+    /// k3s mode, or None for the plain fake.
+    mode: Option<K3sRouting>,
+    /// Test-only: the lifetime of kubelet client certificates, overriding the signer's.
+    client_cert_ttl: Option<i64>,
 }
 
 /// What TokenReview says of a token.
@@ -272,10 +286,17 @@ pub struct IssuedToken {
 
 /// The fake server; stops when dropped.
 pub struct FakeApiServer {
+    /// The first listener's address.
     pub addr: SocketAddr,
     store: Arc<Mutex<Store>>,
     stop: CancellationToken,
     pki: Arc<pki::Pki>,
+    /// k3s mode, or None for the plain fake.
+    mode: Option<K3sRouting>,
+    /// What agents sent on their tunnel sessions, all frontends.
+    tunnel_log: Arc<tunnel::TunnelLog>,
+    /// The listeners: the first, then those `add_frontend` added.
+    frontends: Mutex<Vec<Arc<Frontend>>>,
 }
 
 impl Drop for FakeApiServer {
@@ -610,7 +631,7 @@ fn strategic_merge_patch(target: &mut Value, patch: &Value) {
 }
 
 impl Store {
-    fn new(pki: Arc<pki::Pki>) -> Store {
+    fn new(pki: Arc<pki::Pki>, mode: Option<K3sRouting>) -> Store {
         let (events, _) = broadcast::channel(4096);
         let mut store = Store {
             rv: 1,
@@ -623,6 +644,8 @@ impl Store {
             token_users: BTreeMap::new(),
             pki,
             grants: 0,
+            mode,
+            client_cert_ttl: None,
         };
         store.token_users.insert(
             ADMIN_TOKEN.to_string(),
@@ -647,7 +670,8 @@ impl Store {
     /// k3s, the client CA kubelets verify API clients with) and the RBAC objects the
     /// fake's own kubelet client identity relies on (bootstrap policy's
     /// `system:kubelet-api-admin`, bound to User kube-apiserver as k3s does) plus
-    /// `cluster-admin` for `system:masters`.
+    /// `cluster-admin` for `system:masters`, and bootstrap policy's two ClusterRoles the
+    /// csrapproving controller checks (`...:nodeclient`, `...:selfnodeclient`; unbound).
     fn bootstrap(&mut self) {
         let cm = Resource::find("", "v1", "configmaps").expect("configmaps");
         let client_ca = self.pki.client_ca_pem();
@@ -701,6 +725,25 @@ impl Store {
                 ],
             }),
         );
+        // plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go.
+        for which in ["nodeclient", "selfnodeclient"] {
+            let _ = self.create(
+                &rbac("clusterroles"),
+                "",
+                json!({
+                    "metadata": {
+                        "name": format!("system:certificates.k8s.io:certificatesigningrequests:{which}"),
+                        "labels": bootstrap,
+                        "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"},
+                    },
+                    "rules": [{
+                        "apiGroups": ["certificates.k8s.io"],
+                        "resources": [format!("certificatesigningrequests/{which}")],
+                        "verbs": ["create"],
+                    }],
+                }),
+            );
+        }
         let _ = self.create(
             &rbac("clusterrolebindings"),
             "",
@@ -829,9 +872,12 @@ impl Store {
         if resource.plural == "secrets" {
             fold_string_data(&mut object);
         }
-        let stored = self.record("ADDED", key, object);
+        let stored = self.record("ADDED", key.clone(), object);
         if resource.plural == "pods" || resource.plural == "nodes" {
             self.schedule();
+        }
+        if Store::certificate_related(&key) {
+            self.certificate_controllers();
         }
         if resource.plural == "namespaces" {
             self.namespace_controllers(&name);
@@ -1282,117 +1328,531 @@ fn discovery(path: &str) -> Option<Value> {
     })
 }
 
-impl FakeApiServer {
-    pub async fn start() -> FakeApiServer {
-        let pki = Arc::new(pki::Pki::new());
-        let store = Arc::new(Mutex::new(Store::new(pki.clone())));
-        let stop = CancellationToken::new();
-        let handler_store = store.clone();
-        let route = warp::method()
-            .and(warp::path::full())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::header::optional::<String>("content-type"))
-            .and(warp::header::optional::<String>("accept"))
-            .and(warp::header::optional::<String>("user-agent"))
-            .and(warp::header::optional::<String>("authorization"))
-            .and(warp::body::bytes())
-            .then(
-                move |method: warp::http::Method,
-                      path: warp::path::FullPath,
-                      query: String,
-                      content_type: Option<String>,
-                      accept: Option<String>,
-                      user_agent: Option<String>,
-                      authorization: Option<String>,
-                      body: warp::hyper::body::Bytes| {
-                    let store = handler_store.clone();
-                    async move {
-                        let request = Request {
-                            method,
-                            path: path.as_str().to_string(),
-                            query,
-                            content_type,
-                            accept,
-                            user_agent: user_agent.unwrap_or_default(),
-                            bearer: authorization
-                                .as_deref()
-                                .and_then(|a| a.strip_prefix("Bearer "))
-                                .map(|t| t.trim().to_string()),
-                            body: body.to_vec(),
-                        };
-                        let mut warnings = vec![];
-                        let mut reply =
-                            route(store, request, &mut warnings).unwrap_or_else(ApiError::reply);
-                        for warning in warnings {
-                            // RFC 7234 warn-code 299, the text quoted.
-                            let text = format!(
-                                "299 - \"{}\"",
-                                warning.replace('\\', "\\\\").replace('"', "\\\"")
-                            );
-                            if let Ok(value) = warp::http::HeaderValue::from_str(&text) {
-                                reply.headers_mut().append("warning", value);
-                            }
+/// One listener: the plain fake's, or one k3s server of the control plane (HTTPS, with
+/// its own tunnel server).
+pub(crate) struct Frontend {
+    addr: SocketAddr,
+    mode: Option<K3sRouting>,
+    tunnel: Arc<tunnel::TunnelServer>,
+}
+
+/// Who a verified client certificate authenticates as.
+#[derive(Debug, Clone)]
+struct ClientIdentity {
+    user: String,
+    groups: Vec<String>,
+}
+
+/// The API itself, as warp filters.
+fn api_filter(
+    store: Arc<Mutex<Store>>,
+) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<String>("accept"))
+        .and(warp::header::optional::<String>("user-agent"))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::ext::optional::<ClientIdentity>())
+        .and(warp::body::bytes())
+        .then(
+            move |method: warp::http::Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  content_type: Option<String>,
+                  accept: Option<String>,
+                  user_agent: Option<String>,
+                  authorization: Option<String>,
+                  identity: Option<ClientIdentity>,
+                  body: warp::hyper::body::Bytes| {
+                let store = store.clone();
+                async move {
+                    let request = Request {
+                        method,
+                        path: path.as_str().to_string(),
+                        query,
+                        content_type,
+                        accept,
+                        user_agent: user_agent.unwrap_or_default(),
+                        bearer: authorization
+                            .as_deref()
+                            .and_then(|a| a.strip_prefix("Bearer "))
+                            .map(|t| t.trim().to_string()),
+                        identity,
+                        body: body.to_vec(),
+                    };
+                    let mut warnings = vec![];
+                    let mut reply =
+                        route(store, request, &mut warnings).unwrap_or_else(ApiError::reply);
+                    for warning in warnings {
+                        // RFC 7234 warn-code 299, the text quoted.
+                        let text = format!(
+                            "299 - \"{}\"",
+                            warning.replace('\\', "\\\\").replace('"', "\\\"")
+                        );
+                        if let Ok(value) = warp::http::HeaderValue::from_str(&text) {
+                            reply.headers_mut().append("warning", value);
                         }
-                        reply
                     }
+                    reply
+                }
+            },
+        )
+}
+
+/// Starts serving one listener until `stop`.
+fn spawn_frontend(
+    listener: tokio::net::TcpListener,
+    store: &Arc<Mutex<Store>>,
+    pki: &Arc<pki::Pki>,
+    mode: Option<K3sRouting>,
+    log: &Arc<tunnel::TunnelLog>,
+    stop: &CancellationToken,
+) -> Arc<Frontend> {
+    let addr = listener.local_addr().expect("addr");
+    let frontend = Arc::new(Frontend {
+        addr,
+        mode,
+        tunnel: Arc::new(tunnel::TunnelServer::new(log.clone())),
+    });
+    let service =
+        hyper_util::service::TowerToHyperService::new(warp::service(api_filter(store.clone())));
+    let tls = mode.map(|_| tokio_rustls::TlsAcceptor::from(pki.server_config()));
+    let until = stop.clone();
+    let store = store.clone();
+    let kubelet_tls = pki.kubelet_tls.clone();
+    let serving = frontend.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = until.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
                 },
+            };
+            let connection = Connection {
+                service: service.clone(),
+                store: store.clone(),
+                kubelet_tls: kubelet_tls.clone(),
+                frontend: serving.clone(),
+                peer,
+                identity: None,
+                stop: until.clone(),
+            };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    None => connection.serve(tcp).await,
+                    Some(acceptor) => {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                                .await
+                        else {
+                            return;
+                        };
+                        let identity = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(|der| pki::certificate_user(der))
+                            .map(|(user, groups)| ClientIdentity { user, groups });
+                        Connection {
+                            identity,
+                            ..connection
+                        }
+                        .serve(stream)
+                        .await
+                    }
+                }
+            });
+        }
+    });
+    frontend
+}
+
+/// One client connection to a frontend.
+struct Connection<S> {
+    service: S,
+    store: Arc<Mutex<Store>>,
+    kubelet_tls: Arc<rustls::ClientConfig>,
+    frontend: Arc<Frontend>,
+    peer: SocketAddr,
+    identity: Option<ClientIdentity>,
+    stop: CancellationToken,
+}
+
+impl<S> Connection<S>
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = Reply,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// hyper serves warp's filters, the agent tunnel, and the pod subresources that are
+    /// proxied to kubelets (which need the raw request to pass an upgrade through).
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            service,
+            store,
+            kubelet_tls,
+            frontend,
+            peer,
+            identity,
+            stop,
+        } = self;
+        let until = stop.clone();
+        let handler = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let service = service.clone();
+                let store = store.clone();
+                let tls = kubelet_tls.clone();
+                let frontend = frontend.clone();
+                let identity = identity.clone();
+                let stop = stop.clone();
+                async move {
+                    if let Some(identity) = &identity {
+                        request.extensions_mut().insert(identity.clone());
+                    }
+                    if frontend.mode.is_some() && request.uri().path() == "/v1-k3s/connect" {
+                        return Ok(tunnel_connect(&store, &frontend, identity, request, stop));
+                    }
+                    match kubelet_proxy::connect_target(request.uri().path()) {
+                        Some(target) => Ok::<_, std::convert::Infallible>(
+                            kubelet_proxy::handle(store, tls, frontend, request, peer, target)
+                                .await,
+                        ),
+                        None => hyper::service::Service::call(&service, request).await,
+                    }
+                }
+            },
+        );
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(io), handler)
+            .with_upgrades();
+        tokio::select! {
+            _ = connection => {}
+            _ = until.cancelled() => {}
+        }
+    }
+}
+
+/// How a k3s server routes the API server's connections to kubelets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum K3sRouting {
+    /// Current k3s (v1.33, `--egress-selector-mode=agent`): the API server dials kubelets
+    /// through the supervisor's HTTP CONNECT proxy (`dialBackend`), which uses an agent's
+    /// tunnel session for a node's kubelet.
+    Agent,
+    /// k3s v1.21: the API server's proxy dialer uses a tunnel session whose client key is
+    /// the host it dials (the address chosen Hostname first), else dials directly.
+    V121,
+}
+
+/// An error from the k3s supervisor or its tunnel server: current k3s sends a Status
+/// (`util.SendError`, with `Connection: close`); v1.21 sent remotedialer's
+/// `DefaultErrorWriter` text, and its auth middleware only a status code.
+fn supervisor_error(mode: K3sRouting, code: u16, message: &str) -> Reply {
+    match mode {
+        K3sRouting::Agent => {
+            let reason = match code {
+                400 => "BadRequest",
+                401 => "Unauthorized",
+                403 => "Forbidden",
+                405 => "MethodNotAllowed",
+                _ => "InternalError",
+            };
+            let mut reply = status(code, reason, message.to_string(), None).reply();
+            reply.headers_mut().insert(
+                warp::http::header::CONNECTION,
+                warp::http::HeaderValue::from_static("close"),
             );
+            reply
+        }
+        K3sRouting::V121 => {
+            let body = if code == 403 {
+                String::new()
+            } else {
+                message.to_string()
+            };
+            let mut reply = warp::reply::Response::new(body.into());
+            *reply.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if code != 403 {
+                reply.headers_mut().insert(
+                    warp::http::header::CONTENT_TYPE,
+                    warp::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+            }
+            reply
+        }
+    }
+}
+
+/// `GET /v1-k3s/connect` on a k3s server: the supervisor's router sends it through
+/// `auth.HasRole(system:nodes)` (403 "forbidden" for anyone else, unauthenticated
+/// included), then to remotedialer's `Server.ServeHTTP`: k3s's `authorizer` accepts
+/// users named `system:node:NAME` with client key NAME (401 "failed authentication"
+/// otherwise), gorilla's upgrader checks the handshake, and the WebSocket becomes a
+/// server session for that key.
+fn tunnel_connect(
+    store: &Arc<Mutex<Store>>,
+    frontend: &Arc<Frontend>,
+    identity: Option<ClientIdentity>,
+    mut request: hyper::Request<hyper::body::Incoming>,
+    stop: CancellationToken,
+) -> Reply {
+    let mode = frontend.mode.unwrap_or(K3sRouting::Agent);
+    // The supervisor's authenticator: the client certificate, else a bearer token.
+    let user = identity.map(|i| (i.user, i.groups)).or_else(|| {
+        let bearer = request
+            .headers()
+            .get(warp::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string())?;
+        let store = store.lock().expect("store");
+        store
+            .token_users
+            .get(&bearer)
+            .map(|u| (u.username.clone(), u.groups.clone()))
+    });
+    let Some((name, _)) = user.filter(|(_, groups)| groups.iter().any(|g| g == "system:nodes"))
+    else {
+        return supervisor_error(mode, 403, "forbidden");
+    };
+    let Some(node) = name.strip_prefix("system:node:").map(str::to_string) else {
+        return supervisor_error(mode, 401, "failed authentication");
+    };
+    // gorilla/websocket Upgrader.Upgrade, in its order.
+    let headers = request.headers();
+    let has_token = |name: warp::http::header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    const NOT_WEBSOCKET: &str = "websocket: the client is not using the websocket protocol: ";
+    if !has_token(warp::http::header::CONNECTION, "upgrade") {
+        return supervisor_error(
+            mode,
+            400,
+            &format!("{NOT_WEBSOCKET}'upgrade' token not found in 'Connection' header"),
+        );
+    }
+    if !has_token(warp::http::header::UPGRADE, "websocket") {
+        return supervisor_error(
+            mode,
+            400,
+            &format!("{NOT_WEBSOCKET}'websocket' token not found in 'Upgrade' header"),
+        );
+    }
+    if request.method() != warp::http::Method::GET {
+        return supervisor_error(
+            mode,
+            405,
+            &format!("{NOT_WEBSOCKET}request method is not GET"),
+        );
+    }
+    if !has_token(warp::http::header::SEC_WEBSOCKET_VERSION, "13") {
+        return supervisor_error(
+            mode,
+            400,
+            "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header",
+        );
+    }
+    let key = headers
+        .get(warp::http::header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| pki::base64_decode(k).is_some_and(|b| b.len() == 16))
+        .map(str::to_string);
+    let Some(key) = key else {
+        return supervisor_error(
+            mode,
+            400,
+            "websocket: not a websocket handshake: 'Sec-WebSocket-Key' header must be Base64 encoded value of 16-byte length",
+        );
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut request);
+    let tunnel = frontend.tunnel.clone();
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            tunnel
+                .serve(node, hyper_util::rt::TokioIo::new(upgraded), stop)
+                .await;
+        }
+    });
+    let mut reply = warp::reply::Response::new(String::new().into());
+    *reply.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = reply.headers_mut();
+    headers.insert(
+        warp::http::header::UPGRADE,
+        warp::http::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        warp::http::header::CONNECTION,
+        warp::http::HeaderValue::from_static("Upgrade"),
+    );
+    headers.insert(
+        warp::http::header::SEC_WEBSOCKET_ACCEPT,
+        warp::http::HeaderValue::from_str(&accept).expect("accept key"),
+    );
+    reply
+}
+
+/// What `/version` answers on a k3s server. Only the fields the fake knows for sure are
+/// filled; commit and build date stay empty.
+fn k3s_version(mode: K3sRouting) -> Value {
+    let (minor, git_version) = match mode {
+        K3sRouting::Agent => ("33", "v1.33.4+k3s1"),
+        K3sRouting::V121 => ("21", "v1.21.2+k3s1"),
+    };
+    json!({
+        "major": "1",
+        "minor": minor,
+        "gitVersion": git_version,
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "",
+        "goVersion": "",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    })
+}
+
+impl FakeApiServer {
+    /// The fake as a plain HTTP API server (no TLS, no tunnel).
+    pub async fn start() -> FakeApiServer {
+        FakeApiServer::launch(None).await
+    }
+
+    /// The fake as a k3s server: HTTPS (a serving certificate for 127.0.0.1 and localhost
+    /// from the cluster CA; client certificates optional, verified against the client CA
+    /// when offered), the agent tunnel at `/v1-k3s/connect`, kubelet requests routed
+    /// through agents' tunnel sessions as `mode` says, a k3s `/version`, and the
+    /// `default/kubernetes` Endpoints naming this listener.
+    pub async fn start_k3s(mode: K3sRouting) -> FakeApiServer {
+        FakeApiServer::launch(Some(mode)).await
+    }
+
+    async fn launch(mode: Option<K3sRouting>) -> FakeApiServer {
+        let pki = Arc::new(pki::Pki::new());
+        let store = Arc::new(Mutex::new(Store::new(pki.clone(), mode)));
+        let stop = CancellationToken::new();
+        let log = Arc::new(tunnel::TunnelLog::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let until = stop.clone();
-        let service = hyper_util::service::TowerToHyperService::new(warp::service(route));
-        let proxy_store = store.clone();
-        let kubelet_tls = pki.kubelet_tls.clone();
-        // hyper serves warp's filters, and the pod subresources that are proxied to
-        // kubelets (which need the raw request to pass an upgrade through).
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = until.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(_) => continue,
-                    },
-                };
-                let service = service.clone();
-                let store = proxy_store.clone();
-                let tls = kubelet_tls.clone();
-                let until = until.clone();
-                tokio::spawn(async move {
-                    let handler = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let service = service.clone();
-                            let store = store.clone();
-                            let tls = tls.clone();
-                            async move {
-                                match kubelet_proxy::connect_target(request.uri().path()) {
-                                    Some(target) => Ok::<_, std::convert::Infallible>(
-                                        kubelet_proxy::handle(store, tls, request, peer, target)
-                                            .await,
-                                    ),
-                                    None => hyper::service::Service::call(&service, request).await,
-                                }
-                            }
-                        },
-                    );
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), handler)
-                        .with_upgrades();
-                    tokio::select! {
-                        _ = connection => {}
-                        _ = until.cancelled() => {}
-                    }
-                });
-            }
-        });
+        let frontend = spawn_frontend(listener, &store, &pki, mode, &log, &stop);
+        if mode.is_some() {
+            store
+                .lock()
+                .expect("store")
+                .add_api_endpoint(frontend.addr.port());
+        }
         FakeApiServer {
-            addr,
+            addr: frontend.addr,
             store,
             stop,
             pki,
+            mode,
+            tunnel_log: log,
+            frontends: Mutex::new(vec![frontend]),
         }
+    }
+
+    /// k3s mode only: another server of an HA control plane. A second HTTPS listener
+    /// sharing this one's store but with its own tunnel server (a kubelet request
+    /// arriving here dials through the sessions agents opened here); its address is
+    /// added to the `default/kubernetes` Endpoints. Returns its URL.
+    pub fn add_frontend(&self) -> String {
+        assert!(self.mode.is_some(), "add_frontend: k3s mode only");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let frontend = spawn_frontend(
+            listener,
+            &self.store,
+            &self.pki,
+            self.mode,
+            &self.tunnel_log,
+            &self.stop,
+        );
+        self.store
+            .lock()
+            .expect("store")
+            .add_api_endpoint(frontend.addr.port());
+        let url = format!("https://{}", frontend.addr);
+        self.frontends.lock().expect("frontends").push(frontend);
+        url
+    }
+
+    fn frontends(&self) -> Vec<Arc<Frontend>> {
+        self.frontends.lock().expect("frontends").clone()
+    }
+
+    /// Test hook: the live tunnel sessions of `node` (the client key, the node name),
+    /// over all frontends.
+    pub fn tunnel_sessions(&self, node: &str) -> usize {
+        self.frontends().iter().map(|f| f.tunnel.count(node)).sum()
+    }
+
+    /// Test hook: ends every tunnel session on every frontend abruptly, as a server
+    /// crash does: the TCP connections close, no WebSocket close frame is sent.
+    pub fn drop_tunnel_sessions(&self) {
+        for frontend in self.frontends() {
+            frontend.tunnel.drop_all();
+        }
+    }
+
+    /// Test hook: a connection to `tcp/<address>` through the node's first session (on
+    /// the first frontend that has one), as the server's tunnel dialer opens it.
+    pub async fn tunnel_dial(&self, node: &str, address: &str) -> Result<TunnelConn, String> {
+        for frontend in self.frontends() {
+            if frontend.tunnel.first(node).is_some() {
+                return frontend.tunnel.dial(node, "tcp", address).await;
+            }
+        }
+        Err(format!("failed to find Session for client {node}"))
+    }
+
+    /// Test hook: sends one raw binary WebSocket message on the node's first session.
+    pub async fn tunnel_send_raw(&self, node: &str, frame: Vec<u8>) -> Result<(), String> {
+        for frontend in self.frontends() {
+            if frontend.tunnel.first(node).is_some() {
+                return frontend.tunnel.send_raw(node, frame).await;
+            }
+        }
+        Err(format!("failed to find Session for client {node}"))
+    }
+
+    /// Test hook: every message the server received on the node's sessions (all
+    /// frontends), decoded, oldest first; the last [`tunnel::LOG_LIMIT`] are kept.
+    pub fn tunnel_log(&self, node: &str) -> Vec<TunnelMessage> {
+        self.tunnel_log.of(node)
+    }
+
+    /// Test-only knob, not a real API server setting: the lifetime (seconds) of the
+    /// certificates the `kubernetes.io/kube-apiserver-client-kubelet` signer issues from
+    /// now on, whatever `expirationSeconds` asks (a real signer never goes below 10
+    /// minutes; this lets tests see short-lived client certificates expire). `None`
+    /// restores the real rule.
+    pub fn set_client_cert_ttl(&self, seconds: Option<i64>) {
+        self.store.lock().expect("store").client_cert_ttl = seconds;
     }
 
     /// The cluster CA (PEM): what signs kubelet serving certificates (the
@@ -1446,15 +1906,27 @@ impl FakeApiServer {
         );
     }
 
+    /// `http://` for the plain fake, `https://` in k3s mode.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.mode {
+            None => format!("http://{}", self.addr),
+            Some(_) => format!("https://{}", self.addr),
+        }
     }
 
     /// Writes a kubeconfig pointing at this server and returns its path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
         let path = dir.join("kubeconfig");
+        // k3s mode: the cluster CA, so kubectl and kube-rs trust the serving certificate.
+        let ca = match self.mode {
+            None => String::new(),
+            Some(_) => format!(
+                ", certificate-authority-data: \"{}\"",
+                pki::base64_encode(self.cluster_ca_pem().as_bytes())
+            ),
+        };
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\nusers:\n- name: tester\n  user: {{token: fake-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: tester, namespace: default}}\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"{ca}}}\nusers:\n- name: tester\n  user: {{token: fake-token}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: tester, namespace: default}}\ncurrent-context: fake\n",
             self.url()
         );
         std::fs::write(&path, text).expect("write kubeconfig");
@@ -1504,6 +1976,8 @@ struct Request {
     user_agent: String,
     /// The bearer token sent, if any.
     bearer: Option<String>,
+    /// The verified client certificate's user (k3s mode), if any.
+    identity: Option<ClientIdentity>,
     body: Vec<u8>,
 }
 
@@ -1520,9 +1994,14 @@ fn route(
         accept,
         user_agent,
         bearer,
+        identity,
         body,
     } = request;
     if method == warp::http::Method::GET {
+        let mode = store.lock().expect("store").mode;
+        if let (Some(mode), "/version") = (mode, path.trim_end_matches('/')) {
+            return Ok(reply_json(200, &k3s_version(mode)));
+        }
         if let Some(doc) = discovery(&path) {
             return Ok(reply_json(200, &doc));
         }
@@ -1574,7 +2053,7 @@ fn route(
             format!("{kind} in version \"v1\" cannot be handled as a {kind}: {e}")
         })?;
         let mut store = store.lock().expect("store");
-        let requester = store.requester(bearer.as_deref());
+        let requester = store.requester(identity.as_ref(), bearer.as_deref());
         csr_prepare_create(&mut object, &requester)?;
         let created = store.create(&target.resource, "", object)?;
         return Ok(reply_json(201, &created));
@@ -1804,9 +2283,9 @@ fn update(
     if target.resource.plural == "nodes" {
         store.schedule();
     }
-    if target.resource.plural == "certificatesigningrequests" {
-        // The csrsigning controller, at once.
-        store.sign_csr(&key);
+    if Store::certificate_related(&key) {
+        // The csrapproving and csrsigning controllers, at once.
+        store.certificate_controllers();
     }
     Ok(reply_json(200, &updated))
 }
@@ -2834,9 +3313,23 @@ fn go_bytes(bytes: &[u8]) -> String {
 }
 
 impl Store {
-    /// Who a request's bearer token authenticates as (the fake does not refuse anyone:
-    /// without a known token a request is anonymous but still served).
-    fn requester(&self, bearer: Option<&str>) -> TokenUser {
+    /// Who a request authenticates as (the fake does not refuse anyone: without a
+    /// known credential a request is anonymous but still served): a verified client
+    /// certificate first (kube-apiserver's x509 authenticator comes before tokens; CN the
+    /// user, O the groups, plus system:authenticated), then the bearer token.
+    fn requester(&self, identity: Option<&ClientIdentity>, bearer: Option<&str>) -> TokenUser {
+        if let Some(identity) = identity {
+            let mut groups = identity.groups.clone();
+            groups.push("system:authenticated".into());
+            return TokenUser {
+                username: identity.user.clone(),
+                uid: String::new(),
+                groups,
+                audiences: vec![],
+                expires: 0,
+                extra: Map::new(),
+            };
+        }
         bearer
             .and_then(|t| self.token_users.get(t))
             .cloned()
@@ -2850,12 +3343,123 @@ impl Store {
             })
     }
 
-    /// The csrsigning controller for `kubernetes.io/kubelet-serving`
-    /// (pkg/controller/certificates/signer): an Approved, not Failed, unsigned request is
-    /// checked with `ValidateKubeletServingCSR` (a Failed condition, reason
-    /// SignerValidationFailure, when it fails) and signed with the cluster CA.
+    /// Whether a write can change what the certificate controllers do: a CSR, or an RBAC
+    /// object (the approver's SubjectAccessReviews read them).
+    fn certificate_related(key: &Key) -> bool {
+        key.plural == "certificatesigningrequests" || key.group == "rbac.authorization.k8s.io"
+    }
+
+    /// kube-controller-manager's csrapproving and csrsigning controllers, run at once
+    /// after every write to a CSR or an RBAC object (a real controller retries a CSR it
+    /// did not approve; here it is looked at again on those writes).
+    fn certificate_controllers(&mut self) {
+        let keys: Vec<Key> = self
+            .objects
+            .keys()
+            .filter(|k| {
+                k.group == "certificates.k8s.io" && k.plural == "certificatesigningrequests"
+            })
+            .cloned()
+            .collect();
+        for key in keys {
+            self.approve_csr(&key);
+            self.sign_csr(&key);
+        }
+    }
+
+    /// The csrapproving controller (pkg/controller/certificates/approver/sarapprove.go):
+    /// a CSR without certificate and without an Approved or Denied condition that is a
+    /// kubelet client request (`kubernetes.io/kube-apiserver-client-kubelet`,
+    /// `IsKubeletClientCSR`) is approved (reason AutoApproved) if a SubjectAccessReview
+    /// for its requester allows `create` on `certificatesigningrequests/selfnodeclient`
+    /// (when the requester is the CN) or, failing that, `.../nodeclient`. Otherwise it
+    /// stays pending.
+    fn approve_csr(&mut self, key: &Key) {
+        let Some(mut csr) = self.objects.get(key).cloned() else {
+            return;
+        };
+        if csr["status"]["certificate"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            return;
+        }
+        let decided = csr["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Approved" || c["type"] == "Denied")
+        });
+        if decided || csr["spec"]["signerName"] != KUBELET_CLIENT_SIGNER {
+            return;
+        }
+        let request = pki::base64_decode(csr["spec"]["request"].as_str().unwrap_or_default())
+            .unwrap_or_default();
+        let Ok(parsed) = pki::parse_csr(&request) else {
+            return;
+        };
+        if validate_kubelet_client(&parsed, &strings(&csr["spec"]["usages"])).is_err() {
+            return;
+        }
+        let username = csr["spec"]["username"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let recognizers = [
+            (
+                "selfnodeclient",
+                username == parsed.common_name,
+                "Auto approving self kubelet client certificate after SubjectAccessReview.",
+            ),
+            (
+                "nodeclient",
+                true,
+                "Auto approving kubelet client certificate after SubjectAccessReview.",
+            ),
+        ];
+        for (subresource, recognized, message) in recognizers {
+            if !recognized {
+                continue;
+            }
+            let attrs = Attributes {
+                user: username.clone(),
+                groups: strings(&csr["spec"]["groups"]),
+                verb: "create".into(),
+                namespace: String::new(),
+                group: "certificates.k8s.io".into(),
+                resource: "certificatesigningrequests".into(),
+                subresource: subresource.into(),
+                name: String::new(),
+                path: None,
+            };
+            if !self.authorize(&attrs).0 {
+                continue;
+            }
+            let now = now();
+            if !csr["status"]["conditions"].is_array() {
+                csr["status"]["conditions"] = json!([]);
+            }
+            if let Some(conditions) = csr["status"]["conditions"].as_array_mut() {
+                conditions.push(json!({
+                    "type": "Approved",
+                    "status": "True",
+                    "reason": "AutoApproved",
+                    "message": message,
+                    "lastUpdateTime": now,
+                    "lastTransitionTime": now,
+                }));
+            }
+            self.record("MODIFIED", key.clone(), csr);
+            return;
+        }
+    }
+
+    /// The csrsigning controllers (pkg/controller/certificates/signer): an Approved, not
+    /// Failed, unsigned request for `kubernetes.io/kubelet-serving` is checked with
+    /// `ValidateKubeletServingCSR` and signed with the cluster CA; one for
+    /// `kubernetes.io/kube-apiserver-client-kubelet` is checked with
+    /// `ValidateKubeletClientCSR` and signed with the client CA (as k3s points
+    /// `--cluster-signing-kubelet-client-cert-file` at it). A request that fails its
+    /// check gets a Failed condition, reason SignerValidationFailure.
     fn sign_csr(&mut self, key: &Key) {
-        const KUBELET_SERVING: &str = "kubernetes.io/kubelet-serving";
         let Some(mut csr) = self.objects.get(key).cloned() else {
             return;
         };
@@ -2869,25 +3473,23 @@ impl Store {
             || csr["status"]["certificate"]
                 .as_str()
                 .is_some_and(|c| !c.is_empty())
-            || csr["spec"]["signerName"] != KUBELET_SERVING
         {
             return;
         }
+        type Validator = fn(&pki::Csr, &[String]) -> Result<(), String>;
+        let (validate, ca): (Validator, pki::SigningCa) = match csr["spec"]["signerName"].as_str() {
+            Some(KUBELET_SERVING_SIGNER) => (validate_kubelet_serving, pki::SigningCa::Cluster),
+            Some(KUBELET_CLIENT_SIGNER) => (validate_kubelet_client, pki::SigningCa::Client),
+            _ => return,
+        };
         let request = pki::base64_decode(csr["spec"]["request"].as_str().unwrap_or_default())
             .unwrap_or_default();
         let Ok(parsed) = pki::parse_csr(&request) else {
             // The controller logs "unable to parse csr" and retries; nothing changes.
             return;
         };
-        let usages: Vec<String> = csr["spec"]["usages"]
-            .as_array()
-            .map(|u| {
-                u.iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        match validate_kubelet_serving(&parsed, &usages) {
+        let usages = strings(&csr["spec"]["usages"]);
+        match validate(&parsed, &usages) {
             Err(message) => {
                 let now = now();
                 if !csr["status"]["conditions"].is_array() {
@@ -2908,15 +3510,85 @@ impl Store {
                 // --cluster-signing-duration defaults to a year; expirationSeconds may
                 // only shorten it, to no less than 10 minutes.
                 const YEAR: i64 = 8760 * 3600;
-                let ttl = csr["spec"]["expirationSeconds"]
+                let mut ttl = csr["spec"]["expirationSeconds"]
                     .as_i64()
                     .map_or(YEAR, |s| s.clamp(600, YEAR));
-                let pem = self.pki.sign(&parsed, &usages, ttl);
+                if ca == pki::SigningCa::Client {
+                    ttl = self.client_cert_ttl.unwrap_or(ttl);
+                }
+                let pem = self.pki.sign(&parsed, &usages, ttl, ca);
                 csr["status"]["certificate"] = json!(pki::base64_encode(pem.as_bytes()));
             }
         }
         self.record("MODIFIED", key.clone(), csr);
     }
+
+    /// The `default/kubernetes` Endpoints a k3s server's API server maintains: one
+    /// subset per listener (all on 127.0.0.1 here, so each has its own port), port name
+    /// `https`.
+    fn add_api_endpoint(&mut self, port: u16) {
+        let resource = Resource::find("", "v1", "endpoints").expect("endpoints");
+        let key = Store::key(&resource, "default", "kubernetes");
+        let subset = json!({
+            "addresses": [{"ip": "127.0.0.1"}],
+            "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        });
+        match self.objects.get(&key).cloned() {
+            Some(mut endpoints) => {
+                if let Some(subsets) = endpoints["subsets"].as_array_mut() {
+                    subsets.push(subset);
+                }
+                self.record("MODIFIED", key, endpoints);
+            }
+            None => {
+                let _ = self.create(
+                    &resource,
+                    "default",
+                    json!({
+                        "metadata": {
+                            "name": "kubernetes",
+                            "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"},
+                        },
+                        "subsets": [subset],
+                    }),
+                );
+            }
+        }
+    }
+}
+
+const KUBELET_SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+const KUBELET_CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+
+/// `ValidateKubeletClientCSR` (pkg/apis/certificates/helpers.go), in its order, with the
+/// messages of the releases the fake follows (newer ones say "Email" and drop the quotes).
+fn validate_kubelet_client(csr: &pki::Csr, usages: &[String]) -> Result<(), String> {
+    if csr.organizations != ["system:nodes"] {
+        return Err("subject organization is not system:nodes".into());
+    }
+    if !csr.dns_names.is_empty() {
+        return Err("DNS subjectAltNames are not allowed".into());
+    }
+    if !csr.emails.is_empty() {
+        return Err("email subjectAltNames are not allowed".into());
+    }
+    if !csr.ip_addresses.is_empty() {
+        return Err("IP subjectAltNames are not allowed".into());
+    }
+    if !csr.uris.is_empty() {
+        return Err("URI subjectAltNames are not allowed".into());
+    }
+    if !csr.common_name.starts_with("system:node:") {
+        return Err("subject common name does not begin with 'system:node:'".into());
+    }
+    let set: std::collections::BTreeSet<&str> = usages.iter().map(String::as_str).collect();
+    let with_rsa =
+        std::collections::BTreeSet::from(["client auth", "digital signature", "key encipherment"]);
+    let without_rsa = std::collections::BTreeSet::from(["client auth", "digital signature"]);
+    if set != with_rsa && set != without_rsa {
+        return Err("usages did not match [client auth digital signature key encipherment]".into());
+    }
+    Ok(())
 }
 
 /// `ValidateKubeletServingCSR` (pkg/apis/certificates/v1/helpers.go), in its order.

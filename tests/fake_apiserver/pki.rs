@@ -3,6 +3,8 @@
 //! `--kubelet-certificate-authority`) and a client CA (what kubelets trust API clients
 //! with, published as `client-ca-file` in kube-system/extension-apiserver-authentication),
 //! and the API server's own kubelet client certificate (CN=kube-apiserver, as recorded).
+//! In k3s mode the fake serves HTTPS with a certificate from the cluster CA and
+//! verifies the client certificates it is offered against the client CA.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -47,6 +49,14 @@ pub(super) struct Pki {
     apiserver_client: (String, String),
     /// TLS to kubelets: trusts the cluster CA, presents `apiserver_client`.
     pub(super) kubelet_tls: Arc<rustls::ClientConfig>,
+}
+
+/// Which CA a signer uses: kube-controller-manager's `--cluster-signing-*` files as k3s
+/// sets them (kubelet-serving: the server CA; kube-apiserver-client-kubelet: the client CA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SigningCa {
+    Cluster,
+    Client,
 }
 
 /// A parsed, signature-checked PKCS#10 request: what the signer and its checks read.
@@ -242,11 +252,82 @@ impl Pki {
         (cert.pem(), key.serialize_pem())
     }
 
-    /// Signs a request with the cluster CA as the csrsigning controller does
+    /// The API server's serving TLS in k3s mode: a certificate for 127.0.0.1 and
+    /// localhost from the cluster CA; client certificates optional, verified against the
+    /// client CA when offered; HTTP/1.1 only.
+    pub(super) fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let key = KeyPair::generate().expect("serving key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        params.subject_alt_names = vec![
+            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+            SanType::DnsName("localhost".to_string().try_into().expect("dns name")),
+            SanType::DnsName("kubernetes".to_string().try_into().expect("dns name")),
+            SanType::DnsName(
+                "kubernetes.default.svc"
+                    .to_string()
+                    .try_into()
+                    .expect("dns name"),
+            ),
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let cert = params
+            .signed_by(&key, &self.cluster.cert, &self.cluster.key)
+            .expect("serving certificate");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.client.cert.der().clone())
+            .expect("client CA as root");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            crypto_provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .expect("client verifier");
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("serving key");
+        let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocols")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![cert.der().clone(), self.cluster.cert.der().clone()],
+                key,
+            )
+            .expect("server config");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// Signs a request as the csrsigning controller does
     /// (k8s.io/kubernetes/pkg/controller/certificates/authority, PermissiveSigningPolicy):
     /// subject and SANs from the request, the CSR object's usages, not a CA, 5 minutes
     /// of backdating (none for lifetimes under 8 h), never past the CA's own expiry.
-    pub(super) fn sign(&self, csr: &Csr, usages: &[String], ttl_seconds: i64) -> String {
+    pub(super) fn sign(
+        &self,
+        csr: &Csr,
+        usages: &[String],
+        ttl_seconds: i64,
+        signer: SigningCa,
+    ) -> String {
+        let ca = match signer {
+            SigningCa::Cluster => &self.cluster,
+            SigningCa::Client => &self.client,
+        };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         for (ty, value) in &csr.subject {
@@ -313,15 +394,33 @@ impl Pki {
         } else {
             params.not_before + ttl
         };
-        let ca_expiry = self.cluster.cert.params().not_after;
+        let ca_expiry = ca.cert.params().not_after;
         if params.not_after > ca_expiry {
             params.not_after = ca_expiry;
         }
         params
-            .signed_by(&csr.public_key, &self.cluster.cert, &self.cluster.key)
+            .signed_by(&csr.public_key, &ca.cert, &ca.key)
             .expect("sign")
             .pem()
     }
+}
+
+/// The user a verified client certificate authenticates as (the x509 authenticator):
+/// its CN, and its O values as groups.
+pub(super) fn certificate_user(der: &[u8]) -> Option<(String, Vec<String>)> {
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(der).ok()?;
+    let mut user = None;
+    let mut groups = vec![];
+    for attr in cert.subject().iter_attributes() {
+        let Ok(value) = attr.as_str() else { continue };
+        match attr.attr_type().to_id_string().as_str() {
+            // Go keeps the last CN.
+            "2.5.4.3" => user = Some(value.to_string()),
+            "2.5.4.10" => groups.push(value.to_string()),
+            _ => {}
+        }
+    }
+    Some((user?, groups))
 }
 
 /// `certificates.ParseCSR` and `CheckSignature`, with Go's messages where the API
