@@ -50,8 +50,9 @@
 //! sessions (`tunnel_sessions`, `tunnel_log`, `tunnel_dial`, `tunnel_send_raw`,
 //! `drop_tunnel_sessions`); `set_client_cert_ttl` is a test-only knob.
 //!
-//! Not a real API server: requests are not authenticated or authorized (a bearer token
-//! only names the requester of a CSR), no validation beyond unknown fields and the CSR
+//! Not a real API server: requests are not authenticated or authorized (a bearer token,
+//! or in k3s mode a client certificate, only names the requester of a CSR; only the
+//! tunnel endpoint refuses anyone), no validation beyond unknown fields and the CSR
 //! and review checks (no required fields, types or immutability elsewhere), no
 //! server-side apply field ownership (apply is a merge), no protobuf bodies (so
 //! `kubectl certificate approve` fails), no aggregated discovery, no /openapi/v2, no
@@ -325,6 +326,9 @@ pub struct FakeApiServer {
     tunnel_log: Arc<tunnel::TunnelLog>,
     /// The listeners: the first, then those `add_frontend` added.
     frontends: Mutex<Vec<Arc<Frontend>>>,
+    /// The runtime the fake was started on, where `add_frontend` starts its listener
+    /// (tests may call it from a thread outside any runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for FakeApiServer {
@@ -1800,6 +1804,7 @@ impl FakeApiServer {
             mode,
             tunnel_log: log,
             frontends: Mutex::new(vec![frontend]),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -1809,6 +1814,7 @@ impl FakeApiServer {
     /// added to the `default/kubernetes` Endpoints. Returns its URL.
     pub fn add_frontend(&self) -> String {
         assert!(self.mode.is_some(), "add_frontend: k3s mode only");
+        let _runtime = self.runtime.enter();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
