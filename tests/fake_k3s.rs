@@ -419,8 +419,9 @@ async fn serving_cert(client: &kube::Client, node: &str, names: &[&str]) -> (Str
     (String::from_utf8(cert.0).expect("pem"), key.serialize_pem())
 }
 
-/// A test kubelet: TLS with the given serving certificate; answers every request with
-/// two log lines; records each request line with the TLS server name it was asked for.
+/// A test kubelet: TLS with the given serving certificate; answers a SPDY upgrade with
+/// 101 and then echoes, any other request with two log lines; records each request line
+/// with the TLS server name it was asked for.
 async fn kubelet(cert: &str, key: &str) -> (u16, Arc<Mutex<Vec<(String, String)>>>) {
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
@@ -456,6 +457,21 @@ async fn kubelet(cert: &str, key: &str) -> (u16, Arc<Mutex<Vec<(String, String)>
                 let text = String::from_utf8_lossy(&head).into_owned();
                 let line = text.lines().next().unwrap_or_default().to_string();
                 log.lock().expect("log").push((line, sni));
+                if text
+                    .to_ascii_lowercase()
+                    .contains("\r\nupgrade: spdy/3.1\r\n")
+                {
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n")
+                        .await;
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
                 let body = "one\ntwo\n";
                 let _ = tls
                     .write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())
@@ -499,10 +515,14 @@ fn bridge(ws: Ws) -> Arc<Mutex<Vec<String>>> {
                     let out = out.clone();
                     let id = received.conn_id;
                     tokio::spawn(async move {
-                        let tcp = match TcpStream::connect(address.unwrap_or_default()).await {
+                        let address = address.unwrap_or_default();
+                        let tcp = match TcpStream::connect(&address).await {
                             Ok(tcp) => tcp,
-                            Err(e) => {
-                                let _ = out.send(frame_error(id, &e.to_string())).await;
+                            Err(_) => {
+                                // As Go's dialer words it.
+                                let text =
+                                    format!("dial tcp {address}: connect: connection refused");
+                                let _ = out.send(frame_error(id, &text)).await;
                                 return;
                             }
                         };
@@ -1064,6 +1084,25 @@ async fn agent_mode_routes_kubelet_requests_through_the_nodes_session() {
             String::new()
         )]
     );
+    // An upgrade through the tunnel: the kubelet's 101, then bytes both ways.
+    let mut raw = tls(server.addr, &server.cluster_ca_pem(), None).await;
+    raw.write_all(b"POST /api/v1/namespaces/default/pods/web/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer fake-token\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = vec![];
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        raw.read_exact(&mut byte).await.expect("head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    raw.write_all(b"through the tunnel").await.expect("write");
+    let mut echo = [0u8; 18];
+    raw.read_exact(&mut echo).await.expect("echo");
+    assert_eq!(&echo, b"through the tunnel");
+    drop(raw);
+    assert_eq!(connects.lock().expect("connects").len(), 2);
     // A node by name goes through its session too: a node whose only address is its
     // name (a Hostname) still reaches the kubelet.
     create(
@@ -1080,7 +1119,35 @@ async fn agent_mode_routes_kubelet_requests_through_the_nodes_session() {
     .await;
     let (ok, out) = run_kubectl(&kubeconfig, &["logs", "named"]).await;
     assert!(ok, "{out}");
-    assert_eq!(connects.lock().expect("connects").len(), 2);
+    assert_eq!(connects.lock().expect("connects").len(), 3);
+    // The agent cannot reach its kubelet: it answers the Connect with an Error, and the
+    // API server, behind the CONNECT proxy, only sees the connection end.
+    let refused = closed_port().await;
+    create(
+        &client,
+        "/api/v1/nodes",
+        node("n9", &[("InternalIP", "127.0.0.1")], refused),
+    )
+    .await;
+    create(
+        &client,
+        "/api/v1/namespaces/default/pods",
+        pod("down", "n9"),
+    )
+    .await;
+    let n9 = server.client_cert("system:node:n9", &["system:nodes"]);
+    let n9_connects = bridge(agent(server.addr, &server.cluster_ca_pem(), &n9).await);
+    wait_sessions(&server, "n9", 1).await;
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/down/log").await;
+    assert_eq!(status.code, 500);
+    assert_eq!(
+        status.message,
+        format!("Get \"https://127.0.0.1:{refused}/containerLogs/default/down/main\": EOF")
+    );
+    assert_eq!(
+        n9_connects.lock().expect("connects").clone(),
+        vec![format!("tcp/127.0.0.1:{refused}")]
+    );
     // An address no node has is dialed directly (and fails as a CONNECT error).
     let gone = closed_port().await;
     create(
@@ -1104,7 +1171,7 @@ async fn agent_mode_routes_kubelet_requests_through_the_nodes_session() {
         "{}",
         status.message
     );
-    assert_eq!(connects.lock().expect("connects").len(), 2);
+    assert_eq!(connects.lock().expect("connects").len(), 3);
 }
 
 #[tokio::test]
@@ -1151,6 +1218,30 @@ async fn v121_routes_by_hostname_through_a_session_named_after_the_host() {
             "GET /containerLogs/default/web/main HTTP/1.1".to_string(),
             name.to_string()
         )]
+    );
+    // The agent cannot reach its kubelet: in-process, the API server reads its Error.
+    let down = "fake-k3s-agent-down";
+    let refused = closed_port().await;
+    create(
+        &client,
+        "/api/v1/nodes",
+        node(down, &[("Hostname", down)], refused),
+    )
+    .await;
+    create(
+        &client,
+        "/api/v1/namespaces/default/pods",
+        pod("down", down),
+    )
+    .await;
+    let identity = server.client_cert(&format!("system:node:{down}"), &["system:nodes"]);
+    let _connects = bridge(agent(server.addr, &server.cluster_ca_pem(), &identity).await);
+    wait_sessions(&server, down, 1).await;
+    let status = get_status(&client, "/api/v1/namespaces/default/pods/down/log").await;
+    assert_eq!(status.code, 500);
+    assert_eq!(
+        status.message,
+        format!("Get \"https://{down}:{refused}/containerLogs/default/down/main\": dial tcp 127.0.0.1:{refused}: connect: connection refused")
     );
 }
 

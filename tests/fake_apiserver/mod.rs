@@ -19,21 +19,50 @@
 //! PKI and the kubelet side (pki.rs, kubelet_proxy.rs): a cluster CA (published in
 //! `kube-root-ca.crt`) and a client CA (published as `client-ca-file` in
 //! kube-system/extension-apiserver-authentication, as recorded); certificates.k8s.io/v1
-//! CertificateSigningRequests with `/approval` and `/status`, and the csrsigning
-//! controller for `kubernetes.io/kubelet-serving` (cluster CA); TokenReview for the
-//! fake's tokens; SubjectAccessReview over stored RBAC objects (`system:masters`
-//! always allowed); and pods' `log`, `exec`, `attach` and `portforward` proxied to the
-//! node's kubelet over TLS (kubelet certificate verified against the cluster CA, client
-//! certificate CN=kube-apiserver from the client CA), upgrades passed through.
+//! CertificateSigningRequests with `/approval` and `/status`; the csrsigning controllers
+//! for `kubernetes.io/kubelet-serving` (cluster CA) and
+//! `kubernetes.io/kube-apiserver-client-kubelet` (client CA, as k3s configures it); the
+//! csrapproving controller, which approves kubelet client requests (reason AutoApproved)
+//! when a SubjectAccessReview lets the requester `create`
+//! `certificatesigningrequests/selfnodeclient` (their own CN) or `.../nodeclient`, run
+//! again on every CSR or RBAC write (bootstrap policy's two ClusterRoles for that exist,
+//! unbound); TokenReview for the fake's tokens; SubjectAccessReview over stored RBAC
+//! objects (`system:masters` always allowed); and pods' `log`, `exec`, `attach` and
+//! `portforward` proxied to the node's kubelet over TLS (kubelet certificate verified
+//! against the cluster CA, client certificate CN=kube-apiserver from the client CA),
+//! upgrades passed through.
 //!
-//! Not a real API server: requests are not authenticated or authorized (a bearer token
-//! only names the requester of a CSR), no validation beyond unknown fields and the CSR
+//! k3s mode ([`FakeApiServer::start_k3s`], tunnel.rs): what a k3s server adds in front
+//! of its API server. HTTPS (certificate for 127.0.0.1 and localhost from the cluster CA;
+//! client certificates optional, verified against the client CA when offered, and then
+//! the requester's identity: CN user, O groups); ALPN http/1.1; a k3s `/version`; the
+//! `default/kubernetes` Endpoints listing each listener; and the agent tunnel at
+//! `GET /v1-k3s/connect`: the supervisor's `HasRole(system:nodes)` (403 "forbidden"),
+//! k3s's authorizer (user `system:node:NAME`, client key NAME; 401 "failed
+//! authentication"), then a rancher/remotedialer server session over the WebSocket.
+//! Kubelet connections go through those sessions as [`K3sRouting`] says: `Agent` as
+//! current k3s's egress selector and supervisor `dialBackend` (a node's kubelet address,
+//! or a node name, through that node's session to `127.0.0.1:PORT`; no session is a
+//! refused CONNECT, which the API server reports as a 500 "proxy error from ... code
+//! 502"), `V121` as k3s v1.21's proxy dialer (Hostname first; a session named after the
+//! host is used, else a direct dial). [`FakeApiServer::add_frontend`] adds another
+//! server sharing the store, with its own sessions. Test hooks show and drive the
+//! sessions (`tunnel_sessions`, `tunnel_log`, `tunnel_dial`, `tunnel_send_raw`,
+//! `drop_tunnel_sessions`); `set_client_cert_ttl` is a test-only knob.
+//!
+//! Not a real API server: requests are not authenticated or authorized (a bearer token,
+//! or in k3s mode a client certificate, only names the requester of a CSR; only the
+//! tunnel endpoint refuses anyone), no validation beyond unknown fields and the CSR
 //! and review checks (no required fields, types or immutability elsewhere), no
 //! server-side apply field ownership (apply is a merge), no protobuf bodies (so
 //! `kubectl certificate approve` fails), no aggregated discovery, no /openapi/v2, no
 //! OpenAPI v3 for the RBAC, certificates and review groups (kubectl's client-side
 //! validation of those kinds fails: use `--validate=false` or kube-rs), no Tables for
-//! kinds other than pods and events, no `pods/proxy`. Clients talk plain HTTP/1.1.
+//! kinds other than pods and events, no `pods/proxy`. Clients talk plain HTTP/1.1
+//! ([`FakeApiServer::start`]) or HTTPS with HTTP/1.1 (k3s mode); the k3s supervisor's
+//! other endpoints (`/v1-k3s/serving-kubelet.crt`, `/cacerts`, HTTP CONNECT, ...) are
+//! not served, and an untrusted client certificate fails the TLS handshake where a Go
+//! server would answer 401.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -297,6 +326,9 @@ pub struct FakeApiServer {
     tunnel_log: Arc<tunnel::TunnelLog>,
     /// The listeners: the first, then those `add_frontend` added.
     frontends: Mutex<Vec<Arc<Frontend>>>,
+    /// The runtime the fake was started on, where `add_frontend` starts its listener
+    /// (tests may call it from a thread outside any runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for FakeApiServer {
@@ -1772,6 +1804,7 @@ impl FakeApiServer {
             mode,
             tunnel_log: log,
             frontends: Mutex::new(vec![frontend]),
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -1781,6 +1814,7 @@ impl FakeApiServer {
     /// added to the `default/kubernetes` Endpoints. Returns its URL.
     pub fn add_frontend(&self) -> String {
         assert!(self.mode.is_some(), "add_frontend: k3s mode only");
+        let _runtime = self.runtime.enter();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");

@@ -10,15 +10,23 @@
 //! agent sends into a read buffer that pauses the agent above [`MAX_BUFFER`] bytes, and
 //! stops writing a connection the agent paused. Anything the server cannot decode, a
 //! text message, and a Connect from the agent (a server session has no connect
-//! authorizer) end the session, as `Session.Serve` returns then.
+//! authorizer) end the session, as `Session.Serve` returns then. So does silence: the
+//! read deadline is 60 s, renewed only by the agent's pings and pongs (wsconn.go).
+//! Back-pressure keeps back_pressure.go's single `paused` flag per connection: the
+//! agent's Pause stops the server's writes, and so does the server's own full read
+//! buffer; any read that leaves less than [`MAX_BUFFER`]/8 buffered while that flag is
+//! set sends Resume and clears it, whoever set it.
 //!
 //! Where the fake differs: after `Serve` returns, remotedialer leaves the hijacked
 //! connection to the garbage collector; the fake closes it at once. Pongs echo the
 //! ping's payload (tungstenite answers pings itself) where gorilla sends an empty one.
 //! The read buffer of one connection is bounded at four times [`MAX_BUFFER`] (the
 //! connection is closed with an error beyond that; remotedialer only logs), a session
-//! queues at most [`QUEUE`] outgoing messages, and a node keeps at most
-//! [`MAX_SESSIONS_PER_NODE`] sessions on one frontend.
+//! queues at most [`QUEUE`] outgoing messages, a node keeps at most
+//! [`MAX_SESSIONS_PER_NODE`] sessions on one frontend, and a WebSocket message may be at
+//! most 64 MiB (tungstenite's default; gorilla sets no limit here). Message IDs count up
+//! per frontend from a time-seeded start (Go: one process-wide counter from a random
+//! start).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
@@ -720,7 +728,11 @@ impl TunnelServer {
         let kill = stop.child_token();
         let session = Arc::new(Session {
             client_key: node.clone(),
-            session_key: self.ids.fetch_add(7919, Ordering::Relaxed).abs(),
+            // sessionManager.add: rand.Int63().
+            session_key: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| (d.as_nanos() as i64).wrapping_mul(6_364_136_223_846_793_005) & i64::MAX)
+                .unwrap_or(1),
             next_conn_id: AtomicI64::new(1),
             conns: Mutex::new(BTreeMap::new()),
             out: tx,
