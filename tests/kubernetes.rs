@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{podman_containers, podman_logs, podman_pods, Mesh};
-use fake_apiserver::{kubectl, FakeApiServer};
+use fake_apiserver::{kubectl, FakeApiServer, K3sRouting};
 use serde_json::Value;
 
 /// A fake API server, a node registered with it, and agents.
@@ -18,6 +18,8 @@ struct Cluster {
     mesh: Mesh,
     server: FakeApiServer,
     kubeconfig: PathBuf,
+    /// With two API servers (HA): an admin kubeconfig for the second.
+    second_kubeconfig: Option<PathBuf>,
     _dir: tempfile::TempDir,
     /// The fake runs on its own runtime, so that the blocking test body (processes,
     /// kubectl) does not starve it.
@@ -31,11 +33,7 @@ impl Cluster {
 
     /// A cluster where `manifest` (if any) is applied before the node starts.
     fn start_after(manifest: &str, node_args: &[&str]) -> Cluster {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = runtime();
         let server = runtime.block_on(FakeApiServer::start());
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = server.write_kubeconfig(dir.path());
@@ -50,6 +48,44 @@ impl Cluster {
             mesh: Mesh::with_node_args(&args),
             server,
             kubeconfig,
+            second_kubeconfig: None,
+            _dir: dir,
+            _runtime: runtime,
+        }
+    }
+
+    /// A k3s server routing kubelet connections as `routing` says, with the node running
+    /// as the chart installs it: its ServiceAccount, bound by the chart's RBAC.
+    fn start_k3s(routing: K3sRouting, node_args: &[&str]) -> Cluster {
+        Cluster::k3s(routing, false, node_args)
+    }
+
+    /// As `start_k3s`, with two API servers (HA), each with its own tunnel server.
+    fn start_k3s_ha(routing: K3sRouting, node_args: &[&str]) -> Cluster {
+        Cluster::k3s(routing, true, node_args)
+    }
+
+    fn k3s(routing: K3sRouting, ha: bool, node_args: &[&str]) -> Cluster {
+        let runtime = runtime();
+        let server = runtime.block_on(FakeApiServer::start_k3s(routing));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = server.write_kubeconfig(dir.path());
+        let second_kubeconfig = ha.then(|| {
+            let url = runtime.block_on(async { server.add_frontend() });
+            let text = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+            let path = dir.path().join("second-kubeconfig");
+            std::fs::write(&path, text.replace(&server.url(), &url)).expect("write");
+            path
+        });
+        let node_kubeconfig = chart_service_account(&kubeconfig, dir.path());
+        let kc = node_kubeconfig.display().to_string();
+        let mut args = vec!["--kubeconfig", kc.as_str()];
+        args.extend_from_slice(node_args);
+        Cluster {
+            mesh: Mesh::with_node_args(&args),
+            server,
+            kubeconfig,
+            second_kubeconfig,
             _dir: dir,
             _runtime: runtime,
         }
@@ -123,6 +159,57 @@ impl Cluster {
             .filter_map(|e| e["reason"].as_str().map(str::to_owned))
             .collect()
     }
+}
+
+/// The fake runs on its own runtime, so that the blocking test body (processes,
+/// kubectl) does not starve it.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The chart's ServiceAccount `beemesh/beemesh` with the chart's RBAC objects (from
+/// manifests/install/beemesh.yaml) applied through `admin`: a kubeconfig in `dir` that
+/// acts as that ServiceAccount.
+fn chart_service_account(admin: &Path, dir: &Path) -> PathBuf {
+    // `kubectl create namespace` would send protobuf, which the fake does not read.
+    let account = "apiVersion: v1\nkind: Namespace\nmetadata: {name: beemesh}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: beemesh, namespace: beemesh}\n";
+    let (ok, out) = kubectl(admin, &["apply", "-f", "-"], Some(account));
+    assert!(ok, "kubectl apply: {out}");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/beemesh.yaml");
+    let text = std::fs::read_to_string(path).expect("beemesh.yaml");
+    let rbac: Vec<String> = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| <Value as serde::Deserialize>::deserialize(document).expect("yaml"))
+        .filter(|object| {
+            object["kind"]
+                .as_str()
+                .is_some_and(|kind| kind.ends_with("Role") || kind.ends_with("RoleBinding"))
+        })
+        .map(|object| serde_json::to_string(&object).expect("json"))
+        .collect();
+    assert!(rbac.len() >= 6, "{rbac:?}");
+    for object in rbac {
+        let (ok, out) = kubectl(
+            admin,
+            &["apply", "--validate=false", "-f", "-"],
+            Some(&object),
+        );
+        assert!(ok, "kubectl apply {object}: {out}");
+    }
+    let (ok, token) = kubectl(
+        admin,
+        &["-n", "beemesh", "create", "token", "beemesh"],
+        None,
+    );
+    assert!(ok, "kubectl create token: {token}");
+    let config = std::fs::read_to_string(admin).expect("kubeconfig");
+    assert!(config.contains("fake-token"), "{config}");
+    let node = dir.join("node-kubeconfig");
+    std::fs::write(&node, config.replace("fake-token", token.trim())).expect("write");
+    node
 }
 
 const POD: &str = r#"
@@ -786,26 +873,8 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         assert_eq!((code, out.as_str()), (0, "hello stdin\n"), "{env:?}");
 
         // A terminal: kubectl (given one by script(1)) sends its size on the resize
-        // stream, and the command has it from the start. script's stdin stays open, as
-        // a user's terminal does, until kubectl is done.
-        let mut terminal = Command::new("script")
-            .args([
-                "-qec",
-                "stty rows 33 cols 77; kubectl exec -it counter -- stty size",
-            ])
-            .arg("/dev/null")
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .envs(env.iter().copied())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("script runs");
-        let _open_stdin = terminal.stdin.take();
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut terminal.stdout.take().expect("stdout"), &mut text)
-            .expect("script's output");
-        let _ = terminal.wait();
-        assert!(text.contains("33 77"), "{env:?}: {text:?}");
+        // stream, and the command has it from the start.
+        assert_exec_terminal_size(&cluster, env);
 
         // kubectl killed mid-session: the whole path closes, down to the process's stdin.
         let marker = format!("/tmp/stdin-closed-{}", env.len());
@@ -835,33 +904,7 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
             });
     }
 
-    // kubectl cp is tar over exec, both ways.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let local = dir.path().join("payload.txt");
-    let content: String = (0..2000).map(|i| format!("row {i}\n")).collect();
-    std::fs::write(&local, &content).expect("write");
-    let local_arg = local.display().to_string();
-    let (code, out) = kubectl_exec(
-        &cluster,
-        &[],
-        &["cp", &local_arg, "counter:/tmp/payload.txt"],
-        "",
-    );
-    assert_eq!(code, 0, "{out}");
-    let back = dir.path().join("back.txt");
-    let back_arg = back.display().to_string();
-    let (code, out) = kubectl_exec(
-        &cluster,
-        &[],
-        &["cp", "counter:/tmp/payload.txt", &back_arg],
-        "",
-    );
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(
-        std::fs::read_to_string(&back).expect("copied back"),
-        content
-    );
-
+    assert_cp_both_ways(&cluster);
     // kubectl attach: the container's own process gets stdin and its output comes back.
     cluster.apply(READER);
     cluster.wait_running("reader");
@@ -873,62 +916,7 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
     cluster.apply(SERVER);
     cluster.wait_running("server");
     for env in [&[][..], &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")][..]] {
-        // Two ports in one session: the server's, and one nothing listens on.
-        let (local, closed) = (common::free_port(), common::free_port());
-        let errors = tempfile::NamedTempFile::new().expect("temp file");
-        let mut forward = Command::new("kubectl")
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .envs(env.iter().copied())
-            .args([
-                "port-forward",
-                "pod/server",
-                &format!("{local}:8080"),
-                &format!("{closed}:9999"),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(errors.reopen().expect("reopen"))
-            .spawn()
-            .expect("kubectl port-forward runs");
-        let url = format!("http://127.0.0.1:{local}/");
-        let fetch = |url: &str| {
-            let out = Command::new("curl")
-                .args(["-sS", "--max-time", "5", url])
-                .output()
-                .ok()?;
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        cluster
-            .mesh
-            .wait_for("a forwarded answer", Duration::from_secs(20), || {
-                fetch(&url)
-            });
-        // Several connections at once.
-        let answers: Vec<Option<String>> = std::thread::scope(|scope| {
-            let fetches: Vec<_> = (0..4).map(|_| scope.spawn(|| fetch(&url))).collect();
-            fetches
-                .into_iter()
-                .map(|f| f.join().ok().flatten())
-                .collect()
-        });
-        for answer in &answers {
-            assert_eq!(
-                answer.as_deref(),
-                Some("hello-forward\n"),
-                "{env:?}: {answers:?}"
-            );
-        }
-        // The refused connection is reported through the error stream.
-        assert!(fetch(&format!("http://127.0.0.1:{closed}/")).is_none());
-        cluster
-            .mesh
-            .wait_for("the forwarding error", Duration::from_secs(10), || {
-                let text = std::fs::read_to_string(errors.path()).ok()?;
-                text.contains("9999").then_some(())
-            });
-        let _ = forward.kill();
-        let _ = forward.wait();
+        assert_port_forward(&cluster, env);
     }
 
     // Port-forward over plain WebSocket channels (v4.channel.k8s.io, ?ports=), as the
@@ -955,6 +943,120 @@ fn kubectl_logs_and_exec_reach_the_pod_through_the_api_server() {
         "{text}"
     );
     cluster.assert_node_requests_allowed();
+}
+
+/// `kubectl exec -it` in a terminal (script(1)) of 33 rows and 77 columns: kubectl sends
+/// the size on the resize stream and the command has it from the start. script's stdin
+/// stays open, as a user's terminal does, until kubectl is done.
+fn assert_exec_terminal_size(cluster: &Cluster, env: &[(&str, &str)]) {
+    let mut terminal = Command::new("script")
+        .args([
+            "-qec",
+            "stty rows 33 cols 77; kubectl exec -it counter -- stty size",
+        ])
+        .arg("/dev/null")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    let _open_stdin = terminal.stdin.take();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut terminal.stdout.take().expect("stdout"), &mut text)
+        .expect("script's output");
+    let _ = terminal.wait();
+    assert!(text.contains("33 77"), "{env:?}: {text:?}");
+}
+
+/// `kubectl cp` (tar over exec) into pod `counter` and back.
+fn assert_cp_both_ways(cluster: &Cluster) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("payload.txt");
+    let content: String = (0..2000).map(|i| format!("row {i}\n")).collect();
+    std::fs::write(&local, &content).expect("write");
+    let local_arg = local.display().to_string();
+    let (code, out) = kubectl_exec(
+        cluster,
+        &[],
+        &["cp", &local_arg, "counter:/tmp/payload.txt"],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    let back = dir.path().join("back.txt");
+    let back_arg = back.display().to_string();
+    let (code, out) = kubectl_exec(
+        cluster,
+        &[],
+        &["cp", "counter:/tmp/payload.txt", &back_arg],
+        "",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&back).expect("copied back"),
+        content
+    );
+}
+
+/// `kubectl port-forward` of pod `server`'s port 8080 and a closed port 9999 in one
+/// session: several connections at once, and the refusal on the error stream.
+fn assert_port_forward(cluster: &Cluster, env: &[(&str, &str)]) {
+    // Two ports in one session: the server's, and one nothing listens on.
+    let (local, closed) = (common::free_port(), common::free_port());
+    let errors = tempfile::NamedTempFile::new().expect("temp file");
+    let mut forward = Command::new("kubectl")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .envs(env.iter().copied())
+        .args([
+            "port-forward",
+            "pod/server",
+            &format!("{local}:8080"),
+            &format!("{closed}:9999"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(errors.reopen().expect("reopen"))
+        .spawn()
+        .expect("kubectl port-forward runs");
+    let url = format!("http://127.0.0.1:{local}/");
+    let fetch = |url: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", url])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    cluster
+        .mesh
+        .wait_for("a forwarded answer", Duration::from_secs(20), || {
+            fetch(&url)
+        });
+    // Several connections at once.
+    let answers: Vec<Option<String>> = std::thread::scope(|scope| {
+        let fetches: Vec<_> = (0..4).map(|_| scope.spawn(|| fetch(&url))).collect();
+        fetches
+            .into_iter()
+            .map(|f| f.join().ok().flatten())
+            .collect()
+    });
+    for answer in &answers {
+        assert_eq!(
+            answer.as_deref(),
+            Some("hello-forward\n"),
+            "{env:?}: {answers:?}"
+        );
+    }
+    // The refused connection is reported through the error stream.
+    assert!(fetch(&format!("http://127.0.0.1:{closed}/")).is_none());
+    cluster
+        .mesh
+        .wait_for("the forwarding error", Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(errors.path()).ok()?;
+            text.contains("9999").then_some(())
+        });
+    let _ = forward.kill();
+    let _ = forward.wait();
 }
 
 /// The kubernetes Python client (hack/install-python-tools.sh) forwarding pod/server's
@@ -1244,4 +1346,277 @@ fn the_node_as_the_chart_runs_it_probes_ready_trusts_only_its_agents_and_passes_
         "{waiting}"
     );
     cluster.assert_node_requests_allowed();
+}
+
+/// The node's Prometheus metrics: the value of the series that starts with `series`.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// The Node's address of `type_`, if it has one.
+fn node_address(node: &Value, type_: &str) -> Option<String> {
+    node["status"]["addresses"]
+        .as_array()?
+        .iter()
+        .find(|a| a["type"] == type_)
+        .and_then(|a| a["address"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn on_a_stock_k3s_kubectl_reaches_pods_through_the_agent_tunnel_the_node_opens() {
+    // 192.0.2.10 (TEST-NET-1) reaches nothing: only the tunnel gets the API server to
+    // the kubelet API. The node runs as the chart's ServiceAccount.
+    let metrics_port = common::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut cluster = Cluster::start_k3s(
+        K3sRouting::Agent,
+        &["--node-ip", "192.0.2.10", "--metrics-addr", &metrics_addr],
+    );
+    cluster.mesh.start_agent(&[]);
+    let sessions = || cluster.server.tunnel_sessions("beemesh");
+    cluster
+        .mesh
+        .wait_for("a tunnel session", Duration::from_secs(40), || {
+            (sessions() == 1).then_some(())
+        });
+
+    // The tunnel's identity came from the cluster's approver, as a kubelet's does: the
+    // chart binds the ServiceAccount to the nodeclient ClusterRole.
+    let csrs = cluster.get(&["csr"]).expect("csrs");
+    let client_csr = csrs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet")
+        .expect("the tunnel's CSR");
+    assert_eq!(
+        client_csr["spec"]["username"],
+        "system:serviceaccount:beemesh:beemesh"
+    );
+    assert_eq!(
+        client_csr["status"]["conditions"][0]["message"],
+        "Auto approving kubelet client certificate after SubjectAccessReview.",
+        "{client_csr}"
+    );
+    let key = cluster.mesh.node_state().join("kubelet/client.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key).expect("key").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // While the session is up, the Node has its name as Hostname address.
+    cluster
+        .mesh
+        .wait_for("the Hostname address", Duration::from_secs(10), || {
+            let node = cluster.server.object("nodes", "", "beemesh")?;
+            (node_address(&node, "Hostname").as_deref() == Some("beemesh")).then_some(())
+        });
+    cluster.apply(COUNTER);
+    cluster.wait_running("counter");
+
+    // kubectl logs -f follows.
+    let mut follow = Command::new("kubectl")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .args(["logs", "-f", "counter"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl logs -f");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        follow.stdout.take().expect("stdout"),
+    ));
+    let first: Vec<String> = (0..4).filter_map(|_| lines.next()?.ok()).collect();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert_eq!(first.len(), 4, "{first:?}");
+    assert!(first.iter().all(|l| l.starts_with("line ")), "{first:?}");
+
+    // exec, exec -it with resize, cp both ways, port-forward.
+    let (code, out) = kubectl_exec(
+        &cluster,
+        &[],
+        &["exec", "-i", "counter", "--", "cat"],
+        "through the tunnel\n",
+    );
+    assert_eq!((code, out.as_str()), (0, "through the tunnel\n"));
+    assert_exec_terminal_size(&cluster, &[]);
+    assert_cp_both_ways(&cluster);
+    cluster.apply(SERVER);
+    cluster.wait_running("server");
+    assert_port_forward(&cluster, &[]);
+    let sent = metric(
+        metrics_port,
+        "beemesh_k3s_tunnel_bytes_total{direction=\"to_server\"}",
+    );
+    assert!(sent.is_some_and(|b| b > 10_000.0), "{sent:?}");
+    assert_eq!(
+        metric(metrics_port, "beemesh_k3s_tunnel_up{server="),
+        Some(1.0)
+    );
+
+    // The session killed mid-exec: kubectl's stream ends, the session comes back, and
+    // the next exec works.
+    let mut running = Command::new("kubectl")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .args(["exec", "-i", "counter", "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl exec");
+    let _stdin_open = running.stdin.take();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.server.drop_tunnel_sessions();
+    cluster
+        .mesh
+        .wait_for("the cut exec to end", Duration::from_secs(30), || {
+            running.try_wait().ok().flatten()
+        });
+    cluster
+        .mesh
+        .wait_for("the session back", Duration::from_secs(30), || {
+            (sessions() == 1).then_some(())
+        });
+    cluster.mesh.wait_for(
+        "an exec after reconnecting",
+        Duration::from_secs(20),
+        || {
+            let (code, out) = kubectl_exec(
+                &cluster,
+                &[],
+                &["exec", "counter", "--", "echo", "back"],
+                "",
+            );
+            (code == 0 && out == "back\n").then_some(())
+        },
+    );
+
+    // Bad input on the live session: refused and counted, the session stays up.
+    let runtime = runtime();
+    let refused = runtime.block_on(async {
+        use tokio::io::AsyncReadExt;
+        let mut conn = cluster
+            .server
+            .tunnel_dial("beemesh", "10.0.0.1:22")
+            .await
+            .expect("dial");
+        let mut buffer = Vec::new();
+        conn.read_to_end(&mut buffer)
+            .await
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert_eq!(
+        refused.as_deref(),
+        Some("connect not allowed: tcp/10.0.0.1:22")
+    );
+    use beemesh::kubelet::tunnel::frame::{encode, Body, Frame};
+    let long = format!("tcp/{}:10250", "a".repeat(1000)).into_bytes();
+    for raw in [
+        vec![0x80],
+        encode(&Frame {
+            id: 1,
+            conn_id: 77,
+            body: Body::Unknown(42),
+        }),
+        encode(&Frame {
+            id: 2,
+            conn_id: 78,
+            body: Body::Connect(long),
+        }),
+    ] {
+        runtime
+            .block_on(cluster.server.tunnel_send_raw("beemesh", raw))
+            .expect("sent");
+    }
+    cluster
+        .mesh
+        .wait_for("the refusals counted", Duration::from_secs(10), || {
+            let refused = metric(metrics_port, "beemesh_k3s_tunnel_connects_refused_total")?;
+            let malformed = metric(
+                metrics_port,
+                "beemesh_k3s_tunnel_messages_dropped_total{reason=\"malformed\"}",
+            )?;
+            let unknown = metric(
+                metrics_port,
+                "beemesh_k3s_tunnel_messages_dropped_total{reason=\"unknown_type\"}",
+            )?;
+            (refused == 2.0 && malformed == 1.0 && unknown == 1.0).then_some(())
+        });
+    let answers: Vec<_> = cluster
+        .server
+        .tunnel_log("beemesh")
+        .into_iter()
+        .filter(|m| m.conn_id == 78)
+        .collect();
+    assert!(
+        answers.iter().any(|m| m.kind == 3 && String::from_utf8_lossy(&m.payload).contains("longer than 266")),
+        "{answers:?}"
+    );
+    assert_eq!(sessions(), 1);
+    let (code, out) = kubectl_exec(
+        &cluster,
+        &[],
+        &["exec", "counter", "--", "echo", "still"],
+        "",
+    );
+    assert_eq!((code, out.as_str()), (0, "still\n"));
+    cluster.assert_node_requests_allowed();
+}
+
+#[test]
+fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
+    // k3s 1.21 dials a node's Hostname first and tunnels it when a session of that
+    // name exists; two servers (HA), each routing through its own sessions.
+    let mut cluster = Cluster::start_k3s_ha(K3sRouting::V121, &["--node-ip", "192.0.2.10"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.mesh.wait_for(
+        "a session with each server",
+        Duration::from_secs(40),
+        || (cluster.server.tunnel_sessions("beemesh") == 2).then_some(()),
+    );
+    cluster.apply(COUNTER);
+    cluster.wait_running("counter");
+    let second = cluster.second_kubeconfig.clone().expect("two servers");
+    for kubeconfig in [&cluster.kubeconfig, &second] {
+        let (ok, out) = cluster
+            .mesh
+            .wait_for("kubectl logs", Duration::from_secs(20), || {
+                let (ok, out) = kubectl(kubeconfig, &["logs", "counter", "--tail=2"], None);
+                (ok && out.lines().count() == 2).then_some((ok, out))
+            });
+        assert!(ok && out.lines().all(|l| l.starts_with("line ")), "{out}");
+        let (ok, out) = kubectl(kubeconfig, &["exec", "counter", "--", "echo", "hi"], None);
+        assert!(ok && out == "hi\n", "{out}");
+    }
+    let node = cluster.server.object("nodes", "", "beemesh").expect("node");
+    assert_eq!(node_address(&node, "Hostname").as_deref(), Some("beemesh"));
+    cluster.assert_node_requests_allowed();
+}
+
+#[test]
+fn k3s_tunnel_on_fails_the_start_against_a_server_without_it() {
+    let mut cluster = Cluster::start(&["--k3s-tunnel", "on"]);
+    let node = cluster.mesh.node();
+    let output = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while node.is_running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        node.output()
+    };
+    assert!(!node.is_running(), "{output}");
+    assert!(
+        output.contains("has no k3s agent tunnel endpoint (GET /v1-k3s/connect answered 404)"),
+        "{output}"
+    );
 }

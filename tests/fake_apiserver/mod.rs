@@ -1559,6 +1559,15 @@ where
                     if frontend.mode.is_some() && request.uri().path() == "/v1-k3s/connect" {
                         return Ok(tunnel_connect(&store, &frontend, identity, request, stop));
                     }
+                    if frontend.mode.is_some() && request.uri().path() == "/ping" {
+                        // k3s's supervisor answers before any authentication (router.go).
+                        let mut reply = warp::reply::Response::new("pong".into());
+                        reply.headers_mut().insert(
+                            warp::http::header::CONTENT_TYPE,
+                            warp::http::HeaderValue::from_static("text/plain"),
+                        );
+                        return Ok(reply);
+                    }
                     match kubelet_proxy::connect_target(request.uri().path()) {
                         Some(target) => Ok::<_, std::convert::Infallible>(
                             kubelet_proxy::handle(store, tls, frontend, request, peer, target)

@@ -32,6 +32,9 @@ use session::SessionConfig;
 
 /// The tunnel endpoint of k3s's supervisor (`/v1-<program>/connect`).
 pub const CONNECT_PATH: &str = "/v1-k3s/connect";
+/// What k3s's supervisor answers, to anyone, with `pong`, in front of its API server
+/// (its tunnel path itself answers 403 to anyone but a node, as an API server would).
+const PING_PATH: &str = "/ping";
 /// How often the list of API servers is read again.
 const SERVERS_REFRESH: Duration = Duration::from_secs(60);
 /// Reconnect delays grow from the first to the last, with jitter.
@@ -56,11 +59,11 @@ pub enum TunnelMode {
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
     #[error(
-        "the API server at {server} has no k3s agent tunnel endpoint (GET {CONNECT_PATH} \
-         answered {status}): it is not a k3s server, so --k3s-tunnel=on cannot work. Use \
-         --k3s-tunnel=auto or off"
+        "the API server at {server} has no k3s agent tunnel endpoint: it is not a k3s \
+         server (GET {PING_PATH} answered {answer}, not k3s's \"pong\"), so \
+         --k3s-tunnel=on cannot work. Use --k3s-tunnel=auto or off"
     )]
-    NoEndpoint { server: String, status: u16 },
+    NoEndpoint { server: String, answer: String },
     #[error("cannot probe the API server for the k3s tunnel endpoint")]
     Probe(#[source] kube::Error),
     #[error("the API server's address {0} cannot be used for the tunnel")]
@@ -181,29 +184,27 @@ async fn decide(client: &Client, server: Result<ApiServer, TunnelError>) -> Opti
     }
 }
 
-/// Fails unless the server answers the tunnel path as k3s's supervisor does. Only an
-/// API server itself answers 404 (unknown path) or 403 (a path its authorizer refused);
-/// k3s's supervisor takes the tunnel path before either.
+/// Fails unless k3s's supervisor, which serves the tunnel, is in front of the API server.
 async fn check_endpoint(client: &Client, server: &ApiServer) -> Result<(), TunnelError> {
-    let status = probe(client).await?;
-    if status == 404 || status == 403 {
-        return Err(TunnelError::NoEndpoint {
-            server: server.authority.clone(),
-            status,
-        });
-    }
-    Ok(())
-}
-
-async fn probe(client: &Client) -> Result<u16, TunnelError> {
-    let request = http::Request::get(CONNECT_PATH)
+    let request = http::Request::get(PING_PATH)
         .body(Vec::new())
         .map_err(|e| TunnelError::Probe(kube::Error::HttpError(e)))?;
     let response = client
         .send(request.map(Into::into))
         .await
         .map_err(TunnelError::Probe)?;
-    Ok(response.status().as_u16())
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if status == http::StatusCode::OK && body.as_ref() == b"pong" {
+        return Ok(());
+    }
+    Err(TunnelError::NoEndpoint {
+        server: server.authority.clone(),
+        answer: status.to_string(),
+    })
 }
 
 fn root_store(roots: &[Vec<u8>]) -> Result<Arc<rustls::RootCertStore>, TunnelError> {
