@@ -882,7 +882,7 @@ async fn pause_and_resume_in_both_directions() {
     ws.send(Message::Binary(frame(2, PAUSE, &[]).into()))
         .await
         .expect("pause");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    round_trip(&mut ws).await;
     let write = tokio::spawn(async move {
         conn.write_all(b"held").await.expect("write");
         conn
@@ -979,6 +979,14 @@ async fn unknown_types_are_ignored_and_undecodable_frames_end_the_session() {
     ))
     .await
     .expect("connect");
+    wait_sessions(&server, "n1", 0).await;
+    // An AddClient whose address is not "key/number": a server session (which keeps
+    // remote client keys) fails to parse it and ends.
+    let mut ws = agent(server.addr, &ca, &n1).await;
+    wait_sessions(&server, "n1", 1).await;
+    ws.send(Message::Binary(frame(0, 4, b"peer/x").into()))
+        .await
+        .expect("add client");
     wait_sessions(&server, "n1", 0).await;
 }
 

@@ -431,16 +431,30 @@ impl Session {
     }
 
     /// `compareAndCloseStaleConnections`: every connection the agent did not list is
-    /// closed, without an Error message.
+    /// closed, without an Error message. The comparison is `diffSortedSetsGetRemoved`,
+    /// which takes the agent's list to be sorted (remotedialer clients sort it); an
+    /// unsorted list is walked as Go walks it.
     fn sync_connections(&self, listed: &[i64]) {
         let stale: Vec<Arc<Conn>> = {
             let mut conns = self.conns.lock().expect("conns");
-            let ids: Vec<i64> = conns
-                .keys()
-                .filter(|id| !listed.contains(id))
-                .copied()
-                .collect();
-            ids.iter().filter_map(|id| conns.remove(id)).collect()
+            let ours: Vec<i64> = conns.keys().copied().collect();
+            let (mut i, mut j) = (0, 0);
+            let mut removed = vec![];
+            while i < ours.len() && j < listed.len() {
+                match ours[i].cmp(&listed[j]) {
+                    std::cmp::Ordering::Less => {
+                        removed.push(ours[i]);
+                        i += 1;
+                    }
+                    std::cmp::Ordering::Greater => j += 1,
+                    std::cmp::Ordering::Equal => {
+                        i += 1;
+                        j += 1;
+                    }
+                }
+            }
+            removed.extend_from_slice(&ours[i..]);
+            removed.iter().filter_map(|id| conns.remove(id)).collect()
         };
         for conn in stale {
             conn.do_tunnel_close(ConnError::Other("sync from client".into()));
