@@ -199,12 +199,21 @@ fn chart_service_account(admin: &Path, dir: &Path) -> PathBuf {
         );
         assert!(ok, "kubectl apply {object}: {out}");
     }
-    let (ok, token) = kubectl(
+    // A TokenRequest, as `kubectl create token` makes it (in JSON, not protobuf).
+    let (ok, answer) = kubectl(
         admin,
-        &["-n", "beemesh", "create", "token", "beemesh"],
-        None,
+        &[
+            "create",
+            "--raw",
+            "/api/v1/namespaces/beemesh/serviceaccounts/beemesh/token",
+            "-f",
+            "-",
+        ],
+        Some(r#"{"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}"#),
     );
-    assert!(ok, "kubectl create token: {token}");
+    assert!(ok, "TokenRequest: {answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("a TokenRequest");
+    let token = answer["status"]["token"].as_str().expect("a token");
     let config = std::fs::read_to_string(admin).expect("kubeconfig");
     assert!(config.contains("fake-token"), "{config}");
     let node = dir.join("node-kubeconfig");
@@ -1606,17 +1615,16 @@ fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
 #[test]
 fn k3s_tunnel_on_fails_the_start_against_a_server_without_it() {
     let mut cluster = Cluster::start(&["--k3s-tunnel", "on"]);
-    let node = cluster.mesh.node();
-    let output = {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while node.is_running() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        node.output()
-    };
-    assert!(!node.is_running(), "{output}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.mesh.node().is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = cluster.mesh.diagnostics();
+    assert!(!cluster.mesh.node().is_running(), "{output}");
     assert!(
-        output.contains("has no k3s agent tunnel endpoint (GET /v1-k3s/connect answered 404)"),
+        output.contains(
+            "has no k3s agent tunnel endpoint: it is not a k3s server (GET /ping answered 404"
+        ),
         "{output}"
     );
 }

@@ -136,16 +136,17 @@ pub async fn start(
     match config.mode {
         TunnelMode::Off => {}
         TunnelMode::On => {
+            check_endpoint(&client, &kube_config.cluster_url).await?;
             let server = ApiServer::from_config(kube_config)?;
-            check_endpoint(&client, &server).await?;
             tokio::spawn(run(config, client, server, metrics, up_tx, cancel));
         }
         TunnelMode::Auto => {
             let server = ApiServer::from_config(kube_config);
+            let url = kube_config.cluster_url.clone();
             tokio::spawn(async move {
                 let decided = tokio::select! {
                     _ = cancel.cancelled() => return,
-                    decided = decide(&client, server) => decided,
+                    decided = decide(&client, &url, server) => decided,
                 };
                 if let Some(server) = decided {
                     run(config, client, server, metrics, up_tx, cancel).await;
@@ -157,7 +158,11 @@ pub async fn start(
 }
 
 /// `auto`: the server to tunnel to if the API server is k3s with a tunnel endpoint.
-async fn decide(client: &Client, server: Result<ApiServer, TunnelError>) -> Option<ApiServer> {
+async fn decide(
+    client: &Client,
+    url: &http::Uri,
+    server: Result<ApiServer, TunnelError>,
+) -> Option<ApiServer> {
     let version = loop {
         match client.apiserver_version().await {
             Ok(version) => break version.git_version,
@@ -171,8 +176,8 @@ async fn decide(client: &Client, server: Result<ApiServer, TunnelError>) -> Opti
         tracing::info!(%version, "the API server is not k3s: no agent tunnel (--k3s-tunnel=auto)");
         return None;
     }
-    let checked = match server {
-        Ok(server) => check_endpoint(client, &server).await.map(|()| server),
+    let checked = match check_endpoint(client, url).await {
+        Ok(()) => server,
         Err(e) => Err(e),
     };
     match checked {
@@ -185,7 +190,7 @@ async fn decide(client: &Client, server: Result<ApiServer, TunnelError>) -> Opti
 }
 
 /// Fails unless k3s's supervisor, which serves the tunnel, is in front of the API server.
-async fn check_endpoint(client: &Client, server: &ApiServer) -> Result<(), TunnelError> {
+async fn check_endpoint(client: &Client, url: &http::Uri) -> Result<(), TunnelError> {
     let request = http::Request::get(PING_PATH)
         .body(Vec::new())
         .map_err(|e| TunnelError::Probe(kube::Error::HttpError(e)))?;
@@ -202,7 +207,7 @@ async fn check_endpoint(client: &Client, server: &ApiServer) -> Result<(), Tunne
         return Ok(());
     }
     Err(TunnelError::NoEndpoint {
-        server: server.authority.clone(),
+        server: url.to_string(),
         answer: status.to_string(),
     })
 }
