@@ -1628,3 +1628,123 @@ fn k3s_tunnel_on_fails_the_start_against_a_server_without_it() {
         "{output}"
     );
 }
+
+/// `kubectl exec -i <pod> -- cat` of `bytes` bytes (echoed back): seconds until the last
+/// byte is back, checking every byte.
+fn exec_cat_seconds(cluster: &Cluster, pod: &str, bytes: usize) -> f64 {
+    use std::io::{Read, Write};
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .args(["exec", "-i", pod, "--", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl exec");
+    let pattern = |i: usize| (i % 251) as u8;
+    let started = std::time::Instant::now();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < bytes {
+            let chunk: Vec<u8> = (sent..bytes.min(sent + (1 << 16))).map(pattern).collect();
+            stdin.write_all(&chunk).expect("write");
+            sent += chunk.len();
+        }
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut received = 0usize;
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = stdout.read(&mut buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        assert!(
+            buffer[..n]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern(received + i)),
+            "corrupted at byte {received}"
+        );
+        received += n;
+        if received == bytes {
+            break;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    writer.join().expect("writer");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(received, bytes);
+    seconds
+}
+
+/// Median seconds of `kubectl logs --tail=1 <pod>` over `runs` calls.
+fn logs_median_seconds(cluster: &Cluster, pod: &str, runs: usize) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            let (ok, out) = cluster.kubectl(&["logs", "--tail=1", pod], None);
+            assert!(ok, "kubectl logs: {out}");
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// The k3s tunnel against the direct path, in one run: `kubectl exec -i … cat`
+/// throughput and `kubectl logs` latency. Prints figures, asserts only correctness.
+/// `hack/bench-tunnel.sh` runs it with 100 MiB (BEEMESH_BENCH_MIB) on a release build;
+/// the test suite with a few MiB.
+#[test]
+fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
+    let env_number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let mib = env_number("BEEMESH_BENCH_MIB", 4);
+    let runs = env_number("BEEMESH_BENCH_LOG_RUNS", 5);
+    let mut figures = Vec::new();
+    for tunnelled in [false, true] {
+        let mut cluster = match tunnelled {
+            false => Cluster::start(&["--node-ip", "127.0.0.1", "--k3s-tunnel", "off"]),
+            true => Cluster::start_k3s(K3sRouting::Agent, &["--node-ip", "192.0.2.10"]),
+        };
+        cluster.mesh.start_agent(&[]);
+        cluster.apply(COUNTER);
+        cluster.wait_running("counter");
+        // The first request waits for the serving certificate (and the session).
+        cluster
+            .mesh
+            .wait_for("kubectl logs", Duration::from_secs(40), || {
+                cluster
+                    .kubectl(&["logs", "--tail=1", "counter"], None)
+                    .0
+                    .then_some(())
+            });
+        let seconds = exec_cat_seconds(&cluster, "counter", mib << 20);
+        let logs = logs_median_seconds(&cluster, "counter", runs);
+        figures.push((tunnelled, seconds, logs));
+    }
+    println!("| path | exec -i cat of {mib} MiB (echoed) | throughput | kubectl logs --tail=1, median of {runs} |");
+    println!("|---|---|---|---|");
+    for (tunnelled, seconds, logs) in &figures {
+        println!(
+            "| {} | {:.2} s | {:.1} MiB/s | {:.0} ms |",
+            if *tunnelled {
+                "k3s agent tunnel"
+            } else {
+                "direct"
+            },
+            seconds,
+            mib as f64 / seconds,
+            logs * 1000.0
+        );
+    }
+    let ratio = figures[0].1 / figures[1].1;
+    println!("tunnel throughput / direct: {ratio:.2}x");
+}
