@@ -57,17 +57,20 @@ impl Cluster {
     /// A k3s server routing kubelet connections as `routing` says, with the node running
     /// as the chart installs it: its ServiceAccount, bound by the chart's RBAC.
     fn start_k3s(routing: K3sRouting, node_args: &[&str]) -> Cluster {
-        Cluster::k3s(routing, false, node_args)
+        Cluster::k3s(routing, false, None, node_args)
     }
 
-    /// As `start_k3s`, with two API servers (HA), each with its own tunnel server.
-    fn start_k3s_ha(routing: K3sRouting, node_args: &[&str]) -> Cluster {
-        Cluster::k3s(routing, true, node_args)
-    }
-
-    fn k3s(routing: K3sRouting, ha: bool, node_args: &[&str]) -> Cluster {
+    /// As `start_k3s`; with `ha`, two API servers, each with its own tunnel server; with
+    /// `client_cert_ttl`, client certificates that short-lived (seconds).
+    fn k3s(
+        routing: K3sRouting,
+        ha: bool,
+        client_cert_ttl: Option<i64>,
+        node_args: &[&str],
+    ) -> Cluster {
         let runtime = runtime();
         let server = runtime.block_on(FakeApiServer::start_k3s(routing));
+        server.set_client_cert_ttl(client_cert_ttl);
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = server.write_kubeconfig(dir.path());
         let second_kubeconfig = ha.then(|| {
@@ -1585,8 +1588,14 @@ fn on_a_stock_k3s_kubectl_reaches_pods_through_the_agent_tunnel_the_node_opens()
 #[test]
 fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
     // k3s 1.21 dials a node's Hostname first and tunnels it when a session of that
-    // name exists; two servers (HA), each routing through its own sessions.
-    let mut cluster = Cluster::start_k3s_ha(K3sRouting::V121, &["--node-ip", "192.0.2.10"]);
+    // name exists; two servers (HA), each routing through its own sessions. Client
+    // certificates live 40 s: the node renews its own before it expires.
+    let mut cluster = Cluster::k3s(
+        K3sRouting::V121,
+        true,
+        Some(40),
+        &["--node-ip", "192.0.2.10"],
+    );
     cluster.mesh.start_agent(&[]);
     cluster.mesh.wait_for(
         "a session with each server",
@@ -1609,6 +1618,40 @@ fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
     }
     let node = cluster.server.object("nodes", "", "beemesh").expect("node");
     assert_eq!(node_address(&node, "Hostname").as_deref(), Some("beemesh"));
+
+    // Renewed about 20 s after issue (half of what is left of it); new sessions use
+    // the new certificate.
+    cluster.mesh.wait_for(
+        "a renewed client certificate",
+        Duration::from_secs(60),
+        || {
+            let csrs = cluster.get(&["csr"])?;
+            let issued = csrs["items"]
+                .as_array()?
+                .iter()
+                .filter(|c| {
+                    c["spec"]["signerName"] == "kubernetes.io/kube-apiserver-client-kubelet"
+                        && c["status"]["certificate"].is_string()
+                })
+                .count();
+            (issued >= 2).then_some(())
+        },
+    );
+    cluster.server.drop_tunnel_sessions();
+    cluster
+        .mesh
+        .wait_for("both sessions back", Duration::from_secs(30), || {
+            (cluster.server.tunnel_sessions("beemesh") == 2).then_some(())
+        });
+    cluster.mesh.wait_for(
+        "kubectl logs after renewal",
+        Duration::from_secs(20),
+        || {
+            kubectl(&second, &["logs", "counter", "--tail=1"], None)
+                .0
+                .then_some(())
+        },
+    );
     cluster.assert_node_requests_allowed();
 }
 

@@ -201,10 +201,22 @@ fn load(spec: &CertSpec, dir: &Path) -> Option<Issued> {
     let (cert_path, key_path) = spec.paths(dir);
     let cert_pem = std::fs::read(cert_path).ok()?;
     let key_pem = std::fs::read(key_path).ok()?;
-    issued(&cert_pem, &key_pem).ok()
+    issued(&cert_pem, &key_pem, None).ok()
 }
 
-fn issued(cert_pem: &[u8], key_pem: &[u8]) -> Result<Issued, CsrError> {
+/// When to renew a certificate valid from `not_before` to `not_after` (Unix seconds): at
+/// [`RENEW_AT`] of its lifetime, as the kubelet does; but one just issued at `fresh_at`
+/// not before half of what is left of it (signers backdate notBefore by minutes, which
+/// would otherwise make a short-lived certificate due at once, and renewal a loop).
+fn renewal_time(not_before: i64, not_after: i64, fresh_at: Option<i64>) -> i64 {
+    let due = not_before + ((not_after - not_before) as f64 * RENEW_AT) as i64;
+    match fresh_at {
+        Some(now) => due.max(now + (not_after - now) / 2),
+        None => due,
+    }
+}
+
+fn issued(cert_pem: &[u8], key_pem: &[u8], fresh_at: Option<i64>) -> Result<Issued, CsrError> {
     let unusable = |what: &str| CsrError::Unusable(what.to_owned());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .filter_map(Result::ok)
@@ -217,8 +229,8 @@ fn issued(cert_pem: &[u8], key_pem: &[u8]) -> Result<Issued, CsrError> {
         validity.not_before.timestamp(),
         validity.not_after.timestamp(),
     );
-    let renew = from as f64 + (until - from) as f64 * RENEW_AT;
-    let renew_at = std::time::UNIX_EPOCH + Duration::from_secs(renew.max(0.0) as u64);
+    let renew = renewal_time(from, until, fresh_at);
+    let renew_at = std::time::UNIX_EPOCH + Duration::from_secs(renew.max(0) as u64);
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| unusable("no private key"))?;
     let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
         .map_err(|e| CsrError::Unusable(e.to_string()))?;
@@ -321,7 +333,10 @@ pub async fn request(client: &Client, spec: &CertSpec, dir: &Path) -> Result<Iss
         tokio::time::sleep(POLL).await;
     };
     let key_pem = key.serialize_pem();
-    let issued = issued(&certificate, key_pem.as_bytes())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let issued = issued(&certificate, key_pem.as_bytes(), Some(now))?;
     store(spec, dir, &certificate, key_pem.as_bytes())?;
     tracing::info!(csr = %name, "{} issued", spec.what());
     Ok(issued)
@@ -375,5 +390,71 @@ pub async fn keep_renewed(
                 renew_at = std::time::SystemTime::now() + Duration::from_secs(60);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_four_fifths_of_the_lifetime_and_never_in_a_loop() {
+        let year = 365 * 86_400;
+        // A year's certificate backdated 5 minutes: at 80 %, loaded or fresh.
+        let (from, until) = (1_000_000 - 300, 1_000_000 + year - 300);
+        let due = from + (year as f64 * 0.8) as i64;
+        assert_eq!(renewal_time(from, until, None), due);
+        assert_eq!(renewal_time(from, until, Some(1_000_000)), due);
+        // 40 s of validity after a 5-minute backdate: 80 % of the lifetime is already
+        // past, so a fresh one waits half of what is left, 20 s.
+        let (from, until) = (1_000_000 - 300, 1_000_000 + 40);
+        assert!(renewal_time(from, until, None) < 1_000_000);
+        assert_eq!(renewal_time(from, until, Some(1_000_000)), 1_000_020);
+    }
+
+    #[test]
+    fn the_two_certificates_ask_for_what_their_approvers_accept() {
+        let serving = CertSpec {
+            node_name: "edge".into(),
+            kind: CertKind::Serving {
+                addresses: vec!["10.0.0.5".parse().expect("ip")],
+            },
+        };
+        let client = CertSpec {
+            node_name: "edge".into(),
+            kind: CertKind::Client,
+        };
+        assert_eq!(serving.signer(), "kubernetes.io/kubelet-serving");
+        assert_eq!(
+            client.signer(),
+            "kubernetes.io/kube-apiserver-client-kubelet"
+        );
+        assert_eq!(
+            client.usages(),
+            ["digital signature", "key encipherment", "client auth"]
+        );
+        assert_eq!(serving.usages()[2], "server auth");
+        // A node client certificate has no subject alternative names at all
+        // (IsKubeletClientCSR refuses any).
+        assert!(client
+            .params()
+            .expect("params")
+            .subject_alt_names
+            .is_empty());
+        assert_eq!(serving.params().expect("params").subject_alt_names.len(), 2);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let pem = client
+            .params()
+            .expect("params")
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        let dir = std::path::Path::new("/state/kubelet");
+        assert_eq!(
+            client.paths(dir),
+            (dir.join("client.crt"), dir.join("client.key"))
+        );
     }
 }

@@ -651,9 +651,13 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_flood_for_one_connection_is_paused_and_nothing_is_lost() {
-        // A kubelet that reads nothing until told to, with a small receive buffer.
+    /// A kubelet that reads nothing until told to, with a small receive buffer: (port,
+    /// the signal to start reading, everything it read once the connection closed).
+    async fn slow_kubelet() -> (
+        u16,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<Vec<u8>>,
+    ) {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("buffer");
         socket
@@ -670,18 +674,25 @@ mod tests {
             let _ = tcp.read_to_end(&mut received).await;
             let _ = total_tx.send(received);
         });
+        (port, read_now, total_rx)
+    }
+
+    fn data_frame(id: i64, body: Body) -> Message {
+        Message::binary(frame::encode(&Frame {
+            id,
+            conn_id: 9,
+            body,
+        }))
+    }
+
+    #[tokio::test]
+    async fn a_flood_for_one_connection_is_paused_and_nothing_is_lost() {
+        let (port, read_now, total_rx) = slow_kubelet().await;
         let metrics = Metrics::new();
         let (server, cancel) = session(SessionConfig::new(port), &metrics).await;
         let (mut sink, mut stream) = server.websocket.split();
-        let frame = |id: i64, body: Body| {
-            Message::binary(frame::encode(&Frame {
-                id,
-                conn_id: 9,
-                body,
-            }))
-        };
         let connect = format!("tcp/127.0.0.1:{port}").into_bytes();
-        sink.send(frame(1, Body::Connect(connect)))
+        sink.send(data_frame(1, Body::Connect(connect)))
             .await
             .expect("send");
         // The server sends until the client pauses it, as remotedialer's writer does.
@@ -692,7 +703,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut sent = 0usize;
                 while !paused.load(Ordering::Acquire) && sent < 64 * PAUSE_AT {
-                    sink.send(frame(2, Body::Data(chunk.clone())))
+                    sink.send(data_frame(2, Body::Data(chunk.clone())))
                         .await
                         .expect("send");
                     sent += chunk.len();
@@ -706,11 +717,53 @@ mod tests {
         assert!(sent > PAUSE_AT, "paused only after {PAUSE_AT} bytes queued");
         let _ = read_now.send(());
         next_of(&mut stream, Body::Resume).await;
-        sink.send(frame(3, Body::Error("EOF".into())))
+        sink.send(data_frame(3, Body::Error("EOF".into())))
             .await
             .expect("send");
         let received = total_rx.await.expect("kubelet read");
         assert_eq!(received.len(), sent);
+        assert!(received.chunks(chunk.len()).all(|c| c == chunk.as_slice()));
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_server_that_ignores_pause_is_slowed_down_and_nothing_is_lost() {
+        // As k3s 1.21's remotedialer, which knows no Pause: it writes until the
+        // WebSocket stops taking data, which happens once the connection's queue is full.
+        let (port, read_now, total_rx) = slow_kubelet().await;
+        let metrics = Metrics::new();
+        let (server, cancel) = session(SessionConfig::new(port), &metrics).await;
+        let (mut sink, _stream) = server.websocket.split();
+        let connect = format!("tcp/127.0.0.1:{port}").into_bytes();
+        sink.send(data_frame(1, Body::Connect(connect)))
+            .await
+            .expect("send");
+        let chunk: Vec<u8> = (0..32 * 1024).map(|i| (i % 251) as u8).collect();
+        let total = 3 * QUEUE_LIMIT;
+        let sender = {
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                for _ in 0..total / chunk.len() {
+                    sink.send(data_frame(2, Body::Data(chunk.clone())))
+                        .await
+                        .expect("send");
+                }
+                sink
+            })
+        };
+        // Blocked: more than the queue and the pipe between them hold cannot be sent.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!sender.is_finished(), "the session read without bound");
+        let _ = read_now.send(());
+        let mut sink = tokio::time::timeout(Duration::from_secs(20), sender)
+            .await
+            .expect("the flood drains")
+            .expect("sender");
+        sink.send(data_frame(3, Body::Error("EOF".into())))
+            .await
+            .expect("send");
+        let received = total_rx.await.expect("kubelet read");
+        assert_eq!(received.len(), total);
         assert!(received.chunks(chunk.len()).all(|c| c == chunk.as_slice()));
         cancel.cancel();
     }
