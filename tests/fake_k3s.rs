@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fake_apiserver::pki::base64_encode;
 use fake_apiserver::{kubectl, FakeApiServer, K3sRouting, TunnelMessage};
 use futures::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
@@ -102,31 +103,12 @@ fn parse(bytes: &[u8]) -> Frame {
 
 // ---- TLS and the WebSocket ----
 
+/// The DER of the first PEM block (certificate or key).
 fn pem_der(pem: &str) -> Vec<u8> {
-    let body: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    let mut out = vec![];
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in body.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => continue,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    <(SectionKind, Vec<u8>)>::from_pem_slice(pem.as_bytes())
+        .expect("PEM")
+        .1
 }
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -273,25 +255,6 @@ async fn admin(server: &FakeApiServer) -> kube::Client {
     kube::Client::try_from(config).expect("client")
 }
 
-fn b64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// A kube-rs client authenticating with a client certificate only.
 async fn cert_client(server: &FakeApiServer, identity: &(String, String)) -> kube::Client {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -299,9 +262,9 @@ async fn cert_client(server: &FakeApiServer, identity: &(String, String)) -> kub
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\", certificate-authority-data: \"{}\"}}\nusers:\n- name: cert\n  user: {{client-certificate-data: \"{}\", client-key-data: \"{}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: cert}}\ncurrent-context: fake\n",
         server.url(),
-        b64(server.cluster_ca_pem().as_bytes()),
-        b64(identity.0.as_bytes()),
-        b64(identity.1.as_bytes()),
+        base64_encode(server.cluster_ca_pem().as_bytes()),
+        base64_encode(identity.0.as_bytes()),
+        base64_encode(identity.1.as_bytes()),
     );
     std::fs::write(&path, text).expect("kubeconfig");
     let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");

@@ -78,7 +78,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Reply as _};
 
 mod kubelet_proxy;
-mod pki;
+pub mod pki;
 mod tunnel;
 
 pub use tunnel::{TunnelConn, TunnelMessage};
