@@ -176,11 +176,7 @@ async fn decide(
         tracing::info!(%version, "the API server is not k3s: no agent tunnel (--k3s-tunnel=auto)");
         return None;
     }
-    let checked = match check_endpoint(client, url).await {
-        Ok(()) => server,
-        Err(e) => Err(e),
-    };
-    match checked {
+    match check_endpoint(client, url).await.and(server) {
         Ok(server) => Some(server),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "k3s without an agent tunnel: kubectl logs and exec need the server's --egress-selector-mode=disabled");
