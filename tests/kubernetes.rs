@@ -1753,8 +1753,13 @@ fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
     let runs = env_number("BEEMESH_BENCH_LOG_RUNS", 5);
     let mut figures = Vec::new();
     for tunnelled in [false, true] {
+        // Both behind the same HTTPS k3s fake: 1.21's routing dials a node without a
+        // session directly; the current one sends it through the session.
         let mut cluster = match tunnelled {
-            false => Cluster::start(&["--node-ip", "127.0.0.1", "--k3s-tunnel", "off"]),
+            false => Cluster::start_k3s(
+                K3sRouting::V121,
+                &["--node-ip", "127.0.0.1", "--k3s-tunnel", "off"],
+            ),
             true => Cluster::start_k3s(K3sRouting::Agent, &["--node-ip", "192.0.2.10"]),
         };
         cluster.mesh.start_agent(&[]);

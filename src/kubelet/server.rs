@@ -83,6 +83,9 @@ pub async fn serve(
                 }
             },
         };
+        // As Go sets on every connection (the kubelet's too): interactive streams and
+        // the small frames of the k3s tunnel must not wait for delayed ACKs.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let context = context.clone();
         tokio::spawn(async move {

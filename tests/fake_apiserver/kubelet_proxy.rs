@@ -475,13 +475,16 @@ async fn dial_tcp(host: &str, address: &str) -> Result<tokio::net::TcpStream, St
     let Some(addr) = addrs.first() else {
         return Err(format!("dial tcp: lookup {host}: no such host"));
     };
-    tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
             _ => e.to_string(),
         };
         format!("dial tcp {address}: connect: {why}")
-    })
+    })?;
+    // Go's net package sets TCP_NODELAY on every connection.
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The connection to the kubelet, before TLS, as the API server's dialer makes it.

@@ -1464,6 +1464,8 @@ fn spawn_frontend(
                     Err(_) => continue,
                 },
             };
+            // Go's net package sets TCP_NODELAY on every connection.
+            let _ = tcp.set_nodelay(true);
             let connection = Connection {
                 service: service.clone(),
                 store: store.clone(),
