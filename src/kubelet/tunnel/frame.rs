@@ -6,6 +6,8 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
+
 /// What Go's `binary.PutVarint` writes at most for an i64.
 const MAX_VARINT_LEN: usize = 10;
 /// remotedialer reads at most this much of a Connect payload (`proto/address`).
@@ -42,8 +44,8 @@ pub struct Frame {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    /// Bytes of one tunnelled connection.
-    Data(Vec<u8>),
+    /// Bytes of one tunnelled connection (a view into the received message, no copy).
+    Data(Bytes),
     /// Open a connection to `proto/address` (the raw payload; see [`connect_target`]).
     Connect(Vec<u8>),
     /// The connection is over; "EOF" is a clean end.
@@ -116,9 +118,22 @@ fn read_varint(bytes: &[u8]) -> Result<(i64, usize), FrameError> {
     Err(FrameError::Header)
 }
 
+/// A Data message for `payload`, built with one copy: what a tunnelled connection's
+/// reads become.
+pub fn encode_data(id: i64, conn_id: i64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 * MAX_VARINT_LEN + payload.len());
+    put_varint(&mut out, id);
+    put_varint(&mut out, conn_id);
+    put_varint(&mut out, DATA);
+    put_varint(&mut out, LEGACY_DEADLINE_MS);
+    out.extend_from_slice(payload);
+    out
+}
+
 pub fn encode(frame: &Frame) -> Vec<u8> {
     let payload: &[u8] = match &frame.body {
-        Body::Data(bytes) | Body::Connect(bytes) => bytes,
+        Body::Data(bytes) => return encode_data(frame.id, frame.conn_id, bytes),
+        Body::Connect(bytes) => bytes,
         Body::AddClient(bytes) | Body::RemoveClient(bytes) => bytes,
         Body::Error(text) => text.as_bytes(),
         Body::Pause | Body::Resume | Body::Unknown(_) => &[],
@@ -141,7 +156,8 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     out
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
+pub fn decode(message: Bytes) -> Result<Frame, FrameError> {
+    let bytes: &[u8] = &message;
     let mut at = 0;
     let mut next = |bytes: &[u8]| -> Result<i64, FrameError> {
         let (value, used) = read_varint(&bytes[at..])?;
@@ -156,7 +172,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
     }
     let payload = &bytes[at..];
     let body = match kind {
-        DATA => Body::Data(payload.to_vec()),
+        DATA => Body::Data(message.slice(at..)),
         CONNECT => Body::Connect(payload.to_vec()),
         ERROR => {
             let text = &payload[..payload.len().min(MAX_ERROR_TEXT)];
@@ -262,7 +278,7 @@ mod tests {
         assert_eq!(&bytes[..6], &[0x0e, 0x04, 0x04, 0xb0, 0xea, 0x01]);
         assert_eq!(&bytes[6..], b"tcp/127.0.0.1:10250");
         assert_eq!(
-            decode(&bytes).map(|f| f.body),
+            decode(bytes.clone().into()).map(|f| f.body),
             Ok(Body::Connect(b"tcp/127.0.0.1:10250".to_vec()))
         );
     }
@@ -270,8 +286,8 @@ mod tests {
     #[test]
     fn every_kind_round_trips() {
         for body in [
-            Body::Data(vec![1, 2, 3]),
-            Body::Data(vec![]),
+            Body::Data(Bytes::from_static(&[1, 2, 3])),
+            Body::Data(Bytes::new()),
             Body::Connect(b"tcp/[::1]:10250".to_vec()),
             Body::Error("EOF".into()),
             Body::AddClient(b"peer/3".to_vec()),
@@ -282,25 +298,34 @@ mod tests {
             Body::Unknown(99),
         ] {
             let sent = frame(-12, body);
-            assert_eq!(decode(&encode(&sent)), Ok(sent));
+            assert_eq!(decode(encode(&sent).into()), Ok(sent));
         }
     }
 
     #[test]
     fn bad_headers_and_payloads_are_errors_not_panics() {
-        assert_eq!(decode(&[]), Err(FrameError::Header));
-        assert_eq!(decode(&[0x80]), Err(FrameError::Header));
-        assert_eq!(decode(&[0x02, 0x02]), Err(FrameError::Header));
+        assert_eq!(decode(Bytes::new()), Err(FrameError::Header));
+        assert_eq!(decode(Bytes::from_static(&[0x80])), Err(FrameError::Header));
+        assert_eq!(
+            decode(Bytes::from_static(&[0x02, 0x02])),
+            Err(FrameError::Header)
+        );
         // A Data header without its deadline.
-        assert_eq!(decode(&[0x02, 0x02, 0x02]), Err(FrameError::Header));
-        assert_eq!(decode(&[0xff; 11]), Err(FrameError::Header));
+        assert_eq!(
+            decode(Bytes::from_static(&[0x02, 0x02, 0x02])),
+            Err(FrameError::Header)
+        );
+        assert_eq!(
+            decode(Bytes::from_static(&[0xff; 11])),
+            Err(FrameError::Header)
+        );
         let mut sync = encode(&frame(0, Body::SyncConnections(vec![1])));
         sync.push(0);
-        assert_eq!(decode(&sync), Err(FrameError::SyncPayload(9)));
+        assert_eq!(decode(sync.into()), Err(FrameError::SyncPayload(9)));
         // An Error's text is read up to 100 bytes, as remotedialer reads it.
         let long = encode(&frame(1, Body::Error("x".repeat(500))));
         assert_eq!(
-            decode(&long).map(|f| f.body),
+            decode(long.into()).map(|f| f.body),
             Ok(Body::Error("x".repeat(100)))
         );
     }

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -37,8 +38,9 @@ pub const PAUSE_AT: usize = 1 << 21;
 pub const RESUME_AT: usize = PAUSE_AT / 8;
 /// The most one connection may queue; past it the session waits for it to drain.
 pub const QUEUE_LIMIT: usize = 2 * PAUSE_AT;
-/// The largest read sent in one Data message (Go's io.Copy buffer).
-const READ_CHUNK: usize = 32 * 1024;
+/// The largest read sent in one Data message (twice Go's io.Copy buffer: fewer
+/// messages for bulk transfers; receivers take any size).
+const READ_CHUNK: usize = 64 * 1024;
 /// The largest WebSocket message accepted: Data messages are at most a read's size.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Messages waiting to be written to the server.
@@ -90,7 +92,7 @@ pub enum SessionEnd {
 /// One tunnelled connection, as the session's reader sees it.
 struct Connection {
     /// Bytes for the kubelet; closing it ends the connection after they are written.
-    to_local: mpsc::Sender<Vec<u8>>,
+    to_local: mpsc::Sender<Bytes>,
     /// Bytes queued in `to_local`, bounded by QUEUE_LIMIT permits.
     room: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
@@ -113,7 +115,18 @@ struct Outbound {
 impl Outbound {
     async fn send(&self, conn_id: i64, body: Body) -> bool {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = frame::encode(&Frame { id, conn_id, body });
+        self.queue_message(frame::encode(&Frame { id, conn_id, body }))
+            .await
+    }
+
+    /// A connection's read, copied once into its message.
+    async fn send_data(&self, conn_id: i64, payload: &[u8]) -> bool {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.queue_message(frame::encode_data(id, conn_id, payload))
+            .await
+    }
+
+    async fn queue_message(&self, bytes: Vec<u8>) -> bool {
         self.queue.send(Message::binary(bytes)).await.is_ok()
     }
 }
@@ -206,7 +219,7 @@ where
         metrics
             .tunnel_bytes("from_server")
             .inc_by(bytes.len() as u64);
-        let frame = match frame::decode(&bytes) {
+        let frame = match frame::decode(bytes) {
             Ok(frame) => frame,
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable tunnel message dropped");
@@ -336,7 +349,7 @@ fn open_connection(
     outbound: &Outbound,
     session: &CancellationToken,
 ) {
-    let (to_local, mut from_server) = mpsc::channel::<Vec<u8>>(256);
+    let (to_local, mut from_server) = mpsc::channel::<Bytes>(256);
     let room = Arc::new(Semaphore::new(QUEUE_LIMIT));
     let queued = Arc::new(AtomicUsize::new(0));
     let paused_by_us = Arc::new(AtomicBool::new(false));
@@ -376,10 +389,7 @@ fn open_connection(
                         match local_read.read(&mut buffer).await {
                             Ok(0) => return Some("EOF".to_string()),
                             Ok(n) => {
-                                if !outbound
-                                    .send(conn_id, Body::Data(buffer[..n].to_vec()))
-                                    .await
-                                {
+                                if !outbound.send_data(conn_id, &buffer[..n]).await {
                                     return None;
                                 }
                             }
@@ -489,7 +499,7 @@ mod tests {
                     .expect("open")
                     .expect("message");
                 if let Message::Binary(bytes) = next {
-                    let frame = frame::decode(&bytes).expect("decodable");
+                    let frame = frame::decode(bytes).expect("decodable");
                     if keep(&frame) {
                         return frame;
                     }
@@ -504,7 +514,7 @@ mod tests {
                 tokio::time::timeout_at(until, self.websocket.next()).await
             {
                 if let Message::Binary(bytes) = message {
-                    if frame::decode(&bytes).is_ok_and(|f| matches(&f)) {
+                    if frame::decode(bytes).is_ok_and(|f| matches(&f)) {
                         return false;
                     }
                 }
@@ -540,19 +550,27 @@ mod tests {
         let (mut server, cancel) = session(SessionConfig::new(port), &metrics).await;
         let target = format!("tcp/127.0.0.1:{port}").into_bytes();
         server.send(1, Body::Connect(target.clone())).await;
-        server.send(1, Body::Data(b"hello".to_vec())).await;
+        server
+            .send(1, Body::Data(Bytes::from_static(b"hello")))
+            .await;
         let echoed = server.expect(data(1)).await;
-        assert_eq!(echoed.body, Body::Data(b"hello".to_vec()));
+        assert_eq!(echoed.body, Body::Data(Bytes::from_static(b"hello")));
         // The kubelet closes: the client says EOF.
-        server.send(1, Body::Data(b"close".to_vec())).await;
+        server
+            .send(1, Body::Data(Bytes::from_static(b"close")))
+            .await;
         let closed = server.expect(|f| f.conn_id == 1).await;
         assert_eq!(closed.body, Body::Error("EOF".into()));
         // The server closes: the connection goes, and later data is unknown.
         server.send(2, Body::Connect(target)).await;
-        server.send(2, Body::Data(b"ping".to_vec())).await;
+        server
+            .send(2, Body::Data(Bytes::from_static(b"ping")))
+            .await;
         server.expect(data(2)).await;
         server.send(2, Body::Error("EOF".into())).await;
-        server.send(2, Body::Data(b"late".to_vec())).await;
+        server
+            .send(2, Body::Data(Bytes::from_static(b"late")))
+            .await;
         let answer = server.expect(|f| f.conn_id == 2).await;
         assert_eq!(answer.body, Body::Error("connection not found 2".into()));
         cancel.cancel();
@@ -587,10 +605,12 @@ mod tests {
                 Body::Connect(format!("tcp/127.0.0.1:{port}").into_bytes()),
             )
             .await;
-        server.send(8, Body::Data(b"after".to_vec())).await;
+        server
+            .send(8, Body::Data(Bytes::from_static(b"after")))
+            .await;
         assert_eq!(
             server.expect(data(8)).await.body,
-            Body::Data(b"after".to_vec())
+            Body::Data(Bytes::from_static(b"after"))
         );
         assert_eq!(metrics.tunnel_refused.get(), 2);
         for reason in ["malformed", "text_message", "unknown_type"] {
@@ -613,12 +633,14 @@ mod tests {
         server.send(4, Body::Connect(target)).await;
         // Paused: the kubelet's answer waits.
         server.send(3, Body::Pause).await;
-        server.send(3, Body::Data(b"held".to_vec())).await;
+        server
+            .send(3, Body::Data(Bytes::from_static(b"held")))
+            .await;
         assert!(server.quiet(Duration::from_millis(400), data(3)).await);
         server.send(3, Body::Resume).await;
         assert_eq!(
             server.expect(data(3)).await.body,
-            Body::Data(b"held".to_vec())
+            Body::Data(Bytes::from_static(b"held"))
         );
         // The client lists its live connections.
         let sync = server
@@ -644,7 +666,7 @@ mod tests {
                 .expect("open")
                 .expect("message");
             if let Message::Binary(bytes) = message {
-                if frame::decode(&bytes).expect("frame").body == wanted {
+                if frame::decode(bytes).expect("frame").body == wanted {
                     return;
                 }
             }
@@ -703,7 +725,7 @@ mod tests {
             tokio::spawn(async move {
                 let mut sent = 0usize;
                 while !paused.load(Ordering::Acquire) && sent < 64 * PAUSE_AT {
-                    sink.send(data_frame(2, Body::Data(chunk.clone())))
+                    sink.send(data_frame(2, Body::Data(Bytes::from(chunk.clone()))))
                         .await
                         .expect("send");
                     sent += chunk.len();
@@ -744,7 +766,7 @@ mod tests {
             let chunk = chunk.clone();
             tokio::spawn(async move {
                 for _ in 0..total / chunk.len() {
-                    sink.send(data_frame(2, Body::Data(chunk.clone())))
+                    sink.send(data_frame(2, Body::Data(Bytes::from(chunk.clone()))))
                         .await
                         .expect("send");
                 }
