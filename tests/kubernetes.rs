@@ -1452,7 +1452,7 @@ fn on_a_stock_k3s_kubectl_reaches_pods_through_the_agent_tunnel_the_node_opens()
     assert_eq!(first.len(), 4, "{first:?}");
     assert!(first.iter().all(|l| l.starts_with("line ")), "{first:?}");
 
-    // exec, exec -it with resize, cp both ways, port-forward.
+    // exec, exec -it with resize, cp both ways, attach, port-forward.
     let (code, out) = kubectl_exec(
         &cluster,
         &[],
@@ -1462,7 +1462,12 @@ fn on_a_stock_k3s_kubectl_reaches_pods_through_the_agent_tunnel_the_node_opens()
     assert_eq!((code, out.as_str()), (0, "through the tunnel\n"));
     assert_exec_terminal_size(&cluster, &[]);
     assert_cp_both_ways(&cluster);
+    cluster.apply(READER);
     cluster.apply(SERVER);
+    cluster.wait_running("reader");
+    let (code, out) = kubectl_exec(&cluster, &[], &["attach", "-i", "reader"], "tunnelled\n");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("got tunnelled"), "{out}");
     cluster.wait_running("server");
     assert_port_forward(&cluster, &[]);
     let sent = metric(
