@@ -312,6 +312,28 @@ spec:
 }
 
 #[test]
+fn a_finished_pod_frees_its_agents_capacity() {
+    // Room for one pod: a finished one must not hold it (the kubelet admits against
+    // active pods only).
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&["--max-pods", "1", "--memory", "256Mi"]);
+    let pod = |name: &str, command: &str, restart: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  restartPolicy: {restart}\n  containers:\n  - name: main\n    image: localhost/busybox:1.35\n    command: [sh, -c, '{command}']\n    resources: {{requests: {{memory: 200Mi}}}}\n"
+        )
+    };
+    mesh.write_manifest("done.yaml", &pod("e2e-done", "echo done", "Never"));
+    mesh.wait_for("e2e-done Succeeded", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-done").as_deref() == Some("Succeeded")).then_some(())
+    });
+    mesh.write_manifest("next.yaml", &pod("e2e-next", "sleep 100000", "Always"));
+    mesh.wait_for("e2e-next Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-next").as_deref() == Some("Running")).then_some(())
+    });
+    assert_eq!(phase_of(&mesh, "e2e-done").as_deref(), Some("Succeeded"));
+}
+
+#[test]
 fn bad_manifests_get_clear_messages_and_do_not_disturb_good_pods() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&[]);

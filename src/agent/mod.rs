@@ -105,6 +105,13 @@ impl Hosted {
         self.statement.epoch
     }
 
+    /// Succeeded or Failed: its containers are done and will not start again, so it
+    /// holds no capacity (the kubelet admits against active pods only).
+    fn finished(&self) -> bool {
+        let phase = self.status.as_ref().and_then(|s| s.phase.as_deref());
+        matches!(phase, Some("Succeeded" | "Failed"))
+    }
+
     fn phase(&self) -> String {
         if self.stopping {
             return "Terminating".into();
@@ -364,7 +371,7 @@ impl Agent {
         let mut used = Resources::default();
         let mut ports = std::collections::BTreeSet::new();
         for (uid, hosted) in &self.pods {
-            if Some(uid) == except {
+            if Some(uid) == except || hosted.finished() {
                 continue;
             }
             used = used.saturating_add(Resources {
