@@ -5,6 +5,7 @@ pub mod audit;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod durable;
 pub mod health;
 pub mod kubelet;
 pub mod mesh;

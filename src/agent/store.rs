@@ -67,9 +67,14 @@ impl AssignmentStore {
             pod: pod.clone(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
-        let tmp = path.with_extension("json.tmp");
-        tokio::fs::write(&tmp, bytes).await.map_err(err)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(err)
+        // Whole or not at all: a restarted agent must not find half a record.
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::durable::write_atomically(&target, &bytes, 0o600)
+        })
+        .await
+        .map_err(|e| err(std::io::Error::other(e)))?
+        .map_err(err)
     }
 
     /// The stored assignment, or None if there is none or it cannot be read.

@@ -3,8 +3,7 @@
 //! whole (written aside, synced, renamed), so that the running node and a `beemesh
 //! token` command never lose each other's changes and a crash never leaves half a file.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, OpenOptions};
 use std::marker::PhantomData;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -163,26 +162,7 @@ impl<T: Serialize + DeserializeOwned + Default> JsonStore<T> {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        let tmp = self.path.with_extension("tmp");
-        let written = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut file| {
-                file.write_all(&bytes)?;
-                file.sync_all()
-            })
-            .and_then(|()| fs::rename(&tmp, &self.path))
-            .and_then(|()| {
-                // The rename itself reaches the disk with the directory.
-                File::open(self.path.parent().unwrap_or(Path::new("."))).and_then(|d| d.sync_all())
-            });
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written.map_err(|e| self.io(e))
+        crate::durable::write_atomically(&self.path, &bytes, 0o600).map_err(|e| self.io(e))
     }
 }
 
