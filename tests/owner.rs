@@ -477,6 +477,79 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         let _ = agents[0].handle.publish(&stale_beat).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The pod is deleted: its runner gets a Release, stops it, and its one `removed`
+    // report is lost. Its heartbeats no longer list the pod: the deletion is done.
+    let hosted = HostedPod {
+        pod: pod_ref.clone(),
+        owner: PeerRef(node_id),
+        epoch: assign.epoch,
+        phase: "Running".into(),
+        requests: Resources::default(),
+        host_ports: vec![],
+    };
+    let still_runs = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let beat = {
+        let (handle, seq, still_runs) = (
+            agents[1].handle.clone(),
+            seqs[1].clone(),
+            still_runs.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let pods = match still_runs.load(std::sync::atomic::Ordering::Acquire) {
+                    true => vec![hosted.clone()],
+                    false => vec![],
+                };
+                let _ = handle.publish(&heartbeat(&seq, 8000, pods)).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    std::fs::remove_file(dir.path().join("pod.yaml")).expect("delete the manifest");
+    let (release, reply) =
+        next_event(
+            &mut agents[1].events,
+            "release of the deleted pod",
+            |e| match e {
+                MeshEvent::Request {
+                    request: Request::Release(release),
+                    reply,
+                    ..
+                } => Some((release, reply)),
+                _ => None,
+            },
+        )
+        .await;
+    assert_eq!(
+        (release.pod.clone(), release.epoch),
+        (pod_ref.uid.clone(), assign.epoch)
+    );
+    reply.send(Response::Ack).expect("reply");
+    still_runs.store(false, std::sync::atomic::Ordering::Release);
+    let deleted = pod_ref.uid.clone();
+    let listed = |handle: MeshHandle| {
+        let deleted = deleted.clone();
+        async move {
+            match handle
+                .request(node_id, Request::Query)
+                .await
+                .expect("query")
+            {
+                Response::View(view) => view.pods.iter().any(|p| p.pod.uid == deleted),
+                other => panic!("view expected, got {other:?}"),
+            }
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while listed(agents[1].handle.clone()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted pod stayed Terminating after its runner stopped listing it"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    beat.abort();
     cancel.cancel();
 }
 

@@ -902,22 +902,28 @@ impl Owner {
             .filter(|p| p.owner.0 == me)
             .cloned()
             .collect();
-        // Pods placed there that the agent no longer lists: it lost them (a reboot took
-        // its memory-backed records with the pods' secrets, say). They go elsewhere.
-        let missing: Vec<PodUid> = self
+        // Pods placed there that the agent no longer lists. Deleted ones: it stopped them
+        // and its `removed` report was lost, so the deletion is done. Others: it lost
+        // them (a reboot took its memory-backed records with the pods' secrets, say), so
+        // they go elsewhere.
+        let unlisted: Vec<(PodUid, bool)> = self
             .pods
             .iter()
             .filter(|(uid, owned)| {
                 owned.placement == Placement::Placed { agent }
-                    && !owned.deleting
                     && owned.placed_at.elapsed() > MISSING_GRACE
                     && !hosted.iter().any(|h| &h.pod.uid == *uid)
             })
-            .map(|(uid, _)| uid.clone())
+            .map(|(uid, owned)| (uid.clone(), owned.deleting))
             .collect();
-        for uid in missing {
-            tracing::warn!(%agent, %uid, "agent no longer runs the pod; placing it again");
-            self.agent_lost(&uid, agent, "no longer runs the pod");
+        for (uid, deleting) in unlisted {
+            if deleting {
+                tracing::info!(%agent, %uid, "agent no longer runs the deleted pod; its deletion is done");
+                self.forget(&uid);
+            } else {
+                tracing::warn!(%agent, %uid, "agent no longer runs the pod; placing it again");
+                self.agent_lost(&uid, agent, "no longer runs the pod");
+            }
         }
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
