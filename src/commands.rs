@@ -23,7 +23,7 @@ use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent};
 use crate::metrics::Metrics;
 use crate::node::enroll::NodeEnrollment;
-use crate::node::owner::OwnerConfig;
+use crate::node::owner::{self, OwnerConfig};
 use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
@@ -334,6 +334,17 @@ async fn node(args: NodeArgs) -> Result<()> {
     let metrics = Metrics::new();
     let agents = trusted_peers(&args.mesh, args.trust_agents.iter().copied(), &cancel);
     let trust_store = node_trust_store(&args, client.as_ref(), &agents).await?;
+    let epoch_floor = match &trust_store {
+        // Counted, not read off the clock: a clock stepped back cannot lower it.
+        Some(store) => {
+            let doc = store
+                .update(&mut |doc| doc.owner_starts += 1)
+                .await
+                .with_context(|| format!("cannot count this start in {}", store.place()))?;
+            owner::epoch_floor(doc.owner_starts)
+        }
+        None => OwnerConfig::default().epoch_floor,
+    };
     let client_key_path = args.mesh.state_dir.join(CLIENT_KEY_FILE);
     let client_key = load_or_create_key(&client_key_path)?;
     let clients = TrustedPeers::new(
@@ -415,6 +426,7 @@ async fn node(args: NodeArgs) -> Result<()> {
             agents,
             clients,
             score_mode: args.score_mode,
+            epoch_floor,
             ..OwnerConfig::default()
         },
         enrollment,

@@ -226,6 +226,22 @@ fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
     });
     let before = running_copies("e2e-stay");
     assert_eq!(before.len(), 1);
+    // Epochs come from the node's counted starts (kept in its trust file), not the clock.
+    let starts = |mesh: &Mesh| {
+        let text = std::fs::read_to_string(mesh.node_state().join("trust/node.json"))
+            .expect("the node's trust file");
+        serde_json::from_str::<serde_json::Value>(&text).expect("json")["owner_starts"]
+            .as_u64()
+            .expect("owner_starts")
+    };
+    let epoch = |mesh: &Mesh, name: &str| {
+        mesh.pod_status("default", name)
+            .and_then(|p| p["epoch"].as_u64())
+            .expect("an epoch")
+    };
+    assert_eq!(starts(&mesh), 1);
+    let first = epoch(&mesh, "e2e-stay");
+    assert!(((1u64 << 32)..(2u64 << 32)).contains(&first), "{first}");
 
     // Node: SIGKILL and start again; it adopts the running placement.
     mesh.node().kill();
@@ -234,6 +250,16 @@ fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
         "e2e-stay Running after node restart",
         Duration::from_secs(30),
         || (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(()),
+    );
+    assert_eq!(starts(&mesh), 2);
+    assert_eq!(epoch(&mesh, "e2e-stay"), first, "adopted, not placed again");
+    mesh.write_manifest("new.yaml", &SLEEPER.replace("e2e-mover", "e2e-new"));
+    mesh.wait_for("e2e-new Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-new").as_deref() == Some("Running")).then_some(())
+    });
+    assert!(
+        epoch(&mesh, "e2e-new") >= 2u64 << 32,
+        "a new placement supersedes every earlier run's"
     );
     std::thread::sleep(Duration::from_secs(5));
     let after_node = running_copies("e2e-stay");

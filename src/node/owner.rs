@@ -92,6 +92,17 @@ pub struct OwnerConfig {
     /// How long a signed assignment may take to reach its agent (covers clock skew
     /// between owner and agent too).
     pub assignment_ttl: Duration,
+    /// The lowest epoch of this owner's placements: above every epoch of its earlier
+    /// runs, so that its placements supersede theirs, even copies it never heard of
+    /// (see [`epoch_floor`]).
+    pub epoch_floor: Epoch,
+}
+
+/// The epoch floor of the owner's `start`-th run (counted in its persisted trust
+/// document, so a clock that steps back cannot lower it): each run owns the epochs
+/// from `start << 32` on, room for 2^32 placements of one pod per run.
+pub fn epoch_floor(start: u64) -> Epoch {
+    Epoch(start.saturating_mul(1 << 32))
 }
 
 impl Default for OwnerConfig {
@@ -105,6 +116,13 @@ impl Default for OwnerConfig {
             clients: TrustedPeers::default(),
             score_mode: ScoreMode::default(),
             assignment_ttl: Duration::from_secs(600),
+            // Without a persisted count (demos with --insecure-trust-any, tests): the
+            // clock in seconds, below every counted run's floor.
+            epoch_floor: Epoch(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
         }
     }
 }
@@ -185,10 +203,6 @@ pub struct Owner {
     /// False until every pod source has delivered its first full set: until then a pod
     /// an agent reports is not known to be unwanted.
     synced: bool,
-    /// The lowest epoch of a new placement: the owner's start time in seconds, so
-    /// that a restarted owner's placements supersede every earlier one (epochs grow by
-    /// at most about one a second), even of a copy it never heard of.
-    epoch_floor: Epoch,
     /// The last heartbeat sequence number of each agent.
     heartbeat_seqs: ReplayGuard<PeerId>,
     /// The last status report sequence number of each placement.
@@ -288,13 +302,9 @@ impl Owner {
         sink: Box<dyn StatusSink>,
     ) -> Owner {
         let (internal_tx, internal_rx) = mpsc::channel(256);
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         Owner {
             adopt_until: Instant::now() + config.adopt_window,
             synced: true,
-            epoch_floor: Epoch(started),
             recent_assignments: HashMap::new(),
             heartbeat_seqs: ReplayGuard::default(),
             status_seqs: ReplayGuard::default(),
@@ -634,7 +644,7 @@ impl Owner {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        owned.epoch = owned.epoch.next().max(self.epoch_floor);
+        owned.epoch = owned.epoch.next().max(self.config.epoch_floor);
         owned.offer.epoch = owned.epoch;
         owned.placement = Placement::Offering {
             deadline: now + self.config.offer_window,
@@ -1350,6 +1360,17 @@ fn merge_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_counted_start_owns_epochs_above_every_earlier_one() {
+        assert!(
+            epoch_floor(1) > OwnerConfig::default().epoch_floor,
+            "above clock seconds"
+        );
+        assert!(epoch_floor(2) > epoch_floor(1));
+        assert_eq!(epoch_floor(2).0 - epoch_floor(1).0, 1 << 32);
+        assert_eq!(epoch_floor(u64::MAX), Epoch(u64::MAX));
+    }
 
     #[test]
     fn merged_status_carries_restarts_and_the_agent_lost_state() {

@@ -268,6 +268,11 @@ pub struct TrustDoc {
     pub tokens: Vec<TokenRecord>,
     #[serde(default)]
     pub agents: Vec<EnrolledAgent>,
+    /// How many times the node has started: its epoch floor, kept here because this is
+    /// the node's one durable document (a Secret in a cluster, where its state
+    /// directory is not kept).
+    #[serde(default)]
+    pub owner_starts: u64,
 }
 
 /// How `revoke` was understood.
@@ -430,6 +435,12 @@ impl NonceBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_document_from_before_the_start_count_reads_as_never_started() {
+        let doc: TrustDoc = serde_json::from_str(r#"{"tokens": [], "agents": []}"#).expect("old");
+        assert_eq!(doc.owner_starts, 0);
+    }
 
     fn token() -> JoinToken {
         "abcdef.0123456789abcdef".parse().expect("valid")
