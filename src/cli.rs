@@ -237,6 +237,14 @@ pub struct NodeArgs {
     /// (default: 3 heartbeats of 3 s).
     #[arg(long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 9, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub agent_loss_seconds: u64,
+    /// Seconds a strict pod's copy runs without the node renewing its placement (agents
+    /// renew every third of it); a copy cut off longer stops (see `beemesh.io/fencing`).
+    #[arg(long, env = "BEEMESH_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub lease_seconds: u64,
+    /// Seconds beyond a lease the node waits before placing a strict pod again: room
+    /// for the agent's clock to run faster than the node's and for the stop to act.
+    #[arg(long, env = "BEEMESH_FENCING_MARGIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub fencing_margin_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -427,6 +427,8 @@ async fn node(args: NodeArgs) -> Result<()> {
             clients,
             score_mode: args.score_mode,
             epoch_floor,
+            lease: Duration::from_secs(args.lease_seconds),
+            fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             ..OwnerConfig::default()
         },
         enrollment,

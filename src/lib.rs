@@ -6,6 +6,7 @@ pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod durable;
+pub mod fencing;
 pub mod health;
 pub mod kubelet;
 pub mod mesh;

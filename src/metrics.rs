@@ -62,6 +62,9 @@ pub struct Metrics {
     pub container_restarts: Counter,
     /// Agents declared lost by this node.
     pub agents_lost: Counter,
+    /// Strict pods' copies this agent stopped because their lease ran out or was
+    /// refused (see `fencing`).
+    pub pods_fenced: Counter,
     /// Security decisions, by action and outcome (see `audit`).
     pub audit_events: Family<AuditLabels, Counter>,
     /// k3s agent tunnel sessions up, by API server (1 or 0).
@@ -90,6 +93,7 @@ impl Metrics {
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
+        let pods_fenced = Counter::default();
         let audit_events = Family::<AuditLabels, Counter>::default();
         let tunnel_sessions_up = Family::<ServerLabel, Gauge>::default();
         let tunnel_connections = Gauge::default();
@@ -159,6 +163,11 @@ impl Metrics {
             "Agents declared lost after missing heartbeats",
             agents_lost.clone(),
         );
+        registry.register(
+            "pods_fenced",
+            "Strict pods' copies stopped because their lease ran out or was refused",
+            pods_fenced.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             mesh_received,
@@ -169,6 +178,7 @@ impl Metrics {
             assignments,
             container_restarts,
             agents_lost,
+            pods_fenced,
             audit_events,
             tunnel_sessions_up,
             tunnel_connections,

@@ -307,6 +307,11 @@ pub struct Assign {
     pub volumes: BTreeMap<String, Vec<VolumeFile>>,
     /// The owner's signature over this assignment, for this agent.
     pub statement: SignedAssignment,
+    /// For a strict pod (see `fencing`), how long the agent may run it without hearing
+    /// its owner renew the placement, counted from when it received this; none for a
+    /// relaxed pod, which runs through partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// One file of a volume whose content the owner provides.
@@ -337,6 +342,14 @@ pub struct Release {
     pub epoch: Epoch,
     /// Seconds between SIGTERM and SIGKILL.
     pub grace_period_secs: u64,
+}
+
+/// An agent asks its owner to renew the leases of the strict pods it runs for it,
+/// showing the owner's signed assignment of each (proof enough to adopt them after the
+/// owner restarted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Renew {
+    pub leases: Vec<SignedAssignment>,
 }
 
 /// A runner's view of a pod's status.
@@ -491,6 +504,8 @@ pub enum Request {
     Query,
     /// An agent asks to be enrolled by a node.
     Join(JoinRequest),
+    /// An agent asks its owner to renew its strict pods' leases.
+    Renew(Renew),
 }
 
 impl Request {
@@ -502,6 +517,7 @@ impl Request {
             Request::Status(_) => "status",
             Request::Query => "query",
             Request::Join(_) => "join",
+            Request::Renew(_) => "renew",
         }
     }
 }
@@ -559,6 +575,14 @@ pub enum Response {
     /// The node enrolled the agent; its proof that it knows the token too.
     Joined {
         proof: String,
+    },
+    /// The answer to [`Renew`]: the pods whose leases run on for `lease_ms` from when
+    /// the agent sent the request, and those the owner no longer has there (their
+    /// copies stop now). Pods in neither list wait (the owner is not ready to say).
+    Leases {
+        granted: Vec<PodUid>,
+        refused: Vec<PodUid>,
+        lease_ms: u64,
     },
 }
 
@@ -741,6 +765,7 @@ mod tests {
                     }],
                 )]),
                 statement: statement(),
+                lease_ms: Some(15_000),
             })),
             Request::Release(Release {
                 pod: pod_ref().uid,
@@ -760,6 +785,9 @@ mod tests {
                 sent_at_ms: 1_700_000_000_000,
             })),
             Request::Query,
+            Request::Renew(Renew {
+                leases: vec![statement()],
+            }),
             Request::Join(JoinRequest {
                 token_id: "abcdef".into(),
                 nonce: "00".repeat(16),
@@ -798,6 +826,11 @@ mod tests {
             },
             Response::Joined {
                 proof: "cd".repeat(32),
+            },
+            Response::Leases {
+                granted: vec![PodUid("a".into())],
+                refused: vec![PodUid("b".into())],
+                lease_ms: 15_000,
             },
         ] {
             round_trip(&resp, MAX_RESPONSE_BYTES);

@@ -716,3 +716,102 @@ fn secrets_stay_off_disk_and_pods_a_reboot_took_run_again() {
     });
     assert_eq!(running_copies("e2e-boot").len(), 1, "{pod}");
 }
+
+const STRICT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: e2e-strict
+  annotations: {beemesh.io/fencing: strict}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: ["sleep", "100000"]
+"#;
+
+/// The containers of a pod that Podman runs.
+fn running_containers(name: &str) -> Vec<serde_json::Value> {
+    podman_containers(&format!("io.beemesh.pod.name={name}"))
+        .into_iter()
+        .filter(|c| c["State"] == "running")
+        .collect()
+}
+
+#[test]
+fn a_strict_pod_stops_when_its_owner_is_unreachable_past_the_lease_and_a_relaxed_one_runs_on() {
+    let (lease, margin) = (Duration::from_secs(3), Duration::from_secs(2));
+    let mut mesh = Mesh::with_node_args(&["--lease-seconds", "3", "--fencing-margin-seconds", "2"]);
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    mesh.start_agent(&["--metrics-addr", &metrics_addr]);
+    mesh.write_manifest("strict.yaml", STRICT);
+    mesh.write_manifest("relaxed.yaml", &SLEEPER.replace("e2e-mover", "e2e-relaxed"));
+    for name in ["e2e-strict", "e2e-relaxed"] {
+        mesh.wait_for(name, Duration::from_secs(60), || {
+            (phase_of(&mesh, name).as_deref() == Some("Running")).then_some(())
+        });
+    }
+    let strict = running_copies("e2e-strict");
+    assert_eq!(strict.len(), 1, "{strict:?}");
+    let strict_epoch: u64 = strict[0].labels["io.beemesh.epoch"].parse().expect("epoch");
+    let relaxed = running_containers("e2e-relaxed");
+    assert_eq!(relaxed.len(), 1, "{relaxed:?}");
+    let relaxed_id = relaxed[0]["Id"].clone();
+
+    // The node freezes: the agent hears no renewal. Its strict copy must be gone before
+    // the owner could place the pod again (the lease and margin after the last renewal,
+    // which came before the freeze); the relaxed one runs on.
+    let node_pid = mesh.node().child.id().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &node_pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let frozen_at = Instant::now();
+    let stopped_after = loop {
+        let elapsed = frozen_at.elapsed();
+        if running_containers("e2e-strict").is_empty() {
+            break elapsed;
+        }
+        assert!(
+            elapsed < lease + margin,
+            "the strict copy still runs {elapsed:?} after its owner froze\n{}",
+            mesh.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("strict copy stopped {stopped_after:?} after the owner froze");
+    std::thread::sleep(lease);
+    let relaxed_now = running_containers("e2e-relaxed");
+    assert_eq!(relaxed_now.len(), 1, "{relaxed_now:?}");
+    assert_eq!(
+        relaxed_now[0]["Id"], relaxed_id,
+        "the relaxed pod ran through"
+    );
+    assert!(running_copies("e2e-strict").is_empty());
+    let (code, metrics) = common::curl({
+        let mut curl = std::process::Command::new("curl");
+        curl.arg(format!("http://{metrics_addr}/metrics"));
+        curl
+    });
+    assert_eq!(code, 200);
+    assert!(metrics.contains("beemesh_pods_fenced_total 1"), "{metrics}");
+
+    // The node thaws: it learns the copy is gone and places the pod again, once.
+    signal("-CONT");
+    let placed = mesh.wait_for("e2e-strict placed again", Duration::from_secs(60), || {
+        let copies = running_copies("e2e-strict");
+        assert!(copies.len() <= 1, "{copies:?}");
+        let epoch: u64 = copies.first()?.labels["io.beemesh.epoch"].parse().ok()?;
+        (epoch > strict_epoch && phase_of(&mesh, "e2e-strict").as_deref() == Some("Running"))
+            .then_some(epoch)
+    });
+    assert!(placed > strict_epoch);
+    let relaxed_now = running_containers("e2e-relaxed");
+    assert_eq!(relaxed_now.len(), 1, "{relaxed_now:?}");
+    assert_eq!(relaxed_now[0]["Id"], relaxed_id);
+}

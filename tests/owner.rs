@@ -14,8 +14,8 @@ use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, PeerRef, PodRef, PodUid, Request,
-    Resources, Response, SignedAssignment, StatusReport, Topic,
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid, Renew,
+    Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
@@ -122,11 +122,23 @@ async fn next_assign(
     .await
 }
 
-#[tokio::test]
-async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_are_superseded() {
+/// A real node serving one manifest (`pod`), and two scripted agents on its mesh.
+struct Scene {
+    cancel: CancellationToken,
+    dir: tempfile::TempDir,
+    node_addr: Multiaddr,
+    node_id: libp2p::PeerId,
+    node_metrics: Metrics,
+    agent_keys: [Keypair; 2],
+    agent_ids: Vec<libp2p::PeerId>,
+    agents: Vec<ScriptedAgent>,
+}
+
+/// `owner` gets the agents' peer IDs (and fills in the rest of the node's settings).
+async fn scene(pod: &str, owner: impl FnOnce(&[libp2p::PeerId]) -> OwnerConfig) -> Scene {
     let cancel = CancellationToken::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("pod.yaml"), POD).expect("manifest");
+    std::fs::write(dir.path().join("pod.yaml"), pod).expect("manifest");
 
     let node_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", free_port())
         .parse()
@@ -147,14 +159,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     let node = Node::new(
         NodeConfig {
             pod_manifest_path: Some(dir.path().to_path_buf()),
-            owner: OwnerConfig {
-                adopt_window: Duration::from_millis(500),
-                offer_window: Duration::from_secs(2),
-                agents: TrustedPeers::new(agent_ids.clone()),
-                // Agent 1 doubles as the operator asking `beemesh status`.
-                clients: TrustedPeers::new([agent_ids[1]]),
-                ..OwnerConfig::default()
-            },
+            owner: owner(&agent_ids),
             enrollment: None,
         },
         node_key,
@@ -175,6 +180,90 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         .await;
         agents.push(ScriptedAgent { handle, events });
     }
+    Scene {
+        cancel,
+        dir,
+        node_addr,
+        node_id,
+        node_metrics,
+        agent_keys,
+        agent_ids,
+        agents,
+    }
+}
+
+/// Heartbeats of `agent` every 300 ms with `free` millicores free, while `alive`.
+fn beat_while(
+    agent: &ScriptedAgent,
+    seq: std::sync::Arc<Sequencer>,
+    free: u64,
+    alive: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let handle = agent.handle.clone();
+    tokio::spawn(async move {
+        loop {
+            if alive.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = handle.publish(&heartbeat(&seq, free, vec![])).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Every agent bids on an offer as soon as it is seen. An offer may close before the
+/// bids arrive (it was made before all agents were known): the next one is taken then.
+async fn bid_by_all(agents: &mut [ScriptedAgent], node_id: libp2p::PeerId) -> Offer {
+    loop {
+        let offer = next_event(&mut agents[0].events, "offer", |e| match e {
+            MeshEvent::Gossip {
+                source,
+                message: GossipMessage::Offer(offer),
+            } if source == node_id => Some(offer),
+            _ => None,
+        })
+        .await;
+        let bid = Request::Bid(Bid {
+            pod: offer.pod.uid.clone(),
+            epoch: offer.epoch,
+        });
+        let mut acks = 0;
+        for agent in agents.iter().rev() {
+            if agent
+                .handle
+                .request(node_id, bid.clone())
+                .await
+                .expect("bid")
+                == Response::Ack
+            {
+                acks += 1;
+            }
+        }
+        if acks == agents.len() {
+            return offer;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_are_superseded() {
+    let Scene {
+        cancel,
+        dir,
+        node_addr,
+        node_id,
+        node_metrics,
+        agent_keys,
+        agent_ids,
+        mut agents,
+    } = scene(POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        offer_window: Duration::from_secs(2),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        // Agent 1 doubles as the operator asking `beemesh status`.
+        clients: TrustedPeers::new([agent_ids[1]]),
+        ..OwnerConfig::default()
+    })
+    .await;
     let stranger_key = Keypair::generate_ed25519();
     let (stranger, _stranger_events) = start_peer(
         stranger_key.clone(),
@@ -192,56 +281,23 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     ];
     // Recorded now, played again at the end.
     let captured = heartbeat(&seqs[0], 8000, vec![]);
+    let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let beats: Vec<_> = agents
         .iter()
         .zip([8000, 2000])
         .zip(seqs.clone())
-        .map(|((agent, free), seq)| {
-            let handle = agent.handle.clone();
-            tokio::spawn(async move {
-                loop {
-                    let _ = handle.publish(&heartbeat(&seq, free, vec![])).await;
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-            })
-        })
+        .map(|((agent, free), seq)| beat_while(agent, seq, free, alive.clone()))
         .collect();
-    // Both bid on an offer as soon as it is seen. An offer may close before the bids
-    // arrive (it was made before both agents were known): the next one is taken then.
-    let offer = loop {
-        let offer = next_event(&mut agents[0].events, "offer", |e| match e {
-            MeshEvent::Gossip {
-                source,
-                message: GossipMessage::Offer(offer),
-            } if source == node_id => Some(offer),
-            _ => None,
-        })
-        .await;
-        let bid = Request::Bid(Bid {
-            pod: offer.pod.uid.clone(),
-            epoch: offer.epoch,
-        });
-        // A stranger's bid, and a bid from a peer that never heartbeat, are refused.
-        assert!(matches!(
-            stranger.request(node_id, bid.clone()).await.expect("bid"),
-            Response::Declined { .. }
-        ));
-        let mut acks = 0;
-        for agent in agents.iter().rev() {
-            if agent
-                .handle
-                .request(node_id, bid.clone())
-                .await
-                .expect("bid")
-                == Response::Ack
-            {
-                acks += 1;
-            }
-        }
-        if acks == 2 {
-            break offer;
-        }
-    };
+    let offer = bid_by_all(&mut agents, node_id).await;
+    // A stranger's bid, from a peer that never heartbeat, is refused.
+    let bid = Request::Bid(Bid {
+        pod: offer.pod.uid.clone(),
+        epoch: offer.epoch,
+    });
+    assert!(matches!(
+        stranger.request(node_id, bid).await.expect("bid"),
+        Response::Declined { .. }
+    ));
     for beat in beats {
         beat.abort();
     }
@@ -550,6 +606,191 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     beat.abort();
+    cancel.cancel();
+}
+
+const STRICT_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: strict
+  uid: 22222222-3333-4444-5555-666666666666
+  annotations: {beemesh.io/fencing: strict}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35}]
+"#;
+
+/// A strict pod is never placed again while its unreachable agent's copy may still run:
+/// only once the lease the owner last renewed, plus the margin, has passed. An agent
+/// back in time keeps its pod; a late one is refused.
+#[tokio::test]
+async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_passed() {
+    let lease = Duration::from_secs(3);
+    let margin = Duration::from_secs(1);
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        node_metrics,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene(STRICT_POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        offer_window: Duration::from_secs(2),
+        agent_loss_timeout: Duration::from_secs(1),
+        lease,
+        fencing_margin: margin,
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        ..OwnerConfig::default()
+    })
+    .await;
+    let seqs = [
+        std::sync::Arc::new(Sequencer::default()),
+        std::sync::Arc::new(Sequencer::default()),
+    ];
+    // Agent 0 is emptier: ranked first.
+    let alive: Vec<_> = (0..2)
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)))
+        .collect();
+    let _beats: Vec<_> = (0..2)
+        .map(|i| {
+            beat_while(
+                &agents[i],
+                seqs[i].clone(),
+                [8000, 2000][i],
+                alive[i].clone(),
+            )
+        })
+        .collect();
+    bid_by_all(&mut agents, node_id).await;
+    let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
+    assert_eq!(
+        assign.lease_ms,
+        Some(3000),
+        "a strict pod's assignment holds a lease"
+    );
+    reply.send(Response::Ack).expect("reply");
+    let uid = assign.statement.pod.clone();
+
+    let handles: Vec<MeshHandle> = agents.iter().map(|a| a.handle.clone()).collect();
+    let renew = |agent: usize, statement: SignedAssignment| {
+        let handle = handles[agent].clone();
+        async move {
+            handle
+                .request(
+                    node_id,
+                    Request::Renew(Renew {
+                        leases: vec![statement],
+                    }),
+                )
+                .await
+                .expect("renew")
+        }
+    };
+    let granted = Response::Leases {
+        granted: vec![uid.clone()],
+        refused: vec![],
+        lease_ms: 3000,
+    };
+    let refused = Response::Leases {
+        granted: vec![],
+        refused: vec![uid.clone()],
+        lease_ms: 3000,
+    };
+    assert_eq!(renew(0, assign.statement.clone()).await, granted);
+    // Another agent, or an altered assignment, renews nothing.
+    assert_eq!(renew(1, assign.statement.clone()).await, refused);
+    let mut altered = assign.statement.clone();
+    altered.epoch = altered.epoch.next();
+    let before = dropped(&node_metrics, "renew", "not_assigned");
+    assert_eq!(renew(0, altered).await, refused);
+    assert_eq!(dropped(&node_metrics, "renew", "not_assigned"), before + 1);
+
+    let placed_on = |handle: MeshHandle| {
+        let uid = uid.clone();
+        async move {
+            match handle
+                .request(node_id, Request::Query)
+                .await
+                .expect("query")
+            {
+                Response::View(view) => view
+                    .pods
+                    .iter()
+                    .find(|p| p.pod.uid == uid)
+                    .and_then(|p| p.agent.map(|a| a.0)),
+                other => panic!("view expected, got {other:?}"),
+            }
+        }
+    };
+    // A short partition: agent 0 is declared lost, but comes back before its lease
+    // and margin are over; it keeps the pod, and nothing was assigned elsewhere.
+    assert_eq!(renew(0, assign.statement.clone()).await, granted);
+    alive[0].store(false, std::sync::atomic::Ordering::Release);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while placed_on(agents[1].handle.clone()).await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent 0 never declared lost"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        renew(0, assign.statement.clone()).await,
+        granted,
+        "taken back"
+    );
+    alive[0].store(true, std::sync::atomic::Ordering::Release);
+    assert_eq!(
+        placed_on(agents[1].handle.clone()).await,
+        Some(agent_ids[0])
+    );
+    // Its heartbeats are heard again before the next partition.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = handles[1]
+            .request(node_id, Request::Query)
+            .await
+            .expect("query");
+        if matches!(&view, Response::View(v) if v.agents.iter().any(|a| a.peer.0 == agent_ids[0])) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent 0 not heard again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // For good this time: the pod goes to agent 1, not before the lease last renewed
+    // plus the margin (counted from before the renewal was sent: the owner counts from
+    // its arrival, which is later).
+    let renewed = tokio::time::Instant::now();
+    assert_eq!(renew(0, assign.statement.clone()).await, granted);
+    alive[0].store(false, std::sync::atomic::Ordering::Release);
+    let offer = bid_by_all(&mut agents[1..], node_id).await;
+    assert!(offer.epoch > assign.epoch);
+    let (moved, reply) = next_assign(&mut agents[1].events, "assign to agent 1").await;
+    let waited = renewed.elapsed();
+    assert!(waited >= lease + margin, "placed again after {waited:?}");
+    assert!(moved.epoch > assign.epoch);
+    reply.send(Response::Ack).expect("reply");
+    // Agent 0 had nothing else assigned meanwhile, and its late renewal is refused.
+    while let Ok(event) = agents[0].events.try_recv() {
+        assert!(
+            !matches!(
+                event,
+                MeshEvent::Request {
+                    request: Request::Assign(_),
+                    ..
+                }
+            ),
+            "agent 0 got an assignment while partitioned"
+        );
+    }
+    assert_eq!(renew(0, assign.statement.clone()).await, refused);
     cancel.cancel();
 }
 

@@ -436,6 +436,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         ),
         pod: evil,
         volumes: BTreeMap::new(),
+        lease_ms: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "self-signed Assign");
@@ -477,6 +478,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         pod: hijack,
         volumes: BTreeMap::new(),
         statement: forged,
+        lease_ms: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "Assign forged as the node's");

@@ -3,6 +3,7 @@
 
 pub mod enroll;
 mod kubelet;
+mod lease;
 pub mod probe;
 pub mod status;
 mod store;
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
+use crate::fencing::boottime_ms;
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity};
@@ -32,9 +34,10 @@ use crate::trust::statement;
 use crate::trust::TrustedPeers;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
-    PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport,
+    PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
 };
 use enroll::{Enrollment, JoinOutcome};
+use lease::{Lease, LeaseBook};
 use store::{create_private_dir, AssignmentStore};
 use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
 
@@ -132,10 +135,24 @@ const BID_LIFETIME: Duration = Duration::from_secs(60);
 /// what even they can make an agent keep).
 const MAX_OPEN_BIDS: usize = 4096;
 
+/// How often strict pods' leases are checked: a copy stops within this of its time.
+const LEASE_CHECK: Duration = Duration::from_millis(250);
+/// The file of strict pods' leases, in the secrets directory.
+const LEASES_FILE: &str = "leases.json";
+
 /// Results of spawned tasks, fed back into the agent loop.
 enum Internal {
-    Superseded { uid: PodUid, epoch: Epoch },
+    Superseded {
+        uid: PodUid,
+        epoch: Epoch,
+    },
     Join(JoinOutcome),
+    /// An owner's answer to a lease renewal sent at `sent_ms` (None: no answer).
+    Renewed {
+        owner: PeerId,
+        sent_ms: u64,
+        answer: Option<Response>,
+    },
 }
 
 pub struct Agent {
@@ -147,6 +164,7 @@ pub struct Agent {
     metrics: Metrics,
     store: AssignmentStore,
     pods: HashMap<PodUid, Hosted>,
+    leases: LeaseBook,
     /// The offers this agent bid for: an assignment without a bid is refused.
     bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
     enrollment: Option<Enrollment>,
@@ -189,6 +207,14 @@ impl Agent {
             }
         }
         let store = AssignmentStore::open(&config.secrets_dir)?;
+        let leases = match std::fs::read(config.secrets_dir.join(LEASES_FILE)) {
+            Ok(bytes) => LeaseBook::from_json(&bytes).unwrap_or_else(|e| {
+                // Adoption then stops every strict pod: no lease, no copy.
+                tracing::warn!(error = %e, "unreadable lease file; strict pods found will be stopped");
+                LeaseBook::default()
+            }),
+            Err(_) => LeaseBook::default(),
+        };
         // Nobody else on the host may look in: containers reach their own volume
         // through its bind mount.
         let volumes_root = config.state_dir.join("volumes");
@@ -219,6 +245,7 @@ impl Agent {
             metrics,
             store,
             pods: HashMap::new(),
+            leases,
             bids: HashMap::new(),
             enrollment,
             connected: Default::default(),
@@ -254,6 +281,8 @@ impl Agent {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         let mut resync = tokio::time::interval(self.config.resync_interval);
         resync.reset();
+        let mut lease_check = tokio::time::interval(LEASE_CHECK);
+        lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -268,6 +297,7 @@ impl Agent {
                 Some(update) = self.updates.recv() => self.on_update(update).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
+                    Internal::Renewed { owner, sent_ms, answer } => self.on_renewed(owner, sent_ms, answer),
                     Internal::Join(outcome) => {
                         if self.on_join(outcome).await? {
                             // The node learns of us now, not a period later.
@@ -283,6 +313,7 @@ impl Agent {
                     }
                 }
                 _ = resync.tick() => self.resync(None),
+                _ = lease_check.tick() => self.check_leases(),
             }
         }
         Ok(())
@@ -319,6 +350,22 @@ impl Agent {
                 continue;
             };
             tracing::info!(pod = %pod_ref, %epoch, "adopting pod after restart");
+            if let Some(lease_ms) = record.lease_ms {
+                if self.leases.get(&uid).is_none_or(|l| l.epoch != epoch) {
+                    // When it was last renewed is not known: it may have run out.
+                    tracing::warn!(pod = %pod_ref, "strict pod without a lease record; stopping it");
+                    self.leases.take(
+                        uid.clone(),
+                        Lease {
+                            owner: record.statement.owner,
+                            epoch,
+                            lease_ms,
+                            expires_at_ms: 0,
+                            grace_ms: 0,
+                        },
+                    );
+                }
+            }
             self.host(
                 pod_ref,
                 record.pod,
@@ -327,8 +374,96 @@ impl Agent {
                 Some(existing),
             );
         }
+        let pods = &self.pods;
+        self.leases
+            .retain(|uid, lease| pods.get(uid).is_some_and(|h| h.epoch() == lease.epoch));
+        self.save_leases();
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
+    }
+
+    /// Writes the leases where a restarted agent finds them. A small file on a
+    /// memory-backed filesystem: written in place of the loop's work, not spawned, so
+    /// that writes cannot cross.
+    fn save_leases(&self) {
+        let path = self.config.secrets_dir.join(LEASES_FILE);
+        if let Err(e) = crate::durable::write_atomically(&path, &self.leases.to_json(), 0o600) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the lease file");
+        }
+    }
+
+    /// Stops the strict pods whose leases run out, and asks owners to renew the rest.
+    fn check_leases(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let now = boottime_ms();
+        let fenced = self.leases.fence(now);
+        for (uid, grace) in &fenced {
+            let Some(hosted) = self.pods.get_mut(uid) else {
+                continue;
+            };
+            self.metrics.pods_fenced.inc();
+            tracing::warn!(pod = %hosted.pod, epoch = %hosted.epoch(), owner = %hosted.owner(), "lease not renewed by the owner; stopping this copy (fenced)");
+            audit::record(
+                &self.metrics,
+                "fence",
+                Outcome::Allowed,
+                &hosted.owner(),
+                Some(&hosted.pod),
+                &format_args!("epoch {}: lease ran out", hosted.epoch()),
+            );
+            hosted.stopping = true;
+            hosted.worker.stop(*grace);
+        }
+        for (owner, uids) in self.leases.due(now) {
+            let leases = uids
+                .iter()
+                .filter_map(|uid| self.pods.get(uid).map(|h| h.statement.clone()))
+                .collect();
+            let mesh = self.mesh.clone();
+            let internal = self.internal_tx.clone();
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let answer = match mesh.request(owner, Request::Renew(Renew { leases })).await {
+                    Ok(answer) => Some(answer),
+                    Err(e) => {
+                        metrics.request_failed("renew");
+                        tracing::debug!(%owner, error = %e, "lease renewal not answered");
+                        None
+                    }
+                };
+                let _ = internal
+                    .send(Internal::Renewed {
+                        owner,
+                        sent_ms: now,
+                        answer,
+                    })
+                    .await;
+            });
+        }
+        if !fenced.is_empty() {
+            self.save_leases();
+        }
+    }
+
+    fn on_renewed(&mut self, owner: PeerId, sent_ms: u64, answer: Option<Response>) {
+        match answer {
+            Some(Response::Leases {
+                granted,
+                refused,
+                lease_ms,
+            }) => {
+                self.leases
+                    .renewed(owner, sent_ms, boottime_ms(), &granted, &refused, lease_ms);
+                self.save_leases();
+                // Refused copies stop at the next check.
+                self.check_leases();
+            }
+            Some(other) => tracing::warn!(%owner, answer = ?other, "owner did not renew leases"),
+            // The next renewal is due a third of a lease after this one was sent.
+            None => {}
+        }
     }
 
     /// Starts supervising a pod (new, or adopted from Podman) and accounts for it.
@@ -544,9 +679,12 @@ impl Agent {
             Request::Assign(assign) => self.on_assign(peer, *assign).await,
             Request::Release(release) => self.on_release(peer, release),
             Request::Query => Response::View(Box::new(self.view(peer))),
-            Request::Bid(_) | Request::Status(_) | Request::Join(_) => Response::Error {
-                message: "this peer is an agent; bids, status reports and joins go to nodes".into(),
-            },
+            Request::Bid(_) | Request::Status(_) | Request::Join(_) | Request::Renew(_) => {
+                Response::Error {
+                    message: "this peer is an agent; bids, status reports and joins go to nodes"
+                        .into(),
+                }
+            }
         }
     }
 
@@ -661,7 +799,12 @@ impl Agent {
         }
         if let Err(e) = self
             .store
-            .save(&pod_ref.uid, &assign.statement, &assign.pod)
+            .save(
+                &pod_ref.uid,
+                &assign.statement,
+                &assign.pod,
+                assign.lease_ms,
+            )
             .await
         {
             return Response::Declined {
@@ -685,6 +828,26 @@ impl Agent {
             &format_args!("epoch {}", assign.epoch),
         );
         self.metrics.assignments.inc();
+        match assign.lease_ms {
+            Some(lease_ms) => {
+                // Counted from now: the owner counts from our answer, which is later.
+                let grace = translate::grace_period_secs(&assign.pod).saturating_mul(1000);
+                self.leases.take(
+                    pod_ref.uid.clone(),
+                    Lease {
+                        owner: PeerRef(owner),
+                        epoch: assign.epoch,
+                        lease_ms,
+                        expires_at_ms: boottime_ms().saturating_add(lease_ms),
+                        grace_ms: grace,
+                    },
+                );
+            }
+            None => {
+                self.leases.remove(&pod_ref.uid);
+            }
+        }
+        self.save_leases();
         self.host(pod_ref, assign.pod, assign.volumes, assign.statement, None);
         Response::Ack
     }
@@ -733,6 +896,9 @@ impl Agent {
         let statement = hosted.statement.clone();
         if update.removed {
             self.pods.remove(&update.pod.uid);
+            if self.leases.remove(&update.pod.uid).is_some() {
+                self.save_leases();
+            }
             self.store.remove(&update.pod.uid).await;
             self.metrics.pods.set(self.pods.len() as i64);
         }

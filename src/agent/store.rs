@@ -15,6 +15,10 @@ pub struct StoredAssignment {
     /// The owner's signed assignment: who owns the pod, at which epoch.
     pub statement: SignedAssignment,
     pub pod: Pod,
+    /// A strict pod's lease (see `fencing`): a restarted agent that finds no lease for
+    /// it stops it rather than guess.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
 }
 
 impl StoredAssignment {
@@ -56,6 +60,7 @@ impl AssignmentStore {
         uid: &PodUid,
         statement: &SignedAssignment,
         pod: &Pod,
+        lease_ms: Option<u64>,
     ) -> Result<(), StoreError> {
         let path = self.path(uid);
         let err = |source| StoreError {
@@ -65,6 +70,7 @@ impl AssignmentStore {
         let record = StoredAssignment {
             statement: statement.clone(),
             pod: pod.clone(),
+            lease_ms,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
         // Whole or not at all: a restarted agent must not find half a record.
@@ -150,7 +156,7 @@ mod tests {
                 signature: String::new(),
             };
             store
-                .save(&uid, &statement, &Pod::default())
+                .save(&uid, &statement, &Pod::default(), None)
                 .await
                 .expect("saves");
             assert!(store.path(&uid).starts_with(dir.path().join("assignments")));

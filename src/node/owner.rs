@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::resolve::{ResolveError, Resolved};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
+use crate::fencing::{fencing_of, Fencing};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::placement::{self, ScoreMode, AGENT_SELECTOR_ANNOTATION};
@@ -32,7 +33,8 @@ use crate::trust::TrustedPeers;
 use crate::view::HeartbeatBook;
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport, VolumeFile,
+    PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
+    VolumeFile,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -96,6 +98,13 @@ pub struct OwnerConfig {
     /// runs, so that its placements supersede theirs, even copies it never heard of
     /// (see [`epoch_floor`]).
     pub epoch_floor: Epoch,
+    /// How long a strict pod's copy runs without its owner renewing the placement
+    /// (see `fencing`).
+    pub lease: Duration,
+    /// How much longer than the lease the owner waits before placing a strict pod
+    /// again: covers the agent's clock running faster than the owner's and the stop
+    /// taking effect.
+    pub fencing_margin: Duration,
 }
 
 /// The epoch floor of the owner's `start`-th run (counted in its persisted trust
@@ -116,6 +125,8 @@ impl Default for OwnerConfig {
             clients: TrustedPeers::default(),
             score_mode: ScoreMode::default(),
             assignment_ttl: Duration::from_secs(600),
+            lease: Duration::from_secs(15),
+            fencing_margin: Duration::from_secs(5),
             // Without a persisted count (demos with --insecure-trust-any, tests): the
             // clock in seconds, below every counted run's floor.
             epoch_floor: Epoch(
@@ -145,6 +156,13 @@ enum Placement {
     Placed {
         agent: PeerId,
     },
+    /// A strict pod whose agent is unreachable: placed again once `until` has passed,
+    /// when its copy there has stopped for want of a lease (see `fencing`). Taken back
+    /// if the agent shows up with the placement before then.
+    Fencing {
+        agent: PeerId,
+        until: Instant,
+    },
     /// Will not run again (invalid spec, or lost with restartPolicy Never).
     Done,
 }
@@ -169,6 +187,16 @@ struct OwnedPod {
     deleting: bool,
     /// When the placement last became `Placed`.
     placed_at: Instant,
+    fencing: Fencing,
+    /// When the owner last heard the agent take or renew a strict pod's lease.
+    lease_renewed_at: Instant,
+}
+
+impl OwnedPod {
+    /// The first lease of an assignment, for strict pods.
+    fn lease_ms(&self, lease: Duration) -> Option<u64> {
+        (self.fencing == Fencing::Strict).then_some(lease.as_millis() as u64)
+    }
 }
 
 /// Results of spawned assignment tasks.
@@ -182,6 +210,8 @@ enum Internal {
         uid: PodUid,
         epoch: Epoch,
         reasons: Vec<String>,
+        /// An agent did not answer: it may run the pod.
+        unanswered: bool,
     },
 }
 
@@ -406,6 +436,8 @@ impl Owner {
             lost_state: None,
             deleting: false,
             placed_at: Instant::now(),
+            fencing: Fencing::Relaxed,
+            lease_renewed_at: Instant::now(),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -441,6 +473,7 @@ impl Owner {
             .and_then(|()| translate::pod_requests(&resolved.pod))
             .map_err(|e| e.to_string())
             .and_then(|requests| {
+                let fencing = fencing_of(&resolved.pod)?;
                 let selector = resolved
                     .pod
                     .metadata
@@ -452,10 +485,11 @@ impl Owner {
                     .map_err(|e| {
                         format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}")
                     })?;
-                Ok((requests, selector.unwrap_or_default()))
+                Ok((requests, selector.unwrap_or_default(), fencing))
             });
         match checked {
-            Ok((requests, selector)) => {
+            Ok((requests, selector, fencing)) => {
+                owned.fencing = fencing;
                 owned.offer.requests = requests;
                 owned.offer.agent_selector = selector;
                 owned.offer.spec_digest = spec_digest(&resolved.pod);
@@ -527,6 +561,7 @@ impl Owner {
             pod: owned.pod.clone(),
             volumes: owned.volumes.clone(),
             statement,
+            lease_ms: owned.lease_ms(self.config.lease),
         }
     }
 
@@ -561,9 +596,12 @@ impl Owner {
             }
             // The assignment's answer settles it (see on_internal).
             Placement::Assigning => {}
+            // An unreachable agent's copy stops for want of a lease, or is released
+            // when its heartbeat lists it again.
             Placement::Waiting { .. }
             | Placement::Held
             | Placement::Offering { .. }
+            | Placement::Fencing { .. }
             | Placement::Done => {
                 self.forget(uid);
             }
@@ -625,6 +663,14 @@ impl Owner {
             match &owned.placement {
                 Placement::Waiting { at } if *at <= now && !owned.deleting => self.open_offer(&uid),
                 Placement::Offering { deadline, .. } if *deadline <= now => self.close_offer(&uid),
+                Placement::Fencing { agent, until } if *until <= now => {
+                    let agent = *agent;
+                    self.agent_lost(
+                        &uid,
+                        agent,
+                        "was unreachable until its copy's lease ran out",
+                    );
+                }
                 _ => {}
             }
         }
@@ -795,6 +841,7 @@ impl Owner {
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let mut reasons = Vec::new();
+            let mut unanswered = false;
             for (agent, assign) in assigns {
                 match mesh.request(agent, Request::Assign(Box::new(assign))).await {
                     Ok(Response::Ack) => {
@@ -820,6 +867,7 @@ impl Owner {
                     // raises the epoch, which supersedes whatever it started.
                     Err(e) => {
                         reasons.push(format!("{agent}: {e}"));
+                        unanswered = true;
                         break;
                     }
                 }
@@ -829,6 +877,7 @@ impl Owner {
                     uid,
                     epoch,
                     reasons,
+                    unanswered,
                 })
                 .await;
         });
@@ -845,6 +894,9 @@ impl Owner {
                 }
                 owned.placement = Placement::Placed { agent };
                 owned.placed_at = Instant::now();
+                // Not before the agent took the lease: it counts from receiving the
+                // assignment, which came before this answer.
+                owned.lease_renewed_at = owned.placed_at;
                 tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "assigned");
                 if owned.deleting {
                     let release = Release {
@@ -868,6 +920,7 @@ impl Owner {
                 uid,
                 epoch,
                 reasons,
+                unanswered,
             } => {
                 let Some(owned) = self.pods.get_mut(&uid) else {
                     return;
@@ -879,8 +932,15 @@ impl Owner {
                     self.forget(&uid);
                     return;
                 }
+                // A strict pod an agent may have started without answering waits for
+                // that copy's first lease to run out.
+                let wait = if unanswered && owned.fencing == Fencing::Strict {
+                    self.config.lease + self.config.fencing_margin
+                } else {
+                    Duration::from_secs(1)
+                };
                 owned.placement = Placement::Waiting {
-                    at: Instant::now() + Duration::from_secs(1),
+                    at: Instant::now() + wait,
                 };
                 let message = format!("assignment declined: {}", reasons.join("; "));
                 tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
@@ -920,7 +980,7 @@ impl Owner {
             .pods
             .iter()
             .filter(|(uid, owned)| {
-                owned.placement == Placement::Placed { agent }
+                matches!(owned.placement, Placement::Placed { agent: a } | Placement::Fencing { agent: a, .. } if a == agent)
                     && owned.placed_at.elapsed() > MISSING_GRACE
                     && !hosted.iter().any(|h| &h.pod.uid == *uid)
             })
@@ -995,6 +1055,8 @@ impl Owner {
         owned.offer.epoch = epoch;
         owned.placement = Placement::Placed { agent };
         owned.placed_at = Instant::now();
+        // The agent's lease, if any, was taken before now.
+        owned.lease_renewed_at = owned.placed_at;
     }
 
     /// Whether `statement` is this owner's signed assignment of the reported pod and
@@ -1086,6 +1148,53 @@ impl Owner {
         Response::Ack
     }
 
+    /// An agent renews the leases of the strict pods it runs for this owner: granted
+    /// where the owner has the pod placed there (adopting it first after a restart, as
+    /// from a status report), refused where it placed it elsewhere or let it go, left
+    /// waiting while an assignment's answer or the first pod list is still out.
+    fn on_renew(&mut self, agent: PeerId, renew: Renew) -> Response {
+        let me = self.me();
+        let (mut granted, mut refused) = (Vec::new(), Vec::new());
+        for statement in renew.leases {
+            let uid = statement.pod.clone();
+            if statement::verify_signature(&statement, &me).is_err() || statement.agent.0 != agent {
+                self.metrics.dropped("renew", "not_assigned");
+                refused.push(uid);
+                continue;
+            }
+            let Some(owned) = self.pods.get(&uid) else {
+                if self.synced {
+                    refused.push(uid);
+                }
+                continue;
+            };
+            let epoch = statement.epoch;
+            match owned.placement {
+                Placement::Assigning if owned.epoch == epoch => continue,
+                Placement::Done => {
+                    refused.push(uid);
+                    continue;
+                }
+                Placement::Placed { agent: a } if a == agent && owned.epoch == epoch => {}
+                _ => self.adopt(&uid, agent, epoch),
+            }
+            match self.pods.get_mut(&uid) {
+                Some(owned)
+                    if owned.placement == Placement::Placed { agent } && owned.epoch == epoch =>
+                {
+                    owned.lease_renewed_at = Instant::now();
+                    granted.push(uid);
+                }
+                _ => refused.push(uid),
+            }
+        }
+        Response::Leases {
+            granted,
+            refused,
+            lease_ms: self.config.lease.as_millis() as u64,
+        }
+    }
+
     fn check_lost_agents(&mut self) {
         for agent in self.agents.take_lost(self.config.agent_loss_timeout) {
             self.metrics.agents_lost.inc();
@@ -1098,9 +1207,59 @@ impl Owner {
                 .collect();
             self.heartbeat_seqs.retain(|a| *a != agent);
             for uid in uids {
-                self.agent_lost(&uid, agent, "stopped sending heartbeats");
+                self.agent_unreachable(&uid, agent, "stopped sending heartbeats");
             }
         }
+        // Placements taken back from an agent's report or renewal: its heartbeats must
+        // follow within the loss timeout, or it is as lost as one that stopped.
+        let timeout = self.config.agent_loss_timeout;
+        let silent: Vec<(PodUid, PeerId)> = self
+            .pods
+            .iter()
+            .filter_map(|(uid, owned)| match owned.placement {
+                Placement::Placed { agent }
+                    if self.agents.get(&agent).is_none() && owned.placed_at.elapsed() > timeout =>
+                {
+                    Some((uid.clone(), agent))
+                }
+                _ => None,
+            })
+            .collect();
+        for (uid, agent) in silent {
+            self.agent_unreachable(&uid, agent, "sent no heartbeat since it took the pod");
+        }
+    }
+
+    /// The pod's agent cannot be reached (or trusted) any more: a relaxed pod goes
+    /// elsewhere at once; a strict one once the lease of its copy there has run out.
+    fn agent_unreachable(&mut self, uid: &PodUid, agent: PeerId, why: &str) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if owned.fencing == Fencing::Relaxed || owned.deleting {
+            self.agent_lost(uid, agent, why);
+            return;
+        }
+        let until = owned.lease_renewed_at + self.config.lease + self.config.fencing_margin;
+        owned.placement = Placement::Fencing { agent, until };
+        let wait = until.saturating_duration_since(Instant::now()).as_secs();
+        let message = format!(
+            "agent {agent} {why}; the pod is placed again once its copy there has stopped for want of a lease (in {wait} s)"
+        );
+        tracing::warn!(pod = %owned.pod_ref, %agent, wait_secs = wait, "strict pod's agent unreachable; waiting for its lease to run out");
+        let mut status = owned.status.clone();
+        for condition in status.conditions.iter_mut().flatten() {
+            if condition.type_ == "Ready" || condition.type_ == "ContainersReady" {
+                condition.status = "False".into();
+                condition.reason = Some("AgentUnreachable".into());
+                condition.message = Some(message.clone());
+                condition.last_transition_time = Some(now_time());
+            }
+        }
+        for cs in status.container_statuses.iter_mut().flatten() {
+            cs.ready = false;
+        }
+        self.set_status(uid, status);
     }
 
     fn agent_lost(&mut self, uid: &PodUid, agent: PeerId, why: &str) {
@@ -1269,7 +1428,9 @@ impl Owner {
     /// need its token store) and never reach the owner.
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
         let trusted = match request {
-            Request::Bid(_) | Request::Status(_) => self.config.agents.trusts(&peer),
+            Request::Bid(_) | Request::Status(_) | Request::Renew(_) => {
+                self.config.agents.trusts(&peer)
+            }
             Request::Query => self.config.clients.trusts(&peer),
             Request::Assign(_) | Request::Release(_) | Request::Join(_) => true,
         };
@@ -1290,6 +1451,7 @@ impl Owner {
         match request {
             Request::Bid(bid) => self.on_bid(peer, bid),
             Request::Status(report) => self.on_status(peer, *report),
+            Request::Renew(renew) => self.on_renew(peer, renew),
             Request::Query => Response::View(Box::new(self.view())),
             Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
                 message: "this peer is an owner; it does not run pods".into(),
@@ -1319,7 +1481,7 @@ impl Owner {
                     };
                     self.send_release(*agent, release);
                 }
-                self.agent_lost(&uid, *agent, "trust revoked");
+                self.agent_unreachable(&uid, *agent, "had its trust revoked");
             }
         }
     }
