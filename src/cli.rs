@@ -61,6 +61,22 @@ pub enum Command {
     Status(StatusArgs),
     /// Manage the join tokens agents enroll with, and the agents enrolled.
     Token(TokenArgs),
+    /// Started by an agent that runs strict pods: removes a copy whose lease ran out
+    /// when the agent could not stop it. Not for people.
+    #[command(hide = true)]
+    FenceWatchdog(FenceWatchdogArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FenceWatchdogArgs {
+    /// The agent's --secrets-dir, which holds its lease file.
+    #[arg(long)]
+    pub secrets_dir: PathBuf,
+    #[arg(long)]
+    pub podman_socket: String,
+    /// The agent's peer ID: only its Podman pods are touched.
+    #[arg(long)]
+    pub agent: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,10 +12,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::enroll::{self, Enrollment};
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{watchdog, Agent, AgentConfig};
 use crate::cli::{
-    self, AgentArgs, Command, IdArgs, MeshArgs, NodeArgs, OutputFormat, StatusArgs, TokenArgs,
-    TokenCommand,
+    self, AgentArgs, Command, FenceWatchdogArgs, IdArgs, MeshArgs, NodeArgs, OutputFormat,
+    StatusArgs, TokenArgs, TokenCommand,
 };
 use crate::cluster::{self, node_object::NodeIdentity};
 use crate::health::{Check, Health};
@@ -43,6 +43,7 @@ pub async fn run(command: Command) -> Result<()> {
         Command::Node(args) => node(args).await,
         Command::Status(args) => status(args).await,
         Command::Token(args) => token(args).await,
+        Command::FenceWatchdog(args) => fence_watchdog(args).await,
     }
 }
 
@@ -177,6 +178,13 @@ fn storage_bytes(dir: &std::path::Path) -> u64 {
         .map_or(0, |disk| disk.total_space())
 }
 
+async fn fence_watchdog(args: FenceWatchdogArgs) -> Result<()> {
+    let runtime = Podman::new(&args.podman_socket)
+        .with_context(|| format!("invalid --podman-socket {}", args.podman_socket))?;
+    watchdog::run(Arc::new(runtime), args.secrets_dir, args.agent).await?;
+    Ok(())
+}
+
 async fn agent(args: AgentArgs) -> Result<()> {
     let runtime = Podman::new(&args.podman_socket)
         .with_context(|| format!("invalid --podman-socket {}", args.podman_socket))?;
@@ -244,6 +252,12 @@ async fn agent(args: AgentArgs) -> Result<()> {
         resync_interval: Duration::from_secs(10),
         host_ip: args.host_ip.or_else(|| default_host_ip(&args.mesh.listen)),
         storage_bytes: storage_bytes(&args.mesh.state_dir),
+        fence_watchdog: Some(watchdog::Launcher {
+            exe: std::env::current_exe().context("cannot find this program's path")?,
+            secrets_dir: args.secrets_dir.clone(),
+            podman_socket: args.podman_socket.clone(),
+            agent: mesh.local_peer_id().to_string(),
+        }),
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
     let agent = Agent::new(config, mesh, Arc::new(runtime), owners, enrollment, metrics)?;

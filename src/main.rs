@@ -20,7 +20,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Clients print results; only the long-running roles log progress by default.
     let default_level = match cli.command {
-        Command::Agent(_) | Command::Node(_) => "info",
+        Command::Agent(_) | Command::Node(_) | Command::FenceWatchdog(_) => "info",
         Command::Id(_) | Command::Status(_) | Command::Token(_) => "warn",
     };
     init_tracing(cli.logging.log_format, default_level);

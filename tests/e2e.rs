@@ -762,15 +762,8 @@ fn a_strict_pod_stops_when_its_owner_is_unreachable_past_the_lease_and_a_relaxed
     // The node freezes: the agent hears no renewal. Its strict copy must be gone before
     // the owner could place the pod again (the lease and margin after the last renewal,
     // which came before the freeze); the relaxed one runs on.
-    let node_pid = mesh.node().child.id().to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &node_pid])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {sig}");
-    };
-    signal("-STOP");
+    let node_pid = mesh.node().child.id();
+    signal(node_pid, "-STOP");
     let frozen_at = Instant::now();
     let stopped_after = loop {
         let elapsed = frozen_at.elapsed();
@@ -802,7 +795,7 @@ fn a_strict_pod_stops_when_its_owner_is_unreachable_past_the_lease_and_a_relaxed
     assert!(metrics.contains("beemesh_pods_fenced_total 1"), "{metrics}");
 
     // The node thaws: it learns the copy is gone and places the pod again, once.
-    signal("-CONT");
+    signal(node_pid, "-CONT");
     let placed = mesh.wait_for("e2e-strict placed again", Duration::from_secs(60), || {
         let copies = running_copies("e2e-strict");
         assert!(copies.len() <= 1, "{copies:?}");
@@ -814,4 +807,94 @@ fn a_strict_pod_stops_when_its_owner_is_unreachable_past_the_lease_and_a_relaxed
     let relaxed_now = running_containers("e2e-relaxed");
     assert_eq!(relaxed_now.len(), 1, "{relaxed_now:?}");
     assert_eq!(relaxed_now[0]["Id"], relaxed_id);
+}
+
+/// Sends `signal` (e.g. "-STOP") to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[test]
+fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_elsewhere() {
+    // The agent is declared lost before its lease runs out: the lease decides.
+    let mut mesh = Mesh::with_node_args(&[
+        "--lease-seconds",
+        "3",
+        "--fencing-margin-seconds",
+        "3",
+        "--agent-loss-seconds",
+        "2",
+    ]);
+    mesh.start_agent(&[]);
+    mesh.start_agent(&[]);
+    mesh.write_manifest("strict.yaml", STRICT);
+    mesh.wait_for("e2e-strict Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-strict").as_deref() == Some("Running")).then_some(())
+    });
+    let first = running_copies("e2e-strict");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let old_agent = first[0].labels["io.beemesh.agent"].clone();
+    let old_epoch: u64 = first[0].labels["io.beemesh.epoch"].parse().expect("epoch");
+    let frozen = mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == old_agent)
+        .expect("runner is ours");
+    let frozen_pid = mesh.agents[frozen].child.id();
+
+    // The runner freezes: it can neither renew nor stop anything. Its watchdog removes
+    // the copy; only then does the pod start on the other agent. Sampled every 100 ms.
+    signal(frozen_pid, "-STOP");
+    let frozen_at = Instant::now();
+    let mut gone_after = None;
+    let moved = loop {
+        let copies = running_containers("e2e-strict");
+        assert!(copies.len() <= 1, "two copies: {copies:?}");
+        if gone_after.is_none()
+            && running_copies("e2e-strict")
+                .iter()
+                .all(|p| p.labels["io.beemesh.agent"] != old_agent)
+        {
+            gone_after = Some(frozen_at.elapsed());
+        }
+        if let Some(copy) = running_copies("e2e-strict").into_iter().find(|p| {
+            p.labels["io.beemesh.epoch"]
+                .parse::<u64>()
+                .is_ok_and(|e| e > old_epoch)
+        }) {
+            break copy;
+        }
+        assert!(
+            frozen_at.elapsed() < Duration::from_secs(60),
+            "the pod did not move\n{}",
+            mesh.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved_after = frozen_at.elapsed();
+    assert_ne!(moved.labels["io.beemesh.agent"], old_agent);
+    eprintln!(
+        "frozen agent's copy removed after {:?}; running elsewhere after {moved_after:?}",
+        gone_after.expect("removed before the move")
+    );
+
+    // The agent thaws: it keeps no copy, and the pod runs once.
+    signal(frozen_pid, "-CONT");
+    mesh.wait_for(
+        "one copy, on the new agent",
+        Duration::from_secs(30),
+        || {
+            let all = podman_pods("io.beemesh.pod.name=e2e-strict");
+            (all.len() == 1
+                && all[0].labels["io.beemesh.agent"] == moved.labels["io.beemesh.agent"])
+                .then_some(())
+        },
+    );
+    mesh.wait_for("Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-strict").as_deref() == Some("Running")).then_some(())
+    });
 }

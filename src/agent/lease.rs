@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::{Epoch, PeerRef, PodUid};
 
+/// The file of strict pods' leases, in the agent's secrets directory.
+pub const LEASES_FILE: &str = "leases.json";
+
 /// One strict pod's lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -24,6 +27,10 @@ pub struct Lease {
     /// The pod's termination grace period: the copy is asked to stop this long before
     /// the lease runs out (at most a third of the lease), then killed.
     pub grace_ms: u64,
+    /// The copy is being stopped: no more renewals. The lease stays until the copy
+    /// is gone, so that the watchdog removes it if the agent cannot.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 impl Lease {
@@ -73,7 +80,7 @@ impl LeaseBook {
     pub fn due(&mut self, now_ms: u64) -> BTreeMap<PeerId, Vec<PodUid>> {
         let mut due: BTreeMap<PeerId, Vec<PodUid>> = BTreeMap::new();
         let mut shortest: BTreeMap<PeerId, u64> = BTreeMap::new();
-        for (uid, lease) in &self.leases {
+        for (uid, lease) in self.leases.iter().filter(|(_, l)| !l.fenced) {
             due.entry(lease.owner.0).or_default().push(uid.clone());
             let s = shortest.entry(lease.owner.0).or_insert(u64::MAX);
             *s = (*s).min(lease.lease_ms);
@@ -114,21 +121,21 @@ impl LeaseBook {
     }
 
     /// The copies to stop at `now_ms`, with how long each may take to exit before the
-    /// lease runs out. Their leases are dropped: a copy is fenced once.
+    /// lease runs out. Each is fenced once.
     pub fn fence(&mut self, now_ms: u64) -> Vec<(PodUid, Duration)> {
-        let due: Vec<(PodUid, Duration)> = self
-            .leases
-            .iter()
-            .filter(|(_, lease)| lease.stop_at_ms() <= now_ms)
-            .map(|(uid, lease)| {
+        let mut due = Vec::new();
+        for (uid, lease) in &mut self.leases {
+            if !lease.fenced && lease.stop_at_ms() <= now_ms {
+                lease.fenced = true;
                 let left = lease.expires_at_ms.saturating_sub(now_ms);
-                (uid.clone(), Duration::from_millis(left))
-            })
-            .collect();
-        for (uid, _) in &due {
-            self.leases.remove(uid);
+                due.push((uid.clone(), Duration::from_millis(left)));
+            }
         }
         due
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&PodUid, &Lease)> {
+        self.leases.iter()
     }
 
     /// The leases as their file holds them.
@@ -152,6 +159,7 @@ mod tests {
             lease_ms: 15_000,
             expires_at_ms,
             grace_ms: 30_000,
+            fenced: false,
         }
     }
 
@@ -205,7 +213,9 @@ mod tests {
             vec![(uid("a"), Duration::from_millis(5_000))]
         );
         assert!(book.fence(20_000).is_empty());
-        assert!(book.is_empty());
+        // Kept (for the watchdog) until the copy is gone, but never renewed again.
+        assert!(book.get(&uid("a")).is_some_and(|l| l.fenced));
+        assert!(book.due(20_000).is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod status;
 mod store;
 mod supervisor;
 mod volumes;
+pub mod watchdog;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -37,7 +38,7 @@ use crate::wire::{
     PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
 };
 use enroll::{Enrollment, JoinOutcome};
-use lease::{Lease, LeaseBook};
+use lease::{Lease, LeaseBook, LEASES_FILE};
 use store::{create_private_dir, AssignmentStore};
 use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
 
@@ -85,6 +86,9 @@ pub struct AgentConfig {
     pub host_ip: Option<IpAddr>,
     /// Size of the filesystem holding the state directory (the node's ephemeral-storage).
     pub storage_bytes: u64,
+    /// Starts the process that removes strict pods' copies if this agent cannot stop
+    /// them when their leases run out (none: only the agent itself fences).
+    pub fence_watchdog: Option<watchdog::Launcher>,
 }
 
 /// A pod this agent runs.
@@ -137,8 +141,6 @@ const MAX_OPEN_BIDS: usize = 4096;
 
 /// How often strict pods' leases are checked: a copy stops within this of its time.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
-/// The file of strict pods' leases, in the secrets directory.
-const LEASES_FILE: &str = "leases.json";
 
 /// Results of spawned tasks, fed back into the agent loop.
 enum Internal {
@@ -165,6 +167,8 @@ pub struct Agent {
     store: AssignmentStore,
     pods: HashMap<PodUid, Hosted>,
     leases: LeaseBook,
+    /// The fence watchdog could not be started (said once, until it can).
+    watchdog_failing: bool,
     /// The offers this agent bid for: an assignment without a bid is refused.
     bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
     enrollment: Option<Enrollment>,
@@ -246,6 +250,7 @@ impl Agent {
             store,
             pods: HashMap::new(),
             leases,
+            watchdog_failing: false,
             bids: HashMap::new(),
             enrollment,
             connected: Default::default(),
@@ -362,6 +367,7 @@ impl Agent {
                             lease_ms,
                             expires_at_ms: 0,
                             grace_ms: 0,
+                            fenced: false,
                         },
                     );
                 }
@@ -396,6 +402,23 @@ impl Agent {
     fn check_leases(&mut self) {
         if self.leases.is_empty() {
             return;
+        }
+        if let Some(launcher) = &self.config.fence_watchdog {
+            let failing = match launcher.ensure_running() {
+                Ok(started) => {
+                    if started {
+                        tracing::info!("fence watchdog started");
+                    }
+                    false
+                }
+                Err(e) => {
+                    if !self.watchdog_failing {
+                        tracing::error!(error = %e, "no fence watchdog: strict pods stop only while this agent runs");
+                    }
+                    true
+                }
+            };
+            self.watchdog_failing = failing;
         }
         let now = boottime_ms();
         let fenced = self.leases.fence(now);
@@ -840,6 +863,7 @@ impl Agent {
                         lease_ms,
                         expires_at_ms: boottime_ms().saturating_add(lease_ms),
                         grace_ms: grace,
+                        fenced: false,
                     },
                 );
             }
