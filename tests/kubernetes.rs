@@ -670,17 +670,49 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     let before = container_ids();
     assert_eq!(before.len(), 1);
 
+    // The pod's events by reason, as `kubectl describe` lists them.
+    let events = |cluster: &Cluster, reason: &str| -> usize {
+        cluster
+            .get(&["events"])
+            .and_then(|list| list["items"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["involvedObject"]["uid"] == uid.as_str() && e["reason"] == reason)
+            .count()
+    };
+    cluster
+        .mesh
+        .wait_for("sleeper Ready", Duration::from_secs(30), || {
+            let pod = cluster.get(&["pod", "sleeper"])?;
+            (condition(&pod, "Ready").as_deref() == Some("True")).then_some(())
+        });
+    let (scheduled, started) = (events(&cluster, "Scheduled"), events(&cluster, "Started"));
+    assert_eq!((scheduled, started), (1, 1));
+
     // SIGKILL and restart: the node rebuilds its view from the API and the agents.
+    // Meanwhile the API keeps the pod's status as it was: no flip to Pending, no
+    // second Scheduled or Started event.
     cluster.mesh.node().kill();
     cluster.mesh.start_node();
     let restarted_at = std::time::Instant::now();
     while restarted_at.elapsed() < Duration::from_secs(12) {
         assert_eq!(container_ids(), before, "the pod was restarted or copied");
-        std::thread::sleep(Duration::from_millis(500));
+        let pod = cluster.get(&["pod", "sleeper"]).expect("pod");
+        assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
+        assert_eq!(
+            pod["status"]["containerStatuses"][0]["ready"], true,
+            "{}",
+            pod["status"]
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
     let pod = cluster.get(&["pod", "sleeper"]).expect("pod");
     assert_eq!(pod["status"]["phase"], "Running", "{}", pod["status"]);
     assert_eq!(pod["metadata"]["uid"], uid.as_str());
+    assert_eq!(
+        (events(&cluster, "Scheduled"), events(&cluster, "Started")),
+        (scheduled, started)
+    );
 
     // The API server "restarts" with its history compacted: the node's watch gets 410
     // Expired, lists again, and sees a pod created meanwhile.
@@ -704,6 +736,76 @@ fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
         .wait_for("the Podman pod removed", Duration::from_secs(20), || {
             podman_pods(&label).is_empty().then_some(())
         });
+}
+
+#[test]
+fn a_restarted_node_places_again_only_pods_no_agent_reports_and_never_finished_ones() {
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1", "--agent-loss-seconds", "4"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.apply(SLEEPER);
+    let done = SLEEPER
+        .replace("name: sleeper", "name: done")
+        .replace("spec:\n", "spec:\n  restartPolicy: Never\n")
+        .replace("[sleep, \"3600\"]", "[\"true\"]");
+    cluster.apply(&done);
+    cluster.wait_running("sleeper");
+    cluster
+        .mesh
+        .wait_for("done Succeeded", Duration::from_secs(60), || {
+            let pod = cluster.get(&["pod", "done"])?;
+            (pod["status"]["phase"] == "Succeeded").then_some(())
+        });
+
+    // The node and its only agent die; a new agent comes. Nobody reports the sleeper,
+    // so once the loss timeout has passed it runs on the new agent, its restart counted
+    // and the loss shown; until then the API keeps what it had.
+    cluster.mesh.node().kill();
+    cluster.mesh.agents[0].kill();
+    let new_agent = cluster.mesh.start_agent(&[]);
+    let new_peer = cluster.mesh.agents[new_agent].peer.clone();
+    cluster.mesh.start_node();
+    let restarted_at = std::time::Instant::now();
+    let moved = cluster
+        .mesh
+        .wait_for("sleeper on the new agent", Duration::from_secs(60), || {
+            let pod = cluster.get(&["pod", "sleeper"])?;
+            let phase = pod["status"]["phase"].clone();
+            if restarted_at.elapsed() < Duration::from_secs(3) {
+                assert_eq!(phase, "Running", "{}", pod["status"]);
+            }
+            // The API shows the new agent's container, running and ready.
+            let new_container = podman_containers("io.beemesh.pod.name=sleeper")
+                .into_iter()
+                .find(|c| c["Labels"]["io.beemesh.agent"] == new_peer.as_str())?;
+            let status = &pod["status"]["containerStatuses"][0];
+            let shown = status["containerID"].as_str()?.strip_prefix("podman://")?;
+            (Some(shown) == new_container["Id"].as_str()
+                && phase == "Running"
+                && status["ready"] == true)
+                .then_some(pod)
+        });
+    assert!(restarted_at.elapsed() >= Duration::from_secs(4));
+    let container = &moved["status"]["containerStatuses"][0];
+    assert_eq!(
+        container["restartCount"],
+        1,
+        "{container}\n{}",
+        cluster.mesh.diagnostics()
+    );
+    assert_eq!(
+        container["lastState"]["terminated"]["reason"], "AgentLost",
+        "{container}"
+    );
+    // The finished pod stays finished: not run again on the new agent.
+    let pod = cluster.get(&["pod", "done"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Succeeded", "{}", pod["status"]);
+    let copies = podman_pods("io.beemesh.pod.name=done");
+    assert!(
+        copies
+            .iter()
+            .all(|p| p.labels["io.beemesh.agent"] != new_peer),
+        "{copies:?}"
+    );
 }
 
 #[test]

@@ -157,6 +157,9 @@ impl PodSource {
         let Some(uid) = pod.metadata.uid.clone() else {
             return false;
         };
+        if !self.pods.contains_key(&uid) {
+            self.board.inherit(PodUid(uid.clone()), pod.status.clone());
+        }
         let essentials = essentials(&pod);
         if self.pods.get(&uid).is_some_and(|t| t.pod == essentials) {
             return false;

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{transition_events, EventRecorder};
-use crate::node::owner::StatusSink;
+use crate::node::owner::{was_placed, StatusSink};
 use crate::wire::{PodRef, PodUid};
 
 /// How long the writer waits after a change for more, so that a burst of reports
@@ -60,6 +60,10 @@ pub struct StatusBoard {
     notify: Notify,
     /// UIDs of the API's pods bound to this node: only those are written.
     known: Mutex<HashSet<PodUid>>,
+    /// Each known pod's status as the API had it when this node first saw the pod:
+    /// after a restart, what the node shows until its agent reports, and what events
+    /// are told from (so none is recorded twice).
+    inherited: Mutex<HashMap<PodUid, PodStatus>>,
 }
 
 impl StatusBoard {
@@ -88,7 +92,24 @@ impl StatusBoard {
     pub fn set_known(&self, uids: impl IntoIterator<Item = PodUid>) {
         if let Ok(mut known) = self.known.lock() {
             *known = uids.into_iter().collect();
+            if let Ok(mut inherited) = self.inherited.lock() {
+                inherited.retain(|uid, _| known.contains(uid));
+            }
         }
+    }
+
+    /// Remembers the status the API has for a pod this node sees for the first time.
+    pub fn inherit(&self, uid: PodUid, status: Option<PodStatus>) {
+        let Some(status) = status.filter(|s| s.phase.is_some()) else {
+            return;
+        };
+        if let Ok(mut inherited) = self.inherited.lock() {
+            inherited.entry(uid).or_insert(status);
+        }
+    }
+
+    fn inherited(&self, uid: &PodUid) -> Option<PodStatus> {
+        self.inherited.lock().ok()?.get(uid).cloned()
     }
 
     fn is_known(&self, uid: &PodUid) -> bool {
@@ -112,6 +133,10 @@ impl StatusSink for ApiStatusSink {
     fn removed(&mut self, pod: &PodRef) {
         self.0
             .post(pod.uid.clone(), Update::Removed { pod: pod.clone() });
+    }
+
+    fn last_known(&self, pod: &PodUid) -> Option<PodStatus> {
+        self.0.inherited(pod)
     }
 }
 
@@ -179,7 +204,15 @@ pub async fn run(
             }
             let ok = match &update {
                 Update::Status { pod, status, agent } => {
-                    let previous = seen.get(&uid).map(|(s, a)| (s, *a));
+                    // First word after a restart: told against the API's status, with
+                    // the agent of a pod placed then taken as unchanged (one that
+                    // changed was reported without an agent first, when its pod was
+                    // lost).
+                    let inherited = board.inherited(&uid).map(|s| {
+                        let same_agent = was_placed(&s).then_some(*agent).flatten();
+                        (s, same_agent)
+                    });
+                    let previous = seen.get(&uid).or(inherited.as_ref()).map(|(s, a)| (s, *a));
                     events.record(pod, transition_events(pod, previous, status, *agent));
                     seen.insert(uid.clone(), ((**status).clone(), *agent));
                     let value = api_status(status);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mesh::{MeshEvent, MeshHandle};
 use crate::metrics::Metrics;
-use crate::wire::{GossipMessage, PodRef, Request, Response};
+use crate::wire::{GossipMessage, PodRef, PodUid, Request, Response};
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
 use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, PodLocation, StatusSink};
@@ -149,6 +149,10 @@ impl StatusSink for Sinks {
         for sink in &mut self.0 {
             sink.removed(pod);
         }
+    }
+
+    fn last_known(&self, pod: &PodUid) -> Option<PodStatus> {
+        self.0.iter().find_map(|sink| sink.last_known(pod))
     }
 }
 

@@ -70,6 +70,10 @@ pub trait StatusSink: Send {
     fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>);
     /// The pod is gone from the mesh.
     fn removed(&mut self, pod: &PodRef);
+    /// The status the pod had before this node saw it (in the API, before a restart).
+    fn last_known(&self, _pod: &PodUid) -> Option<PodStatus> {
+        None
+    }
 }
 
 /// Timings and trust of the owner.
@@ -190,6 +194,11 @@ struct OwnedPod {
     fencing: Fencing,
     /// When the owner last heard the agent take or renew a strict pod's lease.
     lease_renewed_at: Instant,
+    /// The status is the API's from before this node started and no agent has reported
+    /// the pod since: its copy may run somewhere, so it is not offered before
+    /// `offer_not_before`, and when it is, that copy counts as lost.
+    inherited: bool,
+    offer_not_before: Instant,
 }
 
 impl OwnedPod {
@@ -438,6 +447,8 @@ impl Owner {
             placed_at: Instant::now(),
             fencing: Fencing::Relaxed,
             lease_renewed_at: Instant::now(),
+            inherited: false,
+            offer_not_before: Instant::now(),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -445,11 +456,49 @@ impl Owner {
         };
         self.prepare(&mut owned, desired.resolved);
         tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
-        self.sink.status_changed(&pod_ref, &owned.status, None);
+        let inherited = self.sink.last_known(&pod_ref.uid);
+        if !self.inherit(&mut owned, inherited) {
+            self.sink.status_changed(&pod_ref, &owned.status, None);
+        }
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
         self.pods.insert(pod_ref.uid.clone(), owned);
         if deleted {
             self.delete(&pod_ref.uid);
+        }
+    }
+
+    /// Takes the status a pod had before this node started, if it shows the pod placed
+    /// then: kept as it is (nothing is posted) until the pod's agent reports it, or
+    /// until it is clear no agent will. True if taken.
+    fn inherit(&self, owned: &mut OwnedPod, previous: Option<PodStatus>) -> bool {
+        let Some(previous) = previous else {
+            return false;
+        };
+        if !matches!(owned.placement, Placement::Waiting { .. }) {
+            return false;
+        }
+        match previous.phase.as_deref() {
+            // Finished, as the kubelet leaves it: never run again.
+            Some("Succeeded" | "Failed") => {
+                owned.placement = Placement::Done;
+                owned.status = previous;
+                true
+            }
+            _ if was_placed(&previous) => {
+                // Every agent that may run it reports within a loss timeout; a strict
+                // pod's unknown copy stops within a lease and margin of the last
+                // renewal, which came before this start.
+                let mut wait = self.config.agent_loss_timeout;
+                if owned.fencing == Fencing::Strict {
+                    wait = wait.max(self.config.lease + self.config.fencing_margin);
+                }
+                tracing::info!(pod = %owned.pod_ref, wait_secs = wait.as_secs(), "keeping the API's status until an agent reports the pod");
+                owned.offer_not_before = Instant::now() + wait;
+                owned.inherited = true;
+                owned.status = previous;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -661,7 +710,11 @@ impl Owner {
                 continue;
             };
             match &owned.placement {
-                Placement::Waiting { at } if *at <= now && !owned.deleting => self.open_offer(&uid),
+                Placement::Waiting { at }
+                    if *at <= now && owned.offer_not_before <= now && !owned.deleting =>
+                {
+                    self.open_offer(&uid)
+                }
                 Placement::Offering { deadline, .. } if *deadline <= now => self.close_offer(&uid),
                 Placement::Fencing { agent, until } if *until <= now => {
                     let agent = *agent;
@@ -677,6 +730,19 @@ impl Owner {
     }
 
     fn open_offer(&mut self, uid: &PodUid) {
+        if self.pods.get(uid).is_some_and(|o| o.inherited) {
+            // No agent reported the copy it ran before this node started.
+            self.copy_lost(
+                uid,
+                "no agent reported the pod after the node restarted".into(),
+            );
+            if !matches!(
+                self.pods.get(uid).map(|o| &o.placement),
+                Some(Placement::Waiting { .. })
+            ) {
+                return;
+            }
+        }
         let now = Instant::now();
         let retry = self.config.retry_interval;
         if self.agents.is_empty() {
@@ -1051,6 +1117,7 @@ impl Owner {
             }
         }
         tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "adopting running placement");
+        owned.inherited = false;
         owned.epoch = epoch;
         owned.offer.epoch = epoch;
         owned.placement = Placement::Placed { agent };
@@ -1263,15 +1330,21 @@ impl Owner {
     }
 
     fn agent_lost(&mut self, uid: &PodUid, agent: PeerId, why: &str) {
+        self.copy_lost(uid, format!("agent {agent} {why}"));
+    }
+
+    /// The pod's copy is gone: placed again (its restarts counted on), or failed for
+    /// good with restartPolicy Never.
+    fn copy_lost(&mut self, uid: &PodUid, message: String) {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
+        owned.inherited = false;
         if owned.deleting {
             // If it comes back, its heartbeat lists the pod and it is released then.
             self.forget(uid);
             return;
         }
-        let message = format!("agent {agent} {why}");
         let lost = ContainerStateTerminated {
             exit_code: 137,
             reason: Some("AgentLost".into()),
@@ -1492,6 +1565,18 @@ impl Owner {
         self.on_internal(internal);
         Some(())
     }
+}
+
+/// Whether a status shows the pod placed on an agent: running, or with a container
+/// that was created.
+pub fn was_placed(status: &PodStatus) -> bool {
+    status.phase.as_deref() == Some("Running")
+        || status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .any(|c| c.container_id.is_some())
 }
 
 /// A runner's status with the restarts and last state of earlier placements.
