@@ -34,7 +34,7 @@ use crate::trust::{
     load_identity_file, load_or_create_identity, load_or_create_key, load_psk_file, TrustedPeers,
     CLIENT_KEY_FILE,
 };
-use crate::wire::{MeshView, Request, Resources, Response, Topic};
+use crate::wire::{AgentHealth, MeshView, Request, Resources, Response, Topic};
 
 pub async fn run(command: Command) -> Result<()> {
     match command {
@@ -876,6 +876,7 @@ pub fn render_table(view: &MeshView) -> String {
         "CPU FREE/TOTAL".into(),
         "MEMORY FREE/TOTAL".into(),
         "PODS".into(),
+        "HEALTH".into(),
         "LABELS".into(),
     ]];
     for a in &view.agents {
@@ -888,6 +889,7 @@ pub fn render_table(view: &MeshView) -> String {
                 human_bytes(a.capacity.memory_bytes)
             ),
             format!("{}/{}", a.pods, a.capacity.pods),
+            health_text(&a.health),
             a.labels
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -921,6 +923,28 @@ pub fn render_table(view: &MeshView) -> String {
     }
     out.push_str(&table(&rows));
     out
+}
+
+/// "ok", or what is wrong with an agent.
+fn health_text(health: &AgentHealth) -> String {
+    let mut problems = Vec::new();
+    if let Some(error) = &health.runtime_error {
+        problems.push(format!("runtime failing ({error})"));
+    }
+    for (under, kind) in [
+        (health.memory_pressure, "memory"),
+        (health.disk_pressure, "disk"),
+        (health.pid_pressure, "PID"),
+    ] {
+        if under {
+            problems.push(format!("{kind} pressure"));
+        }
+    }
+    if problems.is_empty() {
+        "ok".into()
+    } else {
+        problems.join(", ")
+    }
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -973,6 +997,10 @@ mod tests {
                 },
                 pods: 1,
                 last_seen_secs: 1,
+                health: AgentHealth {
+                    disk_pressure: true,
+                    ..AgentHealth::default()
+                },
             }],
             pods: vec![PodSummary {
                 pod: PodRef {
@@ -992,6 +1020,7 @@ mod tests {
         assert!(lines[0].starts_with("AGENT"));
         assert!(lines[1].contains("1500m/2000m") && lines[1].contains("3.0Gi/4.0Gi"));
         assert!(lines[1].contains("1/110") && lines[1].ends_with("zone=a"));
+        assert!(lines[1].contains("disk pressure"), "{}", lines[1]);
         let pod_line = lines
             .iter()
             .find(|l| l.starts_with("default/big"))

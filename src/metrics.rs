@@ -65,6 +65,8 @@ pub struct Metrics {
     /// Strict pods' copies this agent stopped because their lease ran out or was
     /// refused (see `fencing`).
     pub pods_fenced: Counter,
+    /// 1 while the agent's container runtime passes its checks.
+    pub runtime_healthy: Gauge,
     /// Security decisions, by action and outcome (see `audit`).
     pub audit_events: Family<AuditLabels, Counter>,
     /// k3s agent tunnel sessions up, by API server (1 or 0).
@@ -94,6 +96,7 @@ impl Metrics {
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
         let pods_fenced = Counter::default();
+        let runtime_healthy = Gauge::default();
         let audit_events = Family::<AuditLabels, Counter>::default();
         let tunnel_sessions_up = Family::<ServerLabel, Gauge>::default();
         let tunnel_connections = Gauge::default();
@@ -168,6 +171,11 @@ impl Metrics {
             "Strict pods' copies stopped because their lease ran out or was refused",
             pods_fenced.clone(),
         );
+        registry.register(
+            "runtime_healthy",
+            "1 while the agent's container runtime passes its checks (ping and a listing)",
+            runtime_healthy.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             mesh_received,
@@ -179,6 +187,7 @@ impl Metrics {
             container_restarts,
             agents_lost,
             pods_fenced,
+            runtime_healthy,
             audit_events,
             tunnel_sessions_up,
             tunnel_connections,

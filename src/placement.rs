@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::wire::{LabelRequirement, Offer, Resources};
+use crate::wire::{AgentHealth, LabelRequirement, Offer, Resources};
 
 /// The pod annotation holding a label selector over agents' labels.
 pub const AGENT_SELECTOR_ANNOTATION: &str = "beemesh.io/agent-selector";
@@ -28,6 +28,7 @@ pub struct AgentCapacity {
     pub capacity: Resources,
     pub free: Resources,
     pub used_host_ports: BTreeSet<u16>,
+    pub health: AgentHealth,
 }
 
 /// Why an agent does not fit an offer.
@@ -38,6 +39,11 @@ pub enum Misfit {
     Pods,
     Selector,
     HostPort,
+    /// Its container runtime fails its checks.
+    Runtime,
+    MemoryPressure,
+    DiskPressure,
+    PidPressure,
 }
 
 impl fmt::Display for Misfit {
@@ -48,6 +54,10 @@ impl fmt::Display for Misfit {
             Misfit::Pods => "too many pods",
             Misfit::Selector => "didn't match the pod's agent selector",
             Misfit::HostPort => "host port in use",
+            Misfit::Runtime => "container runtime unhealthy",
+            Misfit::MemoryPressure => "under memory pressure",
+            Misfit::DiskPressure => "under disk pressure",
+            Misfit::PidPressure => "under PID pressure",
         })
     }
 }
@@ -228,6 +238,19 @@ pub fn misfits(offer: &Offer, agent: &AgentCapacity) -> Vec<Misfit> {
     {
         out.push(Misfit::HostPort);
     }
+    // As the kubelet's admission under pressure, but for every pod: an agent that
+    // cannot take pods well takes none.
+    let health = &agent.health;
+    for (failing, misfit) in [
+        (health.runtime_error.is_some(), Misfit::Runtime),
+        (health.memory_pressure, Misfit::MemoryPressure),
+        (health.disk_pressure, Misfit::DiskPressure),
+        (health.pid_pressure, Misfit::PidPressure),
+    ] {
+        if failing {
+            out.push(misfit);
+        }
+    }
     out
 }
 
@@ -313,6 +336,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_unhealthy_agent_fits_nothing_and_says_why() {
+        let mut sick = agent(4000, 8 << 30, &[]);
+        sick.health = AgentHealth {
+            runtime_error: Some("ping: connection refused".into()),
+            memory_pressure: true,
+            ..AgentHealth::default()
+        };
+        let o = offer(100, 1 << 20, "");
+        assert_eq!(
+            misfits(&o, &sick),
+            vec![Misfit::Runtime, Misfit::MemoryPressure]
+        );
+        let well = agent(4000, 8 << 30, &[]);
+        assert_eq!(
+            explain(&o, [&sick, &well]),
+            "1/2 agents fit: 1 container runtime unhealthy, 1 under memory pressure, 1 did not bid (agents bid only for owners they trust)"
+        );
+    }
+
     fn agent(free_cpu: u64, free_mem: u64, labels: &[(&str, &str)]) -> AgentCapacity {
         AgentCapacity {
             labels: labels
@@ -330,6 +373,7 @@ mod tests {
                 pods: 10,
             },
             used_host_ports: BTreeSet::new(),
+            health: AgentHealth::default(),
         }
     }
 

@@ -27,6 +27,7 @@ impl SeenAgent {
                 .iter()
                 .flat_map(|p| p.host_ports.iter().copied())
                 .collect::<BTreeSet<u16>>(),
+            health: self.heartbeat.health.clone(),
         }
     }
 }
@@ -104,6 +105,7 @@ impl HeartbeatBook {
                 free: seen.heartbeat.free,
                 pods: seen.heartbeat.pods.len(),
                 last_seen_secs: age.as_secs(),
+                health: seen.heartbeat.health.clone(),
             });
             view.pods
                 .extend(seen.heartbeat.pods.iter().map(|hosted| PodSummary {

@@ -233,6 +233,21 @@ pub struct HostedPod {
     pub host_ports: Vec<u16>,
 }
 
+/// Whether an agent can take pods, as the kubelet reports its node's conditions: its
+/// container runtime passes its checks, and it is under no resource pressure.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    /// Why the container runtime fails its checks, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_error: Option<String>,
+    #[serde(default)]
+    pub memory_pressure: bool,
+    #[serde(default)]
+    pub disk_pressure: bool,
+    #[serde(default)]
+    pub pid_pressure: bool,
+}
+
 /// Agent liveness and free capacity (gossip, `beemesh/v1/heartbeats`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -250,6 +265,9 @@ pub struct Heartbeat {
     pub seq: u64,
     /// The agent's clock when it sent this, in Unix milliseconds.
     pub sent_at_ms: u64,
+    /// An agent that says nothing is healthy (agents before this field).
+    #[serde(default)]
+    pub health: AgentHealth,
 }
 
 /// Everything sent on a gossip topic.
@@ -532,6 +550,8 @@ pub struct AgentSummary {
     pub pods: usize,
     /// Seconds since its last heartbeat reached the answering peer.
     pub last_seen_secs: u64,
+    #[serde(default)]
+    pub health: AgentHealth,
 }
 
 /// A pod as a mesh view shows it.
@@ -725,6 +745,11 @@ mod tests {
             storage_bytes: 100 << 30,
             seq: 1_700_000_000_000_001,
             sent_at_ms: 1_700_000_000_000,
+            health: AgentHealth {
+                runtime_error: Some("ping: connection refused".into()),
+                disk_pressure: true,
+                ..AgentHealth::default()
+            },
         });
         round_trip(&heartbeat, MAX_GOSSIP_BYTES);
     }
@@ -811,6 +836,7 @@ mod tests {
                     free: Resources::default(),
                     pods: 0,
                     last_seen_secs: 1,
+                    health: AgentHealth::default(),
                 }],
                 pods: vec![PodSummary {
                     pod: pod_ref(),
@@ -886,6 +912,7 @@ mod tests {
             storage_bytes: 0,
             seq: 0,
             sent_at_ms: 0,
+            health: AgentHealth::default(),
         });
         let bytes = encode(&hb, MAX_GOSSIP_BYTES).expect("encodes");
         assert!(matches!(

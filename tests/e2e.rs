@@ -898,3 +898,108 @@ fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_e
         (phase_of(&mesh, "e2e-strict").as_deref() == Some("Running")).then_some(())
     });
 }
+
+/// A Podman REST service of the test's own, on its own socket (same storage as the
+/// machine's), which the test may kill without disturbing anyone else.
+struct PrivatePodman {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl PrivatePodman {
+    fn start(socket: std::path::PathBuf) -> PrivatePodman {
+        let _ = std::fs::remove_file(&socket);
+        let child = std::process::Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("podman system service starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "no socket at {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivatePodman { child, socket }
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivatePodman {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
+    let mut mesh = Mesh::with_node_args(&["--agent-loss-seconds", "4"]);
+    let socket = mesh.dir.path().join("podman.sock");
+    let mut podman = PrivatePodman::start(socket.clone());
+    let sick = mesh.start_agent(&["--podman-socket", &podman.url()]);
+    let sick_peer = mesh.agents[sick].peer.clone();
+    mesh.write_manifest("mover.yaml", SLEEPER);
+    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
+    });
+    let healthy = mesh.start_agent(&[]);
+    let healthy_peer = mesh.agents[healthy].peer.clone();
+
+    // Its Podman service dies (the containers run on, under conmon): the agent says
+    // so within a check, takes no new pod, and its relaxed pod runs elsewhere.
+    podman.kill();
+    let health = mesh.wait_for(
+        "the agent reports its runtime",
+        Duration::from_secs(30),
+        || {
+            let status = mesh.status()?;
+            let agent = status["agents"]
+                .as_array()?
+                .iter()
+                .find(|a| a["peer"] == sick_peer.as_str())?
+                .clone();
+            agent["health"]["runtime_error"]
+                .is_string()
+                .then_some(agent)
+        },
+    );
+    eprintln!("unhealthy agent: {}", health["health"]);
+    mesh.write_manifest("new.yaml", &SLEEPER.replace("e2e-mover", "e2e-new"));
+    for name in ["e2e-new", "e2e-mover"] {
+        mesh.wait_for(name, Duration::from_secs(60), || {
+            let pod = mesh.pod_status("default", name)?;
+            (pod["phase"] == "Running" && pod["agent"] == healthy_peer.as_str()).then_some(())
+        });
+    }
+    assert!(running_copies("e2e-new")
+        .iter()
+        .all(|p| p.labels["io.beemesh.agent"] == healthy_peer));
+
+    // Podman comes back: the agent is healthy again and stops its superseded copy.
+    let _podman = PrivatePodman::start(socket);
+    mesh.wait_for("one copy of e2e-mover", Duration::from_secs(60), || {
+        let copies = running_copies("e2e-mover");
+        (copies.len() == 1 && copies[0].labels["io.beemesh.agent"] == healthy_peer).then_some(())
+    });
+    mesh.wait_for("the agent healthy again", Duration::from_secs(30), || {
+        let status = mesh.status()?;
+        status["agents"]
+            .as_array()?
+            .iter()
+            .any(|a| a["peer"] == sick_peer.as_str() && a["health"]["runtime_error"].is_null())
+            .then_some(())
+    });
+}

@@ -75,6 +75,7 @@ fn heartbeat(seq: &Sequencer, free_cpu_millis: u64, pods: Vec<HostedPod>) -> Gos
         storage_bytes: 0,
         seq,
         sent_at_ms,
+        health: Default::default(),
     })
 }
 

@@ -350,6 +350,7 @@ fn heartbeat(seq: u64, sent_at_ms: u64, pods: Vec<HostedPod>) -> GossipMessage {
         storage_bytes: 1 << 40,
         seq,
         sent_at_ms,
+        health: Default::default(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! reports their status to their owners, and heartbeats its free capacity.
 
 pub mod enroll;
+mod health;
 mod kubelet;
 mod lease;
 pub mod probe;
@@ -34,8 +35,8 @@ use crate::trust::replay::{unix_millis, Sequencer};
 use crate::trust::statement;
 use crate::trust::TrustedPeers;
 use crate::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
-    PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
+    AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef,
+    PodRef, PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
 };
 use enroll::{Enrollment, JoinOutcome};
 use lease::{Lease, LeaseBook, LEASES_FILE};
@@ -149,6 +150,8 @@ enum Internal {
         epoch: Epoch,
     },
     Join(JoinOutcome),
+    /// The outcome of a health check.
+    Health(AgentHealth),
     /// An owner's answer to a lease renewal sent at `sent_ms` (None: no answer).
     Renewed {
         owner: PeerId,
@@ -169,6 +172,8 @@ pub struct Agent {
     leases: LeaseBook,
     /// The fence watchdog could not be started (said once, until it can).
     watchdog_failing: bool,
+    /// As the last check found it.
+    health: AgentHealth,
     /// The offers this agent bid for: an assignment without a bid is refused.
     bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
     enrollment: Option<Enrollment>,
@@ -251,6 +256,7 @@ impl Agent {
             pods: HashMap::new(),
             leases,
             watchdog_failing: false,
+            health: AgentHealth::default(),
             bids: HashMap::new(),
             enrollment,
             connected: Default::default(),
@@ -286,6 +292,9 @@ impl Agent {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         let mut resync = tokio::time::interval(self.config.resync_interval);
         resync.reset();
+        let mut health_check = tokio::time::interval(health::CHECK_INTERVAL);
+        health_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.metrics.runtime_healthy.set(1);
         let mut lease_check = tokio::time::interval(LEASE_CHECK);
         lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -303,6 +312,12 @@ impl Agent {
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
                     Internal::Renewed { owner, sent_ms, answer } => self.on_renewed(owner, sent_ms, answer),
+                    Internal::Health(health) => {
+                        if self.on_health(health) {
+                            // The node learns of it now, not a period later.
+                            heartbeat.reset_after(HEARTBEAT_AFTER_CONNECT);
+                        }
+                    }
                     Internal::Join(outcome) => {
                         if self.on_join(outcome).await? {
                             // The node learns of us now, not a period later.
@@ -319,6 +334,7 @@ impl Agent {
                 }
                 _ = resync.tick() => self.resync(None),
                 _ = lease_check.tick() => self.check_leases(),
+                _ = health_check.tick() => self.check_health(),
             }
         }
         Ok(())
@@ -386,6 +402,61 @@ impl Agent {
         self.save_leases();
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
+    }
+
+    /// Checks the runtime and samples the host in the background.
+    fn check_health(&self) {
+        let runtime = self.runtime.clone();
+        let agent = self.mesh.local_peer_id().to_string();
+        let state_dir = self.config.state_dir.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let mut health = AgentHealth {
+                runtime_error: health::check_runtime(runtime, agent).await.err(),
+                ..AgentHealth::default()
+            };
+            match health::sample(&state_dir) {
+                Ok(sample) => health::judge_pressure(&sample, &mut health),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sample the host's memory, disk and PIDs")
+                }
+            }
+            let _ = internal.send(Internal::Health(health)).await;
+        });
+    }
+
+    /// Takes a health check's outcome; true if it changed.
+    fn on_health(&mut self, health: AgentHealth) -> bool {
+        if health == self.health {
+            return false;
+        }
+        match (&self.health.runtime_error, &health.runtime_error) {
+            (None, Some(error)) => {
+                tracing::error!(%error, "container runtime fails its checks: taking no pods until it recovers")
+            }
+            (Some(_), None) => tracing::info!("container runtime recovered"),
+            _ => {}
+        }
+        for (name, was, is) in [
+            (
+                "memory",
+                self.health.memory_pressure,
+                health.memory_pressure,
+            ),
+            ("disk", self.health.disk_pressure, health.disk_pressure),
+            ("PID", self.health.pid_pressure, health.pid_pressure),
+        ] {
+            if is && !was {
+                tracing::warn!("under {name} pressure: taking no new pods");
+            } else if was && !is {
+                tracing::info!("{name} pressure over");
+            }
+        }
+        self.metrics
+            .runtime_healthy
+            .set(i64::from(health.runtime_error.is_none()));
+        self.health = health;
+        true
     }
 
     /// Writes the leases where a restarted agent finds them. A small file on a
@@ -543,6 +614,7 @@ impl Agent {
             capacity: self.config.capacity,
             free: self.config.capacity.saturating_sub(used),
             used_host_ports: ports,
+            health: self.health.clone(),
         }
     }
 
@@ -1006,6 +1078,7 @@ impl Agent {
             storage_bytes: self.config.storage_bytes,
             seq,
             sent_at_ms,
+            health: self.health.clone(),
         }
     }
 

@@ -28,6 +28,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
 /// How often running containers are inspected.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// A pod the runtime could not remove is tried again after this, doubling up to the
+/// maximum.
+const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What a supervisor tells the agent.
 #[derive(Debug, Clone)]
@@ -682,9 +686,18 @@ impl Worker {
             }
         }
         if let Some(pod_id) = self.pod_id.take() {
-            match runtime.remove_pod(&pod_id).await {
-                Ok(()) | Err(RuntimeError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(pod = %self.pod_ref, error = %e, "cannot remove pod"),
+            // Until it is gone: a copy the agent forgot would run on unseen (Podman
+            // may be down for a while; the containers run on under conmon).
+            let mut delay = REMOVE_RETRY_INITIAL;
+            loop {
+                match runtime.remove_pod(&pod_id).await {
+                    Ok(()) | Err(RuntimeError::NotFound(_)) => break,
+                    Err(e) => {
+                        tracing::warn!(pod = %self.pod_ref, error = %e, retry_secs = delay.as_secs(), "cannot remove pod; trying again");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(REMOVE_RETRY_MAX);
+                    }
+                }
             }
         }
         let _ = tokio::fs::remove_dir_all(&self.volumes_dir).await;

@@ -98,12 +98,24 @@ pub fn node_status(
             Quantity(agents.storage_bytes.to_string()),
         ),
     ]);
-    let ready = if agents.live > 0 {
+    let broken = agents.live - agents.runtime_healthy.min(agents.live);
+    let ready = if agents.runtime_healthy > 0 {
+        let mut message = format!(
+            "BeeMesh node is ready: {} agent(s) on the mesh",
+            agents.live
+        );
+        if broken > 0 {
+            message.push_str(&format!(
+                ", {broken} of them with a container runtime that fails its checks"
+            ));
+        }
+        ("True", "KubeletReady", message)
+    } else if agents.live > 0 {
         (
-            "True",
-            "KubeletReady",
+            "False",
+            "RuntimeUnhealthy",
             format!(
-                "BeeMesh node is ready: {} agent(s) on the mesh",
+                "the container runtime of every agent ({}) fails its checks: see `beemesh status` and the agents' logs",
                 agents.live
             ),
         )
@@ -114,26 +126,39 @@ pub fn node_status(
             "no BeeMesh agent is alive on the mesh: start one with `beemesh agent --bootstrap <this node's mesh address>`".to_string(),
         )
     };
+    // True when no live agent is free of it (the node can take no pod); until then the
+    // message says how many are under it.
+    let pressure = |under: usize, kind: &str, yes: &'static str, no: &'static str| {
+        let message = format!("{under} of {} agent(s) under {kind} pressure", agents.live);
+        if agents.live > 0 && under >= agents.live {
+            ("True", yes, message)
+        } else {
+            ("False", no, message)
+        }
+    };
+    let memory = pressure(
+        agents.memory_pressure,
+        "memory",
+        "KubeletHasInsufficientMemory",
+        "KubeletHasSufficientMemory",
+    );
+    let disk = pressure(
+        agents.disk_pressure,
+        "disk",
+        "KubeletHasDiskPressure",
+        "KubeletHasNoDiskPressure",
+    );
+    let pid = pressure(
+        agents.pid_pressure,
+        "PID",
+        "KubeletHasInsufficientPID",
+        "KubeletHasSufficientPID",
+    );
     let conditions = [
         ("Ready", ready.0, ready.1, ready.2),
-        (
-            "MemoryPressure",
-            "False",
-            "KubeletHasSufficientMemory",
-            "agents place pods only where memory fits".into(),
-        ),
-        (
-            "DiskPressure",
-            "False",
-            "KubeletHasNoDiskPressure",
-            "agents report no disk pressure".into(),
-        ),
-        (
-            "PIDPressure",
-            "False",
-            "KubeletHasSufficientPID",
-            "agents report no PID pressure".into(),
-        ),
+        ("MemoryPressure", memory.0, memory.1, memory.2),
+        ("DiskPressure", disk.0, disk.1, disk.2),
+        ("PIDPressure", pid.0, pid.1, pid.2),
         (
             "NetworkUnavailable",
             "False",
@@ -242,12 +267,14 @@ mod tests {
     fn capacity_is_the_sum_over_live_agents_and_readiness_follows_them() {
         let two = AgentsSummary {
             live: 2,
+            runtime_healthy: 2,
             capacity: Resources {
                 cpu_millis: 6000,
                 memory_bytes: 12 << 30,
                 pods: 220,
             },
             storage_bytes: 200 << 30,
+            ..AgentsSummary::default()
         };
         let t0 = Time(Timestamp::from_second(1_000).expect("time"));
         let status = node_status(&identity(), false, &two, None, t0.clone());
@@ -322,6 +349,48 @@ mod tests {
         assert_eq!(
             none.capacity.expect("capacity")["pods"],
             Quantity("0".into())
+        );
+    }
+
+    #[test]
+    fn readiness_needs_a_working_runtime_and_pressure_every_agent_under_it() {
+        let t0 = Time(Timestamp::from_second(1_000).expect("time"));
+        let one_broken = AgentsSummary {
+            live: 2,
+            runtime_healthy: 1,
+            memory_pressure: 1,
+            disk_pressure: 2,
+            ..AgentsSummary::default()
+        };
+        let status = node_status(&identity(), false, &one_broken, None, t0.clone());
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready.status, "True");
+        assert!(ready
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("1 of them")));
+        let memory = condition(&status, "MemoryPressure");
+        assert_eq!(memory.status, "False");
+        assert_eq!(
+            memory.message.as_deref(),
+            Some("1 of 2 agent(s) under memory pressure")
+        );
+        let disk = condition(&status, "DiskPressure");
+        assert_eq!(
+            (disk.status.as_str(), disk.reason.as_deref()),
+            ("True", Some("KubeletHasDiskPressure"))
+        );
+        assert_eq!(condition(&status, "PIDPressure").status, "False");
+
+        let all_broken = AgentsSummary {
+            live: 2,
+            ..AgentsSummary::default()
+        };
+        let status = node_status(&identity(), false, &all_broken, None, t0);
+        let ready = condition(&status, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_deref()),
+            ("False", Some("RuntimeUnhealthy"))
         );
     }
 

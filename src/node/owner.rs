@@ -59,6 +59,12 @@ pub struct PodLocation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AgentsSummary {
     pub live: usize,
+    /// Live agents whose container runtime passes its checks.
+    pub runtime_healthy: usize,
+    /// Live agents under each kind of pressure.
+    pub memory_pressure: usize,
+    pub disk_pressure: usize,
+    pub pid_pressure: usize,
     pub capacity: Resources,
     pub storage_bytes: u64,
 }
@@ -246,6 +252,8 @@ pub struct Owner {
     heartbeat_seqs: ReplayGuard<PeerId>,
     /// The last status report sequence number of each placement.
     status_seqs: ReplayGuard<(PeerId, PodUid)>,
+    /// Since when each agent has said its container runtime fails its checks.
+    runtime_down_since: HashMap<PeerId, Instant>,
 }
 
 /// How long an assignment counts as recent for spreading ties: about until the
@@ -347,6 +355,7 @@ impl Owner {
             recent_assignments: HashMap::new(),
             heartbeat_seqs: ReplayGuard::default(),
             status_seqs: ReplayGuard::default(),
+            runtime_down_since: HashMap::new(),
             config,
             signer,
             mesh,
@@ -380,16 +389,24 @@ impl Owner {
         self.synced = synced;
     }
 
-    /// The live agents' count and summed capacity.
+    /// The live agents' count, health and summed capacity.
     pub fn agents_summary(&self) -> AgentsSummary {
         self.agents
             .live()
-            .fold(AgentsSummary::default(), |sum, (_, seen)| AgentsSummary {
-                live: sum.live + 1,
-                capacity: sum.capacity.saturating_add(seen.heartbeat.capacity),
-                storage_bytes: sum
-                    .storage_bytes
-                    .saturating_add(seen.heartbeat.storage_bytes),
+            .fold(AgentsSummary::default(), |sum, (_, seen)| {
+                let health = &seen.heartbeat.health;
+                AgentsSummary {
+                    live: sum.live + 1,
+                    runtime_healthy: sum.runtime_healthy
+                        + usize::from(health.runtime_error.is_none()),
+                    memory_pressure: sum.memory_pressure + usize::from(health.memory_pressure),
+                    disk_pressure: sum.disk_pressure + usize::from(health.disk_pressure),
+                    pid_pressure: sum.pid_pressure + usize::from(health.pid_pressure),
+                    capacity: sum.capacity.saturating_add(seen.heartbeat.capacity),
+                    storage_bytes: sum
+                        .storage_bytes
+                        .saturating_add(seen.heartbeat.storage_bytes),
+                }
             })
     }
 
@@ -1061,6 +1078,21 @@ impl Owner {
                 self.agent_lost(&uid, agent, "no longer runs the pod");
             }
         }
+        match &heartbeat.health.runtime_error {
+            Some(error) => {
+                if let std::collections::hash_map::Entry::Vacant(entry) =
+                    self.runtime_down_since.entry(agent)
+                {
+                    tracing::warn!(%agent, %error, "agent's container runtime fails its checks");
+                    entry.insert(Instant::now());
+                }
+            }
+            None => {
+                if self.runtime_down_since.remove(&agent).is_some() {
+                    tracing::info!(%agent, "agent's container runtime recovered");
+                }
+            }
+        }
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
             let now = Instant::now();
@@ -1273,8 +1305,31 @@ impl Owner {
                 .map(|(uid, _)| uid.clone())
                 .collect();
             self.heartbeat_seqs.retain(|a| *a != agent);
+            self.runtime_down_since.remove(&agent);
             for uid in uids {
                 self.agent_unreachable(&uid, agent, "stopped sending heartbeats");
+            }
+        }
+        // An agent whose runtime has failed as long as a lost agent's heartbeats: its
+        // relaxed pods go elsewhere. Its strict ones stay: the runtime cannot say
+        // whether their containers still run, nor stop them, so no second copy starts.
+        let broken: Vec<PeerId> = self
+            .runtime_down_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() > self.config.agent_loss_timeout)
+            .map(|(agent, _)| *agent)
+            .collect();
+        for agent in broken {
+            let relaxed: Vec<PodUid> = self
+                .pods
+                .iter()
+                .filter(|(_, o)| {
+                    o.placement == Placement::Placed { agent } && o.fencing == Fencing::Relaxed
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in relaxed {
+                self.agent_lost(&uid, agent, "has a container runtime that fails its checks");
             }
         }
         // Placements taken back from an agent's report or renewal: its heartbeats must
@@ -1537,6 +1592,7 @@ impl Owner {
     pub fn agents_revoked(&mut self, revoked: &[PeerId]) {
         for agent in revoked {
             self.agents.remove(agent);
+            self.runtime_down_since.remove(agent);
             self.heartbeat_seqs.retain(|a| a != agent);
             let uids: Vec<PodUid> = self
                 .pods
