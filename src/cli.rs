@@ -165,6 +165,11 @@ pub struct AgentArgs {
     /// Seconds between heartbeats.
     #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub heartbeat_seconds: u64,
+    /// Seconds without a word from a pod's owner (since the last, or since this agent
+    /// started) after which its pods are stopped: an owner that is gone for good, or
+    /// came back with a new identity, leaves nothing running forever.
+    #[arg(long, env = "BEEMESH_OWNER_GONE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(5..))]
+    pub owner_gone_seconds: u64,
     /// Address reported as the pods' hostIP. Default: the IPv4 listen address, if specific.
     #[arg(long, env = "BEEMESH_HOST_IP")]
     pub host_ip: Option<IpAddr>,

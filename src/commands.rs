@@ -249,6 +249,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
         labels: cli::labels_map(&args.labels),
         capacity,
         heartbeat_interval: Duration::from_secs(args.heartbeat_seconds),
+        owner_gone_after: Duration::from_secs(args.owner_gone_seconds),
         resync_interval: Duration::from_secs(10),
         host_ip: args.host_ip.or_else(|| default_host_ip(&args.mesh.listen)),
         storage_bytes: storage_bytes(&args.mesh.state_dir),

@@ -1003,3 +1003,30 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
             .then_some(())
     });
 }
+
+#[test]
+fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&["--owner-gone-seconds", "6"]);
+    mesh.write_manifest("mover.yaml", SLEEPER);
+    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
+    });
+    // Heard from regularly, the owner keeps its pod running past the limit.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(running_copies("e2e-mover").len(), 1);
+
+    mesh.node().kill();
+    let gone_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(running_copies("e2e-mover").len(), 1, "stopped too early");
+    mesh.wait_for("the orphan stopped", Duration::from_secs(40), || {
+        podman_pods("io.beemesh.pod.name=e2e-mover")
+            .is_empty()
+            .then_some(())
+    });
+    eprintln!(
+        "orphan stopped {:?} after its owner went",
+        gone_at.elapsed()
+    );
+}

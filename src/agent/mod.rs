@@ -83,6 +83,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Statuses are re-sent this often even when nothing changed.
     pub resync_interval: Duration,
+    /// A pod whose owner has not been heard from this long is stopped.
+    pub owner_gone_after: Duration,
     /// The address pods see as `status.hostIP`.
     pub host_ip: Option<IpAddr>,
     /// Size of the filesystem holding the state directory (the node's ephemeral-storage).
@@ -102,6 +104,8 @@ struct Hosted {
     worker: WorkerHandle,
     status: Option<PodStatus>,
     stopping: bool,
+    /// Its termination grace period.
+    grace: Duration,
 }
 
 impl Hosted {
@@ -152,6 +156,8 @@ enum Internal {
     Join(JoinOutcome),
     /// The outcome of a health check.
     Health(AgentHealth),
+    /// An owner answered.
+    Heard(PeerId),
     /// An owner's answer to a lease renewal sent at `sent_ms` (None: no answer).
     Renewed {
         owner: PeerId,
@@ -174,6 +180,8 @@ pub struct Agent {
     watchdog_failing: bool,
     /// As the last check found it.
     health: AgentHealth,
+    /// When each owner was last heard from (trusted owners only).
+    owner_heard: HashMap<PeerId, Instant>,
     /// The offers this agent bid for: an assignment without a bid is refused.
     bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
     enrollment: Option<Enrollment>,
@@ -257,6 +265,7 @@ impl Agent {
             leases,
             watchdog_failing: false,
             health: AgentHealth::default(),
+            owner_heard: HashMap::new(),
             bids: HashMap::new(),
             enrollment,
             connected: Default::default(),
@@ -311,7 +320,13 @@ impl Agent {
                 Some(update) = self.updates.recv() => self.on_update(update).await,
                 Some(internal) = self.internal_rx.recv() => match internal {
                     Internal::Superseded { uid, epoch } => self.stop_superseded(&uid, epoch),
-                    Internal::Renewed { owner, sent_ms, answer } => self.on_renewed(owner, sent_ms, answer),
+                    Internal::Renewed { owner, sent_ms, answer } => {
+                        if answer.is_some() {
+                            self.heard(owner);
+                        }
+                        self.on_renewed(owner, sent_ms, answer)
+                    }
+                    Internal::Heard(owner) => self.heard(owner),
                     Internal::Health(health) => {
                         if self.on_health(health) {
                             // The node learns of it now, not a period later.
@@ -332,7 +347,10 @@ impl Agent {
                         self.try_join(peer);
                     }
                 }
-                _ = resync.tick() => self.resync(None),
+                _ = resync.tick() => {
+                    self.stop_orphans();
+                    self.resync(None);
+                }
                 _ = lease_check.tick() => self.check_leases(),
                 _ = health_check.tick() => self.check_health(),
             }
@@ -402,6 +420,40 @@ impl Agent {
         self.save_leases();
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
+    }
+
+    fn heard(&mut self, owner: PeerId) {
+        if self.owners.trusts(&owner) {
+            self.owner_heard.insert(owner, Instant::now());
+        }
+    }
+
+    /// Stops the pods of owners not heard from for `owner_gone_after`: not connected
+    /// (a live connection is pinged) and silent since (or since this agent started).
+    fn stop_orphans(&mut self) {
+        for owner in self.connected.clone() {
+            self.heard(owner);
+        }
+        let limit = self.config.owner_gone_after;
+        let started = self.started;
+        let heard = &self.owner_heard;
+        for hosted in self.pods.values_mut() {
+            let last = heard.get(&hosted.owner()).copied().unwrap_or(started);
+            if hosted.stopping || last.elapsed() < limit {
+                continue;
+            }
+            tracing::warn!(pod = %hosted.pod, owner = %hosted.owner(), silent_secs = last.elapsed().as_secs(), "owner not heard from for --owner-gone-seconds; stopping its pod");
+            audit::record(
+                &self.metrics,
+                "owner_gone",
+                Outcome::Allowed,
+                &hosted.owner(),
+                Some(&hosted.pod),
+                &format_args!("not heard from for {} s", last.elapsed().as_secs()),
+            );
+            hosted.stopping = true;
+            hosted.worker.stop(hosted.grace);
+        }
     }
 
     /// Checks the runtime and samples the host in the background.
@@ -572,6 +624,7 @@ impl Agent {
         // Validated before (assign) or when first assigned (adopt).
         let requests = translate::pod_requests(&pod).unwrap_or_default();
         let host_ports = translate::host_ports(&pod);
+        let grace = Duration::from_secs(translate::grace_period_secs(&pod));
         let worker = supervisor::spawn(
             self.worker_ctx.clone(),
             pod_ref.clone(),
@@ -591,6 +644,7 @@ impl Agent {
                 worker,
                 status: None,
                 stopping: false,
+                grace,
             },
         );
         self.metrics.pods.set(self.pods.len() as i64);
@@ -646,6 +700,8 @@ impl Agent {
             }
             MeshEvent::PeerDisconnected(peer) => {
                 self.connected.remove(&peer);
+                // Heard until now: the connection was kept alive by pings.
+                self.heard(peer);
             }
         }
     }
@@ -715,6 +771,7 @@ impl Agent {
             self.metrics.dropped("offer", "untrusted");
             return;
         }
+        self.heard(owner);
         if let Some(hosted) = self.pods.get(&offer.pod.uid) {
             if hosted.epoch() >= offer.epoch || hosted.owner() != owner {
                 return;
@@ -769,6 +826,9 @@ impl Agent {
             return Response::Declined {
                 reason: format!("owner {peer} is not trusted by this agent"),
             };
+        }
+        if for_owners {
+            self.heard(peer);
         }
         match request {
             Request::Assign(assign) => self.on_assign(peer, *assign).await,
@@ -1028,7 +1088,9 @@ impl Agent {
                 Ok(Response::Superseded { .. }) if !removed => {
                     let _ = internal.send(Internal::Superseded { uid, epoch }).await;
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    let _ = internal.send(Internal::Heard(owner)).await;
+                }
                 Err(e) => {
                     metrics.request_failed("status");
                     tracing::debug!(%uid, error = %e, "status report not delivered; resync will retry");
