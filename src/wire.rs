@@ -231,6 +231,11 @@ pub struct HostedPod {
     pub requests: Resources,
     #[serde(default)]
     pub host_ports: Vec<u16>,
+    /// The agent found this pod in its runtime without its assignment record (lost
+    /// with its memory-backed directory): its owner claims it by sending the
+    /// assignment again, or releases it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unrecorded: bool,
 }
 
 /// Whether an agent can take pods, as the kubelet reports its node's conditions: its
@@ -740,6 +745,7 @@ mod tests {
                 phase: "Running".into(),
                 requests: Resources::default(),
                 host_ports: vec![],
+                unrecorded: false,
             }],
             uptime_secs: 5,
             storage_bytes: 100 << 30,

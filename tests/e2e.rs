@@ -665,7 +665,7 @@ fn a_changed_manifest_replaces_its_pod() {
 }
 
 #[test]
-fn secrets_stay_off_disk_and_pods_a_reboot_took_run_again() {
+fn secrets_stay_off_disk_and_pods_a_reboot_stopped_run_again() {
     let mut mesh = Mesh::new();
     // An agent whose secrets directory is on a disk refuses to start.
     let on_disk = mesh
@@ -708,13 +708,23 @@ fn secrets_stay_off_disk_and_pods_a_reboot_took_run_again() {
         .expect("podman pod stop");
     assert!(stopped.status.success(), "{stopped:?}");
     mesh.start_agent_in(state, &[]);
-    // The agent cannot adopt a pod without its record (it removes it); the node sees
-    // its heartbeats no longer list the pod and places it again.
-    let pod = mesh.wait_for("e2e-boot placed again", Duration::from_secs(40), || {
+    // The agent keeps the pod it finds without its record and lists it as such; the
+    // node claims it by sending the assignment again, and its containers start again
+    // where they were (same pod, same epoch), as the kubelet restarts a pod after a
+    // reboot.
+    let pod = mesh.wait_for("e2e-boot running again", Duration::from_secs(60), || {
         let pod = mesh.pod_status("default", "e2e-boot")?;
-        (pod["phase"] == "Running" && pod["epoch"] != epoch).then_some(pod)
+        let copies = running_copies("e2e-boot");
+        (pod["phase"] == "Running" && copies.len() == 1).then_some(pod)
     });
-    assert_eq!(running_copies("e2e-boot").len(), 1, "{pod}");
+    assert_eq!(pod["epoch"], epoch, "{pod}");
+    assert_eq!(running_copies("e2e-boot")[0].id, before[0].id);
+    let records = secrets.join("assignments");
+    assert_eq!(
+        std::fs::read_dir(&records).expect("records").count(),
+        1,
+        "the record written again"
+    );
 }
 
 const STRICT: &str = r#"
@@ -1029,4 +1039,53 @@ fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
         "orphan stopped {:?} after its owner went",
         gone_at.elapsed()
     );
+}
+
+#[test]
+fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
+    let mut mesh = Mesh::new();
+    let first = mesh.start_agent(&[]);
+    mesh.write_manifest("mover.yaml", SLEEPER);
+    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
+        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
+    });
+    let before = running_copies("e2e-mover");
+    assert_eq!(before.len(), 1);
+    let containers = || -> Vec<String> {
+        podman_containers("io.beemesh.pod.name=e2e-mover")
+            .iter()
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let container_ids = containers();
+
+    // The agent restarts without its assignment records (say its tmpfs was cleared).
+    let state = mesh.agents[first].state_dir.clone();
+    mesh.agents[first].kill();
+    let records = mesh
+        .shm
+        .path()
+        .join(state.file_name().expect("name"))
+        .join("assignments");
+    let removed = std::fs::read_dir(&records)
+        .expect("records")
+        .flatten()
+        .map(|entry| std::fs::remove_file(entry.path()).expect("remove record"))
+        .count();
+    assert_eq!(removed, 1);
+    mesh.start_agent_in(state, &[]);
+
+    // The owner claims it: the same containers carry on, at the same epoch, and the
+    // agent has its record again.
+    mesh.wait_for("the record written again", Duration::from_secs(30), || {
+        let count = std::fs::read_dir(&records).ok()?.flatten().count();
+        (count == 1).then_some(())
+    });
+    mesh.wait_for("e2e-mover Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
+    });
+    let after = running_copies("e2e-mover");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].id, before[0].id);
+    assert_eq!(containers(), container_ids);
 }

@@ -492,6 +492,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         phase: "Running".into(),
         requests: Resources::default(),
         host_ports: vec![],
+        unrecorded: false,
     };
     let handle = agents[0].handle.clone();
     let seq = seqs[0].clone();
@@ -544,6 +545,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         phase: "Running".into(),
         requests: Resources::default(),
         host_ports: vec![],
+        unrecorded: false,
     };
     let still_runs = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let beat = {

@@ -578,6 +578,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         phase: "Running".into(),
         requests: Resources::default(),
         host_ports: vec![],
+        unrecorded: false,
     };
     let (n, at) = seq.next();
     let fresh = heartbeat(n, at, vec![hosted.clone()]);

@@ -135,6 +135,15 @@ impl Hosted {
     }
 }
 
+/// A Podman pod of this agent found without its assignment record: left alone while
+/// its owner is asked, through the heartbeats, whether it still wants it here.
+struct Unrecorded {
+    pod: PodRef,
+    owner: PeerId,
+    epoch: Epoch,
+    runtime_pod: crate::runtime::RuntimePod,
+}
+
 /// How soon after a new connection the next heartbeat goes out.
 const HEARTBEAT_AFTER_CONNECT: Duration = Duration::from_millis(500);
 
@@ -175,6 +184,7 @@ pub struct Agent {
     metrics: Metrics,
     store: AssignmentStore,
     pods: HashMap<PodUid, Hosted>,
+    unrecorded: HashMap<PodUid, Unrecorded>,
     leases: LeaseBook,
     /// The fence watchdog could not be started (said once, until it can).
     watchdog_failing: bool,
@@ -262,6 +272,7 @@ impl Agent {
             metrics,
             store,
             pods: HashMap::new(),
+            unrecorded: HashMap::new(),
             leases,
             watchdog_failing: false,
             health: AgentHealth::default(),
@@ -358,8 +369,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Picks up the Podman pods this agent created before it restarted. A pod with no
-    /// assignment record, or whose record is for another epoch, is an orphan: removed.
+    /// Picks up the Podman pods this agent created before it restarted. A pod without
+    /// its assignment record is kept while its owner is asked (see [`Unrecorded`]); one
+    /// whose record is for another epoch, or that names no owner it trusts, is removed.
     async fn adopt(&mut self) -> Result<(), AgentError> {
         let me = self.mesh.local_peer_id().to_string();
         let found = self.runtime.list_pods(labels::AGENT, &me).await?;
@@ -374,9 +386,19 @@ impl Agent {
                 Some(uid) => self.store.load(uid).await,
                 None => None,
             };
-            let (Some(uid), Some(epoch), Some(record)) = (uid, epoch, record) else {
-                tracing::warn!(podman_pod = %existing.name, "removing orphaned pod with no assignment record");
+            let (Some(uid), Some(epoch)) = (uid, epoch) else {
+                tracing::warn!(podman_pod = %existing.name, "removing a pod without BeeMesh labels");
                 let _ = self.runtime.remove_pod(&existing.id).await;
+                continue;
+            };
+            let Some(record) = record else {
+                match self.unrecorded_pod(uid, epoch, existing) {
+                    Ok(()) => {}
+                    Err(existing) => {
+                        tracing::warn!(podman_pod = %existing.name, "removing a pod with no assignment record and no trusted owner");
+                        let _ = self.runtime.remove_pod(&existing.id).await;
+                    }
+                }
                 continue;
             };
             if record.epoch() != epoch || self.pods.contains_key(&uid) {
@@ -454,6 +476,18 @@ impl Agent {
             hosted.stopping = true;
             hosted.worker.stop(hosted.grace);
         }
+        let gone: Vec<PodUid> = self
+            .unrecorded
+            .iter()
+            .filter(|(_, u)| heard.get(&u.owner).copied().unwrap_or(started).elapsed() >= limit)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            if let Some(found) = self.unrecorded.remove(&uid) {
+                tracing::warn!(pod = %found.pod, owner = %found.owner, "owner of a pod found without its record not heard from; removing it");
+                self.remove_runtime_pod(found.runtime_pod);
+            }
+        }
     }
 
     /// Checks the runtime and samples the host in the background.
@@ -509,6 +543,51 @@ impl Agent {
             .set(i64::from(health.runtime_error.is_none()));
         self.health = health;
         true
+    }
+
+    /// Keeps a pod found without its record, if its labels name a trusted owner.
+    fn unrecorded_pod(
+        &mut self,
+        uid: PodUid,
+        epoch: Epoch,
+        existing: crate::runtime::RuntimePod,
+    ) -> Result<(), crate::runtime::RuntimePod> {
+        let label = |key| existing.labels.get(key).cloned();
+        let owner = label(labels::OWNER).and_then(|o| o.parse::<PeerId>().ok());
+        let (Some(owner), Some(namespace), Some(name)) =
+            (owner, label(labels::POD_NAMESPACE), label(labels::POD_NAME))
+        else {
+            return Err(existing);
+        };
+        if !self.owners.trusts(&owner) {
+            return Err(existing);
+        }
+        let pod = PodRef {
+            uid: uid.clone(),
+            namespace,
+            name,
+        };
+        tracing::warn!(%pod, %epoch, %owner, "pod found without its assignment record; asking its owner");
+        self.unrecorded.insert(
+            uid,
+            Unrecorded {
+                pod,
+                owner,
+                epoch,
+                runtime_pod: existing,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a Podman pod in the background (a stale or unwanted copy).
+    fn remove_runtime_pod(&self, runtime_pod: crate::runtime::RuntimePod) {
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            if let Err(e) = runtime.remove_pod(&runtime_pod.id).await {
+                tracing::warn!(podman_pod = %runtime_pod.name, error = %e, "cannot remove pod");
+            }
+        });
     }
 
     /// Writes the leases where a restarted agent finds them. A small file on a
@@ -885,7 +964,11 @@ impl Agent {
         let bid = self.bids.get(&uid).is_some_and(|(o, e, at)| {
             *o == owner && *e == assign.epoch && at.elapsed() < BID_LIFETIME
         });
-        if !refresh && !bid {
+        let claim = self
+            .unrecorded
+            .get(&uid)
+            .is_some_and(|u| u.owner == owner && u.epoch == assign.epoch);
+        if !refresh && !bid && !claim {
             return self.refuse_assign(
                 owner,
                 &uid,
@@ -1004,11 +1087,40 @@ impl Agent {
             }
         }
         self.save_leases();
-        self.host(pod_ref, assign.pod, assign.volumes, assign.statement, None);
+        // Its owner claims a pod found without its record: it carries on as it runs.
+        let adopted = match self.unrecorded.remove(&pod_ref.uid) {
+            Some(found) if found.epoch == assign.epoch => {
+                tracing::info!(pod = %pod_ref, epoch = %assign.epoch, "owner claimed the pod found without its record");
+                Some(found.runtime_pod)
+            }
+            Some(stale) => {
+                self.remove_runtime_pod(stale.runtime_pod);
+                None
+            }
+            None => None,
+        };
+        self.host(
+            pod_ref,
+            assign.pod,
+            assign.volumes,
+            assign.statement,
+            adopted,
+        );
         Response::Ack
     }
 
     fn on_release(&mut self, peer: PeerId, release: Release) -> Response {
+        let unwanted = self
+            .unrecorded
+            .get(&release.pod)
+            .is_some_and(|u| u.owner == peer && u.epoch <= release.epoch);
+        if unwanted {
+            if let Some(found) = self.unrecorded.remove(&release.pod) {
+                tracing::info!(pod = %found.pod, epoch = %found.epoch, "owner released the pod found without its record; removing it");
+                self.remove_runtime_pod(found.runtime_pod);
+            }
+            return Response::Ack;
+        }
         match self.pods.get_mut(&release.pod) {
             Some(hosted) if hosted.owner() != peer => Response::Declined {
                 reason: "only the pod's owner can release it".into(),
@@ -1134,7 +1246,17 @@ impl Agent {
                     phase: h.phase(),
                     requests: h.requests,
                     host_ports: h.host_ports.clone(),
+                    unrecorded: false,
                 })
+                .chain(self.unrecorded.values().map(|u| HostedPod {
+                    pod: u.pod.clone(),
+                    owner: PeerRef(u.owner),
+                    epoch: u.epoch,
+                    phase: "Unknown".into(),
+                    requests: Resources::default(),
+                    host_ports: Vec::new(),
+                    unrecorded: true,
+                }))
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
             storage_bytes: self.config.storage_bytes,

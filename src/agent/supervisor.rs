@@ -363,6 +363,13 @@ impl Worker {
     /// Picks up a pod this agent created before it restarted: the newest instance of
     /// each container carries on, its attempt number being the restart count.
     async fn adopt(&mut self, existing: RuntimePod) {
+        // Files given again (a pod whose record was lost, claimed by its owner) are
+        // written again; the containers see them through their bind mounts.
+        if !self.volumes.is_empty() {
+            if let Err(e) = super::volumes::write(&self.files_dir, &self.volumes).await {
+                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot write the pod's volume files");
+            }
+        }
         self.pod_id = Some(existing.id.clone());
         self.refresh_pod_ip().await;
         let now = Instant::now();

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::resolve::{ResolveError, Resolved};
+use super::retry::Backoff;
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
 use crate::fencing::{fencing_of, Fencing};
@@ -254,7 +255,14 @@ pub struct Owner {
     status_seqs: ReplayGuard<(PeerId, PodUid)>,
     /// Since when each agent has said its container runtime fails its checks.
     runtime_down_since: HashMap<PeerId, Instant>,
+    /// Releases sent again while the agent's heartbeats still list the copy.
+    release_retries: Backoff<(PeerId, PodUid)>,
 }
+
+/// A Release is sent again after this while the agent still lists the copy, doubling
+/// up to the maximum (a copy stopping takes up to its grace period).
+const RELEASE_RETRY: Duration = Duration::from_secs(3);
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// How long an assignment counts as recent for spreading ties: about until the
 /// agent's heartbeats show it.
@@ -356,6 +364,7 @@ impl Owner {
             heartbeat_seqs: ReplayGuard::default(),
             status_seqs: ReplayGuard::default(),
             runtime_down_since: HashMap::new(),
+            release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
             config,
             signer,
             mesh,
@@ -658,7 +667,7 @@ impl Owner {
                     epoch: owned.epoch,
                     grace_period_secs: owned.grace_secs,
                 };
-                self.send_release(agent, release);
+                self.release_now(agent, release);
             }
             // The assignment's answer settles it (see on_internal).
             Placement::Assigning => {}
@@ -987,7 +996,7 @@ impl Owner {
                         epoch,
                         grace_period_secs: owned.grace_secs,
                     };
-                    self.send_release(agent, release);
+                    self.release_now(agent, release);
                     return;
                 }
                 let mut status = owned.status.clone();
@@ -1102,14 +1111,17 @@ impl Owner {
                 }
             }
         }
+        // Copies no longer listed are done with: their releases are not sent again.
+        self.release_retries
+            .retain(|(a, uid)| *a != agent || hosted.iter().any(|h| &h.pod.uid == uid));
         for hp in hosted {
             let uid = hp.pod.uid.clone();
-            let Some(owned) = self.pods.get_mut(&uid) else {
+            let Some(owned) = self.pods.get(&uid) else {
                 if !self.synced {
                     continue;
                 }
                 tracing::info!(pod = %hp.pod, %agent, "agent runs a pod this owner no longer has; releasing it");
-                self.send_release(
+                self.release_again(
                     agent,
                     Release {
                         pod: uid,
@@ -1121,6 +1133,13 @@ impl Owner {
             };
             let current = matches!(owned.placement, Placement::Placed { agent: a } if a == agent)
                 && hp.epoch == owned.epoch;
+            if hp.unrecorded && current && !owned.deleting {
+                // The agent lost its record of the placement: it gets it again.
+                tracing::info!(pod = %hp.pod, %agent, "agent found the pod without its record; sending the assignment again");
+                let assign = self.assign(owned, agent);
+                self.send_assign_refresh(agent, assign);
+                continue;
+            }
             if hp.epoch < owned.epoch
                 || owned.deleting
                 || owned.placement == Placement::Done && !current
@@ -1130,8 +1149,27 @@ impl Owner {
                     epoch: hp.epoch,
                     grace_period_secs: owned.grace_secs,
                 };
-                self.send_release(agent, release);
+                self.release_again(agent, release);
             }
+        }
+    }
+
+    /// Sends a Release at once; the agent's heartbeats repeat it (see
+    /// [`Owner::release_again`]) after the back-off.
+    fn release_now(&mut self, agent: PeerId, release: Release) {
+        self.release_retries
+            .try_now((agent, release.pod.clone()), Instant::now());
+        self.send_release(agent, release);
+    }
+
+    /// Sends a Release a heartbeat calls for, unless one went to that copy lately (see
+    /// [`RELEASE_RETRY`]).
+    fn release_again(&mut self, agent: PeerId, release: Release) {
+        if self
+            .release_retries
+            .try_now((agent, release.pod.clone()), Instant::now())
+        {
+            self.send_release(agent, release);
         }
     }
 
@@ -1306,6 +1344,7 @@ impl Owner {
                 .collect();
             self.heartbeat_seqs.retain(|a| *a != agent);
             self.runtime_down_since.remove(&agent);
+            self.release_retries.retain(|(a, _)| *a != agent);
             for uid in uids {
                 self.agent_unreachable(&uid, agent, "stopped sending heartbeats");
             }
@@ -1593,6 +1632,7 @@ impl Owner {
         for agent in revoked {
             self.agents.remove(agent);
             self.runtime_down_since.remove(agent);
+            self.release_retries.retain(|(a, _)| a != agent);
             self.heartbeat_seqs.retain(|a| a != agent);
             let uids: Vec<PodUid> = self
                 .pods
