@@ -20,6 +20,26 @@ fn phase_of(mesh: &Mesh, name: &str) -> Option<String> {
         .and_then(|p| p["phase"].as_str().map(str::to_string))
 }
 
+fn wait_running(mesh: &Mesh, name: &str) {
+    mesh.wait_for(&format!("{name} Running"), Duration::from_secs(60), || {
+        (phase_of(mesh, name).as_deref() == Some("Running")).then_some(())
+    });
+}
+
+/// The pod's one running copy: the index of its agent in the mesh, and its epoch.
+fn runner_of(mesh: &Mesh, name: &str) -> (usize, u64) {
+    let copies = running_copies(name);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let agent = &copies[0].labels["io.beemesh.agent"];
+    let epoch = copies[0].labels["io.beemesh.epoch"].parse().expect("epoch");
+    let index = mesh
+        .agents
+        .iter()
+        .position(|a| &a.peer == agent)
+        .expect("runner is ours");
+    (index, epoch)
+}
+
 const WEB: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -61,9 +81,7 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
     let agents: BTreeSet<String> = mesh.agent_peers().into_iter().collect();
     mesh.write_manifest("web.yaml", WEB);
 
-    mesh.wait_for("e2e-web Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-web").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-web");
     let copies = podman_pods("io.beemesh.pod.name=e2e-web");
     assert_eq!(copies.len(), 1, "exactly one Podman pod: {copies:?}");
     let runner = copies[0].labels["io.beemesh.agent"].clone();
@@ -145,19 +163,9 @@ fn a_killed_agents_pod_moves_to_another_within_15s_and_never_runs_twice() {
         mesh.start_agent(&[]);
     }
     mesh.write_manifest("mover.yaml", SLEEPER);
-    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
-    });
-    let first = running_copies("e2e-mover");
-    assert_eq!(first.len(), 1, "{first:?}");
-    let old_agent = first[0].labels["io.beemesh.agent"].clone();
-    let old_epoch: u64 = first[0].labels["io.beemesh.epoch"].parse().expect("epoch");
-
-    let victim = mesh
-        .agents
-        .iter()
-        .position(|a| a.peer == old_agent)
-        .expect("runner is ours");
+    wait_running(&mesh, "e2e-mover");
+    let (victim, old_epoch) = runner_of(&mesh, "e2e-mover");
+    let old_agent = mesh.agents[victim].peer.clone();
     let victim_state = mesh.agents[victim].state_dir.clone();
     mesh.agents[victim].kill();
     let killed_at = Instant::now();
@@ -221,9 +229,7 @@ fn restarting_the_node_or_an_agent_neither_duplicates_nor_loses_pods() {
     mesh.start_agent(&[]);
     mesh.start_agent(&[]);
     mesh.write_manifest("stay.yaml", &SLEEPER.replace("e2e-mover", "e2e-stay"));
-    mesh.wait_for("e2e-stay Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-stay").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-stay");
     let before = running_copies("e2e-stay");
     assert_eq!(before.len(), 1);
     // Epochs come from the node's counted starts (kept in its trust file), not the clock.
@@ -597,9 +603,7 @@ fn a_never_restarting_pod_fails_with_agent_lost_and_metrics_count_it() {
             .replace("e2e-mover", "e2e-never")
             .replace("spec:\n", "spec:\n  restartPolicy: Never\n"),
     );
-    mesh.wait_for("e2e-never Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-never").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-never");
     mesh.agents[0].kill();
     let pod = mesh.wait_for("Failed with AgentLost", Duration::from_secs(30), || {
         let pod = mesh.pod_status("default", "e2e-never")?;
@@ -689,9 +693,7 @@ fn secrets_stay_off_disk_and_pods_a_reboot_stopped_run_again() {
 
     let agent = mesh.start_agent(&[]);
     mesh.write_manifest("boot.yaml", &SLEEPER.replace("e2e-mover", "e2e-boot"));
-    mesh.wait_for("e2e-boot Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-boot").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-boot");
     let before = running_copies("e2e-boot");
     assert_eq!(before.len(), 1);
     let epoch = mesh.pod_status("default", "e2e-boot").expect("pod")["epoch"].clone();
@@ -842,18 +844,9 @@ fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_e
     mesh.start_agent(&[]);
     mesh.start_agent(&[]);
     mesh.write_manifest("strict.yaml", STRICT);
-    mesh.wait_for("e2e-strict Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-strict").as_deref() == Some("Running")).then_some(())
-    });
-    let first = running_copies("e2e-strict");
-    assert_eq!(first.len(), 1, "{first:?}");
-    let old_agent = first[0].labels["io.beemesh.agent"].clone();
-    let old_epoch: u64 = first[0].labels["io.beemesh.epoch"].parse().expect("epoch");
-    let frozen = mesh
-        .agents
-        .iter()
-        .position(|a| a.peer == old_agent)
-        .expect("runner is ours");
+    wait_running(&mesh, "e2e-strict");
+    let (frozen, old_epoch) = runner_of(&mesh, "e2e-strict");
+    let old_agent = mesh.agents[frozen].peer.clone();
     let frozen_pid = mesh.agents[frozen].child.id();
 
     // The runner freezes: it can neither renew nor stop anything. Its watchdog removes
@@ -962,9 +955,7 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
     let sick = mesh.start_agent(&["--podman-socket", &podman.url()]);
     let sick_peer = mesh.agents[sick].peer.clone();
     mesh.write_manifest("mover.yaml", SLEEPER);
-    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-mover");
     let healthy = mesh.start_agent(&[]);
     let healthy_peer = mesh.agents[healthy].peer.clone();
 
@@ -1019,9 +1010,7 @@ fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&["--owner-gone-seconds", "6"]);
     mesh.write_manifest("mover.yaml", SLEEPER);
-    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-mover");
     // Heard from regularly, the owner keeps its pod running past the limit.
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(running_copies("e2e-mover").len(), 1);
@@ -1046,9 +1035,7 @@ fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
     let mut mesh = Mesh::new();
     let first = mesh.start_agent(&[]);
     mesh.write_manifest("mover.yaml", SLEEPER);
-    mesh.wait_for("e2e-mover Running", Duration::from_secs(60), || {
-        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
-    });
+    wait_running(&mesh, "e2e-mover");
     let before = running_copies("e2e-mover");
     assert_eq!(before.len(), 1);
     let containers = || -> Vec<String> {

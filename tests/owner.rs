@@ -14,8 +14,8 @@ use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid, Renew,
-    Request, Resources, Response, SignedAssignment, StatusReport, Topic,
+    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
+    PodUid, Renew, Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
@@ -211,6 +211,18 @@ fn beat_while(
     })
 }
 
+/// What the node shows `handle` (which it trusts as a client) of the mesh.
+async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
+    match handle
+        .request(node_id, Request::Query)
+        .await
+        .expect("query")
+    {
+        Response::View(view) => *view,
+        other => panic!("view expected, got {other:?}"),
+    }
+}
+
 /// Every agent bids on an offer as soon as it is seen. An offer may close before the
 /// bids arrive (it was made before all agents were known): the next one is taken then.
 async fn bid_by_all(agents: &mut [ScriptedAgent], node_id: libp2p::PeerId) -> Offer {
@@ -360,19 +372,13 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         Response::Ack
     );
     let view = |handle: MeshHandle| async move {
-        match handle
-            .request(node_id, Request::Query)
+        query_view(&handle, node_id)
             .await
-            .expect("query")
-        {
-            Response::View(view) => view
-                .pods
-                .iter()
-                .find(|p| p.pod.uid.0 == "11111111-2222-3333-4444-555555555555")
-                .map(|p| (p.phase.clone(), p.agent, p.epoch))
-                .expect("pod listed"),
-            other => panic!("view expected, got {other:?}"),
-        }
+            .pods
+            .iter()
+            .find(|p| p.pod.uid.0 == "11111111-2222-3333-4444-555555555555")
+            .map(|p| (p.phase.clone(), p.agent, p.epoch))
+            .expect("pod listed")
     };
     assert_eq!(
         view(agents[1].handle.clone()).await,
@@ -590,14 +596,11 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
     let listed = |handle: MeshHandle| {
         let deleted = deleted.clone();
         async move {
-            match handle
-                .request(node_id, Request::Query)
+            query_view(&handle, node_id)
                 .await
-                .expect("query")
-            {
-                Response::View(view) => view.pods.iter().any(|p| p.pod.uid == deleted),
-                other => panic!("view expected, got {other:?}"),
-            }
+                .pods
+                .iter()
+                .any(|p| p.pod.uid == deleted)
         }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -714,18 +717,12 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     let placed_on = |handle: MeshHandle| {
         let uid = uid.clone();
         async move {
-            match handle
-                .request(node_id, Request::Query)
+            query_view(&handle, node_id)
                 .await
-                .expect("query")
-            {
-                Response::View(view) => view
-                    .pods
-                    .iter()
-                    .find(|p| p.pod.uid == uid)
-                    .and_then(|p| p.agent.map(|a| a.0)),
-                other => panic!("view expected, got {other:?}"),
-            }
+                .pods
+                .iter()
+                .find(|p| p.pod.uid == uid)
+                .and_then(|p| p.agent.map(|a| a.0))
         }
     };
     // A short partition: agent 0 is declared lost, but comes back before its lease
@@ -753,11 +750,8 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     // Its heartbeats are heard again before the next partition.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let view = handles[1]
-            .request(node_id, Request::Query)
-            .await
-            .expect("query");
-        if matches!(&view, Response::View(v) if v.agents.iter().any(|a| a.peer.0 == agent_ids[0])) {
+        let view = query_view(&handles[1], node_id).await;
+        if view.agents.iter().any(|a| a.peer.0 == agent_ids[0]) {
             break;
         }
         assert!(

@@ -46,7 +46,6 @@ impl<K: Hash + Eq> Backoff<K> {
     pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
         self.due.retain(|key, _| keep(key));
     }
-
 }
 
 #[cfg(test)]
