@@ -263,7 +263,7 @@ pub struct NodeArgs {
     #[arg(long, env = "BEEMESH_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub lease_seconds: u64,
     /// Seconds beyond a lease the node waits before placing a strict pod again: room
-    /// for the agent's clock to run faster than the node's and for the stop to act.
+    /// for the agent's clock to run slower than the node's and for the stop to act.
     #[arg(long, env = "BEEMESH_FENCING_MARGIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub fencing_margin_seconds: u64,
 }

@@ -6,7 +6,7 @@
 //! counts it from when it *received* that renewal (or the assignment's answer), which
 //! is never earlier, and places the pod again only after the lease plus a margin. Each
 //! side measures on its own clock, so no wall-clock time is ever compared across
-//! machines; the margin covers how much faster the agent's clock may run than the
+//! machines; the margin covers how much slower the agent's clock may run than the
 //! owner's (rate, not offset) and the time the stop takes to act.
 
 use k8s_openapi::api::core::v1::Pod;

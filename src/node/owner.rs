@@ -113,8 +113,8 @@ pub struct OwnerConfig {
     /// (see `fencing`).
     pub lease: Duration,
     /// How much longer than the lease the owner waits before placing a strict pod
-    /// again: covers the agent's clock running faster than the owner's and the stop
-    /// taking effect.
+    /// again: covers the agent's clock running slower than the owner's (its lease
+    /// lasts longer in real time) and the stop taking effect.
     pub fencing_margin: Duration,
 }
 
