@@ -258,6 +258,7 @@ bm_agent_start() {
     --secrets-dir "$BM_SHM_DIR/$BM_FAULT/$a" \
     --podman-socket "unix://$BM_PODMAN_SOCK" \
     --metrics-addr "${BM_IP[$a]}:9101" \
+    --label "host=$a" \
     "${flags[@]}" \
     >>"$BM_FDIR/$a.out" 2>>"$BM_FDIR/$a.log" &
   BM_AGENT_PID[$a]=$!
@@ -332,7 +333,7 @@ bm_mesh_stop() {
     # shellcheck disable=SC2086 # one id a word
     podman pod rm -f -t 0 $pods >/dev/null 2>&1 || true
   fi
-  for m in "${BM_MOUNTS[@]}"; do umount -l "$m" 2>/dev/null || true; done
+  for m in "${BM_MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   BM_MOUNTS=()
 }
 

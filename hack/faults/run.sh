@@ -337,14 +337,17 @@ fault_e() {
   fault_end "$t_back" 120 --end podman-back
 }
 
-# (f) One agent's state directory on a small tmpfs that is then filled up: new pods
+# (f) One agent's state directory on a small filesystem that is then filled up: new pods
 # (with an emptyDir, which lives there) are offered, the agent is restarted on the full
 # filesystem, then the space is freed.
 fault_f() {
   bm_mesh_init f
   local mnt=$BM_FDIR/a1/state t_fault t_heal t0 t
+  # A small ext4 (a tmpfs would still take directories when its pages are used up).
   mkdir -p "$mnt"
-  mount -t tmpfs -o size=16m bm-faults-full "$mnt"
+  truncate -s 32M "$BM_FDIR/a1-state.img"
+  mkfs.ext4 -q -m 0 "$BM_FDIR/a1-state.img"
+  mount -o loop "$BM_FDIR/a1-state.img" "$mnt"
   BM_MOUNTS+=("$mnt")
   bm_mesh_start a1 a2 a3
   bm_monitor_start
@@ -355,10 +358,18 @@ fault_f() {
   sleep 2
   t_fault=$(bm_mark fault victim=a1)
   dd if=/dev/zero of="$mnt/fill" bs=64k 2>/dev/null || true
-  bm_log "a1's state filesystem: $(df -h --output=used,avail "$mnt" | tail -1)"
+  # Inodes too: small files until none is left.
+  mkdir -p "$mnt/fill.d"
+  for ((i = 0; i < 20000; i++)); do : >"$mnt/fill.d/$i" 2>/dev/null || break; done
+  bm_log "a1's state filesystem: $(df -h --output=used,avail "$mnt" | tail -1), inodes free: $(df --output=iavail "$mnt" | tail -1)"
+  mkdir "$mnt/probe" 2>/dev/null && bm_log "WARNING: a directory can still be made there" && rmdir "$mnt/probe"
   local i
+  # Six pods with an emptyDir (kept in the state directory): three only a1 may take.
+  local annotations
   for i in 1 2 3 4 5 6; do
-    bm_pod "${BM_PREFIX}r-full$i" relaxed "  volumes: [{name: scratch, emptyDir: {}}]" \
+    annotations=relaxed
+    [ "$i" -le 3 ] && annotations="relaxed, beemesh.io/agent-selector: host=a1"
+    bm_pod "${BM_PREFIX}r-full$i" "$annotations" "  volumes: [{name: scratch, emptyDir: {}}]" \
       "    volumeMounts: [{name: scratch, mountPath: /scratch}]"
   done
   sleep 20
@@ -368,7 +379,7 @@ fault_f() {
   sleep 20
   bm_log "a1 running after its restart on a full filesystem: $(kill -0 "${BM_AGENT_PID[a1]}" 2>/dev/null && echo yes || echo no)"
   t_heal=$(bm_mark heal)
-  rm -f "$mnt/fill"
+  rm -rf "$mnt/fill" "$mnt/fill.d"
   kill -0 "${BM_AGENT_PID[a1]}" 2>/dev/null || bm_agent_start a1
   fault_end "$t_heal" 120 --victim a1 --heal heal
 }
@@ -419,15 +430,30 @@ fault_h() {
   local t_heal ns
   ns=$(bm_ns a1)
   bm_mark fault victim=a1 >/dev/null
-  tc qdisc add dev bmv-a1 root netem loss 20% delay 500ms
-  ip netns exec "$ns" tc qdisc add dev eth0 root netem loss 20% delay 500ms
+  local netem=1
+  if tc qdisc add dev bmv-a1 root netem loss 20% delay 500ms 2>/dev/null; then
+    ip netns exec "$ns" tc qdisc add dev eth0 root netem loss 20% delay 500ms
+  else
+    # This kernel may lack sch_netem: 20 % loss each way with iptables' statistic
+    # match instead, and no delay (said in the figures).
+    netem=0
+    bm_log "tc netem is not available (kernel without sch_netem): 20 % loss each way by iptables, NO delay"
+    ip netns exec "$ns" iptables -I INPUT -i eth0 -m statistic --mode random --probability 0.2 -j DROP
+    ip netns exec "$ns" iptables -I OUTPUT -o eth0 -m statistic --mode random --probability 0.2 -j DROP
+  fi
+  echo "netem=$netem" >>"$BM_FDIR/marks.info"
   sleep 5
   local i
   for i in 1 2 3 4; do bm_pod "${BM_PREFIX}r-lossy$i" relaxed; done
   sleep 55
   t_heal=$(bm_mark heal)
-  tc qdisc del dev bmv-a1 root
-  ip netns exec "$ns" tc qdisc del dev eth0 root
+  if [ "$netem" = 1 ]; then
+    tc qdisc del dev bmv-a1 root
+    ip netns exec "$ns" tc qdisc del dev eth0 root
+  else
+    ip netns exec "$ns" iptables -D INPUT -i eth0 -m statistic --mode random --probability 0.2 -j DROP
+    ip netns exec "$ns" iptables -D OUTPUT -o eth0 -m statistic --mode random --probability 0.2 -j DROP
+  fi
   fault_end "$t_heal" 120 --victim a1 --heal heal
 }
 
