@@ -236,8 +236,8 @@ fault_a() {
   fault_begin a "$LIGHT_R" "$LIGHT_S"
   local victim t_fault t_heal del_r del_s
   victim=$(busiest_strict_agent)
-  del_r=$(pods_on "$victim" relaxed | head -1)
-  del_s=$(pods_on "$victim" strict | head -1)
+  del_r=$(pods_on "$victim" relaxed | sed -n 1p)
+  del_s=$(pods_on "$victim" strict | sed -n 1p)
   t_fault=$(bm_mark fault victim="$victim")
   bm_partition "$victim"
   sleep 3
