@@ -519,6 +519,18 @@ def analyze(args):
                                         "first": f"{a[2]}/{a[3]}", "second": f"{b[2]}/{b[3]}",
                                         "from": rel(b[0], t_fault), "overlap_s": round(min(a[1], b[1]) - b[0], 3)
                                         if min(a[1], b[1]) != float("inf") else "open"})
+    # Moves from Podman's events as well: they are written as things happen, while a
+    # listing can stall for seconds when Podman is busy.
+    ev_moved = {}
+    if t_fault is not None:
+        for e in sorted(evs, key=lambda e: e["t"]):
+            if e["t"] < t_fault or e["pod"] not in victim_pods:
+                continue
+            m = ev_moved.setdefault(e["pod"], {})
+            if e["status"] == "died" and e["agent"] == args.victim and "gone" not in m:
+                m["gone"] = e["t"]
+            if e["status"] == "start" and e["agent"] != args.victim and "elsewhere" not in m:
+                m["elsewhere"] = e["t"]
     strict_dups = [d for d in dups if d[1]]
     relaxed_dups = [d for d in dups if not d[1]]
     overlap = []
@@ -538,6 +550,11 @@ def analyze(args):
         "strict_elsewhere_s": stats([rel(m.get("elsewhere"), t_fault) for p, m in moved.items() if victim_pods[p]]),
         "strict_not_moved": sorted(p for p, s in victim_pods.items() if s and "elsewhere" not in moved.get(p, {})),
         "strict_new_before_old_stopped": sorted(overlap),
+        "events_relaxed_elsewhere_s": stats([rel(m.get("elsewhere"), t_fault) for p, m in ev_moved.items() if not victim_pods[p]]),
+        "events_strict_old_died_s": stats([rel(m.get("gone"), t_fault) for p, m in ev_moved.items() if victim_pods[p]]),
+        "events_strict_elsewhere_s": stats([rel(m.get("elsewhere"), t_fault) for p, m in ev_moved.items() if victim_pods[p]]),
+        "events_strict_started_before_old_died": sorted(
+            p for p, m in ev_moved.items() if victim_pods[p] and "elsewhere" in m and m.get("gone", float("inf")) > m["elsewhere"]),
         "strict_duplicates": len(strict_dups),
         "strict_duplicate_detail": [
             {"pod": d[0], "from": rel(d[2], t_fault), "to": rel(d[3], t_fault), "copies": d[4]} for d in strict_dups[:20]],
