@@ -131,17 +131,28 @@ pub async fn run(
             idle_since = None;
         }
         let slack = SLACK.as_millis() as u64;
-        for (uid, lease) in book.iter() {
-            let key = (uid.clone(), lease.epoch);
-            if lease.expires_at_ms.saturating_add(slack) > now || removed.contains(&key) {
-                continue;
-            }
-            match remove_copy(runtime.as_ref(), &agent, uid, lease.epoch).await {
+        let due: Vec<(PodUid, Epoch)> = book
+            .iter()
+            .filter(|(uid, lease)| {
+                lease.expires_at_ms.saturating_add(slack) <= now
+                    && !removed.contains(&((*uid).clone(), lease.epoch))
+            })
+            .map(|(uid, lease)| (uid.clone(), lease.epoch))
+            .collect();
+        // All at once: removed one after another, the last of many copies whose leases
+        // ran out together would go seconds late, past the owner's margin.
+        let results = futures::future::join_all(
+            due.iter()
+                .map(|(uid, epoch)| remove_copy(runtime.as_ref(), &agent, uid, *epoch)),
+        )
+        .await;
+        for ((uid, epoch), result) in due.into_iter().zip(results) {
+            match result {
                 Ok(count) => {
                     if count > 0 {
-                        tracing::warn!(%uid, epoch = %lease.epoch, "lease ran out and the agent did not stop the copy; removed it");
+                        tracing::warn!(%uid, %epoch, "lease ran out and the agent did not stop the copy; removed it");
                     }
-                    removed.insert(key);
+                    removed.insert((uid, epoch));
                 }
                 Err(e) => {
                     tracing::warn!(%uid, error = %e, "cannot remove a copy whose lease ran out; retrying")
@@ -182,6 +193,14 @@ async fn remove_copy(
         })
         .collect();
     for copy in &copies {
+        // Killed first, without the pod's grace period (a force removal would give each
+        // container its stop timeout, 30 s by default): the lease is over, and the
+        // owner's margin is all the time there is.
+        for container in &copy.containers {
+            if let Err(e) = runtime.stop_container(&container.id, Duration::ZERO).await {
+                tracing::debug!(container = %container.id, error = %e, "cannot kill; removing all the same");
+            }
+        }
         runtime.remove_pod(&copy.id).await?;
     }
     Ok(copies.len())
