@@ -31,4 +31,13 @@ set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
-exit "$status"
+
+# The fault suite's short version (an agent partitioned and healed, an agent killed
+# under load, the Podman service killed and restarted) on separate network hosts, with
+# the binary the tests built; the full suite is bash hack/faults/run.sh (RELIABILITY.md).
+faults=0
+BEEMESH_BIN="$PWD/target/debug/beemesh" bash hack/faults/run.sh --short || faults=$?
+if [ "$faults" != 0 ]; then
+  echo "fault suite (short) failed: exit $faults"
+fi
+[ "$status" = 0 ] && [ "$faults" = 0 ]
