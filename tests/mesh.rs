@@ -510,3 +510,99 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
     assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
     cancel.cancel();
 }
+
+/// Forwards TCP from a local port to `target`; while `blackhole` is set, bytes are
+/// read and dropped both ways (a partition that leaves the connection open).
+async fn blackholing_proxy(
+    target: std::net::SocketAddr,
+    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut from, mut to) in [(ri, wo), (ro, wi)].map(|(r, w)| {
+                (
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                )
+            }) {
+                let blackhole = blackhole.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        if !blackhole.load(std::sync::atomic::Ordering::Acquire)
+                            && to.write_all(&buf[..n]).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    port
+}
+
+/// A connection that goes silent (a partition; TCP stays open) is closed when pings
+/// fail, rather than kept while TCP backs off, and the peer is reached again after.
+#[tokio::test]
+async fn a_connection_that_goes_silent_is_closed_after_failed_pings_and_redialed() {
+    let cancel = CancellationToken::new();
+    let b = peer(vec![], &cancel).await;
+    let b_id = b.handle.local_peer_id();
+    let target = b
+        .addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .expect("tcp port");
+    let blackhole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = blackholing_proxy(([127, 0, 0, 1], target).into(), blackhole.clone()).await;
+    let via_proxy: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{b_id}")
+        .parse()
+        .expect("addr");
+    let mut a = peer_on("", vec![via_proxy], &cancel).await;
+    wait_for_peer(&mut a.events, b_id, true).await;
+    blackhole.store(true, std::sync::atomic::Ordering::Release);
+    // Without pings that close it, TCP would keep this connection for many minutes.
+    let silent_at = tokio::time::Instant::now();
+    wait_for_peer(&mut a.events, b_id, false).await;
+    eprintln!("silent connection closed after {:?}", silent_at.elapsed());
+    blackhole.store(false, std::sync::atomic::Ordering::Release);
+    wait_for_peer(&mut a.events, b_id, true).await;
+    cancel.cancel();
+}
+
+/// Waits (at most 30 s) until `peer` connects, or disconnects.
+async fn wait_for_peer(events: &mut mpsc::Receiver<MeshEvent>, peer: PeerId, connected: bool) {
+    let what = if connected {
+        "connected"
+    } else {
+        "disconnected"
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match events.recv().await.expect("mesh runs") {
+                MeshEvent::PeerConnected(p) if p == peer && connected => return,
+                MeshEvent::PeerDisconnected(p) if p == peer && !connected => return,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("peer {peer} not {what} within 30 s"));
+}

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{gossipsub, identify, kad, Multiaddr, PeerId, Swarm};
+use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -207,6 +207,16 @@ impl EventLoop {
                 peer, ..
             })) => {
                 tracing::trace!(%peer, "kademlia routing table updated");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            })) => {
+                // Dead or stalled: a new connection is dialed (bootstrap peers are
+                // redialed) rather than waiting out TCP's retransmission back-off.
+                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                self.swarm.close_connection(connection);
             }
             SwarmEvent::Behaviour(_) => {}
             SwarmEvent::NewListenAddr { address, .. } => {

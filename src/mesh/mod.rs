@@ -211,12 +211,25 @@ impl Behaviour {
             gossipsub,
             kad,
             identify,
-            ping: ping::Behaviour::default(),
+            // A ping every 5 s, failed after 10 s without an answer: the event loop then
+            // closes the connection (see `event_loop`).
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(PING_INTERVAL)
+                    .with_timeout(PING_TIMEOUT),
+            ),
             requests,
             streams: libp2p_stream::Behaviour::new(),
         })
     }
 }
+
+/// How often a connection is pinged, and how long an answer may take: a connection
+/// that fails a ping is closed, so that a partition shows as a disconnection within
+/// about 15 s, and a healed one gets a fresh connection instead of a TCP connection
+/// whose retransmissions backed off for as long as the partition lasted.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Gossipsub peer scoring: a peer that delivers invalid messages (undecodable, wrong
 /// topic, unsigned) is soon below the graylist threshold and ignored. The other
