@@ -843,9 +843,9 @@ fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_e
     ]);
     mesh.start_agent(&[]);
     mesh.start_agent(&[]);
-    mesh.write_manifest("strict.yaml", STRICT);
-    wait_running(&mesh, "e2e-strict");
-    let (frozen, old_epoch) = runner_of(&mesh, "e2e-strict");
+    mesh.write_manifest("strict.yaml", &STRICT.replace("e2e-strict", "e2e-frozen"));
+    wait_running(&mesh, "e2e-frozen");
+    let (frozen, old_epoch) = runner_of(&mesh, "e2e-frozen");
     let old_agent = mesh.agents[frozen].peer.clone();
     let frozen_pid = mesh.agents[frozen].child.id();
 
@@ -855,16 +855,16 @@ fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_e
     let frozen_at = Instant::now();
     let mut gone_after = None;
     let moved = loop {
-        let copies = running_containers("e2e-strict");
+        let copies = running_containers("e2e-frozen");
         assert!(copies.len() <= 1, "two copies: {copies:?}");
         if gone_after.is_none()
-            && running_copies("e2e-strict")
+            && running_copies("e2e-frozen")
                 .iter()
                 .all(|p| p.labels["io.beemesh.agent"] != old_agent)
         {
             gone_after = Some(frozen_at.elapsed());
         }
-        if let Some(copy) = running_copies("e2e-strict").into_iter().find(|p| {
+        if let Some(copy) = running_copies("e2e-frozen").into_iter().find(|p| {
             p.labels["io.beemesh.epoch"]
                 .parse::<u64>()
                 .is_ok_and(|e| e > old_epoch)
@@ -891,14 +891,14 @@ fn a_frozen_agent_s_strict_copy_is_removed_by_its_watchdog_before_the_pod_runs_e
         "one copy, on the new agent",
         Duration::from_secs(30),
         || {
-            let all = podman_pods("io.beemesh.pod.name=e2e-strict");
+            let all = podman_pods("io.beemesh.pod.name=e2e-frozen");
             (all.len() == 1
                 && all[0].labels["io.beemesh.agent"] == moved.labels["io.beemesh.agent"])
                 .then_some(())
         },
     );
     mesh.wait_for("Running", Duration::from_secs(30), || {
-        (phase_of(&mesh, "e2e-strict").as_deref() == Some("Running")).then_some(())
+        (phase_of(&mesh, "e2e-frozen").as_deref() == Some("Running")).then_some(())
     });
 }
 
@@ -954,8 +954,8 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
     let mut podman = PrivatePodman::start(socket.clone());
     let sick = mesh.start_agent(&["--podman-socket", &podman.url()]);
     let sick_peer = mesh.agents[sick].peer.clone();
-    mesh.write_manifest("mover.yaml", SLEEPER);
-    wait_running(&mesh, "e2e-mover");
+    mesh.write_manifest("sick.yaml", &SLEEPER.replace("e2e-mover", "e2e-sick"));
+    wait_running(&mesh, "e2e-sick");
     let healthy = mesh.start_agent(&[]);
     let healthy_peer = mesh.agents[healthy].peer.clone();
 
@@ -978,21 +978,21 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
         },
     );
     eprintln!("unhealthy agent: {}", health["health"]);
-    mesh.write_manifest("new.yaml", &SLEEPER.replace("e2e-mover", "e2e-new"));
-    for name in ["e2e-new", "e2e-mover"] {
+    mesh.write_manifest("new.yaml", &SLEEPER.replace("e2e-mover", "e2e-sick-new"));
+    for name in ["e2e-sick-new", "e2e-sick"] {
         mesh.wait_for(name, Duration::from_secs(60), || {
             let pod = mesh.pod_status("default", name)?;
             (pod["phase"] == "Running" && pod["agent"] == healthy_peer.as_str()).then_some(())
         });
     }
-    assert!(running_copies("e2e-new")
+    assert!(running_copies("e2e-sick-new")
         .iter()
         .all(|p| p.labels["io.beemesh.agent"] == healthy_peer));
 
     // Podman comes back: the agent is healthy again and stops its superseded copy.
     let _podman = PrivatePodman::start(socket);
-    mesh.wait_for("one copy of e2e-mover", Duration::from_secs(60), || {
-        let copies = running_copies("e2e-mover");
+    mesh.wait_for("one copy of e2e-sick", Duration::from_secs(60), || {
+        let copies = running_copies("e2e-sick");
         (copies.len() == 1 && copies[0].labels["io.beemesh.agent"] == healthy_peer).then_some(())
     });
     mesh.wait_for("the agent healthy again", Duration::from_secs(30), || {
@@ -1009,18 +1009,18 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
 fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&["--owner-gone-seconds", "6"]);
-    mesh.write_manifest("mover.yaml", SLEEPER);
-    wait_running(&mesh, "e2e-mover");
+    mesh.write_manifest("orphan.yaml", &SLEEPER.replace("e2e-mover", "e2e-orphan"));
+    wait_running(&mesh, "e2e-orphan");
     // Heard from regularly, the owner keeps its pod running past the limit.
     std::thread::sleep(Duration::from_secs(12));
-    assert_eq!(running_copies("e2e-mover").len(), 1);
+    assert_eq!(running_copies("e2e-orphan").len(), 1);
 
     mesh.node().kill();
     let gone_at = Instant::now();
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(running_copies("e2e-mover").len(), 1, "stopped too early");
+    assert_eq!(running_copies("e2e-orphan").len(), 1, "stopped too early");
     mesh.wait_for("the orphan stopped", Duration::from_secs(40), || {
-        podman_pods("io.beemesh.pod.name=e2e-mover")
+        podman_pods("io.beemesh.pod.name=e2e-orphan")
             .is_empty()
             .then_some(())
     });
@@ -1032,19 +1032,31 @@ fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
 
 #[test]
 fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
-    let mut mesh = Mesh::new();
+    // A short lease: the strict pod's copy must get a fresh one with the claim.
+    let mut mesh = Mesh::with_node_args(&["--lease-seconds", "3", "--fencing-margin-seconds", "2"]);
     let first = mesh.start_agent(&[]);
-    mesh.write_manifest("mover.yaml", SLEEPER);
-    wait_running(&mesh, "e2e-mover");
-    let before = running_copies("e2e-mover");
-    assert_eq!(before.len(), 1);
-    let containers = || -> Vec<String> {
-        podman_containers("io.beemesh.pod.name=e2e-mover")
+    mesh.write_manifest(
+        "unrecorded.yaml",
+        &SLEEPER.replace("e2e-mover", "e2e-unrecorded"),
+    );
+    mesh.write_manifest(
+        "strict.yaml",
+        &STRICT.replace("e2e-strict", "e2e-unrecorded-strict"),
+    );
+    let names = ["e2e-unrecorded", "e2e-unrecorded-strict"];
+    for name in names {
+        wait_running(&mesh, name);
+    }
+    let containers = |name: &str| -> Vec<String> {
+        podman_containers(&format!("io.beemesh.pod.name={name}"))
             .iter()
             .filter_map(|c| c["Id"].as_str().map(str::to_owned))
             .collect()
     };
-    let container_ids = containers();
+    let before: Vec<(String, Vec<String>)> = names
+        .iter()
+        .map(|name| (running_copies(name)[0].id.clone(), containers(name)))
+        .collect();
 
     // The agent restarts without its assignment records (say its tmpfs was cleared).
     let state = mesh.agents[first].state_dir.clone();
@@ -1059,20 +1071,21 @@ fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
         .flatten()
         .map(|entry| std::fs::remove_file(entry.path()).expect("remove record"))
         .count();
-    assert_eq!(removed, 1);
+    assert_eq!(removed, 2);
     mesh.start_agent_in(state, &[]);
 
-    // The owner claims it: the same containers carry on, at the same epoch, and the
-    // agent has its record again.
-    mesh.wait_for("the record written again", Duration::from_secs(30), || {
+    // The owner claims them: the same containers carry on, at the same epochs, and the
+    // agent has its records again. The strict pod's lease goes on being renewed.
+    mesh.wait_for("the records written again", Duration::from_secs(30), || {
         let count = std::fs::read_dir(&records).ok()?.flatten().count();
-        (count == 1).then_some(())
+        (count == 2).then_some(())
     });
-    mesh.wait_for("e2e-mover Running", Duration::from_secs(30), || {
-        (phase_of(&mesh, "e2e-mover").as_deref() == Some("Running")).then_some(())
-    });
-    let after = running_copies("e2e-mover");
-    assert_eq!(after.len(), 1, "{after:?}");
-    assert_eq!(after[0].id, before[0].id);
-    assert_eq!(containers(), container_ids);
+    std::thread::sleep(Duration::from_secs(8));
+    for (name, (pod, ids)) in names.iter().zip(&before) {
+        wait_running(&mesh, name);
+        let after = running_copies(name);
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(&after[0].id, pod, "{name}");
+        assert_eq!(&containers(name), ids, "{name}");
+    }
 }

@@ -436,9 +436,13 @@ impl Agent {
                 Some(existing),
             );
         }
-        let pods = &self.pods;
-        self.leases
-            .retain(|uid, lease| pods.get(uid).is_some_and(|h| h.epoch() == lease.epoch));
+        // A pod found without its record keeps its lease too: it runs out unless the
+        // owner claims the pod first (a strict copy must not outlive it unclaimed).
+        let (pods, unrecorded) = (&self.pods, &self.unrecorded);
+        self.leases.retain(|uid, lease| {
+            pods.get(uid).is_some_and(|h| h.epoch() == lease.epoch)
+                || unrecorded.get(uid).is_some_and(|u| u.epoch == lease.epoch)
+        });
         self.save_leases();
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
@@ -485,7 +489,8 @@ impl Agent {
         for uid in gone {
             if let Some(found) = self.unrecorded.remove(&uid) {
                 tracing::warn!(pod = %found.pod, owner = %found.owner, "owner of a pod found without its record not heard from; removing it");
-                self.remove_runtime_pod(found.runtime_pod);
+                // Its grace period is in the lost record: the kubelet's default.
+                self.remove_runtime_pod(found.runtime_pod, Duration::from_secs(30));
             }
         }
     }
@@ -580,10 +585,21 @@ impl Agent {
         Ok(())
     }
 
-    /// Removes a Podman pod in the background (a stale or unwanted copy).
-    fn remove_runtime_pod(&self, runtime_pod: crate::runtime::RuntimePod) {
+    /// Removes a Podman pod in the background (a stale or unwanted copy), its
+    /// containers stopped first with `grace` (a forced removal alone would give each
+    /// its own stop timeout).
+    fn remove_runtime_pod(&self, runtime_pod: crate::runtime::RuntimePod, grace: Duration) {
         let runtime = self.runtime.clone();
         tokio::spawn(async move {
+            let stops = runtime_pod
+                .containers
+                .iter()
+                .map(|c| runtime.stop_container(&c.id, grace));
+            for result in futures::future::join_all(stops).await {
+                if let Err(e) = result {
+                    tracing::debug!(podman_pod = %runtime_pod.name, error = %e, "cannot stop; removing all the same");
+                }
+            }
             if let Err(e) = runtime.remove_pod(&runtime_pod.id).await {
                 tracing::warn!(podman_pod = %runtime_pod.name, error = %e, "cannot remove pod");
             }
@@ -625,6 +641,13 @@ impl Agent {
         let now = boottime_ms();
         let fenced = self.leases.fence(now);
         for (uid, grace) in &fenced {
+            if let Some(found) = self.unrecorded.remove(uid) {
+                tracing::warn!(pod = %found.pod, epoch = %found.epoch, "lease ran out before the owner claimed the pod found without its record; removing it");
+                self.metrics.pods_fenced.inc();
+                self.leases.remove(uid);
+                self.remove_runtime_pod(found.runtime_pod, Duration::ZERO);
+                continue;
+            }
             let Some(hosted) = self.pods.get_mut(uid) else {
                 continue;
             };
@@ -1094,7 +1117,7 @@ impl Agent {
                 Some(found.runtime_pod)
             }
             Some(stale) => {
-                self.remove_runtime_pod(stale.runtime_pod);
+                self.remove_runtime_pod(stale.runtime_pod, Duration::ZERO);
                 None
             }
             None => None,
@@ -1117,7 +1140,10 @@ impl Agent {
         if unwanted {
             if let Some(found) = self.unrecorded.remove(&release.pod) {
                 tracing::info!(pod = %found.pod, epoch = %found.epoch, "owner released the pod found without its record; removing it");
-                self.remove_runtime_pod(found.runtime_pod);
+                self.remove_runtime_pod(
+                    found.runtime_pod,
+                    Duration::from_secs(release.grace_period_secs),
+                );
             }
             return Response::Ack;
         }
