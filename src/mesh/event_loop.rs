@@ -211,11 +211,13 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
-                result: Err(e),
+                result: Err(ping::Failure::Timeout),
             })) => {
                 // Dead or stalled: a new connection is dialed (bootstrap peers are
-                // redialed) rather than waiting out TCP's retransmission back-off.
-                tracing::debug!(%peer, error = %e, "ping failed; closing the connection");
+                // redialed) rather than waiting out TCP's retransmission back-off. A
+                // peer that does not speak ping at all (Unsupported) keeps its
+                // connection.
+                tracing::debug!(%peer, "ping timed out; closing the connection");
                 self.swarm.close_connection(connection);
             }
             SwarmEvent::Behaviour(_) => {}
