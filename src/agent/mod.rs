@@ -586,21 +586,13 @@ impl Agent {
     }
 
     /// Removes a Podman pod in the background (a stale or unwanted copy), its
-    /// containers stopped first with `grace` (a forced removal alone would give each
-    /// its own stop timeout).
+    /// containers stopped first with `grace`.
     fn remove_runtime_pod(&self, runtime_pod: crate::runtime::RuntimePod, grace: Duration) {
         let runtime = self.runtime.clone();
         tokio::spawn(async move {
-            let stops = runtime_pod
-                .containers
-                .iter()
-                .map(|c| runtime.stop_container(&c.id, grace));
-            for result in futures::future::join_all(stops).await {
-                if let Err(e) = result {
-                    tracing::debug!(podman_pod = %runtime_pod.name, error = %e, "cannot stop; removing all the same");
-                }
-            }
-            if let Err(e) = runtime.remove_pod(&runtime_pod.id).await {
+            let removed =
+                crate::runtime::stop_and_remove(runtime.as_ref(), &runtime_pod, grace).await;
+            if let Err(e) = removed {
                 tracing::warn!(podman_pod = %runtime_pod.name, error = %e, "cannot remove pod");
             }
         });

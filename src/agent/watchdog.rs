@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::lease::{LeaseBook, LEASES_FILE};
 use crate::fencing::boottime_ms;
-use crate::runtime::{labels, Runtime, RuntimeError};
+use crate::runtime::{labels, stop_and_remove, Runtime, RuntimeError};
 use crate::wire::{Epoch, PodUid};
 
 /// Held by the running watchdog.
@@ -193,15 +193,9 @@ async fn remove_copy(
         })
         .collect();
     for copy in &copies {
-        // Killed first, without the pod's grace period (a force removal would give each
-        // container its stop timeout, 30 s by default): the lease is over, and the
-        // owner's margin is all the time there is.
-        for container in &copy.containers {
-            if let Err(e) = runtime.stop_container(&container.id, Duration::ZERO).await {
-                tracing::debug!(container = %container.id, error = %e, "cannot kill; removing all the same");
-            }
-        }
-        runtime.remove_pod(&copy.id).await?;
+        // Killed without the pod's grace period: the lease is over, and the owner's
+        // margin is all the time there is.
+        stop_and_remove(runtime, copy, Duration::ZERO).await?;
     }
     Ok(copies.len())
 }

@@ -314,3 +314,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// The container's stdout and stderr, interleaved as written.
     async fn logs(&self, id: &str, options: &LogOptions) -> Result<LogStream, RuntimeError>;
 }
+
+/// Stops a pod's containers together (SIGKILL after `grace`), then removes the pod: a
+/// forced removal alone would give each container its own stop timeout in turn.
+pub async fn stop_and_remove(
+    runtime: &dyn Runtime,
+    pod: &RuntimePod,
+    grace: Duration,
+) -> Result<(), RuntimeError> {
+    let stops = pod
+        .containers
+        .iter()
+        .map(|c| runtime.stop_container(&c.id, grace));
+    for result in futures::future::join_all(stops).await {
+        if let Err(e) = result {
+            tracing::debug!(podman_pod = %pod.name, error = %e, "cannot stop; removing all the same");
+        }
+    }
+    runtime.remove_pod(&pod.id).await
+}

@@ -155,6 +155,22 @@ pub fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// A leaf certificate's usual settings (signing and key encipherment for `usage`),
+/// valid from an hour ago for a year.
+fn leaf_for_a_year(params: &mut CertificateParams, usage: ExtendedKeyUsagePurpose) {
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(365);
+}
+
 fn random_serial() -> SerialNumber {
     let seed = format!(
         "{:?}-{}-{:?}",
@@ -235,17 +251,7 @@ impl Pki {
                 .push(DnType::CustomDnType(vec![2, 5, 4, 10]), *group);
         }
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(365);
+        leaf_for_a_year(&mut params, ExtendedKeyUsagePurpose::ClientAuth);
         let cert = params
             .signed_by(&key, &self.client.cert, &self.client.key)
             .expect("client certificate");
@@ -273,17 +279,7 @@ impl Pki {
                     .expect("dns name"),
             ),
         ];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(365);
+        leaf_for_a_year(&mut params, ExtendedKeyUsagePurpose::ServerAuth);
         let cert = params
             .signed_by(&key, &self.cluster.cert, &self.cluster.key)
             .expect("serving certificate");
