@@ -366,6 +366,50 @@ fn a_finished_pod_frees_its_agents_capacity() {
 }
 
 #[test]
+fn a_pod_whose_volume_cannot_be_made_waits_and_runs_once_it_can() {
+    // A full disk, or any error making an emptyDir, is a wait with the reason (the
+    // kubelet retries the mount), not a Failed pod that never runs again.
+    let mut mesh = Mesh::new();
+    let agent = mesh.start_agent(&[]);
+    let volumes = mesh.agents[agent].state_dir.join("volumes");
+    mesh.wait_for(
+        "the agent's volumes directory",
+        Duration::from_secs(30),
+        || volumes.is_dir().then_some(()),
+    );
+    std::fs::remove_dir_all(&volumes).expect("remove volumes dir");
+    std::fs::write(&volumes, "in the way").expect("a file where the directory goes");
+    mesh.write_manifest(
+        "scratch.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: e2e-scratch}\nspec:\n  terminationGracePeriodSeconds: 1\n  volumes: [{name: scratch, emptyDir: {}}]\n  containers:\n  - name: main\n    image: localhost/busybox:1.35\n    command: [sh, -c, 'echo ok > /scratch/f; sleep 100000']\n    volumeMounts: [{name: scratch, mountPath: /scratch}]\n",
+    );
+    let waiting = mesh.wait_for(
+        "e2e-scratch waiting for its volume",
+        Duration::from_secs(60),
+        || {
+            let pod = mesh.pod_status("default", "e2e-scratch")?;
+            pod["message"]
+                .as_str()?
+                .starts_with("MountVolume.SetUp failed for volume \"scratch\"")
+                .then_some(pod)
+        },
+    );
+    assert_eq!(waiting["phase"], "Pending", "{waiting}");
+    assert_eq!(waiting["reason"], "ContainerCreating", "{waiting}");
+    // Tried again, still waiting, never Failed.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(phase_of(&mesh, "e2e-scratch").as_deref(), Some("Pending"));
+    assert!(running_copies("e2e-scratch").is_empty());
+
+    std::fs::remove_file(&volumes).expect("remove the file");
+    std::fs::create_dir(&volumes).expect("volumes dir back");
+    wait_running(&mesh, "e2e-scratch");
+    let pod = mesh.pod_status("default", "e2e-scratch").expect("pod");
+    assert!(pod["message"].is_null(), "{pod}");
+    assert_eq!(running_copies("e2e-scratch").len(), 1);
+}
+
+#[test]
 fn bad_manifests_get_clear_messages_and_do_not_disturb_good_pods() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&[]);

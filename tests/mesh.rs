@@ -581,7 +581,13 @@ async fn a_connection_that_goes_silent_is_closed_after_failed_pings_and_redialed
     // Without pings that close it, TCP would keep this connection for many minutes.
     let silent_at = tokio::time::Instant::now();
     wait_for_peer(&mut a.events, b_id, false).await;
-    eprintln!("silent connection closed after {:?}", silent_at.elapsed());
+    let closed_after = silent_at.elapsed();
+    eprintln!("silent connection closed after {closed_after:?}");
+    // An interval and a timeout without an answer, and the check's second.
+    assert!(
+        closed_after <= mesh::PING_INTERVAL + mesh::PING_TIMEOUT + Duration::from_secs(2),
+        "closed only after {closed_after:?}"
+    );
     blackhole.store(false, std::sync::atomic::Ordering::Release);
     wait_for_peer(&mut a.events, b_id, true).await;
     cancel.cancel();

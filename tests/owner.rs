@@ -791,6 +791,183 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     cancel.cancel();
 }
 
+/// A node cut off from every agent (its own network failed): when they come back, the
+/// relaxed copies they ran on are taken back at their epochs, with their status and
+/// restart counts, instead of being restarted on whichever agent is heard first.
+#[tokio::test]
+async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene(POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        offer_window: Duration::from_secs(1),
+        agent_loss_timeout: Duration::from_secs(2),
+        retry_interval: Duration::from_millis(200),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        ..OwnerConfig::default()
+    })
+    .await;
+    let seqs = [
+        std::sync::Arc::new(Sequencer::default()),
+        std::sync::Arc::new(Sequencer::default()),
+    ];
+    let alive: Vec<_> = (0..2)
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)))
+        .collect();
+    let _beats: Vec<_> = (0..2)
+        .map(|i| {
+            beat_while(
+                &agents[i],
+                seqs[i].clone(),
+                [8000, 2000][i],
+                alive[i].clone(),
+            )
+        })
+        .collect();
+    bid_by_all(&mut agents, node_id).await;
+    let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
+    reply.send(Response::Ack).expect("reply");
+    let pod_ref = PodRef {
+        uid: assign.statement.pod.clone(),
+        namespace: "default".into(),
+        name: "scripted".into(),
+    };
+    let (seq, sent_at_ms) = seqs[0].next();
+    let running: PodStatus = serde_json::from_value(serde_json::json!({
+        "phase": "Running",
+        "containerStatuses": [{"name": "c", "image": "localhost/busybox:1.35", "imageID": "",
+            "ready": true, "restartCount": 0, "containerID": "podman://abc",
+            "state": {"running": {}}}]}))
+    .expect("status");
+    let report = Request::Status(Box::new(StatusReport {
+        pod: pod_ref.clone(),
+        epoch: assign.epoch,
+        status: running,
+        removed: false,
+        assignment: assign.statement.clone(),
+        seq,
+        sent_at_ms,
+    }));
+    assert_eq!(
+        agents[0]
+            .handle
+            .request(node_id, report)
+            .await
+            .expect("report"),
+        Response::Ack
+    );
+    let client = agents[1].handle.clone();
+    let pod_view = || {
+        let client = client.clone();
+        let uid = pod_ref.uid.clone();
+        async move {
+            query_view(&client, node_id)
+                .await
+                .pods
+                .into_iter()
+                .find(|p| p.pod.uid == uid)
+                .expect("pod in view")
+        }
+    };
+    let wait_view = |what: &'static str, want: Box<dyn Fn(&beemesh::wire::PodSummary) -> bool>| {
+        let pod_view = pod_view.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let view = pod_view().await;
+                if want(&view) {
+                    return view;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{what}: {view:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_view("running on agent 0", Box::new(|p| p.phase == "Running")).await;
+
+    // Every agent goes silent: both are lost, the pod's copy with them.
+    for a in &alive {
+        a.store(false, std::sync::atomic::Ordering::Release);
+    }
+    let lost = wait_view("declared lost", Box::new(|p| p.agent.is_none())).await;
+    assert_eq!(lost.reason.as_deref(), Some("AgentLost"), "{lost:?}");
+    // It stays so while no agent is heard (not "no agent has joined").
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = pod_view().await;
+    assert_eq!(still.reason.as_deref(), Some("AgentLost"), "{still:?}");
+
+    // Agent 1 is heard first: the pod waits for agent 0 (no offer) rather than going
+    // to agent 1.
+    while agents[1].events.try_recv().is_ok() {}
+    alive[1].store(true, std::sync::atomic::Ordering::Release);
+    let quiet = tokio::time::timeout(Duration::from_millis(1200), async {
+        loop {
+            if let Some(MeshEvent::Gossip {
+                message: GossipMessage::Offer(offer),
+                ..
+            }) = agents[1].events.recv().await
+            {
+                return offer;
+            }
+        }
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "offered while its agent may come back: {quiet:?}"
+    );
+    // Agent 0 is back, still running its copy.
+    let hosted = HostedPod {
+        pod: pod_ref.clone(),
+        owner: PeerRef(node_id),
+        epoch: assign.epoch,
+        phase: "Running".into(),
+        requests: Resources::default(),
+        host_ports: vec![],
+        unrecorded: false,
+    };
+    let back = agents[0].handle.clone();
+    let seq0 = seqs[0].clone();
+    let beating = tokio::spawn(async move {
+        loop {
+            let _ = back
+                .publish(&heartbeat(&seq0, 8000, vec![hosted.clone()]))
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let taken = wait_view("taken back", Box::new(|p| p.agent.is_some())).await;
+    beating.abort();
+    assert_eq!(taken.agent.map(|a| a.0), Some(agent_ids[0]), "{taken:?}");
+    assert_eq!(taken.epoch, assign.epoch, "the same copy, not a new one");
+    assert_eq!(
+        taken.phase, "Running",
+        "its status before the loss: {taken:?}"
+    );
+    assert!(taken.reason.is_none(), "{taken:?}");
+    for agent in agents.iter_mut() {
+        while let Ok(event) = agent.events.try_recv() {
+            assert!(
+                !matches!(
+                    event,
+                    MeshEvent::Request {
+                        request: Request::Assign(_),
+                        ..
+                    }
+                ),
+                "an assignment went out: the pod was placed again"
+            );
+        }
+    }
+    cancel.cancel();
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -12,8 +12,11 @@ use crate::wire::AgentHealth;
 
 /// How often the runtime is checked and the host sampled.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// A runtime check that takes longer fails.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A runtime check that takes longer fails. Podman answers slowly while it creates
+/// or removes many containers (seconds per call on a loaded host), which is no
+/// failure: only a runtime that refuses, errs or hangs this long is unhealthy (the
+/// kubelet allows its runtime's relisting 3 minutes).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The kubelet's `memory.available<100Mi`.
 const MIN_MEMORY_AVAILABLE: u64 = 100 << 20;

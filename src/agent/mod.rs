@@ -190,6 +190,8 @@ pub struct Agent {
     watchdog_failing: bool,
     /// As the last check found it.
     health: AgentHealth,
+    /// A health check is under way (a slow runtime gets one at a time).
+    checking_health: bool,
     /// When each owner was last heard from (trusted owners only).
     owner_heard: HashMap<PeerId, Instant>,
     /// The offers this agent bid for: an assignment without a bid is refused.
@@ -276,6 +278,7 @@ impl Agent {
             leases,
             watchdog_failing: false,
             health: AgentHealth::default(),
+            checking_health: false,
             owner_heard: HashMap::new(),
             bids: HashMap::new(),
             enrollment,
@@ -339,6 +342,7 @@ impl Agent {
                     }
                     Internal::Heard(owner) => self.heard(owner),
                     Internal::Health(health) => {
+                        self.checking_health = false;
                         if self.on_health(health) {
                             // The node learns of it now, not a period later.
                             heartbeat.reset_after(HEARTBEAT_AFTER_CONNECT);
@@ -496,7 +500,10 @@ impl Agent {
     }
 
     /// Checks the runtime and samples the host in the background.
-    fn check_health(&self) {
+    fn check_health(&mut self) {
+        if std::mem::replace(&mut self.checking_health, true) {
+            return;
+        }
         let runtime = self.runtime.clone();
         let agent = self.mesh.local_peer_id().to_string();
         let state_dir = self.config.state_dir.clone();

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
+use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{labels, ContainerStatus, Runtime, RuntimeError, RuntimePod};
@@ -32,6 +33,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// maximum.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
+/// A pod whose volumes or sandbox could not be set up (a full disk, a runtime error) is
+/// set up again after this, doubling up to the maximum, as the kubelet's volume manager
+/// retries a failed mount (500 ms doubling to about 2 min).
+const SETUP_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// What a supervisor tells the agent.
 #[derive(Debug, Clone)]
@@ -212,6 +218,8 @@ struct Worker {
     start_time: Timestamp,
     slots: Vec<Slot>,
     failure: Option<(String, String)>,
+    /// After a failed setup: when to try again, and the wait after that.
+    setup_retry: Option<(Instant, Duration)>,
     last_sent: Option<PodStatus>,
 }
 
@@ -252,6 +260,7 @@ impl Worker {
             start_time: Timestamp::now(),
             slots,
             failure: None,
+            setup_retry: None,
             last_sent: None,
         }
     }
@@ -281,10 +290,12 @@ impl Worker {
                     return;
                 }
                 _ = poll.tick() => {
-                    if self.failure.is_none() && self.pod_id.is_some() {
-                        self.step().await;
-                    } else if self.pod_id.is_none() && self.failure.is_none() {
-                        self.create().await;
+                    if self.failure.is_none() {
+                        if self.pod_id.is_some() && self.setup_retry.is_none() {
+                            self.step().await;
+                        } else if self.setup_due() {
+                            self.create().await;
+                        }
                     }
                     self.report(false).await;
                 }
@@ -305,23 +316,43 @@ impl Worker {
         }
     }
 
-    /// Creates the Podman pod (network namespace and volumes).
+    /// Creates the Podman pod (network namespace and volumes). A spec that cannot run
+    /// fails the pod; a setup the host or runtime could not do now (a full disk, a
+    /// runtime error) leaves it Pending and is tried again, as the kubelet does.
     async fn create(&mut self) {
         if let Err(e) = translate::validate(&self.pod) {
             self.fail("UnsupportedPodSpec", e.to_string());
             return;
         }
-        for name in translate::empty_dirs(&self.pod) {
-            if let Err(e) = create_world_writable(&self.volumes_dir.join(&name)).await {
-                self.fail("VolumeError", format!("cannot create emptyDir {name}: {e}"));
-                return;
+        // A sandbox that did not start is made again from scratch.
+        if let Some(stale) = self.pod_id.take() {
+            if let Err(e) = self.ctx.runtime.remove_pod(&stale).await {
+                self.pod_id = Some(stale);
+                return self.setup_failed(format!(
+                    "{}: cannot remove the sandbox that did not start: {e}",
+                    SANDBOX_FAILED
+                ));
             }
         }
-        if let Err(e) = super::volumes::write(&self.files_dir, &self.volumes).await {
-            return self.fail(
-                "VolumeError",
-                format!("cannot write the pod's volumes: {e}"),
-            );
+        for name in translate::empty_dirs(&self.pod) {
+            if let Err(e) = create_world_writable(&self.volumes_dir.join(&name)).await {
+                return self.setup_failed(format!("{} for volume \"{name}\" : {e}", MOUNT_FAILED));
+            }
+        }
+        match super::volumes::write(&self.files_dir, &self.volumes).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return self.fail(
+                    "VolumeError",
+                    format!("cannot write the pod's volumes: {e}"),
+                )
+            }
+            Err(e) => {
+                return self.setup_failed(format!(
+                    "{}: cannot write the pod's volume files: {e}",
+                    MOUNT_FAILED
+                ))
+            }
         }
         let unsent = translate::file_volumes(&self.pod)
             .into_iter()
@@ -342,14 +373,46 @@ impl Worker {
                 tracing::warn!(pod = %self.pod_ref, error = %e, "Podman unavailable; will retry");
                 return;
             }
-            Err(e) => return self.fail("CreatePodSandboxError", e.to_string()),
+            Err(e) => {
+                return self.setup_failed(format!("{}: {e}", SANDBOX_FAILED));
+            }
         };
         self.pod_id = Some(pod_id.clone());
         if let Err(e) = self.ctx.runtime.start_pod(&pod_id).await {
-            return self.fail("CreatePodSandboxError", e.to_string());
+            return self.setup_failed(format!("{}: {e}", SANDBOX_FAILED));
         }
+        self.setup_retry = None;
+        self.show_setup_problem(None);
         self.refresh_pod_ip().await;
         tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, podman_pod = %plan.name, "pod sandbox started");
+    }
+
+    fn setup_due(&self) -> bool {
+        self.setup_retry.is_none_or(|(at, _)| Instant::now() >= at)
+    }
+
+    /// The pod stays Pending, its containers waiting with the problem as their message,
+    /// and its setup is tried again after a back-off.
+    fn setup_failed(&mut self, message: String) {
+        let delay = self
+            .setup_retry
+            .map_or(SETUP_RETRY_INITIAL, |(_, delay)| delay);
+        tracing::warn!(pod = %self.pod_ref, %message, retry_secs = delay.as_secs(), "cannot set the pod up; trying again");
+        self.setup_retry = Some((Instant::now() + delay, (delay * 2).min(SETUP_RETRY_MAX)));
+        self.show_setup_problem(Some(message));
+    }
+
+    /// Shows (or clears) a setup problem on the containers not created yet.
+    fn show_setup_problem(&mut self, message: Option<String>) {
+        for slot in self
+            .slots
+            .iter_mut()
+            .filter(|s| s.id.is_none() && s.attempt == 0)
+        {
+            if let Observed::Waiting { message: shown, .. } = &mut slot.view.state {
+                shown.clone_from(&message);
+            }
+        }
     }
 
     async fn refresh_pod_ip(&mut self) {

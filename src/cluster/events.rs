@@ -12,6 +12,11 @@ use crate::wire::PodRef;
 
 pub const COMPONENT: &str = "beemesh";
 
+/// How a waiting container's message starts when its pod's volumes could not be set
+/// up (the kubelet's FailedMount event), or its sandbox not made (FailedCreatePodSandBox).
+pub const MOUNT_FAILED: &str = "MountVolume.SetUp failed";
+pub const SANDBOX_FAILED: &str = "Failed to create pod sandbox";
+
 /// One event about a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEvent {
@@ -81,6 +86,16 @@ pub fn transition_events(
             events.push(PodEvent::warning("FailedScheduling", message));
         }
     }
+    if let Some(message) = setup_problem(new) {
+        if old_status.and_then(setup_problem).as_ref() != Some(&message) {
+            let reason = if message.starts_with(MOUNT_FAILED) {
+                "FailedMount"
+            } else {
+                "FailedCreatePodSandBox"
+            };
+            events.push(PodEvent::warning(reason, message));
+        }
+    }
     let containers = |status: Option<&PodStatus>| -> Vec<ContainerStatus> {
         status
             .map(|s| {
@@ -99,6 +114,18 @@ pub fn transition_events(
         container_events(pod, previous, &container, &mut events);
     }
     events
+}
+
+/// The pod's volumes or sandbox could not be set up: the message its containers wait
+/// with (the same on each, so told once per pod as the kubelet does).
+fn setup_problem(status: &PodStatus) -> Option<String> {
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.message.clone())
+        .find(|m| m.starts_with(MOUNT_FAILED) || m.starts_with(SANDBOX_FAILED))
 }
 
 fn container_events(
@@ -269,6 +296,40 @@ mod tests {
         assert!(
             transition_events(&pod(), Some((&running, Some(agent))), &running, Some(agent))
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_setup_problem_is_one_event_per_pod_and_message() {
+        let waiting = |message: &str| {
+            let container = |name: &str| {
+                json!({"name": name, "image": "busybox", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating", "message": message}}})
+            };
+            status(
+                json!({"phase": "Pending", "containerStatuses": [container("a"), container("b")]}),
+            )
+        };
+        let full =
+            waiting("MountVolume.SetUp failed for volume \"scratch\" : No space left on device");
+        let events = transition_events(&pod(), None, &full, None);
+        assert_eq!(
+            events,
+            [PodEvent::warning(
+                "FailedMount",
+                "MountVolume.SetUp failed for volume \"scratch\" : No space left on device".into()
+            )]
+        );
+        assert!(transition_events(&pod(), Some((&full, None)), &full, None).is_empty());
+        let sandbox = waiting("Failed to create pod sandbox: name in use");
+        assert_eq!(
+            reasons(&transition_events(
+                &pod(),
+                Some((&full, None)),
+                &sandbox,
+                None
+            )),
+            ["FailedCreatePodSandBox"]
         );
     }
 

@@ -1,13 +1,14 @@
 //! The one task that owns the Swarm.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,8 @@ use crate::wire::{self, GossipMessage, Response, Topic};
 
 /// How often connected peers' gossip scores follow trust changes.
 const RESCORE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often connections are checked for unanswered pings.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
 /// Times the application weight (10): far below the graylist threshold (-80).
 const UNTRUSTED_SCORE: f64 = -1000.0;
 
@@ -39,6 +42,9 @@ pub struct EventLoop {
     /// Said once while no peer can be reached, so that an agent that cannot reach its
     /// bootstrap address says why at the default log level without repeating it.
     isolation_reported: bool,
+    /// When each open connection last answered a ping (or opened), except those
+    /// whose peer does not speak ping; removed when it closes.
+    pinged: HashMap<ConnectionId, Instant>,
 }
 
 impl EventLoop {
@@ -60,6 +66,7 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             connected: HashSet::new(),
             isolation_reported: false,
+            pinged: HashMap::new(),
         }
     }
 
@@ -70,6 +77,8 @@ impl EventLoop {
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut kad_bootstrap = tokio::time::interval(std::time::Duration::from_secs(30));
         let mut rescore = tokio::time::interval(RESCORE_INTERVAL);
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -90,6 +99,7 @@ impl EventLoop {
                 _ = redial.tick() => self.redial_lost_bootstrap_peers(),
                 // Trust changes (an agent enrolls, one is revoked): gossip follows.
                 _ = rescore.tick() => self.score_peers(),
+                _ = liveness.tick() => self.close_silent_connections(),
                 _ = kad_bootstrap.tick() => {
                     // Fails only while the routing table is empty; the redial covers that.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -97,6 +107,24 @@ impl EventLoop {
             }
         }
         tracing::debug!("mesh event loop stopped");
+    }
+
+    /// A connection that has answered no ping for an interval and a timeout is stalled (a partition, a peer frozen): closed, so that a fresh one is dialled
+    /// when the network comes back. libp2p's ping reports only every second failure,
+    /// the second one (a new stream's negotiation timing out) only after about 30 s.
+    fn close_silent_connections(&mut self) {
+        let limit = super::PING_INTERVAL + super::PING_TIMEOUT;
+        let silent: Vec<ConnectionId> = self
+            .pinged
+            .iter()
+            .filter(|(_, answered)| answered.elapsed() > limit)
+            .map(|(connection, _)| *connection)
+            .collect();
+        for connection in silent {
+            self.pinged.remove(&connection);
+            tracing::debug!(%connection, "no ping answered for {} s; closing the connection", limit.as_secs());
+            self.swarm.close_connection(connection);
+        }
     }
 
     fn score_peers(&mut self) {
@@ -189,6 +217,15 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match &event {
+            SwarmEvent::ConnectionEstablished { connection_id, .. } => {
+                self.pinged.insert(*connection_id, Instant::now());
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.pinged.remove(connection_id);
+            }
+            _ => {}
+        }
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => self.on_gossip(event),
             SwarmEvent::Behaviour(BehaviourEvent::Requests(event)) => self.on_request(event),
@@ -209,15 +246,31 @@ impl EventLoop {
                 tracing::trace!(%peer, "kademlia routing table updated");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                connection,
+                result: Ok(_),
+                ..
+            })) => {
+                self.pinged.insert(connection, Instant::now());
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                connection,
+                result: Err(ping::Failure::Unsupported),
+                ..
+            })) => {
+                // Such a peer's connection is never judged by pings.
+                self.pinged.remove(&connection);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 connection,
-                result: Err(ping::Failure::Timeout),
+                result: Err(failure),
             })) => {
                 // Dead or stalled: a new connection is dialed (bootstrap peers are
                 // redialed) rather than waiting out TCP's retransmission back-off. A
                 // peer that does not speak ping at all (Unsupported) keeps its
                 // connection.
-                tracing::debug!(%peer, "ping timed out; closing the connection");
+                tracing::debug!(%peer, %failure, "ping failed; closing the connection");
+                self.pinged.remove(&connection);
                 self.swarm.close_connection(connection);
             }
             SwarmEvent::Behaviour(_) => {}

@@ -225,9 +225,10 @@ impl Behaviour {
 }
 
 /// How often a connection is pinged, and how long an answer may take: a connection
-/// that fails a ping is closed, so that a partition shows as a disconnection within
-/// about 15 s, and a healed one gets a fresh connection instead of a TCP connection
-/// whose retransmissions backed off for as long as the partition lasted.
+/// that fails a ping, or that answered pings and then none for both together, is
+/// closed, so that a partition shows as a disconnection within about 15 s, and a
+/// healed one gets a fresh connection instead of a TCP connection whose
+/// retransmissions backed off for as long as the partition lasted.
 pub const PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 

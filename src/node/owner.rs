@@ -206,6 +206,21 @@ struct OwnedPod {
     /// `offer_not_before`, and when it is, that copy counts as lost.
     inherited: bool,
     offer_not_before: Instant,
+    /// The copy last declared lost with its agent, while no assignment has gone out
+    /// since: taken back if that agent turns up still running it.
+    lost_copy: Option<LostCopy>,
+    /// The highest epoch offered: an epoch offered once is never offered again, even
+    /// after a lost copy of a lower one was taken back.
+    offered: Epoch,
+}
+
+/// What declaring a copy lost changed, to undo if the copy turns out to run on.
+struct LostCopy {
+    agent: PeerId,
+    epoch: Epoch,
+    status: PodStatus,
+    carried_restarts: BTreeMap<String, i32>,
+    lost_state: Option<ContainerStateTerminated>,
 }
 
 impl OwnedPod {
@@ -257,6 +272,8 @@ pub struct Owner {
     runtime_down_since: HashMap<PeerId, Instant>,
     /// Releases sent again while the agent's heartbeats still list the copy.
     release_retries: Backoff<(PeerId, PodUid)>,
+    /// Every agent was lost at once, and none has been heard since.
+    cut_off: bool,
 }
 
 /// A Release is sent again after this while the agent still lists the copy, doubling
@@ -365,6 +382,7 @@ impl Owner {
             status_seqs: ReplayGuard::default(),
             runtime_down_since: HashMap::new(),
             release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
+            cut_off: false,
             config,
             signer,
             mesh,
@@ -475,6 +493,8 @@ impl Owner {
             lease_renewed_at: Instant::now(),
             inherited: false,
             offer_not_before: Instant::now(),
+            lost_copy: None,
+            offered: Epoch(0),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -773,16 +793,25 @@ impl Owner {
         let retry = self.config.retry_interval;
         if self.agents.is_empty() {
             let message = placement::explain(&self.pods[uid].offer, std::iter::empty());
-            if let Some(owned) = self.pods.get_mut(uid) {
-                owned.placement = Placement::Waiting { at: now + retry };
+            let Some(owned) = self.pods.get_mut(uid) else {
+                return;
+            };
+            owned.placement = Placement::Waiting { at: now + retry };
+            // A lost copy's pod keeps saying so: its agent may come back.
+            if owned.lost_copy.is_none() {
+                self.set_status(uid, pending_status("Unschedulable", message));
             }
-            self.set_status(uid, pending_status("Unschedulable", message));
             return;
         }
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        owned.epoch = owned.epoch.next().max(self.config.epoch_floor);
+        owned.epoch = owned
+            .epoch
+            .max(owned.offered)
+            .next()
+            .max(self.config.epoch_floor);
+        owned.offered = owned.epoch;
         owned.offer.epoch = owned.epoch;
         owned.placement = Placement::Offering {
             deadline: now + self.config.offer_window,
@@ -926,6 +955,8 @@ impl Owner {
         let (pod_ref, epoch) = (owned.pod_ref.clone(), owned.epoch);
         if let Some(owned) = self.pods.get_mut(uid) {
             owned.placement = Placement::Assigning;
+            // The lost copy may now be superseded by one that runs unseen.
+            owned.lost_copy = None;
         }
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
@@ -1102,6 +1133,7 @@ impl Owner {
                 }
             }
         }
+        let first_back = self.cut_off && self.agents.is_empty();
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
             let now = Instant::now();
@@ -1110,6 +1142,9 @@ impl Owner {
                     *at = (*at).min(now.max(self.adopt_until));
                 }
             }
+        }
+        if first_back {
+            self.hold_lost_copies(agent);
         }
         // Copies no longer listed are done with: their releases are not sent again.
         self.release_retries
@@ -1131,6 +1166,21 @@ impl Owner {
                 );
                 continue;
             };
+            let lost_copy_back = owned.fencing == Fencing::Relaxed
+                && !owned.deleting
+                && !hp.unrecorded
+                && matches!(owned.placement, Placement::Waiting { .. })
+                && owned
+                    .lost_copy
+                    .as_ref()
+                    .is_some_and(|l| l.agent == agent && l.epoch == hp.epoch);
+            if lost_copy_back {
+                // This owner assigned that copy to this agent, and nothing since: the
+                // agent was cut off, not gone, and its copy ran on.
+                tracing::info!(pod = %hp.pod, %agent, epoch = %hp.epoch, "agent is back with the copy declared lost; taking it back");
+                self.adopt(&uid, agent, hp.epoch);
+                continue;
+            }
             let current = matches!(owned.placement, Placement::Placed { agent: a } if a == agent)
                 && hp.epoch == owned.epoch;
             if hp.unrecorded && current && !owned.deleting {
@@ -1152,6 +1202,26 @@ impl Owner {
                 self.release_again(agent, release);
             }
         }
+    }
+
+    /// The first agent heard after every agent was lost: the node was probably the one
+    /// cut off, so the other agents' relaxed copies likely ran on. Their pods wait a
+    /// loss timeout for their agents to come back (and be taken back) before they go
+    /// elsewhere, instead of all restarting on whichever agent is heard first.
+    fn hold_lost_copies(&mut self, back: PeerId) {
+        self.cut_off = false;
+        let until = Instant::now() + self.config.agent_loss_timeout;
+        let mut held = 0;
+        for owned in self.pods.values_mut() {
+            let waiting_for_other = matches!(owned.placement, Placement::Waiting { .. })
+                && owned.fencing == Fencing::Relaxed
+                && owned.lost_copy.as_ref().is_some_and(|l| l.agent != back);
+            if waiting_for_other {
+                owned.offer_not_before = owned.offer_not_before.max(until);
+                held += 1;
+            }
+        }
+        tracing::info!(agent = %back, held, wait_secs = self.config.agent_loss_timeout.as_secs(), "an agent is back after all were lost; pods of the others wait for theirs");
     }
 
     /// Sends a Release at once; the agent's heartbeats repeat it (see
@@ -1178,7 +1248,14 @@ impl Owner {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        if epoch < owned.epoch {
+        let lost_copy_back = matches!(owned.placement, Placement::Waiting { .. })
+            && owned
+                .lost_copy
+                .as_ref()
+                .is_some_and(|l| l.agent == agent && l.epoch == epoch);
+        // Offers made since the loss went unanswered, so the lost copy is still the
+        // pod's newest.
+        if epoch < owned.epoch && !lost_copy_back {
             return;
         }
         if let Placement::Placed { agent: other } = owned.placement {
@@ -1187,6 +1264,10 @@ impl Owner {
             }
         }
         tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "adopting running placement");
+        let taken_back = owned
+            .lost_copy
+            .take()
+            .filter(|l| l.agent == agent && l.epoch == epoch);
         owned.inherited = false;
         owned.epoch = epoch;
         owned.offer.epoch = epoch;
@@ -1194,6 +1275,12 @@ impl Owner {
         owned.placed_at = Instant::now();
         // The agent's lease, if any, was taken before now.
         owned.lease_renewed_at = owned.placed_at;
+        if let Some(lost) = taken_back {
+            // The copy declared lost runs on: no restart happened.
+            owned.carried_restarts = lost.carried_restarts;
+            owned.lost_state = lost.lost_state;
+            self.set_status(uid, lost.status);
+        }
     }
 
     /// Whether `statement` is this owner's signed assignment of the reported pod and
@@ -1333,7 +1420,12 @@ impl Owner {
     }
 
     fn check_lost_agents(&mut self) {
-        for agent in self.agents.take_lost(self.config.agent_loss_timeout) {
+        let lost = self.agents.take_lost(self.config.agent_loss_timeout);
+        if !lost.is_empty() && self.agents.is_empty() {
+            tracing::warn!("every agent is lost: this node may be the one cut off");
+            self.cut_off = true;
+        }
+        for agent in lost {
             self.metrics.agents_lost.inc();
             tracing::warn!(%agent, "agent stopped sending heartbeats; moving its pods");
             let uids: Vec<PodUid> = self
@@ -1424,7 +1516,22 @@ impl Owner {
     }
 
     fn agent_lost(&mut self, uid: &PodUid, agent: PeerId, why: &str) {
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        let before = LostCopy {
+            agent,
+            epoch: owned.epoch,
+            status: owned.status.clone(),
+            carried_restarts: owned.carried_restarts.clone(),
+            lost_state: owned.lost_state.clone(),
+        };
         self.copy_lost(uid, format!("agent {agent} {why}"));
+        if let Some(owned) = self.pods.get_mut(uid) {
+            if matches!(owned.placement, Placement::Waiting { .. }) {
+                owned.lost_copy = Some(before);
+            }
+        }
     }
 
     /// The pod's copy is gone: placed again (its restarts counted on), or failed for
@@ -1559,6 +1666,15 @@ impl Owner {
                 .iter()
                 .flatten()
                 .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            // What keeps a container from running, as `kubectl get pods` shows it.
+            let waiting = owned
+                .status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(owned.status.container_statuses.iter().flatten())
+                .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+                .find(|w| w.message.is_some());
             view.pods.push(PodSummary {
                 pod: owned.pod_ref.clone(),
                 agent: match owned.placement {
@@ -1579,12 +1695,14 @@ impl Owner {
                     .status
                     .reason
                     .clone()
-                    .or_else(|| scheduled.and_then(|c| c.reason.clone())),
+                    .or_else(|| scheduled.and_then(|c| c.reason.clone()))
+                    .or_else(|| waiting.map(|w| w.reason.clone().unwrap_or_default())),
                 message: owned
                     .status
                     .message
                     .clone()
-                    .or_else(|| scheduled.and_then(|c| c.message.clone())),
+                    .or_else(|| scheduled.and_then(|c| c.message.clone()))
+                    .or_else(|| waiting.and_then(|w| w.message.clone())),
             });
         }
         view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));
