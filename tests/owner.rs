@@ -875,18 +875,15 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
                 .expect("pod in view")
         }
     };
-    let wait_view = |what: &'static str, want: Box<dyn Fn(&beemesh::wire::PodSummary) -> bool>| {
-        let pod_view = pod_view.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-            loop {
-                let view = pod_view().await;
-                if want(&view) {
-                    return view;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "{what}: {view:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let wait_view = |what: &'static str, want: Box<dyn Fn(&beemesh::wire::PodSummary) -> bool>| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let view = pod_view().await;
+            if want(&view) {
+                return view;
             }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {view:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     wait_view("running on agent 0", Box::new(|p| p.phase == "Running")).await;
