@@ -283,6 +283,15 @@ pub fn score(offer: &Offer, agent: &AgentCapacity, mode: ScoreMode) -> i64 {
     }
 }
 
+/// Takes a pod's requests (and one pod) off an agent's free capacity: what it has
+/// been given and does not show yet.
+pub fn reserve(agent: &mut AgentCapacity, requests: &Resources) {
+    let free = &mut agent.free;
+    free.cpu_millis = free.cpu_millis.saturating_sub(requests.cpu_millis);
+    free.memory_bytes = free.memory_bytes.saturating_sub(requests.memory_bytes);
+    free.pods = free.pods.saturating_sub(1);
+}
+
 /// The message of a pod no agent can take, in the scheduler's words:
 /// `0/3 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector`.
 pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapacity>) -> String {
@@ -375,6 +384,25 @@ mod tests {
             used_host_ports: BTreeSet::new(),
             health: AgentHealth::default(),
         }
+    }
+
+    #[test]
+    fn reservations_spread_a_burst_over_agents_of_unequal_room() {
+        // Twelve pods placed before either agent's heartbeat shows any of them: by
+        // the heartbeats alone the emptier agent would get all twelve.
+        let mut agents = [agent(4000, 8 << 30, &[]), agent(3000, 8 << 30, &[])];
+        let o = offer(250, 256 << 20, "");
+        let mut given = [0, 0];
+        for _ in 0..12 {
+            let best = (0..2)
+                .max_by_key(|&i| score(&o, &agents[i], ScoreMode::Spread))
+                .expect("two agents");
+            reserve(&mut agents[best], &o.requests);
+            given[best] += 1;
+        }
+        assert!(given[1] >= 4, "{given:?}");
+        assert!(given[0] > given[1], "{given:?}");
+        assert_eq!(agents[0].free.pods + agents[1].free.pods, 20 - 12);
     }
 
     #[test]

@@ -273,7 +273,7 @@ impl Worker {
                 // as it is rather than as freshly created.
                 self.step().await;
             }
-            None => self.create().await,
+            None => self.advance().await,
         }
         self.report(false).await;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -290,17 +290,29 @@ impl Worker {
                     return;
                 }
                 _ = poll.tick() => {
-                    if self.failure.is_none() {
-                        if self.pod_id.is_some() && self.setup_retry.is_none() {
-                            self.step().await;
-                        } else if self.setup_due() {
-                            self.create().await;
-                        }
-                    }
+                    self.advance().await;
                     self.report(false).await;
                 }
             }
         }
+    }
+
+    /// Sets the pod up when due (its containers then start at once, not a poll later),
+    /// then moves its containers along.
+    async fn advance(&mut self) {
+        if self.failure.is_some() {
+            return;
+        }
+        if self.pod_id.is_none() || self.setup_retry.is_some() {
+            if !self.setup_due() {
+                return;
+            }
+            self.create().await;
+            if self.failure.is_some() || self.pod_id.is_none() || self.setup_retry.is_some() {
+                return;
+            }
+        }
+        self.step().await;
     }
 
     fn plan_context(&self) -> PlanContext<'_> {

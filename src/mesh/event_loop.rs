@@ -109,9 +109,10 @@ impl EventLoop {
         tracing::debug!("mesh event loop stopped");
     }
 
-    /// A connection that has answered no ping for an interval and a timeout is stalled (a partition, a peer frozen): closed, so that a fresh one is dialled
-    /// when the network comes back. libp2p's ping reports only every second failure,
-    /// the second one (a new stream's negotiation timing out) only after about 30 s.
+    /// A connection that has answered no ping for an interval and a timeout is stalled
+    /// (a partition, a frozen peer): closed, so that a fresh one is dialled when the
+    /// network comes back. libp2p's ping reports only every second failure, and the
+    /// second (a new stream's negotiation timing out) only after about 30 s.
     fn close_silent_connections(&mut self) {
         let limit = super::PING_INTERVAL + super::PING_TIMEOUT;
         let silent: Vec<ConnectionId> = self

@@ -26,12 +26,12 @@ use crate::audit::{self, Outcome};
 use crate::fencing::{fencing_of, Fencing};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::placement::{self, ScoreMode, AGENT_SELECTOR_ANNOTATION};
+use crate::placement::{self, AgentCapacity, ScoreMode, AGENT_SELECTOR_ANNOTATION};
 use crate::runtime::translate;
 use crate::trust::replay::{unix_millis, ReplayGuard};
 use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
-use crate::view::HeartbeatBook;
+use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
     PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
@@ -224,6 +224,16 @@ struct LostCopy {
 }
 
 impl OwnedPod {
+    /// Waiting to be placed again since its copy on `agent` at `epoch` was declared
+    /// lost, with nothing assigned since: that copy, if it runs, is the pod's newest.
+    fn waits_after_losing(&self, agent: PeerId, epoch: Epoch) -> bool {
+        matches!(self.placement, Placement::Waiting { .. })
+            && self
+                .lost_copy
+                .as_ref()
+                .is_some_and(|l| l.agent == agent && l.epoch == epoch)
+    }
+
     /// The first lease of an assignment, for strict pods.
     fn lease_ms(&self, lease: Duration) -> Option<u64> {
         (self.fencing == Fencing::Strict).then_some(lease.as_millis() as u64)
@@ -260,7 +270,7 @@ pub struct Owner {
     adopt_until: Instant,
     /// When this owner last assigned pods to each agent: equal bids go to the agent
     /// with the fewest recent assignments, so that pods offered together spread.
-    recent_assignments: HashMap<PeerId, Vec<Instant>>,
+    recent_assignments: HashMap<PeerId, Vec<(Instant, Resources)>>,
     /// False until every pod source has delivered its first full set: until then a pod
     /// an agent reports is not known to be unwanted.
     synced: bool,
@@ -284,6 +294,9 @@ const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// How long an assignment counts as recent for spreading ties: about until the
 /// agent's heartbeats show it.
 const RECENT_ASSIGNMENT: Duration = Duration::from_secs(5);
+/// A heartbeat received this long after an assignment shows the pod in the agent's
+/// capacity (the assignment's round trip is done by then).
+const HEARTBEAT_SHOWS_ASSIGNMENT: Duration = Duration::from_secs(1);
 /// A pod placed on an agent longer ago than this and missing from its heartbeat is no
 /// longer run there (gossip and replies may cross, but not for this long).
 const MISSING_GRACE: Duration = Duration::from_secs(10);
@@ -886,6 +899,25 @@ impl Owner {
             .count()
     }
 
+    /// An agent's capacity as its last heartbeat showed it, less what this owner
+    /// assigned it since (a pod the agent took shows in the first heartbeat sent at
+    /// least [`HEARTBEAT_SHOWS_ASSIGNMENT`] after): many pods placed at once (an agent
+    /// lost, a deployment scaled) spread instead of all going to the agent that was
+    /// emptiest before them.
+    fn reserved(&self, agent: &PeerId, seen: &SeenAgent) -> AgentCapacity {
+        let mut capacity = seen.capacity();
+        let unseen = self
+            .recent_assignments
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .filter(|(at, _)| *at + HEARTBEAT_SHOWS_ASSIGNMENT > seen.last_seen);
+        for (_, requests) in unseen {
+            placement::reserve(&mut capacity, requests);
+        }
+        capacity
+    }
+
     fn close_offer(&mut self, uid: &PodUid) {
         let Some(owned) = self.pods.get(uid) else {
             return;
@@ -923,17 +955,18 @@ impl Owner {
         // agent this owner gave the fewest pods lately (its heartbeats do not show
         // them yet), then by peer ID.
         let now = Instant::now();
-        for times in self.recent_assignments.values_mut() {
-            times.retain(|at| now.duration_since(*at) < RECENT_ASSIGNMENT);
+        for assigned in self.recent_assignments.values_mut() {
+            assigned.retain(|(at, _)| now.duration_since(*at) < RECENT_ASSIGNMENT);
         }
         let recent = |agent: &PeerId| self.recent_assignments.get(agent).map_or(0, Vec::len);
         let mut ranked: Vec<(PeerId, i64)> = bids
             .iter()
             .filter_map(|agent| {
                 let seen = self.agents.get(agent)?;
+                let capacity = self.reserved(agent, seen);
                 Some((
                     *agent,
-                    placement::score(&owned.offer, &seen.capacity(), self.config.score_mode),
+                    placement::score(&owned.offer, &capacity, self.config.score_mode),
                 ))
             })
             .collect();
@@ -945,7 +978,11 @@ impl Owner {
         tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?ranked, "offer closed");
         // Counted when chosen: offers closing right after this one must see it.
         if let Some((first, _)) = ranked.first() {
-            self.recent_assignments.entry(*first).or_default().push(now);
+            let requests = owned.offer.requests;
+            self.recent_assignments
+                .entry(*first)
+                .or_default()
+                .push((now, requests));
         }
         // Signed for each candidate in turn: an assignment names its agent.
         let assigns: Vec<(PeerId, Assign)> = ranked
@@ -1166,14 +1203,12 @@ impl Owner {
                 );
                 continue;
             };
+            // (Not while its runtime fails: that is why the copy was given up.)
             let lost_copy_back = owned.fencing == Fencing::Relaxed
                 && !owned.deleting
                 && !hp.unrecorded
-                && matches!(owned.placement, Placement::Waiting { .. })
-                && owned
-                    .lost_copy
-                    .as_ref()
-                    .is_some_and(|l| l.agent == agent && l.epoch == hp.epoch);
+                && !self.runtime_down_since.contains_key(&agent)
+                && owned.waits_after_losing(agent, hp.epoch);
             if lost_copy_back {
                 // This owner assigned that copy to this agent, and nothing since: the
                 // agent was cut off, not gone, and its copy ran on.
@@ -1248,13 +1283,8 @@ impl Owner {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        let lost_copy_back = matches!(owned.placement, Placement::Waiting { .. })
-            && owned
-                .lost_copy
-                .as_ref()
-                .is_some_and(|l| l.agent == agent && l.epoch == epoch);
-        // Offers made since the loss went unanswered, so the lost copy is still the
-        // pod's newest.
+        // Offers made since the loss went unanswered.
+        let lost_copy_back = owned.waits_after_losing(agent, epoch);
         if epoch < owned.epoch && !lost_copy_back {
             return;
         }
@@ -1264,10 +1294,7 @@ impl Owner {
             }
         }
         tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "adopting running placement");
-        let taken_back = owned
-            .lost_copy
-            .take()
-            .filter(|l| l.agent == agent && l.epoch == epoch);
+        let taken_back = owned.lost_copy.take().filter(|_| lost_copy_back);
         owned.inherited = false;
         owned.epoch = epoch;
         owned.offer.epoch = epoch;
