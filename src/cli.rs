@@ -163,7 +163,7 @@ pub struct AgentArgs {
     #[arg(long, env = "BEEMESH_JOIN", value_parser = parse_join_token)]
     pub join: Option<JoinToken>,
     /// Seconds between heartbeats.
-    #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub heartbeat_seconds: u64,
     /// Seconds without a word from a pod's owner (since the last, or since this agent
     /// started) after which its pods are stopped: an owner that is gone for good, or
@@ -255,8 +255,8 @@ pub struct NodeArgs {
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,
     /// Seconds without a heartbeat after which an agent is lost and its pods move
-    /// (default: 3 heartbeats of 3 s).
-    #[arg(long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 9, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    /// (default: 3 heartbeats of 2 s).
+    #[arg(long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub agent_loss_seconds: u64,
     /// Seconds a strict pod's copy runs without the node renewing its placement (agents
     /// renew every third of it); a copy cut off longer stops (see `beemesh.io/fencing`).

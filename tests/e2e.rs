@@ -1050,6 +1050,44 @@ fn an_agent_whose_podman_fails_takes_no_pods_and_its_relaxed_pods_move() {
 }
 
 #[test]
+fn a_copy_given_up_while_every_runtime_failed_is_taken_back_when_podman_works_again() {
+    // The only agent's Podman fails past the loss timeout: its relaxed pod is given up,
+    // but there is nowhere else to run it and its container runs on under conmon.
+    // When Podman answers again the copy is taken back as it is: same epoch, same
+    // container, no restart.
+    let mut mesh = Mesh::with_node_args(&["--agent-loss-seconds", "3"]);
+    let socket = mesh.dir.path().join("podman.sock");
+    let mut podman = PrivatePodman::start(socket.clone());
+    let agent = mesh.start_agent(&["--podman-socket", &podman.url()]);
+    let peer = mesh.agents[agent].peer.clone();
+    mesh.write_manifest("alone.yaml", &SLEEPER.replace("e2e-mover", "e2e-alone"));
+    wait_running(&mesh, "e2e-alone");
+    let (_, epoch) = runner_of(&mesh, "e2e-alone");
+    let containers = || {
+        running_containers("e2e-alone")
+            .iter()
+            .filter_map(|c| c["Id"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let before = containers();
+
+    podman.kill();
+    let given_up = mesh.wait_for("the copy given up", Duration::from_secs(60), || {
+        let pod = mesh.pod_status("default", "e2e-alone")?;
+        pod["agent"].is_null().then_some(pod)
+    });
+    eprintln!("given up: {given_up}");
+    let _podman = PrivatePodman::start(socket);
+    let back = mesh.wait_for("the copy taken back", Duration::from_secs(60), || {
+        let pod = mesh.pod_status("default", "e2e-alone")?;
+        (pod["agent"] == peer.as_str() && pod["phase"] == "Running").then_some(pod)
+    });
+    assert_eq!(back["epoch"], epoch, "{back}");
+    assert_eq!(containers(), before, "the same container runs on");
+    assert_eq!(runner_of(&mesh, "e2e-alone"), (agent, epoch));
+}
+
+#[test]
 fn pods_of_an_owner_gone_for_good_are_stopped_after_owner_gone_seconds() {
     let mut mesh = Mesh::new();
     mesh.start_agent(&["--owner-gone-seconds", "6"]);

@@ -198,7 +198,7 @@ bm_agent_flags() {
 # The figures the node runs with (for reports).
 bm_timeouts_text() {
   case $BM_TIMEOUTS in
-    default) echo "defaults: agent-loss 9 s, lease 15 s, margin 5 s, heartbeat 3 s" ;;
+    default) echo "defaults: agent-loss 6 s, lease 15 s, margin 5 s, heartbeat 2 s" ;;
     short) echo "short: agent-loss 3 s, lease 6 s, margin 2 s, heartbeat 1 s" ;;
   esac
 }

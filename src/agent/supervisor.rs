@@ -27,8 +27,10 @@ use crate::wire::{Epoch, PodRef, VolumeFile};
 const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
-/// How often running containers are inspected.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a pod's containers are inspected: every second, as the kubelet's PLEG
+/// relists (each inspection is a Podman call; every 500 ms for 100 pods kept Podman
+/// busy enough on 2 cores to slow down starting the pods of a lost agent).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// A pod the runtime could not remove is tried again after this, doubling up to the
 /// maximum.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);

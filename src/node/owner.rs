@@ -129,7 +129,7 @@ impl Default for OwnerConfig {
     fn default() -> Self {
         OwnerConfig {
             offer_window: Duration::from_millis(100),
-            agent_loss_timeout: Duration::from_secs(9),
+            agent_loss_timeout: Duration::from_secs(6),
             adopt_window: Duration::from_secs(4),
             retry_interval: Duration::from_secs(5),
             agents: TrustedPeers::default(),
@@ -206,8 +206,8 @@ struct OwnedPod {
     /// `offer_not_before`, and when it is, that copy counts as lost.
     inherited: bool,
     offer_not_before: Instant,
-    /// The copy last declared lost with its agent, while no assignment has gone out
-    /// since: taken back if that agent turns up still running it.
+    /// A relaxed pod's copy last declared lost with its agent, while no assignment has
+    /// gone out since: taken back if that agent turns up still running it.
     lost_copy: Option<LostCopy>,
     /// The highest epoch offered: an epoch offered once is never offered again, even
     /// after a lost copy of a lower one was taken back.
@@ -1204,8 +1204,7 @@ impl Owner {
                 continue;
             };
             // (Not while its runtime fails: that is why the copy was given up.)
-            let lost_copy_back = owned.fencing == Fencing::Relaxed
-                && !owned.deleting
+            let lost_copy_back = !owned.deleting
                 && !hp.unrecorded
                 && !self.runtime_down_since.contains_key(&agent)
                 && owned.waits_after_losing(agent, hp.epoch);
@@ -1225,10 +1224,10 @@ impl Owner {
                 self.send_assign_refresh(agent, assign);
                 continue;
             }
-            if hp.epoch < owned.epoch
-                || owned.deleting
-                || owned.placement == Placement::Done && !current
-            {
+            // A lost copy not taken back yet (its runtime still fails) is kept: it
+            // may be the pod's only copy.
+            let older = hp.epoch < owned.epoch && !owned.waits_after_losing(agent, hp.epoch);
+            if older || owned.deleting || owned.placement == Placement::Done && !current {
                 let release = Release {
                     pod: uid,
                     epoch: hp.epoch,
@@ -1352,7 +1351,12 @@ impl Owner {
                 current: report.epoch.next(),
             };
         };
-        if report.epoch < owned.epoch {
+        if owned.waits_after_losing(agent, report.epoch) {
+            if self.runtime_down_since.contains_key(&agent) {
+                // Taken back once the agent's heartbeats say its runtime works again.
+                return Response::Ack;
+            }
+        } else if report.epoch < owned.epoch {
             return Response::Superseded {
                 current: owned.epoch,
             };
@@ -1555,7 +1559,10 @@ impl Owner {
         };
         self.copy_lost(uid, format!("agent {agent} {why}"));
         if let Some(owned) = self.pods.get_mut(uid) {
-            if matches!(owned.placement, Placement::Waiting { .. }) {
+            // A strict copy stopped for want of a lease: never taken back.
+            if owned.fencing == Fencing::Relaxed
+                && matches!(owned.placement, Placement::Waiting { .. })
+            {
                 owned.lost_copy = Some(before);
             }
         }
