@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod placement;
+pub mod retry;
 pub mod runtime;
 pub mod trust;
 pub mod view;

@@ -654,6 +654,40 @@ spec:
 "#;
 
 #[test]
+fn status_writes_an_overloaded_api_refuses_back_off_and_land_when_it_recovers() {
+    let mut cluster = Cluster::start(&[]);
+    cluster.mesh.start_agent(&[]);
+    cluster.server.throttle_pod_status(true);
+    cluster.apply(SLEEPER);
+    cluster.mesh.wait_for(
+        "sleeper running on the mesh",
+        Duration::from_secs(60),
+        || {
+            let pod = cluster.mesh.pod_status("default", "sleeper")?;
+            (pod["phase"] == "Running").then_some(())
+        },
+    );
+    let writes = || {
+        cluster
+            .server
+            .requests()
+            .iter()
+            .filter(|r| r.verb == "patch" && r.resource == "pods/status" && r.name == "sleeper")
+            .count()
+    };
+    let before = writes();
+    std::thread::sleep(Duration::from_secs(10));
+    let refused = writes() - before;
+    // 1, 2, 4, 8 s apart: at most four in ten seconds (ten at a fixed second).
+    assert!((1..=5).contains(&refused), "{refused} writes in 10 s");
+    let pending = cluster.get(&["pod", "sleeper"]).expect("pod");
+    assert_ne!(pending["status"]["phase"], "Running", "nothing was written");
+
+    cluster.server.throttle_pod_status(false);
+    cluster.wait_running("sleeper");
+}
+
+#[test]
 fn a_restarted_node_carries_on_and_pods_gone_from_the_api_stop() {
     let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
     cluster.mesh.start_agent(&[]);

@@ -13,17 +13,22 @@ use kube::Client;
 use libp2p::PeerId;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{transition_events, EventRecorder};
 use crate::node::owner::{was_placed, StatusSink};
+use crate::retry::Backoff;
 use crate::wire::{PodRef, PodUid};
 
 /// How long the writer waits after a change for more, so that a burst of reports
 /// becomes one patch per pod.
 const COALESCE: Duration = Duration::from_millis(100);
-/// Before a failed write is tried again.
+/// A pod's failed write is tried again after this, doubling up to the maximum while it
+/// keeps failing (an API server down or overloaded is not hammered); other pods' writes
+/// go on meanwhile.
 const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Status fields the node owns: each is sent, as null when unset, so that a merge patch
 /// also clears what no longer holds (a reason after recovery, an old pod IP).
@@ -188,6 +193,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut sent: HashMap<PodUid, Value> = HashMap::new();
+    // Only pods whose last write failed have an entry.
+    let mut backoff: Backoff<PodUid> = Backoff::new(RETRY, RETRY_MAX);
     let mut seen: HashMap<PodUid, (PodStatus, Option<PeerId>)> = HashMap::new();
     loop {
         tokio::select! {
@@ -200,6 +207,12 @@ pub async fn run(
             if !board.is_known(&uid) {
                 sent.remove(&uid);
                 seen.remove(&uid);
+                backoff.retain(|u| *u != uid);
+                continue;
+            }
+            if !backoff.try_now(uid.clone(), Instant::now()) {
+                board.retry(uid, update);
+                failed = true;
                 continue;
             }
             let ok = match &update {
@@ -217,16 +230,17 @@ pub async fn run(
                     seen.insert(uid.clone(), ((**status).clone(), *agent));
                     let value = api_status(status);
                     if sent.get(&uid) == Some(&value) {
-                        continue;
-                    }
-                    match write_status(&client, pod, &value).await {
-                        Ok(()) => {
-                            sent.insert(uid.clone(), value);
-                            true
-                        }
-                        Err(e) => {
-                            tracing::warn!(%pod, error = %e, "cannot write pod status");
-                            !is_retryable(&e)
+                        true
+                    } else {
+                        match write_status(&client, pod, &value).await {
+                            Ok(()) => {
+                                sent.insert(uid.clone(), value);
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(%pod, error = %e, "cannot write pod status");
+                                !is_retryable(&e)
+                            }
                         }
                     }
                 }
@@ -243,7 +257,9 @@ pub async fn run(
                     }
                 },
             };
-            if !ok {
+            if ok {
+                backoff.retain(|u| *u != uid);
+            } else {
                 board.retry(uid, update);
                 failed = true;
             }

@@ -8,7 +8,6 @@ pub mod manifests;
 pub mod owner;
 mod printer;
 pub mod resolve;
-mod retry;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -20,13 +20,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::resolve::{ResolveError, Resolved};
-use super::retry::Backoff;
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
 use crate::fencing::{fencing_of, Fencing};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity, ScoreMode, AGENT_SELECTOR_ANNOTATION};
+use crate::retry::Backoff;
 use crate::runtime::translate;
 use crate::trust::replay::{unix_millis, ReplayGuard};
 use crate::trust::statement::{self, spec_digest};

@@ -281,6 +281,9 @@ struct Store {
     mode: Option<K3sRouting>,
     /// Test-only: the lifetime of kubelet client certificates, overriding the signer's.
     client_cert_ttl: Option<i64>,
+    /// Test-only: pod status writes are refused with 429, as API Priority and Fairness
+    /// refuses requests of an overloaded server.
+    throttle_pod_status: bool,
 }
 
 /// What TokenReview says of a token.
@@ -678,6 +681,7 @@ impl Store {
             grants: 0,
             mode,
             client_cert_ttl: None,
+            throttle_pod_status: false,
         };
         store.token_users.insert(
             ADMIN_TOKEN.to_string(),
@@ -1981,6 +1985,12 @@ impl FakeApiServer {
     /// Drops the history a watch could resume from (what etcd compaction does).
     /// Ends every open watch, as an API server restart does. After `compact()`, the
     /// clients' next watch from their old resourceVersion gets 410 Expired.
+    /// While set, every write of a pod's status gets 429 TooManyRequests (with
+    /// Retry-After: 1), as an overloaded API server's flow control answers.
+    pub fn throttle_pod_status(&self, throttle: bool) {
+        self.store.lock().expect("store").throttle_pod_status = throttle;
+    }
+
     pub fn drop_watches(&self) {
         let mut store = self.store.lock().expect("store");
         store.events = broadcast::channel(4096).0;
@@ -2067,6 +2077,20 @@ fn route(
         store
             .requests
             .push(RequestRecord::new(&method, &target, &params, user_agent));
+    }
+    let throttled = target.resource.plural == "pods"
+        && target.subresource.as_deref() == Some("status")
+        && method != warp::http::Method::GET
+        && store.lock().is_ok_and(|s| s.throttle_pod_status);
+    if throttled {
+        let mut error = status(
+            429,
+            "TooManyRequests",
+            "Too many requests, please try again later.".into(),
+            None,
+        );
+        error.body["details"] = json!({ "retryAfterSeconds": 1 });
+        return Err(error);
     }
     let validation = FieldValidation::from_params(&params)?;
     if is_review(&target.resource) {

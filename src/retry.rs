@@ -1,6 +1,7 @@
-//! Per-key retry back-off for messages that are sent again until their effect shows
-//! (a Release until the agent stops listing the pod): the first try goes at once, the
-//! next after `initial`, each later one after twice the last wait, up to `max`.
+//! Per-key retry back-off for what is sent again until it takes effect (a Release
+//! until the agent stops listing the pod, a pod's status until the API takes it): the
+//! first try goes at once, the next after `initial`, each later one after twice the
+//! last wait, up to `max`.
 
 use std::collections::HashMap;
 use std::hash::Hash;
