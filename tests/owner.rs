@@ -211,6 +211,34 @@ fn beat_while(
     })
 }
 
+/// Heartbeats of both scripted agents (agent 0 emptier), each while its `alive` is set.
+struct Heartbeats {
+    seqs: [std::sync::Arc<Sequencer>; 2],
+    alive: Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn heartbeats(agents: &[ScriptedAgent]) -> Heartbeats {
+    let seqs = [
+        std::sync::Arc::new(Sequencer::default()),
+        std::sync::Arc::new(Sequencer::default()),
+    ];
+    let alive: Vec<_> = (0..2)
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)))
+        .collect();
+    let tasks = (0..2)
+        .map(|i| {
+            beat_while(
+                &agents[i],
+                seqs[i].clone(),
+                [8000, 2000][i],
+                alive[i].clone(),
+            )
+        })
+        .collect();
+    Heartbeats { seqs, alive, tasks }
+}
+
 /// What the node shows `handle` (which it trusts as a client) of the mesh.
 async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
     match handle
@@ -652,24 +680,12 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
         ..OwnerConfig::default()
     })
     .await;
-    let seqs = [
-        std::sync::Arc::new(Sequencer::default()),
-        std::sync::Arc::new(Sequencer::default()),
-    ];
     // Agent 0 is emptier: ranked first.
-    let alive: Vec<_> = (0..2)
-        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)))
-        .collect();
-    let _beats: Vec<_> = (0..2)
-        .map(|i| {
-            beat_while(
-                &agents[i],
-                seqs[i].clone(),
-                [8000, 2000][i],
-                alive[i].clone(),
-            )
-        })
-        .collect();
+    let Heartbeats {
+        alive,
+        tasks: _beats,
+        ..
+    } = heartbeats(&agents);
     bid_by_all(&mut agents, node_id).await;
     let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
     assert_eq!(
@@ -813,23 +829,12 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
         ..OwnerConfig::default()
     })
     .await;
-    let seqs = [
-        std::sync::Arc::new(Sequencer::default()),
-        std::sync::Arc::new(Sequencer::default()),
-    ];
-    let alive: Vec<_> = (0..2)
-        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)))
-        .collect();
-    let _beats: Vec<_> = (0..2)
-        .map(|i| {
-            beat_while(
-                &agents[i],
-                seqs[i].clone(),
-                [8000, 2000][i],
-                alive[i].clone(),
-            )
-        })
-        .collect();
+    // Agent 0 is emptier: ranked first.
+    let Heartbeats {
+        seqs,
+        alive,
+        tasks: _beats,
+    } = heartbeats(&agents);
     bid_by_all(&mut agents, node_id).await;
     let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
     reply.send(Response::Ack).expect("reply");
