@@ -7,9 +7,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use libp2p::PeerId;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::mesh::MeshHandle;
+use crate::mesh::{read_declared, MeshHandle};
 use crate::wire::{
     self, KubeletAnswer, KubeletRequest, KUBELET_PROTOCOL, MAX_KUBELET_HEADER_BYTES,
 };
@@ -50,8 +50,7 @@ pub async fn read_header<T: DeserializeOwned>(
     if len > MAX_KUBELET_HEADER_BYTES {
         return Err(RelayError::TooLarge(len));
     }
-    let mut bytes = vec![0u8; len];
-    io.read_exact(&mut bytes).await?;
+    let bytes = read_declared(&mut (&mut *io).compat(), len).await?;
     Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
 }
 
@@ -213,8 +212,7 @@ pub async fn read_frame_within(
     if len > MAX_FRAME_BYTES {
         return Err(RelayError::TooLarge(len));
     }
-    let mut payload = vec![0u8; len];
-    io.read_exact(&mut payload).await?;
+    let payload = read_declared(&mut (&mut *io).compat(), len).await?;
     let bad = |what: &str| RelayError::BadFrame(what.to_owned());
     Ok(Some(match tag[0] {
         STDIN => Frame::Stdin(payload),

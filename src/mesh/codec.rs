@@ -41,6 +41,9 @@ impl WireCodec {
     }
 }
 
+/// A frame's buffer starts this large at most, whatever length it declares.
+const INITIAL_FRAME_CAPACITY: usize = 64 << 10;
+
 async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
@@ -51,8 +54,21 @@ async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, limit: usize) -> io::Resul
             wire::WireError::TooLarge { size: len, limit },
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    read_declared(io, len).await
+}
+
+/// Reads the `len` bytes a peer declared (already checked against a limit) into a
+/// buffer grown as they arrive: a peer that declares the limit and sends little gets
+/// little memory.
+pub async fn read_declared<T: AsyncRead + Unpin>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len.min(INITIAL_FRAME_CAPACITY));
+    (&mut *io).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
 
@@ -152,6 +168,25 @@ mod tests {
             .await
             .expect_err("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_frame_shorter_than_it_declares_ends_the_read_without_its_declared_buffer() {
+        let mut frame = (MAX_REQUEST_BYTES as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(b"{\"v\":1}");
+        let err = read_frame(&mut Cursor::new(frame), MAX_REQUEST_BYTES)
+            .await
+            .expect_err("short");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("after 7 of"), "{err}");
+        // A frame larger than the first buffer still reads whole.
+        let big = vec![b'x'; INITIAL_FRAME_CAPACITY * 3 + 5];
+        let mut frame = (big.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&big);
+        let read = read_frame(&mut Cursor::new(frame), MAX_REQUEST_BYTES)
+            .await
+            .expect("whole");
+        assert_eq!(read, big);
     }
 
     #[tokio::test]

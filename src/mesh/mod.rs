@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::metrics::Metrics;
 use crate::wire::{self, GossipMessage, Request, Response, Topic};
 
-pub use codec::WireCodec;
+pub use codec::{read_declared, WireCodec};
 pub use event_loop::{peer_of, EventLoop};
 pub use handle::MeshHandle;
 
