@@ -343,20 +343,11 @@ pub async fn request(client: &Client, spec: &CertSpec, dir: &Path) -> Result<Iss
 }
 
 fn store(spec: &CertSpec, dir: &Path, cert: &[u8], key: &[u8]) -> Result<(), CsrError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let (cert_path, key_path) = spec.paths(dir);
+    // Fresh files each time: the key is 0600 even where an old file had another mode.
     let write = |path: &Path, bytes: &[u8], mode: u32| {
         std::fs::create_dir_all(dir)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(mode)
-                    .open(path)
-            })
-            .and_then(|mut f| f.write_all(bytes))
+            .and_then(|()| crate::durable::write_atomically(path, bytes, mode))
             .map_err(|source| CsrError::Store {
                 path: path.to_path_buf(),
                 source,

@@ -21,6 +21,8 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("private key {path} is readable by others (mode {mode:o}); run: chmod 600 {path}")]
+    Permissions { path: PathBuf, mode: u32 },
     #[error("{path} holds no PEM {what}")]
     NoPem { path: PathBuf, what: &'static str },
     #[error("cannot generate a serving certificate")]
@@ -96,9 +98,27 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// A private key others can read is refused, as ssh refuses one; its group may read
+/// it (a Kubernetes Secret volume is 0440 to the pod's fsGroup).
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|_| TlsError::NoPem {
+    use std::os::unix::fs::PermissionsExt;
+    let pem = read(path)?;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(TlsError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoPem {
         path: path.to_path_buf(),
         what: "private key",
     })
@@ -120,20 +140,14 @@ fn self_signed(
     let key_path = dir.join("kubelet.key");
     if !(cert_path.is_file() && key_path.is_file()) {
         let generated = rcgen::generate_simple_self_signed(names.to_vec())?;
+        // A fresh file each time: the key is 0600 even where an old file had another mode.
         let write = |path: &Path, text: String, mode: u32| {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(path)
-                .and_then(|mut f| f.write_all(text.as_bytes()))
-                .map_err(|source| TlsError::Write {
+            crate::durable::write_atomically(path, text.as_bytes(), mode).map_err(|source| {
+                TlsError::Write {
                     path: path.to_path_buf(),
                     source,
-                })
+                }
+            })
         };
         std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
             path: dir.to_path_buf(),
@@ -186,6 +200,22 @@ mod tests {
             std::fs::read(dir.path().join("tls/kubelet.crt")).expect("cert"),
             cert
         );
+
+        // A key file others can read (as --tls-private-key-file) is refused with the
+        // fix; one its group reads (a Secret volume) is taken.
+        let key = dir.path().join("tls/kubelet.key");
+        let files = ServingCert::Files {
+            cert: dir.path().join("tls/kubelet.crt"),
+            key: key.clone(),
+        };
+        let chmod = |mode| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        chmod(0o644);
+        let refused = server_config(&files, None).expect_err("world-readable key");
+        assert!(refused.to_string().contains("chmod 600"), "{refused}");
+        chmod(0o440);
+        server_config(&files, None).expect("group-readable key");
     }
 
     #[test]
