@@ -330,6 +330,10 @@ def watch(args):
     write_json(os.path.join(fdir, "sampler.json"), summary)
 
 
+# How long convergence must hold before it counts (two status rounds).
+SETTLE_S = 2.0
+
+
 def wait(args):
     deadline = time.time() + args.timeout
     path = os.path.join(args.dir, "state.json")
@@ -345,7 +349,11 @@ def wait(args):
             if args.without in (state.get("covered_without") or []) and state["t"] > args.since:
                 print(f"{state['t']:.3f}")
                 return 0
-        elif state.get("converged") and (state.get("status_asked") or 0) > args.since:
+        elif (state.get("converged") and (state.get("status_asked") or 0) > args.since
+              and state["t"] - state["converged_since"] >= SETTLE_S
+              and state["status_asked"] > state["converged_since"]):
+            # Held for a while and confirmed by a status asked after it began: a sample
+            # between a copy's release and its listing is no convergence.
             print(f"{max(state['converged_since'], args.since):.3f}")
             return 0
         time.sleep(0.1)
