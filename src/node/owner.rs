@@ -224,14 +224,17 @@ struct LostCopy {
 }
 
 impl OwnedPod {
-    /// Waiting to be placed again since its copy on `agent` at `epoch` was declared
-    /// lost, with nothing assigned since: that copy, if it runs, is the pod's newest.
+    /// Waiting to be placed again (or offered, with no assignment yet) since its copy
+    /// on `agent` at `epoch` was declared lost: that copy, if it runs, is the pod's
+    /// newest.
     fn waits_after_losing(&self, agent: PeerId, epoch: Epoch) -> bool {
-        matches!(self.placement, Placement::Waiting { .. })
-            && self
-                .lost_copy
-                .as_ref()
-                .is_some_and(|l| l.agent == agent && l.epoch == epoch)
+        matches!(
+            self.placement,
+            Placement::Waiting { .. } | Placement::Offering { .. }
+        ) && self
+            .lost_copy
+            .as_ref()
+            .is_some_and(|l| l.agent == agent && l.epoch == epoch)
     }
 
     /// The first lease of an assignment, for strict pods.
@@ -1248,7 +1251,6 @@ impl Owner {
         let mut held = 0;
         for owned in self.pods.values_mut() {
             let waiting_for_other = matches!(owned.placement, Placement::Waiting { .. })
-                && owned.fencing == Fencing::Relaxed
                 && owned.lost_copy.as_ref().is_some_and(|l| l.agent != back);
             if waiting_for_other {
                 owned.offer_not_before = owned.offer_not_before.max(until);
@@ -1351,12 +1353,8 @@ impl Owner {
                 current: report.epoch.next(),
             };
         };
-        if owned.waits_after_losing(agent, report.epoch) {
-            if self.runtime_down_since.contains_key(&agent) {
-                // Taken back once the agent's heartbeats say its runtime works again.
-                return Response::Ack;
-            }
-        } else if report.epoch < owned.epoch {
+        let lost_copy = owned.waits_after_losing(agent, report.epoch);
+        if report.epoch < owned.epoch && !lost_copy {
             return Response::Superseded {
                 current: owned.epoch,
             };
@@ -1369,6 +1367,18 @@ impl Owner {
         ) {
             self.metrics.dropped("status", replay.kind());
             tracing::debug!(pod = %report.pod, %agent, %replay, "status report dropped");
+            return Response::Ack;
+        }
+        if lost_copy && self.runtime_down_since.contains_key(&agent) {
+            // Taken back, with this status, once the agent's heartbeats say its runtime
+            // works again.
+            if let Some(lost) = self.pods.get_mut(&uid).and_then(|o| o.lost_copy.as_mut()) {
+                lost.status = merge_status(
+                    report.status,
+                    &lost.carried_restarts,
+                    lost.lost_state.as_ref(),
+                );
+            }
             return Response::Ack;
         }
         let placed_here = matches!(owned.placement, Placement::Placed { agent: a } if a == agent);
