@@ -405,6 +405,9 @@ async fn node(args: NodeArgs) -> Result<()> {
                 hostname,
                 kubelet_port: args.kubelet_port,
             };
+            cluster::check_node_name(&client, &args.node_name)
+                .await
+                .context("cannot register the node (--node-name)")?;
             println!("node {peer} is Kubernetes node {}", args.node_name);
             let tunnel = kubelet::tunnel::TunnelConfig {
                 mode: args.k3s_tunnel,

@@ -1797,6 +1797,47 @@ fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
 }
 
 #[test]
+fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
+    // A real node "worker-1" with a pod bound to it; a BeeMesh node started with that
+    // name by mistake must neither take the Node over nor touch its pod.
+    const WORKER: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: worker-1, labels: {kubernetes.io/hostname: worker-1}}\n";
+    const BOUND: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: on-worker, namespace: default}\nspec:\n  nodeName: worker-1\n  containers: [{name: c, image: localhost/busybox:1.35}]\n";
+    let mut cluster = Cluster::start_after(
+        &format!("{WORKER}---\n{BOUND}"),
+        &["--node-name", "worker-1"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.mesh.node().is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = cluster.mesh.diagnostics();
+    assert!(!cluster.mesh.node().is_running(), "{output}");
+    assert!(
+        output.contains("Node worker-1 already exists and BeeMesh did not register it"),
+        "{output}"
+    );
+    let node = cluster
+        .server
+        .object("nodes", "", "worker-1")
+        .expect("node kept");
+    assert!(node["spec"]["taints"].is_null(), "untouched: {node}");
+    assert!(
+        node["metadata"]["labels"]["beemesh.io/mesh"].is_null(),
+        "{node}"
+    );
+    let pod = cluster
+        .server
+        .object("pods", "default", "on-worker")
+        .expect("pod kept");
+    assert!(pod["metadata"]["deletionTimestamp"].is_null(), "{pod}");
+    assert_eq!(
+        pod["status"],
+        serde_json::json!({"phase": "Pending", "qosClass": "BestEffort"}),
+        "only the API server's own status: {pod}"
+    );
+}
+
+#[test]
 fn k3s_tunnel_on_fails_the_start_against_a_server_without_it() {
     let mut cluster = Cluster::start(&["--k3s-tunnel", "on"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

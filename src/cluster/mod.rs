@@ -39,6 +39,13 @@ pub enum ClusterError {
     Client(#[source] kube::Error),
     #[error("kube-system/extension-apiserver-authentication has no client-ca-file")]
     NoClientCa,
+    #[error(
+        "Node {name} already exists and BeeMesh did not register it (it lacks the label \
+         {label}=true): refusing to take it over, which would move its pods to the mesh; \
+         choose another --node-name, or delete that Node if it is a leftover",
+        label = node_object::MESH_LABEL
+    )]
+    ForeignNode { name: String },
 }
 
 /// Where the API server's address and credentials come from.
@@ -120,6 +127,18 @@ pub async fn client_ca(client: &Client) -> Result<String, ClusterError> {
         .data
         .and_then(|mut data| data.remove("client-ca-file"))
         .ok_or(ClusterError::NoClientCa)
+}
+
+/// Refuses a node name that a Node BeeMesh did not register already has (a typo of a
+/// real node's name would otherwise take that node over and its pods with it).
+pub async fn check_node_name(client: &Client, name: &str) -> Result<(), ClusterError> {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    match nodes.get_opt(name).await.map_err(ClusterError::Client)? {
+        Some(node) if !node_object::is_ours(&node) => Err(ClusterError::ForeignNode {
+            name: name.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::node_object::{self, NodeIdentity};
+use super::ClusterError;
 use crate::health::Check;
 use crate::node::owner::AgentsSummary;
 
@@ -115,14 +116,26 @@ pub async fn run(
     }
 }
 
-/// Creates the Node, or takes over an existing one of the same name: our labels and
-/// taint are added, everything else on it stays.
-async fn register(nodes: &Api<Node>, identity: &NodeIdentity) -> Result<Node, kube::Error> {
+#[derive(Debug, thiserror::Error)]
+enum RegisterError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error(transparent)]
+    Foreign(ClusterError),
+}
+
+/// Creates the Node, or takes over an existing one BeeMesh registered before: our labels
+/// and taint are added, everything else on it stays. A Node BeeMesh did not register
+/// (made meanwhile: the start checked the name) is left alone.
+async fn register(nodes: &Api<Node>, identity: &NodeIdentity) -> Result<Node, RegisterError> {
     match nodes.get_opt(&identity.name).await? {
-        None => {
-            nodes
-                .create(&PostParams::default(), &node_object::new_node(identity))
-                .await
+        None => Ok(nodes
+            .create(&PostParams::default(), &node_object::new_node(identity))
+            .await?),
+        Some(existing) if !node_object::is_ours(&existing) => {
+            Err(RegisterError::Foreign(ClusterError::ForeignNode {
+                name: identity.name.clone(),
+            }))
         }
         Some(existing) => {
             let (labels, ours) = node_object::node_metadata(identity);
@@ -147,6 +160,7 @@ async fn register(nodes: &Api<Node>, identity: &NodeIdentity) -> Result<Node, ku
                     &Patch::Merge(&patch),
                 )
                 .await
+                .map_err(RegisterError::Api)
         }
     }
 }

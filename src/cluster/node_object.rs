@@ -46,6 +46,16 @@ pub fn node_metadata(identity: &NodeIdentity) -> (BTreeMap<String, String>, Vec<
     (labels, vec![taint])
 }
 
+/// Whether BeeMesh registered `node` (it carries the mesh label): only such a Node is
+/// taken over by a node of the same name, after a restart or from an older version.
+pub fn is_ours(node: &Node) -> bool {
+    node.metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(MESH_LABEL))
+        .is_some_and(|value| value == "true")
+}
+
 /// A new Node object (status is written separately, through nodes/status).
 pub fn new_node(identity: &NodeIdentity) -> Node {
     let (labels, taints) = node_metadata(identity);
