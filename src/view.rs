@@ -39,14 +39,14 @@ pub struct HeartbeatBook {
 }
 
 impl HeartbeatBook {
-    /// Records a heartbeat; true when the agent is new or its free capacity changed
-    /// (which is when pending pods deserve another offer).
+    /// Records a heartbeat; true when the agent is new or its free capacity or health
+    /// changed (which is when pending pods deserve another offer: a runtime that works
+    /// again takes pods at once, not a retry later).
     pub fn record(&mut self, agent: PeerId, heartbeat: Heartbeat) -> bool {
         let now = Instant::now();
-        let changed = self
-            .agents
-            .get(&agent)
-            .is_none_or(|seen| seen.heartbeat.free != heartbeat.free);
+        let changed = self.agents.get(&agent).is_none_or(|seen| {
+            seen.heartbeat.free != heartbeat.free || seen.heartbeat.health != heartbeat.health
+        });
         self.agents.insert(
             agent,
             SeenAgent {
@@ -120,5 +120,50 @@ impl HeartbeatBook {
         view.agents.sort_by_key(|a| a.peer);
         view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));
         view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{AgentHealth, Resources};
+
+    fn heartbeat(free_cpu: u64, runtime_error: Option<&str>) -> Heartbeat {
+        Heartbeat {
+            labels: Default::default(),
+            capacity: Resources {
+                cpu_millis: 4000,
+                memory_bytes: 1 << 30,
+                pods: 10,
+            },
+            free: Resources {
+                cpu_millis: free_cpu,
+                memory_bytes: 1 << 30,
+                pods: 10,
+            },
+            pods: vec![],
+            uptime_secs: 1,
+            storage_bytes: 0,
+            seq: 1,
+            sent_at_ms: 1,
+            health: AgentHealth {
+                runtime_error: runtime_error.map(str::to_string),
+                ..AgentHealth::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_new_agent_and_changes_of_room_or_health_call_for_offers() {
+        let mut book = HeartbeatBook::default();
+        let agent = PeerId::random();
+        assert!(book.record(agent, heartbeat(4000, None)), "new");
+        assert!(!book.record(agent, heartbeat(4000, None)), "same");
+        assert!(book.record(agent, heartbeat(3000, None)), "room");
+        assert!(
+            book.record(agent, heartbeat(3000, Some("ping: refused"))),
+            "sick"
+        );
+        assert!(book.record(agent, heartbeat(3000, None)), "well again");
     }
 }
