@@ -1796,6 +1796,17 @@ fn k3s_1_21_tunnels_the_node_s_hostname_and_each_api_server_gets_a_session() {
     cluster.assert_node_requests_allowed();
 }
 
+/// Waits (at most 20 s) for the node to give up its start; its output.
+fn node_exit_output(cluster: &mut Cluster) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster.mesh.node().is_running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = cluster.mesh.diagnostics();
+    assert!(!cluster.mesh.node().is_running(), "{output}");
+    output
+}
+
 #[test]
 fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
     // A real node "worker-1" with a pod bound to it; a BeeMesh node started with that
@@ -1806,12 +1817,7 @@ fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
         &format!("{WORKER}---\n{BOUND}"),
         &["--node-name", "worker-1"],
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.mesh.node().is_running() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let output = cluster.mesh.diagnostics();
-    assert!(!cluster.mesh.node().is_running(), "{output}");
+    let output = node_exit_output(&mut cluster);
     assert!(
         output.contains("Node worker-1 already exists and BeeMesh did not register it"),
         "{output}"
@@ -1840,12 +1846,7 @@ fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
 #[test]
 fn k3s_tunnel_on_fails_the_start_against_a_server_without_it() {
     let mut cluster = Cluster::start(&["--k3s-tunnel", "on"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while cluster.mesh.node().is_running() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let output = cluster.mesh.diagnostics();
-    assert!(!cluster.mesh.node().is_running(), "{output}");
+    let output = node_exit_output(&mut cluster);
     assert!(
         output.contains(
             "has no k3s agent tunnel endpoint: it is not a k3s server (GET /ping answered 404"

@@ -239,6 +239,36 @@ fn heartbeats(agents: &[ScriptedAgent]) -> Heartbeats {
     Heartbeats { seqs, alive, tasks }
 }
 
+/// A pod an agent's heartbeat says it runs for `owner`.
+fn running_pod(pod: PodRef, owner: libp2p::PeerId, epoch: Epoch) -> HostedPod {
+    HostedPod {
+        pod,
+        owner: PeerRef(owner),
+        epoch,
+        phase: "Running".into(),
+        requests: Resources::default(),
+        host_ports: vec![],
+        unrecorded: false,
+    }
+}
+
+/// Heartbeats of `agent` listing `hosted`, every 300 ms until aborted.
+fn hosting(
+    agent: &ScriptedAgent,
+    seq: std::sync::Arc<Sequencer>,
+    hosted: HostedPod,
+) -> tokio::task::JoinHandle<()> {
+    let handle = agent.handle.clone();
+    tokio::spawn(async move {
+        loop {
+            let _ = handle
+                .publish(&heartbeat(&seq, 8000, vec![hosted.clone()]))
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
 /// What the node shows `handle` (which it trusts as a client) of the mesh.
 async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
     match handle
@@ -515,29 +545,16 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
 
     // A heartbeat listing a pod the owner does not have brings a Release; the same
     // heartbeat played again is dropped.
-    let orphan = HostedPod {
-        pod: PodRef {
-            uid: PodUid("99999999-0000-0000-0000-000000000000".into()),
-            namespace: "default".into(),
-            name: "orphan".into(),
-        },
-        owner: PeerRef(node_id),
-        epoch: Epoch(3),
-        phase: "Running".into(),
-        requests: Resources::default(),
-        host_ports: vec![],
-        unrecorded: false,
+    let orphan = PodRef {
+        uid: PodUid("99999999-0000-0000-0000-000000000000".into()),
+        namespace: "default".into(),
+        name: "orphan".into(),
     };
-    let handle = agents[0].handle.clone();
-    let seq = seqs[0].clone();
-    let beat = tokio::spawn(async move {
-        loop {
-            let _ = handle
-                .publish(&heartbeat(&seq, 8000, vec![orphan.clone()]))
-                .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let beat = hosting(
+        &agents[0],
+        seqs[0].clone(),
+        running_pod(orphan, node_id, Epoch(3)),
+    );
     let (release, reply) = next_event(
         &mut agents[0].events,
         "release of the orphan",
@@ -925,25 +942,11 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
         "offered while its agent may come back: {quiet:?}"
     );
     // Agent 0 is back, still running its copy.
-    let hosted = HostedPod {
-        pod: pod_ref.clone(),
-        owner: PeerRef(node_id),
-        epoch: assign.epoch,
-        phase: "Running".into(),
-        requests: Resources::default(),
-        host_ports: vec![],
-        unrecorded: false,
-    };
-    let back = agents[0].handle.clone();
-    let seq0 = seqs[0].clone();
-    let beating = tokio::spawn(async move {
-        loop {
-            let _ = back
-                .publish(&heartbeat(&seq0, 8000, vec![hosted.clone()]))
-                .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let beating = hosting(
+        &agents[0],
+        seqs[0].clone(),
+        running_pod(pod_ref.clone(), node_id, assign.epoch),
+    );
     let taken = wait_view("taken back", Box::new(|p| p.agent.is_some())).await;
     beating.abort();
     assert_eq!(taken.agent.map(|a| a.0), Some(agent_ids[0]), "{taken:?}");

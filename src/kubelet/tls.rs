@@ -102,17 +102,12 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 /// it (a Kubernetes Secret volume is 0440 to the pod's fsGroup).
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    use std::os::unix::fs::PermissionsExt;
     let pem = read(path)?;
-    let mode = std::fs::metadata(path)
-        .map_err(|source| TlsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o007 != 0 {
+    let loose = crate::trust::loose_mode(path, 0o007).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(mode) = loose {
         return Err(TlsError::Permissions {
             path: path.to_path_buf(),
             mode,

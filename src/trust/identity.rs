@@ -94,16 +94,19 @@ pub fn load_psk_file(path: &Path) -> Result<libp2p::pnet::PreSharedKey, Identity
     })
 }
 
+/// The permission bits of the key file at `path` if any of `forbidden` is among them
+/// (0o077: only its owner may read it; 0o007: its group may too), else None.
+pub fn loose_mode(path: &Path, forbidden: u32) -> std::io::Result<Option<u32>> {
+    let mode = fs::metadata(path)?.permissions().mode() & 0o777;
+    Ok((mode & forbidden != 0).then_some(mode))
+}
+
 fn check_mode(path: &Path, forbidden: u32) -> Result<(), IdentityError> {
-    let mode = fs::metadata(path)
-        .map_err(|source| IdentityError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & forbidden != 0 {
+    let loose = loose_mode(path, forbidden).map_err(|source| IdentityError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(mode) = loose {
         return Err(IdentityError::Permissions {
             path: path.to_path_buf(),
             mode,

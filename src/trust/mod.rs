@@ -9,7 +9,7 @@ pub mod statement;
 pub mod store;
 
 pub use identity::{
-    load_identity_file, load_or_create_identity, load_or_create_key, load_psk_file, IdentityError,
-    CLIENT_KEY_FILE, IDENTITY_FILE,
+    load_identity_file, load_or_create_identity, load_or_create_key, load_psk_file, loose_mode,
+    IdentityError, CLIENT_KEY_FILE, IDENTITY_FILE,
 };
 pub use policy::TrustedPeers;
