@@ -278,3 +278,33 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
     assert!(previous.starts_with("instance "), "{previous}");
     assert_ne!(previous, current, "previous gave the current instance");
 }
+
+#[test]
+fn a_client_that_never_finishes_its_tls_handshake_is_dropped() {
+    use std::io::Read;
+    let mesh = Mesh::new();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], mesh.kubelet_port));
+    let mut silent = mesh.wait_for("the kubelet port", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(addr).ok()
+    });
+    // Connected, and never a byte of the handshake: closed after the handshake timeout
+    // (10 s) rather than held for as long as the client likes.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = silent.read(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?} after {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(8) && waited <= Duration::from_secs(15),
+        "closed after {waited:?}"
+    );
+}

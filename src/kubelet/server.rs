@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::Request;
@@ -65,6 +66,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// A client that has not finished its TLS handshake by then is dropped: a peer that
+/// opens connections and stays silent costs a socket and a task each.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's headers must have arrived by then (slowloris); it is also how long an
+/// idle keep-alive connection waits for its next request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
@@ -89,10 +97,15 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let context = context.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake not done in time; connection dropped");
                     return;
                 }
             };
@@ -124,6 +137,8 @@ pub async fn serve(
                 }
             });
             let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .with_upgrades()
                 .await;
@@ -750,7 +765,7 @@ enum Transport {
 }
 
 /// How long the agents get to report their usage.
-const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const STATS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound of one agent's usage report.
 const MAX_STATS_BYTES: u64 = 4 * 1024 * 1024;
 
