@@ -90,12 +90,36 @@ const TOKEN_TTL: Duration = Duration::from_secs(120);
 const ALLOWED_TTL: Duration = Duration::from_secs(300);
 const DENIED_TTL: Duration = Duration::from_secs(30);
 
-/// TokenReview and SubjectAccessReview, with the kubelet's caching.
+/// At most this many answers are kept per cache: a flood of distinct bogus tokens costs
+/// TokenReviews (as on the kubelet), never unbounded memory.
+const CACHE_ENTRIES: usize = 4096;
+
+/// Remembers `value` under `key` unless the cache is full of entries still `fresh`
+/// (expired ones go first).
+fn remember<K: std::hash::Hash + Eq, V>(
+    cache: &mut HashMap<K, (V, Instant)>,
+    key: K,
+    value: V,
+    fresh: impl Fn(&V, &Instant) -> bool,
+) {
+    if cache.len() >= CACHE_ENTRIES {
+        cache.retain(|_, (value, at)| fresh(value, at));
+    }
+    if cache.len() < CACHE_ENTRIES {
+        cache.insert(key, (value, Instant::now()));
+    }
+}
+
+/// Answers by key, with when they came.
+type Cache<K, V> = Mutex<HashMap<K, (V, Instant)>>;
+
+/// TokenReview and SubjectAccessReview, with the kubelet's caching. Tokens are kept
+/// only as their SHA-256.
 pub struct ApiServerAuth {
     client: Client,
     node_name: String,
-    tokens: Mutex<HashMap<String, (Option<UserInfo>, Instant)>>,
-    decisions: Mutex<HashMap<(UserInfo, Attributes), (bool, Instant)>>,
+    tokens: Cache<[u8; 32], Option<UserInfo>>,
+    decisions: Cache<(UserInfo, Attributes), bool>,
 }
 
 impl ApiServerAuth {
@@ -112,9 +136,11 @@ impl ApiServerAuth {
 #[async_trait]
 impl Authorizer for ApiServerAuth {
     async fn authenticate(&self, token: &str) -> Result<Option<UserInfo>, AuthError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         let cached = self.tokens.lock().ok().and_then(|cache| {
             cache
-                .get(token)
+                .get(&digest)
                 .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
                 .map(|(user, _)| user.clone())
         });
@@ -143,8 +169,9 @@ impl Authorizer for ApiServerAuth {
                 })
             });
         if let Ok(mut cache) = self.tokens.lock() {
-            cache.retain(|_, (_, at)| at.elapsed() < TOKEN_TTL);
-            cache.insert(token.to_owned(), (user.clone(), Instant::now()));
+            remember(&mut cache, digest, user.clone(), |_, at| {
+                at.elapsed() < TOKEN_TTL
+            });
         }
         Ok(user)
     }
@@ -184,10 +211,9 @@ impl Authorizer for ApiServerAuth {
             .await?;
         let allowed = answer.status.is_some_and(|s| s.allowed);
         if let Ok(mut cache) = self.decisions.lock() {
-            cache.retain(|_, (allowed, at)| {
+            remember(&mut cache, key, allowed, |allowed, at| {
                 at.elapsed() < if *allowed { ALLOWED_TTL } else { DENIED_TTL }
             });
-            cache.insert(key, (allowed, Instant::now()));
         }
         Ok(allowed)
     }
@@ -196,6 +222,22 @@ impl Authorizer for ApiServerAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_stay_bounded_and_make_room_from_expired_answers() {
+        let mut cache: HashMap<u32, (bool, Instant)> = HashMap::new();
+        for key in 0..(CACHE_ENTRIES as u32 + 100) {
+            remember(&mut cache, key, true, |_, _| true);
+        }
+        assert_eq!(
+            cache.len(),
+            CACHE_ENTRIES,
+            "full of fresh answers: new ones wait"
+        );
+        remember(&mut cache, u32::MAX, false, |_, _| false);
+        assert_eq!(cache.len(), 1, "expired answers make room");
+        assert!(cache.contains_key(&u32::MAX));
+    }
 
     #[test]
     fn paths_map_to_the_kubelets_subresources_and_verbs() {
