@@ -612,3 +612,48 @@ async fn wait_for_peer(events: &mut mpsc::Receiver<MeshEvent>, peer: PeerId, con
     .await
     .unwrap_or_else(|_| panic!("peer {peer} not {what} within 30 s"));
 }
+
+/// A peer that opens connection after connection to one mesh peer gets at most two at
+/// once (the others are closed as they come), not one per dial.
+#[tokio::test]
+async fn a_peer_gets_at_most_two_connections_to_another() {
+    let cancel = CancellationToken::new();
+    let target = peer(vec![], &cancel).await;
+    let mut dialer = libp2p::SwarmBuilder::with_existing_identity(Keypair::generate_ed25519())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    for _ in 0..5 {
+        let dial = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id()
+            .address(target.addr.clone())
+            .build();
+        dialer.dial(dial).expect("dial");
+    }
+    let mut open = 0i32;
+    let mut most = 0i32;
+    let settle = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(settle);
+    loop {
+        tokio::select! {
+            _ = &mut settle => break,
+            event = dialer.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { .. } => open += 1,
+                SwarmEvent::ConnectionClosed { .. } => open -= 1,
+                _ => {}
+            },
+        }
+        most = most.max(open);
+    }
+    assert!(open <= 2, "{open} connections open");
+    assert!(open >= 1, "the peer is still reachable");
+    eprintln!("at most {most} open at once while dialling, {open} after");
+    cancel.cancel();
+}

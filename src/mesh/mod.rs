@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, kad, noise, ping, request_response, tcp, yamux};
+use libp2p::{
+    connection_limits, gossipsub, identify, kad, noise, ping, request_response, tcp, yamux,
+};
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
 
@@ -160,7 +162,16 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
     requests: request_response::Behaviour<WireCodec>,
     streams: libp2p_stream::Behaviour,
+    limits: connection_limits::Behaviour,
 }
+
+/// Connections a peer may hold with one other peer (two when both dial at once), and
+/// in all: what a hostile peer can open is bounded before any handshake work.
+const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+const MAX_CONNECTIONS: u32 = 16_384;
+const MAX_PENDING_INCOMING: u32 = 256;
+/// Requests a connection may have in flight at once, each way.
+const MAX_CONCURRENT_REQUESTS: usize = 32;
 
 const KAD_PROTOCOL: &str = "/beemesh/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/beemesh/1.0.0";
@@ -205,8 +216,14 @@ impl Behaviour {
                 StreamProtocol::new(wire::REQUEST_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            request_response::Config::default().with_request_timeout(config.request_timeout),
+            request_response::Config::default()
+                .with_request_timeout(config.request_timeout)
+                .with_max_concurrent_streams(MAX_CONCURRENT_REQUESTS),
         );
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_established(Some(MAX_CONNECTIONS))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
         Ok(Behaviour {
             gossipsub,
             kad,
@@ -220,6 +237,7 @@ impl Behaviour {
             ),
             requests,
             streams: libp2p_stream::Behaviour::new(),
+            limits: connection_limits::Behaviour::new(limits),
         })
     }
 }
