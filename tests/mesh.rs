@@ -336,6 +336,23 @@ async fn a_private_mesh_takes_only_peers_that_hold_its_key() {
     cancel.cancel();
 }
 
+/// A libp2p swarm over TCP with `behaviour`, not a BeeMesh peer: what a stranger on
+/// the mesh port runs. Connections stay open a minute without traffic.
+fn raw_swarm<B: NetworkBehaviour>(keypair: Keypair, behaviour: B) -> libp2p::Swarm<B> {
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| behaviour)
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
 /// A raw libp2p peer that speaks the same protocols but sends whatever bytes it likes.
 #[derive(NetworkBehaviour)]
 struct Raw {
@@ -422,20 +439,13 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
         )],
         request_response::Config::default(),
     );
-    let mut raw = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| Raw {
+    let mut raw = raw_swarm(
+        keypair,
+        Raw {
             gossipsub: gossip,
             requests,
-        })
-        .expect("behaviour")
-        .build();
+        },
+    );
     let offers = gossipsub::IdentTopic::new(Topic::Offers.name());
     raw.behaviour_mut()
         .gossipsub
@@ -619,18 +629,7 @@ async fn wait_for_peer(events: &mut mpsc::Receiver<MeshEvent>, peer: PeerId, con
 async fn a_peer_gets_at_most_two_connections_to_another() {
     let cancel = CancellationToken::new();
     let target = peer(vec![], &cancel).await;
-    let mut dialer = libp2p::SwarmBuilder::with_existing_identity(Keypair::generate_ed25519())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut dialer = raw_swarm(Keypair::generate_ed25519(), libp2p::swarm::dummy::Behaviour);
     for _ in 0..5 {
         let dial = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id()
             .address(target.addr.clone())
