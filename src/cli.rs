@@ -173,6 +173,11 @@ pub struct AgentArgs {
     /// Address reported as the pods' hostIP. Default: the IPv4 listen address, if specific.
     #[arg(long, env = "BEEMESH_HOST_IP")]
     pub host_ip: Option<IpAddr>,
+    /// Admission policy file (YAML): which pods this host runs, whoever assigns them
+    /// (Pod Security level, host ports, image allow-list, per-owner quotas). Default:
+    /// the "baseline" level with host ports 1024-65535.
+    #[arg(long, env = "BEEMESH_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

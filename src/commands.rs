@@ -11,6 +11,7 @@ use libp2p::Multiaddr;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::admission::Policy;
 use crate::agent::enroll::{self, Enrollment};
 use crate::agent::{watchdog, Agent, AgentConfig};
 use crate::cli::{
@@ -186,6 +187,11 @@ async fn fence_watchdog(args: FenceWatchdogArgs) -> Result<()> {
 }
 
 async fn agent(args: AgentArgs) -> Result<()> {
+    let policy = match &args.policy_file {
+        Some(path) => Policy::load(path)?,
+        None => Policy::default(),
+    };
+    tracing::info!(level = %policy.level, host_ports = ?policy.host_ports, images = ?policy.images, "admission policy");
     let runtime = Podman::new(&args.podman_socket)
         .with_context(|| format!("invalid --podman-socket {}", args.podman_socket))?;
     // Checked before joining the mesh: an agent without a runtime must not bid.
@@ -259,6 +265,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
             podman_socket: args.podman_socket.clone(),
             agent: mesh.local_peer_id().to_string(),
         }),
+        policy: Arc::new(policy),
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
     let agent = Agent::new(config, mesh, Arc::new(runtime), owners, enrollment, metrics)?;

@@ -29,6 +29,11 @@ pub struct DropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServerLabel {
     pub server: String,
 }
@@ -69,6 +74,8 @@ pub struct Metrics {
     pub runtime_healthy: Gauge,
     /// Security decisions, by action and outcome (see `audit`).
     pub audit_events: Family<AuditLabels, Counter>,
+    /// Pods this agent's admission policy refused, by rule (see `agent::admission`).
+    pub policy_refusals: Family<RuleLabel, Counter>,
     /// k3s agent tunnel sessions up, by API server (1 or 0).
     pub tunnel_sessions_up: Family<ServerLabel, Gauge>,
     /// Connections open through the tunnel.
@@ -98,6 +105,7 @@ impl Metrics {
         let pods_fenced = Counter::default();
         let runtime_healthy = Gauge::default();
         let audit_events = Family::<AuditLabels, Counter>::default();
+        let policy_refusals = Family::<RuleLabel, Counter>::default();
         let tunnel_sessions_up = Family::<ServerLabel, Gauge>::default();
         let tunnel_connections = Gauge::default();
         let tunnel_bytes_total = Family::<DirectionLabel, Counter>::default();
@@ -133,6 +141,11 @@ impl Metrics {
             "audit_events",
             "Security decisions (enrollments, revocations, assignments, refused messages, kubelet streams)",
             audit_events.clone(),
+        );
+        registry.register(
+            "policy_refusals",
+            "Pods the agent's admission policy refused, by rule",
+            policy_refusals.clone(),
         );
         registry.register(
             "mesh_messages_received",
@@ -189,6 +202,7 @@ impl Metrics {
             pods_fenced,
             runtime_healthy,
             audit_events,
+            policy_refusals,
             tunnel_sessions_up,
             tunnel_connections,
             tunnel_bytes_total,
@@ -235,6 +249,14 @@ impl Metrics {
             .get_or_create(&DropLabels {
                 kind: kind.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn policy_refused(&self, rule: &str) {
+        self.policy_refusals
+            .get_or_create(&RuleLabel {
+                rule: rule.to_string(),
             })
             .inc();
     }

@@ -315,7 +315,8 @@ pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapa
     if fitting > 0 {
         // Their heartbeats say they fit, yet no bid came.
         parts.push(format!(
-            "{fitting} did not bid (agents bid only for owners they trust)"
+            "{fitting} did not bid (agents bid only for owners they trust, for pods their \
+             policy allows and within the owner's quota there)"
         ));
     }
     format!("{fitting}/{total} agents fit: {}", parts.join(", "))
@@ -361,7 +362,7 @@ mod tests {
         let well = agent(4000, 8 << 30, &[]);
         assert_eq!(
             explain(&o, [&sick, &well]),
-            "1/2 agents fit: 1 container runtime unhealthy, 1 under memory pressure, 1 did not bid (agents bid only for owners they trust)"
+            "1/2 agents fit: 1 container runtime unhealthy, 1 under memory pressure, 1 did not bid (agents bid only for owners they trust, for pods their policy allows and within the owner's quota there)"
         );
     }
 
@@ -479,7 +480,7 @@ mod tests {
         let roomy = agent(1000, 8 << 30, &[]);
         assert_eq!(
             explain(&o, &[roomy, agent(1000, 1 << 30, &[])]),
-            "1/2 agents fit: 1 insufficient memory, 1 did not bid (agents bid only for owners they trust)"
+            "1/2 agents fit: 1 insufficient memory, 1 did not bid (agents bid only for owners they trust, for pods their policy allows and within the owner's quota there)"
         );
     }
 }

@@ -579,12 +579,18 @@ pub struct MeshView {
     pub pods: Vec<PodSummary>,
 }
 
+/// How a [`Response::Declined`] reason from an agent's admission policy starts.
+pub const POLICY_REFUSAL: &str = "refused by the agent's policy";
+
 /// Answers to [`Request`]s.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum Response {
     Ack,
     /// The agent will not run the pod (it no longer fits, or it does not trust the owner).
+    /// A reason starting with [`POLICY_REFUSAL`] names the rule of the agent's admission
+    /// policy that refused the pod; the agent bids no more for a spec its policy
+    /// refused, nor beyond an owner's quota.
     Declined {
         reason: String,
     },

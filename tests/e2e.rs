@@ -1171,3 +1171,159 @@ fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
         assert_eq!(&containers(name), ids, "{name}");
     }
 }
+
+/// A pod's status message once it mentions `text`.
+fn wait_message(mesh: &Mesh, name: &str, text: &str) -> serde_json::Value {
+    mesh.wait_for(&format!("{name}: {text}"), Duration::from_secs(30), || {
+        let pod = mesh.pod_status("default", name)?;
+        pod["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(text))
+            .then_some(pod)
+    })
+}
+
+#[test]
+fn agents_run_only_what_their_policy_allows_and_name_the_rule_otherwise() {
+    let mut mesh = Mesh::new();
+    let policy = mesh.dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "level: baseline\nhostPorts: ['20000-20100']\nimages: [localhost/busybox]\n\
+         quotas: {default: {pods: 2}}\n",
+    )
+    .expect("policy file");
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    mesh.start_agent(&[
+        "--policy-file",
+        &policy.display().to_string(),
+        "--metrics-addr",
+        &metrics_addr,
+    ]);
+    let sleeper = |name: &str, extra: &str| {
+        SLEEPER
+            .replace("e2e-mover", name)
+            .replace("    command:", &format!("{extra}    command:"))
+    };
+    mesh.write_manifest("good.yaml", &sleeper("e2e-allowed", ""));
+    wait_running(&mesh, "e2e-allowed");
+    mesh.write_manifest(
+        "privileged.yaml",
+        &sleeper(
+            "e2e-privileged",
+            "    securityContext: {privileged: true}\n",
+        ),
+    );
+    mesh.write_manifest(
+        "unconfined.yaml",
+        &sleeper(
+            "e2e-unconfined",
+            "    securityContext: {seccompProfile: {type: Unconfined}}\n",
+        ),
+    );
+    mesh.write_manifest(
+        "image.yaml",
+        &sleeper("e2e-image", "")
+            .replace("localhost/busybox:1.35", "docker.io/library/busybox:1.35"),
+    );
+    mesh.write_manifest(
+        "port.yaml",
+        &sleeper(
+            "e2e-port",
+            "    ports: [{containerPort: 80, hostPort: 8080}]\n",
+        ),
+    );
+    let cases = [
+        (
+            "e2e-privileged",
+            "rule baseline:privileged: spec.containers[0].securityContext.privileged",
+        ),
+        ("e2e-unconfined", "rule baseline:seccompProfile_baseline"),
+        ("e2e-image", "rule images: spec.containers[0].image"),
+        (
+            "e2e-port",
+            "host port 8080 is not allowed on this agent (allowed: 20000-20100)",
+        ),
+    ];
+    for (name, rule) in cases {
+        let pod = wait_message(&mesh, name, rule);
+        assert_eq!(pod["phase"], "Pending", "{pod}");
+        // Refused once, the spec gets no more bids: the status keeps saying why.
+        let pod = wait_message(&mesh, name, "refused before: ");
+        assert!(
+            pod["message"].as_str().unwrap_or_default().contains(rule),
+            "{pod}"
+        );
+    }
+    // The quota of two pods per owner: the third waits, the allowed pod runs on.
+    mesh.write_manifest("second.yaml", &sleeper("e2e-second", ""));
+    wait_running(&mesh, "e2e-second");
+    mesh.write_manifest("third.yaml", &sleeper("e2e-third", ""));
+    let third = wait_message(&mesh, "e2e-third", "did not bid");
+    assert_eq!(third["phase"], "Pending", "{third}");
+    for name in [
+        "e2e-privileged",
+        "e2e-unconfined",
+        "e2e-image",
+        "e2e-port",
+        "e2e-third",
+    ] {
+        assert!(
+            podman_pods(&format!("io.beemesh.pod.name={name}")).is_empty(),
+            "{name} has a Podman pod"
+        );
+    }
+    assert_eq!(phase_of(&mesh, "e2e-allowed").as_deref(), Some("Running"));
+    // Room again: the waiting pod runs.
+    mesh.remove_manifest("good.yaml");
+    wait_running(&mesh, "e2e-third");
+
+    let (code, metrics) = common::curl({
+        let mut curl = std::process::Command::new("curl");
+        curl.arg(format!("http://{metrics_addr}/metrics"));
+        curl
+    });
+    assert_eq!(code, 200);
+    for rule in [
+        "baseline:privileged",
+        "baseline:seccompProfile_baseline",
+        "images",
+        "hostPorts",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "beemesh_policy_refusals_total{{rule=\"{rule}\"}} 1"
+            )),
+            "{rule} counted once: {metrics}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_policy_file_stops_the_agent_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "level: lax\n").expect("policy file");
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "agent",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--insecure-trust-any",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--policy-file")
+        .arg(&policy)
+        .output()
+        .expect("agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "policy file {}: level: unknown variant `lax`",
+            policy.display()
+        )),
+        "{stderr}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The agent: bids for offers it fits, runs the pods it is assigned under Podman,
 //! reports their status to their owners, and heartbeats its free capacity.
 
+pub mod admission;
 pub mod enroll;
 mod health;
 mod kubelet;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PodStatus;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -38,6 +39,7 @@ use crate::wire::{
     AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef,
     PodRef, PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
 };
+use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
 use lease::{Lease, LeaseBook, LEASES_FILE};
 use store::{create_private_dir, AssignmentStore};
@@ -92,6 +94,8 @@ pub struct AgentConfig {
     /// Starts the process that removes strict pods' copies if this agent cannot stop
     /// them when their leases run out (none: only the agent itself fences).
     pub fence_watchdog: Option<watchdog::Launcher>,
+    /// What this host agrees to run, whoever asks (`--policy-file`).
+    pub policy: Arc<Policy>,
 }
 
 /// A pod this agent runs.
@@ -142,6 +146,16 @@ struct Unrecorded {
     owner: PeerId,
     epoch: Epoch,
     runtime_pod: crate::runtime::RuntimePod,
+}
+
+/// What pods take, counting one pod each.
+fn requested<'a>(pods: impl Iterator<Item = &'a Hosted>) -> Resources {
+    pods.fold(Resources::default(), |used, hosted| {
+        used.saturating_add(Resources {
+            pods: 1,
+            ..hosted.requests
+        })
+    })
 }
 
 /// How soon after a new connection the next heartbeat goes out.
@@ -196,6 +210,8 @@ pub struct Agent {
     owner_heard: HashMap<PeerId, Instant>,
     /// The offers this agent bid for: an assignment without a bid is refused.
     bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
+    /// Specs the policy refused: not bid for again.
+    refused: RefusedSpecs,
     enrollment: Option<Enrollment>,
     connected: std::collections::BTreeSet<PeerId>,
     sequencer: Arc<Sequencer>,
@@ -265,6 +281,7 @@ impl Agent {
             node_name: mesh.local_peer_id().to_string(),
             updates: updates_tx,
             metrics: metrics.clone(),
+            policy: config.policy.clone(),
         };
         Ok(Agent {
             config,
@@ -281,6 +298,7 @@ impl Agent {
             checking_health: false,
             owner_heard: HashMap::new(),
             bids: HashMap::new(),
+            refused: RefusedSpecs::default(),
             enrollment,
             connected: Default::default(),
             sequencer: Arc::new(Sequencer::default()),
@@ -414,6 +432,17 @@ impl Agent {
                 let _ = self.runtime.remove_pod(&existing.id).await;
                 continue;
             };
+            // The policy may have been tightened while the agent was down: what it no
+            // longer allows stops, and its owner places it elsewhere.
+            if let Err(refusal) = self.config.policy.admit(&record.pod) {
+                tracing::warn!(pod = %pod_ref, rule = %refusal.rule, %refusal, "removing a pod the policy no longer allows");
+                self.metrics.policy_refused(&refusal.rule);
+                self.refused
+                    .insert(uid.clone(), statement::spec_digest(&record.pod));
+                let _ = self.runtime.remove_pod(&existing.id).await;
+                self.store.remove(&uid).await;
+                continue;
+            }
             tracing::info!(pod = %pod_ref, %epoch, "adopting pod after restart");
             if let Some(lease_ms) = record.lease_ms {
                 if self.leases.get(&uid).is_none_or(|l| l.epoch != epoch) {
@@ -752,25 +781,24 @@ impl Agent {
     }
 
     fn capacity(&self, except: Option<&PodUid>) -> AgentCapacity {
-        let mut used = Resources::default();
-        let mut ports = std::collections::BTreeSet::new();
-        for (uid, hosted) in &self.pods {
-            if Some(uid) == except || hosted.finished() {
-                continue;
-            }
-            used = used.saturating_add(Resources {
-                pods: 1,
-                ..hosted.requests
-            });
-            ports.extend(hosted.host_ports.iter().copied());
-        }
+        let active = || self.active_pods(except);
         AgentCapacity {
             labels: self.config.labels.clone(),
             capacity: self.config.capacity,
-            free: self.config.capacity.saturating_sub(used),
-            used_host_ports: ports,
+            free: self.config.capacity.saturating_sub(requested(active())),
+            used_host_ports: active()
+                .flat_map(|hosted| hosted.host_ports.iter().copied())
+                .collect(),
             health: self.health.clone(),
         }
+    }
+
+    /// The pods that hold capacity here, but `except`.
+    fn active_pods<'a>(&'a self, except: Option<&'a PodUid>) -> impl Iterator<Item = &'a Hosted> {
+        self.pods
+            .iter()
+            .filter(move |(uid, hosted)| Some(*uid) != except && !hosted.finished())
+            .map(|(_, hosted)| hosted)
     }
 
     async fn on_mesh_event(&mut self, event: MeshEvent) {
@@ -879,10 +907,19 @@ impl Agent {
             }
         }
         tracing::debug!(pod = %offer.pod, epoch = %offer.epoch, "offer received");
+        if self.refused.contains(&offer.pod.uid, &offer.spec_digest) {
+            tracing::debug!(pod = %offer.pod, "not bidding: the policy refused this spec");
+            return;
+        }
         let capacity = self.capacity(Some(&offer.pod.uid));
         let misfits = placement::misfits(&offer, &capacity);
         if !misfits.is_empty() {
             tracing::debug!(pod = %offer.pod, ?misfits, "not bidding");
+            return;
+        }
+        let used = self.used_by(&owner, &offer.pod.uid);
+        if let Err(refusal) = self.config.policy.quota(&owner, used, offer.requests) {
+            tracing::debug!(pod = %offer.pod, %refusal, "not bidding");
             return;
         }
         let bid = Bid {
@@ -942,6 +979,30 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Refuses a pod the policy does not allow, and remembers its spec so that no bid
+    /// goes out for it again.
+    fn refuse_by_policy(
+        &mut self,
+        owner: PeerId,
+        pod_ref: &PodRef,
+        pod: &Pod,
+        refusal: Refusal,
+    ) -> Response {
+        tracing::warn!(pod = %pod_ref, %owner, rule = %refusal.rule, %refusal, "pod refused by the policy");
+        self.metrics.policy_refused(&refusal.rule);
+        self.refused
+            .insert(pod_ref.uid.clone(), statement::spec_digest(pod));
+        self.refuse_assign(owner, pod_ref, "policy", refusal.to_string())
+    }
+
+    /// What an owner's pods other than `except` take here, as quotas count it.
+    fn used_by(&self, owner: &PeerId, except: &PodUid) -> Resources {
+        requested(
+            self.active_pods(Some(except))
+                .filter(|hosted| hosted.owner() == *owner),
+        )
     }
 
     /// Refuses an assignment: counted, audited, answered with the reason.
@@ -1006,6 +1067,9 @@ impl Agent {
                 }
             }
         };
+        if let Err(refusal) = self.config.policy.admit(&assign.pod) {
+            return self.refuse_by_policy(owner, &pod_ref, &assign.pod, refusal);
+        }
         if let Err(e) = translate::validate(&assign.pod) {
             return Response::Declined {
                 reason: e.to_string(),
@@ -1056,6 +1120,12 @@ impl Agent {
             return Response::Declined {
                 reason: reasons.join(", "),
             };
+        }
+        let used = self.used_by(&owner, &pod_ref.uid);
+        if let Err(refusal) = self.config.policy.quota(&owner, used, requests) {
+            // Not remembered: the same spec fits once the owner's other pods are gone.
+            self.metrics.policy_refused(&refusal.rule);
+            return self.refuse_assign(owner, &pod_ref, "policy", refusal.to_string());
         }
         if let Err(e) = self
             .store

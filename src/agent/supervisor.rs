@@ -14,12 +14,13 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::admission::Policy;
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
 use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
-use crate::runtime::{labels, ContainerStatus, Runtime, RuntimeError, RuntimePod};
+use crate::runtime::{labels, ContainerPlan, ContainerStatus, Runtime, RuntimeError, RuntimePod};
 use crate::wire::{Epoch, PodRef, VolumeFile};
 
 /// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
@@ -64,6 +65,8 @@ pub struct WorkerContext {
     pub node_name: String,
     pub updates: mpsc::Sender<WorkerUpdate>,
     pub metrics: Metrics,
+    /// Gives the image references Podman pulls and runs.
+    pub policy: Arc<Policy>,
 }
 
 impl WorkerContext {
@@ -619,7 +622,10 @@ impl Worker {
             return;
         };
         let spec = self.slots[i].spec.clone();
-        let image = spec.image.clone().unwrap_or_default();
+        let image = self
+            .ctx
+            .policy
+            .runtime_image(spec.image.as_deref().unwrap_or_default());
         if let Err(e) = self
             .ctx
             .runtime
@@ -649,7 +655,7 @@ impl Worker {
             self.slots[i].attempt,
             &self.plan_context(),
         ) {
-            Ok(plan) => plan,
+            Ok(plan) => ContainerPlan { image, ..plan },
             Err(e) => {
                 let slot = &mut self.slots[i];
                 slot.view.state =

@@ -35,7 +35,7 @@ use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
     PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
-    VolumeFile,
+    VolumeFile, POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -212,7 +212,14 @@ struct OwnedPod {
     /// The highest epoch offered: an epoch offered once is never offered again, even
     /// after a lost copy of a lower one was taken back.
     offered: Epoch,
+    /// Agents whose admission policy refused this spec, with their reasons: said in the
+    /// status when no agent bids (such agents no longer do). At most
+    /// [`MAX_POLICY_REFUSALS`], the latest.
+    policy_refusals: Vec<(PeerId, String)>,
 }
+
+/// Policy refusals kept per pod: enough to tell the user why.
+const MAX_POLICY_REFUSALS: usize = 8;
 
 /// What declaring a copy lost changed, to undo if the copy turns out to run on.
 struct LostCopy {
@@ -253,7 +260,8 @@ enum Internal {
     AssignFailed {
         uid: PodUid,
         epoch: Epoch,
-        reasons: Vec<String>,
+        /// Each agent asked, with its answer.
+        reasons: Vec<(PeerId, String)>,
         /// An agent did not answer: it may run the pod.
         unanswered: bool,
     },
@@ -306,6 +314,15 @@ const MISSING_GRACE: Duration = Duration::from_secs(10);
 
 fn now_time() -> Time {
     Time(Timestamp::now())
+}
+
+/// "agent: reason; agent: reason".
+fn agent_reasons(reasons: &[(PeerId, String)]) -> String {
+    reasons
+        .iter()
+        .map(|(agent, reason)| format!("{agent}: {reason}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn pending_status(reason: &str, message: String) -> PodStatus {
@@ -511,6 +528,7 @@ impl Owner {
             offer_not_before: Instant::now(),
             lost_copy: None,
             offered: Epoch(0),
+            policy_refusals: Vec::new(),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -603,7 +621,12 @@ impl Owner {
                 owned.fencing = fencing;
                 owned.offer.requests = requests;
                 owned.offer.agent_selector = selector;
-                owned.offer.spec_digest = spec_digest(&resolved.pod);
+                let digest = spec_digest(&resolved.pod);
+                if digest != owned.offer.spec_digest {
+                    // A new spec: the agents judge it afresh.
+                    owned.policy_refusals.clear();
+                }
+                owned.offer.spec_digest = digest;
                 owned.placement = Placement::Waiting {
                     at: self.adopt_until.max(Instant::now()),
                 };
@@ -935,7 +958,7 @@ impl Owner {
             .copied()
             .collect();
         if bids.is_empty() {
-            let message = placement::explain(
+            let mut message = placement::explain(
                 &owned.offer,
                 self.agents
                     .live()
@@ -943,6 +966,12 @@ impl Owner {
                     .collect::<Vec<_>>()
                     .iter(),
             );
+            if !owned.policy_refusals.is_empty() {
+                message = format!(
+                    "{message}; refused before: {}",
+                    agent_reasons(&owned.policy_refusals)
+                );
+            }
             let pod = owned.pod_ref.clone();
             if let Some(owned) = self.pods.get_mut(uid) {
                 owned.placement = Placement::Waiting {
@@ -1024,12 +1053,12 @@ impl Owner {
                     }
                     // A definite no: the agent does not run it, so the next bidder
                     // may get the same epoch.
-                    Ok(Response::Declined { reason }) => reasons.push(format!("{agent}: {reason}")),
-                    Ok(other) => reasons.push(format!("{agent}: unexpected answer {other:?}")),
+                    Ok(Response::Declined { reason }) => reasons.push((agent, reason)),
+                    Ok(other) => reasons.push((agent, format!("unexpected answer {other:?}"))),
                     // No answer: the agent may have taken it. Stop here; the next offer
                     // raises the epoch, which supersedes whatever it started.
                     Err(e) => {
-                        reasons.push(format!("{agent}: {e}"));
+                        reasons.push((agent, e.to_string()));
                         unanswered = true;
                         break;
                     }
@@ -1105,7 +1134,17 @@ impl Owner {
                 owned.placement = Placement::Waiting {
                     at: Instant::now() + wait,
                 };
-                let message = format!("assignment declined: {}", reasons.join("; "));
+                for (agent, reason) in &reasons {
+                    if reason.starts_with(POLICY_REFUSAL) {
+                        owned.policy_refusals.retain(|(a, _)| a != agent);
+                        owned.policy_refusals.push((*agent, reason.clone()));
+                    }
+                }
+                if owned.policy_refusals.len() > MAX_POLICY_REFUSALS {
+                    let excess = owned.policy_refusals.len() - MAX_POLICY_REFUSALS;
+                    owned.policy_refusals.drain(..excess);
+                }
+                let message = format!("assignment declined: {}", agent_reasons(&reasons));
                 tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
                 self.set_status(&uid, pending_status("Unschedulable", message));
             }
