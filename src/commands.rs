@@ -21,7 +21,7 @@ use crate::cli::{
 use crate::cluster::{self, node_object::NodeIdentity};
 use crate::health::{Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
-use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent};
+use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents};
 use crate::metrics::Metrics;
 use crate::node::enroll::NodeEnrollment;
 use crate::node::owner::{self, OwnerConfig};
@@ -119,11 +119,7 @@ fn join_mesh(
     accept_gossip: GossipFilter,
     metrics: &Metrics,
     cancel: &CancellationToken,
-) -> Result<(
-    mesh::MeshHandle,
-    tokio::sync::mpsc::Receiver<MeshEvent>,
-    JoinHandle<()>,
-)> {
+) -> Result<(mesh::MeshHandle, MeshEvents, JoinHandle<()>)> {
     let config = MeshConfig {
         listen: args.listen.clone(),
         bootstrap: args.bootstrap.clone(),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshHandle};
+use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
 use beemesh::wire::{
     Epoch, GossipMessage, MeshView, Offer, PodRef, PodUid, Request, Resources, Response, Topic,
@@ -13,12 +13,11 @@ use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{gossipsub, noise, request_response, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 struct Peer {
     handle: MeshHandle,
-    events: mpsc::Receiver<MeshEvent>,
+    events: MeshEvents,
     metrics: Metrics,
     addr: Multiaddr,
 }
@@ -112,7 +111,7 @@ fn offer(name: &str) -> GossipMessage {
 
 /// Waits for the first event that `pick` accepts.
 async fn next_matching<T>(
-    events: &mut mpsc::Receiver<MeshEvent>,
+    events: &mut MeshEvents,
     mut pick: impl FnMut(MeshEvent) -> Option<T>,
 ) -> T {
     tokio::time::timeout(Duration::from_secs(15), async {
@@ -248,10 +247,10 @@ async fn gossip_from_untrusted_signers_is_neither_delivered_nor_relayed() {
     let rogue_id = rogue.handle.local_peer_id();
     let from_rogue =
         |e: &MeshEvent| matches!(e, MeshEvent::Gossip { source, .. } if *source == rogue_id);
-    while let Ok(event) = hub.events.try_recv() {
+    while let Some(event) = hub.events.try_recv() {
         assert!(!from_rogue(&event), "{event:?}");
     }
-    while let Ok(event) = right.events.try_recv() {
+    while let Some(event) = right.events.try_recv() {
         assert!(!from_rogue(&event), "relayed: {event:?}");
     }
     cancel.cancel();
@@ -502,7 +501,7 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
         );
     }
     // Nothing bad reached the program, and the peer still serves good requests.
-    while let Ok(event) = target.events.try_recv() {
+    while let Some(event) = target.events.try_recv() {
         assert!(
             !matches!(event, MeshEvent::Gossip { .. } | MeshEvent::Request { .. }),
             "a bad message got through: {event:?}"
@@ -604,7 +603,7 @@ async fn a_connection_that_goes_silent_is_closed_after_failed_pings_and_redialed
 }
 
 /// Waits (at most 30 s) until `peer` connects, or disconnects.
-async fn wait_for_peer(events: &mut mpsc::Receiver<MeshEvent>, peer: PeerId, connected: bool) {
+async fn wait_for_peer(events: &mut MeshEvents, peer: PeerId, connected: bool) {
     let what = if connected {
         "connected"
     } else {

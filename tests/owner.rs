@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshHandle};
+use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
 use beemesh::node::owner::OwnerConfig;
 use beemesh::node::{Node, NodeConfig};
@@ -20,7 +20,6 @@ use beemesh::wire::{
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const POD: &str = r#"
@@ -33,7 +32,7 @@ spec:
 
 struct ScriptedAgent {
     handle: MeshHandle,
-    events: mpsc::Receiver<MeshEvent>,
+    events: MeshEvents,
 }
 
 async fn start_peer(
@@ -42,7 +41,7 @@ async fn start_peer(
     bootstrap: Vec<Multiaddr>,
     subscribe: Vec<Topic>,
     cancel: &CancellationToken,
-) -> (MeshHandle, mpsc::Receiver<MeshEvent>) {
+) -> (MeshHandle, MeshEvents) {
     let config = MeshConfig {
         listen: listen.into_iter().collect(),
         bootstrap,
@@ -92,7 +91,7 @@ fn dropped(metrics: &Metrics, kind: &str, reason: &str) -> u64 {
 }
 
 async fn next_event<T>(
-    events: &mut mpsc::Receiver<MeshEvent>,
+    events: &mut MeshEvents,
     what: &str,
     mut pick: impl FnMut(MeshEvent) -> Option<T>,
 ) -> T {
@@ -109,7 +108,7 @@ async fn next_event<T>(
 
 /// The next Assign a scripted agent receives, with the channel to answer it.
 async fn next_assign(
-    events: &mut mpsc::Receiver<MeshEvent>,
+    events: &mut MeshEvents,
     what: &str,
 ) -> (Box<Assign>, tokio::sync::oneshot::Sender<Response>) {
     next_event(events, what, |e| match e {
@@ -808,7 +807,7 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     assert!(moved.epoch > assign.epoch);
     reply.send(Response::Ack).expect("reply");
     // Agent 0 had nothing else assigned meanwhile, and its late renewal is refused.
-    while let Ok(event) = agents[0].events.try_recv() {
+    while let Some(event) = agents[0].events.try_recv() {
         assert!(
             !matches!(
                 event,
@@ -923,7 +922,7 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
 
     // Agent 1 is heard first: the pod waits for agent 0 (no offer) rather than going
     // to agent 1.
-    while agents[1].events.try_recv().is_ok() {}
+    while agents[1].events.try_recv().is_some() {}
     alive[1].store(true, std::sync::atomic::Ordering::Release);
     let quiet = tokio::time::timeout(Duration::from_millis(1200), async {
         loop {
@@ -957,7 +956,7 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
     );
     assert!(taken.reason.is_none(), "{taken:?}");
     for agent in agents.iter_mut() {
-        while let Ok(event) = agent.events.try_recv() {
+        while let Some(event) = agent.events.try_recv() {
             assert!(
                 !matches!(
                     event,

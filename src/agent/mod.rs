@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
 use crate::fencing::boottime_ms;
-use crate::mesh::{MeshEvent, MeshHandle};
+use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity};
 use crate::runtime::translate;
@@ -314,7 +314,7 @@ impl Agent {
     /// Pods keep running when the agent stops; the next start adopts them.
     pub async fn run(
         mut self,
-        mut events: mpsc::Receiver<MeshEvent>,
+        mut events: MeshEvents,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
         self.adopt().await?;

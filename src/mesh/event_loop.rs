@@ -1,6 +1,6 @@
 //! The one task that owns the Swarm.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::handle::Command;
+use super::lanes::{Lane, Lanes};
 use super::{Behaviour, BehaviourEvent, MeshConfig, MeshError, MeshEvent};
 use crate::metrics::Metrics;
 use crate::wire::{self, GossipMessage, Response, Topic};
@@ -22,6 +23,8 @@ use crate::wire::{self, GossipMessage, Response, Topic};
 const RESCORE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often connections are checked for unanswered pings.
 const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+/// How often an overloaded program is warned about at most.
+const OVERLOAD_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// Times the application weight (10): far below the graylist threshold (-80).
 const UNTRUSTED_SCORE: f64 = -1000.0;
 
@@ -31,42 +34,47 @@ type PendingReply = BoxFuture<'static, (ResponseChannel<Response>, Option<Respon
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<MeshEvent>,
+    lanes: Lanes,
     config: MeshConfig,
     metrics: Metrics,
     pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, MeshError>>>,
     /// Inbound requests waiting for the program's answer.
     pending_replies: FuturesUnordered<PendingReply>,
     listen_addrs: Vec<Multiaddr>,
-    connected: HashSet<PeerId>,
+    /// Connected peers, with the lane their connection event went to: the
+    /// disconnection follows it there, so the program sees the two in order.
+    connected: HashMap<PeerId, Lane>,
     /// Said once while no peer can be reached, so that an agent that cannot reach its
     /// bootstrap address says why at the default log level without repeating it.
     isolation_reported: bool,
     /// When each open connection last answered a ping (or opened), except those
     /// whose peer does not speak ping; removed when it closes.
     pinged: HashMap<ConnectionId, Instant>,
+    /// When an overloaded program was last warned about (said at most every 10 s).
+    overload_warned: Option<Instant>,
 }
 
 impl EventLoop {
     pub(super) fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
-        events: mpsc::Sender<MeshEvent>,
+        lanes: Lanes,
         config: MeshConfig,
         metrics: Metrics,
     ) -> Self {
         EventLoop {
             swarm,
             commands,
-            events,
+            lanes,
             config,
             metrics,
             pending_requests: HashMap::new(),
             pending_replies: FuturesUnordered::new(),
             listen_addrs: Vec::new(),
-            connected: HashSet::new(),
+            connected: HashMap::new(),
             isolation_reported: false,
             pinged: HashMap::new(),
+            overload_warned: None,
         }
     }
 
@@ -79,9 +87,14 @@ impl EventLoop {
         let mut rescore = tokio::time::interval(RESCORE_INTERVAL);
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let control = self.lanes.control_sender();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                // Control events that waited for room move on as the program reads.
+                Ok(permit) = control.clone().reserve_owned(), if self.lanes.backlogged() => {
+                    self.lanes.flush_one(permit);
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
@@ -129,7 +142,7 @@ impl EventLoop {
     }
 
     fn score_peers(&mut self) {
-        for peer in self.connected.clone() {
+        for peer in self.connected.keys().copied().collect::<Vec<_>>() {
             self.score_peer(peer);
         }
     }
@@ -161,7 +174,7 @@ impl EventLoop {
     fn redial_lost_bootstrap_peers(&mut self) {
         for addr in self.config.bootstrap.clone() {
             let connected = match peer_of(&addr) {
-                Some(peer) => self.connected.contains(&peer),
+                Some(peer) => self.connected.contains_key(&peer),
                 None => !self.connected.is_empty(),
             };
             if !connected {
@@ -204,16 +217,33 @@ impl EventLoop {
         }
     }
 
-    /// Hands an event to the program without ever blocking the Swarm: when the
-    /// program lags so far that the channel is full, the event is dropped and counted.
-    fn emit(&mut self, event: MeshEvent, kind: &str) {
-        if let Err(e) = self.events.try_send(event) {
+    /// The lane of a request or connection event: control for peers this one trusts.
+    fn lane_of(&self, peer: &PeerId) -> Lane {
+        if self.config.accept_gossip.talks_to(peer) {
+            Lane::Control
+        } else {
+            Lane::Untrusted
+        }
+    }
+
+    /// Hands an event to the program without ever blocking the Swarm (see
+    /// [`super::lanes`]); what no lane can hold is dropped and counted. A dropped
+    /// request's stream closes unanswered, which its sender sees as a failure.
+    fn emit(&mut self, lane: Lane, event: MeshEvent, kind: &str) {
+        if self.lanes.send(lane, event).is_err() {
             self.metrics.dropped(kind, "overloaded");
-            tracing::warn!(
-                kind,
-                "program is not keeping up with the mesh; event dropped"
-            );
-            drop(e);
+            let now = Instant::now();
+            if self
+                .overload_warned
+                .is_none_or(|at| now.duration_since(at) >= OVERLOAD_WARNING_INTERVAL)
+            {
+                self.overload_warned = Some(now);
+                tracing::warn!(
+                    kind,
+                    ?lane,
+                    "program is not keeping up with the mesh; events dropped (counted in beemesh_mesh_messages_dropped_total{{reason=\"overloaded\"}})"
+                );
+            }
         }
     }
 
@@ -299,21 +329,25 @@ impl EventLoop {
                 if std::mem::take(&mut self.isolation_reported) {
                     tracing::info!(peer = %peer_id, "reached the mesh");
                 }
-                self.connected.insert(peer_id);
+                let lane = self.lane_of(&peer_id);
+                self.connected.insert(peer_id, lane);
                 self.score_peer(peer_id);
                 self.metrics.mesh_peers.set(self.connected.len() as i64);
                 tracing::debug!(peer = %peer_id, "peer connected");
-                self.emit(MeshEvent::PeerConnected(peer_id), "peer");
+                self.emit(lane, MeshEvent::PeerConnected(peer_id), "peer");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
                 ..
             } => {
-                self.connected.remove(&peer_id);
+                let lane = self
+                    .connected
+                    .remove(&peer_id)
+                    .unwrap_or_else(|| self.lane_of(&peer_id));
                 self.metrics.mesh_peers.set(self.connected.len() as i64);
                 tracing::debug!(peer = %peer_id, "peer disconnected");
-                self.emit(MeshEvent::PeerDisconnected(peer_id), "peer");
+                self.emit(lane, MeshEvent::PeerDisconnected(peer_id), "peer");
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if self.connected.is_empty() && !self.isolation_reported {
@@ -360,6 +394,7 @@ impl EventLoop {
                 let kind = gossip_kind(&decoded);
                 self.metrics.received(kind);
                 self.emit(
+                    Lane::Gossip,
                     MeshEvent::Gossip {
                         source,
                         message: decoded,
@@ -401,6 +436,7 @@ impl EventLoop {
                 self.metrics.received(kind);
                 let (reply, answer) = oneshot::channel();
                 self.emit(
+                    self.lane_of(&peer),
                     MeshEvent::Request {
                         peer,
                         request,

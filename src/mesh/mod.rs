@@ -10,6 +10,7 @@
 mod codec;
 mod event_loop;
 mod handle;
+mod lanes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +29,9 @@ use crate::wire::{self, GossipMessage, Request, Response, Topic};
 pub use codec::{read_declared, WireCodec};
 pub use event_loop::{peer_of, EventLoop};
 pub use handle::MeshHandle;
+pub use lanes::MeshEvents;
 
-/// Capacity of the channels between the event loop and the rest of the program.
+/// Capacity of the command channel from the program to the event loop.
 const CHANNEL_CAPACITY: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +292,7 @@ pub fn start(
     keypair: Keypair,
     config: MeshConfig,
     metrics: Metrics,
-) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, EventLoop), MeshError> {
+) -> Result<(MeshHandle, MeshEvents, EventLoop), MeshError> {
     let local_peer_id = keypair.public().to_peer_id();
     let behaviour = Behaviour::new(&keypair, &config, &metrics)?;
     let streams = behaviour.streams.new_control();
@@ -365,8 +367,8 @@ pub fn start(
     }
 
     let (command_tx, command_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (event_tx, event_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (lanes, events) = lanes::lanes();
     let handle = MeshHandle::new(command_tx, local_peer_id, streams);
-    let event_loop = EventLoop::new(swarm, command_rx, event_tx, config, metrics);
-    Ok((handle, event_rx, event_loop))
+    let event_loop = EventLoop::new(swarm, command_rx, lanes, config, metrics);
+    Ok((handle, events, event_loop))
 }

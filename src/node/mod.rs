@@ -19,7 +19,7 @@ use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::mesh::{MeshEvent, MeshHandle};
+use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::wire::{GossipMessage, PodRef, PodUid, Request, Response};
 use enroll::NodeEnrollment;
@@ -192,7 +192,7 @@ impl Node {
 
     pub async fn run(
         self,
-        mut events: mpsc::Receiver<MeshEvent>,
+        mut events: MeshEvents,
         api: Option<ApiLink>,
         queries: Option<NodeQueries>,
         cancel: CancellationToken,
