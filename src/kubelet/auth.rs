@@ -93,6 +93,9 @@ const DENIED_TTL: Duration = Duration::from_secs(30);
 /// At most this many answers are kept per cache: a flood of distinct bogus tokens costs
 /// TokenReviews (as on the kubelet), never unbounded memory.
 const CACHE_ENTRIES: usize = 4096;
+/// TokenReviews and SubjectAccessReviews in flight at once: a flood of distinct bogus
+/// tokens waits its turn instead of multiplying requests to the API server.
+const REVIEWS_IN_FLIGHT: usize = 16;
 
 /// Remembers `value` under `key` unless the cache is full of entries still `fresh`
 /// (expired ones go first).
@@ -120,6 +123,7 @@ pub struct ApiServerAuth {
     node_name: String,
     tokens: Cache<[u8; 32], Option<UserInfo>>,
     decisions: Cache<(UserInfo, Attributes), bool>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl ApiServerAuth {
@@ -129,6 +133,7 @@ impl ApiServerAuth {
             node_name,
             tokens: Mutex::default(),
             decisions: Mutex::default(),
+            reviews: tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT),
         }
     }
 }
@@ -154,9 +159,12 @@ impl Authorizer for ApiServerAuth {
             },
             ..Default::default()
         };
-        let answer = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
+        let answer = {
+            let _turn = self.reviews.acquire().await;
+            Api::<TokenReview>::all(self.client.clone())
+                .create(&PostParams::default(), &review)
+                .await?
+        };
         let user = answer
             .status
             .filter(|s| s.authenticated == Some(true))
@@ -206,9 +214,12 @@ impl Authorizer for ApiServerAuth {
             },
             ..Default::default()
         };
-        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
+        let answer = {
+            let _turn = self.reviews.acquire().await;
+            Api::<SubjectAccessReview>::all(self.client.clone())
+                .create(&PostParams::default(), &review)
+                .await?
+        };
         let allowed = answer.status.is_some_and(|s| s.allowed);
         if let Ok(mut cache) = self.decisions.lock() {
             remember(&mut cache, key, allowed, |allowed, at| {

@@ -2,8 +2,8 @@
 //! authenticated and authorized before anything reaches an agent.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -72,6 +72,48 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request's headers must have arrived by then (slowloris); it is also how long an
 /// idle keep-alive connection waits for its next request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections one client address may hold at once (each HTTP/1 connection carries one
+/// request or stream at a time): ample for an API server relaying every user's logs,
+/// exec and port-forward, and a bound on what one host can hold open.
+const CONNECTIONS_PER_CLIENT: usize = 256;
+
+/// Open connections per client address; an address with none is forgotten.
+#[derive(Clone, Default)]
+struct ClientSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's place in [`ClientSlots`], given back when dropped.
+struct ClientSlot {
+    slots: ClientSlots,
+    client: IpAddr,
+}
+
+impl ClientSlots {
+    fn take(&self, client: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.0.lock().ok()?;
+        let count = open.entry(client).or_default();
+        if *count >= CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            slots: self.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.slots.0.lock() {
+            if let Some(count) = open.get_mut(&self.client) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    open.remove(&self.client);
+                }
+            }
+        }
+    }
+}
 
 pub async fn serve(
     listener: TcpListener,
@@ -80,6 +122,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let slots = ClientSlots::default();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -94,9 +137,17 @@ pub async fn serve(
         // As Go sets on every connection (the kubelet's too): interactive streams and
         // the small frames of the k3s tunnel must not wait for delayed ACKs.
         let _ = tcp.set_nodelay(true);
+        let Some(slot) = slots.take(peer.ip()) else {
+            context
+                .metrics
+                .dropped("kubelet_connection", "per_client_limit");
+            tracing::debug!(%peer, "client holds {CONNECTIONS_PER_CLIENT} connections already; refused");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let context = context.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(tls)) => tls,
@@ -839,4 +890,31 @@ where
                 bytes
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_client_address_holds_a_bounded_number_of_connections() {
+        let slots = ClientSlots::default();
+        let (alice, bob): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let held: Vec<ClientSlot> = (0..CONNECTIONS_PER_CLIENT)
+            .map(|_| slots.take(alice).expect("a slot"))
+            .collect();
+        assert!(slots.take(alice).is_none(), "one past the cap");
+        let other = slots.take(bob).expect("another client is not affected");
+        drop(held);
+        assert!(
+            slots.take(alice).is_some(),
+            "closed connections free their slots"
+        );
+        drop(other);
+        let open = slots.0.lock().expect("lock");
+        assert!(
+            open.is_empty(),
+            "clients without connections are forgotten: {open:?}"
+        );
+    }
 }
