@@ -624,14 +624,13 @@ async fn wait_for_peer(events: &mut MeshEvents, peer: PeerId, connected: bool) {
 
 /// A peer that opens connection after connection to one mesh peer gets at most two at
 /// once (the others are closed as they come), not one per dial.
-#[tokio::test]
-async fn a_peer_gets_at_most_two_connections_to_another() {
-    let cancel = CancellationToken::new();
-    let target = peer(vec![], &cancel).await;
+/// A stranger dials `target` `times`; returns the connections open after 3 s and the
+/// most open at once.
+async fn dial_repeatedly(target: &Multiaddr, times: usize) -> (i32, i32) {
     let mut dialer = raw_swarm(Keypair::generate_ed25519(), libp2p::swarm::dummy::Behaviour);
-    for _ in 0..5 {
+    for _ in 0..times {
         let dial = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id()
-            .address(target.addr.clone())
+            .address(target.clone())
             .build();
         dialer.dial(dial).expect("dial");
     }
@@ -650,8 +649,45 @@ async fn a_peer_gets_at_most_two_connections_to_another() {
         }
         most = most.max(open);
     }
+    (open, most)
+}
+
+#[tokio::test]
+async fn a_peer_gets_at_most_two_connections_to_another() {
+    let cancel = CancellationToken::new();
+    let target = peer(vec![], &cancel).await;
+    let (open, most) = dial_repeatedly(&target.addr, 5).await;
     assert!(open <= 2, "{open} connections open");
     assert!(open >= 1, "the peer is still reachable");
     eprintln!("at most {most} open at once while dialling, {open} after");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn a_peer_over_its_memory_bound_takes_no_new_connections() {
+    let cancel = CancellationToken::new();
+    let config = MeshConfig {
+        listen: listen_addrs("/ip4/127.0.0.1/tcp/0"),
+        // Below any process's RSS: every new connection is over the bound.
+        max_memory_bytes: 1 << 20,
+        ..MeshConfig::default()
+    };
+    let (handle, _events, event_loop) =
+        mesh::start(Keypair::generate_ed25519(), config, Metrics::new()).expect("mesh starts");
+    tokio::spawn(event_loop.run(cancel.clone()));
+    let addr = loop {
+        if let Some(addr) = handle
+            .listen_addrs()
+            .await
+            .expect("runs")
+            .into_iter()
+            .next()
+        {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (open, _) = dial_repeatedly(&addr, 1).await;
+    assert_eq!(open, 0, "a connection past the memory bound stays open");
     cancel.cancel();
 }

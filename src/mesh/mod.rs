@@ -18,7 +18,8 @@ use std::time::Duration;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, gossipsub, identify, kad, noise, ping, request_response, tcp, yamux,
+    connection_limits, gossipsub, identify, kad, memory_connection_limits, noise, ping,
+    request_response, tcp, yamux,
 };
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use tokio::sync::{mpsc, oneshot};
@@ -122,6 +123,10 @@ pub struct MeshConfig {
     pub redial_interval: Duration,
     /// A private mesh: only peers holding this key can connect at all.
     pub psk: Option<libp2p::pnet::PreSharedKey>,
+    /// No new connection is accepted or dialled while the process's memory (RSS) is
+    /// above this: whatever peers make it hold, the connections they would add are
+    /// refused first.
+    pub max_memory_bytes: usize,
 }
 
 impl Default for MeshConfig {
@@ -134,6 +139,7 @@ impl Default for MeshConfig {
             request_timeout: Duration::from_secs(10),
             redial_interval: Duration::from_secs(3),
             psk: None,
+            max_memory_bytes: 1 << 30,
         }
     }
 }
@@ -165,6 +171,7 @@ pub(crate) struct Behaviour {
     requests: request_response::Behaviour<WireCodec>,
     streams: libp2p_stream::Behaviour,
     limits: connection_limits::Behaviour,
+    memory: memory_connection_limits::Behaviour,
 }
 
 /// Connections a peer may hold with one other peer (two when both dial at once), and
@@ -240,6 +247,7 @@ impl Behaviour {
             requests,
             streams: libp2p_stream::Behaviour::new(),
             limits: connection_limits::Behaviour::new(limits),
+            memory: memory_connection_limits::Behaviour::with_max_bytes(config.max_memory_bytes),
         })
     }
 }
