@@ -987,9 +987,11 @@ impl Owner {
         // agent this owner gave the fewest pods lately (its heartbeats do not show
         // them yet), then by peer ID.
         let now = Instant::now();
-        for assigned in self.recent_assignments.values_mut() {
+        // Agents with none lately are forgotten: the map holds only recent ones.
+        self.recent_assignments.retain(|_, assigned| {
             assigned.retain(|(at, _)| now.duration_since(*at) < RECENT_ASSIGNMENT);
-        }
+            !assigned.is_empty()
+        });
         let recent = |agent: &PeerId| self.recent_assignments.get(agent).map_or(0, Vec::len);
         let mut ranked: Vec<(PeerId, i64)> = bids
             .iter()
