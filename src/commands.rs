@@ -378,7 +378,9 @@ async fn node(args: NodeArgs) -> Result<()> {
     }
     let gossip = {
         let agents = agents.clone();
+        let clients = clients.clone();
         GossipFilter::new([Topic::Heartbeats], move |peer| agents.trusts(peer))
+            .with_requests_from(move |peer| clients.trusts(peer))
     };
     let (mesh, events, mesh_task) = join_mesh(
         &args.mesh,

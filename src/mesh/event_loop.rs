@@ -219,7 +219,7 @@ impl EventLoop {
 
     /// The lane of a request or connection event: control for peers this one trusts.
     fn lane_of(&self, peer: &PeerId) -> Lane {
-        if self.config.accept_gossip.talks_to(peer) {
+        if self.config.accept_gossip.prioritizes(peer) {
             Lane::Control
         } else {
             Lane::Untrusted

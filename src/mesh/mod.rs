@@ -64,6 +64,9 @@ pub enum MeshError {
 pub struct GossipFilter {
     topics: Vec<Topic>,
     trusts: Arc<TrustsPeer>,
+    /// Whose requests take the control lane (see `lanes`): the gossip peers, unless
+    /// more are named with [`GossipFilter::with_requests_from`].
+    requesters: Option<Arc<TrustsPeer>>,
 }
 
 /// Whether a peer is trusted.
@@ -77,7 +80,23 @@ impl GossipFilter {
         GossipFilter {
             topics: topics.into_iter().collect(),
             trusts: Arc::new(trusts),
+            requesters: None,
         }
+    }
+
+    /// Requests from these peers (as well as the gossip peers') go first: a node's
+    /// clients, whose status queries must get through a stranger's flood too.
+    pub fn with_requests_from(
+        mut self,
+        requesters: impl Fn(&PeerId) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.requesters = Some(Arc::new(requesters));
+        self
+    }
+
+    /// Whether a peer's requests and connection events take the control lane.
+    pub fn prioritizes(&self, peer: &PeerId) -> bool {
+        self.talks_to(peer) || self.requesters.as_ref().is_some_and(|r| r(peer))
     }
 
     /// Every topic from every peer (for tests of the mesh itself).
