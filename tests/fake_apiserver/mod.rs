@@ -276,6 +276,8 @@ struct Store {
     events: broadcast::Sender<WatchEvent>,
     /// Every resource request, oldest first.
     requests: Vec<RequestRecord>,
+    /// The requests refused with 403 while RBAC was enforced, oldest first.
+    refused: Vec<RequestRecord>,
     uid_counter: u64,
     tokens: Vec<IssuedToken>,
     /// Who each bearer token the fake knows authenticates as.
@@ -682,6 +684,7 @@ impl Store {
             history: VecDeque::new(),
             events,
             requests: Vec::new(),
+            refused: Vec::new(),
             uid_counter: 0,
             tokens: Vec::new(),
             token_users: BTreeMap::new(),
@@ -2008,6 +2011,11 @@ impl FakeApiServer {
         self.store.lock().expect("store").enforce_rbac = true;
     }
 
+    /// The requests RBAC refused (see [`FakeApiServer::enforce_rbac`]), oldest first.
+    pub fn refused(&self) -> Vec<RequestRecord> {
+        self.store.lock().expect("store").refused.clone()
+    }
+
     pub fn drop_watches(&self) {
         let mut store = self.store.lock().expect("store");
         store.events = broadcast::channel(4096).0;
@@ -2098,6 +2106,9 @@ fn route(
             let requester = store.requester(identity.as_ref(), bearer.as_deref());
             let attrs = request_attributes(&method, &target, &params, &requester);
             if !store.authorize(&attrs).0 {
+                if let Some(record) = store.requests.last().cloned() {
+                    store.refused.push(record);
+                }
                 return Err(forbidden(&attrs));
             }
         }
