@@ -1035,3 +1035,41 @@ fn the_admission_policy_admits_what_the_node_does_and_refuses_the_rest() {
         "own Lease",
     );
 }
+
+/// The README's table of the chart's values names every top-level value of values.yaml,
+/// and nothing values.yaml lacks.
+#[test]
+fn the_readme_values_table_names_every_value() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let values: serde_yaml::Mapping = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"),
+    )
+    .expect("yaml");
+    let keys: Vec<String> = values
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let table = readme
+        .split("| value | default | what |")
+        .nth(1)
+        .expect("the README's values table");
+    let named: Vec<String> = table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .flat_map(|line| {
+            let first = line.split('|').nth(1).unwrap_or_default();
+            first
+                .split(',')
+                .map(|k| k.trim().trim_matches('`').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for key in &keys {
+        assert!(named.contains(key), "the README's values table lacks {key}");
+    }
+    for key in &named {
+        assert!(keys.contains(key), "the README's values table names {key}, which values.yaml lacks");
+    }
+}
