@@ -1070,6 +1070,9 @@ fn the_readme_values_table_names_every_value() {
         assert!(named.contains(key), "the README's values table lacks {key}");
     }
     for key in &named {
-        assert!(keys.contains(key), "the README's values table names {key}, which values.yaml lacks");
+        assert!(
+            keys.contains(key),
+            "the README's values table names {key}, which values.yaml lacks"
+        );
     }
 }
