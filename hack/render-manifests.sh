@@ -33,13 +33,33 @@ HEADER
     grep -v -e '^    helm.sh/chart:' -e '^    app.kubernetes.io/managed-by:'
 }
 
+# The admission policy, for clusters with ValidatingAdmissionPolicy (Kubernetes 1.30 and
+# later) only: a separate file, as `kubectl apply` of it fails on older clusters.
+policy_out=manifests/install/beemesh-admission-policy.yaml
+render_policy() {
+  cat <<HEADER
+# BeeMesh virtual node: its admission policy, generated from charts/beemesh by
+# hack/render-manifests.sh (do not edit; change the chart and run the script). For
+# clusters with admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy (Kubernetes
+# 1.30 and later), after beemesh.yaml:
+#   kubectl apply -f manifests/install/beemesh-admission-policy.yaml
+# It limits the node's requests as the NodeRestriction admission plugin limits a
+# kubelet's (see the README, "What the node may do in your cluster").
+HEADER
+  helm template beemesh charts/beemesh --namespace "$namespace" --skip-tests \
+    --api-versions admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy \
+    --show-only templates/admission-policy.yaml |
+    grep -v -e '^    helm.sh/chart:' -e '^    app.kubernetes.io/managed-by:'
+}
+
 if [ "${1:-}" = --check ]; then
-  if ! diff -u "$out" <(render); then
-    echo "$out is out of date with charts/beemesh: run bash hack/render-manifests.sh" >&2
+  if ! diff -u "$out" <(render) || ! diff -u "$policy_out" <(render_policy); then
+    echo "manifests/install is out of date with charts/beemesh: run bash hack/render-manifests.sh" >&2
     exit 1
   fi
-  echo "$out matches the chart"
+  echo "manifests/install matches the chart"
 else
   render >"$out"
-  echo "wrote $out"
+  render_policy >"$policy_out"
+  echo "wrote $out and $policy_out"
 fi

@@ -1927,3 +1927,191 @@ async fn pod_logs_exec_and_port_forward_are_proxied_to_the_kubelet() {
     assert!(verbs.contains(&("create".into(), "pods/exec".into())));
     assert!(verbs.contains(&("create".into(), "pods/portforward".into())));
 }
+
+/// A kube-rs client of `server` acting with `token`.
+async fn client_with_token(server: &FakeApiServer, token: &str) -> kube::Client {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = server.write_kubeconfig(dir.path());
+    let text = std::fs::read_to_string(&path).expect("kubeconfig");
+    std::fs::write(&path, text.replace("fake-token", token)).expect("write");
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+/// With RBAC enforced, requests are authorized as kube-apiserver's RBAC authorizer does
+/// (resourceNames, namespaces, subresources, the name a list or watch carries in a
+/// `metadata.name` field selector) and refused with its 403 Forbidden Status.
+#[tokio::test]
+async fn rbac_enforced_refuses_with_the_api_servers_forbidden_status() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+
+    let server = FakeApiServer::start().await;
+    let admin = client(&server).await;
+    let issued = Api::<ServiceAccount>::namespaced(admin.clone(), "default")
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            "default",
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {}})).expect("tr"),
+        )
+        .await
+        .expect("token");
+    let token = issued.status.expect("status").token.expect("token");
+    let user = "system:serviceaccount:default:default";
+    // A Role: get on one Secret; list and watch of Nodes by name (a ClusterRole).
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "reader", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mine"], "verbs": ["get"]}]
+    }))
+    .expect("role");
+    Api::<Role>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("role");
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "reader", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "default"}]
+    }))
+    .expect("binding");
+    Api::<RoleBinding>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("binding");
+    let cluster_role: k8s_openapi::api::rbac::v1::ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": "one-node"},
+        "rules": [{"apiGroups": [""], "resources": ["nodes"], "resourceNames": ["edge"], "verbs": ["get", "list", "watch"]}]
+    }))
+    .expect("cluster role");
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &cluster_role)
+        .await
+        .expect("cluster role");
+    let cluster_binding: k8s_openapi::api::rbac::v1::ClusterRoleBinding =
+        serde_json::from_value(json!({
+            "metadata": {"name": "one-node"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "one-node"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "default"}]
+        }))
+        .expect("binding");
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &cluster_binding)
+        .await
+        .expect("binding");
+
+    let account = client_with_token(&server, &token).await;
+    let secrets = Api::<Secret>::namespaced(account.clone(), "default");
+    // Not enforced yet: anything goes.
+    assert!(secrets
+        .get_opt("other")
+        .await
+        .expect("unenforced")
+        .is_none());
+    server.enforce_rbac();
+
+    // The granted name: allowed (here absent, so 404 as for anyone allowed).
+    assert!(secrets.get_opt("mine").await.expect("allowed").is_none());
+    // Another name: the API server's Forbidden, as NewForbidden shapes it.
+    let refused = api_error(secrets.get("other").await.expect_err("forbidden"));
+    assert_eq!(refused.code, 403);
+    assert_eq!(refused.reason, "Forbidden");
+    assert_eq!(
+        refused.message,
+        format!("secrets \"other\" is forbidden: User \"{user}\" cannot get resource \"secrets\" in API group \"\" in the namespace \"default\"")
+    );
+    let details = refused.details.expect("details");
+    assert_eq!(
+        (
+            details.name.as_str(),
+            details.kind.as_str(),
+            details.group.as_str()
+        ),
+        ("other", "secrets", "")
+    );
+    // Another namespace, and a subresource of another group's resource.
+    let elsewhere = Api::<ConfigMap>::namespaced(account.clone(), "kube-system");
+    let refused = api_error(elsewhere.get("x").await.expect_err("forbidden"));
+    assert_eq!(
+        refused.message,
+        format!("configmaps \"x\" is forbidden: User \"{user}\" cannot get resource \"configmaps\" in API group \"\" in the namespace \"kube-system\"")
+    );
+    let token_refused = api_error(
+        Api::<ServiceAccount>::namespaced(account.clone(), "default")
+            .create_subresource::<TokenRequest, TokenRequest>(
+                "token",
+                "default",
+                &PostParams::default(),
+                &serde_json::from_value(json!({"spec": {}})).expect("tr"),
+            )
+            .await
+            .expect_err("forbidden"),
+    );
+    assert_eq!(
+        token_refused.message,
+        format!("serviceaccounts \"default\" is forbidden: User \"{user}\" cannot create resource \"serviceaccounts/token\" in API group \"\" in the namespace \"default\"")
+    );
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        account.clone(),
+        "kube-node-lease",
+    );
+    let refused = api_error(leases.get("edge").await.expect_err("forbidden"));
+    assert_eq!(
+        refused.message,
+        format!("leases.coordination.k8s.io \"edge\" is forbidden: User \"{user}\" cannot get resource \"leases\" in API group \"coordination.k8s.io\" in the namespace \"kube-node-lease\"")
+    );
+    assert_eq!(
+        refused.details.expect("details").group,
+        "coordination.k8s.io"
+    );
+
+    // resourceNames authorize a list or watch only with a metadata.name field selector.
+    let nodes = Api::<Node>::all(account.clone());
+    let refused = api_error(
+        nodes
+            .list(&ListParams::default())
+            .await
+            .expect_err("forbidden"),
+    );
+    assert_eq!(
+        refused.message,
+        format!("nodes is forbidden: User \"{user}\" cannot list resource \"nodes\" in API group \"\" at the cluster scope")
+    );
+    assert!(nodes
+        .list(&ListParams::default().fields("metadata.name=edge"))
+        .await
+        .expect("allowed by name")
+        .items
+        .is_empty());
+    assert!(nodes
+        .watch(
+            &WatchParams::default()
+                .fields("metadata.name=edge")
+                .timeout(1),
+            "0"
+        )
+        .await
+        .is_ok());
+    let refused = api_error(
+        nodes
+            .list(&ListParams::default().fields("metadata.name=other"))
+            .await
+            .expect_err("forbidden"),
+    );
+    assert_eq!(refused.code, 403);
+    assert!(
+        refused.message.starts_with("nodes \"other\" is forbidden"),
+        "{}",
+        refused.message
+    );
+
+    // The admin (system:masters) is never refused.
+    assert!(Api::<Secret>::namespaced(admin, "kube-system")
+        .get_opt("x")
+        .await
+        .expect("admin")
+        .is_none());
+}

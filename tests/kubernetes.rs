@@ -55,7 +55,8 @@ impl Cluster {
     }
 
     /// A k3s server routing kubelet connections as `routing` says, with the node running
-    /// as the chart installs it: its ServiceAccount, bound by the chart's RBAC.
+    /// as the chart installs it: its ServiceAccount, bound by the chart's RBAC, which the
+    /// server enforces (anything the chart does not grant is refused with 403).
     fn start_k3s(routing: K3sRouting, node_args: &[&str]) -> Cluster {
         Cluster::k3s(routing, false, None, node_args)
     }
@@ -81,6 +82,7 @@ impl Cluster {
             path
         });
         let node_kubeconfig = chart_service_account(&kubeconfig, dir.path());
+        server.enforce_rbac();
         let kc = node_kubeconfig.display().to_string();
         let mut args = vec!["--kubeconfig", kc.as_str()];
         args.extend_from_slice(node_args);
@@ -134,8 +136,16 @@ impl Cluster {
     }
 
     /// Everything the node asked of the API is allowed by the ClusterRole it ships
-    /// (the node's requests carry its user agent, `beemesh/<version> (<os>/<arch>)`).
+    /// (the node's requests carry its user agent, `beemesh/<version> (<os>/<arch>)`),
+    /// and where the server enforced the chart's RBAC (k3s clusters), nothing was refused.
     fn assert_node_requests_allowed(&self) {
+        let refused: Vec<_> = self
+            .server
+            .refused()
+            .into_iter()
+            .filter(|r| r.user_agent.starts_with("beemesh/"))
+            .collect();
+        assert!(refused.is_empty(), "RBAC refused the node {refused:?}");
         let node_requests: Vec<_> = self
             .server
             .requests()
@@ -1841,6 +1851,100 @@ fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
         serde_json::json!({"phase": "Pending", "qosClass": "BestEffort"}),
         "only the API server's own status: {pod}"
     );
+}
+
+/// A pod in a namespace the chart does not let the node serve (servedNamespaces is
+/// [default]): the API server refuses the node its configMaps, secrets and token (403),
+/// and the pod says so, Pending with CreateContainerConfigError and the chart value to
+/// change; the node itself carries on, and a pod in default with a secret resolves.
+#[test]
+fn a_pod_in_a_namespace_the_node_does_not_serve_says_so_and_the_node_carries_on() {
+    const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: shop}
+stringData: {password: s3cr3t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: till, namespace: shop}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    env: [{name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}]
+"#;
+    let mut cluster = Cluster::start_k3s(K3sRouting::Agent, &["--k3s-tunnel", "off"]);
+    cluster.wait_node_ready("beemesh", "False", Duration::from_secs(30));
+    cluster.apply(SHOP);
+    cluster.apply(CONFIG);
+    cluster.apply(&POD.replace("name: web,", "name: served,"));
+    let waiting = cluster.mesh.wait_for(
+        "till waiting with CreateContainerConfigError",
+        Duration::from_secs(30),
+        || {
+            let pod = cluster.get(&["pod", "till", "-n", "shop"])?;
+            let state = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
+            (state["reason"] == "CreateContainerConfigError").then(|| state.clone())
+        },
+    );
+    let message = waiting["message"].as_str().unwrap_or_default();
+    // The first object it refers to: the token volume's kube-root-ca.crt ConfigMap.
+    for part in [
+        "may not read configmap \"kube-root-ca.crt\" in namespace \"shop\"",
+        "servedNamespaces",
+        "add \"shop\"",
+        "cannot get resource \"configmaps\" in API group \"\" in the namespace \"shop\"",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    let pod = cluster.get(&["pod", "till", "-n", "shop"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Pending", "{pod}");
+    let described = cluster
+        .kubectl(&["describe", "pod", "till", "-n", "shop"], None)
+        .1;
+    assert!(described.contains("servedNamespaces"), "{described}");
+
+    // In the served namespace the same references resolve: the pod waits for an agent
+    // (none here), not for its configuration; its token is bound to it.
+    let served = cluster.mesh.wait_for(
+        "served waiting for an agent",
+        Duration::from_secs(30),
+        || {
+            let pod = cluster.get(&["pod", "served"])?;
+            (pod["status"]["reason"] == "Unschedulable").then_some(pod)
+        },
+    );
+    assert!(
+        served["status"]["containerStatuses"].is_null(),
+        "no configuration error: {served}"
+    );
+    let issued = cluster.server.tokens_issued();
+    assert!(
+        issued
+            .iter()
+            .any(|t| t.namespace == "default" && t.pod.as_deref() == Some("served")),
+        "{issued:?}"
+    );
+    assert!(issued.iter().all(|t| t.namespace != "shop"), "{issued:?}");
+    // All the node was refused: reads in shop (events and status are cluster-wide).
+    let refused = cluster.server.refused();
+    assert!(!refused.is_empty());
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.namespace == "shop" && r.verb == "get" && r.resource == "configmaps"),
+        "{refused:?}"
+    );
+    assert!(cluster.mesh.node().is_running());
+    let node = cluster.server.object("nodes", "", "beemesh").expect("node");
+    assert!(condition(&node, "Ready").is_some(), "{node}");
 }
 
 #[test]

@@ -32,6 +32,9 @@ use crate::wire::PodUid;
 
 /// A pod waiting for a missing configMap or secret is resolved again this often.
 const MISSING_RETRY: Duration = Duration::from_secs(2);
+/// A pod whose configMaps, secrets or tokens the node may not read (403) is resolved
+/// again this often: until its RBAC changes, every attempt is refused.
+const DENIED_RETRY: Duration = Duration::from_secs(10);
 /// Every pod is resolved again this often, picking up changed configMaps and secrets.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// A token is replaced once this share of its lifetime has passed (the kubelet's 80%).
@@ -239,8 +242,10 @@ impl PodSource {
         resolved: &Result<resolve::Resolved, ResolveError>,
     ) -> Instant {
         let now = Instant::now();
-        if matches!(resolved, Err(ResolveError::Missing(_))) {
-            return now + MISSING_RETRY;
+        match resolved {
+            Err(ResolveError::Missing(_)) => return now + MISSING_RETRY,
+            Err(ResolveError::Denied(_)) => return now + DENIED_RETRY,
+            _ => {}
         }
         let wall = Timestamp::now();
         self.tokens
@@ -295,20 +300,7 @@ impl PodSource {
         spec: &TokenSpec,
     ) -> Result<Token, ResolveError> {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: spec.audience.clone().map(|audience| vec![audience]),
-                expiration_seconds: Some(spec.expiration_secs),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: pod.metadata.name.clone(),
-                    uid: pod.metadata.uid.clone(),
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let request = token_request(pod, spec);
         let answer = accounts
             .create_token_request(&spec.service_account, &PostParams::default(), &request)
             .await
@@ -317,7 +309,12 @@ impl PodSource {
                     "serviceaccount \"{}\" not found",
                     spec.service_account
                 )),
-                _ => unavailable("token for serviceaccount", &spec.service_account, &e),
+                _ => unavailable(
+                    "create a token for serviceaccount",
+                    &spec.service_account,
+                    namespace,
+                    &e,
+                ),
             })?;
         let no_token = || {
             ResolveError::Missing(format!(
@@ -384,7 +381,7 @@ where
                 found.insert(name.clone(), object);
             }
             Ok(None) => {}
-            Err(e) => return Err(unavailable(kind, name, &e)),
+            Err(e) => return Err(unavailable(&format!("read {kind}"), name, namespace, &e)),
         }
     }
     Ok(found)
@@ -398,9 +395,41 @@ fn refresh_time(now: Timestamp, expires: Timestamp) -> Timestamp {
     now.checked_add(refresh_in).unwrap_or(now)
 }
 
-/// The API could not be asked: the pod waits, and the next attempt may succeed.
-fn unavailable(kind: &str, name: &str, error: &kube::Error) -> ResolveError {
-    ResolveError::Missing(format!("cannot read {kind} \"{name}\": {error}"))
+/// The TokenRequest for `pod`'s token volume `spec`: bound to the pod by name and uid
+/// (apiVersion v1, kind Pod), as the kubelet binds it, so the token stops working when
+/// the pod is deleted, and the API server checks that the pod exists with that uid and
+/// runs as that service account.
+fn token_request(pod: &Pod, spec: &TokenSpec) -> TokenRequest {
+    TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: spec.audience.clone().map(|audience| vec![audience]),
+            expiration_seconds: Some(spec.expiration_secs),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The API could not be asked for `name` (`action` is e.g. "read secret"): the pod
+/// waits, and the next attempt may succeed. A 403 says which permission the node lacks
+/// in which namespace, and how the chart grants it.
+fn unavailable(action: &str, name: &str, namespace: &str, error: &kube::Error) -> ResolveError {
+    match error {
+        kube::Error::Api(status) if status.code == 403 => ResolveError::Denied(format!(
+            "the node's service account may not {action} \"{name}\" in namespace \
+             \"{namespace}\": the node serves only the namespaces of its chart value \
+             servedNamespaces; add \"{namespace}\" to it (or grant the node's service \
+             account that permission there). The API server said: {}",
+            status.message
+        )),
+        _ => ResolveError::Missing(format!("cannot {action} \"{name}\": {error}")),
+    }
 }
 
 #[cfg(test)]
@@ -415,6 +444,74 @@ mod tests {
         assert_eq!(at.duration_since(issued).as_secs(), 2885);
         // An already expired token is replaced at once.
         assert_eq!(refresh_time(expires, issued), expires);
+    }
+
+    #[test]
+    fn token_requests_are_bound_to_the_pod_by_name_and_uid() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "0b5c-uid"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .expect("pod");
+        let spec = TokenSpec {
+            service_account: "shop-api".into(),
+            audience: Some("vault".into()),
+            expiration_secs: 3607,
+        };
+        let request = serde_json::to_value(token_request(&pod, &spec)).expect("json");
+        // As the kubelet sends it, and as NodeRestriction (and the chart's admission
+        // policy) require of a node: bound to a Pod with its name and uid.
+        assert_eq!(
+            request["spec"],
+            serde_json::json!({
+                "audiences": ["vault"],
+                "expirationSeconds": 3607,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": "0b5c-uid"}
+            })
+        );
+    }
+
+    #[test]
+    fn a_forbidden_read_says_which_namespace_and_which_chart_value() {
+        // The Status a real API server sends for an RBAC denial (NewForbidden with
+        // forbiddenMessage): 403, reason Forbidden.
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "secrets \"creds\" is forbidden: User \"system:serviceaccount:beemesh:beemesh\" cannot get resource \"secrets\" in API group \"\" in the namespace \"shop\"",
+            "reason": "Forbidden", "details": {"name": "creds", "kind": "secrets"}, "code": 403
+        }))
+        .expect("status");
+        let denied = unavailable(
+            "read secret",
+            "creds",
+            "shop",
+            &kube::Error::Api(status.boxed()),
+        );
+        let ResolveError::Denied(message) = &denied else {
+            panic!("{denied:?}");
+        };
+        for part in [
+            "may not read secret \"creds\" in namespace \"shop\"",
+            "servedNamespaces",
+            "cannot get resource \"secrets\"",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        // Anything else is a pod waiting for the API, retried sooner.
+        let unavailable_status: kube::core::Status = serde_json::from_value(
+            serde_json::json!({"status": "Failure", "message": "etcdserver: request timed out", "code": 500}),
+        )
+        .expect("status");
+        let waiting = unavailable(
+            "read secret",
+            "creds",
+            "shop",
+            &kube::Error::Api(unavailable_status.boxed()),
+        );
+        assert!(
+            matches!(&waiting, ResolveError::Missing(m) if m.starts_with("cannot read secret \"creds\"")),
+            "{waiting:?}"
+        );
     }
 
     #[test]

@@ -586,7 +586,7 @@ impl Owner {
     fn prepare(&self, owned: &mut OwnedPod, resolved: Result<Resolved, ResolveError>) {
         let resolved = match resolved {
             Ok(resolved) => resolved,
-            Err(ResolveError::Missing(message)) => {
+            Err(ResolveError::Missing(message) | ResolveError::Denied(message)) => {
                 owned.placement = Placement::Held;
                 owned.status = config_error_status(&owned.pod, message);
                 return;

@@ -69,6 +69,11 @@ pub enum ResolveError {
     /// CreateContainerConfigError, and is resolved again when it appears.
     #[error("{0}")]
     Missing(String),
+    /// The API server refused the node something the pod needs (403: its service account
+    /// may not read there, e.g. a namespace it does not serve): the pod waits as for
+    /// Missing, and is resolved again, less often, in case the permission is granted.
+    #[error("{0}")]
+    Denied(String),
     /// The pod can never be resolved.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },

@@ -50,9 +50,14 @@
 //! sessions (`tunnel_sessions`, `tunnel_log`, `tunnel_dial`, `tunnel_send_raw`,
 //! `drop_tunnel_sessions`); `set_client_cert_ttl` is a test-only knob.
 //!
-//! Not a real API server: requests are not authenticated or authorized (a bearer token,
-//! or in k3s mode a client certificate, only names the requester of a CSR; only the
-//! tunnel endpoint refuses anyone), no validation beyond unknown fields and the CSR
+//! RBAC ([`FakeApiServer::enforce_rbac`], off by default): resource requests authorized
+//! with the stored RBAC objects as kube-apiserver's RBAC authorizer decides (request
+//! attributes as its RequestInfoFactory makes them, including the name a list or watch
+//! carries in `fieldSelector=metadata.name=NAME`), refused with its 403 Forbidden Status.
+//!
+//! Not a real API server: requests are not authenticated, and authorized only with
+//! `enforce_rbac` (a bearer token, or in k3s mode a client certificate, names the
+//! requester; an unknown credential is anonymous, not refused), no validation beyond unknown fields and the CSR
 //! and review checks (no required fields, types or immutability elsewhere), no
 //! server-side apply field ownership (apply is a merge), no protobuf bodies (so
 //! `kubectl certificate approve` fails), no aggregated discovery, no /openapi/v2, no
@@ -271,6 +276,8 @@ struct Store {
     events: broadcast::Sender<WatchEvent>,
     /// Every resource request, oldest first.
     requests: Vec<RequestRecord>,
+    /// The requests refused with 403 while RBAC was enforced, oldest first.
+    refused: Vec<RequestRecord>,
     uid_counter: u64,
     tokens: Vec<IssuedToken>,
     /// Who each bearer token the fake knows authenticates as.
@@ -284,6 +291,9 @@ struct Store {
     /// Test-only: pod status writes are refused with 429, as API Priority and Fairness
     /// refuses requests of an overloaded server.
     throttle_pod_status: bool,
+    /// Every resource request is authorized with the stored RBAC objects (see
+    /// [`FakeApiServer::enforce_rbac`]).
+    enforce_rbac: bool,
 }
 
 /// What TokenReview says of a token.
@@ -674,6 +684,7 @@ impl Store {
             history: VecDeque::new(),
             events,
             requests: Vec::new(),
+            refused: Vec::new(),
             uid_counter: 0,
             tokens: Vec::new(),
             token_users: BTreeMap::new(),
@@ -682,6 +693,7 @@ impl Store {
             mode,
             client_cert_ttl: None,
             throttle_pod_status: false,
+            enforce_rbac: false,
         };
         store.token_users.insert(
             ADMIN_TOKEN.to_string(),
@@ -1991,6 +2003,19 @@ impl FakeApiServer {
         self.store.lock().expect("store").throttle_pod_status = throttle;
     }
 
+    /// From now on every resource request is authorized as kube-apiserver's RBAC
+    /// authorizer does, with the stored (Cluster)Roles and (Cluster)RoleBindings, and
+    /// refused with 403 Forbidden in the API's Status shape (`system:masters`, as the
+    /// admin kubeconfig's user, is always allowed). Off by default.
+    pub fn enforce_rbac(&self) {
+        self.store.lock().expect("store").enforce_rbac = true;
+    }
+
+    /// The requests RBAC refused (see [`FakeApiServer::enforce_rbac`]), oldest first.
+    pub fn refused(&self) -> Vec<RequestRecord> {
+        self.store.lock().expect("store").refused.clone()
+    }
+
     pub fn drop_watches(&self) {
         let mut store = self.store.lock().expect("store");
         store.events = broadcast::channel(4096).0;
@@ -2077,6 +2102,16 @@ fn route(
         store
             .requests
             .push(RequestRecord::new(&method, &target, &params, user_agent));
+        if store.enforce_rbac {
+            let requester = store.requester(identity.as_ref(), bearer.as_deref());
+            let attrs = request_attributes(&method, &target, &params, &requester);
+            if !store.authorize(&attrs).0 {
+                if let Some(record) = store.requests.last().cloned() {
+                    store.refused.push(record);
+                }
+                return Err(forbidden(&attrs));
+            }
+        }
     }
     let throttled = target.resource.plural == "pods"
         && target.subresource.as_deref() == Some("status")
@@ -4002,6 +4037,78 @@ fn strings(value: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// What kube-apiserver's RequestInfoFactory makes of a resource request, for the
+/// authorizer. A list or watch whose field selector requires `metadata.name=NAME` carries
+/// that NAME (since Kubernetes 1.11), so `resourceNames` can authorize it.
+fn request_attributes(
+    method: &warp::http::Method,
+    target: &Target,
+    params: &BTreeMap<String, String>,
+    requester: &TokenUser,
+) -> Attributes {
+    let record = RequestRecord::new(method, target, params, String::new());
+    let mut name = record.name.clone();
+    if name.is_empty() && (record.verb == "list" || record.verb == "watch") {
+        name = params
+            .get("fieldSelector")
+            .into_iter()
+            .flat_map(|selector| selector.split(','))
+            .find_map(|term| {
+                let (field, value) = term.split_once("==").or_else(|| term.split_once('='))?;
+                // `metadata.name!=X` splits as "metadata.name!": not a match.
+                (field.trim() == "metadata.name").then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
+    }
+    Attributes {
+        user: requester.username.clone(),
+        groups: requester.groups.clone(),
+        verb: record.verb.to_string(),
+        namespace: target.namespace.clone(),
+        group: target.resource.group.to_string(),
+        resource: target.resource.plural.to_string(),
+        subresource: target.subresource.clone().unwrap_or_default(),
+        name,
+        path: None,
+    }
+}
+
+/// The 403 of kube-apiserver's authorization filter (`responsewriters.Forbidden`:
+/// `forbiddenMessage` wrapped by `apierrors.NewForbidden`), as real clients receive it.
+fn forbidden(attrs: &Attributes) -> ApiError {
+    let resource = match attrs.subresource.as_str() {
+        "" => attrs.resource.clone(),
+        sub => format!("{}/{sub}", attrs.resource),
+    };
+    let scope = match attrs.namespace.as_str() {
+        "" => "at the cluster scope".to_string(),
+        ns => format!("in the namespace \"{ns}\""),
+    };
+    let why = format!(
+        "User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
+        attrs.user, attrs.verb, attrs.group
+    );
+    let qualified = match attrs.group.as_str() {
+        "" => attrs.resource.clone(),
+        group => format!("{}.{group}", attrs.resource),
+    };
+    let message = match attrs.name.as_str() {
+        "" => format!("{qualified} is forbidden: {why}"),
+        name => format!("{qualified} \"{name}\" is forbidden: {why}"),
+    };
+    let mut error = status(403, "Forbidden", message, None);
+    let mut details = Map::new();
+    if !attrs.name.is_empty() {
+        details.insert("name".into(), json!(attrs.name));
+    }
+    if !attrs.group.is_empty() {
+        details.insert("group".into(), json!(attrs.group));
+    }
+    details.insert("kind".into(), json!(attrs.resource));
+    error.body["details"] = Value::Object(details);
+    error
 }
 
 /// `RuleAllows` (plugin/pkg/auth/authorizer/rbac).
