@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Mesh;
+use common::{client_certs, ClientCerts, Mesh};
 
 const COUNTER: &str = r#"
 apiVersion: v1
@@ -37,41 +37,6 @@ spec:
     volumeMounts: [{name: data, mountPath: /data}]
     command: [sh, -c, 'n=$(cat /data/n 2>/dev/null || echo 0); echo "instance $n"; echo $((n+1)) > /data/n; sleep 1; exit 1']
 "#;
-
-/// A client CA and one certificate it signed, as PEM files in `dir`.
-struct ClientCerts {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn client_certs(dir: &Path, user: &str) -> ClientCerts {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "test client CA");
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, user);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:masters");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("cert");
-    let certs = ClientCerts {
-        ca: dir.join("client-ca.crt"),
-        cert: dir.join("client.crt"),
-        key: dir.join("client.key"),
-    };
-    std::fs::write(&certs.ca, ca.pem()).expect("write");
-    std::fs::write(&certs.cert, cert.pem()).expect("write");
-    std::fs::write(&certs.key, key.serialize_pem()).expect("write");
-    certs
-}
 
 /// `curl` against the node's kubelet port: the HTTP code and the body.
 fn curl(

@@ -32,7 +32,7 @@ use beemesh::wire::{
     PeerRef, PodRef, PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport,
     Streams, Topic, KUBELET_PROTOCOL,
 };
-use common::{podman_containers, podman_pods, Mesh};
+use common::{counter, podman_containers, podman_pods, scrape, Mesh};
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
@@ -200,22 +200,6 @@ impl Drop for Rogue {
 }
 
 /// `GET /metrics` of a process started with `--metrics-addr`.
-fn scrape(addr: &str) -> String {
-    let mut command = Command::new("curl");
-    command.args(["--max-time", "5", &format!("http://{addr}/metrics")]);
-    let (code, body) = common::curl(command);
-    assert_eq!(code, 200, "metrics of {addr}: {body}");
-    body
-}
-
-fn counter(text: &str, metric: &str, labels: &str) -> u64 {
-    let needle = format!("{metric}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A metric without labels.
 fn plain(text: &str, metric: &str) -> u64 {
     text.lines()

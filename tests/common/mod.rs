@@ -337,6 +337,11 @@ impl Mesh {
 
     /// `beemesh status -o json` against the node, with its client key.
     pub fn status(&self) -> Option<Value> {
+        self.try_status().ok()
+    }
+
+    /// As [`Mesh::status`], with what went wrong.
+    pub fn try_status(&self) -> Result<Value, String> {
         let out = Command::new(bin())
             .args([
                 "status",
@@ -350,11 +355,11 @@ impl Mesh {
             .arg("--client-key")
             .arg(self.node_state.join("client.key"))
             .output()
-            .ok()?;
+            .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return None;
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        serde_json::from_slice(&out.stdout).ok()
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
     /// The node's view of one pod (namespace/name).
@@ -502,4 +507,57 @@ pub fn podman_logs(container: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// A client CA and one certificate it signed, as PEM files in `dir`.
+pub struct ClientCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn client_certs(dir: &Path, user: &str) -> ClientCerts {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test client CA");
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, user);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    let cert = params.signed_by(&key, &ca, &ca_key).expect("cert");
+    let certs = ClientCerts {
+        ca: dir.join("client-ca.crt"),
+        cert: dir.join("client.crt"),
+        key: dir.join("client.key"),
+    };
+    std::fs::write(&certs.ca, ca.pem()).expect("write");
+    std::fs::write(&certs.cert, cert.pem()).expect("write");
+    std::fs::write(&certs.key, key.serialize_pem()).expect("write");
+    certs
+}
+
+/// The Prometheus text a process serves on `addr`.
+pub fn scrape(addr: &str) -> String {
+    let mut command = Command::new("curl");
+    command.args(["--max-time", "5", &format!("http://{addr}/metrics")]);
+    let (code, body) = curl(command);
+    assert_eq!(code, 200, "metrics of {addr}: {body}");
+    body
+}
+
+/// A counter's value for one label set (0 when absent).
+pub fn counter(text: &str, metric: &str, labels: &str) -> u64 {
+    let needle = format!("{metric}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
