@@ -1171,3 +1171,97 @@ fn an_agent_that_lost_a_record_asks_the_owner_and_keeps_the_running_pod() {
         assert_eq!(&containers(name), ids, "{name}");
     }
 }
+
+/// The containers of a pod (not infra) that carry `container` as their name label.
+fn containers_named(pod: &str, container: &str) -> Vec<serde_json::Value> {
+    podman_containers(&format!("io.beemesh.pod.name={pod}"))
+        .into_iter()
+        .filter(|c| c["Labels"]["io.beemesh.container"] == container)
+        .collect()
+}
+
+#[test]
+fn a_subpath_through_a_symlink_is_refused_and_the_host_stays_out_of_reach() {
+    // CVE-2017-1002101 in its BeeMesh form: a container plants symbolic links in an
+    // emptyDir, and a later container mounts them as its subPath. Followed, the first
+    // would give the app the agent host's root, the second would make the agent create
+    // a world-writable directory on the host.
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let secret = format!("host-only-{}", std::process::id());
+    let marker = mesh.dir.path().join("host-marker");
+    std::fs::write(&marker, &secret).expect("marker");
+    let host_dir = mesh.dir.path().join("host-dir");
+    std::fs::create_dir(&host_dir).expect("host dir");
+    mesh.write_manifest(
+        "escape.yaml",
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: e2e-escape}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{{name: data, emptyDir: {{}}}}]
+  initContainers:
+  - name: plant
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'ln -s / /data/escape && ln -s {host_dir} /data/mid']
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /host{marker}; sleep 100000']
+    volumeMounts: [{{name: data, mountPath: /host, subPath: escape}}]
+  - name: mid
+    image: localhost/busybox:1.35
+    command: [sleep, '100000']
+    volumeMounts: [{{name: data, mountPath: /created, subPath: mid/created}}]
+"#,
+            host_dir = host_dir.display(),
+            marker = marker.display(),
+        ),
+    );
+    let refused = mesh.wait_for(
+        "e2e-escape refused with its reason",
+        Duration::from_secs(60),
+        || {
+            let pod = mesh.pod_status("default", "e2e-escape")?;
+            (pod["reason"] == "CreateContainerConfigError").then_some(pod)
+        },
+    );
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(
+            "failed to prepare subPath for volumeMount \"data\" of container \"app\": "
+        ),
+        "{refused}"
+    );
+    assert!(
+        message.contains("\"escape\" is a symbolic link"),
+        "{refused}"
+    );
+    // It stays that way (retried with the crash-loop back-off, refused each time):
+    // no container of either mounts anything, nothing was made on the host.
+    std::thread::sleep(Duration::from_secs(3));
+    let pod = mesh.pod_status("default", "e2e-escape").expect("listed");
+    assert_eq!(pod["phase"], "Pending", "{pod}");
+    assert_eq!(pod["reason"], "CreateContainerConfigError", "{pod}");
+    for name in ["app", "mid"] {
+        let made = containers_named("e2e-escape", name);
+        for container in &made {
+            let id = container["Id"].as_str().unwrap_or_default();
+            assert!(!podman_logs(id).contains(&secret), "{name} read the host");
+        }
+        assert!(made.is_empty(), "{name}: {made:?}");
+    }
+    assert!(
+        !host_dir.join("created").exists(),
+        "the agent made a directory through the link"
+    );
+    assert_eq!(
+        std::fs::read_dir(&host_dir).expect("host dir").count(),
+        0,
+        "nothing made on the host"
+    );
+}

@@ -358,7 +358,9 @@ async fn host_ports_pod_ip_mounts_limits_listing_and_removal() {
     std::fs::write(dir.path().join("index.html"), "served by httpd").expect("write");
     let mut web = plan(&pod, "web", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
     web.mounts = vec![Mount {
-        host_path: PathBuf::from(dir.path()),
+        volume: "www".into(),
+        volume_dir: PathBuf::from(dir.path()),
+        sub_path: None,
         container_path: "/www".into(),
         read_only: true,
     }];
