@@ -1265,3 +1265,120 @@ spec:
         "nothing made on the host"
     );
 }
+
+#[test]
+fn subpaths_of_a_real_and_a_missing_directory_are_mounted_beside_a_running_writer() {
+    let mut mesh = Mesh::new();
+    let agent = mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "subpath.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-subpath}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: data, emptyDir: {}}]
+  initContainers:
+  - name: prepare
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /data/real && echo from-init > /data/real/f']
+    volumeMounts: [{name: data, mountPath: /data}]
+  containers:
+  # Runs first, with the whole volume writable: paused while app's subPaths are
+  # mounted, and running again after.
+  - name: writer
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'while true; do date > /data/tick; sleep 0.2; done']
+    volumeMounts: [{name: data, mountPath: /data}]
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /real/f; echo written > /new/file; stat -c mode=%a /new; sleep 100000']
+    volumeMounts:
+    - {name: data, mountPath: /real, subPath: real}
+    - {name: data, mountPath: /new, subPath: made/by/agent}
+"#,
+    );
+    wait_running(&mesh, "e2e-subpath");
+    let app = containers_named("e2e-subpath", "app");
+    assert_eq!(app.len(), 1, "{app:?}");
+    let id = app[0]["Id"].as_str().expect("id").to_string();
+    let logs = mesh.wait_for("app's output", Duration::from_secs(10), || {
+        let logs = podman_logs(&id);
+        logs.contains("mode=").then_some(logs)
+    });
+    assert!(logs.contains("from-init"), "{logs}");
+    // Made by the agent with the emptyDir's mode, inside the volume.
+    assert!(logs.contains("mode=777"), "{logs}");
+    let volumes = mesh.agents[agent].state_dir.join("volumes");
+    let written: Vec<_> = std::fs::read_dir(&volumes)
+        .expect("volumes")
+        .flatten()
+        .map(|pod| pod.path().join("data/made/by/agent/file"))
+        .filter(|file| file.is_file())
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let writer = containers_named("e2e-subpath", "writer");
+    assert_eq!(writer.len(), 1, "{writer:?}");
+    assert_eq!(writer[0]["State"], "running", "{writer:?}");
+}
+
+#[test]
+fn a_container_swapping_a_subpath_for_a_link_cannot_win_the_race() {
+    // The subPath is checked link-free, then Podman resolves it again to mount it. A
+    // sibling flipping it between a directory and a link to / all the while would win
+    // that race now and then if it kept running; it is paused in between.
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let secret = format!("host-only-{}", std::process::id());
+    let marker = mesh.dir.path().join("race-marker");
+    std::fs::write(&marker, &secret).expect("marker");
+    let victims = 8;
+    let mut manifest = String::from(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-race}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: racer
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /data/d; while true; do mv /data/d /data/d.real; ln -s / /data/d; rm /data/d; mv /data/d.real /data/d; done']
+    volumeMounts: [{name: data, mountPath: /data}]
+"#,
+    );
+    for n in 0..victims {
+        manifest.push_str(&format!(
+            r#"  - name: victim{n}
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /d{marker}; echo checked; sleep 100000']
+    volumeMounts: [{{name: data, mountPath: /d, subPath: d}}]
+"#,
+            marker = marker.display()
+        ));
+    }
+    mesh.write_manifest("race.yaml", &manifest);
+    // Each victim starts with the directory, or is refused (a link at the time) and
+    // tried again; let several of them through before looking.
+    let started = mesh.wait_for("victims started", Duration::from_secs(90), || {
+        let ids: Vec<String> = (0..victims)
+            .flat_map(|n| containers_named("e2e-race", &format!("victim{n}")))
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect();
+        (ids.len() >= victims / 2).then_some(ids)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let logs: Vec<String> = started.iter().map(|id| podman_logs(id)).collect();
+    for log in &logs {
+        assert!(!log.contains(&secret), "a victim read the host: {log}");
+    }
+    assert!(logs.iter().any(|log| log.contains("checked")), "{logs:?}");
+    // Paused only while a victim starts (those refused are tried again meanwhile).
+    mesh.wait_for("the racer running", Duration::from_secs(10), || {
+        let racer = containers_named("e2e-race", "racer");
+        (racer.len() == 1 && racer[0]["State"] == "running").then_some(())
+    });
+    eprintln!("{} of {victims} victims started", started.len());
+}
