@@ -1278,7 +1278,10 @@ kind: Pod
 metadata: {name: e2e-subpath}
 spec:
   terminationGracePeriodSeconds: 1
-  volumes: [{name: data, emptyDir: {}}]
+  volumes:
+  - {name: data, emptyDir: {}}
+  - name: info
+    downwardAPI: {items: [{path: pod/name, fieldRef: {fieldPath: metadata.name}}]}
   initContainers:
   - name: prepare
     image: localhost/busybox:1.35
@@ -1293,10 +1296,12 @@ spec:
     volumeMounts: [{name: data, mountPath: /data}]
   - name: app
     image: localhost/busybox:1.35
-    command: [sh, -c, 'cat /real/f; echo written > /new/file; stat -c mode=%a /new; sleep 100000']
+    command: [sh, -c, 'cat /real/f; echo written > /new/file; echo name=$(cat /name); stat -c mode=%a /new; sleep 100000']
     volumeMounts:
     - {name: data, mountPath: /real, subPath: real}
     - {name: data, mountPath: /new, subPath: made/by/agent}
+    # A file volume's subPath naming a file.
+    - {name: info, mountPath: /name, subPath: pod/name}
 "#,
     );
     wait_running(&mesh, "e2e-subpath");
@@ -1308,6 +1313,7 @@ spec:
         logs.contains("mode=").then_some(logs)
     });
     assert!(logs.contains("from-init"), "{logs}");
+    assert!(logs.contains("name=e2e-subpath"), "{logs}");
     // Made by the agent with the emptyDir's mode, inside the volume.
     assert!(logs.contains("mode=777"), "{logs}");
     let volumes = mesh.agents[agent].state_dir.join("volumes");
