@@ -27,11 +27,17 @@
 //! - Security settings equal to what Podman does anyway (seccomp and AppArmor
 //!   `RuntimeDefault`, `procMount: Default`, empty `seLinuxOptions`) are accepted.
 //!
-//! Every [`Mount::host_path`] lies under [`PlanContext::volumes_dir`] (emptyDirs) or
+//! Every [`Mount::volume_dir`] lies under [`PlanContext::volumes_dir`] (emptyDirs) or
 //! [`PlanContext::files_dir`] (volumes of files from the API, which may hold secrets: kept
 //! in memory-backed storage); the agent creates `<volumes_dir>/<name>` for each of
-//! [`empty_dirs`] (mode 0777, as the kubelet does), and must also create the directory of
-//! a mount with a `subPath` when it does not exist yet.
+//! [`empty_dirs`] (mode 0777, as the kubelet does). A `subPath` is checked here as text
+//! only (relative, no `..`): what it names inside the volume is up to the containers,
+//! which write emptyDirs, symbolic links included, and a bind mount follows links. So
+//! before the runtime mounts [`Mount::host_path`], the agent opens [`Mount::sub_path`]
+//! from the volume's directory without following any link, refusing one that has a link
+//! in it, and makes it when it does not exist yet, as the kubelet does (`agent::subpath`,
+//! and the supervisor, which keeps the pod's containers that can write the volume paused
+//! until the mount is made).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
@@ -1099,7 +1105,8 @@ fn validate_mounts(
     Ok(())
 }
 
-/// A subPath must stay inside its volume.
+/// A subPath must stay inside its volume, as far as its text tells: the agent refuses
+/// symbolic links in it when it mounts it.
 fn validate_sub_path(sub_path: &str) -> Result<(), String> {
     let path = Path::new(sub_path);
     if path.is_absolute() {
