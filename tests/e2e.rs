@@ -1327,6 +1327,18 @@ spec:
     let writer = containers_named("e2e-subpath", "writer");
     assert_eq!(writer.len(), 1, "{writer:?}");
     assert_eq!(writer[0]["State"], "running", "{writer:?}");
+    // One left paused (say the agent stopped while app started) is unpaused when the
+    // agent next looks at it.
+    let writer_id = writer[0]["Id"].as_str().expect("id").to_string();
+    let paused = std::process::Command::new("podman")
+        .args(["pause", &writer_id])
+        .status()
+        .expect("podman pause");
+    assert!(paused.success());
+    mesh.wait_for("the writer unpaused", Duration::from_secs(10), || {
+        let writer = containers_named("e2e-subpath", "writer");
+        (writer.len() == 1 && writer[0]["State"] == "running").then_some(())
+    });
 }
 
 #[test]
