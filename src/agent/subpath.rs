@@ -276,6 +276,17 @@ mod tests {
             Err(SubPathError::Symlink(p)) if p == Path::new("mid")
         ));
         assert!(!volume.outside().join("created").exists());
+
+        // A dangling link is not made real either.
+        let target = volume.outside().join("not-yet");
+        symlink(&target, volume.dir().join("dangling")).expect("link");
+        for sub_path in ["dangling", "dangling/x"] {
+            assert!(
+                matches!(volume.open(sub_path), Err(SubPathError::Symlink(_))),
+                "{sub_path}"
+            );
+        }
+        assert!(!target.exists());
     }
 
     #[test]
