@@ -1332,9 +1332,9 @@ spec:
     let writer_id = writer[0]["Id"].as_str().expect("id").to_string();
     let paused = std::process::Command::new("podman")
         .args(["pause", &writer_id])
-        .status()
+        .output()
         .expect("podman pause");
-    assert!(paused.success());
+    assert!(paused.status.success(), "{paused:?}");
     mesh.wait_for("the writer unpaused", Duration::from_secs(10), || {
         let writer = containers_named("e2e-subpath", "writer");
         (writer.len() == 1 && writer[0]["State"] == "running").then_some(())
