@@ -1327,3 +1327,232 @@ fn a_bad_policy_file_stops_the_agent_with_the_reason() {
         "{stderr}"
     );
 }
+
+/// The containers of a pod (not infra) that carry `container` as their name label.
+fn containers_named(pod: &str, container: &str) -> Vec<serde_json::Value> {
+    podman_containers(&format!("io.beemesh.pod.name={pod}"))
+        .into_iter()
+        .filter(|c| c["Labels"]["io.beemesh.container"] == container)
+        .collect()
+}
+
+#[test]
+fn a_subpath_through_a_symlink_is_refused_and_the_host_stays_out_of_reach() {
+    // CVE-2017-1002101 in its BeeMesh form: a container plants symbolic links in an
+    // emptyDir, and a later container mounts them as its subPath. Followed, the first
+    // would give the app the agent host's root, the second would make the agent create
+    // a world-writable directory on the host.
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let secret = format!("host-only-{}", std::process::id());
+    let marker = mesh.dir.path().join("host-marker");
+    std::fs::write(&marker, &secret).expect("marker");
+    let host_dir = mesh.dir.path().join("host-dir");
+    std::fs::create_dir(&host_dir).expect("host dir");
+    mesh.write_manifest(
+        "escape.yaml",
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: e2e-escape}}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{{name: data, emptyDir: {{}}}}]
+  initContainers:
+  - name: plant
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'ln -s / /data/escape && ln -s {host_dir} /data/mid']
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /host{marker}; sleep 100000']
+    volumeMounts: [{{name: data, mountPath: /host, subPath: escape}}]
+  - name: mid
+    image: localhost/busybox:1.35
+    command: [sleep, '100000']
+    volumeMounts: [{{name: data, mountPath: /created, subPath: mid/created}}]
+"#,
+            host_dir = host_dir.display(),
+            marker = marker.display(),
+        ),
+    );
+    let refused = mesh.wait_for(
+        "e2e-escape refused with its reason",
+        Duration::from_secs(60),
+        || {
+            let pod = mesh.pod_status("default", "e2e-escape")?;
+            (pod["reason"] == "CreateContainerConfigError").then_some(pod)
+        },
+    );
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(
+            "failed to prepare subPath for volumeMount \"data\" of container \"app\": "
+        ),
+        "{refused}"
+    );
+    assert!(
+        message.contains("\"escape\" is a symbolic link"),
+        "{refused}"
+    );
+    // It stays that way (retried with the crash-loop back-off, refused each time):
+    // no container of either mounts anything, nothing was made on the host.
+    std::thread::sleep(Duration::from_secs(3));
+    let pod = mesh.pod_status("default", "e2e-escape").expect("listed");
+    assert_eq!(pod["phase"], "Pending", "{pod}");
+    assert_eq!(pod["reason"], "CreateContainerConfigError", "{pod}");
+    for name in ["app", "mid"] {
+        let made = containers_named("e2e-escape", name);
+        for container in &made {
+            let id = container["Id"].as_str().unwrap_or_default();
+            assert!(!podman_logs(id).contains(&secret), "{name} read the host");
+        }
+        assert!(made.is_empty(), "{name}: {made:?}");
+    }
+    assert!(
+        !host_dir.join("created").exists(),
+        "the agent made a directory through the link"
+    );
+    assert_eq!(
+        std::fs::read_dir(&host_dir).expect("host dir").count(),
+        0,
+        "nothing made on the host"
+    );
+}
+
+#[test]
+fn subpaths_of_a_real_and_a_missing_directory_are_mounted_beside_a_running_writer() {
+    let mut mesh = Mesh::new();
+    let agent = mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "subpath.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-subpath}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes:
+  - {name: data, emptyDir: {}}
+  - name: info
+    downwardAPI: {items: [{path: pod/name, fieldRef: {fieldPath: metadata.name}}]}
+  initContainers:
+  - name: prepare
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /data/real && echo from-init > /data/real/f']
+    volumeMounts: [{name: data, mountPath: /data}]
+  containers:
+  # Runs first, with the whole volume writable: paused while app's subPaths are
+  # mounted, and running again after.
+  - name: writer
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'while true; do date > /data/tick; sleep 0.2; done']
+    volumeMounts: [{name: data, mountPath: /data}]
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /real/f; echo written > /new/file; echo name=$(cat /name); stat -c mode=%a /new; sleep 100000']
+    volumeMounts:
+    - {name: data, mountPath: /real, subPath: real}
+    - {name: data, mountPath: /new, subPath: made/by/agent}
+    # A file volume's subPath naming a file.
+    - {name: info, mountPath: /name, subPath: pod/name}
+"#,
+    );
+    wait_running(&mesh, "e2e-subpath");
+    let app = containers_named("e2e-subpath", "app");
+    assert_eq!(app.len(), 1, "{app:?}");
+    let id = app[0]["Id"].as_str().expect("id").to_string();
+    let logs = mesh.wait_for("app's output", Duration::from_secs(10), || {
+        let logs = podman_logs(&id);
+        logs.contains("mode=").then_some(logs)
+    });
+    assert!(logs.contains("from-init"), "{logs}");
+    assert!(logs.contains("name=e2e-subpath"), "{logs}");
+    // Made by the agent with the emptyDir's mode, inside the volume.
+    assert!(logs.contains("mode=777"), "{logs}");
+    let volumes = mesh.agents[agent].state_dir.join("volumes");
+    let written: Vec<_> = std::fs::read_dir(&volumes)
+        .expect("volumes")
+        .flatten()
+        .map(|pod| pod.path().join("data/made/by/agent/file"))
+        .filter(|file| file.is_file())
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let writer = containers_named("e2e-subpath", "writer");
+    assert_eq!(writer.len(), 1, "{writer:?}");
+    assert_eq!(writer[0]["State"], "running", "{writer:?}");
+    // One left paused (say the agent stopped while app started) is unpaused when the
+    // agent next looks at it.
+    let writer_id = writer[0]["Id"].as_str().expect("id").to_string();
+    let paused = std::process::Command::new("podman")
+        .args(["pause", &writer_id])
+        .output()
+        .expect("podman pause");
+    assert!(paused.status.success(), "{paused:?}");
+    mesh.wait_for("the writer unpaused", Duration::from_secs(10), || {
+        let writer = containers_named("e2e-subpath", "writer");
+        (writer.len() == 1 && writer[0]["State"] == "running").then_some(())
+    });
+}
+
+#[test]
+fn a_container_swapping_a_subpath_for_a_link_cannot_win_the_race() {
+    // The subPath is checked link-free, then Podman resolves it again to mount it. A
+    // sibling flipping it between a directory and a link to / all the while would win
+    // that race now and then if it kept running; it is paused in between.
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let secret = format!("host-only-{}", std::process::id());
+    let marker = mesh.dir.path().join("race-marker");
+    std::fs::write(&marker, &secret).expect("marker");
+    let victims = 8;
+    let mut manifest = String::from(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-race}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: racer
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /data/d; while true; do mv /data/d /data/d.real; ln -s / /data/d; rm /data/d; mv /data/d.real /data/d; done']
+    volumeMounts: [{name: data, mountPath: /data}]
+"#,
+    );
+    for n in 0..victims {
+        manifest.push_str(&format!(
+            r#"  - name: victim{n}
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'cat /d{marker}; echo checked; sleep 100000']
+    volumeMounts: [{{name: data, mountPath: /d, subPath: d}}]
+"#,
+            marker = marker.display()
+        ));
+    }
+    mesh.write_manifest("race.yaml", &manifest);
+    // Each victim starts with the directory, or is refused (a link at the time) and
+    // tried again; let several of them through before looking.
+    let started = mesh.wait_for("victims started", Duration::from_secs(90), || {
+        let ids: Vec<String> = (0..victims)
+            .flat_map(|n| containers_named("e2e-race", &format!("victim{n}")))
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect();
+        (ids.len() >= victims / 2).then_some(ids)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let logs: Vec<String> = started.iter().map(|id| podman_logs(id)).collect();
+    for log in &logs {
+        assert!(!log.contains(&secret), "a victim read the host: {log}");
+    }
+    assert!(logs.iter().any(|log| log.contains("checked")), "{logs:?}");
+    // Paused only while a victim starts (those refused are tried again meanwhile).
+    mesh.wait_for("the racer running", Duration::from_secs(10), || {
+        let racer = containers_named("e2e-race", "racer");
+        (racer.len() == 1 && racer[0]["State"] == "running").then_some(())
+    });
+    eprintln!("{} of {victims} victims started", started.len());
+}

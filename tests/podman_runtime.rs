@@ -196,6 +196,52 @@ async fn stopping_honours_the_grace_period_and_sigterm_reaches_pid_1() {
 }
 
 #[tokio::test]
+async fn a_paused_container_is_frozen_until_unpaused() {
+    // The agent pauses the containers that could change a volume while another
+    // container's subPath of it is mounted.
+    let pod = pod("pause", vec![]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut counter = plan(
+        &pod,
+        "counter",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /out/n; sleep 0.05; done",
+        ],
+    );
+    counter.mounts = vec![Mount {
+        volume: "out".into(),
+        volume_dir: dir.path().to_path_buf(),
+        sub_path: None,
+        container_path: "/out".into(),
+        read_only: false,
+    }];
+    let id = start(&pod, &counter).await;
+    let count = || std::fs::read_to_string(dir.path().join("n")).unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!count().is_empty());
+
+    pod.runtime.pause_container(&id).await.expect("paused");
+    let state = pod.runtime.container_state(&id).await.expect("state");
+    assert_eq!(state.status, ContainerStatus::Paused);
+    let frozen = count();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(), frozen, "it wrote while paused");
+
+    pod.runtime.unpause_container(&id).await.expect("unpaused");
+    let state = pod.runtime.container_state(&id).await.expect("state");
+    assert_eq!(state.status, ContainerStatus::Running);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(count(), frozen, "it runs again");
+
+    // Pausing one that does not run is an error, not a panic.
+    let done = start(&pod, &plan(&pod, "done", &["true"])).await;
+    wait_exit(&pod, &done).await;
+    assert!(pod.runtime.pause_container(&done).await.is_err());
+}
+
+#[tokio::test]
 async fn exec_returns_output_and_exit_code() {
     let pod = pod("exec", vec![]).await;
     let id = start(&pod, &plan(&pod, "main", &["sleep", "1000"])).await;
@@ -358,7 +404,9 @@ async fn host_ports_pod_ip_mounts_limits_listing_and_removal() {
     std::fs::write(dir.path().join("index.html"), "served by httpd").expect("write");
     let mut web = plan(&pod, "web", &["httpd", "-f", "-p", "8080", "-h", "/www"]);
     web.mounts = vec![Mount {
-        host_path: PathBuf::from(dir.path()),
+        volume: "www".into(),
+        volume_dir: PathBuf::from(dir.path()),
+        sub_path: None,
         container_path: "/www".into(),
         read_only: true,
     }];

@@ -9,6 +9,7 @@ mod lease;
 pub mod probe;
 pub mod status;
 mod store;
+mod subpath;
 mod supervisor;
 mod volumes;
 pub mod watchdog;

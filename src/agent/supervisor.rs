@@ -2,7 +2,7 @@
 //! app containers, restarts them with the kubelet's back-off, runs probes, and reports
 //! every change of status. A stop command tears the pod down within its grace period.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::admission::Policy;
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
+use super::subpath;
 use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
@@ -472,7 +473,11 @@ impl Worker {
             slot.id = Some(newest.id.clone());
             slot.view.container_id = Some(newest.id.clone());
             slot.previous_id = instances.pop().map(|(_, c)| c.id.clone());
-            if newest.state.status == ContainerStatus::Running {
+            // A paused one is unpaused at its first inspection (see drive()).
+            if matches!(
+                newest.state.status,
+                ContainerStatus::Running | ContainerStatus::Paused
+            ) {
                 slot.running_since = Some(now);
                 slot.probes_reset(now);
             }
@@ -544,8 +549,18 @@ impl Worker {
                         self.exited(i, terminated, code, now);
                     }
                     ContainerStatus::Created => {
-                        if let Err(e) = self.ctx.runtime.start_container(&id).await {
+                        if has_sub_path(&self.slots[i].spec) {
+                            self.recreate(i, &id, now).await;
+                        } else if let Err(e) = self.ctx.runtime.start_container(&id).await {
                             self.start_failed(i, e, now);
+                        }
+                    }
+                    ContainerStatus::Paused => {
+                        // Only the agent pauses containers, while a sibling's subPath is
+                        // mounted (freeze_writers); one still paused (the agent stopped
+                        // meanwhile, or the unpause failed) runs on.
+                        if let Err(e) = self.ctx.runtime.unpause_container(&id).await {
+                            tracing::warn!(pod = %self.pod_ref, error = %e, "cannot unpause container");
                         }
                     }
                     ContainerStatus::Other => {}
@@ -664,17 +679,32 @@ impl Worker {
                 return;
             }
         };
-        // A subPath that does not exist yet is created, as the kubelet does.
-        for mount in &plan.mounts {
-            if let Err(e) = create_world_writable(&mount.host_path).await {
+        let frozen = match self.freeze_writers(i, &plan).await {
+            Ok(frozen) => frozen,
+            Err(message) => {
                 let slot = &mut self.slots[i];
-                slot.view.state = Observed::waiting(
-                    "CreateContainerConfigError",
-                    Some(format!("cannot create {}: {e}", mount.container_path)),
-                );
+                slot.view.state = Observed::waiting("CreateContainerError", Some(message));
                 slot.schedule_retry(now);
                 return;
             }
+        };
+        self.create_and_start(i, &pod_id, &plan, now).await;
+        self.thaw(&frozen).await;
+    }
+
+    /// Prepares the container's mounts, then creates and starts it.
+    async fn create_and_start(
+        &mut self,
+        i: usize,
+        pod_id: &str,
+        plan: &ContainerPlan,
+        now: Instant,
+    ) {
+        if let Err(message) = prepare_mounts(&self.slots[i].spec.name, plan).await {
+            let slot = &mut self.slots[i];
+            slot.view.state = Observed::waiting("CreateContainerConfigError", Some(message));
+            slot.schedule_retry(now);
+            return;
         }
         // Keep exactly one previous instance (for `logs --previous`); older ones go.
         if let Some(old) = self.slots[i].previous_id.clone() {
@@ -683,7 +713,7 @@ impl Worker {
                 self.slots[i].previous_id = None;
             }
         }
-        let id = match self.ctx.runtime.create_container(&pod_id, &plan).await {
+        let id = match self.ctx.runtime.create_container(pod_id, plan).await {
             Ok(id) => id,
             Err(e) => {
                 let slot = &mut self.slots[i];
@@ -707,6 +737,106 @@ impl Worker {
             started_at: Timestamp::now(),
         };
         tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, attempt = slot.attempt, "container started");
+    }
+
+    /// Pauses the pod's other containers that could change what [`subpath::open`] checks
+    /// for container `i` before the runtime has mounted it: the ones that mount a volume
+    /// this container mounts a subPath of, writable, and are not known to have exited.
+    /// Returns the IDs paused, for [`Worker::thaw`].
+    ///
+    /// The walk proves a subPath free of links when it runs, but Podman (and the kernel
+    /// under it) resolves the path again when it mounts it, a moment later: a container
+    /// swapping a checked directory for a link in between would still get the link's
+    /// target. The kubelet closes that window by bind-mounting the descriptor the walk
+    /// opened (`/proc/<pid>/fd/<n>`) onto a private path and handing the runtime that;
+    /// the agent cannot, since its systemd unit gives it neither CAP_SYS_ADMIN nor the
+    /// mount system calls, and a mount namespace of its own that Podman does not see.
+    /// Frozen, no process of the pod can change the volume until the new container is
+    /// started, its mounts made. Nothing outside the pod can: an emptyDir belongs to one
+    /// pod, and volumes of files from the API are read-only to every container.
+    async fn freeze_writers(
+        &mut self,
+        i: usize,
+        plan: &ContainerPlan,
+    ) -> Result<Vec<String>, String> {
+        let volumes: HashSet<&str> = plan
+            .mounts
+            .iter()
+            .filter(|m| m.sub_path.is_some())
+            .map(|m| m.volume.as_str())
+            .collect();
+        if volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let read_only: HashSet<String> = translate::file_volumes(&self.pod).into_iter().collect();
+        let writers: Vec<(String, String)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter(|(_, slot)| {
+                slot.spec.volume_mounts.iter().flatten().any(|m| {
+                    volumes.contains(m.name.as_str())
+                        && m.read_only != Some(true)
+                        && !read_only.contains(&m.name)
+                })
+            })
+            .filter_map(|(_, slot)| Some((slot.id.clone()?, slot.spec.name.clone())))
+            .collect();
+        let mut frozen = Vec::new();
+        for (id, name) in writers {
+            let Err(e) = self.ctx.runtime.pause_container(&id).await else {
+                frozen.push(id);
+                continue;
+            };
+            // One that does not run cannot write.
+            match self.ctx.runtime.container_state(&id).await {
+                Ok(state)
+                    if matches!(
+                        state.status,
+                        ContainerStatus::Created
+                            | ContainerStatus::Exited
+                            | ContainerStatus::Paused
+                    ) => {}
+                Err(RuntimeError::NotFound(_)) => {}
+                _ => {
+                    self.thaw(&frozen).await;
+                    return Err(format!(
+                        "failed to prepare subPaths of container \"{}\": cannot pause \
+                         container \"{name}\", which can write to their volumes: {e}",
+                        self.slots[i].spec.name
+                    ));
+                }
+            }
+        }
+        Ok(frozen)
+    }
+
+    /// Unpauses what [`Worker::freeze_writers`] paused. One that stays paused is tried
+    /// again at its next inspection.
+    async fn thaw(&self, frozen: &[String]) {
+        for id in frozen {
+            if let Err(e) = self.ctx.runtime.unpause_container(id).await {
+                tracing::warn!(pod = %self.pod_ref, container = %id, error = %e, "cannot unpause container");
+            }
+        }
+    }
+
+    /// Removes a container with subPath mounts that was created but never started (the
+    /// agent stopped in between), and creates and starts it anew: starting it as it is
+    /// would have Podman resolve its subPaths again, unchecked and unguarded.
+    async fn recreate(&mut self, i: usize, id: &str, now: Instant) {
+        match self.ctx.runtime.remove_container(id).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::debug!(pod = %self.pod_ref, error = %e, "cannot remove a container never started");
+                return;
+            }
+        }
+        let slot = &mut self.slots[i];
+        slot.id = None;
+        slot.view.container_id = None;
+        self.start(i, now).await;
     }
 
     /// Runs the container's due probes. A failed startup or liveness probe kills the
@@ -843,6 +973,45 @@ impl Worker {
             tracing::debug!(pod = %self.pod_ref, "agent is gone; status not delivered");
         }
     }
+}
+
+/// Whether any of the container's volume mounts has a subPath.
+fn has_sub_path(spec: &Container) -> bool {
+    spec.volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.sub_path.as_deref().is_some_and(|p| !p.is_empty()))
+}
+
+/// Makes sure that what each mount names is there: the directory of a volume (made again
+/// if it went missing), or its subPath, opened and made if missing by [`subpath::open`],
+/// which refuses one through a symbolic link. The error is the container's status
+/// message, as the kubelet words it.
+async fn prepare_mounts(container: &str, plan: &ContainerPlan) -> Result<(), String> {
+    for mount in &plan.mounts {
+        let Some(sub_path) = mount.sub_path.clone() else {
+            create_world_writable(&mount.volume_dir)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", mount.container_path))?;
+            continue;
+        };
+        let volume_dir = mount.volume_dir.clone();
+        let shown = sub_path.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || subpath::open(&volume_dir, &sub_path).map(drop))
+                .await;
+        let error = match opened {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        return Err(format!(
+            "failed to prepare subPath for volumeMount \"{}\" of container \"{container}\": \
+             subPath {shown:?}: {error}",
+            mount.volume
+        ));
+    }
+    Ok(())
 }
 
 /// Creates a volume directory with mode 0777, as the kubelet creates emptyDir volumes,

@@ -96,12 +96,31 @@ pub struct PodPlan {
     pub ports: Vec<PortMapping>,
 }
 
-/// A bind mount from the agent's host into a container.
+/// A bind mount of one of the pod's volumes, or of a subPath in it, from the agent's host
+/// into a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
-    pub host_path: PathBuf,
+    /// The volume's name in the pod spec.
+    pub volume: String,
+    /// The volume's directory on the agent.
+    pub volume_dir: PathBuf,
+    /// The mount's `subPath`: relative, without `..` or `.` (the spec was validated);
+    /// None for the whole volume. Containers may have written the volume, so the agent
+    /// must check that no component of it is a symbolic link before the runtime mounts
+    /// [`Mount::host_path`] (`agent::subpath`).
+    pub sub_path: Option<PathBuf>,
     pub container_path: String,
     pub read_only: bool,
+}
+
+impl Mount {
+    /// What the runtime bind-mounts: the volume's directory, or the subPath in it.
+    pub fn host_path(&self) -> PathBuf {
+        match &self.sub_path {
+            Some(sub_path) => self.volume_dir.join(sub_path),
+            None => self.volume_dir.clone(),
+        }
+    }
 }
 
 /// One container instance to create inside a pod.
@@ -142,7 +161,9 @@ pub enum ContainerStatus {
     Created,
     Running,
     Exited,
-    /// Paused, stopping, removing, or a state Podman added later.
+    /// Frozen (the agent pauses a pod's containers while it prepares another's subPath).
+    Paused,
+    /// Stopping, removing, or a state Podman added later.
     Other,
 }
 
@@ -274,6 +295,12 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<String, RuntimeError>;
 
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Freezes every process of a running container (the cgroup freezer) until
+    /// [`Runtime::unpause_container`].
+    async fn pause_container(&self, id: &str) -> Result<(), RuntimeError>;
+
+    async fn unpause_container(&self, id: &str) -> Result<(), RuntimeError>;
 
     async fn container_state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
 

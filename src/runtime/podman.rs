@@ -222,6 +222,7 @@ fn status_of(state: Option<&str>) -> ContainerStatus {
         Some("created") | Some("configured") | Some("initialized") => ContainerStatus::Created,
         Some("running") => ContainerStatus::Running,
         Some("exited") | Some("stopped") => ContainerStatus::Exited,
+        Some("paused") => ContainerStatus::Paused,
         _ => ContainerStatus::Other,
     }
 }
@@ -496,7 +497,7 @@ impl Runtime for Podman {
             .init(true)
             .mounts(plan.mounts.iter().map(|m| ContainerMount {
                 destination: Some(m.container_path.clone()),
-                source: Some(m.host_path.display().to_string()),
+                source: Some(m.host_path().display().to_string()),
                 _type: Some("bind".into()),
                 options: Some(vec![
                     "rbind".into(),
@@ -539,6 +540,26 @@ impl Runtime for Podman {
             .containers()
             .get(id)
             .start(None)
+            .await
+            .map_err(classify)
+    }
+
+    async fn pause_container(&self, id: &str) -> Result<(), RuntimeError> {
+        path_safe("container", id)?;
+        self.client
+            .containers()
+            .get(id)
+            .pause()
+            .await
+            .map_err(classify)
+    }
+
+    async fn unpause_container(&self, id: &str) -> Result<(), RuntimeError> {
+        path_safe("container", id)?;
+        self.client
+            .containers()
+            .get(id)
+            .unpause()
             .await
             .map_err(classify)
     }

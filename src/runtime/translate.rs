@@ -27,15 +27,21 @@
 //! - Security settings equal to what Podman does anyway (seccomp and AppArmor
 //!   `RuntimeDefault`, `procMount: Default`, empty `seLinuxOptions`) are accepted.
 //!
-//! Every [`Mount::host_path`] lies under [`PlanContext::volumes_dir`] (emptyDirs) or
+//! Every [`Mount::volume_dir`] lies under [`PlanContext::volumes_dir`] (emptyDirs) or
 //! [`PlanContext::files_dir`] (volumes of files from the API, which may hold secrets: kept
 //! in memory-backed storage); the agent creates `<volumes_dir>/<name>` for each of
-//! [`empty_dirs`] (mode 0777, as the kubelet does), and must also create the directory of
-//! a mount with a `subPath` when it does not exist yet.
+//! [`empty_dirs`] (mode 0777, as the kubelet does). A `subPath` is checked here as text
+//! only (relative, no `..`): what it names inside the volume is up to the containers,
+//! which write emptyDirs, symbolic links included, and a bind mount follows links. So
+//! before the runtime mounts [`Mount::host_path`], the agent opens [`Mount::sub_path`]
+//! from the volume's directory without following any link, refusing one that has a link
+//! in it, and makes it when it does not exist yet, as the kubelet does (`agent::subpath`,
+//! and the supervisor, which keeps the pod's containers that can write the volume paused
+//! until the mount is made).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
     AppArmorProfile, Container, ContainerPort, EnvVar, EnvVarSource, Lifecycle,
@@ -1099,7 +1105,8 @@ fn validate_mounts(
     Ok(())
 }
 
-/// A subPath must stay inside its volume.
+/// A subPath must stay inside its volume, as far as its text tells: the agent refuses
+/// symbolic links in it when it mounts it.
 fn validate_sub_path(sub_path: &str) -> Result<(), String> {
     let path = Path::new(sub_path);
     if path.is_absolute() {
@@ -1652,18 +1659,25 @@ fn container_mounts(container: &Container, spec: &PodSpec, ctx: &PlanContext) ->
             } else {
                 ctx.volumes_dir
             };
-            let volume_dir = root.join(&mount.name);
-            let host_path = match non_empty(mount.sub_path.as_deref()) {
-                Some(sub_path) => volume_dir.join(sub_path),
-                None => volume_dir,
-            };
             Mount {
-                host_path,
+                volume: mount.name.clone(),
+                volume_dir: root.join(&mount.name),
+                sub_path: non_empty(mount.sub_path.as_deref()).and_then(normal_sub_path),
                 container_path: mount.mount_path.clone(),
                 read_only: mount.read_only == Some(true) || is_file_volume,
             }
         })
         .collect()
+}
+
+/// A validated subPath as the plain names it walks through (`./a//b/` is `a/b`); None when
+/// it names the volume itself (`.`).
+fn normal_sub_path(sub_path: &str) -> Option<PathBuf> {
+    let names: PathBuf = Path::new(sub_path)
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    (!names.as_os_str().is_empty()).then_some(names)
 }
 
 /// The image pull policy, defaulted as the API server does: Always for an image without a
@@ -3490,30 +3504,46 @@ mod tests {
                     {"name": "cache", "mountPath": "/cache"},
                     {"name": "scratch", "mountPath": "/scratch", "readOnly": true},
                     {"name": "cache", "mountPath": "/var/log/app", "subPath": "logs/app"},
-                    {"name": "plain", "mountPath": "/plain", "subPath": ""}
+                    {"name": "plain", "mountPath": "/plain", "subPath": ""},
+                    {"name": "cache", "mountPath": "/odd", "subPath": "./odd//path/"},
+                    {"name": "cache", "mountPath": "/dot", "subPath": "."}
                 ]),
             ),
         ]);
         assert_eq!(empty_dirs(&pod), ["cache", "scratch", "plain"]);
         let dir = PathBuf::from("/var/lib/beemesh/pods/p/volumes");
         let plan = app_plan(&pod, &context(&dir));
-        let mount = |host: &str, container: &str, read_only: bool| Mount {
-            host_path: PathBuf::from(host),
-            container_path: container.to_owned(),
-            read_only,
-        };
+        let mount =
+            |volume: &str, sub_path: Option<&str>, container: &str, read_only: bool| Mount {
+                volume: volume.to_owned(),
+                volume_dir: dir.join(volume),
+                sub_path: sub_path.map(PathBuf::from),
+                container_path: container.to_owned(),
+                read_only,
+            };
         assert_eq!(
             plan.mounts,
             [
-                mount("/var/lib/beemesh/pods/p/volumes/cache", "/cache", false),
-                mount("/var/lib/beemesh/pods/p/volumes/scratch", "/scratch", true),
-                mount(
-                    "/var/lib/beemesh/pods/p/volumes/cache/logs/app",
-                    "/var/log/app",
-                    false
-                ),
-                mount("/var/lib/beemesh/pods/p/volumes/plain", "/plain", false),
+                mount("cache", None, "/cache", false),
+                mount("scratch", None, "/scratch", true),
+                mount("cache", Some("logs/app"), "/var/log/app", false),
+                mount("plain", None, "/plain", false),
+                mount("cache", Some("odd/path"), "/odd", false),
+                mount("cache", None, "/dot", false),
             ]
+        );
+        let hosts: Vec<PathBuf> = plan.mounts.iter().map(Mount::host_path).collect();
+        assert_eq!(
+            hosts,
+            [
+                "/var/lib/beemesh/pods/p/volumes/cache",
+                "/var/lib/beemesh/pods/p/volumes/scratch",
+                "/var/lib/beemesh/pods/p/volumes/cache/logs/app",
+                "/var/lib/beemesh/pods/p/volumes/plain",
+                "/var/lib/beemesh/pods/p/volumes/cache/odd/path",
+                "/var/lib/beemesh/pods/p/volumes/cache",
+            ]
+            .map(PathBuf::from)
         );
     }
 
@@ -3863,7 +3893,9 @@ mod tests {
         assert_eq!(
             plan.mounts,
             [Mount {
-                host_path: Path::new(FILES_DIR).join("kube-api-access-kk4hb"),
+                volume: "kube-api-access-kk4hb".into(),
+                volume_dir: Path::new(FILES_DIR).join("kube-api-access-kk4hb"),
+                sub_path: None,
                 container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
                 read_only: true,
             }]
