@@ -1360,6 +1360,149 @@ fn the_kubelet_api_authenticates_and_authorizes_like_the_kubelet() {
     assert_eq!((code, body.as_str()), (401, "Unauthorized"));
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bogus tokens sent, each different, and the bound stated for the node's memory.
+const BOGUS_TOKENS: usize = 10_000;
+const NODE_RSS_BOUND_KIB: u64 = 256 * 1024;
+
+#[test]
+fn ten_thousand_bogus_tokens_are_refused_while_kubectl_logs_keeps_working() {
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.apply(COUNTER);
+    cluster.wait_running("counter");
+    let node_pid = cluster.mesh.node().child.id();
+    let rss_before = rss_kib(node_pid);
+    let reviews_before = token_reviews(&cluster);
+    let started = std::time::Instant::now();
+    let port = cluster.mesh.kubelet_port;
+    let ca_pem = cluster.server.cluster_ca_pem();
+    let flood = std::thread::spawn(move || runtime().block_on(bogus_token_flood(port, &ca_pem)));
+    let mut peak = rss_before;
+    let mut logs_served = 0;
+    while !flood.is_finished() {
+        let (ok, out) = cluster.kubectl(&["logs", "counter", "--tail=1"], None);
+        assert!(
+            ok && out.starts_with("line "),
+            "kubectl logs during the flood: {out}"
+        );
+        logs_served += 1;
+        peak = peak.max(rss_kib(node_pid));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let codes = flood.join().expect("flood thread");
+    let elapsed = started.elapsed();
+    let refused = codes.get(&401).copied().unwrap_or(0);
+    let reviews = token_reviews(&cluster) - reviews_before;
+    let figures = format!(
+        "{BOGUS_TOKENS} bogus tokens in {elapsed:?}: {refused} answered 401, {reviews} \
+         TokenReviews, {logs_served} kubectl logs served meanwhile; node RSS {rss_before} KiB \
+         -> peak {peak} KiB"
+    );
+    eprintln!("{figures}");
+    assert_eq!(refused, BOGUS_TOKENS, "{figures}: {codes:?}");
+    // Each distinct token is reviewed at most once (the kubelet's cost too).
+    assert!(reviews <= BOGUS_TOKENS, "{figures}");
+    assert!(logs_served > 0, "{figures}");
+    assert!(peak < NODE_RSS_BOUND_KIB, "{figures}");
+    let (ok, out) = cluster.kubectl(&["logs", "counter", "--tail=1"], None);
+    assert!(ok && out.starts_with("line "), "{out}");
+}
+
+/// GET /pods on the kubelet port with [`BOGUS_TOKENS`] distinct tokens, over 8 kept-alive
+/// connections (a new one when the node closes one): how many answers of each code.
+async fn bogus_token_flood(port: u16, ca_pem: &str) -> std::collections::BTreeMap<u16, usize> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("PEM")).expect("CA");
+    }
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let connections = 8;
+    let mut tasks = Vec::new();
+    for connection in 0..connections {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut codes = std::collections::BTreeMap::new();
+            let mut sender = None;
+            for i in (connection..BOGUS_TOKENS).step_by(connections) {
+                let token = format!("bogus-{i}-{}", "x".repeat(40));
+                let code = loop {
+                    if sender.is_none() {
+                        sender = Some(kubelet_connection(port, config.clone()).await);
+                    }
+                    let Some(open) = sender.as_mut() else {
+                        continue;
+                    };
+                    let request = hyper::Request::get("/pods")
+                        .header("host", format!("127.0.0.1:{port}"))
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(http_body_util::Empty::<bytes::Bytes>::new())
+                        .expect("request");
+                    match open.send_request(request).await {
+                        Ok(response) => break response.status().as_u16(),
+                        // Closed by the node: a new connection, the same token.
+                        Err(_) => sender = None,
+                    }
+                };
+                *codes.entry(code).or_insert(0) += 1;
+            }
+            codes
+        }));
+    }
+    let mut all = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (code, n) in task.await.expect("flood task") {
+            *all.entry(code).or_insert(0) += n;
+        }
+    }
+    all
+}
+
+async fn kubelet_connection(
+    port: u16,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/1");
+    tokio::spawn(connection);
+    sender
+}
+
+fn token_reviews(cluster: &Cluster) -> usize {
+    cluster
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.resource == "tokenreviews")
+        .count()
+}
+
 /// GET on the node's plain health endpoint: status code and body.
 fn health_get(port: u16, path: &str) -> (u16, String) {
     let mut command = Command::new("curl");
