@@ -197,8 +197,14 @@ pub async fn obtain(client: &Client, spec: &CertSpec, dir: &Path) -> Result<Issu
     request(client, spec, dir).await
 }
 
+/// The certificate and key kept from an earlier run; not a key others could have read
+/// (it is replaced by a fresh one, as is a key that is missing).
 fn load(spec: &CertSpec, dir: &Path) -> Option<Issued> {
     let (cert_path, key_path) = spec.paths(dir);
+    if let Ok(Some(mode)) = crate::trust::loose_mode(&key_path, 0o077) {
+        tracing::warn!(path = %key_path.display(), mode = format!("{mode:o}"), "{} key readable by others; requesting a new certificate and key", spec.what());
+        return None;
+    }
     let cert_pem = std::fs::read(cert_path).ok()?;
     let key_pem = std::fs::read(key_path).ok()?;
     issued(&cert_pem, &key_pem, None).ok()
@@ -387,6 +393,41 @@ pub async fn keep_renewed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_key_is_reused_only_while_others_cannot_read_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let spec = CertSpec {
+            node_name: "edge".into(),
+            kind: CertKind::Client,
+        };
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = spec
+            .params()
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        store(
+            &spec,
+            dir.path(),
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+        )
+        .expect("store");
+        let (_, key_path) = spec.paths(dir.path());
+        let mode = std::fs::metadata(&key_path)
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(load(&spec, dir.path()).is_some());
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(
+            load(&spec, dir.path()).is_none(),
+            "a world-readable key was reused"
+        );
+    }
 
     #[test]
     fn renewal_comes_at_four_fifths_of_the_lifetime_and_never_in_a_loop() {
