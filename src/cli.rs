@@ -212,6 +212,15 @@ pub struct NodeArgs {
     /// Port of the kubelet API, published in the Node's daemonEndpoints.
     #[arg(long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
     pub kubelet_port: u16,
+    /// How long the kubelet API caches a TokenReview's answer (as the kubelet's flag).
+    #[arg(long, env = "BEEMESH_AUTHENTICATION_TOKEN_WEBHOOK_CACHE_TTL", default_value = "2m", value_parser = parse_duration_secs)]
+    pub authentication_token_webhook_cache_ttl: u64,
+    /// How long the kubelet API caches an allowing SubjectAccessReview.
+    #[arg(long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_AUTHORIZED_TTL", default_value = "5m", value_parser = parse_duration_secs)]
+    pub authorization_webhook_cache_authorized_ttl: u64,
+    /// How long the kubelet API caches a denying SubjectAccessReview.
+    #[arg(long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_UNAUTHORIZED_TTL", default_value = "30s", value_parser = parse_duration_secs)]
+    pub authorization_webhook_cache_unauthorized_ttl: u64,
     /// The kubelet API's serving certificate (PEM); with --tls-private-key-file.
     /// Default: a certificate generated for the node's name and addresses, kept in the
     /// state directory.

@@ -619,6 +619,13 @@ async fn start_kubelet_api(
         Some(client) => Arc::new(kubelet::auth::ApiServerAuth::new(
             client.clone(),
             args.node_name.clone(),
+            kubelet::auth::CacheTtls {
+                token: Duration::from_secs(args.authentication_token_webhook_cache_ttl),
+                authorized: Duration::from_secs(args.authorization_webhook_cache_authorized_ttl),
+                unauthorized: Duration::from_secs(
+                    args.authorization_webhook_cache_unauthorized_ttl,
+                ),
+            },
         )),
         None => Arc::new(kubelet::auth::ClientCertsOnly),
     };

@@ -85,10 +85,26 @@ impl Authorizer for ClientCertsOnly {
     }
 }
 
-/// The kubelet's cache lifetimes: tokens 2 min; allowed 5 min, denied 30 s.
-const TOKEN_TTL: Duration = Duration::from_secs(120);
-const ALLOWED_TTL: Duration = Duration::from_secs(300);
-const DENIED_TTL: Duration = Duration::from_secs(30);
+/// How long answers are cached, as the kubelet's flags of the same names set them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtls {
+    /// `--authentication-token-webhook-cache-ttl`: TokenReview answers (2 min).
+    pub token: Duration,
+    /// `--authorization-webhook-cache-authorized-ttl`: allowed decisions (5 min).
+    pub authorized: Duration,
+    /// `--authorization-webhook-cache-unauthorized-ttl`: denied decisions (30 s).
+    pub unauthorized: Duration,
+}
+
+impl CacheTtls {
+    fn decision(&self, allowed: bool) -> Duration {
+        if allowed {
+            self.authorized
+        } else {
+            self.unauthorized
+        }
+    }
+}
 
 /// At most this many answers are kept per cache: a flood of distinct bogus tokens costs
 /// TokenReviews (as on the kubelet), never unbounded memory.
@@ -121,16 +137,18 @@ type Cache<K, V> = Mutex<HashMap<K, (V, Instant)>>;
 pub struct ApiServerAuth {
     client: Client,
     node_name: String,
+    ttls: CacheTtls,
     tokens: Cache<[u8; 32], Option<UserInfo>>,
     decisions: Cache<(UserInfo, Attributes), bool>,
     reviews: tokio::sync::Semaphore,
 }
 
 impl ApiServerAuth {
-    pub fn new(client: Client, node_name: String) -> ApiServerAuth {
+    pub fn new(client: Client, node_name: String, ttls: CacheTtls) -> ApiServerAuth {
         ApiServerAuth {
             client,
             node_name,
+            ttls,
             tokens: Mutex::default(),
             decisions: Mutex::default(),
             reviews: tokio::sync::Semaphore::new(REVIEWS_IN_FLIGHT),
@@ -146,7 +164,7 @@ impl Authorizer for ApiServerAuth {
         let cached = self.tokens.lock().ok().and_then(|cache| {
             cache
                 .get(&digest)
-                .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
+                .filter(|(_, at)| at.elapsed() < self.ttls.token)
                 .map(|(user, _)| user.clone())
         });
         if let Some(user) = cached {
@@ -177,9 +195,8 @@ impl Authorizer for ApiServerAuth {
                 })
             });
         if let Ok(mut cache) = self.tokens.lock() {
-            remember(&mut cache, digest, user.clone(), |_, at| {
-                at.elapsed() < TOKEN_TTL
-            });
+            let ttl = self.ttls.token;
+            remember(&mut cache, digest, user.clone(), |_, at| at.elapsed() < ttl);
         }
         Ok(user)
     }
@@ -189,9 +206,7 @@ impl Authorizer for ApiServerAuth {
         let cached = self.decisions.lock().ok().and_then(|cache| {
             cache
                 .get(&key)
-                .filter(|(allowed, at)| {
-                    at.elapsed() < if *allowed { ALLOWED_TTL } else { DENIED_TTL }
-                })
+                .filter(|(allowed, at)| at.elapsed() < self.ttls.decision(*allowed))
                 .map(|(allowed, _)| *allowed)
         });
         if let Some(allowed) = cached {
@@ -222,8 +237,9 @@ impl Authorizer for ApiServerAuth {
         };
         let allowed = answer.status.is_some_and(|s| s.allowed);
         if let Ok(mut cache) = self.decisions.lock() {
+            let ttls = self.ttls;
             remember(&mut cache, key, allowed, |allowed, at| {
-                at.elapsed() < if *allowed { ALLOWED_TTL } else { DENIED_TTL }
+                at.elapsed() < ttls.decision(*allowed)
             });
         }
         Ok(allowed)
