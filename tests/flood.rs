@@ -172,16 +172,6 @@ fn peer_of(addr: &Multiaddr) -> PeerId {
     mesh::peer_of(addr).expect("address with /p2p/")
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn dropped_total(metrics: &str, reason: &str) -> u64 {
     metrics
         .lines()
@@ -234,7 +224,7 @@ fn floods_from_strangers_leave_the_pod_its_logs_and_status_alone() {
     let before = containers();
     assert_eq!(before.len(), 1, "{before:?}");
     let agent_pid = mesh.agents[0].child.id();
-    let rss_before = (rss_kib(node_pid), rss_kib(agent_pid));
+    let rss_before = (common::rss_kib(node_pid), common::rss_kib(agent_pid));
 
     let node_addr: Multiaddr = mesh.node_addr().parse().expect("node address");
     let agent_addr: Multiaddr = format!("{}/p2p/{}", mesh.agents[0].addr, mesh.agents[0].peer)
@@ -289,8 +279,8 @@ fn floods_from_strangers_leave_the_pod_its_logs_and_status_alone() {
             .collect();
         assert_eq!(phases, ["Running"], "{status}");
         peak = (
-            peak.0.max(rss_kib(node_pid)),
-            peak.1.max(rss_kib(agent_pid)),
+            peak.0.max(common::rss_kib(node_pid)),
+            peak.1.max(common::rss_kib(agent_pid)),
         );
         checks += 1;
         std::thread::sleep(Duration::from_secs(1));

@@ -1360,16 +1360,6 @@ fn the_kubelet_api_authenticates_and_authorizes_like_the_kubelet() {
     assert_eq!((code, body.as_str()), (401, "Unauthorized"));
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Bogus tokens sent, each different, and the bound stated for the node's memory.
 const BOGUS_TOKENS: usize = 10_000;
 const NODE_RSS_BOUND_KIB: u64 = 256 * 1024;
@@ -1381,7 +1371,7 @@ fn ten_thousand_bogus_tokens_are_refused_while_kubectl_logs_keeps_working() {
     cluster.apply(COUNTER);
     cluster.wait_running("counter");
     let node_pid = cluster.mesh.node().child.id();
-    let rss_before = rss_kib(node_pid);
+    let rss_before = common::rss_kib(node_pid);
     let reviews_before = token_reviews(&cluster);
     let started = std::time::Instant::now();
     let port = cluster.mesh.kubelet_port;
@@ -1396,7 +1386,7 @@ fn ten_thousand_bogus_tokens_are_refused_while_kubectl_logs_keeps_working() {
             "kubectl logs during the flood: {out}"
         );
         logs_served += 1;
-        peak = peak.max(rss_kib(node_pid));
+        peak = peak.max(common::rss_kib(node_pid));
         std::thread::sleep(Duration::from_millis(500));
     }
     let codes = flood.join().expect("flood thread");

@@ -21,7 +21,8 @@ use std::path::Path;
 use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, Pod, PodSecurityContext, PodSpec, SeccompProfile, SecurityContext,
+    Capabilities, Container, Pod, PodSecurityContext, PodSpec, SELinuxOptions, SeccompProfile,
+    SecurityContext, WindowsSecurityContextOptions,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use libp2p::PeerId;
@@ -549,18 +550,6 @@ fn baseline(pod: &Pod, spec: &PodSpec) -> Result<(), Refusal> {
                 "only the Default /proc mount is allowed",
             ));
         }
-        if security
-            .windows_options
-            .as_ref()
-            .and_then(|w| w.host_process)
-            == Some(true)
-        {
-            return Err(Refusal::new(
-                rule("windowsHostProcess"),
-                format!("{path}.windowsOptions.hostProcess"),
-                "host processes are not allowed",
-            ));
-        }
         check_confinement(
             &path,
             security.seccomp_profile.as_ref(),
@@ -569,6 +558,7 @@ fn baseline(pod: &Pod, spec: &PodSpec) -> Result<(), Refusal> {
                 .as_ref()
                 .map(|p| p.type_.as_str()),
             security.se_linux_options.as_ref(),
+            security.windows_options.as_ref(),
             &rule,
         )?;
     }
@@ -592,18 +582,6 @@ fn check_pod_confinement(
             format!("sysctl {:?} is not allowed", sysctl.name),
         ));
     }
-    if security
-        .windows_options
-        .as_ref()
-        .and_then(|w| w.host_process)
-        == Some(true)
-    {
-        return Err(Refusal::new(
-            rule("windowsHostProcess"),
-            format!("{PATH}.windowsOptions.hostProcess"),
-            "host processes are not allowed",
-        ));
-    }
     check_confinement(
         PATH,
         security.seccomp_profile.as_ref(),
@@ -612,18 +590,27 @@ fn check_pod_confinement(
             .as_ref()
             .map(|p| p.type_.as_str()),
         security.se_linux_options.as_ref(),
+        security.windows_options.as_ref(),
         rule,
     )
 }
 
-/// Seccomp, AppArmor and SELinux settings, of the pod or of one container.
+/// Seccomp, AppArmor, SELinux and Windows settings, of the pod or of one container.
 fn check_confinement(
     path: &str,
     seccomp: Option<&SeccompProfile>,
     app_armor: Option<&str>,
-    se_linux: Option<&k8s_openapi::api::core::v1::SELinuxOptions>,
+    se_linux: Option<&SELinuxOptions>,
+    windows: Option<&WindowsSecurityContextOptions>,
     rule: &dyn Fn(&str) -> String,
 ) -> Result<(), Refusal> {
+    if windows.and_then(|w| w.host_process) == Some(true) {
+        return Err(Refusal::new(
+            rule("windowsHostProcess"),
+            format!("{path}.windowsOptions.hostProcess"),
+            "host processes are not allowed",
+        ));
+    }
     if seccomp.is_some_and(|p| p.type_ == "Unconfined") {
         return Err(Refusal::new(
             rule("seccompProfile_baseline"),
