@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
-    ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan, PortMapping, Protocol,
-    PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
+    labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan,
+    PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
 };
+use beemesh::wire::{Epoch, PodUid};
 use common::{free_port, require_podman, IMAGE};
 
 const LABEL: &str = "io.beemesh.test";
@@ -538,4 +539,48 @@ async fn bad_input_is_an_error_not_a_panic() {
         unreachable.ping().await,
         Err(RuntimeError::Unavailable(_))
     ));
+}
+
+#[tokio::test]
+async fn container_events_say_which_pod_copy_changed_as_it_happens() {
+    let pod = pod("events", vec![]).await;
+    let agent = unique("agent");
+    let mut events = pod
+        .runtime
+        .container_events(&agent)
+        .await
+        .expect("subscribed");
+    let labelled = |name: &str, epoch: &str, command: &[&str]| {
+        let mut plan = plan(&pod, name, command);
+        plan.labels.extend([
+            (labels::AGENT.to_string(), agent.clone()),
+            (labels::POD_UID.to_string(), pod.name.clone()),
+            (labels::EPOCH.to_string(), epoch.to_string()),
+        ]);
+        plan
+    };
+    // Another agent's container says nothing to this one.
+    let mut stranger = plan(&pod, "stranger", &["true"]);
+    stranger
+        .labels
+        .insert(labels::AGENT.to_string(), unique("other-agent"));
+    start(&pod, &stranger).await;
+    let id = start(&pod, &labelled("main", "7", &["sh", "-c", "sleep 1"])).await;
+    let expected = ContainerEvent {
+        pod: PodUid(pod.name.clone()),
+        epoch: Epoch(7),
+    };
+    // Its start, then its death a second later.
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("stream open");
+        assert_eq!(event, expected);
+        seen.push(started.elapsed());
+    }
+    assert_eq!(wait_exit(&pod, &id).await.status, ContainerStatus::Exited);
+    assert!(seen[1] >= Duration::from_millis(900), "{seen:?}");
 }

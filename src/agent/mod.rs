@@ -7,6 +7,7 @@ mod health;
 mod kubelet;
 mod lease;
 pub mod probe;
+mod runtime_events;
 pub mod status;
 mod store;
 mod subpath;
@@ -339,9 +340,15 @@ impl Agent {
         self.metrics.runtime_healthy.set(1);
         let mut lease_check = tokio::time::interval(LEASE_CHECK);
         lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut container_events = runtime_events::follow(
+            self.runtime.clone(),
+            self.mesh.local_peer_id().to_string(),
+            cancel.clone(),
+        );
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                Some(signal) = container_events.recv() => self.on_container_signal(signal),
                 Some(event) = events.recv() => {
                     if matches!(event, MeshEvent::PeerConnected(_)) {
                         // Let a new peer learn of us without waiting a whole period; the
@@ -480,6 +487,25 @@ impl Agent {
         self.save_leases();
         self.metrics.pods.set(self.pods.len() as i64);
         Ok(())
+    }
+
+    /// Wakes the supervisor of the pod copy whose container changed (all of them after
+    /// a gap in the event stream).
+    fn on_container_signal(&self, signal: runtime_events::Signal) {
+        match signal {
+            runtime_events::Signal::Changed(event) => {
+                if let Some(hosted) = self.pods.get(&event.pod) {
+                    if hosted.epoch() == event.epoch {
+                        hosted.worker.poke();
+                    }
+                }
+            }
+            runtime_events::Signal::Resubscribed => {
+                for hosted in self.pods.values() {
+                    hosted.worker.poke();
+                }
+            }
+        }
     }
 
     fn heard(&mut self, owner: PeerId) {

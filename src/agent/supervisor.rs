@@ -29,10 +29,13 @@ use crate::wire::{Epoch, PodRef, VolumeFile};
 const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
-/// How often a pod's containers are inspected: every second, as the kubelet's PLEG
-/// relists (each inspection is a Podman call; every 500 ms for 100 pods kept Podman
-/// busy enough on 2 cores to slow down starting the pods of a lost agent).
+/// How often a supervisor wakes for its timers (probes, back-offs, setup retries).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often running containers are inspected without an event saying they changed:
+/// the runtime's event stream wakes a supervisor at once (see `runtime_events`), so
+/// polling Podman for every pod every second (what made Podman busy enough on 2 cores
+/// to slow down starting the pods of a lost agent) is only a safety net.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// A pod the runtime could not remove is tried again after this, doubling up to the
 /// maximum.
 const REMOVE_RETRY_INITIAL: Duration = Duration::from_secs(1);
@@ -91,6 +94,7 @@ impl WorkerContext {
 #[derive(Debug)]
 pub struct WorkerHandle {
     stop: mpsc::Sender<Duration>,
+    poke: mpsc::Sender<()>,
 }
 
 impl WorkerHandle {
@@ -98,6 +102,12 @@ impl WorkerHandle {
     pub fn stop(&self, grace: Duration) {
         // A full or closed channel means a stop is already under way.
         let _ = self.stop.try_send(grace);
+    }
+
+    /// Tells the worker one of its containers changed: it inspects them now.
+    pub fn poke(&self) {
+        // A full channel means a look is already due.
+        let _ = self.poke.try_send(());
     }
 }
 
@@ -113,9 +123,13 @@ pub fn spawn(
     adopted: Option<RuntimePod>,
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
+    let (poke_tx, poke_rx) = mpsc::channel(1);
     let worker = Worker::new(ctx, pod_ref, pod, volumes, epoch, owner);
-    tokio::spawn(worker.run(stop_rx, adopted));
-    WorkerHandle { stop: stop_tx }
+    tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
+    WorkerHandle {
+        stop: stop_tx,
+        poke: poke_tx,
+    }
 }
 
 /// One container of the pod, across its restarts.
@@ -227,6 +241,12 @@ struct Worker {
     /// After a failed setup: when to try again, and the wait after that.
     setup_retry: Option<(Instant, Duration)>,
     last_sent: Option<PodStatus>,
+    /// An event said a container changed: the next step inspects them all.
+    inspect_due: bool,
+    /// When running containers were last inspected.
+    inspected_at: Instant,
+    /// This step inspects running containers (else it trusts what it last saw).
+    inspecting: bool,
 }
 
 impl Worker {
@@ -268,10 +288,18 @@ impl Worker {
             failure: None,
             setup_retry: None,
             last_sent: None,
+            inspect_due: true,
+            inspected_at: Instant::now(),
+            inspecting: true,
         }
     }
 
-    async fn run(mut self, mut stop: mpsc::Receiver<Duration>, adopted: Option<RuntimePod>) {
+    async fn run(
+        mut self,
+        mut stop: mpsc::Receiver<Duration>,
+        mut poke: mpsc::Receiver<()>,
+        adopted: Option<RuntimePod>,
+    ) {
         match adopted {
             Some(existing) => {
                 self.adopt(existing).await;
@@ -294,6 +322,11 @@ impl Worker {
                         self.report(true).await;
                     }
                     return;
+                }
+                Some(()) = poke.recv() => {
+                    self.inspect_due = true;
+                    self.advance().await;
+                    self.report(false).await;
                 }
                 _ = poll.tick() => {
                     self.advance().await;
@@ -494,6 +527,12 @@ impl Worker {
     /// containers.
     async fn step(&mut self) {
         let now = Instant::now();
+        self.inspecting =
+            self.inspect_due || now.duration_since(self.inspected_at) >= RESYNC_INTERVAL;
+        if self.inspecting {
+            self.inspect_due = false;
+            self.inspected_at = now;
+        }
         let init_count = self
             .slots
             .iter()
@@ -524,6 +563,10 @@ impl Worker {
         }
         match self.slots[i].id.clone() {
             None => self.start(i, now).await,
+            // Running when last seen, and no event since: only its probes are due.
+            Some(id) if !self.inspecting && self.slots[i].running_since.is_some() => {
+                self.probe(i, &id, now).await
+            }
             Some(id) => match self.ctx.runtime.container_state(&id).await {
                 Ok(state) => match state.status {
                     ContainerStatus::Running => {

@@ -255,6 +255,14 @@ pub struct Usage {
     pub memory_bytes: u64,
 }
 
+/// A container of a pod changed state (started, died, paused, removed, ...): its
+/// supervisor should look at it now rather than at its next resync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerEvent {
+    pub pod: crate::wire::PodUid,
+    pub epoch: crate::wire::Epoch,
+}
+
 /// The result of a command run inside a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -303,6 +311,14 @@ pub trait Runtime: Send + Sync + 'static {
     async fn unpause_container(&self, id: &str) -> Result<(), RuntimeError>;
 
     async fn container_state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
+
+    /// State changes of the containers labelled `io.beemesh.agent=<agent>`, as they
+    /// happen. The channel closes when the runtime's stream ends (Podman restarted,
+    /// say); events missed until the caller subscribes again are not replayed.
+    async fn container_events(
+        &self,
+        agent: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<ContainerEvent>, RuntimeError>;
 
     /// Sends SIGTERM, then SIGKILL after `grace`; returns once the container exited.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;

@@ -15,15 +15,15 @@ use k8s_openapi::jiff::Timestamp;
 use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
 use podman_api::opts::{
     ContainerAttachOpts, ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter,
-    ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, ExecCreateOpts, ExecStartOpts,
-    PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
+    ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, EventsOpts, ExecCreateOpts,
+    ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
 };
 use podman_api::Podman as Client;
 
 use super::{
-    ContainerPlan, ContainerState, ContainerStatus, ExecOutput, Interactive, LogOptions, LogStream,
-    Output, PodPlan, Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
-    SessionControl, Streams, TerminalSize, Usage,
+    labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
+    Interactive, LogOptions, LogStream, Output, PodPlan, Protocol, PullPolicy, Runtime,
+    RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize, Usage,
 };
 
 /// A Podman stream pair as a session: output by stream, stdin, and its control.
@@ -149,6 +149,25 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// The Podman REST API client.
 pub struct Podman {
     client: Client,
+}
+
+/// Container events buffered between Podman's stream and the agent.
+const EVENT_BUFFER: usize = 1024;
+
+/// The actions after which a container's state is worth a look (not exec, attach or
+/// health-check events, which a probe causes every period).
+const STATE_ACTIONS: [&str; 6] = ["start", "died", "oom", "pause", "unpause", "remove"];
+
+/// A Podman event as the supervisors need it: which pod's container changed state.
+fn container_event(event: &podman_api::models::Event) -> Option<ContainerEvent> {
+    if !STATE_ACTIONS.contains(&event.action.as_str()) {
+        return None;
+    }
+    let attributes = &event.actor.attributes;
+    Some(ContainerEvent {
+        pod: crate::wire::PodUid(attributes.get(labels::POD_UID)?.clone()),
+        epoch: crate::wire::Epoch(attributes.get(labels::EPOCH)?.parse().ok()?),
+    })
 }
 
 impl Podman {
@@ -566,6 +585,41 @@ impl Runtime for Podman {
 
     async fn container_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
         self.inspect_state(id).await
+    }
+
+    async fn container_events(
+        &self,
+        agent: &str,
+    ) -> Result<tokio::sync::mpsc::Receiver<ContainerEvent>, RuntimeError> {
+        path_safe("agent", agent)?;
+        let opts = EventsOpts::builder()
+            .stream(true)
+            .filters([
+                ("type".to_string(), vec!["container".to_string()]),
+                (
+                    "label".to_string(),
+                    vec![format!("{}={agent}", labels::AGENT)],
+                ),
+            ])
+            .build();
+        let client = self.client.clone();
+        let (events, received) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(async move {
+            let mut stream = client.events(&opts);
+            while let Some(event) = stream.next().await {
+                let Ok(event) = event else { break };
+                let Some(event) = container_event(&event) else {
+                    continue;
+                };
+                // Full: the supervisors are behind anyway and look at every container
+                // at their next resync.
+                match events.try_send(event) {
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                    Ok(()) | Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {}
+                }
+            }
+        });
+        Ok(received)
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
