@@ -23,6 +23,9 @@ use crate::wire::{KubeletRequest, PodUid};
 /// Bytes read from a pod's connection per message to the client.
 const CHUNK: usize = 32 * 1024;
 
+/// Port-forward requests whose data or error stream has not come yet, at most.
+const MAX_HALF_PAIRS: usize = 64;
+
 /// Serves one port-forward session until the client closes it.
 pub async fn serve<T>(upgraded: T, mesh: MeshHandle, agent: PeerId, pod: PodUid)
 where
@@ -34,6 +37,12 @@ where
         let headers = stream.headers();
         let request = headers.get("requestid").unwrap_or_default().to_owned();
         let kind = headers.get("streamtype").unwrap_or_default().to_owned();
+        // Half pairs waiting for their other stream: at most as many as a session may
+        // have streams, whatever request IDs the client makes up.
+        if !pending.contains_key(&request) && pending.len() >= MAX_HALF_PAIRS {
+            tracing::debug!(%request, "too many port-forward streams without their pair; refused");
+            continue;
+        }
         let entry = pending.entry(request.clone()).or_default();
         match kind.as_str() {
             "error" => entry.0 = Some(stream),
