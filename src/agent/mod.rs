@@ -4,10 +4,10 @@
 pub mod enroll;
 mod health;
 mod kubelet;
-mod lease;
+pub(crate) mod lease;
 pub mod probe;
 pub mod status;
-mod store;
+pub(crate) mod store;
 mod supervisor;
 mod volumes;
 pub mod watchdog;
