@@ -94,27 +94,49 @@ fn check_volume_paths(assign: &wire::Assign) {
 }
 
 /// Mesh messages as `wire::decode` reads them (gossip, request-response, kubelet stream
-/// headers, the stats answer): round trip and the checks the receiver relies on.
+/// headers, the stats answer): round trip and the checks the receiver relies on. The
+/// first byte picks the message type, the rest is the message.
 pub fn wire_message(data: &[u8]) {
-    if let Some(Request::Assign(assign)) =
-        wire_round_trip::<Request>(data, wire::MAX_REQUEST_BYTES, "request")
-    {
-        check_volume_paths(&assign);
-    }
-    wire_round_trip::<Response>(data, wire::MAX_RESPONSE_BYTES, "response");
-    wire_round_trip::<KubeletRequest>(data, wire::MAX_KUBELET_HEADER_BYTES, "kubelet request");
-    wire_round_trip::<KubeletAnswer>(data, wire::MAX_KUBELET_HEADER_BYTES, "kubelet answer");
-    for topic in wire::Topic::ALL {
-        if let Ok(msg) = wire::decode_gossip(topic, data) {
-            assert_eq!(msg.topic(), topic);
-            let bytes = wire::encode(&msg, usize::MAX).expect("encodes");
-            let back: GossipMessage = wire::decode(&bytes, usize::MAX).expect("decodes");
-            json_fixpoint(&back, "gossip");
+    let (selector, data) = split_selector(data);
+    match selector % 7 {
+        0 => {
+            let request = wire_round_trip::<Request>(data, wire::MAX_REQUEST_BYTES, "request");
+            if let Some(Request::Assign(assign)) = request {
+                check_volume_paths(&assign);
+            }
         }
-    }
-    // The agent's answer to a stats request is bare JSON.
-    if let Ok(usage) = serde_json::from_slice::<Vec<wire::PodUsage>>(data) {
-        json_fixpoint(&usage, "pod usage");
+        1 => {
+            wire_round_trip::<Response>(data, wire::MAX_RESPONSE_BYTES, "response");
+        }
+        2 => {
+            wire_round_trip::<KubeletRequest>(
+                data,
+                wire::MAX_KUBELET_HEADER_BYTES,
+                "kubelet request",
+            );
+        }
+        3 => {
+            wire_round_trip::<KubeletAnswer>(
+                data,
+                wire::MAX_KUBELET_HEADER_BYTES,
+                "kubelet answer",
+            );
+        }
+        topic @ (4 | 5) => {
+            let topic = wire::Topic::ALL[usize::from(topic - 4)];
+            if let Ok(msg) = wire::decode_gossip(topic, data) {
+                assert_eq!(msg.topic(), topic);
+                let bytes = wire::encode(&msg, usize::MAX).expect("encodes");
+                let back: GossipMessage = wire::decode(&bytes, usize::MAX).expect("decodes");
+                json_fixpoint(&back, "gossip");
+            }
+        }
+        _ => {
+            // The agent's answer to a stats request is bare JSON.
+            if let Ok(usage) = serde_json::from_slice::<Vec<wire::PodUsage>>(data) {
+                json_fixpoint(&usage, "pod usage");
+            }
+        }
     }
 }
 
@@ -552,8 +574,6 @@ pub fn manifest_yaml(data: &[u8]) {
         return;
     };
     let parsed = crate::node::manifests::parse(Path::new("fuzz.yaml"), text, "owner");
-    let again = crate::node::manifests::parse(Path::new("fuzz.yaml"), text, "owner");
-    assert_eq!(parsed, again, "parsing is not deterministic");
     for pod in &parsed.pods {
         assert!(pod.metadata.uid.as_deref().is_some_and(|u| !u.is_empty()));
         assert!(pod

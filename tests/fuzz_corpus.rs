@@ -452,7 +452,12 @@ mod seeds {
         };
         for (name, msg) in &requests {
             let bytes = encode(msg, usize::MAX).expect("encodes");
-            write(dir, "wire_message", &format!("request-{name}"), &bytes);
+            write(
+                dir,
+                "wire_message",
+                &format!("request-{name}"),
+                &with(0, &bytes),
+            );
             write(
                 dir,
                 "mesh_stream",
@@ -462,7 +467,12 @@ mod seeds {
         }
         for (name, msg) in &responses {
             let bytes = encode(msg, usize::MAX).expect("encodes");
-            write(dir, "wire_message", &format!("response-{name}"), &bytes);
+            write(
+                dir,
+                "wire_message",
+                &format!("response-{name}"),
+                &with(1, &bytes),
+            );
             write(
                 dir,
                 "mesh_stream",
@@ -475,12 +485,20 @@ mod seeds {
                 dir,
                 "wire_message",
                 &format!("gossip-{name}"),
-                &encode(msg, usize::MAX).expect("encodes"),
+                &with(
+                    4 + u8::from(matches!(msg, GossipMessage::Heartbeat(_))),
+                    &encode(msg, usize::MAX).expect("encodes"),
+                ),
             );
         }
         for (name, msg) in &kubelet_requests {
             let bytes = encode(msg, usize::MAX).expect("encodes");
-            write(dir, "wire_message", &format!("kubelet-{name}"), &bytes);
+            write(
+                dir,
+                "wire_message",
+                &format!("kubelet-{name}"),
+                &with(2, &bytes),
+            );
             write(
                 dir,
                 "mesh_stream",
@@ -502,7 +520,7 @@ mod seeds {
                 dir,
                 "wire_message",
                 &format!("answer-{name}"),
-                &encode(&msg, usize::MAX).expect("encodes"),
+                &with(3, &encode(&msg, usize::MAX).expect("encodes")),
             );
         }
         let usage = vec![PodUsage {
@@ -518,7 +536,7 @@ mod seeds {
             dir,
             "wire_message",
             "stats-usage",
-            &serde_json::to_vec(&usage).expect("json"),
+            &with(6, &serde_json::to_vec(&usage).expect("json")),
         );
         // Relay session frames, every kind in one stream.
         let mut session = Vec::new();
