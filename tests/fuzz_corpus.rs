@@ -824,6 +824,22 @@ mod seeds {
             "---\n# empty\n---\nkind: Deployment\napiVersion: apps/v1\n---\nanchors: &a [*a]\n",
         );
         write(dir, "manifest_yaml", "multi", multi.as_bytes());
+        // Hostile YAML: aliases that would expand to 9^24 nodes, and deep nesting.
+        let mut laughs = String::from(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: laughs\n  labels:\n    a0: &a0 lol\n",
+        );
+        for i in 1..25 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(",");
+            laughs.push_str(&format!("    a{i}: &a{i} [{refs}]\n"));
+        }
+        laughs.push_str("spec:\n  containers: [{name: c, image: busybox}]\n");
+        write(dir, "manifest_yaml", "billion-laughs", laughs.as_bytes());
+        let deep = format!(
+            "apiVersion: v1\nkind: Pod\nspec: {}{}\n",
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        write(dir, "manifest_yaml", "deep-nesting", deep.as_bytes());
 
         // translate_pod: the pods as JSON.
         for (name, pod) in &pods {
