@@ -746,3 +746,62 @@ pub fn kubelet_query(data: &[u8]) {
         json_fixpoint(&requirements, "selector");
     }
 }
+
+/// A whole SPDY/3.1 session (`kubelet::spdy::accept_with`) fed the input as the client's
+/// bytes, then the client's end of file; the application accepts every stream, reads it
+/// to its end and answers. A session that has not ended 5 s after its client went away
+/// (each run takes microseconds) is a finding: a session left behind would hold its
+/// connection and buffers for good.
+pub fn spdy_session(data: &[u8]) {
+    use crate::kubelet::spdy::{accept_with, SessionConfig};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    let input = data.to_vec();
+    runtime.block_on(async move {
+        let (client, server) = tokio::io::duplex(16 << 10);
+        let config = SessionConfig {
+            limits: FUZZ_LIMITS,
+            ..SessionConfig::default()
+        };
+        let (session, mut streams) = accept_with(server, config);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        tokio::spawn(async move {
+            let _ = to_server.write_all(&input).await;
+            let _ = to_server.shutdown().await;
+        });
+        // The client reads whatever the server sends (replies, pings, resets).
+        tokio::spawn(async move {
+            let mut sink = [0u8; 4096];
+            while matches!(from_server.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        tokio::spawn(async move {
+            while let Some(stream) = streams.recv().await {
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = stream.into_split();
+                    let mut got = Vec::new();
+                    let _ = reader.read_to_end(&mut got).await;
+                    assert!(
+                        got.len() <= data_limit(),
+                        "a stream buffered {} bytes",
+                        got.len()
+                    );
+                    let _ = writer.write_all(b"ok").await;
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), session.closed()).await;
+        assert!(
+            end.is_ok(),
+            "the session did not end after its client closed"
+        );
+    });
+}
+
+/// What one stream can deliver at most: the whole input fits in the fuzzer's max_len.
+fn data_limit() -> usize {
+    1 << 20
+}

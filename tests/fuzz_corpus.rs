@@ -19,6 +19,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("trust_records", fuzz_targets::trust_records),
     ("spdy_frames", fuzz_targets::spdy_frames),
     ("spdy_header_block", fuzz_targets::spdy_header_block),
+    ("spdy_session", fuzz_targets::spdy_session),
     ("ws_channel", fuzz_targets::ws_channel),
     ("tunnel_frame", fuzz_targets::tunnel_frame),
     ("manifest_yaml", fuzz_targets::manifest_yaml),
