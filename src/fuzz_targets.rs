@@ -753,7 +753,7 @@ pub fn kubelet_query(data: &[u8]) {
 /// (each run takes microseconds) is a finding: a session left behind would hold its
 /// connection and buffers for good.
 pub fn spdy_session(data: &[u8]) {
-    use crate::kubelet::spdy::{accept_with, SessionConfig};
+    use crate::kubelet::spdy::{accept_with, SessionConfig, SessionError};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -777,9 +777,12 @@ pub fn spdy_session(data: &[u8]) {
             let mut sink = [0u8; 4096];
             while matches!(from_server.read(&mut sink).await, Ok(n) if n > 0) {}
         });
-        tokio::spawn(async move {
+        // Panics in tasks are caught by tokio: take them out and raise them here, so that
+        // the corpus replay (without libFuzzer's aborting panic hook) sees them too.
+        let app = tokio::spawn(async move {
+            let mut tasks = Vec::new();
             while let Some(stream) = streams.recv().await {
-                tokio::spawn(async move {
+                tasks.push(tokio::spawn(async move {
                     let (mut reader, mut writer) = stream.into_split();
                     let mut got = Vec::new();
                     let _ = reader.read_to_end(&mut got).await;
@@ -790,14 +793,28 @@ pub fn spdy_session(data: &[u8]) {
                     );
                     let _ = writer.write_all(b"ok").await;
                     let _ = writer.shutdown().await;
-                });
+                }));
+            }
+            for task in tasks {
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
             }
         });
-        let end = tokio::time::timeout(std::time::Duration::from_secs(5), session.closed()).await;
-        assert!(
-            end.is_ok(),
-            "the session did not end after its client closed"
-        );
+        let wait = std::time::Duration::from_secs(5);
+        let end = tokio::time::timeout(wait, session.closed())
+            .await
+            .expect("the session did not end after its client closed");
+        if let Err(SessionError::Io { message, .. }) = &end {
+            assert_ne!(message, "session task stopped", "the session's task died");
+        }
+        match tokio::time::timeout(wait, app).await {
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(_) => {}
+            Err(_) => panic!("streams did not end with the session"),
+        }
     });
 }
 
