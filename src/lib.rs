@@ -7,6 +7,8 @@ pub mod cluster;
 pub mod commands;
 pub mod durable;
 pub mod fencing;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod health;
 pub mod kubelet;
 pub mod mesh;

@@ -146,6 +146,12 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {
     Ok(keypair)
 }
 
+/// [`decode`] without a file, for the fuzz targets.
+#[doc(hidden)]
+pub fn decode_key(bytes: &[u8]) -> Result<Keypair, IdentityError> {
+    decode(Path::new("<bytes>"), bytes)
+}
+
 fn create(path: &Path) -> Result<Keypair, IdentityError> {
     let keypair = Keypair::generate_ed25519();
     let write_err = |source| IdentityError::Write {

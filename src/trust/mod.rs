@@ -13,3 +13,6 @@ pub use identity::{
     IdentityError, CLIENT_KEY_FILE, IDENTITY_FILE,
 };
 pub use policy::TrustedPeers;
+
+#[doc(hidden)]
+pub use identity::decode_key;

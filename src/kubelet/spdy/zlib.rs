@@ -185,15 +185,23 @@ impl HeaderInflater {
     }
 
     /// Decompresses one header block; more than `max_out` bytes of output is an error.
+    ///
+    /// The buffer grows to at most `max_out + 1` bytes: zlib can only tell that a block
+    /// is complete when it has room left, and the one byte beyond the limit tells a block
+    /// of exactly `max_out` bytes (accepted) from a larger one (refused).
     pub fn decompress(&mut self, input: &[u8], max_out: usize) -> Result<Vec<u8>, FrameError> {
-        let mut out: Vec<u8> = Vec::with_capacity(input.len().saturating_mul(4).min(max_out));
+        let too_large = || FrameError::HeaderBlockTooLarge { limit: max_out };
+        let room = max_out.saturating_add(1);
+        let mut out: Vec<u8> = Vec::with_capacity(input.len().saturating_mul(4).min(room));
         let mut consumed = 0usize;
         loop {
             if out.len() == out.capacity() {
-                if out.len() >= max_out {
-                    return Err(FrameError::HeaderBlockTooLarge { limit: max_out });
+                if out.len() >= room {
+                    return Err(too_large());
                 }
-                out.reserve(OUTPUT_STEP.min(max_out - out.len()).max(1));
+                // Doubling, but never past `room`: `reserve` could overshoot it.
+                let grow = out.capacity().max(OUTPUT_STEP).min(room - out.len());
+                out.reserve_exact(grow);
             }
             let (in_before, out_before) = (self.zlib.total_in(), self.zlib.total_out());
             let result =
@@ -203,6 +211,10 @@ impl HeaderInflater {
                 .map_err(|_| FrameError::Compression("input count overflow".into()))?;
             consumed += read;
             let progressed = read > 0 || self.zlib.total_out() != out_before;
+            // The allocator may have given more than asked for.
+            if out.len() > max_out {
+                return Err(too_large());
+            }
             match result {
                 Ok(Status::StreamEnd) => {
                     // SPDY never finishes the stream: later frames need it.
@@ -275,6 +287,49 @@ mod tests {
         assert!(
             matches!(err, FrameError::HeaderBlockTooLarge { .. }),
             "{err}"
+        );
+    }
+
+    /// Found by the fuzz corpus replay: a block of exactly the limit was refused (the
+    /// buffer was full, so zlib could not say the block had ended), and amortized growth
+    /// could take the buffer, and the block returned, past the limit.
+    #[test]
+    fn the_limit_is_exact() {
+        for len in [0, 1, 4, 27, 4095, 4096, 4097, 10_000, 70_000] {
+            let block: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let packed = HeaderDeflater::new().unwrap().compress(&block).unwrap();
+            let exact = HeaderInflater::new().decompress(&packed, len).unwrap();
+            assert_eq!(exact, block, "{len} bytes with a limit of {len}");
+            if len > 0 {
+                let err = HeaderInflater::new()
+                    .decompress(&packed, len - 1)
+                    .unwrap_err();
+                assert!(
+                    matches!(err, FrameError::HeaderBlockTooLarge { .. }),
+                    "{err}"
+                );
+            }
+        }
+        // Compressible blocks grow the buffer from a small start: never past the limit.
+        let packed = HeaderDeflater::new()
+            .unwrap()
+            .compress(&vec![b'a'; 250_000])
+            .unwrap();
+        for limit in [200_000, 249_999] {
+            let err = HeaderInflater::new()
+                .decompress(&packed, limit)
+                .unwrap_err();
+            assert!(
+                matches!(err, FrameError::HeaderBlockTooLarge { .. }),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            HeaderInflater::new()
+                .decompress(&packed, 250_000)
+                .unwrap()
+                .len(),
+            250_000
         );
     }
 
