@@ -373,14 +373,14 @@ fn the_node_may_write_its_own_node_and_lease_only_and_read_only_served_namespace
         strings(&client_ca["rules"][0]["resourceNames"]),
         ["extension-apiserver-authentication"]
     );
-    // The served namespace (default): get on configMaps and secrets, tokens; bound to
-    // the node's ServiceAccount.
+    // The served namespace (default): list and watch (by name, each object the pods
+    // refer to) on configMaps and secrets, tokens; bound to the node's ServiceAccount.
     let served = |objects: &[Value]| -> Vec<String> {
         rules(objects, "Role")
             .into_iter()
             .filter(|(_, rule)| grants(rule, "secrets") && rule["resourceNames"].is_null())
             .map(|(ns, rule)| {
-                assert_eq!(strings(&rule["verbs"]), ["get"], "{rule}");
+                assert_eq!(strings(&rule["verbs"]), ["list", "watch"], "{rule}");
                 ns
             })
             .collect()

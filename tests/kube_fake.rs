@@ -231,6 +231,228 @@ async fn scheduling_status_patches_conflicts_watches_and_graceful_deletion() {
     }
 }
 
+/// The next watch event other than a bookmark, within 5 s.
+async fn next_change<S>(stream: &mut S) -> WatchEvent<ConfigMap>
+where
+    S: futures::Stream<Item = kube::Result<WatchEvent<ConfigMap>>> + Unpin,
+{
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+            .await
+            .expect("an event in time")
+            .expect("ok")
+            .expect("some");
+        if !matches!(event, WatchEvent::Bookmark(_)) {
+            return event;
+        }
+    }
+}
+
+fn config_map(name: &str, namespace: &str, value: &str) -> ConfigMap {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "data": {"k": value}
+    }))
+    .expect("configMap")
+}
+
+fn rv_of(event: &WatchEvent<ConfigMap>) -> u64 {
+    let meta = match event {
+        WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => &o.metadata,
+        other => panic!("{other:?}"),
+    };
+    meta.resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .expect("a numeric resourceVersion")
+}
+
+/// One object watched by name, as the kubelet's watch-based managers and the node's
+/// object cache do: a list with `fieldSelector=metadata.name=NAME` gives that object
+/// (or none) and the store's resourceVersion; a watch from it replays what changed after
+/// that version (a change between the list and the watch included) and nothing before,
+/// then the live changes of that object only, not of others of the kind or of its
+/// namespace, nor of its name elsewhere; deleted and created again it is DELETED and
+/// ADDED; a watch without resourceVersion starts with the object as ADDED. The watch
+/// ends when its client drops it.
+#[tokio::test]
+async fn a_watch_by_name_sees_its_object_only_and_from_the_list_resource_version() {
+    let server = FakeApiServer::start().await;
+    let client = client(&server).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let shop: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "shop"}})).expect("ns");
+    namespaces
+        .create(&PostParams::default(), &shop)
+        .await
+        .expect("namespace");
+    let default: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let elsewhere: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    for (api, name, ns) in [
+        (&default, "cfg", "default"),
+        (&default, "other", "default"),
+        (&elsewhere, "cfg", "shop"),
+    ] {
+        api.create(&PostParams::default(), &config_map(name, ns, "1"))
+            .await
+            .expect("create");
+    }
+
+    // The list: that object only, at the store's current resourceVersion (as the
+    // kube-runtime watcher lists: from the cache, resourceVersion 0, NotOlderThan).
+    let by_name = ListParams::default().fields("metadata.name=cfg");
+    let listed = default
+        .list(&by_name.clone().match_any())
+        .await
+        .expect("list");
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(listed.items[0].data.as_ref().expect("data")["k"], "1");
+    let list_rv = listed.metadata.resource_version.clone().expect("list rv");
+    let item_rv: u64 = listed.items[0]
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .expect("item rv");
+    assert!(list_rv.parse::<u64>().expect("numeric") >= item_rv);
+    let none = default
+        .list(&ListParams::default().fields("metadata.name=absent"))
+        .await
+        .expect("list");
+    assert!(none.items.is_empty());
+    assert!(none.metadata.resource_version.is_some());
+
+    // Changed between the list and the watch: replayed.
+    let patch = |value: &str| Patch::Merge(json!({"data": {"k": value}}));
+    default
+        .patch("cfg", &PatchParams::default(), &patch("2"))
+        .await
+        .expect("patch");
+    let params = WatchParams::default().fields("metadata.name=cfg");
+    let mut watch = default
+        .watch(&params, &list_rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let first = next_change(&mut watch).await;
+    let WatchEvent::Modified(ref modified) = first else {
+        panic!("expected MODIFIED, got {first:?}");
+    };
+    assert_eq!(modified.data.as_ref().expect("data")["k"], "2");
+    assert!(rv_of(&first) > list_rv.parse::<u64>().expect("numeric"));
+
+    // Others of the kind, and the name in another namespace, are not seen.
+    default
+        .patch("other", &PatchParams::default(), &patch("x"))
+        .await
+        .expect("patch");
+    elsewhere
+        .patch("cfg", &PatchParams::default(), &patch("x"))
+        .await
+        .expect("patch");
+    default
+        .patch("cfg", &PatchParams::default(), &patch("3"))
+        .await
+        .expect("patch");
+    let third = next_change(&mut watch).await;
+    let WatchEvent::Modified(ref modified) = third else {
+        panic!("expected MODIFIED, got {third:?}");
+    };
+    assert_eq!(modified.data.as_ref().expect("data")["k"], "3");
+    assert!(
+        rv_of(&third) > rv_of(&first) + 2,
+        "the others' writes count"
+    );
+
+    // Deleted, then created again.
+    default
+        .delete("cfg", &Default::default())
+        .await
+        .expect("delete");
+    let deleted = next_change(&mut watch).await;
+    assert!(matches!(deleted, WatchEvent::Deleted(_)), "{deleted:?}");
+    assert!(rv_of(&deleted) > rv_of(&third));
+    default
+        .create(&PostParams::default(), &config_map("cfg", "default", "4"))
+        .await
+        .expect("create");
+    let added = next_change(&mut watch).await;
+    let WatchEvent::Added(ref created) = added else {
+        panic!("expected ADDED, got {added:?}");
+    };
+    assert_eq!(created.data.as_ref().expect("data")["k"], "4");
+
+    // From the last version seen: nothing replayed (bookmarks only, with
+    // allowWatchBookmarks), and bookmarks never go back.
+    let last = rv_of(&added).to_string();
+    let mut resumed = default.watch(&params, &last).await.expect("watch").boxed();
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), async {
+        while let Some(event) = resumed.try_next().await.expect("ok") {
+            match event {
+                WatchEvent::Bookmark(mark) => {
+                    let rv: u64 = mark.metadata.resource_version.parse().expect("rv");
+                    assert!(rv >= rv_of(&added));
+                }
+                other => return other,
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await;
+    assert!(quiet.is_err(), "replayed: {quiet:?}");
+
+    // Without a resourceVersion: the object as it is, ADDED, then live changes.
+    let mut fresh = default.watch(&params, "0").await.expect("watch").boxed();
+    let initial = next_change(&mut fresh).await;
+    let WatchEvent::Added(ref object) = initial else {
+        panic!("expected ADDED, got {initial:?}");
+    };
+    assert_eq!(object.data.as_ref().expect("data")["k"], "4");
+
+    // Open while their clients hold them; gone once dropped.
+    let open = |server: &FakeApiServer| -> usize {
+        server
+            .open_watches()
+            .iter()
+            .filter(|w| {
+                w.resource == "configmaps"
+                    && w.namespace == "default"
+                    && w.field_selector == "metadata.name=cfg"
+            })
+            .count()
+    };
+    assert_eq!(open(&server), 3);
+    drop(watch);
+    drop(resumed);
+    drop(fresh);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while open(&server) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            server.open_watches()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The requests as recorded: lists and watches with the selector.
+    let recorded: Vec<(&str, String)> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.resource == "configmaps" && r.field_selector == "metadata.name=cfg")
+        .map(|r| (r.verb, r.namespace))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            ("list", "default".to_string()),
+            ("watch", "default".to_string()),
+            ("watch", "default".to_string()),
+            ("watch", "default".to_string()),
+        ]
+    );
+}
+
 async fn run_kubectl(
     kubeconfig: &std::path::Path,
     args: &[&str],

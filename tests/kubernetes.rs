@@ -412,19 +412,27 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     assert!(!files_containing(&secrets, b"s3cr3t").is_empty());
     assert!(!files_containing(&secrets, b"eyJ").is_empty());
 
-    // A changed configMap reaches the mounted volume of the running container (the node
-    // resolves every pod again each minute and sends the agent the new files).
+    // A changed configMap reaches the mounted volume of the running container within
+    // moments: the node's watch of the configMap sees the change, the node resolves the
+    // pods that refer to it again and sends the agent the new files (it used to resolve
+    // every pod again each minute).
     let changed = CONFIG.replace("greeting: hello", "greeting: bonjour");
+    let applied = std::time::Instant::now();
     cluster.apply(&changed);
-    cluster
+    let arrived = cluster
         .mesh
         .wait_for("the new configMap file", Duration::from_secs(90), || {
             let out = Command::new("podman")
                 .args(["exec", &name, "cat", "/etc/cfg/greeting"])
                 .output()
                 .ok()?;
-            (String::from_utf8_lossy(&out.stdout) == "bonjour").then_some(())
+            (String::from_utf8_lossy(&out.stdout) == "bonjour").then(|| applied.elapsed())
         });
+    eprintln!(
+        "the changed configMap reached the container's file in {:.1} s",
+        arrived.as_secs_f64()
+    );
+    assert!(arrived < Duration::from_secs(5), "{arrived:?}");
 
     // The token came from a TokenRequest bound to the pod, for its service account.
     let issued = cluster.server.tokens_issued();
@@ -464,6 +472,312 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     let reasons = cluster.event_reasons();
     assert!(reasons.iter().any(|r| r == "Killing"), "{reasons:?}");
 
+    cluster.assert_node_requests_allowed();
+}
+
+/// The node's reads of configMaps and secrets in `default`: (verb, resource, name or
+/// field selector), in the order made.
+fn object_reads(cluster: &Cluster) -> Vec<(&'static str, String, String)> {
+    cluster
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.user_agent.starts_with("beemesh/")
+                && r.namespace == "default"
+                && (r.resource == "configmaps" || r.resource == "secrets")
+                && matches!(r.verb, "get" | "list" | "watch")
+        })
+        .map(|r| {
+            let what = if r.name.is_empty() {
+                r.field_selector
+            } else {
+                r.name
+            };
+            (r.verb, r.resource, what)
+        })
+        .collect()
+}
+
+/// The node's open watches of `resource` in `default`, by field selector.
+fn object_watches(cluster: &Cluster, resource: &str) -> Vec<String> {
+    let mut open: Vec<String> = cluster
+        .server
+        .open_watches()
+        .into_iter()
+        .filter(|w| {
+            w.user_agent.starts_with("beemesh/")
+                && w.namespace == "default"
+                && w.resource == resource
+        })
+        .map(|w| w.field_selector)
+        .collect();
+    open.sort();
+    open
+}
+
+/// Pods that share a configMap; the pod referring to `cfg`'s key, volume and the
+/// default token volume (kube-root-ca.crt).
+fn sharer(name: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default}}
+spec:
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sleep, '3600']
+    env: [{{name: GREETING, valueFrom: {{configMapKeyRef: {{name: shared, key: greeting}}}}}}]
+    volumeMounts: [{{name: cfg, mountPath: /etc/cfg}}]
+  volumes:
+  - {{name: cfg, configMap: {{name: shared}}}}
+"#
+    )
+}
+
+/// How many pods share the configMap in the request-count test.
+const SHARERS: usize = 20;
+/// How long the request count is watched once every pod is resolved: past the minute
+/// after which the node used to fetch every pod's objects again.
+const QUIET_OBSERVATION: Duration = Duration::from_secs(70);
+
+/// The node reads configMaps from watched caches, as the kubelet's watch-based manager:
+/// one list and one watch (`fieldSelector=metadata.name=...`) per referenced object,
+/// whatever the number of pods referring to it, and nothing more over time (it used to
+/// GET every pod's objects for each pod, and again every minute). The watch ends with
+/// the last pod referring to the object. No agent: the reads are the node's pod
+/// source's, which resolves every pod bound to the node whether or not it is placed.
+#[test]
+fn pods_sharing_a_config_map_cost_one_watch_whatever_their_number_and_time() {
+    let cluster = Cluster::start_after(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shared, namespace: default}\ndata: {greeting: hi}\n",
+        &["--node-ip", "127.0.0.1"],
+    );
+    cluster.wait_node_ready("beemesh", "False", Duration::from_secs(30));
+    let resolved = |name: &str| {
+        cluster.mesh.wait_for(
+            &format!("{name} resolved (waiting for an agent)"),
+            Duration::from_secs(60),
+            || {
+                let pod = cluster.get(&["pod", name])?;
+                (pod["status"]["reason"] == "Unschedulable").then_some(())
+            },
+        )
+    };
+    cluster.apply(&sharer("sharer-0"));
+    resolved("sharer-0");
+    let one = object_reads(&cluster);
+    let mut expected = vec![
+        (
+            "list",
+            "configmaps".to_string(),
+            "metadata.name=kube-root-ca.crt".to_string(),
+        ),
+        (
+            "list",
+            "configmaps".to_string(),
+            "metadata.name=shared".to_string(),
+        ),
+        (
+            "watch",
+            "configmaps".to_string(),
+            "metadata.name=kube-root-ca.crt".to_string(),
+        ),
+        (
+            "watch",
+            "configmaps".to_string(),
+            "metadata.name=shared".to_string(),
+        ),
+    ];
+    expected.sort();
+    let sorted = |mut reads: Vec<(&'static str, String, String)>| {
+        reads.sort();
+        reads
+    };
+    // The watch may start a moment after the list that resolved the pod.
+    cluster
+        .mesh
+        .wait_for("the two watches", Duration::from_secs(10), || {
+            (sorted(object_reads(&cluster)) == expected).then_some(())
+        });
+    let started = std::time::Instant::now();
+    let all: String = (1..SHARERS)
+        .map(|i| sharer(&format!("sharer-{i}")))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    cluster.apply(&all);
+    for i in 1..SHARERS {
+        resolved(&format!("sharer-{i}"));
+    }
+    let many = object_reads(&cluster);
+    std::thread::sleep(QUIET_OBSERVATION);
+    let later = object_reads(&cluster);
+    eprintln!(
+        "configMap and secret reads by the node: {} with 1 pod, {} with {SHARERS} pods, {} after {} s more ({} s in all)",
+        one.len(),
+        many.len(),
+        later.len(),
+        QUIET_OBSERVATION.as_secs(),
+        started.elapsed().as_secs(),
+    );
+    assert_eq!(sorted(many), expected, "more reads for more pods");
+    assert_eq!(sorted(later), expected, "more reads over time");
+    assert_eq!(
+        object_watches(&cluster, "configmaps"),
+        ["metadata.name=kube-root-ca.crt", "metadata.name=shared"]
+    );
+
+    // The watches stay while a pod refers to their objects, and end with the last.
+    for i in 1..SHARERS {
+        let (ok, out) = cluster.kubectl(&["delete", "pod", &format!("sharer-{i}")], None);
+        assert!(ok, "kubectl delete: {out}");
+    }
+    cluster
+        .mesh
+        .wait_for("the pods deleted", Duration::from_secs(30), || {
+            let pods = cluster.get(&["pods"])?;
+            (pods["items"].as_array()?.len() == 1).then_some(())
+        });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        object_watches(&cluster, "configmaps"),
+        ["metadata.name=kube-root-ca.crt", "metadata.name=shared"]
+    );
+    let (ok, out) = cluster.kubectl(&["delete", "pod", "sharer-0"], None);
+    assert!(ok, "kubectl delete: {out}");
+    cluster
+        .mesh
+        .wait_for("no watch left", Duration::from_secs(20), || {
+            object_watches(&cluster, "configmaps")
+                .is_empty()
+                .then_some(())
+        });
+    assert_eq!(sorted(object_reads(&cluster)), expected);
+
+    // An immutable configMap is listed and no longer watched once seen: it cannot
+    // change (the kubelet stops watching such objects too).
+    cluster.apply(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: frozen, namespace: default}\nimmutable: true\ndata: {greeting: hi}\n",
+    );
+    cluster.apply(&sharer("frozen-user").replace("name: shared", "name: frozen"));
+    resolved("frozen-user");
+    let frozen = (
+        "list",
+        "configmaps".to_string(),
+        "metadata.name=frozen".to_string(),
+    );
+    cluster
+        .mesh
+        .wait_for("the root CA's watch again", Duration::from_secs(10), || {
+            (object_watches(&cluster, "configmaps") == ["metadata.name=kube-root-ca.crt"])
+                .then_some(())
+        });
+    let reads = object_reads(&cluster);
+    assert_eq!(
+        reads
+            .iter()
+            .filter(|r| r.2 == "metadata.name=frozen")
+            .collect::<Vec<_>>(),
+        [&frozen],
+        "{reads:?}"
+    );
+    cluster.assert_node_requests_allowed();
+}
+
+/// A pod whose secret does not exist waits with CreateContainerConfigError, watching
+/// for it; it runs as soon as the secret is created, and the secret's watch ends when
+/// the pod is deleted.
+#[test]
+fn a_pod_waiting_for_its_secret_runs_once_it_is_created_and_its_watch_ends_with_it() {
+    const WAITER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: waiter, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'echo "password=$PASSWORD file=$(cat /etc/creds/password)"; sleep 3600']
+    env: [{name: PASSWORD, valueFrom: {secretKeyRef: {name: late, key: password}}}]
+    volumeMounts: [{name: creds, mountPath: /etc/creds}]
+  volumes:
+  - {name: creds, secret: {secretName: late}}
+"#;
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(WAITER);
+    cluster.mesh.wait_for(
+        "CreateContainerConfigError for the secret",
+        Duration::from_secs(30),
+        || {
+            let pod = cluster.get(&["pod", "waiter"])?;
+            let waiting = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
+            (waiting["reason"] == "CreateContainerConfigError"
+                && waiting["message"] == "secret \"late\" not found")
+                .then_some(())
+        },
+    );
+    assert_eq!(object_watches(&cluster, "secrets"), ["metadata.name=late"]);
+    // Waiting costs nothing: no read of the secret after its watch started.
+    let before = object_reads(&cluster);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(object_reads(&cluster), before);
+
+    let created = std::time::Instant::now();
+    cluster.apply(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: late, namespace: default}\nstringData: {password: s3cr3t}\n",
+    );
+    let resolved = cluster.mesh.wait_for(
+        "the pod past its configuration error",
+        Duration::from_secs(10),
+        || {
+            let pod = cluster.get(&["pod", "waiter"])?;
+            let waiting = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
+            (waiting["reason"] != "CreateContainerConfigError").then(|| created.elapsed())
+        },
+    );
+    let pod = cluster.wait_running("waiter");
+    let running = created.elapsed();
+    eprintln!(
+        "secret created: pod resolved after {:.1} s, Running after {:.1} s",
+        resolved.as_secs_f64(),
+        running.as_secs_f64()
+    );
+    assert!(resolved < Duration::from_secs(3), "{resolved:?}");
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let label = format!("io.beemesh.pod.uid={uid}");
+    let name = podman_containers(&label)
+        .iter()
+        .find(|c| c["Labels"]["io.beemesh.container"] == "c")
+        .and_then(|c| c["Names"][0].as_str())
+        .expect("container")
+        .to_owned();
+    let line = cluster
+        .mesh
+        .wait_for("the container's output", Duration::from_secs(10), || {
+            let logs = podman_logs(&name);
+            logs.contains("password=").then_some(logs)
+        });
+    assert!(line.contains("password=s3cr3t file=s3cr3t"), "{line}");
+
+    let (ok, out) = cluster.kubectl(&["delete", "pod", "waiter", "--timeout=60s"], None);
+    assert!(ok, "kubectl delete: {out}");
+    cluster
+        .mesh
+        .wait_for("the watches ended", Duration::from_secs(10), || {
+            (object_watches(&cluster, "secrets").is_empty()
+                && object_watches(&cluster, "configmaps").is_empty())
+            .then_some(())
+        });
     cluster.assert_node_requests_allowed();
 }
 
@@ -2033,7 +2347,9 @@ spec:
         "may not read configmap \"kube-root-ca.crt\" in namespace \"shop\"",
         "servedNamespaces",
         "add \"shop\"",
-        "cannot get resource \"configmaps\" in API group \"\" in the namespace \"shop\"",
+        // The object's watch lists it by name, which RBAC authorizes as that name.
+        "configmaps \"kube-root-ca.crt\" is forbidden",
+        "cannot list resource \"configmaps\" in API group \"\" in the namespace \"shop\"",
     ] {
         assert!(message.contains(part), "{part:?} not in {message}");
     }
@@ -2066,18 +2382,61 @@ spec:
         "{issued:?}"
     );
     assert!(issued.iter().all(|t| t.namespace != "shop"), "{issued:?}");
-    // All the node was refused: reads in shop (events and status are cluster-wide).
+    // All the node was refused: reads in shop (events and status are cluster-wide),
+    // the lists by name of the configMap and the secret the pod refers to (each object
+    // is watched from the start, so both are tried, and retried).
     let refused = cluster.server.refused();
     assert!(!refused.is_empty());
     assert!(
-        refused
-            .iter()
-            .all(|r| r.namespace == "shop" && r.verb == "get" && r.resource == "configmaps"),
+        refused.iter().all(|r| r.namespace == "shop"
+            && r.verb == "list"
+            && matches!(
+                (r.resource.as_str(), r.field_selector.as_str()),
+                ("configmaps", "metadata.name=kube-root-ca.crt")
+                    | ("secrets", "metadata.name=creds")
+            )),
         "{refused:?}"
     );
     assert!(cluster.mesh.node().is_running());
     let node = cluster.server.object("nodes", "", "beemesh").expect("node");
     assert!(condition(&node, "Ready").is_some(), "{node}");
+
+    // Served from now on (what `helm upgrade` with shop in servedNamespaces adds): the
+    // refused watches, retried at least every 10 s, list the objects, and the pod waits
+    // for an agent only.
+    let role = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/install/beemesh.yaml"),
+    )
+    .expect("beemesh.yaml");
+    let granted: Vec<Value> = serde_yaml::Deserializer::from_str(&role)
+        .map(|document| <Value as serde::Deserialize>::deserialize(document).expect("yaml"))
+        .filter(|o| o["metadata"]["name"] == "beemesh-pods")
+        .map(|mut o| {
+            o["metadata"]["namespace"] = "shop".into();
+            o
+        })
+        .collect();
+    assert_eq!(granted.len(), 2, "the Role and its RoleBinding");
+    let served_at = std::time::Instant::now();
+    for object in granted {
+        let (ok, out) = cluster.kubectl(
+            &["apply", "--validate=false", "-f", "-"],
+            Some(&object.to_string()),
+        );
+        assert!(ok, "kubectl apply: {out}");
+    }
+    let elapsed =
+        cluster
+            .mesh
+            .wait_for("till waiting for an agent", Duration::from_secs(20), || {
+                let pod = cluster.get(&["pod", "till", "-n", "shop"])?;
+                (pod["status"]["reason"] == "Unschedulable").then(|| served_at.elapsed())
+            });
+    eprintln!(
+        "granted: the pod resolved {:.1} s later",
+        elapsed.as_secs_f64()
+    );
+    assert!(elapsed < Duration::from_secs(12), "{elapsed:?}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 pub mod events;
 pub mod node_lease;
 pub mod node_object;
+pub mod object_cache;
 pub mod pod_source;
 pub mod pod_status;
 pub mod trust_secret;

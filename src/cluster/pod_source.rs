@@ -3,11 +3,14 @@
 //! their configMaps, secrets and service account tokens, and handed to the node loop
 //! as a whole desired set.
 //!
-//! Pods waiting for a missing object are resolved again every few seconds; every pod
-//! is resolved again each minute (so that changed configMaps reach its volumes) and
-//! whenever one of its tokens nears expiry.
+//! ConfigMaps and secrets come from watched caches ([`ObjectCache`]: one watch per
+//! referenced object, as the kubelet's watch-based managers keep them): a pod is
+//! resolved again exactly when an object it refers to changes (appears, is updated or
+//! deleted; so changed configMaps reach its volumes within moments), when one of its
+//! tokens nears expiry, and, after a failed TokenRequest, a few seconds later. Nothing
+//! is polled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,19 +27,23 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventRecorder, PodEvent};
+use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
 use super::pod_status::StatusBoard;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
 use crate::runtime::translate;
 use crate::wire::PodUid;
 
-/// A pod waiting for a missing configMap or secret is resolved again this often.
-const MISSING_RETRY: Duration = Duration::from_secs(2);
-/// A pod whose configMaps, secrets or tokens the node may not read (403) is resolved
-/// again this often: until its RBAC changes, every attempt is refused.
+/// A pod whose TokenRequest failed (its service account is missing, or the API did not
+/// answer) is resolved again this often.
+const TOKEN_RETRY: Duration = Duration::from_secs(2);
+/// A pod whose tokens the node may not create (403) is resolved again this often: until
+/// its RBAC changes, every attempt is refused.
 const DENIED_RETRY: Duration = Duration::from_secs(10);
-/// Every pod is resolved again this often, picking up changed configMaps and secrets.
-const REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// How long resolving a pod waits for the first list of an object no pod referred to
+/// before; past it the pod waits as for a missing object, and is resolved again once
+/// the list comes.
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
 /// A token is replaced once this share of its lifetime has passed (the kubelet's 80%).
 const TOKEN_REFRESH_SHARE: f64 = 0.8;
 
@@ -51,7 +58,16 @@ struct Tracked {
     /// The pod without status and bookkeeping fields: what resolution depends on.
     pod: Pod,
     desired: DesiredPod,
-    next_resolve: Instant,
+    /// When a token must be replaced, or a failed TokenRequest tried again; None: only
+    /// when an object the pod refers to changes.
+    next_resolve: Option<Instant>,
+}
+
+/// What resolving a pod gave, and when to try again for its tokens' sake.
+struct Resolution {
+    resolved: Result<resolve::Resolved, ResolveError>,
+    /// Set when a TokenRequest failed.
+    retry_in: Option<Duration>,
 }
 
 struct PodSource {
@@ -61,6 +77,8 @@ struct PodSource {
     pods: BTreeMap<String, Tracked>,
     /// By pod UID: tokens are bound to their pod.
     tokens: HashMap<(String, TokenSpec), Token>,
+    /// The configMaps and secrets the pods refer to.
+    objects: ObjectCache,
 }
 
 /// Watches and resolves until cancelled, sending each new desired set to `out`.
@@ -76,12 +94,14 @@ pub async fn run(
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let mut stream = watcher(api, config).default_backoff().boxed();
     let mut source = PodSource {
+        objects: ObjectCache::new(client.clone()),
         client,
         board,
         events,
         pods: BTreeMap::new(),
         tokens: HashMap::new(),
     };
+    let changes = source.objects.changes();
     let mut listing: Option<Vec<Pod>> = None;
     let mut listed = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -111,6 +131,10 @@ pub async fn run(
                 Some(Ok(watcher::Event::Apply(pod))) => source.apply(pod).await,
                 Some(Ok(watcher::Event::Delete(pod))) => source.remove(&pod),
             },
+            keys = changes.next() => {
+                let uids = source.objects.pods_referring(&keys);
+                source.resolve_again(uids).await
+            }
             _ = tick.tick() => source.resolve_due().await,
         };
         if changed && listed {
@@ -127,6 +151,29 @@ pub async fn run(
     }
 }
 
+/// The namespace a pod's references are in.
+fn namespace_of(pod: &Pod) -> String {
+    pod.metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into())
+}
+
+/// The configMaps and secrets `pod` refers to.
+fn object_keys(pod: &Pod) -> BTreeSet<ObjectKey> {
+    let namespace = namespace_of(pod);
+    let refs = resolve::references(pod);
+    let config_maps = refs
+        .config_maps
+        .iter()
+        .map(|name| ObjectKey::new(ObjectKind::ConfigMap, &namespace, name));
+    let secrets = refs
+        .secrets
+        .iter()
+        .map(|name| ObjectKey::new(ObjectKind::Secret, &namespace, name));
+    config_maps.chain(secrets).collect()
+}
+
 /// The pod as resolution sees it: without status and the fields every write changes.
 fn essentials(pod: &Pod) -> Pod {
     let mut pod = pod.clone();
@@ -139,6 +186,16 @@ fn essentials(pod: &Pod) -> Pod {
 impl PodSource {
     async fn replace_all(&mut self, pods: Vec<Pod>) {
         let mut old = std::mem::take(&mut self.pods);
+        // Every new object's first list at once, rather than one pod after another.
+        let mut keys = BTreeSet::new();
+        for pod in &pods {
+            if let Some(uid) = &pod.metadata.uid {
+                let refs = object_keys(pod);
+                self.objects.set_references(uid, refs.clone());
+                keys.extend(refs);
+            }
+        }
+        self.objects.wait_listed(&keys, FIRST_LIST_WAIT).await;
         for pod in pods {
             let Some(uid) = pod.metadata.uid.clone() else {
                 continue;
@@ -151,6 +208,9 @@ impl PodSource {
                     self.apply(pod).await;
                 }
             }
+        }
+        for uid in old.keys() {
+            self.objects.forget(uid);
         }
         self.forget_tokens();
     }
@@ -175,14 +235,20 @@ impl PodSource {
         if newly_deleted {
             self.record_killing(&pod);
         }
-        let resolved = match self.pods.get(&uid) {
+        let keys = object_keys(&essentials);
+        self.objects.set_references(&uid, keys.clone());
+        let (resolved, next_resolve) = match self.pods.get(&uid) {
             // Being deleted: nothing more to resolve.
             Some(tracked) if pod.metadata.deletion_timestamp.is_some() => {
-                tracked.desired.resolved.clone()
+                (tracked.desired.resolved.clone(), None)
             }
-            _ => self.resolve(&essentials).await,
+            _ => {
+                self.objects.wait_listed(&keys, FIRST_LIST_WAIT).await;
+                let resolution = self.resolve(&essentials).await;
+                let next = self.next_resolve(&uid, resolution.retry_in);
+                (resolution.resolved, next)
+            }
         };
-        let next_resolve = self.next_resolve(&uid, &resolved);
         self.pods.insert(
             uid,
             Tracked {
@@ -198,35 +264,46 @@ impl PodSource {
     }
 
     fn remove(&mut self, pod: &Pod) -> bool {
-        let removed = pod
-            .metadata
-            .uid
-            .as_ref()
-            .is_some_and(|uid| self.pods.remove(uid).is_some());
+        let Some(uid) = pod.metadata.uid.as_ref() else {
+            return false;
+        };
+        let removed = self.pods.remove(uid).is_some();
+        self.objects.forget(uid);
         self.forget_tokens();
         removed
     }
 
-    /// Resolves the pods that are due; true if a desired pod changed.
+    /// Resolves the pods whose tokens are due; true if a desired pod changed.
     async fn resolve_due(&mut self) -> bool {
         let now = Instant::now();
-        let due: Vec<String> = self
+        let due: BTreeSet<String> = self
             .pods
             .iter()
-            .filter(|(_, t)| t.next_resolve <= now && t.pod.metadata.deletion_timestamp.is_none())
+            .filter(|(_, t)| t.next_resolve.is_some_and(|at| at <= now))
             .map(|(uid, _)| uid.clone())
             .collect();
+        self.resolve_again(due).await
+    }
+
+    /// Resolves the pods `uids` again (those not being deleted); true if a desired pod
+    /// changed.
+    async fn resolve_again(&mut self, uids: BTreeSet<String>) -> bool {
         let mut changed = false;
-        for uid in due {
-            let Some(pod) = self.pods.get(&uid).map(|t| t.pod.clone()) else {
+        for uid in uids {
+            let Some(pod) = self
+                .pods
+                .get(&uid)
+                .filter(|t| t.pod.metadata.deletion_timestamp.is_none())
+                .map(|t| t.pod.clone())
+            else {
                 continue;
             };
-            let resolved = self.resolve(&pod).await;
-            let next_resolve = self.next_resolve(&uid, &resolved);
+            let resolution = self.resolve(&pod).await;
+            let next_resolve = self.next_resolve(&uid, resolution.retry_in);
             if let Some(tracked) = self.pods.get_mut(&uid) {
                 tracked.next_resolve = next_resolve;
-                if tracked.desired.resolved != resolved {
-                    tracked.desired.resolved = resolved;
+                if tracked.desired.resolved != resolution.resolved {
+                    tracked.desired.resolved = resolution.resolved;
                     changed = true;
                 }
             }
@@ -234,18 +311,12 @@ impl PodSource {
         changed
     }
 
-    /// Soon while something is missing; else at the regular refresh or when a token
-    /// must be replaced, whichever comes first.
-    fn next_resolve(
-        &self,
-        uid: &str,
-        resolved: &Result<resolve::Resolved, ResolveError>,
-    ) -> Instant {
+    /// After a failed TokenRequest, `retry_in`; else when a token must be replaced;
+    /// None if neither (changed objects are reported by their watches).
+    fn next_resolve(&self, uid: &str, retry_in: Option<Duration>) -> Option<Instant> {
         let now = Instant::now();
-        match resolved {
-            Err(ResolveError::Missing(_)) => return now + MISSING_RETRY,
-            Err(ResolveError::Denied(_)) => return now + DENIED_RETRY,
-            _ => {}
+        if let Some(retry_in) = retry_in {
+            return Some(now + retry_in);
         }
         let wall = Timestamp::now();
         self.tokens
@@ -255,22 +326,50 @@ impl PodSource {
                 let secs = token.refresh_at.duration_since(wall).as_secs_f64().max(0.0);
                 now + Duration::from_secs_f64(secs)
             })
-            .fold(now + REFRESH_INTERVAL, Instant::min)
+            .min()
     }
 
-    async fn resolve(&mut self, pod: &Pod) -> Result<resolve::Resolved, ResolveError> {
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
+    async fn resolve(&mut self, pod: &Pod) -> Resolution {
+        match self.try_resolve(pod).await {
+            Ok(resolved) => Resolution {
+                resolved: resolve::resolve(pod, &resolved),
+                retry_in: None,
+            },
+            Err((error, retry_in)) => Resolution {
+                resolved: Err(error),
+                retry_in,
+            },
+        }
+    }
+
+    /// The objects and tokens `pod` refers to; an error with the time to try again
+    /// (None: when a watched object changes).
+    async fn try_resolve(
+        &mut self,
+        pod: &Pod,
+    ) -> Result<Fetched, (ResolveError, Option<Duration>)> {
+        let namespace = namespace_of(pod);
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let refs = resolve::references(pod);
-        let mut fetched = Fetched {
-            config_maps: fetch(&self.client, &namespace, &refs.config_maps, "configmap").await?,
-            secrets: fetch(&self.client, &namespace, &refs.secrets, "secret").await?,
-            tokens: BTreeMap::new(),
-        };
+        let mut fetched = Fetched::default();
+        for name in &refs.config_maps {
+            let found = self
+                .objects
+                .config_map(&namespace, name)
+                .map_err(|e| (e, None))?;
+            fetched
+                .config_maps
+                .extend(found.map(|cm| (name.clone(), cm)));
+        }
+        for name in &refs.secrets {
+            let found = self
+                .objects
+                .secret(&namespace, name)
+                .map_err(|e| (e, None))?;
+            fetched
+                .secrets
+                .extend(found.map(|secret| (name.clone(), secret)));
+        }
         for spec in refs.tokens {
             let key = (uid.clone(), spec.clone());
             let fresh = self
@@ -280,7 +379,16 @@ impl PodSource {
             let value = match fresh {
                 Some(token) => token.value.clone(),
                 None => {
-                    let token = self.request_token(pod, &namespace, &spec).await?;
+                    let token = self
+                        .request_token(pod, &namespace, &spec)
+                        .await
+                        .map_err(|e| {
+                            let retry_in = match e {
+                                ResolveError::Denied(_) => DENIED_RETRY,
+                                _ => TOKEN_RETRY,
+                            };
+                            (e, Some(retry_in))
+                        })?;
                     let value = token.value.clone();
                     self.tokens.insert(key, token);
                     value
@@ -288,7 +396,7 @@ impl PodSource {
             };
             fetched.tokens.insert(spec, value);
         }
-        resolve::resolve(pod, &fetched)
+        Ok(fetched)
     }
 
     /// A TokenRequest for the pod's service account, bound to the pod (so the token
@@ -359,34 +467,6 @@ impl PodSource {
     }
 }
 
-/// The named objects of one kind in a namespace; those that do not exist are absent.
-async fn fetch<K>(
-    client: &Client,
-    namespace: &str,
-    names: &std::collections::BTreeSet<String>,
-    kind: &str,
-) -> Result<BTreeMap<String, K>, ResolveError>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    let mut found = BTreeMap::new();
-    for name in names {
-        match api.get_opt(name).await {
-            Ok(Some(object)) => {
-                found.insert(name.clone(), object);
-            }
-            Ok(None) => {}
-            Err(e) => return Err(unavailable(&format!("read {kind}"), name, namespace, &e)),
-        }
-    }
-    Ok(found)
-}
-
 /// When a token issued at `now` and expiring at `expires` is replaced.
 fn refresh_time(now: Timestamp, expires: Timestamp) -> Timestamp {
     let lifetime = expires.duration_since(now).as_secs_f64().max(0.0);
@@ -413,22 +493,6 @@ fn token_request(pod: &Pod, spec: &TokenSpec) -> TokenRequest {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-/// The API could not be asked for `name` (`action` is e.g. "read secret"): the pod
-/// waits, and the next attempt may succeed. A 403 says which permission the node lacks
-/// in which namespace, and how the chart grants it.
-fn unavailable(action: &str, name: &str, namespace: &str, error: &kube::Error) -> ResolveError {
-    match error {
-        kube::Error::Api(status) if status.code == 403 => ResolveError::Denied(format!(
-            "the node's service account may not {action} \"{name}\" in namespace \
-             \"{namespace}\": the node serves only the namespaces of its chart value \
-             servedNamespaces; add \"{namespace}\" to it (or grant the node's service \
-             account that permission there). The API server said: {}",
-            status.message
-        )),
-        _ => ResolveError::Missing(format!("cannot {action} \"{name}\": {error}")),
     }
 }
 
@@ -468,49 +532,6 @@ mod tests {
                 "expirationSeconds": 3607,
                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": "0b5c-uid"}
             })
-        );
-    }
-
-    #[test]
-    fn a_forbidden_read_says_which_namespace_and_which_chart_value() {
-        // The Status a real API server sends for an RBAC denial (NewForbidden with
-        // forbiddenMessage): 403, reason Forbidden.
-        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "secrets \"creds\" is forbidden: User \"system:serviceaccount:beemesh:beemesh\" cannot get resource \"secrets\" in API group \"\" in the namespace \"shop\"",
-            "reason": "Forbidden", "details": {"name": "creds", "kind": "secrets"}, "code": 403
-        }))
-        .expect("status");
-        let denied = unavailable(
-            "read secret",
-            "creds",
-            "shop",
-            &kube::Error::Api(status.boxed()),
-        );
-        let ResolveError::Denied(message) = &denied else {
-            panic!("{denied:?}");
-        };
-        for part in [
-            "may not read secret \"creds\" in namespace \"shop\"",
-            "servedNamespaces",
-            "cannot get resource \"secrets\"",
-        ] {
-            assert!(message.contains(part), "{part}: {message}");
-        }
-        // Anything else is a pod waiting for the API, retried sooner.
-        let unavailable_status: kube::core::Status = serde_json::from_value(
-            serde_json::json!({"status": "Failure", "message": "etcdserver: request timed out", "code": 500}),
-        )
-        .expect("status");
-        let waiting = unavailable(
-            "read secret",
-            "creds",
-            "shop",
-            &kube::Error::Api(unavailable_status.boxed()),
-        );
-        assert!(
-            matches!(&waiting, ResolveError::Missing(m) if m.starts_with("cannot read secret \"creds\"")),
-            "{waiting:?}"
         );
     }
 

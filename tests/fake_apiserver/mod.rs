@@ -278,6 +278,9 @@ struct Store {
     requests: Vec<RequestRecord>,
     /// The requests refused with 403 while RBAC was enforced, oldest first.
     refused: Vec<RequestRecord>,
+    /// The watches being served, by a serial number.
+    open_watches: BTreeMap<u64, OpenWatch>,
+    watch_serial: u64,
     uid_counter: u64,
     tokens: Vec<IssuedToken>,
     /// Who each bearer token the fake knows authenticates as.
@@ -684,6 +687,8 @@ impl Store {
             history: VecDeque::new(),
             events,
             requests: Vec::new(),
+            open_watches: BTreeMap::new(),
+            watch_serial: 0,
             refused: Vec::new(),
             uid_counter: 0,
             tokens: Vec::new(),
@@ -1219,6 +1224,8 @@ pub struct RequestRecord {
     pub namespace: String,
     /// The object's name; empty for lists and creates.
     pub name: String,
+    /// A list's or watch's `fieldSelector`, as sent; empty if none.
+    pub field_selector: String,
 }
 
 impl RequestRecord {
@@ -1251,8 +1258,20 @@ impl RequestRecord {
             resource,
             namespace: target.namespace.clone(),
             name: target.name.clone().unwrap_or_default(),
+            field_selector: params.get("fieldSelector").cloned().unwrap_or_default(),
         }
     }
+}
+
+/// A watch the fake is serving: open until its client goes away or it times out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenWatch {
+    pub user_agent: String,
+    /// The plural, e.g. `configmaps`.
+    pub resource: String,
+    /// Empty for a watch across all namespaces.
+    pub namespace: String,
+    pub field_selector: String,
 }
 
 struct Target {
@@ -1994,9 +2013,6 @@ impl FakeApiServer {
         path
     }
 
-    /// Drops the history a watch could resume from (what etcd compaction does).
-    /// Ends every open watch, as an API server restart does. After `compact()`, the
-    /// clients' next watch from their old resourceVersion gets 410 Expired.
     /// While set, every write of a pod's status gets 429 TooManyRequests (with
     /// Retry-After: 1), as an overloaded API server's flow control answers.
     pub fn throttle_pod_status(&self, throttle: bool) {
@@ -2016,6 +2032,7 @@ impl FakeApiServer {
         self.store.lock().expect("store").refused.clone()
     }
 
+    /// Ends every open watch, as an API server restart does.
     pub fn drop_watches(&self) {
         let mut store = self.store.lock().expect("store");
         store.events = broadcast::channel(4096).0;
@@ -2026,6 +2043,21 @@ impl FakeApiServer {
         self.store.lock().expect("store").requests.clone()
     }
 
+    /// The watches being served now (a watch ends when its client closes it, when its
+    /// `timeoutSeconds` pass, or with [`FakeApiServer::drop_watches`]).
+    pub fn open_watches(&self) -> Vec<OpenWatch> {
+        self.store
+            .lock()
+            .expect("store")
+            .open_watches
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Drops the history a watch could resume from (what etcd compaction does). After
+    /// `compact()`, the clients' next watch from their old resourceVersion gets 410
+    /// Expired.
     pub fn compact(&self) {
         let mut store = self.store.lock().expect("store");
         store.history.clear();
@@ -2099,9 +2131,12 @@ fn route(
     };
     let params = query_map(&query);
     if let Ok(mut store) = store.lock() {
-        store
-            .requests
-            .push(RequestRecord::new(&method, &target, &params, user_agent));
+        store.requests.push(RequestRecord::new(
+            &method,
+            &target,
+            &params,
+            user_agent.clone(),
+        ));
         if store.enforce_rbac {
             let requester = store.requester(identity.as_ref(), bearer.as_deref());
             let attrs = request_attributes(&method, &target, &params, &requester);
@@ -2177,7 +2212,7 @@ fn route(
     match (method.as_str(), &target.name) {
         ("GET", None) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             check_field_selector(&resource, &params)?;
-            Ok(watch(store, target, params))
+            Ok(watch(store, target, params, user_agent))
         }
         ("GET", None) => {
             check_field_selector(&resource, &params)?;
@@ -2426,7 +2461,26 @@ fn delete(
     Ok(reply_json(200, &deleted))
 }
 
-fn watch(store: Arc<Mutex<Store>>, target: Target, params: BTreeMap<String, String>) -> Reply {
+/// Removes its watch from [`Store::open_watches`] when the watch ends.
+struct OpenWatchGuard {
+    store: Arc<Mutex<Store>>,
+    serial: u64,
+}
+
+impl Drop for OpenWatchGuard {
+    fn drop(&mut self) {
+        if let Ok(mut store) = self.store.lock() {
+            store.open_watches.remove(&self.serial);
+        }
+    }
+}
+
+fn watch(
+    store: Arc<Mutex<Store>>,
+    target: Target,
+    params: BTreeMap<String, String>,
+    user_agent: String,
+) -> Reply {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(256);
     let bookmarks = params
         .get("allowWatchBookmarks")
@@ -2459,8 +2513,25 @@ fn watch(store: Arc<Mutex<Store>>, target: Target, params: BTreeMap<String, Stri
     };
     // Under the lock: what to replay, and the live subscription, so nothing falls
     // between the two.
-    let (backlog, mut live, kind) = {
-        let store = store.lock().expect("store");
+    let (backlog, mut live, kind, guard) = {
+        let mut store_guard = store.lock().expect("store");
+        let store_ref = &mut *store_guard;
+        store_ref.watch_serial += 1;
+        let serial = store_ref.watch_serial;
+        store_ref.open_watches.insert(
+            serial,
+            OpenWatch {
+                user_agent,
+                resource: target.resource.plural.to_string(),
+                namespace: target.namespace.clone(),
+                field_selector: params.get("fieldSelector").cloned().unwrap_or_default(),
+            },
+        );
+        let guard = OpenWatchGuard {
+            store: store.clone(),
+            serial,
+        };
+        let store = &*store_ref;
         let live = store.events.subscribe();
         let since = params
             .get("resourceVersion")
@@ -2490,10 +2561,12 @@ fn watch(store: Arc<Mutex<Store>>, target: Target, params: BTreeMap<String, Stri
                 }
             }
         };
-        (backlog, live, target.resource.kind)
+        (backlog, live, target.resource.kind, guard)
     };
     let store_for_bookmarks = store.clone();
     tokio::spawn(async move {
+        // Open while this task serves the watch.
+        let _guard = guard;
         let lines = match backlog {
             Ok(lines) => lines,
             Err(error) => {
@@ -2513,6 +2586,9 @@ fn watch(store: Arc<Mutex<Store>>, target: Target, params: BTreeMap<String, Stri
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
+                // The client went away (its connection closed): the real server's
+                // request context ends, and with it the watch.
+                _ = tx.closed() => return,
                 _ = bookmark.tick(), if bookmarks => {
                     let rv = store_for_bookmarks.lock().map(|s| s.rv).unwrap_or(0);
                     let object = json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string(), "creationTimestamp": null}});
