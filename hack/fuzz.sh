@@ -9,8 +9,11 @@
 # New inputs go to a scratch corpus ($FUZZ_WORK/<target>, /tmp/beemesh-fuzz by default);
 # the committed corpus fuzz/corpus/<target> is only read. Logs, with libFuzzer's final
 # stats (executions, exec/s, peak RSS), go to $FUZZ_LOGS/<target>.log. A crash stops the
-# script, with the input in fuzz/artifacts/<target>/. To keep what a run found:
-#   cd fuzz && cargo +nightly fuzz run -O -a <target> fuzz/corpus/<target> $FUZZ_WORK/<target> -- -merge=1
+# script, with the input in fuzz/artifacts/<target>/. To keep what a run found (the
+# inputs that add coverage, as a set cover over the old corpus and the run's):
+#   cd fuzz && mkdir new && cp corpus/<target>/seed-* new/
+#   cargo +nightly fuzz run -O -a <target> new corpus/<target> $FUZZ_WORK/<target> -- -set_cover_merge=1
+#   rm -r corpus/<target> && mv new corpus/<target>
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
