@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Plots the scale harness's results (benches/results/scale.json, written by
+hack/bench-scale.sh): offer-to-assignment latency and placement rate against agents,
+latency against the offered rate, and the owner's heartbeat round, tick and memory
+against the pods it tracks."""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "benches/results/scale.json")
+    out = Path(sys.argv[2] if len(sys.argv) > 2 else source.parent)
+    results = json.loads(source.read_text())
+    title = f"{results['date']}, {results['machine']['cpus']} CPUs"
+    runs = [r for r in results["agents"] if r.get("phases")]
+    tracks = [t for t in results["tracking"] if "rounds" in t]
+    written = []
+
+    if runs:
+        fig, (lat, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
+        agents = [r["agents"] for r in runs]
+        # The lowest rate, which every run measured: latency without queueing.
+        first = [r["phases"][0] for r in runs]
+        lat.plot(agents, [p["p50_ms"] for p in first], "o-", label="p50")
+        lat.plot(agents, [p["p99_ms"] for p in first], "s-", label="p99")
+        lat.plot([1000, 10000], [100, 250], "k_", markersize=18, mew=2, label="target p99")
+        lat.set_xscale("log")
+        lat.set_yscale("log")
+        lat.set_xlabel("agents")
+        lat.set_ylabel("offer to assignment (ms)")
+        lat.set_title(f"at {first[0]['rate']:g} pods/s offered")
+        lat.legend()
+        lat.grid(True, which="both", alpha=0.3)
+        best = [max(p["sustained_per_s"] for p in r["phases"]) for r in runs]
+        rate.plot(agents, best, "o-", label="highest sustained")
+        rate.axhline(1000, color="k", linestyle="--", label="target 1,000/s")
+        rate.set_xscale("log")
+        rate.set_yscale("log")
+        rate.set_xlabel("agents")
+        rate.set_ylabel("pods placed per second")
+        rate.set_title("one owner")
+        rate.legend()
+        rate.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"Placement against agents ({title})")
+        fig.tight_layout()
+        path = out / "scale-vs-agents.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for r in runs:
+            phases = r["phases"]
+            ax.plot(
+                [p["rate"] for p in phases],
+                [p["p99_ms"] for p in phases],
+                "o-",
+                label=f"{r['agents']:,} agents, p99",
+            )
+            ax.plot(
+                [p["rate"] for p in phases],
+                [p["p50_ms"] for p in phases],
+                "x--",
+                label=f"{r['agents']:,} agents, p50",
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pods offered per second")
+        ax.set_ylabel("offer to assignment (ms)")
+        ax.set_title(f"Latency against load ({title})")
+        ax.legend(fontsize="small")
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = out / "scale-vs-rate.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    if tracks:
+        fig, (time, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+        pods = [t["pods"] for t in tracks]
+        time.plot(pods, [t["rounds"][-1]["round_secs"] for t in tracks], "o-", label="heartbeat round (s)")
+        time.plot(pods, [t["tick_ms_median"] / 1000 for t in tracks], "s-", label="owner tick (s)")
+        time.axhline(results["heartbeat_interval_secs"], color="k", linestyle="--", label="heartbeat interval")
+        time.axhline(0.02, color="grey", linestyle=":", label="tick interval")
+        time.set_xscale("log")
+        time.set_yscale("log")
+        time.set_xlabel("pods tracked (100 per agent)")
+        time.set_ylabel("seconds")
+        time.legend(fontsize="small")
+        time.grid(True, which="both", alpha=0.3)
+        mem.plot(pods, [t["rss_end_mib"] / 1024 for t in tracks], "o-", label="owner RSS")
+        mem.axhline(4, color="k", linestyle="--", label="target 4 GiB")
+        mem.set_xscale("log")
+        mem.set_yscale("log")
+        mem.set_xlabel("pods tracked")
+        mem.set_ylabel("GiB")
+        mem.legend()
+        mem.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"One owner against the pods it tracks ({title})")
+        fig.tight_layout()
+        path = out / "scale-vs-pods.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    for path in written:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
