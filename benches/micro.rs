@@ -11,6 +11,7 @@ use beemesh::mesh::WireCodec;
 use beemesh::placement::{self, AgentCapacity, ScoreMode};
 use beemesh::runtime::translate::{self, ContainerKind, PlanContext};
 use beemesh::trust::statement;
+use beemesh::view::SeenAgent;
 use beemesh::wire::{
     self, AgentHealth, Assign, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef,
     PodUid, Request, Resources, Topic,
@@ -239,6 +240,30 @@ fn placement_scoring(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("explain", n), &agents, |b, agents| {
             b.iter(|| placement::explain(black_box(&offer), agents.iter()))
         });
+        // What the owner does for every bid (Owner::fitting_agents): each live agent's
+        // capacity rebuilt from its last heartbeat (10 pods each here), then checked.
+        let seen: Vec<SeenAgent> = (0..n)
+            .map(|i| {
+                let mut heartbeat = heartbeat(10);
+                heartbeat.labels =
+                    BTreeMap::from([("zone".to_string(), format!("zone-{}", i % 3))]);
+                SeenAgent {
+                    heartbeat,
+                    last_seen: tokio::time::Instant::now(),
+                }
+            })
+            .collect();
+        group.bench_with_input(
+            BenchmarkId::new("fitting_from_heartbeats", n),
+            &seen,
+            |b, seen| {
+                b.iter(|| {
+                    seen.iter()
+                        .filter(|s| placement::misfits(black_box(&offer), &s.capacity()).is_empty())
+                        .count()
+                })
+            },
+        );
     }
     group.finish();
 }

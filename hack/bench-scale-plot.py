@@ -20,33 +20,51 @@ def main():
     results = json.loads(source.read_text())
     title = f"{results['date']}, {results['machine']['cpus']} CPUs"
     runs = [r for r in results["agents"] if r.get("phases")]
+    places = [p for p in results.get("placement", []) if "per_pod_ms" in p]
     tracks = [t for t in results["tracking"] if "rounds" in t]
     written = []
 
-    if runs:
+    if runs or places:
         fig, (lat, rate) = plt.subplots(1, 2, figsize=(11, 4.2))
         agents = [r["agents"] for r in runs]
-        # The lowest rate, which every run measured: latency without queueing.
+        # The lowest rate, which every run measured: latency with the least queueing.
         first = [r["phases"][0] for r in runs]
-        lat.plot(agents, [p["p50_ms"] for p in first], "o-", label="p50")
-        lat.plot(agents, [p["p99_ms"] for p in first], "s-", label="p99")
+        if runs:
+            offered = f" at {first[0]['rate']:g} pods/s"
+            lat.plot(agents, [p["p50_ms"] for p in first], "o-", label=f"p50{offered}")
+            lat.plot(agents, [p["p99_ms"] for p in first], "s-", label=f"p99{offered}")
+        if places:
+            lat.plot(
+                [p["agents"] for p in places],
+                [p["per_pod_ms"] for p in places],
+                "^:",
+                label="owner CPU per pod (no mesh)",
+            )
         lat.plot([1000, 10000], [100, 250], "k_", markersize=18, mew=2, label="target p99")
         lat.set_xscale("log")
         lat.set_yscale("log")
         lat.set_xlabel("agents")
-        lat.set_ylabel("offer to assignment (ms)")
-        lat.set_title(f"at {first[0]['rate']:g} pods/s offered")
-        lat.legend()
+        lat.set_ylabel("ms")
+        lat.set_title("offer to assignment")
+        lat.legend(fontsize="small")
         lat.grid(True, which="both", alpha=0.3)
-        best = [max(p["sustained_per_s"] for p in r["phases"]) for r in runs]
-        rate.plot(agents, best, "o-", label="highest sustained")
+        if runs:
+            best = [max(p["sustained_per_s"] for p in r["phases"]) for r in runs]
+            rate.plot(agents, best, "o-", label="highest sustained (mesh)")
+        if places:
+            rate.plot(
+                [p["agents"] for p in places],
+                [p["max_pods_per_s"] for p in places],
+                "^:",
+                label="owner CPU bound (no mesh)",
+            )
         rate.axhline(1000, color="k", linestyle="--", label="target 1,000/s")
         rate.set_xscale("log")
         rate.set_yscale("log")
         rate.set_xlabel("agents")
         rate.set_ylabel("pods placed per second")
         rate.set_title("one owner")
-        rate.legend()
+        rate.legend(fontsize="small")
         rate.grid(True, which="both", alpha=0.3)
         fig.suptitle(f"Placement against agents ({title})")
         fig.tight_layout()
@@ -54,6 +72,7 @@ def main():
         fig.savefig(path, dpi=110)
         written.append(path)
 
+    if runs:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for r in runs:
             phases = r["phases"]

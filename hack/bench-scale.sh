@@ -24,6 +24,6 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check matplotlib==3.10.8
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "matplotlib>=3.8,<4"
 fi
 "$venv/bin/python" hack/bench-scale-plot.py "$out/scale.json" "$out"

@@ -160,6 +160,22 @@ fn running_status() -> PodStatus {
     }
 }
 
+/// The owner's RSS over its desired set's (the two copies of each pod in the set, and the
+/// one more the owner keeps, with statuses, heartbeats and indexes), about.
+const OWNER_TO_DESIRED: f64 = 2.0;
+
+/// Memory the kernel could give without swapping, in GiB (Linux).
+pub fn mem_available_gib() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0))
+}
+
 /// This process's resident memory and its peak, in KiB (Linux).
 pub fn rss_kib(pid: Option<u32>) -> (u64, u64) {
     let path = match pid {
@@ -1008,9 +1024,37 @@ pub async fn track(opts: TrackOptions, out: mpsc::UnboundedSender<Value>) {
 
     say("building the desired set");
     let template = typical_pod_template();
-    let desired: BTreeMap<String, DesiredPod> = (0..opts.pods)
+    // A sample first: the owner ends up holding about twice the desired set (measured at
+    // 10,000 and 100,000 pods), which must fit in what the machine has free.
+    let sample = opts.pods.min(5_000);
+    let mut desired: BTreeMap<String, DesiredPod> = (0..sample)
         .map(|i| (pod_uid(i), standalone_pod(typical_pod(&template, i))))
         .collect();
+    let per_pod_kib = rss_kib(None).0.saturating_sub(rss_owner_empty) as f64 / sample as f64;
+    let needed_gib = per_pod_kib * opts.pods as f64 * OWNER_TO_DESIRED / (1024.0 * 1024.0);
+    let available_gib = mem_available_gib();
+    if needed_gib > available_gib * 0.8 {
+        let _ = out.send(json!({
+            "track": {
+                "pods": opts.pods,
+                "agents": opts.agents,
+                "error": format!(
+                    "not run: it would need about {needed_gib:.0} GiB ({:.1} KiB per pod in the \
+                     desired set, the owner holding about {OWNER_TO_DESIRED} times that); \
+                     {available_gib:.0} GiB are available",
+                    per_pod_kib
+                ),
+                "desired_kib_per_pod": per_pod_kib,
+                "needed_gib": needed_gib,
+                "available_gib": available_gib,
+            }
+        }));
+        cancel.cancel();
+        return;
+    }
+    desired.extend(
+        (sample..opts.pods).map(|i| (pod_uid(i), standalone_pod(typical_pod(&template, i)))),
+    );
     let (rss_desired, _) = rss_kib(None);
     say("handing it to the owner");
     let started = Instant::now();
@@ -1825,6 +1869,10 @@ pub fn machine() -> Value {
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "cpu": cpu,
         "memory_gib": mem_kib as f64 / (1024.0 * 1024.0),
+        "memory_available_gib": mem_available_gib(),
+        "load_average": std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
         "kernel": kernel,
     })
 }
@@ -1845,12 +1893,13 @@ pub fn markdown(results: &Value) -> String {
     let mut out = String::new();
     let machine = &results["machine"];
     out.push_str(&format!(
-        "Run of {}; {} CPUs ({}), {:.0} GiB, Linux {}.\n\n",
+        "Run of {}; {} CPUs ({}), {:.0} GiB, Linux {}; load average at the start {}.\n\n",
         results["date"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["cpu"].as_str().unwrap_or("?"),
         machine["memory_gib"].as_f64().unwrap_or(0.0),
         machine["kernel"].as_str().unwrap_or("?"),
+        machine["load_average"].as_str().unwrap_or("?"),
     ));
     out.push_str(
         "| agents | offered pods/s | pods | placed | p50 ms | p99 ms | sustained placed/s | \
@@ -1925,8 +1974,10 @@ pub fn markdown(results: &Value) -> String {
     for track in results["tracking"].as_array().into_iter().flatten() {
         if let Some(error) = track.get("error") {
             out.push_str(&format!(
-                "| {} | {} | failed: {error} ||||||||\n",
-                track["pods"], track["agents"]
+                "| {} | {} | {} ||||||||\n",
+                track["pods"],
+                track["agents"],
+                error.as_str().unwrap_or("failed")
             ));
             continue;
         }

@@ -77,11 +77,12 @@ enum Role {
 
 #[derive(clap::Args, Debug)]
 struct Run {
-    /// Agent counts, each measured with its own owner and agents.
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,10000")]
+    /// Agent counts, each measured with its own owner and agents. (10,000 agents' swarms
+    /// need more than 2 cores and about 12 GiB here: see BENCHMARKS.md.)
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,3000")]
     agents: Vec<u64>,
     /// Offer rates (pods/s), one phase each, raised until one saturates.
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "2,5,10,20,50,100,200,500,1000")]
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0.2,0.5,1,2,5,10,20,50,100,200,500,1000")]
     rates: Vec<f64>,
     #[arg(long, default_value_t = 20.0)]
     phase_secs: f64,
@@ -116,7 +117,7 @@ struct Run {
     #[arg(long, default_value_t = 120)]
     place_budget_secs: u64,
     /// Owners tracking placed pods, as pods:agents pairs.
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "10000:100,100000:1000,1000000:10000")]
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "10000:100,100000:1000,250000:2500,1000000:10000")]
     track: Vec<String>,
     /// Heartbeat rounds timed per tracking run (the first finds every agent new).
     #[arg(long, default_value_t = 2)]
@@ -129,9 +130,11 @@ struct Run {
     /// The owner's offer window; the node's default (100 ms) if not given.
     #[arg(long)]
     offer_window_ms: Option<u64>,
-    /// Where scale.json and scale.md go.
+    /// Where <name>.json and <name>.md go.
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    #[arg(long, default_value = "scale")]
+    name: String,
     /// Where the roles' logs go.
     #[arg(long, default_value = "target/scale-logs")]
     logs: PathBuf,
@@ -260,7 +263,7 @@ async fn controller(run: Run) -> Result<(), String> {
         "placement": [],
         "tracking": [],
     });
-    let out_json = run.out.join("scale.json");
+    let out_json = run.out.join(format!("{}.json", run.name));
     let save = |results: &Value| {
         let text = serde_json::to_string_pretty(results).expect("json");
         std::fs::write(&out_json, text + "\n").map_err(|e| e.to_string())
@@ -338,6 +341,6 @@ async fn controller(run: Run) -> Result<(), String> {
     }
     let table = harness::markdown(&results);
     println!("{table}");
-    std::fs::write(run.out.join("scale.md"), table).map_err(|e| e.to_string())?;
+    std::fs::write(run.out.join(format!("{}.md", run.name)), table).map_err(|e| e.to_string())?;
     Ok(())
 }
