@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 
 def main():
@@ -33,6 +34,15 @@ def main():
             offered = f" at {first[0]['rate']:g} pods/s"
             lat.plot(agents, [p["p50_ms"] for p in first], "o-", label=f"p50{offered}")
             lat.plot(agents, [p["p99_ms"] for p in first], "s-", label=f"p99{offered}")
+            for n, p in zip(agents, first):
+                if p["saturated"]:
+                    lat.annotate(
+                        f"saturated: {p['assigned']} of {p['pods']} placed",
+                        (n, p["p99_ms"]),
+                        textcoords="offset points",
+                        xytext=(-60, 8),
+                        fontsize="small",
+                    )
         if places:
             lat.plot(
                 [p["agents"] for p in places],
@@ -49,8 +59,27 @@ def main():
         lat.legend(fontsize="small")
         lat.grid(True, which="both", alpha=0.3)
         if runs:
-            best = [max(p["sustained_per_s"] for p in r["phases"]) for r in runs]
-            rate.plot(agents, best, "o-", label="highest sustained (mesh)")
+            # The highest rate placed in full; a run that saturated at its lowest rate
+            # shows what that phase placed per second.
+            kept = [
+                (r["agents"], max(p["sustained_per_s"] for p in r["phases"] if not p["saturated"]))
+                for r in runs
+                if any(not p["saturated"] for p in r["phases"])
+            ]
+            if kept:
+                rate.plot(*zip(*kept), "o-", label="highest rate placed in full (mesh)")
+            collapsed = [
+                (r["agents"], r["phases"][0]["sustained_per_s"])
+                for r in runs
+                if r["phases"][0]["saturated"]
+            ]
+            if collapsed:
+                rate.plot(
+                    *zip(*collapsed),
+                    "rx",
+                    markersize=9,
+                    label=f"saturated at {runs[0]['phases'][0]['rate']:g} pods/s (mesh)",
+                )
         if places:
             rate.plot(
                 [p["agents"] for p in places],
@@ -90,6 +119,9 @@ def main():
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        rates = sorted({p["rate"] for r in runs for p in r["phases"]})
+        ax.set_xticks(rates, [f"{x:g}" for x in rates])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("pods offered per second")
         ax.set_ylabel("offer to assignment (ms)")
         ax.set_title(f"Latency against load ({title})")
@@ -100,11 +132,42 @@ def main():
         fig.savefig(path, dpi=110)
         written.append(path)
 
+    # Pod counts not run for want of memory, extrapolated from the largest run: memory in
+    # proportion to pods, a heartbeat round to pods times agents (each heartbeat looks at
+    # every pod), a tick to pods.
+    skipped = [t for t in results["tracking"] if "needed_gib" in t]
     if tracks:
         fig, (time, mem) = plt.subplots(1, 2, figsize=(11, 4.2))
         pods = [t["pods"] for t in tracks]
-        time.plot(pods, [t["rounds"][-1]["round_secs"] for t in tracks], "o-", label="heartbeat round (s)")
-        time.plot(pods, [t["tick_ms_median"] / 1000 for t in tracks], "s-", label="owner tick (s)")
+        big = tracks[-1]
+        for t in skipped:
+            scale = t["pods"] / big["pods"]
+            work = scale * t["agents"] / big["agents"]
+            time.plot(
+                [big["pods"], t["pods"]],
+                [big["rounds"][-1]["round_secs"], big["rounds"][-1]["round_secs"] * work],
+                "o--",
+                mfc="none",
+                color="C0",
+                label=f"{t['pods']:,} pods extrapolated (not run: memory)",
+            )
+            time.plot(
+                [big["pods"], t["pods"]],
+                [big["tick_ms_median"] / 1000, big["tick_ms_median"] / 1000 * scale],
+                "s--",
+                mfc="none",
+                color="C1",
+            )
+            mem.plot(
+                [big["pods"], t["pods"]],
+                [big["rss_end_mib"] / 1024, big["rss_end_mib"] / 1024 * scale],
+                "o--",
+                mfc="none",
+                color="C0",
+                label=f"{t['pods']:,} pods extrapolated (not run)",
+            )
+        time.plot(pods, [t["rounds"][-1]["round_secs"] for t in tracks], "o-", color="C0", label="heartbeat round (s)")
+        time.plot(pods, [t["tick_ms_median"] / 1000 for t in tracks], "s-", color="C1", label="owner tick (s)")
         time.axhline(results["heartbeat_interval_secs"], color="k", linestyle="--", label="heartbeat interval")
         time.axhline(0.02, color="grey", linestyle=":", label="tick interval")
         time.set_xscale("log")
@@ -113,7 +176,7 @@ def main():
         time.set_ylabel("seconds")
         time.legend(fontsize="small")
         time.grid(True, which="both", alpha=0.3)
-        mem.plot(pods, [t["rss_end_mib"] / 1024 for t in tracks], "o-", label="owner RSS")
+        mem.plot(pods, [t["rss_end_mib"] / 1024 for t in tracks], "o-", color="C0", label="owner RSS")
         mem.axhline(4, color="k", linestyle="--", label="target 4 GiB")
         mem.set_xscale("log")
         mem.set_yscale("log")

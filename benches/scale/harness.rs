@@ -1881,6 +1881,15 @@ pub fn machine() -> Value {
 // Tables
 // ---------------------------------------------------------------------------------------
 
+/// A rate as people write it: 0.2, 1, 20.
+fn rate(value: &Value) -> String {
+    match value.as_f64() {
+        Some(v) if v.fract() == 0.0 => format!("{v:.0}"),
+        Some(v) => format!("{v}"),
+        None => "–".into(),
+    }
+}
+
 fn num(value: &Value, digits: usize) -> String {
     match value.as_f64() {
         Some(v) if v.is_finite() => format!("{v:.digits$}"),
@@ -1928,7 +1937,7 @@ pub fn markdown(results: &Value) -> String {
         for phase in run["phases"].as_array().into_iter().flatten() {
             out.push_str(&format!(
                 "| {n} | {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} |\n",
-                num(&phase["rate"], 0),
+                rate(&phase["rate"]),
                 phase["pods"],
                 phase["assigned"],
                 num(&phase["p50_ms"], 0),
