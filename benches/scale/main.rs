@@ -23,6 +23,8 @@ struct Cli {
 enum Role {
     /// Runs every measurement and writes the results (the controller).
     Run(Run),
+    /// Prints a results file's tables (Markdown).
+    Table { results: PathBuf },
     /// The owner (started by `run`).
     Owner {
         #[arg(long)]
@@ -160,6 +162,19 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
             },
+            Role::Table { results } => {
+                let text = std::fs::read_to_string(&results).unwrap_or_default();
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(results) => {
+                        println!("{}", harness::markdown(&results));
+                        std::process::ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("scale: {}: {e}", results.display());
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+            }
             Role::Owner {
                 agents,
                 seed,
