@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use beemesh::mesh::WireCodec;
-use beemesh::placement::{self, AgentCapacity, ScoreMode};
+use beemesh::placement::{self, AgentCapacity, Candidate, ScoreMode};
 use beemesh::runtime::translate::{self, ContainerKind, PlanContext};
 use beemesh::trust::statement;
 use beemesh::view::SeenAgent;
@@ -219,8 +219,8 @@ fn agents(n: usize) -> Vec<AgentCapacity> {
         .collect()
 }
 
-/// What the owner does with an offer's bidders: keep those that fit, score them, take the
-/// best; and, when none bid, explain why.
+/// What the owner does to place a pod: keep the agents that fit, score them, take the
+/// best; and, when none fit, explain why.
 fn placement_scoring(c: &mut Criterion) {
     let offer = offer();
     let mut group = c.benchmark_group("placement");
@@ -240,30 +240,35 @@ fn placement_scoring(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("explain", n), &agents, |b, agents| {
             b.iter(|| placement::explain(black_box(&offer), agents.iter()))
         });
-        // What the owner does for every bid (Owner::fitting_agents): each live agent's
-        // capacity rebuilt from its last heartbeat (10 pods each here), then checked.
+        // What the owner does to place a pod (Owner::search): the live agents' capacities
+        // (worked out once per heartbeat; 10 pods each here) checked until
+        // `fitting_agents_to_find` fit, those scored and ranked.
         let seen: Vec<SeenAgent> = (0..n)
             .map(|i| {
                 let mut heartbeat = heartbeat(10);
                 heartbeat.labels =
                     BTreeMap::from([("zone".to_string(), format!("zone-{}", i % 3))]);
-                SeenAgent {
-                    heartbeat,
-                    last_seen: tokio::time::Instant::now(),
-                }
+                SeenAgent::new(heartbeat, tokio::time::Instant::now())
             })
             .collect();
-        group.bench_with_input(
-            BenchmarkId::new("fitting_from_heartbeats", n),
-            &seen,
-            |b, seen| {
-                b.iter(|| {
-                    seen.iter()
-                        .filter(|s| placement::misfits(black_box(&offer), &s.capacity()).is_empty())
-                        .count()
-                })
-            },
-        );
+        let want = placement::fitting_agents_to_find(n);
+        group.bench_with_input(BenchmarkId::new("search", n), &seen, |b, seen| {
+            b.iter(|| {
+                let mut ranked: Vec<Candidate<usize>> = seen
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| placement::misfits(black_box(&offer), s.capacity()).is_empty())
+                    .take(want)
+                    .map(|(agent, s)| Candidate {
+                        agent,
+                        score: placement::score(&offer, s.capacity(), ScoreMode::Spread),
+                        unseen: 0,
+                    })
+                    .collect();
+                placement::rank(&mut ranked);
+                ranked.first().map(|c| c.agent)
+            })
+        });
     }
     group.finish();
 }

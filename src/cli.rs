@@ -265,7 +265,8 @@ pub struct NodeArgs {
     /// that they outlive the node's pod. Its key join-token, if set, is the first token.
     #[arg(long, env = "BEEMESH_TRUST_SECRET", value_parser = parse_secret_ref)]
     pub trust_secret: Option<SecretRef>,
-    /// Milliseconds an offer collects bids.
+    /// Milliseconds an offer collects bids (offers go out only when agents declined a pod
+    /// or have not been heard from lately; pods are otherwise placed at once).
     #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,
     /// Seconds without a heartbeat after which an agent is lost and its pods move

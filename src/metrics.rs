@@ -29,6 +29,11 @@ pub struct DropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabel {
     pub rule: String,
 }
@@ -63,6 +68,9 @@ pub struct Metrics {
     pub pods: Gauge,
     /// Assignments made (node) or accepted (agent).
     pub assignments: Counter,
+    /// Placements begun by the node, by path: `direct` from the agents' heartbeats,
+    /// `offer` by asking the agents.
+    pub placements: Family<PathLabel, Counter>,
     /// Container restarts performed by this agent.
     pub container_restarts: Counter,
     /// Agents declared lost by this node.
@@ -106,6 +114,7 @@ impl Metrics {
         let runtime_healthy = Gauge::default();
         let audit_events = Family::<AuditLabels, Counter>::default();
         let policy_refusals = Family::<RuleLabel, Counter>::default();
+        let placements = Family::<PathLabel, Counter>::default();
         let tunnel_sessions_up = Family::<ServerLabel, Gauge>::default();
         let tunnel_connections = Gauge::default();
         let tunnel_bytes_total = Family::<DirectionLabel, Counter>::default();
@@ -146,6 +155,11 @@ impl Metrics {
             "policy_refusals",
             "Pods the agent's admission policy refused, by rule",
             policy_refusals.clone(),
+        );
+        registry.register(
+            "placements",
+            "Placements begun by the node, by path (direct: from the agents' heartbeats; offer: by asking the agents)",
+            placements.clone(),
         );
         registry.register(
             "mesh_messages_received",
@@ -203,6 +217,7 @@ impl Metrics {
             runtime_healthy,
             audit_events,
             policy_refusals,
+            placements,
             tunnel_sessions_up,
             tunnel_connections,
             tunnel_bytes_total,
@@ -249,6 +264,14 @@ impl Metrics {
             .get_or_create(&DropLabels {
                 kind: kind.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn placement_begun(&self, path: &str) {
+        self.placements
+            .get_or_create(&PathLabel {
+                path: path.to_string(),
             })
             .inc();
     }

@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use k8s_openapi::api::core::v1::Pod;
+
 use crate::wire::{AgentHealth, LabelRequirement, Offer, Resources};
 
 /// The pod annotation holding a label selector over agents' labels.
@@ -88,6 +90,16 @@ pub fn parse_selector(text: &str) -> Result<Vec<LabelRequirement>, SelectorError
         out.push(parse_term(term).map_err(|r| err(&r))?);
     }
     Ok(out)
+}
+
+/// The agent selector a pod's [`AGENT_SELECTOR_ANNOTATION`] holds; none selects every
+/// agent.
+pub fn agent_selector_of(pod: &Pod) -> Result<Vec<LabelRequirement>, SelectorError> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AGENT_SELECTOR_ANNOTATION))
+        .map_or(Ok(Vec::new()), |text| parse_selector(text))
 }
 
 /// Splits on commas that are not inside parentheses.
@@ -283,13 +295,49 @@ pub fn score(offer: &Offer, agent: &AgentCapacity, mode: ScoreMode) -> i64 {
     }
 }
 
-/// Takes a pod's requests (and one pod) off an agent's free capacity: what it has
-/// been given and does not show yet.
-pub fn reserve(agent: &mut AgentCapacity, requests: &Resources) {
+/// Takes a pod's requests (and one pod) and its host ports off an agent's free
+/// capacity: what it has been given and does not show yet.
+pub fn reserve(agent: &mut AgentCapacity, requests: &Resources, host_ports: &[u16]) {
     let free = &mut agent.free;
     free.cpu_millis = free.cpu_millis.saturating_sub(requests.cpu_millis);
     free.memory_bytes = free.memory_bytes.saturating_sub(requests.memory_bytes);
     free.pods = free.pods.saturating_sub(1);
+    agent.used_host_ports.extend(host_ports.iter().copied());
+}
+
+/// How many fitting agents an owner looks for before it stops searching, of `agents`
+/// in all: as kube-scheduler's `numFeasibleNodesToFind` with its adaptive percentage
+/// (all of them below 100; then 50% less 1% per 125 agents, at least 5%, and never
+/// fewer than 100), so that placing one pod costs about the same at 10,000 agents as
+/// at 1,000.
+pub fn fitting_agents_to_find(agents: usize) -> usize {
+    const MIN: usize = 100;
+    if agents < MIN {
+        return agents;
+    }
+    let percent = 50usize.saturating_sub(agents / 125).max(5);
+    (agents * percent / 100).max(MIN)
+}
+
+/// A fitting agent as the owner ranks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate<A> {
+    pub agent: A,
+    pub score: i64,
+    /// Pods the owner gave it that its heartbeats do not show yet.
+    pub unseen: usize,
+}
+
+/// Orders fitting agents best first: highest score; among equals, the agent with the
+/// fewest pods given it lately (its heartbeats do not show them yet, so pods placed
+/// together spread), then by `agent` so that the order is the same on every run.
+pub fn rank<A: Ord>(candidates: &mut [Candidate<A>]) {
+    candidates.sort_by(|a, b| {
+        b.score
+            .cmp(&a.score)
+            .then(a.unseen.cmp(&b.unseen))
+            .then(a.agent.cmp(&b.agent))
+    });
 }
 
 /// The message of a pod no agent can take, in the scheduler's words:
@@ -315,8 +363,8 @@ pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapa
     if fitting > 0 {
         // Their heartbeats say they fit, yet no bid came.
         parts.push(format!(
-            "{fitting} did not bid (agents bid only for owners they trust, for pods their \
-             policy allows and within the owner's quota there)"
+            "{fitting} declined or did not bid (agents take pods only from owners they \
+             trust, that their policy allows and within the owner's quota there)"
         ));
     }
     format!("{fitting}/{total} agents fit: {}", parts.join(", "))
@@ -362,7 +410,7 @@ mod tests {
         let well = agent(4000, 8 << 30, &[]);
         assert_eq!(
             explain(&o, [&sick, &well]),
-            "1/2 agents fit: 1 container runtime unhealthy, 1 under memory pressure, 1 did not bid (agents bid only for owners they trust, for pods their policy allows and within the owner's quota there)"
+            "1/2 agents fit: 1 container runtime unhealthy, 1 under memory pressure, 1 declined or did not bid (agents take pods only from owners they trust, that their policy allows and within the owner's quota there)"
         );
     }
 
@@ -398,12 +446,47 @@ mod tests {
             let best = (0..2)
                 .max_by_key(|&i| score(&o, &agents[i], ScoreMode::Spread))
                 .expect("two agents");
-            reserve(&mut agents[best], &o.requests);
+            reserve(&mut agents[best], &o.requests, &[]);
             given[best] += 1;
         }
         assert!(given[1] >= 4, "{given:?}");
         assert!(given[0] > given[1], "{given:?}");
         assert_eq!(agents[0].free.pods + agents[1].free.pods, 20 - 12);
+    }
+
+    #[test]
+    fn a_reserved_host_port_is_taken() {
+        let mut a = agent(4000, 8 << 30, &[]);
+        let mut o = offer(100, 1 << 20, "");
+        o.host_ports = vec![8080];
+        reserve(&mut a, &Resources::default(), &[8080]);
+        assert_eq!(misfits(&o, &a), vec![Misfit::HostPort]);
+    }
+
+    #[test]
+    fn fitting_agents_to_find_follows_the_scheduler() {
+        // kube-scheduler's figures: all below 100, 42% of 1,000, 5% of 10,000.
+        assert_eq!(fitting_agents_to_find(0), 0);
+        assert_eq!(fitting_agents_to_find(99), 99);
+        assert_eq!(fitting_agents_to_find(100), 100);
+        assert_eq!(fitting_agents_to_find(200), 100);
+        assert_eq!(fitting_agents_to_find(1000), 420);
+        assert_eq!(fitting_agents_to_find(5000), 500);
+        assert_eq!(fitting_agents_to_find(10_000), 500);
+        assert_eq!(fitting_agents_to_find(100_000), 5000);
+    }
+
+    #[test]
+    fn ranking_prefers_score_then_fewer_unseen_pods_then_the_agent() {
+        let c = |agent, score, unseen| Candidate {
+            agent,
+            score,
+            unseen,
+        };
+        let mut candidates = vec![c(1, 500, 0), c(2, 700, 3), c(3, 700, 1), c(0, 700, 1)];
+        rank(&mut candidates);
+        let order: Vec<u32> = candidates.iter().map(|c| c.agent).collect();
+        assert_eq!(order, vec![0, 3, 2, 1]);
     }
 
     #[test]
@@ -480,7 +563,7 @@ mod tests {
         let roomy = agent(1000, 8 << 30, &[]);
         assert_eq!(
             explain(&o, &[roomy, agent(1000, 1 << 30, &[])]),
-            "1/2 agents fit: 1 insufficient memory, 1 did not bid (agents bid only for owners they trust, for pods their policy allows and within the owner's quota there)"
+            "1/2 agents fit: 1 insufficient memory, 1 declined or did not bid (agents take pods only from owners they trust, that their policy allows and within the owner's quota there)"
         );
     }
 }

@@ -13,22 +13,33 @@ use crate::wire::{AgentSummary, Heartbeat, MeshView, PeerRef, PodSummary};
 pub struct SeenAgent {
     pub heartbeat: Heartbeat,
     pub last_seen: Instant,
+    /// What the heartbeat offers for placement, worked out once per heartbeat: owners
+    /// look at it for every pod they place.
+    capacity: AgentCapacity,
 }
 
 impl SeenAgent {
-    pub fn capacity(&self) -> AgentCapacity {
-        AgentCapacity {
-            labels: self.heartbeat.labels.clone(),
-            capacity: self.heartbeat.capacity,
-            free: self.heartbeat.free,
-            used_host_ports: self
-                .heartbeat
+    pub fn new(heartbeat: Heartbeat, last_seen: Instant) -> SeenAgent {
+        let capacity = AgentCapacity {
+            labels: heartbeat.labels.clone(),
+            capacity: heartbeat.capacity,
+            free: heartbeat.free,
+            used_host_ports: heartbeat
                 .pods
                 .iter()
                 .flat_map(|p| p.host_ports.iter().copied())
                 .collect::<BTreeSet<u16>>(),
-            health: self.heartbeat.health.clone(),
+            health: heartbeat.health.clone(),
+        };
+        SeenAgent {
+            heartbeat,
+            last_seen,
+            capacity,
         }
+    }
+
+    pub fn capacity(&self) -> &AgentCapacity {
+        &self.capacity
     }
 }
 
@@ -47,13 +58,7 @@ impl HeartbeatBook {
         let changed = self.agents.get(&agent).is_none_or(|seen| {
             seen.heartbeat.free != heartbeat.free || seen.heartbeat.health != heartbeat.health
         });
-        self.agents.insert(
-            agent,
-            SeenAgent {
-                heartbeat,
-                last_seen: now,
-            },
-        );
+        self.agents.insert(agent, SeenAgent::new(heartbeat, now));
         changed
     }
 
@@ -87,6 +92,10 @@ impl HeartbeatBook {
 
     pub fn is_empty(&self) -> bool {
         self.agents.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
     }
 
     /// Agents heard from within `timeout`, and the pods their heartbeats list.

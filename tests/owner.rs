@@ -1,5 +1,7 @@
-//! The owner's protocol, against scripted agents on a real loopback mesh: the best
-//! bidder (by the owner's own ranking) declines and the next one gets the pod; stale
+//! The owner's protocol, against scripted agents on a real loopback mesh: pods placed at
+//! once from heartbeats, with reservations so that pods placed together never
+//! over-commit an agent; the best agent (by the owner's own ranking) declines and the
+//! next one gets the pod, and when all decline the owner asks them (offer, bids); stale
 //! epochs are superseded; pods the owner does not have are released; and what a
 //! trusted-but-rogue or untrusted peer tries is refused and counted.
 
@@ -280,6 +282,26 @@ async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
     }
 }
 
+/// The next Assign `agent` receives, placed from the heartbeats: no offer before it.
+async fn placed_directly(
+    agent: &mut ScriptedAgent,
+    what: &str,
+) -> (Box<Assign>, tokio::sync::oneshot::Sender<Response>) {
+    next_event(&mut agent.events, what, |e| match e {
+        MeshEvent::Gossip {
+            message: GossipMessage::Offer(offer),
+            ..
+        } => panic!("{what}: offered instead of placed at once: {offer:?}"),
+        MeshEvent::Request {
+            request: Request::Assign(assign),
+            reply,
+            ..
+        } => Some((assign, reply)),
+        _ => None,
+    })
+    .await
+}
+
 /// Every agent bids on an offer as soon as it is seen. An offer may close before the
 /// bids arrive (it was made before all agents were known): the next one is taken then.
 async fn bid_by_all(agents: &mut [ScriptedAgent], node_id: libp2p::PeerId) -> Offer {
@@ -315,7 +337,7 @@ async fn bid_by_all(agents: &mut [ScriptedAgent], node_id: libp2p::PeerId) -> Of
 }
 
 #[tokio::test]
-async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_are_superseded() {
+async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are_superseded() {
     let Scene {
         cancel,
         dir,
@@ -358,23 +380,21 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         .zip(seqs.clone())
         .map(|((agent, free), seq)| beat_while(agent, seq, free, alive.clone()))
         .collect();
-    let offer = bid_by_all(&mut agents, node_id).await;
+    // Placed at once from the heartbeats, without an offer: the best-ranked agent is
+    // asked first and declines. Its assignment is signed for it alone.
+    let (declined, reply) = placed_directly(&mut agents[0], "assign to the best agent").await;
+    for beat in beats {
+        beat.abort();
+    }
     // A stranger's bid, from a peer that never heartbeat, is refused.
     let bid = Request::Bid(Bid {
-        pod: offer.pod.uid.clone(),
-        epoch: offer.epoch,
+        pod: declined.statement.pod.clone(),
+        epoch: declined.epoch,
     });
     assert!(matches!(
         stranger.request(node_id, bid).await.expect("bid"),
         Response::Declined { .. }
     ));
-    for beat in beats {
-        beat.abort();
-    }
-    // The best-ranked agent is asked first and declines. Its assignment is signed for
-    // it alone.
-    let (declined, reply) = next_assign(&mut agents[0].events, "assign to the best bidder").await;
-    assert_eq!(declined.epoch, offer.epoch);
     assert_eq!(declined.statement.agent, PeerRef(agent_ids[0]));
     statement::verify_assign(
         &declined.statement,
@@ -385,15 +405,18 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
         declined.statement.expires_at - 1,
     )
     .expect("a genuine assignment");
-    assert_eq!(declined.statement.spec_digest, offer.spec_digest);
+    assert_eq!(
+        declined.statement.spec_digest,
+        statement::spec_digest(&declined.pod)
+    );
     reply
         .send(Response::Declined {
             reason: "no longer fits".into(),
         })
         .expect("reply");
-    // The next bidder gets the same epoch: the decliner runs nothing.
-    let (assign, reply) = next_assign(&mut agents[1].events, "assign to the next bidder").await;
-    assert_eq!(assign.epoch, offer.epoch);
+    // The next agent gets the same epoch: the decliner runs nothing.
+    let (assign, reply) = placed_directly(&mut agents[1], "assign to the next agent").await;
+    assert_eq!(assign.epoch, declined.epoch);
     assert_eq!(assign.statement.agent, PeerRef(agent_ids[1]));
     reply.send(Response::Ack).expect("reply");
 
@@ -495,7 +518,7 @@ async fn the_next_bidder_gets_the_pod_when_the_best_declines_and_stale_copies_ar
             agent: agent_ids[0],
             pod: pod_ref.uid.clone(),
             epoch: assign.epoch.next(),
-            spec_digest: offer.spec_digest.clone(),
+            spec_digest: declined.statement.spec_digest.clone(),
             expires_at: u64::MAX,
         },
     );
@@ -702,8 +725,7 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
         tasks: _beats,
         ..
     } = heartbeats(&agents);
-    bid_by_all(&mut agents, node_id).await;
-    let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
+    let (assign, reply) = placed_directly(&mut agents[0], "assign to agent 0").await;
     assert_eq!(
         assign.lease_ms,
         Some(3000),
@@ -799,9 +821,7 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     let renewed = tokio::time::Instant::now();
     assert_eq!(renew(0, assign.statement.clone()).await, granted);
     alive[0].store(false, std::sync::atomic::Ordering::Release);
-    let offer = bid_by_all(&mut agents[1..], node_id).await;
-    assert!(offer.epoch > assign.epoch);
-    let (moved, reply) = next_assign(&mut agents[1].events, "assign to agent 1").await;
+    let (moved, reply) = placed_directly(&mut agents[1], "assign to agent 1").await;
     let waited = renewed.elapsed();
     assert!(waited >= lease + margin, "placed again after {waited:?}");
     assert!(moved.epoch > assign.epoch);
@@ -851,8 +871,7 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
         alive,
         tasks: _beats,
     } = heartbeats(&agents);
-    bid_by_all(&mut agents, node_id).await;
-    let (assign, reply) = next_assign(&mut agents[0].events, "assign to agent 0").await;
+    let (assign, reply) = placed_directly(&mut agents[0], "assign to agent 0").await;
     reply.send(Response::Ack).expect("reply");
     let pod_ref = PodRef {
         uid: assign.statement.pod.clone(),
@@ -920,25 +939,29 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
     let still = pod_view().await;
     assert_eq!(still.reason.as_deref(), Some("AgentLost"), "{still:?}");
 
-    // Agent 1 is heard first: the pod waits for agent 0 (no offer) rather than going
-    // to agent 1.
+    // Agent 1 is heard first: the pod waits for agent 0 (neither offered nor placed)
+    // rather than going to agent 1.
     while agents[1].events.try_recv().is_some() {}
     alive[1].store(true, std::sync::atomic::Ordering::Release);
     let quiet = tokio::time::timeout(Duration::from_millis(1200), async {
         loop {
-            if let Some(MeshEvent::Gossip {
-                message: GossipMessage::Offer(offer),
-                ..
-            }) = agents[1].events.recv().await
-            {
-                return offer;
+            match agents[1].events.recv().await {
+                Some(MeshEvent::Gossip {
+                    message: GossipMessage::Offer(offer),
+                    ..
+                }) => return format!("{offer:?}"),
+                Some(MeshEvent::Request {
+                    request: Request::Assign(assign),
+                    ..
+                }) => return format!("{assign:?}"),
+                _ => {}
             }
         }
     })
     .await;
     assert!(
         quiet.is_err(),
-        "offered while its agent may come back: {quiet:?}"
+        "placed while its agent may come back: {quiet:?}"
     );
     // Agent 0 is back, still running its copy.
     let beating = hosting(
@@ -969,6 +992,154 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
             );
         }
     }
+    cancel.cancel();
+}
+
+/// A counter's value in `metrics`, by its full name and labels.
+fn counter(metrics: &Metrics, series: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const THREE_CPU_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: big-1, uid: 33333333-0000-4000-8000-000000000001}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "3"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: big-2, uid: 33333333-0000-4000-8000-000000000002}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "3"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: big-3, uid: 33333333-0000-4000-8000-000000000003}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "3"}}}]
+"#;
+
+/// Pods placed together (in one tick, before any heartbeat can show them) are placed
+/// against the capacity the owner has already given: agent 0 has room for two of three
+/// 3-CPU pods, agent 1 for none, so the third waits instead of over-committing agent 0.
+#[tokio::test]
+async fn pods_placed_together_never_over_commit_an_agent() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        mut agents,
+        ..
+    } = scene(THREE_CPU_PODS, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        agent_loss_timeout: Duration::from_secs(30),
+        retry_interval: Duration::from_millis(200),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        ..OwnerConfig::default()
+    })
+    .await;
+    // 8 CPUs free on agent 0, 2 on agent 1.
+    let Heartbeats {
+        alive,
+        tasks: _beats,
+        ..
+    } = heartbeats(&agents);
+    let (first, reply) = placed_directly(&mut agents[0], "first pod").await;
+    // From here on no heartbeat shows what agent 0 was given: the owner's reservations
+    // are all that keeps it from taking more.
+    alive[0].store(false, std::sync::atomic::Ordering::Release);
+    reply.send(Response::Ack).expect("reply");
+    let (second, reply) = placed_directly(&mut agents[0], "second pod").await;
+    reply.send(Response::Ack).expect("reply");
+    assert_ne!(first.statement.pod, second.statement.pod);
+    let third = PodUid(
+        ["1", "2", "3"]
+            .iter()
+            .map(|n| format!("33333333-0000-4000-8000-00000000000{n}"))
+            .find(|uid| *uid != first.statement.pod.0 && *uid != second.statement.pod.0)
+            .expect("a third pod"),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let waiting = loop {
+        let view = query_view(&agents[1].handle, node_id).await;
+        let pod = view.pods.into_iter().find(|p| p.pod.uid == third);
+        if let Some(pod) = pod.filter(|p| p.reason.as_deref() == Some("Unschedulable")) {
+            break pod;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "third pod not Unschedulable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("0/2 agents fit: 2 insufficient cpu"),
+        "{waiting:?}"
+    );
+    // Neither agent was asked to take it meanwhile.
+    for agent in agents.iter_mut() {
+        while let Some(event) = agent.events.try_recv() {
+            if let MeshEvent::Request {
+                request: Request::Assign(assign),
+                ..
+            } = event
+            {
+                panic!("over-committed: {assign:?}");
+            }
+        }
+    }
+    cancel.cancel();
+}
+
+/// When the agents the owner's view picked all decline, the owner stops trusting that
+/// view for the pod: it asks the agents (an offer, bids) and gives it to a bidder.
+#[tokio::test]
+async fn when_every_agent_picked_declines_the_owner_asks_the_agents() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        node_metrics,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene(POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        offer_window: Duration::from_secs(2),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        ..OwnerConfig::default()
+    })
+    .await;
+    let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
+    for agent in agents.iter_mut() {
+        let (_, reply) = placed_directly(agent, "direct assignment").await;
+        reply
+            .send(Response::Declined {
+                reason: "no longer fits".into(),
+            })
+            .expect("reply");
+    }
+    let offer = bid_by_all(&mut agents, node_id).await;
+    let (assign, reply) = next_assign(&mut agents[0].events, "assign to the best bidder").await;
+    assert_eq!(assign.epoch, offer.epoch);
+    assert_eq!(assign.statement.agent, PeerRef(agent_ids[0]));
+    reply.send(Response::Ack).expect("reply");
+    assert_eq!(
+        counter(&node_metrics, "beemesh_placements_total{path=\"direct\"}"),
+        1
+    );
+    assert_eq!(
+        counter(&node_metrics, "beemesh_placements_total{path=\"offer\"}"),
+        1
+    );
     cancel.cancel();
 }
 

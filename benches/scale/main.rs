@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Role {
     /// Runs every measurement and writes the results (the controller).
-    Run(Run),
+    Run(Box<Run>),
     /// Prints a results file's tables (Markdown).
     Table { results: PathBuf },
     /// The owner (started by `run`).
@@ -155,7 +155,7 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
         match cli.command {
-            Role::Run(run) => match controller(run).await {
+            Role::Run(run) => match controller(*run).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("scale: {e}");

@@ -1,4 +1,5 @@
-//! The agent: bids for offers it fits, runs the pods it is assigned under Podman,
+//! The agent: takes the pods its owners assign it when they fit and its policy allows
+//! them (and bids for the offers it fits), runs them under Podman,
 //! reports their status to their owners, and heartbeats its free capacity.
 
 pub mod admission;
@@ -163,12 +164,6 @@ fn requested<'a>(pods: impl Iterator<Item = &'a Hosted>) -> Resources {
 /// How soon after a new connection the next heartbeat goes out.
 const HEARTBEAT_AFTER_CONNECT: Duration = Duration::from_millis(500);
 
-/// How long a bid stays good for an assignment.
-const BID_LIFETIME: Duration = Duration::from_secs(60);
-/// Open bids remembered at most (offers come from trusted owners only; this bounds
-/// what even they can make an agent keep).
-const MAX_OPEN_BIDS: usize = 4096;
-
 /// How often strict pods' leases are checked: a copy stops within this of its time.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
 
@@ -210,8 +205,6 @@ pub struct Agent {
     checking_health: bool,
     /// When each owner was last heard from (trusted owners only).
     owner_heard: HashMap<PeerId, Instant>,
-    /// The offers this agent bid for: an assignment without a bid is refused.
-    bids: HashMap<PodUid, (PeerId, Epoch, Instant)>,
     /// Specs the policy refused: not bid for again.
     refused: RefusedSpecs,
     enrollment: Option<Enrollment>,
@@ -299,7 +292,6 @@ impl Agent {
             health: AgentHealth::default(),
             checking_health: false,
             owner_heard: HashMap::new(),
-            bids: HashMap::new(),
             refused: RefusedSpecs::default(),
             enrollment,
             connected: Default::default(),
@@ -953,15 +945,6 @@ impl Agent {
             pod: offer.pod.uid.clone(),
             epoch: offer.epoch,
         };
-        let now = Instant::now();
-        self.bids
-            .retain(|_, (_, _, at)| now.duration_since(*at) < BID_LIFETIME);
-        if self.bids.len() >= MAX_OPEN_BIDS {
-            self.metrics.dropped("offer", "too_many_open_bids");
-            return;
-        }
-        self.bids
-            .insert(offer.pod.uid.clone(), (owner, offer.epoch, now));
         let mesh = self.mesh.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -1065,27 +1048,6 @@ impl Agent {
         ) {
             return self.refuse_assign(owner, &uid, e.kind(), e.to_string());
         }
-        // Work comes only as the answer to a bid, or as new data for a pod this agent
-        // runs for that owner at that epoch.
-        let refresh = self
-            .pods
-            .get(&uid)
-            .is_some_and(|h| h.owner() == owner && h.epoch() == assign.epoch);
-        let bid = self.bids.get(&uid).is_some_and(|(o, e, at)| {
-            *o == owner && *e == assign.epoch && at.elapsed() < BID_LIFETIME
-        });
-        let claim = self
-            .unrecorded
-            .get(&uid)
-            .is_some_and(|u| u.owner == owner && u.epoch == assign.epoch);
-        if !refresh && !bid && !claim {
-            return self.refuse_assign(
-                owner,
-                &uid,
-                "unsolicited",
-                "this agent did not bid for that offer".into(),
-            );
-        }
         let pod_ref = match translate::pod_ref(&assign.pod) {
             Ok(r) => r,
             Err(e) => {
@@ -1133,20 +1095,28 @@ impl Agent {
             }
         }
 
+        // The owner placed it from this agent's heartbeats, which may be out of date:
+        // it must fit now, as a bid would have.
+        let agent_selector = match placement::agent_selector_of(&assign.pod) {
+            Ok(selector) => selector,
+            Err(e) => {
+                return Response::Declined {
+                    reason: e.to_string(),
+                }
+            }
+        };
         let offer = Offer {
             pod: pod_ref.clone(),
             epoch: assign.epoch,
             requests,
-            agent_selector: Vec::new(),
+            agent_selector,
             host_ports: translate::host_ports(&assign.pod),
             spec_digest: String::new(),
         };
         let misfits = placement::misfits(&offer, &self.capacity(Some(&pod_ref.uid)));
         if !misfits.is_empty() {
             let reasons: Vec<String> = misfits.iter().map(ToString::to_string).collect();
-            return Response::Declined {
-                reason: reasons.join(", "),
-            };
+            return self.refuse_assign(owner, &pod_ref, "does_not_fit", reasons.join(", "));
         }
         let used = self.used_by(&owner, &pod_ref.uid);
         if let Err(refusal) = self.config.policy.quota(&owner, used, requests) {
@@ -1175,7 +1145,6 @@ impl Agent {
                     &assign.pod,
                 )));
         }
-        self.bids.remove(&pod_ref.uid);
         audit::record(
             &self.metrics,
             "assign",

@@ -5,6 +5,7 @@
 //! Pods come from their sources (the manifest directory, the Kubernetes API) as one
 //! desired set of resolved pods; status goes out through a [`StatusSink`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use crate::audit::{self, Outcome};
 use crate::fencing::{fencing_of, Fencing};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::placement::{self, AgentCapacity, ScoreMode, AGENT_SELECTOR_ANNOTATION};
+use crate::placement::{self, AgentCapacity, Candidate, ScoreMode, AGENT_SELECTOR_ANNOTATION};
 use crate::retry::Backoff;
 use crate::runtime::translate;
 use crate::trust::replay::{unix_millis, ReplayGuard};
@@ -157,10 +158,12 @@ enum Placement {
     },
     /// Not placed until what it refers to exists (a new [`DesiredPod`] releases it).
     Held,
-    /// An offer is collecting bids (the agents willing to take it).
+    /// An offer is collecting bids (the agents willing to take it), until `deadline`
+    /// or until the `fitting` agents (by the owner's view) have all bid.
     Offering {
         deadline: Instant,
         bids: Vec<PeerId>,
+        fitting: usize,
     },
     /// An assignment is in flight.
     Assigning,
@@ -216,6 +219,9 @@ struct OwnedPod {
     /// status when no agent bids (such agents no longer do). At most
     /// [`MAX_POLICY_REFUSALS`], the latest.
     policy_refusals: Vec<(PeerId, String)>,
+    /// An agent declined the pod the owner's view said it fits: until it is placed,
+    /// the agents are asked (offer and bids) instead of trusting that view.
+    ask_agents: bool,
 }
 
 /// Policy refusals kept per pod: enough to tell the user why.
@@ -279,9 +285,13 @@ pub struct Owner {
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
     adopt_until: Instant,
-    /// When this owner last assigned pods to each agent: equal bids go to the agent
-    /// with the fewest recent assignments, so that pods offered together spread.
-    recent_assignments: HashMap<PeerId, Vec<(Instant, Resources)>>,
+    /// Capacity given to each agent that its heartbeats do not show yet: taken off
+    /// what they show, so that pods placed together neither over-commit an agent nor
+    /// all go to the one that was emptiest before them.
+    reservations: HashMap<PeerId, Vec<Reservation>>,
+    /// Where the next search for fitting agents starts in the heartbeat book, so that
+    /// a search that stops early does not always look at the same agents.
+    search_from: usize,
     /// False until every pod source has delivered its first full set: until then a pod
     /// an agent reports is not known to be unwanted.
     synced: bool,
@@ -302,15 +312,69 @@ pub struct Owner {
 const RELEASE_RETRY: Duration = Duration::from_secs(3);
 const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// How long an assignment counts as recent for spreading ties: about until the
-/// agent's heartbeats show it.
-const RECENT_ASSIGNMENT: Duration = Duration::from_secs(5);
+/// A reservation is dropped after this even if its assignment is still in flight:
+/// by then the agent's heartbeats show the pod or it has declined it.
+const RESERVATION_MAX: Duration = Duration::from_secs(5);
+/// Agents an assignment goes to in turn when the first declines, before the owner
+/// asks the agents instead.
+const DIRECT_CANDIDATES: usize = 3;
+
+/// Capacity given to an agent for a pod, until the agent's heartbeats show it.
+struct Reservation {
+    pod: PodUid,
+    at: Instant,
+    requests: Resources,
+    host_ports: Vec<u16>,
+}
 /// A heartbeat received this long after an assignment shows the pod in the agent's
 /// capacity (the assignment's round trip is done by then).
 const HEARTBEAT_SHOWS_ASSIGNMENT: Duration = Duration::from_secs(1);
 /// A pod placed on an agent longer ago than this and missing from its heartbeat is no
 /// longer run there (gossip and replies may cross, but not for this long).
 const MISSING_GRACE: Duration = Duration::from_secs(10);
+
+/// What a search of the owner's view found for a pod.
+#[derive(Default)]
+struct Search {
+    /// Fitting agents heard from lately, best first.
+    ranked: Vec<Candidate<PeerId>>,
+    /// An agent fits whose heartbeats have not come lately: the view may be stale.
+    stale_fit: bool,
+}
+
+/// An assignment before it is signed for an agent.
+struct AssignmentDraft {
+    signer: Keypair,
+    pod: Pod,
+    volumes: BTreeMap<String, Vec<VolumeFile>>,
+    uid: PodUid,
+    epoch: Epoch,
+    spec_digest: String,
+    ttl: Duration,
+    lease_ms: Option<u64>,
+}
+
+impl AssignmentDraft {
+    fn signed_for(&self, agent: PeerId) -> Assign {
+        let statement = statement::sign(
+            &self.signer,
+            statement::Assignment {
+                agent,
+                pod: self.uid.clone(),
+                epoch: self.epoch,
+                spec_digest: self.spec_digest.clone(),
+                expires_at: (unix_millis() / 1000).saturating_add(self.ttl.as_secs()),
+            },
+        );
+        Assign {
+            epoch: self.epoch,
+            pod: self.pod.clone(),
+            volumes: self.volumes.clone(),
+            statement,
+            lease_ms: self.lease_ms,
+        }
+    }
+}
 
 fn now_time() -> Time {
     Time(Timestamp::now())
@@ -410,7 +474,8 @@ impl Owner {
         Owner {
             adopt_until: Instant::now() + config.adopt_window,
             synced: true,
-            recent_assignments: HashMap::new(),
+            reservations: HashMap::new(),
+            search_from: 0,
             heartbeat_seqs: ReplayGuard::default(),
             status_seqs: ReplayGuard::default(),
             runtime_down_since: HashMap::new(),
@@ -529,6 +594,7 @@ impl Owner {
             lost_copy: None,
             offered: Epoch(0),
             policy_refusals: Vec::new(),
+            ask_agents: false,
             pod_ref: pod_ref.clone(),
             pod,
             volumes: BTreeMap::new(),
@@ -603,18 +669,10 @@ impl Owner {
             .map_err(|e| e.to_string())
             .and_then(|requests| {
                 let fencing = fencing_of(&resolved.pod)?;
-                let selector = resolved
-                    .pod
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(AGENT_SELECTOR_ANNOTATION))
-                    .map(|s| placement::parse_selector(s))
-                    .transpose()
-                    .map_err(|e| {
-                        format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}")
-                    })?;
-                Ok((requests, selector.unwrap_or_default(), fencing))
+                let selector = placement::agent_selector_of(&resolved.pod).map_err(|e| {
+                    format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}")
+                })?;
+                Ok((requests, selector, fencing))
             });
         match checked {
             Ok((requests, selector, fencing)) => {
@@ -625,12 +683,13 @@ impl Owner {
                 if digest != owned.offer.spec_digest {
                     // A new spec: the agents judge it afresh.
                     owned.policy_refusals.clear();
+                    owned.ask_agents = false;
                 }
                 owned.offer.spec_digest = digest;
                 owned.placement = Placement::Waiting {
                     at: self.adopt_until.max(Instant::now()),
                 };
-                owned.status = pending_status("Offering", "waiting for agents' bids".into());
+                owned.status = pending_status("Placing", "choosing an agent".into());
             }
             Err(message) => {
                 owned.status = failed_status("UnsupportedPodSpec", message, &PodStatus::default());
@@ -679,22 +738,18 @@ impl Owner {
 
     /// The assignment of `owned` at its epoch to `agent`, signed for that agent.
     fn assign(&self, owned: &OwnedPod, agent: PeerId) -> Assign {
-        let statement = statement::sign(
-            &self.signer,
-            statement::Assignment {
-                agent,
-                pod: owned.pod_ref.uid.clone(),
-                epoch: owned.epoch,
-                spec_digest: owned.offer.spec_digest.clone(),
-                expires_at: (unix_millis() / 1000)
-                    .saturating_add(self.config.assignment_ttl.as_secs()),
-            },
-        );
-        Assign {
-            epoch: owned.epoch,
+        self.draft(owned).signed_for(agent)
+    }
+
+    fn draft(&self, owned: &OwnedPod) -> AssignmentDraft {
+        AssignmentDraft {
+            signer: self.signer.clone(),
             pod: owned.pod.clone(),
             volumes: owned.volumes.clone(),
-            statement,
+            uid: owned.pod_ref.uid.clone(),
+            epoch: owned.epoch,
+            spec_digest: owned.offer.spec_digest.clone(),
+            ttl: self.config.assignment_ttl,
             lease_ms: owned.lease_ms(self.config.lease),
         }
     }
@@ -798,7 +853,7 @@ impl Owner {
                 Placement::Waiting { at }
                     if *at <= now && owned.offer_not_before <= now && !owned.deleting =>
                 {
-                    self.open_offer(&uid)
+                    self.place(&uid)
                 }
                 Placement::Offering { deadline, .. } if *deadline <= now => self.close_offer(&uid),
                 Placement::Fencing { agent, until } if *until <= now => {
@@ -814,7 +869,10 @@ impl Owner {
         }
     }
 
-    fn open_offer(&mut self, uid: &PodUid) {
+    /// Places a pod that is due: at once from the agents' heartbeats, as a scheduler
+    /// places from its cache, or, when that view is stale or an agent declined the
+    /// pod, by asking the agents (an offer, and bids within the offer window).
+    fn place(&mut self, uid: &PodUid) {
         if self.pods.get(uid).is_some_and(|o| o.inherited) {
             // No agent reported the copy it ran before this node started.
             self.copy_lost(
@@ -828,14 +886,14 @@ impl Owner {
                 return;
             }
         }
-        let now = Instant::now();
-        let retry = self.config.retry_interval;
         if self.agents.is_empty() {
             let message = placement::explain(&self.pods[uid].offer, std::iter::empty());
             let Some(owned) = self.pods.get_mut(uid) else {
                 return;
             };
-            owned.placement = Placement::Waiting { at: now + retry };
+            owned.placement = Placement::Waiting {
+                at: Instant::now() + self.config.retry_interval,
+            };
             // A lost copy's pod keeps saying so: its agent may come back.
             if owned.lost_copy.is_none() {
                 self.set_status(uid, pending_status("Unschedulable", message));
@@ -852,9 +910,75 @@ impl Owner {
             .max(self.config.epoch_floor);
         owned.offered = owned.epoch;
         owned.offer.epoch = owned.epoch;
+        if !owned.ask_agents {
+            let search = self.search(uid);
+            if !search.ranked.is_empty() {
+                let agents = search.ranked.iter().take(DIRECT_CANDIDATES);
+                let agents = agents.map(|c| c.agent).collect();
+                self.metrics.placement_begun("direct");
+                self.assign_in_turn(uid, agents);
+                return;
+            }
+            if !search.stale_fit {
+                self.unschedulable(uid);
+                return;
+            }
+        }
+        self.metrics.placement_begun("offer");
+        self.open_offer(uid);
+    }
+
+    /// The fitting agents the owner's view shows for a pod, best first: agents heard
+    /// from lately, less what the owner gave them since (reservations), not those whose
+    /// policy refused the pod; at most [`placement::fitting_agents_to_find`] of them,
+    /// looked for from where the last search stopped.
+    fn search(&mut self, uid: &PodUid) -> Search {
+        let Some(owned) = self.pods.get(uid) else {
+            return Search::default();
+        };
+        let total = self.agents.len();
+        let want = placement::fitting_agents_to_find(total);
+        let fresh = self.config.agent_loss_timeout / 2;
+        let start = self.search_from % total.max(1);
+        let mut search = Search::default();
+        let mut looked = 0;
+        let agents = self.agents.live().skip(start);
+        for (agent, seen) in agents.chain(self.agents.live().take(start)) {
+            if search.ranked.len() >= want {
+                break;
+            }
+            looked += 1;
+            if owned.policy_refusals.iter().any(|(a, _)| a == agent) {
+                continue;
+            }
+            let (capacity, unseen) = self.reserved(agent, seen);
+            if !placement::misfits(&owned.offer, &capacity).is_empty() {
+                continue;
+            }
+            if seen.last_seen.elapsed() > fresh {
+                search.stale_fit = true;
+                continue;
+            }
+            search.ranked.push(Candidate {
+                agent: *agent,
+                score: placement::score(&owned.offer, &capacity, self.config.score_mode),
+                unseen,
+            });
+        }
+        self.search_from = start + looked;
+        placement::rank(&mut search.ranked);
+        search
+    }
+
+    fn open_offer(&mut self, uid: &PodUid) {
+        let fitting = self.fitting_agents(uid);
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
         owned.placement = Placement::Offering {
-            deadline: now + self.config.offer_window,
+            deadline: Instant::now() + self.config.offer_window,
             bids: Vec::new(),
+            fitting,
         };
         let message = GossipMessage::Offer(owned.offer.clone());
         let mesh = self.mesh.clone();
@@ -872,7 +996,7 @@ impl Owner {
         // a bid is a willingness, not a claim to capacity.
         let fits = self.pods.get(&bid.pod).and_then(|owned| {
             let seen = self.agents.get(&agent)?;
-            Some(placement::misfits(&owned.offer, &seen.capacity()).is_empty())
+            Some(placement::misfits(&owned.offer, seen.capacity()).is_empty())
         });
         match fits {
             None if self.pods.contains_key(&bid.pod) => {
@@ -889,13 +1013,12 @@ impl Owner {
             }
             _ => {}
         }
-        let fitting = self.fitting_agents(&bid.pod);
         let Some(owned) = self.pods.get_mut(&bid.pod) else {
             return Response::Declined {
                 reason: "no such pod".into(),
             };
         };
-        let Placement::Offering { bids, .. } = &mut owned.placement else {
+        let Placement::Offering { bids, fitting, .. } = &mut owned.placement else {
             return Response::Declined {
                 reason: "offer closed".into(),
             };
@@ -909,39 +1032,96 @@ impl Owner {
             bids.push(agent);
         }
         // Every agent that can fit has bid: no need to wait out the window.
-        if bids.len() >= fitting {
+        if bids.len() >= *fitting {
             self.close_offer(&bid.pod);
         }
         Response::Ack
     }
 
+    /// Live agents whose last heartbeat fits the pod.
     fn fitting_agents(&self, uid: &PodUid) -> usize {
         let Some(owned) = self.pods.get(uid) else {
             return 0;
         };
         self.agents
             .live()
-            .filter(|(_, seen)| placement::misfits(&owned.offer, &seen.capacity()).is_empty())
+            .filter(|(_, seen)| placement::misfits(&owned.offer, seen.capacity()).is_empty())
             .count()
     }
 
-    /// An agent's capacity as its last heartbeat showed it, less what this owner
-    /// assigned it since (a pod the agent took shows in the first heartbeat sent at
-    /// least [`HEARTBEAT_SHOWS_ASSIGNMENT`] after): many pods placed at once (an agent
-    /// lost, a deployment scaled) spread instead of all going to the agent that was
-    /// emptiest before them.
-    fn reserved(&self, agent: &PeerId, seen: &SeenAgent) -> AgentCapacity {
-        let mut capacity = seen.capacity();
-        let unseen = self
-            .recent_assignments
-            .get(agent)
-            .into_iter()
-            .flatten()
-            .filter(|(at, _)| *at + HEARTBEAT_SHOWS_ASSIGNMENT > seen.last_seen);
-        for (_, requests) in unseen {
-            placement::reserve(&mut capacity, requests);
+    /// An agent's capacity as its last heartbeat showed it, less what this owner gave
+    /// it that the heartbeat does not show (a pod the agent took shows in the first
+    /// heartbeat sent at least [`HEARTBEAT_SHOWS_ASSIGNMENT`] after), and how many
+    /// such pods there are.
+    fn reserved<'a>(&self, agent: &PeerId, seen: &'a SeenAgent) -> (Cow<'a, AgentCapacity>, usize) {
+        let mut capacity = Cow::Borrowed(seen.capacity());
+        let mut unseen = 0;
+        let reservations = self.reservations.get(agent).into_iter().flatten();
+        for reservation in
+            reservations.filter(|r| r.at + HEARTBEAT_SHOWS_ASSIGNMENT > seen.last_seen)
+        {
+            placement::reserve(
+                capacity.to_mut(),
+                &reservation.requests,
+                &reservation.host_ports,
+            );
+            unseen += 1;
         }
-        capacity
+        (capacity, unseen)
+    }
+
+    /// Reserves `agent`'s capacity for a pod the owner gives it, in place of any
+    /// reservation the pod had.
+    fn reserve(&mut self, uid: &PodUid, agent: PeerId, at: Instant) {
+        self.unreserve(uid);
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        self.reservations
+            .entry(agent)
+            .or_default()
+            .push(Reservation {
+                pod: uid.clone(),
+                at,
+                requests: owned.offer.requests,
+                host_ports: owned.offer.host_ports.clone(),
+            });
+    }
+
+    /// Drops a pod's reservation (its agent declined it, or another took it), and
+    /// with it every reservation old enough for heartbeats to show its pod.
+    fn unreserve(&mut self, uid: &PodUid) {
+        let now = Instant::now();
+        self.reservations.retain(|_, reserved| {
+            reserved.retain(|r| &r.pod != uid && now.duration_since(r.at) < RESERVATION_MAX);
+            !reserved.is_empty()
+        });
+    }
+
+    /// Says why no agent takes a pod, and tries again after the retry interval.
+    fn unschedulable(&mut self, uid: &PodUid) {
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        // As the search saw them: less what the owner gave them since.
+        let agents: Vec<Cow<AgentCapacity>> = self
+            .agents
+            .live()
+            .map(|(agent, seen)| self.reserved(agent, seen).0)
+            .collect();
+        let mut message = placement::explain(&owned.offer, agents.iter().map(AsRef::as_ref));
+        if !owned.policy_refusals.is_empty() {
+            message = format!(
+                "{message}; refused before: {}",
+                agent_reasons(&owned.policy_refusals)
+            );
+        }
+        tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
+        let retry_at = Instant::now() + self.config.retry_interval;
+        if let Some(owned) = self.pods.get_mut(uid) {
+            owned.placement = Placement::Waiting { at: retry_at };
+        }
+        self.set_status(uid, pending_status("Unschedulable", message));
     }
 
     fn close_offer(&mut self, uid: &PodUid) {
@@ -951,84 +1131,45 @@ impl Owner {
         let Placement::Offering { bids, .. } = &owned.placement else {
             return;
         };
-        // Bidders whose heartbeats stopped since they bid drop out.
-        let bids: Vec<PeerId> = bids
-            .iter()
-            .filter(|agent| self.agents.get(agent).is_some())
-            .copied()
-            .collect();
-        if bids.is_empty() {
-            let mut message = placement::explain(
-                &owned.offer,
-                self.agents
-                    .live()
-                    .map(|(_, seen)| seen.capacity())
-                    .collect::<Vec<_>>()
-                    .iter(),
-            );
-            if !owned.policy_refusals.is_empty() {
-                message = format!(
-                    "{message}; refused before: {}",
-                    agent_reasons(&owned.policy_refusals)
-                );
-            }
-            let pod = owned.pod_ref.clone();
-            if let Some(owned) = self.pods.get_mut(uid) {
-                owned.placement = Placement::Waiting {
-                    at: Instant::now() + self.config.retry_interval,
-                };
-            }
-            tracing::info!(%pod, %message, "no agent can take the pod");
-            self.set_status(uid, pending_status("Unschedulable", message));
-            return;
-        }
         // Highest score by the owner's own reckoning from the bidders' heartbeats (a
-        // bidder whose heartbeats stopped meanwhile drops out); among equals, the
-        // agent this owner gave the fewest pods lately (its heartbeats do not show
-        // them yet), then by peer ID.
-        let now = Instant::now();
-        // Agents with none lately are forgotten: the map holds only recent ones.
-        self.recent_assignments.retain(|_, assigned| {
-            assigned.retain(|(at, _)| now.duration_since(*at) < RECENT_ASSIGNMENT);
-            !assigned.is_empty()
-        });
-        let recent = |agent: &PeerId| self.recent_assignments.get(agent).map_or(0, Vec::len);
-        let mut ranked: Vec<(PeerId, i64)> = bids
+        // bidder whose heartbeats stopped since it bid drops out).
+        let mut ranked: Vec<Candidate<PeerId>> = bids
             .iter()
             .filter_map(|agent| {
                 let seen = self.agents.get(agent)?;
-                let capacity = self.reserved(agent, seen);
-                Some((
-                    *agent,
-                    placement::score(&owned.offer, &capacity, self.config.score_mode),
-                ))
+                let (capacity, unseen) = self.reserved(agent, seen);
+                Some(Candidate {
+                    agent: *agent,
+                    score: placement::score(&owned.offer, &capacity, self.config.score_mode),
+                    unseen,
+                })
             })
             .collect();
-        ranked.sort_by(|a, b| {
-            b.1.cmp(&a.1)
-                .then(recent(&a.0).cmp(&recent(&b.0)))
-                .then(a.0.cmp(&b.0))
-        });
+        if ranked.is_empty() {
+            self.unschedulable(uid);
+            return;
+        }
+        placement::rank(&mut ranked);
         tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?ranked, "offer closed");
-        // Counted when chosen: offers closing right after this one must see it.
-        if let Some((first, _)) = ranked.first() {
-            let requests = owned.offer.requests;
-            self.recent_assignments
-                .entry(*first)
-                .or_default()
-                .push((now, requests));
-        }
-        // Signed for each candidate in turn: an assignment names its agent.
-        let assigns: Vec<(PeerId, Assign)> = ranked
-            .iter()
-            .map(|(agent, _)| (*agent, self.assign(owned, *agent)))
-            .collect();
+        self.assign_in_turn(uid, ranked.into_iter().map(|c| c.agent).collect());
+    }
+
+    /// Assigns a pod to `agents` in turn until one takes it, the first reserved for it
+    /// at once (placements right after this one must see it). Signed for each agent
+    /// as its turn comes: an assignment names its agent.
+    fn assign_in_turn(&mut self, uid: &PodUid, agents: Vec<PeerId>) {
+        let Some(&first) = agents.first() else {
+            return;
+        };
+        self.reserve(uid, first, Instant::now());
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        owned.placement = Placement::Assigning;
+        // The lost copy may now be superseded by one that runs unseen.
+        owned.lost_copy = None;
         let (pod_ref, epoch) = (owned.pod_ref.clone(), owned.epoch);
-        if let Some(owned) = self.pods.get_mut(uid) {
-            owned.placement = Placement::Assigning;
-            // The lost copy may now be superseded by one that runs unseen.
-            owned.lost_copy = None;
-        }
+        let draft = self.draft(&self.pods[uid]);
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
         let uid = uid.clone();
@@ -1036,7 +1177,8 @@ impl Owner {
         tokio::spawn(async move {
             let mut reasons = Vec::new();
             let mut unanswered = false;
-            for (agent, assign) in assigns {
+            for agent in agents {
+                let assign = draft.signed_for(agent);
                 match mesh.request(agent, Request::Assign(Box::new(assign))).await {
                     Ok(Response::Ack) => {
                         metrics.assignments.inc();
@@ -1053,12 +1195,12 @@ impl Owner {
                             .await;
                         return;
                     }
-                    // A definite no: the agent does not run it, so the next bidder
-                    // may get the same epoch.
+                    // A definite no: the agent does not run it, so the next one may
+                    // get the same epoch.
                     Ok(Response::Declined { reason }) => reasons.push((agent, reason)),
                     Ok(other) => reasons.push((agent, format!("unexpected answer {other:?}"))),
-                    // No answer: the agent may have taken it. Stop here; the next offer
-                    // raises the epoch, which supersedes whatever it started.
+                    // No answer: the agent may have taken it. Stop here; the next
+                    // placement raises the epoch, which supersedes whatever it started.
                     Err(e) => {
                         reasons.push((agent, e.to_string()));
                         unanswered = true;
@@ -1088,6 +1230,14 @@ impl Owner {
                 }
                 owned.placement = Placement::Placed { agent };
                 owned.placed_at = Instant::now();
+                owned.ask_agents = false;
+                // Reserved where it went, from when it was given (not the first
+                // candidate's, if that one declined).
+                let placed_at = owned.placed_at;
+                self.reserve(&uid, agent, placed_at);
+                let Some(owned) = self.pods.get_mut(&uid) else {
+                    return;
+                };
                 // Not before the agent took the lease: it counts from receiving the
                 // assignment, which came before this answer.
                 owned.lease_renewed_at = owned.placed_at;
@@ -1122,10 +1272,19 @@ impl Owner {
                 if owned.epoch != epoch {
                     return;
                 }
+                // Declined, or it may run unseen: either way the owner's view was
+                // wrong about it, so the agents are asked next time.
+                owned.ask_agents = true;
                 if owned.deleting {
                     self.forget(&uid);
                     return;
                 }
+                if !unanswered {
+                    self.unreserve(&uid);
+                }
+                let Some(owned) = self.pods.get_mut(&uid) else {
+                    return;
+                };
                 // A strict pod an agent may have started without answering waits for
                 // that copy's first lease to run out.
                 let wait = if unanswered && owned.fencing == Fencing::Strict {
