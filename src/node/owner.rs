@@ -404,6 +404,22 @@ fn pending_status(reason: &str, message: String) -> PodStatus {
     }
 }
 
+/// A condition's lastTransitionTime moves only when its status does (the API's
+/// conventions): a condition of `new` with the type and status it had in `old` keeps
+/// `old`'s time.
+fn keep_transition_times(old: &PodStatus, new: &mut PodStatus) {
+    for condition in new.conditions.iter_mut().flatten() {
+        let before = old
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status);
+        if let Some(before) = before {
+            condition.last_transition_time = before.last_transition_time.clone();
+        }
+    }
+}
+
 /// A pod whose configMaps or secrets are missing, as the kubelet shows it: Pending, each
 /// container waiting with CreateContainerConfigError.
 fn config_error_status(pod: &Pod, message: String) -> PodStatus {
@@ -817,12 +833,14 @@ impl Owner {
         });
     }
 
-    fn set_status(&mut self, uid: &PodUid, status: PodStatus) {
-        if self
-            .pods
-            .get(uid)
-            .is_some_and(|owned| owned.status != status)
-        {
+    /// Sets a pod's status and tells the sink, unless nothing changed (a pod retried
+    /// for the same reason is not written again).
+    fn set_status(&mut self, uid: &PodUid, mut status: PodStatus) {
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        keep_transition_times(&owned.status, &mut status);
+        if owned.status != status {
             self.set_status_forced(uid, status);
         }
     }
@@ -2075,6 +2093,36 @@ mod tests {
         assert!(epoch_floor(2) > epoch_floor(1));
         assert_eq!(epoch_floor(2).0 - epoch_floor(1).0, 1 << 32);
         assert_eq!(epoch_floor(u64::MAX), Epoch(u64::MAX));
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+        let mut before = pending_status("Unschedulable", "0/1 agents fit".into());
+        let at = Time(Timestamp::from_second(1_000_000).expect("time"));
+        before.conditions.as_mut().expect("conditions")[0].last_transition_time = Some(at.clone());
+        // Retried for another reason: still not scheduled since the same time.
+        let mut again = pending_status("Unschedulable", "assignment declined".into());
+        keep_transition_times(&before, &mut again);
+        let condition = &again.conditions.as_ref().expect("conditions")[0];
+        assert_eq!(condition.last_transition_time, Some(at.clone()));
+        assert_eq!(condition.message.as_deref(), Some("assignment declined"));
+        // Retried for the same reason: the very same status, so nothing is written.
+        let mut same = pending_status("Unschedulable", "0/1 agents fit".into());
+        keep_transition_times(&before, &mut same);
+        assert_eq!(same, before);
+        // Scheduled: a transition, at its own time.
+        let mut placed = before.clone();
+        placed.conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "True".into(),
+            last_transition_time: Some(now_time()),
+            ..Default::default()
+        }]);
+        keep_transition_times(&before, &mut placed);
+        assert_ne!(
+            placed.conditions.expect("conditions")[0].last_transition_time,
+            Some(at)
+        );
     }
 
     #[test]
