@@ -6,7 +6,7 @@
 //! desired set of resolved pods; status goes out through a [`StatusSink`].
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -292,6 +292,16 @@ pub struct Owner {
     /// Where the next search for fitting agents starts in the heartbeat book, so that
     /// a search that stops early does not always look at the same agents.
     search_from: usize,
+    /// Pods that may be waiting for a time (to be placed, an offer to close, a lost
+    /// copy's lease to run out): the tick looks at these only, and drops those no
+    /// longer waiting, so that its cost follows the pods not yet placed, not all pods.
+    due: HashSet<PodUid>,
+    /// The pods placed on each agent (or fenced off it), as last set: checked against
+    /// each pod's placement when used, so an entry left behind is harmless. Lets a
+    /// heartbeat be checked against that agent's pods, not all pods.
+    placed_on: HashMap<PeerId, HashSet<PodUid>>,
+    /// When placements whose agent has not heartbeat since were last looked for.
+    silent_checked: Instant,
     /// False until every pod source has delivered its first full set: until then a pod
     /// an agent reports is not known to be unwanted.
     synced: bool,
@@ -332,6 +342,8 @@ const HEARTBEAT_SHOWS_ASSIGNMENT: Duration = Duration::from_secs(1);
 /// A pod placed on an agent longer ago than this and missing from its heartbeat is no
 /// longer run there (gossip and replies may cross, but not for this long).
 const MISSING_GRACE: Duration = Duration::from_secs(10);
+/// How often placements are looked over for agents silent or broken too long.
+const SILENT_CHECK: Duration = Duration::from_secs(1);
 
 /// What a search of the owner's view found for a pod.
 #[derive(Default)]
@@ -492,6 +504,9 @@ impl Owner {
             synced: true,
             reservations: HashMap::new(),
             search_from: 0,
+            due: HashSet::new(),
+            placed_on: HashMap::new(),
+            silent_checked: Instant::now(),
             heartbeat_seqs: ReplayGuard::default(),
             status_seqs: ReplayGuard::default(),
             runtime_down_since: HashMap::new(),
@@ -521,8 +536,10 @@ impl Owner {
             self.adopt_until = self
                 .adopt_until
                 .max(Instant::now() + self.config.adopt_window);
-            for owned in self.pods.values_mut() {
-                if let Placement::Waiting { at } = &mut owned.placement {
+            for uid in &self.due {
+                if let Some(Placement::Waiting { at }) =
+                    self.pods.get_mut(uid).map(|o| &mut o.placement)
+                {
                     *at = (*at).max(self.adopt_until);
                 }
             }
@@ -624,6 +641,7 @@ impl Owner {
         }
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
         self.pods.insert(pod_ref.uid.clone(), owned);
+        self.due.insert(pod_ref.uid.clone());
         if deleted {
             self.delete(&pod_ref.uid);
         }
@@ -729,6 +747,7 @@ impl Owner {
                 self.prepare(&mut owned, resolved);
                 let status = owned.status.clone();
                 self.pods.insert(uid.clone(), owned);
+                self.due.insert(uid.clone());
                 self.set_status_forced(uid, status);
             }
             (placement, Ok(resolved)) if resolved.volumes != owned.volumes => {
@@ -862,9 +881,10 @@ impl Owner {
     pub fn tick(&mut self) {
         let now = Instant::now();
         self.check_lost_agents();
-        let uids: Vec<PodUid> = self.pods.keys().cloned().collect();
+        let uids: Vec<PodUid> = self.due.iter().cloned().collect();
         for uid in uids {
             let Some(owned) = self.pods.get(&uid) else {
+                self.due.remove(&uid);
                 continue;
             };
             match &owned.placement {
@@ -884,7 +904,37 @@ impl Owner {
                 }
                 _ => {}
             }
+            let waits = self.pods.get(&uid).is_some_and(|o| {
+                matches!(
+                    o.placement,
+                    Placement::Waiting { .. }
+                        | Placement::Offering { .. }
+                        | Placement::Fencing { .. }
+                )
+            });
+            if !waits {
+                self.due.remove(&uid);
+            }
         }
+    }
+
+    /// The pods placed on (or fenced off) `agent`, from the index checked against each
+    /// pod's placement; entries that no longer hold are dropped.
+    fn placed_on(&mut self, agent: PeerId) -> Vec<PodUid> {
+        let Some(indexed) = self.placed_on.get_mut(&agent) else {
+            return Vec::new();
+        };
+        let pods = &self.pods;
+        indexed.retain(|uid| {
+            pods.get(uid).is_some_and(|o| {
+                matches!(o.placement, Placement::Placed { agent: a } | Placement::Fencing { agent: a, .. } if a == agent)
+            })
+        });
+        let placed: Vec<PodUid> = indexed.iter().cloned().collect();
+        if placed.is_empty() {
+            self.placed_on.remove(&agent);
+        }
+        placed
     }
 
     /// Places a pod that is due: at once from the agents' heartbeats, as a scheduler
@@ -912,6 +962,7 @@ impl Owner {
             owned.placement = Placement::Waiting {
                 at: Instant::now() + self.config.retry_interval,
             };
+            self.due.insert(uid.clone());
             // A lost copy's pod keeps saying so: its agent may come back.
             if owned.lost_copy.is_none() {
                 self.set_status(uid, pending_status("Unschedulable", message));
@@ -998,6 +1049,7 @@ impl Owner {
             bids: Vec::new(),
             fitting,
         };
+        self.due.insert(uid.clone());
         let message = GossipMessage::Offer(owned.offer.clone());
         let mesh = self.mesh.clone();
         let pod = owned.pod_ref.clone();
@@ -1138,6 +1190,7 @@ impl Owner {
         let retry_at = Instant::now() + self.config.retry_interval;
         if let Some(owned) = self.pods.get_mut(uid) {
             owned.placement = Placement::Waiting { at: retry_at };
+            self.due.insert(uid.clone());
         }
         self.set_status(uid, pending_status("Unschedulable", message));
     }
@@ -1249,6 +1302,7 @@ impl Owner {
                 owned.placement = Placement::Placed { agent };
                 owned.placed_at = Instant::now();
                 owned.ask_agents = false;
+                self.placed_on.entry(agent).or_default().insert(uid.clone());
                 // Reserved where it went, from when it was given (not the first
                 // candidate's, if that one declined).
                 let placed_at = owned.placed_at;
@@ -1313,6 +1367,7 @@ impl Owner {
                 owned.placement = Placement::Waiting {
                     at: Instant::now() + wait,
                 };
+                self.due.insert(uid.clone());
                 for (agent, reason) in &reasons {
                     if reason.starts_with(POLICY_REFUSAL) {
                         owned.policy_refusals.retain(|(a, _)| a != agent);
@@ -1357,15 +1412,15 @@ impl Owner {
         // and its `removed` report was lost, so the deletion is done. Others: it lost
         // them (a reboot took its memory-backed records with the pods' secrets, say), so
         // they go elsewhere.
+        let listed: HashSet<&PodUid> = hosted.iter().map(|h| &h.pod.uid).collect();
         let unlisted: Vec<(PodUid, bool)> = self
-            .pods
-            .iter()
-            .filter(|(uid, owned)| {
-                matches!(owned.placement, Placement::Placed { agent: a } | Placement::Fencing { agent: a, .. } if a == agent)
-                    && owned.placed_at.elapsed() > MISSING_GRACE
-                    && !hosted.iter().any(|h| &h.pod.uid == *uid)
+            .placed_on(agent)
+            .into_iter()
+            .filter(|uid| !listed.contains(uid))
+            .filter_map(|uid| {
+                let owned = self.pods.get(&uid)?;
+                (owned.placed_at.elapsed() > MISSING_GRACE).then_some((uid, owned.deleting))
             })
-            .map(|(uid, owned)| (uid.clone(), owned.deleting))
             .collect();
         for (uid, deleting) in unlisted {
             if deleting {
@@ -1395,8 +1450,10 @@ impl Owner {
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
             let now = Instant::now();
-            for owned in self.pods.values_mut() {
-                if let Placement::Waiting { at } = &mut owned.placement {
+            for uid in &self.due {
+                if let Some(Placement::Waiting { at }) =
+                    self.pods.get_mut(uid).map(|o| &mut o.placement)
+                {
                     *at = (*at).min(now.max(self.adopt_until));
                 }
             }
@@ -1519,6 +1576,7 @@ impl Owner {
         owned.offer.epoch = epoch;
         owned.placement = Placement::Placed { agent };
         owned.placed_at = Instant::now();
+        self.placed_on.entry(agent).or_default().insert(uid.clone());
         // The agent's lease, if any, was taken before now.
         owned.lease_renewed_at = owned.placed_at;
         if let Some(lost) = taken_back {
@@ -1618,6 +1676,7 @@ impl Owner {
                 // The runner dropped it without being asked: place it again.
                 if let Some(owned) = self.pods.get_mut(&uid) {
                     owned.placement = Placement::Waiting { at: Instant::now() };
+                    self.due.insert(uid.clone());
                 }
             }
             return Response::Ack;
@@ -1688,10 +1747,9 @@ impl Owner {
             self.metrics.agents_lost.inc();
             tracing::warn!(%agent, "agent stopped sending heartbeats; moving its pods");
             let uids: Vec<PodUid> = self
-                .pods
-                .iter()
-                .filter(|(_, o)| o.placement == Placement::Placed { agent })
-                .map(|(uid, _)| uid.clone())
+                .placed_on(agent)
+                .into_iter()
+                .filter(|uid| self.pods[uid].placement == Placement::Placed { agent })
                 .collect();
             self.heartbeat_seqs.retain(|a| *a != agent);
             self.runtime_down_since.remove(&agent);
@@ -1700,6 +1758,12 @@ impl Owner {
                 self.agent_unreachable(&uid, agent, "stopped sending heartbeats");
             }
         }
+        // What follows looks at every placement: once a second is soon enough for
+        // timeouts counted in seconds.
+        if self.silent_checked.elapsed() < SILENT_CHECK {
+            return;
+        }
+        self.silent_checked = Instant::now();
         // An agent whose runtime has failed as long as a lost agent's heartbeats: its
         // relaxed pods go elsewhere. Its strict ones stay: the runtime cannot say
         // whether their containers still run, nor stop them, so no second copy starts.
@@ -1711,12 +1775,12 @@ impl Owner {
             .collect();
         for agent in broken {
             let relaxed: Vec<PodUid> = self
-                .pods
-                .iter()
-                .filter(|(_, o)| {
+                .placed_on(agent)
+                .into_iter()
+                .filter(|uid| {
+                    let o = &self.pods[uid];
                     o.placement == Placement::Placed { agent } && o.fencing == Fencing::Relaxed
                 })
-                .map(|(uid, _)| uid.clone())
                 .collect();
             for uid in relaxed {
                 self.agent_lost(&uid, agent, "has a container runtime that fails its checks");
@@ -1754,6 +1818,8 @@ impl Owner {
         }
         let until = owned.lease_renewed_at + self.config.lease + self.config.fencing_margin;
         owned.placement = Placement::Fencing { agent, until };
+        self.due.insert(uid.clone());
+        self.placed_on.entry(agent).or_default().insert(uid.clone());
         let wait = until.saturating_duration_since(Instant::now()).as_secs();
         let message = format!(
             "agent {agent} {why}; the pod is placed again once its copy there has stopped for want of a lease (in {wait} s)"
@@ -1838,6 +1904,7 @@ impl Owner {
         }
         owned.lost_state = Some(lost.clone());
         owned.placement = Placement::Waiting { at: Instant::now() };
+        self.due.insert(uid.clone());
         let mut status = pending_status("AgentLost", format!("{message}; offering the pod again"));
         status.container_statuses = owned.status.container_statuses.clone().map(|list| {
             list.into_iter()
