@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
-use beemesh::node::owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, StatusSink};
+use beemesh::node::owner::{
+    AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, StatusSink,
+};
 use beemesh::node::{standalone_pod, ApiLink, Node, NodeConfig};
 use beemesh::placement::{self, AgentCapacity};
 use beemesh::trust::replay::{unix_millis, Sequencer};
@@ -453,7 +455,7 @@ pub async fn owner_role(
         mesh::start(keypair.clone(), config, metrics.clone()).expect("the owner's mesh starts");
     tokio::spawn(event_loop.run(cancel.clone()));
 
-    let (pods_tx, pods_rx) = watch::channel(Some(BTreeMap::<String, DesiredPod>::new()));
+    let (pods_tx, pods_rx) = watch::channel(Some(DesiredPods::new()));
     // The source's first (empty) listing, at once: the node then waits its adoption
     // window from now, not from the first pods.
     pods_tx.send_modify(|_| {});
@@ -533,7 +535,7 @@ pub async fn owner_role(
                     if due <= next {
                         continue;
                     }
-                    let batch: Vec<(String, DesiredPod)> = (next..due)
+                    let batch: Vec<(String, Arc<DesiredPod>)> = (next..due)
                         .map(|i| (pod_uid(i), standalone_pod(typical_pod(&template, i))))
                         .collect();
                     let at = now_us();
@@ -1042,7 +1044,7 @@ pub async fn track(opts: TrackOptions, out: mpsc::UnboundedSender<Value>) {
     // A sample first: the owner ends up holding about twice the desired set (measured at
     // 10,000 and 100,000 pods), which must fit in what the machine has free.
     let sample = opts.pods.min(5_000);
-    let mut desired: BTreeMap<String, DesiredPod> = (0..sample)
+    let mut desired: DesiredPods = (0..sample)
         .map(|i| (pod_uid(i), standalone_pod(typical_pod(&template, i))))
         .collect();
     let per_pod_kib = rss_kib(None).0.saturating_sub(rss_owner_empty) as f64 / sample as f64;

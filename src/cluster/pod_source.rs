@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventRecorder, PodEvent};
 use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
 use super::pod_status::StatusBoard;
-use crate::node::owner::DesiredPod;
+use crate::node::owner::{DesiredPod, DesiredPods};
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
 use crate::runtime::translate;
 use crate::wire::PodUid;
@@ -47,7 +47,7 @@ const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
 /// A token is replaced once this share of its lifetime has passed (the kubelet's 80%).
 const TOKEN_REFRESH_SHARE: f64 = 0.8;
 
-pub type DesiredSet = Option<BTreeMap<String, DesiredPod>>;
+pub type DesiredSet = Option<DesiredPods>;
 
 struct Token {
     value: String,
@@ -55,9 +55,9 @@ struct Token {
 }
 
 struct Tracked {
-    /// The pod without status and bookkeeping fields: what resolution depends on.
-    pod: Pod,
-    desired: DesiredPod,
+    /// `pod`: the pod without status and bookkeeping fields (what resolution depends
+    /// on). Replaced, never changed in place: the owner holds it too.
+    desired: Arc<DesiredPod>,
     /// When a token must be replaced, or a failed TokenRequest tried again; None: only
     /// when an object the pod refers to changes.
     next_resolve: Option<Instant>,
@@ -201,7 +201,7 @@ impl PodSource {
                 continue;
             };
             match old.remove(&uid) {
-                Some(tracked) if tracked.pod == essentials(&pod) => {
+                Some(tracked) if tracked.desired.pod == essentials(&pod) => {
                     self.pods.insert(uid, tracked);
                 }
                 _ => {
@@ -224,14 +224,18 @@ impl PodSource {
             self.board.inherit(PodUid(uid.clone()), pod.status.clone());
         }
         let essentials = essentials(&pod);
-        if self.pods.get(&uid).is_some_and(|t| t.pod == essentials) {
+        if self
+            .pods
+            .get(&uid)
+            .is_some_and(|t| t.desired.pod == essentials)
+        {
             return false;
         }
         let newly_deleted = pod.metadata.deletion_timestamp.is_some()
             && self
                 .pods
                 .get(&uid)
-                .is_none_or(|t| t.pod.metadata.deletion_timestamp.is_none());
+                .is_none_or(|t| t.desired.pod.metadata.deletion_timestamp.is_none());
         if newly_deleted {
             self.record_killing(&pod);
         }
@@ -252,11 +256,10 @@ impl PodSource {
         self.pods.insert(
             uid,
             Tracked {
-                desired: DesiredPod {
-                    pod: essentials.clone(),
+                desired: Arc::new(DesiredPod {
+                    pod: essentials,
                     resolved,
-                },
-                pod: essentials,
+                }),
                 next_resolve,
             },
         );
@@ -293,8 +296,8 @@ impl PodSource {
             let Some(pod) = self
                 .pods
                 .get(&uid)
-                .filter(|t| t.pod.metadata.deletion_timestamp.is_none())
-                .map(|t| t.pod.clone())
+                .filter(|t| t.desired.pod.metadata.deletion_timestamp.is_none())
+                .map(|t| t.desired.pod.clone())
             else {
                 continue;
             };
@@ -303,7 +306,10 @@ impl PodSource {
             if let Some(tracked) = self.pods.get_mut(&uid) {
                 tracked.next_resolve = next_resolve;
                 if tracked.desired.resolved != resolution.resolved {
-                    tracked.desired.resolved = resolution.resolved;
+                    tracked.desired = Arc::new(DesiredPod {
+                        pod: pod.clone(),
+                        resolved: resolution.resolved,
+                    });
                     changed = true;
                 }
             }

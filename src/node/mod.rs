@@ -9,8 +9,8 @@ pub mod owner;
 mod printer;
 pub mod resolve;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::wire::{GossipMessage, PodRef, PodUid, Request, Response};
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
-use owner::{AgentsSummary, DesiredPod, Owner, OwnerConfig, PodLocation, StatusSink};
+use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::PhasePrinter;
 use resolve::{Fetched, ResolveError};
 
@@ -56,7 +56,7 @@ pub struct NodeConfig {
 /// How the node loop and the Kubernetes side talk.
 pub struct ApiLink {
     /// The API's pods bound to this node, resolved; None until first listed.
-    pub pods: watch::Receiver<Option<BTreeMap<String, DesiredPod>>>,
+    pub pods: watch::Receiver<Option<DesiredPods>>,
     /// Where the status of the API's pods goes.
     pub sink: Box<dyn StatusSink>,
     /// The live agents, for the Node object's capacity and conditions.
@@ -158,7 +158,7 @@ impl StatusSink for Sinks {
 
 /// A pod from a manifest file: there is no API to take configMaps, secrets or tokens
 /// from, but downward API volumes work.
-pub fn standalone_pod(pod: Pod) -> DesiredPod {
+pub fn standalone_pod(pod: Pod) -> Arc<DesiredPod> {
     let resolved = if resolve::references(&pod).is_empty() {
         resolve::resolve(&pod, &Fetched::default())
     } else {
@@ -169,7 +169,7 @@ pub fn standalone_pod(pod: Pod) -> DesiredPod {
                 .into(),
         })
     };
-    DesiredPod { pod, resolved }
+    Arc::new(DesiredPod { pod, resolved })
 }
 
 pub struct Node {
@@ -319,7 +319,7 @@ async fn next_query(queries: Option<&mut mpsc::Receiver<NodeQuery>>) -> Option<N
 
 /// Waits for the API's next pod set; never returns without an API.
 async fn changed_or_pending(
-    pods: Option<&mut watch::Receiver<Option<BTreeMap<String, DesiredPod>>>>,
+    pods: Option<&mut watch::Receiver<Option<DesiredPods>>>,
 ) -> Result<(), watch::error::RecvError> {
     match pods {
         Some(pods) => pods.changed().await,
@@ -330,13 +330,13 @@ async fn changed_or_pending(
 /// The pods of both sources.
 #[derive(Default)]
 struct Desired {
-    manifests: BTreeMap<String, DesiredPod>,
-    api: BTreeMap<String, DesiredPod>,
+    manifests: DesiredPods,
+    api: DesiredPods,
     reported: ReportedErrors,
 }
 
 impl Desired {
-    fn union(&self) -> BTreeMap<String, DesiredPod> {
+    fn union(&self) -> DesiredPods {
         let mut all = self.api.clone();
         // Manifest pods have UIDs of their own; on a clash the API's pod wins.
         for (uid, pod) in &self.manifests {
@@ -352,7 +352,7 @@ struct ReportedErrors(Vec<manifests::ManifestError>);
 
 impl ReportedErrors {
     /// Reports the scan's new errors and gives its pods.
-    fn take_scan(&mut self, scan: manifests::Scan) -> BTreeMap<String, DesiredPod> {
+    fn take_scan(&mut self, scan: manifests::Scan) -> DesiredPods {
         for error in &scan.errors {
             if !self.0.contains(error) {
                 tracing::error!("manifest {error}");

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
@@ -46,6 +47,11 @@ pub struct DesiredPod {
     pub pod: Pod,
     pub resolved: Result<Resolved, ResolveError>,
 }
+
+/// The pods sources want, by UID. Shared, not copied, between a source, the node and
+/// the owner: a pod that did not change is the same allocation in each set a source
+/// sends, so telling it unchanged costs a pointer comparison.
+pub type DesiredPods = BTreeMap<String, Arc<DesiredPod>>;
 
 /// Where a pod runs, as the kubelet API needs to know it.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,7 +189,7 @@ enum Placement {
 
 struct OwnedPod {
     /// As the source last gave it.
-    desired: DesiredPod,
+    desired: Arc<DesiredPod>,
     /// The pod as assigned: resolved, or as the source has it while held.
     pod: Pod,
     volumes: BTreeMap<String, Vec<VolumeFile>>,
@@ -570,7 +576,7 @@ impl Owner {
 
     /// Replaces the desired set of pods: new ones are offered, missing ones and those
     /// being deleted stopped, changed ones updated.
-    pub fn set_desired(&mut self, desired: BTreeMap<String, DesiredPod>) {
+    pub fn set_desired(&mut self, desired: DesiredPods) {
         let gone: Vec<PodUid> = self
             .pods
             .keys()
@@ -584,14 +590,16 @@ impl Owner {
             let uid = PodUid(uid);
             match self.pods.get(&uid) {
                 None => self.add(wanted),
-                Some(owned) if owned.desired != wanted => self.update(&uid, wanted),
+                Some(owned) if !Arc::ptr_eq(&owned.desired, &wanted) && owned.desired != wanted => {
+                    self.update(&uid, wanted)
+                }
                 Some(_) => {}
             }
         }
         self.metrics.pods.set(self.pods.len() as i64);
     }
 
-    fn add(&mut self, desired: DesiredPod) {
+    fn add(&mut self, desired: Arc<DesiredPod>) {
         let pod_ref = match translate::pod_ref(&desired.pod) {
             Ok(r) => r,
             Err(e) => {
@@ -633,7 +641,7 @@ impl Owner {
             volumes: BTreeMap::new(),
             desired: desired.clone(),
         };
-        self.prepare(&mut owned, desired.resolved);
+        self.prepare(&mut owned, desired.resolved.clone());
         tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
         let inherited = self.sink.last_known(&pod_ref.uid);
         if !self.inherit(&mut owned, inherited) {
@@ -735,14 +743,14 @@ impl Owner {
     }
 
     /// A pod the source changed: being deleted, no longer held, or with new volume data.
-    fn update(&mut self, uid: &PodUid, desired: DesiredPod) {
+    fn update(&mut self, uid: &PodUid, desired: Arc<DesiredPod>) {
         let Some(mut owned) = self.pods.remove(uid) else {
             return;
         };
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
         owned.grace_secs = translate::grace_period_secs(&desired.pod);
         owned.desired = desired.clone();
-        match (&owned.placement, desired.resolved) {
+        match (&owned.placement, desired.resolved.clone()) {
             (Placement::Held, resolved) => {
                 self.prepare(&mut owned, resolved);
                 let status = owned.status.clone();
