@@ -201,7 +201,7 @@ impl PodSource {
                 continue;
             };
             match old.remove(&uid) {
-                Some(tracked) if tracked.desired.pod == essentials(&pod) => {
+                Some(tracked) if *tracked.desired.pod == essentials(&pod) => {
                     self.pods.insert(uid, tracked);
                 }
                 _ => {
@@ -227,10 +227,11 @@ impl PodSource {
         if self
             .pods
             .get(&uid)
-            .is_some_and(|t| t.desired.pod == essentials)
+            .is_some_and(|t| *t.desired.pod == essentials)
         {
             return false;
         }
+        let essentials = Arc::new(essentials);
         let newly_deleted = pod.metadata.deletion_timestamp.is_some()
             && self
                 .pods
@@ -335,7 +336,7 @@ impl PodSource {
             .min()
     }
 
-    async fn resolve(&mut self, pod: &Pod) -> Resolution {
+    async fn resolve(&mut self, pod: &Arc<Pod>) -> Resolution {
         match self.try_resolve(pod).await {
             Ok(resolved) => Resolution {
                 resolved: resolve::resolve(pod, &resolved),

@@ -159,6 +159,7 @@ impl StatusSink for Sinks {
 /// A pod from a manifest file: there is no API to take configMaps, secrets or tokens
 /// from, but downward API volumes work.
 pub fn standalone_pod(pod: Pod) -> Arc<DesiredPod> {
+    let pod = Arc::new(pod);
     let resolved = if resolve::references(&pod).is_empty() {
         resolve::resolve(&pod, &Fetched::default())
     } else {

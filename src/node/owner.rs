@@ -44,7 +44,7 @@ use crate::wire::{
 /// configMaps, secrets and volumes gave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPod {
-    pub pod: Pod,
+    pub pod: Arc<Pod>,
     pub resolved: Result<Resolved, ResolveError>,
 }
 
@@ -191,8 +191,8 @@ struct OwnedPod {
     /// As the source last gave it.
     desired: Arc<DesiredPod>,
     /// The pod as assigned: resolved, or as the source has it while held.
-    pod: Pod,
-    volumes: BTreeMap<String, Vec<VolumeFile>>,
+    pod: Arc<Pod>,
+    volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     pod_ref: PodRef,
     offer: Offer,
     grace_secs: u64,
@@ -363,8 +363,8 @@ struct Search {
 /// An assignment before it is signed for an agent.
 struct AssignmentDraft {
     signer: Keypair,
-    pod: Pod,
-    volumes: BTreeMap<String, Vec<VolumeFile>>,
+    pod: Arc<Pod>,
+    volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     uid: PodUid,
     epoch: Epoch,
     spec_digest: String,
@@ -386,8 +386,8 @@ impl AssignmentDraft {
         );
         Assign {
             epoch: self.epoch,
-            pod: self.pod.clone(),
-            volumes: self.volumes.clone(),
+            pod: Pod::clone(&self.pod),
+            volumes: BTreeMap::clone(&self.volumes),
             statement,
             lease_ms: self.lease_ms,
         }
@@ -638,7 +638,7 @@ impl Owner {
             ask_agents: false,
             pod_ref: pod_ref.clone(),
             pod,
-            volumes: BTreeMap::new(),
+            volumes: Arc::default(),
             desired: desired.clone(),
         };
         self.prepare(&mut owned, desired.resolved.clone());
@@ -1986,7 +1986,7 @@ impl Owner {
             .values()
             .map(|owned| Pod {
                 status: Some(owned.status.clone()),
-                ..owned.desired.pod.clone()
+                ..Pod::clone(&owned.desired.pod)
             })
             .collect()
     }

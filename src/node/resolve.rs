@@ -7,6 +7,7 @@
 //! in as [`Fetched`], fetched by the caller from [`references`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, DownwardAPIVolumeFile, EnvVar, KeyToPath, Pod, PodSpec, Secret,
@@ -54,13 +55,14 @@ pub struct Fetched {
     pub tokens: BTreeMap<TokenSpec, String>,
 }
 
-/// A pod ready for placement.
+/// A pod ready for placement. Shared (the owner keeps what it assigned): the pod is
+/// the source's own allocation when resolving changed nothing in it, as for most pods.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
     /// The pod with every env var from a configMap or secret turned into a literal.
-    pub pod: Pod,
+    pub pod: Arc<Pod>,
     /// Files of the pod's API-backed volumes, by volume name.
-    pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+    pub volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,14 +172,14 @@ fn token_spec(
 }
 
 /// The pod with its env and volumes resolved against `fetched`.
-pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
+pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let lookup = Lookup { namespace, fetched };
-    let mut resolved = pod.clone();
+    let mut resolved = Pod::clone(pod);
     let Some(spec) = resolved.spec.as_mut() else {
         return Ok(Resolved {
-            pod: resolved,
-            volumes: BTreeMap::new(),
+            pod: pod.clone(),
+            volumes: Arc::default(),
         });
     };
     for container in spec
@@ -250,9 +252,14 @@ pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
             volumes.insert(volume.name.clone(), files);
         }
     }
+    let pod = if resolved == **pod {
+        pod.clone()
+    } else {
+        Arc::new(resolved)
+    };
     Ok(Resolved {
-        pod: resolved,
-        volumes,
+        pod,
+        volumes: Arc::new(volumes),
     })
 }
 
@@ -652,7 +659,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(spec: serde_json::Value) -> Pod {
+    fn pod(spec: serde_json::Value) -> Arc<Pod> {
         serde_json::from_value(json!({
             "metadata": {
                 "name": "web", "namespace": "shop", "uid": "u-1",
@@ -661,6 +668,7 @@ mod tests {
             },
             "spec": spec,
         }))
+        .map(Arc::new)
         .expect("pod")
     }
 
