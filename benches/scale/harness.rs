@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
+use beemesh::node::desired::DesiredStore;
 use beemesh::node::owner::{
     AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, StatusSink,
 };
@@ -455,10 +456,10 @@ pub async fn owner_role(
         mesh::start(keypair.clone(), config, metrics.clone()).expect("the owner's mesh starts");
     tokio::spawn(event_loop.run(cancel.clone()));
 
-    let (pods_tx, pods_rx) = watch::channel(Some(DesiredPods::new()));
+    let pods = Arc::new(DesiredStore::default());
     // The source's first (empty) listing, at once: the node then waits its adoption
     // window from now, not from the first pods.
-    pods_tx.send_modify(|_| {});
+    pods.set_listed();
     let (agents_tx, mut agents_rx) = watch::channel(AgentsSummary::default());
     let assigned = Arc::new(Mutex::new(HashMap::new()));
     let node = Node::new(
@@ -478,7 +479,7 @@ pub async fn owner_role(
         metrics.clone(),
     );
     let link = ApiLink {
-        pods: pods_rx,
+        pods: pods.clone(),
         sink: Box::new(RecordingSink {
             assigned: assigned.clone(),
         }),
@@ -540,7 +541,9 @@ pub async fn owner_role(
                         .collect();
                     let at = now_us();
                     given.extend(std::iter::repeat_n(at, batch.len()));
-                    pods_tx.send_modify(|pods| pods.get_or_insert_default().extend(batch));
+                    for (uid, pod) in batch {
+                        pods.set(uid, Some(pod));
+                    }
                     next = due;
                 }
                 let fed_secs = start.elapsed().as_secs_f64();

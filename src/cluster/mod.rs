@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use warp::http::header::{HeaderValue, USER_AGENT};
 
 use crate::health::Check;
+use crate::node::desired::DesiredStore;
 use crate::node::ApiLink;
 use node_object::NodeIdentity;
 
@@ -156,7 +157,7 @@ pub fn start(
 ) -> (ApiLink, Vec<JoinHandle<()>>) {
     let board = Arc::new(pod_status::StatusBoard::default());
     let recorder = events::EventRecorder::new(client.clone(), identity.name.clone());
-    let (pods_tx, pods_rx) = watch::channel(None);
+    let pods = Arc::new(DesiredStore::default());
     let (agents_tx, agents_rx) = watch::channel(Default::default());
     let tasks = vec![
         tokio::spawn(node_lease::run(
@@ -173,13 +174,13 @@ pub fn start(
             identity.name.clone(),
             board.clone(),
             recorder.clone(),
-            pods_tx,
+            pods.clone(),
             cancel.clone(),
         )),
         tokio::spawn(pod_status::run(client, board.clone(), recorder, cancel)),
     ];
     let link = ApiLink {
-        pods: pods_rx,
+        pods,
         sink: Box::new(pod_status::ApiStatusSink(board)),
         agents: agents_tx,
     };

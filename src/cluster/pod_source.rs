@@ -1,7 +1,7 @@
 //! The API's pods bound to this node: watched with a field selector on spec.nodeName
 //! (the watcher re-lists after a 410 or a restarted API server), resolved against
 //! their configMaps, secrets and service account tokens, and handed to the node loop
-//! as a whole desired set.
+//! pod by pod through a [`DesiredStore`].
 //!
 //! ConfigMaps and secrets come from watched caches ([`ObjectCache`]: one watch per
 //! referenced object, as the kubelet's watch-based managers keep them): a pod is
@@ -22,14 +22,14 @@ use kube::api::{Api, PostParams};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventRecorder, PodEvent};
 use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
 use super::pod_status::StatusBoard;
-use crate::node::owner::{DesiredPod, DesiredPods};
+use crate::node::desired::DesiredStore;
+use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
 use crate::runtime::translate;
 use crate::wire::PodUid;
@@ -46,8 +46,6 @@ const DENIED_RETRY: Duration = Duration::from_secs(10);
 const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
 /// A token is replaced once this share of its lifetime has passed (the kubelet's 80%).
 const TOKEN_REFRESH_SHARE: f64 = 0.8;
-
-pub type DesiredSet = Option<DesiredPods>;
 
 struct Token {
     value: String,
@@ -79,15 +77,17 @@ struct PodSource {
     tokens: HashMap<(String, TokenSpec), Token>,
     /// The configMaps and secrets the pods refer to.
     objects: ObjectCache,
+    /// Pods whose entry changed since the store was last told.
+    changed: BTreeSet<String>,
 }
 
-/// Watches and resolves until cancelled, sending each new desired set to `out`.
+/// Watches and resolves until cancelled, telling `store` each pod that changed.
 pub async fn run(
     client: Client,
     node_name: String,
     board: Arc<StatusBoard>,
     events: EventRecorder,
-    out: watch::Sender<DesiredSet>,
+    store: Arc<DesiredStore>,
     cancel: CancellationToken,
 ) {
     let api: Api<Pod> = Api::all(client.clone());
@@ -100,53 +100,39 @@ pub async fn run(
         events,
         pods: BTreeMap::new(),
         tokens: HashMap::new(),
+        changed: BTreeSet::new(),
     };
     let changes = source.objects.changes();
     let mut listing: Option<Vec<Pod>> = None;
     let mut listed = false;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let changed = tokio::select! {
+        tokio::select! {
             _ = cancel.cancelled() => return,
             event = stream.next() => match event {
                 None => return,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pod watch failed; retrying");
-                    false
-                }
-                Some(Ok(watcher::Event::Init)) => {
-                    listing = Some(Vec::new());
-                    false
-                }
+                Some(Err(e)) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+                Some(Ok(watcher::Event::Init)) => listing = Some(Vec::new()),
                 Some(Ok(watcher::Event::InitApply(pod))) => {
                     listing.get_or_insert_with(Vec::new).push(pod);
-                    false
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
                     let pods = listing.take().unwrap_or_default();
                     source.replace_all(pods).await;
                     listed = true;
-                    true
                 }
                 Some(Ok(watcher::Event::Apply(pod))) => source.apply(pod).await,
                 Some(Ok(watcher::Event::Delete(pod))) => source.remove(&pod),
             },
             keys = changes.next() => {
                 let uids = source.objects.pods_referring(&keys);
-                source.resolve_again(uids).await
+                source.resolve_again(uids).await;
             }
             _ = tick.tick() => source.resolve_due().await,
-        };
-        if changed && listed {
-            source
-                .board
-                .set_known(source.pods.keys().map(|uid| PodUid(uid.clone())));
-            let set = source
-                .pods
-                .iter()
-                .map(|(uid, tracked)| (uid.clone(), tracked.desired.clone()))
-                .collect();
-            out.send_replace(Some(set));
+        }
+        if listed {
+            source.publish(&store);
+            store.set_listed();
         }
     }
 }
@@ -184,6 +170,15 @@ fn essentials(pod: &Pod) -> Pod {
 }
 
 impl PodSource {
+    /// Tells the store, and the status board, each pod that changed.
+    fn publish(&mut self, store: &DesiredStore) {
+        for uid in std::mem::take(&mut self.changed) {
+            let desired = self.pods.get(&uid).map(|t| t.desired.clone());
+            self.board.set_known(PodUid(uid.clone()), desired.is_some());
+            store.set(uid, desired);
+        }
+    }
+
     async fn replace_all(&mut self, pods: Vec<Pod>) {
         let mut old = std::mem::take(&mut self.pods);
         // Every new object's first list at once, rather than one pod after another.
@@ -209,16 +204,17 @@ impl PodSource {
                 }
             }
         }
-        for uid in old.keys() {
-            self.objects.forget(uid);
+        for uid in old.into_keys() {
+            self.objects.forget(&uid);
+            self.changed.insert(uid);
         }
         self.forget_tokens();
     }
 
-    /// A new or changed pod; true if the desired set changed.
-    async fn apply(&mut self, pod: Pod) -> bool {
+    /// A new or changed pod.
+    async fn apply(&mut self, pod: Pod) {
         let Some(uid) = pod.metadata.uid.clone() else {
-            return false;
+            return;
         };
         if !self.pods.contains_key(&uid) {
             self.board.inherit(PodUid(uid.clone()), pod.status.clone());
@@ -229,7 +225,7 @@ impl PodSource {
             .get(&uid)
             .is_some_and(|t| *t.desired.pod == essentials)
         {
-            return false;
+            return;
         }
         let essentials = Arc::new(essentials);
         let newly_deleted = pod.metadata.deletion_timestamp.is_some()
@@ -254,6 +250,7 @@ impl PodSource {
                 (resolution.resolved, next)
             }
         };
+        self.changed.insert(uid.clone());
         self.pods.insert(
             uid,
             Tracked {
@@ -264,21 +261,21 @@ impl PodSource {
                 next_resolve,
             },
         );
-        true
     }
 
-    fn remove(&mut self, pod: &Pod) -> bool {
+    fn remove(&mut self, pod: &Pod) {
         let Some(uid) = pod.metadata.uid.as_ref() else {
-            return false;
+            return;
         };
-        let removed = self.pods.remove(uid).is_some();
+        if self.pods.remove(uid).is_some() {
+            self.changed.insert(uid.clone());
+        }
         self.objects.forget(uid);
         self.forget_tokens();
-        removed
     }
 
-    /// Resolves the pods whose tokens are due; true if a desired pod changed.
-    async fn resolve_due(&mut self) -> bool {
+    /// Resolves the pods whose tokens are due.
+    async fn resolve_due(&mut self) {
         let now = Instant::now();
         let due: BTreeSet<String> = self
             .pods
@@ -286,13 +283,11 @@ impl PodSource {
             .filter(|(_, t)| t.next_resolve.is_some_and(|at| at <= now))
             .map(|(uid, _)| uid.clone())
             .collect();
-        self.resolve_again(due).await
+        self.resolve_again(due).await;
     }
 
-    /// Resolves the pods `uids` again (those not being deleted); true if a desired pod
-    /// changed.
-    async fn resolve_again(&mut self, uids: BTreeSet<String>) -> bool {
-        let mut changed = false;
+    /// Resolves the pods `uids` again (those not being deleted).
+    async fn resolve_again(&mut self, uids: BTreeSet<String>) {
         for uid in uids {
             let Some(pod) = self
                 .pods
@@ -311,11 +306,10 @@ impl PodSource {
                         pod: pod.clone(),
                         resolved: resolution.resolved,
                     });
-                    changed = true;
+                    self.changed.insert(uid);
                 }
             }
         }
-        changed
     }
 
     /// After a failed TokenRequest, `retry_in`; else when a token must be replaced;

@@ -93,12 +93,16 @@ impl StatusBoard {
         }
     }
 
-    /// Sets which pods belong to the API (the pod source calls this).
-    pub fn set_known(&self, uids: impl IntoIterator<Item = PodUid>) {
-        if let Ok(mut known) = self.known.lock() {
-            *known = uids.into_iter().collect();
-            if let Ok(mut inherited) = self.inherited.lock() {
-                inherited.retain(|uid, _| known.contains(uid));
+    /// Sets whether a pod belongs to the API (the pod source tells each change).
+    pub fn set_known(&self, uid: PodUid, known: bool) {
+        if let Ok(mut set) = self.known.lock() {
+            if known {
+                set.insert(uid);
+            } else {
+                if let Ok(mut inherited) = self.inherited.lock() {
+                    inherited.remove(&uid);
+                }
+                set.remove(&uid);
             }
         }
     }

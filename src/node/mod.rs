@@ -3,12 +3,14 @@
 //! Pods come from a manifest directory (standalone), from the Kubernetes API through an
 //! [`ApiLink`], or both; their status is printed, and sent to the API for its pods.
 
+pub mod desired;
 pub mod enroll;
 pub mod manifests;
 pub mod owner;
 mod printer;
 pub mod resolve;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::wire::{GossipMessage, PodRef, PodUid, Request, Response};
+use desired::DesiredStore;
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
 use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
@@ -55,8 +58,8 @@ pub struct NodeConfig {
 
 /// How the node loop and the Kubernetes side talk.
 pub struct ApiLink {
-    /// The API's pods bound to this node, resolved; None until first listed.
-    pub pods: watch::Receiver<Option<DesiredPods>>,
+    /// The API's pods bound to this node, resolved.
+    pub pods: Arc<DesiredStore>,
     /// Where the status of the API's pods goes.
     pub sink: Box<dyn StatusSink>,
     /// The live agents, for the Node object's capacity and conditions.
@@ -200,7 +203,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let mut queries = queries.map(|q| q.0);
         let mut sinks: Vec<Box<dyn StatusSink>> = vec![Box::new(PhasePrinter::default())];
-        let (mut api_pods, agents) = match api {
+        let (api_pods, agents) = match api {
             Some(link) => {
                 sinks.push(link.sink);
                 (Some(link.pods), Some(link.agents))
@@ -226,8 +229,8 @@ impl Node {
                 path: path.clone(),
                 source: e,
             })?;
-            desired.manifests = desired.reported.take_scan(first);
-            owner.set_desired(desired.union());
+            let first = desired.reported.take_scan(first);
+            desired.set_manifests(first, &mut owner);
             source = Some(dir);
         }
 
@@ -294,12 +297,15 @@ impl Node {
                         agents.send_if_modified(|old| std::mem::replace(old, summary) != summary);
                     }
                 }
-                Ok(()) = changed_or_pending(api_pods.as_mut()) => {
-                    let listed = api_pods.as_mut().and_then(|pods| pods.borrow_and_update().clone());
-                    if let Some(listed) = listed {
-                        desired.api = listed;
-                        owner.set_desired(desired.union());
-                        owner.set_synced(true);
+                () = changed_or_pending(api_pods.as_deref()) => {
+                    if let Some(store) = &api_pods {
+                        let changes = store.take();
+                        for (uid, pod) in changes.pods {
+                            desired.set_api(uid, pod, &mut owner);
+                        }
+                        if changes.listed {
+                            owner.set_synced(true);
+                        }
                     }
                 }
                 _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut owner).await,
@@ -318,17 +324,15 @@ async fn next_query(queries: Option<&mut mpsc::Receiver<NodeQuery>>) -> Option<N
     }
 }
 
-/// Waits for the API's next pod set; never returns without an API.
-async fn changed_or_pending(
-    pods: Option<&mut watch::Receiver<Option<DesiredPods>>>,
-) -> Result<(), watch::error::RecvError> {
+/// Waits for changes to the API's pods; never returns without an API.
+async fn changed_or_pending(pods: Option<&DesiredStore>) {
     match pods {
         Some(pods) => pods.changed().await,
         None => std::future::pending().await,
     }
 }
 
-/// The pods of both sources.
+/// The pods of both sources, handed to the owner pod by pod as they change.
 #[derive(Default)]
 struct Desired {
     manifests: DesiredPods,
@@ -337,13 +341,30 @@ struct Desired {
 }
 
 impl Desired {
-    fn union(&self) -> DesiredPods {
-        let mut all = self.api.clone();
-        // Manifest pods have UIDs of their own; on a clash the API's pod wins.
-        for (uid, pod) in &self.manifests {
-            all.entry(uid.clone()).or_insert_with(|| pod.clone());
+    /// What is wanted of a pod: manifest pods have UIDs of their own; on a clash the
+    /// API's pod wins.
+    fn wanted(&self, uid: &str) -> Option<Arc<DesiredPod>> {
+        self.api
+            .get(uid)
+            .or_else(|| self.manifests.get(uid))
+            .cloned()
+    }
+
+    fn set_api(&mut self, uid: String, pod: Option<Arc<DesiredPod>>, owner: &mut Owner) {
+        match pod {
+            Some(pod) => self.api.insert(uid.clone(), pod),
+            None => self.api.remove(&uid),
+        };
+        owner.apply(&uid, self.wanted(&uid));
+    }
+
+    /// A scan's pods in place of the last scan's.
+    fn set_manifests(&mut self, pods: DesiredPods, owner: &mut Owner) {
+        let old = std::mem::replace(&mut self.manifests, pods);
+        let uids: BTreeSet<&String> = old.keys().chain(self.manifests.keys()).collect();
+        for uid in uids {
+            owner.apply(uid, self.wanted(uid));
         }
-        all
     }
 }
 
@@ -406,8 +427,8 @@ async fn rescan(source: &mut Option<ManifestDir>, desired: &mut Desired, owner: 
     };
     match dir.scan().await {
         Ok(result) => {
-            desired.manifests = desired.reported.take_scan(result);
-            owner.set_desired(desired.union());
+            let pods = desired.reported.take_scan(result);
+            desired.set_manifests(pods, owner);
         }
         Err(e) => {
             tracing::warn!(dir = %dir.dir().display(), error = %e, "cannot scan manifest directory")

@@ -574,27 +574,36 @@ impl Owner {
             })
     }
 
-    /// Replaces the desired set of pods: new ones are offered, missing ones and those
+    /// Replaces the desired set of pods: new ones are placed, missing ones and those
     /// being deleted stopped, changed ones updated.
     pub fn set_desired(&mut self, desired: DesiredPods) {
-        let gone: Vec<PodUid> = self
+        let gone: Vec<String> = self
             .pods
             .keys()
             .filter(|uid| !desired.contains_key(&uid.0))
-            .cloned()
+            .map(|uid| uid.0.clone())
             .collect();
         for uid in gone {
-            self.delete(&uid);
+            self.apply(&uid, None);
         }
         for (uid, wanted) in desired {
-            let uid = PodUid(uid);
-            match self.pods.get(&uid) {
-                None => self.add(wanted),
-                Some(owned) if !Arc::ptr_eq(&owned.desired, &wanted) && owned.desired != wanted => {
-                    self.update(&uid, wanted)
-                }
-                Some(_) => {}
+            self.apply(&uid, Some(wanted));
+        }
+    }
+
+    /// What a source now wants of one pod (None: nothing): a new pod is placed, a
+    /// missing one or one being deleted stopped, a changed one updated.
+    pub fn apply(&mut self, uid: &str, wanted: Option<Arc<DesiredPod>>) {
+        let uid = PodUid(uid.to_string());
+        match (self.pods.get(&uid), wanted) {
+            (None, Some(wanted)) => self.add(wanted),
+            (Some(owned), Some(wanted))
+                if !Arc::ptr_eq(&owned.desired, &wanted) && owned.desired != wanted =>
+            {
+                self.update(&uid, wanted)
             }
+            (Some(_), None) => self.delete(&uid),
+            _ => {}
         }
         self.metrics.pods.set(self.pods.len() as i64);
     }
