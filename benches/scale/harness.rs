@@ -164,9 +164,9 @@ fn running_status() -> PodStatus {
     }
 }
 
-/// The owner's RSS over its desired set's (the two copies of each pod in the set, and the
-/// one more the owner keeps, with statuses, heartbeats and indexes), about.
-const OWNER_TO_DESIRED: f64 = 2.0;
+/// The owner's RSS over its desired set's, about: the owner shares the set's pods and
+/// adds its own state per pod (statuses, offers, indexes).
+const OWNER_TO_DESIRED: f64 = 1.5;
 
 /// Memory the kernel could give without swapping, in GiB (Linux).
 pub fn mem_available_gib() -> f64 {
@@ -1044,8 +1044,8 @@ pub async fn track(opts: TrackOptions, out: mpsc::UnboundedSender<Value>) {
 
     say("building the desired set");
     let template = typical_pod_template();
-    // A sample first: the owner ends up holding about twice the desired set (measured at
-    // 10,000 and 100,000 pods), which must fit in what the machine has free.
+    // A sample first: the owner ends up holding about 1.5 times the desired set, which
+    // must fit in what the machine has free.
     let sample = opts.pods.min(5_000);
     let mut desired: DesiredPods = (0..sample)
         .map(|i| (pod_uid(i), standalone_pod(typical_pod(&template, i))))

@@ -295,6 +295,8 @@ pub struct Owner {
     /// what they show, so that pods placed together neither over-commit an agent nor
     /// all go to the one that was emptiest before them.
     reservations: HashMap<PeerId, Vec<Reservation>>,
+    /// Which agent holds each pod's reservation.
+    reserved_on: HashMap<PodUid, PeerId>,
     /// Where the next search for fitting agents starts in the heartbeat book, so that
     /// a search that stops early does not always look at the same agents.
     search_from: usize,
@@ -509,6 +511,7 @@ impl Owner {
             adopt_until: Instant::now() + config.adopt_window,
             synced: true,
             reservations: HashMap::new(),
+            reserved_on: HashMap::new(),
             search_from: 0,
             due: HashSet::new(),
             placed_on: HashMap::new(),
@@ -898,6 +901,7 @@ impl Owner {
     pub fn tick(&mut self) {
         let now = Instant::now();
         self.check_lost_agents();
+        self.expire_reservations();
         let uids: Vec<PodUid> = self.due.iter().cloned().collect();
         for uid in uids {
             let Some(owned) = self.pods.get(&uid) else {
@@ -1173,14 +1177,34 @@ impl Owner {
                 requests: owned.offer.requests,
                 host_ports: owned.offer.host_ports.clone(),
             });
+        self.reserved_on.insert(uid.clone(), agent);
     }
 
-    /// Drops a pod's reservation (its agent declined it, or another took it), and
-    /// with it every reservation old enough for heartbeats to show its pod.
+    /// Drops a pod's reservation (its agent declined it, or another took it).
     fn unreserve(&mut self, uid: &PodUid) {
+        let Some(agent) = self.reserved_on.remove(uid) else {
+            return;
+        };
+        if let Some(reserved) = self.reservations.get_mut(&agent) {
+            reserved.retain(|r| &r.pod != uid);
+            if reserved.is_empty() {
+                self.reservations.remove(&agent);
+            }
+        }
+    }
+
+    /// Drops the reservations old enough for heartbeats to show their pods.
+    fn expire_reservations(&mut self) {
         let now = Instant::now();
+        let reserved_on = &mut self.reserved_on;
         self.reservations.retain(|_, reserved| {
-            reserved.retain(|r| &r.pod != uid && now.duration_since(r.at) < RESERVATION_MAX);
+            reserved.retain(|r| {
+                let live = now.duration_since(r.at) < RESERVATION_MAX;
+                if !live {
+                    reserved_on.remove(&r.pod);
+                }
+                live
+            });
             !reserved.is_empty()
         });
     }
