@@ -545,13 +545,8 @@ impl Owner {
             self.adopt_until = self
                 .adopt_until
                 .max(Instant::now() + self.config.adopt_window);
-            for uid in &self.due {
-                if let Some(Placement::Waiting { at }) =
-                    self.pods.get_mut(uid).map(|o| &mut o.placement)
-                {
-                    *at = (*at).max(self.adopt_until);
-                }
-            }
+            let adopt_until = self.adopt_until;
+            self.retime_waiting(|at| (*at).max(adopt_until));
         }
         self.synced = synced;
     }
@@ -937,6 +932,21 @@ impl Owner {
                 self.due.remove(&uid);
             }
         }
+    }
+
+    /// Sets the time of every pod waiting to be placed (`when` gives the new one from
+    /// the old), dropping from `due` the pods no longer waiting for anything.
+    fn retime_waiting(&mut self, when: impl Fn(&Instant) -> Instant) {
+        let pods = &mut self.pods;
+        self.due
+            .retain(|uid| match pods.get_mut(uid).map(|o| &mut o.placement) {
+                Some(Placement::Waiting { at }) => {
+                    *at = when(at);
+                    true
+                }
+                Some(Placement::Offering { .. } | Placement::Fencing { .. }) => true,
+                _ => false,
+            });
     }
 
     /// The pods placed on (or fenced off) `agent`, from the index checked against each
@@ -1490,14 +1500,8 @@ impl Owner {
         let first_back = self.cut_off && self.agents.is_empty();
         if self.agents.record(agent, heartbeat) {
             // Capacity changed: pods nobody could take may fit now.
-            let now = Instant::now();
-            for uid in &self.due {
-                if let Some(Placement::Waiting { at }) =
-                    self.pods.get_mut(uid).map(|o| &mut o.placement)
-                {
-                    *at = (*at).min(now.max(self.adopt_until));
-                }
-            }
+            let soon = Instant::now().max(self.adopt_until);
+            self.retime_waiting(|at| (*at).min(soon));
         }
         if first_back {
             self.hold_lost_copies(agent);
