@@ -541,7 +541,7 @@ pub fn ws_channel(data: &[u8]) {
     }
     let outcome = channel::parse_status(data);
     if let channel::ExecOutcome::ExitCode(code) = outcome {
-        assert_ne!(code, 0, "a zero exit code is Success");
+        assert!((0..=255).contains(&code), "exit code {code} is not a byte");
     }
     for protocol in StreamProtocol::ALL {
         let payload = channel::error_stream_payload(protocol, &outcome);

@@ -15,7 +15,8 @@ use super::StreamProtocol;
 pub enum ExecOutcome {
     /// The process exited 0.
     Success,
-    /// The process exited with this non-zero code.
+    /// The process exited with this code: non-zero when BeeMesh writes it; read back, any
+    /// code from 0 to 255, as client-go takes it.
     ExitCode(i32),
     /// The exec could not run or failed otherwise.
     Error(String),
@@ -111,27 +112,38 @@ pub fn error_stream_payload(protocol: StreamProtocol, outcome: &ExecOutcome) -> 
     }
 }
 
-/// Reads an error-stream Status back as client-go does (for tests and proxies); anything
-/// that is not a Status is an error with its text.
+/// Reads an error-stream Status back as client-go's v4 error decoder does (for tests
+/// and proxies): the first ExitCode cause of a NonZeroExitCode failure must be a code
+/// from 0 to 255; anything that is not a Status is an error with its text.
 pub fn parse_status(bytes: &[u8]) -> ExecOutcome {
+    let protocol_error =
+        |what: String| ExecOutcome::Error(format!("error stream protocol error: {what}"));
     let Ok(status) = serde_json::from_slice::<Status>(bytes) else {
         return ExecOutcome::Error(String::from_utf8_lossy(bytes).into_owned());
     };
-    if status.status == "Success" {
-        return ExecOutcome::Success;
+    match status.status.as_str() {
+        "Success" => return ExecOutcome::Success,
+        "Failure" => {}
+        _ => return protocol_error("unknown error".into()),
     }
     if status.reason.as_deref() == Some("NonZeroExitCode") {
-        let code = status
-            .details
+        let Some(details) = status.details else {
+            return protocol_error("details must be set".into());
+        };
+        let Some(cause) = details
+            .causes
             .iter()
-            .flat_map(|d| &d.causes)
-            .filter(|c| c.reason.as_deref() == Some("ExitCode"))
-            .find_map(|c| c.message.as_deref()?.parse::<i32>().ok());
-        if let Some(code) = code {
-            return ExecOutcome::ExitCode(code);
-        }
+            .find(|c| c.reason.as_deref() == Some("ExitCode"))
+        else {
+            return protocol_error("no ExitCode cause given".into());
+        };
+        let message = cause.message.as_deref().unwrap_or_default();
+        return match message.parse::<u8>() {
+            Ok(code) => ExecOutcome::ExitCode(code.into()),
+            Err(_) => protocol_error(format!("invalid exit code value {message:?}")),
+        };
     }
-    ExecOutcome::Error(status.message.unwrap_or(status.status))
+    ExecOutcome::Error(status.message.unwrap_or_default())
 }
 
 /// A terminal size from the resize stream (Go field names, capitalised).
@@ -217,18 +229,50 @@ mod tests {
 
     #[test]
     fn statuses_read_back_as_client_go_reads_them() {
-        for outcome in [
-            ExecOutcome::Success,
-            ExecOutcome::ExitCode(137),
-            ExecOutcome::ExitCode(-1),
-        ] {
+        for outcome in [ExecOutcome::Success, ExecOutcome::ExitCode(137)] {
             assert_eq!(parse_status(&outcome.status_json()), outcome);
         }
+        // A code outside a byte (a runtime that could not tell) is written as the
+        // kubelet writes it; client-go refuses it.
+        assert_eq!(
+            parse_status(&ExecOutcome::ExitCode(-1).status_json()),
+            ExecOutcome::Error(
+                "error stream protocol error: invalid exit code value \"-1\"".into()
+            )
+        );
         assert_eq!(
             parse_status(&ExecOutcome::Error("boom".into()).status_json()),
             ExecOutcome::Error("Internal error occurred: boom".into())
         );
         assert_eq!(parse_status(b"plain"), ExecOutcome::Error("plain".into()));
+        // As client-go: the exit code is a byte, zero included; anything else is a
+        // protocol error (found by the ws_channel fuzz target).
+        let exit = |code: &str| {
+            format!(
+                r#"{{"status":"Failure","reason":"NonZeroExitCode","details":{{"causes":[{{"reason":"ExitCode","message":"{code}"}}]}}}}"#
+            )
+        };
+        assert_eq!(parse_status(exit("0").as_bytes()), ExecOutcome::ExitCode(0));
+        assert_eq!(
+            parse_status(exit("255").as_bytes()),
+            ExecOutcome::ExitCode(255)
+        );
+        for bad in ["256", "-1", "x"] {
+            assert_eq!(
+                parse_status(exit(bad).as_bytes()),
+                ExecOutcome::Error(format!(
+                    "error stream protocol error: invalid exit code value {bad:?}"
+                ))
+            );
+        }
+        assert_eq!(
+            parse_status(br#"{"status":"Failure","reason":"NonZeroExitCode"}"#),
+            ExecOutcome::Error("error stream protocol error: details must be set".into())
+        );
+        assert_eq!(
+            parse_status(br#"{"status":"Pending"}"#),
+            ExecOutcome::Error("error stream protocol error: unknown error".into())
+        );
     }
 
     #[test]
