@@ -951,7 +951,7 @@ impl Owner {
 
     /// The pods placed on (or fenced off) `agent`, from the index checked against each
     /// pod's placement; entries that no longer hold are dropped.
-    fn placed_on(&mut self, agent: PeerId) -> Vec<PodUid> {
+    fn pods_on(&mut self, agent: PeerId) -> Vec<PodUid> {
         let Some(indexed) = self.placed_on.get_mut(&agent) else {
             return Vec::new();
         };
@@ -1465,7 +1465,7 @@ impl Owner {
         // they go elsewhere.
         let listed: HashSet<&PodUid> = hosted.iter().map(|h| &h.pod.uid).collect();
         let unlisted: Vec<(PodUid, bool)> = self
-            .placed_on(agent)
+            .pods_on(agent)
             .into_iter()
             .filter(|uid| !listed.contains(uid))
             .filter_map(|uid| {
@@ -1792,7 +1792,7 @@ impl Owner {
             self.metrics.agents_lost.inc();
             tracing::warn!(%agent, "agent stopped sending heartbeats; moving its pods");
             let uids: Vec<PodUid> = self
-                .placed_on(agent)
+                .pods_on(agent)
                 .into_iter()
                 .filter(|uid| self.pods[uid].placement == Placement::Placed { agent })
                 .collect();
@@ -1820,7 +1820,7 @@ impl Owner {
             .collect();
         for agent in broken {
             let relaxed: Vec<PodUid> = self
-                .placed_on(agent)
+                .pods_on(agent)
                 .into_iter()
                 .filter(|uid| {
                     let o = &self.pods[uid];
@@ -2127,10 +2127,9 @@ impl Owner {
             self.release_retries.retain(|(a, _)| a != agent);
             self.heartbeat_seqs.retain(|a| a != agent);
             let uids: Vec<PodUid> = self
-                .pods
-                .iter()
-                .filter(|(_, o)| o.placement == Placement::Placed { agent: *agent })
-                .map(|(uid, _)| uid.clone())
+                .pods_on(*agent)
+                .into_iter()
+                .filter(|uid| self.pods[uid].placement == Placement::Placed { agent: *agent })
                 .collect();
             tracing::warn!(%agent, pods = uids.len(), "agent's trust revoked; moving its pods");
             for uid in uids {
