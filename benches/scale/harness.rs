@@ -1801,56 +1801,72 @@ fn summarize_phase(
 
 /// Runs the track role in a child process (or here) and returns its figures.
 pub async fn measure_tracking(opts: &TrackOptions, spawn: &Spawn) -> Result<Value, String> {
-    let mut link = match spawn {
-        Spawn::Processes { logs } => child_process(
-            &format!("track-{}", opts.pods),
-            &[
-                "track".into(),
-                format!("--pods={}", opts.pods),
-                format!("--agents={}", opts.agents),
-                format!("--seed={}", opts.seed),
-                format!("--rounds={}", opts.rounds),
-                format!("--round-budget-secs={}", opts.round_budget.as_secs()),
-            ],
-            &logs.join(format!("track-{}.log", opts.pods)),
-        )
-        .map_err(|e| e.to_string())?,
-        Spawn::InProcess => {
-            let opts = opts.clone();
-            in_process("track", move |_cmds, out| track(opts, out))
-        }
-    };
+    let args = vec![
+        format!("--pods={}", opts.pods),
+        format!("--agents={}", opts.agents),
+        format!("--seed={}", opts.seed),
+        format!("--rounds={}", opts.rounds),
+        format!("--round-budget-secs={}", opts.round_budget.as_secs()),
+    ];
     let budget = opts.round_budget * (opts.rounds + 2) + Duration::from_secs(3600);
-    let result = link.recv("track", budget).await?;
-    link.quit().await;
-    Ok(result["track"].clone())
+    let here = opts.clone();
+    measure_role(
+        "track",
+        opts.pods,
+        args,
+        spawn,
+        budget,
+        move |_cmds, out| track(here, out),
+    )
+    .await
 }
 
 /// Runs the place role in a child process (or here) and returns its figures.
 pub async fn measure_placement(opts: &PlaceOptions, spawn: &Spawn) -> Result<Value, String> {
+    let args = vec![
+        format!("--agents={}", opts.agents),
+        format!("--seed={}", opts.seed),
+        format!("--pods={}", opts.pods),
+        format!("--budget-secs={}", opts.budget.as_secs()),
+    ];
+    let budget = opts.budget * 4 + Duration::from_secs(600);
+    let here = opts.clone();
+    measure_role(
+        "place",
+        opts.agents,
+        args,
+        spawn,
+        budget,
+        move |_cmds, out| place(here, out),
+    )
+    .await
+}
+
+/// Runs a role that sends one result under its name, as `<role> ARGS` in a child
+/// process (logged as `<role>-<size>.log`) or here, and returns that result.
+async fn measure_role<F, Fut>(
+    role: &str,
+    size: u64,
+    args: Vec<String>,
+    spawn: &Spawn,
+    budget: Duration,
+    here: F,
+) -> Result<Value, String>
+where
+    F: FnOnce(mpsc::UnboundedReceiver<Value>, mpsc::UnboundedSender<Value>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut link = match spawn {
-        Spawn::Processes { logs } => child_process(
-            &format!("place-{}", opts.agents),
-            &[
-                "place".into(),
-                format!("--agents={}", opts.agents),
-                format!("--seed={}", opts.seed),
-                format!("--pods={}", opts.pods),
-                format!("--budget-secs={}", opts.budget.as_secs()),
-            ],
-            &logs.join(format!("place-{}.log", opts.agents)),
-        )
-        .map_err(|e| e.to_string())?,
-        Spawn::InProcess => {
-            let opts = opts.clone();
-            in_process("place", move |_cmds, out| place(opts, out))
+        Spawn::Processes { logs } => {
+            let args: Vec<String> = std::iter::once(role.to_string()).chain(args).collect();
+            let log = logs.join(format!("{role}-{size}.log"));
+            child_process(&format!("{role}-{size}"), &args, &log).map_err(|e| e.to_string())?
         }
+        Spawn::InProcess => in_process(role, here),
     };
-    let result = link
-        .recv("place", opts.budget * 4 + Duration::from_secs(600))
-        .await?;
+    let result = link.recv(role, budget).await?;
     link.quit().await;
-    Ok(result["place"].clone())
+    Ok(result[role].clone())
 }
 
 /// The machine, for the record.
