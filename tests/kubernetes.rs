@@ -5,12 +5,18 @@
 mod common;
 mod fake_apiserver;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{podman_containers, podman_logs, podman_pods, Mesh};
 use fake_apiserver::{kubectl, FakeApiServer, K3sRouting};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use kube::runtime::WatchStreamExt;
 use serde_json::Value;
 
 /// A fake API server, a node registered with it, and agents.
@@ -23,7 +29,7 @@ struct Cluster {
     _dir: tempfile::TempDir,
     /// The fake runs on its own runtime, so that the blocking test body (processes,
     /// kubectl) does not starve it.
-    _runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Cluster {
@@ -50,7 +56,7 @@ impl Cluster {
             kubeconfig,
             second_kubeconfig: None,
             _dir: dir,
-            _runtime: runtime,
+            runtime,
         }
     }
 
@@ -92,7 +98,7 @@ impl Cluster {
             kubeconfig,
             second_kubeconfig,
             _dir: dir,
-            _runtime: runtime,
+            runtime,
         }
     }
 
@@ -2540,12 +2546,6 @@ fn logs_median_seconds(cluster: &Cluster, pod: &str, runs: usize) -> f64 {
 /// the test suite with a few MiB.
 #[test]
 fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
-    let env_number = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let mib = env_number("BEEMESH_BENCH_MIB", 4);
     let runs = env_number("BEEMESH_BENCH_LOG_RUNS", 5);
     let mut figures = Vec::new();
@@ -2592,4 +2592,365 @@ fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
     }
     let ratio = figures[0].1 / figures[1].1;
     println!("tunnel throughput / direct: {ratio:.2}x");
+}
+
+/// A benchmark's size from the environment (the suite runs the small default).
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A Deployment's pods created through the API in a burst, against the same pods written
+/// at once into a standalone node's manifest directory, with the same agents and Podman
+/// in one run: what the Kubernetes path adds, as figures. Asserts only that every pod
+/// runs, once, on both paths and is gone after deletion. `hack/bench-burst.sh` runs
+/// 100 and 1,000 pods (BEEMESH_BENCH_BURST_PODS) on a release build; the suite runs 10.
+#[test]
+fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests() {
+    let pods = env_number("BEEMESH_BENCH_BURST_PODS", 10);
+    let agents = env_number("BEEMESH_BENCH_BURST_AGENTS", 2);
+    // The whole burst may land on one agent.
+    let max_pods = pods.max(110).to_string();
+    let agent_args = ["--max-pods", max_pods.as_str()];
+    let timeout = Duration::from_secs(60 + pods as u64);
+    let names: Vec<String> = (0..pods).map(|i| format!("burst-{i}")).collect();
+    let events = runtime();
+
+    let standalone = {
+        let mut mesh = Mesh::new();
+        for _ in 0..agents {
+            mesh.start_agent(&agent_args);
+        }
+        wait_agents_heard(&mesh, agents);
+        let starts = ContainerStarts::follow(&events);
+        let mut created = HashMap::new();
+        for name in &names {
+            mesh.write_manifest(&format!("{name}.yaml"), &burst_pod(name));
+            created.insert(name.clone(), SystemTime::now());
+        }
+        let started = starts.wait_all(&mesh, &names, timeout);
+        for name in &names {
+            mesh.remove_manifest(&format!("{name}.yaml"));
+        }
+        wait_no_containers(&mesh, timeout);
+        starts.assert_once(&names);
+        BurstFigures::between(&created, &started)
+    };
+
+    let (through_api, api_running, reported) = {
+        let mut cluster = Cluster::start(&[]);
+        for _ in 0..agents {
+            cluster.mesh.start_agent(&agent_args);
+        }
+        wait_agents_heard(&cluster.mesh, agents);
+        let starts = ContainerStarts::follow(&events);
+        let client = cluster.runtime.block_on(admin_client(&cluster.kubeconfig));
+        let pods_api: Api<Pod> = Api::namespaced(client, "default");
+        let running = cluster
+            .runtime
+            .block_on(async { RunningInApi::follow(pods_api.clone()) });
+        let template: Pod = serde_yaml::from_str(&burst_pod("")).expect("the burst pod parses");
+        let created = cluster
+            .runtime
+            .block_on(create_as_the_replicaset_controller(
+                &pods_api, &template, pods,
+            ));
+        let mut created_names: Vec<String> = created.keys().cloned().collect();
+        created_names.sort();
+        let started = starts.wait_all(&cluster.mesh, &created_names, timeout);
+        let in_api = running.wait_all(&cluster.mesh, &created_names, timeout);
+        let (ok, out) =
+            cluster.kubectl(&["delete", "pods", "-l", "app=burst", "--wait=false"], None);
+        assert!(ok, "kubectl delete: {out}");
+        cluster
+            .mesh
+            .wait_for("the burst's pods gone from the API", timeout, || {
+                let list = cluster.get(&["pods", "-l", "app=burst"])?;
+                list["items"].as_array()?.is_empty().then_some(())
+            });
+        wait_no_containers(&cluster.mesh, timeout);
+        starts.assert_once(&created_names);
+        (
+            BurstFigures::between(&created, &started),
+            BurstFigures::between(&created, &in_api),
+            BurstFigures::between(&started, &in_api),
+        )
+    };
+
+    println!("| {pods} pods, {agents} agents | p50 | p99 | placed and started pods/s |");
+    println!("|---|---|---|---|");
+    for (what, figures, from_creation) in [
+        (
+            "standalone: manifest → container started",
+            &standalone,
+            true,
+        ),
+        (
+            "Kubernetes: API create → container started",
+            &through_api,
+            true,
+        ),
+        (
+            "Kubernetes: API create → Running in the API",
+            &api_running,
+            true,
+        ),
+        (
+            "Kubernetes: container started → Running in the API",
+            &reported,
+            false,
+        ),
+    ] {
+        let rate = match from_creation {
+            true => format!("{:.1}", figures.per_second),
+            false => String::new(),
+        };
+        println!(
+            "| {what} | {:.0} ms | {:.0} ms | {rate} |",
+            figures.p50 * 1000.0,
+            figures.p99 * 1000.0,
+        );
+    }
+    println!(
+        "API create → Running in the API / standalone: p50 {:.2}x, p99 {:.2}x",
+        api_running.p50 / standalone.p50,
+        api_running.p99 / standalone.p99
+    );
+}
+
+/// The burst's pod; `name` empty for the ReplicaSet's template (generateName).
+fn burst_pod(name: &str) -> String {
+    let metadata = match name {
+        "" => "{generateName: burst-5d8f7c9b4-, namespace: default, labels: {app: burst, pod-template-hash: 5d8f7c9b4}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: burst-5d8f7c9b4, uid: 6c1f1a4e-1d1c-4c55-9a3e-2f0b8c0d4e11, controller: true, blockOwnerDeletion: true}]}".to_string(),
+        name => format!("{{name: {name}, namespace: default, labels: {{app: burst}}}}"),
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {metadata}
+spec:
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sleep, "100000"]
+"#
+    )
+}
+
+/// Creates `replicas` pods from `template` as kube-controller-manager's ReplicaSet
+/// controller does: at most `burstReplicas` (500) per sync, each sync in slow-start
+/// batches of 1, 2, 4, … created concurrently (`slowStartBatch`). Returns each pod's
+/// name and when its create returned.
+async fn create_as_the_replicaset_controller(
+    api: &Api<Pod>,
+    template: &Pod,
+    replicas: usize,
+) -> HashMap<String, SystemTime> {
+    const BURST_REPLICAS: usize = 500;
+    let mut created = HashMap::new();
+    let mut remaining = replicas;
+    while remaining > 0 {
+        let mut sync = remaining.min(BURST_REPLICAS);
+        remaining -= sync;
+        let mut batch = 1;
+        while sync > 0 {
+            let n = batch.min(sync);
+            let results = futures::future::join_all((0..n).map(|_| async {
+                let pod = api.create(&PostParams::default(), template).await;
+                (pod, SystemTime::now())
+            }))
+            .await;
+            for (pod, at) in results {
+                let pod = pod.expect("create a burst pod");
+                created.insert(pod.metadata.name.expect("a created pod's name"), at);
+            }
+            sync -= n;
+            batch *= 2;
+        }
+    }
+    created
+}
+
+async fn admin_client(kubeconfig: &Path) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("client config");
+    kube::Client::try_from(config).expect("client")
+}
+
+/// Waits until the node lists `count` agents (it has their heartbeats, so it places
+/// at once).
+fn wait_agents_heard(mesh: &Mesh, count: usize) {
+    mesh.wait_for(
+        &format!("{count} agents heard"),
+        Duration::from_secs(30),
+        || {
+            let status = mesh.status()?;
+            (status["agents"].as_array()?.len() == count).then_some(())
+        },
+    );
+}
+
+/// Waits until none of the mesh's agents has a container left.
+fn wait_no_containers(mesh: &Mesh, timeout: Duration) {
+    mesh.wait_for("no container left", timeout, || {
+        mesh.agent_peers()
+            .iter()
+            .all(|peer| podman_containers(&format!("io.beemesh.agent={peer}")).is_empty())
+            .then_some(())
+    });
+}
+
+/// When each pod's app container started, from Podman's event stream (its own
+/// timestamps, so that how late the stream delivers does not count).
+struct ContainerStarts {
+    seen: Arc<Mutex<HashMap<String, Vec<SystemTime>>>>,
+}
+
+impl ContainerStarts {
+    fn follow(runtime: &tokio::runtime::Runtime) -> ContainerStarts {
+        let seen = Arc::new(Mutex::new(HashMap::<String, Vec<SystemTime>>::new()));
+        // From a second ago: nothing is missed while the stream connects.
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+            - 1;
+        let record = seen.clone();
+        runtime.spawn(async move {
+            let podman = podman_api::Podman::unix("/run/podman/podman.sock");
+            let opts = podman_api::opts::EventsOpts::builder()
+                .stream(true)
+                .since(since.to_string())
+                .filters([
+                    ("type".to_string(), vec!["container".to_string()]),
+                    ("event".to_string(), vec!["start".to_string()]),
+                ])
+                .build();
+            let mut events = podman.events(&opts);
+            while let Some(Ok(event)) = events.next().await {
+                let attributes = &event.actor.attributes;
+                // Infra containers carry no container label.
+                if attributes.contains_key("io.beemesh.container") {
+                    if let Some(pod) = attributes.get("io.beemesh.pod.name") {
+                        let at = SystemTime::from(event.time_nano);
+                        let mut seen = record.lock().expect("starts");
+                        seen.entry(pod.clone()).or_default().push(at);
+                    }
+                }
+            }
+        });
+        ContainerStarts { seen }
+    }
+
+    /// Each pod's first start, once all of `names` have started.
+    fn wait_all(
+        &self,
+        mesh: &Mesh,
+        names: &[String],
+        timeout: Duration,
+    ) -> HashMap<String, SystemTime> {
+        mesh.wait_for("every burst pod's container started", timeout, || {
+            let seen = self.seen.lock().expect("starts");
+            names
+                .iter()
+                .map(|n| Some((n.clone(), *seen.get(n)?.first()?)))
+                .collect()
+        })
+    }
+
+    /// No container of these pods started twice (none ran twice, none restarted).
+    fn assert_once(&self, names: &[String]) {
+        let seen = self.seen.lock().expect("starts");
+        let twice: Vec<_> = names
+            .iter()
+            .filter(|n| seen.get(*n).is_some_and(|s| s.len() > 1))
+            .collect();
+        assert!(twice.is_empty(), "started more than once: {twice:?}");
+    }
+}
+
+/// When each pod was first seen Running in the API, through a watch.
+struct RunningInApi {
+    seen: Arc<Mutex<HashMap<String, SystemTime>>>,
+}
+
+impl RunningInApi {
+    /// Needs a runtime (it spawns the watch).
+    fn follow(api: Api<Pod>) -> RunningInApi {
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let config = kube::runtime::watcher::Config::default().labels("app=burst");
+            let mut pods = kube::runtime::watcher(api, config)
+                .applied_objects()
+                .boxed();
+            while let Some(Ok(pod)) = pods.next().await {
+                let running =
+                    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                if let (true, Some(name)) = (running, pod.metadata.name) {
+                    let mut seen = record.lock().expect("running");
+                    seen.entry(name).or_insert_with(SystemTime::now);
+                }
+            }
+        });
+        RunningInApi { seen }
+    }
+
+    fn wait_all(
+        &self,
+        mesh: &Mesh,
+        names: &[String],
+        timeout: Duration,
+    ) -> HashMap<String, SystemTime> {
+        mesh.wait_for("every burst pod Running in the API", timeout, || {
+            let seen = self.seen.lock().expect("running");
+            names
+                .iter()
+                .map(|n| Some((n.clone(), *seen.get(n)?)))
+                .collect()
+        })
+    }
+}
+
+/// Latencies from one set of instants to another, per pod, and the second's rate from
+/// the first of the first.
+struct BurstFigures {
+    p50: f64,
+    p99: f64,
+    per_second: f64,
+}
+
+impl BurstFigures {
+    fn between(from: &HashMap<String, SystemTime>, to: &HashMap<String, SystemTime>) -> Self {
+        let mut latencies: Vec<f64> = from
+            .iter()
+            .filter_map(|(name, start)| {
+                let end = to.get(name)?;
+                Some(end.duration_since(*start).unwrap_or_default().as_secs_f64())
+            })
+            .collect();
+        assert_eq!(latencies.len(), from.len(), "a pod without its end");
+        latencies.sort_by(f64::total_cmp);
+        // Nearest rank.
+        let rank = |q: f64| latencies[((q * latencies.len() as f64).ceil() as usize).max(1) - 1];
+        let first = from.values().min().expect("pods");
+        let last = to.values().max().expect("pods");
+        let span = last
+            .duration_since(*first)
+            .unwrap_or_default()
+            .as_secs_f64();
+        BurstFigures {
+            p50: rank(0.5),
+            p99: rank(0.99),
+            per_second: latencies.len() as f64 / span.max(1e-3),
+        }
+    }
 }
