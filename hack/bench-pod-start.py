@@ -117,8 +117,11 @@ def rss_mib(pid):
 
 
 def remove_pods(label):
-    subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", "--filter", f"label={label}"],
-                   capture_output=True)
+    # (`podman pod rm` takes no filter.)
+    ids = subprocess.run(["podman", "pod", "ps", "-q", "--filter", f"label={label}"],
+                         capture_output=True, text=True).stdout.split()
+    if ids:
+        subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", *ids], capture_output=True)
 
 
 def bench_podman_rest(runs, tag):
@@ -204,15 +207,18 @@ def bench_beemesh(binary, pods, agents, work):
     agent_ids = [subprocess.check_output(
         [binary, "id", "--state-dir", os.path.join(work, f"agent{i}")], text=True).strip()
         for i in range(agents)]
+    # Each trusts the other by peer ID; the agents keep pods' secrets in memory.
+    secrets = tempfile.mkdtemp(prefix="beemesh-bench-", dir="/dev/shm")
     procs = [subprocess.Popen(
         [binary, "node", "--state-dir", node_state, "--listen", f"/ip4/127.0.0.1/tcp/{port}",
-         "--pod-manifest-path", manifests, "--kubelet-port", str(free_port())],
+         "--pod-manifest-path", manifests, "--kubelet-port", str(free_port()),
+         "--trust-agent", ",".join(agent_ids)],
         stdout=subprocess.DEVNULL, stderr=logs)]
     for i in range(agents):
         procs.append(subprocess.Popen(
             [binary, "agent", "--state-dir", os.path.join(work, f"agent{i}"),
              "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}", "--bootstrap", addr,
-             "--trust", node_id],
+             "--trust", node_id, "--secrets-dir", os.path.join(secrets, f"agent{i}")],
             stdout=subprocess.DEVNULL, stderr=logs))
     samples = []
     names = []
@@ -242,6 +248,7 @@ def bench_beemesh(binary, pods, agents, work):
             p.wait()
         for a in agent_ids:
             remove_pods(f"io.beemesh.agent={a}")
+        shutil.rmtree(secrets, ignore_errors=True)
     return samples, idle_rss, loss
 
 

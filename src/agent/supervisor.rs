@@ -434,7 +434,6 @@ impl Worker {
         }
         self.setup_retry = None;
         self.show_setup_problem(None);
-        self.refresh_pod_ip().await;
         tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, podman_pod = %plan.name, "pod sandbox started");
     }
 
@@ -538,6 +537,12 @@ impl Worker {
             .iter()
             .filter(|s| s.kind == ContainerKind::Init)
             .count();
+        // The pod's IP is looked up before the containers when one needs it in its
+        // environment, or while init containers run (it is shown meanwhile), else after
+        // the app containers started: not on the way to a running pod.
+        if self.pod_ip.is_none() && (init_count > 0 || translate::env_uses_pod_ip(&self.pod)) {
+            self.refresh_pod_ip().await;
+        }
         for i in 0..init_count {
             if self.slots[i].finished {
                 continue;
@@ -547,11 +552,11 @@ impl Worker {
                 return;
             }
         }
-        if self.pod_ip.is_none() {
-            self.refresh_pod_ip().await;
-        }
         for i in init_count..self.slots.len() {
             self.drive(i, now).await;
+        }
+        if self.pod_ip.is_none() {
+            self.refresh_pod_ip().await;
         }
     }
 

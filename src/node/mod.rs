@@ -306,6 +306,7 @@ impl Node {
                         if changes.listed {
                             owner.set_synced(true);
                         }
+                        owner.advance_due();
                     }
                 }
                 _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut owner).await,
@@ -429,6 +430,7 @@ async fn rescan(source: &mut Option<ManifestDir>, desired: &mut Desired, owner: 
         Ok(result) => {
             let pods = desired.reported.take_scan(result);
             desired.set_manifests(pods, owner);
+            owner.advance_due();
         }
         Err(e) => {
             tracing::warn!(dir = %dir.dir().display(), error = %e, "cannot scan manifest directory")

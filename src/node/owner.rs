@@ -894,9 +894,16 @@ impl Owner {
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
     pub fn tick(&mut self) {
-        let now = Instant::now();
         self.check_lost_agents();
         self.expire_reservations();
+        self.advance_due();
+    }
+
+    /// Places, closes the offers of and ends the fencing of the pods whose time has
+    /// come. Each tick, and at once after a source's changes, so that a new pod is
+    /// placed without waiting for the tick.
+    pub fn advance_due(&mut self) {
+        let now = Instant::now();
         let uids: Vec<PodUid> = self.due.iter().cloned().collect();
         for uid in uids {
             let Some(owned) = self.pods.get(&uid) else {

@@ -1281,6 +1281,21 @@ fn env_source<'a>(path: &str, from: &'a EnvVarSource) -> Result<EnvSource<'a>, S
     }
 }
 
+/// Whether a container's environment refers to the pod's IP, which must then be known
+/// before that container is created.
+pub fn env_uses_pod_ip(pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .flat_map(|c| c.env.iter().flatten())
+        .filter_map(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .any(|selector| parse_field_ref(selector) == Ok(FieldRef::PodIp))
+}
+
 fn parse_field_ref(selector: &ObjectFieldSelector) -> Result<FieldRef<'_>, String> {
     if !matches!(
         non_empty(selector.api_version.as_deref()),
@@ -2380,6 +2395,32 @@ mod tests {
         assert_eq!(plan.command, None);
         assert_eq!(plan.args, None);
         assert_eq!(plan.working_dir, None);
+    }
+
+    #[test]
+    fn only_a_pod_ip_in_an_environment_needs_the_ip_before_the_containers() {
+        let with_env = |pointer: &str, path: &str| {
+            let env = json!([{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": path}}}]);
+            pod_with(&[(pointer, env)])
+        };
+        assert!(!env_uses_pod_ip(&pod_with(&[])));
+        assert!(!env_uses_pod_ip(&with_env(
+            "/spec/containers/0/env",
+            "status.hostIP"
+        )));
+        assert!(env_uses_pod_ip(&with_env(
+            "/spec/containers/0/env",
+            "status.podIP"
+        )));
+        assert!(env_uses_pod_ip(&with_env(
+            "/spec/containers/0/env",
+            "status.podIPs"
+        )));
+        let init = pod_with(&[(
+            "/spec/initContainers",
+            json!([{"name": "i", "image": "busybox", "env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]),
+        )]);
+        assert!(env_uses_pod_ip(&init));
     }
 
     #[test]
