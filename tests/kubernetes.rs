@@ -2835,7 +2835,14 @@ impl ContainerStarts {
                 ])
                 .build();
             let mut events = podman.events(&opts);
-            while let Some(Ok(event)) = events.next().await {
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        eprintln!("podman event not read: {e}");
+                        continue;
+                    }
+                };
                 let attributes = &event.actor.attributes;
                 // Infra containers carry no container label.
                 if attributes.contains_key("io.beemesh.container") {
