@@ -64,6 +64,8 @@ pub struct Metrics {
     /// Outbound requests that failed, by kind.
     pub mesh_request_failures: Family<KindLabel, Counter>,
     pub mesh_peers: Gauge,
+    /// Outbound requests waiting for room to their peer (see `mesh::window`).
+    pub mesh_requests_queued: Gauge,
     /// Pods this process owns (node) or runs (agent).
     pub pods: Gauge,
     /// Assignments made (node) or accepted (agent).
@@ -108,6 +110,7 @@ impl Metrics {
         let mesh_dropped = Family::<DropLabels, Counter>::default();
         let mesh_request_failures = Family::<KindLabel, Counter>::default();
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
+        let mesh_requests_queued = Gauge::default();
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
         let pods_fenced = Counter::default();
@@ -177,6 +180,11 @@ impl Metrics {
             mesh_request_failures.clone(),
         );
         registry.register("mesh_peers", "Connected mesh peers", mesh_peers.clone());
+        registry.register(
+            "mesh_requests_queued",
+            "Outbound mesh requests waiting for room to their peer",
+            mesh_requests_queued.clone(),
+        );
         registry.register("pods", "Pods owned (node) or run (agent)", pods.clone());
         registry.register(
             "assignments",
@@ -209,6 +217,7 @@ impl Metrics {
             mesh_dropped,
             mesh_request_failures,
             mesh_peers,
+            mesh_requests_queued,
             pods,
             assignments,
             container_restarts,

@@ -5,7 +5,7 @@
 mod common;
 mod fake_apiserver;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -2815,43 +2815,50 @@ struct ContainerStarts {
 }
 
 impl ContainerStarts {
+    /// Podman 4.3's file event log rotates at 1 MB, which ends a stream opened with
+    /// `since` (a burst of 100 pods writes that much): the follower opens it again
+    /// from the last event seen, and an event read twice counts once.
     fn follow(runtime: &tokio::runtime::Runtime) -> ContainerStarts {
         let seen = Arc::new(Mutex::new(HashMap::<String, Vec<SystemTime>>::new()));
-        // From a second ago: nothing is missed while the stream connects.
-        let since = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_secs()
-            - 1;
         let record = seen.clone();
         runtime.spawn(async move {
             let podman = podman_api::Podman::unix("/run/podman/podman.sock");
-            let opts = podman_api::opts::EventsOpts::builder()
-                .stream(true)
-                .since(since.to_string())
-                .filters([
-                    ("type".to_string(), vec!["container".to_string()]),
-                    ("event".to_string(), vec!["start".to_string()]),
-                ])
-                .build();
-            let mut events = podman.events(&opts);
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        eprintln!("podman event not read: {e}");
+            // From a second ago: nothing is missed while the stream connects.
+            let mut since = SystemTime::now() - Duration::from_secs(1);
+            let mut counted = HashSet::new();
+            loop {
+                let opts = podman_api::opts::EventsOpts::builder()
+                    .stream(true)
+                    .since(unix_seconds(since).to_string())
+                    .filters([
+                        ("type".to_string(), vec!["container".to_string()]),
+                        ("event".to_string(), vec!["start".to_string()]),
+                    ])
+                    .build();
+                let mut events = podman.events(&opts);
+                while let Some(event) = events.next().await {
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(e) => {
+                            eprintln!("podman event not read: {e}");
+                            continue;
+                        }
+                    };
+                    let at = SystemTime::from(event.time_nano);
+                    since = since.max(at);
+                    if !counted.insert((event.actor.id.clone(), at)) {
                         continue;
                     }
-                };
-                let attributes = &event.actor.attributes;
-                // Infra containers carry no container label.
-                if attributes.contains_key("io.beemesh.container") {
-                    if let Some(pod) = attributes.get("io.beemesh.pod.name") {
-                        let at = SystemTime::from(event.time_nano);
-                        let mut seen = record.lock().expect("starts");
-                        seen.entry(pod.clone()).or_default().push(at);
+                    let attributes = &event.actor.attributes;
+                    // Infra containers carry no container label.
+                    if attributes.contains_key("io.beemesh.container") {
+                        if let Some(pod) = attributes.get("io.beemesh.pod.name") {
+                            let mut seen = record.lock().expect("starts");
+                            seen.entry(pod.clone()).or_default().push(at);
+                        }
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         ContainerStarts { seen }
@@ -2882,6 +2889,12 @@ impl ContainerStarts {
             .collect();
         assert!(twice.is_empty(), "started more than once: {twice:?}");
     }
+}
+
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
 }
 
 /// When each pod was first seen Running in the API, through a watch.

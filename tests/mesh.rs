@@ -201,6 +201,72 @@ async fn gossip_travels_two_hops_and_requests_get_answers() {
     cancel.cancel();
 }
 
+/// Answers every request a peer gets, each after `delay`, until its mesh stops.
+fn answer_slowly(mut events: MeshEvents, delay: Duration) {
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let MeshEvent::Request { reply, .. } = event {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = reply.send(Response::Ack);
+                });
+            }
+        }
+    });
+}
+
+/// `count` requests from `from` to `to` at once; the failures' reasons.
+async fn burst(from: &MeshHandle, to: PeerId, count: usize) -> Vec<String> {
+    let asks: Vec<_> = (0..count)
+        .map(|_| {
+            let from = from.clone();
+            tokio::spawn(async move { from.request(to, Request::Query).await })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for ask in asks {
+        match ask.await.expect("task") {
+            Ok(Response::Ack) => {}
+            Ok(other) => failures.push(format!("unexpected {other:?}")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    failures
+}
+
+/// A connection holds 32 request streams, both ways together; a burst far past that
+/// (an owner assigning a Deployment's pods to one agent) while the other side sends its
+/// own requests gets every answer: the surplus waits for room instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_past_the_stream_limit_is_answered_in_full_both_ways() {
+    let cancel = CancellationToken::new();
+    let owner = peer(vec![], &cancel).await;
+    let agent = peer(vec![owner.addr.clone()], &cancel).await;
+    let (owner_id, agent_id) = (owner.handle.local_peer_id(), agent.handle.local_peer_id());
+    answer_slowly(owner.events, Duration::from_millis(20));
+    answer_slowly(agent.events, Duration::from_millis(20));
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while agent
+            .handle
+            .request(owner_id, Request::Query)
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("connected within 15 s");
+
+    let (assigns, reports) = tokio::join!(
+        burst(&owner.handle, agent_id, 300),
+        burst(&agent.handle, owner_id, 100),
+    );
+    assert!(assigns.is_empty(), "owner to agent: {assigns:?}");
+    assert!(reports.is_empty(), "agent to owner: {reports:?}");
+    cancel.cancel();
+}
+
 #[tokio::test]
 async fn gossip_from_untrusted_signers_is_neither_delivered_nor_relayed() {
     let cancel = CancellationToken::new();

@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::handle::Command;
 use super::lanes::{Lane, Lanes};
-use super::{Behaviour, BehaviourEvent, MeshConfig, MeshError, MeshEvent};
+use super::window::{Admitted, RequestWindow};
+use super::{Behaviour, BehaviourEvent, MeshConfig, MeshError, MeshEvent, MAX_CONCURRENT_REQUESTS};
 use crate::metrics::Metrics;
-use crate::wire::{self, GossipMessage, Response, Topic};
+use crate::wire::{self, GossipMessage, Request, Response, Topic};
 
 /// How often connected peers' gossip scores follow trust changes.
 const RESCORE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -28,6 +29,13 @@ const OVERLOAD_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// Times the application weight (10): far below the graylist threshold (-80).
 const UNTRUSTED_SCORE: f64 = -1000.0;
 
+/// Requests this peer keeps in flight to one other peer: half of what a connection
+/// holds, the other half left for the other peer's requests (see `window`).
+const REQUEST_WINDOW: usize = MAX_CONCURRENT_REQUESTS / 2;
+/// Requests that may wait for room, per peer; beyond them a request fails at once.
+const MAX_QUEUED_REQUESTS: usize = 1024;
+
+type ReplyTo = oneshot::Sender<Result<Response, MeshError>>;
 type PendingReply = BoxFuture<'static, (ResponseChannel<Response>, Option<Response>)>;
 
 /// Owns the Swarm; everything else reaches it through [`super::MeshHandle`].
@@ -37,7 +45,10 @@ pub struct EventLoop {
     lanes: Lanes,
     config: MeshConfig,
     metrics: Metrics,
-    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, MeshError>>>,
+    /// Requests sent, with the peer they went to.
+    pending_requests: HashMap<OutboundRequestId, (PeerId, ReplyTo)>,
+    /// Requests per peer in flight, and those waiting for room (see `window`).
+    outbound: RequestWindow<(Request, ReplyTo)>,
     /// Inbound requests waiting for the program's answer.
     pending_replies: FuturesUnordered<PendingReply>,
     listen_addrs: Vec<Multiaddr>,
@@ -69,6 +80,7 @@ impl EventLoop {
             config,
             metrics,
             pending_requests: HashMap::new(),
+            outbound: RequestWindow::new(REQUEST_WINDOW, MAX_QUEUED_REQUESTS),
             pending_replies: FuturesUnordered::new(),
             listen_addrs: Vec::new(),
             connected: HashMap::new(),
@@ -202,19 +214,54 @@ impl EventLoop {
                 peer,
                 request,
                 done,
-            } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .requests
-                    .send_request(&peer, request);
-                self.pending_requests.insert(id, done);
-            }
+            } => match self.outbound.admit(peer, (request, done)) {
+                Admitted::Send((request, done)) => self.send_request(peer, request, done),
+                Admitted::Queued => {
+                    let queued = self.outbound.queued() as i64;
+                    self.metrics.mesh_requests_queued.set(queued);
+                }
+                Admitted::Full((_, done)) => {
+                    self.metrics.request_failed("queue_full");
+                    let _ = done.send(Err(MeshError::Request {
+                        peer,
+                        reason: format!(
+                            "{MAX_QUEUED_REQUESTS} requests are already waiting to be sent to it"
+                        ),
+                    }));
+                }
+            },
             Command::ListenAddrs { done } => {
                 let _ = done.send(self.listen_addrs.clone());
             }
             Command::TrustChanged => self.score_peers(),
         }
+    }
+
+    fn send_request(&mut self, peer: PeerId, request: Request, done: ReplyTo) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .requests
+            .send_request(&peer, request);
+        self.pending_requests.insert(id, (peer, done));
+    }
+
+    /// A request has its answer or failed: it goes to whoever asked, and the next
+    /// request waiting for room to that peer is sent (unless its asker gave up).
+    fn request_finished(&mut self, id: OutboundRequestId, result: Result<Response, MeshError>) {
+        let Some((peer, done)) = self.pending_requests.remove(&id) else {
+            return;
+        };
+        let _ = done.send(result);
+        while let Some((request, done)) = self.outbound.finished(&peer) {
+            if !done.is_closed() {
+                self.send_request(peer, request, done);
+                break;
+            }
+        }
+        self.metrics
+            .mesh_requests_queued
+            .set(self.outbound.queued() as i64);
     }
 
     /// The lane of a request or connection event: control for peers this one trusts.
@@ -455,9 +502,7 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some(done) = self.pending_requests.remove(&request_id) {
-                    let _ = done.send(Ok(response));
-                }
+                self.request_finished(request_id, Ok(response));
             }
             request_response::Event::OutboundFailure {
                 peer,
@@ -466,12 +511,8 @@ impl EventLoop {
                 ..
             } => {
                 self.metrics.request_failed("outbound");
-                if let Some(done) = self.pending_requests.remove(&request_id) {
-                    let _ = done.send(Err(MeshError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
+                let reason = error.to_string();
+                self.request_finished(request_id, Err(MeshError::Request { peer, reason }));
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // Undecodable or oversized requests end up here: counted, never fatal.

@@ -11,6 +11,7 @@ mod codec;
 mod event_loop;
 mod handle;
 mod lanes;
+mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,7 +200,7 @@ const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 const MAX_CONNECTIONS: u32 = 16_384;
 const MAX_PENDING_INCOMING: u32 = 256;
 /// Requests a connection may have in flight at once, each way.
-const MAX_CONCURRENT_REQUESTS: usize = 32;
+pub(crate) const MAX_CONCURRENT_REQUESTS: usize = 32;
 
 const KAD_PROTOCOL: &str = "/beemesh/kad/1.0.0";
 const IDENTIFY_PROTOCOL: &str = "/beemesh/1.0.0";

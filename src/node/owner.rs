@@ -1436,7 +1436,11 @@ impl Owner {
                     let excess = owned.policy_refusals.len() - MAX_POLICY_REFUSALS;
                     owned.policy_refusals.drain(..excess);
                 }
-                let message = format!("assignment declined: {}", agent_reasons(&reasons));
+                let message = if unanswered {
+                    format!("assignment not answered: {}", agent_reasons(&reasons))
+                } else {
+                    format!("assignment declined: {}", agent_reasons(&reasons))
+                };
                 tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
                 self.set_status(&uid, pending_status("Unschedulable", message));
             }
