@@ -10,8 +10,14 @@ cd "$(dirname "$0")/.."
 bash hack/install-podman.sh >/dev/null
 bash hack/build-test-image.sh >/dev/null
 cargo build --release --locked --quiet
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for pods in ${BEEMESH_BENCH_BURSTS:-100 1000}; do
-  BEEMESH_BENCH_BURST_PODS="$pods" cargo test --release --locked --test kubernetes \
-    a_deployments_burst_runs_every_pod_once -- --nocapture 2>&1 |
-    grep -E '^\||/ standalone|test result'
+  if ! BEEMESH_BENCH_BURST_PODS="$pods" cargo test --release --locked --test kubernetes \
+    a_deployments_burst_runs_every_pod_once -- --nocapture >"$log" 2>&1; then
+    echo "burst of $pods pods failed:" >&2
+    tail -n 80 "$log" >&2
+    exit 1
+  fi
+  grep -E '^\||/ standalone' "$log"
 done

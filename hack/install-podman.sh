@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs Podman with the configuration verified on these machines (see
-# ../shared/ENVIRONMENT.md) and starts its REST service on the socket BeeMesh
-# agents use. Idempotent: a reused machine keeps its packages, config and service.
+# Installs Podman with the configuration verified on small VMs and sandboxes (runc,
+# cgroupfs, file event logging, ulimits within the sandbox's limits) and starts its
+# REST service on the socket BeeMesh agents use. Idempotent: a reused machine keeps its
+# packages, config and service.
 # --no-service: packages and config only, for machines where systemd's podman.socket
 # serves the API instead (hack/install-agent.sh).
 set -euo pipefail
@@ -54,7 +55,10 @@ ping_service() {
 if ! ping_service; then
   mkdir -p "$(dirname "$SOCKET_PATH")"
   rm -f "$SOCKET_PATH"
-  nohup podman system service --time=0 "unix://$SOCKET_PATH" >/var/log/podman-service.log 2>&1 &
+  # In a session of its own: a Ctrl-C meant for the script that installed it (the
+  # quickstart, say) must not reach the service.
+  setsid nohup podman system service --time=0 "unix://$SOCKET_PATH" </dev/null \
+    >/var/log/podman-service.log 2>&1 &
   for _ in $(seq 1 50); do
     ping_service && break
     sleep 0.2

@@ -2,7 +2,7 @@
 # Sets up everything the tests need (Podman with its config and REST service, the
 # local busybox test image, Helm, shellcheck) and runs every check and test: the chart
 # and manifests, the scripts, formatting, clippy, unit, mesh, Podman and end-to-end
-# tests. Idempotent; run as root on a fresh machine.
+# tests, the quickstart. Idempotent; run as root on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A build needs a few GB (a CI run once ran out of disk): said first, for the log.
@@ -32,6 +32,11 @@ set -e
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
 
+# The quickstart as a user runs it (twice, each stopped with Ctrl-C), with the
+# binary the tests built.
+quickstart=0
+BEEMESH_BIN="$PWD/target/debug/beemesh" bash hack/test-quickstart.sh || quickstart=$?
+
 # The fault suite's short version (an agent partitioned and healed, an agent killed
 # under load, the Podman service killed and restarted) on separate network hosts, with
 # the binary the tests built; the full suite is bash hack/faults/run.sh (RELIABILITY.md).
@@ -40,4 +45,4 @@ BEEMESH_BIN="$PWD/target/debug/beemesh" bash hack/faults/run.sh --short || fault
 if [ "$faults" != 0 ]; then
   echo "fault suite (short) failed: exit $faults"
 fi
-[ "$status" = 0 ] && [ "$faults" = 0 ]
+[ "$status" = 0 ] && [ "$quickstart" = 0 ] && [ "$faults" = 0 ]

@@ -70,9 +70,9 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct FenceWatchdogArgs {
     /// The agent's --secrets-dir, which holds its lease file.
-    #[arg(long)]
+    #[arg(value_name = "DIR", long)]
     pub secrets_dir: PathBuf,
-    #[arg(long)]
+    #[arg(value_name = "URI", long)]
     pub podman_socket: String,
     /// The agent's peer ID: only its Podman pods are touched.
     #[arg(long)]
@@ -83,6 +83,7 @@ pub struct FenceWatchdogArgs {
 pub struct IdArgs {
     /// Directory holding the identity key (identity.key, mode 0600).
     #[arg(
+        value_name = "DIR",
         long,
         env = "BEEMESH_STATE_DIR",
         required_unless_present = "identity_key_file"
@@ -90,32 +91,44 @@ pub struct IdArgs {
     pub state_dir: Option<PathBuf>,
     /// An identity key kept elsewhere (see `beemesh node --help`); it is only read, and
     /// wins over --state-dir.
-    #[arg(long, env = "BEEMESH_IDENTITY_KEY_FILE")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_IDENTITY_KEY_FILE")]
     pub identity_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct MeshArgs {
     /// Directory for the identity key and local state.
-    #[arg(long, env = "BEEMESH_STATE_DIR")]
+    #[arg(value_name = "DIR", long, env = "BEEMESH_STATE_DIR")]
     pub state_dir: PathBuf,
     /// Identity key kept elsewhere, e.g. a mounted Secret: libp2p's encoding (as `beemesh
-    /// id` writes it) or PEM PKCS#8 Ed25519. Default: <state-dir>/identity.key, created
-    /// if missing.
-    #[arg(long, env = "BEEMESH_IDENTITY_KEY_FILE")]
+    /// id` writes it) or PEM PKCS#8 Ed25519 (`openssl genpkey -algorithm ed25519`);
+    /// others may not read it (its group may). Default: <state-dir>/identity.key,
+    /// created (mode 0600) if missing.
+    #[arg(value_name = "FILE", long, env = "BEEMESH_IDENTITY_KEY_FILE")]
     pub identity_key_file: Option<PathBuf>,
     /// Multiaddr to listen on, e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1.
-    #[arg(long, env = "BEEMESH_LISTEN", value_delimiter = ',', required = true)]
+    #[arg(
+        value_name = "MULTIADDR",
+        long,
+        env = "BEEMESH_LISTEN",
+        value_delimiter = ',',
+        required = true
+    )]
     pub listen: Vec<Multiaddr>,
     /// Multiaddr of a mesh peer to join through (repeatable).
-    #[arg(long, env = "BEEMESH_BOOTSTRAP", value_delimiter = ',')]
+    #[arg(
+        value_name = "MULTIADDR",
+        long,
+        env = "BEEMESH_BOOTSTRAP",
+        value_delimiter = ','
+    )]
     pub bootstrap: Vec<Multiaddr>,
     /// Serve Prometheus metrics on this address at /metrics.
-    #[arg(long, env = "BEEMESH_METRICS_ADDR")]
+    #[arg(value_name = "ADDR", long, env = "BEEMESH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// A private mesh: the pre-shared key file (libp2p's swarm.key format) that every
     /// peer must hold to connect at all. TCP only.
-    #[arg(long, env = "BEEMESH_MESH_PSK_FILE")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_MESH_PSK_FILE")]
     pub mesh_psk_file: Option<PathBuf>,
     /// Trust every peer on the mesh: any agent gets pods and their secrets, any owner
     /// runs anything. For throwaway demos only; warned about every minute, and refused
@@ -132,51 +145,62 @@ pub struct AgentArgs {
     /// configMap, secret, downwardAPI and projected volumes, and the assignment records.
     /// Refused if it is on a disk. The systemd unit provides /run/beemesh
     /// (RuntimeDirectory).
-    #[arg(long, env = "BEEMESH_SECRETS_DIR", default_value = "/run/beemesh")]
+    #[arg(
+        value_name = "DIR",
+        long,
+        env = "BEEMESH_SECRETS_DIR",
+        default_value = "/run/beemesh"
+    )]
     pub secrets_dir: PathBuf,
     /// Podman REST API socket.
     #[arg(
+        value_name = "URI",
         long,
         env = "BEEMESH_PODMAN_SOCKET",
         default_value = "unix:///run/podman/podman.sock"
     )]
     pub podman_socket: String,
     /// Agent label k=v, matched by pods' beemesh.io/agent-selector (repeatable).
-    #[arg(long = "label", env = "BEEMESH_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    #[arg(value_name = "K=V", long = "label", env = "BEEMESH_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// CPU offered to pods, in cores or millicores ("2", "1.5", "500m"). Default: all cores.
-    #[arg(long, env = "BEEMESH_CPU", value_parser = parse_cpu)]
+    #[arg(value_name = "CPU", long, env = "BEEMESH_CPU", value_parser = parse_cpu)]
     pub cpu: Option<u64>,
     /// Memory offered to pods, in bytes or with a suffix ("4Gi"). Default: all memory.
-    #[arg(long, env = "BEEMESH_MEMORY", value_parser = parse_memory)]
+    #[arg(value_name = "BYTES", long, env = "BEEMESH_MEMORY", value_parser = parse_memory)]
     pub memory: Option<u64>,
     /// Most pods run at once.
-    #[arg(long, env = "BEEMESH_MAX_PODS", default_value_t = 110, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(value_name = "N", long, env = "BEEMESH_MAX_PODS", default_value_t = 110, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pods: u64,
     /// Peer ID of a node whose work is accepted (repeatable). Not needed with --join,
     /// which pins the node it joins.
-    #[arg(long, env = "BEEMESH_TRUST", value_delimiter = ',')]
+    #[arg(
+        value_name = "PEER_ID",
+        long,
+        env = "BEEMESH_TRUST",
+        value_delimiter = ','
+    )]
     pub trust: Vec<PeerId>,
     /// Join token from the node (`beemesh token create`): the agent enrolls with the
     /// node it reaches through --bootstrap and pins its peer ID in the state directory,
     /// so the token is needed only once.
-    #[arg(long, env = "BEEMESH_JOIN", value_parser = parse_join_token)]
+    #[arg(value_name = "TOKEN", long, env = "BEEMESH_JOIN", value_parser = parse_join_token)]
     pub join: Option<JoinToken>,
     /// Seconds between heartbeats.
-    #[arg(long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
+    #[arg(value_name = "N", long, env = "BEEMESH_HEARTBEAT_SECONDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub heartbeat_seconds: u64,
     /// Seconds without a word from a pod's owner (since the last, or since this agent
     /// started) after which its pods are stopped: an owner that is gone for good, or
     /// came back with a new identity, leaves nothing running forever.
-    #[arg(long, env = "BEEMESH_OWNER_GONE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(5..))]
+    #[arg(value_name = "N", long, env = "BEEMESH_OWNER_GONE_SECONDS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(5..))]
     pub owner_gone_seconds: u64,
     /// Address reported as the pods' hostIP. Default: the IPv4 listen address, if specific.
-    #[arg(long, env = "BEEMESH_HOST_IP")]
+    #[arg(value_name = "IP", long, env = "BEEMESH_HOST_IP")]
     pub host_ip: Option<IpAddr>,
     /// Admission policy file (YAML): which pods this host runs, whoever assigns them
     /// (Pod Security level, host ports, image allow-list, per-owner quotas). Default:
     /// the "baseline" level with host ports 1024-65535.
-    #[arg(long, env = "BEEMESH_POLICY_FILE")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
 }
 
@@ -185,24 +209,31 @@ pub struct NodeArgs {
     #[command(flatten)]
     pub mesh: MeshArgs,
     /// Directory of Pod manifests (YAML or JSON, several documents per file), like
-    /// the kubelet's static pods. With it, a Kubernetes API server is used only when
-    /// named (--kubeconfig, KUBECONFIG, or running in a pod).
-    #[arg(long, env = "BEEMESH_POD_MANIFEST_PATH")]
+    /// the kubelet's static pods; changes are picked up at once (inotify) and at the
+    /// latest within 1 s. With it, a Kubernetes API server is used only when named
+    /// (--kubeconfig, KUBECONFIG, or running in a pod).
+    #[arg(value_name = "DIR", long, env = "BEEMESH_POD_MANIFEST_PATH")]
     pub pod_manifest_path: Option<PathBuf>,
     /// Kubeconfig of the API server to register with (default: in-cluster config in a
     /// pod, else KUBECONFIG, else ~/.kube/config).
-    #[arg(long, env = "BEEMESH_KUBECONFIG")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Name of the Node object.
-    #[arg(long, env = "BEEMESH_NODE_NAME", default_value = "beemesh")]
+    /// Name of the Node object. A Node of that name that BeeMesh did not register (no
+    /// label beemesh.io/mesh=true) is refused at start, never taken over with its pods.
+    #[arg(
+        value_name = "NAME",
+        long,
+        env = "BEEMESH_NODE_NAME",
+        default_value = "beemesh"
+    )]
     pub node_name: String,
     /// The node's InternalIP address, where the API server reaches the kubelet API
     /// (default: the POD_IP environment variable).
-    #[arg(long, env = "BEEMESH_NODE_IP")]
+    #[arg(value_name = "IP", long, env = "BEEMESH_NODE_IP")]
     pub node_ip: Option<IpAddr>,
     /// A Hostname address for the node; reported only if it resolves (API servers try
     /// Hostname first, and an unresolvable one breaks kubectl logs and exec).
-    #[arg(long, env = "BEEMESH_NODE_HOSTNAME")]
+    #[arg(value_name = "NAME", long, env = "BEEMESH_NODE_HOSTNAME")]
     pub node_hostname: Option<String>,
     /// Open k3s's agent tunnel, through which a k3s server sends its kubectl
     /// logs/exec/port-forward connections to kubelets: auto (when the API server is
@@ -210,33 +241,43 @@ pub struct NodeArgs {
     #[arg(long, env = "BEEMESH_K3S_TUNNEL", value_enum, default_value = "auto")]
     pub k3s_tunnel: TunnelMode,
     /// Port of the kubelet API, published in the Node's daemonEndpoints.
-    #[arg(long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(value_name = "PORT", long, env = "BEEMESH_KUBELET_PORT", default_value_t = 10250, value_parser = clap::value_parser!(u16).range(1..))]
     pub kubelet_port: u16,
     /// How long the kubelet API caches a TokenReview's answer (as the kubelet's flag).
-    #[arg(long, env = "BEEMESH_AUTHENTICATION_TOKEN_WEBHOOK_CACHE_TTL", default_value = "2m", value_parser = parse_duration_secs)]
+    #[arg(value_name = "DURATION", long, env = "BEEMESH_AUTHENTICATION_TOKEN_WEBHOOK_CACHE_TTL", default_value = "2m", value_parser = parse_duration_secs)]
     pub authentication_token_webhook_cache_ttl: u64,
     /// How long the kubelet API caches an allowing SubjectAccessReview.
-    #[arg(long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_AUTHORIZED_TTL", default_value = "5m", value_parser = parse_duration_secs)]
+    #[arg(value_name = "DURATION", long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_AUTHORIZED_TTL", default_value = "5m", value_parser = parse_duration_secs)]
     pub authorization_webhook_cache_authorized_ttl: u64,
     /// How long the kubelet API caches a denying SubjectAccessReview.
-    #[arg(long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_UNAUTHORIZED_TTL", default_value = "30s", value_parser = parse_duration_secs)]
+    #[arg(value_name = "DURATION", long, env = "BEEMESH_AUTHORIZATION_WEBHOOK_CACHE_UNAUTHORIZED_TTL", default_value = "30s", value_parser = parse_duration_secs)]
     pub authorization_webhook_cache_unauthorized_ttl: u64,
     /// The kubelet API's serving certificate (PEM); with --tls-private-key-file.
     /// Default: a certificate generated for the node's name and addresses, kept in the
     /// state directory.
-    #[arg(long, env = "BEEMESH_TLS_CERT_FILE", requires = "tls_private_key_file")]
+    #[arg(
+        value_name = "FILE",
+        long,
+        env = "BEEMESH_TLS_CERT_FILE",
+        requires = "tls_private_key_file"
+    )]
     pub tls_cert_file: Option<PathBuf>,
     /// The key of --tls-cert-file (PEM).
-    #[arg(long, env = "BEEMESH_TLS_PRIVATE_KEY_FILE", requires = "tls_cert_file")]
+    #[arg(
+        value_name = "FILE",
+        long,
+        env = "BEEMESH_TLS_PRIVATE_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
     pub tls_private_key_file: Option<PathBuf>,
     /// CA bundle (PEM) whose client certificates may use the kubelet API. Without it
     /// (and without a cluster to check tokens), every request is refused.
-    #[arg(long, env = "BEEMESH_CLIENT_CA_FILE")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_CLIENT_CA_FILE")]
     pub client_ca_file: Option<PathBuf>,
     /// Serve plain-HTTP /healthz (liveness) and /readyz (readiness) on this address for
     /// probes, like the kubelet's healthz port (e.g. 0.0.0.0:10248). They tell only
     /// whether the node works, so they need no credentials.
-    #[arg(long, env = "BEEMESH_HEALTHZ_ADDR")]
+    #[arg(value_name = "ADDR", long, env = "BEEMESH_HEALTHZ_ADDR")]
     pub healthz_addr: Option<SocketAddr>,
     /// Delete the Node object on exit instead of leaving it NotReady.
     #[arg(long, env = "BEEMESH_DELETE_NODE_ON_EXIT")]
@@ -244,6 +285,7 @@ pub struct NodeArgs {
     /// Peer ID of an agent this node's pods may go to (repeatable), besides the agents
     /// enrolled with join tokens. Pods carry their configMaps and secrets to their agent.
     #[arg(
+        value_name = "PEER_ID",
         long = "trust-agent",
         env = "BEEMESH_TRUST_AGENTS",
         value_delimiter = ','
@@ -252,6 +294,7 @@ pub struct NodeArgs {
     /// Peer ID of a client that may ask `beemesh status` (repeatable), besides the
     /// key the node keeps in <state-dir>/client.key.
     #[arg(
+        value_name = "PEER_ID",
         long = "trust-client",
         env = "BEEMESH_TRUST_CLIENT",
         value_delimiter = ','
@@ -263,23 +306,23 @@ pub struct NodeArgs {
     /// Keep join tokens and enrolled agents in this Secret ([NAMESPACE/]NAME; the
     /// namespace defaults to the client's) instead of <state-dir>/trust/node.json, so
     /// that they outlive the node's pod. Its key join-token, if set, is the first token.
-    #[arg(long, env = "BEEMESH_TRUST_SECRET", value_parser = parse_secret_ref)]
+    #[arg(value_name = "[NAMESPACE/]NAME", long, env = "BEEMESH_TRUST_SECRET", value_parser = parse_secret_ref)]
     pub trust_secret: Option<SecretRef>,
     /// Milliseconds an offer collects bids (offers go out only when agents declined a pod
     /// or have not been heard from lately; pods are otherwise placed at once).
-    #[arg(long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    #[arg(value_name = "MS", long, env = "BEEMESH_OFFER_WINDOW_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub offer_window_ms: u64,
     /// Seconds without a heartbeat after which an agent is lost and its pods move
     /// (default: 3 heartbeats of 2 s).
-    #[arg(long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    #[arg(value_name = "N", long, env = "BEEMESH_AGENT_LOSS_SECONDS", default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub agent_loss_seconds: u64,
     /// Seconds a strict pod's copy runs without the node renewing its placement (agents
     /// renew every third of it); a copy cut off longer stops (see `beemesh.io/fencing`).
-    #[arg(long, env = "BEEMESH_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    #[arg(value_name = "N", long, env = "BEEMESH_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub lease_seconds: u64,
     /// Seconds beyond a lease the node waits before placing a strict pod again: room
     /// for the agent's clock to run slower than the node's and for the stop to act.
-    #[arg(long, env = "BEEMESH_FENCING_MARGIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    #[arg(value_name = "N", long, env = "BEEMESH_FENCING_MARGIN_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub fencing_margin_seconds: u64,
 }
 
@@ -287,12 +330,14 @@ pub struct NodeArgs {
 pub enum OutputFormat {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Multiaddr of a mesh peer to ask (a node shows its pods' reasons too).
     #[arg(
+        value_name = "MULTIADDR",
         long,
         env = "BEEMESH_BOOTSTRAP",
         value_delimiter = ',',
@@ -303,14 +348,18 @@ pub struct StatusArgs {
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     pub output: OutputFormat,
     /// Seconds to wait for an answer.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    #[arg(value_name = "N", long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout_seconds: u64,
+    /// Keep asking (every 2 s) and print the view again whenever it changes, until
+    /// interrupted.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
     /// The key to ask with: the node answers only its own client key
     /// (<node state dir>/client.key) and the peers it lists with --trust-client.
-    #[arg(long, env = "BEEMESH_CLIENT_KEY")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
     /// The private mesh's pre-shared key file, if it has one.
-    #[arg(long, env = "BEEMESH_MESH_PSK_FILE")]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_MESH_PSK_FILE")]
     pub mesh_psk_file: Option<PathBuf>,
 }
 
@@ -318,15 +367,15 @@ pub struct StatusArgs {
 pub struct TokenArgs {
     /// The node's state directory, which holds its tokens and enrolled agents
     /// (trust/node.json).
-    #[arg(long, env = "BEEMESH_STATE_DIR", global = true)]
+    #[arg(value_name = "DIR", long, env = "BEEMESH_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// The Secret of a node in a cluster ([NAMESPACE/]NAME, as `beemesh node
     /// --trust-secret`); wins over --state-dir.
-    #[arg(long, env = "BEEMESH_TRUST_SECRET", global = true, value_parser = parse_secret_ref)]
+    #[arg(value_name = "[NAMESPACE/]NAME", long, env = "BEEMESH_TRUST_SECRET", global = true, value_parser = parse_secret_ref)]
     pub trust_secret: Option<SecretRef>,
     /// Kubeconfig for --trust-secret (default: in-cluster config in a pod, else
     /// KUBECONFIG, else ~/.kube/config).
-    #[arg(long, env = "BEEMESH_KUBECONFIG", global = true)]
+    #[arg(value_name = "FILE", long, env = "BEEMESH_KUBECONFIG", global = true)]
     pub kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
     pub command: TokenCommand,
@@ -338,10 +387,10 @@ pub enum TokenCommand {
     Create {
         /// How long it may be used: seconds, or with a unit (30m, 24h, 7d); 0 never
         /// expires.
-        #[arg(long, default_value = "24h", value_parser = parse_duration_secs)]
+        #[arg(value_name = "DURATION", long, default_value = "24h", value_parser = parse_duration_secs)]
         ttl: u64,
         /// How many agents may join with it. Default: any number.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(value_name = "N", long, value_parser = clap::value_parser!(u32).range(1..))]
         uses: Option<u32>,
     },
     /// List the tokens (without secrets) and the agents that joined with each.

@@ -21,13 +21,14 @@ use crate::cli::{
 use crate::cluster::{self, node_object::NodeIdentity};
 use crate::health::{Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
-use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents};
+use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::node::enroll::NodeEnrollment;
 use crate::node::owner::{self, OwnerConfig};
 use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
+use crate::tables::{self, human_age};
 use crate::trust::join::{JoinToken, TrustDoc};
 use crate::trust::replay::unix_millis;
 use crate::trust::store::{JsonStore, TrustStore, NODE_TRUST_FILE};
@@ -35,7 +36,7 @@ use crate::trust::{
     load_identity_file, load_or_create_identity, load_or_create_key, load_psk_file, TrustedPeers,
     CLIENT_KEY_FILE,
 };
-use crate::wire::{AgentHealth, MeshView, Request, Resources, Response, Topic};
+use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
 pub async fn run(command: Command) -> Result<()> {
     match command {
@@ -452,6 +453,7 @@ async fn node(args: NodeArgs) -> Result<()> {
             epoch_floor,
             lease: Duration::from_secs(args.lease_seconds),
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
+            node_name: args.node_name.clone(),
             ..OwnerConfig::default()
         },
         enrollment,
@@ -734,21 +736,16 @@ async fn status(args: StatusArgs) -> Result<()> {
     let (mesh, mut events, event_loop) = mesh::start(keypair, config, Metrics::new())?;
     let task = tokio::spawn(event_loop.run(cancel.clone()));
     let timeout = Duration::from_secs(args.timeout_seconds);
-    let view = tokio::time::timeout(timeout, async {
+    let (peer, view) = tokio::time::timeout(timeout, async {
         loop {
             match events.recv().await {
-                Some(MeshEvent::PeerConnected(peer)) => {
-                    match mesh.request(peer, Request::Query).await {
-                        Ok(Response::View(view)) => return Ok(*view),
-                        Ok(Response::Declined { reason }) => bail!(
-                            "{peer} refused: {reason}; ask with the node's client key \
-                             (--client-key <node state dir>/client.key) or a key it lists \
-                             with --trust-client"
-                        ),
-                        Ok(other) => bail!("{peer} answered {other:?}"),
-                        Err(e) => tracing::debug!(%peer, error = %e, "query failed"),
+                Some(MeshEvent::PeerConnected(peer)) => match query(&mesh, peer).await {
+                    Ok(view) => return Ok((peer, view)),
+                    Err(QueryFailed::Refused(e)) => return Err(e),
+                    Err(QueryFailed::Unanswered(e)) => {
+                        tracing::debug!(%peer, error = %format!("{e:#}"), "query failed")
                     }
-                }
+                },
                 Some(_) => {}
                 None => bail!("the mesh stopped"),
             }
@@ -766,11 +763,99 @@ async fn status(args: StatusArgs) -> Result<()> {
             args.timeout_seconds
         )
     })??;
+    print_view(&view, args.output, args.watch)?;
+    if args.watch {
+        watch(&mesh, peer, view, args.output).await?;
+    }
     cancel.cancel();
     let _ = task.await;
-    match args.output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&view)?),
-        OutputFormat::Table => print!("{}", render_table(&view)),
+    Ok(())
+}
+
+enum QueryFailed {
+    /// The peer answered, and will not tell: asking again will not help.
+    Refused(anyhow::Error),
+    Unanswered(anyhow::Error),
+}
+
+async fn query(mesh: &MeshHandle, peer: libp2p::PeerId) -> Result<MeshView, QueryFailed> {
+    match mesh.request(peer, Request::Query).await {
+        Ok(Response::View(view)) => Ok(*view),
+        Ok(Response::Declined { reason }) => Err(QueryFailed::Refused(anyhow::anyhow!(
+            "{peer} refused: {reason}; ask with the node's client key \
+             (--client-key <node state dir>/client.key) or a key it lists with --trust-client"
+        ))),
+        Ok(other) => Err(QueryFailed::Refused(anyhow::anyhow!(
+            "{peer} answered {other:?}"
+        ))),
+        Err(e) => Err(QueryFailed::Unanswered(e.into())),
+    }
+}
+
+/// How often `--watch` asks again.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Asks again until interrupted, printing the view whenever something in it changed
+/// (not the seconds since each heartbeat, which always do).
+async fn watch(
+    mesh: &MeshHandle,
+    peer: libp2p::PeerId,
+    mut shown: MeshView,
+    output: OutputFormat,
+) -> Result<()> {
+    let mut unanswered = false;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+        match query(mesh, peer).await {
+            Ok(view) => {
+                unanswered = false;
+                if !same_but_heartbeat_ages(&view, &shown) {
+                    print_view(&view, output, true)?;
+                    shown = view;
+                }
+            }
+            Err(QueryFailed::Refused(e)) => return Err(e),
+            Err(QueryFailed::Unanswered(e)) => {
+                // Said once per outage; the watch goes on.
+                if !std::mem::replace(&mut unanswered, true) {
+                    eprintln!("{peer} does not answer ({e:#}); still asking");
+                }
+            }
+        }
+    }
+}
+
+fn same_but_heartbeat_ages(a: &MeshView, b: &MeshView) -> bool {
+    let without_ages = |view: &MeshView| {
+        let mut view = view.clone();
+        for agent in &mut view.agents {
+            agent.last_seen_secs = 0;
+        }
+        view
+    };
+    without_ages(a) == without_ages(b)
+}
+
+/// One view as asked for; a watch prints tables under the time and documents one
+/// after another (JSON one a line, YAML `---`-separated).
+fn print_view(view: &MeshView, output: OutputFormat, watching: bool) -> Result<()> {
+    match (output, watching) {
+        (OutputFormat::Json, false) => println!("{}", serde_json::to_string_pretty(view)?),
+        (OutputFormat::Json, true) => println!("{}", serde_json::to_string(view)?),
+        (OutputFormat::Yaml, _) => print!("---\n{}", serde_yaml::to_string(view)?),
+        (OutputFormat::Table, watching) => {
+            let now = unix_millis() as i64 / 1000;
+            if watching {
+                println!("{}", crate::node::timestamp());
+            }
+            print!("{}", tables::render_status(view, now));
+            if watching {
+                println!();
+            }
+        }
     }
     Ok(())
 }
@@ -826,14 +911,14 @@ async fn token(args: TokenArgs) -> Result<()> {
                     match t.expires_at {
                         None => "never".into(),
                         Some(_) if t.expired(now) => "expired".into(),
-                        Some(at) => format!("in {}", human_duration(at - now)),
+                        Some(at) => format!("in {}", human_age(at as i64 - now as i64)),
                     },
                     t.uses_left
                         .map_or_else(|| "unlimited".into(), |n| n.to_string()),
                     agents.join(","),
                 ]);
             }
-            print!("{}", table(&rows));
+            print!("{}", tables::table(&rows));
             let orphans: Vec<String> = doc
                 .agents
                 .iter()
@@ -862,192 +947,14 @@ async fn token(args: TokenArgs) -> Result<()> {
     Ok(())
 }
 
-fn human_duration(secs: u64) -> String {
-    match secs {
-        s if s >= 86400 => format!("{}d{}h", s / 86400, s % 86400 / 3600),
-        s if s >= 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
-        s => format!("{}m", s.div_ceil(60)),
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes}")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
-}
-
-/// The mesh view as two aligned tables.
-pub fn render_table(view: &MeshView) -> String {
-    let mut rows = vec![vec![
-        "AGENT".to_string(),
-        "CPU FREE/TOTAL".into(),
-        "MEMORY FREE/TOTAL".into(),
-        "PODS".into(),
-        "HEALTH".into(),
-        "LABELS".into(),
-    ]];
-    for a in &view.agents {
-        rows.push(vec![
-            a.peer.to_string(),
-            format!("{}m/{}m", a.free.cpu_millis, a.capacity.cpu_millis),
-            format!(
-                "{}/{}",
-                human_bytes(a.free.memory_bytes),
-                human_bytes(a.capacity.memory_bytes)
-            ),
-            format!("{}/{}", a.pods, a.capacity.pods),
-            health_text(&a.health),
-            a.labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(","),
-        ]);
-    }
-    let mut out = table(&rows);
-    out.push('\n');
-    let mut rows = vec![vec![
-        "POD".to_string(),
-        "PHASE".into(),
-        "AGENT".into(),
-        "EPOCH".into(),
-        "REASON".into(),
-    ]];
-    for p in &view.pods {
-        rows.push(vec![
-            p.pod.to_string(),
-            p.phase.clone(),
-            p.agent
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "<none>".into()),
-            p.epoch.to_string(),
-            match (&p.reason, &p.message) {
-                (Some(r), Some(m)) => format!("{r}: {m}"),
-                (Some(r), None) => r.clone(),
-                _ => String::new(),
-            },
-        ]);
-    }
-    out.push_str(&table(&rows));
-    out
-}
-
-/// "ok", or what is wrong with an agent.
-fn health_text(health: &AgentHealth) -> String {
-    let mut problems = Vec::new();
-    if let Some(error) = &health.runtime_error {
-        problems.push(format!("runtime failing ({error})"));
-    }
-    for (under, kind) in [
-        (health.memory_pressure, "memory"),
-        (health.disk_pressure, "disk"),
-        (health.pid_pressure, "PID"),
-    ] {
-        if under {
-            problems.push(format!("{kind} pressure"));
-        }
-    }
-    if problems.is_empty() {
-        "ok".into()
-    } else {
-        problems.join(", ")
-    }
-}
-
-fn table(rows: &[Vec<String>]) -> String {
-    let columns = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{AgentSummary, Epoch, PeerRef, PodRef, PodSummary, PodUid};
-    use libp2p::PeerId;
 
     /// A node reports a Hostname address only if it resolves: API servers try it first.
     #[tokio::test]
     async fn only_resolvable_hostnames_count() {
         assert!(resolves("localhost").await);
         assert!(!resolves("beemesh.invalid").await);
-    }
-
-    #[test]
-    fn status_tables_align_and_show_reasons() {
-        let agent = PeerId::random();
-        let view = MeshView {
-            agents: vec![AgentSummary {
-                peer: PeerRef(agent),
-                labels: [("zone".to_string(), "a".to_string())].into(),
-                capacity: Resources {
-                    cpu_millis: 2000,
-                    memory_bytes: 4 << 30,
-                    pods: 110,
-                },
-                free: Resources {
-                    cpu_millis: 1500,
-                    memory_bytes: 3 << 30,
-                    pods: 109,
-                },
-                pods: 1,
-                last_seen_secs: 1,
-                health: AgentHealth {
-                    disk_pressure: true,
-                    ..AgentHealth::default()
-                },
-            }],
-            pods: vec![PodSummary {
-                pod: PodRef {
-                    uid: PodUid("u".into()),
-                    namespace: "default".into(),
-                    name: "big".into(),
-                },
-                agent: None,
-                epoch: Epoch(0),
-                phase: "Pending".into(),
-                reason: Some("Unschedulable".into()),
-                message: Some("0/1 agents fit: 1 insufficient memory".into()),
-            }],
-        };
-        let text = render_table(&view);
-        let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[0].starts_with("AGENT"));
-        assert!(lines[1].contains("1500m/2000m") && lines[1].contains("3.0Gi/4.0Gi"));
-        assert!(lines[1].contains("1/110") && lines[1].ends_with("zone=a"));
-        assert!(lines[1].contains("disk pressure"), "{}", lines[1]);
-        let pod_line = lines
-            .iter()
-            .find(|l| l.starts_with("default/big"))
-            .expect("pod row");
-        assert!(pod_line.contains("<none>"));
-        assert!(pod_line.ends_with("Unschedulable: 0/1 agents fit: 1 insufficient memory"));
-        // Columns line up: the PHASE header sits where the phase does.
-        let header = lines
-            .iter()
-            .find(|l| l.starts_with("POD"))
-            .expect("pod header");
-        assert_eq!(header.find("PHASE"), pod_line.find("Pending"));
     }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod audit;
 pub mod cli;
+pub mod cli_reference;
 pub mod cluster;
 pub mod commands;
 pub mod durable;
@@ -17,6 +18,7 @@ pub mod node;
 pub mod placement;
 pub mod retry;
 pub mod runtime;
+pub mod tables;
 pub mod trust;
 pub mod view;
 pub mod wire;

@@ -116,15 +116,14 @@ impl HeartbeatBook {
                 last_seen_secs: age.as_secs(),
                 health: seen.heartbeat.health.clone(),
             });
-            view.pods
-                .extend(seen.heartbeat.pods.iter().map(|hosted| PodSummary {
-                    pod: hosted.pod.clone(),
-                    agent: Some(PeerRef(*peer)),
-                    epoch: hosted.epoch,
-                    phase: hosted.phase.clone(),
-                    reason: None,
-                    message: None,
-                }));
+            view.pods.extend(seen.heartbeat.pods.iter().map(|hosted| {
+                PodSummary::new(
+                    hosted.pod.clone(),
+                    Some(PeerRef(*peer)),
+                    hosted.epoch,
+                    hosted.phase.clone(),
+                )
+            }));
         }
         view.agents.sort_by_key(|a| a.peer);
         view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));

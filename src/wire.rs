@@ -570,6 +570,49 @@ pub struct PodSummary {
     pub reason: Option<String>,
     #[serde(default)]
     pub message: Option<String>,
+    /// As `kubectl get pods` shows it (owners only; agents list phases): STATUS,
+    /// READY, RESTARTS.
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub ready: Option<ReadyCount>,
+    #[serde(default)]
+    pub restarts: u32,
+    /// Unix seconds of the pod's creation (or, without one, its start).
+    #[serde(default)]
+    pub created_at: Option<i64>,
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// The BeeMesh node that owns it.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+impl PodSummary {
+    /// A pod in a phase, nothing more said.
+    pub fn new(pod: PodRef, agent: Option<PeerRef>, epoch: Epoch, phase: String) -> Self {
+        PodSummary {
+            pod,
+            agent,
+            epoch,
+            phase,
+            reason: None,
+            message: None,
+            status: None,
+            ready: None,
+            restarts: 0,
+            created_at: None,
+            ip: None,
+            node: None,
+        }
+    }
+}
+
+/// Ready containers of all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyCount {
+    pub ready: u32,
+    pub total: u32,
 }
 
 /// What a peer knows of the mesh.
@@ -647,6 +690,33 @@ pub fn encode<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, WireError>
         });
     }
     Ok(bytes)
+}
+
+/// The least a pod entry of a heartbeat is counted as when working out its room: a
+/// short name, no host ports.
+const MIN_HEARTBEAT_ENTRY: usize = 256;
+/// Room kept in a heartbeat for entries larger than any so far (long names, many host
+/// ports).
+const HEARTBEAT_SLACK: usize = 2048;
+
+/// A heartbeat's encoded size and that of its largest pod entry.
+pub fn heartbeat_size(heartbeat: &Heartbeat) -> Result<(usize, usize), WireError> {
+    let bytes = encode(&GossipMessage::Heartbeat(heartbeat.clone()), usize::MAX)?.len();
+    let largest = heartbeat
+        .pods
+        .iter()
+        .map(|p| serde_json::to_vec(p).map_or(0, |entry| entry.len() + 1))
+        .max()
+        .unwrap_or(0);
+    Ok((bytes, largest))
+}
+
+/// How many more pods a heartbeat of `bytes`, whose largest pod entry took
+/// `largest_entry`, can list within [`MAX_GOSSIP_BYTES`]: an agent takes no more pods
+/// than its heartbeat lists, or its owner would lose sight of all of them.
+pub fn heartbeat_room(bytes: usize, largest_entry: usize) -> u64 {
+    let free = MAX_GOSSIP_BYTES.saturating_sub(bytes + HEARTBEAT_SLACK);
+    (free / largest_entry.max(MIN_HEARTBEAT_ENTRY)) as u64
 }
 
 /// Decodes a message from its versioned envelope.
@@ -851,12 +921,9 @@ mod tests {
                     health: AgentHealth::default(),
                 }],
                 pods: vec![PodSummary {
-                    pod: pod_ref(),
-                    agent: None,
-                    epoch: Epoch(0),
-                    phase: "Pending".into(),
                     reason: Some("Unschedulable".into()),
                     message: Some("0/0 agents fit".into()),
+                    ..PodSummary::new(pod_ref(), None, Epoch(0), "Pending".into())
                 }],
             })),
             Response::Error {
@@ -911,6 +978,46 @@ mod tests {
             decode::<Request>(b"{\"v\":1,\"msg\":{\"type\":\"query\"}}", MAX_REQUEST_BYTES),
             Err(WireError::UnsupportedVersion(1))
         ));
+    }
+
+    #[test]
+    fn a_heartbeats_room_is_what_still_fits_under_the_gossip_limit() {
+        let entry = |i: usize| HostedPod {
+            pod: PodRef {
+                uid: PodUid(format!("{i:036}")),
+                namespace: "default".into(),
+                name: format!("burst-{i}"),
+            },
+            owner: PeerRef(PeerId::random()),
+            epoch: Epoch(4_294_967_296),
+            phase: "Running".into(),
+            requests: Resources::default(),
+            host_ports: vec![],
+            unrecorded: false,
+        };
+        let mut heartbeat = Heartbeat {
+            labels: BTreeMap::new(),
+            capacity: Resources::default(),
+            free: Resources::default(),
+            pods: vec![],
+            uptime_secs: 0,
+            storage_bytes: 0,
+            seq: 0,
+            sent_at_ms: 0,
+            health: AgentHealth::default(),
+        };
+        let (bytes, largest) = heartbeat_size(&heartbeat).expect("encodes");
+        let room = heartbeat_room(bytes, largest) as usize;
+        assert!(
+            room > 100,
+            "an empty heartbeat has room for the kubelet's 110: {room}"
+        );
+        // Filled to the room it announced, the heartbeat still goes out.
+        heartbeat.pods = (0..room).map(entry).collect();
+        let (bytes, largest) = heartbeat_size(&heartbeat).expect("encodes");
+        assert!(bytes <= MAX_GOSSIP_BYTES, "{bytes}");
+        assert_eq!(heartbeat_room(bytes, largest), 0);
+        assert!(encode(&GossipMessage::Heartbeat(heartbeat), MAX_GOSSIP_BYTES).is_ok());
     }
 
     #[test]

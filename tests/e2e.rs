@@ -122,12 +122,46 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
     assert!(logs.contains("prepared-by-init"), "{logs}");
 
     // The readiness probe (HTTP GET of the init container's file) makes it Ready.
-    let node_out = mesh.wait_for("Running printed", Duration::from_secs(10), || {
+    let node_out = mesh.wait_for("Running and ready printed", Duration::from_secs(10), || {
         let out = mesh.node.as_ref().map(|n| n.output()).unwrap_or_default();
-        out.contains("default/e2e-web Pending -> Running")
+        out.lines()
+            .any(|l| l.contains("default/e2e-web") && l.contains(" Running 2/2 ready"))
             .then_some(out)
     });
     assert!(node_out.contains(&runner), "{node_out}");
+
+    // `beemesh status` shows it as `kubectl get pods -o wide` would, and the agent.
+    let table = mesh.status_output("table").expect("beemesh status");
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("NAMESPACE"))
+        .unwrap_or_else(|| panic!("a pods table: {table}"));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("default") && l.contains(" e2e-web "))
+        .unwrap_or_else(|| panic!("a row for e2e-web: {table}"));
+    let cell = |column: &str| {
+        let at = header.find(column).expect("column");
+        row[at..].split_whitespace().next().unwrap_or_default()
+    };
+    assert_eq!(
+        (
+            cell("READY"),
+            cell("STATUS"),
+            cell("RESTARTS"),
+            cell("AGENT")
+        ),
+        ("2/2", "Running", "0", runner.as_str()),
+        "{table}"
+    );
+    assert!(cell("IP").parse::<std::net::IpAddr>().is_ok(), "{table}");
+    assert!(cell("AGE").ends_with('s'), "{table}");
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(&mesh.status_output("yaml").expect("-o yaml")).expect("YAML");
+    assert!(
+        yaml["pods"].as_sequence().is_some_and(|p| !p.is_empty()),
+        "{yaml:?}"
+    );
 
     mesh.remove_manifest("web.yaml");
     mesh.wait_for("e2e-web gone from Podman", Duration::from_secs(30), || {
@@ -141,6 +175,12 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
             .is_some_and(|n| n.output().contains("default/e2e-web deleted"))
             .then_some(())
     });
+    // Logs written to files are plain text: colours are for terminals.
+    let logs = mesh.logs();
+    assert!(logs.len() >= 2, "node and agent logs: {logs:?}");
+    for (path, text) in logs {
+        assert!(!text.contains('\u{1b}'), "ANSI codes in {}", path.display());
+    }
 }
 
 const SLEEPER: &str = r#"

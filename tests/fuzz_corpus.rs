@@ -318,14 +318,12 @@ mod seeds {
                         last_seen_secs: 1,
                         health: AgentHealth::default(),
                     }],
-                    pods: vec![PodSummary {
-                        pod: pod_ref.clone(),
-                        agent: Some(agent_peer),
-                        epoch: Epoch(2),
-                        phase: "Running".into(),
-                        reason: None,
-                        message: None,
-                    }],
+                    pods: vec![PodSummary::new(
+                        pod_ref.clone(),
+                        Some(agent_peer),
+                        Epoch(2),
+                        "Running".into(),
+                    )],
                 })),
             ),
             (

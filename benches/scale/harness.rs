@@ -45,7 +45,7 @@ use beemesh::wire::{
     Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStatus, Pod, PodCondition, PodStatus,
+    ContainerState, ContainerStateRunning, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use libp2p::identity::Keypair;
@@ -406,7 +406,13 @@ struct RecordingSink {
 }
 
 impl StatusSink for RecordingSink {
-    fn status_changed(&mut self, pod: &PodRef, _status: &PodStatus, agent: Option<PeerId>) {
+    fn status_changed(
+        &mut self,
+        pod: &PodRef,
+        _spec: Option<&PodSpec>,
+        _status: &PodStatus,
+        agent: Option<PeerId>,
+    ) {
         if agent.is_some() {
             let mut assigned = self.assigned.lock().expect("not poisoned");
             assigned.entry(pod.uid.0.clone()).or_insert_with(now_us);
@@ -1352,7 +1358,13 @@ struct PhasePrinterQuiet {
 }
 
 impl StatusSink for PhasePrinterQuiet {
-    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
+    fn status_changed(
+        &mut self,
+        pod: &PodRef,
+        _spec: Option<&PodSpec>,
+        status: &PodStatus,
+        agent: Option<PeerId>,
+    ) {
         let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
         let reason = status.reason.clone();
         self.shown.insert(pod.uid.clone(), (phase, reason, agent));

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, Outcome};
 use crate::fencing::boottime_ms;
-use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
+use crate::mesh::{MeshError, MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity};
 use crate::runtime::translate;
@@ -39,8 +39,9 @@ use crate::trust::replay::{unix_millis, Sequencer};
 use crate::trust::statement;
 use crate::trust::TrustedPeers;
 use crate::wire::{
-    AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef,
-    PodRef, PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
+    self, AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer,
+    PeerRef, PodRef, PodUid, Release, Renew, Request, Resources, Response, SignedAssignment,
+    StatusReport, WireError,
 };
 use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
@@ -210,6 +211,11 @@ pub struct Agent {
     enrollment: Option<Enrollment>,
     connected: std::collections::BTreeSet<PeerId>,
     sequencer: Arc<Sequencer>,
+    /// Pods the last heartbeat had room for besides those it listed (see
+    /// `wire::heartbeat_room`): capacity beyond it is not offered.
+    heartbeat_room: u64,
+    /// A heartbeat was too large to send (said once, until one goes out).
+    heartbeat_too_large: bool,
     worker_ctx: WorkerContext,
     updates: mpsc::Receiver<WorkerUpdate>,
     internal_tx: mpsc::Sender<Internal>,
@@ -296,6 +302,8 @@ impl Agent {
             enrollment,
             connected: Default::default(),
             sequencer: Arc::new(Sequencer::default()),
+            heartbeat_room: u64::MAX,
+            heartbeat_too_large: false,
             worker_ctx,
             updates,
             internal_tx,
@@ -801,10 +809,12 @@ impl Agent {
 
     fn capacity(&self, except: Option<&PodUid>) -> AgentCapacity {
         let active = || self.active_pods(except);
+        let mut free = self.config.capacity.saturating_sub(requested(active()));
+        free.pods = free.pods.min(self.heartbeat_room);
         AgentCapacity {
             labels: self.config.labels.clone(),
             capacity: self.config.capacity,
-            free: self.config.capacity.saturating_sub(requested(active())),
+            free,
             used_host_ports: active()
                 .flat_map(|hosted| hosted.host_ports.iter().copied())
                 .collect(),
@@ -1118,6 +1128,19 @@ impl Agent {
             let reasons: Vec<String> = misfits.iter().map(ToString::to_string).collect();
             return self.refuse_assign(owner, &pod_ref, "does_not_fit", reasons.join(", "));
         }
+        let listed = HostedPod {
+            pod: pod_ref.clone(),
+            owner: PeerRef(owner),
+            epoch: assign.epoch,
+            phase: "Pending".into(),
+            requests,
+            host_ports: offer.host_ports.clone(),
+            unrecorded: false,
+        };
+        if let Err(e) = self.heartbeat_fits(listed) {
+            let reason = format!("this agent's heartbeat cannot list another pod ({e})");
+            return self.refuse_assign(owner, &pod_ref, "does_not_fit", reason);
+        }
         let used = self.used_by(&owner, &pod_ref.uid);
         if let Err(refusal) = self.config.policy.quota(&owner, used, requests) {
             // Not remembered: the same spec fits once the owner's other pods are gone.
@@ -1321,8 +1344,12 @@ impl Agent {
     }
 
     fn heartbeat(&self) -> Heartbeat {
-        let capacity = self.capacity(None);
         let (seq, sent_at_ms) = self.sequencer.next();
+        self.heartbeat_numbered(seq, sent_at_ms)
+    }
+
+    fn heartbeat_numbered(&self, seq: u64, sent_at_ms: u64) -> Heartbeat {
+        let capacity = self.capacity(None);
         Heartbeat {
             labels: self.config.labels.clone(),
             capacity: self.config.capacity,
@@ -1359,14 +1386,36 @@ impl Agent {
 
     async fn publish_heartbeat(&mut self) {
         let heartbeat = self.heartbeat();
-        if let Err(e) = self
+        if let Ok((bytes, largest)) = wire::heartbeat_size(&heartbeat) {
+            self.heartbeat_room = wire::heartbeat_room(bytes, largest);
+        }
+        match self
             .mesh
             .publish(&GossipMessage::Heartbeat(heartbeat))
             .await
         {
+            Ok(()) => self.heartbeat_too_large = false,
+            // Pods taken are checked against it, but pods found in the runtime after a
+            // restart are listed whatever their number: the owners then lose sight of
+            // this agent, and its pods move.
+            Err(MeshError::Wire(e @ WireError::TooLarge { .. })) => {
+                self.metrics.dropped("heartbeat", e.kind());
+                if !std::mem::replace(&mut self.heartbeat_too_large, true) {
+                    tracing::warn!(error = %e, pods = self.pods.len() + self.unrecorded.len(),
+                        "heartbeat too large to send: owners will take this agent for lost");
+                }
+            }
             // Expected while no peer is connected yet.
-            tracing::debug!(error = %e, "heartbeat not published");
+            Err(e) => tracing::debug!(error = %e, "heartbeat not published"),
         }
+    }
+
+    /// Whether the heartbeat still goes out with `entry` listed too.
+    fn heartbeat_fits(&self, entry: HostedPod) -> Result<(), WireError> {
+        let mut heartbeat = self.heartbeat_numbered(0, 0);
+        heartbeat.pods.retain(|p| p.pod.uid != entry.pod.uid);
+        heartbeat.pods.push(entry);
+        wire::encode(&GossipMessage::Heartbeat(heartbeat), wire::MAX_GOSSIP_BYTES).map(|_| ())
     }
 
     /// This agent and the pods it runs for `owner`: an owner learns nothing of

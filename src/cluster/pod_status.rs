@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::Client;
 use libp2p::PeerId;
@@ -130,7 +130,13 @@ impl StatusBoard {
 pub struct ApiStatusSink(pub Arc<StatusBoard>);
 
 impl StatusSink for ApiStatusSink {
-    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
+    fn status_changed(
+        &mut self,
+        pod: &PodRef,
+        _spec: Option<&PodSpec>,
+        status: &PodStatus,
+        agent: Option<PeerId>,
+    ) {
         let update = Update::Status {
             pod: pod.clone(),
             status: Box::new(status.clone()),
@@ -351,7 +357,7 @@ mod tests {
                 phase: Some(phase.into()),
                 ..Default::default()
             };
-            sink.status_changed(&pod, &status, None);
+            sink.status_changed(&pod, None, &status, None);
         }
         let taken = sink.0.take();
         assert_eq!(taken.len(), 1);

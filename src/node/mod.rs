@@ -4,6 +4,7 @@
 //! [`ApiLink`], or both; their status is printed, and sent to the API for its pods.
 
 pub mod desired;
+mod display;
 pub mod enroll;
 pub mod manifests;
 pub mod owner;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -28,7 +29,7 @@ use desired::DesiredStore;
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
 use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
-pub use printer::PhasePrinter;
+pub use printer::{timestamp, PhasePrinter};
 use resolve::{Fetched, ResolveError};
 
 /// How often the manifest directory is scanned when inotify says nothing (changes
@@ -142,9 +143,15 @@ pub struct NodeQueries(mpsc::Receiver<NodeQuery>);
 struct Sinks(Vec<Box<dyn StatusSink>>);
 
 impl StatusSink for Sinks {
-    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>) {
+    fn status_changed(
+        &mut self,
+        pod: &PodRef,
+        spec: Option<&PodSpec>,
+        status: &PodStatus,
+        agent: Option<PeerId>,
+    ) {
         for sink in &mut self.0 {
-            sink.status_changed(pod, status, agent);
+            sink.status_changed(pod, spec, status, agent);
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
-    PodCondition, PodStatus,
+    PodCondition, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -21,6 +21,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::display::pod_display;
 use super::resolve::{ResolveError, Resolved};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
@@ -36,8 +37,8 @@ use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, Release, Renew, Request, Resources, Response, SignedAssignment, StatusReport,
-    VolumeFile, POLICY_REFUSAL,
+    PodUid, ReadyCount, Release, Renew, Request, Resources, Response, SignedAssignment,
+    StatusReport, VolumeFile, POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -81,7 +82,13 @@ pub struct AgentsSummary {
 /// the API's pods).
 pub trait StatusSink: Send {
     /// The pod's status changed; `agent` runs it, if any.
-    fn status_changed(&mut self, pod: &PodRef, status: &PodStatus, agent: Option<PeerId>);
+    fn status_changed(
+        &mut self,
+        pod: &PodRef,
+        spec: Option<&PodSpec>,
+        status: &PodStatus,
+        agent: Option<PeerId>,
+    );
     /// The pod is gone from the mesh.
     fn removed(&mut self, pod: &PodRef);
     /// The status the pod had before this node saw it (in the API, before a restart).
@@ -123,6 +130,8 @@ pub struct OwnerConfig {
     /// again: covers the agent's clock running slower than the owner's (its lease
     /// lasts longer in real time) and the stop taking effect.
     pub fencing_margin: Duration,
+    /// The node's name (`--node-name`), shown with its pods.
+    pub node_name: String,
 }
 
 /// The epoch floor of the owner's `start`-th run (counted in its persisted trust
@@ -145,6 +154,7 @@ impl Default for OwnerConfig {
             assignment_ttl: Duration::from_secs(600),
             lease: Duration::from_secs(15),
             fencing_margin: Duration::from_secs(5),
+            node_name: "beemesh".into(),
             // Without a persisted count (demos with --insecure-trust-any, tests): the
             // clock in seconds, below every counted run's floor.
             epoch_floor: Epoch(
@@ -652,7 +662,12 @@ impl Owner {
         tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
         let inherited = self.sink.last_known(&pod_ref.uid);
         if !self.inherit(&mut owned, inherited) {
-            self.sink.status_changed(&pod_ref, &owned.status, None);
+            self.sink.status_changed(
+                &pod_ref,
+                owned.desired.pod.spec.as_ref(),
+                &owned.status,
+                None,
+            );
         }
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
         self.pods.insert(pod_ref.uid.clone(), owned);
@@ -888,8 +903,12 @@ impl Owner {
             Placement::Placed { agent } => Some(agent),
             _ => None,
         };
-        self.sink
-            .status_changed(&owned.pod_ref, &owned.status, agent);
+        self.sink.status_changed(
+            &owned.pod_ref,
+            owned.desired.pod.spec.as_ref(),
+            &owned.status,
+            agent,
+        );
     }
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
@@ -2060,22 +2079,20 @@ impl Owner {
                 .chain(owned.status.container_statuses.iter().flatten())
                 .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
                 .find(|w| w.message.is_some());
+            let shown = pod_display(
+                owned.desired.pod.spec.as_ref(),
+                &owned.status,
+                owned.deleting,
+            );
+            let created = owned
+                .desired
+                .pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .or_else(|| owned.status.start_time.as_ref().map(|t| t.0));
             view.pods.push(PodSummary {
-                pod: owned.pod_ref.clone(),
-                agent: match owned.placement {
-                    Placement::Placed { agent } => Some(PeerRef(agent)),
-                    _ => None,
-                },
-                epoch: owned.epoch,
-                phase: if owned.deleting {
-                    "Terminating".into()
-                } else {
-                    owned
-                        .status
-                        .phase
-                        .clone()
-                        .unwrap_or_else(|| "Pending".into())
-                },
                 reason: owned
                     .status
                     .reason
@@ -2088,6 +2105,40 @@ impl Owner {
                     .clone()
                     .or_else(|| scheduled.and_then(|c| c.message.clone()))
                     .or_else(|| waiting.and_then(|w| w.message.clone())),
+                status: Some(shown.status),
+                ready: Some(ReadyCount {
+                    ready: shown.ready,
+                    total: shown.containers,
+                }),
+                restarts: shown.restarts,
+                created_at: created.map(|t| t.as_second()),
+                ip: owned.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
+                node: Some(
+                    owned
+                        .desired
+                        .pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_else(|| self.config.node_name.clone()),
+                ),
+                ..PodSummary::new(
+                    owned.pod_ref.clone(),
+                    match owned.placement {
+                        Placement::Placed { agent } => Some(PeerRef(agent)),
+                        _ => None,
+                    },
+                    owned.epoch,
+                    if owned.deleting {
+                        "Terminating".into()
+                    } else {
+                        owned
+                            .status
+                            .phase
+                            .clone()
+                            .unwrap_or_else(|| "Pending".into())
+                    },
+                )
             });
         }
         view.pods.sort_by(|a, b| a.pod.cmp(&b.pod));

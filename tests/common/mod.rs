@@ -342,11 +342,17 @@ impl Mesh {
 
     /// As [`Mesh::status`], with what went wrong.
     pub fn try_status(&self) -> Result<Value, String> {
+        let out = self.status_output("json")?;
+        serde_json::from_str(&out).map_err(|e| e.to_string())
+    }
+
+    /// `beemesh status -o <format>`'s output against the node, with its client key.
+    pub fn status_output(&self, format: &str) -> Result<String, String> {
         let out = Command::new(bin())
             .args([
                 "status",
                 "-o",
-                "json",
+                format,
                 "--timeout-seconds",
                 "5",
                 "--bootstrap",
@@ -359,7 +365,7 @@ impl Mesh {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The node's view of one pod (namespace/name).
@@ -398,21 +404,31 @@ impl Mesh {
         if let Some(node) = &self.node {
             out.push_str(&format!("--- node stdout\n{}\n", node.output()));
         }
-        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                    out.push_str(&format!(
-                        "--- {}\n{}\n",
-                        path.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    ));
-                }
-            }
+        for (path, text) in self.logs() {
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!(
+                "--- {}\n{}\n",
+                path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
         out
+    }
+
+    /// Every log file of the node and agents (their stderr), with its text.
+    pub fn logs(&self) -> Vec<(PathBuf, String)> {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "log"))
+            .map(|path| {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                (path, text)
+            })
+            .collect()
     }
 
     pub fn agent_peers(&self) -> Vec<String> {
