@@ -1035,4 +1035,3 @@ fn the_admission_policy_admits_what_the_node_does_and_refuses_the_rest() {
         "own Lease",
     );
 }
-

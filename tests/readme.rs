@@ -20,7 +20,9 @@ fn marked(readme: &str, name: &str, end: &str) -> Option<(usize, usize)> {
 fn check_sections(sections: Vec<(String, String, String)>) {
     // The tests run in parallel, and a rewrite is a read, then a write.
     static README_FILE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _only_one = README_FILE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _only_one = README_FILE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut readme = std::fs::read_to_string(README).expect("README.md");
     let update = std::env::var_os("BEEMESH_UPDATE_README").is_some();
     let mut stale = Vec::new();

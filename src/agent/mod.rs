@@ -283,6 +283,7 @@ impl Agent {
             updates: updates_tx,
             metrics: metrics.clone(),
             policy: config.policy.clone(),
+            setups: Arc::new(tokio::sync::Semaphore::new(supervisor::SETUP_CONCURRENCY)),
         };
         Ok(Agent {
             config,

@@ -71,7 +71,16 @@ pub struct WorkerContext {
     pub metrics: Metrics,
     /// Gives the image references Podman pulls and runs.
     pub policy: Arc<Policy>,
+    /// Permits to set a new pod up (see [`SETUP_CONCURRENCY`]).
+    pub setups: Arc<tokio::sync::Semaphore>,
 }
+
+/// New pods set up at once by one agent. A burst of hundreds (a Deployment scaled up)
+/// would otherwise bury the runtime under creates: its answers to the health check and
+/// to the running pods' restarts would wait behind all of them, the agent would be
+/// taken for broken and its pods moved. More at once gains nothing: the runtime does
+/// its work one pod at a time anyway.
+pub const SETUP_CONCURRENCY: usize = 4;
 
 impl WorkerContext {
     /// Where one copy of a pod keeps its volumes. Per epoch: a newer copy on the same
@@ -307,22 +316,22 @@ impl Worker {
                 // as it is rather than as freshly created.
                 self.step().await;
             }
-            None => self.advance().await,
+            None => {
+                self.report(false).await;
+                let permit = tokio::select! {
+                    permit = self.ctx.setups.clone().acquire_owned() => permit.ok(),
+                    grace = stop.recv() => return self.stopped(grace).await,
+                };
+                self.advance().await;
+                drop(permit);
+            }
         }
         self.report(false).await;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                grace = stop.recv() => {
-                    // None: the agent is shutting down; the pod keeps running and the
-                    // next agent process adopts it.
-                    if let Some(grace) = grace {
-                        self.teardown(grace).await;
-                        self.report(true).await;
-                    }
-                    return;
-                }
+                grace = stop.recv() => return self.stopped(grace).await,
                 Some(()) = poke.recv() => {
                     self.inspect_due = true;
                     self.advance().await;
@@ -333,6 +342,15 @@ impl Worker {
                     self.report(false).await;
                 }
             }
+        }
+    }
+
+    /// A stop: the pod torn down with `grace`. None: the agent is shutting down; the
+    /// pod keeps running and the next agent process adopts it.
+    async fn stopped(&mut self, grace: Option<Duration>) {
+        if let Some(grace) = grace {
+            self.teardown(grace).await;
+            self.report(true).await;
         }
     }
 
