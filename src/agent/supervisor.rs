@@ -45,6 +45,9 @@ const REMOVE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// retries a failed mount (500 ms doubling to about 2 min).
 const SETUP_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const SETUP_RETRY_MAX: Duration = Duration::from_secs(120);
+/// While the runtime does not answer, set-ups are tried again at least this often: a
+/// pod starts soon after it is back.
+const UNAVAILABLE_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// What a supervisor tells the agent.
 #[derive(Debug, Clone)]
@@ -438,9 +441,14 @@ impl Worker {
         };
         let pod_id = match self.ctx.runtime.create_pod(&plan).await {
             Ok(id) => id,
+            // Podman down, or out of something (its locks: 2048 by default, three a
+            // pod): said, and tried again soon after it answers again, not at once
+            // (a retry every poll buried Podman under thousands of requests).
             Err(RuntimeError::Unavailable(e)) => {
-                tracing::warn!(pod = %self.pod_ref, error = %e, "Podman unavailable; will retry");
-                return;
+                return self.setup_failed_within(
+                    format!("{}: Podman unavailable: {e}", SANDBOX_FAILED),
+                    UNAVAILABLE_RETRY_MAX,
+                );
             }
             Err(e) => {
                 return self.setup_failed(format!("{}: {e}", SANDBOX_FAILED));
@@ -462,11 +470,16 @@ impl Worker {
     /// The pod stays Pending, its containers waiting with the problem as their message,
     /// and its setup is tried again after a back-off.
     fn setup_failed(&mut self, message: String) {
+        self.setup_failed_within(message, SETUP_RETRY_MAX);
+    }
+
+    /// As [`Worker::setup_failed`], the back-off growing to `max` at most.
+    fn setup_failed_within(&mut self, message: String, max: Duration) {
         let delay = self
             .setup_retry
-            .map_or(SETUP_RETRY_INITIAL, |(_, delay)| delay);
+            .map_or(SETUP_RETRY_INITIAL, |(_, delay)| delay.min(max));
         tracing::warn!(pod = %self.pod_ref, %message, retry_secs = delay.as_secs(), "cannot set the pod up; trying again");
-        self.setup_retry = Some((Instant::now() + delay, (delay * 2).min(SETUP_RETRY_MAX)));
+        self.setup_retry = Some((Instant::now() + delay, (delay * 2).min(max)));
         self.show_setup_problem(Some(message));
     }
 
