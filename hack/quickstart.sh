@@ -59,15 +59,18 @@ stop() {
   stopped=1
   trap '' INT TERM
   echo
-  echo "stopping: removing the demo pods through the mesh"
   rm -f "$demo"/manifests/*.yaml
-  # The node releases every pod; the agents stop them (each pod's grace period).
-  for _ in $(seq 1 60); do
-    [ "$(demo_pods)" = 0 ] && break
-    sleep 1
-  done
-  left=$(demo_pods)
-  [ "$left" = 0 ] || echo "the node still lists $left pod(s); stopping anyway"
+  # A node that is running releases every pod; the agents stop them (each pod's grace
+  # period). One that never started has nothing to remove.
+  if [ "${#pids[@]}" -gt 0 ] && kill -0 "${pids[0]}" 2>/dev/null; then
+    echo "stopping: removing the demo pods through the mesh"
+    for _ in $(seq 1 60); do
+      [ "$(demo_pods)" = 0 ] && break
+      sleep 1
+    done
+    left=$(demo_pods)
+    [ "$left" = 0 ] || echo "the node still lists $left pod(s); stopping anyway"
+  fi
   echo "stopping the node and agents"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
