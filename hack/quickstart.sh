@@ -14,8 +14,9 @@ bash hack/build-test-image.sh
 if [ -n "${BEEMESH_BIN:-}" ]; then
   bin=$BEEMESH_BIN
 else
-  echo "building beemesh (release): a first build takes about 20 minutes on 2 cores,"
-  echo "later ones a few; cargo shows its progress below"
+  echo "building beemesh (release): a first build takes about 6 minutes on 2 idle cores"
+  echo "once the crates are downloaded (more on a busy machine), later ones a few;"
+  echo "cargo shows its progress below"
   cargo build --release --locked
   bin="$root/target/release/beemesh"
 fi
