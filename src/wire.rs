@@ -699,11 +699,15 @@ const MIN_HEARTBEAT_ENTRY: usize = 256;
 /// ports).
 const HEARTBEAT_SLACK: usize = 2048;
 
-/// A heartbeat's encoded size and that of its largest pod entry.
-pub fn heartbeat_size(heartbeat: &Heartbeat) -> Result<(usize, usize), WireError> {
-    let bytes = encode(&GossipMessage::Heartbeat(heartbeat.clone()), usize::MAX)?.len();
-    let largest = heartbeat
-        .pods
+/// A gossip message's encoded size, and that of its largest pod entry if it is a
+/// heartbeat (0 otherwise).
+pub fn heartbeat_size(message: &GossipMessage) -> Result<(usize, usize), WireError> {
+    let bytes = encode(message, usize::MAX)?.len();
+    let pods = match message {
+        GossipMessage::Heartbeat(heartbeat) => heartbeat.pods.as_slice(),
+        _ => &[],
+    };
+    let largest = pods
         .iter()
         .map(|p| serde_json::to_vec(p).map_or(0, |entry| entry.len() + 1))
         .max()
@@ -1006,7 +1010,8 @@ mod tests {
             sent_at_ms: 0,
             health: AgentHealth::default(),
         };
-        let (bytes, largest) = heartbeat_size(&heartbeat).expect("encodes");
+        let (bytes, largest) =
+            heartbeat_size(&GossipMessage::Heartbeat(heartbeat.clone())).expect("encodes");
         let room = heartbeat_room(bytes, largest) as usize;
         assert!(
             room > 100,
@@ -1014,7 +1019,8 @@ mod tests {
         );
         // Filled to the room it announced, the heartbeat still goes out.
         heartbeat.pods = (0..room).map(entry).collect();
-        let (bytes, largest) = heartbeat_size(&heartbeat).expect("encodes");
+        let (bytes, largest) =
+            heartbeat_size(&GossipMessage::Heartbeat(heartbeat.clone())).expect("encodes");
         assert!(bytes <= MAX_GOSSIP_BYTES, "{bytes}");
         assert_eq!(heartbeat_room(bytes, largest), 0);
         assert!(encode(&GossipMessage::Heartbeat(heartbeat), MAX_GOSSIP_BYTES).is_ok());

@@ -1386,15 +1386,11 @@ impl Agent {
     }
 
     async fn publish_heartbeat(&mut self) {
-        let heartbeat = self.heartbeat();
+        let heartbeat = GossipMessage::Heartbeat(self.heartbeat());
         if let Ok((bytes, largest)) = wire::heartbeat_size(&heartbeat) {
             self.heartbeat_room = wire::heartbeat_room(bytes, largest);
         }
-        match self
-            .mesh
-            .publish(&GossipMessage::Heartbeat(heartbeat))
-            .await
-        {
+        match self.mesh.publish(&heartbeat).await {
             Ok(()) => self.heartbeat_too_large = false,
             // Pods taken are checked against it, but pods found in the runtime after a
             // restart are listed whatever their number: the owners then lose sight of

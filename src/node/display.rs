@@ -3,7 +3,9 @@
 //! kubernetes/pkg/printers/internalversion), plus the reason a person needs when the
 //! pod is not running.
 
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
+};
 
 /// What a person sees of one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,12 +133,7 @@ fn message(status: &PodStatus) -> Option<String> {
     if let Some(message) = &status.message {
         return Some(message.clone());
     }
-    let unscheduled = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
-    if let Some(condition) = unscheduled {
+    if let Some(condition) = unscheduled(status) {
         return Some(match (&condition.reason, &condition.message) {
             (Some(reason), Some(message)) => format!("{reason}: {message}"),
             (reason, message) => reason.clone().or(message.clone())?,
@@ -146,6 +143,15 @@ fn message(status: &PodStatus) -> Option<String> {
     containers
         .chain(status.container_statuses.iter().flatten())
         .find_map(container_message)
+}
+
+/// The condition saying the mesh has not placed the pod (yet), if it says so.
+pub fn unscheduled(status: &PodStatus) -> Option<&PodCondition> {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
 }
 
 fn container_message(container: &ContainerStatus) -> Option<String> {

@@ -21,7 +21,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::display::pod_display;
+use super::display::{pod_display, unscheduled};
 use super::resolve::{ResolveError, Resolved};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
@@ -2064,12 +2064,7 @@ impl Owner {
         // Our own pods, with reasons; the agents' lists add nothing for those.
         view.pods.retain(|p| !self.pods.contains_key(&p.pod.uid));
         for owned in self.pods.values() {
-            let scheduled = owned
-                .status
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            let scheduled = unscheduled(&owned.status);
             // What keeps a container from running, as `kubectl get pods` shows it.
             let waiting = owned
                 .status
