@@ -9,6 +9,7 @@ use std::path::Path;
 
 use beemesh::mesh::WireCodec;
 use beemesh::placement::{self, AgentCapacity, Candidate, ScoreMode};
+use beemesh::runtime::dns;
 use beemesh::runtime::translate::{self, ContainerKind, PlanContext};
 use beemesh::trust::statement;
 use beemesh::view::SeenAgent;
@@ -277,6 +278,7 @@ fn placement_scoring(c: &mut Criterion) {
 /// and the owner's checks of a pod it is handed.
 fn spec_translation(c: &mut Criterion) {
     let pod = typical_pod();
+    let host_dns = dns::parse_resolv_conf("nameserver 10.0.0.2\nsearch corp.example\n");
     let ctx = PlanContext {
         agent: "12D3KooWEgQ4T6FTwEvEHPh4EVqNMC3ogbLa5TqtP7hdkbMpkS9Q",
         owner: "12D3KooWGCy5CKbbwq819tJ4DC5sC15zUr9GWnCVTtMrHAfU23ZN",
@@ -286,6 +288,7 @@ fn spec_translation(c: &mut Criterion) {
         pod_ip: Some("10.88.0.7".parse().expect("ip")),
         host_ip: Some("10.0.0.1".parse().expect("ip")),
         node_name: "agent-1",
+        host_dns: &host_dns,
     };
     let mut group = c.benchmark_group("translate");
     group.bench_function("typical_pod_plans", |b| {

@@ -38,7 +38,19 @@ use crate::trust::{
 };
 use crate::wire::{MeshView, Request, Resources, Response, Topic};
 
-pub async fn run(command: Command) -> Result<()> {
+/// Runs `command` to the end on a multi-threaded runtime. A plain function rather than
+/// an `async` one for `main` to await: a future is compiled in the crate that polls it,
+/// so awaiting this one from the binary would compile the whole program twice (the
+/// binary took 46 s of a 6.5-minute release build doing so).
+pub fn run_to_end(command: Command) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(command))
+}
+
+async fn run(command: Command) -> Result<()> {
     match command {
         Command::Id(args) => id(args),
         Command::Agent(args) => agent(args).await,
@@ -454,6 +466,9 @@ async fn node(args: NodeArgs) -> Result<()> {
             lease: Duration::from_secs(args.lease_seconds),
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             node_name: args.node_name.clone(),
+            reject_too_big_after: api
+                .is_some()
+                .then(|| Duration::from_secs(args.agent_loss_seconds)),
             ..OwnerConfig::default()
         },
         enrollment,

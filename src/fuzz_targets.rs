@@ -23,6 +23,7 @@ use crate::kubelet::spdy::frame::{decode_header_block, encode_header_block};
 use crate::kubelet::spdy::zlib::{HeaderDeflater, HeaderInflater};
 use crate::kubelet::spdy::{Frame as SpdyFrame, FrameDecoder, FrameEncoder, Limits};
 use crate::kubelet::{relay, tunnel};
+use crate::runtime::dns::ResolvConf;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::wire::{self, Epoch, GossipMessage, KubeletAnswer, KubeletRequest, Request, Response};
 
@@ -644,6 +645,11 @@ fn check_pod(pod: &Pod) {
         pod_ip: Some([10, 0, 0, 2].into()),
         host_ip: Some([192, 168, 0, 1].into()),
         node_name: "node",
+        host_dns: &ResolvConf {
+            nameservers: vec!["10.0.0.2".into()],
+            searches: vec!["example.com".into()],
+            options: vec!["ndots:2".into()],
+        },
     };
     let plan = translate::pod_plan(pod, &ctx);
     assert_eq!(plan.is_ok(), valid.is_ok());

@@ -23,8 +23,7 @@ fn colours_wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Clients print results; only the long-running roles log progress by default.
     let default_level = match cli.command {
@@ -32,7 +31,7 @@ async fn main() -> std::process::ExitCode {
         Command::Id(_) | Command::Status(_) | Command::Token(_) => "warn",
     };
     init_tracing(cli.logging.log_format, default_level);
-    match beemesh::commands::run(cli.command).await {
+    match beemesh::commands::run_to_end(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The cause chain on one line, without a backtrace: a message for people.

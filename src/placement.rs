@@ -340,6 +340,76 @@ pub fn rank<A: Ord>(candidates: &mut [Candidate<A>]) {
     });
 }
 
+/// A pod that requests more of one resource than any agent (of those its selector
+/// matches) has at all: no agent on the mesh will ever fit it, however empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortfall {
+    /// `cpu` (millicores) or `memory` (bytes), as the kubelet names them.
+    pub resource: &'static str,
+    pub requested: u64,
+    /// The most any of those agents has.
+    pub largest: u64,
+    pub agents: usize,
+}
+
+impl Shortfall {
+    /// The kubelet's reason when a pod does not fit its node: `OutOfcpu`, `OutOfmemory`.
+    pub fn reason(&self) -> String {
+        format!("OutOf{}", self.resource)
+    }
+
+    /// What is short, for a waiting pod's message.
+    pub fn beyond_every_agent(&self) -> String {
+        format!(
+            "it asks for more {} than any agent has ({} > {})",
+            self.resource, self.requested, self.largest
+        )
+    }
+
+    /// In the kubelet's words, for the mesh.
+    pub fn message(&self) -> String {
+        format!(
+            "Pod was rejected: no agent has enough resource: {}, requested: {}, largest \
+             capacity: {} ({} agent{})",
+            self.resource,
+            self.requested,
+            self.largest,
+            self.agents,
+            if self.agents == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// Whether `offer` asks for more cpu or memory than any of `agents` matching its
+/// selector has in all (not just free). None when no agent matches: a matching one may
+/// yet join, and the selector is what the user would change.
+pub fn shortfall<'a>(
+    offer: &Offer,
+    agents: impl IntoIterator<Item = &'a AgentCapacity>,
+) -> Option<Shortfall> {
+    let matching: Vec<&AgentCapacity> = agents
+        .into_iter()
+        .filter(|a| selector_matches(&offer.agent_selector, &a.labels))
+        .collect();
+    let largest =
+        |amount: fn(&Resources) -> u64| matching.iter().map(|a| amount(&a.capacity)).max();
+    let cpu = ("cpu", offer.requests.cpu_millis, largest(|r| r.cpu_millis)?);
+    let memory = (
+        "memory",
+        offer.requests.memory_bytes,
+        largest(|r| r.memory_bytes)?,
+    );
+    [cpu, memory]
+        .into_iter()
+        .find(|(_, requested, largest)| requested > largest)
+        .map(|(resource, requested, largest)| Shortfall {
+            resource,
+            requested,
+            largest,
+            agents: matching.len(),
+        })
+}
+
 /// The message of a pod no agent can take, in the scheduler's words:
 /// `0/3 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector`.
 pub fn explain<'a>(offer: &Offer, agents: impl IntoIterator<Item = &'a AgentCapacity>) -> String {
@@ -392,6 +462,35 @@ mod tests {
             host_ports: vec![],
             spec_digest: String::new(),
         }
+    }
+
+    #[test]
+    fn a_pod_beyond_every_matching_agents_capacity_is_a_shortfall_and_a_full_one_is_not() {
+        let mut small = agent(2000, 4 << 30, &[("zone", "a")]);
+        small.capacity = small.free;
+        // 4 cpus and 8 GiB in all, nothing free.
+        let full = agent(0, 0, &[("zone", "b")]);
+        // 3 cpus: more than the zone-a agent has at all; the zone-b agent is only full.
+        assert_eq!(shortfall(&offer(3000, 0, ""), [&small, &full]), None);
+        let wanted = shortfall(&offer(3000, 0, "zone=a"), [&small, &full]).expect("shortfall");
+        assert_eq!(wanted.reason(), "OutOfcpu");
+        assert_eq!(
+            wanted.beyond_every_agent(),
+            "it asks for more cpu than any agent has (3000 > 2000)"
+        );
+        assert_eq!(
+            wanted.message(),
+            "Pod was rejected: no agent has enough resource: cpu, requested: 3000, largest \
+             capacity: 2000 (1 agent)"
+        );
+        let memory = shortfall(&offer(100, 9 << 30, ""), [&small, &full]).expect("shortfall");
+        assert_eq!(
+            (memory.reason().as_str(), memory.agents),
+            ("OutOfmemory", 2)
+        );
+        // No agent matches the selector: one may join; not a shortfall.
+        assert_eq!(shortfall(&offer(3000, 0, "zone=c"), [&small, &full]), None);
+        assert_eq!(shortfall(&offer(3000, 0, ""), []), None);
     }
 
     #[test]

@@ -371,7 +371,9 @@ spec:
         let pod = mesh.pod_status("default", "e2e-big")?;
         (pod["reason"] == "Unschedulable"
             && pod["message"]
-                == "0/2 agents fit: 2 insufficient memory, 1 didn't match the pod's agent selector")
+                == "0/2 agents fit: 2 insufficient memory, 1 didn't match the pod's agent \
+                    selector; it asks for more memory than any agent has (1073741824 > \
+                    67108864): waiting for a larger agent")
             .then_some(pod)
     });
     assert_eq!(pod["phase"], "Pending");

@@ -248,6 +248,8 @@ spec:
   nodeSelector: {type: virtual-kubelet}
   tolerations: [{key: virtual-kubelet.io/provider, operator: Equal, value: beemesh, effect: NoSchedule}]
   terminationGracePeriodSeconds: 5
+  hostAliases: [{ip: 192.0.2.10, hostnames: [db.internal, db]}]
+  dnsConfig: {searches: [beemesh.example], options: [{name: ndots, value: "3"}]}
   containers:
   - name: c
     image: localhost/busybox:1.35
@@ -398,6 +400,23 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
         line.contains("env=hello secret=s3cr3t file=hello node=beemesh sa=default:eyJ"),
         "{line}"
     );
+    // hostAliases and dnsConfig where the kubelet puts them (ClusterFirst falls back to
+    // the agent's resolver, and an event says so, below).
+    let out = Command::new("podman")
+        .args(["exec", &name, "cat", "/etc/hosts", "/etc/resolv.conf"])
+        .output()
+        .expect("podman exec");
+    let files = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        files
+            .lines()
+            .any(|l| l.starts_with("192.0.2.10") && l.contains("db.internal")),
+        "{files}"
+    );
+    let line = |key: &str| files.lines().find(|l| l.starts_with(key)).unwrap_or("");
+    assert!(line("options").contains("ndots:3"), "{files}");
+    assert!(line("search").contains("beemesh.example"), "{files}");
+
     // Neither the secret nor the service account token is on the agent's disk: only in
     // its memory-backed secrets directory (records, volume files).
     let agent = cluster.mesh.agents.last().expect("agent");
@@ -451,7 +470,14 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
 
     // Events as the kubelet records them.
     let reasons = cluster.event_reasons();
-    for reason in ["Scheduled", "Pulled", "Created", "Started", "Failed"] {
+    for reason in [
+        "MissingClusterDNS",
+        "Scheduled",
+        "Pulled",
+        "Created",
+        "Started",
+        "Failed",
+    ] {
         assert!(
             reasons.iter().any(|r| r == reason),
             "no {reason} event in {reasons:?}"

@@ -1099,6 +1099,89 @@ async fn pods_placed_together_never_over_commit_an_agent() {
     cancel.cancel();
 }
 
+const TWELVE_CPU_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: huge, uid: 12121212-0000-4000-8000-000000000001}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "12"}}}]
+"#;
+
+/// A pod that asks for more than any agent has at all (the scheduler, seeing all agents
+/// as one node, binds such pods) says so while it waits, then, when a scheduler placed
+/// it (a node with a Kubernetes API), is rejected as the kubelet rejects a pod its node
+/// cannot hold, instead of waiting forever. (Standalone, it waits for a larger agent:
+/// tests/e2e.rs `a_pod_no_agent_fits_waits_with_the_reason_and_runs_when_capacity_appears`.)
+#[tokio::test]
+async fn a_pod_bigger_than_every_agent_is_rejected_as_the_kubelet_rejects_it() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        mut agents,
+        ..
+    } = scene(TWELVE_CPU_POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        retry_interval: Duration::from_millis(200),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        // As a node with a Kubernetes API configures it.
+        reject_too_big_after: Some(Duration::from_secs(3)),
+        ..OwnerConfig::default()
+    })
+    .await;
+    // 8 CPUs in all on each agent.
+    let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let rejected = loop {
+        // Until the agent has dialled the node, a query finds no way there.
+        let pods = match agents[1].handle.request(node_id, Request::Query).await {
+            Ok(Response::View(view)) => view.pods,
+            _ => Vec::new(),
+        };
+        if let Some(pod) = pods.into_iter().find(|p| p.pod.name == "huge") {
+            if pod.phase == "Failed" {
+                break pod;
+            }
+            if !seen.contains(&pod.message) {
+                seen.push(pod.message.clone());
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not rejected: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seen.iter().flatten().any(|m| m
+            == "0/2 agents fit: 2 insufficient cpu; it asks for more cpu than any agent has \
+                (12000 > 8000): rejected if no larger agent joins within 3 s"),
+        "{seen:?}"
+    );
+    assert_eq!(rejected.reason.as_deref(), Some("OutOfcpu"));
+    assert_eq!(
+        rejected.message.as_deref(),
+        Some(
+            "Pod was rejected: no agent has enough resource: cpu, requested: 12000, largest \
+             capacity: 8000 (2 agents)"
+        )
+    );
+    for agent in agents.iter_mut() {
+        while let Some(event) = agent.events.try_recv() {
+            if let MeshEvent::Request {
+                request: Request::Assign(assign),
+                ..
+            } = event
+            {
+                panic!("assigned a pod no agent can hold: {assign:?}");
+            }
+        }
+    }
+    cancel.cancel();
+}
+
 /// When the agents the owner's view picked all decline, the owner stops trusting that
 /// view for the pod: it asks the agents (an offer, bids) and gives it to a bidder.
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use beemesh::runtime::dns::ResolvConf;
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
     labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan,
@@ -41,15 +42,23 @@ fn unique(test: &str) -> String {
 }
 
 async fn pod(test: &str, ports: Vec<PortMapping>) -> TestPod {
+    pod_with(test, |plan| plan.ports = ports).await
+}
+
+async fn pod_with(test: &str, change: impl FnOnce(&mut PodPlan)) -> TestPod {
     require_podman();
     let runtime = Podman::new(&format!("unix://{}", common::SOCKET)).expect("client");
     let name = unique(test);
-    let plan = PodPlan {
+    let mut plan = PodPlan {
         name: name.clone(),
         hostname: "testhost".into(),
         labels: BTreeMap::from([(LABEL.to_string(), name.clone())]),
-        ports,
+        ports: Vec::new(),
+        dns: None,
+        dns_warnings: Vec::new(),
+        host_aliases: Vec::new(),
     };
+    change(&mut plan);
     let id = runtime.create_pod(&plan).await.expect("pod created");
     runtime.start_pod(&id).await.expect("pod started");
     TestPod { runtime, id, name }
@@ -137,6 +146,46 @@ async fn command_args_env_and_working_dir_and_the_exit_code() {
         "{started} .. {finished}"
     );
     assert_eq!(logs(&id).trim(), "hello from /tmp/made/for/us");
+}
+
+#[tokio::test]
+async fn the_pods_resolver_configuration_and_host_aliases_are_what_its_containers_read() {
+    let pod = pod_with("dns", |plan| {
+        plan.dns = Some(ResolvConf {
+            nameservers: vec!["192.0.2.53".into()],
+            searches: Vec::new(),
+            options: Vec::new(),
+        });
+        plan.host_aliases = vec![
+            ("db.internal".into(), [192, 0, 2, 10].into()),
+            ("cache.internal".into(), [192, 0, 2, 10].into()),
+        ];
+    })
+    .await;
+    let mut p = plan(&pod, "main", &["sh", "-c"]);
+    p.args = Some(vec!["cat /etc/resolv.conf /etc/hosts".into()]);
+    let id = start(&pod, &p).await;
+    wait_exit(&pod, &id).await;
+    let files = logs(&id);
+    let resolv: Vec<&str> = files
+        .lines()
+        .filter(|l| l.starts_with("nameserver") || l.starts_with("search"))
+        .collect();
+    // Only the pod's server, and none of the host's search paths.
+    assert_eq!(resolv, ["nameserver 192.0.2.53"], "{files}");
+    let options: Vec<&str> = files.lines().filter(|l| l.starts_with("options")).collect();
+    assert!(
+        options.iter().all(|l| l.trim() == "options ndots:1"),
+        "{files}"
+    );
+    for name in ["db.internal", "cache.internal"] {
+        assert!(
+            files
+                .lines()
+                .any(|l| l.starts_with("192.0.2.10") && l.split_whitespace().any(|w| w == name)),
+            "{name} not in /etc/hosts:\n{files}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
 use super::subpath;
 use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
+use crate::runtime::dns::{self, ResolvConf};
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{labels, ContainerPlan, ContainerStatus, Runtime, RuntimeError, RuntimePod};
 use crate::wire::{Epoch, PodRef, VolumeFile};
@@ -247,6 +248,8 @@ struct Worker {
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
+    /// The agent's resolv.conf, read again for each sandbox as the kubelet does.
+    host_dns: ResolvConf,
     start_time: Timestamp,
     slots: Vec<Slot>,
     failure: Option<(String, String)>,
@@ -295,6 +298,7 @@ impl Worker {
             epoch,
             pod_id: None,
             pod_ip: None,
+            host_dns: ResolvConf::default(),
             start_time: Timestamp::now(),
             slots,
             failure: None,
@@ -385,6 +389,7 @@ impl Worker {
             pod_ip: self.pod_ip,
             host_ip: self.ctx.host_ip,
             node_name: &self.ctx.node_name,
+            host_dns: &self.host_dns,
         }
     }
 
@@ -435,10 +440,21 @@ impl Worker {
                 format!("volume {name}: its files did not come with the assignment"),
             );
         }
+        if self
+            .pod
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.dns_config.is_some())
+        {
+            self.host_dns = read_host_dns().await;
+        }
         let plan = match translate::pod_plan(&self.pod, &self.plan_context()) {
             Ok(plan) => plan,
             Err(e) => return self.fail("UnsupportedPodSpec", e.to_string()),
         };
+        for warning in &plan.dns_warnings {
+            tracing::warn!(pod = %self.pod_ref, reason = "DNSConfigForming", "{warning}");
+        }
         let pod_id = match self.ctx.runtime.create_pod(&plan).await {
             Ok(id) => id,
             // Podman down, or out of something (its locks: 2048 by default, three a
@@ -1103,6 +1119,33 @@ async fn create_world_writable(dir: &std::path::Path) -> std::io::Result<()> {
     }
     tokio::fs::create_dir_all(dir).await?;
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).await
+}
+
+/// The agent's resolver configuration: `/etc/resolv.conf`, or, where that names only
+/// systemd-resolved's stub on loopback (unreachable from a pod), the upstream servers
+/// systemd-resolved uses, as Podman picks them. Unreadable: none (the pod's `dnsConfig`
+/// alone), said in the log.
+async fn read_host_dns() -> ResolvConf {
+    const HOST: &str = "/etc/resolv.conf";
+    const SYSTEMD_UPSTREAM: &str = "/run/systemd/resolve/resolv.conf";
+    let read = |path: &'static str| async move {
+        let file = tokio::fs::File::open(path).await?;
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(
+            &mut tokio::io::AsyncReadExt::take(file, dns::MAX_RESOLV_CONF_BYTES),
+            &mut text,
+        )
+        .await?;
+        Ok::<_, std::io::Error>(dns::parse_resolv_conf(&text))
+    };
+    match read(HOST).await {
+        Ok(conf) if conf.nameservers.is_empty() => read(SYSTEMD_UPSTREAM).await.unwrap_or(conf),
+        Ok(conf) => conf,
+        Err(e) => {
+            tracing::warn!(path = HOST, error = %e, "cannot read the agent's resolver configuration");
+            ResolvConf::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,9 @@ pub fn transition_events(
             events.push(match reason.as_str() {
                 "AgentLost" => PodEvent::warning("AgentLost", message),
                 "UnsupportedPodSpec" => PodEvent::warning("Failed", format!("Error: {message}")),
+                // The kubelet's admission refusals are their own events.
+                "OutOfcpu" => PodEvent::warning("OutOfcpu", message),
+                "OutOfmemory" => PodEvent::warning("OutOfmemory", message),
                 _ => PodEvent::warning("Failed", message),
             });
         }

@@ -31,7 +31,7 @@ use super::pod_status::StatusBoard;
 use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
-use crate::runtime::translate;
+use crate::runtime::{dns, translate};
 use crate::wire::PodUid;
 
 /// A pod whose TokenRequest failed (its service account is missing, or the API did not
@@ -218,6 +218,7 @@ impl PodSource {
         };
         if !self.pods.contains_key(&uid) {
             self.board.inherit(PodUid(uid.clone()), pod.status.clone());
+            self.record_missing_cluster_dns(&pod);
         }
         let essentials = essentials(&pod);
         if self
@@ -446,6 +447,33 @@ impl PodSource {
     fn forget_tokens(&mut self) {
         let pods = &self.pods;
         self.tokens.retain(|(uid, _), _| pods.contains_key(uid));
+    }
+
+    /// The kubelet's `MissingClusterDNS` warning for a pod that asks for cluster DNS
+    /// (agents cannot reach it), once, before its containers first start.
+    fn record_missing_cluster_dns(&self, pod: &Pod) {
+        let not_started = pod.status.as_ref().is_none_or(|s| {
+            s.container_statuses
+                .as_deref()
+                .unwrap_or_default()
+                .is_empty()
+        });
+        let wants = pod.spec.as_ref().is_some_and(dns::wants_cluster_dns);
+        if !not_started || !wants || pod.metadata.deletion_timestamp.is_some() {
+            return;
+        }
+        let Ok(pod_ref) = translate::pod_ref(pod) else {
+            return;
+        };
+        let event = PodEvent {
+            warning: true,
+            reason: dns::MISSING_CLUSTER_DNS,
+            message: dns::missing_cluster_dns(&format!(
+                "{}_{}({})",
+                pod_ref.name, pod_ref.namespace, pod_ref.uid
+            )),
+        };
+        self.events.record(&pod_ref, vec![event]);
     }
 
     /// The kubelet's Killing event for each running container of a pod being deleted.

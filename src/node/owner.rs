@@ -132,6 +132,12 @@ pub struct OwnerConfig {
     pub fencing_margin: Duration,
     /// The node's name (`--node-name`), shown with its pods.
     pub node_name: String,
+    /// Pods a scheduler bound here that ask for more than any agent has at all are
+    /// rejected this long after that is first seen (Failed, `OutOfcpu`/`OutOfmemory`),
+    /// as a kubelet rejects pods its node cannot hold, so that their controllers and
+    /// the scheduler can act. None (standalone: the node is the only scheduler) keeps
+    /// them waiting for a larger agent to join.
+    pub reject_too_big_after: Option<Duration>,
 }
 
 /// The epoch floor of the owner's `start`-th run (counted in its persisted trust
@@ -155,6 +161,7 @@ impl Default for OwnerConfig {
             lease: Duration::from_secs(15),
             fencing_margin: Duration::from_secs(5),
             node_name: "beemesh".into(),
+            reject_too_big_after: None,
             // Without a persisted count (demos with --insecure-trust-any, tests): the
             // clock in seconds, below every counted run's floor.
             epoch_floor: Epoch(
@@ -238,6 +245,8 @@ struct OwnedPod {
     /// An agent declined the pod the owner's view said it fits: until it is placed,
     /// the agents are asked (offer and bids) instead of trusting that view.
     ask_agents: bool,
+    /// Since when the pod has asked for more than any agent has at all.
+    too_big_since: Option<Instant>,
 }
 
 /// Policy refusals kept per pod: enough to tell the user why.
@@ -653,6 +662,7 @@ impl Owner {
             offered: Epoch(0),
             policy_refusals: Vec::new(),
             ask_agents: false,
+            too_big_since: None,
             pod_ref: pod_ref.clone(),
             pod,
             volumes: Arc::default(),
@@ -1263,12 +1273,52 @@ impl Owner {
                 agent_reasons(&owned.policy_refusals)
             );
         }
-        tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
-        let retry_at = Instant::now() + self.config.retry_interval;
-        if let Some(owned) = self.pods.get_mut(uid) {
-            owned.placement = Placement::Waiting { at: retry_at };
-            self.due.insert(uid.clone());
+        // The scheduler sees the sum of all agents as one node, so it binds pods no
+        // agent can hold. One that never ran is rejected as the kubelet rejects a pod
+        // its node cannot hold; one that ran keeps waiting for its agent.
+        let never_ran = owned.lost_copy.is_none()
+            && !owned.inherited
+            && owned.carried_restarts.is_empty()
+            && owned.status.container_statuses.is_none();
+        let shortfall = placement::shortfall(&owned.offer, agents.iter().map(AsRef::as_ref));
+        let now = Instant::now();
+        let reject_after = self.config.reject_too_big_after.filter(|_| never_ran);
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        match (shortfall, reject_after) {
+            (Some(shortfall), Some(reject_after)) => {
+                let since = *owned.too_big_since.get_or_insert(now);
+                if now.duration_since(since) >= reject_after {
+                    tracing::info!(pod = %owned.pod_ref, message = %shortfall.message(), "pod rejected: no agent can hold it");
+                    owned.placement = Placement::Done;
+                    let status = failed_status(
+                        &shortfall.reason(),
+                        shortfall.message(),
+                        &PodStatus::default(),
+                    );
+                    self.set_status(uid, status);
+                    return;
+                }
+                message = format!(
+                    "{message}; {}: rejected if no larger agent joins within {} s",
+                    shortfall.beyond_every_agent(),
+                    reject_after.as_secs()
+                );
+            }
+            (Some(shortfall), None) => {
+                message = format!(
+                    "{message}; {}: waiting for a larger agent",
+                    shortfall.beyond_every_agent()
+                );
+            }
+            (None, _) => owned.too_big_since = None,
         }
+        tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
+        owned.placement = Placement::Waiting {
+            at: now + self.config.retry_interval,
+        };
+        self.due.insert(uid.clone());
         self.set_status(uid, pending_status("Unschedulable", message));
     }
 

@@ -5,6 +5,7 @@
 //! produced from Kubernetes specs by the pure [`translate`] module, so no Kubernetes
 //! type reaches the runtime.
 
+pub mod dns;
 pub mod podman;
 pub mod translate;
 
@@ -94,6 +95,12 @@ pub struct PodPlan {
     pub hostname: String,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<PortMapping>,
+    /// The pod's resolv.conf; None for the runtime's default (the agent's own).
+    pub dns: Option<dns::ResolvConf>,
+    /// What of the pod's `dnsConfig` had to be cut (the kubelet's `DNSConfigForming`).
+    pub dns_warnings: Vec<String>,
+    /// `/etc/hosts` entries from `hostAliases`: (hostname, address), in the spec's order.
+    pub host_aliases: Vec<(String, IpAddr)>,
 }
 
 /// A bind mount of one of the pod's volumes, or of a subPath in it, from the agent's host

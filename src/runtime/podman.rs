@@ -394,12 +394,33 @@ impl Runtime for Podman {
     }
 
     async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError> {
-        let opts = PodCreateOpts::builder()
+        let mut opts = PodCreateOpts::builder()
             .name(&plan.name)
             .hostname(&plan.hostname)
             .labels(plan.labels.clone())
             .portmappings(plan.ports.iter().map(port_mapping))
-            .build();
+            .add_hosts(
+                plan.host_aliases
+                    .iter()
+                    .map(|(hostname, ip)| format!("{hostname}:{ip}")),
+            );
+        if let Some(resolv) = &plan.dns {
+            // An empty list would make Podman use the host's entries; "." is its word
+            // for no search path, and ndots:1 the resolver's default, for no options.
+            let searches = match resolv.searches.as_slice() {
+                [] => vec![".".to_owned()],
+                some => some.to_vec(),
+            };
+            let options = match resolv.options.as_slice() {
+                [] => vec!["ndots:1".to_owned()],
+                some => some.to_vec(),
+            };
+            opts = opts
+                .dns_server(resolv.nameservers.clone())
+                .dns_search(searches)
+                .dns_option(options);
+        }
+        let opts = opts.build();
         let pod = self.client.pods().create(&opts).await.map_err(classify)?;
         Ok(pod.id().to_string())
     }

@@ -17,6 +17,9 @@
 //!   user when it starts the container, which pure code cannot do.
 //! - `allowPrivilegeEscalation: false` sets `no_new_privs`; capabilities are added and
 //!   dropped by name, as the kubelet's runtime does.
+//! - `dnsPolicy: ClusterFirst` is `Default` (the agent's resolver): cluster DNS is not
+//!   reachable from agents; the node says so with the `MissingClusterDNS` event of a
+//!   kubelet without cluster DNS (`runtime::dns`).
 //! - emptyDir with `medium: Memory` is a plain directory on the agent's disk, not a
 //!   tmpfs; `sizeLimit` is not enforced.
 //! - Ports of (non-sidecar) init containers get no host mapping, as with the kubelet.
@@ -44,14 +47,14 @@ use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
-    AppArmorProfile, Container, ContainerPort, EnvVar, EnvVarSource, Lifecycle,
-    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
-    ResourceRequirements, SELinuxOptions, SeccompProfile, SecurityContext, Volume, VolumeMount,
-    WindowsSecurityContextOptions,
+    AppArmorProfile, Container, ContainerPort, EnvVar, EnvVarSource, HostAlias, Lifecycle,
+    ObjectFieldSelector, Pod, PodDNSConfig, PodSecurityContext, PodSpec, Probe,
+    ResourceFieldSelector, ResourceRequirements, SELinuxOptions, SeccompProfile, SecurityContext,
+    Volume, VolumeMount, WindowsSecurityContextOptions,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use super::{labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy};
+use super::{dns, labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy};
 use crate::wire::{Epoch, PodRef, PodUid, Resources};
 
 /// A reason a pod cannot run here; Display is "<field path>: <message>", shown to users as
@@ -117,6 +120,8 @@ pub struct PlanContext<'a> {
     pub host_ip: Option<IpAddr>,
     /// For `spec.nodeName`.
     pub node_name: &'a str,
+    /// The agent's own resolver configuration, the base of a pod's `dnsConfig`.
+    pub host_dns: &'a dns::ResolvConf,
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -332,16 +337,6 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
             "runtime classes are not supported",
         ),
         (
-            has_items(host_aliases.as_deref()),
-            "spec.hostAliases",
-            "hostAliases are not supported yet",
-        ),
-        (
-            dns_config.is_some(),
-            "spec.dnsConfig",
-            "dnsConfig is not supported yet",
-        ),
-        (
             has_items(readiness_gates.as_deref()),
             "spec.readinessGates",
             "readiness gates are not supported",
@@ -360,7 +355,8 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
     for (refused, field, message) in rules {
         refuse_if(refused, field, message)?;
     }
-    validate_dns_policy(dns_policy.as_deref())?;
+    validate_dns(dns_policy.as_deref(), dns_config.as_ref())?;
+    validate_host_aliases(host_aliases.as_deref().unwrap_or_default())?;
     validate_restart_policy(restart_policy.as_deref())?;
     if let Some(os) = os {
         validate_os(&os.name)?;
@@ -369,21 +365,98 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
     validate_overhead(overhead.as_ref())
 }
 
-fn validate_dns_policy(policy: Option<&str>) -> Result<(), SpecError> {
+/// The API server's checks of `dnsPolicy` and `dnsConfig`, which manifests skip; they
+/// also keep whitespace out of the resolv.conf the agent writes from them.
+fn validate_dns(policy: Option<&str>, config: Option<&PodDNSConfig>) -> Result<(), SpecError> {
     const FIELD: &str = "spec.dnsPolicy";
     match policy {
-        // Pods get the agent's DNS whatever they ask for; ClusterFirst is the API
-        // server's default, so refusing it would refuse every pod.
-        None | Some("ClusterFirst" | "ClusterFirstWithHostNet" | "Default") => Ok(()),
-        Some("None") => Err(SpecError::new(
-            FIELD,
-            "dnsPolicy None needs dnsConfig, which is not supported yet",
-        )),
-        Some(other) => Err(SpecError::new(
-            FIELD,
-            format!("unknown dnsPolicy \"{other}\""),
-        )),
+        None | Some("ClusterFirst" | "ClusterFirstWithHostNet" | "Default") => {}
+        Some("None") => {
+            let nameservers = config.map(|c| c.nameservers.as_deref().unwrap_or_default());
+            refuse_if(
+                nameservers.is_none_or(<[String]>::is_empty),
+                "spec.dnsConfig.nameservers",
+                "must provide at least one DNS nameserver when `dnsPolicy` is None",
+            )?;
+        }
+        Some(other) => {
+            return Err(SpecError::new(
+                FIELD,
+                format!("unknown dnsPolicy \"{other}\""),
+            ))
+        }
     }
+    let Some(config) = config else {
+        return Ok(());
+    };
+    const PATH: &str = "spec.dnsConfig";
+    let nameservers = config.nameservers.as_deref().unwrap_or_default();
+    refuse_if(
+        nameservers.len() > dns::MAX_NAMESERVERS,
+        &format!("{PATH}.nameservers"),
+        "must not have more than 3 nameservers",
+    )?;
+    for (i, server) in nameservers.iter().enumerate() {
+        refuse_if(
+            server.parse::<IpAddr>().is_err(),
+            &format!("{PATH}.nameservers[{i}]"),
+            "must be a valid IP address",
+        )?;
+    }
+    let searches = config.searches.as_deref().unwrap_or_default();
+    refuse_if(
+        searches.len() > dns::MAX_SEARCH_PATHS,
+        &format!("{PATH}.searches"),
+        "must not have more than 32 search paths",
+    )?;
+    refuse_if(
+        searches.join(" ").len() > dns::MAX_SEARCH_LIST_CHARS,
+        &format!("{PATH}.searches"),
+        "must not have more than 2048 characters (including spaces) in the search list",
+    )?;
+    for (i, search) in searches.iter().enumerate() {
+        refuse_if(
+            !is_dns_subdomain(search.trim_end_matches('.')),
+            &format!("{PATH}.searches[{i}]"),
+            "must be a lowercase RFC 1123 subdomain",
+        )?;
+    }
+    for (i, option) in config.options.iter().flatten().enumerate() {
+        let printable = |text: &str| text.chars().all(|c| c.is_ascii_graphic());
+        let name = non_empty(option.name.as_deref());
+        refuse_if(
+            name.is_none_or(|name| !printable(name) || name.contains(':')),
+            &format!("{PATH}.options[{i}].name"),
+            "must be a non-empty resolver option name without spaces or ':'",
+        )?;
+        refuse_if(
+            option.value.as_deref().is_some_and(|v| !printable(v)),
+            &format!("{PATH}.options[{i}].value"),
+            "must not contain spaces or control characters",
+        )?;
+    }
+    Ok(())
+}
+
+/// The API server's checks of `hostAliases`: an IP and hostnames that are DNS subdomains
+/// (which also keeps `/etc/hosts` to one entry per line).
+fn validate_host_aliases(aliases: &[HostAlias]) -> Result<(), SpecError> {
+    for (i, alias) in aliases.iter().enumerate() {
+        let path = format!("spec.hostAliases[{i}]");
+        refuse_if(
+            alias.ip.parse::<IpAddr>().is_err(),
+            &format!("{path}.ip"),
+            "must be a valid IP address",
+        )?;
+        for (j, hostname) in alias.hostnames.iter().flatten().enumerate() {
+            refuse_if(
+                !is_dns_subdomain(hostname),
+                &format!("{path}.hostnames[{j}]"),
+                "must be a lowercase RFC 1123 subdomain",
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn validate_restart_policy(policy: Option<&str>) -> Result<(), SpecError> {
@@ -1520,12 +1593,32 @@ fn expand_list(list: Option<&[String]>, env: &[(String, String)]) -> Option<Vec<
 // Plans
 // ---------------------------------------------------------------------------------------
 
-/// The Podman pod for a Kubernetes pod: its name, hostname, labels and host ports.
+/// The Podman pod for a Kubernetes pod: its name, hostname, labels, host ports, resolver
+/// configuration and `/etc/hosts` entries.
 pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
     validate(pod)?;
     let pod_ref = pod_ref(pod)?;
     let spec = spec_of(pod)?;
+    let pod_dns = dns::pod_dns(spec, ctx.host_dns);
     Ok(PodPlan {
+        dns: pod_dns.resolv,
+        dns_warnings: pod_dns.warnings,
+        host_aliases: spec
+            .host_aliases
+            .iter()
+            .flatten()
+            .filter_map(|alias| {
+                let ip = alias.ip.parse::<IpAddr>().ok()?;
+                Some(
+                    alias
+                        .hostnames
+                        .iter()
+                        .flatten()
+                        .map(move |h| (h.clone(), ip)),
+                )
+            })
+            .flatten()
+            .collect(),
         name: podman_pod_name(&pod_ref, ctx.epoch),
         hostname: pod_hostname(&pod_ref, spec),
         labels: pod_labels(&pod_ref, ctx),
@@ -2067,6 +2160,11 @@ mod tests {
     /// Where the tests' volumes of files live.
     const FILES_DIR: &str = "/run/beemesh/files/p";
 
+    /// The agent's resolv.conf in these tests.
+    static HOST_DNS: std::sync::LazyLock<dns::ResolvConf> = std::sync::LazyLock::new(|| {
+        dns::parse_resolv_conf("nameserver 10.0.0.2\nsearch corp.example\noptions edns0\n")
+    });
+
     fn context(volumes_dir: &Path) -> PlanContext<'_> {
         PlanContext {
             agent: "agent-peer",
@@ -2077,6 +2175,7 @@ mod tests {
             pod_ip: None,
             host_ip: None,
             node_name: "beemesh-node",
+            host_dns: &HOST_DNS,
         }
     }
 
@@ -2570,15 +2669,47 @@ mod tests {
             (
                 vec![(
                     "/spec/hostAliases",
-                    json!([{"ip": "10.0.0.1", "hostnames": ["db"]}]),
+                    json!([{"ip": "10.0.0.300", "hostnames": ["db"]}]),
                 )],
-                "spec.hostAliases",
+                "spec.hostAliases[0].ip",
             ),
             (
-                vec![("/spec/dnsConfig", json!({"nameservers": ["1.1.1.1"]}))],
-                "spec.dnsConfig",
+                vec![(
+                    "/spec/hostAliases",
+                    json!([{"ip": "10.0.0.1", "hostnames": ["db", "db\n10.0.0.2 evil"]}]),
+                )],
+                "spec.hostAliases[0].hostnames[1]",
             ),
-            (vec![("/spec/dnsPolicy", json!("None"))], "spec.dnsPolicy"),
+            (
+                vec![("/spec/dnsConfig", json!({"nameservers": ["one.one"]}))],
+                "spec.dnsConfig.nameservers[0]",
+            ),
+            (
+                vec![(
+                    "/spec/dnsConfig",
+                    json!({"nameservers": ["1.1.1.1", "1.0.0.1", "8.8.8.8", "8.8.4.4"]}),
+                )],
+                "spec.dnsConfig.nameservers",
+            ),
+            (
+                vec![("/spec/dnsConfig", json!({"searches": ["Bad_Domain"]}))],
+                "spec.dnsConfig.searches[0]",
+            ),
+            (
+                vec![("/spec/dnsConfig", json!({"options": [{"value": "2"}]}))],
+                "spec.dnsConfig.options[0].name",
+            ),
+            (
+                vec![(
+                    "/spec/dnsConfig",
+                    json!({"options": [{"name": "ndots", "value": "2\nnameserver 6.6.6.6"}]}),
+                )],
+                "spec.dnsConfig.options[0].value",
+            ),
+            (
+                vec![("/spec/dnsPolicy", json!("None"))],
+                "spec.dnsConfig.nameservers",
+            ),
             (
                 vec![("/spec/dnsPolicy", json!("Cluster"))],
                 "spec.dnsPolicy",
@@ -3231,6 +3362,18 @@ mod tests {
         let accepted: Vec<Vec<(&str, Value)>> = vec![
             vec![("/spec/dnsPolicy", json!("ClusterFirst"))],
             vec![("/spec/dnsPolicy", json!("Default"))],
+            vec![
+                ("/spec/dnsPolicy", json!("None")),
+                (
+                    "/spec/dnsConfig",
+                    json!({"nameservers": ["192.0.2.53"], "searches": ["corp.example."],
+                           "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}]}),
+                ),
+            ],
+            vec![(
+                "/spec/hostAliases",
+                json!([{"ip": "fd00::1", "hostnames": ["db.internal", "db"]}]),
+            )],
             vec![("/spec/restartPolicy", json!("OnFailure"))],
             vec![("/spec/restartPolicy", json!("Never"))],
             vec![
@@ -3458,6 +3601,43 @@ mod tests {
 
     fn pod_ref_field(pod: &Pod) -> String {
         pod_ref(pod).expect_err("no pod ref").field
+    }
+
+    #[test]
+    fn dns_config_and_host_aliases_go_into_the_pod_plan() {
+        let dir = PathBuf::from("/v");
+        let plan = pod_plan(
+            &pod_with(&[
+                (
+                    "/spec/dnsConfig",
+                    json!({"nameservers": ["192.0.2.53"], "options": [{"name": "ndots", "value": "3"}]}),
+                ),
+                (
+                    "/spec/hostAliases",
+                    json!([{"ip": "192.0.2.10", "hostnames": ["db.internal", "db"]},
+                           {"ip": "fd00::1", "hostnames": ["cache"]}]),
+                ),
+            ]),
+            &context(&dir),
+        )
+        .expect("pod plan");
+        let resolv = plan.dns.expect("a resolv.conf of the pod's");
+        assert_eq!(resolv.nameservers, ["10.0.0.2", "192.0.2.53"]);
+        assert_eq!(resolv.searches, ["corp.example"]);
+        assert_eq!(resolv.options, ["edns0", "ndots:3"]);
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        assert_eq!(
+            plan.host_aliases,
+            [
+                ("db.internal".to_owned(), ip("192.0.2.10")),
+                ("db".to_owned(), ip("192.0.2.10")),
+                ("cache".to_owned(), ip("fd00::1")),
+            ]
+        );
+        // Without a dnsConfig the runtime's default (the agent's own file) stays.
+        let plain = pod_plan(&pod_with(&[]), &context(&dir)).expect("pod plan");
+        assert_eq!(plain.dns, None);
+        assert!(plain.host_aliases.is_empty());
     }
 
     #[test]
