@@ -385,6 +385,43 @@ spec:
     });
 }
 
+/// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
+/// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
+/// notwithstanding) and shown terminated.
+#[test]
+fn a_pod_past_its_active_deadline_is_stopped_and_failed() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "deadline.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-deadline}
+spec:
+  activeDeadlineSeconds: 4
+  terminationGracePeriodSeconds: 2
+  containers:
+  - {name: main, image: localhost/busybox:1.35, command: ["sleep", "100000"]}
+"#,
+    );
+    mesh.wait_for("e2e-deadline Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-deadline").as_deref() == Some("Running")).then_some(())
+    });
+    let pod = mesh.wait_for("DeadlineExceeded", Duration::from_secs(30), || {
+        let pod = mesh.pod_status("default", "e2e-deadline")?;
+        (pod["phase"] == "Failed").then_some(pod)
+    });
+    assert_eq!(pod["reason"], "DeadlineExceeded", "{pod}");
+    assert_eq!(
+        pod["message"],
+        "Pod was active on the node longer than the specified deadline"
+    );
+    let containers = podman_containers("io.beemesh.pod.name=e2e-deadline");
+    assert_eq!(containers.len(), 1, "restarted? {containers:?}");
+    assert_eq!(containers[0]["State"], "exited", "{containers:?}");
+}
+
 #[test]
 fn a_finished_pod_frees_its_agents_capacity() {
     // Room for one pod: a finished one must not hold it (the kubelet admits against

@@ -459,6 +459,42 @@ fn a_pod_applied_with_kubectl_runs_on_the_mesh_and_kubernetes_sees_its_status() 
     );
     assert!(arrived < Duration::from_secs(5), "{arrived:?}");
 
+    // Conditions others set (a readiness gate's controller, say) survive the node's
+    // status writes: conditions merge by type, as in the kubelet's patches.
+    let gate = r#"{"status":{"conditions":[{"type":"example.com/gate","status":"True"}]}}"#;
+    let (ok, out) = cluster.kubectl(
+        &[
+            "patch",
+            "pod",
+            "web",
+            "--subresource=status",
+            "--type=strategic",
+            "-p",
+            gate,
+        ],
+        None,
+    );
+    assert!(ok, "kubectl patch: {out}");
+    let stopped = Command::new("podman")
+        .args(["stop", "-t", "0", &name])
+        .output()
+        .expect("podman stop");
+    assert!(stopped.status.success(), "{stopped:?}");
+    let restarted =
+        cluster
+            .mesh
+            .wait_for("the restart in the API", Duration::from_secs(40), || {
+                let pod = cluster.get(&["pod", "web"])?;
+                let status = &pod["status"]["containerStatuses"][0];
+                (status["restartCount"] == 1 && status["ready"] == true).then_some(pod)
+            });
+    assert_eq!(
+        condition(&restarted, "example.com/gate").as_deref(),
+        Some("True"),
+        "{}",
+        restarted["status"]
+    );
+
     // The token came from a TokenRequest bound to the pod, for its service account.
     let issued = cluster.server.tokens_issued();
     assert!(

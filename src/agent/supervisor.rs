@@ -367,6 +367,9 @@ impl Worker {
         if self.failure.is_some() {
             return;
         }
+        if self.past_active_deadline() {
+            return self.exceed_deadline().await;
+        }
         if self.pod_id.is_none() || self.setup_retry.is_some() {
             if !self.setup_due() {
                 return;
@@ -531,6 +534,16 @@ impl Worker {
             }
         }
         self.pod_id = Some(existing.id.clone());
+        // Started when its first container did, not when this agent process did (the
+        // pod's active deadline counts from it).
+        if let Some(first) = existing
+            .containers
+            .iter()
+            .filter_map(|c| c.state.started_at)
+            .min()
+        {
+            self.start_time = self.start_time.min(first);
+        }
         self.refresh_pod_ip().await;
         let now = Instant::now();
         for slot in &mut self.slots {
@@ -562,6 +575,62 @@ impl Worker {
             }
         }
         tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, "adopted running pod");
+    }
+
+    /// `activeDeadlineSeconds` counted from the pod's start, as the kubelet counts it.
+    fn past_active_deadline(&self) -> bool {
+        let deadline = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.active_deadline_seconds);
+        deadline.is_some_and(|secs| {
+            let active = Timestamp::now().duration_since(self.start_time);
+            active.as_secs() >= secs
+        })
+    }
+
+    /// The kubelet's DeadlineExceeded: the pod Failed, its containers stopped with the
+    /// grace period and shown terminated as they ended.
+    async fn exceed_deadline(&mut self) {
+        self.fail(
+            "DeadlineExceeded",
+            "Pod was active on the node longer than the specified deadline".into(),
+        );
+        let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
+        let runtime = self.ctx.runtime.clone();
+        let live: Vec<(usize, String)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| !slot.finished)
+            .filter_map(|(i, slot)| Some((i, slot.id.clone()?)))
+            .collect();
+        let stops = live.iter().map(|(_, id)| {
+            let runtime = runtime.clone();
+            async move { runtime.stop_container(id, grace).await }
+        });
+        for result in futures::future::join_all(stops).await {
+            if let Err(e) = result {
+                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop a container past the pod's deadline");
+            }
+        }
+        for (i, id) in live {
+            let state = runtime.container_state(&id).await.ok();
+            let code = state.as_ref().and_then(|s| s.exit_code).unwrap_or(137);
+            let slot = &mut self.slots[i];
+            slot.view.ready = false;
+            slot.finished = true;
+            slot.view.state = Observed::Terminated {
+                exit_code: code,
+                reason: Observed::exit_reason(code).to_string(),
+                message: None,
+                started_at: state.as_ref().and_then(|s| s.started_at),
+                finished_at: state
+                    .and_then(|s| s.finished_at)
+                    .or_else(|| Some(Timestamp::now())),
+            };
+        }
     }
 
     fn fail(&mut self, reason: &str, message: String) {

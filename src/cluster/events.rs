@@ -68,6 +68,7 @@ pub fn transition_events(
                 // The kubelet's admission refusals are their own events.
                 "OutOfcpu" => PodEvent::warning("OutOfcpu", message),
                 "OutOfmemory" => PodEvent::warning("OutOfmemory", message),
+                "DeadlineExceeded" => PodEvent::normal("DeadlineExceeded", message),
                 _ => PodEvent::warning("Failed", message),
             });
         }

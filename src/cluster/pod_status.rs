@@ -30,11 +30,13 @@ const COALESCE: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Status fields the node owns: each is sent, as null when unset, so that a merge patch
-/// also clears what no longer holds (a reason after recovery, an old pod IP).
-const OWNED_FIELDS: [&str; 11] = [
+/// Status fields the node owns: each is sent, as null when unset, so that the patch also
+/// clears what no longer holds (a reason after recovery, an old pod IP). Not
+/// `conditions`: the patch is a strategic merge, as the kubelet's, in which conditions
+/// merge by type, so those that others set (readiness gates' conditions, the API
+/// server's DisruptionTarget) stay; a null would delete them all.
+const OWNED_FIELDS: [&str; 10] = [
     "phase",
-    "conditions",
     "containerStatuses",
     "initContainerStatuses",
     "podIP",
@@ -290,9 +292,13 @@ async fn write_status(client: &Client, pod: &PodRef, status: &Value) -> Result<(
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
     // The uid makes the patch apply to this pod only, not to a new one of the same name.
     let patch = json!({ "metadata": { "uid": pod.uid.0 }, "status": status });
-    api.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(drop)
+    api.patch_status(
+        &pod.name,
+        &PatchParams::default(),
+        &Patch::Strategic(&patch),
+    )
+    .await
+    .map(drop)
 }
 
 async fn delete_now(client: &Client, pod: &PodRef) -> Result<(), kube::Error> {
@@ -327,9 +333,12 @@ mod tests {
         assert_eq!(value["message"], "0/2 agents fit: 2 insufficient memory");
         assert_eq!(value["conditions"][0]["status"], "True");
         assert!(value["conditions"][0].get("reason").is_none());
-        // Owned fields that are unset are cleared.
+        // Owned fields that are unset are cleared; conditions never are (others'
+        // conditions would go with them).
         assert_eq!(value["podIP"], Value::Null);
         assert_eq!(value["containerStatuses"], Value::Null);
+        let unset = api_status(&PodStatus::default());
+        assert!(unset.get("conditions").is_none(), "{unset}");
     }
 
     #[test]

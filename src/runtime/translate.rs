@@ -250,6 +250,7 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
         overhead,
         restart_policy,
         termination_grace_period_seconds: _,
+        active_deadline_seconds,
         // Only the control plane acts on these (scheduling, admission, service account
         // and DNS defaults); pods from an API server carry several of them.
         affinity: _,
@@ -271,7 +272,6 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
         tolerations: _,
         topology_spread_constraints: _,
         // Would change what runs: refused unless unset or at their default.
-        active_deadline_seconds,
         dns_config,
         dns_policy,
         ephemeral_containers,
@@ -317,9 +317,9 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
             "a shared process namespace is not supported yet",
         ),
         (
-            active_deadline_seconds.is_some(),
+            active_deadline_seconds.is_some_and(|secs| secs < 1),
             "spec.activeDeadlineSeconds",
-            "activeDeadlineSeconds is not supported yet",
+            "must be between 1 and 2147483647, inclusive",
         ),
         (
             has_items(ephemeral_containers.as_deref()),
@@ -2648,7 +2648,7 @@ mod tests {
                 "spec.shareProcessNamespace",
             ),
             (
-                vec![("/spec/activeDeadlineSeconds", json!(60))],
+                vec![("/spec/activeDeadlineSeconds", json!(0))],
                 "spec.activeDeadlineSeconds",
             ),
             (
