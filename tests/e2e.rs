@@ -385,6 +385,48 @@ spec:
     });
 }
 
+/// `fsGroup` and `supplementalGroups` as the kubelet applies them: the process has the
+/// groups, the emptyDir belongs to fsGroup (setgid: what the user makes there too).
+#[test]
+fn fs_group_owns_the_volumes_and_every_process_has_the_groups() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "groups.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-groups}
+spec:
+  securityContext: {runAsUser: 1000, runAsGroup: 1000, fsGroup: 2000, supplementalGroups: [3000]}
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'touch /data/made; echo "groups=$(id -G) dir=$(stat -c %g:%a /data) file=$(stat -c %g /data/made)"; sleep 100000']
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, emptyDir: {}}]
+"#,
+    );
+    let name = mesh.wait_for("the container", Duration::from_secs(30), || {
+        let containers = podman_containers("io.beemesh.pod.name=e2e-groups");
+        Some(containers.first()?["Names"][0].as_str()?.to_owned())
+    });
+    let line = mesh.wait_for("its output", Duration::from_secs(20), || {
+        let logs = podman_logs(&name);
+        logs.contains("groups=").then_some(logs)
+    });
+    let groups: BTreeSet<&str> = line
+        .split("groups=")
+        .nth(1)
+        .and_then(|rest| rest.split(" dir=").next())
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(groups, BTreeSet::from(["1000", "2000", "3000"]), "{line}");
+    assert!(line.contains("dir=2000:2777"), "{line}");
+    assert!(line.contains("file=2000"), "{line}");
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

@@ -86,6 +86,7 @@ fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
         no_new_privileges: false,
         cap_add: vec![],
         cap_drop: vec![],
+        supplemental_groups: vec![],
         stop_timeout_secs: 1,
     }
 }

@@ -1092,7 +1092,8 @@ impl Agent {
             if existing.epoch() == assign.epoch {
                 // The owner sends an assignment again when the volumes' data changed.
                 let dir = self.worker_ctx.files_dir(&pod_ref.uid, assign.epoch);
-                return match volumes::write(&dir, &assign.volumes).await {
+                let fs_group = translate::fs_group(&assign.pod);
+                return match volumes::write(&dir, &assign.volumes, fs_group).await {
                     Ok(()) => Response::Ack,
                     Err(e) => Response::Error {
                         message: format!("cannot update the pod's volumes: {e}"),

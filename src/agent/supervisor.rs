@@ -414,12 +414,13 @@ impl Worker {
                 ));
             }
         }
+        let fs_group = translate::fs_group(&self.pod);
         for name in translate::empty_dirs(&self.pod) {
-            if let Err(e) = create_world_writable(&self.volumes_dir.join(&name)).await {
+            if let Err(e) = create_world_writable(&self.volumes_dir.join(&name), fs_group).await {
                 return self.setup_failed(format!("{} for volume \"{name}\" : {e}", MOUNT_FAILED));
             }
         }
-        match super::volumes::write(&self.files_dir, &self.volumes).await {
+        match super::volumes::write(&self.files_dir, &self.volumes, fs_group).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
                 return self.fail(
@@ -529,7 +530,8 @@ impl Worker {
         // Files given again (a pod whose record was lost, claimed by its owner) are
         // written again; the containers see them through their bind mounts.
         if !self.volumes.is_empty() {
-            if let Err(e) = super::volumes::write(&self.files_dir, &self.volumes).await {
+            let fs_group = translate::fs_group(&self.pod);
+            if let Err(e) = super::volumes::write(&self.files_dir, &self.volumes, fs_group).await {
                 tracing::warn!(pod = %self.pod_ref, error = %e, "cannot write the pod's volume files");
             }
         }
@@ -864,7 +866,8 @@ impl Worker {
         plan: &ContainerPlan,
         now: Instant,
     ) {
-        if let Err(message) = prepare_mounts(&self.slots[i].spec.name, plan).await {
+        let fs_group = translate::fs_group(&self.pod);
+        if let Err(message) = prepare_mounts(&self.slots[i].spec.name, plan, fs_group).await {
             let slot = &mut self.slots[i];
             slot.view.state = Observed::waiting("CreateContainerConfigError", Some(message));
             slot.schedule_retry(now);
@@ -1151,10 +1154,14 @@ fn has_sub_path(spec: &Container) -> bool {
 /// if it went missing), or its subPath, opened and made if missing by [`subpath::open`],
 /// which refuses one through a symbolic link. The error is the container's status
 /// message, as the kubelet words it.
-async fn prepare_mounts(container: &str, plan: &ContainerPlan) -> Result<(), String> {
+async fn prepare_mounts(
+    container: &str,
+    plan: &ContainerPlan,
+    fs_group: Option<u32>,
+) -> Result<(), String> {
     for mount in &plan.mounts {
         let Some(sub_path) = mount.sub_path.clone() else {
-            create_world_writable(&mount.volume_dir)
+            create_world_writable(&mount.volume_dir, fs_group)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", mount.container_path))?;
             continue;
@@ -1181,13 +1188,20 @@ async fn prepare_mounts(container: &str, plan: &ContainerPlan) -> Result<(), Str
 /// Creates a volume directory with mode 0777, as the kubelet creates emptyDir volumes,
 /// so that containers running as any user can write to it. One that exists keeps its
 /// owner and mode: a container may have set them, and a restart must not undo that.
-async fn create_world_writable(dir: &std::path::Path) -> std::io::Result<()> {
+async fn create_world_writable(
+    dir: &std::path::Path,
+    fs_group: Option<u32>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if tokio::fs::metadata(dir).await.is_ok_and(|m| m.is_dir()) {
         return Ok(());
     }
     tokio::fs::create_dir_all(dir).await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).await
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).await?;
+    match fs_group {
+        Some(gid) => super::volumes::give_to_group(dir, gid, false).await,
+        None => Ok(()),
+    }
 }
 
 /// The agent's resolver configuration: `/etc/resolv.conf`, or, where that names only
@@ -1233,11 +1247,11 @@ mod tests {
                 .mode()
                 & 0o777
         };
-        create_world_writable(&volume).await.expect("created");
+        create_world_writable(&volume, None).await.expect("created");
         assert_eq!(mode(&volume), 0o777);
         // What a container did to it (here: chmod) survives its restart.
         std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        create_world_writable(&volume).await.expect("kept");
+        create_world_writable(&volume, None).await.expect("kept");
         assert_eq!(mode(&volume), 0o700);
     }
 }

@@ -12,17 +12,19 @@ use std::path::{Path, PathBuf};
 use crate::node::resolve::is_relative_path;
 use crate::wire::VolumeFile;
 
-/// Writes every volume's files into `<volumes_dir>/<volume name>/`.
+/// Writes every volume's files into `<volumes_dir>/<volume name>/`, owned by the pod's
+/// `fs_group` if it has one.
 pub async fn write(
     volumes_dir: &Path,
     volumes: &BTreeMap<String, Vec<VolumeFile>>,
+    fs_group: Option<u32>,
 ) -> io::Result<()> {
     for (name, files) in volumes {
         if name.contains('/') || !is_relative_path(name) {
             return Err(invalid(format!("bad volume name {name:?}")));
         }
         let root = volumes_dir.join(name);
-        create_dir(&root).await?;
+        create_dir(&root, fs_group).await?;
         let mut wanted = BTreeSet::new();
         for file in files {
             if !is_relative_path(&file.path) {
@@ -33,7 +35,7 @@ pub async fn write(
             }
             let path = root.join(&file.path);
             if let Some(parent) = path.parent() {
-                create_dir(parent).await?;
+                create_dir(parent, fs_group).await?;
             }
             let tmp = path.with_file_name(format!(
                 ".{}.tmp",
@@ -42,6 +44,9 @@ pub async fn write(
             tokio::fs::write(&tmp, &file.data.0).await?;
             tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(file.mode & 0o777))
                 .await?;
+            if let Some(gid) = fs_group {
+                give_to_group(&tmp, gid, READ_ONLY).await?;
+            }
             tokio::fs::rename(&tmp, &path).await?;
             wanted.insert(path);
         }
@@ -54,11 +59,41 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
+/// Volumes of files from the API are mounted read-only.
+const READ_ONLY: bool = true;
+
 /// Volume directories are world-readable, as the kubelet's, so that containers running
 /// as any user can read files their mode allows them to.
-async fn create_dir(dir: &Path) -> io::Result<()> {
+async fn create_dir(dir: &Path, fs_group: Option<u32>) -> io::Result<()> {
     tokio::fs::create_dir_all(dir).await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).await
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).await?;
+    match fs_group {
+        Some(gid) => give_to_group(dir, gid, READ_ONLY).await,
+        None => Ok(()),
+    }
+}
+
+/// The mode the kubelet's `SetVolumeOwnership` gives a volume's file or directory for
+/// `fsGroup`: group-readable (and writable, unless the volume is read-only), directories
+/// also group-searchable and setgid, so that what is made in them keeps the group.
+pub fn fs_group_mode(mode: u32, is_dir: bool, read_only: bool) -> u32 {
+    let mut mask = if read_only { 0o440 } else { 0o660 };
+    if is_dir {
+        mask |= 0o2110;
+    }
+    mode | mask
+}
+
+/// Gives `path` to group `gid` with [`fs_group_mode`]; a symbolic link is left alone
+/// (containers may have made it, and it may point anywhere on the host).
+pub async fn give_to_group(path: &Path, gid: u32, read_only: bool) -> io::Result<()> {
+    let meta = tokio::fs::symlink_metadata(path).await?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, None, Some(gid))?;
+    let mode = fs_group_mode(meta.permissions().mode() & 0o7777, meta.is_dir(), read_only);
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).await
 }
 
 async fn remove_unwanted(root: &Path, wanted: &BTreeSet<PathBuf>) -> io::Result<()> {
@@ -97,7 +132,7 @@ mod tests {
             "token".to_string(),
             vec![file("token", "one", 0o600), file("ca/ca.crt", "pem", 0o644)],
         )]);
-        write(dir.path(), &volumes).await.expect("writes");
+        write(dir.path(), &volumes, None).await.expect("writes");
         let token = dir.path().join("token/token");
         assert_eq!(std::fs::read_to_string(&token).expect("token"), "one");
         let mode = std::fs::metadata(&token)
@@ -108,9 +143,43 @@ mod tests {
         assert_eq!(mode, 0o600);
 
         let refreshed = BTreeMap::from([("token".to_string(), vec![file("token", "two", 0o600)])]);
-        write(dir.path(), &refreshed).await.expect("rewrites");
+        write(dir.path(), &refreshed, None).await.expect("rewrites");
         assert_eq!(std::fs::read_to_string(&token).expect("token"), "two");
         assert!(!dir.path().join("token/ca/ca.crt").exists());
+    }
+
+    #[test]
+    fn fs_group_modes_follow_the_kubelet() {
+        assert_eq!(fs_group_mode(0o400, false, true), 0o440);
+        assert_eq!(fs_group_mode(0o644, false, false), 0o664);
+        assert_eq!(fs_group_mode(0o755, true, true), 0o2755);
+        assert_eq!(fs_group_mode(0o777, true, false), 0o2777);
+    }
+
+    #[tokio::test]
+    async fn with_an_fs_group_files_and_directories_are_the_groups() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let volumes = BTreeMap::from([(
+            "creds".to_string(),
+            vec![
+                file("password", "s3cr3t", 0o400),
+                file("sub/key", "k", 0o600),
+            ],
+        )]);
+        write(dir.path(), &volumes, Some(2000))
+            .await
+            .expect("writes");
+        for (path, mode) in [
+            ("creds", 0o2755),
+            ("creds/sub", 0o2755),
+            ("creds/password", 0o440),
+            ("creds/sub/key", 0o640),
+        ] {
+            let meta = std::fs::metadata(dir.path().join(path)).expect("meta");
+            assert_eq!(meta.gid(), 2000, "{path}");
+            assert_eq!(meta.permissions().mode() & 0o7777, mode, "{path}");
+        }
     }
 
     #[tokio::test]
@@ -124,7 +193,7 @@ mod tests {
         ] {
             let volumes = BTreeMap::from([(volume.to_string(), vec![file(path, "x", 0o644)])]);
             assert!(
-                write(dir.path(), &volumes).await.is_err(),
+                write(dir.path(), &volumes, None).await.is_err(),
                 "{volume} {path}"
             );
         }

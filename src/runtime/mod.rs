@@ -159,6 +159,8 @@ pub struct ContainerPlan {
     /// Capability names as Kubernetes writes them (`NET_ADMIN`, `ALL`).
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
+    /// Groups the process gets besides its own (`supplementalGroups`, `fsGroup`).
+    pub supplemental_groups: Vec<u32>,
     /// Seconds Podman waits after SIGTERM before SIGKILL when stopping.
     pub stop_timeout_secs: u64,
 }

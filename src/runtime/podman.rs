@@ -532,6 +532,7 @@ impl Runtime for Podman {
             .no_new_privilages(plan.no_new_privileges)
             .add_capabilities(plan.cap_add.iter().cloned())
             .drop_capabilities(plan.cap_drop.iter().cloned())
+            .groups(plan.supplemental_groups.iter().map(u32::to_string))
             .stop_timeout(plan.stop_timeout_secs)
             // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
             .init(true)

@@ -532,12 +532,27 @@ fn validate_pod_security(security: &PodSecurityContext) -> Result<(), SpecError>
         fs_group,
         supplemental_groups,
         supplemental_groups_policy,
-        // Only matter with fsGroup and SELinux, both refused.
-        fs_group_change_policy: _,
+        fs_group_change_policy,
+        // Only matters with SELinux labels, which are refused.
         se_linux_change_policy: _,
     } = security;
     validate_id(PATH, "runAsUser", *run_as_user)?;
     validate_id(PATH, "runAsGroup", *run_as_group)?;
+    validate_id(PATH, "fsGroup", *fs_group)?;
+    for (i, group) in supplemental_groups.iter().flatten().enumerate() {
+        validate_id(PATH, &format!("supplementalGroups[{i}]"), Some(*group))?;
+    }
+    // A pod's volumes are new when its containers first see them, so the two policies
+    // do the same here: the ownership is set once, when the agent makes them.
+    match fs_group_change_policy.as_deref() {
+        None | Some("Always" | "OnRootMismatch") => {}
+        Some(other) => {
+            return Err(SpecError::new(
+                format!("{PATH}.fsGroupChangePolicy"),
+                format!("unknown fsGroupChangePolicy \"{other}\""),
+            ))
+        }
+    }
     validate_confinement(
         PATH,
         app_armor_profile.as_ref(),
@@ -549,16 +564,6 @@ fn validate_pod_security(security: &PodSecurityContext) -> Result<(), SpecError>
         has_items(sysctls.as_deref()),
         &format!("{PATH}.sysctls"),
         "sysctls are not supported yet",
-    )?;
-    refuse_if(
-        fs_group.is_some(),
-        &format!("{PATH}.fsGroup"),
-        "fsGroup is not supported yet",
-    )?;
-    refuse_if(
-        has_items(supplemental_groups.as_deref()),
-        &format!("{PATH}.supplementalGroups"),
-        "supplementalGroups are not supported yet",
     )?;
     match supplemental_groups_policy.as_deref() {
         None | Some("Merge") => Ok(()),
@@ -1710,9 +1715,35 @@ pub fn container_plan(
         no_new_privileges: security.and_then(|s| s.allow_privilege_escalation) == Some(false),
         cap_add: capability_names(security, |c| c.add.as_deref()),
         cap_drop: capability_names(security, |c| c.drop.as_deref()),
+        supplemental_groups: supplemental_groups(spec),
         stop_timeout_secs: grace_period_secs(pod),
         env,
     })
+}
+
+/// The groups every container's process gets besides its own, as the kubelet gives
+/// them: `supplementalGroups`, then `fsGroup` (which owns the pod's volumes).
+fn supplemental_groups(spec: &PodSpec) -> Vec<u32> {
+    let Some(security) = &spec.security_context else {
+        return Vec::new();
+    };
+    let mut groups: Vec<u32> = Vec::new();
+    let listed = security.supplemental_groups.iter().flatten().copied();
+    for group in listed.chain(security.fs_group) {
+        // Validated as 0..=i32::MAX.
+        if let Ok(group) = u32::try_from(group) {
+            if !groups.contains(&group) {
+                groups.push(group);
+            }
+        }
+    }
+    groups
+}
+
+/// The pod's `fsGroup`: the group the agent gives its volumes.
+pub fn fs_group(pod: &Pod) -> Option<u32> {
+    let group = pod.spec.as_ref()?.security_context.as_ref()?.fs_group?;
+    u32::try_from(group).ok()
 }
 
 fn capability_names(
@@ -2755,12 +2786,22 @@ mod tests {
                 "spec.securityContext.sysctls",
             ),
             (
-                vec![("/spec/securityContext/fsGroup", json!(1000))],
+                vec![("/spec/securityContext/fsGroup", json!(-1))],
                 "spec.securityContext.fsGroup",
             ),
             (
-                vec![("/spec/securityContext/supplementalGroups", json!([1000]))],
-                "spec.securityContext.supplementalGroups",
+                vec![(
+                    "/spec/securityContext/supplementalGroups",
+                    json!([1000, -5]),
+                )],
+                "spec.securityContext.supplementalGroups[1]",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/fsGroupChangePolicy",
+                    json!("Sometimes"),
+                )],
+                "spec.securityContext.fsGroupChangePolicy",
             ),
             (
                 vec![(
@@ -3601,6 +3642,21 @@ mod tests {
 
     fn pod_ref_field(pod: &Pod) -> String {
         pod_ref(pod).expect_err("no pod ref").field
+    }
+
+    #[test]
+    fn supplemental_groups_and_fs_group_are_every_containers_groups() {
+        let dir = PathBuf::from("/v");
+        let pod = pod_with(&[(
+            "/spec/securityContext",
+            json!({"supplementalGroups": [3000, 2000], "fsGroup": 2000,
+                   "fsGroupChangePolicy": "OnRootMismatch"}),
+        )]);
+        let plan = container_plan(&pod, app(&pod, 0), ContainerKind::App, 0, &context(&dir))
+            .expect("container plan");
+        assert_eq!(plan.supplemental_groups, [3000, 2000]);
+        assert_eq!(fs_group(&pod), Some(2000));
+        assert_eq!(fs_group(&pod_with(&[])), None);
     }
 
     #[test]
