@@ -427,6 +427,39 @@ spec:
     assert!(line.contains("file=2000"), "{line}");
 }
 
+/// `runAsNonRoot` without `runAsUser`, checked as the kubelet checks it: against the
+/// image's user when the container is created. The test image sets none (root): the
+/// container waits with the kubelet's reason and message, and nothing runs; with
+/// `runAsUser` it runs.
+#[test]
+fn run_as_non_root_is_checked_against_the_images_user() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    let pod = |name: &str, security: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, uid: {name}-uid}}\nspec:\n  securityContext: {security}\n  containers:\n  - {{name: main, image: localhost/busybox:1.35, command: [sleep, '100000']}}\n"
+        )
+    };
+    mesh.write_manifest("root.yaml", &pod("e2e-root", "{runAsNonRoot: true}"));
+    mesh.write_manifest(
+        "user.yaml",
+        &pod("e2e-user", "{runAsNonRoot: true, runAsUser: 1000}"),
+    );
+    let refused = mesh.wait_for("e2e-root refused", Duration::from_secs(30), || {
+        let pod = mesh.pod_status("default", "e2e-root")?;
+        (pod["reason"] == "CreateContainerConfigError").then_some(pod)
+    });
+    assert_eq!(
+        refused["message"],
+        "container has runAsNonRoot and image will run as root (pod: \"e2e-root_default(e2e-root-uid)\", container: main)",
+        "{refused}"
+    );
+    mesh.wait_for("e2e-user Running", Duration::from_secs(30), || {
+        (phase_of(&mesh, "e2e-user").as_deref() == Some("Running")).then_some(())
+    });
+    assert!(podman_containers("io.beemesh.pod.name=e2e-root").is_empty());
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

@@ -190,6 +190,18 @@ async fn the_pods_resolver_configuration_and_host_aliases_are_what_its_container
 }
 
 #[tokio::test]
+async fn the_image_user_is_what_its_configuration_says() {
+    require_podman();
+    let runtime = Podman::new(&format!("unix://{}", common::SOCKET)).expect("client");
+    // The test image sets no user: root.
+    assert_eq!(runtime.image_user(IMAGE).await.expect("inspect"), "");
+    assert!(matches!(
+        runtime.image_user("localhost/no-such-image:1").await,
+        Err(RuntimeError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
 async fn args_alone_keep_the_image_entrypoint_and_a_command_alone_drops_its_cmd() {
     let pod = pod("entry", vec![]).await;
     // The image's CMD is /bin/sh; args replace it.

@@ -579,6 +579,21 @@ impl Worker {
         tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, "adopted running pod");
     }
 
+    /// The kubelet's `runAsNonRoot` check, which needs the image's user when the
+    /// container does not set one.
+    async fn verify_run_as_non_root(&self, spec: &Container, image: &str) -> Result<(), String> {
+        let image_user = if translate::runs_as_image_user_non_root(&self.pod, spec) {
+            self.ctx
+                .runtime
+                .image_user(image)
+                .await
+                .map_err(|e| format!("cannot read the image's user: {e}"))?
+        } else {
+            String::new()
+        };
+        translate::verify_run_as_non_root(&self.pod, spec, &image_user)
+    }
+
     /// `activeDeadlineSeconds` counted from the pod's start, as the kubelet counts it.
     fn past_active_deadline(&self) -> bool {
         let deadline = self
@@ -826,6 +841,12 @@ impl Worker {
                 reason
             };
             slot.view.state = Observed::waiting(shown, Some(e.to_string()));
+            slot.schedule_retry(now);
+            return;
+        }
+        if let Err(message) = self.verify_run_as_non_root(&spec, &image).await {
+            let slot = &mut self.slots[i];
+            slot.view.state = Observed::waiting("CreateContainerConfigError", Some(message));
             slot.schedule_retry(now);
             return;
         }

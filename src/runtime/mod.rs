@@ -304,6 +304,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Makes sure `image` is present according to `policy` (pulling if needed).
     async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError>;
 
+    /// The user a present image runs as, as its configuration says (`uid`, `name`,
+    /// `uid:gid`; empty when unset, which is root).
+    async fn image_user(&self, image: &str) -> Result<String, RuntimeError>;
+
     /// Creates a container in a pod; returns its ID.
     async fn create_container(
         &self,

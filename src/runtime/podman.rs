@@ -468,6 +468,22 @@ impl Runtime for Podman {
         Ok(addresses.flatten().find_map(|ip| ip.parse::<IpAddr>().ok()))
     }
 
+    async fn image_user(&self, image: &str) -> Result<String, RuntimeError> {
+        path_safe("image reference", image)?;
+        let data = self
+            .client
+            .images()
+            .get(image)
+            .inspect()
+            .await
+            .map_err(classify)?;
+        Ok(data
+            .user
+            .filter(|user| !user.is_empty())
+            .or_else(|| data.config.and_then(|config| config.user))
+            .unwrap_or_default())
+    }
+
     async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
         path_safe("image reference", image)?;
         let present = || async {

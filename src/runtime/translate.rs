@@ -13,8 +13,8 @@
 //!   SIGTERM and SIGKILL, so [`grace_period_secs`] is `max(value, 2)`, with the value
 //!   taken from `metadata.deletionGracePeriodSeconds`, else
 //!   `spec.terminationGracePeriodSeconds`, else 30 (the API server's default).
-//! - `runAsNonRoot: true` without a `runAsUser` is refused: the kubelet checks the image's
-//!   user when it starts the container, which pure code cannot do.
+//! - `runAsNonRoot` is checked as the kubelet checks it, when the container is created,
+//!   against `runAsUser` or the image's user ([`verify_run_as_non_root`]).
 //! - `allowPrivilegeEscalation: false` sets `no_new_privs`; capabilities are added and
 //!   dropped by name, as the kubelet's runtime does.
 //! - `dnsPolicy: ClusterFirst` is `Default` (the agent's resolver): cluster DNS is not
@@ -1241,21 +1241,66 @@ fn validate_container_security(
         &format!("{path}.runAsGroup"),
         "runAsGroup needs runAsUser",
     )?;
-    if identity.non_root {
-        let field = format!("{path}.runAsNonRoot");
-        refuse_if(
-            identity.uid == Some(0),
-            &field,
-            "runAsNonRoot is true but runAsUser is 0",
-        )?;
-        refuse_if(
-            identity.uid.is_none(),
-            &field,
-            "runAsNonRoot without runAsUser is not supported yet (the image's user cannot be \
-             checked); set runAsUser",
-        )?;
-    }
     Ok(())
+}
+
+/// Whether the container must run as non-root and as the image's user, so that
+/// [`verify_run_as_non_root`] needs that user.
+pub fn runs_as_image_user_non_root(pod: &Pod, container: &Container) -> bool {
+    let identity = effective_identity(
+        pod.spec.as_ref().and_then(|s| s.security_context.as_ref()),
+        container.security_context.as_ref(),
+    );
+    identity.non_root && identity.uid.is_none()
+}
+
+/// The kubelet's `runAsNonRoot` check when it creates the container, against the user
+/// the container would run as: `runAsUser` if set, else the image's (`image_user`, as
+/// its configuration has it: `uid`, `name`, `uid:gid`; empty means root). The error is
+/// the kubelet's, shown as `CreateContainerConfigError`.
+pub fn verify_run_as_non_root(
+    pod: &Pod,
+    container: &Container,
+    image_user: &str,
+) -> Result<(), String> {
+    let spec = pod.spec.as_ref();
+    let identity = effective_identity(
+        spec.and_then(|s| s.security_context.as_ref()),
+        container.security_context.as_ref(),
+    );
+    if !identity.non_root {
+        return Ok(());
+    }
+    let meta = &pod.metadata;
+    let pod = format!(
+        "{}_{}({})",
+        meta.name.as_deref().unwrap_or_default(),
+        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+        meta.uid.as_deref().unwrap_or_default()
+    );
+    let name = &container.name;
+    if let Some(uid) = identity.uid {
+        if uid == 0 {
+            return Err(format!(
+                "container's runAsUser breaks non-root policy (pod: \"{pod}\", container: {name})"
+            ));
+        }
+        return Ok(());
+    }
+    let user = image_user.split(':').next().unwrap_or_default();
+    match user.parse::<i64>() {
+        _ if user.is_empty() => Err(format!(
+            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {name})"
+        )),
+        Ok(0) => Err(format!(
+            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {name})"
+        )),
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "container has runAsNonRoot and image has non-numeric user ({user}), cannot verify \
+             user is non-root (pod: \"{pod}\", container: {name})"
+        )),
+    }
 }
 
 /// The user a container runs as, as the kubelet resolves it: each container field
@@ -2842,25 +2887,7 @@ mod tests {
                 vec![("/spec/securityContext/runAsUser", json!(-1))],
                 "spec.securityContext.runAsUser",
             ),
-            (
-                vec![("/spec/securityContext/runAsNonRoot", json!(true))],
-                "spec.containers[0].securityContext.runAsNonRoot",
-            ),
             // Container security context.
-            (
-                vec![(
-                    "/spec/containers/0/securityContext/runAsNonRoot",
-                    json!(true),
-                )],
-                "spec.containers[0].securityContext.runAsNonRoot",
-            ),
-            (
-                vec![
-                    ("/spec/securityContext/runAsNonRoot", json!(true)),
-                    ("/spec/containers/0/securityContext/runAsUser", json!(0)),
-                ],
-                "spec.containers[0].securityContext.runAsNonRoot",
-            ),
             (
                 vec![("/spec/containers/0/securityContext/runAsGroup", json!(1000))],
                 "spec.containers[0].securityContext.runAsGroup",
@@ -3642,6 +3669,40 @@ mod tests {
 
     fn pod_ref_field(pod: &Pod) -> String {
         pod_ref(pod).expect_err("no pod ref").field
+    }
+
+    #[test]
+    fn run_as_non_root_is_checked_against_the_user_the_container_runs_as() {
+        let check = |security: Value, image_user: &str| {
+            let pod = pod_with(&[("/spec/securityContext", security)]);
+            verify_run_as_non_root(&pod, app(&pod, 0), image_user)
+        };
+        let non_root = || json!({"runAsNonRoot": true});
+        assert_eq!(check(json!({}), ""), Ok(()));
+        assert_eq!(check(non_root(), "1000"), Ok(()));
+        assert_eq!(check(non_root(), "1000:1000"), Ok(()));
+        assert_eq!(
+            check(json!({"runAsNonRoot": true, "runAsUser": 1000}), "root"),
+            Ok(())
+        );
+        let root = check(non_root(), "").expect_err("root image");
+        assert!(
+            root.starts_with("container has runAsNonRoot and image will run as root (pod: \""),
+            "{root}"
+        );
+        assert!(
+            root.ends_with(&format!("(pod: \"web_shop({UID})\", container: main)")),
+            "{root}"
+        );
+        assert!(check(non_root(), "0:0")
+            .expect_err("uid 0")
+            .contains("image will run as root"));
+        assert!(check(non_root(), "nobody")
+            .expect_err("a name")
+            .contains("image has non-numeric user (nobody), cannot verify user is non-root"));
+        assert!(check(json!({"runAsNonRoot": true, "runAsUser": 0}), "1000")
+            .expect_err("runAsUser 0")
+            .starts_with("container's runAsUser breaks non-root policy"));
     }
 
     #[test]
