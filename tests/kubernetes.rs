@@ -2386,6 +2386,68 @@ fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
     );
 }
 
+/// Termination messages as the kubelet reports them: what a container wrote to its
+/// `terminationMessagePath`, or with `FallbackToLogsOnError` the end of its log when it
+/// failed, in its terminated state.
+#[test]
+fn termination_messages_come_from_the_file_or_the_log_as_the_kubelet_reads_them() {
+    let mut cluster = Cluster::start(&[]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(20));
+    cluster.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: ending, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Equal, value: beemesh, effect: NoSchedule}]
+  restartPolicy: Never
+  containers:
+  - name: file
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'printf "disk full" > /dev/termination-log; exit 3']
+  - name: custom
+    image: localhost/busybox:1.35
+    terminationMessagePath: /tmp/why
+    command: [sh, -c, 'printf "custom path" > /tmp/why; exit 4']
+  - name: logs
+    image: localhost/busybox:1.35
+    terminationMessagePolicy: FallbackToLogsOnError
+    command: [sh, -c, 'echo starting; echo "cannot connect"; exit 2']
+  - name: quiet
+    image: localhost/busybox:1.35
+    terminationMessagePolicy: FallbackToLogsOnError
+    command: [sh, -c, 'echo all good']
+"#,
+    );
+    let pod = cluster
+        .mesh
+        .wait_for("the pod Failed", Duration::from_secs(60), || {
+            let pod = cluster.get(&["pod", "ending"])?;
+            (pod["status"]["phase"] == "Failed").then_some(pod)
+        });
+    let message = |name: &str| {
+        pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .map(|c| c["state"]["terminated"]["message"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(message("file"), "disk full", "{}", pod["status"]);
+    assert_eq!(message("custom"), "custom path", "{}", pod["status"]);
+    assert_eq!(
+        message("logs"),
+        "starting\ncannot connect\n",
+        "{}",
+        pod["status"]
+    );
+    // Succeeded: the log does not stand in.
+    assert_eq!(message("quiet"), Value::Null, "{}", pod["status"]);
+}
+
 /// A pod in a namespace the chart does not let the node serve (servedNamespaces is
 /// [default]): the API server refuses the node its configMaps, secrets and token (403),
 /// and the pod says so, Pending with CreateContainerConfigError and the chart value to

@@ -12,6 +12,7 @@ use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
     labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan,
     PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
+    TerminationMessage,
 };
 use beemesh::wire::{Epoch, PodUid};
 use common::{free_port, require_podman, IMAGE};
@@ -23,6 +24,8 @@ struct TestPod {
     runtime: Podman,
     id: String,
     name: String,
+    /// For the containers' termination message files.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for TestPod {
@@ -61,7 +64,13 @@ async fn pod_with(test: &str, change: impl FnOnce(&mut PodPlan)) -> TestPod {
     change(&mut plan);
     let id = runtime.create_pod(&plan).await.expect("pod created");
     runtime.start_pod(&id).await.expect("pod started");
-    TestPod { runtime, id, name }
+    let dir = tempfile::tempdir().expect("tempdir");
+    TestPod {
+        runtime,
+        id,
+        name,
+        dir,
+    }
 }
 
 fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
@@ -76,6 +85,14 @@ fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
         memory_limit_bytes: None,
         cpu_limit_millis: None,
         mounts: vec![],
+        termination_message: TerminationMessage {
+            host_file: {
+                let file = pod.dir.path().join(name);
+                std::fs::write(&file, "").expect("termination message file");
+                file
+            },
+            container_path: "/dev/termination-log".into(),
+        },
         labels: BTreeMap::from([(LABEL.to_string(), pod.name.clone())]),
         tty: false,
         stdin: false,

@@ -13,6 +13,7 @@ pub mod status;
 pub(crate) mod store;
 mod subpath;
 mod supervisor;
+mod termination;
 mod volumes;
 pub mod watchdog;
 

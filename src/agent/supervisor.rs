@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use libp2p::PeerId;
@@ -18,11 +19,14 @@ use super::admission::Policy;
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
 use super::subpath;
+use super::termination;
 use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
 use crate::runtime::dns::{self, ResolvConf};
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
-use crate::runtime::{labels, ContainerPlan, ContainerStatus, Runtime, RuntimeError, RuntimePod};
+use crate::runtime::{
+    labels, ContainerPlan, ContainerStatus, LogOptions, Runtime, RuntimeError, RuntimePod,
+};
 use crate::wire::{Epoch, PodRef, VolumeFile};
 
 /// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
@@ -720,10 +724,11 @@ impl Worker {
                     }
                     ContainerStatus::Exited => {
                         let code = state.exit_code.unwrap_or(-1);
+                        let message = self.termination_message(i, &id, code).await;
                         let terminated = Observed::Terminated {
                             exit_code: code,
                             reason: Observed::exit_reason(code).to_string(),
-                            message: state.error.clone(),
+                            message: message.or_else(|| state.error.clone()),
                             started_at: state.started_at,
                             finished_at: state.finished_at,
                         };
@@ -762,6 +767,39 @@ impl Worker {
                 }
             },
         }
+    }
+
+    /// The message the current instance of container `i` (`id`, exited with `code`)
+    /// leaves, as the kubelet reads it (`super::termination`).
+    async fn termination_message(&self, i: usize, id: &str, code: i32) -> Option<String> {
+        let slot = &self.slots[i];
+        let file =
+            translate::termination_message_file(&self.volumes_dir, &slot.spec.name, slot.attempt);
+        match termination::read(&file).await {
+            Ok(data) if !data.is_empty() => {
+                return Some(String::from_utf8_lossy(&data).into_owned())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Some(format!("Error on reading termination log: {e}")),
+        }
+        if code == 0 || !translate::falls_back_to_logs(&slot.spec) {
+            return None;
+        }
+        let options = LogOptions {
+            tail_lines: Some(termination::MAX_LOG_LINES),
+            ..LogOptions::default()
+        };
+        let mut stream = self.ctx.runtime.logs(id, &options).await.ok()?;
+        let mut tail = Vec::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            tail.extend_from_slice(&chunk);
+            // 80 lines may be long: keep only what can be shown.
+            if tail.len() > 2 * termination::MAX_LOG_BYTES {
+                tail.drain(..tail.len() - termination::MAX_LOG_BYTES);
+            }
+        }
+        Some(termination::log_message(&tail)).filter(|m| !m.is_empty())
     }
 
     /// Handles the exit of a container instance according to the restart policy.
@@ -899,7 +937,22 @@ impl Worker {
             if self.slots[i].attempt >= 2 {
                 let _ = self.ctx.runtime.remove_container(&old).await;
                 self.slots[i].previous_id = None;
+                let older = translate::termination_message_file(
+                    &self.volumes_dir,
+                    &self.slots[i].spec.name,
+                    self.slots[i].attempt - 2,
+                );
+                let _ = tokio::fs::remove_file(older).await;
             }
+        }
+        if let Err(e) = termination::create_file(&plan.termination_message.host_file).await {
+            let slot = &mut self.slots[i];
+            slot.view.state = Observed::waiting(
+                "CreateContainerConfigError",
+                Some(format!("cannot create the termination message file: {e}")),
+            );
+            slot.schedule_retry(now);
+            return;
         }
         let id = match self.ctx.runtime.create_container(pod_id, plan).await {
             Ok(id) => id,

@@ -130,6 +130,14 @@ impl Mount {
     }
 }
 
+/// The file a container may write its termination message to: `host_file` on the
+/// agent, bind-mounted at `container_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminationMessage {
+    pub host_file: PathBuf,
+    pub container_path: String,
+}
+
 /// One container instance to create inside a pod.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerPlan {
@@ -146,6 +154,9 @@ pub struct ContainerPlan {
     pub memory_limit_bytes: Option<u64>,
     pub cpu_limit_millis: Option<u64>,
     pub mounts: Vec<Mount>,
+    /// The agent makes the file (empty, writable by any user) before creating the
+    /// container.
+    pub termination_message: TerminationMessage,
     pub labels: BTreeMap<String, String>,
     pub tty: bool,
     pub stdin: bool,

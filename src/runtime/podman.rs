@@ -269,6 +269,20 @@ fn resource_limits(plan: &ContainerPlan) -> Result<LinuxResources, RuntimeError>
         .map_err(|e| RuntimeError::Invalid(format!("invalid resource limits: {e}")))
 }
 
+fn bind_mount(source: &std::path::Path, destination: &str, read_only: bool) -> ContainerMount {
+    ContainerMount {
+        destination: Some(destination.to_owned()),
+        source: Some(source.display().to_string()),
+        _type: Some("bind".into()),
+        options: Some(vec![
+            "rbind".into(),
+            if read_only { "ro" } else { "rw" }.into(),
+        ]),
+        uid_mappings: None,
+        gid_mappings: None,
+    }
+}
+
 fn port_mapping(p: &super::PortMapping) -> PodmanPort {
     PodmanPort {
         container_port: Some(p.container_port),
@@ -552,17 +566,16 @@ impl Runtime for Podman {
             .stop_timeout(plan.stop_timeout_secs)
             // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
             .init(true)
-            .mounts(plan.mounts.iter().map(|m| ContainerMount {
-                destination: Some(m.container_path.clone()),
-                source: Some(m.host_path().display().to_string()),
-                _type: Some("bind".into()),
-                options: Some(vec![
-                    "rbind".into(),
-                    if m.read_only { "ro" } else { "rw" }.into(),
-                ]),
-                uid_mappings: None,
-                gid_mappings: None,
-            }));
+            .mounts(
+                plan.mounts
+                    .iter()
+                    .map(|m| bind_mount(&m.host_path(), &m.container_path, m.read_only))
+                    .chain(std::iter::once(bind_mount(
+                        &plan.termination_message.host_file,
+                        &plan.termination_message.container_path,
+                        false,
+                    ))),
+            );
         if let Some(command) = &plan.command {
             opts = opts.entrypoint(command.clone());
         }

@@ -54,7 +54,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use super::{dns, labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy};
+use super::{
+    dns, labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy,
+    TerminationMessage,
+};
 use crate::wire::{Epoch, PodRef, PodUid, Resources};
 
 /// A reason a pod cannot run here; Display is "<field path>: <message>", shown to users as
@@ -823,12 +826,18 @@ fn validate_container(
         stdin: _,
         stdin_once: _,
         tty: _,
-        // Only status reporting and in-place resizing read these.
-        termination_message_path: _,
-        termination_message_policy: _,
+        termination_message_path,
+        termination_message_policy,
+        // Only in-place resizing reads it.
         resize_policy: _,
     } = container;
     validate_container_name(path, name)?;
+    validate_termination_message(
+        path,
+        termination_message_path.as_deref(),
+        termination_message_policy.as_deref(),
+        volume_mounts.as_deref().unwrap_or_default(),
+    )?;
     validate_image(path, image.as_deref(), image_pull_policy.as_deref())?;
     validate_container_restart(path, kind, restart_policy.as_deref())?;
     refuse_if(
@@ -873,6 +882,61 @@ fn validate_container(
         spec.security_context.as_ref(),
         security_context.as_ref(),
     )
+}
+
+/// Where the container may leave its termination message: a file the agent mounts
+/// there, so an absolute path that no volume is mounted at.
+fn validate_termination_message(
+    path: &str,
+    file: Option<&str>,
+    policy: Option<&str>,
+    mounts: &[VolumeMount],
+) -> Result<(), SpecError> {
+    let field = format!("{path}.terminationMessagePath");
+    let file = non_empty(file).unwrap_or(DEFAULT_TERMINATION_MESSAGE_PATH);
+    refuse_if(
+        !file.starts_with('/') || file == "/" || file.len() > 4096 || file.contains('\0'),
+        &field,
+        "must be an absolute file path",
+    )?;
+    refuse_if(
+        Path::new(file)
+            .components()
+            .any(|c| c == Component::ParentDir),
+        &field,
+        "must not contain '..'",
+    )?;
+    refuse_if(
+        mounts
+            .iter()
+            .any(|m| Path::new(&m.mount_path) == Path::new(file)),
+        &field,
+        "must not be the path a volume is mounted at",
+    )?;
+    match policy {
+        None | Some("File" | "FallbackToLogsOnError") => Ok(()),
+        Some(_) => Err(SpecError::new(
+            format!("{path}.terminationMessagePolicy"),
+            "must be File or FallbackToLogsOnError",
+        )),
+    }
+}
+
+/// The API server's default `terminationMessagePath`.
+const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+
+/// The agent's file behind a container instance's `terminationMessagePath`, in the
+/// pod's volumes directory (whose volumes are named as DNS labels, never with a dot).
+pub fn termination_message_file(volumes_dir: &Path, container: &str, attempt: u32) -> PathBuf {
+    volumes_dir
+        .join(".termination")
+        .join(format!("{container}_{attempt}"))
+}
+
+/// Whether the container's logs stand in for an empty termination message when it
+/// fails (`terminationMessagePolicy: FallbackToLogsOnError`).
+pub fn falls_back_to_logs(container: &Container) -> bool {
+    container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError")
 }
 
 fn validate_container_name(path: &str, name: &str) -> Result<(), SpecError> {
@@ -1747,6 +1811,12 @@ pub fn container_plan(
         memory_limit_bytes: limit("memory")?,
         cpu_limit_millis: limit("cpu")?,
         mounts: container_mounts(container, spec, ctx),
+        termination_message: TerminationMessage {
+            host_file: termination_message_file(ctx.volumes_dir, &container.name, attempt),
+            container_path: non_empty(container.termination_message_path.as_deref())
+                .unwrap_or(DEFAULT_TERMINATION_MESSAGE_PATH)
+                .to_owned(),
+        },
         labels,
         tty: container.tty == Some(true),
         stdin: container.stdin == Some(true),
@@ -2728,6 +2798,34 @@ mod tests {
                 "spec.activeDeadlineSeconds",
             ),
             (
+                vec![("/spec/containers/0/terminationMessagePath", json!("why"))],
+                "spec.containers[0].terminationMessagePath",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/terminationMessagePath",
+                    json!("/tmp/../etc/shadow"),
+                )],
+                "spec.containers[0].terminationMessagePath",
+            ),
+            (
+                vec![
+                    ("/spec/volumes", json!([{"name": "v", "emptyDir": {}}])),
+                    (
+                        "/spec/containers/0/volumeMounts",
+                        json!([{"name": "v", "mountPath": "/dev/termination-log"}]),
+                    ),
+                ],
+                "spec.containers[0].terminationMessagePath",
+            ),
+            (
+                vec![(
+                    "/spec/containers/0/terminationMessagePolicy",
+                    json!("Always"),
+                )],
+                "spec.containers[0].terminationMessagePolicy",
+            ),
+            (
                 vec![(
                     "/spec/ephemeralContainers",
                     json!([{"name": "debug", "image": "busybox"}]),
@@ -3703,6 +3801,42 @@ mod tests {
         assert!(check(json!({"runAsNonRoot": true, "runAsUser": 0}), "1000")
             .expect_err("runAsUser 0")
             .starts_with("container's runAsUser breaks non-root policy"));
+    }
+
+    #[test]
+    fn each_instance_gets_its_termination_message_file_at_the_path_asked_for() {
+        let dir = PathBuf::from("/v/p");
+        let pod = pod_with(&[]);
+        let plan = container_plan(&pod, app(&pod, 0), ContainerKind::App, 2, &context(&dir))
+            .expect("container plan");
+        assert_eq!(
+            plan.termination_message,
+            TerminationMessage {
+                host_file: PathBuf::from("/v/p/.termination/main_2"),
+                container_path: "/dev/termination-log".into(),
+            }
+        );
+        let custom = pod_with(&[
+            (
+                "/spec/containers/0/terminationMessagePath",
+                json!("/tmp/why"),
+            ),
+            (
+                "/spec/containers/0/terminationMessagePolicy",
+                json!("FallbackToLogsOnError"),
+            ),
+        ]);
+        let plan = container_plan(
+            &custom,
+            app(&custom, 0),
+            ContainerKind::App,
+            0,
+            &context(&dir),
+        )
+        .expect("container plan");
+        assert_eq!(plan.termination_message.container_path, "/tmp/why");
+        assert!(falls_back_to_logs(app(&custom, 0)));
+        assert!(!falls_back_to_logs(app(&pod, 0)));
     }
 
     #[test]
