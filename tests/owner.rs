@@ -270,6 +270,21 @@ fn hosting(
     })
 }
 
+/// Fails with `what` if any of `agents` has been sent an assignment.
+fn assert_no_assignment(agents: &mut [ScriptedAgent], what: &str) {
+    for agent in agents.iter_mut() {
+        while let Some(event) = agent.events.try_recv() {
+            if let MeshEvent::Request {
+                request: Request::Assign(assign),
+                ..
+            } = event
+            {
+                panic!("{what}: {assign:?}");
+            }
+        }
+    }
+}
+
 /// What the node shows `handle` (which it trusts as a client) of the mesh.
 async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
     match handle
@@ -1085,17 +1100,7 @@ async fn pods_placed_together_never_over_commit_an_agent() {
         "{waiting:?}"
     );
     // Neither agent was asked to take it meanwhile.
-    for agent in agents.iter_mut() {
-        while let Some(event) = agent.events.try_recv() {
-            if let MeshEvent::Request {
-                request: Request::Assign(assign),
-                ..
-            } = event
-            {
-                panic!("over-committed: {assign:?}");
-            }
-        }
-    }
+    assert_no_assignment(&mut agents, "over-committed");
     cancel.cancel();
 }
 
@@ -1168,17 +1173,7 @@ async fn a_pod_bigger_than_every_agent_is_rejected_as_the_kubelet_rejects_it() {
              capacity: 8000 (2 agents)"
         )
     );
-    for agent in agents.iter_mut() {
-        while let Some(event) = agent.events.try_recv() {
-            if let MeshEvent::Request {
-                request: Request::Assign(assign),
-                ..
-            } = event
-            {
-                panic!("assigned a pod no agent can hold: {assign:?}");
-            }
-        }
-    }
+    assert_no_assignment(&mut agents, "assigned a pod no agent can hold");
     cancel.cancel();
 }
 
