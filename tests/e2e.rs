@@ -480,6 +480,20 @@ spec:
   - {name: main, image: localhost/busybox:1.35, command: ["sleep", "100000"]}
 "#,
     );
+    // One that finishes in time stays as it ended.
+    mesh.write_manifest(
+        "in-time.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-in-time}
+spec:
+  activeDeadlineSeconds: 2
+  restartPolicy: Never
+  containers:
+  - {name: main, image: localhost/busybox:1.35, command: ["true"]}
+"#,
+    );
     mesh.wait_for("e2e-deadline Running", Duration::from_secs(30), || {
         (phase_of(&mesh, "e2e-deadline").as_deref() == Some("Running")).then_some(())
     });
@@ -492,6 +506,7 @@ spec:
         pod["message"],
         "Pod was active on the node longer than the specified deadline"
     );
+    assert_eq!(phase_of(&mesh, "e2e-in-time").as_deref(), Some("Succeeded"));
     let containers = podman_containers("io.beemesh.pod.name=e2e-deadline");
     assert_eq!(containers.len(), 1, "restarted? {containers:?}");
     assert_eq!(containers[0]["State"], "exited", "{containers:?}");

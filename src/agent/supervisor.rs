@@ -598,8 +598,12 @@ impl Worker {
         translate::verify_run_as_non_root(&self.pod, spec, &image_user)
     }
 
-    /// `activeDeadlineSeconds` counted from the pod's start, as the kubelet counts it.
+    /// `activeDeadlineSeconds` counted from the pod's start, as the kubelet counts it;
+    /// a pod whose containers have all finished is done and stays as it ended.
     fn past_active_deadline(&self) -> bool {
+        if self.slots.iter().all(|slot| slot.finished) {
+            return false;
+        }
         let deadline = self
             .pod
             .spec
