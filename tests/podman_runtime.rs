@@ -104,6 +104,7 @@ fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
         cap_add: vec![],
         cap_drop: vec![],
         supplemental_groups: vec![],
+        sysctls: BTreeMap::new(),
         stop_timeout_secs: 1,
     }
 }
@@ -204,6 +205,29 @@ async fn the_pods_resolver_configuration_and_host_aliases_are_what_its_container
             "{name} not in /etc/hosts:\n{files}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_containers_sysctls_are_set_in_the_pods_namespaces() {
+    let pod = pod("sysctl", vec![]).await;
+    let mut p = plan(&pod, "main", &["sh", "-c"]);
+    p.args = Some(vec![
+        "cat /proc/sys/net/ipv4/ip_local_port_range /proc/sys/kernel/shm_rmid_forced".into(),
+    ]);
+    p.sysctls = BTreeMap::from([
+        (
+            "net.ipv4.ip_local_port_range".to_owned(),
+            "2000\t60000".to_owned(),
+        ),
+        ("kernel.shm_rmid_forced".to_owned(), "1".to_owned()),
+    ]);
+    let id = start(&pod, &p).await;
+    wait_exit(&pod, &id).await;
+    let values: Vec<String> = logs(&id)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(values, ["2000 60000", "1"]);
 }
 
 #[tokio::test]

@@ -141,20 +141,6 @@ const BASELINE_CAPABILITIES: [&str; 13] = [
     "SYS_CHROOT",
 ];
 
-/// The sysctls the baseline level allows: namespaced and harmless to other pods.
-const SAFE_SYSCTLS: [&str; 10] = [
-    "kernel.shm_rmid_forced",
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies",
-    "net.ipv4.ping_group_range",
-    "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_keepalive_intvl",
-    "net.ipv4.tcp_keepalive_probes",
-];
-
 /// SELinux types the baseline level allows (empty: the runtime's default).
 const SELINUX_TYPES: [&str; 5] = [
     "",
@@ -574,7 +560,8 @@ fn check_pod_confinement(
         .sysctls
         .iter()
         .flatten()
-        .find(|s| !SAFE_SYSCTLS.contains(&s.name.as_str()))
+        // The baseline level allows the kubelet's safe sysctls.
+        .find(|s| !translate::SAFE_SYSCTLS.contains(&s.name.as_str()))
     {
         return Err(Refusal::new(
             rule("sysctls"),

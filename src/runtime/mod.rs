@@ -172,6 +172,8 @@ pub struct ContainerPlan {
     pub cap_drop: Vec<String>,
     /// Groups the process gets besides its own (`supplementalGroups`, `fsGroup`).
     pub supplemental_groups: Vec<u32>,
+    /// The pod's (safe, namespaced) sysctls.
+    pub sysctls: BTreeMap<String, String>,
     /// Seconds Podman waits after SIGTERM before SIGKILL when stopping.
     pub stop_timeout_secs: u64,
 }

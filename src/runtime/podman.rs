@@ -563,6 +563,7 @@ impl Runtime for Podman {
             .add_capabilities(plan.cap_add.iter().cloned())
             .drop_capabilities(plan.cap_drop.iter().cloned())
             .groups(plan.supplemental_groups.iter().map(u32::to_string))
+            .sysctl(plan.sysctls.clone())
             .stop_timeout(plan.stop_timeout_secs)
             // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
             .init(true)

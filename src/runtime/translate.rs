@@ -563,11 +563,25 @@ fn validate_pod_security(security: &PodSecurityContext) -> Result<(), SpecError>
         se_linux_options.as_ref(),
         windows_options.as_ref(),
     )?;
-    refuse_if(
-        has_items(sysctls.as_deref()),
-        &format!("{PATH}.sysctls"),
-        "sysctls are not supported yet",
-    )?;
+    for (i, sysctl) in sysctls.iter().flatten().enumerate() {
+        refuse_if(
+            !SAFE_SYSCTLS.contains(&sysctl.name.as_str()),
+            &format!("{PATH}.sysctls[{i}].name"),
+            &format!(
+                "forbidden sysctl: \"{}\" not allowlisted (only the kubelet's safe sysctls \
+                 are: {})",
+                sysctl.name,
+                SAFE_SYSCTLS.join(", ")
+            ),
+        )?;
+        // Written to /proc/sys as they are: ranges are separated by spaces or tabs.
+        let printable = |c: char| c.is_ascii_graphic() || c == ' ' || c == '\t';
+        refuse_if(
+            sysctl.value.is_empty() || !sysctl.value.chars().all(printable),
+            &format!("{PATH}.sysctls[{i}].value"),
+            "must be a non-empty line of printable characters",
+        )?;
+    }
     match supplemental_groups_policy.as_deref() {
         None | Some("Merge") => Ok(()),
         Some(_) => Err(SpecError::new(
@@ -921,6 +935,21 @@ fn validate_termination_message(
         )),
     }
 }
+
+/// The kubelet's safe sysctls: namespaced, and harmless to other pods. Others are
+/// forbidden, as on a kubelet without `--allowed-unsafe-sysctls`.
+pub const SAFE_SYSCTLS: [&str; 10] = [
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+];
 
 /// The API server's default `terminationMessagePath`.
 const DEFAULT_TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
@@ -1831,6 +1860,13 @@ pub fn container_plan(
         cap_add: capability_names(security, |c| c.add.as_deref()),
         cap_drop: capability_names(security, |c| c.drop.as_deref()),
         supplemental_groups: supplemental_groups(spec),
+        // Set by every container: they share the pod's network and IPC namespaces.
+        sysctls: spec
+            .security_context
+            .iter()
+            .flat_map(|security| security.sysctls.iter().flatten())
+            .map(|sysctl| (sysctl.name.clone(), sysctl.value.clone()))
+            .collect(),
         stop_timeout_secs: grace_period_secs(pod),
         env,
     })
@@ -2926,7 +2962,14 @@ mod tests {
                     "/spec/securityContext/sysctls",
                     json!([{"name": "net.core.somaxconn", "value": "1024"}]),
                 )],
-                "spec.securityContext.sysctls",
+                "spec.securityContext.sysctls[0].name",
+            ),
+            (
+                vec![(
+                    "/spec/securityContext/sysctls",
+                    json!([{"name": "kernel.shm_rmid_forced", "value": "1\nkernel.x=2"}]),
+                )],
+                "spec.securityContext.sysctls[0].value",
             ),
             (
                 vec![("/spec/securityContext/fsGroup", json!(-1))],
@@ -3850,6 +3893,26 @@ mod tests {
         let plan = container_plan(&pod, app(&pod, 0), ContainerKind::App, 0, &context(&dir))
             .expect("container plan");
         assert_eq!(plan.supplemental_groups, [3000, 2000]);
+        assert!(plan.sysctls.is_empty());
+        let tuned = pod_with(&[(
+            "/spec/securityContext/sysctls",
+            json!([{"name": "net.ipv4.ip_local_port_range", "value": "2000\t60000"}]),
+        )]);
+        let plan = container_plan(
+            &tuned,
+            app(&tuned, 0),
+            ContainerKind::App,
+            0,
+            &context(&dir),
+        )
+        .expect("container plan");
+        assert_eq!(
+            plan.sysctls,
+            BTreeMap::from([(
+                "net.ipv4.ip_local_port_range".to_owned(),
+                "2000\t60000".to_owned()
+            )])
+        );
         assert_eq!(fs_group(&pod), Some(2000));
         assert_eq!(fs_group(&pod_with(&[])), None);
     }
