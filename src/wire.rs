@@ -162,6 +162,13 @@ pub struct PodRef {
     pub name: String,
 }
 
+impl PodRef {
+    /// How the kubelet names a pod in its messages (`format.Pod`): `name_namespace(uid)`.
+    pub fn kubelet_name(&self) -> String {
+        format!("{}_{}({})", self.name, self.namespace, self.uid)
+    }
+}
+
 impl fmt::Display for PodRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

@@ -831,12 +831,10 @@ impl Worker {
         slot.view.state = Observed::waiting(
             "CrashLoopBackOff",
             Some(format!(
-                "back-off {}s restarting failed container={} pod={}_{}({})",
+                "back-off {}s restarting failed container={} pod={}",
                 slot.backoff.map(|d| d.as_secs() / 2).unwrap_or(0).max(10),
                 slot.spec.name,
-                self.pod_ref.name,
-                self.pod_ref.namespace,
-                self.pod_ref.uid
+                self.pod_ref.kubelet_name()
             )),
         );
     }

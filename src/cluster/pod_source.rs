@@ -468,10 +468,7 @@ impl PodSource {
         let event = PodEvent {
             warning: true,
             reason: dns::MISSING_CLUSTER_DNS,
-            message: dns::missing_cluster_dns(&format!(
-                "{}_{}({})",
-                pod_ref.name, pod_ref.namespace, pod_ref.uid
-            )),
+            message: dns::missing_cluster_dns(&pod_ref.kubelet_name()),
         };
         self.events.record(&pod_ref, vec![event]);
     }

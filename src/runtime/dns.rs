@@ -36,23 +36,6 @@ pub struct ResolvConf {
     pub options: Vec<String>,
 }
 
-impl ResolvConf {
-    /// The file's text, as the runtime would write it.
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        for server in &self.nameservers {
-            text.push_str(&format!("nameserver {server}\n"));
-        }
-        if !self.searches.is_empty() {
-            text.push_str(&format!("search {}\n", self.searches.join(" ")));
-        }
-        if !self.options.is_empty() {
-            text.push_str(&format!("options {}\n", self.options.join(" ")));
-        }
-        text
-    }
-}
-
 /// Parses a resolv.conf as the kubelet does: `nameserver` lines accumulate, the last
 /// `search` and `options` lines win, a trailing dot on a search path is dropped.
 /// Nameservers on loopback are left out: they answer on the agent's host, not inside the
@@ -210,6 +193,23 @@ fn fit_limits(resolv: &mut ResolvConf, warnings: &mut Vec<String>) {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodDNSConfigOption;
+
+    impl ResolvConf {
+        /// The file's text, as the runtime would write it.
+        fn render(&self) -> String {
+            let mut text = String::new();
+            for server in &self.nameservers {
+                text.push_str(&format!("nameserver {server}\n"));
+            }
+            if !self.searches.is_empty() {
+                text.push_str(&format!("search {}\n", self.searches.join(" ")));
+            }
+            if !self.options.is_empty() {
+                text.push_str(&format!("options {}\n", self.options.join(" ")));
+            }
+            text
+        }
+    }
 
     fn host() -> ResolvConf {
         parse_resolv_conf(

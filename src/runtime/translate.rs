@@ -1340,10 +1340,7 @@ fn validate_container_security(
 /// Whether the container must run as non-root and as the image's user, so that
 /// [`verify_run_as_non_root`] needs that user.
 pub fn runs_as_image_user_non_root(pod: &Pod, container: &Container) -> bool {
-    let identity = effective_identity(
-        pod.spec.as_ref().and_then(|s| s.security_context.as_ref()),
-        container.security_context.as_ref(),
-    );
+    let identity = container_identity(pod, container);
     identity.non_root && identity.uid.is_none()
 }
 
@@ -1356,21 +1353,12 @@ pub fn verify_run_as_non_root(
     container: &Container,
     image_user: &str,
 ) -> Result<(), String> {
-    let spec = pod.spec.as_ref();
-    let identity = effective_identity(
-        spec.and_then(|s| s.security_context.as_ref()),
-        container.security_context.as_ref(),
-    );
+    let identity = container_identity(pod, container);
     if !identity.non_root {
         return Ok(());
     }
-    let meta = &pod.metadata;
-    let pod = format!(
-        "{}_{}({})",
-        meta.name.as_deref().unwrap_or_default(),
-        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
-        meta.uid.as_deref().unwrap_or_default()
-    );
+    // The pod was validated, so it has a name and uid.
+    let pod = pod_ref(pod).map(|p| p.kubelet_name()).unwrap_or_default();
     let name = &container.name;
     if let Some(uid) = identity.uid {
         if uid == 0 {
@@ -1382,18 +1370,24 @@ pub fn verify_run_as_non_root(
     }
     let user = image_user.split(':').next().unwrap_or_default();
     match user.parse::<i64>() {
-        _ if user.is_empty() => Err(format!(
-            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {name})"
-        )),
-        Ok(0) => Err(format!(
-            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {name})"
-        )),
-        Ok(_) => Ok(()),
-        Err(_) => Err(format!(
+        Ok(uid) if uid != 0 => Ok(()),
+        Err(_) if !user.is_empty() => Err(format!(
             "container has runAsNonRoot and image has non-numeric user ({user}), cannot verify \
              user is non-root (pod: \"{pod}\", container: {name})"
         )),
+        // Unset, or 0.
+        _ => Err(format!(
+            "container has runAsNonRoot and image will run as root (pod: \"{pod}\", container: {name})"
+        )),
     }
+}
+
+/// The identity container `container` of `pod` runs with, as far as the spec says.
+fn container_identity(pod: &Pod, container: &Container) -> Identity {
+    effective_identity(
+        pod.spec.as_ref().and_then(|s| s.security_context.as_ref()),
+        container.security_context.as_ref(),
+    )
 }
 
 /// The user a container runs as, as the kubelet resolves it: each container field
