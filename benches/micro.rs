@@ -107,6 +107,7 @@ fn assign() -> Request {
         epoch: Epoch(1_796_342_562),
         pod,
         volumes: BTreeMap::new(),
+        pull_credentials: Vec::new(),
         statement,
         lease_ms: None,
     }))

@@ -10,6 +10,8 @@ df -h . | awk 'NR == 2 { print "disk: " $4 " free on " $6 }'
 
 bash hack/install-podman.sh
 bash hack/build-test-image.sh
+# The private-image tests start their own registry.
+bash hack/install-registry.sh
 # Helm and kubernetes-validate; the chart's lint and schema checks.
 bash hack/check-chart.sh
 if ! command -v shellcheck >/dev/null; then

@@ -335,6 +335,11 @@ pub struct Assign {
     /// volume name. Only the assigned agent receives them: offers never carry them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+    /// The credentials of the pod's `imagePullSecrets`, as the kubelet's keyring holds
+    /// them. Only the assigned agent receives them, and gives each to Podman with the
+    /// one pull it is for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_credentials: Vec<RegistryCredential>,
     /// The owner's signature over this assignment, for this agent.
     pub statement: SignedAssignment,
     /// For a strict pod (see `fencing`), how long the agent may run it without hearing
@@ -362,6 +367,27 @@ impl fmt::Debug for VolumeFile {
             .field("bytes", &self.data.0.len())
             .field("mode", &format_args!("{:o}", self.mode))
             .finish()
+    }
+}
+
+/// A registry login from an image pull secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryCredential {
+    /// The registry it is for, as the kubelet's keyring indexes it: a host (with port
+    /// and `*` globs) and maybe a path prefix, without scheme (`registry:5000`,
+    /// `*.example.com/team`, `index.docker.io`).
+    pub registry: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Never prints the password.
+impl fmt::Debug for RegistryCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryCredential")
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
@@ -793,6 +819,29 @@ mod tests {
     }
 
     #[test]
+    fn secrets_in_messages_never_reach_a_log() {
+        let credential = RegistryCredential {
+            registry: "registry:5000".into(),
+            username: "alice".into(),
+            password: "pa55word".into(),
+        };
+        let file = VolumeFile {
+            path: "password".into(),
+            data: k8s_openapi::ByteString(b"s3cr3t".to_vec()),
+            mode: 0o400,
+        };
+        let shown = format!("{credential:?} {file:?}");
+        assert!(
+            shown.contains("registry:5000") && shown.contains("alice"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("pa55word") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn gossip_messages_round_trip() {
         let offer = GossipMessage::Offer(Offer {
             pod: pod_ref(),
@@ -882,6 +931,11 @@ mod tests {
                         mode: 0o640,
                     }],
                 )]),
+                pull_credentials: vec![RegistryCredential {
+                    registry: "registry:5000".into(),
+                    username: "u".into(),
+                    password: "p".into(),
+                }],
                 statement: statement(),
                 lease_ms: Some(15_000),
             })),

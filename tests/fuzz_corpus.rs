@@ -288,6 +288,7 @@ mod seeds {
                             mode: 0o644,
                         }],
                     )]),
+                    pull_credentials: Vec::new(),
                     statement: signed(pod, &owner, &agent),
                     lease_ms: Some(15_000),
                 })),

@@ -867,6 +867,140 @@ spec:
     cluster.assert_node_requests_allowed();
 }
 
+/// A private image, as every private registry serves it: without a login the pull
+/// fails as the kubelet's does (ErrImagePull with the registry's answer, then
+/// ImagePullBackOff, and the FailedToRetrieveImagePullSecret warning for the missing
+/// secret); once `kubectl create secret docker-registry` makes the pod's pull secret,
+/// the node gives its login to the assigned agent, which pulls with it and runs the
+/// pod. The password is in no file of the agent's disk, of Podman's, nor in any log.
+#[test]
+fn a_private_image_is_pulled_with_the_pods_image_pull_secret_which_stays_off_disk() {
+    const PASSWORD: &str = "pa55-w0rd-4-registry";
+    let registry = common::registry::Registry::start("alice", PASSWORD);
+    let image = registry.image();
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: private, namespace: default}}
+spec:
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 1
+  imagePullSecrets: [{{name: regcred}}]
+  containers:
+  - {{name: app, image: "{image}", command: [sh, -c, 'echo pulled; sleep 3600']}}
+"#
+    ));
+    let waiting = |reason: &str| {
+        let pod = cluster.get(&["pod", "private"])?;
+        let waiting = &pod["status"]["containerStatuses"][0]["state"]["waiting"];
+        (waiting["reason"] == reason)
+            .then(|| waiting["message"].as_str().unwrap_or_default().to_owned())
+    };
+    let failed = cluster.mesh.wait_for(
+        "ErrImagePull without a login",
+        Duration::from_secs(30),
+        || waiting("ErrImagePull"),
+    );
+    assert!(
+        failed.starts_with(&format!("Failed to pull image \"{image}\": "))
+            && failed.contains("authentication required"),
+        "{failed}"
+    );
+    let backoff = cluster
+        .mesh
+        .wait_for("ImagePullBackOff", Duration::from_secs(30), || {
+            waiting("ImagePullBackOff")
+        });
+    assert_eq!(backoff, format!("Back-off pulling image \"{image}\""));
+    let events = cluster.get(&["events", "-n", "default"]).expect("events");
+    let messages: Vec<String> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["reason"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert!(
+        messages.contains(&"FailedToRetrieveImagePullSecret: Unable to retrieve some image pull secrets (regcred); attempting to pull the image may not succeed.".to_string()),
+        "{messages:#?}"
+    );
+    assert!(
+        messages.contains(&format!("Failed: {failed}")),
+        "the event says what the status says: {messages:#?}"
+    );
+
+    // The secret as `kubectl create secret docker-registry` makes it (rendered by
+    // kubectl, then applied: the fake API server takes no protobuf bodies).
+    let (ok, secret) = cluster.kubectl(
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "regcred",
+            &format!("--docker-server={}", registry.host),
+            "--docker-username=alice",
+            &format!("--docker-password={PASSWORD}"),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ],
+        None,
+    );
+    assert!(ok, "kubectl create secret: {secret}");
+    cluster.apply(&secret);
+    let pod = cluster
+        .mesh
+        .wait_for("pod private Running", Duration::from_secs(60), || {
+            let found = cluster.get(&["pod", "private"])?;
+            (found["status"]["phase"] == "Running").then_some(found)
+        });
+    assert_eq!(
+        pod["status"]["containerStatuses"][0]["image"],
+        image.as_str()
+    );
+
+    let agent = cluster.mesh.agents.last().expect("agent");
+    let secrets_dir = cluster
+        .mesh
+        .shm
+        .path()
+        .join(agent.state_dir.file_name().expect("name"));
+    for dir in [
+        agent.state_dir.as_path(),
+        Path::new("/etc/containers"),
+        Path::new("/run/containers"),
+        Path::new("/root/.config/containers"),
+        Path::new("/root/.docker"),
+    ] {
+        assert!(
+            files_containing(dir, PASSWORD.as_bytes()).is_empty(),
+            "the password in {}",
+            dir.display()
+        );
+    }
+    // Only the memory-backed record of the assignment has it (a restarted agent may have
+    // to pull again).
+    assert!(!files_containing(&secrets_dir, PASSWORD.as_bytes()).is_empty());
+    for (path, log) in cluster.mesh.logs() {
+        assert!(
+            !log.contains(PASSWORD),
+            "the password in {}",
+            path.display()
+        );
+    }
+    cluster.assert_node_requests_allowed();
+}
+
 /// `beemesh token <args> --trust-secret default/beemesh-trust` against the cluster.
 fn token(cluster: &Cluster, args: &[&str]) -> String {
     let out = Command::new(common::bin())

@@ -14,7 +14,7 @@ use beemesh::runtime::{
     PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
     TerminationMessage,
 };
-use beemesh::wire::{Epoch, PodUid};
+use beemesh::wire::{Epoch, PodUid, RegistryCredential};
 use common::{free_port, require_podman, IMAGE};
 
 const LABEL: &str = "io.beemesh.test";
@@ -459,13 +459,13 @@ async fn images_follow_the_pull_policy() {
     let runtime = Podman::new("unix:///run/podman/podman.sock").expect("client");
     for policy in [PullPolicy::IfNotPresent, PullPolicy::Never] {
         runtime
-            .ensure_image(IMAGE, policy)
+            .ensure_image(IMAGE, policy, &[])
             .await
             .expect("present image");
     }
     let absent = "localhost/does-not-exist:1";
     for policy in [PullPolicy::IfNotPresent, PullPolicy::Always] {
-        match runtime.ensure_image(absent, policy).await {
+        match runtime.ensure_image(absent, policy, &[]).await {
             Err(RuntimeError::ImagePull(m)) => assert!(m.contains(absent), "{m}"),
             other => panic!("expected ImagePull, got {other:?}"),
         }
@@ -474,21 +474,74 @@ async fn images_follow_the_pull_policy() {
     for bad in ["foo bar", "x\ny", "a%20b", ""] {
         assert!(
             matches!(
-                runtime.ensure_image(bad, PullPolicy::IfNotPresent).await,
+                runtime
+                    .ensure_image(bad, PullPolicy::IfNotPresent, &[])
+                    .await,
                 Err(RuntimeError::Invalid(_))
             ),
             "{bad:?}"
         );
     }
-    match runtime.ensure_image(absent, PullPolicy::Never).await {
+    match runtime.ensure_image(absent, PullPolicy::Never, &[]).await {
         Err(RuntimeError::ImageNeverPull(m)) => assert!(m.contains("pull policy of Never"), "{m}"),
         other => panic!("expected ImageNeverPull, got {other:?}"),
     }
     // Always pulls even a present image, and no registry answers here.
     assert!(matches!(
-        runtime.ensure_image(IMAGE, PullPolicy::Always).await,
+        runtime.ensure_image(IMAGE, PullPolicy::Always, &[]).await,
         Err(RuntimeError::ImagePull(_))
     ));
+}
+
+/// Credentials are tried in order until one pull succeeds, as the kubelet tries its
+/// keyring's matches; when all fail, the error names each failure.
+#[tokio::test]
+async fn a_private_image_is_pulled_with_the_first_login_that_works() {
+    require_podman();
+    let registry = common::registry::Registry::start("bob", "right-password");
+    let image = registry.image();
+    let runtime = Podman::new("unix:///run/podman/podman.sock").expect("client");
+    let login = |password: &str| RegistryCredential {
+        registry: registry.host.clone(),
+        username: "bob".into(),
+        password: password.into(),
+    };
+    match runtime
+        .ensure_image(&image, PullPolicy::IfNotPresent, &[])
+        .await
+    {
+        Err(RuntimeError::ImagePull(m)) => {
+            assert!(m.contains("authentication required"), "{m}")
+        }
+        other => panic!("expected ImagePull, got {other:?}"),
+    }
+    match runtime
+        .ensure_image(
+            &image,
+            PullPolicy::IfNotPresent,
+            &[login("wrong-1"), login("wrong-2")],
+        )
+        .await
+    {
+        Err(RuntimeError::ImagePull(m)) => assert!(
+            m.starts_with(&format!("Failed to pull image \"{image}\": ["))
+                && m.matches("unauthorized").count() == 2,
+            "{m}"
+        ),
+        other => panic!("expected ImagePull, got {other:?}"),
+    }
+    runtime
+        .ensure_image(
+            &image,
+            PullPolicy::IfNotPresent,
+            &[login("wrong"), login("right-password")],
+        )
+        .await
+        .expect("the second login pulls");
+    assert!(std::process::Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .is_ok_and(|s| s.success()));
 }
 
 #[tokio::test]

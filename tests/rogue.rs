@@ -421,6 +421,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         ),
         pod: evil,
         volumes: BTreeMap::new(),
+        pull_credentials: Vec::new(),
         lease_ms: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
@@ -462,6 +463,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         epoch: Epoch(epoch + 1),
         pod: hijack,
         volumes: BTreeMap::new(),
+        pull_credentials: Vec::new(),
         statement: forged,
         lease_ms: None,
     };

@@ -28,6 +28,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use libp2p::PeerId;
 use serde::Deserialize;
 
+use crate::runtime::image_ref::normalize_image;
 use crate::runtime::translate;
 use crate::wire::{PodUid, Resources, POLICY_REFUSAL};
 
@@ -732,26 +733,6 @@ fn check_restricted_capabilities(caps: Option<&Capabilities>) -> Result<(), Stri
     }
 }
 
-/// An image reference as Docker and the Kubernetes image conventions read it: a name
-/// without a registry is on `docker.io`, and a single-component one under `library/`.
-/// `nginx:1.25` is `docker.io/library/nginx:1.25`; `localhost/x` and `quay.io/x` stay.
-pub fn normalize_image(image: &str) -> String {
-    let is_registry = |c: &str| c.contains('.') || c.contains(':') || c == "localhost";
-    match image.split_once('/') {
-        Some(("docker.io" | "index.docker.io", path)) => on_docker_hub(path),
-        Some((first, _)) if is_registry(first) => image.to_string(),
-        _ => on_docker_hub(image),
-    }
-}
-
-fn on_docker_hub(path: &str) -> String {
-    if path.contains('/') {
-        format!("docker.io/{path}")
-    } else {
-        format!("docker.io/library/{path}")
-    }
-}
-
 /// Whether an allow-list entry covers a reference: whole components only, so that
 /// `quay.io` does not allow `quay.io.example.com/x`, nor `docker.io/library/ng` `nginx`.
 fn has_prefix(reference: &str, prefix: &str) -> bool {
@@ -1009,24 +990,6 @@ mod tests {
             "docker.io/library/nginx:1.25"
         );
         assert_eq!(Policy::default().runtime_image("nginx:1.25"), "nginx:1.25");
-    }
-
-    #[test]
-    fn image_names_normalize_as_docker_reads_them() {
-        let cases = [
-            ("busybox", "docker.io/library/busybox"),
-            ("busybox:1.35", "docker.io/library/busybox:1.35"),
-            ("acme/app", "docker.io/acme/app"),
-            ("docker.io/busybox", "docker.io/library/busybox"),
-            ("index.docker.io/busybox", "docker.io/library/busybox"),
-            ("index.docker.io/acme/app", "docker.io/acme/app"),
-            ("localhost/busybox:1.35", "localhost/busybox:1.35"),
-            ("registry:5000/app", "registry:5000/app"),
-            ("quay.io/a/b@sha256:00", "quay.io/a/b@sha256:00"),
-        ];
-        for (image, normalized) in cases {
-            assert_eq!(normalize_image(image), normalized, "{image}");
-        }
     }
 
     #[test]

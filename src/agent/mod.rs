@@ -48,7 +48,7 @@ use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
 use lease::{Lease, LeaseBook, LEASES_FILE};
 use store::{create_private_dir, AssignmentStore};
-use supervisor::{WorkerContext, WorkerHandle, WorkerUpdate};
+use supervisor::{Provided, WorkerContext, WorkerHandle, WorkerUpdate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -474,7 +474,10 @@ impl Agent {
             self.host(
                 pod_ref,
                 record.pod,
-                BTreeMap::new(),
+                Provided {
+                    volumes: BTreeMap::new(),
+                    pull_credentials: record.pull_credentials,
+                },
                 record.statement,
                 Some(existing),
             );
@@ -776,7 +779,7 @@ impl Agent {
         &mut self,
         pod_ref: PodRef,
         pod: k8s_openapi::api::core::v1::Pod,
-        volumes: BTreeMap<String, Vec<crate::wire::VolumeFile>>,
+        provided: Provided,
         statement: SignedAssignment,
         adopted: Option<crate::runtime::RuntimePod>,
     ) {
@@ -788,7 +791,7 @@ impl Agent {
             self.worker_ctx.clone(),
             pod_ref.clone(),
             pod,
-            volumes,
+            provided,
             statement.epoch,
             statement.owner.0,
             adopted,
@@ -1091,7 +1094,16 @@ impl Agent {
                 };
             }
             if existing.epoch() == assign.epoch {
-                // The owner sends an assignment again when the volumes' data changed.
+                // The owner sends an assignment again when the volumes' data or the
+                // pull credentials changed.
+                existing
+                    .worker
+                    .set_pull_credentials(assign.pull_credentials.clone());
+                if let Err(e) = self.save_assignment(&pod_ref.uid, &assign).await {
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
                 let dir = self.worker_ctx.files_dir(&pod_ref.uid, assign.epoch);
                 let fs_group = translate::fs_group(&assign.pod);
                 return match volumes::write(&dir, &assign.volumes, fs_group).await {
@@ -1150,16 +1162,7 @@ impl Agent {
             self.metrics.policy_refused(&refusal.rule);
             return self.refuse_assign(owner, &pod_ref, "policy", refusal.to_string());
         }
-        if let Err(e) = self
-            .store
-            .save(
-                &pod_ref.uid,
-                &assign.statement,
-                &assign.pod,
-                assign.lease_ms,
-            )
-            .await
-        {
+        if let Err(e) = self.save_assignment(&pod_ref.uid, &assign).await {
             return Response::Declined {
                 reason: e.to_string(),
             };
@@ -1216,11 +1219,31 @@ impl Agent {
         self.host(
             pod_ref,
             assign.pod,
-            assign.volumes,
+            Provided {
+                volumes: assign.volumes,
+                pull_credentials: assign.pull_credentials,
+            },
             assign.statement,
             adopted,
         );
         Response::Ack
+    }
+
+    /// Keeps the assignment in the memory-backed store, for a restarted agent.
+    async fn save_assignment(
+        &self,
+        uid: &PodUid,
+        assign: &Assign,
+    ) -> Result<(), store::StoreError> {
+        self.store
+            .save(
+                uid,
+                &assign.statement,
+                &assign.pod,
+                &assign.pull_credentials,
+                assign.lease_ms,
+            )
+            .await
     }
 
     fn on_release(&mut self, peer: PeerId, release: Release) -> Response {

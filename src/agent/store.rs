@@ -8,13 +8,16 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Epoch, PodUid, SignedAssignment};
+use crate::wire::{Epoch, PodUid, RegistryCredential, SignedAssignment};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredAssignment {
     /// The owner's signed assignment: who owns the pod, at which epoch.
     pub statement: SignedAssignment,
     pub pod: Pod,
+    /// The pod's registry logins: a restarted agent may have to pull its images again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_credentials: Vec<RegistryCredential>,
     /// A strict pod's lease (see `fencing`): a restarted agent that finds no lease for
     /// it stops it rather than guess.
     #[serde(default)]
@@ -60,6 +63,7 @@ impl AssignmentStore {
         uid: &PodUid,
         statement: &SignedAssignment,
         pod: &Pod,
+        pull_credentials: &[RegistryCredential],
         lease_ms: Option<u64>,
     ) -> Result<(), StoreError> {
         let path = self.path(uid);
@@ -70,6 +74,7 @@ impl AssignmentStore {
         let record = StoredAssignment {
             statement: statement.clone(),
             pod: pod.clone(),
+            pull_credentials: pull_credentials.to_vec(),
             lease_ms,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
@@ -156,7 +161,7 @@ mod tests {
                 signature: String::new(),
             };
             store
-                .save(&uid, &statement, &Pod::default(), None)
+                .save(&uid, &statement, &Pod::default(), &[], None)
                 .await
                 .expect("saves");
             assert!(store.path(&uid).starts_with(dir.path().join("assignments")));

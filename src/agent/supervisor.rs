@@ -12,7 +12,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use libp2p::PeerId;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::admission::Policy;
@@ -23,11 +23,12 @@ use super::termination;
 use crate::cluster::events::{MOUNT_FAILED, SANDBOX_FAILED};
 use crate::metrics::Metrics;
 use crate::runtime::dns::{self, ResolvConf};
+use crate::runtime::registry_auth;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{
     labels, ContainerPlan, ContainerStatus, LogOptions, Runtime, RuntimeError, RuntimePod,
 };
-use crate::wire::{Epoch, PodRef, VolumeFile};
+use crate::wire::{Epoch, PodRef, RegistryCredential, VolumeFile};
 
 /// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
 /// container ran for 10 min.
@@ -107,11 +108,23 @@ impl WorkerContext {
     }
 }
 
+/// What the owner gave with the assignment beside the pod: only the assigned agent
+/// has it.
+#[derive(Debug, Default)]
+pub struct Provided {
+    /// Files of the volumes the owner resolved (empty for an adopted pod, whose files
+    /// are already written).
+    pub volumes: BTreeMap<String, Vec<VolumeFile>>,
+    /// The pod's registry logins, each given to Podman only with a pull it is for.
+    pub pull_credentials: Vec<RegistryCredential>,
+}
+
 /// The agent's handle on one supervisor task.
 #[derive(Debug)]
 pub struct WorkerHandle {
     stop: mpsc::Sender<Duration>,
     poke: mpsc::Sender<()>,
+    pull_credentials: watch::Sender<Vec<RegistryCredential>>,
 }
 
 impl WorkerHandle {
@@ -126,6 +139,11 @@ impl WorkerHandle {
         // A full channel means a look is already due.
         let _ = self.poke.try_send(());
     }
+
+    /// New logins from the owner (a pull secret changed), for the pulls to come.
+    pub fn set_pull_credentials(&self, credentials: Vec<RegistryCredential>) {
+        self.pull_credentials.send_replace(credentials);
+    }
 }
 
 /// Starts supervising `pod` at `epoch`. With `adopted`, the Podman pod already exists
@@ -134,18 +152,28 @@ pub fn spawn(
     ctx: WorkerContext,
     pod_ref: PodRef,
     pod: Pod,
-    volumes: BTreeMap<String, Vec<VolumeFile>>,
+    provided: Provided,
     epoch: Epoch,
     owner: PeerId,
     adopted: Option<RuntimePod>,
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (poke_tx, poke_rx) = mpsc::channel(1);
-    let worker = Worker::new(ctx, pod_ref, pod, volumes, epoch, owner);
+    let (credentials_tx, credentials_rx) = watch::channel(provided.pull_credentials);
+    let worker = Worker::new(
+        ctx,
+        pod_ref,
+        pod,
+        provided.volumes,
+        credentials_rx,
+        epoch,
+        owner,
+    );
     tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
     WorkerHandle {
         stop: stop_tx,
         poke: poke_tx,
+        pull_credentials: credentials_tx,
     }
 }
 
@@ -226,11 +254,18 @@ impl Slot {
                 self.retry_at = None;
                 self.backoff = Some(BACKOFF_INITIAL);
             }
-            Some(delay) => {
-                self.retry_at = Some(now + delay);
-                self.backoff = Some((delay * 2).min(BACKOFF_MAX));
-            }
+            Some(delay) => self.retry_after(now, delay),
         }
+    }
+
+    /// After a failed pull: the kubelet's image back-off waits from the first failure.
+    fn schedule_pull_retry(&mut self, now: Instant) {
+        self.retry_after(now, self.backoff.unwrap_or(BACKOFF_INITIAL));
+    }
+
+    fn retry_after(&mut self, now: Instant, delay: Duration) {
+        self.retry_at = Some(now + delay);
+        self.backoff = Some((delay * 2).min(BACKOFF_MAX));
     }
 }
 
@@ -249,6 +284,8 @@ struct Worker {
     /// Files of the volumes the owner resolved (empty for an adopted pod, whose files
     /// are already written).
     volumes: BTreeMap<String, Vec<VolumeFile>>,
+    /// The owner's latest registry logins for this pod.
+    pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
@@ -274,6 +311,7 @@ impl Worker {
         pod_ref: PodRef,
         pod: Pod,
         volumes: BTreeMap<String, Vec<VolumeFile>>,
+        pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
         epoch: Epoch,
         owner: PeerId,
     ) -> Worker {
@@ -296,6 +334,7 @@ impl Worker {
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
             files_dir: ctx.files_dir(&pod_ref.uid, epoch),
             volumes,
+            pull_credentials,
             ctx,
             pod_ref,
             pod,
@@ -862,26 +901,34 @@ impl Worker {
             .ctx
             .policy
             .runtime_image(spec.image.as_deref().unwrap_or_default());
+        let credentials: Vec<RegistryCredential> =
+            registry_auth::lookup(&self.pull_credentials.borrow(), &image)
+                .into_iter()
+                .cloned()
+                .collect();
         if let Err(e) = self
             .ctx
             .runtime
-            .ensure_image(&image, translate::pull_policy(&spec))
+            .ensure_image(&image, translate::pull_policy(&spec), &credentials)
             .await
         {
             let slot = &mut self.slots[i];
-            let (reason, backoff_reason) = match &e {
-                RuntimeError::ImageNeverPull(_) => ("ErrImageNeverPull", "ErrImageNeverPull"),
-                RuntimeError::Unavailable(_) => ("ContainerCreating", "ContainerCreating"),
-                _ => ("ErrImagePull", "ImagePullBackOff"),
+            // The first failure shows ErrImagePull, the waits after it ImagePullBackOff,
+            // each with the kubelet's message.
+            let (reason, message) = match &e {
+                RuntimeError::ImageNeverPull(_) => ("ErrImageNeverPull", e.to_string()),
+                RuntimeError::Unavailable(_) => ("ContainerCreating", e.to_string()),
+                _ if slot.backoff.is_some() => (
+                    "ImagePullBackOff",
+                    format!(
+                        "Back-off pulling image \"{}\"",
+                        spec.image.as_deref().unwrap_or_default()
+                    ),
+                ),
+                _ => ("ErrImagePull", e.to_string()),
             };
-            // The first failure shows ErrImagePull, the waits after it ImagePullBackOff.
-            let shown = if slot.backoff.is_some() {
-                backoff_reason
-            } else {
-                reason
-            };
-            slot.view.state = Observed::waiting(shown, Some(e.to_string()));
-            slot.schedule_retry(now);
+            slot.view.state = Observed::waiting(reason, Some(message));
+            slot.schedule_pull_retry(now);
             return;
         }
         if let Err(message) = self.verify_run_as_non_root(&spec, &image).await {

@@ -172,10 +172,9 @@ fn container_events(
     }
     let image = &new.image;
     let event = match reason.as_str() {
-        "ErrImagePull" | "ErrImageNeverPull" => PodEvent::warning(
-            "Failed",
-            format!("Failed to pull image \"{image}\": {message}"),
-        ),
+        // The agent's waiting message is already the kubelet's event message.
+        "ErrImagePull" => PodEvent::warning("Failed", message),
+        "ErrImageNeverPull" => PodEvent::warning("ErrImageNeverPull", message),
         "ImagePullBackOff" => {
             PodEvent::normal("BackOff", format!("Back-off pulling image \"{image}\""))
         }

@@ -332,7 +332,7 @@ impl PodSource {
     }
 
     async fn resolve(&mut self, pod: &Arc<Pod>) -> Resolution {
-        match self.try_resolve(pod).await {
+        let resolution = match self.try_resolve(pod).await {
             Ok(resolved) => Resolution {
                 resolved: resolve::resolve(pod, &resolved),
                 retry_in: None,
@@ -341,7 +341,40 @@ impl PodSource {
                 resolved: Err(error),
                 retry_in,
             },
+        };
+        if let Ok(resolved) = &resolution.resolved {
+            self.record_unusable_pull_secrets(pod, resolved);
         }
+        resolution
+    }
+
+    /// The kubelet's `FailedToRetrieveImagePullSecret` warning, when the pod's unusable
+    /// pull secrets are new or changed.
+    fn record_unusable_pull_secrets(&self, pod: &Pod, resolved: &resolve::Resolved) {
+        let unusable = &resolved.unusable_pull_secrets;
+        let before = pod
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|uid| self.pods.get(uid))
+            .and_then(|tracked| tracked.desired.resolved.as_ref().ok())
+            .map(|resolved| &resolved.unusable_pull_secrets);
+        if unusable.is_empty() || before == Some(unusable) {
+            return;
+        }
+        let Ok(pod_ref) = translate::pod_ref(pod) else {
+            return;
+        };
+        let event = PodEvent {
+            warning: true,
+            reason: "FailedToRetrieveImagePullSecret",
+            message: format!(
+                "Unable to retrieve some image pull secrets ({}); attempting to pull the \
+                 image may not succeed.",
+                unusable.join(", ")
+            ),
+        };
+        self.events.record(&pod_ref, vec![event]);
     }
 
     /// The objects and tokens `pod` refers to; an error with the time to try again

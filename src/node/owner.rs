@@ -37,8 +37,8 @@ use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, ReadyCount, Release, Renew, Request, Resources, Response, SignedAssignment,
-    StatusReport, VolumeFile, POLICY_REFUSAL,
+    PodUid, ReadyCount, RegistryCredential, Release, Renew, Request, Resources, Response,
+    SignedAssignment, StatusReport, VolumeFile, POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -210,6 +210,7 @@ struct OwnedPod {
     /// The pod as assigned: resolved, or as the source has it while held.
     pod: Arc<Pod>,
     volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
+    pull_credentials: Arc<Vec<RegistryCredential>>,
     pod_ref: PodRef,
     offer: Offer,
     grace_secs: u64,
@@ -386,6 +387,7 @@ struct AssignmentDraft {
     signer: Keypair,
     pod: Arc<Pod>,
     volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
+    pull_credentials: Arc<Vec<RegistryCredential>>,
     uid: PodUid,
     epoch: Epoch,
     spec_digest: String,
@@ -409,6 +411,7 @@ impl AssignmentDraft {
             epoch: self.epoch,
             pod: Pod::clone(&self.pod),
             volumes: BTreeMap::clone(&self.volumes),
+            pull_credentials: Vec::clone(&self.pull_credentials),
             statement,
             lease_ms: self.lease_ms,
         }
@@ -666,6 +669,7 @@ impl Owner {
             pod_ref: pod_ref.clone(),
             pod,
             volumes: Arc::default(),
+            pull_credentials: Arc::default(),
             desired: desired.clone(),
         };
         self.prepare(&mut owned, desired.resolved.clone());
@@ -772,6 +776,7 @@ impl Owner {
         }
         owned.pod = resolved.pod;
         owned.volumes = resolved.volumes;
+        owned.pull_credentials = resolved.pull_credentials;
     }
 
     /// A pod the source changed: being deleted, no longer held, or with new volume data.
@@ -790,10 +795,15 @@ impl Owner {
                 self.due.insert(uid.clone());
                 self.set_status_forced(uid, status);
             }
-            (placement, Ok(resolved)) if resolved.volumes != owned.volumes => {
+            (placement, Ok(resolved))
+                if resolved.volumes != owned.volumes
+                    || resolved.pull_credentials != owned.pull_credentials =>
+            {
                 // New data for the volumes (a refreshed token, a changed configMap):
-                // the assigned agent rewrites the files.
+                // the assigned agent rewrites the files. New pull credentials serve
+                // its next pull.
                 owned.volumes = resolved.volumes;
+                owned.pull_credentials = resolved.pull_credentials;
                 if let Placement::Placed { agent } = placement {
                     let assign = self.assign(&owned, *agent);
                     self.send_assign_refresh(*agent, assign);
@@ -821,6 +831,7 @@ impl Owner {
             signer: self.signer.clone(),
             pod: owned.pod.clone(),
             volumes: owned.volumes.clone(),
+            pull_credentials: owned.pull_credentials.clone(),
             uid: owned.pod_ref.uid.clone(),
             epoch: owned.epoch,
             spec_digest: owned.offer.spec_digest.clone(),

@@ -14,8 +14,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::ByteString;
 
-use crate::runtime::translate;
-use crate::wire::VolumeFile;
+use crate::runtime::{registry_auth, translate};
+use crate::wire::{RegistryCredential, VolumeFile};
 
 /// The kubelet's default for `defaultMode` of configMap, secret, downwardAPI and
 /// projected volumes (0644).
@@ -37,6 +37,7 @@ pub struct TokenSpec {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct References {
     pub config_maps: BTreeSet<String>,
+    /// Including the image pull secrets.
     pub secrets: BTreeSet<String>,
     pub tokens: BTreeSet<TokenSpec>,
 }
@@ -63,6 +64,12 @@ pub struct Resolved {
     pub pod: Arc<Pod>,
     /// Files of the pod's API-backed volumes, by volume name.
     pub volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
+    /// The logins of its image pull secrets.
+    pub pull_credentials: Arc<Vec<RegistryCredential>>,
+    /// Image pull secrets that are missing or hold no docker config, as the kubelet's
+    /// `FailedToRetrieveImagePullSecret` event lists them. They do not stop the pod: its
+    /// images are pulled without them, as the kubelet pulls them.
+    pub unusable_pull_secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +117,8 @@ pub fn references(pod: &Pod) -> References {
     let Some(spec) = &pod.spec else {
         return refs;
     };
+    refs.secrets
+        .extend(pull_secret_names(spec).map(str::to_string));
     for container in all_containers(spec) {
         for from in container.env_from.iter().flatten() {
             if let Some(cm) = &from.config_map_ref {
@@ -158,6 +167,30 @@ pub fn references(pod: &Pod) -> References {
     refs
 }
 
+/// The names in `imagePullSecrets`; an empty one is skipped, as by the kubelet.
+fn pull_secret_names(spec: &PodSpec) -> impl Iterator<Item = &str> {
+    spec.image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|reference| reference.name.as_str())
+        .filter(|name| !name.is_empty())
+}
+
+/// The logins of the pod's image pull secrets, in their order, and the secrets that
+/// could not be used (`name` when missing, `name: why` when unreadable).
+fn pull_credentials(spec: &PodSpec, fetched: &Fetched) -> (Vec<RegistryCredential>, Vec<String>) {
+    let mut credentials = Vec::new();
+    let mut unusable = Vec::new();
+    for name in pull_secret_names(spec) {
+        match fetched.secrets.get(name).map(registry_auth::credentials) {
+            Some(Ok(found)) => credentials.extend(found),
+            Some(Err(e)) => unusable.push(format!("{name}: {e}")),
+            None => unusable.push(name.to_string()),
+        }
+    }
+    (credentials, unusable)
+}
+
 fn token_spec(
     spec: &PodSpec,
     token: &k8s_openapi::api::core::v1::ServiceAccountTokenProjection,
@@ -180,6 +213,8 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
         return Ok(Resolved {
             pod: pod.clone(),
             volumes: Arc::default(),
+            pull_credentials: Arc::default(),
+            unusable_pull_secrets: Vec::new(),
         });
     };
     for container in spec
@@ -191,6 +226,7 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
         resolve_env(container, &lookup)?;
     }
     let spec_view = pod.spec.clone().unwrap_or_default();
+    let (pull_credentials, unusable_pull_secrets) = pull_credentials(&spec_view, fetched);
     let mut volumes = BTreeMap::new();
     for (index, volume) in spec_view.volumes.iter().flatten().enumerate() {
         let path = format!("spec.volumes[{index}]");
@@ -260,6 +296,8 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
     Ok(Resolved {
         pod,
         volumes: Arc::new(volumes),
+        pull_credentials: Arc::new(pull_credentials),
+        unusable_pull_secrets,
     })
 }
 
@@ -778,6 +816,43 @@ mod tests {
             Err(ResolveError::Missing(
                 "configmap references non-existent config key: nokey".into()
             ))
+        );
+    }
+
+    #[test]
+    fn image_pull_secrets_give_logins_and_name_the_ones_that_cannot_be_used() {
+        let pod = pod(json!({
+            "imagePullSecrets": [{"name": "regcred"}, {"name": ""}, {"name": "gone"}, {"name": "creds"}],
+            "containers": [{"name": "app", "image": "registry:5000/app"}]
+        }));
+        assert!(["regcred", "gone", "creds"]
+            .iter()
+            .all(|name| references(&pod).secrets.contains(*name)));
+        // {"auths": {"registry:5000": {"username": "u", "password": "p"}}}
+        let regcred: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "regcred"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": "eyJhdXRocyI6IHsicmVnaXN0cnk6NTAwMCI6IHsidXNlcm5hbWUiOiAidSIsICJwYXNzd29yZCI6ICJwIn19fQ=="}
+        }))
+        .expect("secret");
+        let mut fetched = fetched();
+        fetched.secrets.insert("regcred".into(), regcred);
+        let resolved =
+            resolve(&pod, &fetched).expect("a missing pull secret does not stop the pod");
+        assert_eq!(
+            *resolved.pull_credentials,
+            [RegistryCredential {
+                registry: "registry:5000".into(),
+                username: "u".into(),
+                password: "p".into()
+            }]
+        );
+        assert_eq!(
+            resolved.unusable_pull_secrets,
+            [
+                "gone".to_string(),
+                "creds: is of type \"Opaque\", not kubernetes.io/dockerconfigjson or kubernetes.io/dockercfg".into()
+            ]
         );
     }
 

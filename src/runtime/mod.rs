@@ -6,7 +6,9 @@
 //! type reaches the runtime.
 
 pub mod dns;
+pub mod image_ref;
 pub mod podman;
+pub mod registry_auth;
 pub mod translate;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::jiff::Timestamp;
+
+use crate::wire::RegistryCredential;
 
 /// Labels BeeMesh puts on every Podman pod and container it creates.
 pub mod labels {
@@ -314,8 +318,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// The pod's IP address, once its network is up.
     async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError>;
 
-    /// Makes sure `image` is present according to `policy` (pulling if needed).
-    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError>;
+    /// Makes sure `image` is present according to `policy`, pulling if needed: with
+    /// each of `credentials` in turn until one succeeds (as the kubelet tries its
+    /// keyring's matches), or anonymously when there are none. A credential is given
+    /// with its pull request only, never stored.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        credentials: &[RegistryCredential],
+    ) -> Result<(), RuntimeError>;
 
     /// The user a present image runs as, as its configuration says (`uid`, `name`,
     /// `uid:gid`; empty when unset, which is root).

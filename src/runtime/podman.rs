@@ -16,7 +16,7 @@ use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPo
 use podman_api::opts::{
     ContainerAttachOpts, ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter,
     ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, EventsOpts, ExecCreateOpts,
-    ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
+    ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts, RegistryAuth,
 };
 use podman_api::Podman as Client;
 
@@ -25,6 +25,7 @@ use super::{
     Interactive, LogOptions, LogStream, Output, PodPlan, Protocol, PullPolicy, Runtime,
     RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize, Usage,
 };
+use crate::wire::RegistryCredential;
 
 /// A Podman stream pair as a session: output by stream, stdin, and its control.
 fn interactive(
@@ -171,6 +172,43 @@ fn container_event(event: &podman_api::models::Event) -> Option<ContainerEvent> 
 }
 
 impl Podman {
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.client
+            .images()
+            .get(image)
+            .exists()
+            .await
+            .map_err(classify)
+    }
+
+    /// One pull of `image`, with `auth` in its request's X-Registry-Auth header only
+    /// (Podman keeps no auth file for a single login); the error as Podman reports it.
+    async fn pull(&self, image: &str, auth: Option<RegistryAuth>) -> Result<(), String> {
+        let mut builder = PullOpts::builder().reference(image).quiet(true);
+        if let Some(auth) = auth {
+            builder.auth(auth);
+        }
+        let opts = builder.build();
+        let images = self.client.images();
+        let mut reports = images.pull(&opts);
+        let mut failure = None;
+        while let Some(report) = reports.next().await {
+            match report {
+                Ok(r) => {
+                    if let Some(e) = r.error.filter(|e| !e.is_empty()) {
+                        failure = Some(e);
+                    }
+                }
+                Err(e) => failure = Some(classify(e).to_string()),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None if self.image_present(image).await.unwrap_or(false) => Ok(()),
+            None => Err("the image is not present after the pull".into()),
+        }
+    }
+
     /// `unix:///run/podman/podman.sock`, or `tcp://host:port`.
     pub fn new(uri: &str) -> Result<Podman, RuntimeError> {
         if !(uri.starts_with("unix://") || uri.starts_with("tcp://") || uri.starts_with("http://"))
@@ -498,19 +536,16 @@ impl Runtime for Podman {
             .unwrap_or_default())
     }
 
-    async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), RuntimeError> {
+    async fn ensure_image(
+        &self,
+        image: &str,
+        policy: PullPolicy,
+        credentials: &[RegistryCredential],
+    ) -> Result<(), RuntimeError> {
         path_safe("image reference", image)?;
-        let present = || async {
-            self.client
-                .images()
-                .get(image)
-                .exists()
-                .await
-                .map_err(classify)
-        };
         match policy {
-            PullPolicy::IfNotPresent if present().await? => return Ok(()),
-            PullPolicy::Never if present().await? => return Ok(()),
+            PullPolicy::IfNotPresent if self.image_present(image).await? => return Ok(()),
+            PullPolicy::Never if self.image_present(image).await? => return Ok(()),
             PullPolicy::Never => {
                 return Err(RuntimeError::ImageNeverPull(format!(
                     "Container image \"{image}\" is not present with pull policy of Never"
@@ -518,29 +553,27 @@ impl Runtime for Podman {
             }
             PullPolicy::IfNotPresent | PullPolicy::Always => {}
         }
-        let images = self.client.images();
-        let opts = PullOpts::builder().reference(image).quiet(true).build();
-        let mut reports = images.pull(&opts);
-        let mut failure = None;
-        while let Some(report) = reports.next().await {
-            match report {
-                Ok(r) => {
-                    if let Some(e) = r.error.filter(|e| !e.is_empty()) {
-                        failure = Some(e);
-                    }
-                }
-                Err(e) => failure = Some(classify(e).to_string()),
+        let failed =
+            |e: String| RuntimeError::ImagePull(format!("Failed to pull image \"{image}\": {e}"));
+        if credentials.is_empty() {
+            return self.pull(image, None).await.map_err(failed);
+        }
+        // The kubelet's aggregate of every credential's failure.
+        let mut errors = Vec::new();
+        for credential in credentials {
+            let auth = RegistryAuth::builder()
+                .username(&credential.username)
+                .password(&credential.password)
+                .build();
+            match self.pull(image, Some(auth)).await {
+                Ok(()) => return Ok(()),
+                Err(e) => errors.push(e),
             }
         }
-        match failure {
-            Some(e) => Err(RuntimeError::ImagePull(format!(
-                "Failed to pull image \"{image}\": {e}"
-            ))),
-            None if present().await? => Ok(()),
-            None => Err(RuntimeError::ImagePull(format!(
-                "Failed to pull image \"{image}\": the image is not present after the pull"
-            ))),
-        }
+        Err(failed(match errors.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        }))
     }
 
     async fn create_container(

@@ -283,7 +283,8 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
         host_network,
         host_pid,
         host_users,
-        image_pull_secrets,
+        // Their logins come with the assignment (`node::resolve`).
+        image_pull_secrets: _,
         os,
         readiness_gates,
         resources,
@@ -328,11 +329,6 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
             has_items(ephemeral_containers.as_deref()),
             "spec.ephemeralContainers",
             "ephemeral containers are not supported",
-        ),
-        (
-            has_items(image_pull_secrets.as_deref()),
-            "spec.imagePullSecrets",
-            "image pull secrets need the Kubernetes API; not supported yet (only public images)",
         ),
         (
             non_empty(runtime_class_name.as_deref()).is_some(),
@@ -2863,10 +2859,6 @@ mod tests {
                 "spec.ephemeralContainers",
             ),
             (
-                vec![("/spec/imagePullSecrets", json!([{"name": "regcred"}]))],
-                "spec.imagePullSecrets",
-            ),
-            (
                 vec![("/spec/runtimeClassName", json!("gvisor"))],
                 "spec.runtimeClassName",
             ),
@@ -3654,7 +3646,7 @@ mod tests {
                 ("/spec/securityContext/runAsUser", json!(1000)),
             ],
             vec![
-                ("/spec/imagePullSecrets", json!([])),
+                ("/spec/imagePullSecrets", json!([{"name": "regcred"}])),
                 ("/spec/hostAliases", json!([])),
             ],
             vec![("/spec/overhead", json!({"cpu": "10m", "memory": "1Mi"}))],

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod registry;
+
 pub const IMAGE: &str = "localhost/busybox:1.35";
 pub const SOCKET: &str = "/run/podman/podman.sock";
 
