@@ -968,6 +968,18 @@ spec:
         pod["status"]["containerStatuses"][0]["image"],
         image.as_str()
     );
+    // imageID as CRI runtimes report it: the repository digest of what was pulled.
+    let image_id = cluster
+        .mesh
+        .wait_for("imageID", Duration::from_secs(10), || {
+            let found = cluster.get(&["pod", "private"])?;
+            let id = found["status"]["containerStatuses"][0]["imageID"].as_str()?;
+            (!id.is_empty()).then(|| id.to_owned())
+        });
+    assert!(
+        image_id.starts_with(&format!("{}/private/busybox@sha256:", registry.host)),
+        "{image_id}"
+    );
 
     let agent = cluster.mesh.agents.last().expect("agent");
     let secrets_dir = cluster

@@ -51,6 +51,8 @@ impl Observed {
 pub struct ContainerView {
     pub name: String,
     pub image: String,
+    /// The kubelet's `imageID`, once a container was made; empty before.
+    pub image_id: String,
     pub container_id: Option<String>,
     pub state: Observed,
     pub last_state: Option<Observed>,
@@ -142,7 +144,7 @@ fn to_status(c: &ContainerView) -> ContainerStatus {
     ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone(),
-        image_id: String::new(),
+        image_id: c.image_id.clone(),
         container_id: c.container_id.as_ref().map(|id| format!("podman://{id}")),
         ready: c.ready,
         restart_count: i32::try_from(c.restart_count).unwrap_or(i32::MAX),
@@ -337,6 +339,7 @@ mod tests {
         ContainerView {
             name: name.into(),
             image: "img".into(),
+            image_id: String::new(),
             container_id: None,
             state,
             last_state: None,

@@ -207,6 +207,7 @@ impl Slot {
             view: ContainerView {
                 name: spec.name.clone(),
                 image: spec.image.clone().unwrap_or_default(),
+                image_id: String::new(),
                 container_id: None,
                 state: Observed::waiting(reason, None),
                 last_state: None,
@@ -753,47 +754,52 @@ impl Worker {
                 self.probe(i, &id, now).await
             }
             Some(id) => match self.ctx.runtime.container_state(&id).await {
-                Ok(state) => match state.status {
-                    ContainerStatus::Running => {
-                        let slot = &mut self.slots[i];
-                        if slot.running_since.is_none() {
-                            slot.running_since = Some(now);
-                            slot.probes_reset(now);
+                Ok(state) => {
+                    if let Some(image_id) = &state.image_ref {
+                        self.slots[i].view.image_id.clone_from(image_id);
+                    }
+                    match state.status {
+                        ContainerStatus::Running => {
+                            let slot = &mut self.slots[i];
+                            if slot.running_since.is_none() {
+                                slot.running_since = Some(now);
+                                slot.probes_reset(now);
+                            }
+                            slot.view.state = Observed::Running {
+                                started_at: state.started_at.unwrap_or_else(Timestamp::now),
+                            };
+                            self.probe(i, &id, now).await;
                         }
-                        slot.view.state = Observed::Running {
-                            started_at: state.started_at.unwrap_or_else(Timestamp::now),
-                        };
-                        self.probe(i, &id, now).await;
-                    }
-                    ContainerStatus::Exited => {
-                        let code = state.exit_code.unwrap_or(-1);
-                        let message = self.termination_message(i, &id, code).await;
-                        let terminated = Observed::Terminated {
-                            exit_code: code,
-                            reason: Observed::exit_reason(code).to_string(),
-                            message: message.or_else(|| state.error.clone()),
-                            started_at: state.started_at,
-                            finished_at: state.finished_at,
-                        };
-                        self.exited(i, terminated, code, now);
-                    }
-                    ContainerStatus::Created => {
-                        if has_sub_path(&self.slots[i].spec) {
-                            self.recreate(i, &id, now).await;
-                        } else if let Err(e) = self.ctx.runtime.start_container(&id).await {
-                            self.start_failed(i, e, now);
+                        ContainerStatus::Exited => {
+                            let code = state.exit_code.unwrap_or(-1);
+                            let message = self.termination_message(i, &id, code).await;
+                            let terminated = Observed::Terminated {
+                                exit_code: code,
+                                reason: Observed::exit_reason(code).to_string(),
+                                message: message.or_else(|| state.error.clone()),
+                                started_at: state.started_at,
+                                finished_at: state.finished_at,
+                            };
+                            self.exited(i, terminated, code, now);
                         }
-                    }
-                    ContainerStatus::Paused => {
-                        // Only the agent pauses containers, while a sibling's subPath is
-                        // mounted (freeze_writers); one still paused (the agent stopped
-                        // meanwhile, or the unpause failed) runs on.
-                        if let Err(e) = self.ctx.runtime.unpause_container(&id).await {
-                            tracing::warn!(pod = %self.pod_ref, error = %e, "cannot unpause container");
+                        ContainerStatus::Created => {
+                            if has_sub_path(&self.slots[i].spec) {
+                                self.recreate(i, &id, now).await;
+                            } else if let Err(e) = self.ctx.runtime.start_container(&id).await {
+                                self.start_failed(i, e, now);
+                            }
                         }
+                        ContainerStatus::Paused => {
+                            // Only the agent pauses containers, while a sibling's subPath is
+                            // mounted (freeze_writers); one still paused (the agent stopped
+                            // meanwhile, or the unpause failed) runs on.
+                            if let Err(e) = self.ctx.runtime.unpause_container(&id).await {
+                                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot unpause container");
+                            }
+                        }
+                        ContainerStatus::Other => {}
                     }
-                    ContainerStatus::Other => {}
-                },
+                }
                 Err(RuntimeError::NotFound(_)) => {
                     // Removed behind our back: count it as a crash and start anew.
                     let terminated = Observed::Terminated {

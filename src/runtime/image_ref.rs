@@ -37,6 +37,17 @@ pub fn repository(image: &str) -> String {
     }
 }
 
+/// The kubelet's `imageID` of a container: the repository digest that CRI runtimes
+/// report (`docker.io/library/busybox@sha256:…`) for the image the container was made
+/// from, or its image ID (`sha256:…`) when the image has no digest.
+pub fn image_id(image_name: &str, digest: Option<&str>, id: &str) -> String {
+    match digest.filter(|d| !d.is_empty()) {
+        Some(digest) if !image_name.is_empty() => format!("{}@{digest}", repository(image_name)),
+        _ if id.starts_with("sha256:") => id.to_string(),
+        _ => format!("sha256:{id}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +68,23 @@ mod tests {
         for (image, normalized) in cases {
             assert_eq!(normalize_image(image), normalized, "{image}");
         }
+    }
+
+    #[test]
+    fn the_image_id_is_the_repository_digest_or_else_the_image_id() {
+        assert_eq!(
+            image_id("localhost/busybox:1.35", Some("sha256:ef3f"), "d1cd"),
+            "localhost/busybox@sha256:ef3f"
+        );
+        assert_eq!(
+            image_id("nginx:1.25", Some("sha256:aa"), "bb"),
+            "docker.io/library/nginx@sha256:aa"
+        );
+        assert_eq!(image_id("x", None, "d1cd"), "sha256:d1cd");
+        assert_eq!(
+            image_id("", Some("sha256:aa"), "sha256:d1cd"),
+            "sha256:d1cd"
+        );
     }
 
     #[test]

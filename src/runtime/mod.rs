@@ -202,6 +202,9 @@ pub struct ContainerState {
     pub finished_at: Option<Timestamp>,
     /// Podman's message when the container failed to start.
     pub error: Option<String>,
+    /// The image it was made from, as the kubelet's `imageID` shows it (see
+    /// [`image_ref::image_id`]); None where the runtime did not say.
+    pub image_ref: Option<String>,
 }
 
 /// A container as found by [`Runtime::list_pods`].

@@ -21,7 +21,7 @@ use podman_api::opts::{
 use podman_api::Podman as Client;
 
 use super::{
-    labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
+    image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
     Interactive, LogOptions, LogStream, Output, PodPlan, Protocol, PullPolicy, Runtime,
     RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize, Usage,
 };
@@ -352,12 +352,20 @@ impl Podman {
                 "Podman reported no state for container {id}"
             )));
         };
+        let image_ref = info.image.as_deref().map(|id| {
+            image_ref::image_id(
+                info.image_name.as_deref().unwrap_or_default(),
+                info.image_digest.as_deref(),
+                id,
+            )
+        });
         Ok(ContainerState {
             status: status_of(state.status.as_deref()),
             exit_code: state.exit_code,
             started_at: timestamp(state.started_at),
             finished_at: timestamp(state.finished_at),
             error: state.error.filter(|e| !e.is_empty()),
+            image_ref,
         })
     }
 }
@@ -439,6 +447,7 @@ impl Runtime for Podman {
                         .and_then(|t| Timestamp::from_second(t).ok()),
                     finished_at: exited_at.and_then(|t| Timestamp::from_second(t).ok()),
                     error: None,
+                    image_ref: None,
                 },
             });
         }

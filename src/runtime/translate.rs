@@ -1310,10 +1310,13 @@ fn validate_container_security(
         } = security;
         validate_id(&path, "runAsUser", *run_as_user)?;
         validate_id(&path, "runAsGroup", *run_as_group)?;
+        // As the API server's validation: Unmasked only in a user namespace (hostUsers:
+        // false), which agents do not give pods yet.
         refuse_if(
             !matches!(proc_mount.as_deref(), None | Some("Default")),
             &format!("{path}.procMount"),
-            "only the Default procMount is supported",
+            "only Default is supported: Unmasked needs a user namespace (spec.hostUsers: \
+             false), which is not supported yet",
         )?;
         validate_confinement(
             &path,
