@@ -370,6 +370,62 @@ impl fmt::Debug for VolumeFile {
     }
 }
 
+/// Events an agent may report about a pod it runs: the kubelet's own reasons, nothing
+/// else (an agent cannot write arbitrary events into the cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentEventReason {
+    /// A probe failed once (`Liveness probe failed: …`).
+    Unhealthy,
+    /// A container is stopped for a failed probe or hook.
+    Killing,
+    FailedPostStartHook,
+    FailedPreStopHook,
+    /// The pod's resolv.conf had to be cut to the kubelet's limits.
+    DNSConfigForming,
+    /// From a newer agent: dropped by the owner.
+    #[serde(other)]
+    Unknown,
+}
+
+impl AgentEventReason {
+    /// The Kubernetes reason, and whether it is a warning; None for [`Self::Unknown`].
+    pub fn kubernetes(self) -> Option<(&'static str, bool)> {
+        Some(match self {
+            AgentEventReason::Unhealthy => ("Unhealthy", true),
+            AgentEventReason::Killing => ("Killing", false),
+            AgentEventReason::FailedPostStartHook => ("FailedPostStartHook", true),
+            AgentEventReason::FailedPreStopHook => ("FailedPreStopHook", true),
+            AgentEventReason::DNSConfigForming => ("DNSConfigForming", true),
+            AgentEventReason::Unknown => return None,
+        })
+    }
+}
+
+/// The most events one status report carries.
+pub const MAX_REPORT_EVENTS: usize = 16;
+/// The longest event message kept, in bytes (the rest is cut).
+pub const MAX_EVENT_MESSAGE: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub reason: AgentEventReason,
+    pub message: String,
+}
+
+impl AgentEvent {
+    /// An event with its message cut to [`MAX_EVENT_MESSAGE`] bytes.
+    pub fn new(reason: AgentEventReason, mut message: String) -> AgentEvent {
+        if message.len() > MAX_EVENT_MESSAGE {
+            let mut end = MAX_EVENT_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        AgentEvent { reason, message }
+    }
+}
+
 /// A registry login from an image pull secret.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegistryCredential {
@@ -424,6 +480,11 @@ pub struct StatusReport {
     pub seq: u64,
     /// The agent's clock when it sent this, in Unix milliseconds.
     pub sent_at_ms: u64,
+    /// What happened to the pod since the last report that its status does not show
+    /// (a failed probe, a failed hook), for the owner to record as Kubernetes events.
+    /// At most [`MAX_REPORT_EVENTS`]; the owner drops any beyond.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<AgentEvent>,
 }
 
 /// An agent proves it holds a join token (see `trust::join`); the token itself never
@@ -819,6 +880,19 @@ mod tests {
     }
 
     #[test]
+    fn an_event_reason_from_a_newer_agent_is_unknown_not_an_error() {
+        let event: AgentEvent =
+            serde_json::from_str(r#"{"reason": "SomethingNew", "message": "m"}"#)
+                .expect("a report with it still decodes");
+        assert_eq!(event.reason, AgentEventReason::Unknown);
+        assert_eq!(event.reason.kubernetes(), None);
+        let long = AgentEvent::new(AgentEventReason::Unhealthy, "é".repeat(MAX_EVENT_MESSAGE));
+        assert!(
+            long.message.len() <= MAX_EVENT_MESSAGE && long.message.len() > MAX_EVENT_MESSAGE - 2
+        );
+    }
+
+    #[test]
     fn secrets_in_messages_never_reach_a_log() {
         let credential = RegistryCredential {
             registry: "registry:5000".into(),
@@ -955,6 +1029,10 @@ mod tests {
                 assignment: statement(),
                 seq: 9,
                 sent_at_ms: 1_700_000_000_000,
+                events: vec![AgentEvent::new(
+                    AgentEventReason::Unhealthy,
+                    "Liveness probe failed: 503".into(),
+                )],
             })),
             Request::Query,
             Request::Renew(Renew {

@@ -271,6 +271,7 @@ mod seeds {
                     assignment: statement.clone(),
                     seq: 9,
                     sent_at_ms: 1_700_000_000_000,
+                    events: Vec::new(),
                 })),
             ),
         ];

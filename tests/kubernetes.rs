@@ -1013,6 +1013,80 @@ spec:
     cluster.assert_node_requests_allowed();
 }
 
+/// Probe failures are the kubelet's `Unhealthy` warnings with the probe's own output,
+/// a repeat counted on its first Event (what `kubectl describe` shows as `(x4 over
+/// 4s)`), not a new Event each time; a liveness probe that gives up is a `Killing`
+/// event as the kubelet words it.
+#[test]
+fn failing_probes_are_counted_unhealthy_events_and_a_failed_liveness_probe_kills() {
+    const PROBED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: probed, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sleep, "3600"]
+    readinessProbe: {exec: {command: [sh, -c, 'echo not ready yet; exit 1']}, periodSeconds: 1}
+    livenessProbe: {exec: {command: [sh, -c, 'echo gone; exit 1']}, periodSeconds: 1, failureThreshold: 3, initialDelaySeconds: 2}
+"#;
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(PROBED);
+    let events = |reason: &str, message: &str| -> Vec<Value> {
+        cluster
+            .get(&["events", "-n", "default"])
+            .and_then(|e| e["items"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["reason"] == reason && e["message"] == message)
+            .collect()
+    };
+    let readiness = "Readiness probe failed: not ready yet";
+    let counted = cluster.mesh.wait_for(
+        "a readiness failure counted 4 times",
+        Duration::from_secs(40),
+        || {
+            let found = events("Unhealthy", readiness);
+            found
+                .iter()
+                .any(|e| e["count"].as_i64() >= Some(4))
+                .then_some(found)
+        },
+    );
+    assert_eq!(counted.len(), 1, "one Event for the repeats: {counted:#?}");
+    let event = &counted[0];
+    assert_eq!(event["type"], "Warning");
+    assert_ne!(
+        event["firstTimestamp"], event["lastTimestamp"],
+        "{event:#?}"
+    );
+    assert!(!events("Unhealthy", "Liveness probe failed: gone").is_empty());
+    cluster
+        .mesh
+        .wait_for("the Killing event", Duration::from_secs(20), || {
+            let killing = events(
+                "Killing",
+                "Container app failed liveness probe, will be restarted",
+            );
+            (!killing.is_empty()).then_some(())
+        });
+    let pod = cluster
+        .mesh
+        .wait_for("a restart", Duration::from_secs(30), || {
+            let pod = cluster.get(&["pod", "probed"])?;
+            (pod["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1))
+                .then_some(pod)
+        });
+    assert_eq!(pod["status"]["containerStatuses"][0]["ready"], false);
+    cluster.assert_node_requests_allowed();
+}
+
 /// `beemesh token <args> --trust-secret default/beemesh-trust` against the cluster.
 fn token(cluster: &Cluster, args: &[&str]) -> String {
     let out = Command::new(common::bin())

@@ -453,6 +453,7 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
             assignment: assignment.clone(),
             seq,
             sent_at_ms,
+            events: Vec::new(),
         }))
     };
     // The runner's report is taken; the view shows the pod Running on it.
@@ -908,6 +909,7 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
         assignment: assign.statement.clone(),
         seq,
         sent_at_ms,
+        events: Vec::new(),
     }));
     assert_eq!(
         agents[0]

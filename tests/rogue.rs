@@ -546,6 +546,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
             assignment,
             seq: n,
             sent_at_ms: at,
+            events: Vec::new(),
         };
         assert_declined(
             &rogue.request(node, Request::Status(Box::new(report))),

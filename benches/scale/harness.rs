@@ -860,6 +860,7 @@ impl SimAgent {
             assignment,
             seq,
             sent_at_ms,
+            events: Vec::new(),
         };
         let (mesh, owner, shared) = (self.mesh.clone(), self.owner, self.shared.clone());
         shared.counters.reports.fetch_add(1, Ordering::Relaxed);
@@ -1125,6 +1126,7 @@ pub async fn track(opts: TrackOptions, out: mpsc::UnboundedSender<Value>) {
             assignment,
             seq,
             sent_at_ms,
+            events: Vec::new(),
         };
         let started = Instant::now();
         let response = owner.on_request(agent_ids[agent], Request::Status(Box::new(report)));

@@ -40,9 +40,9 @@ use crate::trust::replay::{unix_millis, Sequencer};
 use crate::trust::statement;
 use crate::trust::TrustedPeers;
 use crate::wire::{
-    self, AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer,
-    PeerRef, PodRef, PodUid, Release, Renew, Request, Resources, Response, SignedAssignment,
-    StatusReport, WireError,
+    self, AgentEvent, AgentHealth, Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod,
+    MeshView, Offer, PeerRef, PodRef, PodUid, Release, Renew, Request, Resources, Response,
+    SignedAssignment, StatusReport, WireError,
 };
 use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
@@ -1310,7 +1310,13 @@ impl Agent {
             self.store.remove(&update.pod.uid).await;
             self.metrics.pods.set(self.pods.len() as i64);
         }
-        self.send_status(update.pod, statement, update.status, update.removed);
+        self.send_status(
+            update.pod,
+            statement,
+            update.status,
+            update.removed,
+            update.events,
+        );
     }
 
     fn send_status(
@@ -1319,6 +1325,7 @@ impl Agent {
         assignment: SignedAssignment,
         status: PodStatus,
         removed: bool,
+        events: Vec<AgentEvent>,
     ) {
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
@@ -1335,6 +1342,7 @@ impl Agent {
                 assignment,
                 seq,
                 sent_at_ms,
+                events,
             };
             match mesh.request(owner, Request::Status(Box::new(report))).await {
                 Ok(Response::Superseded { .. }) if !removed => {
@@ -1364,6 +1372,7 @@ impl Agent {
                     hosted.statement.clone(),
                     status.clone(),
                     false,
+                    Vec::new(),
                 );
             }
         }

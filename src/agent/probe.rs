@@ -102,11 +102,8 @@ pub async fn run(
         let cmd = exec.command.clone().unwrap_or_default();
         return match runtime.exec(container_id, &cmd, spec.timeout).await {
             Ok(out) if out.exit_code == 0 => Ok(()),
-            Ok(out) => Err(format!(
-                "command {cmd:?} exited with {}: {}",
-                out.exit_code,
-                String::from_utf8_lossy(&out.output).trim()
-            )),
+            // The kubelet's exec prober says only what the command printed.
+            Ok(out) => Err(String::from_utf8_lossy(&out.output).trim_end().to_string()),
             Err(e) => Err(format!("command {cmd:?} failed: {e}")),
         };
     }

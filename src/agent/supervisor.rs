@@ -28,7 +28,9 @@ use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{
     labels, ContainerPlan, ContainerStatus, LogOptions, Runtime, RuntimeError, RuntimePod,
 };
-use crate::wire::{Epoch, PodRef, RegistryCredential, VolumeFile};
+use crate::wire::{
+    AgentEvent, AgentEventReason, Epoch, PodRef, RegistryCredential, VolumeFile, MAX_REPORT_EVENTS,
+};
 
 /// The kubelet's crash-loop back-off: 10 s doubling to 5 min, forgotten after a
 /// container ran for 10 min.
@@ -63,6 +65,8 @@ pub struct WorkerUpdate {
     pub status: PodStatus,
     /// The pod has been torn down and its worker has ended.
     pub removed: bool,
+    /// Events since the last update.
+    pub events: Vec<AgentEvent>,
 }
 
 /// Everything a supervisor needs from its agent.
@@ -304,6 +308,9 @@ struct Worker {
     inspected_at: Instant,
     /// This step inspects running containers (else it trusts what it last saw).
     inspecting: bool,
+    /// Events for the next report: at most [`MAX_REPORT_EVENTS`], later ones dropped
+    /// until it is sent.
+    events: Vec<AgentEvent>,
 }
 
 impl Worker {
@@ -351,6 +358,7 @@ impl Worker {
             inspect_due: true,
             inspected_at: Instant::now(),
             inspecting: true,
+            events: Vec::new(),
         }
     }
 
@@ -501,7 +509,7 @@ impl Worker {
             Err(e) => return self.fail("UnsupportedPodSpec", e.to_string()),
         };
         for warning in &plan.dns_warnings {
-            tracing::warn!(pod = %self.pod_ref, reason = "DNSConfigForming", "{warning}");
+            self.note(AgentEventReason::DNSConfigForming, warning.clone());
         }
         let pod_id = match self.ctx.runtime.create_pod(&plan).await {
             Ok(id) => id,
@@ -1141,6 +1149,9 @@ impl Worker {
         let runtime = self.ctx.runtime.clone();
         let pod_ip = self.pod_ip;
         let slot = &mut self.slots[i];
+        // Each failure is the kubelet's Unhealthy event; the one that settles a startup
+        // or liveness probe as failed kills the container.
+        let mut failures = Vec::new();
         let mut kill = None;
         if let Some(state) = slot.startup.as_mut() {
             if state.result != Some(true) && state.due(now) {
@@ -1149,10 +1160,11 @@ impl Worker {
                 let ok = outcome.is_ok();
                 match state.record(ok, outcome.err().unwrap_or_default(), now) {
                     Some(true) => slot.view.started = true,
-                    Some(false) => {
-                        kill = Some(format!("Startup probe failed: {}", state.last_message))
-                    }
+                    Some(false) => kill = Some("startup"),
                     None => {}
+                }
+                if !ok {
+                    failures.push(format!("Startup probe failed: {}", state.last_message));
                 }
             }
         }
@@ -1163,7 +1175,10 @@ impl Worker {
                         probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
                     let ok = outcome.is_ok();
                     if state.record(ok, outcome.err().unwrap_or_default(), now) == Some(false) {
-                        kill = Some(format!("Liveness probe failed: {}", state.last_message));
+                        kill = Some("liveness");
+                    }
+                    if !ok {
+                        failures.push(format!("Liveness probe failed: {}", state.last_message));
                     }
                 }
             }
@@ -1174,20 +1189,40 @@ impl Worker {
                             probe::run(&state.spec, runtime.as_ref(), id, &slot.spec, pod_ip).await;
                         let ok = outcome.is_ok();
                         state.record(ok, outcome.err().unwrap_or_default(), now);
+                        if !ok {
+                            failures
+                                .push(format!("Readiness probe failed: {}", state.last_message));
+                        }
                     }
                     slot.view.ready = state.result == Some(true);
                 }
                 None => slot.view.ready = true,
             }
         }
-        if let Some(message) = kill {
-            tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, %message, "killing container");
+        let name = slot.spec.name.clone();
+        for failure in failures {
+            self.note(AgentEventReason::Unhealthy, failure);
+        }
+        if let Some(probe) = kill {
+            let message = format!("Container {name} failed {probe} probe, will be restarted");
+            tracing::info!(pod = %self.pod_ref, container = %name, %message, "killing container");
+            self.note(AgentEventReason::Killing, message);
+            let slot = &mut self.slots[i];
             slot.view.ready = false;
             let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
             if let Err(e) = runtime.stop_container(id, grace).await {
                 tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop unhealthy container");
             }
         }
+    }
+
+    /// An event for the next report (dropped when that report already has its fill).
+    fn note(&mut self, reason: AgentEventReason, message: String) {
+        if self.events.len() >= MAX_REPORT_EVENTS {
+            tracing::debug!(pod = %self.pod_ref, ?reason, "event dropped: the report is full");
+            return;
+        }
+        self.events.push(AgentEvent::new(reason, message));
     }
 
     async fn teardown(&mut self, grace: Duration) {
@@ -1249,12 +1284,12 @@ impl Worker {
         }
     }
 
-    /// Sends the status if it changed (or when the pod is gone).
+    /// Sends the status if it changed, or events came (or when the pod is gone).
     async fn report(&mut self, removed: bool) {
         let mut status = status::pod_status(&self.view(), Timestamp::now());
         if let Some(old) = &self.last_sent {
             status::carry_transition_times(&mut status, old);
-            if !removed && *old == status {
+            if !removed && *old == status && self.events.is_empty() {
                 return;
             }
         }
@@ -1264,6 +1299,7 @@ impl Worker {
             epoch: self.epoch,
             status,
             removed,
+            events: std::mem::take(&mut self.events),
         };
         if self.ctx.updates.send(update).await.is_err() {
             tracing::debug!(pod = %self.pod_ref, "agent is gone; status not delivered");

@@ -1,12 +1,16 @@
 //! Kubernetes Events for a pod's main transitions, as the kubelet records them
 //! (Scheduled on the mesh, Pulled/Created/Started, Killing, failures).
 
+use std::collections::{BTreeMap, HashMap};
+
 use k8s_openapi::api::core::v1::{ContainerStatus, Event, EventSource, ObjectReference, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use libp2p::PeerId;
+use serde_json::json;
+use tokio::sync::mpsc;
 
 use crate::wire::PodRef;
 
@@ -191,66 +195,197 @@ fn container_events(
     events.push(event);
 }
 
+/// How many distinct events the recorder remembers for counting repeats (client-go's
+/// `maxLruCacheEntries`).
+const CORRELATOR_ENTRIES: usize = 4096;
+/// Events waiting for the writer; more are dropped (the API server is not keeping up).
+const QUEUE: usize = 1024;
+
+/// Identical events (same pod, type, reason and message) are one Event whose count
+/// grows, as client-go's event logger makes them: what `kubectl describe` shows as
+/// `(x4 over 2m)`. Pure; remembers the latest [`CORRELATOR_ENTRIES`].
+#[derive(Default)]
+struct Correlator {
+    seen: HashMap<CorrelationKey, Seen>,
+    /// Keys by last use, oldest first.
+    by_use: BTreeMap<u64, CorrelationKey>,
+    tick: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CorrelationKey {
+    uid: String,
+    warning: bool,
+    reason: &'static str,
+    message: String,
+}
+
+struct Seen {
+    name: String,
+    count: i32,
+    first: Timestamp,
+    used: u64,
+}
+
+/// What to write for an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Write {
+    Create {
+        name: String,
+    },
+    /// A repeat: the existing Event's count and last time.
+    Count {
+        name: String,
+        count: i32,
+        first: Timestamp,
+    },
+}
+
+impl Correlator {
+    fn observe(&mut self, key: CorrelationKey, name: String, now: Timestamp) -> Write {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(seen) = self.seen.get_mut(&key) {
+            self.by_use.remove(&seen.used);
+            self.by_use.insert(tick, key);
+            seen.used = tick;
+            seen.count = seen.count.saturating_add(1);
+            return Write::Count {
+                name: seen.name.clone(),
+                count: seen.count,
+                first: seen.first,
+            };
+        }
+        if self.seen.len() >= CORRELATOR_ENTRIES {
+            if let Some((_, oldest)) = self.by_use.pop_first() {
+                self.seen.remove(&oldest);
+            }
+        }
+        self.by_use.insert(tick, key.clone());
+        self.seen.insert(
+            key,
+            Seen {
+                name: name.clone(),
+                count: 1,
+                first: now,
+                used: tick,
+            },
+        );
+        Write::Create { name }
+    }
+
+    /// The Event is gone from the API (expired): the next repeat creates it anew.
+    fn forget(&mut self, key: &CorrelationKey) {
+        if let Some(seen) = self.seen.remove(key) {
+            self.by_use.remove(&seen.used);
+        }
+    }
+}
+
 /// Writes events to the API (core/v1, as the kubelet does, so that `kubectl describe`
-/// shows them).
+/// shows them), one at a time in order, repeats counted on their first Event.
 #[derive(Clone)]
 pub struct EventRecorder {
-    client: Client,
-    node_name: String,
+    queue: mpsc::Sender<(PodRef, PodEvent)>,
 }
 
 impl EventRecorder {
+    /// Starts the writer; it ends when every recorder is dropped.
     pub fn new(client: Client, node_name: String) -> EventRecorder {
-        EventRecorder { client, node_name }
+        let (queue, pending) = mpsc::channel(QUEUE);
+        tokio::spawn(write_events(client, node_name, pending));
+        EventRecorder { queue }
     }
 
-    /// Records the events in the background; a failure is logged, never retried.
+    /// Queues the events; a full queue drops them (logged), and a failed write is
+    /// logged, never retried.
     pub fn record(&self, pod: &PodRef, events: Vec<PodEvent>) {
-        if events.is_empty() {
-            return;
+        for event in events {
+            if self.queue.try_send((pod.clone(), event)).is_err() {
+                tracing::debug!(%pod, "event dropped: the writer is behind");
+            }
         }
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let involved = ObjectReference {
+    }
+}
+
+async fn write_events(
+    client: Client,
+    node: String,
+    mut pending: mpsc::Receiver<(PodRef, PodEvent)>,
+) {
+    let mut correlator = Correlator::default();
+    while let Some((pod, event)) = pending.recv().await {
+        let api: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
+        let now = Timestamp::now();
+        let key = CorrelationKey {
+            uid: pod.uid.0.clone(),
+            warning: event.warning,
+            reason: event.reason,
+            message: event.message.clone(),
+        };
+        let name = format!("{}.{:x}", pod.name, now.as_nanosecond());
+        let written = match correlator.observe(key.clone(), name, now) {
+            Write::Create { name } => api
+                .create(
+                    &PostParams::default(),
+                    &new_event(&pod, &node, &event, name, now),
+                )
+                .await
+                .map(drop),
+            Write::Count { name, count, first } => {
+                let patch =
+                    json!({"count": count, "lastTimestamp": Time(now), "message": event.message});
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Strategic(patch))
+                    .await
+                {
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        correlator.forget(&key);
+                        let mut record = new_event(&pod, &node, &event, name, now);
+                        record.first_timestamp = Some(Time(first));
+                        record.count = Some(count);
+                        api.create(&PostParams::default(), &record).await.map(drop)
+                    }
+                    other => other.map(drop),
+                }
+            }
+        };
+        if let Err(e) = written {
+            tracing::debug!(%pod, reason = event.reason, error = %e, "event not recorded");
+        }
+    }
+}
+
+fn new_event(pod: &PodRef, node: &str, event: &PodEvent, name: String, now: Timestamp) -> Event {
+    Event {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(pod.namespace.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
             name: Some(pod.name.clone()),
             namespace: Some(pod.namespace.clone()),
             uid: Some(pod.uid.0.clone()),
             ..Default::default()
-        };
-        let node = self.node_name.clone();
-        let pod = pod.clone();
-        tokio::spawn(async move {
-            for event in events {
-                let now = Timestamp::now();
-                let record = Event {
-                    metadata: ObjectMeta {
-                        name: Some(format!("{}.{:x}", pod.name, now.as_nanosecond())),
-                        namespace: Some(pod.namespace.clone()),
-                        ..Default::default()
-                    },
-                    involved_object: involved.clone(),
-                    reason: Some(event.reason.into()),
-                    message: Some(event.message.clone()),
-                    type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
-                    source: Some(EventSource {
-                        component: Some(COMPONENT.into()),
-                        host: Some(node.clone()),
-                    }),
-                    first_timestamp: Some(Time(now)),
-                    last_timestamp: Some(Time(now)),
-                    event_time: Some(MicroTime(now)),
-                    count: Some(1),
-                    reporting_component: Some(COMPONENT.into()),
-                    reporting_instance: Some(node.clone()),
-                    action: Some(event.reason.into()),
-                    ..Default::default()
-                };
-                if let Err(e) = api.create(&PostParams::default(), &record).await {
-                    tracing::debug!(%pod, reason = event.reason, error = %e, "event not recorded");
-                }
-            }
-        });
+        },
+        reason: Some(event.reason.into()),
+        message: Some(event.message.clone()),
+        type_: Some(if event.warning { "Warning" } else { "Normal" }.into()),
+        source: Some(EventSource {
+            component: Some(COMPONENT.into()),
+            host: Some(node.to_string()),
+        }),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        reporting_component: Some(COMPONENT.into()),
+        reporting_instance: Some(node.to_string()),
+        action: Some(event.reason.into()),
+        ..Default::default()
     }
 }
 
@@ -274,6 +409,74 @@ mod tests {
 
     fn reasons(events: &[PodEvent]) -> Vec<&str> {
         events.iter().map(|e| e.reason).collect()
+    }
+
+    fn key(uid: &str, message: &str) -> CorrelationKey {
+        CorrelationKey {
+            uid: uid.into(),
+            warning: true,
+            reason: "Unhealthy",
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn identical_events_count_on_their_first_event_and_others_are_new() {
+        let mut correlator = Correlator::default();
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        let t1 = Timestamp::from_second(1_060).expect("time");
+        let failed = key("u", "Liveness probe failed: 503");
+        assert_eq!(
+            correlator.observe(failed.clone(), "web.1".into(), t0),
+            Write::Create {
+                name: "web.1".into()
+            }
+        );
+        assert_eq!(
+            correlator.observe(failed.clone(), "web.2".into(), t1),
+            Write::Count {
+                name: "web.1".into(),
+                count: 2,
+                first: t0
+            }
+        );
+        // Another message, or another pod: an event of its own.
+        assert_eq!(
+            correlator.observe(key("u", "Liveness probe failed: 500"), "web.3".into(), t1),
+            Write::Create {
+                name: "web.3".into()
+            }
+        );
+        assert_eq!(
+            correlator.observe(key("v", "Liveness probe failed: 503"), "db.1".into(), t1),
+            Write::Create {
+                name: "db.1".into()
+            }
+        );
+        // An Event that expired from the API starts over.
+        correlator.forget(&failed);
+        assert_eq!(
+            correlator.observe(failed, "web.4".into(), t1),
+            Write::Create {
+                name: "web.4".into()
+            }
+        );
+    }
+
+    #[test]
+    fn the_correlator_forgets_the_least_recently_seen_beyond_its_size() {
+        let mut correlator = Correlator::default();
+        let now = Timestamp::from_second(1_000).expect("time");
+        for i in 0..CORRELATOR_ENTRIES {
+            correlator.observe(key(&i.to_string(), "m"), format!("p.{i}"), now);
+        }
+        // The first is seen again, so the second is the oldest when room is needed.
+        correlator.observe(key("0", "m"), "again".into(), now);
+        correlator.observe(key("new", "m"), "new".into(), now);
+        assert_eq!(correlator.seen.len(), CORRELATOR_ENTRIES);
+        assert!(correlator.seen.contains_key(&key("0", "m")));
+        assert!(!correlator.seen.contains_key(&key("1", "m")));
+        assert_eq!(correlator.by_use.len(), CORRELATOR_ENTRIES);
     }
 
     #[test]

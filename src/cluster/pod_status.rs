@@ -3,7 +3,7 @@
 //! not sent again. A pod the owner has removed from the mesh is deleted from the API
 //! with grace 0, as the kubelet finishes a graceful deletion.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +16,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::events::{transition_events, EventRecorder};
+use super::events::{transition_events, EventRecorder, PodEvent};
 use crate::node::owner::{was_placed, StatusSink};
 use crate::retry::Backoff;
-use crate::wire::{PodRef, PodUid};
+use crate::wire::{AgentEvent, PodRef, PodUid};
 
 /// How long the writer waits after a change for more, so that a burst of reports
 /// becomes one patch per pod.
@@ -60,10 +60,16 @@ enum Update {
     },
 }
 
+/// Agents' events waiting to be recorded, at most this many reports' worth (more are
+/// dropped: the API server is not keeping up).
+const MAX_PENDING_EVENTS: usize = 1024;
+
 /// The latest update per pod, waiting to be written.
 #[derive(Default)]
 pub struct StatusBoard {
     pending: Mutex<BTreeMap<PodUid, Update>>,
+    /// Agents' events, in order: unlike status, every one counts.
+    events: Mutex<VecDeque<(PodRef, Vec<PodEvent>)>>,
     notify: Notify,
     /// UIDs of the API's pods bound to this node: only those are written.
     known: Mutex<HashSet<PodUid>>,
@@ -79,6 +85,24 @@ impl StatusBoard {
             pending.insert(uid, update);
         }
         self.notify.notify_one();
+    }
+
+    fn post_events(&self, pod: &PodRef, events: Vec<PodEvent>) {
+        if let Ok(mut pending) = self.events.lock() {
+            if pending.len() >= MAX_PENDING_EVENTS {
+                tracing::debug!(%pod, "agent events dropped: too many waiting");
+                return;
+            }
+            pending.push_back((pod.clone(), events));
+        }
+        self.notify.notify_one();
+    }
+
+    fn take_events(&self) -> VecDeque<(PodRef, Vec<PodEvent>)> {
+        self.events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 
     fn take(&self) -> BTreeMap<PodUid, Update> {
@@ -152,6 +176,21 @@ impl StatusSink for ApiStatusSink {
             .post(pod.uid.clone(), Update::Removed { pod: pod.clone() });
     }
 
+    fn events(&mut self, pod: &PodRef, events: &[AgentEvent]) {
+        let events = events
+            .iter()
+            .filter_map(|event| {
+                let (reason, warning) = event.reason.kubernetes()?;
+                Some(PodEvent {
+                    warning,
+                    reason,
+                    message: event.message.clone(),
+                })
+            })
+            .collect();
+        self.0.post_events(pod, events);
+    }
+
     fn last_known(&self, pod: &PodUid) -> Option<PodStatus> {
         self.0.inherited(pod)
     }
@@ -214,6 +253,11 @@ pub async fn run(
             _ = board.notify.notified() => {}
         }
         tokio::time::sleep(COALESCE).await;
+        for (pod, pod_events) in board.take_events() {
+            if board.is_known(&pod.uid) {
+                events.record(&pod, pod_events);
+            }
+        }
         let mut failed = false;
         for (uid, update) in board.take() {
             if !board.is_known(&uid) {

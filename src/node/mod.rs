@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
-use crate::wire::{GossipMessage, PodRef, PodUid, Request, Response};
+use crate::wire::{AgentEvent, GossipMessage, PodRef, PodUid, Request, Response};
 use desired::DesiredStore;
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
@@ -158,6 +158,12 @@ impl StatusSink for Sinks {
     fn removed(&mut self, pod: &PodRef) {
         for sink in &mut self.0 {
             sink.removed(pod);
+        }
+    }
+
+    fn events(&mut self, pod: &PodRef, events: &[AgentEvent]) {
+        for sink in &mut self.0 {
+            sink.events(pod, events);
         }
     }
 

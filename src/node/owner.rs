@@ -36,9 +36,9 @@ use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef, PodSummary,
-    PodUid, ReadyCount, RegistryCredential, Release, Renew, Request, Resources, Response,
-    SignedAssignment, StatusReport, VolumeFile, POLICY_REFUSAL,
+    AgentEvent, Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef,
+    PodSummary, PodUid, ReadyCount, RegistryCredential, Release, Renew, Request, Resources,
+    Response, SignedAssignment, StatusReport, VolumeFile, MAX_REPORT_EVENTS, POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -91,6 +91,8 @@ pub trait StatusSink: Send {
     );
     /// The pod is gone from the mesh.
     fn removed(&mut self, pod: &PodRef);
+    /// Events its agent reported (only known reasons, bounded, see [`AgentEvent`]).
+    fn events(&mut self, _pod: &PodRef, _events: &[AgentEvent]) {}
     /// The status the pod had before this node saw it (in the API, before a restart).
     fn last_known(&self, _pod: &PodUid) -> Option<PodStatus> {
         None
@@ -1817,6 +1819,10 @@ impl Owner {
             }
             return Response::Ack;
         }
+        let events = self.known_events(report.events);
+        if !events.is_empty() {
+            self.sink.events(&owned.pod_ref, &events);
+        }
         let merged = merge_status(
             report.status,
             &owned.carried_restarts,
@@ -1824,6 +1830,23 @@ impl Owner {
         );
         self.set_status(&uid, merged);
         Response::Ack
+    }
+
+    /// An agent's events as they may reach the cluster: known reasons only, at most
+    /// [`MAX_REPORT_EVENTS`], messages cut to [`MAX_EVENT_MESSAGE`]; the rest dropped
+    /// and counted.
+    fn known_events(&self, events: Vec<AgentEvent>) -> Vec<AgentEvent> {
+        let mut kept = Vec::new();
+        for event in events {
+            if event.reason.kubernetes().is_none() {
+                self.metrics.dropped("event", "unknown_reason");
+            } else if kept.len() == MAX_REPORT_EVENTS {
+                self.metrics.dropped("event", "too_many");
+            } else {
+                kept.push(AgentEvent::new(event.reason, event.message));
+            }
+        }
+        kept
     }
 
     /// An agent renews the leases of the strict pods it runs for this owner: granted

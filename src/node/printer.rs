@@ -9,7 +9,7 @@ use libp2p::PeerId;
 
 use super::display::{pod_display, PodDisplay};
 use super::owner::StatusSink;
-use crate::wire::{PodRef, PodUid};
+use crate::wire::{AgentEvent, PodRef, PodUid};
 
 pub fn timestamp() -> String {
     Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
@@ -69,6 +69,20 @@ impl StatusSink for PhasePrinter {
     fn removed(&mut self, pod: &PodRef) {
         self.shown.remove(&pod.uid);
         print_line(&format!("{} {pod} deleted", timestamp()));
+    }
+
+    /// Warnings only (`… default/web Unhealthy: Liveness probe failed: …`): the normal
+    /// ones repeat what the status lines say.
+    fn events(&mut self, pod: &PodRef, events: &[AgentEvent]) {
+        for event in events {
+            if let Some((reason, true)) = event.reason.kubernetes() {
+                print_line(&format!(
+                    "{} {pod} {reason}: {}",
+                    timestamp(),
+                    event.message
+                ));
+            }
+        }
     }
 }
 
