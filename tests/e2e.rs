@@ -460,6 +460,132 @@ fn run_as_non_root_is_checked_against_the_images_user() {
     assert!(podman_containers("io.beemesh.pod.name=e2e-root").is_empty());
 }
 
+/// Lifecycle hooks as the kubelet runs them: a container is Running only once its
+/// postStart hook ended, and the next container starts only then; a failed postStart
+/// stops the container, which waits with `PostStartHookError` and the kubelet's message
+/// (and the node says `FailedPostStartHook`); deleting the pod runs each running
+/// container's preStop hook (an HTTP GET made by the agent) before it is stopped.
+#[test]
+fn post_start_and_pre_stop_hooks_run_as_the_kubelet_runs_them() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (hits_tx, hits) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut buf = [0u8; 1024];
+            let n = std::io::Read::read(&mut stream, &mut buf).unwrap_or(0);
+            let line = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            let _ = std::io::Write::write_all(&mut stream, b"HTTP/1.1 204 No Content\r\n\r\n");
+            let _ = hits_tx.send(line);
+        }
+    });
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "hooked.yaml",
+        &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: e2e-hooked}}
+spec:
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: first
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'until [ -f /tmp/hooked ]; do sleep 0.1; done; echo "saw $(cat /tmp/hooked)"; sleep 100000']
+    lifecycle:
+      postStart: {{exec: {{command: [sh, -c, 'sleep 2; echo by-post-start > /tmp/hooked']}}}}
+      preStop: {{httpGet: {{host: 127.0.0.1, port: {port}, path: /pre-stop/first}}}}
+  - name: second
+    image: localhost/busybox:1.35
+    command: [sleep, '100000']
+"#
+        ),
+    );
+    mesh.write_manifest(
+        "failing.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-hook-fails, uid: e2e-hook-fails-uid}
+spec:
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sleep, '100000']
+    lifecycle:
+      postStart: {exec: {command: [sh, -c, 'echo no way; exit 3']}}
+"#,
+    );
+    wait_running(&mesh, "e2e-hooked");
+    let started = |container: &str| -> String {
+        containers_named("e2e-hooked", container)
+            .first()
+            .and_then(|c| c["StartedAt"].as_i64())
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    let (first, second) = (started("first"), started("second"));
+    let (first, second): (i64, i64) = (
+        first.parse().expect("first"),
+        second.parse().expect("second"),
+    );
+    assert!(
+        second - first >= 2,
+        "second started {}s after first: not after its postStart hook",
+        second - first
+    );
+    let name = containers_named("e2e-hooked", "first")[0]["Names"][0]
+        .as_str()
+        .expect("name")
+        .to_owned();
+    let logs = mesh.wait_for(
+        "the first container's output",
+        Duration::from_secs(10),
+        || {
+            let logs = podman_logs(&name);
+            logs.contains("saw").then_some(logs)
+        },
+    );
+    assert!(logs.contains("saw by-post-start"), "{logs}");
+
+    let failed = wait_message(&mesh, "e2e-hook-fails", "Exec lifecycle hook");
+    assert_eq!(
+        failed["message"],
+        "Exec lifecycle hook ([sh -c echo no way; exit 3]) for Container \"app\" in Pod \"e2e-hook-fails_default(e2e-hook-fails-uid)\" failed - error: command 'sh -c echo no way; exit 3' exited with 3: no way\n, message: \"no way\\n\"",
+        "{failed}"
+    );
+    mesh.wait_for(
+        "the node's FailedPostStartHook line",
+        Duration::from_secs(10),
+        || {
+            let output = mesh
+                .node
+                .as_ref()
+                .map(|node| node.output())
+                .unwrap_or_default();
+            output
+                .contains("FailedPostStartHook: PostStartHook failed")
+                .then_some(())
+        },
+    );
+
+    mesh.remove_manifest("hooked.yaml");
+    let hit = hits
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the preStop hook's request");
+    assert_eq!(hit, "GET /pre-stop/first HTTP/1.1");
+    mesh.wait_for("e2e-hooked removed", Duration::from_secs(30), || {
+        running_copies("e2e-hooked").is_empty().then_some(())
+    });
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod enroll;
 mod health;
+mod hook;
 mod kubelet;
 pub(crate) mod lease;
 pub mod probe;

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -108,33 +108,15 @@ pub async fn run(
         };
     }
     if let Some(http) = &probe.http_get {
-        let port = resolve_port(&http.port, container)?;
-        let host = match &http.host {
-            Some(h) if !h.is_empty() => h.clone(),
-            _ => pod_ip.ok_or("pod has no IP yet")?.to_string(),
+        let code = HttpTarget::of(http, container, pod_ip)?
+            .get(spec.timeout)
+            .await?;
+        // Success is a status from 200 to 399, as the kubelet's.
+        return if (200..400).contains(&code) {
+            Ok(())
+        } else {
+            Err(format!("HTTP probe failed with statuscode: {code}"))
         };
-        if http
-            .scheme
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
-        {
-            return Err("HTTPS probes are not supported".into());
-        }
-        let path = http.path.clone().unwrap_or_else(|| "/".into());
-        let headers: Vec<(String, String)> = http
-            .http_headers
-            .iter()
-            .flatten()
-            .map(|h| (h.name.clone(), h.value.clone()))
-            .collect();
-        return tokio::time::timeout(spec.timeout, http_get(&host, port, &path, &headers))
-            .await
-            .map_err(|_| {
-                format!(
-                    "Get \"http://{host}:{port}{path}\": timeout after {:?}",
-                    spec.timeout
-                )
-            })?;
     }
     if let Some(tcp) = &probe.tcp_socket {
         let port = resolve_port(&tcp.port, container)?;
@@ -153,6 +135,59 @@ pub async fn run(
     Err("probe has no handler (exec, httpGet or tcpSocket)".into())
 }
 
+/// Where the httpGet action of a probe or a lifecycle hook goes.
+pub struct HttpTarget {
+    host: String,
+    port: u16,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl HttpTarget {
+    /// The action's host (the pod's IP when unset), port (a number or the container's
+    /// named port), path and headers; HTTPS is refused.
+    pub fn of(
+        action: &HTTPGetAction,
+        container: &Container,
+        pod_ip: Option<IpAddr>,
+    ) -> Result<HttpTarget, String> {
+        if action
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+        {
+            return Err("HTTPS is not supported for probes and hooks".into());
+        }
+        let host = match &action.host {
+            Some(h) if !h.is_empty() => h.clone(),
+            _ => pod_ip.ok_or("pod has no IP yet")?.to_string(),
+        };
+        Ok(HttpTarget {
+            host,
+            port: resolve_port(&action.port, container)?,
+            path: action.path.clone().unwrap_or_else(|| "/".into()),
+            headers: action
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect(),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The status code of a GET, within `timeout`.
+    pub async fn get(&self, timeout: Duration) -> Result<u16, String> {
+        let (host, port, path) = (&self.host, self.port, &self.path);
+        tokio::time::timeout(timeout, http_get(host, port, path, &self.headers))
+            .await
+            .map_err(|_| format!("Get \"http://{host}:{port}{path}\": timeout after {timeout:?}"))?
+    }
+}
+
 fn resolve_port(port: &IntOrString, container: &Container) -> Result<u16, String> {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("invalid port {n}")),
@@ -166,13 +201,13 @@ fn resolve_port(port: &IntOrString, container: &Container) -> Result<u16, String
     }
 }
 
-/// A minimal HTTP/1.1 GET; success is a status from 200 to 399, as the kubelet's.
+/// A minimal HTTP/1.1 GET: the status code of the answer.
 async fn http_get(
     host: &str,
     port: u16,
     path: &str,
     headers: &[(String, String)],
-) -> Result<(), String> {
+) -> Result<u16, String> {
     let url = format!("http://{host}:{port}{path}");
     let mut stream = TcpStream::connect((host, port))
         .await
@@ -199,16 +234,10 @@ async fn http_get(
         read += n;
     }
     let line = String::from_utf8_lossy(&head[..read]);
-    let code: u16 = line
-        .split_whitespace()
+    line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))?;
-    if (200..400).contains(&code) {
-        Ok(())
-    } else {
-        Err(format!("HTTP probe failed with statuscode: {code}"))
-    }
+        .ok_or_else(|| format!("Get \"{url}\": malformed HTTP response"))
 }
 
 #[cfg(test)]
@@ -269,12 +298,8 @@ mod tests {
                 }
             }
         });
-        let url_ok = http_get("127.0.0.1", port, "/ok", &[]).await;
-        assert_eq!(url_ok, Ok(()));
-        let err = http_get("127.0.0.1", port, "/fail", &[])
-            .await
-            .expect_err("500 fails");
-        assert!(err.contains("statuscode: 500"), "{err}");
+        assert_eq!(http_get("127.0.0.1", port, "/ok", &[]).await, Ok(200));
+        assert_eq!(http_get("127.0.0.1", port, "/fail", &[]).await, Ok(500));
         assert!(http_get("127.0.0.1", 1, "/", &[]).await.is_err());
     }
 }

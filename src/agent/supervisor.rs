@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Lifecycle, LifecycleHandler, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use libp2p::PeerId;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::admission::Policy;
+use super::hook::{self, Hook};
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
 use super::subpath;
@@ -199,6 +200,9 @@ struct Slot {
     readiness: Option<ProbeState>,
     /// Set once an init container (or a non-restarting app container) is done for good.
     finished: bool,
+    /// Its postStart hook, running: until it ends the container is not Running, and
+    /// the containers after it are not started (as the kubelet's sync waits on it).
+    post_start: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 impl Slot {
@@ -227,6 +231,7 @@ impl Slot {
             backoff: None,
             retry_at: None,
             running_since: None,
+            post_start: None,
             startup: None,
             liveness: None,
             readiness: None,
@@ -679,15 +684,8 @@ impl Worker {
             .filter(|(_, slot)| !slot.finished)
             .filter_map(|(i, slot)| Some((i, slot.id.clone()?)))
             .collect();
-        let stops = live.iter().map(|(_, id)| {
-            let runtime = runtime.clone();
-            async move { runtime.stop_container(id, grace).await }
-        });
-        for result in futures::future::join_all(stops).await {
-            if let Err(e) = result {
-                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop a container past the pod's deadline");
-            }
-        }
+        self.stop_containers(live.iter().map(|(i, _)| *i).collect(), grace)
+            .await;
         for (i, id) in live {
             let state = runtime.container_state(&id).await.ok();
             let code = state.as_ref().and_then(|s| s.exit_code).unwrap_or(137);
@@ -741,8 +739,14 @@ impl Worker {
                 return;
             }
         }
+        // Containers start in order, each after the postStart hook of the one before.
+        let mut hook_running = false;
         for i in init_count..self.slots.len() {
+            if hook_running && self.slots[i].id.is_none() {
+                continue;
+            }
             self.drive(i, now).await;
+            hook_running |= self.slots[i].post_start.is_some();
         }
         if self.pod_ip.is_none() {
             self.refresh_pod_ip().await;
@@ -754,6 +758,18 @@ impl Worker {
     async fn drive(&mut self, i: usize, now: Instant) {
         if self.slots[i].finished {
             return;
+        }
+        if let Some(hook) = self.slots[i].post_start.as_mut() {
+            if !hook.is_finished() {
+                return;
+            }
+            let outcome = hook
+                .await
+                .unwrap_or_else(|e| Err(format!("the postStart hook did not finish: {e}")));
+            self.slots[i].post_start = None;
+            if let (Err(_), Some(id)) = (&outcome, self.slots[i].id.clone()) {
+                return self.post_start_ended(i, &id, outcome, now).await;
+            }
         }
         match self.slots[i].id.clone() {
             None => self.start(i, now).await,
@@ -1033,6 +1049,16 @@ impl Worker {
             self.start_failed(i, e, now);
             return;
         }
+        if let Some(hook) = self.hook(i, &id, |l| l.post_start.as_ref()) {
+            let slot = &mut self.slots[i];
+            slot.retry_at = None;
+            slot.view.state = Observed::waiting("ContainerCreating", None);
+            slot.post_start = Some(tokio::spawn(async move {
+                hook.run(hook::POST_START_LIMIT).await
+            }));
+            tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, attempt = slot.attempt, "container started; its postStart hook runs");
+            return;
+        }
         let slot = &mut self.slots[i];
         slot.retry_at = None;
         slot.running_since = Some(now);
@@ -1041,6 +1067,102 @@ impl Worker {
             started_at: Timestamp::now(),
         };
         tracing::info!(pod = %self.pod_ref, container = %slot.spec.name, attempt = slot.attempt, "container started");
+    }
+
+    /// Container `i`'s hook that `which` picks from its lifecycle, ready to run on the
+    /// instance `id`.
+    fn hook(
+        &self,
+        i: usize,
+        id: &str,
+        which: impl Fn(&Lifecycle) -> Option<&LifecycleHandler>,
+    ) -> Option<Hook> {
+        let spec = &self.slots[i].spec;
+        let handler = spec.lifecycle.as_ref().and_then(which)?;
+        Some(Hook {
+            handler: handler.clone(),
+            runtime: self.ctx.runtime.clone(),
+            container_id: id.to_string(),
+            container: spec.clone(),
+            pod: self.pod_ref.kubelet_name(),
+            pod_ip: self.pod_ip,
+        })
+    }
+
+    /// After container `i`'s postStart hook ended: a failure stops the container (its
+    /// preStop hook first, as the kubelet kills it) and it waits with
+    /// `PostStartHookError` until it is started again.
+    async fn post_start_ended(
+        &mut self,
+        i: usize,
+        id: &str,
+        outcome: Result<(), String>,
+        now: Instant,
+    ) {
+        let Err(message) = outcome else {
+            return;
+        };
+        tracing::info!(pod = %self.pod_ref, container = %self.slots[i].spec.name, %message, "postStart hook failed; stopping the container");
+        self.note(
+            AgentEventReason::FailedPostStartHook,
+            "PostStartHook failed".into(),
+        );
+        self.kill(i, id, translate::grace_period_secs(&self.pod))
+            .await;
+        let terminated = match self.ctx.runtime.container_state(id).await {
+            Ok(state) => Observed::Terminated {
+                exit_code: state.exit_code.unwrap_or(137),
+                reason: Observed::exit_reason(state.exit_code.unwrap_or(137)).to_string(),
+                message: None,
+                started_at: state.started_at,
+                finished_at: state.finished_at,
+            },
+            Err(_) => Observed::Terminated {
+                exit_code: 137,
+                reason: "Error".into(),
+                message: None,
+                started_at: None,
+                finished_at: Some(Timestamp::now()),
+            },
+        };
+        let code = match terminated {
+            Observed::Terminated { exit_code, .. } => exit_code,
+            _ => 137,
+        };
+        self.exited(i, terminated, code, now);
+        let slot = &mut self.slots[i];
+        if !slot.finished {
+            slot.view.state = Observed::waiting("PostStartHookError", Some(message));
+        }
+    }
+
+    /// Stops container `i` (instance `id`) as the kubelet kills one: its preStop hook
+    /// first, within the grace period, then SIGTERM with what is left of it (at least
+    /// 2 s) before SIGKILL.
+    async fn kill(&mut self, i: usize, id: &str, grace_secs: u64) {
+        let pre_stop = self.hook(i, id, |l| l.pre_stop.as_ref());
+        let outcome = stop_container(
+            self.ctx.runtime.clone(),
+            id.to_string(),
+            pre_stop,
+            Duration::from_secs(grace_secs),
+        )
+        .await;
+        self.stopped_container(outcome);
+    }
+
+    /// Notes a failed preStop hook, logs a failed stop.
+    fn stopped_container(&mut self, outcome: StopOutcome) {
+        if let Some(message) = outcome.pre_stop_failure {
+            tracing::info!(pod = %self.pod_ref, %message, "preStop hook failed");
+            self.note(
+                AgentEventReason::FailedPreStopHook,
+                "PreStopHook failed".into(),
+            );
+        }
+        if let Err(e) = outcome.stopped {
+            tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop container");
+        }
     }
 
     /// Pauses the pod's other containers that could change what [`subpath::open`] checks
@@ -1207,12 +1329,9 @@ impl Worker {
             let message = format!("Container {name} failed {probe} probe, will be restarted");
             tracing::info!(pod = %self.pod_ref, container = %name, %message, "killing container");
             self.note(AgentEventReason::Killing, message);
-            let slot = &mut self.slots[i];
-            slot.view.ready = false;
-            let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
-            if let Err(e) = runtime.stop_container(id, grace).await {
-                tracing::warn!(pod = %self.pod_ref, error = %e, "cannot stop unhealthy container");
-            }
+            self.slots[i].view.ready = false;
+            self.kill(i, id, translate::grace_period_secs(&self.pod))
+                .await;
         }
     }
 
@@ -1225,17 +1344,36 @@ impl Worker {
         self.events.push(AgentEvent::new(reason, message));
     }
 
+    /// Stops the containers `which` at once, each as [`Worker::kill`] does.
+    async fn stop_containers(&mut self, which: Vec<usize>, grace: Duration) {
+        let mut stops = Vec::new();
+        for i in which {
+            if let Some(hook) = self.slots[i].post_start.take() {
+                hook.abort();
+            }
+            let Some(id) = self.slots[i].id.clone() else {
+                continue;
+            };
+            // Only a running container's preStop hook runs, as with the kubelet.
+            let pre_stop = self.slots[i]
+                .running_since
+                .and_then(|_| self.hook(i, &id, |l| l.pre_stop.as_ref()));
+            stops.push(stop_container(
+                self.ctx.runtime.clone(),
+                id,
+                pre_stop,
+                grace,
+            ));
+        }
+        for outcome in futures::future::join_all(stops).await {
+            self.stopped_container(outcome);
+        }
+    }
+
     async fn teardown(&mut self, grace: Duration) {
         let runtime = self.ctx.runtime.clone();
-        let stops = self.slots.iter().filter_map(|s| s.id.clone()).map(|id| {
-            let runtime = runtime.clone();
-            async move { runtime.stop_container(&id, grace).await }
-        });
-        for result in futures::future::join_all(stops).await {
-            if let Err(e) = result {
-                tracing::debug!(pod = %self.pod_ref, error = %e, "stop failed; removing anyway");
-            }
-        }
+        self.stop_containers((0..self.slots.len()).collect(), grace)
+            .await;
         if let Some(pod_id) = self.pod_id.take() {
             // Until it is gone: a copy the agent forgot would run on unseen (Podman
             // may be down for a while; the containers run on under conmon).
@@ -1304,6 +1442,43 @@ impl Worker {
         if self.ctx.updates.send(update).await.is_err() {
             tracing::debug!(pod = %self.pod_ref, "agent is gone; status not delivered");
         }
+    }
+}
+
+/// What stopping a container gave.
+struct StopOutcome {
+    /// The preStop hook's failure, in the kubelet's words.
+    pre_stop_failure: Option<String>,
+    stopped: Result<(), RuntimeError>,
+}
+
+/// The kubelet's grace after a preStop hook: never less than this.
+const MIN_GRACE_AFTER_PRE_STOP: Duration = Duration::from_secs(2);
+
+/// The preStop hook (if any) within `grace`, then a stop with the rest of it.
+async fn stop_container(
+    runtime: Arc<dyn Runtime>,
+    id: String,
+    pre_stop: Option<Hook>,
+    grace: Duration,
+) -> StopOutcome {
+    let mut pre_stop_failure = None;
+    let mut left = grace;
+    if let Some(hook) = pre_stop.filter(|_| !grace.is_zero()) {
+        let begun = Instant::now();
+        pre_stop_failure = match tokio::time::timeout(grace, hook.run(grace)).await {
+            Ok(outcome) => outcome.err(),
+            Err(_) => Some(format!(
+                "the preStop hook did not end within the grace period ({grace:?})"
+            )),
+        };
+        left = grace
+            .saturating_sub(begun.elapsed())
+            .max(MIN_GRACE_AFTER_PRE_STOP);
+    }
+    StopOutcome {
+        pre_stop_failure,
+        stopped: runtime.stop_container(&id, left).await,
     }
 }
 

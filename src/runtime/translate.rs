@@ -48,7 +48,7 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
     AppArmorProfile, Container, ContainerPort, EnvVar, EnvVarSource, HostAlias, Lifecycle,
-    ObjectFieldSelector, Pod, PodDNSConfig, PodSecurityContext, PodSpec, Probe,
+    LifecycleHandler, ObjectFieldSelector, Pod, PodDNSConfig, PodSecurityContext, PodSpec, Probe,
     ResourceFieldSelector, ResourceRequirements, SELinuxOptions, SeccompProfile, SecurityContext,
     Volume, VolumeMount, WindowsSecurityContextOptions,
 };
@@ -856,7 +856,7 @@ fn validate_container(
         "restartPolicyRules are not supported yet",
     )?;
     if let Some(lifecycle) = lifecycle {
-        validate_lifecycle(path, lifecycle)?;
+        validate_lifecycle(path, kind, lifecycle)?;
     }
     for (field, probe) in [
         ("livenessProbe", liveness_probe),
@@ -1017,22 +1017,60 @@ fn validate_container_restart(
     }
 }
 
-fn validate_lifecycle(path: &str, lifecycle: &Lifecycle) -> Result<(), SpecError> {
+/// postStart and preStop hooks as the API server validates them: app containers only,
+/// one handler each. HTTPS hooks are refused (the agent speaks HTTP only); a tcpSocket
+/// hook is kept, and fails when run, as on a kubelet.
+fn validate_lifecycle(
+    path: &str,
+    kind: ContainerKind,
+    lifecycle: &Lifecycle,
+) -> Result<(), SpecError> {
     let Lifecycle {
         post_start,
         pre_stop,
         stop_signal,
     } = lifecycle;
-    refuse_if(
-        post_start.is_some(),
-        &format!("{path}.lifecycle.postStart"),
-        "lifecycle hooks are not supported yet",
-    )?;
-    refuse_if(
-        pre_stop.is_some(),
-        &format!("{path}.lifecycle.preStop"),
-        "lifecycle hooks are not supported yet",
-    )?;
+    for (name, handler) in [("postStart", post_start), ("preStop", pre_stop)] {
+        let Some(handler) = handler else {
+            continue;
+        };
+        let path = format!("{path}.lifecycle.{name}");
+        refuse_if(
+            kind == ContainerKind::Init,
+            &path,
+            "may not be set for init containers",
+        )?;
+        let LifecycleHandler {
+            exec,
+            http_get,
+            sleep,
+            tcp_socket,
+        } = handler;
+        let handlers = [
+            exec.is_some(),
+            http_get.is_some(),
+            sleep.is_some(),
+            tcp_socket.is_some(),
+        ];
+        refuse_if(
+            handlers.iter().filter(|set| **set).count() != 1,
+            &path,
+            "must specify exactly one handler type",
+        )?;
+        refuse_if(
+            http_get
+                .as_ref()
+                .and_then(|h| h.scheme.as_deref())
+                .is_some_and(|s| s.eq_ignore_ascii_case("https")),
+            &format!("{path}.httpGet.scheme"),
+            "HTTPS hooks are not supported",
+        )?;
+        refuse_if(
+            sleep.as_ref().is_some_and(|s| s.seconds < 0),
+            &format!("{path}.sleep.seconds"),
+            "must be greater than or equal to 0",
+        )?;
+    }
     refuse_if(
         stop_signal.is_some(),
         &format!("{path}.lifecycle.stopSignal"),
@@ -3124,16 +3162,16 @@ mod tests {
             (
                 vec![(
                     "/spec/containers/0/lifecycle",
-                    json!({"postStart": {"exec": {"command": ["true"]}}}),
+                    json!({"postStart": {"exec": {"command": ["true"]}, "sleep": {"seconds": 1}}}),
                 )],
                 "spec.containers[0].lifecycle.postStart",
             ),
             (
                 vec![(
                     "/spec/containers/0/lifecycle",
-                    json!({"preStop": {"sleep": {"seconds": 5}}}),
+                    json!({"preStop": {"httpGet": {"port": 80, "scheme": "HTTPS"}}}),
                 )],
-                "spec.containers[0].lifecycle.preStop",
+                "spec.containers[0].lifecycle.preStop.httpGet.scheme",
             ),
             (
                 vec![(
@@ -3704,6 +3742,14 @@ mod tests {
                 json!([{"name": "EMPTY", "value": ""}, {"name": "weird.name-1", "value": "x"}]),
             )],
             vec![("/spec/containers/0/lifecycle", json!({}))],
+            vec![(
+                "/spec/containers/0/lifecycle",
+                json!({"postStart": {"exec": {"command": ["true"]}}, "preStop": {"sleep": {"seconds": 5}}}),
+            )],
+            vec![(
+                "/spec/containers/0/lifecycle",
+                json!({"preStop": {"httpGet": {"port": 80, "path": "/drain"}}}),
+            )],
             vec![
                 (
                     "/spec/volumes",
