@@ -273,3 +273,59 @@ fn a_client_that_never_finishes_its_tls_handshake_is_dropped() {
         "closed after {waited:?}"
     );
 }
+
+/// The kubelet API names pods without their UID. While a pod is being deleted its
+/// replacement may already run under the same name (a changed manifest here; a
+/// StatefulSet's `web-0` in a cluster): requests mean the replacement, as on a kubelet,
+/// never the namesake on its way out.
+#[test]
+fn logs_of_a_name_reach_the_current_pod_not_its_namesake_being_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = client_certs(dir.path(), "alice");
+    let ca = client.ca.display().to_string();
+    let mut mesh = Mesh::with_node_args(&["--client-ca-file", &ca]);
+    mesh.start_agent(&[]);
+    let pod = |uid: &str, says: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: namesake, namespace: default, uid: {uid}}}\nspec:\n  terminationGracePeriodSeconds: 60\n  containers:\n  - name: c\n    image: localhost/busybox:1.35\n    command: [sh, -c, 'trap \"echo ignoring TERM\" TERM; while true; do echo {says}; sleep 0.5; done']\n"
+        )
+    };
+    mesh.write_manifest(
+        "namesake.yaml",
+        &pod("6f1c2a9e-0000-4000-8000-00000000000a", "old"),
+    );
+    mesh.wait_for("the old pod Running", Duration::from_secs(40), || {
+        let pod = mesh.pod_status("default", "namesake")?;
+        (pod["phase"] == "Running").then_some(())
+    });
+    let server_ca = mesh.node().state_dir.join("kubelet/kubelet.crt");
+    mesh.write_manifest(
+        "namesake.yaml",
+        &pod("6f1c2a9e-0000-4000-8000-00000000000b", "new"),
+    );
+    let logs = mesh.wait_for("the replacement's log", Duration::from_secs(40), || {
+        let (code, body) = curl(
+            &mesh,
+            &server_ca,
+            Some(&client),
+            "/containerLogs/default/namesake/c?tailLines=1",
+            5,
+        );
+        (code == 200 && body.contains("new")).then_some(body)
+    });
+    assert_eq!(logs, "new\n");
+    // The old copy is still on its way out (its process ignores SIGTERM): both exist.
+    let copies = common::podman_pods("io.beemesh.pod.name=namesake");
+    assert_eq!(copies.len(), 2, "the namesake is still being stopped");
+    for _ in 0..5 {
+        let (code, body) = curl(
+            &mesh,
+            &server_ca,
+            Some(&client),
+            "/containerLogs/default/namesake/c?tailLines=1",
+            5,
+        );
+        assert_eq!((code, body.as_str()), (200, "new\n"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

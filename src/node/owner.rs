@@ -2089,12 +2089,18 @@ impl Owner {
         self.set_status(uid, status);
     }
 
-    /// Where a pod runs, for the kubelet API.
+    /// Where a pod runs, for the kubelet API, which names pods without their UID. Of
+    /// namesakes (a StatefulSet's `web-0` being deleted while its replacement runs) the
+    /// kubelet means the pod it added last: the one not being deleted, else the newest.
     pub fn locate(&self, namespace: &str, name: &str) -> Option<PodLocation> {
         let owned = self
             .pods
             .values()
-            .find(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)?;
+            .filter(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)
+            .max_by_key(|o| {
+                let created = o.desired.pod.metadata.creation_timestamp.as_ref();
+                (!o.deleting, created.map(|t| t.0))
+            })?;
         let spec = owned.desired.pod.spec.as_ref();
         Some(PodLocation {
             pod: owned.pod_ref.clone(),

@@ -134,9 +134,6 @@ const DEFAULT_GRACE_PERIOD_SECS: i64 = 30;
 const MIN_GRACE_PERIOD_SECS: i64 = 2;
 /// Linux hostnames hold at most 64 bytes including the terminating NUL.
 const HOSTNAME_MAX_LEN: usize = 63;
-/// How much of the pod UID goes into Podman names: enough to tell apart two pods that
-/// reuse a namespace and name.
-const UID_PREFIX_LEN: usize = 8;
 /// Why configMap and secret references are refused where they are still unresolved: a
 /// node connected to a Kubernetes API server fills them in before placement.
 const NEEDS_API: &str = "configMaps and secrets need a Kubernetes API server (pods from \
@@ -164,11 +161,11 @@ pub fn pod_ref(pod: &Pod) -> Result<PodRef, SpecError> {
     })
 }
 
-/// The Podman pod name, `<namespace>_<name>_<first 8 chars of uid>_<epoch>`: unique per
-/// placement, and readable in `podman pod ps`.
+/// The Podman pod name, `<namespace>_<name>_<uid>_<epoch>`: unique per placement (the
+/// whole UID: namesakes whose UIDs share a prefix, as a manifest's may, must not
+/// collide), and readable in `podman pod ps`.
 pub fn podman_pod_name(pod: &PodRef, epoch: Epoch) -> String {
-    let uid_prefix: String = pod.uid.0.chars().take(UID_PREFIX_LEN).collect();
-    format!("{}_{}_{}_{}", pod.namespace, pod.name, uid_prefix, epoch)
+    format!("{}_{}_{}_{}", pod.namespace, pod.name, pod.uid.0, epoch)
 }
 
 /// The labels of the Podman pod, which every container of it carries too.
