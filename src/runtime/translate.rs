@@ -3779,7 +3779,7 @@ mod tests {
         let dir = PathBuf::from("/v");
         let ctx = context(&dir);
         let plan = pod_plan(&pod, &ctx).expect("pod plan");
-        assert_eq!(plan.name, "shop_web_5f3a9c1e_3");
+        assert_eq!(plan.name, "shop_web_5f3a9c1e-7b2d-4c1a-9e8f-0123456789ab_3");
         assert_eq!(plan.hostname, "web");
         let expected: BTreeMap<String, String> = [
             ("io.beemesh.pod.uid", UID),
@@ -3798,7 +3798,10 @@ mod tests {
         let init = &spec.init_containers.as_ref().expect("init")[0];
         let init_plan =
             container_plan(&pod, init, ContainerKind::Init, 2, &ctx).expect("init plan");
-        assert_eq!(init_plan.name, "shop_web_5f3a9c1e_3_setup_2");
+        assert_eq!(
+            init_plan.name,
+            "shop_web_5f3a9c1e-7b2d-4c1a-9e8f-0123456789ab_3_setup_2"
+        );
         let mut expected_init = expected.clone();
         for (k, v) in [
             ("io.beemesh.container", "setup"),
@@ -3811,7 +3814,10 @@ mod tests {
 
         let app_plan =
             container_plan(&pod, app(&pod, 0), ContainerKind::App, 0, &ctx).expect("app");
-        assert_eq!(app_plan.name, "shop_web_5f3a9c1e_3_main_0");
+        assert_eq!(
+            app_plan.name,
+            "shop_web_5f3a9c1e-7b2d-4c1a-9e8f-0123456789ab_3_main_0"
+        );
         assert_eq!(app_plan.labels["io.beemesh.container.kind"], "app");
         assert_eq!(app_plan.image, "nginx:1.25");
         assert_eq!(app_plan.pull_policy, PullPolicy::IfNotPresent);
@@ -4449,7 +4455,10 @@ mod tests {
         let dir = PathBuf::from("/v");
         let ctx = context(&dir);
         let pod_plan = pod_plan(&pod, &ctx).expect("pod plan");
-        assert_eq!(pod_plan.name, "default_cap_a2df8023_3");
+        assert_eq!(
+            pod_plan.name,
+            "default_cap_a2df8023-27ed-4e57-8a05-4bd1cdcdd21f_3"
+        );
         assert_eq!(pod_plan.hostname, "cap");
         assert!(pod_plan.ports.is_empty());
         let plan = app_plan(&pod, &ctx);
