@@ -586,6 +586,75 @@ spec:
     });
 }
 
+/// Native sidecars as the kubelet runs them: an init container with `restartPolicy:
+/// Always` is awaited only until it is up (its startup probe passed), runs beside the
+/// app container, is restarted when it exits whatever the pod's restartPolicy, and is
+/// stopped once the app container is done; the pod then ends as its app container did.
+#[test]
+fn a_sidecar_runs_beside_the_app_restarts_and_stops_after_it() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "sidecar.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-sidecar}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 5
+  initContainers:
+  - name: setup
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'echo set > /shared/setup']
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  - name: proxy
+    image: localhost/busybox:1.35
+    restartPolicy: Always
+    command: [sh, -c, 'n=$(cat /shared/runs 2>/dev/null || echo 0); echo $((n+1)) > /shared/runs; sleep 1; touch /shared/proxy-up; if [ "$n" = 0 ]; then sleep 1; exit 1; fi; trap "echo proxy stopping; exit 0" TERM; while true; do sleep 0.2; done']
+    startupProbe: {exec: {command: [test, -f, /shared/proxy-up]}, periodSeconds: 1}
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'echo "app saw setup=$(cat /shared/setup) proxy-up=$(test -f /shared/proxy-up && echo yes)"; sleep 6; echo "proxy runs=$(cat /shared/runs)"']
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  volumes: [{name: shared, emptyDir: {}}]
+"#,
+    );
+    let done = mesh.wait_for("e2e-sidecar Succeeded", Duration::from_secs(60), || {
+        let pod = mesh.pod_status("default", "e2e-sidecar")?;
+        (pod["phase"] == "Succeeded").then_some(pod)
+    });
+    assert!(
+        done["restarts"].as_u64() >= Some(1),
+        "the sidecar was restarted: {done}"
+    );
+    let app = containers_named("e2e-sidecar", "app");
+    let app_name = app[0]["Names"][0].as_str().expect("name").to_owned();
+    let logs = podman_logs(&app_name);
+    assert!(logs.contains("app saw setup=set proxy-up=yes"), "{logs}");
+    assert!(logs.contains("proxy runs=2"), "{logs}");
+    // The sidecar was stopped with SIGTERM once the app was done, and is not started again.
+    let proxies = containers_named("e2e-sidecar", "proxy");
+    assert!(
+        proxies.iter().all(|c| c["State"] == "exited"),
+        "{proxies:#?}"
+    );
+    let last = proxies
+        .iter()
+        .filter_map(|c| c["Names"][0].as_str())
+        .max_by_key(|name| name.rsplit('_').next().and_then(|n| n.parse::<u32>().ok()))
+        .expect("a proxy container")
+        .to_owned();
+    assert!(podman_logs(&last).contains("proxy stopping"), "{last}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        containers_named("e2e-sidecar", "proxy").len(),
+        proxies.len()
+    );
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

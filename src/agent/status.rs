@@ -60,6 +60,20 @@ pub struct ContainerView {
     pub ready: bool,
     /// Whether the startup probe passed (or there is none) while running.
     pub started: bool,
+    /// An init container with `restartPolicy: Always`.
+    pub sidecar: bool,
+}
+
+impl ContainerView {
+    /// A sidecar that the containers after it need not wait for any more: running and
+    /// started, or run before (being restarted, or stopped after the app containers).
+    pub fn sidecar_up(&self) -> bool {
+        match self.state {
+            Observed::Running { .. } => self.started,
+            Observed::Terminated { .. } => true,
+            Observed::Waiting { .. } => self.last_state.is_some(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,13 +174,16 @@ fn succeeded(o: &Observed) -> bool {
 }
 
 /// The kubelet's phase rules.
+/// Sidecars count as running while they run; how they end never decides the phase.
 pub fn phase(view: &PodView) -> &'static str {
     if view.failure.is_some() {
         return "Failed";
     }
-    let init_pending = view.init.iter().any(|c| !succeeded(&c.state));
-    let init_failed = view
-        .init
+    let (sidecars, regular): (Vec<&ContainerView>, Vec<&ContainerView>) =
+        view.init.iter().partition(|c| c.sidecar);
+    let init_pending =
+        regular.iter().any(|c| !succeeded(&c.state)) || sidecars.iter().any(|c| !c.sidecar_up());
+    let init_failed = regular
         .iter()
         .any(|c| matches!(c.state, Observed::Terminated { exit_code, .. } if exit_code != 0));
     if init_failed && view.restart_policy == RestartPolicy::Never {
@@ -175,7 +192,11 @@ pub fn phase(view: &PodView) -> &'static str {
     if init_pending {
         return "Pending";
     }
-    let (mut running, mut waiting, mut stopped, mut ok) = (0, 0, 0, 0);
+    let (mut waiting, mut stopped, mut ok) = (0, 0, 0);
+    let mut running = sidecars
+        .iter()
+        .filter(|c| matches!(c.state, Observed::Running { .. }))
+        .count();
     for c in &view.app {
         match &c.state {
             Observed::Running { .. } => running += 1,
@@ -229,12 +250,21 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
     let incomplete: Vec<&str> = view
         .init
         .iter()
-        .filter(|c| !succeeded(&c.state))
+        .filter(|c| {
+            if c.sidecar {
+                !c.sidecar_up()
+            } else {
+                !succeeded(&c.state)
+            }
+        })
         .map(|c| c.name.as_str())
         .collect();
+    // A sidecar's readiness counts as an app container's.
     let unready: Vec<&str> = view
-        .app
+        .init
         .iter()
+        .filter(|c| c.sidecar)
+        .chain(&view.app)
         .filter(|c| !c.ready)
         .map(|c| c.name.as_str())
         .collect();
@@ -346,6 +376,7 @@ mod tests {
             restart_count: 0,
             ready: false,
             started: true,
+            sidecar: false,
         }
     }
 
@@ -446,6 +477,54 @@ mod tests {
         let mut failed = view(vec![], vec![c("a", running())], Always);
         failed.failure = Some(("AgentLost".into(), "gone".into()));
         assert_eq!(phase(&failed), "Failed");
+    }
+
+    fn sidecar(state: Observed) -> ContainerView {
+        ContainerView {
+            sidecar: true,
+            ..c("proxy", state)
+        }
+    }
+
+    #[test]
+    fn sidecars_count_while_they_run_and_never_decide_how_the_pod_ended() {
+        use RestartPolicy::*;
+        let waiting = || Observed::waiting("PodInitializing", None);
+        // Not started yet (its startup probe pending): the pod is still initializing.
+        let mut starting = sidecar(running());
+        starting.started = false;
+        let pending = view(vec![starting], vec![c("a", waiting())], Never);
+        assert_eq!(phase(&pending), "Pending");
+        let status = pod_status(&pending, Timestamp::now());
+        let initialized = &status.conditions.as_ref().expect("conditions")[0];
+        assert_eq!(
+            (initialized.status.as_str(), initialized.message.as_deref()),
+            ("False", Some("containers with incomplete status: [proxy]"))
+        );
+        // Started: the app containers run, and the sidecar's readiness counts.
+        let v = view(vec![sidecar(running())], vec![c("a", running())], Never);
+        assert_eq!(phase(&v), "Running");
+        let status = pod_status(&v, Timestamp::now());
+        let ready = &status.conditions.as_ref().expect("conditions")[1];
+        assert_eq!(
+            ready.message.as_deref(),
+            Some("containers with unready status: [proxy a]")
+        );
+        // The app container is done, the sidecar still runs: Running until it stops.
+        let v = view(vec![sidecar(running())], vec![c("a", exited(0))], Never);
+        assert_eq!(phase(&v), "Running");
+        // Stopped by SIGTERM after the app container succeeded: Succeeded all the same.
+        let v = view(vec![sidecar(exited(143))], vec![c("a", exited(0))], Never);
+        assert_eq!(phase(&v), "Succeeded");
+        let v = view(vec![sidecar(exited(143))], vec![c("a", exited(1))], Never);
+        assert_eq!(phase(&v), "Failed");
+        // A sidecar being restarted holds nothing back.
+        let mut restarting = sidecar(Observed::waiting("CrashLoopBackOff", None));
+        restarting.last_state = Some(exited(1));
+        assert_eq!(
+            phase(&view(vec![restarting], vec![c("a", running())], Always)),
+            "Running"
+        );
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl Slot {
                 restart_count: 0,
                 ready: false,
                 started: false,
+                sidecar: kind == ContainerKind::Init && translate::is_sidecar(&spec),
             },
             spec,
             kind,
@@ -676,7 +677,6 @@ impl Worker {
             "Pod was active on the node longer than the specified deadline".into(),
         );
         let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
-        let runtime = self.ctx.runtime.clone();
         let live: Vec<(usize, String)> = self
             .slots
             .iter()
@@ -687,20 +687,11 @@ impl Worker {
         self.stop_containers(live.iter().map(|(i, _)| *i).collect(), grace)
             .await;
         for (i, id) in live {
-            let state = runtime.container_state(&id).await.ok();
-            let code = state.as_ref().and_then(|s| s.exit_code).unwrap_or(137);
+            let (terminated, _) = self.terminated_state(&id).await;
             let slot = &mut self.slots[i];
             slot.view.ready = false;
             slot.finished = true;
-            slot.view.state = Observed::Terminated {
-                exit_code: code,
-                reason: Observed::exit_reason(code).to_string(),
-                message: None,
-                started_at: state.as_ref().and_then(|s| s.started_at),
-                finished_at: state
-                    .and_then(|s| s.finished_at)
-                    .or_else(|| Some(Timestamp::now())),
-            };
+            slot.view.state = terminated;
         }
     }
 
@@ -730,12 +721,20 @@ impl Worker {
         if self.pod_ip.is_none() && (init_count > 0 || translate::env_uses_pod_ip(&self.pod)) {
             self.refresh_pod_ip().await;
         }
+        // Init containers in order, each awaited: a regular one until it is done, a
+        // sidecar until it is up (it then runs on beside the rest).
         for i in 0..init_count {
             if self.slots[i].finished {
                 continue;
             }
             self.drive(i, now).await;
-            if !self.slots[i].finished {
+            let slot = &self.slots[i];
+            let awaited = if slot.view.sidecar {
+                slot.view.sidecar_up() && slot.post_start.is_none()
+            } else {
+                slot.finished
+            };
+            if !awaited {
                 return;
             }
         }
@@ -748,6 +747,7 @@ impl Worker {
             self.drive(i, now).await;
             hook_running |= self.slots[i].post_start.is_some();
         }
+        self.stop_sidecars_after_the_app(now).await;
         if self.pod_ip.is_none() {
             self.refresh_pod_ip().await;
         }
@@ -877,8 +877,10 @@ impl Worker {
 
     /// Handles the exit of a container instance according to the restart policy.
     fn exited(&mut self, i: usize, terminated: Observed, code: i32, now: Instant) {
-        let init = self.slots[i].kind == ContainerKind::Init;
-        let restarts = if init {
+        let slot = &self.slots[i];
+        let restarts = if slot.view.sidecar {
+            true
+        } else if slot.kind == ContainerKind::Init {
             code != 0 && self.policy != RestartPolicy::Never
         } else {
             self.policy.restarts(code)
@@ -1109,26 +1111,7 @@ impl Worker {
         );
         self.kill(i, id, translate::grace_period_secs(&self.pod))
             .await;
-        let terminated = match self.ctx.runtime.container_state(id).await {
-            Ok(state) => Observed::Terminated {
-                exit_code: state.exit_code.unwrap_or(137),
-                reason: Observed::exit_reason(state.exit_code.unwrap_or(137)).to_string(),
-                message: None,
-                started_at: state.started_at,
-                finished_at: state.finished_at,
-            },
-            Err(_) => Observed::Terminated {
-                exit_code: 137,
-                reason: "Error".into(),
-                message: None,
-                started_at: None,
-                finished_at: Some(Timestamp::now()),
-            },
-        };
-        let code = match terminated {
-            Observed::Terminated { exit_code, .. } => exit_code,
-            _ => 137,
-        };
+        let (terminated, code) = self.terminated_state(id).await;
         self.exited(i, terminated, code, now);
         let slot = &mut self.slots[i];
         if !slot.finished {
@@ -1344,6 +1327,68 @@ impl Worker {
         self.events.push(AgentEvent::new(reason, message));
     }
 
+    /// Once every app container is done for good (restartPolicy Never or OnFailure),
+    /// the sidecars are stopped, last first, and the pod ends as its app containers did.
+    async fn stop_sidecars_after_the_app(&mut self, now: Instant) {
+        let apps_done = self
+            .slots
+            .iter()
+            .filter(|s| s.kind == ContainerKind::App)
+            .all(|s| s.finished);
+        let running: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].view.sidecar && !self.slots[i].finished)
+            .collect();
+        if !apps_done || running.is_empty() {
+            return;
+        }
+        let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
+        self.stop_in_turn(running.iter().rev().copied().collect(), grace, now)
+            .await;
+        for i in running {
+            let terminated = match self.slots[i].id.clone() {
+                Some(id) => self.terminated_state(&id).await.0,
+                None => Observed::Terminated {
+                    exit_code: 0,
+                    reason: "Completed".into(),
+                    message: None,
+                    started_at: None,
+                    finished_at: Some(Timestamp::now()),
+                },
+            };
+            let slot = &mut self.slots[i];
+            slot.view.ready = false;
+            slot.view.state = terminated;
+            slot.finished = true;
+        }
+    }
+
+    /// How a stopped container ended, as its runtime says, and its exit code (137,
+    /// killed, when the runtime cannot say).
+    async fn terminated_state(&self, id: &str) -> (Observed, i32) {
+        let state = self.ctx.runtime.container_state(id).await.ok();
+        let code = state.as_ref().and_then(|s| s.exit_code).unwrap_or(137);
+        let terminated = Observed::Terminated {
+            exit_code: code,
+            reason: Observed::exit_reason(code).to_string(),
+            message: None,
+            started_at: state.as_ref().and_then(|s| s.started_at),
+            finished_at: state
+                .and_then(|s| s.finished_at)
+                .or_else(|| Some(Timestamp::now())),
+        };
+        (terminated, code)
+    }
+
+    /// Stops the containers `which` one after another, in that order, all within
+    /// `grace` (each has what is left of it, as the kubelet stops sidecars).
+    async fn stop_in_turn(&mut self, which: Vec<usize>, grace: Duration, begun: Instant) {
+        let deadline = begun + grace;
+        for i in which {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.stop_containers(vec![i], left).await;
+        }
+    }
+
     /// Stops the containers `which` at once, each as [`Worker::kill`] does.
     async fn stop_containers(&mut self, which: Vec<usize>, grace: Duration) {
         let mut stops = Vec::new();
@@ -1370,9 +1415,15 @@ impl Worker {
         }
     }
 
+    /// Stops the app containers, then the sidecars last first, as the kubelet ends a pod
+    /// with sidecars, all within `grace`; then removes the pod.
     async fn teardown(&mut self, grace: Duration) {
         let runtime = self.ctx.runtime.clone();
-        self.stop_containers((0..self.slots.len()).collect(), grace)
+        let begun = Instant::now();
+        let (sidecars, others): (Vec<usize>, Vec<usize>) =
+            (0..self.slots.len()).partition(|&i| self.slots[i].view.sidecar);
+        self.stop_containers(others, grace).await;
+        self.stop_in_turn(sidecars.into_iter().rev().collect(), grace, begun)
             .await;
         if let Some(pod_id) = self.pod_id.take() {
             // Until it is gone: a copy the agent forgot would run on unseen (Podman

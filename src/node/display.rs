@@ -41,11 +41,16 @@ pub fn pod_display(spec: Option<&PodSpec>, status: &PodStatus, deleting: bool) -
     let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
     let mut shown = status.reason.clone().unwrap_or(phase);
     let mut restarts = 0;
+    // kubectl counts a sidecar's restarts with the app containers'.
+    let mut sidecar_restarts = 0;
     let mut ready = 0;
     let mut initializing = false;
     let init_statuses = status.init_container_statuses.as_deref().unwrap_or(&[]);
     for (i, container) in init_statuses.iter().enumerate() {
         restarts += container.restart_count.max(0) as u32;
+        if is_sidecar(&container.name) {
+            sidecar_restarts += container.restart_count.max(0) as u32;
+        }
         let state = container.state.clone().unwrap_or_default();
         if state.terminated.as_ref().is_some_and(|t| t.exit_code == 0) {
             continue;
@@ -77,7 +82,7 @@ pub fn pod_display(spec: Option<&PodSpec>, status: &PodStatus, deleting: bool) -
         .flatten()
         .any(|c| c.type_ == "Initialized" && c.status == "True");
     if !initializing || initialized {
-        restarts = 0;
+        restarts = sidecar_restarts;
         let mut has_running = false;
         for container in status.container_statuses.iter().flatten().rev() {
             restarts += container.restart_count.max(0) as u32;
@@ -324,14 +329,20 @@ mod tests {
         let status = PodStatus {
             phase: Some("Running".into()),
             conditions: Some(vec![condition("Initialized", "True")]),
-            init_container_statuses: Some(vec![running("proxy", true, 0)]),
-            container_statuses: Some(vec![running("app", true, 0)]),
+            init_container_statuses: Some(vec![running("proxy", true, 2)]),
+            container_statuses: Some(vec![running("app", true, 1)]),
             ..PodStatus::default()
         };
         let shown = pod_display(Some(&pod), &status, false);
+        // kubectl counts the sidecar's restarts with the app container's.
         assert_eq!(
-            (shown.status.as_str(), shown.ready, shown.containers),
-            ("Running", 2, 2)
+            (
+                shown.status.as_str(),
+                shown.ready,
+                shown.containers,
+                shown.restarts
+            ),
+            ("Running", 2, 2, 3)
         );
     }
 

@@ -22,7 +22,7 @@
 //!   kubelet without cluster DNS (`runtime::dns`).
 //! - emptyDir with `medium: Memory` is a plain directory on the agent's disk, not a
 //!   tmpfs; `sizeLimit` is not enforced.
-//! - Ports of (non-sidecar) init containers get no host mapping, as with the kubelet.
+//! - Ports of init containers get no host mapping, as with the kubelet; a sidecar's do.
 //! - `ephemeral-storage` requests and limits are accepted and not enforced; extended
 //!   resources (GPUs, hugepages, ...) are refused, since no agent can provide them.
 //! - `resourceFieldRef` env vars are supported, except `limits.*` of a container without
@@ -852,6 +852,13 @@ fn validate_container(
         &format!("{path}.restartPolicyRules"),
         "restartPolicyRules are not supported yet",
     )?;
+    // A sidecar (an init container that restarts always) may have what app containers
+    // have: hooks and probes.
+    let kind = if kind == ContainerKind::Init && restart_policy.as_deref() == Some("Always") {
+        ContainerKind::App
+    } else {
+        kind
+    };
     if let Some(lifecycle) = lifecycle {
         validate_lifecycle(path, kind, lifecycle)?;
     }
@@ -999,10 +1006,7 @@ fn validate_container_restart(
     let field = format!("{path}.restartPolicy");
     match (kind, policy) {
         (_, None) => Ok(()),
-        (ContainerKind::Init, Some("Always")) => Err(SpecError::new(
-            field,
-            "sidecar containers are not supported yet",
-        )),
+        (ContainerKind::Init, Some("Always")) => Ok(()),
         (ContainerKind::Init, Some(_)) => Err(SpecError::new(
             field,
             "an init container's restartPolicy may only be Always (a sidecar)",
@@ -1075,8 +1079,15 @@ fn validate_lifecycle(
     )
 }
 
-/// The agent runs exec, httpGet and tcpSocket probes. Init containers cannot have probes
-/// (the API server refuses them).
+/// Whether an init container is a sidecar (`restartPolicy: Always`): started in order
+/// with the init containers but not awaited, restarted whenever it exits, and stopped
+/// after the app containers.
+pub fn is_sidecar(container: &Container) -> bool {
+    container.restart_policy.as_deref() == Some("Always")
+}
+
+/// The agent runs exec, httpGet and tcpSocket probes. Init containers other than
+/// sidecars cannot have probes (the API server refuses them).
 fn validate_probe(path: &str, kind: ContainerKind, probe: &Probe) -> Result<(), SpecError> {
     refuse_if(
         kind == ContainerKind::Init,
@@ -1793,13 +1804,21 @@ pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
         name: podman_pod_name(&pod_ref, ctx.epoch),
         hostname: pod_hostname(&pod_ref, spec),
         labels: pod_labels(&pod_ref, ctx),
-        ports: spec
-            .containers
-            .iter()
+        ports: running_containers(spec)
             .flat_map(|container| container.ports.iter().flatten())
             .filter_map(host_port_mapping)
             .collect(),
     })
+}
+
+/// The containers that run alongside each other: sidecars and app containers (whose
+/// host ports the pod binds).
+fn running_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .filter(|c| is_sidecar(c))
+        .chain(&spec.containers)
 }
 
 /// The kubelet's hostname: hostnameOverride, else hostname, else the pod name, cut to 63
@@ -2032,19 +2051,26 @@ fn image_tag(name: &str) -> Option<&str> {
 // ---------------------------------------------------------------------------------------
 
 /// What the pod needs from an agent, as the scheduler counts it: the larger of the sum of
-/// the app containers' requests and the largest init container request, per resource,
-/// plus the pod overhead; a container with a limit but no request requests its limit.
+/// the app containers' and sidecars' requests and the largest init container request
+/// (with the sidecars started before it), per resource, plus the pod overhead; a
+/// container with a limit but no request requests its limit.
 pub fn pod_requests(pod: &Pod) -> Result<Resources, SpecError> {
     let spec = spec_of(pod)?;
     let mut apps = Resources::default();
+    let mut sidecars = Resources::default();
     let mut init = Resources::default();
     for (kind, index, container) in all_containers(spec) {
         let requests = container_requests(&container_path(kind, index), container)?;
         match kind {
             ContainerKind::App => apps = apps.saturating_add(requests),
-            ContainerKind::Init => init = max_each(init, requests),
+            ContainerKind::Init if is_sidecar(container) => {
+                sidecars = sidecars.saturating_add(requests);
+                init = max_each(init, sidecars);
+            }
+            ContainerKind::Init => init = max_each(init, sidecars.saturating_add(requests)),
         }
     }
+    let apps = apps.saturating_add(sidecars);
     let overhead = |name: &str| {
         let quantity = spec.overhead.as_ref().and_then(|amounts| amounts.get(name));
         amount_or_zero("spec.overhead", name, quantity)
@@ -2105,7 +2131,7 @@ pub fn host_ports(pod: &Pod) -> Vec<u16> {
     let mut ports: Vec<u16> = pod
         .spec
         .iter()
-        .flat_map(|spec| spec.containers.iter())
+        .flat_map(running_containers)
         .flat_map(|container| container.ports.iter().flatten())
         .filter_map(host_port_mapping)
         .map(|mapping| mapping.host_port)
@@ -2584,6 +2610,33 @@ mod tests {
                 cpu_millis: 0,
                 memory_bytes: 0,
                 pods: 1
+            })
+        );
+        // A sidecar runs beside what starts after it: it adds to the later init
+        // containers and to the app containers (KEP-753).
+        let with_sidecar = pod_with(&[
+            (
+                "/spec/initContainers",
+                json!([
+                    {"name": "proxy", "image": "busybox", "restartPolicy": "Always",
+                     "resources": {"requests": {"cpu": "200m", "memory": "32Mi"}}},
+                    {"name": "migrate", "image": "busybox",
+                     "resources": {"requests": {"cpu": "500m", "memory": "16Mi"}}}
+                ]),
+            ),
+            (
+                "/spec/containers/0/resources",
+                json!({"requests": {"cpu": "100m", "memory": "64Mi"}}),
+            ),
+        ]);
+        assert_eq!(
+            pod_requests(&with_sidecar),
+            Ok(Resources {
+                // max(200m + 100m, 200m + 500m)
+                cpu_millis: 700,
+                // max(32Mi + 64Mi, 32Mi + 16Mi)
+                memory_bytes: 96 * mib,
+                pods: 1,
             })
         );
         let bad = pod_with(&[(
@@ -3135,12 +3188,6 @@ mod tests {
             ),
             (
                 vec![init(
-                    json!({"name": "side", "image": "busybox", "restartPolicy": "Always"}),
-                )],
-                "spec.initContainers[0].restartPolicy",
-            ),
-            (
-                vec![init(
                     json!({"name": "side", "image": "busybox", "restartPolicy": "Never"}),
                 )],
                 "spec.initContainers[0].restartPolicy",
@@ -3582,9 +3629,9 @@ mod tests {
         assert_eq!(
             message(&[(
                 "/spec/initContainers",
-                json!([{"name": "side", "image": "busybox", "restartPolicy": "Always"}])
+                json!([{"name": "side", "image": "busybox", "restartPolicy": "OnFailure"}])
             )]),
-            "spec.initContainers[0].restartPolicy: sidecar containers are not supported yet"
+            "spec.initContainers[0].restartPolicy: an init container's restartPolicy may only be Always (a sidecar)"
         );
     }
 
@@ -3739,6 +3786,12 @@ mod tests {
                 json!([{"name": "EMPTY", "value": ""}, {"name": "weird.name-1", "value": "x"}]),
             )],
             vec![("/spec/containers/0/lifecycle", json!({}))],
+            vec![(
+                "/spec/initContainers",
+                json!([{"name": "proxy", "image": "busybox", "restartPolicy": "Always",
+                        "startupProbe": {"tcpSocket": {"port": 15021}},
+                        "lifecycle": {"preStop": {"sleep": {"seconds": 1}}}}]),
+            )],
             vec![(
                 "/spec/containers/0/lifecycle",
                 json!({"postStart": {"exec": {"command": ["true"]}}, "preStop": {"sleep": {"seconds": 5}}}),
