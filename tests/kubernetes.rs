@@ -1087,6 +1087,73 @@ spec:
     cluster.assert_node_requests_allowed();
 }
 
+/// Readiness gates as the kubelet counts them: the pod's containers are ready, but the
+/// pod is Ready only once every gate's condition, set in the API by someone else (a load
+/// balancer controller), is True; the node sees the condition change and writes Ready
+/// again, leaving that condition as its owner set it.
+#[test]
+fn a_pod_is_ready_only_once_its_readiness_gates_conditions_are_true() {
+    const GATED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: gated, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 1
+  readinessGates: [{conditionType: example.com/lb-ready}]
+  containers: [{name: app, image: localhost/busybox:1.35, command: [sleep, "3600"]}]
+"#;
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(GATED);
+    cluster.wait_running("gated");
+    let pod = cluster
+        .mesh
+        .wait_for("the containers ready", Duration::from_secs(20), || {
+            let pod = cluster.get(&["pod", "gated"])?;
+            (condition(&pod, "ContainersReady").as_deref() == Some("True")).then_some(pod)
+        });
+    let ready = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+        .expect("Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "ReadinessGatesNotReady");
+    assert_eq!(
+        ready["message"],
+        "corresponding condition of pod readiness gate \"example.com/lb-ready\" does not exist."
+    );
+    let (ok, out) = cluster.kubectl(
+        &[
+            "patch",
+            "pod",
+            "gated",
+            "--subresource=status",
+            "--type=strategic",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"example.com/lb-ready","status":"True"}]}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "kubectl patch: {out}");
+    let pod = cluster
+        .mesh
+        .wait_for("Ready True", Duration::from_secs(10), || {
+            let pod = cluster.get(&["pod", "gated"])?;
+            (condition(&pod, "Ready").as_deref() == Some("True")).then_some(pod)
+        });
+    assert_eq!(
+        condition(&pod, "example.com/lb-ready").as_deref(),
+        Some("True")
+    );
+    cluster.assert_node_requests_allowed();
+}
+
 /// `beemesh token <args> --trust-secret default/beemesh-trust` against the cluster.
 fn token(cluster: &Cluster, args: &[&str]) -> String {
     let out = Command::new(common::bin())

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{EventRecorder, PodEvent};
 use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
-use super::pod_status::StatusBoard;
+use super::pod_status::{Gates, StatusBoard};
 use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
@@ -197,6 +197,7 @@ impl PodSource {
             };
             match old.remove(&uid) {
                 Some(tracked) if *tracked.desired.pod == essentials(&pod) => {
+                    self.board.set_gates(PodUid(uid.clone()), Gates::of(&pod));
                     self.pods.insert(uid, tracked);
                 }
                 _ => {
@@ -220,6 +221,8 @@ impl PodSource {
             self.board.inherit(PodUid(uid.clone()), pod.status.clone());
             self.record_missing_cluster_dns(&pod);
         }
+        // Others set the gates' conditions: every version of the pod may change them.
+        self.board.set_gates(PodUid(uid.clone()), Gates::of(&pod));
         let essentials = essentials(&pod);
         if self
             .pods

@@ -64,9 +64,58 @@ enum Update {
 /// dropped: the API server is not keeping up).
 const MAX_PENDING_EVENTS: usize = 1024;
 
+/// A pod's readiness gates and the API's current status of their conditions, which
+/// others (a load balancer controller) set.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Gates {
+    /// The gates' condition types, in the spec's order.
+    types: Vec<String>,
+    /// Condition type to status, for the gates' types the API has.
+    current: BTreeMap<String, String>,
+}
+
+impl Gates {
+    pub fn of(pod: &Pod) -> Gates {
+        let types: Vec<String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.readiness_gates.iter().flatten())
+            .map(|gate| gate.condition_type.clone())
+            .collect();
+        let current = pod
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .filter(|c| types.contains(&c.type_))
+            .map(|c| (c.type_.clone(), c.status.clone()))
+            .collect();
+        Gates { types, current }
+    }
+
+    /// The kubelet's message for each gate not True (`GeneratePodReadyCondition`).
+    fn unmet(&self) -> Vec<String> {
+        self.types
+            .iter()
+            .filter_map(|gate| match self.current.get(gate) {
+                None => Some(format!(
+                    "corresponding condition of pod readiness gate {gate:?} does not exist."
+                )),
+                Some(status) if status != "True" => Some(format!(
+                    "the status of pod readiness gate {gate:?} is not \"True\", but {status}"
+                )),
+                Some(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// The latest update per pod, waiting to be written.
 #[derive(Default)]
 pub struct StatusBoard {
+    /// Pods with readiness gates, as the API last showed them.
+    gates: Mutex<HashMap<PodUid, Gates>>,
+    /// Pods whose gates changed since their status was last written.
+    regated: Mutex<HashSet<PodUid>>,
     pending: Mutex<BTreeMap<PodUid, Update>>,
     /// Agents' events, in order: unlike status, every one counts.
     events: Mutex<VecDeque<(PodRef, Vec<PodEvent>)>>,
@@ -105,6 +154,41 @@ impl StatusBoard {
             .unwrap_or_default()
     }
 
+    /// The pod's readiness gates as the API now has them (the pod source tells each
+    /// version of the pod); a change has its status written again.
+    pub fn set_gates(&self, uid: PodUid, gates: Gates) {
+        let Ok(mut all) = self.gates.lock() else {
+            return;
+        };
+        let changed = if gates.types.is_empty() {
+            all.remove(&uid).is_some()
+        } else {
+            all.insert(uid.clone(), gates.clone()) != Some(gates)
+        };
+        drop(all);
+        if changed {
+            if let Ok(mut regated) = self.regated.lock() {
+                regated.insert(uid);
+            }
+            self.notify.notify_one();
+        }
+    }
+
+    fn gates(&self, uid: &PodUid) -> Gates {
+        self.gates
+            .lock()
+            .ok()
+            .and_then(|all| all.get(uid).cloned())
+            .unwrap_or_default()
+    }
+
+    fn take_regated(&self) -> HashSet<PodUid> {
+        self.regated
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
+    }
+
     fn take(&self) -> BTreeMap<PodUid, Update> {
         self.pending
             .lock()
@@ -127,6 +211,9 @@ impl StatusBoard {
             } else {
                 if let Ok(mut inherited) = self.inherited.lock() {
                     inherited.remove(&uid);
+                }
+                if let Ok(mut gates) = self.gates.lock() {
+                    gates.remove(&uid);
                 }
                 set.remove(&uid);
             }
@@ -199,8 +286,22 @@ impl StatusSink for ApiStatusSink {
 /// The status as the API shows it. The pod is bound to this node already, so a pod the
 /// mesh cannot place yet shows PodScheduled True and the mesh's reason and message at
 /// the top, where `kubectl get` shows them.
-pub fn api_status(status: &PodStatus) -> Value {
+///
+/// With readiness gates, Ready also needs each gate's condition True, as the kubelet
+/// counts it.
+pub fn api_status(status: &PodStatus, gates: &Gates) -> Value {
     let mut status = status.clone();
+    let unmet = gates.unmet();
+    let ready = status
+        .conditions
+        .iter_mut()
+        .flatten()
+        .find(|c| c.type_ == "Ready" && c.status == "True");
+    if let Some(ready) = ready.filter(|_| !unmet.is_empty()) {
+        ready.status = "False".into();
+        ready.reason = Some("ReadinessGatesNotReady".into());
+        ready.message = Some(unmet.join(", "));
+    }
     let mesh_pending = status
         .conditions
         .iter_mut()
@@ -247,6 +348,8 @@ pub async fn run(
     // Only pods whose last write failed have an entry.
     let mut backoff: Backoff<PodUid> = Backoff::new(RETRY, RETRY_MAX);
     let mut seen: HashMap<PodUid, (PodStatus, Option<PeerId>)> = HashMap::new();
+    // The last status update of each pod, to write again when its gates change.
+    let mut last: HashMap<PodUid, Update> = HashMap::new();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -258,11 +361,17 @@ pub async fn run(
                 events.record(&pod, pod_events);
             }
         }
+        for uid in board.take_regated() {
+            if let Some(update) = last.get(&uid) {
+                board.retry(uid, update.clone());
+            }
+        }
         let mut failed = false;
         for (uid, update) in board.take() {
             if !board.is_known(&uid) {
                 sent.remove(&uid);
                 seen.remove(&uid);
+                last.remove(&uid);
                 backoff.retain(|u| *u != uid);
                 continue;
             }
@@ -284,7 +393,8 @@ pub async fn run(
                     let previous = seen.get(&uid).or(inherited.as_ref()).map(|(s, a)| (s, *a));
                     events.record(pod, transition_events(pod, previous, status, *agent));
                     seen.insert(uid.clone(), ((**status).clone(), *agent));
-                    let value = api_status(status);
+                    last.insert(uid.clone(), update.clone());
+                    let value = api_status(status, &board.gates(&uid));
                     if sent.get(&uid) == Some(&value) {
                         true
                     } else {
@@ -305,6 +415,7 @@ pub async fn run(
                         tracing::info!(%pod, "pod deleted from the API");
                         sent.remove(&uid);
                         seen.remove(&uid);
+                        last.remove(&uid);
                         true
                     }
                     Err(e) => {
@@ -372,7 +483,7 @@ mod tests {
             "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
             "message": "0/2 agents fit: 2 insufficient memory"}]}))
         .expect("status");
-        let value = api_status(&status);
+        let value = api_status(&status, &Gates::default());
         assert_eq!(value["reason"], "Unschedulable");
         assert_eq!(value["message"], "0/2 agents fit: 2 insufficient memory");
         assert_eq!(value["conditions"][0]["status"], "True");
@@ -381,8 +492,45 @@ mod tests {
         // conditions would go with them).
         assert_eq!(value["podIP"], Value::Null);
         assert_eq!(value["containerStatuses"], Value::Null);
-        let unset = api_status(&PodStatus::default());
+        let unset = api_status(&PodStatus::default(), &Gates::default());
         assert!(unset.get("conditions").is_none(), "{unset}");
+    }
+
+    #[test]
+    fn readiness_gates_hold_ready_back_until_their_conditions_are_true() {
+        let status: PodStatus = serde_json::from_value(json!({"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}))
+        .expect("status");
+        let pod = |conditions: Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {"containers": [], "readinessGates": [
+                    {"conditionType": "example.com/lb"}, {"conditionType": "example.com/dns"}]},
+                "status": {"conditions": conditions}
+            }))
+            .expect("pod")
+        };
+        let none = api_status(&status, &Gates::of(&pod(json!([]))));
+        assert_eq!(none["conditions"][0]["status"], "False");
+        assert_eq!(none["conditions"][0]["reason"], "ReadinessGatesNotReady");
+        assert_eq!(
+            none["conditions"][0]["message"],
+            "corresponding condition of pod readiness gate \"example.com/lb\" does not exist., \
+             corresponding condition of pod readiness gate \"example.com/dns\" does not exist."
+        );
+        // ContainersReady is the containers' alone.
+        assert_eq!(none["conditions"][1]["status"], "True");
+        let half = Gates::of(&pod(json!([
+            {"type": "example.com/lb", "status": "True"},
+            {"type": "example.com/dns", "status": "False"}])));
+        assert_eq!(
+            api_status(&status, &half)["conditions"][0]["message"],
+            "the status of pod readiness gate \"example.com/dns\" is not \"True\", but False"
+        );
+        let met = Gates::of(&pod(json!([
+            {"type": "example.com/lb", "status": "True"},
+            {"type": "example.com/dns", "status": "True"}])));
+        assert_eq!(api_status(&status, &met)["conditions"][0]["status"], "True");
     }
 
     #[test]
@@ -390,7 +538,7 @@ mod tests {
         let status: PodStatus = serde_json::from_value(json!({"phase": "Running",
             "podIP": "10.88.0.5", "hostIP": "192.168.1.20"}))
         .expect("status");
-        let value = api_status(&status);
+        let value = api_status(&status, &Gates::default());
         assert_eq!(value["podIPs"], json!([{"ip": "10.88.0.5"}]));
         assert_eq!(value["hostIPs"], json!([{"ip": "192.168.1.20"}]));
         assert_eq!(value["reason"], Value::Null);

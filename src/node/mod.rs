@@ -176,7 +176,18 @@ impl StatusSink for Sinks {
 /// from, but downward API volumes work.
 pub fn standalone_pod(pod: Pod) -> Arc<DesiredPod> {
     let pod = Arc::new(pod);
-    let resolved = if resolve::references(&pod).is_empty() {
+    let gated = pod
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()));
+    let resolved = if gated {
+        Err(ResolveError::Invalid {
+            field: "spec.readinessGates".into(),
+            message: "readiness gates need a Kubernetes API server, where others set their \
+                      conditions (pods from manifest files cannot use them)"
+                .into(),
+        })
+    } else if resolve::references(&pod).is_empty() {
         resolve::resolve(&pod, &Fetched::default())
     } else {
         Err(ResolveError::Invalid {

@@ -283,7 +283,8 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
         // Their logins come with the assignment (`node::resolve`).
         image_pull_secrets: _,
         os,
-        readiness_gates,
+        // Counted in Ready by the node, from the API's conditions (`cluster::pod_status`).
+        readiness_gates: _,
         resources,
         runtime_class_name,
         set_hostname_as_fqdn,
@@ -331,11 +332,6 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
             non_empty(runtime_class_name.as_deref()).is_some(),
             "spec.runtimeClassName",
             "runtime classes are not supported",
-        ),
-        (
-            has_items(readiness_gates.as_deref()),
-            "spec.readinessGates",
-            "readiness gates are not supported",
         ),
         (
             resources.is_some(),
@@ -3002,10 +2998,6 @@ mod tests {
                 "spec.dnsPolicy",
             ),
             (
-                vec![("/spec/readinessGates", json!([{"conditionType": "x"}]))],
-                "spec.readinessGates",
-            ),
-            (
                 vec![("/spec/resources", json!({"limits": {"cpu": "1"}}))],
                 "spec.resources",
             ),
@@ -3786,6 +3778,10 @@ mod tests {
                 json!([{"name": "EMPTY", "value": ""}, {"name": "weird.name-1", "value": "x"}]),
             )],
             vec![("/spec/containers/0/lifecycle", json!({}))],
+            vec![(
+                "/spec/readinessGates",
+                json!([{"conditionType": "example.com/lb-ready"}]),
+            )],
             vec![(
                 "/spec/initContainers",
                 json!([{"name": "proxy", "image": "busybox", "restartPolicy": "Always",
