@@ -290,6 +290,7 @@ fn spec_translation(c: &mut Criterion) {
         host_ip: Some("10.0.0.1".parse().expect("ip")),
         node_name: "agent-1",
         host_dns: &host_dns,
+        memory_dirs: &BTreeMap::new(),
     };
     let mut group = c.benchmark_group("translate");
     group.bench_function("typical_pod_plans", |b| {

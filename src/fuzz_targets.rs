@@ -650,6 +650,7 @@ fn check_pod(pod: &Pod) {
             searches: vec!["example.com".into()],
             options: vec!["ndots:2".into()],
         },
+        memory_dirs: &std::collections::BTreeMap::new(),
     };
     let plan = translate::pod_plan(pod, &ctx);
     assert_eq!(plan.is_ok(), valid.is_ok());

@@ -655,6 +655,69 @@ spec:
     );
 }
 
+/// An emptyDir with `medium: Memory` is a tmpfs as large as its `sizeLimit`, whose
+/// data outlives a container's restart, and which goes with the pod.
+#[test]
+fn a_memory_emptydir_is_a_sized_tmpfs_that_survives_restarts() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    mesh.write_manifest(
+        "memory.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: e2e-memory}
+spec:
+  restartPolicy: OnFailure
+  containers:
+  - name: main
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'if [ -f /cache/first ]; then echo "again: $(cat /cache/first) $(grep " /cache " /proc/mounts | cut -d" " -f1,4)"; sleep 100000; fi; echo run-1 > /cache/first; dd if=/dev/zero of=/cache/big bs=1M count=16 2>/dev/null || echo "full at $(du -k /cache/big | cut -f1)k"; exit 1']
+    volumeMounts: [{name: cache, mountPath: /cache}]
+  volumes: [{name: cache, emptyDir: {medium: Memory, sizeLimit: 8Mi}}]
+"#,
+    );
+    wait_running(&mesh, "e2e-memory");
+    let line = mesh.wait_for(
+        "the restarted container's output",
+        Duration::from_secs(40),
+        || {
+            containers_named("e2e-memory", "main")
+                .iter()
+                .filter_map(|c| c["Names"][0].as_str())
+                .map(podman_logs)
+                .find(|logs| logs.contains("again:"))
+        },
+    );
+    assert!(line.contains("again: run-1 tmpfs"), "{line}");
+    assert!(line.contains("size=8192k"), "{line}");
+    let first = containers_named("e2e-memory", "main")
+        .iter()
+        .filter_map(|c| c["Names"][0].as_str())
+        .map(podman_logs)
+        .find(|logs| logs.contains("full at"))
+        .expect("the first run's output");
+    assert!(first.contains("full at 8"), "{first}");
+    mesh.remove_manifest("memory.yaml");
+    mesh.wait_for(
+        "the pod and its volume gone",
+        Duration::from_secs(30),
+        || {
+            let volumes = std::process::Command::new("podman")
+                .args([
+                    "volume",
+                    "ls",
+                    "-q",
+                    "--filter",
+                    "label=io.beemesh.pod.name=e2e-memory",
+                ])
+                .output()
+                .ok()?;
+            (running_copies("e2e-memory").is_empty() && volumes.stdout.is_empty()).then_some(())
+        },
+    );
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

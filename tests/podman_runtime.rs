@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use beemesh::runtime::dns::ResolvConf;
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
-    labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, Mount, Output, PodPlan,
-    PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams, TerminalSize,
-    TerminationMessage,
+    labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, MemoryVolume, Mount,
+    Output, PodPlan, PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams,
+    TerminalSize, TerminationMessage,
 };
 use beemesh::wire::{Epoch, PodUid, RegistryCredential};
 use common::{free_port, require_podman, IMAGE};
@@ -32,6 +32,10 @@ impl Drop for TestPod {
     fn drop(&mut self) {
         let _ = std::process::Command::new("podman")
             .args(["pod", "rm", "-f", "-t", "0", &self.id])
+            .output();
+        let _ = std::process::Command::new("podman")
+            .args(["volume", "prune", "-f", "--filter"])
+            .arg(format!("label={LABEL}={}", self.name))
             .output();
     }
 }
@@ -60,6 +64,7 @@ async fn pod_with(test: &str, change: impl FnOnce(&mut PodPlan)) -> TestPod {
         dns: None,
         dns_warnings: Vec::new(),
         host_aliases: Vec::new(),
+        memory_volumes: Vec::new(),
     };
     change(&mut plan);
     let id = runtime.create_pod(&plan).await.expect("pod created");
@@ -542,6 +547,72 @@ async fn a_private_image_is_pulled_with_the_first_login_that_works() {
         .args(["image", "exists", &image])
         .status()
         .is_ok_and(|s| s.success()));
+}
+
+/// A memory volume is a tmpfs of its size, which outlives the containers that use it
+/// (the pod's infra container holds it mounted: an emptyDir keeps its data across
+/// container restarts) and goes with the pod.
+#[tokio::test]
+async fn a_memory_volume_is_a_sized_tmpfs_that_lives_as_long_as_its_pod() {
+    let volume = unique("memory-volume");
+    let pod = pod_with("memory", |plan| {
+        plan.memory_volumes = vec![MemoryVolume {
+            name: "cache".into(),
+            volume: volume.clone(),
+            size_bytes: Some(4 << 20),
+            group: Some(2000),
+        }]
+    })
+    .await;
+    let dir = pod.runtime.volume_dir(&volume).await.expect("the volume");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    let mount = mounts
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == dir.to_str())
+        .unwrap_or_else(|| panic!("{} is not mounted", dir.display()));
+    assert!(
+        mount.starts_with("tmpfs ") && mount.contains("size=4096k"),
+        "{mount}"
+    );
+    // The fsGroup's, setgid, as the kubelet leaves an emptyDir's root.
+    let root = std::fs::metadata(&dir).expect("root");
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::mode(&root) & 0o7777,
+            std::os::unix::fs::MetadataExt::gid(&root)
+        ),
+        (0o2777, 2000)
+    );
+    let cache = Mount {
+        volume: "cache".into(),
+        volume_dir: dir.clone(),
+        sub_path: None,
+        container_path: "/cache".into(),
+        read_only: false,
+    };
+    let mut writer = plan(
+        &pod,
+        "writer",
+        &[
+            "sh",
+            "-c",
+            "echo kept > /cache/kept; dd if=/dev/zero of=/cache/big bs=1M count=8",
+        ],
+    );
+    writer.mounts = vec![cache.clone()];
+    let id = start(&pod, &writer).await;
+    let ended = wait_exit(&pod, &id).await;
+    assert_ne!(ended.exit_code, Some(0), "8 MiB fit in a 4 MiB volume");
+    let mut reader = plan(&pod, "reader", &["cat", "/cache/kept"]);
+    reader.mounts = vec![cache];
+    let id = start(&pod, &reader).await;
+    wait_exit(&pod, &id).await;
+    assert_eq!(logs(&id).trim(), "kept", "the data outlived its writer");
+    pod.runtime.remove_pod(&pod.id).await.expect("removed");
+    assert!(matches!(
+        pod.runtime.volume_dir(&volume).await,
+        Err(RuntimeError::NotFound(_))
+    ));
 }
 
 #[tokio::test]

@@ -302,6 +302,8 @@ struct Worker {
     pod_ip: Option<IpAddr>,
     /// The agent's resolv.conf, read again for each sandbox as the kubelet does.
     host_dns: ResolvConf,
+    /// Where the sandbox's memory-backed emptyDirs are, by volume name.
+    memory_dirs: BTreeMap<String, PathBuf>,
     start_time: Timestamp,
     slots: Vec<Slot>,
     failure: Option<(String, String)>,
@@ -356,6 +358,7 @@ impl Worker {
             pod_id: None,
             pod_ip: None,
             host_dns: ResolvConf::default(),
+            memory_dirs: BTreeMap::new(),
             start_time: Timestamp::now(),
             slots,
             failure: None,
@@ -451,6 +454,7 @@ impl Worker {
             host_ip: self.ctx.host_ip,
             node_name: &self.ctx.node_name,
             host_dns: &self.host_dns,
+            memory_dirs: &self.memory_dirs,
         }
     }
 
@@ -536,6 +540,19 @@ impl Worker {
         if let Err(e) = self.ctx.runtime.start_pod(&pod_id).await {
             return self.setup_failed(format!("{}: {e}", SANDBOX_FAILED));
         }
+        for memory in &plan.memory_volumes {
+            match self.ctx.runtime.volume_dir(&memory.volume).await {
+                Ok(dir) => {
+                    self.memory_dirs.insert(memory.name.clone(), dir);
+                }
+                Err(e) => {
+                    return self.setup_failed(format!(
+                        "{} for volume \"{}\" : {e}",
+                        MOUNT_FAILED, memory.name
+                    ))
+                }
+            }
+        }
         self.setup_retry = None;
         self.show_setup_problem(None);
         tracing::info!(pod = %self.pod_ref, epoch = %self.epoch, podman_pod = %plan.name, "pod sandbox started");
@@ -594,6 +611,16 @@ impl Worker {
             }
         }
         self.pod_id = Some(existing.id.clone());
+        for memory in translate::memory_volumes(&self.pod, self.epoch).unwrap_or_default() {
+            match self.ctx.runtime.volume_dir(&memory.volume).await {
+                Ok(dir) => {
+                    self.memory_dirs.insert(memory.name, dir);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %self.pod_ref, volume = %memory.name, error = %e, "cannot find the pod's memory volume")
+                }
+            }
+        }
         // Started when its first container did, not when this agent process did (the
         // pod's active deadline counts from it).
         if let Some(first) = existing

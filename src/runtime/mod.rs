@@ -36,6 +36,8 @@ pub mod labels {
     pub const CONTAINER_KIND: &str = "io.beemesh.container.kind";
     /// On containers: 0 for the first instance, +1 for each restart.
     pub const ATTEMPT: &str = "io.beemesh.attempt";
+    /// On memory volumes: the Podman pod whose sandbox holds them.
+    pub const PODMAN_POD: &str = "io.beemesh.podman-pod";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,21 @@ pub struct PodPlan {
     pub dns_warnings: Vec<String>,
     /// `/etc/hosts` entries from `hostAliases`: (hostname, address), in the spec's order.
     pub host_aliases: Vec<(String, IpAddr)>,
+    /// Memory-backed emptyDirs: tmpfs volumes that live as long as the pod's sandbox.
+    pub memory_volumes: Vec<MemoryVolume>,
+}
+
+/// An emptyDir with `medium: Memory`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryVolume {
+    /// The volume's name in the pod spec.
+    pub name: String,
+    /// The runtime's volume, unique to this copy of the pod.
+    pub volume: String,
+    /// The tmpfs's size; None for the tmpfs default.
+    pub size_bytes: Option<u64>,
+    /// The pod's `fsGroup`, which owns the volume's root (setgid), as with the kubelet.
+    pub group: Option<u32>,
 }
 
 /// A bind mount of one of the pod's volumes, or of a subPath in it, from the agent's host
@@ -312,11 +329,17 @@ pub trait Runtime: Send + Sync + 'static {
         label_value: &str,
     ) -> Result<Vec<RuntimePod>, RuntimeError>;
 
-    /// Creates (but does not start) a pod; returns its ID.
+    /// Creates (but does not start) a pod with its memory volumes, which its infra
+    /// container holds mounted while it runs (a tmpfs whose last user stops is
+    /// emptied); returns its ID.
     async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError>;
 
-    /// Starts the pod's infra container, so that its network namespace exists.
+    /// Starts the pod's infra container, so that its network namespace exists (and its
+    /// memory volumes are mounted).
     async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+
+    /// Where a memory volume of a started pod is on the host, for bind mounts.
+    async fn volume_dir(&self, volume: &str) -> Result<PathBuf, RuntimeError>;
 
     /// The pod's IP address, once its network is up.
     async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError>;

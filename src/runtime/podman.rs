@@ -7,23 +7,26 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use podman_api::models::{ContainerMount, LinuxResources, PortMapping as PodmanPort};
+use podman_api::models::{ContainerMount, LinuxResources, NamedVolume, PortMapping as PodmanPort};
 use podman_api::opts::{
     ContainerAttachOpts, ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter,
     ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, EventsOpts, ExecCreateOpts,
     ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts, RegistryAuth,
+    VolumeCreateOpts, VolumeListFilter, VolumeListOpts,
 };
 use podman_api::Podman as Client;
 
 use super::{
     image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
-    Interactive, LogOptions, LogStream, Output, PodPlan, Protocol, PullPolicy, Runtime,
-    RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize, Usage,
+    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodPlan, Protocol, PullPolicy,
+    Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize,
+    Usage,
 };
 use crate::wire::RegistryCredential;
 
@@ -171,7 +174,82 @@ fn container_event(event: &podman_api::models::Event) -> Option<ContainerEvent> 
     })
 }
 
+/// Where the infra container holds a pod's memory volumes mounted (containers of the
+/// pod inherit the infra container's volumes: a hidden directory, then).
+const MEMORY_VOLUME_HOLD: &str = "/.beemesh-memory-volumes";
+/// tmpfs counts its size in pages.
+const TMPFS_PAGE: u64 = 4096;
+
 impl Podman {
+    /// A tmpfs volume of the local driver. Its size goes as `nr_blocks`: Podman 4 takes
+    /// `size=` for a disk quota and refuses it where quotas are not set up.
+    async fn create_memory_volume(
+        &self,
+        plan: &PodPlan,
+        memory: &MemoryVolume,
+    ) -> Result<(), RuntimeError> {
+        path_safe("volume", &memory.volume)?;
+        if self
+            .client
+            .volumes()
+            .get(&memory.volume)
+            .exists()
+            .await
+            .map_err(classify)?
+        {
+            // Left by a sandbox that did not start: it is this copy's, and empty.
+            return Ok(());
+        }
+        // World-writable as every emptyDir, or the fsGroup's with setgid: set by the mount,
+        // since the agent may not write where Podman keeps volumes.
+        let mut mount_options = vec!["nodev".to_string(), "nosuid".to_string()];
+        match memory.group {
+            Some(gid) => mount_options.extend(["mode=2777".to_string(), format!("gid={gid}")]),
+            None => mount_options.push("mode=0777".to_string()),
+        }
+        if let Some(bytes) = memory.size_bytes {
+            mount_options.push(format!("nr_blocks={}", bytes.div_ceil(TMPFS_PAGE).max(1)));
+        }
+        let mut labels = plan.labels.clone();
+        labels.insert(labels::PODMAN_POD.to_owned(), plan.name.clone());
+        let opts = VolumeCreateOpts::builder()
+            .name(&memory.volume)
+            .driver("local")
+            .labels(labels)
+            .options([
+                ("type", "tmpfs".to_string()),
+                ("device", "tmpfs".to_string()),
+                ("o", mount_options.join(",")),
+            ])
+            .build();
+        self.client
+            .volumes()
+            .create(&opts)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// Removes the memory volumes of a removed pod.
+    async fn remove_memory_volumes(&self, pod_name: &str) -> Result<(), RuntimeError> {
+        let opts = VolumeListOpts::builder()
+            .filter([VolumeListFilter::LabelKeyVal(
+                labels::PODMAN_POD.to_owned(),
+                pod_name.to_owned(),
+            )])
+            .build();
+        for volume in self.client.volumes().list(&opts).await.map_err(classify)? {
+            match self.client.volumes().get(&volume.name).remove().await {
+                Ok(()) => {}
+                Err(e) => match classify(e) {
+                    RuntimeError::NotFound(_) => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(())
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
         self.client
             .images()
@@ -455,11 +533,22 @@ impl Runtime for Podman {
     }
 
     async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError> {
+        for memory in &plan.memory_volumes {
+            self.create_memory_volume(plan, memory).await?;
+        }
         let mut opts = PodCreateOpts::builder()
             .name(&plan.name)
             .hostname(&plan.hostname)
             .labels(plan.labels.clone())
             .portmappings(plan.ports.iter().map(port_mapping))
+            // Mounted in the infra container, the tmpfs lives as long as the sandbox
+            // (Podman would unmount it, emptied, whenever no container used it).
+            .volumes(plan.memory_volumes.iter().map(|memory| NamedVolume {
+                name: Some(memory.volume.clone()),
+                dest: Some(format!("{MEMORY_VOLUME_HOLD}/{}", memory.name)),
+                options: Some(vec!["rw".into()]),
+                is_anonymous: None,
+            }))
             .add_hosts(
                 plan.host_aliases
                     .iter()
@@ -951,13 +1040,26 @@ impl Runtime for Podman {
 
     async fn remove_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
         path_safe("pod", pod_id)?;
-        self.client
-            .pods()
-            .get(pod_id)
-            .remove()
+        let pods = self.client.pods();
+        let pod = pods.get(pod_id);
+        let name = pod.inspect().await.map_err(classify)?.name;
+        pod.remove().await.map(|_| ()).map_err(classify)?;
+        match name {
+            Some(name) => self.remove_memory_volumes(&name).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn volume_dir(&self, volume: &str) -> Result<PathBuf, RuntimeError> {
+        path_safe("volume", volume)?;
+        let found = self
+            .client
+            .volumes()
+            .get(volume)
+            .inspect()
             .await
-            .map(|_| ())
-            .map_err(classify)
+            .map_err(classify)?;
+        Ok(PathBuf::from(found.mountpoint))
     }
 }
 

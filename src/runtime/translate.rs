@@ -20,8 +20,9 @@
 //! - `dnsPolicy: ClusterFirst` is `Default` (the agent's resolver): cluster DNS is not
 //!   reachable from agents; the node says so with the `MissingClusterDNS` event of a
 //!   kubelet without cluster DNS (`runtime::dns`).
-//! - emptyDir with `medium: Memory` is a plain directory on the agent's disk, not a
-//!   tmpfs; `sizeLimit` is not enforced.
+//! - emptyDir with `medium: Memory` is a tmpfs the runtime keeps for the pod sandbox
+//!   ([`memory_volumes`]), sized as the kubelet sizes it; `sizeLimit` of a disk emptyDir
+//!   is not enforced.
 //! - Ports of init containers get no host mapping, as with the kubelet; a sidecar's do.
 //! - `ephemeral-storage` requests and limits are accepted and not enforced; extended
 //!   resources (GPUs, hugepages, ...) are refused, since no agent can provide them.
@@ -55,7 +56,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::{
-    dns, labels, ContainerPlan, Mount, PodPlan, PortMapping, Protocol, PullPolicy,
+    dns, labels, ContainerPlan, MemoryVolume, Mount, PodPlan, PortMapping, Protocol, PullPolicy,
     TerminationMessage,
 };
 use crate::wire::{Epoch, PodRef, PodUid, Resources};
@@ -125,6 +126,9 @@ pub struct PlanContext<'a> {
     pub node_name: &'a str,
     /// The agent's own resolver configuration, the base of a pod's `dnsConfig`.
     pub host_dns: &'a dns::ResolvConf,
+    /// Where each memory-backed emptyDir (a tmpfs the runtime keeps for the pod, see
+    /// [`memory_volumes`]) is on the agent, by volume name, once the pod's sandbox runs.
+    pub memory_dirs: &'a BTreeMap<String, PathBuf>,
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -1781,6 +1785,7 @@ pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
     Ok(PodPlan {
         dns: pod_dns.resolv,
         dns_warnings: pod_dns.warnings,
+        memory_volumes: memory_volumes(pod, ctx.epoch)?,
         host_aliases: spec
             .host_aliases
             .iter()
@@ -1987,14 +1992,16 @@ fn container_mounts(container: &Container, spec: &PodSpec, ctx: &PlanContext) ->
         .flatten()
         .map(|mount| {
             let is_file_volume = file_volumes.contains(mount.name.as_str());
-            let root = if is_file_volume {
-                ctx.files_dir
+            let volume_dir = if is_file_volume {
+                ctx.files_dir.join(&mount.name)
+            } else if let Some(dir) = ctx.memory_dirs.get(&mount.name) {
+                dir.clone()
             } else {
-                ctx.volumes_dir
+                ctx.volumes_dir.join(&mount.name)
             };
             Mount {
                 volume: mount.name.clone(),
-                volume_dir: root.join(&mount.name),
+                volume_dir,
                 sub_path: non_empty(mount.sub_path.as_deref()).and_then(normal_sub_path),
                 container_path: mount.mount_path.clone(),
                 read_only: mount.read_only == Some(true) || is_file_volume,
@@ -2137,17 +2144,82 @@ pub fn host_ports(pod: &Pod) -> Vec<u16> {
     ports
 }
 
-/// Names of the pod's emptyDir volumes, including volumes without any source, which the
-/// API server defaults to emptyDir. The agent creates `<volumes_dir>/<name>` for each.
+/// Names of the pod's emptyDir volumes on disk, including volumes without any source,
+/// which the API server defaults to emptyDir. The agent creates `<volumes_dir>/<name>`
+/// for each.
 pub fn empty_dirs(pod: &Pod) -> Vec<String> {
     let volumes = pod.spec.as_ref().map(volumes_of).unwrap_or_default();
     volumes
         .iter()
-        .filter(|volume| {
-            volume.empty_dir.is_some() || volume_sources(volume).iter().all(|&(_, set)| !set)
+        .filter(|volume| match &volume.empty_dir {
+            Some(empty_dir) => empty_dir.medium.as_deref() != Some("Memory"),
+            None => volume_sources(volume).iter().all(|&(_, set)| !set),
         })
         .map(|volume| volume.name.clone())
         .collect()
+}
+
+/// The pod's emptyDirs with `medium: Memory`: tmpfs volumes the runtime makes for the
+/// pod's sandbox, named `<Podman pod name>_<volume>`, as large as the kubelet makes them:
+/// the `sizeLimit`, else the pod's memory limit when each of its containers has one,
+/// else the tmpfs default (half the agent's memory).
+pub fn memory_volumes(pod: &Pod, epoch: Epoch) -> Result<Vec<MemoryVolume>, SpecError> {
+    let spec = spec_of(pod)?;
+    let pod_ref = pod_ref(pod)?;
+    let pod_limit = pod_memory_limit(spec)?;
+    let group = fs_group(pod);
+    let mut out = Vec::new();
+    for (index, volume) in volumes_of(spec).iter().enumerate() {
+        let Some(empty_dir) = volume
+            .empty_dir
+            .as_ref()
+            .filter(|e| e.medium.as_deref() == Some("Memory"))
+        else {
+            continue;
+        };
+        let size_limit = empty_dir
+            .size_limit
+            .as_ref()
+            .map(|q| {
+                parse_memory_bytes(q).map_err(|e| {
+                    SpecError::new(format!("spec.volumes[{index}].emptyDir.sizeLimit"), e)
+                })
+            })
+            .transpose()?;
+        out.push(MemoryVolume {
+            name: volume.name.clone(),
+            volume: format!("{}_{}", podman_pod_name(&pod_ref, epoch), volume.name),
+            size_bytes: match (size_limit, pod_limit) {
+                (Some(size), Some(limit)) => Some(size.min(limit)),
+                (size, limit) => size.or(limit),
+            },
+            group,
+        });
+    }
+    Ok(out)
+}
+
+/// The sum of the app containers' memory limits, when every one has a limit.
+fn pod_memory_limit(spec: &PodSpec) -> Result<Option<u64>, SpecError> {
+    let mut total = 0u64;
+    for (index, container) in spec.containers.iter().enumerate() {
+        let limit = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|limits| limits.get("memory"));
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let bytes = parse_memory_bytes(limit).map_err(|e| {
+            SpecError::new(
+                format!("spec.containers[{index}].resources.limits[memory]"),
+                e,
+            )
+        })?;
+        total = total.saturating_add(bytes);
+    }
+    Ok((!spec.containers.is_empty()).then_some(total))
 }
 
 /// Seconds between SIGTERM and SIGKILL when stopping the pod's containers, as the
@@ -2408,8 +2480,11 @@ mod tests {
             host_ip: None,
             node_name: "beemesh-node",
             host_dns: &HOST_DNS,
+            memory_dirs: &NO_MEMORY_DIRS,
         }
     }
+
+    static NO_MEMORY_DIRS: BTreeMap<String, PathBuf> = BTreeMap::new();
 
     fn app(pod: &Pod, index: usize) -> &Container {
         &pod.spec.as_ref().expect("spec").containers[index]
@@ -4110,6 +4185,52 @@ mod tests {
     }
 
     #[test]
+    fn memory_volumes_are_sized_as_the_kubelet_sizes_them() {
+        let sizes = |volumes: serde_json::Value, limits: &[Option<&str>]| -> Vec<Option<u64>> {
+            let containers: Vec<serde_json::Value> = limits
+                .iter()
+                .enumerate()
+                .map(|(i, limit)| {
+                    let resources = limit.map_or(json!({}), |l| json!({"limits": {"memory": l}}));
+                    json!({"name": format!("c{i}"), "image": "busybox", "resources": resources})
+                })
+                .collect();
+            let pod = pod_with(&[
+                ("/spec/volumes", volumes),
+                ("/spec/containers", json!(containers)),
+            ]);
+            memory_volumes(&pod, Epoch(3))
+                .expect("memory volumes")
+                .iter()
+                .map(|v| v.size_bytes)
+                .collect()
+        };
+        let mib = 1 << 20;
+        let volumes = json!([
+            {"name": "sized", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+            {"name": "unsized", "emptyDir": {"medium": "Memory"}},
+            {"name": "disk", "emptyDir": {"sizeLimit": "1Gi"}}
+        ]);
+        // The sizeLimit, capped by the pod's memory limit when every container has one.
+        assert_eq!(
+            sizes(volumes.clone(), &[Some("16Mi"), Some("32Mi")]),
+            [Some(48 * mib), Some(48 * mib)]
+        );
+        assert_eq!(
+            sizes(volumes.clone(), &[Some("1Gi"), None]),
+            [Some(64 * mib), None]
+        );
+        assert_eq!(sizes(json!([]), &[None]), []);
+        let pod = pod_with(&[("/spec/volumes", volumes)]);
+        let named = memory_volumes(&pod, Epoch(3)).expect("memory volumes");
+        assert_eq!(named[0].name, "sized");
+        assert_eq!(
+            named[0].volume,
+            "shop_web_5f3a9c1e-7b2d-4c1a-9e8f-0123456789ab_3_sized"
+        );
+    }
+
+    #[test]
     fn empty_dirs_become_mounts() {
         let pod = pod_with(&[
             (
@@ -4132,13 +4253,24 @@ mod tests {
                 ]),
             ),
         ]);
-        assert_eq!(empty_dirs(&pod), ["cache", "scratch", "plain"]);
+        // The memory-backed one is the runtime's tmpfs, not a directory of the agent's.
+        assert_eq!(empty_dirs(&pod), ["cache", "plain"]);
         let dir = PathBuf::from("/var/lib/beemesh/pods/p/volumes");
-        let plan = app_plan(&pod, &context(&dir));
+        let tmpfs = PathBuf::from("/var/lib/containers/storage/volumes/scratch-tmpfs/_data");
+        let memory_dirs = BTreeMap::from([("scratch".to_string(), tmpfs.clone())]);
+        let ctx = PlanContext {
+            memory_dirs: &memory_dirs,
+            ..context(&dir)
+        };
+        let plan = app_plan(&pod, &ctx);
         let mount =
             |volume: &str, sub_path: Option<&str>, container: &str, read_only: bool| Mount {
                 volume: volume.to_owned(),
-                volume_dir: dir.join(volume),
+                volume_dir: if volume == "scratch" {
+                    tmpfs.clone()
+                } else {
+                    dir.join(volume)
+                },
                 sub_path: sub_path.map(PathBuf::from),
                 container_path: container.to_owned(),
                 read_only,
@@ -4159,7 +4291,7 @@ mod tests {
             hosts,
             [
                 "/var/lib/beemesh/pods/p/volumes/cache",
-                "/var/lib/beemesh/pods/p/volumes/scratch",
+                "/var/lib/containers/storage/volumes/scratch-tmpfs/_data",
                 "/var/lib/beemesh/pods/p/volumes/cache/logs/app",
                 "/var/lib/beemesh/pods/p/volumes/plain",
                 "/var/lib/beemesh/pods/p/volumes/cache/odd/path",
