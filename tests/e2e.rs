@@ -718,6 +718,67 @@ spec:
     );
 }
 
+/// Local ephemeral storage limits are enforced by eviction, as the kubelet's eviction
+/// manager does: an emptyDir past its `sizeLimit`, or a container whose writable layer
+/// and log pass its `ephemeral-storage` limit, gets its pod Failed with reason Evicted
+/// and the kubelet's message, its containers killed and not restarted.
+#[test]
+fn pods_past_their_local_storage_limits_are_evicted() {
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&[]);
+    // Each fills 12 MiB at `target`; `limits` are the containers' ephemeral-storage
+    // limits, the first for the filling container, the others for idle ones.
+    let pod = |name: &str, target: &str, limits: &[&str]| {
+        let mut text = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - name: main\n    image: localhost/busybox:1.35\n    command: [sh, -c, 'dd if=/dev/zero of={target}/fill bs=1M count=12; sleep 100000']\n    volumeMounts: [{{name: scratch, mountPath: /scratch}}]\n"
+        );
+        for (i, limit) in limits.iter().enumerate() {
+            if i > 0 {
+                text.push_str(&format!(
+                    "  - name: idle{i}\n    image: localhost/busybox:1.35\n    command: [sleep, '100000']\n"
+                ));
+            }
+            text.push_str(&format!(
+                "    resources: {{limits: {{ephemeral-storage: {limit}}}}}\n"
+            ));
+        }
+        text.push_str("  volumes: [{name: scratch, emptyDir: {sizeLimit: 8Mi}}]\n");
+        text
+    };
+    mesh.write_manifest("dir.yaml", &pod("e2e-full-dir", "/scratch", &[]));
+    mesh.write_manifest("pod.yaml", &pod("e2e-full-pod", "/tmp", &["8Mi"]));
+    mesh.write_manifest(
+        "container.yaml",
+        &pod("e2e-full-container", "/tmp", &["8Mi", "100Mi"]),
+    );
+    // In the kubelet's order: emptyDirs, then the pod's total (which a single container
+    // past its limit passes first), then each container.
+    for (name, message) in [
+        (
+            "e2e-full-dir",
+            "Usage of EmptyDir volume \"scratch\" exceeds the limit \"8Mi\". ",
+        ),
+        (
+            "e2e-full-pod",
+            "Pod ephemeral local storage usage exceeds the total limit of containers 8Mi. ",
+        ),
+        (
+            "e2e-full-container",
+            "Container main exceeded its local ephemeral storage limit \"8Mi\". ",
+        ),
+    ] {
+        let evicted = mesh.wait_for(&format!("{name} evicted"), Duration::from_secs(60), || {
+            let pod = mesh.pod_status("default", name)?;
+            (pod["phase"] == "Failed").then_some(pod)
+        });
+        assert_eq!(evicted["reason"], "Evicted", "{evicted}");
+        assert_eq!(evicted["message"], message, "{evicted}");
+        let containers = containers_named(name, "main");
+        assert_eq!(containers.len(), 1, "not restarted: {containers:#?}");
+        assert_eq!(containers[0]["State"], "exited");
+    }
+}
+
 /// `activeDeadlineSeconds` as the kubelet enforces it: the pod Failed with
 /// DeadlineExceeded, its container stopped (not restarted, restartPolicy Always
 /// notwithstanding) and shown terminated.

@@ -37,6 +37,14 @@ impl Cluster {
         Cluster::start_after("", node_args)
     }
 
+    /// A cluster whose node has one agent and is Ready.
+    fn with_an_agent() -> Cluster {
+        let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+        cluster.mesh.start_agent(&[]);
+        cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+        cluster
+    }
+
     /// A cluster where `manifest` (if any) is applied before the node starts.
     fn start_after(manifest: &str, node_args: &[&str]) -> Cluster {
         let runtime = runtime();
@@ -797,9 +805,7 @@ spec:
   volumes:
   - {name: creds, secret: {secretName: late}}
 "#;
-    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
-    cluster.mesh.start_agent(&[]);
-    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    let cluster = Cluster::with_an_agent();
     cluster.apply(WAITER);
     cluster.mesh.wait_for(
         "CreateContainerConfigError for the secret",
@@ -878,9 +884,7 @@ fn a_private_image_is_pulled_with_the_pods_image_pull_secret_which_stays_off_dis
     const PASSWORD: &str = "pa55-w0rd-4-registry";
     let registry = common::registry::Registry::start("alice", PASSWORD);
     let image = registry.image();
-    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
-    cluster.mesh.start_agent(&[]);
-    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    let cluster = Cluster::with_an_agent();
     cluster.apply(&format!(
         r#"
 apiVersion: v1
@@ -1034,9 +1038,7 @@ spec:
     readinessProbe: {exec: {command: [sh, -c, 'echo not ready yet; exit 1']}, periodSeconds: 1}
     livenessProbe: {exec: {command: [sh, -c, 'echo gone; exit 1']}, periodSeconds: 1, failureThreshold: 3, initialDelaySeconds: 2}
 "#;
-    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
-    cluster.mesh.start_agent(&[]);
-    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    let cluster = Cluster::with_an_agent();
     cluster.apply(PROBED);
     let events = |reason: &str, message: &str| -> Vec<Value> {
         cluster
@@ -1104,9 +1106,7 @@ spec:
   readinessGates: [{conditionType: example.com/lb-ready}]
   containers: [{name: app, image: localhost/busybox:1.35, command: [sleep, "3600"]}]
 "#;
-    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
-    cluster.mesh.start_agent(&[]);
-    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    let cluster = Cluster::with_an_agent();
     cluster.apply(GATED);
     cluster.wait_running("gated");
     let pod = cluster
@@ -1203,20 +1203,23 @@ fn enrollments_live_in_the_trust_secret_and_a_revoked_agent_loses_its_pods() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Both enrollments are in the Secret, with the chart's token.
-    let listed = token(&cluster, &["list"]);
+    // Both enrollments are in the Secret, with the chart's token (the node being Ready
+    // says that one agent joined, not both).
     let token_id = join_token.split('.').next().expect("id");
     let agents = [
         cluster.mesh.agents[a].peer.clone(),
         cluster.mesh.agents[b].peer.clone(),
     ];
+    let listed = cluster
+        .mesh
+        .wait_for("both enrollments listed", Duration::from_secs(20), || {
+            let listed = token(&cluster, &["list"]);
+            agents
+                .iter()
+                .all(|agent| listed.contains(agent.as_str()))
+                .then_some(listed)
+        });
     assert!(listed.contains(token_id), "{listed}");
-    for agent in &agents {
-        assert!(
-            listed.contains(agent.as_str()),
-            "{agent} not enrolled: {listed}"
-        );
-    }
     assert!(!listed.contains(&join_token), "a secret printed: {listed}");
 
     // A restarted node still trusts them: they never join again.

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod enroll;
+mod eviction;
 mod health;
 mod hook;
 mod kubelet;

@@ -289,7 +289,7 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
             )),
         )
     };
-    let conditions = vec![
+    let mut conditions = vec![
         condition(
             "Initialized",
             initialized,
@@ -322,6 +322,17 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
         ),
         condition("PodScheduled", true, None, None, now),
     ];
+    // An evicted pod says who ended it, as the kubelet's eviction manager writes it.
+    if let Some((_, message)) = view.failure.as_ref().filter(|(r, _)| r == "Evicted") {
+        conditions.push(PodCondition {
+            type_: "DisruptionTarget".into(),
+            status: "True".into(),
+            reason: Some("TerminationByKubelet".into()),
+            message: Some(message.clone()),
+            last_transition_time: Some(time(now)),
+            ..Default::default()
+        });
+    }
     let (reason, message) = match &view.failure {
         Some((r, m)) => (Some(r.clone()), Some(m.clone())),
         None => (None, None),

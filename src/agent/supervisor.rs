@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::admission::Policy;
+use super::eviction;
 use super::hook::{self, Hook};
 use super::probe::{self, ProbeSpec, ProbeState};
 use super::status::{self, ContainerView, Observed, PodView, RestartPolicy};
@@ -200,6 +201,8 @@ struct Slot {
     readiness: Option<ProbeState>,
     /// Set once an init container (or a non-restarting app container) is done for good.
     finished: bool,
+    /// Its writable layer and log, as last inspected.
+    disk_bytes: u64,
     /// Its postStart hook, running: until it ends the container is not Running, and
     /// the containers after it are not started (as the kubelet's sync waits on it).
     post_start: Option<tokio::task::JoinHandle<Result<(), String>>>,
@@ -232,6 +235,7 @@ impl Slot {
             backoff: None,
             retry_at: None,
             running_since: None,
+            disk_bytes: 0,
             post_start: None,
             startup: None,
             liveness: None,
@@ -697,13 +701,54 @@ impl Worker {
     }
 
     /// The kubelet's DeadlineExceeded: the pod Failed, its containers stopped with the
-    /// grace period and shown terminated as they ended.
+    /// grace period.
     async fn exceed_deadline(&mut self) {
-        self.fail(
+        let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
+        self.terminate(
             "DeadlineExceeded",
             "Pod was active on the node longer than the specified deadline".into(),
-        );
-        let grace = Duration::from_secs(translate::grace_period_secs(&self.pod));
+            grace,
+        )
+        .await;
+    }
+
+    /// The kubelet's local storage eviction: measured at each full inspection of a
+    /// pod with limits, evicted (Failed, reason Evicted, containers killed at once)
+    /// when its usage passes one.
+    async fn enforce_local_storage_limits(&mut self) {
+        let dirs: Vec<(String, PathBuf)> = translate::empty_dirs(&self.pod)
+            .into_iter()
+            .map(|name| {
+                let dir = self.volumes_dir.join(&name);
+                (name, dir)
+            })
+            .collect();
+        let empty_dirs = tokio::task::spawn_blocking(move || {
+            dirs.into_iter()
+                .map(|(name, dir)| (name, eviction::disk_usage(&dir)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let usage = eviction::Usage {
+            empty_dirs,
+            containers: self
+                .slots
+                .iter()
+                .filter(|s| s.kind == ContainerKind::App)
+                .map(|s| (s.spec.name.clone(), s.disk_bytes))
+                .collect(),
+        };
+        if let Some(message) = eviction::exceeded(&self.pod, &usage) {
+            self.terminate(eviction::EVICTED, message, Duration::ZERO)
+                .await;
+        }
+    }
+
+    /// The pod Failed with `reason`, its running containers stopped with `grace` and
+    /// shown terminated as they ended.
+    async fn terminate(&mut self, reason: &str, message: String, grace: Duration) {
+        self.fail(reason, message);
         let live: Vec<(usize, String)> = self
             .slots
             .iter()
@@ -775,6 +820,9 @@ impl Worker {
             hook_running |= self.slots[i].post_start.is_some();
         }
         self.stop_sidecars_after_the_app(now).await;
+        if self.inspecting && eviction::has_limits(&self.pod) {
+            self.enforce_local_storage_limits().await;
+        }
         if self.pod_ip.is_none() {
             self.refresh_pod_ip().await;
         }
@@ -808,6 +856,9 @@ impl Worker {
                 Ok(state) => {
                     if let Some(image_id) = &state.image_ref {
                         self.slots[i].view.image_id.clone_from(image_id);
+                    }
+                    if let Some(bytes) = state.disk_bytes {
+                        self.slots[i].disk_bytes = bytes;
                     }
                     match state.status {
                         ContainerStatus::Running => {

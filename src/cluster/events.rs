@@ -73,6 +73,7 @@ pub fn transition_events(
                 "OutOfcpu" => PodEvent::warning("OutOfcpu", message),
                 "OutOfmemory" => PodEvent::warning("OutOfmemory", message),
                 "DeadlineExceeded" => PodEvent::normal("DeadlineExceeded", message),
+                "Evicted" => PodEvent::warning("Evicted", message),
                 _ => PodEvent::warning("Failed", message),
             });
         }

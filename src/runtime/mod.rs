@@ -222,6 +222,8 @@ pub struct ContainerState {
     /// The image it was made from, as the kubelet's `imageID` shows it (see
     /// [`image_ref::image_id`]); None where the runtime did not say.
     pub image_ref: Option<String>,
+    /// The disk it takes: its writable layer and its log; None where not measured.
+    pub disk_bytes: Option<u64>,
 }
 
 /// A container as found by [`Runtime::list_pods`].

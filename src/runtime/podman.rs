@@ -437,6 +437,20 @@ impl Podman {
                 id,
             )
         });
+        // Podman measures the writable layer with every inspection (podman-api asks
+        // for sizes); the log is a file of the agent's host.
+        let log_path = info
+            .host_config
+            .as_ref()
+            .and_then(|h| h.log_config.as_ref())
+            .and_then(|l| l.path.as_deref());
+        let log_bytes = match log_path.filter(|p| !p.is_empty()) {
+            Some(path) => tokio::fs::metadata(path).await.map_or(0, |m| m.len()),
+            None => 0,
+        };
+        let disk_bytes = info
+            .size_rw
+            .map(|rw| u64::try_from(rw).unwrap_or(0).saturating_add(log_bytes));
         Ok(ContainerState {
             status: status_of(state.status.as_deref()),
             exit_code: state.exit_code,
@@ -444,6 +458,7 @@ impl Podman {
             finished_at: timestamp(state.finished_at),
             error: state.error.filter(|e| !e.is_empty()),
             image_ref,
+            disk_bytes,
         })
     }
 }
@@ -526,6 +541,7 @@ impl Runtime for Podman {
                     finished_at: exited_at.and_then(|t| Timestamp::from_second(t).ok()),
                     error: None,
                     image_ref: None,
+                    disk_bytes: None,
                 },
             });
         }

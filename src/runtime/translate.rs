@@ -24,8 +24,9 @@
 //!   ([`memory_volumes`]), sized as the kubelet sizes it; `sizeLimit` of a disk emptyDir
 //!   is not enforced.
 //! - Ports of init containers get no host mapping, as with the kubelet; a sidecar's do.
-//! - `ephemeral-storage` requests and limits are accepted and not enforced; extended
-//!   resources (GPUs, hugepages, ...) are refused, since no agent can provide them.
+//! - `ephemeral-storage` limits and emptyDir `sizeLimit` are enforced by eviction, as
+//!   the kubelet does (`agent::eviction`); extended resources (GPUs, hugepages, ...)
+//!   are refused, since no agent can provide them.
 //! - `resourceFieldRef` env vars are supported, except `limits.*` of a container without
 //!   that limit: the kubelet then uses the node's allocatable amount, which plans lack.
 //! - Security settings equal to what Podman does anyway (seccomp and AppArmor
