@@ -12,6 +12,18 @@ use crate::wire::{AgentHealth, LabelRequirement, Offer, Resources};
 
 /// The pod annotation holding a label selector over agents' labels.
 pub const AGENT_SELECTOR_ANNOTATION: &str = "beemesh.io/agent-selector";
+/// `"true"`: a pod larger than every agent waits for a larger one instead of being
+/// rejected (see [`Shortfall`]).
+pub const WAIT_FOR_AGENT_ANNOTATION: &str = "beemesh.io/wait-for-agent";
+
+/// Whether the pod is annotated to wait for an agent large enough.
+pub fn waits_for_agent(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WAIT_FOR_AGENT_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
 
 /// How agents score offers they fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -349,6 +361,8 @@ pub struct Shortfall {
     pub requested: u64,
     /// The most any of those agents has.
     pub largest: u64,
+    /// The most any of those agents has free now.
+    pub largest_free: u64,
     pub agents: usize,
 }
 
@@ -370,10 +384,11 @@ impl Shortfall {
     pub fn message(&self) -> String {
         format!(
             "Pod was rejected: no agent has enough resource: {}, requested: {}, largest \
-             capacity: {} ({} agent{})",
+             capacity: {}, largest free: {} ({} agent{})",
             self.resource,
             self.requested,
             self.largest,
+            self.largest_free,
             self.agents,
             if self.agents == 1 { "" } else { "s" }
         )
@@ -393,20 +408,23 @@ pub fn shortfall<'a>(
         .collect();
     let largest =
         |amount: fn(&Resources) -> u64| matching.iter().map(|a| amount(&a.capacity)).max();
-    let cpu = ("cpu", offer.requests.cpu_millis, largest(|r| r.cpu_millis)?);
-    let memory = (
-        "memory",
-        offer.requests.memory_bytes,
-        largest(|r| r.memory_bytes)?,
-    );
+    let largest_free =
+        |amount: fn(&Resources) -> u64| matching.iter().map(|a| amount(&a.free)).max();
+    let cpu: (&'static str, u64, fn(&Resources) -> u64) =
+        ("cpu", offer.requests.cpu_millis, |r| r.cpu_millis);
+    let memory: (&'static str, u64, fn(&Resources) -> u64) =
+        ("memory", offer.requests.memory_bytes, |r| r.memory_bytes);
     [cpu, memory]
         .into_iter()
-        .find(|(_, requested, largest)| requested > largest)
-        .map(|(resource, requested, largest)| Shortfall {
-            resource,
-            requested,
-            largest,
-            agents: matching.len(),
+        .find_map(|(resource, requested, amount)| {
+            let largest = largest(amount)?;
+            (requested > largest).then(|| Shortfall {
+                resource,
+                requested,
+                largest,
+                largest_free: largest_free(amount).unwrap_or(0),
+                agents: matching.len(),
+            })
         })
 }
 
@@ -481,7 +499,7 @@ mod tests {
         assert_eq!(
             wanted.message(),
             "Pod was rejected: no agent has enough resource: cpu, requested: 3000, largest \
-             capacity: 2000 (1 agent)"
+             capacity: 2000, largest free: 2000 (1 agent)"
         );
         let memory = shortfall(&offer(100, 9 << 30, ""), [&small, &full]).expect("shortfall");
         assert_eq!(

@@ -1114,6 +1114,66 @@ spec:
   containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "12"}}}]
 "#;
 
+const TWELVE_CPU_POD_THAT_WAITS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: huge
+  uid: 12121212-0000-4000-8000-000000000002
+  annotations: {beemesh.io/wait-for-agent: "true"}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "12"}}}]
+"#;
+
+/// Annotated `beemesh.io/wait-for-agent: "true"`, a pod larger than every agent is not
+/// rejected: it waits, and says so, for a larger agent to join.
+#[tokio::test]
+async fn a_pod_annotated_to_wait_for_a_larger_agent_is_not_rejected() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        mut agents,
+        ..
+    } = scene(TWELVE_CPU_POD_THAT_WAITS, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        retry_interval: Duration::from_millis(200),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        reject_too_big_after: Some(Duration::from_secs(1)),
+        ..OwnerConfig::default()
+    })
+    .await;
+    let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
+    let waiting = "0/2 agents fit: 2 insufficient cpu; it asks for more cpu than any agent has \
+                   (12000 > 8000): waiting for a larger agent";
+    let mut first_seen = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    // Waiting, and still waiting 3 s (three times the rejection delay) later.
+    loop {
+        let pods = match agents[1].handle.request(node_id, Request::Query).await {
+            Ok(Response::View(view)) => view.pods,
+            _ => Vec::new(),
+        };
+        if let Some(pod) = pods.into_iter().find(|p| p.pod.name == "huge") {
+            assert_ne!(pod.phase, "Failed", "rejected: {:?}", pod.message);
+            if pod.message.as_deref() == Some(waiting) {
+                let since = *first_seen.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
+                    break;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never waiting as expected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_no_assignment(&mut agents, "assigned a pod no agent can hold");
+    cancel.cancel();
+}
+
 /// A pod that asks for more than any agent has at all (the scheduler, seeing all agents
 /// as one node, binds such pods) says so while it waits, then, when a scheduler placed
 /// it (a node with a Kubernetes API), is rejected as the kubelet rejects a pod its node
@@ -1172,7 +1232,7 @@ async fn a_pod_bigger_than_every_agent_is_rejected_as_the_kubelet_rejects_it() {
         rejected.message.as_deref(),
         Some(
             "Pod was rejected: no agent has enough resource: cpu, requested: 12000, largest \
-             capacity: 8000 (2 agents)"
+             capacity: 8000, largest free: 8000 (2 agents)"
         )
     );
     assert_no_assignment(&mut agents, "assigned a pod no agent can hold");

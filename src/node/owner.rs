@@ -1293,9 +1293,13 @@ impl Owner {
             && !owned.inherited
             && owned.carried_restarts.is_empty()
             && owned.status.container_statuses.is_none();
+        let waits = placement::waits_for_agent(&owned.desired.pod);
         let shortfall = placement::shortfall(&owned.offer, agents.iter().map(AsRef::as_ref));
         let now = Instant::now();
-        let reject_after = self.config.reject_too_big_after.filter(|_| never_ran);
+        let reject_after = self
+            .config
+            .reject_too_big_after
+            .filter(|_| never_ran && !waits);
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
