@@ -1595,6 +1595,65 @@ spec:
     command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.5; done']
 "#;
 
+/// `kubectl debug` adds an ephemeral container to the running pod, as on a kubelet: it
+/// runs in the pod's sandbox, in its target's process namespace (it sees the target's
+/// processes), shows in `ephemeralContainerStatuses`, is never restarted, and `kubectl
+/// logs -c` reaches it.
+#[test]
+fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
+    let cluster = Cluster::with_an_agent();
+    cluster.apply(COUNTER);
+    cluster.wait_running("counter");
+    let (ok, out) = cluster.kubectl(
+        &[
+            "debug",
+            "counter",
+            "--image=localhost/busybox:1.35",
+            "--target=c",
+            "--container=debugger",
+            "--",
+            "sh",
+            "-c",
+            "echo from-debug; ps -o args",
+        ],
+        None,
+    );
+    assert!(ok, "kubectl debug: {out}");
+    let state = cluster.mesh.wait_for(
+        "the ephemeral container done",
+        Duration::from_secs(40),
+        || {
+            let pod = cluster.get(&["pod", "counter"])?;
+            let status = &pod["status"]["ephemeralContainerStatuses"][0];
+            (status["name"] == "debugger" && !status["state"]["terminated"].is_null())
+                .then(|| status["state"]["terminated"].clone())
+        },
+    );
+    assert_eq!(state["exitCode"], 0, "{state}");
+    let (ok, logs) = cluster.kubectl(&["logs", "counter", "-c", "debugger"], None);
+    assert!(ok, "kubectl logs: {logs}");
+    assert!(logs.contains("from-debug"), "{logs}");
+    assert!(
+        logs.contains("while true"),
+        "the target's processes: {logs}"
+    );
+    // The app container runs on, and the ephemeral one is not started again.
+    std::thread::sleep(Duration::from_secs(3));
+    let pod = cluster.get(&["pod", "counter"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Running");
+    assert_eq!(
+        pod["status"]["ephemeralContainerStatuses"][0]["restartCount"],
+        0
+    );
+    let uid = pod["metadata"]["uid"].as_str().expect("uid");
+    let debuggers: Vec<Value> = podman_containers(&format!("io.beemesh.pod.uid={uid}"))
+        .into_iter()
+        .filter(|c| c["Labels"]["io.beemesh.container"] == "debugger")
+        .collect();
+    assert_eq!(debuggers.len(), 1, "{debuggers:#?}");
+    cluster.assert_node_requests_allowed();
+}
+
 const READER: &str = r#"
 apiVersion: v1
 kind: Pod

@@ -111,6 +111,7 @@ fn plan(pod: &TestPod, name: &str, command: &[&str]) -> ContainerPlan {
         supplemental_groups: vec![],
         sysctls: BTreeMap::new(),
         stop_timeout_secs: 1,
+        pid_namespace_of: None,
     }
 }
 

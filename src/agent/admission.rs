@@ -14,6 +14,7 @@
 //! the agent calls [`Policy::admit`] on every assignment (and on every pod it finds
 //! again after a restart) and [`Policy::quota`] before bidding.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -448,11 +449,18 @@ fn describe_ranges(ranges: &[RangeInclusive<u16>]) -> String {
 
 /// Every init and app container with its field path (ephemeral containers are refused
 /// before any policy is asked).
-fn containers(spec: &PodSpec) -> impl Iterator<Item = (String, &Container)> {
+/// Every container the pod runs, ephemeral ones (`kubectl debug`) included: the policy
+/// holds for them as for the rest.
+fn containers(spec: &PodSpec) -> Vec<(String, Cow<'_, Container>)> {
     let init = spec.init_containers.iter().flatten().enumerate();
     let app = spec.containers.iter().enumerate();
-    init.map(|(i, c)| (format!("spec.initContainers[{i}]"), c))
-        .chain(app.map(|(i, c)| (format!("spec.containers[{i}]"), c)))
+    let ephemeral = translate::ephemeral_containers(spec)
+        .into_iter()
+        .enumerate();
+    init.map(|(i, c)| (format!("spec.initContainers[{i}]"), Cow::Borrowed(c)))
+        .chain(app.map(|(i, c)| (format!("spec.containers[{i}]"), Cow::Borrowed(c))))
+        .chain(ephemeral.map(|(i, c)| (format!("spec.ephemeralContainers[{i}]"), Cow::Owned(c))))
+        .collect()
 }
 
 fn security(container: &Container) -> Option<&SecurityContext> {
@@ -503,7 +511,7 @@ fn baseline(pod: &Pod, spec: &PodSpec) -> Result<(), Refusal> {
         }
     }
     for (path, container) in containers(spec) {
-        let Some(security) = security(container) else {
+        let Some(security) = security(&container) else {
             continue;
         };
         let path = format!("{path}.securityContext");
@@ -670,7 +678,7 @@ fn restricted(spec: &PodSpec) -> Result<(), Refusal> {
         ));
     }
     for (path, container) in containers(spec) {
-        let security = security(container);
+        let security = security(&container);
         let path = format!("{path}.securityContext");
         if security.and_then(|s| s.allow_privilege_escalation) != Some(false) {
             return Err(Refusal::new(
@@ -791,6 +799,29 @@ mod tests {
             refusal.to_string(),
             "refused by the agent's policy, rule hostPorts: spec.containers[0].ports[0].hostPort: \
              host port 22 is not allowed on this agent (allowed: 1024-65535)"
+        );
+    }
+
+    #[test]
+    fn an_ephemeral_container_is_held_to_the_policy_as_any_other() {
+        let debugged = |security: serde_json::Value| {
+            pod(json!({
+                "containers": [{"name": "c", "image": "localhost/busybox:1.35"}],
+                "ephemeralContainers": [{"name": "debugger", "image": "localhost/busybox:1.35",
+                                         "targetContainerName": "c", "securityContext": security}]
+            }))
+        };
+        let policy = Policy::default();
+        assert_eq!(policy.admit(&debugged(json!({}))), Ok(()));
+        let refusal = policy
+            .admit(&debugged(json!({"privileged": true})))
+            .expect_err("a privileged debugger");
+        assert_eq!(
+            (refusal.rule.as_str(), refusal.field.as_str()),
+            (
+                "baseline:privileged",
+                "spec.ephemeralContainers[0].securityContext.privileged"
+            )
         );
     }
 

@@ -1097,14 +1097,21 @@ impl Agent {
             }
             if existing.epoch() == assign.epoch {
                 // The owner sends an assignment again when the volumes' data or the
-                // pull credentials changed.
+                // pull credentials changed, or the pod did (an ephemeral container
+                // added: checked against this agent's policy above, as every pod is).
                 existing
                     .worker
                     .set_pull_credentials(assign.pull_credentials.clone());
+                if existing.statement.spec_digest != assign.statement.spec_digest {
+                    existing.worker.set_pod(assign.pod.clone());
+                }
                 if let Err(e) = self.save_assignment(&pod_ref.uid, &assign).await {
                     return Response::Error {
                         message: e.to_string(),
                     };
+                }
+                if let Some(hosted) = self.pods.get_mut(&pod_ref.uid) {
+                    hosted.statement = assign.statement.clone();
                 }
                 let dir = self.worker_ctx.files_dir(&pod_ref.uid, assign.epoch);
                 let fs_group = translate::fs_group(&assign.pod);

@@ -107,6 +107,8 @@ impl RestartPolicy {
 pub struct PodView {
     pub init: Vec<ContainerView>,
     pub app: Vec<ContainerView>,
+    /// Added to debug the pod: shown, never part of its phase or readiness.
+    pub ephemeral: Vec<ContainerView>,
     pub restart_policy: RestartPolicy,
     pub pod_ip: Option<String>,
     pub host_ip: Option<String>,
@@ -350,6 +352,8 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
         init_container_statuses: (!view.init.is_empty())
             .then(|| view.init.iter().map(to_status).collect()),
         container_statuses: Some(view.app.iter().map(to_status).collect()),
+        ephemeral_container_statuses: (!view.ephemeral.is_empty())
+            .then(|| view.ephemeral.iter().map(to_status).collect()),
         qos_class: None,
         ..Default::default()
     }
@@ -411,6 +415,7 @@ mod tests {
         PodView {
             init,
             app,
+            ephemeral: Vec::new(),
             restart_policy: policy,
             pod_ip: Some("10.88.0.5".into()),
             host_ip: Some("127.0.0.1".into()),

@@ -131,6 +131,7 @@ pub struct WorkerHandle {
     stop: mpsc::Sender<Duration>,
     poke: mpsc::Sender<()>,
     pull_credentials: watch::Sender<Vec<RegistryCredential>>,
+    pod: watch::Sender<Option<Pod>>,
 }
 
 impl WorkerHandle {
@@ -150,6 +151,12 @@ impl WorkerHandle {
     pub fn set_pull_credentials(&self, credentials: Vec<RegistryCredential>) {
         self.pull_credentials.send_replace(credentials);
     }
+
+    /// The pod as its owner now has it: its new ephemeral containers are started.
+    pub fn set_pod(&self, pod: Pod) {
+        self.pod.send_replace(Some(pod));
+        self.poke();
+    }
 }
 
 /// Starts supervising `pod` at `epoch`. With `adopted`, the Podman pod already exists
@@ -166,21 +173,27 @@ pub fn spawn(
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (poke_tx, poke_rx) = mpsc::channel(1);
     let (credentials_tx, credentials_rx) = watch::channel(provided.pull_credentials);
-    let worker = Worker::new(
-        ctx,
-        pod_ref,
-        pod,
-        provided.volumes,
-        credentials_rx,
-        epoch,
-        owner,
-    );
+    let (pod_tx, pod_rx) = watch::channel(None);
+    let updates = Updates {
+        pull_credentials: credentials_rx,
+        pod: pod_rx,
+    };
+    let worker = Worker::new(ctx, pod_ref, pod, provided.volumes, updates, epoch, owner);
     tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
     WorkerHandle {
         stop: stop_tx,
         poke: poke_tx,
         pull_credentials: credentials_tx,
+        pod: pod_tx,
     }
+}
+
+/// What the agent tells a running worker: the owner's newer word.
+struct Updates {
+    /// The owner's latest registry logins for the pod.
+    pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
+    /// The pod, once it changed.
+    pod: watch::Receiver<Option<Pod>>,
 }
 
 /// One container of the pod, across its restarts.
@@ -212,7 +225,7 @@ impl Slot {
     fn new(spec: Container, kind: ContainerKind) -> Slot {
         let reason = match kind {
             ContainerKind::Init => "PodInitializing",
-            ContainerKind::App => "ContainerCreating",
+            ContainerKind::App | ContainerKind::Ephemeral => "ContainerCreating",
         };
         Slot {
             view: ContainerView {
@@ -299,8 +312,7 @@ struct Worker {
     /// Files of the volumes the owner resolved (empty for an adopted pod, whose files
     /// are already written).
     volumes: BTreeMap<String, Vec<VolumeFile>>,
-    /// The owner's latest registry logins for this pod.
-    pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
+    updates: Updates,
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
@@ -331,7 +343,7 @@ impl Worker {
         pod_ref: PodRef,
         pod: Pod,
         volumes: BTreeMap<String, Vec<VolumeFile>>,
-        pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
+        updates: Updates,
         epoch: Epoch,
         owner: PeerId,
     ) -> Worker {
@@ -346,6 +358,11 @@ impl Worker {
                     .iter()
                     .map(|c| Slot::new(c.clone(), ContainerKind::App)),
             )
+            .chain(
+                translate::ephemeral_containers(&spec)
+                    .into_iter()
+                    .map(|c| Slot::new(c, ContainerKind::Ephemeral)),
+            )
             .collect();
         Worker {
             policy: RestartPolicy::from_spec(spec.restart_policy.as_deref()),
@@ -354,7 +371,7 @@ impl Worker {
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
             files_dir: ctx.files_dir(&pod_ref.uid, epoch),
             volumes,
-            pull_credentials,
+            updates,
             ctx,
             pod_ref,
             pod,
@@ -810,7 +827,9 @@ impl Worker {
                 return;
             }
         }
-        // Containers start in order, each after the postStart hook of the one before.
+        // Containers start in order, each after the postStart hook of the one before;
+        // ephemeral ones once the app containers started.
+        self.take_pod_update();
         let mut hook_running = false;
         for i in init_count..self.slots.len() {
             if hook_running && self.slots[i].id.is_none() {
@@ -958,6 +977,8 @@ impl Worker {
         let slot = &self.slots[i];
         let restarts = if slot.view.sidecar {
             true
+        } else if slot.kind == ContainerKind::Ephemeral {
+            false
         } else if slot.kind == ContainerKind::Init {
             code != 0 && self.policy != RestartPolicy::Never
         } else {
@@ -1012,7 +1033,7 @@ impl Worker {
             .policy
             .runtime_image(spec.image.as_deref().unwrap_or_default());
         let credentials: Vec<RegistryCredential> =
-            registry_auth::lookup(&self.pull_credentials.borrow(), &image)
+            registry_auth::lookup(&self.updates.pull_credentials.borrow(), &image)
                 .into_iter()
                 .cloned()
                 .collect();
@@ -1054,7 +1075,11 @@ impl Worker {
             self.slots[i].attempt,
             &self.plan_context(),
         ) {
-            Ok(plan) => ContainerPlan { image, ..plan },
+            Ok(plan) => ContainerPlan {
+                image,
+                pid_namespace_of: self.pid_target(i),
+                ..plan
+            },
             Err(e) => {
                 let slot = &mut self.slots[i];
                 slot.view.state =
@@ -1405,6 +1430,48 @@ impl Worker {
         self.events.push(AgentEvent::new(reason, message));
     }
 
+    /// The runtime ID of the container whose processes ephemeral container `i` joins
+    /// (its `targetContainerName`), once that one has been made.
+    fn pid_target(&self, i: usize) -> Option<String> {
+        if self.slots[i].kind != ContainerKind::Ephemeral {
+            return None;
+        }
+        let spec = self.pod.spec.as_ref()?;
+        let name = &self.slots[i].spec.name;
+        let target = spec
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .find(|e| &e.name == name)?
+            .target_container_name
+            .as_ref()?;
+        self.slots
+            .iter()
+            .find(|s| s.kind == ContainerKind::App && &s.spec.name == target)?
+            .id
+            .clone()
+    }
+
+    /// The owner's newer pod, if it sent one: its new ephemeral containers get slots
+    /// (the API lets nothing else of a running pod's spec change that the agent runs).
+    fn take_pod_update(&mut self) {
+        if !self.updates.pod.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(pod) = self.updates.pod.borrow_and_update().clone() else {
+            return;
+        };
+        let spec = pod.spec.clone().unwrap_or_default();
+        for container in translate::ephemeral_containers(&spec) {
+            if !self.slots.iter().any(|s| s.spec.name == container.name) {
+                tracing::info!(pod = %self.pod_ref, container = %container.name, "ephemeral container added");
+                self.slots
+                    .push(Slot::new(container, ContainerKind::Ephemeral));
+            }
+        }
+        self.pod = pod;
+    }
+
     /// Once every app container is done for good (restartPolicy Never or OnFailure),
     /// the sidecars are stopped, last first, and the pod ends as its app containers did.
     async fn stop_sidecars_after_the_app(&mut self, now: Instant) {
@@ -1536,13 +1603,17 @@ impl Worker {
     }
 
     fn view(&self) -> PodView {
-        let (init, app): (Vec<_>, Vec<_>) = self
-            .slots
-            .iter()
-            .partition(|s| s.kind == ContainerKind::Init);
+        let of = |kind: ContainerKind| -> Vec<ContainerView> {
+            self.slots
+                .iter()
+                .filter(|s| s.kind == kind)
+                .map(|s| s.view.clone())
+                .collect()
+        };
         PodView {
-            init: init.into_iter().map(|s| s.view.clone()).collect(),
-            app: app.into_iter().map(|s| s.view.clone()).collect(),
+            init: of(ContainerKind::Init),
+            app: of(ContainerKind::App),
+            ephemeral: of(ContainerKind::Ephemeral),
             restart_policy: self.policy,
             pod_ip: self.pod_ip.map(|ip| ip.to_string()),
             host_ip: self.ctx.host_ip.map(|ip| ip.to_string()),

@@ -35,10 +35,11 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// `conditions`: the patch is a strategic merge, as the kubelet's, in which conditions
 /// merge by type, so those that others set (readiness gates' conditions, the API
 /// server's DisruptionTarget) stay; a null would delete them all.
-const OWNED_FIELDS: [&str; 10] = [
+const OWNED_FIELDS: [&str; 11] = [
     "phase",
     "containerStatuses",
     "initContainerStatuses",
+    "ephemeralContainerStatuses",
     "podIP",
     "podIPs",
     "hostIP",

@@ -799,13 +799,19 @@ impl Owner {
             }
             (placement, Ok(resolved))
                 if resolved.volumes != owned.volumes
-                    || resolved.pull_credentials != owned.pull_credentials =>
+                    || resolved.pull_credentials != owned.pull_credentials
+                    || resolved.pod != owned.pod =>
             {
                 // New data for the volumes (a refreshed token, a changed configMap):
                 // the assigned agent rewrites the files. New pull credentials serve
-                // its next pull.
+                // its next pull. A changed pod (an ephemeral container added by
+                // `kubectl debug`, new labels) goes to the agent signed anew.
                 owned.volumes = resolved.volumes;
                 owned.pull_credentials = resolved.pull_credentials;
+                if resolved.pod != owned.pod {
+                    owned.offer.spec_digest = spec_digest(&resolved.pod);
+                    owned.pod = resolved.pod;
+                }
                 if let Placement::Placed { agent } = placement {
                     let assign = self.assign(&owned, *agent);
                     self.send_assign_refresh(*agent, assign);
@@ -2119,6 +2125,12 @@ impl Owner {
                         .flatten()
                         .chain(&s.containers)
                         .map(|c| c.name.clone())
+                        .chain(
+                            s.ephemeral_containers
+                                .iter()
+                                .flatten()
+                                .map(|e| e.name.clone()),
+                        )
                         .collect()
                 })
                 .unwrap_or_default(),

@@ -197,6 +197,9 @@ pub struct ContainerPlan {
     pub sysctls: BTreeMap<String, String>,
     /// Seconds Podman waits after SIGTERM before SIGKILL when stopping.
     pub stop_timeout_secs: u64,
+    /// The container (runtime ID) whose process namespace this one joins: an
+    /// ephemeral container's target, so that it sees and can trace its processes.
+    pub pid_namespace_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

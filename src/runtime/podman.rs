@@ -712,8 +712,9 @@ impl Runtime for Podman {
             .groups(plan.supplemental_groups.iter().map(u32::to_string))
             .sysctl(plan.sysctls.clone())
             .stop_timeout(plan.stop_timeout_secs)
-            // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it.
-            .init(true)
+            // catatonit as PID 1 forwards SIGTERM, as a kubelet's runtime delivers it;
+            // in another container's process namespace, that container's PID 1 is.
+            .init(plan.pid_namespace_of.is_none())
             .mounts(
                 plan.mounts
                     .iter()
@@ -724,6 +725,13 @@ impl Runtime for Podman {
                         false,
                     ))),
             );
+        if let Some(target) = &plan.pid_namespace_of {
+            path_safe("container", target)?;
+            opts = opts.pid_namespace(podman_api::models::Namespace {
+                nsmode: Some("container".into()),
+                value: Some(target.clone()),
+            });
+        }
         if let Some(command) = &plan.command {
             opts = opts.entrypoint(command.clone());
         }

@@ -80,12 +80,13 @@ impl SpecError {
     }
 }
 
-/// Whether a container runs before the pod's app containers (and must finish), or is one
-/// of them.
+/// Whether a container runs before the pod's app containers (and must finish), is one
+/// of them, or was added to the running pod to debug it (`kubectl debug`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerKind {
     Init,
     App,
+    Ephemeral,
 }
 
 impl ContainerKind {
@@ -94,6 +95,7 @@ impl ContainerKind {
         match self {
             ContainerKind::Init => "init",
             ContainerKind::App => "app",
+            ContainerKind::Ephemeral => "ephemeral",
         }
     }
 
@@ -102,6 +104,7 @@ impl ContainerKind {
         match self {
             ContainerKind::Init => "initContainers",
             ContainerKind::App => "containers",
+            ContainerKind::Ephemeral => "ephemeralContainers",
         }
     }
 }
@@ -279,7 +282,8 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
         // Would change what runs: refused unless unset or at their default.
         dns_config,
         dns_policy,
-        ephemeral_containers,
+        // Validated with the containers.
+        ephemeral_containers: _,
         host_aliases,
         host_ipc,
         host_network,
@@ -327,11 +331,6 @@ fn validate_pod_fields(spec: &PodSpec) -> Result<(), SpecError> {
             active_deadline_seconds.is_some_and(|secs| secs < 1),
             "spec.activeDeadlineSeconds",
             "must be between 1 and 2147483647, inclusive",
-        ),
-        (
-            has_items(ephemeral_containers.as_deref()),
-            "spec.ephemeralContainers",
-            "ephemeral containers are not supported",
         ),
         (
             non_empty(runtime_class_name.as_deref()).is_some(),
@@ -779,16 +778,55 @@ fn validate_containers(spec: &PodSpec) -> Result<(), SpecError> {
         "a pod needs at least one container",
     )?;
     let mut names = HashSet::new();
-    for (kind, index, container) in all_containers(spec) {
+    let ephemeral = ephemeral_containers(spec);
+    let all = all_containers(spec).chain(
+        ephemeral
+            .iter()
+            .enumerate()
+            .map(|(index, container)| (ContainerKind::Ephemeral, index, container)),
+    );
+    for (kind, index, container) in all {
         let path = container_path(kind, index);
         validate_container(&path, kind, container, spec)?;
         refuse_if(
-            !names.insert(container.name.as_str()),
+            !names.insert(container.name.clone()),
             &format!("{path}.name"),
             &format!("duplicate container name \"{}\"", container.name),
         )?;
     }
+    for (index, target) in ephemeral_targets(spec).iter().enumerate() {
+        refuse_if(
+            target
+                .as_ref()
+                .is_some_and(|t| !spec.containers.iter().any(|c| &c.name == t)),
+            &format!("spec.ephemeralContainers[{index}].targetContainerName"),
+            "must be the name of one of the pod's containers",
+        )?;
+    }
     validate_host_port_conflicts(spec)
+}
+
+/// The pod's ephemeral containers as containers (the API's `EphemeralContainer` has the
+/// same fields, and the target's name).
+pub fn ephemeral_containers(spec: &PodSpec) -> Vec<Container> {
+    spec.ephemeral_containers
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let mut value = serde_json::to_value(e).ok()?;
+            value.as_object_mut()?.remove("targetContainerName");
+            serde_json::from_value(value).ok()
+        })
+        .collect()
+}
+
+/// Each ephemeral container's `targetContainerName`, whose process namespace it joins.
+pub fn ephemeral_targets(spec: &PodSpec) -> Vec<Option<String>> {
+    spec.ephemeral_containers
+        .iter()
+        .flatten()
+        .map(|e| non_empty(e.target_container_name.as_deref()).map(str::to_owned))
+        .collect()
 }
 
 /// Init containers first, in the order they run, then app containers.
@@ -840,6 +878,29 @@ fn validate_container(
         resize_policy: _,
     } = container;
     validate_container_name(path, name)?;
+    if kind == ContainerKind::Ephemeral {
+        // As the API server validates an ephemeral container: it runs only to debug.
+        for (field, set) in [
+            ("ports", has_items(ports.as_deref())),
+            (
+                "resources",
+                resources.as_ref().is_some_and(|r| {
+                    r.limits.as_ref().is_some_and(|l| !l.is_empty())
+                        || r.requests.as_ref().is_some_and(|l| !l.is_empty())
+                }),
+            ),
+            ("lifecycle", lifecycle.is_some()),
+            ("livenessProbe", liveness_probe.is_some()),
+            ("readinessProbe", readiness_probe.is_some()),
+            ("startupProbe", startup_probe.is_some()),
+        ] {
+            refuse_if(
+                set,
+                &format!("{path}.{field}"),
+                "may not be set for ephemeral containers",
+            )?;
+        }
+    }
     validate_termination_message(
         path,
         termination_message_path.as_deref(),
@@ -1015,6 +1076,10 @@ fn validate_container_restart(
         (ContainerKind::App, Some(_)) => Err(SpecError::new(
             field,
             "per-container restartPolicy is not supported yet",
+        )),
+        (ContainerKind::Ephemeral, Some(_)) => Err(SpecError::new(
+            field,
+            "may not be set for ephemeral containers",
         )),
     }
 }
@@ -1917,6 +1982,8 @@ pub fn container_plan(
             .map(|sysctl| (sysctl.name.clone(), sysctl.value.clone()))
             .collect(),
         stop_timeout_secs: grace_period_secs(pod),
+        // The target's runtime ID is the agent's to fill in.
+        pid_namespace_of: None,
         env,
     })
 }
@@ -1964,9 +2031,14 @@ fn locate_container(
     container: &Container,
     kind: ContainerKind,
 ) -> Result<String, SpecError> {
+    let ephemeral;
     let list = match kind {
         ContainerKind::Init => spec.init_containers.as_deref().unwrap_or_default(),
         ContainerKind::App => spec.containers.as_slice(),
+        ContainerKind::Ephemeral => {
+            ephemeral = ephemeral_containers(spec);
+            ephemeral.as_slice()
+        }
     };
     list.iter()
         .position(|c| c == container)
@@ -2072,6 +2144,8 @@ pub fn pod_requests(pod: &Pod) -> Result<Resources, SpecError> {
                 init = max_each(init, sidecars);
             }
             ContainerKind::Init => init = max_each(init, sidecars.saturating_add(requests)),
+            // They have no resources (the API refuses them).
+            ContainerKind::Ephemeral => {}
         }
     }
     let apps = apps.saturating_add(sidecars);
@@ -3017,9 +3091,23 @@ mod tests {
             (
                 vec![(
                     "/spec/ephemeralContainers",
-                    json!([{"name": "debug", "image": "busybox"}]),
+                    json!([{"name": "debug", "image": "busybox", "ports": [{"containerPort": 80}]}]),
                 )],
-                "spec.ephemeralContainers",
+                "spec.ephemeralContainers[0].ports",
+            ),
+            (
+                vec![(
+                    "/spec/ephemeralContainers",
+                    json!([{"name": "debug", "image": "busybox", "targetContainerName": "nope"}]),
+                )],
+                "spec.ephemeralContainers[0].targetContainerName",
+            ),
+            (
+                vec![(
+                    "/spec/ephemeralContainers",
+                    json!([{"name": "main", "image": "busybox"}]),
+                )],
+                "spec.ephemeralContainers[0].name",
             ),
             (
                 vec![("/spec/runtimeClassName", json!("gvisor"))],
@@ -3854,6 +3942,11 @@ mod tests {
                 json!([{"name": "EMPTY", "value": ""}, {"name": "weird.name-1", "value": "x"}]),
             )],
             vec![("/spec/containers/0/lifecycle", json!({}))],
+            vec![(
+                "/spec/ephemeralContainers",
+                json!([{"name": "debugger", "image": "busybox", "targetContainerName": "main",
+                        "stdin": true, "tty": true, "resources": {}}]),
+            )],
             vec![(
                 "/spec/readinessGates",
                 json!([{"conditionType": "example.com/lb-ready"}]),

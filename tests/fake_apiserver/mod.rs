@@ -612,6 +612,7 @@ fn merge_key(list: &str) -> Option<&'static str> {
         | "ephemeralContainerStatuses"
         | "containers"
         | "initContainers"
+        | "ephemeralContainers"
         | "volumes"
         | "env"
         | "volumeMounts" => "name",
@@ -1338,6 +1339,9 @@ fn discovery(path: &str) -> Option<Value> {
                 let mut out = vec![entry];
                 if matches!(r.plural, "pods" | "nodes") && r.group.is_empty() {
                     out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+                }
+                if r.plural == "pods" && r.group.is_empty() {
+                    out.push(json!({"name": format!("pods/{EPHEMERAL_CONTAINERS}"), "singularName": "", "namespaced": true, "kind": "Pod", "verbs": ["get", "patch", "update"]}));
                 }
                 if r.plural == "certificatesigningrequests" {
                     for sub in ["approval", "status"] {
@@ -2272,6 +2276,12 @@ fn route(
                     let mut next = stored.clone();
                     next["status"]["conditions"] = object["status"]["conditions"].clone();
                     next
+                } else if target.subresource.as_deref() == Some(EPHEMERAL_CONTAINERS) {
+                    let mut next = stored.clone();
+                    next["spec"]["ephemeralContainers"] =
+                        object["spec"]["ephemeralContainers"].clone();
+                    check_ephemeral_containers(stored, &next, name)?;
+                    next
                 } else {
                     let mut next = object.clone();
                     if object["status"].is_null() {
@@ -2312,6 +2322,13 @@ fn route(
                     let mut status_patch = json!({"status": {}});
                     status_patch["status"]["conditions"] = patch["status"]["conditions"].clone();
                     apply(&mut next, &status_patch)?;
+                } else if target.subresource.as_deref() == Some(EPHEMERAL_CONTAINERS) {
+                    // Only the ephemeral containers change through their subresource.
+                    let mut spec_patch = json!({"spec": {}});
+                    spec_patch["spec"]["ephemeralContainers"] =
+                        patch["spec"]["ephemeralContainers"].clone();
+                    apply(&mut next, &spec_patch)?;
+                    check_ephemeral_containers(stored, &next, name)?;
                 } else {
                     apply(&mut next, &patch)?;
                     keep_stored_status(&mut next, stored);
@@ -2337,6 +2354,49 @@ fn route(
             None,
         )),
     }
+}
+
+/// The pods subresource through which `kubectl debug` adds containers.
+const EPHEMERAL_CONTAINERS: &str = "ephemeralcontainers";
+
+/// The API server's rules for ephemeral containers: they may be added, never changed
+/// or removed, and their names are unique among the pod's containers.
+fn check_ephemeral_containers(stored: &Value, next: &Value, name: &str) -> Result<(), ApiError> {
+    let invalid = |message: String| {
+        status(
+            422,
+            "Invalid",
+            format!("Pod \"{name}\" is invalid: spec.ephemeralContainers: {message}"),
+            Some((name, "pods")),
+        )
+    };
+    let list = |pod: &Value| {
+        pod["spec"]["ephemeralContainers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (before, after) = (list(stored), list(next));
+    for old in &before {
+        if !after.contains(old) {
+            return Err(invalid(format!(
+                "Forbidden: existing ephemeral containers {:?} may not be changed",
+                old["name"].as_str().unwrap_or_default()
+            )));
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    let containers = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|list| next["spec"][list].as_array().cloned().unwrap_or_default())
+        .chain(after);
+    for container in containers {
+        let container_name = container["name"].as_str().unwrap_or_default().to_string();
+        if !names.insert(container_name.clone()) {
+            return Err(invalid(format!("Duplicate value: {container_name:?}")));
+        }
+    }
+    Ok(())
 }
 
 /// The stored status, unchanged by a write to the main resource; an object without
