@@ -852,9 +852,17 @@ impl Owner {
         let mesh = self.mesh.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = mesh.request(agent, Request::Assign(Box::new(assign))).await {
-                metrics.request_failed("assign");
-                tracing::warn!(%agent, error = %e, "new volume data not delivered to the agent");
+            match mesh.request(agent, Request::Assign(Box::new(assign))).await {
+                Ok(Response::Declined { reason }) => {
+                    // A changed pod the agent's policy refuses (a privileged debug
+                    // container): the pod runs on as it was.
+                    tracing::warn!(%agent, %reason, "the agent refused the pod's update");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    metrics.request_failed("assign");
+                    tracing::warn!(%agent, error = %e, "the pod's update not delivered to the agent");
+                }
             }
         });
     }
