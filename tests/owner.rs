@@ -17,7 +17,7 @@ use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
-    PodUid, Renew, Request, Resources, Response, SignedAssignment, StatusReport, Topic,
+    PodSummary, PodUid, Renew, Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::PodStatus;
 use libp2p::identity::Keypair;
@@ -1125,6 +1125,29 @@ spec:
   containers: [{name: c, image: localhost/busybox:1.35, resources: {requests: {cpu: "12"}}}]
 "#;
 
+/// A scene for a pod larger than every agent (8 CPUs each), with the owner of a node
+/// that rejects such pods after `reject_after`, as with a Kubernetes API.
+async fn too_big_scene(pod: &str, reject_after: Duration) -> Scene {
+    scene(pod, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        retry_interval: Duration::from_millis(200),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        reject_too_big_after: Some(reject_after),
+        ..OwnerConfig::default()
+    })
+    .await
+}
+
+/// The pod `huge` as the owner's view shows it, if the view can be had yet (until the
+/// agent has dialled the node, a query finds no way there).
+async fn huge_pod(agent: &ScriptedAgent, node_id: libp2p::PeerId) -> Option<PodSummary> {
+    match agent.handle.request(node_id, Request::Query).await {
+        Ok(Response::View(view)) => view.pods.into_iter().find(|p| p.pod.name == "huge"),
+        _ => None,
+    }
+}
+
 /// Annotated `beemesh.io/wait-for-agent: "true"`, a pod larger than every agent is not
 /// rejected: it waits, and says so, for a larger agent to join.
 #[tokio::test]
@@ -1135,15 +1158,7 @@ async fn a_pod_annotated_to_wait_for_a_larger_agent_is_not_rejected() {
         node_id,
         mut agents,
         ..
-    } = scene(TWELVE_CPU_POD_THAT_WAITS, |agent_ids| OwnerConfig {
-        adopt_window: Duration::from_millis(500),
-        retry_interval: Duration::from_millis(200),
-        agents: TrustedPeers::new(agent_ids.to_vec()),
-        clients: TrustedPeers::new([agent_ids[1]]),
-        reject_too_big_after: Some(Duration::from_secs(1)),
-        ..OwnerConfig::default()
-    })
-    .await;
+    } = too_big_scene(TWELVE_CPU_POD_THAT_WAITS, Duration::from_secs(1)).await;
     let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
     let waiting = "0/2 agents fit: 2 insufficient cpu; it asks for more cpu than any agent has \
                    (12000 > 8000): waiting for a larger agent";
@@ -1151,11 +1166,7 @@ async fn a_pod_annotated_to_wait_for_a_larger_agent_is_not_rejected() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     // Waiting, and still waiting 3 s (three times the rejection delay) later.
     loop {
-        let pods = match agents[1].handle.request(node_id, Request::Query).await {
-            Ok(Response::View(view)) => view.pods,
-            _ => Vec::new(),
-        };
-        if let Some(pod) = pods.into_iter().find(|p| p.pod.name == "huge") {
+        if let Some(pod) = huge_pod(&agents[1], node_id).await {
             assert_ne!(pod.phase, "Failed", "rejected: {:?}", pod.message);
             if pod.message.as_deref() == Some(waiting) {
                 let since = *first_seen.get_or_insert_with(tokio::time::Instant::now);
@@ -1187,27 +1198,13 @@ async fn a_pod_bigger_than_every_agent_is_rejected_as_the_kubelet_rejects_it() {
         node_id,
         mut agents,
         ..
-    } = scene(TWELVE_CPU_POD, |agent_ids| OwnerConfig {
-        adopt_window: Duration::from_millis(500),
-        retry_interval: Duration::from_millis(200),
-        agents: TrustedPeers::new(agent_ids.to_vec()),
-        clients: TrustedPeers::new([agent_ids[1]]),
-        // As a node with a Kubernetes API configures it.
-        reject_too_big_after: Some(Duration::from_secs(3)),
-        ..OwnerConfig::default()
-    })
-    .await;
+    } = too_big_scene(TWELVE_CPU_POD, Duration::from_secs(3)).await;
     // 8 CPUs in all on each agent.
     let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let rejected = loop {
-        // Until the agent has dialled the node, a query finds no way there.
-        let pods = match agents[1].handle.request(node_id, Request::Query).await {
-            Ok(Response::View(view)) => view.pods,
-            _ => Vec::new(),
-        };
-        if let Some(pod) = pods.into_iter().find(|p| p.pod.name == "huge") {
+        if let Some(pod) = huge_pod(&agents[1], node_id).await {
             if pod.phase == "Failed" {
                 break pod;
             }
