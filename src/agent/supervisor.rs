@@ -1452,8 +1452,9 @@ impl Worker {
             .clone()
     }
 
-    /// The owner's newer pod, if it sent one: its new ephemeral containers get slots
-    /// (the API lets nothing else of a running pod's spec change that the agent runs).
+    /// The owner's newer pod, if it sent one: its new ephemeral containers get slots, and
+    /// the others their new spec for their next start (env values the owner took from a
+    /// changed configMap, as a kubelet reads them again when it restarts a container).
     fn take_pod_update(&mut self) {
         if !self.updates.pod.has_changed().unwrap_or(false) {
             return;
@@ -1462,7 +1463,18 @@ impl Worker {
             return;
         };
         let spec = pod.spec.clone().unwrap_or_default();
-        for container in translate::ephemeral_containers(&spec) {
+        let ephemeral = translate::ephemeral_containers(&spec);
+        for slot in &mut self.slots {
+            let list = match slot.kind {
+                ContainerKind::Init => spec.init_containers.as_deref().unwrap_or_default(),
+                ContainerKind::App => spec.containers.as_slice(),
+                ContainerKind::Ephemeral => ephemeral.as_slice(),
+            };
+            if let Some(container) = list.iter().find(|c| c.name == slot.spec.name) {
+                slot.spec = container.clone();
+            }
+        }
+        for container in ephemeral {
             if !self.slots.iter().any(|s| s.spec.name == container.name) {
                 tracing::info!(pod = %self.pod_ref, container = %container.name, "ephemeral container added");
                 self.slots
