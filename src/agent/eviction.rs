@@ -62,6 +62,11 @@ fn bytes(quantity: &Quantity) -> Option<u64> {
     translate::parse_memory_bytes(quantity).ok()
 }
 
+/// Whether `used` (nothing when unmeasured) passes a positive `limit`.
+fn over(limit: &Quantity, used: Option<&u64>) -> bool {
+    bytes(limit).is_some_and(|limit| limit > 0 && used.copied().unwrap_or(0) > limit)
+}
+
 /// The kubelet's eviction message when the pod uses more than a limit allows, checked
 /// in the kubelet's order; None while it fits.
 pub fn exceeded(pod: &Pod, usage: &Usage) -> Option<String> {
@@ -70,8 +75,7 @@ pub fn exceeded(pod: &Pod, usage: &Usage) -> Option<String> {
         let Some(limit) = disk_size_limit(volume) else {
             continue;
         };
-        let used = usage.empty_dirs.get(&volume.name).copied().unwrap_or(0);
-        if bytes(limit).is_some_and(|limit| limit > 0 && used > limit) {
+        if over(limit, usage.empty_dirs.get(&volume.name)) {
             return Some(format!(
                 "Usage of EmptyDir volume {:?} exceeds the limit {:?}. ",
                 volume.name, limit.0
@@ -93,8 +97,7 @@ pub fn exceeded(pod: &Pod, usage: &Usage) -> Option<String> {
         let Some(limit) = storage_limit(container) else {
             continue;
         };
-        let used = usage.containers.get(&container.name).copied().unwrap_or(0);
-        if bytes(limit).is_some_and(|limit| limit > 0 && used > limit) {
+        if over(limit, usage.containers.get(&container.name)) {
             return Some(format!(
                 "Container {} exceeded its local ephemeral storage limit {:?}. ",
                 container.name, limit.0

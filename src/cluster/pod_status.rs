@@ -348,8 +348,8 @@ pub async fn run(
     let mut sent: HashMap<PodUid, Value> = HashMap::new();
     // Only pods whose last write failed have an entry.
     let mut backoff: Backoff<PodUid> = Backoff::new(RETRY, RETRY_MAX);
-    let mut seen: HashMap<PodUid, (PodStatus, Option<PeerId>)> = HashMap::new();
-    // The last status update of each pod, to write again when its gates change.
+    // The last status update of each pod: what events are told from, and what is
+    // written again when its gates change.
     let mut last: HashMap<PodUid, Update> = HashMap::new();
     loop {
         tokio::select! {
@@ -371,7 +371,6 @@ pub async fn run(
         for (uid, update) in board.take() {
             if !board.is_known(&uid) {
                 sent.remove(&uid);
-                seen.remove(&uid);
                 last.remove(&uid);
                 backoff.retain(|u| *u != uid);
                 continue;
@@ -391,9 +390,12 @@ pub async fn run(
                         let same_agent = was_placed(&s).then_some(*agent).flatten();
                         (s, same_agent)
                     });
-                    let previous = seen.get(&uid).or(inherited.as_ref()).map(|(s, a)| (s, *a));
+                    let seen = match last.get(&uid) {
+                        Some(Update::Status { status, agent, .. }) => Some((&**status, *agent)),
+                        _ => None,
+                    };
+                    let previous = seen.or(inherited.as_ref().map(|(s, a)| (s, *a)));
                     events.record(pod, transition_events(pod, previous, status, *agent));
-                    seen.insert(uid.clone(), ((**status).clone(), *agent));
                     last.insert(uid.clone(), update.clone());
                     let value = api_status(status, &board.gates(&uid));
                     if sent.get(&uid) == Some(&value) {
@@ -415,7 +417,6 @@ pub async fn run(
                     Ok(()) => {
                         tracing::info!(%pod, "pod deleted from the API");
                         sent.remove(&uid);
-                        seen.remove(&uid);
                         last.remove(&uid);
                         true
                     }

@@ -7,6 +7,8 @@ use k8s_openapi::api::core::v1::{
     ContainerStateTerminated, ContainerStatus, PodCondition, PodSpec, PodStatus,
 };
 
+use crate::runtime::translate;
+
 /// What a person sees of one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodDisplay {
@@ -28,7 +30,7 @@ pub fn pod_display(spec: Option<&PodSpec>, status: &PodStatus, deleting: bool) -
     let is_sidecar = |name: &str| {
         init_specs
             .iter()
-            .any(|c| c.name == name && c.restart_policy.as_deref() == Some("Always"))
+            .any(|c| c.name == name && translate::is_sidecar(c))
     };
     // Without the spec (a status alone), the containers the status lists.
     let containers = spec.map_or(
@@ -36,7 +38,7 @@ pub fn pod_display(spec: Option<&PodSpec>, status: &PodStatus, deleting: bool) -
         |s| s.containers.len(),
     ) + init_specs
         .iter()
-        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .filter(|c| translate::is_sidecar(c))
         .count();
     let phase = status.phase.clone().unwrap_or_else(|| "Pending".into());
     let mut shown = status.reason.clone().unwrap_or(phase);

@@ -916,7 +916,7 @@ fn validate_container(
     )?;
     // A sidecar (an init container that restarts always) may have what app containers
     // have: hooks and probes.
-    let kind = if kind == ContainerKind::Init && restart_policy.as_deref() == Some("Always") {
+    let kind = if kind == ContainerKind::Init && is_sidecar(container) {
         ContainerKind::App
     } else {
         kind
