@@ -382,6 +382,9 @@ pub enum AgentEventReason {
     FailedPreStopHook,
     /// The pod's resolv.conf had to be cut to the kubelet's limits.
     DNSConfigForming,
+    /// A container could not be created (`Error: …`), e.g. an ephemeral container
+    /// the agent's policy refuses.
+    Failed,
     /// From a newer agent: dropped by the owner.
     #[serde(other)]
     Unknown,
@@ -396,6 +399,7 @@ impl AgentEventReason {
             AgentEventReason::FailedPostStartHook => ("FailedPostStartHook", true),
             AgentEventReason::FailedPreStopHook => ("FailedPreStopHook", true),
             AgentEventReason::DNSConfigForming => ("DNSConfigForming", true),
+            AgentEventReason::Failed => ("Failed", true),
             AgentEventReason::Unknown => return None,
         })
     }

@@ -1604,6 +1604,47 @@ fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
     let cluster = Cluster::with_an_agent();
     cluster.apply(COUNTER);
     cluster.wait_running("counter");
+    // A privileged debug container the agent's policy (baseline) refuses: it waits
+    // with the reason, a Failed event says why, and the pod runs on and still takes
+    // the next debug container.
+    let (ok, out) = cluster.kubectl(
+        &[
+            "debug",
+            "counter",
+            "--image=localhost/busybox:1.35",
+            "--profile=sysadmin",
+            "--container=root",
+            "--",
+            "true",
+        ],
+        None,
+    );
+    assert!(ok, "kubectl debug: {out}");
+    let waiting = cluster.mesh.wait_for(
+        "the refused container waiting",
+        Duration::from_secs(20),
+        || {
+            let pod = cluster.get(&["pod", "counter"])?;
+            let status = &pod["status"]["ephemeralContainerStatuses"][0];
+            (status["name"] == "root").then(|| status["state"]["waiting"].clone())
+        },
+    );
+    assert_eq!(waiting["reason"], "CreateContainerConfigError", "{waiting}");
+    let message = waiting["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("the agent's policy refuses ephemeral container \"root\"")
+            && message.contains("privileged"),
+        "{message}"
+    );
+    let failed = cluster
+        .get(&["events", "-n", "default"])
+        .and_then(|e| e["items"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e["reason"] == "Failed")
+        .expect("a Failed event");
+    assert_eq!(failed["type"], "Warning");
+    assert_eq!(failed["message"], format!("Error: {message}"));
     let (ok, out) = cluster.kubectl(
         &[
             "debug",
@@ -1624,8 +1665,9 @@ fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
         Duration::from_secs(40),
         || {
             let pod = cluster.get(&["pod", "counter"])?;
-            let status = &pod["status"]["ephemeralContainerStatuses"][0];
-            (status["name"] == "debugger" && !status["state"]["terminated"].is_null())
+            let statuses = pod["status"]["ephemeralContainerStatuses"].as_array()?;
+            let status = statuses.iter().find(|s| s["name"] == "debugger")?;
+            (!status["state"]["terminated"].is_null())
                 .then(|| status["state"]["terminated"].clone())
         },
     );
@@ -1641,16 +1683,29 @@ fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
     std::thread::sleep(Duration::from_secs(3));
     let pod = cluster.get(&["pod", "counter"]).expect("pod");
     assert_eq!(pod["status"]["phase"], "Running");
+    let statuses = pod["status"]["ephemeralContainerStatuses"]
+        .as_array()
+        .expect("statuses");
+    let debugger = statuses.iter().find(|s| s["name"] == "debugger");
+    assert_eq!(debugger.expect("debugger")["restartCount"], 0);
+    let root = statuses.iter().find(|s| s["name"] == "root").expect("root");
     assert_eq!(
-        pod["status"]["ephemeralContainerStatuses"][0]["restartCount"],
-        0
+        root["state"]["waiting"]["reason"],
+        "CreateContainerConfigError"
     );
     let uid = pod["metadata"]["uid"].as_str().expect("uid");
-    let debuggers: Vec<Value> = podman_containers(&format!("io.beemesh.pod.uid={uid}"))
-        .into_iter()
-        .filter(|c| c["Labels"]["io.beemesh.container"] == "debugger")
-        .collect();
-    assert_eq!(debuggers.len(), 1, "{debuggers:#?}");
+    let containers = podman_containers(&format!("io.beemesh.pod.uid={uid}"));
+    let named = |name: &str| {
+        containers
+            .iter()
+            .filter(|c| c["Labels"]["io.beemesh.container"] == name)
+            .count()
+    };
+    assert_eq!(
+        (named("debugger"), named("root")),
+        (1, 0),
+        "{containers:#?}"
+    );
     cluster.assert_node_requests_allowed();
 }
 

@@ -36,9 +36,10 @@ use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
-    AgentEvent, Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer, PeerRef, PodRef,
-    PodSummary, PodUid, ReadyCount, RegistryCredential, Release, Renew, Request, Resources,
-    Response, SignedAssignment, StatusReport, VolumeFile, MAX_REPORT_EVENTS, POLICY_REFUSAL,
+    AgentEvent, AgentEventReason, Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer,
+    PeerRef, PodRef, PodSummary, PodUid, ReadyCount, RegistryCredential, Release, Renew, Request,
+    Resources, Response, SignedAssignment, StatusReport, VolumeFile, MAX_REPORT_EVENTS,
+    POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -250,6 +251,10 @@ struct OwnedPod {
     ask_agents: bool,
     /// Since when the pod has asked for more than any agent has at all.
     too_big_since: Option<Instant>,
+    /// Ephemeral containers (`kubectl debug`) the agent's policy refused, with the
+    /// reason: left out of the pod sent to agents (so that the rest of the pod still
+    /// gets its updates and later debug containers), shown waiting in the status.
+    refused_ephemeral: BTreeMap<String, String>,
 }
 
 /// Policy refusals kept per pod: enough to tell the user why.
@@ -298,6 +303,13 @@ enum Internal {
         reasons: Vec<(PeerId, String)>,
         /// An agent did not answer: it may run the pod.
         unanswered: bool,
+    },
+    /// The agent declined the pod's update `refused` to `previous`.
+    UpdateRefused {
+        uid: PodUid,
+        previous: Arc<Pod>,
+        refused: Arc<Pod>,
+        reason: String,
     },
 }
 
@@ -668,6 +680,7 @@ impl Owner {
             policy_refusals: Vec::new(),
             ask_agents: false,
             too_big_since: None,
+            refused_ephemeral: BTreeMap::new(),
             pod_ref: pod_ref.clone(),
             pod,
             volumes: Arc::default(),
@@ -797,26 +810,33 @@ impl Owner {
                 self.due.insert(uid.clone());
                 self.set_status_forced(uid, status);
             }
-            (placement, Ok(resolved))
-                if resolved.volumes != owned.volumes
-                    || resolved.pull_credentials != owned.pull_credentials
-                    || resolved.pod != owned.pod =>
-            {
+            (placement, Ok(resolved)) => {
                 // New data for the volumes (a refreshed token, a changed configMap):
                 // the assigned agent rewrites the files. New pull credentials serve
                 // its next pull. A changed pod (an ephemeral container added by
                 // `kubectl debug`, new labels) goes to the agent signed anew.
-                owned.volumes = resolved.volumes;
-                owned.pull_credentials = resolved.pull_credentials;
-                if resolved.pod != owned.pod {
-                    owned.offer.spec_digest = spec_digest(&resolved.pod);
-                    owned.pod = resolved.pod;
+                let pod = without_ephemeral(resolved.pod, &owned.refused_ephemeral);
+                let pod_changed = pod != owned.pod;
+                if pod_changed
+                    || resolved.volumes != owned.volumes
+                    || resolved.pull_credentials != owned.pull_credentials
+                {
+                    owned.volumes = resolved.volumes;
+                    owned.pull_credentials = resolved.pull_credentials;
+                    let previous = std::mem::replace(&mut owned.pod, pod);
+                    if pod_changed {
+                        owned.offer.spec_digest = spec_digest(&owned.pod);
+                    }
+                    if let Placement::Placed { agent } = placement {
+                        let agent = *agent;
+                        self.pods.insert(uid.clone(), owned);
+                        self.send_assign_refresh(uid, agent, previous);
+                    } else {
+                        self.pods.insert(uid.clone(), owned);
+                    }
+                } else {
+                    self.pods.insert(uid.clone(), owned);
                 }
-                if let Placement::Placed { agent } = placement {
-                    let assign = self.assign(&owned, *agent);
-                    self.send_assign_refresh(*agent, assign);
-                }
-                self.pods.insert(uid.clone(), owned);
             }
             // A pod's spec hardly changes once created; a configMap that disappears
             // leaves the running pod as it is, as with the kubelet.
@@ -848,15 +868,30 @@ impl Owner {
         }
     }
 
-    fn send_assign_refresh(&self, agent: PeerId, assign: Assign) {
+    /// Sends the placed pod's assignment again, with its new data or spec; `previous`
+    /// is the pod the agent had, to tell what a refused update added.
+    fn send_assign_refresh(&self, uid: &PodUid, agent: PeerId, previous: Arc<Pod>) {
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        let assign = self.assign(owned, agent);
+        let refused = owned.pod.clone();
+        let uid = uid.clone();
         let mesh = self.mesh.clone();
         let metrics = self.metrics.clone();
+        let internal = self.internal_tx.clone();
         tokio::spawn(async move {
             match mesh.request(agent, Request::Assign(Box::new(assign))).await {
                 Ok(Response::Declined { reason }) => {
-                    // A changed pod the agent's policy refuses (a privileged debug
-                    // container): the pod runs on as it was.
                     tracing::warn!(%agent, %reason, "the agent refused the pod's update");
+                    let refusal = Internal::UpdateRefused {
+                        uid,
+                        previous,
+                        refused,
+                        reason,
+                    };
+                    // Only when the owner is gone does this fail.
+                    let _ = internal.send(refusal).await;
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -1544,7 +1579,57 @@ impl Owner {
                 tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
                 self.set_status(&uid, pending_status("Unschedulable", message));
             }
+            Internal::UpdateRefused {
+                uid,
+                previous,
+                refused,
+                reason,
+            } => self.on_update_refused(&uid, &previous, &refused, reason),
         }
+    }
+
+    /// The agent declined an update of a placed pod. The ephemeral containers that
+    /// update added are what its policy refused (nothing else of a running pod's spec
+    /// changes): each is left out of the pod from now on and waits in the status with
+    /// the reason, as the kubelet shows a container it cannot create, with a `Failed`
+    /// event; the rest of the pod is sent again.
+    fn on_update_refused(&mut self, uid: &PodUid, previous: &Pod, refused: &Pod, reason: String) {
+        let Some(owned) = self.pods.get_mut(uid) else {
+            return;
+        };
+        let Placement::Placed { agent } = owned.placement else {
+            return;
+        };
+        let had = ephemeral_names(previous);
+        let added: Vec<String> = ephemeral_names(refused)
+            .into_iter()
+            .filter(|name| !had.contains(name) && !owned.refused_ephemeral.contains_key(name))
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let mut events = Vec::new();
+        for name in added {
+            let message =
+                format!("the agent's policy refuses ephemeral container {name:?}: {reason}");
+            events.push(AgentEvent::new(
+                AgentEventReason::Failed,
+                format!("Error: {message}"),
+            ));
+            owned.refused_ephemeral.insert(name, message);
+        }
+        self.sink.events(&owned.pod_ref, &events);
+        let pod = without_ephemeral(owned.pod.clone(), &owned.refused_ephemeral);
+        if pod != owned.pod {
+            owned.offer.spec_digest = spec_digest(&pod);
+            let previous = std::mem::replace(&mut owned.pod, pod);
+            self.send_assign_refresh(uid, agent, previous);
+        }
+        let Some(owned) = self.pods.get(uid) else {
+            return;
+        };
+        let status = with_refused_ephemeral(owned.status.clone(), &owned.refused_ephemeral);
+        self.set_status(uid, status);
     }
 
     /// An agent's heartbeat: remember its capacity, and release the pods it says it
@@ -1654,8 +1739,8 @@ impl Owner {
             if hp.unrecorded && current && !owned.deleting {
                 // The agent lost its record of the placement: it gets it again.
                 tracing::info!(pod = %hp.pod, %agent, "agent found the pod without its record; sending the assignment again");
-                let assign = self.assign(owned, agent);
-                self.send_assign_refresh(agent, assign);
+                let pod = owned.pod.clone();
+                self.send_assign_refresh(&uid, agent, pod);
                 continue;
             }
             // A lost copy not taken back yet (its runtime still fails) is kept: it
@@ -1846,6 +1931,7 @@ impl Owner {
             &owned.carried_restarts,
             owned.lost_state.as_ref(),
         );
+        let merged = with_refused_ephemeral(merged, &owned.refused_ephemeral);
         self.set_status(&uid, merged);
         Response::Ack
     }
@@ -2362,9 +2448,104 @@ fn merge_status(
     status
 }
 
+fn ephemeral_names(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+/// `pod` without the ephemeral containers named in `refused`.
+fn without_ephemeral(pod: Arc<Pod>, refused: &BTreeMap<String, String>) -> Arc<Pod> {
+    let names = ephemeral_names(&pod);
+    if !names.iter().any(|n| refused.contains_key(n)) {
+        return pod;
+    }
+    let mut pod = Pod::clone(&pod);
+    if let Some(ephemeral) = pod
+        .spec
+        .as_mut()
+        .and_then(|s| s.ephemeral_containers.as_mut())
+    {
+        ephemeral.retain(|e| !refused.contains_key(&e.name));
+    }
+    Arc::new(pod)
+}
+
+/// `status` with each refused ephemeral container waiting, with the reason, as the
+/// kubelet shows a container it could not create.
+fn with_refused_ephemeral(mut status: PodStatus, refused: &BTreeMap<String, String>) -> PodStatus {
+    if refused.is_empty() {
+        return status;
+    }
+    let statuses = status
+        .ephemeral_container_statuses
+        .get_or_insert_with(Vec::new);
+    statuses.retain(|cs| !refused.contains_key(&cs.name));
+    statuses.extend(refused.iter().map(|(name, message)| ContainerStatus {
+        name: name.clone(),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some("CreateContainerConfigError".into()),
+                message: Some(message.clone()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_ephemeral_containers_leave_the_pod_and_wait_in_its_status() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {
+                "containers": [{"name": "app"}],
+                "ephemeralContainers": [{"name": "root"}, {"name": "debugger"}],
+            },
+        }))
+        .expect("pod");
+        let pod = Arc::new(pod);
+        assert_eq!(ephemeral_names(&pod), ["root", "debugger"]);
+        let none = BTreeMap::new();
+        assert!(Arc::ptr_eq(&without_ephemeral(pod.clone(), &none), &pod));
+        let refused = BTreeMap::from([("root".to_string(), "no privileged".to_string())]);
+        assert_eq!(
+            ephemeral_names(&without_ephemeral(pod, &refused)),
+            ["debugger"]
+        );
+
+        let reported = PodStatus {
+            ephemeral_container_statuses: Some(vec![ContainerStatus {
+                name: "debugger".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let status = with_refused_ephemeral(reported, &refused);
+        let statuses = status.ephemeral_container_statuses.expect("statuses");
+        assert_eq!(statuses.len(), 2);
+        let waiting = statuses[1].state.as_ref().and_then(|s| s.waiting.as_ref());
+        assert_eq!(statuses[1].name, "root");
+        assert_eq!(
+            waiting.and_then(|w| w.reason.as_deref()),
+            Some("CreateContainerConfigError")
+        );
+        assert_eq!(
+            waiting.and_then(|w| w.message.as_deref()),
+            Some("no privileged")
+        );
+        assert_eq!(
+            with_refused_ephemeral(PodStatus::default(), &none),
+            PodStatus::default()
+        );
+    }
 
     #[test]
     fn each_counted_start_owns_epochs_above_every_earlier_one() {
