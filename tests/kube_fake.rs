@@ -191,14 +191,42 @@ async fn scheduling_status_patches_conflicts_watches_and_graceful_deletion() {
         .map(|c| c.type_)
         .collect();
     assert_eq!(types, vec!["PodScheduled".to_string(), "Ready".to_string()]);
-    // The status subresource changes nothing but status.
-    let sneaky =
-        json!({"metadata": {"labels": {"app": "changed"}}, "status": {"phase": "Running"}});
+    // The status subresource changes no spec, deletionTimestamp or ownerReferences,
+    // but metadata otherwise (the API server's pod status strategy): the kubelet's
+    // status patches may carry annotations.
+    let before = pods.get("web").await.expect("get");
+    let sneaky = json!({
+        "metadata": {
+            "labels": {"app": "changed"},
+            "annotations": {"example.com/seen": "yes"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "n", "uid": "1"}],
+        },
+        "spec": {"activeDeadlineSeconds": 5},
+        "status": {"phase": "Running"},
+    });
     let after = pods
         .patch_status("web", &PatchParams::default(), &Patch::Merge(&sneaky))
         .await
         .expect("patch");
-    assert_eq!(after.metadata.labels.expect("labels")["app"], "web");
+    assert_eq!(after.metadata.labels.expect("labels")["app"], "changed");
+    assert_eq!(
+        after.metadata.annotations.expect("annotations")["example.com/seen"],
+        "yes"
+    );
+    assert_eq!(
+        after.metadata.owner_references,
+        before.metadata.owner_references
+    );
+    assert_eq!(after.spec, before.spec);
+    // A uid in the patch is a precondition.
+    let other = json!({"metadata": {"uid": "another"}, "status": {"phase": "Failed"}});
+    let refused = pods
+        .patch_status("web", &PatchParams::default(), &Patch::Strategic(&other))
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 409),
+        "{refused:?}"
+    );
 
     // Deleting a bound pod only marks it; the kubelet's delete with grace 0 removes it.
     let marked = pods
@@ -919,7 +947,29 @@ async fn kubectl_validates_against_the_servers_schema() {
     assert_eq!(patched.spec.expect("spec").containers.len(), 1);
     let stored = server.object("pods", "default", "typo").expect("stored");
     assert!(stored["spec"]["containers"][0]["imagee"].is_null());
+    // A value of the wrong type does not decode, whatever the field validation.
+    let (ok, out) = run_kubectl(
+        &kubeconfig,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(MISTYPED_POD),
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("Pod in version \"v1\" cannot be handled as a Pod: json: cannot unmarshal string into Go struct field SecretVolumeSource.spec.volumes.secret.defaultMode of type int32"),
+        "{out}"
+    );
+    assert!(server.object("pods", "default", "mistyped").is_none());
 }
+
+const MISTYPED_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: mistyped}
+spec:
+  containers: [{name: c, image: "localhost/busybox:1.35", ports: [{containerPort: 80}]}]
+  volumes: [{name: s, secret: {secretName: s, defaultMode: "0644"}}]
+"#;
 
 #[tokio::test]
 async fn events_show_in_kubectl_describe_and_get() {

@@ -1,7 +1,11 @@
 //! The README cannot drift from the program: its flag tables are the ones rendered
 //! from the clap definitions, and its chart values table the one rendered from
-//! `values.yaml` (every value documented there with `# --`, its default, its comment).
-//! `BEEMESH_UPDATE_README=1 cargo test --test readme` rewrites both after a change.
+//! `values.yaml` (every value documented there with `# --`, its default, its comment),
+//! its chart catalogue the one of `tests/chart_catalogue` (which `tests/catalogue.rs`
+//! checks on the mesh). `BEEMESH_UPDATE_README=1 cargo test --test readme` rewrites them
+//! after a change.
+
+mod chart_catalogue;
 
 use std::path::Path;
 
@@ -63,6 +67,15 @@ fn the_readmes_flag_tables_are_the_programs() {
             .map(|(path, table)| (format!("flags: {path}"), "flags".to_string(), table))
             .collect(),
     );
+}
+
+#[test]
+fn the_readmes_chart_catalogue_is_the_catalogues() {
+    check_sections(vec![(
+        "catalogue".to_string(),
+        "catalogue".to_string(),
+        chart_catalogue::table(),
+    )]);
 }
 
 #[test]

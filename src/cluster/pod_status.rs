@@ -284,14 +284,28 @@ impl StatusSink for ApiStatusSink {
     }
 }
 
-/// The status as the API shows it. The pod is bound to this node already, so a pod the
-/// mesh cannot place yet shows PodScheduled True and the mesh's reason and message at
-/// the top, where `kubectl get` shows them.
+/// The annotation that shows a pod's address on its agent's Podman network.
+pub const MESH_IP_ANNOTATION: &str = "beemesh.io/mesh-ip";
+
+/// The patch of the pods/status subresource (which takes metadata too, as the API
+/// server's pod status strategy resets only the spec, deletionTimestamp and
+/// ownerReferences): the status as the API shows it, and the pod's mesh IP in an
+/// annotation.
+///
+/// The pod is bound to this node already, so a pod the mesh cannot place yet shows
+/// PodScheduled True and the mesh's reason and message at the top, where `kubectl get`
+/// shows them.
 ///
 /// With readiness gates, Ready also needs each gate's condition True, as the kubelet
 /// counts it.
-pub fn api_status(status: &PodStatus, gates: &Gates) -> Value {
+///
+/// `podIP` stays empty: the agent's address of a pod is not one the cluster can reach,
+/// and the EndpointSlice controller would put it behind every Service that selects the
+/// pod. It is shown in [`MESH_IP_ANNOTATION`] instead.
+pub fn api_patch(status: &PodStatus, gates: &Gates) -> Value {
     let mut status = status.clone();
+    let mesh_ip = status.pod_ip.take().filter(|ip| !ip.is_empty());
+    status.pod_ips = None;
     let unmet = gates.unmet();
     let ready = status
         .conditions
@@ -317,12 +331,6 @@ pub fn api_status(status: &PodStatus, gates: &Gates) -> Value {
         condition.reason = None;
         condition.message = None;
     }
-    if status.pod_ips.is_none() {
-        status.pod_ips = status
-            .pod_ip
-            .clone()
-            .map(|ip| vec![k8s_openapi::api::core::v1::PodIP { ip }]);
-    }
     if status.host_ips.is_none() {
         status.host_ips = status
             .host_ip
@@ -335,7 +343,10 @@ pub fn api_status(status: &PodStatus, gates: &Gates) -> Value {
             fields.entry(field).or_insert(Value::Null);
         }
     }
-    value
+    json!({
+        "metadata": {"annotations": {MESH_IP_ANNOTATION: mesh_ip}},
+        "status": value,
+    })
 }
 
 /// Writes the board to the API until cancelled.
@@ -397,7 +408,7 @@ pub async fn run(
                     let previous = seen.or(inherited.as_ref().map(|(s, a)| (s, *a)));
                     events.record(pod, transition_events(pod, previous, status, *agent));
                     last.insert(uid.clone(), update.clone());
-                    let value = api_status(status, &board.gates(&uid));
+                    let value = api_patch(status, &board.gates(&uid));
                     if sent.get(&uid) == Some(&value) {
                         true
                     } else {
@@ -440,15 +451,19 @@ pub async fn run(
     }
 }
 
-/// Gone (404) or refused as invalid (422): writing again would not help.
+/// Gone (404), replaced by a namesake (409 on the uid precondition) or refused as
+/// invalid (422): writing again would not help.
 fn is_retryable(error: &kube::Error) -> bool {
-    !matches!(error, kube::Error::Api(status) if status.code == 404 || status.code == 422)
+    !matches!(error, kube::Error::Api(status) if status.code == 404
+        || status.code == 422
+        || status.code == 409 && status.message.contains("Precondition failed"))
 }
 
-async fn write_status(client: &Client, pod: &PodRef, status: &Value) -> Result<(), kube::Error> {
+async fn write_status(client: &Client, pod: &PodRef, patch: &Value) -> Result<(), kube::Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
     // The uid makes the patch apply to this pod only, not to a new one of the same name.
-    let patch = json!({ "metadata": { "uid": pod.uid.0 }, "status": status });
+    let mut patch = patch.clone();
+    patch["metadata"]["uid"] = json!(pod.uid.0);
     api.patch_status(
         &pod.name,
         &PatchParams::default(),
@@ -485,7 +500,7 @@ mod tests {
             "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
             "message": "0/2 agents fit: 2 insufficient memory"}]}))
         .expect("status");
-        let value = api_status(&status, &Gates::default());
+        let value = &api_patch(&status, &Gates::default())["status"];
         assert_eq!(value["reason"], "Unschedulable");
         assert_eq!(value["message"], "0/2 agents fit: 2 insufficient memory");
         assert_eq!(value["conditions"][0]["status"], "True");
@@ -494,7 +509,7 @@ mod tests {
         // conditions would go with them).
         assert_eq!(value["podIP"], Value::Null);
         assert_eq!(value["containerStatuses"], Value::Null);
-        let unset = api_status(&PodStatus::default(), &Gates::default());
+        let unset = &api_patch(&PodStatus::default(), &Gates::default())["status"];
         assert!(unset.get("conditions").is_none(), "{unset}");
     }
 
@@ -512,7 +527,7 @@ mod tests {
             }))
             .expect("pod")
         };
-        let none = api_status(&status, &Gates::of(&pod(json!([]))));
+        let none = &api_patch(&status, &Gates::of(&pod(json!([]))))["status"];
         assert_eq!(none["conditions"][0]["status"], "False");
         assert_eq!(none["conditions"][0]["reason"], "ReadinessGatesNotReady");
         assert_eq!(
@@ -526,24 +541,38 @@ mod tests {
             {"type": "example.com/lb", "status": "True"},
             {"type": "example.com/dns", "status": "False"}])));
         assert_eq!(
-            api_status(&status, &half)["conditions"][0]["message"],
+            api_patch(&status, &half)["status"]["conditions"][0]["message"],
             "the status of pod readiness gate \"example.com/dns\" is not \"True\", but False"
         );
         let met = Gates::of(&pod(json!([
             {"type": "example.com/lb", "status": "True"},
             {"type": "example.com/dns", "status": "True"}])));
-        assert_eq!(api_status(&status, &met)["conditions"][0]["status"], "True");
+        assert_eq!(
+            api_patch(&status, &met)["status"]["conditions"][0]["status"],
+            "True"
+        );
     }
 
     #[test]
-    fn pod_and_host_ip_lists_follow_the_single_addresses() {
+    fn the_mesh_ip_is_an_annotation_and_the_pod_ip_stays_empty() {
         let status: PodStatus = serde_json::from_value(json!({"phase": "Running",
-            "podIP": "10.88.0.5", "hostIP": "192.168.1.20"}))
+            "podIP": "10.88.0.5", "podIPs": [{"ip": "10.88.0.5"}], "hostIP": "192.168.1.20"}))
         .expect("status");
-        let value = api_status(&status, &Gates::default());
-        assert_eq!(value["podIPs"], json!([{"ip": "10.88.0.5"}]));
-        assert_eq!(value["hostIPs"], json!([{"ip": "192.168.1.20"}]));
-        assert_eq!(value["reason"], Value::Null);
+        let patch = api_patch(&status, &Gates::default());
+        assert_eq!(
+            patch["metadata"]["annotations"][MESH_IP_ANNOTATION],
+            "10.88.0.5"
+        );
+        // Sent as null: an address published before is taken back.
+        assert_eq!(patch["status"]["podIP"], Value::Null);
+        assert_eq!(patch["status"]["podIPs"], Value::Null);
+        assert_eq!(patch["status"]["hostIPs"], json!([{"ip": "192.168.1.20"}]));
+        assert_eq!(patch["status"]["reason"], Value::Null);
+        let pending = api_patch(&PodStatus::default(), &Gates::default());
+        assert_eq!(
+            pending["metadata"]["annotations"][MESH_IP_ANNOTATION],
+            Value::Null
+        );
     }
 
     #[test]

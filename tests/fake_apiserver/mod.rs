@@ -231,6 +231,30 @@ const RESOURCES: &[Resource] = &[
     },
 ];
 
+/// What an update through the status subresource keeps of `next`: a pod's everything
+/// but its spec, deletionTimestamp and ownerReferences (the API server's pod status
+/// strategy, so the kubelet's status patches may carry labels and annotations), other
+/// kinds' status only.
+fn status_update(resource: &Resource, stored: &Value, mut next: Value) -> Value {
+    if resource.plural != "pods" {
+        let mut kept = stored.clone();
+        kept["status"] = next["status"].take();
+        return kept;
+    }
+    next["spec"] = stored["spec"].clone();
+    for field in ["deletionTimestamp", "ownerReferences"] {
+        match stored["metadata"].get(field) {
+            Some(value) => next["metadata"][field] = value.clone(),
+            None => {
+                if let Some(meta) = next["metadata"].as_object_mut() {
+                    meta.remove(field);
+                }
+            }
+        }
+    }
+    next
+}
+
 /// Create-only resources: nothing is stored, the answer is computed.
 fn is_review(resource: &Resource) -> bool {
     matches!(resource.plural, "tokenreviews" | "subjectaccessreviews")
@@ -2269,9 +2293,7 @@ fn route(
                     return Err(status(409, "Conflict", format!("Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again", target.resource.plural), Some((name, target.resource.plural))));
                 }
                 Ok(if target.subresource.as_deref() == Some("status") {
-                    let mut next = stored.clone();
-                    next["status"] = object["status"].clone();
-                    next
+                    status_update(&target.resource, stored, object.clone())
                 } else if target.subresource.as_deref() == Some("approval") {
                     let mut next = stored.clone();
                     next["status"]["conditions"] = object["status"]["conditions"].clone();
@@ -2298,6 +2320,16 @@ fn route(
                 check_apply(&resource, &target.namespace, name, &patch)?;
             }
             update(&store, &target, name, |stored| {
+                // A uid in the patch is a precondition (the status writer's guard
+                // against a new pod of the same name).
+                if let (Some(wanted), Some(found)) = (
+                    patch["metadata"]["uid"].as_str(),
+                    stored["metadata"]["uid"].as_str(),
+                ) {
+                    if wanted != found {
+                        return Err(status(409, "Conflict", format!("Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {wanted}, UID in object meta: {found}", target.resource.plural), Some((name, target.resource.plural))));
+                    }
+                }
                 let mut next = stored.clone();
                 let apply = |target: &mut Value, patch: &Value| {
                     if kind.starts_with("application/strategic-merge-patch+json") {
@@ -2313,10 +2345,8 @@ fn route(
                     }
                 };
                 if target.subresource.as_deref() == Some("status") {
-                    // Only status changes through the subresource.
-                    let mut status_patch = json!({});
-                    status_patch["status"] = patch["status"].clone();
-                    apply(&mut next, &status_patch)?;
+                    apply(&mut next, &patch)?;
+                    next = status_update(&target.resource, stored, next);
                 } else if target.subresource.as_deref() == Some("approval") {
                     // Only the conditions change through the approval subresource.
                     let mut status_patch = json!({"status": {}});
@@ -3072,6 +3102,89 @@ fn resolve(mut schema: &'static Value) -> &'static Value {
     }
 }
 
+/// The first value whose JSON type is not its field's, as Go's decoder says it
+/// (`json: cannot unmarshal string into Go struct field
+/// SecretVolumeSource.spec.volumes.secret.defaultMode of type int32`); None when every
+/// value decodes. `owner` is the Go struct holding the field at `path`.
+fn type_mismatch(schema: &'static Value, value: &Value, path: &str, owner: &str) -> Option<String> {
+    let resolved = resolve(schema);
+    if value.is_null()
+        || resolved["x-kubernetes-preserve-unknown-fields"] == true
+        || resolved["x-kubernetes-int-or-string"] == true
+    {
+        return None;
+    }
+    let found = match value {
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+        Value::Null => return None,
+    };
+    let json_type = |schema: &Value| match schema["type"].as_str() {
+        Some("integer" | "number") => Some("number"),
+        Some("boolean") => Some("bool"),
+        Some("string") => Some("string"),
+        Some("array") => Some("array"),
+        Some("object") => Some("object"),
+        _ if schema.get("properties").is_some() => Some("object"),
+        _ => None,
+    };
+    if let Some(alternatives) = resolved["oneOf"].as_array() {
+        // IntOrString, Quantity: either.
+        let fits = alternatives.iter().any(|a| json_type(a) == Some(found));
+        return (!fits).then(|| {
+            format!("json: cannot unmarshal {found} into Go struct field {owner}.{path}")
+        });
+    }
+    let expected = json_type(resolved)?;
+    let go_type = match (expected, resolved["format"].as_str()) {
+        ("number", Some(format)) => format,
+        ("number", None) if resolved["type"] == "integer" => "int64",
+        ("number", None) => "float64",
+        (other, _) => other,
+    };
+    if found != expected {
+        return Some(format!(
+            "json: cannot unmarshal {found} into Go struct field {owner}.{path} of type {go_type}"
+        ));
+    }
+    match value {
+        Value::Object(map) => {
+            // The Go struct this object decodes into, named by its definition.
+            let reference = schema["$ref"]
+                .as_str()
+                .or(schema["allOf"][0]["$ref"].as_str());
+            let owner = reference
+                .and_then(|r| r.rsplit('.').next())
+                .unwrap_or(owner);
+            let join = |name: &str| {
+                if path.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
+                }
+            };
+            if let Some(properties) = resolved["properties"].as_object() {
+                map.iter().find_map(|(name, child)| {
+                    type_mismatch(properties.get(name)?, child, &join(name), owner)
+                })
+            } else if resolved["additionalProperties"].is_object() {
+                map.iter().find_map(|(name, child)| {
+                    type_mismatch(&resolved["additionalProperties"], child, &join(name), owner)
+                })
+            } else {
+                None
+            }
+        }
+        Value::Array(items) if resolved["items"].is_object() => items
+            .iter()
+            .find_map(|item| type_mismatch(&resolved["items"], item, path, owner)),
+        _ => None,
+    }
+}
+
 /// A field the schema does not declare, named as strict decoding names it
 /// (`spec.containers[0].foo`) and as server-side apply does (`.spec.containers[name="c"].foo`).
 struct UnknownField {
@@ -3199,6 +3312,10 @@ impl FieldValidation {
         let Some(schema) = kind_schema(resource) else {
             return Ok(());
         };
+        // Decoding fails on a value of the wrong type whatever the field validation.
+        if let Some(mismatch) = type_mismatch(schema, object, "", resource.kind) {
+            return Err(status(400, "BadRequest", wrap(mismatch), None));
+        }
         let mut unknown = vec![];
         unknown_fields(
             schema,
