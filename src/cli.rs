@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -231,6 +232,11 @@ pub struct NodeArgs {
     /// (default: the POD_IP environment variable).
     #[arg(value_name = "IP", long, env = "BEEMESH_NODE_IP")]
     pub node_ip: Option<IpAddr>,
+    /// Ports of the node's address (--node-ip) that the Services selecting mesh pods are
+    /// served on: one per pod port a Service sends to, published in the node's
+    /// EndpointSlices and relayed to the pod over the mesh. First-last.
+    #[arg(value_name = "FIRST-LAST", long, env = "BEEMESH_GATEWAY_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
+    pub gateway_ports: RangeInclusive<u16>,
     /// A Hostname address for the node; reported only if it resolves (API servers try
     /// Hostname first, and an unresolvable one breaks kubectl logs and exec).
     #[arg(value_name = "NAME", long, env = "BEEMESH_NODE_HOSTNAME")]
@@ -471,6 +477,24 @@ fn parse_cpu(text: &str) -> Result<u64, String> {
     translate::parse_cpu_millis(&Quantity(text.to_string()))
 }
 
+fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not a range of ports (FIRST-LAST)"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("the range {first}-{last} is empty"));
+    }
+    Ok(first..=last)
+}
+
 fn parse_memory(text: &str) -> Result<u64, String> {
     translate::parse_memory_bytes(&Quantity(text.to_string()))
 }
@@ -483,6 +507,25 @@ pub fn labels_map(labels: &[(String, String)]) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_ranges_are_first_to_last_and_never_empty() {
+        assert_eq!(parse_port_range("20000-20009"), Ok(20000..=20009));
+        assert_eq!(parse_port_range("80-80"), Ok(80..=80));
+        assert_eq!(
+            parse_port_range("20009-20000"),
+            Err("the range 20009-20000 is empty".into())
+        );
+        assert_eq!(
+            parse_port_range("0-10"),
+            Err("\"0\" is not a port (1-65535)".into())
+        );
+        assert_eq!(
+            parse_port_range("20000"),
+            Err("\"20000\" is not a range of ports (FIRST-LAST)".into())
+        );
+        assert!(parse_port_range("1-70000").is_err());
+    }
     use clap::CommandFactory;
 
     #[test]

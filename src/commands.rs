@@ -19,6 +19,7 @@ use crate::cli::{
     StatusArgs, TokenArgs, TokenCommand,
 };
 use crate::cluster::{self, node_object::NodeIdentity};
+use crate::gateway;
 use crate::health::{Check, Health};
 use crate::kubelet::{self, tls::ServingCert};
 use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
@@ -414,7 +415,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         (Some(client), Some(kube_config)) => {
             if internal_ip.is_none() {
                 tracing::warn!(
-                    "no --node-ip or POD_IP: the API server cannot reach this node's kubelet API"
+                    "no --node-ip or POD_IP: the API server cannot reach this node's kubelet API, nor Services its mesh pods"
                 );
             }
             let identity = NodeIdentity {
@@ -442,12 +443,21 @@ async fn node(args: NodeArgs) -> Result<()> {
             )
             .await
             .context("cannot open the k3s agent tunnel (--k3s-tunnel)")?;
+            let gateway = internal_ip.map(|address| {
+                let relay = gateway::Relay {
+                    mesh: mesh.clone(),
+                    directory: directory.clone(),
+                    metrics: metrics.clone(),
+                };
+                gateway::Gateway::new(address, args.gateway_ports.clone(), relay)
+            });
             let (link, tasks) = cluster::start(
                 client,
                 identity,
                 tunnel_sessions,
                 args.delete_node_on_exit,
                 health.check("node-lease"),
+                gateway,
                 api_cancel.clone(),
             );
             (Some(link), tasks)

@@ -10,6 +10,7 @@ pub mod durable;
 pub mod fencing;
 #[doc(hidden)]
 pub mod fuzz_targets;
+pub mod gateway;
 pub mod health;
 pub mod kubelet;
 pub mod mesh;

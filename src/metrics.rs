@@ -63,6 +63,8 @@ pub struct Metrics {
     pub mesh_dropped: Family<DropLabels, Counter>,
     /// Outbound requests that failed, by kind.
     pub mesh_request_failures: Family<KindLabel, Counter>,
+    /// Connections to the node's gateway ports, by outcome (relayed, refused).
+    pub gateway_connections: Family<KindLabel, Counter>,
     pub mesh_peers: Gauge,
     /// Outbound requests waiting for room to their peer (see `mesh::window`).
     pub mesh_requests_queued: Gauge,
@@ -109,6 +111,7 @@ impl Metrics {
         let mesh_received = Family::<KindLabel, Counter>::default();
         let mesh_dropped = Family::<DropLabels, Counter>::default();
         let mesh_request_failures = Family::<KindLabel, Counter>::default();
+        let gateway_connections = Family::<KindLabel, Counter>::default();
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
         let mesh_requests_queued = Gauge::default();
         let (assignments, container_restarts, agents_lost) =
@@ -179,6 +182,11 @@ impl Metrics {
             "Outbound mesh requests that failed",
             mesh_request_failures.clone(),
         );
+        registry.register(
+            "gateway_connections",
+            "Connections to the node's Service gateway ports, by outcome (relayed to a mesh pod, or refused)",
+            gateway_connections.clone(),
+        );
         registry.register("mesh_peers", "Connected mesh peers", mesh_peers.clone());
         registry.register(
             "mesh_requests_queued",
@@ -216,6 +224,7 @@ impl Metrics {
             mesh_received,
             mesh_dropped,
             mesh_request_failures,
+            gateway_connections,
             mesh_peers,
             mesh_requests_queued,
             pods,
@@ -305,6 +314,14 @@ impl Metrics {
         self.mesh_request_failures
             .get_or_create(&KindLabel {
                 kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn gateway_connection(&self, outcome: &str) {
+        self.gateway_connections
+            .get_or_create(&KindLabel {
+                kind: outcome.to_string(),
             })
             .inc();
     }

@@ -47,7 +47,7 @@ pub fn render_status(view: &MeshView, now: i64) -> String {
         "STATUS",
         "RESTARTS",
         "AGE",
-        "IP",
+        "MESH IP",
         "AGENT",
         "NODE",
         "MESSAGE",
@@ -283,7 +283,7 @@ mod tests {
                 .unwrap_or_default()
                 .to_string()
         };
-        assert_eq!(cell(big, "IP"), "<none>");
+        assert_eq!(cell(big, "MESH IP"), "<none>");
         assert_eq!(cell(big, "AGENT"), "<none>");
         assert_eq!(cell(big, "NODE"), "beemesh");
         assert!(big.ends_with("Unschedulable: 0/1 agents fit: 1 insufficient memory"));
@@ -302,7 +302,7 @@ mod tests {
             assert!(crasher.contains(cell), "{cell} in {crasher}");
         }
         // Columns line up under their headers.
-        for (column, value) in [("STATUS", "CrashLoopBackOff"), ("IP", "10.88.0.7")] {
+        for (column, value) in [("STATUS", "CrashLoopBackOff"), ("MESH IP", "10.88.0.7")] {
             assert_eq!(cell(crasher, column), value);
         }
     }

@@ -550,10 +550,10 @@ impl Admission {
         Admission {
             user: NODE_USER,
             operation,
-            group: if resource == "leases" {
-                "coordination.k8s.io"
-            } else {
-                ""
+            group: match resource {
+                "leases" => "coordination.k8s.io",
+                "endpointslices" => "discovery.k8s.io",
+                _ => "",
             },
             resource,
             sub,
@@ -1031,7 +1031,72 @@ fn the_admission_policy_admits_what_the_node_does_and_refuses_the_rest() {
         "own Lease",
     );
     denied(
-        Admission::new("DELETE", "leases", null, lease("worker-1")),
+        Admission::new("DELETE", "leases", null.clone(), lease("worker-1")),
         "own Lease",
+    );
+
+    // EndpointSlices: those managed by beemesh.io, before and after.
+    let slice = |manager: &str| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-x", "namespace": "default", "labels": {
+            "kubernetes.io/service-name": "web",
+            "endpointslice.kubernetes.io/managed-by": manager}},
+        "addressType": "IPv4", "endpoints": []})
+    };
+    let ours = slice("beemesh.io");
+    let controllers = slice("endpointslice-controller.k8s.io");
+    admitted(Admission::new(
+        "CREATE",
+        "endpointslices",
+        ours.clone(),
+        null.clone(),
+    ));
+    admitted(Admission::new(
+        "UPDATE",
+        "endpointslices",
+        ours.clone(),
+        ours.clone(),
+    ));
+    admitted(Admission::new(
+        "DELETE",
+        "endpointslices",
+        null.clone(),
+        ours.clone(),
+    ));
+    let managed_by_beemesh = "EndpointSlices managed by beemesh.io";
+    denied(
+        Admission::new(
+            "CREATE",
+            "endpointslices",
+            controllers.clone(),
+            null.clone(),
+        ),
+        managed_by_beemesh,
+    );
+    denied(
+        Admission::new(
+            "UPDATE",
+            "endpointslices",
+            ours.clone(),
+            controllers.clone(),
+        ),
+        managed_by_beemesh,
+    );
+    denied(
+        Admission::new("UPDATE", "endpointslices", controllers.clone(), ours),
+        managed_by_beemesh,
+    );
+    let mut unlabelled = controllers.clone();
+    unlabelled["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("labels");
+    denied(
+        Admission::new("DELETE", "endpointslices", null.clone(), unlabelled),
+        managed_by_beemesh,
+    );
+    denied(
+        Admission::new("DELETE", "endpointslices", null, controllers),
+        managed_by_beemesh,
     );
 }

@@ -154,7 +154,10 @@ fn a_pod_with_an_init_container_runs_on_exactly_one_agent_and_goes_away_with_its
         ("2/2", "Running", "0", runner.as_str()),
         "{table}"
     );
-    assert!(cell("IP").parse::<std::net::IpAddr>().is_ok(), "{table}");
+    assert!(
+        cell("MESH IP").parse::<std::net::IpAddr>().is_ok(),
+        "{table}"
+    );
     assert!(cell("AGE").ends_with('s'), "{table}");
     let yaml: serde_yaml::Value =
         serde_yaml::from_str(&mesh.status_output("yaml").expect("-o yaml")).expect("YAML");

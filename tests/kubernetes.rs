@@ -17,7 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use kube::runtime::WatchStreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A fake API server, a node registered with it, and agents.
 struct Cluster {
@@ -1600,6 +1600,132 @@ spec:
     command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.5; done']
 "#;
 
+const WEB_BEHIND_A_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: stats, port: 8125, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /www && echo hello-service > /www/index.html && touch /tmp/ready && exec httpd -f -p 8080 -h /www']
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
+"#;
+
+/// The node's EndpointSlice for the Service `web`, once `check` holds for it.
+fn wait_web_slice(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    cluster.mesh.wait_for(what, Duration::from_secs(30), || {
+        let slices = cluster.get(&[
+            "endpointslices",
+            "-l",
+            "endpointslice.kubernetes.io/managed-by=beemesh.io,kubernetes.io/service-name=web",
+        ])?;
+        let items = slices["items"].as_array()?.clone();
+        let found = Value::Array(items);
+        check(&found).then_some(found)
+    })
+}
+
+/// `GET /` on the port, as a client of the Service would send it after kube-proxy.
+fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// A Service that selects a mesh pod: the node writes an EndpointSlice (managed by
+/// beemesh.io) whose endpoint is the node's address and a port it relays over the mesh
+/// to the pod; readiness follows the pod's Ready condition, and the slice and its port
+/// go with the pod. The default controller has nothing to publish: podIP stays empty.
+#[test]
+fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
+    let cluster = Cluster::with_an_agent();
+    cluster.apply(WEB_BEHIND_A_SERVICE);
+    let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
+    let slices = wait_web_slice(&cluster, "a ready endpoint", ready);
+    let slice = &slices[0];
+    assert_eq!(slices.as_array().map(Vec::len), Some(1), "{slices:#}");
+    assert_eq!(slice["addressType"], "IPv4");
+    assert_eq!(slice["metadata"]["ownerReferences"][0]["kind"], "Service");
+    let endpoint = &slice["endpoints"][0];
+    assert_eq!(endpoint["addresses"], json!(["127.0.0.1"]));
+    assert_eq!(endpoint["targetRef"]["name"], "web-1");
+    assert_eq!(slice["ports"][0]["name"], "http");
+    assert_eq!(slice["ports"][0]["protocol"], "TCP");
+    let port = slice["ports"][0]["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("a port");
+    let answer = http_get(port).expect("connected");
+    assert!(answer.contains("hello-service"), "{answer}");
+    let pod = cluster.get(&["pod", "web-1"]).expect("pod");
+    assert!(pod["status"]["podIP"].is_null(), "{}", pod["status"]);
+    // The UDP port is not served, and the Service says so.
+    assert_eq!(
+        slice["ports"].as_array().map(Vec::len),
+        Some(1),
+        "{slice:#}"
+    );
+    let warning = cluster
+        .mesh
+        .wait_for("the Service's warning", Duration::from_secs(10), || {
+            let events = cluster.get(&["events", "-n", "default"])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["involvedObject"]["kind"] == "Service" && e["reason"] == "UnsupportedProtocol"
+                })
+                .cloned()
+        });
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(warning["involvedObject"]["name"], "web");
+    assert_eq!(
+        warning["message"],
+        "port stats is UDP: the mesh gateway relays TCP only, so its mesh pods get no endpoints for it"
+    );
+
+    // Not ready: the endpoint says so (serving too), as the controller marks it.
+    let (ok, out) = cluster.kubectl(&["exec", "web-1", "--", "rm", "/tmp/ready"], None);
+    assert!(ok, "kubectl exec: {out}");
+    let slices = wait_web_slice(&cluster, "a not-ready endpoint", |s| {
+        s[0]["endpoints"][0]["conditions"]["ready"] == false
+    });
+    assert_eq!(slices[0]["endpoints"][0]["conditions"]["serving"], false);
+    let (ok, out) = cluster.kubectl(&["exec", "web-1", "--", "touch", "/tmp/ready"], None);
+    assert!(ok, "kubectl exec: {out}");
+    wait_web_slice(&cluster, "ready again", ready);
+
+    // The pod deleted: its slice and its port go.
+    let (ok, out) = cluster.kubectl(&["delete", "pod", "web-1", "--wait=false"], None);
+    assert!(ok, "kubectl delete: {out}");
+    wait_web_slice(&cluster, "no slice", |s| {
+        s.as_array().is_some_and(Vec::is_empty)
+    });
+    cluster
+        .mesh
+        .wait_for("the port closed", Duration::from_secs(10), || {
+            http_get(port).is_err().then_some(())
+        });
+    cluster.assert_node_requests_allowed();
+}
+
 /// `kubectl debug` adds an ephemeral container to the running pod, as on a kubelet: it
 /// runs in the pod's sandbox, in its target's process namespace (it sees the target's
 /// processes), shows in `ephemeralContainerStatuses`, is never restarted, and `kubectl
@@ -3125,6 +3251,131 @@ fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
     }
     let ratio = figures[0].1 / figures[1].1;
     println!("tunnel throughput / direct: {ratio:.2}x");
+}
+
+/// A file of `bytes` zero bytes and a one-byte page behind the Service `web`.
+fn bulk_pod(bytes: usize) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  selector: {{app: bulk}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: bulk, namespace: default, labels: {{app: bulk}}}}
+spec:
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /www && head -c {bytes} /dev/zero > /www/bulk && echo x > /www/small && exec httpd -f -p 8080 -h /www']
+    readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
+"#
+    )
+}
+
+/// `GET /<path>` over HTTP/1.0 at `address`: the body's length and the time from
+/// connecting to its last byte.
+fn timed_get(address: std::net::SocketAddr, path: &str) -> (usize, Duration) {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut buffer = vec![0; 256 * 1024];
+    let (mut total, mut head) = (0, Vec::new());
+    let mut body = None;
+    loop {
+        let n = stream.read(&mut buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        match body {
+            Some(ref mut length) => *length += n,
+            None => {
+                head.extend_from_slice(&buffer[..n]);
+                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    body = Some(head.len() - end - 4);
+                }
+            }
+        }
+        total += n;
+    }
+    assert!(total > 0, "no answer from {address}");
+    (body.unwrap_or_default(), started.elapsed())
+}
+
+/// A Service's traffic through the node's gateway (node, libp2p stream, agent, pod)
+/// against a direct connection to the pod's address on its agent, same machine and
+/// run: one download's throughput and the median time of a small request (connect to
+/// last byte). Prints figures, asserts only that the bytes arrive.
+/// `hack/bench-gateway.sh` runs 256 MiB and 200 requests on a release build; the suite
+/// a few.
+#[test]
+fn service_throughput_and_latency_through_the_gateway_and_direct() {
+    let mib = env_number("BEEMESH_BENCH_MIB", 4);
+    let runs = env_number("BEEMESH_BENCH_REQUESTS", 5);
+    let cluster = Cluster::with_an_agent();
+    cluster.apply(&bulk_pod(mib << 20));
+    let slice = cluster
+        .mesh
+        .wait_for("the endpoint", Duration::from_secs(40), || {
+            let slices =
+                cluster.get(&["endpointslices", "-l", "kubernetes.io/service-name=web"])?;
+            let slice = slices["items"][0].clone();
+            (slice["endpoints"][0]["conditions"]["ready"] == true).then_some(slice)
+        });
+    let gateway_port = slice["ports"][0]["port"].as_u64().expect("port") as u16;
+    let pod = cluster.get(&["pod", "bulk"]).expect("pod");
+    let mesh_ip: std::net::IpAddr = pod["metadata"]["annotations"]["beemesh.io/mesh-ip"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .expect("the mesh IP");
+    let paths = [
+        (
+            "direct to the pod",
+            std::net::SocketAddr::new(mesh_ip, 8080),
+        ),
+        (
+            "through the gateway",
+            std::net::SocketAddr::from(([127, 0, 0, 1], gateway_port)),
+        ),
+    ];
+    let mut figures = Vec::new();
+    for (name, address) in paths {
+        // Warm: the first connection through the gateway opens the agent's stream.
+        timed_get(address, "small");
+        let (bytes, took) = timed_get(address, "bulk");
+        assert_eq!(bytes, mib << 20, "{name}");
+        let mut latencies: Vec<Duration> =
+            (0..runs).map(|_| timed_get(address, "small").1).collect();
+        latencies.sort();
+        figures.push((name, took, latencies[latencies.len() / 2]));
+    }
+    println!("| path | GET of {mib} MiB | throughput | small GET, median of {runs} (connect to last byte) |");
+    println!("|---|---|---|---|");
+    for (name, took, median) in &figures {
+        println!(
+            "| {name} | {:.2} s | {:.1} MiB/s | {:.2} ms |",
+            took.as_secs_f64(),
+            mib as f64 / took.as_secs_f64(),
+            median.as_secs_f64() * 1000.0
+        );
+    }
+    let ratio = figures[0].1.as_secs_f64() / figures[1].1.as_secs_f64();
+    let added = figures[1].2.as_secs_f64() - figures[0].2.as_secs_f64();
+    println!(
+        "gateway throughput / direct: {ratio:.2}x; added latency: {:.2} ms",
+        added * 1000.0
+    );
 }
 
 /// A benchmark's size from the environment (the suite runs the small default).

@@ -30,7 +30,7 @@ pub struct PodEvent {
 }
 
 impl PodEvent {
-    fn normal(reason: &'static str, message: String) -> PodEvent {
+    pub fn normal(reason: &'static str, message: String) -> PodEvent {
         PodEvent {
             warning: false,
             reason,
@@ -38,7 +38,7 @@ impl PodEvent {
         }
     }
 
-    fn warning(reason: &'static str, message: String) -> PodEvent {
+    pub fn warning(reason: &'static str, message: String) -> PodEvent {
         PodEvent {
             warning: true,
             reason,
@@ -287,7 +287,14 @@ impl Correlator {
 /// shows them), one at a time in order, repeats counted on their first Event.
 #[derive(Clone)]
 pub struct EventRecorder {
-    queue: mpsc::Sender<(PodRef, PodEvent)>,
+    queue: mpsc::Sender<(Involved, PodEvent)>,
+}
+
+/// The object an event is about: a pod, or a Service (the gateway's events).
+#[derive(Debug, Clone)]
+struct Involved {
+    kind: &'static str,
+    object: PodRef,
 }
 
 impl EventRecorder {
@@ -301,9 +308,18 @@ impl EventRecorder {
     /// Queues the events; a full queue drops them (logged), and a failed write is
     /// logged, never retried.
     pub fn record(&self, pod: &PodRef, events: Vec<PodEvent>) {
+        self.record_about("Pod", pod, events);
+    }
+
+    /// As [`Self::record`], about an object of another kind (`Service`).
+    pub fn record_about(&self, kind: &'static str, object: &PodRef, events: Vec<PodEvent>) {
         for event in events {
-            if self.queue.try_send((pod.clone(), event)).is_err() {
-                tracing::debug!(%pod, "event dropped: the writer is behind");
+            let involved = Involved {
+                kind,
+                object: object.clone(),
+            };
+            if self.queue.try_send((involved, event)).is_err() {
+                tracing::debug!(%object, kind, "event dropped: the writer is behind");
             }
         }
     }
@@ -312,10 +328,11 @@ impl EventRecorder {
 async fn write_events(
     client: Client,
     node: String,
-    mut pending: mpsc::Receiver<(PodRef, PodEvent)>,
+    mut pending: mpsc::Receiver<(Involved, PodEvent)>,
 ) {
     let mut correlator = Correlator::default();
-    while let Some((pod, event)) = pending.recv().await {
+    while let Some((involved, event)) = pending.recv().await {
+        let pod = &involved.object;
         let api: Api<Event> = Api::namespaced(client.clone(), &pod.namespace);
         let now = Timestamp::now();
         let key = CorrelationKey {
@@ -329,7 +346,7 @@ async fn write_events(
             Write::Create { name } => api
                 .create(
                     &PostParams::default(),
-                    &new_event(&pod, &node, &event, name, now),
+                    &new_event(&involved, &node, &event, name, now),
                 )
                 .await
                 .map(drop),
@@ -342,7 +359,7 @@ async fn write_events(
                 {
                     Err(kube::Error::Api(status)) if status.code == 404 => {
                         correlator.forget(&key);
-                        let mut record = new_event(&pod, &node, &event, name, now);
+                        let mut record = new_event(&involved, &node, &event, name, now);
                         record.first_timestamp = Some(Time(first));
                         record.count = Some(count);
                         api.create(&PostParams::default(), &record).await.map(drop)
@@ -357,7 +374,14 @@ async fn write_events(
     }
 }
 
-fn new_event(pod: &PodRef, node: &str, event: &PodEvent, name: String, now: Timestamp) -> Event {
+fn new_event(
+    involved: &Involved,
+    node: &str,
+    event: &PodEvent,
+    name: String,
+    now: Timestamp,
+) -> Event {
+    let pod = &involved.object;
     Event {
         metadata: ObjectMeta {
             name: Some(name),
@@ -366,7 +390,7 @@ fn new_event(pod: &PodRef, node: &str, event: &PodEvent, name: String, now: Time
         },
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
+            kind: Some(involved.kind.into()),
             name: Some(pod.name.clone()),
             namespace: Some(pod.namespace.clone()),
             uid: Some(pod.uid.0.clone()),

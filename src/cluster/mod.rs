@@ -9,6 +9,7 @@ pub mod node_object;
 pub mod object_cache;
 pub mod pod_source;
 pub mod pod_status;
+pub mod service_gateway;
 pub mod trust_secret;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warp::http::header::{HeaderValue, USER_AGENT};
 
+use crate::gateway::Gateway;
 use crate::health::Check;
 use crate::node::desired::DesiredStore;
 use crate::node::ApiLink;
@@ -146,20 +148,32 @@ pub async fn check_node_name(client: &Client, name: &str) -> Result<(), ClusterE
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then
 /// marks itself NotReady or deletes itself). `lease_check` passes while the Node is
 /// registered and its Lease renewed. `tunnel_sessions` counts the k3s agent tunnel
-/// sessions up (see `kubelet::tunnel`).
+/// sessions up (see `kubelet::tunnel`). With a `gateway`, the Services that select the
+/// node's pods are served through it.
 pub fn start(
     client: Client,
     identity: NodeIdentity,
     tunnel_sessions: watch::Receiver<usize>,
     delete_node_on_exit: bool,
     lease_check: Check,
+    gateway: Option<Gateway>,
     cancel: CancellationToken,
 ) -> (ApiLink, Vec<JoinHandle<()>>) {
     let board = Arc::new(pod_status::StatusBoard::default());
     let recorder = events::EventRecorder::new(client.clone(), identity.name.clone());
     let pods = Arc::new(DesiredStore::default());
     let (agents_tx, agents_rx) = watch::channel(Default::default());
-    let tasks = vec![
+    let mut tasks = Vec::new();
+    if let Some(gateway) = gateway {
+        tasks.push(tokio::spawn(service_gateway::run(
+            client.clone(),
+            identity.name.clone(),
+            gateway,
+            recorder.clone(),
+            cancel.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(node_lease::run(
             client.clone(),
             identity.clone(),
@@ -178,7 +192,7 @@ pub fn start(
             cancel.clone(),
         )),
         tokio::spawn(pod_status::run(client, board.clone(), recorder, cancel)),
-    ];
+    ]);
     let link = ApiLink {
         pods,
         sink: Box::new(pod_status::ApiStatusSink(board)),

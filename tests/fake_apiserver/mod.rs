@@ -70,7 +70,7 @@
 //! server would answer 401.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -143,6 +143,20 @@ const RESOURCES: &[Resource] = &[
         version: "v1",
         plural: "secrets",
         kind: "Secret",
+        namespaced: true,
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+    },
+    Resource {
+        group: "discovery.k8s.io",
+        version: "v1",
+        plural: "endpointslices",
+        kind: "EndpointSlice",
         namespaced: true,
     },
     Resource {
@@ -947,6 +961,15 @@ impl Store {
         if resource.plural == "pods" {
             default_pod(&mut object);
         }
+        if resource.plural == "services" {
+            let taken: BTreeSet<String> = self
+                .objects
+                .iter()
+                .filter(|(key, _)| key.group.is_empty() && key.plural == "services")
+                .filter_map(|(_, s)| s["spec"]["clusterIP"].as_str().map(str::to_owned))
+                .collect();
+            default_service(&mut object, &taken)?;
+        }
         if resource.plural == "secrets" {
             fold_string_data(&mut object);
         }
@@ -1170,6 +1193,49 @@ fn schedulable(pod: &Value, node: &Value) -> bool {
     tolerated && selected && node["spec"]["unschedulable"] != true
 }
 
+/// What the API server fills into a new Service: a ClusterIP from the service range
+/// (k3s' default, 10.43.0.0/16; `None` stays, for a headless Service), its type and
+/// session affinity, each port's protocol and, unset, its targetPort (the port).
+fn default_service(service: &mut Value, taken: &BTreeSet<String>) -> Result<(), ApiError> {
+    let spec = &mut service["spec"];
+    for (k, v) in [
+        ("type", json!("ClusterIP")),
+        ("sessionAffinity", json!("None")),
+        ("internalTrafficPolicy", json!("Cluster")),
+        ("ipFamilies", json!(["IPv4"])),
+        ("ipFamilyPolicy", json!("SingleStack")),
+    ] {
+        if spec[k].is_null() {
+            spec[k] = v;
+        }
+    }
+    if spec["clusterIP"].is_null() {
+        // 10.43.0.1 is the kubernetes Service's.
+        let ip = (2..=u16::MAX)
+            .map(|n| format!("10.43.{}.{}", n >> 8, n & 0xff))
+            .find(|ip| !taken.contains(ip))
+            .ok_or_else(|| {
+                status(
+                    500,
+                    "InternalError",
+                    "the service range is full".into(),
+                    None,
+                )
+            })?;
+        spec["clusterIP"] = json!(ip);
+    }
+    spec["clusterIPs"] = json!([spec["clusterIP"].clone()]);
+    for port in spec["ports"].as_array_mut().into_iter().flatten() {
+        if port["protocol"].is_null() {
+            port["protocol"] = json!("TCP");
+        }
+        if port["targetPort"].is_null() {
+            port["targetPort"] = port["port"].clone();
+        }
+    }
+    Ok(())
+}
+
 /// The defaults the API server fills into a new pod.
 fn default_pod(pod: &mut Value) {
     let spec = &mut pod["spec"];
@@ -1350,6 +1416,7 @@ fn discovery(path: &str) -> Option<Value> {
                     ("", "namespaces") => Some("ns"),
                     ("", "configmaps") => Some("cm"),
                     ("", "serviceaccounts") => Some("sa"),
+                    ("", "services") => Some("svc"),
                     ("", "events") | ("events.k8s.io", "events") => Some("ev"),
                     ("certificates.k8s.io", _) => Some("csr"),
                     _ => None,
@@ -3027,6 +3094,10 @@ const OPENAPI_V3: &[(&str, &str)] = &[
     (
         "apis/events.k8s.io/v1",
         include_str!("../fixtures/openapi-v3/apis__events.k8s.io__v1_openapi.json"),
+    ),
+    (
+        "apis/discovery.k8s.io/v1",
+        include_str!("../fixtures/openapi-v3/apis__discovery.k8s.io__v1_openapi.json"),
     ),
 ];
 

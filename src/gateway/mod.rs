@@ -1,0 +1,179 @@
+//! The node as the cluster's gateway to mesh pods: a Service that selects mesh pods gets
+//! EndpointSlices ([`endpoints`]) whose endpoints are the node's own address and a port
+//! per pod port ([`ports`]); a connection to such a port is relayed over a libp2p stream
+//! to the pod's agent, which connects to the pod (the path `kubectl port-forward`
+//! takes, with the same checks: only the pod's owner may ask its agent).
+
+pub mod endpoints;
+pub mod ports;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::kubelet::relay::request_agent;
+use crate::mesh::MeshHandle;
+use crate::metrics::Metrics;
+use crate::node::NodeDirectory;
+use crate::wire::{KubeletRequest, PodUid};
+use endpoints::Target;
+use ports::{Exhausted, PortPool};
+
+/// Connections relayed at once through all the gateway's ports; more wait in the
+/// listen backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// What the relay needs to reach pods.
+#[derive(Clone)]
+pub struct Relay {
+    pub mesh: MeshHandle,
+    pub directory: NodeDirectory,
+    pub metrics: Metrics,
+}
+
+/// The gateway's ports and their listeners.
+pub struct Gateway {
+    address: IpAddr,
+    pool: PortPool,
+    listeners: HashMap<u16, CancellationToken>,
+    relay: Relay,
+    connections: Arc<Semaphore>,
+}
+
+impl Gateway {
+    pub fn new(address: IpAddr, ports: std::ops::RangeInclusive<u16>, relay: Relay) -> Gateway {
+        Gateway {
+            address,
+            pool: PortPool::new(ports),
+            listeners: HashMap::new(),
+            relay,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+
+    pub fn address(&self) -> IpAddr {
+        self.address
+    }
+
+    pub fn port(&self, target: &Target) -> Option<u16> {
+        self.pool.get(target)
+    }
+
+    /// Serves exactly `wanted`: listeners of targets no longer wanted stop (their
+    /// connections end), each new target gets a port and its listener. A port something
+    /// else holds is passed over. Fails only when the range has no port left; the
+    /// targets served before that are kept.
+    pub fn serve(&mut self, wanted: &BTreeSet<Target>) -> Result<(), Exhausted> {
+        for (target, port) in self.pool.retain(wanted) {
+            if let Some(stop) = self.listeners.remove(&port) {
+                stop.cancel();
+                tracing::info!(pod = %target.pod, namespace = %target.namespace, port = target.port, gateway_port = port, "gateway port freed");
+            }
+        }
+        for target in wanted {
+            while self.pool.get(target).is_none() {
+                let port = self.pool.allocate(target)?;
+                match std::net::TcpListener::bind(SocketAddr::new(self.address, port))
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(TcpListener::from_std)
+                {
+                    Ok(listener) => {
+                        let stop = CancellationToken::new();
+                        self.listeners.insert(port, stop.clone());
+                        tracing::info!(pod = %target.pod, namespace = %target.namespace, port = target.port, gateway_port = port, "gateway port open");
+                        tokio::spawn(accept(
+                            listener,
+                            target.clone(),
+                            self.relay.clone(),
+                            self.connections.clone(),
+                            stop,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(gateway_port = port, error = %e, "gateway port unusable; passed over");
+                        self.pool.block(port);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for stop in self.listeners.values() {
+            stop.cancel();
+        }
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    target: Target,
+    relay: Relay,
+    connections: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway accept failed");
+                continue;
+            }
+        };
+        let (target, relay, stop) = (target.clone(), relay.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                result = forward(client, &target, &relay) => match result {
+                    Ok(()) => relay.metrics.gateway_connection("relayed"),
+                    Err(reason) => {
+                        relay.metrics.gateway_connection("refused");
+                        tracing::debug!(%peer, pod = %target.pod, port = target.port, %reason, "gateway connection not relayed");
+                    }
+                },
+            }
+        });
+    }
+}
+
+/// Relays one connection to the target pod's port through its agent.
+async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Result<(), String> {
+    let location = relay
+        .directory
+        .locate(&target.namespace, &target.pod)
+        .await
+        .filter(|l| l.pod.uid.0 == target.uid)
+        .ok_or("the pod is gone")?;
+    let agent = location.agent.ok_or("the pod is not placed")?;
+    let request = KubeletRequest::PortForward {
+        pod: PodUid(target.uid.clone()),
+        port: target.port,
+    };
+    let mut stream = request_agent(&relay.mesh, agent, &request)
+        .await
+        .map_err(|(_, message)| message)?;
+    let _ = client.set_nodelay(true);
+    tokio::io::copy_bidirectional(&mut client, &mut stream)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
