@@ -12,9 +12,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
+use super::addresses::PodAddresses;
 use crate::audit::{self, Outcome};
 use crate::kubelet::relay::{
-    read_frame, read_frame_within, read_header, write_frame, write_header, Exit, Frame, RelayError,
+    read_frame, read_frame_within, read_header, splice, write_frame, write_header, Exit, Frame,
+    RelayError,
 };
 use crate::mesh::{MeshError, MeshHandle};
 use crate::metrics::Metrics;
@@ -31,6 +33,7 @@ use crate::wire::{
 pub async fn serve(
     mesh: MeshHandle,
     runtime: Arc<dyn Runtime>,
+    addresses: PodAddresses,
     owners: TrustedPeers,
     metrics: Metrics,
     cancel: CancellationToken,
@@ -49,8 +52,9 @@ pub async fn serve(
                 }
                 let runtime = runtime.clone();
                 let metrics = metrics.clone();
+                let addresses = addresses.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(peer, stream, runtime.as_ref(), &metrics).await {
+                    if let Err(e) = handle(peer, stream, runtime.as_ref(), &addresses, &metrics).await {
                         tracing::debug!(%peer, error = %e, "kubelet stream ended with an error");
                     }
                 });
@@ -63,6 +67,7 @@ async fn handle(
     peer: PeerId,
     stream: libp2p::Stream,
     runtime: &dyn Runtime,
+    addresses: &PodAddresses,
     metrics: &Metrics,
 ) -> Result<(), RelayError> {
     let mut io = stream.compat();
@@ -140,7 +145,12 @@ async fn handle(
             .await
         }
         KubeletRequest::PortForward { pod, port } => {
-            let connected = match pod_ip(runtime, peer, &pod).await {
+            // The supervisors' record, else (a pod still starting) the runtime's.
+            let ip = match addresses.get(&pod, &peer) {
+                Some(ip) => Ok(ip),
+                None => pod_ip(runtime, peer, &pod).await,
+            };
+            let connected = match ip {
                 Ok(ip) => tokio::net::TcpStream::connect((ip, port))
                     .await
                     .map_err(|e| {
@@ -156,7 +166,7 @@ async fn handle(
                 Err(refused) => return write_header(&mut io, &refused).await,
             };
             write_header(&mut io, &KubeletAnswer::Ok).await?;
-            tokio::io::copy_bidirectional(&mut io, &mut tcp).await?;
+            splice(&mut io, &mut tcp).await?;
             Ok(())
         }
         KubeletRequest::Stats => {

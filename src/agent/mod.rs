@@ -2,6 +2,7 @@
 //! them (and bids for the offers it fits), runs them under Podman,
 //! reports their status to their owners, and heartbeats its free capacity.
 
+mod addresses;
 pub mod admission;
 pub mod enroll;
 mod eviction;
@@ -287,6 +288,7 @@ impl Agent {
             metrics: metrics.clone(),
             policy: config.policy.clone(),
             setups: Arc::new(tokio::sync::Semaphore::new(supervisor::SETUP_CONCURRENCY)),
+            addresses: addresses::PodAddresses::default(),
         };
         Ok(Agent {
             config,
@@ -327,6 +329,7 @@ impl Agent {
         let kubelet = kubelet::serve(
             self.mesh.clone(),
             self.runtime.clone(),
+            self.worker_ctx.addresses.clone(),
             self.owners.clone(),
             self.metrics.clone(),
             cancel.clone(),

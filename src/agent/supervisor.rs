@@ -88,6 +88,8 @@ pub struct WorkerContext {
     pub policy: Arc<Policy>,
     /// Permits to set a new pod up (see [`SETUP_CONCURRENCY`]).
     pub setups: Arc<tokio::sync::Semaphore>,
+    /// Where each pod is, for connections to it.
+    pub addresses: super::addresses::PodAddresses,
 }
 
 /// New pods set up at once by one agent. A burst of hundreds (a Deployment scaled up)
@@ -305,6 +307,8 @@ struct Worker {
     /// Peer IDs rendered once, for labels.
     agent_id: String,
     owner_id: String,
+    /// Who alone may connect to the pod (see [`super::addresses`]).
+    owner: PeerId,
     /// `<volumes root>/<pod uid>_<epoch>`: where the pod's emptyDirs live.
     volumes_dir: PathBuf,
     /// `<files root>/<pod uid>_<epoch>`: where its volumes of files from the API live.
@@ -368,6 +372,7 @@ impl Worker {
             policy: RestartPolicy::from_spec(spec.restart_policy.as_deref()),
             agent_id: ctx.agent.to_string(),
             owner_id: owner.to_string(),
+            owner,
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
             files_dir: ctx.files_dir(&pod_ref.uid, epoch),
             volumes,
@@ -616,6 +621,9 @@ impl Worker {
         if let Some(id) = &self.pod_id {
             if let Ok(Some(ip)) = self.ctx.runtime.pod_ip(id).await {
                 self.pod_ip = Some(ip);
+                self.ctx
+                    .addresses
+                    .set(&self.pod_ref.uid, self.owner, self.epoch, ip);
             }
         }
     }
@@ -1582,6 +1590,8 @@ impl Worker {
         self.stop_containers(others, grace).await;
         self.stop_in_turn(sidecars.into_iter().rev().collect(), grace, begun)
             .await;
+        // Nothing listens any more, and Podman may give the address to another pod.
+        self.ctx.addresses.remove(&self.pod_ref.uid, self.epoch);
         if let Some(pod_id) = self.pod_id.take() {
             // Until it is gone: a copy the agent forgot would run on unseen (Podman
             // may be down for a while; the containers run on under conmon).

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::kubelet::relay::request_agent;
+use crate::kubelet::relay::{request_agent, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::node::NodeDirectory;
@@ -172,7 +172,7 @@ async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Resul
         .await
         .map_err(|(_, message)| message)?;
     let _ = client.set_nodelay(true);
-    tokio::io::copy_bidirectional(&mut client, &mut stream)
+    splice(&mut client, &mut stream)
         .await
         .map(drop)
         .map_err(|e| e.to_string())

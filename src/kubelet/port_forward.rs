@@ -78,7 +78,7 @@ async fn forward(
             match relay::request_agent(&mesh, agent, &KubeletRequest::PortForward { pod, port })
                 .await
             {
-                Ok(mut io) => tokio::io::copy_bidirectional(&mut data, &mut io)
+                Ok(mut io) => relay::splice(&mut data, &mut io)
                     .await
                     .map(drop)
                     .map_err(|e| format!("error forwarding port {port}: {e}")),

@@ -54,6 +54,20 @@ pub async fn read_header<T: DeserializeOwned>(
     Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
 }
 
+/// Buffer of each direction when bytes are relayed between a TCP connection and a
+/// kubelet stream: one write can fill a Noise frame (64 KiB) instead of eight
+/// (tokio's default buffer is 8 KiB); see BENCHMARKS.md for what it gains.
+pub const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Copies both ways until both sides are done, with [`RELAY_BUFFER`]s.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
+}
+
 /// Attempts at opening a kubelet stream, 100 ms, 200 ms, 400 ms apart.
 const OPEN_ATTEMPTS: u32 = 4;
 
