@@ -1738,19 +1738,13 @@ fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
     // A privileged debug container the agent's policy (baseline) refuses: it waits
     // with the reason, a Failed event says why, and the pod runs on and still takes
     // the next debug container.
-    let (ok, out) = cluster.kubectl(
-        &[
-            "debug",
-            "counter",
-            "--image=localhost/busybox:1.35",
-            "--profile=sysadmin",
-            "--container=root",
-            "--",
-            "true",
-        ],
-        None,
-    );
-    assert!(ok, "kubectl debug: {out}");
+    let debug = |args: &[&str]| {
+        let mut all = vec!["debug", "counter", "--image=localhost/busybox:1.35"];
+        all.extend_from_slice(args);
+        let (ok, out) = cluster.kubectl(&all, None);
+        assert!(ok, "kubectl debug: {out}");
+    };
+    debug(&["--profile=sysadmin", "--container=root", "--", "true"]);
     let waiting = cluster.mesh.wait_for(
         "the refused container waiting",
         Duration::from_secs(20),
@@ -1776,21 +1770,14 @@ fn kubectl_debug_adds_an_ephemeral_container_to_the_running_pod() {
         .expect("a Failed event");
     assert_eq!(failed["type"], "Warning");
     assert_eq!(failed["message"], format!("Error: {message}"));
-    let (ok, out) = cluster.kubectl(
-        &[
-            "debug",
-            "counter",
-            "--image=localhost/busybox:1.35",
-            "--target=c",
-            "--container=debugger",
-            "--",
-            "sh",
-            "-c",
-            "echo from-debug; ps -o args",
-        ],
-        None,
-    );
-    assert!(ok, "kubectl debug: {out}");
+    debug(&[
+        "--target=c",
+        "--container=debugger",
+        "--",
+        "sh",
+        "-c",
+        "echo from-debug; ps -o args",
+    ]);
     let state = cluster.mesh.wait_for(
         "the ephemeral container done",
         Duration::from_secs(40),

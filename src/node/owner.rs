@@ -476,25 +476,33 @@ fn keep_transition_times(old: &PodStatus, new: &mut PodStatus) {
     }
 }
 
-/// A pod whose configMaps or secrets are missing, as the kubelet shows it: Pending, each
-/// container waiting with CreateContainerConfigError.
-fn config_error_status(pod: &Pod, message: String) -> PodStatus {
-    let spec = pod.spec.clone().unwrap_or_default();
-    let waiting = |container: &k8s_openapi::api::core::v1::Container| ContainerStatus {
-        name: container.name.clone(),
-        image: container.image.clone().unwrap_or_default(),
-        image_id: String::new(),
-        ready: false,
-        restart_count: 0,
+/// A container that cannot be created for its configuration, as the kubelet shows it.
+fn config_error_container(name: String, image: String, message: String) -> ContainerStatus {
+    ContainerStatus {
+        name,
+        image,
         started: Some(false),
         state: Some(ContainerState {
             waiting: Some(ContainerStateWaiting {
                 reason: Some("CreateContainerConfigError".into()),
-                message: Some(message.clone()),
+                message: Some(message),
             }),
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// A pod whose configMaps or secrets are missing, as the kubelet shows it: Pending, each
+/// container waiting with CreateContainerConfigError.
+fn config_error_status(pod: &Pod, message: String) -> PodStatus {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let waiting = |container: &k8s_openapi::api::core::v1::Container| {
+        config_error_container(
+            container.name.clone(),
+            container.image.clone().unwrap_or_default(),
+            message.clone(),
+        )
     };
     let condition = |type_: &str, status: &str, reason: Option<&str>| PodCondition {
         type_: type_.into(),
@@ -2483,16 +2491,8 @@ fn with_refused_ephemeral(mut status: PodStatus, refused: &BTreeMap<String, Stri
         .ephemeral_container_statuses
         .get_or_insert_with(Vec::new);
     statuses.retain(|cs| !refused.contains_key(&cs.name));
-    statuses.extend(refused.iter().map(|(name, message)| ContainerStatus {
-        name: name.clone(),
-        state: Some(ContainerState {
-            waiting: Some(ContainerStateWaiting {
-                reason: Some("CreateContainerConfigError".into()),
-                message: Some(message.clone()),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+    statuses.extend(refused.iter().map(|(name, message)| {
+        config_error_container(name.clone(), String::new(), message.clone())
     }));
     status
 }
