@@ -551,6 +551,10 @@ pub enum KubeletRequest {
     /// A TCP connection to a port of the pod (`kubectl port-forward`); raw bytes follow
     /// both ways.
     PortForward { pod: PodUid, port: u16 },
+    /// UDP datagrams to and from a port of the pod (a Service's UDP port, through the
+    /// node's gateway); datagrams follow both ways, each framed (see
+    /// `kubelet::relay::write_datagram`).
+    UdpForward { pod: PodUid, port: u16 },
     /// The streams of a container's own process (`kubectl attach`); session frames
     /// follow as for `Exec`.
     Attach {
@@ -568,6 +572,7 @@ impl KubeletRequest {
             KubeletRequest::Stats => "stats",
             KubeletRequest::Exec { .. } => "exec",
             KubeletRequest::PortForward { .. } => "portforward",
+            KubeletRequest::UdpForward { .. } => "udpforward",
             KubeletRequest::Attach { .. } => "attach",
         }
     }
@@ -577,6 +582,7 @@ impl KubeletRequest {
             KubeletRequest::Logs { pod, .. }
             | KubeletRequest::Exec { pod, .. }
             | KubeletRequest::PortForward { pod, .. }
+            | KubeletRequest::UdpForward { pod, .. }
             | KubeletRequest::Attach { pod, .. } => Some(pod),
             KubeletRequest::Stats => None,
         }

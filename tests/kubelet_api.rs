@@ -221,8 +221,14 @@ fn kubelet_api_serves_logs_of_mesh_pods_to_authenticated_clients_only() {
         5,
     );
     assert_eq!(code, 200);
+    // One to two seconds back (whole seconds, as the kubelet counts them), and what was
+    // written while the request was on its way: up to 7 lines of a line every 0.3 s
+    // seen on a loaded 2-core machine, never the whole log (19 lines by then).
     let recent_lines = recent.lines().count();
-    assert!((1..=6).contains(&recent_lines), "{recent}");
+    assert!(
+        (1..=10).contains(&recent_lines) && !recent.starts_with("line 1\n"),
+        "{recent}"
+    );
     let previous = mesh.wait_for("a restarted crasher", Duration::from_secs(40), || {
         let (code, body) = curl(
             &mesh,

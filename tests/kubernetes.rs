@@ -1606,7 +1606,10 @@ kind: Service
 metadata: {name: web, namespace: default}
 spec:
   selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http}, {name: stats, port: 8125, protocol: UDP}]
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: stats, port: 8125, targetPort: 5353, protocol: UDP}
+  - {name: signal, port: 2905, protocol: SCTP}
 ---
 apiVersion: v1
 kind: Pod
@@ -1623,6 +1626,9 @@ spec:
     ports: [{name: http, containerPort: 8080}]
     readinessProbe: {exec: {command: [cat, /tmp/ready]}, periodSeconds: 1}
 "#;
+
+/// A UDP echo server on port 5353 (prefixing each reply with `echo:`).
+const UDP_ECHO: &str = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353))\nwhile True:\n    data, peer = s.recvfrom(65535)\n    s.sendto(b'echo:' + data, peer)\n";
 
 /// The node's EndpointSlice for the Service `web`, once `check` holds for it.
 fn wait_web_slice(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool) -> Value {
@@ -1666,22 +1672,59 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     let endpoint = &slice["endpoints"][0];
     assert_eq!(endpoint["addresses"], json!(["127.0.0.1"]));
     assert_eq!(endpoint["targetRef"]["name"], "web-1");
-    assert_eq!(slice["ports"][0]["name"], "http");
-    assert_eq!(slice["ports"][0]["protocol"], "TCP");
-    let port = slice["ports"][0]["port"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .expect("a port");
+    let ports: Vec<(&str, &str)> = slice["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["name"].as_str()?, p["protocol"].as_str()?)))
+        .collect();
+    assert_eq!(ports, [("http", "TCP"), ("stats", "UDP")], "{slice:#}");
+    let port_of = |name: &str| {
+        slice["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .expect("a port")
+    };
+    let port = port_of("http");
     let answer = http_get(port).expect("connected");
     assert!(answer.contains("hello-service"), "{answer}");
     let pod = cluster.get(&["pod", "web-1"]).expect("pod");
     assert!(pod["status"]["podIP"].is_null(), "{}", pod["status"]);
-    // The UDP port is not served, and the Service says so.
-    assert_eq!(
-        slice["ports"].as_array().map(Vec::len),
-        Some(1),
-        "{slice:#}"
-    );
+
+    // UDP: datagrams and their replies, through an echo server in the pod's network
+    // namespace (the test image has no UDP server; python3 is the host's).
+    let uid = pod["metadata"]["uid"].as_str().expect("uid");
+    let pid = podman_containers(&format!("io.beemesh.pod.uid={uid}"))
+        .first()
+        .and_then(|c| c["Pid"].as_i64())
+        .expect("the container's pid")
+        .to_string();
+    let mut echo = Command::new("nsenter")
+        .args(["-t", &pid, "-n", "python3", "-c", UDP_ECHO])
+        .spawn()
+        .expect("nsenter");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let udp_port = port_of("stats");
+    let echoed = cluster
+        .mesh
+        .wait_for("a UDP echo", Duration::from_secs(20), || {
+            client.send_to(b"ping", ("127.0.0.1", udp_port)).ok()?;
+            let mut reply = [0u8; 64];
+            let (len, _) = client.recv_from(&mut reply).ok()?;
+            Some(reply[..len].to_vec())
+        });
+    let _ = echo.kill();
+    let _ = echo.wait();
+    assert_eq!(echoed, b"echo:ping");
+
+    // SCTP is not served, and the Service says so.
     let warning = cluster
         .mesh
         .wait_for("the Service's warning", Duration::from_secs(10), || {
@@ -1698,7 +1741,7 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     assert_eq!(warning["involvedObject"]["name"], "web");
     assert_eq!(
         warning["message"],
-        "port stats is UDP: the mesh gateway relays TCP only, so its mesh pods get no endpoints for it"
+        "port signal is SCTP: the mesh gateway relays TCP and UDP only, so its mesh pods get no endpoints for it"
     );
 
     // Not ready: the endpoint says so (serving too), as the controller marks it.

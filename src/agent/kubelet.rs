@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::addresses::PodAddresses;
 use crate::audit::{self, Outcome};
 use crate::kubelet::relay::{
-    read_frame, read_frame_within, read_header, splice, write_frame, write_header, Exit, Frame,
-    RelayError,
+    read_frame, read_frame_within, read_header, relay_datagrams, splice, write_frame, write_header,
+    Exit, Frame, RelayError,
 };
 use crate::mesh::{MeshError, MeshHandle};
 use crate::metrics::Metrics;
@@ -145,12 +145,7 @@ async fn handle(
             .await
         }
         KubeletRequest::PortForward { pod, port } => {
-            // The supervisors' record, else (a pod still starting) the runtime's.
-            let ip = match addresses.get(&pod, &peer) {
-                Some(ip) => Ok(ip),
-                None => pod_ip(runtime, peer, &pod).await,
-            };
-            let connected = match ip {
+            let connected = match address(runtime, addresses, peer, &pod).await {
                 Ok(ip) => tokio::net::TcpStream::connect((ip, port))
                     .await
                     .map_err(|e| {
@@ -168,6 +163,23 @@ async fn handle(
             write_header(&mut io, &KubeletAnswer::Ok).await?;
             splice(&mut io, &mut tcp).await?;
             Ok(())
+        }
+        KubeletRequest::UdpForward { pod, port } => {
+            let connected = match address(runtime, addresses, peer, &pod).await {
+                Ok(ip) => udp_socket_to(ip, port).await.map_err(|e| {
+                    failed(
+                        500,
+                        format!("failed to open UDP to port {port} of pod {pod}: {e}"),
+                    )
+                }),
+                Err(refused) => Err(refused),
+            };
+            let socket = match connected {
+                Ok(socket) => socket,
+                Err(refused) => return write_header(&mut io, &refused).await,
+            };
+            write_header(&mut io, &KubeletAnswer::Ok).await?;
+            relay_datagrams(io, &socket).await
         }
         KubeletRequest::Stats => {
             let usage = match owner_usage(runtime, peer).await {
@@ -388,6 +400,31 @@ async fn owned_copy(
 }
 
 /// The pod's IP (its network namespace), for its owner only.
+/// The pod's address for a connection of its owner: the supervisors' record, else (a
+/// pod still starting) the runtime's.
+async fn address(
+    runtime: &dyn Runtime,
+    addresses: &PodAddresses,
+    owner: PeerId,
+    pod: &PodUid,
+) -> Result<std::net::IpAddr, KubeletAnswer> {
+    match addresses.get(pod, &owner) {
+        Some(ip) => Ok(ip),
+        None => pod_ip(runtime, owner, pod).await,
+    }
+}
+
+/// A UDP socket of the agent's, connected to `ip:port`.
+async fn udp_socket_to(ip: std::net::IpAddr, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    let any: std::net::IpAddr = match ip {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = tokio::net::UdpSocket::bind((any, 0)).await?;
+    socket.connect((ip, port)).await?;
+    Ok(socket)
+}
+
 async fn pod_ip(
     runtime: &dyn Runtime,
     owner: PeerId,

@@ -25,6 +25,32 @@ pub struct Target {
     pub pod: String,
     pub uid: String,
     pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// The protocols the gateway relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As the API names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Protocol> {
+        match name {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
 }
 
 /// A Service the gateway cannot serve fully, said in a warning event on the Service.
@@ -119,20 +145,21 @@ pub fn plan<'a>(services: &[&'a Service], pods: &[&'a Pod]) -> Plan<'a> {
             continue;
         }
         for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.as_deref().unwrap_or("TCP");
-            if protocol != "TCP" {
+            let name = port.protocol.as_deref().unwrap_or("TCP");
+            let Some(protocol) = Protocol::parse(name) else {
                 unserved.push(Unserved::of(
                     service,
                     "UnsupportedProtocol",
                     format!(
-                        "port {} is {protocol}: the mesh gateway relays TCP only, so its mesh pods get no endpoints for it",
+                        "port {} is {name}: the mesh gateway relays TCP and UDP only, so its mesh pods get no endpoints for it",
                         port.name.as_deref().unwrap_or(&port.port.to_string())
                     ),
                 ));
                 continue;
-            }
+            };
             for pod in &selected {
-                let Some(number) = target_port(port.target_port.as_ref(), port.port, pod) else {
+                let Some(number) = target_port(port.target_port.as_ref(), port.port, protocol, pod)
+                else {
                     // The controller leaves such a pod out of that port's slice too.
                     continue;
                 };
@@ -145,6 +172,7 @@ pub fn plan<'a>(services: &[&'a Service], pods: &[&'a Pod]) -> Plan<'a> {
                         pod: pod.metadata.name.clone().unwrap_or_default(),
                         uid: pod.metadata.uid.clone().unwrap_or_default(),
                         port: number,
+                        protocol,
                     },
                 });
             }
@@ -159,8 +187,13 @@ fn is_terminal(pod: &Pod) -> bool {
 }
 
 /// The pod's port a Service port sends to: its number, the number of the pod's
-/// container port of that name, or, unset, the Service port itself.
-fn target_port(target: Option<&IntOrString>, service_port: i32, pod: &Pod) -> Option<u16> {
+/// container port of that name and protocol, or, unset, the Service port itself.
+fn target_port(
+    target: Option<&IntOrString>,
+    service_port: i32,
+    protocol: Protocol,
+    pod: &Pod,
+) -> Option<u16> {
     match target {
         None => u16::try_from(service_port).ok(),
         Some(IntOrString::Int(number)) => u16::try_from(*number).ok().filter(|n| *n > 0),
@@ -170,7 +203,8 @@ fn target_port(target: Option<&IntOrString>, service_port: i32, pod: &Pod) -> Op
             .flat_map(|s| s.containers.iter())
             .flat_map(|c| c.ports.iter().flatten())
             .find(|p| {
-                p.name.as_deref() == Some(name) && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                p.name.as_deref() == Some(name)
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str()
             })
             .and_then(|p| u16::try_from(p.container_port).ok()),
     }
@@ -202,7 +236,7 @@ pub fn slices(
                     Some(EndpointPort {
                         name: b.port_name.clone(),
                         port: allocated(&b.target).map(i32::from),
-                        protocol: Some("TCP".into()),
+                        protocol: Some(b.target.protocol.as_str().into()),
                         app_protocol: None,
                     })
                     .filter(|p| p.port.is_some())
@@ -324,6 +358,7 @@ mod tests {
                 {"name": "http", "port": 80, "targetPort": "http"},
                 {"name": "admin", "port": 9000},
                 {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "signal", "port": 2905, "protocol": "SCTP"},
             ]},
         }))
     }
@@ -338,14 +373,20 @@ mod tests {
         ];
         let plan = plan(&refs(&services), &refs(&pods));
         let targets = plan.targets();
-        let ports: Vec<(String, u16)> = targets.iter().map(|t| (t.pod.clone(), t.port)).collect();
+        let ports: Vec<(&str, u16, Protocol)> = targets
+            .iter()
+            .map(|t| (t.pod.as_str(), t.port, t.protocol))
+            .collect();
+        use Protocol::{Tcp, Udp};
         assert_eq!(
             ports,
             [
-                ("a".into(), 8080),
-                ("a".into(), 9000),
-                ("b".into(), 8080),
-                ("b".into(), 9000)
+                ("a", 53, Udp),
+                ("a", 8080, Tcp),
+                ("a", 9000, Tcp),
+                ("b", 53, Udp),
+                ("b", 8080, Tcp),
+                ("b", 9000, Tcp)
             ]
         );
         assert_eq!(plan.unserved.len(), 1);
@@ -378,15 +419,19 @@ mod tests {
         );
         assert_eq!(a.address_type, "IPv4");
         assert_eq!(endpoint(a).addresses, ["10.42.0.7"]);
-        let ports: Vec<(Option<&str>, Option<i32>)> = a
+        let ports: Vec<(Option<&str>, Option<i32>, Option<&str>)> = a
             .ports
             .iter()
             .flatten()
-            .map(|p| (p.name.as_deref(), p.port))
+            .map(|p| (p.name.as_deref(), p.port, p.protocol.as_deref()))
             .collect();
         assert_eq!(
             ports,
-            [(Some("http"), Some(20000)), (Some("admin"), Some(20001))]
+            [
+                (Some("http"), Some(20000), Some("TCP")),
+                (Some("admin"), Some(20001), Some("TCP")),
+                (Some("dns"), Some(20000), Some("UDP"))
+            ]
         );
         let conditions = endpoint(a).conditions.as_ref().expect("conditions");
         assert_eq!(

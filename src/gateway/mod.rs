@@ -1,9 +1,11 @@
 //! The node as the cluster's gateway to mesh pods: a Service that selects mesh pods gets
 //! EndpointSlices ([`endpoints`]) whose endpoints are the node's own address and a port
-//! per pod port ([`ports`]); a connection to such a port is relayed over a libp2p stream
-//! to the pod's agent, which connects to the pod (the path `kubectl port-forward`
-//! takes, with the same checks: only the pod's owner may ask its agent).
+//! per pod port ([`ports`]); a connection to such a port (a flow of datagrams for UDP,
+//! [`datagrams`]) is relayed over a libp2p stream to the pod's agent, which connects to
+//! the pod (the path `kubectl port-forward` takes, with the same checks: only the pod's
+//! owner may ask its agent).
 
+mod datagrams;
 pub mod endpoints;
 pub mod ports;
 
@@ -11,16 +13,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use tokio_util::compat::Compat;
 
 use crate::kubelet::relay::{request_agent, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::node::NodeDirectory;
 use crate::wire::{KubeletRequest, PodUid};
-use endpoints::Target;
+use endpoints::{Protocol, Target};
 use ports::{Exhausted, PortPool};
 
 /// Connections relayed at once through all the gateway's ports; more wait in the
@@ -77,24 +81,36 @@ impl Gateway {
         for target in wanted {
             while self.pool.get(target).is_none() {
                 let port = self.pool.allocate(target)?;
-                match std::net::TcpListener::bind(SocketAddr::new(self.address, port))
-                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                    .and_then(TcpListener::from_std)
-                {
-                    Ok(listener) => {
-                        let stop = CancellationToken::new();
-                        self.listeners.insert(port, stop.clone());
-                        tracing::info!(pod = %target.pod, namespace = %target.namespace, port = target.port, gateway_port = port, "gateway port open");
+                let address = SocketAddr::new(self.address, port);
+                let stop = CancellationToken::new();
+                let (target, relay) = (target.clone(), self.relay.clone());
+                let listening = match target.protocol {
+                    Protocol::Tcp => bind_tcp(address).map(|listener| {
+                        let connections = self.connections.clone();
                         tokio::spawn(accept(
                             listener,
                             target.clone(),
-                            self.relay.clone(),
-                            self.connections.clone(),
-                            stop,
+                            relay,
+                            connections,
+                            stop.clone(),
                         ));
+                    }),
+                    Protocol::Udp => bind_udp(address).map(|socket| {
+                        tokio::spawn(datagrams::serve(
+                            socket,
+                            target.clone(),
+                            relay,
+                            stop.clone(),
+                        ));
+                    }),
+                };
+                match listening {
+                    Ok(()) => {
+                        self.listeners.insert(port, stop);
+                        tracing::info!(pod = %target.pod, namespace = %target.namespace, port = target.port, protocol = target.protocol.as_str(), gateway_port = port, "gateway port open");
                     }
                     Err(e) => {
-                        tracing::warn!(gateway_port = port, error = %e, "gateway port unusable; passed over");
+                        tracing::warn!(gateway_port = port, protocol = target.protocol.as_str(), error = %e, "gateway port unusable; passed over");
                         self.pool.block(port);
                     }
                 }
@@ -102,6 +118,18 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+fn bind_tcp(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+fn bind_udp(address: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = std::net::UdpSocket::bind(address)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
 }
 
 impl Drop for Gateway {
@@ -155,8 +183,9 @@ async fn accept(
     }
 }
 
-/// Relays one connection to the target pod's port through its agent.
-async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Result<(), String> {
+/// Opens a stream to the target's agent for its pod's port: a TCP connection or a
+/// flow of datagrams, as the target's protocol.
+async fn open(target: &Target, relay: &Relay) -> Result<Compat<libp2p::Stream>, String> {
     let location = relay
         .directory
         .locate(&target.namespace, &target.pod)
@@ -164,13 +193,19 @@ async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Resul
         .filter(|l| l.pod.uid.0 == target.uid)
         .ok_or("the pod is gone")?;
     let agent = location.agent.ok_or("the pod is not placed")?;
-    let request = KubeletRequest::PortForward {
-        pod: PodUid(target.uid.clone()),
-        port: target.port,
+    let (pod, port) = (PodUid(target.uid.clone()), target.port);
+    let request = match target.protocol {
+        Protocol::Tcp => KubeletRequest::PortForward { pod, port },
+        Protocol::Udp => KubeletRequest::UdpForward { pod, port },
     };
-    let mut stream = request_agent(&relay.mesh, agent, &request)
+    request_agent(&relay.mesh, agent, &request)
         .await
-        .map_err(|(_, message)| message)?;
+        .map_err(|(_, message)| message)
+}
+
+/// Relays one connection to the target pod's port through its agent.
+async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Result<(), String> {
+    let mut stream = open(target, relay).await?;
     let _ = client.set_nodelay(true);
     splice(&mut client, &mut stream)
         .await

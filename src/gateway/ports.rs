@@ -96,6 +96,7 @@ mod tests {
             pod: pod.into(),
             uid: format!("uid-{pod}"),
             port,
+            protocol: super::super::endpoints::Protocol::Tcp,
         }
     }
 

@@ -68,6 +68,72 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
 }
 
+/// The largest UDP payload (over IPv4).
+pub const MAX_DATAGRAM: usize = 65_507;
+
+/// Writes one datagram on a stream: a big-endian u16 length, then its bytes.
+pub async fn write_datagram(
+    io: &mut (impl AsyncWrite + Unpin),
+    datagram: &[u8],
+) -> Result<(), RelayError> {
+    let len = u16::try_from(datagram.len())
+        .ok()
+        .filter(|len| usize::from(*len) <= MAX_DATAGRAM)
+        .ok_or(RelayError::TooLarge(datagram.len()))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(datagram).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+/// Reads one datagram written by [`write_datagram`] into `buffer`; None when the
+/// stream ended between datagrams.
+pub async fn read_datagram(
+    io: &mut (impl AsyncRead + Unpin),
+    buffer: &mut Vec<u8>,
+) -> Result<Option<usize>, RelayError> {
+    let mut len = [0u8; 2];
+    match io.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > MAX_DATAGRAM {
+        return Err(RelayError::TooLarge(len));
+    }
+    buffer.resize(len, 0);
+    io.read_exact(buffer).await?;
+    Ok(Some(len))
+}
+
+/// Relays datagrams between a stream (framed) and a connected UDP socket until the
+/// stream ends.
+pub async fn relay_datagrams(
+    io: impl AsyncRead + AsyncWrite + Unpin,
+    socket: &tokio::net::UdpSocket,
+) -> Result<(), RelayError> {
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let (mut outbound, mut inbound) = (Vec::new(), vec![0u8; MAX_DATAGRAM]);
+    loop {
+        tokio::select! {
+            read = read_datagram(&mut reader, &mut outbound) => match read? {
+                Some(_) => {
+                    // A datagram the pod's port refuses (ICMP) is lost, as UDP is.
+                    let _ = socket.send(&outbound).await;
+                }
+                None => return Ok(()),
+            },
+            received = socket.recv(&mut inbound) => match received {
+                Ok(len) => write_datagram(&mut writer, &inbound[..len]).await?,
+                // ICMP port unreachable from an earlier datagram: nothing listens yet.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+}
+
 /// Attempts at opening a kubelet stream, 100 ms, 200 ms, 400 ms apart.
 const OPEN_ATTEMPTS: u32 = 4;
 
@@ -249,6 +315,33 @@ pub async fn read_frame_within(
 mod tests {
     use super::*;
     use crate::wire::{KubeletAnswer, KubeletRequest, PodUid};
+
+    #[tokio::test]
+    async fn datagrams_keep_their_bounds_and_a_stream_ends_between_them() {
+        let (mut a, mut b) = tokio::io::duplex(256 * 1024);
+        write_datagram(&mut a, b"one").await.expect("write");
+        write_datagram(&mut a, b"").await.expect("write");
+        write_datagram(&mut a, &vec![7; MAX_DATAGRAM]).await.expect("write");
+        assert!(matches!(
+            write_datagram(&mut a, &vec![0; MAX_DATAGRAM + 1]).await,
+            Err(RelayError::TooLarge(_))
+        ));
+        drop(a);
+        let mut buffer = Vec::new();
+        assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("read"), Some(3));
+        assert_eq!(buffer, b"one");
+        assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("read"), Some(0));
+        let len = read_datagram(&mut b, &mut buffer).await.expect("read");
+        assert_eq!(len, Some(MAX_DATAGRAM));
+        assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("end"), None);
+        // A length over the limit from the other side is refused before it is read.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&u16::MAX.to_be_bytes()).await.expect("write");
+        assert!(matches!(
+            read_datagram(&mut b, &mut buffer).await,
+            Err(RelayError::TooLarge(65535))
+        ));
+    }
 
     #[tokio::test]
     async fn headers_round_trip_and_oversized_ones_are_refused() {
