@@ -321,16 +321,24 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(256 * 1024);
         write_datagram(&mut a, b"one").await.expect("write");
         write_datagram(&mut a, b"").await.expect("write");
-        write_datagram(&mut a, &vec![7; MAX_DATAGRAM]).await.expect("write");
+        write_datagram(&mut a, &vec![7; MAX_DATAGRAM])
+            .await
+            .expect("write");
         assert!(matches!(
             write_datagram(&mut a, &vec![0; MAX_DATAGRAM + 1]).await,
             Err(RelayError::TooLarge(_))
         ));
         drop(a);
         let mut buffer = Vec::new();
-        assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("read"), Some(3));
+        assert_eq!(
+            read_datagram(&mut b, &mut buffer).await.expect("read"),
+            Some(3)
+        );
         assert_eq!(buffer, b"one");
-        assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("read"), Some(0));
+        assert_eq!(
+            read_datagram(&mut b, &mut buffer).await.expect("read"),
+            Some(0)
+        );
         let len = read_datagram(&mut b, &mut buffer).await.expect("read");
         assert_eq!(len, Some(MAX_DATAGRAM));
         assert_eq!(read_datagram(&mut b, &mut buffer).await.expect("end"), None);
