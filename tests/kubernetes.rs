@@ -1769,6 +1769,58 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     cluster.assert_node_requests_allowed();
 }
 
+/// A Service keeps reaching its pod when the pod moves: its agent killed, the pod runs
+/// again on the other agent, and the same gateway port now leads there.
+#[test]
+fn a_service_follows_its_pod_to_another_agent() {
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1", "--agent-loss-seconds", "3"]);
+    cluster.mesh.start_agent(&[]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(WEB_BEHIND_A_SERVICE);
+    let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
+    let slices = wait_web_slice(&cluster, "a ready endpoint", ready);
+    let port = slices[0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "http")
+        .and_then(|p| p["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("the http port");
+    assert!(http_get(port).expect("connected").contains("hello-service"));
+    let runner = |cluster: &Cluster| -> Option<String> {
+        let uid = cluster.get(&["pod", "web-1"])?["metadata"]["uid"]
+            .as_str()?
+            .to_owned();
+        let copies = podman_pods(&format!("io.beemesh.pod.uid={uid}"));
+        let newest = copies.iter().max_by_key(|p| {
+            p.labels
+                .get("io.beemesh.epoch")
+                .and_then(|e| e.parse::<u64>().ok())
+        })?;
+        newest.labels.get("io.beemesh.agent").cloned()
+    };
+    let first = runner(&cluster).expect("the pod's agent");
+    let victim = cluster
+        .mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == first)
+        .expect("one of ours");
+    cluster.mesh.agents[victim].kill();
+    let answer = cluster.mesh.wait_for(
+        "the pod reached on the other agent",
+        Duration::from_secs(60),
+        || {
+            let moved = runner(&cluster).is_some_and(|agent| agent != first);
+            moved.then(|| http_get(port).ok()).flatten()
+        },
+    );
+    assert!(answer.contains("hello-service"), "{answer}");
+    cluster.assert_node_requests_allowed();
+}
+
 /// `kubectl debug` adds an ephemeral container to the running pod, as on a kubelet: it
 /// runs in the pod's sandbox, in its target's process namespace (it sees the target's
 /// processes), shows in `ephemeralContainerStatuses`, is never restarted, and `kubectl
