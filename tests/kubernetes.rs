@@ -1644,6 +1644,18 @@ fn wait_web_slice(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool)
     })
 }
 
+/// The port an EndpointSlice publishes for the Service port `name`.
+fn slice_port(slice: &Value, name: &str) -> u16 {
+    slice["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("no port {name} in {slice:#}"))
+}
+
 /// `GET /` on the port, as a client of the Service would send it after kube-proxy.
 fn http_get(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};
@@ -1679,17 +1691,7 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
         .filter_map(|p| Some((p["name"].as_str()?, p["protocol"].as_str()?)))
         .collect();
     assert_eq!(ports, [("http", "TCP"), ("stats", "UDP")], "{slice:#}");
-    let port_of = |name: &str| {
-        slice["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == name)
-            .and_then(|p| p["port"].as_u64())
-            .and_then(|p| u16::try_from(p).ok())
-            .expect("a port")
-    };
-    let port = port_of("http");
+    let port = slice_port(slice, "http");
     let answer = http_get(port).expect("connected");
     assert!(answer.contains("hello-service"), "{answer}");
     let pod = cluster.get(&["pod", "web-1"]).expect("pod");
@@ -1711,7 +1713,7 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     client
         .set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
-    let udp_port = port_of("stats");
+    let udp_port = slice_port(slice, "stats");
     let echoed = cluster
         .mesh
         .wait_for("a UDP echo", Duration::from_secs(20), || {
@@ -1780,14 +1782,7 @@ fn a_service_follows_its_pod_to_another_agent() {
     cluster.apply(WEB_BEHIND_A_SERVICE);
     let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
     let slices = wait_web_slice(&cluster, "a ready endpoint", ready);
-    let port = slices[0]["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == "http")
-        .and_then(|p| p["port"].as_u64())
-        .and_then(|p| u16::try_from(p).ok())
-        .expect("the http port");
+    let port = slice_port(&slices[0], "http");
     assert!(http_get(port).expect("connected").contains("hello-service"));
     let runner = |cluster: &Cluster| -> Option<String> {
         let uid = cluster.get(&["pod", "web-1"])?["metadata"]["uid"]
@@ -3415,7 +3410,7 @@ fn service_throughput_and_latency_through_the_gateway_and_direct() {
             let slice = slices["items"][0].clone();
             (slice["endpoints"][0]["conditions"]["ready"] == true).then_some(slice)
         });
-    let gateway_port = slice["ports"][0]["port"].as_u64().expect("port") as u16;
+    let gateway_port = slice_port(&slice, "http");
     let pod = cluster.get(&["pod", "bulk"]).expect("pod");
     let mesh_ip: std::net::IpAddr = pod["metadata"]["annotations"]["beemesh.io/mesh-ip"]
         .as_str()

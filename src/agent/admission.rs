@@ -447,10 +447,8 @@ fn describe_ranges(ranges: &[RangeInclusive<u16>]) -> String {
         .join(", ")
 }
 
-/// Every init and app container with its field path (ephemeral containers are refused
-/// before any policy is asked).
-/// Every container the pod runs, ephemeral ones (`kubectl debug`) included: the policy
-/// holds for them as for the rest.
+/// Every container the pod runs with its field path, ephemeral ones (`kubectl debug`)
+/// included: the policy holds for them as for the rest.
 fn containers(spec: &PodSpec) -> Vec<(String, Cow<'_, Container>)> {
     let init = spec.init_containers.iter().flatten().enumerate();
     let app = spec.containers.iter().enumerate();

@@ -145,18 +145,10 @@ async fn handle(
             .await
         }
         KubeletRequest::PortForward { pod, port } => {
-            let connected = match address(runtime, addresses, peer, &pod).await {
-                Ok(ip) => tokio::net::TcpStream::connect((ip, port))
-                    .await
-                    .map_err(|e| {
-                        failed(
-                            500,
-                            format!("failed to connect to port {port} of pod {pod}: {e}"),
-                        )
-                    }),
-                Err(refused) => Err(refused),
-            };
-            let mut tcp = match connected {
+            let connected = reach_pod(runtime, addresses, peer, &pod, port, "connect to", |to| {
+                tokio::net::TcpStream::connect(to)
+            });
+            let mut tcp = match connected.await {
                 Ok(tcp) => tcp,
                 Err(refused) => return write_header(&mut io, &refused).await,
             };
@@ -165,16 +157,16 @@ async fn handle(
             Ok(())
         }
         KubeletRequest::UdpForward { pod, port } => {
-            let connected = match address(runtime, addresses, peer, &pod).await {
-                Ok(ip) => udp_socket_to(ip, port).await.map_err(|e| {
-                    failed(
-                        500,
-                        format!("failed to open UDP to port {port} of pod {pod}: {e}"),
-                    )
-                }),
-                Err(refused) => Err(refused),
-            };
-            let socket = match connected {
+            let connected = reach_pod(
+                runtime,
+                addresses,
+                peer,
+                &pod,
+                port,
+                "open UDP to",
+                udp_socket_to,
+            );
+            let socket = match connected.await {
                 Ok(socket) => socket,
                 Err(refused) => return write_header(&mut io, &refused).await,
             };
@@ -399,7 +391,6 @@ async fn owned_copy(
     Ok(newest)
 }
 
-/// The pod's IP (its network namespace), for its owner only.
 /// The pod's address for a connection of its owner: the supervisors' record, else (a
 /// pod still starting) the runtime's.
 async fn address(
@@ -414,17 +405,41 @@ async fn address(
     }
 }
 
-/// A UDP socket of the agent's, connected to `ip:port`.
-async fn udp_socket_to(ip: std::net::IpAddr, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
-    let any: std::net::IpAddr = match ip {
-        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+/// A socket of `connect`'s to the owner's pod at `port`, or the refusal to answer with
+/// (`failed to <what> port …`).
+async fn reach_pod<T, F>(
+    runtime: &dyn Runtime,
+    addresses: &PodAddresses,
+    owner: PeerId,
+    pod: &PodUid,
+    port: u16,
+    what: &str,
+    connect: impl FnOnce(std::net::SocketAddr) -> F,
+) -> Result<T, KubeletAnswer>
+where
+    F: std::future::Future<Output = std::io::Result<T>>,
+{
+    let ip = address(runtime, addresses, owner, pod).await?;
+    connect((ip, port).into()).await.map_err(|e| {
+        failed(
+            500,
+            format!("failed to {what} port {port} of pod {pod}: {e}"),
+        )
+    })
+}
+
+/// A UDP socket of the agent's, connected to `to`.
+async fn udp_socket_to(to: std::net::SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let any: std::net::IpAddr = match to {
+        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
     };
     let socket = tokio::net::UdpSocket::bind((any, 0)).await?;
-    socket.connect((ip, port)).await?;
+    socket.connect(to).await?;
     Ok(socket)
 }
 
+/// The pod's IP (its network namespace), from the runtime, for its owner only.
 async fn pod_ip(
     runtime: &dyn Runtime,
     owner: PeerId,

@@ -314,15 +314,11 @@ fn is_ready(pod: &Pod) -> bool {
         .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-/// `<service>-beemesh-<8 hex digits of the pod's uid>`: stable, and within the 253
-/// characters of an object name whatever the Service's name (at most 63).
+/// `<service>-beemesh-<8 hex digits of the pod uid's SHA-256>`: stable, and within the
+/// 253 characters of an object name whatever the Service's name (at most 63).
 pub fn slice_name(service: &str, pod_uid: &str) -> String {
-    let digest = pod_uid
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
-    format!("{service}-beemesh-{:08x}", digest as u32)
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(pod_uid.as_bytes()));
+    format!("{service}-beemesh-{}", &digest[..8])
 }
 
 #[cfg(test)]

@@ -823,27 +823,26 @@ impl Owner {
                 // the assigned agent rewrites the files. New pull credentials serve
                 // its next pull. A changed pod (an ephemeral container added by
                 // `kubectl debug`, new labels) goes to the agent signed anew.
+                let agent = match placement {
+                    Placement::Placed { agent } => Some(*agent),
+                    _ => None,
+                };
                 let pod = without_ephemeral(resolved.pod, &owned.refused_ephemeral);
                 let pod_changed = pod != owned.pod;
-                if pod_changed
+                let changed = pod_changed
                     || resolved.volumes != owned.volumes
-                    || resolved.pull_credentials != owned.pull_credentials
-                {
+                    || resolved.pull_credentials != owned.pull_credentials;
+                let previous = changed.then(|| {
                     owned.volumes = resolved.volumes;
                     owned.pull_credentials = resolved.pull_credentials;
-                    let previous = std::mem::replace(&mut owned.pod, pod);
                     if pod_changed {
-                        owned.offer.spec_digest = spec_digest(&owned.pod);
+                        owned.offer.spec_digest = spec_digest(&pod);
                     }
-                    if let Placement::Placed { agent } = placement {
-                        let agent = *agent;
-                        self.pods.insert(uid.clone(), owned);
-                        self.send_assign_refresh(uid, agent, previous);
-                    } else {
-                        self.pods.insert(uid.clone(), owned);
-                    }
-                } else {
-                    self.pods.insert(uid.clone(), owned);
+                    std::mem::replace(&mut owned.pod, pod)
+                });
+                self.pods.insert(uid.clone(), owned);
+                if let (Some(agent), Some(previous)) = (agent, previous) {
+                    self.send_assign_refresh(uid, agent, previous);
                 }
             }
             // A pod's spec hardly changes once created; a configMap that disappears
