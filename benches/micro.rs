@@ -87,6 +87,7 @@ fn heartbeat(pods: usize) -> Heartbeat {
         seq: 1_796_342_562_000_001,
         sent_at_ms: 1_796_342_562_000,
         health: AgentHealth::default(),
+        pod_subnets: vec!["10.64.3.0/24".parse().expect("cidr")],
     }
 }
 
@@ -110,6 +111,7 @@ fn assign() -> Request {
         pull_credentials: Vec::new(),
         statement,
         lease_ms: None,
+        pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
     }))
 }
 
@@ -286,7 +288,8 @@ fn spec_translation(c: &mut Criterion) {
         epoch: Epoch(1_796_342_562),
         volumes_dir: Path::new("/var/lib/beemesh/volumes/pod"),
         files_dir: Path::new("/run/beemesh/volumes/pod"),
-        pod_ip: Some("10.88.0.7".parse().expect("ip")),
+        pod_ip: Some("10.64.3.7".parse().expect("ip")),
+        pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
         host_ip: Some("10.0.0.1".parse().expect("ip")),
         node_name: "agent-1",
         host_dns: &host_dns,

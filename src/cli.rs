@@ -7,10 +7,12 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::kubelet::tunnel::TunnelMode;
+use crate::node::subnets;
 use crate::placement::ScoreMode;
 use crate::runtime::translate;
 use crate::trust::join::JoinToken;
@@ -237,6 +239,33 @@ pub struct NodeArgs {
     /// EndpointSlices and relayed to the pod over the mesh. First-last.
     #[arg(value_name = "FIRST-LAST", long, env = "BEEMESH_GATEWAY_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
     pub gateway_ports: RangeInclusive<u16>,
+    /// The range mesh pods get their IPs from: each agent runs the node's pods on its
+    /// own subnet of it (--mesh-pod-subnet-prefix), so that a mesh pod's IP is unique
+    /// across the mesh. Must be apart from the cluster's pod and service CIDRs and from
+    /// the networks of the agents' hosts.
+    #[arg(value_name = "CIDR", long, env = "BEEMESH_MESH_POD_CIDR", default_value_t = subnets::DEFAULT_CIDR)]
+    pub mesh_pod_cidr: Ipv4Net,
+    /// The prefix length of each agent's subnet of --mesh-pod-cidr (24: 253 pods per
+    /// agent; 4096 agents in the default CIDR).
+    #[arg(value_name = "LENGTH", long, env = "BEEMESH_MESH_POD_SUBNET_PREFIX", default_value_t = subnets::DEFAULT_PREFIX)]
+    pub mesh_pod_subnet_prefix: u8,
+    /// The cluster's pod CIDR (k3s's --cluster-cidr), which --mesh-pod-cidr must be
+    /// apart from; checked at start when the node uses a Kubernetes API server.
+    #[arg(
+        value_name = "CIDR",
+        long,
+        env = "BEEMESH_CLUSTER_CIDR",
+        default_value = "10.42.0.0/16"
+    )]
+    pub cluster_cidr: Ipv4Net,
+    /// The cluster's Service CIDR (k3s's --service-cidr), checked as --cluster-cidr.
+    #[arg(
+        value_name = "CIDR",
+        long,
+        env = "BEEMESH_SERVICE_CIDR",
+        default_value = "10.43.0.0/16"
+    )]
+    pub service_cidr: Ipv4Net,
     /// A Hostname address for the node; reported only if it resolves (API servers try
     /// Hostname first, and an unresolvable one breaks kubectl logs and exec).
     #[arg(value_name = "NAME", long, env = "BEEMESH_NODE_HOSTNAME")]

@@ -26,6 +26,7 @@ use crate::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHan
 use crate::metrics::Metrics;
 use crate::node::enroll::NodeEnrollment;
 use crate::node::owner::{self, OwnerConfig};
+use crate::node::subnets::{self, SubnetPool};
 use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
 use crate::runtime::{translate, Runtime};
@@ -300,6 +301,8 @@ async fn node(args: NodeArgs) -> Result<()> {
             args.node_name
         );
     }
+    let pod_subnets = SubnetPool::new(args.mesh_pod_cidr, args.mesh_pod_subnet_prefix)
+        .context("--mesh-pod-subnet-prefix does not fit --mesh-pod-cidr")?;
     let env = |name: &str| std::env::var(name).ok();
     let source = cluster::config_source(
         args.kubeconfig.as_deref(),
@@ -424,9 +427,22 @@ async fn node(args: NodeArgs) -> Result<()> {
                 hostname,
                 kubelet_port: args.kubelet_port,
             };
-            cluster::check_node_name(&client, &args.node_name)
+            let node_pod_cidrs = cluster::check_node_name(&client, &args.node_name)
                 .await
                 .context("cannot register the node (--node-name)")?;
+            let cluster_cidrs: Vec<_> = [
+                ("cluster pod CIDR (--cluster-cidr)", args.cluster_cidr),
+                ("cluster service CIDR (--service-cidr)", args.service_cidr),
+            ]
+            .into_iter()
+            .chain(
+                node_pod_cidrs
+                    .into_iter()
+                    .map(|cidr| ("pod CIDR of the node's Node", cidr)),
+            )
+            .collect();
+            subnets::check_apart(args.mesh_pod_cidr, &cluster_cidrs)
+                .context("--mesh-pod-cidr must be apart from the cluster's addresses")?;
             println!("node {peer} is Kubernetes node {}", args.node_name);
             let tunnel = kubelet::tunnel::TunnelConfig {
                 mode: args.k3s_tunnel,
@@ -476,6 +492,7 @@ async fn node(args: NodeArgs) -> Result<()> {
             lease: Duration::from_secs(args.lease_seconds),
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             node_name: args.node_name.clone(),
+            pod_subnets,
             reject_too_big_after: api
                 .is_some()
                 .then(|| Duration::from_secs(args.agent_loss_seconds)),

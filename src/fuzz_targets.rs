@@ -637,6 +637,7 @@ fn check_pod(pod: &Pod) {
     let volumes_dir = Path::new("/var/lib/beemesh/pods/p/volumes");
     let files_dir = Path::new("/run/beemesh/pods/p/files");
     let ctx = PlanContext {
+        pod_subnet: None,
         agent: "agent",
         owner: "owner",
         epoch: Epoch(3),

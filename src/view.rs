@@ -158,6 +158,7 @@ mod tests {
                 runtime_error: runtime_error.map(str::to_string),
                 ..AgentHealth::default()
             },
+            pod_subnets: Vec::new(),
         }
     }
 

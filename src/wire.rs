@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::PeerId;
 use serde::de::DeserializeOwned;
@@ -280,6 +281,10 @@ pub struct Heartbeat {
     /// An agent that says nothing is healthy (agents before this field).
     #[serde(default)]
     pub health: AgentHealth,
+    /// The subnets the agent's pods run in (each given by an owner, see
+    /// [`Assign::pod_subnet`]): a restarted owner takes its agents' subnets back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_subnets: Vec<Ipv4Net>,
 }
 
 /// Everything sent on a gossip topic.
@@ -347,6 +352,10 @@ pub struct Assign {
     /// relaxed pod, which runs through partitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// The agent's subnet of the owner's mesh pod CIDR, on which the pod runs (a Podman
+    /// network the agent keeps for it); none puts it on Podman's default network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_subnet: Option<Ipv4Net>,
 }
 
 /// One file of a volume whose content the owner provides.
@@ -971,6 +980,7 @@ mod tests {
             storage_bytes: 100 << 30,
             seq: 1_700_000_000_000_001,
             sent_at_ms: 1_700_000_000_000,
+            pod_subnets: vec!["10.64.3.0/24".parse().expect("cidr")],
             health: AgentHealth {
                 runtime_error: Some("ping: connection refused".into()),
                 disk_pressure: true,
@@ -1015,6 +1025,7 @@ mod tests {
                         mode: 0o640,
                     }],
                 )]),
+                pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
                 pull_credentials: vec![RegistryCredential {
                     registry: "registry:5000".into(),
                     username: "u".into(),
@@ -1158,6 +1169,7 @@ mod tests {
             seq: 0,
             sent_at_ms: 0,
             health: AgentHealth::default(),
+            pod_subnets: Vec::new(),
         };
         let (bytes, largest) =
             heartbeat_size(&GossipMessage::Heartbeat(heartbeat.clone())).expect("encodes");
@@ -1187,6 +1199,7 @@ mod tests {
             seq: 0,
             sent_at_ms: 0,
             health: AgentHealth::default(),
+            pod_subnets: Vec::new(),
         });
         let bytes = encode(&hb, MAX_GOSSIP_BYTES).expect("encodes");
         assert!(matches!(

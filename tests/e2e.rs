@@ -1124,6 +1124,39 @@ fn pods_offered_together_spread_over_equal_agents() {
     });
     let distinct: BTreeSet<&String> = runners.iter().collect();
     assert_eq!(distinct.len(), 3, "one pod per agent: {runners:?}");
+    // Each agent runs its pods on its own subnet of the mesh pod CIDR, so their IPs
+    // are unique across the mesh, not Podman's default network's on every agent.
+    let mesh_cidr: ipnet::Ipv4Net = "10.64.0.0/12".parse().expect("cidr");
+    let subnets: BTreeSet<ipnet::Ipv4Net> = (0..3)
+        .map(|i| {
+            let name = format!("e2e-spread-{i}");
+            let ip = mesh.wait_for(&format!("{name}'s IP"), Duration::from_secs(20), || {
+                mesh.pod_status("default", &name)
+                    .and_then(|p| p["ip"].as_str()?.parse::<std::net::Ipv4Addr>().ok())
+            });
+            assert!(mesh_cidr.contains(&ip), "{name}: {ip}");
+            ipnet::Ipv4Net::new(ip, 24).expect("prefix").trunc()
+        })
+        .collect();
+    assert_eq!(subnets.len(), 3, "one subnet per agent: {subnets:?}");
+    for subnet in subnets {
+        let network = format!("beemesh-{}-24", subnet.network());
+        let inspect = std::process::Command::new("podman")
+            .args([
+                "network",
+                "inspect",
+                &network,
+                "--format",
+                "{{range .Subnets}}{{.Subnet}}{{end}} {{.DNSEnabled}}",
+            ])
+            .output()
+            .expect("podman network inspect");
+        assert_eq!(
+            String::from_utf8_lossy(&inspect.stdout).trim(),
+            format!("{subnet} false"),
+            "{network}"
+        );
+    }
 }
 
 #[test]
@@ -1788,6 +1821,117 @@ fn agents_run_only_what_their_policy_allows_and_name_the_rule_otherwise() {
             "{rule} counted once: {metrics}"
         );
     }
+}
+
+#[test]
+fn mesh_pod_subnet_flags_that_cannot_work_stop_the_node_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (flags, reason) in [
+        (
+            [
+                "--mesh-pod-cidr",
+                "10.64.0.0/16",
+                "--mesh-pod-subnet-prefix",
+                "12",
+            ],
+            "the per-agent prefix /12 is shorter than the mesh pod CIDR 10.64.0.0/16",
+        ),
+        (
+            [
+                "--mesh-pod-cidr",
+                "10.64.0.0/16",
+                "--mesh-pod-subnet-prefix",
+                "31",
+            ],
+            "the per-agent prefix /31 leaves no room for pods (at most /30)",
+        ),
+        (
+            [
+                "--mesh-pod-cidr",
+                "10.64.0.0",
+                "--mesh-pod-subnet-prefix",
+                "24",
+            ],
+            "invalid value '10.64.0.0' for '--mesh-pod-cidr <CIDR>'",
+        ),
+    ] {
+        let mut node = std::process::Command::new(common::bin())
+            .args([
+                "node",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--pod-manifest-path",
+            ])
+            .arg(dir.path())
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("beemesh node");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while node.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = node.kill();
+                panic!("{flags:?}: the node started");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = node.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}: {stderr}");
+        assert!(stderr.contains(reason), "{flags:?}: {stderr}");
+    }
+}
+
+/// A veth pair whose first end holds `address`, as a network of the host the agent
+/// runs on (its route is what the agent checks); removed when dropped.
+struct HostNetwork(String);
+
+impl HostNetwork {
+    fn up(address: &str) -> HostNetwork {
+        let name = format!("bmt{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let peer = format!("{name}p");
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+        let network = HostNetwork(name.clone());
+        ip(&["addr", "add", address, "dev", &name]);
+        ip(&["link", "set", &name, "up"]);
+        ip(&["link", "set", &peer, "up"]);
+        network
+    }
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn an_agent_refuses_a_pod_subnet_over_its_hosts_own_network() {
+    let host_network = HostNetwork::up("10.78.0.1/16");
+    let mut mesh = Mesh::with_node_args(&["--mesh-pod-cidr", "10.78.0.0/16"]);
+    mesh.start_agent(&[]);
+    mesh.write_manifest("pod.yaml", &SLEEPER.replace("e2e-mover", "e2e-overlap"));
+    wait_message(
+        &mesh,
+        "e2e-overlap",
+        &format!(
+            "the pod subnet 10.78.0.0/24 overlaps this host's network 10.78.0.0/16 on {}",
+            host_network.0
+        ),
+    );
+    assert!(podman_pods("io.beemesh.pod.name=e2e-overlap").is_empty());
 }
 
 #[test]

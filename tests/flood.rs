@@ -85,6 +85,7 @@ fn heartbeat(seq: u64) -> GossipMessage {
         seq,
         sent_at_ms: beemesh::trust::replay::unix_millis(),
         health: Default::default(),
+        pod_subnets: Vec::new(),
     })
 }
 

@@ -292,6 +292,7 @@ mod seeds {
                     pull_credentials: Vec::new(),
                     statement: signed(pod, &owner, &agent),
                     lease_ms: Some(15_000),
+                    pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
                 })),
             ));
         }
@@ -399,6 +400,7 @@ mod seeds {
                         runtime_error: Some("ping: connection refused".into()),
                         ..AgentHealth::default()
                     },
+                    pod_subnets: vec!["10.64.3.0/24".parse().expect("cidr")],
                 }),
             ),
         ];

@@ -2998,6 +2998,36 @@ fn the_node_refuses_a_name_a_node_it_did_not_register_has() {
     );
 }
 
+#[test]
+fn a_mesh_pod_cidr_that_overlaps_the_clusters_addresses_stops_the_node_with_the_reason() {
+    // The cluster's Service CIDR (k3s's default, as --service-cidr says).
+    let mut cluster = Cluster::start(&["--mesh-pod-cidr", "10.43.128.0/17"]);
+    let output = node_exit_output(&mut cluster);
+    assert!(
+        output.contains("the mesh pod CIDR 10.43.128.0/17 overlaps the cluster service CIDR (--service-cidr) 10.43.0.0/16"),
+        "{output}"
+    );
+    // The pod CIDR the cluster gave the node's Node, where --cluster-cidr says
+    // otherwise.
+    const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: beemesh, labels: {beemesh.io/mesh: \"true\"}}\nspec: {podCIDR: 10.77.3.0/24, podCIDRs: [10.77.3.0/24]}\n";
+    let mut cluster = Cluster::start_after(
+        NODE,
+        &[
+            "--mesh-pod-cidr",
+            "10.77.0.0/16",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ],
+    );
+    let output = node_exit_output(&mut cluster);
+    assert!(
+        output.contains(
+            "the mesh pod CIDR 10.77.0.0/16 overlaps the pod CIDR of the node's Node 10.77.3.0/24"
+        ),
+        "{output}"
+    );
+}
+
 /// Termination messages as the kubelet reports them: what a container wrote to its
 /// `terminationMessagePath`, or with `FallbackToLogsOnError` the end of its log when it
 /// failed, in its terminated state.

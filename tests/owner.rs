@@ -11,6 +11,7 @@ use std::time::Duration;
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
 use beemesh::node::owner::OwnerConfig;
+use beemesh::node::subnets::SubnetPool;
 use beemesh::node::{Node, NodeConfig};
 use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
@@ -77,6 +78,7 @@ fn heartbeat(seq: &Sequencer, free_cpu_millis: u64, pods: Vec<HostedPod>) -> Gos
         seq,
         sent_at_ms,
         health: Default::default(),
+        pod_subnets: Vec::new(),
     })
 }
 
@@ -1277,6 +1279,129 @@ async fn when_every_agent_picked_declines_the_owner_asks_the_agents() {
         counter(&node_metrics, "beemesh_placements_total{path=\"offer\"}"),
         1
     );
+    cancel.cancel();
+}
+
+/// Heartbeats of both agents (agent 0 emptier), agent 1's saying its pods run in
+/// `claimed`, every 300 ms until aborted.
+fn beats_claiming(
+    agents: &[ScriptedAgent],
+    claimed: ipnet::Ipv4Net,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    agents
+        .iter()
+        .enumerate()
+        .map(|(i, agent)| {
+            let handle = agent.handle.clone();
+            let seq = Sequencer::default();
+            tokio::spawn(async move {
+                loop {
+                    let GossipMessage::Heartbeat(mut beat) =
+                        heartbeat(&seq, [8000, 2000][i], vec![])
+                    else {
+                        unreachable!("a heartbeat");
+                    };
+                    if i == 1 {
+                        beat.pod_subnets = vec![claimed];
+                    }
+                    let _ = handle.publish(&GossipMessage::Heartbeat(beat)).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+fn cidr(text: &str) -> ipnet::Ipv4Net {
+    text.parse().expect("cidr")
+}
+
+#[tokio::test]
+async fn each_agent_runs_pods_on_its_own_subnet_and_subnets_heartbeats_claim_are_kept() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene(POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        pod_subnets: SubnetPool::new(cidr("10.64.0.0/23"), 24).expect("pool"),
+        ..OwnerConfig::default()
+    })
+    .await;
+    // Agent 1 already runs pods on the pool's first subnet (the owner restarted, say).
+    let _beats = beats_claiming(&agents, cidr("10.64.0.0/24"));
+    let (assign, reply) = placed_directly(&mut agents[0], "assignment to the emptier").await;
+    assert_eq!(
+        assign.pod_subnet,
+        Some(cidr("10.64.1.0/24")),
+        "the free subnet"
+    );
+    reply
+        .send(Response::Declined {
+            reason: "busy".into(),
+        })
+        .expect("reply");
+    let (assign, reply) = placed_directly(&mut agents[1], "assignment to the next").await;
+    assert_eq!(assign.statement.agent, PeerRef(agent_ids[1]));
+    assert_eq!(
+        assign.pod_subnet,
+        Some(cidr("10.64.0.0/24")),
+        "the claimed subnet"
+    );
+    reply.send(Response::Ack).expect("reply");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn an_agent_no_subnet_is_left_for_gets_no_pod_and_the_pod_says_why() {
+    let Scene {
+        cancel,
+        dir: _manifests,
+        node_id,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene(POD, |agent_ids| OwnerConfig {
+        adopt_window: Duration::from_millis(500),
+        retry_interval: Duration::from_secs(30),
+        offer_window: Duration::from_secs(30),
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        // One subnet, which agent 1 holds.
+        pod_subnets: SubnetPool::new(cidr("10.64.0.0/24"), 24).expect("pool"),
+        ..OwnerConfig::default()
+    })
+    .await;
+    let _beats = beats_claiming(&agents, cidr("10.64.0.0/24"));
+    // Agent 0, the emptier, is skipped: the assignment goes to agent 1.
+    let (assign, reply) = placed_directly(&mut agents[1], "assignment").await;
+    assert_eq!(assign.pod_subnet, Some(cidr("10.64.0.0/24")));
+    reply
+        .send(Response::Declined {
+            reason: "busy".into(),
+        })
+        .expect("reply");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let message = loop {
+        let view = query_view(&agents[1].handle, node_id).await;
+        let message = view.pods.into_iter().find_map(|p| p.message);
+        if let Some(message) = message.filter(|m| m.contains("subnet")) {
+            break message;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no reason shown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        message.contains(&format!(
+            "{}: no pod subnet left: all 1 /24 subnets of the mesh pod CIDR 10.64.0.0/24",
+            agent_ids[0]
+        )),
+        "{message}"
+    );
+    assert_no_assignment(&mut agents[..1], "an agent without a subnet");
     cancel.cancel();
 }
 

@@ -11,7 +11,7 @@ use beemesh::runtime::dns::ResolvConf;
 use beemesh::runtime::podman::Podman;
 use beemesh::runtime::{
     labels, ContainerEvent, ContainerPlan, ContainerStatus, Interactive, MemoryVolume, Mount,
-    Output, PodPlan, PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams,
+    Output, PodNetwork, PodPlan, PortMapping, Protocol, PullPolicy, Runtime, RuntimeError, Streams,
     TerminalSize, TerminationMessage,
 };
 use beemesh::wire::{Epoch, PodUid, RegistryCredential};
@@ -65,6 +65,7 @@ async fn pod_with(test: &str, change: impl FnOnce(&mut PodPlan)) -> TestPod {
         dns_warnings: Vec::new(),
         host_aliases: Vec::new(),
         memory_volumes: Vec::new(),
+        network: None,
     };
     change(&mut plan);
     let id = runtime.create_pod(&plan).await.expect("pod created");
@@ -811,4 +812,86 @@ async fn container_events_say_which_pod_copy_changed_as_it_happens() {
     }
     assert_eq!(wait_exit(&pod, &id).await.status, ContainerStatus::Exited);
     assert!(seen[1] >= Duration::from_millis(900), "{seen:?}");
+}
+
+/// Removes a Podman network when dropped.
+struct TestNetwork(String);
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("podman")
+            .args(["network", "rm", "-f", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn pods_of_one_subnet_share_the_network_made_for_it_and_a_namesake_elsewhere_is_refused() {
+    let subnet: ipnet::Ipv4Net = "10.79.250.0/24".parse().expect("cidr");
+    let network = PodNetwork::on(subnet);
+    assert_eq!(network.name, "beemesh-10.79.250.0-24");
+    let _cleanup = TestNetwork(network.name.clone());
+    // Two pods at once: one makes the network, the other finds it made (two agents on
+    // one Podman given the same subnet by their owners).
+    let on_subnet = |plan: &mut PodPlan| plan.network = Some(PodNetwork::on(subnet));
+    let (first, second) = tokio::join!(
+        pod_with("subnet-a", on_subnet),
+        pod_with("subnet-b", on_subnet)
+    );
+    let mut ips = Vec::new();
+    for pod in [&first, &second] {
+        let ip = pod.runtime.pod_ip(&pod.id).await.expect("inspect");
+        let Some(std::net::IpAddr::V4(ip)) = ip else {
+            panic!("no IPv4 address: {ip:?}");
+        };
+        assert!(subnet.contains(&ip), "{ip} outside {subnet}");
+        assert_ne!(ip, network.gateway, "the gateway address is the bridge's");
+        ips.push(ip);
+    }
+    assert_ne!(ips[0], ips[1]);
+    // The host reaches the pods on the bridge (the agent dials them there).
+    start(&first, &plan(&first, "web", &["httpd", "-f", "-p", "8080"])).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&(ips[0], 8080).into(), Duration::from_secs(1))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{}:8080 unreachable", ips[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A network of that name on another subnet is not silently used.
+    let other: ipnet::Ipv4Net = "10.79.251.0/24".parse().expect("cidr");
+    let squatter = PodNetwork::on(other);
+    let _cleanup_squatter = TestNetwork(squatter.name.clone());
+    let made = std::process::Command::new("podman")
+        .args([
+            "network",
+            "create",
+            "--subnet",
+            "10.79.252.0/24",
+            &squatter.name,
+        ])
+        .output()
+        .expect("podman network create");
+    assert!(made.status.success(), "{made:?}");
+    let runtime = Podman::new(&format!("unix://{}", common::SOCKET)).expect("client");
+    let plan = PodPlan {
+        name: unique("squatted"),
+        hostname: "testhost".into(),
+        labels: BTreeMap::new(),
+        ports: Vec::new(),
+        dns: None,
+        dns_warnings: Vec::new(),
+        host_aliases: Vec::new(),
+        memory_volumes: Vec::new(),
+        network: Some(squatter),
+    };
+    match runtime.create_pod(&plan).await {
+        Err(RuntimeError::Invalid(message)) => assert_eq!(
+            message,
+            "Podman network beemesh-10.79.251.0-24 exists with subnets [10.79.252.0/24], not 10.79.251.0/24"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop((first, second));
 }

@@ -335,6 +335,7 @@ fn heartbeat(seq: u64, sent_at_ms: u64, pods: Vec<HostedPod>) -> GossipMessage {
         seq,
         sent_at_ms,
         health: Default::default(),
+        pod_subnets: Vec::new(),
     })
 }
 
@@ -423,6 +424,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         volumes: BTreeMap::new(),
         pull_credentials: Vec::new(),
         lease_ms: None,
+        pod_subnet: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "self-signed Assign");
@@ -466,6 +468,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         pull_credentials: Vec::new(),
         statement: forged,
         lease_ms: None,
+        pod_subnet: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "Assign forged as the node's");

@@ -35,6 +35,7 @@ use beemesh::node::desired::DesiredStore;
 use beemesh::node::owner::{
     AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, StatusSink,
 };
+use beemesh::node::subnets::SubnetPool;
 use beemesh::node::{standalone_pod, ApiLink, Node, NodeConfig};
 use beemesh::placement::{self, AgentCapacity};
 use beemesh::trust::replay::{unix_millis, Sequencer};
@@ -44,6 +45,7 @@ use beemesh::wire::{
     self, AgentHealth, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef, PodUid,
     Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateRunning, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
 };
@@ -64,6 +66,15 @@ const FEED_TICK: Duration = Duration::from_millis(100);
 const CONNECT_BATCH: u64 = 100;
 const CONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// What each simulated agent offers: as a mid-size machine.
+/// The mesh pod CIDR of the scale runs: a /24 for each of up to 65,536 agents.
+const SCALE_MESH_POD_CIDR: Ipv4Net = Ipv4Net::new_assert(std::net::Ipv4Addr::new(10, 0, 0, 0), 8);
+
+/// The subnet simulated agent `agent` says its pods run in (a heartbeat's usual size).
+fn agent_subnet(agent: u64) -> Ipv4Net {
+    let index = u32::try_from(agent % (1 << 16)).unwrap_or_default();
+    Ipv4Net::new_assert(std::net::Ipv4Addr::from(0x0A00_0000 | (index << 8)), 24)
+}
+
 const AGENT_CAPACITY: Resources = Resources {
     cpu_millis: 16_000,
     memory_bytes: 64 << 30,
@@ -476,6 +487,8 @@ pub async fn owner_role(
                 offer_window: opts
                     .offer_window
                     .unwrap_or(OwnerConfig::default().offer_window),
+                // Room for 65,536 agents (the default CIDR holds 4,096).
+                pod_subnets: SubnetPool::new(SCALE_MESH_POD_CIDR, 24).expect("a valid pool"),
                 ..OwnerConfig::default()
             },
             enrollment: None,
@@ -902,6 +915,7 @@ impl SimAgent {
             seq,
             sent_at_ms,
             health: AgentHealth::default(),
+            pod_subnets: Vec::new(),
         });
         let size = wire::encode(&message, wire::MAX_GOSSIP_BYTES).map_or(0, |b| b.len() as u64);
         if self.mesh.publish(&message).await.is_ok() {
@@ -1170,6 +1184,7 @@ pub async fn track(opts: TrackOptions, out: mpsc::UnboundedSender<Value>) {
             seq: seq.0,
             sent_at_ms: seq.1,
             health: AgentHealth::default(),
+            pod_subnets: vec![agent_subnet(agent)],
         })
     };
     let mut heartbeat_bytes = 0usize;
@@ -1305,6 +1320,7 @@ pub async fn place(opts: PlaceOptions, out: mpsc::UnboundedSender<Value>) {
                 seq,
                 sent_at_ms,
                 health: AgentHealth::default(),
+                pod_subnets: Vec::new(),
             },
         );
     }

@@ -11,6 +11,7 @@ mod hook;
 mod kubelet;
 pub(crate) mod lease;
 pub mod probe;
+mod routes;
 mod runtime_events;
 pub mod status;
 pub(crate) mod store;
@@ -20,12 +21,13 @@ mod termination;
 mod volumes;
 pub mod watchdog;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
@@ -118,6 +120,8 @@ struct Hosted {
     stopping: bool,
     /// Its termination grace period.
     grace: Duration,
+    /// The subnet of its network (see [`Provided::pod_subnet`]).
+    pod_subnet: Option<Ipv4Net>,
 }
 
 impl Hosted {
@@ -482,6 +486,7 @@ impl Agent {
                 Provided {
                     volumes: BTreeMap::new(),
                     pull_credentials: record.pull_credentials,
+                    pod_subnet: record.pod_subnet,
                 },
                 record.statement,
                 Some(existing),
@@ -792,6 +797,7 @@ impl Agent {
         let requests = translate::pod_requests(&pod).unwrap_or_default();
         let host_ports = translate::host_ports(&pod);
         let grace = Duration::from_secs(translate::grace_period_secs(&pod));
+        let pod_subnet = provided.pod_subnet;
         let worker = supervisor::spawn(
             self.worker_ctx.clone(),
             pod_ref.clone(),
@@ -812,6 +818,7 @@ impl Agent {
                 status: None,
                 stopping: false,
                 grace,
+                pod_subnet,
             },
         );
         self.metrics.pods.set(self.pods.len() as i64);
@@ -1108,7 +1115,11 @@ impl Agent {
                 if existing.statement.spec_digest != assign.statement.spec_digest {
                     existing.worker.set_pod(assign.pod.clone());
                 }
-                if let Err(e) = self.save_assignment(&pod_ref.uid, &assign).await {
+                let pod_subnet = existing.pod_subnet;
+                if let Err(e) = self
+                    .save_assignment(&pod_ref.uid, &assign, pod_subnet)
+                    .await
+                {
                     return Response::Error {
                         message: e.to_string(),
                     };
@@ -1174,7 +1185,21 @@ impl Agent {
             self.metrics.policy_refused(&refusal.rule);
             return self.refuse_assign(owner, &pod_ref, "policy", refusal.to_string());
         }
-        if let Err(e) = self.save_assignment(&pod_ref.uid, &assign).await {
+        if let Some(subnet) = assign.pod_subnet {
+            let routes = routes::host_routes().await;
+            if let Some(route) = routes::overlapping(&routes, subnet) {
+                let reason = format!(
+                    "the pod subnet {subnet} overlaps this host's network {} on {} (the node's --mesh-pod-cidr must be apart from the agents' networks)",
+                    route.destination, route.interface
+                );
+                tracing::warn!(pod = %pod_ref, %reason, "assignment refused");
+                return self.refuse_assign(owner, &pod_ref, "pod_subnet", reason);
+            }
+        }
+        if let Err(e) = self
+            .save_assignment(&pod_ref.uid, &assign, assign.pod_subnet)
+            .await
+        {
             return Response::Declined {
                 reason: e.to_string(),
             };
@@ -1234,6 +1259,7 @@ impl Agent {
             Provided {
                 volumes: assign.volumes,
                 pull_credentials: assign.pull_credentials,
+                pod_subnet: assign.pod_subnet,
             },
             assign.statement,
             adopted,
@@ -1246,6 +1272,7 @@ impl Agent {
         &self,
         uid: &PodUid,
         assign: &Assign,
+        pod_subnet: Option<Ipv4Net>,
     ) -> Result<(), store::StoreError> {
         self.store
             .save(
@@ -1254,6 +1281,7 @@ impl Agent {
                 &assign.pod,
                 &assign.pull_credentials,
                 assign.lease_ms,
+                pod_subnet,
             )
             .await
     }
@@ -1428,6 +1456,13 @@ impl Agent {
             seq,
             sent_at_ms,
             health: self.health.clone(),
+            pod_subnets: self
+                .pods
+                .values()
+                .filter_map(|h| h.pod_subnet)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         }
     }
 

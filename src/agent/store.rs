@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,9 @@ pub struct StoredAssignment {
     /// it stops it rather than guess.
     #[serde(default)]
     pub lease_ms: Option<u64>,
+    /// The subnet of the pod's network, as first assigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_subnet: Option<Ipv4Net>,
 }
 
 impl StoredAssignment {
@@ -65,6 +69,7 @@ impl AssignmentStore {
         pod: &Pod,
         pull_credentials: &[RegistryCredential],
         lease_ms: Option<u64>,
+        pod_subnet: Option<Ipv4Net>,
     ) -> Result<(), StoreError> {
         let path = self.path(uid);
         let err = |source| StoreError {
@@ -76,6 +81,7 @@ impl AssignmentStore {
             pod: pod.clone(),
             pull_credentials: pull_credentials.to_vec(),
             lease_ms,
+            pod_subnet,
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
         // Whole or not at all: a restarted agent must not find half a record.
@@ -161,7 +167,7 @@ mod tests {
                 signature: String::new(),
             };
             store
-                .save(&uid, &statement, &Pod::default(), &[], None)
+                .save(&uid, &statement, &Pod::default(), &[], None, None)
                 .await
                 .expect("saves");
             assert!(store.path(&uid).starts_with(dir.path().join("assignments")));

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Container, Lifecycle, LifecycleHandler, Pod, PodStatus};
 use k8s_openapi::jiff::Timestamp;
 use libp2p::PeerId;
@@ -125,6 +126,8 @@ pub struct Provided {
     pub volumes: BTreeMap<String, Vec<VolumeFile>>,
     /// The pod's registry logins, each given to Podman only with a pull it is for.
     pub pull_credentials: Vec<RegistryCredential>,
+    /// The agent's subnet of the owner's mesh pod CIDR, where the pod's network is.
+    pub pod_subnet: Option<Ipv4Net>,
 }
 
 /// The agent's handle on one supervisor task.
@@ -174,13 +177,26 @@ pub fn spawn(
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (poke_tx, poke_rx) = mpsc::channel(1);
-    let (credentials_tx, credentials_rx) = watch::channel(provided.pull_credentials);
+    let Provided {
+        volumes,
+        pull_credentials,
+        pod_subnet,
+    } = provided;
+    let (credentials_tx, credentials_rx) = watch::channel(pull_credentials);
     let (pod_tx, pod_rx) = watch::channel(None);
     let updates = Updates {
         pull_credentials: credentials_rx,
         pod: pod_rx,
     };
-    let worker = Worker::new(ctx, pod_ref, pod, provided.volumes, updates, epoch, owner);
+    let worker = Worker::new(
+        ctx,
+        pod_ref,
+        pod,
+        (volumes, pod_subnet),
+        updates,
+        epoch,
+        owner,
+    );
     tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
     WorkerHandle {
         stop: stop_tx,
@@ -317,6 +333,8 @@ struct Worker {
     /// are already written).
     volumes: BTreeMap<String, Vec<VolumeFile>>,
     updates: Updates,
+    /// The subnet of the pod's network, as first assigned (see [`Provided`]).
+    pod_subnet: Option<Ipv4Net>,
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
@@ -346,7 +364,7 @@ impl Worker {
         ctx: WorkerContext,
         pod_ref: PodRef,
         pod: Pod,
-        volumes: BTreeMap<String, Vec<VolumeFile>>,
+        (volumes, pod_subnet): (BTreeMap<String, Vec<VolumeFile>>, Option<Ipv4Net>),
         updates: Updates,
         epoch: Epoch,
         owner: PeerId,
@@ -376,6 +394,7 @@ impl Worker {
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
             files_dir: ctx.files_dir(&pod_ref.uid, epoch),
             volumes,
+            pod_subnet,
             updates,
             ctx,
             pod_ref,
@@ -478,6 +497,7 @@ impl Worker {
             files_dir: &self.files_dir,
             pod_ip: self.pod_ip,
             host_ip: self.ctx.host_ip,
+            pod_subnet: self.pod_subnet,
             node_name: &self.ctx.node_name,
             host_dns: &self.host_dns,
             memory_dirs: &self.memory_dirs,

@@ -15,6 +15,7 @@ pub mod trust_secret;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ipnet::Ipv4Net;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use tokio::sync::watch;
@@ -134,14 +135,17 @@ pub async fn client_ca(client: &Client) -> Result<String, ClusterError> {
 }
 
 /// Refuses a node name that a Node BeeMesh did not register already has (a typo of a
-/// real node's name would otherwise take that node over and its pods with it).
-pub async fn check_node_name(client: &Client, name: &str) -> Result<(), ClusterError> {
+/// real node's name would otherwise take that node over and its pods with it). Returns
+/// the pod CIDRs the cluster gave the node's Node, if it exists: parts of the
+/// cluster's pod CIDR, which the mesh pod CIDR must be apart from.
+pub async fn check_node_name(client: &Client, name: &str) -> Result<Vec<Ipv4Net>, ClusterError> {
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
     match nodes.get_opt(name).await.map_err(ClusterError::Client)? {
         Some(node) if !node_object::is_ours(&node) => Err(ClusterError::ForeignNode {
             name: name.to_string(),
         }),
-        _ => Ok(()),
+        Some(node) => Ok(node_object::pod_cidrs(&node)),
+        None => Ok(Vec::new()),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
     NodeSystemInfo, Taint,
@@ -54,6 +55,17 @@ pub fn is_ours(node: &Node) -> bool {
         .as_ref()
         .and_then(|labels| labels.get(MESH_LABEL))
         .is_some_and(|value| value == "true")
+}
+
+/// The IPv4 pod CIDRs the cluster's node IPAM gave `node` (`spec.podCIDRs`).
+pub fn pod_cidrs(node: &Node) -> Vec<Ipv4Net> {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.pod_cidrs.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()))
+        .filter_map(|cidr| cidr.parse().ok())
+        .collect()
 }
 
 /// A new Node object (status is written separately, through nodes/status).

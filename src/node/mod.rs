@@ -10,6 +10,7 @@ pub mod manifests;
 pub mod owner;
 mod printer;
 pub mod resolve;
+pub mod subnets;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

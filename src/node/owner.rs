@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
     PodCondition, PodSpec, PodStatus,
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 
 use super::display::{pod_display, unscheduled};
 use super::resolve::{ResolveError, Resolved};
+use super::subnets::{Exhausted, SubnetPool};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
 use crate::fencing::{fencing_of, Fencing};
@@ -141,6 +143,9 @@ pub struct OwnerConfig {
     /// the scheduler can act. None (standalone: the node is the only scheduler) keeps
     /// them waiting for a larger agent to join.
     pub reject_too_big_after: Option<Duration>,
+    /// The mesh pod CIDR (`--mesh-pod-cidr`) and the prefix of each agent's subnet of
+    /// it: an empty pool, as configured.
+    pub pod_subnets: SubnetPool,
 }
 
 /// The epoch floor of the owner's `start`-th run (counted in its persisted trust
@@ -165,6 +170,7 @@ impl Default for OwnerConfig {
             fencing_margin: Duration::from_secs(5),
             node_name: "beemesh".into(),
             reject_too_big_after: None,
+            pod_subnets: SubnetPool::default(),
             // Without a persisted count (demos with --insecure-trust-any, tests): the
             // clock in seconds, below every counted run's floor.
             epoch_floor: Epoch(
@@ -357,6 +363,8 @@ pub struct Owner {
     release_retries: Backoff<(PeerId, PodUid)>,
     /// Every agent was lost at once, and none has been heard since.
     cut_off: bool,
+    /// Each agent's subnet of the mesh pod CIDR.
+    subnets: SubnetPool,
 }
 
 /// A Release is sent again after this while the agent still lists the copy, doubling
@@ -410,7 +418,7 @@ struct AssignmentDraft {
 }
 
 impl AssignmentDraft {
-    fn signed_for(&self, agent: PeerId) -> Assign {
+    fn signed_for(&self, agent: PeerId, pod_subnet: Option<Ipv4Net>) -> Assign {
         let statement = statement::sign(
             &self.signer,
             statement::Assignment {
@@ -428,6 +436,7 @@ impl AssignmentDraft {
             pull_credentials: Vec::clone(&self.pull_credentials),
             statement,
             lease_ms: self.lease_ms,
+            pod_subnet,
         }
     }
 }
@@ -565,6 +574,7 @@ impl Owner {
             runtime_down_since: HashMap::new(),
             release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
             cut_off: false,
+            subnets: config.pod_subnets.clone(),
             config,
             signer,
             mesh,
@@ -858,7 +868,22 @@ impl Owner {
 
     /// The assignment of `owned` at its epoch to `agent`, signed for that agent.
     fn assign(&self, owned: &OwnedPod, agent: PeerId) -> Assign {
-        self.draft(owned).signed_for(agent)
+        self.draft(owned)
+            .signed_for(agent, self.subnets.subnet_of(&agent))
+    }
+
+    /// The agent's subnet of the mesh pod CIDR, given it now if it has none: the
+    /// subnet of an agent gone for good (not heard from, no pods placed there) is
+    /// given again once every subnet is taken.
+    fn pod_subnet(&mut self, agent: PeerId) -> Result<Ipv4Net, Exhausted> {
+        let (agents, placed_on) = (&self.agents, &self.placed_on);
+        let allocated = self.subnets.allocate(agent, |gone| {
+            agents.get(gone).is_none() && placed_on.get(gone).is_none_or(HashSet::is_empty)
+        });
+        if let Err(exhausted) = &allocated {
+            tracing::warn!(%agent, %exhausted, "agent gets no pod subnet");
+        }
+        allocated
     }
 
     fn draft(&self, owned: &OwnedPod) -> AssignmentDraft {
@@ -1441,6 +1466,10 @@ impl Owner {
         owned.lost_copy = None;
         let (pod_ref, epoch) = (owned.pod_ref.clone(), owned.epoch);
         let draft = self.draft(&self.pods[uid]);
+        let agents: Vec<_> = agents
+            .into_iter()
+            .map(|agent| (agent, self.pod_subnet(agent)))
+            .collect();
         let mesh = self.mesh.clone();
         let internal = self.internal_tx.clone();
         let uid = uid.clone();
@@ -1448,8 +1477,14 @@ impl Owner {
         tokio::spawn(async move {
             let mut reasons = Vec::new();
             let mut unanswered = false;
-            for agent in agents {
-                let assign = draft.signed_for(agent);
+            for (agent, pod_subnet) in agents {
+                let assign = match pod_subnet {
+                    Ok(subnet) => draft.signed_for(agent, Some(subnet)),
+                    Err(exhausted) => {
+                        reasons.push((agent, exhausted.to_string()));
+                        continue;
+                    }
+                };
                 match mesh.request(agent, Request::Assign(Box::new(assign))).await {
                     Ok(Response::Ack) => {
                         metrics.assignments.inc();
@@ -1654,6 +1689,9 @@ impl Owner {
             self.metrics.dropped("heartbeat", replay.kind());
             tracing::debug!(%agent, %replay, "heartbeat dropped");
             return;
+        }
+        for subnet in &heartbeat.pod_subnets {
+            self.subnets.claim(agent, *subnet);
         }
         let me = self.me();
         let hosted: Vec<_> = heartbeat

@@ -38,6 +38,8 @@ pub mod labels {
     pub const ATTEMPT: &str = "io.beemesh.attempt";
     /// On memory volumes: the Podman pod whose sandbox holds them.
     pub const PODMAN_POD: &str = "io.beemesh.podman-pod";
+    /// On networks: a mesh pod subnet's network (see [`super::PodNetwork`]).
+    pub const NETWORK: &str = "io.beemesh.network";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,30 @@ pub struct PodPlan {
     pub host_aliases: Vec<(String, IpAddr)>,
     /// Memory-backed emptyDirs: tmpfs volumes that live as long as the pod's sandbox.
     pub memory_volumes: Vec<MemoryVolume>,
+    /// The network of the agent's mesh pod subnet; None for the runtime's default.
+    pub network: Option<PodNetwork>,
+}
+
+/// A bridge network on one subnet of the mesh pod CIDR, shared by the pods the agent
+/// runs on it and made when the first needs it. Named after its subnet, so that agents
+/// sharing one Podman share it rather than collide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub name: String,
+    pub subnet: ipnet::Ipv4Net,
+    /// The subnet's first address, the bridge's own.
+    pub gateway: std::net::Ipv4Addr,
+}
+
+impl PodNetwork {
+    pub fn on(subnet: ipnet::Ipv4Net) -> PodNetwork {
+        let subnet = subnet.trunc();
+        PodNetwork {
+            name: format!("beemesh-{}-{}", subnet.network(), subnet.prefix_len()),
+            gateway: std::net::Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1)),
+            subnet,
+        }
+    }
 }
 
 /// An emptyDir with `medium: Memory`.

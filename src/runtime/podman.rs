@@ -17,16 +17,16 @@ use podman_api::models::{ContainerMount, LinuxResources, NamedVolume, PortMappin
 use podman_api::opts::{
     ContainerAttachOpts, ContainerCreateOpts, ContainerDeleteOpts, ContainerListFilter,
     ContainerListOpts, ContainerLogsOpts, ContainerStatsOpts, EventsOpts, ExecCreateOpts,
-    ExecStartOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts, RegistryAuth,
-    VolumeCreateOpts, VolumeListFilter, VolumeListOpts,
+    ExecStartOpts, NetworkCreateOpts, PodCreateOpts, PodListFilter, PodListOpts, PullOpts,
+    RegistryAuth, VolumeCreateOpts, VolumeListFilter, VolumeListOpts,
 };
 use podman_api::Podman as Client;
 
 use super::{
     image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
-    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodPlan, Protocol, PullPolicy,
-    Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams, TerminalSize,
-    Usage,
+    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodNetwork, PodPlan, Protocol,
+    PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams,
+    TerminalSize, Usage,
 };
 use crate::wire::RegistryCredential;
 
@@ -228,6 +228,61 @@ impl Podman {
             .await
             .map(|_| ())
             .map_err(classify)
+    }
+
+    /// The pod network, made unless it exists (another agent on this Podman may have
+    /// made it, even at the same moment). Without Podman's DNS: pods resolve as their
+    /// spec says, and the subnet's gateway address stays free for the agent.
+    async fn ensure_network(&self, network: &PodNetwork) -> Result<(), RuntimeError> {
+        path_safe("network", &network.name)?;
+        let existing = || async {
+            match self.client.networks().get(&network.name).inspect().await {
+                Ok(found) => Ok(Some(found)),
+                Err(e) => match classify(e) {
+                    RuntimeError::NotFound(_) => Ok(None),
+                    other => Err(other),
+                },
+            }
+        };
+        let found = match existing().await? {
+            Some(found) => found,
+            None => {
+                let opts = NetworkCreateOpts::builder()
+                    .name(&network.name)
+                    .driver("bridge")
+                    .dns_enabled(false)
+                    .labels([(labels::NETWORK.to_owned(), "true".to_owned())])
+                    .subnets([podman_api::models::Subnet {
+                        subnet: Some(network.subnet.to_string()),
+                        gateway: Some(network.gateway.to_string()),
+                        lease_range: None,
+                    }])
+                    .build();
+                match self.client.networks().create(&opts).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        let error = classify(e);
+                        existing().await?.ok_or(error)?
+                    }
+                }
+            }
+        };
+        let subnets: Vec<String> = found
+            .subnets
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|s| s.subnet)
+            .collect();
+        if subnets.iter().any(|s| *s == network.subnet.to_string()) {
+            Ok(())
+        } else {
+            Err(RuntimeError::Invalid(format!(
+                "Podman network {} exists with subnets [{}], not {}",
+                network.name,
+                subnets.join(", "),
+                network.subnet
+            )))
+        }
     }
 
     /// Removes the memory volumes of a removed pod.
@@ -552,6 +607,9 @@ impl Runtime for Podman {
         for memory in &plan.memory_volumes {
             self.create_memory_volume(plan, memory).await?;
         }
+        if let Some(network) = &plan.network {
+            self.ensure_network(network).await?;
+        }
         let mut opts = PodCreateOpts::builder()
             .name(&plan.name)
             .hostname(&plan.hostname)
@@ -585,6 +643,11 @@ impl Runtime for Podman {
                 .dns_server(resolv.nameservers.clone())
                 .dns_search(searches)
                 .dns_option(options);
+        }
+        if let Some(network) = &plan.network {
+            // "Networks" in Podman 4 and later; podman-api sends only the older name,
+            // which Podman 4 and 5 still read.
+            opts = opts.cni_networks([network.name.clone()]);
         }
         let opts = opts.build();
         let pod = self.client.pods().create(&opts).await.map_err(classify)?;

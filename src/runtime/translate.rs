@@ -57,8 +57,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::{
-    dns, labels, ContainerPlan, MemoryVolume, Mount, PodPlan, PortMapping, Protocol, PullPolicy,
-    TerminationMessage,
+    dns, labels, ContainerPlan, MemoryVolume, Mount, PodNetwork, PodPlan, PortMapping, Protocol,
+    PullPolicy, TerminationMessage,
 };
 use crate::wire::{Epoch, PodRef, PodUid, Resources};
 
@@ -126,6 +126,8 @@ pub struct PlanContext<'a> {
     pub pod_ip: Option<IpAddr>,
     /// For `status.hostIP` / `status.hostIPs`.
     pub host_ip: Option<IpAddr>,
+    /// The agent's subnet of its owner's mesh pod CIDR, where the pod's network is.
+    pub pod_subnet: Option<ipnet::Ipv4Net>,
     /// For `spec.nodeName`.
     pub node_name: &'a str,
     /// The agent's own resolver configuration, the base of a pod's `dnsConfig`.
@@ -1869,6 +1871,7 @@ pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
             .flatten()
             .collect(),
         name: podman_pod_name(&pod_ref, ctx.epoch),
+        network: ctx.pod_subnet.map(PodNetwork::on),
         hostname: pod_hostname(&pod_ref, spec),
         labels: pod_labels(&pod_ref, ctx),
         ports: running_containers(spec)
@@ -2553,6 +2556,7 @@ mod tests {
             files_dir: Path::new(FILES_DIR),
             pod_ip: None,
             host_ip: None,
+            pod_subnet: None,
             node_name: "beemesh-node",
             host_dns: &HOST_DNS,
             memory_dirs: &NO_MEMORY_DIRS,
