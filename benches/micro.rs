@@ -112,6 +112,8 @@ fn assign() -> Request {
         statement,
         lease_ms: None,
         pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
+        cluster_ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
+        cluster_domain: Some("cluster.local".into()),
     }))
 }
 
@@ -290,6 +292,7 @@ fn spec_translation(c: &mut Criterion) {
         files_dir: Path::new("/run/beemesh/volumes/pod"),
         pod_ip: Some("10.64.3.7".parse().expect("ip")),
         pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
+        cluster_dns: None,
         host_ip: Some("10.0.0.1".parse().expect("ip")),
         node_name: "agent-1",
         host_dns: &host_dns,

@@ -16,16 +16,17 @@ case "${1:-}" in
 esac
 
 need_install=0
-for bin in podman runc conmon curl iptables; do
+for bin in podman runc conmon curl iptables nft; do
   command -v "$bin" >/dev/null 2>&1 || need_install=1
 done
 if [ "$need_install" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # runc named explicitly: apt would otherwise pick crun, which fails here;
-  # iptables is what netavark sets up bridge networking (pods with ports) with.
+  # iptables is what netavark sets up bridge networking (pods with ports) with; nft is
+  # what agents redirect their pods' connections to cluster Services with.
   apt-get install -y -qq podman runc catatonit netavark aardvark-dns buildah busybox-static \
-    fuse-overlayfs slirp4netns uidmap curl iproute2 iptables >/dev/null
+    fuse-overlayfs slirp4netns uidmap curl iproute2 iptables nftables >/dev/null
 fi
 
 ping_service() {

@@ -57,9 +57,9 @@ pub enum Command {
     /// Print this peer's ID (creating its identity key if there is none).
     Id(IdArgs),
     /// Run an agent: join the mesh and run assigned pods under Podman.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run the virtual node: own pods and offer them to the mesh.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show the mesh's agents and pods, as a node sees them.
     Status(StatusArgs),
     /// Manage the join tokens agents enroll with, and the agents enrolled.
@@ -258,6 +258,22 @@ pub struct NodeArgs {
         default_value = "10.42.0.0/16"
     )]
     pub cluster_cidr: Ipv4Net,
+    /// The cluster's DNS, which mesh pods with dnsPolicy ClusterFirst resolve through
+    /// (their agents relay their queries to this node, which asks it): IP or IP:PORT
+    /// (port 53). Default, when the node runs in a pod: its own nameserver, the
+    /// cluster's DNS Service. Without it such pods use their agent's resolver, with the
+    /// kubelet's MissingClusterDNS warning.
+    #[arg(value_name = "IP[:PORT]", long, env = "BEEMESH_CLUSTER_DNS", value_parser = parse_dns_server)]
+    pub cluster_dns: Option<SocketAddr>,
+    /// The cluster's DNS domain (the kubelet's --cluster-domain), for the search paths of
+    /// ClusterFirst pods.
+    #[arg(
+        value_name = "DOMAIN",
+        long,
+        env = "BEEMESH_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
     /// The cluster's Service CIDR (k3s's --service-cidr), checked as --cluster-cidr.
     #[arg(
         value_name = "CIDR",
@@ -504,6 +520,12 @@ fn parse_duration_secs(text: &str) -> Result<u64, String> {
 
 fn parse_cpu(text: &str) -> Result<u64, String> {
     translate::parse_cpu_millis(&Quantity(text.to_string()))
+}
+
+fn parse_dns_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not an IP address or IP:PORT"))
 }
 
 fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {

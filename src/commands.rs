@@ -29,7 +29,7 @@ use crate::node::owner::{self, OwnerConfig};
 use crate::node::subnets::{self, SubnetPool};
 use crate::node::{Node, NodeConfig, NodeDirectory};
 use crate::runtime::podman::Podman;
-use crate::runtime::{translate, Runtime};
+use crate::runtime::{dns, translate, Runtime};
 use crate::tables::{self, human_age};
 use crate::trust::join::{JoinToken, TrustDoc};
 use crate::trust::replay::unix_millis;
@@ -55,8 +55,8 @@ pub fn run_to_end(command: Command) -> Result<()> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Id(args) => id(args),
-        Command::Agent(args) => agent(args).await,
-        Command::Node(args) => node(args).await,
+        Command::Agent(args) => agent(*args).await,
+        Command::Node(args) => node(*args).await,
         Command::Status(args) => status(args).await,
         Command::Token(args) => token(args).await,
         Command::FenceWatchdog(args) => fence_watchdog(args).await,
@@ -414,6 +414,29 @@ async fn node(args: NodeArgs) -> Result<()> {
         println!("node {peer} owns the pods in {}", dir.display());
     }
     let api_cancel = CancellationToken::new();
+    let cluster_dns = match (&source, args.cluster_dns) {
+        (None, _) => None,
+        (_, Some(given)) => Some(given),
+        // In a pod, its nameserver is the cluster's DNS Service.
+        (Some(cluster::ConfigSource::InCluster), None) => {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            dns::parse_resolv_conf(&text)
+                .nameservers
+                .first()
+                .and_then(|ip| ip.parse::<IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        }
+        (Some(_), None) => None,
+    };
+    match cluster_dns {
+        Some(upstream) => {
+            tracing::info!(%upstream, domain = %args.cluster_domain, "relaying mesh pods' DNS queries to the cluster's DNS")
+        }
+        None if source.is_some() => tracing::warn!(
+            "no --cluster-dns: mesh pods with dnsPolicy ClusterFirst use their agents' resolvers"
+        ),
+        None => {}
+    }
     let (api, api_tasks) = match (client.clone(), &kube_config) {
         (Some(client), Some(kube_config)) => {
             if internal_ip.is_none() {
@@ -471,7 +494,10 @@ async fn node(args: NodeArgs) -> Result<()> {
                 client,
                 identity,
                 tunnel_sessions,
-                args.delete_node_on_exit,
+                cluster::Options {
+                    delete_node_on_exit: args.delete_node_on_exit,
+                    relays_cluster_dns: cluster_dns.is_some(),
+                },
                 health.check("node-lease"),
                 gateway,
                 api_cancel.clone(),
@@ -493,12 +519,19 @@ async fn node(args: NodeArgs) -> Result<()> {
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             node_name: args.node_name.clone(),
             pod_subnets,
+            cluster_ranges: if api.is_some() {
+                vec![args.service_cidr]
+            } else {
+                Vec::new()
+            },
+            cluster_domain: cluster_dns.map(|_| args.cluster_domain.clone()),
             reject_too_big_after: api
                 .is_some()
                 .then(|| Duration::from_secs(args.agent_loss_seconds)),
             ..OwnerConfig::default()
         },
         enrollment,
+        cluster_dns,
     };
     let serving = health.check("kubelet-api");
     let backend = KubeletBackend {

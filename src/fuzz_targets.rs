@@ -638,6 +638,7 @@ fn check_pod(pod: &Pod) {
     let files_dir = Path::new("/run/beemesh/pods/p/files");
     let ctx = PlanContext {
         pod_subnet: None,
+        cluster_dns: None,
         agent: "agent",
         owner: "owner",
         epoch: Epoch(3),

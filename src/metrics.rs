@@ -65,6 +65,8 @@ pub struct Metrics {
     pub mesh_request_failures: Family<KindLabel, Counter>,
     /// Connections to the node's gateway ports, by outcome (relayed, refused).
     pub gateway_connections: Family<KindLabel, Counter>,
+    /// Connections of mesh pods to cluster Services, by outcome (relayed, refused).
+    pub cluster_connections: Family<KindLabel, Counter>,
     pub mesh_peers: Gauge,
     /// Outbound requests waiting for room to their peer (see `mesh::window`).
     pub mesh_requests_queued: Gauge,
@@ -112,6 +114,7 @@ impl Metrics {
         let mesh_dropped = Family::<DropLabels, Counter>::default();
         let mesh_request_failures = Family::<KindLabel, Counter>::default();
         let gateway_connections = Family::<KindLabel, Counter>::default();
+        let cluster_connections = Family::<KindLabel, Counter>::default();
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
         let mesh_requests_queued = Gauge::default();
         let (assignments, container_restarts, agents_lost) =
@@ -187,6 +190,11 @@ impl Metrics {
             "Connections to the node's Service gateway ports, by outcome (relayed to a mesh pod, or refused)",
             gateway_connections.clone(),
         );
+        registry.register(
+            "cluster_connections",
+            "Connections of mesh pods to cluster Services relayed by agent and node, by outcome (relayed, refused)",
+            cluster_connections.clone(),
+        );
         registry.register("mesh_peers", "Connected mesh peers", mesh_peers.clone());
         registry.register(
             "mesh_requests_queued",
@@ -225,6 +233,7 @@ impl Metrics {
             mesh_dropped,
             mesh_request_failures,
             gateway_connections,
+            cluster_connections,
             mesh_peers,
             mesh_requests_queued,
             pods,
@@ -319,11 +328,11 @@ impl Metrics {
     }
 
     pub fn gateway_connection(&self, outcome: &str) {
-        self.gateway_connections
-            .get_or_create(&KindLabel {
-                kind: outcome.to_string(),
-            })
-            .inc();
+        count_kind(&self.gateway_connections, outcome);
+    }
+
+    pub fn cluster_connection(&self, outcome: &str) {
+        count_kind(&self.cluster_connections, outcome);
     }
 
     /// The registry in Prometheus' text format.
@@ -355,6 +364,14 @@ impl Metrics {
             .await;
         Ok(())
     }
+}
+
+fn count_kind(family: &Family<KindLabel, Counter>, kind: &str) {
+    family
+        .get_or_create(&KindLabel {
+            kind: kind.to_string(),
+        })
+        .inc();
 }
 
 #[cfg(test)]

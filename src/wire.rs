@@ -356,6 +356,14 @@ pub struct Assign {
     /// network the agent keeps for it); none puts it on Podman's default network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_subnet: Option<Ipv4Net>,
+    /// Addresses in the owner's cluster (its Service CIDR) that the pod's connections
+    /// to are relayed to the owner (see [`CLUSTER_PROTOCOL`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ranges: Vec<Ipv4Net>,
+    /// The cluster's domain, when the owner relays its pods' DNS queries to the
+    /// cluster's DNS (`ClusterFirst` pods then resolve through the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
 }
 
 /// One file of a volume whose content the owner provides.
@@ -394,6 +402,9 @@ pub enum AgentEventReason {
     /// A container could not be created (`Error: …`), e.g. an ephemeral container
     /// the agent's policy refuses.
     Failed,
+    /// The pod's connections to its cluster's Services cannot be relayed (the agent
+    /// cannot set its redirect up).
+    ClusterUnreachable,
     /// From a newer agent: dropped by the owner.
     #[serde(other)]
     Unknown,
@@ -409,6 +420,7 @@ impl AgentEventReason {
             AgentEventReason::FailedPreStopHook => ("FailedPreStopHook", true),
             AgentEventReason::DNSConfigForming => ("DNSConfigForming", true),
             AgentEventReason::Failed => ("Failed", true),
+            AgentEventReason::ClusterUnreachable => ("ClusterUnreachable", true),
             AgentEventReason::Unknown => return None,
         })
     }
@@ -519,6 +531,18 @@ pub struct JoinRequest {
 pub const KUBELET_PROTOCOL: &str = "/beemesh/kubelet/1";
 /// Upper bound of a kubelet stream header.
 pub const MAX_KUBELET_HEADER_BYTES: usize = 64 * 1024;
+
+/// The stream protocol over which an agent relays a connection of one of its pods to
+/// an address in the cluster (a Service's ClusterIP) to the pod's owner, which dials it
+/// inside the cluster: a [`ClusterDial`] header, a [`KubeletAnswer`], then the bytes.
+pub const CLUSTER_PROTOCOL: &str = "/beemesh/cluster/1";
+
+/// A pod's connection to `to` in the cluster, relayed by its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDial {
+    pub pod: PodRef,
+    pub to: std::net::SocketAddr,
+}
 
 /// Which standard streams an interactive session (exec, attach) connects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -642,6 +666,20 @@ pub enum Request {
     Join(JoinRequest),
     /// An agent asks its owner to renew its strict pods' leases.
     Renew(Renew),
+    /// An agent relays a DNS query of one of its pods to the pod's owner, which asks the
+    /// cluster's DNS.
+    ClusterDns(ClusterDnsQuery),
+}
+
+/// The largest DNS message relayed (a query over UDP is far smaller; an answer larger
+/// than the client's buffer comes back truncated, as DNS over UDP does).
+pub const MAX_DNS_MESSAGE: usize = 4096;
+
+/// A pod's DNS query, as it sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterDnsQuery {
+    pub pod: PodRef,
+    pub query: k8s_openapi::ByteString,
 }
 
 impl Request {
@@ -654,6 +692,7 @@ impl Request {
             Request::Query => "query",
             Request::Join(_) => "join",
             Request::Renew(_) => "renew",
+            Request::ClusterDns(_) => "cluster_dns",
         }
     }
 }
@@ -770,6 +809,10 @@ pub enum Response {
         granted: Vec<PodUid>,
         refused: Vec<PodUid>,
         lease_ms: u64,
+    },
+    /// The cluster DNS's answer to a [`ClusterDnsQuery`].
+    ClusterDns {
+        answer: k8s_openapi::ByteString,
     },
 }
 
@@ -1026,6 +1069,8 @@ mod tests {
                     }],
                 )]),
                 pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
+                cluster_ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
+                cluster_domain: Some("cluster.local".into()),
                 pull_credentials: vec![RegistryCredential {
                     registry: "registry:5000".into(),
                     username: "u".into(),

@@ -1885,41 +1885,9 @@ fn mesh_pod_subnet_flags_that_cannot_work_stop_the_node_with_the_reason() {
     }
 }
 
-/// A veth pair whose first end holds `address`, as a network of the host the agent
-/// runs on (its route is what the agent checks); removed when dropped.
-struct HostNetwork(String);
-
-impl HostNetwork {
-    fn up(address: &str) -> HostNetwork {
-        let name = format!("bmt{}", std::process::id() % 100_000);
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip");
-            assert!(out.status.success(), "ip {args:?}: {out:?}");
-        };
-        let peer = format!("{name}p");
-        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
-        let network = HostNetwork(name.clone());
-        ip(&["addr", "add", address, "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        ip(&["link", "set", &peer, "up"]);
-        network
-    }
-}
-
-impl Drop for HostNetwork {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn an_agent_refuses_a_pod_subnet_over_its_hosts_own_network() {
-    let host_network = HostNetwork::up("10.78.0.1/16");
+    let host_network = common::HostNetwork::up("10.78.0.1/16");
     let mut mesh = Mesh::with_node_args(&["--mesh-pod-cidr", "10.78.0.0/16"]);
     mesh.start_agent(&[]);
     mesh.write_manifest("pod.yaml", &SLEEPER.replace("e2e-mover", "e2e-overlap"));

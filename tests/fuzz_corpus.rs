@@ -293,6 +293,8 @@ mod seeds {
                     statement: signed(pod, &owner, &agent),
                     lease_ms: Some(15_000),
                     pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
+                    cluster_ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
+                    cluster_domain: Some("cluster.local".into()),
                 })),
             ));
         }

@@ -1771,6 +1771,236 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     cluster.assert_node_requests_allowed();
 }
 
+/// An HTTP server "in the cluster" on `address` (an address of the host's own, as a
+/// ClusterIP is where kube-proxy runs): it answers each request with the client's
+/// address it saw.
+fn cluster_server(address: std::net::Ipv4Addr) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((address, 0)).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let serving = std::thread::spawn(move || {
+        for mut client in listener.incoming().flatten() {
+            let peer = client
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let mut request = [0u8; 1024];
+            let _ = client.read(&mut request);
+            let body = format!("from-the-cluster client={peer}\n");
+            let _ = write!(
+                client,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (port, serving)
+}
+
+/// A cluster DNS for the test: `name` has the A record `address`; other names do not
+/// exist. Answers each query over UDP on 127.0.0.1; its port.
+fn cluster_dns(name: &'static str, address: std::net::Ipv4Addr) -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut query = [0u8; 512];
+        while let Ok((len, client)) = socket.recv_from(&mut query) {
+            let query = &query[..len];
+            // The question: labels up to the root, then type and class.
+            let mut at = 12;
+            let mut labels = Vec::new();
+            while let Some(&n) = query.get(at).filter(|n| **n != 0) {
+                let label = query
+                    .get(at + 1..at + 1 + usize::from(n))
+                    .unwrap_or_default();
+                labels.push(String::from_utf8_lossy(label).to_lowercase());
+                at += 1 + usize::from(n);
+            }
+            let Some(question) = query.get(12..at + 5) else {
+                continue;
+            };
+            let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+            let known = labels.join(".") == name;
+            let answers = u16::from(known && qtype == 1);
+            let mut answer = query[..2].to_vec();
+            answer.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
+            answer.extend_from_slice(&[0, 1]);
+            answer.extend_from_slice(&answers.to_be_bytes());
+            answer.extend_from_slice(&[0, 0, 0, 0]);
+            answer.extend_from_slice(question);
+            if answers == 1 {
+                answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+                answer.extend_from_slice(&address.octets());
+            }
+            let _ = socket.send_to(&answer, client);
+        }
+    });
+    port
+}
+
+/// Mesh pods reach the cluster's Services: a connection to a ClusterIP is redirected on
+/// the agent and relayed over the mesh to the node, which dials it inside the cluster.
+/// Only what a Service serves is relayed. The pod finds Services by the kubelet's
+/// environment variables and by name, through the cluster's DNS relayed by its agent
+/// and node.
+#[test]
+fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
+    let cluster_ip: std::net::Ipv4Addr = "10.43.250.1".parse().expect("ip");
+    // The ClusterIP is an address of this host, as it is to kube-proxy on a node: a
+    // connection that were not redirected would reach it straight from the pod.
+    let _address = common::HostNetwork::up("10.43.250.1/32");
+    let (port, _server) = cluster_server(cluster_ip);
+    let (unserved, _other) = cluster_server(cluster_ip);
+    let dns = format!(
+        "127.0.0.1:{}",
+        cluster_dns("in-cluster.default.svc.cluster.local", cluster_ip)
+    );
+    let metrics_addr = format!("127.0.0.1:{}", common::free_port());
+    let mut cluster = Cluster::start(&[
+        "--node-ip",
+        "127.0.0.1",
+        "--metrics-addr",
+        &metrics_addr,
+        "--cluster-dns",
+        &dns,
+    ]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: in-cluster, namespace: default}}
+spec:
+  clusterIP: {cluster_ip}
+  ports: [{{name: http, port: {port}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: default}}
+spec:
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: c
+    image: localhost/busybox:1.35
+    # At once: the redirects are in place before the container starts.
+    command: [sh, -c, 'wget -q -O /tmp/first http://in-cluster:{port}/; exec sleep 3600']
+"#
+    ));
+    let pod = cluster.wait_running("client");
+    let (ok, first) = cluster.kubectl(&["exec", "client", "--", "cat", "/tmp/first"], None);
+    assert!(ok && first.contains("from-the-cluster"), "{first}");
+    let mesh_ip = pod["metadata"]["annotations"]["beemesh.io/mesh-ip"]
+        .as_str()
+        .expect("mesh ip")
+        .to_owned();
+    let wget = |port: u16| {
+        cluster.kubectl(
+            &[
+                "exec",
+                "client",
+                "--",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{cluster_ip}:{port}/"),
+            ],
+            None,
+        )
+    };
+    let (ok, answer) = wget(port);
+    assert!(ok, "{answer}");
+    assert!(answer.contains("from-the-cluster"), "{answer}");
+    // The node dialed it, not the pod.
+    assert!(!answer.contains(&format!("client={mesh_ip}")), "{answer}");
+    // The Service environment variables, as the kubelet sets them: a client finds the
+    // Service by them, and the API server's own Service is there too.
+    let (ok, answer) = cluster.kubectl(
+        &[
+            "exec",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            "env | sort | grep -E '^(IN_CLUSTER|KUBERNETES)_'; wget -q -O - http://$IN_CLUSTER_SERVICE_HOST:$IN_CLUSTER_SERVICE_PORT_HTTP/",
+        ],
+        None,
+    );
+    assert!(ok, "{answer}");
+    for line in [
+        format!("IN_CLUSTER_SERVICE_HOST={cluster_ip}"),
+        format!("IN_CLUSTER_SERVICE_PORT={port}"),
+        format!("IN_CLUSTER_PORT=tcp://{cluster_ip}:{port}"),
+        format!("IN_CLUSTER_PORT_{port}_TCP_ADDR={cluster_ip}"),
+        "KUBERNETES_SERVICE_HOST=10.43.0.1".to_owned(),
+        "KUBERNETES_SERVICE_PORT=443".to_owned(),
+        "KUBERNETES_SERVICE_PORT_HTTPS=443".to_owned(),
+    ] {
+        assert!(
+            answer.lines().any(|l| l == line),
+            "{line} missing: {answer}"
+        );
+    }
+    assert!(answer.contains("from-the-cluster"), "{answer}");
+    // Names: the pod (ClusterFirst, the API server's default) resolves through its
+    // agent and the node with the cluster's search paths.
+    // Retried: under the whole suite's load a query now and then never reached the
+    // agent's relay (cause not found yet; the resolver gives up on the name then).
+    let answer = cluster.mesh.wait_for(
+        "a name resolved through the node",
+        Duration::from_secs(60),
+        || {
+            let (ok, answer) = cluster.kubectl(
+                &[
+                    "exec",
+                    "client",
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("cat /etc/resolv.conf; wget -q -O - http://in-cluster:{port}/"),
+                ],
+                None,
+            );
+            ok.then_some(answer)
+        },
+    );
+    assert!(
+        answer.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
+        "{answer}"
+    );
+    assert!(answer.contains("options ndots:5"), "{answer}");
+    assert!(answer.contains("from-the-cluster"), "{answer}");
+    let (ok, answer) = cluster.kubectl(
+        &["exec", "client", "--", "nslookup", "no-such-service"],
+        None,
+    );
+    assert!(!ok, "a name the cluster does not know resolved: {answer}");
+    // A port no Service serves is not relayed, though the address answers there.
+    let (ok, answer) = wget(unserved);
+    assert!(!ok, "relayed to a port no Service serves: {answer}");
+    let metrics = common::scrape(&metrics_addr);
+    assert!(
+        common::counter(
+            &metrics,
+            "beemesh_cluster_connections_total",
+            "kind=\"relayed\""
+        ) >= 1,
+        "{metrics}"
+    );
+    assert!(
+        common::counter(
+            &metrics,
+            "beemesh_cluster_connections_total",
+            "kind=\"refused\""
+        ) >= 1,
+        "{metrics}"
+    );
+}
+
 /// A Service keeps reaching its pod when the pod moves: its agent killed, the pod runs
 /// again on the other agent, and the same gateway port now leads there.
 #[test]

@@ -165,6 +165,7 @@ async fn scene(pod: &str, owner: impl FnOnce(&[libp2p::PeerId]) -> OwnerConfig) 
             pod_manifest_path: Some(dir.path().to_path_buf()),
             owner: owner(&agent_ids),
             enrollment: None,
+            cluster_dns: None,
         },
         node_key,
         node_mesh.clone(),

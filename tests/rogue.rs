@@ -425,6 +425,8 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         pull_credentials: Vec::new(),
         lease_ms: None,
         pod_subnet: None,
+        cluster_ranges: Vec::new(),
+        cluster_domain: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "self-signed Assign");
@@ -469,6 +471,8 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         statement: forged,
         lease_ms: None,
         pod_subnet: None,
+        cluster_ranges: Vec::new(),
+        cluster_domain: None,
     };
     let answer = rogue.request(agent, Request::Assign(Box::new(assign)));
     assert_declined(&answer, &declined_by_agent, "Assign forged as the node's");

@@ -492,6 +492,7 @@ pub async fn owner_role(
                 ..OwnerConfig::default()
             },
             enrollment: None,
+            cluster_dns: None,
         },
         keypair,
         mesh.clone(),

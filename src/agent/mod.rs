@@ -4,6 +4,7 @@
 
 mod addresses;
 pub mod admission;
+pub mod egress;
 pub mod enroll;
 mod eviction;
 mod health;
@@ -27,7 +28,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
@@ -53,7 +53,7 @@ use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
 use lease::{Lease, LeaseBook, LEASES_FILE};
 use store::{create_private_dir, AssignmentStore};
-use supervisor::{Provided, WorkerContext, WorkerHandle, WorkerUpdate};
+use supervisor::{NetworkGrant, Provided, WorkerContext, WorkerHandle, WorkerUpdate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -120,8 +120,8 @@ struct Hosted {
     stopping: bool,
     /// Its termination grace period.
     grace: Duration,
-    /// The subnet of its network (see [`Provided::pod_subnet`]).
-    pod_subnet: Option<Ipv4Net>,
+    /// Where its owner put it on the mesh (see [`Provided::network`]).
+    network: NetworkGrant,
 }
 
 impl Hosted {
@@ -293,6 +293,12 @@ impl Agent {
             policy: config.policy.clone(),
             setups: Arc::new(tokio::sync::Semaphore::new(supervisor::SETUP_CONCURRENCY)),
             addresses: addresses::PodAddresses::default(),
+            egress: egress::Egress::new(
+                mesh.clone(),
+                metrics.clone(),
+                &mesh.local_peer_id().to_string(),
+                CancellationToken::new(),
+            ),
         };
         Ok(Agent {
             config,
@@ -329,6 +335,9 @@ impl Agent {
         mut events: MeshEvents,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
+        if let Err(e) = self.worker_ctx.egress.clear().await {
+            tracing::warn!(error = %e, "cannot set up cluster redirects: mesh pods cannot reach their clusters' Services");
+        }
         self.adopt().await?;
         let kubelet = kubelet::serve(
             self.mesh.clone(),
@@ -407,6 +416,8 @@ impl Agent {
                 _ = health_check.tick() => self.check_health(),
             }
         }
+        // The pods run on; their cluster connections fail until the next start.
+        self.worker_ctx.egress.stop().await;
         Ok(())
     }
 
@@ -480,13 +491,14 @@ impl Agent {
                     );
                 }
             }
+            let network = record.network();
             self.host(
                 pod_ref,
                 record.pod,
                 Provided {
                     volumes: BTreeMap::new(),
+                    network,
                     pull_credentials: record.pull_credentials,
-                    pod_subnet: record.pod_subnet,
                 },
                 record.statement,
                 Some(existing),
@@ -797,7 +809,7 @@ impl Agent {
         let requests = translate::pod_requests(&pod).unwrap_or_default();
         let host_ports = translate::host_ports(&pod);
         let grace = Duration::from_secs(translate::grace_period_secs(&pod));
-        let pod_subnet = provided.pod_subnet;
+        let network = provided.network.clone();
         let worker = supervisor::spawn(
             self.worker_ctx.clone(),
             pod_ref.clone(),
@@ -818,7 +830,7 @@ impl Agent {
                 status: None,
                 stopping: false,
                 grace,
-                pod_subnet,
+                network,
             },
         );
         self.metrics.pods.set(self.pods.len() as i64);
@@ -1009,12 +1021,13 @@ impl Agent {
             Request::Assign(assign) => self.on_assign(peer, *assign).await,
             Request::Release(release) => self.on_release(peer, release),
             Request::Query => Response::View(Box::new(self.view(peer))),
-            Request::Bid(_) | Request::Status(_) | Request::Join(_) | Request::Renew(_) => {
-                Response::Error {
-                    message: "this peer is an agent; bids, status reports and joins go to nodes"
-                        .into(),
-                }
-            }
+            Request::Bid(_)
+            | Request::Status(_)
+            | Request::Join(_)
+            | Request::Renew(_)
+            | Request::ClusterDns(_) => Response::Error {
+                message: "this peer is an agent; bids, status reports and joins go to nodes".into(),
+            },
         }
     }
 
@@ -1115,11 +1128,8 @@ impl Agent {
                 if existing.statement.spec_digest != assign.statement.spec_digest {
                     existing.worker.set_pod(assign.pod.clone());
                 }
-                let pod_subnet = existing.pod_subnet;
-                if let Err(e) = self
-                    .save_assignment(&pod_ref.uid, &assign, pod_subnet)
-                    .await
-                {
+                let network = existing.network.clone();
+                if let Err(e) = self.save_assignment(&pod_ref.uid, &assign, &network).await {
                     return Response::Error {
                         message: e.to_string(),
                     };
@@ -1197,7 +1207,7 @@ impl Agent {
             }
         }
         if let Err(e) = self
-            .save_assignment(&pod_ref.uid, &assign, assign.pod_subnet)
+            .save_assignment(&pod_ref.uid, &assign, &network_of(&assign))
             .await
         {
             return Response::Declined {
@@ -1253,13 +1263,14 @@ impl Agent {
             }
             None => None,
         };
+        let network = network_of(&assign);
         self.host(
             pod_ref,
             assign.pod,
             Provided {
                 volumes: assign.volumes,
+                network,
                 pull_credentials: assign.pull_credentials,
-                pod_subnet: assign.pod_subnet,
             },
             assign.statement,
             adopted,
@@ -1272,7 +1283,7 @@ impl Agent {
         &self,
         uid: &PodUid,
         assign: &Assign,
-        pod_subnet: Option<Ipv4Net>,
+        network: &NetworkGrant,
     ) -> Result<(), store::StoreError> {
         self.store
             .save(
@@ -1281,7 +1292,7 @@ impl Agent {
                 &assign.pod,
                 &assign.pull_credentials,
                 assign.lease_ms,
-                pod_subnet,
+                network,
             )
             .await
     }
@@ -1459,7 +1470,7 @@ impl Agent {
             pod_subnets: self
                 .pods
                 .values()
-                .filter_map(|h| h.pod_subnet)
+                .filter_map(|h| h.network.subnet)
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect(),
@@ -1504,5 +1515,14 @@ impl Agent {
         let mut book = crate::view::HeartbeatBook::default();
         book.record(self.mesh.local_peer_id(), heartbeat);
         book.view(self.config.heartbeat_interval)
+    }
+}
+
+/// Where the assignment puts the pod on the mesh.
+fn network_of(assign: &Assign) -> NetworkGrant {
+    NetworkGrant {
+        subnet: assign.pod_subnet,
+        cluster_ranges: assign.cluster_ranges.clone(),
+        cluster_domain: assign.cluster_domain.clone(),
     }
 }

@@ -9,6 +9,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
+use super::supervisor::NetworkGrant;
 use crate::wire::{Epoch, PodUid, RegistryCredential, SignedAssignment};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,11 +27,24 @@ pub struct StoredAssignment {
     /// The subnet of the pod's network, as first assigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_subnet: Option<Ipv4Net>,
+    /// The owner's cluster ranges, as first assigned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ranges: Vec<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<String>,
 }
 
 impl StoredAssignment {
     pub fn epoch(&self) -> Epoch {
         self.statement.epoch
+    }
+
+    pub fn network(&self) -> NetworkGrant {
+        NetworkGrant {
+            subnet: self.pod_subnet,
+            cluster_ranges: self.cluster_ranges.clone(),
+            cluster_domain: self.cluster_domain.clone(),
+        }
     }
 }
 
@@ -69,7 +83,7 @@ impl AssignmentStore {
         pod: &Pod,
         pull_credentials: &[RegistryCredential],
         lease_ms: Option<u64>,
-        pod_subnet: Option<Ipv4Net>,
+        network: &NetworkGrant,
     ) -> Result<(), StoreError> {
         let path = self.path(uid);
         let err = |source| StoreError {
@@ -81,7 +95,9 @@ impl AssignmentStore {
             pod: pod.clone(),
             pull_credentials: pull_credentials.to_vec(),
             lease_ms,
-            pod_subnet,
+            pod_subnet: network.subnet,
+            cluster_ranges: network.cluster_ranges.clone(),
+            cluster_domain: network.cluster_domain.clone(),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| err(e.into()))?;
         // Whole or not at all: a restarted agent must not find half a record.
@@ -167,7 +183,14 @@ mod tests {
                 signature: String::new(),
             };
             store
-                .save(&uid, &statement, &Pod::default(), &[], None, None)
+                .save(
+                    &uid,
+                    &statement,
+                    &Pod::default(),
+                    &[],
+                    None,
+                    &NetworkGrant::default(),
+                )
                 .await
                 .expect("saves");
             assert!(store.path(&uid).starts_with(dir.path().join("assignments")));

@@ -29,7 +29,8 @@ use crate::runtime::dns::{self, ResolvConf};
 use crate::runtime::registry_auth;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{
-    labels, ContainerPlan, ContainerStatus, LogOptions, Runtime, RuntimeError, RuntimePod,
+    labels, ContainerPlan, ContainerStatus, LogOptions, PodNetwork, Runtime, RuntimeError,
+    RuntimePod,
 };
 use crate::wire::{
     AgentEvent, AgentEventReason, Epoch, PodRef, RegistryCredential, VolumeFile, MAX_REPORT_EVENTS,
@@ -91,6 +92,8 @@ pub struct WorkerContext {
     pub setups: Arc<tokio::sync::Semaphore>,
     /// Where each pod is, for connections to it.
     pub addresses: super::addresses::PodAddresses,
+    /// The pods' connections to their owners' clusters.
+    pub egress: super::egress::Egress,
 }
 
 /// New pods set up at once by one agent. A burst of hundreds (a Deployment scaled up)
@@ -126,8 +129,36 @@ pub struct Provided {
     pub volumes: BTreeMap<String, Vec<VolumeFile>>,
     /// The pod's registry logins, each given to Podman only with a pull it is for.
     pub pull_credentials: Vec<RegistryCredential>,
+    /// Where the pod goes on the mesh.
+    pub network: NetworkGrant,
+}
+
+/// Where the owner puts the pod on the mesh, as first assigned (an update to a running
+/// pod does not move it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkGrant {
     /// The agent's subnet of the owner's mesh pod CIDR, where the pod's network is.
-    pub pod_subnet: Option<Ipv4Net>,
+    pub subnet: Option<Ipv4Net>,
+    /// The owner's cluster ranges, the pod's connections to which go through it.
+    pub cluster_ranges: Vec<Ipv4Net>,
+    /// The cluster's domain, when the owner relays the pod's DNS queries.
+    pub cluster_domain: Option<String>,
+}
+
+impl NetworkGrant {
+    /// Whether the pod's connections or DNS queries to its cluster go through the agent.
+    pub fn relays_cluster_traffic(&self) -> bool {
+        self.subnet.is_some() && (!self.cluster_ranges.is_empty() || self.cluster_domain.is_some())
+    }
+
+    /// The cluster DNS as the pod reaches it: the agent's relay on its network's
+    /// gateway address.
+    pub fn cluster_dns(&self) -> Option<dns::ClusterDns> {
+        Some(dns::ClusterDns {
+            nameserver: PodNetwork::on(self.subnet?).gateway.into(),
+            domain: self.cluster_domain.clone()?,
+        })
+    }
 }
 
 /// The agent's handle on one supervisor task.
@@ -177,26 +208,15 @@ pub fn spawn(
 ) -> WorkerHandle {
     let (stop_tx, stop_rx) = mpsc::channel(1);
     let (poke_tx, poke_rx) = mpsc::channel(1);
-    let Provided {
-        volumes,
-        pull_credentials,
-        pod_subnet,
-    } = provided;
+    let mut provided = provided;
+    let pull_credentials = std::mem::take(&mut provided.pull_credentials);
     let (credentials_tx, credentials_rx) = watch::channel(pull_credentials);
     let (pod_tx, pod_rx) = watch::channel(None);
     let updates = Updates {
         pull_credentials: credentials_rx,
         pod: pod_rx,
     };
-    let worker = Worker::new(
-        ctx,
-        pod_ref,
-        pod,
-        (volumes, pod_subnet),
-        updates,
-        epoch,
-        owner,
-    );
+    let worker = Worker::new(ctx, pod_ref, pod, provided, updates, epoch, owner);
     tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
     WorkerHandle {
         stop: stop_tx,
@@ -333,8 +353,9 @@ struct Worker {
     /// are already written).
     volumes: BTreeMap<String, Vec<VolumeFile>>,
     updates: Updates,
-    /// The subnet of the pod's network, as first assigned (see [`Provided`]).
-    pod_subnet: Option<Ipv4Net>,
+    network: NetworkGrant,
+    /// The cluster's DNS as the pod reaches it, if its owner relays it.
+    cluster_dns: Option<dns::ClusterDns>,
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
@@ -364,7 +385,8 @@ impl Worker {
         ctx: WorkerContext,
         pod_ref: PodRef,
         pod: Pod,
-        (volumes, pod_subnet): (BTreeMap<String, Vec<VolumeFile>>, Option<Ipv4Net>),
+        // Its pull credentials go with the updates.
+        provided: Provided,
         updates: Updates,
         epoch: Epoch,
         owner: PeerId,
@@ -393,8 +415,9 @@ impl Worker {
             owner,
             volumes_dir: ctx.volumes_dir(&pod_ref.uid, epoch),
             files_dir: ctx.files_dir(&pod_ref.uid, epoch),
-            volumes,
-            pod_subnet,
+            volumes: provided.volumes,
+            cluster_dns: provided.network.cluster_dns(),
+            network: provided.network,
             updates,
             ctx,
             pod_ref,
@@ -497,7 +520,8 @@ impl Worker {
             files_dir: &self.files_dir,
             pod_ip: self.pod_ip,
             host_ip: self.ctx.host_ip,
-            pod_subnet: self.pod_subnet,
+            pod_subnet: self.network.subnet,
+            cluster_dns: self.cluster_dns.as_ref(),
             node_name: &self.ctx.node_name,
             host_dns: &self.host_dns,
             memory_dirs: &self.memory_dirs,
@@ -644,7 +668,36 @@ impl Worker {
                 self.ctx
                     .addresses
                     .set(&self.pod_ref.uid, self.owner, self.epoch, ip);
+                self.admit_egress(ip).await;
             }
+        }
+    }
+
+    /// Sends the pod's connections to its owner's cluster through the agent, before its
+    /// containers start. Without that they still run: such connections fail, which the
+    /// pod's events say.
+    async fn admit_egress(&mut self, ip: IpAddr) {
+        let (Some(subnet), IpAddr::V4(ip)) = (self.network.subnet, ip) else {
+            return;
+        };
+        if !self.network.relays_cluster_traffic() {
+            return;
+        }
+        let pod = super::egress::EgressPod {
+            pod: self.pod_ref.clone(),
+            owner: self.owner,
+            epoch: self.epoch,
+            ip,
+            subnet,
+            ranges: self.network.cluster_ranges.clone(),
+            dns: self.network.cluster_domain.is_some(),
+        };
+        if let Err(e) = self.ctx.egress.admit(pod).await {
+            tracing::warn!(pod = %self.pod_ref, error = %e, "the pod cannot reach its cluster's Services");
+            self.note(
+                AgentEventReason::ClusterUnreachable,
+                format!("the pod cannot reach the cluster's Services: {e}"),
+            );
         }
     }
 
@@ -833,9 +886,14 @@ impl Worker {
             .filter(|s| s.kind == ContainerKind::Init)
             .count();
         // The pod's IP is looked up before the containers when one needs it in its
-        // environment, or while init containers run (it is shown meanwhile), else after
-        // the app containers started: not on the way to a running pod.
-        if self.pod_ip.is_none() && (init_count > 0 || translate::env_uses_pod_ip(&self.pod)) {
+        // environment, while init containers run (it is shown meanwhile), or for the
+        // redirects of its cluster connections and DNS queries, which must be in place
+        // when it starts; else after the app containers started: not on the way to a
+        // running pod.
+        let before = init_count > 0
+            || translate::env_uses_pod_ip(&self.pod)
+            || self.network.relays_cluster_traffic();
+        if self.pod_ip.is_none() && before {
             self.refresh_pod_ip().await;
         }
         // Init containers in order, each awaited: a regular one until it is done, a
@@ -1612,6 +1670,7 @@ impl Worker {
             .await;
         // Nothing listens any more, and Podman may give the address to another pod.
         self.ctx.addresses.remove(&self.pod_ref.uid, self.epoch);
+        self.ctx.egress.remove(&self.pod_ref.uid, self.epoch).await;
         if let Some(pod_id) = self.pod_id.take() {
             // Until it is gone: a copy the agent forgot would run on unseen (Podman
             // may be down for a while; the containers run on under conmon).

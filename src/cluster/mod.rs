@@ -11,6 +11,7 @@ pub mod pod_source;
 pub mod pod_status;
 pub mod service_gateway;
 pub mod trust_secret;
+mod watched;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -149,6 +150,15 @@ pub async fn check_node_name(client: &Client, name: &str) -> Result<Vec<Ipv4Net>
     }
 }
 
+/// How the node's Kubernetes side behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Delete the Node object on exit instead of leaving it NotReady.
+    pub delete_node_on_exit: bool,
+    /// The node relays its pods' DNS queries to the cluster's DNS.
+    pub relays_cluster_dns: bool,
+}
+
 /// Starts the node's Kubernetes tasks; they stop when `cancel` fires (the node then
 /// marks itself NotReady or deletes itself). `lease_check` passes while the Node is
 /// registered and its Lease renewed. `tunnel_sessions` counts the k3s agent tunnel
@@ -158,7 +168,7 @@ pub fn start(
     client: Client,
     identity: NodeIdentity,
     tunnel_sessions: watch::Receiver<usize>,
-    delete_node_on_exit: bool,
+    options: Options,
     lease_check: Check,
     gateway: Option<Gateway>,
     cancel: CancellationToken,
@@ -167,6 +177,14 @@ pub fn start(
     let recorder = events::EventRecorder::new(client.clone(), identity.name.clone());
     let pods = Arc::new(DesiredStore::default());
     let (agents_tx, agents_rx) = watch::channel(Default::default());
+    // The Services, watched once: for the gateway, and for the pods' environment.
+    let services_changed = Arc::new(tokio::sync::Notify::new());
+    let services = watched::watch_into_store::<k8s_openapi::api::core::v1::Service>(
+        kube::Api::all(client.clone()),
+        kube::runtime::watcher::Config::default(),
+        services_changed.clone(),
+        cancel.clone(),
+    );
     let mut tasks = Vec::new();
     if let Some(gateway) = gateway {
         tasks.push(tokio::spawn(service_gateway::run(
@@ -174,6 +192,7 @@ pub fn start(
             identity.name.clone(),
             gateway,
             recorder.clone(),
+            (services.clone(), services_changed),
             cancel.clone(),
         )));
     }
@@ -183,7 +202,7 @@ pub fn start(
             identity.clone(),
             agents_rx,
             tunnel_sessions,
-            delete_node_on_exit,
+            options.delete_node_on_exit,
             lease_check,
             cancel.clone(),
         )),
@@ -193,6 +212,10 @@ pub fn start(
             board.clone(),
             recorder.clone(),
             pods.clone(),
+            pod_source::PodNetworkView {
+                services,
+                relays_dns: options.relays_cluster_dns,
+            },
             cancel.clone(),
         )),
         tokio::spawn(pod_status::run(client, board.clone(), recorder, cancel)),

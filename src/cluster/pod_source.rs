@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
@@ -28,9 +29,11 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventRecorder, PodEvent};
 use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
 use super::pod_status::{Gates, StatusBoard};
+use super::watched::Watched;
 use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
+use crate::node::service_env;
 use crate::runtime::{dns, translate};
 use crate::wire::PodUid;
 
@@ -79,7 +82,28 @@ struct PodSource {
     objects: ObjectCache,
     /// Pods whose entry changed since the store was last told.
     changed: BTreeSet<String>,
+    /// The cluster's Services, for the pods' Service environment variables.
+    services: Store<Service>,
+    /// Each pod's Service environment variables, as when it was first resolved: they
+    /// stay as its containers were started with (the kubelet reads them again only
+    /// when a container restarts; a changed value here would change the pod's spec).
+    service_envs: HashMap<String, Arc<BTreeMap<String, String>>>,
+    /// The node relays its pods' DNS queries to the cluster's DNS.
+    relays_dns: bool,
 }
+
+/// What the pods see of the cluster's network.
+pub struct PodNetworkView {
+    /// The cluster's Services, for the pods' Service environment variables.
+    pub services: Watched<Service>,
+    /// Whether `ClusterFirst` pods get the cluster's DNS (else the kubelet's
+    /// `MissingClusterDNS` warning).
+    pub relays_dns: bool,
+}
+
+/// How long the pod source waits for the Services to be listed before it resolves
+/// pods (the kubelet starts no container before its Service informer has synced).
+const SERVICES_LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// Watches and resolves until cancelled, telling `store` each pod that changed.
 pub async fn run(
@@ -88,8 +112,21 @@ pub async fn run(
     board: Arc<StatusBoard>,
     events: EventRecorder,
     store: Arc<DesiredStore>,
+    network: PodNetworkView,
     cancel: CancellationToken,
 ) {
+    let PodNetworkView {
+        services,
+        relays_dns,
+    } = network;
+    if !tokio::time::timeout(SERVICES_LIST_WAIT, services.listed())
+        .await
+        .unwrap_or(false)
+    {
+        tracing::warn!(
+            "Services not listed yet: pods resolved now get no Service environment variables"
+        );
+    }
     let api: Api<Pod> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
     let mut stream = watcher(api, config).default_backoff().boxed();
@@ -101,6 +138,9 @@ pub async fn run(
         pods: BTreeMap::new(),
         tokens: HashMap::new(),
         changed: BTreeSet::new(),
+        services: services.store,
+        service_envs: HashMap::new(),
+        relays_dns,
     };
     let changes = source.objects.changes();
     let mut listing: Option<Vec<Pod>> = None;
@@ -275,6 +315,7 @@ impl PodSource {
             self.changed.insert(uid.clone());
         }
         self.objects.forget(uid);
+        self.service_envs.remove(uid);
         self.forget_tokens();
     }
 
@@ -380,6 +421,32 @@ impl PodSource {
         self.events.record(&pod_ref, vec![event]);
     }
 
+    /// The pod's Service environment variables, computed when it is first resolved.
+    fn service_env(
+        &mut self,
+        pod: &Pod,
+        uid: &str,
+        namespace: &str,
+    ) -> Arc<BTreeMap<String, String>> {
+        let links = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.enable_service_links)
+            .unwrap_or(true);
+        let services = &self.services;
+        self.service_envs
+            .entry(uid.to_owned())
+            .or_insert_with(|| {
+                let all = services.state();
+                Arc::new(service_env::service_env(
+                    all.iter().map(AsRef::as_ref),
+                    namespace,
+                    links,
+                ))
+            })
+            .clone()
+    }
+
     /// The objects and tokens `pod` refers to; an error with the time to try again
     /// (None: when a watched object changes).
     async fn try_resolve(
@@ -389,7 +456,10 @@ impl PodSource {
         let namespace = namespace_of(pod);
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let refs = resolve::references(pod);
-        let mut fetched = Fetched::default();
+        let mut fetched = Fetched {
+            service_env: self.service_env(pod, &uid, &namespace),
+            ..Fetched::default()
+        };
         for name in &refs.config_maps {
             let found = self
                 .objects
@@ -486,8 +556,11 @@ impl PodSource {
     }
 
     /// The kubelet's `MissingClusterDNS` warning for a pod that asks for cluster DNS
-    /// (agents cannot reach it), once, before its containers first start.
+    /// the node does not relay, once, before its containers first start.
     fn record_missing_cluster_dns(&self, pod: &Pod) {
+        if self.relays_dns {
+            return;
+        }
         let not_started = pod.status.as_ref().is_none_or(|s| {
             s.container_statuses
                 .as_deref()

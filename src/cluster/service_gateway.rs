@@ -8,18 +8,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher::{self, watcher};
-use kube::runtime::WatchStreamExt;
-use kube::{Client, Resource, ResourceExt};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventRecorder, PodEvent};
+use super::watched::{watch_into_store, Watched};
 use crate::gateway::endpoints::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::gateway::Gateway;
 use crate::wire::{PodRef, PodUid};
@@ -31,20 +30,16 @@ const COALESCE: Duration = Duration::from_millis(100);
 const RETRY: Duration = Duration::from_secs(5);
 
 /// Serves the Services that select the pods bound to `node_name` until cancelled.
+/// `services` is the store of all Services, with the notice its watch gives on each
+/// change.
 pub async fn run(
     client: Client,
     node_name: String,
     mut gateway: Gateway,
     events: EventRecorder,
+    (services, changed): (Watched<Service>, Arc<Notify>),
     cancel: CancellationToken,
 ) {
-    let changed = Arc::new(Notify::new());
-    let services = watch_into_store::<Service>(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-        cancel.clone(),
-    );
     let pods = watch_into_store::<Pod>(
         Api::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
@@ -57,16 +52,16 @@ pub async fn run(
         changed.clone(),
         cancel.clone(),
     );
-    for ready in [
-        services.wait_until_ready().await,
-        pods.wait_until_ready().await,
-        slices.wait_until_ready().await,
-    ] {
-        if ready.is_err() {
-            return;
-        }
+    if !(services.listed().await && pods.listed().await && slices.listed().await) {
+        return;
     }
+    let (services, pods, slices) = (services.store, pods.store, slices.store);
     tracing::info!(address = %gateway.address(), "serving Services for mesh pods");
+    tokio::spawn(crate::gateway::cluster::serve(
+        gateway.relay(),
+        services.clone(),
+        cancel.clone(),
+    ));
     let mut said = BTreeSet::new();
     loop {
         let passed = pass(&client, &mut gateway, &services, &pods, &slices).await;
@@ -84,39 +79,6 @@ pub async fn run(
         }
         tokio::time::sleep(COALESCE).await;
     }
-}
-
-/// Watches `api` into a store, telling `changed` after every event, until cancelled;
-/// the watcher starts over after errors with its back-off.
-fn watch_into_store<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    changed: Arc<Notify>,
-    cancel: CancellationToken,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
-    K: serde::de::DeserializeOwned,
-{
-    let (store, writer) = reflector::store::<K>();
-    tokio::spawn(async move {
-        let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
-        let mut events = std::pin::pin!(events);
-        loop {
-            let event = tokio::select! {
-                _ = cancel.cancelled() => return,
-                event = events.next() => event,
-            };
-            match event {
-                None => return,
-                Some(Ok(_)) => changed.notify_one(),
-                Some(Err(e)) => {
-                    tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying")
-                }
-            }
-        }
-    });
-    store
 }
 
 /// What a pass left to do: the Services it could not serve fully, and whether a write

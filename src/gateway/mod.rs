@@ -3,8 +3,10 @@
 //! per pod port ([`ports`]); a connection to such a port (a flow of datagrams for UDP,
 //! [`datagrams`]) is relayed over a libp2p stream to the pod's agent, which connects to
 //! the pod (the path `kubectl port-forward` takes, with the same checks: only the pod's
-//! owner may ask its agent).
+//! owner may ask its agent). The other way, mesh pods' connections to cluster Services
+//! come to the node from their agents and are dialed inside the cluster ([`cluster`]).
 
+pub mod cluster;
 mod datagrams;
 pub mod endpoints;
 pub mod ports;
@@ -61,6 +63,10 @@ impl Gateway {
 
     pub fn address(&self) -> IpAddr {
         self.address
+    }
+
+    pub fn relay(&self) -> Relay {
+        self.relay.clone()
     }
 
     pub fn port(&self, target: &Target) -> Option<u16> {

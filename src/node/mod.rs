@@ -10,6 +10,7 @@ pub mod manifests;
 pub mod owner;
 mod printer;
 pub mod resolve;
+pub mod service_env;
 pub mod subnets;
 
 use std::collections::BTreeSet;
@@ -56,6 +57,8 @@ pub struct NodeConfig {
     pub owner: OwnerConfig,
     /// Joins with tokens; None when agents are only listed (or, insecurely, any).
     pub enrollment: Option<NodeEnrollment>,
+    /// The cluster's DNS, which the pods' queries relayed by their agents go to.
+    pub cluster_dns: Option<std::net::SocketAddr>,
 }
 
 /// How the node loop and the Kubernetes side talk.
@@ -293,6 +296,32 @@ impl Node {
                             None => {
                                 let _ = reply.send(Response::Declined {
                                     reason: "this node takes no join tokens (its agents are listed with --trust-agent)".into(),
+                                });
+                            }
+                        }
+                    }
+                    MeshEvent::Request { peer, request: Request::ClusterDns(query), reply } => {
+                        let upstream = self.config.cluster_dns;
+                        match upstream.filter(|_| owner.may_resolve_for(peer, &query)) {
+                            // Answered aside: the cluster's DNS takes a round trip.
+                            Some(upstream) => {
+                                let metrics = self.metrics.clone();
+                                tokio::spawn(async move {
+                                    let answer = crate::gateway::cluster::ask_dns(upstream, &query.query.0).await;
+                                    let response = match answer {
+                                        Ok(answer) => {
+                                            metrics.cluster_connection("dns");
+                                            Response::ClusterDns { answer: k8s_openapi::ByteString(answer) }
+                                        }
+                                        Err(e) => Response::Error { message: e.to_string() },
+                                    };
+                                    let _ = reply.send(response);
+                                });
+                            }
+                            None => {
+                                self.metrics.dropped("cluster_dns", "refused");
+                                let _ = reply.send(Response::Declined {
+                                    reason: "this node relays no DNS queries for that pod from this peer".into(),
                                 });
                             }
                         }

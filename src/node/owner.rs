@@ -38,10 +38,10 @@ use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
-    AgentEvent, AgentEventReason, Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer,
-    PeerRef, PodRef, PodSummary, PodUid, ReadyCount, RegistryCredential, Release, Renew, Request,
-    Resources, Response, SignedAssignment, StatusReport, VolumeFile, MAX_REPORT_EVENTS,
-    POLICY_REFUSAL,
+    AgentEvent, AgentEventReason, Assign, Bid, ClusterDnsQuery, Epoch, GossipMessage, Heartbeat,
+    MeshView, Offer, PeerRef, PodRef, PodSummary, PodUid, ReadyCount, RegistryCredential, Release,
+    Renew, Request, Resources, Response, SignedAssignment, StatusReport, VolumeFile,
+    MAX_REPORT_EVENTS, POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -146,6 +146,12 @@ pub struct OwnerConfig {
     /// The mesh pod CIDR (`--mesh-pod-cidr`) and the prefix of each agent's subnet of
     /// it: an empty pool, as configured.
     pub pod_subnets: SubnetPool,
+    /// The cluster's addresses (its Service CIDR) that pods' connections to go through
+    /// this node; none in standalone mode.
+    pub cluster_ranges: Vec<Ipv4Net>,
+    /// The cluster's domain, when this node relays its pods' DNS queries to the
+    /// cluster's DNS.
+    pub cluster_domain: Option<String>,
 }
 
 /// The epoch floor of the owner's `start`-th run (counted in its persisted trust
@@ -171,6 +177,8 @@ impl Default for OwnerConfig {
             node_name: "beemesh".into(),
             reject_too_big_after: None,
             pod_subnets: SubnetPool::default(),
+            cluster_ranges: Vec::new(),
+            cluster_domain: None,
             // Without a persisted count (demos with --insecure-trust-any, tests): the
             // clock in seconds, below every counted run's floor.
             epoch_floor: Epoch(
@@ -415,6 +423,8 @@ struct AssignmentDraft {
     spec_digest: String,
     ttl: Duration,
     lease_ms: Option<u64>,
+    cluster_ranges: Vec<Ipv4Net>,
+    cluster_domain: Option<String>,
 }
 
 impl AssignmentDraft {
@@ -437,6 +447,8 @@ impl AssignmentDraft {
             statement,
             lease_ms: self.lease_ms,
             pod_subnet,
+            cluster_ranges: self.cluster_ranges.clone(),
+            cluster_domain: self.cluster_domain.clone(),
         }
     }
 }
@@ -897,6 +909,8 @@ impl Owner {
             spec_digest: owned.offer.spec_digest.clone(),
             ttl: self.config.assignment_ttl,
             lease_ms: owned.lease_ms(self.config.lease),
+            cluster_ranges: self.config.cluster_ranges.clone(),
+            cluster_domain: self.config.cluster_domain.clone(),
         }
     }
 
@@ -2389,7 +2403,7 @@ impl Owner {
     /// need its token store) and never reach the owner.
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
         let trusted = match request {
-            Request::Bid(_) | Request::Status(_) | Request::Renew(_) => {
+            Request::Bid(_) | Request::Status(_) | Request::Renew(_) | Request::ClusterDns(_) => {
                 self.config.agents.trusts(&peer)
             }
             Request::Query => self.config.clients.trusts(&peer),
@@ -2417,7 +2431,20 @@ impl Owner {
             Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
                 message: "this peer is an owner; it does not run pods".into(),
             },
+            // Answered by the node, which asks the cluster's DNS (see `on_cluster_dns`).
+            Request::ClusterDns(_) => Response::Error {
+                message: "this node relays no DNS queries".into(),
+            },
         }
+    }
+
+    /// Whether `agent` may ask for DNS on behalf of `query`'s pod: a trusted agent that
+    /// runs that pod of this owner.
+    pub fn may_resolve_for(&self, agent: PeerId, query: &ClusterDnsQuery) -> bool {
+        self.config.agents.trusts(&agent)
+            && self
+                .locate(&query.pod.namespace, &query.pod.name)
+                .is_some_and(|l| l.pod.uid == query.pod.uid && l.agent == Some(agent))
     }
 
     /// Agents whose trust was revoked: they are forgotten at once, and their pods are

@@ -54,6 +54,9 @@ pub struct Fetched {
     pub config_maps: BTreeMap<String, ConfigMap>,
     pub secrets: BTreeMap<String, Secret>,
     pub tokens: BTreeMap<TokenSpec, String>,
+    /// The Service environment variables every container gets (see
+    /// `node::service_env`); the container's own variables of the same names win.
+    pub service_env: Arc<BTreeMap<String, String>>,
 }
 
 /// A pod ready for placement. Shared (the owner keeps what it assigned): the pod is
@@ -224,6 +227,7 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
         .chain(&mut spec.containers)
     {
         resolve_env(container, &lookup)?;
+        add_service_env(container, &fetched.service_env);
     }
     let spec_view = pod.spec.clone().unwrap_or_default();
     let (pull_credentials, unusable_pull_secrets) = pull_credentials(&spec_view, fetched);
@@ -299,6 +303,31 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
         pull_credentials: Arc::new(pull_credentials),
         unusable_pull_secrets,
     })
+}
+
+/// The Service variables go first: the container's own of the same names replace
+/// them, and its `$(VAR)` references can name them, as with the kubelet.
+fn add_service_env(container: &mut Container, service_env: &BTreeMap<String, String>) {
+    if service_env.is_empty() {
+        return;
+    }
+    let declared: BTreeSet<&str> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|var| var.name.as_str())
+        .collect();
+    let mut env: Vec<EnvVar> = service_env
+        .iter()
+        .filter(|(name, _)| !declared.contains(name.as_str()))
+        .map(|(name, value)| EnvVar {
+            name: name.clone(),
+            value: Some(value.clone()),
+            value_from: None,
+        })
+        .collect();
+    env.extend(container.env.take().into_iter().flatten());
+    container.env = Some(env);
 }
 
 struct Lookup<'a> {
@@ -731,6 +760,7 @@ mod tests {
                 secret(json!({"password": "czNjcjN0", "user": "YWRtaW4="})),
             )]),
             tokens: BTreeMap::new(),
+            service_env: Arc::default(),
         }
     }
 
@@ -780,6 +810,45 @@ mod tests {
             .iter()
             .find(|v| v.name == "NODE");
         assert!(node.and_then(|v| v.value_from.as_ref()).is_some());
+    }
+
+    #[test]
+    fn service_variables_come_first_and_the_containers_own_win() {
+        let pod = pod(json!({
+            "initContainers": [{"name": "init", "image": "busybox"}],
+            "containers": [{
+                "name": "c", "image": "busybox",
+                "env": [
+                    {"name": "WEB_SERVICE_PORT", "value": "8080"},
+                    {"name": "URL", "value": "http://$(WEB_SERVICE_HOST)/"}
+                ]
+            }]
+        }));
+        let fetched = Fetched {
+            service_env: Arc::new(BTreeMap::from([
+                ("WEB_SERVICE_HOST".to_string(), "10.43.0.7".to_string()),
+                ("WEB_SERVICE_PORT".to_string(), "80".to_string()),
+            ])),
+            ..fetched()
+        };
+        let resolved = resolve(&pod, &fetched).expect("resolves");
+        assert_eq!(
+            env_of(&resolved),
+            vec![
+                (
+                    "WEB_SERVICE_HOST".to_string(),
+                    Some("10.43.0.7".to_string())
+                ),
+                ("WEB_SERVICE_PORT".to_string(), Some("8080".to_string())),
+                (
+                    "URL".to_string(),
+                    Some("http://$(WEB_SERVICE_HOST)/".to_string())
+                ),
+            ]
+        );
+        let spec = resolved.pod.spec.as_ref().expect("spec");
+        let init_env = spec.init_containers.as_ref().expect("init")[0].env.as_ref();
+        assert_eq!(init_env.map(Vec::len), Some(2), "{init_env:?}");
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! without duplicates (options merged by name, the pod's winning), and the result is cut
 //! to the resolver's limits with a `DNSConfigForming` warning.
 //!
-//! Cluster DNS is not reachable from agents, so `ClusterFirst` falls back to `Default`
-//! with the kubelet's `MissingClusterDNS` warning, as a kubelet without `--cluster-dns`
-//! does. Pure: the agent reads its resolv.conf ([`parse_resolv_conf`]) and hands it in.
+//! `ClusterFirst` takes the cluster's DNS where the pod's owner relays it ([`ClusterDns`]:
+//! the agent's stub on the pod network's gateway); without it, it falls back to
+//! `Default` with the kubelet's `MissingClusterDNS` warning, as a kubelet without
+//! `--cluster-dns` does. Pure: the agent reads its resolv.conf ([`parse_resolv_conf`])
+//! and hands it in.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -73,19 +75,52 @@ pub struct PodDns {
     pub warnings: Vec<String>,
 }
 
-/// The resolver configuration for a pod with `spec`, `host` being the agent's.
-/// `ClusterFirst` is `Default` here; see [`wants_cluster_dns`] for its warning.
-pub fn pod_dns(spec: &PodSpec, host: &ResolvConf) -> PodDns {
+/// The cluster's DNS as a pod on the mesh reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDns {
+    /// Where the pod sends its queries (the agent relays them to the pod's owner).
+    pub nameserver: IpAddr,
+    /// The cluster's domain (the kubelet's `--cluster-domain`), e.g. `cluster.local`.
+    pub domain: String,
+}
+
+/// The kubelet's options for `ClusterFirst` (`defaultDNSOptions`).
+const CLUSTER_OPTIONS: &str = "ndots:5";
+
+/// The resolver configuration for a pod in `namespace` with `spec`, `host` being the
+/// agent's. `ClusterFirst` uses `cluster` as the kubelet uses `--cluster-dns` (the only
+/// nameserver; the cluster's search paths before the host's; `ndots:5`), and is
+/// `Default` without it; see [`wants_cluster_dns`] for its warning then.
+pub fn pod_dns(
+    spec: &PodSpec,
+    namespace: &str,
+    host: &ResolvConf,
+    cluster: Option<&ClusterDns>,
+) -> PodDns {
     let mut warnings = Vec::new();
-    let base = match spec.dns_policy.as_deref() {
-        Some("None") => Some(ResolvConf::default()),
+    let base = match (spec.dns_policy.as_deref(), cluster) {
+        (Some("None"), _) => Some(ResolvConf::default()),
+        (Some("ClusterFirst" | "ClusterFirstWithHostNet"), Some(cluster)) => {
+            let domain = &cluster.domain;
+            let searches = [
+                format!("{namespace}.svc.{domain}"),
+                format!("svc.{domain}"),
+                domain.clone(),
+            ];
+            Some(ResolvConf {
+                nameservers: vec![cluster.nameserver.to_string()],
+                searches: without_duplicates(searches.into_iter().chain(host.searches.clone())),
+                options: vec![CLUSTER_OPTIONS.to_owned()],
+            })
+        }
         _ => None,
     };
     let Some(config) = &spec.dns_config else {
-        return PodDns {
-            resolv: base,
-            warnings,
-        };
+        let resolv = base.map(|mut resolv| {
+            fit_limits(&mut resolv, &mut warnings);
+            resolv
+        });
+        return PodDns { resolv, warnings };
     };
     let mut resolv = append(base.unwrap_or_else(|| host.clone()), config);
     fit_limits(&mut resolv, &mut warnings);
@@ -247,15 +282,59 @@ mod tests {
 
     #[test]
     fn default_without_dns_config_is_the_runtimes_own_and_tells_nothing() {
-        let dns = pod_dns(&spec(Some("Default"), None), &host());
+        let dns = pod_dns(&spec(Some("Default"), None), "shop", &host(), None);
         assert_eq!(dns.resolv, None);
         assert!(dns.warnings.is_empty());
-        assert_eq!(pod_dns(&spec(None, None), &host()).resolv, None);
+        assert_eq!(
+            pod_dns(&spec(None, None), "shop", &host(), None).resolv,
+            None
+        );
+    }
+
+    #[test]
+    fn cluster_first_uses_the_relayed_cluster_dns_as_the_kubelet_uses_cluster_dns() {
+        let cluster = ClusterDns {
+            nameserver: "10.64.3.1".parse().expect("ip"),
+            domain: "cluster.local".into(),
+        };
+        let dns = pod_dns(
+            &spec(Some("ClusterFirst"), None),
+            "shop",
+            &host(),
+            Some(&cluster),
+        );
+        assert_eq!(
+            dns.resolv.expect("resolv").render(),
+            "nameserver 10.64.3.1\nsearch shop.svc.cluster.local svc.cluster.local cluster.local corp.example lab.example\noptions ndots:5\n"
+        );
+        // dnsConfig is appended, as to any policy's base.
+        let config = PodDNSConfig {
+            nameservers: Some(vec!["192.0.2.53".into()]),
+            searches: None,
+            options: Some(vec![option("ndots", Some("2"))]),
+        };
+        let dns = pod_dns(
+            &spec(Some("ClusterFirst"), Some(config)),
+            "shop",
+            &host(),
+            Some(&cluster),
+        );
+        let resolv = dns.resolv.expect("resolv");
+        assert_eq!(resolv.nameservers, ["10.64.3.1", "192.0.2.53"]);
+        assert_eq!(resolv.options, ["ndots:2"]);
+        // Default stays the agent's own.
+        let dns = pod_dns(
+            &spec(Some("Default"), None),
+            "shop",
+            &host(),
+            Some(&cluster),
+        );
+        assert_eq!(dns.resolv, None);
     }
 
     #[test]
     fn cluster_first_falls_back_to_default_with_the_kubelets_warning() {
-        let dns = pod_dns(&spec(Some("ClusterFirst"), None), &host());
+        let dns = pod_dns(&spec(Some("ClusterFirst"), None), "shop", &host(), None);
         assert_eq!(dns.resolv, None);
         assert!(wants_cluster_dns(&spec(Some("ClusterFirst"), None)));
         assert!(
@@ -271,7 +350,7 @@ mod tests {
             searches: Some(vec!["svc.example".into()]),
             options: Some(vec![option("ndots", Some("1"))]),
         };
-        let dns = pod_dns(&spec(Some("None"), Some(config)), &host());
+        let dns = pod_dns(&spec(Some("None"), Some(config)), "shop", &host(), None);
         assert_eq!(
             dns.resolv.unwrap().render(),
             "nameserver 192.0.2.53\nsearch svc.example\noptions ndots:1\n"
@@ -288,7 +367,7 @@ mod tests {
                 option("single-request", None),
             ]),
         };
-        let dns = pod_dns(&spec(Some("Default"), Some(config)), &host());
+        let dns = pod_dns(&spec(Some("Default"), Some(config)), "shop", &host(), None);
         let resolv = dns.resolv.unwrap();
         assert_eq!(resolv.nameservers, ["10.0.0.2", "192.0.2.53"]);
         assert_eq!(
@@ -315,7 +394,7 @@ mod tests {
             ),
             options: None,
         };
-        let dns = pod_dns(&spec(Some("Default"), Some(config)), &host());
+        let dns = pod_dns(&spec(Some("Default"), Some(config)), "shop", &host(), None);
         let resolv = dns.resolv.unwrap();
         assert_eq!(resolv.nameservers, ["10.0.0.2", "192.0.2.1", "192.0.2.2"]);
         assert!(resolv.searches.len() <= MAX_SEARCH_PATHS);

@@ -128,6 +128,8 @@ pub struct PlanContext<'a> {
     pub host_ip: Option<IpAddr>,
     /// The agent's subnet of its owner's mesh pod CIDR, where the pod's network is.
     pub pod_subnet: Option<ipnet::Ipv4Net>,
+    /// The cluster's DNS, for `ClusterFirst` pods, when their owner relays it.
+    pub cluster_dns: Option<&'a dns::ClusterDns>,
     /// For `spec.nodeName`.
     pub node_name: &'a str,
     /// The agent's own resolver configuration, the base of a pod's `dnsConfig`.
@@ -1849,7 +1851,7 @@ pub fn pod_plan(pod: &Pod, ctx: &PlanContext) -> Result<PodPlan, SpecError> {
     validate(pod)?;
     let pod_ref = pod_ref(pod)?;
     let spec = spec_of(pod)?;
-    let pod_dns = dns::pod_dns(spec, ctx.host_dns);
+    let pod_dns = dns::pod_dns(spec, &pod_ref.namespace, ctx.host_dns, ctx.cluster_dns);
     Ok(PodPlan {
         dns: pod_dns.resolv,
         dns_warnings: pod_dns.warnings,
@@ -2557,6 +2559,7 @@ mod tests {
             pod_ip: None,
             host_ip: None,
             pod_subnet: None,
+            cluster_dns: None,
             node_name: "beemesh-node",
             host_dns: &HOST_DNS,
             memory_dirs: &NO_MEMORY_DIRS,

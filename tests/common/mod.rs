@@ -455,6 +455,12 @@ impl Drop for Mesh {
                     .args(["pod", "rm", "-f", "-t", "0", &pod.id])
                     .output();
             }
+            // A killed agent cannot remove its redirects; Podman gives their pods'
+            // addresses to other tests' pods.
+            let table = beemesh::agent::egress::nft::table_name(&peer);
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", &table])
+                .output();
         }
     }
 }
@@ -588,4 +594,38 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A veth pair whose first end holds `address` (a network the host reaches, or with
+/// a /32 an address of the host's own), made by the test; removed when dropped.
+pub struct HostNetwork(pub String);
+
+impl HostNetwork {
+    pub fn up(address: &str) -> HostNetwork {
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let name = format!("bmt{}x{made}", std::process::id() % 10_000);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let peer = format!("{name}p");
+        ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
+        let network = HostNetwork(name.clone());
+        ip(&["addr", "add", address, "dev", &name]);
+        ip(&["link", "set", &name, "up"]);
+        ip(&["link", "set", &peer, "up"]);
+        network
+    }
+}
+
+impl Drop for HostNetwork {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
 }

@@ -765,6 +765,20 @@ impl Store {
     /// `cluster-admin` for `system:masters`, and bootstrap policy's two ClusterRoles the
     /// csrapproving controller checks (`...:nodeclient`, `...:selfnodeclient`; unbound).
     fn bootstrap(&mut self) {
+        // The API server's own Service, which every cluster has (the master service
+        // the kubelet gives every pod in its environment), at the range's first address.
+        let services = Resource::find("", "v1", "services").expect("services");
+        let _ = self.create(
+            &services,
+            "default",
+            json!({
+                "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                "spec": {
+                    "clusterIP": "10.43.0.1",
+                    "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
+                },
+            }),
+        );
         let cm = Resource::find("", "v1", "configmaps").expect("configmaps");
         let client_ca = self.pki.client_ca_pem();
         let _ = self.create(

@@ -1,0 +1,383 @@
+//! Mesh pods to cluster Services: a pod's TCP connections to its owner's cluster
+//! ranges (the Service CIDR, see [`crate::wire::Assign::cluster_ranges`]) are
+//! redirected by nftables ([`nft`]) to a proxy of this agent on the pod network's
+//! gateway address, which reads where each was going (`SO_ORIGINAL_DST`) and relays it
+//! over a [`CLUSTER_PROTOCOL`] stream to the pod's owner, which dials it inside the
+//! cluster. Only the pods this agent runs are redirected, each to its own owner. The
+//! same way, a pod's DNS queries to its nameserver (the gateway address, see
+//! `runtime::dns::ClusterDns`) reach a relay of this agent, which asks the owner to ask
+//! the cluster's DNS.
+
+pub mod nft;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, RwLock};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::ByteString;
+use libp2p::PeerId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::kubelet::relay::{read_header, splice, write_header};
+use crate::mesh::MeshHandle;
+use crate::metrics::Metrics;
+use crate::runtime::PodNetwork;
+use crate::wire::{
+    ClusterDial, ClusterDnsQuery, Epoch, KubeletAnswer, PodRef, PodUid, Request, Response,
+    CLUSTER_PROTOCOL, MAX_DNS_MESSAGE,
+};
+
+/// Connections relayed at once for all the agent's pods; more wait in the backlog.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// DNS queries relayed at once for all the agent's pods; more are dropped and counted
+/// (the pod's resolver asks again).
+pub const MAX_DNS_QUERIES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddrV4,
+        source: std::io::Error,
+    },
+    #[error("cannot run nft: {0}")]
+    Nft(std::io::Error),
+    #[error("nft refused the agent's rules: {0}")]
+    Rules(String),
+}
+
+/// One copy of a pod whose connections to its owner's cluster go through the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressPod {
+    pub pod: PodRef,
+    pub owner: PeerId,
+    pub epoch: Epoch,
+    pub ip: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub ranges: Vec<Ipv4Net>,
+    /// Its DNS queries go to its owner.
+    pub dns: bool,
+}
+
+/// Cheap to clone; shared by the supervisors.
+#[derive(Clone)]
+pub struct Egress {
+    state: Arc<Mutex<State>>,
+    sources: Arc<RwLock<HashMap<Ipv4Addr, EgressPod>>>,
+    mesh: MeshHandle,
+    metrics: Metrics,
+    connections: Arc<Semaphore>,
+    dns_queries: Arc<Semaphore>,
+    table: String,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<PodUid, EgressPod>,
+    /// The relays of each pod network, on its gateway address.
+    relays: HashMap<Ipv4Net, Relays>,
+}
+
+#[derive(Clone, Copy)]
+struct Relays {
+    proxy: SocketAddrV4,
+    dns: SocketAddrV4,
+}
+
+impl Egress {
+    /// `agent` names the agent's nftables table; its proxies stop with `cancel`.
+    pub fn new(
+        mesh: MeshHandle,
+        metrics: Metrics,
+        agent: &str,
+        cancel: CancellationToken,
+    ) -> Egress {
+        Egress {
+            state: Arc::default(),
+            sources: Arc::default(),
+            mesh,
+            metrics,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            dns_queries: Arc::new(Semaphore::new(MAX_DNS_QUERIES)),
+            table: nft::table_name(agent),
+            cancel,
+        }
+    }
+
+    /// Redirects the pod copy's connections to its owner's cluster ranges, in place of
+    /// an older copy's.
+    pub async fn admit(&self, pod: EgressPod) -> Result<(), EgressError> {
+        let mut state = self.state.lock().await;
+        if state.pods.get(&pod.pod.uid) == Some(&pod) {
+            return Ok(());
+        }
+        if let std::collections::hash_map::Entry::Vacant(entry) = state.relays.entry(pod.subnet) {
+            entry.insert(self.listen(pod.subnet)?);
+        }
+        self.write_source(|sources| {
+            sources.retain(|_, known| known.pod.uid != pod.pod.uid);
+            sources.insert(pod.ip, pod.clone());
+        });
+        state.pods.insert(pod.pod.uid.clone(), pod);
+        self.apply(&state).await
+    }
+
+    /// Ends the redirect of copy `epoch` of the pod (not a newer copy's).
+    pub async fn remove(&self, uid: &PodUid, epoch: Epoch) {
+        let mut state = self.state.lock().await;
+        if state.pods.get(uid).is_none_or(|p| p.epoch != epoch) {
+            return;
+        }
+        state.pods.remove(uid);
+        self.write_source(|sources| sources.retain(|_, known| known.pod.uid != *uid));
+        if let Err(e) = self.apply(&state).await {
+            tracing::warn!(%uid, error = %e, "cannot remove the pod's cluster redirect");
+        }
+    }
+
+    /// Removes the agent's table: at start, what a crashed run left (the pods adopted
+    /// are admitted again).
+    pub async fn clear(&self) -> Result<(), EgressError> {
+        let _state = self.state.lock().await;
+        run_nft(&nft::delete_table(&self.table)).await
+    }
+
+    /// Stops the proxies and removes the table, since no proxy answers any more.
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        if let Err(e) = self.clear().await {
+            tracing::warn!(error = %e, "cannot remove the agent's cluster redirects");
+        }
+    }
+
+    fn write_source(&self, change: impl FnOnce(&mut HashMap<Ipv4Addr, EgressPod>)) {
+        change(&mut self.sources.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    async fn apply(&self, state: &State) -> Result<(), EgressError> {
+        let redirects: Vec<nft::Redirect> = state
+            .pods
+            .values()
+            .filter_map(|pod| {
+                let relays = state.relays.get(&pod.subnet)?;
+                Some(nft::Redirect {
+                    pod_ip: pod.ip,
+                    ranges: pod.ranges.clone(),
+                    proxy: relays.proxy,
+                    dns: pod.dns.then_some(relays.dns),
+                })
+            })
+            .collect();
+        run_nft(&nft::replace_table(&self.table, &redirects)).await
+    }
+
+    /// The relays on the network's gateway address, which exists once the runtime has
+    /// brought the network's bridge up (`IP_FREEBIND`: bound before that too), on
+    /// ports of their own: agents sharing a host and a network each have theirs.
+    fn listen(&self, subnet: Ipv4Net) -> Result<Relays, EgressError> {
+        let gateway = PodNetwork::on(subnet).gateway;
+        let wanted = SocketAddrV4::new(gateway, 0);
+        let error = |source| EgressError::Listen {
+            address: wanted,
+            source,
+        };
+        let listener = bind_freely(wanted, socket2::Type::STREAM).map_err(error)?;
+        let dns = bind_freely(wanted, socket2::Type::DGRAM).map_err(error)?;
+        let listener = TcpListener::from_std(listener.into()).map_err(error)?;
+        let dns = UdpSocket::from_std(dns.into()).map_err(error)?;
+        let relays = Relays {
+            proxy: v4(listener.local_addr().map_err(error)?, wanted),
+            dns: v4(dns.local_addr().map_err(error)?, wanted),
+        };
+        tracing::info!(proxy = %relays.proxy, dns = %relays.dns, %subnet, "relaying the pod network's cluster connections and DNS queries");
+        tokio::spawn(self.clone().accept(listener));
+        tokio::spawn(self.clone().relay_dns(dns));
+        Ok(relays)
+    }
+
+    /// Relays each pod's DNS queries to its owner and the answers back.
+    async fn relay_dns(self, socket: UdpSocket) {
+        let socket = Arc::new(socket);
+        let mut query = vec![0u8; MAX_DNS_MESSAGE];
+        loop {
+            let received = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                received = socket.recv_from(&mut query) => received,
+            };
+            let Ok((len, SocketAddr::V4(client))) = received else {
+                continue;
+            };
+            tracing::trace!(%client, bytes = len, "DNS query received");
+            let source = self
+                .sources
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(client.ip())
+                .filter(|pod| pod.dns)
+                .cloned();
+            let Some(source) = source else {
+                self.metrics.dropped("cluster_dns", "not_a_pod");
+                tracing::debug!(%client, "DNS query from an address that is not a pod of this agent dropped");
+                continue;
+            };
+            let Ok(permit) = self.dns_queries.clone().try_acquire_owned() else {
+                self.metrics.dropped("cluster_dns", "too_many");
+                tracing::debug!(pod = %source.pod, "DNS query dropped: too many in flight");
+                continue;
+            };
+            let request = Request::ClusterDns(ClusterDnsQuery {
+                pod: source.pod.clone(),
+                query: ByteString(query[..len].to_vec()),
+            });
+            let (mesh, metrics, socket) = (self.mesh.clone(), self.metrics.clone(), socket.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match mesh.request(source.owner, request).await {
+                    Ok(Response::ClusterDns { answer }) if answer.0.len() <= MAX_DNS_MESSAGE => {
+                        let sent = socket.send_to(&answer.0, client).await;
+                        tracing::debug!(pod = %source.pod, %client, bytes = answer.0.len(), ?sent, "DNS answer relayed");
+                    }
+                    Ok(other) => {
+                        metrics.dropped("cluster_dns", "no_answer");
+                        tracing::debug!(pod = %source.pod, answer = ?other, "DNS query not answered");
+                    }
+                    Err(e) => {
+                        metrics.dropped("cluster_dns", "owner_unreachable");
+                        tracing::debug!(pod = %source.pod, error = %e, "DNS query not relayed");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn accept(self, listener: TcpListener) {
+        loop {
+            let permit = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                permit = self.connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let accepted = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((client, peer)) = accepted else {
+                continue;
+            };
+            let egress = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    _ = egress.cancel.cancelled() => {}
+                    result = egress.relay(client, peer) => match result {
+                        Ok(()) => egress.metrics.cluster_connection("relayed"),
+                        Err(reason) => {
+                            egress.metrics.cluster_connection("refused");
+                            tracing::debug!(%peer, %reason, "pod's cluster connection not relayed");
+                        }
+                    },
+                }
+            });
+        }
+    }
+
+    /// Relays one redirected connection to the owner of the pod it comes from.
+    async fn relay(&self, mut client: TcpStream, peer: SocketAddr) -> Result<(), String> {
+        let SocketAddr::V4(peer) = peer else {
+            return Err("not an IPv4 client".into());
+        };
+        let to = socket2::SockRef::from(&client)
+            .original_dst_v4()
+            .map_err(|e| format!("no original destination: {e}"))?
+            .as_socket_ipv4()
+            .ok_or("no original IPv4 destination")?;
+        let source = self
+            .sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer.ip())
+            .cloned()
+            .ok_or("not a pod of this agent")?;
+        if !source.ranges.iter().any(|r| r.contains(to.ip())) {
+            return Err(format!("{to} is outside the owner's cluster ranges"));
+        }
+        let stream = self
+            .mesh
+            .open_stream(source.owner, libp2p::StreamProtocol::new(CLUSTER_PROTOCOL))
+            .await
+            .map_err(|e| format!("cannot reach the owner: {e}"))?;
+        let mut stream = stream.compat();
+        let dial = ClusterDial {
+            pod: source.pod.clone(),
+            to: SocketAddr::V4(to),
+        };
+        write_header(&mut stream, &dial)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_header(&mut stream).await.map_err(|e| e.to_string())? {
+            KubeletAnswer::Ok => {}
+            KubeletAnswer::Failed { message, .. } => {
+                // The client sees a reset (when dropped), as from a Service without
+                // endpoints.
+                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+                return Err(message);
+            }
+        }
+        let _ = client.set_nodelay(true);
+        splice(&mut client, &mut stream)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn bind_freely(address: SocketAddrV4, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, kind, None)?;
+    socket.set_freebind_v4(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(address).into())?;
+    if kind == socket2::Type::STREAM {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
+}
+
+fn v4(address: SocketAddr, or: SocketAddrV4) -> SocketAddrV4 {
+    match address {
+        SocketAddr::V4(address) => address,
+        SocketAddr::V6(_) => or,
+    }
+}
+
+async fn run_nft(script: &str) -> Result<(), EgressError> {
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(EgressError::Nft)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(EgressError::Nft)?;
+    }
+    let output = child.wait_with_output().await.map_err(EgressError::Nft)?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(EgressError::Rules(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
+    }
+}

@@ -1,0 +1,114 @@
+//! The agent's nftables table: a pod's connections to its owner's cluster ranges are
+//! redirected to the agent's proxy on the pod network's gateway address. Rules are per
+//! pod address, so that agents sharing one host and one pod network (tests, or two
+//! owners giving the same subnet) each redirect only their own pods.
+
+use std::fmt::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+
+/// One pod's redirects: its TCP connections to `ranges` go to `proxy`, and with `dns`
+/// its DNS queries to the gateway (its nameserver) go to that relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    pub pod_ip: Ipv4Addr,
+    pub ranges: Vec<Ipv4Net>,
+    pub proxy: SocketAddrV4,
+    pub dns: Option<SocketAddrV4>,
+}
+
+/// The agent's table name: one per agent, as several may share a host.
+pub fn table_name(agent: &str) -> String {
+    let tail: String = agent
+        .chars()
+        .rev()
+        .filter(char::is_ascii_alphanumeric)
+        .take(16)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("beemesh_{tail}")
+}
+
+/// An `nft -f` script that replaces the table with one holding `redirects`, in one
+/// transaction (the table is made first so that deleting it cannot fail).
+pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
+    let mut script = format!("table ip {table}\ndelete table ip {table}\n");
+    if redirects.is_empty() {
+        return script;
+    }
+    let _ = writeln!(script, "table ip {table} {{");
+    // Before the runtime's own DNAT (iptables' nat PREROUTING, priority dstnat): the
+    // first NAT of a connection is the one that holds.
+    script.push_str("  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n");
+    for redirect in redirects {
+        if !redirect.ranges.is_empty() {
+            let ranges: Vec<String> = redirect.ranges.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                script,
+                "    ip saddr {} ip daddr {{ {} }} meta l4proto tcp dnat to {}",
+                redirect.pod_ip,
+                ranges.join(", "),
+                redirect.proxy
+            );
+        }
+        if let Some(dns) = redirect.dns {
+            let _ = writeln!(
+                script,
+                "    ip saddr {} ip daddr {} udp dport 53 dnat to {dns}",
+                redirect.pod_ip,
+                dns.ip(),
+            );
+        }
+    }
+    script.push_str("  }\n}\n");
+    script
+}
+
+/// An `nft -f` script that removes the table.
+pub fn delete_table(table: &str) -> String {
+    replace_table(table, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_the_agents_and_nft_safe() {
+        assert_eq!(
+            table_name("12D3KooWRkGhZzekg6sHoqK7xhuZNt7UbDpUcLgStXhRUR8ciXTX"),
+            "beemesh_cLgStXhRUR8ciXTX"
+        );
+    }
+
+    #[test]
+    fn each_pod_is_redirected_to_its_networks_proxy() {
+        let redirect = |ip: &str, proxy: &str| Redirect {
+            pod_ip: ip.parse().expect("ip"),
+            ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
+            proxy: proxy.parse().expect("addr"),
+            dns: None,
+        };
+        let script = replace_table(
+            "beemesh_x",
+            &[
+                redirect("10.64.0.5", "10.64.0.1:40001"),
+                Redirect {
+                    dns: Some("10.64.1.1:40003".parse().expect("addr")),
+                    ..redirect("10.64.1.9", "10.64.1.1:40002")
+                },
+            ],
+        );
+        assert_eq!(
+            script,
+            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n  }\n}\n"
+        );
+        assert_eq!(
+            delete_table("beemesh_x"),
+            "table ip beemesh_x\ndelete table ip beemesh_x\n"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Mesh pods to cluster Services, the node's side: agents relay their pods'
+//! connections to the cluster's Service addresses (see `agent::egress`) over
+//! [`CLUSTER_PROTOCOL`] streams, and the node dials each inside the cluster, where
+//! kube-proxy (or whatever implements Services) takes it on. Deny by default: only the
+//! agent a pod of this node is placed on may ask for it, and only for a port a Service
+//! serves on its ClusterIP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::runtime::reflector::Store;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Relay;
+use crate::kubelet::relay::{read_header, splice, write_header};
+use crate::wire::{ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE};
+
+/// How long the node tries to connect inside the cluster.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the cluster's DNS has to answer a relayed query.
+const DNS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the cluster's DNS at `upstream` one query over UDP; its answer.
+pub async fn ask_dns(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bind: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
+    let mut answer = vec![0u8; MAX_DNS_MESSAGE];
+    let len = tokio::time::timeout(DNS_TIMEOUT, socket.recv(&mut answer))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the cluster's DNS did not answer",
+            )
+        })??;
+    answer.truncate(len);
+    Ok(answer)
+}
+
+/// Whether a Service serves TCP on `to`: one of its ClusterIPs and ports.
+pub fn service_serves(service: &Service, to: SocketAddr) -> bool {
+    let Some(spec) = &service.spec else {
+        return false;
+    };
+    let ips = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter());
+    let on_ip = ips
+        .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+        .any(|ip| ip == to.ip());
+    on_ip
+        && spec.ports.iter().flatten().any(|port| {
+            i32::from(to.port()) == port.port && port.protocol.as_deref().unwrap_or("TCP") == "TCP"
+        })
+}
+
+/// Serves the agents' cluster connections until cancelled.
+pub async fn serve(relay: Relay, services: Store<Service>, cancel: CancellationToken) {
+    let mut incoming = match relay
+        .mesh
+        .accept_streams(StreamProtocol::new(CLUSTER_PROTOCOL))
+    {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve mesh pods' connections to cluster Services");
+            return;
+        }
+    };
+    let connections = Arc::new(Semaphore::new(super::MAX_CONNECTIONS));
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return,
+            next = incoming.next() => next,
+        };
+        let Some((agent, stream)) = next else {
+            return;
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            relay.metrics.cluster_connection("refused");
+            tracing::debug!(%agent, "too many cluster connections; one refused");
+            continue;
+        };
+        let (relay, services, cancel) = (relay.clone(), services.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                result = connect(agent, stream, &relay, &services) => match result {
+                    Ok(()) => relay.metrics.cluster_connection("relayed"),
+                    Err(reason) => {
+                        relay.metrics.cluster_connection("refused");
+                        tracing::debug!(%agent, %reason, "cluster connection not relayed");
+                    }
+                },
+            }
+        });
+    }
+}
+
+async fn connect(
+    agent: PeerId,
+    stream: libp2p::Stream,
+    relay: &Relay,
+    services: &Store<Service>,
+) -> Result<(), String> {
+    let mut io = stream.compat();
+    let dial: ClusterDial = read_header(&mut io).await.map_err(|e| e.to_string())?;
+    let allowed = allowed(agent, &dial, relay, services).await;
+    let upstream = match allowed {
+        Ok(()) => tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(dial.to))
+            .await
+            .map_err(|_| (504, format!("connecting to {} timed out", dial.to)))
+            .and_then(|connected| {
+                connected.map_err(|e| (502, format!("cannot connect to {}: {e}", dial.to)))
+            }),
+        Err(refusal) => Err(refusal),
+    };
+    let mut upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err((code, message)) => {
+            let answer = KubeletAnswer::Failed {
+                code,
+                message: message.clone(),
+            };
+            let _ = write_header(&mut io, &answer).await;
+            return Err(message);
+        }
+    };
+    write_header(&mut io, &KubeletAnswer::Ok)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = upstream.set_nodelay(true);
+    splice(&mut upstream, &mut io)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The pod is this node's and placed on `agent`, and a Service serves `dial.to`.
+async fn allowed(
+    agent: PeerId,
+    dial: &ClusterDial,
+    relay: &Relay,
+    services: &Store<Service>,
+) -> Result<(), (u16, String)> {
+    let placed_there = relay
+        .directory
+        .locate(&dial.pod.namespace, &dial.pod.name)
+        .await
+        .is_some_and(|l| l.pod.uid == dial.pod.uid && l.agent == Some(agent));
+    if !placed_there {
+        return Err((403, format!("pod {} is not placed on this agent", dial.pod)));
+    }
+    if !services.state().iter().any(|s| service_serves(s, dial.to)) {
+        return Err((403, format!("no Service serves TCP on {}", dial.to)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).expect("service")
+    }
+
+    #[test]
+    fn only_a_services_cluster_ips_and_tcp_ports_are_served() {
+        let web = service(
+            "metadata: {name: web}\nspec: {clusterIP: 10.43.0.20, clusterIPs: [10.43.0.20], ports: [{port: 80}, {port: 53, protocol: UDP}]}",
+        );
+        let to = |addr: &str| addr.parse::<SocketAddr>().expect("addr");
+        assert!(service_serves(&web, to("10.43.0.20:80")));
+        assert!(!service_serves(&web, to("10.43.0.20:8080")), "another port");
+        assert!(!service_serves(&web, to("10.43.0.20:53")), "a UDP port");
+        assert!(
+            !service_serves(&web, to("10.43.0.21:80")),
+            "another address"
+        );
+        let headless = service(
+            "metadata: {name: db}\nspec: {clusterIP: None, clusterIPs: [None], ports: [{port: 5432}]}",
+        );
+        assert!(!service_serves(&headless, to("10.43.0.20:5432")));
+    }
+}
