@@ -148,11 +148,23 @@ pub async fn request_agent(
     agent: PeerId,
     request: &KubeletRequest,
 ) -> Result<Compat<libp2p::Stream>, (u16, String)> {
+    request_stream(mesh, agent, KUBELET_PROTOCOL, request).await
+}
+
+/// As [`request_agent`], for any stream protocol whose header is `request` and whose
+/// answer is a [`KubeletAnswer`] (e.g. an agent relaying a pod's cluster connection to
+/// its owner).
+pub async fn request_stream<R: Serialize>(
+    mesh: &MeshHandle,
+    agent: PeerId,
+    protocol: &'static str,
+    request: &R,
+) -> Result<Compat<libp2p::Stream>, (u16, String)> {
     let mut attempt = 0;
     loop {
-        match try_request_agent(mesh, agent, request).await {
+        match try_request(mesh, agent, protocol, request).await {
             Err(Attempt::Dropped(e)) if attempt + 1 < OPEN_ATTEMPTS => {
-                tracing::debug!(%agent, error = %e, attempt, "kubelet stream dropped; opening another");
+                tracing::debug!(%agent, %protocol, error = %e, attempt, "stream dropped; opening another");
                 tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
                 attempt += 1;
             }
@@ -172,13 +184,14 @@ enum Attempt {
     Refused(u16, String),
 }
 
-async fn try_request_agent(
+async fn try_request<R: Serialize>(
     mesh: &MeshHandle,
     agent: PeerId,
-    request: &KubeletRequest,
+    protocol: &'static str,
+    request: &R,
 ) -> Result<Compat<libp2p::Stream>, Attempt> {
     let stream = mesh
-        .open_stream(agent, libp2p::StreamProtocol::new(KUBELET_PROTOCOL))
+        .open_stream(agent, libp2p::StreamProtocol::new(protocol))
         .await
         .map_err(|e| Attempt::Dropped(e.to_string()))?;
     let mut io = stream.compat();

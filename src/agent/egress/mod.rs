@@ -20,16 +20,15 @@ use libp2p::PeerId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::kubelet::relay::{read_header, splice, write_header};
+use crate::kubelet::relay::{request_stream, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::runtime::PodNetwork;
 use crate::wire::{
-    ClusterDial, ClusterDnsQuery, Epoch, KubeletAnswer, PodRef, PodUid, Request, Response,
-    CLUSTER_PROTOCOL, MAX_DNS_MESSAGE,
+    ClusterDial, ClusterDnsQuery, Epoch, PodRef, PodUid, Request, Response, CLUSTER_PROTOCOL,
+    MAX_DNS_MESSAGE,
 };
 
 /// Connections relayed at once for all the agent's pods; more wait in the backlog.
@@ -309,28 +308,20 @@ impl Egress {
         if !source.ranges.iter().any(|r| r.contains(to.ip())) {
             return Err(format!("{to} is outside the owner's cluster ranges"));
         }
-        let stream = self
-            .mesh
-            .open_stream(source.owner, libp2p::StreamProtocol::new(CLUSTER_PROTOCOL))
-            .await
-            .map_err(|e| format!("cannot reach the owner: {e}"))?;
-        let mut stream = stream.compat();
         let dial = ClusterDial {
             pod: source.pod.clone(),
             to: SocketAddr::V4(to),
         };
-        write_header(&mut stream, &dial)
-            .await
-            .map_err(|e| e.to_string())?;
-        match read_header(&mut stream).await.map_err(|e| e.to_string())? {
-            KubeletAnswer::Ok => {}
-            KubeletAnswer::Failed { message, .. } => {
+        let opened = request_stream(&self.mesh, source.owner, CLUSTER_PROTOCOL, &dial).await;
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err((_, message)) => {
                 // The client sees a reset (when dropped), as from a Service without
                 // endpoints.
                 let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
                 return Err(message);
             }
-        }
+        };
         let _ = client.set_nodelay(true);
         splice(&mut client, &mut stream)
             .await
