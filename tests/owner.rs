@@ -948,10 +948,24 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
     };
     wait_view("running on agent 0", Box::new(|p| p.phase == "Running")).await;
 
-    // Every agent goes silent: both are lost, the pod's copy with them.
-    for a in &alive {
-        a.store(false, std::sync::atomic::Ordering::Release);
+    // Every agent goes silent: both are lost, the pod's copy with them. Agent 1 first,
+    // declared lost before agent 0 stops: were agent 0 lost first, the pod would go to
+    // agent 1 (not lost yet) and that assignment would supersede the lost copy.
+    alive[1].store(false, std::sync::atomic::Ordering::Release);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while query_view(&client, node_id)
+        .await
+        .agents
+        .iter()
+        .any(|a| a.peer.0 == agent_ids[1])
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent 1 not declared lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    alive[0].store(false, std::sync::atomic::Ordering::Release);
     let lost = wait_view("declared lost", Box::new(|p| p.agent.is_none())).await;
     assert_eq!(lost.reason.as_deref(), Some("AgentLost"), "{lost:?}");
     // It stays so while no agent is heard (not "no agent has joined").
