@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::kubelet::tunnel::TunnelMode;
-use crate::node::subnets;
+use crate::node::{mesh_services, subnets};
 use crate::placement::ScoreMode;
 use crate::runtime::translate;
 use crate::trust::join::JoinToken;
@@ -212,7 +212,8 @@ pub struct NodeArgs {
     #[command(flatten)]
     pub mesh: MeshArgs,
     /// Directory of Pod manifests (YAML or JSON, several documents per file), like
-    /// the kubelet's static pods; changes are picked up at once (inotify) and at the
+    /// the kubelet's static pods, and of the Services in front of them (ClusterIP,
+    /// with a selector); changes are picked up at once (inotify) and at the
     /// latest within 1 s. With it, a Kubernetes API server is used only when named
     /// (--kubeconfig, KUBECONFIG, or running in a pod).
     #[arg(value_name = "DIR", long, env = "BEEMESH_POD_MANIFEST_PATH")]
@@ -249,6 +250,11 @@ pub struct NodeArgs {
     /// agent; 4096 agents in the default CIDR).
     #[arg(value_name = "LENGTH", long, env = "BEEMESH_MESH_POD_SUBNET_PREFIX", default_value_t = subnets::DEFAULT_PREFIX)]
     pub mesh_pod_subnet_prefix: u8,
+    /// Where the Services in --pod-manifest-path get their ClusterIPs (apart from
+    /// --mesh-pod-cidr): mesh pods reach them by name and address, each connection
+    /// going straight to the agent of a ready pod the Service selects.
+    #[arg(value_name = "CIDR", long, env = "BEEMESH_MESH_SERVICE_CIDR", default_value_t = mesh_services::DEFAULT_CIDR)]
+    pub mesh_service_cidr: Ipv4Net,
     /// The cluster's pod CIDR (k3s's --cluster-cidr), which --mesh-pod-cidr must be
     /// apart from; checked at start when the node uses a Kubernetes API server.
     #[arg(
@@ -261,8 +267,9 @@ pub struct NodeArgs {
     /// The cluster's DNS, which mesh pods with dnsPolicy ClusterFirst resolve through
     /// (their agents relay their queries to this node, which asks it): IP or IP:PORT
     /// (port 53). Default, when the node runs in a pod: its own nameserver, the
-    /// cluster's DNS Service. Without it such pods use their agent's resolver, with the
-    /// kubelet's MissingClusterDNS warning.
+    /// cluster's DNS Service; standalone: the node's own nameserver, for names that are
+    /// not its Services'. Without it such pods of a cluster use their agent's resolver,
+    /// with the kubelet's MissingClusterDNS warning.
     #[arg(value_name = "IP[:PORT]", long, env = "BEEMESH_CLUSTER_DNS", value_parser = parse_dns_server)]
     pub cluster_dns: Option<SocketAddr>,
     /// The cluster's DNS domain (the kubelet's --cluster-domain), for the search paths of

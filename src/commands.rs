@@ -303,6 +303,11 @@ async fn node(args: NodeArgs) -> Result<()> {
     }
     let pod_subnets = SubnetPool::new(args.mesh_pod_cidr, args.mesh_pod_subnet_prefix)
         .context("--mesh-pod-subnet-prefix does not fit --mesh-pod-cidr")?;
+    subnets::check_apart(
+        args.mesh_service_cidr,
+        &[("mesh pod CIDR (--mesh-pod-cidr)", args.mesh_pod_cidr)],
+    )
+    .context("--mesh-service-cidr must be apart from --mesh-pod-cidr")?;
     let env = |name: &str| std::env::var(name).ok();
     let source = cluster::config_source(
         args.kubeconfig.as_deref(),
@@ -414,23 +419,24 @@ async fn node(args: NodeArgs) -> Result<()> {
         println!("node {peer} owns the pods in {}", dir.display());
     }
     let api_cancel = CancellationToken::new();
+    let own_nameserver = || {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        dns::parse_resolv_conf(&text)
+            .nameservers
+            .first()
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+    };
     let cluster_dns = match (&source, args.cluster_dns) {
-        (None, _) => None,
         (_, Some(given)) => Some(given),
-        // In a pod, its nameserver is the cluster's DNS Service.
-        (Some(cluster::ConfigSource::InCluster), None) => {
-            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-            dns::parse_resolv_conf(&text)
-                .nameservers
-                .first()
-                .and_then(|ip| ip.parse::<IpAddr>().ok())
-                .map(|ip| SocketAddr::new(ip, 53))
-        }
+        // In a pod, its nameserver is the cluster's DNS Service; standalone, the names
+        // that are not the node's Services' are the host's business.
+        (Some(cluster::ConfigSource::InCluster) | None, None) => own_nameserver(),
         (Some(_), None) => None,
     };
     match cluster_dns {
         Some(upstream) => {
-            tracing::info!(%upstream, domain = %args.cluster_domain, "relaying mesh pods' DNS queries to the cluster's DNS")
+            tracing::info!(%upstream, domain = %args.cluster_domain, "mesh pods' DNS queries come to this node, and go on to the upstream resolver unless they are for its Services")
         }
         None if source.is_some() => tracing::warn!(
             "no --cluster-dns: mesh pods with dnsPolicy ClusterFirst use their agents' resolvers"
@@ -466,6 +472,10 @@ async fn node(args: NodeArgs) -> Result<()> {
             .collect();
             subnets::check_apart(args.mesh_pod_cidr, &cluster_cidrs)
                 .context("--mesh-pod-cidr must be apart from the cluster's addresses")?;
+            if args.pod_manifest_path.is_some() {
+                subnets::check_apart(args.mesh_service_cidr, &cluster_cidrs)
+                    .context("--mesh-service-cidr must be apart from the cluster's addresses")?;
+            }
             println!("node {peer} is Kubernetes node {}", args.node_name);
             let tunnel = kubelet::tunnel::TunnelConfig {
                 mode: args.k3s_tunnel,
@@ -519,12 +529,19 @@ async fn node(args: NodeArgs) -> Result<()> {
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             node_name: args.node_name.clone(),
             pod_subnets,
-            cluster_ranges: if api.is_some() {
-                vec![args.service_cidr]
-            } else {
-                Vec::new()
-            },
-            cluster_domain: cluster_dns.map(|_| args.cluster_domain.clone()),
+            cluster_ranges: api
+                .is_some()
+                .then_some(args.service_cidr)
+                .into_iter()
+                .chain(
+                    args.pod_manifest_path
+                        .is_some()
+                        .then_some(args.mesh_service_cidr),
+                )
+                .collect(),
+            // Standalone, the node is the domain's DNS (its Services' names).
+            cluster_domain: (cluster_dns.is_some() || api.is_none())
+                .then(|| args.cluster_domain.clone()),
             reject_too_big_after: api
                 .is_some()
                 .then(|| Duration::from_secs(args.agent_loss_seconds)),
@@ -532,6 +549,7 @@ async fn node(args: NodeArgs) -> Result<()> {
         },
         enrollment,
         cluster_dns,
+        mesh_service_cidr: args.mesh_service_cidr,
     };
     let serving = health.check("kubelet-api");
     let backend = KubeletBackend {

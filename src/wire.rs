@@ -669,6 +669,9 @@ pub enum Request {
     /// An agent relays a DNS query of one of its pods to the pod's owner, which asks the
     /// cluster's DNS.
     ClusterDns(ClusterDnsQuery),
+    /// An agent asks the owner of one of its pods where that pod's connection to a
+    /// Service address goes (answered with [`Response::Route`]).
+    Route(ClusterDial),
 }
 
 /// The largest DNS message relayed (a query over UDP is far smaller; an answer larger
@@ -693,6 +696,7 @@ impl Request {
             Request::Join(_) => "join",
             Request::Renew(_) => "renew",
             Request::ClusterDns(_) => "cluster_dns",
+            Request::Route(_) => "route",
         }
     }
 }
@@ -814,6 +818,39 @@ pub enum Response {
     ClusterDns {
         answer: k8s_openapi::ByteString,
     },
+    /// Where a pod's connection to a Service address goes (see [`Request::Route`]).
+    Route(Route),
+}
+
+/// Where a mesh pod's connection to a Service address goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "via", rename_all = "camelCase")]
+pub enum Route {
+    /// To the owner over [`CLUSTER_PROTOCOL`], which dials it inside the cluster.
+    Owner,
+    /// Straight to the agent of the mesh pod the owner picked as the Service's endpoint,
+    /// over [`DIRECT_PROTOCOL`], with the owner's grant.
+    Direct(Box<SignedDial>),
+}
+
+/// The stream protocol over which an agent connects one of its pods to a port of a pod
+/// of another agent (a mesh Service's endpoint): a [`SignedDial`] header, a
+/// [`KubeletAnswer`], then the bytes.
+pub const DIRECT_PROTOCOL: &str = "/beemesh/direct/1";
+
+/// An owner's grant: agent `from` may connect to TCP `port` of pod `pod`, which the
+/// owner placed on agent `to`, until `expires_at` (Unix seconds). The agent `to` checks
+/// the signature against an owner it trusts and that owner's pod on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedDial {
+    pub owner: PeerRef,
+    pub from: PeerRef,
+    pub to: PeerRef,
+    pub pod: PodUid,
+    pub port: u16,
+    pub expires_at: u64,
+    /// Ed25519 over the fields (see `trust::dial`), hex.
+    pub signature: String,
 }
 
 #[derive(Serialize)]

@@ -243,6 +243,13 @@ mod seeds {
             ),
             ("query", Request::Query),
             (
+                "route",
+                Request::Route(ClusterDial {
+                    pod: pod_ref.clone(),
+                    to: "10.80.0.10:80".parse().expect("addr"),
+                }),
+            ),
+            (
                 "join",
                 Request::Join(beemesh::trust::join::request(
                     &"abcdef.0123456789abcdef".parse().expect("token"),
@@ -307,6 +314,20 @@ mod seeds {
                 },
             ),
             ("superseded", Response::Superseded { current: Epoch(4) }),
+            ("route_owner", Response::Route(Route::Owner)),
+            (
+                "route_direct",
+                Response::Route(Route::Direct(Box::new(beemesh::trust::dial::sign(
+                    &owner,
+                    beemesh::trust::dial::Dial {
+                        from: agent_peer.0,
+                        to: agent_peer.0,
+                        pod: pod_ref.uid.clone(),
+                        port: 8080,
+                        expires_at: 1_700_000_030,
+                    },
+                )))),
+            ),
             (
                 "view",
                 Response::View(Box::new(MeshView {

@@ -166,6 +166,7 @@ async fn scene(pod: &str, owner: impl FnOnce(&[libp2p::PeerId]) -> OwnerConfig) 
             owner: owner(&agent_ids),
             enrollment: None,
             cluster_dns: None,
+            mesh_service_cidr: beemesh::node::mesh_services::DEFAULT_CIDR,
         },
         node_key,
         node_mesh.clone(),

@@ -493,6 +493,7 @@ pub async fn owner_role(
             },
             enrollment: None,
             cluster_dns: None,
+            mesh_service_cidr: beemesh::node::mesh_services::DEFAULT_CIDR,
         },
         keypair,
         mesh.clone(),

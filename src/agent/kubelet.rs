@@ -407,7 +407,7 @@ async fn address(
 
 /// A socket of `connect`'s to the owner's pod at `port`, or the refusal to answer with
 /// (`failed to <what> port …`).
-async fn reach_pod<T, F>(
+pub(super) async fn reach_pod<T, F>(
     runtime: &dyn Runtime,
     addresses: &PodAddresses,
     owner: PeerId,

@@ -4,6 +4,7 @@
 
 mod addresses;
 pub mod admission;
+mod direct;
 pub mod egress;
 pub mod enroll;
 mod eviction;
@@ -281,6 +282,7 @@ impl Agent {
         }
         let (updates_tx, updates) = mpsc::channel(256);
         let (internal_tx, internal_rx) = mpsc::channel(256);
+        let addresses = addresses::PodAddresses::default();
         let worker_ctx = WorkerContext {
             runtime: runtime.clone(),
             agent: mesh.local_peer_id(),
@@ -292,11 +294,17 @@ impl Agent {
             metrics: metrics.clone(),
             policy: config.policy.clone(),
             setups: Arc::new(tokio::sync::Semaphore::new(supervisor::SETUP_CONCURRENCY)),
-            addresses: addresses::PodAddresses::default(),
+            addresses: addresses.clone(),
             egress: egress::Egress::new(
                 mesh.clone(),
                 metrics.clone(),
-                &mesh.local_peer_id().to_string(),
+                direct::DirectEndpoints {
+                    runtime: runtime.clone(),
+                    addresses,
+                    owners: owners.clone(),
+                    me: mesh.local_peer_id(),
+                    metrics: metrics.clone(),
+                },
                 CancellationToken::new(),
             ),
         };
@@ -350,6 +358,16 @@ impl Agent {
         tokio::spawn(async move {
             if let Err(e) = kubelet.await {
                 tracing::error!(error = %e, "cannot serve kubelet streams");
+            }
+        });
+        let direct = self
+            .worker_ctx
+            .egress
+            .endpoints()
+            .serve(self.mesh.clone(), cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = direct.await {
+                tracing::error!(error = %e, "cannot serve other agents' connections to Services' endpoints");
             }
         });
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
@@ -1025,7 +1043,8 @@ impl Agent {
             | Request::Status(_)
             | Request::Join(_)
             | Request::Renew(_)
-            | Request::ClusterDns(_) => Response::Error {
+            | Request::ClusterDns(_)
+            | Request::Route(_) => Response::Error {
                 message: "this peer is an agent; bids, status reports and joins go to nodes".into(),
             },
         }

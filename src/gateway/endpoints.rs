@@ -79,6 +79,7 @@ impl Unserved {
 #[derive(Debug, Clone, PartialEq)]
 struct Backend<'a> {
     service: &'a Service,
+    service_port: i32,
     port_name: Option<String>,
     pod: &'a Pod,
     target: Target,
@@ -95,6 +96,17 @@ impl Plan<'_> {
     /// The pod ports some Service sends to.
     pub fn targets(&self) -> BTreeSet<Target> {
         self.backends.iter().map(|b| b.target.clone()).collect()
+    }
+
+    /// The ready pods behind port `port` of `service` (matched by UID), with the pod
+    /// port each is sent to.
+    pub fn ready_behind(&self, service: &str, port: i32) -> Vec<(&Pod, &Target)> {
+        self.backends
+            .iter()
+            .filter(|b| b.service.metadata.uid.as_deref() == Some(service))
+            .filter(|b| b.service_port == port && is_ready(b.pod))
+            .map(|b| (b.pod, &b.target))
+            .collect()
     }
 
     /// The Services some of whose backends have no gateway port (the range is full).
@@ -165,6 +177,7 @@ pub fn plan<'a>(services: &[&'a Service], pods: &[&'a Pod]) -> Plan<'a> {
                 };
                 backends.push(Backend {
                     service,
+                    service_port: port.port,
                     port_name: port.name.clone(),
                     pod,
                     target: Target {

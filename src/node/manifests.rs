@@ -1,4 +1,5 @@
-//! Pods from a directory of Pod YAML, like the kubelet's static pods.
+//! Pods from a directory of Pod YAML, like the kubelet's static pods, and the
+//! Services in front of them (see `mesh_services`).
 //!
 //! Every `*.yaml`, `*.yml` or `*.json` file may hold several documents. A pod's UID is
 //! its `metadata.uid` when given, else derived from the owner and the document's
@@ -10,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -39,7 +40,32 @@ impl fmt::Display for ManifestError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParsedFile {
     pub pods: Vec<Pod>,
+    pub services: Vec<ManifestService>,
     pub errors: Vec<ManifestError>,
+}
+
+/// A Service and where it was written, for errors found later (its address, its ports).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestService {
+    pub file: PathBuf,
+    pub document: usize,
+    pub service: Service,
+}
+
+impl ManifestService {
+    pub fn error(&self, message: String) -> ManifestError {
+        ManifestError {
+            file: self.file.clone(),
+            document: self.document,
+            message,
+        }
+    }
+}
+
+/// What a document is.
+enum Object {
+    Pod(Box<Pod>),
+    Service(Box<Service>),
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -82,30 +108,63 @@ pub fn parse(file: &Path, text: &str, owner: &str) -> ParsedFile {
                 break;
             }
         };
-        match pod_from_value(value, owner) {
-            Ok(pod) => out.pods.push(pod),
+        match object_from_value(value, owner) {
+            Ok(Object::Pod(pod)) => out.pods.push(*pod),
+            Ok(Object::Service(service)) => out.services.push(ManifestService {
+                file: file.to_path_buf(),
+                document: number,
+                service: *service,
+            }),
             Err(message) => out.errors.push(error(message)),
         }
     }
     out
 }
 
-fn pod_from_value(value: serde_yaml::Value, owner: &str) -> Result<Pod, String> {
+fn object_from_value(value: serde_yaml::Value, owner: &str) -> Result<Object, String> {
     let json =
         serde_json::to_value(&value).map_err(|e| format!("not a JSON-compatible document: {e}"))?;
     let api_version = json.get("apiVersion").and_then(|v| v.as_str());
     let kind = json.get("kind").and_then(|v| v.as_str());
     match (api_version, kind) {
-        (Some("v1"), Some("Pod")) => {}
+        (Some("v1"), Some("Pod")) => {
+            pod_from_json(json, owner).map(|pod| Object::Pod(Box::new(pod)))
+        }
+        (Some("v1"), Some("Service")) => {
+            service_from_json(json).map(|s| Object::Service(Box::new(s)))
+        }
         (None, _) | (_, None) => {
-            return Err("not a Kubernetes object: apiVersion and kind are required".into())
+            Err("not a Kubernetes object: apiVersion and kind are required".into())
         }
-        (Some(a), Some(k)) => {
-            return Err(format!(
-                "{a}/{k} is not supported here: only v1/Pod manifests can run on BeeMesh"
-            ))
-        }
+        (Some(a), Some(k)) => Err(format!(
+            "{a}/{k} is not supported here: only v1/Pod and v1/Service manifests can run on BeeMesh"
+        )),
     }
+}
+
+fn service_from_json(json: serde_json::Value) -> Result<Service, String> {
+    let mut service: Service =
+        serde_json::from_value(json).map_err(|e| format!("invalid Service: {e}"))?;
+    if service
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        return Err("metadata.name is required".into());
+    }
+    default_namespace(&mut service.metadata);
+    Ok(service)
+}
+
+fn default_namespace(metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    if metadata.namespace.as_deref().unwrap_or_default().is_empty() {
+        metadata.namespace = Some("default".into());
+    }
+}
+
+fn pod_from_json(json: serde_json::Value, owner: &str) -> Result<Pod, String> {
     let mut pod: Pod =
         serde_json::from_value(json.clone()).map_err(|e| format!("invalid Pod: {e}"))?;
     let name = pod.metadata.name.clone().unwrap_or_default();
@@ -115,15 +174,7 @@ fn pod_from_value(value: serde_yaml::Value, owner: &str) -> Result<Pod, String> 
     if pod.spec.is_none() {
         return Err(format!("pod {name}: spec is required"));
     }
-    if pod
-        .metadata
-        .namespace
-        .as_deref()
-        .unwrap_or_default()
-        .is_empty()
-    {
-        pod.metadata.namespace = Some("default".into());
-    }
+    default_namespace(&mut pod.metadata);
     if pod.metadata.uid.as_deref().unwrap_or_default().is_empty() {
         let mut hasher = Sha256::new();
         hasher.update(owner.as_bytes());
@@ -155,6 +206,8 @@ pub struct ManifestDir {
 pub struct Scan {
     /// By UID.
     pub pods: BTreeMap<String, Pod>,
+    /// At most one per namespace and name.
+    pub services: Vec<ManifestService>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -198,12 +251,12 @@ impl ManifestDir {
                 Ok(bytes) => match String::from_utf8(bytes) {
                     Ok(text) => parse(&path, &text, &self.owner),
                     Err(_) => ParsedFile {
-                        pods: vec![],
                         errors: vec![ManifestError {
                             file: path.clone(),
                             document: 1,
                             message: "not UTF-8 text".into(),
                         }],
+                        ..ParsedFile::default()
                     },
                 },
                 // Removed between listing and reading: the next scan settles it.
@@ -247,6 +300,26 @@ impl ManifestDir {
                 by_name.insert(key, path.clone());
                 let uid = mp.metadata.uid.clone().unwrap_or_default();
                 scan.pods.insert(uid, mp.clone());
+            }
+            for ms in &cached.parsed.services {
+                let meta = &ms.service.metadata;
+                let key = (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                if let Some(first) = scan.services.iter().find(|s| {
+                    let m = &s.service.metadata;
+                    (m.namespace.as_ref(), m.name.as_ref()) == (Some(&key.0), Some(&key.1))
+                }) {
+                    scan.errors.push(ms.error(format!(
+                        "service {}/{} is already defined in {}",
+                        key.0,
+                        key.1,
+                        first.file.display()
+                    )));
+                    continue;
+                }
+                scan.services.push(ms.clone());
             }
         }
         Ok(scan)
@@ -351,5 +424,39 @@ spec:
         std::fs::remove_file(dir.path().join("dup.yml")).expect("rm");
         let scan = source.scan().await.expect("scan");
         assert!(scan.pods.is_empty() && scan.errors.is_empty());
+    }
+
+    #[tokio::test]
+    async fn services_beside_pods_are_read_with_where_they_were_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut source = ManifestDir::new(dir.path().to_path_buf(), "o".into());
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {selector: {app: web}, ports: [{port: 80}]}";
+        let text = format!(
+            "{TWO_PODS}\n---\n{service}\n---\napiVersion: v1\nkind: Service\nmetadata: {{}}\n"
+        );
+        std::fs::write(dir.path().join("a.yaml"), &text).expect("write");
+        std::fs::write(dir.path().join("b.yaml"), service).expect("write");
+        let scan = source.scan().await.expect("scan");
+        assert_eq!(scan.pods.len(), 2);
+        assert_eq!(scan.services.len(), 1);
+        let web = &scan.services[0];
+        assert_eq!(
+            (web.file.file_name(), web.document),
+            (Some("a.yaml".as_ref()), 3)
+        );
+        assert_eq!(web.service.metadata.namespace.as_deref(), Some("default"));
+        let messages: Vec<_> = scan
+            .errors
+            .iter()
+            .map(|e| (e.document, e.message.as_str()))
+            .collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert_eq!(messages[0], (4, "metadata.name is required"));
+        assert!(
+            messages[1]
+                .1
+                .starts_with("service default/web is already defined in"),
+            "{messages:?}"
+        );
     }
 }

@@ -7,9 +7,12 @@ pub mod desired;
 mod display;
 pub mod enroll;
 pub mod manifests;
+pub mod mesh_dns;
+pub mod mesh_services;
 pub mod owner;
 mod printer;
 pub mod resolve;
+mod route;
 pub mod service_env;
 pub mod subnets;
 
@@ -57,8 +60,11 @@ pub struct NodeConfig {
     pub owner: OwnerConfig,
     /// Joins with tokens; None when agents are only listed (or, insecurely, any).
     pub enrollment: Option<NodeEnrollment>,
-    /// The cluster's DNS, which the pods' queries relayed by their agents go to.
+    /// Where the pods' DNS queries relayed by their agents go when they are not for a
+    /// standalone Service: the cluster's DNS, or (standalone) the host's resolver.
     pub cluster_dns: Option<std::net::SocketAddr>,
+    /// The addresses of standalone Services (`--mesh-service-cidr`).
+    pub mesh_service_cidr: ipnet::Ipv4Net,
 }
 
 /// How the node loop and the Kubernetes side talk.
@@ -246,6 +252,9 @@ impl Node {
             Box::new(Sinks(sinks)),
         );
         let mut desired = Desired::default();
+        let mut services = mesh_services::MeshServices::new(self.config.mesh_service_cidr);
+        // Without a cluster, the node is the authority of the cluster's domain.
+        let authoritative_dns = api_pods.is_none();
         if api_pods.is_some() {
             owner.set_synced(false);
         }
@@ -257,7 +266,7 @@ impl Node {
                 path: path.clone(),
                 source: e,
             })?;
-            let first = desired.reported.take_scan(first);
+            let first = desired.reported.take_scan(first, &mut services);
             desired.set_manifests(first, &mut owner);
             source = Some(dir);
         }
@@ -301,30 +310,18 @@ impl Node {
                         }
                     }
                     MeshEvent::Request { peer, request: Request::ClusterDns(query), reply } => {
-                        let upstream = self.config.cluster_dns;
-                        match upstream.filter(|_| owner.may_resolve_for(peer, &query)) {
-                            // Answered aside: the cluster's DNS takes a round trip.
-                            Some(upstream) => {
-                                let metrics = self.metrics.clone();
-                                tokio::spawn(async move {
-                                    let answer = crate::gateway::cluster::ask_dns(upstream, &query.query.0).await;
-                                    let response = match answer {
-                                        Ok(answer) => {
-                                            metrics.cluster_connection("dns");
-                                            Response::ClusterDns { answer: k8s_openapi::ByteString(answer) }
-                                        }
-                                        Err(e) => Response::Error { message: e.to_string() },
-                                    };
-                                    let _ = reply.send(response);
-                                });
-                            }
-                            None => {
-                                self.metrics.dropped("cluster_dns", "refused");
-                                let _ = reply.send(Response::Declined {
-                                    reason: "this node relays no DNS queries for that pod from this peer".into(),
-                                });
-                            }
+                        self.answer_dns(&owner, &services, authoritative_dns, peer, query, reply);
+                    }
+                    MeshEvent::Request { peer, request: Request::Route(dial), reply } => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        let response = route::route(&owner, &services, &self.signer, peer, &dial, now, route::random_below);
+                        if let Response::Declined { reason } = &response {
+                            self.metrics.cluster_connection("refused");
+                            tracing::debug!(%peer, pod = %dial.pod, to = %dial.to, %reason, "route refused");
                         }
+                        let _ = reply.send(response);
                     }
                     MeshEvent::Request { peer, request, reply } => {
                         let _ = reply.send(owner.on_request(peer, request));
@@ -363,11 +360,63 @@ impl Node {
                         owner.advance_due();
                     }
                 }
-                _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut owner).await,
-                Some(()) = changed.recv() => rescan(&mut source, &mut desired, &mut owner).await,
+                _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut services, &mut owner).await,
+                Some(()) = changed.recv() => rescan(&mut source, &mut desired, &mut services, &mut owner).await,
             }
         }
         Ok(())
+    }
+
+    /// Answers a pod's DNS query its agent relays: a standalone Service's name here,
+    /// anything else by the upstream resolver (aside: that takes a round trip).
+    fn answer_dns(
+        &self,
+        owner: &Owner,
+        services: &mesh_services::MeshServices,
+        authoritative: bool,
+        peer: PeerId,
+        query: crate::wire::ClusterDnsQuery,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let domain = self.config.owner.cluster_domain.as_deref();
+        let (Some(domain), true) = (domain, owner.runs_for(peer, &query.pod)) else {
+            self.metrics.dropped("cluster_dns", "refused");
+            let _ = reply.send(Response::Declined {
+                reason: "this node answers no DNS queries for that pod from this peer".into(),
+            });
+            return;
+        };
+        self.metrics.cluster_connection("dns");
+        let local = mesh_dns::answer(&query.query.0, domain, authoritative, |namespace, name| {
+            services.address_of(namespace, name)
+        });
+        let upstream = match (local, self.config.cluster_dns) {
+            (mesh_dns::Answer::Local(answer), _) => {
+                let _ = reply.send(Response::ClusterDns {
+                    answer: k8s_openapi::ByteString(answer),
+                });
+                return;
+            }
+            (mesh_dns::Answer::Forward, Some(upstream)) => upstream,
+            (mesh_dns::Answer::Forward, None) => {
+                let _ = reply.send(Response::Error {
+                    message: "this node has no resolver for names outside its domain".into(),
+                });
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let answer = crate::gateway::cluster::ask_dns(upstream, &query.query.0).await;
+            let response = match answer {
+                Ok(answer) => Response::ClusterDns {
+                    answer: k8s_openapi::ByteString(answer),
+                },
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            };
+            let _ = reply.send(response);
+        });
     }
 }
 
@@ -428,8 +477,13 @@ impl Desired {
 struct ReportedErrors(Vec<manifests::ManifestError>);
 
 impl ReportedErrors {
-    /// Reports the scan's new errors and gives its pods.
-    fn take_scan(&mut self, scan: manifests::Scan) -> DesiredPods {
+    /// Takes the scan's Services, reports the scan's new errors and gives its pods.
+    fn take_scan(
+        &mut self,
+        mut scan: manifests::Scan,
+        services: &mut mesh_services::MeshServices,
+    ) -> DesiredPods {
+        scan.errors.extend(services.update(&scan.services));
         for error in &scan.errors {
             if !self.0.contains(error) {
                 tracing::error!("manifest {error}");
@@ -476,13 +530,18 @@ fn watch_dir(
     Some(watcher)
 }
 
-async fn rescan(source: &mut Option<ManifestDir>, desired: &mut Desired, owner: &mut Owner) {
+async fn rescan(
+    source: &mut Option<ManifestDir>,
+    desired: &mut Desired,
+    services: &mut mesh_services::MeshServices,
+    owner: &mut Owner,
+) {
     let Some(dir) = source.as_mut() else {
         return;
     };
     match dir.scan().await {
         Ok(result) => {
-            let pods = desired.reported.take_scan(result);
+            let pods = desired.reported.take_scan(result, services);
             desired.set_manifests(pods, owner);
             owner.advance_due();
         }

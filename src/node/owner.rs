@@ -38,10 +38,10 @@ use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
 use crate::wire::{
-    AgentEvent, AgentEventReason, Assign, Bid, ClusterDnsQuery, Epoch, GossipMessage, Heartbeat,
-    MeshView, Offer, PeerRef, PodRef, PodSummary, PodUid, ReadyCount, RegistryCredential, Release,
-    Renew, Request, Resources, Response, SignedAssignment, StatusReport, VolumeFile,
-    MAX_REPORT_EVENTS, POLICY_REFUSAL,
+    AgentEvent, AgentEventReason, Assign, Bid, Epoch, GossipMessage, Heartbeat, MeshView, Offer,
+    PeerRef, PodRef, PodSummary, PodUid, ReadyCount, RegistryCredential, Release, Renew, Request,
+    Resources, Response, SignedAssignment, StatusReport, VolumeFile, MAX_REPORT_EVENTS,
+    POLICY_REFUSAL,
 };
 
 /// A pod a source wants run: the pod as the source has it, and what resolving its
@@ -146,11 +146,11 @@ pub struct OwnerConfig {
     /// The mesh pod CIDR (`--mesh-pod-cidr`) and the prefix of each agent's subnet of
     /// it: an empty pool, as configured.
     pub pod_subnets: SubnetPool,
-    /// The cluster's addresses (its Service CIDR) that pods' connections to go through
-    /// this node; none in standalone mode.
+    /// The Service addresses (the cluster's Service CIDR, the mesh service range) that
+    /// pods' connections to are routed by this node.
     pub cluster_ranges: Vec<Ipv4Net>,
-    /// The cluster's domain, when this node relays its pods' DNS queries to the
-    /// cluster's DNS.
+    /// The cluster's domain, when this node answers its pods' DNS queries (its
+    /// Services' names, the cluster's DNS for the rest).
     pub cluster_domain: Option<String>,
 }
 
@@ -284,6 +284,14 @@ struct LostCopy {
 }
 
 impl OwnedPod {
+    /// The pod as the API shows it.
+    fn with_status(&self) -> Pod {
+        Pod {
+            status: Some(self.status.clone()),
+            ..Pod::clone(&self.desired.pod)
+        }
+    }
+
     /// Waiting to be placed again (or offered, with no assignment yet) since its copy
     /// on `agent` at `epoch` was declared lost: that copy, if it runs, is the pod's
     /// newest.
@@ -2308,13 +2316,7 @@ impl Owner {
     /// The pods as the source has them (no resolved secrets), with their status, for
     /// the kubelet API's /pods.
     pub fn pods(&self) -> Vec<Pod> {
-        self.pods
-            .values()
-            .map(|owned| Pod {
-                status: Some(owned.status.clone()),
-                ..Pod::clone(&owned.desired.pod)
-            })
-            .collect()
+        self.pods.values().map(OwnedPod::with_status).collect()
     }
 
     /// Everything this owner knows, for `beemesh status`.
@@ -2403,9 +2405,11 @@ impl Owner {
     /// need its token store) and never reach the owner.
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
         let trusted = match request {
-            Request::Bid(_) | Request::Status(_) | Request::Renew(_) | Request::ClusterDns(_) => {
-                self.config.agents.trusts(&peer)
-            }
+            Request::Bid(_)
+            | Request::Status(_)
+            | Request::Renew(_)
+            | Request::ClusterDns(_)
+            | Request::Route(_) => self.config.agents.trusts(&peer),
             Request::Query => self.config.clients.trusts(&peer),
             Request::Assign(_) | Request::Release(_) | Request::Join(_) => true,
         };
@@ -2431,20 +2435,34 @@ impl Owner {
             Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
                 message: "this peer is an owner; it does not run pods".into(),
             },
-            // Answered by the node, which asks the cluster's DNS (see `on_cluster_dns`).
-            Request::ClusterDns(_) => Response::Error {
-                message: "this node relays no DNS queries".into(),
+            // Answered by the node loop, which has the Services and the cluster's DNS.
+            Request::ClusterDns(_) | Request::Route(_) => Response::Error {
+                message: "this node answers no DNS queries or routes".into(),
             },
         }
     }
 
-    /// Whether `agent` may ask for DNS on behalf of `query`'s pod: a trusted agent that
-    /// runs that pod of this owner.
-    pub fn may_resolve_for(&self, agent: PeerId, query: &ClusterDnsQuery) -> bool {
+    /// The Service addresses this owner routes.
+    pub fn cluster_ranges(&self) -> &[Ipv4Net] {
+        &self.config.cluster_ranges
+    }
+
+    /// Whether `agent` may ask for DNS and routes on behalf of `pod`: a trusted agent
+    /// that runs that pod of this owner.
+    pub fn runs_for(&self, agent: PeerId, pod: &PodRef) -> bool {
         self.config.agents.trusts(&agent)
             && self
-                .locate(&query.pod.namespace, &query.pod.name)
-                .is_some_and(|l| l.pod.uid == query.pod.uid && l.agent == Some(agent))
+                .locate(&pod.namespace, &pod.name)
+                .is_some_and(|l| l.pod.uid == pod.uid && l.agent == Some(agent))
+    }
+
+    /// The pods of `namespace` with their status.
+    pub fn pods_in(&self, namespace: &str) -> Vec<Pod> {
+        self.pods
+            .values()
+            .filter(|owned| owned.pod_ref.namespace == namespace)
+            .map(OwnedPod::with_status)
+            .collect()
     }
 
     /// Agents whose trust was revoked: they are forgotten at once, and their pods are

@@ -88,7 +88,7 @@ pub struct ClusterDns {
 const CLUSTER_OPTIONS: &str = "ndots:5";
 
 /// The resolver configuration for a pod in `namespace` with `spec`, `host` being the
-/// agent's. `ClusterFirst` uses `cluster` as the kubelet uses `--cluster-dns` (the only
+/// agent's. `ClusterFirst` (and an unset policy) uses `cluster` as the kubelet uses `--cluster-dns` (the only
 /// nameserver; the cluster's search paths before the host's; `ndots:5`), and is
 /// `Default` without it; see [`wants_cluster_dns`] for its warning then.
 pub fn pod_dns(
@@ -100,7 +100,9 @@ pub fn pod_dns(
     let mut warnings = Vec::new();
     let base = match (spec.dns_policy.as_deref(), cluster) {
         (Some("None"), _) => Some(ResolvConf::default()),
-        (Some("ClusterFirst" | "ClusterFirstWithHostNet"), Some(cluster)) => {
+        // Unset is ClusterFirst, as the API server defaults it, where there are cluster
+        // names (a standalone node's Services).
+        (None | Some("ClusterFirst" | "ClusterFirstWithHostNet"), Some(cluster)) => {
             let domain = &cluster.domain;
             let searches = [
                 format!("{namespace}.svc.{domain}"),
@@ -322,6 +324,9 @@ mod tests {
         let resolv = dns.resolv.expect("resolv");
         assert_eq!(resolv.nameservers, ["10.64.3.1", "192.0.2.53"]);
         assert_eq!(resolv.options, ["ndots:2"]);
+        // Unset is ClusterFirst.
+        let unset = pod_dns(&spec(None, None), "shop", &host(), Some(&cluster));
+        assert_eq!(unset.resolv.expect("resolv").nameservers, ["10.64.3.1"]);
         // Default stays the agent's own.
         let dns = pod_dns(
             &spec(Some("Default"), None),

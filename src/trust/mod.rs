@@ -1,6 +1,7 @@
 //! Peer identities, whom to trust, and the proofs trust rests on: join tokens,
 //! owner-signed assignments and replay protection.
 
+pub mod dial;
 mod identity;
 pub mod join;
 mod policy;

@@ -67,15 +67,23 @@ pub struct Assignment {
 /// The bytes signed: the domain, then each field length-prefixed, so that no two
 /// statements share an encoding.
 fn signed_bytes(owner: &PeerId, a: &Assignment) -> Vec<u8> {
-    let mut out = DOMAIN.to_vec();
-    for field in [
-        owner.to_bytes(),
-        a.agent.to_bytes(),
-        a.pod.0.as_bytes().to_vec(),
-        a.epoch.0.to_be_bytes().to_vec(),
-        a.spec_digest.as_bytes().to_vec(),
-        a.expires_at.to_be_bytes().to_vec(),
-    ] {
+    length_prefixed(
+        DOMAIN,
+        [
+            owner.to_bytes(),
+            a.agent.to_bytes(),
+            a.pod.0.as_bytes().to_vec(),
+            a.epoch.0.to_be_bytes().to_vec(),
+            a.spec_digest.as_bytes().to_vec(),
+            a.expires_at.to_be_bytes().to_vec(),
+        ],
+    )
+}
+
+/// `domain`, then each field with its length before it.
+pub(crate) fn length_prefixed(domain: &[u8], fields: impl IntoIterator<Item = Vec<u8>>) -> Vec<u8> {
+    let mut out = domain.to_vec();
+    for field in fields {
         out.extend_from_slice(&(field.len() as u32).to_be_bytes());
         out.extend_from_slice(&field);
     }

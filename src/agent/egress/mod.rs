@@ -7,6 +7,10 @@
 //! same way, a pod's DNS queries to its nameserver (the gateway address, see
 //! `runtime::dns::ClusterDns`) reach a relay of this agent, which asks the owner to ask
 //! the cluster's DNS.
+//!
+//! Before relaying, the agent asks the owner for the connection's route: a standalone
+//! Service's endpoint is connected to straight through its own agent
+//! ([`super::direct`]), only the cluster's addresses go through the owner.
 
 pub mod nft;
 
@@ -22,13 +26,14 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::direct::DirectEndpoints;
 use crate::kubelet::relay::{request_stream, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::runtime::PodNetwork;
 use crate::wire::{
-    ClusterDial, ClusterDnsQuery, Epoch, PodRef, PodUid, Request, Response, CLUSTER_PROTOCOL,
-    MAX_DNS_MESSAGE,
+    ClusterDial, ClusterDnsQuery, Epoch, KubeletAnswer, PodRef, PodUid, Request, Response, Route,
+    CLUSTER_PROTOCOL, DIRECT_PROTOCOL, MAX_DNS_MESSAGE,
 };
 
 /// Connections relayed at once for all the agent's pods; more wait in the backlog.
@@ -70,6 +75,7 @@ pub struct Egress {
     sources: Arc<RwLock<HashMap<Ipv4Addr, EgressPod>>>,
     mesh: MeshHandle,
     metrics: Metrics,
+    endpoints: DirectEndpoints,
     connections: Arc<Semaphore>,
     dns_queries: Arc<Semaphore>,
     table: String,
@@ -90,23 +96,29 @@ struct Relays {
 }
 
 impl Egress {
-    /// `agent` names the agent's nftables table; its proxies stop with `cancel`.
+    /// The agent's peer ID names its nftables table; its proxies stop with `cancel`.
     pub fn new(
         mesh: MeshHandle,
         metrics: Metrics,
-        agent: &str,
+        endpoints: DirectEndpoints,
         cancel: CancellationToken,
     ) -> Egress {
         Egress {
             state: Arc::default(),
             sources: Arc::default(),
+            table: nft::table_name(&mesh.local_peer_id().to_string()),
             mesh,
             metrics,
+            endpoints,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             dns_queries: Arc::new(Semaphore::new(MAX_DNS_QUERIES)),
-            table: nft::table_name(agent),
             cancel,
         }
+    }
+
+    /// This agent's pods as other agents' granted connections reach them.
+    pub fn endpoints(&self) -> DirectEndpoints {
+        self.endpoints.clone()
     }
 
     /// Redirects the pod copy's connections to its owner's cluster ranges, in place of
@@ -277,7 +289,7 @@ impl Egress {
                 tokio::select! {
                     _ = egress.cancel.cancelled() => {}
                     result = egress.relay(client, peer) => match result {
-                        Ok(()) => egress.metrics.cluster_connection("relayed"),
+                        Ok(how) => egress.metrics.cluster_connection(how),
                         Err(reason) => {
                             egress.metrics.cluster_connection("refused");
                             tracing::debug!(%peer, %reason, "pod's cluster connection not relayed");
@@ -288,8 +300,9 @@ impl Egress {
         }
     }
 
-    /// Relays one redirected connection to the owner of the pod it comes from.
-    async fn relay(&self, mut client: TcpStream, peer: SocketAddr) -> Result<(), String> {
+    /// Relays one redirected connection where the owner of the pod it comes from
+    /// routes it: `relayed` through the owner, or `direct` to a Service's endpoint.
+    async fn relay(&self, mut client: TcpStream, peer: SocketAddr) -> Result<&'static str, String> {
         let SocketAddr::V4(peer) = peer else {
             return Err("not an IPv4 client".into());
         };
@@ -312,9 +325,38 @@ impl Egress {
             pod: source.pod.clone(),
             to: SocketAddr::V4(to),
         };
-        let opened = request_stream(&self.mesh, source.owner, CLUSTER_PROTOCOL, &dial).await;
-        let mut stream = match opened {
-            Ok(stream) => stream,
+        let route = match self
+            .mesh
+            .request(source.owner, Request::Route(dial.clone()))
+            .await
+        {
+            Ok(Response::Route(route)) => Ok(route),
+            Ok(Response::Declined { reason }) => Err(reason),
+            Ok(other) => Err(format!("the owner did not route it: {other:?}")),
+            Err(e) => Err(format!("the owner is unreachable: {e}")),
+        };
+        let upstream = match route {
+            Ok(Route::Owner) => request_stream(&self.mesh, source.owner, CLUSTER_PROTOCOL, &dial)
+                .await
+                .map(|stream| ("relayed", Upstream::Mesh(stream))),
+            Ok(Route::Direct(grant)) if grant.to.0 == self.endpoints.me => self
+                .endpoints
+                .connect(&grant, self.endpoints.me)
+                .await
+                .map(|pod| ("direct", Upstream::Local(pod)))
+                .map_err(|answer| match answer {
+                    KubeletAnswer::Failed { code, message } => (code, message),
+                    KubeletAnswer::Ok => (500, "no connection".into()),
+                }),
+            Ok(Route::Direct(grant)) => {
+                request_stream(&self.mesh, grant.to.0, DIRECT_PROTOCOL, &grant)
+                    .await
+                    .map(|stream| ("direct", Upstream::Mesh(stream)))
+            }
+            Err(reason) => Err((403, reason)),
+        };
+        let (how, upstream) = match upstream {
+            Ok(opened) => opened,
             Err((_, message)) => {
                 // The client sees a reset (when dropped), as from a Service without
                 // endpoints.
@@ -323,11 +365,20 @@ impl Egress {
             }
         };
         let _ = client.set_nodelay(true);
-        splice(&mut client, &mut stream)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let spliced = match upstream {
+            Upstream::Mesh(mut stream) => splice(&mut client, &mut stream).await,
+            Upstream::Local(mut pod) => splice(&mut client, &mut pod).await,
+        };
+        spliced.map(|_| how).map_err(|e| e.to_string())
     }
+}
+
+/// Where a relayed connection goes.
+enum Upstream {
+    /// A stream to the owner or to the endpoint's agent.
+    Mesh(tokio_util::compat::Compat<libp2p::Stream>),
+    /// A pod of this agent.
+    Local(TcpStream),
 }
 
 fn bind_freely(address: SocketAddrV4, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
