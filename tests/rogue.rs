@@ -24,13 +24,14 @@ use std::time::{Duration, Instant};
 use beemesh::kubelet::relay::{read_header, write_header};
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshHandle};
 use beemesh::metrics::Metrics;
+use beemesh::trust::dial;
 use beemesh::trust::join::{self, JoinToken};
 use beemesh::trust::replay::{unix_millis, Sequencer};
 use beemesh::trust::statement::{self, StatementError};
 use beemesh::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, KubeletAnswer, KubeletRequest,
-    PeerRef, PodRef, PodUid, Release, Request, Resources, Response, SignedAssignment, StatusReport,
-    Streams, Topic, KUBELET_PROTOCOL,
+    Assign, Bid, ClusterDial, Epoch, GossipMessage, Heartbeat, HostedPod, KubeletAnswer,
+    KubeletRequest, PeerRef, PodRef, PodUid, Release, Request, Resources, Response,
+    SignedAssignment, StatusReport, Streams, Topic, DIRECT_PROTOCOL, KUBELET_PROTOCOL,
 };
 use common::{counter, podman_containers, podman_pods, scrape, Mesh};
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
@@ -168,14 +169,19 @@ impl Rogue {
         self.rt.block_on(self.handle.publish(message)).is_ok()
     }
 
-    /// Opens a kubelet stream to `agent`, sends `request` and reads the answer header:
-    /// Err when the stream closed before any answer.
-    fn kubelet(&self, agent: PeerId, request: &KubeletRequest) -> Result<KubeletAnswer, String> {
+    /// Opens a `protocol` stream to `agent`, sends `request` as its header and reads
+    /// the answer header: Err when the stream closed before any answer.
+    fn stream<R: serde::Serialize>(
+        &self,
+        agent: PeerId,
+        protocol: &'static str,
+        request: &R,
+    ) -> Result<KubeletAnswer, String> {
         let outcome = self.rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(15), async {
                 let stream = self
                     .handle
-                    .open_stream(agent, StreamProtocol::new(KUBELET_PROTOCOL))
+                    .open_stream(agent, StreamProtocol::new(protocol))
                     .await
                     .map_err(|e| format!("open: {e}"))?;
                 let mut io = stream.compat();
@@ -189,7 +195,7 @@ impl Rogue {
             })
             .await
         });
-        outcome.unwrap_or_else(|_| panic!("the agent left the rogue's kubelet stream open"))
+        outcome.unwrap_or_else(|_| panic!("the agent left the rogue's {protocol} stream open"))
     }
 }
 
@@ -618,7 +624,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
             },
         };
         // The stream opens (the agent serves the protocol) and is then closed unread.
-        match rogue.kubelet(agent, &exec) {
+        match rogue.stream(agent, KUBELET_PROTOCOL, &exec) {
             Err(closed) if !closed.starts_with("open:") => {
                 eprintln!("kubelet stream closed without an answer ({closed})");
             }
@@ -641,6 +647,62 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
         .status()
         .expect("podman exec");
     assert_eq!(probe.code(), Some(1), "the rogue's command ran in the pod");
+
+    // 7b. Straight to the pod as another agent's connection to a Service endpoint: a
+    //     grant the rogue signs itself, a real grant of the node (its key read here)
+    //     for another dialer, as if stolen, and an expired one for the rogue. Each is
+    //     refused with the reason; and the node routes nothing for the rogue.
+    let node_key =
+        beemesh::trust::load_or_create_key(&mesh.node_state().join(beemesh::trust::IDENTITY_FILE))
+            .expect("the node's key");
+    let grant = |signer: &Keypair, from: PeerId, expires_at: u64| {
+        dial::sign(
+            signer,
+            dial::Dial {
+                from,
+                to: agent,
+                pod: target.uid.clone(),
+                port: 80,
+                expires_at,
+            },
+        )
+    };
+    for (signed, because) in [
+        (
+            grant(&rogue.key, me, in_ten_minutes()),
+            declined_by_agent.clone(),
+        ),
+        (
+            grant(&node_key, PeerId::random(), in_ten_minutes()),
+            "not the peer that presents it".to_string(),
+        ),
+        (
+            grant(&node_key, me, in_ten_minutes() - 1200),
+            "the grant expired".to_string(),
+        ),
+    ] {
+        match rogue.stream(agent, DIRECT_PROTOCOL, &signed) {
+            Ok(KubeletAnswer::Failed { code: 403, message }) if message.contains(&because) => {}
+            other => panic!("the rogue's direct stream ({because}): {other:?}"),
+        }
+    }
+    let agent_now = scrape(&agent_metrics);
+    assert_eq!(
+        audited(&agent_now, "direct_stream", "refused"),
+        audited(&agent_start, "direct_stream", "refused") + 3,
+        "{agent_now}"
+    );
+    assert_declined(
+        &rogue.request(
+            node,
+            Request::Route(ClusterDial {
+                pod: target.clone(),
+                to: "10.80.0.10:80".parse().expect("addr"),
+            }),
+        ),
+        &declined_by_node,
+        "Route to the node",
+    );
 
     // 8. Joins: with a well-formed token the node never issued, and with a token that
     //    was issued and then revoked. The rogue stays a stranger.

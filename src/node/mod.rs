@@ -309,23 +309,22 @@ impl Node {
                             }
                         }
                     }
-                    MeshEvent::Request { peer, request: Request::ClusterDns(query), reply } => {
-                        self.answer_dns(&owner, &services, authoritative_dns, peer, query, reply);
-                    }
-                    MeshEvent::Request { peer, request: Request::Route(dial), reply } => {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs());
-                        let response = route::route(&owner, &services, &self.signer, peer, &dial, now, route::random_below);
-                        if let Response::Declined { reason } = &response {
-                            self.metrics.cluster_connection("refused");
-                            tracing::debug!(%peer, pod = %dial.pod, to = %dial.to, %reason, "route refused");
+                    MeshEvent::Request { peer, request, reply } => match owner.refuse_untrusted(peer, &request) {
+                        Some(refusal) => {
+                            let _ = reply.send(refusal);
                         }
-                        let _ = reply.send(response);
-                    }
-                    MeshEvent::Request { peer, request, reply } => {
-                        let _ = reply.send(owner.on_request(peer, request));
-                    }
+                        None => match request {
+                            Request::ClusterDns(query) => {
+                                self.answer_dns(&owner, &services, authoritative_dns, peer, query, reply);
+                            }
+                            Request::Route(dial) => {
+                                let _ = reply.send(self.route(&owner, &services, peer, &dial));
+                            }
+                            request => {
+                                let _ = reply.send(owner.on_request(peer, request));
+                            }
+                        },
+                    },
                     MeshEvent::PeerConnected(_) | MeshEvent::PeerDisconnected(_) => {}
                 },
                 Some(()) = owner.next_internal() => {}
@@ -365,6 +364,33 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Where a pod's connection to a Service address goes, as its agent asks.
+    fn route(
+        &self,
+        owner: &Owner,
+        services: &mesh_services::MeshServices,
+        peer: PeerId,
+        dial: &crate::wire::ClusterDial,
+    ) -> Response {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let response = route::route(
+            owner,
+            services,
+            &self.signer,
+            peer,
+            dial,
+            now,
+            route::random_below,
+        );
+        if let Response::Declined { reason } = &response {
+            self.metrics.cluster_connection("refused");
+            tracing::debug!(%peer, pod = %dial.pod, to = %dial.to, %reason, "route refused");
+        }
+        response
     }
 
     /// Answers a pod's DNS query its agent relays: a standalone Service's name here,

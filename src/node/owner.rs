@@ -2404,6 +2404,27 @@ impl Owner {
     /// Answers an agent's or client's request. Joins are the node's business (they
     /// need its token store) and never reach the owner.
     pub fn on_request(&mut self, peer: PeerId, request: Request) -> Response {
+        if let Some(refusal) = self.refuse_untrusted(peer, &request) {
+            return refusal;
+        }
+        match request {
+            Request::Bid(bid) => self.on_bid(peer, bid),
+            Request::Status(report) => self.on_status(peer, *report),
+            Request::Renew(renew) => self.on_renew(peer, renew),
+            Request::Query => Response::View(Box::new(self.view())),
+            Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
+                message: "this peer is an owner; it does not run pods".into(),
+            },
+            // Answered by the node loop, which has the Services and the cluster's DNS.
+            Request::ClusterDns(_) | Request::Route(_) => Response::Error {
+                message: "this node answers no DNS queries or routes".into(),
+            },
+        }
+    }
+
+    /// The refusal of a request from a peer not trusted to make it (audited and
+    /// counted); None for a trusted one.
+    pub fn refuse_untrusted(&self, peer: PeerId, request: &Request) -> Option<Response> {
         let trusted = match request {
             Request::Bid(_)
             | Request::Status(_)
@@ -2423,23 +2444,11 @@ impl Owner {
                 None,
                 &"peer not trusted",
             );
-            return Response::Declined {
+            return Some(Response::Declined {
                 reason: format!("peer {peer} is not trusted by this node"),
-            };
+            });
         }
-        match request {
-            Request::Bid(bid) => self.on_bid(peer, bid),
-            Request::Status(report) => self.on_status(peer, *report),
-            Request::Renew(renew) => self.on_renew(peer, renew),
-            Request::Query => Response::View(Box::new(self.view())),
-            Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
-                message: "this peer is an owner; it does not run pods".into(),
-            },
-            // Answered by the node loop, which has the Services and the cluster's DNS.
-            Request::ClusterDns(_) | Request::Route(_) => Response::Error {
-                message: "this node answers no DNS queries or routes".into(),
-            },
-        }
+        None
     }
 
     /// The Service addresses this owner routes.
