@@ -12,4 +12,4 @@ export BEEMESH_BENCH_MIB="${BEEMESH_BENCH_MIB:-256}"
 export BEEMESH_BENCH_REQUESTS="${BEEMESH_BENCH_REQUESTS:-200}"
 cargo test --release --locked --test kubernetes \
   service_throughput_and_latency_through_the_gateway_and_direct -- --nocapture 2>&1 |
-  grep -E '^\||gateway throughput|test result'
+  grep -E '^\||throughput /|test result'

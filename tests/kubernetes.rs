@@ -3542,8 +3542,8 @@ fn logs_median_seconds(cluster: &Cluster, pod: &str, runs: usize) -> f64 {
 /// the test suite with a few MiB.
 #[test]
 fn exec_throughput_and_logs_latency_through_the_tunnel_and_direct() {
-    let mib = env_number("BEEMESH_BENCH_MIB", 4);
-    let runs = env_number("BEEMESH_BENCH_LOG_RUNS", 5);
+    let mib = common::env_number("BEEMESH_BENCH_MIB", 4);
+    let runs = common::env_number("BEEMESH_BENCH_LOG_RUNS", 5);
     let mut figures = Vec::new();
     for tunnelled in [false, true] {
         // Both behind the same k3s fake with 1.21's routing, which dials a node without
@@ -3618,38 +3618,6 @@ spec:
     )
 }
 
-/// `GET /<path>` over HTTP/1.0 at `address`: the body's length and the time from
-/// connecting to its last byte.
-fn timed_get(address: std::net::SocketAddr, path: &str) -> (usize, Duration) {
-    use std::io::{Read, Write};
-    let started = std::time::Instant::now();
-    let mut stream = std::net::TcpStream::connect(address).expect("connect");
-    stream
-        .write_all(format!("GET /{path} HTTP/1.0\r\n\r\n").as_bytes())
-        .expect("request");
-    let mut buffer = vec![0; 256 * 1024];
-    let (mut total, mut head) = (0, Vec::new());
-    let mut body = None;
-    loop {
-        let n = stream.read(&mut buffer).expect("read");
-        if n == 0 {
-            break;
-        }
-        match body {
-            Some(ref mut length) => *length += n,
-            None => {
-                head.extend_from_slice(&buffer[..n]);
-                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                    body = Some(head.len() - end - 4);
-                }
-            }
-        }
-        total += n;
-    }
-    assert!(total > 0, "no answer from {address}");
-    (body.unwrap_or_default(), started.elapsed())
-}
-
 /// A Service's traffic through the node's gateway (node, libp2p stream, agent, pod)
 /// against a direct connection to the pod's address on its agent, same machine and
 /// run: one download's throughput and the median time of a small request (connect to
@@ -3658,8 +3626,8 @@ fn timed_get(address: std::net::SocketAddr, path: &str) -> (usize, Duration) {
 /// a few.
 #[test]
 fn service_throughput_and_latency_through_the_gateway_and_direct() {
-    let mib = env_number("BEEMESH_BENCH_MIB", 4);
-    let runs = env_number("BEEMESH_BENCH_REQUESTS", 5);
+    let mib = common::env_number("BEEMESH_BENCH_MIB", 4);
+    let runs = common::env_number("BEEMESH_BENCH_REQUESTS", 5);
     let cluster = Cluster::with_an_agent();
     cluster.apply(&bulk_pod(mib << 20));
     let slice = cluster
@@ -3686,41 +3654,7 @@ fn service_throughput_and_latency_through_the_gateway_and_direct() {
             std::net::SocketAddr::from(([127, 0, 0, 1], gateway_port)),
         ),
     ];
-    let mut figures = Vec::new();
-    for (name, address) in paths {
-        // Warm: the first connection through the gateway opens the agent's stream.
-        timed_get(address, "small");
-        let (bytes, took) = timed_get(address, "bulk");
-        assert_eq!(bytes, mib << 20, "{name}");
-        let mut latencies: Vec<Duration> =
-            (0..runs).map(|_| timed_get(address, "small").1).collect();
-        latencies.sort();
-        figures.push((name, took, latencies[latencies.len() / 2]));
-    }
-    println!("| path | GET of {mib} MiB | throughput | small GET, median of {runs} (connect to last byte) |");
-    println!("|---|---|---|---|");
-    for (name, took, median) in &figures {
-        println!(
-            "| {name} | {:.2} s | {:.1} MiB/s | {:.2} ms |",
-            took.as_secs_f64(),
-            mib as f64 / took.as_secs_f64(),
-            median.as_secs_f64() * 1000.0
-        );
-    }
-    let ratio = figures[0].1.as_secs_f64() / figures[1].1.as_secs_f64();
-    let added = figures[1].2.as_secs_f64() - figures[0].2.as_secs_f64();
-    println!(
-        "gateway throughput / direct: {ratio:.2}x; added latency: {:.2} ms",
-        added * 1000.0
-    );
-}
-
-/// A benchmark's size from the environment (the suite runs the small default).
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    common::compare_paths(&paths, mib, runs);
 }
 
 /// A Deployment's pods created through the API in a burst, against the same pods written
@@ -3730,8 +3664,8 @@ fn env_number(name: &str, default: usize) -> usize {
 /// 100 and 1,000 pods (BEEMESH_BENCH_BURST_PODS) on a release build; the suite runs 10.
 #[test]
 fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests() {
-    let pods = env_number("BEEMESH_BENCH_BURST_PODS", 10);
-    let agents = env_number("BEEMESH_BENCH_BURST_AGENTS", 2);
+    let pods = common::env_number("BEEMESH_BENCH_BURST_PODS", 10);
+    let agents = common::env_number("BEEMESH_BENCH_BURST_AGENTS", 2);
     // The whole burst may land on one agent.
     let max_pods = pods.max(110).to_string();
     let agent_args = ["--max-pods", max_pods.as_str()];

@@ -203,3 +203,90 @@ fn a_standalone_service_reaches_ready_pods_on_two_agents_by_name_and_follows_a_m
         seen.get("web-a").map(|_| ())
     });
 }
+
+/// The server of the throughput benchmark: busybox httpd with a file of `bytes` and a
+/// small one, on a server agent, behind Service `bulk` at a fixed ClusterIP.
+fn bulk_server(bytes: usize) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: bulk}}
+spec:
+  clusterIP: {BULK_IP}
+  selector: {{app: bulk}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: bulk
+  labels: {{app: bulk}}
+  annotations: {{beemesh.io/agent-selector: "role=server"}}
+spec:
+  containers:
+  - name: httpd
+    image: localhost/busybox:1.35
+    command: [sh, -c, 'mkdir -p /www && head -c {bytes} /dev/zero > /www/bulk && echo x > /www/small && exec httpd -f -p 8080 -h /www']
+    readinessProbe: {{tcpSocket: {{port: 8080}}, periodSeconds: 1}}
+"#
+    )
+}
+
+const BULK_IP: &str = "10.80.0.80";
+
+/// Runs `f` on a thread inside the network namespace of process `pid` (setns moves
+/// only the calling thread).
+fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("the pod's netns");
+        // SAFETY: setns on a valid namespace descriptor affects this thread only.
+        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread in the pod's netns")
+}
+
+/// Mesh pod to mesh pod on two agents, from inside the client pod's network namespace:
+/// straight to the server's mesh IP (across the host's two pod bridges: the floor) and
+/// through the Service (the client's agent, a libp2p stream to the server's agent, the
+/// pod). `hack/bench-mesh-services.sh` runs 256 MiB and 200 requests on a release build
+/// for BENCHMARKS.md; the suite runs 4 MiB and 5, asserting only that every byte arrives.
+#[test]
+fn mesh_pod_to_mesh_pod_throughput_and_latency_through_a_service_and_direct() {
+    let mib = common::env_number("BEEMESH_BENCH_MIB", 4);
+    let runs = common::env_number("BEEMESH_BENCH_REQUESTS", 5);
+    let mut mesh = Mesh::new();
+    mesh.start_agent(&["--label", "role=server"]);
+    mesh.start_agent(&["--label", "role=client"]);
+    mesh.write_manifest("bulk.yaml", &bulk_server(mib << 20));
+    mesh.write_manifest("client.yaml", CLIENT);
+    let server_ip: std::net::IpAddr =
+        mesh.wait_for("server and client ready", Duration::from_secs(90), || {
+            agent_of(&mesh, "client")?;
+            let server = mesh.pod_status("default", "bulk")?;
+            (server["ready"]["ready"] == 1).then(|| server["ip"].as_str()?.parse().ok())?
+        });
+    let pid: u32 = podman_containers("io.beemesh.pod.name=client")
+        .into_iter()
+        .find(|c| c["State"] == "running")
+        .and_then(|c| c["Pid"].as_u64())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .expect("the client's process");
+    let service: std::net::IpAddr = BULK_IP.parse().expect("ip");
+    in_netns(pid, move || {
+        let paths = [
+            (
+                "direct to the pod's mesh IP",
+                std::net::SocketAddr::new(server_ip, 8080),
+            ),
+            (
+                "through the Service",
+                std::net::SocketAddr::new(service, 80),
+            ),
+        ];
+        common::compare_paths(&paths, mib, runs);
+    });
+}

@@ -629,3 +629,79 @@ impl Drop for HostNetwork {
             .output();
     }
 }
+
+/// `GET /<path>` over HTTP/1.0 at `address`: the body's length and the time from
+/// connecting to its last byte.
+pub fn timed_get(address: std::net::SocketAddr, path: &str) -> (usize, Duration) {
+    use std::io::{Read, Write};
+    let started = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .write_all(format!("GET /{path} HTTP/1.0\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut buffer = vec![0; 256 * 1024];
+    let (mut total, mut head) = (0, Vec::new());
+    let mut body = None;
+    loop {
+        let n = stream.read(&mut buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        match body {
+            Some(ref mut length) => *length += n,
+            None => {
+                head.extend_from_slice(&buffer[..n]);
+                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    body = Some(head.len() - end - 4);
+                }
+            }
+        }
+        total += n;
+    }
+    assert!(total > 0, "no answer from {address}");
+    (body.unwrap_or_default(), started.elapsed())
+}
+
+/// A benchmark's size from the environment (the suite runs the small default).
+pub fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Times, over each of `paths` (the first the floor), one `GET /bulk` of `mib` MiB and
+/// the median of `runs` `GET /small`s, each on a new connection after one to warm up;
+/// prints them as a Markdown table with the last path's ratio to the first.
+pub fn compare_paths(paths: &[(&str, std::net::SocketAddr)], mib: usize, runs: usize) {
+    let mut figures = Vec::new();
+    for &(name, address) in paths {
+        // Warm: the first connection over the mesh opens the agents' connection.
+        timed_get(address, "small");
+        let (bytes, took) = timed_get(address, "bulk");
+        assert_eq!(bytes, mib << 20, "{name}");
+        let mut latencies: Vec<Duration> =
+            (0..runs).map(|_| timed_get(address, "small").1).collect();
+        latencies.sort();
+        figures.push((name, took, latencies[latencies.len() / 2]));
+    }
+    println!("| path | GET of {mib} MiB | throughput | small GET, median of {runs} (connect to last byte) |");
+    println!("|---|---|---|---|");
+    for (name, took, median) in &figures {
+        println!(
+            "| {name} | {:.2} s | {:.1} MiB/s | {:.2} ms |",
+            took.as_secs_f64(),
+            mib as f64 / took.as_secs_f64(),
+            median.as_secs_f64() * 1000.0
+        );
+    }
+    let (first, last) = (figures[0], figures[figures.len() - 1]);
+    let ratio = first.1.as_secs_f64() / last.1.as_secs_f64();
+    let added = last.2.as_secs_f64() - first.2.as_secs_f64();
+    println!(
+        "{} throughput / {}: {ratio:.2}x; added latency: {:.2} ms",
+        last.0,
+        first.0,
+        added * 1000.0
+    );
+}
