@@ -497,6 +497,8 @@ async fn node(args: NodeArgs) -> Result<()> {
                     mesh: mesh.clone(),
                     directory: directory.clone(),
                     metrics: metrics.clone(),
+                    // Set by the gateway's controller once it watches the pods.
+                    policy: None,
                 };
                 gateway::Gateway::new(address, args.gateway_ports.clone(), relay)
             });

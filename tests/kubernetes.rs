@@ -1771,6 +1771,81 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     cluster.assert_node_requests_allowed();
 }
 
+/// NetworkPolicy over a mesh pod, from the cluster: the gateway knows clients by
+/// address only, so a policy that admits pods by selector refuses them (and says so in
+/// a warning event on the policy, never silently); an ipBlock admits them again; with
+/// no policy left the pod is open again.
+#[test]
+fn network_policies_over_a_mesh_pod_hold_at_the_gateway_and_say_what_they_cannot_match() {
+    let cluster = Cluster::with_an_agent();
+    cluster.apply(WEB_BEHIND_A_SERVICE);
+    let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
+    let slices = wait_web_slice(&cluster, "a ready endpoint", ready);
+    let port = slice_port(&slices[0], "http");
+    let reached = || http_get(port).is_ok_and(|answer| answer.contains("hello-service"));
+    assert!(reached(), "open before any policy");
+
+    cluster.apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-frontend, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: frontend}}}], ports: [{port: http}]}]
+"#,
+    );
+    cluster
+        .mesh
+        .wait_for("the gateway refuses", Duration::from_secs(20), || {
+            (!reached()).then_some(())
+        });
+    let warning = cluster
+        .mesh
+        .wait_for("the policy's warning", Duration::from_secs(20), || {
+            let events = cluster.get(&["events", "-n", "default"])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["involvedObject"]["kind"] == "NetworkPolicy"
+                        && e["reason"] == "PolicyNotEnforceable"
+                })
+                .cloned()
+        });
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(warning["involvedObject"]["name"], "web-from-frontend");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("knows their clients by address only")),
+        "{warning:#}"
+    );
+
+    // The test's client is 127.0.0.1: an ipBlock names it.
+    cluster.apply(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-loopback, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 127.0.0.0/8}}], ports: [{port: 8080}]}]
+"#,
+    );
+    cluster
+        .mesh
+        .wait_for("the ipBlock admits", Duration::from_secs(20), || {
+            reached().then_some(())
+        });
+    for name in ["web-from-frontend", "web-from-loopback"] {
+        let (ok, out) = cluster.kubectl(&["delete", "networkpolicy", name], None);
+        assert!(ok, "kubectl delete: {out}");
+    }
+    assert!(reached(), "open again");
+    cluster.assert_node_requests_allowed();
+}
+
 /// An HTTP server "in the cluster" on `address` (an address of the host's own, as a
 /// ClusterIP is where kube-proxy runs): it answers each request with the client's
 /// address it saw.

@@ -32,17 +32,32 @@ spec:
     )
 }
 
-const CLIENT: &str = r#"apiVersion: v1
+/// A pod that sleeps on the agent labelled role=client: where the tests connect from.
+/// Named per test, since the tests of this file run at once on one Podman.
+fn client(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
 kind: Pod
 metadata:
-  name: client
-  annotations: {beemesh.io/agent-selector: "role=client"}
+  name: {name}
+  labels: {{role: client}}
+  annotations: {{beemesh.io/agent-selector: "role=client"}}
 spec:
   containers:
   - name: c
     image: localhost/busybox:1.35
     command: [sleep, "3600"]
-"#;
+"#
+    )
+}
+
+/// The running container of pod `name`.
+fn container_of(name: &str) -> serde_json::Value {
+    podman_containers(&format!("io.beemesh.pod.name={name}"))
+        .into_iter()
+        .find(|c| c["State"] == "running")
+        .unwrap_or_else(|| panic!("{name} runs"))
+}
 
 const SERVICES: &str = r#"apiVersion: v1
 kind: Service
@@ -69,13 +84,10 @@ spec:
 
 /// Runs `script` in the client's container; its output, and whether it succeeded.
 fn in_client(script: &str) -> (bool, String) {
-    let id = podman_containers("io.beemesh.pod.name=client")
-        .into_iter()
-        .find(|c| c["State"] == "running")
-        .and_then(|c| c["Id"].as_str().map(str::to_owned))
-        .expect("the client runs");
+    let container = container_of("client");
+    let id = container["Id"].as_str().expect("the container's ID");
     let out = Command::new("podman")
-        .args(["exec", &id, "sh", "-c", script])
+        .args(["exec", id, "sh", "-c", script])
         .output()
         .expect("podman exec");
     (
@@ -120,7 +132,7 @@ fn a_standalone_service_reaches_ready_pods_on_two_agents_by_name_and_follows_a_m
     mesh.write_manifest("services.yaml", SERVICES);
     mesh.write_manifest("web-a.yaml", &server("web-a"));
     mesh.write_manifest("web-b.yaml", &server("web-b"));
-    mesh.write_manifest("client.yaml", CLIENT);
+    mesh.write_manifest("client.yaml", &client("client"));
     let agents = mesh.wait_for(
         "servers and client running",
         Duration::from_secs(90),
@@ -187,6 +199,35 @@ fn a_standalone_service_reaches_ready_pods_on_two_agents_by_name_and_follows_a_m
     let (ok, out) = in_client("wget -qO- http://nobody/");
     assert!(!ok, "{out}");
     assert!(started.elapsed() < Duration::from_secs(5), "{out}");
+
+    // A NetworkPolicy over the servers that admits only role=trusted pods: the client
+    // (role=client) is refused at once; admitted when the policy names it; reached
+    // freely once the policy is gone.
+    let policy = |role: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-ingress}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{role: {role}}}}}}}], ports: [{{port: http}}]}}]\n"
+        )
+    };
+    mesh.write_manifest("policy.yaml", &policy("trusted"));
+    mesh.wait_for(
+        "the policy refuses the client",
+        Duration::from_secs(30),
+        || {
+            let started = Instant::now();
+            let (ok, _) = in_client("wget -qO- http://web/");
+            (!ok && started.elapsed() < Duration::from_secs(5)).then_some(())
+        },
+    );
+    mesh.write_manifest("policy.yaml", &policy("client"));
+    mesh.wait_for(
+        "the policy admits the client",
+        Duration::from_secs(30),
+        || {
+            let seen = fetch_web(4);
+            (!seen.contains_key("failed")).then_some(())
+        },
+    );
+    mesh.remove_manifest("policy.yaml");
 
     // web-a's agent dies: web-a moves to the other server agent and is reached there.
     let victim = mesh
@@ -262,17 +303,15 @@ fn mesh_pod_to_mesh_pod_throughput_and_latency_through_a_service_and_direct() {
     mesh.start_agent(&["--label", "role=server"]);
     mesh.start_agent(&["--label", "role=client"]);
     mesh.write_manifest("bulk.yaml", &bulk_server(mib << 20));
-    mesh.write_manifest("client.yaml", CLIENT);
+    mesh.write_manifest("client.yaml", &client("bench-client"));
     let server_ip: std::net::IpAddr =
         mesh.wait_for("server and client ready", Duration::from_secs(90), || {
-            agent_of(&mesh, "client")?;
+            agent_of(&mesh, "bench-client")?;
             let server = mesh.pod_status("default", "bulk")?;
             (server["ready"]["ready"] == 1).then(|| server["ip"].as_str()?.parse().ok())?
         });
-    let pid: u32 = podman_containers("io.beemesh.pod.name=client")
-        .into_iter()
-        .find(|c| c["State"] == "running")
-        .and_then(|c| c["Pid"].as_u64())
+    let pid: u32 = container_of("bench-client")["Pid"]
+        .as_u64()
         .and_then(|pid| u32::try_from(pid).ok())
         .expect("the client's process");
     let service: std::net::IpAddr = BULK_IP.parse().expect("ip");

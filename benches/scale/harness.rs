@@ -505,6 +505,7 @@ pub async fn owner_role(
             assigned: assigned.clone(),
         }),
         agents: agents_tx,
+        network: None,
     };
     tokio::spawn(node.run(events, Some(link), None, cancel.clone()));
 

@@ -11,7 +11,7 @@ pub mod pod_source;
 pub mod pod_status;
 pub mod service_gateway;
 pub mod trust_secret;
-mod watched;
+pub mod watched;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use crate::gateway::Gateway;
 use crate::health::Check;
 use crate::node::desired::DesiredStore;
 use crate::node::ApiLink;
+use crate::node::ApiNetwork;
 use node_object::NodeIdentity;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +186,22 @@ pub fn start(
         services_changed.clone(),
         cancel.clone(),
     );
+    // The NetworkPolicies the node's routes and gateway obey, and the namespaces'
+    // labels their namespaceSelectors match; a change makes the gateway look again.
+    let network = ApiNetwork {
+        policies: watched::watch_into_store(
+            kube::Api::all(client.clone()),
+            kube::runtime::watcher::Config::default(),
+            services_changed.clone(),
+            cancel.clone(),
+        ),
+        namespaces: watched::watch_into_store(
+            kube::Api::all(client.clone()),
+            kube::runtime::watcher::Config::default(),
+            services_changed.clone(),
+            cancel.clone(),
+        ),
+    };
     let mut tasks = Vec::new();
     if let Some(gateway) = gateway {
         tasks.push(tokio::spawn(service_gateway::run(
@@ -193,6 +210,7 @@ pub fn start(
             gateway,
             recorder.clone(),
             (services.clone(), services_changed),
+            network.clone(),
             cancel.clone(),
         )));
     }
@@ -224,6 +242,7 @@ pub fn start(
         pods,
         sink: Box::new(pod_status::ApiStatusSink(board)),
         agents: agents_tx,
+        network: Some(network),
     };
     (link, tasks)
 }

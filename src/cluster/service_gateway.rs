@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
@@ -20,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::events::{EventRecorder, PodEvent};
 use super::watched::{watch_into_store, Watched};
 use crate::gateway::endpoints::{self, MANAGED_BY, MANAGED_BY_LABEL};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, PolicyCheck};
+use crate::node::{network_policy, ApiNetwork};
 use crate::wire::{PodRef, PodUid};
 
 /// How long the controller waits after a change for more, so that a burst (a
@@ -38,6 +40,7 @@ pub async fn run(
     mut gateway: Gateway,
     events: EventRecorder,
     (services, changed): (Watched<Service>, Arc<Notify>),
+    network: ApiNetwork,
     cancel: CancellationToken,
 ) {
     let pods = watch_into_store::<Pod>(
@@ -56,6 +59,10 @@ pub async fn run(
         return;
     }
     let (services, pods, slices) = (services.store, pods.store, slices.store);
+    gateway.enforce(PolicyCheck {
+        network: network.clone(),
+        pods: pods.clone(),
+    });
     tracing::info!(address = %gateway.address(), "serving Services for mesh pods");
     tokio::spawn(crate::gateway::cluster::serve(
         gateway.relay(),
@@ -64,7 +71,8 @@ pub async fn run(
     ));
     let mut said = BTreeSet::new();
     loop {
-        let passed = pass(&client, &mut gateway, &services, &pods, &slices).await;
+        let mut passed = pass(&client, &mut gateway, &services, &pods, &slices).await;
+        passed.unserved.extend(unenforceable(&network, &pods));
         said = tell(&events, passed.unserved, said);
         let wait = async {
             if passed.retry {
@@ -97,19 +105,44 @@ fn tell(
 ) -> BTreeSet<endpoints::Unserved> {
     let now: BTreeSet<endpoints::Unserved> = unserved.into_iter().collect();
     for new in now.difference(&said) {
-        tracing::warn!(service = %new.service, namespace = %new.namespace, reason = new.reason, message = %new.message, "Service not fully served");
-        let service = PodRef {
+        tracing::warn!(kind = new.kind, name = %new.name, namespace = %new.namespace, reason = new.reason, message = %new.message, "not served as written");
+        let object = PodRef {
             uid: PodUid(new.uid.clone()),
             namespace: new.namespace.clone(),
-            name: new.service.clone(),
+            name: new.name.clone(),
         };
         events.record_about(
-            "Service",
-            &service,
+            new.kind,
+            &object,
             vec![PodEvent::warning(new.reason, new.message.clone())],
         );
     }
     now
+}
+
+/// The NetworkPolicies over the node's pods that the gateway cannot enforce as written
+/// (it denies what they would allow), each with the reason.
+fn unenforceable(network: &ApiNetwork, pods: &Store<Pod>) -> Vec<endpoints::Unserved> {
+    let Some(policies) = network.policies() else {
+        return Vec::new();
+    };
+    let refs: Vec<&NetworkPolicy> = policies.iter().map(AsRef::as_ref).collect();
+    let mut out: Vec<endpoints::Unserved> = pods
+        .state()
+        .iter()
+        .flat_map(|pod| network_policy::unenforceable(&refs, pod))
+        .map(|(policy, why)| {
+            endpoints::Unserved::about(
+                "NetworkPolicy",
+                &policy.metadata,
+                "PolicyNotEnforceable",
+                why.to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// One pass: ports served and slices written as the stores say now.

@@ -21,6 +21,11 @@ pub struct Watched<K: Resource<DynamicType = ()> + 'static> {
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Watched<K> {
+    /// Whether the first full listing is in the store.
+    pub fn is_listed(&self) -> bool {
+        *self.listed.borrow()
+    }
+
     /// Waits for the first full listing; false if the watch ended before it.
     pub async fn listed(&self) -> bool {
         self.listed.clone().wait_for(|listed| *listed).await.is_ok()

@@ -169,7 +169,13 @@ async fn allowed(
     if !services.state().iter().any(|s| service_serves(s, dial.to)) {
         return Err((403, format!("no Service serves TCP on {}", dial.to)));
     }
-    Ok(())
+    let policy = relay.policy.as_ref().ok_or((
+        503,
+        "the cluster's NetworkPolicies are not watched yet".to_owned(),
+    ))?;
+    policy
+        .allows_egress(&dial.pod, dial.to.port())
+        .map_err(|denied| (403, denied))
 }
 
 #[cfg(test)]

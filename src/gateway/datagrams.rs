@@ -90,7 +90,7 @@ impl Flow {
     }
 
     async fn relay_flow(&self, mut datagrams: mpsc::Receiver<Vec<u8>>) -> Result<(), String> {
-        let stream = open(&self.target, &self.relay).await?;
+        let stream = open(&self.target, &self.relay, self.client.ip()).await?;
         let (mut reader, mut writer) = tokio::io::split(stream);
         let mut reply = Vec::new();
         loop {

@@ -56,8 +56,10 @@ impl Protocol {
 /// A Service the gateway cannot serve fully, said in a warning event on the Service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Unserved {
+    /// `Service`, or `NetworkPolicy` for a policy the gateway cannot enforce as written.
+    pub kind: &'static str,
     pub namespace: String,
-    pub service: String,
+    pub name: String,
     pub uid: String,
     pub reason: &'static str,
     pub message: String,
@@ -65,10 +67,20 @@ pub struct Unserved {
 
 impl Unserved {
     fn of(service: &Service, reason: &'static str, message: String) -> Unserved {
+        Unserved::about("Service", &service.metadata, reason, message)
+    }
+
+    pub fn about(
+        kind: &'static str,
+        object: &ObjectMeta,
+        reason: &'static str,
+        message: String,
+    ) -> Unserved {
         Unserved {
-            namespace: service.metadata.namespace.clone().unwrap_or_default(),
-            service: service.metadata.name.clone().unwrap_or_default(),
-            uid: service.metadata.uid.clone().unwrap_or_default(),
+            kind,
+            namespace: object.namespace.clone().unwrap_or_default(),
+            name: object.name.clone().unwrap_or_default(),
+            uid: object.uid.clone().unwrap_or_default(),
             reason,
             message,
         }

@@ -15,6 +15,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +27,8 @@ use tokio_util::compat::Compat;
 use crate::kubelet::relay::{request_agent, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::node::NodeDirectory;
-use crate::wire::{KubeletRequest, PodUid};
+use crate::node::{network_policy, ApiNetwork, NodeDirectory};
+use crate::wire::{KubeletRequest, PodRef, PodUid};
 use endpoints::{Protocol, Target};
 use ports::{Exhausted, PortPool};
 
@@ -39,6 +42,74 @@ pub struct Relay {
     pub mesh: MeshHandle,
     pub directory: NodeDirectory,
     pub metrics: Metrics,
+    /// The cluster's NetworkPolicies and the node's pods, once watched: until then
+    /// nothing is relayed.
+    pub policy: Option<PolicyCheck>,
+}
+
+/// NetworkPolicy ingress for the cluster's connections to mesh pods: the gateway knows
+/// a client only by its address, so only ipBlock peers (and rules open to all) can
+/// allow it.
+#[derive(Clone)]
+pub struct PolicyCheck {
+    pub network: ApiNetwork,
+    /// The pods bound to the node.
+    pub pods: Store<Pod>,
+}
+
+impl PolicyCheck {
+    /// Whether a client at `from` in the cluster may reach `target`.
+    fn allows(&self, target: &Target, from: IpAddr) -> Result<(), String> {
+        let port = network_policy::Port {
+            number: target.port,
+            protocol: target.protocol.as_str(),
+        };
+        self.decide(&target.namespace, &target.pod, &target.uid, |policies, pod| {
+            network_policy::ingress(policies, pod, port, network_policy::Peer::Address(from))
+        })
+        .map_err(|denied| format!("network policy {denied} denies {from} (connections from the cluster are told apart by address only)"))
+    }
+
+    /// Whether mesh pod `pod` may reach a cluster Service on TCP `port`.
+    pub fn allows_egress(&self, pod: &PodRef, port: u16) -> Result<(), String> {
+        self.decide(
+            &pod.namespace,
+            &pod.name,
+            &pod.uid.0,
+            |policies, subject| {
+                let to = network_policy::Peer::ClusterService;
+                network_policy::egress(policies, subject, to, network_policy::Port::tcp(port))
+            },
+        )
+        .map_err(|denied| {
+            format!("network policy {denied} denies pod {pod} connections into the cluster")
+        })
+    }
+
+    /// The verdict on the node's pod `namespace/name` (of `uid`); Err names the
+    /// policies that deny it, or why nothing can be decided.
+    fn decide(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        verdict: impl FnOnce(&[&NetworkPolicy], &Pod) -> network_policy::Verdict,
+    ) -> Result<(), String> {
+        let policies = self
+            .network
+            .policies()
+            .ok_or("the cluster's NetworkPolicies are not read yet")?;
+        let pod = self
+            .pods
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+            .ok_or("the pod is gone")?;
+        let refs: Vec<&NetworkPolicy> = policies.iter().map(AsRef::as_ref).collect();
+        match verdict(&refs, &pod) {
+            network_policy::Verdict::Allowed => Ok(()),
+            network_policy::Verdict::Denied { policies } => Err(policies.join(", ")),
+        }
+    }
 }
 
 /// The gateway's ports and their listeners.
@@ -67,6 +138,11 @@ impl Gateway {
 
     pub fn relay(&self) -> Relay {
         self.relay.clone()
+    }
+
+    /// Connections are relayed from now on, as the cluster's NetworkPolicies allow.
+    pub fn enforce(&mut self, policy: PolicyCheck) {
+        self.relay.policy = Some(policy);
     }
 
     pub fn port(&self, target: &Target) -> Option<u16> {
@@ -177,7 +253,7 @@ async fn accept(
             let _permit = permit;
             tokio::select! {
                 _ = stop.cancelled() => {}
-                result = forward(client, &target, &relay) => match result {
+                result = forward(client, peer.ip(), &target, &relay) => match result {
                     Ok(()) => relay.metrics.gateway_connection("relayed"),
                     Err(reason) => {
                         relay.metrics.gateway_connection("refused");
@@ -189,9 +265,19 @@ async fn accept(
     }
 }
 
-/// Opens a stream to the target's agent for its pod's port: a TCP connection or a
-/// flow of datagrams, as the target's protocol.
-async fn open(target: &Target, relay: &Relay) -> Result<Compat<libp2p::Stream>, String> {
+/// Opens a stream to the target's agent for its pod's port, for a client at `from`: a
+/// TCP connection or a flow of datagrams, as the target's protocol.
+async fn open(
+    target: &Target,
+    relay: &Relay,
+    from: IpAddr,
+) -> Result<Compat<libp2p::Stream>, String> {
+    match &relay.policy {
+        Some(policy) => policy.allows(target, from).inspect_err(|_| {
+            relay.metrics.gateway_connection("denied");
+        })?,
+        None => return Err("the cluster's NetworkPolicies are not watched yet".into()),
+    }
     let location = relay
         .directory
         .locate(&target.namespace, &target.pod)
@@ -210,8 +296,13 @@ async fn open(target: &Target, relay: &Relay) -> Result<Compat<libp2p::Stream>, 
 }
 
 /// Relays one connection to the target pod's port through its agent.
-async fn forward(mut client: TcpStream, target: &Target, relay: &Relay) -> Result<(), String> {
-    let mut stream = open(target, relay).await?;
+async fn forward(
+    mut client: TcpStream,
+    from: IpAddr,
+    target: &Target,
+    relay: &Relay,
+) -> Result<(), String> {
+    let mut stream = open(target, relay, from).await?;
     let _ = client.set_nodelay(true);
     splice(&mut client, &mut stream)
         .await

@@ -1,5 +1,6 @@
 //! Pods from a directory of Pod YAML, like the kubelet's static pods, and the
-//! Services in front of them (see `mesh_services`).
+//! Services in front of them (see `mesh_services`) and NetworkPolicies over them (see
+//! `network_policy`).
 //!
 //! Every `*.yaml`, `*.yml` or `*.json` file may hold several documents. A pod's UID is
 //! its `metadata.uid` when given, else derived from the owner and the document's
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -40,19 +43,20 @@ impl fmt::Display for ManifestError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParsedFile {
     pub pods: Vec<Pod>,
-    pub services: Vec<ManifestService>,
+    pub services: Vec<Manifest<Service>>,
+    pub policies: Vec<Manifest<NetworkPolicy>>,
     pub errors: Vec<ManifestError>,
 }
 
-/// A Service and where it was written, for errors found later (its address, its ports).
+/// An object and where it was written, for errors found later.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ManifestService {
+pub struct Manifest<T> {
     pub file: PathBuf,
     pub document: usize,
-    pub service: Service,
+    pub object: T,
 }
 
-impl ManifestService {
+impl<T> Manifest<T> {
     pub fn error(&self, message: String) -> ManifestError {
         ManifestError {
             file: self.file.clone(),
@@ -66,6 +70,7 @@ impl ManifestService {
 enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -108,12 +113,18 @@ pub fn parse(file: &Path, text: &str, owner: &str) -> ParsedFile {
                 break;
             }
         };
+        let (file, document) = (file.to_path_buf(), number);
         match object_from_value(value, owner) {
             Ok(Object::Pod(pod)) => out.pods.push(*pod),
-            Ok(Object::Service(service)) => out.services.push(ManifestService {
-                file: file.to_path_buf(),
-                document: number,
-                service: *service,
+            Ok(Object::Service(service)) => out.services.push(Manifest {
+                file,
+                document,
+                object: *service,
+            }),
+            Ok(Object::NetworkPolicy(policy)) => out.policies.push(Manifest {
+                file,
+                document,
+                object: *policy,
             }),
             Err(message) => out.errors.push(error(message)),
         }
@@ -131,34 +142,38 @@ fn object_from_value(value: serde_yaml::Value, owner: &str) -> Result<Object, St
             pod_from_json(json, owner).map(|pod| Object::Pod(Box::new(pod)))
         }
         (Some("v1"), Some("Service")) => {
-            service_from_json(json).map(|s| Object::Service(Box::new(s)))
+            named_from_json(json, "Service", |s: &mut Service| &mut s.metadata)
+                .map(|s| Object::Service(Box::new(s)))
+        }
+        (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => {
+            named_from_json(json, "NetworkPolicy", |p: &mut NetworkPolicy| &mut p.metadata)
+                .map(|p| Object::NetworkPolicy(Box::new(p)))
         }
         (None, _) | (_, None) => {
             Err("not a Kubernetes object: apiVersion and kind are required".into())
         }
         (Some(a), Some(k)) => Err(format!(
-            "{a}/{k} is not supported here: only v1/Pod and v1/Service manifests can run on BeeMesh"
+            "{a}/{k} is not supported here: only v1/Pod, v1/Service and networking.k8s.io/v1/NetworkPolicy manifests can run on BeeMesh"
         )),
     }
 }
 
-fn service_from_json(json: serde_json::Value) -> Result<Service, String> {
-    let mut service: Service =
-        serde_json::from_value(json).map_err(|e| format!("invalid Service: {e}"))?;
-    if service
-        .metadata
-        .name
-        .as_deref()
-        .unwrap_or_default()
-        .is_empty()
-    {
+/// An object that must have a name, in the default namespace unless it names one.
+fn named_from_json<T: serde::de::DeserializeOwned>(
+    json: serde_json::Value,
+    kind: &str,
+    metadata: impl Fn(&mut T) -> &mut ObjectMeta,
+) -> Result<T, String> {
+    let mut object: T = serde_json::from_value(json).map_err(|e| format!("invalid {kind}: {e}"))?;
+    let meta = metadata(&mut object);
+    if meta.name.as_deref().unwrap_or_default().is_empty() {
         return Err("metadata.name is required".into());
     }
-    default_namespace(&mut service.metadata);
-    Ok(service)
+    default_namespace(meta);
+    Ok(object)
 }
 
-fn default_namespace(metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+fn default_namespace(metadata: &mut ObjectMeta) {
     if metadata.namespace.as_deref().unwrap_or_default().is_empty() {
         metadata.namespace = Some("default".into());
     }
@@ -206,8 +221,9 @@ pub struct ManifestDir {
 pub struct Scan {
     /// By UID.
     pub pods: BTreeMap<String, Pod>,
-    /// At most one per namespace and name.
-    pub services: Vec<ManifestService>,
+    /// At most one of each per namespace and name.
+    pub services: Vec<Manifest<Service>>,
+    pub policies: Vec<Manifest<NetworkPolicy>>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -301,28 +317,48 @@ impl ManifestDir {
                 let uid = mp.metadata.uid.clone().unwrap_or_default();
                 scan.pods.insert(uid, mp.clone());
             }
-            for ms in &cached.parsed.services {
-                let meta = &ms.service.metadata;
-                let key = (
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                );
-                if let Some(first) = scan.services.iter().find(|s| {
-                    let m = &s.service.metadata;
-                    (m.namespace.as_ref(), m.name.as_ref()) == (Some(&key.0), Some(&key.1))
-                }) {
-                    scan.errors.push(ms.error(format!(
-                        "service {}/{} is already defined in {}",
-                        key.0,
-                        key.1,
-                        first.file.display()
-                    )));
-                    continue;
-                }
-                scan.services.push(ms.clone());
-            }
+            unique(
+                &cached.parsed.services,
+                "service",
+                &mut scan.services,
+                &mut scan.errors,
+            );
+            unique(
+                &cached.parsed.policies,
+                "networkpolicy",
+                &mut scan.policies,
+                &mut scan.errors,
+            );
         }
         Ok(scan)
+    }
+}
+
+/// Adds the objects not already in `into` by namespace and name; the others are errors.
+fn unique<T: kube::Resource + Clone>(
+    objects: &[Manifest<T>],
+    kind: &str,
+    into: &mut Vec<Manifest<T>>,
+    errors: &mut Vec<ManifestError>,
+) {
+    for manifest in objects {
+        let key = |m: &Manifest<T>| {
+            (
+                m.object.meta().namespace.clone(),
+                m.object.meta().name.clone(),
+            )
+        };
+        if let Some(first) = into.iter().find(|known| key(known) == key(manifest)) {
+            let (namespace, name) = key(manifest);
+            errors.push(manifest.error(format!(
+                "{kind} {}/{} is already defined in {}",
+                namespace.unwrap_or_default(),
+                name.unwrap_or_default(),
+                first.file.display()
+            )));
+            continue;
+        }
+        into.push(manifest.clone());
     }
 }
 
@@ -444,7 +480,7 @@ spec:
             (web.file.file_name(), web.document),
             (Some("a.yaml".as_ref()), 3)
         );
-        assert_eq!(web.service.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(web.object.metadata.namespace.as_deref(), Some("default"));
         let messages: Vec<_> = scan
             .errors
             .iter()

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use super::manifests::{ManifestError, ManifestService};
+use super::manifests::{Manifest, ManifestError};
 use crate::gateway::cluster::service_serves;
 
 /// Where standalone Services get their ClusterIPs: apart from the default mesh pod
@@ -44,11 +44,11 @@ impl MeshServices {
 
     /// The scan's Services in place of the last scan's; those that cannot be served are
     /// left out, each with its error.
-    pub fn update(&mut self, scanned: &[ManifestService]) -> Vec<ManifestError> {
+    pub fn update(&mut self, scanned: &[Manifest<Service>]) -> Vec<ManifestError> {
         let mut errors = Vec::new();
-        let mut valid: Vec<(&ManifestService, Option<Ipv4Addr>)> = Vec::new();
+        let mut valid: Vec<(&Manifest<Service>, Option<Ipv4Addr>)> = Vec::new();
         for ms in scanned {
-            match check(&ms.service, self.range) {
+            match check(&ms.object, self.range) {
                 Ok(wanted) => valid.push((ms, wanted)),
                 Err(message) => errors.push(ms.error(message)),
             }
@@ -56,13 +56,13 @@ impl MeshServices {
         // Addresses asked for first, then those held, then new ones: a new Service never
         // takes an address another one has.
         let previous = std::mem::take(&mut self.by_name);
-        let held = |ms: &ManifestService| {
+        let held = |ms: &Manifest<Service>| {
             previous
-                .get(&key(&ms.service))
+                .get(&key(&ms.object))
                 .and_then(cluster_ip)
                 .filter(|ip| self.range.contains(ip))
         };
-        valid.sort_by_key(|(ms, wanted)| (wanted.is_none(), held(ms).is_none(), key(&ms.service)));
+        valid.sort_by_key(|(ms, wanted)| (wanted.is_none(), held(ms).is_none(), key(&ms.object)));
         let mut taken = BTreeSet::new();
         for (ms, wanted) in valid {
             let ip = match wanted {
@@ -75,7 +75,7 @@ impl MeshServices {
                 Some(ip) => ip,
                 None => match held(ms).filter(|ip| !taken.contains(ip)) {
                     Some(ip) => ip,
-                    None => match self.free_address(&key(&ms.service), &taken) {
+                    None => match self.free_address(&key(&ms.object), &taken) {
                         Some(ip) => ip,
                         None => {
                             errors.push(ms.error(format!(
@@ -88,7 +88,7 @@ impl MeshServices {
                 },
             };
             taken.insert(ip);
-            let mut service = ms.service.clone();
+            let mut service = ms.object.clone();
             let (namespace, name) = key(&service);
             // Backends are matched by UID (see `gateway::endpoints::Plan`).
             service.metadata.uid = Some(format!("mesh-service/{namespace}/{name}"));
@@ -222,7 +222,7 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn scanned(docs: &[&str]) -> Vec<ManifestService> {
+    fn scanned(docs: &[&str]) -> Vec<Manifest<Service>> {
         docs.iter()
             .enumerate()
             .map(|(i, yaml)| {
@@ -231,10 +231,10 @@ mod tests {
                     .metadata
                     .namespace
                     .get_or_insert_with(|| "default".into());
-                ManifestService {
+                Manifest {
                     file: PathBuf::from("svc.yaml"),
                     document: i + 1,
-                    service,
+                    object: service,
                 }
             })
             .collect()

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod manifests;
 pub mod mesh_dns;
 pub mod mesh_services;
+pub mod network_policy;
 pub mod owner;
 mod printer;
 pub mod resolve;
@@ -22,17 +23,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::watched::Watched;
 use crate::mesh::{MeshEvent, MeshEvents, MeshHandle};
 use crate::metrics::Metrics;
 use crate::wire::{AgentEvent, GossipMessage, PodRef, PodUid, Request, Response};
 use desired::DesiredStore;
 use enroll::NodeEnrollment;
 use manifests::ManifestDir;
+use network_policy::Labels;
 use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::{timestamp, PhasePrinter};
 use resolve::{Fetched, ResolveError};
@@ -75,6 +79,59 @@ pub struct ApiLink {
     pub sink: Box<dyn StatusSink>,
     /// The live agents, for the Node object's capacity and conditions.
     pub agents: watch::Sender<AgentsSummary>,
+    /// The cluster's NetworkPolicies, which the node's routes obey (None: a source of
+    /// pods that has none, as the scale harness' simulated API).
+    pub network: Option<ApiNetwork>,
+}
+
+/// The cluster's NetworkPolicies and Namespaces, watched by the Kubernetes side.
+#[derive(Clone)]
+pub struct ApiNetwork {
+    pub policies: Watched<NetworkPolicy>,
+    pub namespaces: Watched<k8s_openapi::api::core::v1::Namespace>,
+}
+
+impl ApiNetwork {
+    /// The policies in force; None until both watches have listed (nothing is routed
+    /// on a partial view: deny by default).
+    pub fn policies(&self) -> Option<Vec<Arc<NetworkPolicy>>> {
+        (self.policies.is_listed() && self.namespaces.is_listed())
+            .then(|| self.policies.store.state())
+    }
+
+    /// The labels of `namespace`; without its object, the one every namespace has.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        self.namespaces
+            .store
+            .get(&kube::runtime::reflector::ObjectRef::new(namespace))
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_else(|| standalone_namespace_labels(namespace))
+    }
+}
+
+/// What the node's routes are decided from: the manifests' Services and
+/// NetworkPolicies and, with an API, the cluster's NetworkPolicies.
+struct Network {
+    services: mesh_services::MeshServices,
+    policies: Vec<NetworkPolicy>,
+    api: Option<ApiNetwork>,
+}
+
+impl Network {
+    fn namespace_labels(&self, namespace: &str) -> Labels {
+        match &self.api {
+            Some(api) => api.namespace_labels(namespace),
+            None => standalone_namespace_labels(namespace),
+        }
+    }
+}
+
+/// A namespace without an API has the label the API server gives every namespace.
+fn standalone_namespace_labels(namespace: &str) -> Labels {
+    Labels::from([(
+        network_policy::NAMESPACE_NAME_LABEL.to_owned(),
+        namespace.to_owned(),
+    )])
 }
 
 /// Questions about the node's pods, answered by the node loop.
@@ -237,12 +294,12 @@ impl Node {
     ) -> Result<(), NodeError> {
         let mut queries = queries.map(|q| q.0);
         let mut sinks: Vec<Box<dyn StatusSink>> = vec![Box::new(PhasePrinter::default())];
-        let (api_pods, agents) = match api {
+        let (api_pods, agents, api_network) = match api {
             Some(link) => {
                 sinks.push(link.sink);
-                (Some(link.pods), Some(link.agents))
+                (Some(link.pods), Some(link.agents), link.network)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let mut owner = Owner::new(
             self.config.owner.clone(),
@@ -252,7 +309,11 @@ impl Node {
             Box::new(Sinks(sinks)),
         );
         let mut desired = Desired::default();
-        let mut services = mesh_services::MeshServices::new(self.config.mesh_service_cidr);
+        let mut network = Network {
+            services: mesh_services::MeshServices::new(self.config.mesh_service_cidr),
+            policies: Vec::new(),
+            api: api_network,
+        };
         // Without a cluster, the node is the authority of the cluster's domain.
         let authoritative_dns = api_pods.is_none();
         if api_pods.is_some() {
@@ -266,7 +327,7 @@ impl Node {
                 path: path.clone(),
                 source: e,
             })?;
-            let first = desired.reported.take_scan(first, &mut services);
+            let first = desired.reported.take_scan(first, &mut network);
             desired.set_manifests(first, &mut owner);
             source = Some(dir);
         }
@@ -315,10 +376,10 @@ impl Node {
                         }
                         None => match request {
                             Request::ClusterDns(query) => {
-                                self.answer_dns(&owner, &services, authoritative_dns, peer, query, reply);
+                                self.answer_dns(&owner, &network.services, authoritative_dns, peer, query, reply);
                             }
                             Request::Route(dial) => {
-                                let _ = reply.send(self.route(&owner, &services, peer, &dial));
+                                let _ = reply.send(self.route(&owner, &network, peer, &dial));
                             }
                             request => {
                                 let _ = reply.send(owner.on_request(peer, request));
@@ -359,8 +420,8 @@ impl Node {
                         owner.advance_due();
                     }
                 }
-                _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut services, &mut owner).await,
-                Some(()) = changed.recv() => rescan(&mut source, &mut desired, &mut services, &mut owner).await,
+                _ = scan.tick(), if source.is_some() => rescan(&mut source, &mut desired, &mut network, &mut owner).await,
+                Some(()) = changed.recv() => rescan(&mut source, &mut desired, &mut network, &mut owner).await,
             }
         }
         Ok(())
@@ -370,22 +431,37 @@ impl Node {
     fn route(
         &self,
         owner: &Owner,
-        services: &mesh_services::MeshServices,
+        network: &Network,
         peer: PeerId,
         dial: &crate::wire::ClusterDial,
     ) -> Response {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let response = route::route(
+        let api_policies = match network.api.as_ref().map(ApiNetwork::policies) {
+            None => Vec::new(),
+            Some(Some(policies)) => policies,
+            Some(None) => {
+                return Response::Declined {
+                    reason: "the cluster's NetworkPolicies are not read yet".into(),
+                }
+            }
+        };
+        let namespace_labels = |namespace: &str| network.namespace_labels(namespace);
+        let routing = route::Routing {
             owner,
-            services,
-            &self.signer,
-            peer,
-            dial,
-            now,
-            route::random_below,
-        );
+            services: &network.services,
+            policies: route::Policies {
+                policies: network
+                    .policies
+                    .iter()
+                    .chain(api_policies.iter().map(AsRef::as_ref))
+                    .collect(),
+                namespace_labels: &namespace_labels,
+            },
+            signer: &self.signer,
+        };
+        let response = route::route(&routing, peer, dial, now, route::random_below);
         if let Response::Declined { reason } = &response {
             self.metrics.cluster_connection("refused");
             tracing::debug!(%peer, pod = %dial.pod, to = %dial.to, %reason, "route refused");
@@ -503,13 +579,11 @@ impl Desired {
 struct ReportedErrors(Vec<manifests::ManifestError>);
 
 impl ReportedErrors {
-    /// Takes the scan's Services, reports the scan's new errors and gives its pods.
-    fn take_scan(
-        &mut self,
-        mut scan: manifests::Scan,
-        services: &mut mesh_services::MeshServices,
-    ) -> DesiredPods {
-        scan.errors.extend(services.update(&scan.services));
+    /// Takes the scan's Services and NetworkPolicies, reports the scan's new errors and
+    /// gives its pods.
+    fn take_scan(&mut self, mut scan: manifests::Scan, network: &mut Network) -> DesiredPods {
+        scan.errors.extend(network.services.update(&scan.services));
+        network.policies = scan.policies.iter().map(|p| p.object.clone()).collect();
         for error in &scan.errors {
             if !self.0.contains(error) {
                 tracing::error!("manifest {error}");
@@ -559,7 +633,7 @@ fn watch_dir(
 async fn rescan(
     source: &mut Option<ManifestDir>,
     desired: &mut Desired,
-    services: &mut mesh_services::MeshServices,
+    network: &mut Network,
     owner: &mut Owner,
 ) {
     let Some(dir) = source.as_mut() else {
@@ -567,7 +641,7 @@ async fn rescan(
     };
     match dir.scan().await {
         Ok(result) => {
-            let pods = desired.reported.take_scan(result, services);
+            let pods = desired.reported.take_scan(result, network);
             desired.set_manifests(pods, owner);
             owner.advance_due();
         }

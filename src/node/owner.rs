@@ -2474,6 +2474,11 @@ impl Owner {
             .collect()
     }
 
+    /// The pod with its status.
+    pub fn pod(&self, uid: &PodUid) -> Option<Pod> {
+        self.pods.get(uid).map(OwnedPod::with_status)
+    }
+
     /// Agents whose trust was revoked: they are forgotten at once, and their pods are
     /// released there and placed elsewhere, as for a lost agent.
     pub fn agents_revoked(&mut self, revoked: &[PeerId]) {

@@ -160,6 +160,13 @@ const RESOURCES: &[Resource] = &[
         namespaced: true,
     },
     Resource {
+        group: "networking.k8s.io",
+        version: "v1",
+        plural: "networkpolicies",
+        kind: "NetworkPolicy",
+        namespaced: true,
+    },
+    Resource {
         group: "",
         version: "v1",
         plural: "endpoints",
@@ -3112,6 +3119,10 @@ const OPENAPI_V3: &[(&str, &str)] = &[
     (
         "apis/discovery.k8s.io/v1",
         include_str!("../fixtures/openapi-v3/apis__discovery.k8s.io__v1_openapi.json"),
+    ),
+    (
+        "apis/networking.k8s.io/v1",
+        include_str!("../fixtures/openapi-v3/apis__networking.k8s.io__v1_openapi.json"),
     ),
 ];
 
