@@ -1771,6 +1771,58 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     cluster.assert_node_requests_allowed();
 }
 
+/// A mesh pod's connection to a cluster Service whose endpoints are mesh pods goes
+/// straight from its agent to theirs (here: one agent, so to its own pod at once), not
+/// into the cluster and back through the node's gateway.
+#[test]
+fn a_mesh_pod_reaches_a_service_of_mesh_pods_without_the_node() {
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    cluster.mesh.start_agent(&["--metrics-addr", &metrics]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(WEB_BEHIND_A_SERVICE);
+    cluster.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: caller, namespace: default}
+spec:
+  nodeSelector: {type: virtual-kubelet}
+  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - {name: c, image: localhost/busybox:1.35, command: [sleep, "3600"]}
+"#,
+    );
+    let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
+    wait_web_slice(&cluster, "a ready endpoint", ready);
+    cluster.wait_running("caller");
+    let service = cluster.get(&["service", "web"]).expect("the Service");
+    let cluster_ip = service["spec"]["clusterIP"].as_str().expect("a ClusterIP");
+    let url = format!("http://{cluster_ip}/");
+    let answer = cluster
+        .mesh
+        .wait_for("the Service answers", Duration::from_secs(30), || {
+            let (ok, out) = cluster.kubectl(&["exec", "caller", "--", "wget", "-qO-", &url], None);
+            (ok && out.contains("hello-service")).then_some(out)
+        });
+    assert!(answer.contains("hello-service"), "{answer}");
+    let direct = common::counter(
+        &common::scrape(&metrics),
+        "beemesh_cluster_connections_total",
+        "kind=\"direct\"",
+    );
+    let relayed = common::counter(
+        &common::scrape(&metrics),
+        "beemesh_cluster_connections_total",
+        "kind=\"relayed\"",
+    );
+    assert!(direct >= 1, "direct: {direct}");
+    assert_eq!(relayed, 0, "nothing went through the node");
+    cluster.assert_node_requests_allowed();
+}
+
 /// NetworkPolicy over a mesh pod, from the cluster: the gateway knows clients by
 /// address only, so a policy that admits pods by selector refuses them (and says so in
 /// a warning event on the policy, never silently); an ipBlock admits them again; with

@@ -189,6 +189,19 @@ pub fn start(
     // The NetworkPolicies the node's routes and gateway obey, and the namespaces'
     // labels their namespaceSelectors match; a change makes the gateway look again.
     let network = ApiNetwork {
+        services: services.clone(),
+        // The Services' endpoints in the cluster, for how often a mesh pod's connection
+        // goes straight to a mesh endpoint (node/route.rs).
+        slices: watched::watch_into_store(
+            kube::Api::all(client.clone()),
+            kube::runtime::watcher::Config::default().labels(&format!(
+                "{}!={}",
+                crate::gateway::endpoints::MANAGED_BY_LABEL,
+                crate::gateway::endpoints::MANAGED_BY
+            )),
+            services_changed.clone(),
+            cancel.clone(),
+        ),
         policies: watched::watch_into_store(
             kube::Api::all(client.clone()),
             kube::runtime::watcher::Config::default(),

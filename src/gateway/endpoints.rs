@@ -206,6 +206,31 @@ pub fn plan<'a>(services: &[&'a Service], pods: &[&'a Pod]) -> Plan<'a> {
     Plan { backends, unserved }
 }
 
+/// How many ready endpoints `slices` give `service` (its slices by the
+/// `kubernetes.io/service-name` label in its namespace); an endpoint without conditions
+/// is ready, as kube-proxy counts it.
+pub fn ready_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    service: &Service,
+) -> usize {
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    let namespace = service.metadata.namespace.as_deref();
+    slices
+        .into_iter()
+        .filter(|slice| {
+            slice.metadata.namespace.as_deref() == namespace
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|s| s == name)
+        })
+        .flat_map(|slice| slice.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .count()
+}
+
 fn is_terminal(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))
@@ -349,6 +374,30 @@ pub fn slice_name(service: &str, pod_uid: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_endpoints_are_counted_per_service_as_kube_proxy_counts_them() {
+        let slice = |name: &str, namespace: &str, ready: &[Option<bool>]| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{name}-x"), "namespace": namespace,
+                    "labels": {SERVICE_NAME_LABEL: name}},
+                "addressType": "IPv4",
+                "endpoints": ready.iter().map(|r| match r {
+                    Some(r) => serde_json::json!({"addresses": ["10.42.0.1"], "conditions": {"ready": r}}),
+                    None => serde_json::json!({"addresses": ["10.42.0.1"]}),
+                }).collect::<Vec<_>>(),
+            }))
+            .expect("slice")
+        };
+        let web: Service =
+            serde_yaml::from_str("metadata: {name: web, namespace: shop}").expect("service");
+        let slices = [
+            slice("web", "shop", &[Some(true), Some(false), None]),
+            slice("web", "other", &[Some(true)]),
+            slice("db", "shop", &[Some(true)]),
+        ];
+        assert_eq!(ready_endpoints(&slices, &web), 2);
+    }
     use serde_json::json;
 
     fn service(value: serde_json::Value) -> Service {

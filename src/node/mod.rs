@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
@@ -84,9 +85,12 @@ pub struct ApiLink {
     pub network: Option<ApiNetwork>,
 }
 
-/// The cluster's NetworkPolicies and Namespaces, watched by the Kubernetes side.
+/// The cluster's Services, their EndpointSlices (but the node's own), NetworkPolicies
+/// and Namespaces, watched by the Kubernetes side.
 #[derive(Clone)]
 pub struct ApiNetwork {
+    pub services: Watched<Service>,
+    pub slices: Watched<EndpointSlice>,
     pub policies: Watched<NetworkPolicy>,
     pub namespaces: Watched<k8s_openapi::api::core::v1::Namespace>,
 }
@@ -106,6 +110,21 @@ impl ApiNetwork {
             .get(&kube::runtime::reflector::ObjectRef::new(namespace))
             .and_then(|ns| ns.metadata.labels.clone())
             .unwrap_or_else(|| standalone_namespace_labels(namespace))
+    }
+}
+
+impl route::ClusterServices for ApiNetwork {
+    fn serving(&self, to: std::net::SocketAddr) -> Option<Arc<Service>> {
+        self.services
+            .store
+            .state()
+            .into_iter()
+            .find(|s| crate::gateway::cluster::service_serves(s, to))
+    }
+
+    fn ready_in_cluster(&self, service: &Service) -> usize {
+        let slices = self.slices.store.state();
+        crate::gateway::endpoints::ready_endpoints(slices.iter().map(AsRef::as_ref), service)
     }
 }
 
@@ -451,6 +470,10 @@ impl Node {
         let routing = route::Routing {
             owner,
             services: &network.services,
+            cluster: network
+                .api
+                .as_ref()
+                .map(|api| api as &dyn route::ClusterServices),
             policies: route::Policies {
                 policies: network
                     .policies
