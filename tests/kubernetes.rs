@@ -1771,6 +1771,57 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     cluster.assert_node_requests_allowed();
 }
 
+/// Bad input at the gateway: a port of its range that something else holds is passed
+/// over, and when the range has no port left for a Service's port the Service says so
+/// in a warning event; what could be served is, and the port's holder keeps it.
+#[test]
+fn a_taken_gateway_port_is_passed_over_and_an_exhausted_range_is_said_on_the_service() {
+    // Two ports, the first held (TCP and UDP) by someone else.
+    let (held_tcp, first) = loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let first = listener.local_addr().expect("addr").port();
+        let second_free = first < u16::MAX
+            && std::net::TcpListener::bind(("127.0.0.1", first + 1)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", first + 1)).is_ok();
+        if second_free {
+            break (listener, first);
+        }
+    };
+    let held_udp = std::net::UdpSocket::bind(("127.0.0.1", first)).expect("bind UDP");
+    let range = format!("{first}-{}", first + 1);
+    let mut cluster =
+        Cluster::start(&["--node-ip", "127.0.0.1", "--gateway-ports", range.as_str()]);
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(WEB_BEHIND_A_SERVICE);
+    let warning = cluster
+        .mesh
+        .wait_for("the Service's warning", Duration::from_secs(40), || {
+            let events = cluster.get(&["events", "-n", "default"])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| {
+                    e["involvedObject"]["kind"] == "Service"
+                        && e["reason"] == "FailedToAllocateGatewayPort"
+                })
+                .cloned()
+        });
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(warning["involvedObject"]["name"], "web");
+    // The one free port serves one of the Service's ports; the held one is untouched.
+    let slices = wait_web_slice(&cluster, "the slice of what could be served", |s| {
+        s[0]["ports"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    let served = slices[0]["ports"][0]["port"].as_u64();
+    assert_eq!(served, Some(u64::from(first) + 1), "{slices:#}");
+    assert_eq!(held_tcp.local_addr().expect("addr").port(), first);
+    assert_eq!(held_udp.local_addr().expect("addr").port(), first);
+    let pod = cluster.get(&["pod", "web-1"]).expect("pod");
+    assert_eq!(pod["status"]["phase"], "Running", "the pod runs on");
+    cluster.assert_node_requests_allowed();
+}
+
 /// A mesh pod's connection to a cluster Service whose endpoints are mesh pods goes
 /// straight from its agent to theirs (here: one agent, so to its own pod at once), not
 /// into the cluster and back through the node's gateway.
