@@ -292,7 +292,13 @@ pub struct Node {
     signer: Keypair,
     mesh: MeshHandle,
     metrics: Metrics,
+    /// DNS queries waiting for the upstream resolver.
+    upstream_queries: Arc<tokio::sync::Semaphore>,
 }
+
+/// DNS queries asked of the upstream resolver at once, for all agents; more are
+/// dropped and counted (the pods' resolvers ask again).
+pub const MAX_UPSTREAM_DNS_QUERIES: usize = 512;
 
 impl Node {
     pub fn new(config: NodeConfig, signer: Keypair, mesh: MeshHandle, metrics: Metrics) -> Node {
@@ -301,6 +307,7 @@ impl Node {
             signer,
             mesh,
             metrics,
+            upstream_queries: Arc::new(tokio::sync::Semaphore::new(MAX_UPSTREAM_DNS_QUERIES)),
         }
     }
 
@@ -530,7 +537,15 @@ impl Node {
                 return;
             }
         };
+        let Ok(permit) = self.upstream_queries.clone().try_acquire_owned() else {
+            self.metrics.dropped("cluster_dns", "too_many");
+            let _ = reply.send(Response::Error {
+                message: "too many DNS queries in flight".into(),
+            });
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             let answer = crate::gateway::cluster::ask_dns(upstream, &query.query.0).await;
             let response = match answer {
                 Ok(answer) => Response::ClusterDns {
