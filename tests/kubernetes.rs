@@ -2157,6 +2157,19 @@ spec:
         None,
     );
     assert!(!ok, "a name the cluster does not know resolved: {answer}");
+    // A Service the test's DNS does not know: the node answers from the Services it
+    // watches, as the cluster's DNS would.
+    let (ok, answer) = cluster.kubectl(
+        &[
+            "exec",
+            "client",
+            "--",
+            "nslookup",
+            "kubernetes.default.svc.cluster.local",
+        ],
+        None,
+    );
+    assert!(ok && answer.contains("10.43.0.1"), "{answer}");
     // A port no Service serves is not relayed, though the address answers there.
     let (ok, answer) = wget(unserved);
     assert!(!ok, "relayed to a port no Service serves: {answer}");

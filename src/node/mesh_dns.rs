@@ -1,9 +1,10 @@
-//! Names of standalone Services, answered by the node for the DNS queries that agents
-//! relay: `<service>.<namespace>.svc.<domain>` is the Service's ClusterIP, as the
-//! cluster's DNS (CoreDNS' kubernetes plugin) answers it, with its 5 s TTL. Without a
-//! cluster the node is the authority of the whole domain (any other name in it does not
-//! exist); beside a cluster it answers only its Services' names and the cluster's DNS
-//! the rest. Names outside the domain go to the upstream resolver. Pure: no I/O.
+//! Names of Services, answered by the node for the DNS queries that agents relay:
+//! `<service>.<namespace>.svc.<domain>` is the Service's ClusterIP, as the cluster's
+//! DNS (CoreDNS' kubernetes plugin) answers it, with its 5 s TTL. Without a cluster the
+//! node is the authority of the whole domain (any other name in it does not exist);
+//! beside a cluster it answers the names of the Services it knows (standalone ones and
+//! the cluster's ClusterIP Services it watches) and the cluster's DNS the rest. Names
+//! outside the domain go to the upstream resolver. Pure: no I/O.
 
 use std::net::Ipv4Addr;
 

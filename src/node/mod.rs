@@ -103,6 +103,16 @@ impl ApiNetwork {
             .then(|| self.policies.store.state())
     }
 
+    /// The ClusterIP of the cluster's Service `name` in `namespace` (none for a
+    /// headless one).
+    pub fn cluster_ip_of(&self, namespace: &str, name: &str) -> Option<std::net::Ipv4Addr> {
+        let service = self
+            .services
+            .store
+            .get(&kube::runtime::reflector::ObjectRef::new(name).within(namespace))?;
+        service.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok()
+    }
+
     /// The labels of `namespace`; without its object, the one every namespace has.
     pub fn namespace_labels(&self, namespace: &str) -> Labels {
         self.namespaces
@@ -340,8 +350,6 @@ impl Node {
             policies: Vec::new(),
             api: api_network,
         };
-        // Without a cluster, the node is the authority of the cluster's domain.
-        let authoritative_dns = api_pods.is_none();
         if api_pods.is_some() {
             owner.set_synced(false);
         }
@@ -402,7 +410,7 @@ impl Node {
                         }
                         None => match request {
                             Request::ClusterDns(query) => {
-                                self.answer_dns(&owner, &network.services, authoritative_dns, peer, query, reply);
+                                self.answer_dns(&owner, &network, peer, query, reply);
                             }
                             Request::Route(dial) => {
                                 let _ = reply.send(self.route(&owner, &network, peer, &dial));
@@ -504,8 +512,7 @@ impl Node {
     fn answer_dns(
         &self,
         owner: &Owner,
-        services: &mesh_services::MeshServices,
-        authoritative: bool,
+        network: &Network,
         peer: PeerId,
         query: crate::wire::ClusterDnsQuery,
         reply: oneshot::Sender<Response>,
@@ -519,8 +526,15 @@ impl Node {
             return;
         };
         self.metrics.cluster_connection("dns");
+        // Without a cluster, the node is the authority of the cluster's domain.
+        let authoritative = network.api.is_none();
         let local = mesh_dns::answer(&query.query.0, domain, authoritative, |namespace, name| {
-            services.address_of(namespace, name)
+            network.services.address_of(namespace, name).or_else(|| {
+                network
+                    .api
+                    .as_ref()
+                    .and_then(|api| api.cluster_ip_of(namespace, name))
+            })
         });
         let upstream = match (local, self.config.cluster_dns) {
             (mesh_dns::Answer::Local(answer), _) => {
