@@ -839,16 +839,20 @@ async fn pods_of_one_subnet_share_the_network_made_for_it_and_a_namesake_elsewhe
         pod_with("subnet-b", on_subnet)
     );
     let mut ips = Vec::new();
+    let mut macs = Vec::new();
     for pod in [&first, &second] {
-        let ip = pod.runtime.pod_ip(&pod.id).await.expect("inspect");
-        let Some(std::net::IpAddr::V4(ip)) = ip else {
-            panic!("no IPv4 address: {ip:?}");
+        let address = pod.runtime.pod_address(&pod.id).await.expect("inspect");
+        let Some(std::net::IpAddr::V4(ip)) = address.map(|a| a.ip) else {
+            panic!("no IPv4 address: {address:?}");
         };
+        // Each pod's own hardware address, which the agent's redirects match.
+        macs.push(address.and_then(|a| a.mac).expect("a MAC address"));
         assert!(subnet.contains(&ip), "{ip} outside {subnet}");
         assert_ne!(ip, network.gateway, "the gateway address is the bridge's");
         ips.push(ip);
     }
     assert_ne!(ips[0], ips[1]);
+    assert_ne!(macs[0], macs[1]);
     // The host reaches the pods on the bridge (the agent dials them there).
     start(&first, &plan(&first, "web", &["httpd", "-f", "-p", "8080"])).await;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -29,8 +29,8 @@ use crate::runtime::dns::{self, ResolvConf};
 use crate::runtime::registry_auth;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{
-    labels, ContainerPlan, ContainerStatus, LogOptions, PodNetwork, Runtime, RuntimeError,
-    RuntimePod,
+    labels, ContainerPlan, ContainerStatus, LogOptions, PodAddress, PodNetwork, Runtime,
+    RuntimeError, RuntimePod,
 };
 use crate::wire::{
     AgentEvent, AgentEventReason, Epoch, PodRef, RegistryCredential, VolumeFile, MAX_REPORT_EVENTS,
@@ -663,12 +663,13 @@ impl Worker {
 
     async fn refresh_pod_ip(&mut self) {
         if let Some(id) = &self.pod_id {
-            if let Ok(Some(ip)) = self.ctx.runtime.pod_ip(id).await {
+            if let Ok(Some(address)) = self.ctx.runtime.pod_address(id).await {
+                let ip = address.ip;
                 self.pod_ip = Some(ip);
                 self.ctx
                     .addresses
                     .set(&self.pod_ref.uid, self.owner, self.epoch, ip);
-                self.admit_egress(ip).await;
+                self.admit_egress(address).await;
             }
         }
     }
@@ -676,8 +677,8 @@ impl Worker {
     /// Sends the pod's connections to its owner's cluster through the agent, before its
     /// containers start. Without that they still run: such connections fail, which the
     /// pod's events say.
-    async fn admit_egress(&mut self, ip: IpAddr) {
-        let (Some(subnet), IpAddr::V4(ip)) = (self.network.subnet, ip) else {
+    async fn admit_egress(&mut self, address: PodAddress) {
+        let (Some(subnet), IpAddr::V4(ip)) = (self.network.subnet, address.ip) else {
             return;
         };
         if !self.network.relays_cluster_traffic() {
@@ -688,6 +689,7 @@ impl Worker {
             owner: self.owner,
             epoch: self.epoch,
             ip,
+            mac: address.mac,
             subnet,
             ranges: self.network.cluster_ranges.clone(),
             dns: self.network.cluster_domain.is_some(),

@@ -293,6 +293,47 @@ pub type LogStream =
 
 pub use crate::wire::Streams;
 
+/// Where a pod is on its network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodAddress {
+    pub ip: IpAddr,
+    /// Its interface's hardware address, when the runtime says.
+    pub mac: Option<MacAddress>,
+}
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl std::str::FromStr for MacAddress {
+    type Err = String;
+
+    /// Six hex octets separated by colons, as `ip link` and Podman write them.
+    fn from_str(text: &str) -> Result<MacAddress, String> {
+        let mut octets = [0u8; 6];
+        let mut parts = text.split(':');
+        for octet in &mut octets {
+            let part = parts
+                .next()
+                .filter(|p| p.len() == 2)
+                .ok_or_else(|| format!("{text:?} is not a MAC address"))?;
+            *octet = u8::from_str_radix(part, 16)
+                .map_err(|_| format!("{text:?} is not a MAC address"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{text:?} is not a MAC address"));
+        }
+        Ok(MacAddress(octets))
+    }
+}
+
+impl std::fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
 /// Output of an interactive session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
@@ -372,8 +413,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Where a memory volume of a started pod is on the host, for bind mounts.
     async fn volume_dir(&self, volume: &str) -> Result<PathBuf, RuntimeError>;
 
+    /// The pod's addresses, once its network is up.
+    async fn pod_address(&self, pod_id: &str) -> Result<Option<PodAddress>, RuntimeError>;
+
     /// The pod's IP address, once its network is up.
-    async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError>;
+    async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError> {
+        Ok(self.pod_address(pod_id).await?.map(|a| a.ip))
+    }
 
     /// Makes sure `image` is present according to `policy`, pulling if needed: with
     /// each of `credentials` in turn until one succeeds (as the kubelet tries its
@@ -470,4 +516,26 @@ pub async fn stop_and_remove(
         }
     }
     runtime.remove_pod(&pod.id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses_are_six_hex_octets_and_nothing_else() {
+        let mac: MacAddress = "0A:58:0a:40:01:ff".parse().expect("mac");
+        assert_eq!(mac.to_string(), "0a:58:0a:40:01:ff");
+        for bad in [
+            "",
+            "0a:58:0a:40:01",
+            "0a:58:0a:40:01:ff:00",
+            "0a:58:0a:40:01:f",
+            "0a:58:0a:40:01:fg",
+            "0a-58-0a-40-01-ff",
+            "0a:58:0a:40:01:ff; drop",
+        ] {
+            assert!(bad.parse::<MacAddress>().is_err(), "{bad:?}");
+        }
+    }
 }

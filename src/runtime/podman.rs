@@ -24,9 +24,9 @@ use podman_api::Podman as Client;
 
 use super::{
     image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
-    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodNetwork, PodPlan, Protocol,
-    PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl, Streams,
-    TerminalSize, Usage,
+    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodAddress, PodNetwork, PodPlan,
+    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl,
+    Streams, TerminalSize, Usage,
 };
 use crate::wire::RegistryCredential;
 
@@ -665,7 +665,7 @@ impl Runtime for Podman {
             .map_err(classify)
     }
 
-    async fn pod_ip(&self, pod_id: &str) -> Result<Option<IpAddr>, RuntimeError> {
+    async fn pod_address(&self, pod_id: &str) -> Result<Option<PodAddress>, RuntimeError> {
         path_safe("pod", pod_id)?;
         let pod = self
             .client
@@ -687,14 +687,19 @@ impl Runtime for Podman {
         let Some(settings) = info.network_settings else {
             return Ok(None);
         };
-        let addresses = std::iter::once(settings.ip_address).chain(
+        let addresses = std::iter::once((settings.ip_address, settings.mac_address)).chain(
             settings
                 .networks
                 .unwrap_or_default()
                 .into_values()
-                .map(|n| n.ip_address),
+                .map(|n| (n.ip_address, n.mac_address)),
         );
-        Ok(addresses.flatten().find_map(|ip| ip.parse::<IpAddr>().ok()))
+        Ok(addresses.into_iter().find_map(|(ip, mac)| {
+            Some(PodAddress {
+                ip: ip?.parse::<IpAddr>().ok()?,
+                mac: mac.and_then(|m| m.parse().ok()),
+            })
+        }))
     }
 
     async fn image_user(&self, image: &str) -> Result<String, RuntimeError> {

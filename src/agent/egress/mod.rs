@@ -30,7 +30,7 @@ use super::direct::DirectEndpoints;
 use crate::kubelet::relay::{request_stream, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
-use crate::runtime::PodNetwork;
+use crate::runtime::{MacAddress, PodNetwork};
 use crate::wire::{
     ClusterDial, ClusterDnsQuery, Epoch, KubeletAnswer, PodRef, PodUid, Request, Response, Route,
     CLUSTER_PROTOCOL, DIRECT_PROTOCOL, MAX_DNS_MESSAGE,
@@ -62,6 +62,9 @@ pub struct EgressPod {
     pub owner: PeerId,
     pub epoch: Epoch,
     pub ip: Ipv4Addr,
+    /// The pod's hardware address: its redirects match it too, so that a rule left by
+    /// an agent that died never takes the traffic of another pod given the same IP.
+    pub mac: Option<MacAddress>,
     pub subnet: Ipv4Net,
     pub ranges: Vec<Ipv4Net>,
     /// Its DNS queries go to its owner.
@@ -179,6 +182,7 @@ impl Egress {
                 let relays = state.relays.get(&pod.subnet)?;
                 Some(nft::Redirect {
                     pod_ip: pod.ip,
+                    pod_mac: pod.mac,
                     ranges: pod.ranges.clone(),
                     proxy: relays.proxy,
                     dns: pod.dns.then_some(relays.dns),

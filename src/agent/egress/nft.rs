@@ -8,11 +8,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
 
+use crate::runtime::MacAddress;
+
 /// One pod's redirects: its TCP connections to `ranges` go to `proxy`, and with `dns`
 /// its DNS queries to the gateway (its nameserver) go to that relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub pod_ip: Ipv4Addr,
+    /// Matched too where known: an IP is reused, a MAC is not.
+    pub pod_mac: Option<MacAddress>,
     pub ranges: Vec<Ipv4Net>,
     pub proxy: SocketAddrV4,
     pub dns: Option<SocketAddrV4>,
@@ -44,12 +48,15 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
     // first NAT of a connection is the one that holds.
     script.push_str("  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n");
     for redirect in redirects {
+        let source = match redirect.pod_mac {
+            Some(mac) => format!("ether saddr {mac} ip saddr {}", redirect.pod_ip),
+            None => format!("ip saddr {}", redirect.pod_ip),
+        };
         if !redirect.ranges.is_empty() {
             let ranges: Vec<String> = redirect.ranges.iter().map(ToString::to_string).collect();
             let _ = writeln!(
                 script,
-                "    ip saddr {} ip daddr {{ {} }} meta l4proto tcp dnat to {}",
-                redirect.pod_ip,
+                "    {source} ip daddr {{ {} }} meta l4proto tcp dnat to {}",
                 ranges.join(", "),
                 redirect.proxy
             );
@@ -57,8 +64,7 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
         if let Some(dns) = redirect.dns {
             let _ = writeln!(
                 script,
-                "    ip saddr {} ip daddr {} udp dport 53 dnat to {dns}",
-                redirect.pod_ip,
+                "    {source} ip daddr {} udp dport 53 dnat to {dns}",
                 dns.ip(),
             );
         }
@@ -88,6 +94,7 @@ mod tests {
     fn each_pod_is_redirected_to_its_networks_proxy() {
         let redirect = |ip: &str, proxy: &str| Redirect {
             pod_ip: ip.parse().expect("ip"),
+            pod_mac: None,
             ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
             proxy: proxy.parse().expect("addr"),
             dns: None,
@@ -98,13 +105,14 @@ mod tests {
                 redirect("10.64.0.5", "10.64.0.1:40001"),
                 Redirect {
                     dns: Some("10.64.1.1:40003".parse().expect("addr")),
+                    pod_mac: Some("0a:58:0A:40:01:09".parse().expect("mac")),
                     ..redirect("10.64.1.9", "10.64.1.1:40002")
                 },
             ],
         );
         assert_eq!(
             script,
-            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n  }\n}\n"
+            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n  }\n}\n"
         );
         assert_eq!(
             delete_table("beemesh_x"),
