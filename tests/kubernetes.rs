@@ -2127,7 +2127,9 @@ spec:
     // Names: the pod (ClusterFirst, the API server's default) resolves through its
     // agent and the node with the cluster's search paths.
     // Retried: under the whole suite's load a query now and then never reached the
-    // agent's relay (cause not found yet; the resolver gives up on the name then).
+    // agent's relay, likely taken by a rule of an agent another test killed for a pod
+    // that had this IP before (redirects now match the pod's MAC too; kept until a
+    // whole-suite run shows it gone).
     let answer = cluster.mesh.wait_for(
         "a name resolved through the node",
         Duration::from_secs(60),
