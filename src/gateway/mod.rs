@@ -47,9 +47,10 @@ pub struct Relay {
     pub policy: Option<PolicyCheck>,
 }
 
-/// NetworkPolicy ingress for the cluster's connections to mesh pods: the gateway knows
-/// a client only by its address, so only ipBlock peers (and rules open to all) can
-/// allow it.
+/// NetworkPolicy where the cluster and mesh pods meet at the node: the gateway knows a
+/// cluster client only by its address, so only ipBlock peers (and rules open to all)
+/// admit it; a mesh pod's connection into the cluster goes to some pod behind a
+/// ClusterIP, which only egress rules open to all allow.
 #[derive(Clone)]
 pub struct PolicyCheck {
     pub network: ApiNetwork,

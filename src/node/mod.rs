@@ -80,8 +80,8 @@ pub struct ApiLink {
     pub sink: Box<dyn StatusSink>,
     /// The live agents, for the Node object's capacity and conditions.
     pub agents: watch::Sender<AgentsSummary>,
-    /// The cluster's NetworkPolicies, which the node's routes obey (None: a source of
-    /// pods that has none, as the scale harness' simulated API).
+    /// The cluster's Services and NetworkPolicies, which the node's routes follow
+    /// (None: a source of pods that has none, as the scale harness' simulated API).
     pub network: Option<ApiNetwork>,
 }
 
@@ -138,8 +138,8 @@ impl route::ClusterServices for ApiNetwork {
     }
 }
 
-/// What the node's routes are decided from: the manifests' Services and
-/// NetworkPolicies and, with an API, the cluster's NetworkPolicies.
+/// What the node's routes and DNS answers are decided from: the manifests' Services and
+/// NetworkPolicies and, with an API, the cluster's.
 struct Network {
     services: mesh_services::MeshServices,
     policies: Vec<NetworkPolicy>,

@@ -93,7 +93,10 @@ pub fn route(
     ) {
         Ok(Some(grant)) => Response::Route(Route::Direct(Box::new(grant))),
         // The node's own check (and the cluster's policies) decide what is relayed.
-        Ok(None) | Err(_) => Response::Route(Route::Owner),
+        Ok(None) => Response::Route(Route::Owner),
+        // Every mesh pod denied: the cluster's endpoints remain, if it has any.
+        Err(_) if elsewhere > 0 => Response::Route(Route::Owner),
+        Err(reason) => declined(reason),
     }
 }
 

@@ -8,9 +8,9 @@
 //! `runtime::dns::ClusterDns`) reach a relay of this agent, which asks the owner to ask
 //! the cluster's DNS.
 //!
-//! Before relaying, the agent asks the owner for the connection's route: a standalone
-//! Service's endpoint is connected to straight through its own agent
-//! ([`super::direct`]), only the cluster's addresses go through the owner.
+//! Before relaying, the agent asks the owner for the connection's route: a Service
+//! endpoint that is a mesh pod is connected to straight through its own agent
+//! ([`super::direct`]); the rest of the cluster's addresses go through the owner.
 
 pub mod nft;
 
