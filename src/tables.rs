@@ -76,6 +76,24 @@ pub fn render_status(view: &MeshView, now: i64) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if !view.services.is_empty() {
+        let mut rows = vec![
+            ["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORT(S)", "ENDPOINTS"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for s in &view.services {
+            rows.push(vec![
+                s.namespace.clone(),
+                s.name.clone(),
+                s.cluster_ip.clone(),
+                s.ports.join(","),
+                s.ready_endpoints.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     out
 }
 
@@ -183,6 +201,7 @@ mod tests {
     use super::*;
     use crate::wire::{
         AgentSummary, Epoch, PeerRef, PodRef, PodSummary, PodUid, ReadyCount, Resources,
+        ServiceSummary,
     };
     use libp2p::PeerId;
 
@@ -247,6 +266,13 @@ mod tests {
                     )
                 },
             ],
+            services: vec![ServiceSummary {
+                namespace: "web".into(),
+                name: "front".into(),
+                cluster_ip: "10.80.3.4".into(),
+                ports: vec!["80/TCP".into(), "443/TCP".into()],
+                ready_endpoints: 2,
+            }],
         }
     }
 
@@ -305,6 +331,18 @@ mod tests {
         for (column, value) in [("STATUS", "CrashLoopBackOff"), ("MESH IP", "10.88.0.7")] {
             assert_eq!(cell(crasher, column), value);
         }
+        // Then the Services, as kubectl get services shows them, with their endpoints.
+        let services = lines
+            .iter()
+            .position(|l| l.starts_with("NAMESPACE") && l.contains("CLUSTER-IP"))
+            .expect("services");
+        assert!(
+            lines[services].ends_with("ENDPOINTS"),
+            "{}",
+            lines[services]
+        );
+        let front: Vec<&str> = lines[services + 1].split_whitespace().collect();
+        assert_eq!(front, ["web", "front", "10.80.3.4", "80/TCP,443/TCP", "2"]);
     }
 
     #[test]

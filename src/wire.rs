@@ -776,6 +776,22 @@ pub struct ReadyCount {
 pub struct MeshView {
     pub agents: Vec<AgentSummary>,
     pub pods: Vec<PodSummary>,
+    /// The owner's standalone Services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSummary>,
+}
+
+/// A standalone Service as a mesh view shows it (`kubectl get services` and its
+/// endpoints).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: String,
+    /// `80/TCP`, as kubectl shows them.
+    pub ports: Vec<String>,
+    /// The ready pods it sends to.
+    pub ready_endpoints: u32,
 }
 
 /// How a [`Response::Declined`] reason from an agent's admission policy starts.
@@ -1170,6 +1186,13 @@ mod tests {
                     reason: Some("Unschedulable".into()),
                     message: Some("0/0 agents fit".into()),
                     ..PodSummary::new(pod_ref(), None, Epoch(0), "Pending".into())
+                }],
+                services: vec![ServiceSummary {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    cluster_ip: "10.80.0.1".into(),
+                    ports: vec!["80/TCP".into()],
+                    ready_endpoints: 1,
                 }],
             })),
             Response::Error {

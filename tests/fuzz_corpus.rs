@@ -350,6 +350,13 @@ mod seeds {
                         Epoch(2),
                         "Running".into(),
                     )],
+                    services: vec![ServiceSummary {
+                        namespace: "shop".into(),
+                        name: "web".into(),
+                        cluster_ip: "10.80.0.10".into(),
+                        ports: vec!["80/TCP".into()],
+                        ready_endpoints: 2,
+                    }],
                 })),
             ),
             (

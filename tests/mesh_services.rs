@@ -174,9 +174,21 @@ fn a_standalone_service_reaches_ready_pods_on_two_agents_by_name_and_follows_a_m
         20,
         "every fetch answered: {seen:?}"
     );
+    // `beemesh status` lists the Services with their ready endpoints.
+    let status = mesh.status().expect("status");
+    let web = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .cloned()
+        .unwrap_or_else(|| panic!("web in {status:#}"));
+    assert_eq!(web["ready_endpoints"], 2, "{web}");
+    assert_eq!(web["ports"], serde_json::json!(["80/TCP"]), "{web}");
     let (resolved, lookup) = in_client("nslookup web.default.svc.cluster.local");
     eprintln!("{lookup}");
-    assert!(resolved && lookup.contains("10.80."), "{lookup}");
+    assert!(
+        resolved && lookup.contains(web["cluster_ip"].as_str().expect("ip")),
+        "{lookup}"
+    );
     let (found, unknown) = in_client("nslookup nosuch.default.svc.cluster.local");
     eprintln!("{unknown}");
     assert!(

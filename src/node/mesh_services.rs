@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use super::manifests::{Manifest, ManifestError};
 use crate::gateway::cluster::service_serves;
+use crate::gateway::endpoints;
+use crate::wire::ServiceSummary;
 
 /// Where standalone Services get their ClusterIPs: apart from the default mesh pod
 /// CIDR (10.64.0.0/12), k3s' and kubeadm's ranges and Podman's default network.
@@ -103,6 +105,37 @@ impl MeshServices {
 
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.by_name.values()
+    }
+
+    /// The Services for a mesh view, with how many ready pods of `pods_in(namespace)`
+    /// each sends to.
+    pub fn summaries(&self, pods_in: impl Fn(&str) -> Vec<Pod>) -> Vec<ServiceSummary> {
+        self.by_name
+            .iter()
+            .map(|((namespace, name), service)| {
+                let pods = pods_in(namespace);
+                let refs: Vec<&Pod> = pods.iter().collect();
+                let plan = endpoints::plan(&[service], &refs);
+                let uid = service.metadata.uid.as_deref().unwrap_or_default();
+                let ports = service.spec.iter().flat_map(|s| s.ports.iter().flatten());
+                let ready: BTreeSet<&str> = ports
+                    .clone()
+                    .flat_map(|port| plan.ready_behind(uid, port.port))
+                    .map(|(_, target)| target.uid.as_str())
+                    .collect();
+                ServiceSummary {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    cluster_ip: cluster_ip(service)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default(),
+                    ports: ports
+                        .map(|p| format!("{}/{}", p.port, p.protocol.as_deref().unwrap_or("TCP")))
+                        .collect(),
+                    ready_endpoints: u32::try_from(ready.len()).unwrap_or(u32::MAX),
+                }
+            })
+            .collect()
     }
 
     /// The Service that serves TCP on `to`.

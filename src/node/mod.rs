@@ -415,6 +415,11 @@ impl Node {
                             Request::Route(dial) => {
                                 let _ = reply.send(self.route(&owner, &network, peer, &dial));
                             }
+                            Request::Query => {
+                                let mut view = owner.view();
+                                view.services = network.services.summaries(|ns| owner.pods_in(ns));
+                                let _ = reply.send(Response::View(Box::new(view)));
+                            }
                             request => {
                                 let _ = reply.send(owner.on_request(peer, request));
                             }
