@@ -75,6 +75,8 @@ pub struct EgressPod {
 #[derive(Clone)]
 pub struct Egress {
     state: Arc<Mutex<State>>,
+    /// The table as last written; held while `nft` runs, one at a time.
+    written: Arc<Mutex<Written>>,
     sources: Arc<RwLock<HashMap<Ipv4Addr, EgressPod>>>,
     mesh: MeshHandle,
     metrics: Metrics,
@@ -90,6 +92,14 @@ struct State {
     pods: HashMap<PodUid, EgressPod>,
     /// The relays of each pod network, on its gateway address.
     relays: HashMap<Ipv4Net, Relays>,
+    /// Counts the changes to `pods`.
+    generation: u64,
+}
+
+/// Which generation of the state the table was last written from, and how that went.
+struct Written {
+    generation: u64,
+    outcome: Result<(), String>,
 }
 
 #[derive(Clone, Copy)]
@@ -108,6 +118,10 @@ impl Egress {
     ) -> Egress {
         Egress {
             state: Arc::default(),
+            written: Arc::new(Mutex::new(Written {
+                generation: 0,
+                outcome: Ok(()),
+            })),
             sources: Arc::default(),
             table: nft::table_name(&mesh.local_peer_id().to_string()),
             mesh,
@@ -127,30 +141,39 @@ impl Egress {
     /// Redirects the pod copy's connections to its owner's cluster ranges, in place of
     /// an older copy's.
     pub async fn admit(&self, pod: EgressPod) -> Result<(), EgressError> {
-        let mut state = self.state.lock().await;
-        if state.pods.get(&pod.pod.uid) == Some(&pod) {
-            return Ok(());
-        }
-        if let std::collections::hash_map::Entry::Vacant(entry) = state.relays.entry(pod.subnet) {
-            entry.insert(self.listen(pod.subnet)?);
-        }
-        self.write_source(|sources| {
-            sources.retain(|_, known| known.pod.uid != pod.pod.uid);
-            sources.insert(pod.ip, pod.clone());
-        });
-        state.pods.insert(pod.pod.uid.clone(), pod);
-        self.apply(&state).await
+        let generation = {
+            let mut state = self.state.lock().await;
+            if state.pods.get(&pod.pod.uid) == Some(&pod) {
+                return Ok(());
+            }
+            if let std::collections::hash_map::Entry::Vacant(entry) = state.relays.entry(pod.subnet)
+            {
+                entry.insert(self.listen(pod.subnet)?);
+            }
+            self.write_source(|sources| {
+                sources.retain(|_, known| known.pod.uid != pod.pod.uid);
+                sources.insert(pod.ip, pod.clone());
+            });
+            state.pods.insert(pod.pod.uid.clone(), pod);
+            state.generation += 1;
+            state.generation
+        };
+        self.write_table(generation).await
     }
 
     /// Ends the redirect of copy `epoch` of the pod (not a newer copy's).
     pub async fn remove(&self, uid: &PodUid, epoch: Epoch) {
-        let mut state = self.state.lock().await;
-        if state.pods.get(uid).is_none_or(|p| p.epoch != epoch) {
-            return;
-        }
-        state.pods.remove(uid);
-        self.write_source(|sources| sources.retain(|_, known| known.pod.uid != *uid));
-        if let Err(e) = self.apply(&state).await {
+        let generation = {
+            let mut state = self.state.lock().await;
+            if state.pods.get(uid).is_none_or(|p| p.epoch != epoch) {
+                return;
+            }
+            state.pods.remove(uid);
+            self.write_source(|sources| sources.retain(|_, known| known.pod.uid != *uid));
+            state.generation += 1;
+            state.generation
+        };
+        if let Err(e) = self.write_table(generation).await {
             tracing::warn!(%uid, error = %e, "cannot remove the pod's cluster redirect");
         }
     }
@@ -158,7 +181,7 @@ impl Egress {
     /// Removes the agent's table: at start, what a crashed run left (the pods adopted
     /// are admitted again).
     pub async fn clear(&self) -> Result<(), EgressError> {
-        let _state = self.state.lock().await;
+        let _written = self.written.lock().await;
         run_nft(&nft::delete_table(&self.table)).await
     }
 
@@ -174,7 +197,25 @@ impl Egress {
         change(&mut self.sources.write().unwrap_or_else(|p| p.into_inner()));
     }
 
-    async fn apply(&self, state: &State) -> Result<(), EgressError> {
+    /// Writes the table as the state is now, unless a write from `generation` or later
+    /// already did: one `nft` at a time, and the changes that queue up meanwhile go in
+    /// the next write together (a burst of pods costs a few writes, not one each).
+    async fn write_table(&self, generation: u64) -> Result<(), EgressError> {
+        let mut written = self.written.lock().await;
+        if written.generation >= generation {
+            return written.outcome.clone().map_err(EgressError::Rules);
+        }
+        let (script, now) = {
+            let state = self.state.lock().await;
+            (self.script(&state), state.generation)
+        };
+        let outcome = run_nft(&script).await;
+        written.generation = now;
+        written.outcome = outcome.as_ref().map(|_| ()).map_err(ToString::to_string);
+        outcome
+    }
+
+    fn script(&self, state: &State) -> String {
         let redirects: Vec<nft::Redirect> = state
             .pods
             .values()
@@ -189,7 +230,7 @@ impl Egress {
                 })
             })
             .collect();
-        run_nft(&nft::replace_table(&self.table, &redirects)).await
+        nft::replace_table(&self.table, &redirects)
     }
 
     /// The relays on the network's gateway address, which exists once the runtime has
