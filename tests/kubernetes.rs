@@ -128,6 +128,22 @@ impl Cluster {
         assert!(ok, "kubectl apply: {out}");
     }
 
+    /// The first event in `default` about a `kind` with `reason`, once there is one.
+    fn wait_event(&self, kind: &str, reason: &str) -> Value {
+        self.mesh.wait_for(
+            &format!("a {reason} event on a {kind}"),
+            Duration::from_secs(40),
+            || {
+                let events = self.get(&["events", "-n", "default"])?;
+                events["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["involvedObject"]["kind"] == kind && e["reason"] == reason)
+                    .cloned()
+            },
+        )
+    }
+
     fn wait_running(&self, pod: &str) -> Value {
         self.mesh.wait_for(
             &format!("pod {pod} Running"),
@@ -1727,18 +1743,7 @@ fn a_service_reaches_its_mesh_pod_through_the_nodes_endpoint_slice() {
     assert_eq!(echoed, b"echo:ping");
 
     // SCTP is not served, and the Service says so.
-    let warning = cluster
-        .mesh
-        .wait_for("the Service's warning", Duration::from_secs(10), || {
-            let events = cluster.get(&["events", "-n", "default"])?;
-            events["items"]
-                .as_array()?
-                .iter()
-                .find(|e| {
-                    e["involvedObject"]["kind"] == "Service" && e["reason"] == "UnsupportedProtocol"
-                })
-                .cloned()
-        });
+    let warning = cluster.wait_event("Service", "UnsupportedProtocol");
     assert_eq!(warning["type"], "Warning");
     assert_eq!(warning["involvedObject"]["name"], "web");
     assert_eq!(
@@ -1794,19 +1799,7 @@ fn a_taken_gateway_port_is_passed_over_and_an_exhausted_range_is_said_on_the_ser
     cluster.mesh.start_agent(&[]);
     cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
     cluster.apply(WEB_BEHIND_A_SERVICE);
-    let warning = cluster
-        .mesh
-        .wait_for("the Service's warning", Duration::from_secs(40), || {
-            let events = cluster.get(&["events", "-n", "default"])?;
-            events["items"]
-                .as_array()?
-                .iter()
-                .find(|e| {
-                    e["involvedObject"]["kind"] == "Service"
-                        && e["reason"] == "FailedToAllocateGatewayPort"
-                })
-                .cloned()
-        });
+    let warning = cluster.wait_event("Service", "FailedToAllocateGatewayPort");
     assert_eq!(warning["type"], "Warning");
     assert_eq!(warning["involvedObject"]["name"], "web");
     // The one free port serves one of the Service's ports; the held one is untouched.
@@ -1817,8 +1810,8 @@ fn a_taken_gateway_port_is_passed_over_and_an_exhausted_range_is_said_on_the_ser
     assert_eq!(served, Some(u64::from(first) + 1), "{slices:#}");
     assert_eq!(held_tcp.local_addr().expect("addr").port(), first);
     assert_eq!(held_udp.local_addr().expect("addr").port(), first);
-    let pod = cluster.get(&["pod", "web-1"]).expect("pod");
-    assert_eq!(pod["status"]["phase"], "Running", "the pod runs on");
+    // The pod runs all the same (the event may come before it has started).
+    cluster.wait_running("web-1");
     cluster.assert_node_requests_allowed();
 }
 
@@ -1903,19 +1896,7 @@ spec:
         .wait_for("the gateway refuses", Duration::from_secs(20), || {
             (!reached()).then_some(())
         });
-    let warning = cluster
-        .mesh
-        .wait_for("the policy's warning", Duration::from_secs(20), || {
-            let events = cluster.get(&["events", "-n", "default"])?;
-            events["items"]
-                .as_array()?
-                .iter()
-                .find(|e| {
-                    e["involvedObject"]["kind"] == "NetworkPolicy"
-                        && e["reason"] == "PolicyNotEnforceable"
-                })
-                .cloned()
-        });
+    let warning = cluster.wait_event("NetworkPolicy", "PolicyNotEnforceable");
     assert_eq!(warning["type"], "Warning");
     assert_eq!(warning["involvedObject"]["name"], "web-from-frontend");
     assert!(
