@@ -1825,30 +1825,17 @@ fn a_mesh_pod_reaches_a_service_of_mesh_pods_without_the_node() {
     cluster.mesh.start_agent(&["--metrics-addr", &metrics]);
     cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
     cluster.apply(WEB_BEHIND_A_SERVICE);
-    cluster.apply(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: caller, namespace: default}
-spec:
-  nodeSelector: {type: virtual-kubelet}
-  tolerations: [{key: virtual-kubelet.io/provider, operator: Exists}]
-  terminationGracePeriodSeconds: 1
-  automountServiceAccountToken: false
-  containers:
-  - {name: c, image: localhost/busybox:1.35, command: [sleep, "3600"]}
-"#,
-    );
+    cluster.apply(SLEEPER);
     let ready = |slices: &Value| slices[0]["endpoints"][0]["conditions"]["ready"] == true;
     wait_web_slice(&cluster, "a ready endpoint", ready);
-    cluster.wait_running("caller");
+    cluster.wait_running("sleeper");
     let service = cluster.get(&["service", "web"]).expect("the Service");
     let cluster_ip = service["spec"]["clusterIP"].as_str().expect("a ClusterIP");
     let url = format!("http://{cluster_ip}/");
     let answer = cluster
         .mesh
         .wait_for("the Service answers", Duration::from_secs(30), || {
-            let (ok, out) = cluster.kubectl(&["exec", "caller", "--", "wget", "-qO-", &url], None);
+            let (ok, out) = cluster.kubectl(&["exec", "sleeper", "--", "wget", "-qO-", &url], None);
             (ok && out.contains("hello-service")).then_some(out)
         });
     assert!(answer.contains("hello-service"), "{answer}");

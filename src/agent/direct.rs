@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::addresses::PodAddresses;
 use super::kubelet::reach_pod;
 use crate::audit::{self, Outcome};
-use crate::kubelet::relay::{read_header, splice, write_header};
+use crate::kubelet::relay::{answer_and_splice, read_header};
 use crate::mesh::{MeshError, MeshHandle};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -109,33 +109,22 @@ impl DirectEndpoints {
             .await
             .map_err(|_| "no grant in time".to_owned())?
             .map_err(|e| e.to_string())?;
-        let mut pod = match self.connect(&grant, peer).await {
-            Ok(pod) => pod,
-            Err(answer) => {
-                let reason = match &answer {
-                    KubeletAnswer::Failed { message, .. } => message.clone(),
-                    KubeletAnswer::Ok => String::new(),
-                };
-                self.metrics.dropped("direct_stream", "refused");
-                audit::record(
-                    &self.metrics,
-                    "direct_stream",
-                    Outcome::Refused,
-                    &peer,
-                    Some(&grant.pod),
-                    &reason,
-                );
-                let _ = write_header(&mut io, &answer).await;
-                return Err(reason);
-            }
-        };
-        write_header(&mut io, &KubeletAnswer::Ok)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = pod.set_nodelay(true);
-        splice(&mut pod, &mut io)
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let connected = self.connect(&grant, peer).await;
+        if let Err(refusal) = &connected {
+            let reason = match refusal {
+                KubeletAnswer::Failed { message, .. } => message.as_str(),
+                KubeletAnswer::Ok => "",
+            };
+            self.metrics.dropped("direct_stream", "refused");
+            audit::record(
+                &self.metrics,
+                "direct_stream",
+                Outcome::Refused,
+                &peer,
+                Some(&grant.pod),
+                &reason,
+            );
+        }
+        answer_and_splice(&mut io, connected).await
     }
 }

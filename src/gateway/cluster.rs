@@ -19,7 +19,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Relay;
-use crate::kubelet::relay::{read_header, splice, write_header};
+use crate::kubelet::relay::{answer_and_splice, read_header};
 use crate::wire::{ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE};
 
 /// How long the node tries to connect inside the cluster.
@@ -130,25 +130,8 @@ async fn connect(
             }),
         Err(refusal) => Err(refusal),
     };
-    let mut upstream = match upstream {
-        Ok(upstream) => upstream,
-        Err((code, message)) => {
-            let answer = KubeletAnswer::Failed {
-                code,
-                message: message.clone(),
-            };
-            let _ = write_header(&mut io, &answer).await;
-            return Err(message);
-        }
-    };
-    write_header(&mut io, &KubeletAnswer::Ok)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = upstream.set_nodelay(true);
-    splice(&mut upstream, &mut io)
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
+    let upstream = upstream.map_err(|(code, message)| KubeletAnswer::Failed { code, message });
+    answer_and_splice(&mut io, upstream).await
 }
 
 /// The pod is this node's and placed on `agent`, and a Service serves `dial.to`.

@@ -68,6 +68,36 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
 }
 
+/// The serving end of a stream that carries one TCP connection: the answer header
+/// for `connected` (its refusal, whose message is the Err, or Ok), then the bytes both
+/// ways until both sides are done.
+pub async fn answer_and_splice<S>(
+    io: &mut S,
+    connected: Result<tokio::net::TcpStream, KubeletAnswer>,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut tcp = match connected {
+        Ok(tcp) => tcp,
+        Err(refusal) => {
+            let _ = write_header(io, &refusal).await;
+            return Err(match refusal {
+                KubeletAnswer::Failed { message, .. } => message,
+                KubeletAnswer::Ok => String::new(),
+            });
+        }
+    };
+    write_header(io, &KubeletAnswer::Ok)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    splice(&mut tcp, io)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// The largest UDP payload (over IPv4).
 pub const MAX_DATAGRAM: usize = 65_507;
 

@@ -152,17 +152,29 @@ impl MeshServices {
 
     /// The address derived from the Service's name, or the next free one after it.
     fn free_address(&self, key: &Key, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-        let hosts: Vec<Ipv4Addr> = self.range.hosts().collect();
-        if hosts.is_empty() {
+        let (first, count) = hosts(self.range);
+        if count == 0 {
             return None;
         }
         let digest = Sha256::digest(format!("{}/{}", key.0, key.1).as_bytes());
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&digest[..8]);
-        let start = (u64::from_be_bytes(seed) % hosts.len() as u64) as usize;
-        (0..hosts.len())
-            .map(|i| hosts[(start + i) % hosts.len()])
+        let start = u64::from_be_bytes(seed) % count;
+        (0..count)
+            .map(|i| Ipv4Addr::from(first + ((start + i) % count) as u32))
             .find(|ip| !taken.contains(ip))
+    }
+}
+
+/// The range's host addresses (as `Ipv4Net::hosts`: without the network and broadcast
+/// addresses, but for /31 and /32): the first, and how many, without listing them.
+fn hosts(range: Ipv4Net) -> (u32, u64) {
+    let size = 1u64 << (32 - u32::from(range.prefix_len()));
+    let network = u32::from(range.network());
+    if range.prefix_len() >= 31 {
+        (network, size)
+    } else {
+        (network + 1, size - 2)
     }
 }
 
@@ -240,7 +252,8 @@ fn check(service: &Service, range: Ipv4Net) -> Result<Option<Ipv4Addr>, String> 
             let ip: Ipv4Addr = text
                 .parse()
                 .map_err(|_| format!("service {name}: spec.clusterIP {text:?} is not an IPv4 address"))?;
-            if !range.hosts().any(|h| h == ip) {
+            let (first, count) = hosts(range);
+            if !(u64::from(first)..u64::from(first) + count).contains(&u64::from(u32::from(ip))) {
                 return Err(format!(
                     "service {name}: spec.clusterIP {ip} is not an address of the mesh service range {range} (--mesh-service-cidr)"
                 ));

@@ -7,7 +7,7 @@
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 
-use super::statement::{length_prefixed, public_key_of};
+use super::statement::{length_prefixed, sign_hex, signed_by};
 use crate::wire::{PeerRef, PodUid, SignedDial};
 
 /// Separates these signatures from any other use of the identity key.
@@ -56,10 +56,7 @@ fn signed_bytes(owner: &PeerId, d: &Dial) -> Vec<u8> {
 /// Signs a grant with the owner's identity key.
 pub fn sign(keypair: &Keypair, dial: Dial) -> SignedDial {
     let owner = keypair.public().to_peer_id();
-    // Ed25519 signing cannot fail; an empty signature would only fail verification.
-    let signature = keypair
-        .sign(&signed_bytes(&owner, &dial))
-        .unwrap_or_default();
+    let signature = sign_hex(keypair, &signed_bytes(&owner, &dial));
     SignedDial {
         owner: PeerRef(owner),
         from: PeerRef(dial.from),
@@ -67,7 +64,7 @@ pub fn sign(keypair: &Keypair, dial: Dial) -> SignedDial {
         pod: dial.pod,
         port: dial.port,
         expires_at: dial.expires_at,
-        signature: hex::encode(signature),
+        signature,
     }
 }
 
@@ -88,8 +85,6 @@ pub fn verify(
     if grant.to.0 != *me {
         return Err(DialError::WrongAgent { named: grant.to.0 });
     }
-    let key = public_key_of(&grant.owner.0).ok_or(DialError::BadSignature)?;
-    let signature = hex::decode(&grant.signature).map_err(|_| DialError::BadSignature)?;
     let dial = Dial {
         from: grant.from.0,
         to: grant.to.0,
@@ -97,7 +92,11 @@ pub fn verify(
         port: grant.port,
         expires_at: grant.expires_at,
     };
-    if !key.verify(&signed_bytes(&grant.owner.0, &dial), &signature) {
+    if !signed_by(
+        &grant.owner.0,
+        &signed_bytes(&grant.owner.0, &dial),
+        &grant.signature,
+    ) {
         return Err(DialError::BadSignature);
     }
     if grant.expires_at < now_unix {

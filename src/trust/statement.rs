@@ -90,13 +90,24 @@ pub(crate) fn length_prefixed(domain: &[u8], fields: impl IntoIterator<Item = Ve
     out
 }
 
+/// `bytes` signed with the identity key, in hex.
+pub(crate) fn sign_hex(keypair: &Keypair, bytes: &[u8]) -> String {
+    // Ed25519 signing cannot fail; an empty signature would only fail verification.
+    hex::encode(keypair.sign(bytes).unwrap_or_default())
+}
+
+/// Whether `signature` (hex) is `signer`'s over `bytes`.
+pub(crate) fn signed_by(signer: &PeerId, bytes: &[u8], signature: &str) -> bool {
+    let (Some(key), Ok(signature)) = (public_key_of(signer), hex::decode(signature)) else {
+        return false;
+    };
+    key.verify(bytes, &signature)
+}
+
 /// Signs an assignment with the owner's identity key.
 pub fn sign(keypair: &Keypair, assignment: Assignment) -> SignedAssignment {
     let owner = keypair.public().to_peer_id();
-    // Ed25519 signing cannot fail; an empty signature would only fail verification.
-    let signature = keypair
-        .sign(&signed_bytes(&owner, &assignment))
-        .unwrap_or_default();
+    let signature = sign_hex(keypair, &signed_bytes(&owner, &assignment));
     SignedAssignment {
         owner: PeerRef(owner),
         agent: PeerRef(assignment.agent),
@@ -104,7 +115,7 @@ pub fn sign(keypair: &Keypair, assignment: Assignment) -> SignedAssignment {
         epoch: assignment.epoch,
         spec_digest: assignment.spec_digest,
         expires_at: assignment.expires_at,
-        signature: hex::encode(signature),
+        signature,
     }
 }
 
@@ -130,8 +141,6 @@ pub fn verify_signature(
             signer: statement.owner.0,
         });
     }
-    let key = public_key_of(owner).ok_or(StatementError::BadSignature)?;
-    let signature = hex::decode(&statement.signature).map_err(|_| StatementError::BadSignature)?;
     let assignment = Assignment {
         agent: statement.agent.0,
         pod: statement.pod.clone(),
@@ -139,7 +148,11 @@ pub fn verify_signature(
         spec_digest: statement.spec_digest.clone(),
         expires_at: statement.expires_at,
     };
-    if key.verify(&signed_bytes(owner, &assignment), &signature) {
+    if signed_by(
+        owner,
+        &signed_bytes(owner, &assignment),
+        &statement.signature,
+    ) {
         Ok(())
     } else {
         Err(StatementError::BadSignature)
