@@ -47,6 +47,15 @@ pub fn require_podman() {
     );
 }
 
+/// A loopback address for a mesh peer to listen on: TCP, or QUIC when
+/// `BEEMESH_TEST_TRANSPORT=quic` (benchmarks compare the two transports).
+pub fn mesh_listen_addr() -> String {
+    match std::env::var("BEEMESH_TEST_TRANSPORT").as_deref() {
+        Ok("quic") => format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_port()),
+        _ => format!("/ip4/127.0.0.1/tcp/{}", free_port()),
+    }
+}
+
 /// A loopback port nothing listens on, never the same twice in one test binary: the
 /// ports are bound later, by other processes, so the OS could hand one out again.
 pub fn free_port() -> u16 {
@@ -212,7 +221,7 @@ impl Mesh {
             Some(i) => beemesh_id("--identity-key-file", Path::new(&node_args[i + 1])),
             None => peer_id(&node_state),
         };
-        let node_addr = format!("/ip4/127.0.0.1/tcp/{}/p2p/{peer}", free_port());
+        let node_addr = format!("{}/p2p/{peer}", mesh_listen_addr());
         let join_token = create_token(&node_state, &[]);
         let shm = tempfile::tempdir_in("/dev/shm").expect("a tmpfs directory in /dev/shm");
         let mut mesh = Mesh {
@@ -285,7 +294,7 @@ impl Mesh {
     /// It joins with the mesh's token unless `extra` says whom to trust.
     pub fn start_agent_in(&mut self, state: PathBuf, extra: &[&str]) -> usize {
         let peer = peer_id(&state);
-        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let listen = mesh_listen_addr();
         let mut args: Vec<String> = [
             "agent",
             "--state-dir",
