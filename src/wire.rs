@@ -674,15 +674,23 @@ pub enum Request {
     Route(ClusterDial),
 }
 
-/// The largest DNS message relayed (a query over UDP is far smaller; an answer larger
-/// than the client's buffer comes back truncated, as DNS over UDP does).
+/// The largest DNS message relayed over UDP, and the largest query over TCP (a query is
+/// far smaller; an answer larger than the client's buffer comes back truncated, as DNS
+/// over UDP does, and the client asks again over TCP).
 pub const MAX_DNS_MESSAGE: usize = 4096;
+
+/// The largest DNS answer relayed over TCP: what its two-byte length can say.
+pub const MAX_DNS_TCP_MESSAGE: usize = 65_535;
 
 /// A pod's DNS query, as it sent it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterDnsQuery {
     pub pod: PodRef,
     pub query: k8s_openapi::ByteString,
+    /// The pod asked over TCP (after a truncated answer): so is the cluster's DNS, and
+    /// the answer may be up to [`MAX_DNS_TCP_MESSAGE`].
+    #[serde(default)]
+    pub tcp: bool,
 }
 
 impl Request {
@@ -1005,6 +1013,23 @@ mod tests {
         assert!(
             long.message.len() <= MAX_EVENT_MESSAGE && long.message.len() > MAX_EVENT_MESSAGE - 2
         );
+    }
+
+    #[test]
+    fn a_dns_query_from_an_agent_before_dns_over_tcp_is_a_udp_one() {
+        let query = Request::ClusterDns(ClusterDnsQuery {
+            pod: pod_ref(),
+            query: k8s_openapi::ByteString(vec![1, 2]),
+            tcp: true,
+        });
+        round_trip(&query, MAX_REQUEST_BYTES);
+        let mut older = serde_json::to_value(&query).expect("encodes");
+        older.as_object_mut().expect("the query").remove("tcp");
+        let older: Request = serde_json::from_value(older).expect("decodes");
+        assert!(matches!(
+            older,
+            Request::ClusterDns(ClusterDnsQuery { tcp: false, .. })
+        ));
     }
 
     #[test]

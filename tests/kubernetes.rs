@@ -1943,45 +1943,125 @@ fn cluster_server(address: std::net::Ipv4Addr) -> (u16, std::thread::JoinHandle<
     (port, serving)
 }
 
-/// A cluster DNS for the test: `name` has the A record `address`; other names do not
-/// exist. Answers each query over UDP on 127.0.0.1; its port.
+/// A name of the test's cluster DNS whose answer ([`MANY_RECORDS`] A records) is too
+/// large for DNS over UDP without EDNS (512 bytes): truncated there, whole over TCP.
+const MANY: &str = "many.example";
+const MANY_RECORDS: u16 = 40;
+
+/// A cluster DNS for the test: `name` has the A record `address`, [`MANY`] has
+/// [`MANY_RECORDS`]; other names do not exist. Answers over UDP and TCP on one port of
+/// 127.0.0.1; that port.
 fn cluster_dns(name: &'static str, address: std::net::Ipv4Addr) -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     let port = socket.local_addr().expect("addr").port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind TCP");
     std::thread::spawn(move || {
         let mut query = [0u8; 512];
         while let Ok((len, client)) = socket.recv_from(&mut query) {
-            let query = &query[..len];
-            // The question: labels up to the root, then type and class.
-            let mut at = 12;
-            let mut labels = Vec::new();
-            while let Some(&n) = query.get(at).filter(|n| **n != 0) {
-                let label = query
-                    .get(at + 1..at + 1 + usize::from(n))
-                    .unwrap_or_default();
-                labels.push(String::from_utf8_lossy(label).to_lowercase());
-                at += 1 + usize::from(n);
+            if let Some(answer) = dns_answer(&query[..len], name, address, true) {
+                let _ = socket.send_to(&answer, client);
             }
-            let Some(question) = query.get(12..at + 5) else {
-                continue;
-            };
-            let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
-            let known = labels.join(".") == name;
-            let answers = u16::from(known && qtype == 1);
-            let mut answer = query[..2].to_vec();
-            answer.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
-            answer.extend_from_slice(&[0, 1]);
-            answer.extend_from_slice(&answers.to_be_bytes());
-            answer.extend_from_slice(&[0, 0, 0, 0]);
-            answer.extend_from_slice(question);
-            if answers == 1 {
-                answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
-                answer.extend_from_slice(&address.octets());
+        }
+    });
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut client in listener.incoming().flatten() {
+            let mut len = [0u8; 2];
+            while client.read_exact(&mut len).is_ok() {
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if client.read_exact(&mut query).is_err() {
+                    break;
+                }
+                let Some(answer) = dns_answer(&query, name, address, false) else {
+                    break;
+                };
+                let len = u16::try_from(answer.len()).expect("answer length");
+                let _ = client.write_all(&[&len.to_be_bytes()[..], &answer].concat());
             }
-            let _ = socket.send_to(&answer, client);
         }
     });
     port
+}
+
+/// The test DNS's answer to `query`; `over_udp`, an answer over 512 bytes is
+/// truncated (the TC bit, no records), as DNS over UDP without EDNS does.
+fn dns_answer(
+    query: &[u8],
+    name: &str,
+    address: std::net::Ipv4Addr,
+    over_udp: bool,
+) -> Option<Vec<u8>> {
+    // The question: labels up to the root, then type and class.
+    let mut at = 12;
+    let mut labels = Vec::new();
+    while let Some(&n) = query.get(at).filter(|n| **n != 0) {
+        let label = query
+            .get(at + 1..at + 1 + usize::from(n))
+            .unwrap_or_default();
+        labels.push(String::from_utf8_lossy(label).to_lowercase());
+        at += 1 + usize::from(n);
+    }
+    let question = query.get(12..at + 5)?;
+    let qtype = u16::from_be_bytes([query[at + 1], query[at + 2]]);
+    let asked = labels.join(".");
+    let records = match asked.as_str() {
+        _ if qtype != 1 => 0,
+        known if known == name => 1,
+        MANY => MANY_RECORDS,
+        _ => 0,
+    };
+    let known = asked == name || asked == MANY;
+    let mut answer = query[..2].to_vec();
+    answer.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
+    answer.extend_from_slice(&[0, 1]);
+    answer.extend_from_slice(&records.to_be_bytes());
+    answer.extend_from_slice(&[0, 0, 0, 0]);
+    answer.extend_from_slice(question);
+    for n in 0..records {
+        answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+        let [a, b, c, _] = address.octets();
+        answer.extend_from_slice(&[a, b, c, u8::try_from(n).unwrap_or(0) + 1]);
+    }
+    if over_udp && answer.len() > 512 {
+        answer.truncate(12 + question.len());
+        answer[2] |= 0x02;
+        answer[6..8].copy_from_slice(&[0, 0]);
+    }
+    Some(answer)
+}
+
+/// A DNS query for the A records of `name`, as a stub resolver sends it.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len()).expect("label"));
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    query
+}
+
+/// Asks `nameserver` for `name` over UDP, then over TCP; both answers.
+fn ask_over_udp_and_tcp(nameserver: std::net::Ipv4Addr, name: &str) -> (Vec<u8>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let query = dns_query(name);
+    let timeout = Some(Duration::from_secs(10));
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    udp.set_read_timeout(timeout).expect("timeout");
+    udp.send_to(&query, (nameserver, 53)).expect("send");
+    let mut over_udp = vec![0u8; 4096];
+    let len = udp.recv(&mut over_udp).expect("an answer over UDP");
+    over_udp.truncate(len);
+    let mut tcp = std::net::TcpStream::connect((nameserver, 53)).expect("connect over TCP");
+    tcp.set_read_timeout(timeout).expect("timeout");
+    let len = u16::try_from(query.len()).expect("query length");
+    tcp.write_all(&[&len.to_be_bytes()[..], &query].concat())
+        .expect("send over TCP");
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len).expect("an answer over TCP");
+    let mut over_tcp = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    tcp.read_exact(&mut over_tcp).expect("the answer over TCP");
+    (over_udp, over_tcp)
 }
 
 /// Mesh pods reach the cluster's Services: a connection to a ClusterIP is redirected on
@@ -2122,6 +2202,35 @@ spec:
     );
     assert!(answer.contains("options ndots:5"), "{answer}");
     assert!(answer.contains("from-the-cluster"), "{answer}");
+    // An answer too large for UDP comes back truncated, and whole when the pod asks
+    // again over TCP, as resolvers do: relayed by the agent and asked by the node over
+    // TCP too.
+    let nameserver: std::net::Ipv4Addr = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .and_then(|ip| ip.trim().parse().ok())
+        .expect("the pod's nameserver");
+    let uid = pod["metadata"]["uid"].as_str().expect("uid");
+    let pid = podman_containers(&format!("io.beemesh.pod.uid={uid}"))
+        .iter()
+        .find(|c| c["State"] == "running")
+        .and_then(|c| c["Pid"].as_u64())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .expect("the client's process");
+    let (over_udp, over_tcp) =
+        common::in_netns(pid, move || ask_over_udp_and_tcp(nameserver, MANY));
+    assert_eq!(
+        over_udp[2] & 0x02,
+        0x02,
+        "not truncated over UDP: {over_udp:?}"
+    );
+    assert_eq!(&over_udp[6..8], &[0, 0], "{over_udp:?}");
+    assert_eq!(over_tcp[2] & 0x02, 0, "truncated over TCP: {over_tcp:?}");
+    assert_eq!(
+        u16::from_be_bytes([over_tcp[6], over_tcp[7]]),
+        MANY_RECORDS,
+        "{over_tcp:?}"
+    );
     let (ok, answer) = cluster.kubectl(
         &["exec", "client", "--", "nslookup", "no-such-service"],
         None,

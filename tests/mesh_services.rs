@@ -287,21 +287,6 @@ spec:
 
 const BULK_IP: &str = "10.80.0.80";
 
-/// Runs `f` on a thread inside the network namespace of process `pid` (setns moves
-/// only the calling thread).
-fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("the pod's netns");
-        // SAFETY: setns on a valid namespace descriptor affects this thread only.
-        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the thread in the pod's netns")
-}
-
 /// Mesh pod to mesh pod on two agents, from inside the client pod's network namespace:
 /// straight to the server's mesh IP (across the host's two pod bridges: the floor) and
 /// through the Service (the client's agent, a libp2p stream to the server's agent, the
@@ -327,7 +312,7 @@ fn mesh_pod_to_mesh_pod_throughput_and_latency_through_a_service_and_direct() {
         .and_then(|pid| u32::try_from(pid).ok())
         .expect("the client's process");
     let service: std::net::IpAddr = BULK_IP.parse().expect("ip");
-    in_netns(pid, move || {
+    common::in_netns(pid, move || {
         let paths = [
             (
                 "direct to the pod's mesh IP",

@@ -19,8 +19,12 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Relay;
-use crate::kubelet::relay::{answer_and_splice, read_header};
-use crate::wire::{ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE};
+use crate::kubelet::relay::{
+    answer_and_splice, read_header, read_u16_framed, write_u16_framed, RelayError,
+};
+use crate::wire::{
+    ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE, MAX_DNS_TCP_MESSAGE,
+};
 
 /// How long the node tries to connect inside the cluster.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,26 +32,49 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the cluster's DNS has to answer a relayed query.
 const DNS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Asks the cluster's DNS at `upstream` one query over UDP; its answer.
-pub async fn ask_dns(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+/// Asks the cluster's DNS at `upstream` one query, over TCP when `tcp` (a client asks
+/// again so after a truncated answer); its answer.
+pub async fn ask_dns(upstream: SocketAddr, query: &[u8], tcp: bool) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        if tcp {
+            let mut stream = TcpStream::connect(upstream).await?;
+            let mut answer = Vec::new();
+            write_u16_framed(&mut stream, query)
+                .await
+                .map_err(io_error)?;
+            return match read_u16_framed(&mut stream, &mut answer, MAX_DNS_TCP_MESSAGE).await {
+                Ok(Some(_)) => Ok(answer),
+                Ok(None) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Err(e) => Err(io_error(e)),
+            };
+        }
+        let bind: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = tokio::net::UdpSocket::bind(bind).await?;
+        socket.connect(upstream).await?;
+        socket.send(query).await?;
+        let mut answer = vec![0u8; MAX_DNS_MESSAGE];
+        let len = socket.recv(&mut answer).await?;
+        answer.truncate(len);
+        Ok(answer)
     };
-    let socket = tokio::net::UdpSocket::bind(bind).await?;
-    socket.connect(upstream).await?;
-    socket.send(query).await?;
-    let mut answer = vec![0u8; MAX_DNS_MESSAGE];
-    let len = tokio::time::timeout(DNS_TIMEOUT, socket.recv(&mut answer))
+    tokio::time::timeout(DNS_TIMEOUT, exchange)
         .await
         .map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the cluster's DNS did not answer",
             )
-        })??;
-    answer.truncate(len);
-    Ok(answer)
+        })?
+}
+
+fn io_error(e: RelayError) -> std::io::Error {
+    match e {
+        RelayError::Io(e) => e,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    }
 }
 
 /// Whether a Service serves TCP on `to`: one of its ClusterIPs and ports.

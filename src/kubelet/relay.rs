@@ -101,26 +101,25 @@ where
 /// The largest UDP payload (over IPv4).
 pub const MAX_DATAGRAM: usize = 65_507;
 
-/// Writes one datagram on a stream: a big-endian u16 length, then its bytes.
-pub async fn write_datagram(
+/// Writes one message after its big-endian u16 length: datagrams on a stream, and DNS
+/// over TCP (RFC 1035, 4.2.2), are framed so.
+pub async fn write_u16_framed(
     io: &mut (impl AsyncWrite + Unpin),
-    datagram: &[u8],
+    message: &[u8],
 ) -> Result<(), RelayError> {
-    let len = u16::try_from(datagram.len())
-        .ok()
-        .filter(|len| usize::from(*len) <= MAX_DATAGRAM)
-        .ok_or(RelayError::TooLarge(datagram.len()))?;
+    let len = u16::try_from(message.len()).map_err(|_| RelayError::TooLarge(message.len()))?;
     io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(datagram).await?;
+    io.write_all(message).await?;
     io.flush().await?;
     Ok(())
 }
 
-/// Reads one datagram written by [`write_datagram`] into `buffer`; None when the
-/// stream ended between datagrams.
-pub async fn read_datagram(
+/// Reads one message written by [`write_u16_framed`] into `buffer`, refused when longer
+/// than `limit`; None when the stream ended between messages.
+pub async fn read_u16_framed(
     io: &mut (impl AsyncRead + Unpin),
     buffer: &mut Vec<u8>,
+    limit: usize,
 ) -> Result<Option<usize>, RelayError> {
     let mut len = [0u8; 2];
     match io.read_exact(&mut len).await {
@@ -129,12 +128,32 @@ pub async fn read_datagram(
         Err(e) => return Err(e.into()),
     }
     let len = usize::from(u16::from_be_bytes(len));
-    if len > MAX_DATAGRAM {
+    if len > limit {
         return Err(RelayError::TooLarge(len));
     }
     buffer.resize(len, 0);
     io.read_exact(buffer).await?;
     Ok(Some(len))
+}
+
+/// Writes one datagram on a stream ([`write_u16_framed`]).
+pub async fn write_datagram(
+    io: &mut (impl AsyncWrite + Unpin),
+    datagram: &[u8],
+) -> Result<(), RelayError> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(RelayError::TooLarge(datagram.len()));
+    }
+    write_u16_framed(io, datagram).await
+}
+
+/// Reads one datagram written by [`write_datagram`] into `buffer`; None when the
+/// stream ended between datagrams.
+pub async fn read_datagram(
+    io: &mut (impl AsyncRead + Unpin),
+    buffer: &mut Vec<u8>,
+) -> Result<Option<usize>, RelayError> {
+    read_u16_framed(io, buffer, MAX_DATAGRAM).await
 }
 
 /// Relays datagrams between a stream (framed) and a connected UDP socket until the

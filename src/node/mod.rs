@@ -565,7 +565,8 @@ impl Node {
         };
         tokio::spawn(async move {
             let _permit = permit;
-            let answer = crate::gateway::cluster::ask_dns(upstream, &query.query.0).await;
+            let answer =
+                crate::gateway::cluster::ask_dns(upstream, &query.query.0, query.tcp).await;
             let response = match answer {
                 Ok(answer) => Response::ClusterDns {
                     answer: k8s_openapi::ByteString(answer),

@@ -511,6 +511,21 @@ pub fn podman_pods(label: &str) -> Vec<PodmanPod> {
         .collect()
 }
 
+/// Runs `f` on a thread inside the network namespace of process `pid` (setns moves
+/// only the calling thread).
+pub fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("the pod's netns");
+        // SAFETY: setns on a valid namespace descriptor affects this thread only.
+        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread in the pod's netns")
+}
+
 /// Containers (not infra) of the pods matching a label, with their state.
 pub fn podman_containers(label: &str) -> Vec<Value> {
     podman_list(&["ps", "-a"], label)

@@ -5,8 +5,8 @@
 //! over a [`CLUSTER_PROTOCOL`] stream to the pod's owner, which dials it inside the
 //! cluster. Only the pods this agent runs are redirected, each to its own owner. The
 //! same way, a pod's DNS queries to its nameserver (the gateway address, see
-//! `runtime::dns::ClusterDns`) reach a relay of this agent, which asks the owner to ask
-//! the cluster's DNS.
+//! `runtime::dns::ClusterDns`), over UDP and TCP, reach relays of this agent, which ask
+//! the owner to ask the cluster's DNS.
 //!
 //! Before relaying, the agent asks the owner for the connection's route: a Service
 //! endpoint that is a mesh pod is connected to straight through its own agent
@@ -27,20 +27,22 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::direct::DirectEndpoints;
-use crate::kubelet::relay::{request_stream, splice};
+use crate::kubelet::relay::{read_u16_framed, request_stream, splice, write_u16_framed};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::runtime::{MacAddress, PodNetwork};
 use crate::wire::{
     ClusterDial, ClusterDnsQuery, Epoch, KubeletAnswer, PodRef, PodUid, Request, Response, Route,
-    CLUSTER_PROTOCOL, DIRECT_PROTOCOL, MAX_DNS_MESSAGE,
+    CLUSTER_PROTOCOL, DIRECT_PROTOCOL, MAX_DNS_MESSAGE, MAX_DNS_TCP_MESSAGE,
 };
 
 /// Connections relayed at once for all the agent's pods; more wait in the backlog.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// DNS queries relayed at once for all the agent's pods; more are dropped and counted
-/// (the pod's resolver asks again).
+/// DNS queries relayed at once for all the agent's pods; more over UDP are dropped and
+/// counted (the pod's resolver asks again), more over TCP wait.
 pub const MAX_DNS_QUERIES: usize = 256;
+/// How long a pod's DNS connection may stay idle between queries.
+const DNS_TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
@@ -105,7 +107,7 @@ struct Written {
 #[derive(Clone, Copy)]
 struct Relays {
     proxy: SocketAddrV4,
-    dns: SocketAddrV4,
+    dns: nft::DnsRelays,
 }
 
 impl Egress {
@@ -243,21 +245,32 @@ impl Egress {
             address: wanted,
             source,
         };
-        let listener = bind_freely(wanted, socket2::Type::STREAM).map_err(error)?;
-        let dns = bind_freely(wanted, socket2::Type::DGRAM).map_err(error)?;
-        let listener = TcpListener::from_std(listener.into()).map_err(error)?;
-        let dns = UdpSocket::from_std(dns.into()).map_err(error)?;
+        let listener = |socket: socket2::Socket| TcpListener::from_std(socket.into());
+        let proxy =
+            listener(bind_freely(wanted, socket2::Type::STREAM).map_err(error)?).map_err(error)?;
+        let dns_tcp =
+            listener(bind_freely(wanted, socket2::Type::STREAM).map_err(error)?).map_err(error)?;
+        let dns = UdpSocket::from_std(
+            bind_freely(wanted, socket2::Type::DGRAM)
+                .map_err(error)?
+                .into(),
+        )
+        .map_err(error)?;
         let relays = Relays {
-            proxy: v4(listener.local_addr().map_err(error)?, wanted),
-            dns: v4(dns.local_addr().map_err(error)?, wanted),
+            proxy: v4(proxy.local_addr().map_err(error)?, wanted),
+            dns: nft::DnsRelays {
+                udp: v4(dns.local_addr().map_err(error)?, wanted),
+                tcp: v4(dns_tcp.local_addr().map_err(error)?, wanted),
+            },
         };
-        tracing::info!(proxy = %relays.proxy, dns = %relays.dns, %subnet, "relaying the pod network's cluster connections and DNS queries");
-        tokio::spawn(self.clone().accept(listener));
+        tracing::info!(proxy = %relays.proxy, dns = %relays.dns.udp, dns_tcp = %relays.dns.tcp, %subnet, "relaying the pod network's cluster connections and DNS queries");
+        tokio::spawn(self.clone().accept(proxy));
         tokio::spawn(self.clone().relay_dns(dns));
+        tokio::spawn(self.clone().relay_dns_tcp(dns_tcp));
         Ok(relays)
     }
 
-    /// Relays each pod's DNS queries to its owner and the answers back.
+    /// Relays each pod's DNS queries over UDP to its owner and the answers back.
     async fn relay_dns(self, socket: UdpSocket) {
         let socket = Arc::new(socket);
         let mut query = vec![0u8; MAX_DNS_MESSAGE];
@@ -270,16 +283,7 @@ impl Egress {
                 continue;
             };
             tracing::trace!(%client, bytes = len, "DNS query received");
-            let source = self
-                .sources
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(client.ip())
-                .filter(|pod| pod.dns)
-                .cloned();
-            let Some(source) = source else {
-                self.metrics.dropped("cluster_dns", "not_a_pod");
-                tracing::debug!(%client, "DNS query from an address that is not a pod of this agent dropped");
+            let Some(source) = self.dns_source(*client.ip()) else {
                 continue;
             };
             let Ok(permit) = self.dns_queries.clone().try_acquire_owned() else {
@@ -287,28 +291,108 @@ impl Egress {
                 tracing::debug!(pod = %source.pod, "DNS query dropped: too many in flight");
                 continue;
             };
-            let request = Request::ClusterDns(ClusterDnsQuery {
-                pod: source.pod.clone(),
-                query: ByteString(query[..len].to_vec()),
-            });
-            let (mesh, metrics, socket) = (self.mesh.clone(), self.metrics.clone(), socket.clone());
+            let (egress, socket, query) = (self.clone(), socket.clone(), query[..len].to_vec());
             tokio::spawn(async move {
                 let _permit = permit;
-                match mesh.request(source.owner, request).await {
-                    Ok(Response::ClusterDns { answer }) if answer.0.len() <= MAX_DNS_MESSAGE => {
-                        let sent = socket.send_to(&answer.0, client).await;
-                        tracing::debug!(pod = %source.pod, %client, bytes = answer.0.len(), ?sent, "DNS answer relayed");
-                    }
-                    Ok(other) => {
-                        metrics.dropped("cluster_dns", "no_answer");
-                        tracing::debug!(pod = %source.pod, answer = ?other, "DNS query not answered");
-                    }
-                    Err(e) => {
-                        metrics.dropped("cluster_dns", "owner_unreachable");
-                        tracing::debug!(pod = %source.pod, error = %e, "DNS query not relayed");
-                    }
+                if let Some(answer) = egress.ask_owner(&source, query, false).await {
+                    let sent = socket.send_to(&answer, client).await;
+                    tracing::debug!(pod = %source.pod, %client, bytes = answer.len(), ?sent, "DNS answer relayed");
                 }
             });
+        }
+    }
+
+    /// Relays each pod's DNS connections (a client asks over TCP after a truncated
+    /// answer): their queries one by one to the owner, the answers back.
+    async fn relay_dns_tcp(self, listener: TcpListener) {
+        loop {
+            let permit = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                permit = self.connections.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let accepted = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((mut client, SocketAddr::V4(peer))) = accepted else {
+                continue;
+            };
+            let Some(source) = self.dns_source(*peer.ip()) else {
+                continue;
+            };
+            let egress = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut query = Vec::new();
+                loop {
+                    let read = tokio::select! {
+                        _ = egress.cancel.cancelled() => return,
+                        read = tokio::time::timeout(
+                            DNS_TCP_IDLE,
+                            read_u16_framed(&mut client, &mut query, MAX_DNS_MESSAGE),
+                        ) => read,
+                    };
+                    // Idle, closed, or a query over the limit: the connection ends.
+                    let Ok(Ok(Some(_))) = read else { return };
+                    let Ok(_query_permit) = egress.dns_queries.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let Some(answer) = egress.ask_owner(&source, query.clone(), true).await else {
+                        return;
+                    };
+                    if write_u16_framed(&mut client, &answer).await.is_err() {
+                        return;
+                    }
+                    tracing::debug!(pod = %source.pod, client = %peer, bytes = answer.len(), "DNS answer relayed over TCP");
+                }
+            });
+        }
+    }
+
+    /// The pod of this agent at `client` whose DNS queries its owner answers; None
+    /// (counted) for any other address.
+    fn dns_source(&self, client: Ipv4Addr) -> Option<EgressPod> {
+        let source = self
+            .sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&client)
+            .filter(|pod| pod.dns)
+            .cloned();
+        if source.is_none() {
+            self.metrics.dropped("cluster_dns", "not_a_pod");
+            tracing::debug!(%client, "DNS query from an address that is not a pod of this agent dropped");
+        }
+        source
+    }
+
+    /// The owner's answer to one of its pod's DNS queries; None (counted) without one.
+    async fn ask_owner(&self, source: &EgressPod, query: Vec<u8>, tcp: bool) -> Option<Vec<u8>> {
+        let limit = if tcp {
+            MAX_DNS_TCP_MESSAGE
+        } else {
+            MAX_DNS_MESSAGE
+        };
+        let request = Request::ClusterDns(ClusterDnsQuery {
+            pod: source.pod.clone(),
+            query: ByteString(query),
+            tcp,
+        });
+        match self.mesh.request(source.owner, request).await {
+            Ok(Response::ClusterDns { answer }) if answer.0.len() <= limit => Some(answer.0),
+            Ok(other) => {
+                self.metrics.dropped("cluster_dns", "no_answer");
+                tracing::debug!(pod = %source.pod, answer = ?other, "DNS query not answered");
+                None
+            }
+            Err(e) => {
+                self.metrics.dropped("cluster_dns", "owner_unreachable");
+                tracing::debug!(pod = %source.pod, error = %e, "DNS query not relayed");
+                None
+            }
         }
     }
 

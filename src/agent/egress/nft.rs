@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use crate::runtime::MacAddress;
 
 /// One pod's redirects: its TCP connections to `ranges` go to `proxy`, and with `dns`
-/// its DNS queries to the gateway (its nameserver) go to that relay.
+/// its DNS queries to the gateway (its nameserver) go to those relays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub pod_ip: Ipv4Addr,
@@ -19,7 +19,15 @@ pub struct Redirect {
     pub pod_mac: Option<MacAddress>,
     pub ranges: Vec<Ipv4Net>,
     pub proxy: SocketAddrV4,
-    pub dns: Option<SocketAddrV4>,
+    pub dns: Option<DnsRelays>,
+}
+
+/// Where a pod network's DNS queries go: over UDP, and over TCP (after a truncated
+/// answer), each to a relay of its own on the gateway address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsRelays {
+    pub udp: SocketAddrV4,
+    pub tcp: SocketAddrV4,
 }
 
 /// The agent's table name: one per agent, as several may share a host.
@@ -62,11 +70,13 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
             );
         }
         if let Some(dns) = redirect.dns {
-            let _ = writeln!(
-                script,
-                "    {source} ip daddr {} udp dport 53 dnat to {dns}",
-                dns.ip(),
-            );
+            for (protocol, relay) in [("udp", dns.udp), ("tcp", dns.tcp)] {
+                let _ = writeln!(
+                    script,
+                    "    {source} ip daddr {} {protocol} dport 53 dnat to {relay}",
+                    relay.ip(),
+                );
+            }
         }
     }
     script.push_str("  }\n}\n");
@@ -104,7 +114,10 @@ mod tests {
             &[
                 redirect("10.64.0.5", "10.64.0.1:40001"),
                 Redirect {
-                    dns: Some("10.64.1.1:40003".parse().expect("addr")),
+                    dns: Some(DnsRelays {
+                        udp: "10.64.1.1:40003".parse().expect("addr"),
+                        tcp: "10.64.1.1:40004".parse().expect("addr"),
+                    }),
                     pod_mac: Some("0a:58:0A:40:01:09".parse().expect("mac")),
                     ..redirect("10.64.1.9", "10.64.1.1:40002")
                 },
@@ -112,7 +125,7 @@ mod tests {
         );
         assert_eq!(
             script,
-            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n  }\n}\n"
+            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 tcp dport 53 dnat to 10.64.1.1:40004\n  }\n}\n"
         );
         assert_eq!(
             delete_table("beemesh_x"),
