@@ -305,18 +305,7 @@ impl Egress {
     /// Relays each pod's DNS connections (a client asks over TCP after a truncated
     /// answer): their queries one by one to the owner, the answers back.
     async fn relay_dns_tcp(self, listener: TcpListener) {
-        loop {
-            let permit = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                permit = self.connections.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let accepted = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
+        while let Some((permit, accepted)) = self.next_connection(&listener).await {
             let Ok((mut client, SocketAddr::V4(peer))) = accepted else {
                 continue;
             };
@@ -396,19 +385,27 @@ impl Egress {
         }
     }
 
+    /// The next connection to `listener` once one of [`MAX_CONNECTIONS`] is free, with
+    /// that permit; None once the agent stops.
+    async fn next_connection(
+        &self,
+        listener: &TcpListener,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        std::io::Result<(TcpStream, SocketAddr)>,
+    )> {
+        let permit = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            permit = self.connections.clone().acquire_owned() => permit.ok()?,
+        };
+        tokio::select! {
+            _ = self.cancel.cancelled() => None,
+            accepted = listener.accept() => Some((permit, accepted)),
+        }
+    }
+
     async fn accept(self, listener: TcpListener) {
-        loop {
-            let permit = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                permit = self.connections.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let accepted = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
+        while let Some((permit, accepted)) = self.next_connection(&listener).await {
             let Ok((client, peer)) = accepted else {
                 continue;
             };
