@@ -534,7 +534,8 @@ pub const MAX_KUBELET_HEADER_BYTES: usize = 64 * 1024;
 
 /// The stream protocol over which an agent relays a connection of one of its pods to
 /// an address in the cluster (a Service's ClusterIP) to the pod's owner, which dials it
-/// inside the cluster: a [`ClusterDial`] header, a [`KubeletAnswer`], then the bytes.
+/// inside the cluster: a [`ClusterDial`] header, a [`KubeletAnswer`], then the bytes
+/// (for a UDP flow, its datagrams each way, framed as `kubelet::relay::write_datagram`).
 pub const CLUSTER_PROTOCOL: &str = "/beemesh/cluster/1";
 
 /// A pod's connection to `to` in the cluster, relayed by its agent.
@@ -542,6 +543,20 @@ pub const CLUSTER_PROTOCOL: &str = "/beemesh/cluster/1";
 pub struct ClusterDial {
     pub pod: PodRef,
     pub to: std::net::SocketAddr,
+    /// A UDP flow (datagrams from one port of the pod to `to`), not a TCP connection.
+    #[serde(default)]
+    pub udp: bool,
+}
+
+impl ClusterDial {
+    /// The protocol as the API names it in Service and NetworkPolicy ports.
+    pub fn protocol(&self) -> &'static str {
+        if self.udp {
+            "UDP"
+        } else {
+            "TCP"
+        }
+    }
 }
 
 /// Which standard streams an interactive session (exec, attach) connects.

@@ -247,6 +247,7 @@ mod seeds {
                 Request::Route(ClusterDial {
                     pod: pod_ref.clone(),
                     to: "10.80.0.10:80".parse().expect("addr"),
+                    udp: false,
                 }),
             ),
             (

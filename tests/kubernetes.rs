@@ -1943,6 +1943,40 @@ fn cluster_server(address: std::net::Ipv4Addr) -> (u16, std::thread::JoinHandle<
     (port, serving)
 }
 
+/// A UDP echo at `address` in the "cluster": each datagram comes back after
+/// `from=<sender's address> `; its port.
+fn cluster_udp_echo(address: std::net::Ipv4Addr) -> u16 {
+    let socket = std::net::UdpSocket::bind((address, 0)).expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut datagram = [0u8; 2048];
+        while let Ok((len, client)) = socket.recv_from(&mut datagram) {
+            let mut answer = format!("from={} ", client.ip()).into_bytes();
+            answer.extend_from_slice(&datagram[..len]);
+            let _ = socket.send_to(&answer, client);
+        }
+    });
+    port
+}
+
+/// Sends each of `datagrams` from one socket to `to` and waits for its answer
+/// (None when none came in 3 s).
+fn udp_exchange(to: std::net::SocketAddr, datagrams: &[&str]) -> Vec<Option<String>> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    datagrams
+        .iter()
+        .map(|datagram| {
+            socket.send_to(datagram.as_bytes(), to).expect("send");
+            let mut answer = [0u8; 2048];
+            let len = socket.recv(&mut answer).ok()?;
+            Some(String::from_utf8_lossy(&answer[..len]).into_owned())
+        })
+        .collect()
+}
+
 /// A name of the test's cluster DNS whose answer ([`MANY_RECORDS`] A records) is too
 /// large for DNS over UDP without EDNS (512 bytes): truncated there, whole over TCP.
 const MANY: &str = "many.example";
@@ -2077,6 +2111,7 @@ fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
     let _address = common::HostNetwork::up("10.43.250.1/32");
     let (port, _server) = cluster_server(cluster_ip);
     let (unserved, _other) = cluster_server(cluster_ip);
+    let (echo, unserved_echo) = (cluster_udp_echo(cluster_ip), cluster_udp_echo(cluster_ip));
     let dns = format!(
         "127.0.0.1:{}",
         cluster_dns("in-cluster.default.svc.cluster.local", cluster_ip)
@@ -2099,7 +2134,7 @@ kind: Service
 metadata: {{name: in-cluster, namespace: default}}
 spec:
   clusterIP: {cluster_ip}
-  ports: [{{name: http, port: {port}}}]
+  ports: [{{name: http, port: {port}}}, {{name: echo, port: {echo}, protocol: UDP}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -2219,6 +2254,27 @@ spec:
         .expect("the client's process");
     let (over_udp, over_tcp) =
         common::in_netns(pid, move || ask_over_udp_and_tcp(nameserver, MANY));
+    // UDP to the Service's UDP port: relayed by the agent's proxy (redirected, its
+    // destination read from conntrack) and the node, which sends it inside the cluster;
+    // the flow's later datagrams and the answers take the same way. A port no Service
+    // serves gets nothing.
+    let to = move |port| std::net::SocketAddr::from((cluster_ip, port));
+    let (served, unserved_answers) = common::in_netns(pid, move || {
+        (
+            udp_exchange(to(echo), &["one", "two"]),
+            udp_exchange(to(unserved_echo), &["three"]),
+        )
+    });
+    for (answer, sent) in served.iter().zip(["one", "two"]) {
+        let answer = answer.as_deref().expect("an answer over UDP");
+        assert!(answer.ends_with(&format!(" {sent}")), "{answer}");
+        assert!(!answer.contains(&mesh_ip), "not relayed: {answer}");
+    }
+    assert_eq!(
+        unserved_answers,
+        vec![None],
+        "relayed to a UDP port no Service serves"
+    );
     assert_eq!(
         over_udp[2] & 0x02,
         0x02,

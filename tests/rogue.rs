@@ -698,6 +698,7 @@ fn a_rogue_peer_is_refused_everything_and_the_running_pod_never_notices() {
             Request::Route(ClusterDial {
                 pod: target.clone(),
                 to: "10.80.0.10:80".parse().expect("addr"),
+                udp: false,
             }),
         ),
         &declined_by_node,

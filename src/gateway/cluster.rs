@@ -20,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Relay;
 use crate::kubelet::relay::{
-    answer_and_splice, read_header, read_u16_framed, write_u16_framed, RelayError,
+    answer, answer_and_splice, read_header, read_u16_framed, relay_datagrams, write_u16_framed,
+    RelayError,
 };
+use crate::node::network_policy;
 use crate::wire::{
     ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE, MAX_DNS_TCP_MESSAGE,
 };
@@ -48,12 +50,7 @@ pub async fn ask_dns(upstream: SocketAddr, query: &[u8], tcp: bool) -> std::io::
                 Err(e) => Err(io_error(e)),
             };
         }
-        let bind: SocketAddr = match upstream {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = tokio::net::UdpSocket::bind(bind).await?;
-        socket.connect(upstream).await?;
+        let socket = udp_socket(upstream).await?;
         socket.send(query).await?;
         let mut answer = vec![0u8; MAX_DNS_MESSAGE];
         let len = socket.recv(&mut answer).await?;
@@ -77,8 +74,9 @@ fn io_error(e: RelayError) -> std::io::Error {
     }
 }
 
-/// Whether a Service serves TCP on `to`: one of its ClusterIPs and ports.
-pub fn service_serves(service: &Service, to: SocketAddr) -> bool {
+/// Whether a Service serves `protocol` (as the API names it) on `to`: one of its
+/// ClusterIPs and ports.
+pub fn service_serves(service: &Service, to: SocketAddr, protocol: &str) -> bool {
     let Some(spec) = &service.spec else {
         return false;
     };
@@ -92,7 +90,8 @@ pub fn service_serves(service: &Service, to: SocketAddr) -> bool {
         .any(|ip| ip == to.ip());
     on_ip
         && spec.ports.iter().flatten().any(|port| {
-            i32::from(to.port()) == port.port && port.protocol.as_deref().unwrap_or("TCP") == "TCP"
+            i32::from(to.port()) == port.port
+                && port.protocol.as_deref().unwrap_or("TCP") == protocol
         })
 }
 
@@ -148,6 +147,19 @@ async fn connect(
     let mut io = stream.compat();
     let dial: ClusterDial = read_header(&mut io).await.map_err(|e| e.to_string())?;
     let allowed = allowed(agent, &dial, relay, services).await;
+    let failed = |(code, message)| KubeletAnswer::Failed { code, message };
+    if dial.udp {
+        let socket = match allowed {
+            Ok(()) => udp_socket(dial.to)
+                .await
+                .map_err(|e| (502, format!("cannot send to {}: {e}", dial.to))),
+            Err(refusal) => Err(refusal),
+        };
+        let socket = answer(&mut io, socket.map_err(failed)).await?;
+        return relay_datagrams(io, &socket)
+            .await
+            .map_err(|e| e.to_string());
+    }
     let upstream = match allowed {
         Ok(()) => tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(dial.to))
             .await
@@ -157,8 +169,18 @@ async fn connect(
             }),
         Err(refusal) => Err(refusal),
     };
-    let upstream = upstream.map_err(|(code, message)| KubeletAnswer::Failed { code, message });
-    answer_and_splice(&mut io, upstream).await
+    answer_and_splice(&mut io, upstream.map_err(failed)).await
+}
+
+/// A UDP socket of the node's that sends to `to` and hears only from it.
+async fn udp_socket(to: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let bind: SocketAddr = match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket.connect(to).await?;
+    Ok(socket)
 }
 
 /// The pod is this node's and placed on `agent`, and a Service serves `dial.to`.
@@ -176,15 +198,24 @@ async fn allowed(
     if !placed_there {
         return Err((403, format!("pod {} is not placed on this agent", dial.pod)));
     }
-    if !services.state().iter().any(|s| service_serves(s, dial.to)) {
-        return Err((403, format!("no Service serves TCP on {}", dial.to)));
+    let protocol = dial.protocol();
+    if !services
+        .state()
+        .iter()
+        .any(|s| service_serves(s, dial.to, protocol))
+    {
+        return Err((403, format!("no Service serves {protocol} on {}", dial.to)));
     }
     let policy = relay.policy.as_ref().ok_or((
         503,
         "the cluster's NetworkPolicies are not watched yet".to_owned(),
     ))?;
+    let port = network_policy::Port {
+        number: dial.to.port(),
+        protocol,
+    };
     policy
-        .allows_egress(&dial.pod, dial.to.port())
+        .allows_egress(&dial.pod, port)
         .map_err(|denied| (403, denied))
 }
 
@@ -197,21 +228,32 @@ mod tests {
     }
 
     #[test]
-    fn only_a_services_cluster_ips_and_tcp_ports_are_served() {
+    fn only_a_services_cluster_ips_and_ports_of_the_protocol_are_served() {
         let web = service(
             "metadata: {name: web}\nspec: {clusterIP: 10.43.0.20, clusterIPs: [10.43.0.20], ports: [{port: 80}, {port: 53, protocol: UDP}]}",
         );
         let to = |addr: &str| addr.parse::<SocketAddr>().expect("addr");
-        assert!(service_serves(&web, to("10.43.0.20:80")));
-        assert!(!service_serves(&web, to("10.43.0.20:8080")), "another port");
-        assert!(!service_serves(&web, to("10.43.0.20:53")), "a UDP port");
+        assert!(service_serves(&web, to("10.43.0.20:80"), "TCP"));
         assert!(
-            !service_serves(&web, to("10.43.0.21:80")),
+            !service_serves(&web, to("10.43.0.20:80"), "UDP"),
+            "TCP only"
+        );
+        assert!(
+            !service_serves(&web, to("10.43.0.20:8080"), "TCP"),
+            "another port"
+        );
+        assert!(service_serves(&web, to("10.43.0.20:53"), "UDP"));
+        assert!(
+            !service_serves(&web, to("10.43.0.20:53"), "TCP"),
+            "UDP only"
+        );
+        assert!(
+            !service_serves(&web, to("10.43.0.21:80"), "TCP"),
             "another address"
         );
         let headless = service(
             "metadata: {name: db}\nspec: {clusterIP: None, clusterIPs: [None], ports: [{port: 5432}]}",
         );
-        assert!(!service_serves(&headless, to("10.43.0.20:5432")));
+        assert!(!service_serves(&headless, to("10.43.0.20:5432"), "TCP"));
     }
 }

@@ -71,15 +71,15 @@ impl PolicyCheck {
         .map_err(|denied| format!("network policy {denied} denies {from} (connections from the cluster are told apart by address only)"))
     }
 
-    /// Whether mesh pod `pod` may reach a cluster Service on TCP `port`.
-    pub fn allows_egress(&self, pod: &PodRef, port: u16) -> Result<(), String> {
+    /// Whether mesh pod `pod` may reach a cluster Service on `port`.
+    pub fn allows_egress(&self, pod: &PodRef, port: network_policy::Port) -> Result<(), String> {
         self.decide(
             &pod.namespace,
             &pod.name,
             &pod.uid.0,
             |policies, subject| {
                 let to = network_policy::Peer::ClusterService;
-                network_policy::egress(policies, subject, to, network_policy::Port::tcp(port))
+                network_policy::egress(policies, subject, to, port)
             },
         )
         .map_err(|denied| {

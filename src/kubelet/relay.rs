@@ -68,9 +68,31 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
 }
 
-/// The serving end of a stream that carries one TCP connection: the answer header
-/// for `connected` (its refusal, whose message is the Err, or Ok), then the bytes both
-/// ways until both sides are done.
+/// The serving end's answer header for `connected`: its refusal, whose message is the
+/// Err, or Ok, which hands the connected end back.
+pub async fn answer<S, T>(io: &mut S, connected: Result<T, KubeletAnswer>) -> Result<T, String>
+where
+    S: AsyncWrite + Unpin,
+{
+    match connected {
+        Ok(connected) => {
+            write_header(io, &KubeletAnswer::Ok)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(connected)
+        }
+        Err(refusal) => {
+            let _ = write_header(io, &refusal).await;
+            Err(match refusal {
+                KubeletAnswer::Failed { message, .. } => message,
+                KubeletAnswer::Ok => String::new(),
+            })
+        }
+    }
+}
+
+/// The serving end of a stream that carries one TCP connection: the [`answer`] for
+/// `connected`, then the bytes both ways until both sides are done.
 pub async fn answer_and_splice<S>(
     io: &mut S,
     connected: Result<tokio::net::TcpStream, KubeletAnswer>,
@@ -78,19 +100,7 @@ pub async fn answer_and_splice<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut tcp = match connected {
-        Ok(tcp) => tcp,
-        Err(refusal) => {
-            let _ = write_header(io, &refusal).await;
-            return Err(match refusal {
-                KubeletAnswer::Failed { message, .. } => message,
-                KubeletAnswer::Ok => String::new(),
-            });
-        }
-    };
-    write_header(io, &KubeletAnswer::Ok)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut tcp = answer(io, connected).await?;
     let _ = tcp.set_nodelay(true);
     splice(&mut tcp, io)
         .await

@@ -140,7 +140,7 @@ impl MeshServices {
 
     /// The Service that serves TCP on `to`.
     pub fn serving(&self, to: SocketAddr) -> Option<&Service> {
-        self.by_name.values().find(|s| service_serves(s, to))
+        self.by_name.values().find(|s| service_serves(s, to, "TCP"))
     }
 
     /// The ClusterIP of Service `name` in `namespace`.

@@ -129,7 +129,7 @@ impl route::ClusterServices for ApiNetwork {
             .store
             .state()
             .into_iter()
-            .find(|s| crate::gateway::cluster::service_serves(s, to))
+            .find(|s| crate::gateway::cluster::service_serves(s, to, "TCP"))
     }
 
     fn ready_in_cluster(&self, service: &Service) -> usize {

@@ -3,7 +3,8 @@
 //! redirected by nftables ([`nft`]) to a proxy of this agent on the pod network's
 //! gateway address, which reads where each was going (`SO_ORIGINAL_DST`) and relays it
 //! over a [`CLUSTER_PROTOCOL`] stream to the pod's owner, which dials it inside the
-//! cluster. Only the pods this agent runs are redirected, each to its own owner. The
+//! cluster; its UDP flows there go the same way, their destinations read from
+//! conntrack ([`udp`]). Only the pods this agent runs are redirected, each to its own owner. The
 //! same way, a pod's DNS queries to its nameserver (the gateway address, see
 //! `runtime::dns::ClusterDns`), over UDP and TCP, reach relays of this agent, which ask
 //! the owner to ask the cluster's DNS.
@@ -13,6 +14,7 @@
 //! ([`super::direct`]); the rest of the cluster's addresses go through the owner.
 
 pub mod nft;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -27,7 +29,10 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::direct::DirectEndpoints;
-use crate::kubelet::relay::{read_u16_framed, request_stream, splice, write_u16_framed};
+use crate::kubelet::relay::{
+    read_datagram, read_u16_framed, request_stream, splice, write_datagram, write_u16_framed,
+    MAX_DATAGRAM,
+};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::runtime::{MacAddress, PodNetwork};
@@ -85,6 +90,7 @@ pub struct Egress {
     endpoints: DirectEndpoints,
     connections: Arc<Semaphore>,
     dns_queries: Arc<Semaphore>,
+    flows: udp::Flows,
     table: String,
     cancel: CancellationToken,
 }
@@ -107,6 +113,7 @@ struct Written {
 #[derive(Clone, Copy)]
 struct Relays {
     proxy: SocketAddrV4,
+    udp: SocketAddrV4,
     dns: nft::DnsRelays,
 }
 
@@ -131,6 +138,7 @@ impl Egress {
             endpoints,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             dns_queries: Arc::new(Semaphore::new(MAX_DNS_QUERIES)),
+            flows: udp::Flows::default(),
             cancel,
         }
     }
@@ -228,6 +236,7 @@ impl Egress {
                     pod_mac: pod.mac,
                     ranges: pod.ranges.clone(),
                     proxy: relays.proxy,
+                    udp_proxy: relays.udp,
                     dns: pod.dns.then_some(relays.dns),
                 })
             })
@@ -256,17 +265,25 @@ impl Egress {
                 .into(),
         )
         .map_err(error)?;
+        let udp = UdpSocket::from_std(
+            bind_freely(wanted, socket2::Type::DGRAM)
+                .map_err(error)?
+                .into(),
+        )
+        .map_err(error)?;
         let relays = Relays {
             proxy: v4(proxy.local_addr().map_err(error)?, wanted),
+            udp: v4(udp.local_addr().map_err(error)?, wanted),
             dns: nft::DnsRelays {
                 udp: v4(dns.local_addr().map_err(error)?, wanted),
                 tcp: v4(dns_tcp.local_addr().map_err(error)?, wanted),
             },
         };
-        tracing::info!(proxy = %relays.proxy, dns = %relays.dns.udp, dns_tcp = %relays.dns.tcp, %subnet, "relaying the pod network's cluster connections and DNS queries");
+        tracing::info!(proxy = %relays.proxy, udp = %relays.udp, dns = %relays.dns.udp, dns_tcp = %relays.dns.tcp, %subnet, "relaying the pod network's cluster connections and DNS queries");
         tokio::spawn(self.clone().accept(proxy));
         tokio::spawn(self.clone().relay_dns(dns));
         tokio::spawn(self.clone().relay_dns_tcp(dns_tcp));
+        tokio::spawn(self.clone().relay_udp(udp, relays.udp));
         Ok(relays)
     }
 
@@ -385,6 +402,109 @@ impl Egress {
         }
     }
 
+    /// Relays the pods' UDP flows to their owners' cluster ranges. The redirect hides
+    /// where a datagram was going, so each flow's first datagram asks conntrack; the
+    /// answers go back through this socket, which conntrack makes look as if from where
+    /// the pod sent.
+    async fn relay_udp(self, socket: UdpSocket, proxy: SocketAddrV4) {
+        let socket = Arc::new(socket);
+        let mut datagram = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let received = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                received = socket.recv_from(&mut datagram) => received,
+            };
+            let Ok((len, SocketAddr::V4(from))) = received else {
+                continue;
+            };
+            let payload = &datagram[..len];
+            match self.flows.send(from, payload) {
+                udp::Handed::Queued => continue,
+                udp::Handed::NoFlow => {}
+                udp::Handed::Dropped => {
+                    self.metrics.dropped("cluster_udp", "queue_full");
+                    continue;
+                }
+            }
+            let source = self
+                .sources
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(from.ip())
+                .cloned();
+            let Some(source) = source else {
+                self.metrics.dropped("cluster_udp", "not_a_pod");
+                continue;
+            };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.metrics.dropped("cluster_udp", "too_many");
+                continue;
+            };
+            let mut queued = self.flows.open(from);
+            let _ = self.flows.send(from, payload);
+            let (egress, socket) = (self.clone(), socket.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let relayed = tokio::select! {
+                    _ = egress.cancel.cancelled() => Ok(()),
+                    relayed = egress.relay_flow(&source, proxy, from, &socket, &mut queued) => relayed,
+                };
+                egress.flows.close(from);
+                match relayed {
+                    Ok(()) => egress.metrics.cluster_connection("relayed_udp"),
+                    Err(reason) => {
+                        egress.metrics.cluster_connection("refused");
+                        tracing::debug!(pod = %source.pod, %from, %reason, "pod's UDP flow not relayed");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Relays one UDP flow of the pod at `from` until it is idle for
+    /// [`udp::FLOW_IDLE`]: its datagrams to a stream to the owner, the answers back.
+    async fn relay_flow(
+        &self,
+        source: &EgressPod,
+        proxy: SocketAddrV4,
+        from: SocketAddrV4,
+        socket: &UdpSocket,
+        queued: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<(), String> {
+        let to = tokio::task::spawn_blocking(move || udp::original_destination(proxy, from))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("no original destination: {e}"))?;
+        if !source.ranges.iter().any(|r| r.contains(to.ip())) {
+            return Err(format!("{to} is outside the owner's cluster ranges"));
+        }
+        let dial = ClusterDial {
+            pod: source.pod.clone(),
+            to: SocketAddr::V4(to),
+            udp: true,
+        };
+        let stream = request_stream(&self.mesh, source.owner, CLUSTER_PROTOCOL, &dial)
+            .await
+            .map_err(|(_, message)| message)?;
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let mut answer = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(udp::FLOW_IDLE) => return Ok(()),
+                Some(datagram) = queued.recv() => write_datagram(&mut writer, &datagram).await,
+                read = read_datagram(&mut reader, &mut answer) => match read {
+                    Ok(Some(_)) => {
+                        let _ = socket.send_to(&answer, from).await;
+                        Ok(())
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => Err(e),
+                },
+            }
+            .map_err(|e| e.to_string())?;
+        }
+    }
+
     /// The next connection to `listener` once one of [`MAX_CONNECTIONS`] is free, with
     /// that permit; None once the agent stops.
     async fn next_connection(
@@ -450,6 +570,7 @@ impl Egress {
         let dial = ClusterDial {
             pod: source.pod.clone(),
             to: SocketAddr::V4(to),
+            udp: false,
         };
         let route = match self
             .mesh

@@ -1,5 +1,6 @@
 //! The agent's nftables table: a pod's connections to its owner's cluster ranges are
-//! redirected to the agent's proxy on the pod network's gateway address. Rules are per
+//! redirected to the agent's proxy on the pod network's gateway address, and its UDP
+//! datagrams there to the agent's UDP proxy (see [`super::udp`]). Rules are per
 //! pod address, so that agents sharing one host and one pod network (tests, or two
 //! owners giving the same subnet) each redirect only their own pods.
 
@@ -10,8 +11,9 @@ use ipnet::Ipv4Net;
 
 use crate::runtime::MacAddress;
 
-/// One pod's redirects: its TCP connections to `ranges` go to `proxy`, and with `dns`
-/// its DNS queries to the gateway (its nameserver) go to those relays.
+/// One pod's redirects: its TCP connections to `ranges` go to `proxy`, its datagrams
+/// there to `udp_proxy`, and with `dns` its DNS queries to the gateway (its nameserver)
+/// go to those relays.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub pod_ip: Ipv4Addr,
@@ -19,6 +21,7 @@ pub struct Redirect {
     pub pod_mac: Option<MacAddress>,
     pub ranges: Vec<Ipv4Net>,
     pub proxy: SocketAddrV4,
+    pub udp_proxy: SocketAddrV4,
     pub dns: Option<DnsRelays>,
 }
 
@@ -56,18 +59,16 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
     // first NAT of a connection is the one that holds.
     script.push_str("  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n");
     for redirect in redirects {
-        let source = match redirect.pod_mac {
-            Some(mac) => format!("ether saddr {mac} ip saddr {}", redirect.pod_ip),
-            None => format!("ip saddr {}", redirect.pod_ip),
-        };
+        let source = source(redirect);
         if !redirect.ranges.is_empty() {
             let ranges: Vec<String> = redirect.ranges.iter().map(ToString::to_string).collect();
-            let _ = writeln!(
-                script,
-                "    {source} ip daddr {{ {} }} meta l4proto tcp dnat to {}",
-                ranges.join(", "),
-                redirect.proxy
-            );
+            for (protocol, proxy) in [("tcp", redirect.proxy), ("udp", redirect.udp_proxy)] {
+                let _ = writeln!(
+                    script,
+                    "    {source} ip daddr {{ {} }} meta l4proto {protocol} dnat to {proxy}",
+                    ranges.join(", "),
+                );
+            }
         }
         if let Some(dns) = redirect.dns {
             for (protocol, relay) in [("udp", dns.udp), ("tcp", dns.tcp)] {
@@ -81,6 +82,14 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
     }
     script.push_str("  }\n}\n");
     script
+}
+
+/// What matches a pod's packets.
+fn source(redirect: &Redirect) -> String {
+    match redirect.pod_mac {
+        Some(mac) => format!("ether saddr {mac} ip saddr {}", redirect.pod_ip),
+        None => format!("ip saddr {}", redirect.pod_ip),
+    }
 }
 
 /// An `nft -f` script that removes the table.
@@ -107,6 +116,7 @@ mod tests {
             pod_mac: None,
             ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
             proxy: proxy.parse().expect("addr"),
+            udp_proxy: "10.64.0.1:40009".parse().expect("addr"),
             dns: None,
         };
         let script = replace_table(
@@ -114,6 +124,7 @@ mod tests {
             &[
                 redirect("10.64.0.5", "10.64.0.1:40001"),
                 Redirect {
+                    udp_proxy: "10.64.1.1:40010".parse().expect("addr"),
                     dns: Some(DnsRelays {
                         udp: "10.64.1.1:40003".parse().expect("addr"),
                         tcp: "10.64.1.1:40004".parse().expect("addr"),
@@ -125,7 +136,7 @@ mod tests {
         );
         assert_eq!(
             script,
-            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 tcp dport 53 dnat to 10.64.1.1:40004\n  }\n}\n"
+            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.0.1:40009\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.1.1:40010\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 tcp dport 53 dnat to 10.64.1.1:40004\n  }\n}\n"
         );
         assert_eq!(
             delete_table("beemesh_x"),
