@@ -455,6 +455,9 @@ impl Drop for Mesh {
         for agent in &mut self.agents {
             agent.kill();
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         let mut peers: Vec<String> = self.agents.iter().map(|a| a.peer.clone()).collect();
         peers.sort();
         peers.dedup();
@@ -471,6 +474,38 @@ impl Drop for Mesh {
                 .args(["delete", "table", "ip", &table])
                 .output();
         }
+    }
+}
+
+impl Mesh {
+    /// A failed test's node and agent logs: copied to `/tmp/beemesh-test-logs`, and
+    /// their last lines printed (all CI keeps of a failed run is its output).
+    fn keep_logs(&self) {
+        let kept = PathBuf::from(format!(
+            "/tmp/beemesh-test-logs/{}-{}",
+            now_millis(),
+            std::process::id()
+        ));
+        let _ = std::fs::create_dir_all(&kept);
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_none_or(|x| x != "log") {
+                continue;
+            }
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let _ = std::fs::copy(&path, kept.join(name));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {}", name.to_string_lossy());
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+        eprintln!("--- logs kept in {}", kept.display());
     }
 }
 
