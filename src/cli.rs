@@ -256,7 +256,9 @@ pub struct NodeArgs {
     #[arg(value_name = "CIDR", long, env = "BEEMESH_MESH_SERVICE_CIDR", default_value_t = mesh_services::DEFAULT_CIDR)]
     pub mesh_service_cidr: Ipv4Net,
     /// The cluster's pod CIDR (k3s's --cluster-cidr), which --mesh-pod-cidr must be
-    /// apart from; checked at start when the node uses a Kubernetes API server.
+    /// apart from; checked at start when the node uses a Kubernetes API server. Mesh
+    /// pods' connections to the cluster's pods that are endpoints of a Service (what a
+    /// headless Service's name resolves to) are relayed through the node.
     #[arg(
         value_name = "CIDR",
         long,

@@ -531,10 +531,13 @@ async fn node(args: NodeArgs) -> Result<()> {
             fencing_margin: Duration::from_secs(args.fencing_margin_seconds),
             node_name: args.node_name.clone(),
             pod_subnets,
+            // The cluster's Services, and its pods (the endpoints of its Services, which
+            // a headless Service's name resolves to).
             cluster_ranges: api
                 .is_some()
-                .then_some(args.service_cidr)
+                .then_some([args.service_cidr, args.cluster_cidr])
                 .into_iter()
+                .flatten()
                 .chain(
                     args.pod_manifest_path
                         .is_some()

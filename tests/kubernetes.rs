@@ -2109,6 +2109,12 @@ fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
     // The ClusterIP is an address of this host, as it is to kube-proxy on a node: a
     // connection that were not redirected would reach it straight from the pod.
     let _address = common::HostNetwork::up("10.43.250.1/32");
+    // A pod of the cluster behind a headless Service, at an address of the cluster's pod
+    // CIDR (--cluster-cidr, k3s' 10.42.0.0/16).
+    let cluster_pod: std::net::Ipv4Addr = "10.42.250.1".parse().expect("ip");
+    let _pod_address = common::HostNetwork::up("10.42.250.1/32");
+    let (pod_port, _pod_server) = cluster_server(cluster_pod);
+    let (pod_unserved, _pod_other) = cluster_server(cluster_pod);
     let (port, _server) = cluster_server(cluster_ip);
     let (unserved, _other) = cluster_server(cluster_ip);
     let (echo, unserved_echo) = (cluster_udp_echo(cluster_ip), cluster_udp_echo(cluster_ip));
@@ -2274,6 +2280,58 @@ spec:
         unserved_answers,
         vec![None],
         "relayed to a UDP port no Service serves"
+    );
+    // A cluster pod's address, as a headless Service's name resolves: relayed when an
+    // EndpointSlice of the cluster has it with that port, refused otherwise.
+    cluster.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: default}}
+spec:
+  clusterIP: None
+  ports: [{{name: db, port: {pod_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: db, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}}
+addressType: IPv4
+endpoints: [{{addresses: [{cluster_pod}], conditions: {{ready: true}}}}]
+ports: [{{name: db, port: {pod_port}, protocol: TCP}}]
+"#
+    ));
+    let to_pod = |port: u16| {
+        cluster.kubectl(
+            &[
+                "exec",
+                "client",
+                "--",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{cluster_pod}:{port}/"),
+            ],
+            None,
+        )
+    };
+    let answer = cluster.mesh.wait_for(
+        "a cluster pod reached through the node",
+        Duration::from_secs(30),
+        || {
+            let (ok, answer) = to_pod(pod_port);
+            ok.then_some(answer)
+        },
+    );
+    assert!(answer.contains("from-the-cluster"), "{answer}");
+    assert!(!answer.contains(&format!("client={mesh_ip}")), "{answer}");
+    let (ok, answer) = to_pod(pod_unserved);
+    assert!(
+        !ok,
+        "relayed to a cluster pod's port no EndpointSlice has: {answer}"
     );
     assert_eq!(
         over_udp[2] & 0x02,

@@ -66,7 +66,7 @@ pub async fn run(
     tracing::info!(address = %gateway.address(), "serving Services for mesh pods");
     tokio::spawn(crate::gateway::cluster::serve(
         gateway.relay(),
-        services.clone(),
+        network.clone(),
         cancel.clone(),
     ));
     let mut said = BTreeSet::new();

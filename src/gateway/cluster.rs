@@ -11,19 +11,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
-use kube::runtime::reflector::Store;
 use libp2p::{PeerId, StreamProtocol};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
+use super::endpoints::endpoint_serves;
 use super::Relay;
 use crate::kubelet::relay::{
     answer, answer_and_splice, read_header, read_u16_framed, relay_datagrams, write_u16_framed,
     RelayError,
 };
 use crate::node::network_policy;
+use crate::node::ApiNetwork;
 use crate::wire::{
     ClusterDial, KubeletAnswer, CLUSTER_PROTOCOL, MAX_DNS_MESSAGE, MAX_DNS_TCP_MESSAGE,
 };
@@ -96,7 +97,7 @@ pub fn service_serves(service: &Service, to: SocketAddr, protocol: &str) -> bool
 }
 
 /// Serves the agents' cluster connections until cancelled.
-pub async fn serve(relay: Relay, services: Store<Service>, cancel: CancellationToken) {
+pub async fn serve(relay: Relay, network: ApiNetwork, cancel: CancellationToken) {
     let mut incoming = match relay
         .mesh
         .accept_streams(StreamProtocol::new(CLUSTER_PROTOCOL))
@@ -121,12 +122,12 @@ pub async fn serve(relay: Relay, services: Store<Service>, cancel: CancellationT
             tracing::debug!(%agent, "too many cluster connections; one refused");
             continue;
         };
-        let (relay, services, cancel) = (relay.clone(), services.clone(), cancel.clone());
+        let (relay, network, cancel) = (relay.clone(), network.clone(), cancel.clone());
         tokio::spawn(async move {
             let _permit = permit;
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                result = connect(agent, stream, &relay, &services) => match result {
+                result = connect(agent, stream, &relay, &network) => match result {
                     Ok(()) => relay.metrics.cluster_connection("relayed"),
                     Err(reason) => {
                         relay.metrics.cluster_connection("refused");
@@ -142,11 +143,11 @@ async fn connect(
     agent: PeerId,
     stream: libp2p::Stream,
     relay: &Relay,
-    services: &Store<Service>,
+    network: &ApiNetwork,
 ) -> Result<(), String> {
     let mut io = stream.compat();
     let dial: ClusterDial = read_header(&mut io).await.map_err(|e| e.to_string())?;
-    let allowed = allowed(agent, &dial, relay, services).await;
+    let allowed = allowed(agent, &dial, relay, network).await;
     let failed = |(code, message)| KubeletAnswer::Failed { code, message };
     if dial.udp {
         let socket = match allowed {
@@ -183,12 +184,13 @@ async fn udp_socket(to: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     Ok(socket)
 }
 
-/// The pod is this node's and placed on `agent`, and a Service serves `dial.to`.
+/// The pod is this node's and placed on `agent`, and a Service serves `dial.to` (its
+/// ClusterIP, or the address of one of its pods).
 async fn allowed(
     agent: PeerId,
     dial: &ClusterDial,
     relay: &Relay,
-    services: &Store<Service>,
+    network: &ApiNetwork,
 ) -> Result<(), (u16, String)> {
     let placed_there = relay
         .directory
@@ -199,11 +201,18 @@ async fn allowed(
         return Err((403, format!("pod {} is not placed on this agent", dial.pod)));
     }
     let protocol = dial.protocol();
-    if !services
+    let served = network
+        .services
+        .store
         .state()
         .iter()
         .any(|s| service_serves(s, dial.to, protocol))
-    {
+        || endpoint_serves(
+            network.slices.store.state().iter().map(AsRef::as_ref),
+            dial.to,
+            protocol,
+        );
+    if !served {
         return Err((403, format!("no Service serves {protocol} on {}", dial.to)));
     }
     let policy = relay.policy.as_ref().ok_or((

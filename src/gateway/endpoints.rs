@@ -231,6 +231,28 @@ pub fn ready_endpoints<'a>(
         .count()
 }
 
+/// Whether `to` is an endpoint of one of `slices` (an address of a Service's pod, which
+/// a headless Service's name resolves to) with a port of `protocol` (as the API names
+/// it) there. Not-ready endpoints count: they are addresses the cluster gave its pods.
+pub fn endpoint_serves<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    to: std::net::SocketAddr,
+    protocol: &str,
+) -> bool {
+    let address = to.ip().to_string();
+    slices.into_iter().any(|slice| {
+        let port = slice.ports.iter().flatten().any(|p| {
+            p.port == Some(i32::from(to.port()))
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol
+        });
+        port && slice
+            .endpoints
+            .iter()
+            .flatten()
+            .any(|e| e.addresses.contains(&address))
+    })
+}
+
 fn is_terminal(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     matches!(phase, Some("Succeeded" | "Failed"))
@@ -397,6 +419,37 @@ mod tests {
             slice("db", "shop", &[Some(true)]),
         ];
         assert_eq!(ready_endpoints(&slices, &web), 2);
+    }
+
+    #[test]
+    fn an_endpoint_is_served_on_its_slices_ports_and_protocols_only() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "db-x", "namespace": "shop", "labels": {SERVICE_NAME_LABEL: "db"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.42.1.5"]}, {"addresses": ["10.42.1.6"], "conditions": {"ready": false}}],
+            "ports": [{"port": 5432}, {"port": 53, "protocol": "UDP"}],
+        }))
+        .expect("slice");
+        let to = |a: &str| a.parse::<std::net::SocketAddr>().expect("addr");
+        let slices = [slice];
+        assert!(endpoint_serves(&slices, to("10.42.1.5:5432"), "TCP"));
+        assert!(
+            endpoint_serves(&slices, to("10.42.1.6:5432"), "TCP"),
+            "not ready"
+        );
+        assert!(endpoint_serves(&slices, to("10.42.1.5:53"), "UDP"));
+        assert!(
+            !endpoint_serves(&slices, to("10.42.1.5:53"), "TCP"),
+            "UDP only"
+        );
+        assert!(
+            !endpoint_serves(&slices, to("10.42.1.5:80"), "TCP"),
+            "another port"
+        );
+        assert!(
+            !endpoint_serves(&slices, to("10.42.1.7:5432"), "TCP"),
+            "another pod"
+        );
     }
     use serde_json::json;
 
