@@ -2164,7 +2164,7 @@ spec:
         .as_str()
         .expect("mesh ip")
         .to_owned();
-    let wget = |port: u16| {
+    let wget = |address: std::net::Ipv4Addr, port: u16| {
         cluster.kubectl(
             &[
                 "exec",
@@ -2174,12 +2174,12 @@ spec:
                 "-q",
                 "-O",
                 "-",
-                &format!("http://{cluster_ip}:{port}/"),
+                &format!("http://{address}:{port}/"),
             ],
             None,
         )
     };
-    let (ok, answer) = wget(port);
+    let (ok, answer) = wget(cluster_ip, port);
     assert!(ok, "{answer}");
     assert!(answer.contains("from-the-cluster"), "{answer}");
     // The node dialed it, not the pod.
@@ -2295,32 +2295,17 @@ endpoints: [{{addresses: [{cluster_pod}], conditions: {{ready: true}}}}]
 ports: [{{name: db, port: {pod_port}, protocol: TCP}}]
 "#
     ));
-    let to_pod = |port: u16| {
-        cluster.kubectl(
-            &[
-                "exec",
-                "client",
-                "--",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                &format!("http://{cluster_pod}:{port}/"),
-            ],
-            None,
-        )
-    };
     let answer = cluster.mesh.wait_for(
         "a cluster pod reached through the node",
         Duration::from_secs(30),
         || {
-            let (ok, answer) = to_pod(pod_port);
+            let (ok, answer) = wget(cluster_pod, pod_port);
             ok.then_some(answer)
         },
     );
     assert!(answer.contains("from-the-cluster"), "{answer}");
     assert!(!answer.contains(&format!("client={mesh_ip}")), "{answer}");
-    let (ok, answer) = to_pod(pod_unserved);
+    let (ok, answer) = wget(cluster_pod, pod_unserved);
     assert!(
         !ok,
         "relayed to a cluster pod's port no EndpointSlice has: {answer}"
@@ -2356,7 +2341,7 @@ ports: [{{name: db, port: {pod_port}, protocol: TCP}}]
     );
     assert!(ok && answer.contains("10.43.0.1"), "{answer}");
     // A port no Service serves is not relayed, though the address answers there.
-    let (ok, answer) = wget(unserved);
+    let (ok, answer) = wget(cluster_ip, unserved);
     assert!(!ok, "relayed to a port no Service serves: {answer}");
     let metrics = common::scrape(&metrics_addr);
     assert!(
