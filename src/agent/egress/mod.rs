@@ -78,6 +78,21 @@ pub struct EgressPod {
     pub dns: bool,
 }
 
+impl EgressPod {
+    /// What the pod's connection (or UDP flow) to `to` asks its owner for, when `to` is
+    /// in the owner's cluster ranges.
+    fn dial(&self, to: SocketAddrV4, udp: bool) -> Result<ClusterDial, String> {
+        if !self.ranges.iter().any(|r| r.contains(to.ip())) {
+            return Err(format!("{to} is outside the owner's cluster ranges"));
+        }
+        Ok(ClusterDial {
+            pod: self.pod.clone(),
+            to: SocketAddr::V4(to),
+            udp,
+        })
+    }
+}
+
 /// Cheap to clone; shared by the supervisors.
 #[derive(Clone)]
 pub struct Egress {
@@ -358,16 +373,19 @@ impl Egress {
         }
     }
 
+    /// This agent's pod at `address`.
+    fn source(&self, address: Ipv4Addr) -> Option<EgressPod> {
+        self.sources
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&address)
+            .cloned()
+    }
+
     /// The pod of this agent at `client` whose DNS queries its owner answers; None
     /// (counted) for any other address.
     fn dns_source(&self, client: Ipv4Addr) -> Option<EgressPod> {
-        let source = self
-            .sources
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&client)
-            .filter(|pod| pod.dns)
-            .cloned();
+        let source = self.source(client).filter(|pod| pod.dns);
         if source.is_none() {
             self.metrics.dropped("cluster_dns", "not_a_pod");
             tracing::debug!(%client, "DNS query from an address that is not a pod of this agent dropped");
@@ -426,13 +444,7 @@ impl Egress {
                     continue;
                 }
             }
-            let source = self
-                .sources
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(from.ip())
-                .cloned();
-            let Some(source) = source else {
+            let Some(source) = self.source(*from.ip()) else {
                 self.metrics.dropped("cluster_udp", "not_a_pod");
                 continue;
             };
@@ -475,14 +487,7 @@ impl Egress {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("no original destination: {e}"))?;
-        if !source.ranges.iter().any(|r| r.contains(to.ip())) {
-            return Err(format!("{to} is outside the owner's cluster ranges"));
-        }
-        let dial = ClusterDial {
-            pod: source.pod.clone(),
-            to: SocketAddr::V4(to),
-            udp: true,
-        };
+        let dial = source.dial(to, true)?;
         let stream = request_stream(&self.mesh, source.owner, CLUSTER_PROTOCOL, &dial)
             .await
             .map_err(|(_, message)| message)?;
@@ -557,21 +562,8 @@ impl Egress {
             .map_err(|e| format!("no original destination: {e}"))?
             .as_socket_ipv4()
             .ok_or("no original IPv4 destination")?;
-        let source = self
-            .sources
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer.ip())
-            .cloned()
-            .ok_or("not a pod of this agent")?;
-        if !source.ranges.iter().any(|r| r.contains(to.ip())) {
-            return Err(format!("{to} is outside the owner's cluster ranges"));
-        }
-        let dial = ClusterDial {
-            pod: source.pod.clone(),
-            to: SocketAddr::V4(to),
-            udp: false,
-        };
+        let source = self.source(*peer.ip()).ok_or("not a pod of this agent")?;
+        let dial = source.dial(to, false)?;
         let route = match self
             .mesh
             .request(source.owner, Request::Route(dial.clone()))
