@@ -297,6 +297,7 @@ fn spec_translation(c: &mut Criterion) {
         node_name: "agent-1",
         host_dns: &host_dns,
         memory_dirs: &BTreeMap::new(),
+        group_socket_dir: None,
     };
     let mut group = c.benchmark_group("translate");
     group.bench_function("typical_pod_plans", |b| {

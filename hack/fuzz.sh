@@ -40,7 +40,7 @@ fi
 max_len() {
   case "$1" in
     wire_message | mesh_stream | translate_pod | manifest_yaml) echo 16384 ;;
-    trust_records | spdy_frames | spdy_session) echo 8192 ;;
+    trust_records | spdy_frames | spdy_session | raft_frames) echo 8192 ;;
     spdy_header_block) echo 4096 ;;
     ws_channel | tunnel_frame) echo 1024 ;;
     kubelet_query) echo 512 ;;

@@ -205,6 +205,10 @@ pub struct AgentArgs {
     /// the "baseline" level with host ports 1024-65535.
     #[arg(value_name = "FILE", long, env = "BEEMESH_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Entries of a stateful workload's Raft log after which its members take a
+    /// snapshot and drop the log before it.
+    #[arg(value_name = "N", long, env = "BEEMESH_RAFT_SNAPSHOT_ENTRIES", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub raft_snapshot_entries: u64,
 }
 
 #[derive(Debug, Args)]

@@ -277,6 +277,10 @@ async fn agent(args: AgentArgs) -> Result<()> {
             agent: mesh.local_peer_id().to_string(),
         }),
         policy: Arc::new(policy),
+        groups: crate::raft::GroupConfig {
+            snapshot_entries: args.raft_snapshot_entries,
+            ..Default::default()
+        },
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
     let agent = Agent::new(config, mesh, Arc::new(runtime), owners, enrollment, metrics)?;

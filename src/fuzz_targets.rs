@@ -653,6 +653,7 @@ fn check_pod(pod: &Pod) {
             options: vec!["ndots:2".into()],
         },
         memory_dirs: &std::collections::BTreeMap::new(),
+        group_socket_dir: None,
     };
     let plan = translate::pod_plan(pod, &ctx);
     assert_eq!(plan.is_ok(), valid.is_ok());
@@ -826,4 +827,44 @@ pub fn spdy_session(data: &[u8]) {
 /// What one stream can deliver at most: the whole input fits in the fuzzer's max_len.
 fn data_limit() -> usize {
     1 << 20
+}
+
+/// The Raft groups' protocol: call and reply frames as members read them off a stream
+/// (encoding stable once decoded), the owner's group word as an agent checks it, and a
+/// snapshot as a member reads it back (from a peer or its disk). The first byte picks.
+pub fn raft_frames(data: &[u8]) {
+    use crate::raft::rpc::{CallFrame, Reply, MAX_FRAME_BYTES};
+    use futures::executor::block_on;
+    fn stable<T: Serialize + DeserializeOwned>(data: &[u8], what: &str) {
+        let mut io = data;
+        let Ok(first) = block_on(relay::read_message::<T>(&mut io, MAX_FRAME_BYTES)) else {
+            return;
+        };
+        let mut once = Vec::new();
+        block_on(relay::write_message(&mut once, &first, usize::MAX)).expect("writes");
+        let again: T = block_on(relay::read_message(&mut once.as_slice(), usize::MAX))
+            .unwrap_or_else(|e| panic!("{what}: its own encoding does not decode: {e}"));
+        let mut twice = Vec::new();
+        block_on(relay::write_message(&mut twice, &again, usize::MAX)).expect("writes");
+        assert_eq!(once, twice, "{what}: encoding is not stable");
+    }
+    let (selector, data) = split_selector(data);
+    match selector % 4 {
+        0 => stable::<CallFrame>(data, "raft call"),
+        1 => stable::<Reply>(data, "raft reply"),
+        2 => {
+            if let Ok(word) = wire::decode::<wire::SignedGroup>(data, wire::MAX_REQUEST_BYTES) {
+                let sender = word.owner.0;
+                if crate::trust::group::verify(&word, &sender).is_ok() {
+                    assert!(word.members.len() <= wire::MAX_GROUP_MEMBERS);
+                }
+                json_fixpoint(&word, "group word");
+            }
+        }
+        _ => {
+            if let Ok(kv) = crate::raft::store::decode_snapshot_state(data) {
+                assert!(kv.len() <= crate::raft::kv::MAX_KEYS);
+            }
+        }
+    }
 }

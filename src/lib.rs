@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod placement;
+pub mod raft;
 pub mod retry;
 pub mod runtime;
 pub mod tables;

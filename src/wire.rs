@@ -687,6 +687,8 @@ pub enum Request {
     /// An agent asks the owner of one of its pods where that pod's connection to a
     /// Service address goes (answered with [`Response::Route`]).
     Route(ClusterDial),
+    /// The owner tells the agents of a stateful workload who its group's members are.
+    Group(Box<SignedGroup>),
 }
 
 /// The largest DNS message relayed over UDP, and the largest query over TCP (a query is
@@ -720,6 +722,7 @@ impl Request {
             Request::Renew(_) => "renew",
             Request::ClusterDns(_) => "cluster_dns",
             Request::Route(_) => "route",
+            Request::Group(_) => "group",
         }
     }
 }
@@ -870,6 +873,40 @@ pub enum Route {
     /// Straight to the agent of the mesh pod the owner picked as the Service's endpoint,
     /// over [`DIRECT_PROTOCOL`], with the owner's grant.
     Direct(Box<SignedDial>),
+}
+
+/// The stream protocol between the members of a stateful workload's Raft group (see
+/// `raft::rpc` for its frames).
+pub const RAFT_PROTOCOL: &str = "/beemesh/raft/1";
+
+/// The most members a group has: the most pods of one stateful workload that get a
+/// group.
+pub const MAX_GROUP_MEMBERS: usize = 64;
+
+/// One pod of a group, and the agent that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub agent: PeerRef,
+    pub pod: PodRef,
+}
+
+/// The owner's word on a stateful workload's group: the pods `namespace`/`name` has, and
+/// the agents that run them, which alone take part in its Raft group (see
+/// `trust::group`). Sent to every member when it changes, and again now and then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedGroup {
+    pub owner: PeerRef,
+    pub namespace: String,
+    /// The group's name: the StatefulSet's, or the pods' `beemesh.io/raft-group`.
+    pub name: String,
+    /// Grows with every change the owner makes: an agent ignores an older word.
+    pub version: u64,
+    /// The member that starts the group's log, when none has one: the agent of the
+    /// group's oldest pod. None when the group has no pod left.
+    pub founder: Option<PeerRef>,
+    pub members: Vec<GroupMember>,
+    /// The owner's Ed25519 signature, hex.
+    pub signature: String,
 }
 
 /// The stream protocol over which an agent connects one of its pods to a port of a pod

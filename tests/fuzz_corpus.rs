@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("translate_pod", fuzz_targets::translate_pod),
     ("quantity", fuzz_targets::quantity),
     ("kubelet_query", fuzz_targets::kubelet_query),
+    ("raft_frames", fuzz_targets::raft_frames),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -130,6 +131,132 @@ mod seeds {
         let dir = dir.join(target);
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write");
+    }
+
+    fn raft_seeds(dir: &Path, agent: &PeerRef, owner: &PeerRef, word: &SignedGroup) {
+        use beemesh::raft::kv::{Command, Outcome};
+        use beemesh::raft::rpc::{Call, CallFrame, Read, Reply};
+        use beemesh::raft::{members_of, node_id, Entry, TypeConfig};
+        use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest};
+        use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership, Vote};
+
+        let id = node_id(&agent.0);
+        let log_id = |index| LogId::new(CommittedLeaderId::new(2, id), index);
+        let members = members_of([agent.0, owner.0]);
+        let voters = [members.keys().copied().collect()];
+        let entries: Vec<Entry> = vec![
+            Entry {
+                log_id: log_id(7),
+                payload: EntryPayload::Membership(Membership::new(voters.to_vec(), members)),
+            },
+            Entry {
+                log_id: log_id(8),
+                payload: EntryPayload::Normal(Command::Put {
+                    key: "config/leader".into(),
+                    value: "db-0".into(),
+                    expect: Some(0),
+                }),
+            },
+            Entry {
+                log_id: log_id(9),
+                payload: EntryPayload::Blank,
+            },
+        ];
+        let appended = entries.clone();
+        let frame = |call| CallFrame {
+            owner: *owner,
+            namespace: "shop".into(),
+            name: "db".into(),
+            call,
+        };
+        let calls = [
+            (
+                "append",
+                frame(Call::AppendEntries(AppendEntriesRequest::<TypeConfig> {
+                    vote: Vote::new_committed(2, id),
+                    prev_log_id: Some(log_id(6)),
+                    entries: entries.clone(),
+                    leader_commit: Some(log_id(6)),
+                })),
+            ),
+            (
+                "vote",
+                frame(Call::Vote(VoteRequest::new(
+                    Vote::new(3, id),
+                    Some(log_id(9)),
+                ))),
+            ),
+            (
+                "propose",
+                frame(Call::Propose(Command::Lock {
+                    name: "primary".into(),
+                    holder: "db-1".into(),
+                    lease_ms: 10_000,
+                    now_ms: 0,
+                })),
+            ),
+            (
+                "read",
+                frame(Call::Read(Read::Prefix {
+                    prefix: "config/".into(),
+                })),
+            ),
+        ];
+        for (name, call) in &calls {
+            write(
+                dir,
+                "raft_frames",
+                &format!("call-{name}"),
+                &with(0, &framed(call)),
+            );
+        }
+        let replies = [
+            (
+                "append",
+                Reply::AppendEntries(Ok(AppendEntriesResponse::Success)),
+            ),
+            (
+                "proposed",
+                Reply::Proposed(Ok((8, Outcome::Stored { revision: 8 }))),
+            ),
+            (
+                "refused",
+                Reply::Refused {
+                    reason: "not a member".into(),
+                },
+            ),
+        ];
+        for (name, reply) in &replies {
+            write(
+                dir,
+                "raft_frames",
+                &format!("reply-{name}"),
+                &with(1, &framed(reply)),
+            );
+        }
+        let word = beemesh::wire::encode(word, usize::MAX).expect("encodes");
+        write(dir, "raft_frames", "group-word", &with(2, &word));
+        // A snapshot as a member builds it.
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let snapshot = runtime.block_on(async {
+            use openraft::storage::RaftStateMachine;
+            use openraft::RaftSnapshotBuilder;
+            let state = tempfile::tempdir().expect("tempdir");
+            let mut machine =
+                beemesh::raft::store::StateMachine::open(state.path()).expect("opens");
+            machine.apply(appended).await.expect("applies");
+            let snapshot = machine.build_snapshot().await.expect("builds");
+            snapshot.snapshot.into_inner()
+        });
+        write(dir, "raft_frames", "snapshot", &with(3, &snapshot));
+    }
+
+    /// A message framed as on a Raft stream.
+    fn framed<T: serde::Serialize>(message: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        futures::executor::block_on(relay::write_message(&mut out, message, usize::MAX))
+            .expect("frames");
+        out
     }
 
     fn with(selector: u8, bytes: &[u8]) -> Vec<u8> {
@@ -283,6 +410,20 @@ mod seeds {
                 })),
             ),
         ];
+        let word = beemesh::trust::group::sign(
+            &owner,
+            beemesh::trust::group::Group {
+                namespace: "shop".into(),
+                name: "db".into(),
+                version: 1_700_000_000_000,
+                founder: Some(agent_peer.0),
+                members: vec![GroupMember {
+                    agent: agent_peer,
+                    pod: pod_ref.clone(),
+                }],
+            },
+        );
+        requests.push(("group", Request::Group(Box::new(word.clone()))));
         for (name, pod) in &pods {
             requests.push((
                 name,
@@ -589,6 +730,9 @@ mod seeds {
             futures::executor::block_on(relay::write_frame(&mut session, &f)).expect("frame");
         }
         write(dir, "mesh_stream", "relay-session", &with(3, &session));
+
+        // raft_frames: selector 0 call frame, 1 reply frame, 2 group word, 3 snapshot.
+        raft_seeds(dir, &agent_peer, &owner_peer, &word);
 
         // trust_records: selector 0 signed assignment, 1 trust doc + join request,
         // 2 join token, 3 assignment record, 4 lease book, 5 identity key.

@@ -107,6 +107,8 @@ pub struct AgentConfig {
     pub fence_watchdog: Option<watchdog::Launcher>,
     /// What this host agrees to run, whoever asks (`--policy-file`).
     pub policy: Arc<Policy>,
+    /// How the Raft groups of stateful workloads run.
+    pub groups: crate::raft::GroupConfig,
 }
 
 /// A pod this agent runs.
@@ -307,6 +309,14 @@ impl Agent {
                 },
                 CancellationToken::new(),
             ),
+            groups: crate::raft::Groups::new(
+                mesh.local_peer_id(),
+                mesh.clone(),
+                owners.clone(),
+                config.state_dir.join("groups"),
+                config.groups.clone(),
+                metrics.clone(),
+            ),
         };
         Ok(Agent {
             config,
@@ -368,6 +378,12 @@ impl Agent {
         tokio::spawn(async move {
             if let Err(e) = direct.await {
                 tracing::error!(error = %e, "cannot serve other agents' connections to Services' endpoints");
+            }
+        });
+        let groups = self.worker_ctx.groups.clone().serve(cancel.clone());
+        tokio::spawn(async move {
+            if let Err(e) = groups.await {
+                tracing::error!(error = %e, "cannot serve the Raft groups of stateful workloads");
             }
         });
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
@@ -1016,7 +1032,7 @@ impl Agent {
         let kind = request.kind();
         let for_owners = matches!(
             request,
-            Request::Assign(_) | Request::Release(_) | Request::Query
+            Request::Assign(_) | Request::Release(_) | Request::Query | Request::Group(_)
         );
         if for_owners && !self.owners.trusts(&peer) {
             self.metrics.dropped(kind, "untrusted");
@@ -1039,6 +1055,7 @@ impl Agent {
             Request::Assign(assign) => self.on_assign(peer, *assign).await,
             Request::Release(release) => self.on_release(peer, release),
             Request::Query => Response::View(Box::new(self.view(peer))),
+            Request::Group(word) => self.worker_ctx.groups.on_word(peer, *word).await,
             Request::Bid(_)
             | Request::Status(_)
             | Request::Join(_)

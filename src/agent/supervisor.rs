@@ -94,6 +94,8 @@ pub struct WorkerContext {
     pub addresses: super::addresses::PodAddresses,
     /// The pods' connections to their owners' clusters.
     pub egress: super::egress::Egress,
+    /// The Raft groups of the stateful workloads whose pods run here.
+    pub groups: crate::raft::Groups,
 }
 
 /// New pods set up at once by one agent. A burst of hundreds (a Deployment scaled up)
@@ -363,6 +365,8 @@ struct Worker {
     host_dns: ResolvConf,
     /// Where the sandbox's memory-backed emptyDirs are, by volume name.
     memory_dirs: BTreeMap<String, PathBuf>,
+    /// The directory of the pod's group socket, for a pod of a stateful workload.
+    group_socket: Option<PathBuf>,
     start_time: Timestamp,
     slots: Vec<Slot>,
     failure: Option<(String, String)>,
@@ -427,6 +431,7 @@ impl Worker {
             pod_ip: None,
             host_dns: ResolvConf::default(),
             memory_dirs: BTreeMap::new(),
+            group_socket: None,
             start_time: Timestamp::now(),
             slots,
             failure: None,
@@ -525,7 +530,22 @@ impl Worker {
             node_name: &self.ctx.node_name,
             host_dns: &self.host_dns,
             memory_dirs: &self.memory_dirs,
+            group_socket_dir: self.group_socket.as_deref(),
         }
+    }
+
+    /// Gives a pod of a stateful workload its group's socket.
+    fn attach_group(&mut self) -> std::io::Result<()> {
+        let Ok(Some(name)) = crate::raft::group_of(&self.pod) else {
+            return Ok(());
+        };
+        let key = crate::raft::GroupKey {
+            owner: self.owner,
+            namespace: self.pod_ref.namespace.clone(),
+            name,
+        };
+        self.group_socket = Some(self.ctx.groups.attach_pod(key, &self.pod_ref, self.epoch)?);
+        Ok(())
     }
 
     /// Creates the Podman pod (network namespace and volumes). A spec that cannot run
@@ -545,6 +565,9 @@ impl Worker {
                     SANDBOX_FAILED
                 ));
             }
+        }
+        if let Err(e) = self.attach_group() {
+            return self.setup_failed(format!("cannot make the pod's group socket: {e}"));
         }
         let fs_group = translate::fs_group(&self.pod);
         for name in translate::empty_dirs(&self.pod) {
@@ -715,6 +738,9 @@ impl Worker {
             }
         }
         self.pod_id = Some(existing.id.clone());
+        if let Err(e) = self.attach_group() {
+            tracing::warn!(pod = %self.pod_ref, error = %e, "cannot make the pod's group socket again");
+        }
         for memory in translate::memory_volumes(&self.pod, self.epoch).unwrap_or_default() {
             match self.ctx.runtime.volume_dir(&memory.volume).await {
                 Ok(dir) => {
@@ -1673,6 +1699,7 @@ impl Worker {
         // Nothing listens any more, and Podman may give the address to another pod.
         self.ctx.addresses.remove(&self.pod_ref.uid, self.epoch);
         self.ctx.egress.remove(&self.pod_ref.uid, self.epoch).await;
+        self.ctx.groups.detach_pod(&self.pod_ref, self.epoch).await;
         if let Some(pod_id) = self.pod_id.take() {
             // Until it is gone: a copy the agent forgot would run on unseen (Podman
             // may be down for a while; the containers run on under conmon).

@@ -31,7 +31,24 @@ pub async fn write_header<T: Serialize>(
     io: &mut (impl AsyncWrite + Unpin),
     message: &T,
 ) -> Result<(), RelayError> {
-    let bytes = wire::encode(message, MAX_KUBELET_HEADER_BYTES)?;
+    write_message(io, message, MAX_KUBELET_HEADER_BYTES).await
+}
+
+/// Reads one header written by [`write_header`].
+pub async fn read_header<T: DeserializeOwned>(
+    io: &mut (impl AsyncRead + Unpin),
+) -> Result<T, RelayError> {
+    read_message(io, MAX_KUBELET_HEADER_BYTES).await
+}
+
+/// Writes one message of at most `limit` bytes: a big-endian u32 length, then the
+/// message.
+pub async fn write_message<T: Serialize>(
+    io: &mut (impl AsyncWrite + Unpin),
+    message: &T,
+    limit: usize,
+) -> Result<(), RelayError> {
+    let bytes = wire::encode(message, limit)?;
     let len = u32::try_from(bytes.len()).map_err(|_| RelayError::TooLarge(bytes.len()))?;
     io.write_all(&len.to_be_bytes()).await?;
     io.write_all(&bytes).await?;
@@ -39,19 +56,20 @@ pub async fn write_header<T: Serialize>(
     Ok(())
 }
 
-/// Reads one header written by [`write_header`]; a length over the limit is refused
+/// Reads one message written by [`write_message`]; a length over `limit` is refused
 /// before anything is allocated.
-pub async fn read_header<T: DeserializeOwned>(
+pub async fn read_message<T: DeserializeOwned>(
     io: &mut (impl AsyncRead + Unpin),
+    limit: usize,
 ) -> Result<T, RelayError> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_KUBELET_HEADER_BYTES {
+    if len > limit {
         return Err(RelayError::TooLarge(len));
     }
     let bytes = read_declared(&mut (&mut *io).compat(), len).await?;
-    Ok(wire::decode(&bytes, MAX_KUBELET_HEADER_BYTES)?)
+    Ok(wire::decode(&bytes, limit)?)
 }
 
 /// Buffer of each direction when bytes are relayed between a TCP connection and a

@@ -6,6 +6,7 @@
 pub mod desired;
 mod display;
 pub mod enroll;
+pub mod groups;
 pub mod manifests;
 pub mod mesh_dns;
 pub mod mesh_services;

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::display::{pod_display, unscheduled};
+use super::groups::{GroupBook, GroupedPod};
 use super::resolve::{ResolveError, Resolved};
 use super::subnets::{Exhausted, SubnetPool};
 use crate::agent::status::RestartPolicy;
@@ -381,7 +382,15 @@ pub struct Owner {
     cut_off: bool,
     /// Each agent's subnet of the mesh pod CIDR.
     subnets: SubnetPool,
+    /// The pods of stateful workloads (see `raft::group_of`).
+    grouped: HashSet<PodUid>,
+    /// What was last said of their groups, and when their placements were last looked at.
+    groups: GroupBook,
+    groups_checked: Instant,
 }
+
+/// How often the stateful workloads' placements are looked at for their groups.
+const GROUP_CHECK: Duration = Duration::from_millis(250);
 
 /// A Release is sent again after this while the agent still lists the copy, doubling
 /// up to the maximum (a copy stopping takes up to its grace period).
@@ -595,6 +604,9 @@ impl Owner {
             release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
             cut_off: false,
             subnets: config.pod_subnets.clone(),
+            grouped: HashSet::new(),
+            groups: GroupBook::default(),
+            groups_checked: Instant::now(),
             config,
             signer,
             mesh,
@@ -737,6 +749,9 @@ impl Owner {
             );
         }
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
+        if matches!(crate::raft::group_of(&owned.desired.pod), Ok(Some(_))) {
+            self.grouped.insert(pod_ref.uid.clone());
+        }
         self.pods.insert(pod_ref.uid.clone(), owned);
         self.due.insert(pod_ref.uid.clone());
         if deleted {
@@ -989,6 +1004,7 @@ impl Owner {
     }
 
     fn forget(&mut self, uid: &PodUid) {
+        self.grouped.remove(uid);
         if let Some(owned) = self.pods.remove(uid) {
             tracing::info!(pod = %owned.pod_ref, "pod removed");
             self.sink.removed(&owned.pod_ref);
@@ -1042,6 +1058,53 @@ impl Owner {
         self.check_lost_agents();
         self.expire_reservations();
         self.advance_due();
+        self.tell_groups();
+    }
+
+    /// Tells the agents of each stateful workload who its group's members are, when
+    /// that changed and now and then (see `node::groups`).
+    fn tell_groups(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.groups_checked) < GROUP_CHECK {
+            return;
+        }
+        self.groups_checked = now;
+        let placed: Vec<GroupedPod> = self
+            .grouped
+            .iter()
+            .filter_map(|uid| {
+                let owned = self.pods.get(uid)?;
+                let agent = match owned.placement {
+                    Placement::Placed { agent } | Placement::Fencing { agent, .. } => agent,
+                    _ => return None,
+                };
+                let group = crate::raft::group_of(&owned.desired.pod).ok().flatten()?;
+                let created = owned.desired.pod.metadata.creation_timestamp.as_ref();
+                Some(GroupedPod {
+                    group,
+                    pod: owned.pod_ref.clone(),
+                    agent,
+                    age: (
+                        created.map_or(0, |t| t.0.as_second()),
+                        owned.pod_ref.name.clone(),
+                    ),
+                })
+            })
+            .collect();
+        for word in self.groups.words(placed, now, unix_millis()) {
+            let signed = crate::trust::group::sign(&self.signer, word.group);
+            tracing::debug!(group = %signed.name, version = signed.version, members = signed.members.len(), "telling a group's agents its members");
+            for agent in word.to {
+                let (mesh, metrics, signed) =
+                    (self.mesh.clone(), self.metrics.clone(), signed.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = mesh.request(agent, Request::Group(Box::new(signed))).await {
+                        metrics.request_failed("group");
+                        tracing::debug!(%agent, error = %e, "group word not delivered");
+                    }
+                });
+            }
+        }
     }
 
     /// Places, closes the offers of and ends the fencing of the pods whose time has
@@ -2412,9 +2475,11 @@ impl Owner {
             Request::Status(report) => self.on_status(peer, *report),
             Request::Renew(renew) => self.on_renew(peer, renew),
             Request::Query => Response::View(Box::new(self.view())),
-            Request::Assign(_) | Request::Release(_) | Request::Join(_) => Response::Error {
-                message: "this peer is an owner; it does not run pods".into(),
-            },
+            Request::Assign(_) | Request::Release(_) | Request::Join(_) | Request::Group(_) => {
+                Response::Error {
+                    message: "this peer is an owner; it does not run pods".into(),
+                }
+            }
             // Answered by the node loop, which has the Services and the cluster's DNS.
             Request::ClusterDns(_) | Request::Route(_) => Response::Error {
                 message: "this node answers no DNS queries or routes".into(),
@@ -2432,7 +2497,7 @@ impl Owner {
             | Request::ClusterDns(_)
             | Request::Route(_) => self.config.agents.trusts(&peer),
             Request::Query => self.config.clients.trusts(&peer),
-            Request::Assign(_) | Request::Release(_) | Request::Join(_) => true,
+            Request::Assign(_) | Request::Release(_) | Request::Join(_) | Request::Group(_) => true,
         };
         if !trusted {
             self.metrics.dropped(request.kind(), "untrusted");

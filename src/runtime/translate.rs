@@ -137,6 +137,9 @@ pub struct PlanContext<'a> {
     /// Where each memory-backed emptyDir (a tmpfs the runtime keeps for the pod, see
     /// [`memory_volumes`]) is on the agent, by volume name, once the pod's sandbox runs.
     pub memory_dirs: &'a BTreeMap<String, PathBuf>,
+    /// The directory of the pod's group socket, for a pod of a stateful workload
+    /// (mounted at [`crate::raft::SOCKET_DIR_IN_CONTAINER`] in every container).
+    pub group_socket_dir: Option<&'a Path>,
 }
 
 const DEFAULT_NAMESPACE: &str = "default";
@@ -203,6 +206,12 @@ fn pod_labels(pod: &PodRef, ctx: &PlanContext) -> BTreeMap<String, String> {
 /// is the error.
 pub fn validate(pod: &Pod) -> Result<(), SpecError> {
     validate_identity(&pod_ref(pod)?)?;
+    crate::raft::group_of(pod).map_err(|message| {
+        SpecError::new(
+            format!("metadata.annotations[{}]", crate::raft::GROUP_ANNOTATION),
+            message,
+        )
+    })?;
     let spec = spec_of(pod)?;
     validate_pod_fields(spec)?;
     if let Some(security) = &spec.security_context {
@@ -1930,7 +1939,21 @@ pub fn container_plan(
     let spec = spec_of(pod)?;
     // The container must be the pod's, so that validate has checked it.
     let path = locate_container(spec, container, kind)?;
-    let env = container_env(&path, pod, &pod_ref, spec, container, ctx)?;
+    let mut env = container_env(&path, pod, &pod_ref, spec, container, ctx)?;
+    let mut mounts = container_mounts(container, spec, ctx);
+    if let Some(dir) = ctx.group_socket_dir {
+        mounts.push(Mount {
+            volume: "beemesh-group".into(),
+            volume_dir: dir.to_owned(),
+            sub_path: None,
+            container_path: crate::raft::SOCKET_DIR_IN_CONTAINER.into(),
+            read_only: false,
+        });
+        env.push((
+            crate::raft::SOCKET_ENV.into(),
+            crate::raft::SOCKET_IN_CONTAINER.into(),
+        ));
+    }
     let limit = |name: &str| {
         let quantity = container
             .resources
@@ -1958,7 +1981,7 @@ pub fn container_plan(
         working_dir: non_empty(container.working_dir.as_deref()).map(str::to_owned),
         memory_limit_bytes: limit("memory")?,
         cpu_limit_millis: limit("cpu")?,
-        mounts: container_mounts(container, spec, ctx),
+        mounts,
         termination_message: TerminationMessage {
             host_file: termination_message_file(ctx.volumes_dir, &container.name, attempt),
             container_path: non_empty(container.termination_message_path.as_deref())
@@ -2471,7 +2494,7 @@ fn has_items<T>(list: Option<&[T]>) -> bool {
 
 /// An RFC 1123 label: at most 63 lowercase letters, digits and '-', starting and ending
 /// with a letter or digit.
-fn is_dns_label(text: &str) -> bool {
+pub fn is_dns_label(text: &str) -> bool {
     text.len() <= 63 && is_label_chars(text)
 }
 
@@ -2563,6 +2586,7 @@ mod tests {
             node_name: "beemesh-node",
             host_dns: &HOST_DNS,
             memory_dirs: &NO_MEMORY_DIRS,
+            group_socket_dir: None,
         }
     }
 
@@ -4361,6 +4385,7 @@ mod tests {
         let memory_dirs = BTreeMap::from([("scratch".to_string(), tmpfs.clone())]);
         let ctx = PlanContext {
             memory_dirs: &memory_dirs,
+            group_socket_dir: None,
             ..context(&dir)
         };
         let plan = app_plan(&pod, &ctx);

@@ -2,6 +2,7 @@
 //! owner-signed assignments and replay protection.
 
 pub mod dial;
+pub mod group;
 mod identity;
 pub mod join;
 mod policy;

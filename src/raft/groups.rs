@@ -1,0 +1,756 @@
+//! The agent's groups: one Raft member per group the owner named this agent in, the
+//! members' calls to it, and the way its pods' reads and writes reach the leader.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::{PeerId, StreamProtocol};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+use tokio_util::sync::CancellationToken;
+
+use super::api;
+use super::kv::{Command, Outcome};
+use super::rpc::{self, Call, CallFrame, Read, ReadResult, Reply, ServeError, MAX_FRAME_BYTES};
+use super::store::{LogStore, SharedState, StateMachine};
+use super::{members_of, node_id, peer_of, GroupKey, NodeId, Raft};
+use crate::audit::{self, Outcome as AuditOutcome};
+use crate::kubelet::relay::{read_message, write_message};
+use crate::mesh::{MeshError, MeshHandle};
+use crate::metrics::Metrics;
+use crate::trust::{group, TrustedPeers};
+use crate::wire::{Epoch, PodRef, PodUid, Response, SignedGroup, RAFT_PROTOCOL};
+use sha2::Digest;
+
+/// Calls from members served at once; streams beyond are closed.
+const MAX_CALLS: usize = 256;
+/// How long a member has to send its call once its stream is open.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a member looks at its group's membership besides when told.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// A group this agent runs no pod of for this long is left, even if the owner's word
+/// that says so was lost.
+const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// How long a forwarded read or write, or a learner catching up, may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the agent's groups run.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// A snapshot is taken, and the log before it dropped, after this many entries.
+    pub snapshot_entries: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            snapshot_entries: 1000,
+            // A follower that hears no leader for 0.75 to 1.5 s stands for election:
+            // fail-over in about two of those, and no spurious elections from a busy
+            // host's pauses of a few heartbeats.
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupsError {
+    #[error("cannot open the group's storage: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("cannot start the group's Raft member: {0}")]
+    Raft(String),
+}
+
+/// Why a pod's read or write was not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("this agent is not (yet) a member of group {0}")]
+    NoGroup(String),
+    #[error("the group has no leader at the moment")]
+    NoLeader,
+    #[error("the write's outcome is unknown: {0}")]
+    Unknown(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One group this agent is a member of.
+struct Group {
+    key: GroupKey,
+    raft: Raft,
+    state: SharedState,
+    dir: PathBuf,
+    /// The owner's latest word on it.
+    word: Mutex<SignedGroup>,
+    changed: Notify,
+    cancel: CancellationToken,
+}
+
+impl Group {
+    fn word(&self) -> SignedGroup {
+        self.word.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn names(&self, peer: &PeerId) -> bool {
+        self.word().members.iter().any(|m| m.agent.0 == *peer)
+    }
+}
+
+struct Inner {
+    me: PeerId,
+    mesh: MeshHandle,
+    owners: TrustedPeers,
+    root: PathBuf,
+    config: GroupConfig,
+    metrics: Metrics,
+    groups: Mutex<HashMap<GroupKey, Arc<Group>>>,
+    /// The pods of each group this agent runs, and since when it runs none.
+    pods: Mutex<HashMap<GroupKey, LocalPods>>,
+    /// Each pod copy's socket: its group, and the token that stops its API.
+    sockets: Mutex<HashMap<(PodUid, Epoch), (GroupKey, CancellationToken)>>,
+}
+
+/// A group's pods on this agent, and since when there are none.
+type LocalPods = (BTreeSet<PodRef>, Option<Instant>);
+
+/// The agent's groups. Cheap to clone.
+#[derive(Clone)]
+pub struct Groups {
+    inner: Arc<Inner>,
+}
+
+impl Groups {
+    /// Groups kept under `root` (in the agent's state directory).
+    pub fn new(
+        me: PeerId,
+        mesh: MeshHandle,
+        owners: TrustedPeers,
+        root: PathBuf,
+        config: GroupConfig,
+        metrics: Metrics,
+    ) -> Groups {
+        Groups {
+            inner: Arc::new(Inner {
+                me,
+                mesh,
+                owners,
+                root,
+                config,
+                metrics,
+                groups: Mutex::new(HashMap::new()),
+                pods: Mutex::new(HashMap::new()),
+                sockets: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn group(&self, key: &GroupKey) -> Option<Arc<Group>> {
+        self.inner
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The owner's word on a group, from `sender`: this agent joins, follows or leaves.
+    pub async fn on_word(&self, sender: PeerId, signed: SignedGroup) -> Response {
+        if !self.inner.owners.trusts(&sender) {
+            return Response::Error {
+                message: format!("owner {sender} is not trusted by this agent"),
+            };
+        }
+        if let Err(e) = group::verify(&signed, &sender) {
+            self.inner.metrics.dropped("group_word", "bad_signature");
+            return Response::Error {
+                message: e.to_string(),
+            };
+        }
+        let key = GroupKey {
+            owner: sender,
+            namespace: signed.namespace.clone(),
+            name: signed.name.clone(),
+        };
+        let member = signed.members.iter().any(|m| m.agent.0 == self.inner.me);
+        match (self.group(&key), member) {
+            (Some(group), true) => {
+                let mut word = group.word.lock().unwrap_or_else(|e| e.into_inner());
+                if signed.version > word.version {
+                    *word = signed;
+                    drop(word);
+                    group.changed.notify_one();
+                }
+            }
+            (Some(group), false) => {
+                if signed.version > group.word().version {
+                    self.leave(&key, "the owner no longer names this agent")
+                        .await;
+                }
+            }
+            (None, true) => {
+                if let Err(e) = self.join(key.clone(), signed).await {
+                    tracing::warn!(group = %key, error = %e, "cannot join group");
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
+            }
+            (None, false) => {}
+        }
+        Response::Ack
+    }
+
+    async fn join(&self, key: GroupKey, word: SignedGroup) -> Result<(), GroupsError> {
+        let dir = self.inner.root.join(key.dir_name());
+        let log = LogStore::open(&dir)?;
+        let machine = StateMachine::open(&dir.join("state"))?;
+        let state = machine.shared.clone();
+        let c = &self.inner.config;
+        let config = openraft::Config {
+            cluster_name: key.to_string(),
+            heartbeat_interval: c.heartbeat_ms,
+            election_timeout_min: c.election_timeout_min_ms,
+            election_timeout_max: c.election_timeout_max_ms,
+            // Frames stay under the stream's limit: 16 of the largest values.
+            max_payload_entries: 16,
+            snapshot_max_chunk_size: 1024 * 1024,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_entries),
+            max_in_snapshot_log_to_keep: c.snapshot_entries.min(100),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| GroupsError::Raft(e.to_string()))?;
+        let network = rpc::Network {
+            mesh: self.inner.mesh.clone(),
+            group: key.clone(),
+        };
+        let raft = Raft::new(
+            node_id(&self.inner.me),
+            Arc::new(config),
+            network,
+            log,
+            machine,
+        )
+        .await
+        .map_err(|e| GroupsError::Raft(e.to_string()))?;
+        let group = Arc::new(Group {
+            key: key.clone(),
+            raft,
+            state,
+            dir,
+            word: Mutex::new(word),
+            changed: Notify::new(),
+            cancel: CancellationToken::new(),
+        });
+        let previous = self
+            .inner
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), group.clone());
+        if let Some(previous) = previous {
+            // Two words crossed: keep one member, stop the other.
+            previous.cancel.cancel();
+            let _ = previous.raft.shutdown().await;
+        }
+        tracing::info!(group = %key, member = node_id(&self.inner.me), "joined group");
+        tokio::spawn(self.clone().reconcile(group));
+        Ok(())
+    }
+
+    /// Stops this agent's member of the group and deletes its state.
+    async fn leave(&self, key: &GroupKey, why: &str) {
+        let group = self
+            .inner
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+        if let Some(group) = group {
+            group.cancel.cancel();
+            let _ = group.raft.shutdown().await;
+            if let Err(e) = tokio::fs::remove_dir_all(&group.dir).await {
+                tracing::warn!(group = %key, error = %e, "cannot delete the group's state");
+            }
+            tracing::info!(group = %key, %why, "left group; its state is deleted");
+        }
+    }
+
+    /// Follows the owner's word: the founder starts the log, the leader brings the
+    /// voters in line with the members named.
+    async fn reconcile(self, group: Arc<Group>) {
+        let me = node_id(&self.inner.me);
+        loop {
+            tokio::select! {
+                _ = group.cancel.cancelled() => return,
+                _ = group.changed.notified() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            }
+            if self.orphaned(&group.key) {
+                self.leave(
+                    &group.key,
+                    "this agent has run none of its pods for a while",
+                )
+                .await;
+                return;
+            }
+            let word = group.word();
+            let wanted = members_of(word.members.iter().map(|m| m.agent.0));
+            if word.founder.is_some_and(|f| f.0 == self.inner.me)
+                && !group.raft.is_initialized().await.unwrap_or(true)
+            {
+                match group.raft.initialize(wanted.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(group = %group.key, members = wanted.len(), "founded group")
+                    }
+                    Err(e) => tracing::debug!(group = %group.key, error = %e, "not founded"),
+                }
+                continue;
+            }
+            let metrics = group.raft.metrics().borrow().clone();
+            if metrics.current_leader != Some(me) {
+                continue;
+            }
+            let membership = metrics.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let wanted_ids: BTreeSet<NodeId> = wanted.keys().copied().collect();
+            if wanted_ids.is_empty()
+                || voters == wanted_ids
+                || membership.get_joint_config().len() > 1
+            {
+                continue;
+            }
+            for (id, node) in &wanted {
+                if membership.get_node(id).is_none() {
+                    let added = tokio::time::timeout(
+                        FORWARD_TIMEOUT,
+                        group.raft.add_learner(*id, node.clone(), true),
+                    )
+                    .await;
+                    if !matches!(added, Ok(Ok(_))) {
+                        tracing::debug!(group = %group.key, member = id, "new member not caught up yet");
+                    }
+                }
+            }
+            match group
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(wanted_ids.clone()), false)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(group = %group.key, voters = ?wanted_ids, "group membership changed")
+                }
+                Err(e) => {
+                    tracing::debug!(group = %group.key, error = %e, "membership not changed yet")
+                }
+            }
+        }
+    }
+
+    fn orphaned(&self, key: &GroupKey) -> bool {
+        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        match pods.get(key) {
+            Some((_, Some(since))) => since.elapsed() > ORPHAN_AFTER,
+            Some((_, None)) => false,
+            // Named before its pod started here: give it the same while.
+            None => false,
+        }
+    }
+
+    /// Where a copy of a grouped pod finds its group: a directory with the pod's
+    /// socket, whose API serves until [`Groups::detach_pod`]. The same path for the same
+    /// copy, so that a restarted agent's new socket appears in the running containers.
+    pub fn attach_pod(
+        &self,
+        key: GroupKey,
+        pod: &PodRef,
+        epoch: Epoch,
+    ) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.socket_dir(pod, epoch);
+        std::fs::create_dir_all(&dir)?;
+        // Any user in the pod's containers reaches the socket; nobody else sees the
+        // directory (the agent's state directory is private).
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let listener = api::bind(&dir.join("group.sock"))?;
+        let cancel = CancellationToken::new();
+        let previous = self
+            .inner
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((pod.uid.clone(), epoch), (key.clone(), cancel.clone()));
+        if let Some((_, previous)) = previous {
+            previous.cancel();
+        }
+        self.pod_started(&key, pod);
+        let pod_api = api::PodApi {
+            groups: self.clone(),
+            group: key,
+            pod: pod.clone(),
+        };
+        tokio::spawn(api::serve(listener, pod_api, cancel));
+        Ok(dir)
+    }
+
+    /// The copy's containers are gone: its API stops, its socket goes.
+    pub async fn detach_pod(&self, pod: &PodRef, epoch: Epoch) {
+        let attached = self
+            .inner
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(pod.uid.clone(), epoch));
+        let Some((key, cancel)) = attached else {
+            return;
+        };
+        cancel.cancel();
+        self.pod_stopped(&key, pod);
+        let _ = tokio::fs::remove_dir_all(self.socket_dir(pod, epoch)).await;
+    }
+
+    /// A short path: a socket's path must fit in 108 bytes.
+    fn socket_dir(&self, pod: &PodRef, epoch: Epoch) -> PathBuf {
+        let name = hex::encode(&sha2::Sha256::digest(pod.uid.0.as_bytes())[..8]);
+        self.inner.root.join("pods").join(format!("{name}_{epoch}"))
+    }
+
+    /// A pod of the group runs here now.
+    fn pod_started(&self, key: &GroupKey, pod: &PodRef) {
+        let mut pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = pods.entry(key.clone()).or_default();
+        entry.0.insert(pod.clone());
+        entry.1 = None;
+    }
+
+    /// A pod of the group no longer runs here.
+    fn pod_stopped(&self, key: &GroupKey, pod: &PodRef) {
+        let mut pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = pods.get_mut(key) {
+            entry.0.remove(pod);
+            if entry.0.is_empty() {
+                entry.1 = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The group's current leader, as this member knows it, and the term.
+    pub fn leader(&self, key: &GroupKey) -> Result<(Option<PeerId>, u64), ServiceError> {
+        let group = self
+            .group(key)
+            .ok_or_else(|| ServiceError::NoGroup(key.to_string()))?;
+        let metrics = group.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader.and_then(|id| {
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&id)
+                .and_then(peer_of)
+        });
+        Ok((leader, metrics.current_term))
+    }
+
+    /// Waits until the group's leader or term differs from `seen`, or `timeout` passes.
+    pub async fn leader_change(
+        &self,
+        key: &GroupKey,
+        seen: (Option<PeerId>, u64),
+        timeout: Duration,
+    ) {
+        let Some(group) = self.group(key) else {
+            return;
+        };
+        let mut metrics = group.raft.metrics();
+        let wait = async {
+            loop {
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+                if self.leader(key).ok() != Some(seen) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+    }
+
+    /// The owner's latest word on the group.
+    pub fn word(&self, key: &GroupKey) -> Option<SignedGroup> {
+        self.group(key).map(|g| g.word())
+    }
+
+    /// What this member has applied (not a linearizable read: for waiting on changes).
+    pub fn state(&self, key: &GroupKey) -> Option<SharedState> {
+        self.group(key).map(|g| g.state.clone())
+    }
+
+    /// This agent's peer ID.
+    pub fn me(&self) -> PeerId {
+        self.inner.me
+    }
+
+    /// Commits a pod's write, through the leader.
+    pub async fn propose(
+        &self,
+        key: &GroupKey,
+        command: Command,
+    ) -> Result<(u64, Outcome), ServiceError> {
+        let group = self
+            .group(key)
+            .ok_or_else(|| ServiceError::NoGroup(key.to_string()))?;
+        self.through_leader(&group, Forward::Propose(command))
+            .await
+            .and_then(|reply| match reply {
+                Reply::Proposed(result) => result.map_err(served),
+                _ => Err(ServiceError::Failed(
+                    "the leader answered another call".into(),
+                )),
+            })
+    }
+
+    /// A linearizable read, through the leader.
+    pub async fn read(&self, key: &GroupKey, read: Read) -> Result<ReadResult, ServiceError> {
+        let group = self
+            .group(key)
+            .ok_or_else(|| ServiceError::NoGroup(key.to_string()))?;
+        self.through_leader(&group, Forward::Read(read))
+            .await
+            .and_then(|reply| match reply {
+                Reply::Read(result) => result.map_err(served),
+                _ => Err(ServiceError::Failed(
+                    "the leader answered another call".into(),
+                )),
+            })
+    }
+
+    /// Serves `call` on the leader: here if this member leads, else forwarded to it.
+    /// Tried again while there is no leader or the one asked no longer leads, until
+    /// [`FORWARD_TIMEOUT`]; a write whose forwarding failed midway is not tried again
+    /// (it may have been committed).
+    async fn through_leader(
+        &self,
+        group: &Arc<Group>,
+        call: Forward,
+    ) -> Result<Reply, ServiceError> {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        let me = node_id(&self.inner.me);
+        let write = matches!(call, Forward::Propose(_));
+        loop {
+            let metrics = group.raft.metrics().borrow().clone();
+            let leader = metrics.current_leader;
+            let reply = match leader {
+                Some(id) if id == me => Some(serve_locally(group, call.clone().into()).await),
+                Some(id) => {
+                    let peer = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&id)
+                        .and_then(peer_of);
+                    match peer {
+                        Some(peer) => {
+                            let ttl = deadline.saturating_duration_since(Instant::now());
+                            match rpc::call(
+                                &self.inner.mesh,
+                                peer,
+                                &group.key,
+                                call.clone().into(),
+                                ttl,
+                            )
+                            .await
+                            {
+                                Ok(reply) => Some(reply),
+                                Err(rpc::CallError::Mesh(_)) | Err(rpc::CallError::Refused(_)) => {
+                                    None
+                                }
+                                Err(e) if write => {
+                                    return Err(ServiceError::Unknown(e.to_string()))
+                                }
+                                Err(_) => None,
+                            }
+                        }
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            let not_leader = matches!(
+                &reply,
+                Some(Reply::Proposed(Err(ServeError::NotLeader { .. })))
+                    | Some(Reply::Read(Err(ServeError::NotLeader { .. })))
+            );
+            if let (Some(reply), false) = (reply, not_leader) {
+                return Ok(reply);
+            }
+            if Instant::now() >= deadline {
+                return Err(ServiceError::NoLeader);
+            }
+            let mut changes = group.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(200), changes.changed()).await;
+        }
+    }
+
+    /// Serves members' calls until cancelled.
+    pub async fn serve(self, cancel: CancellationToken) -> Result<(), MeshError> {
+        let mut incoming = self
+            .inner
+            .mesh
+            .accept_streams(StreamProtocol::new(RAFT_PROTOCOL))?;
+        let calls = Arc::new(Semaphore::new(MAX_CALLS));
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => break,
+                next = incoming.next() => next,
+            };
+            let Some((peer, stream)) = next else { break };
+            let Ok(permit) = calls.clone().try_acquire_owned() else {
+                self.inner.metrics.dropped("raft_stream", "too_many");
+                continue;
+            };
+            let groups = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(reason) = groups.answer(peer, stream).await {
+                    tracing::debug!(%peer, %reason, "raft call not served");
+                }
+            });
+        }
+        let groups: Vec<GroupKey> = self
+            .inner
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for key in groups {
+            if let Some(group) = self.group(&key) {
+                group.cancel.cancel();
+                let _ = group.raft.shutdown().await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn answer(&self, peer: PeerId, stream: libp2p::Stream) -> Result<(), String> {
+        let mut io = stream.compat();
+        let frame: CallFrame =
+            tokio::time::timeout(CALL_TIMEOUT, read_message(&mut io, MAX_FRAME_BYTES))
+                .await
+                .map_err(|_| "no call in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+        let key = frame.group();
+        let group = self.group(&key).filter(|g| g.names(&peer));
+        let reply = match group {
+            Some(group) => serve_locally(&group, frame.call).await,
+            None => {
+                self.inner.metrics.dropped("raft_stream", "not_a_member");
+                audit::record(
+                    &self.inner.metrics,
+                    "raft_call",
+                    AuditOutcome::Refused,
+                    &peer,
+                    None,
+                    &format!("not a member of group {key}"),
+                );
+                Reply::Refused {
+                    reason: format!("{peer} is not a member of group {key} here"),
+                }
+            }
+        };
+        write_message(&mut io, &reply, MAX_FRAME_BYTES)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn served(e: ServeError) -> ServiceError {
+    match e {
+        ServeError::NotLeader { .. } => ServiceError::NoLeader,
+        ServeError::Failed { message } => ServiceError::Failed(message),
+    }
+}
+
+/// A pod's read or write on its way to the leader.
+#[derive(Clone)]
+enum Forward {
+    Propose(Command),
+    Read(Read),
+}
+
+impl From<Forward> for Call {
+    fn from(forward: Forward) -> Call {
+        match forward {
+            Forward::Propose(command) => Call::Propose(command),
+            Forward::Read(read) => Call::Read(read),
+        }
+    }
+}
+
+/// Serves a call on this member.
+async fn serve_locally(group: &Group, call: Call) -> Reply {
+    match call {
+        Call::AppendEntries(rpc) => Reply::AppendEntries(group.raft.append_entries(rpc).await),
+        Call::Vote(rpc) => Reply::Vote(group.raft.vote(rpc).await),
+        Call::InstallSnapshot(rpc) => {
+            Reply::InstallSnapshot(group.raft.install_snapshot(rpc).await)
+        }
+        Call::Propose(mut command) => {
+            // Leases run on the leader's clock.
+            if let Command::Lock { now_ms, .. } = &mut command {
+                *now_ms = crate::trust::replay::unix_millis();
+            }
+            if let Err(e) = command.check() {
+                return Reply::Proposed(Err(ServeError::Failed {
+                    message: e.to_string(),
+                }));
+            }
+            Reply::Proposed(match group.raft.client_write(command).await {
+                Ok(written) => Ok((written.log_id.index, written.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    Err(ServeError::NotLeader {
+                        leader: f.leader_id,
+                    })
+                }
+                Err(e) => Err(ServeError::Failed {
+                    message: e.to_string(),
+                }),
+            })
+        }
+        Call::Read(read) => Reply::Read(match group.raft.ensure_linearizable().await {
+            Ok(_) => Ok(group.state.read(|applied| ReadResult {
+                index: applied.last_applied.map_or(0, |l| l.index),
+                items: match &read {
+                    Read::Key { key } => applied
+                        .kv
+                        .get(key)
+                        .map(|item| (key.clone(), item.clone()))
+                        .into_iter()
+                        .collect(),
+                    Read::Prefix { prefix } => applied
+                        .kv
+                        .with_prefix(prefix)
+                        .map(|(k, item)| (k.clone(), item.clone()))
+                        .collect(),
+                },
+            })),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ServeError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ServeError::Failed {
+                message: e.to_string(),
+            }),
+        }),
+    }
+}

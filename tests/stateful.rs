@@ -1,0 +1,263 @@
+//! Stateful workloads end to end, standalone: three pods annotated with one Raft group,
+//! each on its own agent, get a leader and a replicated key-value store through the
+//! Unix socket in their containers; the leader's agent killed, another leads within
+//! 5 s and no acknowledged write is lost; the group's state goes with its pods. The
+//! node, the agents, Podman and the mesh are real. Requires hack/install-podman.sh and
+//! hack/build-test-image.sh.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{podman_containers, Mesh};
+use serde_json::Value;
+
+/// A pod of group `db` that sleeps, on the agent labelled slot=`slot`.
+fn member(name: &str, slot: usize) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations: {{beemesh.io/raft-group: db, beemesh.io/agent-selector: "slot={slot}"}}
+spec:
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sleep, "3600"]
+"#
+    )
+}
+
+/// The running container of pod `name`.
+fn container_of(name: &str) -> Option<Value> {
+    podman_containers(&format!("io.beemesh.pod.name={name}"))
+        .into_iter()
+        .find(|c| c["State"] == "running")
+}
+
+fn exec(container: &str, script: &str) -> String {
+    let out = Command::new("podman")
+        .args(["exec", container, "sh", "-c", script])
+        .output()
+        .expect("podman exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The group's socket as the pod's container sees it, reached through its root.
+fn socket_of(name: &str) -> Option<PathBuf> {
+    let container = container_of(name)?;
+    let id = container["Id"].as_str()?;
+    let out = Command::new("podman")
+        .args(["inspect", "--format", "{{.State.Pid}}", id])
+        .output()
+        .ok()?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Some(PathBuf::from(format!(
+        "/proc/{pid}/root/run/beemesh/group.sock"
+    )))
+}
+
+/// One HTTP/1.1 request on the pod's group socket: the status and the JSON body.
+fn call(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: group\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let json = serde_json::from_str(body).map_err(|e| format!("{e}: {body:?}"))?;
+    Ok((status, json))
+}
+
+/// The leading pod every member agrees on, if they do.
+fn agreed_leader(sockets: &[PathBuf]) -> Option<String> {
+    let leaders: Vec<Option<String>> = sockets
+        .iter()
+        .map(|s| {
+            let (_, body) = call(s, "GET", "/leader", "").ok()?;
+            body["leader"]["pod"].as_str().map(str::to_owned)
+        })
+        .collect();
+    let first = leaders.first()?.clone()?;
+    leaders
+        .iter()
+        .all(|l| l.as_deref() == Some(&first))
+        .then_some(first)
+}
+
+#[test]
+fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_loss_and_goes_with_its_pods(
+) {
+    let mut mesh = Mesh::new();
+    for slot in 0..3 {
+        mesh.start_agent(&["--label", &format!("slot={slot}")]);
+    }
+    mesh.wait_for("three agents heard", Duration::from_secs(30), || {
+        (mesh.status()?["agents"].as_array()?.len() == 3).then_some(())
+    });
+    let names = ["db-0", "db-1", "db-2"];
+    for (slot, name) in names.iter().enumerate() {
+        mesh.write_manifest(&format!("{name}.yaml"), &member(name, slot));
+    }
+    let sockets: Vec<PathBuf> =
+        mesh.wait_for("three members running", Duration::from_secs(90), || {
+            names.iter().map(|n| socket_of(n)).collect()
+        });
+
+    // Every container has the socket and its variable.
+    let id = container_of("db-1").expect("db-1 runs")["Id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(
+        exec(&id, "echo $BEEMESH_GROUP_SOCKET").trim(),
+        "/run/beemesh/group.sock"
+    );
+    assert!(exec(&id, "ls -l /run/beemesh/group.sock").starts_with('s'));
+    let (status, me) = call(&sockets[1], "GET", "/self", "").expect("GET /self");
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["pod"], "db-1", "{me}");
+    assert_eq!(me["group"], "db", "{me}");
+
+    let started = Instant::now();
+    let leader = mesh.wait_for(
+        "the members agree on a leader",
+        Duration::from_secs(30),
+        || agreed_leader(&sockets),
+    );
+    eprintln!("leader {leader} agreed after {:?}", started.elapsed());
+
+    // Written through one pod, read through the others.
+    let (status, put) = call(&sockets[0], "PUT", "/kv/greeting", "hello").expect("PUT");
+    assert_eq!(status, 200, "{put}");
+    let revision = put["revision"].as_u64().expect("a revision");
+    for socket in &sockets[1..] {
+        let (status, got) = call(socket, "GET", "/kv/greeting", "").expect("GET");
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["value"], "hello", "{got}");
+        assert_eq!(got["revision"], revision, "{got}");
+    }
+    // Compare-and-swap on the revision.
+    let (status, conflict) = call(
+        &sockets[2],
+        "PUT",
+        &format!("/kv/greeting?revision={}", revision + 100),
+        "no",
+    )
+    .expect("CAS");
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["current"], revision, "{conflict}");
+    let (status, swapped) = call(
+        &sockets[2],
+        "PUT",
+        &format!("/kv/greeting?revision={revision}"),
+        "hi",
+    )
+    .expect("CAS");
+    assert_eq!(status, 200, "{swapped}");
+    let (status, absent) = call(&sockets[1], "GET", "/kv/nothing", "").expect("GET");
+    assert_eq!(status, 404, "{absent}");
+    let (status, bad) = call(&sockets[1], "PUT", "/kv/a%20b", "x").expect("PUT");
+    assert_eq!(status, 400, "{bad}");
+    // A lock: one holder at a time, with a fencing token.
+    let (status, locked) =
+        call(&sockets[0], "POST", "/lock/primary?lease_ms=60000", "").expect("lock");
+    assert_eq!(status, 200, "{locked}");
+    let (status, held) =
+        call(&sockets[1], "POST", "/lock/primary?lease_ms=60000", "").expect("lock");
+    assert_eq!(status, 409, "{held}");
+    assert_eq!(held["holder"], "db-0", "{held}");
+    // Writes acknowledged before the leader goes.
+    for i in 0..20 {
+        let (status, body) =
+            call(&sockets[i % 3], "PUT", &format!("/kv/k{i}"), &i.to_string()).expect("PUT");
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // The leader's agent is killed: the two others elect a leader of their own.
+    let leader_index = names
+        .iter()
+        .position(|n| *n == leader)
+        .expect("a member leads");
+    let leader_agent = mesh
+        .pod_status("default", &leader)
+        .expect("leader's status")["agent"]
+        .as_str()
+        .expect("placed")
+        .to_owned();
+    let agent_index = mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == leader_agent)
+        .expect("the leader's agent");
+    let killed = Instant::now();
+    mesh.agents[agent_index].kill();
+    let others: Vec<PathBuf> = (0..3)
+        .filter(|i| *i != leader_index)
+        .map(|i| sockets[i].clone())
+        .collect();
+    let new_leader = mesh.wait_for("a new leader", Duration::from_secs(15), || {
+        agreed_leader(&others).filter(|l| *l != leader)
+    });
+    let failover = killed.elapsed();
+    eprintln!("{new_leader} leads {failover:?} after {leader}'s agent was killed");
+    assert!(
+        failover < Duration::from_secs(5),
+        "fail-over took {failover:?}"
+    );
+    // Nothing acknowledged is lost, and the group takes writes again.
+    let (status, listed) = call(&others[0], "GET", "/kv?prefix=k", "").expect("list");
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(20),
+        "{listed}"
+    );
+    let (_, got) = call(&others[1], "GET", "/kv/greeting", "").expect("GET");
+    assert_eq!(got["value"], "hi", "{got}");
+    let (status, put) = call(&others[1], "PUT", "/kv/after", "failover").expect("PUT");
+    assert_eq!(status, 200, "{put}");
+
+    // The workload deleted: every remaining member deletes the group's state.
+    for name in names {
+        mesh.remove_manifest(&format!("{name}.yaml"));
+    }
+    let group_dirs = |agent: &common::Process| -> Vec<PathBuf> {
+        std::fs::read_dir(agent.state_dir.join("groups"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.file_name().is_some_and(|n| n != "pods"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != agent_index).collect();
+    mesh.wait_for("the group's state deleted", Duration::from_secs(60), || {
+        survivors
+            .iter()
+            .all(|i| group_dirs(&mesh.agents[*i]).is_empty())
+            .then_some(())
+    });
+}
