@@ -405,6 +405,8 @@ pub enum AgentEventReason {
     /// The pod's connections to its cluster's Services cannot be relayed (the agent
     /// cannot set its redirect up).
     ClusterUnreachable,
+    /// The pod's member leads its stateful workload's group now.
+    LeaderElected,
     /// From a newer agent: dropped by the owner.
     #[serde(other)]
     Unknown,
@@ -421,6 +423,7 @@ impl AgentEventReason {
             AgentEventReason::DNSConfigForming => ("DNSConfigForming", true),
             AgentEventReason::Failed => ("Failed", true),
             AgentEventReason::ClusterUnreachable => ("ClusterUnreachable", true),
+            AgentEventReason::LeaderElected => ("LeaderElected", false),
             AgentEventReason::Unknown => return None,
         })
     }

@@ -782,6 +782,58 @@ fn the_admission_policy_admits_what_the_node_does_and_refuses_the_rest() {
         ),
         "labels",
     );
+    // A stateful workload's pod: its group role, and only that, changes.
+    for (old, new) in [
+        (
+            json!({"app": "db"}),
+            json!({"app": "db", "beemesh.io/group-role": "leader"}),
+        ),
+        (
+            json!({"app": "db", "beemesh.io/group-role": "leader"}),
+            json!({"app": "db", "beemesh.io/group-role": "follower"}),
+        ),
+        (
+            json!({"app": "db", "beemesh.io/group-role": "follower"}),
+            json!({"app": "db"}),
+        ),
+    ] {
+        admitted(Admission::new(
+            "UPDATE",
+            "pods/status",
+            pod(Some("beemesh"), new),
+            pod(Some("beemesh"), old),
+        ));
+    }
+    admitted(Admission::new(
+        "UPDATE",
+        "pods/status",
+        pod(Some("beemesh"), json!({"beemesh.io/group-role": "leader"})),
+        unlabelled(Some("beemesh")),
+    ));
+    denied(
+        Admission::new(
+            "UPDATE",
+            "pods/status",
+            pod(
+                Some("beemesh"),
+                json!({"app": "web", "beemesh.io/group-role": "leader"}),
+            ),
+            pod(Some("beemesh"), json!({"app": "db"})),
+        ),
+        "labels",
+    );
+    denied(
+        Admission::new(
+            "UPDATE",
+            "pods/status",
+            pod(
+                Some("beemesh"),
+                json!({"beemesh.io/group-role": "leader", "x": "1"}),
+            ),
+            pod(Some("beemesh"), json!({})),
+        ),
+        "labels",
+    );
     denied(
         Admission::new(
             "UPDATE",

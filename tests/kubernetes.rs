@@ -4398,3 +4398,141 @@ impl BurstFigures {
         }
     }
 }
+
+/// Pod `web-<i>` of StatefulSet `web`, as its controller creates it.
+fn statefulset_pod(i: usize) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: web-{i}
+  namespace: default
+  labels: {{app: web, statefulset.kubernetes.io/pod-name: web-{i}}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: web, uid: 5b0c6d2e-7a51-4f0e-9d3a-1c2b3a4d5e6f, controller: true, blockOwnerDeletion: true}}]
+spec:
+  hostname: web-{i}
+  subdomain: web
+  nodeSelector: {{type: virtual-kubelet}}
+  tolerations: [{{key: virtual-kubelet.io/provider, operator: Exists}}]
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: app
+    image: localhost/busybox:1.35
+    command: [sleep, "100000"]
+"#
+    )
+}
+
+/// A pod's name, its `beemesh.io/group-role` label and its group condition's status.
+type GroupRole = (String, Option<String>, Option<String>);
+
+/// Each pod of StatefulSet `web` in the API: its role label and group condition.
+fn group_roles(cluster: &Cluster) -> Option<Vec<GroupRole>> {
+    let pods = cluster.get(&["pods", "-l", "app=web"])?;
+    let mut roles: Vec<_> = pods["items"]
+        .as_array()?
+        .iter()
+        .map(|pod| {
+            (
+                pod["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                pod["metadata"]["labels"]["beemesh.io/group-role"]
+                    .as_str()
+                    .map(str::to_owned),
+                condition(pod, "beemesh.io/GroupReady"),
+            )
+        })
+        .collect();
+    roles.sort();
+    Some(roles)
+}
+
+/// The one pod labelled leader while every other running one is a follower.
+fn the_leader(
+    roles: &[(String, Option<String>, Option<String>)],
+    running: &[&str],
+) -> Option<String> {
+    let leaders: Vec<&String> = roles
+        .iter()
+        .filter(|(_, role, _)| role.as_deref() == Some("leader"))
+        .map(|(name, _, _)| name)
+        .collect();
+    let settled = roles
+        .iter()
+        .filter(|(name, _, _)| running.contains(&name.as_str()))
+        .all(|(_, role, ready)| role.is_some() && ready.as_deref() == Some("True"));
+    (leaders.len() == 1 && settled).then(|| leaders[0].clone())
+}
+
+/// A 3-replica StatefulSet's pods (created as its controller creates them) form one
+/// Raft group, and Kubernetes sees it: every pod has the `beemesh.io/GroupReady`
+/// condition, one is labelled `beemesh.io/group-role=leader` (so a Service can select
+/// it) and the others `follower`, with a `LeaderElected` event. The leader's agent
+/// killed, another pod leads, the labels follow, and the lost pod's role label goes.
+#[test]
+fn a_statefulsets_pods_form_a_group_whose_leader_kubernetes_sees() {
+    let mut cluster = Cluster::start(&["--node-ip", "127.0.0.1"]);
+    for _ in 0..3 {
+        cluster.mesh.start_agent(&[]);
+    }
+    wait_agents_heard(&cluster.mesh, 3);
+    let pods: Vec<String> = (0..3).map(statefulset_pod).collect();
+    cluster.apply(&pods.join("---\n"));
+    let all = ["web-0", "web-1", "web-2"];
+    let leader = cluster.mesh.wait_for(
+        "one leader and two followers",
+        Duration::from_secs(90),
+        || the_leader(&group_roles(&cluster)?, &all),
+    );
+    eprintln!("{leader} leads: {:?}", group_roles(&cluster));
+    let elected = cluster.wait_event("Pod", "LeaderElected");
+    assert_eq!(
+        elected["involvedObject"]["name"],
+        leader.as_str(),
+        "{elected}"
+    );
+    assert_eq!(elected["type"], "Normal", "{elected}");
+
+    let agent = cluster
+        .mesh
+        .pod_status("default", &leader)
+        .and_then(|p| p["agent"].as_str().map(str::to_owned))
+        .expect("the leader's agent");
+    let index = cluster
+        .mesh
+        .agents
+        .iter()
+        .position(|a| a.peer == agent)
+        .expect("a test agent");
+    cluster.mesh.agents[index].kill();
+    let others: Vec<&str> = all.iter().copied().filter(|n| *n != leader).collect();
+    let next = cluster
+        .mesh
+        .wait_for("another pod leads", Duration::from_secs(60), || {
+            let roles = group_roles(&cluster)?;
+            let next = the_leader(&roles, &others).filter(|l| *l != leader)?;
+            // The lost pod is no longer anyone's leader.
+            let lost = roles.iter().find(|(name, _, _)| *name == leader)?;
+            (lost.1.is_none() && lost.2.as_deref() == Some("False")).then_some(next)
+        });
+    eprintln!(
+        "{next} leads after {leader}'s agent was killed: {:?}",
+        group_roles(&cluster)
+    );
+    cluster
+        .mesh
+        .wait_for("the new leader's event", Duration::from_secs(30), || {
+            let events = cluster.get(&["events", "-n", "default"])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .any(|e| {
+                    e["reason"] == "LeaderElected" && e["involvedObject"]["name"] == next.as_str()
+                })
+                .then_some(())
+        });
+    cluster.assert_node_requests_allowed();
+}

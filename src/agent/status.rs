@@ -115,6 +115,8 @@ pub struct PodView {
     pub start_time: Option<Timestamp>,
     /// A failure of the whole pod (e.g. its spec cannot run): phase Failed.
     pub failure: Option<(String, String)>,
+    /// For a pod of a stateful workload: how its member stands in the group.
+    pub group: Option<crate::raft::Standing>,
 }
 
 fn time(t: Timestamp) -> Time {
@@ -335,6 +337,18 @@ pub fn pod_status(view: &PodView, now: Timestamp) -> PodStatus {
             ..Default::default()
         });
     }
+    // Unlike the kubelet's own conditions, this one keeps its reason when True: the
+    // member's role, which the node makes a label.
+    if let Some(group) = &view.group {
+        conditions.push(PodCondition {
+            type_: crate::raft::GROUP_READY_CONDITION.into(),
+            status: if group.ready { "True" } else { "False" }.into(),
+            reason: Some(group.reason.into()),
+            message: Some(group.message.clone()),
+            last_transition_time: Some(time(now)),
+            ..Default::default()
+        });
+    }
     let (reason, message) = match &view.failure {
         Some((r, m)) => (Some(r.clone()), Some(m.clone())),
         None => (None, None),
@@ -421,6 +435,7 @@ mod tests {
             host_ip: Some("127.0.0.1".into()),
             start_time: Some(Timestamp::now()),
             failure: None,
+            group: None,
         }
     }
 

@@ -367,6 +367,11 @@ struct Worker {
     memory_dirs: BTreeMap<String, PathBuf>,
     /// The directory of the pod's group socket, for a pod of a stateful workload.
     group_socket: Option<PathBuf>,
+    /// How the agent stands in the pod's group, for a pod of a stateful workload.
+    group: Option<watch::Receiver<crate::raft::Standing>>,
+    /// The term this pod's member last said it leads in.
+    led_term: Option<u64>,
+    group_key: Option<crate::raft::GroupKey>,
     start_time: Timestamp,
     slots: Vec<Slot>,
     failure: Option<(String, String)>,
@@ -432,6 +437,9 @@ impl Worker {
             host_dns: ResolvConf::default(),
             memory_dirs: BTreeMap::new(),
             group_socket: None,
+            group: None,
+            led_term: None,
+            group_key: None,
             start_time: Timestamp::now(),
             slots,
             failure: None,
@@ -470,9 +478,18 @@ impl Worker {
         self.report(false).await;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Followed apart from `self.group` (the select borrows self elsewhere).
+        let mut standing = None;
         loop {
+            if standing.is_none() {
+                standing = self.group.clone();
+            }
             tokio::select! {
                 grace = stop.recv() => return self.stopped(grace).await,
+                () = standing_changed(&mut standing) => {
+                    self.on_standing();
+                    self.report(false).await;
+                }
                 Some(()) = poke.recv() => {
                     self.inspect_due = true;
                     self.advance().await;
@@ -534,6 +551,33 @@ impl Worker {
         }
     }
 
+    /// How this pod stands in its group, for a pod of a stateful workload.
+    fn standing(&self) -> Option<crate::raft::Standing> {
+        let agent = self.group.as_ref()?.borrow().clone();
+        let key = self.group_key.as_ref()?;
+        Some(self.ctx.groups.standing_of_pod(key, &self.pod_ref, agent))
+    }
+
+    /// The group's standing changed: a pod that now leads says so in an event.
+    fn on_standing(&mut self) {
+        if let Some(group) = self.group.as_mut() {
+            group.borrow_and_update();
+        }
+        let Some(standing) = self.standing() else {
+            return;
+        };
+        if standing.leads() && self.led_term != Some(standing.term) {
+            self.led_term = Some(standing.term);
+            self.note(
+                AgentEventReason::LeaderElected,
+                format!(
+                    "{} leads its group (term {})",
+                    self.pod_ref.name, standing.term
+                ),
+            );
+        }
+    }
+
     /// Gives a pod of a stateful workload its group's socket.
     fn attach_group(&mut self) -> std::io::Result<()> {
         let Ok(Some(name)) = crate::raft::group_of(&self.pod) else {
@@ -544,7 +588,13 @@ impl Worker {
             namespace: self.pod_ref.namespace.clone(),
             name,
         };
-        self.group_socket = Some(self.ctx.groups.attach_pod(key, &self.pod_ref, self.epoch)?);
+        let (dir, standing) = self
+            .ctx
+            .groups
+            .attach_pod(key.clone(), &self.pod_ref, self.epoch)?;
+        self.group_socket = Some(dir);
+        self.group = Some(standing);
+        self.group_key = Some(key);
         Ok(())
     }
 
@@ -1749,6 +1799,7 @@ impl Worker {
             host_ip: self.ctx.host_ip.map(|ip| ip.to_string()),
             start_time: Some(self.start_time),
             failure: self.failure.clone(),
+            group: self.standing(),
         }
     }
 
@@ -1899,6 +1950,18 @@ async fn read_host_dns() -> ResolvConf {
             ResolvConf::default()
         }
     }
+}
+
+/// Waits for the group's standing to change; never, without a group (or once its
+/// agent side is gone).
+async fn standing_changed(standing: &mut Option<watch::Receiver<crate::raft::Standing>>) {
+    if let Some(receiver) = standing {
+        if receiver.changed().await.is_ok() {
+            return;
+        }
+    }
+    *standing = None;
+    std::future::pending::<()>().await
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{transition_events, EventRecorder, PodEvent};
 use crate::node::owner::{was_placed, StatusSink};
+use crate::raft::{GROUP_READY_CONDITION, GROUP_ROLE_LABEL};
 use crate::retry::Backoff;
 use crate::wire::{AgentEvent, PodRef, PodUid};
 
@@ -343,10 +344,28 @@ pub fn api_patch(status: &PodStatus, gates: &Gates) -> Value {
             fields.entry(field).or_insert(Value::Null);
         }
     }
-    json!({
-        "metadata": {"annotations": {MESH_IP_ANNOTATION: mesh_ip}},
-        "status": value,
-    })
+    let mut metadata = json!({"annotations": {MESH_IP_ANNOTATION: mesh_ip}});
+    if let Some(role) = group_role(&status) {
+        metadata["labels"] = json!({ GROUP_ROLE_LABEL: role });
+    }
+    json!({"metadata": metadata, "status": value})
+}
+
+/// The [`GROUP_ROLE_LABEL`] of a stateful workload's pod, from its group condition:
+/// `leader` or `follower` while the group is ready, else none (null, which removes it).
+/// None for other pods, whose labels the node leaves alone.
+fn group_role(status: &PodStatus) -> Option<Value> {
+    let condition = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == GROUP_READY_CONDITION)?;
+    let role = match condition.reason.as_deref() {
+        Some("Leader") if condition.status == "True" => json!("leader"),
+        Some("Follower") if condition.status == "True" => json!("follower"),
+        _ => Value::Null,
+    };
+    Some(role)
 }
 
 /// Writes the board to the API until cancelled.
@@ -511,6 +530,31 @@ mod tests {
         assert_eq!(value["containerStatuses"], Value::Null);
         let unset = &api_patch(&PodStatus::default(), &Gates::default())["status"];
         assert!(unset.get("conditions").is_none(), "{unset}");
+    }
+
+    #[test]
+    fn a_grouped_pod_is_labelled_with_its_role_and_other_pods_labels_are_left_alone() {
+        let group = |status: &str, reason: &str| -> PodStatus {
+            serde_json::from_value(json!({"phase": "Running", "conditions": [
+                {"type": GROUP_READY_CONDITION, "status": status, "reason": reason}]}))
+            .expect("status")
+        };
+        let labels =
+            |status: &PodStatus| api_patch(status, &Gates::default())["metadata"]["labels"].clone();
+        assert_eq!(
+            labels(&group("True", "Leader")),
+            json!({GROUP_ROLE_LABEL: "leader"})
+        );
+        assert_eq!(
+            labels(&group("True", "Follower")),
+            json!({GROUP_ROLE_LABEL: "follower"})
+        );
+        assert_eq!(
+            labels(&group("False", "NoLeader")),
+            json!({GROUP_ROLE_LABEL: null})
+        );
+        let plain = api_patch(&PodStatus::default(), &Gates::default());
+        assert!(plain["metadata"].get("labels").is_none(), "{plain}");
     }
 
     #[test]

@@ -1030,6 +1030,9 @@ impl Owner {
         let Some(owned) = self.pods.get(uid) else {
             return;
         };
+        if self.grouped.contains(uid) {
+            not_in_group_unless_said(&mut status);
+        }
         keep_transition_times(&owned.status, &mut status);
         if owned.status != status {
             self.set_status_forced(uid, status);
@@ -2220,7 +2223,13 @@ impl Owner {
         tracing::warn!(pod = %owned.pod_ref, %agent, wait_secs = wait, "strict pod's agent unreachable; waiting for its lease to run out");
         let mut status = owned.status.clone();
         for condition in status.conditions.iter_mut().flatten() {
-            if condition.type_ == "Ready" || condition.type_ == "ContainersReady" {
+            if [
+                "Ready",
+                "ContainersReady",
+                crate::raft::GROUP_READY_CONDITION,
+            ]
+            .contains(&condition.type_.as_str())
+            {
                 condition.status = "False".into();
                 condition.reason = Some("AgentUnreachable".into());
                 condition.message = Some(message.clone());
@@ -2656,6 +2665,25 @@ fn with_refused_ephemeral(mut status: PodStatus, refused: &BTreeMap<String, Stri
         config_error_container(name.clone(), String::new(), message.clone())
     }));
     status
+}
+
+/// A stateful workload's pod whose status the owner made (lost, waiting, failed) has no
+/// member in its group: its group condition says so, so that its role label goes.
+fn not_in_group_unless_said(status: &mut PodStatus) {
+    let conditions = status.conditions.get_or_insert_with(Vec::new);
+    if !conditions
+        .iter()
+        .any(|c| c.type_ == crate::raft::GROUP_READY_CONDITION)
+    {
+        conditions.push(PodCondition {
+            type_: crate::raft::GROUP_READY_CONDITION.into(),
+            status: "False".into(),
+            reason: Some("NotRunning".into()),
+            message: Some("the pod does not run, so it has no member in its group".into()),
+            last_transition_time: Some(now_time()),
+            ..Default::default()
+        });
+    }
 }
 
 #[cfg(test)]

@@ -219,7 +219,8 @@ impl PodApi {
                 .filter(|m| m.agent.0 == agent)
                 .map(|m| &m.pod)
                 .collect();
-            pods.sort();
+            // The pod that speaks for the leading agent: the first of its pods by name.
+            pods.sort_by(|a, b| a.name.cmp(&b.name));
             pods.first().map(|p| p.name.clone())
         });
         Ok(reply(

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::{PeerId, StreamProtocol};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{ChangeMembers, SnapshotPolicy};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
@@ -84,9 +84,92 @@ pub enum ServiceError {
     Failed(String),
 }
 
+/// How this agent's member stands in a group: what its pods' status says
+/// ([`crate::raft::GROUP_READY_CONDITION`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// Ready: a voter of a group that has a leader. The reason is then `Leader` or
+    /// `Follower`.
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+    pub term: u64,
+}
+
+impl Standing {
+    fn not_member(key: &GroupKey) -> Standing {
+        Standing {
+            ready: false,
+            reason: "NotAMember",
+            message: format!("this agent is not (yet) a member of group {key}"),
+            term: 0,
+        }
+    }
+
+    pub fn leads(&self) -> bool {
+        self.ready && self.reason == "Leader"
+    }
+
+    /// The standing of a pod that shares the leading agent with the pod that speaks for
+    /// it (see [`Groups::speaks_for_agent`]): one leader per group, as pods see it.
+    fn into_follower(mut self) -> Standing {
+        if self.leads() {
+            self.reason = "Follower";
+            self.message = format!(
+                "another pod on this agent speaks for the group's leader (term {})",
+                self.term
+            );
+        }
+        self
+    }
+}
+
+/// A member's standing from what its Raft member knows.
+fn standing_of(
+    key: &GroupKey,
+    me: NodeId,
+    leader: Option<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    term: u64,
+) -> Standing {
+    let (ready, reason, message) = if !voters.contains(&me) {
+        (
+            false,
+            "CatchingUp",
+            format!("this agent's member of group {key} is catching up and does not vote yet"),
+        )
+    } else {
+        match leader {
+            None => (
+                false,
+                "NoLeader",
+                format!("group {key} has no leader (term {term})"),
+            ),
+            Some(l) if l == me => (
+                true,
+                "Leader",
+                format!("this pod's member leads group {key} (term {term})"),
+            ),
+            Some(_) => (
+                true,
+                "Follower",
+                format!("this pod's member follows the leader of group {key} (term {term})"),
+            ),
+        }
+    };
+    Standing {
+        ready,
+        reason,
+        message,
+        term,
+    }
+}
+
 /// One group this agent is a member of.
 struct Group {
     key: GroupKey,
+    /// This member's node ID.
+    me: NodeId,
     raft: Raft,
     state: SharedState,
     dir: PathBuf,
@@ -118,6 +201,8 @@ struct Inner {
     pods: Mutex<HashMap<GroupKey, LocalPods>>,
     /// Each pod copy's socket: its group, and the token that stops its API.
     sockets: Mutex<HashMap<(PodUid, Epoch), (GroupKey, CancellationToken)>>,
+    /// How this agent stands in each group it runs pods of, or is a member of.
+    standings: Mutex<HashMap<GroupKey, watch::Sender<Standing>>>,
 }
 
 /// A group's pods on this agent, and since when there are none.
@@ -150,6 +235,7 @@ impl Groups {
                 groups: Mutex::new(HashMap::new()),
                 pods: Mutex::new(HashMap::new()),
                 sockets: Mutex::new(HashMap::new()),
+                standings: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -245,6 +331,7 @@ impl Groups {
         .map_err(|e| GroupsError::Raft(e.to_string()))?;
         let group = Arc::new(Group {
             key: key.clone(),
+            me: node_id(&self.inner.me),
             raft,
             state,
             dir,
@@ -264,8 +351,48 @@ impl Groups {
             let _ = previous.raft.shutdown().await;
         }
         tracing::info!(group = %key, member = node_id(&self.inner.me), "joined group");
+        tokio::spawn(self.clone().follow_standing(group.clone()));
         tokio::spawn(self.clone().reconcile(group));
         Ok(())
+    }
+
+    fn standing_sender(&self, key: &GroupKey) -> watch::Sender<Standing> {
+        self.inner
+            .standings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_insert_with(|| watch::Sender::new(Standing::not_member(key)))
+            .clone()
+    }
+
+    /// Keeps the group's standing as its Raft member changes, until it leaves.
+    async fn follow_standing(self, group: Arc<Group>) {
+        let standing = self.standing_sender(&group.key);
+        let mut metrics = group.raft.metrics();
+        loop {
+            let now = {
+                let m = metrics.borrow_and_update();
+                let voters = m.membership_config.membership().voter_ids().collect();
+                standing_of(
+                    &group.key,
+                    group.me,
+                    m.current_leader,
+                    &voters,
+                    m.current_term,
+                )
+            };
+            standing.send_if_modified(|old| {
+                let changed = *old != now;
+                *old = now;
+                changed
+            });
+            tokio::select! {
+                _ = group.cancel.cancelled() => break,
+                changed = metrics.changed() => if changed.is_err() { break },
+            }
+        }
+        standing.send_replace(Standing::not_member(&group.key));
     }
 
     /// Stops this agent's member of the group and deletes its state.
@@ -357,6 +484,31 @@ impl Groups {
         }
     }
 
+    /// Whether `pod` speaks for this agent in the group: the first by name of the
+    /// group's pods here. Only it is the leader when this agent leads.
+    pub fn speaks_for_agent(&self, key: &GroupKey, pod: &PodRef) -> bool {
+        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let first = pods
+            .get(key)
+            .and_then(|(pods, _)| pods.iter().min_by(|a, b| a.name.cmp(&b.name)));
+        first.is_none_or(|first| first.uid == pod.uid)
+    }
+
+    /// How `pod` stands in its group: its agent's standing, as a follower unless it
+    /// speaks for its agent.
+    pub fn standing_of_pod(&self, key: &GroupKey, pod: &PodRef, agent: Standing) -> Standing {
+        if self.speaks_for_agent(key, pod) {
+            agent
+        } else {
+            agent.into_follower()
+        }
+    }
+
+    fn runs_pods_of(&self, key: &GroupKey) -> bool {
+        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        pods.get(key).is_some_and(|(pods, _)| !pods.is_empty())
+    }
+
     fn orphaned(&self, key: &GroupKey) -> bool {
         let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
         match pods.get(key) {
@@ -368,14 +520,15 @@ impl Groups {
     }
 
     /// Where a copy of a grouped pod finds its group: a directory with the pod's
-    /// socket, whose API serves until [`Groups::detach_pod`]. The same path for the same
-    /// copy, so that a restarted agent's new socket appears in the running containers.
+    /// socket, whose API serves until [`Groups::detach_pod`], and how the agent stands
+    /// in the group. The same path for the same copy, so that a restarted agent's new
+    /// socket appears in the running containers.
     pub fn attach_pod(
         &self,
         key: GroupKey,
         pod: &PodRef,
         epoch: Epoch,
-    ) -> std::io::Result<PathBuf> {
+    ) -> std::io::Result<(PathBuf, watch::Receiver<Standing>)> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.socket_dir(pod, epoch);
         std::fs::create_dir_all(&dir)?;
@@ -399,8 +552,9 @@ impl Groups {
             group: key,
             pod: pod.clone(),
         };
+        let standing = self.standing_sender(&pod_api.group).subscribe();
         tokio::spawn(api::serve(listener, pod_api, cancel));
-        Ok(dir)
+        Ok((dir, standing))
     }
 
     /// The copy's containers are gone: its API stops, its socket goes.
@@ -416,6 +570,13 @@ impl Groups {
         };
         cancel.cancel();
         self.pod_stopped(&key, pod);
+        if self.group(&key).is_none() && !self.runs_pods_of(&key) {
+            self.inner
+                .standings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        }
         let _ = tokio::fs::remove_dir_all(self.socket_dir(pod, epoch)).await;
     }
 
@@ -677,6 +838,7 @@ fn served(e: ServeError) -> ServiceError {
     match e {
         ServeError::NotLeader { .. } => ServiceError::NoLeader,
         ServeError::Failed { message } => ServiceError::Failed(message),
+        ServeError::Unknown { message } => ServiceError::Unknown(message),
     }
 }
 
@@ -714,15 +876,16 @@ async fn serve_locally(group: &Group, call: Call) -> Reply {
                     message: e.to_string(),
                 }));
             }
+            // Only a write never proposed may be tried again elsewhere: one this
+            // member proposed and then lost the lead over may still be committed.
+            let leader = group.raft.metrics().borrow().current_leader;
+            if leader != Some(group.me) {
+                return Reply::Proposed(Err(ServeError::NotLeader { leader }));
+            }
             Reply::Proposed(match group.raft.client_write(command).await {
                 Ok(written) => Ok((written.log_id.index, written.data)),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    Err(ServeError::NotLeader {
-                        leader: f.leader_id,
-                    })
-                }
-                Err(e) => Err(ServeError::Failed {
-                    message: e.to_string(),
+                Err(e) => Err(ServeError::Unknown {
+                    message: format!("the write's outcome is unknown: {e}"),
                 }),
             })
         }
@@ -752,5 +915,37 @@ async fn serve_locally(group: &Group, call: Call) -> Reply {
                 message: e.to_string(),
             }),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_ready_as_a_voter_of_a_group_with_a_leader() {
+        let key = GroupKey {
+            owner: PeerId::random(),
+            namespace: "default".into(),
+            name: "db".into(),
+        };
+        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
+        let leader = standing_of(&key, 1, Some(1), &voters, 4);
+        assert!(leader.ready && leader.leads());
+        assert_eq!(leader.reason, "Leader");
+        let follower = standing_of(&key, 2, Some(1), &voters, 4);
+        assert!(follower.ready && !follower.leads());
+        assert_eq!(follower.reason, "Follower");
+        let leaderless = standing_of(&key, 2, None, &voters, 5);
+        assert!(!leaderless.ready);
+        assert_eq!(leaderless.reason, "NoLeader");
+        assert!(
+            leaderless.message.contains("term 5"),
+            "{}",
+            leaderless.message
+        );
+        let learner = standing_of(&key, 9, Some(1), &voters, 4);
+        assert_eq!((learner.ready, learner.reason), (false, "CatchingUp"));
+        assert_eq!(Standing::not_member(&key).reason, "NotAMember");
     }
 }

@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::Pod;
 use libp2p::PeerId;
 use sha2::{Digest, Sha256};
 
-pub use groups::{GroupConfig, Groups};
+pub use groups::{GroupConfig, Groups, Standing};
 
 /// A member's Raft node ID: from its peer ID (see [`node_id`]).
 pub type NodeId = u64;
@@ -53,6 +53,12 @@ pub const SOCKET_DIR_IN_CONTAINER: &str = "/run/beemesh";
 pub const SOCKET_IN_CONTAINER: &str = "/run/beemesh/group.sock";
 /// The environment variable that names it.
 pub const SOCKET_ENV: &str = "BEEMESH_GROUP_SOCKET";
+/// The pod status condition that says whether the pod's member is a voter of a group
+/// with a leader; when True, its reason is `Leader` or `Follower`.
+pub const GROUP_READY_CONDITION: &str = "beemesh.io/GroupReady";
+/// The label the node gives a grouped pod in the API: `leader` or `follower`, so that a
+/// Service can select the leader.
+pub const GROUP_ROLE_LABEL: &str = "beemesh.io/group-role";
 
 /// The group a pod belongs to: its [`GROUP_ANNOTATION`], else the StatefulSet that
 /// controls it; none for other pods. An annotation that is not a DNS label is refused.

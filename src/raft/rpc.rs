@@ -80,10 +80,16 @@ pub struct ReadResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(tag = "error", rename_all = "camelCase")]
 pub enum ServeError {
+    /// Nothing was proposed: the caller may try again at the leader.
     #[error("this member is not the group's leader")]
     NotLeader { leader: Option<NodeId> },
+    /// Nothing was proposed, and trying again will not help.
     #[error("{message}")]
     Failed { message: String },
+    /// The write was proposed but its fate is unknown (leadership was lost before it
+    /// committed): a later leader may still commit it.
+    #[error("{message}")]
+    Unknown { message: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,0 +1,544 @@
+//! A stateful workload's Raft group without Podman: members are real libp2p peers on
+//! loopback, each with the agent's `raft::Groups`, storage on disk, and the owner's
+//! signed word. Checks that clients' reads, writes and compare-and-swaps stay
+//! linearizable while members are killed and restarted (a Jepsen-style history, checked
+//! by the WGL search in `linearizability`), and measures the group (`bench_`, run by
+//! hack/bench-raft.sh).
+
+mod linearizability;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use beemesh::mesh::{self, GossipFilter, MeshConfig};
+use beemesh::metrics::Metrics;
+use beemesh::raft::groups::ServiceError;
+use beemesh::raft::kv::{Command, Outcome};
+use beemesh::raft::rpc::Read;
+use beemesh::raft::{GroupConfig, GroupKey, Groups};
+use beemesh::trust::group::{sign, Group};
+use beemesh::trust::TrustedPeers;
+use beemesh::wire::{GroupMember, PeerRef, PodRef, PodUid, SignedGroup};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use linearizability::{check, Input, Operation, Output, Verdict};
+use tokio_util::sync::CancellationToken;
+
+/// One member: an agent's mesh peer and groups, stopped and started again on the same
+/// state directory and identity.
+struct Member {
+    keypair: Keypair,
+    dir: PathBuf,
+    running: Option<(Groups, CancellationToken, Multiaddr)>,
+}
+
+/// The members of groups, and the owner that names them.
+struct Cluster {
+    owner: Keypair,
+    _dir: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+impl Cluster {
+    async fn start(size: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let members = (0..size)
+            .map(|i| Member {
+                keypair: Keypair::generate_ed25519(),
+                dir: dir.path().join(format!("member{i}")),
+                running: None,
+            })
+            .collect();
+        let mut cluster = Cluster {
+            owner: Keypair::generate_ed25519(),
+            _dir: dir,
+            members,
+        };
+        for i in 0..size {
+            cluster.start_member(i).await;
+        }
+        cluster
+    }
+
+    fn peer(&self, i: usize) -> PeerId {
+        self.members[i].keypair.public().to_peer_id()
+    }
+
+    fn groups(&self, i: usize) -> Option<Groups> {
+        self.members[i].running.as_ref().map(|(g, _, _)| g.clone())
+    }
+
+    /// Starts member `i`, connected to every running member.
+    async fn start_member(&mut self, i: usize) {
+        let bootstrap = self
+            .members
+            .iter()
+            .filter_map(|m| m.running.as_ref().map(|(_, _, addr)| addr.clone()))
+            .collect();
+        let member = &mut self.members[i];
+        let config = MeshConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+            bootstrap,
+            accept_gossip: GossipFilter::new([], |_| true),
+            ..MeshConfig::default()
+        };
+        let metrics = Metrics::new();
+        let (handle, mut events, event_loop) =
+            mesh::start(member.keypair.clone(), config, metrics.clone()).expect("mesh starts");
+        let cancel = CancellationToken::new();
+        tokio::spawn(event_loop.run(cancel.clone()));
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        let addr = loop {
+            let listening = handle.listen_addrs().await.expect("loop runs");
+            if let Some(addr) = listening.into_iter().next() {
+                break addr;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let owner = self.owner.public().to_peer_id();
+        let groups = Groups::new(
+            handle.local_peer_id(),
+            handle.clone(),
+            TrustedPeers::new([owner]),
+            member.dir.clone(),
+            GroupConfig::default(),
+            metrics,
+        );
+        tokio::spawn(groups.clone().serve(cancel.clone()));
+        member.running = Some((groups, cancel, addr));
+    }
+
+    /// Stops member `i` as a killed agent stops: its peer gone, its state on disk.
+    fn kill(&mut self, i: usize) {
+        if let Some((_, cancel, _)) = self.members[i].running.take() {
+            cancel.cancel();
+        }
+    }
+
+    /// The owner's word on group `name`: every member runs one of its pods.
+    fn word(&self, name: &str, version: u64) -> SignedGroup {
+        let members = (0..self.members.len())
+            .map(|i| GroupMember {
+                agent: PeerRef(self.peer(i)),
+                pod: PodRef {
+                    uid: PodUid(format!("uid-{name}-{i}")),
+                    namespace: "default".into(),
+                    name: format!("{name}-{i}"),
+                },
+            })
+            .collect();
+        sign(
+            &self.owner,
+            Group {
+                namespace: "default".into(),
+                name: name.into(),
+                version,
+                founder: Some(self.peer(0)),
+                members,
+            },
+        )
+    }
+
+    fn key(&self, name: &str) -> GroupKey {
+        GroupKey {
+            owner: self.owner.public().to_peer_id(),
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    /// Tells every running member of group `name`.
+    async fn tell(&self, name: &str) {
+        let word = self.word(name, 1);
+        let owner = self.owner.public().to_peer_id();
+        for i in 0..self.members.len() {
+            if let Some(groups) = self.groups(i) {
+                groups.on_word(owner, word.clone()).await;
+            }
+        }
+    }
+
+    /// The leader every running member agrees on.
+    async fn agreed_leader(&self, name: &str, timeout: Duration) -> PeerId {
+        let key = self.key(name);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leaders: Vec<Option<PeerId>> = (0..self.members.len())
+                .filter_map(|i| self.groups(i))
+                .map(|g| g.leader(&key).ok().and_then(|(leader, _)| leader))
+                .collect();
+            if let Some(Some(first)) = leaders.first() {
+                if leaders.iter().all(|l| *l == Some(*first)) {
+                    return *first;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader agreed in {timeout:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn nanos(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
+}
+
+/// What clients saw: the operations, recorded as they completed.
+type History = Arc<Mutex<Vec<Operation>>>;
+
+/// One client: random reads, writes, deletes and compare-and-swaps on a few keys,
+/// through member `member`, until `stop`.
+async fn client(
+    id: u64,
+    member: Groups,
+    key: GroupKey,
+    history: History,
+    started: Instant,
+    stop: CancellationToken,
+) {
+    // The last value and revision this client read of each key, for its CAS.
+    let mut seen: HashMap<String, (Option<String>, u64)> = HashMap::new();
+    let mut n = 0u64;
+    while !stop.is_cancelled() {
+        n += 1;
+        let k = format!("k{}", (id + n) % 3);
+        let choice = (id * 7919 + n * 104_729) % 20;
+        let call = nanos(started);
+        let (input, output) = match choice {
+            0..=7 => {
+                let found = member.read(&key, Read::Key { key: k.clone() }).await;
+                let Ok(found) = found else { continue };
+                let item = found.items.into_iter().next().map(|(_, item)| item);
+                seen.insert(
+                    k.clone(),
+                    (
+                        item.as_ref().map(|i| i.value.clone()),
+                        item.map_or(0, |i| i.revision),
+                    ),
+                );
+                (Input::Read, Output::Read(seen[&k].0.clone()))
+            }
+            8..=14 => {
+                let value = format!("c{id}-{n}");
+                let put = Command::Put {
+                    key: k.clone(),
+                    value: value.clone(),
+                    expect: None,
+                };
+                match outcome(member.propose(&key, put).await) {
+                    Some(Some(Outcome::Stored { .. })) => (Input::Write(value), Output::Written),
+                    Some(None) => (Input::Write(value), Output::Unknown),
+                    _ => continue,
+                }
+            }
+            15 => match outcome(
+                member
+                    .propose(
+                        &key,
+                        Command::Delete {
+                            key: k.clone(),
+                            expect: None,
+                        },
+                    )
+                    .await,
+            ) {
+                Some(Some(Outcome::Deleted { .. })) => (Input::Delete, Output::Deleted),
+                Some(None) => (Input::Delete, Output::Unknown),
+                _ => continue,
+            },
+            _ => {
+                // Values are unique, so "revision R" is "the value written at R".
+                let (expected, revision) = seen.get(&k).cloned().unwrap_or((None, 0));
+                let new = format!("c{id}-{n}");
+                let put = Command::Put {
+                    key: k.clone(),
+                    value: new.clone(),
+                    expect: Some(revision),
+                };
+                let input = Input::Cas { expected, new };
+                match outcome(member.propose(&key, put).await) {
+                    Some(Some(Outcome::Stored { .. })) => (input, Output::Cas(true)),
+                    Some(Some(Outcome::Conflict { .. })) => (input, Output::Cas(false)),
+                    Some(None) => (input, Output::Unknown),
+                    _ => continue,
+                }
+            }
+        };
+        let ret = (!matches!(output, Output::Unknown)).then(|| nanos(started));
+        history.lock().expect("history").push(Operation {
+            client: id,
+            key: k,
+            input,
+            call,
+            output,
+            ret,
+        });
+    }
+}
+
+/// A write's outcome: Some(Some) applied, Some(None) unknown (it may have been
+/// committed), None not applied (nobody led: the client saw an error).
+fn outcome(result: Result<(u64, Outcome), ServiceError>) -> Option<Option<Outcome>> {
+    match result {
+        Ok((_, outcome)) => Some(Some(outcome)),
+        Err(ServiceError::Unknown(_)) => Some(None),
+        Err(_) => None,
+    }
+}
+
+/// Clients on every member while members are killed and restarted one at a time; the
+/// history must be linearizable. BEEMESH_JEPSEN_OPS operations (default 2,000; the
+/// long run in hack/bench-raft.sh takes 10,000 or more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_restarted() {
+    let wanted: usize = std::env::var("BEEMESH_JEPSEN_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let mut cluster = Cluster::start(3).await;
+    cluster.tell("db").await;
+    let key = cluster.key("db");
+    cluster.agreed_leader("db", Duration::from_secs(15)).await;
+    let history: History = Arc::default();
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut round = 0u64;
+    while history.lock().expect("history").len() < wanted {
+        // A round: clients on every member; one member killed midway (its clients go
+        // with it, as a killed agent's pods lose their socket) and started again at
+        // the end.
+        round += 1;
+        let victim = (round as usize) % cluster.members.len();
+        let stops: Vec<CancellationToken> = (0..cluster.members.len())
+            .map(|_| CancellationToken::new())
+            .collect();
+        let mut clients = Vec::new();
+        for (i, stop) in stops.iter().enumerate() {
+            let Some(groups) = cluster.groups(i) else {
+                continue;
+            };
+            for c in 0..2 {
+                let id = round * 100 + (i * 2 + c) as u64;
+                clients.push(tokio::spawn(client(
+                    id,
+                    groups.clone(),
+                    key.clone(),
+                    history.clone(),
+                    started,
+                    stop.clone(),
+                )));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stops[victim].cancel();
+        cluster.kill(victim);
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        for stop in &stops {
+            stop.cancel();
+        }
+        for c in clients {
+            let _ = c.await;
+        }
+        cluster.start_member(victim).await;
+        cluster.tell("db").await;
+    }
+    let history = history.lock().expect("history").clone();
+    let unknown = history.iter().filter(|o| o.ret.is_none()).count();
+    let writes = history
+        .iter()
+        .filter(|o| matches!(o.output, Output::Written | Output::Cas(true)))
+        .count();
+    let reads = history
+        .iter()
+        .filter(|o| matches!(o.input, Input::Read))
+        .count();
+    let checking = Instant::now();
+    let verdict = check(&history, Duration::from_secs(120));
+    eprintln!(
+        "{} operations ({reads} reads, {writes} writes and swaps applied, {unknown} of unknown outcome) over {:?}, {kills} kills; checked in {:?}: {verdict:?}",
+        history.len(),
+        started.elapsed(),
+        checking.elapsed()
+    );
+    assert!(
+        kills >= 2 && writes > history.len() / 5,
+        "the run did too little to tell"
+    );
+    assert_eq!(verdict, Verdict::Linearizable);
+    // The history constrains: one read changed to a value nobody wrote is caught.
+    let mut corrupted = history.clone();
+    let read = corrupted
+        .iter_mut()
+        .find(|o| matches!(o.output, Output::Read(Some(_))))
+        .expect("a read that saw a value");
+    read.output = Output::Read(Some("never written".into()));
+    assert!(matches!(
+        check(&corrupted, Duration::from_secs(120)),
+        Verdict::NotLinearizable { .. }
+    ));
+}
+
+/// Percentiles of `samples` (sorted here), nearest rank.
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+/// Figures for BENCHMARKS.md (hack/bench-raft.sh): write and read latency through a
+/// follower and through the leader, writes per second from 16 concurrent writers, and
+/// fail-over time, with 3 and 5 members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: hack/bench-raft.sh"]
+async fn bench_kv_latency_throughput_and_failover() {
+    for size in [3, 5] {
+        let mut cluster = Cluster::start(size).await;
+        cluster.tell("db").await;
+        let key = cluster.key("db");
+        let leader = cluster.agreed_leader("db", Duration::from_secs(15)).await;
+        let leader_index = (0..size)
+            .find(|i| cluster.peer(*i) == leader)
+            .expect("a member leads");
+        let follower_index = (leader_index + 1) % size;
+        for (via, index) in [("leader", leader_index), ("follower", follower_index)] {
+            let groups = cluster.groups(index).expect("running");
+            let (mut writes, mut reads) = (Vec::new(), Vec::new());
+            for n in 0..500 {
+                let put = Command::Put {
+                    key: format!("k{}", n % 10),
+                    value: format!("{n}"),
+                    expect: None,
+                };
+                let t = Instant::now();
+                groups.propose(&key, put).await.expect("writes");
+                writes.push(t.elapsed());
+                let t = Instant::now();
+                groups
+                    .read(
+                        &key,
+                        Read::Key {
+                            key: format!("k{}", n % 10),
+                        },
+                    )
+                    .await
+                    .expect("reads");
+                reads.push(t.elapsed());
+            }
+            println!(
+                "BENCH members={size} via={via} write_p50_ms={:.2} write_p99_ms={:.2} read_p50_ms={:.2} read_p99_ms={:.2}",
+                percentile(&mut writes, 50.0).as_secs_f64() * 1e3,
+                percentile(&mut writes, 99.0).as_secs_f64() * 1e3,
+                percentile(&mut reads, 50.0).as_secs_f64() * 1e3,
+                percentile(&mut reads, 99.0).as_secs_f64() * 1e3,
+            );
+        }
+        // 16 writers, 5 s.
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let mut writers = Vec::new();
+        for w in 0..16u64 {
+            let groups = cluster.groups(w as usize % size).expect("running");
+            let (key, written, stop) = (key.clone(), written.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.is_cancelled() {
+                    n += 1;
+                    let put = Command::Put {
+                        key: format!("w{w}"),
+                        value: format!("{n}"),
+                        expect: None,
+                    };
+                    if groups.propose(&key, put).await.is_ok() {
+                        written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.cancel();
+        for w in writers {
+            let _ = w.await;
+        }
+        println!(
+            "BENCH members={size} writers=16 writes_per_s={:.0}",
+            written.load(std::sync::atomic::Ordering::Relaxed) as f64 / 5.0
+        );
+        // Fail-over: the leader killed; time until the others agree on another.
+        let killed = Instant::now();
+        cluster.kill(leader_index);
+        let new_leader = cluster.agreed_leader("db", Duration::from_secs(30)).await;
+        assert_ne!(new_leader, leader);
+        let elected = killed.elapsed();
+        let survivor = cluster.groups(follower_index).expect("running");
+        let put = Command::Put {
+            key: "after".into(),
+            value: "failover".into(),
+            expect: None,
+        };
+        survivor
+            .propose(&key, put)
+            .await
+            .expect("writes after fail-over");
+        println!(
+            "BENCH members={size} failover_elected_ms={} failover_first_write_ms={}",
+            elected.as_millis(),
+            killed.elapsed().as_millis()
+        );
+    }
+}
+
+/// Resident memory of the process, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Memory of idle groups: 100 groups on 3 members (in this one process), each with
+/// ten keys written, then the growth of the process's RSS per group and member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: hack/bench-raft.sh"]
+async fn bench_idle_group_memory() {
+    const GROUPS: usize = 100;
+    let cluster = Cluster::start(3).await;
+    // A first group settles the process (runtime, mesh connections) before measuring.
+    cluster.tell("warm").await;
+    cluster.agreed_leader("warm", Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rss_kib();
+    for g in 0..GROUPS {
+        let name = format!("g{g}");
+        cluster.tell(&name).await;
+    }
+    for g in 0..GROUPS {
+        let name = format!("g{g}");
+        cluster.agreed_leader(&name, Duration::from_secs(60)).await;
+        let groups = cluster.groups(0).expect("running");
+        for k in 0..10 {
+            let put = Command::Put {
+                key: format!("k{k}"),
+                value: "v".repeat(100),
+                expect: None,
+            };
+            groups
+                .propose(&cluster.key(&name), put)
+                .await
+                .expect("writes");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = rss_kib();
+    println!(
+        "BENCH idle_groups={GROUPS} members=3 rss_growth_kib={} per_group_member_kib={:.0}",
+        after.saturating_sub(before),
+        after.saturating_sub(before) as f64 / (GROUPS * 3) as f64
+    );
+}
