@@ -4501,13 +4501,7 @@ fn a_statefulsets_pods_form_a_group_whose_leader_kubernetes_sees() {
         .pod_status("default", &leader)
         .and_then(|p| p["agent"].as_str().map(str::to_owned))
         .expect("the leader's agent");
-    let index = cluster
-        .mesh
-        .agents
-        .iter()
-        .position(|a| a.peer == agent)
-        .expect("a test agent");
-    cluster.mesh.agents[index].kill();
+    cluster.mesh.kill_agent(&agent);
     let others: Vec<&str> = all.iter().copied().filter(|n| *n != leader).collect();
     let next = cluster
         .mesh

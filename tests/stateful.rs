@@ -205,13 +205,8 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
         .as_str()
         .expect("placed")
         .to_owned();
-    let agent_index = mesh
-        .agents
-        .iter()
-        .position(|a| a.peer == leader_agent)
-        .expect("the leader's agent");
     let killed = Instant::now();
-    mesh.agents[agent_index].kill();
+    let agent_index = mesh.kill_agent(&leader_agent);
     let others: Vec<PathBuf> = (0..3)
         .filter(|i| *i != leader_index)
         .map(|i| sockets[i].clone())
@@ -238,6 +233,27 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
     let (status, put) = call(&others[1], "PUT", "/kv/after", "failover").expect("PUT");
     assert_eq!(status, 200, "{put}");
 
+    // The killed agent starts again on its state: it adopts its pod (which ran on under
+    // Podman), the pod's socket comes back, and its member rejoins from its log and
+    // follows the new leader.
+    let state = mesh.agents[agent_index].state_dir.clone();
+    mesh.start_agent_in(state, &["--label", &format!("slot={agent_index}")]);
+    mesh.wait_for(
+        "the restarted member follows",
+        Duration::from_secs(60),
+        || {
+            let (status, body) = call(&sockets[leader_index], "GET", "/leader", "").ok()?;
+            (status == 200 && body["leader"]["pod"] == new_leader.as_str()).then_some(())
+        },
+    );
+    let (status, got) = call(&sockets[leader_index], "GET", "/kv/after", "").expect("GET");
+    assert_eq!(
+        (status, got["value"].as_str()),
+        (200, Some("failover")),
+        "{got}"
+    );
+
+    // The workload deleted: every member deletes the group's state.
     // The workload deleted: every remaining member deletes the group's state.
     for name in names {
         mesh.remove_manifest(&format!("{name}.yaml"));
@@ -253,11 +269,10 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
             })
             .unwrap_or_default()
     };
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != agent_index).collect();
     mesh.wait_for("the group's state deleted", Duration::from_secs(60), || {
-        survivors
+        mesh.agents
             .iter()
-            .all(|i| group_dirs(&mesh.agents[*i]).is_empty())
+            .all(|agent| group_dirs(agent).is_empty())
             .then_some(())
     });
 }

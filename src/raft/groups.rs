@@ -666,32 +666,36 @@ impl Groups {
         key: &GroupKey,
         command: Command,
     ) -> Result<(u64, Outcome), ServiceError> {
-        let group = self
-            .group(key)
-            .ok_or_else(|| ServiceError::NoGroup(key.to_string()))?;
-        self.through_leader(&group, Forward::Propose(command))
-            .await
-            .and_then(|reply| match reply {
-                Reply::Proposed(result) => result.map_err(served),
-                _ => Err(ServiceError::Failed(
-                    "the leader answered another call".into(),
-                )),
-            })
+        self.ask_leader(key, Forward::Propose(command), |reply| match reply {
+            Reply::Proposed(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 
     /// A linearizable read, through the leader.
     pub async fn read(&self, key: &GroupKey, read: Read) -> Result<ReadResult, ServiceError> {
+        self.ask_leader(key, Forward::Read(read), |reply| match reply {
+            Reply::Read(result) => Some(result),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The leader's answer to `forward`, as `answer` picks it from its reply.
+    async fn ask_leader<T>(
+        &self,
+        key: &GroupKey,
+        forward: Forward,
+        answer: impl FnOnce(Reply) -> Option<Result<T, ServeError>>,
+    ) -> Result<T, ServiceError> {
         let group = self
             .group(key)
             .ok_or_else(|| ServiceError::NoGroup(key.to_string()))?;
-        self.through_leader(&group, Forward::Read(read))
-            .await
-            .and_then(|reply| match reply {
-                Reply::Read(result) => result.map_err(served),
-                _ => Err(ServiceError::Failed(
-                    "the leader answered another call".into(),
-                )),
-            })
+        let reply = self.through_leader(&group, forward).await?;
+        answer(reply)
+            .ok_or_else(|| ServiceError::Failed("the leader answered another call".into()))?
+            .map_err(served)
     }
 
     /// Serves `call` on the leader: here if this member leads, else forwarded to it.

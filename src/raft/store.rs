@@ -114,11 +114,13 @@ impl LogStore {
         self.log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Removes the entry files with indexes in `indexes`, then flushes the directory.
-    async fn remove(&self, indexes: Vec<u64>) -> std::io::Result<()> {
+    /// Removes the entries with indexes in `indexes`: their files, flushed with the
+    /// directory, then the cached entries.
+    async fn remove(&self, indexes: Vec<u64>) -> StoreResult<()> {
         let dir = self.entries_dir();
+        let files = indexes.clone();
         blocking(move || {
-            for index in indexes {
+            for index in files {
                 match std::fs::remove_file(entry_file(&dir, index)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -128,6 +130,12 @@ impl LogStore {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await
+        .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut log = self.log();
+        for index in indexes {
+            log.entries.remove(&index);
+        }
+        Ok(())
     }
 }
 
@@ -222,20 +230,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
-        let gone: Vec<u64> = self
+        let gone = self
             .log()
             .entries
             .range(log_id.index..)
             .map(|(i, _)| *i)
             .collect();
-        self.remove(gone.clone())
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut log = self.log();
-        for index in gone {
-            log.entries.remove(&index);
-        }
-        Ok(())
+        self.remove(gone).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
@@ -246,7 +247,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || write_atomically(&path, &bytes, FILE_MODE))
             .await
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let gone: Vec<u64> = {
+        let gone = {
             let mut log = self.log();
             log.last_purged = Some(log_id);
             log.entries
@@ -254,14 +255,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map(|(i, _)| *i)
                 .collect()
         };
-        self.remove(gone.clone())
-            .await
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut log = self.log();
-        for index in gone {
-            log.entries.remove(&index);
-        }
-        Ok(())
+        self.remove(gone).await
     }
 }
 

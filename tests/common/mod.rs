@@ -442,6 +442,17 @@ impl Mesh {
             .collect()
     }
 
+    /// Kills (SIGKILL) the agent with peer ID `peer`; returns its index.
+    pub fn kill_agent(&mut self, peer: &str) -> usize {
+        let index = self
+            .agents
+            .iter()
+            .position(|a| a.peer == peer)
+            .unwrap_or_else(|| panic!("{peer} is none of this mesh's agents"));
+        self.agents[index].kill();
+        index
+    }
+
     pub fn agent_peers(&self) -> Vec<String> {
         self.agents.iter().map(|a| a.peer.clone()).collect()
     }
