@@ -32,6 +32,7 @@ struct Member {
     keypair: Keypair,
     dir: PathBuf,
     running: Option<(Groups, CancellationToken, Multiaddr)>,
+    metrics: Metrics,
 }
 
 /// The members of groups, and the owner that names them.
@@ -49,6 +50,7 @@ impl Cluster {
                 keypair: Keypair::generate_ed25519(),
                 dir: dir.path().join(format!("member{i}")),
                 running: None,
+                metrics: Metrics::new(),
             })
             .collect();
         let mut cluster = Cluster {
@@ -84,7 +86,7 @@ impl Cluster {
             accept_gossip: GossipFilter::new([], |_| true),
             ..MeshConfig::default()
         };
-        let metrics = Metrics::new();
+        let metrics = member.metrics.clone();
         let (handle, mut events, event_loop) =
             mesh::start(member.keypair.clone(), config, metrics.clone()).expect("mesh starts");
         let cancel = CancellationToken::new();
@@ -391,6 +393,131 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_res
         check(&corrupted, Duration::from_secs(120)),
         Verdict::NotLinearizable { .. }
     ));
+}
+
+/// A peer that reaches the members but is named in no word: its Raft calls are
+/// refused and counted (a vote of a higher term would have deposed the leader), and a
+/// word it forges, or one that claims to be the owner's but is not signed by it, is
+/// refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
+    use beemesh::raft::rpc::{self, Call, CallError};
+    use beemesh::wire::Response;
+    use openraft::raft::VoteRequest;
+    use openraft::Vote;
+
+    let cluster = Cluster::start(2).await;
+    cluster.tell("db").await;
+    let key = cluster.key("db");
+    let leader = cluster.agreed_leader("db", Duration::from_secs(15)).await;
+    let (_, term) = cluster
+        .groups(0)
+        .expect("running")
+        .leader(&key)
+        .expect("a member");
+
+    // The stranger: a real peer on loopback, connected to both members.
+    let stranger_key = Keypair::generate_ed25519();
+    let bootstrap = cluster
+        .members
+        .iter()
+        .filter_map(|m| m.running.as_ref().map(|(_, _, addr)| addr.clone()))
+        .collect();
+    let config = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        bootstrap,
+        accept_gossip: GossipFilter::new([], |_| true),
+        ..MeshConfig::default()
+    };
+    let (stranger, mut events, event_loop) =
+        mesh::start(stranger_key.clone(), config, Metrics::new()).expect("mesh starts");
+    let cancel = CancellationToken::new();
+    tokio::spawn(event_loop.run(cancel.clone()));
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let stranger_id = stranger.local_peer_id();
+    let vote = VoteRequest::new(
+        Vote::new(term + 10, beemesh::raft::node_id(&stranger_id)),
+        None,
+    );
+    for i in 0..2 {
+        let answer = rpc::call(
+            &stranger,
+            cluster.peer(i),
+            &key,
+            Call::Vote(vote.clone()),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+        let put = Command::Put {
+            key: "k".into(),
+            value: "stranger".into(),
+            expect: None,
+        };
+        let answer = rpc::call(
+            &stranger,
+            cluster.peer(i),
+            &key,
+            Call::Propose(put),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+        let dropped = cluster.members[i].metrics.render();
+        assert!(
+            dropped.contains(
+                r#"mesh_messages_dropped_total{kind="raft_stream",reason="not_a_member"} 2"#
+            ),
+            "{dropped}"
+        );
+    }
+    let groups = cluster.groups(0).expect("running");
+    assert_eq!(groups.leader(&key).expect("a member"), (Some(leader), term));
+
+    // A word the stranger signs, naming itself: not from a trusted owner.
+    let mut members = cluster.word("db", 2).members;
+    members.push(GroupMember {
+        agent: PeerRef(stranger_id),
+        pod: PodRef {
+            uid: PodUid("uid-x".into()),
+            namespace: "default".into(),
+            name: "db-x".into(),
+        },
+    });
+    let forged = sign(
+        &stranger_key,
+        Group {
+            namespace: "default".into(),
+            name: "db".into(),
+            version: 2,
+            founder: Some(cluster.peer(0)),
+            members,
+        },
+    );
+    let refused = groups.on_word(stranger_id, forged.clone()).await;
+    assert!(matches!(refused, Response::Error { .. }), "{refused:?}");
+    // The same word passed off as the owner's: its signature does not verify.
+    let owner = cluster.owner.public().to_peer_id();
+    let mut passed_off = forged;
+    passed_off.owner = PeerRef(owner);
+    let refused = groups.on_word(owner, passed_off).await;
+    assert!(
+        matches!(&refused, Response::Error { message } if message.contains("signature")),
+        "{refused:?}"
+    );
+    let answer = rpc::call(
+        &stranger,
+        cluster.peer(0),
+        &key,
+        Call::Read(Read::Prefix {
+            prefix: String::new(),
+        }),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+    assert_eq!(groups.word(&key).expect("the word").version, 1);
+    cancel.cancel();
 }
 
 /// Percentiles of `samples` (sorted here), nearest rank.
