@@ -396,7 +396,7 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_res
 }
 
 /// A peer that reaches the members but is named in no word: its Raft calls are
-/// refused and counted (a vote of a higher term would have deposed the leader), and a
+/// closed unread and counted (a vote of a higher term would have deposed the leader), and a
 /// word it forges, or one that claims to be the owner's but is not signed by it, is
 /// refused and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +435,7 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
     tokio::spawn(event_loop.run(cancel.clone()));
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let stranger_id = stranger.local_peer_id();
+    // Each call's stream is closed unread: the stranger's write or read of it fails.
     let vote = VoteRequest::new(
         Vote::new(term + 10, beemesh::raft::node_id(&stranger_id)),
         None,
@@ -448,7 +449,7 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
             Duration::from_secs(10),
         )
         .await;
-        assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+        assert!(matches!(answer, Err(CallError::Relay(_))), "{answer:?}");
         let put = Command::Put {
             key: "k".into(),
             value: "stranger".into(),
@@ -462,7 +463,7 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
             Duration::from_secs(10),
         )
         .await;
-        assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+        assert!(matches!(answer, Err(CallError::Relay(_))), "{answer:?}");
         let dropped = cluster.members[i].metrics.render();
         assert!(
             dropped.contains(
@@ -515,7 +516,7 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
         Duration::from_secs(10),
     )
     .await;
-    assert!(matches!(answer, Err(CallError::Refused(_))), "{answer:?}");
+    assert!(matches!(answer, Err(CallError::Relay(_))), "{answer:?}");
     assert_eq!(groups.word(&key).expect("the word").version, 1);
     cancel.cancel();
 }

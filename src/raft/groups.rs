@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::api;
 use super::kv::{Command, Outcome};
 use super::rpc::{self, Call, CallFrame, Read, ReadResult, Reply, ServeError, MAX_FRAME_BYTES};
-use super::store::{LogStore, SharedState, StateMachine};
+use super::store::{LogStore, SharedState, StateMachine, MAX_SNAPSHOT_BYTES};
 use super::{members_of, node_id, peer_of, GroupKey, NodeId, Raft};
 use crate::audit::{self, Outcome as AuditOutcome};
 use crate::kubelet::relay::{read_message, write_message};
@@ -36,6 +36,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// A group this agent runs no pod of for this long is left, even if the owner's word
 /// that says so was lost.
 const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// The most groups an agent is a member of at once.
+const MAX_GROUPS: usize = 1024;
 /// How long a forwarded read or write, or a learner catching up, may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -168,6 +170,7 @@ fn standing_of(
 /// One group this agent is a member of.
 struct Group {
     key: GroupKey,
+    joined: Instant,
     /// This member's node ID.
     me: NodeId,
     raft: Raft,
@@ -284,6 +287,19 @@ impl Groups {
                 }
             }
             (None, true) => {
+                if self
+                    .inner
+                    .groups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .len()
+                    >= MAX_GROUPS
+                {
+                    self.inner.metrics.dropped("group_word", "too_many_groups");
+                    return Response::Error {
+                        message: format!("this agent is a member of {MAX_GROUPS} groups, its most"),
+                    };
+                }
                 if let Err(e) = self.join(key.clone(), signed).await {
                     tracing::warn!(group = %key, error = %e, "cannot join group");
                     return Response::Error {
@@ -331,6 +347,7 @@ impl Groups {
         .map_err(|e| GroupsError::Raft(e.to_string()))?;
         let group = Arc::new(Group {
             key: key.clone(),
+            joined: Instant::now(),
             me: node_id(&self.inner.me),
             raft,
             state,
@@ -514,8 +531,10 @@ impl Groups {
         match pods.get(key) {
             Some((_, Some(since))) => since.elapsed() > ORPHAN_AFTER,
             Some((_, None)) => false,
-            // Named before its pod started here: give it the same while.
-            None => false,
+            // Named before its pod started here: it has the same while to start.
+            None => self
+                .group(key)
+                .is_some_and(|g| g.joined.elapsed() > ORPHAN_AFTER),
         }
     }
 
@@ -777,6 +796,13 @@ impl Groups {
                 next = incoming.next() => next,
             };
             let Some((peer, stream)) = next else { break };
+            // A peer no group here names is closed unread, before it holds a slot:
+            // strangers cost no buffer and cannot crowd the members out.
+            if !self.names_anywhere(&peer) {
+                self.refuse(peer, "a member of no group here");
+                drop(stream);
+                continue;
+            }
             let Ok(permit) = calls.clone().try_acquire_owned() else {
                 self.inner.metrics.dropped("raft_stream", "too_many");
                 continue;
@@ -818,15 +844,7 @@ impl Groups {
         let reply = match group {
             Some(group) => serve_locally(&group, frame.call).await,
             None => {
-                self.inner.metrics.dropped("raft_stream", "not_a_member");
-                audit::record(
-                    &self.inner.metrics,
-                    "raft_call",
-                    AuditOutcome::Refused,
-                    &peer,
-                    None,
-                    &format!("not a member of group {key}"),
-                );
+                self.refuse(peer, &format!("not a member of group {key}"));
                 Reply::Refused {
                     reason: format!("{peer} is not a member of group {key} here"),
                 }
@@ -835,6 +853,26 @@ impl Groups {
         write_message(&mut io, &reply, MAX_FRAME_BYTES)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+impl Groups {
+    fn names_anywhere(&self, peer: &PeerId) -> bool {
+        let groups = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.values().any(|g| g.names(peer))
+    }
+
+    /// Counts and audits a refused call.
+    fn refuse(&self, peer: PeerId, why: &str) {
+        self.inner.metrics.dropped("raft_stream", "not_a_member");
+        audit::record(
+            &self.inner.metrics,
+            "raft_call",
+            AuditOutcome::Refused,
+            &peer,
+            None,
+            &why,
+        );
     }
 }
 
@@ -868,6 +906,16 @@ async fn serve_locally(group: &Group, call: Call) -> Reply {
         Call::AppendEntries(rpc) => Reply::AppendEntries(group.raft.append_entries(rpc).await),
         Call::Vote(rpc) => Reply::Vote(group.raft.vote(rpc).await),
         Call::InstallSnapshot(rpc) => {
+            // The chunk lands at its offset in memory: one past the largest snapshot
+            // would only grow the buffer.
+            let end = rpc.offset.saturating_add(rpc.data.len() as u64);
+            if end > MAX_SNAPSHOT_BYTES as u64 {
+                return Reply::Refused {
+                    reason: format!(
+                        "a snapshot chunk ending at byte {end} is past the largest snapshot"
+                    ),
+                };
+            }
             Reply::InstallSnapshot(group.raft.install_snapshot(rpc).await)
         }
         Call::Propose(mut command) => {

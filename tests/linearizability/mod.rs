@@ -2039,7 +2039,11 @@ mod tests {
                         .filter(|op| op.key == read.key)
                         .filter_map(completed_write)
                 };
-                let (_, newer_call, _) = writes().find(|&(_, _, ret)| ret < read.call)?;
+                // The latest write that completed before the read, then one that
+                // completed before that write began.
+                let (_, newer_call, _) = writes()
+                    .filter(|&(_, _, ret)| ret < read.call)
+                    .max_by_key(|&(_, _, ret)| ret)?;
                 let (stale, _, _) = writes().find(|&(_, _, ret)| ret < newer_call)?;
                 Some((r, stale))
             })
