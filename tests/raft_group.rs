@@ -151,12 +151,16 @@ impl Cluster {
         }
     }
 
-    /// Tells every running member of group `name`.
+    /// Tells every running member of group `name`, whose pod runs there (as an agent
+    /// runs its group's pods: without one it would leave the group).
     async fn tell(&self, name: &str) {
         let word = self.word(name, 1);
         let owner = self.owner.public().to_peer_id();
-        for i in 0..self.members.len() {
+        for (i, member) in word.members.iter().enumerate() {
             if let Some(groups) = self.groups(i) {
+                groups
+                    .attach_pod(self.key(name), &member.pod, beemesh::wire::Epoch(1))
+                    .expect("the pod's socket");
                 groups.on_word(owner, word.clone()).await;
             }
         }
