@@ -121,8 +121,16 @@ impl Cluster {
 
     /// The owner's word on group `name`: every member runs one of its pods.
     fn word(&self, name: &str, version: u64) -> SignedGroup {
-        let members = (0..self.members.len())
-            .map(|i| GroupMember {
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.word_of(name, version, &all)
+    }
+
+    /// The owner's word on group `name`: each of `members` runs its pod `<name>-<i>`.
+    fn word_of(&self, name: &str, version: u64, members: &[usize]) -> SignedGroup {
+        let founder = members.first().map(|&i| self.peer(i));
+        let members = members
+            .iter()
+            .map(|&i| GroupMember {
                 agent: PeerRef(self.peer(i)),
                 pod: PodRef {
                     uid: PodUid(format!("uid-{name}-{i}")),
@@ -137,7 +145,7 @@ impl Cluster {
                 namespace: "default".into(),
                 name: name.into(),
                 version,
-                founder: Some(self.peer(0)),
+                founder,
                 members,
             },
         )
@@ -154,13 +162,25 @@ impl Cluster {
     /// Tells every running member of group `name`, whose pod runs there (as an agent
     /// runs its group's pods: without one it would leave the group).
     async fn tell(&self, name: &str) {
-        let word = self.word(name, 1);
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        self.tell_of(name, 1, &all, &all).await;
+    }
+
+    /// Tells the running members `to` the word `version` naming `members`, whose
+    /// pods run on them.
+    async fn tell_of(&self, name: &str, version: u64, members: &[usize], to: &[usize]) {
+        let word = self.word_of(name, version, members);
         let owner = self.owner.public().to_peer_id();
-        for (i, member) in word.members.iter().enumerate() {
-            if let Some(groups) = self.groups(i) {
+        for member in &word.members {
+            let i = (0..self.members.len()).find(|&i| self.peer(i) == member.agent.0);
+            if let Some(groups) = i.and_then(|i| self.groups(i)) {
                 groups
                     .attach_pod(self.key(name), &member.pod, beemesh::wire::Epoch(1))
                     .expect("the pod's socket");
+            }
+        }
+        for &i in to {
+            if let Some(groups) = self.groups(i) {
                 groups.on_word(owner, word.clone()).await;
             }
         }
@@ -523,6 +543,75 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
     assert!(matches!(answer, Err(CallError::Relay(_))), "{answer:?}");
     assert_eq!(groups.word(&key).expect("the word").version, 1);
     cancel.cancel();
+}
+
+/// A pod moved from one agent to another moves its member: the leader adds the new
+/// agent as a learner, then replaces the voters through joint consensus; the new member
+/// has everything written before, and the agent left out leaves and deletes its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_pod_moves_its_member_through_joint_consensus() {
+    let cluster = Cluster::start(4).await;
+    cluster.tell_of("db", 1, &[0, 1, 2], &[0, 1, 2]).await;
+    let key = cluster.key("db");
+    let writer = cluster.groups(0).expect("running");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in 0..20 {
+        let put = Command::Put {
+            key: format!("k{n}"),
+            value: n.to_string(),
+            expect: None,
+        };
+        while writer.propose(&key, put.clone()).await.is_err() {
+            assert!(Instant::now() < deadline, "the group takes no writes");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // db-2's pod now runs on member 3 instead of member 2.
+    cluster.tell_of("db", 2, &[0, 1, 3], &[0, 1, 2, 3]).await;
+    let newcomer = cluster.groups(3).expect("running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = newcomer.state(&key).map(|s| {
+            s.read(|a| {
+                let membership = a.membership.membership();
+                let voters: Vec<PeerId> = membership
+                    .voter_ids()
+                    .filter_map(|id| membership.get_node(&id).and_then(beemesh::raft::peer_of))
+                    .collect();
+                (voters, a.kv.len())
+            })
+        });
+        let mut wanted = vec![cluster.peer(0), cluster.peer(1), cluster.peer(3)];
+        wanted.sort();
+        if let Some((voters, keys)) = &state {
+            let mut voters = voters.clone();
+            voters.sort();
+            if voters == wanted && *keys == 20 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member 3 never became a voter with the data: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = cluster.members[2].dir.join(key.dir_name());
+    let left = cluster.groups(2).expect("running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left.word(&key).is_some() || gone.exists() {
+        assert!(Instant::now() < deadline, "member 2 is still in the group");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let put = Command::Put {
+        key: "after".into(),
+        value: "moved".into(),
+        expect: None,
+    };
+    newcomer
+        .propose(&key, put)
+        .await
+        .expect("a write through the new member");
 }
 
 /// Percentiles of `samples` (sorted here), nearest rank.
