@@ -2103,6 +2103,17 @@ fn ask_over_udp_and_tcp(nameserver: std::net::Ipv4Addr, name: &str) -> (Vec<u8>,
 /// Only what a Service serves is relayed. The pod finds Services by the kubelet's
 /// environment variables and by name, through the cluster's DNS relayed by its agent
 /// and node.
+/// `command` run in the client pod by `kubectl exec` until it succeeds (60 s at most);
+/// its output.
+fn exec_until_it_succeeds(cluster: &Cluster, what: &str, command: &[&str]) -> String {
+    let mut args = vec!["exec", "client", "--"];
+    args.extend_from_slice(command);
+    cluster.mesh.wait_for(what, Duration::from_secs(60), || {
+        let (ok, answer) = cluster.kubectl(&args, None);
+        ok.then_some(answer)
+    })
+}
+
 #[test]
 fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
     let cluster_ip: std::net::Ipv4Addr = "10.43.250.1".parse().expect("ip");
@@ -2219,23 +2230,14 @@ spec:
     // for a while before they reach its agent's relay. One cause is gone (relays given
     // one port by SO_REUSEADDR); another remains (CI run 11: a lookup's queries from
     // one socket lost for 15 s, then delivered), cause unknown.
-    let answer = cluster.mesh.wait_for(
+    let answer = exec_until_it_succeeds(
+        &cluster,
         "a name resolved through the node",
-        Duration::from_secs(60),
-        || {
-            let (ok, answer) = cluster.kubectl(
-                &[
-                    "exec",
-                    "client",
-                    "--",
-                    "sh",
-                    "-c",
-                    &format!("cat /etc/resolv.conf; wget -q -O - http://in-cluster:{port}/"),
-                ],
-                None,
-            );
-            ok.then_some(answer)
-        },
+        &[
+            "sh",
+            "-c",
+            &format!("cat /etc/resolv.conf; wget -q -O - http://in-cluster:{port}/"),
+        ],
     );
     assert!(
         answer.contains("search default.svc.cluster.local svc.cluster.local cluster.local"),
@@ -2338,22 +2340,10 @@ ports: [{{name: db, port: {pod_port}, protocol: TCP}}]
     // A Service the test's DNS does not know: the node answers from the Services it
     // watches, as the cluster's DNS would. Retried as the first lookup is (CI run 16
     // lost this one's queries before the agent's relay saw them; cause still unknown).
-    let answer = cluster.mesh.wait_for(
+    let answer = exec_until_it_succeeds(
+        &cluster,
         "kubernetes.default resolved by the node",
-        Duration::from_secs(60),
-        || {
-            let (ok, answer) = cluster.kubectl(
-                &[
-                    "exec",
-                    "client",
-                    "--",
-                    "nslookup",
-                    "kubernetes.default.svc.cluster.local",
-                ],
-                None,
-            );
-            ok.then_some(answer)
-        },
+        &["nslookup", "kubernetes.default.svc.cluster.local"],
     );
     assert!(answer.contains("10.43.0.1"), "{answer}");
     // A port no Service serves is not relayed, though the address answers there.

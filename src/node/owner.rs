@@ -382,8 +382,8 @@ pub struct Owner {
     cut_off: bool,
     /// Each agent's subnet of the mesh pod CIDR.
     subnets: SubnetPool,
-    /// The pods of stateful workloads (see `raft::group_of`).
-    grouped: HashSet<PodUid>,
+    /// The pods of stateful workloads, with their group's name (see `raft::group_of`).
+    grouped: HashMap<PodUid, String>,
     /// What was last said of their groups, and when their placements were last looked at.
     groups: GroupBook,
     groups_checked: Instant,
@@ -604,7 +604,7 @@ impl Owner {
             release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
             cut_off: false,
             subnets: config.pod_subnets.clone(),
-            grouped: HashSet::new(),
+            grouped: HashMap::new(),
             groups: GroupBook::default(),
             groups_checked: Instant::now(),
             config,
@@ -749,8 +749,8 @@ impl Owner {
             );
         }
         let deleted = desired.pod.metadata.deletion_timestamp.is_some();
-        if matches!(crate::raft::group_of(&owned.desired.pod), Ok(Some(_))) {
-            self.grouped.insert(pod_ref.uid.clone());
+        if let Ok(Some(group)) = crate::raft::group_of(&owned.desired.pod) {
+            self.grouped.insert(pod_ref.uid.clone(), group);
         }
         self.pods.insert(pod_ref.uid.clone(), owned);
         self.due.insert(pod_ref.uid.clone());
@@ -1030,7 +1030,7 @@ impl Owner {
         let Some(owned) = self.pods.get(uid) else {
             return;
         };
-        if self.grouped.contains(uid) {
+        if self.grouped.contains_key(uid) {
             not_in_group_unless_said(&mut status);
         }
         keep_transition_times(&owned.status, &mut status);
@@ -1075,16 +1075,15 @@ impl Owner {
         let placed: Vec<GroupedPod> = self
             .grouped
             .iter()
-            .filter_map(|uid| {
+            .filter_map(|(uid, group)| {
                 let owned = self.pods.get(uid)?;
                 let agent = match owned.placement {
                     Placement::Placed { agent } | Placement::Fencing { agent, .. } => agent,
                     _ => return None,
                 };
-                let group = crate::raft::group_of(&owned.desired.pod).ok().flatten()?;
                 let created = owned.desired.pod.metadata.creation_timestamp.as_ref();
                 Some(GroupedPod {
-                    group,
+                    group: group.clone(),
                     pod: owned.pod_ref.clone(),
                     agent,
                     age: (

@@ -184,7 +184,7 @@ struct Group {
 
 impl Group {
     fn word(&self) -> SignedGroup {
-        self.word.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        locked(&self.word).clone()
     }
 
     fn names(&self, peer: &PeerId) -> bool {
@@ -244,12 +244,7 @@ impl Groups {
     }
 
     fn group(&self, key: &GroupKey) -> Option<Arc<Group>> {
-        self.inner
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        locked(&self.inner.groups).get(key).cloned()
     }
 
     /// The owner's word on a group, from `sender`: this agent joins, follows or leaves.
@@ -273,7 +268,7 @@ impl Groups {
         let member = signed.members.iter().any(|m| m.agent.0 == self.inner.me);
         match (self.group(&key), member) {
             (Some(group), true) => {
-                let mut word = group.word.lock().unwrap_or_else(|e| e.into_inner());
+                let mut word = locked(&group.word);
                 if signed.version > word.version {
                     *word = signed;
                     drop(word);
@@ -287,14 +282,7 @@ impl Groups {
                 }
             }
             (None, true) => {
-                if self
-                    .inner
-                    .groups
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .len()
-                    >= MAX_GROUPS
-                {
+                if locked(&self.inner.groups).len() >= MAX_GROUPS {
                     self.inner.metrics.dropped("group_word", "too_many_groups");
                     return Response::Error {
                         message: format!("this agent is a member of {MAX_GROUPS} groups, its most"),
@@ -356,12 +344,7 @@ impl Groups {
             changed: Notify::new(),
             cancel: CancellationToken::new(),
         });
-        let previous = self
-            .inner
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), group.clone());
+        let previous = locked(&self.inner.groups).insert(key.clone(), group.clone());
         if let Some(previous) = previous {
             // Two words crossed: keep one member, stop the other.
             previous.cancel.cancel();
@@ -374,10 +357,7 @@ impl Groups {
     }
 
     fn standing_sender(&self, key: &GroupKey) -> watch::Sender<Standing> {
-        self.inner
-            .standings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        locked(&self.inner.standings)
             .entry(key.clone())
             .or_insert_with(|| watch::Sender::new(Standing::not_member(key)))
             .clone()
@@ -414,12 +394,7 @@ impl Groups {
 
     /// Stops this agent's member of the group and deletes its state.
     async fn leave(&self, key: &GroupKey, why: &str) {
-        let group = self
-            .inner
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+        let group = locked(&self.inner.groups).remove(key);
         if let Some(group) = group {
             group.cancel.cancel();
             let _ = group.raft.shutdown().await;
@@ -504,7 +479,7 @@ impl Groups {
     /// Whether `pod` speaks for this agent in the group: the first by name of the
     /// group's pods here. Only it is the leader when this agent leads.
     pub fn speaks_for_agent(&self, key: &GroupKey, pod: &PodRef) -> bool {
-        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let pods = locked(&self.inner.pods);
         let first = pods
             .get(key)
             .and_then(|(pods, _)| pods.iter().min_by(|a, b| a.name.cmp(&b.name)));
@@ -521,13 +496,31 @@ impl Groups {
         }
     }
 
+    fn names_anywhere(&self, peer: &PeerId) -> bool {
+        let groups = locked(&self.inner.groups);
+        groups.values().any(|g| g.names(peer))
+    }
+
+    /// Counts and audits a refused call.
+    fn refuse(&self, peer: PeerId, why: &str) {
+        self.inner.metrics.dropped("raft_stream", "not_a_member");
+        audit::record(
+            &self.inner.metrics,
+            "raft_call",
+            AuditOutcome::Refused,
+            &peer,
+            None,
+            &why,
+        );
+    }
+
     fn runs_pods_of(&self, key: &GroupKey) -> bool {
-        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let pods = locked(&self.inner.pods);
         pods.get(key).is_some_and(|(pods, _)| !pods.is_empty())
     }
 
     fn orphaned(&self, key: &GroupKey) -> bool {
-        let pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let pods = locked(&self.inner.pods);
         match pods.get(key) {
             Some((_, Some(since))) => since.elapsed() > ORPHAN_AFTER,
             Some((_, None)) => false,
@@ -556,11 +549,7 @@ impl Groups {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         let listener = api::bind(&dir.join("group.sock"))?;
         let cancel = CancellationToken::new();
-        let previous = self
-            .inner
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let previous = locked(&self.inner.sockets)
             .insert((pod.uid.clone(), epoch), (key.clone(), cancel.clone()));
         if let Some((_, previous)) = previous {
             previous.cancel();
@@ -578,23 +567,14 @@ impl Groups {
 
     /// The copy's containers are gone: its API stops, its socket goes.
     pub async fn detach_pod(&self, pod: &PodRef, epoch: Epoch) {
-        let attached = self
-            .inner
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(pod.uid.clone(), epoch));
+        let attached = locked(&self.inner.sockets).remove(&(pod.uid.clone(), epoch));
         let Some((key, cancel)) = attached else {
             return;
         };
         cancel.cancel();
         self.pod_stopped(&key, pod);
         if self.group(&key).is_none() && !self.runs_pods_of(&key) {
-            self.inner
-                .standings
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            locked(&self.inner.standings).remove(&key);
         }
         let _ = tokio::fs::remove_dir_all(self.socket_dir(pod, epoch)).await;
     }
@@ -607,7 +587,7 @@ impl Groups {
 
     /// A pod of the group runs here now.
     fn pod_started(&self, key: &GroupKey, pod: &PodRef) {
-        let mut pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pods = locked(&self.inner.pods);
         let entry = pods.entry(key.clone()).or_default();
         entry.0.insert(pod.clone());
         entry.1 = None;
@@ -615,7 +595,7 @@ impl Groups {
 
     /// A pod of the group no longer runs here.
     fn pod_stopped(&self, key: &GroupKey, pod: &PodRef) {
-        let mut pods = self.inner.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pods = locked(&self.inner.pods);
         if let Some(entry) = pods.get_mut(key) {
             entry.0.remove(pod);
             if entry.0.is_empty() {
@@ -815,14 +795,7 @@ impl Groups {
                 }
             });
         }
-        let groups: Vec<GroupKey> = self
-            .inner
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let groups: Vec<GroupKey> = locked(&self.inner.groups).keys().cloned().collect();
         for key in groups {
             if let Some(group) = self.group(&key) {
                 group.cancel.cancel();
@@ -856,24 +829,10 @@ impl Groups {
     }
 }
 
-impl Groups {
-    fn names_anywhere(&self, peer: &PeerId) -> bool {
-        let groups = self.inner.groups.lock().unwrap_or_else(|e| e.into_inner());
-        groups.values().any(|g| g.names(peer))
-    }
-
-    /// Counts and audits a refused call.
-    fn refuse(&self, peer: PeerId, why: &str) {
-        self.inner.metrics.dropped("raft_stream", "not_a_member");
-        audit::record(
-            &self.inner.metrics,
-            "raft_call",
-            AuditOutcome::Refused,
-            &peer,
-            None,
-            &why,
-        );
-    }
+/// A lock's data, even if a thread panicked holding it: no update here is left
+/// half-done by a panic.
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn served(e: ServeError) -> ServiceError {
