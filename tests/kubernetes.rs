@@ -2098,22 +2098,20 @@ fn ask_over_udp_and_tcp(nameserver: std::net::Ipv4Addr, name: &str) -> (Vec<u8>,
     (over_udp, over_tcp)
 }
 
+/// `command` run in the client pod by `kubectl exec`, which must succeed; its output.
+fn exec_in_client(cluster: &Cluster, command: &[&str]) -> String {
+    let mut args = vec!["exec", "client", "--"];
+    args.extend_from_slice(command);
+    let (ok, answer) = cluster.kubectl(&args, None);
+    assert!(ok, "{command:?}: {answer}");
+    answer
+}
+
 /// Mesh pods reach the cluster's Services: a connection to a ClusterIP is redirected on
 /// the agent and relayed over the mesh to the node, which dials it inside the cluster.
 /// Only what a Service serves is relayed. The pod finds Services by the kubelet's
 /// environment variables and by name, through the cluster's DNS relayed by its agent
 /// and node.
-/// `command` run in the client pod by `kubectl exec` until it succeeds (60 s at most);
-/// its output.
-fn exec_until_it_succeeds(cluster: &Cluster, what: &str, command: &[&str]) -> String {
-    let mut args = vec!["exec", "client", "--"];
-    args.extend_from_slice(command);
-    cluster.mesh.wait_for(what, Duration::from_secs(60), || {
-        let (ok, answer) = cluster.kubectl(&args, None);
-        ok.then_some(answer)
-    })
-}
-
 #[test]
 fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
     let cluster_ip: std::net::Ipv4Addr = "10.43.250.1".parse().expect("ip");
@@ -2226,13 +2224,8 @@ spec:
     assert!(answer.contains("from-the-cluster"), "{answer}");
     // Names: the pod (ClusterFirst, the API server's default) resolves through its
     // agent and the node with the cluster's search paths.
-    // Retried: under the whole suite's load a pod's DNS queries are now and then lost
-    // for a while before they reach its agent's relay. One cause is gone (relays given
-    // one port by SO_REUSEADDR); another remains (CI run 11: a lookup's queries from
-    // one socket lost for 15 s, then delivered), cause unknown.
-    let answer = exec_until_it_succeeds(
+    let answer = exec_in_client(
         &cluster,
-        "a name resolved through the node",
         &[
             "sh",
             "-c",
@@ -2338,11 +2331,9 @@ ports: [{{name: db, port: {pod_port}, protocol: TCP}}]
     );
     assert!(!ok, "a name the cluster does not know resolved: {answer}");
     // A Service the test's DNS does not know: the node answers from the Services it
-    // watches, as the cluster's DNS would. Retried as the first lookup is (CI run 16
-    // lost this one's queries before the agent's relay saw them; cause still unknown).
-    let answer = exec_until_it_succeeds(
+    // watches, as the cluster's DNS would.
+    let answer = exec_in_client(
         &cluster,
-        "kubernetes.default resolved by the node",
         &["nslookup", "kubernetes.default.svc.cluster.local"],
     );
     assert!(answer.contains("10.43.0.1"), "{answer}");

@@ -69,7 +69,10 @@ async fn pod_with(test: &str, change: impl FnOnce(&mut PodPlan)) -> TestPod {
     };
     change(&mut plan);
     let id = runtime.create_pod(&plan).await.expect("pod created");
-    runtime.start_pod(&id).await.expect("pod started");
+    runtime
+        .start_pod(&id, plan.network.as_ref())
+        .await
+        .expect("pod started");
     let dir = tempfile::tempdir().expect("tempdir");
     TestPod {
         runtime,
@@ -898,4 +901,133 @@ async fn pods_of_one_subnet_share_the_network_made_for_it_and_a_namesake_elsewhe
         other => panic!("expected a refusal, got {other:?}"),
     }
     drop((first, second));
+}
+
+/// `ip <args>`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A veth pair whose first end, with `address`, is a port of `bridge`; removed when
+/// dropped.
+struct BridgePort(String);
+
+impl BridgePort {
+    fn join(bridge: &str, name: &str, address: &str) -> BridgePort {
+        let port = BridgePort(name.to_owned());
+        ip(&[
+            "link",
+            "add",
+            name,
+            "address",
+            address,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{name}p"),
+        ]);
+        ip(&["link", "set", name, "master", bridge]);
+        port
+    }
+}
+
+impl Drop for BridgePort {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .output();
+    }
+}
+
+fn link_address(interface: &str) -> String {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+        .expect("the interface's address")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_pod_networks_bridge_keeps_its_mac_address_when_a_lower_one_joins() {
+    let tag = std::process::id() % 100_000;
+    // What the kernel does to a bridge whose address was never set: it takes the
+    // lowest of its ports' addresses, so a new port can move it.
+    let plain = format!("bmbr{tag}");
+    ip(&["link", "add", &plain, "type", "bridge"]);
+    let _plain = BridgePort(plain.clone());
+    let _high = BridgePort::join(&plain, &format!("bmhi{tag}"), "02:00:00:00:00:50");
+    assert_eq!(link_address(&plain), "02:00:00:00:00:50");
+    let _low = BridgePort::join(&plain, &format!("bmlo{tag}"), "02:00:00:00:00:01");
+    assert_eq!(
+        link_address(&plain),
+        "02:00:00:00:00:01",
+        "the kernel moved it"
+    );
+
+    // A pod network's bridge is fixed when its first pod starts.
+    let subnet: ipnet::Ipv4Net = "10.79.249.0/24".parse().expect("cidr");
+    let network = PodNetwork::on(subnet);
+    let _cleanup = TestNetwork(network.name.clone());
+    let pod = pod_with("bridge", |plan| plan.network = Some(network.clone())).await;
+    let inspected = std::process::Command::new("podman")
+        .args([
+            "network",
+            "inspect",
+            "--format",
+            "{{.NetworkInterface}}",
+            &network.name,
+        ])
+        .output()
+        .expect("podman network inspect");
+    let bridge = String::from_utf8_lossy(&inspected.stdout).trim().to_owned();
+    let assigned = std::fs::read_to_string(format!("/sys/class/net/{bridge}/addr_assign_type"))
+        .expect("the bridge exists");
+    assert_eq!(assigned.trim(), "3", "set (NET_ADDR_SET), not inherited");
+    let fixed = link_address(&bridge);
+    // Another pod's port, with an address lower than the first's, joins. (A frame to
+    // a pod's own port's address is taken as the bridge's; to another's it is not.)
+    let _other = BridgePort::join(&bridge, &format!("bmlq{tag}"), "02:00:00:00:00:02");
+    assert_eq!(link_address(&bridge), fixed);
+    // The pod reaches its gateway, and so has its address in its ARP cache.
+    let listener = std::net::TcpListener::bind((network.gateway, 0)).expect("listen");
+    let port = listener.local_addr().expect("address").port();
+    // Each connection closed once accepted, so that the pod's nc ends.
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let id = start(&pod, &plan(&pod, "main", &["sleep", "1000"])).await;
+    let dial = [
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!("echo hi | nc -w 2 {} {port}", network.gateway),
+    ];
+    let reached = |what: &str, out: beemesh::runtime::ExecOutput| {
+        assert_eq!(
+            out.exit_code,
+            0,
+            "{what}: {}",
+            String::from_utf8_lossy(&out.output)
+        );
+    };
+    reached(
+        "before",
+        pod.runtime
+            .exec(&id, &dial, Duration::from_secs(10))
+            .await
+            .expect("exec"),
+    );
+
+    // A port with a still lower address joins: the gateway's address stays, and the
+    // pod reaches it at once (had it moved: 25 s of lost packets).
+    let _lowest = BridgePort::join(&bridge, &format!("bmlp{tag}"), "02:00:00:00:00:01");
+    assert_eq!(link_address(&bridge), fixed);
+    reached(
+        "after",
+        pod.runtime
+            .exec(&id, &dial, Duration::from_secs(10))
+            .await
+            .expect("exec"),
+    );
 }

@@ -680,7 +680,12 @@ impl Worker {
             }
         };
         self.pod_id = Some(pod_id.clone());
-        if let Err(e) = self.ctx.runtime.start_pod(&pod_id).await {
+        if let Err(e) = self
+            .ctx
+            .runtime
+            .start_pod(&pod_id, plan.network.as_ref())
+            .await
+        {
             return self.setup_failed(format!("{}: {e}", SANDBOX_FAILED));
         }
         for memory in &plan.memory_volumes {

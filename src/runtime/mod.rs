@@ -5,6 +5,7 @@
 //! produced from Kubernetes specs by the pure [`translate`] module, so no Kubernetes
 //! type reaches the runtime.
 
+pub mod bridge;
 pub mod dns;
 pub mod image_ref;
 pub mod podman;
@@ -407,8 +408,13 @@ pub trait Runtime: Send + Sync + 'static {
     async fn create_pod(&self, plan: &PodPlan) -> Result<String, RuntimeError>;
 
     /// Starts the pod's infra container, so that its network namespace exists (and its
-    /// memory volumes are mounted).
-    async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError>;
+    /// memory volumes are mounted). On a pod network, that network's bridge is then
+    /// kept on one MAC address (see [`bridge`]).
+    async fn start_pod(
+        &self,
+        pod_id: &str,
+        network: Option<&PodNetwork>,
+    ) -> Result<(), RuntimeError>;
 
     /// Where a memory volume of a started pod is on the host, for bind mounts.
     async fn volume_dir(&self, volume: &str) -> Result<PathBuf, RuntimeError>;

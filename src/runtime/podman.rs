@@ -23,10 +23,10 @@ use podman_api::opts::{
 use podman_api::Podman as Client;
 
 use super::{
-    image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus, ExecOutput,
-    Interactive, LogOptions, LogStream, MemoryVolume, Output, PodAddress, PodNetwork, PodPlan,
-    Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod, SessionControl,
-    Streams, TerminalSize, Usage,
+    bridge, image_ref, labels, ContainerEvent, ContainerPlan, ContainerState, ContainerStatus,
+    ExecOutput, Interactive, LogOptions, LogStream, MemoryVolume, Output, PodAddress, PodNetwork,
+    PodPlan, Protocol, PullPolicy, Runtime, RuntimeContainer, RuntimeError, RuntimePod,
+    SessionControl, Streams, TerminalSize, Usage,
 };
 use crate::wire::RegistryCredential;
 
@@ -282,6 +282,35 @@ impl Podman {
                 subnets.join(", "),
                 network.subnet
             )))
+        }
+    }
+
+    /// Fixes the MAC address of the network's bridge, which exists once a pod on it has
+    /// started; each start checks again, as the bridge goes with the network's last
+    /// pod and comes back with the next. A failure leaves the pods running, with the
+    /// loss [`super::bridge`] describes whenever the address moves, so it is a warning.
+    async fn pin_bridge_address(&self, network: &PodNetwork) {
+        let pinned = async {
+            let found = self.client.networks().get(&network.name).inspect().await;
+            let interface = found
+                .map_err(|e| classify(e).to_string())?
+                .network_interface
+                .unwrap_or_default();
+            let pinning = interface.clone();
+            let address = tokio::task::spawn_blocking(move || bridge::pin_address(&pinning))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(address.map(|address| (interface, address)))
+        };
+        match pinned.await {
+            Ok(None) => {}
+            Ok(Some((interface, address))) => {
+                tracing::info!(network = %network.name, %interface, %address, "fixed the pod network bridge's MAC address");
+            }
+            Err(error) => {
+                tracing::warn!(network = %network.name, %error, "cannot fix the pod network bridge's MAC address");
+            }
         }
     }
 
@@ -654,15 +683,22 @@ impl Runtime for Podman {
         Ok(pod.id().to_string())
     }
 
-    async fn start_pod(&self, pod_id: &str) -> Result<(), RuntimeError> {
+    async fn start_pod(
+        &self,
+        pod_id: &str,
+        network: Option<&PodNetwork>,
+    ) -> Result<(), RuntimeError> {
         path_safe("pod", pod_id)?;
         self.client
             .pods()
             .get(pod_id)
             .start()
             .await
-            .map(|_| ())
-            .map_err(classify)
+            .map_err(classify)?;
+        if let Some(network) = network {
+            self.pin_bridge_address(network).await;
+        }
+        Ok(())
     }
 
     async fn pod_address(&self, pod_id: &str) -> Result<Option<PodAddress>, RuntimeError> {
