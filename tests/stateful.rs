@@ -1,9 +1,10 @@
 //! Stateful workloads end to end, standalone: three pods annotated with one Raft group,
 //! each on its own agent, get a leader and a replicated key-value store through the
 //! Unix socket in their containers; the leader's agent killed, another leads within
-//! 5 s and no acknowledged write is lost; the group's state goes with its pods. The
-//! node, the agents, Podman and the mesh are real. Requires hack/install-podman.sh and
-//! hack/build-test-image.sh.
+//! 5 s and no acknowledged write is lost; the group's state goes with its pods. A
+//! strict pod of a group (as a StatefulSet's) moves only once the group gives its seat
+//! to the new copy. The node, the agents, Podman and the mesh are real. Requires
+//! hack/install-podman.sh and hack/build-test-image.sh.
 
 mod common;
 
@@ -18,12 +19,17 @@ use serde_json::Value;
 
 /// A pod of group `db` that sleeps, on the agent labelled slot=`slot`.
 fn member(name: &str, slot: usize) -> String {
+    member_fenced(name, slot, "relaxed")
+}
+
+/// As [`member`], with its `beemesh.io/fencing`.
+fn member_fenced(name: &str, slot: usize, fencing: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
-  annotations: {{beemesh.io/raft-group: db, beemesh.io/agent-selector: "slot={slot}"}}
+  annotations: {{beemesh.io/raft-group: db, beemesh.io/agent-selector: "slot={slot}", beemesh.io/fencing: {fencing}}}
 spec:
   terminationGracePeriodSeconds: 2
   containers:
@@ -275,4 +281,98 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
             .all(|agent| group_dirs(agent).is_empty())
             .then_some(())
     });
+}
+
+/// A strict pod of a group runs only while the group keeps its seat for that copy. Its
+/// agent killed, the node (with a short lease) places it again within seconds, but
+/// the new copy's containers wait, saying why, until the group has seen the seat
+/// unrenewed for a seat lease and margin; the two copies never run at once.
+#[test]
+fn a_strict_pods_new_copy_waits_for_its_seat_in_the_group_and_never_runs_beside_the_old() {
+    use beemesh::agent::lease::{SEAT_LEASE_MS, SEAT_MARGIN_MS};
+    let mut mesh = Mesh::with_node_args(&["--lease-seconds", "4", "--fencing-margin-seconds", "1"]);
+    for slot in 0..3 {
+        mesh.start_agent(&["--label", &format!("slot={slot}")]);
+    }
+    mesh.wait_for("three agents heard", Duration::from_secs(30), || {
+        (mesh.status()?["agents"].as_array()?.len() == 3).then_some(())
+    });
+    // Named apart from the other test's pods, which may run at the same time.
+    let names = ["seated-0", "seated-1", "seated-2"];
+    for (slot, name) in names.iter().enumerate() {
+        mesh.write_manifest(
+            &format!("{name}.yaml"),
+            &member_fenced(name, slot, "strict"),
+        );
+    }
+    let sockets: Vec<PathBuf> = mesh.wait_for(
+        "three seated members running",
+        Duration::from_secs(90),
+        || names.iter().map(|n| socket_of(n)).collect(),
+    );
+    mesh.wait_for(
+        "the members agree on a leader",
+        Duration::from_secs(30),
+        || agreed_leader(&sockets),
+    );
+    let (status, put) = call(&sockets[1], "PUT", "/kv/before", "move").expect("PUT");
+    assert_eq!(status, 200, "{put}");
+
+    // A second agent where seated-0 may go, then seated-0's agent killed.
+    mesh.start_agent(&["--label", "slot=0"]);
+    mesh.wait_for("four agents heard", Duration::from_secs(30), || {
+        (mesh.status()?["agents"].as_array()?.len() == 4).then_some(())
+    });
+    let old = container_of("seated-0").expect("seated-0 runs")["Id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let victim = mesh.pod_status("default", "seated-0").expect("status")["agent"]
+        .as_str()
+        .expect("placed")
+        .to_owned();
+    let killed = Instant::now();
+    mesh.kill_agent(&victim);
+    let (mut waited, mut most_running) = (false, 0);
+    mesh.wait_for("seated-0 running again", Duration::from_secs(90), || {
+        let running: Vec<String> = podman_containers("io.beemesh.pod.name=seated-0")
+            .into_iter()
+            .filter(|c| c["State"] == "running")
+            .filter_map(|c| c["Id"].as_str().map(str::to_owned))
+            .collect();
+        most_running = most_running.max(running.len());
+        let status = mesh.pod_status("default", "seated-0").unwrap_or_default();
+        waited |= status
+            .to_string()
+            .contains("waiting for group db to seat this copy of seated-0");
+        running.into_iter().find(|id| *id != old)
+    });
+    let took = killed.elapsed();
+    eprintln!("seated-0 ran again {took:?} after its agent was killed");
+    assert_eq!(most_running, 1, "two copies of seated-0 ran at once");
+    assert!(waited, "the new copy never said it waited for its seat");
+    // Its old copy renewed the seat before the kill; the new one asked after it: the
+    // group gave it the seat only a seat lease and margin after first seeing it held.
+    assert!(
+        took >= Duration::from_millis(SEAT_LEASE_MS + SEAT_MARGIN_MS),
+        "seated-0 ran again {took:?} after the kill"
+    );
+    assert!(
+        podman_containers("io.beemesh.pod.name=seated-0")
+            .iter()
+            .all(|c| c["Id"] != old.as_str()),
+        "the old copy was removed"
+    );
+    // The moved pod is a member again and reads what was written before.
+    let socket = mesh.wait_for("seated-0's socket", Duration::from_secs(30), || {
+        let socket = socket_of("seated-0")?;
+        let (status, got) = call(&socket, "GET", "/kv/before", "").ok()?;
+        (status == 200 && got["value"] == "move").then_some(socket)
+    });
+    let (status, me) = call(&socket, "GET", "/self", "").expect("GET /self");
+    assert_eq!(
+        (status, me["pod"].as_str()),
+        (200, Some("seated-0")),
+        "{me}"
+    );
 }

@@ -3,6 +3,13 @@
 //! bookkeeping; the agent sends the renewals and stops the copies. Kept in a file in
 //! the memory-backed secrets directory (boot-scoped, like the clock) so that a
 //! restarted agent goes on from where it was.
+//!
+//! A strict pod of a stateful workload also needs its seat in the workload's group
+//! ([`SeatLease`]): its containers start once the group has seated this copy, and the
+//! copy stops when the group has not renewed the seat for [`SEAT_LEASE_MS`], whichever
+//! lease runs out first. Another copy takes the seat over only after seeing it
+//! unrenewed for longer than that, so two copies never run at once even when the owner
+//! cannot tell (see `raft::kv::Command::Seat`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,10 +17,97 @@ use std::time::Duration;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
+use crate::raft::kv::Outcome;
 use crate::wire::{Epoch, PeerRef, PodUid};
 
 /// The file of strict pods' leases, in the agent's secrets directory.
 pub const LEASES_FILE: &str = "leases.json";
+
+/// How long a copy keeps its seat after sending a renewal that the group committed.
+pub const SEAT_LEASE_MS: u64 = 10_000;
+/// How much longer than a seat lease another copy must see the seat unrenewed before
+/// it takes it over: how much slower the holder's clock may run, and its stop.
+pub const SEAT_MARGIN_MS: u64 = 2_000;
+/// How often a copy waiting for its seat asks for it.
+pub const SEAT_RETRY_MS: u64 = 1_000;
+
+/// A strict pod's seat in its group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatLease {
+    pub namespace: String,
+    pub group: String,
+    pub pod: String,
+    /// This copy, as the group knows it: `<agent>/<epoch>`.
+    pub holder: String,
+    /// The seat's revision while this copy holds it; 0 while it waits.
+    pub revision: u64,
+    /// Boot-clock milliseconds at which the copy must have stopped: a seat lease from
+    /// the sending of the last renewal the group committed.
+    pub expires_at_ms: u64,
+    /// When the last attempt was sent.
+    #[serde(skip)]
+    sent_ms: Option<u64>,
+    /// Who else holds the seat at which revision, seen unchanged since when.
+    #[serde(skip)]
+    seen: Option<(String, u64, u64)>,
+}
+
+impl SeatLease {
+    pub fn new(namespace: &str, group: &str, pod: &str, holder: String) -> SeatLease {
+        SeatLease {
+            namespace: namespace.to_owned(),
+            group: group.to_owned(),
+            pod: pod.to_owned(),
+            holder,
+            revision: 0,
+            expires_at_ms: 0,
+            sent_ms: None,
+            seen: None,
+        }
+    }
+
+    pub fn seated(&self) -> bool {
+        self.revision > 0
+    }
+
+    /// What a copy waiting for the seat shows on its containers.
+    pub fn waiting_message(&self) -> String {
+        match &self.seen {
+            Some((holder, _, _)) if !holder.is_empty() && *holder != self.holder => format!(
+                "waiting for group {} to seat this copy of {}: {holder} has the seat until it is not renewed for {} s",
+                self.group,
+                self.pod,
+                (SEAT_LEASE_MS + SEAT_MARGIN_MS) / 1000
+            ),
+            _ => format!(
+                "waiting for group {} to seat this copy of {}",
+                self.group, self.pod
+            ),
+        }
+    }
+}
+
+/// A seat attempt to propose to the pod's group: a take, a renewal or a takeover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeatAttempt {
+    pub owner: PeerId,
+    pub namespace: String,
+    pub group: String,
+    pub pod: String,
+    pub holder: String,
+    pub expect: u64,
+}
+
+/// What a group's answer changed for a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeatNews {
+    /// The copy now has the seat: its containers may start.
+    Seated,
+    /// Another copy has it; the copy waits, saying this.
+    Waiting(String),
+    /// The copy had the seat and another took it over: it stops now.
+    Lost,
+}
 
 /// One strict pod's lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,13 +125,33 @@ pub struct Lease {
     /// is gone, so that the watchdog removes it if the agent cannot.
     #[serde(default)]
     pub fenced: bool,
+    /// Its seat, for a pod of a stateful workload.
+    #[serde(default)]
+    pub seat: Option<SeatLease>,
 }
 
 impl Lease {
-    /// When the copy is asked to stop: early enough to exit by itself by the expiry.
+    /// When the copy must have stopped: its owner's lease or its seat, whichever runs
+    /// out first.
+    pub fn deadline_ms(&self) -> u64 {
+        match &self.seat {
+            Some(seat) if seat.seated() => self.expires_at_ms.min(seat.expires_at_ms),
+            _ => self.expires_at_ms,
+        }
+    }
+
+    /// When the copy is asked to stop: early enough to exit by itself by the deadline.
     fn stop_at_ms(&self) -> u64 {
-        let notice = self.grace_ms.min(self.lease_ms / 3);
-        self.expires_at_ms.saturating_sub(notice)
+        let by_owner = self
+            .expires_at_ms
+            .saturating_sub(self.grace_ms.min(self.lease_ms / 3));
+        match &self.seat {
+            Some(seat) if seat.seated() => by_owner.min(
+                seat.expires_at_ms
+                    .saturating_sub(self.grace_ms.min(SEAT_LEASE_MS / 3)),
+            ),
+            _ => by_owner,
+        }
     }
 }
 
@@ -121,17 +235,117 @@ impl LeaseBook {
     }
 
     /// The copies to stop at `now_ms`, with how long each may take to exit before the
-    /// lease runs out. Each is fenced once.
-    pub fn fence(&mut self, now_ms: u64) -> Vec<(PodUid, Duration)> {
+    /// deadline, and whether the seat (not the owner's lease) ran out. Each is fenced
+    /// once.
+    pub fn fence(&mut self, now_ms: u64) -> Vec<(PodUid, Duration, bool)> {
         let mut due = Vec::new();
         for (uid, lease) in &mut self.leases {
             if !lease.fenced && lease.stop_at_ms() <= now_ms {
                 lease.fenced = true;
-                let left = lease.expires_at_ms.saturating_sub(now_ms);
-                due.push((uid.clone(), Duration::from_millis(left)));
+                let left = lease.deadline_ms().saturating_sub(now_ms);
+                let by_seat = lease.deadline_ms() < lease.expires_at_ms;
+                due.push((uid.clone(), Duration::from_millis(left), by_seat));
             }
         }
         due
+    }
+
+    /// Seat attempts due at `now_ms`: a seated copy renews every third of a seat lease
+    /// (answered or not, as with owners), a waiting one asks every [`SEAT_RETRY_MS`],
+    /// at the revision it may take the seat at: its own, one nobody renewed for a
+    /// seat lease and margin, else none (0: only a free seat).
+    pub fn seats_due(&mut self, now_ms: u64) -> Vec<(PodUid, SeatAttempt)> {
+        let mut due = Vec::new();
+        for (uid, lease) in self.leases.iter_mut().filter(|(_, l)| !l.fenced) {
+            let Some(seat) = lease.seat.as_mut() else {
+                continue;
+            };
+            let every = if seat.seated() {
+                SEAT_LEASE_MS / 3
+            } else {
+                SEAT_RETRY_MS
+            };
+            if seat
+                .sent_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) < every)
+            {
+                continue;
+            }
+            seat.sent_ms = Some(now_ms);
+            let expect = match &seat.seen {
+                _ if seat.seated() => seat.revision,
+                Some((holder, revision, since))
+                    if *holder == seat.holder
+                        || now_ms.saturating_sub(*since) >= SEAT_LEASE_MS + SEAT_MARGIN_MS =>
+                {
+                    *revision
+                }
+                _ => 0,
+            };
+            due.push((
+                uid.clone(),
+                SeatAttempt {
+                    owner: lease.owner.0,
+                    namespace: seat.namespace.clone(),
+                    group: seat.group.clone(),
+                    pod: seat.pod.clone(),
+                    holder: seat.holder.clone(),
+                    expect,
+                },
+            ));
+        }
+        due
+    }
+
+    /// The group's answer, at `now_ms`, to the seat attempt sent at `sent_ms`.
+    pub fn seat_answered(
+        &mut self,
+        uid: &PodUid,
+        sent_ms: u64,
+        now_ms: u64,
+        outcome: &Outcome,
+    ) -> Option<SeatNews> {
+        let seat = self.leases.get_mut(uid)?.seat.as_mut()?;
+        match outcome {
+            Outcome::Seated { revision } => {
+                let newly = !seat.seated();
+                // Answers may come out of order: the latest revision and the latest
+                // sending count.
+                seat.revision = seat.revision.max(*revision);
+                seat.expires_at_ms = seat
+                    .expires_at_ms
+                    .max(sent_ms.saturating_add(SEAT_LEASE_MS));
+                seat.seen = None;
+                newly.then_some(SeatNews::Seated)
+            }
+            // An earlier attempt of this copy moved the seat on (its answer is late or
+            // lost): the next attempt renews at that revision.
+            Outcome::SeatTaken { holder, revision } if *holder == seat.holder => {
+                if seat.seated() {
+                    seat.revision = seat.revision.max(*revision);
+                } else {
+                    seat.seen = Some((holder.clone(), *revision, now_ms));
+                }
+                None
+            }
+            Outcome::SeatTaken { holder, revision } => {
+                if seat.seated() {
+                    seat.expires_at_ms = seat.expires_at_ms.min(now_ms);
+                    return Some(SeatNews::Lost);
+                }
+                // Counted from this answer, which came after the renewal it saw was
+                // sent: the holder stops a seat lease after that sending.
+                if seat
+                    .seen
+                    .as_ref()
+                    .is_none_or(|(h, r, _)| h != holder || r != revision)
+                {
+                    seat.seen = Some((holder.clone(), *revision, now_ms));
+                }
+                Some(SeatNews::Waiting(seat.waiting_message()))
+            }
+            _ => None,
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&PodUid, &Lease)> {
@@ -160,6 +374,7 @@ mod tests {
             expires_at_ms,
             grace_ms: 30_000,
             fenced: false,
+            seat: None,
         }
     }
 
@@ -210,7 +425,7 @@ mod tests {
         assert!(book.fence(9_999).is_empty());
         assert_eq!(
             book.fence(10_000),
-            vec![(uid("a"), Duration::from_millis(5_000))]
+            vec![(uid("a"), Duration::from_millis(5_000), false)]
         );
         assert!(book.fence(20_000).is_empty());
         // Kept (for the watchdog) until the copy is gone, but never renewed again.
@@ -231,11 +446,11 @@ mod tests {
         );
         book.take(uid("b"), lease(owner, 15_000));
         book.renewed(owner, 1_000, 2_000, &[], &[uid("b")], 15_000);
-        assert_eq!(book.fence(2_000), vec![(uid("b"), Duration::ZERO)]);
+        assert_eq!(book.fence(2_000), vec![(uid("b"), Duration::ZERO, false)]);
         assert!(book.fence(13_999).is_empty());
         assert_eq!(
             book.fence(14_000),
-            vec![(uid("a"), Duration::from_millis(1_000))]
+            vec![(uid("a"), Duration::from_millis(1_000), false)]
         );
     }
 
@@ -249,5 +464,128 @@ mod tests {
         assert_eq!(back.get(&uid("a")), book.get(&uid("a")));
         assert_eq!(back.due(1).len(), 1, "a restarted agent renews at once");
         assert!(LeaseBook::from_json(b"{\"leases\": 7}").is_err());
+    }
+
+    fn seated_book(owner: PeerId) -> LeaseBook {
+        let mut book = LeaseBook::default();
+        book.take(
+            uid("a"),
+            Lease {
+                grace_ms: 1_000,
+                seat: Some(SeatLease::new("default", "web", "web-0", "me/1".into())),
+                ..lease(owner, 60_000)
+            },
+        );
+        book
+    }
+
+    fn taken(holder: &str, revision: u64) -> Outcome {
+        Outcome::SeatTaken {
+            holder: holder.into(),
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_waiting_copy_takes_over_only_a_seat_unrenewed_for_a_lease_and_margin() {
+        let mut book = seated_book(PeerId::random());
+        let expects = |book: &mut LeaseBook, now| -> Vec<u64> {
+            book.seats_due(now)
+                .into_iter()
+                .map(|(_, a)| a.expect)
+                .collect()
+        };
+        // Asked at 0 (only a free seat); another copy has it at revision 7.
+        assert_eq!(expects(&mut book, 0), vec![0]);
+        let news = book.seat_answered(&uid("a"), 0, 100, &taken("old/1", 7));
+        assert!(
+            matches!(&news, Some(SeatNews::Waiting(m)) if m.contains("old/1 has the seat")),
+            "{news:?}"
+        );
+        assert!(
+            expects(&mut book, 999).is_empty(),
+            "asked again after a second"
+        );
+        assert_eq!(expects(&mut book, 1_000), vec![0]);
+        // Renewed meanwhile: the wait starts again from when that was seen.
+        book.seat_answered(&uid("a"), 1_000, 1_100, &taken("old/1", 9));
+        let takeover_at = 1_100 + SEAT_LEASE_MS + SEAT_MARGIN_MS;
+        let mut now = 2_000;
+        while now < takeover_at {
+            assert_eq!(expects(&mut book, now), vec![0], "at {now}");
+            book.seat_answered(&uid("a"), now, now, &taken("old/1", 9));
+            now += SEAT_RETRY_MS;
+        }
+        assert_eq!(
+            expects(&mut book, now),
+            vec![9],
+            "taken over at the revision seen"
+        );
+        assert_eq!(
+            book.seat_answered(&uid("a"), now, now + 50, &Outcome::Seated { revision: 30 }),
+            Some(SeatNews::Seated)
+        );
+        let lease = book.get(&uid("a")).expect("lease");
+        assert_eq!(lease.deadline_ms(), now + SEAT_LEASE_MS, "from the sending");
+    }
+
+    #[test]
+    fn a_seated_copy_renews_every_third_and_stops_when_its_seat_runs_out_or_is_taken() {
+        let mut book = seated_book(PeerId::random());
+        book.seats_due(0);
+        assert_eq!(
+            book.seat_answered(&uid("a"), 0, 10, &Outcome::Seated { revision: 4 }),
+            Some(SeatNews::Seated)
+        );
+        assert!(book.seats_due(SEAT_LEASE_MS / 3 - 1).is_empty());
+        let due = book.seats_due(SEAT_LEASE_MS / 3);
+        assert_eq!(due[0].1.expect, 4, "a renewal at its own revision");
+        // Unanswered renewals: the seat runs out a lease after the last one committed,
+        // before the owner's lease; the copy is asked to stop a grace period earlier.
+        assert!(book.fence(SEAT_LEASE_MS - 1_001).is_empty());
+        let fenced = book.fence(SEAT_LEASE_MS - 1_000);
+        assert_eq!(fenced, vec![(uid("a"), Duration::from_millis(1_000), true)]);
+        assert!(
+            book.seats_due(SEAT_LEASE_MS).is_empty(),
+            "no renewal once fenced"
+        );
+
+        // Taken over by another copy: stopped at once.
+        let mut book = seated_book(PeerId::random());
+        book.seats_due(0);
+        book.seat_answered(&uid("a"), 0, 10, &Outcome::Seated { revision: 4 });
+        // A late answer of this copy's own earlier renewal is not a loss.
+        assert_eq!(
+            book.seat_answered(&uid("a"), 0, 20, &taken("me/1", 6)),
+            None
+        );
+        assert_eq!(book.seats_due(SEAT_LEASE_MS / 3)[0].1.expect, 6);
+        assert_eq!(
+            book.seat_answered(&uid("a"), 3_400, 3_500, &taken("new/2", 8)),
+            Some(SeatNews::Lost)
+        );
+        assert_eq!(book.fence(3_500), vec![(uid("a"), Duration::ZERO, true)]);
+    }
+
+    #[test]
+    fn a_copy_that_finds_the_seat_its_own_renews_it_and_the_seat_survives_a_restart() {
+        let mut book = seated_book(PeerId::random());
+        book.seats_due(0);
+        assert_eq!(book.seat_answered(&uid("a"), 0, 5, &taken("me/1", 3)), None);
+        assert_eq!(book.seats_due(1_000)[0].1.expect, 3);
+        book.seat_answered(&uid("a"), 1_000, 1_010, &Outcome::Seated { revision: 12 });
+        let back = LeaseBook::from_json(&book.to_json()).expect("read back");
+        let seat = back
+            .get(&uid("a"))
+            .and_then(|l| l.seat.clone())
+            .expect("seat");
+        assert_eq!(
+            (seat.revision, seat.expires_at_ms),
+            (12, 1_000 + SEAT_LEASE_MS)
+        );
+        // Leases written before seats existed still read.
+        let old = br#"{"leases":{"a":{"owner":"12D3KooWRkGhZzekg6sHoqK7xhuZNt7UbDpUcLgStXhRUR8ciXTX","epoch":1,"lease_ms":1,"expires_at_ms":2,"grace_ms":3}}}"#;
+        let old = LeaseBook::from_json(old).expect("an older file");
+        assert_eq!(old.get(&uid("a")).map(|l| l.seat.is_none()), Some(true));
     }
 }

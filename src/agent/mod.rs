@@ -11,7 +11,7 @@ mod eviction;
 mod health;
 mod hook;
 mod kubelet;
-pub(crate) mod lease;
+pub mod lease;
 pub mod probe;
 mod routes;
 mod runtime_events;
@@ -52,7 +52,7 @@ use crate::wire::{
 };
 use admission::{Policy, Refusal, RefusedSpecs};
 use enroll::{Enrollment, JoinOutcome};
-use lease::{Lease, LeaseBook, LEASES_FILE};
+use lease::{Lease, LeaseBook, SeatAttempt, SeatLease, SeatNews, LEASES_FILE, SEAT_LEASE_MS};
 use store::{create_private_dir, AssignmentStore};
 use supervisor::{NetworkGrant, Provided, WorkerContext, WorkerHandle, WorkerUpdate};
 
@@ -195,6 +195,12 @@ enum Internal {
         owner: PeerId,
         sent_ms: u64,
         answer: Option<Response>,
+    },
+    /// A group's answer to a seat attempt sent at `sent_ms`.
+    Seat {
+        uid: PodUid,
+        sent_ms: u64,
+        outcome: crate::raft::kv::Outcome,
     },
 }
 
@@ -420,6 +426,7 @@ impl Agent {
                         }
                         self.on_renewed(owner, sent_ms, answer)
                     }
+                    Internal::Seat { uid, sent_ms, outcome } => self.on_seat(&uid, sent_ms, &outcome),
                     Internal::Heard(owner) => self.heard(owner),
                     Internal::Health(health) => {
                         self.checking_health = false;
@@ -521,6 +528,7 @@ impl Agent {
                             expires_at_ms: 0,
                             grace_ms: 0,
                             fenced: false,
+                            seat: None,
                         },
                     );
                 }
@@ -533,6 +541,8 @@ impl Agent {
                     volumes: BTreeMap::new(),
                     network,
                     pull_credentials: record.pull_credentials,
+                    // From the lease, by `host`.
+                    gate: None,
                 },
                 record.statement,
                 Some(existing),
@@ -756,7 +766,7 @@ impl Agent {
         }
         let now = boottime_ms();
         let fenced = self.leases.fence(now);
-        for (uid, grace) in &fenced {
+        for (uid, grace, by_seat) in &fenced {
             if let Some(found) = self.unrecorded.remove(uid) {
                 tracing::warn!(pod = %found.pod, epoch = %found.epoch, "lease ran out before the owner claimed the pod found without its record; removing it");
                 self.metrics.pods_fenced.inc();
@@ -768,14 +778,19 @@ impl Agent {
                 continue;
             };
             self.metrics.pods_fenced.inc();
-            tracing::warn!(pod = %hosted.pod, epoch = %hosted.epoch(), owner = %hosted.owner(), "lease not renewed by the owner; stopping this copy (fenced)");
+            let cause = if *by_seat {
+                "its group did not renew its seat"
+            } else {
+                "the owner did not renew its lease"
+            };
+            tracing::warn!(pod = %hosted.pod, epoch = %hosted.epoch(), owner = %hosted.owner(), cause, "stopping this copy (fenced)");
             audit::record(
                 &self.metrics,
                 "fence",
                 Outcome::Allowed,
                 &hosted.owner(),
                 Some(&hosted.pod),
-                &format_args!("epoch {}: lease ran out", hosted.epoch()),
+                &format_args!("epoch {}: {cause}", hosted.epoch()),
             );
             hosted.stopping = true;
             hosted.worker.stop(*grace);
@@ -806,9 +821,108 @@ impl Agent {
                     .await;
             });
         }
+        for (uid, attempt) in self.leases.seats_due(now) {
+            self.propose_seat(uid, attempt, now);
+        }
         if !fenced.is_empty() {
             self.save_leases();
         }
+    }
+
+    /// Proposes a seat attempt to the pod's group; its answer comes back to the loop.
+    fn propose_seat(&self, uid: PodUid, attempt: SeatAttempt, sent_ms: u64) {
+        let groups = self.worker_ctx.groups.clone();
+        let internal = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let key = crate::raft::GroupKey {
+                owner: attempt.owner,
+                namespace: attempt.namespace,
+                name: attempt.group,
+            };
+            let command = crate::raft::kv::Command::Seat {
+                pod: attempt.pod,
+                holder: attempt.holder,
+                expect: attempt.expect,
+            };
+            // An answer later than a third of a seat lease is of no use: the next
+            // attempt is out by then.
+            let proposed = tokio::time::timeout(
+                Duration::from_millis(SEAT_LEASE_MS / 3),
+                groups.propose(&key, command),
+            )
+            .await;
+            let outcome = match proposed {
+                Ok(Ok((_, outcome))) => outcome,
+                Ok(Err(e)) => {
+                    tracing::debug!(group = %key, error = %e, "seat attempt not answered");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(group = %key, "seat attempt timed out");
+                    return;
+                }
+            };
+            let _ = internal
+                .send(Internal::Seat {
+                    uid,
+                    sent_ms,
+                    outcome,
+                })
+                .await;
+        });
+    }
+
+    fn on_seat(&mut self, uid: &PodUid, sent_ms: u64, outcome: &crate::raft::kv::Outcome) {
+        let Some(news) = self
+            .leases
+            .seat_answered(uid, sent_ms, boottime_ms(), outcome)
+        else {
+            return;
+        };
+        let Some(hosted) = self.pods.get(uid) else {
+            return;
+        };
+        match news {
+            SeatNews::Seated => {
+                tracing::info!(pod = %hosted.pod, epoch = %hosted.epoch(), "the pod's group seated this copy; its containers start");
+                self.save_leases();
+                hosted.worker.open_gate();
+            }
+            SeatNews::Waiting(message) => hosted.worker.close_gate(message),
+            SeatNews::Lost => {
+                tracing::warn!(pod = %hosted.pod, epoch = %hosted.epoch(), "another copy took this pod's seat in its group");
+                self.save_leases();
+                self.check_leases();
+            }
+        }
+    }
+
+    /// Gives a removed copy's seat back, so that the next copy need not wait for it to
+    /// run out.
+    fn unseat(&self, owner: PeerId, seat: SeatLease) {
+        if !seat.seated() {
+            return;
+        }
+        let groups = self.worker_ctx.groups.clone();
+        tokio::spawn(async move {
+            let key = crate::raft::GroupKey {
+                owner,
+                namespace: seat.namespace,
+                name: seat.group,
+            };
+            let command = crate::raft::kv::Command::Unseat {
+                pod: seat.pod,
+                holder: seat.holder,
+            };
+            let given = tokio::time::timeout(
+                Duration::from_millis(SEAT_LEASE_MS),
+                groups.propose(&key, command),
+            )
+            .await;
+            if !matches!(given, Ok(Ok(_))) {
+                tracing::debug!(group = %key, "seat not given back; it runs out instead");
+            }
+        });
     }
 
     fn on_renewed(&mut self, owner: PeerId, sent_ms: u64, answer: Option<Response>) {
@@ -844,11 +958,18 @@ impl Agent {
         let host_ports = translate::host_ports(&pod);
         let grace = Duration::from_secs(translate::grace_period_secs(&pod));
         let network = provided.network.clone();
+        // A copy waiting for its seat starts no container until it has it.
+        let gate = self
+            .leases
+            .get(&pod_ref.uid)
+            .and_then(|lease| lease.seat.as_ref())
+            .filter(|seat| !seat.seated())
+            .map(SeatLease::waiting_message);
         let worker = supervisor::spawn(
             self.worker_ctx.clone(),
             pod_ref.clone(),
             pod,
-            provided,
+            Provided { gate, ..provided },
             statement.epoch,
             statement.owner.0,
             adopted,
@@ -1279,6 +1400,12 @@ impl Agent {
                         expires_at_ms: boottime_ms().saturating_add(lease_ms),
                         grace_ms: grace,
                         fenced: false,
+                        seat: seat_of(
+                            &assign.pod,
+                            &pod_ref,
+                            self.worker_ctx.groups.me(),
+                            assign.epoch,
+                        ),
                     },
                 );
             }
@@ -1307,6 +1434,8 @@ impl Agent {
                 volumes: assign.volumes,
                 network,
                 pull_credentials: assign.pull_credentials,
+                // From the lease, by `host`.
+                gate: None,
             },
             assign.statement,
             adopted,
@@ -1391,8 +1520,11 @@ impl Agent {
         let statement = hosted.statement.clone();
         if update.removed {
             self.pods.remove(&update.pod.uid);
-            if self.leases.remove(&update.pod.uid).is_some() {
+            if let Some(lease) = self.leases.remove(&update.pod.uid) {
                 self.save_leases();
+                if let Some(seat) = lease.seat {
+                    self.unseat(lease.owner.0, seat);
+                }
             }
             self.store.remove(&update.pod.uid).await;
             self.metrics.pods.set(self.pods.len() as i64);
@@ -1552,6 +1684,18 @@ impl Agent {
         book.record(self.mesh.local_peer_id(), heartbeat);
         book.view(self.config.heartbeat_interval)
     }
+}
+
+/// The seat a strict pod of a stateful workload needs in its group, for this copy.
+fn seat_of(pod: &Pod, pod_ref: &PodRef, agent: PeerId, epoch: Epoch) -> Option<SeatLease> {
+    let group = crate::raft::group_of(pod).ok()??;
+    let holder = format!("{agent}/{epoch}");
+    Some(SeatLease::new(
+        &pod_ref.namespace,
+        &group,
+        &pod_ref.name,
+        holder,
+    ))
 }
 
 /// Where the assignment puts the pod on the mesh.

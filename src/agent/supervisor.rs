@@ -133,6 +133,9 @@ pub struct Provided {
     pub pull_credentials: Vec<RegistryCredential>,
     /// Where the pod goes on the mesh.
     pub network: NetworkGrant,
+    /// Why no container may start yet: a strict pod's copy waiting for its seat in
+    /// its group (see `lease::SeatLease`).
+    pub gate: Option<String>,
 }
 
 /// Where the owner puts the pod on the mesh, as first assigned (an update to a running
@@ -170,6 +173,7 @@ pub struct WorkerHandle {
     poke: mpsc::Sender<()>,
     pull_credentials: watch::Sender<Vec<RegistryCredential>>,
     pod: watch::Sender<Option<Pod>>,
+    gate: watch::Sender<Option<String>>,
 }
 
 impl WorkerHandle {
@@ -195,6 +199,21 @@ impl WorkerHandle {
         self.pod.send_replace(Some(pod));
         self.poke();
     }
+
+    /// The copy has its seat in its group: its containers start now.
+    pub fn open_gate(&self) {
+        self.gate.send_replace(None);
+        self.poke();
+    }
+
+    /// The copy waits for its seat, its containers saying `message`.
+    pub fn close_gate(&self, message: String) {
+        self.gate.send_if_modified(|gate| {
+            let changed = gate.as_ref() != Some(&message);
+            *gate = Some(message);
+            changed
+        });
+    }
 }
 
 /// Starts supervising `pod` at `epoch`. With `adopted`, the Podman pod already exists
@@ -214,9 +233,11 @@ pub fn spawn(
     let pull_credentials = std::mem::take(&mut provided.pull_credentials);
     let (credentials_tx, credentials_rx) = watch::channel(pull_credentials);
     let (pod_tx, pod_rx) = watch::channel(None);
+    let (gate_tx, gate_rx) = watch::channel(provided.gate.take());
     let updates = Updates {
         pull_credentials: credentials_rx,
         pod: pod_rx,
+        gate: gate_rx,
     };
     let worker = Worker::new(ctx, pod_ref, pod, provided, updates, epoch, owner);
     tokio::spawn(worker.run(stop_rx, poke_rx, adopted));
@@ -225,6 +246,7 @@ pub fn spawn(
         poke: poke_tx,
         pull_credentials: credentials_tx,
         pod: pod_tx,
+        gate: gate_tx,
     }
 }
 
@@ -234,6 +256,9 @@ struct Updates {
     pull_credentials: watch::Receiver<Vec<RegistryCredential>>,
     /// The pod, once it changed.
     pod: watch::Receiver<Option<Pod>>,
+    /// Why no container may start yet (a strict pod waiting for its seat in its
+    /// group); None once they may.
+    gate: watch::Receiver<Option<String>>,
 }
 
 /// One container of the pod, across its restarts.
@@ -956,6 +981,15 @@ impl Worker {
     /// One pass over the containers: init containers strictly in order, then all app
     /// containers.
     async fn step(&mut self) {
+        let changed = self.updates.gate.has_changed().unwrap_or(false);
+        let waiting = self.updates.gate.borrow_and_update().clone();
+        if waiting.is_some() || changed {
+            // Shown while waiting, and cleared once, when the gate opens.
+            self.show_setup_problem(waiting.clone());
+        }
+        if waiting.is_some() {
+            return;
+        }
         let now = Instant::now();
         self.inspecting =
             self.inspect_due || now.duration_since(self.inspected_at) >= RESYNC_INTERVAL;

@@ -134,7 +134,7 @@ pub async fn run(
         let due: Vec<(PodUid, Epoch)> = book
             .iter()
             .filter(|(uid, lease)| {
-                lease.expires_at_ms.saturating_add(slack) <= now
+                lease.deadline_ms().saturating_add(slack) <= now
                     && !removed.contains(&((*uid).clone(), lease.epoch))
             })
             .map(|(uid, lease)| (uid.clone(), lease.epoch))

@@ -394,8 +394,12 @@ impl PodApi {
             Outcome::Stored { .. }
             | Outcome::Deleted { .. }
             | Outcome::Locked { .. }
-            | Outcome::Unlocked => StatusCode::OK,
-            Outcome::Conflict { .. } | Outcome::Held { .. } => StatusCode::CONFLICT,
+            | Outcome::Unlocked
+            | Outcome::Seated { .. }
+            | Outcome::Unseated => StatusCode::OK,
+            Outcome::Conflict { .. } | Outcome::Held { .. } | Outcome::SeatTaken { .. } => {
+                StatusCode::CONFLICT
+            }
             Outcome::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Outcome::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };

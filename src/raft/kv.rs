@@ -1,6 +1,7 @@
-//! The replicated state of a group: a small key-value store with revisions, and leases
-//! for mutual exclusion. Pure: the state machine applies committed commands here, in
-//! log order, so every member computes the same answers.
+//! The replicated state of a group: a small key-value store with revisions, leases
+//! for mutual exclusion, and the seats of its strict pods (which copy of each may run).
+//! Pure: the state machine applies committed commands here, in log order, so every
+//! member computes the same answers.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,9 @@ pub const MAX_STORE_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_LOCKS: usize = 1_024;
 /// Longest lease a lock is granted for.
 pub const MAX_LEASE_MS: u64 = 5 * 60 * 1000;
+/// Most seats a group holds (one per pod name; a copy gives its seat back when it is
+/// removed, so only copies lost with their agents leave theirs behind).
+pub const MAX_SEATS: usize = 1_024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
@@ -68,6 +72,17 @@ pub enum Command {
         holder: String,
         token: u64,
     },
+    /// Gives pod `pod`'s seat to `holder` (a copy: `<agent>/<epoch>`) if the seat's
+    /// revision is `expect` (0: only if nobody holds it). The holder renews by seating
+    /// itself again at its revision; another copy takes over at the revision it saw
+    /// unchanged for longer than a seat lease. Only agents propose these.
+    Seat {
+        pod: String,
+        holder: String,
+        expect: u64,
+    },
+    /// Gives pod `pod`'s seat back, if `holder` has it.
+    Unseat { pod: String, holder: String },
 }
 
 impl Command {
@@ -82,6 +97,10 @@ impl Command {
                 Ok(())
             }
             Command::Delete { key, .. } | Command::Unlock { name: key, .. } => check_key(key),
+            Command::Seat { pod, holder, .. } | Command::Unseat { pod, holder } => {
+                check_key(pod)?;
+                check_key(holder)
+            }
             Command::Lock { name, lease_ms, .. } => {
                 check_key(name)?;
                 if *lease_ms == 0 || *lease_ms > MAX_LEASE_MS {
@@ -114,6 +133,12 @@ pub enum Outcome {
     Held { holder: String, expires_at_ms: u64 },
     /// The lock was given back.
     Unlocked,
+    /// The seat is the caller's at this revision.
+    Seated { revision: u64 },
+    /// `expect` did not hold: `holder` has the seat at `revision`.
+    SeatTaken { holder: String, revision: u64 },
+    /// The seat was given back (or nobody had it).
+    Unseated,
     /// The command was not applied (the store is full, the caller does not hold the
     /// lock, a malformed command).
     Refused { reason: String },
@@ -136,11 +161,21 @@ pub struct Lease {
     pub expires_at_ms: u64,
 }
 
+/// Which copy of a pod may run: the holder, and the log index of the command that
+/// last seated it (a renewal moves it on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seat {
+    pub holder: String,
+    pub revision: u64,
+}
+
 /// The group's replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kv {
     items: BTreeMap<String, Item>,
     locks: BTreeMap<String, Lease>,
+    #[serde(default)]
+    seats: BTreeMap<String, Seat>,
     /// Bytes of keys and values held.
     bytes: usize,
 }
@@ -175,7 +210,48 @@ impl Kv {
                     reason: format!("{holder} does not hold lock {name} with token {token}"),
                 },
             },
+            Command::Seat {
+                pod,
+                holder,
+                expect,
+            } => self.seat(index, pod, holder, *expect),
+            Command::Unseat { pod, holder } => {
+                if self.seats.get(pod).is_some_and(|s| s.holder == *holder) {
+                    self.seats.remove(pod);
+                }
+                Outcome::Unseated
+            }
         }
+    }
+
+    fn seat(&mut self, index: u64, pod: &str, holder: &str, expect: u64) -> Outcome {
+        match self.seats.get(pod) {
+            Some(seat) if seat.revision != expect => {
+                return Outcome::SeatTaken {
+                    holder: seat.holder.clone(),
+                    revision: seat.revision,
+                }
+            }
+            Some(_) => {}
+            None if expect != 0 => {
+                return Outcome::SeatTaken {
+                    holder: String::new(),
+                    revision: 0,
+                }
+            }
+            None if self.seats.len() >= MAX_SEATS => {
+                return Outcome::Refused {
+                    reason: format!("the group holds {MAX_SEATS} seats, its most"),
+                }
+            }
+            None => {}
+        }
+        let seat = Seat {
+            holder: holder.to_owned(),
+            revision: index,
+        };
+        self.seats.insert(pod.to_owned(), seat);
+        Outcome::Seated { revision: index }
     }
 
     fn put(&mut self, index: u64, key: &str, value: &str, expect: Option<u64>) -> Outcome {
@@ -280,6 +356,10 @@ impl Kv {
         self.locks.get(name)
     }
 
+    pub fn seat_of(&self, pod: &str) -> Option<&Seat> {
+        self.seats.get(pod)
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -291,7 +371,10 @@ impl Kv {
     /// Checks a decoded snapshot (from a peer, or this agent's disk) before it replaces
     /// the state: every key and value within the limits, the byte count recomputed.
     pub fn checked(mut self) -> Result<Kv, KvError> {
-        if self.items.len() > MAX_KEYS || self.locks.len() > MAX_LOCKS {
+        if self.items.len() > MAX_KEYS
+            || self.locks.len() > MAX_LOCKS
+            || self.seats.len() > MAX_SEATS
+        {
             return Err(KvError::OverLimits);
         }
         let mut bytes = 0;
@@ -307,6 +390,10 @@ impl Kv {
         }
         for name in self.locks.keys() {
             check_key(name)?;
+        }
+        for (pod, seat) in &self.seats {
+            check_key(pod)?;
+            check_key(&seat.holder)?;
         }
         self.bytes = bytes;
         Ok(self)
@@ -416,6 +503,66 @@ mod tests {
             kv.apply(index, &put("k1", &most, None)),
             Outcome::Stored { .. }
         ));
+    }
+
+    #[test]
+    fn a_seat_is_taken_renewed_and_taken_over_only_at_the_revision_seen() {
+        let mut kv = Kv::default();
+        let seat = |holder: &str, expect| Command::Seat {
+            pod: "web-0".into(),
+            holder: holder.into(),
+            expect,
+        };
+        let taken = |holder: &str, revision| Outcome::SeatTaken {
+            holder: holder.into(),
+            revision,
+        };
+        let seated = |revision| Outcome::Seated { revision };
+        // Nobody holds it: taken at revision 0 only.
+        assert_eq!(kv.apply(5, &seat("a/1", 3)), taken("", 0));
+        assert_eq!(kv.apply(6, &seat("a/1", 0)), seated(6));
+        // Another copy asking at 0 learns who holds it, and changes nothing.
+        assert_eq!(kv.apply(7, &seat("b/2", 0)), taken("a/1", 6));
+        // The holder renews at its revision, which moves on.
+        assert_eq!(kv.apply(8, &seat("a/1", 6)), seated(8));
+        // A takeover at a revision the holder has since renewed past fails...
+        assert_eq!(kv.apply(9, &seat("b/2", 6)), taken("a/1", 8));
+        // ...and at the current one succeeds; the old holder's renewal then fails.
+        assert_eq!(kv.apply(10, &seat("b/2", 8)), seated(10));
+        assert_eq!(kv.apply(11, &seat("a/1", 8)), taken("b/2", 10));
+        // Only the holder gives it back.
+        let unseat = |holder: &str| Command::Unseat {
+            pod: "web-0".into(),
+            holder: holder.into(),
+        };
+        assert_eq!(kv.apply(12, &unseat("a/1")), Outcome::Unseated);
+        assert_eq!(kv.seat_of("web-0").map(|s| s.revision), Some(10));
+        assert_eq!(kv.apply(13, &unseat("b/2")), Outcome::Unseated);
+        assert_eq!(kv.seat_of("web-0"), None);
+        assert_eq!(kv.apply(14, &seat("c/3", 0)), seated(14));
+        // Bad names are refused; seats are bounded and survive a snapshot's check.
+        assert!(matches!(
+            kv.apply(15, &seat("", 0)),
+            Outcome::Refused { .. }
+        ));
+        for i in 1..MAX_SEATS {
+            let command = Command::Seat {
+                pod: format!("p-{i}"),
+                holder: "c/3".into(),
+                expect: 0,
+            };
+            assert!(matches!(
+                kv.apply(100 + i as u64, &command),
+                Outcome::Seated { .. }
+            ));
+        }
+        let full = Command::Seat {
+            pod: "one-more".into(),
+            holder: "c/3".into(),
+            expect: 0,
+        };
+        assert!(matches!(kv.apply(5_000, &full), Outcome::Refused { .. }));
+        assert_eq!(kv.clone().checked(), Ok(kv));
     }
 
     #[test]
