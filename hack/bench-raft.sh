@@ -3,8 +3,9 @@
 # KV write and read latency through the leader and through a follower, writes per
 # second from 16 writers, fail-over time, with 3 and 5 members; memory per idle group;
 # then the Jepsen-style check with BEEMESH_JEPSEN_OPS operations (default 10,000)
-# while members are killed and restarted. Prints the BENCH lines and the check's
-# summary, for BENCHMARKS.md and RELIABILITY.md.
+# while the leader is cut off (members in network namespaces; needs root) and members
+# are killed and restarted. Prints the BENCH lines and the check's summary, for
+# BENCHMARKS.md and RELIABILITY.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BEEMESH_JEPSEN_OPS="${BEEMESH_JEPSEN_OPS:-10000}"

@@ -1,9 +1,10 @@
-//! A stateful workload's Raft group without Podman: members are real libp2p peers on
-//! loopback, each with the agent's `raft::Groups`, storage on disk, and the owner's
-//! signed word. Checks that clients' reads, writes and compare-and-swaps stay
-//! linearizable while members are killed and restarted (a Jepsen-style history, checked
-//! by the WGL search in `linearizability`), and measures the group (`bench_`, run by
-//! hack/bench-raft.sh).
+//! A stateful workload's Raft group without Podman: members are real libp2p peers, each
+//! with the agent's `raft::Groups`, storage on disk, and the owner's signed word; on
+//! loopback, or each in a network namespace of its own where partitions are real
+//! (packets dropped by the kernel). Checks that clients' reads, writes and
+//! compare-and-swaps stay linearizable while members are partitioned away, killed and
+//! restarted (a Jepsen-style history, checked by the WGL search in
+//! `linearizability`), and measures the group (`bench_`, run by hack/bench-raft.sh).
 
 mod linearizability;
 
@@ -33,6 +34,59 @@ struct Member {
     dir: PathBuf,
     running: Option<(Groups, CancellationToken, Multiaddr)>,
     metrics: Metrics,
+    /// Its network namespace, for a cluster whose members can be partitioned.
+    host: Option<Host>,
+}
+
+/// A member's own network namespace, on a bridge with the others': its address, and a
+/// runtime whose threads live there, so that the sockets of the member's mesh do too.
+struct Host {
+    namespace: String,
+    ip: std::net::Ipv4Addr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// `ip <args>`, which must succeed.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// `nft -f -` with `script` in network namespace `namespace`.
+fn nft_in(namespace: &str, script: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", namespace, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    assert!(child.wait().expect("nft").success(), "nft: {script}");
+}
+
+/// A runtime whose threads (workers and blocking ones) enter `namespace` as they start.
+fn runtime_in(namespace: &str) -> tokio::runtime::Runtime {
+    use std::os::fd::AsRawFd;
+    let handle =
+        Arc::new(std::fs::File::open(format!("/run/netns/{namespace}")).expect("the namespace"));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(move || {
+            // SAFETY: setns on a valid namespace descriptor moves this thread only.
+            let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+        })
+        .build()
+        .expect("runtime")
 }
 
 /// The members of groups, and the owner that names them.
@@ -40,28 +94,135 @@ struct Cluster {
     owner: Keypair,
     _dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// The namespace that holds the members' bridge, for a partitionable cluster.
+    hub: Option<String>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            if let Some((_, cancel, _)) = member.running.take() {
+                cancel.cancel();
+            }
+            if let Some(host) = member.host.as_mut() {
+                if let Some(runtime) = host.runtime.take() {
+                    runtime.shutdown_background();
+                }
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &host.namespace])
+                    .output();
+            }
+        }
+        if let Some(hub) = &self.hub {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", hub])
+                .output();
+        }
+    }
 }
 
 impl Cluster {
+    /// `size` members on loopback.
     async fn start(size: usize) -> Cluster {
+        Cluster::start_with(size, false).await
+    }
+
+    /// `size` members, each in a network namespace of its own, on one bridge (in a
+    /// namespace of its own too: nothing of the host's firewall in the way).
+    async fn start_partitionable(size: usize) -> Cluster {
+        Cluster::start_with(size, true).await
+    }
+
+    async fn start_with(size: usize, namespaced: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tag = std::process::id();
+        let hub = namespaced.then(|| {
+            let hub = format!("bmrg{tag}h");
+            ip(&["netns", "add", &hub]);
+            ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+            ip(&["-n", &hub, "link", "set", "br0", "up"]);
+            hub
+        });
         let members = (0..size)
             .map(|i| Member {
                 keypair: Keypair::generate_ed25519(),
                 dir: dir.path().join(format!("member{i}")),
                 running: None,
                 metrics: Metrics::new(),
+                host: hub.as_ref().map(|hub| {
+                    let namespace = format!("bmrg{tag}m{i}");
+                    let ip_address =
+                        std::net::Ipv4Addr::new(10, 213, (tag % 250) as u8, i as u8 + 2);
+                    let port = format!("v{i}");
+                    ip(&["netns", "add", &namespace]);
+                    ip(&[
+                        "-n", hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                        "netns", &namespace,
+                    ]);
+                    ip(&["-n", hub, "link", "set", &port, "master", "br0", "up"]);
+                    let address = format!("{ip_address}/24");
+                    ip(&["-n", &namespace, "addr", "add", &address, "dev", "eth0"]);
+                    ip(&["-n", &namespace, "link", "set", "eth0", "up"]);
+                    ip(&["-n", &namespace, "link", "set", "lo", "up"]);
+                    Host {
+                        runtime: Some(runtime_in(&namespace)),
+                        namespace,
+                        ip: ip_address,
+                    }
+                }),
             })
             .collect();
         let mut cluster = Cluster {
             owner: Keypair::generate_ed25519(),
             _dir: dir,
             members,
+            hub,
         };
         for i in 0..size {
             cluster.start_member(i).await;
         }
         cluster
+    }
+
+    /// Cuts member `i` off from every other member: the kernel drops what it sends
+    /// them and what they send it.
+    fn isolate(&self, i: usize) {
+        let host = self.members[i]
+            .host
+            .as_ref()
+            .expect("a partitionable cluster");
+        let others: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, m)| m.host.as_ref().map(|h| h.ip.to_string()))
+            .collect();
+        let others = others.join(", ");
+        nft_in(
+            &host.namespace,
+            &format!(
+                "table inet partition {{\n  chain in {{ type filter hook input priority 0; ip saddr {{ {others} }} drop; }}\n  chain out {{ type filter hook output priority 0; ip daddr {{ {others} }} drop; }}\n}}\n"
+            ),
+        );
+    }
+
+    /// Ends member `i`'s partition.
+    fn heal(&self, i: usize) {
+        let host = self.members[i]
+            .host
+            .as_ref()
+            .expect("a partitionable cluster");
+        nft_in(&host.namespace, "delete table inet partition\n");
+    }
+
+    /// The member that leads group `name`, as the running members see it.
+    fn leader_index(&self, name: &str) -> Option<usize> {
+        let key = self.key(name);
+        let leader = (0..self.members.len())
+            .filter_map(|i| self.groups(i))
+            .find_map(|g| g.leader(&key).ok().and_then(|(leader, _)| leader))?;
+        (0..self.members.len()).find(|&i| self.peer(i) == leader)
     }
 
     fn peer(&self, i: usize) -> PeerId {
@@ -80,17 +241,35 @@ impl Cluster {
             .filter_map(|m| m.running.as_ref().map(|(_, _, addr)| addr.clone()))
             .collect();
         let member = &mut self.members[i];
+        let listen_ip = member
+            .host
+            .as_ref()
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.ip);
         let config = MeshConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+            listen: vec![format!("/ip4/{listen_ip}/tcp/0")
+                .parse()
+                .expect("multiaddr")],
             bootstrap,
             accept_gossip: GossipFilter::new([], |_| true),
             ..MeshConfig::default()
         };
         let metrics = member.metrics.clone();
-        let (handle, mut events, event_loop) =
-            mesh::start(member.keypair.clone(), config, metrics.clone()).expect("mesh starts");
+        let keypair = member.keypair.clone();
+        let start_metrics = metrics.clone();
+        // Started and run where the member's sockets belong: its namespace's runtime,
+        // or this one.
+        let runtime = member
+            .host
+            .as_ref()
+            .and_then(|h| h.runtime.as_ref())
+            .map_or_else(tokio::runtime::Handle::current, |r| r.handle().clone());
+        let (handle, mut events, event_loop) = runtime
+            .spawn(async move { mesh::start(keypair, config, start_metrics) })
+            .await
+            .expect("started")
+            .expect("mesh starts");
         let cancel = CancellationToken::new();
-        tokio::spawn(event_loop.run(cancel.clone()));
+        runtime.spawn(event_loop.run(cancel.clone()));
         tokio::spawn(async move { while events.recv().await.is_some() {} });
         let addr = loop {
             let listening = handle.listen_addrs().await.expect("loop runs");
@@ -326,27 +505,30 @@ fn outcome(result: Result<(u64, Outcome), ServiceError>) -> Option<Option<Outcom
     }
 }
 
-/// Clients on every member while members are killed and restarted one at a time; the
-/// history must be linearizable. BEEMESH_JEPSEN_OPS operations (default 2,000; the
-/// long run in hack/bench-raft.sh takes 10,000 or more).
+/// Clients on every member while, one round at a time, the leader is cut off from the
+/// others for a while (in turn) or a member is killed and restarted; the history must
+/// be linearizable. BEEMESH_JEPSEN_OPS operations (default 2,000; the long run in
+/// hack/bench-raft.sh takes 10,000 or more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_restarted() {
+async fn reads_writes_and_cas_stay_linearizable_while_members_are_partitioned_killed_and_restarted()
+{
     let wanted: usize = std::env::var("BEEMESH_JEPSEN_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
-    let mut cluster = Cluster::start(3).await;
+    let mut cluster = Cluster::start_partitionable(3).await;
     cluster.tell("db").await;
     let key = cluster.key("db");
     cluster.agreed_leader("db", Duration::from_secs(15)).await;
     let history: History = Arc::default();
     let started = Instant::now();
-    let mut kills = 0;
+    let (mut kills, mut partitions, mut deposed) = (0, 0, 0);
     let mut round = 0u64;
     while history.lock().expect("history").len() < wanted {
-        // A round: clients on every member; one member killed midway (its clients go
-        // with it, as a killed agent's pods lose their socket) and started again at
-        // the end.
+        // A round: clients on every member; midway, the leader is cut off from the
+        // others (its clients carry on against it) and reconnected, or one member is
+        // killed (its clients go with it, as a killed agent's pods lose their socket)
+        // and started again at the end.
         round += 1;
         let victim = (round as usize) % cluster.members.len();
         let stops: Vec<CancellationToken> = (0..cluster.members.len())
@@ -370,18 +552,48 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_res
             }
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        stops[victim].cancel();
-        cluster.kill(victim);
-        kills += 1;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let partition = round.is_multiple_of(2);
+        if partition {
+            let cut = cluster.leader_index("db").unwrap_or(victim);
+            let leader = cluster.peer(cut);
+            cluster.isolate(cut);
+            partitions += 1;
+            // Held until the majority's side has a leader of its own (10 s at most),
+            // and a while longer, clients busy on both sides.
+            let cut_off = Instant::now();
+            while cut_off.elapsed() < Duration::from_secs(10) {
+                let elected = (0..cluster.members.len())
+                    .filter(|&i| i != cut)
+                    .filter_map(|i| cluster.groups(i))
+                    .any(|g| {
+                        g.leader(&key)
+                            .is_ok_and(|(l, _)| l.is_some_and(|l| l != leader))
+                    });
+                if elected {
+                    deposed += 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            cluster.heal(cut);
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        } else {
+            stops[victim].cancel();
+            cluster.kill(victim);
+            kills += 1;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
         for stop in &stops {
             stop.cancel();
         }
         for c in clients {
             let _ = c.await;
         }
-        cluster.start_member(victim).await;
-        cluster.tell("db").await;
+        if !partition {
+            cluster.start_member(victim).await;
+            cluster.tell("db").await;
+        }
     }
     let history = history.lock().expect("history").clone();
     let unknown = history.iter().filter(|o| o.ret.is_none()).count();
@@ -396,13 +608,13 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_killed_and_res
     let checking = Instant::now();
     let verdict = check(&history, Duration::from_secs(120));
     eprintln!(
-        "{} operations ({reads} reads, {writes} writes and swaps applied, {unknown} of unknown outcome) over {:?}, {kills} kills; checked in {:?}: {verdict:?}",
+        "{} operations ({reads} reads, {writes} writes and swaps applied, {unknown} of unknown outcome) over {:?}, {kills} kills, {partitions} partitions of the leader ({deposed} deposed it); checked in {:?}: {verdict:?}",
         history.len(),
         started.elapsed(),
         checking.elapsed()
     );
     assert!(
-        kills >= 2 && writes > history.len() / 5,
+        kills >= 1 && deposed >= 1 && writes > history.len() / 5,
         "the run did too little to tell"
     );
     assert_eq!(verdict, Verdict::Linearizable);
