@@ -631,6 +631,144 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_partitioned_ki
     ));
 }
 
+/// One copy of pod `web-0` as its agent keeps it: its lease book (an owner lease that
+/// never runs out, so only the seat decides) and the member it asks through.
+struct Copy {
+    book: beemesh::agent::lease::LeaseBook,
+    member: Groups,
+}
+
+impl Copy {
+    fn new(owner: PeerId, holder: &str, member: Groups) -> Copy {
+        use beemesh::agent::lease::{Lease, LeaseBook, SeatLease};
+        let mut book = LeaseBook::default();
+        book.take(
+            PodUid("web-0".into()),
+            Lease {
+                owner: PeerRef(owner),
+                epoch: beemesh::wire::Epoch(1),
+                lease_ms: u64::MAX / 4,
+                expires_at_ms: u64::MAX / 2,
+                grace_ms: 0,
+                fenced: false,
+                seat: Some(SeatLease::new("default", "db", "web-0", holder.into())),
+            },
+        );
+        Copy { book, member }
+    }
+
+    /// One turn of the agent's check: the seat attempts due, proposed and answered;
+    /// true once the copy may run, false once it must stop (it never runs again).
+    async fn turn(&mut self, key: &GroupKey) -> Option<bool> {
+        use beemesh::agent::lease::{SeatNews, SEAT_LEASE_MS};
+        use beemesh::fencing::boottime_ms;
+        let now = boottime_ms();
+        if !self.book.fence(now).is_empty() {
+            return Some(false);
+        }
+        let mut news = None;
+        for (uid, attempt) in self.book.seats_due(now) {
+            let command = Command::Seat {
+                pod: attempt.pod,
+                holder: attempt.holder,
+                expect: attempt.expect,
+            };
+            let proposed = tokio::time::timeout(
+                Duration::from_millis(SEAT_LEASE_MS / 3),
+                self.member.propose(key, command),
+            )
+            .await;
+            if let Ok(Ok((_, outcome))) = proposed {
+                news = self.book.seat_answered(&uid, now, boottime_ms(), &outcome);
+            }
+        }
+        match news {
+            Some(SeatNews::Seated) => Some(true),
+            Some(SeatNews::Lost) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Seats across a real partition: the copy that holds web-0's seat is cut off with its
+/// member. The copy on the other side gets the seat only after the cut-off copy's seat
+/// ran out and it stopped, so the two never run at once; reconnected, the group tells
+/// the old holder the seat is another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
+    let cluster = Cluster::start_partitionable(3).await;
+    cluster.tell("db").await;
+    let key = cluster.key("db");
+    cluster.agreed_leader("db", Duration::from_secs(15)).await;
+    let owner = cluster.owner.public().to_peer_id();
+    let mut old = Copy::new(owner, "a/1", cluster.groups(0).expect("running"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old.turn(&key).await != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "the first copy never got its seat"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old_key = key.clone();
+    let old_runs = tokio::spawn(async move {
+        while old.turn(&old_key).await != Some(false) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Instant::now()
+    });
+    let mut new = Copy::new(owner, "b/2", cluster.groups(1).expect("running"));
+    // Waiting for a held seat, as a new copy does.
+    for _ in 0..20 {
+        assert_ne!(
+            new.turn(&key).await,
+            Some(true),
+            "a held seat was given away"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.isolate(0);
+    let cut = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while new.turn(&key).await != Some(true) {
+        assert!(Instant::now() < deadline, "the seat never moved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_runs = Instant::now();
+    let old_stopped = old_runs.await.expect("the old copy's loop");
+    eprintln!(
+        "cut off at 0 s: the old copy stopped at {:?}, the new one ran at {:?}",
+        old_stopped.duration_since(cut),
+        new_runs.duration_since(cut)
+    );
+    assert!(old_stopped <= new_runs, "both copies ran at once");
+    cluster.heal(0);
+    // The old holder, reconnected, cannot renew: the seat is the new copy's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let renewal = Command::Seat {
+        pod: "web-0".into(),
+        holder: "a/1".into(),
+        expect: 0,
+    };
+    loop {
+        match cluster
+            .groups(0)
+            .expect("running")
+            .propose(&key, renewal.clone())
+            .await
+        {
+            Ok((_, Outcome::SeatTaken { holder, .. })) => {
+                assert_eq!(holder, "b/2");
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "{other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// A peer that reaches the members but is named in no word: its Raft calls are
 /// closed unread and counted (a vote of a higher term would have deposed the leader), and a
 /// word it forges, or one that claims to be the owner's but is not signed by it, is
