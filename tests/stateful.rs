@@ -144,6 +144,36 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
     assert_eq!(status, 200, "{me}");
     assert_eq!(me["pod"], "db-1", "{me}");
     assert_eq!(me["group"], "db", "{me}");
+    // The README's curl examples, with curl as the client.
+    let curl = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--unix-socket"])
+            .arg(&sockets[1])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let me = curl(&["http://group/self"]);
+    assert!(me.contains(r#""pod":"db-1""#), "{me}");
+    let stored = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "hello",
+        "http://group/kv/curl",
+    ]);
+    assert!(stored.contains(r#""result":"stored""#), "{stored}");
+    let got = curl(&["http://group/kv/curl"]);
+    assert!(got.contains(r#""value":"hello""#), "{got}");
+    let created = curl(&[
+        "-X",
+        "PUT",
+        "--data-binary",
+        "x",
+        "http://group/kv/curl?revision=0",
+    ]);
+    assert!(created.contains(r#""result":"conflict""#), "{created}");
 
     let started = Instant::now();
     let leader = mesh.wait_for(
