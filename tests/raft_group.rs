@@ -668,14 +668,10 @@ impl Copy {
         }
         let mut news = None;
         for (uid, attempt) in self.book.seats_due(now) {
-            let command = Command::Seat {
-                pod: attempt.pod,
-                holder: attempt.holder,
-                expect: attempt.expect,
-            };
+            assert_eq!(attempt.group, *key);
             let proposed = tokio::time::timeout(
                 Duration::from_millis(SEAT_LEASE_MS / 3),
-                self.member.propose(key, command),
+                self.member.propose(key, attempt.command),
             )
             .await;
             if let Ok(Ok((_, outcome))) = proposed {

@@ -17,7 +17,8 @@ use std::time::Duration;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-use crate::raft::kv::Outcome;
+use crate::raft::kv::{Command, Outcome};
+use crate::raft::GroupKey;
 use crate::wire::{Epoch, PeerRef, PodUid};
 
 /// The file of strict pods' leases, in the agent's secrets directory.
@@ -70,6 +71,23 @@ impl SeatLease {
         self.revision > 0
     }
 
+    /// The group, as the agent tells groups apart: `owner` placed the pod.
+    pub fn group_key(&self, owner: PeerId) -> GroupKey {
+        GroupKey {
+            owner,
+            namespace: self.namespace.clone(),
+            name: self.group.clone(),
+        }
+    }
+
+    /// What gives the seat back, if this copy has it.
+    pub fn unseat(&self) -> Command {
+        Command::Unseat {
+            pod: self.pod.clone(),
+            holder: self.holder.clone(),
+        }
+    }
+
     /// What a copy waiting for the seat shows on its containers.
     pub fn waiting_message(&self) -> String {
         match &self.seen {
@@ -90,12 +108,9 @@ impl SeatLease {
 /// A seat attempt to propose to the pod's group: a take, a renewal or a takeover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeatAttempt {
-    pub owner: PeerId,
-    pub namespace: String,
-    pub group: String,
-    pub pod: String,
-    pub holder: String,
-    pub expect: u64,
+    pub group: GroupKey,
+    /// A [`Command::Seat`].
+    pub command: Command,
 }
 
 /// What a group's answer changed for a copy.
@@ -285,12 +300,12 @@ impl LeaseBook {
             due.push((
                 uid.clone(),
                 SeatAttempt {
-                    owner: lease.owner.0,
-                    namespace: seat.namespace.clone(),
-                    group: seat.group.clone(),
-                    pod: seat.pod.clone(),
-                    holder: seat.holder.clone(),
-                    expect,
+                    group: seat.group_key(lease.owner.0),
+                    command: Command::Seat {
+                        pod: seat.pod.clone(),
+                        holder: seat.holder.clone(),
+                        expect,
+                    },
                 },
             ));
         }
@@ -479,6 +494,13 @@ mod tests {
         book
     }
 
+    fn expect_of(attempt: &SeatAttempt) -> u64 {
+        match attempt.command {
+            Command::Seat { expect, .. } => expect,
+            _ => panic!("not a seat attempt: {attempt:?}"),
+        }
+    }
+
     fn taken(holder: &str, revision: u64) -> Outcome {
         Outcome::SeatTaken {
             holder: holder.into(),
@@ -492,7 +514,7 @@ mod tests {
         let expects = |book: &mut LeaseBook, now| -> Vec<u64> {
             book.seats_due(now)
                 .into_iter()
-                .map(|(_, a)| a.expect)
+                .map(|(_, a)| expect_of(&a))
                 .collect()
         };
         // Asked at 0 (only a free seat); another copy has it at revision 7.
@@ -539,7 +561,7 @@ mod tests {
         );
         assert!(book.seats_due(SEAT_LEASE_MS / 3 - 1).is_empty());
         let due = book.seats_due(SEAT_LEASE_MS / 3);
-        assert_eq!(due[0].1.expect, 4, "a renewal at its own revision");
+        assert_eq!(expect_of(&due[0].1), 4, "a renewal at its own revision");
         // Unanswered renewals: the seat runs out a lease after the last one committed,
         // before the owner's lease; the copy is asked to stop a grace period earlier.
         assert!(book.fence(SEAT_LEASE_MS - 1_001).is_empty());
@@ -559,7 +581,7 @@ mod tests {
             book.seat_answered(&uid("a"), 0, 20, &taken("me/1", 6)),
             None
         );
-        assert_eq!(book.seats_due(SEAT_LEASE_MS / 3)[0].1.expect, 6);
+        assert_eq!(expect_of(&book.seats_due(SEAT_LEASE_MS / 3)[0].1), 6);
         assert_eq!(
             book.seat_answered(&uid("a"), 3_400, 3_500, &taken("new/2", 8)),
             Some(SeatNews::Lost)
@@ -572,7 +594,7 @@ mod tests {
         let mut book = seated_book(PeerId::random());
         book.seats_due(0);
         assert_eq!(book.seat_answered(&uid("a"), 0, 5, &taken("me/1", 3)), None);
-        assert_eq!(book.seats_due(1_000)[0].1.expect, 3);
+        assert_eq!(expect_of(&book.seats_due(1_000)[0].1), 3);
         book.seat_answered(&uid("a"), 1_000, 1_010, &Outcome::Seated { revision: 12 });
         let back = LeaseBook::from_json(&book.to_json()).expect("read back");
         let seat = back

@@ -834,31 +834,22 @@ impl Agent {
         let groups = self.worker_ctx.groups.clone();
         let internal = self.internal_tx.clone();
         tokio::spawn(async move {
-            let key = crate::raft::GroupKey {
-                owner: attempt.owner,
-                namespace: attempt.namespace,
-                name: attempt.group,
-            };
-            let command = crate::raft::kv::Command::Seat {
-                pod: attempt.pod,
-                holder: attempt.holder,
-                expect: attempt.expect,
-            };
+            let SeatAttempt { group, command } = attempt;
             // An answer later than a third of a seat lease is of no use: the next
             // attempt is out by then.
             let proposed = tokio::time::timeout(
                 Duration::from_millis(SEAT_LEASE_MS / 3),
-                groups.propose(&key, command),
+                groups.propose(&group, command),
             )
             .await;
             let outcome = match proposed {
                 Ok(Ok((_, outcome))) => outcome,
                 Ok(Err(e)) => {
-                    tracing::debug!(group = %key, error = %e, "seat attempt not answered");
+                    tracing::debug!(%group, error = %e, "seat attempt not answered");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(group = %key, "seat attempt timed out");
+                    tracing::debug!(%group, "seat attempt timed out");
                     return;
                 }
             };
@@ -904,23 +895,15 @@ impl Agent {
             return;
         }
         let groups = self.worker_ctx.groups.clone();
+        let (group, command) = (seat.group_key(owner), seat.unseat());
         tokio::spawn(async move {
-            let key = crate::raft::GroupKey {
-                owner,
-                namespace: seat.namespace,
-                name: seat.group,
-            };
-            let command = crate::raft::kv::Command::Unseat {
-                pod: seat.pod,
-                holder: seat.holder,
-            };
             let given = tokio::time::timeout(
                 Duration::from_millis(SEAT_LEASE_MS),
-                groups.propose(&key, command),
+                groups.propose(&group, command),
             )
             .await;
             if !matches!(given, Ok(Ok(_))) {
-                tracing::debug!(group = %key, "seat not given back; it runs out instead");
+                tracing::debug!(%group, "seat not given back; it runs out instead");
             }
         });
     }
