@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{podman_containers, podman_logs, podman_pods, Mesh};
+use common::{group, podman_containers, podman_logs, podman_pods, Mesh};
 use fake_apiserver::{kubectl, FakeApiServer, K3sRouting};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -4485,12 +4485,42 @@ fn a_statefulsets_pods_form_a_group_whose_leader_kubernetes_sees() {
     );
     assert_eq!(elected["type"], "Normal", "{elected}");
 
+    // Written through one pod's socket, read through the others'.
+    let sockets: Vec<(String, PathBuf)> =
+        cluster
+            .mesh
+            .wait_for("every pod's group socket", Duration::from_secs(60), || {
+                all.iter()
+                    .map(|name| {
+                        let pod = cluster.get(&["pod", name])?;
+                        let uid = pod["metadata"]["uid"].as_str()?;
+                        let label = format!("io.beemesh.pod.uid={uid}");
+                        Some((name.to_string(), group::group_socket(&label)?))
+                    })
+                    .collect()
+            });
+    for i in 0..10 {
+        let (status, body) =
+            group::call(&sockets[0].1, "PUT", &format!("/kv/k{i}"), &i.to_string()).expect("PUT");
+        assert_eq!(status, 200, "{body}");
+    }
+    let all_written = |socket: &Path| {
+        let (status, listed) = group::call(socket, "GET", "/kv?prefix=k", "").ok()?;
+        (status == 200 && listed["items"].as_array().map(Vec::len) == Some(10)).then_some(())
+    };
+    for (name, socket) in &sockets[1..] {
+        assert!(
+            all_written(socket).is_some(),
+            "{name} reads what web-0 wrote"
+        );
+    }
+
     let agent = cluster
         .mesh
         .pod_status("default", &leader)
         .and_then(|p| p["agent"].as_str().map(str::to_owned))
         .expect("the leader's agent");
-    cluster.mesh.kill_agent(&agent);
+    let killed = cluster.mesh.kill_agent(&agent);
     let others: Vec<&str> = all.iter().copied().filter(|n| *n != leader).collect();
     let next = cluster
         .mesh
@@ -4505,6 +4535,16 @@ fn a_statefulsets_pods_form_a_group_whose_leader_kubernetes_sees() {
         "{next} leads after {leader}'s agent was killed: {:?}",
         group_roles(&cluster)
     );
+    // No acknowledged write is lost.
+    let (_, survivor) = sockets
+        .iter()
+        .find(|(name, _)| *name == next)
+        .expect("the new leader's socket");
+    cluster.mesh.wait_for(
+        "the writes read through the new leader",
+        Duration::from_secs(15),
+        || all_written(survivor),
+    );
     cluster
         .mesh
         .wait_for("the new leader's event", Duration::from_secs(30), || {
@@ -4517,5 +4557,28 @@ fn a_statefulsets_pods_form_a_group_whose_leader_kubernetes_sees() {
                 })
                 .then_some(())
         });
+    // The killed agent back, the workload deleted: every member deletes the group's
+    // state.
+    let state = cluster.mesh.agents[killed].state_dir.clone();
+    cluster.mesh.start_agent_in(state, &[]);
+    let (ok, out) = cluster.kubectl(
+        &["delete", "pod", "web-0", "web-1", "web-2", "--wait=false"],
+        None,
+    );
+    assert!(ok, "{out}");
+    cluster.mesh.wait_for(
+        "the group's state deleted",
+        Duration::from_secs(120),
+        || {
+            let pods = cluster.get(&["pods", "-l", "app=web"])?;
+            (pods["items"].as_array()?.is_empty()
+                && cluster
+                    .mesh
+                    .agents
+                    .iter()
+                    .all(|agent| group::group_dirs(&agent.state_dir).is_empty()))
+            .then_some(())
+        },
+    );
     cluster.assert_node_requests_allowed();
 }

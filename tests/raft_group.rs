@@ -135,7 +135,14 @@ impl Cluster {
 
     async fn start_with(size: usize, namespaced: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tag = std::process::id();
+        // Apart from other clusters: of other test processes, and of this one's tests.
+        static CLUSTERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!(
+            "{}{}",
+            std::process::id(),
+            char::from(b'a' + (n % 26) as u8)
+        );
         let hub = namespaced.then(|| {
             let hub = format!("bmrg{tag}h");
             ip(&["netns", "add", &hub]);
@@ -151,8 +158,8 @@ impl Cluster {
                 metrics: Metrics::new(),
                 host: hub.as_ref().map(|hub| {
                     let namespace = format!("bmrg{tag}m{i}");
-                    let ip_address =
-                        std::net::Ipv4Addr::new(10, 213, (tag % 250) as u8, i as u8 + 2);
+                    // Each cluster's bridge is a world of its own: addresses may repeat.
+                    let ip_address = std::net::Ipv4Addr::new(10, 213, 0, i as u8 + 2);
                     let port = format!("v{i}");
                     ip(&["netns", "add", &namespace]);
                     ip(&[

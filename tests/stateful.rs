@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::group::{self, call};
 use common::{podman_containers, Mesh};
 use serde_json::Value;
 
@@ -42,9 +41,7 @@ spec:
 
 /// The running container of pod `name`.
 fn container_of(name: &str) -> Option<Value> {
-    podman_containers(&format!("io.beemesh.pod.name={name}"))
-        .into_iter()
-        .find(|c| c["State"] == "running")
+    group::running_container(&format!("io.beemesh.pod.name={name}"))
 }
 
 fn exec(container: &str, script: &str) -> String {
@@ -55,44 +52,9 @@ fn exec(container: &str, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The group's socket as the pod's container sees it, reached through its root.
+/// The group's socket as pod `name`'s container sees it.
 fn socket_of(name: &str) -> Option<PathBuf> {
-    let container = container_of(name)?;
-    let id = container["Id"].as_str()?;
-    let out = Command::new("podman")
-        .args(["inspect", "--format", "{{.State.Pid}}", id])
-        .output()
-        .ok()?;
-    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Some(PathBuf::from(format!(
-        "/proc/{pid}/root/run/beemesh/group.sock"
-    )))
-}
-
-/// One HTTP/1.1 request on the pod's group socket: the status and the JSON body.
-fn call(socket: &PathBuf, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(40)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: group\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| e.to_string())?;
-    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no HTTP answer")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status in {head:?}"))?;
-    let json = serde_json::from_str(body).map_err(|e| format!("{e}: {body:?}"))?;
-    Ok((status, json))
+    group::group_socket(&format!("io.beemesh.pod.name={name}"))
 }
 
 /// The leading pod every member agrees on, if they do.
@@ -290,25 +252,13 @@ fn an_annotated_group_elects_a_leader_replicates_writes_survives_its_leaders_los
     );
 
     // The workload deleted: every member deletes the group's state.
-    // The workload deleted: every remaining member deletes the group's state.
     for name in names {
         mesh.remove_manifest(&format!("{name}.yaml"));
     }
-    let group_dirs = |agent: &common::Process| -> Vec<PathBuf> {
-        std::fs::read_dir(agent.state_dir.join("groups"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.file_name().is_some_and(|n| n != "pods"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     mesh.wait_for("the group's state deleted", Duration::from_secs(60), || {
         mesh.agents
             .iter()
-            .all(|agent| group_dirs(agent).is_empty())
+            .all(|agent| group::group_dirs(&agent.state_dir).is_empty())
             .then_some(())
     });
 }

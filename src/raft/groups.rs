@@ -1,7 +1,7 @@
 //! The agent's groups: one Raft member per group the owner named this agent in, the
 //! members' calls to it, and the way its pods' reads and writes reach the leader.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +36,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// A group this agent runs no pod of for this long is left, even if the owner's word
 /// that says so was lost.
 const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+/// How often the agent looks for group state on disk that no group here uses.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The most groups an agent is a member of at once.
 const MAX_GROUPS: usize = 1024;
 /// How long a forwarded read or write, or a learner catching up, may take.
@@ -763,12 +765,61 @@ impl Groups {
         }
     }
 
+    /// Deletes the state of groups this agent neither takes part in nor runs a pod of,
+    /// once it has been so for [`ORPHAN_AFTER`]: what an agent restarted after its last
+    /// word on a group finds on disk (a word with no members goes out once), which no
+    /// word opens again.
+    async fn sweep_left_behind(self, cancel: CancellationToken) {
+        let mut unused_since: HashMap<std::ffi::OsString, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+            let mut in_use: HashSet<String> = locked(&self.inner.groups)
+                .keys()
+                .map(GroupKey::dir_name)
+                .collect();
+            in_use.extend(
+                locked(&self.inner.pods)
+                    .iter()
+                    .filter(|(_, (pods, _))| !pods.is_empty())
+                    .map(|(key, _)| key.dir_name()),
+            );
+            let Ok(mut entries) = tokio::fs::read_dir(&self.inner.root).await else {
+                continue;
+            };
+            let mut unused = HashSet::new();
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let name = entry.file_name();
+                let text = name.to_string_lossy();
+                if text == "pods" || in_use.contains(text.as_ref()) {
+                    continue;
+                }
+                unused.insert(name.clone());
+                let since = *unused_since.entry(name).or_insert_with(Instant::now);
+                if since.elapsed() > ORPHAN_AFTER {
+                    match tokio::fs::remove_dir_all(entry.path()).await {
+                        Ok(()) => {
+                            tracing::info!(dir = %entry.path().display(), "deleted the state of a group this agent no longer takes part in")
+                        }
+                        Err(e) => {
+                            tracing::warn!(dir = %entry.path().display(), error = %e, "cannot delete the state of a group left behind")
+                        }
+                    }
+                }
+            }
+            unused_since.retain(|name, _| unused.contains(name));
+        }
+    }
+
     /// Serves members' calls until cancelled.
     pub async fn serve(self, cancel: CancellationToken) -> Result<(), MeshError> {
         let mut incoming = self
             .inner
             .mesh
             .accept_streams(StreamProtocol::new(RAFT_PROTOCOL))?;
+        tokio::spawn(self.clone().sweep_left_behind(cancel.clone()));
         let calls = Arc::new(Semaphore::new(MAX_CALLS));
         loop {
             let next = tokio::select! {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod group;
 pub mod registry;
 
 pub const IMAGE: &str = "localhost/busybox:1.35";
