@@ -903,10 +903,27 @@ async fn strangers_are_refused_and_only_the_trusted_owners_word_counts() {
 /// has everything written before, and the agent left out leaves and deletes its state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_pod_moves_its_member_through_joint_consensus() {
+    // db-2's pod now runs on member 3 instead of member 2.
+    move_a_pod(&[0, 1, 3], 2).await;
+}
+
+/// The founder's pod moved to a fresh agent, which the owner then names founder (the
+/// oldest pod's agent): that agent starts a log of its own, but cannot lead over
+/// members with the group's longer log; it joins the group as any new member does,
+/// with everything written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_founders_new_agent_joins_the_group_it_did_not_found() {
+    move_a_pod(&[3, 1, 2], 0).await;
+}
+
+/// Members 0, 1 and 2 found group db and take 20 writes; then the owner's word names
+/// `after` (member 3 among them; the first is the founder): member 3 becomes a voter
+/// with the writes, `left` leaves and deletes its state, and the group takes writes.
+async fn move_a_pod(after: &[usize], left: usize) {
     let cluster = Cluster::start(4).await;
     cluster.tell_of("db", 1, &[0, 1, 2], &[0, 1, 2]).await;
     let key = cluster.key("db");
-    let writer = cluster.groups(0).expect("running");
+    let writer = cluster.groups(1).expect("running");
     let deadline = Instant::now() + Duration::from_secs(15);
     for n in 0..20 {
         let put = Command::Put {
@@ -919,10 +936,11 @@ async fn a_moved_pod_moves_its_member_through_joint_consensus() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // db-2's pod now runs on member 3 instead of member 2.
-    cluster.tell_of("db", 2, &[0, 1, 3], &[0, 1, 2, 3]).await;
+    cluster.tell_of("db", 2, after, &[0, 1, 2, 3]).await;
     let newcomer = cluster.groups(3).expect("running");
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut wanted: Vec<PeerId> = after.iter().map(|&i| cluster.peer(i)).collect();
+    wanted.sort();
     loop {
         let state = newcomer.state(&key).map(|s| {
             s.read(|a| {
@@ -934,8 +952,6 @@ async fn a_moved_pod_moves_its_member_through_joint_consensus() {
                 (voters, a.kv.len())
             })
         });
-        let mut wanted = vec![cluster.peer(0), cluster.peer(1), cluster.peer(3)];
-        wanted.sort();
         if let Some((voters, keys)) = &state {
             let mut voters = voters.clone();
             voters.sort();
@@ -949,11 +965,14 @@ async fn a_moved_pod_moves_its_member_through_joint_consensus() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let gone = cluster.members[2].dir.join(key.dir_name());
-    let left = cluster.groups(2).expect("running");
+    let gone = cluster.members[left].dir.join(key.dir_name());
+    let leaver = cluster.groups(left).expect("running");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while left.word(&key).is_some() || gone.exists() {
-        assert!(Instant::now() < deadline, "member 2 is still in the group");
+    while leaver.word(&key).is_some() || gone.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "member {left} is still in the group"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let put = Command::Put {
@@ -965,6 +984,24 @@ async fn a_moved_pod_moves_its_member_through_joint_consensus() {
         .propose(&key, put)
         .await
         .expect("a write through the new member");
+    // The voters agree on one leader among them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let leaders: Vec<Option<PeerId>> = after
+            .iter()
+            .map(|&i| {
+                let (leader, _) = cluster.groups(i)?.leader(&key).ok()?;
+                leader
+            })
+            .collect();
+        if leaders[0].is_some_and(|l| wanted.contains(&l))
+            && leaders.iter().all(|l| *l == leaders[0])
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no leader agreed: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Percentiles of `samples` (sorted here), nearest rank.
