@@ -2140,8 +2140,9 @@ fn a_mesh_pod_reaches_a_cluster_service_through_the_node() {
         "--cluster-dns",
         &dns,
     ]);
-    cluster.mesh.start_agent(&[]);
-    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    // The Service before the pod, and seen by the node before the pod comes: its
+    // environment variables are those of the Services the node knows when it first
+    // resolves the pod (the kubelet's are those its informer has at container start).
     cluster.apply(&format!(
         r#"
 apiVersion: v1
@@ -2150,7 +2151,12 @@ metadata: {{name: in-cluster, namespace: default}}
 spec:
   clusterIP: {cluster_ip}
   ports: [{{name: http, port: {port}}}, {{name: echo, port: {echo}, protocol: UDP}}]
----
+"#
+    ));
+    cluster.mesh.start_agent(&[]);
+    cluster.wait_node_ready("beemesh", "True", Duration::from_secs(30));
+    cluster.apply(&format!(
+        r#"
 apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: default}}
