@@ -15,7 +15,7 @@ use beemesh::runtime::{
     TerminalSize, TerminationMessage,
 };
 use beemesh::wire::{Epoch, PodUid, RegistryCredential};
-use common::{free_port, require_podman, IMAGE};
+use common::{free_port, ip, require_podman, HostNetwork, IMAGE};
 
 const LABEL: &str = "io.beemesh.test";
 
@@ -903,47 +903,6 @@ async fn pods_of_one_subnet_share_the_network_made_for_it_and_a_namesake_elsewhe
     drop((first, second));
 }
 
-/// `ip <args>`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip");
-    assert!(out.status.success(), "ip {args:?}: {out:?}");
-}
-
-/// A veth pair whose first end, with `address`, is a port of `bridge`; removed when
-/// dropped.
-struct BridgePort(String);
-
-impl BridgePort {
-    fn join(bridge: &str, name: &str, address: &str) -> BridgePort {
-        let port = BridgePort(name.to_owned());
-        ip(&[
-            "link",
-            "add",
-            name,
-            "address",
-            address,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("{name}p"),
-        ]);
-        ip(&["link", "set", name, "master", bridge]);
-        port
-    }
-}
-
-impl Drop for BridgePort {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.0])
-            .output();
-    }
-}
-
 fn link_address(interface: &str) -> String {
     std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
         .expect("the interface's address")
@@ -958,10 +917,10 @@ async fn a_pod_networks_bridge_keeps_its_mac_address_when_a_lower_one_joins() {
     // lowest of its ports' addresses, so a new port can move it.
     let plain = format!("bmbr{tag}");
     ip(&["link", "add", &plain, "type", "bridge"]);
-    let _plain = BridgePort(plain.clone());
-    let _high = BridgePort::join(&plain, &format!("bmhi{tag}"), "02:00:00:00:00:50");
+    let _plain = HostNetwork(plain.clone());
+    let _high = HostNetwork::bridge_port(&plain, &format!("bmhi{tag}"), "02:00:00:00:00:50");
     assert_eq!(link_address(&plain), "02:00:00:00:00:50");
-    let _low = BridgePort::join(&plain, &format!("bmlo{tag}"), "02:00:00:00:00:01");
+    let _low = HostNetwork::bridge_port(&plain, &format!("bmlo{tag}"), "02:00:00:00:00:01");
     assert_eq!(
         link_address(&plain),
         "02:00:00:00:00:01",
@@ -990,7 +949,7 @@ async fn a_pod_networks_bridge_keeps_its_mac_address_when_a_lower_one_joins() {
     let fixed = link_address(&bridge);
     // Another pod's port, with an address lower than the first's, joins. (A frame to
     // a pod's own port's address is taken as the bridge's; to another's it is not.)
-    let _other = BridgePort::join(&bridge, &format!("bmlq{tag}"), "02:00:00:00:00:02");
+    let _other = HostNetwork::bridge_port(&bridge, &format!("bmlq{tag}"), "02:00:00:00:00:02");
     assert_eq!(link_address(&bridge), fixed);
     // The pod reaches its gateway, and so has its address in its ARP cache.
     let listener = std::net::TcpListener::bind((network.gateway, 0)).expect("listen");
@@ -1003,7 +962,12 @@ async fn a_pod_networks_bridge_keeps_its_mac_address_when_a_lower_one_joins() {
         "-c".to_owned(),
         format!("echo hi | nc -w 2 {} {port}", network.gateway),
     ];
-    let reached = |what: &str, out: beemesh::runtime::ExecOutput| {
+    let reaches_gateway = async |what: &str| {
+        let out = pod
+            .runtime
+            .exec(&id, &dial, Duration::from_secs(10))
+            .await
+            .expect("exec");
         assert_eq!(
             out.exit_code,
             0,
@@ -1011,23 +975,11 @@ async fn a_pod_networks_bridge_keeps_its_mac_address_when_a_lower_one_joins() {
             String::from_utf8_lossy(&out.output)
         );
     };
-    reached(
-        "before",
-        pod.runtime
-            .exec(&id, &dial, Duration::from_secs(10))
-            .await
-            .expect("exec"),
-    );
+    reaches_gateway("before").await;
 
     // A port with a still lower address joins: the gateway's address stays, and the
     // pod reaches it at once (had it moved: 25 s of lost packets).
-    let _lowest = BridgePort::join(&bridge, &format!("bmlp{tag}"), "02:00:00:00:00:01");
+    let _lowest = HostNetwork::bridge_port(&bridge, &format!("bmlp{tag}"), "02:00:00:00:00:01");
     assert_eq!(link_address(&bridge), fixed);
-    reached(
-        "after",
-        pod.runtime
-            .exec(&id, &dial, Duration::from_secs(10))
-            .await
-            .expect("exec"),
-    );
+    reaches_gateway("after").await;
 }

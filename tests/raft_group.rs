@@ -6,6 +6,7 @@
 //! restarted (a Jepsen-style history, checked by the WGL search in
 //! `linearizability`), and measures the group (`bench_`, run by hack/bench-raft.sh).
 
+mod common;
 mod linearizability;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use beemesh::raft::{GroupConfig, GroupKey, Groups};
 use beemesh::trust::group::{sign, Group};
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{GroupMember, PeerRef, PodRef, PodUid, SignedGroup};
+use common::ip;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use linearizability::{check, Input, Operation, Output, Verdict};
@@ -44,15 +46,6 @@ struct Host {
     namespace: String,
     ip: std::net::Ipv4Addr,
     runtime: Option<tokio::runtime::Runtime>,
-}
-
-/// `ip <args>`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip");
-    assert!(out.status.success(), "ip {args:?}: {out:?}");
 }
 
 /// `nft -f -` with `script` in network namespace `namespace`.
@@ -640,13 +633,13 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_partitioned_ki
 
 /// One copy of pod `web-0` as its agent keeps it: its lease book (an owner lease that
 /// never runs out, so only the seat decides) and the member it asks through.
-struct Copy {
+struct PodCopy {
     book: beemesh::agent::lease::LeaseBook,
     member: Groups,
 }
 
-impl Copy {
-    fn new(owner: PeerId, holder: &str, member: Groups) -> Copy {
+impl PodCopy {
+    fn new(owner: PeerId, holder: &str, member: Groups) -> PodCopy {
         use beemesh::agent::lease::{Lease, LeaseBook, SeatLease};
         let mut book = LeaseBook::default();
         book.take(
@@ -661,7 +654,7 @@ impl Copy {
                 seat: Some(SeatLease::new("default", "db", "web-0", holder.into())),
             },
         );
-        Copy { book, member }
+        PodCopy { book, member }
     }
 
     /// One turn of the agent's check: the seat attempts due, proposed and answered;
@@ -704,7 +697,7 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
     let key = cluster.key("db");
     cluster.agreed_leader("db", Duration::from_secs(15)).await;
     let owner = cluster.owner.public().to_peer_id();
-    let mut old = Copy::new(owner, "a/1", cluster.groups(0).expect("running"));
+    let mut old = PodCopy::new(owner, "a/1", cluster.groups(0).expect("running"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while old.turn(&key).await != Some(true) {
         assert!(
@@ -720,7 +713,7 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
         }
         Instant::now()
     });
-    let mut new = Copy::new(owner, "b/2", cluster.groups(1).expect("running"));
+    let mut new = PodCopy::new(owner, "b/2", cluster.groups(1).expect("running"));
     // Waiting for a held seat, as a new copy does.
     for _ in 0..20 {
         assert_ne!(

@@ -667,22 +667,22 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A veth pair whose first end holds `address` (a network the host reaches, or with
-/// a /32 an address of the host's own), made by the test; removed when dropped.
+/// `ip <args>`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A veth pair on the host, made by the test; removed when dropped.
 pub struct HostNetwork(pub String);
 
 impl HostNetwork {
+    /// One whose first end holds `address` (a network the host reaches, or with a /32
+    /// an address of the host's own).
     pub fn up(address: &str) -> HostNetwork {
         static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
         let name = format!("bmt{}x{made}", std::process::id() % 10_000);
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip");
-            assert!(out.status.success(), "ip {args:?}: {out:?}");
-        };
         let peer = format!("{name}p");
         ip(&["link", "add", &name, "type", "veth", "peer", "name", &peer]);
         let network = HostNetwork(name.clone());
@@ -690,6 +690,18 @@ impl HostNetwork {
         ip(&["link", "set", &name, "up"]);
         ip(&["link", "set", &peer, "up"]);
         network
+    }
+
+    /// One named `name` whose first end, with hardware address `mac`, is a port of
+    /// `bridge`.
+    pub fn bridge_port(bridge: &str, name: &str, mac: &str) -> HostNetwork {
+        let peer = format!("{name}p");
+        ip(&[
+            "link", "add", name, "address", mac, "type", "veth", "peer", "name", &peer,
+        ]);
+        let port = HostNetwork(name.to_owned());
+        ip(&["link", "set", name, "master", bridge]);
+        port
     }
 }
 
