@@ -306,15 +306,29 @@ impl Cluster {
 
     /// The owner's word on group `name`: each of `members` runs its pod `<name>-<i>`.
     fn word_of(&self, name: &str, version: u64, members: &[usize]) -> SignedGroup {
-        let founder = members.first().map(|&i| self.peer(i));
-        let members = members
+        self.word_placing(name, version, &Self::own_pods(name, members))
+    }
+
+    /// Each of `members` with its pod `<name>-<i>`.
+    fn own_pods(name: &str, members: &[usize]) -> Vec<(usize, String)> {
+        members
             .iter()
-            .map(|&i| GroupMember {
-                agent: PeerRef(self.peer(i)),
+            .map(|&i| (i, format!("{name}-{i}")))
+            .collect()
+    }
+
+    /// The owner's word on group `name`: member `i` runs pod `pod` for each `(i, pod)`
+    /// of `pods`, the first one founds it.
+    fn word_placing(&self, name: &str, version: u64, pods: &[(usize, String)]) -> SignedGroup {
+        let founder = pods.first().map(|&(i, _)| self.peer(i));
+        let members = pods
+            .iter()
+            .map(|(i, pod)| GroupMember {
+                agent: PeerRef(self.peer(*i)),
                 pod: PodRef {
-                    uid: PodUid(format!("uid-{name}-{i}")),
+                    uid: PodUid(format!("uid-{pod}-on-{i}")),
                     namespace: "default".into(),
-                    name: format!("{name}-{i}"),
+                    name: pod.clone(),
                 },
             })
             .collect();
@@ -348,7 +362,14 @@ impl Cluster {
     /// Tells the running members `to` the word `version` naming `members`, whose
     /// pods run on them.
     async fn tell_of(&self, name: &str, version: u64, members: &[usize], to: &[usize]) {
-        let word = self.word_of(name, version, members);
+        self.tell_placing(name, version, &Self::own_pods(name, members), to)
+            .await;
+    }
+
+    /// Tells the running members `to` the word `version` placing `pods`, which run on
+    /// them.
+    async fn tell_placing(&self, name: &str, version: u64, pods: &[(usize, String)], to: &[usize]) {
+        let word = self.word_placing(name, version, pods);
         let owner = self.owner.public().to_peer_id();
         for member in &word.members {
             let i = (0..self.members.len()).find(|&i| self.peer(i) == member.agent.0);
@@ -631,19 +652,22 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_partitioned_ki
     ));
 }
 
-/// One copy of pod `web-0` as its agent keeps it: its lease book (an owner lease that
-/// never runs out, so only the seat decides) and the member it asks through.
+/// One copy of pod `db-0` as its agent keeps it: its lease book (an owner lease that
+/// never runs out, so only the seat decides) and the member it asks through, whose
+/// agent runs the copy.
 struct PodCopy {
     book: beemesh::agent::lease::LeaseBook,
     member: Groups,
+    holder: String,
 }
 
 impl PodCopy {
-    fn new(owner: PeerId, holder: &str, member: Groups) -> PodCopy {
+    fn new(owner: PeerId, epoch: u64, member: Groups) -> PodCopy {
         use beemesh::agent::lease::{Lease, LeaseBook, SeatLease};
+        let holder = format!("{}/{epoch}", member.me());
         let mut book = LeaseBook::default();
         book.take(
-            PodUid("web-0".into()),
+            PodUid("db-0".into()),
             Lease {
                 owner: PeerRef(owner),
                 epoch: beemesh::wire::Epoch(1),
@@ -651,10 +675,14 @@ impl PodCopy {
                 expires_at_ms: u64::MAX / 2,
                 grace_ms: 0,
                 fenced: false,
-                seat: Some(SeatLease::new("default", "db", "web-0", holder.into())),
+                seat: Some(SeatLease::new("default", "db", "db-0", holder.clone())),
             },
         );
-        PodCopy { book, member }
+        PodCopy {
+            book,
+            member,
+            holder,
+        }
     }
 
     /// One turn of the agent's check: the seat attempts due, proposed and answered;
@@ -686,18 +714,22 @@ impl PodCopy {
     }
 }
 
-/// Seats across a real partition: the copy that holds web-0's seat is cut off with its
-/// member. The copy on the other side gets the seat only after the cut-off copy's seat
+/// Seats across a real partition: the copy that holds db-0's seat is cut off with its
+/// member (the owner placed db-0 on two agents, as while a deleted pod's copy is still
+/// stopping and its replacement starts). The copy on the other side gets the seat only after the cut-off copy's seat
 /// ran out and it stopped, so the two never run at once; reconnected, the group tells
 /// the old holder the seat is another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
     let cluster = Cluster::start_partitionable(3).await;
-    cluster.tell("db").await;
+    let mut pods = Cluster::own_pods("db", &[0, 1, 2]);
+    pods.push((1, "db-0".into()));
+    cluster.tell_placing("db", 1, &pods, &[0, 1, 2]).await;
     let key = cluster.key("db");
     cluster.agreed_leader("db", Duration::from_secs(15)).await;
     let owner = cluster.owner.public().to_peer_id();
-    let mut old = PodCopy::new(owner, "a/1", cluster.groups(0).expect("running"));
+    let mut old = PodCopy::new(owner, 1, cluster.groups(0).expect("running"));
+    let (old_holder, new_holder) = (old.holder.clone(), format!("{}/2", cluster.peer(1)));
     let deadline = Instant::now() + Duration::from_secs(15);
     while old.turn(&key).await != Some(true) {
         assert!(
@@ -713,7 +745,7 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
         }
         Instant::now()
     });
-    let mut new = PodCopy::new(owner, "b/2", cluster.groups(1).expect("running"));
+    let mut new = PodCopy::new(owner, 2, cluster.groups(1).expect("running"));
     // Waiting for a held seat, as a new copy does.
     for _ in 0..20 {
         assert_ne!(
@@ -742,8 +774,8 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
     // The old holder, reconnected, cannot renew: the seat is the new copy's.
     let deadline = Instant::now() + Duration::from_secs(30);
     let renewal = Command::Seat {
-        pod: "web-0".into(),
-        holder: "a/1".into(),
+        pod: "db-0".into(),
+        holder: old_holder,
         expect: 0,
     };
     loop {
@@ -754,7 +786,7 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
             .await
         {
             Ok((_, Outcome::SeatTaken { holder, .. })) => {
-                assert_eq!(holder, "b/2");
+                assert_eq!(holder, new_holder);
                 break;
             }
             other => {
@@ -763,6 +795,105 @@ async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
             }
         }
     }
+}
+
+/// A member is trusted with its own pods only: through the leader (a real peer, as the
+/// group's other member), it cannot take the seat of a pod the owner placed elsewhere,
+/// take it in another agent's name, give back another agent's seat or take a lock for
+/// another agent's pod; the seat stays its holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_seat_unseat_or_lock_for_another_agents_pod() {
+    let cluster = Cluster::start(3).await;
+    cluster.tell("db").await;
+    let key = cluster.key("db");
+    let leader = cluster.agreed_leader("db", Duration::from_secs(15)).await;
+    let leader = (0..3)
+        .find(|&i| cluster.peer(i) == leader)
+        .expect("a member");
+    // The member that tries is not the leader, so its calls cross the mesh.
+    let (victim, intruder) = match leader {
+        0 => (0, 1),
+        _ => (leader, 3 - leader),
+    };
+    let victims_pod = format!("db-{victim}");
+    let victims_copy = format!("{}/1", cluster.peer(victim));
+    let own = cluster.groups(victim).expect("running");
+    let seated = own
+        .propose(
+            &key,
+            Command::Seat {
+                pod: victims_pod.clone(),
+                holder: victims_copy.clone(),
+                expect: 0,
+            },
+        )
+        .await;
+    assert!(
+        matches!(seated, Ok((_, Outcome::Seated { .. }))),
+        "{seated:?}"
+    );
+    let intruding = cluster.groups(intruder).expect("running");
+    let tries = [
+        (
+            Command::Seat {
+                pod: victims_pod.clone(),
+                holder: format!("{}/1", cluster.peer(intruder)),
+                expect: 0,
+            },
+            "placed no such pod",
+        ),
+        (
+            Command::Seat {
+                pod: victims_pod.clone(),
+                holder: victims_copy.clone(),
+                expect: 1,
+            },
+            "not a copy of its own",
+        ),
+        (
+            Command::Unseat {
+                pod: victims_pod.clone(),
+                holder: victims_copy.clone(),
+            },
+            "not a copy of its own",
+        ),
+        (
+            Command::Lock {
+                name: "primary".into(),
+                holder: victims_pod.clone(),
+                lease_ms: 60_000,
+                now_ms: 0,
+            },
+            "placed no such pod",
+        ),
+    ];
+    for (command, why) in tries {
+        let refused = intruding.propose(&key, command.clone()).await;
+        assert!(
+            matches!(&refused, Err(ServiceError::Failed(message)) if message.contains(why)),
+            "{command:?}: {refused:?}"
+        );
+    }
+    let holder = own
+        .state(&key)
+        .expect("a member")
+        .read(|applied| applied.kv.seat_of(&victims_pod).map(|s| s.holder.clone()));
+    assert_eq!(holder, Some(victims_copy));
+    // Its own pod's seat it takes.
+    let own_seat = intruding
+        .propose(
+            &key,
+            Command::Seat {
+                pod: format!("db-{intruder}"),
+                holder: format!("{}/1", cluster.peer(intruder)),
+                expect: 0,
+            },
+        )
+        .await;
+    assert!(
+        matches!(own_seat, Ok((_, Outcome::Seated { .. }))),
+        "{own_seat:?}"
+    );
 }
 
 /// A peer that reaches the members but is named in no word: its Raft calls are

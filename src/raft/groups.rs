@@ -715,7 +715,9 @@ impl Groups {
             let metrics = group.raft.metrics().borrow().clone();
             let leader = metrics.current_leader;
             let reply = match leader {
-                Some(id) if id == me => Some(serve_locally(group, call.clone().into()).await),
+                Some(id) if id == me => {
+                    Some(serve_locally(group, call.clone().into(), &self.inner.me).await)
+                }
                 Some(id) => {
                     let peer = metrics
                         .membership_config
@@ -866,7 +868,7 @@ impl Groups {
         let key = frame.group();
         let group = self.group(&key).filter(|g| g.names(&peer));
         let reply = match group {
-            Some(group) => serve_locally(&group, frame.call).await,
+            Some(group) => serve_locally(&group, frame.call, &peer).await,
             None => {
                 self.refuse(peer, &format!("not a member of group {key}"));
                 Reply::Refused {
@@ -910,8 +912,47 @@ impl From<Forward> for Call {
     }
 }
 
-/// Serves a call on this member.
-async fn serve_locally(group: &Group, call: Call) -> Reply {
+/// Whether the owner's word lets agent `caller` propose `command`: a pod's seat is
+/// taken or renewed only by an agent the word places that pod on, for a copy of its
+/// own, and given back only by the copy's agent; a lock is taken or given back only
+/// for a pod the word places on the caller. Any member can write keys: they are its
+/// pods' shared data.
+fn admits(word: &SignedGroup, caller: &PeerId, command: &Command) -> Result<(), String> {
+    let places = |pod: &str| {
+        word.members
+            .iter()
+            .any(|m| m.agent.0 == *caller && m.pod.name == pod)
+    };
+    let own_copy = |holder: &str| {
+        holder
+            .strip_prefix(&caller.to_string())
+            .is_some_and(|epoch| epoch.starts_with('/'))
+    };
+    match command {
+        Command::Put { .. } | Command::Delete { .. } => Ok(()),
+        Command::Seat { holder, .. } if !own_copy(holder) => Err(format!(
+            "agent {caller} cannot seat {holder}: not a copy of its own"
+        )),
+        Command::Seat { pod, .. } if !places(pod) => Err(format!(
+            "agent {caller} cannot seat pod {pod}: the owner placed no such pod there"
+        )),
+        Command::Unseat { holder, .. } if !own_copy(holder) => Err(format!(
+            "agent {caller} cannot give back the seat of {holder}: not a copy of its own"
+        )),
+        Command::Lock { holder, .. } | Command::Unlock { holder, .. } if !places(holder) => {
+            Err(format!(
+                "agent {caller} cannot lock for pod {holder}: the owner placed no such pod there"
+            ))
+        }
+        Command::Seat { .. }
+        | Command::Unseat { .. }
+        | Command::Lock { .. }
+        | Command::Unlock { .. } => Ok(()),
+    }
+}
+
+/// Serves a call on this member, from agent `caller` (this one for its own pods').
+async fn serve_locally(group: &Group, call: Call, caller: &PeerId) -> Reply {
     match call {
         Call::AppendEntries(rpc) => Reply::AppendEntries(group.raft.append_entries(rpc).await),
         Call::Vote(rpc) => Reply::Vote(group.raft.vote(rpc).await),
@@ -937,6 +978,10 @@ async fn serve_locally(group: &Group, call: Call) -> Reply {
                 return Reply::Proposed(Err(ServeError::Failed {
                     message: e.to_string(),
                 }));
+            }
+            if let Err(message) = admits(&group.word(), caller, &command) {
+                tracing::warn!(group = %group.key, %message, "refused a member's write");
+                return Reply::Proposed(Err(ServeError::Failed { message }));
             }
             // Only a write never proposed may be tried again elsewhere: one this
             // member proposed and then lost the lead over may still be committed.
@@ -983,6 +1028,70 @@ async fn serve_locally(group: &Group, call: Call) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{GroupMember, PeerRef};
+
+    #[test]
+    fn only_the_agent_a_pod_is_placed_on_takes_its_seat_or_lock_and_only_for_its_own_copy() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let member = |agent: PeerId, name: &str| GroupMember {
+            agent: PeerRef(agent),
+            pod: PodRef {
+                uid: PodUid(format!("uid-{name}")),
+                namespace: "default".into(),
+                name: name.into(),
+            },
+        };
+        let word = SignedGroup {
+            owner: PeerRef(PeerId::random()),
+            namespace: "default".into(),
+            name: "db".into(),
+            version: 1,
+            founder: Some(PeerRef(a)),
+            members: vec![member(a, "db-0"), member(b, "db-1")],
+            signature: String::new(),
+        };
+        let seat = |pod: &str, holder: String| Command::Seat {
+            pod: pod.into(),
+            holder,
+            expect: 0,
+        };
+        let lock = |holder: &str| Command::Lock {
+            name: "l".into(),
+            holder: holder.into(),
+            lease_ms: 1000,
+            now_ms: 0,
+        };
+        let unlock = |holder: &str| Command::Unlock {
+            name: "l".into(),
+            holder: holder.into(),
+            token: 1,
+        };
+        let unseat = |holder: String| Command::Unseat {
+            pod: "db-0".into(),
+            holder,
+        };
+        assert_eq!(admits(&word, &a, &seat("db-0", format!("{a}/3"))), Ok(()));
+        assert_eq!(admits(&word, &a, &unseat(format!("{a}/3"))), Ok(()));
+        assert_eq!(admits(&word, &a, &lock("db-0")), Ok(()));
+        assert_eq!(admits(&word, &a, &unlock("db-0")), Ok(()));
+        // b runs db-1, not db-0: it seats and locks for db-0 in no one's name.
+        let refused = admits(&word, &b, &seat("db-0", format!("{b}/1"))).unwrap_err();
+        assert!(refused.contains("placed no such pod"), "{refused}");
+        let refused = admits(&word, &b, &seat("db-1", format!("{a}/3"))).unwrap_err();
+        assert!(refused.contains("not a copy of its own"), "{refused}");
+        assert!(admits(&word, &b, &seat("db-1", format!("{a}"))).is_err());
+        assert!(admits(&word, &b, &seat("db-1", format!("{b}x/1"))).is_err());
+        assert!(admits(&word, &b, &unseat(format!("{a}/3"))).is_err());
+        assert!(admits(&word, &b, &lock("db-0")).is_err());
+        assert!(admits(&word, &b, &unlock("db-0")).is_err());
+        // Keys are the pods' shared data.
+        let put = Command::Put {
+            key: "k".into(),
+            value: "v".into(),
+            expect: None,
+        };
+        assert_eq!(admits(&word, &b, &put), Ok(()));
+    }
 
     #[test]
     fn a_member_is_ready_as_a_voter_of_a_group_with_a_leader() {
