@@ -123,6 +123,9 @@ struct State {
 struct Written {
     generation: u64,
     outcome: Result<(), String>,
+    /// The redirects the table holds; None while that is not known (nothing written
+    /// yet, or a write failed), when the next write replaces the table.
+    redirects: Option<HashMap<PodUid, nft::Redirect>>,
 }
 
 #[derive(Clone, Copy)]
@@ -145,6 +148,7 @@ impl Egress {
             written: Arc::new(Mutex::new(Written {
                 generation: 0,
                 outcome: Ok(()),
+                redirects: None,
             })),
             sources: Arc::default(),
             table: nft::table_name(&mesh.local_peer_id().to_string()),
@@ -206,8 +210,10 @@ impl Egress {
     /// Removes the agent's table: at start, what a crashed run left (the pods adopted
     /// are admitted again).
     pub async fn clear(&self) -> Result<(), EgressError> {
-        let _written = self.written.lock().await;
-        run_nft(&nft::delete_table(&self.table)).await
+        let mut written = self.written.lock().await;
+        let outcome = run_nft(&nft::delete_table(&self.table)).await;
+        written.redirects = outcome.is_ok().then(HashMap::new);
+        outcome
     }
 
     /// Stops the proxies and removes the table, since no proxy answers any more.
@@ -225,38 +231,65 @@ impl Egress {
     /// Writes the table as the state is now, unless a write from `generation` or later
     /// already did: one `nft` at a time, and the changes that queue up meanwhile go in
     /// the next write together (a burst of pods costs a few writes, not one each).
+    /// Pods added to a table that holds rules have their rules added to it; anything
+    /// else replaces the table. Removing rules or declaring the chain makes the kernel
+    /// wait (about 15 ms here, against 3 ms for adding rules): a wait kept off the way
+    /// to a new pod's start but the first.
     async fn write_table(&self, generation: u64) -> Result<(), EgressError> {
         let mut written = self.written.lock().await;
         if written.generation >= generation {
             return written.outcome.clone().map_err(EgressError::Rules);
         }
-        let (script, now) = {
+        let (wanted, now) = {
             let state = self.state.lock().await;
-            (self.script(&state), state.generation)
+            (self.redirects(&state), state.generation)
         };
-        let outcome = run_nft(&script).await;
+        let outcome = match &written.redirects {
+            Some(known) if *known == wanted => Ok(()),
+            Some(known)
+                if !known.is_empty() && known.iter().all(|(uid, r)| wanted.get(uid) == Some(r)) =>
+            {
+                let added = wanted
+                    .iter()
+                    .filter(|(uid, _)| !known.contains_key(*uid))
+                    .map(|(_, r)| r);
+                match run_nft(&nft::add_rules(&self.table, added)).await {
+                    Ok(()) => Ok(()),
+                    // The table is not as written (removed by hand, say): replaced.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot add to the agent's cluster redirects; replacing them");
+                        run_nft(&nft::replace_table(&self.table, wanted.values())).await
+                    }
+                }
+            }
+            _ => run_nft(&nft::replace_table(&self.table, wanted.values())).await,
+        };
         written.generation = now;
         written.outcome = outcome.as_ref().map(|_| ()).map_err(ToString::to_string);
+        written.redirects = outcome.is_ok().then_some(wanted);
         outcome
     }
 
-    fn script(&self, state: &State) -> String {
-        let redirects: Vec<nft::Redirect> = state
+    /// Each admitted pod's redirects.
+    fn redirects(&self, state: &State) -> HashMap<PodUid, nft::Redirect> {
+        state
             .pods
-            .values()
-            .filter_map(|pod| {
+            .iter()
+            .filter_map(|(uid, pod)| {
                 let relays = state.relays.get(&pod.subnet)?;
-                Some(nft::Redirect {
-                    pod_ip: pod.ip,
-                    pod_mac: pod.mac,
-                    ranges: pod.ranges.clone(),
-                    proxy: relays.proxy,
-                    udp_proxy: relays.udp,
-                    dns: pod.dns.then_some(relays.dns),
-                })
+                Some((
+                    uid.clone(),
+                    nft::Redirect {
+                        pod_ip: pod.ip,
+                        pod_mac: pod.mac,
+                        ranges: pod.ranges.clone(),
+                        proxy: relays.proxy,
+                        udp_proxy: relays.udp,
+                        dns: pod.dns.then_some(relays.dns),
+                    },
+                ))
             })
-            .collect();
-        nft::replace_table(&self.table, &redirects)
+            .collect()
     }
 
     /// The relays on the network's gateway address, which exists once the runtime has

@@ -33,6 +33,9 @@ pub struct DnsRelays {
     pub tcp: SocketAddrV4,
 }
 
+/// The chain of the agent's table that holds the redirects.
+const CHAIN: &str = "cluster_egress";
+
 /// The agent's table name: one per agent, as several may share a host.
 pub fn table_name(agent: &str) -> String {
     let tail: String = agent
@@ -49,23 +52,33 @@ pub fn table_name(agent: &str) -> String {
 
 /// An `nft -f` script that replaces the table with one holding `redirects`, in one
 /// transaction (the table is made first so that deleting it cannot fail).
-pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
+pub fn replace_table<'a>(table: &str, redirects: impl IntoIterator<Item = &'a Redirect>) -> String {
+    let mut redirects = redirects.into_iter().peekable();
     let mut script = format!("table ip {table}\ndelete table ip {table}\n");
-    if redirects.is_empty() {
-        return script;
+    if redirects.peek().is_some() {
+        // Before the runtime's own DNAT (iptables' nat PREROUTING, priority dstnat):
+        // the first NAT of a connection is the one that holds.
+        let _ = writeln!(
+            script,
+            "table ip {table} {{\n  chain {CHAIN} {{\n    type nat hook prerouting priority dstnat - 10; policy accept;\n  }}\n}}"
+        );
+        script.push_str(&add_rules(table, redirects));
     }
-    let _ = writeln!(script, "table ip {table} {{");
-    // Before the runtime's own DNAT (iptables' nat PREROUTING, priority dstnat): the
-    // first NAT of a connection is the one that holds.
-    script.push_str("  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n");
+    script
+}
+
+/// An `nft -f` script that adds the rules of `redirects` to the table's chain, which
+/// must exist; the rules it holds stay.
+pub fn add_rules<'a>(table: &str, redirects: impl IntoIterator<Item = &'a Redirect>) -> String {
+    let mut script = String::new();
     for redirect in redirects {
-        let source = source(redirect);
+        let rule = format!("add rule ip {table} {CHAIN} {}", source(redirect));
         if !redirect.ranges.is_empty() {
             let ranges: Vec<String> = redirect.ranges.iter().map(ToString::to_string).collect();
             for (protocol, proxy) in [("tcp", redirect.proxy), ("udp", redirect.udp_proxy)] {
                 let _ = writeln!(
                     script,
-                    "    {source} ip daddr {{ {} }} meta l4proto {protocol} dnat to {proxy}",
+                    "{rule} ip daddr {{ {} }} meta l4proto {protocol} dnat to {proxy}",
                     ranges.join(", "),
                 );
             }
@@ -74,13 +87,12 @@ pub fn replace_table(table: &str, redirects: &[Redirect]) -> String {
             for (protocol, relay) in [("udp", dns.udp), ("tcp", dns.tcp)] {
                 let _ = writeln!(
                     script,
-                    "    {source} ip daddr {} {protocol} dport 53 dnat to {relay}",
+                    "{rule} ip daddr {} {protocol} dport 53 dnat to {relay}",
                     relay.ip(),
                 );
             }
         }
     }
-    script.push_str("  }\n}\n");
     script
 }
 
@@ -94,7 +106,7 @@ fn source(redirect: &Redirect) -> String {
 
 /// An `nft -f` script that removes the table.
 pub fn delete_table(table: &str) -> String {
-    replace_table(table, &[])
+    replace_table(table, [])
 }
 
 #[cfg(test)]
@@ -119,25 +131,28 @@ mod tests {
             udp_proxy: "10.64.0.1:40009".parse().expect("addr"),
             dns: None,
         };
-        let script = replace_table(
-            "beemesh_x",
-            &[
-                redirect("10.64.0.5", "10.64.0.1:40001"),
-                Redirect {
-                    udp_proxy: "10.64.1.1:40010".parse().expect("addr"),
-                    dns: Some(DnsRelays {
-                        udp: "10.64.1.1:40003".parse().expect("addr"),
-                        tcp: "10.64.1.1:40004".parse().expect("addr"),
-                    }),
-                    pod_mac: Some("0a:58:0A:40:01:09".parse().expect("mac")),
-                    ..redirect("10.64.1.9", "10.64.1.1:40002")
-                },
-            ],
-        );
+        let redirects = [
+            redirect("10.64.0.5", "10.64.0.1:40001"),
+            Redirect {
+                udp_proxy: "10.64.1.1:40010".parse().expect("addr"),
+                dns: Some(DnsRelays {
+                    udp: "10.64.1.1:40003".parse().expect("addr"),
+                    tcp: "10.64.1.1:40004".parse().expect("addr"),
+                }),
+                pod_mac: Some("0a:58:0A:40:01:09".parse().expect("mac")),
+                ..redirect("10.64.1.9", "10.64.1.1:40002")
+            },
+        ];
+        let script = replace_table("beemesh_x", &redirects);
+        let chain = "table ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n  }\n}\n";
+        let first = "add rule ip beemesh_x cluster_egress ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\nadd rule ip beemesh_x cluster_egress ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.0.1:40009\n";
+        let second = "add rule ip beemesh_x cluster_egress ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\nadd rule ip beemesh_x cluster_egress ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.1.1:40010\nadd rule ip beemesh_x cluster_egress ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\nadd rule ip beemesh_x cluster_egress ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 tcp dport 53 dnat to 10.64.1.1:40004\n";
         assert_eq!(
             script,
-            "table ip beemesh_x\ndelete table ip beemesh_x\ntable ip beemesh_x {\n  chain cluster_egress {\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.0.1:40001\n    ip saddr 10.64.0.5 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.0.1:40009\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto tcp dnat to 10.64.1.1:40002\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr { 10.43.0.0/16 } meta l4proto udp dnat to 10.64.1.1:40010\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 udp dport 53 dnat to 10.64.1.1:40003\n    ether saddr 0a:58:0a:40:01:09 ip saddr 10.64.1.9 ip daddr 10.64.1.1 tcp dport 53 dnat to 10.64.1.1:40004\n  }\n}\n"
+            format!("table ip beemesh_x\ndelete table ip beemesh_x\n{chain}{first}{second}")
         );
+        // A new pod's rules go into the table as it is: nothing is removed.
+        assert_eq!(add_rules("beemesh_x", &redirects[1..]), second);
         assert_eq!(
             delete_table("beemesh_x"),
             "table ip beemesh_x\ndelete table ip beemesh_x\n"
