@@ -116,8 +116,8 @@ if [ "$mode" != local ]; then
 else
   if [ -z "$binary" ]; then
     command -v cargo >/dev/null 2>&1 || die "cargo is not installed; build the binary elsewhere and pass --binary PATH"
-    cargo build --release --locked
-    binary=${CARGO_TARGET_DIR:-target}/release/beemesh
+    cargo build --profile dist --locked
+    binary=${CARGO_TARGET_DIR:-target}/dist/beemesh
   fi
   if [ ! -f "$binary" ] || [ ! -x "$binary" ]; then
     die "$binary is not an executable file"

@@ -11,8 +11,8 @@
 #                          NOTES): written into the env file (made 0600), and removed
 #                          from it once the agent has joined and pinned the node
 #   --binary PATH          the beemesh binary to install (default:
-#                          ${CARGO_TARGET_DIR:-target}/release/beemesh, built with
-#                          cargo if absent)
+#                          ${CARGO_TARGET_DIR:-target}/dist/beemesh, built with
+#                          cargo --profile dist if absent)
 #   --root DIR             install into the tree under DIR instead of / (for testing or
 #                          image building): no Podman, no systemctl
 #
@@ -113,11 +113,11 @@ else
 fi
 
 if [ -z "$binary" ]; then
-  binary=${CARGO_TARGET_DIR:-$repo/target}/release/beemesh
+  binary=${CARGO_TARGET_DIR:-$repo/target}/dist/beemesh
   if [ ! -e "$binary" ]; then
     command -v cargo >/dev/null 2>&1 || die "$binary is absent and cargo is not installed: build it elsewhere and pass --binary PATH"
     echo "building $binary"
-    (cd "$repo" && cargo build --release --locked)
+    (cd "$repo" && cargo build --profile dist --locked)
   fi
 fi
 if [ ! -f "$binary" ] || [ ! -x "$binary" ]; then
