@@ -359,7 +359,7 @@ impl Agent {
         mut events: MeshEvents,
         cancel: CancellationToken,
     ) -> Result<(), AgentError> {
-        if let Err(e) = self.worker_ctx.egress.clear().await {
+        if let Err(e) = self.worker_ctx.egress.reset().await {
             tracing::warn!(error = %e, "cannot set up cluster redirects: mesh pods cannot reach their clusters' Services");
         }
         self.adopt().await?;

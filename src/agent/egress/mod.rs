@@ -207,11 +207,11 @@ impl Egress {
         }
     }
 
-    /// Removes the agent's table: at start, what a crashed run left (the pods adopted
-    /// are admitted again).
-    pub async fn clear(&self) -> Result<(), EgressError> {
+    /// Empties the agent's table, made if missing: what a crashed run left goes (the
+    /// pods adopted are admitted again), and its chain is there before the first pod.
+    pub async fn reset(&self) -> Result<(), EgressError> {
         let mut written = self.written.lock().await;
-        let outcome = run_nft(&nft::delete_table(&self.table)).await;
+        let outcome = run_nft(&nft::replace_table(&self.table, [])).await;
         written.redirects = outcome.is_ok().then(HashMap::new);
         outcome
     }
@@ -219,7 +219,9 @@ impl Egress {
     /// Stops the proxies and removes the table, since no proxy answers any more.
     pub async fn stop(&self) {
         self.cancel.cancel();
-        if let Err(e) = self.clear().await {
+        let mut written = self.written.lock().await;
+        written.redirects = None;
+        if let Err(e) = run_nft(&nft::delete_table(&self.table)).await {
             tracing::warn!(error = %e, "cannot remove the agent's cluster redirects");
         }
     }
@@ -231,10 +233,10 @@ impl Egress {
     /// Writes the table as the state is now, unless a write from `generation` or later
     /// already did: one `nft` at a time, and the changes that queue up meanwhile go in
     /// the next write together (a burst of pods costs a few writes, not one each).
-    /// Pods added to a table that holds rules have their rules added to it; anything
-    /// else replaces the table. Removing rules or declaring the chain makes the kernel
-    /// wait (about 15 ms here, against 3 ms for adding rules): a wait kept off the way
-    /// to a new pod's start but the first.
+    /// Added pods have their rules added to the table as written; anything else
+    /// replaces the table. Removing rules or declaring the chain makes the kernel wait
+    /// (about 15 ms here, against 3 ms for adding rules): a wait kept off the way to a
+    /// new pod's start.
     async fn write_table(&self, generation: u64) -> Result<(), EgressError> {
         let mut written = self.written.lock().await;
         if written.generation >= generation {
@@ -246,9 +248,7 @@ impl Egress {
         };
         let outcome = match &written.redirects {
             Some(known) if *known == wanted => Ok(()),
-            Some(known)
-                if !known.is_empty() && known.iter().all(|(uid, r)| wanted.get(uid) == Some(r)) =>
-            {
+            Some(known) if known.iter().all(|(uid, r)| wanted.get(uid) == Some(r)) => {
                 let added = wanted
                     .iter()
                     .filter(|(uid, _)| !known.contains_key(*uid))

@@ -50,20 +50,17 @@ pub fn table_name(agent: &str) -> String {
     format!("beemesh_{tail}")
 }
 
-/// An `nft -f` script that replaces the table with one holding `redirects`, in one
-/// transaction (the table is made first so that deleting it cannot fail).
+/// An `nft -f` script that replaces the table with one whose chain holds
+/// `redirects`, in one transaction.
 pub fn replace_table<'a>(table: &str, redirects: impl IntoIterator<Item = &'a Redirect>) -> String {
-    let mut redirects = redirects.into_iter().peekable();
-    let mut script = format!("table ip {table}\ndelete table ip {table}\n");
-    if redirects.peek().is_some() {
-        // Before the runtime's own DNAT (iptables' nat PREROUTING, priority dstnat):
-        // the first NAT of a connection is the one that holds.
-        let _ = writeln!(
-            script,
-            "table ip {table} {{\n  chain {CHAIN} {{\n    type nat hook prerouting priority dstnat - 10; policy accept;\n  }}\n}}"
-        );
-        script.push_str(&add_rules(table, redirects));
-    }
+    let mut script = delete_table(table);
+    // Before the runtime's own DNAT (iptables' nat PREROUTING, priority dstnat): the
+    // first NAT of a connection is the one that holds.
+    let _ = writeln!(
+        script,
+        "table ip {table} {{\n  chain {CHAIN} {{\n    type nat hook prerouting priority dstnat - 10; policy accept;\n  }}\n}}"
+    );
+    script.push_str(&add_rules(table, redirects));
     script
 }
 
@@ -106,7 +103,8 @@ fn source(redirect: &Redirect) -> String {
 
 /// An `nft -f` script that removes the table.
 pub fn delete_table(table: &str) -> String {
-    replace_table(table, [])
+    // Made first, so that deleting it cannot fail.
+    format!("table ip {table}\ndelete table ip {table}\n")
 }
 
 #[cfg(test)]
@@ -153,6 +151,11 @@ mod tests {
         );
         // A new pod's rules go into the table as it is: nothing is removed.
         assert_eq!(add_rules("beemesh_x", &redirects[1..]), second);
+        // The agent starts with its chain made and empty.
+        assert_eq!(
+            replace_table("beemesh_x", []),
+            format!("table ip beemesh_x\ndelete table ip beemesh_x\n{chain}")
+        );
         assert_eq!(
             delete_table("beemesh_x"),
             "table ip beemesh_x\ndelete table ip beemesh_x\n"
