@@ -1672,7 +1672,7 @@ impl Agent {
 /// The seat a strict pod of a stateful workload needs in its group, for this copy.
 fn seat_of(pod: &Pod, pod_ref: &PodRef, agent: PeerId, epoch: Epoch) -> Option<SeatLease> {
     let group = crate::raft::group_of(pod).ok()??;
-    let holder = format!("{agent}/{epoch}");
+    let holder = crate::raft::kv::seat_holder(agent, epoch);
     Some(SeatLease::new(
         &pod_ref.namespace,
         &group,

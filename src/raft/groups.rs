@@ -15,7 +15,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 use super::api;
-use super::kv::{Command, Outcome};
+use super::kv::{is_copy_on, Command, Outcome};
 use super::rpc::{self, Call, CallFrame, Read, ReadResult, Reply, ServeError, MAX_FRAME_BYTES};
 use super::store::{LogStore, SharedState, StateMachine, MAX_SNAPSHOT_BYTES};
 use super::{members_of, node_id, peer_of, GroupKey, NodeId, Raft};
@@ -923,11 +923,7 @@ fn admits(word: &SignedGroup, caller: &PeerId, command: &Command) -> Result<(), 
             .iter()
             .any(|m| m.agent.0 == *caller && m.pod.name == pod)
     };
-    let own_copy = |holder: &str| {
-        holder
-            .strip_prefix(&caller.to_string())
-            .is_some_and(|epoch| epoch.starts_with('/'))
-    };
+    let own_copy = |holder: &str| is_copy_on(holder, caller);
     match command {
         Command::Put { .. } | Command::Delete { .. } => Ok(()),
         Command::Seat { holder, .. } if !own_copy(holder) => Err(format!(
@@ -979,7 +975,7 @@ async fn serve_locally(group: &Group, call: Call, caller: &PeerId) -> Reply {
                     message: e.to_string(),
                 }));
             }
-            if let Err(message) = admits(&group.word(), caller, &command) {
+            if let Err(message) = admits(&locked(&group.word), caller, &command) {
                 tracing::warn!(group = %group.key, %message, "refused a member's write");
                 return Reply::Proposed(Err(ServeError::Failed { message }));
             }

@@ -85,6 +85,18 @@ pub enum Command {
     Unseat { pod: String, holder: String },
 }
 
+/// The seat holder that names copy `epoch` of a pod on `agent`.
+pub fn seat_holder(agent: impl std::fmt::Display, epoch: impl std::fmt::Display) -> String {
+    format!("{agent}/{epoch}")
+}
+
+/// Whether seat holder `holder` names a copy on `agent`.
+pub fn is_copy_on(holder: &str, agent: impl std::fmt::Display) -> bool {
+    holder
+        .strip_prefix(&agent.to_string())
+        .is_some_and(|epoch| epoch.starts_with('/'))
+}
+
 impl Command {
     /// Checks sizes and names before the command is proposed.
     pub fn check(&self) -> Result<(), KvError> {
