@@ -545,7 +545,11 @@ async fn reads_writes_and_cas_stay_linearizable_while_members_are_partitioned_ki
     let started = Instant::now();
     let (mut kills, mut partitions, mut deposed) = (0, 0, 0);
     let mut round = 0u64;
-    while history.lock().expect("history").len() < wanted {
+    // Until there are enough operations and both faults have happened (a fast run
+    // reaches the operations within the first round); a bounded number of rounds.
+    while (history.lock().expect("history").len() < wanted || kills == 0 || deposed == 0)
+        && round < 20
+    {
         // A round: clients on every member; midway, the leader is cut off from the
         // others (its clients carry on against it) and reconnected, or one member is
         // killed (its clients go with it, as a killed agent's pods lose their socket)

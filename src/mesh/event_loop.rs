@@ -95,7 +95,6 @@ impl EventLoop {
         self.dial_bootstrap();
         let mut redial = tokio::time::interval(self.config.redial_interval);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut kad_bootstrap = tokio::time::interval(std::time::Duration::from_secs(30));
         let mut rescore = tokio::time::interval(RESCORE_INTERVAL);
         let mut liveness = tokio::time::interval(LIVENESS_CHECK);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,10 +124,6 @@ impl EventLoop {
                 // Trust changes (an agent enrolls, one is revoked): gossip follows.
                 _ = rescore.tick() => self.score_peers(),
                 _ = liveness.tick() => self.close_silent_connections(),
-                _ = kad_bootstrap.tick() => {
-                    // Fails only while the routing table is empty; the redial covers that.
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                }
             }
         }
         tracing::debug!("mesh event loop stopped");
