@@ -9,6 +9,8 @@ Podman):
   it), timed from the first call until the container is seen running;
 - BeeMesh: for each of N pods, one after another, the time from the pod's manifest file
   appearing in the node's manifest directory to its container running in Podman;
+- the floor again, one pod just before each BeeMesh pod: the agents running, their pod
+  networks and pods on the host, so that the two see Podman in the same state;
 - `podman run -d` of the same image and command, as the earlier figures were;
 - each agent's resident memory when idle (the mesh settled, no pod yet);
 - agent loss: the agent hosting the most pods is killed (SIGKILL) and the time until
@@ -124,27 +126,28 @@ def remove_pods(label):
         subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", *ids], capture_output=True)
 
 
+def floor_pod(name, tag):
+    """The agent's four calls for one pod, made directly: seconds to its container
+    running. The pod is left running (labelled with `tag`), as BeeMesh's are."""
+    start = time.perf_counter()
+    pod = podman("POST", "/pods/create", {
+        "name": name, "hostname": name, "labels": {"io.beemesh.bench": tag}})
+    podman("POST", f"/pods/{pod['Id']}/start")
+    container = podman("POST", "/containers/create", {
+        "name": f"{name}-main", "pod": pod["Id"], "image": IMAGE,
+        "labels": {"io.beemesh.bench": tag, "io.beemesh.bench.pod": name},
+        "entrypoint": COMMAND[:1], "command": COMMAND[1:], "init": True,
+        "stop_timeout": 1})
+    podman("POST", f"/containers/{container['Id']}/start")
+    return wait_running(f"io.beemesh.bench.pod={name}", start, name, ".")
+
+
 def bench_podman_rest(runs, tag):
-    """The agent's four calls, made directly: the floor BeeMesh is measured against."""
-    samples = []
-    label = f"io.beemesh.bench={tag}"
+    """The floor BeeMesh is measured against, before any agent runs."""
     try:
-        for i in range(runs):
-            name = f"floor-{tag}-{i}"
-            start = time.perf_counter()
-            pod = podman("POST", "/pods/create", {
-                "name": name, "hostname": name, "labels": {"io.beemesh.bench": tag}})
-            podman("POST", f"/pods/{pod['Id']}/start")
-            container = podman("POST", "/containers/create", {
-                "name": f"{name}-main", "pod": pod["Id"], "image": IMAGE,
-                "labels": {"io.beemesh.bench": tag, "io.beemesh.bench.pod": name},
-                "entrypoint": COMMAND[:1], "command": COMMAND[1:], "init": True,
-                "stop_timeout": 1})
-            podman("POST", f"/containers/{container['Id']}/start")
-            samples.append(wait_running(f"io.beemesh.bench.pod={name}", start, name, "."))
+        return [floor_pod(f"floor-{tag}-{i}", tag) for i in range(runs)]
     finally:
-        remove_pods(label)
-    return samples
+        remove_pods(f"io.beemesh.bench={tag}")
 
 
 def bench_podman_run(runs):
@@ -196,7 +199,9 @@ def agent_loss(procs, agent_ids, names):
     return {"pods": len(moving), "first": min(moved.values()), "last": max(moved.values())}
 
 
-def bench_beemesh(binary, pods, agents, work):
+def bench_beemesh(binary, pods, agents, work, floor_tag):
+    """BeeMesh's pods one after another, each after a floor pod made beside it (the
+    agents running, their pod networks there): both see the host in the same state."""
     node_state = os.path.join(work, "node")
     node_id = subprocess.check_output([binary, "id", "--state-dir", node_state], text=True).strip()
     port = free_port()
@@ -221,11 +226,13 @@ def bench_beemesh(binary, pods, agents, work):
              "--trust", node_id, "--secrets-dir", os.path.join(secrets, f"agent{i}")],
             stdout=subprocess.DEVNULL, stderr=logs))
     samples = []
+    beside = []
     names = []
     try:
         time.sleep(SETTLE_SECONDS)
         idle_rss = [rss_mib(p.pid) for p in procs[1:]]
         for i in range(pods):
+            beside.append(floor_pod(f"beside-{floor_tag}-{i}", floor_tag))
             name = f"bench-{os.getpid()}-{agents}-{i}"
             names.append(name)
             tmp = os.path.join(work, name + ".tmp")
@@ -234,6 +241,13 @@ def bench_beemesh(binary, pods, agents, work):
             start = time.perf_counter()
             os.rename(tmp, os.path.join(manifests, name + ".yaml"))
             samples.append(wait_running(f"io.beemesh.pod.name={name}", start, name, work))
+        hosted = placements(agent_ids)
+        seen = set()
+        first_on_agent = []
+        for name in names:
+            agent = next(iter(hosted.get(name, ())), None)
+            first_on_agent.append(agent not in seen)
+            seen.add(agent)
         loss = agent_loss(procs, agent_ids, names)
         for name in os.listdir(manifests):
             os.remove(os.path.join(manifests, name))
@@ -248,8 +262,9 @@ def bench_beemesh(binary, pods, agents, work):
             p.wait()
         for a in agent_ids:
             remove_pods(f"io.beemesh.agent={a}")
+        remove_pods(f"io.beemesh.bench={floor_tag}")
         shutil.rmtree(secrets, ignore_errors=True)
-    return samples, idle_rss, loss
+    return samples, beside, first_on_agent, idle_rss, loss
 
 
 def p99(samples):
@@ -287,14 +302,25 @@ def main():
         work = tempfile.mkdtemp(prefix="beemesh-bench-")
         floor = bench_podman_rest(args.pods, f"{os.getpid()}-{agents}")
         run = bench_podman_run(args.pods)
-        mesh, idle_rss, loss = bench_beemesh(os.path.abspath(args.bin), args.pods, agents, work)
+        mesh, beside, first_on_agent, idle_rss, loss = bench_beemesh(
+            os.path.abspath(args.bin), args.pods, agents, work, f"{os.getpid()}-{agents}-beside")
         print(f"\n{agents} agents, {args.pods} pods one after another:")
         print(f"  podman REST create+start of the pod (floor): {describe(floor)}")
         print(f"  podman run -d:                               {describe(run)}")
+        print(f"  the floor again, beside each BeeMesh pod:    {describe(beside)}")
         print(f"  beemesh manifest -> container running:       {describe(mesh)}")
         print(f"  ratio to the floor: median {statistics.median(mesh) / statistics.median(floor):.2f}x, "
               f"p99 {p99(mesh) / p99(floor):.2f}x; to podman run -d: median "
               f"{statistics.median(mesh) / statistics.median(run):.2f}x")
+        print(f"  ratio to the floor beside it: median "
+              f"{statistics.median(mesh) / statistics.median(beside):.2f}x, "
+              f"p99 {p99(mesh) / p99(beside):.2f}x")
+        for first, what in ((True, "an agent's first pod"), (False, "an agent's later pods")):
+            mine = [m for m, f in zip(mesh, first_on_agent) if f == first]
+            theirs = [b for b, f in zip(beside, first_on_agent) if f == first]
+            if mine:
+                print(f"    {what} ({len(mine)}): median {statistics.median(mine) * 1000:.0f} ms, "
+                      f"{statistics.median(mine) / statistics.median(theirs):.2f}x the floor beside")
         print(f"  idle agent RSS: median {statistics.median(idle_rss):.1f} MiB, "
               f"max {max(idle_rss):.1f} MiB")
         if loss:
