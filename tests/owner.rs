@@ -140,9 +140,17 @@ struct Scene {
 
 /// `owner` gets the agents' peer IDs (and fills in the rest of the node's settings).
 async fn scene(pod: &str, owner: impl FnOnce(&[libp2p::PeerId]) -> OwnerConfig) -> Scene {
+    let scene = scene_without_pods(owner).await;
+    std::fs::write(scene.dir.path().join("pod.yaml"), pod).expect("manifest");
+    scene
+}
+
+/// As [`scene`], the manifest to come: for a test that needs the owner to have heard
+/// from both agents before it places the pod (else it may place it on the one heard
+/// first, which a loaded machine makes likelier).
+async fn scene_without_pods(owner: impl FnOnce(&[libp2p::PeerId]) -> OwnerConfig) -> Scene {
     let cancel = CancellationToken::new();
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("pod.yaml"), pod).expect("manifest");
 
     let node_addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", free_port())
         .parse()
@@ -289,6 +297,40 @@ fn assert_no_assignment(agents: &mut [ScriptedAgent], what: &str) {
     }
 }
 
+/// Until the node's view (asked through `handle`, a client it trusts) shows `agents`.
+async fn until_heard(handle: &MeshHandle, node_id: libp2p::PeerId, agents: &[libp2p::PeerId]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Not answered while the asking agent is still dialling the node.
+        if let Ok(Response::View(view)) = handle.request(node_id, Request::Query).await {
+            if agents
+                .iter()
+                .all(|agent| view.agents.iter().any(|a| a.peer.0 == *agent))
+            {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agents:?} not heard within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes the manifest `pod` once the node has heard from both agents (agent 1 asks:
+/// the owner must trust it as a client).
+async fn pod_once_both_heard(
+    dir: &tempfile::TempDir,
+    agents: &[ScriptedAgent],
+    node_id: libp2p::PeerId,
+    agent_ids: &[libp2p::PeerId],
+    pod: &str,
+) {
+    until_heard(&agents[1].handle, node_id, agent_ids).await;
+    std::fs::write(dir.path().join("pod.yaml"), pod).expect("manifest");
+}
+
 /// What the node shows `handle` (which it trusts as a client) of the mesh.
 async fn query_view(handle: &MeshHandle, node_id: libp2p::PeerId) -> MeshView {
     match handle
@@ -366,7 +408,7 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
         agent_keys,
         agent_ids,
         mut agents,
-    } = scene(POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         offer_window: Duration::from_secs(2),
         agents: TrustedPeers::new(agent_ids.to_vec()),
@@ -399,6 +441,7 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
         .zip(seqs.clone())
         .map(|((agent, free), seq)| beat_while(agent, seq, free, alive.clone()))
         .collect();
+    pod_once_both_heard(&dir, &agents, node_id, &agent_ids, POD).await;
     // Placed at once from the heartbeats, without an offer: the best-ranked agent is
     // asked first and declines. Its assignment is signed for it alone.
     let (declined, reply) = placed_directly(&mut agents[0], "assign to the best agent").await;
@@ -722,13 +765,13 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
     let margin = Duration::from_secs(1);
     let Scene {
         cancel,
-        dir: _manifests,
+        dir: manifests,
         node_id,
         node_metrics,
         agent_ids,
         mut agents,
         ..
-    } = scene(STRICT_POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         offer_window: Duration::from_secs(2),
         agent_loss_timeout: Duration::from_secs(1),
@@ -745,6 +788,7 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
         tasks: _beats,
         ..
     } = heartbeats(&agents);
+    pod_once_both_heard(&manifests, &agents, node_id, &agent_ids, STRICT_POD).await;
     let (assign, reply) = placed_directly(&mut agents[0], "assign to agent 0").await;
     assert_eq!(
         assign.lease_ms,
@@ -822,18 +866,7 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
         Some(agent_ids[0])
     );
     // Its heartbeats are heard again before the next partition.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let view = query_view(&handles[1], node_id).await;
-        if view.agents.iter().any(|a| a.peer.0 == agent_ids[0]) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent 0 not heard again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_heard(&handles[1], node_id, &agent_ids[..1]).await;
 
     // For good this time: the pod goes to agent 1, not before the lease last renewed
     // plus the margin (counted from before the renewal was sent: the owner counts from
@@ -870,12 +903,12 @@ async fn a_strict_pod_moves_only_after_its_lost_copy_s_lease_and_margin_have_pas
 async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() {
     let Scene {
         cancel,
-        dir: _manifests,
+        dir: manifests,
         node_id,
         agent_ids,
         mut agents,
         ..
-    } = scene(POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         offer_window: Duration::from_secs(1),
         agent_loss_timeout: Duration::from_secs(2),
@@ -891,6 +924,7 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
         alive,
         tasks: _beats,
     } = heartbeats(&agents);
+    pod_once_both_heard(&manifests, &agents, node_id, &agent_ids, POD).await;
     let (assign, reply) = placed_directly(&mut agents[0], "assign to agent 0").await;
     reply.send(Response::Ack).expect("reply");
     let pod_ref = PodRef {
@@ -1260,20 +1294,22 @@ async fn a_pod_bigger_than_every_agent_is_rejected_as_the_kubelet_rejects_it() {
 async fn when_every_agent_picked_declines_the_owner_asks_the_agents() {
     let Scene {
         cancel,
-        dir: _manifests,
+        dir: manifests,
         node_id,
         node_metrics,
         agent_ids,
         mut agents,
         ..
-    } = scene(POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         offer_window: Duration::from_secs(2),
         agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
         ..OwnerConfig::default()
     })
     .await;
     let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
+    pod_once_both_heard(&manifests, &agents, node_id, &agent_ids, POD).await;
     for agent in agents.iter_mut() {
         let (_, reply) = placed_directly(agent, "direct assignment").await;
         reply
@@ -1336,19 +1372,22 @@ fn cidr(text: &str) -> ipnet::Ipv4Net {
 async fn each_agent_runs_pods_on_its_own_subnet_and_subnets_heartbeats_claim_are_kept() {
     let Scene {
         cancel,
-        dir: _manifests,
+        dir: manifests,
+        node_id,
         agent_ids,
         mut agents,
         ..
-    } = scene(POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
         pod_subnets: SubnetPool::new(cidr("10.64.0.0/23"), 24).expect("pool"),
         ..OwnerConfig::default()
     })
     .await;
     // Agent 1 already runs pods on the pool's first subnet (the owner restarted, say).
     let _beats = beats_claiming(&agents, cidr("10.64.0.0/24"));
+    pod_once_both_heard(&manifests, &agents, node_id, &agent_ids, POD).await;
     let (assign, reply) = placed_directly(&mut agents[0], "assignment to the emptier").await;
     assert_eq!(
         assign.pod_subnet,
@@ -1375,12 +1414,12 @@ async fn each_agent_runs_pods_on_its_own_subnet_and_subnets_heartbeats_claim_are
 async fn an_agent_no_subnet_is_left_for_gets_no_pod_and_the_pod_says_why() {
     let Scene {
         cancel,
-        dir: _manifests,
+        dir: manifests,
         node_id,
         agent_ids,
         mut agents,
         ..
-    } = scene(POD, |agent_ids| OwnerConfig {
+    } = scene_without_pods(|agent_ids| OwnerConfig {
         adopt_window: Duration::from_millis(500),
         retry_interval: Duration::from_secs(30),
         offer_window: Duration::from_secs(30),
@@ -1392,6 +1431,7 @@ async fn an_agent_no_subnet_is_left_for_gets_no_pod_and_the_pod_says_why() {
     })
     .await;
     let _beats = beats_claiming(&agents, cidr("10.64.0.0/24"));
+    pod_once_both_heard(&manifests, &agents, node_id, &agent_ids, POD).await;
     // Agent 0, the emptier, is skipped: the assignment goes to agent 1.
     let (assign, reply) = placed_directly(&mut agents[1], "assignment").await;
     assert_eq!(assign.pod_subnet, Some(cidr("10.64.0.0/24")));

@@ -29,8 +29,8 @@ use crate::runtime::dns::{self, ResolvConf};
 use crate::runtime::registry_auth;
 use crate::runtime::translate::{self, ContainerKind, PlanContext};
 use crate::runtime::{
-    labels, ContainerPlan, ContainerStatus, LogOptions, PodAddress, PodNetwork, Runtime,
-    RuntimeError, RuntimePod,
+    labels, ContainerPlan, ContainerStatus, LogOptions, PodNetwork, Runtime, RuntimeError,
+    RuntimePod,
 };
 use crate::wire::{
     AgentEvent, AgentEventReason, Epoch, PodRef, RegistryCredential, VolumeFile, MAX_REPORT_EVENTS,
@@ -164,6 +164,13 @@ impl NetworkGrant {
             domain: self.cluster_domain.clone()?,
         })
     }
+}
+
+/// What a lookup of the pod's address found.
+struct FoundAddress {
+    ip: IpAddr,
+    /// Why its redirects could not be admitted, if they could not.
+    egress: Option<super::egress::EgressError>,
 }
 
 /// The agent's handle on one supervisor task.
@@ -386,6 +393,9 @@ struct Worker {
     policy: RestartPolicy,
     pod_id: Option<String>,
     pod_ip: Option<IpAddr>,
+    /// A lookup of the pod's address running beside its first container's creation;
+    /// it never outlives the step that began it.
+    pending_address: Option<tokio::task::JoinHandle<Option<FoundAddress>>>,
     /// The agent's resolv.conf, read again for each sandbox as the kubelet does.
     host_dns: ResolvConf,
     /// Where the sandbox's memory-backed emptyDirs are, by volume name.
@@ -459,6 +469,7 @@ impl Worker {
             epoch,
             pod_id: None,
             pod_ip: None,
+            pending_address: None,
             host_dns: ResolvConf::default(),
             memory_dirs: BTreeMap::new(),
             group_socket: None,
@@ -765,39 +776,80 @@ impl Worker {
     }
 
     async fn refresh_pod_ip(&mut self) {
-        if let Some(id) = &self.pod_id {
-            if let Ok(Some(address)) = self.ctx.runtime.pod_address(id).await {
-                let ip = address.ip;
-                self.pod_ip = Some(ip);
-                self.ctx
-                    .addresses
-                    .set(&self.pod_ref.uid, self.owner, self.epoch, ip);
-                self.admit_egress(address).await;
+        if let Some(lookup) = self.address_lookup() {
+            let found = lookup.await;
+            self.took_address(found);
+        }
+    }
+
+    /// Starts looking the pod's address up (and admitting its redirects) while its
+    /// first container's image is checked and the container is created: the floor's
+    /// path has neither, and the container's start awaits it (see
+    /// [`Worker::finish_address_lookup`]).
+    fn begin_address_lookup(&mut self) {
+        if self.pending_address.is_none() {
+            self.pending_address = self.address_lookup().map(tokio::spawn);
+        }
+    }
+
+    /// Ends a lookup [`Worker::begin_address_lookup`] started, if one runs.
+    async fn finish_address_lookup(&mut self) {
+        if let Some(lookup) = self.pending_address.take() {
+            match lookup.await {
+                Ok(found) => self.took_address(found),
+                Err(e) => {
+                    tracing::warn!(pod = %self.pod_ref, error = %e, "the pod's address lookup ended early")
+                }
             }
         }
     }
 
-    /// Sends the pod's connections to its owner's cluster through the agent, before its
-    /// containers start. Without that they still run: such connections fail, which the
-    /// pod's events say.
-    async fn admit_egress(&mut self, address: PodAddress) {
-        let (Some(subnet), IpAddr::V4(ip)) = (self.network.subnet, address.ip) else {
+    /// The pod's address from the runtime and, for a pod whose cluster traffic the
+    /// agent relays, the outcome of admitting its redirects, which must be in place
+    /// before its containers start (without them they still run: such connections
+    /// fail, which the pod's events say).
+    fn address_lookup(
+        &self,
+    ) -> Option<impl std::future::Future<Output = Option<FoundAddress>> + Send + 'static> {
+        let pod_id = self.pod_id.clone()?;
+        let runtime = self.ctx.runtime.clone();
+        let egress = self.ctx.egress.clone();
+        let network = self.network.clone();
+        let (pod, owner, epoch) = (self.pod_ref.clone(), self.owner, self.epoch);
+        Some(async move {
+            let address = runtime.pod_address(&pod_id).await.ok()??;
+            let egress = match (network.subnet, address.ip) {
+                (Some(subnet), IpAddr::V4(ip)) if network.relays_cluster_traffic() => {
+                    let pod = super::egress::EgressPod {
+                        pod,
+                        owner,
+                        epoch,
+                        ip,
+                        mac: address.mac,
+                        subnet,
+                        ranges: network.cluster_ranges,
+                        dns: network.cluster_domain.is_some(),
+                    };
+                    egress.admit(pod).await.err()
+                }
+                _ => None,
+            };
+            Some(FoundAddress {
+                ip: address.ip,
+                egress,
+            })
+        })
+    }
+
+    fn took_address(&mut self, found: Option<FoundAddress>) {
+        let Some(found) = found else {
             return;
         };
-        if !self.network.relays_cluster_traffic() {
-            return;
-        }
-        let pod = super::egress::EgressPod {
-            pod: self.pod_ref.clone(),
-            owner: self.owner,
-            epoch: self.epoch,
-            ip,
-            mac: address.mac,
-            subnet,
-            ranges: self.network.cluster_ranges.clone(),
-            dns: self.network.cluster_domain.is_some(),
-        };
-        if let Err(e) = self.ctx.egress.admit(pod).await {
+        self.pod_ip = Some(found.ip);
+        self.ctx
+            .addresses
+            .set(&self.pod_ref.uid, self.owner, self.epoch, found.ip);
+        if let Some(e) = found.egress {
             tracing::warn!(pod = %self.pod_ref, error = %e, "the pod cannot reach its cluster's Services");
             self.note(
                 AgentEventReason::ClusterUnreachable,
@@ -1003,15 +1055,16 @@ impl Worker {
             .filter(|s| s.kind == ContainerKind::Init)
             .count();
         // The pod's IP is looked up before the containers when one needs it in its
-        // environment, while init containers run (it is shown meanwhile), or for the
-        // redirects of its cluster connections and DNS queries, which must be in place
-        // when it starts; else after the app containers started: not on the way to a
-        // running pod.
-        let before = init_count > 0
-            || translate::env_uses_pod_ip(&self.pod)
-            || self.network.relays_cluster_traffic();
-        if self.pod_ip.is_none() && before {
-            self.refresh_pod_ip().await;
+        // environment or while init containers run (it is shown meanwhile); beside the
+        // first container's creation when the redirects of its cluster connections and
+        // DNS queries need it, which must be in place when it starts; else after the
+        // app containers started: not on the way to a running pod.
+        if self.pod_ip.is_none() {
+            if init_count > 0 || translate::env_uses_pod_ip(&self.pod) {
+                self.refresh_pod_ip().await;
+            } else if self.network.relays_cluster_traffic() {
+                self.begin_address_lookup();
+            }
         }
         // Init containers in order, each awaited: a regular one until it is done, a
         // sidecar until it is up (it then runs on beside the rest).
@@ -1045,6 +1098,7 @@ impl Worker {
         if self.inspecting && eviction::has_limits(&self.pod) {
             self.enforce_local_storage_limits().await;
         }
+        self.finish_address_lookup().await;
         if self.pod_ip.is_none() {
             self.refresh_pod_ip().await;
         }
@@ -1353,6 +1407,7 @@ impl Worker {
         let slot = &mut self.slots[i];
         slot.id = Some(id.clone());
         slot.view.container_id = Some(id.clone());
+        self.finish_address_lookup().await;
         if let Err(e) = self.ctx.runtime.start_container(&id).await {
             self.start_failed(i, e, now);
             return;

@@ -153,6 +153,9 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// The Podman REST API client.
 pub struct Podman {
     client: Client,
+    /// The bridge interface of each pod network found right, by network name (one per
+    /// owner this agent runs pods for).
+    bridges: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Container events buffered between Podman's stream and the agent.
@@ -232,9 +235,13 @@ impl Podman {
 
     /// The pod network, made unless it exists (another agent on this Podman may have
     /// made it, even at the same moment). Without Podman's DNS: pods resolve as their
-    /// spec says, and the subnet's gateway address stays free for the agent.
+    /// spec says, and the subnet's gateway address stays free for the agent. Once
+    /// found right it is not looked at again (see [`Podman::forget_network`]).
     async fn ensure_network(&self, network: &PodNetwork) -> Result<(), RuntimeError> {
         path_safe("network", &network.name)?;
+        if self.bridge_of(network).is_some() {
+            return Ok(());
+        }
         let existing = || async {
             match self.client.networks().get(&network.name).inspect().await {
                 Ok(found) => Ok(Some(found)),
@@ -259,7 +266,7 @@ impl Podman {
                     }])
                     .build();
                 match self.client.networks().create(&opts).await {
-                    Ok(_) => return Ok(()),
+                    Ok(created) => created,
                     Err(e) => {
                         let error = classify(e);
                         existing().await?.ok_or(error)?
@@ -273,16 +280,38 @@ impl Podman {
             .into_iter()
             .filter_map(|s| s.subnet)
             .collect();
-        if subnets.iter().any(|s| *s == network.subnet.to_string()) {
-            Ok(())
-        } else {
-            Err(RuntimeError::Invalid(format!(
+        if !subnets.iter().any(|s| *s == network.subnet.to_string()) {
+            return Err(RuntimeError::Invalid(format!(
                 "Podman network {} exists with subnets [{}], not {}",
                 network.name,
                 subnets.join(", "),
                 network.subnet
-            )))
+            )));
         }
+        let interface = found.network_interface.unwrap_or_default();
+        self.bridges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(network.name.clone(), interface);
+        Ok(())
+    }
+
+    /// The bridge of a network [`Podman::ensure_network`] found right.
+    fn bridge_of(&self, network: &PodNetwork) -> Option<String> {
+        self.bridges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&network.name)
+            .cloned()
+    }
+
+    /// Makes the next pod on the network look at it again: something failed that a
+    /// network removed (or changed) behind the agent's back would explain.
+    fn forget_network(&self, network: &PodNetwork) {
+        self.bridges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&network.name);
     }
 
     /// Fixes the MAC address of the network's bridge, which exists once a pod on it has
@@ -291,11 +320,16 @@ impl Podman {
     /// loss [`super::bridge`] describes whenever the address moves, so it is a warning.
     async fn pin_bridge_address(&self, network: &PodNetwork) {
         let pinned = async {
-            let found = self.client.networks().get(&network.name).inspect().await;
-            let interface = found
-                .map_err(|e| classify(e).to_string())?
-                .network_interface
-                .unwrap_or_default();
+            let interface = match self.bridge_of(network) {
+                Some(known) => known,
+                None => {
+                    let found = self.client.networks().get(&network.name).inspect().await;
+                    found
+                        .map_err(|e| classify(e).to_string())?
+                        .network_interface
+                        .unwrap_or_default()
+                }
+            };
             let pinning = interface.clone();
             let address = tokio::task::spawn_blocking(move || bridge::pin_address(&pinning))
                 .await
@@ -309,6 +343,7 @@ impl Podman {
                 tracing::info!(network = %network.name, %interface, %address, "fixed the pod network bridge's MAC address");
             }
             Err(error) => {
+                self.forget_network(network);
                 tracing::warn!(network = %network.name, %error, "cannot fix the pod network bridge's MAC address");
             }
         }
@@ -381,7 +416,10 @@ impl Podman {
         }
         let client = Client::new(uri)
             .map_err(|e| RuntimeError::Invalid(format!("invalid Podman socket {uri:?}: {e}")))?;
-        Ok(Podman { client })
+        Ok(Podman {
+            client,
+            bridges: Default::default(),
+        })
     }
 }
 
@@ -679,7 +717,15 @@ impl Runtime for Podman {
             opts = opts.cni_networks([network.name.clone()]);
         }
         let opts = opts.build();
-        let pod = self.client.pods().create(&opts).await.map_err(classify)?;
+        let pod = match self.client.pods().create(&opts).await {
+            Ok(pod) => pod,
+            Err(e) => {
+                if let Some(network) = &plan.network {
+                    self.forget_network(network);
+                }
+                return Err(classify(e));
+            }
+        };
         Ok(pod.id().to_string())
     }
 
@@ -689,12 +735,12 @@ impl Runtime for Podman {
         network: Option<&PodNetwork>,
     ) -> Result<(), RuntimeError> {
         path_safe("pod", pod_id)?;
-        self.client
-            .pods()
-            .get(pod_id)
-            .start()
-            .await
-            .map_err(classify)?;
+        if let Err(e) = self.client.pods().get(pod_id).start().await {
+            if let Some(network) = network {
+                self.forget_network(network);
+            }
+            return Err(classify(e));
+        }
         if let Some(network) = network {
             self.pin_bridge_address(network).await;
         }
