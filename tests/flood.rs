@@ -37,8 +37,11 @@ spec:
     command: [sh, -c, 'i=1; while true; do echo "line $i"; i=$((i+1)); sleep 0.3; done']
 "#;
 
-/// How long the floods last.
+/// How long the floods last at least; longer, up to `FLOOD_MAX`, until the requesters
+/// sent `MIN_REQUESTS` (a loaded machine sends fewer a second).
 const FLOOD: Duration = Duration::from_secs(20);
+const FLOOD_MAX: Duration = Duration::from_secs(90);
+const MIN_REQUESTS: u64 = 1000;
 /// Peers firing requests, and requests each keeps in flight.
 const REQUESTERS: usize = 8;
 const IN_FLIGHT: usize = 64;
@@ -264,7 +267,9 @@ fn floods_from_strangers_leave_the_pod_its_logs_and_status_alone() {
     let started = Instant::now();
     let mut peak = rss_before;
     let mut checks = 0;
-    while started.elapsed() < FLOOD {
+    while started.elapsed() < FLOOD
+        || (sent.requests.load(Ordering::Relaxed) <= MIN_REQUESTS && started.elapsed() < FLOOD_MAX)
+    {
         let (code, body) = logs();
         assert_eq!(code, 200, "logs during the flood: {body}");
         assert!(body.contains("line "), "{body}");
@@ -313,7 +318,10 @@ fn floods_from_strangers_leave_the_pod_its_logs_and_status_alone() {
         dropped_total(&agent_seen, "too_large"),
     );
     eprintln!("{figures}");
-    assert!(sent.requests.load(Ordering::Relaxed) > 1000, "{figures}");
+    assert!(
+        sent.requests.load(Ordering::Relaxed) > MIN_REQUESTS,
+        "{figures}"
+    );
     assert!(sent.silent_streams.load(Ordering::Relaxed) > 0, "{figures}");
     assert!(
         peak.0 < RSS_BOUND_KIB && peak.1 < RSS_BOUND_KIB,

@@ -903,6 +903,55 @@ async fn pods_of_one_subnet_share_the_network_made_for_it_and_a_namesake_elsewhe
     drop((first, second));
 }
 
+#[tokio::test]
+async fn a_pod_network_removed_behind_the_agents_back_is_made_again_for_the_next_pod() {
+    let subnet: ipnet::Ipv4Net = "10.79.248.0/24".parse().expect("cidr");
+    let network = PodNetwork::on(subnet);
+    let _cleanup = TestNetwork(network.name.clone());
+    let first = pod_with("pruned-a", |plan| plan.network = Some(network.clone())).await;
+    let runtime = Podman::new(&format!("unix://{}", common::SOCKET)).expect("client");
+    let on_network = |name: &str| PodPlan {
+        name: unique(name),
+        hostname: "testhost".into(),
+        labels: BTreeMap::from([(LABEL.to_string(), name.to_owned())]),
+        ports: Vec::new(),
+        dns: None,
+        dns_warnings: Vec::new(),
+        host_aliases: Vec::new(),
+        memory_volumes: Vec::new(),
+        network: Some(network.clone()),
+    };
+    // This runtime has seen the network (and remembers its bridge); then its last pod
+    // goes and `podman network prune` (or rm) takes it.
+    let second = runtime
+        .create_pod(&on_network("pruned-b"))
+        .await
+        .expect("pod created");
+    runtime.remove_pod(&second).await.expect("removed");
+    drop(first);
+    let removed = std::process::Command::new("podman")
+        .args(["network", "rm", &network.name])
+        .output()
+        .expect("podman network rm");
+    assert!(removed.status.success(), "{removed:?}");
+    // The next pod gets it back, at the first try.
+    let third = runtime
+        .create_pod(&on_network("pruned-c"))
+        .await
+        .expect("pod created on the network made again");
+    runtime
+        .start_pod(&third, Some(&network))
+        .await
+        .expect("pod started");
+    let address = runtime.pod_address(&third).await.expect("inspect");
+    let ip = address.map(|a| a.ip).expect("an address");
+    assert!(
+        matches!(ip, std::net::IpAddr::V4(v4) if subnet.contains(&v4)),
+        "{ip} outside {subnet}"
+    );
+    runtime.remove_pod(&third).await.expect("removed");
+}
+
 fn link_address(interface: &str) -> String {
     std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
         .expect("the interface's address")

@@ -153,8 +153,9 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// The Podman REST API client.
 pub struct Podman {
     client: Client,
-    /// The bridge interface of each pod network found right, by network name (one per
-    /// owner this agent runs pods for).
+    /// The bridge interface of each pod network as last found, by network name (one
+    /// per owner this agent runs pods for): the pin after a pod's start needs no
+    /// second inspection.
     bridges: std::sync::Mutex<HashMap<String, String>>,
 }
 
@@ -235,13 +236,12 @@ impl Podman {
 
     /// The pod network, made unless it exists (another agent on this Podman may have
     /// made it, even at the same moment). Without Podman's DNS: pods resolve as their
-    /// spec says, and the subnet's gateway address stays free for the agent. Once
-    /// found right it is not looked at again (see [`Podman::forget_network`]).
+    /// spec says, and the subnet's gateway address stays free for the agent. Looked at
+    /// for every pod: one removed behind the agent's back (`podman network prune`
+    /// removes those no container uses) is made again; a failed pod create would leave
+    /// its pod behind in Podman's state, its name taken.
     async fn ensure_network(&self, network: &PodNetwork) -> Result<(), RuntimeError> {
         path_safe("network", &network.name)?;
-        if self.bridge_of(network).is_some() {
-            return Ok(());
-        }
         let existing = || async {
             match self.client.networks().get(&network.name).inspect().await {
                 Ok(found) => Ok(Some(found)),
@@ -296,22 +296,13 @@ impl Podman {
         Ok(())
     }
 
-    /// The bridge of a network [`Podman::ensure_network`] found right.
+    /// The bridge of the network as [`Podman::ensure_network`] last found it.
     fn bridge_of(&self, network: &PodNetwork) -> Option<String> {
         self.bridges
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&network.name)
             .cloned()
-    }
-
-    /// Makes the next pod on the network look at it again: something failed that a
-    /// network removed (or changed) behind the agent's back would explain.
-    fn forget_network(&self, network: &PodNetwork) {
-        self.bridges
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&network.name);
     }
 
     /// Fixes the MAC address of the network's bridge, which exists once a pod on it has
@@ -343,7 +334,6 @@ impl Podman {
                 tracing::info!(network = %network.name, %interface, %address, "fixed the pod network bridge's MAC address");
             }
             Err(error) => {
-                self.forget_network(network);
                 tracing::warn!(network = %network.name, %error, "cannot fix the pod network bridge's MAC address");
             }
         }
@@ -717,15 +707,7 @@ impl Runtime for Podman {
             opts = opts.cni_networks([network.name.clone()]);
         }
         let opts = opts.build();
-        let pod = match self.client.pods().create(&opts).await {
-            Ok(pod) => pod,
-            Err(e) => {
-                if let Some(network) = &plan.network {
-                    self.forget_network(network);
-                }
-                return Err(classify(e));
-            }
-        };
+        let pod = self.client.pods().create(&opts).await.map_err(classify)?;
         Ok(pod.id().to_string())
     }
 
@@ -735,12 +717,12 @@ impl Runtime for Podman {
         network: Option<&PodNetwork>,
     ) -> Result<(), RuntimeError> {
         path_safe("pod", pod_id)?;
-        if let Err(e) = self.client.pods().get(pod_id).start().await {
-            if let Some(network) = network {
-                self.forget_network(network);
-            }
-            return Err(classify(e));
-        }
+        self.client
+            .pods()
+            .get(pod_id)
+            .start()
+            .await
+            .map_err(classify)?;
         if let Some(network) = network {
             self.pin_bridge_address(network).await;
         }
