@@ -841,6 +841,8 @@ impl Worker {
         })
     }
 
+    /// Keeps what a lookup found: the pod's IP, where connections to it go, and an
+    /// event when its redirects could not be admitted.
     fn took_address(&mut self, found: Option<FoundAddress>) {
         let Some(found) = found else {
             return;
