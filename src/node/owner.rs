@@ -239,7 +239,8 @@ struct OwnedPod {
     /// Restarts of earlier placements (lost agents), added to each container's count.
     carried_restarts: BTreeMap<String, i32>,
     /// Set after an agent loss: the lastState shown until the new run has its own.
-    lost_state: Option<ContainerStateTerminated>,
+    /// Boxed, as is `lost_copy`: rarely set, and an owner holds a million of these.
+    lost_state: Option<Box<ContainerStateTerminated>>,
     deleting: bool,
     /// When the placement last became `Placed`.
     placed_at: Instant,
@@ -253,7 +254,7 @@ struct OwnedPod {
     offer_not_before: Instant,
     /// A relaxed pod's copy last declared lost with its agent, while no assignment has
     /// gone out since: taken back if that agent turns up still running it.
-    lost_copy: Option<LostCopy>,
+    lost_copy: Option<Box<LostCopy>>,
     /// The highest epoch offered: an epoch offered once is never offered again, even
     /// after a lost copy of a lower one was taken back.
     offered: Epoch,
@@ -281,7 +282,7 @@ struct LostCopy {
     epoch: Epoch,
     status: PodStatus,
     carried_restarts: BTreeMap<String, i32>,
-    lost_state: Option<ContainerStateTerminated>,
+    lost_state: Option<Box<ContainerStateTerminated>>,
 }
 
 impl OwnedPod {
@@ -343,7 +344,9 @@ pub struct Owner {
     mesh: MeshHandle,
     metrics: Metrics,
     sink: Box<dyn StatusSink>,
-    pods: HashMap<PodUid, OwnedPod>,
+    /// Boxed: a pod's record is about a kilobyte, and a map of a million records
+    /// keeps up to as many empty slots again.
+    pods: HashMap<PodUid, Box<OwnedPod>>,
     agents: HeartbeatBook,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
@@ -752,7 +755,7 @@ impl Owner {
         if let Ok(Some(group)) = crate::raft::group_of(&owned.desired.pod) {
             self.grouped.insert(pod_ref.uid.clone(), group);
         }
-        self.pods.insert(pod_ref.uid.clone(), owned);
+        self.pods.insert(pod_ref.uid.clone(), Box::new(owned));
         self.due.insert(pod_ref.uid.clone());
         if deleted {
             self.delete(&pod_ref.uid);
@@ -2025,7 +2028,7 @@ impl Owner {
                 lost.status = merge_status(
                     report.status,
                     &lost.carried_restarts,
-                    lost.lost_state.as_ref(),
+                    lost.lost_state.as_deref(),
                 );
             }
             return Response::Ack;
@@ -2061,7 +2064,7 @@ impl Owner {
         let merged = merge_status(
             report.status,
             &owned.carried_restarts,
-            owned.lost_state.as_ref(),
+            owned.lost_state.as_deref(),
         );
         let merged = with_refused_ephemeral(merged, &owned.refused_ephemeral);
         self.set_status(&uid, merged);
@@ -2258,7 +2261,7 @@ impl Owner {
             if owned.fencing == Fencing::Relaxed
                 && matches!(owned.placement, Placement::Waiting { .. })
             {
-                owned.lost_copy = Some(before);
+                owned.lost_copy = Some(Box::new(before));
             }
         }
     }
@@ -2303,7 +2306,7 @@ impl Owner {
                 .carried_restarts
                 .insert(cs.name.clone(), cs.restart_count + 1);
         }
-        owned.lost_state = Some(lost.clone());
+        owned.lost_state = Some(Box::new(lost.clone()));
         owned.placement = Placement::Waiting { at: Instant::now() };
         self.due.insert(uid.clone());
         let mut status = pending_status("AgentLost", format!("{message}; offering the pod again"));
@@ -2387,7 +2390,10 @@ impl Owner {
     /// The pods as the source has them (no resolved secrets), with their status, for
     /// the kubelet API's /pods.
     pub fn pods(&self) -> Vec<Pod> {
-        self.pods.values().map(OwnedPod::with_status).collect()
+        self.pods
+            .values()
+            .map(|owned| owned.with_status())
+            .collect()
     }
 
     /// Everything this owner knows, for `beemesh status`.
@@ -2543,13 +2549,13 @@ impl Owner {
         self.pods
             .values()
             .filter(|owned| owned.pod_ref.namespace == namespace)
-            .map(OwnedPod::with_status)
+            .map(|owned| owned.with_status())
             .collect()
     }
 
     /// The pod with its status.
     pub fn pod(&self, uid: &PodUid) -> Option<Pod> {
-        self.pods.get(uid).map(OwnedPod::with_status)
+        self.pods.get(uid).map(|owned| owned.with_status())
     }
 
     /// Agents whose trust was revoked: they are forgotten at once, and their pods are
