@@ -34,6 +34,7 @@ use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
 use crate::node::service_env;
+use crate::node::stored_pod::StoredPod;
 use crate::runtime::{dns, translate};
 use crate::wire::PodUid;
 
@@ -236,7 +237,7 @@ impl PodSource {
                 continue;
             };
             match old.remove(&uid) {
-                Some(tracked) if *tracked.desired.pod == essentials(&pod) => {
+                Some(tracked) if tracked.desired.pod == StoredPod::new(&essentials(&pod)) => {
                     self.board.set_gates(PodUid(uid.clone()), Gates::of(&pod));
                     self.pods.insert(uid, tracked);
                 }
@@ -264,19 +265,15 @@ impl PodSource {
         // Others set the gates' conditions: every version of the pod may change them.
         self.board.set_gates(PodUid(uid.clone()), Gates::of(&pod));
         let essentials = essentials(&pod);
-        if self
-            .pods
-            .get(&uid)
-            .is_some_and(|t| *t.desired.pod == essentials)
-        {
+        let stored = StoredPod::new(&essentials);
+        if self.pods.get(&uid).is_some_and(|t| t.desired.pod == stored) {
             return;
         }
-        let essentials = Arc::new(essentials);
         let newly_deleted = pod.metadata.deletion_timestamp.is_some()
             && self
                 .pods
                 .get(&uid)
-                .is_none_or(|t| t.desired.pod.metadata.deletion_timestamp.is_none());
+                .is_none_or(|t| t.desired.pod.pod().metadata.deletion_timestamp.is_none());
         if newly_deleted {
             self.record_killing(&pod);
         }
@@ -299,7 +296,7 @@ impl PodSource {
             uid,
             Tracked {
                 desired: Arc::new(DesiredPod {
-                    pod: essentials,
+                    pod: stored,
                     resolved,
                 }),
                 next_resolve,
@@ -334,21 +331,20 @@ impl PodSource {
     /// Resolves the pods `uids` again (those not being deleted).
     async fn resolve_again(&mut self, uids: BTreeSet<String>) {
         for uid in uids {
-            let Some(pod) = self
-                .pods
-                .get(&uid)
-                .filter(|t| t.desired.pod.metadata.deletion_timestamp.is_none())
-                .map(|t| t.desired.pod.clone())
-            else {
+            let Some(stored) = self.pods.get(&uid).map(|t| t.desired.pod.clone()) else {
                 continue;
             };
+            let pod = stored.pod();
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
             let resolution = self.resolve(&pod).await;
             let next_resolve = self.next_resolve(&uid, resolution.retry_in);
             if let Some(tracked) = self.pods.get_mut(&uid) {
                 tracked.next_resolve = next_resolve;
                 if tracked.desired.resolved != resolution.resolved {
                     tracked.desired = Arc::new(DesiredPod {
-                        pod: pod.clone(),
+                        pod: stored,
                         resolved: resolution.resolved,
                     });
                     self.changed.insert(uid);
@@ -375,7 +371,7 @@ impl PodSource {
             .min()
     }
 
-    async fn resolve(&mut self, pod: &Arc<Pod>) -> Resolution {
+    async fn resolve(&mut self, pod: &Pod) -> Resolution {
         let resolution = match self.try_resolve(pod).await {
             Ok(resolved) => Resolution {
                 resolved: resolve::resolve(pod, &resolved),

@@ -16,6 +16,7 @@ mod printer;
 pub mod resolve;
 mod route;
 pub mod service_env;
+pub mod stored_pod;
 pub mod subnets;
 
 use std::collections::BTreeSet;
@@ -42,6 +43,7 @@ use network_policy::Labels;
 use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::{timestamp, PhasePrinter};
 use resolve::{Fetched, ResolveError};
+use stored_pod::StoredPod;
 
 /// How often the manifest directory is scanned when inotify says nothing (changes
 /// must be noticed within 5 s even where inotify does not work, e.g. some network
@@ -272,7 +274,6 @@ impl StatusSink for Sinks {
 /// A pod from a manifest file: there is no API to take configMaps, secrets or tokens
 /// from, but downward API volumes work.
 pub fn standalone_pod(pod: Pod) -> Arc<DesiredPod> {
-    let pod = Arc::new(pod);
     let gated = pod
         .spec
         .as_ref()
@@ -294,7 +295,10 @@ pub fn standalone_pod(pod: Pod) -> Arc<DesiredPod> {
                 .into(),
         })
     };
-    Arc::new(DesiredPod { pod, resolved })
+    Arc::new(DesiredPod {
+        pod: StoredPod::new(&pod),
+        resolved,
+    })
 }
 
 pub struct Node {

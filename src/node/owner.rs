@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::display::{pod_display, unscheduled};
 use super::groups::{GroupBook, GroupedPod};
 use super::resolve::{ResolveError, Resolved};
+use super::stored_pod::StoredPod;
 use super::subnets::{Exhausted, SubnetPool};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
@@ -49,7 +50,8 @@ use crate::wire::{
 /// configMaps, secrets and volumes gave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredPod {
-    pub pod: Arc<Pod>,
+    /// As the source has it.
+    pub pod: StoredPod,
     pub resolved: Result<Resolved, ResolveError>,
 }
 
@@ -226,7 +228,9 @@ struct OwnedPod {
     /// As the source last gave it.
     desired: Arc<DesiredPod>,
     /// The pod as assigned: resolved, or as the source has it while held.
-    pod: Arc<Pod>,
+    pod: StoredPod,
+    /// The pod's creationTimestamp, read whenever its group's members are told.
+    created: Option<Time>,
     volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     pull_credentials: Arc<Vec<RegistryCredential>>,
     pod_ref: PodRef,
@@ -290,7 +294,7 @@ impl OwnedPod {
     fn with_status(&self) -> Pod {
         Pod {
             status: Some(self.status.clone()),
-            ..Pod::clone(&self.desired.pod)
+            ..self.desired.pod.pod()
         }
     }
 
@@ -331,8 +335,8 @@ enum Internal {
     /// The agent declined the pod's update `refused` to `previous`.
     UpdateRefused {
         uid: PodUid,
-        previous: Arc<Pod>,
-        refused: Arc<Pod>,
+        previous: StoredPod,
+        refused: StoredPod,
         reason: String,
     },
 }
@@ -435,7 +439,7 @@ struct Search {
 /// An assignment before it is signed for an agent.
 struct AssignmentDraft {
     signer: Keypair,
-    pod: Arc<Pod>,
+    pod: StoredPod,
     volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     pull_credentials: Arc<Vec<RegistryCredential>>,
     uid: PodUid,
@@ -461,7 +465,7 @@ impl AssignmentDraft {
         );
         Assign {
             epoch: self.epoch,
-            pod: Pod::clone(&self.pod),
+            pod: self.pod.pod(),
             volumes: BTreeMap::clone(&self.volumes),
             pull_credentials: Vec::clone(&self.pull_credentials),
             statement,
@@ -696,14 +700,14 @@ impl Owner {
     }
 
     fn add(&mut self, desired: Arc<DesiredPod>) {
-        let pod_ref = match translate::pod_ref(&desired.pod) {
+        let pod = desired.pod.pod();
+        let pod_ref = match translate::pod_ref(&pod) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "pod without identity ignored");
                 return;
             }
         };
-        let pod = desired.pod.clone();
         let spec = pod.spec.clone().unwrap_or_default();
         let policy = RestartPolicy::from_spec(spec.restart_policy.as_deref());
         let mut owned = OwnedPod {
@@ -735,24 +739,21 @@ impl Owner {
             too_big_since: None,
             refused_ephemeral: BTreeMap::new(),
             pod_ref: pod_ref.clone(),
-            pod,
+            pod: desired.pod.clone(),
+            created: pod.metadata.creation_timestamp.clone(),
             volumes: Arc::default(),
             pull_credentials: Arc::default(),
             desired: desired.clone(),
         };
-        self.prepare(&mut owned, desired.resolved.clone());
+        self.prepare(&mut owned, desired.resolved.clone(), &pod);
         tracing::info!(pod = %pod_ref, uid = %pod_ref.uid, "pod added");
         let inherited = self.sink.last_known(&pod_ref.uid);
         if !self.inherit(&mut owned, inherited) {
-            self.sink.status_changed(
-                &pod_ref,
-                owned.desired.pod.spec.as_ref(),
-                &owned.status,
-                None,
-            );
+            self.sink
+                .status_changed(&pod_ref, pod.spec.as_ref(), &owned.status, None);
         }
-        let deleted = desired.pod.metadata.deletion_timestamp.is_some();
-        if let Ok(Some(group)) = crate::raft::group_of(&owned.desired.pod) {
+        let deleted = pod.metadata.deletion_timestamp.is_some();
+        if let Ok(Some(group)) = crate::raft::group_of(&pod) {
             self.grouped.insert(pod_ref.uid.clone(), group);
         }
         self.pods.insert(pod_ref.uid.clone(), Box::new(owned));
@@ -798,12 +799,18 @@ impl Owner {
     }
 
     /// Takes what resolving the pod gave: ready to offer, held, or failed for good.
-    fn prepare(&self, owned: &mut OwnedPod, resolved: Result<Resolved, ResolveError>) {
+    /// `desired` is the source's pod, decoded.
+    fn prepare(
+        &self,
+        owned: &mut OwnedPod,
+        resolved: Result<Resolved, ResolveError>,
+        desired: &Pod,
+    ) {
         let resolved = match resolved {
             Ok(resolved) => resolved,
             Err(ResolveError::Missing(message) | ResolveError::Denied(message)) => {
                 owned.placement = Placement::Held;
-                owned.status = config_error_status(&owned.pod, message);
+                owned.status = config_error_status(desired, message);
                 return;
             }
             Err(e @ ResolveError::Invalid { .. }) => {
@@ -813,12 +820,20 @@ impl Owner {
                 return;
             }
         };
-        let checked = translate::validate(&resolved.pod)
-            .and_then(|()| translate::pod_requests(&resolved.pod))
+        let (assigned, rewritten) = match resolved.rewritten {
+            Some(rewritten) => {
+                let pod = rewritten.pod();
+                (rewritten, Some(pod))
+            }
+            None => (owned.desired.pod.clone(), None),
+        };
+        let pod = rewritten.as_ref().unwrap_or(desired);
+        let checked = translate::validate(pod)
+            .and_then(|()| translate::pod_requests(pod))
             .map_err(|e| e.to_string())
             .and_then(|requests| {
-                let fencing = fencing_of(&resolved.pod)?;
-                let selector = placement::agent_selector_of(&resolved.pod).map_err(|e| {
+                let fencing = fencing_of(pod)?;
+                let selector = placement::agent_selector_of(pod).map_err(|e| {
                     format!("metadata.annotations[{AGENT_SELECTOR_ANNOTATION}]: {e}")
                 })?;
                 Ok((requests, selector, fencing))
@@ -828,7 +843,7 @@ impl Owner {
                 owned.fencing = fencing;
                 owned.offer.requests = requests;
                 owned.offer.agent_selector = selector;
-                let digest = spec_digest(&resolved.pod);
+                let digest = spec_digest(pod);
                 if digest != owned.offer.spec_digest {
                     // A new spec: the agents judge it afresh.
                     owned.policy_refusals.clear();
@@ -845,7 +860,7 @@ impl Owner {
                 owned.placement = Placement::Done;
             }
         }
-        owned.pod = resolved.pod;
+        owned.pod = assigned;
         owned.volumes = resolved.volumes;
         owned.pull_credentials = resolved.pull_credentials;
     }
@@ -855,12 +870,13 @@ impl Owner {
         let Some(mut owned) = self.pods.remove(uid) else {
             return;
         };
-        let deleted = desired.pod.metadata.deletion_timestamp.is_some();
-        owned.grace_secs = translate::grace_period_secs(&desired.pod);
+        let pod = desired.pod.pod();
+        let deleted = pod.metadata.deletion_timestamp.is_some();
+        owned.grace_secs = translate::grace_period_secs(&pod);
         owned.desired = desired.clone();
         match (&owned.placement, desired.resolved.clone()) {
             (Placement::Held, resolved) => {
-                self.prepare(&mut owned, resolved);
+                self.prepare(&mut owned, resolved, &pod);
                 let status = owned.status.clone();
                 self.pods.insert(uid.clone(), owned);
                 self.due.insert(uid.clone());
@@ -875,7 +891,8 @@ impl Owner {
                     Placement::Placed { agent } => Some(*agent),
                     _ => None,
                 };
-                let pod = without_ephemeral(resolved.pod, &owned.refused_ephemeral);
+                let assigned = resolved.rewritten.unwrap_or_else(|| desired.pod.clone());
+                let pod = without_ephemeral(assigned, &owned.refused_ephemeral);
                 let pod_changed = pod != owned.pod;
                 let changed = pod_changed
                     || resolved.volumes != owned.volumes
@@ -884,7 +901,7 @@ impl Owner {
                     owned.volumes = resolved.volumes;
                     owned.pull_credentials = resolved.pull_credentials;
                     if pod_changed {
-                        owned.offer.spec_digest = spec_digest(&pod);
+                        owned.offer.spec_digest = spec_digest(&pod.pod());
                     }
                     std::mem::replace(&mut owned.pod, pod)
                 });
@@ -942,7 +959,7 @@ impl Owner {
 
     /// Sends the placed pod's assignment again, with its new data or spec; `previous`
     /// is the pod the agent had, to tell what a refused update added.
-    fn send_assign_refresh(&self, uid: &PodUid, agent: PeerId, previous: Arc<Pod>) {
+    fn send_assign_refresh(&self, uid: &PodUid, agent: PeerId, previous: StoredPod) {
         let Some(owned) = self.pods.get(uid) else {
             return;
         };
@@ -1051,12 +1068,9 @@ impl Owner {
             Placement::Placed { agent } => Some(agent),
             _ => None,
         };
-        self.sink.status_changed(
-            &owned.pod_ref,
-            owned.desired.pod.spec.as_ref(),
-            &owned.status,
-            agent,
-        );
+        let pod = owned.desired.pod.pod();
+        self.sink
+            .status_changed(&owned.pod_ref, pod.spec.as_ref(), &owned.status, agent);
     }
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
@@ -1084,7 +1098,7 @@ impl Owner {
                     Placement::Placed { agent } | Placement::Fencing { agent, .. } => agent,
                     _ => return None,
                 };
-                let created = owned.desired.pod.metadata.creation_timestamp.as_ref();
+                let created = owned.created.as_ref();
                 Some(GroupedPod {
                     group: group.clone(),
                     pod: owned.pod_ref.clone(),
@@ -1464,7 +1478,7 @@ impl Owner {
             && !owned.inherited
             && owned.carried_restarts.is_empty()
             && owned.status.container_statuses.is_none();
-        let waits = placement::waits_for_agent(&owned.desired.pod);
+        let waits = placement::waits_for_agent(&owned.desired.pod.pod());
         let shortfall = placement::shortfall(&owned.offer, agents.iter().map(AsRef::as_ref));
         let now = Instant::now();
         let reject_after = self
@@ -1716,7 +1730,7 @@ impl Owner {
                 previous,
                 refused,
                 reason,
-            } => self.on_update_refused(&uid, &previous, &refused, reason),
+            } => self.on_update_refused(&uid, &previous.pod(), &refused.pod(), reason),
         }
     }
 
@@ -1753,7 +1767,7 @@ impl Owner {
         self.sink.events(&owned.pod_ref, &events);
         let pod = without_ephemeral(owned.pod.clone(), &owned.refused_ephemeral);
         if pod != owned.pod {
-            owned.offer.spec_digest = spec_digest(&pod);
+            owned.offer.spec_digest = spec_digest(&pod.pod());
             let previous = std::mem::replace(&mut owned.pod, pod);
             self.send_assign_refresh(uid, agent, previous);
         }
@@ -2342,11 +2356,8 @@ impl Owner {
             .pods
             .values()
             .filter(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)
-            .max_by_key(|o| {
-                let created = o.desired.pod.metadata.creation_timestamp.as_ref();
-                (!o.deleting, created.map(|t| t.0))
-            })?;
-        let spec = owned.desired.pod.spec.as_ref();
+            .max_by_key(|o| (!o.deleting, o.created.as_ref().map(|t| t.0)))?;
+        let spec = owned.desired.pod.pod().spec;
         Some(PodLocation {
             pod: owned.pod_ref.clone(),
             agent: match owned.placement {
@@ -2354,6 +2365,7 @@ impl Owner {
                 _ => None,
             },
             containers: spec
+                .as_ref()
                 .map(|s| {
                     s.init_containers
                         .iter()
@@ -2412,16 +2424,10 @@ impl Owner {
                 .chain(owned.status.container_statuses.iter().flatten())
                 .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
                 .find(|w| w.message.is_some());
-            let shown = pod_display(
-                owned.desired.pod.spec.as_ref(),
-                &owned.status,
-                owned.deleting,
-            );
+            let spec = owned.desired.pod.pod().spec;
+            let shown = pod_display(spec.as_ref(), &owned.status, owned.deleting);
             let created = owned
-                .desired
-                .pod
-                .metadata
-                .creation_timestamp
+                .created
                 .as_ref()
                 .map(|t| t.0)
                 .or_else(|| owned.status.start_time.as_ref().map(|t| t.0));
@@ -2447,12 +2453,7 @@ impl Owner {
                 created_at: created.map(|t| t.as_second()),
                 ip: owned.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
                 node: Some(
-                    owned
-                        .desired
-                        .pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.node_name.clone())
+                    spec.and_then(|s| s.node_name)
                         .unwrap_or_else(|| self.config.node_name.clone()),
                 ),
                 ..PodSummary::new(
@@ -2640,12 +2641,17 @@ fn ephemeral_names(pod: &Pod) -> Vec<String> {
 }
 
 /// `pod` without the ephemeral containers named in `refused`.
-fn without_ephemeral(pod: Arc<Pod>, refused: &BTreeMap<String, String>) -> Arc<Pod> {
-    let names = ephemeral_names(&pod);
-    if !names.iter().any(|n| refused.contains_key(n)) {
-        return pod;
+fn without_ephemeral(stored: StoredPod, refused: &BTreeMap<String, String>) -> StoredPod {
+    if refused.is_empty() {
+        return stored;
     }
-    let mut pod = Pod::clone(&pod);
+    let mut pod = stored.pod();
+    if !ephemeral_names(&pod)
+        .iter()
+        .any(|n| refused.contains_key(n))
+    {
+        return stored;
+    }
     if let Some(ephemeral) = pod
         .spec
         .as_mut()
@@ -2653,7 +2659,7 @@ fn without_ephemeral(pod: Arc<Pod>, refused: &BTreeMap<String, String>) -> Arc<P
     {
         ephemeral.retain(|e| !refused.contains_key(&e.name));
     }
-    Arc::new(pod)
+    StoredPod::new(&pod)
 }
 
 /// `status` with each refused ephemeral container waiting, with the reason, as the
@@ -2705,13 +2711,13 @@ mod tests {
             },
         }))
         .expect("pod");
-        let pod = Arc::new(pod);
         assert_eq!(ephemeral_names(&pod), ["root", "debugger"]);
+        let pod = StoredPod::new(&pod);
         let none = BTreeMap::new();
-        assert!(Arc::ptr_eq(&without_ephemeral(pod.clone(), &none), &pod));
+        assert_eq!(without_ephemeral(pod.clone(), &none), pod);
         let refused = BTreeMap::from([("root".to_string(), "no privileged".to_string())]);
         assert_eq!(
-            ephemeral_names(&without_ephemeral(pod, &refused)),
+            ephemeral_names(&without_ephemeral(pod, &refused).pod()),
             ["debugger"]
         );
 

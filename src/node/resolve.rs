@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::ByteString;
 
+use super::stored_pod::StoredPod;
 use crate::runtime::{registry_auth, translate};
 use crate::wire::{RegistryCredential, VolumeFile};
 
@@ -59,12 +60,12 @@ pub struct Fetched {
     pub service_env: Arc<BTreeMap<String, String>>,
 }
 
-/// A pod ready for placement. Shared (the owner keeps what it assigned): the pod is
-/// the source's own allocation when resolving changed nothing in it, as for most pods.
+/// A pod ready for placement. Shared (the owner keeps what it assigned).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
-    /// The pod with every env var from a configMap or secret turned into a literal.
-    pub pod: Arc<Pod>,
+    /// The pod with every env var from a configMap or secret turned into a literal,
+    /// if that changed it; None, as for most pods: the pod as its source has it.
+    pub rewritten: Option<StoredPod>,
     /// Files of the pod's API-backed volumes, by volume name.
     pub volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     /// The logins of its image pull secrets.
@@ -208,13 +209,13 @@ fn token_spec(
 }
 
 /// The pod with its env and volumes resolved against `fetched`.
-pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveError> {
+pub fn resolve(pod: &Pod, fetched: &Fetched) -> Result<Resolved, ResolveError> {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let lookup = Lookup { namespace, fetched };
     let mut resolved = Pod::clone(pod);
     let Some(spec) = resolved.spec.as_mut() else {
         return Ok(Resolved {
-            pod: pod.clone(),
+            rewritten: None,
             volumes: Arc::default(),
             pull_credentials: Arc::default(),
             unusable_pull_secrets: Vec::new(),
@@ -292,13 +293,8 @@ pub fn resolve(pod: &Arc<Pod>, fetched: &Fetched) -> Result<Resolved, ResolveErr
             volumes.insert(volume.name.clone(), files);
         }
     }
-    let pod = if resolved == **pod {
-        pod.clone()
-    } else {
-        Arc::new(resolved)
-    };
     Ok(Resolved {
-        pod,
+        rewritten: (resolved != *pod).then(|| StoredPod::new(&resolved)),
         volumes: Arc::new(volumes),
         pull_credentials: Arc::new(pull_credentials),
         unusable_pull_secrets,
@@ -765,7 +761,8 @@ mod tests {
     }
 
     fn env_of(resolved: &Resolved) -> Vec<(String, Option<String>)> {
-        resolved.pod.spec.as_ref().expect("spec").containers[0]
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        rewritten.spec.expect("spec").containers[0]
             .env
             .iter()
             .flatten()
@@ -786,7 +783,8 @@ mod tests {
             ]
         }]}));
         let resolved = resolve(&pod, &fetched()).expect("resolves");
-        let container = &resolved.pod.spec.as_ref().expect("spec").containers[0];
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        let container = &rewritten.spec.as_ref().expect("spec").containers[0];
         assert!(container.env_from.is_none());
         assert_eq!(
             env_of(&resolved),
@@ -846,7 +844,8 @@ mod tests {
                 ),
             ]
         );
-        let spec = resolved.pod.spec.as_ref().expect("spec");
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        let spec = rewritten.spec.as_ref().expect("spec");
         let init_env = spec.init_containers.as_ref().expect("init")[0].env.as_ref();
         assert_eq!(init_env.map(Vec::len), Some(2), "{init_env:?}");
     }
