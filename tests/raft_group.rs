@@ -723,6 +723,34 @@ impl PodCopy {
 /// stopping and its replacement starts). The copy on the other side gets the seat only after the cut-off copy's seat
 /// ran out and it stopped, so the two never run at once; reconnected, the group tells
 /// the old holder the seat is another's.
+/// A leader cut off from its quorum cannot commit a write: its client hears so within
+/// the time a forwarded call gets, instead of waiting for the partition to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_leader_cut_off_from_its_quorum_ends_in_time_with_an_unknown_outcome() {
+    let cluster = Cluster::start_partitionable(3).await;
+    cluster.tell("db").await;
+    let key = cluster.key("db");
+    cluster.agreed_leader("db", Duration::from_secs(15)).await;
+    let cut = cluster.leader_index("db").expect("a leader");
+    let leader = cluster.groups(cut).expect("the leader runs");
+    cluster.isolate(cut);
+    let put = Command::Put {
+        key: "k".into(),
+        value: "v".into(),
+        expect: None,
+    };
+    let started = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(30), leader.propose(&key, put)).await;
+    let took = started.elapsed();
+    cluster.heal(cut);
+    let answer = answer.expect("the write ends while the partition lasts");
+    assert!(
+        matches!(answer, Err(ServiceError::Unknown(_))),
+        "{answer:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seat_moves_across_a_partition_only_after_the_cut_off_copy_stopped() {
     let cluster = Cluster::start_partitionable(3).await;

@@ -716,7 +716,20 @@ impl Groups {
             let leader = metrics.current_leader;
             let reply = match leader {
                 Some(id) if id == me => {
-                    Some(serve_locally(group, call.clone().into(), &self.inner.me).await)
+                    // A leader cut off from its quorum waits for it: as long as a
+                    // forwarded call may, not for ever.
+                    let ttl = deadline.saturating_duration_since(Instant::now());
+                    let served = serve_locally(group, call.clone().into(), &self.inner.me);
+                    match tokio::time::timeout(ttl, served).await {
+                        Ok(reply) => Some(reply),
+                        Err(_) if write => {
+                            return Err(ServiceError::Unknown(
+                                "no quorum answered in time; the write may still be committed"
+                                    .into(),
+                            ))
+                        }
+                        Err(_) => None,
+                    }
                 }
                 Some(id) => {
                     let peer = metrics
