@@ -820,14 +820,12 @@ impl Owner {
                 return;
             }
         };
-        let (assigned, rewritten) = match resolved.rewritten {
-            Some(rewritten) => {
-                let pod = rewritten.pod();
-                (rewritten, Some(pod))
-            }
-            None => (owned.desired.pod.clone(), None),
-        };
-        let pod = rewritten.as_ref().unwrap_or(desired);
+        // Decoded again only when resolving rewrote the pod.
+        let rewritten = resolved.rewritten.map(|stored| {
+            let pod = stored.pod();
+            (stored, pod)
+        });
+        let pod = rewritten.as_ref().map_or(desired, |(_, pod)| pod);
         let checked = translate::validate(pod)
             .and_then(|()| translate::pod_requests(pod))
             .map_err(|e| e.to_string())
@@ -860,7 +858,7 @@ impl Owner {
                 owned.placement = Placement::Done;
             }
         }
-        owned.pod = assigned;
+        owned.pod = rewritten.map_or_else(|| owned.desired.pod.clone(), |(stored, _)| stored);
         owned.volumes = resolved.volumes;
         owned.pull_credentials = resolved.pull_credentials;
     }
