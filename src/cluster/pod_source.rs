@@ -34,7 +34,7 @@ use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
 use crate::node::resolve::{self, Fetched, ResolveError, TokenSpec};
 use crate::node::service_env;
-use crate::node::stored_pod::StoredPod;
+use crate::node::stored::StoredPod;
 use crate::runtime::{dns, translate};
 use crate::wire::PodUid;
 
@@ -273,7 +273,7 @@ impl PodSource {
             && self
                 .pods
                 .get(&uid)
-                .is_none_or(|t| t.desired.pod.pod().metadata.deletion_timestamp.is_none());
+                .is_none_or(|t| t.desired.pod.get().metadata.deletion_timestamp.is_none());
         if newly_deleted {
             self.record_killing(&pod);
         }
@@ -334,7 +334,7 @@ impl PodSource {
             let Some(stored) = self.pods.get(&uid).map(|t| t.desired.pod.clone()) else {
                 continue;
             };
-            let pod = stored.pod();
+            let pod = stored.get();
             if pod.metadata.deletion_timestamp.is_some() {
                 continue;
             }

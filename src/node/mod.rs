@@ -16,7 +16,7 @@ mod printer;
 pub mod resolve;
 mod route;
 pub mod service_env;
-pub mod stored_pod;
+pub mod stored;
 pub mod subnets;
 
 use std::collections::BTreeSet;
@@ -43,7 +43,7 @@ use network_policy::Labels;
 use owner::{AgentsSummary, DesiredPod, DesiredPods, Owner, OwnerConfig, PodLocation, StatusSink};
 pub use printer::{timestamp, PhasePrinter};
 use resolve::{Fetched, ResolveError};
-use stored_pod::StoredPod;
+use stored::StoredPod;
 
 /// How often the manifest directory is scanned when inotify says nothing (changes
 /// must be noticed within 5 s even where inotify does not work, e.g. some network

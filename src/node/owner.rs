@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::display::{pod_display, unscheduled};
 use super::groups::{GroupBook, GroupedPod};
 use super::resolve::{ResolveError, Resolved};
-use super::stored_pod::StoredPod;
+use super::stored::{StoredPod, StoredStatus};
 use super::subnets::{Exhausted, SubnetPool};
 use crate::agent::status::RestartPolicy;
 use crate::audit::{self, Outcome};
@@ -239,7 +239,7 @@ struct OwnedPod {
     policy: RestartPolicy,
     epoch: Epoch,
     placement: Placement,
-    status: PodStatus,
+    status: StoredStatus,
     /// Restarts of earlier placements (lost agents), added to each container's count.
     carried_restarts: BTreeMap<String, i32>,
     /// Set after an agent loss: the lastState shown until the new run has its own.
@@ -293,8 +293,8 @@ impl OwnedPod {
     /// The pod as the API shows it.
     fn with_status(&self) -> Pod {
         Pod {
-            status: Some(self.status.clone()),
-            ..self.desired.pod.pod()
+            status: Some(self.status.get()),
+            ..self.desired.pod.get()
         }
     }
 
@@ -465,7 +465,7 @@ impl AssignmentDraft {
         );
         Assign {
             epoch: self.epoch,
-            pod: self.pod.pod(),
+            pod: self.pod.get(),
             volumes: BTreeMap::clone(&self.volumes),
             pull_credentials: Vec::clone(&self.pull_credentials),
             statement,
@@ -700,7 +700,7 @@ impl Owner {
     }
 
     fn add(&mut self, desired: Arc<DesiredPod>) {
-        let pod = desired.pod.pod();
+        let pod = desired.pod.get();
         let pod_ref = match translate::pod_ref(&pod) {
             Ok(r) => r,
             Err(e) => {
@@ -723,7 +723,7 @@ impl Owner {
             policy,
             epoch: Epoch(0),
             placement: Placement::Held,
-            status: PodStatus::default(),
+            status: StoredStatus::default(),
             carried_restarts: BTreeMap::new(),
             lost_state: None,
             deleting: false,
@@ -750,7 +750,7 @@ impl Owner {
         let inherited = self.sink.last_known(&pod_ref.uid);
         if !self.inherit(&mut owned, inherited) {
             self.sink
-                .status_changed(&pod_ref, pod.spec.as_ref(), &owned.status, None);
+                .status_changed(&pod_ref, pod.spec.as_ref(), &owned.status.get(), None);
         }
         let deleted = pod.metadata.deletion_timestamp.is_some();
         if let Ok(Some(group)) = crate::raft::group_of(&pod) {
@@ -777,7 +777,7 @@ impl Owner {
             // Finished, as the kubelet leaves it: never run again.
             Some("Succeeded" | "Failed") => {
                 owned.placement = Placement::Done;
-                owned.status = previous;
+                owned.status = StoredStatus::new(&previous);
                 true
             }
             _ if was_placed(&previous) => {
@@ -791,7 +791,7 @@ impl Owner {
                 tracing::info!(pod = %owned.pod_ref, wait_secs = wait.as_secs(), "keeping the API's status until an agent reports the pod");
                 owned.offer_not_before = Instant::now() + wait;
                 owned.inherited = true;
-                owned.status = previous;
+                owned.status = StoredStatus::new(&previous);
                 true
             }
             _ => false,
@@ -810,19 +810,20 @@ impl Owner {
             Ok(resolved) => resolved,
             Err(ResolveError::Missing(message) | ResolveError::Denied(message)) => {
                 owned.placement = Placement::Held;
-                owned.status = config_error_status(desired, message);
+                owned.status = StoredStatus::new(&config_error_status(desired, message));
                 return;
             }
             Err(e @ ResolveError::Invalid { .. }) => {
                 owned.placement = Placement::Done;
-                owned.status =
+                let status =
                     failed_status("UnsupportedPodSpec", e.to_string(), &PodStatus::default());
+                owned.status = StoredStatus::new(&status);
                 return;
             }
         };
         // Decoded again only when resolving rewrote the pod.
         let rewritten = resolved.rewritten.map(|stored| {
-            let pod = stored.pod();
+            let pod = stored.get();
             (stored, pod)
         });
         let pod = rewritten.as_ref().map_or(desired, |(_, pod)| pod);
@@ -851,10 +852,12 @@ impl Owner {
                 owned.placement = Placement::Waiting {
                     at: self.adopt_until.max(Instant::now()),
                 };
-                owned.status = pending_status("Placing", "choosing an agent".into());
+                let status = pending_status("Placing", "choosing an agent".into());
+                owned.status = StoredStatus::new(&status);
             }
             Err(message) => {
-                owned.status = failed_status("UnsupportedPodSpec", message, &PodStatus::default());
+                let status = failed_status("UnsupportedPodSpec", message, &PodStatus::default());
+                owned.status = StoredStatus::new(&status);
                 owned.placement = Placement::Done;
             }
         }
@@ -868,14 +871,14 @@ impl Owner {
         let Some(mut owned) = self.pods.remove(uid) else {
             return;
         };
-        let pod = desired.pod.pod();
+        let pod = desired.pod.get();
         let deleted = pod.metadata.deletion_timestamp.is_some();
         owned.grace_secs = translate::grace_period_secs(&pod);
         owned.desired = desired.clone();
         match (&owned.placement, desired.resolved.clone()) {
             (Placement::Held, resolved) => {
                 self.prepare(&mut owned, resolved, &pod);
-                let status = owned.status.clone();
+                let status = owned.status.get();
                 self.pods.insert(uid.clone(), owned);
                 self.due.insert(uid.clone());
                 self.set_status_forced(uid, status);
@@ -899,7 +902,7 @@ impl Owner {
                     owned.volumes = resolved.volumes;
                     owned.pull_credentials = resolved.pull_credentials;
                     if pod_changed {
-                        owned.offer.spec_digest = spec_digest(&pod.pod());
+                        owned.offer.spec_digest = spec_digest(&pod.get());
                     }
                     std::mem::replace(&mut owned.pod, pod)
                 });
@@ -1051,24 +1054,31 @@ impl Owner {
         if self.grouped.contains_key(uid) {
             not_in_group_unless_said(&mut status);
         }
-        keep_transition_times(&owned.status, &mut status);
-        if owned.status != status {
-            self.set_status_forced(uid, status);
+        keep_transition_times(&owned.status.get(), &mut status);
+        // Compared as stored: the JSON keeps times to the second, as the API does.
+        let stored = StoredStatus::new(&status);
+        if owned.status != stored {
+            self.put_status(uid, status, stored);
         }
     }
 
     fn set_status_forced(&mut self, uid: &PodUid, status: PodStatus) {
+        let stored = StoredStatus::new(&status);
+        self.put_status(uid, status, stored);
+    }
+
+    fn put_status(&mut self, uid: &PodUid, status: PodStatus, stored: StoredStatus) {
         let Some(owned) = self.pods.get_mut(uid) else {
             return;
         };
-        owned.status = status;
+        owned.status = stored;
         let agent = match owned.placement {
             Placement::Placed { agent } => Some(agent),
             _ => None,
         };
-        let pod = owned.desired.pod.pod();
+        let pod = owned.desired.pod.get();
         self.sink
-            .status_changed(&owned.pod_ref, pod.spec.as_ref(), &owned.status, agent);
+            .status_changed(&owned.pod_ref, pod.spec.as_ref(), &status, agent);
     }
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
@@ -1475,8 +1485,8 @@ impl Owner {
         let never_ran = owned.lost_copy.is_none()
             && !owned.inherited
             && owned.carried_restarts.is_empty()
-            && owned.status.container_statuses.is_none();
-        let waits = placement::waits_for_agent(&owned.desired.pod.pod());
+            && owned.status.get().container_statuses.is_none();
+        let waits = placement::waits_for_agent(&owned.desired.pod.get());
         let shortfall = placement::shortfall(&owned.offer, agents.iter().map(AsRef::as_ref));
         let now = Instant::now();
         let reject_after = self
@@ -1660,7 +1670,7 @@ impl Owner {
                     self.release_now(agent, release);
                     return;
                 }
-                let mut status = owned.status.clone();
+                let mut status = owned.status.get();
                 status.conditions = Some(vec![PodCondition {
                     type_: "PodScheduled".into(),
                     status: "True".into(),
@@ -1728,7 +1738,7 @@ impl Owner {
                 previous,
                 refused,
                 reason,
-            } => self.on_update_refused(&uid, &previous.pod(), &refused.pod(), reason),
+            } => self.on_update_refused(&uid, &previous.get(), &refused.get(), reason),
         }
     }
 
@@ -1765,14 +1775,14 @@ impl Owner {
         self.sink.events(&owned.pod_ref, &events);
         let pod = without_ephemeral(owned.pod.clone(), &owned.refused_ephemeral);
         if pod != owned.pod {
-            owned.offer.spec_digest = spec_digest(&pod.pod());
+            owned.offer.spec_digest = spec_digest(&pod.get());
             let previous = std::mem::replace(&mut owned.pod, pod);
             self.send_assign_refresh(uid, agent, previous);
         }
         let Some(owned) = self.pods.get(uid) else {
             return;
         };
-        let status = with_refused_ephemeral(owned.status.clone(), &owned.refused_ephemeral);
+        let status = with_refused_ephemeral(owned.status.get(), &owned.refused_ephemeral);
         self.set_status(uid, status);
     }
 
@@ -2235,7 +2245,7 @@ impl Owner {
             "agent {agent} {why}; the pod is placed again once its copy there has stopped for want of a lease (in {wait} s)"
         );
         tracing::warn!(pod = %owned.pod_ref, %agent, wait_secs = wait, "strict pod's agent unreachable; waiting for its lease to run out");
-        let mut status = owned.status.clone();
+        let mut status = owned.status.get();
         for condition in status.conditions.iter_mut().flatten() {
             if [
                 "Ready",
@@ -2263,7 +2273,7 @@ impl Owner {
         let before = LostCopy {
             agent,
             epoch: owned.epoch,
-            status: owned.status.clone(),
+            status: owned.status.get(),
             carried_restarts: owned.carried_restarts.clone(),
             lost_state: owned.lost_state.clone(),
         };
@@ -2297,8 +2307,9 @@ impl Owner {
             finished_at: Some(now_time()),
             ..Default::default()
         };
+        let current = owned.status.get();
         if owned.policy == RestartPolicy::Never {
-            let mut status = failed_status("AgentLost", message, &owned.status);
+            let mut status = failed_status("AgentLost", message, &current);
             for cs in status.container_statuses.iter_mut().flatten() {
                 if cs.state.as_ref().is_some_and(|s| s.terminated.is_none()) {
                     cs.state = Some(ContainerState {
@@ -2313,7 +2324,7 @@ impl Owner {
             return;
         }
         // Restart elsewhere: each container's restart count goes on from where it was.
-        for cs in owned.status.container_statuses.iter().flatten() {
+        for cs in current.container_statuses.iter().flatten() {
             owned
                 .carried_restarts
                 .insert(cs.name.clone(), cs.restart_count + 1);
@@ -2322,7 +2333,7 @@ impl Owner {
         owned.placement = Placement::Waiting { at: Instant::now() };
         self.due.insert(uid.clone());
         let mut status = pending_status("AgentLost", format!("{message}; offering the pod again"));
-        status.container_statuses = owned.status.container_statuses.clone().map(|list| {
+        status.container_statuses = current.container_statuses.map(|list| {
             list.into_iter()
                 .map(|cs| ContainerStatus {
                     ready: false,
@@ -2355,7 +2366,7 @@ impl Owner {
             .values()
             .filter(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)
             .max_by_key(|o| (!o.deleting, o.created.as_ref().map(|t| t.0)))?;
-        let spec = owned.desired.pod.pod().spec;
+        let spec = owned.desired.pod.get().spec;
         Some(PodLocation {
             pod: owned.pod_ref.clone(),
             agent: match owned.placement {
@@ -2412,32 +2423,30 @@ impl Owner {
         // Our own pods, with reasons; the agents' lists add nothing for those.
         view.pods.retain(|p| !self.pods.contains_key(&p.pod.uid));
         for owned in self.pods.values() {
-            let scheduled = unscheduled(&owned.status);
+            let status = owned.status.get();
+            let scheduled = unscheduled(&status);
             // What keeps a container from running, as `kubectl get pods` shows it.
-            let waiting = owned
-                .status
+            let waiting = status
                 .init_container_statuses
                 .iter()
                 .flatten()
-                .chain(owned.status.container_statuses.iter().flatten())
+                .chain(status.container_statuses.iter().flatten())
                 .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
                 .find(|w| w.message.is_some());
-            let spec = owned.desired.pod.pod().spec;
-            let shown = pod_display(spec.as_ref(), &owned.status, owned.deleting);
+            let spec = owned.desired.pod.get().spec;
+            let shown = pod_display(spec.as_ref(), &status, owned.deleting);
             let created = owned
                 .created
                 .as_ref()
                 .map(|t| t.0)
-                .or_else(|| owned.status.start_time.as_ref().map(|t| t.0));
+                .or_else(|| status.start_time.as_ref().map(|t| t.0));
             view.pods.push(PodSummary {
-                reason: owned
-                    .status
+                reason: status
                     .reason
                     .clone()
                     .or_else(|| scheduled.and_then(|c| c.reason.clone()))
                     .or_else(|| waiting.map(|w| w.reason.clone().unwrap_or_default())),
-                message: owned
-                    .status
+                message: status
                     .message
                     .clone()
                     .or_else(|| scheduled.and_then(|c| c.message.clone()))
@@ -2449,7 +2458,7 @@ impl Owner {
                 }),
                 restarts: shown.restarts,
                 created_at: created.map(|t| t.as_second()),
-                ip: owned.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
+                ip: status.pod_ip.clone().filter(|ip| !ip.is_empty()),
                 node: Some(
                     spec.and_then(|s| s.node_name)
                         .unwrap_or_else(|| self.config.node_name.clone()),
@@ -2464,11 +2473,7 @@ impl Owner {
                     if owned.deleting {
                         "Terminating".into()
                     } else {
-                        owned
-                            .status
-                            .phase
-                            .clone()
-                            .unwrap_or_else(|| "Pending".into())
+                        status.phase.clone().unwrap_or_else(|| "Pending".into())
                     },
                 )
             });
@@ -2643,7 +2648,7 @@ fn without_ephemeral(stored: StoredPod, refused: &BTreeMap<String, String>) -> S
     if refused.is_empty() {
         return stored;
     }
-    let mut pod = stored.pod();
+    let mut pod = stored.get();
     if !ephemeral_names(&pod)
         .iter()
         .any(|n| refused.contains_key(n))
@@ -2715,7 +2720,7 @@ mod tests {
         assert_eq!(without_ephemeral(pod.clone(), &none), pod);
         let refused = BTreeMap::from([("root".to_string(), "no privileged".to_string())]);
         assert_eq!(
-            ephemeral_names(&without_ephemeral(pod, &refused).pod()),
+            ephemeral_names(&without_ephemeral(pod, &refused).get()),
             ["debugger"]
         );
 

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::ByteString;
 
-use super::stored_pod::StoredPod;
+use super::stored::StoredPod;
 use crate::runtime::{registry_auth, translate};
 use crate::wire::{RegistryCredential, VolumeFile};
 
@@ -761,7 +761,7 @@ mod tests {
     }
 
     fn env_of(resolved: &Resolved) -> Vec<(String, Option<String>)> {
-        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").get();
         rewritten.spec.expect("spec").containers[0]
             .env
             .iter()
@@ -783,7 +783,7 @@ mod tests {
             ]
         }]}));
         let resolved = resolve(&pod, &fetched()).expect("resolves");
-        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").get();
         let container = &rewritten.spec.as_ref().expect("spec").containers[0];
         assert!(container.env_from.is_none());
         assert_eq!(
@@ -844,7 +844,7 @@ mod tests {
                 ),
             ]
         );
-        let rewritten = resolved.rewritten.as_ref().expect("rewritten").pod();
+        let rewritten = resolved.rewritten.as_ref().expect("rewritten").get();
         let spec = rewritten.spec.as_ref().expect("spec");
         let init_env = spec.init_containers.as_ref().expect("init")[0].env.as_ref();
         assert_eq!(init_env.map(Vec::len), Some(2), "{init_env:?}");
