@@ -7,12 +7,16 @@ use libp2p::PeerId;
 use tokio::time::Instant;
 
 use crate::placement::AgentCapacity;
-use crate::wire::{AgentSummary, Heartbeat, MeshView, PeerRef, PodSummary};
+use crate::wire::{AgentSummary, Heartbeat, HostedPod, MeshView, PeerRef, PodSummary};
 
 #[derive(Debug, Clone)]
 pub struct SeenAgent {
+    /// The heartbeat, less the pods a reader keeps its own record of (see
+    /// [`HeartbeatBook::forget_listed`]).
     pub heartbeat: Heartbeat,
     pub last_seen: Instant,
+    /// How many pods the heartbeat listed.
+    listed: usize,
     /// What the heartbeat offers for placement, worked out once per heartbeat: owners
     /// look at it for every pod they place.
     capacity: AgentCapacity,
@@ -32,6 +36,7 @@ impl SeenAgent {
             health: heartbeat.health.clone(),
         };
         SeenAgent {
+            listed: heartbeat.pods.len(),
             heartbeat,
             last_seen,
             capacity,
@@ -77,6 +82,16 @@ impl HeartbeatBook {
         lost
     }
 
+    /// Drops from an agent's last heartbeat the pods `drop` picks: an owner keeps its
+    /// own pods' state, and a million listed again would double it. What the heartbeat
+    /// offers for placement, and its count of pods, still include them.
+    pub fn forget_listed(&mut self, agent: &PeerId, drop: impl Fn(&HostedPod) -> bool) {
+        if let Some(seen) = self.agents.get_mut(agent) {
+            seen.heartbeat.pods.retain(|p| !drop(p));
+            seen.heartbeat.pods.shrink_to_fit();
+        }
+    }
+
     pub fn get(&self, agent: &PeerId) -> Option<&SeenAgent> {
         self.agents.get(agent)
     }
@@ -112,7 +127,7 @@ impl HeartbeatBook {
                 labels: seen.heartbeat.labels.clone(),
                 capacity: seen.heartbeat.capacity,
                 free: seen.heartbeat.free,
-                pods: seen.heartbeat.pods.len(),
+                pods: seen.listed,
                 last_seen_secs: age.as_secs(),
                 health: seen.heartbeat.health.clone(),
             });
@@ -174,5 +189,37 @@ mod tests {
             "sick"
         );
         assert!(book.record(agent, heartbeat(3000, None)), "well again");
+    }
+
+    #[test]
+    fn pods_forgotten_from_a_heartbeat_still_count_and_keep_their_host_ports() {
+        let mut book = HeartbeatBook::default();
+        let agent = PeerId::random();
+        let (mine, theirs) = (PeerId::random(), PeerId::random());
+        let hosted = |name: &str, owner: PeerId, port: u16| HostedPod {
+            pod: crate::wire::PodRef {
+                uid: crate::wire::PodUid(name.into()),
+                namespace: "default".into(),
+                name: name.into(),
+            },
+            owner: PeerRef(owner),
+            epoch: crate::wire::Epoch(1),
+            phase: "Running".into(),
+            requests: Resources::default(),
+            host_ports: vec![port],
+            unrecorded: false,
+        };
+        let mut beat = heartbeat(4000, None);
+        beat.pods = vec![hosted("a", mine, 8080), hosted("b", theirs, 9090)];
+        book.record(agent, beat);
+        book.forget_listed(&agent, |p| p.owner.0 == mine);
+        let view = book.view(Duration::from_secs(60));
+        assert_eq!(view.agents[0].pods, 2);
+        let names: Vec<&str> = view.pods.iter().map(|p| p.pod.name.as_str()).collect();
+        assert_eq!(names, ["b"]);
+        let ports = &book
+            .get(&agent)
+            .map(|seen| seen.capacity().used_host_ports.clone());
+        assert_eq!(ports, &Some(BTreeSet::from([8080, 9090])));
     }
 }

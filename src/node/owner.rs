@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::placement::{self, AgentCapacity, Candidate, ScoreMode, AGENT_SELECTOR_ANNOTATION};
 use crate::retry::Backoff;
 use crate::runtime::translate;
-use crate::trust::replay::{unix_millis, ReplayGuard};
+use crate::trust::replay::{unix_millis, ReplayGuard, ReplayList};
 use crate::trust::statement::{self, spec_digest};
 use crate::trust::TrustedPeers;
 use crate::view::{HeartbeatBook, SeenAgent};
@@ -275,6 +275,8 @@ struct OwnedPod {
     /// reason: left out of the pod sent to agents (so that the rest of the pod still
     /// gets its updates and later debug containers), shown waiting in the status.
     refused_ephemeral: BTreeMap<String, String>,
+    /// The last status report sequence number of each agent that reported the pod.
+    status_seqs: ReplayList<PeerId>,
 }
 
 /// Policy refusals kept per pod: enough to tell the user why.
@@ -380,7 +382,6 @@ pub struct Owner {
     /// The last heartbeat sequence number of each agent.
     heartbeat_seqs: ReplayGuard<PeerId>,
     /// The last status report sequence number of each placement.
-    status_seqs: ReplayGuard<(PeerId, PodUid)>,
     /// Since when each agent has said its container runtime fails its checks.
     runtime_down_since: HashMap<PeerId, Instant>,
     /// Releases sent again while the agent's heartbeats still list the copy.
@@ -606,7 +607,6 @@ impl Owner {
             placed_on: HashMap::new(),
             silent_checked: Instant::now(),
             heartbeat_seqs: ReplayGuard::default(),
-            status_seqs: ReplayGuard::default(),
             runtime_down_since: HashMap::new(),
             release_retries: Backoff::new(RELEASE_RETRY, RELEASE_RETRY_MAX),
             cut_off: false,
@@ -738,6 +738,7 @@ impl Owner {
             ask_agents: false,
             too_big_since: None,
             refused_ephemeral: BTreeMap::new(),
+            status_seqs: ReplayList::default(),
             pod_ref: pod_ref.clone(),
             pod: desired.pod.clone(),
             created: pod.metadata.creation_timestamp.clone(),
@@ -1030,7 +1031,6 @@ impl Owner {
             tracing::info!(pod = %owned.pod_ref, "pod removed");
             self.sink.removed(&owned.pod_ref);
         }
-        self.status_seqs.retain(|(_, pod)| pod != uid);
         self.metrics.pods.set(self.pods.len() as i64);
     }
 
@@ -1856,6 +1856,10 @@ impl Owner {
             let soon = Instant::now().max(self.adopt_until);
             self.retime_waiting(|at| (*at).min(soon));
         }
+        // This owner's pods are known from its own records (and shown from them).
+        let pods = &self.pods;
+        self.agents
+            .forget_listed(&agent, |p| p.owner.0 == me && pods.contains_key(&p.pod.uid));
         if first_back {
             self.hold_lost_copies(agent);
         }
@@ -2018,7 +2022,7 @@ impl Owner {
                 reason: format!("not assigned to you by this owner: {reason}"),
             };
         }
-        let Some(owned) = self.pods.get(&uid) else {
+        let Some(owned) = self.pods.get_mut(&uid) else {
             if !self.synced {
                 // Not known yet; the agent reports again.
                 return Response::Ack;
@@ -2033,12 +2037,11 @@ impl Owner {
                 current: owned.epoch,
             };
         }
-        if let Err(replay) = self.status_seqs.check(
-            (agent, uid.clone()),
-            report.seq,
-            report.sent_at_ms,
-            unix_millis(),
-        ) {
+        let sent_at_ms = report.sent_at_ms;
+        if let Err(replay) = owned
+            .status_seqs
+            .check(agent, report.seq, sent_at_ms, unix_millis())
+        {
             self.metrics.dropped("status", replay.kind());
             tracing::debug!(pod = %report.pod, %agent, %replay, "status report dropped");
             return Response::Ack;

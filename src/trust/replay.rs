@@ -73,26 +73,57 @@ impl<K: Hash + Eq> ReplayGuard<K> {
     /// Accepts `seq` for `key` if it is newer than the last one and was sent near
     /// `now_ms`; remembers it then.
     pub fn check(&mut self, key: K, seq: u64, sent_at_ms: u64, now_ms: u64) -> Result<(), Replay> {
-        if sent_at_ms.abs_diff(now_ms) > MAX_CLOCK_SKEW_MS {
-            return Err(Replay::Stale);
-        }
-        match self.last.get_mut(&key) {
-            Some(last) if seq <= *last => Err(Replay::Old),
-            Some(last) => {
-                *last = seq;
-                Ok(())
-            }
-            None => {
-                self.last.insert(key, seq);
-                Ok(())
-            }
-        }
+        judge(self.last.get(&key).copied(), seq, sent_at_ms, now_ms)?;
+        self.last.insert(key, seq);
+        Ok(())
     }
 
     /// Forgets every key `keep` refuses.
     pub fn retain(&mut self, mut keep: impl FnMut(&K) -> bool) {
         self.last.retain(|k, _| keep(k));
     }
+}
+
+/// A [`ReplayGuard`] for a handful of keys (the agents that ran one pod), as a list:
+/// kept with what it guards, it goes with it, and a list of one costs less than a map.
+#[derive(Debug)]
+pub struct ReplayList<K> {
+    last: Vec<(K, u64)>,
+}
+
+impl<K> Default for ReplayList<K> {
+    fn default() -> Self {
+        ReplayList { last: Vec::new() }
+    }
+}
+
+impl<K: Eq> ReplayList<K> {
+    /// As [`ReplayGuard::check`].
+    pub fn check(&mut self, key: K, seq: u64, sent_at_ms: u64, now_ms: u64) -> Result<(), Replay> {
+        let last = self.last.iter_mut().find(|(k, _)| *k == key);
+        judge(
+            last.as_ref().map(|(_, last)| *last),
+            seq,
+            sent_at_ms,
+            now_ms,
+        )?;
+        match last {
+            Some((_, last)) => *last = seq,
+            None => self.last.push((key, seq)),
+        }
+        Ok(())
+    }
+}
+
+/// Whether `seq`, sent at `sent_at_ms`, may follow `last` (`None`: nothing accepted yet).
+fn judge(last: Option<u64>, seq: u64, sent_at_ms: u64, now_ms: u64) -> Result<(), Replay> {
+    if sent_at_ms.abs_diff(now_ms) > MAX_CLOCK_SKEW_MS {
+        return Err(Replay::Stale);
+    }
+    if last.is_some_and(|last| seq <= last) {
+        return Err(Replay::Old);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -132,5 +163,20 @@ mod tests {
             Err(Replay::Stale)
         );
         assert_eq!(guard.last.len(), 1);
+    }
+
+    #[test]
+    fn a_replay_list_judges_as_the_guard_does() {
+        let mut list = ReplayList::default();
+        let now = 10_000_000;
+        assert_eq!(list.check("a", 5, now, now), Ok(()));
+        assert_eq!(list.check("a", 5, now, now), Err(Replay::Old));
+        assert_eq!(list.check("b", 1, now, now), Ok(()));
+        assert_eq!(list.check("a", 6, now, now), Ok(()));
+        assert_eq!(
+            list.check("c", 1, now + MAX_CLOCK_SKEW_MS + 1, now),
+            Err(Replay::Stale)
+        );
+        assert_eq!(list.last, [("a", 6), ("b", 1)]);
     }
 }
