@@ -117,4 +117,17 @@ mod tests {
         assert_eq!(StoredStatus::new(&status).get(), status);
         assert_eq!(StoredStatus::default().get(), PodStatus::default());
     }
+
+    #[test]
+    fn statuses_apart_by_less_than_a_second_are_equal_as_stored_as_the_api_keeps_them() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use k8s_openapi::jiff::Timestamp;
+        let at = |seconds: i64, nanos: i32| PodStatus {
+            start_time: Timestamp::new(seconds, nanos).ok().map(Time),
+            ..Default::default()
+        };
+        let stored = StoredStatus::new(&at(1_700_000_000, 0));
+        assert_eq!(stored, StoredStatus::new(&at(1_700_000_000, 300_000_000)));
+        assert_ne!(stored, StoredStatus::new(&at(1_700_000_001, 0)));
+    }
 }
