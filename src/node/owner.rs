@@ -233,7 +233,8 @@ struct OwnedPod {
     created: Option<Time>,
     volumes: Arc<BTreeMap<String, Vec<VolumeFile>>>,
     pull_credentials: Arc<Vec<RegistryCredential>>,
-    pod_ref: PodRef,
+    /// What goes out to agents when the pod is offered; its `pod` names the pod (see
+    /// [`OwnedPod::pod_ref`]).
     offer: Offer,
     grace_secs: u64,
     policy: RestartPolicy,
@@ -292,6 +293,11 @@ struct LostCopy {
 }
 
 impl OwnedPod {
+    /// Which pod this is (kept once, in the offer: a million pods hold it).
+    fn pod_ref(&self) -> &PodRef {
+        &self.offer.pod
+    }
+
     /// The pod as the API shows it.
     fn with_status(&self) -> Pod {
         Pod {
@@ -739,7 +745,6 @@ impl Owner {
             too_big_since: None,
             refused_ephemeral: BTreeMap::new(),
             status_seqs: ReplayList::default(),
-            pod_ref: pod_ref.clone(),
             pod: desired.pod.clone(),
             created: pod.metadata.creation_timestamp.clone(),
             volumes: Arc::default(),
@@ -789,7 +794,7 @@ impl Owner {
                 if owned.fencing == Fencing::Strict {
                     wait = wait.max(self.config.lease + self.config.fencing_margin);
                 }
-                tracing::info!(pod = %owned.pod_ref, wait_secs = wait.as_secs(), "keeping the API's status until an agent reports the pod");
+                tracing::info!(pod = %owned.pod_ref(), wait_secs = wait.as_secs(), "keeping the API's status until an agent reports the pod");
                 owned.offer_not_before = Instant::now() + wait;
                 owned.inherited = true;
                 owned.status = StoredStatus::new(&previous);
@@ -949,7 +954,7 @@ impl Owner {
             pod: owned.pod.clone(),
             volumes: owned.volumes.clone(),
             pull_credentials: owned.pull_credentials.clone(),
-            uid: owned.pod_ref.uid.clone(),
+            uid: owned.pod_ref().uid.clone(),
             epoch: owned.epoch,
             spec_digest: owned.offer.spec_digest.clone(),
             ttl: self.config.assignment_ttl,
@@ -1003,7 +1008,7 @@ impl Owner {
         owned.deleting = true;
         match owned.placement.clone() {
             Placement::Placed { agent } => {
-                tracing::info!(pod = %owned.pod_ref, "pod deleted; stopping it on its agent");
+                tracing::info!(pod = %owned.pod_ref(), "pod deleted; stopping it on its agent");
                 let release = Release {
                     pod: uid.clone(),
                     epoch: owned.epoch,
@@ -1028,8 +1033,8 @@ impl Owner {
     fn forget(&mut self, uid: &PodUid) {
         self.grouped.remove(uid);
         if let Some(owned) = self.pods.remove(uid) {
-            tracing::info!(pod = %owned.pod_ref, "pod removed");
-            self.sink.removed(&owned.pod_ref);
+            tracing::info!(pod = %owned.pod_ref(), "pod removed");
+            self.sink.removed(owned.pod_ref());
         }
         self.metrics.pods.set(self.pods.len() as i64);
     }
@@ -1078,7 +1083,7 @@ impl Owner {
         };
         let pod = owned.desired.pod.get();
         self.sink
-            .status_changed(&owned.pod_ref, pod.spec.as_ref(), &status, agent);
+            .status_changed(owned.pod_ref(), pod.spec.as_ref(), &status, agent);
     }
 
     /// Timers: offers whose window closed, pods due for an offer, lost agents.
@@ -1109,11 +1114,11 @@ impl Owner {
                 let created = owned.created.as_ref();
                 Some(GroupedPod {
                     group: group.clone(),
-                    pod: owned.pod_ref.clone(),
+                    pod: owned.pod_ref().clone(),
                     agent,
                     age: (
                         created.map_or(0, |t| t.0.as_second()),
-                        owned.pod_ref.name.clone(),
+                        owned.pod_ref().name.clone(),
                     ),
                 })
             })
@@ -1325,7 +1330,7 @@ impl Owner {
         self.due.insert(uid.clone());
         let message = GossipMessage::Offer(owned.offer.clone());
         let mesh = self.mesh.clone();
-        let pod = owned.pod_ref.clone();
+        let pod = owned.pod_ref().clone();
         tokio::spawn(async move {
             if let Err(e) = mesh.publish(&message).await {
                 tracing::debug!(%pod, error = %e, "offer not published");
@@ -1500,7 +1505,7 @@ impl Owner {
             (Some(shortfall), Some(reject_after)) => {
                 let since = *owned.too_big_since.get_or_insert(now);
                 if now.duration_since(since) >= reject_after {
-                    tracing::info!(pod = %owned.pod_ref, message = %shortfall.message(), "pod rejected: no agent can hold it");
+                    tracing::info!(pod = %owned.pod_ref(), message = %shortfall.message(), "pod rejected: no agent can hold it");
                     owned.placement = Placement::Done;
                     let status = failed_status(
                         &shortfall.reason(),
@@ -1524,7 +1529,7 @@ impl Owner {
             }
             (None, _) => owned.too_big_since = None,
         }
-        tracing::info!(pod = %owned.pod_ref, %message, "no agent can take the pod");
+        tracing::info!(pod = %owned.pod_ref(), %message, "no agent can take the pod");
         owned.placement = Placement::Waiting {
             at: now + self.config.retry_interval,
         };
@@ -1558,7 +1563,7 @@ impl Owner {
             return;
         }
         placement::rank(&mut ranked);
-        tracing::debug!(pod = %owned.pod_ref, epoch = %owned.epoch, ?ranked, "offer closed");
+        tracing::debug!(pod = %owned.pod_ref(), epoch = %owned.epoch, ?ranked, "offer closed");
         self.assign_in_turn(uid, ranked.into_iter().map(|c| c.agent).collect());
     }
 
@@ -1576,7 +1581,7 @@ impl Owner {
         owned.placement = Placement::Assigning;
         // The lost copy may now be superseded by one that runs unseen.
         owned.lost_copy = None;
-        let (pod_ref, epoch) = (owned.pod_ref.clone(), owned.epoch);
+        let (pod_ref, epoch) = (owned.pod_ref().clone(), owned.epoch);
         let draft = self.draft(&self.pods[uid]);
         let agents: Vec<_> = agents
             .into_iter()
@@ -1660,7 +1665,7 @@ impl Owner {
                 // Not before the agent took the lease: it counts from receiving the
                 // assignment, which came before this answer.
                 owned.lease_renewed_at = owned.placed_at;
-                tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "assigned");
+                tracing::info!(pod = %owned.pod_ref(), %epoch, %agent, "assigned");
                 if owned.deleting {
                     let release = Release {
                         pod: uid.clone(),
@@ -1730,7 +1735,7 @@ impl Owner {
                 } else {
                     format!("assignment declined: {}", agent_reasons(&reasons))
                 };
-                tracing::info!(pod = %owned.pod_ref, %message, "re-offering");
+                tracing::info!(pod = %owned.pod_ref(), %message, "re-offering");
                 self.set_status(&uid, pending_status("Unschedulable", message));
             }
             Internal::UpdateRefused {
@@ -1772,7 +1777,7 @@ impl Owner {
             ));
             owned.refused_ephemeral.insert(name, message);
         }
-        self.sink.events(&owned.pod_ref, &events);
+        self.sink.events(owned.pod_ref(), &events);
         let pod = without_ephemeral(owned.pod.clone(), &owned.refused_ephemeral);
         if pod != owned.pod {
             owned.offer.spec_digest = spec_digest(&pod.get());
@@ -1971,7 +1976,7 @@ impl Owner {
                 return;
             }
         }
-        tracing::info!(pod = %owned.pod_ref, %epoch, %agent, "adopting running placement");
+        tracing::info!(pod = %owned.pod_ref(), %epoch, %agent, "adopting running placement");
         let taken_back = owned.lost_copy.take().filter(|_| lost_copy_back);
         owned.inherited = false;
         owned.epoch = epoch;
@@ -2084,7 +2089,7 @@ impl Owner {
         }
         let events = self.known_events(report.events);
         if !events.is_empty() {
-            self.sink.events(&owned.pod_ref, &events);
+            self.sink.events(owned.pod_ref(), &events);
         }
         let merged = merge_status(
             report.status,
@@ -2247,7 +2252,7 @@ impl Owner {
         let message = format!(
             "agent {agent} {why}; the pod is placed again once its copy there has stopped for want of a lease (in {wait} s)"
         );
-        tracing::warn!(pod = %owned.pod_ref, %agent, wait_secs = wait, "strict pod's agent unreachable; waiting for its lease to run out");
+        tracing::warn!(pod = %owned.pod_ref(), %agent, wait_secs = wait, "strict pod's agent unreachable; waiting for its lease to run out");
         let mut status = owned.status.get();
         for condition in status.conditions.iter_mut().flatten() {
             if [
@@ -2367,11 +2372,11 @@ impl Owner {
         let owned = self
             .pods
             .values()
-            .filter(|o| o.pod_ref.namespace == namespace && o.pod_ref.name == name)
+            .filter(|o| o.pod_ref().namespace == namespace && o.pod_ref().name == name)
             .max_by_key(|o| (!o.deleting, o.created.as_ref().map(|t| t.0)))?;
         let spec = owned.desired.pod.get().spec;
         Some(PodLocation {
-            pod: owned.pod_ref.clone(),
+            pod: owned.pod_ref().clone(),
             agent: match owned.placement {
                 Placement::Placed { agent } => Some(agent),
                 _ => None,
@@ -2467,7 +2472,7 @@ impl Owner {
                         .unwrap_or_else(|| self.config.node_name.clone()),
                 ),
                 ..PodSummary::new(
-                    owned.pod_ref.clone(),
+                    owned.pod_ref().clone(),
                     match owned.placement {
                         Placement::Placed { agent } => Some(PeerRef(agent)),
                         _ => None,
@@ -2555,7 +2560,7 @@ impl Owner {
     pub fn pods_in(&self, namespace: &str) -> Vec<Pod> {
         self.pods
             .values()
-            .filter(|owned| owned.pod_ref.namespace == namespace)
+            .filter(|owned| owned.pod_ref().namespace == namespace)
             .map(|owned| owned.with_status())
             .collect()
     }

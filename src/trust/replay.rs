@@ -109,7 +109,11 @@ impl<K: Eq> ReplayList<K> {
         )?;
         match last {
             Some((_, last)) => *last = seq,
-            None => self.last.push((key, seq)),
+            None => {
+                // Most pods are only ever reported by one agent.
+                self.last.reserve_exact(1);
+                self.last.push((key, seq));
+            }
         }
         Ok(())
     }
