@@ -3,6 +3,7 @@
 //! what it already has, and what was sent too far from its own clock (a message
 //! recorded long ago and played again after the receiver forgot its sequence).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,8 +74,17 @@ impl<K: Hash + Eq> ReplayGuard<K> {
     /// Accepts `seq` for `key` if it is newer than the last one and was sent near
     /// `now_ms`; remembers it then.
     pub fn check(&mut self, key: K, seq: u64, sent_at_ms: u64, now_ms: u64) -> Result<(), Replay> {
-        judge(self.last.get(&key).copied(), seq, sent_at_ms, now_ms)?;
-        self.last.insert(key, seq);
+        // One hash of the key: this runs for every heartbeat.
+        match self.last.entry(key) {
+            Entry::Occupied(mut last) => {
+                judge(Some(*last.get()), seq, sent_at_ms, now_ms)?;
+                last.insert(seq);
+            }
+            Entry::Vacant(slot) => {
+                judge(None, seq, sent_at_ms, now_ms)?;
+                slot.insert(seq);
+            }
+        }
         Ok(())
     }
 
