@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
-use beemesh::node::owner::OwnerConfig;
+use beemesh::node::owner::{DesiredPods, Owner, OwnerConfig, StatusSink};
 use beemesh::node::subnets::SubnetPool;
-use beemesh::node::{Node, NodeConfig};
+use beemesh::node::{standalone_pod, Node, NodeConfig};
 use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
@@ -20,7 +20,7 @@ use beemesh::wire::{
     Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
     PodSummary, PodUid, Renew, Request, Resources, Response, SignedAssignment, StatusReport, Topic,
 };
-use k8s_openapi::api::core::v1::PodStatus;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use tokio_util::sync::CancellationToken;
@@ -1458,6 +1458,82 @@ async fn an_agent_no_subnet_is_left_for_gets_no_pod_and_the_pod_says_why() {
         "{message}"
     );
     assert_no_assignment(&mut agents[..1], "an agent without a subnet");
+    cancel.cancel();
+}
+
+/// What a Service's connections are routed among: the pods of its namespace whose
+/// labels hold every pair of its selector, with their status; none for an empty
+/// selector.
+#[tokio::test]
+async fn a_service_selects_the_pods_of_its_namespace_whose_labels_hold_its_selector() {
+    struct NoSink;
+    impl StatusSink for NoSink {
+        fn status_changed(
+            &mut self,
+            _: &PodRef,
+            _: Option<&PodSpec>,
+            _: &PodStatus,
+            _: Option<libp2p::PeerId>,
+        ) {
+        }
+        fn removed(&mut self, _: &PodRef) {}
+    }
+    let pairs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let cancel = CancellationToken::new();
+    let key = Keypair::generate_ed25519();
+    let (mesh, _events, event_loop) =
+        mesh::start(key.clone(), MeshConfig::default(), Metrics::new()).expect("mesh");
+    tokio::spawn(event_loop.run(cancel.clone()));
+    let mut owner = Owner::new(
+        OwnerConfig::default(),
+        key,
+        mesh,
+        Metrics::new(),
+        Box::new(NoSink),
+    );
+    let pods = [
+        ("default", "web-1", &[("app", "web"), ("tier", "front")][..]),
+        ("default", "web-2", &[("app", "web")][..]),
+        ("default", "db", &[("app", "db")][..]),
+        ("other", "web-3", &[("app", "web")][..]),
+        ("default", "bare", &[][..]),
+    ];
+    let desired: DesiredPods = pods
+        .iter()
+        .map(|(namespace, name, labels)| {
+            let uid = format!("uid-{namespace}-{name}");
+            let mut pod: Pod = serde_yaml::from_str(POD).expect("pod");
+            pod.metadata.namespace = Some(namespace.to_string());
+            pod.metadata.name = Some(name.to_string());
+            pod.metadata.uid = Some(uid.clone());
+            pod.metadata.labels = Some(pairs(labels)).filter(|l| !l.is_empty());
+            (uid, standalone_pod(pod))
+        })
+        .collect();
+    owner.set_desired(desired);
+    let selected = |namespace: &str, selector: &[(&str, &str)]| -> Vec<String> {
+        let pods = owner.selected_pods(namespace, &pairs(selector));
+        assert!(pods.iter().all(|p| p.status.is_some()), "with their status");
+        let mut names: Vec<String> = pods.into_iter().filter_map(|p| p.metadata.name).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(selected("default", &[("app", "web")]), ["web-1", "web-2"]);
+    assert_eq!(
+        selected("default", &[("app", "web"), ("tier", "front")]),
+        ["web-1"]
+    );
+    assert_eq!(selected("other", &[("app", "web")]), ["web-3"]);
+    assert!(selected("default", &[("app", "cache")]).is_empty());
+    assert!(
+        selected("default", &[]).is_empty(),
+        "an empty selector selects none"
+    );
     cancel.cancel();
 }
 

@@ -422,7 +422,7 @@ impl Node {
                             }
                             Request::Query => {
                                 let mut view = owner.view();
-                                view.services = network.services.summaries(|ns| owner.pods_in(ns));
+                                view.services = network.services.summaries(|ns, selector| owner.selected_pods(ns, selector));
                                 let _ = reply.send(Response::View(Box::new(view)));
                             }
                             request => {

@@ -2556,11 +2556,17 @@ impl Owner {
                 .is_some_and(|l| l.pod.uid == pod.uid && l.agent == Some(agent))
     }
 
-    /// The pods of `namespace` with their status.
-    pub fn pods_in(&self, namespace: &str) -> Vec<Pod> {
+    /// The pods of `namespace` whose labels hold every pair of `selector`, with their
+    /// status; none for an empty selector, as a Service without one has no endpoints.
+    /// Only those are decoded: every connection to a Service asks for its pods.
+    pub fn selected_pods(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Pod> {
+        if selector.is_empty() {
+            return Vec::new();
+        }
         self.pods
             .values()
             .filter(|owned| owned.pod_ref().namespace == namespace)
+            .filter(|owned| owned.desired.pod.labels_match(selector))
             .map(|owned| owned.with_status())
             .collect()
     }

@@ -5,13 +5,14 @@
 //! it is needed whole (an assignment, the kubelet API's pod list, a status change);
 //! what the owner reads often is kept beside it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A pod as the node keeps it.
 pub type StoredPod = Stored<Pod>;
@@ -51,6 +52,32 @@ impl<T: Serialize + DeserializeOwned + Default> Stored<T> {
                 T::default()
             }
         }
+    }
+}
+
+impl Stored<Pod> {
+    /// Whether the pod's labels hold every pair of `selector`, read without decoding
+    /// the rest of the pod: a Service's connections look at every pod of its namespace.
+    pub fn labels_match(&self, selector: &BTreeMap<String, String>) -> bool {
+        #[derive(Deserialize)]
+        struct Labels {
+            #[serde(default)]
+            metadata: Metadata,
+        }
+        #[derive(Deserialize, Default)]
+        struct Metadata {
+            #[serde(default)]
+            labels: Option<BTreeMap<String, String>>,
+        }
+        let labels = match serde_json::from_slice::<Labels>(&self.json) {
+            Ok(pod) => pod.metadata.labels.unwrap_or_default(),
+            // Cannot happen: the bytes are a pod serde_json wrote.
+            Err(e) => {
+                tracing::error!(error = %e, "a stored pod's labels do not decode");
+                return false;
+            }
+        };
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 
@@ -116,6 +143,32 @@ mod tests {
         };
         assert_eq!(StoredStatus::new(&status).get(), status);
         assert_eq!(StoredStatus::default().get(), PodStatus::default());
+    }
+
+    #[test]
+    fn a_stored_pod_matches_a_selector_as_its_decoded_labels_do() {
+        let mut labelled = pod("nginx:1");
+        labelled.metadata.labels = Some(
+            [("app", "web"), ("tier", "front")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+        );
+        let stored = StoredPod::new(&labelled);
+        let selector = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(stored.labels_match(&selector(&[("app", "web")])));
+        assert!(stored.labels_match(&selector(&[("app", "web"), ("tier", "front")])));
+        assert!(!stored.labels_match(&selector(&[("app", "db")])));
+        assert!(!stored.labels_match(&selector(&[("app", "web"), ("zone", "a")])));
+        let unlabelled = StoredPod::new(&Pod::default());
+        assert!(!unlabelled.labels_match(&selector(&[("app", "web")])));
+        // As a selector with no pairs holds for every pod (the caller decides what an
+        // empty selector means).
+        assert!(unlabelled.labels_match(&selector(&[])));
     }
 
     #[test]
