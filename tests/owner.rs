@@ -1503,37 +1503,56 @@ async fn a_service_selects_the_pods_of_its_namespace_whose_labels_hold_its_selec
         ("other", "web-3", &[("app", "web")][..]),
         ("default", "bare", &[][..]),
     ];
-    let desired: DesiredPods = pods
-        .iter()
-        .map(|(namespace, name, labels)| {
-            let uid = format!("uid-{namespace}-{name}");
-            let mut pod: Pod = serde_yaml::from_str(POD).expect("pod");
-            pod.metadata.namespace = Some(namespace.to_string());
-            pod.metadata.name = Some(name.to_string());
-            pod.metadata.uid = Some(uid.clone());
-            pod.metadata.labels = Some(pairs(labels)).filter(|l| !l.is_empty());
-            (uid, standalone_pod(pod))
-        })
-        .collect();
-    owner.set_desired(desired);
-    let selected = |namespace: &str, selector: &[(&str, &str)]| -> Vec<String> {
+    let desired = |namespace: &str, name: &str, labels: &[(&str, &str)]| {
+        let uid = format!("uid-{namespace}-{name}");
+        let mut pod: Pod = serde_yaml::from_str(POD).expect("pod");
+        pod.metadata.namespace = Some(namespace.to_string());
+        pod.metadata.name = Some(name.to_string());
+        pod.metadata.uid = Some(uid.clone());
+        pod.metadata.labels = Some(pairs(labels)).filter(|l| !l.is_empty());
+        (uid, standalone_pod(pod))
+    };
+    owner.set_desired(
+        pods.iter()
+            .map(|(namespace, name, labels)| desired(namespace, name, labels))
+            .collect::<DesiredPods>(),
+    );
+    let selected = |owner: &Owner, namespace: &str, selector: &[(&str, &str)]| -> Vec<String> {
         let pods = owner.selected_pods(namespace, &pairs(selector));
         assert!(pods.iter().all(|p| p.status.is_some()), "with their status");
         let mut names: Vec<String> = pods.into_iter().filter_map(|p| p.metadata.name).collect();
         names.sort();
         names
     };
-    assert_eq!(selected("default", &[("app", "web")]), ["web-1", "web-2"]);
+    let web = [("app", "web")];
+    assert_eq!(selected(&owner, "default", &web), ["web-1", "web-2"]);
     assert_eq!(
-        selected("default", &[("app", "web"), ("tier", "front")]),
+        selected(&owner, "default", &[("app", "web"), ("tier", "front")]),
         ["web-1"]
     );
-    assert_eq!(selected("other", &[("app", "web")]), ["web-3"]);
-    assert!(selected("default", &[("app", "cache")]).is_empty());
+    assert_eq!(selected(&owner, "other", &web), ["web-3"]);
+    assert!(selected(&owner, "default", &[("app", "cache")]).is_empty());
     assert!(
-        selected("default", &[]).is_empty(),
+        selected(&owner, "default", &[]).is_empty(),
         "an empty selector selects none"
     );
+
+    // What a selector picks follows pods added, relabelled and removed.
+    let (uid, pod) = desired("default", "web-4", &web);
+    owner.apply(&uid, Some(pod));
+    assert_eq!(
+        selected(&owner, "default", &web),
+        ["web-1", "web-2", "web-4"]
+    );
+    let (uid, pod) = desired("default", "web-2", &[("app", "db")]);
+    owner.apply(&uid, Some(pod));
+    assert_eq!(selected(&owner, "default", &web), ["web-1", "web-4"]);
+    assert_eq!(
+        selected(&owner, "default", &[("app", "db")]),
+        ["db", "web-2"]
+    );
+    owner.apply("uid-default-web-4", None);
+    assert_eq!(selected(&owner, "default", &web), ["web-1"]);
     cancel.cancel();
 }
 

@@ -15,6 +15,7 @@ pub mod owner;
 mod printer;
 pub mod resolve;
 mod route;
+mod selections;
 pub mod service_env;
 pub mod stored;
 pub mod subnets;

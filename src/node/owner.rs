@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::display::{pod_display, unscheduled};
 use super::groups::{GroupBook, GroupedPod};
 use super::resolve::{ResolveError, Resolved};
+use super::selections::Selections;
 use super::stored::{StoredPod, StoredStatus};
 use super::subnets::{Exhausted, SubnetPool};
 use crate::agent::status::RestartPolicy;
@@ -359,6 +360,9 @@ pub struct Owner {
     /// Boxed: a pod's record is about a kilobyte, and a map of a million records
     /// keeps up to as many empty slots again.
     pods: HashMap<PodUid, Box<OwnedPod>>,
+    /// The pods each Service selector picks; cleared when a pod is added, changed or
+    /// removed.
+    selections: Selections,
     agents: HeartbeatBook,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: mpsc::Receiver<Internal>,
@@ -626,6 +630,7 @@ impl Owner {
             metrics,
             sink,
             pods: HashMap::new(),
+            selections: Selections::default(),
             agents: HeartbeatBook::default(),
             internal_tx,
             internal_rx,
@@ -763,6 +768,7 @@ impl Owner {
             self.grouped.insert(pod_ref.uid.clone(), group);
         }
         self.pods.insert(pod_ref.uid.clone(), Box::new(owned));
+        self.selections.clear();
         self.due.insert(pod_ref.uid.clone());
         if deleted {
             self.delete(&pod_ref.uid);
@@ -877,6 +883,7 @@ impl Owner {
         let Some(mut owned) = self.pods.remove(uid) else {
             return;
         };
+        self.selections.clear();
         let pod = desired.pod.get();
         let deleted = pod.metadata.deletion_timestamp.is_some();
         owned.grace_secs = translate::grace_period_secs(&pod);
@@ -1033,6 +1040,7 @@ impl Owner {
     fn forget(&mut self, uid: &PodUid) {
         self.grouped.remove(uid);
         if let Some(owned) = self.pods.remove(uid) {
+            self.selections.clear();
             tracing::info!(pod = %owned.pod_ref(), "pod removed");
             self.sink.removed(owned.pod_ref());
         }
@@ -2558,15 +2566,22 @@ impl Owner {
 
     /// The pods of `namespace` whose labels hold every pair of `selector`, with their
     /// status; none for an empty selector, as a Service without one has no endpoints.
-    /// Only those are decoded: every connection to a Service asks for its pods.
+    /// Every connection to a Service asks for its pods: which they are is kept until
+    /// a pod is added, changed or removed, and only those are decoded.
     pub fn selected_pods(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Pod> {
         if selector.is_empty() {
             return Vec::new();
         }
-        self.pods
-            .values()
-            .filter(|owned| owned.pod_ref().namespace == namespace)
-            .filter(|owned| owned.desired.pod.labels_match(selector))
+        let uids = self.selections.get_or_find(namespace, selector, || {
+            self.pods
+                .iter()
+                .filter(|(_, owned)| owned.pod_ref().namespace == namespace)
+                .filter(|(_, owned)| owned.desired.pod.labels_match(selector))
+                .map(|(uid, _)| uid.clone())
+                .collect()
+        });
+        uids.iter()
+            .filter_map(|uid| self.pods.get(uid))
             .map(|owned| owned.with_status())
             .collect()
     }
