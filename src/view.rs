@@ -12,7 +12,7 @@ use crate::wire::{AgentSummary, Heartbeat, HostedPod, MeshView, PeerRef, PodSumm
 #[derive(Debug, Clone)]
 pub struct SeenAgent {
     /// The heartbeat, less the pods a reader keeps its own record of (see
-    /// [`HeartbeatBook::forget_listed`]).
+    /// [`HeartbeatBook::take_listed`]).
     pub heartbeat: Heartbeat,
     pub last_seen: Instant,
     /// How many pods the heartbeat listed.
@@ -82,14 +82,24 @@ impl HeartbeatBook {
         lost
     }
 
-    /// Drops from an agent's last heartbeat the pods `drop` picks: an owner keeps its
-    /// own pods' state, and a million listed again would double it. What the heartbeat
-    /// offers for placement, and its count of pods, still include them.
-    pub fn forget_listed(&mut self, agent: &PeerId, drop: impl Fn(&HostedPod) -> bool) {
-        if let Some(seen) = self.agents.get_mut(agent) {
-            seen.heartbeat.pods.retain(|p| !drop(p));
-            seen.heartbeat.pods.shrink_to_fit();
-        }
+    /// Takes from an agent's last heartbeat the pods `take` picks, and returns them: an
+    /// owner keeps its own pods' state, and a million listed again would double it.
+    /// What the heartbeat offers for placement, and its count of pods, still include
+    /// them.
+    pub fn take_listed(
+        &mut self,
+        agent: &PeerId,
+        take: impl Fn(&HostedPod) -> bool,
+    ) -> Vec<HostedPod> {
+        let Some(seen) = self.agents.get_mut(agent) else {
+            return Vec::new();
+        };
+        let (taken, mut kept): (Vec<_>, Vec<_>) = std::mem::take(&mut seen.heartbeat.pods)
+            .into_iter()
+            .partition(take);
+        kept.shrink_to_fit();
+        seen.heartbeat.pods = kept;
+        taken
     }
 
     pub fn get(&self, agent: &PeerId) -> Option<&SeenAgent> {
@@ -212,7 +222,8 @@ mod tests {
         let mut beat = heartbeat(4000, None);
         beat.pods = vec![hosted("a", mine, 8080), hosted("b", theirs, 9090)];
         book.record(agent, beat);
-        book.forget_listed(&agent, |p| p.owner.0 == mine);
+        let taken = book.take_listed(&agent, |p| p.owner.0 == mine);
+        assert_eq!(taken, [hosted("a", mine, 8080)]);
         let view = book.view(Duration::from_secs(60));
         assert_eq!(view.agents[0].pods, 2);
         let names: Vec<&str> = view.pods.iter().map(|p| p.pod.name.as_str()).collect();

@@ -1819,17 +1819,16 @@ impl Owner {
             self.subnets.claim(agent, *subnet);
         }
         let me = self.me();
-        let hosted: Vec<_> = heartbeat
-            .pods
-            .iter()
-            .filter(|p| p.owner.0 == me)
-            .cloned()
-            .collect();
         // Pods placed there that the agent no longer lists. Deleted ones: it stopped them
         // and its `removed` report was lost, so the deletion is done. Others: it lost
         // them (a reboot took its memory-backed records with the pods' secrets, say), so
         // they go elsewhere.
-        let listed: HashSet<&PodUid> = hosted.iter().map(|h| &h.pod.uid).collect();
+        let listed: HashSet<&PodUid> = heartbeat
+            .pods
+            .iter()
+            .filter(|p| p.owner.0 == me)
+            .map(|h| &h.pod.uid)
+            .collect();
         let unlisted: Vec<(PodUid, bool)> = self
             .pods_on(agent)
             .into_iter()
@@ -1869,10 +1868,20 @@ impl Owner {
             let soon = Instant::now().max(self.adopt_until);
             self.retime_waiting(|at| (*at).min(soon));
         }
-        // This owner's pods are known from its own records (and shown from them).
+        // This owner's pods are known from its own records (and shown from them). Those
+        // it no longer has stay listed, as the agent's, until they are released below.
         let pods = &self.pods;
-        self.agents
-            .forget_listed(&agent, |p| p.owner.0 == me && pods.contains_key(&p.pod.uid));
+        let mut hosted = self
+            .agents
+            .take_listed(&agent, |p| p.owner.0 == me && pods.contains_key(&p.pod.uid));
+        hosted.extend(
+            self.agents
+                .get(&agent)
+                .into_iter()
+                .flat_map(|seen| &seen.heartbeat.pods)
+                .filter(|p| p.owner.0 == me)
+                .cloned(),
+        );
         if first_back {
             self.hold_lost_copies(agent);
         }
