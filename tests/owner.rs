@@ -17,8 +17,9 @@ use beemesh::trust::replay::Sequencer;
 use beemesh::trust::statement;
 use beemesh::trust::TrustedPeers;
 use beemesh::wire::{
-    Assign, Bid, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef, PodRef,
-    PodSummary, PodUid, Renew, Request, Resources, Response, SignedAssignment, StatusReport, Topic,
+    Assign, Bid, ClusterDial, Epoch, GossipMessage, Heartbeat, HostedPod, MeshView, Offer, PeerRef,
+    PodRef, PodSummary, PodUid, Renew, Request, Resources, Response, SignedAssignment,
+    StatusReport, Topic,
 };
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use libp2p::identity::Keypair;
@@ -487,6 +488,34 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
         namespace: "default".into(),
         name: "scripted".into(),
     };
+    // Only the agent that runs the pod may ask where its connections go: the trusted
+    // agent that declined it is refused.
+    let route = |agent: &ScriptedAgent| {
+        let request = Request::Route(ClusterDial {
+            pod: pod_ref.clone(),
+            to: "10.80.0.10:80".parse().expect("addr"),
+            udp: false,
+        });
+        let handle = agent.handle.clone();
+        async move {
+            match handle.request(node_id, request).await.expect("route") {
+                Response::Declined { reason } => reason,
+                other => panic!("declined expected, got {other:?}"),
+            }
+        }
+    };
+    let not_placed = format!("pod {pod_ref} is not placed on this agent");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reason = route(&agents[1]).await;
+        if reason != not_placed {
+            assert!(reason.contains("no Service serves TCP"), "{reason}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{reason}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(route(&agents[0]).await, not_placed);
     let report = |seq: &Sequencer, epoch: Epoch, phase: &str, assignment: &SignedAssignment| {
         let (seq, sent_at_ms) = seq.next();
         Request::Status(Box::new(StatusReport {

@@ -300,6 +300,13 @@ impl OwnedPod {
     }
 
     /// The pod as the API shows it.
+    fn placed_on(&self) -> Option<PeerId> {
+        match self.placement {
+            Placement::Placed { agent } => Some(agent),
+            _ => None,
+        }
+    }
+
     fn with_status(&self) -> Pod {
         Pod {
             status: Some(self.status.get()),
@@ -2394,10 +2401,7 @@ impl Owner {
         let spec = owned.desired.pod.get().spec;
         Some(PodLocation {
             pod: owned.pod_ref().clone(),
-            agent: match owned.placement {
-                Placement::Placed { agent } => Some(agent),
-                _ => None,
-            },
+            agent: owned.placed_on(),
             containers: spec
                 .as_ref()
                 .map(|s| {
@@ -2569,8 +2573,15 @@ impl Owner {
     pub fn runs_for(&self, agent: PeerId, pod: &PodRef) -> bool {
         self.config.agents.trusts(&agent)
             && self
-                .locate(&pod.namespace, &pod.name)
-                .is_some_and(|l| l.pod.uid == pod.uid && l.agent == Some(agent))
+                .pods
+                .get(&pod.uid)
+                .is_some_and(|owned| owned.pod_ref() == pod && owned.placed_on() == Some(agent))
+    }
+
+    /// The agent pod `uid` is placed on, if it is: looked up by UID, as every
+    /// connection to a Service asks it.
+    pub fn placed_on(&self, uid: &PodUid) -> Option<PeerId> {
+        self.pods.get(uid).and_then(|owned| owned.placed_on())
     }
 
     /// The pods of `namespace` whose labels hold every pair of `selector`, with their

@@ -189,11 +189,9 @@ fn endpoint(
     }
     while !allowed.is_empty() {
         let (_, target) = allowed.swap_remove(pick(allowed.len()) % allowed.len());
-        let placed = owner
-            .locate(&target.namespace, &target.pod)
-            .filter(|l| l.pod.uid.0 == target.uid)
-            .and_then(|l| l.agent);
-        let Some(to) = placed else { continue };
+        let Some(to) = owner.placed_on(&PodUid(target.uid.clone())) else {
+            continue;
+        };
         return Ok(Some(dial::sign(
             signer,
             Dial {
