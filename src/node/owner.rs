@@ -299,7 +299,7 @@ impl OwnedPod {
         &self.offer.pod
     }
 
-    /// The pod as the API shows it.
+    /// The agent the pod is placed on, if it is.
     fn placed_on(&self) -> Option<PeerId> {
         match self.placement {
             Placement::Placed { agent } => Some(agent),
@@ -307,6 +307,7 @@ impl OwnedPod {
         }
     }
 
+    /// The pod as the API shows it.
     fn with_status(&self) -> Pod {
         Pod {
             status: Some(self.status.get()),
