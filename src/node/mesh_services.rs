@@ -108,16 +108,12 @@ impl MeshServices {
     }
 
     /// The Services for a mesh view, with how many ready pods each sends to of those
-    /// `selected(namespace, selector)` returns.
-    pub fn summaries(
-        &self,
-        selected: impl Fn(&str, &BTreeMap<String, String>) -> Vec<Pod>,
-    ) -> Vec<ServiceSummary> {
+    /// `pods_behind(service)` returns.
+    pub fn summaries(&self, pods_behind: impl Fn(&Service) -> Vec<Pod>) -> Vec<ServiceSummary> {
         self.by_name
             .iter()
             .map(|((namespace, name), service)| {
-                let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
-                let pods = selector.map_or_else(Vec::new, |s| selected(namespace, s));
+                let pods = pods_behind(service);
                 let refs: Vec<&Pod> = pods.iter().collect();
                 let plan = endpoints::plan(&[service], &refs);
                 let uid = service.metadata.uid.as_deref().unwrap_or_default();

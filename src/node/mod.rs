@@ -423,7 +423,7 @@ impl Node {
                             }
                             Request::Query => {
                                 let mut view = owner.view();
-                                view.services = network.services.summaries(|ns, s| owner.selected_pods(ns, s));
+                                view.services = network.services.summaries(|s| owner.pods_behind(s));
                                 let _ = reply.send(Response::View(Box::new(view)));
                             }
                             request => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
-    PodCondition, PodSpec, PodStatus,
+    PodCondition, PodSpec, PodStatus, Service,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -2583,6 +2583,15 @@ impl Owner {
     /// connection to a Service asks it.
     pub fn placed_on(&self, uid: &PodUid) -> Option<PeerId> {
         self.pods.get(uid).and_then(|owned| owned.placed_on())
+    }
+
+    /// The pods `service` selects, with their status (see [`Owner::selected_pods`]).
+    pub fn pods_behind(&self, service: &Service) -> Vec<Pod> {
+        let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+        match service.spec.as_ref().and_then(|s| s.selector.as_ref()) {
+            Some(selector) => self.selected_pods(namespace, selector),
+            None => Vec::new(),
+        }
     }
 
     /// The pods of `namespace` whose labels hold every pair of `selector`, with their

@@ -130,9 +130,7 @@ fn endpoint(
         signer,
         ..
     } = routing;
-    let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
-    let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
-    let pods = selector.map_or_else(Vec::new, |s| owner.selected_pods(namespace, s));
+    let pods = owner.pods_behind(service);
     let refs: Vec<&Pod> = pods.iter().collect();
     let plan = endpoints::plan(&[service], &refs);
     let uid = service.metadata.uid.as_deref().unwrap_or_default();
