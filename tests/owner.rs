@@ -490,9 +490,9 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
     };
     // Only the agent that runs the pod may ask where its connections go: the trusted
     // agent that declined it is refused.
-    let route = |agent: &ScriptedAgent| {
+    let route = |agent: &ScriptedAgent, pod: &PodRef| {
         let request = Request::Route(ClusterDial {
-            pod: pod_ref.clone(),
+            pod: pod.clone(),
             to: "10.80.0.10:80".parse().expect("addr"),
             udp: false,
         });
@@ -507,7 +507,7 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
     let not_placed = format!("pod {pod_ref} is not placed on this agent");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reason = route(&agents[1]).await;
+        let reason = route(&agents[1], &pod_ref).await;
         if reason != not_placed {
             assert!(reason.contains("no Service serves TCP"), "{reason}");
             break;
@@ -515,7 +515,17 @@ async fn the_next_agent_gets_the_pod_when_the_best_declines_and_stale_copies_are
         assert!(tokio::time::Instant::now() < deadline, "{reason}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(route(&agents[0]).await, not_placed);
+    assert_eq!(route(&agents[0], &pod_ref).await, not_placed);
+    // Nor may the agent that runs it speak for it under another namespace, whose
+    // policies would then be the ones applied.
+    let renamed = PodRef {
+        namespace: "other".into(),
+        ..pod_ref.clone()
+    };
+    assert_eq!(
+        route(&agents[1], &renamed).await,
+        format!("pod {renamed} is not placed on this agent")
+    );
     let report = |seq: &Sequencer, epoch: Epoch, phase: &str, assignment: &SignedAssignment| {
         let (seq, sent_at_ms) = seq.next();
         Request::Status(Box::new(StatusReport {

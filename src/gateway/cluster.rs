@@ -192,12 +192,7 @@ async fn allowed(
     relay: &Relay,
     network: &ApiNetwork,
 ) -> Result<(), (u16, String)> {
-    let placed_there = relay
-        .directory
-        .locate(&dial.pod.namespace, &dial.pod.name)
-        .await
-        .is_some_and(|l| l.pod.uid == dial.pod.uid && l.agent == Some(agent));
-    if !placed_there {
+    if relay.directory.placed_on(dial.pod.clone()).await != Some(agent) {
         return Err((403, format!("pod {} is not placed on this agent", dial.pod)));
     }
     let protocol = dial.protocol();

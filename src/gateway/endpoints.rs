@@ -12,6 +12,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::wire::{PodRef, PodUid};
+
 /// `endpointslice.kubernetes.io/managed-by` of the node's slices (the default
 /// controller manages only its own, `endpointslice-controller.k8s.io`).
 pub const MANAGED_BY: &str = "beemesh.io";
@@ -26,6 +28,17 @@ pub struct Target {
     pub uid: String,
     pub port: u16,
     pub protocol: Protocol,
+}
+
+impl Target {
+    /// The pod this is a port of.
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef {
+            uid: PodUid(self.uid.clone()),
+            namespace: self.namespace.clone(),
+            name: self.pod.clone(),
+        }
+    }
 }
 
 /// The protocols the gateway relays.

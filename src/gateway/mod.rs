@@ -28,7 +28,7 @@ use crate::kubelet::relay::{request_agent, splice};
 use crate::mesh::MeshHandle;
 use crate::metrics::Metrics;
 use crate::node::{network_policy, ApiNetwork, NodeDirectory};
-use crate::wire::{KubeletRequest, PodRef, PodUid};
+use crate::wire::{KubeletRequest, PodRef};
 use endpoints::{Protocol, Target};
 use ports::{Exhausted, PortPool};
 
@@ -279,14 +279,13 @@ async fn open(
         })?,
         None => return Err("the cluster's NetworkPolicies are not watched yet".into()),
     }
-    let location = relay
+    let pod = target.pod_ref();
+    let agent = relay
         .directory
-        .locate(&target.namespace, &target.pod)
+        .placed_on(pod.clone())
         .await
-        .filter(|l| l.pod.uid.0 == target.uid)
-        .ok_or("the pod is gone")?;
-    let agent = location.agent.ok_or("the pod is not placed")?;
-    let (pod, port) = (PodUid(target.uid.clone()), target.port);
+        .ok_or("the pod is gone or not placed")?;
+    let (pod, port) = (pod.uid, target.port);
     let request = match target.protocol {
         Protocol::Tcp => KubeletRequest::PortForward { pod, port },
         Protocol::Udp => KubeletRequest::UdpForward { pod, port },

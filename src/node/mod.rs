@@ -175,6 +175,10 @@ enum NodeQuery {
         name: String,
         reply: oneshot::Sender<Option<PodLocation>>,
     },
+    PlacedOn {
+        pod: PodRef,
+        reply: oneshot::Sender<Option<PeerId>>,
+    },
     Pods {
         reply: oneshot::Sender<Vec<Pod>>,
     },
@@ -205,6 +209,13 @@ impl NodeDirectory {
         })
         .await
         .flatten()
+    }
+
+    /// The agent this node's pod (UID, namespace and name) is placed on, if it is.
+    pub async fn placed_on(&self, pod: PodRef) -> Option<PeerId> {
+        self.ask(|reply| NodeQuery::PlacedOn { pod, reply })
+            .await
+            .flatten()
     }
 
     /// The agents that run the node's pods.
@@ -438,6 +449,9 @@ impl Node {
                 Some(query) = next_query(queries.as_mut()) => match query {
                     NodeQuery::Locate { namespace, name, reply } => {
                         let _ = reply.send(owner.locate(&namespace, &name));
+                    }
+                    NodeQuery::PlacedOn { pod, reply } => {
+                        let _ = reply.send(owner.placed_on(&pod));
                     }
                     NodeQuery::Pods { reply } => {
                         let _ = reply.send(owner.pods());

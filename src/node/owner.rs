@@ -2572,17 +2572,17 @@ impl Owner {
     /// Whether `agent` may ask for DNS and routes on behalf of `pod`: a trusted agent
     /// that runs that pod of this owner.
     pub fn runs_for(&self, agent: PeerId, pod: &PodRef) -> bool {
-        self.config.agents.trusts(&agent)
-            && self
-                .pods
-                .get(&pod.uid)
-                .is_some_and(|owned| owned.pod_ref() == pod && owned.placed_on() == Some(agent))
+        self.config.agents.trusts(&agent) && self.placed_on(pod) == Some(agent)
     }
 
-    /// The agent pod `uid` is placed on, if it is: looked up by UID, as every
-    /// connection to a Service asks it.
-    pub fn placed_on(&self, uid: &PodUid) -> Option<PeerId> {
-        self.pods.get(uid).and_then(|owned| owned.placed_on())
+    /// The agent `pod` is placed on, if it is this owner's pod under that UID, namespace
+    /// and name: looked up by UID, as every connection to, from or through a pod asks
+    /// it (a terminating namesake keeps its connections until it is gone).
+    pub fn placed_on(&self, pod: &PodRef) -> Option<PeerId> {
+        self.pods
+            .get(&pod.uid)
+            .filter(|owned| owned.pod_ref() == pod)
+            .and_then(|owned| owned.placed_on())
     }
 
     /// The pods `service` selects, with their status (see [`Owner::selected_pods`]).

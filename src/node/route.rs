@@ -187,7 +187,7 @@ fn endpoint(
     }
     while !allowed.is_empty() {
         let (_, target) = allowed.swap_remove(pick(allowed.len()) % allowed.len());
-        let Some(to) = owner.placed_on(&PodUid(target.uid.clone())) else {
+        let Some(to) = owner.placed_on(&target.pod_ref()) else {
             continue;
         };
         return Ok(Some(dial::sign(
