@@ -54,7 +54,6 @@ async fn peer_with(
     accept_gossip: GossipFilter,
     cancel: &CancellationToken,
 ) -> Peer {
-    let metrics = Metrics::new();
     let config = MeshConfig {
         listen: listen_addrs(listen),
         bootstrap,
@@ -62,10 +61,17 @@ async fn peer_with(
         accept_gossip,
         ..MeshConfig::default()
     };
+    start_peer(keypair, config, cancel).await
+}
+
+/// A peer joined with `config`.
+async fn start_peer(keypair: Keypair, config: MeshConfig, cancel: &CancellationToken) -> Peer {
+    let metrics = Metrics::new();
+    let listens = !config.listen.is_empty();
     let (handle, events, event_loop) =
         mesh::start(keypair, config, metrics.clone()).expect("mesh starts");
     tokio::spawn(event_loop.run(cancel.clone()));
-    if listen.is_empty() {
+    if !listens {
         let addr = Multiaddr::empty();
         return Peer {
             handle,
@@ -755,5 +761,78 @@ async fn a_peer_over_its_memory_bound_takes_no_new_connections() {
     };
     let (open, _) = dial_repeatedly(&addr, 1).await;
     assert_eq!(open, 0, "a connection past the memory bound stays open");
+    cancel.cancel();
+}
+
+/// Connections that a Kademlia lookup opened between two agents close once idle, and
+/// open again when a request needs one; an agent's connection to its owner, the peer
+/// it gossips with, stays (gossipsub's streams no longer keep every connection open).
+#[tokio::test]
+async fn connections_close_when_idle_except_to_the_peers_gossiped_with() {
+    let cancel = CancellationToken::new();
+    let idle_timeout = Duration::from_secs(2);
+    let (owner_key, agent_keys) = (
+        Keypair::generate_ed25519(),
+        [Keypair::generate_ed25519(), Keypair::generate_ed25519()],
+    );
+    let owner_id = owner_key.public().to_peer_id();
+    let agent_ids: Vec<PeerId> = agent_keys.iter().map(|k| k.public().to_peer_id()).collect();
+    // As a node and its agents: each takes the other's topic, and none is in the
+    // other's gossipsub mesh, which would keep the connection open by itself.
+    let config = |bootstrap: Vec<Multiaddr>, topic: Topic, trusts: Vec<PeerId>| MeshConfig {
+        listen: listen_addrs("/ip4/127.0.0.1/tcp/0"),
+        bootstrap,
+        subscribe: vec![topic],
+        accept_gossip: GossipFilter::new([topic], move |p| trusts.contains(p)),
+        idle_timeout,
+        ..MeshConfig::default()
+    };
+    let owner_config = config(vec![], Topic::Heartbeats, agent_ids.clone());
+    let owner = start_peer(owner_key, owner_config, &cancel).await;
+    let agent = |key: Keypair| {
+        let agent_config = config(vec![owner.addr.clone()], Topic::Offers, vec![owner_id]);
+        start_peer(key, agent_config, &cancel)
+    };
+    let [first_key, second_key] = agent_keys;
+    let mut first = agent(first_key).await;
+    wait_for_peer(&mut first.events, owner_id, true).await;
+    let second = agent(second_key).await;
+    // The second agent's lookup through the owner finds the first, and dials it.
+    wait_for_peer(&mut first.events, agent_ids[1], true).await;
+    let started = tokio::time::Instant::now();
+    wait_for_peer(&mut first.events, agent_ids[1], false).await;
+    let closed_after = started.elapsed();
+    eprintln!("the agents' connection closed {closed_after:?} after it opened");
+    assert!(
+        closed_after >= idle_timeout / 2,
+        "closed after {closed_after:?}"
+    );
+
+    // A request opens one again.
+    let asker = second.handle.clone();
+    let first_id = agent_ids[0];
+    let ask = tokio::spawn(async move { asker.request(first_id, Request::Query).await });
+    let reply = next_matching(&mut first.events, |e| match e {
+        MeshEvent::Request { reply, .. } => Some(reply),
+        _ => None,
+    })
+    .await;
+    reply.send(Response::Ack).expect("loop waits");
+    assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
+
+    // Through several idle timeouts, the agent stays connected to its owner: nothing
+    // but a disconnection from the other agent is seen.
+    let quiet = tokio::time::sleep(idle_timeout * 4);
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            _ = &mut quiet => break,
+            event = first.events.recv() => match event.expect("mesh runs") {
+                MeshEvent::PeerDisconnected(peer) => assert_eq!(peer, agent_ids[1], "owner lost"),
+                MeshEvent::Gossip { .. } | MeshEvent::PeerConnected(_) => {}
+                MeshEvent::Request { .. } => panic!("no request was sent"),
+            },
+        }
+    }
     cancel.cancel();
 }

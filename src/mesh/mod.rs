@@ -10,6 +10,7 @@
 mod codec;
 mod event_loop;
 mod handle;
+mod keep_alive;
 mod lanes;
 mod window;
 
@@ -147,6 +148,9 @@ pub struct MeshConfig {
     /// above this: whatever peers make it hold, the connections they would add are
     /// refused first.
     pub max_memory_bytes: usize,
+    /// How long a connection that nothing uses stays open (one to a peer this one
+    /// gossips with is always kept; see `keep_alive`).
+    pub idle_timeout: Duration,
 }
 
 impl Default for MeshConfig {
@@ -160,6 +164,9 @@ impl Default for MeshConfig {
             redial_interval: Duration::from_secs(3),
             psk: None,
             max_memory_bytes: 1 << 30,
+            // Long enough that a lookup's or a request's peer is still connected for
+            // the next one; short enough that what discovery opened is soon closed.
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -184,7 +191,7 @@ pub enum MeshEvent {
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    gossipsub: gossipsub::Behaviour,
+    gossipsub: keep_alive::Gossipsub,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -254,7 +261,7 @@ impl Behaviour {
             .with_max_established(Some(MAX_CONNECTIONS))
             .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
         Ok(Behaviour {
-            gossipsub,
+            gossipsub: keep_alive::Gossipsub::new(gossipsub, config.accept_gossip.clone()),
             kad,
             identify,
             // A ping every 5 s, failed after 10 s without an answer: the event loop then
@@ -325,7 +332,8 @@ pub fn start(
     let behaviour = Behaviour::new(&keypair, &config, &metrics)?;
     let streams = behaviour.streams.new_control();
     let transport = |e: &dyn std::fmt::Display| MeshError::Transport(e.to_string());
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(300));
+    let idle_timeout = config.idle_timeout;
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle_timeout);
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
     let mut swarm = match config.psk {
         None => builder
