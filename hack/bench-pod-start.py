@@ -12,14 +12,18 @@ Podman):
 - the floor again, one pod just before each BeeMesh pod: the agents running, their pod
   networks and pods on the host, so that the two see Podman in the same state;
 - `podman run -d` of the same image and command, as the earlier figures were;
-- each agent's resident memory when idle (the mesh settled, no pod yet);
+- each agent's resident memory and open sockets when idle (no pod yet), at each of the
+  times after start given by --idle-after (default: once, when the mesh has settled;
+  a later time shows what an agent holds once the connections that discovery opened
+  have been idle for the mesh's idle timeout, 60 s, and closed);
 - agent loss: the agent hosting the most pods is killed (SIGKILL) and the time until
   each of its pods runs on another agent is taken, the first and the last.
 
 "Running" is seen the same way everywhere: through Podman's REST API, polled every
 5 ms. Prints medians, p99s and ratios.
 
-Usage: hack/bench-pod-start.py [--pods 30] [--agents 2,20] [--bin target/release/beemesh]
+Usage: hack/bench-pod-start.py [--pods 30] [--agents 2,20] [--idle-after 8,75]
+                               [--bin target/release/beemesh]
 Needs hack/install-podman.sh and hack/build-test-image.sh (hack/bench-pod-start.sh runs
 all of it).
 """
@@ -118,6 +122,18 @@ def rss_mib(pid):
     return float("nan")
 
 
+def sockets(pid):
+    """Open sockets: listeners, mesh connections, Podman's."""
+    fds = f"/proc/{pid}/fd"
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(os.path.join(fds, fd)).startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
 def remove_pods(label):
     # (`podman pod rm` takes no filter.)
     ids = subprocess.run(["podman", "pod", "ps", "-q", "--filter", f"label={label}"],
@@ -199,7 +215,7 @@ def agent_loss(procs, agent_ids, names):
     return {"pods": len(moving), "first": min(moved.values()), "last": max(moved.values())}
 
 
-def bench_beemesh(binary, pods, agents, work, floor_tag):
+def bench_beemesh(binary, pods, agents, work, floor_tag, idle_after):
     """BeeMesh's pods one after another, each after a floor pod made beside it (the
     agents running, their pod networks there): both see the host in the same state."""
     node_state = os.path.join(work, "node")
@@ -229,8 +245,12 @@ def bench_beemesh(binary, pods, agents, work, floor_tag):
     beside = []
     names = []
     try:
-        time.sleep(SETTLE_SECONDS)
-        idle_rss = [rss_mib(p.pid) for p in procs[1:]]
+        started = time.perf_counter()
+        idle = []
+        for at in idle_after:
+            time.sleep(max(0.0, at - (time.perf_counter() - started)))
+            idle.append((at, [rss_mib(p.pid) for p in procs[1:]],
+                         [sockets(p.pid) for p in procs[1:]]))
         for i in range(pods):
             beside.append(floor_pod(f"beside-{floor_tag}-{i}", floor_tag))
             name = f"bench-{os.getpid()}-{agents}-{i}"
@@ -264,7 +284,7 @@ def bench_beemesh(binary, pods, agents, work, floor_tag):
             remove_pods(f"io.beemesh.agent={a}")
         remove_pods(f"io.beemesh.bench={floor_tag}")
         shutil.rmtree(secrets, ignore_errors=True)
-    return samples, beside, first_on_agent, idle_rss, loss
+    return samples, beside, first_on_agent, idle, loss
 
 
 def p99(samples):
@@ -285,8 +305,17 @@ def main():
     parser.add_argument("--pods", type=int, default=30)
     parser.add_argument("--agents", default="2,20",
                         help="agent counts, comma-separated; each is one run beside its own floor")
+    parser.add_argument("--idle-after", default=str(SETTLE_SECONDS),
+                        help="seconds after start at which idle agents are measured, "
+                             f"comma-separated, each at least {SETTLE_SECONDS}; pods follow")
     parser.add_argument("--bin", default="target/release/beemesh")
     args = parser.parse_args()
+    try:
+        idle_after = sorted(float(a) for a in args.idle_after.split(","))
+    except ValueError:
+        raise SystemExit(f"--idle-after: not a comma-separated list of numbers: {args.idle_after!r}")
+    if idle_after[0] < SETTLE_SECONDS:
+        raise SystemExit(f"--idle-after: the mesh needs {SETTLE_SECONDS} s to settle first")
     try:
         agent_counts = [int(a) for a in args.agents.split(",")]
     except ValueError:
@@ -302,8 +331,9 @@ def main():
         work = tempfile.mkdtemp(prefix="beemesh-bench-")
         floor = bench_podman_rest(args.pods, f"{os.getpid()}-{agents}")
         run = bench_podman_run(args.pods)
-        mesh, beside, first_on_agent, idle_rss, loss = bench_beemesh(
-            os.path.abspath(args.bin), args.pods, agents, work, f"{os.getpid()}-{agents}-beside")
+        mesh, beside, first_on_agent, idle, loss = bench_beemesh(
+            os.path.abspath(args.bin), args.pods, agents, work, f"{os.getpid()}-{agents}-beside",
+            idle_after)
         print(f"\n{agents} agents, {args.pods} pods one after another:")
         print(f"  podman REST create+start of the pod (floor): {describe(floor)}")
         print(f"  podman run -d:                               {describe(run)}")
@@ -321,8 +351,10 @@ def main():
             if mine:
                 print(f"    {what} ({len(mine)}): median {statistics.median(mine) * 1000:.0f} ms, "
                       f"{statistics.median(mine) / statistics.median(theirs):.2f}x the floor beside")
-        print(f"  idle agent RSS: median {statistics.median(idle_rss):.1f} MiB, "
-              f"max {max(idle_rss):.1f} MiB")
+        for at, rss, socks in idle:
+            print(f"  idle agent after {at:.0f} s: RSS median {statistics.median(rss):.1f} MiB, "
+                  f"max {max(rss):.1f} MiB; sockets median {statistics.median(socks):.0f}, "
+                  f"max {max(socks)}")
         if loss:
             print(f"  agent killed with {loss['pods']} pods: first running elsewhere after "
                   f"{loss['first']:.1f} s, last after {loss['last']:.1f} s")
