@@ -132,6 +132,19 @@ async fn next_matching<T>(
     .expect("event within 15 s")
 }
 
+/// `from` asks `to`, whose program (reading `to_events`) answers: the answer arrives.
+async fn request_answered(from: &MeshHandle, to: PeerId, to_events: &mut MeshEvents) {
+    let asker = from.clone();
+    let ask = tokio::spawn(async move { asker.request(to, Request::Query).await });
+    let reply = next_matching(to_events, |e| match e {
+        MeshEvent::Request { reply, .. } => Some(reply),
+        _ => None,
+    })
+    .await;
+    reply.send(Response::Ack).expect("loop waits");
+    assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
+}
+
 /// Publishes until the message gets through: gossipsub needs a heartbeat or two to
 /// learn who subscribes to what.
 async fn publish_until_received(from: &Peer, to: &mut Peer, message: GossipMessage) -> PeerId {
@@ -580,15 +593,7 @@ async fn malformed_and_oversized_messages_are_dropped_and_counted() {
         );
     }
     let helper = peer(vec![target.addr.clone()], &cancel).await;
-    let asker = helper.handle.clone();
-    let ask = tokio::spawn(async move { asker.request(target_id, Request::Query).await });
-    let reply = next_matching(&mut target.events, |e| match e {
-        MeshEvent::Request { reply, .. } => Some(reply),
-        _ => None,
-    })
-    .await;
-    reply.send(Response::Ack).expect("loop waits");
-    assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
+    request_answered(&helper.handle, target_id, &mut target.events).await;
     cancel.cancel();
 }
 
@@ -809,16 +814,7 @@ async fn connections_close_when_idle_except_to_the_peers_gossiped_with() {
     );
 
     // A request opens one again.
-    let asker = second.handle.clone();
-    let first_id = agent_ids[0];
-    let ask = tokio::spawn(async move { asker.request(first_id, Request::Query).await });
-    let reply = next_matching(&mut first.events, |e| match e {
-        MeshEvent::Request { reply, .. } => Some(reply),
-        _ => None,
-    })
-    .await;
-    reply.send(Response::Ack).expect("loop waits");
-    assert_eq!(ask.await.expect("task").expect("answered"), Response::Ack);
+    request_answered(&second.handle, agent_ids[0], &mut first.events).await;
 
     // Through several idle timeouts, the agent stays connected to its owner: nothing
     // but a disconnection from the other agent is seen.
