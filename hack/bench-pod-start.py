@@ -12,8 +12,9 @@ Podman):
 - the floor again, one pod just before each BeeMesh pod: the agents running, their pod
   networks and pods on the host, so that the two see Podman in the same state;
 - `podman run -d` of the same image and command, as the earlier figures were;
-- each agent's resident memory and open sockets when idle (no pod yet), at each of the
-  times after start given by --idle-after (default: once, when the mesh has settled;
+- each agent's resident memory and open sockets when idle (no pod yet), and the CPU
+  the agents took together since the sample before, at each of the times after start
+  given by --idle-after (default: once, when the mesh has settled;
   a later time shows what an agent holds once the connections that discovery opened
   have been idle for the mesh's idle timeout, 60 s, and closed);
 - agent loss: the agent hosting the most pods is killed (SIGKILL) and the time until
@@ -120,6 +121,13 @@ def rss_mib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid):
+    """User and system time so far (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sockets(pid):
@@ -247,10 +255,14 @@ def bench_beemesh(binary, pods, agents, work, floor_tag, idle_after):
     try:
         started = time.perf_counter()
         idle = []
+        since, cpu_before = 0.0, 0.0
         for at in idle_after:
             time.sleep(max(0.0, at - (time.perf_counter() - started)))
+            cpu = sum(cpu_seconds(p.pid) for p in procs[1:])
             idle.append((at, [rss_mib(p.pid) for p in procs[1:]],
-                         [sockets(p.pid) for p in procs[1:]]))
+                         [sockets(p.pid) for p in procs[1:]], since,
+                         (cpu - cpu_before) / (at - since)))
+            since, cpu_before = at, cpu
         for i in range(pods):
             beside.append(floor_pod(f"beside-{floor_tag}-{i}", floor_tag))
             name = f"bench-{os.getpid()}-{agents}-{i}"
@@ -351,10 +363,11 @@ def main():
             if mine:
                 print(f"    {what} ({len(mine)}): median {statistics.median(mine) * 1000:.0f} ms, "
                       f"{statistics.median(mine) / statistics.median(theirs):.2f}x the floor beside")
-        for at, rss, socks in idle:
+        for at, rss, socks, since, cores in idle:
             print(f"  idle agent after {at:.0f} s: RSS median {statistics.median(rss):.1f} MiB, "
                   f"max {max(rss):.1f} MiB; sockets median {statistics.median(socks):.0f}, "
-                  f"max {max(socks)}")
+                  f"max {max(socks)}; the agents' CPU from {since:.0f} s: "
+                  f"{cores * 100:.1f} % of a core")
         if loss:
             print(f"  agent killed with {loss['pods']} pods: first running elsewhere after "
                   f"{loss['first']:.1f} s, last after {loss['last']:.1f} s")
