@@ -26,6 +26,9 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::GossipFilter;
 
+/// Gossipsub's own handler.
+type Inner = THandler<gossipsub::Behaviour>;
+
 /// Gossipsub whose connections are kept for the peers `filter` talks to, and for no
 /// others.
 pub(crate) struct Gossipsub {
@@ -38,7 +41,7 @@ impl Gossipsub {
         Gossipsub { inner, filter }
     }
 
-    fn handler(&self, peer: PeerId, inner: THandler<gossipsub::Behaviour>) -> Handler {
+    fn handler(&self, peer: PeerId, inner: Inner) -> Handler {
         Handler {
             inner,
             peer,
@@ -141,12 +144,10 @@ impl NetworkBehaviour for Gossipsub {
 /// Gossipsub's handler for one connection, its streams left out of the keep-alive
 /// count.
 pub(crate) struct Handler {
-    inner: THandler<gossipsub::Behaviour>,
+    inner: Inner,
     peer: PeerId,
     filter: GossipFilter,
 }
-
-type Inner = THandler<gossipsub::Behaviour>;
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = <Inner as ConnectionHandler>::FromBehaviour;
