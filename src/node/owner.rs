@@ -1093,10 +1093,7 @@ impl Owner {
             return;
         };
         owned.status = stored;
-        let agent = match owned.placement {
-            Placement::Placed { agent } => Some(agent),
-            _ => None,
-        };
+        let agent = owned.placed_on();
         let pod = owned.desired.pod.get();
         self.sink
             .status_changed(owned.pod_ref(), pod.spec.as_ref(), &status, agent);
@@ -2425,14 +2422,7 @@ impl Owner {
 
     /// The agents that run this owner's pods.
     pub fn placed_agents(&self) -> Vec<PeerId> {
-        let mut agents: Vec<PeerId> = self
-            .pods
-            .values()
-            .filter_map(|o| match o.placement {
-                Placement::Placed { agent } => Some(agent),
-                _ => None,
-            })
-            .collect();
+        let mut agents: Vec<PeerId> = self.pods.values().filter_map(|o| o.placed_on()).collect();
         agents.sort();
         agents.dedup();
         agents
