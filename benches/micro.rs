@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 
 use beemesh::mesh::WireCodec;
 use beemesh::placement::{self, AgentCapacity, Candidate, ScoreMode};
@@ -211,7 +212,10 @@ fn agents(n: usize) -> Vec<AgentCapacity> {
         .map(|i| {
             let pods = (i * 7919 % 100) as u64;
             AgentCapacity {
-                labels: BTreeMap::from([("zone".to_string(), format!("zone-{}", i % 3))]),
+                labels: Arc::new(BTreeMap::from([(
+                    "zone".to_string(),
+                    format!("zone-{}", i % 3),
+                )])),
                 capacity,
                 free: capacity.saturating_sub(Resources {
                     cpu_millis: 100 * pods,
@@ -271,7 +275,7 @@ fn placement_scoring(c: &mut Criterion) {
                         unseen: 0,
                     })
                     .collect();
-                placement::rank(&mut ranked);
+                placement::keep_best(&mut ranked, placement::DIRECT_CANDIDATES);
                 ranked.first().map(|c| c.agent)
             })
         });

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -38,7 +39,9 @@ pub enum ScoreMode {
 /// What an agent offers for placement.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentCapacity {
-    pub labels: BTreeMap<String, String>,
+    /// Shared: an owner copies an agent's capacity to take its reservations off, for
+    /// every agent it looks at for every pod, and the labels never change with them.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub capacity: Resources,
     pub free: Resources,
     pub used_host_ports: BTreeSet<u16>,
@@ -331,6 +334,10 @@ pub fn fitting_agents_to_find(agents: usize) -> usize {
     (agents * percent / 100).max(MIN)
 }
 
+/// Agents an owner's assignment goes to in turn when the first declines, before the
+/// owner asks the agents instead.
+pub const DIRECT_CANDIDATES: usize = 3;
+
 /// A fitting agent as the owner ranks it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate<A> {
@@ -344,12 +351,28 @@ pub struct Candidate<A> {
 /// fewest pods given it lately (its heartbeats do not show them yet, so pods placed
 /// together spread), then by `agent` so that the order is the same on every run.
 pub fn rank<A: Ord>(candidates: &mut [Candidate<A>]) {
-    candidates.sort_by(|a, b| {
-        b.score
-            .cmp(&a.score)
-            .then(a.unseen.cmp(&b.unseen))
-            .then(a.agent.cmp(&b.agent))
-    });
+    candidates.sort_by(better);
+}
+
+/// Keeps the best `k` of `candidates`, ranked as [`rank`] does, without sorting the
+/// rest: an owner looks at hundreds of fitting agents to try a few.
+pub fn keep_best<A: Ord>(candidates: &mut Vec<Candidate<A>>, k: usize) {
+    if k == 0 {
+        candidates.clear();
+        return;
+    }
+    if candidates.len() > k {
+        candidates.select_nth_unstable_by(k - 1, better);
+        candidates.truncate(k);
+    }
+    rank(candidates);
+}
+
+fn better<A: Ord>(a: &Candidate<A>, b: &Candidate<A>) -> std::cmp::Ordering {
+    b.score
+        .cmp(&a.score)
+        .then(a.unseen.cmp(&b.unseen))
+        .then(a.agent.cmp(&b.agent))
 }
 
 /// A pod that requests more of one resource than any agent (of those its selector
@@ -533,10 +556,12 @@ mod tests {
 
     fn agent(free_cpu: u64, free_mem: u64, labels: &[(&str, &str)]) -> AgentCapacity {
         AgentCapacity {
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             capacity: Resources {
                 cpu_millis: 4000,
                 memory_bytes: 8 << 30,
@@ -604,6 +629,24 @@ mod tests {
         rank(&mut candidates);
         let order: Vec<u32> = candidates.iter().map(|c| c.agent).collect();
         assert_eq!(order, vec![0, 3, 2, 1]);
+    }
+
+    #[test]
+    fn keeping_the_best_ranks_as_a_full_ranking_begins() {
+        let all: Vec<Candidate<u32>> = (0..50u32)
+            .map(|i| Candidate {
+                agent: i * 7 % 50,
+                score: i64::from(i * 13 % 5) * 100,
+                unseen: (i % 3) as usize,
+            })
+            .collect();
+        let mut ranked = all.clone();
+        rank(&mut ranked);
+        for k in [0, 1, 3, 49, 50, 80] {
+            let mut best = all.clone();
+            keep_best(&mut best, k);
+            assert_eq!(best, ranked[..k.min(50)], "k = {k}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a peer knows of the agents on the mesh, from their heartbeats.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -25,7 +26,7 @@ pub struct SeenAgent {
 impl SeenAgent {
     pub fn new(heartbeat: Heartbeat, last_seen: Instant) -> SeenAgent {
         let capacity = AgentCapacity {
-            labels: heartbeat.labels.clone(),
+            labels: Arc::new(heartbeat.labels.clone()),
             capacity: heartbeat.capacity,
             free: heartbeat.free,
             used_host_ports: heartbeat

@@ -714,7 +714,7 @@ impl SimAgent {
 
     fn capacity(&self) -> AgentCapacity {
         AgentCapacity {
-            labels: self.labels.clone(),
+            labels: Arc::new(self.labels.clone()),
             capacity: AGENT_CAPACITY,
             free: AGENT_CAPACITY.saturating_sub(self.used),
             used_host_ports: Default::default(),

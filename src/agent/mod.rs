@@ -979,7 +979,7 @@ impl Agent {
         let mut free = self.config.capacity.saturating_sub(requested(active()));
         free.pods = free.pods.min(self.heartbeat_room);
         AgentCapacity {
-            labels: self.config.labels.clone(),
+            labels: Arc::new(self.config.labels.clone()),
             capacity: self.config.capacity,
             free,
             used_host_ports: active()

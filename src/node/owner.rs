@@ -426,9 +426,6 @@ const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// A reservation is dropped after this even if its assignment is still in flight:
 /// by then the agent's heartbeats show the pod or it has declined it.
 const RESERVATION_MAX: Duration = Duration::from_secs(5);
-/// Agents an assignment goes to in turn when the first declines, before the owner
-/// asks the agents instead.
-const DIRECT_CANDIDATES: usize = 3;
 
 /// Capacity given to an agent for a pod, until the agent's heartbeats show it.
 struct Reservation {
@@ -449,7 +446,8 @@ const SILENT_CHECK: Duration = Duration::from_secs(1);
 /// What a search of the owner's view found for a pod.
 #[derive(Default)]
 struct Search {
-    /// Fitting agents heard from lately, best first.
+    /// The best fitting agents heard from lately (at most
+    /// [`placement::DIRECT_CANDIDATES`]), best first.
     ranked: Vec<Candidate<PeerId>>,
     /// An agent fits whose heartbeats have not come lately: the view may be stale.
     stale_fit: bool,
@@ -1273,8 +1271,7 @@ impl Owner {
         if !owned.ask_agents {
             let search = self.search(uid);
             if !search.ranked.is_empty() {
-                let agents = search.ranked.iter().take(DIRECT_CANDIDATES);
-                let agents = agents.map(|c| c.agent).collect();
+                let agents = search.ranked.iter().map(|c| c.agent).collect();
                 self.metrics.placement_begun("direct");
                 self.assign_in_turn(uid, agents);
                 return;
@@ -1288,10 +1285,11 @@ impl Owner {
         self.open_offer(uid);
     }
 
-    /// The fitting agents the owner's view shows for a pod, best first: agents heard
-    /// from lately, less what the owner gave them since (reservations), not those whose
-    /// policy refused the pod; at most [`placement::fitting_agents_to_find`] of them,
-    /// looked for from where the last search stopped.
+    /// The best fitting agents the owner's view shows for a pod, best first: agents
+    /// heard from lately, less what the owner gave them since (reservations), not
+    /// those whose policy refused the pod; the best few of at most
+    /// [`placement::fitting_agents_to_find`], looked for from where the last search
+    /// stopped.
     fn search(&mut self, uid: &PodUid) -> Search {
         let Some(owned) = self.pods.get(uid) else {
             return Search::default();
@@ -1326,7 +1324,7 @@ impl Owner {
             });
         }
         self.search_from = start + looked;
-        placement::rank(&mut search.ranked);
+        placement::keep_best(&mut search.ranked, placement::DIRECT_CANDIDATES);
         search
     }
 
