@@ -329,11 +329,37 @@ fn spec_translation(c: &mut Criterion) {
     group.finish();
 }
 
+/// What an owner does to every status report: check that the assignment it carries
+/// is the owner's own, by verifying the signature or by signing it again.
+fn assignment_check(c: &mut Criterion) {
+    let owner = Keypair::generate_ed25519();
+    let owner_id = owner.public().to_peer_id();
+    let signed = statement::sign(
+        &owner,
+        statement::Assignment {
+            agent: PeerId::random(),
+            pod: pod_ref(1).uid,
+            epoch: Epoch(1_796_342_562),
+            spec_digest: statement::spec_digest(&typical_pod()),
+            expires_at: 1_796_343_162,
+        },
+    );
+    let mut group = c.benchmark_group("assignment");
+    group.bench_function("verify", |b| {
+        b.iter(|| statement::verify_signature(black_box(&signed), &owner_id))
+    });
+    group.bench_function("verify_own", |b| {
+        b.iter(|| statement::verify_own_signature(black_box(&signed), &owner))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     wire_codec,
     frame_codec,
     placement_scoring,
-    spec_translation
+    spec_translation,
+    assignment_check
 );
 criterion_main!(benches);

@@ -2018,7 +2018,7 @@ impl Owner {
     /// epoch to `agent`: the only proof a report counts for.
     fn assigned_by_me(&self, agent: PeerId, report: &StatusReport) -> Result<(), String> {
         let statement: &SignedAssignment = &report.assignment;
-        statement::verify_signature(statement, &self.me()).map_err(|e| e.to_string())?;
+        statement::verify_own_signature(statement, &self.signer).map_err(|e| e.to_string())?;
         if statement.agent.0 != agent
             || statement.pod != report.pod.uid
             || statement.epoch != report.epoch
