@@ -16,7 +16,7 @@ use beemesh::trust::statement;
 use beemesh::view::SeenAgent;
 use beemesh::wire::{
     self, AgentHealth, Assign, Epoch, GossipMessage, Heartbeat, HostedPod, Offer, PeerRef, PodRef,
-    PodUid, Request, Resources, Topic,
+    PodUid, Request, Resources, SignedAssignment, Topic,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use k8s_openapi::api::core::v1::Pod;
@@ -92,25 +92,27 @@ fn heartbeat(pods: usize) -> Heartbeat {
     }
 }
 
-fn assign() -> Request {
-    let owner = Keypair::generate_ed25519();
-    let pod = typical_pod();
-    let statement = statement::sign(
-        &owner,
+/// The typical pod's assignment, signed by `owner`.
+fn signed_assignment(owner: &Keypair) -> SignedAssignment {
+    statement::sign(
+        owner,
         statement::Assignment {
             agent: PeerId::random(),
             pod: pod_ref(1).uid,
             epoch: Epoch(1_796_342_562),
-            spec_digest: statement::spec_digest(&pod),
+            spec_digest: statement::spec_digest(&typical_pod()),
             expires_at: 1_796_343_162,
         },
-    );
+    )
+}
+
+fn assign() -> Request {
     Request::Assign(Box::new(Assign {
         epoch: Epoch(1_796_342_562),
-        pod,
+        pod: typical_pod(),
         volumes: BTreeMap::new(),
         pull_credentials: Vec::new(),
-        statement,
+        statement: signed_assignment(&Keypair::generate_ed25519()),
         lease_ms: None,
         pod_subnet: Some("10.64.3.0/24".parse().expect("cidr")),
         cluster_ranges: vec!["10.43.0.0/16".parse().expect("cidr")],
@@ -334,16 +336,7 @@ fn spec_translation(c: &mut Criterion) {
 fn assignment_check(c: &mut Criterion) {
     let owner = Keypair::generate_ed25519();
     let owner_id = owner.public().to_peer_id();
-    let signed = statement::sign(
-        &owner,
-        statement::Assignment {
-            agent: PeerId::random(),
-            pod: pod_ref(1).uid,
-            epoch: Epoch(1_796_342_562),
-            spec_digest: statement::spec_digest(&typical_pod()),
-            expires_at: 1_796_343_162,
-        },
-    );
+    let signed = signed_assignment(&owner);
     let mut group = c.benchmark_group("assignment");
     group.bench_function("verify", |b| {
         b.iter(|| statement::verify_signature(black_box(&signed), &owner_id))
