@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
-use beemesh::node::owner::{DesiredPods, Owner, OwnerConfig, StatusSink};
+use beemesh::node::owner::{DesiredPods, Owner, OwnerConfig, StatusSink, DUE_PER_PASS};
 use beemesh::node::subnets::SubnetPool;
 use beemesh::node::{standalone_pod, Node, NodeConfig};
 use beemesh::trust::replay::Sequencer;
@@ -1103,6 +1103,21 @@ async fn relaxed_copies_that_ran_on_while_the_node_was_cut_off_are_taken_back() 
     cancel.cancel();
 }
 
+/// Shows nothing: for owners driven by hand.
+struct NoSink;
+
+impl StatusSink for NoSink {
+    fn status_changed(
+        &mut self,
+        _: &PodRef,
+        _: Option<&PodSpec>,
+        _: &PodStatus,
+        _: Option<libp2p::PeerId>,
+    ) {
+    }
+    fn removed(&mut self, _: &PodRef) {}
+}
+
 /// A counter's value in `metrics`, by its full name and labels.
 fn counter(metrics: &Metrics, series: &str) -> u64 {
     metrics
@@ -1505,18 +1520,6 @@ async fn an_agent_no_subnet_is_left_for_gets_no_pod_and_the_pod_says_why() {
 /// selector.
 #[tokio::test]
 async fn a_service_selects_the_pods_of_its_namespace_whose_labels_hold_its_selector() {
-    struct NoSink;
-    impl StatusSink for NoSink {
-        fn status_changed(
-            &mut self,
-            _: &PodRef,
-            _: Option<&PodSpec>,
-            _: &PodStatus,
-            _: Option<libp2p::PeerId>,
-        ) {
-        }
-        fn removed(&mut self, _: &PodRef) {}
-    }
     let pairs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -1600,4 +1603,57 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A backlog is placed a bounded pass at a time, so that the node's loop gets back to
+/// the agents' heartbeats and reports in between, and every pod of it is placed.
+#[tokio::test]
+async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
+    let cancel = CancellationToken::new();
+    let key = Keypair::generate_ed25519();
+    let (mesh, _events, event_loop) =
+        mesh::start(key.clone(), MeshConfig::default(), Metrics::new()).expect("mesh");
+    tokio::spawn(event_loop.run(cancel.clone()));
+    let agents: Vec<libp2p::PeerId> = (0..4)
+        .map(|_| Keypair::generate_ed25519().public().to_peer_id())
+        .collect();
+    let metrics = Metrics::new();
+    let mut owner = Owner::new(
+        OwnerConfig {
+            agents: TrustedPeers::new(agents.clone()),
+            adopt_window: Duration::ZERO,
+            ..OwnerConfig::default()
+        },
+        key,
+        mesh,
+        metrics.clone(),
+        Box::new(NoSink),
+    );
+    let backlog = 2 * DUE_PER_PASS + DUE_PER_PASS / 2;
+    for agent in &agents {
+        let GossipMessage::Heartbeat(mut beat) = heartbeat(&Sequencer::default(), 8000, vec![])
+        else {
+            panic!("a heartbeat");
+        };
+        beat.capacity.pods = backlog as u64;
+        beat.free.pods = backlog as u64;
+        owner.on_heartbeat(*agent, beat);
+    }
+    owner.set_desired(
+        (0..backlog)
+            .map(|i| {
+                let mut pod: Pod = serde_yaml::from_str(POD).expect("pod");
+                let uid = format!("backlog-{i}");
+                pod.metadata.name = Some(uid.clone());
+                pod.metadata.uid = Some(uid.clone());
+                (uid, standalone_pod(pod))
+            })
+            .collect::<DesiredPods>(),
+    );
+    let placed = || counter(&metrics, "beemesh_placements_total{path=\"direct\"}");
+    for expected in [DUE_PER_PASS, 2 * DUE_PER_PASS, backlog, backlog] {
+        owner.advance_due();
+        assert_eq!(placed(), expected as u64);
+    }
+    cancel.cancel();
 }

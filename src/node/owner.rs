@@ -423,6 +423,11 @@ const GROUP_CHECK: Duration = Duration::from_millis(250);
 const RELEASE_RETRY: Duration = Duration::from_secs(3);
 const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// Due pods one pass of [`Owner::advance_due`] takes on. A pass runs on the node's
+/// loop: a backlog of thousands placed in one go held up the agents' heartbeats and
+/// status reports for seconds, and on one CPU the mesh itself, whose connections then
+/// failed their pings and closed.
+pub const DUE_PER_PASS: usize = 256;
 /// A reservation is dropped after this even if its assignment is still in flight:
 /// by then the agent's heartbeats show the pod or it has declined it.
 const RESERVATION_MAX: Duration = Duration::from_secs(5);
@@ -1151,12 +1156,45 @@ impl Owner {
     }
 
     /// Places, closes the offers of and ends the fencing of the pods whose time has
-    /// come. Each tick, and at once after a source's changes, so that a new pod is
-    /// placed without waiting for the tick.
+    /// come, the earliest first and at most [`DUE_PER_PASS`] of them (the rest at the
+    /// next tick). Each tick, and at once after a source's changes, so that a new pod
+    /// is placed without waiting for the tick.
     pub fn advance_due(&mut self) {
         let now = Instant::now();
-        let uids: Vec<PodUid> = self.due.iter().cloned().collect();
-        for uid in uids {
+        let mut gone = Vec::new();
+        let mut ready: Vec<(Instant, &PodUid)> = Vec::new();
+        for uid in &self.due {
+            let Some(owned) = self.pods.get(uid) else {
+                gone.push(uid.clone());
+                continue;
+            };
+            let when = match &owned.placement {
+                Placement::Waiting { at } if !owned.deleting => {
+                    Some((*at).max(owned.offer_not_before))
+                }
+                Placement::Waiting { .. } => None,
+                Placement::Offering { deadline, .. } => Some(*deadline),
+                Placement::Fencing { until, .. } => Some(*until),
+                _ => {
+                    gone.push(uid.clone());
+                    continue;
+                }
+            };
+            if let Some(when) = when.filter(|when| *when <= now) {
+                ready.push((when, uid));
+            }
+        }
+        if ready.len() > DUE_PER_PASS {
+            ready.select_nth_unstable_by_key(DUE_PER_PASS - 1, |(when, _)| *when);
+            ready.truncate(DUE_PER_PASS);
+        }
+        ready.sort_by_key(|(when, _)| *when);
+        let ready: Vec<PodUid> = ready.into_iter().map(|(_, uid)| uid.clone()).collect();
+        for uid in &gone {
+            self.due.remove(uid);
+        }
+        for uid in ready {
+            // As it is now: a pod placed before it in this pass may have changed it.
             let Some(owned) = self.pods.get(&uid) else {
                 self.due.remove(&uid);
                 continue;
