@@ -299,6 +299,26 @@ impl OwnedPod {
         &self.offer.pod
     }
 
+    /// Whether the placement waits for a time (to be placed, an offer to close, a lost
+    /// copy's lease to run out): what keeps the pod in the owner's due set.
+    fn waits(&self) -> bool {
+        matches!(
+            self.placement,
+            Placement::Waiting { .. } | Placement::Offering { .. } | Placement::Fencing { .. }
+        )
+    }
+
+    /// When the tick next has something to do for the pod; none while it waits for
+    /// nothing the tick does (deleted while waiting to be placed, say).
+    fn due_at(&self) -> Option<Instant> {
+        match &self.placement {
+            Placement::Waiting { at } if !self.deleting => Some((*at).max(self.offer_not_before)),
+            Placement::Offering { deadline, .. } => Some(*deadline),
+            Placement::Fencing { until, .. } => Some(*until),
+            _ => None,
+        }
+    }
+
     /// The agent the pod is placed on, if it is.
     fn placed_on(&self) -> Option<PeerId> {
         match self.placement {
@@ -1164,23 +1184,11 @@ impl Owner {
         let mut gone = Vec::new();
         let mut ready: Vec<(Instant, &PodUid)> = Vec::new();
         for uid in &self.due {
-            let Some(owned) = self.pods.get(uid) else {
+            let Some(owned) = self.pods.get(uid).filter(|o| o.waits()) else {
                 gone.push(uid.clone());
                 continue;
             };
-            let when = match &owned.placement {
-                Placement::Waiting { at } if !owned.deleting => {
-                    Some((*at).max(owned.offer_not_before))
-                }
-                Placement::Waiting { .. } => None,
-                Placement::Offering { deadline, .. } => Some(*deadline),
-                Placement::Fencing { until, .. } => Some(*until),
-                _ => {
-                    gone.push(uid.clone());
-                    continue;
-                }
-            };
-            if let Some(when) = when.filter(|when| *when <= now) {
+            if let Some(when) = owned.due_at().filter(|when| *when <= now) {
                 ready.push((when, uid));
             }
         }
@@ -1195,36 +1203,22 @@ impl Owner {
         }
         for uid in ready {
             // As it is now: a pod placed before it in this pass may have changed it.
-            let Some(owned) = self.pods.get(&uid) else {
-                self.due.remove(&uid);
-                continue;
-            };
-            match &owned.placement {
-                Placement::Waiting { at }
-                    if *at <= now && owned.offer_not_before <= now && !owned.deleting =>
-                {
-                    self.place(&uid)
-                }
-                Placement::Offering { deadline, .. } if *deadline <= now => self.close_offer(&uid),
-                Placement::Fencing { agent, until } if *until <= now => {
-                    let agent = *agent;
-                    self.agent_lost(
-                        &uid,
-                        agent,
-                        "was unreachable until its copy's lease ran out",
-                    );
-                }
+            let placement = self
+                .pods
+                .get(&uid)
+                .filter(|o| o.due_at().is_some_and(|when| when <= now))
+                .map(|o| o.placement.clone());
+            match placement {
+                Some(Placement::Waiting { .. }) => self.place(&uid),
+                Some(Placement::Offering { .. }) => self.close_offer(&uid),
+                Some(Placement::Fencing { agent, .. }) => self.agent_lost(
+                    &uid,
+                    agent,
+                    "was unreachable until its copy's lease ran out",
+                ),
                 _ => {}
             }
-            let waits = self.pods.get(&uid).is_some_and(|o| {
-                matches!(
-                    o.placement,
-                    Placement::Waiting { .. }
-                        | Placement::Offering { .. }
-                        | Placement::Fencing { .. }
-                )
-            });
-            if !waits {
+            if !self.pods.get(&uid).is_some_and(|o| o.waits()) {
                 self.due.remove(&uid);
             }
         }
