@@ -284,6 +284,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
     };
     tracing::info!(peer = %mesh.local_peer_id(), cpu_millis = capacity.cpu_millis, memory_bytes = capacity.memory_bytes, pods = capacity.pods, "agent starting");
     let agent = Agent::new(config, mesh, Arc::new(runtime), owners, enrollment, metrics)?;
+    tokio::spawn(crate::agent::memory::keep_returning_freed(cancel.clone()));
     let result = agent
         .run(events, cancel.clone())
         .await

@@ -12,6 +12,7 @@ mod health;
 mod hook;
 mod kubelet;
 pub mod lease;
+pub mod memory;
 pub mod probe;
 mod routes;
 mod runtime_events;
