@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use beemesh::mesh::{self, GossipFilter, MeshConfig, MeshEvent, MeshEvents, MeshHandle};
 use beemesh::metrics::Metrics;
-use beemesh::node::owner::{DesiredPods, Owner, OwnerConfig, StatusSink, DUE_PER_PASS};
+use beemesh::node::owner::{
+    DesiredPods, Owner, OwnerConfig, StatusSink, DUE_PER_PASS, MAX_ASSIGNING,
+};
 use beemesh::node::subnets::SubnetPool;
 use beemesh::node::{standalone_pod, Node, NodeConfig};
 use beemesh::trust::replay::Sequencer;
@@ -1609,6 +1611,40 @@ fn free_port() -> u16 {
 /// the agents' heartbeats and reports in between, and every pod of it is placed.
 #[tokio::test]
 async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
+    let backlog = 2 * DUE_PER_PASS + DUE_PER_PASS / 2;
+    let (mut owner, placed, cancel) = owner_with_backlog(backlog);
+    for expected in [DUE_PER_PASS, 2 * DUE_PER_PASS, backlog, backlog] {
+        owner.advance_due();
+        assert_eq!(placed(), expected as u64);
+    }
+    cancel.cancel();
+}
+
+/// With MAX_ASSIGNING assignments unanswered a pass places nothing more (under
+/// overload, placing waits for the mesh rather than queueing on it), and it goes on
+/// as answers come.
+#[tokio::test]
+async fn placing_waits_while_max_assigning_assignments_are_unanswered() {
+    let (mut owner, placed, cancel) = owner_with_backlog(MAX_ASSIGNING + DUE_PER_PASS);
+    let passes = MAX_ASSIGNING / DUE_PER_PASS;
+    for pass in 1..=passes + 1 {
+        owner.advance_due();
+        assert_eq!(placed(), (pass.min(passes) * DUE_PER_PASS) as u64);
+    }
+    // The agents are not reachable: each answer is a failure.
+    owner.next_internal().await.expect("an answer");
+    owner.advance_due();
+    assert!(
+        placed() > MAX_ASSIGNING as u64,
+        "nothing placed once answers came"
+    );
+    cancel.cancel();
+}
+
+/// An owner with `backlog` pods due and four agents with room for all of them (agents
+/// it is not connected to, so that nothing it sends is answered until the mesh says
+/// so), and the count of its direct placements.
+fn owner_with_backlog(backlog: usize) -> (Owner, impl Fn() -> u64, CancellationToken) {
     let cancel = CancellationToken::new();
     let key = Keypair::generate_ed25519();
     let (mesh, _events, event_loop) =
@@ -1629,7 +1665,6 @@ async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
         metrics.clone(),
         Box::new(NoSink),
     );
-    let backlog = 2 * DUE_PER_PASS + DUE_PER_PASS / 2;
     for agent in &agents {
         let GossipMessage::Heartbeat(mut beat) = heartbeat(&Sequencer::default(), 8000, vec![])
         else {
@@ -1650,10 +1685,6 @@ async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
             })
             .collect::<DesiredPods>(),
     );
-    let placed = || counter(&metrics, "beemesh_placements_total{path=\"direct\"}");
-    for expected in [DUE_PER_PASS, 2 * DUE_PER_PASS, backlog, backlog] {
-        owner.advance_due();
-        assert_eq!(placed(), expected as u64);
-    }
-    cancel.cancel();
+    let placed = move || counter(&metrics, "beemesh_placements_total{path=\"direct\"}");
+    (owner, placed, cancel)
 }

@@ -433,6 +433,9 @@ pub struct Owner {
     /// What was last said of their groups, and when their placements were last looked at.
     groups: GroupBook,
     groups_checked: Instant,
+    /// Cloned into each assignment's task for as long as it waits for its answers: the
+    /// clones counted are the assignments in flight.
+    assigning: Arc<()>,
 }
 
 /// How often the stateful workloads' placements are looked at for their groups.
@@ -448,6 +451,11 @@ const RELEASE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// status reports for seconds, and on one CPU the mesh itself, whose connections then
 /// failed their pings and closed.
 pub const DUE_PER_PASS: usize = 256;
+/// Assignments sent and not yet answered, at most; a pass places no more than leaves
+/// room under it. Under overload answers come back later, and placing waits for them
+/// instead of queueing more than the mesh carries, behind which the agents' heartbeats
+/// and pings waited until the agents looked lost.
+pub const MAX_ASSIGNING: usize = 4 * DUE_PER_PASS;
 /// A reservation is dropped after this even if its assignment is still in flight:
 /// by then the agent's heartbeats show the pod or it has declined it.
 const RESERVATION_MAX: Duration = Duration::from_secs(5);
@@ -655,6 +663,7 @@ impl Owner {
             grouped: HashMap::new(),
             groups: GroupBook::default(),
             groups_checked: Instant::now(),
+            assigning: Arc::new(()),
             config,
             signer,
             mesh,
@@ -1176,10 +1185,13 @@ impl Owner {
     }
 
     /// Places, closes the offers of and ends the fencing of the pods whose time has
-    /// come, the earliest first and at most [`DUE_PER_PASS`] of them (the rest at the
-    /// next tick). Each tick, and at once after a source's changes, so that a new pod
-    /// is placed without waiting for the tick.
+    /// come, the earliest first and at most [`DUE_PER_PASS`] of them, fewer when
+    /// [`MAX_ASSIGNING`] assignments are close to being in flight (the rest at the next
+    /// tick). Each tick, and at once after a source's changes, so that a new pod is
+    /// placed without waiting for the tick.
     pub fn advance_due(&mut self) {
+        let in_flight = Arc::strong_count(&self.assigning) - 1;
+        let room = DUE_PER_PASS.min(MAX_ASSIGNING.saturating_sub(in_flight));
         let now = Instant::now();
         let mut gone = Vec::new();
         let mut ready: Vec<(Instant, &PodUid)> = Vec::new();
@@ -1192,9 +1204,11 @@ impl Owner {
                 ready.push((when, uid));
             }
         }
-        if ready.len() > DUE_PER_PASS {
-            ready.select_nth_unstable_by_key(DUE_PER_PASS - 1, |(when, _)| *when);
-            ready.truncate(DUE_PER_PASS);
+        if ready.len() > room {
+            if let Some(last) = room.checked_sub(1) {
+                ready.select_nth_unstable_by_key(last, |(when, _)| *when);
+            }
+            ready.truncate(room);
         }
         ready.sort_by_key(|(when, _)| *when);
         let ready: Vec<PodUid> = ready.into_iter().map(|(_, uid)| uid.clone()).collect();
@@ -1634,7 +1648,9 @@ impl Owner {
         let internal = self.internal_tx.clone();
         let uid = uid.clone();
         let metrics = self.metrics.clone();
+        let in_flight = self.assigning.clone();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let mut reasons = Vec::new();
             let mut unanswered = false;
             for (agent, pod_subnet) in agents {
