@@ -70,6 +70,8 @@ pub struct Metrics {
     pub mesh_peers: Gauge,
     /// Outbound requests waiting for room to their peer (see `mesh::window`).
     pub mesh_requests_queued: Gauge,
+    /// Assignments the node sent and has no answer to yet (see `MAX_ASSIGNING`).
+    pub assignments_in_flight: Gauge,
     /// Pods this process owns (node) or runs (agent).
     pub pods: Gauge,
     /// Assignments made (node) or accepted (agent).
@@ -116,7 +118,7 @@ impl Metrics {
         let gateway_connections = Family::<KindLabel, Counter>::default();
         let cluster_connections = Family::<KindLabel, Counter>::default();
         let (mesh_peers, pods) = (Gauge::default(), Gauge::default());
-        let mesh_requests_queued = Gauge::default();
+        let (mesh_requests_queued, assignments_in_flight) = (Gauge::default(), Gauge::default());
         let (assignments, container_restarts, agents_lost) =
             (Counter::default(), Counter::default(), Counter::default());
         let pods_fenced = Counter::default();
@@ -201,6 +203,11 @@ impl Metrics {
             "Outbound mesh requests waiting for room to their peer",
             mesh_requests_queued.clone(),
         );
+        registry.register(
+            "assignments_in_flight",
+            "Assignments sent by the node and not yet answered",
+            assignments_in_flight.clone(),
+        );
         registry.register("pods", "Pods owned (node) or run (agent)", pods.clone());
         registry.register(
             "assignments",
@@ -236,6 +243,7 @@ impl Metrics {
             cluster_connections,
             mesh_peers,
             mesh_requests_queued,
+            assignments_in_flight,
             pods,
             assignments,
             container_restarts,

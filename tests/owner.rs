@@ -1379,10 +1379,7 @@ async fn when_every_agent_picked_declines_the_owner_asks_the_agents() {
     assert_eq!(assign.epoch, offer.epoch);
     assert_eq!(assign.statement.agent, PeerRef(agent_ids[0]));
     reply.send(Response::Ack).expect("reply");
-    assert_eq!(
-        counter(&node_metrics, "beemesh_placements_total{path=\"direct\"}"),
-        1
-    );
+    assert_eq!(counter(&node_metrics, DIRECT_PLACEMENTS), 1);
     assert_eq!(
         counter(&node_metrics, "beemesh_placements_total{path=\"offer\"}"),
         1
@@ -1612,7 +1609,8 @@ fn free_port() -> u16 {
 #[tokio::test]
 async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
     let backlog = 2 * DUE_PER_PASS + DUE_PER_PASS / 2;
-    let (mut owner, placed, cancel) = owner_with_backlog(backlog);
+    let (mut owner, metrics, cancel) = owner_with_backlog(backlog);
+    let placed = || counter(&metrics, DIRECT_PLACEMENTS);
     for expected in [DUE_PER_PASS, 2 * DUE_PER_PASS, backlog, backlog] {
         owner.advance_due();
         assert_eq!(placed(), expected as u64);
@@ -1625,12 +1623,17 @@ async fn a_backlog_is_placed_a_bounded_pass_at_a_time_and_in_full() {
 /// as answers come.
 #[tokio::test]
 async fn placing_waits_while_max_assigning_assignments_are_unanswered() {
-    let (mut owner, placed, cancel) = owner_with_backlog(MAX_ASSIGNING + DUE_PER_PASS);
+    let (mut owner, metrics, cancel) = owner_with_backlog(MAX_ASSIGNING + DUE_PER_PASS);
+    let placed = || counter(&metrics, DIRECT_PLACEMENTS);
     let passes = MAX_ASSIGNING / DUE_PER_PASS;
     for pass in 1..=passes + 1 {
         owner.advance_due();
         assert_eq!(placed(), (pass.min(passes) * DUE_PER_PASS) as u64);
     }
+    assert_eq!(
+        counter(&metrics, "beemesh_assignments_in_flight"),
+        MAX_ASSIGNING as u64
+    );
     // The agents are not reachable: each answer is a failure.
     owner.next_internal().await.expect("an answer");
     owner.advance_due();
@@ -1643,8 +1646,8 @@ async fn placing_waits_while_max_assigning_assignments_are_unanswered() {
 
 /// An owner with `backlog` pods due and four agents with room for all of them (agents
 /// it is not connected to, so that nothing it sends is answered until the mesh says
-/// so), and the count of its direct placements.
-fn owner_with_backlog(backlog: usize) -> (Owner, impl Fn() -> u64, CancellationToken) {
+/// so), and its metrics.
+fn owner_with_backlog(backlog: usize) -> (Owner, Metrics, CancellationToken) {
     let cancel = CancellationToken::new();
     let key = Keypair::generate_ed25519();
     let (mesh, _events, event_loop) =
@@ -1685,6 +1688,7 @@ fn owner_with_backlog(backlog: usize) -> (Owner, impl Fn() -> u64, CancellationT
             })
             .collect::<DesiredPods>(),
     );
-    let placed = move || counter(&metrics, "beemesh_placements_total{path=\"direct\"}");
-    (owner, placed, cancel)
+    (owner, metrics, cancel)
 }
+
+const DIRECT_PLACEMENTS: &str = "beemesh_placements_total{path=\"direct\"}";

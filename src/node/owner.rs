@@ -419,7 +419,6 @@ pub struct Owner {
     synced: bool,
     /// The last heartbeat sequence number of each agent.
     heartbeat_seqs: ReplayGuard<PeerId>,
-    /// The last status report sequence number of each placement.
     /// Since when each agent has said its container runtime fails its checks.
     runtime_down_since: HashMap<PeerId, Instant>,
     /// Releases sent again while the agent's heartbeats still list the copy.
@@ -1191,6 +1190,7 @@ impl Owner {
     /// placed without waiting for the tick.
     pub fn advance_due(&mut self) {
         let in_flight = Arc::strong_count(&self.assigning) - 1;
+        self.metrics.assignments_in_flight.set(in_flight as i64);
         let room = DUE_PER_PASS.min(MAX_ASSIGNING.saturating_sub(in_flight));
         let now = Instant::now();
         let mut gone = Vec::new();
