@@ -27,10 +27,8 @@ fn memory_freed_between_blocks_in_use_goes_back_to_the_host() {
         "64 MiB freed, only {} KiB returned ({before} KiB resident before, {after} after)",
         before.saturating_sub(after)
     );
-    assert_eq!(
-        kept.iter().map(|b| **b).sum::<usize>(),
-        BLOCKS * (BLOCKS - 1) / 2
-    );
+    // In use until here.
+    drop(kept);
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -5,8 +5,8 @@
 //! connection to every peer discovery finds and closes them once they are idle; what
 //! they held stays in the agent's heaps, between blocks still in use, for as long as the
 //! agent runs: a quarter of an idle agent's own memory among 20 agents. An agent runs on
-//! a host that may be someone else's, so it hands that back. `malloc_trim` releases the
-//! free pages of every heap; on an agent's few MiB it takes well under a millisecond.
+//! a host that may be someone else's, so it hands that back: `malloc_trim` releases the
+//! free pages of every heap.
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the agent returns what it freed: often enough that a host sees it soon
 /// after the mesh's idle connections close (60 s after the start's discovery).
-pub const RETURN_INTERVAL: Duration = Duration::from_secs(30);
+const RETURN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Returns freed memory every [`RETURN_INTERVAL`] until `cancel`.
 pub async fn keep_returning_freed(cancel: CancellationToken) {
