@@ -1,6 +1,8 @@
 //! An agent hands back to its host the memory it freed (`agent::memory`). In a process of
 //! its own: the figures are this process's resident memory.
 
+mod common;
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 fn memory_freed_between_blocks_in_use_goes_back_to_the_host() {
@@ -16,12 +18,12 @@ fn memory_freed_between_blocks_in_use_goes_back_to_the_host() {
         kept.push(Box::new(i));
     }
     drop(large);
-    let before = resident_anonymous_kib();
+    let before = common::own_memory_kib("RssAnon");
     assert!(
         beemesh::agent::memory::return_freed(),
         "nothing was returned"
     );
-    let after = resident_anonymous_kib();
+    let after = common::own_memory_kib("RssAnon");
     assert!(
         before.saturating_sub(after) >= 32 * 1024,
         "64 MiB freed, only {} KiB returned ({before} KiB resident before, {after} after)",
@@ -29,14 +31,4 @@ fn memory_freed_between_blocks_in_use_goes_back_to_the_host() {
     );
     // In use until here.
     drop(kept);
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn resident_anonymous_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reads /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssAnon:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("RssAnon in /proc/self/status")
 }

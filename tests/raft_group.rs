@@ -1270,16 +1270,6 @@ async fn bench_kv_latency_throughput_and_failover() {
     }
 }
 
-/// Resident memory of the process, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// Memory of idle groups: 100 groups on 3 members (in this one process), each with
 /// ten keys written, then the growth of the process's RSS per group and member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1291,7 +1281,7 @@ async fn bench_idle_group_memory() {
     cluster.tell("warm").await;
     cluster.agreed_leader("warm", Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = rss_kib();
+    let before = common::own_memory_kib("VmRSS");
     for g in 0..GROUPS {
         let name = format!("g{g}");
         cluster.tell(&name).await;
@@ -1313,7 +1303,7 @@ async fn bench_idle_group_memory() {
         }
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = rss_kib();
+    let after = common::own_memory_kib("VmRSS");
     println!(
         "BENCH idle_groups={GROUPS} members=3 rss_growth_kib={} per_group_member_kib={:.0}",
         after.saturating_sub(before),

@@ -23,6 +23,17 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_beemesh")
 }
 
+/// A memory figure of this process from `/proc/self/status` (`VmRSS`, `RssAnon`, ...),
+/// in KiB.
+pub fn own_memory_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("reads /proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
+}
+
 /// Fails the test with instructions when Podman or the test image is missing.
 pub fn require_podman() {
     let ping = Command::new("curl")
