@@ -18,12 +18,12 @@ fn memory_freed_between_blocks_in_use_goes_back_to_the_host() {
         kept.push(Box::new(i));
     }
     drop(large);
-    let before = common::own_memory_kib("RssAnon");
+    let before = common::memory_kib(std::process::id(), "RssAnon");
     assert!(
         beemesh::agent::memory::return_freed(),
         "nothing was returned"
     );
-    let after = common::own_memory_kib("RssAnon");
+    let after = common::memory_kib(std::process::id(), "RssAnon");
     assert!(
         before.saturating_sub(after) >= 32 * 1024,
         "64 MiB freed, only {} KiB returned ({before} KiB resident before, {after} after)",

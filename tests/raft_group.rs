@@ -1281,7 +1281,7 @@ async fn bench_idle_group_memory() {
     cluster.tell("warm").await;
     cluster.agreed_leader("warm", Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = common::own_memory_kib("VmRSS");
+    let before = common::rss_kib(std::process::id());
     for g in 0..GROUPS {
         let name = format!("g{g}");
         cluster.tell(&name).await;
@@ -1303,7 +1303,7 @@ async fn bench_idle_group_memory() {
         }
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = common::own_memory_kib("VmRSS");
+    let after = common::rss_kib(std::process::id());
     println!(
         "BENCH idle_groups={GROUPS} members=3 rss_growth_kib={} per_group_member_kib={:.0}",
         after.saturating_sub(before),

@@ -23,17 +23,6 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_beemesh")
 }
 
-/// A memory figure of this process from `/proc/self/status` (`VmRSS`, `RssAnon`, ...),
-/// in KiB.
-pub fn own_memory_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reads /proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/self/status"))
-}
-
 /// Fails the test with instructions when Podman or the test image is missing.
 pub fn require_podman() {
     let ping = Command::new("curl")
@@ -670,10 +659,16 @@ pub fn counter(text: &str, metric: &str, labels: &str) -> u64 {
 
 /// Resident memory of a process, in KiB (0 once it is gone).
 pub fn rss_kib(pid: u32) -> u64 {
+    memory_kib(pid, "VmRSS")
+}
+
+/// A memory figure of a process from `/proc/PID/status` (`VmRSS`, `RssAnon`, ...), in
+/// KiB (0 once it is gone).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
