@@ -128,6 +128,12 @@ const REQUEST_ERROR_CAUSES: &[&str] = &[
 ];
 /// Causes meaning "does not exist", which Podman 4.3 sometimes reports with status 500.
 const NOT_FOUND_CAUSES: &[&str] = &["no such pod", "no such container", "no such exec session"];
+/// Podman inspects a running container by reading its process's files in `/proc`; one
+/// that exits meanwhile fails the inspection with this cause, and the next one sees it
+/// exited.
+const EXITED_WHILE_INSPECTED: &str = "no such process";
+/// Inspections of one container, when its process keeps exiting under them.
+const INSPECT_ATTEMPTS: u32 = 3;
 /// At most this much of an exec's output is kept: probes need little, and a chatty
 /// command must not grow the agent's memory. The rest is read and dropped.
 const MAX_EXEC_OUTPUT: usize = 64 * 1024;
@@ -438,6 +444,11 @@ fn classify(e: podman_api::Error) -> RuntimeError {
     }
 }
 
+/// Whether an inspection failed only because the container's process exited during it.
+fn exited_while_inspected(message: &str) -> bool {
+    message.contains(EXITED_WHILE_INSPECTED)
+}
+
 /// Podman's error bodies are JSON with a `message`; show just that.
 fn podman_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
@@ -530,13 +541,18 @@ fn port_mapping(p: &super::PortMapping) -> PodmanPort {
 impl Podman {
     async fn inspect_state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
         path_safe("container", id)?;
-        let info = self
-            .client
-            .containers()
-            .get(id)
-            .inspect()
-            .await
-            .map_err(classify)?;
+        let container = self.client.containers().get(id);
+        let mut attempts = 1;
+        let info = loop {
+            match container.inspect().await.map_err(classify) {
+                Err(RuntimeError::Unavailable(message))
+                    if exited_while_inspected(&message) && attempts < INSPECT_ATTEMPTS =>
+                {
+                    attempts += 1;
+                }
+                answer => break answer?,
+            }
+        };
         let Some(state) = info.state else {
             return Err(RuntimeError::Unavailable(format!(
                 "Podman reported no state for container {id}"
@@ -1230,5 +1246,18 @@ mod tests {
         assert_eq!(skip_lines_of(b"o\nthree\n".to_vec(), &mut skip), b"three\n");
         assert_eq!(skip, 0);
         assert_eq!(skip_lines_of(b"four\n".to_vec(), &mut skip), b"four\n");
+    }
+
+    #[test]
+    fn a_process_gone_during_inspection_is_told_from_other_faults() {
+        // The message of Podman 4.3's 500 when a container exited while inspected (seen in CI).
+        let vanished = podman_message(
+            r#"{"cause":"no such process","message":"read /proc/21996/cgroup: no such process: no such process","response":500}"#,
+        );
+        assert!(exited_while_inspected(&vanished));
+        let locked = podman_message(
+            r#"{"cause":"database is locked","message":"database is locked","response":500}"#,
+        );
+        assert!(!exited_while_inspected(&locked));
     }
 }
