@@ -4,6 +4,8 @@
 
 mod common;
 mod fake_apiserver;
+#[path = "../benches/scale/harness.rs"]
+mod harness;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -4098,27 +4100,141 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
         )
     };
 
-    println!("| {pods} pods, {agents} agents | p50 | p99 | placed and started pods/s |");
+    print_burst_figures(
+        &format!("{pods} pods, {agents} agents"),
+        "container started",
+        &standalone,
+        &through_api,
+        &api_running,
+        &reported,
+    );
+}
+
+/// The burst above among simulated agents instead of Podman's: the scale harness's
+/// (`benches/scale`), real libp2p peers of the real node that "run" a pod the moment it
+/// is assigned and report it Running. What is left to measure is BeeMesh's own path,
+/// so bursts larger than one Podman here starts (1,000: see BENCHMARKS.md) show what
+/// the Kubernetes path adds at that size. Asserts that every pod is placed once on both
+/// paths, that the node's status writes send none to its agent again, and that all are
+/// released after deletion. `hack/bench-burst.sh` runs 100 and 1,000
+/// pods (BEEMESH_BENCH_SIM_BURST_PODS) on a release build; the suite runs 50.
+#[test]
+fn a_deployments_burst_among_simulated_agents_is_assigned_once_through_the_api_as_through_manifests(
+) {
+    let pods = common::env_number("BEEMESH_BENCH_SIM_BURST_PODS", 50);
+    // A simulated agent takes 110 pods, and each agent's heartbeat lists its pods.
+    let agents = common::env_number("BEEMESH_BENCH_SIM_BURST_AGENTS", pods.div_ceil(100).max(2));
+    let timeout = Duration::from_secs(60 + pods as u64 / 10);
+    let trusted = SimulatedAgents::peer_ids(agents);
+    let node_args = ["--trust-agent", trusted.as_str()];
+    let names: Vec<String> = (0..pods).map(|i| format!("burst-{i}")).collect();
+
+    let (standalone, refreshed) = {
+        let mesh = Mesh::with_node_args(&node_args);
+        let mut sims = SimulatedAgents::start(&mesh, agents, pods);
+        wait_agents_heard(&mesh, agents);
+        let mut created = HashMap::new();
+        for name in &names {
+            mesh.write_manifest(&format!("{name}.yaml"), &burst_pod(name));
+            created.insert(name.clone(), SystemTime::now());
+        }
+        let ran = sims.wait_ran(&mesh, &names, timeout);
+        let refreshed = sims.refreshes();
+        for name in &names {
+            mesh.remove_manifest(&format!("{name}.yaml"));
+        }
+        sims.wait_released(&mesh, pods, timeout);
+        (BurstFigures::between(&created, &ran), refreshed)
+    };
+
+    let (through_api, api_running, reported, api_refreshed) = {
+        let cluster = Cluster::start(&node_args);
+        let mut sims = SimulatedAgents::start(&cluster.mesh, agents, pods);
+        wait_agents_heard(&cluster.mesh, agents);
+        let client = cluster.runtime.block_on(admin_client(&cluster.kubeconfig));
+        let pods_api: Api<Pod> = Api::namespaced(client, "default");
+        let running = cluster
+            .runtime
+            .block_on(async { RunningInApi::follow(pods_api.clone()) });
+        let template: Pod = serde_yaml::from_str(&burst_pod("")).expect("the burst pod parses");
+        let created = cluster
+            .runtime
+            .block_on(create_as_the_replicaset_controller(
+                &pods_api, &template, pods,
+            ));
+        let mut created_names: Vec<String> = created.keys().cloned().collect();
+        created_names.sort();
+        let ran = sims.wait_ran(&cluster.mesh, &created_names, timeout);
+        let in_api = running.wait_all(&cluster.mesh, &created_names, timeout);
+        let refreshed = sims.refreshes();
+        let (ok, out) =
+            cluster.kubectl(&["delete", "pods", "-l", "app=burst", "--wait=false"], None);
+        assert!(ok, "kubectl delete: {out}");
+        cluster
+            .mesh
+            .wait_for("the burst's pods gone from the API", timeout, || {
+                let list = cluster.get(&["pods", "-l", "app=burst"])?;
+                list["items"].as_array()?.is_empty().then_some(())
+            });
+        sims.wait_released(&cluster.mesh, pods, timeout);
+        (
+            BurstFigures::between(&created, &ran),
+            BurstFigures::between(&created, &in_api),
+            BurstFigures::between(&ran, &in_api),
+            refreshed,
+        )
+    };
+
+    print_burst_figures(
+        &format!("{pods} pods, {agents} simulated agents"),
+        "assigned and \"run\"",
+        &standalone,
+        &through_api,
+        &api_running,
+        &reported,
+    );
+    println!(
+        "assignments that updated a pod already placed: standalone {refreshed}, Kubernetes \
+         {api_refreshed} (by the time every pod was Running in the API)"
+    );
+    assert_eq!(
+        (refreshed, api_refreshed),
+        (0, 0),
+        "the node's own status writes send no pod to its agent again"
+    );
+}
+
+/// The two bursts' figures as BENCHMARKS.md shows them; `started` says what ends a
+/// pod's start.
+fn print_burst_figures(
+    title: &str,
+    started: &str,
+    standalone: &BurstFigures,
+    through_api: &BurstFigures,
+    api_running: &BurstFigures,
+    reported: &BurstFigures,
+) {
+    println!("| {title} | p50 | p99 | placed and started pods/s |");
     println!("|---|---|---|---|");
     for (what, figures, from_creation) in [
         (
-            "standalone: manifest → container started",
-            &standalone,
+            format!("standalone: manifest → {started}"),
+            standalone,
             true,
         ),
         (
-            "Kubernetes: API create → container started",
-            &through_api,
+            format!("Kubernetes: API create → {started}"),
+            through_api,
             true,
         ),
         (
-            "Kubernetes: API create → Running in the API",
-            &api_running,
+            "Kubernetes: API create → Running in the API".into(),
+            api_running,
             true,
         ),
         (
-            "Kubernetes: container started → Running in the API",
-            &reported,
+            format!("Kubernetes: {started} → Running in the API"),
+            reported,
             false,
         ),
     ] {
@@ -4137,6 +4253,98 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
         api_running.p50 / standalone.p50,
         api_running.p99 / standalone.p99
     );
+}
+
+/// The scale harness's simulated agents, on a runtime of their own in this process,
+/// as peers of a test mesh's node (which must trust [`SimulatedAgents::peer_ids`]).
+struct SimulatedAgents {
+    link: harness::Link,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl SimulatedAgents {
+    /// The harness derives its agents' keys from this.
+    const SEED: u64 = 13;
+
+    /// The first `count` agents' peer IDs, comma-separated (for `--trust-agent`).
+    fn peer_ids(count: usize) -> String {
+        (0..count as u64)
+            .map(|i| {
+                harness::agent_key(Self::SEED, i)
+                    .public()
+                    .to_peer_id()
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start(mesh: &Mesh, count: usize, max_pods: usize) -> SimulatedAgents {
+        let runtime = runtime();
+        let opts = harness::AgentsOptions {
+            seed: Self::SEED,
+            first: 0,
+            count: count as u64,
+            owner: mesh.node_addr().parse().expect("the node's address"),
+            max_pods,
+        };
+        let link = runtime.block_on(async {
+            harness::in_process("agents", move |cmds, out| {
+                harness::agents_role(opts, cmds, out)
+            })
+        });
+        SimulatedAgents { link, runtime }
+    }
+
+    /// The answer to one of the harness's commands.
+    fn ask(&mut self, cmd: &str, key: &str) -> Value {
+        self.link.send(json!({ "cmd": cmd }));
+        let answer = self
+            .runtime
+            .block_on(self.link.recv(key, Duration::from_secs(10)));
+        answer.unwrap_or_else(|e| panic!("the simulated agents' {cmd}: {e}"))
+    }
+
+    /// When each of `names` (namespace default) was first "run", once all were; and
+    /// none was placed twice.
+    fn wait_ran(
+        &mut self,
+        mesh: &Mesh,
+        names: &[String],
+        timeout: Duration,
+    ) -> HashMap<String, SystemTime> {
+        let ran = mesh.wait_for("every burst pod assigned", timeout, || {
+            let ran = self.ask("ran", "ran");
+            names
+                .iter()
+                .map(|n| {
+                    let ms = ran["ran"][format!("default/{n}")].as_u64()?;
+                    Some((n.clone(), UNIX_EPOCH + Duration::from_millis(ms)))
+                })
+                .collect::<Option<HashMap<_, _>>>()
+        });
+        let counters = self.ask("counters", "counters");
+        assert_eq!(
+            counters["counters"]["assigns"].as_u64(),
+            Some(names.len() as u64),
+            "each pod placed once: {counters}"
+        );
+        ran
+    }
+
+    /// Assignments that updated a pod already placed (see the harness's `refreshes`).
+    fn refreshes(&mut self) -> u64 {
+        let counters = self.ask("counters", "counters");
+        counters["counters"]["refreshes"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until the agents have been told to release `count` pods.
+    fn wait_released(&mut self, mesh: &Mesh, count: usize, timeout: Duration) {
+        mesh.wait_for("every burst pod released", timeout, || {
+            let counters = self.ask("counters", "counters");
+            (counters["counters"]["releases"].as_u64()? >= count as u64).then_some(())
+        });
+    }
 }
 
 /// The burst's pod; `name` empty for the ReplicaSet's template (generateName).

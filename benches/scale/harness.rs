@@ -610,9 +610,23 @@ pub struct AgentsOptions {
     pub seed: u64,
     pub first: u64,
     pub count: u64,
+    /// The owner's address; with a `/p2p/` peer ID, that peer is the owner (a real
+    /// `beemesh node`), else the harness's owner of `seed`.
     pub owner: Multiaddr,
     /// Pod indexes that may be offered (sizes the per-pod tables).
     pub max_pods: usize,
+}
+
+impl AgentsOptions {
+    fn owner_peer(&self) -> PeerId {
+        self.owner
+            .iter()
+            .find_map(|protocol| match protocol {
+                libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            })
+            .unwrap_or_else(|| owner_key(self.seed).public().to_peer_id())
+    }
 }
 
 /// Counters summed over this role's agents.
@@ -627,6 +641,9 @@ struct Counters {
     bids_declined: AtomicU64,
     bids_failed: AtomicU64,
     assigns: AtomicU64,
+    /// Assignments of a pod at the epoch this agent already runs it at: its owner's
+    /// update of the pod (new labels, annotations or volume data), not a placement.
+    refreshes: AtomicU64,
     assigns_declined: AtomicU64,
     reports: AtomicU64,
     reports_failed: AtomicU64,
@@ -646,6 +663,7 @@ impl Counters {
             "bids_declined": get(&self.bids_declined),
             "bids_failed": get(&self.bids_failed),
             "assigns": get(&self.assigns),
+            "refreshes": get(&self.refreshes),
             "assigns_declined": get(&self.assigns_declined),
             "reports": get(&self.reports),
             "reports_failed": get(&self.reports_failed),
@@ -661,6 +679,8 @@ struct Shared {
     /// Per pod index: the size of its offer's gossip payload, once known.
     offer_size: Vec<AtomicU32>,
     connected: AtomicUsize,
+    /// Per pod (namespace/name): when an agent here first "ran" it (Unix ms).
+    ran: Mutex<HashMap<String, u64>>,
 }
 
 struct SimPod {
@@ -795,6 +815,14 @@ impl SimAgent {
                 let uid = PodUid(assign.pod.metadata.uid.clone().unwrap_or_default());
                 // As `beemesh agent`: whatever fits is taken, bid for or not.
                 self.bids.remove(&uid);
+                if let Some(hosted) = self.pods.get_mut(&uid).filter(|p| p.epoch == assign.epoch) {
+                    hosted.statement = assign.statement.clone();
+                    self.shared
+                        .counters
+                        .refreshes
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Response::Ack;
+                }
                 let Ok(requests) = beemesh::runtime::translate::pod_requests(&assign.pod) else {
                     return Response::Declined {
                         reason: "invalid requests".into(),
@@ -840,6 +868,12 @@ impl SimAgent {
                     },
                 );
                 // "Runs" at once: the one report a started pod's agent sends at least.
+                self.shared
+                    .ran
+                    .lock()
+                    .expect("ran")
+                    .entry(format!("{}/{}", pod.namespace, pod.name))
+                    .or_insert_with(unix_millis);
                 self.report(pod, assign.epoch, statement, false);
                 Response::Ack
             }
@@ -930,14 +964,14 @@ impl SimAgent {
 }
 
 /// `count` agents, each its own swarm dialling the owner. Commands: `counters`,
-/// `offers` {first, count}, `quit`.
+/// `offers` {first, count}, `ran` (when each pod was first "run"), `quit`.
 pub async fn agents_role(
     opts: AgentsOptions,
     mut cmds: mpsc::UnboundedReceiver<Value>,
     out: mpsc::UnboundedSender<Value>,
 ) {
     let cancel = CancellationToken::new();
-    let owner = owner_key(opts.seed).public().to_peer_id();
+    let owner = opts.owner_peer();
     let shared = Arc::new(Shared {
         counters: Counters::default(),
         first_offer: (0..opts.max_pods)
@@ -945,6 +979,7 @@ pub async fn agents_role(
             .collect(),
         offer_size: (0..opts.max_pods).map(|_| AtomicU32::new(0)).collect(),
         connected: AtomicUsize::new(0),
+        ran: Mutex::default(),
     });
     // One registry for all: the agents' own metrics are not what is measured.
     let metrics = Metrics::new();
@@ -1007,6 +1042,10 @@ pub async fn agents_role(
                         .map(|t| if t == u64::MAX { 0 } else { t })
                         .collect();
                     let _ = out.send(json!({"offers": times}));
+                }
+                Some("ran") => {
+                    let ran = shared.ran.lock().expect("ran").clone();
+                    let _ = out.send(json!({"ran": ran}));
                 }
                 Some("quit") | None => break,
                 Some(other) => eprintln!("agents: unknown command {other}"),

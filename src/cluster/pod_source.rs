@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::{EventRecorder, PodEvent};
 use super::object_cache::{unavailable, ObjectCache, ObjectKey, ObjectKind};
-use super::pod_status::{Gates, StatusBoard};
+use super::pod_status::{Gates, StatusBoard, MESH_IP_ANNOTATION};
 use super::watched::Watched;
 use crate::node::desired::DesiredStore;
 use crate::node::owner::DesiredPod;
@@ -202,11 +202,20 @@ fn object_keys(pod: &Pod) -> BTreeSet<ObjectKey> {
 }
 
 /// The pod as resolution sees it: without status and the fields every write changes.
+/// The node's own [`MESH_IP_ANNOTATION`] goes with the status it is written with: were
+/// it part of the pod, its first write would send every placed pod to its agent again.
 fn essentials(pod: &Pod) -> Pod {
     let mut pod = pod.clone();
     pod.status = None;
     pod.metadata.resource_version = None;
     pod.metadata.managed_fields = None;
+    if let Some(annotations) = &mut pod.metadata.annotations {
+        annotations.remove(MESH_IP_ANNOTATION);
+        // As the API shows a pod without annotations.
+        if annotations.is_empty() {
+            pod.metadata.annotations = None;
+        }
+    }
     pod
 }
 
@@ -667,7 +676,7 @@ mod tests {
     }
 
     #[test]
-    fn resolution_ignores_status_and_bookkeeping_changes() {
+    fn resolution_ignores_status_bookkeeping_and_the_nodes_annotation() {
         let mut pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "uid": "u", "resourceVersion": "1"},
             "spec": {"containers": [{"name": "c", "image": "busybox"}]},
@@ -678,6 +687,13 @@ mod tests {
         pod.metadata.resource_version = Some("2".into());
         pod.status.as_mut().expect("status").phase = Some("Running".into());
         assert_eq!(essentials(&pod), before);
+        let annotations = pod.metadata.annotations.get_or_insert_default();
+        annotations.insert(MESH_IP_ANNOTATION.into(), "10.244.3.7".into());
+        assert_eq!(essentials(&pod), before, "the node's own annotation");
+        let annotations = pod.metadata.annotations.get_or_insert_default();
+        annotations.insert("team".into(), "shop".into());
+        assert_ne!(essentials(&pod), before);
+        pod.metadata.annotations = None;
         pod.metadata.deletion_timestamp = Some(
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
         );
