@@ -1130,6 +1130,62 @@ fn counter(metrics: &Metrics, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// [`POD`] with a label added.
+const POD_LABELLED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: scripted, uid: 11111111-2222-3333-4444-555555555555, labels: {team: shop}}
+spec:
+  containers: [{name: c, image: localhost/busybox:1.35}]
+"#;
+
+/// The pod's labels as an assignment carries them.
+fn team_label(assign: &Assign) -> Option<&str> {
+    assign
+        .pod
+        .metadata
+        .labels
+        .as_ref()?
+        .get("team")
+        .map(String::as_str)
+}
+
+/// A pod that changes while its assignment waits for the agent's answer: that
+/// assignment carries the pod as it was, so the owner sends the pod again, at the same
+/// epoch, once the agent has taken it. (Should the change come after the answer, the
+/// pod goes again all the same: the test holds either way, and shows the window only
+/// when the change falls into it, as it does unless the machine is very slow.)
+#[tokio::test]
+async fn a_change_made_while_the_assignment_is_in_flight_follows_it_to_the_agent() {
+    let Scene {
+        cancel,
+        dir,
+        node_id,
+        agent_ids,
+        mut agents,
+        ..
+    } = scene_without_pods(|agent_ids| OwnerConfig {
+        agents: TrustedPeers::new(agent_ids.to_vec()),
+        clients: TrustedPeers::new([agent_ids[1]]),
+        ..OwnerConfig::default()
+    })
+    .await;
+    // 8 CPUs free on agent 0, 2 on agent 1: agent 0 is asked.
+    let Heartbeats { tasks: _beats, .. } = heartbeats(&agents);
+    pod_once_both_heard(&dir, &agents, node_id, &agent_ids, POD).await;
+    let (first, reply) = placed_directly(&mut agents[0], "the assignment").await;
+    assert_eq!(team_label(&first), None);
+    std::fs::write(dir.path().join("pod.yaml"), POD_LABELLED).expect("manifest");
+    // The node's inotify watch reads the change within milliseconds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    reply.send(Response::Ack).expect("reply");
+    let (update, reply) = next_assign(&mut agents[0].events, "the changed pod").await;
+    reply.send(Response::Ack).expect("reply");
+    assert_eq!(update.epoch, first.epoch, "an update, not a new placement");
+    assert_eq!(team_label(&update), Some("shop"));
+    cancel.cancel();
+}
+
 const THREE_CPU_PODS: &str = r#"
 apiVersion: v1
 kind: Pod

@@ -279,6 +279,9 @@ struct OwnedPod {
     refused_ephemeral: BTreeMap<String, String>,
     /// The last status report sequence number of each agent that reported the pod.
     status_seqs: ReplayList<PeerId>,
+    /// The pod as the assignment in flight carries it, when the pod changed since:
+    /// sent again once an agent takes it, so that the change is not lost.
+    changed_in_flight: Option<StoredPod>,
 }
 
 /// Policy refusals kept per pod: enough to tell the user why.
@@ -789,6 +792,7 @@ impl Owner {
             too_big_since: None,
             refused_ephemeral: BTreeMap::new(),
             status_seqs: ReplayList::default(),
+            changed_in_flight: None,
             pod: desired.pod.clone(),
             created: pod.metadata.creation_timestamp.clone(),
             volumes: Arc::default(),
@@ -944,6 +948,7 @@ impl Owner {
                     Placement::Placed { agent } => Some(*agent),
                     _ => None,
                 };
+                let assigning = matches!(placement, Placement::Assigning);
                 let assigned = resolved.rewritten.unwrap_or_else(|| desired.pod.clone());
                 let pod = without_ephemeral(assigned, &owned.refused_ephemeral);
                 let pod_changed = pod != owned.pod;
@@ -958,6 +963,13 @@ impl Owner {
                     }
                     std::mem::replace(&mut owned.pod, pod)
                 });
+                let previous = match previous {
+                    Some(previous) if assigning => {
+                        owned.changed_in_flight.get_or_insert(previous);
+                        None
+                    }
+                    previous => previous,
+                };
                 self.pods.insert(uid.clone(), owned);
                 if let (Some(agent), Some(previous)) = (agent, previous) {
                     self.send_assign_refresh(uid, agent, previous);
@@ -1638,6 +1650,8 @@ impl Owner {
         owned.placement = Placement::Assigning;
         // The lost copy may now be superseded by one that runs unseen.
         owned.lost_copy = None;
+        // This assignment carries the pod as it is now.
+        owned.changed_in_flight = None;
         let (pod_ref, epoch) = (owned.pod_ref().clone(), owned.epoch);
         let draft = self.draft(&self.pods[uid]);
         let agents: Vec<_> = agents
@@ -1725,6 +1739,7 @@ impl Owner {
                 // assignment, which came before this answer.
                 owned.lease_renewed_at = owned.placed_at;
                 tracing::info!(pod = %owned.pod_ref(), %epoch, %agent, "assigned");
+                let changed_in_flight = owned.changed_in_flight.take();
                 if owned.deleting {
                     let release = Release {
                         pod: uid.clone(),
@@ -1742,6 +1757,9 @@ impl Owner {
                     ..Default::default()
                 }]);
                 self.set_status(&uid, status);
+                if let Some(previous) = changed_in_flight {
+                    self.send_assign_refresh(&uid, agent, previous);
+                }
             }
             Internal::AssignFailed {
                 uid,
