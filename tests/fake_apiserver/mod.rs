@@ -939,7 +939,7 @@ impl Store {
         }
         let name = if name.is_empty() {
             match object["metadata"]["generateName"].as_str() {
-                Some(prefix) => format!("{prefix}{}", &self.new_uid()[..5]),
+                Some(prefix) => self.generate_name(resource, namespace, prefix),
                 None => {
                     return Err(status(422, "Invalid", format!("{} \"\" is invalid: metadata.name: Required value: name or generateName is required", resource.kind), None))
                 }
@@ -1028,6 +1028,24 @@ impl Store {
     }
 
     /// Five characters as the API server's name generator picks them.
+    /// A name for `generateName`: the prefix and a random suffix, generated again while
+    /// taken, up to 8 names in all, as the API server does since 1.32 (KEP-4420,
+    /// `maxNameGenerationCreateAttempts`); the last one taken is refused by the caller.
+    fn generate_name(&mut self, resource: &Resource, namespace: &str, prefix: &str) -> String {
+        const ATTEMPTS: usize = 8;
+        let mut name = String::new();
+        for _ in 0..ATTEMPTS {
+            name = format!("{prefix}{}", self.random_suffix());
+            if !self
+                .objects
+                .contains_key(&Store::key(resource, namespace, &name))
+            {
+                break;
+            }
+        }
+        name
+    }
+
     fn random_suffix(&mut self) -> String {
         const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
         let seed = self.new_uid();
