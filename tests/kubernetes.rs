@@ -4067,30 +4067,10 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
         }
         wait_agents_heard(&cluster.mesh, agents);
         let starts = ContainerStarts::follow(&events);
-        let client = cluster.runtime.block_on(admin_client(&cluster.kubeconfig));
-        let pods_api: Api<Pod> = Api::namespaced(client, "default");
-        let running = cluster
-            .runtime
-            .block_on(async { RunningInApi::follow(pods_api.clone()) });
-        let template: Pod = serde_yaml::from_str(&burst_pod("")).expect("the burst pod parses");
-        let created = cluster
-            .runtime
-            .block_on(create_as_the_replicaset_controller(
-                &pods_api, &template, pods,
-            ));
-        let mut created_names: Vec<String> = created.keys().cloned().collect();
-        created_names.sort();
+        let (created, created_names, running) = cluster.create_burst(pods);
         let started = starts.wait_all(&cluster.mesh, &created_names, timeout);
         let in_api = running.wait_all(&cluster.mesh, &created_names, timeout);
-        let (ok, out) =
-            cluster.kubectl(&["delete", "pods", "-l", "app=burst", "--wait=false"], None);
-        assert!(ok, "kubectl delete: {out}");
-        cluster
-            .mesh
-            .wait_for("the burst's pods gone from the API", timeout, || {
-                let list = cluster.get(&["pods", "-l", "app=burst"])?;
-                list["items"].as_array()?.is_empty().then_some(())
-            });
+        cluster.delete_burst(timeout);
         wait_no_containers(&cluster.mesh, timeout);
         starts.assert_once(&created_names);
         (
@@ -4153,31 +4133,11 @@ fn a_deployments_burst_among_simulated_agents_is_assigned_once_through_the_api_a
         let mut sims = SimulatedAgents::start(&cluster.mesh, agents, pods);
         wait_agents_heard(&cluster.mesh, agents);
         wait_adopt_window();
-        let client = cluster.runtime.block_on(admin_client(&cluster.kubeconfig));
-        let pods_api: Api<Pod> = Api::namespaced(client, "default");
-        let running = cluster
-            .runtime
-            .block_on(async { RunningInApi::follow(pods_api.clone()) });
-        let template: Pod = serde_yaml::from_str(&burst_pod("")).expect("the burst pod parses");
-        let created = cluster
-            .runtime
-            .block_on(create_as_the_replicaset_controller(
-                &pods_api, &template, pods,
-            ));
-        let mut created_names: Vec<String> = created.keys().cloned().collect();
-        created_names.sort();
+        let (created, created_names, running) = cluster.create_burst(pods);
         let ran = sims.wait_ran(&cluster.mesh, &created_names, timeout);
         let in_api = running.wait_all(&cluster.mesh, &created_names, timeout);
         let refreshed = sims.refreshes();
-        let (ok, out) =
-            cluster.kubectl(&["delete", "pods", "-l", "app=burst", "--wait=false"], None);
-        assert!(ok, "kubectl delete: {out}");
-        cluster
-            .mesh
-            .wait_for("the burst's pods gone from the API", timeout, || {
-                let list = cluster.get(&["pods", "-l", "app=burst"])?;
-                list["items"].as_array()?.is_empty().then_some(())
-            });
+        cluster.delete_burst(timeout);
         sims.wait_released(&cluster.mesh, pods, timeout);
         (
             BurstFigures::between(&created, &ran),
@@ -4352,6 +4312,40 @@ impl SimulatedAgents {
             let counters = self.ask("counters", "counters");
             (counters["counters"]["releases"].as_u64()? >= count as u64).then_some(())
         });
+    }
+}
+
+impl Cluster {
+    /// A Deployment's burst of `pods`, created through the API as the ReplicaSet
+    /// controller creates them, and a watch of when each is first Running. Gives when
+    /// each create returned, the pods' names (sorted) and the watch.
+    fn create_burst(
+        &self,
+        pods: usize,
+    ) -> (HashMap<String, SystemTime>, Vec<String>, RunningInApi) {
+        let client = self.runtime.block_on(admin_client(&self.kubeconfig));
+        let pods_api: Api<Pod> = Api::namespaced(client, "default");
+        let running = self
+            .runtime
+            .block_on(async { RunningInApi::follow(pods_api.clone()) });
+        let template: Pod = serde_yaml::from_str(&burst_pod("")).expect("the burst pod parses");
+        let created = self.runtime.block_on(create_as_the_replicaset_controller(
+            &pods_api, &template, pods,
+        ));
+        let mut names: Vec<String> = created.keys().cloned().collect();
+        names.sort();
+        (created, names, running)
+    }
+
+    /// Deletes the burst's pods and waits until the API has none left.
+    fn delete_burst(&self, timeout: Duration) {
+        let (ok, out) = self.kubectl(&["delete", "pods", "-l", "app=burst", "--wait=false"], None);
+        assert!(ok, "kubectl delete: {out}");
+        self.mesh
+            .wait_for("the burst's pods gone from the API", timeout, || {
+                let list = self.get(&["pods", "-l", "app=burst"])?;
+                list["items"].as_array()?.is_empty().then_some(())
+            });
     }
 }
 
