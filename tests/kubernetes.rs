@@ -4045,6 +4045,7 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
             mesh.start_agent(&agent_args);
         }
         wait_agents_heard(&mesh, agents);
+        wait_adopt_window();
         let starts = ContainerStarts::follow(&events);
         let mut created = HashMap::new();
         for name in &names {
@@ -4066,6 +4067,7 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
             cluster.mesh.start_agent(&agent_args);
         }
         wait_agents_heard(&cluster.mesh, agents);
+        wait_adopt_window();
         let starts = ContainerStarts::follow(&events);
         let (created, created_names, running) = cluster.create_burst(pods);
         let started = starts.wait_all(&cluster.mesh, &created_names, timeout);
