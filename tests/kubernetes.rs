@@ -4044,8 +4044,7 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
         for _ in 0..agents {
             mesh.start_agent(&agent_args);
         }
-        wait_agents_heard(&mesh, agents);
-        wait_adopt_window();
+        wait_ready_for_a_burst(&mesh, agents);
         let starts = ContainerStarts::follow(&events);
         let mut created = HashMap::new();
         for name in &names {
@@ -4066,8 +4065,7 @@ fn a_deployments_burst_runs_every_pod_once_through_the_api_as_through_manifests(
         for _ in 0..agents {
             cluster.mesh.start_agent(&agent_args);
         }
-        wait_agents_heard(&cluster.mesh, agents);
-        wait_adopt_window();
+        wait_ready_for_a_burst(&cluster.mesh, agents);
         let starts = ContainerStarts::follow(&events);
         let (created, created_names, running) = cluster.create_burst(pods);
         let started = starts.wait_all(&cluster.mesh, &created_names, timeout);
@@ -4114,8 +4112,7 @@ fn a_deployments_burst_among_simulated_agents_is_assigned_once_through_the_api_a
     let (standalone, refreshed) = {
         let mesh = Mesh::with_node_args(&node_args);
         let mut sims = SimulatedAgents::start(&mesh, agents, pods);
-        wait_agents_heard(&mesh, agents);
-        wait_adopt_window();
+        wait_ready_for_a_burst(&mesh, agents);
         let mut created = HashMap::new();
         for name in &names {
             mesh.write_manifest(&format!("{name}.yaml"), &burst_pod(name));
@@ -4133,8 +4130,7 @@ fn a_deployments_burst_among_simulated_agents_is_assigned_once_through_the_api_a
     let (through_api, api_running, reported, api_refreshed) = {
         let cluster = Cluster::start(&node_args);
         let mut sims = SimulatedAgents::start(&cluster.mesh, agents, pods);
-        wait_agents_heard(&cluster.mesh, agents);
-        wait_adopt_window();
+        wait_ready_for_a_burst(&cluster.mesh, agents);
         let (created, created_names, running) = cluster.create_burst(pods);
         let ran = sims.wait_ran(&cluster.mesh, &created_names, timeout);
         let in_api = running.wait_all(&cluster.mesh, &created_names, timeout);
@@ -4168,9 +4164,11 @@ fn a_deployments_burst_among_simulated_agents_is_assigned_once_through_the_api_a
     );
 }
 
-/// Waits out the node's adopt window (it places nothing that long after it started,
-/// or listed the API's pods), so that a burst shows the steady path, not the start's.
-fn wait_adopt_window() {
+/// Waits until the node has heard `agents` agents, then out its adopt window (it places
+/// nothing that long after it started, or listed the API's pods): a burst then shows
+/// the steady path, not the start's.
+fn wait_ready_for_a_burst(mesh: &Mesh, agents: usize) {
+    wait_agents_heard(mesh, agents);
     std::thread::sleep(beemesh::node::owner::OwnerConfig::default().adopt_window);
 }
 

@@ -1027,7 +1027,6 @@ impl Store {
         );
     }
 
-    /// Five characters as the API server's name generator picks them.
     /// A name for `generateName`: the prefix and a random suffix, generated again while
     /// taken, up to 8 names in all, as the API server does since 1.32 (KEP-4420,
     /// `maxNameGenerationCreateAttempts`); the last one taken is refused by the caller.
@@ -1046,6 +1045,7 @@ impl Store {
         name
     }
 
+    /// Five characters as the API server's name generator picks them.
     fn random_suffix(&mut self) -> String {
         const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
         let seed = self.new_uid();
